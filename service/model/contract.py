@@ -1,0 +1,177 @@
+"""The one contract between the exporter and the service: the ``face.*`` metadata of an ONNX model.
+
+The exporter writes these keys into the ONNX ``metadata_props``; for a third-party model our own
+preparation step (``service.model.prepare``) writes them into the prepared copy and into a JSON
+sidecar next to it (``<model>.onnx.face.json``). This module is the only place that reads or writes
+the table, and it imports nothing heavier than ``onnx`` so the exporter can use it too.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+CONTRACT_VERSION = "1"
+SIDECAR_SUFFIX = ".face.json"
+
+
+class ContractError(ValueError):
+    """The model's metadata is missing, malformed or inconsistent with the graph."""
+
+
+def _floats(text: str, n: int, key: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError as exc:
+        raise ContractError(f"{key}: expected {n} comma-separated numbers, got {text!r}") from exc
+    if len(values) == 1 and n > 1:
+        values = values * n
+    if len(values) != n:
+        raise ContractError(f"{key}: expected {n} values, got {text!r}")
+    return values
+
+
+@dataclass(frozen=True)
+class FaceContract:
+    """How to feed a model and what comes out of it."""
+
+    input_name: str
+    embedding_size: int
+    model_name: str
+    model_version: str
+    threshold: float  # calibrated 1:1 verify cosine threshold
+    layout: str = "NCHW"  # or NHWC
+    color: str = "RGB"  # or BGR
+    input_size: tuple[int, int] = (112, 112)  # height, width
+    mean: tuple[float, float, float] = (127.5, 127.5, 127.5)  # applied to 0..255 pixels
+    std: tuple[float, float, float] = (127.5, 127.5, 127.5)
+    alignment: str = "arcface-5pt-112"
+    # 1:N open-set threshold; optional because few models ship one (it depends on gallery size)
+    identify_threshold: float | None = None
+    contract: str = CONTRACT_VERSION
+    extra: dict[str, str] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.layout not in ("NCHW", "NHWC"):
+            raise ContractError(f"face.layout must be NCHW or NHWC, got {self.layout!r}")
+        if self.color not in ("RGB", "BGR"):
+            raise ContractError(f"face.color must be RGB or BGR, got {self.color!r}")
+        if self.embedding_size <= 0:
+            raise ContractError("face.embedding_size must be positive")
+        if any(s == 0 for s in self.std):
+            raise ContractError("face.std must not contain zeros")
+        if not -1.0 <= self.threshold <= 1.0:
+            raise ContractError("face.threshold is a cosine and must lie in [-1, 1]")
+
+    @property
+    def model_id(self) -> str:
+        """What the gallery stores to refuse embeddings of another model."""
+        return f"{self.model_name}@{self.model_version}"
+
+    # --- the metadata table ------------------------------------------------------------------
+    def to_metadata(self) -> dict[str, str]:
+        fmt = lambda xs: ",".join(f"{x:g}" for x in xs)  # noqa: E731
+        meta = {
+            "face.contract": self.contract,
+            "face.input_name": self.input_name,
+            "face.layout": self.layout,
+            "face.color": self.color,
+            "face.input_size": f"{self.input_size[0]},{self.input_size[1]}",
+            "face.mean": fmt(self.mean),
+            "face.std": fmt(self.std),
+            "face.embedding_size": str(self.embedding_size),
+            "face.alignment": self.alignment,
+            "face.model_name": self.model_name,
+            "face.model_version": self.model_version,
+            "face.threshold": f"{self.threshold:.4f}",
+        }
+        if self.identify_threshold is not None:
+            meta["face.identify_threshold"] = f"{self.identify_threshold:.4f}"
+        meta.update(self.extra)
+        return meta
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str]) -> "FaceContract":
+        required = [
+            "face.contract", "face.input_name", "face.embedding_size",
+            "face.model_name", "face.model_version", "face.threshold",
+        ]
+        missing = [k for k in required if k not in meta]
+        if missing:
+            raise ContractError(f"model metadata lacks {', '.join(missing)}")
+        if meta["face.contract"] != CONTRACT_VERSION:
+            raise ContractError(
+                f"face.contract {meta['face.contract']!r} is not supported (this service reads {CONTRACT_VERSION})"
+            )
+        try:
+            size = _floats(meta.get("face.input_size", "112,112"), 2, "face.input_size")
+            ident = meta.get("face.identify_threshold")
+            return cls(
+                contract=meta["face.contract"],
+                input_name=meta["face.input_name"],
+                embedding_size=int(meta["face.embedding_size"]),
+                model_name=meta["face.model_name"],
+                model_version=meta["face.model_version"],
+                threshold=float(meta["face.threshold"]),
+                identify_threshold=float(ident) if ident not in (None, "") else None,
+                layout=meta.get("face.layout", "NCHW"),
+                color=meta.get("face.color", "RGB"),
+                input_size=(int(size[0]), int(size[1])),
+                mean=_floats(meta.get("face.mean", "127.5"), 3, "face.mean"),
+                std=_floats(meta.get("face.std", "127.5"), 3, "face.std"),
+                alignment=meta.get("face.alignment", "arcface-5pt-112"),
+                extra={k: v for k, v in meta.items() if k.startswith("face.") and k not in _KNOWN},
+            )
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, ContractError):
+                raise
+            raise ContractError(f"malformed face.* metadata: {exc}") from exc
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+_KNOWN = {
+    "face.contract", "face.input_name", "face.layout", "face.color", "face.input_size", "face.mean",
+    "face.std", "face.embedding_size", "face.alignment", "face.model_name", "face.model_version",
+    "face.threshold", "face.identify_threshold",
+}
+
+
+def sidecar_path(model_path: Path) -> Path:
+    return model_path.with_name(model_path.name + SIDECAR_SUFFIX)
+
+
+def read_contract(model_path: Path) -> FaceContract:
+    """The contract of an ONNX file: its metadata_props, or else its sidecar."""
+    import onnx
+
+    model_path = Path(model_path)
+    # load_external_data=False: only the header is needed, not gigabytes of weights
+    proto = onnx.load(str(model_path), load_external_data=False)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    if "face.contract" not in meta:
+        side = sidecar_path(model_path)
+        if not side.exists():
+            raise ContractError(
+                f"{model_path} has no face.* metadata and no sidecar {side.name}; export it with "
+                "`python -m exporter export` or prepare it with `python -m service.model.prepare`"
+            )
+        meta = json.loads(side.read_text())
+    return FaceContract.from_metadata(meta)
+
+
+def write_contract(proto, contract: FaceContract) -> None:
+    """Write the contract into an in-memory ``onnx.ModelProto`` (replacing older face.* keys)."""
+    kept = [(p.key, p.value) for p in proto.metadata_props if not p.key.startswith("face.")]
+    del proto.metadata_props[:]
+    for key, value in kept + sorted(contract.to_metadata().items()):
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+
+
+def write_sidecar(model_path: Path, contract: FaceContract) -> Path:
+    side = sidecar_path(Path(model_path))
+    side.write_text(json.dumps(contract.to_metadata(), indent=2, sort_keys=True) + "\n")
+    return side
