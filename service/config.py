@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     batch_max_wait_ms: float = Field(
         2.0, ge=0, le=1000, description="How long the batcher waits for more faces before running."
     )
+    batch_workers: int = Field(
+        1, ge=1, le=8, description="Session runs in flight at once (1 on CPU; 2 can overlap copies on a GPU)."
+    )
     warmup: bool = Field(True, description="Run the model at start-up for the batch sizes used.")
 
     # --- request limits ---------------------------------------------------------------------

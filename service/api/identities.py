@@ -1,0 +1,79 @@
+"""Enroll, list, get, delete: the routes that own the gallery's contents."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query, Request
+from starlette.concurrency import run_in_threadpool
+
+from ..deps import ApiKey, StateDep
+from ..errors import ErrorCode, ServiceError
+from ..payload import body_docs, read_payload
+from ..pipeline import embed_images
+from ..schemas import (
+    DeleteResponse, EnrollRequest, EnrollResponse, ErrorResponse, IdentityDetail, IdentityPage, IdentitySummary,
+)
+
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 422)}
+router = APIRouter(tags=["identities"], dependencies=[ApiKey], responses=ERRORS)
+
+IdentityPath = Annotated[str, Path(min_length=1, max_length=128, pattern=r"^[^/\x00-\x1f\x7f]+$")]
+
+
+@router.post("/enroll", response_model=EnrollResponse, openapi_extra=body_docs(EnrollRequest, ("images",)),
+             summary="Enroll faces of an identity")
+async def enroll(request: Request, state: StateDep) -> EnrollResponse:
+    """Store one or more faces under `identity_id`.
+
+    A new identity is created. For an existing identity the faces are **added** to its faces
+    (`replace: false`, the default) or atomically **replace** them (`replace: true`); given
+    `metadata` replaces the stored metadata. The response comes after the write is durable.
+    """
+    payload, images = await read_payload(request, EnrollRequest, ("images",),
+                                         max_images=state.settings.max_faces_per_request)
+    vectors = await embed_images(state, images["images"])
+    face_ids, created, replaced = await run_in_threadpool(
+        state.gallery.enroll, payload.identity_id, vectors, payload.metadata, payload.replace
+    )
+    record = await run_in_threadpool(state.gallery.get_identity, payload.identity_id)
+    face_count = record[0].face_count if record else len(face_ids)
+    return EnrollResponse(identity_id=payload.identity_id, created=created, face_ids=face_ids,
+                          faces_replaced=replaced, face_count=face_count, model_id=state.contract.model_id)
+
+
+@router.get("/identities", response_model=IdentityPage, summary="List identities")
+async def list_identities(
+    state: StateDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    cursor: Annotated[str | None, Query(description="next_cursor from the previous page")] = None,
+) -> IdentityPage:
+    """Identities ordered by id, paginated with a cursor (stable while others enroll or delete)."""
+    records = await run_in_threadpool(state.gallery.list_identities, limit + 1, cursor)
+    more = len(records) > limit
+    records = records[:limit]
+    return IdentityPage(
+        items=[IdentitySummary(**r.__dict__) for r in records],
+        next_cursor=records[-1].identity_id if more else None,
+    )
+
+
+@router.get("/identities/{identity_id}", response_model=IdentityDetail, summary="One identity")
+async def get_identity(identity_id: IdentityPath, state: StateDep) -> IdentityDetail:
+    found = await run_in_threadpool(state.gallery.get_identity, identity_id)
+    if found is None:
+        raise ServiceError(ErrorCode.identity_not_found, f"identity {identity_id!r} is not enrolled",
+                           identity_id=identity_id)
+    record, faces = found
+    return IdentityDetail(**record.__dict__, face_ids=[f[0] for f in faces])
+
+
+@router.delete("/identities/{identity_id}", response_model=DeleteResponse, summary="Delete an identity")
+async def delete_identity(identity_id: IdentityPath, state: StateDep) -> DeleteResponse:
+    """Erase the identity and all its faces from the store and the index: it can never be
+    returned by /identify or /verify again."""
+    deleted = await run_in_threadpool(state.gallery.delete, identity_id)
+    if deleted is None:
+        raise ServiceError(ErrorCode.identity_not_found, f"identity {identity_id!r} is not enrolled",
+                           identity_id=identity_id)
+    return DeleteResponse(identity_id=identity_id, deleted_faces=deleted)

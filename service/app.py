@@ -1,0 +1,128 @@
+"""create_app(): the FastAPI application and its lifecycle.
+
+Start-up (``initialize``): resolve and load the model (preparing the default one if needed), choose
+providers, warm up, start the batcher, open the gallery. Shutdown (``finalize``): stop the batcher,
+snapshot the index, close the store. Any failure at start-up stops the process with a clear log line
+instead of serving half a service.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import __version__
+from .api import faces, identities, ops
+from .config import Settings, get_settings
+from .errors import ErrorCode, ServiceError
+from .gallery import Gallery
+from .metrics import Metrics
+from .middleware import AccessMiddleware, BodyLimitMiddleware
+from .model.batcher import DynamicBatcher
+from .model.prepare import resolve_model_path
+from .model.runtime import EmbeddingModel
+from .state import ServiceState
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """
+Face embeddings, 1:1 verification and 1:N open-set identification over aligned 112x112 faces.
+
+* Images go in as base64 strings in JSON, or as files in a `multipart/form-data` upload.
+* Errors are JSON: `{"error": {"code": "...", "message": "...", "details": {...}}}`; `code` is stable.
+* With an API key configured, send it in the `X-API-Key` header (health routes excepted).
+"""
+
+
+def _warmup_sizes(max_batch: int) -> list[int]:
+    sizes, n = [1], 1
+    while n < max_batch:
+        n = min(n * 2, max_batch)
+        sizes.append(n)
+    return sizes
+
+
+async def initialize(settings: Settings, metrics: Metrics) -> ServiceState:
+    model_path = await run_in_threadpool(resolve_model_path, settings.model, settings.model_cache_dir)
+    model = EmbeddingModel(model_path, settings)
+    await run_in_threadpool(model.initialize)
+    if settings.warmup:
+        await run_in_threadpool(model.warmup, _warmup_sizes(settings.batch_max_size))
+    gallery = Gallery(settings.data_dir, model.contract.model_id, model.contract.embedding_size,
+                      m=settings.hnsw_m, ef_construction=settings.hnsw_ef_construction,
+                      ef_search=settings.hnsw_ef_search)
+    await run_in_threadpool(gallery.open)
+    batcher = DynamicBatcher(model.execute, settings.batch_max_size, settings.batch_max_wait_ms,
+                             workers=settings.batch_workers, on_batch=metrics.observe_batch)
+    await batcher.start()
+    return ServiceState(settings=settings, model=model, batcher=batcher, gallery=gallery, metrics=metrics)
+
+
+async def finalize(state: ServiceState) -> None:
+    await state.batcher.stop()
+    await run_in_threadpool(state.gallery.close)
+    state.model.finalize()
+
+
+def _error_response(error: ServiceError, request: Request) -> JSONResponse:
+    metrics: Metrics = request.app.state.metrics
+    metrics.errors.labels(error.code.value).inc()
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state = await initialize(settings, metrics)
+        app.state.service = state
+        log.info("service ready", extra={"model_id": state.contract.model_id, "providers": state.model.providers,
+                                         "data_dir": str(settings.data_dir)})
+        try:
+            yield
+        finally:
+            app.state.service = None
+            await finalize(state)
+            log.info("service stopped")
+
+    app = FastAPI(title="Face embedding service", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app.state.metrics = metrics
+    app.state.service = None
+
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, exc: ServiceError):
+        return _error_response(exc, request)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        errors = [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()]
+        return _error_response(ServiceError(ErrorCode.invalid_request, "invalid request: " + errors[0]["message"],
+                                            errors=errors), request)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        code = {404: ErrorCode.not_found, 405: ErrorCode.method_not_allowed}.get(exc.status_code, ErrorCode.invalid_request)
+        error = ServiceError(code, str(exc.detail))
+        response = _error_response(error, request)
+        response.status_code = exc.status_code
+        return response
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception):
+        log.exception("unhandled error", extra={"path": request.url.path})
+        return _error_response(ServiceError(ErrorCode.internal_error, "internal error; see the server log"), request)
+
+    app.include_router(ops.router)
+    app.include_router(faces.router)
+    app.include_router(identities.router)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(AccessMiddleware, metrics=metrics)
+    return app

@@ -1,0 +1,35 @@
+"""FastAPI dependencies, as ``Annotated`` aliases the routers declare in their signatures."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from .errors import ErrorCode, ServiceError
+from .state import ServiceState
+
+
+def get_state(request: Request) -> ServiceState:
+    state = getattr(request.app.state, "service", None)
+    if state is None:
+        raise ServiceError(ErrorCode.model_not_ready, "the service is starting or stopping")
+    return state
+
+
+StateDep = Annotated[ServiceState, Depends(get_state)]
+
+
+def require_api_key(request: Request, state: StateDep) -> None:
+    expected = state.settings.api_key
+    if expected is None:
+        return
+    given = request.headers.get(state.settings.api_key_header, "")
+    if not hmac.compare_digest(given.encode(), expected.get_secret_value().encode()):
+        raise ServiceError(
+            ErrorCode.unauthorized, f"missing or wrong API key in header {state.settings.api_key_header}"
+        )
+
+
+ApiKey = Depends(require_api_key)

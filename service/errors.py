@@ -1,0 +1,87 @@
+"""Error codes and their HTTP statuses, in one place.
+
+Every error the API returns has the body ``{"error": {"code": ..., "message": ..., "details": ...}}``;
+``code`` is stable and machine-readable, ``message`` is for people.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any
+
+
+class ErrorCode(str, Enum):
+    # request shape
+    invalid_request = "invalid_request"
+    malformed_json = "malformed_json"
+    payload_too_large = "payload_too_large"
+    too_many_faces = "too_many_faces"
+    no_images = "no_images"
+    invalid_base64 = "invalid_base64"
+    unsupported_media_type = "unsupported_media_type"
+    # images
+    empty_image = "empty_image"
+    image_too_large = "image_too_large"
+    not_an_image = "not_an_image"
+    truncated_image = "truncated_image"
+    wrong_image_size = "wrong_image_size"
+    grayscale_image = "grayscale_image"
+    alpha_channel = "alpha_channel"
+    unsupported_color_mode = "unsupported_color_mode"
+    no_face = "no_face"
+    # gallery
+    identity_not_found = "identity_not_found"
+    invalid_identity_id = "invalid_identity_id"
+    # auth and server
+    unauthorized = "unauthorized"
+    not_found = "not_found"
+    method_not_allowed = "method_not_allowed"
+    model_not_ready = "model_not_ready"
+    internal_error = "internal_error"
+
+
+STATUS: dict[ErrorCode, int] = {
+    ErrorCode.invalid_request: 422,
+    ErrorCode.malformed_json: 400,
+    ErrorCode.payload_too_large: 413,
+    ErrorCode.too_many_faces: 413,
+    ErrorCode.no_images: 422,
+    ErrorCode.invalid_base64: 422,
+    ErrorCode.unsupported_media_type: 415,
+    ErrorCode.empty_image: 422,
+    ErrorCode.image_too_large: 413,
+    ErrorCode.not_an_image: 422,
+    ErrorCode.truncated_image: 422,
+    ErrorCode.wrong_image_size: 422,
+    ErrorCode.grayscale_image: 422,
+    ErrorCode.alpha_channel: 422,
+    ErrorCode.unsupported_color_mode: 422,
+    ErrorCode.no_face: 422,
+    ErrorCode.identity_not_found: 404,
+    ErrorCode.invalid_identity_id: 422,
+    ErrorCode.unauthorized: 401,
+    ErrorCode.not_found: 404,
+    ErrorCode.method_not_allowed: 405,
+    ErrorCode.model_not_ready: 503,
+    ErrorCode.internal_error: 500,
+}
+
+
+class ServiceError(Exception):
+    """An error with a stable code; the API turns it into a JSON error response."""
+
+    def __init__(self, code: ErrorCode, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.details = details
+
+    @property
+    def status(self) -> int:
+        return STATUS[self.code]
+
+    def body(self) -> dict:
+        error: dict[str, Any] = {"code": self.code.value, "message": self.message}
+        if self.details:
+            error["details"] = self.details
+        return {"error": error}

@@ -1,0 +1,3 @@
+from .gallery import Gallery, GalleryModelMismatch, Match
+
+__all__ = ["Gallery", "GalleryModelMismatch", "Match"]

@@ -1,0 +1,197 @@
+"""The durable store: the source of truth for identities, faces and embeddings (SQLite, WAL).
+
+``synchronous=FULL`` makes every committed transaction survive a crash of the process (and of the
+machine): an enrollment is acknowledged only after its commit returns. Every write transaction
+bumps ``generation``, which tells whether an index snapshot on disk is still current.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS identities (
+    identity_id TEXT PRIMARY KEY,
+    metadata    TEXT NOT NULL DEFAULT '{}',
+    created_at  REAL NOT NULL,
+    updated_at  REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS faces (
+    face_id     INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: it is the index label
+    identity_id TEXT NOT NULL REFERENCES identities(identity_id) ON DELETE CASCADE,
+    embedding   BLOB NOT NULL,
+    created_at  REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS faces_by_identity ON faces(identity_id);
+"""
+
+
+@dataclass
+class IdentityRecord:
+    identity_id: str
+    metadata: dict
+    face_count: int
+    created_at: float
+    updated_at: float
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer = self._connect()
+        self._writer.executescript(SCHEMA)
+        self._local = threading.local()
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        return conn
+
+    def _reader(self) -> sqlite3.Connection:
+        # one connection per thread: WAL lets readers run beside the writer
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self._connect()
+        return conn
+
+    def close(self) -> None:
+        self._writer.close()
+
+    # --- meta --------------------------------------------------------------------------------
+    def get_meta(self, key: str) -> str | None:
+        row = self._writer.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._writer.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
+    @property
+    def generation(self) -> int:
+        return int(self.get_meta("generation") or 0)
+
+    def _bump(self, conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "INSERT INTO meta(key, value) VALUES ('generation', '1') "
+            "ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
+        )
+
+    # --- writes (the caller serialises them) -------------------------------------------------
+    def add_faces(
+        self, identity_id: str, embeddings: np.ndarray, metadata: dict | None, replace: bool
+    ) -> tuple[list[int], list[int], bool]:
+        """Insert faces; returns (new face ids, face ids removed by replace, identity created)."""
+        now = time.time()
+        conn = self._writer
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            row = conn.execute("SELECT 1 FROM identities WHERE identity_id = ?", (identity_id,)).fetchone()
+            created = row is None
+            removed: list[int] = []
+            if created:
+                conn.execute(
+                    "INSERT INTO identities(identity_id, metadata, created_at, updated_at) VALUES (?, ?, ?, ?)",
+                    (identity_id, json.dumps(metadata or {}), now, now),
+                )
+            else:
+                if metadata is not None:
+                    conn.execute("UPDATE identities SET metadata = ? WHERE identity_id = ?", (json.dumps(metadata), identity_id))
+                conn.execute("UPDATE identities SET updated_at = ? WHERE identity_id = ?", (now, identity_id))
+                if replace:
+                    removed = [r[0] for r in conn.execute("SELECT face_id FROM faces WHERE identity_id = ?", (identity_id,))]
+                    conn.execute("DELETE FROM faces WHERE identity_id = ?", (identity_id,))
+            face_ids = []
+            for vector in embeddings.astype(np.float32):
+                cur = conn.execute(
+                    "INSERT INTO faces(identity_id, embedding, created_at) VALUES (?, ?, ?)",
+                    (identity_id, vector.tobytes(), now),
+                )
+                face_ids.append(cur.lastrowid)
+            self._bump(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return face_ids, removed, created
+
+    def delete_identity(self, identity_id: str) -> list[int] | None:
+        """Remove an identity and its faces; returns their face ids, or None if it did not exist."""
+        conn = self._writer
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if conn.execute("SELECT 1 FROM identities WHERE identity_id = ?", (identity_id,)).fetchone() is None:
+                conn.execute("ROLLBACK")
+                return None
+            face_ids = [r[0] for r in conn.execute("SELECT face_id FROM faces WHERE identity_id = ?", (identity_id,))]
+            conn.execute("DELETE FROM faces WHERE identity_id = ?", (identity_id,))
+            conn.execute("DELETE FROM identities WHERE identity_id = ?", (identity_id,))
+            self._bump(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return face_ids
+
+    # --- reads -------------------------------------------------------------------------------
+    def iter_faces(self, batch: int = 10_000) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
+        """All faces in id order, in chunks of (face ids, embeddings, identity ids)."""
+        conn = self._reader()
+        last = -1
+        while True:
+            rows = conn.execute(
+                "SELECT face_id, identity_id, embedding FROM faces WHERE face_id > ? ORDER BY face_id LIMIT ?",
+                (last, batch),
+            ).fetchall()
+            if not rows:
+                return
+            ids = np.array([r[0] for r in rows], dtype=np.int64)
+            vectors = np.stack([np.frombuffer(r[2], dtype=np.float32) for r in rows])
+            yield ids, vectors, [r[1] for r in rows]
+            last = rows[-1][0]
+
+    def identity_embeddings(self, identity_id: str) -> np.ndarray | None:
+        conn = self._reader()
+        if conn.execute("SELECT 1 FROM identities WHERE identity_id = ?", (identity_id,)).fetchone() is None:
+            return None
+        rows = conn.execute("SELECT embedding FROM faces WHERE identity_id = ? ORDER BY face_id", (identity_id,)).fetchall()
+        return np.stack([np.frombuffer(r[0], dtype=np.float32) for r in rows]) if rows else np.zeros((0, 0), np.float32)
+
+    def get_identity(self, identity_id: str) -> tuple[IdentityRecord, list[tuple[int, float]]] | None:
+        conn = self._reader()
+        row = conn.execute(
+            "SELECT identity_id, metadata, created_at, updated_at FROM identities WHERE identity_id = ?", (identity_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        faces = conn.execute(
+            "SELECT face_id, created_at FROM faces WHERE identity_id = ? ORDER BY face_id", (identity_id,)
+        ).fetchall()
+        return IdentityRecord(row[0], json.loads(row[1]), len(faces), row[2], row[3]), [(f[0], f[1]) for f in faces]
+
+    def list_identities(self, limit: int, after: str | None) -> list[IdentityRecord]:
+        """Keyset pagination by identity id: stable under concurrent inserts and deletes."""
+        conn = self._reader()
+        rows = conn.execute(
+            "SELECT i.identity_id, i.metadata, i.created_at, i.updated_at, "
+            "(SELECT COUNT(*) FROM faces f WHERE f.identity_id = i.identity_id) "
+            "FROM identities i WHERE i.identity_id > ? ORDER BY i.identity_id LIMIT ?",
+            (after or "", limit),
+        ).fetchall()
+        return [IdentityRecord(r[0], json.loads(r[1]), r[4], r[2], r[3]) for r in rows]
+
+    def counts(self) -> tuple[int, int]:
+        conn = self._reader()
+        identities = conn.execute("SELECT COUNT(*) FROM identities").fetchone()[0]
+        faces = conn.execute("SELECT COUNT(*) FROM faces").fetchone()[0]
+        return identities, faces

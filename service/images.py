@@ -1,0 +1,98 @@
+"""Image bytes -> validated RGB uint8 arrays. The first step of the data path.
+
+Everything that can be wrong with an upload is caught here and turned into a ``ServiceError`` with
+its own code, before any model or gallery work: empty, not an image, truncated, decompression bomb,
+grayscale, alpha, wrong size.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import ErrorCode, ServiceError
+
+
+def decode_base64(text: str, index: int) -> bytes:
+    if "," in text[:100] and text.startswith("data:"):
+        text = text.split(",", 1)[1]  # tolerate data URLs from browsers
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ServiceError(ErrorCode.invalid_base64, f"image {index} is not valid base64", index=index) from exc
+
+
+def open_image(data: bytes, index: int, max_bytes: int, max_pixels: int) -> Image.Image:
+    """Decode and validate the container; refuse oversized images before their pixels are allocated."""
+    if not data:
+        raise ServiceError(ErrorCode.empty_image, f"image {index} is empty (0 bytes)", index=index)
+    if len(data) > max_bytes:
+        raise ServiceError(
+            ErrorCode.image_too_large, f"image {index} is {len(data)} bytes; the limit is {max_bytes}",
+            index=index, limit=max_bytes,
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ServiceError(
+                    ErrorCode.image_too_large,
+                    f"image {index} declares {width}x{height} pixels; the limit is {max_pixels}",
+                    index=index, limit=max_pixels,
+                )
+            img.load()
+    except ServiceError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        if isinstance(exc, UnidentifiedImageError):
+            raise ServiceError(ErrorCode.not_an_image, f"image {index} is not a decodable image", index=index) from exc
+        raise ServiceError(ErrorCode.image_too_large, f"image {index} is too large to decode", index=index) from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        # Pillow reports a cut-off file as OSError("image file is truncated ...")
+        raise ServiceError(
+            ErrorCode.truncated_image, f"image {index} is truncated or corrupt: {exc}", index=index
+        ) from exc
+    return ImageOps.exif_transpose(img)
+
+
+def to_rgb_array(img: Image.Image, index: int) -> np.ndarray:
+    """HxWx3 uint8 RGB. Grayscale and alpha are refused: guessing would silently change embeddings."""
+    mode = img.mode
+    if mode in ("L", "I", "I;16", "F", "1", "LA"):
+        code = ErrorCode.alpha_channel if mode == "LA" else ErrorCode.grayscale_image
+        raise ServiceError(code, f"image {index} has colour mode {mode}; send 3-channel RGB", index=index, mode=mode)
+    if mode in ("RGBA", "RGBa", "PA") or (mode == "P" and "transparency" in img.info):
+        raise ServiceError(
+            ErrorCode.alpha_channel, f"image {index} has an alpha channel; send 3-channel RGB", index=index, mode=mode
+        )
+    if mode not in ("RGB", "P", "YCbCr", "CMYK"):
+        raise ServiceError(
+            ErrorCode.unsupported_color_mode, f"image {index} has unsupported colour mode {mode}", index=index, mode=mode
+        )
+    if mode == "P":
+        palette_mode = img.palette.mode if img.palette else "RGB"
+        if palette_mode != "RGB":
+            raise ServiceError(ErrorCode.unsupported_color_mode, f"image {index} has a {palette_mode} palette", index=index)
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def decode_aligned_face(
+    data: bytes, index: int, size: tuple[int, int], max_bytes: int, max_pixels: int
+) -> np.ndarray:
+    """An aligned face crop, exactly ``size`` (height, width), as HxWx3 RGB uint8."""
+    img = open_image(data, index, max_bytes, max_pixels)
+    array = to_rgb_array(img, index)
+    if array.shape[:2] != tuple(size):
+        raise ServiceError(
+            ErrorCode.wrong_image_size,
+            f"image {index} is {array.shape[1]}x{array.shape[0]}; aligned faces must be {size[1]}x{size[0]}",
+            index=index, expected=[size[1], size[0]], got=[array.shape[1], array.shape[0]],
+        )
+    return array

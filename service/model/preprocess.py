@@ -1,0 +1,28 @@
+"""Aligned RGB uint8 faces -> the model's input tensor, driven only by the model's contract."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .contract import FaceContract
+
+
+def preprocess(faces: np.ndarray, contract: FaceContract) -> np.ndarray:
+    """``faces``: N x H x W x 3 uint8 RGB -> float32 tensor in the model's layout and normalisation."""
+    if faces.ndim != 4 or faces.shape[-1] != 3:
+        raise ValueError(f"expected N x H x W x 3 faces, got shape {faces.shape}")
+    x = faces.astype(np.float32)
+    if contract.color == "BGR":
+        x = x[..., ::-1]
+    mean = np.asarray(contract.mean, dtype=np.float32)
+    std = np.asarray(contract.std, dtype=np.float32)
+    if mean.any() or (std != 1).any():
+        x = (x - mean) / std
+    if contract.layout == "NCHW":
+        x = x.transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(x)
+
+
+def l2_normalise(embeddings: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+    return (embeddings / np.maximum(norms, 1e-12)).astype(np.float32)

@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import pytest
+
+from tests.server import MODEL_CACHE, ServerProcess
+
+FIXTURES = Path(__file__).parent / "fixtures"
+FACES = FIXTURES / "faces"
+ENROLLED = ["George_W_Bush", "Colin_Powell", "Tony_Blair", "Donald_Rumsfeld", "Gerhard_Schroeder",
+            "Ariel_Sharon", "Hugo_Chavez", "Jean_Chretien"]
+
+
+def face_files(identity: str) -> list[Path]:
+    return sorted(FACES.glob(f"{identity}_*.jpg"))
+
+
+def unknown_files() -> list[Path]:
+    return sorted(p for p in FACES.glob("*.jpg") if p.name.rsplit("_", 1)[0] not in ENROLLED)
+
+
+def b64(path: Path | bytes) -> str:
+    data = path if isinstance(path, bytes) else Path(path).read_bytes()
+    return base64.b64encode(data).decode()
+
+
+@pytest.fixture(scope="session")
+def default_model() -> Path:
+    from service.model.prepare import default_model as prepare
+
+    return prepare(MODEL_CACHE)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, default_model):
+    """One real server over HTTP shared by the read-mostly API tests."""
+    proc = ServerProcess(tmp_path_factory.mktemp("gallery") / "data", model=default_model,
+                         env={"FACE_MAX_FACES_PER_REQUEST": "16", "FACE_MAX_REQUEST_BYTES": str(2 * 1024 * 1024)})
+    proc.wait_ready()
+    yield proc
+    proc.stop()

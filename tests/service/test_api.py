@@ -1,0 +1,174 @@
+"""The HTTP API against a real uvicorn server with the real default model and real LFW crops."""
+
+from __future__ import annotations
+
+import uuid
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.conftest import ENROLLED, b64, face_files, unknown_files
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
+
+
+def embed(client, paths):
+    r = client.post("/embed", json={"images": [b64(p) for p in paths]})
+    assert r.status_code == 200, r.text
+    return np.array(r.json()["embeddings"], dtype=np.float32)
+
+
+def test_readyz_reports_model_and_providers(client):
+    body = client.get("/readyz").json()
+    assert body["status"] == "ready"
+    assert body["model_id"] == "sface@2021dec-int8bq"
+    assert body["providers"] == ["CPUExecutionProvider"]
+    assert body["embedding_size"] == 128
+    assert body["verify_threshold"] == pytest.approx(0.314)
+    assert body["identify_threshold"] > body["verify_threshold"]
+    assert body["inference_ms"] > 0
+    assert client.get("/healthz").json() == {"status": "ok"}
+
+
+def test_embed_json_returns_normalised_vectors_in_order(client):
+    paths = face_files("Colin_Powell")
+    r = client.post("/embed", json={"images": [b64(p) for p in paths]})
+    body = r.json()
+    assert r.status_code == 200 and body["dimension"] == 128 and body["model_id"] == "sface@2021dec-int8bq"
+    vectors = np.array(body["embeddings"])
+    assert vectors.shape == (3, 128)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    # order is kept: embedding one image alone gives the same vector as its row in the batch
+    single = embed(client, paths[1:2])[0]
+    assert float(single @ vectors[1]) > 0.9999
+
+
+def test_embed_multipart_matches_json(client):
+    paths = face_files("Tony_Blair")[:2]
+    files = [("images", (p.name, p.read_bytes(), "image/jpeg")) for p in paths]
+    r = client.post("/embed", files=files)
+    assert r.status_code == 200, r.text
+    via_form = np.array(r.json()["embeddings"])
+    np.testing.assert_allclose(via_form, embed(client, paths), atol=1e-5)
+
+
+def test_verify_same_people_match_and_different_people_do_not(client):
+    same, different = [], []
+    for name in ENROLLED:
+        a, b = face_files(name)[:2]
+        r = client.post("/verify", json={"image_a": b64(a), "image_b": b64(b)}).json()
+        same.append(r["similarity"])
+        assert r["match"] is True, (name, r)
+        assert r["threshold"] == pytest.approx(0.314)
+    for left, right in zip(ENROLLED, ENROLLED[1:] + ENROLLED[:1]):
+        r = client.post("/verify", json={"image_a": b64(face_files(left)[0]), "image_b": b64(face_files(right)[0])}).json()
+        different.append(r["similarity"])
+        assert r["match"] is False, (left, right, r)
+    assert min(same) > max(different)
+
+
+def test_verify_threshold_override_and_argument_errors(client):
+    a, b = face_files("Hugo_Chavez")[:2]
+    r = client.post("/verify", json={"image_a": b64(a), "image_b": b64(b), "threshold": 0.99}).json()
+    assert r["threshold"] == 0.99 and r["match"] is False
+    r = client.post("/verify", json={"image_a": b64(a)})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request"
+    r = client.post("/verify", json={"image_a": b64(a), "image_b": b64(b), "identity_id": "x"})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request"
+
+
+def test_enroll_identify_verify_delete_lifecycle(client):
+    prefix = f"lc-{uuid.uuid4().hex[:6]}-"
+    for name in ENROLLED:
+        r = client.post("/enroll", json={"identity_id": prefix + name,
+                                         "images": [b64(p) for p in face_files(name)[:2]],
+                                         "metadata": {"name": name}})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["created"] is True and body["face_count"] == 2 and len(body["face_ids"]) == 2
+
+    # held-out third image of every enrolled person is identified as that person
+    held_out = [face_files(name)[2] for name in ENROLLED]
+    r = client.post("/identify", json={"images": [b64(p) for p in held_out], "top_k": 3})
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    for name, result in zip(ENROLLED, results):
+        assert result["known"] is True and result["identity_id"] == prefix + name, result
+        assert result["candidates"][0]["identity_id"] == prefix + name
+        assert len(result["candidates"]) == 3
+        assert result["candidates"][0]["score"] >= result["candidates"][1]["score"]
+
+    # people never enrolled come back unknown (open set), with candidates still listed
+    r = client.post("/identify", json={"images": [b64(p) for p in unknown_files()]})
+    for result in r.json()["results"]:
+        assert result["known"] is False and result["identity_id"] is None, result
+        assert result["score"] < r.json()["threshold"]
+
+    # face vs enrolled identity
+    target = prefix + "Colin_Powell"
+    r = client.post("/verify", json={"image_a": b64(face_files("Colin_Powell")[2]), "identity_id": target}).json()
+    assert r["match"] is True and r["identity_id"] == target
+    r = client.post("/verify", json={"image_a": b64(face_files("Tony_Blair")[2]), "identity_id": target}).json()
+    assert r["match"] is False
+
+    # enrolling an existing identity appends; replace swaps the faces atomically
+    r = client.post("/enroll", json={"identity_id": target, "images": [b64(face_files("Colin_Powell")[2])]}).json()
+    assert r["created"] is False and r["face_count"] == 3
+    r = client.post("/enroll", json={"identity_id": target, "images": [b64(face_files("Colin_Powell")[0])],
+                                     "replace": True}).json()
+    assert r["faces_replaced"] == 3 and r["face_count"] == 1
+    detail = client.get(f"/identities/{target}").json()
+    assert detail["face_ids"] == r["face_ids"] and detail["metadata"] == {"name": "Colin_Powell"}
+
+    # delete: gone from the listing, from /verify, and never returned by /identify again
+    r = client.delete(f"/identities/{target}")
+    assert r.status_code == 200 and r.json()["deleted_faces"] == 1
+    assert client.get(f"/identities/{target}").status_code == 404
+    r = client.post("/verify", json={"image_a": b64(face_files("Colin_Powell")[2]), "identity_id": target})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "identity_not_found"
+    r = client.post("/identify", json={"images": [b64(p) for p in face_files("Colin_Powell")], "top_k": 20}).json()
+    for result in r["results"]:
+        assert all(c["identity_id"] != target for c in result["candidates"])
+        assert result["identity_id"] != target
+    assert client.delete(f"/identities/{target}").json()["error"]["code"] == "identity_not_found"
+
+
+def test_identities_pagination_walks_everything_once(client):
+    prefix = f"page-{uuid.uuid4().hex[:6]}-"
+    face = b64(face_files("Ariel_Sharon")[0])
+    for i in range(7):
+        assert client.post("/enroll", json={"identity_id": f"{prefix}{i}", "images": [face]}).status_code == 200
+    seen, cursor = [], None
+    while True:
+        params = {"limit": 3} | ({"cursor": cursor} if cursor else {})
+        page = client.get("/identities", params=params).json()
+        seen += [item["identity_id"] for item in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    mine = [s for s in seen if s.startswith(prefix)]
+    assert mine == [f"{prefix}{i}" for i in range(7)]
+    assert len(seen) == len(set(seen)) and seen == sorted(seen)
+
+
+def test_metrics_expose_routes_embeddings_and_gallery(client):
+    client.post("/embed", json={"images": [b64(face_files("Jean_Chretien")[0])]})
+    text = client.get("/metrics").text
+    assert 'face_http_requests_total{method="POST",route="/embed",status="200"}' in text
+    assert "face_embeddings_computed_total" in text
+    assert "face_inference_batch_size_bucket" in text
+    line = next(l for l in text.splitlines() if l.startswith("face_gallery_identities "))
+    assert float(line.split()[1]) >= 1
+
+
+def test_openapi_documents_both_body_forms(client):
+    spec = client.get("/openapi.json").json()
+    for route in ("/embed", "/enroll", "/verify", "/identify"):
+        content = spec["paths"][route]["post"]["requestBody"]["content"]
+        assert {"application/json", "multipart/form-data"} <= set(content)
+    assert "/identities/{identity_id}" in spec["paths"]

@@ -1,0 +1,124 @@
+"""Bad input: a clear 4xx with a machine-readable code, nothing stored changes, the process lives."""
+
+from __future__ import annotations
+
+import io
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import b64, face_files
+
+FACE = face_files("Gerhard_Schroeder")[0]
+
+
+def encode(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def rgb() -> Image.Image:
+    return Image.open(FACE).convert("RGB")
+
+
+def bomb_png() -> bytes:
+    """A valid PNG header claiming 40000x40000 pixels, a few hundred bytes on disk."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", 40000, 40000, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 1000)) + chunk(b"IEND", b"")
+
+
+BAD_IMAGES = {
+    "empty_image": b"",
+    "not_an_image": b"this is plain text, not a picture",
+    "truncated_image": FACE.read_bytes()[: len(FACE.read_bytes()) // 2],
+    "wrong_image_size": encode(rgb().resize((160, 160))),
+    "grayscale_image": encode(rgb().convert("L")),
+    "alpha_channel": encode(rgb().convert("RGBA")),
+    "image_too_large": bomb_png(),
+}
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
+
+
+def error_code(r: httpx.Response) -> str:
+    assert 400 <= r.status_code < 500, (r.status_code, r.text)
+    return r.json()["error"]["code"]
+
+
+@pytest.mark.parametrize("expected", sorted(BAD_IMAGES))
+def test_bad_image_json_and_multipart(client, expected):
+    data = BAD_IMAGES[expected]
+    r = client.post("/embed", json={"images": [b64(FACE), b64(data)]})
+    assert error_code(r) == expected
+    err = r.json()["error"]
+    assert err["details"]["index"] == 1 and err["message"]
+    r = client.post("/embed", files=[("images", ("ok.jpg", FACE.read_bytes())), ("images", ("bad", data))])
+    assert error_code(r) == expected
+
+
+def test_bad_requests_get_codes_and_change_nothing(client):
+    identity = "bad-input-victim"
+    assert client.post("/enroll", json={"identity_id": identity, "images": [b64(FACE)]}).status_code == 200
+    before = client.get(f"/identities/{identity}").json()
+    stats_before = client.get("/readyz").json()["gallery"]
+
+    cases = [
+        # (request kwargs, expected code, expected status)
+        (dict(content=b'{"identity_id": "x", "images": [', headers={"content-type": "application/json"}), "malformed_json", 400),
+        (dict(json={"identity_id": identity, "images": ["***not base64***"]}), "invalid_base64", 422),
+        (dict(json={"identity_id": identity, "images": [b64(BAD_IMAGES["truncated_image"])]}), "truncated_image", 422),
+        (dict(json={"identity_id": identity, "images": [b64(FACE), b64(b"")]}), "empty_image", 422),
+        (dict(json={"identity_id": identity, "images": []}), "invalid_request", 422),
+        (dict(json={"identity_id": "a/b", "images": [b64(FACE)]}), "invalid_request", 422),
+        (dict(json={"identity_id": identity, "images": [b64(FACE)], "surprise": 1}), "invalid_request", 422),
+        (dict(json={"identity_id": identity, "images": [b64(FACE)] * 17}), "too_many_faces", 413),
+        (dict(json={"identity_id": identity, "images": ["A" * (3 * 1024 * 1024)]}), "payload_too_large", 413),
+        (dict(content=b"identity_id=x", headers={"content-type": "text/plain"}), "unsupported_media_type", 415),
+        (dict(json=[1, 2, 3]), "invalid_request", 422),
+    ]
+    for kwargs, code, status in cases:
+        r = client.post("/enroll", **kwargs)
+        assert (r.status_code, error_code(r)) == (status, code), (code, r.text[:300])
+
+    assert error_code(client.get("/identities/nobody-here")) == "identity_not_found"
+    assert error_code(client.delete("/identities/nobody-here")) == "identity_not_found"
+    r = client.post("/verify", json={"image_a": b64(FACE), "identity_id": "nobody-here"})
+    assert error_code(r) == "identity_not_found"
+    assert error_code(client.get("/no-such-route")) == "not_found"
+    assert error_code(client.get("/identities", params={"limit": 0})) == "invalid_request"
+    assert error_code(client.post("/identify", json={"images": [b64(FACE)], "top_k": 0})) == "invalid_request"
+
+    # nothing stored changed and the process still serves
+    assert client.get(f"/identities/{identity}").json() == before
+    assert client.get("/readyz").json()["gallery"] == stats_before
+    assert client.post("/embed", json={"images": [b64(FACE)]}).status_code == 200
+
+
+def test_one_bad_request_never_fails_its_neighbours(client):
+    """Concurrent requests share batches; a bad image fails only its own request."""
+    import concurrent.futures as cf
+
+    good = {"images": [b64(FACE)]}
+    bad = {"images": [b64(BAD_IMAGES["truncated_image"])]}
+    with cf.ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(client.post, "/embed", json=bad if i % 4 == 0 else good) for i in range(32)]
+        responses = [f.result() for f in futures]
+    for i, r in enumerate(responses):
+        if i % 4 == 0:
+            assert error_code(r) == "truncated_image"
+        else:
+            assert r.status_code == 200
+            assert np.linalg.norm(r.json()["embeddings"][0]) == pytest.approx(1, abs=1e-5)
