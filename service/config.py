@@ -15,7 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="FACE_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="FACE_", env_file=".env", extra="ignore", env_ignore_empty=True)
 
     # --- HTTP -------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Interface to bind.")

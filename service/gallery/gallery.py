@@ -173,6 +173,17 @@ class Gallery:
             self._label_identity.update((fid, identity_id) for fid in face_ids)
         return face_ids, created, len(removed)
 
+    def import_identities(self, items: list[tuple[str, np.ndarray, dict | None]]) -> list[list[int]]:
+        """Bulk-add new identities (all or none; an existing id aborts the import). Returns face ids."""
+        with self._lock.write():
+            face_ids = self.store.add_new_identities(items)
+            labels = np.asarray([f for ids in face_ids for f in ids], dtype=np.int64)
+            if len(labels):
+                self._index.add(np.concatenate([emb for _, emb, _ in items]).astype(np.float32), labels)
+            for (identity_id, _, _), ids in zip(items, face_ids):
+                self._label_identity.update((fid, identity_id) for fid in ids)
+        return face_ids
+
     def delete(self, identity_id: str) -> int | None:
         """Erase an identity from store and index. Returns the number of faces, None if unknown."""
         with self._lock.write():

@@ -125,6 +125,33 @@ class Store:
             raise
         return face_ids, removed, created
 
+    def add_new_identities(self, items: list[tuple[str, np.ndarray, dict | None]]) -> list[list[int]]:
+        """Bulk import of identities that must not exist yet, in one transaction (one fsync)."""
+        now = time.time()
+        conn = self._writer
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            all_ids = []
+            for identity_id, embeddings, metadata in items:
+                conn.execute(
+                    "INSERT INTO identities(identity_id, metadata, created_at, updated_at) VALUES (?, ?, ?, ?)",
+                    (identity_id, json.dumps(metadata or {}), now, now),
+                )
+                ids = []
+                for vector in embeddings.astype(np.float32):
+                    cur = conn.execute(
+                        "INSERT INTO faces(identity_id, embedding, created_at) VALUES (?, ?, ?)",
+                        (identity_id, vector.tobytes(), now),
+                    )
+                    ids.append(cur.lastrowid)
+                all_ids.append(ids)
+            self._bump(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return all_ids
+
     def delete_identity(self, identity_id: str) -> list[int] | None:
         """Remove an identity and its faces; returns their face ids, or None if it did not exist."""
         conn = self._writer

@@ -1,0 +1,154 @@
+"""Identify at scale: latency and recall@1 of the HNSW gallery against exact search.
+
+Builds a gallery of N face vectors (default 100k: 50k identities x 2 faces) whose similarity
+structure resembles real embeddings (same-person cosine ~0.6-0.7, different-person ~0), runs probes
+of enrolled people through ``Gallery.search`` (index search + grouping by identity, exactly what
+/identify does after embedding), and compares with exact brute-force cosine search.
+
+Optionally (--http) it also starts the real server on that gallery and times /identify end to end
+with a real face image (decode + embed + search).
+
+    python -m bench.gallery_search [--faces 100000] [--dim 128] [--probes 2000] [--http]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import machine, save  # noqa: E402
+from service.gallery import Gallery  # noqa: E402
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def synthetic_faces(identities: int, per_identity: int, dim: int, rng) -> tuple[np.ndarray, np.ndarray]:
+    """Identity centres on the sphere; faces at cosine ~0.8 to their centre (~0.65 to each other)."""
+    centres = unit(rng.normal(size=(identities, dim)))
+    noise = unit(rng.normal(size=(identities, per_identity, dim)))
+    faces = unit(0.8 * centres[:, None, :] + 0.6 * noise)
+    return centres, faces
+
+
+def percentiles(ms: list[float]) -> dict:
+    arr = np.asarray(ms)
+    return {"p50_ms": round(float(np.percentile(arr, 50)), 3), "p99_ms": round(float(np.percentile(arr, 99)), 3),
+            "mean_ms": round(float(arr.mean()), 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--faces", type=int, default=100_000)
+    parser.add_argument("--per-identity", type=int, default=2)
+    parser.add_argument("--dim", type=int, default=128, help="128 = the default model (SFace)")
+    parser.add_argument("--probes", type=int, default=2000)
+    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--ef", type=int, nargs="+", default=[32, 64, 128, 256])
+    parser.add_argument("--http", action="store_true", help="also time /identify over HTTP on this gallery")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    rng = np.random.default_rng(args.seed)
+
+    identities = args.faces // args.per_identity
+    _, faces = synthetic_faces(identities, args.per_identity, args.dim, rng)
+    flat = faces.reshape(-1, args.dim)
+    owner = np.repeat(np.arange(identities), args.per_identity)
+    probe_ids = rng.choice(identities, size=args.probes, replace=False)
+    # a probe is a new image of an enrolled person: near the centre of that person's faces
+    probes = unit(faces[probe_ids].mean(axis=1) + 0.45 * unit(rng.normal(size=(args.probes, args.dim))))
+
+    exact_started = time.perf_counter()
+    sims = probes @ flat.T
+    exact_top1_face = sims.argmax(axis=1)
+    exact_seconds = time.perf_counter() - exact_started
+
+    data_dir = Path(tempfile.mkdtemp(prefix="gallery-bench-"))
+    model_id = "sface@2021dec-int8bq" if args.dim == 128 else f"synthetic@{args.dim}"
+    gallery = Gallery(data_dir / "data", model_id, args.dim)
+    gallery.open()
+    started = time.perf_counter()
+    chunk = 5000
+    for start in range(0, identities, chunk):
+        items = [(f"person-{i:07d}", faces[i], None) for i in range(start, min(identities, start + chunk))]
+        gallery.import_identities(items)
+    build_seconds = time.perf_counter() - started
+    label_of_face = np.arange(1, len(flat) + 1)  # face ids are assigned 1..N in import order
+
+    results = []
+    for ef in args.ef:
+        gallery._index._index.set_ef(ef)  # noqa: SLF001 - a sweep of the search-time knob
+        latencies, face_hits, identity_hits = [], 0, 0
+        for i, probe in enumerate(probes):
+            t = time.perf_counter()
+            best = gallery.search(probe[None, :], args.top_k)[0]
+            latencies.append((time.perf_counter() - t) * 1000)
+            face_hits += best[0].face_id == label_of_face[exact_top1_face[i]]
+            identity_hits += best[0].identity_id == f"person-{owner[exact_top1_face[i]]:07d}"
+        t = time.perf_counter()
+        gallery.search(probes, args.top_k)
+        batch_qps = len(probes) / (time.perf_counter() - t)
+        row = {"ef": ef, "recall_at_1_face": face_hits / len(probes),
+               "recall_at_1_identity": identity_hits / len(probes),
+               "single_probe": percentiles(latencies), "batch_probes_per_s": round(batch_qps, 1)}
+        results.append(row)
+        print(f"ef={ef:4d} recall@1 face={row['recall_at_1_face']:.4f} identity={row['recall_at_1_identity']:.4f} "
+              f"p50={row['single_probe']['p50_ms']:.3f}ms p99={row['single_probe']['p99_ms']:.3f}ms "
+              f"batch={batch_qps:.0f}/s")
+    gallery._index._index.set_ef(gallery._index.ef_search)  # noqa: SLF001
+    gallery.close()
+
+    http = None
+    if args.http and args.dim == 128:
+        http = http_identify(data_dir / "data", args.top_k)
+
+    payload = {
+        "benchmark": "gallery_search", "machine": machine(),
+        "config": {"faces": len(flat), "identities": identities, "dim": args.dim, "probes": args.probes,
+                   "top_k": args.top_k, "hnsw_m": gallery._index.m, "ef_construction": gallery._index.ef_construction,
+                   "data": "synthetic: identity centres + noise, same-person cosine ~0.65"},
+        "build_seconds": round(build_seconds, 2),
+        "exact_search_ms_per_probe": round(exact_seconds / len(probes) * 1000, 3),
+        "hnsw": results, "http_identify": http,
+    }
+    path = save(f"gallery_search_{len(flat)}", payload)
+    print(f"saved {path}")
+
+
+def http_identify(data_dir: Path, top_k: int, requests: int = 200) -> dict:
+    import httpx
+
+    from tests.server import ServerProcess
+
+    face = next((Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "faces").glob("*.jpg"))
+    body = {"images": [base64.b64encode(face.read_bytes()).decode()], "top_k": top_k}
+    server = ServerProcess(data_dir, env={"FACE_LOG_LEVEL": "warning"})
+    ready = server.wait_ready(timeout=600)
+    latencies = []
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        for _ in range(20):
+            c.post("/identify", json=body)
+        for _ in range(requests):
+            t = time.perf_counter()
+            r = c.post("/identify", json=body)
+            latencies.append((time.perf_counter() - t) * 1000)
+            assert r.status_code == 200, r.text
+    server.stop()
+    out = {"gallery_faces": ready["gallery"]["faces"], "requests": requests, **percentiles(latencies)}
+    print(f"HTTP /identify over {out['gallery_faces']} faces: p50={out['p50_ms']}ms p99={out['p99_ms']}ms")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""Gallery: store and index stay consistent through enroll, delete, growth, restart and concurrency."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from service.gallery import Gallery, GalleryModelMismatch
+
+DIM = 32
+
+
+def unit(rng, n):
+    v = rng.normal(size=(n, DIM)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+@pytest.fixture
+def gallery(tmp_path):
+    g = Gallery(tmp_path, "m@1", DIM, ef_search=64)
+    g.open()
+    yield g
+    g.close()
+
+
+def test_search_scores_identities_by_best_face(gallery):
+    rng = np.random.default_rng(0)
+    faces = unit(rng, 3)
+    gallery.enroll("alice", faces)
+    gallery.enroll("bob", unit(rng, 2))
+    probe = faces[1:2] * 0.9 + unit(rng, 1) * 0.1
+    probe /= np.linalg.norm(probe)
+    best = gallery.search(probe, 2)[0]
+    assert [m.identity_id for m in best] == ["alice", "bob"]
+    assert best[0].score == pytest.approx(float((faces @ probe[0]).max()), abs=1e-5)
+
+
+def test_identity_with_many_faces_cannot_crowd_out_others(gallery):
+    rng = np.random.default_rng(1)
+    base = unit(rng, 1)
+    crowd = base + 0.05 * unit(rng, 40)  # 40 faces all nearer the probe than anyone else
+    gallery.enroll("crowd", crowd / np.linalg.norm(crowd, axis=1, keepdims=True))
+    for i in range(5):
+        gallery.enroll(f"other{i}", unit(rng, 1))
+    result = gallery.search(base, 4)[0]
+    assert len(result) == 4 and result[0].identity_id == "crowd"
+    assert len({m.identity_id for m in result}) == 4
+
+
+def test_grows_past_capacity_and_deletes_are_final(gallery):
+    rng = np.random.default_rng(2)
+    vectors = {f"id{i}": unit(rng, 1) for i in range(3000)}  # initial capacity is 1024
+    for identity, v in vectors.items():
+        gallery.enroll(identity, v)
+    assert gallery.stats()["index_capacity"] >= 3000
+    for i in range(0, 3000, 2):
+        assert gallery.delete(f"id{i}") == 1
+    assert gallery.delete("id0") is None
+    for i in range(0, 40):
+        hits = gallery.search(vectors[f"id{i}"], 5)[0]
+        assert all(int(m.identity_id[2:]) % 2 == 1 for m in hits)
+        if i % 2:
+            assert hits[0].identity_id == f"id{i}"
+    assert gallery.stats()["identities"] == 1500 == gallery.stats()["index_live"]
+
+
+def test_replace_swaps_faces_in_index_too(gallery):
+    rng = np.random.default_rng(3)
+    old, new = unit(rng, 2), unit(rng, 1)
+    gallery.enroll("carol", old)
+    face_ids, created, removed = gallery.enroll("carol", new, replace=True)
+    assert (created, removed) == (False, 2)
+    assert gallery.search(old[:1], 1)[0][0].face_id == face_ids[0]  # old faces no longer in the index
+    assert len(gallery.identity_embeddings("carol")) == 1
+
+
+@pytest.mark.parametrize("graceful", [True, False])
+def test_reopen_restores_exactly_what_was_stored(tmp_path, graceful):
+    rng = np.random.default_rng(4)
+    g = Gallery(tmp_path, "m@1", DIM)
+    g.open()
+    vectors = {f"p{i}": unit(rng, 2) for i in range(50)}
+    for identity, v in vectors.items():
+        g.enroll(identity, v)
+    g.delete("p7")
+    if graceful:
+        g.close()  # snapshot written
+    else:
+        g.store.close()  # as after a crash: no snapshot of this generation exists
+    g2 = Gallery(tmp_path, "m@1", DIM)
+    g2.open()
+    assert g2.stats()["identities"] == 49 and g2.stats()["index_live"] == 98
+    assert g2.search(vectors["p3"][:1], 1)[0][0].identity_id == "p3"
+    assert all(m.identity_id != "p7" for m in g2.search(vectors["p7"][:1], 10)[0])
+    g2.enroll("late", unit(rng, 1))  # writes after a reload keep working
+    g2.close()
+
+
+def test_stale_snapshot_is_not_used(tmp_path):
+    rng = np.random.default_rng(5)
+    g = Gallery(tmp_path, "m@1", DIM)
+    g.open()
+    g.enroll("a", unit(rng, 1))
+    g.close()  # snapshot at generation 1
+    g = Gallery(tmp_path, "m@1", DIM)
+    g.open()
+    late = unit(rng, 1)
+    g.enroll("b", late)  # generation 2 committed ...
+    g.store.close()  # ... then a crash: the generation-1 snapshot on disk must not be trusted
+    g = Gallery(tmp_path, "m@1", DIM)
+    g.open()
+    assert g.search(late, 1)[0][0].identity_id == "b"
+    g.close()
+
+
+def test_refuses_other_model(tmp_path):
+    g = Gallery(tmp_path, "m@1", DIM)
+    g.open()
+    g.close()
+    with pytest.raises(GalleryModelMismatch, match="m@1"):
+        Gallery(tmp_path, "m@2", DIM).open()
+    with pytest.raises(GalleryModelMismatch):
+        Gallery(tmp_path, "m@1", DIM * 2).open()
+
+
+def test_concurrent_searches_and_writes(gallery):
+    rng = np.random.default_rng(6)
+    seeded = {f"s{i}": unit(rng, 1) for i in range(200)}
+    for identity, v in seeded.items():
+        gallery.enroll(identity, v)
+    errors = []
+
+    def reader():
+        try:
+            for i in range(300):
+                identity = f"s{i % 200}"
+                assert gallery.search(seeded[identity], 3)[0][0].identity_id == identity
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    def writer(w):
+        try:
+            local = np.random.default_rng(100 + w)
+            for i in range(150):
+                gallery.enroll(f"w{w}-{i}", unit(local, 1))
+                if i % 3 == 0:
+                    gallery.delete(f"w{w}-{i}")
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=reader) for _ in range(4)] + [threading.Thread(target=writer, args=(w,)) for w in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    stats = gallery.stats()
+    assert stats["identities"] == 200 + 3 * 100 and stats["index_live"] == stats["faces"]
+
+
+def test_bulk_import_is_all_or_nothing(gallery):
+    import sqlite3
+
+    rng = np.random.default_rng(7)
+    items = [(f"bulk{i}", unit(rng, 2), {"i": i}) for i in range(100)]
+    ids = gallery.import_identities(items)
+    assert len(ids) == 100 and all(len(x) == 2 for x in ids)
+    assert gallery.search(items[42][1][:1], 1)[0][0].identity_id == "bulk42"
+    with pytest.raises(sqlite3.IntegrityError):
+        gallery.import_identities([("fresh", unit(rng, 1), None), ("bulk3", unit(rng, 1), None)])
+    assert gallery.get_identity("fresh") is None
+    assert gallery.stats()["index_live"] == gallery.stats()["faces"] == 200

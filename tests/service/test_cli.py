@@ -1,0 +1,54 @@
+"""The command line and the settings it maps to."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from service.__main__ import parse_args
+from service.config import Settings
+from tests.server import REPO
+
+
+def test_help_explains_every_flag():
+    out = subprocess.run([sys.executable, "-m", "service", "--help"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    for flag in ("--host", "--port", "--data-dir", "--model", "--providers", "--require-gpu"):
+        assert flag in out
+    assert "FACE_" in out
+
+
+def test_env_and_flags(monkeypatch, tmp_path):
+    monkeypatch.setenv("FACE_PORT", "9123")
+    monkeypatch.setenv("FACE_BATCH_MAX_SIZE", "16")
+    args = parse_args(["--data-dir", str(tmp_path)])
+    settings = Settings(**{k: v for k, v in vars(args).items() if v is not None})
+    assert settings.port == 9123 and settings.batch_max_size == 16 and settings.data_dir == tmp_path
+    args = parse_args(["--port", "9200"])
+    assert Settings(**{k: v for k, v in vars(args).items() if v is not None}).port == 9200
+
+
+def test_require_gpu_on_a_cpu_host_fails_loudly(tmp_path, default_model):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this host has CUDA")
+    proc = subprocess.run(
+        [sys.executable, "-m", "service", "--port", "0", "--data-dir", str(tmp_path), "--model", str(default_model),
+         "--require-gpu"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "CUDA" in proc.stderr and "onnxruntime-gpu" in proc.stderr
+
+
+def test_env_example_lists_every_setting_and_parses(monkeypatch):
+    lines = [l for l in (REPO / ".env.example").read_text().splitlines() if l and not l.startswith("#")]
+    names = {l.split("=", 1)[0] for l in lines}
+    assert names == {f"FACE_{n.upper()}" for n in Settings.model_fields}
+    for line in lines:
+        name, value = line.split("=", 1)
+        monkeypatch.setenv(name, value)
+    settings = Settings(_env_file=None)  # the example's values, empty ones meaning "default"
+    assert settings.api_key is None and settings.model is None and settings.port == 8000

@@ -1,0 +1,86 @@
+"""Decoding and validation of uploaded images."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.errors import ErrorCode, ServiceError
+from service.images import decode_aligned_face, decode_base64
+from tests.conftest import FACES
+
+FACE = sorted(FACES.glob("*.jpg"))[0]
+
+
+def decode(data: bytes):
+    return decode_aligned_face(data, 0, (112, 112), max_bytes=1 << 20, max_pixels=10_000_000)
+
+
+def png(img):
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_valid_jpeg_png_and_palette():
+    face = decode(FACE.read_bytes())
+    assert face.shape == (112, 112, 3) and face.dtype == np.uint8
+    as_png = decode(png(Image.open(FACE)))
+    np.testing.assert_array_equal(face, as_png)
+    palette = decode(png(Image.open(FACE).convert("P")))
+    assert palette.shape == (112, 112, 3)
+
+
+def test_exif_orientation_is_applied():
+    img = Image.open(FACE).convert("RGB")
+    rotated = img.transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to view": undoes the counter-clockwise ROTATE_90
+    buf = io.BytesIO()
+    rotated.save(buf, format="JPEG", exif=exif, quality=100)
+    upright = decode(buf.getvalue())
+    assert np.abs(upright.astype(int) - np.asarray(img).astype(int)).mean() < 3
+
+
+@pytest.mark.parametrize(
+    "data,code",
+    [
+        (b"", ErrorCode.empty_image),
+        (b"GIF89a not really", ErrorCode.not_an_image),
+        (FACE.read_bytes()[:500], ErrorCode.truncated_image),
+        (b"x" * (2 << 20), ErrorCode.image_too_large),
+    ],
+)
+def test_broken_bytes(data, code):
+    with pytest.raises(ServiceError) as exc:
+        decode(data)
+    assert exc.value.code == code and 400 <= exc.value.status < 500
+
+
+def test_modes_and_size():
+    img = Image.open(FACE).convert("RGB")
+    for converted, code in [(img.convert("L"), ErrorCode.grayscale_image), (img.convert("RGBA"), ErrorCode.alpha_channel),
+                            (img.convert("LA"), ErrorCode.alpha_channel), (img.resize((100, 112)), ErrorCode.wrong_image_size)]:
+        with pytest.raises(ServiceError) as exc:
+            decode(png(converted))
+        assert exc.value.code == code
+
+
+def test_pixel_bomb_refused_before_decoding():
+    big = Image.new("RGB", (4000, 3000))
+    buf = io.BytesIO()
+    big.save(buf, format="PNG")  # compresses to a few KB
+    with pytest.raises(ServiceError) as exc:
+        decode_aligned_face(buf.getvalue(), 0, (112, 112), max_bytes=1 << 20, max_pixels=1_000_000)
+    assert exc.value.code == ErrorCode.image_too_large
+
+
+def test_base64_errors():
+    assert decode_base64("aGk=", 0) == b"hi"
+    assert decode_base64("data:image/png;base64,aGk=", 0) == b"hi"
+    with pytest.raises(ServiceError) as exc:
+        decode_base64("not base64!", 3)
+    assert exc.value.code == ErrorCode.invalid_base64 and exc.value.details == {"index": 3}
