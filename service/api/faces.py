@@ -80,5 +80,5 @@ async def identify(request: Request, state: StateDep) -> IdentifyResponse:
             score=best.score if best else None,
             candidates=[Candidate(identity_id=m.identity_id, score=m.score, face_id=m.face_id) for m in candidates],
         ))
-    return IdentifyResponse(results=results, threshold=threshold, gallery_identities=state.gallery.stats()["identities"],
+    return IdentifyResponse(results=results, threshold=threshold, gallery_identities=state.gallery.identity_count,
                             model_id=state.contract.model_id)

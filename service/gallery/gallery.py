@@ -92,6 +92,7 @@ class Gallery:
         self._lock = ReadWriteLock()
         self._index = HnswIndex(dim, m, ef_construction, ef_search)
         self._label_identity: dict[int, str] = {}
+        self.identity_count = 0  # kept in memory so /identify need not count rows
         self.store: Store | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -129,6 +130,7 @@ class Gallery:
         if source == "rebuilt":
             self._index.build_empty(capacity=max(1024, int(face_count * 1.25)))
         self._label_identity = {}
+        self.identity_count = self.store.counts()[0]
         for ids, vectors, identities in self.store.iter_faces():
             if source == "rebuilt":
                 self._index.add(vectors, ids)
@@ -171,6 +173,7 @@ class Gallery:
                     self._label_identity.pop(label, None)
             self._index.add(embeddings, np.asarray(face_ids, dtype=np.int64))
             self._label_identity.update((fid, identity_id) for fid in face_ids)
+            self.identity_count += created
         return face_ids, created, len(removed)
 
     def import_identities(self, items: list[tuple[str, np.ndarray, dict | None]]) -> list[list[int]]:
@@ -182,6 +185,7 @@ class Gallery:
                 self._index.add(np.concatenate([emb for _, emb, _ in items]).astype(np.float32), labels)
             for (identity_id, _, _), ids in zip(items, face_ids):
                 self._label_identity.update((fid, identity_id) for fid in ids)
+            self.identity_count += len(items)
         return face_ids
 
     def delete(self, identity_id: str) -> int | None:
@@ -193,6 +197,7 @@ class Gallery:
             self._index.mark_deleted(face_ids)
             for label in face_ids:
                 self._label_identity.pop(label, None)
+            self.identity_count -= 1
         return len(face_ids)
 
     # --- reads -------------------------------------------------------------------------------
