@@ -12,6 +12,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,10 @@ CREATE TABLE IF NOT EXISTS faces (
 );
 CREATE INDEX IF NOT EXISTS faces_by_identity ON faces(identity_id);
 """
+
+
+class _NothingToDelete(Exception):
+    pass
 
 
 @dataclass
@@ -88,22 +93,46 @@ class Store:
         )
 
     # --- writes (the caller serialises them) -------------------------------------------------
+    @contextmanager
+    def _transaction(self):
+        """One write transaction that bumps the generation; committed on exit, rolled back on error."""
+        conn = self._writer
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+            self._bump(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    @staticmethod
+    def _insert_identity(conn, identity_id: str, metadata: dict | None, now: float) -> None:
+        conn.execute(
+            "INSERT INTO identities(identity_id, metadata, created_at, updated_at) VALUES (?, ?, ?, ?)",
+            (identity_id, json.dumps(metadata or {}), now, now),
+        )
+
+    @staticmethod
+    def _insert_faces(conn, identity_id: str, embeddings: np.ndarray, now: float) -> list[int]:
+        return [
+            conn.execute(
+                "INSERT INTO faces(identity_id, embedding, created_at) VALUES (?, ?, ?)",
+                (identity_id, vector.tobytes(), now),
+            ).lastrowid
+            for vector in embeddings.astype(np.float32)
+        ]
+
     def add_faces(
         self, identity_id: str, embeddings: np.ndarray, metadata: dict | None, replace: bool
     ) -> tuple[list[int], list[int], bool]:
         """Insert faces; returns (new face ids, face ids removed by replace, identity created)."""
         now = time.time()
-        conn = self._writer
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            row = conn.execute("SELECT 1 FROM identities WHERE identity_id = ?", (identity_id,)).fetchone()
-            created = row is None
-            removed: list[int] = []
+        removed: list[int] = []
+        with self._transaction() as conn:
+            created = conn.execute("SELECT 1 FROM identities WHERE identity_id = ?", (identity_id,)).fetchone() is None
             if created:
-                conn.execute(
-                    "INSERT INTO identities(identity_id, metadata, created_at, updated_at) VALUES (?, ?, ?, ?)",
-                    (identity_id, json.dumps(metadata or {}), now, now),
-                )
+                self._insert_identity(conn, identity_id, metadata, now)
             else:
                 if metadata is not None:
                     conn.execute("UPDATE identities SET metadata = ? WHERE identity_id = ?", (json.dumps(metadata), identity_id))
@@ -111,63 +140,29 @@ class Store:
                 if replace:
                     removed = [r[0] for r in conn.execute("SELECT face_id FROM faces WHERE identity_id = ?", (identity_id,))]
                     conn.execute("DELETE FROM faces WHERE identity_id = ?", (identity_id,))
-            face_ids = []
-            for vector in embeddings.astype(np.float32):
-                cur = conn.execute(
-                    "INSERT INTO faces(identity_id, embedding, created_at) VALUES (?, ?, ?)",
-                    (identity_id, vector.tobytes(), now),
-                )
-                face_ids.append(cur.lastrowid)
-            self._bump(conn)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+            face_ids = self._insert_faces(conn, identity_id, embeddings, now)
         return face_ids, removed, created
 
     def add_new_identities(self, items: list[tuple[str, np.ndarray, dict | None]]) -> list[list[int]]:
         """Bulk import of identities that must not exist yet, in one transaction (one fsync)."""
         now = time.time()
-        conn = self._writer
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction() as conn:
             all_ids = []
             for identity_id, embeddings, metadata in items:
-                conn.execute(
-                    "INSERT INTO identities(identity_id, metadata, created_at, updated_at) VALUES (?, ?, ?, ?)",
-                    (identity_id, json.dumps(metadata or {}), now, now),
-                )
-                ids = []
-                for vector in embeddings.astype(np.float32):
-                    cur = conn.execute(
-                        "INSERT INTO faces(identity_id, embedding, created_at) VALUES (?, ?, ?)",
-                        (identity_id, vector.tobytes(), now),
-                    )
-                    ids.append(cur.lastrowid)
-                all_ids.append(ids)
-            self._bump(conn)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+                self._insert_identity(conn, identity_id, metadata, now)
+                all_ids.append(self._insert_faces(conn, identity_id, embeddings, now))
         return all_ids
 
     def delete_identity(self, identity_id: str) -> list[int] | None:
         """Remove an identity and its faces; returns their face ids, or None if it did not exist."""
-        conn = self._writer
-        conn.execute("BEGIN IMMEDIATE")
         try:
-            if conn.execute("SELECT 1 FROM identities WHERE identity_id = ?", (identity_id,)).fetchone() is None:
-                conn.execute("ROLLBACK")
-                return None
-            face_ids = [r[0] for r in conn.execute("SELECT face_id FROM faces WHERE identity_id = ?", (identity_id,))]
-            conn.execute("DELETE FROM faces WHERE identity_id = ?", (identity_id,))
-            conn.execute("DELETE FROM identities WHERE identity_id = ?", (identity_id,))
-            self._bump(conn)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+            with self._transaction() as conn:
+                face_ids = [r[0] for r in conn.execute("SELECT face_id FROM faces WHERE identity_id = ?", (identity_id,))]
+                conn.execute("DELETE FROM faces WHERE identity_id = ?", (identity_id,))
+                if not conn.execute("DELETE FROM identities WHERE identity_id = ?", (identity_id,)).rowcount:
+                    raise _NothingToDelete  # rolls the transaction back: generation untouched
+        except _NothingToDelete:
+            return None
         return face_ids
 
     # --- reads -------------------------------------------------------------------------------
