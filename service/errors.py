@@ -29,6 +29,7 @@ class ErrorCode(str, Enum):
     alpha_channel = "alpha_channel"
     unsupported_color_mode = "unsupported_color_mode"
     no_face = "no_face"
+    photo_not_supported = "photo_not_supported"
     # gallery
     identity_not_found = "identity_not_found"
     invalid_identity_id = "invalid_identity_id"
@@ -57,6 +58,7 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.alpha_channel: 422,
     ErrorCode.unsupported_color_mode: 422,
     ErrorCode.no_face: 422,
+    ErrorCode.photo_not_supported: 422,
     ErrorCode.identity_not_found: 404,
     ErrorCode.invalid_identity_id: 422,
     ErrorCode.unauthorized: 401,

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
-import warnings
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
+from .detection.errors import PhotoError
+from .detection.photos import open_photo
 from .errors import ErrorCode, ServiceError
 
 
@@ -28,38 +28,12 @@ def decode_base64(text: str, index: int) -> bytes:
 
 
 def open_image(data: bytes, index: int, max_bytes: int, max_pixels: int) -> Image.Image:
-    """Decode and validate the container; refuse oversized images before their pixels are allocated."""
-    if not data:
-        raise ServiceError(ErrorCode.empty_image, f"image {index} is empty (0 bytes)", index=index)
-    if len(data) > max_bytes:
-        raise ServiceError(
-            ErrorCode.image_too_large, f"image {index} is {len(data)} bytes; the limit is {max_bytes}",
-            index=index, limit=max_bytes,
-        )
+    """Decode and validate the container, EXIF-upright; oversized images are refused before their
+    pixels are allocated. The same decoder as for photos (``detection.photos``), errors numbered."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            width, height = img.size
-            if width * height > max_pixels:
-                raise ServiceError(
-                    ErrorCode.image_too_large,
-                    f"image {index} declares {width}x{height} pixels; the limit is {max_pixels}",
-                    index=index, limit=max_pixels,
-                )
-            img.load()
-    except ServiceError:
-        raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        if isinstance(exc, UnidentifiedImageError):
-            raise ServiceError(ErrorCode.not_an_image, f"image {index} is not a decodable image", index=index) from exc
-        raise ServiceError(ErrorCode.image_too_large, f"image {index} is too large to decode", index=index) from exc
-    except (OSError, SyntaxError, ValueError) as exc:
-        # Pillow reports a cut-off file as OSError("image file is truncated ...")
-        raise ServiceError(
-            ErrorCode.truncated_image, f"image {index} is truncated or corrupt: {exc}", index=index
-        ) from exc
-    return ImageOps.exif_transpose(img)
+        return open_photo(data, max_pixels=max_pixels, max_bytes=max_bytes)
+    except PhotoError as exc:
+        raise ServiceError(ErrorCode(exc.code), f"image {index}: {exc.message}", index=index, **exc.details) from exc
 
 
 def to_rgb_array(img: Image.Image, index: int) -> np.ndarray:

@@ -31,11 +31,20 @@ class Metrics:
         self.inference_seconds = Histogram(
             "face_inference_seconds", "Seconds per session run", buckets=LATENCY_BUCKETS, registry=self.registry
         )
+        self.detect_seconds = Histogram(
+            "face_detect_seconds", "Seconds per photo for face detection", buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.faces_detected = Counter("face_faces_detected_total", "Faces found in photos", registry=self.registry)
         self.errors = Counter(
             "face_errors_total", "Error responses by code", ["code"], registry=self.registry
         )
         self.gallery_identities = Gauge("face_gallery_identities", "Enrolled identities", registry=self.registry)
         self.gallery_faces = Gauge("face_gallery_faces", "Enrolled faces", registry=self.registry)
+
+    def observe_detection(self, faces: int, seconds: float) -> None:
+        self.faces_detected.inc(faces)
+        self.detect_seconds.observe(seconds)
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self.embeddings.inc(size)

@@ -1,28 +1,128 @@
 """The data path from image bytes to embeddings, in one direction:
 
-bytes -> decode + validate (``images``) -> batcher -> session (``model``) -> normalised embeddings.
+bytes -> decode + validate (``images``; photos: ``detection``: detect -> select -> align)
+      -> batcher -> session (``model``) -> normalised embeddings.
+
+Every image of a request is decoded (and its faces found) before any is embedded, so a bad image
+fails its own request with a clear code and never reaches the batch other requests share.
 """
 
 from __future__ import annotations
 
+import io
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
 import numpy as np
+from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
+from .detection import AlignedFace, DetectedFace, PhotoError, align_face, decode_photo, select_faces
+from .errors import ErrorCode, ServiceError
 from .images import decode_aligned_face
 from .state import ServiceState
 
+ImageType = Literal["aligned", "photo", "auto"]
+MultiFace = Literal["largest", "center", "all"]
 
-def decode_faces(state: ServiceState, blobs: list[bytes], first_index: int = 0) -> np.ndarray:
+
+@dataclass
+class FaceBatch:
+    """The faces of one request, ready for the model: crops, and where each came from."""
+
+    crops: list[np.ndarray] = field(default_factory=list)  # HxWx3 uint8 RGB, the model's input size
+    image_index: list[int] = field(default_factory=list)  # request image of each crop
+    located: list[DetectedFace | None] = field(default_factory=list)  # None: the image was an aligned crop
+
+    def add(self, crop: np.ndarray, index: int, face: DetectedFace | None = None) -> None:
+        self.crops.append(crop)
+        self.image_index.append(index)
+        self.located.append(face)
+
+    @property
+    def from_photos(self) -> bool:
+        return any(face is not None for face in self.located)
+
+    def locations(self) -> list[dict | None] | None:
+        """JSON-ready face locations parallel to the crops; None when no image was a photo."""
+        if not self.from_photos:
+            return None
+        return [None if face is None else {"image_index": index, **face.as_dict()}
+                for index, face in zip(self.image_index, self.located)]
+
+
+def _photo_error(exc: PhotoError, index: int) -> ServiceError:
+    return ServiceError(ErrorCode(exc.code), f"image {index}: {exc.message}", index=index, **exc.details)
+
+
+def _is_aligned_size(data: bytes, size: tuple[int, int]) -> bool:
+    """For ``auto``: does the header declare exactly the model's input size? (No pixels decoded; an
+    unreadable header goes down the aligned path, which reports what is wrong with it.)"""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return (img.height, img.width) == tuple(size)
+    except Exception:  # noqa: BLE001 - any failure here is reported properly by the aligned path
+        return True
+
+
+def detect_photo(state: ServiceState, data: bytes, index: int) -> tuple[np.ndarray, list[DetectedFace]]:
+    """Photo bytes -> (upright RGB array, every face in it). No face is an empty list, not an error."""
+    if state.detector is None or state.template is None:
+        raise ServiceError(
+            ErrorCode.photo_not_supported,
+            f"the model's alignment {state.contract.alignment!r} has no template here; send aligned crops",
+            index=index,
+        )
     settings = state.settings
-    faces = [
-        decode_aligned_face(blob, first_index + i, state.contract.input_size, settings.max_image_bytes,
-                            settings.max_image_pixels)
-        for i, blob in enumerate(blobs)
-    ]
-    return np.stack(faces)
+    try:
+        rgb = decode_photo(data, max_pixels=settings.max_image_pixels, max_bytes=settings.max_image_bytes)
+    except PhotoError as exc:
+        raise _photo_error(exc, index) from exc
+    started = time.perf_counter()
+    faces = state.detector.detect(rgb)
+    state.metrics.observe_detection(len(faces), time.perf_counter() - started)
+    return rgb, faces
 
 
-async def embed_images(state: ServiceState, blobs: list[bytes], first_index: int = 0) -> np.ndarray:
-    """Every image is validated before any is embedded: a bad one fails its request, nothing else."""
-    faces = await run_in_threadpool(decode_faces, state, blobs, first_index)
-    return await state.batcher.embed(faces)
+def align_photo(state: ServiceState, data: bytes, index: int, multi_face: MultiFace) -> list[AlignedFace]:
+    rgb, faces = detect_photo(state, data, index)
+    try:
+        chosen = select_faces(faces, multi_face, rgb.shape)
+    except PhotoError as exc:  # no face
+        raise _photo_error(exc, index) from exc
+    return [AlignedFace(face=face, crop=align_face(rgb, face, state.template)) for face in chosen]
+
+
+def decode_faces(
+    state: ServiceState, blobs: list[bytes], image_type: ImageType = "aligned", multi_face: MultiFace = "largest",
+    first_index: int = 0,
+) -> FaceBatch:
+    settings = state.settings
+    size = state.contract.input_size
+    batch = FaceBatch()
+    for offset, blob in enumerate(blobs):
+        index = first_index + offset
+        if image_type == "aligned" or (image_type == "auto" and _is_aligned_size(blob, size)):
+            batch.add(decode_aligned_face(blob, index, size, settings.max_image_bytes, settings.max_image_pixels),
+                      index)
+            continue
+        for aligned in align_photo(state, blob, index, multi_face):
+            batch.add(aligned.crop, index, aligned.face)
+    if len(batch.crops) > settings.max_faces_per_request:
+        raise ServiceError(
+            ErrorCode.too_many_faces,
+            f"the photos hold {len(batch.crops)} faces; the limit is {settings.max_faces_per_request}",
+            limit=settings.max_faces_per_request,
+        )
+    return batch
+
+
+async def embed_images(
+    state: ServiceState, blobs: list[bytes], image_type: ImageType = "aligned", multi_face: MultiFace = "largest",
+    first_index: int = 0,
+) -> tuple[np.ndarray, FaceBatch]:
+    """Embeddings of every face in ``blobs`` (one per aligned image; per photo, what the policy picks)."""
+    faces = await run_in_threadpool(decode_faces, state, blobs, image_type, multi_face, first_index)
+    vectors = await state.batcher.embed(np.stack(faces.crops))
+    return vectors, faces

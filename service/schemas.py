@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 Base64Image = Annotated[
     str,
-    Field(description="An aligned 112x112 face (JPEG, PNG, WebP or BMP), base64-encoded; a data URL is accepted."),
+    Field(description="An image (JPEG, PNG, WebP or BMP), base64-encoded; a data URL is accepted. An aligned "
+          "112x112 face, or a photo when `image_type` is `photo`."),
+]
+ImageType = Annotated[
+    Literal["aligned", "photo", "auto"],
+    Field(description="`aligned`: every image is already an aligned crop of the model's input size. "
+          "`photo`: every image is a photo; faces are detected and aligned by the service. "
+          "`auto`: images of exactly the model's input size are taken as aligned, others as photos."),
+]
+MultiFace = Annotated[
+    Literal["largest", "center", "all"],
+    Field(description="Photos with several faces: `largest` face, the face nearest the image `center`, "
+          "or `all` faces (each becomes its own result, with its box)."),
+]
+SingleFace = Annotated[
+    Literal["largest", "center"],
+    Field(description="Photos with several faces: use the `largest` one, or the one nearest the image `center`."),
 ]
 IdentityId = Annotated[
     str,
@@ -23,19 +39,47 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class ImageOptions(Strict):
+    """How the request's images are read. A photo without any face is refused (`no_face`, 422)."""
+
+    image_type: ImageType = "aligned"
+
+
+class PhotoOptions(ImageOptions):
+    multi_face: MultiFace = "largest"
+
+
+class SingleFacePhotoOptions(ImageOptions):
+    multi_face: SingleFace = "largest"
+
+
+class FaceLocation(BaseModel):
+    """Where a face was found in a photo, in the pixels of the upright photo (EXIF orientation applied)."""
+
+    image_index: int = Field(description="Which image of the request the face is in (0-based).")
+    box: list[float] = Field(description="x, y (top-left), width, height.")
+    landmarks: list[list[float]] = Field(
+        description="5 points (x, y): right eye, left eye, nose tip, right and left mouth corners (the subject's)."
+    )
+    score: float = Field(description="Detector confidence, 0..1.")
+
+
 # --- embed ------------------------------------------------------------------------------------
-class EmbedRequest(Strict):
-    images: list[Base64Image] = Field(min_length=1, description="One or more aligned faces.")
+class EmbedRequest(PhotoOptions):
+    images: list[Base64Image] = Field(min_length=1, description="One or more aligned faces or photos.")
 
 
 class EmbedResponse(BaseModel):
     model_id: str = Field(description="name@version of the model that made the embeddings.")
     dimension: int
     embeddings: list[list[float]] = Field(description="L2-normalised float32 vectors, in request order.")
+    faces: list[FaceLocation | None] | None = Field(
+        None, description="For photos: where each embedded face was found (parallel to `embeddings`; null for "
+        "an aligned image). Absent when every image was aligned.")
 
 
 # --- enroll -----------------------------------------------------------------------------------
-class EnrollRequest(Strict):
+class EnrollRequest(SingleFacePhotoOptions):
     identity_id: IdentityId
     images: list[Base64Image] = Field(min_length=1)
     metadata: dict[str, Any] | None = Field(
@@ -55,10 +99,12 @@ class EnrollResponse(BaseModel):
     faces_replaced: int = Field(0, description="Faces removed because replace was true.")
     face_count: int = Field(description="The identity's faces after this request.")
     model_id: str
+    faces: list[FaceLocation | None] | None = Field(
+        None, description="For photos: the face enrolled from each image, in request order.")
 
 
 # --- verify -----------------------------------------------------------------------------------
-class VerifyRequest(Strict):
+class VerifyRequest(SingleFacePhotoOptions):
     image_a: Base64Image
     image_b: Base64Image | None = Field(None, description="Face vs face: the second face.")
     identity_id: IdentityId | None = Field(None, description="Face vs enrolled identity (instead of image_b).")
@@ -71,11 +117,15 @@ class VerifyResponse(BaseModel):
     match: bool = Field(description="similarity >= threshold")
     model_id: str
     identity_id: str | None = None
+    face_a: FaceLocation | None = Field(None, description="For a photo: where the compared face is.")
+    face_b: FaceLocation | None = None
 
 
 # --- identify ---------------------------------------------------------------------------------
-class IdentifyRequest(Strict):
-    images: list[Base64Image] = Field(min_length=1, description="One or more probe faces.")
+class IdentifyRequest(PhotoOptions):
+    images: list[Base64Image] = Field(
+        min_length=1, description="One or more probe faces or photos (with `multi_face: all`, every face of a "
+        "photo is a probe).")
     top_k: int = Field(5, ge=1, le=1000, description="Candidates returned per probe.")
     threshold: Threshold = None
 
@@ -87,6 +137,8 @@ class Candidate(BaseModel):
 
 
 class ProbeResult(BaseModel):
+    image_index: int = Field(description="The request image this probe came from.")
+    face: FaceLocation | None = Field(None, description="For photos: where the probe face is.")
     identity_id: str | None = Field(description="The best identity at or above the threshold; null = unknown.")
     known: bool
     score: float | None = Field(description="The best candidate's score, whether or not it passed.")
@@ -98,6 +150,28 @@ class IdentifyResponse(BaseModel):
     threshold: float
     gallery_identities: int
     model_id: str
+
+
+# --- detect -----------------------------------------------------------------------------------
+class DetectRequest(Strict):
+    images: list[Base64Image] = Field(min_length=1, description="One or more photos.")
+    return_crops: bool = Field(False, description="Also return each face aligned for the model, as base64 PNG.")
+
+
+class DetectedFaceOut(FaceLocation):
+    crop: str | None = Field(None, description="With return_crops: the aligned face, base64 PNG.")
+
+
+class DetectedImage(BaseModel):
+    width: int = Field(description="Of the upright photo.")
+    height: int
+    faces: list[DetectedFaceOut] = Field(description="Every face found, highest score first (may be empty).")
+
+
+class DetectResponse(BaseModel):
+    detector: str
+    alignment: str
+    images: list[DetectedImage]
 
 
 # --- identities -------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .config import Settings
+from .detection import AlignmentTemplate, FaceDetector
 from .gallery import Gallery
 from .metrics import Metrics
 from .model.batcher import DynamicBatcher
@@ -19,6 +20,9 @@ class ServiceState:
     batcher: DynamicBatcher
     gallery: Gallery
     metrics: Metrics
+    # photos: None when the model's alignment has no template here (then only aligned crops are served)
+    detector: FaceDetector | None = None
+    template: AlignmentTemplate | None = None
 
     @property
     def contract(self) -> FaceContract:

@@ -29,17 +29,19 @@ async def enroll(request: Request, state: StateDep) -> EnrollResponse:
     A new identity is created. For an existing identity the faces are **added** to its faces
     (`replace: false`, the default) or atomically **replace** them (`replace: true`); given
     `metadata` replaces the stored metadata. The response comes after the write is durable.
+    Photos: one face per image (`multi_face`: the `largest`, or the one nearest the `center`).
     """
     payload, images = await read_payload(request, EnrollRequest, ("images",),
                                          max_images=state.settings.max_faces_per_request)
-    vectors = await embed_images(state, images["images"])
+    vectors, faces = await embed_images(state, images["images"], payload.image_type, payload.multi_face)
     face_ids, created, replaced = await run_in_threadpool(
         state.gallery.enroll, payload.identity_id, vectors, payload.metadata, payload.replace
     )
     record = await run_in_threadpool(state.gallery.get_identity, payload.identity_id)
     face_count = record[0].face_count if record else len(face_ids)
     return EnrollResponse(identity_id=payload.identity_id, created=created, face_ids=face_ids,
-                          faces_replaced=replaced, face_count=face_count, model_id=state.contract.model_id)
+                          faces_replaced=replaced, face_count=face_count, model_id=state.contract.model_id,
+                          faces=faces.locations())
 
 
 @router.get("/identities", response_model=IdentityPage, summary="List identities")
