@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import __version__
 from .api import faces, identities, ops
 from .config import Settings, get_settings
+from .detection import YuNetConfig, YuNetDetector, template_for
 from .errors import ErrorCode, ServiceError
 from .gallery import Gallery
 from .metrics import Metrics
@@ -32,9 +33,12 @@ from .state import ServiceState
 log = logging.getLogger(__name__)
 
 DESCRIPTION = """
-Face embeddings, 1:1 verification and 1:N open-set identification over aligned 112x112 faces.
+Face embeddings, 1:1 verification and 1:N open-set identification, on aligned 112x112 faces or on
+whole photos (faces detected with YuNet and aligned to the model's template; `POST /detect` shows them).
 
 * Images go in as base64 strings in JSON, or as files in a `multipart/form-data` upload.
+* `image_type`: `aligned` (default), `photo` or `auto`; for photos `multi_face` picks the `largest`
+  face, the one nearest the `center`, or (embed, identify) `all` of them. A photo with no face: `no_face`.
 * Errors are JSON: `{"error": {"code": "...", "message": "...", "details": {...}}}`; `code` is stable.
 * With an API key configured, send it in the `X-API-Key` header (health routes excepted).
 """
@@ -50,6 +54,11 @@ def _warmup_sizes(max_batch: int) -> list[int]:
 
 async def initialize(settings: Settings, metrics: Metrics) -> ServiceState:
     model_path = await run_in_threadpool(resolve_model_path, settings.model, settings.model_cache_dir)
+    if settings.precision == "fp16":
+        from .model.fp16 import serving_variant  # onnxconverter-common is only imported when used
+
+        model_path = await run_in_threadpool(serving_variant, model_path, settings.model_cache_dir,
+                                             settings.fp16_parity_faces)
     model = EmbeddingModel(model_path, settings)
     await run_in_threadpool(model.initialize)
     if settings.warmup:
@@ -61,7 +70,22 @@ async def initialize(settings: Settings, metrics: Metrics) -> ServiceState:
     batcher = DynamicBatcher(model.execute, settings.batch_max_size, settings.batch_max_wait_ms,
                              workers=settings.batch_workers, on_batch=metrics.observe_batch)
     await batcher.start()
-    return ServiceState(settings=settings, model=model, batcher=batcher, gallery=gallery, metrics=metrics)
+    detector, template = await run_in_threadpool(_photo_support, settings, model.contract.alignment)
+    return ServiceState(settings=settings, model=model, batcher=batcher, gallery=gallery, metrics=metrics,
+                        detector=detector, template=template)
+
+
+def _photo_support(settings: Settings, alignment: str):
+    """The detector and the crop template for photos; a model aligned some other way serves crops only."""
+    try:
+        template = template_for(alignment)
+    except ValueError:
+        log.warning("photos disabled: no template for the model's alignment", extra={"alignment": alignment})
+        return None, None
+    detector = YuNetDetector(YuNetConfig(score_threshold=settings.detector_score_threshold,
+                                         max_side=settings.detector_max_side))
+    log.info("face detector loaded", extra={"detector": detector.name, "alignment": template.name})
+    return detector, template
 
 
 async def finalize(state: ServiceState) -> None:

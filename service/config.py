@@ -24,7 +24,7 @@ class Settings(BaseSettings):
         None, description="When set, every route except /healthz and /readyz needs this key."
     )
     api_key_header: str = Field("X-API-Key", description="Header that carries the API key.")
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     log_json: bool = Field(True, description="One JSON object per log line (false: plain text).")
 
     # --- model ------------------------------------------------------------------------------
@@ -36,6 +36,15 @@ class Settings(BaseSettings):
     model_cache_dir: Path = Field(
         Path("models"), description="Where prepared third-party models and their sidecars go."
     )
+    precision: Literal["fp32", "fp16"] = Field(
+        "fp32",
+        description="fp16: serve an fp16 variant of the model (float32 in and out), made in model_cache_dir "
+        "and refused unless its embeddings of real faces have cosine >= 0.999 to fp32. Its model id differs "
+        "(version suffix -fp16), so a gallery enrolled with fp32 embeddings will not open with it.",
+    )
+    fp16_parity_faces: Path | None = Field(
+        None, description="Aligned face crops for the fp16 parity check; empty = the repository's test faces."
+    )
     providers: Literal["auto", "cpu", "cuda"] = Field(
         "auto",
         description="auto: CUDA when onnxruntime has it, else CPU (logged). cuda: CUDA or fail. cpu: CPU.",
@@ -43,8 +52,10 @@ class Settings(BaseSettings):
     require_gpu: bool = Field(
         False, description="Refuse to start unless the CUDA execution provider is really in use."
     )
-    cuda_device_id: int = Field(0, ge=0)
-    cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = "HEURISTIC"
+    cuda_device_id: int = Field(0, ge=0, description="GPU the CUDA execution provider runs on.")
+    cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = Field(
+        "HEURISTIC", description="cuDNN convolution algorithm search (EXHAUSTIVE: slower start, maybe faster runs)."
+    )
     gpu_mem_limit_mb: int = Field(0, ge=0, description="CUDA arena limit in MiB; 0 = no limit.")
     intra_op_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads; 0 = ORT default.")
 
@@ -61,15 +72,27 @@ class Settings(BaseSettings):
     # --- request limits ---------------------------------------------------------------------
     max_request_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Whole request body.")
     max_image_bytes: int = Field(8 * 1024 * 1024, ge=100, description="One encoded image.")
-    max_faces_per_request: int = Field(64, ge=1, le=4096)
+    max_faces_per_request: int = Field(
+        64, ge=1, le=4096, description="Images per request, and faces found in a request's photos."
+    )
     max_image_pixels: int = Field(
         40_000_000, ge=10_000, description="Decoded size above which an image is refused unread."
     )
 
+    # --- photos: detection and alignment ----------------------------------------------------
+    detector_score_threshold: float = Field(
+        0.6, gt=0, lt=1, description="YuNet confidence below which a detection is not a face."
+    )
+    detector_max_side: int = Field(
+        640, ge=64, le=4096,
+        description="Photos are downscaled to this longer side for detection only; landmarks are mapped "
+        "back and the crop is cut from the full-resolution photo.",
+    )
+
     # --- gallery ----------------------------------------------------------------------------
     data_dir: Path = Field(Path("data"), description="Gallery location (SQLite store + index snapshot).")
-    hnsw_m: int = Field(16, ge=4, le=128)
-    hnsw_ef_construction: int = Field(200, ge=10)
+    hnsw_m: int = Field(16, ge=4, le=128, description="HNSW graph degree (memory vs recall).")
+    hnsw_ef_construction: int = Field(200, ge=10, description="HNSW build breadth.")
     hnsw_ef_search: int = Field(128, ge=10, description="Search breadth; set after every index load.")
     verify_threshold: float | None = Field(
         None, ge=-1, le=1, description="1:1 cosine threshold; empty = the model's calibrated one."
@@ -81,9 +104,28 @@ class Settings(BaseSettings):
         description="1:N open-set cosine threshold; empty = the model's, else its verify threshold. "
         "It must be stricter than the 1:1 one and rises with gallery size.",
     )
-    max_top_k: int = Field(100, ge=1, le=1000)
+    max_top_k: int = Field(100, ge=1, le=1000, description="Largest top_k a request may ask for.")
 
 
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+def env_example() -> str:
+    """The text of ``.env.example``: every setting with its description and default."""
+    lines = [
+        "# Every setting of the face service. Copy to .env (or export the variables); CLI flags override.",
+        "# Empty values mean 'the default' described.",
+    ]
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        value = "" if default is None else default.value if hasattr(default, "value") else default
+        lines += ["", f"# {field.description or name.replace('_', ' ')}", f"FACE_{name.upper()}={value}"]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # python -m service.config > .env.example
+    import sys
+
+    sys.stdout.write(env_example())

@@ -44,6 +44,9 @@ def test_require_gpu_on_a_cpu_host_fails_loudly(tmp_path, default_model):
 
 
 def test_env_example_lists_every_setting_and_parses(monkeypatch):
+    from service.config import env_example
+
+    assert (REPO / ".env.example").read_text() == env_example(), "regenerate: python -m service.config > .env.example"
     lines = [l for l in (REPO / ".env.example").read_text().splitlines() if l and not l.startswith("#")]
     names = {l.split("=", 1)[0] for l in lines}
     assert names == {f"FACE_{n.upper()}" for n in Settings.model_fields}
