@@ -1,0 +1,371 @@
+"""Verification on pairs.txt protocols (LFW View 2): 10-fold accuracy, TAR@FAR, ROC, threshold.
+
+Protocol (as in the LFW benchmark and insightface's verification code): for each fold k, the
+threshold that maximises accuracy on the other nine folds is applied to fold k; the figure is the
+mean and std of the ten fold accuracies. The calibrated threshold (what ``export`` writes into the
+contract) is the mean of the ten fold thresholds, measured WITHOUT flip-averaging because that is
+how the service embeds. TAR@FAR uses all pairs; with 3,000 negative pairs FAR 1e-4 means "no false
+accept at all" (resolution 1/3000), which the JSON states.
+
+ONNX models are run with onnxruntime and preprocessed purely from their ``face.*`` contract (the
+service's own ``preprocess``), so TensorFlow is only needed for TF sources.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .images import face_files, load_faces
+
+log = logging.getLogger(__name__)
+
+FAR_TARGETS = (1e-3, 1e-4)
+
+
+# --- pairs ------------------------------------------------------------------------------------------
+
+@dataclass
+class Pairs:
+    """A pairs.txt: image paths of both sides, same-identity labels and the fold of each pair."""
+
+    left: list[Path]
+    right: list[Path]
+    same: np.ndarray  # bool
+    fold: np.ndarray  # int
+    n_folds: int
+
+
+def lfw_image_path(images: Path, name: str, index: int | str) -> Path:
+    return images / name / f"{name}_{int(index):04d}.jpg"
+
+
+def read_pairs(pairs_path: str | Path, images: str | Path | None = None) -> Pairs:
+    """Parse the LFW View 2 format: header ``folds<TAB>n``, then per fold n same and n different pairs."""
+    pairs_path = Path(pairs_path)
+    images = Path(images) if images else pairs_path.parent / "images"
+    lines = [line.split() for line in pairs_path.read_text().splitlines() if line.strip()]
+    n_folds, per_fold = int(lines[0][0]), int(lines[0][1])
+    left, right, same = [], [], []
+    for parts in lines[1:]:
+        if len(parts) == 3:
+            name, a, b = parts
+            left.append(lfw_image_path(images, name, a))
+            right.append(lfw_image_path(images, name, b))
+            same.append(True)
+        elif len(parts) == 4:
+            left.append(lfw_image_path(images, parts[0], parts[1]))
+            right.append(lfw_image_path(images, parts[2], parts[3]))
+            same.append(False)
+        else:
+            raise ValueError(f"{pairs_path}: malformed line {' '.join(parts)!r}")
+    expected = n_folds * 2 * per_fold
+    if len(same) != expected:
+        raise ValueError(f"{pairs_path}: {len(same)} pairs, header promises {expected}")
+    fold = np.arange(len(same)) // (2 * per_fold)
+    return Pairs(left, right, np.asarray(same), fold, n_folds)
+
+
+# --- metrics ----------------------------------------------------------------------------------------
+
+def best_threshold(scores: np.ndarray, same: np.ndarray) -> tuple[float, float]:
+    """(threshold, accuracy) maximising accuracy of ``score > threshold`` <=> same.
+
+    Every split between consecutive distinct sorted scores is tried at once with cumulative counts;
+    the threshold is the midpoint of the split (ties among equally good splits: the middle one).
+    """
+    order = np.argsort(scores, kind="stable")
+    s, y = scores[order], same[order].astype(bool)
+    n = len(s)
+    # split i: indices < i predicted different, >= i predicted same
+    neg_below = np.concatenate([[0], np.cumsum(~y)])
+    pos_from = np.concatenate([np.cumsum(y[::-1])[::-1], [0]])
+    correct = neg_below + pos_from
+    valid = np.ones(n + 1, bool)
+    valid[1:n] = s[1:] > s[:-1]  # cannot split between equal scores
+    correct = np.where(valid, correct, -1)
+    best = np.flatnonzero(correct == correct.max())
+    i = int(best[len(best) // 2])
+    if i == 0:
+        threshold = s[0] - 1e-6
+    elif i == n:
+        threshold = s[-1] + 1e-6
+    else:
+        threshold = (s[i - 1] + s[i]) / 2
+    return float(threshold), float(correct[i] / n)
+
+
+def kfold_accuracy(scores: np.ndarray, same: np.ndarray, fold: np.ndarray) -> dict:
+    """The 10-fold protocol: threshold from the other folds, accuracy on the held-out fold."""
+    accuracies, thresholds = [], []
+    folds = np.unique(fold)
+    for k in folds:
+        # a single fold has nothing to hold out: its threshold is then fitted on itself (optimistic)
+        train, test = (fold != k) if len(folds) > 1 else np.ones_like(fold, bool), fold == k
+        threshold, _ = best_threshold(scores[train], same[train])
+        accuracies.append(float(np.mean((scores[test] > threshold) == same[test])))
+        thresholds.append(threshold)
+    return {
+        "accuracy_mean": float(np.mean(accuracies)),
+        "accuracy_std": float(np.std(accuracies)),
+        "fold_accuracies": [round(a, 5) for a in accuracies],
+        "fold_thresholds": [round(t, 5) for t in thresholds],
+        "threshold": float(np.mean(thresholds)),
+    }
+
+
+def tar_at_far(scores: np.ndarray, same: np.ndarray, far: float) -> dict:
+    """True-accept rate at the strictest threshold that keeps false accepts <= far * negatives."""
+    negatives = np.sort(scores[~same])[::-1]
+    positives = scores[same]
+    allowed = int(np.floor(far * len(negatives)))
+    threshold = float(negatives[min(allowed, len(negatives) - 1)])
+    return {
+        "far_target": far,
+        "tar": float(np.mean(positives > threshold)),
+        "far_actual": float(np.mean(negatives > threshold)),
+        "threshold": threshold,
+        # below 1/negatives the target cannot be resolved: the figure is then TAR at zero false accepts
+        "resolved": far * len(negatives) >= 1,
+    }
+
+
+def roc_curve(scores: np.ndarray, same: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(FAR, TAR) at every distinct threshold, descending."""
+    order = np.argsort(-scores, kind="stable")
+    y = same[order].astype(bool)
+    tar = np.cumsum(y) / max(y.sum(), 1)
+    far = np.cumsum(~y) / max((~y).sum(), 1)
+    return far, tar
+
+
+def roc_summary(far: np.ndarray, tar: np.ndarray, points: int = 41) -> dict:
+    """TAR at log-spaced FARs (1e-4..1), small enough for the JSON and for --compare plots."""
+    grid = np.logspace(-4, 0, points)
+    # best TAR reachable with FAR <= each grid point (0 where no threshold gets that low)
+    best = [float(tar[far <= g].max()) if np.any(far <= g) else 0.0 for g in grid]
+    return {"far": [float(f"{g:.3g}") for g in grid], "tar": [round(t, 5) for t in best]}
+
+
+def verification_report(scores: np.ndarray, same: np.ndarray, fold: np.ndarray) -> dict:
+    report = kfold_accuracy(scores, same, fold)
+    report["roc"] = roc_summary(*roc_curve(scores, same))
+    report["tar_at_far"] = {f"{far:g}": tar_at_far(scores, same, far) for far in FAR_TARGETS}
+    report["positive_mean"] = float(scores[same].mean())
+    report["negative_mean"] = float(scores[~same].mean())
+    return report
+
+
+def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=90)
+    for label, (far, tar) in curves.items():
+        keep = far > 0
+        ax.plot(far[keep], tar[keep], label=label, linewidth=1.2)
+    ax.set_xscale("log")
+    ax.set_xlim(1e-4, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel("false accept rate")
+    ax.set_ylabel("true accept rate")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# --- embedders --------------------------------------------------------------------------------------
+
+class OnnxEmbedder:
+    """An ONNX model run by onnxruntime, preprocessed by its face.* contract (as the service does)."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        from service.model.contract import read_contract
+
+        self.path = Path(path)
+        self.contract = read_contract(self.path)
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        self.input_name = self.contract.input_name
+        self.input_size = self.contract.input_size[0]
+        self.label = f"{self.contract.model_id} (onnx)"
+
+    def __call__(self, faces: np.ndarray) -> np.ndarray:
+        from service.model.preprocess import preprocess
+
+        return self.session.run(None, {self.input_name: preprocess(faces, self.contract)})[0]
+
+
+class TFEmbedder:
+    """A Keras embedding model with the config's (x - mean) / std normalisation."""
+
+    def __init__(self, cfg, model):
+        self.cfg, self.model = cfg, model
+        self.input_size = cfg.input_size
+        self.label = f"{cfg.export_model_name()} (tf)"
+
+    @classmethod
+    def load(cls, source: str | Path, config: str | Path | None = None, overrides: list[str] | None = None):
+        """From our run directory or an arcface-tf2 checkpoint."""
+        from .checkpoints import load_embedding_model
+
+        return cls(*load_embedding_model(source, config, overrides))
+
+    def __call__(self, faces: np.ndarray) -> np.ndarray:
+        x = (faces.astype(np.float32) - self.cfg.mean) / self.cfg.std
+        return np.asarray(self.model(x, training=False))
+
+
+def make_embedder(model: str | Path, config: str | Path | None = None, overrides: list[str] | None = None):
+    if str(model).endswith(".onnx"):
+        return OnnxEmbedder(model)
+    return TFEmbedder.load(model, config, overrides)
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def embed_paths(embedder, paths: list[Path], batch_size: int = 64, flip: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """L2-normalised embeddings of the files, and of (image + mirrored image) summed when ``flip``."""
+    plain, flipped = [], []
+    for i in range(0, len(paths), batch_size):
+        faces = load_faces(paths[i:i + batch_size], embedder.input_size)
+        emb = np.asarray(embedder(faces), dtype=np.float32)
+        plain.append(_normalise(emb))
+        if flip:
+            mirrored = np.asarray(embedder(np.ascontiguousarray(faces[:, :, ::-1])), dtype=np.float32)
+            flipped.append(_normalise(_normalise(emb) + _normalise(mirrored)))
+        if (i // batch_size) % 20 == 0:
+            log.info("embedded %d / %d", min(i + batch_size, len(paths)), len(paths))
+    return np.concatenate(plain), (np.concatenate(flipped) if flip else None)
+
+
+def pair_scores(pairs: Pairs, embeddings: np.ndarray, index: dict[Path, int]) -> np.ndarray:
+    a = embeddings[[index[p] for p in pairs.left]]
+    b = embeddings[[index[p] for p in pairs.right]]
+    return np.sum(a * b, axis=1)
+
+
+def write_threshold_into(onnx_path: str | Path, threshold: float, source: str) -> None:
+    """Replace face.threshold in an ONNX file's contract (atomically)."""
+    import onnx
+
+    from service.model.contract import FaceContract, write_contract
+
+    onnx_path = Path(onnx_path)
+    proto = onnx.load(str(onnx_path))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    contract = FaceContract.from_metadata(meta)
+    extra = {**contract.extra, "face.threshold_source": source}
+    write_contract(proto, dataclasses.replace(contract, threshold=round(float(threshold), 4), extra=extra))
+    tmp = onnx_path.with_name(onnx_path.name + ".tmp")
+    onnx.save(proto, str(tmp))
+    tmp.replace(onnx_path)
+
+
+def evaluate_model(model: str | Path, pairs: str | Path, images: str | Path | None = None,
+                   config: str | Path | None = None, overrides: list[str] | None = None,
+                   output: str | Path | None = None, roc: str | Path | None = None, batch_size: int = 64,
+                   label: str | None = None, write_threshold: bool = False, limit_folds: int | None = None,
+                   flip: bool = True, compare: list[str] | None = None, embedder=None) -> dict:
+    """Evaluate a model on a pairs protocol; see the module docstring. Returns the report dict."""
+    embedder = embedder or make_embedder(model, config, overrides)
+    protocol = read_pairs(pairs, images)
+    if limit_folds:
+        keep = protocol.fold < limit_folds
+        protocol = Pairs([p for p, k in zip(protocol.left, keep) if k], [p for p, k in zip(protocol.right, keep) if k],
+                         protocol.same[keep], protocol.fold[keep], limit_folds)
+    unique = sorted(set(protocol.left) | set(protocol.right))
+    index = {p: i for i, p in enumerate(unique)}
+    log.info("%s: %d pairs, %d images", pairs, len(protocol.same), len(unique))
+    start = time.monotonic()
+    plain, flipped = embed_paths(embedder, unique, batch_size, flip=flip)
+    seconds = time.monotonic() - start
+
+    results = {}
+    curves = {}
+    variants = (("plain", plain), ("flip", flipped)) if flip else (("plain", plain),)
+    for variant, embeddings in variants:
+        scores = pair_scores(protocol, embeddings, index)
+        results[variant] = verification_report(scores, protocol.same, protocol.fold)
+        label_prefix = f"{label or embedder.label}, " if compare else ""
+        curves[f"{label_prefix}{variant}: {results[variant]['accuracy_mean'] * 100:.2f}%"] = roc_curve(scores, protocol.same)
+    name = label or embedder.label
+    report = {
+        "model": name,
+        "source": str(model),
+        "pairs": str(pairs),
+        "n_pairs": int(len(protocol.same)),
+        "n_images": len(unique),
+        "n_folds": protocol.n_folds,
+        "embed_seconds": round(seconds, 1),
+        "ms_per_image": round(1000 * seconds / len(unique) / (2 if flip else 1), 2),  # per forward pass
+        "accuracy_mean": results["plain"]["accuracy_mean"],
+        "accuracy_std": results["plain"]["accuracy_std"],
+        "accuracy_flip_mean": results["flip"]["accuracy_mean"] if flip else None,
+        "accuracy_flip_std": results["flip"]["accuracy_std"] if flip else None,
+        # the service embeds without flip-averaging, so the threshold it uses is calibrated without it
+        "best_threshold": round(results["plain"]["threshold"], 4),
+        "tar_at_far": results["plain"]["tar_at_far"],
+        "results": results,
+    }
+    for other in compare or []:
+        # earlier evaluations (their JSON) drawn on the same axes, e.g. the default model
+        theirs = json.loads(Path(other).read_text())
+        curve = theirs["results"]["plain"].get("roc")
+        if curve is None:
+            log.warning("%s has no ROC summary (older evaluation): not drawn", other)
+            continue
+        curves[f"{theirs['model']}: {theirs['accuracy_mean'] * 100:.2f}%"] = (np.asarray(curve["far"]), np.asarray(curve["tar"]))
+    if roc:
+        report["roc_png"] = str(plot_roc(curves, roc, f"{name} on {Path(pairs).parent.name}"))
+    if write_threshold:
+        if not str(model).endswith(".onnx"):
+            raise ValueError("--write-threshold needs an ONNX model")
+        write_threshold_into(model, report["best_threshold"], f"10-fold:{Path(pairs).parent.name}")
+        report["threshold_written"] = str(model)
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(json.dumps(report, indent=1) + "\n")
+    log.info("%s: %.2f%% +- %.2f (flip-averaged: %s), threshold %.4f", name, 100 * report["accuracy_mean"],
+             100 * report["accuracy_std"],
+             f"{100 * report['accuracy_flip_mean']:.2f}%" if flip else "not measured", report["best_threshold"])
+    return report
+
+
+def embed_files(model: str | Path, inputs: list[str], output: str | Path, config: str | Path | None = None,
+                overrides: list[str] | None = None, flip: bool = False, batch_size: int = 64) -> dict:
+    """Embed image files/folders to ``output`` (.npy) plus a list of the files (.txt)."""
+    embedder = make_embedder(model, config, overrides)
+    paths: list[Path] = []
+    for item in inputs:
+        paths += face_files(item) if Path(item).is_dir() else [Path(item)]
+    if not paths:
+        raise ValueError("no images found")
+    plain, flipped = embed_paths(embedder, paths, batch_size, flip=flip)
+    embeddings = flipped if flip else plain
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    np.save(output, embeddings.astype(np.float32))
+    output.with_suffix(".txt").write_text("\n".join(str(p) for p in paths) + "\n")
+    return {"output": str(output), "files": str(output.with_suffix(".txt")), "count": len(paths),
+            "embedding_size": int(embeddings.shape[1]), "model": embedder.label}

@@ -1,0 +1,200 @@
+"""Embedding branch -> ONNX with the face.* contract, checked for parity against TensorFlow.
+
+The exported graph:
+  input  ``input``: float32 [batch, 3, H, W], already normalised ((x - mean) / std per the contract);
+         NCHW because that is what the service feeds every model; the transpose to Keras' NHWC sits
+         inside the exported function, so the ONNX graph starts with one Transpose.
+  output ``embedding``: float32 [batch, D], L2-normalised.
+The dynamic batch dimension, which tf2onnx names ``unk__N``, is renamed ``batch``.
+
+Parity is part of export: TF and onnxruntime embed the same real faces, and the export fails
+(nothing is written) if the minimum cosine is below ``min_cosine`` (0.99999 by default). The
+optional fp16 variant keeps float32 inputs and outputs and gets its own parity figure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from service.model.contract import FaceContract, write_contract
+
+from .config import REPO, TrainConfig
+from .images import face_files, load_faces
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PARITY_FACES = REPO / "tests" / "fixtures" / "faces"
+OUTPUT_NAME = "embedding"
+MIN_COSINE_FP16 = 0.999
+
+
+class ExportParityError(RuntimeError):
+    """The ONNX graph does not reproduce the TF model closely enough."""
+
+
+def to_onnx(model, input_size: int, input_name: str = "input", opset: int = 17) -> onnx.ModelProto:
+    """The Keras embedding model as an ONNX graph with NCHW input and L2-normalised output."""
+    import tensorflow as tf
+    import tf2onnx
+
+    if opset > 18:
+        raise ValueError("tf2onnx supports opsets up to 18")
+    spec = (tf.TensorSpec((None, 3, input_size, input_size), tf.float32, name=input_name),)
+
+    @tf.function(input_signature=spec)
+    def embed_nchw(images):
+        # the service feeds NCHW; Keras convolutions here are NHWC
+        embeddings = model(tf.transpose(images, (0, 2, 3, 1)), training=False)
+        return {OUTPUT_NAME: tf.math.l2_normalize(embeddings, axis=1)}
+
+    proto, _ = tf2onnx.convert.from_function(embed_nchw, input_signature=spec, opset=opset)
+    rename_batch_dim(proto)
+    return proto
+
+
+def rename_batch_dim(proto: onnx.ModelProto, name: str = "batch") -> None:
+    """tf2onnx names the unknown batch dimension ``unk__N``; give it (everywhere) a readable name."""
+    graph = proto.graph
+    boundary = list(graph.input) + list(graph.output)
+    symbols = {v.type.tensor_type.shape.dim[0].dim_param for v in boundary if v.type.tensor_type.shape.dim}
+    symbols.discard("")
+    for value in boundary + list(graph.value_info):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param in symbols:
+                dim.dim_param = name
+
+
+def tf_embeddings(model, faces: np.ndarray, mean: float, std: float) -> np.ndarray:
+    x = (faces.astype(np.float32) - mean) / std
+    emb = np.asarray(model(x, training=False), dtype=np.float64)
+    return emb / np.linalg.norm(emb, axis=1, keepdims=True)
+
+
+def onnx_embeddings(proto_or_path, faces: np.ndarray, contract: FaceContract) -> np.ndarray:
+    import onnxruntime as ort
+
+    from service.model.preprocess import preprocess
+
+    data = proto_or_path.SerializeToString() if isinstance(proto_or_path, onnx.ModelProto) else str(proto_or_path)
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    out = session.run(None, {contract.input_name: preprocess(faces, contract)})[0].astype(np.float64)
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def parity(reference: np.ndarray, candidate: np.ndarray) -> dict:
+    cosines = np.sum(reference * candidate, axis=1)
+    return {"faces": int(len(cosines)), "min_cosine": float(cosines.min()), "mean_cosine": float(cosines.mean()),
+            "max_abs_diff": float(np.abs(reference - candidate).max())}
+
+
+def to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """fp16 weights and activations, float32 graph inputs and outputs (the service feeds float32).
+
+    The service's converter, so an exported variant and one the service makes are the same graph:
+    BatchNorm folded in fp32 first, the embedding's normalisation tail kept in fp32 (its sum of
+    squares overflows fp16)."""
+    from service.model.fp16 import convert_to_fp16
+
+    return convert_to_fp16(proto)[0]
+
+
+def resolve_threshold(threshold: float | None, threshold_from: str | None, calibrate_pairs: str | None,
+                      model, cfg: TrainConfig) -> tuple[float, str, dict | None]:
+    """(threshold, where it came from, calibration report if one was run)."""
+    if threshold is not None:
+        return float(threshold), "manual", None
+    if threshold_from:
+        report = json.loads(Path(threshold_from).read_text())
+        return float(report["best_threshold"]), f"file:{Path(threshold_from).name}", None
+    if calibrate_pairs:
+        from .evaluate import TFEmbedder, evaluate_model
+
+        report = evaluate_model(model="<in memory>", pairs=calibrate_pairs, embedder=TFEmbedder(cfg, model))
+        return float(report["best_threshold"]), f"10-fold:{Path(calibrate_pairs).parent.name}", report
+    raise ValueError("no threshold: pass --threshold, --threshold-from EVAL.json or --calibrate-pairs pairs.txt")
+
+
+def export_model(source: str | Path, output: str | Path, config: str | Path | None = None,
+                 overrides: list[str] | None = None, threshold: float | None = None,
+                 threshold_from: str | None = None, calibrate_pairs: str | None = None,
+                 parity_faces: str | Path | None = None, parity_count: int = 32, min_cosine: float = 0.99999,
+                 fp16: bool = False, opset: int = 17, input_name: str = "input", model_name: str | None = None,
+                 model_version: str | None = None, identify_threshold: float | None = None) -> dict:
+    """Export, write the contract, check parity; returns a summary. Raises ExportParityError on failure."""
+    from .checkpoints import load_embedding_model
+
+    cfg, model = load_embedding_model(source, config, overrides)
+    value, threshold_source, calibration = resolve_threshold(threshold, threshold_from, calibrate_pairs, model, cfg)
+
+    proto = to_onnx(model, cfg.input_size, input_name, opset)
+    contract = FaceContract(
+        input_name=proto.graph.input[0].name,
+        embedding_size=cfg.embedding_size,
+        model_name=model_name or cfg.export_model_name(),
+        model_version=model_version or cfg.model_version,
+        threshold=round(value, 4),
+        identify_threshold=identify_threshold,
+        layout="NCHW",
+        color="RGB",
+        input_size=(cfg.input_size, cfg.input_size),
+        mean=(cfg.mean,) * 3,
+        std=(cfg.std,) * 3,
+        extra={"face.threshold_source": threshold_source, "face.backbone": cfg.backbone,
+               "face.precision": "fp32"},
+    )
+    faces = load_faces(face_files(parity_faces or DEFAULT_PARITY_FACES, parity_count), cfg.input_size)
+    reference = tf_embeddings(model, faces, cfg.mean, cfg.std)
+
+    fp32 = parity(reference, onnx_embeddings(proto, faces, contract))
+    log.info("parity fp32 on %d faces: min cosine %.7f", fp32["faces"], fp32["min_cosine"])
+    if fp32["min_cosine"] < min_cosine:
+        raise ExportParityError(f"ONNX min cosine {fp32['min_cosine']:.7f} < {min_cosine} on {fp32['faces']} faces")
+    contract = dataclasses.replace(contract, extra={**contract.extra, "face.parity_min_cosine": f"{fp32['min_cosine']:.7f}"})
+    write_contract(proto, contract)
+    onnx.checker.check_model(proto)
+
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    _save(proto, output)
+    result = {"onnx": str(output), "contract": contract.to_metadata(), "parity_fp32": fp32,
+              "opset": opset, "bytes": output.stat().st_size}
+    if calibration is not None:
+        result["calibration"] = {k: calibration[k] for k in ("accuracy_mean", "accuracy_std", "best_threshold")}
+
+    if fp16:
+        from service.model.fp16 import FP16_SUFFIX, check_parity
+
+        half = to_fp16(proto)
+        half_contract = dataclasses.replace(contract, model_version=contract.model_version + FP16_SUFFIX,
+                                            extra={**contract.extra, "face.precision": "fp16"})
+        fp16_parity = parity(reference, onnx_embeddings(half, faces, half_contract))
+        # the CPU provider runs most fp16 nodes through casts in fp32; the emulated check rounds every
+        # activation to fp16 as a GPU would, so an overflow shows up here too
+        emulated = check_parity(proto, half, faces, contract, ["CPUExecutionProvider"]).emulated_min_cosine
+        fp16_parity["emulated_min_cosine"] = emulated
+        log.info("parity fp16 on %d faces: min cosine %.7f vs TF, %.7f with fp16 rounding emulated",
+                 fp16_parity["faces"], fp16_parity["min_cosine"], emulated)
+        if min(fp16_parity["min_cosine"], emulated) < MIN_COSINE_FP16:
+            raise ExportParityError(f"fp16 min cosine {fp16_parity['min_cosine']:.6f} (emulated {emulated:.6f}) "
+                                    f"< {MIN_COSINE_FP16}")
+        half_contract = dataclasses.replace(
+            half_contract, extra={**half_contract.extra, "face.parity_min_cosine": f"{fp16_parity['min_cosine']:.7f}",
+                                  "face.fp16_min_cosine": f"{min(fp16_parity['min_cosine'], emulated):.6f}"})
+        write_contract(half, half_contract)
+        half_path = output.with_suffix(".fp16.onnx")
+        _save(half, half_path)
+        result.update({"onnx_fp16": str(half_path), "parity_fp16": fp16_parity, "bytes_fp16": half_path.stat().st_size})
+    return result
+
+
+def _save(proto: onnx.ModelProto, path: Path) -> None:
+    # write then rename: a crashed export never leaves a half-written model where the service looks
+    tmp = path.with_name(path.name + ".tmp")
+    onnx.save(proto, str(tmp))
+    tmp.replace(path)

@@ -1,0 +1,95 @@
+"""The verification protocol on synthetic scores with known answers (no TensorFlow needed)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from exporter.evaluate import (
+    best_threshold, evaluate_model, kfold_accuracy, read_pairs, roc_curve, tar_at_far,
+)
+from tests.exporter.conftest import TRAIN_FACES, write_pairs
+
+
+def test_best_threshold_separable():
+    scores = np.array([0.1, 0.2, 0.3, 0.7, 0.8, 0.9])
+    same = np.array([0, 0, 0, 1, 1, 1], bool)
+    threshold, accuracy = best_threshold(scores, same)
+    assert accuracy == 1.0 and threshold == pytest.approx(0.5)
+
+
+def test_best_threshold_with_known_errors_and_ties():
+    # one positive below every negative: best is 5/6 with the split between 0.3 and 0.7
+    scores = np.array([0.05, 0.2, 0.2, 0.3, 0.8, 0.9])
+    same = np.array([1, 0, 0, 0, 1, 1], bool)
+    threshold, accuracy = best_threshold(scores, same)
+    assert accuracy == pytest.approx(5 / 6) and threshold == pytest.approx(0.55)
+    # all scores equal: no split inside the ties, so everything one side
+    threshold, accuracy = best_threshold(np.full(4, 0.5), np.array([1, 1, 1, 0], bool))
+    assert accuracy == 0.75 and threshold < 0.5
+
+
+def test_kfold_known_answer():
+    # 10 folds x 20 pairs; positives at 0.6, negatives at 0.2, except fold 3 where two negatives score 0.9
+    fold = np.repeat(np.arange(10), 20)
+    same = np.tile(np.r_[np.ones(10), np.zeros(10)].astype(bool), 10)
+    scores = np.where(same, 0.6, 0.2)
+    scores[3 * 20 + 10] = scores[3 * 20 + 11] = 0.9
+    report = kfold_accuracy(scores, same, fold)
+    accs = np.ones(10)
+    accs[3] = 18 / 20
+    assert report["fold_accuracies"] == pytest.approx(accs.tolist())
+    assert report["accuracy_mean"] == pytest.approx(accs.mean())
+    assert report["accuracy_std"] == pytest.approx(accs.std())
+    assert all(0.2 < t < 0.6 for t in report["fold_thresholds"])
+
+
+def test_tar_at_far():
+    rng = np.random.default_rng(0)
+    negatives = rng.uniform(0, 0.5, 3000)
+    negatives[:3] = [0.95, 0.9, 0.85]  # the three hardest impostors
+    positives = np.r_[np.full(900, 0.92), np.full(100, 0.6)]
+    scores = np.r_[positives, negatives]
+    same = np.r_[np.ones(1000), np.zeros(3000)].astype(bool)
+    at_1e3 = tar_at_far(scores, same, 1e-3)  # 3 false accepts allowed: threshold at the 4th, < 0.5
+    assert at_1e3["tar"] == 1.0 and at_1e3["far_actual"] == pytest.approx(1e-3) and at_1e3["resolved"]
+    at_1e4 = tar_at_far(scores, same, 1e-4)  # zero allowed: threshold at 0.95
+    assert at_1e4["tar"] == 0.0 and at_1e4["far_actual"] == 0.0 and not at_1e4["resolved"]
+    far, tar = roc_curve(scores, same)
+    assert far[-1] == 1.0 and tar[-1] == 1.0 and np.all(np.diff(far) >= 0)
+
+
+def test_evaluate_end_to_end_known_answer(tmp_path, monkeypatch):
+    pairs = write_pairs(tmp_path / "pairs.txt", TRAIN_FACES, folds=2)
+    protocol = read_pairs(pairs, TRAIN_FACES)
+    assert len(protocol.same) == 24 and protocol.n_folds == 2 and protocol.same.sum() == 12
+    identities = sorted(p.name for p in TRAIN_FACES.iterdir() if p.is_dir())
+
+    # one-hot embedding per identity: every same pair scores 1, every different pair 0
+    import exporter.evaluate as evaluate
+
+    def fake_load(paths, size):
+        return np.stack([np.full((size, size, 3), identities.index(p.parent.name), np.uint8) for p in paths])
+
+    monkeypatch.setattr(evaluate, "load_faces", fake_load)
+
+    class OneHot:
+        input_size, label = 112, "one-hot"
+
+        def __call__(self, faces):
+            return np.eye(len(identities), dtype=np.float32)[faces[:, 0, 0, 0]]
+
+    report = evaluate_model("fake", pairs, images=TRAIN_FACES, embedder=OneHot(), output=tmp_path / "r.json",
+                            roc=tmp_path / "roc.png")
+    assert report["accuracy_mean"] == 1.0 and report["accuracy_flip_mean"] == 1.0
+    assert 0.0 < report["best_threshold"] < 1.0
+    assert report["tar_at_far"]["0.001"]["tar"] == 1.0
+    assert json.loads((tmp_path / "r.json").read_text())["n_pairs"] == 24
+    assert (tmp_path / "roc.png").stat().st_size > 1000
+
+    quick = evaluate_model("fake", pairs, images=TRAIN_FACES, embedder=OneHot(), flip=False, limit_folds=1,
+                           compare=[str(tmp_path / "r.json")], roc=tmp_path / "both.png")
+    assert (tmp_path / "both.png").exists()
+    assert quick["accuracy_mean"] == 1.0 and quick["accuracy_flip_mean"] is None and quick["n_pairs"] == 12

@@ -1,0 +1,79 @@
+"""CI's tiny real pipeline: train a few steps -> export -> parity -> contract -> the service answers /verify."""
+
+from __future__ import annotations
+
+import base64
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.exporter.conftest import TRAIN_FACES, write_pairs
+
+pytestmark = pytest.mark.export
+pytest.importorskip("tensorflow")
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_run, tmp_path_factory):
+    from exporter.export import export_model
+
+    out = tmp_path_factory.mktemp("export")
+    pairs = write_pairs(out / "pairs.txt", TRAIN_FACES)
+    (out / "images").symlink_to(TRAIN_FACES, target_is_directory=True)  # pairs.txt reads <dir>/images
+    result = export_model(tiny_run, out / "model.onnx", calibrate_pairs=str(pairs), fp16=True)
+    return result
+
+
+def test_export_parity_and_contract(exported):
+    from service.model.contract import read_contract
+
+    assert exported["parity_fp32"]["min_cosine"] >= 0.99999
+    assert exported["parity_fp16"]["min_cosine"] >= 0.999
+    contract = read_contract(exported["onnx"])
+    assert contract.layout == "NCHW" and contract.color == "RGB" and contract.input_size == (112, 112)
+    assert contract.mean == (127.5,) * 3 and contract.std == (127.5,) * 3
+    assert contract.embedding_size == 128 and contract.model_id == "arcface-mbv2-ci@ci"
+    assert contract.threshold == pytest.approx(exported["calibration"]["best_threshold"], abs=1e-4)
+    assert contract.extra["face.threshold_source"].startswith("10-fold:")
+    half = read_contract(exported["onnx_fp16"])
+    assert half.extra["face.precision"] == "fp16" and half.model_id == "arcface-mbv2-ci@ci-fp16"
+    assert exported["parity_fp16"]["emulated_min_cosine"] >= 0.999
+
+
+def test_onnx_graph_shape(exported):
+    import onnx
+
+    graph = onnx.load(exported["onnx"]).graph
+    dims = [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
+    assert graph.input[0].name == "input" and dims == ["batch", 3, 112, 112]
+    assert [d.dim_param or d.dim_value for d in graph.output[0].type.tensor_type.shape.dim] == ["batch", 128]
+    assert onnx.load(exported["onnx"]).opset_import[0].version == 17
+
+
+def test_parity_failure_fails_the_export(tiny_run, tmp_path):
+    from exporter.export import ExportParityError, export_model
+
+    with pytest.raises(ExportParityError):
+        export_model(tiny_run, tmp_path / "m.onnx", threshold=0.3, min_cosine=1.0 + 1e-9)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_service_verifies_with_the_exported_model(exported, tmp_path):
+    from exporter.evaluate import OnnxEmbedder
+    from exporter.images import load_faces
+    from tests.server import running_server
+
+    a, b = sorted((TRAIN_FACES / "Meryl_Streep").glob("*.jpg"))[:2]
+    embedder = OnnxEmbedder(exported["onnx"])
+    emb = np.asarray(embedder(load_faces([a, b])))
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    with running_server(tmp_path / "data", model=exported["onnx"]) as url:
+        body = {"image_a": base64.b64encode(a.read_bytes()).decode(), "image_b": base64.b64encode(b.read_bytes()).decode()}
+        response = httpx.post(f"{url}/verify", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["model_id"] == embedder.contract.model_id
+    assert answer["threshold"] == pytest.approx(embedder.contract.threshold)
+    assert answer["similarity"] == pytest.approx(float(emb[0] @ emb[1]), abs=1e-4)
+    assert answer["match"] == (answer["similarity"] >= answer["threshold"])
