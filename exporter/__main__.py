@@ -52,7 +52,8 @@ def cmd_export(args) -> int:
         source=args.source, output=args.output, config=args.config, overrides=args.overrides,
         threshold=args.threshold, threshold_from=args.threshold_from, calibrate_pairs=args.calibrate_pairs,
         parity_faces=args.parity_faces, parity_count=args.parity_count, min_cosine=args.min_cosine,
-        fp16=args.fp16, opset=args.opset, input_name=args.input_name, model_name=args.model_name,
+        fp16=args.fp16, fp16_min_cosine=args.fp16_min_cosine, opset=args.opset, input_name=args.input_name,
+        model_name=args.model_name,
         model_version=args.model_version, identify_threshold=args.identify_threshold,
     )
     _emit(result)
@@ -118,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parity-count", type=int, default=32, help="faces used for parity (default 32)")
     p.add_argument("--min-cosine", type=float, default=0.99999, help="parity bar, TF vs ONNX (default 0.99999)")
     p.add_argument("--fp16", action="store_true", help="also write an fp16 variant (float32 inputs/outputs)")
+    p.add_argument("--fp16-min-cosine", type=float, default=0.999,
+                   help="parity bar for the fp16 variant, fp32 vs fp16 with fp16 rounding emulated (default 0.999)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (17 or 18; tf2onnx does not support 21)")
     p.add_argument("--input-name", default="input", help="graph input name (default 'input')")
     p.add_argument("--model-name", help="face.model_name (default from the config)")

@@ -11,6 +11,7 @@ import pytest
 from tests.exporter.conftest import TRAIN_FACES, write_pairs
 
 pytestmark = pytest.mark.export
+TINY_FP16_MIN_COSINE = 0.995
 pytest.importorskip("tensorflow")
 
 
@@ -21,15 +22,19 @@ def exported(tiny_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("export")
     pairs = write_pairs(out / "pairs.txt", TRAIN_FACES)
     (out / "images").symlink_to(TRAIN_FACES, target_is_directory=True)  # pairs.txt reads <dir>/images
-    result = export_model(tiny_run, out / "model.onnx", calibrate_pairs=str(pairs), fp16=True)
-    return result
+    # A 6-step model is nowhere near converged: its embeddings of different faces are close together, so
+    # fp16 rounding moves them by more, relatively, than a trained model's (measured over seeds: minimum
+    # cosine 0.9989..0.9999 here, 0.999994 for the real MobileNetV2 run, 0.9999 for SFace). The 0.999 bar
+    # itself is exercised on SFace in tests/model/test_fp16.py; here the pipeline gets a looser one.
+    return export_model(tiny_run, out / "model.onnx", calibrate_pairs=str(pairs), fp16=True,
+                        fp16_min_cosine=TINY_FP16_MIN_COSINE)
 
 
 def test_export_parity_and_contract(exported):
     from service.model.contract import read_contract
 
     assert exported["parity_fp32"]["min_cosine"] >= 0.99999
-    assert exported["parity_fp16"]["min_cosine"] >= 0.999
+    assert exported["parity_fp16"]["min_cosine"] >= TINY_FP16_MIN_COSINE
     contract = read_contract(exported["onnx"])
     assert contract.layout == "NCHW" and contract.color == "RGB" and contract.input_size == (112, 112)
     assert contract.mean == (127.5,) * 3 and contract.std == (127.5,) * 3
@@ -38,7 +43,8 @@ def test_export_parity_and_contract(exported):
     assert contract.extra["face.threshold_source"].startswith("10-fold:")
     half = read_contract(exported["onnx_fp16"])
     assert half.extra["face.precision"] == "fp16" and half.model_id == "arcface-mbv2-ci@ci-fp16"
-    assert exported["parity_fp16"]["emulated_min_cosine"] >= 0.999
+    assert exported["parity_fp16"]["emulated_min_cosine"] >= TINY_FP16_MIN_COSINE
+    assert float(half.extra["face.fp16_min_cosine"]) >= TINY_FP16_MIN_COSINE
 
 
 def test_onnx_graph_shape(exported):
@@ -57,6 +63,14 @@ def test_parity_failure_fails_the_export(tiny_run, tmp_path):
     with pytest.raises(ExportParityError):
         export_model(tiny_run, tmp_path / "m.onnx", threshold=0.3, min_cosine=1.0 + 1e-9)
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_fp16_parity_failure_keeps_fp32_and_writes_no_variant(tiny_run, tmp_path):
+    from exporter.export import ExportParityError, export_model
+
+    with pytest.raises(ExportParityError, match="no fp16 variant"):
+        export_model(tiny_run, tmp_path / "m.onnx", threshold=0.3, fp16=True, fp16_min_cosine=1.0 + 1e-9)
+    assert (tmp_path / "m.onnx").exists() and not (tmp_path / "m.fp16.onnx").exists()
 
 
 def test_service_verifies_with_the_exported_model(exported, tmp_path):
