@@ -83,6 +83,8 @@ def cmd_embed(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from service.model.fp16 import MIN_COSINE as MIN_COSINE_FP16
+
     from .config import field_help
 
     parser = argparse.ArgumentParser(
@@ -119,8 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parity-count", type=int, default=32, help="faces used for parity (default 32)")
     p.add_argument("--min-cosine", type=float, default=0.99999, help="parity bar, TF vs ONNX (default 0.99999)")
     p.add_argument("--fp16", action="store_true", help="also write an fp16 variant (float32 inputs/outputs)")
-    p.add_argument("--fp16-min-cosine", type=float, default=0.999,
-                   help="parity bar for the fp16 variant, fp32 vs fp16 with fp16 rounding emulated (default 0.999)")
+    p.add_argument("--fp16-min-cosine", type=float, default=MIN_COSINE_FP16,
+                   help="parity bar for the fp16 variant, fp32 vs fp16 with fp16 rounding emulated "
+                   f"(default {MIN_COSINE_FP16}, the service's)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (17 or 18; tf2onnx does not support 21)")
     p.add_argument("--input-name", default="input", help="graph input name (default 'input')")
     p.add_argument("--model-name", help="face.model_name (default from the config)")

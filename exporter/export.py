@@ -23,6 +23,8 @@ import numpy as np
 import onnx
 
 from service.model.contract import FaceContract, write_contract
+# one fp16 bar for the whole product: variants the exporter writes and variants the service makes
+from service.model.fp16 import MIN_COSINE as MIN_COSINE_FP16
 
 from .config import REPO, TrainConfig
 from .images import face_files, load_faces
@@ -31,7 +33,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PARITY_FACES = REPO / "tests" / "fixtures" / "faces"
 OUTPUT_NAME = "embedding"
-MIN_COSINE_FP16 = 0.999
 
 
 class ExportParityError(RuntimeError):
@@ -129,8 +130,8 @@ def export_model(source: str | Path, output: str | Path, config: str | Path | No
                  fp16_min_cosine: float = MIN_COSINE_FP16) -> dict:
     """Export, write the contract, check parity; returns a summary. Raises ExportParityError on failure.
 
-    The fp16 variant is gated separately (``fp16_min_cosine``, 0.999 by default, the bar the service
-    applies to variants it makes): a failing fp16 variant is not written and raises, the fp32 model
+    The fp16 variant is gated separately (``fp16_min_cosine``, by default the bar the service applies
+    to variants it makes): a failing fp16 variant is not written and raises, the fp32 model
     that already passed its own parity check stays.
     """
     from .checkpoints import load_embedding_model
