@@ -30,6 +30,10 @@ class ErrorCode(str, Enum):
     unsupported_color_mode = "unsupported_color_mode"
     no_face = "no_face"
     photo_not_supported = "photo_not_supported"
+    # embeddings given instead of images
+    model_mismatch = "model_mismatch"
+    wrong_dimension = "wrong_dimension"
+    invalid_embedding = "invalid_embedding"
     # gallery
     identity_not_found = "identity_not_found"
     invalid_identity_id = "invalid_identity_id"
@@ -59,6 +63,9 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.unsupported_color_mode: 422,
     ErrorCode.no_face: 422,
     ErrorCode.photo_not_supported: 422,
+    ErrorCode.model_mismatch: 422,
+    ErrorCode.wrong_dimension: 422,
+    ErrorCode.invalid_embedding: 422,
     ErrorCode.identity_not_found: 404,
     ErrorCode.invalid_identity_id: 422,
     ErrorCode.unauthorized: 401,

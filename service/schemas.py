@@ -33,6 +33,16 @@ IdentityId = Annotated[
           examples=["employee-4711"]),
 ]
 Threshold = Annotated[float | None, Field(ge=-1.0, le=1.0, description="Cosine threshold; omit for the default.")]
+Embedding = Annotated[
+    list[float],
+    Field(description="An embedding made by the served model (e.g. from /embed), instead of an image: exactly "
+          "the model's dimension, finite, not (near) zero; L2-normalised by the service."),
+]
+ModelId = Annotated[
+    str | None,
+    Field(description="name@version of the model that made the request's embeddings; required with embeddings "
+          "and must equal the served model's (`model_mismatch` otherwise).", examples=["sface@2021dec-int8bq"]),
+]
 
 
 class Strict(BaseModel):
@@ -81,7 +91,9 @@ class EmbedResponse(BaseModel):
 # --- enroll -----------------------------------------------------------------------------------
 class EnrollRequest(SingleFacePhotoOptions):
     identity_id: IdentityId
-    images: list[Base64Image] = Field(min_length=1)
+    images: list[Base64Image] | None = Field(None, min_length=1, description="Faces or photos (or `embeddings`).")
+    embeddings: list[Embedding] | None = Field(None, min_length=1, description="Instead of `images`.")
+    model_id: ModelId = None
     metadata: dict[str, Any] | None = Field(
         None, description="Free JSON stored with the identity. On an existing identity it replaces the old metadata."
     )
@@ -105,8 +117,11 @@ class EnrollResponse(BaseModel):
 
 # --- verify -----------------------------------------------------------------------------------
 class VerifyRequest(SingleFacePhotoOptions):
-    image_a: Base64Image
+    image_a: Base64Image | None = Field(None, description="The face to verify (or `embedding_a`).")
     image_b: Base64Image | None = Field(None, description="Face vs face: the second face.")
+    embedding_a: Embedding | None = Field(None, description="Instead of `image_a` (then `embedding_b`, not `image_b`).")
+    embedding_b: Embedding | None = Field(None, description="Instead of `image_b`.")
+    model_id: ModelId = None
     identity_id: IdentityId | None = Field(None, description="Face vs enrolled identity (instead of image_b).")
     threshold: Threshold = None
 
@@ -123,9 +138,11 @@ class VerifyResponse(BaseModel):
 
 # --- identify ---------------------------------------------------------------------------------
 class IdentifyRequest(PhotoOptions):
-    images: list[Base64Image] = Field(
-        min_length=1, description="One or more probe faces or photos (with `multi_face: all`, every face of a "
-        "photo is a probe).")
+    images: list[Base64Image] | None = Field(
+        None, min_length=1, description="One or more probe faces or photos (with `multi_face: all`, every face of "
+        "a photo is a probe), or `embeddings`.")
+    embeddings: list[Embedding] | None = Field(None, min_length=1, description="Probe embeddings, instead of `images`.")
+    model_id: ModelId = None
     top_k: int = Field(5, ge=1, le=1000, description="Candidates returned per probe.")
     threshold: Threshold = None
 

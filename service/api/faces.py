@@ -19,6 +19,7 @@ from ..schemas import (
     IdentifyRequest, IdentifyResponse, ProbeResult, VerifyRequest, VerifyResponse,
 )
 from ..state import ServiceState
+from ..vectors import list_source, source_vectors, verify_source
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 422)}
 router = APIRouter(tags=["faces"], dependencies=[ApiKey], responses=ERRORS)
@@ -43,25 +44,24 @@ async def embed(request: Request, state: StateDep) -> EmbedResponse:
              openapi_extra=body_docs(VerifyRequest, (), ("image_a", "image_b")), summary="Same person?")
 async def verify(request: Request, state: StateDep) -> VerifyResponse:
     """Face vs face (`image_a` + `image_b`) or face vs enrolled identity (`image_a` + `identity_id`).
+    Embeddings instead of images: `embedding_a` (+ `embedding_b`) with the served `model_id`.
 
     Against an identity the similarity is the best over its enrolled faces. The decision uses the
     request's `threshold`, else the service's, else the model's calibrated 1:1 threshold. Photos:
     the face `multi_face` picks (`largest` or `center`) is compared, and `face_a`/`face_b` say where.
     """
     payload, images = await read_payload(request, VerifyRequest, (), ("image_a", "image_b"), max_images=2)
-    if (payload.image_b is None) == (payload.identity_id is None):
-        raise ServiceError(ErrorCode.invalid_request, "give exactly one of image_b or identity_id")
+    source = verify_source(payload, images)
     threshold = payload.threshold if payload.threshold is not None else state.verify_threshold
     if payload.identity_id is not None:
         enrolled = await run_in_threadpool(state.gallery.identity_embeddings, payload.identity_id)
         if enrolled is None or len(enrolled) == 0:
             raise ServiceError(ErrorCode.identity_not_found, f"identity {payload.identity_id!r} is not enrolled",
                                identity_id=payload.identity_id)
-        probe, faces = await embed_images(state, images["image_a"], payload.image_type, payload.multi_face)
+        probe, faces = await source_vectors(state, source)
         similarity = float(np.max(enrolled @ probe[0]))
     else:
-        probe, faces = await embed_images(state, images["image_a"] + images["image_b"], payload.image_type,
-                                          payload.multi_face)
+        probe, faces = await source_vectors(state, source)
         similarity = float(probe[0] @ probe[1])
     located = faces.locations() or [None, None]
     return VerifyResponse(similarity=similarity, threshold=threshold, match=similarity >= threshold,
@@ -78,13 +78,14 @@ async def identify(request: Request, state: StateDep) -> IdentifyResponse:
     Photos with `multi_face: all` give one result per face found, each with its `image_index` and
     `face` box. The default threshold is the 1:N one (stricter than the 1:1 verify threshold: with more
     identities to match, an unknown face is more likely to resemble one of them by chance).
+    Probe embeddings instead of images: `embeddings` with the served `model_id`.
     """
     payload, images = await read_payload(request, IdentifyRequest, ("images",),
                                          max_images=state.settings.max_faces_per_request)
     if payload.top_k > state.settings.max_top_k:
         raise ServiceError(ErrorCode.invalid_request, f"top_k may be at most {state.settings.max_top_k}")
     threshold = payload.threshold if payload.threshold is not None else state.identify_threshold
-    probes, faces = await embed_images(state, images["images"], payload.image_type, payload.multi_face)
+    probes, faces = await source_vectors(state, list_source(payload, images))
     matches = await run_in_threadpool(state.gallery.search, probes, payload.top_k)
     located = faces.locations() or [None] * len(matches)
     results = []

@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from ..deps import ApiKey, StateDep
 from ..errors import ErrorCode, ServiceError
 from ..payload import body_docs, read_payload
-from ..pipeline import embed_images
+from ..vectors import list_source, source_vectors
 from ..schemas import (
     DeleteResponse, EnrollRequest, EnrollResponse, ErrorResponse, IdentityDetail, IdentityPage, IdentitySummary,
 )
@@ -30,10 +30,11 @@ async def enroll(request: Request, state: StateDep) -> EnrollResponse:
     (`replace: false`, the default) or atomically **replace** them (`replace: true`); given
     `metadata` replaces the stored metadata. The response comes after the write is durable.
     Photos: one face per image (`multi_face`: the `largest`, or the one nearest the `center`).
+    Embeddings instead of images: `embeddings` with the served `model_id`.
     """
     payload, images = await read_payload(request, EnrollRequest, ("images",),
                                          max_images=state.settings.max_faces_per_request)
-    vectors, faces = await embed_images(state, images["images"], payload.image_type, payload.multi_face)
+    vectors, faces = await source_vectors(state, list_source(payload, images))
     face_ids, created, replaced = await run_in_threadpool(
         state.gallery.enroll, payload.identity_id, vectors, payload.metadata, payload.replace
     )
