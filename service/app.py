@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import __version__
 from .api import faces, identities, ops
 from .config import Settings, get_settings
+from .console import mount_console
 from .detection import YuNetConfig, YuNetDetector, template_for
 from .errors import ErrorCode, ServiceError
 from .gallery import Gallery
@@ -147,6 +148,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(ops.router)
     app.include_router(faces.router)
     app.include_router(identities.router)
+    mount_console(app, settings)  # the web console at /console (static pages; their API calls carry the key)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(AccessMiddleware, metrics=metrics)
     return app

@@ -1,0 +1,52 @@
+"""The web console: plain HTML/CSS/JS pages served by the service itself at ``/console``.
+
+The pages are static files in this package (no build step, nothing loaded from elsewhere). They are
+public, but every API call they make carries the API key, which the page asks for and keeps only in
+the tab's sessionStorage; ``/console/config.json`` tells the page the header's name and whether a key
+is needed at all.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.responses import RedirectResponse
+from starlette.staticfiles import StaticFiles
+
+from ..config import Settings
+
+STATIC = Path(__file__).parent / "static"
+
+# Scripts, styles and fonts only from here; photos the user picks are shown as blob: URLs and crops
+# from /detect as data: URLs. Nothing can be fetched from, or posted to, another origin.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
+    "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+)
+
+
+class ConsoleFiles(StaticFiles):
+    """StaticFiles with the console's security headers."""
+
+    async def get_response(self, path: str, scope):
+        response = await super().get_response(path, scope)
+        response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Referrer-Policy"] = "no-referrer"
+        # revalidate every time (ETag): a new version of the service is picked up without a stale page
+        response.headers["Cache-Control"] = "no-cache"
+        return response
+
+
+def mount_console(app: FastAPI, settings: Settings) -> None:
+    @app.get("/console", include_in_schema=False)
+    async def console_root() -> RedirectResponse:
+        # relative, so that it also works behind a proxy that serves the API under a path prefix
+        return RedirectResponse("console/", status_code=307)
+
+    @app.get("/console/config.json", include_in_schema=False)
+    async def console_config() -> dict:
+        return {"api_key_header": settings.api_key_header, "api_key_required": settings.api_key is not None}
+
+    app.mount("/console", ConsoleFiles(directory=STATIC, html=True), name="console")

@@ -1,0 +1,606 @@
+// Face console: plain JavaScript, no dependencies, nothing loaded from elsewhere.
+// Every API call goes through api(), which adds the API key kept in sessionStorage and turns the
+// service's error bodies ({"error": {"code", "message", "details"}}) into readable sentences.
+// User data (identity ids, metadata, file names) is only ever set as textContent, never as HTML.
+"use strict";
+
+const API = new URL("../", window.location.href); // the console lives at <api>/console/
+const KEY_STORE = "face-console.api-key";
+const PAGES = ["try", "enroll", "gallery", "status"];
+const COLORS = { known: "#00c853", unknown: "#ffab00", landmark: "#00b0ff" };
+
+// code -> sentence; the code itself is shown next to it for people who search the docs
+const ERROR_MESSAGES = {
+  invalid_request: "The request was not valid.",
+  malformed_json: "The request body was not valid JSON.",
+  payload_too_large: "The upload is too large for this service.",
+  too_many_faces: "Too many images or faces in one request.",
+  no_images: "No image was sent.",
+  invalid_base64: "An image was not valid base64.",
+  unsupported_media_type: "The request was sent in a format the service does not accept.",
+  empty_image: "The file is empty.",
+  image_too_large: "The image is too large (bytes or pixels) for this service.",
+  not_an_image: "This file is not an image the service can read (JPEG, PNG, WebP or BMP).",
+  truncated_image: "The image file is cut off or damaged.",
+  wrong_image_size: "An aligned face must be exactly the model's input size.",
+  grayscale_image: "An aligned face must be a colour image.",
+  alpha_channel: "The image has transparency; send an opaque image.",
+  unsupported_color_mode: "The image's colour mode is not supported.",
+  no_face: "No face was found in the photo.",
+  photo_not_supported: "This model only accepts aligned face crops, not photos.",
+  model_mismatch: "The embeddings were made by another model than the one served.",
+  wrong_dimension: "An embedding has the wrong number of values for this model.",
+  invalid_embedding: "An embedding is not usable (NaN, infinite or zero).",
+  identity_not_found: "No identity with this id is enrolled.",
+  invalid_identity_id: "This identity id is not allowed (1-128 characters, no \"/\").",
+  unauthorized: "The API key is missing or wrong.",
+  not_found: "Not found.",
+  method_not_allowed: "The service does not allow this here.",
+  model_not_ready: "The service is starting or stopping; try again in a moment.",
+  internal_error: "The service failed unexpectedly; its log says why.",
+  network: "The service cannot be reached.",
+};
+
+const $ = (id) => document.getElementById(id);
+
+function el(tag, props = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(props)) {
+    if (name === "text") node.textContent = value;
+    else if (name === "class") node.className = value;
+    else if (name.startsWith("data-") || name.startsWith("aria-")) node.setAttribute(name, value);
+    else node[name] = value;
+  }
+  for (const child of children) if (child !== null && child !== undefined) node.append(child);
+  return node;
+}
+
+const fmt = (x, digits = 3) => (typeof x === "number" && Number.isFinite(x) ? x.toFixed(digits) : "-");
+
+// --- API ------------------------------------------------------------------------------------------
+class ApiError extends Error {
+  constructor(code, message, status, details) {
+    super(message);
+    this.code = code;
+    this.status = status;
+    this.details = details || {};
+  }
+
+  get readable() {
+    const sentence = ERROR_MESSAGES[this.code] || this.message || "Request failed.";
+    const where = typeof this.details.index === "number" ? ` (image ${this.details.index + 1})` : "";
+    return `${sentence}${where} [${this.code}]`;
+  }
+}
+
+const config = { api_key_header: "X-API-Key", api_key_required: false };
+
+async function api(path, { method = "GET", form = null, json = null, text = false } = {}) {
+  const headers = { Accept: text ? "text/plain" : "application/json" };
+  const key = sessionStorage.getItem(KEY_STORE);
+  if (key) headers[config.api_key_header] = key;
+  let body = null;
+  if (form) body = form;
+  else if (json) {
+    body = JSON.stringify(json);
+    headers["Content-Type"] = "application/json";
+  }
+  let response;
+  try {
+    response = await fetch(new URL(path, API), { method, headers, body, cache: "no-store" });
+  } catch (err) {
+    throw new ApiError("network", String(err), 0);
+  }
+  if (!response.ok) {
+    let error = { code: `http_${response.status}`, message: response.statusText };
+    try {
+      const parsed = await response.json();
+      if (parsed && parsed.error) error = parsed.error;
+    } catch (_) { /* not JSON: keep the HTTP status */ }
+    const failure = new ApiError(error.code, error.message, response.status, error.details);
+    if (failure.code === "unauthorized") askForKey(key ? "The stored API key was refused." : "");
+    throw failure;
+  }
+  return text ? response.text() : response.json();
+}
+
+function photoForm(fields, files) {
+  const form = new FormData();
+  for (const [name, value] of Object.entries(fields)) form.append(name, String(value));
+  for (const [name, file] of files) form.append(name, file, file.name || name);
+  return form;
+}
+
+function say(node, message, kind = "") {
+  node.textContent = message;
+  node.classList.toggle("error", kind === "error");
+  node.classList.toggle("ok", kind === "ok");
+}
+
+// --- API key -----------------------------------------------------------------------------------
+function askForKey(reason = "") {
+  const dialog = $("key-dialog");
+  say($("key-error"), reason, reason ? "error" : "");
+  if (!dialog.open) dialog.showModal();
+  $("key-input").focus();
+}
+
+async function submitKey(event) {
+  event.preventDefault();
+  const key = $("key-input").value.trim();
+  if (!key) return;
+  const previous = sessionStorage.getItem(KEY_STORE);
+  sessionStorage.setItem(KEY_STORE, key);
+  say($("key-error"), "Checking...");
+  try {
+    await api("identities?limit=1");
+  } catch (err) {
+    if (previous) sessionStorage.setItem(KEY_STORE, previous);
+    else sessionStorage.removeItem(KEY_STORE);
+    say($("key-error"), err.readable, "error");
+    return;
+  }
+  $("key-input").value = "";
+  say($("key-error"), "");
+  $("key-dialog").close();
+  route();
+}
+
+// --- pages -------------------------------------------------------------------------------------
+let statusTimer = null;
+
+function route() {
+  const name = window.location.hash.slice(1);
+  const page = PAGES.includes(name) ? name : "try";
+  for (const other of PAGES) $(`page-${other}`).hidden = other !== page;
+  for (const link of document.querySelectorAll("nav a")) {
+    if (link.dataset.page === page) link.setAttribute("aria-current", "page");
+    else link.removeAttribute("aria-current");
+  }
+  clearInterval(statusTimer);
+  if (page === "gallery") loadGallery();
+  if (page === "status") {
+    refreshStatus();
+    statusTimer = setInterval(refreshStatus, 5000);
+  }
+}
+
+// --- Try: every face with its box, landmarks and best identity ---------------------------------
+function loadImage(file) {
+  return new Promise((resolve, reject) => {
+    const img = new Image();
+    img.onload = () => resolve(img);
+    img.onerror = () => reject(new Error("the browser cannot show this file"));
+    img.src = URL.createObjectURL(file);
+  });
+}
+
+// /identify and /detect see the same photo with the same detector: pair their faces by box
+function matchResult(face, results) {
+  let best = null;
+  let bestDistance = Infinity;
+  for (const result of results) {
+    if (!result.face || !result.face.box) continue;
+    const d = result.face.box.reduce((sum, v, i) => sum + Math.abs(v - face.box[i]), 0);
+    if (d < bestDistance) [best, bestDistance] = [result, d];
+  }
+  return bestDistance < 4 ? best : null;
+}
+
+function decision(result, threshold) {
+  if (!result) return { known: false, text: "not identified" };
+  const limit = typeof result.threshold === "number" ? result.threshold : threshold;
+  const best = result.candidates && result.candidates[0];
+  if (result.known) {
+    return { known: true, name: result.identity_id, text: `${result.identity_id}: score ${fmt(result.score)} >= threshold ${fmt(limit)}, match` };
+  }
+  const closest = best ? `closest ${best.identity_id}, score ${fmt(best.score)}` : "gallery is empty";
+  return { known: false, text: `unknown (${closest} < threshold ${fmt(limit)})` };
+}
+
+function drawFaces(canvas, img, image, faces) {
+  // fill the column, small photos enlarged too, but never taller than most screens
+  const room = canvas.parentElement.clientWidth || 640;
+  const scale = Math.min(room / image.width, 560 / image.height, 4);
+  canvas.width = Math.round(image.width * scale);
+  canvas.height = Math.round(image.height * scale);
+  const ctx = canvas.getContext("2d");
+  ctx.drawImage(img, 0, 0, canvas.width, canvas.height);
+  const line = Math.max(3, Math.round(canvas.width / 250));
+  const drawn = [];
+  faces.forEach((face, i) => {
+    const [x, y, w, h] = face.box.map((v) => v * scale);
+    const color = face.verdict.known ? COLORS.known : COLORS.unknown;
+    ctx.lineWidth = line;
+    ctx.strokeStyle = color;
+    ctx.strokeRect(x, y, w, h);
+    ctx.fillStyle = COLORS.landmark;
+    for (const [lx, ly] of face.landmarks) {
+      ctx.beginPath();
+      ctx.arc(lx * scale, ly * scale, Math.max(2.5, line * 0.9), 0, 2 * Math.PI);
+      ctx.fill();
+    }
+    const label = `${i + 1} ${face.verdict.name || "?"}`;
+    ctx.font = "bold 14px system-ui, sans-serif";
+    const labelWidth = ctx.measureText(label).width + 8;
+    const labelY = y > 20 ? y - 20 : y + h;
+    ctx.fillStyle = color;
+    ctx.fillRect(x - line / 2, labelY, labelWidth, 20);
+    ctx.fillStyle = "#111";
+    ctx.fillText(label, x + 4 - line / 2, labelY + 15);
+    drawn.push({ box: [x, y, w, h], landmarks: face.landmarks.map(([a, b]) => [a * scale, b * scale]), known: face.verdict.known });
+  });
+  // what was drawn where, in canvas pixels: for tests and for anyone inspecting the page
+  canvas.dataset.scale = String(scale);
+  canvas.dataset.faces = JSON.stringify(drawn);
+  canvas.dataset.lineWidth = String(line);
+  canvas.setAttribute("aria-label", faces.length
+    ? `Photo with ${faces.length} face(s): ` + faces.map((f, i) => `face ${i + 1} ${f.verdict.name || "unknown"}`).join(", ")
+    : "Photo without faces");
+}
+
+async function tryPhoto(file) {
+  const status = $("try-status");
+  const list = $("try-results");
+  const canvas = $("try-canvas");
+  list.replaceChildren();
+  delete canvas.dataset.faces;
+  canvas.dataset.state = "busy";
+  say(status, `Looking for faces in ${file.name}...`);
+  const detect = api("detect", { method: "POST", form: photoForm({}, [["images", file]]) });
+  const identify = api("identify", {
+    method: "POST",
+    form: photoForm({ image_type: "photo", multi_face: "all", top_k: 3 }, [["images", file]]),
+  }).catch((err) => err);
+  const shown = loadImage(file).catch((err) => err);
+  let detected;
+  let img;
+  try {
+    detected = await detect; // the service's verdict on the file comes first (not_an_image, ...)
+    img = await shown;
+    if (img instanceof Error) throw img;
+  } catch (err) {
+    canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
+    canvas.dataset.state = "error";
+    say(status, err instanceof ApiError ? err.readable : `This file cannot be shown: ${err.message}`, "error");
+    return;
+  }
+  const identified = await identify;
+  const image = detected.images[0];
+  const results = identified instanceof ApiError ? [] : identified.results;
+  const threshold = identified instanceof ApiError ? null : identified.threshold;
+  const faces = image.faces.map((face) => ({ ...face, verdict: decision(matchResult(face, results), threshold) }));
+  drawFaces(canvas, img, image, faces);
+  faces.forEach((face, i) => {
+    list.append(el("li", { class: face.verdict.known ? "known" : "unknown" },
+      el("strong", { text: `Face ${i + 1}` }), ` ${face.verdict.text}`,
+      el("span", { class: "muted", text: ` (detector ${fmt(face.score, 2)})` })));
+  });
+  canvas.dataset.state = "done";
+  if (identified instanceof ApiError && identified.code !== "no_face") {
+    say(status, `Faces found, but identification failed: ${identified.readable}`, "error");
+  } else if (!faces.length) {
+    say(status, ERROR_MESSAGES.no_face + " [no_face]", "error");
+  } else {
+    const known = faces.filter((f) => f.verdict.known).length;
+    say(status, `${faces.length} face(s) found, ${known} identified.`, "ok");
+  }
+}
+
+function setupDrop(zone, input, onFile) {
+  input.addEventListener("change", () => input.files[0] && onFile(input.files[0]));
+  zone.addEventListener("dragover", (event) => {
+    event.preventDefault();
+    zone.classList.add("over");
+  });
+  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+  zone.addEventListener("drop", (event) => {
+    event.preventDefault();
+    zone.classList.remove("over");
+    const file = event.dataTransfer.files[0];
+    if (file) onFile(file);
+  });
+}
+
+// --- Try: compare two photos -----------------------------------------------------------------------
+function preview(input, img) {
+  input.addEventListener("change", () => {
+    const file = input.files[0];
+    img.hidden = !file;
+    if (file) {
+      img.src = URL.createObjectURL(file);
+      img.alt = `Preview of ${file.name}`;
+    }
+  });
+}
+
+async function compare(event) {
+  event.preventDefault();
+  const out = $("compare-result");
+  const a = $("compare-a").files[0];
+  const b = $("compare-b").files[0];
+  if (!a || !b) return say(out, "Pick two photos first.", "error");
+  say(out, "Comparing...");
+  out.removeAttribute("data-similarity");
+  try {
+    const r = await api("verify", {
+      method: "POST",
+      form: photoForm({ image_type: "photo" }, [["image_a", a], ["image_b", b]]),
+    });
+    const meter = el("div", { class: "meter", "aria-hidden": "true" },
+      el("div", { class: r.match ? "fill known" : "fill unknown" }), el("div", { class: "mark" }));
+    meter.firstChild.style.width = `${Math.max(0, Math.min(1, r.similarity)) * 100}%`;
+    meter.lastChild.style.left = `${Math.max(0, Math.min(1, r.threshold)) * 100}%`;
+    out.replaceChildren(
+      el("p", { class: r.match ? "verdict known" : "verdict unknown", text: r.match ? "Same person" : "Different people" }),
+      el("p", { text: `Similarity ${fmt(r.similarity)} ${r.match ? ">=" : "<"} threshold ${fmt(r.threshold)}` }),
+      meter);
+    out.dataset.similarity = String(r.similarity);
+    out.classList.remove("error");
+  } catch (err) {
+    say(out, err.readable, "error");
+  }
+}
+
+// --- Enroll ------------------------------------------------------------------------------------------
+let enrollReady = false;
+
+function largest(faces) {
+  return faces.reduce((best, f) => {
+    const size = Math.sqrt(Math.max(f.box[2], 0) * Math.max(f.box[3], 0));
+    const bestSize = best ? Math.sqrt(Math.max(best.box[2], 0) * Math.max(best.box[3], 0)) : -1;
+    return size > bestSize || (size === bestSize && f.score > best.score) ? f : best;
+  }, null);
+}
+
+async function previewCrops() {
+  const files = [...$("enroll-files").files];
+  const box = $("enroll-crops");
+  enrollReady = false;
+  if (!files.length) return box.replaceChildren(el("p", { class: "muted", text: "Pick photos to see the aligned faces first." }));
+  box.replaceChildren(el("p", { class: "muted", text: "Finding the faces..." }));
+  try {
+    const r = await api("detect", {
+      method: "POST",
+      form: photoForm({ return_crops: true }, files.map((f) => ["images", f])),
+    });
+    let missing = 0;
+    box.replaceChildren(...r.images.map((image, i) => {
+      const face = largest(image.faces);
+      if (!face) {
+        missing += 1;
+        return el("figure", { class: "crop missing" }, el("div", { class: "noface", text: "no face" }),
+          el("figcaption", { text: `${files[i].name}: no face found` }));
+      }
+      return el("figure", { class: "crop" },
+        el("img", { src: `data:image/png;base64,${face.crop}`, alt: `Aligned face from ${files[i].name}` }),
+        el("figcaption", { text: files[i].name }));
+    }));
+    enrollReady = missing === 0;
+    if (missing) say($("enroll-status"), `${ERROR_MESSAGES.no_face} Remove or replace the photo(s) marked "no face".`, "error");
+    else say($("enroll-status"), `${files.length} face(s) ready to store.`);
+  } catch (err) {
+    box.replaceChildren();
+    say($("enroll-status"), err.readable, "error");
+  }
+}
+
+async function enroll(event) {
+  event.preventDefault();
+  const status = $("enroll-status");
+  const identity = $("enroll-id").value.trim();
+  const files = [...$("enroll-files").files];
+  const metadataText = $("enroll-metadata").value.trim();
+  if (!identity || !files.length) return say(status, "Give a name and at least one photo.", "error");
+  if (!enrollReady) return say(status, "Every photo needs a face before saving.", "error");
+  const fields = { identity_id: identity, image_type: "photo", replace: document.querySelector("input[name=mode]:checked").value === "replace" };
+  if (metadataText) {
+    try {
+      const metadata = JSON.parse(metadataText);
+      if (typeof metadata !== "object" || metadata === null || Array.isArray(metadata)) throw new Error("not an object");
+      fields.metadata = JSON.stringify(metadata);
+    } catch (err) {
+      return say(status, `Metadata must be a JSON object (${err.message}).`, "error");
+    }
+  }
+  say(status, "Saving...");
+  $("enroll-save").disabled = true;
+  try {
+    const r = await api("enroll", { method: "POST", form: photoForm(fields, files.map((f) => ["images", f])) });
+    const what = r.created ? "new identity" : r.faces_replaced ? `replaced ${r.faces_replaced} face(s)` : "added";
+    say(status, `Saved ${r.identity_id}: ${r.face_ids.length} face(s) stored (${what}); ${r.face_count} face(s) in total.`, "ok");
+  } catch (err) {
+    say(status, err.readable, "error");
+  } finally {
+    $("enroll-save").disabled = false;
+  }
+}
+
+// --- Gallery -----------------------------------------------------------------------------------------
+const gallery = { cursors: [null], page: 0, next: null, query: "", limit: 20 };
+
+async function searchPrefix(query) {
+  // ids sort bytewise and every longer id with this prefix sorts after the prefix itself
+  const items = [];
+  try {
+    items.push(await api(`identities/${encodeURIComponent(query)}`));
+  } catch (err) {
+    if (err.code !== "identity_not_found" && err.code !== "not_found" && err.code !== "invalid_request") throw err;
+  }
+  const page = await api(`identities?limit=${gallery.limit}&cursor=${encodeURIComponent(query)}`);
+  items.push(...page.items.filter((item) => item.identity_id.startsWith(query)));
+  return { items, next_cursor: null };
+}
+
+async function loadGallery() {
+  const status = $("gallery-status");
+  const body = $("gallery-table").tBodies[0];
+  say(status, "Loading...");
+  try {
+    const cursor = gallery.cursors[gallery.page];
+    const page = gallery.query
+      ? await searchPrefix(gallery.query)
+      : await api(`identities?limit=${gallery.limit}` + (cursor ? `&cursor=${encodeURIComponent(cursor)}` : ""));
+    gallery.next = page.next_cursor;
+    body.replaceChildren(...page.items.map(galleryRow));
+    $("gallery-prev").disabled = gallery.page === 0 || !!gallery.query;
+    $("gallery-next").disabled = !gallery.next;
+    $("gallery-page").textContent = gallery.query ? `ids starting with "${gallery.query}"` : `page ${gallery.page + 1}`;
+    say(status, page.items.length ? `${page.items.length} identit${page.items.length === 1 ? "y" : "ies"} shown.` : "No identities.");
+  } catch (err) {
+    say(status, err.readable, "error");
+  }
+}
+
+function galleryRow(item) {
+  const metadata = item.metadata && Object.keys(item.metadata).length ? JSON.stringify(item.metadata) : "";
+  const remove = el("button", { type: "button", class: "danger small", text: "Delete", "aria-label": `Delete ${item.identity_id}` });
+  remove.addEventListener("click", () => confirmDelete(item));
+  return el("tr", { "data-id": item.identity_id },
+    el("th", { scope: "row", text: item.identity_id }),
+    el("td", { text: String(item.face_count) }),
+    el("td", { class: "meta", text: metadata }),
+    el("td", { text: item.updated_at ? new Date(item.updated_at * 1000).toLocaleString() : "" }),
+    el("td", {}, remove));
+}
+
+function confirmDelete(item) {
+  const dialog = $("delete-dialog");
+  $("delete-text").textContent = `Delete "${item.identity_id}" and its ${item.face_count} face(s)? It can never be identified again. This cannot be undone.`;
+  dialog.returnValue = "";
+  dialog.onclose = async () => {
+    if (dialog.returnValue !== "delete") return;
+    try {
+      const r = await api(`identities/${encodeURIComponent(item.identity_id)}`, { method: "DELETE" });
+      await loadGallery();
+      say($("gallery-status"), `Deleted ${r.identity_id} (${r.deleted_faces} face(s)).`, "ok");
+    } catch (err) {
+      say($("gallery-status"), err.readable, "error");
+    }
+  };
+  dialog.showModal();
+}
+
+// --- Status ----------------------------------------------------------------------------------------
+const READY_FIELDS = [
+  ["status", "Status"], ["model_id", "Model"], ["providers", "Providers"], ["embedding_size", "Embedding size"],
+  ["verify_threshold", "Verify threshold (1:1)"], ["identify_threshold", "Identify threshold (1:N)"],
+  ["inference_ms", "Inference just now (ms)"],
+];
+
+function facts(node, rows) {
+  node.replaceChildren(...rows.flatMap(([name, value]) => [el("dt", { text: name }), el("dd", { text: value })]));
+}
+
+function show(value) {
+  if (typeof value === "number") return Number.isInteger(value) ? String(value) : fmt(value);
+  if (Array.isArray(value)) return value.join(", ");
+  if (value && typeof value === "object") return JSON.stringify(value);
+  return String(value);
+}
+
+function parseMetrics(text) {
+  const samples = [];
+  for (const line of text.split("\n")) {
+    const m = line.match(/^([a-zA-Z_:][\w:]*)(?:\{(.*)\})?\s+(\S+)/);
+    if (!m) continue;
+    const labels = {};
+    for (const pair of (m[2] || "").matchAll(/(\w+)="((?:[^"\\]|\\.)*)"/g)) labels[pair[1]] = pair[2];
+    samples.push({ name: m[1], labels, value: Number(m[3]) });
+  }
+  return samples;
+}
+
+function total(samples, name, where = () => true) {
+  return samples.filter((s) => s.name === name && where(s.labels)).reduce((sum, s) => sum + s.value, 0);
+}
+
+function metricRows(samples) {
+  const mean = (name, where) => {
+    const count = total(samples, `${name}_count`, where);
+    return count ? total(samples, `${name}_sum`, where) / count : null;
+  };
+  const rows = [
+    ["Requests served", String(total(samples, "face_http_requests_total"))],
+    ["Error responses", String(total(samples, "face_http_requests_total", (l) => Number(l.status) >= 400))],
+    ["Embeddings computed", String(total(samples, "face_embeddings_computed_total"))],
+    ["Faces detected", String(total(samples, "face_faces_detected_total"))],
+  ];
+  const batch = mean("face_inference_batch_size");
+  if (batch !== null) rows.push(["Mean batch size", fmt(batch, 2)]);
+  const inference = mean("face_inference_seconds");
+  if (inference !== null) rows.push(["Mean inference (ms)", fmt(inference * 1000, 1)]);
+  const identify = mean("face_http_request_duration_seconds", (l) => l.route === "/identify");
+  if (identify !== null) rows.push(["Mean /identify latency (ms)", fmt(identify * 1000, 1)]);
+  const errors = samples.filter((s) => s.name === "face_errors_total" && s.value > 0).sort((a, b) => b.value - a.value);
+  if (errors.length) rows.push(["Errors by code", errors.slice(0, 5).map((s) => `${s.labels.code} ${s.value}`).join(", ")]);
+  return rows;
+}
+
+async function refreshStatus() {
+  const message = $("status-message");
+  try {
+    let ready;
+    try {
+      ready = await api("readyz");
+    } catch (err) {
+      if (err.status !== 503) throw err;
+      ready = { status: err.details.status || "not ready", detail: err.readable };
+    }
+    const known = new Set(READY_FIELDS.map(([key]) => key).concat(["gallery", "model_path"]));
+    const rows = READY_FIELDS.filter(([key]) => ready[key] !== undefined).map(([key, label]) => [label, show(ready[key])]);
+    if (ready.gallery && typeof ready.gallery === "object") {
+      if (ready.gallery.identities !== undefined) rows.push(["Gallery identities", show(ready.gallery.identities)]);
+      if (ready.gallery.faces !== undefined) rows.push(["Gallery faces", show(ready.gallery.faces)]);
+    }
+    // fields this console does not know yet (newer services) are still shown, as they come
+    for (const [key, value] of Object.entries(ready)) if (!known.has(key)) rows.push([key, show(value)]);
+    facts($("status-model"), rows);
+    facts($("status-metrics"), metricRows(parseMetrics(await api("metrics", { text: true }))));
+    say(message, `Updated ${new Date().toLocaleTimeString()}.`);
+  } catch (err) {
+    say(message, err.readable, "error");
+  }
+}
+
+// --- start -------------------------------------------------------------------------------------------
+async function start() {
+  try {
+    Object.assign(config, await api("console/config.json"));
+  } catch (_) { /* an older service: the defaults apply */ }
+  $("key-form").addEventListener("submit", submitKey);
+  $("key-cancel").addEventListener("click", () => $("key-dialog").close());
+  $("key-button").addEventListener("click", () => askForKey());
+  setupDrop($("try-drop"), $("try-file"), tryPhoto);
+  preview($("compare-a"), $("compare-a-preview"));
+  preview($("compare-b"), $("compare-b-preview"));
+  $("compare-form").addEventListener("submit", compare);
+  $("enroll-files").addEventListener("change", previewCrops);
+  $("enroll-form").addEventListener("submit", enroll);
+  $("gallery-search").addEventListener("submit", (event) => {
+    event.preventDefault();
+    gallery.query = $("gallery-query").value.trim();
+    loadGallery();
+  });
+  $("gallery-all").addEventListener("click", () => {
+    $("gallery-query").value = "";
+    Object.assign(gallery, { query: "", page: 0, cursors: [null] });
+    loadGallery();
+  });
+  $("gallery-prev").addEventListener("click", () => {
+    gallery.page = Math.max(0, gallery.page - 1);
+    loadGallery();
+  });
+  $("gallery-next").addEventListener("click", () => {
+    if (!gallery.next) return;
+    gallery.cursors[gallery.page + 1] = gallery.next;
+    gallery.page += 1;
+    loadGallery();
+  });
+  window.addEventListener("hashchange", route);
+  document.body.dataset.ready = "true";
+  if (config.api_key_required && !sessionStorage.getItem(KEY_STORE)) askForKey();
+  else route();
+}
+
+document.addEventListener("DOMContentLoaded", start);

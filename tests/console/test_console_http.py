@@ -1,0 +1,70 @@
+"""The console's files as the service serves them, and as the wheel ships them (no browser needed)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.errors import ErrorCode
+from tests.console.conftest import KEY
+from tests.server import REPO
+
+STATIC = REPO / "service" / "console" / "static"
+FILES = ("index.html", "app.js", "app.css")
+
+
+@pytest.fixture(scope="module")
+def client(console_server):
+    with httpx.Client(base_url=console_server.url, timeout=30) as c:
+        yield c
+
+
+def test_console_is_served_without_the_key_but_the_api_still_needs_it(client):
+    r = client.get("/console")
+    assert r.status_code == 307 and r.headers["location"] == "console/"
+    page = client.get("/console/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert '<script src="app.js"' in page.text
+    policy = page.headers["content-security-policy"]
+    assert "default-src 'none'" in policy and "script-src 'self'" in policy and "connect-src 'self'" in policy
+    for name in FILES[1:]:
+        r = client.get(f"/console/{name}")
+        assert r.status_code == 200 and r.content == (STATIC / name).read_bytes()
+    assert client.get("/console/config.json").json() == {"api_key_header": "X-API-Key", "api_key_required": True}
+    assert client.get("/identities").json()["error"]["code"] == "unauthorized"
+    assert client.get("/identities", headers={"X-API-Key": KEY}).status_code == 200
+    assert client.get("/console/nothing-here.js").json()["error"]["code"] == "not_found"
+    # the console is not part of the API reference
+    assert not any(path.startswith("/console") for path in client.get("/openapi.json").json()["paths"])
+
+
+def test_nothing_is_loaded_from_another_origin():
+    for name in FILES:
+        text = (STATIC / name).read_text()
+        assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", text, re.I), name
+        assert "@import" not in text and "<iframe" not in text
+
+
+def test_every_error_code_has_a_readable_sentence():
+    script = (STATIC / "app.js").read_text()
+    table = script.split("const ERROR_MESSAGES = {", 1)[1].split("};", 1)[0]
+    sentences = dict(re.findall(r'^\s*(\w+): "((?:[^"\\]|\\.)+)",?$', table, re.M))
+    missing = [code.value for code in ErrorCode if code.value not in sentences]
+    assert not missing, f"add a sentence to ERROR_MESSAGES in app.js for: {missing}"
+
+
+def test_the_wheel_ships_the_console(tmp_path):
+    """An installed wheel (the Docker image's way) has the pages, not only a source checkout."""
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
+                    "-w", str(tmp_path), str(REPO)], check=True, capture_output=True, timeout=300,
+                   cwd=tmp_path)
+    wheel = next(Path(tmp_path).glob("face_embedding_service-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for name in FILES:
+        assert f"service/console/static/{name}" in names
