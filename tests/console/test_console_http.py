@@ -44,6 +44,11 @@ def test_console_is_served_without_the_key_but_the_api_still_needs_it(client):
     assert not any(path.startswith("/console") for path in client.get("/openapi.json").json()["paths"])
 
 
+def test_without_a_key_configured_the_console_asks_for_none(server):
+    assert httpx.get(server.url + "/console/config.json").json() == {"api_key_header": "X-API-Key",
+                                                                     "api_key_required": False}
+
+
 def test_nothing_is_loaded_from_another_origin():
     for name in FILES:
         text = (STATIC / name).read_text()

@@ -163,6 +163,9 @@ def test_server_from_the_installed_runtime_becomes_ready(image):
         # the model prepared at "build time" is the one served: nothing prepared at start-up
         assert ready["model_path"].startswith(env["FACE_MODEL_CACHE_DIR"])
         assert Path(env["FACE_DATA_DIR"]).is_dir()
+        # the web console's pages are package data: the installed wheel serves them
+        console = httpx.get(f"http://127.0.0.1:{env['FACE_PORT']}/console/app.js", timeout=5)
+        assert console.status_code == 200 and "ERROR_MESSAGES" in console.text
 
         healthcheck = stage.all("HEALTHCHECK")[-1].exec_form()
         assert healthcheck[0] == "python"

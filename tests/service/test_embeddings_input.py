@@ -33,12 +33,16 @@ def error(r: httpx.Response) -> tuple[int, str]:
 
 @pytest.fixture(scope="module")
 def enrolled(client):
-    """Three people enrolled from images, under a prefix of this module's own."""
+    """Three people enrolled from images, under a prefix of this module's own; erased afterwards, as
+    the server's gallery is shared with other modules that enroll the same fixture people."""
     prefix = f"emb-{uuid.uuid4().hex[:6]}-"
-    for name in ("Colin_Powell", "Tony_Blair", "Hugo_Chavez"):
+    names = ("Colin_Powell", "Tony_Blair", "Hugo_Chavez")
+    for name in names:
         r = client.post("/enroll", json={"identity_id": prefix + name, "images": [b64(p) for p in face_files(name)[:2]]})
         assert r.status_code == 200, r.text
-    return prefix
+    yield prefix
+    for name in names:
+        assert client.delete(f"/identities/{prefix}{name}").status_code == 200
 
 
 def test_embedding_from_embed_identifies_like_the_image(client, enrolled):
@@ -48,15 +52,17 @@ def test_embedding_from_embed_identifies_like_the_image(client, enrolled):
     r = client.post("/identify", json={"embeddings": vectors, "model_id": MODEL_ID, "top_k": 3})
     assert r.status_code == 200, r.text
     by_vector = r.json()
+    # (the shared server's gallery may hold the same people from other modules: compare, don't assume)
     for name, a, b in zip(("Colin_Powell", "Tony_Blair", "Hugo_Chavez"), by_image["results"], by_vector["results"]):
-        assert b["identity_id"] == a["identity_id"] == enrolled + name
+        assert b["identity_id"] == a["identity_id"] and a["identity_id"].endswith(name)
         assert b["score"] == pytest.approx(a["score"], abs=1e-5)
+        assert [c["identity_id"] for c in b["candidates"]] == [c["identity_id"] for c in a["candidates"]]
         assert b["face"] is None
     assert [r["image_index"] for r in by_vector["results"]] == [0, 1, 2]
     # any scale: the service normalises; the same answer for a vector times 7.5
     scaled = (np.array(vectors[0]) * 7.5).tolist()
     r = client.post("/identify", json={"embeddings": [scaled], "model_id": MODEL_ID}).json()
-    assert r["results"][0]["identity_id"] == enrolled + "Colin_Powell"
+    assert r["results"][0]["identity_id"] == by_image["results"][0]["identity_id"]
     assert r["results"][0]["score"] == pytest.approx(by_image["results"][0]["score"], abs=1e-5)
 
 
@@ -65,7 +71,7 @@ def test_embeddings_in_a_multipart_form(client, enrolled):
     # form fields without files (httpx sends multipart when given files=)
     r = client.post("/identify", files={"embeddings": (None, json.dumps(vector)), "model_id": (None, MODEL_ID)})
     assert r.status_code == 200, r.text
-    assert r.json()["results"][0]["identity_id"] == enrolled + "Tony_Blair"
+    assert r.json()["results"][0]["identity_id"].endswith("Tony_Blair")
 
 
 def test_enroll_by_embeddings_then_identify_by_image(client):
@@ -76,12 +82,17 @@ def test_enroll_by_embeddings_then_identify_by_image(client):
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["created"] is True and body["face_count"] == 2 and body["faces"] is None
-    r = client.post("/identify", json={"images": [b64(face_files("Jean_Chretien")[2])]}).json()
-    assert r["results"][0]["identity_id"] == identity
+    r = client.post("/identify", json={"images": [b64(face_files("Jean_Chretien")[2])], "top_k": 20}).json()
+    result = r["results"][0]
+    assert result["known"] and result["identity_id"].endswith("Jean_Chretien")
+    # the identity enrolled by vectors is found by the image, as high as any (others may hold the same faces)
+    ours = [c for c in result["candidates"] if c["identity_id"] == identity]
+    assert ours and ours[0]["score"] == pytest.approx(result["score"], abs=1e-5)
     # stored normalised: the vector enrolled times 100 scores the same as the original against it
     big = (np.array(vectors[0]) * 100).tolist()
     r = client.post("/verify", json={"embedding_a": big, "identity_id": identity, "model_id": MODEL_ID}).json()
     assert r["similarity"] == pytest.approx(1.0, abs=1e-5) and r["match"] is True
+    assert client.delete(f"/identities/{identity}").status_code == 200
 
 
 def test_verify_by_embeddings_matches_verify_by_images(client, enrolled):

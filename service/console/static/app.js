@@ -408,6 +408,10 @@ async function enroll(event) {
   try {
     const r = await api("enroll", { method: "POST", form: photoForm(fields, files.map((f) => ["images", f])) });
     const what = r.created ? "new identity" : r.faces_replaced ? `replaced ${r.faces_replaced} face(s)` : "added";
+    // a clean form: saving the same photos twice by accident would enroll them twice
+    $("enroll-form").reset();
+    enrollReady = false;
+    $("enroll-crops").replaceChildren(el("p", { class: "muted", text: "Pick photos to see the aligned faces first." }));
     say(status, `Saved ${r.identity_id}: ${r.face_ids.length} face(s) stored (${what}); ${r.face_count} face(s) in total.`, "ok");
   } catch (err) {
     say(status, err.readable, "error");
