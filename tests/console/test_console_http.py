@@ -40,6 +40,10 @@ def test_console_is_served_without_the_key_but_the_api_still_needs_it(client):
     assert client.get("/identities").json()["error"]["code"] == "unauthorized"
     assert client.get("/identities", headers={"X-API-Key": KEY}).status_code == 200
     assert client.get("/console/nothing-here.js").json()["error"]["code"] == "not_found"
+    # counted under their own route, not with requests for paths that do not exist
+    metrics = client.get("/metrics", headers={"X-API-Key": KEY}).text
+    served = re.search(r'face_http_requests_total\{method="GET",route="/console/\{file\}",status="200"\} (\S+)', metrics)
+    assert served and float(served.group(1)) >= 3
     # the console is not part of the API reference
     assert not any(path.startswith("/console") for path in client.get("/openapi.json").json()["paths"])
 
