@@ -8,8 +8,8 @@ import os
 import shutil
 from pathlib import Path
 
-CHROMIUM = os.environ.get("FACE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = os.environ.get("FACE_CHROMEDRIVER") or shutil.which("chromedriver") or "/usr/bin/chromedriver"
+CHROMIUM = os.environ.get("TEST_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = os.environ.get("TEST_CHROMEDRIVER") or shutil.which("chromedriver") or "/usr/bin/chromedriver"
 DESKTOP = (1280, 900)
 PHONE = (390, 844)  # CSS pixels of a common phone
 

@@ -1,5 +1,5 @@
 """The console's server (API key on) and browser. Without Chromium the browser tests are skipped
-loudly: each skip says so, and the session ends with a banner. FACE_REQUIRE_BROWSER=1 (CI) turns the
+loudly: each skip says so, and the session ends with a banner. TEST_REQUIRE_BROWSER=1 (CI) turns the
 skip into a failure."""
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ def console_server(tmp_path_factory, default_model):
 def driver():
     reason = unavailable()
     if reason:
-        if os.environ.get("FACE_REQUIRE_BROWSER") == "1":
-            pytest.fail(f"FACE_REQUIRE_BROWSER=1 but the browser is missing: {reason}")
+        if os.environ.get("TEST_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"TEST_REQUIRE_BROWSER=1 but the browser is missing: {reason}")
         NOT_RUN.append(reason)
         pytest.skip(f"BROWSER TESTS DID NOT RUN: {reason}")
     browser = start_browser()
