@@ -28,9 +28,10 @@ ENROLL = {"Amelie_Mauresmo": "Amelie_Mauresmo_0001.jpg", "Bill_Frist": "Bill_Fri
 
 def save(driver, path: Path, height: int | None = None) -> None:
     """The page as tall as its content (up to 1600 px), reduced to a 128-colour palette."""
-    width = driver.get_window_size()["width"]
+    width, outer = driver.get_window_size()["width"], driver.get_window_size()["height"]
+    chrome = outer - driver.execute_script("return window.innerHeight")  # the window is more than the page
     content = driver.execute_script("return document.documentElement.scrollHeight")
-    driver.set_window_size(width, min(1600, height or content + 20))
+    driver.set_window_size(width, min(1600, (height or content + 20) + chrome))
     driver.execute_script("window.scrollTo(0, 0); document.activeElement && document.activeElement.blur()")
     png = driver.get_screenshot_as_png()
     image = Image.open(io.BytesIO(png)).convert("RGB").quantize(colors=128, method=Image.Quantize.MEDIANCUT)
@@ -74,8 +75,8 @@ def take(out: Path) -> list[Path]:
 
                 driver.set_window_size(*DESKTOP)
                 console.go("enroll")
-                console.find("enroll-id").send_keys("Jennifer_Connelly")
-                console.pick("enroll-files", PHOTOS / "Jennifer_Connelly_0001.jpg", PHOTOS / "Ben_Affleck_0001.jpg")
+                console.find("enroll-id").send_keys("Bill_Frist")
+                console.pick("enroll-files", PHOTOS / "Bill_Frist_0001.jpg", PHOTOS / "Bill_Frist_0002.jpg")
                 console.wait_text("enroll-status", "ready to store")
                 shots.append(out / "enroll.png")
                 save(driver, shots[-1])
