@@ -221,6 +221,21 @@ def test_gallery_pages_forward_and_back(console, api):
     assert console.find("gallery-prev").get_attribute("disabled") is not None
 
 
+def test_dropping_a_photo_on_the_zone_works_like_picking_it(console):
+    # a real File from a file input, handed to the drop zone in a real DataTransfer
+    console.pick("compare-a", PHOTOS / "Alvaro_Silva_Calderon_0002.jpg")
+    console.js("""
+        const dt = new DataTransfer();
+        dt.items.add(document.getElementById('compare-a').files[0]);
+        const zone = document.getElementById('try-drop');
+        zone.dispatchEvent(new DragEvent('dragover', {dataTransfer: dt, bubbles: true, cancelable: true}));
+        zone.dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true}));
+    """)
+    console.wait(lambda: console.find("try-canvas").get_attribute("data-state") == "done")
+    assert "4 face(s) found" in console.text("try-status")
+    assert len(json.loads(console.find("try-canvas").get_attribute("data-faces"))) == 4
+
+
 def test_no_script_errors_or_blocked_content_in_the_whole_run(driver):
     """Every page above ran under the console's Content-Security-Policy without a violation or an
     uncaught exception (failed API calls, 4xx on purpose, are logged by Chromium and allowed)."""
