@@ -220,15 +220,23 @@ function drawFaces(canvas, img, image, faces) {
       ctx.arc(lx * scale, ly * scale, Math.max(2.5, line * 0.9), 0, 2 * Math.PI);
       ctx.fill();
     }
+    drawn.push({ box: [x, y, w, h], landmarks: face.landmarks.map(([a, b]) => [a * scale, b * scale]), known: face.verdict.known });
+  });
+  // labels last, each where it hides no earlier label: above the box, else below it, else inside
+  ctx.font = "bold 14px system-ui, sans-serif";
+  const placed = [];
+  faces.forEach((face, i) => {
+    const [x, y, w, h] = drawn[i].box;
     const label = `${i + 1} ${face.verdict.name || "?"}`;
-    ctx.font = "bold 14px system-ui, sans-serif";
-    const labelWidth = ctx.measureText(label).width + 8;
-    const labelY = y > 20 ? y - 20 : y + h;
-    ctx.fillStyle = color;
-    ctx.fillRect(x - line / 2, labelY, labelWidth, 20);
+    const width = ctx.measureText(label).width + 8;
+    const overlaps = (top) => placed.some((r) => x < r.x + r.w && r.x < x + width && top < r.y + 20 && r.y < top + 20);
+    const top = [y - 20 - line / 2, y + h + line / 2, y + line / 2].find((t) => t >= 0 && t + 20 <= canvas.height && !overlaps(t));
+    const labelY = top === undefined ? Math.max(0, y - 20) : top;
+    placed.push({ x, y: labelY, w: width });
+    ctx.fillStyle = face.verdict.known ? COLORS.known : COLORS.unknown;
+    ctx.fillRect(x - line / 2, labelY, width, 20);
     ctx.fillStyle = "#111";
     ctx.fillText(label, x + 4 - line / 2, labelY + 15);
-    drawn.push({ box: [x, y, w, h], landmarks: face.landmarks.map(([a, b]) => [a * scale, b * scale]), known: face.verdict.known });
   });
   // what was drawn where, in canvas pixels: for tests and for anyone inspecting the page
   canvas.dataset.scale = String(scale);
