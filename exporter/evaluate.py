@@ -265,14 +265,19 @@ def pair_scores(pairs: Pairs, embeddings: np.ndarray, index: dict[Path, int]) ->
     return np.sum(a * b, axis=1)
 
 
-def pairs_impostor_tail(paths: list[Path], embeddings: np.ndarray, source: str) -> dict:
+def pairs_impostor_tail(paths: list[Path], embeddings: np.ndarray, source: str) -> dict | None:
     """The impostor tail (FAR -> cosine) over every cross-person pair of the protocol's images (the
-    person is the image's folder), as the contract stores it (``face.impostor_tail``)."""
-    from service.model.calibration import impostor_tail
+    person is the image's folder), as the contract stores it (``face.impostor_tail``); None when the
+    protocol has too few people for one."""
+    from service.model.calibration import CalibrationError, impostor_tail
 
     people = {name: i for i, name in enumerate(sorted({p.parent.name for p in paths}))}
     labels = np.asarray([people[p.parent.name] for p in paths])
-    return json.loads(impostor_tail(embeddings, labels, source=source).to_json())
+    try:
+        return json.loads(impostor_tail(embeddings, labels, source=source).to_json())
+    except CalibrationError as exc:
+        log.warning("no impostor tail: %s", exc)
+        return None
 
 
 def write_threshold_into(onnx_path: str | Path, threshold: float, source: str, tail: dict | None = None) -> None:

@@ -167,3 +167,23 @@ def test_a_person_with_many_faces_takes_part_with_five_only():
     counts = impostor_histogram(x, labels)
     assert counts.sum() == 60 * 5 + (60 * 59 // 2 - 30)  # 5 of the 40 faces against the other 60
     assert impostor_histogram(x, labels, max_per_person=None).sum() == 60 * 40 + (60 * 59 // 2 - 30)
+
+
+def test_exporter_evaluation_writes_the_tail_into_an_onnx_contract(tmp_path, default_model):
+    """`python -m exporter evaluate --write-threshold` path: the tail over the protocol's people goes
+    into face.impostor_tail next to face.threshold (too few people: no tail, no error)."""
+    import shutil
+
+    from exporter.evaluate import pairs_impostor_tail, write_threshold_into
+    from service.model.contract import read_contract
+
+    x, labels = _population(80, 2, dim=128)
+    paths = [tmp_path / f"person{label}" / f"{i}.jpg" for i, label in enumerate(labels)]
+    tail = pairs_impostor_tail(paths, x, "synthetic")
+    assert tail["pairs"] == 160 * 159 // 2 - 80 and tail["source"] == "synthetic"
+    assert pairs_impostor_tail(paths[:6], x[:6], "too small") is None
+    model = shutil.copy(default_model, tmp_path / "model.onnx")
+    write_threshold_into(model, 0.3, "10-fold:test", tail)
+    contract = read_contract(model)
+    assert contract.threshold == 0.3 and contract.impostor_tail.pairs == tail["pairs"]
+    assert contract.impostor_tail.cosine == tuple(tail["cosine"])
