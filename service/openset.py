@@ -111,7 +111,10 @@ class GalleryTail:
                             extra={"path": str(self.path), "calibrated_model": payload.get("model_id"),
                                    "model_id": self.model_id})
                 return None
-            return ImpostorTail.from_json(json.dumps(payload["tail"]))
+            tail = ImpostorTail.from_json(json.dumps(payload["tail"]))
+            log.info("gallery calibration loaded", extra={"path": str(self.path), "pairs": tail.pairs,
+                                                          "measured_on": tail.source})
+            return tail
         except (OSError, ValueError, KeyError, CalibrationError):
             log.warning("gallery calibration unreadable; ignored", extra={"path": str(self.path)}, exc_info=True)
             return None

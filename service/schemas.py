@@ -231,6 +231,7 @@ class ReadyResponse(BaseModel):
     identify_fpir: float | None = Field(None, description="The FPIR the identify threshold targets (source fpir).")
     impostor_tail: dict | None = Field(
         None, description="The impostor tail in use: `gallery` (python -m service calibrate) or `model` "
-        "(the contract's), what it was measured on and over how many pairs; null: none.")
+        "(the contract's), what it was measured on, over how many pairs, the smallest FAR it measured, and "
+        "whether the current threshold lies beyond it (extrapolated); null: none.")
     inference_ms: float = Field(description="Latency of the real inference this check just ran.")
     gallery: dict[str, int]

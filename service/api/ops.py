@@ -39,7 +39,8 @@ async def readyz(state: StateDep) -> ReadyResponse:
         verify_threshold=state.verify_threshold, identify_threshold=identify.threshold,
         identify_threshold_source=identify.source, identify_fpir=identify.fpir_target,
         impostor_tail=None if identify.tail is None else {
-            "source": identify.tail_source, "measured_on": identify.tail.source, "pairs": identify.tail.pairs},
+            "source": identify.tail_source, "measured_on": identify.tail.source, "pairs": identify.tail.pairs,
+            "far_min": identify.tail.far[-1], "extrapolated": identify.extrapolated},
         inference_ms=round(elapsed, 3), gallery={k: int(v) for k, v in stats.items()},
     )
 

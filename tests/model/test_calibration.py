@@ -188,3 +188,17 @@ def test_exporter_evaluation_writes_the_tail_into_an_onnx_contract(tmp_path, def
     contract = read_contract(model)
     assert contract.threshold == 0.3 and contract.impostor_tail.pairs == tail["pairs"]
     assert contract.impostor_tail.cosine == tuple(tail["cosine"])
+
+
+def test_gallery_tail_file_is_read_for_its_model_only_and_follows_changes(tmp_path):
+    from service.openset import CALIBRATION_FILE, GalleryTail, save_gallery_tail
+
+    tail = packaged_impostor_tail()
+    reader = GalleryTail(tmp_path, "sface@2021dec-int8bq")
+    assert reader.current() is None  # none stored yet
+    save_gallery_tail(tmp_path, "other@1", tail)
+    assert reader.current() is None  # another model's calibration is ignored
+    save_gallery_tail(tmp_path, "sface@2021dec-int8bq", tail, {"people": 7})
+    assert reader.current().cosine == tail.cosine
+    (tmp_path / CALIBRATION_FILE).write_text("{broken")
+    assert reader.current() is None  # unreadable: ignored (logged), the model's tail applies

@@ -47,6 +47,7 @@ def test_threshold_moves_with_the_gallery_and_overrides_win(fresh):
     ready = client.get("/readyz").json()
     assert ready["identify_threshold_source"] == "fpir" and ready["identify_fpir"] == 0.01
     assert ready["impostor_tail"]["source"] == "model" and ready["impostor_tail"]["pairs"] > 30_000_000
+    assert ready["impostor_tail"]["extrapolated"] is False  # an empty gallery needs FAR 1e-2 only
     empty = ready["identify_threshold"]
 
     people = sorted({p.name.rsplit("_", 1)[0] for p in (FIXTURES / "faces").glob("*.jpg")})
