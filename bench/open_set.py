@@ -26,7 +26,6 @@ version through a real server is tests/service/test_open_set_http.py.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
