@@ -265,10 +265,26 @@ def pair_scores(pairs: Pairs, embeddings: np.ndarray, index: dict[Path, int]) ->
     return np.sum(a * b, axis=1)
 
 
-def write_threshold_into(onnx_path: str | Path, threshold: float, source: str) -> None:
-    """Replace face.threshold in an ONNX file's contract (atomically)."""
+def pairs_impostor_tail(paths: list[Path], embeddings: np.ndarray, source: str) -> dict | None:
+    """The impostor tail (FAR -> cosine) over every cross-person pair of the protocol's images (the
+    person is the image's folder), as the contract stores it (``face.impostor_tail``); None when the
+    protocol has too few people for one."""
+    from service.model.calibration import CalibrationError, impostor_tail
+
+    people = {name: i for i, name in enumerate(sorted({p.parent.name for p in paths}))}
+    labels = np.asarray([people[p.parent.name] for p in paths])
+    try:
+        return json.loads(impostor_tail(embeddings, labels, source=source).to_json())
+    except CalibrationError as exc:
+        log.warning("no impostor tail: %s", exc)
+        return None
+
+
+def write_threshold_into(onnx_path: str | Path, threshold: float, source: str, tail: dict | None = None) -> None:
+    """Replace face.threshold (and face.impostor_tail, when given) in an ONNX file's contract (atomically)."""
     import onnx
 
+    from service.model.calibration import ImpostorTail
     from service.model.contract import FaceContract, write_contract
 
     onnx_path = Path(onnx_path)
@@ -276,7 +292,10 @@ def write_threshold_into(onnx_path: str | Path, threshold: float, source: str) -
     meta = {p.key: p.value for p in proto.metadata_props}
     contract = FaceContract.from_metadata(meta)
     extra = {**contract.extra, "face.threshold_source": source}
-    write_contract(proto, dataclasses.replace(contract, threshold=round(float(threshold), 4), extra=extra))
+    changes = {"threshold": round(float(threshold), 4), "extra": extra}
+    if tail is not None:
+        changes["impostor_tail"] = ImpostorTail.from_json(json.dumps(tail))
+    write_contract(proto, dataclasses.replace(contract, **changes))
     tmp = onnx_path.with_name(onnx_path.name + ".tmp")
     onnx.save(proto, str(tmp))
     tmp.replace(onnx_path)
@@ -326,6 +345,9 @@ def evaluate_model(model: str | Path, pairs: str | Path, images: str | Path | No
         # the service embeds without flip-averaging, so the threshold it uses is calibrated without it
         "best_threshold": round(results["plain"]["threshold"], 4),
         "tar_at_far": results["plain"]["tar_at_far"],
+        # 1:N: the service derives its gallery-size-aware identify threshold from this table
+        "impostor_tail": pairs_impostor_tail(unique, plain, f"{Path(pairs).parent.name}: cross-person pairs "
+                                             f"of its {len(unique)} pair images"),
         "results": results,
     }
     for other in compare or []:
@@ -341,7 +363,8 @@ def evaluate_model(model: str | Path, pairs: str | Path, images: str | Path | No
     if write_threshold:
         if not str(model).endswith(".onnx"):
             raise ValueError("--write-threshold needs an ONNX model")
-        write_threshold_into(model, report["best_threshold"], f"10-fold:{Path(pairs).parent.name}")
+        write_threshold_into(model, report["best_threshold"], f"10-fold:{Path(pairs).parent.name}",
+                             report["impostor_tail"])
         report["threshold_written"] = str(model)
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)

@@ -112,13 +112,22 @@ def resolve_threshold(threshold: float | None, threshold_from: str | None, calib
         return float(threshold), "manual", None
     if threshold_from:
         report = json.loads(Path(threshold_from).read_text())
-        return float(report["best_threshold"]), f"file:{Path(threshold_from).name}", None
+        # the report's impostor tail (if it has one) goes into the contract too
+        return float(report["best_threshold"]), f"file:{Path(threshold_from).name}", report
     if calibrate_pairs:
         from .evaluate import TFEmbedder, evaluate_model
 
         report = evaluate_model(model="<in memory>", pairs=calibrate_pairs, embedder=TFEmbedder(cfg, model))
         return float(report["best_threshold"]), f"10-fold:{Path(calibrate_pairs).parent.name}", report
     raise ValueError("no threshold: pass --threshold, --threshold-from EVAL.json or --calibrate-pairs pairs.txt")
+
+
+def _impostor_tail(report: dict | None):
+    """The contract's impostor tail from an evaluation report (None: the report predates it)."""
+    from service.model.calibration import ImpostorTail
+
+    tail = (report or {}).get("impostor_tail")
+    return ImpostorTail.from_json(json.dumps(tail)) if tail else None
 
 
 def export_model(source: str | Path, output: str | Path, config: str | Path | None = None,
@@ -147,6 +156,7 @@ def export_model(source: str | Path, output: str | Path, config: str | Path | No
         model_version=model_version or cfg.model_version,
         threshold=round(value, 4),
         identify_threshold=identify_threshold,
+        impostor_tail=_impostor_tail(calibration),
         layout="NCHW",
         color="RGB",
         input_size=(cfg.input_size, cfg.input_size),
@@ -172,7 +182,7 @@ def export_model(source: str | Path, output: str | Path, config: str | Path | No
     result = {"onnx": str(output), "contract": contract.to_metadata(), "parity_fp32": fp32,
               "opset": opset, "bytes": output.stat().st_size}
     if calibration is not None:
-        result["calibration"] = {k: calibration[k] for k in ("accuracy_mean", "accuracy_std", "best_threshold")}
+        result["calibration"] = {k: calibration.get(k) for k in ("accuracy_mean", "accuracy_std", "best_threshold")}
 
     if fp16:
         from service.model.fp16 import FP16_SUFFIX, check_parity

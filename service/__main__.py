@@ -1,4 +1,5 @@
-"""``python -m service``: run the HTTP server.
+"""``python -m service``: run the HTTP server (``python -m service calibrate DIR``: measure the
+impostor tail on your own labelled faces, see service/calibrate.py).
 
 Settings come from FACE_* environment variables (see .env.example); these flags override them.
 """
@@ -33,6 +34,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["calibrate"]:  # python -m service calibrate DIR: see service/calibrate.py
+        from .calibrate import main as calibrate_main
+
+        return calibrate_main(argv[1:])
     args = parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None}
     settings = Settings(**overrides)

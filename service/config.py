@@ -101,8 +101,15 @@ class Settings(BaseSettings):
         None,
         ge=-1,
         le=1,
-        description="1:N open-set cosine threshold; empty = the model's, else its verify threshold. "
-        "It must be stricter than the 1:1 one and rises with gallery size.",
+        description="Fixed 1:N open-set cosine threshold; empty = the one that holds identify_fpir for the "
+        "gallery's current size (from the model's or the gallery's impostor tail), else the model's fixed one, "
+        "else the verify threshold.",
+    )
+    identify_fpir: float = Field(
+        0.01, gt=0, lt=1,
+        description="Target false-positive identification rate: the share of never-enrolled faces /identify "
+        "may name as someone. The identify threshold follows from it and the gallery size (more enrolled "
+        "faces, higher threshold).",
     )
     max_top_k: int = Field(100, ge=1, le=1000, description="Largest top_k a request may ask for.")
 

@@ -151,6 +151,10 @@ class Candidate(BaseModel):
     identity_id: str
     score: float = Field(description="Best cosine similarity between the probe and the identity's faces.")
     face_id: int = Field(description="The enrolled face that scored best.")
+    stranger_probability: float | None = Field(
+        None, description="Estimated chance that a never-enrolled face scores at least this high against "
+        "someone in a gallery of this size (from the impostor tail; null without one). Near 0: the match "
+        "is unlikely to be chance; near `fpir_target`: at the threshold.")
 
 
 class ProbeResult(BaseModel):
@@ -165,7 +169,14 @@ class ProbeResult(BaseModel):
 class IdentifyResponse(BaseModel):
     results: list[ProbeResult]
     threshold: float
+    threshold_source: str = Field(
+        "fpir", description="request, setting (FACE_IDENTIFY_THRESHOLD), fpir (holds FACE_IDENTIFY_FPIR for "
+        "this gallery size), model (the contract's fixed one) or verify.")
+    fpir_target: float | None = Field(None, description="With threshold_source fpir: the FPIR targeted.")
+    fpir_estimated: float | None = Field(
+        None, description="The FPIR the threshold used gives in this gallery, by the impostor tail.")
     gallery_identities: int
+    gallery_faces: int | None = None
     model_id: str
 
 
@@ -233,5 +244,11 @@ class ReadyResponse(BaseModel):
     embedding_size: int
     verify_threshold: float
     identify_threshold: float
+    identify_threshold_source: str | None = Field(None, description="As in /identify answers.")
+    identify_fpir: float | None = Field(None, description="The FPIR the identify threshold targets (source fpir).")
+    impostor_tail: dict | None = Field(
+        None, description="The impostor tail in use: `gallery` (python -m service calibrate) or `model` "
+        "(the contract's), what it was measured on, over how many pairs, the smallest FAR it measured, and "
+        "whether the current threshold lies beyond it (extrapolated); null: none.")
     inference_ms: float = Field(description="Latency of the real inference this check just ran.")
     gallery: dict[str, int]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .config import Settings
 from .detection import AlignmentTemplate, FaceDetector
@@ -11,6 +11,8 @@ from .metrics import Metrics
 from .model.batcher import DynamicBatcher
 from .model.contract import FaceContract
 from .model.runtime import EmbeddingModel
+from .openset import GalleryCounts, GalleryTail, IdentifyThreshold, ThresholdInputs, choose_tail
+from .openset import identify_threshold as _identify_threshold
 
 
 @dataclass
@@ -23,6 +25,7 @@ class ServiceState:
     # photos: None when the model's alignment has no template here (then only aligned crops are served)
     detector: FaceDetector | None = None
     template: AlignmentTemplate | None = None
+    _gallery_tail: GalleryTail | None = field(default=None, repr=False)
 
     @property
     def contract(self) -> FaceContract:
@@ -36,9 +39,19 @@ class ServiceState:
 
     @property
     def identify_threshold(self) -> float:
-        # 1:N needs a stricter threshold than 1:1; fall back to the verify one only if nothing better
-        if self.settings.identify_threshold is not None:
-            return self.settings.identify_threshold
-        if self.contract.identify_threshold is not None:
-            return self.contract.identify_threshold
-        return self.verify_threshold
+        """The 1:N threshold in force now (for the gallery's current size; see ``service.openset``)."""
+        return self.open_set_threshold().threshold
+
+    @property
+    def gallery_tail(self) -> GalleryTail:
+        if self._gallery_tail is None:  # the gallery's own calibration, from `python -m service calibrate`
+            self._gallery_tail = GalleryTail(self.settings.data_dir, self.contract.model_id)
+        return self._gallery_tail
+
+    def open_set_threshold(self, requested: float | None = None) -> IdentifyThreshold:
+        # 1:N needs a stricter threshold than 1:1, rising with gallery size; see service.openset
+        tail, source = choose_tail(self.gallery_tail.current(), self.contract.impostor_tail)
+        counts = GalleryCounts(self.gallery.identity_count, self.gallery.face_count)
+        inputs = ThresholdInputs(fixed=self.settings.identify_threshold, fpir=self.settings.identify_fpir,
+                                 model_identify=self.contract.identify_threshold, verify=self.verify_threshold)
+        return _identify_threshold(inputs, counts, tail, source, requested)

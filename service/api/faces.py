@@ -76,17 +76,22 @@ async def identify(request: Request, state: StateDep) -> IdentifyResponse:
     threshold the probe is `unknown` (`identity_id: null`), with the candidates still listed.
 
     Photos with `multi_face: all` give one result per face found, each with its `image_index` and
-    `face` box. The default threshold is the 1:N one (stricter than the 1:1 verify threshold: with more
-    identities to match, an unknown face is more likely to resemble one of them by chance).
+    `face` box. The default threshold is the 1:N one: it holds `FACE_IDENTIFY_FPIR` (the share of
+    never-enrolled faces named as someone) for the gallery's current size, rising as it grows, since
+    with more faces to match an unknown face is more likely to resemble one by chance. The answer says
+    which threshold was used and why; each candidate's `stranger_probability` is the estimated chance
+    that a stranger scores that high in this gallery.
     Probe embeddings instead of images: `embeddings` with the served `model_id`.
     """
     payload, images = await read_payload(request, IdentifyRequest, ("images",),
                                          max_images=state.settings.max_faces_per_request)
     if payload.top_k > state.settings.max_top_k:
         raise ServiceError(ErrorCode.invalid_request, f"top_k may be at most {state.settings.max_top_k}")
-    threshold = payload.threshold if payload.threshold is not None else state.identify_threshold
     probes, faces = await source_vectors(state, list_source(payload, images))
     matches = await run_in_threadpool(state.gallery.search, probes, payload.top_k)
+    # sized by the gallery as searched (it may grow while the probes are embedded)
+    decision = state.open_set_threshold(payload.threshold)
+    threshold = decision.threshold
     located = faces.locations() or [None] * len(matches)
     results = []
     for candidates, image_index, face in zip(matches, faces.image_index, located):
@@ -98,9 +103,12 @@ async def identify(request: Request, state: StateDep) -> IdentifyResponse:
             identity_id=best.identity_id if known else None,
             known=known,
             score=best.score if best else None,
-            candidates=[Candidate(identity_id=m.identity_id, score=m.score, face_id=m.face_id) for m in candidates],
+            candidates=[Candidate(identity_id=m.identity_id, score=m.score, face_id=m.face_id,
+                                  stranger_probability=decision.stranger_probability(m.score)) for m in candidates],
         ))
-    return IdentifyResponse(results=results, threshold=threshold, gallery_identities=state.gallery.identity_count,
+    return IdentifyResponse(results=results, threshold=threshold, threshold_source=decision.source,
+                            fpir_target=decision.fpir_target, fpir_estimated=decision.fpir_estimated,
+                            gallery_identities=decision.counts.identities, gallery_faces=decision.counts.faces,
                             model_id=state.contract.model_id)
 
 

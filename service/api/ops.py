@@ -32,10 +32,15 @@ async def readyz(state: StateDep) -> ReadyResponse:
     if not np.isfinite(vector).all():
         raise RuntimeError("the model returned non-finite values")
     stats = await run_in_threadpool(state.gallery.stats)
+    identify = await run_in_threadpool(state.open_set_threshold)
     return ReadyResponse(
         status="ready", model_id=state.contract.model_id, model_path=str(state.model.path),
         providers=state.model.providers, embedding_size=state.contract.embedding_size,
-        verify_threshold=state.verify_threshold, identify_threshold=state.identify_threshold,
+        verify_threshold=state.verify_threshold, identify_threshold=identify.threshold,
+        identify_threshold_source=identify.source, identify_fpir=identify.fpir_target,
+        impostor_tail=None if identify.tail is None else {
+            "source": identify.tail_source, "measured_on": identify.tail.source, "pairs": identify.tail.pairs,
+            "far_min": identify.tail.far[-1], "extrapolated": identify.extrapolated},
         inference_ms=round(elapsed, 3), gallery={k: int(v) for k, v in stats.items()},
     )
 

@@ -238,6 +238,11 @@ class Gallery:
     def list_identities(self, limit: int, after: str | None) -> list[IdentityRecord]:
         return self.store.list_identities(limit, after)
 
+    @property
+    def face_count(self) -> int:
+        """Live enrolled faces (in memory; /identify sizes its threshold by it)."""
+        return self._index.live
+
     def stats(self) -> dict:
         identities, faces = self.store.counts()
         return {"identities": identities, "faces": faces, "index_live": self._index.live,

@@ -12,6 +12,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .calibration import CalibrationError, ImpostorTail
+
 CONTRACT_VERSION = "1"
 SIDECAR_SUFFIX = ".face.json"
 
@@ -49,6 +51,8 @@ class FaceContract:
     alignment: str = "arcface-5pt-112"
     # 1:N open-set threshold; optional because few models ship one (it depends on gallery size)
     identify_threshold: float | None = None
+    # 1:1 impostor score tail (FAR -> cosine), from which the 1:N threshold follows for any gallery size
+    impostor_tail: ImpostorTail | None = field(default=None, compare=False)
     contract: str = CONTRACT_VERSION
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
@@ -88,6 +92,8 @@ class FaceContract:
         }
         if self.identify_threshold is not None:
             meta["face.identify_threshold"] = f"{self.identify_threshold:.4f}"
+        if self.impostor_tail is not None:
+            meta["face.impostor_tail"] = self.impostor_tail.to_json()
         meta.update(self.extra)
         return meta
 
@@ -107,6 +113,7 @@ class FaceContract:
         try:
             size = _floats(meta.get("face.input_size", "112,112"), 2, "face.input_size")
             ident = meta.get("face.identify_threshold")
+            tail = meta.get("face.impostor_tail")
             return cls(
                 contract=meta["face.contract"],
                 input_name=meta["face.input_name"],
@@ -115,6 +122,7 @@ class FaceContract:
                 model_version=meta["face.model_version"],
                 threshold=float(meta["face.threshold"]),
                 identify_threshold=float(ident) if ident not in (None, "") else None,
+                impostor_tail=ImpostorTail.from_json(tail) if tail else None,
                 layout=meta.get("face.layout", "NCHW"),
                 color=meta.get("face.color", "RGB"),
                 input_size=(int(size[0]), int(size[1])),
@@ -123,6 +131,8 @@ class FaceContract:
                 alignment=meta.get("face.alignment", "arcface-5pt-112"),
                 extra={k: v for k, v in meta.items() if k.startswith("face.") and k not in _KNOWN},
             )
+        except CalibrationError as exc:
+            raise ContractError(f"face.impostor_tail: {exc}") from exc
         except (TypeError, ValueError) as exc:
             if isinstance(exc, ContractError):
                 raise
@@ -135,7 +145,7 @@ class FaceContract:
 _KNOWN = {
     "face.contract", "face.input_name", "face.layout", "face.color", "face.input_size", "face.mean",
     "face.std", "face.embedding_size", "face.alignment", "face.model_name", "face.model_version",
-    "face.threshold", "face.identify_threshold",
+    "face.threshold", "face.identify_threshold", "face.impostor_tail",
 }
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .calibration import ImpostorTail
 from .contract import FaceContract, read_contract, write_contract, write_sidecar
 
 log = logging.getLogger(__name__)
@@ -34,10 +35,22 @@ SFACE_FILE = "face_recognition_sface_2021dec_int8bq.onnx"
 YUNET_FILE = "face_detection_yunet_2023mar_int8bq.onnx"
 PREPARED_NAME = "sface-2021dec"
 
+SFACE_TAIL_FILE = "sface_impostor_tail.json"
+
+
+def packaged_impostor_tail(filename: str = SFACE_TAIL_FILE) -> ImpostorTail | None:
+    """The default model's impostor tail, measured once on all cross-person pairs of the LFW crops
+    (users do not have them at prepare time); how it was made is in the file's ``method``.
+    (None only while bench/impostor_tail.py bootstraps it; tests check it ships.)"""
+    path = Path(__file__).parent / filename
+    return ImpostorTail.from_json(path.read_text()) if path.exists() else None
+
+
 # SFace (opencv_zoo, Apache-2.0): 112x112 RGB 0..255 NCHW, raw pixels in (the graph subtracts and
 # scales itself), 128-d out. Thresholds measured on ../shared/data/lfw-112: 0.314 is its LFW 10-fold
 # verify threshold (99.33%); 0.42 gave a 1% false-accept rate for unknown faces against a
-# 300-identity gallery while still identifying 97% of known faces.
+# 300-identity gallery while still identifying 97% of known faces (the service now derives the 1:N
+# threshold from the impostor tail and the gallery size; 0.42 is what it falls back to without one).
 SFACE_CONTRACT = FaceContract(
     input_name="data",
     embedding_size=128,
@@ -51,6 +64,7 @@ SFACE_CONTRACT = FaceContract(
     mean=(0.0, 0.0, 0.0),
     std=(1.0, 1.0, 1.0),
     alignment="arcface-5pt-112",
+    impostor_tail=packaged_impostor_tail(),
 )
 
 
@@ -164,11 +178,13 @@ def _digest(path: Path) -> str:
 
 
 def default_model(cache_dir: Path) -> Path:
-    """The prepared default model (SFace), preparing it on first use; re-prepared if the source changed."""
+    """The prepared default model (SFace), preparing it on first use; re-prepared if the source or
+    the contract we write changed."""
     src = packaged_model(SFACE_FILE)
     dst = Path(cache_dir) / PREPARED_NAME / "model.onnx"
     stamp = dst.with_name("source.sha256")
-    digest = _digest(src)
+    contract = hashlib.sha256(repr(sorted(SFACE_CONTRACT.to_metadata().items())).encode()).hexdigest()[:16]
+    digest = f"{_digest(src)} contract:{contract}"
     if dst.exists() and stamp.exists() and stamp.read_text().strip() == digest:
         return dst
     prepare_model(src, dst, SFACE_CONTRACT)

@@ -1,0 +1,145 @@
+"""``python -m service calibrate DIR``: measure the impostor tail on your own labelled faces.
+
+DIR holds one sub-folder per person with aligned crops or photos of them (photos go through the
+service's own decode -> detect -> align path, the largest face of each). Every pair of faces of
+different people is scored with the service's model, and the FAR -> cosine table is stored in the
+data dir (``impostor_tail.json``); the service then prefers it to the model's own table when it
+sizes the identify threshold (a running service picks it up on its next request; /readyz says
+``impostor_tail.source: gallery``). Use it when your population or cameras differ from the data the
+model was calibrated on. More people make a longer tail: N faces of P people give about
+N^2 (1 - 1/P) / 2 pairs, and the table reaches down to FAR ~ 5 / pairs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .config import Settings
+from .errors import ServiceError
+from .metrics import Metrics
+from .model.calibration import CalibrationError, impostor_histogram, tail_from_histogram
+from .openset import save_gallery_tail
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+DEFAULT_MIN_PAIRS = 1000
+
+
+@dataclass
+class CalibrationSet:
+    embeddings: np.ndarray
+    labels: np.ndarray
+    people: list[str]
+    skipped: dict[str, str] = field(default_factory=dict)  # file -> error code
+
+
+@dataclass(frozen=True)
+class CalibrateOptions:
+    folder: Path
+    image_type: str = "auto"
+    min_pairs: int = DEFAULT_MIN_PAIRS
+    batch: int = 32
+
+
+def labelled_files(folder: Path) -> list[tuple[str, Path]]:
+    people = sorted(p for p in Path(folder).iterdir() if p.is_dir())
+    return [(person.name, f) for person in people for f in sorted(person.iterdir())
+            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+
+
+def _service_state(settings: Settings):
+    """The parts of the service a calibration needs: the model session and the photo path."""
+    from .app import _photo_support
+    from .model.prepare import resolve_model_path
+    from .model.runtime import EmbeddingModel
+    from .state import ServiceState
+
+    model_path = resolve_model_path(settings.model, settings.model_cache_dir)
+    if settings.precision == "fp16":
+        from .model.fp16 import serving_variant
+
+        model_path = serving_variant(model_path, settings.model_cache_dir, settings.fp16_parity_faces)
+    model = EmbeddingModel(model_path, settings)
+    model.initialize()
+    detector, template = _photo_support(settings, model.contract.alignment)
+    # no batcher and no gallery: decode_faces only reads settings, contract, detector and metrics
+    return ServiceState(settings=settings, model=model, batcher=None, gallery=None, metrics=Metrics(),
+                        detector=detector, template=template)
+
+
+def embed_folder(state, options: CalibrateOptions) -> CalibrationSet:
+    from .pipeline import decode_faces
+
+    files = labelled_files(options.folder)
+    names = sorted({person for person, _ in files})
+    index = {name: i for i, name in enumerate(names)}
+    crops, labels, skipped = [], [], {}
+    for person, path in files:
+        try:
+            batch = decode_faces(state, [path.read_bytes()], options.image_type, "largest")
+        except ServiceError as exc:  # no face, not an image...: leave it out, say which and why
+            skipped[str(path)] = exc.code.value
+            continue
+        crops.extend(batch.crops)
+        labels.extend([index[person]] * len(batch.crops))
+    if not crops:
+        raise CalibrationError(f"no usable faces under {options.folder}")
+    vectors = np.concatenate([state.model.execute(np.stack(crops[i:i + options.batch]))
+                              for i in range(0, len(crops), options.batch)])
+    return CalibrationSet(vectors, np.asarray(labels), names, skipped)
+
+
+def calibrate(settings: Settings, options: CalibrateOptions) -> dict:
+    """Embed the folder, measure the tail, store it for the gallery; returns a summary."""
+    state = _service_state(settings)
+    found = embed_folder(state, options)
+    people = len(set(found.labels.tolist()))
+    if people < 2:
+        raise CalibrationError("calibration needs faces of at least two people")
+    counts = impostor_histogram(found.embeddings, found.labels)
+    if counts.sum() < options.min_pairs:
+        raise CalibrationError(f"{int(counts.sum())} impostor pairs (from {len(found.labels)} faces of {people} "
+                               f"people) are fewer than --min-pairs {options.min_pairs}; add people")
+    tail = tail_from_histogram(counts, source=f"{options.folder.name}: {len(found.labels)} faces of {people} people",
+                               min_pairs=options.min_pairs)
+    model_id = state.contract.model_id
+    path = save_gallery_tail(settings.data_dir, model_id, tail,
+                             {"faces": len(found.labels), "people": people, "skipped": len(found.skipped)})
+    summary = {"stored": str(path), "model_id": model_id, "faces": len(found.labels), "people": people,
+               "pairs": tail.pairs, "skipped": found.skipped, "far_min": tail.far[-1],
+               "table": dict(zip([f"{f:.2g}" for f in tail.far], tail.cosine))}
+    log.info("calibration stored", extra={k: v for k, v in summary.items() if k not in ("table", "skipped")})
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m service calibrate", description=__doc__.splitlines()[0])
+    parser.add_argument("folder", type=Path, help="one sub-folder per person, aligned crops or photos in each")
+    parser.add_argument("--data-dir", type=Path, help="gallery directory the calibration is for (FACE_DATA_DIR)")
+    parser.add_argument("--model", type=Path, help="the model the service runs (FACE_MODEL); default SFace")
+    parser.add_argument("--image-type", choices=["auto", "aligned", "photo"], default="auto",
+                        help="auto: images of the model's input size are aligned crops, others photos")
+    parser.add_argument("--min-pairs", type=int, default=DEFAULT_MIN_PAIRS,
+                        help="refuse to store a tail measured on fewer impostor pairs")
+    args = parser.parse_args(argv)
+    from .logging import configure_logging
+
+    overrides = {k: v for k, v in {"data_dir": args.data_dir, "model": args.model}.items() if v is not None}
+    settings = Settings(**overrides)
+    configure_logging(settings.log_level, settings.log_json)
+    if not args.folder.is_dir():
+        parser.error(f"{args.folder} is not a directory")
+    try:
+        summary = calibrate(settings, CalibrateOptions(args.folder, args.image_type, args.min_pairs))
+    except CalibrationError as exc:
+        log.error("calibration failed: %s", exc)
+        sys.exit(2)
+    sys.stdout.write(json.dumps(summary, indent=1) + "\n")

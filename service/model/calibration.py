@@ -1,0 +1,223 @@
+"""A model's impostor tail, and the open-set threshold it gives for a gallery of a given size.
+
+The impostor tail is the 1:1 false-accept rate (FAR) of a model as a function of the cosine: the
+share of pairs of faces of *different* people that score at least that high. It is measured once on
+a labelled calibration set (every cross-identity pair: for the 5,749 people of LFW, 87 million
+pairs, so FAR is known down to about 1e-7) and kept as a small log-spaced table FAR -> cosine.
+
+Open-set identification answers "unknown" unless the best gallery score reaches a threshold. A
+stranger's probe is compared with every enrolled face; if the n comparisons behaved like independent
+draws from the impostor distribution, the chance that at least one reaches the threshold t (the
+false-positive identification rate, FPIR) would be ``1 - (1 - FAR(t))**n``. Inverting it gives the
+per-comparison FAR for a target FPIR, and the table gives the threshold. The comparisons are not
+independent (one probe against many faces; several faces of one enrolled person resemble each other)
+so ``n`` is an *effective* count: ``n_eff = N * (F/N)**alpha`` for N identities holding F faces, with
+``alpha`` (the weight of an identity's extra faces) chosen on LFW (1.0: every enrolled face counts);
+bench/open_set.py measures how well the result holds.
+
+numpy only (no onnx, no TensorFlow): the exporter and the service both call it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# log-spaced FAR grid of the stored table: 4 points per decade from 0.56 to 1e-8. Points the
+# calibration set cannot resolve, fewer than MIN_TAIL_PAIRS pairs above them, are left out (a
+# quantile of 200 pairs is good to ~7%); below the table the last decade's slope is extended.
+FAR_GRID = tuple(10.0 ** (-k / 4) for k in range(1, 33))
+MIN_TAIL_PAIRS = 200
+BINS_PER_UNIT = 10_000  # histogram resolution: 1e-4 in cosine
+MAX_PER_PERSON = 5  # faces of one person that take part in a calibration (see impostor_histogram)
+# weight of extra faces per identity in n_eff (1.0 = every face a full chance, 0 = only identities
+# count). bench/open_set.py sweeps it on LFW galleries with 2-5 faces per person: 1.0 held FPIR 1%
+# best (0.93-1.07%; 0.75: 1.2-1.3%; 0: 1.4-2.8%), so faces are simply counted
+FACES_ALPHA = 1.0
+
+
+class CalibrationError(ValueError):
+    """A calibration set or a stored table that cannot give an impostor tail."""
+
+
+@dataclass(frozen=True)
+class ImpostorTail:
+    """FAR -> cosine, FAR decreasing and cosine increasing; ``pairs`` impostor pairs measured."""
+
+    far: tuple[float, ...]
+    cosine: tuple[float, ...]
+    pairs: int
+    source: str = ""  # what it was measured on, for people reading /readyz
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if len(self.far) != len(self.cosine) or len(self.far) < 2:
+            raise CalibrationError("an impostor tail needs at least two (far, cosine) points of equal count")
+        if any(b >= a for a, b in zip(self.far, self.far[1:])) or any(not 0 < f < 1 for f in self.far):
+            raise CalibrationError("impostor tail FARs must lie in (0, 1) and decrease")
+        if any(b < a for a, b in zip(self.cosine, self.cosine[1:])):
+            raise CalibrationError("impostor tail cosines must not decrease as FAR decreases")
+
+    # --- lookups (interpolated linearly in log10 FAR) -----------------------------------------
+    def threshold_at(self, far: float) -> float:
+        """The cosine an impostor pair reaches with probability ``far``.
+
+        Below the smallest FAR measured the last decade's slope is extended (capped at 1): the
+        figure is then an extrapolation, which ``extrapolated(far)`` says."""
+        x = np.log10(np.asarray(self.far))[::-1]
+        y = np.asarray(self.cosine)[::-1]
+        lf = math.log10(min(max(far, 1e-300), 0.999999))
+        if lf < x[0]:
+            k = min(len(x) - 1, 4)  # last decade: 4 grid points
+            slope = (y[k] - y[0]) / (x[k] - x[0])
+            return float(min(1.0, y[0] + slope * (lf - x[0])))
+        return float(np.interp(lf, x, y))
+
+    def far_at(self, cosine: float) -> float:
+        """The share of impostor pairs scoring at least ``cosine`` (clamped to the table's ends)."""
+        y = np.asarray(self.cosine)
+        lx = np.log10(np.asarray(self.far))
+        if cosine <= y[0]:  # the bulk of the distribution: not what this table is for
+            return float(self.far[0])
+        if cosine >= y[-1]:
+            k = max(0, len(y) - 5)
+            slope = (lx[-1] - lx[k]) / max(y[-1] - y[k], 1e-6)
+            return float(10 ** (lx[-1] + slope * (cosine - y[-1])))
+        return float(10 ** np.interp(cosine, y, lx))
+
+    def extrapolated(self, far: float) -> bool:
+        return far < self.far[-1]
+
+    # --- storage ------------------------------------------------------------------------------
+    def to_json(self) -> str:
+        payload = {"far": [float(f"{f:.4g}") for f in self.far], "cosine": [round(c, 4) for c in self.cosine],
+                   "pairs": int(self.pairs), "source": self.source, **self.extra}
+        return json.dumps(payload, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> "ImpostorTail":
+        try:
+            data = json.loads(text)
+            known = {"far", "cosine", "pairs", "source"}
+            return cls(far=tuple(float(f) for f in data["far"]), cosine=tuple(float(c) for c in data["cosine"]),
+                       pairs=int(data["pairs"]), source=str(data.get("source", "")),
+                       extra={k: v for k, v in data.items() if k not in known})
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, CalibrationError):
+                raise
+            raise CalibrationError(f"malformed impostor tail: {exc}") from exc
+
+
+def cap_per_person(labels: np.ndarray, cap: int) -> np.ndarray:
+    """Indices keeping each person's first ``cap`` faces (in the given order)."""
+    labels = np.asarray(labels)
+    rank = np.zeros(len(labels), dtype=np.int64)
+    seen: dict = {}
+    for i, label in enumerate(labels.tolist()):
+        rank[i] = seen.get(label, 0)
+        seen[label] = rank[i] + 1
+    return np.flatnonzero(rank < cap)
+
+
+def impostor_histogram(embeddings: np.ndarray, labels: np.ndarray, block: int = 1024,
+                       max_per_person: int | None = MAX_PER_PERSON) -> np.ndarray:
+    """Counts of cross-identity pair cosines in bins of 1/BINS_PER_UNIT over [-1, 1].
+
+    Every unordered pair of different labels once, by blocked matrix products (a 13k x 13k score
+    matrix never exists at once). At most ``max_per_person`` faces of each person take part: pairs
+    grow with the product of two people's face counts, and a gallery compares people, so a few
+    people with hundreds of photos (LFW has one with 530) must not make the tail theirs."""
+    keep = cap_per_person(labels, max_per_person) if max_per_person else np.arange(len(labels))
+    x = np.ascontiguousarray(np.asarray(embeddings)[keep], dtype=np.float32)
+    labels = np.asarray(labels)[keep]
+    n = len(x)
+    nbins = 2 * BINS_PER_UNIT + 1
+    counts = np.zeros(nbins, dtype=np.int64)
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        sims = x[start:stop] @ x[start:].T  # rows start..stop against columns start..n
+        rows = np.arange(start, stop)[:, None]
+        cols = np.arange(start, n)[None, :]
+        keep = (cols > rows) & (labels[start:stop, None] != labels[None, start:])
+        scores = sims[keep]
+        bins = np.clip(np.rint((scores + 1.0) * BINS_PER_UNIT), 0, nbins - 1).astype(np.int64)
+        counts += np.bincount(bins, minlength=nbins)
+    return counts
+
+
+def tail_from_histogram(counts: np.ndarray, source: str = "", far_grid: tuple[float, ...] = FAR_GRID,
+                        min_pairs: int = 1000, min_tail_pairs: int = MIN_TAIL_PAIRS) -> ImpostorTail:
+    """The log-spaced FAR -> cosine table of a histogram from ``impostor_histogram``."""
+    total = int(counts.sum())
+    if total < min_pairs:
+        raise CalibrationError(f"only {total} impostor pairs (at least {min_pairs} needed); add people")
+    at_or_above = np.cumsum(counts[::-1])[::-1]  # pairs scoring >= each bin
+    centres = np.arange(len(counts)) / BINS_PER_UNIT - 1.0
+    far, cosine = [], []
+    for target in far_grid:
+        if target * total < min_tail_pairs:
+            break
+        # highest bin whose at-or-above count still reaches the target share
+        idx = int(np.nonzero(at_or_above >= target * total)[0][-1])
+        far.append(target)
+        cosine.append(float(centres[idx]))
+    if len(far) < 2:
+        raise CalibrationError("too few impostor pairs for a tail table")
+    return ImpostorTail(far=tuple(far), cosine=tuple(cosine), pairs=total, source=source)
+
+
+def impostor_tail(embeddings: np.ndarray, labels: np.ndarray, source: str = "") -> ImpostorTail:
+    """The impostor tail of L2-normalised ``embeddings`` of faces labelled by person."""
+    if len(set(np.asarray(labels).tolist())) < 2:
+        raise CalibrationError("calibration needs faces of at least two people")
+    return tail_from_histogram(impostor_histogram(embeddings, labels), source=source)
+
+
+# --- gallery size -> threshold ----------------------------------------------------------------
+def effective_comparisons(identities: int, faces: int, alpha: float = FACES_ALPHA) -> float:
+    """How many independent chances a stranger gets against N identities holding F faces."""
+    if identities <= 0:
+        return 0.0
+    faces = max(faces, identities)
+    return identities * (faces / identities) ** alpha
+
+
+def far_for_fpir(fpir: float, n_eff: float) -> float:
+    """Per-comparison FAR such that n_eff independent comparisons give FPIR ``fpir``."""
+    if n_eff <= 1:
+        return fpir
+    return -math.expm1(math.log1p(-fpir) / n_eff)
+
+
+def fpir_for_far(far: float, n_eff: float) -> float:
+    """The chance that at least one of n_eff independent comparisons passes, each with ``far``."""
+    if n_eff <= 0:
+        return 0.0
+    return -math.expm1(max(n_eff, 1.0) * math.log1p(-min(far, 1 - 1e-15)))
+
+
+@dataclass(frozen=True)
+class OpenSetThreshold:
+    """The identify threshold for one gallery size, and how it was reached."""
+
+    threshold: float
+    fpir: float  # the target
+    far: float  # per comparison
+    n_eff: float
+    extrapolated: bool  # the FAR lies below what the calibration set measured
+
+
+def threshold_for_gallery(tail: ImpostorTail, fpir: float, identities: int, faces: int,
+                          alpha: float = FACES_ALPHA) -> OpenSetThreshold:
+    n_eff = effective_comparisons(identities, faces, alpha)
+    far = far_for_fpir(fpir, max(n_eff, 1.0))
+    return OpenSetThreshold(threshold=tail.threshold_at(far), fpir=fpir, far=far, n_eff=n_eff,
+                            extrapolated=tail.extrapolated(far))
+
+
+def stranger_probability(tail: ImpostorTail, score: float, n_eff: float) -> float:
+    """Estimated chance that a never-enrolled face's best score in this gallery reaches ``score``."""
+    return fpir_for_far(tail.far_at(score), n_eff)
