@@ -24,14 +24,15 @@ def _near(data: bytes, vector: np.ndarray, tol: float) -> bool:
 
 
 def find_vector(directory: Path, vector: np.ndarray, tol: float = 1e-6) -> list[str]:
-    """Files under ``directory`` holding the vector's first 8 values (exact bytes, or each within
-    ``tol``: the index stores a renormalised copy)."""
+    """Files under ``directory`` holding the vector's first 8 values: its exact bytes, or, each value
+    within ``tol``, the vector or its unit-length copy (what hnswlib stores for cosine)."""
     vector = np.asarray(vector, dtype=np.float32)
+    unit = (vector / np.linalg.norm(vector)).astype(np.float32)
     exact = vector[:WINDOW].tobytes()
     hits = []
     for path in sorted(Path(directory).rglob("*")):
         if path.is_file():
             data = path.read_bytes()
-            if exact in data or _near(data, vector, tol):
+            if exact in data or _near(data, vector, tol) or _near(data, unit, tol):
                 hits.append(path.name)
     return hits
