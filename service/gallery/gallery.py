@@ -230,7 +230,8 @@ class Gallery:
             self._rebuild(store_ids)
         self._label_identity = dict(zip(store_ids.tolist(), identities))
         self.identity_count = self.store.counts()[0]
-        self._changes = replayed["added"] + replayed["erased"]
+        # a rebuilt index, or a replayed one, is worth a snapshot soon: the next crash then replays less
+        self._changes = len(store_ids) if source == "rebuilt" else replayed["added"] + replayed["erased"]
         log.info(
             "gallery index ready",
             extra={"source": source, "faces": len(store_ids), "generation": self.store.generation,
