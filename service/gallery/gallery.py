@@ -301,6 +301,7 @@ class Gallery:
             except Exception:  # noqa: BLE001 - the store is the truth; the next start rebuilds
                 log.warning("could not write index snapshot", exc_info=True)
                 self._snapshot_meta = self._snapshot_layout = None
+                self._last_snapshot = time.monotonic()  # retry at the next interval, not every tick
                 return False
             self._changes, self._last_snapshot = 0, time.monotonic()
         log.info("index snapshot written", extra={"generation": generation, "faces": meta["faces"],

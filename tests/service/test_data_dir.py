@@ -17,6 +17,22 @@ from tests.gallery.traces import find_vector
 from tests.server import ServerProcess
 
 
+@pytest.fixture
+def spawn():
+    """ServerProcess, killed at teardown if a failed test left it running."""
+    started: list[ServerProcess] = []
+
+    def start(*args, **kwargs) -> ServerProcess:
+        started.append(ServerProcess(*args, **kwargs))
+        return started[-1]
+
+    yield start
+    for server in started:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait(30)
+
+
 def enroll(c: httpx.Client, names) -> None:
     for name in names:
         r = c.post("/enroll", json={"identity_id": name, "images": [b64(p) for p in face_files(name)[:2]]})
@@ -29,11 +45,11 @@ def identifies(c: httpx.Client, names) -> list:
     return [x["identity_id"] for x in r.json()["results"]]
 
 
-def test_second_server_on_the_same_data_dir_refuses_to_start(tmp_path, default_model):
+def test_second_server_on_the_same_data_dir_refuses_to_start(tmp_path, spawn, default_model):
     data = tmp_path / "data"
-    first = ServerProcess(data, model=default_model)
+    first = spawn(data, model=default_model)
     first.wait_ready()
-    second = ServerProcess(data, model=default_model)
+    second = spawn(data, model=default_model)
     with pytest.raises(RuntimeError, match="exited"):
         second.wait_ready(timeout=90)
     assert second.proc.returncode not in (0, None)
@@ -43,15 +59,15 @@ def test_second_server_on_the_same_data_dir_refuses_to_start(tmp_path, default_m
         enroll(c, ENROLLED[:2])
         assert identifies(c, ENROLLED[:2]) == ENROLLED[:2]
     first.kill()  # the kernel drops a dead process's lock: the next server starts
-    third = ServerProcess(data, model=default_model)
+    third = spawn(data, model=default_model)
     third.wait_ready()
     third.stop()
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
-def test_damaged_snapshot_does_not_crash_the_server(tmp_path, default_model, damage):
+def test_damaged_snapshot_does_not_crash_the_server(tmp_path, spawn, default_model, damage):
     data = tmp_path / "data"
-    server = ServerProcess(data, model=default_model)
+    server = spawn(data, model=default_model)
     server.wait_ready()
     with httpx.Client(base_url=server.url, timeout=60) as c:
         enroll(c, ENROLLED[:4])
@@ -64,7 +80,7 @@ def test_damaged_snapshot_does_not_crash_the_server(tmp_path, default_model, dam
         for pos in range(100, len(raw), 211):
             raw[pos] ^= 0xFF
     snapshot.write_bytes(bytes(raw))
-    server = ServerProcess(data, model=default_model)
+    server = spawn(data, model=default_model)
     ready = server.wait_ready()
     assert '"source": "rebuilt"' in server.log()
     assert ready["gallery"]["index_live"] == ready["gallery"]["faces"] == 8
@@ -83,9 +99,9 @@ def stored_embeddings(data, identity: str) -> list[np.ndarray]:
 
 
 @pytest.mark.parametrize("ending", ["stop", "kill"])
-def test_deleted_face_leaves_no_trace_in_the_data_dir(tmp_path, default_model, ending):
+def test_deleted_face_leaves_no_trace_in_the_data_dir(tmp_path, spawn, default_model, ending):
     data = tmp_path / "data"
-    server = ServerProcess(data, model=default_model, env={"FACE_SNAPSHOT_INTERVAL_S": "0.5"})
+    server = spawn(data, model=default_model, env={"FACE_SNAPSHOT_INTERVAL_S": "0.5"})
     server.wait_ready()
     secret = ENROLLED[3]
     with httpx.Client(base_url=server.url, timeout=60) as c:
@@ -104,7 +120,7 @@ def test_deleted_face_leaves_no_trace_in_the_data_dir(tmp_path, default_model, e
         server.kill()
     for v in vectors:
         assert not find_vector(data, v), f"{ending}: deleted vector still in {find_vector(data, v)}"
-    server = ServerProcess(data, model=default_model)
+    server = spawn(data, model=default_model)
     server.wait_ready()
     with httpx.Client(base_url=server.url, timeout=60) as c:
         assert identifies(c, ENROLLED[:5]) == ENROLLED[:3] + [None] + ENROLLED[4:5]
@@ -113,11 +129,11 @@ def test_deleted_face_leaves_no_trace_in_the_data_dir(tmp_path, default_model, e
         assert not find_vector(data, v), f"after restart: deleted vector still in {find_vector(data, v)}"
 
 
-def test_gallery_loads_in_the_background(tmp_path, default_model):
+def test_gallery_loads_in_the_background(tmp_path, spawn, default_model):
     data = tmp_path / "data"
     contract = read_contract(default_model)
     fill_store(data, contract.model_id, contract.embedding_size, faces=20_000)
-    server = ServerProcess(data, model=default_model)
+    server = spawn(data, model=default_model)
     face = b64(face_files(ENROLLED[0])[0])
     seen_loading = False
     deadline = time.monotonic() + 300
