@@ -103,7 +103,7 @@ class Settings(BaseSettings):
         0.5, gt=0, le=1, description="Compact the index when this share of its slots holds deleted faces "
         "(deleted slots are reused by new faces; compaction rebuilds the graph without them).",
     )
-    compact_min_tombstones: int = Field(1000, ge=1, description="...and at least this many slots are deleted.")
+    compact_min_tombstones: int = Field(1000, ge=1, description="Compact only when at least this many index slots hold deleted faces.")
     verify_threshold: float | None = Field(
         None, ge=-1, le=1, description="1:1 cosine threshold; empty = the model's calibrated one."
     )
