@@ -129,6 +129,7 @@ class Gallery:
         self._files = SnapshotFiles(self.data_dir, self.INDEX_FILE, self.INDEX_META_FILE)
         self._snapshot_meta: dict | None = None  # meta of the snapshot file on disk, if valid
         self._snapshot_layout: Layout | None = None
+        self._erased_since_save: list[int] | None = None  # while a snapshot is being written
         self._snapshot_mutex = threading.Lock()
         self._ready = threading.Event()
         self._load_error: str | None = None
@@ -285,26 +286,46 @@ class Gallery:
 
     # --- snapshots and maintenance -----------------------------------------------------------
     def snapshot(self) -> bool:
-        """Write the index to disk (durably, with checksums). Skipped while the index is dirty."""
-        with self._snapshot_mutex, self._lock.read():  # searches go on; writes wait
-            if self._dirty:
-                log.warning("index snapshot skipped: the index is being repaired")
-                return False
+        """Write the index to disk (durably, with checksums). Skipped while the index is dirty.
+
+        Only the save itself holds the read side of the lock (searches go on, writes wait); fsync,
+        checksums and layout come after, and faces erased meanwhile are zeroed in the new file
+        before it is put in place (under the write side, a few fsyncs)."""
+        with self._snapshot_mutex:
             started = time.perf_counter()
-            generation = self.store.generation
-            meta = {"generation": generation, "model_id": self.model_id, "dim": self.dim,
-                    "faces": self._index.live, "max_face_id": max(self._label_identity, default=0)}
+            tmp = self._files.temp
+            with self._lock.read():
+                if self._dirty:
+                    log.warning("index snapshot skipped: the index is being repaired")
+                    return False
+                meta = {"generation": self.store.generation, "model_id": self.model_id, "dim": self.dim,
+                        "faces": self._index.live, "max_face_id": max(self._label_identity, default=0)}
+                changes = self._changes
+                try:
+                    self._index.save(tmp)
+                except Exception:  # noqa: BLE001 - the store is the truth; the next start rebuilds
+                    log.warning("could not save the index", exc_info=True)
+                    self._last_snapshot = time.monotonic()  # retry at the next interval, not every tick
+                    return False
+                self._erased_since_save = []  # writers append from now on (they wait for this lock)
             try:
-                self._files.write(self._index.save, meta)
-                self._snapshot_meta = self._files.read_meta()
-                self._snapshot_layout = read_layout(self._files.index, self.dim)
-            except Exception:  # noqa: BLE001 - the store is the truth; the next start rebuilds
+                meta, layout = self._files.prepare(tmp, meta, self.dim)
+                with self._lock.write():
+                    erased, self._erased_since_save = self._erased_since_save, None
+                    meta = self._files.install(tmp, meta, layout, erased, self.dim)
+                    self._snapshot_meta, self._snapshot_layout = meta, layout
+                    self._changes -= changes
+            except Exception:  # noqa: BLE001
                 log.warning("could not write index snapshot", exc_info=True)
-                self._snapshot_meta = self._snapshot_layout = None
-                self._last_snapshot = time.monotonic()  # retry at the next interval, not every tick
+                with self._lock.write():
+                    self._erased_since_save = None
+                    self._files.invalidate()
+                    self._snapshot_meta = self._snapshot_layout = None
+                tmp.unlink(missing_ok=True)
+                self._last_snapshot = time.monotonic()
                 return False
-            self._changes, self._last_snapshot = 0, time.monotonic()
-        log.info("index snapshot written", extra={"generation": generation, "faces": meta["faces"],
+            self._last_snapshot = time.monotonic()
+        log.info("index snapshot written", extra={"generation": meta["generation"], "faces": meta["faces"],
                                                   "seconds": round(time.perf_counter() - started, 3)})
         return True
 
@@ -368,6 +389,8 @@ class Gallery:
         self._index_update("erase", lambda: self._index.erase(labels))
         for label in labels:
             self._label_identity.pop(label, None)
+        if self._erased_since_save is not None:  # a snapshot saved before this erase is being written
+            self._erased_since_save.extend(labels)
         if self._snapshot_meta is not None and self._snapshot_layout is not None:
             try:
                 self._snapshot_meta = self._files.scrub(self._snapshot_layout, self._snapshot_meta, labels, self.dim)

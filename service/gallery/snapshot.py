@@ -152,27 +152,43 @@ class SnapshotFiles:
         if chunk_hashes(self.index) != meta.get("chunks"):
             raise SnapshotInvalid("snapshot checksum mismatch")
 
-    def write(self, save, meta: dict) -> None:
-        """``save(path)`` writes the index; it is fsynced, checksummed, renamed into place, then the
-        meta is written. A crash at any point leaves either no meta or a meta matching its file."""
-        tmp = self.index.with_name(self.index.name + ".tmp")
-        save(tmp)
+    @property
+    def temp(self) -> Path:
+        return self.index.with_name(self.index.name + ".tmp")
+
+    def prepare(self, tmp: Path, meta: dict, dim: int) -> tuple[dict, Layout]:
+        """A freshly saved index file: fsync it, checksum it, read its layout (no lock needed)."""
         fsync_file(tmp)
         meta = {**meta, "format": FORMAT, "size": tmp.stat().st_size, "chunks": chunk_hashes(tmp)}
+        return meta, read_layout(tmp, dim)
+
+    def install(self, tmp: Path, meta: dict, layout: Layout, erased: list[int], dim: int) -> dict:
+        """Zero the vectors of faces erased since ``tmp`` was saved, then put it in place: old meta
+        removed, file renamed, dir fsynced, new meta written. A crash at any point leaves either no
+        meta or a meta matching its file."""
+        meta = self._zero(tmp, layout, meta, erased, dim)
         self.invalidate()
         tmp.replace(self.index)
         fsync_dir(self.dir)
         self.write_meta(meta)
+        return meta
 
     def scrub(self, layout: Layout, meta: dict, labels: list[int], dim: int) -> dict:
-        """Overwrite the stored vectors of ``labels`` with zeros in the file (durably) and return the
-        meta with the affected chunk hashes updated. Labels not in the file are skipped."""
-        elements = layout.elements_of(labels)
+        """Zero the stored vectors of ``labels`` in the snapshot in place (durably); returns and
+        writes the meta with the affected chunk hashes updated. Labels not in the file are skipped."""
+        new_meta = self._zero(self.index, layout, meta, labels, dim)
+        if new_meta is not meta:
+            self.write_meta(new_meta)
+        return new_meta
+
+    @staticmethod
+    def _zero(path: Path, layout: Layout, meta: dict, labels: list[int], dim: int) -> dict:
+        elements = layout.elements_of(labels) if len(labels) else []
         if len(elements) == 0:
             return meta
         zeros = bytes(4 * dim)
         touched = set()
-        fd = os.open(self.index, os.O_RDWR)
+        fd = os.open(path, os.O_RDWR)
         try:
             for element in elements.tolist():
                 offset = layout.vector_offset(element)
@@ -183,7 +199,5 @@ class SnapshotFiles:
             os.close(fd)
         chunks = list(meta["chunks"])
         for c in sorted(touched):
-            chunks[c] = chunk_hashes(self.index, c, c)[0]
-        meta = {**meta, "chunks": chunks}
-        self.write_meta(meta)
-        return meta
+            chunks[c] = chunk_hashes(path, c, c)[0]
+        return {**meta, "chunks": chunks}

@@ -212,3 +212,27 @@ def test_periodic_snapshot_in_background(tmp_path):
     meta = json.loads((tmp_path / "index.json").read_text())
     assert meta["generation"] == g.stats()["generation"] and meta["faces"] == 1
     g.close()
+
+
+def test_face_erased_while_a_snapshot_is_written_is_not_in_it(tmp_path):
+    """The save holds the lock; checksumming does not: a delete in between must still reach the new file."""
+    rng = np.random.default_rng(18)
+    g = opened(tmp_path)
+    for i in range(30):
+        g.enroll(f"k{i}", unit(rng, 1))
+    secret = unit(rng, 1)
+    g.enroll("secret", secret)
+    real_prepare = g._files.prepare  # noqa: SLF001
+
+    def prepare_while_deleting(tmp, meta, dim):
+        assert "index.hnsw.tmp" in find_vector(tmp.parent, secret[0])  # saved with the secret in it
+        assert g.delete("secret") == 1  # a writer gets in between save and install
+        return real_prepare(tmp, meta, dim)
+
+    g._files.prepare = prepare_while_deleting  # noqa: SLF001
+    assert g.snapshot()
+    crash(g)
+    assert not find_vector(tmp_path, secret[0])
+    g = opened(tmp_path)
+    assert all(m.identity_id != "secret" for m in g.search(secret, 5)[0]) and g.stats()["index_live"] == 30
+    g.close()
