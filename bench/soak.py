@@ -258,12 +258,14 @@ def kill_round(data: Path, model: Path, env: dict, shared: Shared, clients: int,
         t.join(60)
     started = time.monotonic()
     server = ServerProcess(data, model=model, env=env)
-    server.wait_ready(timeout=600)
-    restart_s = time.monotonic() - started
-    with httpx.Client(base_url=server.url, timeout=120) as c:
-        listed = listed_identities(c)
-        ready = c.get("/readyz").json()["gallery"]
-    server.stop()
+    try:
+        server.wait_ready(timeout=600)
+        restart_s = time.monotonic() - started
+        with httpx.Client(base_url=server.url, timeout=120) as c:
+            listed = listed_identities(c)
+            ready = c.get("/readyz").json()["gallery"]
+    finally:
+        server.stop()
     lost = sorted(set(acknowledged) - listed)
     resurrected = sorted(i for i in shared.deleted_at if i in listed and i not in shared.enrolled)
     return {"acknowledged": len(acknowledged), "lost": lost[:20], "lost_count": len(lost),
@@ -285,23 +287,25 @@ def run(clients: int = 32, duration: float = 600, kill_rounds: int = 3, people: 
     shared = Shared(people=load_people(LFW, people, seed), free=[])
     shared.free = list(shared.people)
     server = ServerProcess(data, model=model, env=env)
-    server.wait_ready(timeout=600)
-    sampler = Sampler(server, sample_every)
-    sampler.start()
-    stop = threading.Event()
-    workers = [Client(server.url, shared, stop, seed * 1000 + i) for i in range(clients)]
-    started = time.monotonic()
-    for w in workers:
-        w.start()
-    stop.wait(duration)
-    stop.set()
-    for w in workers:
-        w.join(180)
-    elapsed = time.monotonic() - started
-    sampler.stop.set()
-    sampler.join(30)
-    check = consistency(server.url, shared)
-    server.stop()
+    try:
+        server.wait_ready(timeout=600)
+        sampler = Sampler(server, sample_every)
+        sampler.start()
+        stop = threading.Event()
+        workers = [Client(server.url, shared, stop, seed * 1000 + i) for i in range(clients)]
+        started = time.monotonic()
+        for w in workers:
+            w.start()
+        stop.wait(duration)
+        stop.set()
+        for w in workers:
+            w.join(180)
+        elapsed = time.monotonic() - started
+        sampler.stop.set()
+        sampler.join(30)
+        check = consistency(server.url, shared)
+    finally:
+        server.stop()
     rounds = [kill_round(data, model, env, shared, min(clients, 8), 3.0, seed + r) for r in range(kill_rounds)]
 
     routes = {route: {"requests": len(v), "p50_ms": round(1000 * statistics.median(v), 1),
