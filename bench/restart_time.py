@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
            "FACE_SNAPSHOT_MIN_CHANGES": str(args.changes * 2 + 10)}
     results: dict = {"config": {"faces": args.faces, "dim": contract.embedding_size, "model_id": contract.model_id,
                                 "changes": args.changes, "snapshot_interval_s": args.snapshot_interval}}
+    server = None
     try:
         t = time.monotonic()
         fill_store(data, contract.model_id, contract.embedding_size, args.faces, per_identity=1)
@@ -119,6 +120,8 @@ def main(argv: list[str] | None = None) -> None:
         server.stop()
         results["snapshot_bytes"] = (data / "index.hnsw").stat().st_size
     finally:
+        if server is not None and server.proc.poll() is None:
+            server.kill()
         if not args.keep and args.data_dir is None:
             shutil.rmtree(data.parent, ignore_errors=True)
     results["machine"] = machine()
