@@ -45,6 +45,10 @@ class GalleryModelMismatch(RuntimeError):
     """The gallery on disk holds embeddings of another model."""
 
 
+class _LoadCancelled(Exception):
+    """close() was called while the index was still loading."""
+
+
 class GalleryLoading(RuntimeError):
     """The index is still being loaded (or could not be): searches and writes must wait."""
 
@@ -183,6 +187,8 @@ class Gallery:
     def _load_in_background(self) -> None:
         try:
             self.load()
+        except _LoadCancelled:
+            log.info("gallery load cancelled by shutdown")
         except Exception as exc:  # noqa: BLE001 - reported by /readyz and the log
             self._load_error = f"{type(exc).__name__}: {exc}"
             log.exception("gallery could not be loaded")
@@ -265,6 +271,8 @@ class Gallery:
         count = len(store_ids) if store_ids is not None else self.store.counts()[1]
         self._index.build_empty(capacity=max(1024, int(count * 1.25)))
         for ids, vectors, _ in self.store.iter_faces():
+            if self._stop.is_set():
+                raise _LoadCancelled
             self._index.add(vectors, ids)
         self._dirty = False
 
@@ -272,9 +280,9 @@ class Gallery:
         """Stop maintenance, write an index snapshot for a fast next start, close the store, unlock."""
         if self.store is None:
             return
+        self._stop.set()  # also cancels a load still running (a rebuild stops between chunks)
         if self._loader is not None:
             self._loader.join()
-        self._stop.set()
         if self._maintainer is not None:
             self._maintainer.join()
         if self._ready.is_set():

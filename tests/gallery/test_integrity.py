@@ -236,3 +236,19 @@ def test_face_erased_while_a_snapshot_is_written_is_not_in_it(tmp_path):
     g = opened(tmp_path)
     assert all(m.identity_id != "secret" for m in g.search(secret, 5)[0]) and g.stats()["index_live"] == 30
     g.close()
+
+
+def test_shutdown_during_a_rebuild_cancels_it_and_leaves_the_store_intact(tmp_path, caplog):
+    from bench.gallery_fill import fill_store
+
+    fill_store(tmp_path, "m@1", DIM, faces=30_000, per_identity=1)
+    g = Gallery(tmp_path, "m@1", DIM, options=GalleryOptions(snapshot_interval_s=0))
+    g.open_store()
+    g.start_loading()
+    with caplog.at_level("INFO", logger="service.gallery.gallery"):
+        g.close()  # at once: the rebuild stops at its next 10k-face chunk instead of running to the end
+    assert g.load_state == "loading" and "gallery load cancelled by shutdown" in caplog.text
+    assert not (tmp_path / "index.json").exists()  # nothing half-built was snapshotted
+    g = opened(tmp_path)
+    assert g.stats()["index_live"] == g.stats()["faces"] == 30_000
+    g.close()
