@@ -158,7 +158,8 @@ class Gallery:
         try:
             self.store = Store(self.data_dir / self.STORE_FILE)
             self._check_model()
-            self.store.checkpoint()  # a crash may have left erased rows in the WAL
+            self.store.checkpoint()  # a crash may have left erased rows in the WAL ...
+            self._files.remove_temporaries()  # ... or a half-written snapshot holding erased faces
         except BaseException:
             if self.store is not None:
                 self.store.close()

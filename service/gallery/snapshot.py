@@ -152,6 +152,11 @@ class SnapshotFiles:
         if chunk_hashes(self.index) != meta.get("chunks"):
             raise SnapshotInvalid("snapshot checksum mismatch")
 
+    def remove_temporaries(self) -> None:
+        """Drop what a crash mid-snapshot left (it may hold faces erased since it was saved)."""
+        for path in (self.temp, self.meta.with_name(self.meta.name + ".tmp")):
+            path.unlink(missing_ok=True)
+
     @property
     def temp(self) -> Path:
         return self.index.with_name(self.index.name + ".tmp")

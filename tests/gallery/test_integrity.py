@@ -252,3 +252,18 @@ def test_shutdown_during_a_rebuild_cancels_it_and_leaves_the_store_intact(tmp_pa
     g = opened(tmp_path)
     assert g.stats()["index_live"] == g.stats()["faces"] == 30_000
     g.close()
+
+
+def test_snapshot_left_half_written_by_a_crash_is_removed(tmp_path):
+    rng = np.random.default_rng(19)
+    g = opened(tmp_path)
+    secret = unit(rng, 1)
+    g.enroll("secret", secret)
+    g.enroll("other", unit(rng, 1))
+    g._index.save(g._files.temp)  # noqa: SLF001 - a snapshot saved, then the process died before install
+    g.delete("secret")
+    crash(g)
+    assert "index.hnsw.tmp" in find_vector(tmp_path, secret[0])
+    g = opened(tmp_path)
+    assert not find_vector(tmp_path, secret[0])
+    g.close()
