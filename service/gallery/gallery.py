@@ -11,9 +11,10 @@ since (faces added: store ids not in the snapshot; faces erased: snapshot labels
 store), or, on any doubt about the snapshot, is rebuilt from the store. A maintenance thread writes
 snapshots periodically, so a restart after ``kill -9`` replays minutes of changes, not the gallery.
 
-Erasing: a deleted face's vector is overwritten in the index before it is marked deleted, zeroed in
-the snapshot file on disk, and removed from SQLite (``secure_delete``, WAL truncated). Deleted slots
-are reused by new faces, and the graph is compacted when tombstones dominate.
+Erasing: a deleted face is marked deleted in the index, its vector zeroed in the snapshot file on
+disk (and in every snapshot written later), and removed from SQLite (``secure_delete``, WAL
+truncated). Deleted slots are reused by new faces, and the graph is compacted when tombstones
+dominate.
 
 Identity scoring: an identity's score for a probe is the highest cosine similarity between the
 probe and any of that identity's enrolled faces (max-over-faces). The index is asked for more faces

@@ -9,7 +9,8 @@ loader is never tried twice) and written back once the load succeeded.
 Layout knowledge (hnswlib 0.8 ``saveIndex``): a 96-byte header, then ``count`` elements of
 ``size_per_element`` bytes (links, vector at ``offset_data``, int64 label at ``label_offset``), then
 the upper-level link lists. The gallery uses it to list the snapshot's live labels (for replay) and
-to overwrite the stored vector of an erased face in the file, so no snapshot keeps a deleted vector.
+to zero the stored vectors of deleted faces: of every deleted element when a snapshot is written,
+and in place in the snapshot already on disk when a face is erased, so no file keeps a deleted vector.
 """
 
 from __future__ import annotations
@@ -162,10 +163,19 @@ class SnapshotFiles:
         return self.index.with_name(self.index.name + ".tmp")
 
     def prepare(self, tmp: Path, meta: dict, dim: int) -> tuple[dict, Layout]:
-        """A freshly saved index file: fsync it, checksum it, read its layout (no lock needed)."""
+        """A freshly saved index file: zero the vectors of its deleted elements (hnswlib saves them),
+        fsync it, checksum it; returns the meta and the layout (no lock needed)."""
+        layout = read_layout(tmp, dim)
+        tombstones = np.flatnonzero(layout.deleted)
+        if len(tombstones):
+            rows = np.memmap(tmp, dtype=np.uint8, mode="r+", offset=layout.header,
+                             shape=(layout.count, layout.size_per_element))
+            rows[tombstones, layout.offset_data:layout.offset_data + 4 * dim] = 0
+            rows.flush()
+            del rows
         fsync_file(tmp)
         meta = {**meta, "format": FORMAT, "size": tmp.stat().st_size, "chunks": chunk_hashes(tmp)}
-        return meta, read_layout(tmp, dim)
+        return meta, layout
 
     def install(self, tmp: Path, meta: dict, layout: Layout, erased: list[int], dim: int) -> dict:
         """Zero the vectors of faces erased since ``tmp`` was saved, then put it in place: old meta
