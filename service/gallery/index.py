@@ -11,8 +11,7 @@ the live elements when tombstones dominate, and snapshots zero the vectors of de
 file (snapshot.py), so a deleted vector stays in process memory at most until its slot is reused or
 the graph compacted, never on disk. (Overwriting it in memory at delete time, by updating the
 element with another vector before marking it deleted, costs an hnswlib ``updatePoint`` per face:
-18 ms per face measured at 10k faces, growing with the tombstones; a delete of 10 faces held the
-write lock ~180 ms.)
+deleting a 10-face identity took 255 ms under the write lock instead of 28 ms, bench.tombstones.)
 """
 
 from __future__ import annotations
