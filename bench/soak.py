@@ -280,7 +280,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def run(clients: int = 32, duration: float = 600, kill_rounds: int = 3, people: int = 1500, seed: int = 0,
         data_dir: Path | None = None, sample_every: float = 5.0, env: dict | None = None, name: str | None = None,
-        save_result: bool = True) -> dict:
+        save_result: bool = True, kill_after: float = 5.0) -> dict:
     model = default_model(MODEL_CACHE)
     data = data_dir or Path(tempfile.mkdtemp(prefix="soak-")) / "data"
     env = {"FACE_SNAPSHOT_INTERVAL_S": "10", "FACE_COMPACT_MIN_TOMBSTONES": "200", **(env or {})}
@@ -306,14 +306,15 @@ def run(clients: int = 32, duration: float = 600, kill_rounds: int = 3, people: 
         check = consistency(server.url, shared)
     finally:
         server.stop()
-    rounds = [kill_round(data, model, env, shared, min(clients, 8), 3.0, seed + r) for r in range(kill_rounds)]
+    rounds = [kill_round(data, model, env, shared, min(clients, 8), kill_after, seed + r) for r in range(kill_rounds)]
 
     routes = {route: {"requests": len(v), "p50_ms": round(1000 * statistics.median(v), 1),
                       "p99_ms": round(1000 * percentile(v, 0.99), 1)} for route, v in shared.latencies.items()}
     codes = [{"route": r, "status": s, "code": c, "count": n} for (r, s, c), n in sorted(shared.codes.items())]
     rss = [s["rss_mb"] for s in sampler.samples if s.get("rss_mb")]
     result = {
-        "config": {"clients": clients, "duration_s": duration, "kill_rounds": kill_rounds, "people": people,
+        "config": {"clients": clients, "duration_s": duration, "kill_rounds": kill_rounds, "kill_after_s": kill_after,
+                   "people": people,
                    "seed": seed, "weights": WEIGHTS, "env": env},
         "elapsed_s": round(elapsed, 1),
         "requests": sum(r["requests"] for r in routes.values()),
@@ -340,13 +341,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--duration", type=float, default=600)
     parser.add_argument("--kill-rounds", type=int, default=3)
     parser.add_argument("--people", type=int, default=1500, help="LFW people with 2+ images in the pool")
+    parser.add_argument("--kill-after", type=float, default=5.0,
+                        help="each kill round: kill -9 after 0.5-1x this many seconds of enrollments")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", type=Path)
     parser.add_argument("--sample-every", type=float, default=5.0)
     parser.add_argument("--name", help="result file name (bench/results/<name>.json)")
     args = parser.parse_args(argv)
     result = run(args.clients, args.duration, args.kill_rounds, args.people, args.seed, args.data_dir,
-                 args.sample_every, name=args.name)
+                 args.sample_every, name=args.name, kill_after=args.kill_after)
     summary = {k: result[k] for k in ("requests", "throughput_rps", "server_errors", "violation_count", "rss_mb")}
     print(summary, {r: (v["p50_ms"], v["p99_ms"]) for r, v in result["routes"].items()})
     print("consistency:", result["consistency"]["problem_count"], "problems;",
