@@ -23,7 +23,7 @@ from .config import Settings, get_settings
 from .console import mount_console
 from .detection import YuNetConfig, YuNetDetector, template_for
 from .errors import ErrorCode, ServiceError
-from .gallery import Gallery
+from .gallery import Gallery, GalleryLoading, GalleryOptions
 from .metrics import Metrics
 from .middleware import AccessMiddleware, BodyLimitMiddleware
 from .model.batcher import DynamicBatcher
@@ -66,14 +66,22 @@ async def initialize(settings: Settings, metrics: Metrics) -> ServiceState:
         await run_in_threadpool(model.warmup, _warmup_sizes(settings.batch_max_size))
     gallery = Gallery(settings.data_dir, model.contract.model_id, model.contract.embedding_size,
                       m=settings.hnsw_m, ef_construction=settings.hnsw_ef_construction,
-                      ef_search=settings.hnsw_ef_search)
-    await run_in_threadpool(gallery.open)
+                      ef_search=settings.hnsw_ef_search, options=_gallery_options(settings))
+    await run_in_threadpool(gallery.open_store)  # locks the data dir: a second server stops here
+    gallery.start_loading()  # the index loads in the background: /readyz says "loading" meanwhile
     batcher = DynamicBatcher(model.execute, settings.batch_max_size, settings.batch_max_wait_ms,
                              workers=settings.batch_workers, on_batch=metrics.observe_batch)
     await batcher.start()
     detector, template = await run_in_threadpool(_photo_support, settings, model.contract.alignment)
     return ServiceState(settings=settings, model=model, batcher=batcher, gallery=gallery, metrics=metrics,
                         detector=detector, template=template)
+
+
+def _gallery_options(settings: Settings) -> GalleryOptions:
+    return GalleryOptions(snapshot_interval_s=settings.snapshot_interval_s,
+                          snapshot_min_changes=settings.snapshot_min_changes,
+                          compact_tombstone_ratio=settings.compact_tombstone_ratio,
+                          compact_min_tombstones=settings.compact_min_tombstones)
 
 
 def _photo_support(settings: Settings, alignment: str):
@@ -125,6 +133,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError):
         return _error_response(exc, request)
+
+    @app.exception_handler(GalleryLoading)
+    async def gallery_loading(request: Request, exc: GalleryLoading):
+        code = ErrorCode.gallery_unavailable if exc.failed else ErrorCode.gallery_loading
+        return _error_response(ServiceError(code, str(exc)), request)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):

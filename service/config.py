@@ -94,6 +94,16 @@ class Settings(BaseSettings):
     hnsw_m: int = Field(16, ge=4, le=128, description="HNSW graph degree (memory vs recall).")
     hnsw_ef_construction: int = Field(200, ge=10, description="HNSW build breadth.")
     hnsw_ef_search: int = Field(128, ge=10, description="Search breadth; set after every index load.")
+    snapshot_interval_s: float = Field(
+        60.0, ge=0, description="Seconds between background index snapshots (0 = only at shutdown). A restart "
+        "after a crash loads the last snapshot and replays the store's changes since it.",
+    )
+    snapshot_min_changes: int = Field(1, ge=1, description="Writes since the last snapshot needed to write another.")
+    compact_tombstone_ratio: float = Field(
+        0.5, gt=0, le=1, description="Compact the index when this share of its slots holds deleted faces "
+        "(deleted slots are reused by new faces; compaction rebuilds the graph without them).",
+    )
+    compact_min_tombstones: int = Field(1000, ge=1, description="Compact only when at least this many index slots hold deleted faces.")
     verify_threshold: float | None = Field(
         None, ge=-1, le=1, description="1:1 cosine threshold; empty = the model's calibrated one."
     )

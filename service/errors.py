@@ -37,6 +37,8 @@ class ErrorCode(str, Enum):
     # gallery
     identity_not_found = "identity_not_found"
     invalid_identity_id = "invalid_identity_id"
+    gallery_loading = "gallery_loading"
+    gallery_unavailable = "gallery_unavailable"
     # auth and server
     unauthorized = "unauthorized"
     not_found = "not_found"
@@ -68,6 +70,8 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.invalid_embedding: 422,
     ErrorCode.identity_not_found: 404,
     ErrorCode.invalid_identity_id: 422,
+    ErrorCode.gallery_loading: 503,
+    ErrorCode.gallery_unavailable: 503,
     ErrorCode.unauthorized: 401,
     ErrorCode.not_found: 404,
     ErrorCode.method_not_allowed: 405,

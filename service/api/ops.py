@@ -10,6 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from ..deps import ApiKey, StateDep
+from ..errors import ErrorCode, ServiceError
 from ..schemas import ReadyResponse
 
 router = APIRouter(tags=["operations"])
@@ -23,7 +24,14 @@ async def healthz() -> dict:
 
 @router.get("/readyz", response_model=ReadyResponse, summary="Readiness")
 async def readyz(state: StateDep) -> ReadyResponse:
-    """Ready when the model is loaded and a real inference succeeds; reports the providers in use."""
+    """Ready when the model is loaded, a real inference succeeds and the gallery index is loaded;
+    reports the providers in use. While the index loads: 503 `gallery_loading` (status "loading")."""
+    load_state = state.gallery.load_state
+    if load_state != "ready":
+        stats = await run_in_threadpool(state.gallery.stats)
+        code = ErrorCode.gallery_loading if load_state == "loading" else ErrorCode.gallery_unavailable
+        raise ServiceError(code, f"gallery index {load_state}" + (f": {state.gallery.load_error}" if state.gallery.load_error else ""),
+                           status=load_state, gallery=stats)
     h, w = state.contract.input_size
     face = np.full((1, h, w, 3), 128, dtype=np.uint8)
     started = time.perf_counter()

@@ -1,3 +1,4 @@
-from .gallery import Gallery, GalleryModelMismatch, Match
+from .gallery import Gallery, GalleryLoading, GalleryModelMismatch, GalleryOptions, Match
+from .lock import DataDirLocked
 
-__all__ = ["Gallery", "GalleryModelMismatch", "Match"]
+__all__ = ["DataDirLocked", "Gallery", "GalleryLoading", "GalleryModelMismatch", "GalleryOptions", "Match"]

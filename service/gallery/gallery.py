@@ -1,9 +1,20 @@
 """The gallery keeps the durable store and the HNSW index consistent.
 
 Writes (enroll, delete) take the write side of a readers-writer lock: commit to the store first,
-then update the index, then acknowledge. A crash between the two loses nothing, because at start-up
-the index is only reused from a snapshot whose ``generation`` equals the store's; otherwise it is
-rebuilt from the store. Searches take the read side and run concurrently.
+then update the index, then acknowledge. Searches take the read side and run concurrently. If an
+index update fails after the store committed, the index is marked dirty: it is never snapshotted
+and the maintenance thread rebuilds it from the store.
+
+Start-up (``open_store`` then ``load``, the latter in the background in the server): the data dir
+is locked, then the index comes from a verified snapshot plus a replay of what changed in the store
+since (faces added: store ids not in the snapshot; faces erased: snapshot labels no longer in the
+store), or, on any doubt about the snapshot, is rebuilt from the store. A maintenance thread writes
+snapshots periodically, so a restart after ``kill -9`` replays minutes of changes, not the gallery.
+
+Erasing: a deleted face is marked deleted in the index, its vector zeroed in the snapshot file on
+disk (and in every snapshot written later), and removed from SQLite (``secure_delete``, WAL
+truncated). Deleted slots are reused by new faces, and the graph is compacted when tombstones
+dominate.
 
 Identity scoring: an identity's score for a probe is the highest cosine similarity between the
 probe and any of that identity's enrolled faces (max-over-faces). The index is asked for more faces
@@ -21,7 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .index import HnswIndex, read_snapshot_meta, write_snapshot_meta
+from .index import HnswIndex
+from .lock import DataDirLock
+from .snapshot import Layout, SnapshotFiles, SnapshotInvalid, read_layout
 from .store import IdentityRecord, Store
 
 log = logging.getLogger(__name__)
@@ -31,6 +44,28 @@ OVERSAMPLE = 4  # faces fetched per wanted identity, before grouping by identity
 
 class GalleryModelMismatch(RuntimeError):
     """The gallery on disk holds embeddings of another model."""
+
+
+class _LoadCancelled(Exception):
+    """close() was called while the index was still loading."""
+
+
+class GalleryLoading(RuntimeError):
+    """The index is still being loaded (or could not be): searches and writes must wait."""
+
+    def __init__(self, message: str, failed: bool = False) -> None:
+        super().__init__(message)
+        self.failed = failed
+
+
+@dataclass
+class GalleryOptions:
+    """Background maintenance: periodic snapshots and compaction of deleted slots."""
+
+    snapshot_interval_s: float = 60.0   # 0 disables periodic snapshots (close still writes one)
+    snapshot_min_changes: int = 1       # writes since the last snapshot needed to write another
+    compact_tombstone_ratio: float = 0.5  # compact when this share of the graph is deleted slots ...
+    compact_min_tombstones: int = 1000    # ... and there are at least this many
 
 
 @dataclass
@@ -85,104 +120,322 @@ class Gallery:
     INDEX_META_FILE = "index.json"
 
     def __init__(self, data_dir: Path, model_id: str, dim: int, m: int = 16, ef_construction: int = 200,
-                 ef_search: int = 128) -> None:
+                 ef_search: int = 128, options: GalleryOptions | None = None) -> None:
         self.data_dir = Path(data_dir)
         self.model_id = model_id
         self.dim = dim
+        self.options = options or GalleryOptions()
         self._lock = ReadWriteLock()
         self._index = HnswIndex(dim, m, ef_construction, ef_search)
         self._label_identity: dict[int, str] = {}
         self.identity_count = 0  # kept in memory so /identify need not count rows
         self.store: Store | None = None
+        self._dir_lock = DataDirLock(self.data_dir)
+        self._files = SnapshotFiles(self.data_dir, self.INDEX_FILE, self.INDEX_META_FILE)
+        self._snapshot_meta: dict | None = None  # meta of the snapshot file on disk, if valid
+        self._snapshot_layout: Layout | None = None
+        self._erased_since_save: list[int] | None = None  # while a snapshot is being written
+        self._snapshot_mutex = threading.Lock()
+        self._ready = threading.Event()
+        self._load_error: str | None = None
+        self._loader: threading.Thread | None = None
+        self._dirty = False  # the index does not mirror the store: never snapshot it
+        self._changes = 0  # writes since the last snapshot
+        self._last_snapshot = time.monotonic()
+        self._stop = threading.Event()
+        self._maintainer: threading.Thread | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
     def open(self) -> None:
+        """Open and load in the calling thread (tools, tests); the server uses open_store + start_loading."""
+        self.open_store()
+        self.load()
+
+    def open_store(self) -> None:
+        """Lock the data dir, open the store, check the model. Fast; raises DataDirLocked or
+        GalleryModelMismatch."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.store = Store(self.data_dir / self.STORE_FILE)
+        self._dir_lock.acquire()
+        try:
+            self.store = Store(self.data_dir / self.STORE_FILE)
+            self._check_model()
+            self.store.checkpoint()  # a crash may have left erased rows in the WAL ...
+            self._files.remove_temporaries()  # ... or a half-written snapshot holding erased faces
+        except BaseException:
+            if self.store is not None:
+                self.store.close()
+                self.store = None
+            self._dir_lock.release()
+            raise
+
+    def _check_model(self) -> None:
         stored_model = self.store.get_meta("model_id")
         stored_dim = self.store.get_meta("embedding_size")
         if stored_model is None:
             self.store.set_meta("model_id", self.model_id)
             self.store.set_meta("embedding_size", str(self.dim))
         elif stored_model != self.model_id or int(stored_dim or 0) != self.dim:
-            self.store.close()
             raise GalleryModelMismatch(
                 f"the gallery in {self.data_dir} holds {stored_dim}-d embeddings of model {stored_model!r}; "
                 f"the loaded model is {self.model_id!r} ({self.dim}-d). Embeddings of different models "
                 "are not comparable: use another data dir, or re-enroll with the new model."
             )
-        self._load_index()
+
+    def start_loading(self) -> None:
+        """Load the index in a background thread; until it is done searches and writes raise GalleryLoading."""
+        self._loader = threading.Thread(target=self._load_in_background, name="gallery-load", daemon=True)
+        self._loader.start()
+
+    def _load_in_background(self) -> None:
+        try:
+            self.load()
+        except _LoadCancelled:
+            log.info("gallery load cancelled by shutdown")
+        except Exception as exc:  # noqa: BLE001 - reported by /readyz and the log
+            self._load_error = f"{type(exc).__name__}: {exc}"
+            log.exception("gallery could not be loaded")
+
+    def load(self) -> None:
+        with self._lock.write():
+            self._load_index()
+        self._ready.set()
+        if self.options.snapshot_interval_s > 0:
+            self._maintainer = threading.Thread(target=self._maintain, name="gallery-maintenance", daemon=True)
+            self._maintainer.start()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    @property
+    def load_state(self) -> str:
+        """"ready", "loading" or "failed" (then ``load_error`` says why)."""
+        return "ready" if self._ready.is_set() else "failed" if self._load_error else "loading"
+
+    @property
+    def load_error(self) -> str | None:
+        return self._load_error
+
+    def _require_ready(self) -> None:
+        if not self._ready.is_set():
+            if self._load_error:
+                raise GalleryLoading(f"the gallery index could not be loaded: {self._load_error}", failed=True)
+            raise GalleryLoading("the gallery index is loading; retry shortly")
 
     def _load_index(self) -> None:
         started = time.perf_counter()
-        generation = self.store.generation
-        _, face_count = self.store.counts()
-        meta = read_snapshot_meta(self.data_dir / self.INDEX_META_FILE)
-        snapshot = self.data_dir / self.INDEX_FILE
-        source = "rebuilt"
-        if (meta and meta.get("generation") == generation and meta.get("model_id") == self.model_id
-                and snapshot.exists()):
+        store_ids, identities = self.store.face_labels()
+        source, replayed = "rebuilt", {"added": 0, "erased": 0}
+        meta = self._files.read_meta()
+        if meta and meta.get("model_id") == self.model_id and meta.get("dim") == self.dim:
             try:
-                self._index.load(snapshot, face_count)
+                replayed = self._load_snapshot(meta, store_ids)
                 source = "snapshot"
-            except (RuntimeError, ValueError):
-                log.warning("index snapshot unreadable; rebuilding", exc_info=True)
+            except (SnapshotInvalid, RuntimeError, ValueError, OSError, KeyError, TypeError):
+                log.warning("index snapshot unusable; rebuilding from the store", exc_info=True)
+        elif self._files.index.exists():
+            log.warning("index snapshot without a valid meta; rebuilding from the store")
         if source == "rebuilt":
-            self._index.build_empty(capacity=max(1024, int(face_count * 1.25)))
-        self._label_identity = {}
+            self._rebuild(store_ids)
+        self._label_identity = dict(zip(store_ids.tolist(), identities))
         self.identity_count = self.store.counts()[0]
-        for ids, vectors, identities in self.store.iter_faces():
-            if source == "rebuilt":
-                self._index.add(vectors, ids)
-            self._label_identity.update(zip(ids.tolist(), identities))
-        # a snapshot is only valid for the generation it was written at; drop it so a crash cannot
-        # leave an older snapshot that happens to look current
-        (self.data_dir / self.INDEX_META_FILE).unlink(missing_ok=True)
+        # a rebuilt index, or a replayed one, is worth a snapshot soon: the next crash then replays less
+        self._changes = len(store_ids) if source == "rebuilt" else replayed["added"] + replayed["erased"]
         log.info(
             "gallery index ready",
-            extra={"source": source, "faces": face_count, "generation": generation,
+            extra={"source": source, "faces": len(store_ids), "generation": self.store.generation,
+                   "replayed_added": replayed["added"], "replayed_erased": replayed["erased"],
                    "seconds": round(time.perf_counter() - started, 3)},
         )
 
+    def _load_snapshot(self, meta: dict, store_ids: np.ndarray) -> dict:
+        """Verify, load, then replay the store's changes since the snapshot was written."""
+        self._files.verify(meta)  # before hnswlib touches the file: it does not survive bad input
+        layout = read_layout(self._files.index, self.dim)
+        self._files.invalidate()  # should loading crash the process, the next start rebuilds
+        snapshot_live = layout.live_labels()
+        self._index.load(self._files.index, live=len(snapshot_live))
+        erased = np.setdiff1d(snapshot_live, store_ids)  # deleted from the store since the snapshot
+        added = np.setdiff1d(store_ids, snapshot_live)   # enrolled since the snapshot
+        self._index.erase(erased.tolist())
+        for start in range(0, len(added), 10_000):
+            part = added[start:start + 10_000]
+            self._index.add(self.store.embeddings_of(part), part)
+        meta = self._files.scrub(layout, meta, erased.tolist(), self.dim)
+        self._files.write_meta(meta)  # verified and loaded: the file is a valid base again
+        self._snapshot_meta, self._snapshot_layout = meta, layout
+        return {"added": len(added), "erased": len(erased)}
+
+    def _rebuild(self, store_ids: np.ndarray | None = None) -> None:
+        """A fresh index from every face in the store (caller holds the write lock)."""
+        self._files.invalidate()
+        self._snapshot_meta = self._snapshot_layout = None
+        count = len(store_ids) if store_ids is not None else self.store.counts()[1]
+        self._index.build_empty(capacity=max(1024, int(count * 1.25)))
+        for ids, vectors, _ in self.store.iter_faces():
+            if self._stop.is_set():
+                raise _LoadCancelled
+            self._index.add(vectors, ids)
+        self._dirty = False
+
     def close(self) -> None:
-        """Write an index snapshot for a fast next start, then close the store."""
+        """Stop maintenance, write an index snapshot for a fast next start, close the store, unlock."""
         if self.store is None:
             return
+        self._stop.set()  # also cancels a load still running (a rebuild stops between chunks)
+        if self._loader is not None:
+            self._loader.join()
+        if self._maintainer is not None:
+            self._maintainer.join()
+        if self._ready.is_set():
+            self.snapshot()
         with self._lock.write():
-            try:
-                self._index.save(self.data_dir / self.INDEX_FILE)
-                write_snapshot_meta(
-                    self.data_dir / self.INDEX_META_FILE,
-                    {"generation": self.store.generation, "model_id": self.model_id, "faces": self._index.live},
-                )
-            except Exception:  # noqa: BLE001 - the store is the truth; next start rebuilds
-                log.warning("could not write index snapshot", exc_info=True)
             self.store.close()
             self.store = None
+        self._dir_lock.release()
+
+    # --- snapshots and maintenance -----------------------------------------------------------
+    def snapshot(self) -> bool:
+        """Write the index to disk (durably, with checksums). Skipped while the index is dirty.
+
+        Only the save itself holds the read side of the lock (searches go on, writes wait); fsync,
+        checksums and layout come after, and faces erased meanwhile are zeroed in the new file
+        before it is put in place (under the write side, a few fsyncs)."""
+        with self._snapshot_mutex:
+            started = time.perf_counter()
+            tmp = self._files.temp
+            with self._lock.read():
+                if self._dirty:
+                    log.warning("index snapshot skipped: the index is being repaired")
+                    return False
+                meta = {"generation": self.store.generation, "model_id": self.model_id, "dim": self.dim,
+                        "faces": self._index.live, "max_face_id": max(self._label_identity, default=0)}
+                changes = self._changes
+                try:
+                    self._index.save(tmp)
+                except Exception:  # noqa: BLE001 - the store is the truth; the next start rebuilds
+                    log.warning("could not save the index", exc_info=True)
+                    self._last_snapshot = time.monotonic()  # retry at the next interval, not every tick
+                    return False
+                self._erased_since_save = []  # writers append from now on (they wait for this lock)
+            try:
+                meta, layout = self._files.prepare(tmp, meta, self.dim)
+                with self._lock.write():
+                    erased, self._erased_since_save = self._erased_since_save, None
+                    meta = self._files.install(tmp, meta, layout, erased, self.dim)
+                    self._snapshot_meta, self._snapshot_layout = meta, layout
+                    self._changes -= changes
+            except Exception:  # noqa: BLE001
+                log.warning("could not write index snapshot", exc_info=True)
+                with self._lock.write():
+                    self._erased_since_save = None
+                    self._files.invalidate()
+                    self._snapshot_meta = self._snapshot_layout = None
+                tmp.unlink(missing_ok=True)
+                self._last_snapshot = time.monotonic()
+                return False
+            self._last_snapshot = time.monotonic()
+        log.info("index snapshot written", extra={"generation": meta["generation"], "faces": meta["faces"],
+                                                  "seconds": round(time.perf_counter() - started, 3)})
+        return True
+
+    def _maintain(self) -> None:
+        tick = min(1.0, self.options.snapshot_interval_s)
+        while not self._stop.wait(tick):
+            try:
+                self.maintain()
+            except Exception:  # noqa: BLE001 - keep maintaining; the store stays the truth
+                log.exception("gallery maintenance failed")
+
+    def maintain(self, force_snapshot: bool = False) -> None:
+        """One round: repair a dirty index, compact tombstones, snapshot if due."""
+        if self._dirty:
+            with self._lock.write():
+                log.warning("rebuilding the index from the store after a failed update")
+                self._rebuild()
+                self._changes += 1
+        if self._compaction_due():
+            with self._lock.write():
+                if self._compaction_due():
+                    self._compact()
+        due = (time.monotonic() - self._last_snapshot >= self.options.snapshot_interval_s
+               and self._changes >= self.options.snapshot_min_changes)
+        if due or force_snapshot:
+            self.snapshot()
+
+    def _compaction_due(self) -> bool:
+        tombstones = self._index.tombstones
+        return (tombstones >= self.options.compact_min_tombstones
+                and tombstones > self.options.compact_tombstone_ratio * self._index.count)
+
+    def _compact(self) -> None:
+        started, tombstones = time.perf_counter(), self._index.tombstones
+        self._index.compact(np.fromiter(self._label_identity.keys(), dtype=np.int64, count=len(self._label_identity)))
+        self._changes += 1
+        log.info("index compacted", extra={"tombstones_removed": tombstones, "live": self._index.live,
+                                           "seconds": round(time.perf_counter() - started, 3)})
 
     # --- writes ------------------------------------------------------------------------------
+    def _check_vectors(self, embeddings: np.ndarray) -> np.ndarray:
+        embeddings = np.asarray(embeddings, dtype=np.float32)
+        if embeddings.ndim != 2 or embeddings.shape[1] != self.dim or not np.isfinite(embeddings).all():
+            raise ValueError(f"embeddings must be finite and of shape (n, {self.dim}), not {embeddings.shape}")
+        return embeddings
+
+    def _index_update(self, what: str, update) -> None:
+        """Run an index mutation after the store committed; a failure leaves the write durable and
+        marks the index dirty (never snapshotted; rebuilt from the store by the maintenance thread)."""
+        try:
+            update()
+        except Exception:  # noqa: BLE001
+            self._dirty = True
+            log.exception("index update failed after the store committed; index marked dirty", extra={"op": what})
+        self._changes += 1
+
+    def _erase(self, labels: list[int]) -> None:
+        """Erase faces already deleted from the store: from the index, the snapshot file, the WAL."""
+        if not labels:
+            return
+        self._index_update("erase", lambda: self._index.erase(labels))
+        for label in labels:
+            self._label_identity.pop(label, None)
+        if self._erased_since_save is not None:  # a snapshot saved before this erase is being written
+            self._erased_since_save.extend(labels)
+        if self._snapshot_meta is not None and self._snapshot_layout is not None:
+            try:
+                self._snapshot_meta = self._files.scrub(self._snapshot_layout, self._snapshot_meta, labels, self.dim)
+            except Exception:  # noqa: BLE001 - cannot scrub: drop the snapshot rather than keep the vector
+                log.warning("could not scrub the index snapshot; removing it", exc_info=True)
+                self._files.invalidate()
+                self._files.index.unlink(missing_ok=True)
+                self._snapshot_meta = self._snapshot_layout = None
+        if not self.store.checkpoint():
+            log.warning("WAL checkpoint busy after a delete; the next one truncates it")
+
     def enroll(self, identity_id: str, embeddings: np.ndarray, metadata: dict | None = None,
                replace: bool = False) -> tuple[list[int], bool, int]:
         """Add faces to an identity (created if new). Returns (face ids, created, faces removed)."""
+        embeddings = self._check_vectors(embeddings)
+        self._require_ready()
         with self._lock.write():
             face_ids, removed, created = self.store.add_faces(identity_id, embeddings, metadata, replace)
             # committed: from here on the enrollment is durable; the index follows the store
-            if removed:
-                self._index.mark_deleted(removed)
-                for label in removed:
-                    self._label_identity.pop(label, None)
-            self._index.add(embeddings, np.asarray(face_ids, dtype=np.int64))
+            self._erase(removed)
+            self._index_update("add", lambda: self._index.add(embeddings, np.asarray(face_ids, dtype=np.int64)))
             self._label_identity.update((fid, identity_id) for fid in face_ids)
             self.identity_count += created
         return face_ids, created, len(removed)
 
     def import_identities(self, items: list[tuple[str, np.ndarray, dict | None]]) -> list[list[int]]:
         """Bulk-add new identities (all or none; an existing id aborts the import). Returns face ids."""
+        items = [(i, self._check_vectors(e), m) for i, e, m in items]
+        self._require_ready()
         with self._lock.write():
             face_ids = self.store.add_new_identities(items)
             labels = np.asarray([f for ids in face_ids for f in ids], dtype=np.int64)
             if len(labels):
-                self._index.add(np.concatenate([emb for _, emb, _ in items]).astype(np.float32), labels)
+                vectors = np.concatenate([emb for _, emb, _ in items])
+                self._index_update("import", lambda: self._index.add(vectors, labels))
             for (identity_id, _, _), ids in zip(items, face_ids):
                 self._label_identity.update((fid, identity_id) for fid in ids)
             self.identity_count += len(items)
@@ -190,19 +443,19 @@ class Gallery:
 
     def delete(self, identity_id: str) -> int | None:
         """Erase an identity from store and index. Returns the number of faces, None if unknown."""
+        self._require_ready()
         with self._lock.write():
             face_ids = self.store.delete_identity(identity_id)
             if face_ids is None:
                 return None
-            self._index.mark_deleted(face_ids)
-            for label in face_ids:
-                self._label_identity.pop(label, None)
+            self._erase(face_ids)
             self.identity_count -= 1
         return len(face_ids)
 
     # --- reads -------------------------------------------------------------------------------
     def search(self, probes: np.ndarray, top_k: int) -> list[list[Match]]:
         """For each probe, up to top_k identities, best first, scored max-over-faces."""
+        self._require_ready()
         results: list[list[Match]] = []
         with self._lock.read():
             live = self._index.live
@@ -244,6 +497,11 @@ class Gallery:
         return self._index.live
 
     def stats(self) -> dict:
+        """Counts (all ints); answers while the index is loading (its figures are then 0)."""
         identities, faces = self.store.counts()
-        return {"identities": identities, "faces": faces, "index_live": self._index.live,
-                "index_capacity": self._index.capacity, "generation": self.store.generation}
+        ready = self._ready.is_set()
+        return {"identities": identities, "faces": faces, "index_live": self._index.live if ready else 0,
+                "index_capacity": self._index.capacity if ready else 0,
+                "index_tombstones": self._index.tombstones if ready else 0,
+                "index_dirty": int(self._dirty), "index_loading": int(not ready),
+                "generation": self.store.generation}

@@ -3,6 +3,10 @@
 ``synchronous=FULL`` makes every committed transaction survive a crash of the process (and of the
 machine): an enrollment is acknowledged only after its commit returns. Every write transaction
 bumps ``generation``, which tells whether an index snapshot on disk is still current.
+
+Erasing: ``secure_delete`` makes SQLite overwrite deleted rows with zeros, and ``checkpoint`` (run
+after every delete) moves the WAL into the database and truncates it, so an erased embedding is
+left neither in the database file nor in the WAL.
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ class Store:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA secure_delete=ON")
         return conn
 
     def _reader(self) -> sqlite3.Connection:
@@ -72,7 +77,13 @@ class Store:
         return conn
 
     def close(self) -> None:
+        self.checkpoint()
         self._writer.close()
+
+    def checkpoint(self) -> bool:
+        """Copy the WAL into the database and truncate it to zero bytes; False if readers kept it busy."""
+        busy, _, _ = self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        return not busy
 
     # --- meta --------------------------------------------------------------------------------
     def get_meta(self, key: str) -> str | None:
@@ -181,6 +192,23 @@ class Store:
             vectors = np.stack([np.frombuffer(r[2], dtype=np.float32) for r in rows])
             yield ids, vectors, [r[1] for r in rows]
             last = rows[-1][0]
+
+    def face_labels(self) -> tuple[np.ndarray, list[str]]:
+        """Every face id (ascending) and its identity: what the index's label map is built from."""
+        rows = self._reader().execute("SELECT face_id, identity_id FROM faces ORDER BY face_id").fetchall()
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)), [r[1] for r in rows]
+
+    def embeddings_of(self, face_ids: np.ndarray, batch: int = 500) -> np.ndarray:
+        """Embeddings of the given faces, in the given order (all must exist)."""
+        conn = self._reader()
+        out: dict[int, np.ndarray] = {}
+        ids = [int(i) for i in face_ids]
+        for start in range(0, len(ids), batch):
+            part = ids[start:start + batch]
+            marks = ",".join("?" * len(part))
+            for face_id, blob in conn.execute(f"SELECT face_id, embedding FROM faces WHERE face_id IN ({marks})", part):
+                out[face_id] = np.frombuffer(blob, dtype=np.float32)
+        return np.stack([out[i] for i in ids]) if ids else np.zeros((0, 0), np.float32)
 
     def identity_embeddings(self, identity_id: str) -> np.ndarray | None:
         conn = self._reader()

@@ -17,6 +17,16 @@ def unit(rng, n):
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
+def crash(g: Gallery) -> None:
+    """Leave as a killed process would: no snapshot, no checkpoint; only the lock goes (the kernel
+    drops a dead process's flock)."""
+    g._stop.set()  # noqa: SLF001
+    if g._maintainer is not None:  # noqa: SLF001
+        g._maintainer.join()  # noqa: SLF001
+    g.store._writer.close()  # noqa: SLF001
+    g._dir_lock.release()  # noqa: SLF001
+
+
 @pytest.fixture
 def gallery(tmp_path):
     g = Gallery(tmp_path, "m@1", DIM, ef_search=64)
@@ -88,7 +98,7 @@ def test_reopen_restores_exactly_what_was_stored(tmp_path, graceful):
     if graceful:
         g.close()  # snapshot written
     else:
-        g.store.close()  # as after a crash: no snapshot of this generation exists
+        crash(g)  # no snapshot of this generation exists
     g2 = Gallery(tmp_path, "m@1", DIM)
     g2.open()
     assert g2.stats()["identities"] == 49 and g2.stats()["index_live"] == 98
@@ -108,7 +118,7 @@ def test_stale_snapshot_is_not_used(tmp_path):
     g.open()
     late = unit(rng, 1)
     g.enroll("b", late)  # generation 2 committed ...
-    g.store.close()  # ... then a crash: the generation-1 snapshot on disk must not be trusted
+    crash(g)  # ... then a crash: the generation-1 snapshot must be replayed, not trusted as current
     g = Gallery(tmp_path, "m@1", DIM)
     g.open()
     assert g.search(late, 1)[0][0].identity_id == "b"

@@ -1,0 +1,48 @@
+"""One process per data dir: an exclusive ``flock`` on ``<data_dir>/lock``, held while the gallery is open.
+
+Two servers on one data dir would each keep their own index and stamp their own snapshot as current
+(the other's enrollments could then never be identified). ``flock`` locks die with the process, so a
+``kill -9`` never leaves a stale lock behind.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class DataDirLocked(RuntimeError):
+    """Another process holds the data dir."""
+
+
+class DataDirLock:
+    FILE = "lock"
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = Path(data_dir) / self.FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            log.error("data dir in use by another process", extra={"data_dir": str(self.path.parent), "pid": holder})
+            raise DataDirLocked(
+                f"the data dir {self.path.parent} is in use by another process (pid {holder}); "
+                "one server per data dir: stop the other one or use another --data-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None

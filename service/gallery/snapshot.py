@@ -1,0 +1,218 @@
+"""Index snapshots on disk: written durably, checksummed, verified before hnswlib reads them, and
+patched in place when a face is erased.
+
+hnswlib trusts its input: a damaged ``index.hnsw`` makes ``load_index`` crash the process (SIGSEGV),
+so a snapshot is only handed to it after its size and the sha256 of every 4 MiB chunk match the meta
+written with it. The meta (``index.json``) is removed before loading (a snapshot that crashes the
+loader is never tried twice) and written back once the load succeeded.
+
+Layout knowledge (hnswlib 0.8 ``saveIndex``): a 96-byte header, then ``count`` elements of
+``size_per_element`` bytes (links, vector at ``offset_data``, int64 label at ``label_offset``), then
+the upper-level link lists. The gallery uses it to list the snapshot's live labels (for replay) and
+to zero the stored vectors of deleted faces: of every deleted element when a snapshot is written,
+and in place in the snapshot already on disk when a face is erased, so no file keeps a deleted vector.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = 2
+CHUNK = 4 << 20
+_HEADER = struct.Struct("<QQQQQQiIQQQdQ")  # offsetLevel0 .. ef_construction, as hnswlib writes them
+
+
+class SnapshotInvalid(ValueError):
+    """The snapshot on disk cannot be trusted; the caller rebuilds from the store."""
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def chunk_hashes(path: Path, first: int = 0, last: int | None = None) -> list[str]:
+    """sha256 of each CHUNK-sized piece of the file, chunks first..last inclusive."""
+    out = []
+    with open(path, "rb") as f:
+        f.seek(first * CHUNK)
+        i = first
+        while last is None or i <= last:
+            block = f.read(CHUNK)
+            if not block:
+                break
+            out.append(hashlib.sha256(block).hexdigest())
+            i += 1
+    return out
+
+
+@dataclass
+class Layout:
+    """Where each element lives in a snapshot file."""
+
+    header: int
+    count: int
+    size_per_element: int
+    label_offset: int
+    offset_data: int
+    labels: np.ndarray   # int64 per element, in file order
+    deleted: np.ndarray  # bool per element
+
+    _order: np.ndarray | None = None
+
+    def elements_of(self, labels: list[int]) -> np.ndarray:
+        """File positions of those labels that are in the file."""
+        if self._order is None:
+            self._order = np.argsort(self.labels, kind="stable")
+        if len(self.labels) == 0:
+            return np.zeros(0, np.int64)
+        sorted_labels = self.labels[self._order]
+        wanted = np.asarray(labels, dtype=np.int64)
+        pos = np.minimum(np.searchsorted(sorted_labels, wanted), len(sorted_labels) - 1)
+        return self._order[pos[sorted_labels[pos] == wanted]]
+
+    def live_labels(self) -> np.ndarray:
+        return self.labels[~self.deleted]
+
+    def vector_offset(self, element: int) -> int:
+        return self.header + element * self.size_per_element + self.offset_data
+
+
+def read_layout(path: Path, dim: int) -> Layout:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(_HEADER.size)
+    if len(raw) < _HEADER.size:
+        raise SnapshotInvalid("snapshot shorter than its header")
+    (offset_level0, _max, count, per_element, label_offset, offset_data, *_rest) = _HEADER.unpack(raw)
+    if (offset_level0 != 0 or per_element <= label_offset + 7 or offset_data + 4 * dim > label_offset
+            or _HEADER.size + count * per_element > size):
+        raise SnapshotInvalid("snapshot header does not describe this file")
+    rows = np.memmap(path, dtype=np.uint8, mode="r", offset=_HEADER.size, shape=(count, per_element))
+    labels = np.ascontiguousarray(rows[:, label_offset:label_offset + 8]).view(np.int64).ravel()
+    deleted = (rows[:, 2] & 1).astype(bool)  # hnswlib's delete mark: third byte of the level-0 link header
+    del rows
+    return Layout(_HEADER.size, count, per_element, label_offset, offset_data, labels, deleted)
+
+
+class SnapshotFiles:
+    """The pair index.hnsw + index.json in a data dir."""
+
+    def __init__(self, data_dir: Path, index_file: str, meta_file: str) -> None:
+        self.dir = Path(data_dir)
+        self.index = self.dir / index_file
+        self.meta = self.dir / meta_file
+
+    # --- meta --------------------------------------------------------------------------------
+    def read_meta(self) -> dict | None:
+        try:
+            meta = json.loads(self.meta.read_text())
+        except (OSError, ValueError):
+            return None
+        return meta if isinstance(meta, dict) and meta.get("format") == FORMAT else None
+
+    def write_meta(self, meta: dict) -> None:
+        tmp = self.meta.with_name(self.meta.name + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(json.dumps(meta))
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(self.meta)
+        fsync_dir(self.dir)
+
+    def invalidate(self) -> None:
+        """Drop the meta: until it is written again the snapshot file counts as absent."""
+        if self.meta.exists():
+            self.meta.unlink()
+            fsync_dir(self.dir)
+
+    # --- file --------------------------------------------------------------------------------
+    def verify(self, meta: dict) -> None:
+        if not self.index.exists():
+            raise SnapshotInvalid("snapshot file missing")
+        if self.index.stat().st_size != meta.get("size"):
+            raise SnapshotInvalid("snapshot size differs from its meta")
+        if chunk_hashes(self.index) != meta.get("chunks"):
+            raise SnapshotInvalid("snapshot checksum mismatch")
+
+    def remove_temporaries(self) -> None:
+        """Drop what a crash mid-snapshot left (it may hold faces erased since it was saved)."""
+        for path in (self.temp, self.meta.with_name(self.meta.name + ".tmp")):
+            path.unlink(missing_ok=True)
+
+    @property
+    def temp(self) -> Path:
+        return self.index.with_name(self.index.name + ".tmp")
+
+    def prepare(self, tmp: Path, meta: dict, dim: int) -> tuple[dict, Layout]:
+        """A freshly saved index file: zero the vectors of its deleted elements (hnswlib saves them),
+        fsync it, checksum it; returns the meta and the layout (no lock needed)."""
+        layout = read_layout(tmp, dim)
+        tombstones = np.flatnonzero(layout.deleted)
+        if len(tombstones):
+            rows = np.memmap(tmp, dtype=np.uint8, mode="r+", offset=layout.header,
+                             shape=(layout.count, layout.size_per_element))
+            rows[tombstones, layout.offset_data:layout.offset_data + 4 * dim] = 0
+            rows.flush()
+            del rows
+        fsync_file(tmp)
+        meta = {**meta, "format": FORMAT, "size": tmp.stat().st_size, "chunks": chunk_hashes(tmp)}
+        return meta, layout
+
+    def install(self, tmp: Path, meta: dict, layout: Layout, erased: list[int], dim: int) -> dict:
+        """Zero the vectors of faces erased since ``tmp`` was saved, then put it in place: old meta
+        removed, file renamed, dir fsynced, new meta written. A crash at any point leaves either no
+        meta or a meta matching its file."""
+        meta = self._zero(tmp, layout, meta, erased, dim)
+        self.invalidate()
+        tmp.replace(self.index)
+        fsync_dir(self.dir)
+        self.write_meta(meta)
+        return meta
+
+    def scrub(self, layout: Layout, meta: dict, labels: list[int], dim: int) -> dict:
+        """Zero the stored vectors of ``labels`` in the snapshot in place (durably); returns and
+        writes the meta with the affected chunk hashes updated. Labels not in the file are skipped."""
+        new_meta = self._zero(self.index, layout, meta, labels, dim)
+        if new_meta is not meta:
+            self.write_meta(new_meta)
+        return new_meta
+
+    @staticmethod
+    def _zero(path: Path, layout: Layout, meta: dict, labels: list[int], dim: int) -> dict:
+        elements = layout.elements_of(labels) if len(labels) else []
+        if len(elements) == 0:
+            return meta
+        zeros = bytes(4 * dim)
+        touched = set()
+        fd = os.open(path, os.O_RDWR)
+        try:
+            for element in elements.tolist():
+                offset = layout.vector_offset(element)
+                os.pwrite(fd, zeros, offset)
+                touched.update(range(offset // CHUNK, (offset + len(zeros) - 1) // CHUNK + 1))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        chunks = list(meta["chunks"])
+        for c in sorted(touched):
+            chunks[c] = chunk_hashes(path, c, c)[0]
+        return {**meta, "chunks": chunks}

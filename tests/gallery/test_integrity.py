@@ -1,0 +1,269 @@
+"""Snapshot integrity, dirty index, erasure and replay, on the Gallery itself (real files, real hnswlib)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from service.gallery import Gallery, GalleryOptions
+from tests.gallery.test_gallery import crash
+from tests.gallery.traces import find_vector
+
+DIM = 32
+
+
+def unit(rng, n):
+    v = rng.normal(size=(n, DIM)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def opened(path, **options) -> Gallery:
+    g = Gallery(path, "m@1", DIM, options=GalleryOptions(snapshot_interval_s=0, **options))
+    g.open()
+    return g
+
+
+def seeded(path, n=200):
+    rng = np.random.default_rng(11)
+    vectors = {f"p{i}": unit(rng, 1) for i in range(n)}
+    g = opened(path)
+    for identity, v in vectors.items():
+        g.enroll(identity, v)
+    g.close()  # snapshot written
+    return vectors
+
+
+def answers_correctly(g: Gallery, vectors: dict) -> None:
+    assert g.stats()["index_live"] == g.stats()["faces"] == len(vectors)
+    for identity in list(vectors)[::17]:
+        assert g.search(vectors[identity], 1)[0][0].identity_id == identity
+
+
+def truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def flip(path):
+    data = bytearray(path.read_bytes())
+    for pos in range(40, len(data), 997):  # header fields and links included
+        data[pos] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def header_lies(path):
+    data = bytearray(path.read_bytes())
+    data[16:24] = (10**9).to_bytes(8, "little")  # element count far past the end of the file
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [
+    truncate, flip, header_lies,
+    lambda p: p.unlink(),
+    lambda p: (p.parent / "index.json").write_text("{not json"),
+    lambda p: (p.parent / "index.json").write_text(json.dumps({"format": 2, "model_id": "m@1", "dim": DIM})),
+    lambda p: (p.parent / "index.json").unlink(),
+], ids=["truncated", "flipped-bytes", "header-lies", "missing-file", "garbage-meta", "meta-without-checksum",
+        "missing-meta"])
+def test_damaged_snapshot_is_rebuilt_from_the_store(tmp_path, damage, caplog):
+    vectors = seeded(tmp_path)
+    damage(tmp_path / "index.hnsw")
+    g = opened(tmp_path)
+    answers_correctly(g, vectors)
+    g.close()
+    g = opened(tmp_path)  # and the snapshot written at close is good again
+    answers_correctly(g, vectors)
+    g.close()
+
+
+def test_meta_is_invalidated_while_loading(tmp_path):
+    """A snapshot that kills the loader must not be tried again: its meta is gone until the load succeeded."""
+    seeded(tmp_path)
+    g = Gallery(tmp_path, "m@1", DIM, options=GalleryOptions(snapshot_interval_s=0))
+    g.open_store()
+    seen = []
+    real_load = g._index.load  # noqa: SLF001
+
+    def load_and_look(path, live):
+        seen.append((tmp_path / "index.json").exists())
+        real_load(path, live)
+
+    g._index.load = load_and_look  # noqa: SLF001 - observe the file state at the moment hnswlib reads
+    g.load()
+    assert seen == [False] and (tmp_path / "index.json").exists()
+    g.close()
+
+
+def test_failed_index_update_is_never_snapshotted_and_gets_repaired(tmp_path):
+    rng = np.random.default_rng(12)
+    g = opened(tmp_path)
+    g.enroll("a", unit(rng, 1))
+    g.snapshot()
+    before = json.loads((tmp_path / "index.json").read_text())
+    late = unit(rng, 1)
+    g._index.fail_next_add = MemoryError("resize failed")  # noqa: SLF001 - the wrapper's own failure path
+    g.enroll("late", late)  # committed to the store: acknowledged, durable
+    assert g.stats()["index_dirty"] == 1
+    assert g.snapshot() is False
+    assert json.loads((tmp_path / "index.json").read_text()) == before  # the older snapshot stays the base
+    g.maintain()  # repairs from the store
+    assert g.stats()["index_dirty"] == 0
+    assert g.search(late, 1)[0][0].identity_id == "late"
+    crash(g)
+    g = opened(tmp_path)
+    assert g.search(late, 1)[0][0].identity_id == "late"
+    g.close()
+
+
+def test_dirty_index_at_close_writes_no_snapshot(tmp_path):
+    rng = np.random.default_rng(13)
+    g = opened(tmp_path)
+    g.enroll("a", unit(rng, 1))
+    late = unit(rng, 1)
+    g._index.fail_next_add = RuntimeError("add failed")  # noqa: SLF001
+    g.enroll("late", late)
+    g.close()
+    assert not (tmp_path / "index.json").exists()
+    g = opened(tmp_path)
+    assert g.search(late, 1)[0][0].identity_id == "late"
+    g.close()
+
+
+def test_replay_after_crash_uses_snapshot_plus_changes(tmp_path, caplog):
+    vectors = seeded(tmp_path, 300)
+    rng = np.random.default_rng(14)
+    g = opened(tmp_path)
+    for i in range(0, 30):
+        g.delete(f"p{i}")
+        vectors.pop(f"p{i}")
+    for i in range(40):
+        vectors[f"n{i}"] = unit(rng, 1)
+        g.enroll(f"n{i}", vectors[f"n{i}"])
+    crash(g)
+    with caplog.at_level("INFO", logger="service.gallery.gallery"):
+        g = opened(tmp_path)
+    ready = [r for r in caplog.records if r.getMessage() == "gallery index ready"][-1]
+    assert (ready.source, ready.replayed_added, ready.replayed_erased) == ("snapshot", 40, 30)
+    answers_correctly(g, vectors)
+    for i in range(30):
+        assert all(m.identity_id != f"p{i}" for m in g.search(unit(rng, 1), 10)[0])
+    g.close()
+
+
+def test_deleted_slots_are_reused_and_tombstones_compacted(tmp_path):
+    rng = np.random.default_rng(15)
+    g = opened(tmp_path, compact_min_tombstones=50, compact_tombstone_ratio=0.5)
+    vectors = {f"x{i}": unit(rng, 1) for i in range(400)}
+    for identity, v in vectors.items():
+        g.enroll(identity, v)
+    for i in range(100):
+        g.delete(f"x{i}")
+    assert g.stats()["index_tombstones"] == 100
+    for i in range(60):
+        g.enroll(f"y{i}", unit(rng, 1))
+    assert g.stats()["index_tombstones"] == 40 and g._index.count == 400  # noqa: SLF001 - slots reused
+    for i in range(100, 390):
+        g.delete(f"x{i}")
+    assert g.stats()["index_tombstones"] == 330
+    g.maintain()
+    stats = g.stats()
+    assert stats["index_tombstones"] == 0 and stats["index_live"] == stats["faces"] == 70
+    for i in range(390, 400):
+        assert g.search(vectors[f"x{i}"], 1)[0][0].identity_id == f"x{i}"
+    g.close()
+
+
+@pytest.mark.parametrize("ending", ["close", "crash"])
+def test_erased_vector_leaves_no_trace_in_any_file(tmp_path, ending):
+    rng = np.random.default_rng(16)
+    g = opened(tmp_path)
+    for i in range(50):
+        g.enroll(f"k{i}", unit(rng, 1))
+    secret = unit(rng, 2)
+    g.enroll("secret", secret)
+    g.snapshot()  # the snapshot on disk holds the secret vector ...
+    assert find_vector(tmp_path, secret[0])
+    g.enroll("more", unit(rng, 1))
+    assert g.delete("secret") == 2  # ... until it is erased
+    if ending == "close":
+        g.close()
+    else:
+        crash(g)
+    for v in secret:
+        assert not find_vector(tmp_path, v), find_vector(tmp_path, v)
+    g = opened(tmp_path)
+    assert all(m.identity_id != "secret" for m in g.search(secret, 5)[0])
+    g.close()
+    for v in secret:
+        assert not find_vector(tmp_path, v)
+
+
+def test_periodic_snapshot_in_background(tmp_path):
+    rng = np.random.default_rng(17)
+    g = Gallery(tmp_path, "m@1", DIM, options=GalleryOptions(snapshot_interval_s=0.2))
+    g.open()
+    g.enroll("a", unit(rng, 1))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not (tmp_path / "index.json").exists():
+        time.sleep(0.05)
+    meta = json.loads((tmp_path / "index.json").read_text())
+    assert meta["generation"] == g.stats()["generation"] and meta["faces"] == 1
+    g.close()
+
+
+def test_face_erased_while_a_snapshot_is_written_is_not_in_it(tmp_path):
+    """The save holds the lock; checksumming does not: a delete in between must still reach the new file."""
+    rng = np.random.default_rng(18)
+    g = opened(tmp_path)
+    for i in range(30):
+        g.enroll(f"k{i}", unit(rng, 1))
+    secret = unit(rng, 1)
+    g.enroll("secret", secret)
+    real_prepare = g._files.prepare  # noqa: SLF001
+
+    def prepare_while_deleting(tmp, meta, dim):
+        assert "index.hnsw.tmp" in find_vector(tmp.parent, secret[0])  # saved with the secret in it
+        assert g.delete("secret") == 1  # a writer gets in between save and install
+        return real_prepare(tmp, meta, dim)
+
+    g._files.prepare = prepare_while_deleting  # noqa: SLF001
+    assert g.snapshot()
+    crash(g)
+    assert not find_vector(tmp_path, secret[0])
+    g = opened(tmp_path)
+    assert all(m.identity_id != "secret" for m in g.search(secret, 5)[0]) and g.stats()["index_live"] == 30
+    g.close()
+
+
+def test_shutdown_during_a_rebuild_cancels_it_and_leaves_the_store_intact(tmp_path, caplog):
+    from bench.gallery_fill import fill_store
+
+    fill_store(tmp_path, "m@1", DIM, faces=30_000, per_identity=1)
+    g = Gallery(tmp_path, "m@1", DIM, options=GalleryOptions(snapshot_interval_s=0))
+    g.open_store()
+    g.start_loading()
+    with caplog.at_level("INFO", logger="service.gallery.gallery"):
+        g.close()  # at once: the rebuild stops at its next 10k-face chunk instead of running to the end
+    assert g.load_state == "loading" and "gallery load cancelled by shutdown" in caplog.text
+    assert not (tmp_path / "index.json").exists()  # nothing half-built was snapshotted
+    g = opened(tmp_path)
+    assert g.stats()["index_live"] == g.stats()["faces"] == 30_000
+    g.close()
+
+
+def test_snapshot_left_half_written_by_a_crash_is_removed(tmp_path):
+    rng = np.random.default_rng(19)
+    g = opened(tmp_path)
+    secret = unit(rng, 1)
+    g.enroll("secret", secret)
+    g.enroll("other", unit(rng, 1))
+    g._index.save(g._files.temp)  # noqa: SLF001 - a snapshot saved, then the process died before install
+    g.delete("secret")
+    crash(g)
+    assert "index.hnsw.tmp" in find_vector(tmp_path, secret[0])
+    g = opened(tmp_path)
+    assert not find_vector(tmp_path, secret[0])
+    g.close()

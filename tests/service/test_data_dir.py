@@ -1,0 +1,167 @@
+"""The data dir over real server processes: one server per dir, damaged snapshots, erasure on disk,
+background loading."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from bench.gallery_fill import fill_store
+from service.model.contract import read_contract
+from tests.conftest import ENROLLED, b64, face_files
+from tests.gallery.traces import find_vector
+from tests.server import ServerProcess
+
+
+@pytest.fixture
+def spawn():
+    """ServerProcess, killed at teardown if a failed test left it running."""
+    started: list[ServerProcess] = []
+
+    def start(*args, **kwargs) -> ServerProcess:
+        started.append(ServerProcess(*args, **kwargs))
+        return started[-1]
+
+    yield start
+    for server in started:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait(30)
+
+
+def enroll(c: httpx.Client, names) -> None:
+    for name in names:
+        r = c.post("/enroll", json={"identity_id": name, "images": [b64(p) for p in face_files(name)[:2]]})
+        assert r.status_code == 200, r.text
+
+
+def identifies(c: httpx.Client, names) -> list:
+    r = c.post("/identify", json={"images": [b64(face_files(n)[2]) for n in names]})
+    assert r.status_code == 200, r.text
+    return [x["identity_id"] for x in r.json()["results"]]
+
+
+def test_second_server_on_the_same_data_dir_refuses_to_start(tmp_path, spawn, default_model):
+    data = tmp_path / "data"
+    first = spawn(data, model=default_model)
+    first.wait_ready()
+    second = spawn(data, model=default_model)
+    with pytest.raises(RuntimeError, match="exited"):
+        second.wait_ready(timeout=90)
+    assert second.proc.returncode not in (0, None)
+    assert "is in use by another process" in second.log() and f"pid {first.proc.pid}" in second.log()
+    second.stop()
+    with httpx.Client(base_url=first.url, timeout=60) as c:  # the first one is untouched
+        enroll(c, ENROLLED[:2])
+        assert identifies(c, ENROLLED[:2]) == ENROLLED[:2]
+    first.kill()  # the kernel drops a dead process's lock: the next server starts
+    third = spawn(data, model=default_model)
+    third.wait_ready()
+    third.stop()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_damaged_snapshot_does_not_crash_the_server(tmp_path, spawn, default_model, damage):
+    data = tmp_path / "data"
+    server = spawn(data, model=default_model)
+    server.wait_ready()
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        enroll(c, ENROLLED[:4])
+    server.stop()  # snapshot written
+    snapshot = data / "index.hnsw"
+    raw = bytearray(snapshot.read_bytes())
+    if damage == "truncate":
+        raw = raw[: len(raw) // 3]
+    else:
+        for pos in range(100, len(raw), 211):
+            raw[pos] ^= 0xFF
+    snapshot.write_bytes(bytes(raw))
+    server = spawn(data, model=default_model)
+    ready = server.wait_ready()
+    assert '"source": "rebuilt"' in server.log()
+    assert ready["gallery"]["index_live"] == ready["gallery"]["faces"] == 8
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        assert identifies(c, ENROLLED[:4]) == ENROLLED[:4]
+    server.stop()
+
+
+def stored_embeddings(data, identity: str) -> list[np.ndarray]:
+    conn = sqlite3.connect(f"file:{data / 'gallery.sqlite3'}?mode=ro", uri=True)
+    try:
+        rows = conn.execute("SELECT embedding FROM faces WHERE identity_id = ?", (identity,)).fetchall()
+    finally:
+        conn.close()
+    return [np.frombuffer(r[0], dtype=np.float32) for r in rows]
+
+
+@pytest.mark.parametrize("ending", ["stop", "kill"])
+def test_deleted_face_leaves_no_trace_in_the_data_dir(tmp_path, spawn, default_model, ending):
+    data = tmp_path / "data"
+    server = spawn(data, model=default_model, env={"FACE_SNAPSHOT_INTERVAL_S": "0.5"})
+    server.wait_ready()
+    secret = ENROLLED[3]
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        enroll(c, ENROLLED[:4])
+        vectors = stored_embeddings(data, secret)
+        assert len(vectors) == 2
+        deadline = time.monotonic() + 30  # wait for a background snapshot holding the secret faces
+        while time.monotonic() < deadline and not all("index.hnsw" in find_vector(data, v) for v in vectors):
+            time.sleep(0.2)
+        assert "index.hnsw" in find_vector(data, vectors[0])
+        assert c.delete(f"/identities/{secret}").status_code == 200
+        enroll(c, ENROLLED[4:5])
+    if ending == "stop":
+        server.stop()
+    else:
+        server.kill()
+    for v in vectors:
+        assert not find_vector(data, v), f"{ending}: deleted vector still in {find_vector(data, v)}"
+    server = spawn(data, model=default_model)
+    server.wait_ready()
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        assert identifies(c, ENROLLED[:5]) == ENROLLED[:3] + [None] + ENROLLED[4:5]
+    server.stop()
+    for v in vectors:
+        assert not find_vector(data, v), f"after restart: deleted vector still in {find_vector(data, v)}"
+
+
+def test_gallery_loads_in_the_background(tmp_path, spawn, default_model):
+    data = tmp_path / "data"
+    contract = read_contract(default_model)
+    fill_store(data, contract.model_id, contract.embedding_size, faces=20_000)
+    server = spawn(data, model=default_model)
+    face = b64(face_files(ENROLLED[0])[0])
+    seen_loading = False
+    deadline = time.monotonic() + 300
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        while time.monotonic() < deadline:
+            try:
+                health = c.get("/healthz")
+            except httpx.TransportError:
+                assert server.proc.poll() is None, server.log()
+                time.sleep(0.1)
+                continue
+            assert health.status_code == 200
+            ready = c.get("/readyz")
+            if ready.status_code == 200:
+                break
+            body = ready.json()["error"]
+            assert ready.status_code == 503 and body["code"] == "gallery_loading", ready.text
+            assert body["details"]["status"] == "loading"
+            if not seen_loading:
+                seen_loading = True
+                for method, path, kwargs in [("POST", "/identify", {"json": {"images": [face]}}),
+                                             ("POST", "/enroll", {"json": {"identity_id": "x", "images": [face]}}),
+                                             ("DELETE", "/identities/syn00000001", {})]:
+                    r = c.request(method, path, **kwargs)
+                    assert r.status_code == 503 and r.json()["error"]["code"] == "gallery_loading", r.text
+                assert c.get("/identities", params={"limit": 2}).status_code == 200  # the store answers
+            time.sleep(0.2)
+        assert seen_loading, "the gallery was never seen loading"
+        assert ready.status_code == 200 and ready.json()["gallery"]["index_live"] == 20_000
+        assert c.post("/identify", json={"images": [face]}).status_code == 200
+    server.stop()
