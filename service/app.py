@@ -24,7 +24,7 @@ from .detection import YuNetConfig, YuNetDetector, template_for
 from .errors import ErrorCode, ServiceError
 from .gallery import Gallery
 from .metrics import Metrics
-from .middleware import AccessMiddleware, BodyLimitMiddleware
+from .middleware import AccessMiddleware, BodyLimitMiddleware, DisconnectMiddleware
 from .model.batcher import DynamicBatcher
 from .model.prepare import resolve_model_path
 from .model.runtime import EmbeddingModel
@@ -68,7 +68,9 @@ async def initialize(settings: Settings, metrics: Metrics) -> ServiceState:
                       ef_search=settings.hnsw_ef_search)
     await run_in_threadpool(gallery.open)
     batcher = DynamicBatcher(model.execute, settings.batch_max_size, settings.batch_max_wait_ms,
-                             workers=settings.batch_workers, on_batch=metrics.observe_batch)
+                             workers=settings.batch_workers, on_batch=metrics.observe_batch,
+                             timeout_s=settings.inference_timeout_ms / 1000,
+                             max_queued_faces=settings.batch_max_queued_faces)
     await batcher.start()
     detector, template = await run_in_threadpool(_photo_support, settings, model.contract.alignment)
     return ServiceState(settings=settings, model=model, batcher=batcher, gallery=gallery, metrics=metrics,
@@ -148,5 +150,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(faces.router)
     app.include_router(identities.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(DisconnectMiddleware)
     app.add_middleware(AccessMiddleware, metrics=metrics)
     return app

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -52,6 +54,58 @@ class BodyLimitMiddleware:
         return await self.app(scope, limited_receive, send)
 
 
+class DisconnectMiddleware:
+    """Cancels a request's handler when its client goes away after sending the whole body.
+
+    A request waiting for the model (or for decode memory) is then abandoned at once: its faces are
+    dropped from the batcher's queue instead of being run for nobody. Only after the body has been
+    read does a watcher listen for ``http.disconnect``, so it never competes with the handler for
+    body messages; once the response has started nothing is cancelled.
+    """
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        body_read = asyncio.Event()
+        started = False
+
+        async def tracked_receive():
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_read.set()
+            return message
+
+        async def tracked_send(message):
+            nonlocal started
+            started = True
+            await send(message)
+
+        async def watch() -> None:
+            await body_read.wait()
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        handler = asyncio.ensure_future(self.app(scope, tracked_receive, tracked_send))
+        watcher = asyncio.ensure_future(watch())
+        try:
+            done, _ = await asyncio.wait({handler, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if handler not in done and not started:
+                log.info("client disconnected; request abandoned", extra={"path": scope.get("path")})
+                scope["client_disconnected"] = True
+                handler.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await handler
+                return
+            await handler
+        finally:
+            watcher.cancel()
+            if not handler.done():
+                handler.cancel()
+
+
 class AccessMiddleware:
     """Counts and times every request by route template, and logs one structured line for each."""
 
@@ -74,6 +128,8 @@ class AccessMiddleware:
         try:
             await self.app(scope, receive, capture)
         finally:
+            if scope.get("client_disconnected"):
+                status = 499  # nginx's code for "client closed the request"; no response was sent
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"
             elapsed = time.perf_counter() - started

@@ -21,6 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from .detection import AlignedFace, DetectedFace, PhotoError, align_face, decode_photo, select_faces
 from .errors import ErrorCode, ServiceError
 from .images import decode_aligned_face
+from .model.batcher import InferenceTimeout, Overloaded
 from .state import ServiceState
 
 ImageType = Literal["aligned", "photo", "auto"]
@@ -124,5 +125,17 @@ async def embed_images(
 ) -> tuple[np.ndarray, FaceBatch]:
     """Embeddings of every face in ``blobs`` (one per aligned image; per photo, what the policy picks)."""
     faces = await run_in_threadpool(decode_faces, state, blobs, image_type, multi_face, first_index)
-    vectors = await state.batcher.embed(np.stack(faces.crops))
+    vectors = await embed_crops(state, np.stack(faces.crops))
     return vectors, faces
+
+
+async def embed_crops(state: ServiceState, crops: np.ndarray) -> np.ndarray:
+    """Aligned crops -> embeddings through the shared batcher; its deadline and queue bound become
+    ``inference_timeout`` (504) and ``overloaded`` (503) instead of a request that never returns."""
+    try:
+        return await state.batcher.embed(crops)
+    except InferenceTimeout as exc:
+        raise ServiceError(ErrorCode.inference_timeout, f"the model did not answer in time: {exc}",
+                           timeout_ms=state.settings.inference_timeout_ms) from exc
+    except Overloaded as exc:
+        raise ServiceError(ErrorCode.overloaded, f"the service is overloaded, retry later: {exc}") from exc
