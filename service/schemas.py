@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
 Base64Image = Annotated[
     str,
@@ -26,17 +27,34 @@ SingleFace = Annotated[
     Literal["largest", "center"],
     Field(description="Photos with several faces: use the `largest` one, or the one nearest the image `center`."),
 ]
+
+
+def check_identity_id(value: str) -> str:
+    """Ids a client could not address as a path segment, or the gallery could not serve back."""
+    if value in (".", ".."):
+        raise PydanticCustomError("invalid_identity_id", "'.' and '..' are not identity ids (URLs resolve them away)")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PydanticCustomError("invalid_identity_id", "the identity id is not valid Unicode") from None
+    return value
+
+
 IdentityId = Annotated[
     str,
     Field(min_length=1, max_length=128, pattern=r"^[^/\x00-\x1f\x7f]+$",
-          description="Your identifier for a person: 1-128 characters, no '/' or control characters.",
+          description="Your identifier for a person: 1-128 characters, no '/' or control characters, "
+          "not '.' or '..'.",
           examples=["employee-4711"]),
+    AfterValidator(check_identity_id),
 ]
 Threshold = Annotated[float | None, Field(ge=-1.0, le=1.0, description="Cosine threshold; omit for the default.")]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: "0.5" is not a number and true is not an integer (multipart text is converted first,
+    # in payload.py); unknown fields are refused
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class ImageOptions(Strict):
@@ -83,7 +101,9 @@ class EnrollRequest(SingleFacePhotoOptions):
     identity_id: IdentityId
     images: list[Base64Image] = Field(min_length=1)
     metadata: dict[str, Any] | None = Field(
-        None, description="Free JSON stored with the identity. On an existing identity it replaces the old metadata."
+        None, description="Free JSON stored with the identity (an object; at most FACE_MAX_METADATA_BYTES as "
+        "UTF-8 JSON, nested at most FACE_MAX_METADATA_DEPTH deep, finite numbers). On an existing identity "
+        "it replaces the old metadata."
     )
     replace: bool = Field(
         False,
