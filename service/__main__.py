@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .config import Settings
 from .logging import configure_logging
+from .memory import limit_malloc_arenas
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -37,6 +38,8 @@ def main(argv: list[str] | None = None) -> None:
     overrides = {k: v for k, v in vars(args).items() if v is not None}
     settings = Settings(**overrides)
     configure_logging(settings.log_level, settings.log_json)
+    # first, before onnxruntime, OpenCV or the server start threads (glibc fixes the limit once)
+    limit_malloc_arenas(settings.malloc_arena_max)
 
     import uvicorn
 

@@ -24,6 +24,7 @@ from .detection import YuNetConfig, YuNetDetector, template_for
 from .errors import ErrorCode, ServiceError
 from .gallery import Gallery
 from .metrics import Metrics
+from .memory import limit_malloc_arenas
 from .middleware import AccessMiddleware, BodyLimitMiddleware, DisconnectMiddleware
 from .model.batcher import DynamicBatcher
 from .model.prepare import resolve_model_path
@@ -104,6 +105,7 @@ def _error_response(error: ServiceError, request: Request) -> JSONResponse:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    limit_malloc_arenas(settings.malloc_arena_max)  # before the server's worker threads allocate
     metrics = Metrics()
 
     @asynccontextmanager

@@ -102,9 +102,14 @@ class Settings(BaseSettings):
         "decoding); a decode that does not fit waits up to decode_wait_ms, then overloaded (503).",
     )
     max_decode_mb: int = Field(
-        320, ge=1,
+        384, ge=1,
         description="Memory one image's decode may use (estimated from its header); above it: image_too_large (413). "
         "Capped at decode_memory_mb.",
+    )
+    malloc_arena_max: int = Field(
+        2, ge=0, le=64,
+        description="glibc malloc arenas at most (0: glibc's default, 8 per core): fewer arenas keep far less "
+        "freed decode memory resident across worker threads.",
     )
     decode_wait_ms: float = Field(
         10_000, ge=0, le=600_000, description="How long a decode waits for room in decode_memory_mb."
