@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
 from .api import faces, identities, ops
+from .api.docs import install_docs
 from .config import Settings, get_settings
 from .detection import YuNetConfig, YuNetDetector, template_for
 from .errors import ErrorCode, ServiceError
@@ -121,7 +122,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await finalize(state)
             log.info("service stopped")
 
-    app = FastAPI(title="Face embedding service", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(title="Face embedding service", version=__version__, description=DESCRIPTION, lifespan=lifespan,
+                  openapi_url=None, docs_url=None, redoc_url=None)  # install_docs: behind the key if set
     app.state.metrics = metrics
     app.state.service = None
 
@@ -141,6 +143,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         error = ServiceError(code, str(exc.detail))
         response = _error_response(error, request)
         response.status_code = exc.status_code
+        if exc.headers:  # e.g. Allow on a 405
+            response.headers.update(exc.headers)
         return response
 
     @app.exception_handler(Exception)
@@ -151,6 +155,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(ops.router)
     app.include_router(faces.router)
     app.include_router(identities.router)
+    install_docs(app, settings)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(DisconnectMiddleware)
     app.add_middleware(AccessMiddleware, metrics=metrics)

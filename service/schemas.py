@@ -236,5 +236,6 @@ class ReadyResponse(BaseModel):
     embedding_size: int
     verify_threshold: float
     identify_threshold: float
-    inference_ms: float = Field(description="Latency of the real inference this check just ran.")
+    inference_ms: float = Field(
+        description="Latency of the real inference of the last check (re-run at most once per FACE_READYZ_CACHE_MS).")
     gallery: dict[str, int]

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from .config import Settings
 from .decode_budget import MB, DecodeBudget
+from .readiness import ReadinessProbe
 from .detection import AlignmentTemplate, FaceDetector
 from .gallery import Gallery
 from .metrics import Metrics
@@ -24,12 +25,15 @@ class ServiceState:
     # photos: None when the model's alignment has no template here (then only aligned crops are served)
     detector: FaceDetector | None = None
     template: AlignmentTemplate | None = None
-    decode_budget: DecodeBudget | None = None  # None: made from the settings on first use
+    decode_budget: DecodeBudget | None = None  # None: made from the settings
+    readiness: ReadinessProbe | None = None  # None: made from the settings
 
     def __post_init__(self) -> None:
         if self.decode_budget is None:
             s = self.settings
             self.decode_budget = DecodeBudget(s.decode_memory_mb * MB, s.max_decode_mb * MB, s.decode_wait_ms / 1000)
+        if self.readiness is None:
+            self.readiness = ReadinessProbe(self.settings.readyz_cache_ms / 1000)
 
     @property
     def contract(self) -> FaceContract:
