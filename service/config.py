@@ -178,7 +178,10 @@ def env_example() -> str:
     for name, field in Settings.model_fields.items():
         default = field.default
         value = "" if default is None else default.value if hasattr(default, "value") else default
-        lines += ["", f"# {field.description or name.replace('_', ' ')}", f"FACE_{name.upper()}={value}"]
+        line = f"FACE_{name.upper()}={value}"
+        if name == "api_key":  # an empty key is refused (it would silently disable auth): commented out
+            line = "# " + line
+        lines += ["", f"# {field.description or name.replace('_', ' ')}", line]
     return "\n".join(lines) + "\n"
 
 
