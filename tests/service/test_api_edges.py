@@ -153,3 +153,15 @@ def test_readyz_reuses_a_fresh_inference(client):
     runs = batches_run(client) - before
     assert all(a["status"] == "ready" for a in answers)
     assert runs < 5, f"{runs} model runs for 20 polls"  # one per second at most (FACE_READYZ_CACHE_MS=1000)
+
+
+def test_a_blank_api_key_is_refused_by_the_settings(monkeypatch):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="FACE_API_KEY is set but empty"):
+        Settings(api_key="   ", _env_file=None)
+    monkeypatch.setenv("FACE_API_KEY", "")
+    with pytest.raises(ValidationError, match="FACE_API_KEY is set but empty"):
+        Settings(_env_file=None)
+    monkeypatch.setenv("FACE_API_KEY", KEY)
+    assert Settings(_env_file=None).api_key.get_secret_value() == KEY
