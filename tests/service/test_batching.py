@@ -60,10 +60,10 @@ def metric(text: str, prefix: str) -> float:
 
 
 def test_clients_that_leave_are_not_computed_for(tmp_path, default_model):
-    """12 clients queue 32 faces each behind a one-worker, batch-of-4 model and hang up after 0.2 s:
+    """12 clients queue 32 faces each behind a one-worker, one-face-per-run model and hang up after 0.2 s:
     their requests are cancelled (499 in the metrics) and most of their faces never reach the model."""
     server = ServerProcess(tmp_path / "data", model=default_model,
-                           env={"FACE_BATCH_MAX_SIZE": "4", "FACE_BATCH_MAX_WAIT_MS": "0",
+                           env={"FACE_BATCH_MAX_SIZE": "1", "FACE_BATCH_MAX_WAIT_MS": "0",
                                 "FACE_MAX_FACES_PER_REQUEST": "32"})
     try:
         server.wait_ready()
