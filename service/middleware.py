@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -58,9 +57,10 @@ class DisconnectMiddleware:
     """Cancels a request's handler when its client goes away after sending the whole body.
 
     A request waiting for the model (or for decode memory) is then abandoned at once: its faces are
-    dropped from the batcher's queue instead of being run for nobody. Only after the body has been
-    read does a watcher listen for ``http.disconnect``, so it never competes with the handler for
-    body messages; once the response has started nothing is cancelled.
+    dropped from the batcher's queue instead of being run for nobody. A watcher listens for
+    ``http.disconnect`` only once the body has been read (so it never competes with the handler for
+    body messages) and cancels the handler's task; once the response has started nothing is
+    cancelled. One small task per request with a body, no extra task for the handler.
     """
 
     def __init__(self, app) -> None:
@@ -69,41 +69,39 @@ class DisconnectMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        body_read = asyncio.Event()
-        started = False
+        task = asyncio.current_task()
+        state = {"responding": False, "gone": False}
+        watcher: asyncio.Task | None = None
+
+        async def watch() -> None:
+            # per ASGI the next message after the whole body is http.disconnect
+            if (await receive())["type"] == "http.disconnect" and not state["responding"]:
+                state["gone"] = True
+                task.cancel()
 
         async def tracked_receive():
+            nonlocal watcher
             message = await receive()
-            if message["type"] != "http.request" or not message.get("more_body", False):
-                body_read.set()
+            if watcher is None and message["type"] == "http.request" and not message.get("more_body", False):
+                watcher = asyncio.ensure_future(watch())
             return message
 
         async def tracked_send(message):
-            nonlocal started
-            started = True
+            state["responding"] = True
             await send(message)
 
-        async def watch() -> None:
-            await body_read.wait()
-            while (await receive())["type"] != "http.disconnect":
-                pass
-
-        handler = asyncio.ensure_future(self.app(scope, tracked_receive, tracked_send))
-        watcher = asyncio.ensure_future(watch())
         try:
-            done, _ = await asyncio.wait({handler, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            if handler not in done and not started:
-                log.info("client disconnected; request abandoned", extra={"path": scope.get("path")})
-                scope["client_disconnected"] = True
-                handler.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await handler
-                return
-            await handler
+            await self.app(scope, tracked_receive, tracked_send)
+        except asyncio.CancelledError:
+            if not state["gone"]:
+                raise  # a real cancellation (shutdown), not ours
+            if hasattr(task, "uncancel"):  # 3.11+: this task goes on normally
+                task.uncancel()
+            scope["client_disconnected"] = True
+            log.info("client disconnected; request abandoned", extra={"path": scope.get("path")})
         finally:
-            watcher.cancel()
-            if not handler.done():
-                handler.cancel()
+            if watcher is not None:
+                watcher.cancel()
 
 
 class AccessMiddleware:
