@@ -11,8 +11,11 @@ import logging
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from .config import Settings
 from .logging import configure_logging
+from .memory import limit_malloc_arenas
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -41,8 +44,13 @@ def main(argv: list[str] | None = None) -> None:
         return calibrate_main(argv[1:])
     args = parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None}
-    settings = Settings(**overrides)
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:  # e.g. an empty FACE_API_KEY: refuse to start, say why
+        sys.exit(f"invalid settings: {exc}")
     configure_logging(settings.log_level, settings.log_json)
+    # first, before onnxruntime, OpenCV or the server start threads (glibc fixes the limit once)
+    limit_malloc_arenas(settings.malloc_arena_max)
 
     import uvicorn
 

@@ -19,13 +19,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
 from .api import faces, identities, ops
+from .api.docs import install_docs
 from .config import Settings, get_settings
 from .console import mount_console
 from .detection import YuNetConfig, YuNetDetector, template_for
 from .errors import ErrorCode, ServiceError
 from .gallery import Gallery, GalleryLoading, GalleryOptions
 from .metrics import Metrics
-from .middleware import AccessMiddleware, BodyLimitMiddleware
+from .memory import limit_malloc_arenas
+from .middleware import AccessMiddleware, BodyLimitMiddleware, DisconnectMiddleware
 from .model.batcher import DynamicBatcher
 from .model.prepare import resolve_model_path
 from .model.runtime import EmbeddingModel
@@ -70,7 +72,9 @@ async def initialize(settings: Settings, metrics: Metrics) -> ServiceState:
     await run_in_threadpool(gallery.open_store)  # locks the data dir: a second server stops here
     gallery.start_loading()  # the index loads in the background: /readyz says "loading" meanwhile
     batcher = DynamicBatcher(model.execute, settings.batch_max_size, settings.batch_max_wait_ms,
-                             workers=settings.batch_workers, on_batch=metrics.observe_batch)
+                             workers=settings.batch_workers, on_batch=metrics.observe_batch,
+                             timeout_s=settings.inference_timeout_ms / 1000,
+                             max_queued_faces=settings.batch_max_queued_faces)
     await batcher.start()
     detector, template = await run_in_threadpool(_photo_support, settings, model.contract.alignment)
     return ServiceState(settings=settings, model=model, batcher=batcher, gallery=gallery, metrics=metrics,
@@ -111,6 +115,7 @@ def _error_response(error: ServiceError, request: Request) -> JSONResponse:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    limit_malloc_arenas(settings.malloc_arena_max)  # before the server's worker threads allocate
     metrics = Metrics()
 
     @asynccontextmanager
@@ -126,7 +131,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await finalize(state)
             log.info("service stopped")
 
-    app = FastAPI(title="Face embedding service", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(title="Face embedding service", version=__version__, description=DESCRIPTION, lifespan=lifespan,
+                  openapi_url=None, docs_url=None, redoc_url=None)  # install_docs: behind the key if set
     app.state.metrics = metrics
     app.state.service = None
 
@@ -151,6 +157,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         error = ServiceError(code, str(exc.detail))
         response = _error_response(error, request)
         response.status_code = exc.status_code
+        if exc.headers:  # e.g. Allow on a 405
+            response.headers.update(exc.headers)
         return response
 
     @app.exception_handler(Exception)
@@ -162,6 +170,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(faces.router)
     app.include_router(identities.router)
     mount_console(app, settings)  # the web console at /console (static pages; their API calls carry the key)
+    install_docs(app, settings)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(DisconnectMiddleware)
     app.add_middleware(AccessMiddleware, metrics=metrics)
     return app

@@ -6,11 +6,12 @@ Settings come from environment variables prefixed ``FACE_`` (or a ``.env`` file)
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -24,6 +25,9 @@ class Settings(BaseSettings):
         None, description="When set, every route except /healthz and /readyz needs this key."
     )
     api_key_header: str = Field("X-API-Key", description="Header that carries the API key.")
+    public_docs: bool = Field(
+        False, description="With an API key set, /docs, /redoc and /openapi.json need it too unless this is true."
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     log_json: bool = Field(True, description="One JSON object per log line (false: plain text).")
 
@@ -67,6 +71,13 @@ class Settings(BaseSettings):
     batch_workers: int = Field(
         1, ge=1, le=8, description="Session runs in flight at once (1 on CPU; 2 can overlap copies on a GPU)."
     )
+    inference_timeout_ms: float = Field(
+        30_000, ge=10, le=600_000,
+        description="Longest a request's faces may wait for the model (queue + run); past it: inference_timeout, 504.",
+    )
+    batch_max_queued_faces: int = Field(
+        4096, ge=1, description="Faces waiting for the model at most; a request beyond it: overloaded, 503."
+    )
     warmup: bool = Field(True, description="Run the model at start-up for the batch sizes used.")
 
     # --- request limits ---------------------------------------------------------------------
@@ -77,6 +88,31 @@ class Settings(BaseSettings):
     )
     max_image_pixels: int = Field(
         40_000_000, ge=10_000, description="Decoded size above which an image is refused unread."
+    )
+
+    max_metadata_bytes: int = Field(
+        16 * 1024, ge=2, description="Identity metadata, as UTF-8 JSON, at most this many bytes (metadata_too_large)."
+    )
+    max_metadata_depth: int = Field(
+        16, ge=1, le=64, description="Identity metadata nested at most this deep (objects and arrays)."
+    )
+    decode_memory_mb: int = Field(
+        512, ge=16,
+        description="Memory all image decodes in flight may use together (estimated from each header before "
+        "decoding); a decode that does not fit waits up to decode_wait_ms, then overloaded (503).",
+    )
+    max_decode_mb: int = Field(
+        384, ge=1,
+        description="Memory one image's decode may use (estimated from its header); above it: image_too_large (413). "
+        "Capped at decode_memory_mb.",
+    )
+    malloc_arena_max: int = Field(
+        2, ge=0, le=64,
+        description="glibc malloc arenas at most (0: glibc's default, 8 per core): fewer arenas keep far less "
+        "freed decode memory resident across worker threads.",
+    )
+    decode_wait_ms: float = Field(
+        10_000, ge=0, le=600_000, description="How long a decode waits for room in decode_memory_mb."
     )
 
     # --- photos: detection and alignment ----------------------------------------------------
@@ -122,6 +158,27 @@ class Settings(BaseSettings):
         "faces, higher threshold).",
     )
     max_top_k: int = Field(100, ge=1, le=1000, description="Largest top_k a request may ask for.")
+    readyz_cache_ms: float = Field(
+        1000, ge=0, le=60_000, description="/readyz reuses its last real inference for this long (0: every call)."
+    )
+
+    @field_validator("api_key")
+    @classmethod
+    def _api_key_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError(EMPTY_API_KEY)
+        return value
+
+    @model_validator(mode="after")
+    def _api_key_not_empty_in_env(self) -> Settings:
+        # env_ignore_empty turns FACE_API_KEY="" into "no key", which would silently disable auth
+        if self.api_key is None and os.environ.get("FACE_API_KEY") is not None:
+            raise ValueError(EMPTY_API_KEY)
+        return self
+
+
+EMPTY_API_KEY = ("FACE_API_KEY is set but empty: that would run without authentication. Unset it to run "
+                 "without a key, or give a real key.")
 
 
 @lru_cache
@@ -138,7 +195,10 @@ def env_example() -> str:
     for name, field in Settings.model_fields.items():
         default = field.default
         value = "" if default is None else default.value if hasattr(default, "value") else default
-        lines += ["", f"# {field.description or name.replace('_', ' ')}", f"FACE_{name.upper()}={value}"]
+        line = f"FACE_{name.upper()}={value}"
+        if name == "api_key":  # an empty key is refused (it would silently disable auth): commented out
+            line = "# " + line
+        lines += ["", f"# {field.description or name.replace('_', ' ')}", line]
     return "\n".join(lines) + "\n"
 
 

@@ -39,11 +39,15 @@ class ErrorCode(str, Enum):
     invalid_identity_id = "invalid_identity_id"
     gallery_loading = "gallery_loading"
     gallery_unavailable = "gallery_unavailable"
+    invalid_metadata = "invalid_metadata"
+    metadata_too_large = "metadata_too_large"
     # auth and server
     unauthorized = "unauthorized"
     not_found = "not_found"
     method_not_allowed = "method_not_allowed"
     model_not_ready = "model_not_ready"
+    overloaded = "overloaded"
+    inference_timeout = "inference_timeout"
     internal_error = "internal_error"
 
 
@@ -72,10 +76,14 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.invalid_identity_id: 422,
     ErrorCode.gallery_loading: 503,
     ErrorCode.gallery_unavailable: 503,
+    ErrorCode.invalid_metadata: 422,
+    ErrorCode.metadata_too_large: 413,
     ErrorCode.unauthorized: 401,
     ErrorCode.not_found: 404,
     ErrorCode.method_not_allowed: 405,
     ErrorCode.model_not_ready: 503,
+    ErrorCode.overloaded: 503,
+    ErrorCode.inference_timeout: 504,
     ErrorCode.internal_error: 500,
 }
 

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from .detection.errors import PhotoError
-from .detection.photos import open_photo
+from .detection.photos import load_upright, open_header
 from .errors import ErrorCode, ServiceError
 
 
@@ -27,13 +27,27 @@ def decode_base64(text: str, index: int) -> bytes:
         raise ServiceError(ErrorCode.invalid_base64, f"image {index} is not valid base64", index=index) from exc
 
 
-def open_image(data: bytes, index: int, max_bytes: int, max_pixels: int) -> Image.Image:
+def open_image(data: bytes, index: int, max_bytes: int, max_pixels: int,
+               size: tuple[int, int] | None = None) -> Image.Image:
     """Decode and validate the container, EXIF-upright; oversized images are refused before their
-    pixels are allocated. The same decoder as for photos (``detection.photos``), errors numbered."""
+    pixels are allocated, and so is an image whose header is not ``size`` (height, width) either way
+    round (an aligned crop must be exactly the model's input: a 6000x6000 one is never decoded).
+    The same decoder as for photos (``detection.photos``), errors numbered."""
     try:
-        return open_photo(data, max_pixels=max_pixels, max_bytes=max_bytes)
+        image = open_header(data, max_pixels=max_pixels, max_bytes=max_bytes)
+        if size is not None and tuple(image.size) not in ((size[1], size[0]), (size[0], size[1])):
+            raise _wrong_size(index, size, image.size)
+        return load_upright(image)
     except PhotoError as exc:
         raise ServiceError(ErrorCode(exc.code), f"image {index}: {exc.message}", index=index, **exc.details) from exc
+
+
+def _wrong_size(index: int, size: tuple[int, int], got: tuple[int, int]) -> ServiceError:
+    return ServiceError(
+        ErrorCode.wrong_image_size,
+        f"image {index} is {got[0]}x{got[1]}; aligned faces must be {size[1]}x{size[0]}",
+        index=index, expected=[size[1], size[0]], got=[got[0], got[1]],
+    )
 
 
 def to_rgb_array(img: Image.Image, index: int) -> np.ndarray:
@@ -46,7 +60,7 @@ def to_rgb_array(img: Image.Image, index: int) -> np.ndarray:
         raise ServiceError(
             ErrorCode.alpha_channel, f"image {index} has an alpha channel; send 3-channel RGB", index=index, mode=mode
         )
-    if mode not in ("RGB", "P", "YCbCr", "CMYK"):
+    if mode not in ("RGB", "P", "YCbCr"):  # CMYK: 4 channels, and no colour profile conversion here
         raise ServiceError(
             ErrorCode.unsupported_color_mode, f"image {index} has unsupported colour mode {mode}", index=index, mode=mode
         )
@@ -61,12 +75,8 @@ def decode_aligned_face(
     data: bytes, index: int, size: tuple[int, int], max_bytes: int, max_pixels: int
 ) -> np.ndarray:
     """An aligned face crop, exactly ``size`` (height, width), as HxWx3 RGB uint8."""
-    img = open_image(data, index, max_bytes, max_pixels)
+    img = open_image(data, index, max_bytes, max_pixels, size)
     array = to_rgb_array(img, index)
     if array.shape[:2] != tuple(size):
-        raise ServiceError(
-            ErrorCode.wrong_image_size,
-            f"image {index} is {array.shape[1]}x{array.shape[0]}; aligned faces must be {size[1]}x{size[0]}",
-            index=index, expected=[size[1], size[0]], got=[array.shape[1], array.shape[0]],
-        )
+        raise _wrong_size(index, size, (array.shape[1], array.shape[0]))
     return array

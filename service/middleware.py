@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -52,6 +53,57 @@ class BodyLimitMiddleware:
         return await self.app(scope, limited_receive, send)
 
 
+class DisconnectMiddleware:
+    """Cancels a request's handler when its client goes away after sending the whole body.
+
+    A request waiting for the model (or for decode memory) is then abandoned at once: its faces are
+    dropped from the batcher's queue instead of being run for nobody. A watcher listens for
+    ``http.disconnect`` only once the body has been read (so it never competes with the handler for
+    body messages) and cancels the handler's task; once the response has started nothing is
+    cancelled. One small task per request with a body, no extra task for the handler.
+    """
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        task = asyncio.current_task()
+        state = {"responding": False, "gone": False}
+        watcher: asyncio.Task | None = None
+
+        async def watch() -> None:
+            # per ASGI the next message after the whole body is http.disconnect
+            if (await receive())["type"] == "http.disconnect" and not state["responding"]:
+                state["gone"] = True
+                task.cancel()
+
+        async def tracked_receive():
+            nonlocal watcher
+            message = await receive()
+            if watcher is None and message["type"] == "http.request" and not message.get("more_body", False):
+                watcher = asyncio.ensure_future(watch())
+            return message
+
+        async def tracked_send(message):
+            state["responding"] = True
+            await send(message)
+
+        try:
+            await self.app(scope, tracked_receive, tracked_send)
+        except asyncio.CancelledError:
+            if not state["gone"]:
+                raise  # a real cancellation (shutdown), not ours
+            if hasattr(task, "uncancel"):  # 3.11+: this task goes on normally
+                task.uncancel()
+            scope["client_disconnected"] = True
+            log.info("client disconnected; request abandoned", extra={"path": scope.get("path")})
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+
+
 class AccessMiddleware:
     """Counts and times every request by route template, and logs one structured line for each."""
 
@@ -74,6 +126,8 @@ class AccessMiddleware:
         try:
             await self.app(scope, receive, capture)
         finally:
+            if scope.get("client_disconnected"):
+                status = 499  # nginx's code for "client closed the request"; no response was sent
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"
             elapsed = time.perf_counter() - started

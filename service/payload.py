@@ -7,6 +7,8 @@ routes never care how the images arrived.
 from __future__ import annotations
 
 import json
+import types
+import typing
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -22,12 +24,28 @@ _PLACEHOLDER = "multipart"  # stands in for uploaded files while the rest of the
 
 
 def _validation_error(exc: ValidationError) -> ServiceError:
-    errors = [
-        {"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]}
-        for e in exc.errors(include_url=False, include_input=False)
-    ]
-    return ServiceError(ErrorCode.invalid_request, "the request body is not valid: " + errors[0]["message"]
+    raw = exc.errors(include_url=False, include_input=False)
+    errors = [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in raw]
+    # an identity id the gallery cannot hold has its own code (see schemas.check_identity_id)
+    code = ErrorCode.invalid_identity_id if any(e["type"] == "invalid_identity_id" for e in raw) \
+        else ErrorCode.invalid_request
+    return ServiceError(code, "the request body is not valid: " + errors[0]["message"]
                         + f" ({errors[0]['field']})", errors=errors)
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json(text: str | bytes, what: str = "the body") -> Any:
+    """Strict JSON: NaN and Infinity are refused (they are not JSON and would be stored as null), and
+    nesting too deep for the parser is a ``malformed_json`` (400) like any other bad JSON."""
+    try:
+        return json.loads(text, parse_constant=_refuse_constant)
+    except RecursionError as exc:
+        raise ServiceError(ErrorCode.malformed_json, f"{what} is nested too deeply") from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ServiceError(ErrorCode.malformed_json, f"{what} is not valid JSON: {exc}") from exc
 
 
 async def read_payload(
@@ -49,11 +67,7 @@ async def read_payload(
             ErrorCode.unsupported_media_type,
             f"content type {content_type!r} is not accepted; send application/json or multipart/form-data",
         )
-    body = await request.body()
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ServiceError(ErrorCode.malformed_json, f"the body is not valid JSON: {exc}") from exc
+    data = parse_json(await request.body())
     if isinstance(data, dict):
         count = sum(len(v) if isinstance(v, list) else 0 for k, v in data.items() if k in list_fields)
         _check_count(count, max_images)  # before validation: do not walk a huge list twice
@@ -84,6 +98,8 @@ def _check_count(count: int, max_images: int) -> None:
 async def _read_multipart(request, model, list_fields, single_fields, max_images):
     try:
         form = await request.form(max_files=max_images + 1, max_fields=100)
+    except ServiceError:  # e.g. payload_too_large from the body limit, while a chunked body streams in
+        raise
     except Exception as exc:  # noqa: BLE001 - starlette raises several types for bad forms
         message = str(exc) or type(exc).__name__
         if "Too many files" in message:
@@ -104,14 +120,35 @@ async def _read_multipart(request, model, list_fields, single_fields, max_images
         value = values[-1]
         if isinstance(value, UploadFile):
             raise ServiceError(ErrorCode.invalid_request, f"field {key!r} must not be a file")
-        if key in fields and fields[key].annotation not in (str, "str") and value.strip()[:1] in "{[":
-            try:  # JSON-valued form fields, e.g. metadata={"team": "a"}
-                value = json.loads(value)
-            except ValueError as exc:
-                raise ServiceError(ErrorCode.malformed_json, f"form field {key!r} is not valid JSON") from exc
+        if key in fields and not _takes_text(fields[key].annotation):
+            value = _form_value(key, value)
         data[key] = value
     _check_count(sum(len(v) for v in images.values()), max_images)
     return data, images
+
+
+def _takes_text(annotation: Any) -> bool:
+    """Is a plain string a valid value of this field (str, or a union with str)?"""
+    if annotation is str:
+        return True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_takes_text(arg) for arg in typing.get_args(annotation))
+    return False
+
+
+def _form_value(key: str, value: str) -> Any:
+    """A form field of a non-text field as the JSON value it spells: ``threshold=0.5`` -> 0.5,
+    ``replace=true`` -> True, ``metadata={...}`` -> a dict. The models are strict (a JSON body must
+    not send "0.5" for a number), so form text is converted here; anything else (a Literal such as
+    ``image_type=photo``) stays text and is validated as such."""
+    text = value.strip()
+    if text[:1] in "{[":  # JSON-valued form fields, e.g. metadata={"team": "a"}
+        return parse_json(text, f"form field {key!r}")
+    try:
+        parsed = parse_json(text, f"form field {key!r}")
+    except ServiceError:
+        return value
+    return parsed if isinstance(parsed, (bool, int, float)) or parsed is None else value
 
 
 def body_docs(model: type[BaseModel], list_fields: tuple[str, ...], single_fields: tuple[str, ...] = ()) -> dict:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import io
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -18,9 +20,11 @@ import numpy as np
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
-from .detection import AlignedFace, DetectedFace, PhotoError, align_face, decode_photo, select_faces
+from .detection import AlignedFace, DetectedFace, PhotoError, align_face, select_faces
+from .detection.photos import decode_cost, load_upright, open_header, photo_to_rgb
 from .errors import ErrorCode, ServiceError
 from .images import decode_aligned_face
+from .model.batcher import InferenceTimeout, Overloaded
 from .state import ServiceState
 
 ImageType = Literal["aligned", "photo", "auto"]
@@ -66,8 +70,11 @@ def _is_aligned_size(data: bytes, size: tuple[int, int]) -> bool:
         return True
 
 
-def detect_photo(state: ServiceState, data: bytes, index: int) -> tuple[np.ndarray, list[DetectedFace]]:
-    """Photo bytes -> (upright RGB array, every face in it). No face is an empty list, not an error."""
+@contextmanager
+def decoded_photo(state: ServiceState, data: bytes, index: int) -> Iterator[tuple[np.ndarray, list[DetectedFace]]]:
+    """Photo bytes -> (upright RGB array, every face in it), valid inside the ``with``: the decode's
+    estimated memory is reserved in the process-wide budget (``decode_budget``) until then. No face
+    is an empty list, not an error."""
     if state.detector is None or state.template is None:
         raise ServiceError(
             ErrorCode.photo_not_supported,
@@ -76,22 +83,29 @@ def detect_photo(state: ServiceState, data: bytes, index: int) -> tuple[np.ndarr
         )
     settings = state.settings
     try:
-        rgb = decode_photo(data, max_pixels=settings.max_image_pixels, max_bytes=settings.max_image_bytes)
+        header = [open_header(data, max_pixels=settings.max_image_pixels, max_bytes=settings.max_image_bytes)]
     except PhotoError as exc:
         raise _photo_error(exc, index) from exc
-    started = time.perf_counter()
-    faces = state.detector.detect(rgb)
-    state.metrics.observe_detection(len(faces), time.perf_counter() - started)
-    return rgb, faces
+    with state.decode_budget.reserve(decode_cost(header[0]), index):
+        try:
+            # popped into the call so that no reference here keeps the decoded image alive while
+            # photo_to_rgb converts it (the estimate assumes it is freed)
+            rgb = photo_to_rgb(load_upright(header.pop()))
+        except PhotoError as exc:
+            raise _photo_error(exc, index) from exc
+        started = time.perf_counter()
+        faces = state.detector.detect(rgb)
+        state.metrics.observe_detection(len(faces), time.perf_counter() - started)
+        yield rgb, faces
 
 
 def align_photo(state: ServiceState, data: bytes, index: int, multi_face: MultiFace) -> list[AlignedFace]:
-    rgb, faces = detect_photo(state, data, index)
-    try:
-        chosen = select_faces(faces, multi_face, rgb.shape)
-    except PhotoError as exc:  # no face
-        raise _photo_error(exc, index) from exc
-    return [AlignedFace(face=face, crop=align_face(rgb, face, state.template)) for face in chosen]
+    with decoded_photo(state, data, index) as (rgb, faces):
+        try:
+            chosen = select_faces(faces, multi_face, rgb.shape)
+        except PhotoError as exc:  # no face
+            raise _photo_error(exc, index) from exc
+        return [AlignedFace(face=face, crop=align_face(rgb, face, state.template)) for face in chosen]
 
 
 def decode_faces(
@@ -124,5 +138,17 @@ async def embed_images(
 ) -> tuple[np.ndarray, FaceBatch]:
     """Embeddings of every face in ``blobs`` (one per aligned image; per photo, what the policy picks)."""
     faces = await run_in_threadpool(decode_faces, state, blobs, image_type, multi_face, first_index)
-    vectors = await state.batcher.embed(np.stack(faces.crops))
+    vectors = await embed_crops(state, np.stack(faces.crops))
     return vectors, faces
+
+
+async def embed_crops(state: ServiceState, crops: np.ndarray) -> np.ndarray:
+    """Aligned crops -> embeddings through the shared batcher; its deadline and queue bound become
+    ``inference_timeout`` (504) and ``overloaded`` (503) instead of a request that never returns."""
+    try:
+        return await state.batcher.embed(crops)
+    except InferenceTimeout as exc:
+        raise ServiceError(ErrorCode.inference_timeout, f"the model did not answer in time: {exc}",
+                           timeout_ms=state.settings.inference_timeout_ms) from exc
+    except Overloaded as exc:
+        raise ServiceError(ErrorCode.overloaded, f"the service is overloaded, retry later: {exc}") from exc

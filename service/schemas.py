@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
 Base64Image = Annotated[
     str,
@@ -26,11 +27,26 @@ SingleFace = Annotated[
     Literal["largest", "center"],
     Field(description="Photos with several faces: use the `largest` one, or the one nearest the image `center`."),
 ]
+
+
+def check_identity_id(value: str) -> str:
+    """Ids a client could not address as a path segment, or the gallery could not serve back."""
+    if value in (".", ".."):
+        raise PydanticCustomError("invalid_identity_id", "'.' and '..' are not identity ids (URLs resolve them away)")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PydanticCustomError("invalid_identity_id", "the identity id is not valid Unicode") from None
+    return value
+
+
 IdentityId = Annotated[
     str,
     Field(min_length=1, max_length=128, pattern=r"^[^/\x00-\x1f\x7f]+$",
-          description="Your identifier for a person: 1-128 characters, no '/' or control characters.",
+          description="Your identifier for a person: 1-128 characters, no '/' or control characters, "
+          "not '.' or '..'.",
           examples=["employee-4711"]),
+    AfterValidator(check_identity_id),
 ]
 Threshold = Annotated[float | None, Field(ge=-1.0, le=1.0, description="Cosine threshold; omit for the default.")]
 Embedding = Annotated[
@@ -46,7 +62,9 @@ ModelId = Annotated[
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: "0.5" is not a number and true is not an integer (multipart text is converted first,
+    # in payload.py); unknown fields are refused
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class ImageOptions(Strict):
@@ -95,7 +113,9 @@ class EnrollRequest(SingleFacePhotoOptions):
     embeddings: list[Embedding] | None = Field(None, min_length=1, description="Instead of `images`.")
     model_id: ModelId = None
     metadata: dict[str, Any] | None = Field(
-        None, description="Free JSON stored with the identity. On an existing identity it replaces the old metadata."
+        None, description="Free JSON stored with the identity (an object; at most FACE_MAX_METADATA_BYTES as "
+        "UTF-8 JSON, nested at most FACE_MAX_METADATA_DEPTH deep, finite numbers). On an existing identity "
+        "it replaces the old metadata."
     )
     replace: bool = Field(
         False,
@@ -250,5 +270,6 @@ class ReadyResponse(BaseModel):
         None, description="The impostor tail in use: `gallery` (python -m service calibrate) or `model` "
         "(the contract's), what it was measured on, over how many pairs, the smallest FAR it measured, and "
         "whether the current threshold lies beyond it (extrapolated); null: none.")
-    inference_ms: float = Field(description="Latency of the real inference this check just ran.")
+    inference_ms: float = Field(
+        description="Latency of the real inference of the last check (re-run at most once per FACE_READYZ_CACHE_MS).")
     gallery: dict[str, int]

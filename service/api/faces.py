@@ -13,7 +13,7 @@ from ..deps import ApiKey, StateDep
 from ..errors import ErrorCode, ServiceError
 from ..payload import body_docs, read_payload
 from ..detection import align_face
-from ..pipeline import detect_photo, embed_images
+from ..pipeline import decoded_photo, embed_images
 from ..schemas import (
     Candidate, DetectedImage, DetectRequest, DetectResponse, EmbedRequest, EmbedResponse, ErrorResponse,
     IdentifyRequest, IdentifyResponse, ProbeResult, VerifyRequest, VerifyResponse,
@@ -127,13 +127,13 @@ async def detect(request: Request, state: StateDep) -> DetectResponse:
 def _detect_all(state: ServiceState, blobs: list[bytes], return_crops: bool) -> list[DetectedImage]:
     results = []
     for index, blob in enumerate(blobs):
-        rgb, found = detect_photo(state, blob, index)
-        faces = []
-        for face in found:
-            item = {"image_index": index, **face.as_dict()}
-            if return_crops:
-                crop = cv2.cvtColor(align_face(rgb, face, state.template), cv2.COLOR_RGB2BGR)
-                item["crop"] = base64.b64encode(cv2.imencode(".png", crop)[1].tobytes()).decode()
-            faces.append(item)
-        results.append(DetectedImage(width=rgb.shape[1], height=rgb.shape[0], faces=faces))
+        with decoded_photo(state, blob, index) as (rgb, found):
+            faces = []
+            for face in found:
+                item = {"image_index": index, **face.as_dict()}
+                if return_crops:
+                    crop = cv2.cvtColor(align_face(rgb, face, state.template), cv2.COLOR_RGB2BGR)
+                    item["crop"] = base64.b64encode(cv2.imencode(".png", crop)[1].tobytes()).decode()
+                faces.append(item)
+            results.append(DetectedImage(width=rgb.shape[1], height=rgb.shape[0], faces=faces))
     return results

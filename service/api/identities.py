@@ -9,6 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..deps import ApiKey, StateDep
 from ..errors import ErrorCode, ServiceError
+from ..metadata import MetadataLimits, check_metadata
 from ..payload import body_docs, read_payload
 from ..vectors import list_source, source_vectors
 from ..schemas import (
@@ -34,6 +35,8 @@ async def enroll(request: Request, state: StateDep) -> EnrollResponse:
     """
     payload, images = await read_payload(request, EnrollRequest, ("images",),
                                          max_images=state.settings.max_faces_per_request)
+    check_metadata(payload.metadata, MetadataLimits(state.settings.max_metadata_bytes,
+                                                    state.settings.max_metadata_depth))
     vectors, faces = await source_vectors(state, list_source(payload, images))
     face_ids, created, replaced = await run_in_threadpool(
         state.gallery.enroll, payload.identity_id, vectors, payload.metadata, payload.replace

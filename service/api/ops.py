@@ -6,14 +6,17 @@ import time
 
 import numpy as np
 from fastapi import APIRouter, Response
+from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from ..deps import ApiKey, StateDep
 from ..errors import ErrorCode, ServiceError
+from ..pipeline import embed_crops
 from ..schemas import ReadyResponse
 
 router = APIRouter(tags=["operations"])
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})  # never need the API key (load balancers, orchestrators)
 
 
 @router.get("/healthz", summary="Liveness")
@@ -24,7 +27,8 @@ async def healthz() -> dict:
 
 @router.get("/readyz", response_model=ReadyResponse, summary="Readiness")
 async def readyz(state: StateDep) -> ReadyResponse:
-    """Ready when the model is loaded, a real inference succeeds and the gallery index is loaded;
+    """Ready when the model is loaded, a real inference succeeds (at most one per
+    FACE_READYZ_CACHE_MS; polls in between get the last result) and the gallery index is loaded;
     reports the providers in use. While the index loads: 503 `gallery_loading` (status "loading")."""
     load_state = state.gallery.load_state
     if load_state != "ready":
@@ -32,13 +36,17 @@ async def readyz(state: StateDep) -> ReadyResponse:
         code = ErrorCode.gallery_loading if load_state == "loading" else ErrorCode.gallery_unavailable
         raise ServiceError(code, f"gallery index {load_state}" + (f": {state.gallery.load_error}" if state.gallery.load_error else ""),
                            status=load_state, gallery=stats)
-    h, w = state.contract.input_size
-    face = np.full((1, h, w, 3), 128, dtype=np.uint8)
-    started = time.perf_counter()
-    vector = await state.batcher.embed(face)
-    elapsed = (time.perf_counter() - started) * 1000
-    if not np.isfinite(vector).all():
-        raise RuntimeError("the model returned non-finite values")
+
+    async def check() -> float:
+        h, w = state.contract.input_size
+        face = np.full((1, h, w, 3), 128, dtype=np.uint8)
+        started = time.perf_counter()
+        vector = await embed_crops(state, face)
+        if not np.isfinite(vector).all():
+            raise RuntimeError("the model returned non-finite values")
+        return (time.perf_counter() - started) * 1000
+
+    elapsed = await state.readiness.inference_ms(check)
     stats = await run_in_threadpool(state.gallery.stats)
     identify = await run_in_threadpool(state.open_set_threshold)
     return ReadyResponse(
@@ -53,7 +61,8 @@ async def readyz(state: StateDep) -> ReadyResponse:
     )
 
 
-@router.get("/metrics", summary="Prometheus metrics", dependencies=[ApiKey])
+@router.get("/metrics", summary="Prometheus metrics", dependencies=[ApiKey], response_class=PlainTextResponse,
+            responses={200: {"description": "Prometheus text exposition format", "content": {"text/plain": {}}}})
 async def metrics(state: StateDep) -> Response:
     stats = await run_in_threadpool(state.gallery.stats)
     state.metrics.gallery_identities.set(stats["identities"])

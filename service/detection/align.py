@@ -17,7 +17,7 @@ from typing import Literal, get_args
 import cv2
 import numpy as np
 
-from .detector import DetectedFace, FaceDetector
+from .detector import DetectedFace, FaceDetector, gray_plane
 from .errors import NoFaceDetected
 
 MultiFacePolicy = Literal["largest", "center", "all"]
@@ -118,6 +118,9 @@ def align_face(
 ) -> np.ndarray:
     """The aligned crop (template.size, same channels and dtype as ``image``) for 5 landmarks in
     ``image`` pixel coordinates (or a ``DetectedFace``). Parts of the crop outside the image are black."""
+    plane = gray_plane(image)
+    if plane is not None:  # a gray photo: align its one plane, then give the small crop 3 channels
+        return np.repeat(align_face(plane, landmarks, template)[..., None], 3, axis=2)
     points = landmarks.landmarks_array if isinstance(landmarks, DetectedFace) else np.asarray(landmarks, np.float64)
     if points.shape != (5, 2) or not np.isfinite(points).all():
         raise ValueError(f"need 5 finite (x, y) landmarks, got shape {points.shape}")

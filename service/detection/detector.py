@@ -8,7 +8,11 @@ never needs to know how detection was run (downscaled, on which backend, ...).
 from __future__ import annotations
 
 import logging
+import os
+import queue
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -65,6 +69,15 @@ def check_rgb_image(image: np.ndarray) -> None:
         raise ValueError(f"expected an HxWx3 uint8 RGB array, got shape {shape} dtype {dtype}")
 
 
+def gray_plane(image: np.ndarray) -> np.ndarray | None:
+    """The single plane of a grayscale photo passed as an HxWx3 broadcast view (``photos.photo_to_rgb``
+    returns gray photos that way, so a 40 Mpx gray photo costs 40 MB, not 160), else None. Code that
+    would copy the whole image works on this plane instead."""
+    if image.ndim == 3 and image.shape[2] == 3 and image.strides[2] == 0:
+        return image[..., 0]
+    return None
+
+
 @dataclass(frozen=True)
 class YuNetConfig:
     # The reference crops in ../shared/data/lfw-112 were made at 0.5; every labelled face there scored
@@ -100,33 +113,48 @@ class YuNetDetector:
     """YuNet (opencv_zoo, 2023mar int8) through ``cv2.FaceDetectorYN``, CPU.
 
     Thread safety: a ``cv2.FaceDetectorYN`` keeps per-call state (its input size is set before each
-    call) and is not safe to share between threads. Each thread gets its own instance (a
-    ``threading.local``), created on first use, rather than one instance behind a lock: the model is
-    ~100 kB so the copies are cheap, and detections of concurrent requests then run in parallel
-    instead of queueing. The number of instances is bounded by the server's thread pool.
+    call) and is not safe to share between threads. Instances are kept in a small pool (at most
+    ``max_instances``, made on demand); a detection borrows one and gives it back. Not one per thread:
+    an instance holds ~25 MB of network buffers once it has run, and the server's thread pool has
+    40 threads, so per-thread instances grew the process by up to ~1 GB. Detections beyond the pool
+    size wait for an instance, which costs nothing on a CPU with that many cores.
     """
 
     name = "yunet-2023mar"
 
-    def __init__(self, config: YuNetConfig | None = None, model_path: Path | None = None) -> None:
+    def __init__(self, config: YuNetConfig | None = None, model_path: Path | None = None,
+                 max_instances: int | None = None) -> None:
         self.config = config or YuNetConfig()
         self.model_path = Path(model_path) if model_path else yunet_model_path()
         if not self.model_path.exists():
             raise FileNotFoundError(f"YuNet model {self.model_path} does not exist")
-        self._per_thread = threading.local()
+        self.max_instances = max_instances or min(8, os.cpu_count() or 1)
+        self._slots = threading.BoundedSemaphore(self.max_instances)
+        self._idle: queue.SimpleQueue[cv2.FaceDetectorYN] = queue.SimpleQueue()
         # fail at start-up rather than on the first request if OpenCV cannot load the file
-        self._instance()
+        self._idle.put(self._create())
 
-    def _instance(self) -> cv2.FaceDetectorYN:
-        detector = getattr(self._per_thread, "detector", None)
-        if detector is None:
-            cfg = self.config
-            detector = cv2.FaceDetectorYN.create(
-                str(self.model_path), "", (320, 320), cfg.score_threshold, cfg.nms_threshold, cfg.top_k
-            )
-            self._per_thread.detector = detector
-            log.debug("YuNet instance created", extra={"thread": threading.current_thread().name})
-        return detector
+    def _create(self) -> cv2.FaceDetectorYN:
+        cfg = self.config
+        log.debug("YuNet instance created", extra={"thread": threading.current_thread().name})
+        return cv2.FaceDetectorYN.create(
+            str(self.model_path), "", (320, 320), cfg.score_threshold, cfg.nms_threshold, cfg.top_k
+        )
+
+    @contextmanager
+    def _instance(self) -> Iterator[cv2.FaceDetectorYN]:
+        self._slots.acquire()
+        try:
+            try:
+                detector = self._idle.get_nowait()
+            except queue.Empty:
+                detector = self._create()
+            try:
+                yield detector
+            finally:
+                self._idle.put(detector)
+        finally:
+            self._slots.release()
 
     def detect(self, image: np.ndarray) -> list[DetectedFace]:
         check_rgb_image(image)
@@ -134,18 +162,23 @@ class YuNetDetector:
         if min(height, width) < self.config.min_side:
             return []
         scale = min(1.0, self.config.max_side / max(height, width))
-        bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)  # YuNet was trained on OpenCV's BGR order
+        # shrink first, then convert: a full-resolution BGR copy of a big photo would cost w x h x 3
+        # bytes for nothing (resizing and swapping channels commute exactly)
+        plane = gray_plane(image)
+        source = image if plane is None else plane
         if scale < 1.0:
             size = (max(1, round(width * scale)), max(1, round(height * scale)))
-            bgr = cv2.resize(bgr, size, interpolation=cv2.INTER_AREA)
+            source = cv2.resize(source, size, interpolation=cv2.INTER_AREA)
             if min(size) < self.config.min_side:  # an extreme aspect ratio shrunk to a sliver
                 return []
+        # YuNet was trained on OpenCV's BGR order
+        bgr = cv2.cvtColor(source, cv2.COLOR_RGB2BGR if plane is None else cv2.COLOR_GRAY2BGR)
         det_h, det_w = bgr.shape[:2]
         # the exact per-axis factors of the resize (rounding makes them differ slightly from `scale`)
         sx, sy = det_w / width, det_h / height
-        detector = self._instance()
-        detector.setInputSize((det_w, det_h))
-        _, rows = detector.detect(bgr)
+        with self._instance() as detector:
+            detector.setInputSize((det_w, det_h))
+            _, rows = detector.detect(bgr)
         if rows is None:
             return []
         faces = [self._to_original(row, sx, sy) for row in rows]

@@ -1,9 +1,26 @@
 """Dynamic micro-batching: faces from concurrent requests share one session run.
 
-A request's faces are queued (split into chunks of at most ``max_batch``); a worker takes the first
-chunk, then gathers more until the batch is full or ``max_wait_ms`` has passed, runs the model in a
-thread (never on the event loop), and hands each request its own rows back. Images are decoded and
-validated before they reach the queue, so one request's bad image can never fail another's batch.
+Design: one gatherer, N inference workers.
+
+* A request's faces are queued as chunks of at most ``max_batch`` faces, each with its own future.
+* A single gatherer task forms every batch. It first waits for a free inference slot (one of
+  ``workers``), then takes the first live chunk and gathers more until the batch is full or
+  ``max_wait_ms`` has passed. A chunk that does not fit is held over as the first chunk of the next
+  batch. Because only the gatherer ever touches the held-over chunk there is exactly one of it and
+  nothing can overwrite it (the old design had each of N workers gather on its own around one shared
+  held-over slot, and a chunk overwritten there was never answered).
+* The batch goes to an inference task that runs the model in a thread (never on the event loop) and
+  hands each chunk its own rows. At most ``workers`` run at once; while they are busy the queue
+  fills, so the next batch is formed from what is waiting at that moment (bigger batches under load).
+* Every request waits with a deadline (``timeout_s``): past it the request gets ``InferenceTimeout``
+  and its chunks' futures are cancelled. The gatherer drops chunks whose future is done (timed out,
+  cancelled because the client left, or already failed), both when it takes them from the queue and
+  before a batch runs, so an abandoned request never takes room in a later batch and never has rows
+  written into it. ``max_queued_faces`` bounds the faces waiting; beyond it ``Overloaded`` is raised
+  at once instead of growing an unbounded backlog.
+
+Images are decoded and validated before they reach the queue, so one request's bad image can never
+fail another's batch; a model failure fails exactly the requests whose faces were in that run.
 """
 
 from __future__ import annotations
@@ -20,10 +37,22 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
+class InferenceTimeout(TimeoutError):
+    """A request's faces were not embedded within the batcher's deadline."""
+
+
+class Overloaded(RuntimeError):
+    """Too many faces are already waiting for the model."""
+
+
 @dataclass
 class _Chunk:
     faces: np.ndarray
     future: asyncio.Future = field(repr=False)
+
+    @property
+    def abandoned(self) -> bool:
+        return self.future.done()  # answered, failed, timed out or cancelled: nobody needs rows for it
 
 
 class DynamicBatcher:
@@ -34,86 +63,164 @@ class DynamicBatcher:
         max_wait_ms: float,
         workers: int = 1,
         on_batch: Callable[[int, float], None] | None = None,
+        timeout_s: float | None = None,
+        max_queued_faces: int | None = None,
     ) -> None:
         self._execute = execute
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
+        self.timeout_s = timeout_s
+        self.max_queued_faces = max_queued_faces
         self._workers = workers
         self._on_batch = on_batch
         self._queue: asyncio.Queue[_Chunk] | None = None
-        self._tasks: list[asyncio.Task] = []
+        self._slots: asyncio.Semaphore | None = None
+        self._gatherer: asyncio.Task | None = None
+        self._running: set[asyncio.Task] = set()
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="inference")
-        self._held: _Chunk | None = None  # a chunk that did not fit the last batch goes first next
+        self._held: _Chunk | None = None  # owned by the gatherer alone
+        self._queued_faces = 0
 
     async def start(self) -> None:
         self._queue = asyncio.Queue()
-        self._tasks = [asyncio.create_task(self._worker(), name=f"batcher-{i}") for i in range(self._workers)]
+        self._slots = asyncio.Semaphore(self._workers)
+        self._gatherer = asyncio.create_task(self._gather_forever(), name="batcher-gatherer")
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        tasks = [t for t in [self._gatherer, *self._running] if t is not None]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._fail_waiting(RuntimeError("the batcher stopped"))
         self._executor.shutdown(wait=True)
 
-    async def embed(self, faces: np.ndarray) -> np.ndarray:
-        """N aligned faces (N x H x W x 3 uint8) -> N embeddings, batched with whoever else is waiting."""
+    @property
+    def queued_faces(self) -> int:
+        """Faces waiting for (or in) a session run."""
+        return self._queued_faces
+
+    async def embed(self, faces: np.ndarray, timeout_s: float | None = None) -> np.ndarray:
+        """N aligned faces (N x H x W x 3 uint8) -> N embeddings, batched with whoever else is waiting.
+
+        Raises ``InferenceTimeout`` past the deadline (``timeout_s``, else the batcher's) and
+        ``Overloaded`` when the queue is full; cancelling the caller abandons its faces."""
         if self._queue is None:
             raise RuntimeError("batcher not started")
+        if self.max_queued_faces is not None and self._queued_faces + len(faces) > self.max_queued_faces:
+            raise Overloaded(f"{self._queued_faces} faces are already waiting; the limit is {self.max_queued_faces}")
         loop = asyncio.get_running_loop()
         chunks = []
         for start in range(0, len(faces), self.max_batch):
             chunk = _Chunk(faces[start : start + self.max_batch], loop.create_future())
+            self._queued_faces += len(chunk.faces)
+            chunk.future.add_done_callback(lambda _f, n=len(chunk.faces): self._dequeued(n))
             chunks.append(chunk)
             self._queue.put_nowait(chunk)
-        results = await asyncio.gather(*(c.future for c in chunks))
-        return np.concatenate(results, axis=0)
-
-    async def _next_chunk(self, timeout: float | None) -> _Chunk | None:
-        if self._held is not None:
-            chunk, self._held = self._held, None
-            return chunk
-        if timeout is None:
-            return await self._queue.get()
-        if timeout <= 0:
-            return self._queue.get_nowait() if not self._queue.empty() else None
+        timeout = timeout_s if timeout_s is not None else self.timeout_s
         try:
-            return await asyncio.wait_for(self._queue.get(), timeout)
+            results = await asyncio.wait_for(asyncio.gather(*(c.future for c in chunks)), timeout)
         except asyncio.TimeoutError:  # the builtin TimeoutError only from 3.11 on
-            return None
+            raise InferenceTimeout(f"{len(faces)} faces were not embedded within {timeout:g} s") from None
+        finally:
+            for c in chunks:  # timed out, cancelled or failed: nobody will read these rows
+                c.future.cancel()
+        return results[0] if len(results) == 1 else np.concatenate(results, axis=0)
 
-    async def _worker(self) -> None:
+    def _dequeued(self, n: int) -> None:
+        self._queued_faces -= n
+
+    # --- the gatherer ------------------------------------------------------------------------
+    async def _take(self, timeout: float | None) -> _Chunk | None:
+        """The next live chunk (held-over first); None when ``timeout`` passes first."""
         loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
         while True:
-            first = await self._next_chunk(None)
-            batch, size = [first], len(first.faces)
-            deadline = loop.time() + self.max_wait
-            while size < self.max_batch:
-                chunk = await self._next_chunk(deadline - loop.time())
-                if chunk is None:
-                    break
-                if size + len(chunk.faces) > self.max_batch:
-                    self._held = chunk
-                    break
-                batch.append(chunk)
-                size += len(chunk.faces)
-            live = [c for c in batch if not c.future.done()]  # skip requests whose clients left
-            if not live:
-                continue
-            faces = live[0].faces if len(live) == 1 else np.concatenate([c.faces for c in live], axis=0)
-            started = time.perf_counter()
+            if self._held is not None:
+                chunk, self._held = self._held, None
+            elif deadline is None:
+                chunk = await self._queue.get()
+            else:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    if self._queue.empty():
+                        return None
+                    chunk = self._queue.get_nowait()
+                else:
+                    try:
+                        chunk = await asyncio.wait_for(self._queue.get(), remaining)
+                    except asyncio.TimeoutError:
+                        return None
+            if not chunk.abandoned:
+                return chunk
+
+    async def _form_batch(self) -> list[_Chunk]:
+        loop = asyncio.get_running_loop()
+        first = await self._take(None)
+        batch, size = [first], len(first.faces)
+        deadline = loop.time() + self.max_wait
+        while size < self.max_batch:
+            chunk = await self._take(deadline - loop.time())
+            if chunk is None:
+                break
+            if size + len(chunk.faces) > self.max_batch:
+                self._held = chunk  # first in the next batch: order is kept, nothing is lost
+                break
+            batch.append(chunk)
+            size += len(chunk.faces)
+        return batch
+
+    async def _gather_forever(self) -> None:
+        while True:
+            await self._slots.acquire()  # a free worker first: meanwhile the queue fills up
             try:
-                embeddings = await loop.run_in_executor(self._executor, self._execute, faces)
-            except Exception as exc:  # noqa: BLE001 - delivered to every waiting request
-                log.exception("inference failed", extra={"batch_size": len(faces)})
-                for c in live:
-                    if not c.future.done():
-                        c.future.set_exception(exc)
-                continue
-            if self._on_batch is not None:
-                self._on_batch(len(faces), time.perf_counter() - started)
-            offset = 0
+                batch = await self._form_batch()
+            except BaseException:
+                self._slots.release()
+                raise
+            task = asyncio.create_task(self._run(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    # --- an inference worker -----------------------------------------------------------------
+    async def _run(self, batch: list[_Chunk]) -> None:
+        try:
+            live = [c for c in batch if not c.abandoned]  # requests may have left while we gathered
+            if live:
+                await self._infer(live)
+        finally:
+            self._slots.release()
+
+    async def _infer(self, live: list[_Chunk]) -> None:
+        loop = asyncio.get_running_loop()
+        faces = live[0].faces if len(live) == 1 else np.concatenate([c.faces for c in live], axis=0)
+        started = time.perf_counter()
+        try:
+            embeddings = await loop.run_in_executor(self._executor, self._execute, faces)
+        except asyncio.CancelledError:  # stop(): these requests get an error, not silence
             for c in live:
-                n = len(c.faces)
                 if not c.future.done():
-                    c.future.set_result(embeddings[offset : offset + n])
-                offset += n
+                    c.future.set_exception(RuntimeError("the batcher stopped"))
+            raise
+        except Exception as exc:  # noqa: BLE001 - delivered to every request of this run
+            log.exception("inference failed", extra={"batch_size": len(faces)})
+            for c in live:
+                if not c.future.done():
+                    c.future.set_exception(exc)
+            return
+        if self._on_batch is not None:
+            self._on_batch(len(faces), time.perf_counter() - started)
+        offset = 0
+        for c in live:
+            n = len(c.faces)
+            if not c.future.done():
+                c.future.set_result(embeddings[offset : offset + n])
+            offset += n
+
+    def _fail_waiting(self, exc: Exception) -> None:
+        pending = [self._held] if self._held is not None else []
+        self._held = None
+        while self._queue is not None and not self._queue.empty():
+            pending.append(self._queue.get_nowait())
+        for c in pending:
+            if not c.future.done():
+                c.future.set_exception(exc)

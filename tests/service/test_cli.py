@@ -49,7 +49,8 @@ def test_env_example_lists_every_setting_and_parses(monkeypatch):
     assert (REPO / ".env.example").read_text() == env_example(), "regenerate: python -m service.config > .env.example"
     lines = [l for l in (REPO / ".env.example").read_text().splitlines() if l and not l.startswith("#")]
     names = {l.split("=", 1)[0] for l in lines}
-    assert names == {f"FACE_{n.upper()}" for n in Settings.model_fields}
+    assert names | {"FACE_API_KEY"} == {f"FACE_{n.upper()}" for n in Settings.model_fields}
+    assert "\n# FACE_API_KEY=\n" in (REPO / ".env.example").read_text()  # commented: empty is refused
     for line in lines:
         name, value = line.split("=", 1)
         monkeypatch.setenv(name, value)

@@ -1,0 +1,167 @@
+"""Smaller API edges (issue 10, item 7), each against a real server: docs behind the key, the key's
+security scheme, an empty key refused at start-up, 405 with Allow, a chunked oversized multipart,
+CMYK crops, strict scalar types, /metrics as text, /readyz cached."""
+
+from __future__ import annotations
+
+import io
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from service.app import create_app
+from service.config import Settings
+from tests.conftest import b64, face_files
+from tests.server import ServerProcess
+
+FACE = face_files("Tony_Blair")[0]
+KEY = "test-key-123"
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory, default_model):
+    proc = ServerProcess(tmp_path_factory.mktemp("keyed") / "data", model=default_model, env={"FACE_API_KEY": KEY})
+    proc.wait_ready()
+    with httpx.Client(base_url=proc.url, timeout=60) as c:
+        yield c
+    proc.stop()
+
+
+def code(r: httpx.Response) -> tuple[int, str]:
+    return r.status_code, r.json()["error"]["code"]
+
+
+def test_docs_and_openapi_need_the_key_when_one_is_set(keyed):
+    for path in ("/openapi.json", "/docs", "/redoc"):
+        assert code(keyed.get(path)) == (401, "unauthorized"), path
+        r = keyed.get(path, headers={"X-API-Key": KEY})
+        assert r.status_code == 200, path
+    assert keyed.get("/healthz").status_code == 200 and keyed.get("/readyz").status_code == 200
+
+
+def test_openapi_declares_the_key_as_a_security_scheme(keyed):
+    spec = keyed.get("/openapi.json", headers={"X-API-Key": KEY}).json()
+    scheme = spec["components"]["securitySchemes"]["ApiKey"]
+    assert (scheme["type"], scheme["in"], scheme["name"]) == ("apiKey", "header", "X-API-Key")
+    for path, method in [("/embed", "post"), ("/enroll", "post"), ("/identities", "get"), ("/metrics", "get"),
+                         ("/identities/{identity_id}", "delete")]:
+        assert spec["paths"][path][method]["security"] == [{"ApiKey": []}], path
+    for path in ("/healthz", "/readyz"):
+        assert "security" not in spec["paths"][path]["get"], path
+
+
+def test_public_docs_setting_opens_them():
+    app = create_app(Settings(api_key=KEY, public_docs=True, providers="cpu"))
+    client = TestClient(app)  # no lifespan: the docs need neither the model nor the gallery
+    assert client.get("/openapi.json").status_code == 200
+    assert client.get("/docs").status_code == 200
+
+
+def test_an_empty_api_key_is_refused_at_start_up(tmp_path, default_model):
+    server = ServerProcess(tmp_path / "data", model=default_model, env={"FACE_API_KEY": ""})
+    with pytest.raises(RuntimeError, match="FACE_API_KEY is set but empty"):
+        server.wait_ready(timeout=60)
+    assert server.proc.returncode != 0
+    server.stop()
+
+
+def test_405_keeps_the_allow_header(client):
+    r = client.get("/embed")
+    assert code(r) == (405, "method_not_allowed")
+    assert r.headers["allow"] == "POST"
+
+
+def test_a_chunked_oversized_multipart_is_payload_too_large(client):
+    boundary = "----facetestboundary"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"images\"; filename=\"big.jpg\"\r\n"
+            "Content-Type: image/jpeg\r\n\r\n").encode()
+
+    def body():  # 50 MB, streamed: no Content-Length, Transfer-Encoding: chunked
+        yield head
+        chunk = b"\xff" * (1 << 20)
+        for _ in range(50):
+            yield chunk
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    try:
+        r = client.post("/embed", content=body(), headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    except httpx.TransportError:  # the server may close before the client has sent all 50 MB
+        pytest.fail("the server hung up without an answer")
+    assert code(r) == (413, "payload_too_large")
+
+
+def test_a_cmyk_jpeg_is_refused_as_an_aligned_crop(client):
+    buf = io.BytesIO()
+    Image.open(FACE).convert("CMYK").save(buf, "JPEG")
+    r = client.post("/embed", json={"images": [b64(buf.getvalue())]})
+    assert code(r) == (422, "unsupported_color_mode")
+
+
+@pytest.mark.parametrize("route,extra", [
+    ("/verify", {"threshold": "0.5"}),
+    ("/verify", {"threshold": True}),
+    ("/identify", {"top_k": True}),
+    ("/identify", {"top_k": "3"}),
+    ("/identify", {"top_k": 3.0}),
+    ("/enroll", {"identity_id": "strict-types", "replace": "true"}),
+    ("/enroll", {"identity_id": "strict-types", "replace": 1}),
+    ("/detect", {"return_crops": "yes"}),
+    ("/enroll", {"identity_id": 5}),
+])
+def test_scalar_fields_are_not_coerced(client, route, extra):
+    images = {"/verify": {"image_a": b64(FACE), "image_b": b64(FACE)}}.get(route, {"images": [b64(FACE)]})
+    r = client.post(route, json={**images, **extra})
+    assert code(r) == (422, "invalid_request"), r.text[:300]
+
+
+def test_multipart_text_fields_still_reach_their_types(client):
+    files = [("images", ("face.jpg", FACE.read_bytes(), "image/jpeg"))]
+    r = client.post("/identify", files=files, data={"top_k": "2", "threshold": "0.5"})
+    assert r.status_code == 200, r.text
+    assert r.json()["threshold"] == 0.5 and len(r.json()["results"][0]["candidates"]) <= 2
+    r = client.post("/enroll", files=files, data={"identity_id": "12345", "replace": "true"})
+    assert r.status_code == 200 and r.json()["identity_id"] == "12345", r.text
+    r = client.post("/verify", files=[("image_a", ("a.jpg", FACE.read_bytes())), ("image_b", ("b.jpg", FACE.read_bytes()))],
+                    data={"threshold": "0.9"})
+    assert r.status_code == 200 and r.json()["threshold"] == 0.9, r.text
+    assert code(client.post("/identify", files=files, data={"top_k": "many"})) == (422, "invalid_request")
+
+
+def test_metrics_are_text_in_the_answer_and_the_openapi(client):
+    r = client.get("/metrics")
+    assert r.headers["content-type"].startswith("text/plain")
+    content = client.get("/openapi.json").json()["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    assert "text/plain" in content and "application/json" not in content
+
+
+def batches_run(client) -> float:
+    text = client.get("/metrics").text
+    return float(next(l.split()[-1] for l in text.splitlines() if l.startswith("face_inference_batch_size_count")))
+
+
+def test_readyz_reuses_a_fresh_inference(client):
+    before = batches_run(client)
+    answers = [client.get("/readyz").json() for _ in range(20)]
+    runs = batches_run(client) - before
+    assert all(a["status"] == "ready" for a in answers)
+    assert runs < 5, f"{runs} model runs for 20 polls"  # one per second at most (FACE_READYZ_CACHE_MS=1000)
+
+
+def test_a_blank_api_key_is_refused_by_the_settings(monkeypatch):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="FACE_API_KEY is set but empty"):
+        Settings(api_key="   ", _env_file=None)
+    monkeypatch.setenv("FACE_API_KEY", "")
+    with pytest.raises(ValidationError, match="FACE_API_KEY is set but empty"):
+        Settings(_env_file=None)
+    monkeypatch.setenv("FACE_API_KEY", KEY)
+    assert Settings(_env_file=None).api_key.get_secret_value() == KEY
