@@ -22,7 +22,7 @@ from .api import faces, identities, ops
 from .config import Settings, get_settings
 from .detection import YuNetConfig, YuNetDetector, template_for
 from .errors import ErrorCode, ServiceError
-from .gallery import Gallery
+from .gallery.api import GalleryUnavailable, open_gallery
 from .metrics import Metrics
 from .middleware import AccessMiddleware, BodyLimitMiddleware
 from .model.batcher import DynamicBatcher
@@ -63,10 +63,8 @@ async def initialize(settings: Settings, metrics: Metrics) -> ServiceState:
     await run_in_threadpool(model.initialize)
     if settings.warmup:
         await run_in_threadpool(model.warmup, _warmup_sizes(settings.batch_max_size))
-    gallery = Gallery(settings.data_dir, model.contract.model_id, model.contract.embedding_size,
-                      m=settings.hnsw_m, ef_construction=settings.hnsw_ef_construction,
-                      ef_search=settings.hnsw_ef_search)
-    await run_in_threadpool(gallery.open)
+    # FACE_DATABASE_URL chooses the backend: PostgreSQL + pgvector, else the embedded gallery
+    gallery = await run_in_threadpool(open_gallery, settings, model.contract.model_id, model.contract.embedding_size)
     batcher = DynamicBatcher(model.execute, settings.batch_max_size, settings.batch_max_wait_ms,
                              workers=settings.batch_workers, on_batch=metrics.observe_batch)
     await batcher.start()
@@ -124,6 +122,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError):
         return _error_response(exc, request)
+
+    @app.exception_handler(GalleryUnavailable)
+    async def gallery_unavailable(request: Request, exc: GalleryUnavailable):
+        # the database is down or unreachable: retryable, and /embed and face-vs-face /verify still work
+        log.warning("gallery unavailable", extra={"path": request.url.path, "reason": str(exc)})
+        return _error_response(ServiceError(ErrorCode.database_unavailable, "the gallery database is unavailable; "
+                                            "retry later"), request)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):

@@ -38,6 +38,7 @@ class ErrorCode(str, Enum):
     not_found = "not_found"
     method_not_allowed = "method_not_allowed"
     model_not_ready = "model_not_ready"
+    database_unavailable = "database_unavailable"
     internal_error = "internal_error"
 
 
@@ -65,6 +66,7 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.not_found: 404,
     ErrorCode.method_not_allowed: 405,
     ErrorCode.model_not_ready: 503,
+    ErrorCode.database_unavailable: 503,
     ErrorCode.internal_error: 500,
 }
 

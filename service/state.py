@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from .config import Settings
 from .detection import AlignmentTemplate, FaceDetector
-from .gallery import Gallery
+from .gallery.api import GalleryBackend
 from .metrics import Metrics
 from .model.batcher import DynamicBatcher
 from .model.contract import FaceContract
@@ -18,7 +18,7 @@ class ServiceState:
     settings: Settings
     model: EmbeddingModel
     batcher: DynamicBatcher
-    gallery: Gallery
+    gallery: GalleryBackend
     metrics: Metrics
     # photos: None when the model's alignment has no template here (then only aligned crops are served)
     detector: FaceDetector | None = None

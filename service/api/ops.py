@@ -36,13 +36,13 @@ async def readyz(state: StateDep) -> ReadyResponse:
         status="ready", model_id=state.contract.model_id, model_path=str(state.model.path),
         providers=state.model.providers, embedding_size=state.contract.embedding_size,
         verify_threshold=state.verify_threshold, identify_threshold=state.identify_threshold,
-        inference_ms=round(elapsed, 3), gallery={k: int(v) for k, v in stats.items()},
+        inference_ms=round(elapsed, 3), gallery=stats.as_dict(),
     )
 
 
 @router.get("/metrics", summary="Prometheus metrics", dependencies=[ApiKey])
 async def metrics(state: StateDep) -> Response:
     stats = await run_in_threadpool(state.gallery.stats)
-    state.metrics.gallery_identities.set(stats["identities"])
-    state.metrics.gallery_faces.set(stats["faces"])
+    state.metrics.gallery_identities.set(stats.identities)
+    state.metrics.gallery_faces.set(stats.faces)
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
