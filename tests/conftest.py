@@ -41,3 +41,14 @@ def server(tmp_path_factory, default_model):
     proc.wait_ready()
     yield proc
     proc.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory):
+    """One real PostgreSQL + pgvector for the session (started only when a test asks for it); each
+    test gets its own schema on it (PgTestServer.fresh_schema)."""
+    from tests.pg import PgTestServer
+
+    server = PgTestServer(tmp_path_factory.mktemp("pg") / "data")
+    yield server
+    server.close()
