@@ -44,11 +44,11 @@ def server(tmp_path_factory, default_model):
 
 
 @pytest.fixture(scope="session")
-def postgres(tmp_path_factory):
+def postgres():
     """One real PostgreSQL + pgvector for the session (started only when a test asks for it); each
     test gets its own schema on it (PgTestServer.fresh_schema)."""
     from tests.pg import PgTestServer
 
-    server = PgTestServer(tmp_path_factory.mktemp("pg") / "data")
+    server = PgTestServer()
     yield server
     server.close()

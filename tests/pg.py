@@ -6,6 +6,8 @@ on the same socket, for the tests of a database outage.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import uuid
 import warnings
 from pathlib import Path
@@ -13,12 +15,18 @@ from urllib.parse import parse_qs, urlparse
 
 
 class PgTestServer:
-    def __init__(self, pgdata: Path) -> None:
+    """As root, pgserver runs PostgreSQL as the user ``pgserver``, which must traverse every parent of
+    the data dir. pytest's own tmp root is 0700 and pytest re-tightens it whenever another session
+    starts, so the data dir lives in a temporary directory of its own instead."""
+
+    def __init__(self) -> None:
         with warnings.catch_warnings():  # platformdirs: no XDG_RUNTIME_DIR here, it uses /tmp
             warnings.simplefilter("ignore")
             import pgserver  # the dev extra
 
-        self.pgdata = Path(pgdata)
+        self._base = Path(tempfile.mkdtemp(prefix="face-pg-"))
+        self.pgdata = self._base / "data"
+        self.pgdata.mkdir()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self._server = pgserver.get_server(self.pgdata, cleanup_mode="stop")
@@ -39,6 +47,7 @@ class PgTestServer:
 
     def close(self) -> None:
         self._server.cleanup()
+        shutil.rmtree(self._base, ignore_errors=True)
 
     @staticmethod
     def fresh_schema() -> str:

@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 MIGRATION_LOCK_KEY = 0x66616365_67616C  # "facegal"
 COUNTER_SLOTS = 16
 MAX_EF_SEARCH = 1000  # pgvector's upper bound for hnsw.ef_search
+# while the database is failing, requests wait this long for a connection instead of the full timeout,
+# so a burst of gallery requests during an outage cannot hold every worker thread (and stall /embed)
+FAILING_TIMEOUT_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -172,6 +175,7 @@ class PostgresGallery:
         self.dim = dim
         self._pool: ConnectionPool | None = None
         self._identity_count = 0
+        self._failing = False  # the last database call failed for want of a connection
 
     @property
     def identity_count(self) -> int:
@@ -217,9 +221,19 @@ class PostgresGallery:
     def _transaction(self) -> Iterator[psycopg.Connection]:
         if self._pool is None:
             raise RuntimeError("the gallery is not open")
-        with _unavailable_on_connection_errors(self.options.where):
-            with self._pool.connection() as conn, conn.transaction():
-                yield conn
+        timeout = FAILING_TIMEOUT_S if self._failing else self.options.timeout_s
+        try:
+            with _unavailable_on_connection_errors(self.options.where):
+                with self._pool.connection(timeout=timeout) as conn, conn.transaction():
+                    yield conn
+        except GalleryUnavailable:
+            if not self._failing:
+                log.warning("gallery database unavailable", extra={"where": self.options.where})
+            self._failing = True
+            raise
+        if self._failing:
+            log.info("gallery database available again", extra={"where": self.options.where})
+        self._failing = False
 
     # --- writes ------------------------------------------------------------------------------
     @staticmethod
