@@ -11,8 +11,10 @@ import pytest
 from tests.conftest import ENROLLED, b64, face_files, unknown_files
 
 
-@pytest.fixture(scope="module")
-def client(server):
+@pytest.fixture(scope="module", params=["embedded", "postgres"])
+def client(request):
+    """Every test runs against both gallery backends: the embedded one and PostgreSQL + pgvector."""
+    server = request.getfixturevalue("server" if request.param == "embedded" else "postgres_server")
     with httpx.Client(base_url=server.url, timeout=60) as c:
         yield c
 
