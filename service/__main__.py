@@ -1,4 +1,4 @@
-"""``python -m service``: run the HTTP server.
+"""``python -m service``: run the HTTP server (``python -m service gallery ...``: the gallery tools).
 
 Settings come from FACE_* environment variables (see .env.example); these flags override them.
 """
@@ -18,7 +18,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m service",
         description="Face embedding service: /embed, /enroll, /verify, /identify over HTTP. "
-        "Every setting is also an environment variable FACE_<NAME> (see .env.example); flags win.",
+        "Every setting is also an environment variable FACE_<NAME> (see .env.example); flags win. "
+        "Gallery tools (export, import, enroll a folder): python -m service gallery --help.",
     )
     parser.add_argument("--host", help="interface to bind (FACE_HOST, default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="TCP port (FACE_PORT, default 8000)")
@@ -33,6 +34,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["gallery"]:  # python -m service gallery {export,import,enroll} ...
+        from .gallery_cli import main as gallery_main
+
+        sys.exit(gallery_main(argv[1:]))
     args = parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None}
     settings = Settings(**overrides)
