@@ -240,14 +240,19 @@ class PostgresGallery:
     def _vectors(embeddings: np.ndarray) -> list[np.ndarray]:
         return [np.ascontiguousarray(v, dtype=np.float32) for v in np.atleast_2d(embeddings)]
 
+    @classmethod
+    def _insert_faces(cls, conn: psycopg.Connection, identity_id: str, vectors: list[np.ndarray], now: float) -> list[int]:
+        return cls._insert_many(conn, [(identity_id, v) for v in vectors], now)
+
     @staticmethod
-    def _insert_faces(conn: psycopg.Connection, identity_id: str, vectors: list[np.ndarray], now: float) -> list[int]:
-        if not vectors:
+    def _insert_many(conn: psycopg.Connection, faces: list[tuple[str, np.ndarray]], now: float) -> list[int]:
+        """Insert (identity id, embedding) rows; their face ids in the same order."""
+        if not faces:
             return []
         with conn.cursor() as cur:
             cur.executemany(
                 "INSERT INTO faces(identity_id, embedding, created_at) VALUES (%s, %b, %s) RETURNING face_id",
-                [(identity_id, v, now) for v in vectors], returning=True,
+                [(identity_id, v, now) for identity_id, v in faces], returning=True,
             )
             face_ids = []
             while True:
@@ -295,9 +300,11 @@ class PostgresGallery:
                         "INSERT INTO identities(identity_id, metadata, created_at, updated_at) VALUES (%s, %s, %s, %s)",
                         [(identity_id, Jsonb(metadata or {}), now, now) for identity_id, _, metadata in items],
                     )
-                face_ids = [self._insert_faces(conn, identity_id, self._vectors(emb), now)
-                            for identity_id, emb, _ in items]
-                self._count(conn, len(items), sum(len(ids) for ids in face_ids))
+                # all faces in one pipelined executemany; ids come back in insertion order
+                flat = [(identity_id, v) for identity_id, emb, _ in items for v in self._vectors(emb)]
+                ids = iter(self._insert_many(conn, flat, now))
+                face_ids = [[next(ids) for _ in range(len(np.atleast_2d(emb)))] for _, emb, _ in items]
+                self._count(conn, len(items), len(flat))
         except psycopg.errors.UniqueViolation as exc:
             raise IdentityExists(f"an identity of the import is already enrolled: {exc.diag.message_detail}") from exc
         return face_ids
@@ -315,10 +322,13 @@ class PostgresGallery:
         return faces
 
     # --- reads -------------------------------------------------------------------------------
-    def _nearest(self, conn: psycopg.Connection, probe: np.ndarray, k: int) -> list[tuple[int, str, float]]:
+    def _nearest(self, conn: psycopg.Connection, probe: np.ndarray, k: int, txn: dict) -> list[tuple[int, str, float]]:
+        """Up to k nearest faces; ``txn`` remembers the ef_search set in this transaction."""
         # without iterative scans an HNSW scan returns at most ef_search rows: ask for at least k
         ef = min(MAX_EF_SEARCH, max(self.options.hnsw_ef_search, k))
-        conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(ef),))
+        if ef != txn.get("ef"):  # set_config(.., true) lasts for this transaction only
+            conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(ef),))
+            txn["ef"] = ef
         rows = conn.execute(
             "SELECT face_id, identity_id, 1 - (embedding <=> %b) FROM faces ORDER BY embedding <=> %b LIMIT %s",
             (probe, probe, k),
@@ -329,10 +339,12 @@ class PostgresGallery:
         """For each probe, up to top_k identities, best first, scored max-over-faces (one transaction)."""
         probes = self._vectors(probes)
         with self._transaction() as conn:
-            conn.execute("SELECT set_config('hnsw.iterative_scan', %s, true)", (self.options.iterative_scan,))
-            results = [search_identities(lambda p, k: self._nearest(conn, p, k), probe, top_k) for probe in probes]
-            self._count(conn, 0, 0)
-        return results
+            # one round trip: the scan mode, and the identity count as of this search
+            self._identity_count = int(conn.execute(
+                "SELECT set_config('hnsw.iterative_scan', %s, true), "
+                "(SELECT COALESCE(sum(identities), 0) FROM counters)", (self.options.iterative_scan,)).fetchone()[1])
+            txn: dict = {}
+            return [search_identities(lambda p, k: self._nearest(conn, p, k, txn), probe, top_k) for probe in probes]
 
     def identity_embeddings(self, identity_id: str) -> np.ndarray | None:
         with self._transaction() as conn:
