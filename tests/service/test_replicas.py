@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 
 import httpx
 import pytest
@@ -172,6 +173,54 @@ def test_database_outage_gives_503_on_gallery_routes_and_heals(replicas, databas
             assert r.json()["results"][0]["identity_id"] == ENROLLED[1]
             assert c.get("/identities/during-outage").status_code == 404  # refused, so not stored
             assert c.get("/readyz").status_code == 200
+
+
+def test_database_restart_under_traffic_gives_only_200_or_503_and_loses_nothing(replicas, database):
+    a, b = replicas
+    face = b64(face_files(ENROLLED[3])[0])
+    statuses: Counter = Counter()
+    acknowledged, unexpected, lock, stop = [], [], threading.Lock(), threading.Event()
+
+    def traffic(server: ServerProcess, worker: int) -> None:
+        with client(server) as c:
+            i = 0
+            while not stop.is_set():
+                identity = f"t{server.port}-{worker}-{i}"
+                for path, body in (("/enroll", {"identity_id": identity, "images": [face]}),
+                                   ("/identify", {"images": [face]})):
+                    r = c.post(path, json=body)
+                    with lock:
+                        statuses[r.status_code] += 1
+                        if r.status_code == 200 and path == "/enroll":
+                            acknowledged.append(identity)
+                        elif r.status_code != 200 and not (
+                                r.status_code == 503 and r.json()["error"]["code"] == "database_unavailable"):
+                            unexpected.append((path, r.status_code, r.text[:200]))
+                i += 1
+
+    threads = [threading.Thread(target=traffic, args=(s, w)) for s in (a, b) for w in range(2)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    database.stop()
+    time.sleep(2.0)
+    database.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # traffic goes on until both replicas answered 200 again
+        with lock:
+            before = statuses[200]
+        time.sleep(1.0)
+        with lock:
+            if statuses[200] > before + 4:
+                break
+    stop.set()
+    for t in threads:
+        t.join(60)
+    assert not unexpected, unexpected[:5]
+    assert statuses[503] > 0 and statuses[200] > 0, statuses  # the outage was seen, and it healed
+    with client(b) as cb:
+        for identity in acknowledged:
+            assert cb.get(f"/identities/{identity}").status_code == 200, identity
 
 
 def test_kill9_of_a_replica_loses_nothing_acknowledged(replicas, tmp_path, default_model, replica_env):
