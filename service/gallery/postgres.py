@@ -20,6 +20,7 @@ identities it last read, inside the transaction of its last search or write.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -33,7 +34,6 @@ import psycopg
 from pgvector import Vector
 from pgvector.psycopg import register_vector
 from psycopg import sql
-from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from .api import (
@@ -64,7 +64,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "identities, faces, pgvector HNSW index, counters", (
         """CREATE TABLE identities (
                identity_id text COLLATE "C" PRIMARY KEY,  -- byte order, as SQLite: keyset pages
-               metadata    jsonb NOT NULL DEFAULT '{{}}',
+               metadata    text NOT NULL DEFAULT '{{}}',  -- JSON text: jsonb cannot hold the NUL escape
                created_at  double precision NOT NULL,
                updated_at  double precision NOT NULL)""",
         """CREATE TABLE faces (
@@ -277,11 +277,11 @@ class PostgresGallery:
             # the upsert creates the identity or locks its row: concurrent writers of one id queue here
             created = conn.execute(
                 """INSERT INTO identities AS i (identity_id, metadata, created_at, updated_at)
-                   VALUES (%(id)s, COALESCE(%(meta)s::jsonb, '{}'::jsonb), %(now)s, %(now)s)
+                   VALUES (%(id)s, COALESCE(%(meta)s::text, '{}'), %(now)s, %(now)s)
                    ON CONFLICT (identity_id) DO UPDATE
-                   SET metadata = COALESCE(%(meta)s::jsonb, i.metadata), updated_at = EXCLUDED.updated_at
+                   SET metadata = COALESCE(%(meta)s::text, i.metadata), updated_at = EXCLUDED.updated_at
                    RETURNING (xmax = 0)""",
-                {"id": identity_id, "meta": Jsonb(metadata) if metadata is not None else None, "now": now},
+                {"id": identity_id, "meta": json.dumps(metadata) if metadata is not None else None, "now": now},
             ).fetchone()[0]
             removed = 0
             if replace and not created:
@@ -298,7 +298,7 @@ class PostgresGallery:
                 with conn.cursor() as cur:
                     cur.executemany(
                         "INSERT INTO identities(identity_id, metadata, created_at, updated_at) VALUES (%s, %s, %s, %s)",
-                        [(identity_id, Jsonb(metadata or {}), now, now) for identity_id, _, metadata in items],
+                        [(identity_id, json.dumps(metadata or {}), now, now) for identity_id, _, metadata in items],
                     )
                 # all faces in one pipelined executemany; ids come back in insertion order
                 flat = [(identity_id, v) for identity_id, emb, _ in items for v in self._vectors(emb)]
@@ -364,7 +364,7 @@ class PostgresGallery:
                 return None
             faces = conn.execute("SELECT face_id, created_at FROM faces WHERE identity_id = %s ORDER BY face_id",
                                  (identity_id,)).fetchall()
-        record = IdentityRecord(row[0], row[1], len(faces), row[2], row[3])
+        record = IdentityRecord(row[0], json.loads(row[1]), len(faces), row[2], row[3])
         return IdentityDetails(record, [FaceRecord(int(f), float(t)) for f, t in faces])
 
     def list_identities(self, limit: int, after: str | None) -> list[IdentityRecord]:
@@ -374,9 +374,9 @@ class PostgresGallery:
                 "SELECT i.identity_id, i.metadata, i.created_at, i.updated_at, "
                 "(SELECT count(*) FROM faces f WHERE f.identity_id = i.identity_id) "
                 "FROM identities i WHERE i.identity_id > %s ORDER BY i.identity_id LIMIT %s",
-                (after or "", limit),
+                (_before_nul(after or ""), limit),
             ).fetchall()
-        return [IdentityRecord(r[0], r[1], int(r[4]), r[2], r[3]) for r in rows]
+        return [IdentityRecord(r[0], json.loads(r[1]), int(r[4]), r[2], r[3]) for r in rows]
 
     def stats(self) -> GalleryStats:
         with self._transaction() as conn:
@@ -384,6 +384,12 @@ class PostgresGallery:
                 "SELECT COALESCE(sum(identities), 0), COALESCE(sum(faces), 0) FROM counters").fetchone()
         self._identity_count = int(identities)
         return GalleryStats(backend=self.backend, identities=int(identities), faces=int(faces), index_live=int(faces))
+
+
+def _before_nul(cursor: str) -> str:
+    """PostgreSQL text cannot hold NUL. No identity id contains one (the API refuses control
+    characters), so the ids after "a\0..." are exactly the ids after "a"."""
+    return cursor.split("\x00", 1)[0]
 
 
 def _as_array(value) -> np.ndarray:
