@@ -27,6 +27,7 @@ import base64
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections import Counter
@@ -41,6 +42,8 @@ from .gallery.api import GalleryBackend, GalleryModelMismatch, GalleryUnavailabl
 log = logging.getLogger(__name__)
 
 FORMAT, VERSION = "face-gallery", 1
+# what the API accepts as an identity id (schemas.IdentityId): 1-128 characters, no '/' or control characters
+IDENTITY_ID = re.compile(r"^[^/\x00-\x1f\x7f]{1,128}$")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
@@ -137,6 +140,8 @@ def read_gallery_file(path: Path, model_id: str, dim: int):
             item = json.loads(line)
             if item.get("end"):
                 return
+            if not isinstance(item.get("identity_id"), str) or not IDENTITY_ID.match(item["identity_id"]):
+                raise GalleryFileError(f"{path} line {number}: {item.get('identity_id')!r} is not a valid identity id")
             embeddings = np.stack([_decode(e, dim) for e in item["embeddings"]]) if item["embeddings"] else None
             if embeddings is None:
                 raise GalleryFileError(f"{path} line {number}: identity {item['identity_id']!r} has no embeddings")
@@ -243,7 +248,9 @@ async def enroll_folder(settings: Settings, root: Path, image_type: str = "auto"
 
     async def one(identity: str, images: list[Path]) -> None:
         async with gate:
-            if not replace and await run_in_threadpool(state.gallery.get_identity, identity) is not None:
+            if not IDENTITY_ID.match(identity):
+                summary.skipped_people["invalid_identity_id"] += 1
+            elif not replace and await run_in_threadpool(state.gallery.get_identity, identity) is not None:
                 summary.already += 1
             elif not images:
                 summary.skipped_people["no_images"] += 1

@@ -88,7 +88,9 @@ def test_import_refuses_another_model_and_a_cut_file(tmp_path, default_model):
     other.write_text("\n".join([json.dumps({**json.loads(lines[0]), "model_id": "arcface@1"}), *lines[1:]]) + "\n")
     cut = tmp_path / "cut.jsonl"
     cut.write_text("\n".join(lines[:-1]) + "\n")
-    for bad, reason in ((other, "arcface@1"), (cut, "incomplete")):
+    slash = tmp_path / "slash.jsonl"
+    slash.write_text("\n".join([lines[0], lines[1].replace('"someone"', '"some/one"'), *lines[2:]]) + "\n")
+    for bad, reason in ((other, "arcface@1"), (cut, "incomplete"), (slash, "not a valid identity id")):
         r = run_cli(["--data-dir", str(data), "--model", str(default_model), "import", str(bad)])
         assert r.returncode == 2 and reason in r.stderr, r.stderr
     target = opened(Settings(data_dir=data), default_model)
@@ -108,14 +110,16 @@ def test_enroll_folder_reports_skips_and_resumes(tmp_path, default_model):
     group.mkdir()
     shutil.copy(FIXTURES / "photos" / "Alvaro_Silva_Calderon_0002.jpg", group / "four_faces.jpg")
     (root / "Empty_Person").mkdir()
+    (root / ("x" * 130)).mkdir()  # longer than an identity id may be
+    shutil.copy(face_files(ENROLLED[3])[0], root / ("x" * 130) / "face.jpg")
     data = tmp_path / "data"
 
     r = run_cli(["--data-dir", str(data), "--model", str(default_model), "enroll", str(root)])
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
-    assert summary["people"] == 5 and summary["enrolled"] == 3 and summary["faces"] == 6
+    assert summary["people"] == 6 and summary["enrolled"] == 3 and summary["faces"] == 6
     assert summary["images_skipped"] == {"not_an_image": 1, "several_faces": 1}
-    assert summary["people_skipped"] == {"no_usable_face": 1, "no_images": 1}
+    assert summary["people_skipped"] == {"no_usable_face": 1, "no_images": 1, "invalid_identity_id": 1}
 
     gallery = opened(Settings(data_dir=data), default_model)
     try:
