@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -297,6 +298,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     imp = sub.add_parser("import", help="add a gallery file's identities (same model only; existing ids skipped)")
     imp.add_argument("file", type=Path)
     imp.add_argument("--batch", type=int, default=1000, help="identities per transaction (default 1000)")
+    imp.add_argument("--build-index-after", action="store_true",
+                     help="PostgreSQL: drop the HNSW index, load, build it in one pass (much faster for a large "
+                     "import; searches meanwhile are exact and slow)")
     enroll = sub.add_parser("enroll", help="enroll DIR/<identity id>/<images> through the model")
     enroll.add_argument("dir", type=Path)
     enroll.add_argument("--image-type", choices=["auto", "photo", "aligned"], default="auto",
@@ -334,8 +338,10 @@ def main(argv: list[str]) -> int:
                 if args.command == "export":
                     done = export_gallery(gallery, args.file)
                 else:
-                    done = import_gallery(gallery, args.file, args.batch, progress=lambda d: _progress_line(
-                        f"imported {d.identities} identities, {d.faces} faces, skipped {len(d.skipped)}"))
+                    bulk = getattr(gallery, "index_built_after", None) if args.build_index_after else None
+                    with bulk() if bulk else contextlib.nullcontext():
+                        done = import_gallery(gallery, args.file, args.batch, progress=lambda d: _progress_line(
+                            f"imported {d.identities} identities, {d.faces} faces, skipped {len(d.skipped)}"))
             finally:
                 gallery.close()
             report = {"command": args.command, "file": str(args.file), "backend": gallery.backend,

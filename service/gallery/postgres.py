@@ -95,6 +95,7 @@ class PostgresOptions:
     hnsw_ef_construction: int = 200
     hnsw_ef_search: int = 128
     iterative_scan: str = "relaxed_order"
+    maintenance_work_mem: str = "512MB"  # for building the HNSW index in one pass
 
     @classmethod
     def from_settings(cls, settings) -> PostgresOptions:
@@ -196,10 +197,65 @@ class PostgresGallery:
             )
             pool.open(wait=True, timeout=self.options.timeout_s)
         self._pool = pool
+        if self.ensure_index():
+            applied.append("hnsw index rebuilt")
         stats = self.stats()
         log.info("postgres gallery ready", extra={
             "where": self.options.where, "migrations_applied": applied, "identities": stats.identities,
             "faces": stats.faces, "seconds": round(time.perf_counter() - started, 3)})
+
+    # --- the HNSW index: built in one pass after a large load -------------------------------------
+    def _index_state(self, conn: psycopg.Connection) -> bool | None:
+        """True: the HNSW index is valid; False: a failed concurrent build left it invalid; None: absent."""
+        row = conn.execute(
+            "SELECT x.indisvalid FROM pg_index x JOIN pg_class c ON c.oid = x.indexrelid "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = 'faces_embedding_hnsw'",
+            (self.options.schema,)).fetchone()
+        return None if row is None else bool(row[0])
+
+    def ensure_index(self) -> bool:
+        """Build the HNSW index if it is missing (a bulk load that did not finish); True if built.
+
+        CONCURRENTLY, so searches and writes on other replicas go on meanwhile; under a session
+        advisory lock, so replicas starting together build it once.
+        """
+        with _unavailable_on_connection_errors(self.options.where), self._pool.connection() as conn:
+            if self._index_state(conn):
+                return False
+            conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
+            try:
+                state = self._index_state(conn)
+                if state:
+                    return False
+                started = time.perf_counter()
+                log.warning("building the pgvector HNSW index (a bulk load did not finish, or it was dropped)",
+                            extra={"where": self.options.where})
+                conn.execute("SET statement_timeout = 0")
+                conn.execute(sql.SQL("SET maintenance_work_mem = {}").format(sql.Literal(self.options.maintenance_work_mem)))
+                if state is False:
+                    conn.execute("DROP INDEX CONCURRENTLY faces_embedding_hnsw")
+                conn.execute(sql.SQL(
+                    "CREATE INDEX CONCURRENTLY faces_embedding_hnsw ON faces USING hnsw (embedding vector_cosine_ops) "
+                    "WITH (m = {}, ef_construction = {})").format(
+                        sql.Literal(int(self.options.hnsw_m)), sql.Literal(int(self.options.hnsw_ef_construction))))
+                log.info("pgvector HNSW index built", extra={"seconds": round(time.perf_counter() - started, 1)})
+                return True
+            finally:
+                conn.execute("RESET statement_timeout")
+                conn.execute("RESET maintenance_work_mem")
+                conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
+
+    @contextmanager
+    def index_built_after(self) -> Iterator[None]:
+        """For a large import: drop the HNSW index, load, then build it in one pass, which is far faster
+        than inserting into it face by face. Meanwhile searches are exact (sequential scans): correct,
+        but slow on a large gallery. If the process dies before the end, the next start builds it."""
+        with self._transaction() as conn:
+            conn.execute("DROP INDEX IF EXISTS faces_embedding_hnsw")
+        try:
+            yield
+        finally:
+            self.ensure_index()
 
     def close(self) -> None:
         if self._pool is not None:

@@ -184,3 +184,32 @@ def test_database_outage_answers_unavailable_then_recovers():
     finally:
         g.close()
         server.close()
+
+
+def _plan_uses_index(gallery, probe) -> bool:
+    with gallery._transaction() as conn:  # noqa: SLF001
+        plan = "\n".join(r[0] for r in conn.execute(
+            "EXPLAIN SELECT face_id FROM faces ORDER BY embedding <=> %b LIMIT 20", (probe,)))
+    return "faces_embedding_hnsw" in plan
+
+
+def test_bulk_load_builds_the_index_after_and_a_crash_midway_heals_at_start(replicas, postgres):
+    a, b = replicas
+    rng = np.random.default_rng(6)
+    vectors = unit(rng, 3000)
+    with a.index_built_after():
+        assert not _plan_uses_index(b, vectors[0])  # meanwhile: exact scans on every replica
+        a.import_identities([(f"bulk{i}", vectors[i : i + 1], None) for i in range(3000)])
+        assert b.search(vectors[7:8], 1)[0][0].identity_id == "bulk7"  # still correct
+    assert _plan_uses_index(b, vectors[0])
+    assert b.search(vectors[42:43], 1)[0][0].identity_id == "bulk42"
+
+    with a._transaction() as conn:  # noqa: SLF001 - as if a bulk load died after dropping the index
+        conn.execute("DROP INDEX faces_embedding_hnsw")
+    restarted = PostgresGallery(a.options, "m@1", DIM)
+    restarted.open()  # builds it again
+    try:
+        assert _plan_uses_index(restarted, vectors[0])
+        assert restarted.search(vectors[99:100], 1)[0][0].identity_id == "bulk99"
+    finally:
+        restarted.close()
