@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 
 # one advisory-lock key for the whole database: it also serialises CREATE EXTENSION across schemas
 MIGRATION_LOCK_KEY = 0x66616365_67616C  # "facegal"
+# another key for building the HNSW index: a migration waiting for its lock must not hold up (or
+# deadlock with) a CREATE INDEX CONCURRENTLY, which waits for every open transaction to end
+INDEX_LOCK_KEY = MIGRATION_LOCK_KEY + 1
 COUNTER_SLOTS = 16
 MAX_EF_SEARCH = 1000  # pgvector's upper bound for hnsw.ef_search
 # while the database is failing, requests wait this long for a connection instead of the full timeout,
@@ -222,7 +225,7 @@ class PostgresGallery:
         with _unavailable_on_connection_errors(self.options.where), self._pool.connection() as conn:
             if self._index_state(conn):
                 return False
-            conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
+            conn.execute("SELECT pg_advisory_lock(%s)", (INDEX_LOCK_KEY,))
             try:
                 state = self._index_state(conn)
                 if state:
@@ -243,13 +246,14 @@ class PostgresGallery:
             finally:
                 conn.execute("RESET statement_timeout")
                 conn.execute("RESET maintenance_work_mem")
-                conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
+                conn.execute("SELECT pg_advisory_unlock(%s)", (INDEX_LOCK_KEY,))
 
     @contextmanager
     def index_built_after(self) -> Iterator[None]:
         """For a large import: drop the HNSW index, load, then build it in one pass, which is far faster
         than inserting into it face by face. Meanwhile searches are exact (sequential scans): correct,
-        but slow on a large gallery. If the process dies before the end, the next start builds it."""
+        but slow on a large gallery. If the process dies before the end, the next start builds it (as
+        does a replica that starts during the load: then the rest of the load goes into the index)."""
         with self._transaction() as conn:
             conn.execute("DROP INDEX IF EXISTS faces_embedding_hnsw")
         try:
