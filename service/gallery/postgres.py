@@ -231,8 +231,9 @@ class PostgresGallery:
                 if state:
                     return False
                 started = time.perf_counter()
-                log.warning("building the pgvector HNSW index (a bulk load did not finish, or it was dropped)",
-                            extra={"where": self.options.where})
+                # after a bulk load, or at start-up when one did not finish (searches are exact meanwhile)
+                log.warning("building the pgvector HNSW index", extra={"where": self.options.where,
+                                                                      "was": "invalid" if state is False else "missing"})
                 conn.execute("SET statement_timeout = 0")
                 conn.execute(sql.SQL("SET maintenance_work_mem = {}").format(sql.Literal(self.options.maintenance_work_mem)))
                 if state is False:
