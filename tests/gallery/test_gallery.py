@@ -198,3 +198,33 @@ def test_bulk_import_is_all_or_nothing(gallery):
         gallery.import_identities([("fresh", unit(rng, 1), None), ("bulk3", unit(rng, 1), None)])
     assert gallery.get_identity("fresh") is None
     assert gallery.stats().index_live == gallery.stats().faces == 200
+
+
+def test_backend_implements_the_interface(gallery):
+    from service.gallery.api import GalleryBackend
+
+    assert isinstance(gallery, GalleryBackend)
+    rng = np.random.default_rng(8)
+    result = gallery.enroll("dora", unit(rng, 2), {"team": "x"})
+    found = gallery.get_identity("dora")
+    assert (found.record.face_count, found.record.metadata) == (2, {"team": "x"})
+    assert [f.face_id for f in found.faces] == result.face_ids
+    assert gallery.enroll("dora", unit(rng, 1)).created is False
+    assert gallery.get_identity("dora").record.metadata == {"team": "x"}  # no metadata given: kept
+    assert [r.identity_id for r in gallery.list_identities(10, None)] == ["dora"]
+    assert gallery.list_identities(10, "dora") == []
+
+
+def test_settings_choose_the_backend(tmp_path, postgres):
+    from service.config import Settings
+    from service.gallery.api import open_gallery
+
+    embedded = open_gallery(Settings(data_dir=tmp_path / "data"), "m@1", DIM)
+    remote = open_gallery(Settings(data_dir=tmp_path / "unused", database_url=postgres.url,
+                                   database_schema=postgres.fresh_schema()), "m@1", DIM)
+    try:
+        assert (embedded.backend, remote.backend) == ("embedded", "postgres")
+        assert (tmp_path / "data" / "gallery.sqlite3").exists() and not (tmp_path / "unused").exists()
+    finally:
+        embedded.close()
+        remote.close()
