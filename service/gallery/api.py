@@ -237,7 +237,8 @@ class EmbeddedGallery:
     def stats(self) -> GalleryStats:
         raw = dict(self.gallery.stats())
         core = {k: int(raw.pop(k)) for k in ("identities", "faces", "index_live")}
-        return GalleryStats(backend=self.backend, **core, extra={k: int(v) for k, v in raw.items()})
+        numbers = {k: int(v) for k, v in raw.items() if isinstance(v, (int, float))}  # /readyz shows numbers only
+        return GalleryStats(backend=self.backend, **core, extra=numbers)
 
 
 # --- the factory ---------------------------------------------------------------------------------
