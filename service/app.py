@@ -24,7 +24,8 @@ from .config import Settings, get_settings
 from .console import mount_console
 from .detection import YuNetConfig, YuNetDetector, template_for
 from .errors import ErrorCode, ServiceError
-from .gallery import Gallery, GalleryLoading, GalleryOptions
+from .gallery import GalleryLoading
+from .gallery.api import GalleryUnavailable, open_gallery
 from .metrics import Metrics
 from .memory import limit_malloc_arenas
 from .middleware import AccessMiddleware, BodyLimitMiddleware, DisconnectMiddleware
@@ -66,11 +67,10 @@ async def initialize(settings: Settings, metrics: Metrics) -> ServiceState:
     await run_in_threadpool(model.initialize)
     if settings.warmup:
         await run_in_threadpool(model.warmup, _warmup_sizes(settings.batch_max_size))
-    gallery = Gallery(settings.data_dir, model.contract.model_id, model.contract.embedding_size,
-                      m=settings.hnsw_m, ef_construction=settings.hnsw_ef_construction,
-                      ef_search=settings.hnsw_ef_search, options=_gallery_options(settings))
-    await run_in_threadpool(gallery.open_store)  # locks the data dir: a second server stops here
-    gallery.start_loading()  # the index loads in the background: /readyz says "loading" meanwhile
+    # FACE_DATABASE_URL chooses the backend: PostgreSQL + pgvector, else the embedded gallery, whose
+    # index loads in the background (/readyz says "loading" meanwhile; the data dir is locked first)
+    gallery = await run_in_threadpool(open_gallery, settings, model.contract.model_id, model.contract.embedding_size,
+                                      True)
     batcher = DynamicBatcher(model.execute, settings.batch_max_size, settings.batch_max_wait_ms,
                              workers=settings.batch_workers, on_batch=metrics.observe_batch,
                              timeout_s=settings.inference_timeout_ms / 1000,
@@ -79,13 +79,6 @@ async def initialize(settings: Settings, metrics: Metrics) -> ServiceState:
     detector, template = await run_in_threadpool(_photo_support, settings, model.contract.alignment)
     return ServiceState(settings=settings, model=model, batcher=batcher, gallery=gallery, metrics=metrics,
                         detector=detector, template=template)
-
-
-def _gallery_options(settings: Settings) -> GalleryOptions:
-    return GalleryOptions(snapshot_interval_s=settings.snapshot_interval_s,
-                          snapshot_min_changes=settings.snapshot_min_changes,
-                          compact_tombstone_ratio=settings.compact_tombstone_ratio,
-                          compact_min_tombstones=settings.compact_min_tombstones)
 
 
 def _photo_support(settings: Settings, alignment: str):
@@ -144,6 +137,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def gallery_loading(request: Request, exc: GalleryLoading):
         code = ErrorCode.gallery_unavailable if exc.failed else ErrorCode.gallery_loading
         return _error_response(ServiceError(code, str(exc)), request)
+
+    @app.exception_handler(GalleryUnavailable)
+    async def gallery_unavailable(request: Request, exc: GalleryUnavailable):
+        # the database is down or unreachable: retryable, and /embed and face-vs-face /verify still work
+        log.warning("gallery unavailable", extra={"path": request.url.path, "reason": str(exc)})
+        return _error_response(ServiceError(ErrorCode.database_unavailable, "the gallery database is unavailable; "
+                                            "retry later"), request)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):

@@ -162,6 +162,33 @@ class Settings(BaseSettings):
         1000, ge=0, le=60_000, description="/readyz reuses its last real inference for this long (0: every call)."
     )
 
+    # --- gallery on PostgreSQL (several replicas on one database) -----------------------------
+    database_url: SecretStr | None = Field(
+        None,
+        description="PostgreSQL URL (postgresql://user:pass@host:5432/db) of a database with pgvector. Set: the "
+        "gallery lives there (many replicas may share it; data_dir holds no gallery). Empty: the embedded gallery "
+        "in data_dir. hnsw_m and hnsw_ef_construction shape the pgvector index when it is created; hnsw_ef_search "
+        "is set for every search.",
+    )
+    database_schema: str = Field(
+        "face_gallery", pattern=r"^[a-z_][a-z0-9_]{0,62}$",
+        description="PostgreSQL schema that holds the gallery's tables (created by the migrations).",
+    )
+    database_pool_size: int = Field(8, ge=1, le=256, description="Most connections one replica opens.")
+    database_timeout_s: float = Field(
+        5.0, gt=0, le=120,
+        description="How long a request waits for a database connection before it is answered 503 "
+        "database_unavailable (also the connect timeout).",
+    )
+    database_statement_timeout_ms: int = Field(
+        15000, ge=0, description="Longest a gallery statement may run on PostgreSQL; 0 = no limit."
+    )
+    database_iterative_scan: Literal["off", "relaxed_order", "strict_order"] = Field(
+        "relaxed_order",
+        description="pgvector hnsw.iterative_scan: lets a search ask for more faces than ef_search (top_k "
+        "oversampling) and still get them; results are re-sorted by score afterwards.",
+    )
+
     @field_validator("api_key")
     @classmethod
     def _api_key_not_blank(cls, value: SecretStr | None) -> SecretStr | None:

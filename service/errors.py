@@ -48,6 +48,7 @@ class ErrorCode(str, Enum):
     model_not_ready = "model_not_ready"
     overloaded = "overloaded"
     inference_timeout = "inference_timeout"
+    database_unavailable = "database_unavailable"
     internal_error = "internal_error"
 
 
@@ -84,6 +85,7 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.model_not_ready: 503,
     ErrorCode.overloaded: 503,
     ErrorCode.inference_timeout: 504,
+    ErrorCode.database_unavailable: 503,
     ErrorCode.internal_error: 500,
 }
 

@@ -8,7 +8,7 @@ from .config import Settings
 from .decode_budget import MB, DecodeBudget
 from .readiness import ReadinessProbe
 from .detection import AlignmentTemplate, FaceDetector
-from .gallery import Gallery
+from .gallery.api import GalleryBackend
 from .metrics import Metrics
 from .model.batcher import DynamicBatcher
 from .model.contract import FaceContract
@@ -22,7 +22,7 @@ class ServiceState:
     settings: Settings
     model: EmbeddingModel
     batcher: DynamicBatcher
-    gallery: Gallery
+    gallery: GalleryBackend
     metrics: Metrics
     # photos: None when the model's alignment has no template here (then only aligned crops are served)
     detector: FaceDetector | None = None

@@ -41,3 +41,25 @@ def server(tmp_path_factory, default_model):
     proc.wait_ready()
     yield proc
     proc.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One real PostgreSQL + pgvector for the session (started only when a test asks for it); each
+    test gets its own schema on it (PgTestServer.fresh_schema)."""
+    from tests.pg import PgTestServer
+
+    server = PgTestServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory, default_model, postgres):
+    """Like ``server``, with its gallery on the test PostgreSQL (FACE_DATABASE_URL)."""
+    proc = ServerProcess(tmp_path_factory.mktemp("pg-gallery") / "data", model=default_model,
+                         env={"FACE_MAX_FACES_PER_REQUEST": "16", "FACE_MAX_REQUEST_BYTES": str(2 * 1024 * 1024),
+                              "FACE_DATABASE_URL": postgres.url, "FACE_DATABASE_SCHEMA": postgres.fresh_schema()})
+    proc.wait_ready()
+    yield proc
+    proc.stop()

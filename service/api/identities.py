@@ -38,13 +38,13 @@ async def enroll(request: Request, state: StateDep) -> EnrollResponse:
     check_metadata(payload.metadata, MetadataLimits(state.settings.max_metadata_bytes,
                                                     state.settings.max_metadata_depth))
     vectors, faces = await source_vectors(state, list_source(payload, images))
-    face_ids, created, replaced = await run_in_threadpool(
+    enrolled = await run_in_threadpool(
         state.gallery.enroll, payload.identity_id, vectors, payload.metadata, payload.replace
     )
-    record = await run_in_threadpool(state.gallery.get_identity, payload.identity_id)
-    face_count = record[0].face_count if record else len(face_ids)
-    return EnrollResponse(identity_id=payload.identity_id, created=created, face_ids=face_ids,
-                          faces_replaced=replaced, face_count=face_count, model_id=state.contract.model_id,
+    found = await run_in_threadpool(state.gallery.get_identity, payload.identity_id)
+    face_count = found.record.face_count if found else len(enrolled.face_ids)
+    return EnrollResponse(identity_id=payload.identity_id, created=enrolled.created, face_ids=enrolled.face_ids,
+                          faces_replaced=enrolled.faces_removed, face_count=face_count, model_id=state.contract.model_id,
                           faces=faces.locations())
 
 
@@ -70,8 +70,7 @@ async def get_identity(identity_id: IdentityPath, state: StateDep) -> IdentityDe
     if found is None:
         raise ServiceError(ErrorCode.identity_not_found, f"identity {identity_id!r} is not enrolled",
                            identity_id=identity_id)
-    record, faces = found
-    return IdentityDetail(**record.__dict__, face_ids=[f[0] for f in faces])
+    return IdentityDetail(**found.record.__dict__, face_ids=[f.face_id for f in found.faces])
 
 
 @router.delete("/identities/{identity_id}", response_model=DeleteResponse, summary="Delete an identity")

@@ -35,7 +35,7 @@ async def readyz(state: StateDep) -> ReadyResponse:
         stats = await run_in_threadpool(state.gallery.stats)
         code = ErrorCode.gallery_loading if load_state == "loading" else ErrorCode.gallery_unavailable
         raise ServiceError(code, f"gallery index {load_state}" + (f": {state.gallery.load_error}" if state.gallery.load_error else ""),
-                           status=load_state, gallery=stats)
+                           status=load_state, gallery=stats.as_dict())
 
     async def check() -> float:
         h, w = state.contract.input_size
@@ -57,7 +57,7 @@ async def readyz(state: StateDep) -> ReadyResponse:
         impostor_tail=None if identify.tail is None else {
             "source": identify.tail_source, "measured_on": identify.tail.source, "pairs": identify.tail.pairs,
             "far_min": identify.tail.far[-1], "extrapolated": identify.extrapolated},
-        inference_ms=round(elapsed, 3), gallery={k: int(v) for k, v in stats.items()},
+        inference_ms=round(elapsed, 3), gallery=stats.as_dict(),
     )
 
 
@@ -65,6 +65,6 @@ async def readyz(state: StateDep) -> ReadyResponse:
             responses={200: {"description": "Prometheus text exposition format", "content": {"text/plain": {}}}})
 async def metrics(state: StateDep) -> Response:
     stats = await run_in_threadpool(state.gallery.stats)
-    state.metrics.gallery_identities.set(stats["identities"])
-    state.metrics.gallery_faces.set(stats["faces"])
+    state.metrics.gallery_identities.set(stats.identities)
+    state.metrics.gallery_faces.set(stats.faces)
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

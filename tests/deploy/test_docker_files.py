@@ -55,7 +55,8 @@ def _readyz_route() -> str:
 
 
 # --- every FACE_* name is a setting --------------------------------------------------------------
-@pytest.mark.parametrize("path", ["Dockerfile", "docker-compose.yml", "docker-compose.cpu.yml", ".env.example"])
+@pytest.mark.parametrize("path", ["Dockerfile", "docker-compose.yml", "docker-compose.cpu.yml", "docker-compose.scale.yml",
+                                  ".env.example"])
 def test_every_face_variable_is_a_setting(path):
     names = set(ENV_NAME.findall((REPO / path).read_text()))
     unknown = sorted(n for n in names if _setting(n) not in SETTINGS)
@@ -99,8 +100,10 @@ def test_build_stage_compiles_hnswlib_portably_and_extra_is_a_build_arg(dockerfi
     assert {"gpu", "cpu"} <= set(_extras())
     wheel = [i.text for i in build.all("RUN") if "pip wheel" in i.text]
     install = [run_mounts(i.text)[1] for i in dockerfile.stage("runtime").all("RUN") if "pip install" in i.text]
-    assert wheel == ['python -m pip wheel --wheel-dir "${WHEELS}" ".[${EXTRA}]"']
-    assert install == ['python -m pip install --no-index --find-links "${WHEELS}" "face-embedding-service[${EXTRA}]"']
+    # the postgres extra always: one image serves the embedded gallery or many replicas on PostgreSQL
+    assert wheel == ['python -m pip wheel --wheel-dir "${WHEELS}" ".[${EXTRA},postgres]"']
+    assert install == ['python -m pip install --no-index --find-links "${WHEELS}" "face-embedding-service[${EXTRA},postgres]"']
+    assert "postgres" in _extras()
     name = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["name"]
     assert f'"{name}[' in install[0]
     for stage in ("build", "runtime"):
@@ -261,3 +264,25 @@ def test_compose_cpu_override(compose_cpu):
     assert service["image"] != load_compose(COMPOSE)["services"]["face"]["image"]
     assert service["volumes"] and service["healthcheck"]
     assert "!reset" in COMPOSE_CPU.read_text()
+
+
+def test_compose_scale_override_puts_replicas_on_postgres_behind_nginx(compose_cpu):
+    import re as _re
+
+    scale = load_compose(REPO / "docker-compose.scale.yml")
+    merged = merge_compose(compose_cpu, scale)
+    face, db, lb = (merged["services"][name] for name in ("face", "db", "lb"))
+    url = interpolate(face["environment"]["FACE_DATABASE_URL"], {})
+    assert _parsed("database_url", url).get_secret_value().startswith("postgresql://face:face@db:5432/face")
+    assert "ports" not in face and "volumes" not in face  # reached through lb; no gallery in the container
+    assert face["depends_on"]["db"]["condition"] == "service_healthy" and face["healthcheck"]
+    assert db["image"].startswith("pgvector/pgvector:") and "pgdata" in scale["volumes"]
+    assert db["environment"]["POSTGRES_USER"] == "face" and db["healthcheck"]
+    published = interpolate(lb["ports"][0], {})
+    conf = (REPO / "deploy" / "nginx-scale.conf").read_text()
+    mount = lb["volumes"][0].split(":")
+    assert (REPO / mount[0]).resolve() == (REPO / "deploy" / "nginx-scale.conf").resolve()
+    assert f"listen {published.split(':')[-1]};" in conf
+    assert f"server face:{face['environment']['FACE_PORT']};" in conf
+    body_mb = int(_re.search(r"client_max_body_size (\d+)m;", conf).group(1))
+    assert body_mb * 1024 * 1024 >= Settings().max_request_bytes  # the service, not nginx, answers 413

@@ -11,8 +11,10 @@ import pytest
 from tests.conftest import ENROLLED, b64, face_files, unknown_files
 
 
-@pytest.fixture(scope="module")
-def client(server):
+@pytest.fixture(scope="module", params=["embedded", "postgres"])
+def client(request):
+    """Every test runs against both gallery backends: the embedded one and PostgreSQL + pgvector."""
+    server = request.getfixturevalue("server" if request.param == "embedded" else "postgres_server")
     with httpx.Client(base_url=server.url, timeout=60) as c:
         yield c
 
@@ -174,3 +176,16 @@ def test_openapi_documents_both_body_forms(client):
         content = spec["paths"][route]["post"]["requestBody"]["content"]
         assert {"application/json", "multipart/form-data"} <= set(content)
     assert "/identities/{identity_id}" in spec["paths"]
+
+
+def test_any_json_metadata_and_any_cursor_are_stored_or_answered_never_500(client):
+    # PostgreSQL's jsonb and text cannot hold NUL; the gallery must still keep what the API accepted
+    identity = f"nul-{uuid.uuid4().hex[:6]}"
+    metadata = {"note": "a\u0000b", "nested": {"k": ["\u0000", 1.5, None]}}
+    r = client.post("/enroll", json={"identity_id": identity, "images": [b64(face_files("Hugo_Chavez")[0])],
+                                     "metadata": metadata})
+    assert r.status_code == 200, r.text
+    assert client.get(f"/identities/{identity}").json()["metadata"] == metadata
+    page = client.get("/identities", params={"cursor": identity[:-1] + "\u0000", "limit": 1000})
+    assert page.status_code == 200, page.text
+    assert identity in [item["identity_id"] for item in page.json()["items"]]

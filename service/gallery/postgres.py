@@ -1,0 +1,472 @@
+"""The gallery on PostgreSQL + pgvector: many stateless replicas on one database.
+
+PostgreSQL is the truth for identities, faces and embeddings, and pgvector's HNSW index (cosine) in
+the same database finds nearest faces. So a committed enrollment is searchable by every replica at
+once, and a committed delete is gone from every search that starts after it (the heap's visibility
+rules filter the index's answers). A replica holds no gallery rows in memory: only the number of
+identities it last read, inside the transaction of its last search or write.
+
+* Schema: versioned migrations (:data:`MIGRATIONS`) applied at start-up in one transaction under a
+  PostgreSQL advisory lock, so replicas starting together apply each exactly once; the same
+  transaction checks the model-id guard in ``meta`` and refuses another model before changing anything.
+* Writes: one transaction each; the identity row is upserted first (``INSERT .. ON CONFLICT DO UPDATE``)
+  which also locks it, so two replicas enrolling the same new id at once end with one identity
+  holding both faces, and a replace or delete cannot interleave with another write to that identity.
+* Counts: ``counters`` holds per-slot deltas (16 slots, a random one per write, so writers on many
+  replicas rarely wait for each other); their sum is exact and cheap to read.
+* Faults: a lost or refused connection raises :class:`GalleryUnavailable` (the API answers 503
+  ``database_unavailable``); the pool checks connections before lending them and reconnects by itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import psycopg
+from pgvector import Vector
+from pgvector.psycopg import register_vector
+from psycopg import sql
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from .api import (
+    EnrollResult, FaceRecord, GalleryStats, GalleryUnavailable, IdentityDetails, IdentityExists, IdentityRecord,
+    Match, check_model, search_identities,
+)
+
+log = logging.getLogger(__name__)
+
+# one advisory-lock key for the whole database: it also serialises CREATE EXTENSION across schemas
+MIGRATION_LOCK_KEY = 0x66616365_67616C  # "facegal"
+# another key for building the HNSW index: a migration waiting for its lock must not hold up (or
+# deadlock with) a CREATE INDEX CONCURRENTLY, which waits for every open transaction to end
+INDEX_LOCK_KEY = MIGRATION_LOCK_KEY + 1
+COUNTER_SLOTS = 16
+MAX_EF_SEARCH = 1000  # pgvector's upper bound for hnsw.ef_search
+# while the database is failing, requests wait this long for a connection instead of the full timeout,
+# so a burst of gallery requests during an outage cannot hold every worker thread (and stall /embed)
+FAILING_TIMEOUT_S = 0.25
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    description: str
+    statements: tuple[str, ...]  # {dim}, {m}, {ef_construction} are filled in
+
+
+# Append only: a released migration is never edited, a change is a new version.
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "identities, faces, pgvector HNSW index, counters", (
+        """CREATE TABLE identities (
+               identity_id text COLLATE "C" PRIMARY KEY,  -- byte order, as SQLite: keyset pages
+               metadata    text NOT NULL DEFAULT '{{}}',  -- JSON text: jsonb cannot hold the NUL escape
+               created_at  double precision NOT NULL,
+               updated_at  double precision NOT NULL)""",
+        """CREATE TABLE faces (
+               face_id     bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+               identity_id text COLLATE "C" NOT NULL REFERENCES identities(identity_id) ON DELETE CASCADE,
+               embedding   vector({dim}) NOT NULL,
+               created_at  double precision NOT NULL)""",
+        "CREATE INDEX faces_by_identity ON faces(identity_id)",
+        """CREATE INDEX faces_embedding_hnsw ON faces USING hnsw (embedding vector_cosine_ops)
+               WITH (m = {m}, ef_construction = {ef_construction})""",
+        """CREATE TABLE counters (
+               slot       int PRIMARY KEY,
+               identities bigint NOT NULL DEFAULT 0,
+               faces      bigint NOT NULL DEFAULT 0)""",
+        f"INSERT INTO counters(slot) SELECT generate_series(0, {COUNTER_SLOTS - 1})",
+    )),
+)
+
+
+@dataclass(frozen=True)
+class PostgresOptions:
+    url: str
+    schema: str = "face_gallery"
+    pool_size: int = 8
+    timeout_s: float = 5.0
+    statement_timeout_ms: int = 15000
+    hnsw_m: int = 16
+    hnsw_ef_construction: int = 200
+    hnsw_ef_search: int = 128
+    iterative_scan: str = "relaxed_order"
+    maintenance_work_mem: str = "512MB"  # for building the HNSW index in one pass
+
+    @classmethod
+    def from_settings(cls, settings) -> PostgresOptions:
+        return cls(url=settings.database_url.get_secret_value(), schema=settings.database_schema,
+                   pool_size=settings.database_pool_size, timeout_s=settings.database_timeout_s,
+                   statement_timeout_ms=settings.database_statement_timeout_ms, hnsw_m=settings.hnsw_m,
+                   hnsw_ef_construction=settings.hnsw_ef_construction, hnsw_ef_search=settings.hnsw_ef_search,
+                   iterative_scan=settings.database_iterative_scan)
+
+    def connect_kwargs(self) -> dict:
+        options = f"-c search_path={self.schema},public -c statement_timeout={self.statement_timeout_ms}"
+        return {"options": options, "connect_timeout": max(1, math.ceil(self.timeout_s)), "autocommit": True}
+
+    @property
+    def where(self) -> str:
+        """The database, for messages: host and database name, never the password."""
+        try:
+            info = psycopg.conninfo.conninfo_to_dict(self.url)
+        except psycopg.ProgrammingError:
+            return f"schema {self.schema}"
+        return f"postgresql database {info.get('dbname', '?')!r} on {info.get('host', 'localhost')} (schema {self.schema})"
+
+
+@contextmanager
+def _unavailable_on_connection_errors(where: str) -> Iterator[None]:
+    try:
+        yield
+    except PoolTimeout as exc:
+        raise GalleryUnavailable(f"no connection to {where} within the timeout") from exc
+    except psycopg.OperationalError as exc:  # connection lost or refused, server shutting down, timeout
+        raise GalleryUnavailable(f"{where}: {type(exc).__name__}: {str(exc).strip()[:200]}") from exc
+
+
+def migrate(conn: psycopg.Connection, options: PostgresOptions, model_id: str, dim: int) -> list[int]:
+    """Bring the schema up to date and check the model guard; returns the versions applied now.
+
+    Everything runs in one transaction under an advisory lock: a second replica starting at the same
+    moment waits, then finds the work done. A model mismatch rolls everything back.
+    """
+    schema = sql.Identifier(options.schema)
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,))
+        conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(schema))
+        conn.execute(sql.SQL("SET LOCAL search_path = {}, public").format(schema))
+        conn.execute("CREATE TABLE IF NOT EXISTS meta (key text PRIMARY KEY, value text NOT NULL)")
+        conn.execute("""CREATE TABLE IF NOT EXISTS schema_migrations (
+                            version int PRIMARY KEY, description text NOT NULL,
+                            applied_at timestamptz NOT NULL DEFAULT now())""")
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        stored_dim = int(meta["embedding_size"]) if "embedding_size" in meta else None
+        check_model(meta.get("model_id"), stored_dim, model_id, dim, options.where)
+        if "model_id" not in meta:
+            conn.execute("INSERT INTO meta(key, value) VALUES ('model_id', %s), ('embedding_size', %s)",
+                         (model_id, str(dim)))
+        done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+        applied = []
+        for migration in MIGRATIONS:
+            if migration.version in done:
+                continue
+            for statement in migration.statements:
+                conn.execute(statement.format(dim=int(dim), m=int(options.hnsw_m),
+                                              ef_construction=int(options.hnsw_ef_construction)))
+            conn.execute("INSERT INTO schema_migrations(version, description) VALUES (%s, %s)",
+                         (migration.version, migration.description))
+            applied.append(migration.version)
+    return applied
+
+
+class PostgresGallery:
+    """The gallery backend on PostgreSQL + pgvector (see the module docstring)."""
+
+    backend = "postgres"
+
+    def __init__(self, options: PostgresOptions, model_id: str, dim: int) -> None:
+        self.options = options
+        self.model_id = model_id
+        self.dim = dim
+        self._pool: ConnectionPool | None = None
+        self._identity_count = 0
+        self._face_count = 0
+        self._failing = False  # the last database call failed for want of a connection
+
+    @property
+    def identity_count(self) -> int:
+        return self._identity_count
+
+    @property
+    def face_count(self) -> int:
+        return self._face_count
+
+    # the database holds the index: nothing to load in the background
+    load_state = "ready"
+    load_error = None
+
+    def start(self) -> None:
+        self.open()
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    def open(self) -> None:
+        """Migrate under the advisory lock, check the model, then open the connection pool."""
+        started = time.perf_counter()
+        with _unavailable_on_connection_errors(self.options.where):
+            with psycopg.connect(self.options.url, **self.options.connect_kwargs()) as conn:
+                applied = migrate(conn, self.options, self.model_id, self.dim)
+                self._warn_if_index_differs(conn)
+            pool = ConnectionPool(
+                self.options.url, min_size=1, max_size=self.options.pool_size, kwargs=self.options.connect_kwargs(),
+                configure=register_vector, check=ConnectionPool.check_connection, timeout=self.options.timeout_s,
+                open=False, name="face-gallery",
+            )
+            pool.open(wait=True, timeout=self.options.timeout_s)
+        self._pool = pool
+        if self.ensure_index():
+            applied.append("hnsw index rebuilt")
+        stats = self.stats()
+        log.info("postgres gallery ready", extra={
+            "where": self.options.where, "migrations_applied": applied, "identities": stats.identities,
+            "faces": stats.faces, "seconds": round(time.perf_counter() - started, 3)})
+
+    # --- the HNSW index: built in one pass after a large load -------------------------------------
+    def _index_state(self, conn: psycopg.Connection) -> bool | None:
+        """True: the HNSW index is valid; False: a failed concurrent build left it invalid; None: absent."""
+        row = conn.execute(
+            "SELECT x.indisvalid FROM pg_index x JOIN pg_class c ON c.oid = x.indexrelid "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = 'faces_embedding_hnsw'",
+            (self.options.schema,)).fetchone()
+        return None if row is None else bool(row[0])
+
+    def ensure_index(self) -> bool:
+        """Build the HNSW index if it is missing (a bulk load that did not finish); True if built.
+
+        CONCURRENTLY, so searches and writes on other replicas go on meanwhile; under a session
+        advisory lock, so replicas starting together build it once.
+        """
+        with _unavailable_on_connection_errors(self.options.where), self._pool.connection() as conn:
+            if self._index_state(conn):
+                return False
+            conn.execute("SELECT pg_advisory_lock(%s)", (INDEX_LOCK_KEY,))
+            try:
+                state = self._index_state(conn)
+                if state:
+                    return False
+                started = time.perf_counter()
+                # after a bulk load, or at start-up when one did not finish (searches are exact meanwhile)
+                log.warning("building the pgvector HNSW index", extra={"where": self.options.where,
+                                                                      "was": "invalid" if state is False else "missing"})
+                conn.execute("SET statement_timeout = 0")
+                conn.execute(sql.SQL("SET maintenance_work_mem = {}").format(sql.Literal(self.options.maintenance_work_mem)))
+                if state is False:
+                    conn.execute("DROP INDEX CONCURRENTLY faces_embedding_hnsw")
+                conn.execute(sql.SQL(
+                    "CREATE INDEX CONCURRENTLY faces_embedding_hnsw ON faces USING hnsw (embedding vector_cosine_ops) "
+                    "WITH (m = {}, ef_construction = {})").format(
+                        sql.Literal(int(self.options.hnsw_m)), sql.Literal(int(self.options.hnsw_ef_construction))))
+                log.info("pgvector HNSW index built", extra={"seconds": round(time.perf_counter() - started, 1)})
+                return True
+            finally:
+                conn.execute("RESET statement_timeout")
+                conn.execute("RESET maintenance_work_mem")
+                conn.execute("SELECT pg_advisory_unlock(%s)", (INDEX_LOCK_KEY,))
+
+    @contextmanager
+    def index_built_after(self) -> Iterator[None]:
+        """For a large import: drop the HNSW index, load, then build it in one pass, which is far faster
+        than inserting into it face by face. Meanwhile searches are exact (sequential scans): correct,
+        but slow on a large gallery. If the process dies before the end, the next start builds it (as
+        does a replica that starts during the load: then the rest of the load goes into the index)."""
+        with self._transaction() as conn:
+            conn.execute("DROP INDEX IF EXISTS faces_embedding_hnsw")
+        try:
+            yield
+        finally:
+            self.ensure_index()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    def _warn_if_index_differs(self, conn: psycopg.Connection) -> None:
+        """m and ef_construction shape the index when it is built; a changed setting needs a REINDEX."""
+        row = conn.execute(
+            "SELECT c.reloptions FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = %s AND c.relname = 'faces_embedding_hnsw'", (self.options.schema,)).fetchone()
+        built = dict(opt.split("=", 1) for opt in (row[0] or [])) if row else {}
+        wanted = {"m": str(self.options.hnsw_m), "ef_construction": str(self.options.hnsw_ef_construction)}
+        if built and built != wanted:
+            log.warning("the pgvector index was built with other HNSW parameters; REINDEX to apply the settings",
+                        extra={"built": built, "settings": wanted})
+
+    @contextmanager
+    def _transaction(self) -> Iterator[psycopg.Connection]:
+        if self._pool is None:
+            raise RuntimeError("the gallery is not open")
+        timeout = FAILING_TIMEOUT_S if self._failing else self.options.timeout_s
+        try:
+            with _unavailable_on_connection_errors(self.options.where):
+                with self._pool.connection(timeout=timeout) as conn, conn.transaction():
+                    yield conn
+        except GalleryUnavailable:
+            if not self._failing:
+                log.warning("gallery database unavailable", extra={"where": self.options.where})
+            self._failing = True
+            raise
+        if self._failing:
+            log.info("gallery database available again", extra={"where": self.options.where})
+        self._failing = False
+
+    # --- writes ------------------------------------------------------------------------------
+    @staticmethod
+    def _vectors(embeddings: np.ndarray) -> list[np.ndarray]:
+        return [np.ascontiguousarray(v, dtype=np.float32) for v in np.atleast_2d(embeddings)]
+
+    @classmethod
+    def _insert_faces(cls, conn: psycopg.Connection, identity_id: str, vectors: list[np.ndarray], now: float) -> list[int]:
+        return cls._insert_many(conn, [(identity_id, v) for v in vectors], now)
+
+    @staticmethod
+    def _insert_many(conn: psycopg.Connection, faces: list[tuple[str, np.ndarray]], now: float) -> list[int]:
+        """Insert (identity id, embedding) rows; their face ids in the same order."""
+        if not faces:
+            return []
+        with conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO faces(identity_id, embedding, created_at) VALUES (%s, %b, %s) RETURNING face_id",
+                [(identity_id, v, now) for identity_id, v in faces], returning=True,
+            )
+            face_ids = []
+            while True:
+                face_ids.append(cur.fetchone()[0])
+                if not cur.nextset():
+                    break
+        return face_ids
+
+    def _count(self, conn: psycopg.Connection, identities: int, faces: int) -> None:
+        """Record this write's deltas in a random counter slot, then read the exact totals."""
+        if identities or faces:
+            conn.execute("UPDATE counters SET identities = identities + %s, faces = faces + %s WHERE slot = %s",
+                         (identities, faces, random.randrange(COUNTER_SLOTS)))
+        self._identity_count, self._face_count = (int(v) for v in conn.execute(
+            "SELECT COALESCE(sum(identities), 0), COALESCE(sum(faces), 0) FROM counters").fetchone())
+
+    def enroll(self, identity_id: str, embeddings: np.ndarray, metadata: dict | None = None,
+               replace: bool = False) -> EnrollResult:
+        """Append (or with ``replace`` swap) faces of an identity, creating it if new; one transaction."""
+        vectors = self._vectors(embeddings)
+        now = time.time()
+        with self._transaction() as conn:
+            # the upsert creates the identity or locks its row: concurrent writers of one id queue here
+            created = conn.execute(
+                """INSERT INTO identities AS i (identity_id, metadata, created_at, updated_at)
+                   VALUES (%(id)s, COALESCE(%(meta)s::text, '{}'), %(now)s, %(now)s)
+                   ON CONFLICT (identity_id) DO UPDATE
+                   SET metadata = COALESCE(%(meta)s::text, i.metadata), updated_at = EXCLUDED.updated_at
+                   RETURNING (xmax = 0)""",
+                {"id": identity_id, "meta": json.dumps(metadata) if metadata is not None else None, "now": now},
+            ).fetchone()[0]
+            removed = 0
+            if replace and not created:
+                removed = conn.execute("DELETE FROM faces WHERE identity_id = %s", (identity_id,)).rowcount
+            face_ids = self._insert_faces(conn, identity_id, vectors, now)
+            self._count(conn, int(created), len(face_ids) - removed)
+        return EnrollResult(face_ids, bool(created), removed)
+
+    def import_identities(self, items: list[tuple[str, np.ndarray, dict | None]]) -> list[list[int]]:
+        """New identities only, all in one transaction; an existing id aborts it (IdentityExists)."""
+        now = time.time()
+        try:
+            with self._transaction() as conn:
+                with conn.cursor() as cur:
+                    cur.executemany(
+                        "INSERT INTO identities(identity_id, metadata, created_at, updated_at) VALUES (%s, %s, %s, %s)",
+                        [(identity_id, json.dumps(metadata or {}), now, now) for identity_id, _, metadata in items],
+                    )
+                # all faces in one pipelined executemany; ids come back in insertion order
+                flat = [(identity_id, v) for identity_id, emb, _ in items for v in self._vectors(emb)]
+                ids = iter(self._insert_many(conn, flat, now))
+                face_ids = [[next(ids) for _ in range(len(np.atleast_2d(emb)))] for _, emb, _ in items]
+                self._count(conn, len(items), len(flat))
+        except psycopg.errors.UniqueViolation as exc:
+            raise IdentityExists(f"an identity of the import is already enrolled: {exc.diag.message_detail}") from exc
+        return face_ids
+
+    def delete(self, identity_id: str) -> int | None:
+        """Erase an identity and its faces in one transaction; None if it is not enrolled."""
+        with self._transaction() as conn:
+            # lock the identity first so a concurrent enroll of it waits (and then creates it anew)
+            if conn.execute("SELECT 1 FROM identities WHERE identity_id = %s FOR UPDATE", (identity_id,)).fetchone() is None:
+                self._count(conn, 0, 0)
+                return None
+            faces = conn.execute("DELETE FROM faces WHERE identity_id = %s", (identity_id,)).rowcount
+            conn.execute("DELETE FROM identities WHERE identity_id = %s", (identity_id,))
+            self._count(conn, -1, -faces)
+        return faces
+
+    # --- reads -------------------------------------------------------------------------------
+    def _nearest(self, conn: psycopg.Connection, probe: np.ndarray, k: int, txn: dict) -> list[tuple[int, str, float]]:
+        """Up to k nearest faces; ``txn`` remembers the ef_search set in this transaction."""
+        # without iterative scans an HNSW scan returns at most ef_search rows: ask for at least k
+        ef = min(MAX_EF_SEARCH, max(self.options.hnsw_ef_search, k))
+        if ef != txn.get("ef"):  # set_config(.., true) lasts for this transaction only
+            conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(ef),))
+            txn["ef"] = ef
+        rows = conn.execute(
+            "SELECT face_id, identity_id, 1 - (embedding <=> %b) FROM faces ORDER BY embedding <=> %b LIMIT %s",
+            (probe, probe, k),
+        ).fetchall()
+        return [(int(f), i, float(s)) for f, i, s in rows]
+
+    def search(self, probes: np.ndarray, top_k: int) -> list[list[Match]]:
+        """For each probe, up to top_k identities, best first, scored max-over-faces (one transaction)."""
+        probes = self._vectors(probes)
+        with self._transaction() as conn:
+            # one round trip: the scan mode, and the identity count as of this search
+            row = conn.execute(
+                "SELECT set_config('hnsw.iterative_scan', %s, true), "
+                "(SELECT COALESCE(sum(identities), 0) FROM counters), "
+                "(SELECT COALESCE(sum(faces), 0) FROM counters)", (self.options.iterative_scan,)).fetchone()
+            self._identity_count, self._face_count = int(row[1]), int(row[2])
+            txn: dict = {}
+            return [search_identities(lambda p, k: self._nearest(conn, p, k, txn), probe, top_k) for probe in probes]
+
+    def identity_embeddings(self, identity_id: str) -> np.ndarray | None:
+        with self._transaction() as conn:
+            if conn.execute("SELECT 1 FROM identities WHERE identity_id = %s", (identity_id,)).fetchone() is None:
+                return None
+            rows = conn.execute("SELECT embedding FROM faces WHERE identity_id = %s ORDER BY face_id",
+                                (identity_id,)).fetchall()
+        if not rows:
+            return np.zeros((0, 0), np.float32)
+        return np.stack([_as_array(r[0]) for r in rows])
+
+    def get_identity(self, identity_id: str) -> IdentityDetails | None:
+        with self._transaction() as conn:
+            row = conn.execute("SELECT identity_id, metadata, created_at, updated_at FROM identities "
+                               "WHERE identity_id = %s", (identity_id,)).fetchone()
+            if row is None:
+                return None
+            faces = conn.execute("SELECT face_id, created_at FROM faces WHERE identity_id = %s ORDER BY face_id",
+                                 (identity_id,)).fetchall()
+        record = IdentityRecord(row[0], json.loads(row[1]), len(faces), row[2], row[3])
+        return IdentityDetails(record, [FaceRecord(int(f), float(t)) for f, t in faces])
+
+    def list_identities(self, limit: int, after: str | None) -> list[IdentityRecord]:
+        """Keyset pagination by identity id: stable under concurrent inserts and deletes."""
+        with self._transaction() as conn:
+            rows = conn.execute(
+                "SELECT i.identity_id, i.metadata, i.created_at, i.updated_at, "
+                "(SELECT count(*) FROM faces f WHERE f.identity_id = i.identity_id) "
+                "FROM identities i WHERE i.identity_id > %s ORDER BY i.identity_id LIMIT %s",
+                (_before_nul(after or ""), limit),
+            ).fetchall()
+        return [IdentityRecord(r[0], json.loads(r[1]), int(r[4]), r[2], r[3]) for r in rows]
+
+    def stats(self) -> GalleryStats:
+        with self._transaction() as conn:
+            identities, faces = conn.execute(
+                "SELECT COALESCE(sum(identities), 0), COALESCE(sum(faces), 0) FROM counters").fetchone()
+        self._identity_count, self._face_count = int(identities), int(faces)
+        return GalleryStats(backend=self.backend, identities=int(identities), faces=int(faces), index_live=int(faces))
+
+
+def _before_nul(cursor: str) -> str:
+    """PostgreSQL text cannot hold NUL. No identity id contains one (the API refuses control
+    characters), so the ids after "a\0..." are exactly the ids after "a"."""
+    return cursor.split("\x00", 1)[0]
+
+
+def _as_array(value) -> np.ndarray:
+    return value.to_numpy() if isinstance(value, Vector) else np.asarray(value, dtype=np.float32)

@@ -1,0 +1,215 @@
+"""The postgres backend as several replicas see it: two galleries on one real database.
+
+Start-up races, the same new identity enrolled by two replicas at once, cross-replica visibility of
+enrollments and deletes, the pgvector index really used, and a database outage and its return.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import psycopg
+import pytest
+
+from service.gallery.api import GalleryUnavailable
+from service.gallery.postgres import MIGRATIONS, PostgresGallery, PostgresOptions
+from tests.pg import PgTestServer
+
+DIM = 32
+
+
+def unit(rng, n):
+    v = rng.normal(size=(n, DIM)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+@pytest.fixture
+def replicas(postgres):
+    """Two open galleries (replica A and B) on one fresh schema of the test database."""
+    options = PostgresOptions(url=postgres.url, schema=postgres.fresh_schema())
+    pair = [PostgresGallery(options, "m@1", DIM) for _ in range(2)]
+    for g in pair:
+        g.open()
+    yield pair
+    for g in pair:
+        g.close()
+
+
+def test_replicas_starting_together_migrate_once(postgres):
+    options = PostgresOptions(url=postgres.url, schema=postgres.fresh_schema())
+    galleries = [PostgresGallery(options, "m@1", DIM) for _ in range(6)]
+    start, errors = threading.Barrier(len(galleries)), []
+
+    def open_one(g):
+        start.wait()
+        try:
+            g.open()
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_one, args=(g,)) for g in galleries]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    with psycopg.connect(postgres.url) as conn:
+        versions = [r[0] for r in conn.execute(f"SELECT version FROM {options.schema}.schema_migrations ORDER BY 1")]
+        meta = dict(conn.execute(f"SELECT key, value FROM {options.schema}.meta").fetchall())
+    assert versions == [m.version for m in MIGRATIONS]
+    assert meta == {"model_id": "m@1", "embedding_size": str(DIM)}
+    galleries[0].enroll("x", unit(np.random.default_rng(0), 1))
+    assert all(g.stats().identities == 1 for g in galleries)
+    for g in galleries:
+        g.close()
+
+
+def test_same_new_identity_enrolled_by_two_replicas_at_once(replicas):
+    a, b = replicas
+    rng = np.random.default_rng(1)
+    for round_ in range(20):
+        identity, faces = f"new{round_}", unit(rng, 2)
+        barrier, results, errors = threading.Barrier(2), {}, []
+
+        def enroll(name, g, face):
+            barrier.wait()
+            try:
+                results[name] = g.enroll(identity, face[None])
+            except Exception as exc:  # noqa: BLE001
+                errors.append(exc)
+
+        threads = [threading.Thread(target=enroll, args=("a", a, faces[0])),
+                   threading.Thread(target=enroll, args=("b", b, faces[1]))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not errors, errors
+        assert sorted([results["a"].created, results["b"].created]) == [False, True]  # exactly one created it
+        found = b.get_identity(identity)
+        assert found.record.face_count == 2
+        assert sorted(f.face_id for f in found.faces) == sorted(results["a"].face_ids + results["b"].face_ids)
+    assert a.stats().identities == 20 and a.stats().faces == 40
+
+
+def test_enrollment_and_delete_cross_replicas_at_once(replicas):
+    a, b = replicas
+    rng = np.random.default_rng(2)
+    for i in range(30):
+        a.enroll(f"bg{i}", unit(rng, 1))
+    face = unit(rng, 1)
+    a.enroll("carol", face)
+    assert b.search(face, 1)[0][0].identity_id == "carol"  # acknowledged by A, found by B at once
+    assert b.identity_count == 31
+    assert a.delete("carol") == 1
+    assert all(m.identity_id != "carol" for m in b.search(face, 50)[0])
+    assert b.get_identity("carol") is None and b.identity_embeddings("carol") is None
+    assert b.delete("carol") is None
+
+
+def test_deletes_are_never_returned_under_concurrent_search(replicas):
+    a, b = replicas
+    rng = np.random.default_rng(3)
+    vectors = {f"p{i}": unit(rng, 1) for i in range(60)}
+    for identity, v in vectors.items():
+        a.enroll(identity, v)
+    deleted: set[str] = set()
+    lock, stop, errors = threading.Lock(), threading.Event(), []
+
+    def searcher():
+        try:
+            while not stop.is_set():
+                with lock:
+                    gone = set(deleted)  # deletes acknowledged before this search started
+                for identity in list(vectors)[::7]:
+                    hits = b.search(vectors[identity], 5)[0]
+                    returned = {m.identity_id for m in hits} & gone
+                    assert not returned, f"deleted but returned: {returned}"
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=searcher) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for identity in list(vectors)[::2]:
+        assert a.delete(identity) == 1
+        with lock:
+            deleted.add(identity)
+    stop.set()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors
+
+
+def test_search_uses_the_hnsw_index(replicas):
+    a, _ = replicas
+    rng = np.random.default_rng(4)
+    a.import_identities([(f"i{i}", unit(rng, 1), None) for i in range(3000)])
+    probe = unit(rng, 1)[0]
+    with a._transaction() as conn:
+        plan = "\n".join(r[0] for r in conn.execute(
+            "EXPLAIN SELECT face_id FROM faces ORDER BY embedding <=> %b LIMIT 20", (probe,)))
+    assert "faces_embedding_hnsw" in plan, plan
+
+
+def test_database_outage_answers_unavailable_then_recovers():
+    server = PgTestServer()  # a server of its own: the shared one stays up
+    options = PostgresOptions(url=server.url, schema="gallery", timeout_s=2)
+    g = PostgresGallery(options, "m@1", DIM)
+    try:
+        g.open()
+        face = unit(np.random.default_rng(5), 1)
+        g.enroll("before", face)
+        server.stop()
+        for call in (lambda: g.search(face, 1), lambda: g.enroll("during", face), lambda: g.stats(),
+                     lambda: g.list_identities(10, None)):
+            started = time.monotonic()
+            with pytest.raises(GalleryUnavailable):
+                call()
+            assert time.monotonic() - started < options.timeout_s + 5  # answered, not hung
+        server.start()
+        deadline = time.monotonic() + 30
+        while True:  # the same pool, never reopened by us
+            try:
+                hits = g.search(face, 1)[0]
+                break
+            except GalleryUnavailable:
+                assert time.monotonic() < deadline, "the pool did not reconnect"
+                time.sleep(0.5)
+        assert hits[0].identity_id == "before"
+        g.enroll("after", face)
+        assert g.stats().identities == 2  # the enroll attempted during the outage was not stored
+    finally:
+        g.close()
+        server.close()
+
+
+def _plan_uses_index(gallery, probe) -> bool:
+    with gallery._transaction() as conn:  # noqa: SLF001
+        plan = "\n".join(r[0] for r in conn.execute(
+            "EXPLAIN SELECT face_id FROM faces ORDER BY embedding <=> %b LIMIT 20", (probe,)))
+    return "faces_embedding_hnsw" in plan
+
+
+def test_bulk_load_builds_the_index_after_and_a_crash_midway_heals_at_start(replicas, postgres):
+    a, b = replicas
+    rng = np.random.default_rng(6)
+    vectors = unit(rng, 3000)
+    with a.index_built_after():
+        assert not _plan_uses_index(b, vectors[0])  # meanwhile: exact scans on every replica
+        a.import_identities([(f"bulk{i}", vectors[i : i + 1], None) for i in range(3000)])
+        assert b.search(vectors[7:8], 1)[0][0].identity_id == "bulk7"  # still correct
+    assert _plan_uses_index(b, vectors[0])
+    assert b.search(vectors[42:43], 1)[0][0].identity_id == "bulk42"
+
+    with a._transaction() as conn:  # noqa: SLF001 - as if a bulk load died after dropping the index
+        conn.execute("DROP INDEX faces_embedding_hnsw")
+    restarted = PostgresGallery(a.options, "m@1", DIM)
+    restarted.open()  # builds it again
+    try:
+        assert _plan_uses_index(restarted, vectors[0])
+        assert restarted.search(vectors[99:100], 1)[0][0].identity_id == "bulk99"
+    finally:
+        restarted.close()

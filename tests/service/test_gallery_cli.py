@@ -1,0 +1,146 @@
+"""``python -m service gallery``: export an embedded gallery, import it into PostgreSQL, enroll a folder.
+
+Real processes, the real default model, a real PostgreSQL; the galleries are checked by opening them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+
+from service.config import Settings
+from service.gallery.api import make_gallery
+from service.model.contract import read_contract
+from tests.conftest import ENROLLED, FIXTURES, face_files
+from tests.server import MODEL_CACHE, REPO
+
+
+def run_cli(args: list[str], env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if k != "FACE_DATABASE_URL"}
+    full_env = {**base, "FACE_MODEL_CACHE_DIR": str(MODEL_CACHE), "FACE_INTRA_OP_THREADS": "2", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "service", "gallery", *args], cwd=REPO, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def opened(settings: Settings, model):
+    contract = read_contract(model)
+    gallery = make_gallery(settings, contract.model_id, contract.embedding_size)
+    gallery.open()
+    return gallery
+
+
+def test_export_embedded_then_import_into_postgres(tmp_path, default_model, postgres):
+    contract = read_contract(default_model)
+    rng = np.random.default_rng(0)
+    source = opened(Settings(data_dir=tmp_path / "data"), default_model)
+    people = {}
+    for i in range(40):
+        v = rng.normal(size=(1 + i % 3, contract.embedding_size)).astype(np.float32)
+        people[f"person {i:02d} é"] = v / np.linalg.norm(v, axis=1, keepdims=True)  # any id the API accepts
+        source.enroll(f"person {i:02d} é", people[f"person {i:02d} é"], {"n": i})
+    source.close()
+
+    exported = tmp_path / "gallery.jsonl"
+    r = run_cli(["--data-dir", str(tmp_path / "data"), "--model", str(default_model), "export", str(exported)])
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["identities"] == 40
+    header = json.loads(exported.read_text().splitlines()[0])
+    assert header["model_id"] == contract.model_id and header["embedding_size"] == contract.embedding_size
+
+    pg_env = {"FACE_DATABASE_URL": postgres.url, "FACE_DATABASE_SCHEMA": postgres.fresh_schema()}
+    r = run_cli(["--model", str(default_model), "import", str(exported), "--batch", "16", "--build-index-after"],
+                env=pg_env)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert (report["backend"], report["identities"], report["faces"]) == ("postgres", 40, sum(len(v) for v in people.values()))
+
+    target = opened(Settings(database_url=pg_env["FACE_DATABASE_URL"], database_schema=pg_env["FACE_DATABASE_SCHEMA"]),
+                    default_model)
+    try:
+        for identity, vectors in people.items():
+            np.testing.assert_array_equal(target.identity_embeddings(identity), vectors)  # bit-exact
+            assert target.get_identity(identity).record.metadata == {"n": int(identity[7:9])}
+            assert target.search(vectors[:1], 1)[0][0].identity_id == identity
+    finally:
+        target.close()
+
+    # an interrupted import can be rerun: what is there already is skipped
+    r = run_cli(["--model", str(default_model), "import", str(exported)], env=pg_env)
+    assert r.returncode == 0 and json.loads(r.stdout)["skipped_existing"] == 40
+
+
+def test_import_refuses_another_model_and_a_cut_file(tmp_path, default_model):
+    data = tmp_path / "data"
+    contract = read_contract(default_model)
+    good = tmp_path / "good.jsonl"
+    v = np.ones((1, contract.embedding_size), np.float32) / np.sqrt(contract.embedding_size)
+    source = opened(Settings(data_dir=tmp_path / "src"), default_model)
+    source.enroll("someone", v)
+    source.close()
+    assert run_cli(["--data-dir", str(tmp_path / "src"), "--model", str(default_model), "export", str(good)]).returncode == 0
+    lines = good.read_text().splitlines()
+
+    other = tmp_path / "other.jsonl"
+    other.write_text("\n".join([json.dumps({**json.loads(lines[0]), "model_id": "arcface@1"}), *lines[1:]]) + "\n")
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text("\n".join(lines[:-1]) + "\n")
+    slash = tmp_path / "slash.jsonl"
+    slash.write_text("\n".join([lines[0], lines[1].replace('"someone"', '"some/one"'), *lines[2:]]) + "\n")
+    for bad, reason in ((other, "arcface@1"), (cut, "incomplete"), (slash, "not a valid identity id")):
+        r = run_cli(["--data-dir", str(data), "--model", str(default_model), "import", str(bad)])
+        assert r.returncode == 2 and reason in r.stderr, r.stderr
+    target = opened(Settings(data_dir=data), default_model)
+    assert target.stats().identities == 0  # refused before anything was written
+    target.close()
+
+
+def test_enroll_folder_reports_skips_and_resumes(tmp_path, default_model):
+    root = tmp_path / "people"
+    for name in ENROLLED[:3]:
+        (root / name).mkdir(parents=True)
+        for path in face_files(name)[:2]:
+            shutil.copy(path, root / name / path.name)
+    (root / ENROLLED[0] / "broken.jpg").write_bytes(b"not an image at all")
+    (root / ENROLLED[0] / "notes.txt").write_text("ignored: not an image suffix")
+    group = root / "Group_Photo"
+    group.mkdir()
+    shutil.copy(FIXTURES / "photos" / "Alvaro_Silva_Calderon_0002.jpg", group / "four_faces.jpg")
+    (root / "Empty_Person").mkdir()
+    (root / ("x" * 130)).mkdir()  # longer than an identity id may be
+    shutil.copy(face_files(ENROLLED[3])[0], root / ("x" * 130) / "face.jpg")
+    data = tmp_path / "data"
+
+    r = run_cli(["--data-dir", str(data), "--model", str(default_model), "enroll", str(root)])
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["people"] == 6 and summary["enrolled"] == 3 and summary["faces"] == 6
+    assert summary["images_skipped"] == {"not_an_image": 1, "several_faces": 1}
+    assert summary["people_skipped"] == {"no_usable_face": 1, "no_images": 1, "invalid_identity_id": 1}
+
+    gallery = opened(Settings(data_dir=data), default_model)
+    try:
+        for name in ENROLLED[:3]:
+            assert gallery.get_identity(name).record.face_count == 2
+            probe = gallery.identity_embeddings(name)[:1]
+            assert gallery.search(probe, 1)[0][0].identity_id == name
+    finally:
+        gallery.close()
+
+    # a rerun (as after an interruption) enrolls nobody twice
+    r = run_cli(["--data-dir", str(data), "--model", str(default_model), "enroll", str(root)])
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["already_enrolled"] == 3 and json.loads(r.stdout)["enrolled"] == 0
+
+
+def test_server_flags_still_work_beside_the_gallery_commands():
+    out = subprocess.run([sys.executable, "-m", "service", "gallery", "--help"], cwd=REPO, capture_output=True,
+                         text=True, check=True).stdout
+    assert all(word in out for word in ("export", "import", "enroll"))
+    out = subprocess.run([sys.executable, "-m", "service", "--help"], cwd=REPO, capture_output=True, text=True,
+                         check=True).stdout
+    assert "--host" in out and "gallery" in out

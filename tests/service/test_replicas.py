@@ -1,0 +1,280 @@
+"""Two real replicas (uvicorn processes) on one real PostgreSQL + pgvector gallery, over HTTP.
+
+What one replica acknowledges, the other sees at once; deletes are final everywhere; two replicas
+enrolling one new identity end with one identity; a database outage gives 503
+``database_unavailable`` on gallery routes only and heals by itself; kill -9 loses nothing acknowledged.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+
+import httpx
+import pytest
+
+from tests.conftest import ENROLLED, b64, face_files, unknown_files
+from tests.pg import PgTestServer
+from tests.server import ServerProcess
+
+
+@pytest.fixture(scope="module")
+def database():
+    server = PgTestServer()  # its own server: a test here stops and restarts it
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def replica_env(database):
+    return {"FACE_DATABASE_URL": database.url, "FACE_DATABASE_SCHEMA": database.fresh_schema(),
+            "FACE_DATABASE_TIMEOUT_S": "2"}
+
+
+@pytest.fixture(scope="module")
+def replicas(tmp_path_factory, default_model, replica_env):
+    servers = [ServerProcess(tmp_path_factory.mktemp(f"replica{i}") / "data", model=default_model, env=replica_env)
+               for i in range(2)]
+    for s in servers:
+        s.wait_ready()
+    yield servers
+    for s in servers:
+        s.stop()
+
+
+def client(server: ServerProcess) -> httpx.Client:
+    return httpx.Client(base_url=server.url, timeout=60)
+
+
+def enroll(c: httpx.Client, identity: str, paths, **extra) -> httpx.Response:
+    return c.post("/enroll", json={"identity_id": identity, "images": [b64(p) for p in paths], **extra})
+
+
+def identify(c: httpx.Client, paths, top_k: int = 5) -> list[dict]:
+    r = c.post("/identify", json={"images": [b64(p) for p in paths], "top_k": top_k})
+    assert r.status_code == 200, r.text
+    return r.json()["results"]
+
+
+def test_enrolled_on_a_is_identified_by_b_at_once(replicas):
+    a, b = replicas
+    with client(a) as ca, client(b) as cb:
+        for name in ENROLLED[:4]:
+            assert enroll(ca, name, face_files(name)[:2]).status_code == 200
+            # no wait, no refresh: B answers from the committed database
+            assert identify(cb, [face_files(name)[2]])[0]["identity_id"] == name
+        assert cb.get(f"/identities/{ENROLLED[0]}").json()["face_count"] == 2
+        assert identify(cb, unknown_files()[:1])[0]["identity_id"] is None
+        assert ca.get("/readyz").json()["gallery"] == cb.get("/readyz").json()["gallery"]
+    assert not (a.data_dir / "gallery.sqlite3").exists()  # the gallery is in PostgreSQL, not the data dir
+
+
+def test_deleted_through_a_is_never_returned_by_b_under_traffic(replicas):
+    a, b = replicas
+    victim, probe = ENROLLED[4], face_files(ENROLLED[4])[2]
+    with client(a) as ca:
+        assert enroll(ca, victim, face_files(victim)[:2]).status_code == 200
+    acknowledged_at: list[float] = []
+    violations, errors, stop, checked = [], [], threading.Event(), []
+
+    def identify_forever():
+        with client(b) as cb:
+            while not stop.is_set():
+                started = time.monotonic()
+                try:
+                    results = identify(cb, [probe])
+                except Exception as exc:  # noqa: BLE001
+                    errors.append(exc)
+                    return
+                returned = {c["identity_id"] for c in results[0]["candidates"]}
+                if acknowledged_at and started > acknowledged_at[0]:
+                    checked.append(1)
+                    if victim in returned:
+                        violations.append(results)
+
+    threads = [threading.Thread(target=identify_forever) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    with client(a) as ca:
+        r = ca.delete(f"/identities/{victim}")
+        acknowledged_at.append(time.monotonic())
+        assert r.status_code == 200 and r.json()["deleted_faces"] == 2
+    time.sleep(1.5)
+    stop.set()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors
+    assert not violations, violations[:1]
+    assert len(checked) >= 3  # identifies that started after the delete was acknowledged
+    with client(b) as cb:
+        assert cb.get(f"/identities/{victim}").status_code == 404
+
+
+def test_same_new_identity_from_both_replicas_is_one_identity(replicas):
+    a, b = replicas
+    name = ENROLLED[5]
+    faces = face_files(name)
+    for round_ in range(5):
+        identity, barrier, responses = f"{name}-{round_}", threading.Barrier(2), {}
+
+        def post(server, path):
+            with client(server) as c:
+                barrier.wait()
+                responses[server.port] = enroll(c, identity, [path])
+
+        threads = [threading.Thread(target=post, args=(a, faces[0])), threading.Thread(target=post, args=(b, faces[1]))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert all(r.status_code == 200 for r in responses.values()), [r.text for r in responses.values()]
+        assert sorted(r.json()["created"] for r in responses.values()) == [False, True]
+        with client(b) as cb:
+            detail = cb.get(f"/identities/{identity}").json()
+        assert detail["face_count"] == 2
+        assert sorted(detail["face_ids"]) == sorted(f for r in responses.values() for f in r.json()["face_ids"])
+
+
+def test_database_outage_gives_503_on_gallery_routes_and_heals(replicas, database):
+    a, b = replicas
+    face, other = face_files(ENROLLED[1])[2], face_files(ENROLLED[2])[0]
+    database.stop()
+    try:
+        with client(a) as ca:
+            gallery_calls = [
+                ("POST", "/identify", {"json": {"images": [b64(face)]}}),
+                ("POST", "/enroll", {"json": {"identity_id": "during-outage", "images": [b64(face)]}}),
+                ("GET", "/identities", {}),
+                ("GET", f"/identities/{ENROLLED[1]}", {}),
+                ("DELETE", f"/identities/{ENROLLED[1]}", {}),
+                ("POST", "/verify", {"json": {"image_a": b64(face), "identity_id": ENROLLED[1]}}),
+                ("GET", "/readyz", {}),
+            ]
+            for method, path, kwargs in gallery_calls:
+                r = ca.request(method, path, **kwargs)
+                assert r.status_code == 503, (path, r.status_code, r.text)
+                assert r.json()["error"]["code"] == "database_unavailable", (path, r.text)
+            # what needs no gallery keeps working
+            r = ca.post("/embed", json={"images": [b64(face)]})
+            assert r.status_code == 200 and len(r.json()["embeddings"]) == 1
+            r = ca.post("/verify", json={"image_a": b64(face), "image_b": b64(other)})
+            assert r.status_code == 200 and r.json()["match"] is False
+            assert ca.get("/healthz").status_code == 200
+    finally:
+        database.start()
+    for server in (a, b):  # no restart of the service: its pool reconnects by itself
+        deadline = time.monotonic() + 30
+        with client(server) as c:
+            while (r := c.post("/identify", json={"images": [b64(face)]})).status_code != 200:
+                assert time.monotonic() < deadline, r.text
+                time.sleep(0.5)
+            assert r.json()["results"][0]["identity_id"] == ENROLLED[1]
+            assert c.get("/identities/during-outage").status_code == 404  # refused, so not stored
+            assert c.get("/readyz").status_code == 200
+
+
+def test_database_restart_under_traffic_gives_only_200_or_503_and_loses_nothing(replicas, database):
+    a, b = replicas
+    face = b64(face_files(ENROLLED[3])[0])
+    statuses: Counter = Counter()
+    acknowledged, unexpected, lock, stop = [], [], threading.Lock(), threading.Event()
+
+    def traffic(server: ServerProcess, worker: int) -> None:
+        with client(server) as c:
+            i = 0
+            while not stop.is_set():
+                identity = f"t{server.port}-{worker}-{i}"
+                for path, body in (("/enroll", {"identity_id": identity, "images": [face]}),
+                                   ("/identify", {"images": [face]})):
+                    r = c.post(path, json=body)
+                    with lock:
+                        statuses[r.status_code] += 1
+                        if r.status_code == 200 and path == "/enroll":
+                            acknowledged.append(identity)
+                        elif r.status_code != 200 and not (
+                                r.status_code == 503 and r.json()["error"]["code"] == "database_unavailable"):
+                            unexpected.append((path, r.status_code, r.text[:200]))
+                i += 1
+
+    threads = [threading.Thread(target=traffic, args=(s, w)) for s in (a, b) for w in range(2)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    database.stop()
+    time.sleep(2.0)
+    database.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # traffic goes on until both replicas answered 200 again
+        with lock:
+            before = statuses[200]
+        time.sleep(1.0)
+        with lock:
+            if statuses[200] > before + 4:
+                break
+    stop.set()
+    for t in threads:
+        t.join(60)
+    assert not unexpected, unexpected[:5]
+    assert statuses[503] > 0 and statuses[200] > 0, statuses  # the outage was seen, and it healed
+    with client(b) as cb:
+        for identity in acknowledged:
+            assert cb.get(f"/identities/{identity}").status_code == 200, identity
+
+
+def test_kill9_of_a_replica_loses_nothing_acknowledged(replicas, tmp_path, default_model, replica_env):
+    a, b = replicas
+    faces = [b64(face_files(name)[0]) for name in ENROLLED]
+    acknowledged: list[str] = []
+    lock, stop = threading.Lock(), threading.Event()
+
+    def enroll_forever(server: ServerProcess, worker: int) -> None:
+        with client(server) as c:
+            i = 0
+            while not stop.is_set():
+                identity = f"k{server.port}-{worker}-{i}"
+                try:
+                    r = c.post("/enroll", json={"identity_id": identity, "images": [faces[(worker + i) % len(faces)]]})
+                except httpx.HTTPError:
+                    if server is a:
+                        return  # A died mid-request: not acknowledged
+                    raise
+                if r.status_code == 200:
+                    with lock:
+                        acknowledged.append(identity)
+                i += 1
+
+    threads = [threading.Thread(target=enroll_forever, args=(s, w)) for s in (a, b) for w in range(3)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    while len(acknowledged) < 40 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    a.kill()  # SIGKILL while enrollments are in flight through both replicas
+    time.sleep(0.5)
+    stop.set()
+    for t in threads:
+        t.join(60)
+    assert len(acknowledged) >= 40
+
+    def listed(c: httpx.Client) -> set[str]:
+        seen, cursor = set(), None
+        while True:
+            page = c.get("/identities", params={"limit": 1000} | ({"cursor": cursor} if cursor else {})).json()
+            seen |= {item["identity_id"] for item in page["items"]}
+            if not (cursor := page["next_cursor"]):
+                return seen
+
+    with client(b) as cb:
+        missing = set(acknowledged) - listed(cb)
+        assert not missing, f"acknowledged but lost: {sorted(missing)[:10]}"
+    # a fresh replica in A's place serves the same gallery
+    replacement = ServerProcess(tmp_path / "data", model=default_model, env=replica_env)
+    try:
+        ready = replacement.wait_ready()
+        assert ready["gallery"]["identities"] >= len(acknowledged)
+        with client(replacement) as c:
+            assert not set(acknowledged) - listed(c)
+    finally:
+        replacement.stop()
