@@ -30,6 +30,7 @@ def crash(g: Gallery) -> None:
     if g._maintainer is not None:  # noqa: SLF001
         g._maintainer.join()  # noqa: SLF001
     g.store._writer.close()  # noqa: SLF001
+    g.store = None  # a later close() (fixture teardown) has nothing left to do, as for a dead process
     g._dir_lock.release()  # noqa: SLF001
 
 
