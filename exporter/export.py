@@ -71,10 +71,32 @@ def rename_batch_dim(proto: onnx.ModelProto, name: str = "batch") -> None:
                 dim.dim_param = name
 
 
+def checked_unit(embeddings: np.ndarray, what: str) -> np.ndarray:
+    """L2-normalised embeddings; non-finite or zero ones are an ExportParityError.
+
+    A degenerate model must not pass parity by accident: ``nan < bar`` is False, and two models that
+    both output zeros (or NaN) "agree". Zero is checked on the norm because the exported graph
+    normalises with an epsilon, turning a zero embedding into zeros rather than NaN.
+    """
+    embeddings = np.asarray(embeddings, dtype=np.float64)
+    if not np.all(np.isfinite(embeddings)):
+        bad = int(np.sum(~np.all(np.isfinite(embeddings), axis=1)))
+        raise ExportParityError(f"{what} produced non-finite embeddings for {bad} of {len(embeddings)} faces")
+    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+    if np.any(norms < 1e-12):
+        raise ExportParityError(f"{what} produced zero embeddings for {int(np.sum(norms < 1e-12))} "
+                                f"of {len(embeddings)} faces")
+    return embeddings / norms
+
+
+def passes(value: float, bar: float) -> bool:
+    """``value >= bar``, False for NaN (where ``value < bar`` would wave NaN through)."""
+    return bool(np.isfinite(value) and value >= bar)
+
+
 def tf_embeddings(model, faces: np.ndarray, mean: float, std: float) -> np.ndarray:
     x = (faces.astype(np.float32) - mean) / std
-    emb = np.asarray(model(x, training=False), dtype=np.float64)
-    return emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    return checked_unit(model(x, training=False), "the TF model")
 
 
 def onnx_embeddings(proto_or_path, faces: np.ndarray, contract: FaceContract) -> np.ndarray:
@@ -84,8 +106,8 @@ def onnx_embeddings(proto_or_path, faces: np.ndarray, contract: FaceContract) ->
 
     data = proto_or_path.SerializeToString() if isinstance(proto_or_path, onnx.ModelProto) else str(proto_or_path)
     session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-    out = session.run(None, {contract.input_name: preprocess(faces, contract)})[0].astype(np.float64)
-    return out / np.linalg.norm(out, axis=1, keepdims=True)
+    out = session.run(None, {contract.input_name: preprocess(faces, contract)})[0]
+    return checked_unit(out, f"the ONNX graph ({contract.extra.get('face.precision', 'fp32')})")
 
 
 def parity(reference: np.ndarray, candidate: np.ndarray) -> dict:
@@ -160,7 +182,7 @@ def export_model(source: str | Path, output: str | Path, config: str | Path | No
 
     fp32 = parity(reference, onnx_embeddings(proto, faces, contract))
     log.info("parity fp32 on %d faces: min cosine %.7f", fp32["faces"], fp32["min_cosine"])
-    if fp32["min_cosine"] < min_cosine:
+    if not passes(fp32["min_cosine"], min_cosine):
         raise ExportParityError(f"ONNX min cosine {fp32['min_cosine']:.7f} < {min_cosine} on {fp32['faces']} faces")
     contract = dataclasses.replace(contract, extra={**contract.extra, "face.parity_min_cosine": f"{fp32['min_cosine']:.7f}"})
     write_contract(proto, contract)
@@ -175,19 +197,23 @@ def export_model(source: str | Path, output: str | Path, config: str | Path | No
         result["calibration"] = {k: calibration[k] for k in ("accuracy_mean", "accuracy_std", "best_threshold")}
 
     if fp16:
-        from service.model.fp16 import FP16_SUFFIX, check_parity
+        from service.model.fp16 import FP16_SUFFIX, Fp16ParityError, check_parity
 
         half = to_fp16(proto)
         half_contract = dataclasses.replace(contract, model_version=contract.model_version + FP16_SUFFIX,
                                             extra={**contract.extra, "face.precision": "fp16"})
-        fp16_parity = parity(reference, onnx_embeddings(half, faces, half_contract))
-        # the CPU provider runs most fp16 nodes through casts in fp32; the emulated check rounds every
-        # activation to fp16 as a GPU would, so an overflow shows up here too
-        emulated = check_parity(proto, half, faces, contract, ["CPUExecutionProvider"]).emulated_min_cosine
+        try:
+            fp16_parity = parity(reference, onnx_embeddings(half, faces, half_contract))
+            # the CPU provider runs most fp16 nodes through casts in fp32; the emulated check rounds every
+            # activation to fp16 as a GPU would, so an overflow shows up here too
+            emulated = check_parity(proto, half, faces, contract, ["CPUExecutionProvider"]).emulated_min_cosine
+        except (ExportParityError, Fp16ParityError) as exc:  # NaN/inf/zero embeddings from the fp16 graph
+            raise ExportParityError(f"fp16 variant refused: {exc}; the fp32 model {output} is written, "
+                                    "no fp16 variant") from exc
         fp16_parity["emulated_min_cosine"] = emulated
         log.info("parity fp16 on %d faces: min cosine %.7f vs TF, %.7f with fp16 rounding emulated",
                  fp16_parity["faces"], fp16_parity["min_cosine"], emulated)
-        if min(fp16_parity["min_cosine"], emulated) < fp16_min_cosine:
+        if not (passes(fp16_parity["min_cosine"], fp16_min_cosine) and passes(emulated, fp16_min_cosine)):
             raise ExportParityError(f"fp16 min cosine {fp16_parity['min_cosine']:.6f} (emulated {emulated:.6f}) "
                                     f"< {fp16_min_cosine}; the fp32 model {output} is written, no fp16 variant")
         half_contract = dataclasses.replace(
