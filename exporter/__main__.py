@@ -169,9 +169,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+# commands whose trailing KEY=VALUE positionals are config overrides
+OVERRIDE_COMMANDS = {"train", "distill", "export", "evaluate"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """argparse, plus KEY=VALUE overrides anywhere after the command (``export CKPT -o x.onnx mean=0``).
+
+    argparse fills a ``nargs="*"`` positional the first time it reaches it (right after the source),
+    so overrides typed after an option would be "unrecognized arguments"; they are collected here.
+    """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command in OVERRIDE_COMMANDS:
+        late = [item for item in extra if "=" in item and not item.startswith("-")]
+        args.overrides = [*(args.overrides or []), *late]
+        extra = [item for item in extra if item not in late]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     _setup_logging(args.verbose)
     from .config import ConfigError
 

@@ -106,9 +106,12 @@ def resolve_checkpoint(path: str | Path) -> str:
         if not latest:
             raise CheckpointError(f"no checkpoint in {path}")
         return latest
-    if path.suffix == ".index":
-        return str(path.with_suffix(""))
-    return str(path)
+    prefix = str(path.with_suffix("")) if path.suffix == ".index" else str(path)
+    if not Path(prefix + ".index").exists():
+        # TF's own error here is a NotFoundError traceback from deep inside the reader
+        raise FileNotFoundError(f"no checkpoint at {path} (expected a run directory, a checkpoint prefix "
+                                "with its .index file, or a directory of checkpoints)")
+    return prefix
 
 
 def load_arcface_tf2(model: keras.Model, checkpoint: str | Path) -> dict:
