@@ -67,7 +67,7 @@ def cmd_evaluate(args) -> int:
         model=args.model, pairs=args.pairs, images=args.images, config=args.config, overrides=args.overrides,
         output=args.output, roc=args.roc, batch_size=args.batch_size, label=args.label,
         write_threshold=args.write_threshold, limit_folds=args.limit_folds, flip=args.flip,
-        compare=args.compare,
+        compare=args.compare, flip_mode=args.flip_mode,
     )
     _emit(result)
     return 0
@@ -77,7 +77,8 @@ def cmd_embed(args) -> int:
     from .evaluate import embed_files
 
     result = embed_files(model=args.model, inputs=args.inputs, output=args.output, config=args.config,
-                         overrides=args.overrides, flip=args.flip, batch_size=args.batch_size)
+                         overrides=args.overrides, flip=args.flip, batch_size=args.batch_size,
+                         flip_mode=args.flip_mode)
     _emit(result)
     return 0
 
@@ -149,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit-folds", type=int, help="only the first N folds (quick checks)")
     p.add_argument("--no-flip", dest="flip", action="store_false",
                    help="skip the flip-averaged figures (halves the time; the threshold never uses them)")
+    p.add_argument("--flip-mode", choices=("normalised", "raw"), default="normalised",
+                   help="flip-averaging: sum of L2-normalised embeddings (default) or of raw ones "
+                   "(arcface-tf2's and insightface's evaluation)")
     p.add_argument("--write-threshold", action="store_true",
                    help="write the calibrated threshold into the ONNX file's face.threshold (ONNX models only)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for TF sources")
@@ -162,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", required=True, help=".npy file to write")
     p.add_argument("--config", help="YAML config for an arcface-tf2 checkpoint")
     p.add_argument("--flip", action="store_true", help="average with the horizontally flipped image")
+    p.add_argument("--flip-mode", choices=("normalised", "raw"), default="normalised",
+                   help="flip-averaging: sum of L2-normalised embeddings (default) or of raw ones "
+                   "(arcface-tf2's and insightface's evaluation)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for TF sources (repeatable)")
