@@ -145,3 +145,31 @@ def test_fp16_overflow_is_refused(tiny_run, tmp_path):
     with pytest.raises(ExportParityError, match="fp16"):
         export_model(run, tmp_path / "m.onnx", threshold=0.3, fp16=True)
     assert (tmp_path / "m.onnx").exists() and not (tmp_path / "m.fp16.onnx").exists()
+
+
+def test_conversion_makes_no_graph_copies(tiny_run, monkeypatch):
+    """tf2onnx deep-copies the graph before every optimizer by default (ResNet-50 export peaked at
+    ~13 GB); the exporter converts without those copies and leaves tf2onnx's setting as it was."""
+    import copy
+    import os
+
+    from tf2onnx.graph import Graph
+
+    from exporter.checkpoints import load_run
+    from exporter.export import to_onnx
+
+    copies = []
+    real = copy.deepcopy
+
+    def counting(obj, memo=None, *args):
+        if isinstance(obj, Graph):
+            copies.append(type(obj).__name__)
+        return real(obj, memo, *args)
+
+    monkeypatch.setattr(copy, "deepcopy", counting)
+    monkeypatch.delenv("TF2ONNX_CATCH_ERRORS", raising=False)
+    cfg, model = load_run(tiny_run)
+    proto = to_onnx(model, cfg.input_size)
+    assert copies == []
+    assert "TF2ONNX_CATCH_ERRORS" not in os.environ
+    assert proto.graph.output[0].name == "embedding"
