@@ -45,6 +45,18 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_distill(args) -> int:
+    from .distill import load_distill_config
+
+    cfg = load_distill_config(args.config, args.overrides)  # before importing TensorFlow: bad configs fail fast
+    from .distill import distill
+
+    result = distill(cfg, resume=not args.restart)
+    _emit({"run_dir": str(result.run_dir), "steps": result.steps, "seconds": round(result.seconds, 1),
+           "final_loss": result.final_loss, "teacher": result.teacher})
+    return 0
+
+
 def cmd_export(args) -> int:
     from .export import export_model
 
@@ -105,6 +117,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restart", action="store_true", help="ignore existing checkpoints and start over")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. epochs=3 batch_size=32")
     p.set_defaults(func=cmd_train)
+
+    from .distill import config_help as distill_help
+
+    p = sub.add_parser("distill", help="train a student to reproduce an ONNX teacher's embeddings",
+                       description="Distil any ONNX face model the service can load (default: the service's default "
+                                   "model) into a TF2 student (MobileNetV2 or ResNet-50 + embedding head) on aligned "
+                                   "crops and/or photos (aligned by the service's detector). Teacher embeddings of "
+                                   "every view (clean, augmented, mirrored) are computed once and cached in the run "
+                                   "directory. Rerunning the same command resumes. The run directory exports with "
+                                   "'python -m exporter export RUN'.",
+                       epilog="config keys (YAML or KEY=VALUE):\n" + distill_help() + "\n\nexample:\n"
+                              "  python -m exporter distill --config exporter/configs/distill_sface_mbv2_cpu.yaml",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML distillation config")
+    p.add_argument("--restart", action="store_true", help="ignore existing checkpoints and start over")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. steps=100 crops=[dir]")
+    p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("export", help="embedding branch -> ONNX with the face.* contract, parity-checked",
                        description="Export the embedding branch of a trained model to ONNX (opset 17, dynamic batch "

@@ -10,7 +10,7 @@ import pytest
 from tests.server import REPO
 
 
-@pytest.mark.parametrize("command", [[], ["train"], ["export"], ["evaluate"], ["embed"]])
+@pytest.mark.parametrize("command", [[], ["train"], ["distill"], ["export"], ["evaluate"], ["embed"]])
 def test_help(command):
     out = subprocess.run([sys.executable, "-m", "exporter", *command, "--help"], cwd=REPO,
                          capture_output=True, text=True, timeout=60)
@@ -18,6 +18,8 @@ def test_help(command):
     assert "usage:" in out.stdout
     if command == ["train"]:
         assert "learning_rate" in out.stdout and "backbone" in out.stdout
+    if command == ["distill"]:
+        assert "relational_weight" in out.stdout and "teacher" in out.stdout
 
 
 def test_bad_override_is_a_clean_error():
