@@ -77,6 +77,10 @@ def _convert_lean(function, spec, opset: int) -> onnx.ModelProto:
     key = constants.ENV_TF2ONNX_CATCH_ERRORS
     saved = os.environ.get(key)
     os.environ[key] = "FALSE"
+    thresholds = gc.get_threshold()
+    # tf2onnx's rewriters still drop graph fragments (with their numpy weights) in reference cycles:
+    # collect young objects 10x as often while converting
+    gc.set_threshold(max(thresholds[0] // 10, 50), *thresholds[1:])
     try:
         proto, _ = tf2onnx.convert.from_function(function, input_signature=spec, opset=opset)
     except Exception as exc:  # noqa: BLE001 - any optimizer failure: convert again with tf2onnx's safety net
@@ -85,6 +89,7 @@ def _convert_lean(function, spec, opset: int) -> onnx.ModelProto:
         os.environ[key] = "TRUE"
         proto, _ = tf2onnx.convert.from_function(function, input_signature=spec, opset=opset)
     finally:
+        gc.set_threshold(*thresholds)
         if saved is None:
             os.environ.pop(key, None)
         else:
