@@ -315,6 +315,32 @@ def relational_loss(student, teacher):
     return tf.reduce_sum(tf.square(diff)) / tf.maximum(n * (n - 1.0), 1.0)  # the diagonal is 0 - 0
 
 
+class _StopOnSignal:
+    """SIGTERM/SIGINT ask the loop to stop after the current step (checkpoint and weights are then saved),
+    so a run can be cut to fit a time budget and still export."""
+
+    def __init__(self):
+        import signal
+
+        self.requested = False
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no signal handling
+                pass
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        log.info("stop requested (signal %d): finishing the current step", signum)
+
+    def restore(self) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 @dataclass
 class DistillResult:
     run_dir: Path
@@ -414,7 +440,8 @@ def distill(cfg: DistillConfig, resume: bool = True) -> DistillResult:
     n, per_image = cache.targets.shape[:2]
     progbar = keras.utils.Progbar(cfg.steps, verbose=cfg.verbose, stateful_metrics=["mean_cos"])
     start, loss = time.monotonic(), float("nan")
-    while int(step.numpy()) < cfg.steps:
+    stop = _StopOnSignal()
+    while int(step.numpy()) < cfg.steps and not stop.requested:
         images_idx = np.sort(rng.choice(n, size=min(cfg.batch_size, n), replace=False))
         views_idx = rng.integers(0, per_image, size=len(images_idx))
         images = np.asarray(cache.views[images_idx, views_idx])
@@ -436,10 +463,15 @@ def distill(cfg: DistillConfig, resume: bool = True) -> DistillResult:
         if current % cfg.checkpoint_every == 0 or current == cfg.steps:
             manager.save(checkpoint_number=current)
             log.info("checkpoint at step %d", current, extra={"step": current, "loss": loss, "mean_cos": mean_cos})
+    stop.restore()
     elapsed = time.monotonic() - start
+    if stop.requested:  # a stopped run keeps its exact last step, exportable like a finished one
+        manager.save(checkpoint_number=int(step.numpy()))
+        log.info("stopped by signal at step %d of %d", int(step.numpy()), cfg.steps)
     save_run(run_dir, scfg, student, data.class_names)
     summary = {"name": cfg.name, "teacher": cache.teacher_id, "teacher_path": str(teacher_path),
-               "steps": int(step.numpy()), "seconds_this_session": round(elapsed, 1), "images": int(n),
+               "steps": int(step.numpy()), "steps_planned": cfg.steps, "stopped_early": stop.requested,
+               "seconds_this_session": round(elapsed, 1), "images": int(n),
                "views_per_image": int(per_image), "final_loss": loss}
     (run_dir / "distill_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return DistillResult(run_dir, int(step.numpy()), elapsed, loss, cache.teacher_id)
