@@ -410,6 +410,9 @@ def distill(cfg: DistillConfig, resume: bool = True) -> DistillResult:
         parts["head"] = head
     checkpoint = tf.train.Checkpoint(**parts)
     manager = tf.train.CheckpointManager(checkpoint, str(run_dir / CHECKPOINT_DIR), max_to_keep=cfg.keep_checkpoints)
+    stale = run_dir / "embedding.weights.h5"  # export prefers final weights to checkpoints:
+    if stale.exists():  # weights from an earlier stop must not shadow what this session trains
+        stale.unlink()
     if resume and manager.latest_checkpoint:
         optimizer.build(variables)
         checkpoint.restore(manager.latest_checkpoint)
