@@ -120,3 +120,14 @@ def test_bad_config_is_a_clean_error(tmp_path):
     out = subprocess.run([sys.executable, "-m", "exporter", "distill", "views=-1", "no_such_key=1"], cwd=REPO,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "no_such_key" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_shipped_distill_configs_load():
+    from exporter.config import REPO
+    from exporter.distill import load_distill_config
+
+    configs = sorted((REPO / "exporter" / "configs" / "distill").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        cfg = load_distill_config(path)
+        assert cfg.crops and cfg.steps > 0
