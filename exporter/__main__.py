@@ -45,6 +45,18 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_distill(args) -> int:
+    from .distill import load_distill_config
+
+    cfg = load_distill_config(args.config, args.overrides)  # before importing TensorFlow: bad configs fail fast
+    from .distill import distill
+
+    result = distill(cfg, resume=not args.restart)
+    _emit({"run_dir": str(result.run_dir), "steps": result.steps, "seconds": round(result.seconds, 1),
+           "final_loss": result.final_loss, "teacher": result.teacher})
+    return 0
+
+
 def cmd_export(args) -> int:
     from .export import export_model
 
@@ -67,7 +79,7 @@ def cmd_evaluate(args) -> int:
         model=args.model, pairs=args.pairs, images=args.images, config=args.config, overrides=args.overrides,
         output=args.output, roc=args.roc, batch_size=args.batch_size, label=args.label,
         write_threshold=args.write_threshold, limit_folds=args.limit_folds, flip=args.flip,
-        compare=args.compare,
+        compare=args.compare, flip_mode=args.flip_mode,
     )
     _emit(result)
     return 0
@@ -77,7 +89,8 @@ def cmd_embed(args) -> int:
     from .evaluate import embed_files
 
     result = embed_files(model=args.model, inputs=args.inputs, output=args.output, config=args.config,
-                         overrides=args.overrides, flip=args.flip, batch_size=args.batch_size)
+                         overrides=args.overrides, flip=args.flip, batch_size=args.batch_size,
+                         flip_mode=args.flip_mode)
     _emit(result)
     return 0
 
@@ -104,6 +117,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restart", action="store_true", help="ignore existing checkpoints and start over")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. epochs=3 batch_size=32")
     p.set_defaults(func=cmd_train)
+
+    from .distill import config_help as distill_help
+
+    p = sub.add_parser("distill", help="train a student to reproduce an ONNX teacher's embeddings",
+                       description="Distil any ONNX face model the service can load (default: the service's default "
+                                   "model) into a TF2 student (MobileNetV2 or ResNet-50 + embedding head) on aligned "
+                                   "crops and/or photos (aligned by the service's detector). Teacher embeddings of "
+                                   "every view (clean, augmented, mirrored) are computed once and cached in the run "
+                                   "directory. Rerunning the same command resumes. The run directory exports with "
+                                   "'python -m exporter export RUN'.",
+                       epilog="config keys (YAML or KEY=VALUE):\n" + distill_help() + "\n\nexample:\n"
+                              "  python -m exporter distill --config exporter/configs/distill_sface_mbv2_cpu.yaml",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML distillation config")
+    p.add_argument("--restart", action="store_true", help="ignore existing checkpoints and start over")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. steps=100 crops=[dir]")
+    p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("export", help="embedding branch -> ONNX with the face.* contract, parity-checked",
                        description="Export the embedding branch of a trained model to ONNX (opset 17, dynamic batch "
@@ -149,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit-folds", type=int, help="only the first N folds (quick checks)")
     p.add_argument("--no-flip", dest="flip", action="store_false",
                    help="skip the flip-averaged figures (halves the time; the threshold never uses them)")
+    p.add_argument("--flip-mode", choices=("normalised", "raw"), default="normalised",
+                   help="flip-averaging: sum of L2-normalised embeddings (default) or of raw ones "
+                   "(arcface-tf2's and insightface's evaluation)")
     p.add_argument("--write-threshold", action="store_true",
                    help="write the calibrated threshold into the ONNX file's face.threshold (ONNX models only)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for TF sources")
@@ -162,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", required=True, help=".npy file to write")
     p.add_argument("--config", help="YAML config for an arcface-tf2 checkpoint")
     p.add_argument("--flip", action="store_true", help="average with the horizontally flipped image")
+    p.add_argument("--flip-mode", choices=("normalised", "raw"), default="normalised",
+                   help="flip-averaging: sum of L2-normalised embeddings (default) or of raw ones "
+                   "(arcface-tf2's and insightface's evaluation)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for TF sources (repeatable)")
@@ -169,9 +205,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+# commands whose trailing KEY=VALUE positionals are config overrides
+OVERRIDE_COMMANDS = {"train", "distill", "export", "evaluate"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """argparse, plus KEY=VALUE overrides anywhere after the command (``export CKPT -o x.onnx mean=0``).
+
+    argparse fills a ``nargs="*"`` positional the first time it reaches it (right after the source),
+    so overrides typed after an option would be "unrecognized arguments"; they are collected here.
+    """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command in OVERRIDE_COMMANDS:
+        late = [item for item in extra if "=" in item and not item.startswith("-")]
+        args.overrides = [*(args.overrides or []), *late]
+        extra = [item for item in extra if item not in late]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     _setup_logging(args.verbose)
     from .config import ConfigError
 

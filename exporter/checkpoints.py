@@ -35,6 +35,8 @@ CHECKPOINT_DIR = "checkpoints"
 VALUE_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
 # Keras 3 names a DepthwiseConv2D kernel "kernel"; Keras 2 tracked it as "depthwise_kernel".
 KERAS2_ATTRIBUTE = {("DepthwiseConv2D", "kernel"): "depthwise_kernel"}
+# arcface-tf2 feeds RGB / 255; its configs carry no mean/std (see load_embedding_model)
+ARCFACE_TF2_NORMALISATION = {"mean": 0.0, "std": 255.0}
 
 
 class CheckpointError(RuntimeError):
@@ -106,9 +108,12 @@ def resolve_checkpoint(path: str | Path) -> str:
         if not latest:
             raise CheckpointError(f"no checkpoint in {path}")
         return latest
-    if path.suffix == ".index":
-        return str(path.with_suffix(""))
-    return str(path)
+    prefix = str(path.with_suffix("")) if path.suffix == ".index" else str(path)
+    if not Path(prefix + ".index").exists():
+        # TF's own error here is a NotFoundError traceback from deep inside the reader
+        raise FileNotFoundError(f"no checkpoint at {path} (expected a run directory, a checkpoint prefix "
+                                "with its .index file, or a directory of checkpoints)")
+    return prefix
 
 
 def load_arcface_tf2(model: keras.Model, checkpoint: str | Path) -> dict:
@@ -181,15 +186,19 @@ def load_embedding_model(source: str | Path, config: str | Path | None = None,
                          overrides: list[str] | None = None) -> tuple[TrainConfig, keras.Model]:
     """Our run directory, or an arcface-tf2 checkpoint (then ``config`` gives its yaml, e.g. arc_mbv2.yaml).
 
-    arcface-tf2 models take RGB / 255 (no mean, std 255); that becomes the default normalisation for
-    them unless the config or overrides say otherwise.
+    Normalisation of an arcface-tf2 checkpoint: that project trains on RGB / 255 and its YAMLs have no
+    mean/std keys, so ``mean=0, std=255`` is the default here (not our 127.5/127.5). A ``mean`` or
+    ``std`` key in the YAML replaces that default, and a ``mean=``/``std=`` override replaces both;
+    each key on its own. The values used are logged.
     """
     from .backbones import build_embedding_model
 
     source = Path(source)
     if source.is_dir() and (source / CONFIG_FILE).exists():
         return load_run(source, overrides)
-    cfg = load_config(config, ["mean=0", "std=255", *(overrides or [])])
+    cfg = load_config(config, overrides, defaults=ARCFACE_TF2_NORMALISATION)
+    log.info("arcface-tf2 checkpoint: input normalisation (x - %g) / %g", cfg.mean, cfg.std,
+             extra={"mean": cfg.mean, "std": cfg.std})
     model = build_embedding_model(cfg, imagenet_weights=False)
     load_arcface_tf2(model, source)
     return cfg, model

@@ -159,9 +159,16 @@ def _apply(cfg: TrainConfig, key: str, value: Any) -> None:
     setattr(cfg, key, _coerce(key, value))
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """A config from a YAML file (optional) with ``key=value`` overrides applied on top."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                defaults: dict[str, Any] | None = None) -> TrainConfig:
+    """A config from a YAML file (optional) with ``key=value`` overrides applied on top.
+
+    Precedence, lowest first: TrainConfig's defaults, ``defaults`` (a source's own conventions, e.g.
+    arcface-tf2's 0/255 normalisation), the YAML file, the overrides.
+    """
     cfg = TrainConfig()
+    for key, value in (defaults or {}).items():
+        _apply(cfg, key, value)
     if path:
         data = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(data, dict):

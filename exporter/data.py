@@ -135,9 +135,11 @@ def write_arcface_tfrecord(files: LabelledFiles, out_path: str | Path, binary: b
     return out_path
 
 
+# Only the label and one of the image features are required: arcface-tf2's online converter
+# (convert_train_tfrecord.py) writes image/source_id and image/img_path and no image/filename.
 _FEATURES = {
     SOURCE_ID: tf.io.FixedLenFeature([], tf.int64),
-    FILENAME: tf.io.FixedLenFeature([], tf.string),
+    FILENAME: tf.io.FixedLenFeature([], tf.string, default_value=""),
     ENCODED: tf.io.FixedLenFeature([], tf.string, default_value=""),
     IMG_PATH: tf.io.FixedLenFeature([], tf.string, default_value=""),
 }

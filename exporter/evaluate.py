@@ -244,8 +244,18 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def embed_paths(embedder, paths: list[Path], batch_size: int = 64, flip: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
-    """L2-normalised embeddings of the files, and of (image + mirrored image) summed when ``flip``."""
+# How flip-averaging combines an image's embedding with its mirror's (both then L2-normalised):
+#   normalised: unit(e) + unit(e_mirror), each view weighs the same (this exporter's default);
+#   raw:        e + e_mirror, as arcface-tf2's evaluation (and insightface's) does: the view with the
+#               larger raw norm weighs more. The two differ only where the two raw norms differ.
+FLIP_MODES = ("normalised", "raw")
+
+
+def embed_paths(embedder, paths: list[Path], batch_size: int = 64, flip: bool = True,
+                flip_mode: str = "normalised") -> tuple[np.ndarray, np.ndarray | None]:
+    """L2-normalised embeddings of the files, and flip-averaged ones (see FLIP_MODES) when ``flip``."""
+    if flip_mode not in FLIP_MODES:
+        raise ValueError(f"flip_mode must be one of {', '.join(FLIP_MODES)}, got {flip_mode!r}")
     plain, flipped = [], []
     for i in range(0, len(paths), batch_size):
         faces = load_faces(paths[i:i + batch_size], embedder.input_size)
@@ -253,7 +263,10 @@ def embed_paths(embedder, paths: list[Path], batch_size: int = 64, flip: bool = 
         plain.append(_normalise(emb))
         if flip:
             mirrored = np.asarray(embedder(np.ascontiguousarray(faces[:, :, ::-1])), dtype=np.float32)
-            flipped.append(_normalise(_normalise(emb) + _normalise(mirrored)))
+            if flip_mode == "raw":
+                flipped.append(_normalise(emb + mirrored))
+            else:
+                flipped.append(_normalise(_normalise(emb) + _normalise(mirrored)))
         if (i // batch_size) % 20 == 0:
             log.info("embedded %d / %d", min(i + batch_size, len(paths)), len(paths))
     return np.concatenate(plain), (np.concatenate(flipped) if flip else None)
@@ -305,7 +318,8 @@ def evaluate_model(model: str | Path, pairs: str | Path, images: str | Path | No
                    config: str | Path | None = None, overrides: list[str] | None = None,
                    output: str | Path | None = None, roc: str | Path | None = None, batch_size: int = 64,
                    label: str | None = None, write_threshold: bool = False, limit_folds: int | None = None,
-                   flip: bool = True, compare: list[str] | None = None, embedder=None) -> dict:
+                   flip: bool = True, compare: list[str] | None = None, embedder=None,
+                   flip_mode: str = "normalised") -> dict:
     """Evaluate a model on a pairs protocol; see the module docstring. Returns the report dict."""
     embedder = embedder or make_embedder(model, config, overrides)
     protocol = read_pairs(pairs, images)
@@ -317,7 +331,7 @@ def evaluate_model(model: str | Path, pairs: str | Path, images: str | Path | No
     index = {p: i for i, p in enumerate(unique)}
     log.info("%s: %d pairs, %d images", pairs, len(protocol.same), len(unique))
     start = time.monotonic()
-    plain, flipped = embed_paths(embedder, unique, batch_size, flip=flip)
+    plain, flipped = embed_paths(embedder, unique, batch_size, flip=flip, flip_mode=flip_mode)
     seconds = time.monotonic() - start
 
     results = {}
@@ -342,6 +356,7 @@ def evaluate_model(model: str | Path, pairs: str | Path, images: str | Path | No
         "accuracy_std": results["plain"]["accuracy_std"],
         "accuracy_flip_mean": results["flip"]["accuracy_mean"] if flip else None,
         "accuracy_flip_std": results["flip"]["accuracy_std"] if flip else None,
+        "flip_mode": flip_mode if flip else None,
         # the service embeds without flip-averaging, so the threshold it uses is calibrated without it
         "best_threshold": round(results["plain"]["threshold"], 4),
         "tar_at_far": results["plain"]["tar_at_far"],
@@ -376,7 +391,8 @@ def evaluate_model(model: str | Path, pairs: str | Path, images: str | Path | No
 
 
 def embed_files(model: str | Path, inputs: list[str], output: str | Path, config: str | Path | None = None,
-                overrides: list[str] | None = None, flip: bool = False, batch_size: int = 64) -> dict:
+                overrides: list[str] | None = None, flip: bool = False, batch_size: int = 64,
+                flip_mode: str = "normalised") -> dict:
     """Embed image files/folders to ``output`` (.npy) plus a list of the files (.txt)."""
     embedder = make_embedder(model, config, overrides)
     paths: list[Path] = []
@@ -384,7 +400,7 @@ def embed_files(model: str | Path, inputs: list[str], output: str | Path, config
         paths += face_files(item) if Path(item).is_dir() else [Path(item)]
     if not paths:
         raise ValueError("no images found")
-    plain, flipped = embed_paths(embedder, paths, batch_size, flip=flip)
+    plain, flipped = embed_paths(embedder, paths, batch_size, flip=flip, flip_mode=flip_mode)
     embeddings = flipped if flip else plain
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -54,8 +55,46 @@ def to_onnx(model, input_size: int, input_name: str = "input", opset: int = 17) 
         embeddings = model(tf.transpose(images, (0, 2, 3, 1)), training=False)
         return {OUTPUT_NAME: tf.math.l2_normalize(embeddings, axis=1)}
 
-    proto, _ = tf2onnx.convert.from_function(embed_nchw, input_signature=spec, opset=opset)
+    proto = _convert_lean(embed_nchw, spec, opset)
     rename_batch_dim(proto)
+    return proto
+
+
+def _convert_lean(function, spec, opset: int) -> onnx.ModelProto:
+    """tf2onnx's conversion without its per-optimizer graph copies, falling back to them on error.
+
+    By default tf2onnx deep-copies the whole graph (every weight as numpy) before each of its ~15
+    optimizers, every iteration, so an optimizer that fails can be skipped. The discarded copies hold
+    reference cycles and only go at a cyclic garbage collection, which counts objects, not bytes: dozens
+    of copies of the weights pile up (ResNet-50: 12 GB resident for 160 MB of weights; MobileNetV2: 3 GB
+    for 50 MB). Without the copies an optimizer error raises; then the conversion is redone the old way.
+    """
+    import gc
+
+    import tf2onnx
+    from tf2onnx import constants
+
+    key = constants.ENV_TF2ONNX_CATCH_ERRORS
+    saved = os.environ.get(key)
+    os.environ[key] = "FALSE"
+    thresholds = gc.get_threshold()
+    # tf2onnx's rewriters still drop graph fragments (with their numpy weights) in reference cycles:
+    # collect young objects 10x as often while converting
+    gc.set_threshold(max(thresholds[0] // 10, 50), *thresholds[1:])
+    try:
+        proto, _ = tf2onnx.convert.from_function(function, input_signature=spec, opset=opset)
+    except Exception as exc:  # noqa: BLE001 - any optimizer failure: convert again with tf2onnx's safety net
+        log.warning("tf2onnx optimizer failed without graph copies (%s); converting again with them", exc)
+        gc.collect()
+        os.environ[key] = "TRUE"
+        proto, _ = tf2onnx.convert.from_function(function, input_signature=spec, opset=opset)
+    finally:
+        gc.set_threshold(*thresholds)
+        if saved is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = saved
+    gc.collect()
     return proto
 
 
@@ -71,10 +110,32 @@ def rename_batch_dim(proto: onnx.ModelProto, name: str = "batch") -> None:
                 dim.dim_param = name
 
 
+def checked_unit(embeddings: np.ndarray, what: str) -> np.ndarray:
+    """L2-normalised embeddings; non-finite or zero ones are an ExportParityError.
+
+    A degenerate model must not pass parity by accident: ``nan < bar`` is False, and two models that
+    both output zeros (or NaN) "agree". Zero is checked on the norm because the exported graph
+    normalises with an epsilon, turning a zero embedding into zeros rather than NaN.
+    """
+    embeddings = np.asarray(embeddings, dtype=np.float64)
+    if not np.all(np.isfinite(embeddings)):
+        bad = int(np.sum(~np.all(np.isfinite(embeddings), axis=1)))
+        raise ExportParityError(f"{what} produced non-finite embeddings for {bad} of {len(embeddings)} faces")
+    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+    if np.any(norms < 1e-12):
+        raise ExportParityError(f"{what} produced zero embeddings for {int(np.sum(norms < 1e-12))} "
+                                f"of {len(embeddings)} faces")
+    return embeddings / norms
+
+
+def passes(value: float, bar: float) -> bool:
+    """``value >= bar``, False for NaN (where ``value < bar`` would wave NaN through)."""
+    return bool(np.isfinite(value) and value >= bar)
+
+
 def tf_embeddings(model, faces: np.ndarray, mean: float, std: float) -> np.ndarray:
     x = (faces.astype(np.float32) - mean) / std
-    emb = np.asarray(model(x, training=False), dtype=np.float64)
-    return emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    return checked_unit(model(x, training=False), "the TF model")
 
 
 def onnx_embeddings(proto_or_path, faces: np.ndarray, contract: FaceContract) -> np.ndarray:
@@ -84,8 +145,8 @@ def onnx_embeddings(proto_or_path, faces: np.ndarray, contract: FaceContract) ->
 
     data = proto_or_path.SerializeToString() if isinstance(proto_or_path, onnx.ModelProto) else str(proto_or_path)
     session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-    out = session.run(None, {contract.input_name: preprocess(faces, contract)})[0].astype(np.float64)
-    return out / np.linalg.norm(out, axis=1, keepdims=True)
+    out = session.run(None, {contract.input_name: preprocess(faces, contract)})[0]
+    return checked_unit(out, f"the ONNX graph ({contract.extra.get('face.precision', 'fp32')})")
 
 
 def parity(reference: np.ndarray, candidate: np.ndarray) -> dict:
@@ -136,7 +197,7 @@ def export_model(source: str | Path, output: str | Path, config: str | Path | No
                  parity_faces: str | Path | None = None, parity_count: int = 32, min_cosine: float = 0.99999,
                  fp16: bool = False, opset: int = 17, input_name: str = "input", model_name: str | None = None,
                  model_version: str | None = None, identify_threshold: float | None = None,
-                 fp16_min_cosine: float = MIN_COSINE_FP16) -> dict:
+                 fp16_min_cosine: float = MIN_COSINE_FP16, stage_hook=None) -> dict:
     """Export, write the contract, check parity; returns a summary. Raises ExportParityError on failure.
 
     The fp16 variant is gated separately (``fp16_min_cosine``, by default the bar the service applies
@@ -145,10 +206,16 @@ def export_model(source: str | Path, output: str | Path, config: str | Path | No
     """
     from .checkpoints import load_embedding_model
 
+    def stage(name: str) -> None:  # memory/time probes (exporter.memprobe) hook in here
+        if stage_hook is not None:
+            stage_hook(name)
+
     cfg, model = load_embedding_model(source, config, overrides)
+    stage("load model")
     value, threshold_source, calibration = resolve_threshold(threshold, threshold_from, calibrate_pairs, model, cfg)
 
     proto = to_onnx(model, cfg.input_size, input_name, opset)
+    stage("tf2onnx conversion")
     contract = FaceContract(
         input_name=proto.graph.input[0].name,
         embedding_size=cfg.embedding_size,
@@ -168,9 +235,11 @@ def export_model(source: str | Path, output: str | Path, config: str | Path | No
     faces = load_faces(face_files(parity_faces or DEFAULT_PARITY_FACES, parity_count), cfg.input_size)
     reference = tf_embeddings(model, faces, cfg.mean, cfg.std)
 
+    stage("TF reference embeddings")
     fp32 = parity(reference, onnx_embeddings(proto, faces, contract))
+    stage("fp32 parity (onnxruntime)")
     log.info("parity fp32 on %d faces: min cosine %.7f", fp32["faces"], fp32["min_cosine"])
-    if fp32["min_cosine"] < min_cosine:
+    if not passes(fp32["min_cosine"], min_cosine):
         raise ExportParityError(f"ONNX min cosine {fp32['min_cosine']:.7f} < {min_cosine} on {fp32['faces']} faces")
     contract = dataclasses.replace(contract, extra={**contract.extra, "face.parity_min_cosine": f"{fp32['min_cosine']:.7f}"})
     write_contract(proto, contract)
@@ -179,25 +248,32 @@ def export_model(source: str | Path, output: str | Path, config: str | Path | No
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     _save(proto, output)
+    stage("check and save")
     result = {"onnx": str(output), "contract": contract.to_metadata(), "parity_fp32": fp32,
               "opset": opset, "bytes": output.stat().st_size}
     if calibration is not None:
         result["calibration"] = {k: calibration.get(k) for k in ("accuracy_mean", "accuracy_std", "best_threshold")}
 
     if fp16:
-        from service.model.fp16 import FP16_SUFFIX, check_parity
+        from service.model.fp16 import FP16_SUFFIX, Fp16ParityError, check_parity
 
         half = to_fp16(proto)
+        stage("fp16 conversion")
         half_contract = dataclasses.replace(contract, model_version=contract.model_version + FP16_SUFFIX,
                                             extra={**contract.extra, "face.precision": "fp16"})
-        fp16_parity = parity(reference, onnx_embeddings(half, faces, half_contract))
-        # the CPU provider runs most fp16 nodes through casts in fp32; the emulated check rounds every
-        # activation to fp16 as a GPU would, so an overflow shows up here too
-        emulated = check_parity(proto, half, faces, contract, ["CPUExecutionProvider"]).emulated_min_cosine
+        try:
+            fp16_parity = parity(reference, onnx_embeddings(half, faces, half_contract))
+            # the CPU provider runs most fp16 nodes through casts in fp32; the emulated check rounds every
+            # activation to fp16 as a GPU would, so an overflow shows up here too
+            emulated = check_parity(proto, half, faces, contract, ["CPUExecutionProvider"]).emulated_min_cosine
+        except (ExportParityError, Fp16ParityError) as exc:  # NaN/inf/zero embeddings from the fp16 graph
+            raise ExportParityError(f"fp16 variant refused: {exc}; the fp32 model {output} is written, "
+                                    "no fp16 variant") from exc
+        stage("fp16 parity")
         fp16_parity["emulated_min_cosine"] = emulated
         log.info("parity fp16 on %d faces: min cosine %.7f vs TF, %.7f with fp16 rounding emulated",
                  fp16_parity["faces"], fp16_parity["min_cosine"], emulated)
-        if min(fp16_parity["min_cosine"], emulated) < fp16_min_cosine:
+        if not (passes(fp16_parity["min_cosine"], fp16_min_cosine) and passes(emulated, fp16_min_cosine)):
             raise ExportParityError(f"fp16 min cosine {fp16_parity['min_cosine']:.6f} (emulated {emulated:.6f}) "
                                     f"< {fp16_min_cosine}; the fp32 model {output} is written, no fp16 variant")
         half_contract = dataclasses.replace(

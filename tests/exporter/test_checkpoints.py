@@ -103,3 +103,19 @@ def test_run_resumes_and_reloads(tiny_run, tmp_path):
     again = build_embedding_model(cfg_loaded, imagenet_weights=False)
     tf.train.Checkpoint(embedding=again).restore(tf.train.latest_checkpoint(str(tiny_run / "checkpoints"))).expect_partial()
     np.testing.assert_allclose(np.asarray(model(x, training=False)), np.asarray(again(x, training=False)), atol=1e-5)
+
+
+@pytest.mark.parametrize("yaml_lines, overrides, expected", [
+    ("", [], (0.0, 255.0)),  # arcface-tf2's own configs have no mean/std: its RGB / 255
+    ("mean: 127.5\nstd: 127.5\n", [], (127.5, 127.5)),  # a YAML that says so is obeyed
+    ("mean: 127.5\nstd: 127.5\n", ["mean=0", "std=1"], (0.0, 1.0)),  # overrides beat the YAML
+    ("std: 128\n", [], (0.0, 128.0)),  # each key on its own
+])
+def test_arcface_tf2_normalisation_rule(tmp_path, yaml_lines, overrides, expected):
+    """For arcface-tf2 checkpoints 0/255 is the default, never a silent replacement of the YAML's values."""
+    cfg = tiny_config(tmp_path)
+    prefix = save_arcface_tf2_layout(build_embedding_model(cfg), tmp_path / "m.ckpt")
+    yaml = tmp_path / "arc.yaml"
+    yaml.write_text("backbone_type: MobileNetV2\nembd_shape: 128\nalpha: 0.35\n" + yaml_lines)
+    loaded, _ = load_embedding_model(prefix, config=yaml, overrides=overrides)
+    assert (loaded.mean, loaded.std) == expected

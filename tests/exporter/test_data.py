@@ -58,3 +58,24 @@ def test_tfrecord_source_ids_are_remapped(odd_folder, tmp_path, binary):
     got = np.concatenate([labels.numpy() for _, labels in ds])
     expected = [mapping.class_names.index(str(source_ids[label])) for label in files.labels]
     assert got.tolist() == expected
+
+
+def test_online_tfrecord_without_filename_loads(odd_folder, tmp_path):
+    """arcface-tf2's convert_train_tfrecord.py (online layout) writes exactly these two features."""
+    files = scan_folder(odd_folder, min_images=2)
+    record = tmp_path / "online.tfrecord"
+    with tf.io.TFRecordWriter(str(record)) as writer:
+        for path, label in zip(files.paths, files.labels):
+            feature = {
+                "image/source_id": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label) * 10])),
+                "image/img_path": tf.train.Feature(bytes_list=tf.train.BytesList(value=[path.encode()])),
+            }
+            writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+    cfg = tiny_config(tmp_path, f"train_tfrecord={record}", "augment=false", "batch_size=4")
+    ds, mapping = tfrecord_dataset(cfg, training=False)
+    assert mapping.class_names == ["0", "10", "20", "30"]
+    batches = list(ds)
+    got = np.concatenate([labels.numpy() for _, labels in batches])
+    assert got.tolist() == files.labels.tolist()
+    first = batches[0][0]["input_image"].numpy()
+    assert first.shape == (4, 112, 112, 3) and first.std() > 0.05  # real pixels, not an empty image

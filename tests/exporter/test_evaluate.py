@@ -93,3 +93,36 @@ def test_evaluate_end_to_end_known_answer(tmp_path, monkeypatch):
                            compare=[str(tmp_path / "r.json")], roc=tmp_path / "both.png")
     assert (tmp_path / "both.png").exists()
     assert quick["accuracy_mean"] == 1.0 and quick["accuracy_flip_mean"] is None and quick["n_pairs"] == 12
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    from service.model.prepare import default_model as prepare
+
+    from exporter.config import REPO
+
+    return prepare(REPO / ".cache" / "models")
+
+
+def test_flip_modes(default_model):
+    """'normalised' sums unit embeddings (ours); 'raw' sums raw ones as arcface-tf2's evaluation does."""
+    from exporter.evaluate import OnnxEmbedder, embed_paths
+    from exporter.images import face_files, load_faces
+
+    embedder = OnnxEmbedder(default_model)
+    paths = face_files(TRAIN_FACES, 6)
+    faces = load_faces(paths)
+    raw = np.asarray(embedder(faces), np.float64)
+    mirrored = np.asarray(embedder(np.ascontiguousarray(faces[:, :, ::-1])), np.float64)
+
+    def unit(x):
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    _, ours = embed_paths(embedder, paths, flip=True, flip_mode="normalised")
+    _, theirs = embed_paths(embedder, paths, flip=True, flip_mode="raw")
+    np.testing.assert_allclose(ours, unit(unit(raw) + unit(mirrored)), atol=1e-5)
+    np.testing.assert_allclose(theirs, unit(raw + mirrored), atol=1e-5)
+    # SFace's raw norms differ between an image and its mirror, so the two modes really differ
+    assert np.abs(ours - theirs).max() > 1e-4
+    with pytest.raises(ValueError):
+        embed_paths(embedder, paths, flip=True, flip_mode="sum")

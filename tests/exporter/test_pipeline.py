@@ -91,3 +91,85 @@ def test_service_verifies_with_the_exported_model(exported, tmp_path):
     assert answer["threshold"] == pytest.approx(embedder.contract.threshold)
     assert answer["similarity"] == pytest.approx(float(emb[0] @ emb[1]), abs=1e-4)
     assert answer["match"] == (answer["similarity"] >= answer["threshold"])
+
+
+def _tampered_run(tiny_run, tmp_path, change) -> "Path":
+    """A copy of the tiny run whose embedding weights ``change`` (model -> None) has altered."""
+    from exporter.checkpoints import load_run, save_run
+
+    cfg, model = load_run(tiny_run)
+    change(model)
+    run = tmp_path / "tampered"
+    save_run(run, cfg, model, ["a"])
+    return run
+
+
+def _final_dense(model):
+    head = model.get_layer("OutputLayer")
+    return next(layer for layer in head.layers if layer.__class__.__name__ == "Dense")
+
+
+@pytest.mark.parametrize("how", ["nan", "zero"])
+def test_degenerate_model_is_refused(tiny_run, tmp_path, how):
+    """NaN embeddings (nan < bar is False) and all-zero embeddings must not pass the parity gate."""
+    from exporter.export import ExportParityError, export_model
+
+    def change(model):
+        dense = _final_dense(model)
+        kernel, bias = dense.kernel, dense.bias
+        kernel.assign(np.full(kernel.shape, np.nan if how == "nan" else 0.0, np.float32))
+        bias.assign(np.zeros(bias.shape, np.float32))
+        # the BN after the Dense would add its beta back: zero it so the embedding really is 0
+        bn = model.get_layer("OutputLayer").layers[-1]
+        bn.beta.assign(np.zeros(bn.beta.shape, np.float32))
+        bn.moving_mean.assign(np.zeros(bn.moving_mean.shape, np.float32))
+
+    run = _tampered_run(tiny_run, tmp_path, change)
+    with pytest.raises(ExportParityError, match="non-finite|zero"):
+        export_model(run, tmp_path / "m.onnx", threshold=0.3)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_fp16_overflow_is_refused(tiny_run, tmp_path):
+    """Huge activations are fine in fp32 but inf -> NaN in fp16: the fp16 gate must refuse them."""
+    from exporter.export import ExportParityError, export_model
+
+    def change(model):
+        dense = _final_dense(model)
+        dense.kernel.assign(dense.kernel.numpy() * 1e6)
+        bn = model.get_layer("OutputLayer").layers[-1]
+        bn.moving_mean.assign(bn.moving_mean.numpy() * 1e6)
+        bn.beta.assign(bn.beta.numpy() * 1e6)
+
+    run = _tampered_run(tiny_run, tmp_path, change)
+    with pytest.raises(ExportParityError, match="fp16"):
+        export_model(run, tmp_path / "m.onnx", threshold=0.3, fp16=True)
+    assert (tmp_path / "m.onnx").exists() and not (tmp_path / "m.fp16.onnx").exists()
+
+
+def test_conversion_makes_no_graph_copies(tiny_run, monkeypatch):
+    """tf2onnx deep-copies the graph before every optimizer by default (ResNet-50 export peaked at
+    ~13 GB); the exporter converts without those copies and leaves tf2onnx's setting as it was."""
+    import copy
+    import os
+
+    from tf2onnx.graph import Graph
+
+    from exporter.checkpoints import load_run
+    from exporter.export import to_onnx
+
+    copies = []
+    real = copy.deepcopy
+
+    def counting(obj, memo=None, *args):
+        if isinstance(obj, Graph):
+            copies.append(type(obj).__name__)
+        return real(obj, memo, *args)
+
+    monkeypatch.setattr(copy, "deepcopy", counting)
+    monkeypatch.delenv("TF2ONNX_CATCH_ERRORS", raising=False)
+    cfg, model = load_run(tiny_run)
+    proto = to_onnx(model, cfg.input_size)
+    assert copies == []
+    assert "TF2ONNX_CATCH_ERRORS" not in os.environ
+    assert proto.graph.output[0].name == "embedding"
