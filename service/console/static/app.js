@@ -39,6 +39,7 @@ const ERROR_MESSAGES = {
   gallery_unavailable: "The gallery could not be loaded; the service log says why.",
   overloaded: "The service is busy right now; try again in a moment.",
   inference_timeout: "The model did not answer in time; try again in a moment.",
+  database_unavailable: "The gallery database cannot be reached right now; try again in a moment.",
   unauthorized: "The API key is missing or wrong.",
   not_found: "Not found.",
   method_not_allowed: "The service does not allow this here.",
