@@ -35,7 +35,11 @@ import numpy as np
 from bench.common import machine, save
 from bench.embeddings import Embedded, embed_dataset
 from service.model.calibration import (
-    FACES_ALPHA, ImpostorTail, impostor_histogram, tail_from_histogram, threshold_for_gallery,
+    FACES_ALPHA,
+    ImpostorTail,
+    impostor_histogram,
+    tail_from_histogram,
+    threshold_for_gallery,
 )
 from service.model.prepare import packaged_impostor_tail
 

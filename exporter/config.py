@@ -98,7 +98,7 @@ class TrainConfig:
             root = REPO / root
         return root / self.name
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         if self.backbone not in ("MobileNetV2", "ResNet50"):
             raise ConfigError(f"backbone must be MobileNetV2 or ResNet50, got {self.backbone!r}")
         if self.head not in ("arcface", "subcenter", "cosface", "softmax"):

@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 
 from service.model.contract import FaceContract, write_contract
+
 # one fp16 bar for the whole product: variants the exporter writes and variants the service makes
 from service.model.fp16 import MIN_COSINE as MIN_COSINE_FP16
 
@@ -43,7 +44,6 @@ class ExportParityError(RuntimeError):
 def to_onnx(model, input_size: int, input_name: str = "input", opset: int = 17) -> onnx.ModelProto:
     """The Keras embedding model as an ONNX graph with NCHW input and L2-normalised output."""
     import tensorflow as tf
-    import tf2onnx
 
     if opset > 18:
         raise ValueError("tf2onnx supports opsets up to 18")

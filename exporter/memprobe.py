@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         result = export_model(cfg.output_dir, Path(tmp) / "m.onnx", threshold=0.3, fp16=args.fp16,
                               fp16_min_cosine=0.0, stage_hook=stages.mark)
         stages.mark("after export")
-    report = {"backbone": args.backbone, "fp16": args.fp16, "tf2onnx_graph_copies": args.tf2onnx_graph_copies, "machine": platform.node(), "cpus": os.cpu_count(),
+    report = {"backbone": args.backbone, "fp16": args.fp16, "tf2onnx_graph_copies": args.tf2onnx_graph_copies,
+              "machine": platform.node(), "cpus": os.cpu_count(),
               "python": sys.version.split()[0], "onnx_bytes": result["bytes"],
               "peak_mb_overall": max(r["peak_mb"] for r in stages.rows), "stages": stages.rows,
               "note": "2-core CPU shared with other work (times are contended); peak_mb is VmHWM per stage"}

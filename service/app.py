@@ -26,8 +26,8 @@ from .detection import YuNetConfig, YuNetDetector, template_for
 from .errors import ErrorCode, ServiceError
 from .gallery import GalleryLoading
 from .gallery.api import GalleryUnavailable, open_gallery
-from .metrics import Metrics
 from .memory import limit_malloc_arenas
+from .metrics import Metrics
 from .middleware import AccessMiddleware, BodyLimitMiddleware, DisconnectMiddleware
 from .model.batcher import DynamicBatcher
 from .model.prepare import resolve_model_path

@@ -18,6 +18,7 @@ import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -26,6 +27,9 @@ from .errors import ServiceError
 from .metrics import Metrics
 from .model.calibration import CalibrationError, impostor_histogram, tail_from_histogram
 from .openset import save_gallery_tail
+
+if TYPE_CHECKING:  # the pipeline is imported lazily, at run time
+    from .pipeline import ImageType
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +48,7 @@ class CalibrationSet:
 @dataclass(frozen=True)
 class CalibrateOptions:
     folder: Path
-    image_type: str = "auto"
+    image_type: ImageType = "auto"
     min_pairs: int = DEFAULT_MIN_PAIRS
     batch: int = 32
 
@@ -71,7 +75,7 @@ def _service_state(settings: Settings):
     model.initialize()
     detector, template = _photo_support(settings, model.contract.alignment)
     # no batcher and no gallery: decode_faces only reads settings, contract, detector and metrics
-    return ServiceState(settings=settings, model=model, batcher=None, gallery=None, metrics=Metrics(),
+    return ServiceState(settings=settings, model=model, batcher=None, gallery=None, metrics=Metrics(),  # type: ignore[arg-type]
                         detector=detector, template=template)
 
 

@@ -34,11 +34,15 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .config import Settings
 from .gallery.api import GalleryBackend, GalleryModelMismatch, GalleryUnavailable, IdentityExists, make_gallery
+
+if TYPE_CHECKING:  # the pipeline is imported lazily, at run time
+    from .pipeline import ImageType
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +210,7 @@ def people_in(root: Path) -> list[tuple[str, list[Path]]]:
     return found
 
 
-async def _embed_person(state, images: list[Path], image_type: str, summary: EnrollSummary) -> np.ndarray | None:
+async def _embed_person(state, images: list[Path], image_type: ImageType, summary: EnrollSummary) -> np.ndarray | None:
     """One embedding per usable image; an image with no face, several faces or unreadable is skipped."""
     from .errors import ServiceError
     from .pipeline import embed_images
@@ -234,7 +238,7 @@ async def _embed_person(state, images: list[Path], image_type: str, summary: Enr
     return np.stack(vectors) if vectors else None
 
 
-async def enroll_folder(settings: Settings, root: Path, image_type: str = "auto", replace: bool = False,
+async def enroll_folder(settings: Settings, root: Path, image_type: ImageType = "auto", replace: bool = False,
                         concurrency: int = 8, progress=None) -> EnrollSummary:
     """Enroll every person folder under ``root`` through the real data path (model, batcher, gallery)."""
     from starlette.concurrency import run_in_threadpool

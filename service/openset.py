@@ -16,10 +16,14 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from .model.calibration import (
-    CalibrationError, ImpostorTail, effective_comparisons, fpir_for_far, stranger_probability,
+    CalibrationError,
+    ImpostorTail,
+    effective_comparisons,
+    fpir_for_far,
+    stranger_probability,
     threshold_for_gallery,
 )
 
@@ -141,7 +145,7 @@ class ThresholdInputs:
 
 def identify_threshold(inputs: ThresholdInputs, counts: GalleryCounts, tail: ImpostorTail | None,
                        tail_source: TailSource | None, requested: float | None = None) -> IdentifyThreshold:
-    common = {"counts": counts, "tail": tail, "tail_source": tail_source}
+    common: dict[str, Any] = {"counts": counts, "tail": tail, "tail_source": tail_source}
     if requested is not None:
         return IdentifyThreshold(requested, "request", None, **common)
     if inputs.fixed is not None:

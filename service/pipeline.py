@@ -105,7 +105,7 @@ def align_photo(state: ServiceState, data: bytes, index: int, multi_face: MultiF
             chosen = select_faces(faces, multi_face, rgb.shape)
         except PhotoError as exc:  # no face
             raise _photo_error(exc, index) from exc
-        return [AlignedFace(face=face, crop=align_face(rgb, face, state.template)) for face in chosen]
+        return [AlignedFace(face=face, crop=align_face(rgb, face, state.template)) for face in chosen]  # type: ignore[arg-type]  # set with the detector
 
 
 def decode_faces(

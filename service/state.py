@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 
 from .config import Settings
 from .decode_budget import MB, DecodeBudget
-from .readiness import ReadinessProbe
 from .detection import AlignmentTemplate, FaceDetector
 from .gallery.api import GalleryBackend
 from .metrics import Metrics
@@ -15,6 +14,7 @@ from .model.contract import FaceContract
 from .model.runtime import EmbeddingModel
 from .openset import GalleryCounts, GalleryTail, IdentifyThreshold, ThresholdInputs, choose_tail
 from .openset import identify_threshold as _identify_threshold
+from .readiness import ReadinessProbe
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from typing import Any
 
 import cv2
 import numpy as np
@@ -10,18 +11,28 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from ..deps import ApiKey, StateDep
+from ..detection import align_face
 from ..errors import ErrorCode, ServiceError
 from ..payload import body_docs, read_payload
-from ..detection import align_face
 from ..pipeline import decoded_photo, embed_images
 from ..schemas import (
-    Candidate, DetectedImage, DetectRequest, DetectResponse, EmbedRequest, EmbedResponse, ErrorResponse,
-    IdentifyRequest, IdentifyResponse, ProbeResult, VerifyRequest, VerifyResponse,
+    Candidate,
+    DetectedImage,
+    DetectRequest,
+    DetectResponse,
+    EmbedRequest,
+    EmbedResponse,
+    ErrorResponse,
+    IdentifyRequest,
+    IdentifyResponse,
+    ProbeResult,
+    VerifyRequest,
+    VerifyResponse,
 )
 from ..state import ServiceState
 from ..vectors import list_source, source_vectors, verify_source
 
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 422)}
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 422)}
 router = APIRouter(tags=["faces"], dependencies=[ApiKey], responses=ERRORS)
 
 
@@ -132,7 +143,7 @@ def _detect_all(state: ServiceState, blobs: list[bytes], return_crops: bool) -> 
             for face in found:
                 item = {"image_index": index, **face.as_dict()}
                 if return_crops:
-                    crop = cv2.cvtColor(align_face(rgb, face, state.template), cv2.COLOR_RGB2BGR)
+                    crop = cv2.cvtColor(align_face(rgb, face, state.template), cv2.COLOR_RGB2BGR)  # type: ignore[arg-type]
                     item["crop"] = base64.b64encode(cv2.imencode(".png", crop)[1].tobytes()).decode()
                 faces.append(item)
             results.append(DetectedImage(width=rgb.shape[1], height=rgb.shape[0], faces=faces))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request
 from starlette.concurrency import run_in_threadpool
@@ -11,12 +11,18 @@ from ..deps import ApiKey, StateDep
 from ..errors import ErrorCode, ServiceError
 from ..metadata import MetadataLimits, check_metadata
 from ..payload import body_docs, read_payload
-from ..vectors import list_source, source_vectors
 from ..schemas import (
-    DeleteResponse, EnrollRequest, EnrollResponse, ErrorResponse, IdentityDetail, IdentityPage, IdentitySummary,
+    DeleteResponse,
+    EnrollRequest,
+    EnrollResponse,
+    ErrorResponse,
+    IdentityDetail,
+    IdentityPage,
+    IdentitySummary,
 )
+from ..vectors import list_source, source_vectors
 
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 422)}
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 422)}
 router = APIRouter(tags=["identities"], dependencies=[ApiKey], responses=ERRORS)
 
 IdentityPath = Annotated[str, Path(min_length=1, max_length=128, pattern=r"^[^/\x00-\x1f\x7f]+$")]

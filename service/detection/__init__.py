@@ -1,8 +1,14 @@
 """Photos in: decode (EXIF-upright, bomb-safe), detect faces (YuNet), align to the model's template.
 
-    rgb = decode_photo(data, max_pixels=...)                  # photos.py
-    faces = detector.detect(rgb)                              # detector.py: list[DetectedFace]
-    aligned = detect_and_align(rgb, detector, "largest")      # align.py: list[AlignedFace]
+The service runs these steps in ``service.pipeline`` (``decoded_photo`` then ``align_photo``)::
+
+    header = open_header(data, max_pixels=..., max_bytes=...)  # photos.py: size known, nothing decoded
+    rgb = photo_to_rgb(load_upright(header))                   # photos.py: upright HxWx3 uint8 RGB
+    faces = detector.detect(rgb)                               # detector.py: list[DetectedFace]
+    chosen = select_faces(faces, "largest", rgb.shape)         # align.py: the multi-face policy
+    crops = [align_face(rgb, face, template) for face in chosen]
+
+``decode_photo`` and ``detect_and_align`` do the same in one call each (tools and tests).
 """
 
 from .align import (

@@ -141,7 +141,7 @@ def photo_to_rgb(image: Image.Image, allow_grayscale: bool = True) -> np.ndarray
         mode = image.mode
     if mode in ALPHA_MODES:
         alpha_low, _ = image.getchannel("A").getextrema()
-        if alpha_low < 255:
+        if alpha_low < 255:  # type: ignore[operator]  # one band: getextrema gives numbers, not tuples
             raise AlphaChannel("the photo has transparent pixels; send an opaque image", mode=mode)
         image = image.convert("RGB" if mode in ("RGBA", "RGBa", "PA") else "L")
         mode = image.mode

@@ -37,8 +37,16 @@ from psycopg import sql
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from .api import (
-    EnrollResult, FaceRecord, GalleryStats, GalleryUnavailable, IdentityDetails, IdentityExists, IdentityRecord,
-    Match, check_model, search_identities,
+    EnrollResult,
+    FaceRecord,
+    GalleryStats,
+    GalleryUnavailable,
+    IdentityDetails,
+    IdentityExists,
+    IdentityRecord,
+    Match,
+    check_model,
+    search_identities,
 )
 
 log = logging.getLogger(__name__)
@@ -148,14 +156,14 @@ def migrate(conn: psycopg.Connection, options: PostgresOptions, model_id: str, d
         conn.execute("""CREATE TABLE IF NOT EXISTS schema_migrations (
                             version int PRIMARY KEY, description text NOT NULL,
                             applied_at timestamptz NOT NULL DEFAULT now())""")
-        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        meta: dict[str, str] = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         stored_dim = int(meta["embedding_size"]) if "embedding_size" in meta else None
         check_model(meta.get("model_id"), stored_dim, model_id, dim, options.where)
         if "model_id" not in meta:
             conn.execute("INSERT INTO meta(key, value) VALUES ('model_id', %s), ('embedding_size', %s)",
                          (model_id, str(dim)))
         done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
-        applied = []
+        applied: list[int] = []
         for migration in MIGRATIONS:
             if migration.version in done:
                 continue
@@ -203,7 +211,7 @@ class PostgresGallery:
         started = time.perf_counter()
         with _unavailable_on_connection_errors(self.options.where):
             with psycopg.connect(self.options.url, **self.options.connect_kwargs()) as conn:
-                applied = migrate(conn, self.options, self.model_id, self.dim)
+                applied: list[int | str] = list(migrate(conn, self.options, self.model_id, self.dim))
                 self._warn_if_index_differs(conn)
             pool = ConnectionPool(
                 self.options.url, min_size=1, max_size=self.options.pool_size, kwargs=self.options.connect_kwargs(),
@@ -411,7 +419,7 @@ class PostgresGallery:
 
     def search(self, probes: np.ndarray, top_k: int) -> list[list[Match]]:
         """For each probe, up to top_k identities, best first, scored max-over-faces (one transaction)."""
-        probes = self._vectors(probes)
+        vectors = self._vectors(probes)
         with self._transaction() as conn:
             # one round trip: the scan mode, and the identity count as of this search
             row = conn.execute(
@@ -420,7 +428,7 @@ class PostgresGallery:
                 "(SELECT COALESCE(sum(faces), 0) FROM counters)", (self.options.iterative_scan,)).fetchone()
             self._identity_count, self._face_count = int(row[1]), int(row[2])
             txn: dict = {}
-            return [search_identities(lambda p, k: self._nearest(conn, p, k, txn), probe, top_k) for probe in probes]
+            return [search_identities(lambda p, k: self._nearest(conn, p, k, txn), probe, top_k) for probe in vectors]
 
     def identity_embeddings(self, identity_id: str) -> np.ndarray | None:
         with self._transaction() as conn:

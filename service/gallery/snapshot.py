@@ -198,11 +198,11 @@ class SnapshotFiles:
 
     @staticmethod
     def _zero(path: Path, layout: Layout, meta: dict, labels: list[int], dim: int) -> dict:
-        elements = layout.elements_of(labels) if len(labels) else []
+        elements = layout.elements_of(labels) if len(labels) else np.empty(0, np.int64)
         if len(elements) == 0:
             return meta
         zeros = bytes(4 * dim)
-        touched = set()
+        touched: set[int] = set()
         fd = os.open(path, os.O_RDWR)
         try:
             for element in elements.tolist():

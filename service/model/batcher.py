@@ -113,7 +113,7 @@ class DynamicBatcher:
         for start in range(0, len(faces), self.max_batch):
             chunk = _Chunk(faces[start : start + self.max_batch], loop.create_future())
             self._queued_faces += len(chunk.faces)
-            chunk.future.add_done_callback(lambda _f, n=len(chunk.faces): self._dequeued(n))
+            chunk.future.add_done_callback(lambda _f, n=len(chunk.faces): self._dequeued(n))  # type: ignore[misc]  # noqa: B008 - binds this chunk's size now
             chunks.append(chunk)
             self._queue.put_nowait(chunk)
         timeout = timeout_s if timeout_s is not None else self.timeout_s
@@ -156,6 +156,7 @@ class DynamicBatcher:
     async def _form_batch(self) -> list[_Chunk]:
         loop = asyncio.get_running_loop()
         first = await self._take(None)
+        assert first is not None  # no deadline: _take waits until there is a chunk
         batch, size = [first], len(first.faces)
         deadline = loop.time() + self.max_wait
         while size < self.max_batch:

@@ -98,7 +98,7 @@ class ImpostorTail:
         return json.dumps(payload, separators=(",", ":"))
 
     @classmethod
-    def from_json(cls, text: str) -> "ImpostorTail":
+    def from_json(cls, text: str) -> ImpostorTail:
         try:
             data = json.loads(text)
             known = {"far", "cosine", "pairs", "source"}

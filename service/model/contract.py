@@ -98,7 +98,7 @@ class FaceContract:
         return meta
 
     @classmethod
-    def from_metadata(cls, meta: dict[str, str]) -> "FaceContract":
+    def from_metadata(cls, meta: dict[str, str]) -> FaceContract:
         required = [
             "face.contract", "face.input_name", "face.embedding_size",
             "face.model_name", "face.model_version", "face.threshold",
@@ -126,8 +126,8 @@ class FaceContract:
                 layout=meta.get("face.layout", "NCHW"),
                 color=meta.get("face.color", "RGB"),
                 input_size=(int(size[0]), int(size[1])),
-                mean=_floats(meta.get("face.mean", "127.5"), 3, "face.mean"),
-                std=_floats(meta.get("face.std", "127.5"), 3, "face.std"),
+                mean=_floats(meta.get("face.mean", "127.5"), 3, "face.mean"),  # type: ignore[arg-type]  # n=3 checked
+                std=_floats(meta.get("face.std", "127.5"), 3, "face.std"),  # type: ignore[arg-type]  # n=3 checked
                 alignment=meta.get("face.alignment", "arcface-5pt-112"),
                 extra={k: v for k, v in meta.items() if k.startswith("face.") and k not in _KNOWN},
             )

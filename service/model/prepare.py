@@ -116,6 +116,7 @@ def fold_weight_dequantization(graph: onnx.GraphProto) -> int:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         arrays = [numpy_helper.to_array(inits[n]) if n else None for n in node.input]
         q, scale = arrays[0], arrays[1]
+        assert q is not None and scale is not None  # x and x_scale are required inputs of DequantizeLinear
         zero = arrays[2] if len(arrays) > 2 else None
         weight = _dequantize(q, scale, zero, attrs.get("axis", 1), attrs.get("block_size", 0))
         graph.initializer.append(numpy_helper.from_array(weight.astype(np.float32), node.output[0]))
@@ -213,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
         description="Prepare the default SFace model (or repair any ONNX file) for the service.",
     )
     parser.add_argument("--cache-dir", type=Path, default=Path("models"), help="output root for the default model")
-    parser.add_argument("--src", type=Path, help="a third-party ONNX file to repair (needs --like-sface or metadata)")
+    parser.add_argument("--src", type=Path, help="a third-party ONNX file to repair (it must carry the face.* metadata)")
     parser.add_argument("--dst", type=Path, help="where the repaired copy goes (with --src)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)

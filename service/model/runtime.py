@@ -1,15 +1,16 @@
 """The ONNX Runtime session: provider choice (never a silent fallback), inference, warm-up.
 
-Lifecycle after Triton's python backend: ``initialize`` (load, choose providers, warm up),
-``execute`` (one batch in, L2-normalised float32 embeddings out), ``finalize``.
+Lifecycle after Triton's python backend: ``initialize`` (load, choose providers), ``warmup`` (each
+batch size once; the app calls it when FACE_WARMUP is on), ``execute`` (one batch in, L2-normalised
+float32 embeddings out), ``finalize``.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -25,14 +26,6 @@ CPU = "CPUExecutionProvider"
 
 class ProviderError(RuntimeError):
     """The execution provider the settings demand is not available or not in use."""
-
-
-@dataclass
-class ModelInfo:
-    path: Path
-    contract: FaceContract
-    providers: list[str]
-    fixed_batch: int | None  # set when the graph only accepts one batch size
 
 
 def _provider_list(settings: Settings, available: list[str]) -> list:
@@ -64,13 +57,13 @@ class EmbeddingModel:
         self.path = Path(path)
         self.settings = settings
         self.contract: FaceContract = read_contract(self.path)
-        self._session = None
+        self._session: Any = None  # an onnxruntime.InferenceSession once initialize() ran (ort is imported there)
         self._input_name = self.contract.input_name
         self.fixed_batch: int | None = None
         self.providers: list[str] = []
 
     # --- lifecycle ---------------------------------------------------------------------------
-    def initialize(self) -> ModelInfo:
+    def initialize(self) -> None:
         import onnxruntime as ort
 
         if CUDA in ort.get_available_providers() and hasattr(ort, "preload_dlls"):
@@ -101,7 +94,6 @@ class EmbeddingModel:
             extra={"model": str(self.path), "model_id": self.contract.model_id, "providers": self.providers,
                    "available_providers": available, "fixed_batch": self.fixed_batch},
         )
-        return ModelInfo(self.path, self.contract, self.providers, self.fixed_batch)
 
     def warmup(self, batch_sizes: list[int]) -> dict[int, float]:
         """Run each batch size once so first requests do not pay for allocation or cuDNN search."""

@@ -8,9 +8,9 @@ import httpx
 import numpy as np
 import pytest
 
+from tests.conftest import FIXTURES, b64, face_files
 from tests.console.browser import DESKTOP, PHONE, Console
 from tests.console.conftest import KEY
-from tests.conftest import FIXTURES, b64, face_files
 
 PHOTOS = FIXTURES / "photos"
 KNOWN_RGB = (0x00, 0xC8, 0x53)  # app.js COLORS.known

@@ -8,14 +8,22 @@ from __future__ import annotations
 
 import fnmatch
 import re
-import tomllib
 
 import pytest
+import tomllib
 
 from service.config import Settings
 from service.model.prepare import PREPARED_NAME
 from tests.deploy.dockerfile import (
-    COMPOSE, COMPOSE_CPU, DOCKERIGNORE, REPO, interpolate, load_compose, merge_compose, parse_dockerfile, run_mounts,
+    COMPOSE,
+    COMPOSE_CPU,
+    DOCKERIGNORE,
+    REPO,
+    interpolate,
+    load_compose,
+    merge_compose,
+    parse_dockerfile,
+    run_mounts,
 )
 
 SETTINGS = Settings.model_fields

@@ -18,7 +18,7 @@ from service.detection import (
     largest_face,
     select_faces,
 )
-from tests.detection.helpers import MULTI_FACE_PHOTOS, fixture_landmarks, load_rgb, photo_files, PHOTOS
+from tests.detection.helpers import MULTI_FACE_PHOTOS, PHOTOS, fixture_landmarks, load_rgb, photo_files
 
 
 def centre_face(faces: list[DetectedFace], width: int, height: int) -> DetectedFace:

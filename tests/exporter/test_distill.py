@@ -36,10 +36,9 @@ def student(tmp_path_factory):
 
 
 def test_teacher_cache_holds_the_teachers_answers(student):
-    from service.model.prepare import default_model
-
     from exporter.config import REPO
     from exporter.evaluate import OnnxEmbedder
+    from service.model.prepare import default_model
 
     cache = student.run_dir / "teacher_cache"
     views = np.load(next(cache.glob("views-*.npy")))
@@ -59,12 +58,11 @@ def test_teacher_cache_holds_the_teachers_answers(student):
 
 
 def test_student_exports_with_parity_and_is_evaluated_next_to_teacher(student, tmp_path):
-    from service.model.contract import read_contract
-    from service.model.prepare import default_model
-
     from exporter.config import REPO
     from exporter.evaluate import evaluate_model
     from exporter.export import export_model
+    from service.model.contract import read_contract
+    from service.model.prepare import default_model
 
     out = export_model(student.run_dir, tmp_path / "student.onnx", threshold=0.3)
     assert out["parity_fp32"]["min_cosine"] >= 0.99999

@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 
 from exporter.evaluate import (
-    best_threshold, evaluate_model, kfold_accuracy, read_pairs, roc_curve, tar_at_far,
+    best_threshold,
+    evaluate_model,
+    kfold_accuracy,
+    read_pairs,
+    roc_curve,
+    tar_at_far,
 )
 from tests.exporter.conftest import TRAIN_FACES, write_pairs
 
@@ -97,9 +102,8 @@ def test_evaluate_end_to_end_known_answer(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def default_model():
-    from service.model.prepare import default_model as prepare
-
     from exporter.config import REPO
+    from service.model.prepare import default_model as prepare
 
     return prepare(REPO / ".cache" / "models")
 

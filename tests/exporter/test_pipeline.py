@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -93,7 +94,7 @@ def test_service_verifies_with_the_exported_model(exported, tmp_path):
     assert answer["match"] == (answer["similarity"] >= answer["threshold"])
 
 
-def _tampered_run(tiny_run, tmp_path, change) -> "Path":
+def _tampered_run(tiny_run, tmp_path, change) -> Path:
     """A copy of the tiny run whose embedding weights ``change`` (model -> None) has altered."""
     from exporter.checkpoints import load_run, save_run
 

@@ -9,8 +9,16 @@ import numpy as np
 import pytest
 
 from service.model.calibration import (
-    FACES_ALPHA, CalibrationError, ImpostorTail, effective_comparisons, far_for_fpir, fpir_for_far,
-    impostor_histogram, impostor_tail, tail_from_histogram, threshold_for_gallery,
+    FACES_ALPHA,
+    CalibrationError,
+    ImpostorTail,
+    effective_comparisons,
+    far_for_fpir,
+    fpir_for_far,
+    impostor_histogram,
+    impostor_tail,
+    tail_from_histogram,
+    threshold_for_gallery,
 )
 from service.model.contract import ContractError, FaceContract
 from service.model.prepare import SFACE_CONTRACT, packaged_impostor_tail

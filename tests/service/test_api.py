@@ -166,7 +166,7 @@ def test_metrics_expose_routes_embeddings_and_gallery(client):
     assert 'face_http_requests_total{method="POST",route="/embed",status="200"}' in text
     assert "face_embeddings_computed_total" in text
     assert "face_inference_batch_size_bucket" in text
-    line = next(l for l in text.splitlines() if l.startswith("face_gallery_identities "))
+    line = next(ln for ln in text.splitlines() if ln.startswith("face_gallery_identities "))
     assert float(line.split()[1]) >= 1
 
 

@@ -144,7 +144,7 @@ def test_metrics_are_text_in_the_answer_and_the_openapi(client):
 
 def batches_run(client) -> float:
     text = client.get("/metrics").text
-    return float(next(l.split()[-1] for l in text.splitlines() if l.startswith("face_inference_batch_size_count")))
+    return float(next(ln.split()[-1] for ln in text.splitlines() if ln.startswith("face_inference_batch_size_count")))
 
 
 def test_readyz_reuses_a_fresh_inference(client):

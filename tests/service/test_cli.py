@@ -47,8 +47,8 @@ def test_env_example_lists_every_setting_and_parses(monkeypatch):
     from service.config import env_example
 
     assert (REPO / ".env.example").read_text() == env_example(), "regenerate: python -m service.config > .env.example"
-    lines = [l for l in (REPO / ".env.example").read_text().splitlines() if l and not l.startswith("#")]
-    names = {l.split("=", 1)[0] for l in lines}
+    lines = [ln for ln in (REPO / ".env.example").read_text().splitlines() if ln and not ln.startswith("#")]
+    names = {ln.split("=", 1)[0] for ln in lines}
     assert names | {"FACE_API_KEY"} == {f"FACE_{n.upper()}" for n in Settings.model_fields}
     assert "\n# FACE_API_KEY=\n" in (REPO / ".env.example").read_text()  # commented: empty is refused
     for line in lines:

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from service.model.contract import read_contract
-from service.model.prepare import packaged_model, prepare_model, SFACE_FILE
+from service.model.prepare import SFACE_FILE, packaged_model, prepare_model
 from tests.conftest import ENROLLED, b64, face_files
 from tests.server import ServerProcess
 
