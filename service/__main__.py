@@ -38,6 +38,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def settings_from_args(argv: list[str]) -> Settings:
+    """The settings for this command line: FACE_* environment variables, overridden by the flags given."""
+    args = parse_args(argv)
+    return Settings(**{k: v for k, v in vars(args).items() if v is not None})
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["calibrate"]:  # python -m service calibrate DIR: see service/calibrate.py
@@ -48,10 +54,8 @@ def main(argv: list[str] | None = None) -> None:
         from .gallery_cli import main as gallery_main
 
         sys.exit(gallery_main(argv[1:]))
-    args = parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if v is not None}
     try:
-        settings = Settings(**overrides)
+        settings = settings_from_args(argv)
     except ValidationError as exc:  # e.g. an empty FACE_API_KEY: refuse to start, say why
         sys.exit(f"invalid settings: {exc}")
     configure_logging(settings.log_level, settings.log_json)

@@ -21,6 +21,16 @@ def unknown_files() -> list[Path]:
     return sorted(p for p in FACES.glob("*.jpg") if p.name.rsplit("_", 1)[0] not in ENROLLED)
 
 
+def metric(client, sample: str) -> float:
+    """The value of one sample on /metrics, named with its labels exactly as exposed. Prometheus prints an
+    unlabelled counter at 0 from the start, so tests compare values before and after, never mere names."""
+    prefix = sample + " "
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(prefix):
+            return float(line[len(prefix):])
+    return 0.0  # a labelled sample appears only once it has been counted
+
+
 def b64(path: Path | bytes) -> str:
     data = path if isinstance(path, bytes) else Path(path).read_bytes()
     return base64.b64encode(data).decode()

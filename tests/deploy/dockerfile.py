@@ -1,8 +1,8 @@
-"""A small reader for our Dockerfile and compose files, shared by the deploy tests.
+"""Our Dockerfile and compose files as the deploy tests read them, shared by those tests.
 
-It understands what our Dockerfile uses (stages, ARG, ENV, WORKDIR, COPY, RUN with BuildKit mounts,
-HEALTHCHECK, ENTRYPOINT): enough to check the files against the settings and to replay the
-install steps outside Docker, not a general Dockerfile parser.
+The Dockerfile is parsed by ``dockerfile-parse``; on top of it: stages by name, ENV values, JSON exec
+forms and BuildKit ``--mount`` options of RUN, enough to check the files against the settings and to
+replay the install steps outside Docker.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from dockerfile_parse import DockerfileParser
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "Dockerfile"
@@ -65,29 +66,17 @@ class Dockerfile:
         return list(self.stages.values())[-1]
 
 
-def _logical_lines(text: str) -> list[str]:
-    lines, current = [], ""
-    for raw in text.splitlines():
-        stripped = raw.strip()
-        if stripped.startswith("#") or not stripped:
-            continue  # comments may sit between continuation lines
-        if stripped.endswith("\\"):
-            current += stripped[:-1] + " "
-            continue
-        lines.append(current + stripped)
-        current = ""
-    if current:
-        lines.append(current)
-    return lines
-
-
 def parse_dockerfile(path: Path = DOCKERFILE) -> Dockerfile:
+    """The Dockerfile's stages, read with ``dockerfile-parse`` (comments dropped, continuation lines
+    joined); ARGs before the first FROM are the global ones."""
+    parser = DockerfileParser(path=str(path))
     global_args: dict[str, str] = {}
     stages: dict[str, Stage] = {}
     stage: Stage | None = None
-    for line in _logical_lines(path.read_text()):
-        keyword, _, rest = line.partition(" ")
-        keyword = keyword.upper()
+    for item in parser.structure:
+        keyword, rest = item["instruction"].upper(), item["value"].strip()
+        if keyword == "COMMENT":
+            continue
         if keyword == "FROM":
             parts = rest.split()
             name = parts[2] if len(parts) >= 3 and parts[1].upper() == "AS" else f"stage{len(stages)}"
@@ -97,7 +86,7 @@ def parse_dockerfile(path: Path = DOCKERFILE) -> Dockerfile:
                 key, _, value = rest.partition("=")
                 global_args[key.strip()] = value.strip()
         else:
-            stage.instructions.append(Instruction(keyword, rest.strip()))
+            stage.instructions.append(Instruction(keyword, rest))
     return Dockerfile(global_args, stages)
 
 

@@ -8,7 +8,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import ENROLLED, b64, face_files, unknown_files
+from tests.conftest import ENROLLED, b64, face_files, metric, unknown_files
 
 
 @pytest.fixture(scope="module", params=["embedded", "postgres"])
@@ -17,6 +17,14 @@ def client(request):
     server = request.getfixturevalue("server" if request.param == "embedded" else "postgres_server")
     with httpx.Client(base_url=server.url, timeout=60) as c:
         yield c
+
+
+def expected_providers() -> list[str]:
+    """What the test servers' FACE_PROVIDERS=auto must run on here: CUDA first where onnxruntime offers it."""
+    import onnxruntime as ort
+
+    cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
 
 
 def embed(client, paths):
@@ -29,7 +37,7 @@ def test_readyz_reports_model_and_providers(client):
     body = client.get("/readyz").json()
     assert body["status"] == "ready"
     assert body["model_id"] == "sface@2021dec-int8bq"
-    assert body["providers"] == ["CPUExecutionProvider"]
+    assert body["providers"] == expected_providers()
     assert body["embedding_size"] == 128
     assert body["verify_threshold"] == pytest.approx(0.314)
     # the 1:N threshold holds FACE_IDENTIFY_FPIR for the gallery's size and is never looser than 1:1
@@ -160,14 +168,21 @@ def test_identities_pagination_walks_everything_once(client):
     assert len(seen) == len(set(seen)) and seen == sorted(seen)
 
 
-def test_metrics_expose_routes_embeddings_and_gallery(client):
-    client.post("/embed", json={"images": [b64(face_files("Jean_Chretien")[0])]})
-    text = client.get("/metrics").text
-    assert 'face_http_requests_total{method="POST",route="/embed",status="200"}' in text
-    assert "face_embeddings_computed_total" in text
-    assert "face_inference_batch_size_bucket" in text
-    line = next(ln for ln in text.splitlines() if ln.startswith("face_gallery_identities "))
-    assert float(line.split()[1]) >= 1
+def test_metrics_count_routes_embeddings_and_gallery(client):
+    samples = ('face_http_requests_total{method="POST",route="/embed",status="200"}',
+               "face_embeddings_computed_total", "face_inference_batch_size_sum", "face_inference_batch_size_count")
+    before = [metric(client, s) for s in samples]
+    client.post("/embed", json={"images": [b64(p) for p in face_files("Jean_Chretien")[:2]]})
+    requests, embeddings, faces_run, runs = (metric(client, s) - b for s, b in zip(samples, before))
+    assert requests == 1 and embeddings == 2 and faces_run == 2
+    assert 1 <= runs <= 2  # both faces in one session run, or (batcher timing) one each
+    identities = metric(client, "face_gallery_identities")
+    identity = f"metrics-{uuid.uuid4().hex[:6]}"
+    r = client.post("/enroll", json={"identity_id": identity, "images": [b64(face_files("Jean_Chretien")[0])]})
+    assert r.status_code == 200, r.text
+    assert metric(client, "face_gallery_identities") == identities + 1
+    assert client.delete(f"/identities/{identity}").status_code in (200, 204)
+    assert metric(client, "face_gallery_identities") == identities
 
 
 def test_openapi_documents_both_body_forms(client):

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from service.__main__ import parse_args
+from service.__main__ import settings_from_args
 from service.config import Settings
 from tests.server import REPO
 
@@ -22,11 +22,12 @@ def test_help_explains_every_flag():
 def test_env_and_flags(monkeypatch, tmp_path):
     monkeypatch.setenv("FACE_PORT", "9123")
     monkeypatch.setenv("FACE_BATCH_MAX_SIZE", "16")
-    args = parse_args(["--data-dir", str(tmp_path)])
-    settings = Settings(**{k: v for k, v in vars(args).items() if v is not None})
+    settings = settings_from_args(["--data-dir", str(tmp_path)])  # what main() runs with
     assert settings.port == 9123 and settings.batch_max_size == 16 and settings.data_dir == tmp_path
-    args = parse_args(["--port", "9200"])
-    assert Settings(**{k: v for k, v in vars(args).items() if v is not None}).port == 9200
+    assert settings.require_gpu is False  # a flag not given leaves the setting to the environment/default
+    monkeypatch.setenv("FACE_REQUIRE_GPU", "true")
+    settings = settings_from_args(["--port", "9200", "--providers", "cpu"])
+    assert settings.port == 9200 and settings.providers == "cpu" and settings.require_gpu is True
 
 
 def test_require_gpu_on_a_cpu_host_fails_loudly(tmp_path, default_model):
