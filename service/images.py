@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from .detection.errors import PhotoError
-from .detection.photos import load_upright, open_header
+from .detection.photos import GRAYSCALE_MODES, check_sample_depth, load_upright, open_header
 from .errors import ErrorCode, ServiceError
 
 
@@ -39,7 +39,7 @@ def open_image(data: bytes, index: int, max_bytes: int, max_pixels: int,
             raise _wrong_size(index, size, image.size)
         return load_upright(image)
     except PhotoError as exc:
-        raise ServiceError(ErrorCode(exc.code), f"image {index}: {exc.message}", index=index, **exc.details) from exc
+        raise exc.for_image(index) from exc
 
 
 def _wrong_size(index: int, size: tuple[int, int], got: tuple[int, int]) -> ServiceError:
@@ -51,9 +51,14 @@ def _wrong_size(index: int, size: tuple[int, int], got: tuple[int, int]) -> Serv
 
 
 def to_rgb_array(img: Image.Image, index: int) -> np.ndarray:
-    """HxWx3 uint8 RGB. Grayscale and alpha are refused: guessing would silently change embeddings."""
+    """HxWx3 uint8 RGB. Grayscale and alpha are refused: guessing would silently change embeddings.
+    16-bit and float samples are refused as for photos (``check_sample_depth``: one colour policy)."""
     mode = img.mode
-    if mode in ("L", "I", "I;16", "F", "1", "LA"):
+    try:
+        check_sample_depth(mode)
+    except PhotoError as exc:
+        raise exc.for_image(index) from exc
+    if mode in (*GRAYSCALE_MODES, "LA"):
         code = ErrorCode.alpha_channel if mode == "LA" else ErrorCode.grayscale_image
         raise ServiceError(code, f"image {index} has colour mode {mode}; send 3-channel RGB", index=index, mode=mode)
     if mode in ("RGBA", "RGBa", "PA") or (mode == "P" and "transparency" in img.info):

@@ -56,10 +56,6 @@ class FaceBatch:
                 for index, face in zip(self.image_index, self.located)]
 
 
-def _photo_error(exc: PhotoError, index: int) -> ServiceError:
-    return ServiceError(ErrorCode(exc.code), f"image {index}: {exc.message}", index=index, **exc.details)
-
-
 def _is_aligned_size(data: bytes, size: tuple[int, int]) -> bool:
     """For ``auto``: does the header declare exactly the model's input size? (No pixels decoded; an
     unreadable header goes down the aligned path, which reports what is wrong with it.)"""
@@ -85,14 +81,14 @@ def decoded_photo(state: ServiceState, data: bytes, index: int) -> Iterator[tupl
     try:
         header = [open_header(data, max_pixels=settings.max_image_pixels, max_bytes=settings.max_image_bytes)]
     except PhotoError as exc:
-        raise _photo_error(exc, index) from exc
+        raise exc.for_image(index) from exc
     with state.decode_budget.reserve(decode_cost(header[0]), index):
         try:
             # popped into the call so that no reference here keeps the decoded image alive while
             # photo_to_rgb converts it (the estimate assumes it is freed)
             rgb = photo_to_rgb(load_upright(header.pop()))
         except PhotoError as exc:
-            raise _photo_error(exc, index) from exc
+            raise exc.for_image(index) from exc
         started = time.perf_counter()
         faces = state.detector.detect(rgb)
         state.metrics.observe_detection(len(faces), time.perf_counter() - started)
@@ -104,7 +100,7 @@ def align_photo(state: ServiceState, data: bytes, index: int, multi_face: MultiF
         try:
             chosen = select_faces(faces, multi_face, rgb.shape)
         except PhotoError as exc:  # no face
-            raise _photo_error(exc, index) from exc
+            raise exc.for_image(index) from exc
         return [AlignedFace(face=face, crop=align_face(rgb, face, state.template)) for face in chosen]  # type: ignore[arg-type]  # set with the detector
 
 

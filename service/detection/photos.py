@@ -125,6 +125,14 @@ def apply_exif_orientation(image: Image.Image) -> Image.Image:
     return upright if upright is not None else image
 
 
+def check_sample_depth(mode: str) -> None:
+    """The colour policy crops and photos share: 8-bit samples only. 16-bit (a 16-bit PNG is mode
+    I;16) and float images would have to be clipped or rescaled to 8 bits, and any choice there
+    changes the embedding, so both paths refuse them with ``unsupported_color_mode``."""
+    if mode in ("I", "F") or mode.startswith("I;16"):
+        raise UnsupportedColorMode(f"colour mode {mode} has 16-bit or float samples; send 8-bit RGB", mode=mode)
+
+
 def photo_to_rgb(image: Image.Image, allow_grayscale: bool = True) -> np.ndarray:
     """HxWx3 uint8 RGB of a decoded photo.
 
@@ -145,6 +153,7 @@ def photo_to_rgb(image: Image.Image, allow_grayscale: bool = True) -> np.ndarray
             raise AlphaChannel("the photo has transparent pixels; send an opaque image", mode=mode)
         image = image.convert("RGB" if mode in ("RGBA", "RGBa", "PA") else "L")
         mode = image.mode
+    check_sample_depth(mode)
     if mode in GRAYSCALE_MODES:
         if not allow_grayscale:
             raise UnsupportedColorMode("the photo is grayscale; send an RGB image", mode=mode)
@@ -153,7 +162,6 @@ def photo_to_rgb(image: Image.Image, allow_grayscale: bool = True) -> np.ndarray
         gray = _to_array(image, "L")
         return np.broadcast_to(gray[..., None], (*gray.shape, 3))
     elif mode not in ("RGB", "CMYK", "YCbCr"):
-        # 16-bit and float modes: converting them to 8 bits clips or rescales arbitrarily
         raise UnsupportedColorMode(f"unsupported colour mode {mode}", mode=mode)
     return _to_array(image, "RGB")
 

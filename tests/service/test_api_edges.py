@@ -105,6 +105,29 @@ def test_a_cmyk_jpeg_is_refused_as_an_aligned_crop(client):
     assert code(r) == (422, "unsupported_color_mode")
 
 
+def sixteen_bit_png(size: tuple[int, int] | None = None) -> bytes:
+    """A real face as a 16-bit grayscale PNG (Pillow mode I;16), optionally resized (width, height)."""
+    import numpy as np
+
+    gray = Image.open(FACE).convert("L")
+    if size is not None:
+        gray = gray.resize(size)
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(gray).astype(np.uint16) * 257).save(buf, "PNG")
+    assert Image.open(io.BytesIO(buf.getvalue())).mode.startswith("I;16")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("image_type,size", [("aligned", None), ("photo", (250, 250)), ("auto", None),
+                                             ("auto", (250, 250))])
+def test_a_16_bit_png_gets_one_code_as_crop_and_as_photo(client, image_type, size):
+    """One colour policy for both decoders: 16 bits per sample would have to be clipped or rescaled
+    to 8, so the crop path and the photo path refuse it alike (they used to disagree)."""
+    r = client.post("/embed", json={"images": [b64(sixteen_bit_png(size))], "image_type": image_type})
+    assert code(r) == (422, "unsupported_color_mode"), r.text
+    assert r.json()["error"]["details"]["mode"].startswith("I;16")
+
+
 @pytest.mark.parametrize("route,extra", [
     ("/verify", {"threshold": "0.5"}),
     ("/verify", {"threshold": True}),
