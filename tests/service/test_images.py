@@ -84,3 +84,19 @@ def test_base64_errors():
     with pytest.raises(ServiceError) as exc:
         decode_base64("not base64!", 3)
     assert exc.value.code == ErrorCode.invalid_base64 and exc.value.details == {"index": 3}
+
+
+def test_every_photo_error_is_a_client_error_of_the_api_vocabulary():
+    """Photo errors carry ErrorCode values (no string to look up later) and each maps to a 4xx, the
+    base class included: raising it must never turn into a 500."""
+    from service.detection import errors as photo_errors
+    from service.errors import STATUS
+
+    classes = [c for c in vars(photo_errors).values()
+               if isinstance(c, type) and issubclass(c, photo_errors.PhotoError)]
+    assert len(classes) >= 8
+    for cls in classes:
+        assert isinstance(cls.code, ErrorCode) and 400 <= STATUS[cls.code] < 500, cls
+        error = cls("what is wrong", mode="X").for_image(3)
+        assert isinstance(error, ServiceError) and error.code == cls.code and 400 <= error.status < 500
+        assert error.details == {"index": 3, "mode": "X"} and error.message == "image 3: what is wrong"
