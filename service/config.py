@@ -47,7 +47,7 @@ class Settings(BaseSettings):
         "(version suffix -fp16), so a gallery enrolled with fp32 embeddings will not open with it.",
     )
     fp16_parity_faces: Path | None = Field(
-        None, description="Aligned face crops for the fp16 parity check; empty = the repository's test faces."
+        None, description="Aligned face crops for the fp16 parity check; empty = the 8 shipped with the package."
     )
     providers: Literal["auto", "cpu", "cuda"] = Field(
         "auto",

@@ -1,11 +1,15 @@
 from __future__ import annotations
 
 import base64
+import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 
-from tests.server import MODEL_CACHE, ServerProcess
+from tests.server import MODEL_CACHE, REPO, ServerProcess
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FACES = FIXTURES / "faces"
@@ -29,6 +33,22 @@ def metric(client, sample: str) -> float:
         if line.startswith(prefix):
             return float(line[len(prefix):])
     return 0.0  # a labelled sample appears only once it has been counted
+
+
+@pytest.fixture(scope="session")
+def wheel_names(tmp_path_factory) -> set[str]:
+    """The files of the project's wheel, built once (the Docker image installs the wheel, not a checkout)."""
+    tmp_path = tmp_path_factory.mktemp("wheel")
+    source = tmp_path / "src"  # what the Dockerfile copies; built there so the checkout gets no build/ litter
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    for name in ("service", "exporter"):
+        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"),
+                    str(source)], check=True, capture_output=True, timeout=300, cwd=tmp_path)
+    wheel = next((tmp_path / "dist").glob("face_embedding_service-*.whl"))
+    return set(zipfile.ZipFile(wheel).namelist())
 
 
 def b64(path: Path | bytes) -> str:

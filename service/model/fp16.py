@@ -63,8 +63,9 @@ log = logging.getLogger(__name__)
 FP16_SUFFIX = "-fp16"
 MIN_COSINE = 0.999
 FP16_MAX = 65504.0
-# the crops the repository ships (tests/fixtures/faces); used when no --faces directory is given
-REPO_FACES = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "faces"
+# aligned crops shipped as package data (see its ATTRIBUTION.md): an installed wheel has them too;
+# used when no --faces directory is given
+PARITY_FACES = Path(__file__).resolve().parent / "parity_faces"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 MIN_PARITY_FACES = 4
 
@@ -394,7 +395,7 @@ def make_fp16_variant(src: Path, dst: Path, faces_dir: Path | None = None, min_c
                               emulated_min_cosine=recorded, providers=[])
         return Fp16Result(dst, existing, report, fp32_nodes=[], reused=True)
 
-    faces_dir = Path(faces_dir) if faces_dir else REPO_FACES
+    faces_dir = Path(faces_dir) if faces_dir else PARITY_FACES
     if not faces_dir.is_dir():
         raise Fp16Error(f"no face directory for the parity check: {faces_dir} (pass --faces DIR)")
     faces = load_faces(faces_dir, contract.input_size, max_faces)
@@ -451,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("src", type=Path, help="fp32 ONNX model with a face.* contract (metadata or sidecar)")
     parser.add_argument("dst", type=Path, help="where the fp16 variant goes")
-    parser.add_argument("--faces", type=Path, help=f"directory of aligned face crops (default: {REPO_FACES})")
+    parser.add_argument("--faces", type=Path, help="directory of aligned face crops (default: the package's parity_faces)")
     parser.add_argument("--max-faces", type=int, default=64, help="faces used for the parity check")
     parser.add_argument("--min-cosine", type=float, default=MIN_COSINE)
     parser.add_argument("--providers", choices=["auto", "cpu", "cuda"], default="auto",

@@ -175,6 +175,25 @@ def test_refuses_an_fp16_source_and_reuses_an_up_to_date_variant(variant, defaul
     assert variant.path.stat().st_mtime_ns == before
 
 
+def test_default_parity_faces_are_package_data(default_model, tmp_path):
+    """Without a face directory the parity check uses faces inside the package (an installed wheel has
+    no tests/ folder): copies of fixture crops, enough of them, and a variant is made with them."""
+    shipped = sorted(fp16.PARITY_FACES.glob("*.jpg"))
+    assert fp16.PARITY_FACES.parent == Path(fp16.__file__).parent and "tests" not in fp16.PARITY_FACES.parts
+    assert len(shipped) == 8 >= fp16.MIN_PARITY_FACES and (fp16.PARITY_FACES / "ATTRIBUTION.md").is_file()
+    for path in shipped:
+        assert path.read_bytes() == (FACES / path.name).read_bytes()
+    result = fp16.make_fp16_variant(default_model, tmp_path / "default-faces" / "model.onnx")
+    assert result.parity.faces == len(shipped) and result.parity.min_cosine >= fp16.MIN_COSINE
+    assert result.contract.extra["face.fp16_parity_faces"] == str(len(shipped))
+
+
+def test_the_wheel_ships_the_parity_faces(wheel_names):
+    names = {n for n in wheel_names if n.startswith("service/model/parity_faces/")}
+    expected = {f"service/model/parity_faces/{p.name}" for p in fp16.PARITY_FACES.iterdir()}
+    assert expected == names and "service/model/parity_faces/ATTRIBUTION.md" in names and len(names) == 9
+
+
 def test_parity_faces_must_be_aligned_crops(tmp_path):
     for i in range(fp16.MIN_PARITY_FACES):
         Image.new("RGB", (160, 160), (i * 40, 80, 120)).save(tmp_path / f"big_{i}.png")
