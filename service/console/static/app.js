@@ -504,8 +504,18 @@ function confirmDelete(item) {
 const READY_FIELDS = [
   ["status", "Status"], ["model_id", "Model"], ["providers", "Providers"], ["embedding_size", "Embedding size"],
   ["verify_threshold", "Verify threshold (1:1)"], ["identify_threshold", "Identify threshold (1:N)"],
+  ["identify_threshold_source", "Identify threshold from"], ["identify_fpir", "Target FPIR (strangers named)"],
   ["inference_ms", "Inference just now (ms)"],
 ];
+
+// the impostor tail behind the 1:N threshold, in one line a person can read
+function tailText(tail) {
+  if (!tail || typeof tail !== "object") return "none";
+  const where = tail.source === "gallery" ? "calibrated on this gallery's data" : "the model's";
+  const floor = typeof tail.far_min === "number" ? `, measured down to FAR ${tail.far_min.toExponential(1)}` : "";
+  const beyond = tail.extrapolated ? " (threshold extrapolated beyond it)" : "";
+  return `${where}${floor}${beyond}`;
+}
 
 function facts(node, rows) {
   node.replaceChildren(...rows.flatMap(([name, value]) => [el("dt", { text: name }), el("dd", { text: value })]));
@@ -566,8 +576,9 @@ async function refreshStatus() {
       if (err.status !== 503) throw err;
       ready = { status: err.details.status || "not ready", detail: err.readable };
     }
-    const known = new Set(READY_FIELDS.map(([key]) => key).concat(["gallery", "model_path"]));
+    const known = new Set(READY_FIELDS.map(([key]) => key).concat(["gallery", "model_path", "impostor_tail"]));
     const rows = READY_FIELDS.filter(([key]) => ready[key] !== undefined).map(([key, label]) => [label, show(ready[key])]);
+    if (ready.impostor_tail !== undefined) rows.push(["Impostor tail", tailText(ready.impostor_tail)]);
     if (ready.gallery && typeof ready.gallery === "object") {
       if (ready.gallery.identities !== undefined) rows.push(["Gallery identities", show(ready.gallery.identities)]);
       if (ready.gallery.faces !== undefined) rows.push(["Gallery faces", show(ready.gallery.faces)]);
