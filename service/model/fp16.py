@@ -56,7 +56,8 @@ import numpy as np
 import onnx
 
 from .contract import FaceContract, read_contract, sidecar_path, write_contract, write_sidecar
-from .preprocess import l2_normalise, preprocess
+from .preprocess import l2_normalise
+from .session import FaceSession, SessionOptions
 
 log = logging.getLogger(__name__)
 
@@ -320,17 +321,11 @@ def default_providers() -> list[str]:
 def embed(proto: onnx.ModelProto, faces: np.ndarray, contract: FaceContract, providers: list[str],
           optimise: bool = True, label: str = "the model") -> tuple[np.ndarray, list[str]]:
     """(L2-normalised float64 embeddings, providers the session really used)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if not optimise:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(proto.SerializeToString(), sess_options=options, providers=providers)
-    raw = session.run(None, {contract.input_name: preprocess(faces, contract)})[0]
-    raw = raw.reshape(raw.shape[0], -1).astype(np.float64)
+    session = FaceSession(proto, providers=providers, options=SessionOptions(optimise=optimise), contract=contract)
+    raw = session.raw(faces).astype(np.float64)
     if not np.isfinite(raw).all():
         raise Fp16ParityError(f"{label} produced non-finite embeddings (fp16 overflow?)")
-    return l2_normalise(raw).astype(np.float64), session.get_providers()
+    return l2_normalise(raw).astype(np.float64), session.providers
 
 
 def check_parity(fp32: onnx.ModelProto, fp16: onnx.ModelProto, faces: np.ndarray, contract: FaceContract,
