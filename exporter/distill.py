@@ -1,7 +1,8 @@
 """Distillation: train a TF2 student to reproduce the embeddings of any ONNX face model (the teacher).
 
 The teacher is any ONNX file the service can load: it is run by :class:`exporter.evaluate.OnnxEmbedder`
-and preprocessed purely from its ``face.*`` contract, so nothing here knows SFace or any other model.
+(on service.model.session.FaceSession) and preprocessed purely from its ``face.*`` contract, so nothing
+here knows SFace or any other model.
 The student is the exporter's own embedding model (ResNet-50 or MobileNetV2 + arcface-tf2's head),
 so the run directory it writes exports with ``python -m exporter export RUN`` and evaluates with
 ``evaluate`` like any trained run.
@@ -43,6 +44,8 @@ from typing import Literal
 import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from service.model.preprocess import l2_normalise
 
 from .config import REPO, ConfigError, TrainConfig, load_config, save_config
 from .images import face_files
@@ -278,7 +281,7 @@ def build_teacher_cache(cfg: DistillConfig, data: FaceSet, teacher, teacher_path
         # batch (SFace at 512 faces a call held ~10 GB)
         emb = np.concatenate([np.asarray(teacher(flat[i:i + teacher_batch]), np.float32)
                               for i in range(0, len(flat), teacher_batch)])
-        emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+        emb = l2_normalise(emb)
         if targets is None:
             targets = np.zeros((n, per_image, emb.shape[1]), np.float32)
         targets[lo:lo + len(block)] = emb.reshape(len(block), per_image, -1)

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from service.model.preprocess import l2_normalise
+
 from .images import face_files, load_faces
 
 log = logging.getLogger(__name__)
@@ -191,27 +193,20 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path,
 # --- embedders --------------------------------------------------------------------------------------
 
 class OnnxEmbedder:
-    """An ONNX model run by onnxruntime, preprocessed by its face.* contract (as the service does)."""
+    """An ONNX model run by the service's FaceSession (preprocessed by its face.* contract); raw outputs."""
 
     def __init__(self, path: str | Path, threads: int | None = None):
-        import onnxruntime as ort
-
-        from service.model.contract import read_contract
+        from service.model.session import FaceSession, SessionOptions
 
         self.path = Path(path)
-        self.contract = read_contract(self.path)
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        self.session = FaceSession(self.path, options=SessionOptions(intra_op_threads=threads or 0))
+        self.contract = self.session.contract
         self.input_name = self.contract.input_name
         self.input_size = self.contract.input_size[0]
         self.label = f"{self.contract.model_id} (onnx)"
 
     def __call__(self, faces: np.ndarray) -> np.ndarray:
-        from service.model.preprocess import preprocess
-
-        return self.session.run(None, {self.input_name: preprocess(faces, self.contract)})[0]
+        return self.session.raw(faces)
 
 
 class TFEmbedder:
@@ -240,10 +235,6 @@ def make_embedder(model: str | Path, config: str | Path | None = None, overrides
     return TFEmbedder.load(model, config, overrides)
 
 
-def _normalise(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 # How flip-averaging combines an image's embedding with its mirror's (both then L2-normalised):
 #   normalised: unit(e) + unit(e_mirror), each view weighs the same (this exporter's default);
 #   raw:        e + e_mirror, as arcface-tf2's evaluation (and insightface's) does: the view with the
@@ -260,13 +251,13 @@ def embed_paths(embedder, paths: list[Path], batch_size: int = 64, flip: bool = 
     for i in range(0, len(paths), batch_size):
         faces = load_faces(paths[i:i + batch_size], embedder.input_size)
         emb = np.asarray(embedder(faces), dtype=np.float32)
-        plain.append(_normalise(emb))
+        plain.append(l2_normalise(emb))
         if flip:
             mirrored = np.asarray(embedder(np.ascontiguousarray(faces[:, :, ::-1])), dtype=np.float32)
             if flip_mode == "raw":
-                flipped.append(_normalise(emb + mirrored))
+                flipped.append(l2_normalise(emb + mirrored))
             else:
-                flipped.append(_normalise(_normalise(emb) + _normalise(mirrored)))
+                flipped.append(l2_normalise(l2_normalise(emb) + l2_normalise(mirrored)))
         if (i // batch_size) % 20 == 0:
             log.info("embedded %d / %d", min(i + batch_size, len(paths)), len(paths))
     return np.concatenate(plain), (np.concatenate(flipped) if flip else None)

@@ -139,13 +139,9 @@ def tf_embeddings(model, faces: np.ndarray, mean: float, std: float) -> np.ndarr
 
 
 def onnx_embeddings(proto_or_path, faces: np.ndarray, contract: FaceContract) -> np.ndarray:
-    import onnxruntime as ort
+    from service.model.session import FaceSession
 
-    from service.model.preprocess import preprocess
-
-    data = proto_or_path.SerializeToString() if isinstance(proto_or_path, onnx.ModelProto) else str(proto_or_path)
-    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-    out = session.run(None, {contract.input_name: preprocess(faces, contract)})[0]
+    out = FaceSession(proto_or_path, contract=contract).raw(faces)
     return checked_unit(out, f"the ONNX graph ({contract.extra.get('face.precision', 'fp32')})")
 
 
