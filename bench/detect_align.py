@@ -29,7 +29,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import onnxruntime as ort
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -43,9 +42,8 @@ from service.detection import (  # noqa: E402
     decode_photo,
     detect_and_align,
 )
-from service.model.contract import read_contract  # noqa: E402
 from service.model.prepare import default_model  # noqa: E402
-from service.model.preprocess import l2_normalise, preprocess  # noqa: E402
+from service.model.session import FaceSession  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench.detect_align")
@@ -74,16 +72,15 @@ def time_photos(detector: YuNetDetector, encoded: list[bytes]) -> dict:
 
 
 class Embedder:
+    """The model on the service's FaceSession (CPU), in chunks of ``batch`` crops."""
+
     def __init__(self, model_path: Path) -> None:
-        self.contract = read_contract(model_path)
-        self.session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+        self.session = FaceSession(model_path)
+        self.contract = self.session.contract
 
     def __call__(self, crops: list[np.ndarray], batch: int = 32) -> np.ndarray:
-        out = []
-        for start in range(0, len(crops), batch):
-            x = preprocess(np.stack(crops[start:start + batch]), self.contract)
-            out.append(self.session.run(None, {self.contract.input_name: x})[0])
-        return l2_normalise(np.concatenate(out))
+        out = [self.session.embed(np.stack(crops[start:start + batch])) for start in range(0, len(crops), batch)]
+        return np.concatenate(out)
 
 
 def make_pairs(identities: list[str], seed: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:

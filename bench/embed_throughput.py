@@ -40,11 +40,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import machine, save  # noqa: E402
 from service.model.contract import read_contract  # noqa: E402
 from service.model.fp16 import make_fp16_variant  # noqa: E402
-from service.model.preprocess import preprocess  # noqa: E402
+from service.model.session import CPU, CUDA, FaceSession, ProviderChoice, ProviderError, SessionOptions  # noqa: E402
+from service.model.session import choose_providers as session_providers  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FACES_DIR = REPO / "tests" / "fixtures" / "faces"
-CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 # a slow CPU needs minutes to drain 128 clients x 32 faces after each point; --quick skips those
 QUICK_MAX_IN_FLIGHT = 1024
 
@@ -82,43 +82,30 @@ def gpu_name() -> str | None:
 
 def choose_providers(requested: str) -> list:
     """The providers the service would use for FACE_PROVIDERS=requested (CUDA options as its defaults)."""
-    import onnxruntime as ort
-
-    if hasattr(ort, "preload_dlls") and CUDA in ort.get_available_providers():
-        ort.preload_dlls()  # the pip-installed CUDA/cuDNN libraries (onnxruntime-gpu >= 1.21)
-    available = ort.get_available_providers()
-    if requested == "cpu" or (requested == "auto" and CUDA not in available):
-        return [CPU]
-    if CUDA not in available:
-        raise SystemExit(f"--providers cuda, but onnxruntime offers only {available}")
-    return [(CUDA, {"device_id": 0, "cudnn_conv_algo_search": "HEURISTIC"}), CPU]
+    try:
+        return session_providers(ProviderChoice(providers=requested))  # type: ignore[arg-type]
+    except ProviderError as e:
+        raise SystemExit(f"--providers {requested}: {e}") from e
 
 
 # --- raw session -----------------------------------------------------------------------------
 def raw_session(model: Path, faces: np.ndarray, batch_sizes: list[int], providers: list, seconds: float,
                 intra_op_threads: int) -> dict:
-    import onnxruntime as ort
-
-    contract = read_contract(model)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if intra_op_threads:
-        options.intra_op_num_threads = intra_op_threads
-    session = ort.InferenceSession(str(model), sess_options=options, providers=providers)
-    used = session.get_providers()
+    session = FaceSession(model, providers=providers, options=SessionOptions(intra_op_threads=intra_op_threads))
+    contract = session.contract
+    used = session.providers
     if providers[0] != CPU and used[0] != CUDA:
         raise SystemExit(f"CUDA was requested but the session runs on {used}")
     results = []
     for batch in batch_sizes:
-        tensor = preprocess(faces[np.arange(batch) % len(faces)], contract)
-        feed = {contract.input_name: tensor}
+        tensor = session.preprocess(faces[np.arange(batch) % len(faces)])  # outside the timed loop
         for _ in range(3):  # allocation, cuDNN algorithm choice
-            session.run(None, feed)
+            session.run(tensor)
         times = []
         started = time.perf_counter()
         while time.perf_counter() - started < seconds or len(times) < 5:
             t0 = time.perf_counter()
-            session.run(None, feed)
+            session.run(tensor)  # onnxruntime's run alone on the preprocessed tensor
             times.append(time.perf_counter() - t0)
         total = sum(times)
         results.append({"batch": batch, "runs": len(times), "images_per_s": round(batch * len(times) / total, 1),

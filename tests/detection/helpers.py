@@ -8,11 +8,9 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 from PIL import Image
 
-from service.model.contract import read_contract
-from service.model.preprocess import l2_normalise, preprocess
+from service.model.session import FaceSession, SessionOptions
 from tests.conftest import FIXTURES
 
 PHOTOS = FIXTURES / "photos"
@@ -52,15 +50,13 @@ def reference_crop_path(name: str) -> Path:
 
 
 class Embedder:
-    """The real default model, preprocessed from its contract exactly as the service does."""
+    """The real default model on the service's FaceSession (CPU): preprocessed as the service does."""
 
     def __init__(self, model_path: Path) -> None:
-        self.contract = read_contract(model_path)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        self.session = FaceSession(model_path, options=SessionOptions(log_severity_level=3))
+        self.contract = self.session.contract
 
     def __call__(self, crops: list[np.ndarray] | np.ndarray) -> np.ndarray:
-        batch = preprocess(np.stack(list(crops)), self.contract)
-        (out,) = self.session.run(None, {self.contract.input_name: batch})
-        return l2_normalise(out)
+        return self.session.embed(np.stack(list(crops)))
+
+
