@@ -32,7 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import machine, save  # noqa: E402
-from bench.gallery_search import percentiles, synthetic_faces, unit  # noqa: E402
+from bench.gallery_search import percentiles, synthetic_gallery, unit  # noqa: E402
 from service.gallery.api import EmbeddedGallery  # noqa: E402
 from service.gallery.gallery import Gallery  # noqa: E402
 
@@ -162,11 +162,8 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
 
     identities = args.faces // args.per_identity
-    _, faces = synthetic_faces(identities, args.per_identity, args.dim, rng)
+    faces, owner, probes = synthetic_gallery(identities, args.per_identity, args.dim, args.probes, rng)
     flat = faces.reshape(-1, args.dim)
-    owner = np.repeat(np.arange(identities), args.per_identity)
-    probe_ids = rng.choice(identities, size=args.probes, replace=False)
-    probes = unit(faces[probe_ids].mean(axis=1) + 0.45 * unit(rng.normal(size=(args.probes, args.dim))))
     exact_face = (probes @ flat.T).argmax(axis=1)
     model_id = "sface@2021dec-int8bq" if args.dim == 128 else f"synthetic@{args.dim}"
 

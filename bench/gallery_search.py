@@ -41,6 +41,16 @@ def synthetic_faces(identities: int, per_identity: int, dim: int, rng) -> tuple[
     return centres, faces
 
 
+def synthetic_gallery(identities: int, per_identity: int, dim: int, probes: int, rng):
+    """Faces (identities x per_identity x dim), their owners (flat), and probes: a probe is a new image
+    of an enrolled person, near the centre of that person's faces. Returns (faces, owner, probes)."""
+    _, faces = synthetic_faces(identities, per_identity, dim, rng)
+    owner = np.repeat(np.arange(identities), per_identity)
+    probe_ids = rng.choice(identities, size=probes, replace=False)
+    probe_vectors = unit(faces[probe_ids].mean(axis=1) + 0.45 * unit(rng.normal(size=(probes, dim))))
+    return faces, owner, probe_vectors
+
+
 def percentiles(ms: list[float]) -> dict:
     arr = np.asarray(ms)
     return {"p50_ms": round(float(np.percentile(arr, 50)), 3), "p99_ms": round(float(np.percentile(arr, 99)), 3),
@@ -62,12 +72,8 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
 
     identities = args.faces // args.per_identity
-    _, faces = synthetic_faces(identities, args.per_identity, args.dim, rng)
+    faces, owner, probes = synthetic_gallery(identities, args.per_identity, args.dim, args.probes, rng)
     flat = faces.reshape(-1, args.dim)
-    owner = np.repeat(np.arange(identities), args.per_identity)
-    probe_ids = rng.choice(identities, size=args.probes, replace=False)
-    # a probe is a new image of an enrolled person: near the centre of that person's faces
-    probes = unit(faces[probe_ids].mean(axis=1) + 0.45 * unit(rng.normal(size=(args.probes, args.dim))))
 
     exact_started = time.perf_counter()
     sims = probes @ flat.T

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import machine, save  # noqa: E402
 from service.model.prepare import default_model  # noqa: E402
-from tests.server import MODEL_CACHE, REPO, ServerProcess  # noqa: E402
+from tests.server import MODEL_CACHE, REPO, ServerProcess, listed_identities  # noqa: E402
 
 LFW = REPO.parent / "shared" / "data" / "lfw-112"
 WEIGHTS = {"enroll": 25, "identify": 35, "verify": 15, "embed": 15, "delete": 10}
@@ -188,16 +188,6 @@ def rss_mb(pid: int) -> float | None:
     except OSError:
         return None
     return None
-
-
-def listed_identities(c: httpx.Client) -> set[str]:
-    listed, cursor = set(), None
-    while True:
-        page = c.get("/identities", params={"limit": 1000} | ({"cursor": cursor} if cursor else {})).json()
-        listed |= {item["identity_id"] for item in page["items"]}
-        cursor = page["next_cursor"]
-        if not cursor:
-            return listed
 
 
 def consistency(url: str, shared: Shared) -> dict:

@@ -77,6 +77,18 @@ class ServerProcess:
         return self.proc.returncode
 
 
+def listed_identities(client: httpx.Client) -> set[str]:
+    """Every identity id the server lists, following /identities' cursor to the last page."""
+    listed: set[str] = set()
+    cursor = None
+    while True:
+        page = client.get("/identities", params={"limit": 1000} | ({"cursor": cursor} if cursor else {})).json()
+        listed |= {item["identity_id"] for item in page["items"]}
+        cursor = page["next_cursor"]
+        if not cursor:
+            return listed
+
+
 @contextlib.contextmanager
 def running_server(data_dir: Path, model: Path | None = None, **kwargs):
     """Start the service, wait for /readyz, yield its base URL, stop it."""

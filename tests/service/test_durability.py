@@ -11,7 +11,7 @@ import pytest
 from service.model.contract import read_contract
 from service.model.prepare import SFACE_FILE, packaged_model, prepare_model
 from tests.conftest import ENROLLED, b64, face_files
-from tests.server import ServerProcess
+from tests.server import ServerProcess, listed_identities
 
 
 def test_restart_keeps_gallery_and_identify_still_works(tmp_path, default_model):
@@ -76,14 +76,7 @@ def test_acknowledged_enrollments_survive_sigkill(tmp_path, default_model):
     assert '"source": "rebuilt"' in server.log()  # no snapshot (periodic ones off): rebuilt from the store
     assert ready["gallery"]["identities"] >= len(acknowledged)
     with httpx.Client(base_url=server.url, timeout=60) as c:
-        listed, cursor = set(), None
-        while True:
-            page = c.get("/identities", params={"limit": 1000} | ({"cursor": cursor} if cursor else {})).json()
-            listed |= {item["identity_id"] for item in page["items"]}
-            cursor = page["next_cursor"]
-            if not cursor:
-                break
-        missing = set(acknowledged) - listed
+        missing = set(acknowledged) - listed_identities(c)
         assert not missing, f"acknowledged but lost: {sorted(missing)[:10]}"
         # and the rebuilt index finds them: every stored face is searchable
         r = c.post("/identify", json={"images": [faces[0]], "top_k": 100}).json()["results"][0]

@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import ENROLLED, b64, face_files, unknown_files
 from tests.pg import PgTestServer
-from tests.server import ServerProcess
+from tests.server import ServerProcess, listed_identities
 
 
 @pytest.fixture(scope="module")
@@ -258,16 +258,8 @@ def test_kill9_of_a_replica_loses_nothing_acknowledged(replicas, tmp_path, defau
         t.join(60)
     assert len(acknowledged) >= 40
 
-    def listed(c: httpx.Client) -> set[str]:
-        seen, cursor = set(), None
-        while True:
-            page = c.get("/identities", params={"limit": 1000} | ({"cursor": cursor} if cursor else {})).json()
-            seen |= {item["identity_id"] for item in page["items"]}
-            if not (cursor := page["next_cursor"]):
-                return seen
-
     with client(b) as cb:
-        missing = set(acknowledged) - listed(cb)
+        missing = set(acknowledged) - listed_identities(cb)
         assert not missing, f"acknowledged but lost: {sorted(missing)[:10]}"
     # a fresh replica in A's place serves the same gallery
     replacement = ServerProcess(tmp_path / "data", model=default_model, env=replica_env)
@@ -275,6 +267,6 @@ def test_kill9_of_a_replica_loses_nothing_acknowledged(replicas, tmp_path, defau
         ready = replacement.wait_ready()
         assert ready["gallery"]["identities"] >= len(acknowledged)
         with client(replacement) as c:
-            assert not set(acknowledged) - listed(c)
+            assert not set(acknowledged) - listed_identities(c)
     finally:
         replacement.stop()
