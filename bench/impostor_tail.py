@@ -33,7 +33,7 @@ def main() -> None:
     # are under ~10% of those counted (1,000 pairs, FAR ~1.8e-5) and the service extends its last decade
     tail = tail_from_histogram(counts, source=f"lfw-112: {int(counts.sum())} cross-person pairs, "
                                f"<= 5 crops of each of {len(data.names)} people", min_tail_pairs=1000)
-    payload = json.loads(tail.to_json())
+    payload = tail.to_dict()
     payload["method"] = (
         "python -m bench.impostor_tail: the prepared default model (sface 2021dec-int8bq, weights folded "
         "to fp32) embedded every crop of ../shared/data/lfw-112 (aligned 112x112, no flip); every pair "

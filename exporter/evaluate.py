@@ -278,7 +278,7 @@ def pairs_impostor_tail(paths: list[Path], embeddings: np.ndarray, source: str) 
     people = {name: i for i, name in enumerate(sorted({p.parent.name for p in paths}))}
     labels = np.asarray([people[p.parent.name] for p in paths])
     try:
-        return json.loads(impostor_tail(embeddings, labels, source=source).to_json())
+        return impostor_tail(embeddings, labels, source=source).to_dict()
     except CalibrationError as exc:
         log.warning("no impostor tail: %s", exc)
         return None
@@ -298,7 +298,7 @@ def write_threshold_into(onnx_path: str | Path, threshold: float, source: str, t
     extra = {**contract.extra, "face.threshold_source": source}
     changes = {"threshold": round(float(threshold), 4), "extra": extra}
     if tail is not None:
-        changes["impostor_tail"] = ImpostorTail.from_json(json.dumps(tail))
+        changes["impostor_tail"] = ImpostorTail.from_dict(tail)
     write_contract(proto, dataclasses.replace(contract, **changes))
     tmp = onnx_path.with_name(onnx_path.name + ".tmp")
     onnx.save(proto, str(tmp))

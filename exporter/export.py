@@ -184,7 +184,7 @@ def _impostor_tail(report: dict | None):
     from service.model.calibration import ImpostorTail
 
     tail = (report or {}).get("impostor_tail")
-    return ImpostorTail.from_json(json.dumps(tail)) if tail else None
+    return ImpostorTail.from_dict(tail) if tail else None
 
 
 def export_model(source: str | Path, output: str | Path, config: str | Path | None = None,

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .config import Settings
-from .gallery.api import GalleryBackend, GalleryModelMismatch, GalleryUnavailable, IdentityExists, make_gallery
+from .gallery.api import GalleryBackend, GalleryModelMismatch, GalleryUnavailable, IdentityExists, open_gallery
 
 if TYPE_CHECKING:  # the pipeline is imported lazily, at run time
     from .pipeline import ImageType
@@ -73,10 +73,7 @@ def model_identity(settings: Settings) -> tuple[str, int]:
 
 
 def open_configured(settings: Settings) -> GalleryBackend:
-    model_id, dim = model_identity(settings)
-    gallery = make_gallery(settings, model_id, dim)
-    gallery.open()
-    return gallery
+    return open_gallery(settings, *model_identity(settings))
 
 
 # --- export / import -----------------------------------------------------------------------------

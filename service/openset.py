@@ -75,7 +75,7 @@ def save_gallery_tail(data_dir: Path, model_id: str, tail: ImpostorTail, details
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     path = data_dir / CALIBRATION_FILE
-    payload = {"model_id": model_id, "created_at": time.time(), "tail": json.loads(tail.to_json()), **(details or {})}
+    payload = {"model_id": model_id, "created_at": time.time(), "tail": tail.to_dict(), **(details or {})}
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as handle:
         handle.write(json.dumps(payload, indent=1) + "\n")
@@ -115,7 +115,7 @@ class GalleryTail:
                             extra={"path": str(self.path), "calibrated_model": payload.get("model_id"),
                                    "model_id": self.model_id})
                 return None
-            tail = ImpostorTail.from_json(json.dumps(payload["tail"]))
+            tail = ImpostorTail.from_dict(payload["tail"])
             log.info("gallery calibration loaded", extra={"path": str(self.path), "pairs": tail.pairs,
                                                           "measured_on": tail.source})
             return tail

@@ -92,15 +92,17 @@ class ImpostorTail:
         return far < self.far[-1]
 
     # --- storage ------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """The JSON-ready form (what ``to_json`` writes): FARs to 4 significant digits, cosines to 4 decimals."""
+        return {"far": [float(f"{f:.4g}") for f in self.far], "cosine": [round(c, 4) for c in self.cosine],
+                "pairs": int(self.pairs), "source": self.source, **self.extra}
+
     def to_json(self) -> str:
-        payload = {"far": [float(f"{f:.4g}") for f in self.far], "cosine": [round(c, 4) for c in self.cosine],
-                   "pairs": int(self.pairs), "source": self.source, **self.extra}
-        return json.dumps(payload, separators=(",", ":"))
+        return json.dumps(self.to_dict(), separators=(",", ":"))
 
     @classmethod
-    def from_json(cls, text: str) -> ImpostorTail:
+    def from_dict(cls, data: dict) -> ImpostorTail:
         try:
-            data = json.loads(text)
             known = {"far", "cosine", "pairs", "source"}
             return cls(far=tuple(float(f) for f in data["far"]), cosine=tuple(float(c) for c in data["cosine"]),
                        pairs=int(data["pairs"]), source=str(data.get("source", "")),
@@ -109,6 +111,14 @@ class ImpostorTail:
             if isinstance(exc, CalibrationError):
                 raise
             raise CalibrationError(f"malformed impostor tail: {exc}") from exc
+
+    @classmethod
+    def from_json(cls, text: str) -> ImpostorTail:
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise CalibrationError(f"malformed impostor tail: {exc}") from exc
+        return cls.from_dict(data)
 
 
 def cap_per_person(labels: np.ndarray, cap: int) -> np.ndarray:
