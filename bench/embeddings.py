@@ -58,13 +58,18 @@ def embed_dataset(root: Path, batch: int = 64) -> Embedded:
 
     root = Path(root)
     files, labels, names = list_dataset(root)
-    model = _model()
-    cache = CACHE / f"{root.name}-{model.contract.model_id.replace('@', '-')}.npz"
+    from service.model.contract import read_contract
+    from service.model.prepare import default_model
+
+    # the cache key needs only the contract: start an inference session only on a cache miss
+    model_id = read_contract(default_model(ROOT / ".cache" / "models")).model_id
+    cache = CACHE / f"{root.name}-{model_id.replace('@', '-')}.npz"
     rel = [str(f.relative_to(root)) for f in files]
     if cache.exists():
         data = np.load(cache, allow_pickle=False)
         if list(data["files"]) == rel:
             return Embedded(data["embeddings"], data["labels"], list(data["names"]), rel)
+    model = _model()
     out = np.empty((len(files), model.contract.embedding_size), dtype=np.float32)
     for start in range(0, len(files), batch):
         chunk = files[start:start + batch]
