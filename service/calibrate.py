@@ -62,16 +62,11 @@ def labelled_files(folder: Path) -> list[tuple[str, Path]]:
 def _service_state(settings: Settings):
     """The parts of the service a calibration needs: the model session and the photo path."""
     from .app import _photo_support
-    from .model.prepare import resolve_model_path
     from .model.runtime import EmbeddingModel
+    from .model.serving import served_model_path
     from .state import ServiceState
 
-    model_path = resolve_model_path(settings.model, settings.model_cache_dir)
-    if settings.precision == "fp16":
-        from .model.fp16 import serving_variant
-
-        model_path = serving_variant(model_path, settings.model_cache_dir, settings.fp16_parity_faces)
-    model = EmbeddingModel(model_path, settings)
+    model = EmbeddingModel(served_model_path(settings), settings)
     model.initialize()
     detector, template = _photo_support(settings, model.contract.alignment)
     # no batcher and no gallery: decode_faces only reads settings, contract, detector and metrics
