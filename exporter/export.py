@@ -251,14 +251,16 @@ def export_model(source: str | Path, output: str | Path, config: str | Path | No
         result["calibration"] = {k: calibration.get(k) for k in ("accuracy_mean", "accuracy_std", "best_threshold")}
 
     if fp16:
-        from service.model.fp16 import FP16_SUFFIX, Fp16ParityError, check_parity
+        from service.model.contract import file_digest, fp16_variant_contract
+        from service.model.fp16 import Fp16ParityError, check_parity
+        from service.model.session import FaceSession
 
         half = to_fp16(proto)
         stage("fp16 conversion")
-        half_contract = dataclasses.replace(contract, model_version=contract.model_version + FP16_SUFFIX,
-                                            extra={**contract.extra, "face.precision": "fp16"})
         try:
-            fp16_parity = parity(reference, onnx_embeddings(half, faces, half_contract))
+            # same inputs as the fp32 graph: the fp32 contract's preprocessing
+            fp16_parity = parity(reference, checked_unit(FaceSession(half, contract=contract).raw(faces),
+                                                         "the ONNX graph (fp16)"))
             # the CPU provider runs most fp16 nodes through casts in fp32; the emulated check rounds every
             # activation to fp16 as a GPU would, so an overflow shows up here too
             emulated = check_parity(proto, half, faces, contract, ["CPUExecutionProvider"]).emulated_min_cosine
@@ -272,9 +274,11 @@ def export_model(source: str | Path, output: str | Path, config: str | Path | No
         if not (passes(fp16_parity["min_cosine"], fp16_min_cosine) and passes(emulated, fp16_min_cosine)):
             raise ExportParityError(f"fp16 min cosine {fp16_parity['min_cosine']:.6f} (emulated {emulated:.6f}) "
                                     f"< {fp16_min_cosine}; the fp32 model {output} is written, no fp16 variant")
-        half_contract = dataclasses.replace(
-            half_contract, extra={**half_contract.extra, "face.parity_min_cosine": f"{fp16_parity['min_cosine']:.7f}",
-                                  "face.fp16_min_cosine": f"{min(fp16_parity['min_cosine'], emulated):.6f}"})
+        # the shared function: the same fp16 keys as a variant the service's tool makes, from the file just written
+        half_contract = fp16_variant_contract(contract, min(fp16_parity["min_cosine"], emulated), fp16_parity["faces"],
+                                              file_digest(output))
+        half_contract = dataclasses.replace(  # this variant's own parity against TF, as the fp32 model has
+            half_contract, extra={**half_contract.extra, "face.parity_min_cosine": f"{fp16_parity['min_cosine']:.7f}"})
         write_contract(half, half_contract)
         half_path = output.with_suffix(".fp16.onnx")
         _save(half, half_path)

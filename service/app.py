@@ -30,8 +30,8 @@ from .memory import limit_malloc_arenas
 from .metrics import Metrics
 from .middleware import AccessMiddleware, BodyLimitMiddleware, DisconnectMiddleware
 from .model.batcher import DynamicBatcher
-from .model.prepare import resolve_model_path
 from .model.runtime import EmbeddingModel
+from .model.serving import served_model_path
 from .state import ServiceState
 
 log = logging.getLogger(__name__)
@@ -57,12 +57,7 @@ def _warmup_sizes(max_batch: int) -> list[int]:
 
 
 async def initialize(settings: Settings, metrics: Metrics) -> ServiceState:
-    model_path = await run_in_threadpool(resolve_model_path, settings.model, settings.model_cache_dir)
-    if settings.precision == "fp16":
-        from .model.fp16 import serving_variant  # onnxconverter-common is only imported when used
-
-        model_path = await run_in_threadpool(serving_variant, model_path, settings.model_cache_dir,
-                                             settings.fp16_parity_faces)
+    model_path = await run_in_threadpool(served_model_path, settings)
     model = EmbeddingModel(model_path, settings)
     await run_in_threadpool(model.initialize)
     if settings.warmup:

@@ -25,7 +25,7 @@ import numpy as np
 from .config import Settings
 from .errors import ServiceError
 from .metrics import Metrics
-from .model.calibration import CalibrationError, impostor_histogram, tail_from_histogram
+from .model.calibration import CalibrationError, impostor_tail
 from .openset import save_gallery_tail
 
 if TYPE_CHECKING:  # the pipeline is imported lazily, at run time
@@ -62,16 +62,11 @@ def labelled_files(folder: Path) -> list[tuple[str, Path]]:
 def _service_state(settings: Settings):
     """The parts of the service a calibration needs: the model session and the photo path."""
     from .app import _photo_support
-    from .model.prepare import resolve_model_path
     from .model.runtime import EmbeddingModel
+    from .model.serving import served_model_path
     from .state import ServiceState
 
-    model_path = resolve_model_path(settings.model, settings.model_cache_dir)
-    if settings.precision == "fp16":
-        from .model.fp16 import serving_variant
-
-        model_path = serving_variant(model_path, settings.model_cache_dir, settings.fp16_parity_faces)
-    model = EmbeddingModel(model_path, settings)
+    model = EmbeddingModel(served_model_path(settings), settings)
     model.initialize()
     detector, template = _photo_support(settings, model.contract.alignment)
     # no batcher and no gallery: decode_faces only reads settings, contract, detector and metrics
@@ -106,14 +101,11 @@ def calibrate(settings: Settings, options: CalibrateOptions) -> dict:
     state = _service_state(settings)
     found = embed_folder(state, options)
     people = len(set(found.labels.tolist()))
-    if people < 2:
-        raise CalibrationError("calibration needs faces of at least two people")
-    counts = impostor_histogram(found.embeddings, found.labels)
-    if counts.sum() < options.min_pairs:
-        raise CalibrationError(f"{int(counts.sum())} impostor pairs (from {len(found.labels)} faces of {people} "
-                               f"people) are fewer than --min-pairs {options.min_pairs}; add people")
-    tail = tail_from_histogram(counts, source=f"{options.folder.name}: {len(found.labels)} faces of {people} people",
-                               min_pairs=options.min_pairs)
+    source = f"{options.folder.name}: {len(found.labels)} faces of {people} people"
+    try:  # the library refuses fewer than two people or --min-pairs pairs; say what the folder held
+        tail = impostor_tail(found.embeddings, found.labels, source=source, min_pairs=options.min_pairs)
+    except CalibrationError as exc:
+        raise CalibrationError(f"{exc} ({source}; --min-pairs {options.min_pairs})") from exc
     model_id = state.contract.model_id
     path = save_gallery_tail(settings.data_dir, model_id, tail,
                              {"faces": len(found.labels), "people": people, "skipped": len(found.skipped)})

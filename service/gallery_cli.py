@@ -61,14 +61,9 @@ class GalleryFileError(ValueError):
 def model_identity(settings: Settings) -> tuple[str, int]:
     """(model id, embedding size) of the model the service would load with these settings."""
     from .model.contract import read_contract
-    from .model.prepare import resolve_model_path
+    from .model.serving import served_model_path
 
-    path = resolve_model_path(settings.model, settings.model_cache_dir)
-    if settings.precision == "fp16":
-        from .model.fp16 import serving_variant
-
-        path = serving_variant(path, settings.model_cache_dir, settings.fp16_parity_faces)
-    contract = read_contract(path)
+    contract = read_contract(served_model_path(settings))
     return contract.model_id, contract.embedding_size
 
 

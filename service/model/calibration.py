@@ -179,11 +179,13 @@ def tail_from_histogram(counts: np.ndarray, source: str = "", far_grid: tuple[fl
     return ImpostorTail(far=tuple(far), cosine=tuple(cosine), pairs=total, source=source)
 
 
-def impostor_tail(embeddings: np.ndarray, labels: np.ndarray, source: str = "") -> ImpostorTail:
-    """The impostor tail of L2-normalised ``embeddings`` of faces labelled by person."""
+def impostor_tail(embeddings: np.ndarray, labels: np.ndarray, source: str = "",
+                  min_pairs: int = 1000) -> ImpostorTail:
+    """The impostor tail of L2-normalised ``embeddings`` of faces labelled by person; refused
+    (``CalibrationError``) with fewer than two people or ``min_pairs`` impostor pairs."""
     if len(set(np.asarray(labels).tolist())) < 2:
         raise CalibrationError("calibration needs faces of at least two people")
-    return tail_from_histogram(impostor_histogram(embeddings, labels), source=source)
+    return tail_from_histogram(impostor_histogram(embeddings, labels), source=source, min_pairs=min_pairs)
 
 
 # --- gallery size -> threshold ----------------------------------------------------------------

@@ -8,6 +8,8 @@ the table, and it imports nothing heavier than ``onnx`` so the exporter can use 
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -147,6 +149,54 @@ _KNOWN = {
     "face.std", "face.embedding_size", "face.alignment", "face.model_name", "face.model_version",
     "face.threshold", "face.identify_threshold", "face.impostor_tail",
 }
+
+
+# --- precision: the keys of an fp16 variant ----------------------------------------------------
+# An fp16 variant (made by ``service.model.fp16`` or by the exporter's ``--fp16``) is the source's
+# contract with ``-fp16`` appended to the version (the gallery stores the model id, so fp16 and fp32
+# embeddings are never mixed silently) and these keys: its precision, the parity gate's figure, the
+# number of faces it was measured on and the digest of the fp32 file it was made from (a cached
+# variant of an unchanged source is reused).
+PRECISION_KEY = "face.precision"
+FP16_MIN_COSINE_KEY = "face.fp16_min_cosine"
+FP16_PARITY_FACES_KEY = "face.fp16_parity_faces"
+FP16_SOURCE_KEY = "face.fp16_source_sha256"
+FP16_KEYS = (PRECISION_KEY, FP16_MIN_COSINE_KEY, FP16_PARITY_FACES_KEY, FP16_SOURCE_KEY)
+FP16_SUFFIX = "-fp16"
+
+
+def file_digest(path: Path) -> str:
+    """What ``face.fp16_source_sha256`` holds: the first 16 hex digits of the file's SHA-256."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def is_fp16_variant(contract: FaceContract) -> bool:
+    return contract.extra.get(PRECISION_KEY) == "fp16"
+
+
+def fp16_variant_contract(source: FaceContract, min_cosine: float, parity_faces: int,
+                          source_digest: str) -> FaceContract:
+    """The contract of an fp16 variant of a model with contract ``source``: every key of the source, the
+    version suffixed ``-fp16``, and the fp16 keys (what the variant's parity check measured)."""
+    if source.model_version.endswith(FP16_SUFFIX) or is_fp16_variant(source):
+        raise ContractError(f"{source.model_id} already is an fp16 variant")
+    extra = {
+        **source.extra,
+        PRECISION_KEY: "fp16",
+        FP16_MIN_COSINE_KEY: f"{min_cosine:.6f}",
+        FP16_PARITY_FACES_KEY: str(parity_faces),
+        FP16_SOURCE_KEY: source_digest,
+    }
+    return dataclasses.replace(source, model_version=source.model_version + FP16_SUFFIX, extra=extra)
+
+
+def is_variant_of(contract: FaceContract, source_digest: str) -> bool:
+    """Whether ``contract`` is an fp16 variant made from the file whose ``file_digest`` is ``source_digest``."""
+    return is_fp16_variant(contract) and contract.extra.get(FP16_SOURCE_KEY) == source_digest
 
 
 def sidecar_path(model_path: Path) -> Path:

@@ -1,4 +1,8 @@
-"""An fp16 variant of an ONNX face model, float32 inputs and outputs kept, checked on real faces.
+"""Build tooling: an fp16 variant of an ONNX face model, float32 inputs and outputs kept, checked on real faces.
+
+The service does not need this module to serve a variant made beforehand (the image makes the default
+model's at build time): ``service.model.serving`` finds it in the model cache and imports this tool
+only when the variant is missing or stale.
 
 ``make_fp16_variant(src, dst)``:
 
@@ -31,7 +35,8 @@
    between kernels, so an overflow (inf/NaN) or precision loss shows up on a CPU-only machine too;
 4. writes the variant with the source's ``face.*`` contract, ``model_version`` suffixed ``-fp16``
    (the gallery stores the model id, so fp16 and fp32 embeddings are never mixed silently), plus
-   ``face.precision``, the parity figure and the source digest (to skip re-making an up-to-date variant).
+   ``face.precision``, the parity figure and the source digest (to skip re-making an up-to-date variant):
+   ``contract.fp16_variant_contract``, which the exporter's fp16 variant uses too.
 
 The onnxconverter-common quirks this works around: it edits the model it is given in place (we
 hand it a copy), and with a blocked node next to a graph output it types that output float16 despite
@@ -45,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import logging
 import tempfile
 import warnings
@@ -55,13 +59,24 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .contract import FaceContract, read_contract, sidecar_path, write_contract, write_sidecar
+from .contract import (
+    FP16_MIN_COSINE_KEY,
+    FP16_PARITY_FACES_KEY,
+    ContractError,
+    FaceContract,
+    file_digest,
+    fp16_variant_contract,
+    read_contract,
+    sidecar_path,
+    write_contract,
+    write_sidecar,
+)
 from .preprocess import l2_normalise
+from .serving import cached_variant
 from .session import FaceSession, SessionOptions
 
 log = logging.getLogger(__name__)
 
-FP16_SUFFIX = "-fp16"
 MIN_COSINE = 0.999
 FP16_MAX = 65504.0
 # aligned crops shipped as package data (see its ATTRIBUTION.md): an installed wheel has them too;
@@ -110,14 +125,6 @@ class Fp16Result:
     parity: ParityReport
     fp32_nodes: list[str]  # nodes kept in fp32 inside the fp16 graph
     reused: bool = False  # an up-to-date variant was already there
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 # --- conversion ------------------------------------------------------------------------------
@@ -351,26 +358,10 @@ def check_parity(fp32: onnx.ModelProto, fp16: onnx.ModelProto, faces: np.ndarray
 
 # --- the variant on disk ---------------------------------------------------------------------
 def fp16_contract(contract: FaceContract, parity: ParityReport, source_digest: str) -> FaceContract:
-    if contract.model_version.endswith(FP16_SUFFIX) or contract.extra.get("face.precision") == "fp16":
-        raise Fp16Error(f"{contract.model_id} already is an fp16 variant")
-    extra = {
-        **contract.extra,
-        "face.precision": "fp16",
-        "face.fp16_min_cosine": f"{parity.min_cosine:.6f}",
-        "face.fp16_parity_faces": str(parity.faces),
-        "face.fp16_source_sha256": source_digest,
-    }
-    return dataclasses.replace(contract, model_version=contract.model_version + FP16_SUFFIX, extra=extra)
-
-
-def _up_to_date(dst: Path, source_digest: str) -> FaceContract | None:
-    if not dst.exists():
-        return None
     try:
-        contract = read_contract(dst)
-    except Exception:  # noqa: BLE001 - a broken leftover is simply made again
-        return None
-    return contract if contract.extra.get("face.fp16_source_sha256") == source_digest else None
+        return fp16_variant_contract(contract, parity.min_cosine, parity.faces, source_digest)
+    except ContractError as exc:
+        raise Fp16Error(str(exc)) from exc
 
 
 def make_fp16_variant(src: Path, dst: Path, faces_dir: Path | None = None, min_cosine: float = MIN_COSINE,
@@ -383,9 +374,9 @@ def make_fp16_variant(src: Path, dst: Path, faces_dir: Path | None = None, min_c
     src, dst = Path(src), Path(dst)
     contract = read_contract(src)
     digest = file_digest(src)
-    if reuse and (existing := _up_to_date(dst, digest)) is not None:
-        recorded = float(existing.extra["face.fp16_min_cosine"])
-        report = ParityReport(faces=int(existing.extra.get("face.fp16_parity_faces", 0)), min_cosine=recorded,
+    if reuse and (existing := cached_variant(dst, digest)) is not None:
+        recorded = float(existing.extra[FP16_MIN_COSINE_KEY])
+        report = ParityReport(faces=int(existing.extra.get(FP16_PARITY_FACES_KEY, 0)), min_cosine=recorded,
                               mean_cosine=float("nan"), max_abs_diff=float("nan"), runtime_min_cosine=recorded,
                               emulated_min_cosine=recorded, providers=[])
         return Fp16Result(dst, existing, report, fp32_nodes=[], reused=True)
@@ -418,25 +409,6 @@ def make_fp16_variant(src: Path, dst: Path, faces_dir: Path | None = None, min_c
     log.info("fp16 variant written", extra={"dst": str(dst), "model_id": variant.model_id,
                                             "bytes": dst.stat().st_size, "src_bytes": src.stat().st_size})
     return Fp16Result(dst, variant, parity, fp32_nodes)
-
-
-def serving_variant_path(src: Path, cache_dir: Path) -> Path:
-    """Where the service keeps the fp16 variant of ``src``: ``<cache>/<name>-fp16/model.onnx``, so the
-    default model's variant is ``<cache>/sface-2021dec-fp16/model.onnx`` (made at image build time)."""
-    src = Path(src)
-    name = src.parent.name if src.name == "model.onnx" else src.stem
-    return Path(cache_dir) / f"{name}{FP16_SUFFIX}" / "model.onnx"
-
-
-def serving_variant(src: Path, cache_dir: Path, faces_dir: Path | None = None) -> Path:
-    """The fp16 model to serve for ``src`` (``FACE_PRECISION=fp16``): ``src`` itself if it already is
-    fp16, else an up-to-date variant in ``cache_dir``, made (parity-checked) when missing or stale."""
-    if read_contract(src).extra.get("face.precision") == "fp16":
-        return Path(src)
-    result = make_fp16_variant(src, serving_variant_path(src, cache_dir), faces_dir, reuse=True)
-    log.info("serving the fp16 variant", extra={"path": str(result.path), "model_id": result.contract.model_id,
-                                                "min_cosine": result.parity.min_cosine, "reused": result.reused})
-    return result.path
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -148,7 +148,7 @@ def test_model_is_prepared_at_build_time_where_the_service_looks(dockerfile):
     # ... and the variant lies where FACE_PRECISION=fp16 looks for it, so the container never converts
     from pathlib import Path
 
-    from service.model.fp16 import serving_variant_path
+    from service.model.serving import serving_variant_path
 
     src, dst = interpolate(fp16[0], env).split()[3:5]
     assert Path(src.strip('"')) == Path(cache) / PREPARED_NAME / "model.onnx"

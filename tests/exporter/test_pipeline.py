@@ -48,6 +48,23 @@ def test_export_parity_and_contract(exported):
     assert float(half.extra["face.fp16_min_cosine"]) >= TINY_FP16_MIN_COSINE
 
 
+def test_fp16_export_carries_every_key_of_the_fp32_one_and_the_fp16_keys(exported):
+    """The exporter's fp16 variant has the fp32 model's face.* keys plus exactly the keys a variant made
+    by the service's fp16 tool has (the contract's FP16_KEYS), with the source digest of the fp32 file."""
+    import onnx
+
+    from service.model.contract import FP16_KEYS, file_digest, read_contract
+
+    def keys(path: str) -> set[str]:
+        return {p.key for p in onnx.load(path, load_external_data=False).metadata_props if p.key.startswith("face.")}
+
+    full, half = keys(exported["onnx"]), keys(exported["onnx_fp16"])
+    assert half == full | set(FP16_KEYS)
+    made = read_contract(exported["onnx_fp16"])
+    assert made.extra["face.fp16_source_sha256"] == file_digest(Path(exported["onnx"]))
+    assert int(made.extra["face.fp16_parity_faces"]) == exported["parity_fp16"]["faces"]
+
+
 def test_onnx_graph_shape(exported):
     import onnx
 
