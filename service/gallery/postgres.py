@@ -407,29 +407,36 @@ class PostgresGallery:
         return faces
 
     # --- reads -------------------------------------------------------------------------------
-    def _nearest(self, conn: psycopg.Connection, probes: np.ndarray, k: int, txn: dict) -> list[list[Hit]]:
-        """Up to k nearest faces of each probe; ``txn`` remembers the ef_search set in this transaction."""
-        # without iterative scans an HNSW scan returns at most ef_search rows: ask for at least k
-        ef = min(MAX_EF_SEARCH, max(self.options.hnsw_ef_search, k))
-        if ef != txn.get("ef"):  # set_config(.., true) lasts for this transaction only
-            conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(ef),))
-            txn["ef"] = ef
-        return [[(int(f), i, float(s)) for f, i, s in conn.execute(
-            "SELECT face_id, identity_id, 1 - (embedding <=> %b) FROM faces ORDER BY embedding <=> %b LIMIT %s",
-            (probe, probe, k)).fetchall()] for probe in probes]
+    def _ef(self, k: int) -> int:
+        """hnsw.ef_search for an ask of k faces: without iterative scans an HNSW scan returns at most
+        ef_search rows, so at least k."""
+        return min(MAX_EF_SEARCH, max(self.options.hnsw_ef_search, k))
+
+    def _nearest(self, conn: psycopg.Connection, probes: np.ndarray, k: int) -> list[list[Hit]]:
+        """Up to k nearest faces of each probe, in one round trip: a pipeline that sets the scan mode
+        and ef, reads the counts and runs one kNN per probe, ended by one Sync, so it is one implicit
+        transaction (the connection is in autocommit) and set_config(.., true) lasts for exactly it.
+        (``conn.transaction()`` here would cost three more round trips: psycopg syncs after BEGIN and
+        before and after COMMIT.) The results are read once they have all come back."""
+        with conn.pipeline():
+            counts = conn.execute(
+                "SELECT set_config('hnsw.iterative_scan', %s, true), set_config('hnsw.ef_search', %s, true), "
+                "(SELECT COALESCE(sum(identities), 0) FROM counters), (SELECT COALESCE(sum(faces), 0) FROM counters)",
+                (self.options.iterative_scan, str(self._ef(k))))
+            scans = [conn.execute(
+                "SELECT face_id, identity_id, 1 - (embedding <=> %b) FROM faces ORDER BY embedding <=> %b LIMIT %s",
+                (probe, probe, k)) for probe in probes]
+        row = counts.fetchone()
+        self._identity_count, self._face_count = int(row[2]), int(row[3])
+        return [[(int(f), i, float(s)) for f, i, s in scan.fetchall()] for scan in scans]
 
     def search(self, probes: np.ndarray, top_k: int) -> list[list[Match]]:
-        """For each probe, up to top_k identities, best first, scored max-over-faces (one transaction)."""
+        """For each probe, up to top_k identities, best first, scored max-over-faces (search.py). One
+        round trip for all probes; a probe whose nearest faces belong to too few identities widens in
+        another (rare)."""
         vectors = np.ascontiguousarray(np.atleast_2d(probes), dtype=np.float32)
-        with self._transaction() as conn:
-            # one round trip: the scan mode, and the identity count as of this search
-            row = conn.execute(
-                "SELECT set_config('hnsw.iterative_scan', %s, true), "
-                "(SELECT COALESCE(sum(identities), 0) FROM counters), "
-                "(SELECT COALESCE(sum(faces), 0) FROM counters)", (self.options.iterative_scan,)).fetchone()
-            self._identity_count, self._face_count = int(row[1]), int(row[2])
-            txn: dict = {}
-            return search_identities(lambda p, k: self._nearest(conn, p, k, txn), vectors, top_k)
+        with self._connection() as conn:
+            return search_identities(lambda p, k: self._nearest(conn, p, k), vectors, top_k)
 
     def identity_embeddings(self, identity_id: str) -> np.ndarray | None:
         with self._transaction() as conn:
