@@ -159,11 +159,19 @@ def main() -> None:
             row = {name: {**percentiles(ms), "round_trips": round_trips(gallery, PATHS[name], calls[0], args.top_k)}
                    for name, ms in latencies.items()}
             row["same_identities"] = bool(same)
+            checks = []  # what the pool's check of each borrow costs (in both paths' figures)
+            for _ in range(200):
+                t = time.perf_counter()
+                with gallery._pool.connection():  # noqa: SLF001
+                    pass
+                checks.append((time.perf_counter() - t) * 1000)
+            row["pool_borrow_with_check"] = percentiles(checks)
             results[f"batch_{batch}"] = row
             for name in PATHS:
                 print(f"batch {batch:2d} {name:6s} p50={row[name]['p50_ms']:.3f} ms p99={row[name]['p99_ms']:.3f} ms "
                       f"round trips={row[name]['round_trips']}", flush=True)
-            print(f"batch {batch:2d} same identities: {same}", flush=True)
+            print(f"batch {batch:2d} same identities: {same}; a pool borrow (its check: one round trip) "
+                  f"p50={row['pool_borrow_with_check']['p50_ms']:.3f} ms", flush=True)
         gallery.close()
     finally:
         if server is not None:
