@@ -47,10 +47,9 @@ async def enroll(request: Request, state: StateDep) -> EnrollResponse:
     enrolled = await run_in_threadpool(
         state.gallery.enroll, payload.identity_id, vectors, payload.metadata, payload.replace
     )
-    found = await run_in_threadpool(state.gallery.get_identity, payload.identity_id)
-    face_count = found.record.face_count if found else len(enrolled.face_ids)
     return EnrollResponse(identity_id=payload.identity_id, created=enrolled.created, face_ids=enrolled.face_ids,
-                          faces_replaced=enrolled.faces_removed, face_count=face_count, model_id=state.contract.model_id,
+                          faces_replaced=enrolled.faces_removed, face_count=enrolled.face_count,
+                          model_id=state.contract.model_id,
                           faces=faces.locations())
 
 

@@ -27,23 +27,20 @@ What every backend means by the same call (the contract the shared tests check o
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
-from .gallery import Gallery, GalleryModelMismatch, GalleryOptions, Match
-from .store import IdentityRecord
+from .gallery import Gallery, GalleryOptions
+from .results import EnrollResult, FaceRecord, IdentityDetails, IdentityRecord
+from .search import GalleryModelMismatch, Match, check_model, group_by_identity, search_identities
 
 if TYPE_CHECKING:
     from ..config import Settings
 
 log = logging.getLogger(__name__)
-
-OVERSAMPLE = 4  # faces fetched per wanted identity, before grouping by identity
-WIDEN = 4  # factor by which a probe's face budget grows when too few identities came back
 
 __all__ = [
     "EnrollResult", "FaceRecord", "GalleryBackend", "GalleryModelMismatch", "GalleryStats", "GalleryUnavailable",
@@ -58,25 +55,6 @@ class GalleryUnavailable(RuntimeError):
 
 class IdentityExists(ValueError):
     """An import named an identity that is already enrolled (the import changed nothing)."""
-
-
-@dataclass(frozen=True)
-class EnrollResult:
-    face_ids: list[int]
-    created: bool  # the identity did not exist before this enrollment
-    faces_removed: int  # faces dropped by replace=True
-
-
-@dataclass(frozen=True)
-class FaceRecord:
-    face_id: int
-    created_at: float
-
-
-@dataclass(frozen=True)
-class IdentityDetails:
-    record: IdentityRecord
-    faces: list[FaceRecord]
 
 
 @dataclass(frozen=True)
@@ -142,54 +120,6 @@ class GalleryBackend(Protocol):
     def stats(self) -> GalleryStats: ...
 
 
-# --- semantics shared by the backends ----------------------------------------------------------
-
-def check_model(stored_model: str | None, stored_dim: int | None, model_id: str, dim: int, where: str) -> None:
-    """The model-id guard: embeddings of different models are not comparable, so refuse to mix them."""
-    if stored_model is None:
-        return
-    if stored_model != model_id or int(stored_dim or 0) != dim:
-        raise GalleryModelMismatch(
-            f"the gallery in {where} holds {stored_dim}-d embeddings of model {stored_model!r}; "
-            f"the loaded model is {model_id!r} ({dim}-d). Embeddings of different models "
-            "are not comparable: use another gallery, or re-enroll with the new model."
-        )
-
-
-def group_by_identity(hits: list[tuple[int, str, float]]) -> list[Match]:
-    """Max-over-faces: (face id, identity id, similarity) hits -> one Match per identity, best first."""
-    best: dict[str, Match] = {}
-    for face_id, identity_id, score in hits:
-        if identity_id not in best or score > best[identity_id].score:
-            best[identity_id] = Match(identity_id, float(score), int(face_id))
-    return sorted(best.values(), key=lambda m: m.score, reverse=True)
-
-
-NearestFaces = Callable[[np.ndarray, int], list[tuple[int, str, float]]]
-
-
-def search_identities(nearest: NearestFaces, probe: np.ndarray, top_k: int, max_faces: int | None = None) -> list[Match]:
-    """Top-k identities for one probe from a backend's nearest-faces search.
-
-    ``nearest(probe, k)`` returns up to k (face id, identity id, similarity) hits, nearest first.
-    The first ask is ``top_k * OVERSAMPLE`` faces; when those belong to fewer than ``top_k``
-    identities and the backend may hold more faces, the ask widens (x4) until it has enough
-    identities or the backend ran out of faces (it returned fewer than asked, or ``max_faces``).
-    """
-    k = top_k * OVERSAMPLE
-    if max_faces is not None:
-        k = min(k, max_faces)
-    while True:
-        hits = nearest(probe, k) if k > 0 else []
-        best = group_by_identity(hits)
-        exhausted = len(hits) < k or (max_faces is not None and k >= max_faces)
-        if len(best) >= top_k or exhausted:
-            return best[:top_k]
-        k *= WIDEN
-        if max_faces is not None:
-            k = min(k, max_faces)
-
-
 # --- the embedded backend, adapted -----------------------------------------------------------
 
 class EmbeddedGallery:
@@ -235,8 +165,7 @@ class EmbeddedGallery:
 
     def enroll(self, identity_id: str, embeddings: np.ndarray, metadata: dict | None = None,
                replace: bool = False) -> EnrollResult:
-        face_ids, created, removed = self.gallery.enroll(identity_id, embeddings, metadata, replace)
-        return EnrollResult(list(face_ids), bool(created), int(removed))
+        return self.gallery.enroll(identity_id, embeddings, metadata, replace)
 
     def import_identities(self, items: list[tuple[str, np.ndarray, dict | None]]) -> list[list[int]]:
         import sqlite3
@@ -256,11 +185,7 @@ class EmbeddedGallery:
         return self.gallery.identity_embeddings(identity_id)
 
     def get_identity(self, identity_id: str) -> IdentityDetails | None:
-        found = self.gallery.get_identity(identity_id)
-        if found is None:
-            return None
-        record, faces = found
-        return IdentityDetails(record, [FaceRecord(int(f), float(t)) for f, t in faces])
+        return self.gallery.get_identity(identity_id)
 
     def list_identities(self, limit: int, after: str | None) -> list[IdentityRecord]:
         return self.gallery.list_identities(limit, after)

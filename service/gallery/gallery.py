@@ -16,9 +16,8 @@ disk (and in every snapshot written later), and removed from SQLite (``secure_de
 truncated). Deleted slots are reused by new faces, and the graph is compacted when tombstones
 dominate.
 
-Identity scoring: an identity's score for a probe is the highest cosine similarity between the
-probe and any of that identity's enrolled faces (max-over-faces). The index is asked for more faces
-than ``top_k`` so that identities with many faces cannot crowd out the others.
+Identity scoring (max-over-faces, oversampled top-k with widening) is search.py's, shared with the
+postgres backend; this module only says which faces are nearest and whose they are.
 """
 
 from __future__ import annotations
@@ -34,16 +33,14 @@ import numpy as np
 
 from .index import HnswIndex
 from .lock import DataDirLock
+from .results import EnrollResult, IdentityDetails, IdentityRecord
+from .search import GalleryModelMismatch, Hit, Match, check_model, search_identities
 from .snapshot import Layout, SnapshotFiles, SnapshotInvalid, read_layout
-from .store import IdentityRecord, Store
+from .store import Store
 
 log = logging.getLogger(__name__)
 
-OVERSAMPLE = 4  # faces fetched per wanted identity, before grouping by identity
-
-
-class GalleryModelMismatch(RuntimeError):
-    """The gallery on disk holds embeddings of another model."""
+__all__ = ["Gallery", "GalleryLoading", "GalleryModelMismatch", "GalleryOptions", "Match", "ReadWriteLock"]
 
 
 class _LoadCancelled(Exception):
@@ -66,13 +63,6 @@ class GalleryOptions:
     snapshot_min_changes: int = 1       # writes since the last snapshot needed to write another
     compact_tombstone_ratio: float = 0.5  # compact when this share of the graph is deleted slots ...
     compact_min_tombstones: int = 1000    # ... and there are at least this many
-
-
-@dataclass
-class Match:
-    identity_id: str
-    score: float
-    face_id: int
 
 
 class ReadWriteLock:
@@ -171,15 +161,11 @@ class Gallery:
     def _check_model(self) -> None:
         stored_model = self.store.get_meta("model_id")
         stored_dim = self.store.get_meta("embedding_size")
+        check_model(stored_model, int(stored_dim) if stored_dim else None, self.model_id, self.dim,
+                    str(self.data_dir))
         if stored_model is None:
             self.store.set_meta("model_id", self.model_id)
             self.store.set_meta("embedding_size", str(self.dim))
-        elif stored_model != self.model_id or int(stored_dim or 0) != self.dim:
-            raise GalleryModelMismatch(
-                f"the gallery in {self.data_dir} holds {stored_dim}-d embeddings of model {stored_model!r}; "
-                f"the loaded model is {self.model_id!r} ({self.dim}-d). Embeddings of different models "
-                "are not comparable: use another data dir, or re-enroll with the new model."
-            )
 
     def start_loading(self) -> None:
         """Load the index in a background thread; until it is done searches and writes raise GalleryLoading."""
@@ -413,18 +399,18 @@ class Gallery:
             log.warning("WAL checkpoint busy after a delete; the next one truncates it")
 
     def enroll(self, identity_id: str, embeddings: np.ndarray, metadata: dict | None = None,
-               replace: bool = False) -> tuple[list[int], bool, int]:
-        """Add faces to an identity (created if new). Returns (face ids, created, faces removed)."""
+               replace: bool = False) -> EnrollResult:
+        """Add faces to an identity (created if new), or with ``replace`` swap its faces for these."""
         embeddings = self._check_vectors(embeddings)
         self._require_ready()
         with self._lock.write():
-            face_ids, removed, created = self.store.add_faces(identity_id, embeddings, metadata, replace)
+            added = self.store.add_faces(identity_id, embeddings, metadata, replace)
             # committed: from here on the enrollment is durable; the index follows the store
-            self._erase(removed)
-            self._index_update("add", lambda: self._index.add(embeddings, np.asarray(face_ids, dtype=np.int64)))
-            self._label_identity.update((fid, identity_id) for fid in face_ids)
-            self.identity_count += created
-        return face_ids, created, len(removed)
+            self._erase(added.removed)
+            self._index_update("add", lambda: self._index.add(embeddings, np.asarray(added.face_ids, dtype=np.int64)))
+            self._label_identity.update((fid, identity_id) for fid in added.face_ids)
+            self.identity_count += added.created
+        return EnrollResult(added.face_ids, added.created, len(added.removed), added.face_count)
 
     def import_identities(self, items: list[tuple[str, np.ndarray, dict | None]]) -> list[list[int]]:
         """Bulk-add new identities (all or none; an existing id aborts the import). Returns face ids."""
@@ -454,38 +440,24 @@ class Gallery:
 
     # --- reads -------------------------------------------------------------------------------
     def search(self, probes: np.ndarray, top_k: int) -> list[list[Match]]:
-        """For each probe, up to top_k identities, best first, scored max-over-faces."""
+        """For each probe, up to top_k identities, best first, scored max-over-faces (search.py)."""
         self._require_ready()
-        results: list[list[Match]] = []
-        with self._lock.read():
-            live = self._index.live
-            want = min(live, top_k * OVERSAMPLE)
-            labels, sims = self._index.search(probes, want)
-            for row in range(len(probes)):
-                best = self._group(labels[row], sims[row])
-                # rare: few identities own all the nearest faces; widen the search for this probe
-                k = want
-                while len(best) < top_k and k < live:
-                    k = min(live, k * 4)
-                    wide_labels, wide_sims = self._index.search(probes[row : row + 1], k)
-                    best = self._group(wide_labels[0], wide_sims[0])
-                results.append(best[:top_k])
-        return results
+        probes = np.atleast_2d(np.asarray(probes, dtype=np.float32))
+        with self._lock.read():  # the labels stay those of the index for the whole search
+            return search_identities(self._nearest, probes, top_k, max_faces=self._index.live)
 
-    def _group(self, labels: np.ndarray, sims: np.ndarray) -> list[Match]:
-        best: dict[str, Match] = {}
-        for label, sim in zip(labels.tolist(), sims.tolist()):
-            identity = self._label_identity.get(label)
-            if identity is None:  # deleted between the index search and now cannot happen under
-                continue  # the read lock, but a label without an identity must never be returned
-            if identity not in best or sim > best[identity].score:
-                best[identity] = Match(identity, float(sim), label)
-        return sorted(best.values(), key=lambda m: m.score, reverse=True)
+    def _nearest(self, probes: np.ndarray, k: int) -> list[list[Hit]]:
+        """The k nearest live faces of each probe, named (caller holds the read lock). A label
+        without an identity cannot happen under the lock; it would come back as None (skipped)."""
+        labels, sims = self._index.search(probes, k)
+        names = self._label_identity
+        return [[(label, names.get(label), sim) for label, sim in zip(row_labels, row_sims)]
+                for row_labels, row_sims in zip(labels.tolist(), sims.tolist())]
 
     def identity_embeddings(self, identity_id: str) -> np.ndarray | None:
         return self.store.identity_embeddings(identity_id)
 
-    def get_identity(self, identity_id: str) -> tuple[IdentityRecord, list[tuple[int, float]]] | None:
+    def get_identity(self, identity_id: str) -> IdentityDetails | None:
         return self.store.get_identity(identity_id)
 
     def list_identities(self, limit: int, after: str | None) -> list[IdentityRecord]:

@@ -36,18 +36,9 @@ from pgvector.psycopg import register_vector
 from psycopg import sql
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from .api import (
-    EnrollResult,
-    FaceRecord,
-    GalleryStats,
-    GalleryUnavailable,
-    IdentityDetails,
-    IdentityExists,
-    IdentityRecord,
-    Match,
-    check_model,
-    search_identities,
-)
+from .api import GalleryStats, GalleryUnavailable, IdentityExists
+from .results import EnrollResult, FaceRecord, IdentityDetails, IdentityRecord
+from .search import Hit, Match, check_model, search_identities
 
 log = logging.getLogger(__name__)
 
@@ -300,12 +291,19 @@ class PostgresGallery:
 
     @contextmanager
     def _transaction(self) -> Iterator[psycopg.Connection]:
+        with self._connection() as conn, conn.transaction():
+            yield conn
+
+    @contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection]:
+        """A pooled connection (autocommit: each statement commits unless in a transaction block);
+        connection errors, here or in the caller's block, raise GalleryUnavailable."""
         if self._pool is None:
             raise RuntimeError("the gallery is not open")
         timeout = FAILING_TIMEOUT_S if self._failing else self.options.timeout_s
         try:
             with _unavailable_on_connection_errors(self.options.where):
-                with self._pool.connection(timeout=timeout) as conn, conn.transaction():
+                with self._pool.connection(timeout=timeout) as conn:
                     yield conn
         except GalleryUnavailable:
             if not self._failing:
@@ -342,13 +340,17 @@ class PostgresGallery:
                     break
         return face_ids
 
-    def _count(self, conn: psycopg.Connection, identities: int, faces: int) -> None:
-        """Record this write's deltas in a random counter slot, then read the exact totals."""
+    def _count(self, conn: psycopg.Connection, identities: int, faces: int, of_identity: str | None = None) -> int:
+        """Record this write's deltas in a random counter slot, then read the exact totals, and (same
+        statement) the faces of ``of_identity`` as this transaction leaves them (0 when None)."""
         if identities or faces:
             conn.execute("UPDATE counters SET identities = identities + %s, faces = faces + %s WHERE slot = %s",
                          (identities, faces, random.randrange(COUNTER_SLOTS)))
-        self._identity_count, self._face_count = (int(v) for v in conn.execute(
-            "SELECT COALESCE(sum(identities), 0), COALESCE(sum(faces), 0) FROM counters").fetchone())
+        total_identities, total_faces, identity_faces = (int(v) for v in conn.execute(
+            "SELECT COALESCE(sum(identities), 0), COALESCE(sum(faces), 0), "
+            "(SELECT count(*) FROM faces WHERE identity_id = %s) FROM counters", (of_identity,)).fetchone())
+        self._identity_count, self._face_count = total_identities, total_faces
+        return identity_faces
 
     def enroll(self, identity_id: str, embeddings: np.ndarray, metadata: dict | None = None,
                replace: bool = False) -> EnrollResult:
@@ -369,8 +371,9 @@ class PostgresGallery:
             if replace and not created:
                 removed = conn.execute("DELETE FROM faces WHERE identity_id = %s", (identity_id,)).rowcount
             face_ids = self._insert_faces(conn, identity_id, vectors, now)
-            self._count(conn, int(created), len(face_ids) - removed)
-        return EnrollResult(face_ids, bool(created), removed)
+            # the identity's row is locked: no other write to it can change its count before commit
+            face_count = self._count(conn, int(created), len(face_ids) - removed, of_identity=identity_id)
+        return EnrollResult(face_ids, bool(created), removed, face_count)
 
     def import_identities(self, items: list[tuple[str, np.ndarray, dict | None]]) -> list[list[int]]:
         """New identities only, all in one transaction; an existing id aborts it (IdentityExists)."""
@@ -404,31 +407,36 @@ class PostgresGallery:
         return faces
 
     # --- reads -------------------------------------------------------------------------------
-    def _nearest(self, conn: psycopg.Connection, probe: np.ndarray, k: int, txn: dict) -> list[tuple[int, str, float]]:
-        """Up to k nearest faces; ``txn`` remembers the ef_search set in this transaction."""
-        # without iterative scans an HNSW scan returns at most ef_search rows: ask for at least k
-        ef = min(MAX_EF_SEARCH, max(self.options.hnsw_ef_search, k))
-        if ef != txn.get("ef"):  # set_config(.., true) lasts for this transaction only
-            conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(ef),))
-            txn["ef"] = ef
-        rows = conn.execute(
-            "SELECT face_id, identity_id, 1 - (embedding <=> %b) FROM faces ORDER BY embedding <=> %b LIMIT %s",
-            (probe, probe, k),
-        ).fetchall()
-        return [(int(f), i, float(s)) for f, i, s in rows]
+    def _ef(self, k: int) -> int:
+        """hnsw.ef_search for an ask of k faces: without iterative scans an HNSW scan returns at most
+        ef_search rows, so at least k."""
+        return min(MAX_EF_SEARCH, max(self.options.hnsw_ef_search, k))
+
+    def _nearest(self, conn: psycopg.Connection, probes: np.ndarray, k: int) -> list[list[Hit]]:
+        """Up to k nearest faces of each probe, in one round trip: a pipeline that sets the scan mode
+        and ef, reads the counts and runs one kNN per probe, ended by one Sync, so it is one implicit
+        transaction (the connection is in autocommit) and set_config(.., true) lasts for exactly it.
+        (``conn.transaction()`` here would cost three more round trips: psycopg syncs after BEGIN and
+        before and after COMMIT.) The results are read once they have all come back."""
+        with conn.pipeline():
+            counts = conn.execute(
+                "SELECT set_config('hnsw.iterative_scan', %s, true), set_config('hnsw.ef_search', %s, true), "
+                "(SELECT COALESCE(sum(identities), 0) FROM counters), (SELECT COALESCE(sum(faces), 0) FROM counters)",
+                (self.options.iterative_scan, str(self._ef(k))))
+            scans = [conn.execute(
+                "SELECT face_id, identity_id, 1 - (embedding <=> %b) FROM faces ORDER BY embedding <=> %b LIMIT %s",
+                (probe, probe, k)) for probe in probes]
+        row = counts.fetchone()
+        self._identity_count, self._face_count = int(row[2]), int(row[3])
+        return [[(int(f), i, float(s)) for f, i, s in scan.fetchall()] for scan in scans]
 
     def search(self, probes: np.ndarray, top_k: int) -> list[list[Match]]:
-        """For each probe, up to top_k identities, best first, scored max-over-faces (one transaction)."""
-        vectors = self._vectors(probes)
-        with self._transaction() as conn:
-            # one round trip: the scan mode, and the identity count as of this search
-            row = conn.execute(
-                "SELECT set_config('hnsw.iterative_scan', %s, true), "
-                "(SELECT COALESCE(sum(identities), 0) FROM counters), "
-                "(SELECT COALESCE(sum(faces), 0) FROM counters)", (self.options.iterative_scan,)).fetchone()
-            self._identity_count, self._face_count = int(row[1]), int(row[2])
-            txn: dict = {}
-            return [search_identities(lambda p, k: self._nearest(conn, p, k, txn), probe, top_k) for probe in vectors]
+        """For each probe, up to top_k identities, best first, scored max-over-faces (search.py). One
+        round trip for all probes; a probe whose nearest faces belong to too few identities widens in
+        another (rare)."""
+        vectors = np.ascontiguousarray(np.atleast_2d(probes), dtype=np.float32)
+        with self._connection() as conn:
+            return search_identities(lambda p, k: self._nearest(conn, p, k), vectors, top_k)
 
     def identity_embeddings(self, identity_id: str) -> np.ndarray | None:
         with self._transaction() as conn:

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .results import FaceRecord, IdentityDetails, IdentityRecord
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS identities (
@@ -44,13 +46,14 @@ class _NothingToDelete(Exception):
     pass
 
 
-@dataclass
-class IdentityRecord:
-    identity_id: str
-    metadata: dict
-    face_count: int
-    created_at: float
-    updated_at: float
+@dataclass(frozen=True)
+class AddedFaces:
+    """What :meth:`Store.add_faces` committed."""
+
+    face_ids: list[int]  # the new faces, in the order given
+    removed: list[int]  # face ids dropped by replace=True (the index must erase them)
+    created: bool  # the identity did not exist before
+    face_count: int  # the identity's faces after this transaction
 
 
 class Store:
@@ -136,8 +139,8 @@ class Store:
 
     def add_faces(
         self, identity_id: str, embeddings: np.ndarray, metadata: dict | None, replace: bool
-    ) -> tuple[list[int], list[int], bool]:
-        """Insert faces; returns (new face ids, face ids removed by replace, identity created)."""
+    ) -> AddedFaces:
+        """Insert faces (creating the identity if new, dropping its faces first with ``replace``)."""
         now = time.time()
         removed: list[int] = []
         with self._transaction() as conn:
@@ -152,7 +155,8 @@ class Store:
                     removed = [r[0] for r in conn.execute("SELECT face_id FROM faces WHERE identity_id = ?", (identity_id,))]
                     conn.execute("DELETE FROM faces WHERE identity_id = ?", (identity_id,))
             face_ids = self._insert_faces(conn, identity_id, embeddings, now)
-        return face_ids, removed, created
+            face_count = conn.execute("SELECT COUNT(*) FROM faces WHERE identity_id = ?", (identity_id,)).fetchone()[0]
+        return AddedFaces(face_ids, removed, created, int(face_count))
 
     def add_new_identities(self, items: list[tuple[str, np.ndarray, dict | None]]) -> list[list[int]]:
         """Bulk import of identities that must not exist yet, in one transaction (one fsync)."""
@@ -217,7 +221,7 @@ class Store:
         rows = conn.execute("SELECT embedding FROM faces WHERE identity_id = ? ORDER BY face_id", (identity_id,)).fetchall()
         return np.stack([np.frombuffer(r[0], dtype=np.float32) for r in rows]) if rows else np.zeros((0, 0), np.float32)
 
-    def get_identity(self, identity_id: str) -> tuple[IdentityRecord, list[tuple[int, float]]] | None:
+    def get_identity(self, identity_id: str) -> IdentityDetails | None:
         conn = self._reader()
         row = conn.execute(
             "SELECT identity_id, metadata, created_at, updated_at FROM identities WHERE identity_id = ?", (identity_id,)
@@ -227,7 +231,8 @@ class Store:
         faces = conn.execute(
             "SELECT face_id, created_at FROM faces WHERE identity_id = ? ORDER BY face_id", (identity_id,)
         ).fetchall()
-        return IdentityRecord(row[0], json.loads(row[1]), len(faces), row[2], row[3]), [(f[0], f[1]) for f in faces]
+        record = IdentityRecord(row[0], json.loads(row[1]), len(faces), row[2], row[3])
+        return IdentityDetails(record, [FaceRecord(int(f), float(t)) for f, t in faces])
 
     def list_identities(self, limit: int, after: str | None) -> list[IdentityRecord]:
         """Keyset pagination by identity id: stable under concurrent inserts and deletes."""

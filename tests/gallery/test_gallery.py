@@ -108,6 +108,23 @@ def test_grows_past_capacity_and_deletes_are_final(gallery):
     assert gallery.stats().identities == 1500 == gallery.stats().index_live == gallery.identity_count
 
 
+def test_group_by_identity_never_returns_a_face_without_an_identity():
+    from service.gallery.search import group_by_identity
+
+    hits = [(7, None, 0.99), (3, "a", 0.5), (4, "b", 0.7), (5, "a", 0.8)]  # face 7: deleted / unknown label
+    assert [(m.identity_id, m.score, m.face_id) for m in group_by_identity(hits)] == [
+        ("a", pytest.approx(0.8), 5), ("b", pytest.approx(0.7), 4)]
+
+
+def test_enroll_result_counts_the_identity_faces_after_the_write(gallery):
+    rng = np.random.default_rng(12)
+    assert gallery.enroll("erin", unit(rng, 2)).face_count == 2
+    assert gallery.enroll("erin", unit(rng, 3)).face_count == 5  # appended
+    replaced = gallery.enroll("erin", unit(rng, 1), replace=True)
+    assert (replaced.face_count, replaced.faces_removed, replaced.created) == (1, 5, False)
+    assert gallery.get_identity("erin").record.face_count == 1
+
+
 def test_replace_swaps_faces_in_index_too(gallery):
     rng = np.random.default_rng(3)
     old, new = unit(rng, 2), unit(rng, 1)

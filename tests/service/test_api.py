@@ -204,3 +204,29 @@ def test_any_json_metadata_and_any_cursor_are_stored_or_answered_never_500(clien
     page = client.get("/identities", params={"cursor": identity[:-1] + "\u0000", "limit": 1000})
     assert page.status_code == 200, page.text
     assert identity in [item["identity_id"] for item in page.json()["items"]]
+
+
+def test_concurrent_appends_each_report_the_count_their_own_write_left(client):
+    """An enrollment's face_count is the identity's faces as its own write left them (read inside the
+    write), not a later re-read that also counts the faces of requests that committed meanwhile: N
+    concurrent one-face appends to one identity report each of 1..N exactly once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    r = client.post("/embed", json={"images": [b64(face_files("Colin_Powell")[0])]})
+    base, model_id = np.array(r.json()["embeddings"][0]), r.json()["model_id"]
+    identity, n = f"fc-{uuid.uuid4().hex[:6]}", 16
+    rng = np.random.default_rng(11)
+    vectors = [(base + 0.01 * rng.normal(size=base.shape)).tolist() for _ in range(n)]
+
+    def append(vector):
+        with httpx.Client(base_url=str(client.base_url), timeout=60) as own:
+            r = own.post("/enroll", json={"identity_id": identity, "embeddings": [vector], "model_id": model_id})
+            assert r.status_code == 200, r.text
+            return r.json()["face_count"]
+
+    with ThreadPoolExecutor(n) as pool:
+        counts = list(pool.map(append, vectors))
+    try:
+        assert sorted(counts) == list(range(1, n + 1)), counts
+    finally:
+        assert client.delete(f"/identities/{identity}").status_code == 200
