@@ -11,6 +11,13 @@ variant alike):
   (unpacked in a temporary directory, run with the same Python and model), so before and after come
   from the same run on the same machine.
 
+Besides latency, each variant's CPU time per request (the server process's, all threads, from
+/proc/PID/task/*/schedstat; for raw, this process's during the runs) is recorded: on a machine
+shared with other work latencies swing by tens of ms while CPU time hardly moves, so the CPU
+overhead (server CPU per request - raw CPU per run) is the figure to compare there, with
+``--intra-op-threads 1`` (onnxruntime's spinning pool threads would count idle spinning as CPU).
+The latency overhead is the figure that counts, from a run on an otherwise idle machine.
+
 Both servers run side by side with their default settings (only the data directory, providers and
 ``FACE_INTRA_OP_THREADS`` are set, the latter equal to the raw session's), and are measured one at a
 time. Each round gives a p50 per variant; the summary is the median over rounds of those p50s and of
@@ -37,6 +44,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -119,21 +127,43 @@ def unpack(ref: str, into: Path) -> str:
     return commit
 
 
-def time_raw(session: FaceSession, tensor: np.ndarray, n: int) -> list[float]:
+def cpu_ns(pid: int) -> int:
+    """CPU time all threads of a process have run so far, in ns (/proc/PID/task/*/schedstat). Unlike
+    latency it hardly moves when other work shares the CPU: the robust figure on a busy machine."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):  # a thread that just ended
+            pass
+    return total
+
+
+@dataclass
+class Timed:
+    latencies: list[float]  # seconds, one per request / run
+    cpu_ms: float  # CPU time per request / run of the process doing the work (server, or the raw session's)
+
+
+def time_raw(session: FaceSession, tensor: np.ndarray, n: int) -> Timed:
     for _ in range(3):
         session.run(tensor)
     times = []
+    cpu0 = cpu_ns(os.getpid())
     for _ in range(n):
         t0 = time.perf_counter()
         session.run(tensor)
         times.append(time.perf_counter() - t0)
-    return times
+    return Timed(times, (cpu_ns(os.getpid()) - cpu0) / n / 1e6)
 
 
-def time_http(server: Server, body: bytes, n: int, warmup: int = 5) -> list[float]:
+def time_http(server: Server, body: bytes, n: int, warmup: int = 5) -> Timed:
     server.reconnect()  # the server closes idle keep-alive connections (5 s) while others are measured
     times = []
+    cpu0 = 0
     for i in range(warmup + n):
+        if i == warmup:
+            cpu0 = cpu_ns(server.proc.pid)
         t0 = time.perf_counter()
         status, data = server.request("POST", "/embed", body)
         elapsed = time.perf_counter() - t0
@@ -141,7 +171,7 @@ def time_http(server: Server, body: bytes, n: int, warmup: int = 5) -> list[floa
             raise RuntimeError(f"{server.name}: /embed answered {status}: {data[:300]!r}")
         if i >= warmup:
             times.append(elapsed)
-    return times
+    return Timed(times, (cpu_ns(server.proc.pid) - cpu0) / n / 1e6)
 
 
 def current_commit() -> str:
@@ -199,19 +229,22 @@ def main() -> None:
             rounds = []
             for r in range(args.rounds):
                 order = variants[r % len(variants):] + variants[: r % len(variants)]  # rotate who goes first
-                p50 = {}
+                p50, cpu = {}, {}
                 for variant in order:
                     if variant == "raw":
-                        times = time_raw(session, tensor, args.requests)
+                        timed = time_raw(session, tensor, args.requests)
                     else:
-                        times = time_http(next(s for s in servers if s.name == variant), body, args.requests)
-                    samples[variant] += times
-                    p50[variant] = percentile_ms(times, 50)
-                row = {"order": order, "p50_ms": p50,
-                       "overhead_ms": {s.name: round(p50[s.name] - p50["raw"], 3) for s in servers}}
+                        timed = time_http(next(s for s in servers if s.name == variant), body, args.requests)
+                    samples[variant] += timed.latencies
+                    p50[variant] = percentile_ms(timed.latencies, 50)
+                    cpu[variant] = round(timed.cpu_ms, 3)
+                row = {"order": order, "p50_ms": p50, "cpu_ms": cpu,
+                       "overhead_ms": {s.name: round(p50[s.name] - p50["raw"], 3) for s in servers},
+                       "cpu_overhead_ms": {s.name: round(cpu[s.name] - cpu["raw"], 3) for s in servers}}
                 rounds.append(row)
-                print(f"round {r + 1}/{args.rounds}: " + "  ".join(f"{v} {p50[v]:.2f}" for v in variants)
-                      + "  overhead " + "  ".join(f"{k} {v:.2f}" for k, v in row["overhead_ms"].items()), flush=True)
+                print(f"round {r + 1}/{args.rounds}: p50 " + "  ".join(f"{v} {p50[v]:.2f}" for v in variants)
+                      + " | overhead " + "  ".join(f"{k} {v:.2f}" for k, v in row["overhead_ms"].items())
+                      + " | cpu/request " + "  ".join(f"{v} {cpu[v]:.2f}" for v in variants), flush=True)
         finally:
             for server in servers:
                 server.stop()
@@ -219,6 +252,9 @@ def main() -> None:
         "p50_ms_median_of_rounds": {v: round(statistics.median(r["p50_ms"][v] for r in rounds), 3) for v in variants},
         "overhead_ms_median_of_rounds": {s.name: round(statistics.median(r["overhead_ms"][s.name] for r in rounds), 3)
                                          for s in servers},
+        "cpu_ms_median_of_rounds": {v: round(statistics.median(r["cpu_ms"][v] for r in rounds), 3) for v in variants},
+        "cpu_overhead_ms_median_of_rounds": {
+            s.name: round(statistics.median(r["cpu_overhead_ms"][s.name] for r in rounds), 3) for s in servers},
         "pooled": {v: {"p50_ms": percentile_ms(samples[v], 50), "p99_ms": percentile_ms(samples[v], 99),
                        "n": len(samples[v])} for v in variants},
     }
