@@ -26,7 +26,8 @@ the per-round differences (HTTP p50 - raw p50). The client is the standard libra
 round trip).
 
     python -m bench.overhead --baseline 10bf1b3                 # ~2 min on a 2-core CPU
-    python -m bench.overhead --baseline main --rounds 9 --requests 100
+    python -m bench.overhead --baseline main --rounds 5 --requests 40 --output /tmp/o.json   # quick
+    python -m bench.overhead --intra-op-threads 1 ...           # busy machine: compare cpu_overhead
 
 Results: printed, and saved as JSON in bench/results/overhead_<device>.json (``--output`` to choose).
 """
@@ -187,8 +188,8 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="ONNX model (default: the prepared SFace)")
     parser.add_argument("--providers", choices=["auto", "cpu", "cuda"], default="cpu")
     parser.add_argument("--intra-op-threads", type=int, default=2, help="raw session and FACE_INTRA_OP_THREADS")
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--requests", type=int, default=60, help="timed requests (and raw runs) per variant per round")
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--requests", type=int, default=100, help="timed requests (and raw runs) per variant per round")
     parser.add_argument("--output", type=Path, help="JSON path (default: bench/results/overhead_<device>.json)")
     args = parser.parse_args()
 
