@@ -1,4 +1,5 @@
-"""What every benchmark records about the machine it ran on."""
+"""What every benchmark records about the machine it ran on, and the few helpers every benchmark
+shares (one percentile rule, one RSS reader)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import subprocess
 import time
 from importlib import metadata
 from pathlib import Path
+
+import numpy as np
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -49,3 +52,29 @@ def save(name: str, payload: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+def percentile_ms(seconds: list[float], q: float) -> float:
+    """The q-th percentile (0-100) of durations in seconds, in ms. One rule for every benchmark:
+    numpy's default (linear interpolation between the closest ranks); nan when there are none."""
+    return round(float(np.percentile(np.asarray(seconds) * 1000, q)), 3) if len(seconds) else float("nan")
+
+
+def percentiles(ms: list[float], qs: tuple[float, ...] = (50, 99)) -> dict:
+    """{"p50_ms": .., "p99_ms": .., "mean_ms": ..} of durations already in ms (same rule as ``percentile_ms``)."""
+    arr = np.asarray(ms, dtype=float)
+    if not len(arr):
+        return {**{f"p{q:g}_ms": float("nan") for q in qs}, "mean_ms": float("nan")}
+    return {**{f"p{q:g}_ms": round(float(np.percentile(arr, q)), 3) for q in qs}, "mean_ms": round(float(arr.mean()), 3)}
+
+
+def rss_mb(pid: int | str = "self", field: str = "VmRSS") -> float | None:
+    """A process's resident set (``field``: VmRSS, or VmHWM for its peak) in MB from /proc; None when
+    the process is gone or the field is missing (not Linux)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None

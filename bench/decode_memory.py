@@ -26,7 +26,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import machine, save  # noqa: E402
+from bench.common import machine, rss_mb, save  # noqa: E402
 from tests.server import ServerProcess  # noqa: E402
 
 
@@ -34,13 +34,6 @@ def one_bit_png(side: int = 6320) -> bytes:
     buf = io.BytesIO()
     Image.new("1", (side, side)).save(buf, "PNG", optimize=True)
     return buf.getvalue()
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
 
 
 def run(clients: int, env: dict[str, str]) -> dict:
@@ -53,12 +46,12 @@ def run(clients: int, env: dict[str, str]) -> dict:
             with httpx.Client(base_url=server.url, timeout=300) as client:
                 for route, extra in (("/detect", {}), ("/embed", {"image_type": "photo"})):
                     client.post(route, json={"images": [bomb], **extra})
-                baseline = rss_mb(server.proc.pid)
+                baseline = rss_mb(server.proc.pid) or 0.0
                 peak, stop = [baseline], threading.Event()
 
                 def sample() -> None:
                     while not stop.is_set():
-                        peak[0] = max(peak[0], rss_mb(server.proc.pid))
+                        peak[0] = max(peak[0], rss_mb(server.proc.pid) or 0.0)
                         time.sleep(0.01)
 
                 sampler = threading.Thread(target=sample, daemon=True)

@@ -33,7 +33,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import machine, save  # noqa: E402
+from bench.common import machine, percentiles, save  # noqa: E402
 from service.detection import (  # noqa: E402
     NoFaceDetected,
     YuNetConfig,
@@ -50,9 +50,7 @@ log = logging.getLogger("bench.detect_align")
 
 
 def stats(ms: list[float]) -> dict:
-    arr = np.asarray(ms)
-    return {"n": len(arr), "p50_ms": round(float(np.percentile(arr, 50)), 3),
-            "p95_ms": round(float(np.percentile(arr, 95)), 3), "mean_ms": round(float(arr.mean()), 3)}
+    return {"n": len(ms), **percentiles(ms, (50, 95))}
 
 
 def time_photos(detector: YuNetDetector, encoded: list[bytes]) -> dict:

@@ -37,7 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import machine, save  # noqa: E402
+from bench.common import machine, percentile_ms, save  # noqa: E402
 from service.model.contract import read_contract  # noqa: E402
 from service.model.fp16 import make_fp16_variant  # noqa: E402
 from service.model.session import CPU, CUDA, FaceSession, ProviderChoice, ProviderError, SessionOptions  # noqa: E402
@@ -52,10 +52,6 @@ QUICK_MAX_IN_FLIGHT = 1024
 # --- helpers ---------------------------------------------------------------------------------
 def parse_ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
-
-
-def percentile_ms(seconds: list[float], q: float) -> float:
-    return round(float(np.percentile(np.asarray(seconds) * 1000, q)), 3) if seconds else float("nan")
 
 
 def slug(text: str) -> str:

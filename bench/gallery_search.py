@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import machine, save  # noqa: E402
+from bench.common import machine, percentiles, save  # noqa: E402
 from service.gallery import Gallery  # noqa: E402
 
 
@@ -49,12 +49,6 @@ def synthetic_gallery(identities: int, per_identity: int, dim: int, probes: int,
     probe_ids = rng.choice(identities, size=probes, replace=False)
     probe_vectors = unit(faces[probe_ids].mean(axis=1) + 0.45 * unit(rng.normal(size=(probes, dim))))
     return faces, owner, probe_vectors
-
-
-def percentiles(ms: list[float]) -> dict:
-    arr = np.asarray(ms)
-    return {"p50_ms": round(float(np.percentile(arr, 50)), 3), "p99_ms": round(float(np.percentile(arr, 99)), 3),
-            "mean_ms": round(float(arr.mean()), 3)}
 
 
 def main() -> None:

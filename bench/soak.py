@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import base64
 import random
-import statistics
 import sys
 import tempfile
 import threading
@@ -36,7 +35,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import machine, save  # noqa: E402
+from bench.common import machine, percentile_ms, rss_mb, save  # noqa: E402
 from service.model.prepare import default_model  # noqa: E402
 from tests.server import MODEL_CACHE, REPO, ServerProcess, listed_identities  # noqa: E402
 
@@ -54,6 +53,10 @@ def load_people(lfw: Path, count: int, seed: int) -> dict[str, list[str]]:
         files = sorted((lfw / "images" / name).glob("*.jpg"))[:3]
         people[name] = [base64.b64encode(f.read_bytes()).decode() for f in files]
     return people
+
+
+def _rounded(mb: float | None) -> float | None:
+    return None if mb is None else round(mb, 1)
 
 
 @dataclass
@@ -171,23 +174,14 @@ class Sampler(threading.Thread):
     def run(self) -> None:
         with httpx.Client(base_url=self.server.url, timeout=30) as c:
             while not self.stop.wait(self.every):
-                sample = {"t": round(time.monotonic() - self.started, 1), "rss_mb": rss_mb(self.server.proc.pid)}
+                sample = {"t": round(time.monotonic() - self.started, 1),
+                          "rss_mb": _rounded(rss_mb(self.server.proc.pid))}
                 try:
                     gallery = c.get("/readyz").json().get("gallery", {})
                     sample |= {k: gallery.get(k) for k in ("faces", "index_tombstones", "index_capacity")}
                 except (httpx.HTTPError, ValueError):
                     pass
                 self.samples.append(sample)
-
-
-def rss_mb(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        return None
-    return None
 
 
 def consistency(url: str, shared: Shared) -> dict:
@@ -263,11 +257,6 @@ def kill_round(data: Path, model: Path, env: dict, shared: Shared, clients: int,
             "index_live": ready["index_live"], "faces": ready["faces"]}
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def run(clients: int = 32, duration: float = 600, kill_rounds: int = 3, people: int = 1500, seed: int = 0,
         data_dir: Path | None = None, sample_every: float = 5.0, env: dict | None = None, name: str | None = None,
         save_result: bool = True, kill_after: float = 5.0) -> dict:
@@ -298,8 +287,8 @@ def run(clients: int = 32, duration: float = 600, kill_rounds: int = 3, people: 
         server.stop()
     rounds = [kill_round(data, model, env, shared, min(clients, 8), kill_after, seed + r) for r in range(kill_rounds)]
 
-    routes = {route: {"requests": len(v), "p50_ms": round(1000 * statistics.median(v), 1),
-                      "p99_ms": round(1000 * percentile(v, 0.99), 1)} for route, v in shared.latencies.items()}
+    routes = {route: {"requests": len(v), "p50_ms": round(percentile_ms(v, 50), 1),
+                      "p99_ms": round(percentile_ms(v, 99), 1)} for route, v in shared.latencies.items()}
     codes = [{"route": r, "status": s, "code": c, "count": n} for (r, s, c), n in sorted(shared.codes.items())]
     rss = [s["rss_mb"] for s in sampler.samples if s.get("rss_mb")]
     result = {

@@ -66,7 +66,9 @@ class Settings(BaseSettings):
     # --- dynamic batching -------------------------------------------------------------------
     batch_max_size: int = Field(32, ge=1, le=1024, description="Most faces in one session run.")
     batch_max_wait_ms: float = Field(
-        2.0, ge=0, le=1000, description="How long the batcher waits for more faces before running."
+        2.0, ge=0, le=1000,
+        description="How long a batch waits for more faces while another session run is in flight "
+        "(an idle model runs what is queued at once).",
     )
     batch_workers: int = Field(
         1, ge=1, le=8, description="Session runs in flight at once (1 on CPU; 2 can overlap copies on a GPU)."

@@ -1,4 +1,8 @@
-"""FastAPI dependencies, as ``Annotated`` aliases the routers declare in their signatures."""
+"""FastAPI dependencies, as ``Annotated`` aliases the routers declare in their signatures.
+
+They are ``async def`` although they never await: FastAPI runs a plain ``def`` dependency in the
+thread pool, a thread round trip per dependency per request for a few attribute reads.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from .errors import ErrorCode, ServiceError
 from .state import ServiceState
 
 
-def get_state(request: Request) -> ServiceState:
+async def get_state(request: Request) -> ServiceState:
     state = getattr(request.app.state, "service", None)
     if state is None:
         raise ServiceError(ErrorCode.model_not_ready, "the service is starting or stopping")
@@ -21,7 +25,7 @@ def get_state(request: Request) -> ServiceState:
 StateDep = Annotated[ServiceState, Depends(get_state)]
 
 
-def require_api_key(request: Request, state: StateDep) -> None:
+async def require_api_key(request: Request, state: StateDep) -> None:
     expected = state.settings.api_key
     if expected is None:
         return

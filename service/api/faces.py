@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import base64
-from typing import Any
+from typing import Any, NamedTuple
 
 import cv2
 import numpy as np
@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from ..deps import ApiKey, StateDep
 from ..detection import align_face
 from ..errors import ErrorCode, ServiceError
+from ..openset import IdentifyThreshold
 from ..payload import body_docs, read_payload
 from ..pipeline import decoded_photo, embed_images
 from ..schemas import (
@@ -99,9 +100,10 @@ async def identify(request: Request, state: StateDep) -> IdentifyResponse:
     if payload.top_k > state.settings.max_top_k:
         raise ServiceError(ErrorCode.invalid_request, f"top_k may be at most {state.settings.max_top_k}")
     probes, faces = await source_vectors(state, list_source(payload, images))
-    matches = await run_in_threadpool(state.gallery.search, probes, payload.top_k)
-    # sized by the gallery as searched (it may grow while the probes are embedded)
-    decision = state.open_set_threshold(payload.threshold)
+    # the threshold is sized by the gallery as searched (it may grow while the probes are embedded);
+    # chosen in the same worker call as the search: it stat()s the calibration file, not on the loop
+    matches, decision = await run_in_threadpool(_search_and_threshold, state, probes, payload.top_k,
+                                                payload.threshold)
     threshold = decision.threshold
     located = faces.locations() or [None] * len(matches)
     results = []
@@ -121,6 +123,15 @@ async def identify(request: Request, state: StateDep) -> IdentifyResponse:
                             fpir_target=decision.fpir_target, fpir_estimated=decision.fpir_estimated,
                             gallery_identities=decision.counts.identities, gallery_faces=decision.counts.faces,
                             model_id=state.contract.model_id)
+
+
+class _Searched(NamedTuple):
+    matches: list  # per probe, its candidates best first (the gallery's search)
+    decision: IdentifyThreshold
+
+
+def _search_and_threshold(state: ServiceState, probes: np.ndarray, top_k: int, requested: float | None) -> _Searched:
+    return _Searched(state.gallery.search(probes, top_k), state.open_set_threshold(requested))
 
 
 @router.post("/detect", response_model=DetectResponse, openapi_extra=body_docs(DetectRequest, ("images",)),

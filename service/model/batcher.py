@@ -4,9 +4,12 @@ Design: one gatherer, N inference workers.
 
 * A request's faces are queued as chunks of at most ``max_batch`` faces, each with its own future.
 * A single gatherer task forms every batch. It first waits for a free inference slot (one of
-  ``workers``), then takes the first live chunk and gathers more until the batch is full or
-  ``max_wait_ms`` has passed. A chunk that does not fit is held over as the first chunk of the next
-  batch. Because only the gatherer ever touches the held-over chunk there is exactly one of it and
+  ``workers``), then takes the first live chunk and gathers more: while another run is in flight,
+  until the batch is full or ``max_wait_ms`` has passed; when no run is in flight (an idle model),
+  only what is already queued, and the batch runs at once. Waiting beside an idle model only adds
+  latency: a lone request used to pay the whole ``max_wait_ms``, and under load the queue fills
+  while the model is busy anyway. A chunk that does not fit is held over as the first chunk of the
+  next batch. Because only the gatherer ever touches the held-over chunk there is exactly one of it and
   nothing can overwrite it (the old design had each of N workers gather on its own around one shared
   held-over slot, and a chunk overwritten there was never answered).
 * The batch goes to an inference task that runs the model in a thread (never on the event loop) and
@@ -80,6 +83,7 @@ class DynamicBatcher:
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="inference")
         self._held: _Chunk | None = None  # owned by the gatherer alone
         self._queued_faces = 0
+        self._in_flight = 0  # batches handed to _run and not finished
 
     async def start(self) -> None:
         self._queue = asyncio.Queue()
@@ -160,7 +164,8 @@ class DynamicBatcher:
         batch, size = [first], len(first.faces)
         deadline = loop.time() + self.max_wait
         while size < self.max_batch:
-            chunk = await self._take(deadline - loop.time())
+            # an idle model takes only what is queued now (timeout 0); a busy one gets max_wait to fill up
+            chunk = await self._take(0 if self._in_flight == 0 else deadline - loop.time())
             if chunk is None:
                 break
             if size + len(chunk.faces) > self.max_batch:
@@ -178,6 +183,7 @@ class DynamicBatcher:
             except BaseException:
                 self._slots.release()
                 raise
+            self._in_flight += 1
             task = asyncio.create_task(self._run(batch))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
@@ -189,6 +195,7 @@ class DynamicBatcher:
             if live:
                 await self._infer(live)
         finally:
+            self._in_flight -= 1
             self._slots.release()
 
     async def _infer(self, live: list[_Chunk]) -> None:

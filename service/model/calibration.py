@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -62,13 +63,23 @@ class ImpostorTail:
             raise CalibrationError("impostor tail cosines must not decrease as FAR decreases")
 
     # --- lookups (interpolated linearly in log10 FAR) -----------------------------------------
+    # The table as arrays, made once per tail (not per lookup: /identify looks up every candidate).
+    # cached_property writes the instance __dict__ directly, which a frozen dataclass allows.
+    @cached_property
+    def _log_far(self) -> np.ndarray:
+        return _frozen(np.log10(np.asarray(self.far)))
+
+    @cached_property
+    def _cosines(self) -> np.ndarray:
+        return _frozen(np.asarray(self.cosine))
+
     def threshold_at(self, far: float) -> float:
         """The cosine an impostor pair reaches with probability ``far``.
 
         Below the smallest FAR measured the last decade's slope is extended (capped at 1): the
         figure is then an extrapolation, which ``extrapolated(far)`` says."""
-        x = np.log10(np.asarray(self.far))[::-1]
-        y = np.asarray(self.cosine)[::-1]
+        x = self._log_far[::-1]
+        y = self._cosines[::-1]
         lf = math.log10(min(max(far, 1e-300), 0.999999))
         if lf < x[0]:
             k = min(len(x) - 1, 4)  # last decade: 4 grid points
@@ -78,8 +89,8 @@ class ImpostorTail:
 
     def far_at(self, cosine: float) -> float:
         """The share of impostor pairs scoring at least ``cosine`` (clamped to the table's ends)."""
-        y = np.asarray(self.cosine)
-        lx = np.log10(np.asarray(self.far))
+        y = self._cosines
+        lx = self._log_far
         if cosine <= y[0]:  # the bulk of the distribution: not what this table is for
             return float(self.far[0])
         if cosine >= y[-1]:
@@ -119,6 +130,11 @@ class ImpostorTail:
         except ValueError as exc:
             raise CalibrationError(f"malformed impostor tail: {exc}") from exc
         return cls.from_dict(data)
+
+
+def _frozen(array: np.ndarray) -> np.ndarray:
+    array.flags.writeable = False  # shared by every lookup of the tail: nobody may change it
+    return array
 
 
 def cap_per_person(labels: np.ndarray, cap: int) -> np.ndarray:

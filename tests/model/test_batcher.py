@@ -222,3 +222,52 @@ def test_queue_bound_answers_overloaded_at_once():
         return ok
 
     assert asyncio.run(scenario()).shape == (1, 4)
+
+
+def test_an_idle_model_runs_a_lone_request_at_once_instead_of_waiting_max_wait():
+    """With nothing in flight there is nobody to wait for: the request runs without the 60 s
+    max_wait (the old gatherer held every lone request for the whole max_wait). Two requests
+    queued together still share that run."""
+    execute = BlockingExecute()
+    execute.release.set()
+
+    async def scenario():
+        batcher = DynamicBatcher(execute, max_batch=8, max_wait_ms=60_000, workers=1)
+        await batcher.start()
+        try:
+            lone = await asyncio.wait_for(batcher.embed(marked(1)), 10)
+            pair = await asyncio.wait_for(asyncio.gather(batcher.embed(marked(2)), batcher.embed(marked(3))), 10)
+        finally:
+            await batcher.stop()
+        return lone, pair
+
+    lone, (a, b) = asyncio.run(scenario())
+    assert execute.runs == [[1], [2, 3]]
+    assert lone[:, 0].tolist() == [1] and a[:, 0].tolist() == [2] and b[:, 0].tolist() == [3]
+
+
+def test_while_a_run_is_in_flight_the_next_batch_waits_to_fill_up():
+    """Two workers: while request 1 runs, request 2 takes the free worker but waits (max_wait) for
+    request 3, which comes 50 ms later; both share one run."""
+    execute = BlockingExecute()
+
+    async def scenario():
+        batcher = DynamicBatcher(execute, max_batch=8, max_wait_ms=2_000, workers=2)
+        await batcher.start()
+        try:
+            first = asyncio.create_task(batcher.embed(marked(1)))
+            while not execute.runs:
+                await asyncio.sleep(0.01)
+            second = asyncio.create_task(batcher.embed(marked(2)))
+            await asyncio.sleep(0.05)
+            third = asyncio.create_task(batcher.embed(marked(3)))
+            while len(execute.runs) < 2:
+                await asyncio.sleep(0.01)
+            execute.release.set()
+            return await asyncio.wait_for(asyncio.gather(first, second, third), 10)
+        finally:
+            execute.release.set()
+            await batcher.stop()
+
+    asyncio.run(scenario())
+    assert execute.runs == [[1], [2, 3]]

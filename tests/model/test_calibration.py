@@ -210,3 +210,18 @@ def test_gallery_tail_file_is_read_for_its_model_only_and_follows_changes(tmp_pa
     assert reader.current().cosine == tail.cosine
     (tmp_path / CALIBRATION_FILE).write_text("{broken")
     assert reader.current() is None  # unreadable: ignored (logged), the model's tail applies
+
+
+def test_tail_lookups_use_arrays_made_once_and_answer_as_the_table_says():
+    """/identify looks up every candidate: the log-FAR and cosine arrays are made once per tail (and
+    read-only, being shared), and the lookups still interpolate the table as before."""
+    tail = packaged_impostor_tail()
+    first = tail.far_at(0.5)
+    assert tail._log_far is tail._log_far and not tail._log_far.flags.writeable
+    assert not tail._cosines.flags.writeable
+    lx, y = np.log10(np.asarray(tail.far)), np.asarray(tail.cosine)
+    for cosine in np.linspace(y[0] + 1e-3, y[-1] - 1e-3, 25):
+        assert tail.far_at(float(cosine)) == float(10 ** np.interp(cosine, y, lx))
+    for far in tail.far[::3]:
+        assert tail.threshold_at(far) == float(np.interp(math.log10(far), lx[::-1], y[::-1]))
+    assert tail.far_at(0.5) == first and tail.far_at(-1.0) == tail.far[0]

@@ -10,11 +10,11 @@ import concurrent.futures as cf
 import io
 import threading
 import time
-from pathlib import Path
 
 import httpx
 from PIL import Image
 
+from bench.common import rss_mb
 from service.detection.photos import decode_cost, open_header
 from tests.server import ServerProcess
 
@@ -28,13 +28,6 @@ def one_bit_png(side: int = 6320) -> bytes:
     return buf.getvalue()
 
 
-def rss_mb(pid: int, field: str = "VmRSS") -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} for {pid}")
-
-
 class RssSampler(threading.Thread):
     def __init__(self, pid: int) -> None:
         super().__init__(daemon=True)
@@ -42,7 +35,7 @@ class RssSampler(threading.Thread):
 
     def run(self) -> None:
         while not self.stop.is_set():
-            self.peak = max(self.peak, rss_mb(self.pid))
+            self.peak = max(self.peak, rss_mb(self.pid) or 0.0)
             time.sleep(0.01)
 
 

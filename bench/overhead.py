@@ -1,0 +1,280 @@
+"""Per-request overhead of a one-face /embed: (one-face HTTP p50) - (raw batch-1 session p50).
+
+One run measures, in interleaved rounds (so that load from anything else on the machine hits every
+variant alike):
+
+* **raw**: the model's onnxruntime session alone at batch 1 (input preprocessed once, outside the
+  timing), as ``bench.embed_throughput`` measures it;
+* **current**: ``POST /embed`` with one aligned face (a real LFW crop, base64 JPEG in JSON) on the
+  server of this checkout, one client, sequential requests on one keep-alive connection;
+* **baseline** (``--baseline REF``): the same against a server started from ``git archive REF``
+  (unpacked in a temporary directory, run with the same Python and model), so before and after come
+  from the same run on the same machine.
+
+Besides latency, each variant's CPU time per request (the server process's, all threads, from
+/proc/PID/task/*/schedstat; for raw, this process's during the runs) is recorded: on a machine
+shared with other work latencies swing by tens of ms while CPU time hardly moves, so the CPU
+overhead (server CPU per request - raw CPU per run) is the figure to compare there, with
+``--intra-op-threads 1`` (onnxruntime's spinning pool threads would count idle spinning as CPU).
+The latency overhead is the figure that counts, from a run on an otherwise idle machine.
+
+Both servers run side by side with their default settings (only the data directory, providers and
+``FACE_INTRA_OP_THREADS`` are set, the latter equal to the raw session's), and are measured one at a
+time. Each round gives a p50 per variant; the summary is the median over rounds of those p50s and of
+the per-round differences (HTTP p50 - raw p50). The client is the standard library's
+``http.client`` (little client-side cost; the figure is the server's overhead plus one loopback
+round trip).
+
+    python -m bench.overhead --baseline 10bf1b3                 # ~2 min on a 2-core CPU
+    python -m bench.overhead --baseline main --rounds 5 --requests 40 --output /tmp/o.json   # quick
+    python -m bench.overhead --intra-op-threads 1 ...           # busy machine: compare cpu_overhead
+
+Results: printed, and saved as JSON in bench/results/overhead_<device>.json (``--output`` to choose).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import http.client
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import machine, percentile_ms, save
+from service.model.session import CPU, FaceSession, SessionOptions
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_CACHE = REPO / ".cache" / "models"
+FACES_DIR = REPO / "tests" / "fixtures" / "faces"
+
+
+class Server:
+    """``python -m service`` from a source tree, on a free port, logging to a file."""
+
+    def __init__(self, name: str, source: Path, model: Path, env: dict[str, str], work: Path) -> None:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.name, self.source = name, source
+        self.log_path = work / f"server-{name}.log"
+        full_env = {**os.environ, "PYTHONPATH": str(source), "FACE_MODEL_CACHE_DIR": str(MODEL_CACHE),
+                    "PYTHONUNBUFFERED": "1", **env}
+        cmd = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(self.port),
+               "--data-dir", str(work / f"data-{name}"), "--model", str(model)]
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(cmd, cwd=source, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.conn: http.client.HTTPConnection | None = None
+
+    def wait_ready(self, timeout: float = 300) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} server exited:\n{self.log_path.read_text()[-3000:]}")
+            try:
+                status, body = self.request("GET", "/readyz")
+                if status == 200:
+                    return json.loads(body)
+            except (OSError, http.client.HTTPException):
+                self.reconnect()
+            time.sleep(0.3)
+        raise TimeoutError(f"{self.name} server not ready after {timeout} s")
+
+    def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+        if self.conn is None:  # one keep-alive connection for every request
+            self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        headers = {"content-type": "application/json"} if body is not None else {}
+        self.conn.request(method, path, body=body, headers=headers)
+        response = self.conn.getresponse()
+        return response.status, response.read()
+
+    def reconnect(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+        self.conn = None
+
+    def stop(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._log.close()
+
+
+def unpack(ref: str, into: Path) -> str:
+    """``git archive`` of ``ref`` unpacked in ``into``; returns the commit hash."""
+    commit = subprocess.run(["git", "rev-parse", ref], cwd=REPO, capture_output=True, text=True,
+                            check=True).stdout.strip()
+    archive = into / "src.tar"
+    subprocess.run(["git", "archive", "-o", str(archive), commit], cwd=REPO, check=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(into, filter="data")
+    archive.unlink()
+    return commit
+
+
+def cpu_ns(pid: int) -> int:
+    """CPU time all threads of a process have run so far, in ns (/proc/PID/task/*/schedstat). Unlike
+    latency it hardly moves when other work shares the CPU: the robust figure on a busy machine."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):  # a thread that just ended
+            pass
+    return total
+
+
+@dataclass
+class Timed:
+    latencies: list[float]  # seconds, one per request / run
+    cpu_ms: float  # CPU time per request / run of the process doing the work (server, or the raw session's)
+
+
+def time_raw(session: FaceSession, tensor: np.ndarray, n: int) -> Timed:
+    for _ in range(3):
+        session.run(tensor)
+    times = []
+    cpu0 = cpu_ns(os.getpid())
+    for _ in range(n):
+        t0 = time.perf_counter()
+        session.run(tensor)
+        times.append(time.perf_counter() - t0)
+    return Timed(times, (cpu_ns(os.getpid()) - cpu0) / n / 1e6)
+
+
+def time_http(server: Server, body: bytes, n: int, warmup: int = 5) -> Timed:
+    server.reconnect()  # the server closes idle keep-alive connections (5 s) while others are measured
+    times = []
+    cpu0 = 0
+    for i in range(warmup + n):
+        if i == warmup:
+            cpu0 = cpu_ns(server.proc.pid)
+        t0 = time.perf_counter()
+        status, data = server.request("POST", "/embed", body)
+        elapsed = time.perf_counter() - t0
+        if status != 200:
+            raise RuntimeError(f"{server.name}: /embed answered {status}: {data[:300]!r}")
+        if i >= warmup:
+            times.append(elapsed)
+    return Timed(times, (cpu_ns(server.proc.pid) - cpu0) / n / 1e6)
+
+
+def current_commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
+                           text=True).stdout.strip()
+    return out.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--baseline", help="git ref to compare with (its server runs beside this checkout's)")
+    parser.add_argument("--model", type=Path, help="ONNX model (default: the prepared SFace)")
+    parser.add_argument("--providers", choices=["auto", "cpu", "cuda"], default="cpu")
+    parser.add_argument("--intra-op-threads", type=int, default=2, help="raw session and FACE_INTRA_OP_THREADS")
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--requests", type=int, default=100, help="timed requests (and raw runs) per variant per round")
+    parser.add_argument("--output", type=Path, help="JSON path (default: bench/results/overhead_<device>.json)")
+    args = parser.parse_args()
+
+    from bench.embed_throughput import choose_providers
+    from service.model.prepare import default_model
+
+    model = args.model or default_model(MODEL_CACHE)
+    providers = choose_providers(args.providers)
+    session = FaceSession(model, providers=providers, options=SessionOptions(intra_op_threads=args.intra_op_threads))
+    face_file = sorted(FACES_DIR.glob("*.jpg"))[0]
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(face_file).convert("RGB"))[None]
+    tensor = session.preprocess(pixels)
+    body = json.dumps({"images": [base64.b64encode(face_file.read_bytes()).decode()]}).encode()
+    env = {"FACE_PROVIDERS": args.providers, "FACE_INTRA_OP_THREADS": str(args.intra_op_threads)}
+    device = "cpu" if session.providers[0] == CPU else "cuda"
+
+    result: dict = {"benchmark": "overhead", "machine": machine(),
+                    "config": {"model": str(model), "model_id": session.contract.model_id,
+                               "providers": session.providers, "intra_op_threads": args.intra_op_threads,
+                               "rounds": args.rounds, "requests_per_round": args.requests, "face": face_file.name,
+                               "body_bytes": len(body), "server_env": env, "client": "http.client, keep-alive",
+                               "current": current_commit()}}
+    with tempfile.TemporaryDirectory(prefix="face-overhead-") as tmp:
+        work = Path(tmp)
+        servers = [Server("current", REPO, model, env, work)]
+        if args.baseline:
+            source = work / "baseline"
+            source.mkdir()
+            result["config"]["baseline"] = {"ref": args.baseline, "commit": unpack(args.baseline, source)}
+            servers.append(Server("baseline", source, model, env, work))
+        try:
+            for server in servers:
+                server.wait_ready()
+            variants = ["raw"] + [s.name for s in servers]
+            samples: dict[str, list[float]] = {v: [] for v in variants}
+            rounds = []
+            for r in range(args.rounds):
+                order = variants[r % len(variants):] + variants[: r % len(variants)]  # rotate who goes first
+                p50, cpu = {}, {}
+                for variant in order:
+                    if variant == "raw":
+                        timed = time_raw(session, tensor, args.requests)
+                    else:
+                        timed = time_http(next(s for s in servers if s.name == variant), body, args.requests)
+                    samples[variant] += timed.latencies
+                    p50[variant] = percentile_ms(timed.latencies, 50)
+                    cpu[variant] = round(timed.cpu_ms, 3)
+                row = {"order": order, "p50_ms": p50, "cpu_ms": cpu,
+                       "overhead_ms": {s.name: round(p50[s.name] - p50["raw"], 3) for s in servers},
+                       "cpu_overhead_ms": {s.name: round(cpu[s.name] - cpu["raw"], 3) for s in servers}}
+                rounds.append(row)
+                print(f"round {r + 1}/{args.rounds}: p50 " + "  ".join(f"{v} {p50[v]:.2f}" for v in variants)
+                      + " | overhead " + "  ".join(f"{k} {v:.2f}" for k, v in row["overhead_ms"].items())
+                      + " | cpu/request " + "  ".join(f"{v} {cpu[v]:.2f}" for v in variants), flush=True)
+        finally:
+            for server in servers:
+                server.stop()
+    summary = {
+        "p50_ms_median_of_rounds": {v: round(statistics.median(r["p50_ms"][v] for r in rounds), 3) for v in variants},
+        "overhead_ms_median_of_rounds": {s.name: round(statistics.median(r["overhead_ms"][s.name] for r in rounds), 3)
+                                         for s in servers},
+        "cpu_ms_median_of_rounds": {v: round(statistics.median(r["cpu_ms"][v] for r in rounds), 3) for v in variants},
+        "cpu_overhead_ms_median_of_rounds": {
+            s.name: round(statistics.median(r["cpu_overhead_ms"][s.name] for r in rounds), 3) for s in servers},
+        # p10 and min: less moved by other work on the machine than p50 (load only ever adds time)
+        "pooled": {v: {"p50_ms": percentile_ms(samples[v], 50), "p99_ms": percentile_ms(samples[v], 99),
+                       "p10_ms": percentile_ms(samples[v], 10), "min_ms": round(min(samples[v]) * 1000, 3),
+                       "n": len(samples[v])} for v in variants},
+    }
+    pooled = summary["pooled"]
+    for stat in ("p50_ms", "p10_ms", "min_ms"):
+        summary[f"pooled_overhead_{stat}"] = {s.name: round(pooled[s.name][stat] - pooled["raw"][stat], 3)
+                                              for s in servers}
+    result["rounds"] = rounds
+    result["summary"] = summary
+    print(json.dumps(summary, indent=2))
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"saved {args.output}")
+    else:
+        print(f"saved {save(f'overhead_{device}', result)}")
+
+
+if __name__ == "__main__":
+    main()
