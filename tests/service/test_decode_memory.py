@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
-from service.detection.photos import decode_cost, open_header
+from service.images import decode_cost, open_header
 from tests.server import ServerProcess
 
 BUDGET_MB = 256
