@@ -195,15 +195,21 @@ _PEAK_BYTES = {"1": 2, "L": 2, "P": 4, "RGB": 7, "RGBA": 8, "LA": 6, "La": 6, "P
 DETECTOR_OVERHEAD = 16 << 20  # conversion strips and the detector's downscaled copies, generously
 
 
-def decode_cost(image: Image.Image) -> int:
+_UNREAD = -1
+
+
+def decode_cost(image: Image.Image, orientation: int | None = _UNREAD) -> int:
     """Estimated peak memory (bytes) of decoding an ``open_header`` image for detection, from its
-    header alone: what a decode will cost is known before any pixel is allocated."""
+    header alone: what a decode will cost is known before any pixel is allocated. (``orientation``:
+    the header's EXIF orientation when already read.)"""
     pixels = image.width * image.height
     stored = _STORED_BYTES.get(image.mode, 4)
     peak = _PEAK_BYTES.get(image.mode, stored + 3)
     if image.mode == "P" and _palette_alpha(image):
         peak = 4 + 1 + 3 + 1  # converted to RGBA (with the palette image) for the alpha check
-    if _exif_orientation(image) not in (None, 1):
+    if orientation == _UNREAD:
+        orientation = _exif_orientation(image)
+    if orientation not in (None, 1):
         peak += stored  # exif_transpose makes a rotated copy
     return pixels * peak + DETECTOR_OVERHEAD
 
@@ -223,10 +229,20 @@ class ImageHeader:
         self._image: Image.Image | None = image
         self.mode = image.mode
         self.width, self.height = image.size
-        self.cost = decode_cost(image)  # for the decode budget, before any pixel exists
-        turned = _exif_orientation(image) in (5, 6, 7, 8)  # these swap width and height
+        self.orientation = _exif_orientation(image)
+        turned = self.orientation in (5, 6, 7, 8)  # these swap width and height
         # (height, width) as the image will be viewed, EXIF orientation applied
         self.upright_size = (self.width, self.height) if turned else (self.height, self.width)
+        self._cost: int | None = None
+
+    @property
+    def cost(self) -> int:
+        """Estimated peak decode memory (``decode_cost``) for the decode budget; photos only ask."""
+        if self._cost is None:
+            if self._image is None:
+                raise RuntimeError("the cost of an ImageHeader is known before it is decoded")
+            self._cost = decode_cost(self._image, self.orientation)
+        return self._cost
 
     def to_rgb(self) -> np.ndarray:
         """Decode, turn upright and convert by the colour policy (``to_rgb``); once only."""
