@@ -1,7 +1,7 @@
 """Face detection: a small interface and YuNet behind it.
 
 Every detector takes an upright HxWx3 uint8 RGB image (EXIF orientation already applied, see
-``photos.py``) and returns ``DetectedFace`` records in that image's pixel coordinates, so alignment
+``service.images``) and returns ``DetectedFace`` records in that image's pixel coordinates, so alignment
 never needs to know how detection was run (downscaled, on which backend, ...).
 """
 
