@@ -14,7 +14,6 @@ import argparse
 import base64
 import concurrent.futures as cf
 import io
-import sys
 import tempfile
 import threading
 import time
@@ -24,10 +23,8 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import machine, rss_mb, save  # noqa: E402
-from tests.server import ServerProcess  # noqa: E402
+from bench.common import machine, rss_mb, save
+from harness.server import ServerProcess
 
 
 def one_bit_png(side: int = 6320) -> bytes:

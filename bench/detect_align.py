@@ -22,7 +22,6 @@ import argparse
 import csv
 import logging
 import os
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -31,19 +30,14 @@ import cv2
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import machine, percentiles, save  # noqa: E402
-from service.detection import (  # noqa: E402
-    NoFaceDetected,
-    YuNetConfig,
-    YuNetDetector,
-    align_face,
-    decode_photo,
-    detect_and_align,
-)
-from service.model.prepare import default_model  # noqa: E402
-from service.model.session import FaceSession  # noqa: E402
+from bench.common import machine, percentiles, save
+from service.config import Settings
+from service.decode_budget import MB, DecodeBudget
+from service.detection import ARCFACE_112, PhotoAligner, YuNetConfig, YuNetDetector, align_face
+from service.errors import ErrorCode, ServiceError
+from service.images import decode_photo, read_header
+from service.model.prepare import default_model
+from service.model.session import FaceSession
 
 REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench.detect_align")
@@ -53,17 +47,39 @@ def stats(ms: list[float]) -> dict:
     return {"n": len(ms), **percentiles(ms, (50, 95))}
 
 
-def time_photos(detector: YuNetDetector, encoded: list[bytes]) -> dict:
+def service_aligner(detector: YuNetDetector) -> PhotoAligner:
+    """The photo path the service runs (``pipeline.photo_aligner``), with the default settings'
+    decode budget and no metrics."""
+    defaults = {name: field.default for name, field in Settings.model_fields.items()}
+    budget = DecodeBudget(defaults["decode_memory_mb"] * MB, defaults["max_decode_mb"] * MB,
+                          defaults["decode_wait_ms"] / 1000)
+    return PhotoAligner(detector, ARCFACE_112, budget)
+
+
+def aligned_photo(aligner: PhotoAligner, data: bytes, policy: str = "largest") -> list:
+    """The service's crops of one photo (``PhotoAligner.aligned``); none when no face was found."""
+    try:
+        return aligner.aligned(read_header(data), 0, policy)  # type: ignore[arg-type]
+    except ServiceError as exc:
+        if exc.code != ErrorCode.no_face:
+            raise
+        return []
+
+
+def time_photos(aligner: PhotoAligner, encoded: list[bytes]) -> dict:
+    """The steps of ``PhotoAligner.aligned`` timed apart: decode = header + budgeted decode + colour
+    policy; detect_plus_align = detect + select + align."""
     decode_ms, detect_align_ms = [], []
     for data in encoded:
         t0 = time.perf_counter()
-        rgb = decode_photo(data)
-        t1 = time.perf_counter()
-        try:
-            detect_and_align(rgb, detector, "largest")
-        except NoFaceDetected:
-            pass
-        t2 = time.perf_counter()
+        with aligner.pixels(read_header(data), 0) as rgb:
+            t1 = time.perf_counter()
+            try:
+                aligner.align(rgb, aligner.detect(rgb), "largest", 0)
+            except ServiceError as exc:
+                if exc.code != ErrorCode.no_face:
+                    raise
+            t2 = time.perf_counter()
         decode_ms.append((t1 - t0) * 1000)
         detect_align_ms.append((t2 - t1) * 1000)
     return {"decode": stats(decode_ms), "detect_plus_align": stats(detect_align_ms)}
@@ -166,22 +182,23 @@ def main() -> None:
     load_before = os.getloadavg()  # the timings are only as clean as the machine was idle
     config = YuNetConfig()
     detector = YuNetDetector(config)
+    aligner = service_aligner(detector)
     default_threads = cv2.getNumThreads()
     for data in encoded[:20]:  # warm-up: first-call allocations
-        detect_and_align(decode_photo(data), detector, "largest")
+        aligned_photo(aligner, data)
 
     log.info("timing %d photos", len(files))
-    timing = {f"250px_cv2_threads_{default_threads}": time_photos(detector, encoded)}
+    timing = {f"250px_cv2_threads_{default_threads}": time_photos(aligner, encoded)}
     cv2.setNumThreads(1)
-    timing["250px_cv2_threads_1"] = time_photos(detector, encoded)
+    timing["250px_cv2_threads_1"] = time_photos(aligner, encoded)
     big = []
     for f in files[:: max(1, len(files) // args.big_photos)][: args.big_photos]:
         upscaled = cv2.resize(np.asarray(Image.open(f).convert("RGB")), (2000, 2000), interpolation=cv2.INTER_CUBIC)
         bgr = cv2.cvtColor(upscaled, cv2.COLOR_RGB2BGR)
         big.append(cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes())
-    timing["2000px_cv2_threads_1"] = time_photos(detector, big)
+    timing["2000px_cv2_threads_1"] = time_photos(aligner, big)
     cv2.setNumThreads(default_threads)
-    timing[f"2000px_cv2_threads_{default_threads}"] = time_photos(detector, big)
+    timing[f"2000px_cv2_threads_{default_threads}"] = time_photos(aligner, big)
 
     log.info("aligning and embedding")
     reference_landmarks = read_reference_landmarks(args.data / "lfw-112" / "yunet_landmarks_250px.csv")
@@ -192,12 +209,12 @@ def main() -> None:
         references.append(reference)
         exact = align_face(rgb, reference_landmarks[rel])
         pixel_diffs.append(float(np.abs(exact.astype(int) - reference.astype(int)).mean()))
-        try:
-            (aligned,) = detect_and_align(rgb, detector, args.policy)
-        except NoFaceDetected:
+        found = aligned_photo(aligner, data, args.policy)
+        if not found:
             no_face.append(rel)
             ours.append(np.zeros((112, 112, 3), np.uint8))  # counted as a failure: embeds as noise
             continue
+        (aligned,) = found
         if np.abs(aligned.face.landmarks_array - reference_landmarks[rel]).max() > 10:
             other_face.append(rel)  # the policy chose another face than the reference's "nearest the centre"
         ours.append(aligned.crop)
@@ -224,8 +241,9 @@ def main() -> None:
             "different_pairs": len(different), "seed": args.seed,
             "different_pairs_rule": "numpy default_rng(seed): two distinct identities, one of their two images "
                                     "each, no repeats",
-            "timing": "sequential, one photo at a time, after 20 warm-up photos; decode = bytes -> upright RGB "
-                      "(decode_photo); detect_plus_align = YuNet + 'largest' + warpAffine; model not included",
+            "timing": "sequential, one photo at a time, after 20 warm-up photos, through the service's photo path "
+                      "(detection.PhotoAligner, default decode budget); decode = bytes -> header -> budgeted decode "
+                      "-> upright RGB; detect_plus_align = YuNet + 'largest' + warpAffine; model not included",
             "big_photos": f"{len(big)} originals upscaled to 2000x2000 (cubic), JPEG q90",
         },
         "timing_cpu": timing,

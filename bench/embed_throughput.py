@@ -28,14 +28,11 @@ import multiprocessing
 import os
 import re
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import machine, percentile_ms, save  # noqa: E402
 from service.model.contract import read_contract  # noqa: E402
@@ -223,8 +220,8 @@ def main() -> None:
         args.batch_sizes = [b for b in args.batch_sizes if b <= 32] or [1, 8, 32]
         args.seconds, args.warmup = min(args.seconds, 5.0), min(args.warmup, 1.0)
 
+    from harness.server import MODEL_CACHE, ServerProcess
     from service.model.prepare import default_model
-    from tests.server import MODEL_CACHE, ServerProcess
 
     model = args.model or default_model(MODEL_CACHE)
     contract = read_contract(model)

@@ -21,15 +21,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import sys
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import machine, save  # noqa: E402
 from bench.gallery_search import percentiles, synthetic_gallery, unit  # noqa: E402
@@ -175,7 +172,7 @@ def main() -> None:
             else:
                 url = args.database_url
                 if url is None:
-                    from tests.pg import PgTestServer
+                    from harness.pg import PgTestServer
 
                     server = PgTestServer()
                     url = server.url

@@ -16,14 +16,11 @@ from __future__ import annotations
 import argparse
 import base64
 import logging
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import machine, percentiles, save  # noqa: E402
 from service.gallery import Gallery  # noqa: E402
@@ -129,7 +126,7 @@ def main() -> None:
 def http_identify(data_dir: Path, top_k: int, requests: int = 200) -> dict:
     import httpx
 
-    from tests.server import ServerProcess
+    from harness.server import ServerProcess
 
     face = next((Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "faces").glob("*.jpg"))
     body = {"images": [base64.b64encode(face.read_bytes()).decode()], "top_k": top_k}

@@ -22,20 +22,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import tempfile
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import machine, save  # noqa: E402
-from bench.gallery_search import percentiles, synthetic_gallery  # noqa: E402
-from service.gallery.postgres import PostgresGallery, PostgresOptions  # noqa: E402
-from service.gallery.search import Match, search_identities  # noqa: E402
+from bench.common import machine, percentiles, save
+from bench.gallery_search import synthetic_gallery
+from service.gallery.postgres import PostgresGallery, PostgresOptions
+from service.gallery.search import Match, search_identities
 
 
 def search_before(gallery: PostgresGallery, probes: np.ndarray, top_k: int) -> list[list[Match]]:
@@ -124,7 +120,7 @@ def main() -> None:
     server = None
     url = args.database_url
     if url is None:
-        from tests.pg import PgTestServer
+        from harness.pg import PgTestServer
 
         server = PgTestServer()
         url = server.url

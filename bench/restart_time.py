@@ -19,21 +19,18 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import machine, save  # noqa: E402
-from bench.gallery_fill import fill_store  # noqa: E402
-from service.model.contract import read_contract  # noqa: E402
-from service.model.prepare import default_model  # noqa: E402
-from tests.conftest import ENROLLED, b64, face_files  # noqa: E402
-from tests.server import MODEL_CACHE, ServerProcess  # noqa: E402
+from bench.common import machine, save
+from bench.gallery_fill import fill_store
+from harness.fixtures import ENROLLED, b64, face_files
+from harness.server import MODEL_CACHE, ServerProcess
+from service.model.contract import read_contract
+from service.model.prepare import default_model
 
 
 def timed_start(data: Path, model: Path, env: dict) -> tuple[ServerProcess, dict]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import base64
 import random
-import sys
 import tempfile
 import threading
 import time
@@ -33,11 +32,9 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import machine, percentile_ms, rss_mb, save  # noqa: E402
-from service.model.prepare import default_model  # noqa: E402
-from tests.server import MODEL_CACHE, REPO, ServerProcess, listed_identities  # noqa: E402
+from bench.common import machine, percentile_ms, rss_mb, save
+from harness.server import MODEL_CACHE, REPO, ServerProcess, listed_identities
+from service.model.prepare import default_model
 
 LFW = REPO.parent / "shared" / "data" / "lfw-112"
 WEIGHTS = {"enroll": 25, "identify": 35, "verify": 15, "embed": 15, "delete": 10}

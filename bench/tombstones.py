@@ -15,17 +15,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import machine, save  # noqa: E402
-from service.gallery import Gallery, GalleryOptions  # noqa: E402
+from bench.common import machine, save
+from service.gallery import Gallery, GalleryOptions
 
 
 def search_ms(gallery: Gallery, probes: np.ndarray) -> float:

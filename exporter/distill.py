@@ -175,7 +175,7 @@ def align_photos(folders: list[str], size: int) -> tuple[list[np.ndarray], list[
     from service.detection.align import detect_and_align
     from service.detection.detector import YuNetDetector
     from service.detection.errors import PhotoError
-    from service.detection.photos import decode_photo
+    from service.images import decode_photo
 
     detector = YuNetDetector()
     faces, sources = [], []

@@ -25,7 +25,6 @@ class ErrorCode(str, Enum):
     not_an_image = "not_an_image"
     truncated_image = "truncated_image"
     wrong_image_size = "wrong_image_size"
-    grayscale_image = "grayscale_image"
     alpha_channel = "alpha_channel"
     unsupported_color_mode = "unsupported_color_mode"
     no_face = "no_face"
@@ -65,7 +64,6 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.not_an_image: 422,
     ErrorCode.truncated_image: 422,
     ErrorCode.wrong_image_size: 422,
-    ErrorCode.grayscale_image: 422,
     ErrorCode.alpha_channel: 422,
     ErrorCode.unsupported_color_mode: 422,
     ErrorCode.no_face: 422,

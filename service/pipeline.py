@@ -1,6 +1,7 @@
 """The data path from image bytes to embeddings, in one direction:
 
-bytes -> decode + validate (``images``; photos: ``detection``: detect -> select -> align)
+bytes -> header + decode + validate (``images``, one policy for crops and photos)
+      -> photos: detect -> select -> align (``detection.PhotoAligner``)
       -> batcher -> session (``model``) -> normalised embeddings.
 
 Every image of a request is decoded (and its faces found) before any is embedded, so a bad image
@@ -9,21 +10,17 @@ fails its own request with a clear code and never reaches the batch other reques
 
 from __future__ import annotations
 
-import io
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
-from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
-from .detection import AlignedFace, DetectedFace, PhotoError, align_face, select_faces
-from .detection.photos import decode_cost, load_upright, open_header, photo_to_rgb
+from .detection import DetectedFace, PhotoAligner
 from .errors import ErrorCode, ServiceError
-from .images import decode_aligned_face
+from .images import ImageHeader, aligned_crop, image_errors, read_header
 from .model.batcher import InferenceTimeout, Overloaded
 from .state import ServiceState
 
@@ -61,14 +58,23 @@ class FaceBatch:
                 for index, face in zip(self.image_index, self.located)]
 
 
-def _is_aligned_size(data: bytes, size: tuple[int, int]) -> bool:
-    """For ``auto``: does the header declare exactly the model's input size? (No pixels decoded; an
-    unreadable header goes down the aligned path, which reports what is wrong with it.)"""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            return (img.height, img.width) == tuple(size)
-    except Exception:  # noqa: BLE001 - any failure here is reported properly by the aligned path
-        return True
+def photo_aligner(state: ServiceState, index: int) -> PhotoAligner:
+    """The service's photo path (``detection.PhotoAligner``): its detector and template, the
+    process-wide decode budget, detection metrics. Crops-only models refuse photos here."""
+    if state.detector is None or state.template is None:
+        raise ServiceError(
+            ErrorCode.photo_not_supported,
+            f"the model's alignment {state.contract.alignment!r} has no template here; send aligned crops",
+            index=index,
+        )
+    return PhotoAligner(state.detector, state.template, state.decode_budget, state.metrics.observe_detection)
+
+
+def read_image_header(state: ServiceState, data: bytes, index: int) -> ImageHeader:
+    """The one header parse of an upload (limits checked, nothing decoded)."""
+    settings = state.settings
+    with image_errors(index):
+        return read_header(data, max_pixels=settings.max_image_pixels, max_bytes=settings.max_image_bytes)
 
 
 @contextmanager
@@ -76,37 +82,9 @@ def decoded_photo(state: ServiceState, data: bytes, index: int) -> Iterator[tupl
     """Photo bytes -> (upright RGB array, every face in it), valid inside the ``with``: the decode's
     estimated memory is reserved in the process-wide budget (``decode_budget``) until then. No face
     is an empty list, not an error."""
-    if state.detector is None or state.template is None:
-        raise ServiceError(
-            ErrorCode.photo_not_supported,
-            f"the model's alignment {state.contract.alignment!r} has no template here; send aligned crops",
-            index=index,
-        )
-    settings = state.settings
-    try:
-        header = [open_header(data, max_pixels=settings.max_image_pixels, max_bytes=settings.max_image_bytes)]
-    except PhotoError as exc:
-        raise exc.for_image(index) from exc
-    with state.decode_budget.reserve(decode_cost(header[0]), index):
-        try:
-            # popped into the call so that no reference here keeps the decoded image alive while
-            # photo_to_rgb converts it (the estimate assumes it is freed)
-            rgb = photo_to_rgb(load_upright(header.pop()))
-        except PhotoError as exc:
-            raise exc.for_image(index) from exc
-        started = time.perf_counter()
-        faces = state.detector.detect(rgb)
-        state.metrics.observe_detection(len(faces), time.perf_counter() - started)
-        yield rgb, faces
-
-
-def align_photo(state: ServiceState, data: bytes, index: int, multi_face: MultiFace) -> list[AlignedFace]:
-    with decoded_photo(state, data, index) as (rgb, faces):
-        try:
-            chosen = select_faces(faces, multi_face, rgb.shape)
-        except PhotoError as exc:  # no face
-            raise exc.for_image(index) from exc
-        return [AlignedFace(face=face, crop=align_face(rgb, face, state.template)) for face in chosen]  # type: ignore[arg-type]  # set with the detector
+    aligner = photo_aligner(state, index)
+    with aligner.faces(read_image_header(state, data, index), index) as found:
+        yield found
 
 
 def decode_faces(
@@ -118,11 +96,13 @@ def decode_faces(
     batch = FaceBatch()
     for offset, blob in enumerate(blobs):
         index = first_index + offset
-        if image_type == "aligned" or (image_type == "auto" and _is_aligned_size(blob, size)):
-            batch.add(decode_aligned_face(blob, index, size, settings.max_image_bytes, settings.max_image_pixels),
-                      index)
+        header = read_image_header(state, blob, index)
+        # auto: a header declaring exactly the model's input size (as viewed) is an aligned crop
+        if image_type == "aligned" or (image_type == "auto" and header.upright_size == tuple(size)):
+            with image_errors(index):
+                batch.add(aligned_crop(header, size), index)
             continue
-        for aligned in align_photo(state, blob, index, multi_face):
+        for aligned in photo_aligner(state, index).aligned(header, index, multi_face):
             batch.add(aligned.crop, index, aligned.face)
     if len(batch.crops) > settings.max_faces_per_request:
         raise ServiceError(

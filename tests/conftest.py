@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import base64
 import shutil
 import subprocess
 import sys
@@ -9,20 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.server import MODEL_CACHE, REPO, ServerProcess
+from harness.fixtures import ENROLLED, FACES, FIXTURES, b64, face_files, unknown_files
+from harness.server import MODEL_CACHE, REPO, ServerProcess
 
-FIXTURES = Path(__file__).parent / "fixtures"
-FACES = FIXTURES / "faces"
-ENROLLED = ["George_W_Bush", "Colin_Powell", "Tony_Blair", "Donald_Rumsfeld", "Gerhard_Schroeder",
-            "Ariel_Sharon", "Hugo_Chavez", "Jean_Chretien"]
-
-
-def face_files(identity: str) -> list[Path]:
-    return sorted(FACES.glob(f"{identity}_*.jpg"))
-
-
-def unknown_files() -> list[Path]:
-    return sorted(p for p in FACES.glob("*.jpg") if p.name.rsplit("_", 1)[0] not in ENROLLED)
+__all__ = ["ENROLLED", "FACES", "FIXTURES", "b64", "face_files", "unknown_files"]  # imported by the tests
 
 
 def metric(client, sample: str) -> float:
@@ -51,11 +40,6 @@ def wheel_names(tmp_path_factory) -> set[str]:
     return set(zipfile.ZipFile(wheel).namelist())
 
 
-def b64(path: Path | bytes) -> str:
-    data = path if isinstance(path, bytes) else Path(path).read_bytes()
-    return base64.b64encode(data).decode()
-
-
 @pytest.fixture(scope="session")
 def default_model() -> Path:
     from service.model.prepare import default_model as prepare
@@ -77,7 +61,7 @@ def server(tmp_path_factory, default_model):
 def postgres():
     """One real PostgreSQL + pgvector for the session (started only when a test asks for it); each
     test gets its own schema on it (PgTestServer.fresh_schema)."""
-    from tests.pg import PgTestServer
+    from harness.pg import PgTestServer
 
     server = PgTestServer()
     yield server

@@ -1,14 +1,16 @@
-"""Photos in: decode (EXIF-upright, bomb-safe), detect faces (YuNet), align to the model's template.
+"""Photos in: detect faces (YuNet), align them to the model's template. Decoding (EXIF-upright,
+bomb-safe, one colour policy) is the decode module's, ``service.images``; detection depends on it.
 
-The service runs these steps in ``service.pipeline`` (``decoded_photo`` then ``align_photo``)::
+The service runs these steps through ``PhotoAligner`` (``aligner.py``; ``service.pipeline`` builds
+one per request from the service state)::
 
-    header = open_header(data, max_pixels=..., max_bytes=...)  # photos.py: size known, nothing decoded
-    rgb = photo_to_rgb(load_upright(header))                   # photos.py: upright HxWx3 uint8 RGB
+    header = read_header(data, max_pixels=..., max_bytes=...)  # images.py: size known, nothing decoded
+    rgb = header.to_rgb()                                      # images.py: upright HxWx3 uint8 RGB
     faces = detector.detect(rgb)                               # detector.py: list[DetectedFace]
-    chosen = select_faces(faces, "largest", rgb.shape)         # align.py: the multi-face policy
-    crops = [align_face(rgb, face, template) for face in chosen]
+    aligned = align_faces(rgb, faces, "largest", template)     # align.py: multi-face policy + crops
 
-``decode_photo`` and ``detect_and_align`` do the same in one call each (tools and tests).
+``PhotoAligner.aligned(header, index, policy)`` does it all (with the decode budget);
+``detect_and_align(rgb, detector, policy)`` does the last two steps on an array (tools and tests).
 """
 
 from .align import (
@@ -19,6 +21,7 @@ from .align import (
     AlignmentTemplate,
     MultiFacePolicy,
     align_face,
+    align_faces,
     center_face,
     detect_and_align,
     face_size,
@@ -27,6 +30,7 @@ from .align import (
     similarity_transform,
     template_for,
 )
+from .aligner import PhotoAligner
 from .detector import LANDMARK_NAMES, DetectedFace, FaceDetector, YuNetConfig, YuNetDetector
 from .errors import (
     AlphaChannel,
@@ -38,13 +42,11 @@ from .errors import (
     PhotoError,
     UnsupportedColorMode,
 )
-from .photos import DEFAULT_MAX_PIXELS, apply_exif_orientation, decode_photo, open_photo, photo_to_rgb
 
 __all__ = [
-    "ARCFACE_112", "DEFAULT_MAX_PIXELS", "LANDMARK_NAMES", "MULTI_FACE_POLICIES", "TEMPLATES",
+    "ARCFACE_112", "LANDMARK_NAMES", "MULTI_FACE_POLICIES", "TEMPLATES",
     "AlignedFace", "AlignmentTemplate", "AlphaChannel", "CorruptImage", "DetectedFace", "EmptyImage",
-    "FaceDetector", "ImageTooLarge", "MultiFacePolicy", "NoFaceDetected", "NotAnImage", "PhotoError",
-    "UnsupportedColorMode", "YuNetConfig", "YuNetDetector", "align_face", "apply_exif_orientation", "center_face",
-    "decode_photo", "detect_and_align", "face_size", "largest_face", "open_photo", "photo_to_rgb",
-    "select_faces", "similarity_transform", "template_for",
+    "FaceDetector", "ImageTooLarge", "MultiFacePolicy", "NoFaceDetected", "NotAnImage", "PhotoAligner",
+    "PhotoError", "UnsupportedColorMode", "YuNetConfig", "YuNetDetector", "align_face", "align_faces", "center_face",
+    "detect_and_align", "face_size", "largest_face", "select_faces", "similarity_transform", "template_for",
 ]

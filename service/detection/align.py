@@ -5,8 +5,8 @@ detector's 5 points to the ArcFace template, ``cv2.warpAffine`` with bilinear sa
 border. With the landmarks that set records, re-aligning its 250x250 originals gives the same crops
 up to JPEG noise (tests/detection/test_align.py).
 
-Also here: how a photo's faces are chosen (``MultiFacePolicy``) and the photo -> aligned crops step
-that the endpoints call.
+Also here: how a photo's faces are chosen (``MultiFacePolicy``) and the detected faces -> aligned
+crops step (``align_faces``) that the service runs (through ``aligner.PhotoAligner``).
 """
 
 from __future__ import annotations
@@ -186,6 +186,16 @@ class AlignedFace:
     crop: np.ndarray  # template.size x 3 uint8 RGB, ready for the model's preprocessing
 
 
+def align_faces(
+    image: np.ndarray, faces: list[DetectedFace], policy: MultiFacePolicy, template: AlignmentTemplate = ARCFACE_112
+) -> list[AlignedFace]:
+    """The faces the policy selects among those detected in ``image``, aligned, largest first (the one
+    select + align step: the service's ``PhotoAligner`` and ``detect_and_align`` both run it).
+    Raises ``NoFaceDetected`` when there is none."""
+    chosen = select_faces(faces, policy, image.shape)
+    return [AlignedFace(face=face, crop=align_face(image, face, template)) for face in chosen]
+
+
 def detect_and_align(
     image: np.ndarray,
     detector: FaceDetector,
@@ -193,6 +203,6 @@ def detect_and_align(
     template: AlignmentTemplate = ARCFACE_112,
 ) -> list[AlignedFace]:
     """Photo (HxWx3 uint8 RGB, upright) -> the aligned faces the policy selects, largest first.
-    Raises ``NoFaceDetected`` when the detector finds none."""
-    chosen = select_faces(detector.detect(image), policy, image.shape)
-    return [AlignedFace(face=face, crop=align_face(image, face, template)) for face in chosen]
+    Raises ``NoFaceDetected`` when the detector finds none. (From bytes, with the decode budget and
+    metrics, the service runs the same steps through ``aligner.PhotoAligner``.)"""
+    return align_faces(image, detector.detect(image), policy, template)

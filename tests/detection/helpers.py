@@ -27,6 +27,15 @@ def photo_files() -> list[Path]:
     return sorted(PHOTOS.glob("*.jpg"))
 
 
+def service_aligned(detector, path: Path, policy: str = "largest") -> list:
+    """A photo file's aligned faces by the path the service runs (``PhotoAligner``: header, decode
+    with the colour policy, detect, select, align), without the service around it."""
+    from service.detection import PhotoAligner
+    from service.images import read_header
+
+    return PhotoAligner(detector).aligned(read_header(path.read_bytes()), 0, policy)  # type: ignore[arg-type]
+
+
 def load_rgb(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"), dtype=np.uint8)
 

@@ -23,6 +23,7 @@ from tests.detection.helpers import (
     photo_files,
     read_landmarks,
     reference_crop_path,
+    service_aligned,
 )
 
 THRESHOLD = 0.314  # the default model's verify threshold (its contract)
@@ -90,7 +91,7 @@ def test_crop_reaching_past_the_image_edge_is_black_there():
 
 def test_fixture_photos_same_person_and_different_people(detector, embedder):
     """End to end on the committed photos alone: detect, align (largest face), embed, compare."""
-    crops = {p.stem: detect_and_align(load_rgb(p), detector, "largest")[0].crop for p in photo_files()}
+    crops = {p.stem: service_aligned(detector, p)[0].crop for p in photo_files()}
     names = sorted(crops)
     emb = dict(zip(names, embedder([crops[n] for n in names])))
     for person in ("Amelie_Mauresmo", "Bill_Frist"):
@@ -104,6 +105,10 @@ def test_fixture_photos_same_person_and_different_people(detector, embedder):
 def test_detect_and_align_all_policy_returns_every_face_with_its_box(detector):
     aligned = detect_and_align(load_rgb(PHOTOS / "Alvaro_Silva_Calderon_0002.jpg"), detector, "all")
     assert len(aligned) >= 2
+    # the service's path from the file's bytes finds and aligns the same faces
+    served = service_aligned(detector, PHOTOS / "Alvaro_Silva_Calderon_0002.jpg", "all")
+    assert [a.face for a in served] == [a.face for a in aligned]
+    assert all(np.array_equal(a.crop, b.crop) for a, b in zip(served, aligned))
     assert all(a.crop.shape == (112, 112, 3) for a in aligned)
     with pytest.raises(NoFaceDetected):
         detect_and_align(np.zeros((200, 200, 3), np.uint8), detector, "all")
@@ -163,7 +168,7 @@ def test_service_crops_match_reference_crops_on_40_originals(detector, embedder)
         exact = align_face(image, reference_landmarks[path.name])
         pixel_diffs.append(np.abs(exact.astype(int) - reference.astype(int)).mean())
         # embedding test: the whole service path, detector and "largest" policy included
-        ours.append(detect_and_align(image, detector, "largest")[0].crop)
+        ours.append(service_aligned(detector, path)[0].crop)
         references.append(reference)
     assert np.mean(pixel_diffs) < 2.0 and max(pixel_diffs) < 3.0, pixel_diffs
     cosines = np.sum(embedder(ours) * embedder(references), axis=1)

@@ -24,6 +24,11 @@ def rgb() -> Image.Image:
     return Image.open(FACE).convert("RGB")
 
 
+def transparent_corner(img: Image.Image) -> Image.Image:
+    img.putpixel((0, 0), (0, 0, 0, 0))  # an opaque alpha channel is dropped; real transparency is refused
+    return img
+
+
 def bomb_png() -> bytes:
     """A valid PNG header claiming 40000x40000 pixels, a few hundred bytes on disk."""
     import struct
@@ -41,8 +46,7 @@ BAD_IMAGES = {
     "not_an_image": b"this is plain text, not a picture",
     "truncated_image": FACE.read_bytes()[: len(FACE.read_bytes()) // 2],
     "wrong_image_size": encode(rgb().resize((160, 160))),
-    "grayscale_image": encode(rgb().convert("L")),
-    "alpha_channel": encode(rgb().convert("RGBA")),
+    "alpha_channel": encode(transparent_corner(rgb().convert("RGBA"))),
     "image_too_large": bomb_png(),
 }
 

@@ -23,7 +23,6 @@ const ERROR_MESSAGES = {
   not_an_image: "This file is not an image the service can read (JPEG, PNG, WebP or BMP).",
   truncated_image: "The image file is cut off or damaged.",
   wrong_image_size: "An aligned face must be exactly the model's input size.",
-  grayscale_image: "An aligned face must be a colour image.",
   alpha_channel: "The image has transparency; send an opaque image.",
   unsupported_color_mode: "The image's colour mode is not supported.",
   no_face: "No face was found in the photo.",

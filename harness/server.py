@@ -1,0 +1,100 @@
+"""Run the real service in a subprocess (real uvicorn, real HTTP) for tests and benchmarks."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+# the prepared default model is cached here across test runs (gitignored)
+MODEL_CACHE = REPO / ".cache" / "models"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, data_dir: Path, model: Path | None = None, port: int | None = None,
+                 env: dict[str, str] | None = None, log_path: Path | None = None,
+                 python: str | None = None) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.data_dir = Path(data_dir)
+        self.log_path = log_path or self.data_dir.parent / f"server-{self.port}.log"
+        cmd = [python or sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(self.port),
+               "--data-dir", str(self.data_dir)]
+        if model is not None:
+            cmd += ["--model", str(model)]
+        full_env = {**os.environ, "FACE_MODEL_CACHE_DIR": str(MODEL_CACHE), "FACE_INTRA_OP_THREADS": "2",
+                    "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 120) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                r = httpx.get(self.url + "/readyz", timeout=5)
+                if r.status_code == 200:
+                    return r.json()
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"server not ready after {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-5000:]
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown hooks, no snapshot, nothing flushed by us."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+        self._log.close()
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()
+        return self.proc.returncode
+
+
+def listed_identities(client: httpx.Client) -> set[str]:
+    """Every identity id the server lists, following /identities' cursor to the last page."""
+    listed: set[str] = set()
+    cursor = None
+    while True:
+        page = client.get("/identities", params={"limit": 1000} | ({"cursor": cursor} if cursor else {})).json()
+        listed |= {item["identity_id"] for item in page["items"]}
+        cursor = page["next_cursor"]
+        if not cursor:
+            return listed
+
+
+@contextlib.contextmanager
+def running_server(data_dir: Path, model: Path | None = None, **kwargs):
+    """Start the service, wait for /readyz, yield its base URL, stop it."""
+    server = ServerProcess(data_dir, model=model, **kwargs)
+    try:
+        server.wait_ready()
+        yield server.url
+    finally:
+        server.stop()
