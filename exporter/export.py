@@ -179,8 +179,8 @@ def to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
 @dataclass(frozen=True)
 class ExportOptions:
     """How to export a model: everything but its source and the output file. ``python -m exporter export``
-    builds it from its flags of the same names; the threshold comes from exactly one of ``threshold``,
-    ``threshold_from`` (an evaluation JSON) or ``calibrate_pairs`` (a pairs.txt, evaluated now)."""
+    builds it from its flags of the same names. The threshold comes from the first set of ``threshold``,
+    ``threshold_from`` (an evaluation JSON) and ``calibrate_pairs`` (a pairs.txt, evaluated now)."""
 
     config: str | Path | None = None  # YAML config for an arcface-tf2 checkpoint
     overrides: list[str] = field(default_factory=list)  # KEY=VALUE config overrides
@@ -211,6 +211,7 @@ class ThresholdChoice:
 
 
 def resolve_threshold(options: ExportOptions, model, cfg: TrainConfig) -> ThresholdChoice:
+    """The threshold per ``options`` (see ExportOptions); calibrating evaluates the in-memory TF model."""
     if options.threshold is not None:
         return ThresholdChoice(float(options.threshold), "manual")
     if options.threshold_from:
