@@ -57,31 +57,43 @@ def cmd_distill(args) -> int:
     return 0
 
 
-def cmd_export(args) -> int:
-    from .export import export_model
+def _options(cls, args):
+    """An options dataclass from the parsed flags of the same names (flags a command lacks keep their defaults)."""
+    import dataclasses
 
-    result = export_model(
-        source=args.source, output=args.output, config=args.config, overrides=args.overrides,
-        threshold=args.threshold, threshold_from=args.threshold_from, calibrate_pairs=args.calibrate_pairs,
-        parity_faces=args.parity_faces, parity_count=args.parity_count, min_cosine=args.min_cosine,
-        fp16=args.fp16, fp16_min_cosine=args.fp16_min_cosine, opset=args.opset, input_name=args.input_name,
-        model_name=args.model_name,
-        model_version=args.model_version, identify_threshold=args.identify_threshold,
-    )
-    _emit(result)
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+
+
+def cmd_export(args) -> int:
+    from .export import ExportOptions, export_model
+
+    _emit(export_model(args.source, args.output, _options(ExportOptions, args)))
     return 0
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluate import evaluate_model
-
-    result = evaluate_model(
-        model=args.model, pairs=args.pairs, images=args.images, config=args.config, overrides=args.overrides,
-        output=args.output, roc=args.roc, batch_size=args.batch_size, label=args.label,
-        write_threshold=args.write_threshold, limit_folds=args.limit_folds, flip=args.flip,
-        compare=args.compare, flip_mode=args.flip_mode,
+    """Evaluate, then write what was asked for: the ROC plot, the threshold into the model, the JSON."""
+    from .evaluate import (
+        EvaluateOptions,
+        evaluate_model,
+        make_embedder,
+        plot_report,
+        write_report,
+        write_threshold_into,
     )
-    _emit(result)
+
+    if args.write_threshold and not str(args.model).endswith(".onnx"):
+        raise ValueError("--write-threshold needs an ONNX model")
+    embedder = make_embedder(args.model, args.config, args.overrides)
+    report = evaluate_model(embedder, args.pairs, _options(EvaluateOptions, args), source=args.model)
+    if args.roc:
+        report.roc_png = str(plot_report(report, args.roc, args.compare))
+    if args.write_threshold:
+        write_threshold_into(args.model, report.best_threshold, report.threshold_source, report.impostor_tail)
+        report.threshold_written = str(args.model)
+    if args.output:
+        write_report(report, args.output)
+    _emit(report.to_dict())
     return 0
 
 

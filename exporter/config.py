@@ -6,12 +6,11 @@ typo in a config should not silently train the wrong model).
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,62 +33,98 @@ class ConfigError(ValueError):
     """A configuration file or override is invalid."""
 
 
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run. Field comments are the ``--help`` of each key."""
+Backbone = Literal["MobileNetV2", "ResNet50"]
+Head = Literal["arcface", "subcenter", "cosface", "softmax"]
 
-    name: str = "arc_mbv2"  # run name: outputs go to <output_root>/<name>
+
+class TrainConfig(BaseModel):
+    """Everything that defines a training run. Each field's description is its ``--help`` line."""
+
+    # str fields accept YAML numbers (model_version=1.0 means "1.0"); assignments are checked too
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True,
+                              protected_namespaces=())
+
+    name: str = Field("arc_mbv2", description="run name: outputs go to <output_root>/<name>")
     # --- model
-    backbone: str = "MobileNetV2"  # MobileNetV2 or ResNet50 (Keras applications)
-    alpha: float = 1.0  # MobileNetV2 width multiplier (0.35 keeps CI fast)
-    input_size: int = 112  # square aligned crop
-    embedding_size: int = 512  # output width of the embedding
-    dropout: float = 0.5  # in the embedding head, before Flatten (arcface-tf2's OutputLayer)
-    weight_decay: float = 5e-4  # L2 on the embedding Dense and the margin head weights
-    backbone_weight_decay: float = 0.0  # decoupled decay on backbone kernels (optimizer weight_decay)
-    imagenet_weights: str | None = None  # local .h5 of ImageNet weights (no download ever)
+    backbone: Backbone = Field("MobileNetV2", description="MobileNetV2 or ResNet50 (Keras applications)")
+    alpha: float = Field(1.0, description="MobileNetV2 width multiplier (0.35 keeps CI fast)")
+    input_size: int = Field(112, description="square aligned crop")
+    embedding_size: int = Field(512, description="output width of the embedding")
+    dropout: float = Field(0.5, description="in the embedding head, before Flatten (arcface-tf2's OutputLayer)")
+    weight_decay: float = Field(5e-4, description="L2 on the embedding Dense and the margin head weights")
+    backbone_weight_decay: float = Field(0.0, description="decoupled decay on backbone kernels (optimizer weight_decay)")
+    imagenet_weights: str | None = Field(None, description="local .h5 of ImageNet weights (no download ever)")
     # --- margin head (one layer: ArcFace, sub-center ArcFace, CosFace or normalised softmax)
-    head: str = "arcface"  # arcface | subcenter | cosface | softmax
-    scale: float = 64.0  # logit scale s
-    margin: float = 0.5  # angular margin m (ArcFace) or cosine margin (CosFace)
-    subcenters: int = 1  # K sub-centres per class (sub-center ArcFace uses 3)
-    easy_margin: bool = False  # apply the margin only where cos > 0 instead of the pi fallback
+    head: Head = Field("arcface", description="arcface | subcenter | cosface | softmax")
+    scale: float = Field(64.0, description="logit scale s")
+    margin: float = Field(0.5, description="angular margin m (ArcFace) or cosine margin (CosFace)")
+    subcenters: int = Field(1, description="K sub-centres per class (sub-center ArcFace uses 3)")
+    easy_margin: bool = Field(False, description="apply the margin only where cos > 0 instead of the pi fallback")
     # --- input normalisation, applied to 0..255 RGB pixels: (x - mean) / std; written to the contract
-    mean: float = 127.5  # per-channel mean subtracted from 0..255 RGB pixels (arcface-tf2 models: 0)
-    std: float = 127.5  # divisor after the mean (arcface-tf2 models: 255)
+    mean: float = Field(127.5, description="per-channel mean subtracted from 0..255 RGB pixels "
+                        "(arcface-tf2 models: 0)")
+    std: float = Field(127.5, description="divisor after the mean (arcface-tf2 models: 255)")
     # --- data
-    train_dir: str | None = None  # folder per identity of aligned crops
-    train_tfrecord: str | None = None  # or an arcface-tf2 TFRecord (binary or online layout)
-    min_images_per_identity: int = 1
-    augment: bool = True  # resize, random crop, flip, colour jitter
-    resize_to: int = 128  # random crop comes from this size
-    saturation: tuple[float, float] = (0.6, 1.4)
-    brightness: float = 0.125  # max delta as a fraction of the 0..255 range
-    shuffle_buffer: int = 10000
+    train_dir: str | None = Field(None, description="folder per identity of aligned crops")
+    train_tfrecord: str | None = Field(None, description="or an arcface-tf2 TFRecord (binary or online layout)")
+    min_images_per_identity: int = Field(1, description="train_dir identities with fewer images are left out")
+    augment: bool = Field(True, description="resize, random crop, flip, colour jitter")
+    resize_to: int = Field(128, description="random crop comes from this size")
+    saturation: tuple[float, float] = Field((0.6, 1.4), description="random saturation factor range (low, high)")
+    brightness: float = Field(0.125, description="max delta as a fraction of the 0..255 range")
+    shuffle_buffer: int = Field(10000, description="shuffle buffer of a TFRecord, in records (train_dir shuffles every file)")
     # --- optimisation
-    mode: str = "fit"  # fit (Keras fit) or custom (tf.GradientTape loop)
-    optimizer: str = "sgd"  # sgd or adam
-    learning_rate: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = True
-    lr_schedule: str = "cosine"  # cosine | step | constant
-    warmup_epochs: float = 1.0
-    lr_steps: tuple[float, ...] = ()  # step schedule: epochs where lr is divided by 10
-    batch_size: int = 64
-    epochs: int = 10
-    steps_per_epoch: int | None = None  # default: one pass over the data
-    max_steps: int | None = None  # stop early (CI); None = epochs * steps_per_epoch
-    label_smoothing: float = 0.0
-    bn_recalibration_steps: int = 50  # after training: re-estimate BN statistics on clean images (0: off)
-    seed: int = 1234
+    mode: Literal["fit", "custom"] = Field("fit", description="fit (Keras fit) or custom (tf.GradientTape loop)")
+    optimizer: Literal["sgd", "adam"] = Field("sgd", description="sgd or adam")
+    learning_rate: float = Field(0.1, description="peak learning rate (after warm-up)")
+    momentum: float = Field(0.9, description="SGD momentum")
+    nesterov: bool = Field(True, description="Nesterov momentum (SGD)")
+    lr_schedule: Literal["cosine", "step", "constant"] = Field("cosine", description="cosine | step | constant")
+    warmup_epochs: float = Field(1.0, description="linear warm-up from 1% of learning_rate (cosine schedule)")
+    lr_steps: tuple[float, ...] = Field((), description="step schedule: epochs where lr is divided by 10")
+    batch_size: int = Field(64, description="images per training step")
+    epochs: int = Field(10, description="passes of steps_per_epoch steps")
+    steps_per_epoch: int | None = Field(None, description="default: one pass over the data")
+    max_steps: int | None = Field(None, description="stop early (CI); None = epochs * steps_per_epoch")
+    label_smoothing: float = Field(0.0, description="of the margin loss's one-hot targets")
+    bn_recalibration_steps: int = Field(50, description="after training: re-estimate BN statistics on clean "
+                                        "images (0: off)")
+    seed: int = Field(1234, description="Keras/NumPy/TF random seed")
     # --- outputs
-    output_root: str = "runs"  # relative to the repo root unless absolute
-    checkpoint_every_steps: int = 0  # 0: at each epoch end only
-    keep_checkpoints: int = 3
-    tensorboard: bool = True
-    verbose: int = 1  # 0 silent, 1 progress bar, 2 one line per epoch
-    model_name: str = ""  # face.model_name written at export; default "arcface-<backbone>-<name>"
-    model_version: str = "0.1.0"
+    output_root: str = Field("runs", description="relative to the repo root unless absolute")
+    checkpoint_every_steps: int = Field(0, description="0: at each epoch end only")
+    keep_checkpoints: int = Field(3, description="training checkpoints kept")
+    tensorboard: bool = Field(True, description="write TensorBoard logs to <run>/logs")
+    verbose: int = Field(1, description="0 silent, 1 progress bar, 2 one line per epoch")
+    model_name: str = Field("", description='face.model_name written at export; default "arcface-<backbone>-<name>"')
+    model_version: str = Field("0.1.0", description="face.model_version written at export")
+
+    @field_validator("head", "optimizer", mode="before")
+    @classmethod
+    def _lower(cls, value: Any, info: ValidationInfo) -> Any:
+        """Names are case-insensitive; arcface-tf2's head names (ArcHead, NormHead) map to ours."""
+        if not isinstance(value, str):
+            return value
+        value = value.lower()
+        return HEAD_ALIASES.get(value, value) if info.field_name == "head" else value
+
+    @field_validator("saturation", "lr_steps", mode="before")
+    @classmethod
+    def _float_list(cls, value: Any) -> Any:
+        """``lr_steps=3,6`` on the command line; a single number is a one-element list."""
+        if isinstance(value, str):
+            return [float(v) for v in value.split(",") if v.strip()]
+        if isinstance(value, (int, float)):
+            return [value]
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if self.std == 0:
+            raise ValueError("std must not be 0")
+        if self.head == "subcenter" and self.subcenters < 2:
+            self.subcenters = 3  # sub-center ArcFace without sub-centres is plain ArcFace
+        return self
 
     @property
     def output_dir(self) -> Path:
@@ -98,65 +133,32 @@ class TrainConfig:
             root = REPO / root
         return root / self.name
 
-    def validate(self) -> TrainConfig:
-        if self.backbone not in ("MobileNetV2", "ResNet50"):
-            raise ConfigError(f"backbone must be MobileNetV2 or ResNet50, got {self.backbone!r}")
-        if self.head not in ("arcface", "subcenter", "cosface", "softmax"):
-            raise ConfigError(f"head must be arcface, subcenter, cosface or softmax, got {self.head!r}")
-        if self.mode not in ("fit", "custom"):
-            raise ConfigError(f"mode must be fit or custom, got {self.mode!r}")
-        if self.optimizer not in ("sgd", "adam"):
-            raise ConfigError(f"optimizer must be sgd or adam, got {self.optimizer!r}")
-        if self.lr_schedule not in ("cosine", "step", "constant"):
-            raise ConfigError(f"lr_schedule must be cosine, step or constant, got {self.lr_schedule!r}")
-        if self.std == 0:
-            raise ConfigError("std must not be 0")
-        if self.head == "subcenter" and self.subcenters < 2:
-            self.subcenters = 3  # sub-center ArcFace without sub-centres is plain ArcFace
-        return self
-
     def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+        """Plain YAML-safe values (tuples as lists)."""
+        return self.model_dump(mode="json")
 
     def export_model_name(self) -> str:
         return self.model_name or f"arcface-{self.backbone.lower()}-{self.name}"
 
 
-def _coerce(name: str, value: Any) -> Any:
-    """Bring a YAML/CLI value to the field's type."""
-    default = next(f for f in fields(TrainConfig) if f.name == name).default
-    if name in ("saturation", "lr_steps"):
-        if isinstance(value, str):
-            value = [float(v) for v in value.split(",") if v.strip()]
-        return tuple(float(v) for v in value)
-    if value is None:
-        return None
-    if isinstance(default, bool):
-        if isinstance(value, str):
-            return value.lower() in ("1", "true", "yes", "on")
-        return bool(value)
-    if isinstance(default, int) and not isinstance(default, bool):
-        return int(value)
-    if isinstance(default, float):
-        return float(value)
-    if name in ("steps_per_epoch", "max_steps"):
-        return int(value)
-    return value
-
-
-def _apply(cfg: TrainConfig, key: str, value: Any) -> None:
+def _normalised(key: str, value: Any, data: dict[str, Any]) -> None:
+    """Put one YAML/CLI setting into ``data`` under its TrainConfig name (aliases and ignored keys resolved)."""
     key = ARCFACE_TF2_ALIASES.get(key, key)
     if key in ARCFACE_TF2_IGNORED:
         return
-    known = {f.name for f in fields(TrainConfig)}
-    if key not in known:
-        raise ConfigError(f"unknown config key {key!r} (known: {', '.join(sorted(known))})")
-    if key == "head" and isinstance(value, str):
-        value = HEAD_ALIASES.get(value.lower(), value.lower())
-    if key == "optimizer" and isinstance(value, str):
-        value = value.lower()
-    setattr(cfg, key, _coerce(key, value))
+    if key not in TrainConfig.model_fields:
+        raise ConfigError(f"unknown config key {key!r} (known: {', '.join(sorted(TrainConfig.model_fields))})")
+    data[key] = value
+
+
+def _describe(exc: ValidationError) -> str:
+    """pydantic's errors as one line: ``key: what is wrong (got value)``."""
+    parts = []
+    for error in exc.errors():
+        message = error["msg"].removeprefix("Value error, ")
+        where = ".".join(str(p) for p in error["loc"])
+        parts.append(f"{where}: {message} (got {error['input']!r})" if where else message)
+    return "; ".join(parts)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
@@ -164,23 +166,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """A config from a YAML file (optional) with ``key=value`` overrides applied on top.
 
     Precedence, lowest first: TrainConfig's defaults, ``defaults`` (a source's own conventions, e.g.
-    arcface-tf2's 0/255 normalisation), the YAML file, the overrides.
+    arcface-tf2's 0/255 normalisation), the YAML file, the overrides (values parsed as YAML).
     """
-    cfg = TrainConfig()
+    data: dict[str, Any] = {}
     for key, value in (defaults or {}).items():
-        _apply(cfg, key, value)
+        _normalised(key, value, data)
     if path:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(data, dict):
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
-        for key, value in data.items():
-            _apply(cfg, key, value)
+        for key, value in loaded.items():
+            _normalised(key, value, data)
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value")
         key, raw = item.split("=", 1)
-        _apply(cfg, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
-    return cfg.validate()
+        _normalised(key.strip(), yaml.safe_load(raw) if raw.strip() else None, data)
+    try:
+        return TrainConfig(**data)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {_describe(exc)}" if path else _describe(exc)) from exc
 
 
 def save_config(cfg: TrainConfig, path: Path) -> None:
@@ -188,18 +193,8 @@ def save_config(cfg: TrainConfig, path: Path) -> None:
 
 
 def field_help() -> str:
-    """One line per config key with its default, for ``--help``."""
-    import inspect
-
-    source = inspect.getsource(TrainConfig)
-    comments = {}
-    for line in source.splitlines():
-        stripped = line.strip()
-        if ":" in stripped and "#" in stripped and not stripped.startswith("#"):
-            name = stripped.split(":", 1)[0].strip()
-            comments[name] = stripped.split("#", 1)[1].strip()
+    """One line per config key with its default and description, for ``--help``."""
     lines = []
-    for f in fields(TrainConfig):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        lines.append(f"  {f.name} (default {default!r}){': ' + comments[f.name] if f.name in comments else ''}")
+    for name, field in TrainConfig.model_fields.items():
+        lines.append(f"  {name} (default {field.default!r}){': ' + field.description if field.description else ''}")
     return "\n".join(lines)

@@ -17,11 +17,12 @@ import dataclasses
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from service.model.calibration import ImpostorTail
 from service.model.preprocess import l2_normalise
 
 from .images import face_files, load_faces
@@ -273,22 +274,27 @@ def pairs_impostor_tail(paths: list[Path], embeddings: np.ndarray, source: str) 
     """The impostor tail (FAR -> cosine) over every cross-person pair of the protocol's images (the
     person is the image's folder), as the contract stores it (``face.impostor_tail``); None when the
     protocol has too few people for one."""
+    tail = _pairs_tail(paths, embeddings, source)
+    return tail.to_dict() if tail is not None else None
+
+
+def _pairs_tail(paths: list[Path], embeddings: np.ndarray, source: str) -> ImpostorTail | None:
     from service.model.calibration import CalibrationError, impostor_tail
 
     people = {name: i for i, name in enumerate(sorted({p.parent.name for p in paths}))}
     labels = np.asarray([people[p.parent.name] for p in paths])
     try:
-        return impostor_tail(embeddings, labels, source=source).to_dict()
+        return impostor_tail(embeddings, labels, source=source)
     except CalibrationError as exc:
         log.warning("no impostor tail: %s", exc)
         return None
 
 
-def write_threshold_into(onnx_path: str | Path, threshold: float, source: str, tail: dict | None = None) -> None:
+def write_threshold_into(onnx_path: str | Path, threshold: float, source: str,
+                         tail: ImpostorTail | dict | None = None) -> None:
     """Replace face.threshold (and face.impostor_tail, when given) in an ONNX file's contract (atomically)."""
     import onnx
 
-    from service.model.calibration import ImpostorTail
     from service.model.contract import FaceContract, write_contract
 
     onnx_path = Path(onnx_path)
@@ -298,64 +304,142 @@ def write_threshold_into(onnx_path: str | Path, threshold: float, source: str, t
     extra = {**contract.extra, "face.threshold_source": source}
     changes = {"threshold": round(float(threshold), 4), "extra": extra}
     if tail is not None:
-        changes["impostor_tail"] = ImpostorTail.from_dict(tail)
+        changes["impostor_tail"] = tail if isinstance(tail, ImpostorTail) else ImpostorTail.from_dict(tail)
     write_contract(proto, dataclasses.replace(contract, **changes))
     tmp = onnx_path.with_name(onnx_path.name + ".tmp")
     onnx.save(proto, str(tmp))
     tmp.replace(onnx_path)
 
 
-def evaluate_model(model: str | Path, pairs: str | Path, images: str | Path | None = None,
-                   config: str | Path | None = None, overrides: list[str] | None = None,
-                   output: str | Path | None = None, roc: str | Path | None = None, batch_size: int = 64,
-                   label: str | None = None, write_threshold: bool = False, limit_folds: int | None = None,
-                   flip: bool = True, compare: list[str] | None = None, embedder=None,
-                   flip_mode: str = "normalised") -> dict:
-    """Evaluate a model on a pairs protocol; see the module docstring. Returns the report dict."""
-    embedder = embedder or make_embedder(model, config, overrides)
-    protocol = read_pairs(pairs, images)
-    if limit_folds:
-        keep = protocol.fold < limit_folds
-        protocol = Pairs([p for p, k in zip(protocol.left, keep) if k], [p for p, k in zip(protocol.right, keep) if k],
-                         protocol.same[keep], protocol.fold[keep], limit_folds)
+@dataclass(frozen=True)
+class EvaluateOptions:
+    """How to run a protocol; ``python -m exporter evaluate`` builds it from its flags of the same names."""
+
+    images: str | Path | None = None  # image root; default <pairs.txt's folder>/images
+    batch_size: int = 64
+    label: str | None = None  # the model's name in the report and plot; default the embedder's label
+    limit_folds: int | None = None  # only the first N folds (quick checks)
+    flip: bool = True  # also the flip-averaged figures
+    flip_mode: str = "normalised"  # see FLIP_MODES
+
+
+@dataclass(frozen=True)
+class TarAtFar:
+    """True-accept rate at a false-accept target (see tar_at_far)."""
+
+    far_target: float
+    tar: float
+    far_actual: float
+    threshold: float
+    resolved: bool  # False: the target is below 1/negatives, so this is TAR at zero false accepts
+
+
+@dataclass
+class EvaluationReport:
+    """An evaluation's figures; ``to_dict()`` is its JSON. Figures without "flip" are measured without
+    flip-averaging, as the service embeds; the threshold is calibrated on those."""
+
+    model: str  # label
+    source: str  # what was evaluated (path), "<in memory>" for a model passed in
+    pairs: str
+    n_pairs: int
+    n_images: int
+    n_folds: int
+    embed_seconds: float
+    ms_per_image: float  # per forward pass
+    accuracy_mean: float
+    accuracy_std: float
+    accuracy_flip_mean: float | None
+    accuracy_flip_std: float | None
+    flip_mode: str | None
+    best_threshold: float  # the mean of the 10 fold thresholds, rounded to 4 decimals
+    tar_at_far: dict[str, TarAtFar]  # keyed by FAR as "0.001"
+    # 1:N: the service derives its gallery-size-aware identify threshold from this table
+    impostor_tail: ImpostorTail | None
+    results: dict[str, dict]  # "plain" (and "flip"): verification_report() of that variant
+    # (FAR, TAR) at every threshold per variant, for ROC plots (not in the JSON, which has roc summaries)
+    curves: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
+    roc_png: str | None = None  # set by whoever plots it
+    threshold_written: str | None = None  # set by whoever writes the threshold into the model
+
+    @property
+    def threshold_source(self) -> str:
+        """face.threshold_source of a threshold calibrated by this evaluation."""
+        return f"10-fold:{Path(self.pairs).parent.name}"
+
+    def to_dict(self) -> dict:
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "curves"}
+        data["tar_at_far"] = {k: dataclasses.asdict(v) for k, v in self.tar_at_far.items()}
+        data["impostor_tail"] = self.impostor_tail.to_dict() if self.impostor_tail is not None else None
+        for optional in ("roc_png", "threshold_written"):
+            if data[optional] is None:
+                del data[optional]
+        return data
+
+
+def restricted(protocol: Pairs, folds: int) -> Pairs:
+    """The protocol's first ``folds`` folds."""
+    keep = protocol.fold < folds
+    return Pairs([p for p, k in zip(protocol.left, keep) if k], [p for p, k in zip(protocol.right, keep) if k],
+                 protocol.same[keep], protocol.fold[keep], folds)
+
+
+def evaluate_model(embedder, pairs: str | Path, options: EvaluateOptions | None = None,
+                   source: str | Path = "<in memory>") -> EvaluationReport:
+    """Evaluate an embedder (OnnxEmbedder, TFEmbedder: see make_embedder) on a pairs protocol; see the
+    module docstring. Writes nothing: plot_report, write_report and write_threshold_into do that."""
+    options = options or EvaluateOptions()
+    protocol = read_pairs(pairs, options.images)
+    if options.limit_folds:
+        protocol = restricted(protocol, options.limit_folds)
     unique = sorted(set(protocol.left) | set(protocol.right))
     index = {p: i for i, p in enumerate(unique)}
     log.info("%s: %d pairs, %d images", pairs, len(protocol.same), len(unique))
     start = time.monotonic()
-    plain, flipped = embed_paths(embedder, unique, batch_size, flip=flip, flip_mode=flip_mode)
+    plain, flipped = embed_paths(embedder, unique, options.batch_size, flip=options.flip, flip_mode=options.flip_mode)
     seconds = time.monotonic() - start
 
-    results = {}
-    curves = {}
-    variants = (("plain", plain), ("flip", flipped)) if flip else (("plain", plain),)
+    results, curves = {}, {}
+    variants = (("plain", plain), ("flip", flipped)) if options.flip else (("plain", plain),)
     for variant, embeddings in variants:
         scores = pair_scores(protocol, embeddings, index)
         results[variant] = verification_report(scores, protocol.same, protocol.fold)
-        label_prefix = f"{label or embedder.label}, " if compare else ""
-        curves[f"{label_prefix}{variant}: {results[variant]['accuracy_mean'] * 100:.2f}%"] = roc_curve(scores, protocol.same)
-    name = label or embedder.label
-    report = {
-        "model": name,
-        "source": str(model),
-        "pairs": str(pairs),
-        "n_pairs": int(len(protocol.same)),
-        "n_images": len(unique),
-        "n_folds": protocol.n_folds,
-        "embed_seconds": round(seconds, 1),
-        "ms_per_image": round(1000 * seconds / len(unique) / (2 if flip else 1), 2),  # per forward pass
-        "accuracy_mean": results["plain"]["accuracy_mean"],
-        "accuracy_std": results["plain"]["accuracy_std"],
-        "accuracy_flip_mean": results["flip"]["accuracy_mean"] if flip else None,
-        "accuracy_flip_std": results["flip"]["accuracy_std"] if flip else None,
-        "flip_mode": flip_mode if flip else None,
+        curves[variant] = roc_curve(scores, protocol.same)
+    flip = results.get("flip")
+    report = EvaluationReport(
+        model=options.label or embedder.label,
+        source=str(source),
+        pairs=str(pairs),
+        n_pairs=int(len(protocol.same)),
+        n_images=len(unique),
+        n_folds=protocol.n_folds,
+        embed_seconds=round(seconds, 1),
+        ms_per_image=round(1000 * seconds / len(unique) / (2 if options.flip else 1), 2),
+        accuracy_mean=results["plain"]["accuracy_mean"],
+        accuracy_std=results["plain"]["accuracy_std"],
+        accuracy_flip_mean=flip["accuracy_mean"] if flip else None,
+        accuracy_flip_std=flip["accuracy_std"] if flip else None,
+        flip_mode=options.flip_mode if options.flip else None,
         # the service embeds without flip-averaging, so the threshold it uses is calibrated without it
-        "best_threshold": round(results["plain"]["threshold"], 4),
-        "tar_at_far": results["plain"]["tar_at_far"],
-        # 1:N: the service derives its gallery-size-aware identify threshold from this table
-        "impostor_tail": pairs_impostor_tail(unique, plain, f"{Path(pairs).parent.name}: cross-person pairs "
-                                             f"of its {len(unique)} pair images"),
-        "results": results,
-    }
+        best_threshold=round(results["plain"]["threshold"], 4),
+        tar_at_far={k: TarAtFar(**v) for k, v in results["plain"]["tar_at_far"].items()},
+        impostor_tail=_pairs_tail(unique, plain, f"{Path(pairs).parent.name}: cross-person pairs "
+                                  f"of its {len(unique)} pair images"),
+        results=results,
+        curves=curves,
+    )
+    log.info("%s: %.2f%% +- %.2f (flip-averaged: %s), threshold %.4f", report.model, 100 * report.accuracy_mean,
+             100 * report.accuracy_std,
+             f"{100 * report.accuracy_flip_mean:.2f}%" if flip else "not measured", report.best_threshold)
+    return report
+
+
+def plot_report(report: EvaluationReport, path: str | Path, compare: list[str] | None = None) -> Path:
+    """The report's ROC curves as a PNG, with earlier evaluations (their JSON files) on the same axes."""
+    curves = {}
+    for variant, curve in report.curves.items():
+        prefix = f"{report.model}, " if compare else ""
+        curves[f"{prefix}{variant}: {report.results[variant]['accuracy_mean'] * 100:.2f}%"] = curve
     for other in compare or []:
         # earlier evaluations (their JSON) drawn on the same axes, e.g. the default model
         theirs = json.loads(Path(other).read_text())
@@ -364,21 +448,14 @@ def evaluate_model(model: str | Path, pairs: str | Path, images: str | Path | No
             log.warning("%s has no ROC summary (older evaluation): not drawn", other)
             continue
         curves[f"{theirs['model']}: {theirs['accuracy_mean'] * 100:.2f}%"] = (np.asarray(curve["far"]), np.asarray(curve["tar"]))
-    if roc:
-        report["roc_png"] = str(plot_roc(curves, roc, f"{name} on {Path(pairs).parent.name}"))
-    if write_threshold:
-        if not str(model).endswith(".onnx"):
-            raise ValueError("--write-threshold needs an ONNX model")
-        write_threshold_into(model, report["best_threshold"], f"10-fold:{Path(pairs).parent.name}",
-                             report["impostor_tail"])
-        report["threshold_written"] = str(model)
-    if output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(json.dumps(report, indent=1) + "\n")
-    log.info("%s: %.2f%% +- %.2f (flip-averaged: %s), threshold %.4f", name, 100 * report["accuracy_mean"],
-             100 * report["accuracy_std"],
-             f"{100 * report['accuracy_flip_mean']:.2f}%" if flip else "not measured", report["best_threshold"])
-    return report
+    return plot_roc(curves, path, f"{report.model} on {Path(report.pairs).parent.name}")
+
+
+def write_report(report: EvaluationReport, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report.to_dict(), indent=1) + "\n")
+    return path
 
 
 def embed_files(model: str | Path, inputs: list[str], output: str | Path, config: str | Path | None = None,

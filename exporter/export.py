@@ -18,11 +18,13 @@ import dataclasses
 import json
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
 
+from service.model.calibration import ImpostorTail
 from service.model.contract import FaceContract, write_contract
 
 # one fp16 bar for the whole product: variants the exporter writes and variants the service makes
@@ -41,8 +43,13 @@ class ExportParityError(RuntimeError):
     """The ONNX graph does not reproduce the TF model closely enough."""
 
 
-def to_onnx(model, input_size: int, input_name: str = "input", opset: int = 17) -> onnx.ModelProto:
-    """The Keras embedding model as an ONNX graph with NCHW input and L2-normalised output."""
+def to_onnx(model, input_size: int, input_name: str = "input", opset: int = 17,
+            graph_copies: bool = False) -> onnx.ModelProto:
+    """The Keras embedding model as an ONNX graph with NCHW input and L2-normalised output.
+
+    ``graph_copies``: convert as tf2onnx does by default, with a graph copy per optimizer (many times the
+    memory; see _convert_lean), for before/after comparisons (exporter.memprobe).
+    """
     import tensorflow as tf
 
     if opset > 18:
@@ -55,7 +62,7 @@ def to_onnx(model, input_size: int, input_name: str = "input", opset: int = 17) 
         embeddings = model(tf.transpose(images, (0, 2, 3, 1)), training=False)
         return {OUTPUT_NAME: tf.math.l2_normalize(embeddings, axis=1)}
 
-    proto = _convert_lean(embed_nchw, spec, opset)
+    proto = (_convert_with_copies if graph_copies else _convert_lean)(embed_nchw, spec, opset)
     rename_batch_dim(proto)
     return proto
 
@@ -96,6 +103,13 @@ def _convert_lean(function, spec, opset: int) -> onnx.ModelProto:
             os.environ[key] = saved
     gc.collect()
     return proto
+
+
+def _convert_with_copies(function, spec, opset: int) -> onnx.ModelProto:
+    """tf2onnx's own conversion, graph copies and all."""
+    import tf2onnx
+
+    return tf2onnx.convert.from_function(function, input_signature=spec, opset=opset)[0]
 
 
 def rename_batch_dim(proto: onnx.ModelProto, name: str = "batch") -> None:
@@ -162,81 +176,114 @@ def to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
     return convert_to_fp16(proto)[0]
 
 
-def resolve_threshold(threshold: float | None, threshold_from: str | None, calibrate_pairs: str | None,
-                      model, cfg: TrainConfig) -> tuple[float, str, dict | None]:
-    """(threshold, where it came from, calibration report if one was run)."""
-    if threshold is not None:
-        return float(threshold), "manual", None
-    if threshold_from:
-        report = json.loads(Path(threshold_from).read_text())
+@dataclass(frozen=True)
+class ExportOptions:
+    """How to export a model: everything but its source and the output file. ``python -m exporter export``
+    builds it from its flags of the same names. The threshold comes from the first set of ``threshold``,
+    ``threshold_from`` (an evaluation JSON) and ``calibrate_pairs`` (a pairs.txt, evaluated now)."""
+
+    config: str | Path | None = None  # YAML config for an arcface-tf2 checkpoint
+    overrides: list[str] = field(default_factory=list)  # KEY=VALUE config overrides
+    threshold: float | None = None
+    threshold_from: str | Path | None = None
+    calibrate_pairs: str | Path | None = None
+    identify_threshold: float | None = None  # optional 1:N threshold written into the contract
+    parity_faces: str | Path | None = None  # default: DEFAULT_PARITY_FACES
+    parity_count: int = 32
+    min_cosine: float = 0.99999  # fp32 parity bar, TF vs onnxruntime
+    fp16: bool = False  # also write an fp16 variant
+    fp16_min_cosine: float = MIN_COSINE_FP16
+    opset: int = 17
+    input_name: str = "input"
+    model_name: str | None = None  # default: the config's
+    model_version: str | None = None  # default: the config's
+    tf2onnx_graph_copies: bool = False  # see to_onnx(graph_copies=)
+
+
+@dataclass(frozen=True)
+class ThresholdChoice:
+    """The verify threshold to write and where it came from."""
+
+    value: float
+    source: str  # face.threshold_source: "manual", "file:<json>" or "10-fold:<pairs folder>"
+    impostor_tail: ImpostorTail | None = None  # from the evaluation, when there was one that has it
+    calibration: dict | None = None  # the evaluation's accuracy_mean, accuracy_std and best_threshold
+
+
+def resolve_threshold(options: ExportOptions, model, cfg: TrainConfig) -> ThresholdChoice:
+    """The threshold per ``options`` (see ExportOptions); calibrating evaluates the in-memory TF model."""
+    if options.threshold is not None:
+        return ThresholdChoice(float(options.threshold), "manual")
+    if options.threshold_from:
+        report = json.loads(Path(options.threshold_from).read_text())
         # the report's impostor tail (if it has one) goes into the contract too
-        return float(report["best_threshold"]), f"file:{Path(threshold_from).name}", report
-    if calibrate_pairs:
+        tail = report.get("impostor_tail")
+        return ThresholdChoice(float(report["best_threshold"]), f"file:{Path(options.threshold_from).name}",
+                               ImpostorTail.from_dict(tail) if tail else None, _calibration_summary(report))
+    if options.calibrate_pairs:
         from .evaluate import TFEmbedder, evaluate_model
 
-        report = evaluate_model(model="<in memory>", pairs=calibrate_pairs, embedder=TFEmbedder(cfg, model))
-        return float(report["best_threshold"]), f"10-fold:{Path(calibrate_pairs).parent.name}", report
+        evaluation = evaluate_model(TFEmbedder(cfg, model), options.calibrate_pairs)
+        return ThresholdChoice(float(evaluation.best_threshold), evaluation.threshold_source,
+                               evaluation.impostor_tail, _calibration_summary(evaluation.to_dict()))
     raise ValueError("no threshold: pass --threshold, --threshold-from EVAL.json or --calibrate-pairs pairs.txt")
 
 
-def _impostor_tail(report: dict | None):
-    """The contract's impostor tail from an evaluation report (None: the report predates it)."""
-    from service.model.calibration import ImpostorTail
-
-    tail = (report or {}).get("impostor_tail")
-    return ImpostorTail.from_dict(tail) if tail else None
+def _calibration_summary(report: dict) -> dict:
+    return {k: report.get(k) for k in ("accuracy_mean", "accuracy_std", "best_threshold")}
 
 
-def export_model(source: str | Path, output: str | Path, config: str | Path | None = None,
-                 overrides: list[str] | None = None, threshold: float | None = None,
-                 threshold_from: str | None = None, calibrate_pairs: str | None = None,
-                 parity_faces: str | Path | None = None, parity_count: int = 32, min_cosine: float = 0.99999,
-                 fp16: bool = False, opset: int = 17, input_name: str = "input", model_name: str | None = None,
-                 model_version: str | None = None, identify_threshold: float | None = None,
-                 fp16_min_cosine: float = MIN_COSINE_FP16, stage_hook=None) -> dict:
+def export_model(source: str | Path, output: str | Path, options: ExportOptions | None = None,
+                 stage_hook=None) -> dict:
     """Export, write the contract, check parity; returns a summary. Raises ExportParityError on failure.
 
-    The fp16 variant is gated separately (``fp16_min_cosine``, by default the bar the service applies
-    to variants it makes): a failing fp16 variant is not written and raises, the fp32 model
-    that already passed its own parity check stays.
+    The fp16 variant is gated separately (``options.fp16_min_cosine``, by default the bar the service
+    applies to variants it makes): a failing fp16 variant is not written and raises, the fp32 model
+    that already passed its own parity check stays. ``stage_hook(name)`` is called after each stage
+    (exporter.memprobe measures memory there).
     """
     from .checkpoints import load_embedding_model
 
-    def stage(name: str) -> None:  # memory/time probes (exporter.memprobe) hook in here
+    options = options or ExportOptions()
+    fp16, fp16_min_cosine = options.fp16, options.fp16_min_cosine  # read by the fp16 variant's branch
+
+    def stage(name: str) -> None:
         if stage_hook is not None:
             stage_hook(name)
 
-    cfg, model = load_embedding_model(source, config, overrides)
+    cfg, model = load_embedding_model(source, options.config, options.overrides)
     stage("load model")
-    value, threshold_source, calibration = resolve_threshold(threshold, threshold_from, calibrate_pairs, model, cfg)
+    threshold = resolve_threshold(options, model, cfg)
+    calibration = threshold.calibration
 
-    proto = to_onnx(model, cfg.input_size, input_name, opset)
+    proto = to_onnx(model, cfg.input_size, options.input_name, options.opset, options.tf2onnx_graph_copies)
     stage("tf2onnx conversion")
     contract = FaceContract(
         input_name=proto.graph.input[0].name,
         embedding_size=cfg.embedding_size,
-        model_name=model_name or cfg.export_model_name(),
-        model_version=model_version or cfg.model_version,
-        threshold=round(value, 4),
-        identify_threshold=identify_threshold,
-        impostor_tail=_impostor_tail(calibration),
+        model_name=options.model_name or cfg.export_model_name(),
+        model_version=options.model_version or cfg.model_version,
+        threshold=round(threshold.value, 4),
+        identify_threshold=options.identify_threshold,
+        impostor_tail=threshold.impostor_tail,
         layout="NCHW",
         color="RGB",
         input_size=(cfg.input_size, cfg.input_size),
         mean=(cfg.mean,) * 3,
         std=(cfg.std,) * 3,
-        extra={"face.threshold_source": threshold_source, "face.backbone": cfg.backbone,
+        extra={"face.threshold_source": threshold.source, "face.backbone": cfg.backbone,
                "face.precision": "fp32"},
     )
-    faces = load_faces(face_files(parity_faces or DEFAULT_PARITY_FACES, parity_count), cfg.input_size)
+    faces = load_faces(face_files(options.parity_faces or DEFAULT_PARITY_FACES, options.parity_count), cfg.input_size)
     reference = tf_embeddings(model, faces, cfg.mean, cfg.std)
 
     stage("TF reference embeddings")
     fp32 = parity(reference, onnx_embeddings(proto, faces, contract))
     stage("fp32 parity (onnxruntime)")
     log.info("parity fp32 on %d faces: min cosine %.7f", fp32["faces"], fp32["min_cosine"])
-    if not passes(fp32["min_cosine"], min_cosine):
-        raise ExportParityError(f"ONNX min cosine {fp32['min_cosine']:.7f} < {min_cosine} on {fp32['faces']} faces")
+    if not passes(fp32["min_cosine"], options.min_cosine):
+        raise ExportParityError(f"ONNX min cosine {fp32['min_cosine']:.7f} < {options.min_cosine} "
+                                f"on {fp32['faces']} faces")
     contract = dataclasses.replace(contract, extra={**contract.extra, "face.parity_min_cosine": f"{fp32['min_cosine']:.7f}"})
     write_contract(proto, contract)
     onnx.checker.check_model(proto)
@@ -246,7 +293,7 @@ def export_model(source: str | Path, output: str | Path, config: str | Path | No
     _save(proto, output)
     stage("check and save")
     result = {"onnx": str(output), "contract": contract.to_metadata(), "parity_fp32": fp32,
-              "opset": opset, "bytes": output.stat().st_size}
+              "opset": options.opset, "bytes": output.stat().st_size}
     if calibration is not None:
         result["calibration"] = {k: calibration.get(k) for k in ("accuracy_mean", "accuracy_std", "best_threshold")}
 

@@ -57,23 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", "-o", help="JSON file to write")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if args.tf2onnx_graph_copies:
-        from . import export
-
-        def _with_copies(function, spec, opset):
-            import tf2onnx
-
-            return tf2onnx.convert.from_function(function, input_signature=spec, opset=opset)[0]
-
-        export._convert_lean = _with_copies
-
     stages = Stages()
     import tensorflow as tf  # noqa: F401
 
     from .backbones import build_embedding_model
     from .checkpoints import save_run
     from .config import load_config
-    from .export import export_model
+    from .export import ExportOptions, export_model
 
     stages.mark("import tensorflow")
     with tempfile.TemporaryDirectory() as tmp:
@@ -83,8 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         save_run(cfg.output_dir, cfg, model, ["x"])
         del model
         stages.mark("build and save model")
-        result = export_model(cfg.output_dir, Path(tmp) / "m.onnx", threshold=0.3, fp16=args.fp16,
-                              fp16_min_cosine=0.0, stage_hook=stages.mark)
+        options = ExportOptions(threshold=0.3, fp16=args.fp16, fp16_min_cosine=0.0,
+                                tf2onnx_graph_copies=args.tf2onnx_graph_copies)
+        result = export_model(cfg.output_dir, Path(tmp) / "m.onnx", options, stage_hook=stages.mark)
         stages.mark("after export")
     report = {"backbone": args.backbone, "fp16": args.fp16, "tf2onnx_graph_copies": args.tf2onnx_graph_copies,
               "machine": platform.node(), "cpus": os.cpu_count(),

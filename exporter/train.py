@@ -8,11 +8,11 @@ under ``<run>/logs`` and finish by writing the run directory described in
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
@@ -78,6 +78,24 @@ class _CheckpointCallback(keras.callbacks.Callback):
             log.info("epoch %d: %s", epoch + 1, {k: round(float(v), 4) for k, v in logs.items()})
 
 
+@dataclass
+class TrainingRun:
+    """What one training session works with: the parts train() builds, handed to the fit()/custom loop."""
+
+    cfg: TrainConfig
+    model: keras.Model  # embedding model + margin head: (image, label) -> logits
+    optimizer: keras.optimizers.Optimizer
+    loss_fn: MarginLoss
+    dataset: tf.data.Dataset
+    manager: tf.train.CheckpointManager
+    step: tf.Variable  # optimiser steps so far (restored on resume)
+    epoch: tf.Variable  # finished epochs (restored on resume)
+    steps_per_epoch: int
+    epochs: int
+    total_steps: int
+    run_dir: Path
+
+
 def tensorboard_available() -> bool:
     """tf.summary needs the tensorboard package, which tensorflow-cpu does not always bring."""
     try:
@@ -123,10 +141,12 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
         log.info("resumed from %s (epoch %d, step %d)", manager.latest_checkpoint, int(epoch.numpy()), int(step.numpy()))
 
     start = time.monotonic()
+    run = TrainingRun(cfg, model, optimizer, loss_fn, dataset, manager, step, epoch, steps_per_epoch, epochs,
+                      total_steps, run_dir)
     if cfg.mode == "fit":
-        _fit(cfg, model, optimizer, loss_fn, dataset, manager, step, epoch, steps_per_epoch, epochs, total_steps, run_dir)
+        _fit(run)
     else:
-        _custom_loop(cfg, model, optimizer, loss_fn, dataset, manager, step, epoch, steps_per_epoch, total_steps, run_dir)
+        _custom_loop(run)
     if cfg.bn_recalibration_steps:
         recalibrate_batchnorm(embedding_model, cfg, cfg.bn_recalibration_steps)
         manager.save(checkpoint_number=int(step.numpy()))  # so the last checkpoint equals the final weights
@@ -149,7 +169,7 @@ def recalibrate_batchnorm(model: keras.Model, cfg: TrainConfig, steps: int) -> N
     """
     from .data import training_dataset
 
-    clean = dataclasses.replace(cfg, augment=False)
+    clean = cfg.model_copy(update={"augment": False})
     dataset, _, _ = training_dataset(clean)
     norms = [layer for layer in _all_layers(model) if isinstance(layer, keras.layers.BatchNormalization)]
     dropouts = [layer for layer in _all_layers(model) if isinstance(layer, keras.layers.Dropout)]
@@ -179,21 +199,25 @@ def _all_layers(model: keras.Model) -> list:
     return layers
 
 
-def _fit(cfg, model, optimizer, loss_fn, dataset, manager, step, epoch, steps_per_epoch, epochs, total_steps, run_dir):
-    model.compile(optimizer=optimizer, loss=loss_fn, metrics=[keras.metrics.SparseCategoricalAccuracy(name="acc")])
-    callbacks = [_CheckpointCallback(manager, step, epoch, cfg.checkpoint_every_steps, total_steps)]
+def _fit(run: TrainingRun) -> None:
+    cfg, model, step, epoch, steps_per_epoch = run.cfg, run.model, run.step, run.epoch, run.steps_per_epoch
+    epochs, total_steps = run.epochs, run.total_steps
+    model.compile(optimizer=run.optimizer, loss=run.loss_fn, metrics=[keras.metrics.SparseCategoricalAccuracy(name="acc")])
+    callbacks = [_CheckpointCallback(run.manager, step, epoch, cfg.checkpoint_every_steps, total_steps)]
     if cfg.tensorboard:
-        callbacks.append(keras.callbacks.TensorBoard(str(run_dir / "logs"), update_freq=max(steps_per_epoch // 10, 1)))
+        callbacks.append(keras.callbacks.TensorBoard(str(run.run_dir / "logs"), update_freq=max(steps_per_epoch // 10, 1)))
     initial_epoch = int(epoch.numpy())
     if initial_epoch >= epochs or int(step.numpy()) >= total_steps:
         log.info("nothing to do: already at epoch %d", initial_epoch)
         return
-    model.fit(dataset, epochs=epochs, initial_epoch=initial_epoch, steps_per_epoch=steps_per_epoch,
+    model.fit(run.dataset, epochs=epochs, initial_epoch=initial_epoch, steps_per_epoch=steps_per_epoch,
               callbacks=callbacks, verbose=cfg.verbose)
 
 
-def _custom_loop(cfg, model, optimizer, loss_fn, dataset, manager, step, epoch, steps_per_epoch, total_steps, run_dir):
-    writer = tf.summary.create_file_writer(str(run_dir / "logs" / "train")) if cfg.tensorboard else None
+def _custom_loop(run: TrainingRun) -> None:
+    cfg, model, optimizer, loss_fn, manager = run.cfg, run.model, run.optimizer, run.loss_fn, run.manager
+    step, epoch, steps_per_epoch, total_steps = run.step, run.epoch, run.steps_per_epoch, run.total_steps
+    writer = tf.summary.create_file_writer(str(run.run_dir / "logs" / "train")) if cfg.tensorboard else None
     accuracy = keras.metrics.SparseCategoricalAccuracy()
 
     @tf.function
@@ -207,7 +231,7 @@ def _custom_loop(cfg, model, optimizer, loss_fn, dataset, manager, step, epoch, 
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         return loss, logits
 
-    iterator = iter(dataset)
+    iterator = iter(run.dataset)
     while int(step.numpy()) < total_steps:
         current_epoch = int(epoch.numpy())
         progbar = keras.utils.Progbar(steps_per_epoch, verbose=cfg.verbose, stateful_metrics=["acc"])

@@ -59,21 +59,22 @@ def test_teacher_cache_holds_the_teachers_answers(student):
 
 def test_student_exports_with_parity_and_is_evaluated_next_to_teacher(student, tmp_path):
     from exporter.config import REPO
-    from exporter.evaluate import evaluate_model
-    from exporter.export import export_model
+    from exporter.evaluate import EvaluateOptions, OnnxEmbedder, evaluate_model, plot_report, write_report
+    from exporter.export import ExportOptions, export_model
     from service.model.contract import read_contract
     from service.model.prepare import default_model
 
-    out = export_model(student.run_dir, tmp_path / "student.onnx", threshold=0.3)
+    out = export_model(student.run_dir, tmp_path / "student.onnx", ExportOptions(threshold=0.3))
     assert out["parity_fp32"]["min_cosine"] >= 0.99999
     contract = read_contract(out["onnx"])
     assert contract.model_id == "distilled-ci@ci" and contract.embedding_size == 128  # the teacher's width
     pairs = write_pairs(tmp_path / "pairs.txt", TRAIN_FACES)
-    teacher = evaluate_model(default_model(REPO / ".cache" / "models"), pairs, images=TRAIN_FACES, flip=False,
-                             output=tmp_path / "teacher.json")
-    theirs = evaluate_model(out["onnx"], pairs, images=TRAIN_FACES, flip=False, compare=[str(tmp_path / "teacher.json")],
-                            roc=tmp_path / "roc.png")
-    assert teacher["accuracy_mean"] > 0.9 and 0.0 <= theirs["accuracy_mean"] <= 1.0
+    options = EvaluateOptions(images=TRAIN_FACES, flip=False)
+    teacher = evaluate_model(OnnxEmbedder(default_model(REPO / ".cache" / "models")), pairs, options)
+    write_report(teacher, tmp_path / "teacher.json")
+    theirs = evaluate_model(OnnxEmbedder(out["onnx"]), pairs, options)
+    plot_report(theirs, tmp_path / "roc.png", compare=[str(tmp_path / "teacher.json")])
+    assert teacher.accuracy_mean > 0.9 and 0.0 <= theirs.accuracy_mean <= 1.0
     assert (tmp_path / "roc.png").stat().st_size > 0
 
 

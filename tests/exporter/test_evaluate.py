@@ -8,14 +8,21 @@ import numpy as np
 import pytest
 
 from exporter.evaluate import (
+    EvaluateOptions,
     best_threshold,
     evaluate_model,
     kfold_accuracy,
+    plot_report,
     read_pairs,
     roc_curve,
     tar_at_far,
+    write_report,
 )
 from tests.exporter.conftest import TRAIN_FACES, write_pairs
+
+REPORT_KEYS = ["model", "source", "pairs", "n_pairs", "n_images", "n_folds", "embed_seconds", "ms_per_image",
+               "accuracy_mean", "accuracy_std", "accuracy_flip_mean", "accuracy_flip_std", "flip_mode",
+               "best_threshold", "tar_at_far", "impostor_tail", "results"]
 
 
 def test_best_threshold_separable():
@@ -86,18 +93,22 @@ def test_evaluate_end_to_end_known_answer(tmp_path, monkeypatch):
         def __call__(self, faces):
             return np.eye(len(identities), dtype=np.float32)[faces[:, 0, 0, 0]]
 
-    report = evaluate_model("fake", pairs, images=TRAIN_FACES, embedder=OneHot(), output=tmp_path / "r.json",
-                            roc=tmp_path / "roc.png")
-    assert report["accuracy_mean"] == 1.0 and report["accuracy_flip_mean"] == 1.0
-    assert 0.0 < report["best_threshold"] < 1.0
-    assert report["tar_at_far"]["0.001"]["tar"] == 1.0
+    report = evaluate_model(OneHot(), pairs, EvaluateOptions(images=TRAIN_FACES), source="fake")
+    assert report.accuracy_mean == 1.0 and report.accuracy_flip_mean == 1.0
+    assert 0.0 < report.best_threshold < 1.0
+    assert report.tar_at_far["0.001"].tar == 1.0
+    assert list(report.to_dict()) == REPORT_KEYS  # the JSON's layout, as before evaluate returned a report
+    assert not list(tmp_path.glob("*.json")) and not list(tmp_path.glob("*.png"))  # evaluating writes nothing
+    write_report(report, tmp_path / "r.json")
+    assert json.loads((tmp_path / "r.json").read_text()) == json.loads(json.dumps(report.to_dict()))
     assert json.loads((tmp_path / "r.json").read_text())["n_pairs"] == 24
-    assert (tmp_path / "roc.png").stat().st_size > 1000
+    assert plot_report(report, tmp_path / "roc.png").stat().st_size > 1000
 
-    quick = evaluate_model("fake", pairs, images=TRAIN_FACES, embedder=OneHot(), flip=False, limit_folds=1,
-                           compare=[str(tmp_path / "r.json")], roc=tmp_path / "both.png")
+    quick = evaluate_model(OneHot(), pairs, EvaluateOptions(images=TRAIN_FACES, flip=False, limit_folds=1))
+    plot_report(quick, tmp_path / "both.png", compare=[str(tmp_path / "r.json")])
     assert (tmp_path / "both.png").exists()
-    assert quick["accuracy_mean"] == 1.0 and quick["accuracy_flip_mean"] is None and quick["n_pairs"] == 12
+    assert quick.accuracy_mean == 1.0 and quick.accuracy_flip_mean is None and quick.n_pairs == 12
+    assert quick.source == "<in memory>" and "flip" not in quick.to_dict()["results"]
 
 
 @pytest.fixture(scope="module")
@@ -130,3 +141,37 @@ def test_flip_modes(default_model):
     assert np.abs(ours - theirs).max() > 1e-4
     with pytest.raises(ValueError):
         embed_paths(embedder, paths, flip=True, flip_mode="sum")
+
+
+def test_cli_writes_the_report_plot_and_threshold(default_model, tmp_path, capsys):
+    """`evaluate` returns a report; the CLI writes what was asked: JSON (= what it prints), ROC plot, and the
+    calibrated threshold into the ONNX model's contract."""
+    import shutil
+
+    from exporter.__main__ import main
+    from service.model.contract import read_contract
+
+    model = shutil.copy(default_model, tmp_path / "model.onnx")
+    pairs = write_pairs(tmp_path / "pairs.txt", TRAIN_FACES)
+    assert main(["evaluate", str(model), "--pairs", str(pairs), "--images", str(TRAIN_FACES), "--no-flip",
+                 "-o", str(tmp_path / "out" / "eval.json"), "--roc", str(tmp_path / "roc.png"),
+                 "--write-threshold", "--label", "sface"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert json.loads((tmp_path / "out" / "eval.json").read_text()) == printed
+    assert list(printed) == [*REPORT_KEYS, "roc_png", "threshold_written"]
+    assert printed["model"] == "sface" and printed["source"] == str(model) and printed["threshold_written"] == str(model)
+    assert (tmp_path / "roc.png").stat().st_size > 1000
+    contract = read_contract(model)
+    assert contract.threshold == printed["best_threshold"]
+    assert contract.extra["face.threshold_source"] == f"10-fold:{tmp_path.name}"
+    # 6 people give too few impostor pairs for a tail: none measured, so the model keeps the one it had
+    assert printed["impostor_tail"] is None
+    assert contract.impostor_tail.to_dict() == read_contract(default_model).impostor_tail.to_dict()
+
+
+def test_cli_refuses_to_write_a_threshold_into_a_tf_source_before_evaluating(tmp_path):
+    from exporter.__main__ import main
+
+    pairs = write_pairs(tmp_path / "pairs.txt", TRAIN_FACES)
+    with pytest.raises(ValueError, match="needs an ONNX model"):
+        main(["evaluate", str(tmp_path / "no-such-run"), "--pairs", str(pairs), "--write-threshold"])

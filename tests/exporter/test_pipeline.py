@@ -18,7 +18,7 @@ pytest.importorskip("tensorflow")
 
 @pytest.fixture(scope="module")
 def exported(tiny_run, tmp_path_factory):
-    from exporter.export import export_model
+    from exporter.export import ExportOptions, export_model
 
     out = tmp_path_factory.mktemp("export")
     pairs = write_pairs(out / "pairs.txt", TRAIN_FACES)
@@ -27,8 +27,8 @@ def exported(tiny_run, tmp_path_factory):
     # fp16 rounding moves them by more, relatively, than a trained model's (measured over seeds: minimum
     # cosine 0.9989..0.9999 here, 0.999994 for the real MobileNetV2 run, 0.999998 for SFace). The 0.999 bar
     # itself is exercised on SFace in tests/model/test_fp16.py; here the pipeline gets a looser one.
-    return export_model(tiny_run, out / "model.onnx", calibrate_pairs=str(pairs), fp16=True,
-                        fp16_min_cosine=TINY_FP16_MIN_COSINE)
+    return export_model(tiny_run, out / "model.onnx", ExportOptions(calibrate_pairs=str(pairs), fp16=True,
+                                                                    fp16_min_cosine=TINY_FP16_MIN_COSINE))
 
 
 def test_export_parity_and_contract(exported):
@@ -76,18 +76,18 @@ def test_onnx_graph_shape(exported):
 
 
 def test_parity_failure_fails_the_export(tiny_run, tmp_path):
-    from exporter.export import ExportParityError, export_model
+    from exporter.export import ExportOptions, ExportParityError, export_model
 
     with pytest.raises(ExportParityError):
-        export_model(tiny_run, tmp_path / "m.onnx", threshold=0.3, min_cosine=1.0 + 1e-9)
+        export_model(tiny_run, tmp_path / "m.onnx", ExportOptions(threshold=0.3, min_cosine=1.0 + 1e-9))
     assert not (tmp_path / "m.onnx").exists()
 
 
 def test_fp16_parity_failure_keeps_fp32_and_writes_no_variant(tiny_run, tmp_path):
-    from exporter.export import ExportParityError, export_model
+    from exporter.export import ExportOptions, ExportParityError, export_model
 
     with pytest.raises(ExportParityError, match="no fp16 variant"):
-        export_model(tiny_run, tmp_path / "m.onnx", threshold=0.3, fp16=True, fp16_min_cosine=1.0 + 1e-9)
+        export_model(tiny_run, tmp_path / "m.onnx", ExportOptions(threshold=0.3, fp16=True, fp16_min_cosine=1.0 + 1e-9))
     assert (tmp_path / "m.onnx").exists() and not (tmp_path / "m.fp16.onnx").exists()
 
 
@@ -130,7 +130,7 @@ def _final_dense(model):
 @pytest.mark.parametrize("how", ["nan", "zero"])
 def test_degenerate_model_is_refused(tiny_run, tmp_path, how):
     """NaN embeddings (nan < bar is False) and all-zero embeddings must not pass the parity gate."""
-    from exporter.export import ExportParityError, export_model
+    from exporter.export import ExportOptions, ExportParityError, export_model
 
     def change(model):
         dense = _final_dense(model)
@@ -144,13 +144,13 @@ def test_degenerate_model_is_refused(tiny_run, tmp_path, how):
 
     run = _tampered_run(tiny_run, tmp_path, change)
     with pytest.raises(ExportParityError, match="non-finite|zero"):
-        export_model(run, tmp_path / "m.onnx", threshold=0.3)
+        export_model(run, tmp_path / "m.onnx", ExportOptions(threshold=0.3))
     assert not (tmp_path / "m.onnx").exists()
 
 
 def test_fp16_overflow_is_refused(tiny_run, tmp_path):
     """Huge activations are fine in fp32 but inf -> NaN in fp16: the fp16 gate must refuse them."""
-    from exporter.export import ExportParityError, export_model
+    from exporter.export import ExportOptions, ExportParityError, export_model
 
     def change(model):
         dense = _final_dense(model)
@@ -161,7 +161,7 @@ def test_fp16_overflow_is_refused(tiny_run, tmp_path):
 
     run = _tampered_run(tiny_run, tmp_path, change)
     with pytest.raises(ExportParityError, match="fp16"):
-        export_model(run, tmp_path / "m.onnx", threshold=0.3, fp16=True)
+        export_model(run, tmp_path / "m.onnx", ExportOptions(threshold=0.3, fp16=True))
     assert (tmp_path / "m.onnx").exists() and not (tmp_path / "m.fp16.onnx").exists()
 
 
@@ -191,3 +191,31 @@ def test_conversion_makes_no_graph_copies(tiny_run, monkeypatch):
     assert copies == []
     assert "TF2ONNX_CATCH_ERRORS" not in os.environ
     assert proto.graph.output[0].name == "embedding"
+
+
+def test_conversion_with_graph_copies_on_request(tiny_run, monkeypatch):
+    """exporter.memprobe's "before" figure: to_onnx(graph_copies=True) converts as tf2onnx does by default
+    (a graph copy per optimizer), into the same graph."""
+    import copy
+
+    from tf2onnx.graph import Graph
+
+    from exporter.checkpoints import load_run
+    from exporter.export import to_onnx
+
+    copies = []
+    real = copy.deepcopy
+
+    def counting(obj, memo=None, *args):
+        if isinstance(obj, Graph):
+            copies.append(type(obj).__name__)
+        return real(obj, memo, *args)
+
+    monkeypatch.setattr(copy, "deepcopy", counting)
+    monkeypatch.delenv("TF2ONNX_CATCH_ERRORS", raising=False)
+    cfg, model = load_run(tiny_run)
+    lean = to_onnx(model, cfg.input_size)
+    assert copies == []
+    with_copies = to_onnx(model, cfg.input_size, graph_copies=True)
+    assert copies
+    assert [n.op_type for n in with_copies.graph.node] == [n.op_type for n in lean.graph.node]
