@@ -5,6 +5,9 @@
 #   docker build -t face-embedding-service:cpu --build-arg EXTRA=cpu .  # service, onnxruntime (CPU)
 #   docker build -t face-embedding-exporter --target exporter .         # TensorFlow exporter (export extra)
 #
+# podman/buildah build it too; pass `--format docker`: the default OCI format drops the HEALTHCHECK.
+# tests/deploy/test_container.py builds the CPU runtime image that way and serves from two replicas.
+#
 # The runtime image holds no compiler and no TensorFlow: every wheel, hnswlib's compiled one
 # included, is built in the `build` stage and installed from a bind mount, so the wheels never become
 # a layer of the final image. The onnxruntime-gpu `cuda`/`cudnn` extras bring the NVIDIA libraries as
