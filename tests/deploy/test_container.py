@@ -10,6 +10,8 @@ skip into a failure. Once podman works, every failure (the build, the start, an 
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -20,7 +22,7 @@ import pytest
 
 from tests.conftest import ENROLLED, b64, face_files, unknown_files
 from tests.deploy.conftest import Podman
-from tests.server import free_port
+from tests.server import REPO, free_port
 
 pytestmark = pytest.mark.container
 
@@ -34,7 +36,10 @@ def image(podman) -> str:
     """The runtime target, CPU flavour, built from the checkout (podman's layer cache makes a rebuild
     of an unchanged tree quick). chroot isolation: RUN steps need no OCI runtime; docker format: keeps
     the HEALTHCHECK (OCI images have none)."""
+    before = podman("image", "inspect", "--format", "{{.Id}}", IMAGE, check=False).stdout.strip()
     podman("build", "--isolation=chroot", "--format", "docker", *BUILD_ARGS, "-t", IMAGE, ".", timeout=1200)
+    if before and podman("image", "inspect", "--format", "{{.Id}}", IMAGE).stdout.strip() != before:
+        podman("rmi", before, check=False)  # the last run's image: one per code change would pile up
     return IMAGE
 
 
@@ -102,6 +107,24 @@ def _identify(client: httpx.Client, path: Path) -> dict:
     r = client.post("/identify", json={"images": [b64(path)], "top_k": 3})
     assert r.status_code == 200, r.text
     return r.json()["results"][0]
+
+
+# the installed `service` package's .py files, hashed the same way here and in the image
+CODE_HASH = """
+import hashlib, pathlib, service
+root = pathlib.Path(service.__file__).parent
+digest = hashlib.sha256()
+for path in sorted(root.rglob("*.py")):
+    digest.update(path.relative_to(root).as_posix().encode() + b"\\0" + path.read_bytes())
+print(digest.hexdigest())
+"""
+
+
+def test_image_holds_this_checkouts_code(podman, image):
+    """A rebuild after a code change installs the new code (podman's layer cache once kept the old)."""
+    here = subprocess.run([sys.executable, "-c", CODE_HASH], cwd=REPO, capture_output=True, text=True, check=True)
+    inside = podman("run", "--rm", "--network", "none", "--entrypoint", "python", image, "-c", CODE_HASH)
+    assert inside.stdout.strip() == here.stdout.strip()
 
 
 def test_image_runs_as_its_user_with_a_working_healthcheck(podman, replicas):
