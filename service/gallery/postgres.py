@@ -48,6 +48,7 @@ from .api import (
     check_model,
     search_identities,
 )
+from .ef import AUTO, search_ef
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ class PostgresOptions:
     statement_timeout_ms: int = 15000
     hnsw_m: int = 16
     hnsw_ef_construction: int = 200
-    hnsw_ef_search: int = 128
+    hnsw_ef_search: int | str = AUTO  # a number, or "auto": from the gallery size (ef.py)
     iterative_scan: str = "relaxed_order"
     maintenance_work_mem: str = "512MB"  # for building the HNSW index in one pass
 
@@ -406,8 +407,9 @@ class PostgresGallery:
     # --- reads -------------------------------------------------------------------------------
     def _nearest(self, conn: psycopg.Connection, probe: np.ndarray, k: int, txn: dict) -> list[tuple[int, str, float]]:
         """Up to k nearest faces; ``txn`` remembers the ef_search set in this transaction."""
-        # without iterative scans an HNSW scan returns at most ef_search rows: ask for at least k
-        ef = min(MAX_EF_SEARCH, max(self.options.hnsw_ef_search, k))
+        # without iterative scans an HNSW scan returns at most ef_search rows: ask for at least k;
+        # "auto" widens with the gallery (ef.py), sized by the face count read in this transaction
+        ef = min(MAX_EF_SEARCH, search_ef(self.options.hnsw_ef_search, self._face_count, k))
         if ef != txn.get("ef"):  # set_config(.., true) lasts for this transaction only
             conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(ef),))
             txn["ef"] = ef
