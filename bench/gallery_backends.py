@@ -177,9 +177,10 @@ def pg_copy_load(gallery, data: Data) -> dict:
 def build(args, data: Data) -> dict:
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
-    out: dict = {"faces": len(data.flat)}
+    build_file = work / f"build_{args.faces}.json"  # one entry per backend: builds may run one at a time
+    out: dict = json.loads(build_file.read_text()) if build_file.exists() else {"faces": len(data.flat)}
     gallery_file = work / f"gallery_{args.faces}.jsonl"
-    if not gallery_file.exists():
+    if "embedded" in args.backends and not gallery_file.exists():
         started = time.perf_counter()
         data.write_gallery_file(gallery_file)
         log.warning("wrote %s in %.1fs", gallery_file, time.perf_counter() - started)
@@ -193,7 +194,7 @@ def build(args, data: Data) -> dict:
         subprocess.run(cmd, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
         seconds = time.perf_counter() - started
         peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        out["embedded"] = {"command": " ".join(cmd[1:]), "seconds": round(seconds, 1),
+        out["embedded"] = {"command": " ".join(cmd[1:]), "load_average_after": os.getloadavg(), "seconds": round(seconds, 1),
                            "faces_per_s": round(len(data.flat) / seconds, 1), "peak_rss_mb": round(peak_kb / 1024),
                            "disk_bytes": dir_bytes(root)}
         log.warning("embedded import: %s", out["embedded"])
@@ -209,12 +210,14 @@ def build(args, data: Data) -> dict:
         try:
             gallery = PostgresGallery(pg_options(server.url), MODEL_ID, data.flat.shape[1])
             gallery.open()
-            out["postgres"] = {**pg_copy_load(gallery, data), "server_settings": server.settings()}
+            out["postgres"] = {**pg_copy_load(gallery, data), "server_settings": server.settings(),
+                               "load_average_after": os.getloadavg()}
             gallery.close()
         finally:
             server.stop()
         log.warning("postgres load: %s", out["postgres"])
-    (work / f"build_{args.faces}.json").write_text(json.dumps(out, indent=2) + "\n")
+    out = {**(json.loads(build_file.read_text()) if build_file.exists() else {}), **out}
+    build_file.write_text(json.dumps(out, indent=2) + "\n")
     return out
 
 
@@ -314,6 +317,17 @@ def vm_kb(pid: int, key: str) -> int:
     return 0
 
 
+def pss_kb(pid: int) -> int:
+    """Proportional set size: shared memory (shared_buffers) split between the processes that map it."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def http_server(args, env: dict, data_dir: Path, pg: PgServer | None = None) -> dict:
     """A real replica: time to /readyz on the gallery, its memory, one-by-one enrollments over HTTP."""
     import httpx
@@ -346,10 +360,60 @@ def http_server(args, env: dict, data_dir: Path, pg: PgServer | None = None) -> 
                "http_enroll_one_by_one": {"enrolls": args.http_enrolls, "per_s": round(args.http_enrolls / enroll_seconds, 1),
                                           **percentiles(latencies)}}
         if pg is not None:
-            out["postgres_rss_mb"] = round(sum(vm_kb(p, "VmRSS") for p in pg.backend_pids()) / 1024)
+            out["postgres_pss_mb"] = round(sum(pss_kb(p) for p in pg.backend_pids()) / 1024)
     finally:
         server.stop()
     log.warning("server: %s", out)
+    return out
+
+
+# --- real embeddings: LFW, SFace ---------------------------------------------------------------
+
+def lfw_recall(args) -> dict:
+    """Recall@1 against exact search on real SFace embeddings of LFW: every image of every person is
+    enrolled except the last image of each person with several, which is the probe."""
+    from bench.embeddings import embed_dataset
+
+    lfw = embed_dataset(REPO.parent / "shared" / "data" / "lfw-112")
+    emb = lfw.embeddings / np.linalg.norm(lfw.embeddings, axis=1, keepdims=True)
+    last = {int(label): i for i, label in enumerate(lfw.labels)}
+    counts = np.bincount(lfw.labels)
+    probe_rows = np.asarray(sorted(i for label, i in last.items() if counts[label] > 1))
+    keep = np.setdiff1d(np.arange(len(emb)), probe_rows)
+    people = sorted({int(lfw.labels[i]) for i in keep})
+    items = [(lfw.names[p], emb[keep[lfw.labels[keep] == p]], None) for p in people]
+    rows = np.concatenate([keep[lfw.labels[keep] == p] for p in people])  # gallery row of each face, in order
+    probes = emb[probe_rows].astype(np.float32)
+    exact_row = rows[(probes @ emb[rows].T).argmax(axis=1)]
+    out = {"gallery_faces": int(len(rows)), "gallery_identities": len(items), "probes": int(len(probes))}
+    server = None
+    try:
+        for name in args.backends:
+            if name == "embedded":
+                root = args.workdir / "lfw_embedded"
+                shutil.rmtree(root, ignore_errors=True)
+                gallery = EmbeddedGallery(Gallery(root, MODEL_ID, emb.shape[1], ef_search=AUTO))
+            else:
+                from service.gallery.postgres import PostgresGallery
+
+                shutil.rmtree(args.workdir / "pg_lfw", ignore_errors=True)
+                server = PgServer(args.workdir / "pg_lfw")
+                gallery = PostgresGallery(pg_options(server.url), MODEL_ID, emb.shape[1])
+            gallery.open()
+            face_ids = [f for ids in gallery.import_identities(items) for f in ids]
+            face_of_row = dict(zip(rows.tolist(), face_ids))
+            face_hits = identity_hits = 0
+            for probe, row in zip(probes, exact_row):
+                best = gallery.search(probe[None], args.top_k)[0][0]
+                face_hits += best.face_id == face_of_row[int(row)]
+                identity_hits += best.identity_id == lfw.names[int(lfw.labels[row])]
+            out[name] = {"ef_used": search_ef(AUTO, len(rows)), "recall_at_1_face": face_hits / len(probes),
+                         "recall_at_1_identity": identity_hits / len(probes)}
+            log.warning("LFW %s: %s", name, out[name])
+            gallery.close()
+    finally:
+        if server is not None:
+            server.stop()
     return out
 
 
@@ -358,11 +422,12 @@ def main() -> None:
     parser.add_argument("--faces", type=int, default=100_000)
     parser.add_argument("--workdir", type=Path, required=True,
                         help="persistent: built galleries live here (outside the repo; several GB at 1M)")
-    parser.add_argument("--phase", choices=["build", "measure", "all"], default="all")
+    parser.add_argument("--phase", choices=["build", "measure", "all", "lfw"], default="all",
+                        help="lfw: recall on real SFace embeddings of LFW (small), nothing else")
     parser.add_argument("--backends", nargs="+", choices=["embedded", "postgres"], default=["embedded", "postgres"])
     parser.add_argument("--probes", type=int, default=1000)
     parser.add_argument("--top-k", type=int, default=5)
-    parser.add_argument("--ef", type=int, nargs="+", default=[128, 256, 512], help="explicit ef values, after auto")
+    parser.add_argument("--ef", type=int, nargs="+", default=[128, 256, 384, 512, 768, 1000], help="explicit ef values, after auto")
     parser.add_argument("--m", type=int, default=16, help="must match the build (the setting's default)")
     parser.add_argument("--ef-construction", type=int, default=200)
     parser.add_argument("--import-batch", type=int, default=5000, help="gallery import --batch")
@@ -372,6 +437,12 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
     args.workdir = args.workdir.resolve()
+    if args.phase == "lfw":
+        path = save("gallery_backends_lfw", {"benchmark": "gallery_backends --phase lfw", "machine": machine(),
+                                             "config": {"top_k": args.top_k, "ef": AUTO, "model": MODEL_ID},
+                                             "results": lfw_recall(args)})
+        log.warning("saved %s", path)
+        return
     data = Data(args.faces, args.probes, args.seed)
 
     built = build(args, data) if args.phase in ("build", "all") else None
