@@ -402,14 +402,28 @@ def lfw_recall(args) -> dict:
             gallery.open()
             face_ids = [f for ids in gallery.import_identities(items) for f in ids]
             face_of_row = dict(zip(rows.tolist(), face_ids))
-            face_hits = identity_hits = 0
-            for probe, row in zip(probes, exact_row):
-                best = gallery.search(probe[None], args.top_k)[0][0]
-                face_hits += best.face_id == face_of_row[int(row)]
-                identity_hits += best.identity_id == lfw.names[int(lfw.labels[row])]
-            out[name] = {"ef_used": search_ef(AUTO, len(rows)), "recall_at_1_face": face_hits / len(probes),
-                         "recall_at_1_identity": identity_hits / len(probes)}
-            log.warning("LFW %s: %s", name, out[name])
+            out[name] = []
+            for ef in (AUTO, 256, 512):
+                if name == "embedded":
+                    index = gallery.gallery._index  # noqa: SLF001 - a sweep of the search-time knob
+                    index.ef_search, index._ef = ef, 0  # noqa: SLF001
+                    index._apply_ef()  # noqa: SLF001
+                else:
+                    gallery.options = replace(gallery.options, hnsw_ef_search=ef)
+                face_hits = identity_hits = 0
+                gaps = []  # a miss: how much better the exact answer scores than the one returned
+                for probe, row in zip(probes, exact_row):
+                    best = gallery.search(probe[None], args.top_k)[0][0]
+                    face_hits += best.face_id == face_of_row[int(row)]
+                    hit = best.identity_id == lfw.names[int(lfw.labels[row])]
+                    identity_hits += hit
+                    if not hit:
+                        gaps.append(float(probe @ emb[row]) - best.score)
+                row_out = {"ef": ef, "ef_used": search_ef(ef, len(rows)), "recall_at_1_face": face_hits / len(probes),
+                           "recall_at_1_identity": identity_hits / len(probes),
+                           "identity_misses_score_gap": [round(g, 5) for g in sorted(gaps)]}
+                out[name].append(row_out)
+                log.warning("LFW %s: %s", name, row_out)
             gallery.close()
     finally:
         if server is not None:
