@@ -18,7 +18,10 @@ from typing import Literal
 AUTO: Literal["auto"] = "auto"
 EF_BASE = 128         # 100% recall@1 up to 100k faces (bench/results/gallery_backends_100000.json)
 BASE_FACES = 100_000
-EF_GROWTH = 0.5       # fitted at 1M faces: see bench/README.md (>= 0.99 recall@1 on both backends)
+# 1M faces at ef 128 miss 9.2% (identity) / 19.6% (face) of exact top-1s; at 100k the miss rate fell
+# ~15x from ef 40 to 128 (miss ~ ef^-2.3): 0.99 at 1M then needs ef ~335 (identity) / ~470 (face).
+# 0.6 gives 512 at 1M. An estimate until the 1M sweep (bench/README.md) is run on an idle machine.
+EF_GROWTH = 0.6
 EF_MAX = 1000         # pgvector's upper bound for hnsw.ef_search
 
 

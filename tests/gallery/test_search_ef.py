@@ -27,7 +27,7 @@ def test_auto_ef_grows_with_the_gallery_and_stays_bounded():
     sizes = [100_000, 200_000, 500_000, 1_000_000, 5_000_000, 100_000_000]
     values = [ef.auto_ef(n) for n in sizes]
     assert values == sorted(values) and values[0] < values[3] <= values[-1] == ef.EF_MAX
-    assert all(v % 16 == 0 for v in values[:-1])
+    assert all(v % 16 == 0 for v in values if v < ef.EF_MAX)  # steps, not a new ef per enrollment
     assert ef.search_ef(ef.AUTO, 1_000_000) >= 384  # what 0.99 recall@1 at 1M took (bench/README.md)
     assert ef.search_ef(200, 1_000_000) == 200  # a number is kept at every size ...
     assert ef.search_ef(200, 10, k=500) == 500  # ... but a search asks for at least k candidates
@@ -53,8 +53,8 @@ def test_embedded_index_ef_follows_live_faces_through_enroll_delete_and_reopen(t
     g = EmbeddedGallery(Gallery(tmp_path, "m@1", DIM, ef_search="auto"))
     g.open()
     assert hnswlib_ef(g) == ef.EF_BASE  # an empty index, not hnswlib's default of 10
-    g.import_identities([(f"p{i}", unit(rng, 2), None) for i in range(200)])  # 400 faces: 128*2
-    assert hnswlib_ef(g) == ef.auto_ef(400) == 256
+    g.import_identities([(f"p{i}", unit(rng, 2), None) for i in range(200)])  # 400 faces
+    assert hnswlib_ef(g) == ef.auto_ef(400) > ef.EF_BASE
     for i in range(150):  # 100 faces left
         g.delete(f"p{i}")
     assert hnswlib_ef(g) == ef.EF_BASE
