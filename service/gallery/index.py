@@ -2,7 +2,7 @@
 
 hnswlib is not safe for inserts or deletes during queries, so the gallery wraps every mutation in
 the write side of a readers-writer lock. ``ef`` is not saved with an index: it is set after every
-load or build.
+load or build, and (setting ``auto``, ef.py) again whenever the number of live faces moves it.
 
 Erasing: ``mark_deleted`` keeps a face's vector in the graph (hnswlib still routes through deleted
 elements) and keeps its slot as a tombstone that every search walks through. New faces reuse deleted
@@ -21,38 +21,53 @@ from pathlib import Path
 import hnswlib
 import numpy as np
 
+from .ef import search_ef
+
 
 class IndexUpdateFailed(RuntimeError):
     """An index mutation failed; the index no longer mirrors the store."""
 
 
 class HnswIndex:
-    def __init__(self, dim: int, m: int, ef_construction: int, ef_search: int) -> None:
+    def __init__(self, dim: int, m: int, ef_construction: int, ef_search: int | str) -> None:
         self.dim = dim
         self.m = m
         self.ef_construction = ef_construction
-        self.ef_search = ef_search
+        self.ef_search = ef_search  # a number, or "auto": from the live count (ef.py)
+        self._ef = 0  # the ef the index searches with now
         self._index: hnswlib.Index | None = None
         self.live = 0  # elements not marked deleted
         # test hook, a real code path: the next add raises this (as a failed resize or add would)
         self.fail_next_add: Exception | None = None
 
     def build_empty(self, capacity: int = 1024) -> None:
-        self._index, self.live = self._new(capacity), 0
+        self._index, self.live, self._ef = self._new(capacity), 0, 0
+        self._apply_ef()
+
+    def _apply_ef(self) -> None:
+        """Set ef for the current live count (callers hold the write lock: no search runs meanwhile).
+        hnswlib searches with max(ef, k) itself, so ef depends on the gallery size only."""
+        ef = search_ef(self.ef_search, self.live)
+        if ef != self._ef and self._index is not None:
+            self._index.set_ef(ef)
+            self._ef = ef
+
+    @property
+    def ef(self) -> int:
+        return self._ef
 
     def _new(self, capacity: int) -> hnswlib.Index:
         index = hnswlib.Index(space="cosine", dim=self.dim)
         index.init_index(max_elements=max(capacity, 16), M=self.m, ef_construction=self.ef_construction,
                          allow_replace_deleted=True)
-        index.set_ef(self.ef_search)
         return index
 
     def load(self, path: Path, live: int) -> None:
         """Load a verified snapshot; ``live`` is the number of its elements not marked deleted."""
         index = hnswlib.Index(space="cosine", dim=self.dim)
         index.load_index(str(path), max_elements=0, allow_replace_deleted=True)
-        index.set_ef(self.ef_search)
-        self._index, self.live = index, live
+        self._index, self.live, self._ef = index, live, 0
+        self._apply_ef()
 
     def save(self, path: Path) -> None:
         self._index.save_index(str(path))
@@ -78,12 +93,14 @@ class HnswIndex:
             self._index.resize_index(max(self.count + new_slots, capacity * 2))
         self._index.add_items(vectors, labels, replace_deleted=True)
         self.live += len(labels)
+        self._apply_ef()
 
     def erase(self, labels: list[int]) -> None:
         """Mark live elements deleted: never returned again; their slots are reused by later adds."""
         for label in labels:
             self._index.mark_deleted(int(label))
         self.live -= len(labels)
+        self._apply_ef()
 
     def compact(self, labels: np.ndarray) -> None:
         """Rebuild the graph from the live elements ``labels`` only: no tombstones, no deleted data."""
@@ -92,7 +109,8 @@ class HnswIndex:
         for start in range(0, len(labels), 10_000):
             part = labels[start:start + 10_000]
             fresh.add_items(np.asarray(self._index.get_items(part), dtype=np.float32), part)
-        self._index, self.live = fresh, len(labels)
+        self._index, self.live, self._ef = fresh, len(labels), 0
+        self._apply_ef()
 
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Labels and cosine similarities (not distances) of the k nearest live elements."""

@@ -37,6 +37,7 @@ from psycopg import sql
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from .api import GalleryStats, GalleryUnavailable, IdentityExists
+from .ef import AUTO, search_ef
 from .results import EnrollResult, FaceRecord, IdentityDetails, IdentityRecord
 from .search import Hit, Match, check_model, search_identities
 
@@ -95,7 +96,7 @@ class PostgresOptions:
     statement_timeout_ms: int = 15000
     hnsw_m: int = 16
     hnsw_ef_construction: int = 200
-    hnsw_ef_search: int = 128
+    hnsw_ef_search: int | str = AUTO  # a number, or "auto": from the gallery size (ef.py)
     iterative_scan: str = "relaxed_order"
     maintenance_work_mem: str = "512MB"  # for building the HNSW index in one pass
 
@@ -378,17 +379,25 @@ class PostgresGallery:
     def import_identities(self, items: list[tuple[str, np.ndarray, dict | None]]) -> list[list[int]]:
         """New identities only, all in one transaction; an existing id aborts it (IdentityExists)."""
         now = time.time()
+        flat = [(identity_id, v) for identity_id, emb, _ in items for v in self._vectors(emb)]
         try:
             with self._transaction() as conn:
+                # COPY, not INSERTs (1M faces: ~1 min instead of ~25): face ids are taken from the
+                # identity sequence first (COPY writes given values into an identity column)
+                ids = [int(r[0]) for r in conn.execute(
+                    "SELECT nextval(pg_get_serial_sequence('faces', 'face_id')) FROM generate_series(1, %s)",
+                    (len(flat),)).fetchall()]
                 with conn.cursor() as cur:
-                    cur.executemany(
-                        "INSERT INTO identities(identity_id, metadata, created_at, updated_at) VALUES (%s, %s, %s, %s)",
-                        [(identity_id, json.dumps(metadata or {}), now, now) for identity_id, _, metadata in items],
-                    )
-                # all faces in one pipelined executemany; ids come back in insertion order
-                flat = [(identity_id, v) for identity_id, emb, _ in items for v in self._vectors(emb)]
-                ids = iter(self._insert_many(conn, flat, now))
-                face_ids = [[next(ids) for _ in range(len(np.atleast_2d(emb)))] for _, emb, _ in items]
+                    with cur.copy("COPY identities (identity_id, metadata, created_at, updated_at) FROM STDIN") as copy:
+                        for identity_id, _, metadata in items:
+                            copy.write_row((identity_id, json.dumps(metadata or {}), now, now))
+                    with cur.copy("COPY faces (face_id, identity_id, embedding, created_at) FROM STDIN "
+                                  "WITH (FORMAT BINARY)") as copy:
+                        copy.set_types(["int8", "text", "vector", "float8"])
+                        for face_id, (identity_id, vector) in zip(ids, flat):
+                            copy.write_row((face_id, identity_id, vector, now))
+                it = iter(ids)
+                face_ids = [[next(it) for _ in range(len(np.atleast_2d(emb)))] for _, emb, _ in items]
                 self._count(conn, len(items), len(flat))
         except psycopg.errors.UniqueViolation as exc:
             raise IdentityExists(f"an identity of the import is already enrolled: {exc.diag.message_detail}") from exc
@@ -410,7 +419,9 @@ class PostgresGallery:
     def _ef(self, k: int) -> int:
         """hnsw.ef_search for an ask of k faces: without iterative scans an HNSW scan returns at most
         ef_search rows, so at least k."""
-        return min(MAX_EF_SEARCH, max(self.options.hnsw_ef_search, k))
+        # "auto" widens with the gallery (ef.py), sized by the face count of this replica's last search
+        # or write (this search reads the count in the same round trip as its kNN)
+        return min(MAX_EF_SEARCH, search_ef(self.options.hnsw_ef_search, self._face_count, k))
 
     def _nearest(self, conn: psycopg.Connection, probes: np.ndarray, k: int) -> list[list[Hit]]:
         """Up to k nearest faces of each probe, in one round trip: a pipeline that sets the scan mode

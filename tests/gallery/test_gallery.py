@@ -222,6 +222,11 @@ def test_bulk_import_is_all_or_nothing(gallery):
     ids = gallery.import_identities(items)
     assert len(ids) == 100 and all(len(x) == 2 for x in ids)
     assert gallery.search(items[42][1][:1], 1)[0][0].identity_id == "bulk42"
+    # the face ids returned are those stored for that identity, in order, with its embeddings
+    assert gallery.search(items[42][1][1:], 1)[0][0].face_id == ids[42][1]
+    assert [f.face_id for f in gallery.get_identity("bulk42").faces] == ids[42]
+    assert np.allclose(gallery.identity_embeddings("bulk42"), items[42][1], atol=1e-6)
+    assert gallery.get_identity("bulk42").record.metadata == {"i": 42}
     with pytest.raises(IdentityExists):
         gallery.import_identities([("fresh", unit(rng, 1), None), ("bulk3", unit(rng, 1), None)])
     assert gallery.get_identity("fresh") is None
