@@ -34,7 +34,8 @@ class PgTestServer:
         self.socket_dir = parse_qs(urlparse(self.url).query)["host"][0]
 
     def _pg_ctl(self, args: list[str]) -> None:
-        from pgserver._commands import pg_ctl
+        # pgserver makes its command wrappers at import time, one per binary: mypy cannot see them
+        from pgserver._commands import pg_ctl  # type: ignore[attr-defined]
 
         pg_ctl(args, pgdata=self.pgdata, user=self._server.system_user, timeout=60)
 

@@ -9,7 +9,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -90,7 +92,7 @@ def listed_identities(client: httpx.Client) -> set[str]:
 
 
 @contextlib.contextmanager
-def running_server(data_dir: Path, model: Path | None = None, **kwargs):
+def running_server(data_dir: Path, model: Path | None = None, **kwargs: Any) -> Iterator[str]:
     """Start the service, wait for /readyz, yield its base URL, stop it."""
     server = ServerProcess(data_dir, model=model, **kwargs)
     try:

@@ -30,6 +30,7 @@ from .openset import save_gallery_tail
 
 if TYPE_CHECKING:  # the pipeline is imported lazily, at run time
     from .pipeline import ImageType
+    from .state import ServiceState
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def labelled_files(folder: Path) -> list[tuple[str, Path]]:
             if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
 
 
-def _service_state(settings: Settings):
+def _service_state(settings: Settings) -> ServiceState:
     """The parts of the service a calibration needs: the model session and the photo path."""
     from .app import _photo_support
     from .model.runtime import EmbeddingModel
@@ -74,7 +75,7 @@ def _service_state(settings: Settings):
                         detector=detector, template=template)
 
 
-def embed_folder(state, options: CalibrateOptions) -> CalibrationSet:
+def embed_folder(state: ServiceState, options: CalibrateOptions) -> CalibrationSet:
     from .pipeline import decode_faces
 
     files = labelled_files(options.folder)

@@ -32,6 +32,7 @@ import re
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -43,6 +44,7 @@ from .gallery.api import GalleryBackend, GalleryModelMismatch, GalleryUnavailabl
 
 if TYPE_CHECKING:  # the pipeline is imported lazily, at run time
     from .pipeline import ImageType
+    from .state import ServiceState
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +120,7 @@ def export_gallery(gallery: GalleryBackend, path: Path, page: int = 500) -> Tran
     return done
 
 
-def read_gallery_file(path: Path, model_id: str, dim: int):
+def read_gallery_file(path: Path, model_id: str, dim: int) -> Iterator[tuple[str, np.ndarray, dict]]:
     """Yield (identity id, embeddings, metadata) from a gallery file after checking its header."""
     with open(path, encoding="utf-8") as lines:
         try:
@@ -146,7 +148,8 @@ def read_gallery_file(path: Path, model_id: str, dim: int):
     raise GalleryFileError(f"{path} ends without its end line: the file is incomplete")
 
 
-def import_gallery(gallery: GalleryBackend, path: Path, batch: int = 1000, progress=None) -> Transfer:
+def import_gallery(gallery: GalleryBackend, path: Path, batch: int = 1000,
+                   progress: Callable[[Transfer], None] | None = None) -> Transfer:
     """Import a gallery file; identities already in the gallery are skipped (so an import can resume).
 
     The file is checked whole (header, model, end line) before anything is written.
@@ -202,7 +205,7 @@ def people_in(root: Path) -> list[tuple[str, list[Path]]]:
     return found
 
 
-async def _embed_person(state, images: list[Path], image_type: ImageType, summary: EnrollSummary) -> np.ndarray | None:
+async def _embed_person(state: ServiceState, images: list[Path], image_type: ImageType, summary: EnrollSummary) -> np.ndarray | None:
     """One embedding per usable image; an image with no face, several faces or unreadable is skipped."""
     from .errors import ServiceError
     from .pipeline import embed_images
@@ -231,7 +234,7 @@ async def _embed_person(state, images: list[Path], image_type: ImageType, summar
 
 
 async def enroll_folder(settings: Settings, root: Path, image_type: ImageType = "auto", replace: bool = False,
-                        concurrency: int = 8, progress=None) -> EnrollSummary:
+                        concurrency: int = 8, progress: Callable[[EnrollSummary], None] | None = None) -> EnrollSummary:
     """Enroll every person folder under ``root`` through the real data path (model, batcher, gallery)."""
     from starlette.concurrency import run_in_threadpool
 

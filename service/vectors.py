@@ -15,6 +15,7 @@ import numpy as np
 
 from .errors import ErrorCode, ServiceError
 from .pipeline import FaceBatch, ImageType, MultiFace, embed_images
+from .schemas import EnrollRequest, IdentifyRequest, VerifyRequest
 from .state import ServiceState
 
 # Below this norm a vector has no reliable direction (and no model emits one): refuse it rather than
@@ -92,14 +93,14 @@ async def source_vectors(state: ServiceState, source: FaceSource) -> tuple[np.nd
     return vectors, faces
 
 
-def list_source(payload, images: dict[str, list[bytes]]) -> FaceSource:
+def list_source(payload: IdentifyRequest | EnrollRequest, images: dict[str, list[bytes]]) -> FaceSource:
     """/identify and /enroll: ``images`` or ``embeddings``, exactly one."""
     exactly_one(payload.images is not None, payload.embeddings is not None, "images", "embeddings")
     return FaceSource(images=images.get("images"), embeddings=payload.embeddings, model_id=payload.model_id,
                       image_type=payload.image_type, multi_face=payload.multi_face)
 
 
-def verify_source(payload, images: dict[str, list[bytes]]) -> FaceSource:
+def verify_source(payload: VerifyRequest, images: dict[str, list[bytes]]) -> FaceSource:
     """/verify: face a, and face b or an identity; both faces as images or both as embeddings."""
     by_embedding = payload.embedding_a is not None or payload.embedding_b is not None
     exactly_one(payload.image_a is not None or payload.image_b is not None, by_embedding,
@@ -112,6 +113,7 @@ def verify_source(payload, images: dict[str, list[bytes]]) -> FaceSource:
         raise ServiceError(ErrorCode.invalid_request,
                            "give exactly one of image_b (embedding_b with embedding_a) or identity_id")
     if by_embedding:
-        return FaceSource(embeddings=[v for v in (first, second) if v is not None], model_id=payload.model_id)
+        vectors = [v for v in (payload.embedding_a, payload.embedding_b) if v is not None]
+        return FaceSource(embeddings=vectors, model_id=payload.model_id)
     return FaceSource(images=images.get("image_a", []) + images.get("image_b", []), model_id=payload.model_id,
                       image_type=payload.image_type, multi_face=payload.multi_face)

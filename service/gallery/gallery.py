@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,7 +76,7 @@ class ReadWriteLock:
         self._writers_waiting = 0
 
     @contextmanager
-    def read(self):
+    def read(self) -> Iterator[None]:
         with self._cond:
             while self._writer or self._writers_waiting:
                 self._cond.wait()
@@ -89,7 +90,7 @@ class ReadWriteLock:
                     self._cond.notify_all()
 
     @contextmanager
-    def write(self):
+    def write(self) -> Iterator[None]:
         with self._cond:
             self._writers_waiting += 1
             while self._writer or self._readers:
@@ -368,7 +369,7 @@ class Gallery:
             raise ValueError(f"embeddings must be finite and of shape (n, {self.dim}), not {embeddings.shape}")
         return embeddings
 
-    def _index_update(self, what: str, update) -> None:
+    def _index_update(self, what: str, update: Callable[[], object]) -> None:
         """Run an index mutation after the store committed; a failure leaves the write durable and
         marks the index dirty (never snapshotted; rebuilt from the store by the maintenance thread)."""
         try:

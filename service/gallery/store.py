@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -108,7 +109,7 @@ class Store:
 
     # --- writes (the caller serialises them) -------------------------------------------------
     @contextmanager
-    def _transaction(self):
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
         """One write transaction that bumps the generation; committed on exit, rolled back on error."""
         conn = self._writer
         conn.execute("BEGIN IMMEDIATE")
@@ -121,19 +122,20 @@ class Store:
             raise
 
     @staticmethod
-    def _insert_identity(conn, identity_id: str, metadata: dict | None, now: float) -> None:
+    def _insert_identity(conn: sqlite3.Connection, identity_id: str, metadata: dict | None, now: float) -> None:
         conn.execute(
             "INSERT INTO identities(identity_id, metadata, created_at, updated_at) VALUES (?, ?, ?, ?)",
             (identity_id, json.dumps(metadata or {}), now, now),
         )
 
     @staticmethod
-    def _insert_faces(conn, identity_id: str, embeddings: np.ndarray, now: float) -> list[int]:
+    def _insert_faces(conn: sqlite3.Connection, identity_id: str, embeddings: np.ndarray, now: float) -> list[int]:
+        # an INSERT's cursor always has a lastrowid (None is only for statements that insert nothing)
         return [
-            conn.execute(
+            cast(int, conn.execute(
                 "INSERT INTO faces(identity_id, embedding, created_at) VALUES (?, ?, ?)",
                 (identity_id, vector.tobytes(), now),
-            ).lastrowid
+            ).lastrowid)
             for vector in embeddings.astype(np.float32)
         ]
 

@@ -13,8 +13,12 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .calibration import CalibrationError, ImpostorTail
+
+if TYPE_CHECKING:  # for the annotations only; the functions import onnx where they use it
+    import onnx
 
 CONTRACT_VERSION = "1"
 SIDECAR_SUFFIX = ".face.json"
@@ -222,7 +226,7 @@ def read_contract(model_path: Path) -> FaceContract:
     return FaceContract.from_metadata(meta)
 
 
-def write_contract(proto, contract: FaceContract) -> None:
+def write_contract(proto: onnx.ModelProto, contract: FaceContract) -> None:
     """Write the contract into an in-memory ``onnx.ModelProto`` (replacing older face.* keys)."""
     kept = [(p.key, p.value) for p in proto.metadata_props if not p.key.startswith("face.")]
     del proto.metadata_props[:]

@@ -53,6 +53,7 @@ import dataclasses
 import logging
 import tempfile
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -218,7 +219,7 @@ def copy_model(proto: onnx.ModelProto) -> onnx.ModelProto:
     return duplicate
 
 
-def _elem_types(values) -> dict[str, int]:
+def _elem_types(values: Iterable[onnx.ValueInfoProto]) -> dict[str, int]:
     return {v.name: v.type.tensor_type.elem_type for v in values}
 
 
