@@ -25,15 +25,15 @@ async def get_state(request: Request) -> ServiceState:
 StateDep = Annotated[ServiceState, Depends(get_state)]
 
 
-async def require_api_key(request: Request, state: StateDep) -> None:
-    expected = state.settings.api_key
-    if expected is None:
+async def require_api_key(request: Request) -> None:
+    # the state read directly, not as a sub-dependency (StateDep): every route runs this one, and
+    # each dependency FastAPI resolves costs event-loop time on every request
+    settings = (await get_state(request)).settings
+    if settings.api_key is None:
         return
-    given = request.headers.get(state.settings.api_key_header, "")
-    if not hmac.compare_digest(given.encode(), expected.get_secret_value().encode()):
-        raise ServiceError(
-            ErrorCode.unauthorized, f"missing or wrong API key in header {state.settings.api_key_header}"
-        )
+    given = request.headers.get(settings.api_key_header, "")
+    if not hmac.compare_digest(given.encode(), settings.api_key.get_secret_value().encode()):
+        raise ServiceError(ErrorCode.unauthorized, f"missing or wrong API key in header {settings.api_key_header}")
 
 
 ApiKey = Depends(require_api_key)

@@ -120,13 +120,19 @@ def decode_base64(text: str, index: int) -> bytes:
 # -- header and decode -------------------------------------------------------------------------------
 
 
+# Our own limit (``max_pixels``, checked on the header) is what applies; Pillow's warning threshold
+# (Image.MAX_IMAGE_PIXELS, 89 M pixels) is not, and its warning text carries the pixel count, so
+# each bomb of a new size would print again. Ignored once, here, for the process: a
+# ``warnings.catch_warnings()`` around each decode swaps the process-wide filter list and is not
+# thread-safe (decodes run in the thread pool: overlapping ones that exit out of order leave
+# filters installed or drop other threads' filters), and it cost two list copies per image.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
 @contextmanager
 def _decode_errors(max_pixels: int) -> Iterator[None]:
     try:
-        with warnings.catch_warnings():
-            # our own limit is what applies; Pillow's warning threshold (89 M pixels) is not
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            yield
+        yield
     except Image.DecompressionBombError as exc:  # Pillow's own hard limit, raised inside open()
         raise ImageTooLarge(f"the image declares too many pixels: {exc}", limit=max_pixels) from exc
     except UnidentifiedImageError as exc:

@@ -11,7 +11,7 @@ import types
 import typing
 from typing import Any, TypeVar
 
-from fastapi import Request
+from fastapi import Request, Response
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
@@ -149,6 +149,14 @@ def _form_value(key: str, value: str) -> Any:
     except ServiceError:
         return value
     return parsed if isinstance(parsed, (bool, int, float)) or parsed is None else value
+
+
+def json_response(body: BaseModel) -> Response:
+    """A response model serialised once, by pydantic's own serialiser. Returned as the model, FastAPI
+    dumps it to Python objects, validates them against ``response_model`` again and encodes that: three
+    passes over every float of every embedding on each request, for a model the route has just built
+    (and validated). The route's ``response_model`` still documents the body in OpenAPI."""
+    return Response(body.model_dump_json().encode(), media_type="application/json")
 
 
 def body_docs(model: type[BaseModel], list_fields: tuple[str, ...], single_fields: tuple[str, ...] = ()) -> dict:

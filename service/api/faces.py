@@ -7,14 +7,14 @@ from typing import Any, NamedTuple
 
 import cv2
 import numpy as np
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from ..deps import ApiKey, StateDep
 from ..detection import align_face
 from ..errors import ErrorCode, ServiceError
 from ..openset import IdentifyThreshold
-from ..payload import body_docs, read_payload
+from ..payload import body_docs, json_response, read_payload
 from ..pipeline import decoded_photo, embed_images
 from ..schemas import (
     Candidate,
@@ -39,7 +39,7 @@ router = APIRouter(tags=["faces"], dependencies=[ApiKey], responses=ERRORS)
 
 @router.post("/embed", response_model=EmbedResponse, openapi_extra=body_docs(EmbedRequest, ("images",)),
              summary="Embed faces")
-async def embed(request: Request, state: StateDep) -> EmbedResponse:
+async def embed(request: Request, state: StateDep) -> Response:
     """One or many faces in, one L2-normalised embedding per face out.
 
     Aligned crops give one embedding each. Photos give one (`multi_face: largest` or `center`) or one
@@ -48,8 +48,8 @@ async def embed(request: Request, state: StateDep) -> EmbedResponse:
     payload, images = await read_payload(request, EmbedRequest, ("images",),
                                          max_images=state.settings.max_faces_per_request)
     vectors, faces = await embed_images(state, images["images"], payload.image_type, payload.multi_face)
-    return EmbedResponse(model_id=state.contract.model_id, dimension=vectors.shape[1], embeddings=vectors.tolist(),
-                         faces=faces.locations())
+    return json_response(EmbedResponse(model_id=state.contract.model_id, dimension=vectors.shape[1],
+                                       embeddings=vectors.tolist(), faces=faces.locations()))
 
 
 @router.post("/verify", response_model=VerifyResponse,

@@ -102,3 +102,37 @@ def test_every_photo_error_is_a_client_error_of_the_api_vocabulary():
         error = cls("what is wrong", mode="X").for_image(3)
         assert isinstance(error, ServiceError) and error.code == cls.code and 400 <= error.status < 500
         assert error.details == {"index": 3, "mode": "X"} and error.message == "image 3: what is wrong"
+
+
+def test_concurrent_decodes_leave_the_warning_filters_alone():
+    """Decodes run in the thread pool. ``warnings.catch_warnings`` swaps the process-wide filter list
+    on entry and puts back the list it saw on exit, so two overlapping decodes that exit in the
+    wrong order leave one's "ignore" filter installed for good (and a decode can drop a filter that
+    another thread installed meanwhile). The decode path must not touch the filters at all."""
+    import sys
+    import threading
+    import warnings
+
+    data = FACE.read_bytes()
+    before = list(warnings.filters)
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            for _ in range(300):
+                decode(data)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often, as a loaded server does
+    try:
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors
+    assert warnings.filters == before
