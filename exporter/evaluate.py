@@ -19,6 +19,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -26,6 +27,11 @@ from service.model.calibration import ImpostorTail
 from service.model.preprocess import l2_normalise
 
 from .images import face_files, load_faces
+
+if TYPE_CHECKING:
+    import keras
+
+    from .config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -193,10 +199,19 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path,
 
 # --- embedders --------------------------------------------------------------------------------------
 
+class Embedder(Protocol):
+    """What evaluation runs: N x size x size x 3 uint8 RGB faces -> N x D raw embeddings."""
+
+    input_size: int
+    label: str
+
+    def __call__(self, faces: np.ndarray) -> np.ndarray: ...
+
+
 class OnnxEmbedder:
     """An ONNX model run by the service's FaceSession (preprocessed by its face.* contract); raw outputs."""
 
-    def __init__(self, path: str | Path, threads: int | None = None):
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
         from service.model.session import FaceSession, SessionOptions
 
         self.path = Path(path)
@@ -213,13 +228,14 @@ class OnnxEmbedder:
 class TFEmbedder:
     """A Keras embedding model with the config's (x - mean) / std normalisation."""
 
-    def __init__(self, cfg, model):
+    def __init__(self, cfg: TrainConfig, model: keras.Model) -> None:
         self.cfg, self.model = cfg, model
         self.input_size = cfg.input_size
         self.label = f"{cfg.export_model_name()} (tf)"
 
     @classmethod
-    def load(cls, source: str | Path, config: str | Path | None = None, overrides: list[str] | None = None):
+    def load(cls, source: str | Path, config: str | Path | None = None,
+             overrides: list[str] | None = None) -> TFEmbedder:
         """From our run directory or an arcface-tf2 checkpoint."""
         from .checkpoints import load_embedding_model
 
@@ -230,7 +246,8 @@ class TFEmbedder:
         return np.asarray(self.model(x, training=False))
 
 
-def make_embedder(model: str | Path, config: str | Path | None = None, overrides: list[str] | None = None):
+def make_embedder(model: str | Path, config: str | Path | None = None,
+                  overrides: list[str] | None = None) -> OnnxEmbedder | TFEmbedder:
     if str(model).endswith(".onnx"):
         return OnnxEmbedder(model)
     return TFEmbedder.load(model, config, overrides)
@@ -243,7 +260,7 @@ def make_embedder(model: str | Path, config: str | Path | None = None, overrides
 FLIP_MODES = ("normalised", "raw")
 
 
-def embed_paths(embedder, paths: list[Path], batch_size: int = 64, flip: bool = True,
+def embed_paths(embedder: Embedder, paths: list[Path], batch_size: int = 64, flip: bool = True,
                 flip_mode: str = "normalised") -> tuple[np.ndarray, np.ndarray | None]:
     """L2-normalised embeddings of the files, and flip-averaged ones (see FLIP_MODES) when ``flip``."""
     if flip_mode not in FLIP_MODES:
@@ -384,7 +401,7 @@ def restricted(protocol: Pairs, folds: int) -> Pairs:
                  protocol.same[keep], protocol.fold[keep], folds)
 
 
-def evaluate_model(embedder, pairs: str | Path, options: EvaluateOptions | None = None,
+def evaluate_model(embedder: Embedder, pairs: str | Path, options: EvaluateOptions | None = None,
                    source: str | Path = "<in memory>") -> EvaluationReport:
     """Evaluate an embedder (OnnxEmbedder, TFEmbedder: see make_embedder) on a pairs protocol; see the
     module docstring. Writes nothing: plot_report, write_report and write_threshold_into do that."""

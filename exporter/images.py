@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 
-def load_faces(paths, size: int = 112) -> np.ndarray:
+def load_faces(paths: Iterable[str | Path], size: int = 112) -> np.ndarray:
     """Aligned face files -> N x size x size x 3 uint8 RGB."""
     faces = []
     for path in paths:
