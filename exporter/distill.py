@@ -39,7 +39,8 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from types import FrameType
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import yaml
@@ -49,6 +50,11 @@ from service.model.preprocess import l2_normalise
 
 from .config import REPO, ConfigError, TrainConfig, load_config, save_config
 from .images import face_files
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+    from .evaluate import Embedder
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +256,7 @@ def _cache_key(cfg: DistillConfig, sources: list[str], teacher: Path, size: int)
     return h.hexdigest()[:16]
 
 
-def build_teacher_cache(cfg: DistillConfig, data: FaceSet, teacher, teacher_path: Path, cache_dir: Path,
+def build_teacher_cache(cfg: DistillConfig, data: FaceSet, teacher: Embedder, teacher_path: Path, cache_dir: Path,
                         batch_size: int = 64, teacher_batch: int = 32) -> TeacherCache:
     """Make (or reuse) the views and their teacher embeddings; the one pass of the teacher per run."""
     size = data.faces.shape[1]
@@ -309,7 +315,7 @@ def student_config(cfg: DistillConfig, teacher_dim: int) -> TrainConfig:
     ])
 
 
-def relational_loss(student, teacher):
+def relational_loss(student: tf.Tensor, teacher: tf.Tensor) -> tf.Tensor:
     """Mean squared difference of the off-diagonal batch cosine matrices (inputs L2-normalised)."""
     import tensorflow as tf
 
@@ -322,7 +328,7 @@ class _StopOnSignal:
     """SIGTERM/SIGINT ask the loop to stop after the current step (checkpoint and weights are then saved),
     so a run can be cut to fit a time budget and still export."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         import signal
 
         self.requested = False
@@ -333,7 +339,7 @@ class _StopOnSignal:
             except ValueError:  # not the main thread: no signal handling
                 pass
 
-    def _handle(self, signum, frame):
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.requested = True
         log.info("stop requested (signal %d): finishing the current step", signum)
 
@@ -422,7 +428,8 @@ def distill(cfg: DistillConfig, resume: bool = True) -> DistillResult:
         log.info("resumed from %s at step %d", manager.latest_checkpoint, int(step.numpy()))
 
     @tf.function
-    def train_step(images, targets, labels):
+    def train_step(images: tf.Tensor, targets: tf.Tensor,
+                   labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
         with tf.GradientTape() as tape:
             raw = student((tf.cast(images, tf.float32) - cfg.mean) / cfg.std, training=True)
             mapped = projection(raw) if projection is not None else raw
