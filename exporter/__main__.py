@@ -10,7 +10,10 @@ import json
 import logging
 import os
 import sys
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 log = logging.getLogger("exporter")
 
@@ -31,7 +34,7 @@ def _setup_logging(verbose: bool) -> None:
     logging.getLogger("absl").setLevel(logging.WARNING)
 
 
-T = TypeVar("T")
+T = TypeVar("T", bound="DataclassInstance")
 
 
 def _emit(result: dict) -> None:

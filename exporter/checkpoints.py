@@ -87,7 +87,7 @@ def _layers_with_weights(model: keras.Model) -> list[keras.layers.Layer]:
     return [layer for layer in model.layers if layer.weights]
 
 
-def keras2_variable_keys(model: keras.Model, prefix: str = "") -> list[tuple[str, object]]:
+def keras2_variable_keys(model: keras.Model, prefix: str = "") -> list[tuple[str, tf.Variable]]:
     """(checkpoint key, variable) for every variable of ``model``, named as Keras 2 tracked them."""
     keys = []
     for index, layer in enumerate(_layers_with_weights(model)):

@@ -101,6 +101,8 @@ def _finish(ds: tf.data.Dataset, cfg: TrainConfig, training: bool) -> tf.data.Da
 
 def folder_dataset(cfg: TrainConfig, training: bool = True) -> tuple[tf.data.Dataset, LabelledFiles]:
     """A folder per identity -> ((images, labels), labels) batches; infinite when training."""
+    if not cfg.train_dir:
+        raise ValueError("folder_dataset needs train_dir (a folder per identity) in the config")
     files = scan_folder(cfg.train_dir, cfg.min_images_per_identity)
     ds = tf.data.Dataset.from_tensor_slices((files.paths, files.labels))
     if training:

@@ -145,7 +145,7 @@ def load_distill_config(path: str | Path | None = None, overrides: list[str] | N
 def config_help() -> str:
     lines = []
     for name, field in DistillConfig.model_fields.items():
-        default = field.default_factory() if field.default_factory else field.default
+        default = field.get_default(call_default_factory=True)
         lines.append(f"  {name} (default {default!r}){': ' + field.description if field.description else ''}")
     return "\n".join(lines)
 
@@ -274,7 +274,7 @@ def build_teacher_cache(cfg: DistillConfig, data: FaceSet, teacher: Embedder, te
     start = time.monotonic()
     teacher_size = teacher.input_size
     for lo in range(0, n, batch_size):
-        batch = []
+        batch: list[list[np.ndarray]] = []
         for face in data.faces[lo:lo + batch_size]:
             clean = [face] + [augment_view(face, rng, cfg) for _ in range(cfg.views)]
             batch.append(clean + [np.ascontiguousarray(v[:, ::-1]) for v in clean])
@@ -292,6 +292,8 @@ def build_teacher_cache(cfg: DistillConfig, data: FaceSet, teacher: Embedder, te
             targets = np.zeros((n, per_image, emb.shape[1]), np.float32)
         targets[lo:lo + len(block)] = emb.reshape(len(block), per_image, -1)
         log.info("teacher cache: %d / %d images (%.0fs)", min(lo + batch_size, n), n, time.monotonic() - start)
+    if targets is None:
+        raise ValueError("no faces to make a teacher cache of")
     views.flush()
     del views
     np.save(targets_path, targets)

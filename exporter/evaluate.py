@@ -19,7 +19,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -319,7 +319,7 @@ def write_threshold_into(onnx_path: str | Path, threshold: float, source: str,
     meta = {p.key: p.value for p in proto.metadata_props}
     contract = FaceContract.from_metadata(meta)
     extra = {**contract.extra, "face.threshold_source": source}
-    changes = {"threshold": round(float(threshold), 4), "extra": extra}
+    changes: dict[str, Any] = {"threshold": round(float(threshold), 4), "extra": extra}
     if tail is not None:
         changes["impostor_tail"] = tail if isinstance(tail, ImpostorTail) else ImpostorTail.from_dict(tail)
     write_contract(proto, dataclasses.replace(contract, **changes))
@@ -417,7 +417,7 @@ def evaluate_model(embedder: Embedder, pairs: str | Path, options: EvaluateOptio
     seconds = time.monotonic() - start
 
     results, curves = {}, {}
-    variants = (("plain", plain), ("flip", flipped)) if options.flip else (("plain", plain),)
+    variants = (("plain", plain), ("flip", flipped)) if flipped is not None else (("plain", plain),)
     for variant, embeddings in variants:
         scores = pair_scores(protocol, embeddings, index)
         results[variant] = verification_report(scores, protocol.same, protocol.fold)
@@ -447,7 +447,8 @@ def evaluate_model(embedder: Embedder, pairs: str | Path, options: EvaluateOptio
     )
     log.info("%s: %.2f%% +- %.2f (flip-averaged: %s), threshold %.4f", report.model, 100 * report.accuracy_mean,
              100 * report.accuracy_std,
-             f"{100 * report.accuracy_flip_mean:.2f}%" if flip else "not measured", report.best_threshold)
+             f"{100 * report.accuracy_flip_mean:.2f}%" if report.accuracy_flip_mean is not None else "not measured",
+             report.best_threshold)
     return report
 
 
@@ -486,7 +487,7 @@ def embed_files(model: str | Path, inputs: list[str], output: str | Path, config
     if not paths:
         raise ValueError("no images found")
     plain, flipped = embed_paths(embedder, paths, batch_size, flip=flip, flip_mode=flip_mode)
-    embeddings = flipped if flip else plain
+    embeddings = flipped if flipped is not None else plain  # flipped: exactly when flip
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     np.save(output, embeddings.astype(np.float32))

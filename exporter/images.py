@@ -16,7 +16,7 @@ def load_faces(paths: Iterable[str | Path], size: int = 112) -> np.ndarray:
         with Image.open(path) as img:
             img = img.convert("RGB")
             if img.size != (size, size):
-                img = img.resize((size, size), Image.BILINEAR)
+                img = img.resize((size, size), Image.Resampling.BILINEAR)
             faces.append(np.asarray(img, dtype=np.uint8))
     return np.stack(faces)
 

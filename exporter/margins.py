@@ -133,7 +133,7 @@ def margin_head(kind: str, num_classes: int, scale: float = 64.0, margin: float 
                 subcenters: int = 3, easy_margin: bool = False, weight_decay: float = 0.0,
                 name: str = "margin_head") -> MarginHead:
     """The head by name: ``arcface``, ``subcenter``, ``cosface`` or ``softmax``."""
-    params = {
+    params: dict[str, dict[str, Any]] = {
         "arcface": dict(angular_margin=margin, subcenters=1),
         "subcenter": dict(angular_margin=margin, subcenters=max(subcenters, 2)),
         "cosface": dict(angular_margin=0.0, cosine_margin=margin, subcenters=1),
