@@ -10,6 +10,10 @@ import json
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 log = logging.getLogger("exporter")
 
@@ -30,11 +34,14 @@ def _setup_logging(verbose: bool) -> None:
     logging.getLogger("absl").setLevel(logging.WARNING)
 
 
+T = TypeVar("T", bound="DataclassInstance")
+
+
 def _emit(result: dict) -> None:
     sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
 
 
-def cmd_train(args) -> int:
+def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
 
     cfg = load_config(args.config, args.overrides)  # before importing TensorFlow: bad configs fail fast
@@ -45,7 +52,7 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_distill(args) -> int:
+def cmd_distill(args: argparse.Namespace) -> int:
     from .distill import load_distill_config
 
     cfg = load_distill_config(args.config, args.overrides)  # before importing TensorFlow: bad configs fail fast
@@ -57,21 +64,21 @@ def cmd_distill(args) -> int:
     return 0
 
 
-def _options(cls, args):
+def _options(cls: type[T], args: argparse.Namespace) -> T:
     """An options dataclass from the parsed flags of the same names (flags a command lacks keep their defaults)."""
     import dataclasses
 
     return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
 
 
-def cmd_export(args) -> int:
+def cmd_export(args: argparse.Namespace) -> int:
     from .export import ExportOptions, export_model
 
     _emit(export_model(args.source, args.output, _options(ExportOptions, args)))
     return 0
 
 
-def cmd_evaluate(args) -> int:
+def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate, then write what was asked for: the ROC plot, the threshold into the model, the JSON."""
     from .evaluate import (
         EvaluateOptions,
@@ -97,7 +104,7 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def cmd_embed(args) -> int:
+def cmd_embed(args: argparse.Namespace) -> int:
     from .evaluate import embed_files
 
     result = embed_files(model=args.model, inputs=args.inputs, output=args.output, config=args.config,

@@ -52,7 +52,7 @@ def build_backbone(kind: str, input_size: int = 112, alpha: float = 1.0,
     return model
 
 
-def embedding_head(feature_shape, embedding_size: int = 512, dropout: float = 0.5,
+def embedding_head(feature_shape: tuple[int | None, ...], embedding_size: int = 512, dropout: float = 0.5,
                    weight_decay: float = 5e-4, name: str = HEAD_NAME) -> keras.Model:
     """BN -> Dropout -> Flatten -> Dense(embedding_size, L2) -> BN, as a nested functional model.
 

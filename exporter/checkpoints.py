@@ -45,7 +45,8 @@ class CheckpointError(RuntimeError):
 
 # --- ours -------------------------------------------------------------------------------------------
 
-def training_checkpoint(embedding_model, head, optimizer, step: tf.Variable, epoch: tf.Variable) -> tf.train.Checkpoint:
+def training_checkpoint(embedding_model: keras.Model, head: keras.layers.Layer, optimizer: keras.optimizers.Optimizer,
+                        step: tf.Variable, epoch: tf.Variable) -> tf.train.Checkpoint:
     return tf.train.Checkpoint(embedding=embedding_model, head=head, optimizer=optimizer, step=step, epoch=epoch)
 
 
@@ -81,12 +82,12 @@ def load_run(run_dir: str | Path, overrides: list[str] | None = None) -> tuple[T
 
 # --- arcface-tf2 layout -----------------------------------------------------------------------------
 
-def _layers_with_weights(model) -> list:
+def _layers_with_weights(model: keras.Model) -> list[keras.layers.Layer]:
     # Keras 2 numbered layers with weights in model.layers order; Keras 3 keeps that order
     return [layer for layer in model.layers if layer.weights]
 
 
-def keras2_variable_keys(model, prefix: str = "") -> list[tuple[str, object]]:
+def keras2_variable_keys(model: keras.Model, prefix: str = "") -> list[tuple[str, tf.Variable]]:
     """(checkpoint key, variable) for every variable of ``model``, named as Keras 2 tracked them."""
     keys = []
     for index, layer in enumerate(_layers_with_weights(model)):
@@ -154,7 +155,7 @@ def load_arcface_tf2(model: keras.Model, checkpoint: str | Path) -> dict:
     return {"checkpoint": prefix_path, "loaded": len(wanted), "unused": unused}
 
 
-def _keras2_tree(model) -> tf.Module:
+def _keras2_tree(model: keras.Model) -> tf.Module:
     """A trackable tree with Keras 2's child names, holding the model's own tf.Variables."""
     node = tf.Module()
     for index, layer in enumerate(_layers_with_weights(model)):

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from .config import TrainConfig
+
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
@@ -82,10 +84,10 @@ def normalise(image: tf.Tensor, mean: float, std: float) -> tf.Tensor:
     return (image - mean) / std
 
 
-def _finish(ds: tf.data.Dataset, cfg, training: bool) -> tf.data.Dataset:
+def _finish(ds: tf.data.Dataset, cfg: TrainConfig, training: bool) -> tf.data.Dataset:
     size = cfg.input_size
 
-    def transform(image, label):
+    def transform(image: tf.Tensor, label: tf.Tensor) -> tuple[dict[str, tf.Tensor], tf.Tensor]:
         if training and cfg.augment:
             image = augment_image(image, size, cfg.resize_to, cfg.saturation, cfg.brightness)
         return {"input_image": normalise(image, cfg.mean, cfg.std), "label": label}, label
@@ -97,15 +99,17 @@ def _finish(ds: tf.data.Dataset, cfg, training: bool) -> tf.data.Dataset:
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def folder_dataset(cfg, training: bool = True) -> tuple[tf.data.Dataset, LabelledFiles]:
+def folder_dataset(cfg: TrainConfig, training: bool = True) -> tuple[tf.data.Dataset, LabelledFiles]:
     """A folder per identity -> ((images, labels), labels) batches; infinite when training."""
+    if not cfg.train_dir:
+        raise ValueError("folder_dataset needs train_dir (a folder per identity) in the config")
     files = scan_folder(cfg.train_dir, cfg.min_images_per_identity)
     ds = tf.data.Dataset.from_tensor_slices((files.paths, files.labels))
     if training:
         # shuffle file names (cheap) before decoding, reshuffled every epoch
         ds = ds.shuffle(len(files.paths), seed=cfg.seed, reshuffle_each_iteration=True)
 
-    def load(path, label):
+    def load(path: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         return decode_image(tf.io.read_file(path), cfg.input_size), label
 
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE)
@@ -155,7 +159,7 @@ def tfrecord_source_ids(path: str | Path) -> list[int]:
     return sorted(ids)
 
 
-def tfrecord_dataset(cfg, training: bool = True) -> tuple[tf.data.Dataset, LabelledFiles]:
+def tfrecord_dataset(cfg: TrainConfig, training: bool = True) -> tuple[tf.data.Dataset, LabelledFiles]:
     """An arcface-tf2 TFRecord (binary or online) -> batches with labels remapped to 0..N-1."""
     path = str(cfg.train_tfrecord)
     source_ids = tfrecord_source_ids(path)
@@ -166,7 +170,7 @@ def tfrecord_dataset(cfg, training: bool = True) -> tuple[tf.data.Dataset, Label
     if training:
         ds = ds.shuffle(cfg.shuffle_buffer, seed=cfg.seed, reshuffle_each_iteration=True)
 
-    def parse(record):
+    def parse(record: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         example = tf.io.parse_single_example(record, _FEATURES)
         data = tf.cond(tf.strings.length(example[ENCODED]) > 0, lambda: example[ENCODED],
                        lambda: tf.io.read_file(example[IMG_PATH]))
@@ -183,7 +187,7 @@ def count_tfrecord(path: str | Path) -> int:
     return sum(1 for _ in tf.data.TFRecordDataset(str(path)))
 
 
-def training_dataset(cfg) -> tuple[tf.data.Dataset, LabelledFiles, int]:
+def training_dataset(cfg: TrainConfig) -> tuple[tf.data.Dataset, LabelledFiles, int]:
     """The configured training input, its label mapping and its number of examples."""
     if cfg.train_tfrecord:
         ds, files = tfrecord_dataset(cfg, training=True)

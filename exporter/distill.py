@@ -39,7 +39,8 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from types import FrameType
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import yaml
@@ -49,6 +50,11 @@ from service.model.preprocess import l2_normalise
 
 from .config import REPO, ConfigError, TrainConfig, load_config, save_config
 from .images import face_files
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+    from .evaluate import Embedder
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +145,7 @@ def load_distill_config(path: str | Path | None = None, overrides: list[str] | N
 def config_help() -> str:
     lines = []
     for name, field in DistillConfig.model_fields.items():
-        default = field.default_factory() if field.default_factory else field.default
+        default = field.get_default(call_default_factory=True)
         lines.append(f"  {name} (default {default!r}){': ' + field.description if field.description else ''}")
     return "\n".join(lines)
 
@@ -250,7 +256,7 @@ def _cache_key(cfg: DistillConfig, sources: list[str], teacher: Path, size: int)
     return h.hexdigest()[:16]
 
 
-def build_teacher_cache(cfg: DistillConfig, data: FaceSet, teacher, teacher_path: Path, cache_dir: Path,
+def build_teacher_cache(cfg: DistillConfig, data: FaceSet, teacher: Embedder, teacher_path: Path, cache_dir: Path,
                         batch_size: int = 64, teacher_batch: int = 32) -> TeacherCache:
     """Make (or reuse) the views and their teacher embeddings; the one pass of the teacher per run."""
     size = data.faces.shape[1]
@@ -268,7 +274,7 @@ def build_teacher_cache(cfg: DistillConfig, data: FaceSet, teacher, teacher_path
     start = time.monotonic()
     teacher_size = teacher.input_size
     for lo in range(0, n, batch_size):
-        batch = []
+        batch: list[list[np.ndarray]] = []
         for face in data.faces[lo:lo + batch_size]:
             clean = [face] + [augment_view(face, rng, cfg) for _ in range(cfg.views)]
             batch.append(clean + [np.ascontiguousarray(v[:, ::-1]) for v in clean])
@@ -286,6 +292,8 @@ def build_teacher_cache(cfg: DistillConfig, data: FaceSet, teacher, teacher_path
             targets = np.zeros((n, per_image, emb.shape[1]), np.float32)
         targets[lo:lo + len(block)] = emb.reshape(len(block), per_image, -1)
         log.info("teacher cache: %d / %d images (%.0fs)", min(lo + batch_size, n), n, time.monotonic() - start)
+    if targets is None:
+        raise ValueError("no faces to make a teacher cache of")
     views.flush()
     del views
     np.save(targets_path, targets)
@@ -309,7 +317,7 @@ def student_config(cfg: DistillConfig, teacher_dim: int) -> TrainConfig:
     ])
 
 
-def relational_loss(student, teacher):
+def relational_loss(student: tf.Tensor, teacher: tf.Tensor) -> tf.Tensor:
     """Mean squared difference of the off-diagonal batch cosine matrices (inputs L2-normalised)."""
     import tensorflow as tf
 
@@ -322,7 +330,7 @@ class _StopOnSignal:
     """SIGTERM/SIGINT ask the loop to stop after the current step (checkpoint and weights are then saved),
     so a run can be cut to fit a time budget and still export."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         import signal
 
         self.requested = False
@@ -333,7 +341,7 @@ class _StopOnSignal:
             except ValueError:  # not the main thread: no signal handling
                 pass
 
-    def _handle(self, signum, frame):
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.requested = True
         log.info("stop requested (signal %d): finishing the current step", signum)
 
@@ -422,7 +430,8 @@ def distill(cfg: DistillConfig, resume: bool = True) -> DistillResult:
         log.info("resumed from %s at step %d", manager.latest_checkpoint, int(step.numpy()))
 
     @tf.function
-    def train_step(images, targets, labels):
+    def train_step(images: tf.Tensor, targets: tf.Tensor,
+                   labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
         with tf.GradientTape() as tape:
             raw = student((tf.cast(images, tf.float32) - cfg.mean) / cfg.std, training=True)
             mapped = projection(raw) if projection is not None else raw

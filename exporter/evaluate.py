@@ -19,6 +19,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -26,6 +27,11 @@ from service.model.calibration import ImpostorTail
 from service.model.preprocess import l2_normalise
 
 from .images import face_files, load_faces
+
+if TYPE_CHECKING:
+    import keras
+
+    from .config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -193,10 +199,19 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path,
 
 # --- embedders --------------------------------------------------------------------------------------
 
+class Embedder(Protocol):
+    """What evaluation runs: N x size x size x 3 uint8 RGB faces -> N x D raw embeddings."""
+
+    input_size: int
+    label: str
+
+    def __call__(self, faces: np.ndarray) -> np.ndarray: ...
+
+
 class OnnxEmbedder:
     """An ONNX model run by the service's FaceSession (preprocessed by its face.* contract); raw outputs."""
 
-    def __init__(self, path: str | Path, threads: int | None = None):
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
         from service.model.session import FaceSession, SessionOptions
 
         self.path = Path(path)
@@ -213,13 +228,14 @@ class OnnxEmbedder:
 class TFEmbedder:
     """A Keras embedding model with the config's (x - mean) / std normalisation."""
 
-    def __init__(self, cfg, model):
+    def __init__(self, cfg: TrainConfig, model: keras.Model) -> None:
         self.cfg, self.model = cfg, model
         self.input_size = cfg.input_size
         self.label = f"{cfg.export_model_name()} (tf)"
 
     @classmethod
-    def load(cls, source: str | Path, config: str | Path | None = None, overrides: list[str] | None = None):
+    def load(cls, source: str | Path, config: str | Path | None = None,
+             overrides: list[str] | None = None) -> TFEmbedder:
         """From our run directory or an arcface-tf2 checkpoint."""
         from .checkpoints import load_embedding_model
 
@@ -230,7 +246,8 @@ class TFEmbedder:
         return np.asarray(self.model(x, training=False))
 
 
-def make_embedder(model: str | Path, config: str | Path | None = None, overrides: list[str] | None = None):
+def make_embedder(model: str | Path, config: str | Path | None = None,
+                  overrides: list[str] | None = None) -> OnnxEmbedder | TFEmbedder:
     if str(model).endswith(".onnx"):
         return OnnxEmbedder(model)
     return TFEmbedder.load(model, config, overrides)
@@ -243,7 +260,7 @@ def make_embedder(model: str | Path, config: str | Path | None = None, overrides
 FLIP_MODES = ("normalised", "raw")
 
 
-def embed_paths(embedder, paths: list[Path], batch_size: int = 64, flip: bool = True,
+def embed_paths(embedder: Embedder, paths: list[Path], batch_size: int = 64, flip: bool = True,
                 flip_mode: str = "normalised") -> tuple[np.ndarray, np.ndarray | None]:
     """L2-normalised embeddings of the files, and flip-averaged ones (see FLIP_MODES) when ``flip``."""
     if flip_mode not in FLIP_MODES:
@@ -302,7 +319,7 @@ def write_threshold_into(onnx_path: str | Path, threshold: float, source: str,
     meta = {p.key: p.value for p in proto.metadata_props}
     contract = FaceContract.from_metadata(meta)
     extra = {**contract.extra, "face.threshold_source": source}
-    changes = {"threshold": round(float(threshold), 4), "extra": extra}
+    changes: dict[str, Any] = {"threshold": round(float(threshold), 4), "extra": extra}
     if tail is not None:
         changes["impostor_tail"] = tail if isinstance(tail, ImpostorTail) else ImpostorTail.from_dict(tail)
     write_contract(proto, dataclasses.replace(contract, **changes))
@@ -384,7 +401,7 @@ def restricted(protocol: Pairs, folds: int) -> Pairs:
                  protocol.same[keep], protocol.fold[keep], folds)
 
 
-def evaluate_model(embedder, pairs: str | Path, options: EvaluateOptions | None = None,
+def evaluate_model(embedder: Embedder, pairs: str | Path, options: EvaluateOptions | None = None,
                    source: str | Path = "<in memory>") -> EvaluationReport:
     """Evaluate an embedder (OnnxEmbedder, TFEmbedder: see make_embedder) on a pairs protocol; see the
     module docstring. Writes nothing: plot_report, write_report and write_threshold_into do that."""
@@ -400,7 +417,7 @@ def evaluate_model(embedder, pairs: str | Path, options: EvaluateOptions | None 
     seconds = time.monotonic() - start
 
     results, curves = {}, {}
-    variants = (("plain", plain), ("flip", flipped)) if options.flip else (("plain", plain),)
+    variants = (("plain", plain), ("flip", flipped)) if flipped is not None else (("plain", plain),)
     for variant, embeddings in variants:
         scores = pair_scores(protocol, embeddings, index)
         results[variant] = verification_report(scores, protocol.same, protocol.fold)
@@ -430,7 +447,8 @@ def evaluate_model(embedder, pairs: str | Path, options: EvaluateOptions | None 
     )
     log.info("%s: %.2f%% +- %.2f (flip-averaged: %s), threshold %.4f", report.model, 100 * report.accuracy_mean,
              100 * report.accuracy_std,
-             f"{100 * report.accuracy_flip_mean:.2f}%" if flip else "not measured", report.best_threshold)
+             f"{100 * report.accuracy_flip_mean:.2f}%" if report.accuracy_flip_mean is not None else "not measured",
+             report.best_threshold)
     return report
 
 
@@ -469,7 +487,7 @@ def embed_files(model: str | Path, inputs: list[str], output: str | Path, config
     if not paths:
         raise ValueError("no images found")
     plain, flipped = embed_paths(embedder, paths, batch_size, flip=flip, flip_mode=flip_mode)
-    embeddings = flipped if flip else plain
+    embeddings = flipped if flipped is not None else plain  # flipped: exactly when flip
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     np.save(output, embeddings.astype(np.float32))

@@ -18,8 +18,10 @@ import dataclasses
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -33,6 +35,10 @@ from service.model.fp16 import MIN_COSINE as MIN_COSINE_FP16
 from .config import REPO, TrainConfig
 from .images import face_files, load_faces
 
+if TYPE_CHECKING:
+    import keras
+    import tensorflow as tf
+
 log = logging.getLogger(__name__)
 
 DEFAULT_PARITY_FACES = REPO / "tests" / "fixtures" / "faces"
@@ -43,7 +49,7 @@ class ExportParityError(RuntimeError):
     """The ONNX graph does not reproduce the TF model closely enough."""
 
 
-def to_onnx(model, input_size: int, input_name: str = "input", opset: int = 17,
+def to_onnx(model: keras.Model, input_size: int, input_name: str = "input", opset: int = 17,
             graph_copies: bool = False) -> onnx.ModelProto:
     """The Keras embedding model as an ONNX graph with NCHW input and L2-normalised output.
 
@@ -57,7 +63,7 @@ def to_onnx(model, input_size: int, input_name: str = "input", opset: int = 17,
     spec = (tf.TensorSpec((None, 3, input_size, input_size), tf.float32, name=input_name),)
 
     @tf.function(input_signature=spec)
-    def embed_nchw(images):
+    def embed_nchw(images: tf.Tensor) -> dict[str, tf.Tensor]:
         # the service feeds NCHW; Keras convolutions here are NHWC
         embeddings = model(tf.transpose(images, (0, 2, 3, 1)), training=False)
         return {OUTPUT_NAME: tf.math.l2_normalize(embeddings, axis=1)}
@@ -67,7 +73,7 @@ def to_onnx(model, input_size: int, input_name: str = "input", opset: int = 17,
     return proto
 
 
-def _convert_lean(function, spec, opset: int) -> onnx.ModelProto:
+def _convert_lean(function: Callable[..., Any], spec: tuple[tf.TensorSpec, ...], opset: int) -> onnx.ModelProto:
     """tf2onnx's conversion without its per-optimizer graph copies, falling back to them on error.
 
     By default tf2onnx deep-copies the whole graph (every weight as numpy) before each of its ~15
@@ -105,7 +111,7 @@ def _convert_lean(function, spec, opset: int) -> onnx.ModelProto:
     return proto
 
 
-def _convert_with_copies(function, spec, opset: int) -> onnx.ModelProto:
+def _convert_with_copies(function: Callable[..., Any], spec: tuple[tf.TensorSpec, ...], opset: int) -> onnx.ModelProto:
     """tf2onnx's own conversion, graph copies and all."""
     import tf2onnx
 
@@ -147,12 +153,12 @@ def passes(value: float, bar: float) -> bool:
     return bool(np.isfinite(value) and value >= bar)
 
 
-def tf_embeddings(model, faces: np.ndarray, mean: float, std: float) -> np.ndarray:
+def tf_embeddings(model: keras.Model, faces: np.ndarray, mean: float, std: float) -> np.ndarray:
     x = (faces.astype(np.float32) - mean) / std
     return checked_unit(model(x, training=False), "the TF model")
 
 
-def onnx_embeddings(proto_or_path, faces: np.ndarray, contract: FaceContract) -> np.ndarray:
+def onnx_embeddings(proto_or_path: onnx.ModelProto | str | Path, faces: np.ndarray, contract: FaceContract) -> np.ndarray:
     from service.model.session import FaceSession
 
     out = FaceSession(proto_or_path, contract=contract).raw(faces)
@@ -210,7 +216,7 @@ class ThresholdChoice:
     calibration: dict | None = None  # the evaluation's accuracy_mean, accuracy_std and best_threshold
 
 
-def resolve_threshold(options: ExportOptions, model, cfg: TrainConfig) -> ThresholdChoice:
+def resolve_threshold(options: ExportOptions, model: keras.Model, cfg: TrainConfig) -> ThresholdChoice:
     """The threshold per ``options`` (see ExportOptions); calibrating evaluates the in-memory TF model."""
     if options.threshold is not None:
         return ThresholdChoice(float(options.threshold), "manual")
@@ -234,7 +240,7 @@ def _calibration_summary(report: dict) -> dict:
 
 
 def export_model(source: str | Path, output: str | Path, options: ExportOptions | None = None,
-                 stage_hook=None) -> dict:
+                 stage_hook: Callable[[str], None] | None = None) -> dict:
     """Export, write the contract, check parity; returns a summary. Raises ExportParityError on failure.
 
     The fp16 variant is gated separately (``options.fp16_min_cosine``, by default the bar the service

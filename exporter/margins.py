@@ -20,6 +20,7 @@ value nor its gradient is NaN/inf at cos = +-1 (the arcface-tf2 original is not 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import keras
 from keras import ops
@@ -27,8 +28,11 @@ from keras import ops
 # Far enough from 1 that 1 - cos^2 stays representable in float32 and d sqrt / dx stays finite.
 COS_EPS = 1e-6
 
+# a backend tensor (or anything keras.ops takes): Keras ships no types to name it by
+Tensor = Any
 
-def arcface_target_logit(cos, margin: float, easy_margin: bool = False):
+
+def arcface_target_logit(cos: Tensor, margin: float, easy_margin: bool = False) -> Tensor:
     """cos(theta + m) for the target class, with the fallback where theta + m would pass pi.
 
     cos(theta + m) is not monotonic in theta once theta + m > pi, which would *reward* moving away
@@ -63,7 +67,7 @@ class MarginHead(keras.layers.Layer):
 
     def __init__(self, num_classes: int, scale: float = 64.0, angular_margin: float = 0.5,
                  cosine_margin: float = 0.0, subcenters: int = 1, easy_margin: bool = False,
-                 weight_decay: float = 0.0, **kwargs):
+                 weight_decay: float = 0.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if num_classes < 1 or subcenters < 1:
             raise ValueError("num_classes and subcenters must be >= 1")
@@ -77,7 +81,7 @@ class MarginHead(keras.layers.Layer):
         self.easy_margin = bool(easy_margin)
         self.weight_decay = float(weight_decay)
 
-    def build(self, input_shape):
+    def build(self, input_shape: tuple | list) -> None:
         embedding_shape = input_shape[0] if isinstance(input_shape, (list, tuple)) and isinstance(
             input_shape[0], (list, tuple)) else input_shape
         self.centres = self.add_weight(
@@ -87,7 +91,7 @@ class MarginHead(keras.layers.Layer):
             regularizer=keras.regularizers.L2(self.weight_decay) if self.weight_decay else None,
         )
 
-    def cosines(self, embeddings):
+    def cosines(self, embeddings: Tensor) -> Tensor:
         """N x num_classes cosines (max over sub-centres)."""
         x = embeddings / ops.maximum(ops.norm(embeddings, axis=1, keepdims=True), 1e-12)
         w = self.centres / ops.maximum(ops.norm(self.centres, axis=0, keepdims=True), 1e-12)
@@ -96,7 +100,7 @@ class MarginHead(keras.layers.Layer):
             cos = ops.max(ops.reshape(cos, (-1, self.num_classes, self.subcenters)), axis=2)
         return cos
 
-    def margin_logits(self, cos, labels):
+    def margin_logits(self, cos: Tensor, labels: Tensor) -> Tensor:
         """Scaled logits with the margin applied to each row's target class only."""
         labels = ops.cast(ops.reshape(labels, (-1,)), "int32")
         one_hot = ops.one_hot(labels, self.num_classes, dtype=cos.dtype)
@@ -107,18 +111,18 @@ class MarginHead(keras.layers.Layer):
             target = target - self.cosine_margin
         return self.scale * (one_hot * target + (1.0 - one_hot) * cos)
 
-    def call(self, inputs):
+    def call(self, inputs: Tensor | list | tuple) -> Tensor:
         if isinstance(inputs, (list, tuple)):
             embeddings, labels = inputs
             return self.margin_logits(self.cosines(embeddings), labels)
         return self.scale * self.cosines(inputs)
 
-    def compute_output_shape(self, input_shape):
+    def compute_output_shape(self, input_shape: tuple | list) -> tuple:
         shape = input_shape[0] if isinstance(input_shape, (list, tuple)) and isinstance(
             input_shape[0], (list, tuple)) else input_shape
         return (shape[0], self.num_classes)
 
-    def get_config(self):
+    def get_config(self) -> dict:
         return {**super().get_config(), "num_classes": self.num_classes, "scale": self.scale,
                 "angular_margin": self.angular_margin, "cosine_margin": self.cosine_margin,
                 "subcenters": self.subcenters, "easy_margin": self.easy_margin,
@@ -129,7 +133,7 @@ def margin_head(kind: str, num_classes: int, scale: float = 64.0, margin: float 
                 subcenters: int = 3, easy_margin: bool = False, weight_decay: float = 0.0,
                 name: str = "margin_head") -> MarginHead:
     """The head by name: ``arcface``, ``subcenter``, ``cosface`` or ``softmax``."""
-    params = {
+    params: dict[str, dict[str, Any]] = {
         "arcface": dict(angular_margin=margin, subcenters=1),
         "subcenter": dict(angular_margin=margin, subcenters=max(subcenters, 2)),
         "cosface": dict(angular_margin=0.0, cosine_margin=margin, subcenters=1),
@@ -145,11 +149,11 @@ def margin_head(kind: str, num_classes: int, scale: float = 64.0, margin: float 
 class MarginLoss(keras.losses.Loss):
     """Softmax cross-entropy on :class:`MarginHead` logits (``y_true``: integer labels)."""
 
-    def __init__(self, label_smoothing: float = 0.0, name: str = "margin_loss", **kwargs):
+    def __init__(self, label_smoothing: float = 0.0, name: str = "margin_loss", **kwargs: Any) -> None:
         super().__init__(name=name, **kwargs)
         self.label_smoothing = float(label_smoothing)
 
-    def call(self, y_true, y_pred):
+    def call(self, y_true: Tensor, y_pred: Tensor) -> Tensor:
         labels = ops.cast(ops.reshape(y_true, (-1,)), "int32")
         if self.label_smoothing:
             one_hot = ops.one_hot(labels, ops.shape(y_pred)[-1], dtype=y_pred.dtype)
@@ -157,5 +161,5 @@ class MarginLoss(keras.losses.Loss):
                 one_hot, y_pred, from_logits=True, label_smoothing=self.label_smoothing)
         return keras.losses.sparse_categorical_crossentropy(labels, y_pred, from_logits=True)
 
-    def get_config(self):
+    def get_config(self) -> dict:
         return {**super().get_config(), "label_smoothing": self.label_smoothing}

@@ -35,7 +35,7 @@ def _reset_peak() -> bool:
 
 
 class Stages:
-    def __init__(self):
+    def __init__(self) -> None:
         self.rows: list[dict] = []
         self.start = time.monotonic()
 

@@ -27,7 +27,8 @@ from .margins import MarginLoss
 log = logging.getLogger(__name__)
 
 
-def learning_rate_schedule(cfg: TrainConfig, steps_per_epoch: int, total_steps: int):
+def learning_rate_schedule(cfg: TrainConfig, steps_per_epoch: int,
+                           total_steps: int) -> keras.optimizers.schedules.LearningRateSchedule | float:
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
     if cfg.lr_schedule == "cosine":
         warmup = min(warmup, max(total_steps - 1, 0))
@@ -42,7 +43,8 @@ def learning_rate_schedule(cfg: TrainConfig, steps_per_epoch: int, total_steps: 
     return cfg.learning_rate
 
 
-def build_optimizer(cfg: TrainConfig, schedule) -> keras.optimizers.Optimizer:
+def build_optimizer(cfg: TrainConfig,
+                    schedule: keras.optimizers.schedules.LearningRateSchedule | float) -> keras.optimizers.Optimizer:
     decay = cfg.backbone_weight_decay or None
     if cfg.optimizer == "sgd":
         opt = keras.optimizers.SGD(schedule, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=decay)
@@ -58,12 +60,12 @@ class _CheckpointCallback(keras.callbacks.Callback):
     """Keeps the step/epoch counters and writes checkpoints during fit()."""
 
     def __init__(self, manager: tf.train.CheckpointManager, step: tf.Variable, epoch: tf.Variable,
-                 every_steps: int, max_steps: int | None):
+                 every_steps: int, max_steps: int | None) -> None:
         super().__init__()
         self.manager, self.step, self.epoch = manager, step, epoch
         self.every_steps, self.max_steps = every_steps, max_steps
 
-    def on_train_batch_end(self, batch, logs=None):
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         self.step.assign_add(1)
         step = int(self.step.numpy())
         if self.every_steps and step % self.every_steps == 0:
@@ -71,7 +73,7 @@ class _CheckpointCallback(keras.callbacks.Callback):
         if self.max_steps and step >= self.max_steps:
             self.model.stop_training = True
 
-    def on_epoch_end(self, epoch, logs=None):
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         self.epoch.assign(epoch + 1)
         self.manager.save(checkpoint_number=int(self.step.numpy()))
         if logs:
@@ -221,7 +223,7 @@ def _custom_loop(run: TrainingRun) -> None:
     accuracy = keras.metrics.SparseCategoricalAccuracy()
 
     @tf.function
-    def train_step(inputs, labels):
+    def train_step(inputs: dict[str, tf.Tensor], labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         with tf.GradientTape() as tape:
             logits = model(inputs, training=True)
             # regularisation losses (the L2 on the embedding Dense and the centres) are added by hand here;

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 
 from ..config import Settings
 from ..deps import ApiKey
@@ -24,11 +24,11 @@ def install_docs(app: FastAPI, settings: Settings) -> None:
         return JSONResponse(app.openapi())
 
     @app.get("/docs", include_in_schema=False, dependencies=dependencies)
-    async def swagger():
+    async def swagger() -> HTMLResponse:
         return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - docs")
 
     @app.get("/redoc", include_in_schema=False, dependencies=dependencies)
-    async def redoc():
+    async def redoc() -> HTMLResponse:
         return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc")
 
     def schema() -> dict:

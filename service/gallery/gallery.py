@@ -136,6 +136,13 @@ class Gallery:
         self._stop = threading.Event()
         self._maintainer: threading.Thread | None = None
 
+    @property
+    def _live_store(self) -> Store:
+        """The store, which exists between open_store() and close()."""
+        if self.store is None:
+            raise RuntimeError("the gallery store is not open")
+        return self.store
+
     # --- lifecycle ---------------------------------------------------------------------------
     def open(self) -> None:
         """Open and load in the calling thread (tools, tests); the server uses open_store + start_loading."""
@@ -160,13 +167,13 @@ class Gallery:
             raise
 
     def _check_model(self) -> None:
-        stored_model = self.store.get_meta("model_id")
-        stored_dim = self.store.get_meta("embedding_size")
+        stored_model = self._live_store.get_meta("model_id")
+        stored_dim = self._live_store.get_meta("embedding_size")
         check_model(stored_model, int(stored_dim) if stored_dim else None, self.model_id, self.dim,
                     str(self.data_dir))
         if stored_model is None:
-            self.store.set_meta("model_id", self.model_id)
-            self.store.set_meta("embedding_size", str(self.dim))
+            self._live_store.set_meta("model_id", self.model_id)
+            self._live_store.set_meta("embedding_size", str(self.dim))
 
     def start_loading(self) -> None:
         """Load the index in a background thread; until it is done searches and writes raise GalleryLoading."""
@@ -211,7 +218,7 @@ class Gallery:
 
     def _load_index(self) -> None:
         started = time.perf_counter()
-        store_ids, identities = self.store.face_labels()
+        store_ids, identities = self._live_store.face_labels()
         source, replayed = "rebuilt", {"added": 0, "erased": 0}
         meta = self._files.read_meta()
         if meta and meta.get("model_id") == self.model_id and meta.get("dim") == self.dim:
@@ -225,12 +232,12 @@ class Gallery:
         if source == "rebuilt":
             self._rebuild(store_ids)
         self._label_identity = dict(zip(store_ids.tolist(), identities))
-        self.identity_count = self.store.counts()[0]
+        self.identity_count = self._live_store.counts()[0]
         # a rebuilt index, or a replayed one, is worth a snapshot soon: the next crash then replays less
         self._changes = len(store_ids) if source == "rebuilt" else replayed["added"] + replayed["erased"]
         log.info(
             "gallery index ready",
-            extra={"source": source, "faces": len(store_ids), "generation": self.store.generation,
+            extra={"source": source, "faces": len(store_ids), "generation": self._live_store.generation,
                    "replayed_added": replayed["added"], "replayed_erased": replayed["erased"],
                    "seconds": round(time.perf_counter() - started, 3)},
         )
@@ -247,7 +254,7 @@ class Gallery:
         self._index.erase(erased.tolist())
         for start in range(0, len(added), 10_000):
             part = added[start:start + 10_000]
-            self._index.add(self.store.embeddings_of(part), part)
+            self._index.add(self._live_store.embeddings_of(part), part)
         meta = self._files.scrub(layout, meta, erased.tolist(), self.dim)
         self._files.write_meta(meta)  # verified and loaded: the file is a valid base again
         self._snapshot_meta, self._snapshot_layout = meta, layout
@@ -257,9 +264,9 @@ class Gallery:
         """A fresh index from every face in the store (caller holds the write lock)."""
         self._files.invalidate()
         self._snapshot_meta = self._snapshot_layout = None
-        count = len(store_ids) if store_ids is not None else self.store.counts()[1]
+        count = len(store_ids) if store_ids is not None else self._live_store.counts()[1]
         self._index.build_empty(capacity=max(1024, int(count * 1.25)))
-        for ids, vectors, _ in self.store.iter_faces():
+        for ids, vectors, _ in self._live_store.iter_faces():
             if self._stop.is_set():
                 raise _LoadCancelled
             self._index.add(vectors, ids)
@@ -295,7 +302,7 @@ class Gallery:
                 if self._dirty:
                     log.warning("index snapshot skipped: the index is being repaired")
                     return False
-                meta = {"generation": self.store.generation, "model_id": self.model_id, "dim": self.dim,
+                meta = {"generation": self._live_store.generation, "model_id": self.model_id, "dim": self.dim,
                         "faces": self._index.live, "max_face_id": max(self._label_identity, default=0)}
                 changes = self._changes
                 try:
@@ -396,7 +403,7 @@ class Gallery:
                 self._files.invalidate()
                 self._files.index.unlink(missing_ok=True)
                 self._snapshot_meta = self._snapshot_layout = None
-        if not self.store.checkpoint():
+        if not self._live_store.checkpoint():
             log.warning("WAL checkpoint busy after a delete; the next one truncates it")
 
     def enroll(self, identity_id: str, embeddings: np.ndarray, metadata: dict | None = None,
@@ -405,7 +412,7 @@ class Gallery:
         embeddings = self._check_vectors(embeddings)
         self._require_ready()
         with self._lock.write():
-            added = self.store.add_faces(identity_id, embeddings, metadata, replace)
+            added = self._live_store.add_faces(identity_id, embeddings, metadata, replace)
             # committed: from here on the enrollment is durable; the index follows the store
             self._erase(added.removed)
             self._index_update("add", lambda: self._index.add(embeddings, np.asarray(added.face_ids, dtype=np.int64)))
@@ -418,7 +425,7 @@ class Gallery:
         items = [(i, self._check_vectors(e), m) for i, e, m in items]
         self._require_ready()
         with self._lock.write():
-            face_ids = self.store.add_new_identities(items)
+            face_ids = self._live_store.add_new_identities(items)
             labels = np.asarray([f for ids in face_ids for f in ids], dtype=np.int64)
             if len(labels):
                 vectors = np.concatenate([emb for _, emb, _ in items])
@@ -432,7 +439,7 @@ class Gallery:
         """Erase an identity from store and index. Returns the number of faces, None if unknown."""
         self._require_ready()
         with self._lock.write():
-            face_ids = self.store.delete_identity(identity_id)
+            face_ids = self._live_store.delete_identity(identity_id)
             if face_ids is None:
                 return None
             self._erase(face_ids)
@@ -456,13 +463,13 @@ class Gallery:
                 for row_labels, row_sims in zip(labels.tolist(), sims.tolist())]
 
     def identity_embeddings(self, identity_id: str) -> np.ndarray | None:
-        return self.store.identity_embeddings(identity_id)
+        return self._live_store.identity_embeddings(identity_id)
 
     def get_identity(self, identity_id: str) -> IdentityDetails | None:
-        return self.store.get_identity(identity_id)
+        return self._live_store.get_identity(identity_id)
 
     def list_identities(self, limit: int, after: str | None) -> list[IdentityRecord]:
-        return self.store.list_identities(limit, after)
+        return self._live_store.list_identities(limit, after)
 
     @property
     def face_count(self) -> int:
@@ -471,10 +478,10 @@ class Gallery:
 
     def stats(self) -> dict:
         """Counts (all ints); answers while the index is loading (its figures are then 0)."""
-        identities, faces = self.store.counts()
+        identities, faces = self._live_store.counts()
         ready = self._ready.is_set()
         return {"identities": identities, "faces": faces, "index_live": self._index.live if ready else 0,
                 "index_capacity": self._index.capacity if ready else 0,
                 "index_tombstones": self._index.tombstones if ready else 0,
                 "index_dirty": int(self._dirty), "index_loading": int(not ready),
-                "generation": self.store.generation}
+                "generation": self._live_store.generation}

@@ -53,6 +53,13 @@ class HnswIndex:
             self._ef = ef
 
     @property
+    def _live_index(self) -> hnswlib.Index:
+        """The hnswlib graph, which exists once build_empty() or load() has run."""
+        if self._index is None:
+            raise RuntimeError("the index is neither built nor loaded")
+        return self._index
+
+    @property
     def ef(self) -> int:
         return self._ef
 
@@ -70,7 +77,7 @@ class HnswIndex:
         self._apply_ef()
 
     def save(self, path: Path) -> None:
-        self._index.save_index(str(path))
+        self._live_index.save_index(str(path))
 
     @property
     def count(self) -> int:
@@ -88,17 +95,17 @@ class HnswIndex:
             error, self.fail_next_add = self.fail_next_add, None
             raise error
         new_slots = max(0, len(labels) - self.tombstones)  # deleted slots are reused first
-        capacity = self._index.get_max_elements()
+        capacity = self._live_index.get_max_elements()
         if self.count + new_slots > capacity:
-            self._index.resize_index(max(self.count + new_slots, capacity * 2))
-        self._index.add_items(vectors, labels, replace_deleted=True)
+            self._live_index.resize_index(max(self.count + new_slots, capacity * 2))
+        self._live_index.add_items(vectors, labels, replace_deleted=True)
         self.live += len(labels)
         self._apply_ef()
 
     def erase(self, labels: list[int]) -> None:
         """Mark live elements deleted: never returned again; their slots are reused by later adds."""
         for label in labels:
-            self._index.mark_deleted(int(label))
+            self._live_index.mark_deleted(int(label))
         self.live -= len(labels)
         self._apply_ef()
 
@@ -108,7 +115,7 @@ class HnswIndex:
         fresh = self._new(max(1024, int(len(labels) * 1.25)))
         for start in range(0, len(labels), 10_000):
             part = labels[start:start + 10_000]
-            fresh.add_items(np.asarray(self._index.get_items(part), dtype=np.float32), part)
+            fresh.add_items(np.asarray(self._live_index.get_items(part), dtype=np.float32), part)
         self._index, self.live, self._ef = fresh, len(labels), 0
         self._apply_ef()
 
@@ -117,7 +124,7 @@ class HnswIndex:
         k = min(k, self.live)
         if k == 0:
             return np.zeros((len(vectors), 0), np.int64), np.zeros((len(vectors), 0), np.float32)
-        labels, distances = self._index.knn_query(vectors, k=k)
+        labels, distances = self._live_index.knn_query(vectors, k=k)
         return labels.astype(np.int64), (1.0 - distances).astype(np.float32)
 
     @property

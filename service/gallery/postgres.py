@@ -28,6 +28,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import psycopg
@@ -40,6 +41,9 @@ from .api import GalleryStats, GalleryUnavailable, IdentityExists
 from .ef import AUTO, search_ef
 from .results import EnrollResult, FaceRecord, IdentityDetails, IdentityRecord
 from .search import Hit, Match, check_model, search_identities
+
+if TYPE_CHECKING:
+    from ..config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +105,9 @@ class PostgresOptions:
     maintenance_work_mem: str = "512MB"  # for building the HNSW index in one pass
 
     @classmethod
-    def from_settings(cls, settings) -> PostgresOptions:
+    def from_settings(cls, settings: Settings) -> PostgresOptions:
+        if settings.database_url is None:
+            raise ValueError("the postgres gallery needs database_url")
         return cls(url=settings.database_url.get_secret_value(), schema=settings.database_schema,
                    pool_size=settings.database_pool_size, timeout_s=settings.database_timeout_s,
                    statement_timeout_ms=settings.database_statement_timeout_ms, hnsw_m=settings.hnsw_m,
@@ -234,7 +240,7 @@ class PostgresGallery:
         CONCURRENTLY, so searches and writes on other replicas go on meanwhile; under a session
         advisory lock, so replicas starting together build it once.
         """
-        with _unavailable_on_connection_errors(self.options.where), self._pool.connection() as conn:
+        with _unavailable_on_connection_errors(self.options.where), self._live_pool.connection() as conn:
             if self._index_state(conn):
                 return False
             conn.execute("SELECT pg_advisory_lock(%s)", (INDEX_LOCK_KEY,))
@@ -295,16 +301,22 @@ class PostgresGallery:
         with self._connection() as conn, conn.transaction():
             yield conn
 
+    @property
+    def _live_pool(self) -> ConnectionPool:
+        """The connection pool, which exists between open() and close()."""
+        if self._pool is None:
+            raise RuntimeError("the gallery is not open")
+        return self._pool
+
     @contextmanager
     def _connection(self) -> Iterator[psycopg.Connection]:
         """A pooled connection (autocommit: each statement commits unless in a transaction block);
         connection errors, here or in the caller's block, raise GalleryUnavailable."""
-        if self._pool is None:
-            raise RuntimeError("the gallery is not open")
+        pool = self._live_pool
         timeout = FAILING_TIMEOUT_S if self._failing else self.options.timeout_s
         try:
             with _unavailable_on_connection_errors(self.options.where):
-                with self._pool.connection(timeout=timeout) as conn:
+                with pool.connection(timeout=timeout) as conn:
                     yield conn
         except GalleryUnavailable:
             if not self._failing:
@@ -336,7 +348,7 @@ class PostgresGallery:
             )
             face_ids = []
             while True:
-                face_ids.append(cur.fetchone()[0])
+                face_ids.append(_one(cur)[0])
                 if not cur.nextset():
                     break
         return face_ids
@@ -347,9 +359,9 @@ class PostgresGallery:
         if identities or faces:
             conn.execute("UPDATE counters SET identities = identities + %s, faces = faces + %s WHERE slot = %s",
                          (identities, faces, random.randrange(COUNTER_SLOTS)))
-        total_identities, total_faces, identity_faces = (int(v) for v in conn.execute(
+        total_identities, total_faces, identity_faces = (int(v) for v in _one(conn.execute(
             "SELECT COALESCE(sum(identities), 0), COALESCE(sum(faces), 0), "
-            "(SELECT count(*) FROM faces WHERE identity_id = %s) FROM counters", (of_identity,)).fetchone())
+            "(SELECT count(*) FROM faces WHERE identity_id = %s) FROM counters", (of_identity,))))
         self._identity_count, self._face_count = total_identities, total_faces
         return identity_faces
 
@@ -360,14 +372,14 @@ class PostgresGallery:
         now = time.time()
         with self._transaction() as conn:
             # the upsert creates the identity or locks its row: concurrent writers of one id queue here
-            created = conn.execute(
+            created = _one(conn.execute(
                 """INSERT INTO identities AS i (identity_id, metadata, created_at, updated_at)
                    VALUES (%(id)s, COALESCE(%(meta)s::text, '{}'), %(now)s, %(now)s)
                    ON CONFLICT (identity_id) DO UPDATE
                    SET metadata = COALESCE(%(meta)s::text, i.metadata), updated_at = EXCLUDED.updated_at
                    RETURNING (xmax = 0)""",
                 {"id": identity_id, "meta": json.dumps(metadata) if metadata is not None else None, "now": now},
-            ).fetchone()[0]
+            ))[0]
             removed = 0
             if replace and not created:
                 removed = conn.execute("DELETE FROM faces WHERE identity_id = %s", (identity_id,)).rowcount
@@ -437,7 +449,7 @@ class PostgresGallery:
             scans = [conn.execute(
                 "SELECT face_id, identity_id, 1 - (embedding <=> %b) FROM faces ORDER BY embedding <=> %b LIMIT %s",
                 (probe, probe, k)) for probe in probes]
-        row = counts.fetchone()
+        row = _one(counts)
         self._identity_count, self._face_count = int(row[2]), int(row[3])
         return [[(int(f), i, float(s)) for f, i, s in scan.fetchall()] for scan in scans]
 
@@ -483,8 +495,8 @@ class PostgresGallery:
 
     def stats(self) -> GalleryStats:
         with self._transaction() as conn:
-            identities, faces = conn.execute(
-                "SELECT COALESCE(sum(identities), 0), COALESCE(sum(faces), 0) FROM counters").fetchone()
+            identities, faces = _one(conn.execute(
+                "SELECT COALESCE(sum(identities), 0), COALESCE(sum(faces), 0) FROM counters"))
         self._identity_count, self._face_count = int(identities), int(faces)
         return GalleryStats(backend=self.backend, identities=int(identities), faces=int(faces), index_live=int(faces))
 
@@ -495,5 +507,13 @@ def _before_nul(cursor: str) -> str:
     return cursor.split("\x00", 1)[0]
 
 
-def _as_array(value) -> np.ndarray:
+def _one(cursor: psycopg.Cursor[Any]) -> tuple[Any, ...]:
+    """The row of a query that always returns one (an aggregate, RETURNING); psycopg types it optional."""
+    row = cursor.fetchone()
+    if row is None:
+        raise RuntimeError("the query returned no row")
+    return row
+
+
+def _as_array(value: object) -> np.ndarray:
     return value.to_numpy() if isinstance(value, Vector) else np.asarray(value, dtype=np.float32)
