@@ -133,7 +133,7 @@ class Settings(BaseSettings):
     hnsw_ef_construction: int = Field(200, ge=10, description="HNSW build breadth.")
     hnsw_ef_search: Annotated[int, Field(ge=10)] | Literal["auto"] = Field(
         "auto", description="HNSW search breadth (recall vs latency), both backends. auto: 128 up to 100k faces, "
-        "then 128 * (faces / 100k) ** 0.6 (512 at 1M; at most 1000), for >= 0.99 recall@1 of exact search at 1M "
+        "then 128 * (faces / 100k) ** 0.477 (384 at 1M; at most 1000), for >= 0.99 identity recall@1 of exact search at 1M "
         "(bench/README.md). A number: that ef at every size. Never below the faces a search asks for.",
     )
     snapshot_interval_s: float = Field(

@@ -18,10 +18,12 @@ from typing import Literal
 AUTO: Literal["auto"] = "auto"
 EF_BASE = 128         # 100% recall@1 up to 100k faces (bench/results/gallery_backends_100000.json)
 BASE_FACES = 100_000
-# 1M faces at ef 128 miss 9.2% (identity) / 19.6% (face) of exact top-1s; at 100k the miss rate fell
-# ~15x from ef 40 to 128 (miss ~ ef^-2.3): 0.99 at 1M then needs ef ~335 (identity) / ~470 (face).
-# 0.6 gives 512 at 1M. An estimate until the 1M sweep (bench/README.md) is run on an idle machine.
-EF_GROWTH = 0.6
+# Measured at 1M (bench/results/gallery_backends_1000000.json, idle 2-core CPU, M 16, ef_construction 200):
+# recall@1 of the identity, embedded / pgvector: ef 256 0.981 / 0.995, ef 384 0.996 / 0.999, ef 512
+# 0.998 / 1.000; of the face: ef 384 0.974 / 0.986, ef 512 0.985 / 0.996, ef 768 0.995 / 0.999.
+# /identify answers identities, so auto aims at the identity: 0.477 gives 384 at 1M (>= 0.99 on both
+# backends, embedded p99 2.0 ms); face-level 0.99 at 1M takes ef ~640 (FACE_HNSW_EF_SEARCH=640).
+EF_GROWTH = 0.477
 EF_MAX = 1000         # pgvector's upper bound for hnsw.ef_search
 
 
