@@ -33,20 +33,20 @@ class SnapshotInvalid(ValueError):
     """The snapshot on disk cannot be trusted; the caller rebuilds from the store."""
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def _fsync(path: Path, flags: int) -> None:
+    fd = os.open(path, flags)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    _fsync(path, os.O_RDONLY)  # a directory can only be opened read-only
 
 
 def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDWR)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync(path, os.O_RDWR)
 
 
 def chunk_hashes(path: Path, first: int = 0, last: int | None = None) -> list[str]:
