@@ -478,8 +478,8 @@ class Gallery:
         """Live enrolled faces (in memory; /identify sizes its threshold by it)."""
         return self._index.live
 
-    def stats(self) -> dict:
-        """Counts (all ints); answers while the index is loading (its figures are then 0)."""
+    def stats(self) -> dict[str, int]:
+        """Counts (all ints: /readyz shows them as they are); answers while the index is loading (its figures are then 0)."""
         identities, faces = self._live_store.counts()
         ready = self._ready.is_set()
         return {"identities": identities, "faces": faces, "index_live": self._index.live if ready else 0,
