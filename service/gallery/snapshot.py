@@ -130,7 +130,7 @@ class SnapshotFiles:
         return meta if isinstance(meta, dict) and meta.get("format") == FORMAT else None
 
     def write_meta(self, meta: dict) -> None:
-        tmp = self.meta.with_name(self.meta.name + ".tmp")
+        tmp = self.meta_temp
         with open(tmp, "w") as f:
             f.write(json.dumps(meta))
             f.flush()
@@ -155,12 +155,16 @@ class SnapshotFiles:
 
     def remove_temporaries(self) -> None:
         """Drop what a crash mid-snapshot left (it may hold faces erased since it was saved)."""
-        for path in (self.temp, self.meta.with_name(self.meta.name + ".tmp")):
+        for path in (self.temp, self.meta_temp):
             path.unlink(missing_ok=True)
 
     @property
     def temp(self) -> Path:
         return self.index.with_name(self.index.name + ".tmp")
+
+    @property
+    def meta_temp(self) -> Path:
+        return self.meta.with_name(self.meta.name + ".tmp")
 
     def prepare(self, tmp: Path, meta: dict, dim: int) -> tuple[dict, Layout]:
         """A freshly saved index file: zero the vectors of its deleted elements (hnswlib saves them),
