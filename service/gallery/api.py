@@ -191,10 +191,9 @@ class EmbeddedGallery:
         return self.gallery.list_identities(limit, after)
 
     def stats(self) -> GalleryStats:
-        raw = dict(self.gallery.stats())
-        core = {k: int(raw.pop(k)) for k in ("identities", "faces", "index_live")}
-        numbers = {k: int(v) for k, v in raw.items() if isinstance(v, (int, float))}  # /readyz shows numbers only
-        return GalleryStats(backend=self.backend, **core, extra=numbers)
+        extra = self.gallery.stats()  # a fresh dict of ints: the core counts are taken out of it
+        core = {k: extra.pop(k) for k in ("identities", "faces", "index_live")}
+        return GalleryStats(backend=self.backend, **core, extra=extra)
 
 
 # --- the factory ---------------------------------------------------------------------------------

@@ -260,10 +260,14 @@ class Gallery:
         self._snapshot_meta, self._snapshot_layout = meta, layout
         return {"added": len(added), "erased": len(erased)}
 
-    def _rebuild(self, store_ids: np.ndarray | None = None) -> None:
-        """A fresh index from every face in the store (caller holds the write lock)."""
+    def _forget_snapshot(self) -> None:
+        """Drop the snapshot's meta (the file on disk no longer counts) and what is known of it."""
         self._files.invalidate()
         self._snapshot_meta = self._snapshot_layout = None
+
+    def _rebuild(self, store_ids: np.ndarray | None = None) -> None:
+        """A fresh index from every face in the store (caller holds the write lock)."""
+        self._forget_snapshot()
         count = len(store_ids) if store_ids is not None else self._live_store.counts()[1]
         self._index.build_empty(capacity=max(1024, int(count * 1.25)))
         for ids, vectors, _ in self._live_store.iter_faces():
@@ -323,8 +327,7 @@ class Gallery:
                 log.warning("could not write index snapshot", exc_info=True)
                 with self._lock.write():
                     self._erased_since_save = None
-                    self._files.invalidate()
-                    self._snapshot_meta = self._snapshot_layout = None
+                    self._forget_snapshot()
                 tmp.unlink(missing_ok=True)
                 self._last_snapshot = time.monotonic()
                 return False
@@ -400,9 +403,8 @@ class Gallery:
                 self._snapshot_meta = self._files.scrub(self._snapshot_layout, self._snapshot_meta, labels, self.dim)
             except Exception:  # noqa: BLE001 - cannot scrub: drop the snapshot rather than keep the vector
                 log.warning("could not scrub the index snapshot; removing it", exc_info=True)
-                self._files.invalidate()
+                self._forget_snapshot()
                 self._files.index.unlink(missing_ok=True)
-                self._snapshot_meta = self._snapshot_layout = None
         if not self._live_store.checkpoint():
             log.warning("WAL checkpoint busy after a delete; the next one truncates it")
 
@@ -476,8 +478,8 @@ class Gallery:
         """Live enrolled faces (in memory; /identify sizes its threshold by it)."""
         return self._index.live
 
-    def stats(self) -> dict:
-        """Counts (all ints); answers while the index is loading (its figures are then 0)."""
+    def stats(self) -> dict[str, int]:
+        """Counts (all ints: /readyz shows them as they are); answers while the index is loading (its figures are then 0)."""
         identities, faces = self._live_store.counts()
         ready = self._ready.is_set()
         return {"identities": identities, "faces": faces, "index_live": self._index.live if ready else 0,

@@ -24,10 +24,6 @@ import numpy as np
 from .ef import search_ef
 
 
-class IndexUpdateFailed(RuntimeError):
-    """An index mutation failed; the index no longer mirrors the store."""
-
-
 class HnswIndex:
     def __init__(self, dim: int, m: int, ef_construction: int, ef_search: int | str) -> None:
         self.dim = dim

@@ -332,19 +332,15 @@ class PostgresGallery:
     def _vectors(embeddings: np.ndarray) -> list[np.ndarray]:
         return [np.ascontiguousarray(v, dtype=np.float32) for v in np.atleast_2d(embeddings)]
 
-    @classmethod
-    def _insert_faces(cls, conn: psycopg.Connection, identity_id: str, vectors: list[np.ndarray], now: float) -> list[int]:
-        return cls._insert_many(conn, [(identity_id, v) for v in vectors], now)
-
     @staticmethod
-    def _insert_many(conn: psycopg.Connection, faces: list[tuple[str, np.ndarray]], now: float) -> list[int]:
-        """Insert (identity id, embedding) rows; their face ids in the same order."""
-        if not faces:
+    def _insert_faces(conn: psycopg.Connection, identity_id: str, vectors: list[np.ndarray], now: float) -> list[int]:
+        """Insert the identity's faces; their face ids in the same order."""
+        if not vectors:
             return []
         with conn.cursor() as cur:
             cur.executemany(
                 "INSERT INTO faces(identity_id, embedding, created_at) VALUES (%s, %b, %s) RETURNING face_id",
-                [(identity_id, v, now) for identity_id, v in faces], returning=True,
+                [(identity_id, v, now) for v in vectors], returning=True,
             )
             face_ids = []
             while True:

@@ -33,20 +33,20 @@ class SnapshotInvalid(ValueError):
     """The snapshot on disk cannot be trusted; the caller rebuilds from the store."""
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def _fsync(path: Path, flags: int) -> None:
+    fd = os.open(path, flags)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    _fsync(path, os.O_RDONLY)  # a directory can only be opened read-only
 
 
 def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDWR)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync(path, os.O_RDWR)
 
 
 def chunk_hashes(path: Path, first: int = 0, last: int | None = None) -> list[str]:
@@ -130,7 +130,7 @@ class SnapshotFiles:
         return meta if isinstance(meta, dict) and meta.get("format") == FORMAT else None
 
     def write_meta(self, meta: dict) -> None:
-        tmp = self.meta.with_name(self.meta.name + ".tmp")
+        tmp = self.meta_temp
         with open(tmp, "w") as f:
             f.write(json.dumps(meta))
             f.flush()
@@ -155,12 +155,16 @@ class SnapshotFiles:
 
     def remove_temporaries(self) -> None:
         """Drop what a crash mid-snapshot left (it may hold faces erased since it was saved)."""
-        for path in (self.temp, self.meta.with_name(self.meta.name + ".tmp")):
+        for path in (self.temp, self.meta_temp):
             path.unlink(missing_ok=True)
 
     @property
     def temp(self) -> Path:
         return self.index.with_name(self.index.name + ".tmp")
+
+    @property
+    def meta_temp(self) -> Path:
+        return self.meta.with_name(self.meta.name + ".tmp")
 
     def prepare(self, tmp: Path, meta: dict, dim: int) -> tuple[dict, Layout]:
         """A freshly saved index file: zero the vectors of its deleted elements (hnswlib saves them),
