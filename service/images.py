@@ -319,22 +319,25 @@ def _to_array(image: Image.Image, mode: str) -> np.ndarray:
 # -- crops and photos --------------------------------------------------------------------------------
 
 
+def _check_crop_size(got: tuple[int, ...], size: tuple[int, int]) -> None:
+    """``got`` (height, width) must be exactly the model's input ``size`` (height, width)."""
+    if tuple(got) != tuple(size):
+        height, width = got
+        raise WrongImageSize(f"the image is {width}x{height}; aligned faces must be {size[1]}x{size[0]}",
+                             expected=[size[1], size[0]], got=[width, height])
+
+
 def check_aligned_size(header: ImageHeader, size: tuple[int, int]) -> None:
     """An aligned crop must be exactly the model's input ``size`` (height, width) as viewed (EXIF
     applied), checked on the header: a 6000x6000 "crop" is never decoded."""
-    if header.upright_size != tuple(size):
-        height, width = header.upright_size
-        raise WrongImageSize(f"the image is {width}x{height}; aligned faces must be {size[1]}x{size[0]}",
-                             expected=[size[1], size[0]], got=[width, height])
+    _check_crop_size(header.upright_size, size)
 
 
 def aligned_crop(header: ImageHeader, size: tuple[int, int]) -> np.ndarray:
     """An aligned face crop, exactly ``size`` (height, width), as a plain HxWx3 RGB uint8 array."""
     check_aligned_size(header, size)
     array = np.ascontiguousarray(header.to_rgb())  # a gray crop's broadcast view made a real array (tiny)
-    if array.shape[:2] != tuple(size):  # an orientation found only after decoding (a PNG's late eXIf)
-        raise WrongImageSize(f"the image is {array.shape[1]}x{array.shape[0]}; aligned faces must be "
-                             f"{size[1]}x{size[0]}", expected=[size[1], size[0]], got=[array.shape[1], array.shape[0]])
+    _check_crop_size(array.shape[:2], size)  # an orientation found only after decoding (a PNG's late eXIf)
     return array
 
 

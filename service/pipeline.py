@@ -25,7 +25,7 @@ from .model.batcher import InferenceTimeout, Overloaded
 from .state import ServiceState
 
 # Aligned crops this small are decoded on the event loop: a crop's size is checked from its header
-# before any pixel is decoded (decode_aligned_face), so this is at most a few 112x112 decodes
+# before any pixel is decoded (images.aligned_crop), so this is at most a few 112x112 decodes
 # (~0.1-0.5 ms), less than the thread pool's round trip it saves. Photos always go to the pool.
 INLINE_DECODE_BYTES = 32 * 1024
 
