@@ -28,15 +28,13 @@ class ServiceState:
     detector: FaceDetector | None = None
     template: AlignmentTemplate | None = None
     _gallery_tail: GalleryTail | None = field(default=None, repr=False)
-    decode_budget: DecodeBudget | None = None  # None: made from the settings
-    readiness: ReadinessProbe | None = None  # None: made from the settings
+    decode_budget: DecodeBudget = field(init=False)  # made from the settings
+    readiness: ReadinessProbe = field(init=False)  # made from the settings
 
     def __post_init__(self) -> None:
-        if self.decode_budget is None:
-            s = self.settings
-            self.decode_budget = DecodeBudget(s.decode_memory_mb * MB, s.max_decode_mb * MB, s.decode_wait_ms / 1000)
-        if self.readiness is None:
-            self.readiness = ReadinessProbe(self.settings.readyz_cache_ms / 1000)
+        s = self.settings
+        self.decode_budget = DecodeBudget(s.decode_memory_mb * MB, s.max_decode_mb * MB, s.decode_wait_ms / 1000)
+        self.readiness = ReadinessProbe(s.readyz_cache_ms / 1000)
 
     @property
     def contract(self) -> FaceContract:

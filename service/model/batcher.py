@@ -205,15 +205,11 @@ class DynamicBatcher:
         try:
             embeddings = await loop.run_in_executor(self._executor, self._execute, faces)
         except asyncio.CancelledError:  # stop(): these requests get an error, not silence
-            for c in live:
-                if not c.future.done():
-                    c.future.set_exception(RuntimeError("the batcher stopped"))
+            _fail(live, RuntimeError("the batcher stopped"))
             raise
         except Exception as exc:  # noqa: BLE001 - delivered to every request of this run
             log.exception("inference failed", extra={"batch_size": len(faces)})
-            for c in live:
-                if not c.future.done():
-                    c.future.set_exception(exc)
+            _fail(live, exc)
             return
         if self._on_batch is not None:
             self._on_batch(len(faces), time.perf_counter() - started)
@@ -229,6 +225,11 @@ class DynamicBatcher:
         self._held = None
         while self._queue is not None and not self._queue.empty():
             pending.append(self._queue.get_nowait())
-        for c in pending:
-            if not c.future.done():
-                c.future.set_exception(exc)
+        _fail(pending, exc)
+
+
+def _fail(chunks: list[_Chunk], exc: BaseException) -> None:
+    """``exc`` to every chunk still waiting for its rows."""
+    for c in chunks:
+        if not c.future.done():
+            c.future.set_exception(exc)

@@ -27,7 +27,7 @@ from onnx import numpy_helper
 
 from ..packaged import packaged_model
 from .calibration import ImpostorTail
-from .contract import FaceContract, read_contract, write_contract, write_sidecar
+from .contract import FaceContract, file_digest, read_contract, write_contract, write_sidecar
 
 log = logging.getLogger(__name__)
 
@@ -165,10 +165,6 @@ def prepare_model(src: Path, dst: Path, contract: FaceContract, fold_dequant: bo
     return dst
 
 
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-
-
 def default_model(cache_dir: Path) -> Path:
     """The prepared default model (SFace), preparing it on first use; re-prepared if the source or
     the contract we write changed."""
@@ -176,7 +172,7 @@ def default_model(cache_dir: Path) -> Path:
     dst = Path(cache_dir) / PREPARED_NAME / "model.onnx"
     stamp = dst.with_name("source.sha256")
     contract = hashlib.sha256(repr(sorted(SFACE_CONTRACT.to_metadata().items())).encode()).hexdigest()[:16]
-    digest = f"{_digest(src)} contract:{contract}"
+    digest = f"{file_digest(src)} contract:{contract}"
     if dst.exists() and stamp.exists() and stamp.read_text().strip() == digest:
         return dst
     prepare_model(src, dst, SFACE_CONTRACT)
