@@ -34,11 +34,11 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import machine, percentile_ms, save  # noqa: E402
-from service.model.contract import read_contract  # noqa: E402
-from service.model.fp16 import make_fp16_variant  # noqa: E402
-from service.model.session import CPU, CUDA, FaceSession, ProviderChoice, ProviderError, SessionOptions  # noqa: E402
-from service.model.session import choose_providers as session_providers  # noqa: E402
+from bench.common import machine, percentile_ms, save
+from service.model.contract import read_contract
+from service.model.fp16 import make_fp16_variant
+from service.model.session import CPU, CUDA, FaceSession, ProviderChoice, ProviderError, SessionOptions
+from service.model.session import choose_providers as session_providers
 
 REPO = Path(__file__).resolve().parents[1]
 FACES_DIR = REPO / "tests" / "fixtures" / "faces"

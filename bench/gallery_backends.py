@@ -46,11 +46,11 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import machine, percentiles, save  # noqa: E402
-from bench.gallery_search import synthetic_gallery, unit  # noqa: E402
-from service.gallery.api import EmbeddedGallery  # noqa: E402
-from service.gallery.ef import AUTO, search_ef  # noqa: E402
-from service.gallery.gallery import Gallery  # noqa: E402
+from bench.common import machine, percentiles, save
+from bench.gallery_search import synthetic_gallery, unit
+from service.gallery.api import EmbeddedGallery
+from service.gallery.ef import AUTO, search_ef
+from service.gallery.gallery import Gallery
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_ID = "sface@2021dec-int8bq"  # the default model: `gallery import` and the server check it

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import machine, percentiles, save  # noqa: E402
-from service.gallery import Gallery  # noqa: E402
+from bench.common import machine, percentiles, save
+from service.gallery import Gallery
 
 
 def unit(x: np.ndarray) -> np.ndarray:
