@@ -14,7 +14,6 @@ with a real face image (decode + embed + search).
 from __future__ import annotations
 
 import argparse
-import base64
 import logging
 import tempfile
 import time
@@ -127,10 +126,11 @@ def main() -> None:
 def http_identify(data_dir: Path, top_k: int, requests: int = 200) -> dict:
     import httpx
 
+    from harness.fixtures import FACES, b64
     from harness.server import ServerProcess
 
-    face = next((Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "faces").glob("*.jpg"))
-    body = {"images": [base64.b64encode(face.read_bytes()).decode()], "top_k": top_k}
+    face = next(FACES.glob("*.jpg"))
+    body = {"images": [b64(face)], "top_k": top_k}
     server = ServerProcess(data_dir, env={"FACE_LOG_LEVEL": "warning"})
     ready = server.wait_ready(timeout=600)
     latencies = []

@@ -51,22 +51,16 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import machine, percentile_ms, save
+from harness.fixtures import FACES
+from harness.server import MODEL_CACHE, REPO, free_port
 from service.model.session import CPU, FaceSession, SessionOptions
-
-REPO = Path(__file__).resolve().parents[1]
-MODEL_CACHE = REPO / ".cache" / "models"
-FACES_DIR = REPO / "tests" / "fixtures" / "faces"
 
 
 class Server:
     """``python -m service`` from a source tree, on a free port, logging to a file."""
 
     def __init__(self, name: str, source: Path, model: Path, env: dict[str, str], work: Path) -> None:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.name, self.source = name, source
         self.log_path = work / f"server-{name}.log"
         full_env = {**os.environ, "PYTHONPATH": str(source), "FACE_MODEL_CACHE_DIR": str(MODEL_CACHE),
@@ -199,7 +193,7 @@ def main() -> None:
     model = args.model or default_model(MODEL_CACHE)
     providers = choose_providers(args.providers)
     session = FaceSession(model, providers=providers, options=SessionOptions(intra_op_threads=args.intra_op_threads))
-    face_file = sorted(FACES_DIR.glob("*.jpg"))[0]
+    face_file = sorted(FACES.glob("*.jpg"))[0]
     from PIL import Image
 
     pixels = np.asarray(Image.open(face_file).convert("RGB"))[None]
