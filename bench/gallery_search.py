@@ -47,6 +47,18 @@ def synthetic_gallery(identities: int, per_identity: int, dim: int, probes: int,
     return faces, owner, probe_vectors
 
 
+def person_id(i: int) -> str:
+    """The identity id synthetic person ``i`` is imported under (the recall checks look it up again)."""
+    return f"person-{i:07d}"
+
+
+def import_gallery(gallery, faces: np.ndarray, chunk: int) -> None:
+    """Import every person of ``faces`` (identities x per_identity x dim) into ``gallery`` (embedded or
+    postgres: anything with ``import_identities``), ``chunk`` identities per call."""
+    for start in range(0, len(faces), chunk):
+        gallery.import_identities([(person_id(i), faces[i], None) for i in range(start, min(len(faces), start + chunk))])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--faces", type=int, default=100_000)
@@ -75,10 +87,7 @@ def main() -> None:
     gallery = Gallery(data_dir / "data", model_id, args.dim)
     gallery.open()
     started = time.perf_counter()
-    chunk = 5000
-    for start in range(0, identities, chunk):
-        items = [(f"person-{i:07d}", faces[i], None) for i in range(start, min(identities, start + chunk))]
-        gallery.import_identities(items)
+    import_gallery(gallery, faces, chunk=5000)
     build_seconds = time.perf_counter() - started
     label_of_face = np.arange(1, len(flat) + 1)  # face ids are assigned 1..N in import order
 
@@ -91,7 +100,7 @@ def main() -> None:
             best = gallery.search(probe[None, :], args.top_k)[0]
             latencies.append((time.perf_counter() - t) * 1000)
             face_hits += best[0].face_id == label_of_face[exact_top1_face[i]]
-            identity_hits += best[0].identity_id == f"person-{owner[exact_top1_face[i]]:07d}"
+            identity_hits += best[0].identity_id == person_id(owner[exact_top1_face[i]])
         t = time.perf_counter()
         gallery.search(probes, args.top_k)
         batch_qps = len(probes) / (time.perf_counter() - t)
