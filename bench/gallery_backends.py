@@ -48,11 +48,11 @@ import numpy as np
 
 from bench.common import machine, percentiles, save
 from bench.gallery_search import person_id, synthetic_gallery, unit
+from harness.server import MODEL_CACHE, REPO
 from service.gallery.api import EmbeddedGallery
 from service.gallery.ef import AUTO, search_ef
 from service.gallery.gallery import Gallery
 
-REPO = Path(__file__).resolve().parents[1]
 MODEL_ID = "sface@2021dec-int8bq"  # the default model: `gallery import` and the server check it
 SCHEMA = "face_gallery"
 log = logging.getLogger("bench.gallery_backends")
@@ -183,7 +183,7 @@ def build(args, data: Data) -> dict:
         shutil.rmtree(root, ignore_errors=True)
         cmd = [sys.executable, "-m", "service", "gallery", "--data-dir", str(root / "data"), "import",
                str(gallery_file), "--batch", str(args.import_batch)]
-        env = {**os.environ, "FACE_MODEL_CACHE_DIR": str(REPO / ".cache" / "models")}
+        env = {**os.environ, "FACE_MODEL_CACHE_DIR": str(MODEL_CACHE)}
         started = time.perf_counter()
         subprocess.run(cmd, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
         seconds = time.perf_counter() - started
