@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from bench.common import machine, percentiles, save
+from harness.server import MODEL_CACHE, REPO
 from service.config import Settings
 from service.decode_budget import MB, DecodeBudget
 from service.detection import ARCFACE_112, PhotoAligner, YuNetConfig, YuNetDetector, align_face
@@ -39,7 +40,6 @@ from service.images import decode_photo, read_header
 from service.model.prepare import default_model
 from service.model.session import FaceSession
 
-REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench.detect_align")
 
 
@@ -162,7 +162,7 @@ def read_reference_landmarks(path: Path) -> dict[str, np.ndarray]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
-    parser.add_argument("--model-cache", type=Path, default=REPO / ".cache" / "models")
+    parser.add_argument("--model-cache", type=Path, default=MODEL_CACHE)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--big-photos", type=int, default=50, help="how many originals to time at 2000x2000")
     parser.add_argument("--policy", choices=["largest", "center"], default="largest",

@@ -34,14 +34,13 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import machine, percentile_ms, save  # noqa: E402
-from service.model.contract import read_contract  # noqa: E402
-from service.model.fp16 import make_fp16_variant  # noqa: E402
-from service.model.session import CPU, CUDA, FaceSession, ProviderChoice, ProviderError, SessionOptions  # noqa: E402
-from service.model.session import choose_providers as session_providers  # noqa: E402
+from bench.common import machine, percentile_ms, save
+from harness.fixtures import FACES
+from service.model.contract import read_contract
+from service.model.fp16 import make_fp16_variant
+from service.model.session import CPU, CUDA, FaceSession, ProviderChoice, ProviderError, SessionOptions
+from service.model.session import choose_providers as session_providers
 
-REPO = Path(__file__).resolve().parents[1]
-FACES_DIR = REPO / "tests" / "fixtures" / "faces"
 # a slow CPU needs minutes to drain 128 clients x 32 faces after each point; --quick skips those
 QUICK_MAX_IN_FLIGHT = 1024
 
@@ -58,7 +57,7 @@ def slug(text: str) -> str:
 def load_face_images(limit: int = 64) -> tuple[list[bytes], np.ndarray]:
     from PIL import Image
 
-    files = sorted(FACES_DIR.glob("*.jpg"))[:limit]
+    files = sorted(FACES.glob("*.jpg"))[:limit]
     encoded = [f.read_bytes() for f in files]
     pixels = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
     return encoded, pixels
@@ -253,7 +252,7 @@ def main() -> None:
     result["raw_fp32"] = raw_session(model, pixels, args.batch_sizes, providers, args.seconds, args.intra_op_threads)
     if not args.no_fp16:
         fp16_path = Path(tempfile.gettempdir()) / "face-bench" / f"{slug(contract.model_id)}-fp16" / "model.onnx"
-        made = make_fp16_variant(model, fp16_path, FACES_DIR, reuse=True)
+        made = make_fp16_variant(model, fp16_path, FACES, reuse=True)
         fp16_batches = [b for b in args.batch_sizes if b <= 8] if args.quick and not on_gpu else args.batch_sizes
         print("raw session, fp16", flush=True)
         result["raw_fp16"] = raw_session(fp16_path, pixels, fp16_batches, providers, args.seconds, args.intra_op_threads)

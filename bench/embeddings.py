@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-CACHE = ROOT / ".cache" / "embeddings"
+from harness.server import MODEL_CACHE, REPO
+
+CACHE = REPO / ".cache" / "embeddings"
 log = logging.getLogger(__name__)
 
 
@@ -46,7 +47,7 @@ def _model():
     from service.model.prepare import default_model
     from service.model.runtime import EmbeddingModel
 
-    settings = Settings(providers="cpu", model_cache_dir=ROOT / ".cache" / "models")
+    settings = Settings(providers="cpu", model_cache_dir=MODEL_CACHE)
     model = EmbeddingModel(default_model(settings.model_cache_dir), settings)
     model.initialize()
     return model
@@ -62,7 +63,7 @@ def embed_dataset(root: Path, batch: int = 64) -> Embedded:
     from service.model.prepare import default_model
 
     # the cache key needs only the contract: start an inference session only on a cache miss
-    model_id = read_contract(default_model(ROOT / ".cache" / "models")).model_id
+    model_id = read_contract(default_model(MODEL_CACHE)).model_id
     cache = CACHE / f"{root.name}-{model_id.replace('@', '-')}.npz"
     rel = [str(f.relative_to(root)) for f in files]
     if cache.exists():

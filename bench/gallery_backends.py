@@ -46,13 +46,13 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import machine, percentiles, save  # noqa: E402
-from bench.gallery_search import synthetic_gallery, unit  # noqa: E402
-from service.gallery.api import EmbeddedGallery  # noqa: E402
-from service.gallery.ef import AUTO, search_ef  # noqa: E402
-from service.gallery.gallery import Gallery  # noqa: E402
+from bench.common import machine, percentiles, save
+from bench.gallery_search import person_id, synthetic_gallery, unit
+from harness.server import MODEL_CACHE, REPO
+from service.gallery.api import EmbeddedGallery
+from service.gallery.ef import AUTO, search_ef
+from service.gallery.gallery import Gallery
 
-REPO = Path(__file__).resolve().parents[1]
 MODEL_ID = "sface@2021dec-int8bq"  # the default model: `gallery import` and the server check it
 SCHEMA = "face_gallery"
 log = logging.getLogger("bench.gallery_backends")
@@ -73,10 +73,6 @@ class Data:
         self.exact_face = np.concatenate([(self.probes[i:i + 100] @ self.flat.T).argmax(axis=1)
                                           for i in range(0, len(self.probes), 100)])
 
-    @staticmethod
-    def identity_id(i: int) -> str:
-        return f"person-{i:07d}"
-
     def write_gallery_file(self, path: Path) -> None:
         """The ``gallery export`` format (service/gallery_cli.py): header, one identity a line, end line."""
         from service.gallery_cli import FORMAT, VERSION, _encode
@@ -87,7 +83,7 @@ class Data:
                                   "embedding_size": self.flat.shape[1], "dtype": "float32",
                                   "exported_at": time.time()}) + "\n")
             for i in range(self.identities):
-                out.write(json.dumps({"identity_id": self.identity_id(i), "metadata": {}, "created_at": 0.0,
+                out.write(json.dumps({"identity_id": person_id(i), "metadata": {}, "created_at": 0.0,
                                       "embeddings": [_encode(v) for v in self.faces[i]]}) + "\n")
             out.write(json.dumps({"end": True, "identities": self.identities, "faces": len(self.flat)}) + "\n")
         tmp.replace(path)
@@ -152,11 +148,11 @@ def pg_copy_load(gallery, data: Data) -> dict:
         with conn.cursor() as cur:
             with cur.copy("COPY identities (identity_id, metadata, created_at, updated_at) FROM STDIN") as copy:
                 for i in range(data.identities):
-                    copy.write_row((data.identity_id(i), "{}", 0.0, 0.0))
+                    copy.write_row((person_id(i), "{}", 0.0, 0.0))
             with cur.copy("COPY faces (identity_id, embedding, created_at) FROM STDIN WITH (FORMAT BINARY)") as copy:
                 copy.set_types(["text", "vector", "float8"])
                 for j in range(n):
-                    copy.write_row((data.identity_id(int(data.owner[j])), data.flat[j], 0.0))
+                    copy.write_row((person_id(int(data.owner[j])), data.flat[j], 0.0))
         conn.execute(sql.SQL("UPDATE counters SET identities = identities + {}, faces = faces + {} WHERE slot = 0")
                      .format(sql.Literal(data.identities), sql.Literal(n)))
     copy_seconds = time.perf_counter() - started
@@ -187,7 +183,7 @@ def build(args, data: Data) -> dict:
         shutil.rmtree(root, ignore_errors=True)
         cmd = [sys.executable, "-m", "service", "gallery", "--data-dir", str(root / "data"), "import",
                str(gallery_file), "--batch", str(args.import_batch)]
-        env = {**os.environ, "FACE_MODEL_CACHE_DIR": str(REPO / ".cache" / "models")}
+        env = {**os.environ, "FACE_MODEL_CACHE_DIR": str(MODEL_CACHE)}
         started = time.perf_counter()
         subprocess.run(cmd, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
         seconds = time.perf_counter() - started
@@ -231,7 +227,7 @@ def sweep(gallery, data: Data, set_ef, efs: list, top_k: int, name: str) -> list
             best = gallery.search(probe[None, :], top_k)[0]
             latencies.append((time.perf_counter() - t) * 1000)
             face_hits += best[0].face_id == int(data.exact_face[i]) + 1  # face ids 1..N in file order
-            identity_hits += best[0].identity_id == data.identity_id(int(data.owner[data.exact_face[i]]))
+            identity_hits += best[0].identity_id == person_id(int(data.owner[data.exact_face[i]]))
         n = len(data.probes)
         row = {"ef": ef, "ef_used": effective, "recall_at_1_face": face_hits / n,
                "recall_at_1_identity": identity_hits / n, "single_probe": percentiles(latencies)}

@@ -14,7 +14,6 @@ with a real face image (decode + embed + search).
 from __future__ import annotations
 
 import argparse
-import base64
 import logging
 import tempfile
 import time
@@ -22,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import machine, percentiles, save  # noqa: E402
-from service.gallery import Gallery  # noqa: E402
+from bench.common import machine, percentiles, save
+from service.gallery import Gallery
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -46,6 +45,18 @@ def synthetic_gallery(identities: int, per_identity: int, dim: int, probes: int,
     probe_ids = rng.choice(identities, size=probes, replace=False)
     probe_vectors = unit(faces[probe_ids].mean(axis=1) + 0.45 * unit(rng.normal(size=(probes, dim))))
     return faces, owner, probe_vectors
+
+
+def person_id(i: int) -> str:
+    """The identity id synthetic person ``i`` is imported under (the recall checks look it up again)."""
+    return f"person-{i:07d}"
+
+
+def import_gallery(gallery, faces: np.ndarray, chunk: int) -> None:
+    """Import every person of ``faces`` (identities x per_identity x dim) into ``gallery`` (embedded or
+    postgres: anything with ``import_identities``), ``chunk`` identities per call."""
+    for start in range(0, len(faces), chunk):
+        gallery.import_identities([(person_id(i), faces[i], None) for i in range(start, min(len(faces), start + chunk))])
 
 
 def main() -> None:
@@ -76,10 +87,7 @@ def main() -> None:
     gallery = Gallery(data_dir / "data", model_id, args.dim)
     gallery.open()
     started = time.perf_counter()
-    chunk = 5000
-    for start in range(0, identities, chunk):
-        items = [(f"person-{i:07d}", faces[i], None) for i in range(start, min(identities, start + chunk))]
-        gallery.import_identities(items)
+    import_gallery(gallery, faces, chunk=5000)
     build_seconds = time.perf_counter() - started
     label_of_face = np.arange(1, len(flat) + 1)  # face ids are assigned 1..N in import order
 
@@ -92,7 +100,7 @@ def main() -> None:
             best = gallery.search(probe[None, :], args.top_k)[0]
             latencies.append((time.perf_counter() - t) * 1000)
             face_hits += best[0].face_id == label_of_face[exact_top1_face[i]]
-            identity_hits += best[0].identity_id == f"person-{owner[exact_top1_face[i]]:07d}"
+            identity_hits += best[0].identity_id == person_id(owner[exact_top1_face[i]])
         t = time.perf_counter()
         gallery.search(probes, args.top_k)
         batch_qps = len(probes) / (time.perf_counter() - t)
@@ -127,10 +135,11 @@ def main() -> None:
 def http_identify(data_dir: Path, top_k: int, requests: int = 200) -> dict:
     import httpx
 
+    from harness.fixtures import FACES, b64
     from harness.server import ServerProcess
 
-    face = next((Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "faces").glob("*.jpg"))
-    body = {"images": [base64.b64encode(face.read_bytes()).decode()], "top_k": top_k}
+    face = next(FACES.glob("*.jpg"))
+    body = {"images": [b64(face)], "top_k": top_k}
     server = ServerProcess(data_dir, env={"FACE_LOG_LEVEL": "warning"})
     ready = server.wait_ready(timeout=600)
     latencies = []

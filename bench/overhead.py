@@ -41,7 +41,6 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import tarfile
 import tempfile
 import time
@@ -51,45 +50,20 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import machine, percentile_ms, save
+from harness.fixtures import FACES
+from harness.server import MODEL_CACHE, REPO, ServerProcess
 from service.model.session import CPU, FaceSession, SessionOptions
 
-REPO = Path(__file__).resolve().parents[1]
-MODEL_CACHE = REPO / ".cache" / "models"
-FACES_DIR = REPO / "tests" / "fixtures" / "faces"
 
-
-class Server:
-    """``python -m service`` from a source tree, on a free port, logging to a file."""
+class Server(ServerProcess):
+    """``python -m service`` from a source tree, on a free port, logging to a file, with one keep-alive
+    ``http.client`` connection for the timed requests."""
 
     def __init__(self, name: str, source: Path, model: Path, env: dict[str, str], work: Path) -> None:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.name, self.source = name, source
-        self.log_path = work / f"server-{name}.log"
-        full_env = {**os.environ, "PYTHONPATH": str(source), "FACE_MODEL_CACHE_DIR": str(MODEL_CACHE),
-                    "PYTHONUNBUFFERED": "1", **env}
-        cmd = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(self.port),
-               "--data-dir", str(work / f"data-{name}"), "--model", str(model)]
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, cwd=source, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
+        super().__init__(work / f"data-{name}", model=model, env=env, log_path=work / f"server-{name}.log",
+                         source=source)
+        self.name = name
         self.conn: http.client.HTTPConnection | None = None
-
-    def wait_ready(self, timeout: float = 300) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} server exited:\n{self.log_path.read_text()[-3000:]}")
-            try:
-                status, body = self.request("GET", "/readyz")
-                if status == 200:
-                    return json.loads(body)
-            except (OSError, http.client.HTTPException):
-                self.reconnect()
-            time.sleep(0.3)
-        raise TimeoutError(f"{self.name} server not ready after {timeout} s")
 
     def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
         if self.conn is None:  # one keep-alive connection for every request
@@ -104,16 +78,9 @@ class Server:
             self.conn.close()
         self.conn = None
 
-    def stop(self) -> None:
-        if self.conn is not None:
-            self.conn.close()
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-        self._log.close()
+    def stop(self) -> int:
+        self.reconnect()
+        return super().stop()
 
 
 def unpack(ref: str, into: Path) -> str:
@@ -199,7 +166,7 @@ def main() -> None:
     model = args.model or default_model(MODEL_CACHE)
     providers = choose_providers(args.providers)
     session = FaceSession(model, providers=providers, options=SessionOptions(intra_op_threads=args.intra_op_threads))
-    face_file = sorted(FACES_DIR.glob("*.jpg"))[0]
+    face_file = sorted(FACES.glob("*.jpg"))[0]
     from PIL import Image
 
     pixels = np.asarray(Image.open(face_file).convert("RGB"))[None]
@@ -224,7 +191,7 @@ def main() -> None:
             servers.append(Server("baseline", source, model, env, work))
         try:
             for server in servers:
-                server.wait_ready()
+                server.wait_ready(timeout=300)
             variants = ["raw"] + [s.name for s in servers]
             samples: dict[str, list[float]] = {v: [] for v in variants}
             rounds = []

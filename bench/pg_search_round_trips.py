@@ -29,7 +29,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from bench.common import machine, percentiles, save
-from bench.gallery_search import synthetic_gallery
+from bench.gallery_search import import_gallery, synthetic_gallery
 from service.gallery.postgres import PostgresGallery, PostgresOptions
 from service.gallery.search import Match, search_identities
 
@@ -130,9 +130,7 @@ def main() -> None:
         gallery.open()
         started = time.perf_counter()
         with gallery.index_built_after():
-            for start in range(0, identities, max(1, args.chunk // args.per_identity)):
-                stop = min(identities, start + max(1, args.chunk // args.per_identity))
-                gallery.import_identities([(f"person-{i:07d}", faces[i], None) for i in range(start, stop)])
+            import_gallery(gallery, faces, chunk=max(1, args.chunk // args.per_identity))
         build_seconds = time.perf_counter() - started
         print(f"built {len(faces) * args.per_identity} faces in {build_seconds:.0f} s", flush=True)
 

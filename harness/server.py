@@ -29,7 +29,9 @@ def free_port() -> int:
 class ServerProcess:
     def __init__(self, data_dir: Path, model: Path | None = None, port: int | None = None,
                  env: dict[str, str] | None = None, log_path: Path | None = None,
-                 python: str | None = None) -> None:
+                 python: str | None = None, source: Path | None = None) -> None:
+        """``source``: run the ``service`` of another source tree (e.g. an unpacked ``git archive``)
+        instead of this checkout's: the server starts there, with it on PYTHONPATH."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.data_dir = Path(data_dir)
@@ -39,10 +41,10 @@ class ServerProcess:
         if model is not None:
             cmd += ["--model", str(model)]
         full_env = {**os.environ, "FACE_MODEL_CACHE_DIR": str(MODEL_CACHE), "FACE_INTRA_OP_THREADS": "2",
-                    "PYTHONUNBUFFERED": "1", **(env or {})}
+                    "PYTHONUNBUFFERED": "1", **({"PYTHONPATH": str(source)} if source else {}), **(env or {})}
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, cwd=source or REPO, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 120) -> dict:
         deadline = time.monotonic() + timeout
