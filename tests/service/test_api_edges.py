@@ -13,7 +13,7 @@ from PIL import Image
 
 from service.app import create_app
 from service.config import Settings
-from tests.conftest import b64, face_files
+from tests.conftest import b64, face_files, metric
 from tests.server import ServerProcess
 
 FACE = face_files("Tony_Blair")[0]
@@ -167,15 +167,10 @@ def test_metrics_are_text_in_the_answer_and_the_openapi(client):
     assert "text/plain" in content and "application/json" not in content
 
 
-def batches_run(client) -> float:
-    text = client.get("/metrics").text
-    return float(next(ln.split()[-1] for ln in text.splitlines() if ln.startswith("face_inference_batch_size_count")))
-
-
 def test_readyz_reuses_a_fresh_inference(client):
-    before = batches_run(client)
+    before = metric(client, "face_inference_batch_size_count")
     answers = [client.get("/readyz").json() for _ in range(20)]
-    runs = batches_run(client) - before
+    runs = metric(client, "face_inference_batch_size_count") - before
     assert all(a["status"] == "ready" for a in answers)
     assert runs < 5, f"{runs} model runs for 20 polls"  # one per second at most (FACE_READYZ_CACHE_MS=1000)
 
