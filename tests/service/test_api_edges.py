@@ -21,12 +21,6 @@ KEY = "test-key-123"
 
 
 @pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def keyed(tmp_path_factory, default_model):
     proc = ServerProcess(tmp_path_factory.mktemp("keyed") / "data", model=default_model, env={"FACE_API_KEY": KEY})
     proc.wait_ready()

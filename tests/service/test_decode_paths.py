@@ -8,17 +8,10 @@ import io
 
 import httpx
 import numpy as np
-import pytest
 from PIL import Image, PngImagePlugin
 
 from service.pipeline import INLINE_DECODE_BYTES
 from tests.conftest import face_files
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
 
 
 def png(pixels: np.ndarray, padding: int = 0) -> bytes:
