@@ -3,7 +3,6 @@ the thread pool otherwise: both paths must give the same embeddings and the same
 
 from __future__ import annotations
 
-import base64
 import io
 
 import httpx
@@ -11,7 +10,7 @@ import numpy as np
 from PIL import Image, PngImagePlugin
 
 from service.pipeline import INLINE_DECODE_BYTES
-from tests.conftest import face_files
+from tests.conftest import b64, face_files
 
 
 def png(pixels: np.ndarray, padding: int = 0) -> bytes:
@@ -25,7 +24,7 @@ def png(pixels: np.ndarray, padding: int = 0) -> bytes:
 
 
 def embed(client: httpx.Client, blobs: list[bytes]) -> httpx.Response:
-    return client.post("/embed", json={"images": [base64.b64encode(b).decode() for b in blobs]})
+    return client.post("/embed", json={"images": [b64(b) for b in blobs]})
 
 
 def test_inline_and_thread_pool_decodes_give_the_same_embeddings_and_errors(client):
