@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. epochs=3 batch_size=32")
     p.set_defaults(func=cmd_train)
 
-    from .distill import config_help as distill_help
+    from .distill import DistillConfig
 
     p = sub.add_parser("distill", help="train a student to reproduce an ONNX teacher's embeddings",
                        description="Distil any ONNX face model the service can load (default: the service's default "
@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "every view (clean, augmented, mirrored) are computed once and cached in the run "
                                    "directory. Rerunning the same command resumes. The run directory exports with "
                                    "'python -m exporter export RUN'.",
-                       epilog="config keys (YAML or KEY=VALUE):\n" + distill_help() + "\n\nexample:\n"
+                       epilog="config keys (YAML or KEY=VALUE):\n" + field_help(DistillConfig) + "\n\nexample:\n"
                               "  python -m exporter distill --config exporter/configs/distill_sface_mbv2_cpu.yaml",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML distillation config")

@@ -6,6 +6,8 @@ typo in a config should not silently train the wrong model).
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -161,6 +163,21 @@ def _describe(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+def config_items(path: str | Path | None, overrides: list[str] | None) -> Iterator[tuple[str, Any]]:
+    """(key, value) of each setting of the YAML file (optional), then of each ``key=value`` override
+    (values parsed as YAML: lists as [a, b]), in that order: later ones win."""
+    if path:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        yield from loaded.items()
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+        key, raw = item.split("=", 1)
+        yield key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 defaults: dict[str, Any] | None = None) -> TrainConfig:
     """A config from a YAML file (optional) with ``key=value`` overrides applied on top.
@@ -169,19 +186,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     arcface-tf2's 0/255 normalisation), the YAML file, the overrides (values parsed as YAML).
     """
     data: dict[str, Any] = {}
-    for key, value in (defaults or {}).items():
+    for key, value in itertools.chain((defaults or {}).items(), config_items(path, overrides)):
         _normalised(key, value, data)
-    if path:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-        for key, value in loaded.items():
-            _normalised(key, value, data)
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not key=value")
-        key, raw = item.split("=", 1)
-        _normalised(key.strip(), yaml.safe_load(raw) if raw.strip() else None, data)
     try:
         return TrainConfig(**data)
     except ValidationError as exc:
@@ -192,9 +198,10 @@ def save_config(cfg: TrainConfig, path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-def field_help() -> str:
-    """One line per config key with its default and description, for ``--help``."""
+def field_help(model: type[BaseModel] = TrainConfig) -> str:
+    """One line per config key of ``model`` with its default and description, for ``--help``."""
     lines = []
-    for name, field in TrainConfig.model_fields.items():
-        lines.append(f"  {name} (default {field.default!r}){': ' + field.description if field.description else ''}")
+    for name, field in model.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        lines.append(f"  {name} (default {default!r}){': ' + field.description if field.description else ''}")
     return "\n".join(lines)

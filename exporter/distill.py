@@ -48,7 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service.model.preprocess import l2_normalise
 
-from .config import REPO, ConfigError, TrainConfig, load_config, save_config
+from .config import REPO, ConfigError, TrainConfig, config_items, load_config, save_config
 from .images import face_files
 
 if TYPE_CHECKING:
@@ -123,16 +123,7 @@ class DistillConfig(BaseModel):
 
 def load_distill_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DistillConfig:
     """YAML file (optional) plus ``key=value`` overrides (values parsed as YAML: lists as [a, b])."""
-    data: dict = {}
-    if path:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not key=value")
-        key, raw = item.split("=", 1)
-        data[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+    data = dict(config_items(path, overrides))
     for key in ("crops", "photos"):
         if isinstance(data.get(key), str):
             data[key] = [data[key]]
@@ -140,14 +131,6 @@ def load_distill_config(path: str | Path | None = None, overrides: list[str] | N
         return DistillConfig(**data)
     except ValidationError as exc:
         raise ConfigError(str(exc)) from exc
-
-
-def config_help() -> str:
-    lines = []
-    for name, field in DistillConfig.model_fields.items():
-        default = field.get_default(call_default_factory=True)
-        lines.append(f"  {name} (default {default!r}){': ' + field.description if field.description else ''}")
-    return "\n".join(lines)
 
 
 # --- data ---------------------------------------------------------------------------------------------

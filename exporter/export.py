@@ -158,11 +158,14 @@ def tf_embeddings(model: keras.Model, faces: np.ndarray, mean: float, std: float
     return checked_unit(model(x, training=False), "the TF model")
 
 
-def onnx_embeddings(proto_or_path: onnx.ModelProto | str | Path, faces: np.ndarray, contract: FaceContract) -> np.ndarray:
+def onnx_embeddings(proto_or_path: onnx.ModelProto | str | Path, faces: np.ndarray, contract: FaceContract,
+                    precision: str = "fp32") -> np.ndarray:
+    """The graph's checked unit embeddings of ``faces``, preprocessed per ``contract`` (the fp32 one for
+    both variants: they take the same inputs); ``precision`` names the graph in errors."""
     from service.model.session import FaceSession
 
     out = FaceSession(proto_or_path, contract=contract).raw(faces)
-    return checked_unit(out, f"the ONNX graph ({contract.extra.get('face.precision', 'fp32')})")
+    return checked_unit(out, f"the ONNX graph ({precision})")
 
 
 def parity(reference: np.ndarray, candidate: np.ndarray) -> dict:
@@ -251,7 +254,6 @@ def export_model(source: str | Path, output: str | Path, options: ExportOptions 
     from .checkpoints import load_embedding_model
 
     options = options or ExportOptions()
-    fp16, fp16_min_cosine = options.fp16, options.fp16_min_cosine  # read by the fp16 variant's branch
 
     def stage(name: str) -> None:
         if stage_hook is not None:
@@ -260,7 +262,6 @@ def export_model(source: str | Path, output: str | Path, options: ExportOptions 
     cfg, model = load_embedding_model(source, options.config, options.overrides)
     stage("load model")
     threshold = resolve_threshold(options, model, cfg)
-    calibration = threshold.calibration
 
     proto = to_onnx(model, cfg.input_size, options.input_name, options.opset, options.tf2onnx_graph_copies)
     stage("tf2onnx conversion")
@@ -300,20 +301,18 @@ def export_model(source: str | Path, output: str | Path, options: ExportOptions 
     stage("check and save")
     result = {"onnx": str(output), "contract": contract.to_metadata(), "parity_fp32": fp32,
               "opset": options.opset, "bytes": output.stat().st_size}
-    if calibration is not None:
-        result["calibration"] = {k: calibration.get(k) for k in ("accuracy_mean", "accuracy_std", "best_threshold")}
+    if threshold.calibration is not None:
+        result["calibration"] = threshold.calibration
 
-    if fp16:
+    if options.fp16:
         from service.model.contract import file_digest, fp16_variant_contract
         from service.model.fp16 import Fp16ParityError, check_parity
-        from service.model.session import FaceSession
 
         half = to_fp16(proto)
         stage("fp16 conversion")
         try:
             # same inputs as the fp32 graph: the fp32 contract's preprocessing
-            fp16_parity = parity(reference, checked_unit(FaceSession(half, contract=contract).raw(faces),
-                                                         "the ONNX graph (fp16)"))
+            fp16_parity = parity(reference, onnx_embeddings(half, faces, contract, "fp16"))
             # the CPU provider runs most fp16 nodes through casts in fp32; the emulated check rounds every
             # activation to fp16 as a GPU would, so an overflow shows up here too
             emulated = check_parity(proto, half, faces, contract, ["CPUExecutionProvider"]).emulated_min_cosine
@@ -324,9 +323,9 @@ def export_model(source: str | Path, output: str | Path, options: ExportOptions 
         fp16_parity["emulated_min_cosine"] = emulated
         log.info("parity fp16 on %d faces: min cosine %.7f vs TF, %.7f with fp16 rounding emulated",
                  fp16_parity["faces"], fp16_parity["min_cosine"], emulated)
-        if not (passes(fp16_parity["min_cosine"], fp16_min_cosine) and passes(emulated, fp16_min_cosine)):
+        if not (passes(fp16_parity["min_cosine"], options.fp16_min_cosine) and passes(emulated, options.fp16_min_cosine)):
             raise ExportParityError(f"fp16 min cosine {fp16_parity['min_cosine']:.6f} (emulated {emulated:.6f}) "
-                                    f"< {fp16_min_cosine}; the fp32 model {output} is written, no fp16 variant")
+                                    f"< {options.fp16_min_cosine}; the fp32 model {output} is written, no fp16 variant")
         # the shared function: the same fp16 keys as a variant the service's tool makes, from the file just written
         half_contract = fp16_variant_contract(contract, min(fp16_parity["min_cosine"], emulated), fp16_parity["faces"],
                                               file_digest(output))

@@ -111,14 +111,6 @@ def test_evaluate_end_to_end_known_answer(tmp_path, monkeypatch):
     assert quick.source == "<in memory>" and "flip" not in quick.to_dict()["results"]
 
 
-@pytest.fixture(scope="module")
-def default_model():
-    from exporter.config import REPO
-    from service.model.prepare import default_model as prepare
-
-    return prepare(REPO / ".cache" / "models")
-
-
 def test_flip_modes(default_model):
     """'normalised' sums unit embeddings (ours); 'raw' sums raw ones as arcface-tf2's evaluation does."""
     from exporter.evaluate import OnnxEmbedder, embed_paths

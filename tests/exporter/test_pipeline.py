@@ -165,18 +165,14 @@ def test_fp16_overflow_is_refused(tiny_run, tmp_path):
     assert (tmp_path / "m.onnx").exists() and not (tmp_path / "m.fp16.onnx").exists()
 
 
-def test_conversion_makes_no_graph_copies(tiny_run, monkeypatch):
-    """tf2onnx deep-copies the graph before every optimizer by default (ResNet-50 export peaked at
-    ~13 GB); the exporter converts without those copies and leaves tf2onnx's setting as it was."""
+@pytest.fixture
+def graph_copies(monkeypatch) -> list[str]:
+    """Every deep copy of a tf2onnx Graph made while the test runs, with TF2ONNX_CATCH_ERRORS unset."""
     import copy
-    import os
 
     from tf2onnx.graph import Graph
 
-    from exporter.checkpoints import load_run
-    from exporter.export import to_onnx
-
-    copies = []
+    copies: list[str] = []
     real = copy.deepcopy
 
     def counting(obj, memo=None, *args):
@@ -186,36 +182,33 @@ def test_conversion_makes_no_graph_copies(tiny_run, monkeypatch):
 
     monkeypatch.setattr(copy, "deepcopy", counting)
     monkeypatch.delenv("TF2ONNX_CATCH_ERRORS", raising=False)
+    return copies
+
+
+def test_conversion_makes_no_graph_copies(tiny_run, graph_copies):
+    """tf2onnx deep-copies the graph before every optimizer by default (ResNet-50 export peaked at
+    ~13 GB); the exporter converts without those copies and leaves tf2onnx's setting as it was."""
+    import os
+
+    from exporter.checkpoints import load_run
+    from exporter.export import to_onnx
+
     cfg, model = load_run(tiny_run)
     proto = to_onnx(model, cfg.input_size)
-    assert copies == []
+    assert graph_copies == []
     assert "TF2ONNX_CATCH_ERRORS" not in os.environ
     assert proto.graph.output[0].name == "embedding"
 
 
-def test_conversion_with_graph_copies_on_request(tiny_run, monkeypatch):
+def test_conversion_with_graph_copies_on_request(tiny_run, graph_copies):
     """exporter.memprobe's "before" figure: to_onnx(graph_copies=True) converts as tf2onnx does by default
     (a graph copy per optimizer), into the same graph."""
-    import copy
-
-    from tf2onnx.graph import Graph
-
     from exporter.checkpoints import load_run
     from exporter.export import to_onnx
 
-    copies = []
-    real = copy.deepcopy
-
-    def counting(obj, memo=None, *args):
-        if isinstance(obj, Graph):
-            copies.append(type(obj).__name__)
-        return real(obj, memo, *args)
-
-    monkeypatch.setattr(copy, "deepcopy", counting)
-    monkeypatch.delenv("TF2ONNX_CATCH_ERRORS", raising=False)
     cfg, model = load_run(tiny_run)
     lean = to_onnx(model, cfg.input_size)
-    assert copies == []
+    assert graph_copies == []
     with_copies = to_onnx(model, cfg.input_size, graph_copies=True)
-    assert copies
+    assert graph_copies
     assert [n.op_type for n in with_copies.graph.node] == [n.op_type for n in lean.graph.node]

@@ -9,15 +9,8 @@ import numpy as np
 import pytest
 
 from service.gallery import Gallery, GalleryOptions
-from tests.gallery.test_gallery import crash
+from tests.gallery.test_gallery import DIM, crash, unit  # unit() makes DIM-wide vectors
 from tests.gallery.traces import find_vector
-
-DIM = 32
-
-
-def unit(rng, n):
-    v = rng.normal(size=(n, DIM)).astype(np.float32)
-    return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
 def opened(path, **options) -> Gallery:

@@ -51,12 +51,6 @@ BAD_IMAGES = {
 }
 
 
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
-
-
 def error_code(r: httpx.Response) -> str:
     assert 400 <= r.status_code < 500, (r.status_code, r.text)
     return r.json()["error"]["code"]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 from collections.abc import Callable
 
-import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -110,12 +109,6 @@ def test_a_crop_stored_sideways_is_checked_as_viewed():
 
 
 # -- over HTTP -------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
 
 
 def embed(client, data: bytes, image_type: str) -> np.ndarray | str:

@@ -3,22 +3,14 @@ the thread pool otherwise: both paths must give the same embeddings and the same
 
 from __future__ import annotations
 
-import base64
 import io
 
 import httpx
 import numpy as np
-import pytest
 from PIL import Image, PngImagePlugin
 
 from service.pipeline import INLINE_DECODE_BYTES
-from tests.conftest import face_files
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
+from tests.conftest import b64, face_files
 
 
 def png(pixels: np.ndarray, padding: int = 0) -> bytes:
@@ -32,7 +24,7 @@ def png(pixels: np.ndarray, padding: int = 0) -> bytes:
 
 
 def embed(client: httpx.Client, blobs: list[bytes]) -> httpx.Response:
-    return client.post("/embed", json={"images": [base64.b64encode(b).decode() for b in blobs]})
+    return client.post("/embed", json={"images": [b64(b) for b in blobs]})
 
 
 def test_inline_and_thread_pool_decodes_give_the_same_embeddings_and_errors(client):

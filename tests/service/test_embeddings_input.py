@@ -14,12 +14,6 @@ from tests.conftest import b64, face_files
 MODEL_ID = "sface@2021dec-int8bq"
 
 
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
-
-
 def embed(client, paths) -> list[list[float]]:
     r = client.post("/embed", json={"images": [b64(p) for p in paths]})
     assert r.status_code == 200, r.text

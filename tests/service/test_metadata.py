@@ -15,12 +15,6 @@ FACE = face_files("Hugo_Chavez")[0]
 JSON_ROUTES = ("/embed", "/enroll", "/verify", "/identify", "/detect")
 
 
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
-
-
 def nested(depth: int) -> dict:
     value: dict = {}
     for _ in range(depth - 1):

@@ -7,9 +7,7 @@ import base64
 import io
 import uuid
 
-import httpx
 import numpy as np
-import pytest
 from PIL import Image
 
 from service.detection import align_face
@@ -34,12 +32,6 @@ def jpeg(array: np.ndarray, **save) -> bytes:
 def blank_photo() -> bytes:
     rng = np.random.default_rng(0)
     return jpeg((rng.random((300, 400, 3)) * 40 + 100).astype(np.uint8))  # gray noise, no face
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
 
 
 def embed(client, images: list[str], **options) -> tuple[np.ndarray, dict]:
