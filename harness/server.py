@@ -29,14 +29,15 @@ def free_port() -> int:
 class ServerProcess:
     def __init__(self, data_dir: Path, model: Path | None = None, port: int | None = None,
                  env: dict[str, str] | None = None, log_path: Path | None = None,
-                 python: str | None = None, source: Path | None = None) -> None:
+                 python: str | None = None, source: Path | None = None, host: str = "127.0.0.1") -> None:
         """``source``: run the ``service`` of another source tree (e.g. an unpacked ``git archive``)
-        instead of this checkout's: the server starts there, with it on PYTHONPATH."""
+        instead of this checkout's: the server starts there, with it on PYTHONPATH. ``host``: the
+        interface to bind (reached at 127.0.0.1 whatever it is)."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.data_dir = Path(data_dir)
         self.log_path = log_path or self.data_dir.parent / f"server-{self.port}.log"
-        cmd = [python or sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(self.port),
+        cmd = [python or sys.executable, "-m", "service", "--host", host, "--port", str(self.port),
                "--data-dir", str(self.data_dir)]
         if model is not None:
             cmd += ["--model", str(model)]
@@ -45,14 +46,18 @@ class ServerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, cwd=source or REPO, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
+        # with a key /readyz shows its details to key holders only: the harness is one
+        key = full_env.get("FACE_API_KEY")
+        self.key_headers = {full_env.get("FACE_API_KEY_HEADER", "X-API-Key"): key} if key else {}
 
     def wait_ready(self, timeout: float = 120) -> dict:
+        """/readyz's answer once it is 200 (its details: the key is sent when the server has one)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                r = httpx.get(self.url + "/readyz", timeout=5)
+                r = httpx.get(self.url + "/readyz", headers=self.key_headers, timeout=5)
                 if r.status_code == 200:
                     return r.json()
             except httpx.HTTPError:

@@ -8,6 +8,7 @@ instead of serving half a service.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from contextlib import asynccontextmanager
 
@@ -28,7 +29,7 @@ from .gallery import GalleryLoading
 from .gallery.api import GalleryUnavailable, open_gallery
 from .memory import limit_malloc_arenas
 from .metrics import Metrics
-from .middleware import AccessMiddleware, BodyLimitMiddleware, DisconnectMiddleware
+from .middleware import AccessMiddleware, BodyLimitMiddleware, DisconnectMiddleware, OriginMiddleware
 from .model.batcher import DynamicBatcher
 from .model.runtime import EmbeddingModel
 from .model.serving import served_model_path
@@ -101,9 +102,26 @@ def _error_response(error: ServiceError, request: Request) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status)
 
 
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name other than localhost (or 0.0.0.0 / ::, every interface)
+
+
+def warn_if_exposed(settings: Settings) -> None:
+    """Anyone who can reach a non-loopback interface can use (and empty) the gallery without a key."""
+    if settings.api_key is None and not _is_loopback(settings.host):
+        log.warning("serving without an API key on a non-loopback address: anyone who reaches it can read, "
+                    "enroll and delete identities; set FACE_API_KEY", extra={"host": settings.host})
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     limit_malloc_arenas(settings.malloc_arena_max)  # before the server's worker threads allocate
+    warn_if_exposed(settings)
     metrics = Metrics()
 
     @asynccontextmanager
@@ -168,5 +186,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_docs(app, settings)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(DisconnectMiddleware)
+    # Host, Origin and CORS: before anything else reads the request (inside the access log, which counts refusals)
+    app.add_middleware(OriginMiddleware, allowed_hosts=settings.allowed_hosts, cors_origins=settings.cors_origins,
+                       open_mode=settings.api_key is None, api_key_header=settings.api_key_header)
     app.add_middleware(AccessMiddleware, metrics=metrics)
     return app

@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+LOOPBACK_HOSTS = ["localhost", "127.0.0.1", "::1"]
 
 
 class Settings(BaseSettings):
@@ -27,6 +29,19 @@ class Settings(BaseSettings):
     api_key_header: str = Field("X-API-Key", description="Header that carries the API key.")
     public_docs: bool = Field(
         False, description="With an API key set, /docs, /redoc and /openapi.json need it too unless this is true."
+    )
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        LOOPBACK_HOSTS,
+        description="Comma-separated names and addresses the service answers to in the Host header (any port); "
+        "any other Host gets 421 host_not_allowed, on every route (a DNS-rebinding page sends its own name). "
+        "*.example.com: any subdomain of example.com. *: any Host (only behind a proxy that checks it). "
+        "Serving on another interface: add the names clients use (e.g. face.example.com,10.0.0.5).",
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        [],
+        description="Comma-separated origins (scheme://host[:port]) of other sites' pages that may call the API "
+        "from a browser: they get CORS grants, and without an API key may write. Empty: none; pages on other "
+        "origins get no grant, and without a key their writes get 403 cross_origin_refused.",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     log_json: bool = Field(True, description="One JSON object per log line (false: plain text).")
@@ -195,6 +210,32 @@ class Settings(BaseSettings):
         "oversampling) and still get them; results are re-sorted by score afterwards.",
     )
 
+    @field_validator("allowed_hosts", "cors_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, value: list[str]) -> list[str]:
+        hosts = [host.lower().removeprefix("[").removesuffix("]").rstrip(".") for host in value]
+        for host in hosts:
+            if not host or "/" in host or (host.startswith("*") and host != "*" and not host.startswith("*.")):
+                raise ValueError(f"not a host name, address, *.domain or *: {host!r}")
+        return hosts
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        origins = [origin.lower().rstrip("/") for origin in value]
+        for origin in origins:
+            scheme, _, rest = origin.partition("://")
+            if scheme not in ("http", "https") or not rest or "/" in rest or "*" in rest:
+                raise ValueError(f"not an origin (scheme://host[:port], no path, no wildcard): {origin!r}")
+        return origins
+
     @field_validator("api_key")
     @classmethod
     def _api_key_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
@@ -228,6 +269,8 @@ def env_example() -> str:
     for name, field in Settings.model_fields.items():
         default = field.default
         value = "" if default is None else default.value if hasattr(default, "value") else default
+        if isinstance(value, list):
+            value = ",".join(value)
         line = f"FACE_{name.upper()}={value}"
         if name == "api_key":  # an empty key is refused (it would silently disable auth): commented out
             line = "# " + line

@@ -42,6 +42,8 @@ class ErrorCode(str, Enum):
     metadata_too_large = "metadata_too_large"
     # auth and server
     unauthorized = "unauthorized"
+    host_not_allowed = "host_not_allowed"
+    cross_origin_refused = "cross_origin_refused"
     not_found = "not_found"
     method_not_allowed = "method_not_allowed"
     model_not_ready = "model_not_ready"
@@ -78,6 +80,8 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.invalid_metadata: 422,
     ErrorCode.metadata_too_large: 413,
     ErrorCode.unauthorized: 401,
+    ErrorCode.host_not_allowed: 421,
+    ErrorCode.cross_origin_refused: 403,
     ErrorCode.not_found: 404,
     ErrorCode.method_not_allowed: 405,
     ErrorCode.model_not_ready: 503,

@@ -136,3 +136,120 @@ class AccessMiddleware:
             self.metrics.latency.labels(path, method).observe(elapsed)
             log.info("request", extra={"method": method, "route": path, "status": status,
                                        "ms": round(elapsed * 1000, 2)})
+
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+_READ = frozenset({b"host", b"origin", b"sec-fetch-site", b"access-control-request-method"})
+CORS_METHODS = "GET, POST, DELETE"
+
+
+def split_host(value: str) -> tuple[str, str | None]:
+    """``host[:port]`` of a Host header, or of an origin's netloc: (lowercase host without brackets or
+    a trailing dot, port or None)."""
+    value = value.strip().lower()
+    if value.startswith("["):  # [v6]:port
+        host, _, rest = value[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else None
+    elif value.count(":") == 1:
+        host, port = value.split(":")
+    else:
+        host, port = value, None
+    return host.rstrip("."), port or None
+
+
+def host_allowed(host: str, allowed: list[str]) -> bool:
+    for pattern in allowed:
+        if pattern == "*" or host == pattern:
+            return True
+        if pattern.startswith("*.") and host.endswith(pattern[1:]):
+            return True
+    return False
+
+
+def _same_origin(origin: str, host_header: str) -> bool:
+    """The Origin header names the host and port this request was sent to (scheme aside: a proxy may
+    terminate TLS)."""
+    scheme, _, netloc = origin.partition("://")
+    if scheme not in ("http", "https") or not netloc:
+        return False  # "null" (sandboxed frames, file: pages, no-referrer forms) and oddities
+    default = "443" if scheme == "https" else "80"
+    o_host, o_port = split_host(netloc)
+    h_host, h_port = split_host(host_header)
+    return bool(o_host) and (o_host, o_port or default) == (h_host, h_port or default)
+
+
+class OriginMiddleware:
+    """Who may talk to the service from where, before anything else runs.
+
+    * Host: only the names and addresses in FACE_ALLOWED_HOSTS (default: loopback) are answered, on
+      every route; a DNS-rebinding page reaches the service under its own name and gets 421.
+    * Without an API key, a state-changing request (not GET/HEAD/OPTIONS) sent by a page of another
+      origin is refused (403 cross_origin_refused): its Origin names another host or port (or is
+      "null"), or, without Origin, Sec-Fetch-Site says cross-site or same-site. Requests without these
+      headers (curl, SDKs) and the service's own pages (the console) pass. With a key the key does
+      this: a page cannot send the key's header to another origin without a CORS grant.
+    * CORS: origins in FACE_CORS_ORIGINS get ``Access-Control-Allow-Origin`` naming them (and a
+      preflight answer); nobody else gets a grant, and a preflight from elsewhere is refused.
+    """
+
+    def __init__(self, app, allowed_hosts: list[str], cors_origins: list[str], open_mode: bool,
+                 api_key_header: str) -> None:
+        self.app = app
+        self.allowed_hosts = allowed_hosts
+        self.cors_origins = frozenset(cors_origins)
+        self.open_mode = open_mode
+        self.allow_headers = f"Content-Type, {api_key_header}"
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {name.decode(): value.decode("latin-1") for name, value in scope.get("headers", [])
+                   if name in _READ}
+        host_header = headers.get("host", "")
+        host, _ = split_host(host_header)
+        if not host_allowed(host, self.allowed_hosts):
+            log.warning("host not allowed", extra={"host": host_header[:200], "path": scope.get("path")})
+            return await send_error(send, ServiceError(
+                ErrorCode.host_not_allowed, f"this service does not answer to the host {host_header[:200]!r}; "
+                "its operator lists the names it answers to in FACE_ALLOWED_HOSTS"))
+        origin = headers.get("origin")
+        granted = origin is not None and origin.lower() in self.cors_origins
+        method = scope.get("method", "")
+        if method == "OPTIONS" and origin is not None and "access-control-request-method" in headers:
+            if not granted:
+                return await send_error(send, ServiceError(
+                    ErrorCode.cross_origin_refused, "no CORS grant for this origin (FACE_CORS_ORIGINS)",
+                    origin=origin[:200]))
+            return await self._preflight(send, origin)
+        if self.open_mode and method not in SAFE_METHODS and not granted and self._cross_site(headers, host_header):
+            log.warning("cross-origin write refused", extra={"origin": (origin or "")[:200], "path": scope.get("path"),
+                                                             "sec_fetch_site": headers.get("sec-fetch-site")})
+            return await send_error(send, ServiceError(
+                ErrorCode.cross_origin_refused, "a page of another origin may not change anything here "
+                "without an API key (FACE_CORS_ORIGINS lists the origins that may)",
+                **({"origin": origin[:200]} if origin else {})))
+        if not granted:
+            return await self.app(scope, receive, send)
+
+        async def grant(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []),
+                                      (b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"Origin")]
+            await send(message)
+
+        return await self.app(scope, receive, grant)
+
+    @staticmethod
+    def _cross_site(headers: dict[str, str], host_header: str) -> bool:
+        origin = headers.get("origin")
+        if origin is not None:
+            return not _same_origin(origin, host_header)
+        return headers.get("sec-fetch-site") in ("cross-site", "same-site")
+
+    async def _preflight(self, send, origin: str) -> None:
+        await send({"type": "http.response.start", "status": 204, "headers": [
+            (b"access-control-allow-origin", origin.encode("latin-1")),
+            (b"access-control-allow-methods", CORS_METHODS.encode()),
+            (b"access-control-allow-headers", self.allow_headers.encode()),
+            (b"access-control-max-age", b"600"), (b"vary", b"Origin")]})
+        await send({"type": "http.response.body", "body": b""})

@@ -256,6 +256,12 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+class ReadyStatus(BaseModel):
+    """/readyz for a request without the API key when the service has one: the status alone."""
+
+    status: str
+
+
 class ReadyResponse(BaseModel):
     status: str
     model_id: str

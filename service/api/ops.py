@@ -5,15 +5,15 @@ from __future__ import annotations
 import time
 
 import numpy as np
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
-from ..deps import ApiKey, StateDep
+from ..deps import ApiKey, StateDep, has_api_key
 from ..errors import ErrorCode, ServiceError
 from ..pipeline import embed_crops
-from ..schemas import ReadyResponse
+from ..schemas import ReadyResponse, ReadyStatus
 
 router = APIRouter(tags=["operations"])
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})  # never need the API key (load balancers, orchestrators)
@@ -25,15 +25,20 @@ async def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz", response_model=ReadyResponse, summary="Readiness")
-async def readyz(state: StateDep) -> ReadyResponse:
+@router.get("/readyz", response_model=ReadyResponse | ReadyStatus, summary="Readiness")
+async def readyz(request: Request, state: StateDep) -> ReadyResponse | ReadyStatus:
     """Ready when the model is loaded, a real inference succeeds (at most one per
     FACE_READYZ_CACHE_MS; polls in between get the last result) and the gallery index is loaded;
-    reports the providers in use. While the index loads: 503 `gallery_loading` (status "loading")."""
+    reports the providers in use. While the index loads: 503 `gallery_loading` (status "loading").
+    Never needs the API key, but with one set only requests that carry it get the details (model,
+    thresholds, gallery size): the others get the bare status (`{"status": "ready"}`, or the error code)."""
+    detailed = has_api_key(request, state.settings)
     load_state = state.gallery.load_state
     if load_state != "ready":
-        stats = await run_in_threadpool(state.gallery.stats)
         code = ErrorCode.gallery_loading if load_state == "loading" else ErrorCode.gallery_unavailable
+        if not detailed:
+            raise ServiceError(code, f"gallery index {load_state}", status=load_state)
+        stats = await run_in_threadpool(state.gallery.stats)
         raise ServiceError(code, f"gallery index {load_state}" + (f": {state.gallery.load_error}" if state.gallery.load_error else ""),
                            status=load_state, gallery=stats.as_dict())
 
@@ -47,6 +52,8 @@ async def readyz(state: StateDep) -> ReadyResponse:
         return (time.perf_counter() - started) * 1000
 
     elapsed = await state.readiness.inference_ms(check)
+    if not detailed:
+        return ReadyStatus(status="ready")
     stats = await run_in_threadpool(state.gallery.stats)
     identify = await run_in_threadpool(state.open_set_threshold)
     return ReadyResponse(

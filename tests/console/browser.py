@@ -27,7 +27,9 @@ def unavailable() -> str | None:
     return None
 
 
-def start_browser(size: tuple[int, int] = DESKTOP):
+def start_browser(size: tuple[int, int] = DESKTOP, offline: bool = False):
+    """``offline``: every address but loopback unreachable (a proxy nobody listens on), as on an
+    air-gapped host."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -37,6 +39,8 @@ def start_browser(size: tuple[int, int] = DESKTOP):
                 "--disable-extensions", "--hide-scrollbars", "--force-device-scale-factor=1",
                 f"--window-size={size[0]},{size[1]}"):
         options.add_argument(arg)
+    if offline:  # Chromium never sends loopback requests through a proxy
+        options.add_argument("--proxy-server=http://127.0.0.1:9")
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # to catch CSP violations and JS errors
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(60)

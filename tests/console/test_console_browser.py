@@ -146,7 +146,7 @@ def test_gallery_delete_asks_first_and_then_erases(console, api):
 
 
 def test_status_shows_model_thresholds_and_live_metrics(console, api):
-    ready = httpx.get(api.base_url.join("/readyz")).json()
+    ready = api.get("/readyz").json()  # with the key: the details
     console.go("status")
     model = console.wait_text("status-model", ready["model_id"])
     assert f"{ready['identify_threshold']:.3f}" in model and "CPUExecutionProvider" in model

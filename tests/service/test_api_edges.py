@@ -5,6 +5,7 @@ CMYK crops, strict scalar types, /metrics as text, /readyz cached."""
 from __future__ import annotations
 
 import io
+import re
 
 import httpx
 import pytest
@@ -21,12 +22,17 @@ KEY = "test-key-123"
 
 
 @pytest.fixture(scope="module")
-def keyed(tmp_path_factory, default_model):
+def keyed_server(tmp_path_factory, default_model):
     proc = ServerProcess(tmp_path_factory.mktemp("keyed") / "data", model=default_model, env={"FACE_API_KEY": KEY})
     proc.wait_ready()
-    with httpx.Client(base_url=proc.url, timeout=60) as c:
-        yield c
+    yield proc
     proc.stop()
+
+
+@pytest.fixture(scope="module")
+def keyed(keyed_server):
+    with httpx.Client(base_url=keyed_server.url, timeout=60) as c:
+        yield c
 
 
 def code(r: httpx.Response) -> tuple[int, str]:
@@ -52,9 +58,40 @@ def test_openapi_declares_the_key_as_a_security_scheme(keyed):
         assert "security" not in spec["paths"][path]["get"], path
 
 
+def test_readyz_without_the_key_is_a_bare_status(keyed_server, keyed):
+    """Probes need no key, but the model's path, the thresholds and the gallery's size are for key holders."""
+    for headers in ({}, {"X-API-Key": "wrong"}):
+        r = keyed.get("/readyz", headers=headers)
+        assert (r.status_code, r.json()) == (200, {"status": "ready"})
+    full = keyed.get("/readyz", headers={"X-API-Key": KEY}).json()
+    assert full["status"] == "ready" and full["model_path"] and "gallery" in full and "verify_threshold" in full
+    assert keyed_server.wait_ready()["model_id"] == full["model_id"]  # the harness's probe sends the key
+
+
+def test_readyz_without_a_key_configured_shows_the_details(client):
+    assert {"model_path", "gallery", "identify_threshold"} <= set(client.get("/readyz").json())
+
+
+def test_docs_load_only_same_origin_assets_served_by_the_package(client):
+    """No third-party script on the service's origin, and docs that render on an air-gapped host."""
+    for page in ("/docs", "/redoc"):
+        html = client.get(page).text
+        urls = re.findall(r"""(?:src|href)\s*=\s*["']([^"']+)["']""", html)
+        assert urls, html
+        assert not re.search(r"https?://", html), html
+        assert not re.search(r"""["']//""", html), html  # nor protocol-relative ones
+        for url in urls:
+            r = client.get(url)
+            assert r.status_code == 200 and len(r.content) > 1000, (page, url, r.status_code)
+    assert "javascript" in client.get("/docs/assets/swagger-ui-bundle.js").headers["content-type"]
+    assert "css" in client.get("/docs/assets/swagger-ui.css").headers["content-type"]
+    assert code(client.get("/docs/assets/missing.js")) == (404, "not_found")
+
+
 def test_public_docs_setting_opens_them():
     app = create_app(Settings(api_key=KEY, public_docs=True, providers="cpu"))
-    client = TestClient(app)  # no lifespan: the docs need neither the model nor the gallery
+    # no lifespan: the docs need neither the model nor the gallery; a loopback Host (FACE_ALLOWED_HOSTS)
+    client = TestClient(app, base_url="http://localhost")
     assert client.get("/openapi.json").status_code == 200
     assert client.get("/docs").status_code == 200
 

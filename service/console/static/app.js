@@ -40,6 +40,8 @@ const ERROR_MESSAGES = {
   inference_timeout: "The model did not answer in time; try again in a moment.",
   database_unavailable: "The gallery database cannot be reached right now; try again in a moment.",
   unauthorized: "The API key is missing or wrong.",
+  host_not_allowed: "The service does not answer to this address: its operator lists the names it answers to in FACE_ALLOWED_HOSTS.",
+  cross_origin_refused: "The service refused a change sent from a page of another site.",
   not_found: "Not found.",
   method_not_allowed: "The service does not allow this here.",
   model_not_ready: "The service is starting or stopping; try again in a moment.",
