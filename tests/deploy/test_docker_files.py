@@ -82,7 +82,7 @@ def test_dockerfile_and_compose_values_are_valid_settings(dockerfile, compose, c
                    compose_cpu["services"]["face"]["environment"]):
         for key, value in source.items():
             if key.startswith("FACE_"):
-                _parsed(_setting(key), str(value))  # raises if the service would refuse it
+                _parsed(_setting(key), interpolate(str(value), {}))  # raises if the service would refuse it
 
 
 # --- the image ----------------------------------------------------------------------------------
@@ -174,6 +174,30 @@ def test_port_and_healthcheck(dockerfile):
     probe = runtime.all("HEALTHCHECK")[-1].exec_form()
     assert probe[:2] == ["python", "-c"]
     assert f"'{_readyz_route()}'" in probe[2] and "FACE_PORT" in probe[2]
+
+
+def test_probes_and_clients_send_a_host_the_service_answers_to(dockerfile, compose, compose_cpu):
+    """FACE_ALLOWED_HOSTS (default: loopback) must name the Host the image's HEALTHCHECK, compose's local
+    clients, other containers and nginx send, or they get 421 host_not_allowed; an operator's own list
+    (in .env) replaces compose's."""
+    from service.middleware import host_allowed, split_host
+
+    runtime_env = dockerfile.stage("runtime").env()
+    probe = dockerfile.stage("runtime").all("HEALTHCHECK")[-1].exec_form()[2]
+    probe_host = split_host(re.search(r"http://([^/']+)", probe).group(1))[0]
+    image_hosts = _parsed("allowed_hosts", runtime_env.get("FACE_ALLOWED_HOSTS", ",".join(Settings().allowed_hosts)))
+    assert host_allowed(probe_host, image_hosts)
+    scale = merge_compose(compose_cpu, load_compose(REPO / "docker-compose.scale.yml"))
+    for merged in (compose, compose_cpu, scale):
+        listed = merged["services"]["face"]["environment"]["FACE_ALLOWED_HOSTS"]
+        hosts = _parsed("allowed_hosts", interpolate(listed, {}))
+        for host in (probe_host, "localhost", "face"):
+            assert host_allowed(host, hosts), host
+        assert not host_allowed("attacker.example", hosts)
+        assert interpolate(listed, {"FACE_ALLOWED_HOSTS": "face.example.com"}) == "face.example.com"
+    # nginx passes the client's Host with its port: checked by the replicas, compared with a page's Origin
+    conf = (REPO / "deploy" / "nginx-scale.conf").read_text()
+    assert re.findall(r"proxy_set_header Host (\S+);", conf) == ["$http_host"]
 
 
 def _api_routes(routes, inherited=()):

@@ -75,7 +75,9 @@ def test_readyz_without_a_key_configured_shows_the_details(client):
 def test_docs_load_only_same_origin_assets_served_by_the_package(client):
     """No third-party script on the service's origin, and docs that render on an air-gapped host."""
     for page in ("/docs", "/redoc"):
-        html = client.get(page).text
+        r = client.get(page)
+        html, policy = r.text, r.headers["content-security-policy"]
+        assert "script-src 'self' " in policy and "default-src 'none'" in policy and "http" not in policy, policy
         urls = re.findall(r"""(?:src|href)\s*=\s*["']([^"']+)["']""", html)
         assert urls, html
         assert not re.search(r"https?://", html), html
