@@ -27,6 +27,10 @@ from .session import (
 
 log = logging.getLogger(__name__)
 
+# FACE_REQUIRE_GPU / FACE_PROVIDERS=cuda on a host (or container) that cannot reach an NVIDIA GPU
+NO_GPU = ("no usable GPU: CUDA was requested (FACE_PROVIDERS=cuda or FACE_REQUIRE_GPU=true) but no NVIDIA GPU "
+          "is reachable; check the NVIDIA driver (nvidia-smi) and, in a container, the NVIDIA container toolkit "
+          "(docker run --gpus all, or compose's device reservation)")
 __all__ = ["EmbeddingModel", "ProviderError"]  # ProviderError: raised by initialize(), defined in .session
 
 
@@ -44,11 +48,16 @@ class EmbeddingModel:
         choice = ProviderChoice.from_settings(self.settings)
         available = available_providers()
         requested = provider_list(choice, available)
-        self._session = FaceSession(self.path, providers=requested, contract=self.contract,
-                                    options=SessionOptions(intra_op_threads=self.settings.intra_op_threads))
+        try:
+            self._session = FaceSession(self.path, providers=requested, contract=self.contract,
+                                        options=SessionOptions(intra_op_threads=self.settings.intra_op_threads))
+        except Exception as exc:
+            if choice.demands_cuda:  # onnxruntime's own words are about libraries: say what is missing
+                raise ProviderError(f"{NO_GPU}: creating the CUDA session failed ({exc})") from exc
+            raise
         self.providers = self._session.providers
         if choice.demands_cuda and CUDA not in self.providers:
-            raise ProviderError(f"CUDA was requested but the session runs on {self.providers}")
+            raise ProviderError(f"{NO_GPU}: onnxruntime could not use CUDA and would run on {self.providers}")
         self.fixed_batch = self._session.fixed_batch
         log.info(
             "model loaded",

@@ -67,6 +67,18 @@ def usable_podman() -> tuple[Podman | None, str]:
     return None, f"podman cannot run a container here: {why} (with {SANDBOX_CONF.relative_to(REPO)}: {why_sandbox})"
 
 
+def build_runtime_image(podman: Podman, tag: str, extra: str, timeout: float = 1200) -> str:
+    """The Dockerfile's runtime target with ``EXTRA=extra`` (cpu or gpu), built from the checkout as
+    ``tag``. chroot isolation: RUN steps need no OCI runtime; docker format: keeps the HEALTHCHECK (OCI
+    images have none). The image this replaces is removed: one per code change would pile up."""
+    before = podman("image", "inspect", "--format", "{{.Id}}", tag, check=False).stdout.strip()
+    podman("build", "--isolation=chroot", "--format", "docker", "--build-arg", f"EXTRA={extra}",
+           "--build-arg", "PYTHON_VERSION=3.11", "--target", "runtime", "-t", tag, ".", timeout=timeout)
+    if before and podman("image", "inspect", "--format", "{{.Id}}", tag).stdout.strip() != before:
+        podman("rmi", before, check=False)
+    return tag
+
+
 @pytest.fixture(scope="module")
 def podman() -> Podman:
     found, reason = usable_podman()

@@ -21,26 +21,20 @@ import httpx
 import pytest
 
 from tests.conftest import ENROLLED, b64, face_files, unknown_files
-from tests.deploy.conftest import Podman
+from tests.deploy.conftest import Podman, build_runtime_image
 from tests.server import REPO, free_port
 
 pytestmark = pytest.mark.container
 
 IMAGE = "localhost/face-embedding-service:container-test"
-BUILD_ARGS = ["--build-arg", "EXTRA=cpu", "--build-arg", "PYTHON_VERSION=3.11", "--target", "runtime"]
 SOCKET = "/run/face-pg/.s.PGSQL.5432"  # where the containers see the test database's socket
 
 
 @pytest.fixture(scope="module")
 def image(podman) -> str:
     """The runtime target, CPU flavour, built from the checkout (podman's layer cache makes a rebuild
-    of an unchanged tree quick). chroot isolation: RUN steps need no OCI runtime; docker format: keeps
-    the HEALTHCHECK (OCI images have none)."""
-    before = podman("image", "inspect", "--format", "{{.Id}}", IMAGE, check=False).stdout.strip()
-    podman("build", "--isolation=chroot", "--format", "docker", *BUILD_ARGS, "-t", IMAGE, ".", timeout=1200)
-    if before and podman("image", "inspect", "--format", "{{.Id}}", IMAGE).stdout.strip() != before:
-        podman("rmi", before, check=False)  # the last run's image: one per code change would pile up
-    return IMAGE
+    of an unchanged tree quick)."""
+    return build_runtime_image(podman, IMAGE, extra="cpu")
 
 
 @dataclass
