@@ -25,7 +25,7 @@ from .console import mount_console
 from .detection import YuNetConfig, YuNetDetector, template_for
 from .errors import ErrorCode, ServiceError
 from .gallery import GalleryLoading
-from .gallery.api import GalleryUnavailable, open_gallery
+from .gallery.api import GalleryBusy, GalleryUnavailable, open_gallery
 from .memory import limit_malloc_arenas
 from .metrics import Metrics
 from .middleware import AccessMiddleware, BodyLimitMiddleware, DisconnectMiddleware
@@ -98,7 +98,7 @@ async def finalize(state: ServiceState) -> None:
 def _error_response(error: ServiceError, request: Request) -> JSONResponse:
     metrics: Metrics = request.app.state.metrics
     metrics.errors.labels(error.code.value).inc()
-    return JSONResponse(error.body(), status_code=error.status)
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -139,6 +139,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.warning("gallery unavailable", extra={"path": request.url.path, "reason": str(exc)})
         return _error_response(ServiceError(ErrorCode.database_unavailable, "the gallery database is unavailable; "
                                             "retry later"), request)
+
+    @app.exception_handler(GalleryBusy)
+    async def gallery_busy(request: Request, exc: GalleryBusy):
+        # the database answers but this replica's connections to it are all in use (slow writes, a burst)
+        log.warning("gallery database connections all in use", extra={"path": request.url.path, "reason": str(exc)})
+        return _error_response(ServiceError(ErrorCode.overloaded, "every database connection is in use; retry "
+                                            "shortly"), request)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):

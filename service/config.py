@@ -180,11 +180,19 @@ class Settings(BaseSettings):
         "face_gallery", pattern=r"^[a-z_][a-z0-9_]{0,62}$",
         description="PostgreSQL schema that holds the gallery's tables (created by the migrations).",
     )
-    database_pool_size: int = Field(8, ge=1, le=256, description="Most connections one replica opens.")
+    database_pool_size: int = Field(
+        8, ge=1, le=256, description="Most connections one replica opens to the primary for writes. A write that "
+        "finds them all in use for database_timeout_s (slow writes, a burst) is answered 503 overloaded.",
+    )
+    database_read_pool_size: int = Field(
+        8, ge=1, le=256, description="Most connections one replica opens for reads (searches, lookups, lists) to "
+        "the primary, and to each standby of database_read_urls: writes stuck behind a lock never take them.",
+    )
     database_timeout_s: float = Field(
         5.0, gt=0, le=120,
         description="How long a request waits for a database connection before it is answered 503 "
-        "database_unavailable (also the connect timeout).",
+        "database_unavailable, or overloaded when the database answers but the pool's connections are all in use "
+        "(also the connect timeout).",
     )
     database_statement_timeout_ms: int = Field(
         15000, ge=0, description="Longest a gallery statement may run on PostgreSQL; 0 = no limit."

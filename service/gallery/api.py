@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "EnrollResult", "FaceRecord", "GalleryBackend", "GalleryModelMismatch", "GalleryStats", "GalleryUnavailable",
+    "EnrollResult", "FaceRecord", "GalleryBackend", "GalleryBusy", "GalleryModelMismatch", "GalleryStats", "GalleryUnavailable",
     "IdentityDetails", "IdentityExists", "IdentityRecord", "Match", "EmbeddedGallery", "check_model",
     "group_by_identity", "open_gallery", "search_identities",
 ]
@@ -51,6 +51,11 @@ __all__ = [
 
 class GalleryUnavailable(RuntimeError):
     """The gallery's database cannot be reached now; the request may be retried later."""
+
+
+class GalleryBusy(GalleryUnavailable):
+    """The database answers, but every connection this replica may open to it is in use (slow writes,
+    a burst): the request may be retried shortly (the API answers 503 ``overloaded``)."""
 
 
 class IdentityExists(ValueError):
