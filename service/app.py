@@ -28,7 +28,7 @@ from .gallery import GalleryLoading
 from .gallery.api import GalleryBusy, GalleryUnavailable, open_gallery
 from .memory import limit_malloc_arenas
 from .metrics import Metrics
-from .middleware import AccessMiddleware, BodyLimitMiddleware, DisconnectMiddleware
+from .middleware import AccessMiddleware, BodyLimitMiddleware, ConsistencyMiddleware, DisconnectMiddleware
 from .model.batcher import DynamicBatcher
 from .model.runtime import EmbeddingModel
 from .model.serving import served_model_path
@@ -66,6 +66,7 @@ async def initialize(settings: Settings, metrics: Metrics) -> ServiceState:
     # index loads in the background (/readyz says "loading" meanwhile; the data dir is locked first)
     gallery = await run_in_threadpool(open_gallery, settings, model.contract.model_id, model.contract.embedding_size,
                                       True)
+    metrics.read_targets.source = gallery.read_targets  # standbys' lag and reads on /metrics
     batcher = DynamicBatcher(model.execute, settings.batch_max_size, settings.batch_max_wait_ms,
                              workers=settings.batch_workers, on_batch=metrics.observe_batch,
                              timeout_s=settings.inference_timeout_ms / 1000,
@@ -175,5 +176,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_docs(app, settings)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(DisconnectMiddleware)
+    app.add_middleware(ConsistencyMiddleware)  # read-your-writes on standbys (the Face-Consistency-Token header)
     app.add_middleware(AccessMiddleware, metrics=metrics)
     return app

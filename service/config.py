@@ -197,11 +197,38 @@ class Settings(BaseSettings):
     database_statement_timeout_ms: int = Field(
         15000, ge=0, description="Longest a gallery statement may run on PostgreSQL; 0 = no limit."
     )
+    database_read_urls: SecretStr | None = Field(
+        None,
+        description="PostgreSQL streaming-replication standbys of database_url, comma-separated URLs: searches, "
+        "lookups and lists are read there (round robin), writes go to the primary. A client that sends back the "
+        "Face-Consistency-Token header (or cookie) of its last write reads it on any replica; a standby that "
+        "cannot be reached, or lags over database_max_lag_ms, is left out and the primary reads instead.",
+    )
+    database_read_wait_ms: float = Field(
+        100, ge=0, le=10_000,
+        description="How long a read carrying a consistency token waits for a standby to replay it before it "
+        "reads from the primary instead.",
+    )
+    database_max_lag_ms: float = Field(
+        5000, gt=0, le=3_600_000,
+        description="A standby whose replay is more than this far behind the primary is left out until it catches "
+        "up (reads without a token are at most about this stale).",
+    )
+    database_lag_check_ms: float = Field(
+        1000, ge=10, le=60_000,
+        description="How often each replica checks its standbys' replay lag (and retries standbys left out).",
+    )
     database_iterative_scan: Literal["off", "relaxed_order", "strict_order"] = Field(
         "relaxed_order",
         description="pgvector hnsw.iterative_scan: lets a search ask for more faces than ef_search (top_k "
         "oversampling) and still get them; results are re-sorted by score afterwards.",
     )
+
+    def read_urls(self) -> tuple[str, ...]:
+        """The standbys of database_read_urls, one URL each."""
+        if self.database_read_urls is None:
+            return ()
+        return tuple(u.strip() for u in self.database_read_urls.get_secret_value().split(",") if u.strip())
 
     @field_validator("api_key")
     @classmethod

@@ -29,10 +29,10 @@ import math
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import psycopg
@@ -41,15 +41,18 @@ from pgvector.psycopg import register_vector
 from psycopg import sql
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from .api import GalleryBusy, GalleryStats, GalleryUnavailable, IdentityExists
+from . import consistency
+from .api import GalleryBusy, GalleryStats, GalleryUnavailable, IdentityExists, ReadTarget
 from .ef import AUTO, search_ef
 from .results import EnrollResult, FaceRecord, IdentityDetails, IdentityRecord
 from .search import Hit, Match, check_model, search_identities
+from .standbys import Standby, Standbys
 
 if TYPE_CHECKING:
     from ..config import Settings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # one advisory-lock key for the whole database: it also serialises CREATE EXTENSION across schemas
 MIGRATION_LOCK_KEY = 0x66616365_67616C  # "facegal"
@@ -108,6 +111,10 @@ class PostgresOptions:
     hnsw_ef_search: int | str = AUTO  # a number, or "auto": from the gallery size (ef.py)
     iterative_scan: str = "relaxed_order"
     maintenance_work_mem: str = "512MB"  # for building the HNSW index in one pass
+    read_urls: tuple[str, ...] = ()  # streaming-replication standbys for reads (standbys.py)
+    read_wait_ms: float = 100.0
+    max_lag_ms: float = 5000.0
+    lag_check_ms: float = 1000.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> PostgresOptions:
@@ -118,7 +125,9 @@ class PostgresOptions:
                    timeout_s=settings.database_timeout_s,
                    statement_timeout_ms=settings.database_statement_timeout_ms, hnsw_m=settings.hnsw_m,
                    hnsw_ef_construction=settings.hnsw_ef_construction, hnsw_ef_search=settings.hnsw_ef_search,
-                   iterative_scan=settings.database_iterative_scan)
+                   iterative_scan=settings.database_iterative_scan, read_urls=settings.read_urls(),
+                   read_wait_ms=settings.database_read_wait_ms, max_lag_ms=settings.database_max_lag_ms,
+                   lag_check_ms=settings.database_lag_check_ms)
 
     def connect_kwargs(self) -> dict:
         options = f"-c search_path={self.schema},public -c statement_timeout={self.statement_timeout_ms}"
@@ -126,12 +135,25 @@ class PostgresOptions:
 
     @property
     def where(self) -> str:
-        """The database, for messages: host and database name, never the password."""
-        try:
-            info = psycopg.conninfo.conninfo_to_dict(self.url)
-        except psycopg.ProgrammingError:
-            return f"schema {self.schema}"
-        return f"postgresql database {info.get('dbname', '?')!r} on {info.get('host', 'localhost')} (schema {self.schema})"
+        return _where(self.url, self.schema)
+
+
+def _endpoint(url: str) -> str:
+    """A database as a short label (metrics): host, port and database name, never the password."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "?"
+    return f"{info.get('host', 'localhost')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
+
+
+def _where(url: str, schema: str) -> str:
+    """A database, for messages and metrics: host and database name, never the password."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return f"schema {schema}"
+    return f"postgresql database {info.get('dbname', '?')!r} on {info.get('host', 'localhost')} (schema {schema})"
 
 
 @contextmanager
@@ -267,6 +289,12 @@ class PostgresGallery:
         # take the connections that searches and lookups need
         self._writes = Pool("writes", options.url, options, options.pool_size, options.where)
         self._reads = Pool("reads", options.url, options, options.read_pool_size, options.where)
+        self._standbys = None if not options.read_urls else Standbys(
+            [Standby(_endpoint(url), url, Pool(f"standby{i}", url, options, options.read_pool_size,
+                                                            _where(url, options.schema)), options.connect_kwargs())
+             for i, url in enumerate(options.read_urls)],
+            options.url, options.connect_kwargs(), max_lag_s=options.max_lag_ms / 1000,
+            wait_s=options.read_wait_ms / 1000, check_interval_s=options.lag_check_ms / 1000)
         self._identity_count = 0
         self._face_count = 0
 
@@ -296,6 +324,8 @@ class PostgresGallery:
         try:
             self._writes.open()
             self._reads.open()
+            if self._standbys is not None:
+                self._standbys.open()
         except GalleryUnavailable:
             self.close()
             raise
@@ -362,6 +392,8 @@ class PostgresGallery:
             self.ensure_index()
 
     def close(self) -> None:
+        if self._standbys is not None:
+            self._standbys.close()
         self._writes.close()
         self._reads.close()
 
@@ -384,13 +416,17 @@ class PostgresGallery:
 
     @contextmanager
     def _transaction(self) -> Iterator[psycopg.Connection]:
-        """A transaction on a connection of the write pool (on the primary)."""
-        with self._connection() as conn, conn.transaction():
-            yield conn
+        """A transaction on a connection of the write pool (on the primary). With standbys, the WAL
+        position after its commit becomes the request's consistency token (consistency.py)."""
+        with self._connection() as conn:
+            with conn.transaction():
+                yield conn
+            if self._standbys is not None:
+                consistency.note_write(consistency.parse_lsn(_one(conn.execute("SELECT pg_current_wal_lsn()::text"))[0]))
 
     @contextmanager
     def _read_connection(self) -> Iterator[psycopg.Connection]:
-        """A connection for a read, from the read pool."""
+        """A connection of the primary's read pool."""
         with self._reads.connection() as conn:
             yield conn
 
@@ -521,52 +557,75 @@ class PostgresGallery:
         self._identity_count, self._face_count = int(row[2]), int(row[3])
         return [[(int(f), i, float(s)) for f, i, s in scan.fetchall()] for scan in scans]
 
+    def _read(self, body: Callable[[psycopg.Connection], T], transaction: bool = True) -> T:
+        """``body`` (reads only) on a standby in rotation that has what this request must see, else on
+        the primary's read pool (standbys.py); in a transaction unless ``body`` makes its own."""
+        def run(conn: psycopg.Connection) -> T:
+            if not transaction:
+                return body(conn)
+            with conn.transaction():
+                return body(conn)
+
+        if self._standbys is None:
+            with self._reads.connection() as conn:
+                return run(conn)
+        return self._standbys.read(run, self._reads)
+
     def search(self, probes: np.ndarray, top_k: int) -> list[list[Match]]:
         """For each probe, up to top_k identities, best first, scored max-over-faces (search.py). One
         round trip for all probes; a probe whose nearest faces belong to too few identities widens in
         another (rare)."""
         vectors = np.ascontiguousarray(np.atleast_2d(probes), dtype=np.float32)
-        with self._read_connection() as conn:
-            return search_identities(lambda p, k: self._nearest(conn, p, k), vectors, top_k)
+        return self._read(lambda conn: search_identities(lambda p, k: self._nearest(conn, p, k), vectors, top_k),
+                          transaction=False)
 
     def identity_embeddings(self, identity_id: str) -> np.ndarray | None:
-        with self._read_transaction() as conn:
+        def body(conn: psycopg.Connection) -> list[tuple[Any, ...]] | None:
             if conn.execute("SELECT 1 FROM identities WHERE identity_id = %s", (identity_id,)).fetchone() is None:
                 return None
-            rows = conn.execute("SELECT embedding FROM faces WHERE identity_id = %s ORDER BY face_id",
+            return conn.execute("SELECT embedding FROM faces WHERE identity_id = %s ORDER BY face_id",
                                 (identity_id,)).fetchall()
+
+        rows = self._read(body)
+        if rows is None:
+            return None
         if not rows:
             return np.zeros((0, 0), np.float32)
         return np.stack([_as_array(r[0]) for r in rows])
 
     def get_identity(self, identity_id: str) -> IdentityDetails | None:
-        with self._read_transaction() as conn:
+        def body(conn: psycopg.Connection) -> IdentityDetails | None:
             row = conn.execute("SELECT identity_id, metadata, created_at, updated_at FROM identities "
                                "WHERE identity_id = %s", (identity_id,)).fetchone()
             if row is None:
                 return None
             faces = conn.execute("SELECT face_id, created_at FROM faces WHERE identity_id = %s ORDER BY face_id",
                                  (identity_id,)).fetchall()
-        record = IdentityRecord(row[0], json.loads(row[1]), len(faces), row[2], row[3])
-        return IdentityDetails(record, [FaceRecord(int(f), float(t)) for f, t in faces])
+            record = IdentityRecord(row[0], json.loads(row[1]), len(faces), row[2], row[3])
+            return IdentityDetails(record, [FaceRecord(int(f), float(t)) for f, t in faces])
+
+        return self._read(body)
 
     def list_identities(self, limit: int, after: str | None) -> list[IdentityRecord]:
         """Keyset pagination by identity id: stable under concurrent inserts and deletes."""
-        with self._read_transaction() as conn:
-            rows = conn.execute(
-                "SELECT i.identity_id, i.metadata, i.created_at, i.updated_at, "
-                "(SELECT count(*) FROM faces f WHERE f.identity_id = i.identity_id) "
-                "FROM identities i WHERE i.identity_id > %s ORDER BY i.identity_id LIMIT %s",
-                (_before_nul(after or ""), limit),
-            ).fetchall()
+        rows = self._read(lambda conn: conn.execute(
+            "SELECT i.identity_id, i.metadata, i.created_at, i.updated_at, "
+            "(SELECT count(*) FROM faces f WHERE f.identity_id = i.identity_id) "
+            "FROM identities i WHERE i.identity_id > %s ORDER BY i.identity_id LIMIT %s",
+            (_before_nul(after or ""), limit),
+        ).fetchall())
         return [IdentityRecord(r[0], json.loads(r[1]), int(r[4]), r[2], r[3]) for r in rows]
 
     def stats(self) -> GalleryStats:
+        """Counts as the primary has them (/readyz and /metrics follow the primary, which writes need)."""
         with self._read_transaction() as conn:
             identities, faces = _one(conn.execute(
                 "SELECT COALESCE(sum(identities), 0), COALESCE(sum(faces), 0) FROM counters"))
         self._identity_count, self._face_count = int(identities), int(faces)
         return GalleryStats(backend=self.backend, identities=int(identities), faces=int(faces), index_live=int(faces))
+
+    def read_targets(self) -> list[ReadTarget]:
+        return [] if self._standbys is None else self._standbys.targets()
 
 
 def _before_nul(cursor: str) -> str:
