@@ -159,7 +159,7 @@ def pg_copy_load(gallery, data: Data) -> dict:
     started = time.perf_counter()
     gallery.ensure_index()
     index_seconds = time.perf_counter() - started
-    with gallery._pool.connection() as conn:  # noqa: SLF001 - VACUUM cannot run in a transaction block
+    with gallery._connection() as conn:  # noqa: SLF001 - VACUUM cannot run in a transaction block
         conn.execute("VACUUM ANALYZE faces")
         conn.execute("VACUUM ANALYZE identities")
     return {"copy_seconds": round(copy_seconds, 1), "index_seconds": round(index_seconds, 1),

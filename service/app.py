@@ -26,10 +26,16 @@ from .console import mount_console
 from .detection import YuNetConfig, YuNetDetector, template_for
 from .errors import ErrorCode, ServiceError
 from .gallery import GalleryLoading
-from .gallery.api import GalleryUnavailable, open_gallery
+from .gallery.api import GalleryBusy, GalleryUnavailable, open_gallery
 from .memory import limit_malloc_arenas
 from .metrics import Metrics
-from .middleware import AccessMiddleware, BodyLimitMiddleware, DisconnectMiddleware, OriginMiddleware
+from .middleware import (
+    AccessMiddleware,
+    BodyLimitMiddleware,
+    ConsistencyMiddleware,
+    DisconnectMiddleware,
+    OriginMiddleware,
+)
 from .model.batcher import DynamicBatcher
 from .model.runtime import EmbeddingModel
 from .model.serving import served_model_path
@@ -67,6 +73,7 @@ async def initialize(settings: Settings, metrics: Metrics) -> ServiceState:
     # index loads in the background (/readyz says "loading" meanwhile; the data dir is locked first)
     gallery = await run_in_threadpool(open_gallery, settings, model.contract.model_id, model.contract.embedding_size,
                                       True)
+    metrics.read_targets.source = gallery.read_targets  # standbys' lag and reads on /metrics
     batcher = DynamicBatcher(model.execute, settings.batch_max_size, settings.batch_max_wait_ms,
                              workers=settings.batch_workers, on_batch=metrics.observe_batch,
                              timeout_s=settings.inference_timeout_ms / 1000,
@@ -99,7 +106,7 @@ async def finalize(state: ServiceState) -> None:
 def _error_response(error: ServiceError, request: Request) -> JSONResponse:
     metrics: Metrics = request.app.state.metrics
     metrics.errors.labels(error.code.value).inc()
-    return JSONResponse(error.body(), status_code=error.status)
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
 def _is_loopback(host: str) -> bool:
@@ -158,6 +165,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return _error_response(ServiceError(ErrorCode.database_unavailable, "the gallery database is unavailable; "
                                             "retry later"), request)
 
+    @app.exception_handler(GalleryBusy)
+    async def gallery_busy(request: Request, exc: GalleryBusy):
+        # the database answers but this replica's connections to it are all in use (slow writes, a burst)
+        log.warning("gallery database connections all in use", extra={"path": request.url.path, "reason": str(exc)})
+        return _error_response(ServiceError(ErrorCode.overloaded, "every database connection is in use; retry "
+                                            "shortly"), request)
+
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
         errors = [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()]
@@ -186,6 +200,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_docs(app, settings)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(DisconnectMiddleware)
+    if settings.read_urls():  # read-your-writes on standbys (the Face-Consistency-Token header)
+        app.add_middleware(ConsistencyMiddleware)
     # Host, Origin and CORS: before anything else reads the request (inside the access log, which counts refusals)
     app.add_middleware(OriginMiddleware, allowed_hosts=settings.allowed_hosts, cors_origins=settings.cors_origins,
                        open_mode=settings.api_key is None, api_key_header=settings.api_key_header)

@@ -195,14 +195,43 @@ class Settings(BaseSettings):
         "face_gallery", pattern=r"^[a-z_][a-z0-9_]{0,62}$",
         description="PostgreSQL schema that holds the gallery's tables (created by the migrations).",
     )
-    database_pool_size: int = Field(8, ge=1, le=256, description="Most connections one replica opens.")
+    database_pool_size: int = Field(
+        8, ge=1, le=256, description="Most connections one replica opens to the primary for writes. A write that "
+        "finds them all in use for database_timeout_s (slow writes, a burst) is answered 503 overloaded.",
+    )
+    database_read_pool_size: int = Field(
+        8, ge=1, le=256, description="Most connections one replica opens for reads (searches, lookups, lists) to "
+        "the primary, and to each standby of database_read_urls: writes stuck behind a lock never take them.",
+    )
     database_timeout_s: float = Field(
         5.0, gt=0, le=120,
         description="How long a request waits for a database connection before it is answered 503 "
-        "database_unavailable (also the connect timeout).",
+        "database_unavailable, or overloaded when the database answers but the pool's connections are all in use "
+        "(also the connect timeout).",
     )
     database_statement_timeout_ms: int = Field(
         15000, ge=0, description="Longest a gallery statement may run on PostgreSQL; 0 = no limit."
+    )
+    database_read_urls: SecretStr | None = Field(
+        None,
+        description="PostgreSQL streaming-replication standbys of database_url, comma-separated URLs: searches, "
+        "lookups and lists are read there (round robin), writes go to the primary. A client that sends back the "
+        "Face-Consistency-Token header (or cookie) of its last write reads it on any replica; a standby that "
+        "cannot be reached, or lags over database_max_lag_ms, is left out and the primary reads instead.",
+    )
+    database_read_wait_ms: float = Field(
+        100, ge=0, le=10_000,
+        description="How long a read carrying a consistency token waits for a standby to replay it before it "
+        "reads from the primary instead.",
+    )
+    database_max_lag_ms: float = Field(
+        5000, gt=0, le=3_600_000,
+        description="A standby whose replay is more than this far behind the primary is left out until it catches "
+        "up (reads without a token are at most about this stale).",
+    )
+    database_lag_check_ms: float = Field(
+        1000, ge=10, le=60_000,
+        description="How often each replica checks its standbys' replay lag (and retries standbys left out).",
     )
     database_iterative_scan: Literal["off", "relaxed_order", "strict_order"] = Field(
         "relaxed_order",
@@ -235,6 +264,12 @@ class Settings(BaseSettings):
             if scheme not in ("http", "https") or not rest or "/" in rest or "*" in rest:
                 raise ValueError(f"not an origin (scheme://host[:port], no path, no wildcard): {origin!r}")
         return origins
+
+    def read_urls(self) -> tuple[str, ...]:
+        """The standbys of database_read_urls, one URL each."""
+        if self.database_read_urls is None:
+            return ()
+        return tuple(u.strip() for u in self.database_read_urls.get_secret_value().split(",") if u.strip())
 
     @field_validator("api_key")
     @classmethod

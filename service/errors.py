@@ -92,6 +92,10 @@ STATUS: dict[ErrorCode, int] = {
 }
 
 
+# seconds a client should wait before retrying (the Retry-After header of these errors)
+RETRY_AFTER_S: dict[ErrorCode, int] = {ErrorCode.overloaded: 1}
+
+
 class ServiceError(Exception):
     """An error with a stable code; the API turns it into a JSON error response."""
 
@@ -104,6 +108,11 @@ class ServiceError(Exception):
     @property
     def status(self) -> int:
         return STATUS[self.code]
+
+    @property
+    def headers(self) -> dict[str, str]:
+        retry_after = RETRY_AFTER_S.get(self.code)
+        return {} if retry_after is None else {"Retry-After": str(retry_after)}
 
     def body(self) -> dict:
         error: dict[str, Any] = {"code": self.code.value, "message": self.message}

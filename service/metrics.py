@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .gallery.api import ReadTarget
 
 # the *_created series double the output and no dashboard uses them
 disable_created_metrics()
@@ -41,6 +47,8 @@ class Metrics:
         )
         self.gallery_identities = Gauge("face_gallery_identities", "Enrolled identities", registry=self.registry)
         self.gallery_faces = Gauge("face_gallery_faces", "Enrolled faces", registry=self.registry)
+        self.read_targets = ReadTargetsCollector()
+        self.registry.register(self.read_targets)
 
     def observe_detection(self, faces: int, seconds: float) -> None:
         self.faces_detected.inc(faces)
@@ -50,3 +58,34 @@ class Metrics:
         self.embeddings.inc(size)
         self.batch_size.observe(size)
         self.inference_seconds.observe(seconds)
+
+
+class ReadTargetsCollector(Collector):
+    """Per database that gallery reads go to (the PostgreSQL primary and each standby): reads served,
+    and for standbys their replay lag, whether they are in rotation, reads they were too far behind
+    for, and failures. Read from the gallery at each scrape; nothing when there are no standbys."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], list[ReadTarget]] = list
+
+    def collect(self) -> Iterator[Metric]:
+        targets = self.source()
+        if not targets:
+            return
+        reads = CounterMetricFamily("face_database_reads", "Gallery reads served, by database", labels=["target", "role"])
+        lag = GaugeMetricFamily("face_database_standby_lag_seconds", "Standby replay lag behind the primary "
+                                "(NaN: not reached)", labels=["standby"])
+        rotation = GaugeMetricFamily("face_database_standby_in_rotation", "1 while a standby takes reads",
+                                     labels=["standby"])
+        behind = CounterMetricFamily("face_database_standby_behind", "Reads with a consistency token the standby "
+                                     "had not replayed in time (read on the primary)", labels=["standby"])
+        failures = CounterMetricFamily("face_database_standby_failures", "Reads and checks that could not reach "
+                                       "a standby", labels=["standby"])
+        for t in targets:
+            reads.add_metric([t.name, t.role], t.reads)
+            if t.role == "standby":
+                lag.add_metric([t.name], float("nan") if t.lag_s is None else t.lag_s)
+                rotation.add_metric([t.name], 1.0 if t.in_rotation else 0.0)
+                behind.add_metric([t.name], t.behind)
+                failures.add_metric([t.name], t.failures)
+        yield from (reads, lag, rotation, behind, failures)

@@ -8,6 +8,7 @@ import logging
 import time
 
 from .errors import ErrorCode, ServiceError
+from .gallery import consistency
 from .metrics import Metrics
 
 log = logging.getLogger("service.access")
@@ -15,8 +16,9 @@ log = logging.getLogger("service.access")
 
 async def send_error(send, error: ServiceError) -> None:
     body = json.dumps(error.body()).encode()
-    await send({"type": "http.response.start", "status": error.status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -253,3 +255,55 @@ class OriginMiddleware:
             (b"access-control-allow-headers", self.allow_headers.encode()),
             (b"access-control-max-age", b"600"), (b"vary", b"Origin")]})
         await send({"type": "http.response.body", "body": b""})
+
+class ConsistencyMiddleware:
+    """Read-your-writes across standbys (service.gallery.consistency): takes the client's token from
+    the ``Face-Consistency-Token`` header (else its cookie), makes it the floor of the request's
+    gallery reads, and returns the newest position (its own write's, else the one it was given) in the
+    header and the cookie. A malformed header is refused (invalid_request, 422); a malformed cookie is
+    ignored (a browser cannot easily repair one)."""
+
+    def __init__(self, app, cookie_max_age_s: int = 300) -> None:
+        self.app = app
+        self.cookie_max_age_s = cookie_max_age_s
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        read_after = consistency.ReadAfter()
+        header = consistency.HEADER.lower().encode()
+        for name, value in scope.get("headers", []):
+            if name == header:
+                try:
+                    read_after.required = consistency.parse_lsn(value.decode("latin-1"))
+                except ValueError as exc:
+                    return await send_error(send, ServiceError(
+                        ErrorCode.invalid_request, f"bad {consistency.HEADER} header: {exc}", header=consistency.HEADER))
+            elif name == b"cookie" and read_after.required is None:
+                read_after.required = _cookie_lsn(value.decode("latin-1"))
+
+        async def send_token(message):
+            floor = read_after.floor()
+            if message["type"] == "http.response.start" and floor is not None:
+                token = consistency.format_lsn(floor).encode()
+                cookie = (f"{consistency.COOKIE}={token.decode()}; Path=/; Max-Age={self.cookie_max_age_s}; "
+                          "HttpOnly; SameSite=Lax").encode()
+                message = {**message, "headers": [*message.get("headers", []), (header, token), (b"set-cookie", cookie)]}
+            await send(message)
+
+        context_token = consistency.begin(read_after)
+        try:
+            await self.app(scope, receive, send_token)
+        finally:
+            consistency.end(context_token)
+
+
+def _cookie_lsn(cookies: str) -> int | None:
+    for part in cookies.split(";"):
+        name, _, value = part.strip().partition("=")
+        if name == consistency.COOKIE:
+            try:
+                return consistency.parse_lsn(value)
+            except ValueError:
+                return None
+    return None

@@ -43,14 +43,19 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "EnrollResult", "FaceRecord", "GalleryBackend", "GalleryModelMismatch", "GalleryStats", "GalleryUnavailable",
-    "IdentityDetails", "IdentityExists", "IdentityRecord", "Match", "EmbeddedGallery", "check_model",
+    "EnrollResult", "FaceRecord", "GalleryBackend", "GalleryBusy", "GalleryModelMismatch", "GalleryStats", "GalleryUnavailable",
+    "IdentityDetails", "IdentityExists", "IdentityRecord", "Match", "ReadTarget", "EmbeddedGallery", "check_model",
     "group_by_identity", "open_gallery", "search_identities",
 ]
 
 
 class GalleryUnavailable(RuntimeError):
     """The gallery's database cannot be reached now; the request may be retried later."""
+
+
+class GalleryBusy(GalleryUnavailable):
+    """The database answers, but every connection this replica may open to it is in use (slow writes,
+    a burst): the request may be retried shortly (the API answers 503 ``overloaded``)."""
 
 
 class IdentityExists(ValueError):
@@ -69,6 +74,19 @@ class GalleryStats:
         """Numbers only, for /readyz and metrics."""
         numbers = {k: v for k, v in asdict(self).items() if k not in ("backend", "extra")}
         return {**numbers, **self.extra}
+
+
+@dataclass(frozen=True)
+class ReadTarget:
+    """A database that reads go to (the PostgreSQL primary, or a standby), as /metrics shows it."""
+
+    name: str
+    role: str  # "primary" or "standby"
+    in_rotation: bool
+    lag_s: float | None  # None: unknown (not reached yet, or down)
+    reads: int  # reads served
+    behind: int = 0  # reads with a token it had not replayed in time (served by the primary instead)
+    failures: int = 0  # reads or checks that could not reach it
 
 
 @runtime_checkable
@@ -118,6 +136,9 @@ class GalleryBackend(Protocol):
     def list_identities(self, limit: int, after: str | None) -> list[IdentityRecord]: ...
 
     def stats(self) -> GalleryStats: ...
+
+    def read_targets(self) -> list[ReadTarget]:
+        """Where reads go and how each is doing; empty when reads have no choice (no standbys)."""
 
 
 # --- the embedded backend, adapted -----------------------------------------------------------
@@ -194,6 +215,9 @@ class EmbeddedGallery:
         extra = self.gallery.stats()  # a fresh dict of ints: the core counts are taken out of it
         core = {k: extra.pop(k) for k in ("identities", "faces", "index_live")}
         return GalleryStats(backend=self.backend, **core, extra=extra)
+
+    def read_targets(self) -> list[ReadTarget]:
+        return []
 
 
 # --- the factory ---------------------------------------------------------------------------------

@@ -15,7 +15,10 @@ identities it last read, inside the transaction of its last search or write.
 * Counts: ``counters`` holds per-slot deltas (16 slots, a random one per write, so writers on many
   replicas rarely wait for each other); their sum is exact and cheap to read.
 * Faults: a lost or refused connection raises :class:`GalleryUnavailable` (the API answers 503
-  ``database_unavailable``); the pool checks connections before lending them and reconnects by itself.
+  ``database_unavailable``); the pools check connections before lending them and reconnect by themselves.
+* Pools: writes and reads have a pool each (FACE_DATABASE_POOL_SIZE, FACE_DATABASE_READ_POOL_SIZE), so
+  writes stuck behind a lock never starve searches. A pool whose connections are all lent out while
+  the database answers raises :class:`GalleryBusy` (503 ``overloaded`` with ``Retry-After``).
 """
 
 from __future__ import annotations
@@ -24,11 +27,12 @@ import json
 import logging
 import math
 import random
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import psycopg
@@ -37,15 +41,18 @@ from pgvector.psycopg import register_vector
 from psycopg import sql
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from .api import GalleryStats, GalleryUnavailable, IdentityExists
+from . import consistency
+from .api import GalleryBusy, GalleryStats, GalleryUnavailable, IdentityExists, ReadTarget
 from .ef import AUTO, search_ef
 from .results import EnrollResult, FaceRecord, IdentityDetails, IdentityRecord
 from .search import Hit, Match, check_model, search_identities
+from .standbys import Standby, Standbys
 
 if TYPE_CHECKING:
     from ..config import Settings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # one advisory-lock key for the whole database: it also serialises CREATE EXTENSION across schemas
 MIGRATION_LOCK_KEY = 0x66616365_67616C  # "facegal"
@@ -95,7 +102,8 @@ MIGRATIONS: tuple[Migration, ...] = (
 class PostgresOptions:
     url: str
     schema: str = "face_gallery"
-    pool_size: int = 8
+    pool_size: int = 8  # write connections
+    read_pool_size: int = 8  # read connections (to the primary)
     timeout_s: float = 5.0
     statement_timeout_ms: int = 15000
     hnsw_m: int = 16
@@ -103,16 +111,23 @@ class PostgresOptions:
     hnsw_ef_search: int | str = AUTO  # a number, or "auto": from the gallery size (ef.py)
     iterative_scan: str = "relaxed_order"
     maintenance_work_mem: str = "512MB"  # for building the HNSW index in one pass
+    read_urls: tuple[str, ...] = ()  # streaming-replication standbys for reads (standbys.py)
+    read_wait_ms: float = 100.0
+    max_lag_ms: float = 5000.0
+    lag_check_ms: float = 1000.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> PostgresOptions:
         if settings.database_url is None:
             raise ValueError("the postgres gallery needs database_url")
         return cls(url=settings.database_url.get_secret_value(), schema=settings.database_schema,
-                   pool_size=settings.database_pool_size, timeout_s=settings.database_timeout_s,
+                   pool_size=settings.database_pool_size, read_pool_size=settings.database_read_pool_size,
+                   timeout_s=settings.database_timeout_s,
                    statement_timeout_ms=settings.database_statement_timeout_ms, hnsw_m=settings.hnsw_m,
                    hnsw_ef_construction=settings.hnsw_ef_construction, hnsw_ef_search=settings.hnsw_ef_search,
-                   iterative_scan=settings.database_iterative_scan)
+                   iterative_scan=settings.database_iterative_scan, read_urls=settings.read_urls(),
+                   read_wait_ms=settings.database_read_wait_ms, max_lag_ms=settings.database_max_lag_ms,
+                   lag_check_ms=settings.database_lag_check_ms)
 
     def connect_kwargs(self) -> dict:
         options = f"-c search_path={self.schema},public -c statement_timeout={self.statement_timeout_ms}"
@@ -120,12 +135,25 @@ class PostgresOptions:
 
     @property
     def where(self) -> str:
-        """The database, for messages: host and database name, never the password."""
-        try:
-            info = psycopg.conninfo.conninfo_to_dict(self.url)
-        except psycopg.ProgrammingError:
-            return f"schema {self.schema}"
-        return f"postgresql database {info.get('dbname', '?')!r} on {info.get('host', 'localhost')} (schema {self.schema})"
+        return _where(self.url, self.schema)
+
+
+def _endpoint(url: str) -> str:
+    """A database as a short label (metrics): host, port and database name, never the password."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "?"
+    return f"{info.get('host', 'localhost')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
+
+
+def _where(url: str, schema: str) -> str:
+    """A database, for messages and metrics: host and database name, never the password."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return f"schema {schema}"
+    return f"postgresql database {info.get('dbname', '?')!r} on {info.get('host', 'localhost')} (schema {schema})"
 
 
 @contextmanager
@@ -136,6 +164,80 @@ def _unavailable_on_connection_errors(where: str) -> Iterator[None]:
         raise GalleryUnavailable(f"no connection to {where} within the timeout") from exc
     except psycopg.OperationalError as exc:  # connection lost or refused, server shutting down, timeout
         raise GalleryUnavailable(f"{where}: {type(exc).__name__}: {str(exc).strip()[:200]}") from exc
+
+
+class Pool:
+    """One connection pool to one PostgreSQL server: the primary's writes, the primary's reads, or a
+    standby's reads. It tells a database that cannot be reached (GalleryUnavailable) from a pool whose
+    every connection is lent out while the database answers (GalleryBusy), and while the database is
+    failing waits only FAILING_TIMEOUT_S for a connection."""
+
+    def __init__(self, name: str, url: str, options: PostgresOptions, size: int, where: str) -> None:
+        self.name = name
+        self.url = url
+        self.options = options
+        self.size = size
+        self.where = where
+        self.pool: ConnectionPool | None = None
+        self.failing = False  # the last call failed for want of a connection
+        self.in_use = 0  # connections lent out now (the pool's own size counts reconnection attempts too)
+        self._lock = threading.Lock()
+
+    def open(self, wait: bool = True, timeout_s: float | None = None) -> None:
+        pool = ConnectionPool(
+            self.url, min_size=1, max_size=self.size, kwargs=self.options.connect_kwargs(), configure=register_vector,
+            check=ConnectionPool.check_connection, timeout=self.options.timeout_s, open=False, name=self.name,
+        )
+        try:
+            with _unavailable_on_connection_errors(self.where):
+                pool.open(wait=wait, timeout=self.options.timeout_s)
+        except GalleryUnavailable:
+            pool.close()
+            raise
+        self.pool = pool
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+
+    def busy(self) -> bool:
+        """Every connection the pool may open is lent out to a caller (so the database did answer)."""
+        return self.in_use >= self.size
+
+    @contextmanager
+    def connection(self, timeout_s: float | None = None) -> Iterator[psycopg.Connection]:
+        """A pooled connection (autocommit: each statement commits unless in a transaction block).
+        Connection errors, here or in the caller's block, raise GalleryUnavailable; no connection
+        within the timeout while every one is lent out raises GalleryBusy."""
+        if self.pool is None:
+            raise RuntimeError("the gallery is not open")
+        timeout = FAILING_TIMEOUT_S if self.failing else timeout_s or self.options.timeout_s
+        try:
+            with self.pool.connection(timeout=timeout) as conn:
+                with self._lock:
+                    self.in_use += 1
+                try:
+                    yield conn
+                finally:
+                    with self._lock:
+                        self.in_use -= 1
+        except PoolTimeout as exc:
+            if self.busy():  # the database answers: its connections are all held by slow calls
+                raise GalleryBusy(f"all {self.size} {self.name} connections to {self.where} are in use") from exc
+            self._failed()
+            raise GalleryUnavailable(f"no connection to {self.where} within the timeout") from exc
+        except psycopg.OperationalError as exc:  # connection lost or refused, server shutting down, timeout
+            self._failed()
+            raise GalleryUnavailable(f"{self.where}: {type(exc).__name__}: {str(exc).strip()[:200]}") from exc
+        if self.failing:
+            log.info("gallery database available again", extra={"where": self.where, "pool": self.name})
+        self.failing = False
+
+    def _failed(self) -> None:
+        if not self.failing:
+            log.warning("gallery database unavailable", extra={"where": self.where, "pool": self.name})
+        self.failing = True
 
 
 def migrate(conn: psycopg.Connection, options: PostgresOptions, model_id: str, dim: int) -> list[int]:
@@ -183,10 +285,18 @@ class PostgresGallery:
         self.options = options
         self.model_id = model_id
         self.dim = dim
-        self._pool: ConnectionPool | None = None
+        # writes and reads on the primary have pools of their own: writes stuck behind a lock cannot
+        # take the connections that searches and lookups need
+        self._writes = Pool("writes", options.url, options, options.pool_size, options.where)
+        self._reads = Pool("reads", options.url, options, options.read_pool_size, options.where)
+        self._standbys = None if not options.read_urls else Standbys(
+            [Standby(_endpoint(url), url, Pool(f"standby{i}", url, options, options.read_pool_size,
+                                                            _where(url, options.schema)), options.connect_kwargs())
+             for i, url in enumerate(options.read_urls)],
+            options.url, options.connect_kwargs(), max_lag_s=options.max_lag_ms / 1000,
+            wait_s=options.read_wait_ms / 1000, check_interval_s=options.lag_check_ms / 1000)
         self._identity_count = 0
         self._face_count = 0
-        self._failing = False  # the last database call failed for want of a connection
 
     @property
     def identity_count(self) -> int:
@@ -211,13 +321,14 @@ class PostgresGallery:
             with psycopg.connect(self.options.url, **self.options.connect_kwargs()) as conn:
                 applied: list[int | str] = list(migrate(conn, self.options, self.model_id, self.dim))
                 self._warn_if_index_differs(conn)
-            pool = ConnectionPool(
-                self.options.url, min_size=1, max_size=self.options.pool_size, kwargs=self.options.connect_kwargs(),
-                configure=register_vector, check=ConnectionPool.check_connection, timeout=self.options.timeout_s,
-                open=False, name="face-gallery",
-            )
-            pool.open(wait=True, timeout=self.options.timeout_s)
-        self._pool = pool
+        try:
+            self._writes.open()
+            self._reads.open()
+            if self._standbys is not None:
+                self._standbys.open()
+        except GalleryUnavailable:
+            self.close()
+            raise
         if self.ensure_index():
             applied.append("hnsw index rebuilt")
         stats = self.stats()
@@ -240,7 +351,7 @@ class PostgresGallery:
         CONCURRENTLY, so searches and writes on other replicas go on meanwhile; under a session
         advisory lock, so replicas starting together build it once.
         """
-        with _unavailable_on_connection_errors(self.options.where), self._live_pool.connection() as conn:
+        with self._connection() as conn:
             if self._index_state(conn):
                 return False
             conn.execute("SELECT pg_advisory_lock(%s)", (INDEX_LOCK_KEY,))
@@ -281,9 +392,10 @@ class PostgresGallery:
             self.ensure_index()
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.close()
-            self._pool = None
+        if self._standbys is not None:
+            self._standbys.close()
+        self._writes.close()
+        self._reads.close()
 
     def _warn_if_index_differs(self, conn: psycopg.Connection) -> None:
         """m and ef_construction shape the index when it is built; a changed setting needs a REINDEX."""
@@ -297,35 +409,31 @@ class PostgresGallery:
                         extra={"built": built, "settings": wanted})
 
     @contextmanager
-    def _transaction(self) -> Iterator[psycopg.Connection]:
-        with self._connection() as conn, conn.transaction():
+    def _connection(self) -> Iterator[psycopg.Connection]:
+        """A connection of the write pool (on the primary)."""
+        with self._writes.connection() as conn:
             yield conn
 
-    @property
-    def _live_pool(self) -> ConnectionPool:
-        """The connection pool, which exists between open() and close()."""
-        if self._pool is None:
-            raise RuntimeError("the gallery is not open")
-        return self._pool
+    @contextmanager
+    def _transaction(self) -> Iterator[psycopg.Connection]:
+        """A transaction on a connection of the write pool (on the primary). With standbys, the WAL
+        position after its commit becomes the request's consistency token (consistency.py)."""
+        with self._connection() as conn:
+            with conn.transaction():
+                yield conn
+            if self._standbys is not None:
+                consistency.note_write(consistency.parse_lsn(_one(conn.execute("SELECT pg_current_wal_lsn()::text"))[0]))
 
     @contextmanager
-    def _connection(self) -> Iterator[psycopg.Connection]:
-        """A pooled connection (autocommit: each statement commits unless in a transaction block);
-        connection errors, here or in the caller's block, raise GalleryUnavailable."""
-        pool = self._live_pool
-        timeout = FAILING_TIMEOUT_S if self._failing else self.options.timeout_s
-        try:
-            with _unavailable_on_connection_errors(self.options.where):
-                with pool.connection(timeout=timeout) as conn:
-                    yield conn
-        except GalleryUnavailable:
-            if not self._failing:
-                log.warning("gallery database unavailable", extra={"where": self.options.where})
-            self._failing = True
-            raise
-        if self._failing:
-            log.info("gallery database available again", extra={"where": self.options.where})
-        self._failing = False
+    def _read_connection(self) -> Iterator[psycopg.Connection]:
+        """A connection of the primary's read pool."""
+        with self._reads.connection() as conn:
+            yield conn
+
+    @contextmanager
+    def _read_transaction(self) -> Iterator[psycopg.Connection]:
+        with self._read_connection() as conn, conn.transaction():
+            yield conn
 
     # --- writes ------------------------------------------------------------------------------
     @staticmethod
@@ -449,52 +557,75 @@ class PostgresGallery:
         self._identity_count, self._face_count = int(row[2]), int(row[3])
         return [[(int(f), i, float(s)) for f, i, s in scan.fetchall()] for scan in scans]
 
+    def _read(self, body: Callable[[psycopg.Connection], T], transaction: bool = True) -> T:
+        """``body`` (reads only) on a standby in rotation that has what this request must see, else on
+        the primary's read pool (standbys.py); in a transaction unless ``body`` makes its own."""
+        def run(conn: psycopg.Connection) -> T:
+            if not transaction:
+                return body(conn)
+            with conn.transaction():
+                return body(conn)
+
+        if self._standbys is None:
+            with self._reads.connection() as conn:
+                return run(conn)
+        return self._standbys.read(run, self._reads)
+
     def search(self, probes: np.ndarray, top_k: int) -> list[list[Match]]:
         """For each probe, up to top_k identities, best first, scored max-over-faces (search.py). One
         round trip for all probes; a probe whose nearest faces belong to too few identities widens in
         another (rare)."""
         vectors = np.ascontiguousarray(np.atleast_2d(probes), dtype=np.float32)
-        with self._connection() as conn:
-            return search_identities(lambda p, k: self._nearest(conn, p, k), vectors, top_k)
+        return self._read(lambda conn: search_identities(lambda p, k: self._nearest(conn, p, k), vectors, top_k),
+                          transaction=False)
 
     def identity_embeddings(self, identity_id: str) -> np.ndarray | None:
-        with self._transaction() as conn:
+        def body(conn: psycopg.Connection) -> list[tuple[Any, ...]] | None:
             if conn.execute("SELECT 1 FROM identities WHERE identity_id = %s", (identity_id,)).fetchone() is None:
                 return None
-            rows = conn.execute("SELECT embedding FROM faces WHERE identity_id = %s ORDER BY face_id",
+            return conn.execute("SELECT embedding FROM faces WHERE identity_id = %s ORDER BY face_id",
                                 (identity_id,)).fetchall()
+
+        rows = self._read(body)
+        if rows is None:
+            return None
         if not rows:
             return np.zeros((0, 0), np.float32)
         return np.stack([_as_array(r[0]) for r in rows])
 
     def get_identity(self, identity_id: str) -> IdentityDetails | None:
-        with self._transaction() as conn:
+        def body(conn: psycopg.Connection) -> IdentityDetails | None:
             row = conn.execute("SELECT identity_id, metadata, created_at, updated_at FROM identities "
                                "WHERE identity_id = %s", (identity_id,)).fetchone()
             if row is None:
                 return None
             faces = conn.execute("SELECT face_id, created_at FROM faces WHERE identity_id = %s ORDER BY face_id",
                                  (identity_id,)).fetchall()
-        record = IdentityRecord(row[0], json.loads(row[1]), len(faces), row[2], row[3])
-        return IdentityDetails(record, [FaceRecord(int(f), float(t)) for f, t in faces])
+            record = IdentityRecord(row[0], json.loads(row[1]), len(faces), row[2], row[3])
+            return IdentityDetails(record, [FaceRecord(int(f), float(t)) for f, t in faces])
+
+        return self._read(body)
 
     def list_identities(self, limit: int, after: str | None) -> list[IdentityRecord]:
         """Keyset pagination by identity id: stable under concurrent inserts and deletes."""
-        with self._transaction() as conn:
-            rows = conn.execute(
-                "SELECT i.identity_id, i.metadata, i.created_at, i.updated_at, "
-                "(SELECT count(*) FROM faces f WHERE f.identity_id = i.identity_id) "
-                "FROM identities i WHERE i.identity_id > %s ORDER BY i.identity_id LIMIT %s",
-                (_before_nul(after or ""), limit),
-            ).fetchall()
+        rows = self._read(lambda conn: conn.execute(
+            "SELECT i.identity_id, i.metadata, i.created_at, i.updated_at, "
+            "(SELECT count(*) FROM faces f WHERE f.identity_id = i.identity_id) "
+            "FROM identities i WHERE i.identity_id > %s ORDER BY i.identity_id LIMIT %s",
+            (_before_nul(after or ""), limit),
+        ).fetchall())
         return [IdentityRecord(r[0], json.loads(r[1]), int(r[4]), r[2], r[3]) for r in rows]
 
     def stats(self) -> GalleryStats:
-        with self._transaction() as conn:
+        """Counts as the primary has them (/readyz and /metrics follow the primary, which writes need)."""
+        with self._read_transaction() as conn:
             identities, faces = _one(conn.execute(
                 "SELECT COALESCE(sum(identities), 0), COALESCE(sum(faces), 0) FROM counters"))
         self._identity_count, self._face_count = int(identities), int(faces)
         return GalleryStats(backend=self.backend, identities=int(identities), faces=int(faces), index_live=int(faces))
+
+    def read_targets(self) -> list[ReadTarget]:
+        return [] if self._standbys is None else self._standbys.targets()
 
 
 def _before_nul(cursor: str) -> str:

@@ -158,7 +158,7 @@ def test_search_sets_ef_for_its_own_scan_only(postgres):
     """A search is one pipeline ended by one Sync: its set_config(.., true) must reach its kNN scans
     (with iterative scans off, an HNSW scan returns at most ef_search rows) and end with it."""
     options = PostgresOptions(url=postgres.url, schema=postgres.fresh_schema(), hnsw_ef_search=16,
-                              iterative_scan="off", pool_size=1)
+                              iterative_scan="off", read_pool_size=1)
     g = PostgresGallery(options, "m@1", DIM)
     g.open()
     try:
@@ -168,7 +168,7 @@ def test_search_sets_ef_for_its_own_scan_only(postgres):
         # top_k 60 asks for 240 faces: pgvector's default ef (40) or the setting (16) would give too few
         results = g.search(probes, 60)
         assert [len(r) for r in results] == [60, 60, 60]
-        with g._connection() as conn:  # the pool's only connection: the search's settings are gone
+        with g._read_connection() as conn:  # the read pool's only connection: the search's settings are gone
             assert conn.execute("SELECT current_setting('hnsw.ef_search', true)").fetchone()[0] in (None, "", "40")
     finally:
         g.close()

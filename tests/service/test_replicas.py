@@ -12,6 +12,7 @@ import time
 from collections import Counter
 
 import httpx
+import psycopg
 import pytest
 
 from tests.conftest import ENROLLED, b64, face_files, unknown_files
@@ -270,3 +271,69 @@ def test_kill9_of_a_replica_loses_nothing_acknowledged(replicas, tmp_path, defau
             assert not set(acknowledged) - listed_identities(c)
     finally:
         replacement.stop()
+
+
+def _wait_for_lock_waiters(url: str, n: int, timeout: float = 30) -> None:
+    """Until n sessions of the database wait on a lock (the held writes, each on one pooled connection)."""
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(url, autocommit=True) as conn:
+        while (waiting := conn.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
+               .fetchone()[0]) < n:
+            assert time.monotonic() < deadline, f"{waiting} of {n} writes wait on the lock"
+            time.sleep(0.05)
+
+
+def test_writes_holding_the_pool_leave_reads_answering_and_a_busy_pool_is_overloaded(
+        database, tmp_path, default_model):
+    """Issue 19 item 9: writes stuck behind a row lock hold every write connection. Reads still answer
+    (they have a pool of their own), another write gets 503 overloaded + Retry-After, not
+    database_unavailable; a stopped database still gives database_unavailable."""
+    schema = database.fresh_schema()
+    env = {"FACE_DATABASE_URL": database.url, "FACE_DATABASE_SCHEMA": schema, "FACE_DATABASE_POOL_SIZE": "2",
+           "FACE_DATABASE_TIMEOUT_S": "1"}
+    server = ServerProcess(tmp_path / "data", model=default_model, env=env)
+    try:
+        server.wait_ready()
+        name, faces, other = ENROLLED[0], face_files(ENROLLED[0]), face_files(ENROLLED[1])
+        with client(server) as c:
+            assert enroll(c, "held", other[:1]).status_code == 200
+            assert enroll(c, name, faces[:2]).status_code == 200
+            held: list[httpx.Response] = []
+            with psycopg.connect(database.url) as locker:  # a transaction holding the row lock of "held"
+                locker.execute(f"SELECT 1 FROM {schema}.identities WHERE identity_id = 'held' FOR UPDATE")
+
+                def write_held() -> None:
+                    with client(server) as w:
+                        held.append(enroll(w, "held", other[1:2]))
+
+                writers = [threading.Thread(target=write_held) for _ in range(2)]  # = FACE_DATABASE_POOL_SIZE
+                for t in writers:
+                    t.start()
+                _wait_for_lock_waiters(database.url, 2)
+                for _ in range(3):  # reads keep answering, again and again (no fast-fail path)
+                    assert identify(c, [faces[2]])[0]["identity_id"] == name
+                    r = c.get("/identities")
+                    assert r.status_code == 200, r.text
+                    assert {i["identity_id"] for i in r.json()["items"]} == {"held", name}
+                    assert c.get(f"/identities/{name}").json()["face_count"] == 2
+                r = enroll(c, "another", other[2:3])
+                assert r.status_code == 503, r.text
+                assert r.json()["error"]["code"] == "overloaded", r.text
+                assert int(r.headers["Retry-After"]) >= 1
+                locker.rollback()  # the lock goes: the held writes finish
+            for t in writers:
+                t.join(30)
+            assert [r.status_code for r in held] == [200, 200], [r.text for r in held]
+            assert c.get("/identities/another").status_code == 404  # refused, so not stored
+            assert c.get("/identities/held").json()["face_count"] == 3
+        database.stop()
+        try:
+            with client(server) as c:
+                for method, path, kwargs in (("GET", "/identities", {}),
+                                             ("POST", "/enroll", {"json": {"identity_id": "x", "images": [b64(faces[0])]}})):
+                    r = c.request(method, path, **kwargs)
+                    assert r.status_code == 503 and r.json()["error"]["code"] == "database_unavailable", r.text
+        finally:
+            database.start()
+    finally:
+        server.stop()

@@ -1,0 +1,235 @@
+"""Reads on a real PostgreSQL streaming-replication standby (FACE_DATABASE_READ_URLS), over HTTP.
+
+A real primary and a real hot standby made by the test from the same wheel (pg_basebackup -R), and
+the real service: read-your-writes with the Face-Consistency-Token, deletes never returned by a
+standby read under load, the standby stopped and restarted under traffic without a failed request,
+and a lagging standby (replay paused) left out until it catches up.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import ENROLLED, b64, face_files, metric
+from tests.pg import PgTestServer
+from tests.server import ServerProcess
+
+TOKEN = "Face-Consistency-Token"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    primary = PgTestServer()
+    standby = primary.standby()
+    yield primary, standby
+    primary.close()
+
+
+@pytest.fixture(scope="module")
+def service(cluster, tmp_path_factory, default_model):
+    primary, standby = cluster
+    server = ServerProcess(tmp_path_factory.mktemp("standbys") / "data", model=default_model, env={
+        "FACE_DATABASE_URL": primary.url, "FACE_DATABASE_SCHEMA": primary.fresh_schema(),
+        "FACE_DATABASE_READ_URLS": standby.url, "FACE_DATABASE_TIMEOUT_S": "2", "FACE_DATABASE_LAG_CHECK_MS": "100",
+        "FACE_DATABASE_MAX_LAG_MS": "3000", "FACE_DATABASE_READ_WAIT_MS": "200"})
+    server.wait_ready()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def slow_standby(cluster):
+    """The standby applies each commit 1 s late (longer than FACE_DATABASE_READ_WAIT_MS, shorter than
+    FACE_DATABASE_MAX_LAG_MS): without the token, reads there would miss the client's own writes."""
+    cluster[1].apply_delay(1000)
+    yield
+    cluster[1].apply_delay(0)
+
+
+def standby_label(cluster) -> str:
+    return f'standby="{cluster[1].socket_dir}:5432/postgres"'
+
+
+def standby_reads(c: httpx.Client, cluster) -> float:
+    return metric(c, f'face_database_reads_total{{role="standby",target="{cluster[1].socket_dir}:5432/postgres"}}')
+
+
+def primary_reads(c: httpx.Client) -> float:
+    return metric(c, 'face_database_reads_total{role="primary",target="primary"}')
+
+
+def in_rotation(c: httpx.Client, cluster) -> bool:
+    return metric(c, f"face_database_standby_in_rotation{{{standby_label(cluster)}}}") == 1.0
+
+
+def wait_rotation(c: httpx.Client, cluster, wanted: bool, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while in_rotation(c, cluster) != wanted:
+        assert time.monotonic() < deadline, f"standby in rotation is not {wanted}"
+        time.sleep(0.1)
+
+
+def enroll(c: httpx.Client, identity: str, path, token: str | None = None) -> httpx.Response:
+    headers = {TOKEN: token} if token else {}
+    return c.post("/enroll", json={"identity_id": identity, "images": [b64(path)]}, headers=headers)
+
+
+def identify(c: httpx.Client, path, token: str | None) -> httpx.Response:
+    return c.post("/identify", json={"images": [b64(path)], "top_k": 5}, headers={TOKEN: token} if token else {})
+
+
+def test_a_client_reads_its_own_enrollment_from_the_standby(service, cluster, slow_standby):
+    with httpx.Client(base_url=service.url, timeout=60) as c:
+        wait_rotation(c, cluster, True)
+        behind = metric(c, f"face_database_standby_behind_total{{{standby_label(cluster)}}}")
+        for name in ENROLLED[:4]:
+            r = enroll(c, name, face_files(name)[0])
+            assert r.status_code == 200, r.text
+            token = r.headers[TOKEN]  # the commit's WAL position
+            c.cookies.clear()  # the header alone carries it here
+            found = identify(c, face_files(name)[1], token)
+            assert found.status_code == 200 and found.json()["results"][0]["identity_id"] == name, found.text
+            assert c.get(f"/identities/{name}", headers={TOKEN: token}).json()["face_count"] == 1
+        # the standby had not applied them within the wait: the primary answered
+        assert metric(c, f"face_database_standby_behind_total{{{standby_label(cluster)}}}") > behind
+        time.sleep(1.5)  # now it has: the same token is read there
+        before = standby_reads(c, cluster)
+        assert c.get(f"/identities/{ENROLLED[3]}", headers={TOKEN: token}).json()["face_count"] == 1
+        assert standby_reads(c, cluster) == before + 1
+        assert not math.isnan(metric(c, f"face_database_standby_lag_seconds{{{standby_label(cluster)}}}"))
+        # the cookie does the same for a browser (or curl -b/-c): no header needed
+        r = enroll(c, ENROLLED[4], face_files(ENROLLED[4])[0])
+        assert c.cookies.get("face_consistency_token") == r.headers[TOKEN]
+        assert identify(c, face_files(ENROLLED[4])[1], None).json()["results"][0]["identity_id"] == ENROLLED[4]
+        bad = c.get("/identities", headers={TOKEN: "not-a-position"})
+        assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_request", bad.text
+
+
+def test_deletes_acknowledged_are_never_returned_by_a_standby_read_under_load(service, cluster, slow_standby):
+    victims = ENROLLED[5:8]
+    with httpx.Client(base_url=service.url, timeout=60) as c:
+        wait_rotation(c, cluster, True)
+        for name in victims:
+            assert enroll(c, name, face_files(name)[0]).status_code == 200
+        before = standby_reads(c, cluster)
+    lock, stop = threading.Lock(), threading.Event()
+    gone: set[str] = set()
+    latest: list[str] = []  # the token of the last acknowledged delete, which every reader forwards
+    violations, errors, checked = [], [], []
+
+    def reader(worker: int) -> None:
+        with httpx.Client(base_url=service.url, timeout=60) as c:
+            i = 0
+            while not stop.is_set():
+                name = victims[(worker + i) % len(victims)]
+                with lock:
+                    deleted, token = set(gone), (latest[-1] if latest else None)
+                r = identify(c, face_files(name)[1], token)
+                i += 1
+                if r.status_code != 200:
+                    errors.append(r.text)
+                    continue
+                returned = {m["identity_id"] for m in r.json()["results"][0]["candidates"]}
+                checked.append(1)
+                if returned & deleted:
+                    violations.append((returned & deleted, token))
+
+    def writer() -> None:  # more load: enrollments going on meanwhile
+        with httpx.Client(base_url=service.url, timeout=60) as c:
+            i = 0
+            while not stop.is_set():
+                r = enroll(c, f"load-{i}", face_files(ENROLLED[i % 4])[2])
+                if r.status_code != 200:
+                    errors.append(r.text)
+                i += 1
+
+    threads = [threading.Thread(target=reader, args=(w,)) for w in range(3)] + [threading.Thread(target=writer)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    with httpx.Client(base_url=service.url, timeout=60) as c:
+        for name in victims:
+            r = c.delete(f"/identities/{name}")
+            assert r.status_code == 200, r.text
+            with lock:
+                gone.add(name)
+                latest.append(r.headers[TOKEN])
+            time.sleep(0.7)
+    stop.set()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors[:3]
+    assert not violations, violations[:3]
+    assert len(checked) >= 10
+    with httpx.Client(base_url=service.url, timeout=60) as c:
+        assert standby_reads(c, cluster) > before
+
+
+def test_standby_stopped_and_restarted_under_traffic_fails_no_request(service, cluster):
+    _, standby = cluster
+    face, other = face_files(ENROLLED[0])[1], face_files(ENROLLED[6])[1]
+    with httpx.Client(base_url=service.url, timeout=60) as c:
+        wait_rotation(c, cluster, True)
+        failures = metric(c, f"face_database_standby_failures_total{{{standby_label(cluster)}}}")
+    stop, bad, done = threading.Event(), [], []
+
+    def traffic(worker: int) -> None:
+        with httpx.Client(base_url=service.url, timeout=60) as c:
+            token, i = None, 0
+            while not stop.is_set():
+                if i % 3 == 0:
+                    r = enroll(c, f"restart-{worker}-{i}", other)
+                    token = r.headers.get(TOKEN, token)
+                else:
+                    r = identify(c, face, token if i % 2 else None)
+                    if r.status_code == 200 and r.json()["results"][0]["identity_id"] is None:  # read nothing
+                        bad.append(r.text[:200])
+                if r.status_code != 200:
+                    bad.append((r.status_code, r.text[:200]))
+                done.append(1)
+                i += 1
+
+    threads = [threading.Thread(target=traffic, args=(w,)) for w in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    standby.stop()
+    with httpx.Client(base_url=service.url, timeout=60) as c:
+        wait_rotation(c, cluster, False)
+        time.sleep(1.0)
+        standby.start()
+        wait_rotation(c, cluster, True)
+        back = standby_reads(c, cluster)
+        time.sleep(1.0)
+        stop.set()
+        for t in threads:
+            t.join(60)
+        assert not bad, bad[:3]
+        assert len(done) >= 10
+        assert metric(c, f"face_database_standby_failures_total{{{standby_label(cluster)}}}") > failures
+        assert standby_reads(c, cluster) > back  # reads went back to it
+
+
+def test_a_lagging_standby_is_left_out_until_it_catches_up(service, cluster):
+    _, standby = cluster
+    with httpx.Client(base_url=service.url, timeout=60) as c:
+        wait_rotation(c, cluster, True)
+        standby.pause_replay()
+        try:
+            assert enroll(c, "while-paused", face_files(ENROLLED[1])[0]).status_code == 200
+            wait_rotation(c, cluster, False)  # over FACE_DATABASE_MAX_LAG_MS behind
+            assert metric(c, f"face_database_standby_lag_seconds{{{standby_label(cluster)}}}") > 3.0
+            c.cookies.clear()
+            standby_before, primary_before = standby_reads(c, cluster), primary_reads(c)
+            r = identify(c, face_files(ENROLLED[1])[1], None)  # no token, yet fresh: the primary answers
+            assert r.status_code == 200 and r.json()["results"][0]["identity_id"] in (ENROLLED[1], "while-paused")
+            assert c.get("/identities/while-paused").status_code == 200
+            assert standby_reads(c, cluster) == standby_before and primary_reads(c) >= primary_before + 2
+        finally:
+            standby.resume_replay()
+        wait_rotation(c, cluster, True)
