@@ -96,7 +96,7 @@ async def identify(request: Request, state: StateDep) -> IdentifyResponse:
     Probe embeddings instead of images: `embeddings` with the served `model_id`.
     """
     payload, images = await read_payload(request, IdentifyRequest, ("images",),
-                                         max_images=state.settings.max_faces_per_request)
+                                         max_images=state.settings.max_faces_per_request, vector_fields=("embeddings",))
     if payload.top_k > state.settings.max_top_k:
         raise ServiceError(ErrorCode.invalid_request, f"top_k may be at most {state.settings.max_top_k}")
     probes, faces = await source_vectors(state, list_source(payload, images))
