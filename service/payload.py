@@ -10,6 +10,7 @@ import json
 import re
 import types
 import typing
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fastapi import Request, Response
@@ -54,14 +55,16 @@ def parse_json(text: str | bytes, what: str = "the body") -> Any:
 
 async def read_payload(
     request: Request, model: type[T], list_fields: tuple[str, ...], single_fields: tuple[str, ...] = (),
-    max_images: int = 64, vector_fields: tuple[str, ...] = (),
+    max_images: int = 64, vector_fields: tuple[str, ...] = (), single_vector_fields: tuple[str, ...] = (),
+    dimension: int | None = None,
 ) -> tuple[T, dict[str, list[bytes]]]:
     """Parse and validate a body; returns the model and {image field: [bytes, ...]}.
 
     ``list_fields`` and ``vector_fields`` (lists of images, lists of embeddings) hold at most
-    ``max_images`` items each: in a JSON body they are counted while the body is parsed, and the body
-    is refused (``too_many_faces``) at the first item over the limit, before the rest of it is parsed
-    or anything is validated. Bodies of ``LARGE_BODY_BYTES`` or more are parsed in a worker thread."""
+    ``max_images`` items each, and an embedding (in ``vector_fields`` or ``single_vector_fields``) at
+    most ``dimension`` values: a JSON body is checked as it is parsed and refused (``too_many_faces``,
+    ``wrong_dimension``) at the first item over a limit, before the rest of it is parsed or anything
+    is validated. Bodies of ``LARGE_BODY_BYTES`` or more are parsed in a worker thread."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
         data, images = await _read_multipart(request, model, list_fields, single_fields, max_images)
@@ -72,10 +75,12 @@ async def read_payload(
             f"content type {content_type!r} is not accepted; send application/json or multipart/form-data",
         )
     body = await request.body()
-    counted = {**dict.fromkeys(list_fields, "images"), **dict.fromkeys(vector_fields, "embeddings")}
+    checks = BodyChecks({**dict.fromkeys(list_fields, "images"), **dict.fromkeys(vector_fields, "embeddings")},
+                        max_images, frozenset(vector_fields), {f: i for i, f in enumerate(single_vector_fields)},
+                        dimension)
     if len(body) < LARGE_BODY_BYTES:
-        return _json_payload(body, model, list_fields, single_fields, counted, max_images)
-    return await run_in_threadpool(_json_payload, body, model, list_fields, single_fields, counted, max_images)
+        return _json_payload(body, model, list_fields, single_fields, checks)
+    return await run_in_threadpool(_json_payload, body, model, list_fields, single_fields, checks)
 
 
 def _validate(model: type[T], data: Any) -> T:
@@ -86,8 +91,8 @@ def _validate(model: type[T], data: Any) -> T:
 
 
 def _json_payload(body: bytes, model: type[T], list_fields: tuple[str, ...], single_fields: tuple[str, ...],
-                  counted: dict[str, str], max_images: int) -> tuple[T, dict[str, list[bytes]]]:
-    payload = _validate(model, parse_counted(body, counted, max_images))
+                  checks: BodyChecks) -> tuple[T, dict[str, list[bytes]]]:
+    payload = _validate(model, parse_checked(body, checks))
     images: dict[str, list[bytes]] = {}
     index = 0
     for field in list_fields + single_fields:
@@ -102,8 +107,20 @@ def _json_payload(body: bytes, model: type[T], list_fields: tuple[str, ...], sin
     return payload, images
 
 
+@dataclass(frozen=True)
+class BodyChecks:
+    """What the parse of a JSON body checks as it reads the top-level object's fields."""
+
+    lists: dict[str, str]  # fields holding a list of at most ``limit`` items -> what the items are
+    limit: int
+    vector_lists: frozenset[str]  # those of ``lists`` whose items are embeddings
+    vectors: dict[str, int]  # fields holding one embedding -> its index in the request
+    dimension: int | None  # the most values an embedding may have (None: not checked)
+
+
 _DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
 _SPACE = re.compile(r"[ \t\n\r]*")
+_ROW_END = re.compile(r'[\]\[{}"]')  # where a flat row of numbers ends (or stops being flat)
 
 
 def _skip(text: str, pos: int) -> int:
@@ -111,18 +128,19 @@ def _skip(text: str, pos: int) -> int:
     return _SPACE.match(text, pos).end()  # type: ignore[union-attr]  # (an empty match at worst)
 
 
-def parse_counted(body: bytes, counted: dict[str, str], limit: int) -> Any:
-    """A JSON body, parsed like ``parse_json``, except that in a top-level object the arrays under the
-    keys of ``counted`` ({key: what its items are, for the message}) are parsed item by item and
-    refused (``too_many_faces``) at the first item over ``limit``: a body of a million embeddings
-    costs the parse of ``limit + 1`` of them, not of a million, and never holds more in memory.
+def parse_checked(body: bytes, checks: BodyChecks) -> Any:
+    """A JSON body, parsed like ``parse_json``, except that in a top-level object the lists of
+    ``checks.lists`` are parsed item by item and refused (``too_many_faces``) at the first item over
+    ``checks.limit``, and an embedding with more than ``checks.dimension`` values is refused
+    (``wrong_dimension``) before its values are parsed: a body of a million embeddings costs the parse
+    of ``limit + 1`` of them, and a row of a million values none, never a million Python floats.
     Parsing item by item also lets other threads (the event loop) run between items."""
     try:
         text = body.decode(json.detect_encoding(body), "surrogatepass")
         start = _skip(text, 0)
-        if not counted or text[start:start + 1] != "{":
+        if not (checks.lists or checks.vectors) or text[start:start + 1] != "{":  # (the model refuses non-objects)
             return parse_json(text)
-        return _counted_object(text, start + 1, counted, limit)
+        return _checked_object(text, start + 1, checks)
     except RecursionError as exc:
         raise ServiceError(ErrorCode.malformed_json, "the body is nested too deeply") from exc
     except (ValueError, UnicodeDecodeError) as exc:
@@ -136,7 +154,7 @@ def _expect(text: str, pos: int, chars: str, what: str) -> str:
     return char
 
 
-def _counted_object(text: str, pos: int, counted: dict[str, str], limit: int) -> dict[str, Any]:
+def _checked_object(text: str, pos: int, checks: BodyChecks) -> dict[str, Any]:
     data: dict[str, Any] = {}
     pos = _skip(text, pos)
     if text[pos:pos + 1] != "}":
@@ -146,8 +164,10 @@ def _counted_object(text: str, pos: int, counted: dict[str, str], limit: int) ->
             pos = _skip(text, pos)
             _expect(text, pos, ":", "':' delimiter")
             pos = _skip(text, pos + 1)
-            if key in counted and text[pos:pos + 1] == "[":
-                data[key], pos = _counted_array(text, pos + 1, counted[key], limit)
+            if key in checks.lists and text[pos:pos + 1] == "[":
+                data[key], pos = _checked_array(text, pos + 1, key, checks)
+            elif key in checks.vectors:
+                data[key], pos = _checked_vector(text, pos, checks.vectors[key], checks.dimension)
             else:
                 data[key], pos = _DECODER.raw_decode(text, pos)
             pos = _skip(text, pos)
@@ -160,21 +180,47 @@ def _counted_object(text: str, pos: int, counted: dict[str, str], limit: int) ->
     return data
 
 
-def _counted_array(text: str, pos: int, what: str, limit: int) -> tuple[list[Any], int]:
+def _checked_array(text: str, pos: int, key: str, checks: BodyChecks) -> tuple[list[Any], int]:
     items: list[Any] = []
+    vectors = key in checks.vector_lists
     pos = _skip(text, pos)
     if text[pos:pos + 1] == "]":
         return items, pos + 1
     while True:
-        if len(items) == limit:
-            raise ServiceError(ErrorCode.too_many_faces,
-                               f"more than {limit} {what} in one request; the limit is {limit}", limit=limit)
-        item, pos = _DECODER.raw_decode(text, pos)
+        if len(items) == checks.limit:
+            what = checks.lists[key]
+            raise ServiceError(ErrorCode.too_many_faces, f"more than {checks.limit} {what} in one request; the "
+                               f"limit is {checks.limit}", limit=checks.limit)
+        if vectors:
+            item, pos = _checked_vector(text, pos, len(items), checks.dimension)
+        else:
+            item, pos = _DECODER.raw_decode(text, pos)
+        if not isinstance(item, list if vectors else str):  # not counted as one more of what it is not
+            what = "a list of numbers" if vectors else "a string"
+            field = f"{key}.{len(items)}"
+            raise ServiceError(ErrorCode.invalid_request, f"the request body is not valid: should be {what} ({field})",
+                               errors=[{"field": field, "message": f"should be {what}"}])
         items.append(item)
         pos = _skip(text, pos)
         if _expect(text, pos, ",]", "',' delimiter") == "]":
             return items, pos + 1
         pos = _skip(text, pos + 1)
+
+
+def _checked_vector(text: str, pos: int, index: int, dimension: int | None) -> tuple[Any, int]:
+    """An embedding's value; one with more than ``dimension`` numbers is refused from its commas,
+    before any of them is parsed (the same refusal ``vectors.normalise`` gives a parsed one)."""
+    if dimension is not None and text[pos:pos + 1] == "[":
+        end = _ROW_END.search(text, pos + 1)
+        stop = end.start() if end else len(text)
+        given = text.count(",", pos + 1, stop) + 1  # values before the row ends or stops being flat
+        if given > dimension:
+            if end is not None and end.group() == "]":  # a flat row: ``given`` is its length
+                raise ServiceError(ErrorCode.wrong_dimension, f"embedding {index} has {given} values; the model's "
+                                   f"dimension is {dimension}", index=index, expected=dimension, given=given)
+            raise ServiceError(ErrorCode.wrong_dimension, f"embedding {index} has more than {dimension} values",
+                               index=index, expected=dimension)
+    return _DECODER.raw_decode(text, pos)
 
 
 def _check_count(count: int, max_images: int) -> None:
