@@ -3,7 +3,9 @@
 The issue's body: ``POST /enroll`` with 130,055 embeddings of 128 ones (``[1,1,...]``), as many as
 fit in the default 32 MiB FACE_MAX_REQUEST_BYTES, against FACE_MAX_FACES_PER_REQUEST = 64. It must
 be refused with 413 ``too_many_faces``; before the fix the whole body was parsed (on the event loop)
-and validated first. Cases: one such body, and three at once (each on its own connection).
+and validated first. Cases: one such body, three at once (each on its own connection), and
+``giant_row``: one ``POST /identify`` whose one embedding has 16.8M ones (32 MiB), refused with 422
+``wrong_dimension``.
 
 For each variant (this checkout, and ``--baseline REF`` run from ``git archive REF`` as in
 ``bench.overhead``) and each case, a fresh server is started (freed memory the allocator keeps would
@@ -52,6 +54,11 @@ def issue_body(model_id: str, rows: int = ROWS) -> bytes:
             + ",".join([one] * rows) + "]}").encode()
 
 
+def giant_row_body(model_id: str, size: int = 32 << 20) -> bytes:
+    values = (size - 200) // 2
+    return (f'{{"model_id": "{model_id}", "embeddings": [[' + ",".join(["1"] * values) + "]]}").encode()
+
+
 class HealthPinger(threading.Thread):
     """GET /healthz back to back on one keep-alive connection until stopped; keeps every latency."""
 
@@ -73,10 +80,10 @@ class HealthPinger(threading.Thread):
         conn.close()
 
 
-def send(port: int, body: bytes) -> dict:
+def send(port: int, route: str, body: bytes) -> dict:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
     t0 = time.perf_counter()
-    conn.request("POST", "/enroll", body=body, headers={"content-type": "application/json"})
+    conn.request("POST", route, body=body, headers={"content-type": "application/json"})
     sent = time.perf_counter()
     response = conn.getresponse()
     data = response.read()
@@ -87,7 +94,7 @@ def send(port: int, body: bytes) -> dict:
             "after_sent_ms": round((done - sent) * 1000, 1)}
 
 
-def run_case(server: Server, body: bytes, at_once: int) -> dict:
+def run_case(server: Server, route: str, body: bytes, at_once: int) -> dict:
     pid = server.proc.pid
     Path(f"/proc/{pid}/clear_refs").write_text("5")  # resets VmHWM to the current RSS
     before = rss_mb(pid) or 0.0
@@ -95,7 +102,7 @@ def run_case(server: Server, body: bytes, at_once: int) -> dict:
     pinger.start()
     time.sleep(0.2)
     with ThreadPoolExecutor(at_once) as pool:
-        answers = list(pool.map(lambda _: send(server.port, body), range(at_once)))
+        answers = list(pool.map(lambda _: send(server.port, route, body), range(at_once)))
     time.sleep(0.2)
     pinger.done.set()
     pinger.join(120)
@@ -117,7 +124,8 @@ def main() -> None:
 
     model = default_model(MODEL_CACHE)
     env = {"FACE_PROVIDERS": "cpu", "FACE_MAX_FACES_PER_REQUEST": "64", "FACE_MAX_REQUEST_BYTES": str(32 << 20)}
-    cases = {"one": 1, "three_at_once": 3}
+    cases = {"one": ("/enroll", issue_body, 1), "three_at_once": ("/enroll", issue_body, 3),
+             "giant_row": ("/identify", giant_row_body, 1)}
     result: dict = {"benchmark": "large_bodies", "machine": machine(),
                     "config": {"rows": ROWS, "dimension": DIMENSION, "server_env": env, "repeats": args.repeats,
                                "current": current_commit(), "loadavg_before": os.getloadavg()},
@@ -131,13 +139,13 @@ def main() -> None:
             result["config"]["baseline"] = {"ref": args.baseline, "commit": unpack(args.baseline, sources["baseline"])}
         for name, source in sources.items():
             result["variants"][name] = {}
-            for case, at_once in cases.items():
+            for case, (route, make_body, at_once) in cases.items():
                 server = Server(f"{name}-{case}", source, model, env, work)
                 try:
                     ready = server.wait_ready(timeout=300)
-                    body = issue_body(ready["model_id"])
-                    result["config"]["body_bytes"] = len(body)
-                    runs = [run_case(server, body, at_once) for _ in range(args.repeats)]
+                    body = make_body(ready["model_id"])
+                    result["config"].setdefault("body_bytes", {})[case] = len(body)
+                    runs = [run_case(server, route, body, at_once) for _ in range(args.repeats)]
                 finally:
                     server.stop()
                 times = [a["ms"] for run in runs for a in run["answers"]]

@@ -120,7 +120,6 @@ class BodyChecks:
 
 _DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
 _SPACE = re.compile(r"[ \t\n\r]*")
-_ROW_END = re.compile(r'[\]\[{}"]')  # where a flat row of numbers ends (or stops being flat)
 
 
 def _skip(text: str, pos: int) -> int:
@@ -211,11 +210,14 @@ def _checked_vector(text: str, pos: int, index: int, dimension: int | None) -> t
     """An embedding's value; one with more than ``dimension`` numbers is refused from its commas,
     before any of them is parsed (the same refusal ``vectors.normalise`` gives a parsed one)."""
     if dimension is not None and text[pos:pos + 1] == "[":
-        end = _ROW_END.search(text, pos + 1)
-        stop = end.start() if end else len(text)
+        end = text.find("]", pos + 1)
+        stop = len(text) if end == -1 else end
+        for char in '[{"':  # where the row stops being flat, if before its end (str.find: C speed, no regex)
+            found = text.find(char, pos + 1, stop)
+            stop = stop if found == -1 else found
         given = text.count(",", pos + 1, stop) + 1  # values before the row ends or stops being flat
         if given > dimension:
-            if end is not None and end.group() == "]":  # a flat row: ``given`` is its length
+            if stop == end:  # a flat row: ``given`` is its length
                 raise ServiceError(ErrorCode.wrong_dimension, f"embedding {index} has {given} values; the model's "
                                    f"dimension is {dimension}", index=index, expected=dimension, given=given)
             raise ServiceError(ErrorCode.wrong_dimension, f"embedding {index} has more than {dimension} values",
