@@ -62,7 +62,9 @@ async def verify(request: Request, state: StateDep) -> VerifyResponse:
     request's `threshold`, else the service's, else the model's calibrated 1:1 threshold. Photos:
     the face `multi_face` picks (`largest` or `center`) is compared, and `face_a`/`face_b` say where.
     """
-    payload, images = await read_payload(request, VerifyRequest, (), ("image_a", "image_b"), max_images=2)
+    payload, images = await read_payload(request, VerifyRequest, (), ("image_a", "image_b"), max_images=2,
+                                         single_vector_fields=("embedding_a", "embedding_b"),
+                                         dimension=state.contract.embedding_size)
     source = verify_source(payload, images)
     threshold = payload.threshold if payload.threshold is not None else state.verify_threshold
     if payload.identity_id is not None:
@@ -96,7 +98,8 @@ async def identify(request: Request, state: StateDep) -> IdentifyResponse:
     Probe embeddings instead of images: `embeddings` with the served `model_id`.
     """
     payload, images = await read_payload(request, IdentifyRequest, ("images",),
-                                         max_images=state.settings.max_faces_per_request)
+                                         max_images=state.settings.max_faces_per_request, vector_fields=("embeddings",),
+                                         dimension=state.contract.embedding_size)
     if payload.top_k > state.settings.max_top_k:
         raise ServiceError(ErrorCode.invalid_request, f"top_k may be at most {state.settings.max_top_k}")
     probes, faces = await source_vectors(state, list_source(payload, images))

@@ -40,7 +40,8 @@ async def enroll(request: Request, state: StateDep) -> EnrollResponse:
     Embeddings instead of images: `embeddings` with the served `model_id`.
     """
     payload, images = await read_payload(request, EnrollRequest, ("images",),
-                                         max_images=state.settings.max_faces_per_request)
+                                         max_images=state.settings.max_faces_per_request, vector_fields=("embeddings",),
+                                         dimension=state.contract.embedding_size)
     check_metadata(payload.metadata, MetadataLimits(state.settings.max_metadata_bytes,
                                                     state.settings.max_metadata_depth))
     vectors, faces = await source_vectors(state, list_source(payload, images))

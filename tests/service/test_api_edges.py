@@ -196,6 +196,36 @@ def test_multipart_text_fields_still_reach_their_types(client):
     assert code(client.post("/identify", files=files, data={"top_k": "many"})) == (422, "invalid_request")
 
 
+@pytest.mark.parametrize("spelling,replace", [
+    ("true", True), ("True", True), ("TRUE", True), ("1", True), ("on", True), ("yes", True), ("Yes", True),
+    ("false", False), ("False", False), ("0", False), ("off", False), ("no", False), ("NO", False),
+])
+def test_multipart_booleans_take_form_spellings(client, spelling, replace):
+    """Form clients send Python's True/False, 1/0, on/off (HTML checkboxes), yes/no: read as FastAPI's
+    Form(bool) reads them (issue 24: a generated client's replace=False was refused)."""
+    identity = f"form-bool-{spelling}"
+    files = [("images", ("face.jpg", FACE.read_bytes(), "image/jpeg"))]
+    try:
+        assert client.post("/enroll", json={"identity_id": identity, "images": [b64(FACE)]}).status_code == 200
+        r = client.post("/enroll", files=files, data={"identity_id": identity, "replace": spelling})
+        assert r.status_code == 200, r.text
+        assert (r.json()["faces_replaced"], r.json()["face_count"]) == ((1, 1) if replace else (0, 2))
+    finally:  # the session's server is shared
+        client.delete(f"/identities/{identity}")
+    r = client.post("/detect", files=files, data={"return_crops": spelling})
+    assert r.status_code == 200, r.text
+    assert ("crop" in r.json()["images"][0]["faces"][0] and r.json()["images"][0]["faces"][0]["crop"] is not None) \
+        == replace
+
+
+@pytest.mark.parametrize("spelling", ["maybe", "", "2", "truee", "null", '"true"'])
+def test_multipart_booleans_refuse_other_text(client, spelling):
+    files = [("images", ("face.jpg", FACE.read_bytes(), "image/jpeg"))]
+    r = client.post("/enroll", files=files, data={"identity_id": "form-bool-refused", "replace": spelling})
+    assert code(r) == (422, "invalid_request"), r.text
+    assert code(client.get("/identities/form-bool-refused")) == (404, "identity_not_found")
+
+
 def test_metrics_are_text_in_the_answer_and_the_openapi(client):
     r = client.get("/metrics")
     assert r.headers["content-type"].startswith("text/plain")
