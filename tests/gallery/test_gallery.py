@@ -108,12 +108,34 @@ def test_grows_past_capacity_and_deletes_are_final(gallery):
     assert gallery.stats().identities == 1500 == gallery.stats().index_live == gallery.identity_count
 
 
+def test_group_by_identity_scores_an_undefined_similarity_0():
+    """NaN (pgvector's cosine distance to a zero vector) is no score: 0.0, as hnswlib scores it."""
+    from service.gallery.search import group_by_identity
+
+    best = group_by_identity([(1, "ghost", float("nan")), (2, "alice", 0.5), (3, "ghost", float("nan"))])
+    assert [(m.identity_id, m.score) for m in best] == [("alice", 0.5), ("ghost", 0.0)]
+
+
 def test_group_by_identity_never_returns_a_face_without_an_identity():
     from service.gallery.search import group_by_identity
 
     hits = [(7, None, 0.99), (3, "a", 0.5), (4, "b", 0.7), (5, "a", 0.8)]  # face 7: deleted / unknown label
     assert [(m.identity_id, m.score, m.face_id) for m in group_by_identity(hits)] == [
         ("a", pytest.approx(0.8), 5), ("b", pytest.approx(0.7), 4)]
+
+
+def test_a_stored_zero_vector_scores_0_never_nan(gallery):
+    """A zero vector has no direction. Before client vectors were scaled first, 1e308 values were stored
+    as zeros; such a face (a gallery from then) scores 0.0 where it is found (hnswlib; pgvector's cosine
+    gives NaN, which JSON answers showed as null, and its HNSW index leaves zero vectors out), and never
+    hides the real matches."""
+    rng = np.random.default_rng(4)
+    faces = unit(rng, 2)
+    gallery.enroll("ghost", np.zeros((1, DIM), np.float32))
+    gallery.enroll("alice", faces)
+    best = gallery.search(faces[:1], 5)[0]
+    assert best[0].identity_id == "alice" and best[0].score == pytest.approx(1.0, abs=1e-5)
+    assert [(m.identity_id, m.score) for m in best[1:]] in ([("ghost", 0.0)], [])
 
 
 def test_enroll_result_counts_the_identity_faces_after_the_write(gallery):
