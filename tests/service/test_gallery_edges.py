@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import uuid
+from urllib.parse import quote
 
 import httpx
 import numpy as np
@@ -138,3 +139,82 @@ def test_huge_and_tiny_values_keep_their_direction(client):
         assert r.json()["error"]["details"]["index"] == 1
     assert client.get(f"/identities/{identity}").json()["face_count"] == 2
     assert client.delete(f"/identities/{identity}").status_code == 200
+
+
+def test_identity_ids_are_nfc_and_never_invisible(client):
+    """NFC and NFD 'José' are one identity; ids with format characters (RLO, zero-width, BOM), controls
+    or nothing visible are refused with invalid_identity_id and store nothing; lookups by either form."""
+    vector = embed(client, face_files(ENROLLED[5])[:1])
+    tag = uuid.uuid4().hex[:6]
+    nfc, nfd = f"Jos\u00e9-{tag}", f"Jose\u0301-{tag}"
+    first = enroll_vectors(client, nfc, vector)
+    second = enroll_vectors(client, nfd, vector)
+    assert first.status_code == second.status_code == 200, second.text
+    assert second.json()["identity_id"] == nfc and second.json()["created"] is False
+    assert second.json()["face_count"] == 2
+    for form in (nfc, nfd):
+        r = client.get(f"/identities/{form}")
+        assert r.status_code == 200 and r.json()["identity_id"] == nfc, r.text
+        r = client.post("/verify", json={"embedding_a": vector[0].tolist(), "identity_id": form, "model_id": MODEL_ID})
+        assert r.status_code == 200 and r.json()["match"] is True, r.text
+    listed = [i["identity_id"] for i in client.get("/identities", params={"limit": 1000}).json()["items"]]
+    assert listed.count(nfc) == 1 and nfd not in listed
+
+    bad = {"rlo": f"evil\u202egpj.exe-{tag}", "zero-width space": f"a\u200bb-{tag}", "zwnj": f"x\u200c{tag}",
+           "zwj": f"\u200d{tag}", "word joiner": f"{tag}\u2060", "bom": f"\ufeff{tag}", "soft hyphen": f"a\u00ad{tag}",
+           "c1 control": f"a\u0085{tag}", "only spaces": "   ", "ideographic space": "\u3000", "tab": " \t ",
+           "filler": "\u3164", "line separator": f"a\u2028{tag}", "invisible only": "\u200b\u200b", "nul": f"a\x00{tag}"}
+    before = client.get("/identities", params={"limit": 1000}).json()
+    for why, identity in bad.items():
+        r = enroll_vectors(client, identity, vector)
+        assert (r.status_code, r.json()["error"]["code"]) == (422, "invalid_identity_id"), (why, r.text)
+        for r in (client.get(f"/identities/{quote(identity, safe='')}"),
+                  client.delete(f"/identities/{quote(identity, safe='')}"),
+                  client.post("/verify", json={"embedding_a": vector[0].tolist(), "identity_id": identity,
+                                               "model_id": MODEL_ID})):
+            assert (r.status_code, r.json()["error"]["code"]) == (422, "invalid_identity_id"), (why, r.text)
+    assert client.get("/identities", params={"limit": 1000}).json() == before
+    assert client.delete(f"/identities/{nfd}").json() == {"identity_id": nfc, "deleted_faces": 2}
+
+
+@pytest.mark.parametrize("backend", ["embedded", "postgres"])
+def test_ids_stored_before_the_rule_can_still_be_read_and_deleted(backend, request, tmp_path, default_model):
+    """A gallery from before the NFC rule may hold an NFD id, or one with a format character: each is
+    still found (as given, or by its NFC form), verified against and deleted, never refused."""
+    from service.config import Settings
+    from service.gallery.api import make_gallery
+    from service.model.contract import read_contract
+
+    env = {}
+    if backend == "postgres":
+        postgres = request.getfixturevalue("postgres")
+        env = {"FACE_DATABASE_URL": postgres.url, "FACE_DATABASE_SCHEMA": postgres.fresh_schema()}
+        settings = Settings(database_url=env["FACE_DATABASE_URL"], database_schema=env["FACE_DATABASE_SCHEMA"])
+    else:
+        settings = Settings(data_dir=tmp_path / "data")
+    contract = read_contract(default_model)
+    vector = np.ones((1, contract.embedding_size), np.float32) / np.sqrt(contract.embedding_size)
+    old = make_gallery(settings, contract.model_id, contract.embedding_size)
+    old.open()
+    nfd, hidden = "Jose\u0301", "evil\u202egpj"
+    for identity in (nfd, hidden):  # what older versions stored as given
+        old.enroll(identity, vector)
+    old.close()
+
+    server = ServerProcess(tmp_path / "data", model=default_model, env=env)
+    try:
+        server.wait_ready()
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            for identity in (nfd, "Jos\u00e9", hidden):  # "José" in NFC finds the NFD one
+                r = c.get(f"/identities/{quote(identity, safe='')}")
+                assert r.status_code == 200 and r.json()["identity_id"] in (nfd, hidden), r.text
+            r = c.post("/verify", json={"embedding_a": vector[0].tolist(), "identity_id": "Jos\u00e9",
+                                        "model_id": MODEL_ID})
+            assert r.status_code == 200 and r.json()["identity_id"] == nfd and r.json()["match"], r.text
+            nfc_path = "/identities/" + quote("Jos\u00e9", safe="")
+            assert c.delete(nfc_path).json() == {"identity_id": nfd, "deleted_faces": 1}
+            assert c.delete(f"/identities/{quote(hidden, safe='')}").json() == {"identity_id": hidden,
+                                                                                "deleted_faces": 1}
+            assert c.get("/identities").json()["items"] == []
+    finally:
+        server.stop()
