@@ -283,3 +283,36 @@ def test_settings_choose_the_backend(tmp_path, postgres):
     finally:
         embedded.close()
         remote.close()
+
+
+def test_index_caps_k_and_scans_exactly_when_the_graph_cannot_answer():
+    """HnswIndex.search: k over the live count is capped; when hnswlib cannot return k faces (clustered
+    faces: its walk misses some) the live faces are scanned instead. Both are counted by kind."""
+    from service.gallery.index import HnswIndex
+
+    rng, dim = np.random.default_rng(19), 128  # the model's dimension: a 32-d graph is walked whole
+
+    def units(n: int) -> np.ndarray:
+        v = rng.normal(size=(n, dim))
+        return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+
+    vectors = np.concatenate([c + rng.normal(0, 0.05, size=(500, dim)) for c in units(4)]).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    labels = np.arange(len(vectors), dtype=np.int64)
+    index = HnswIndex(dim, 16, 200, 128)
+    index.build_empty()
+    for start in range(0, len(vectors), 8):  # 8 at a time: one thread, the same graph every run
+        index.add(vectors[start:start + 8], labels[start:start + 8])
+    probe = units(1)
+
+    def live_faces():
+        return [(labels[:500], vectors[:500]), (labels[500:], vectors[500:])]
+
+    found, sims = index.search(probe, len(vectors) + 10, live_faces)
+    assert index.fallbacks["capped"] == 1
+    exact = np.argsort(-(vectors @ probe[0]), kind="stable")
+    assert sorted(found[0].tolist()) == labels.tolist()  # every face, nearest first
+    np.testing.assert_allclose(sims[0], (vectors @ probe[0])[exact], atol=1e-5)
+    assert index.fallbacks["exact"] == 1
+    found, sims = index.search(probe, 5)  # a small k: the graph answers
+    assert found[0].tolist() == exact[:5].tolist() and index.fallbacks == {"capped": 1, "exact": 1}
