@@ -62,8 +62,8 @@ IdentityId = Annotated[
 # an id that names a stored identity: ids stored before the NFC rule are still found (identity_ids.find_identity)
 IdentityRef = Annotated[
     str,
-    Field(description="An enrolled identity's id (as given, or its NFC form).", min_length=1, max_length=128,
-          pattern=ID_PATTERN, examples=["employee-4711"]),
+    Field(description="An enrolled identity's id (found as given, or in its NFC or NFD form).", min_length=1,
+          max_length=identity_ids.MAX_LENGTH, pattern=ID_PATTERN, examples=["employee-4711"]),
     AfterValidator(check_identity_ref),
 ]
 Threshold = Annotated[float | None, Field(ge=-1.0, le=1.0, description="Cosine threshold; omit for the default.")]

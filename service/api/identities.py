@@ -8,7 +8,7 @@ from fastapi import APIRouter, Path, Query, Request
 from starlette.concurrency import run_in_threadpool
 
 from ..deps import ApiKey, StateDep
-from ..identity_ids import find_identity
+from ..identity_ids import MAX_LENGTH, find_identity
 from ..metadata import MetadataLimits, check_metadata
 from ..payload import body_docs, read_payload
 from ..schemas import (
@@ -26,8 +26,8 @@ from ..vectors import list_source, source_vectors
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 422)}
 router = APIRouter(tags=["identities"], dependencies=[ApiKey], responses=ERRORS)
 
-# an id that names a stored identity: found as given or in NFC (identity_ids.find_identity)
-IdentityPath = Annotated[str, Path(min_length=1, max_length=128, pattern=ID_PATTERN)]
+# an id that names a stored identity: found as given, or in NFC or NFD form (identity_ids.find_identity)
+IdentityPath = Annotated[str, Path(min_length=1, max_length=MAX_LENGTH, pattern=ID_PATTERN)]
 
 
 @router.post("/enroll", response_model=EnrollResponse, openapi_extra=body_docs(EnrollRequest, ("images",)),
