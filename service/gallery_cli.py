@@ -28,7 +28,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import sys
 import time
 from collections import Counter
@@ -39,6 +38,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from . import identity_ids
 from .config import Settings
 from .gallery.api import GalleryBackend, GalleryModelMismatch, GalleryUnavailable, IdentityExists, open_gallery
 
@@ -49,8 +49,6 @@ if TYPE_CHECKING:  # the pipeline is imported lazily, at run time
 log = logging.getLogger(__name__)
 
 FORMAT, VERSION = "face-gallery", 1
-# what the API accepts as an identity id (schemas.IdentityId): 1-128 characters, no '/' or control characters
-IDENTITY_ID = re.compile(r"^[^/\x00-\x1f\x7f]{1,128}$")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
@@ -139,12 +137,15 @@ def read_gallery_file(path: Path, model_id: str, dim: int) -> Iterator[tuple[str
             item = json.loads(line)
             if item.get("end"):
                 return
-            if not isinstance(item.get("identity_id"), str) or not IDENTITY_ID.match(item["identity_id"]):
-                raise GalleryFileError(f"{path} line {number}: {item.get('identity_id')!r} is not a valid identity id")
+            # the API's rule for new ids (identity_ids): NFC, nothing invisible
+            identity = identity_ids.normalise(item["identity_id"]) if isinstance(item.get("identity_id"), str) else None
+            why = "not a string" if identity is None else identity_ids.problem(identity)
+            if identity is None or why is not None:
+                raise GalleryFileError(f"{path} line {number}: {item.get('identity_id')!r} is not a valid identity id: {why}")
             embeddings = np.stack([_decode(e, dim) for e in item["embeddings"]]) if item["embeddings"] else None
             if embeddings is None:
-                raise GalleryFileError(f"{path} line {number}: identity {item['identity_id']!r} has no embeddings")
-            yield item["identity_id"], embeddings, item.get("metadata") or {}
+                raise GalleryFileError(f"{path} line {number}: identity {identity!r} has no embeddings")
+            yield identity, embeddings, item.get("metadata") or {}
     raise GalleryFileError(f"{path} ends without its end line: the file is incomplete")
 
 
@@ -197,11 +198,12 @@ class EnrollSummary:
 
 
 def people_in(root: Path) -> list[tuple[str, list[Path]]]:
-    """(identity id, image files) per sub-folder, sorted, so a rerun walks them in the same order."""
+    """(identity id, image files) per sub-folder, sorted, so a rerun walks them in the same order. The id is
+    the folder name in NFC (macOS file systems hand out NFD names), as the API stores ids."""
     found = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        found.append((folder.name, images))
+        found.append((identity_ids.normalise(folder.name), images))
     return found
 
 
@@ -248,7 +250,7 @@ async def enroll_folder(settings: Settings, root: Path, image_type: ImageType = 
 
     async def one(identity: str, images: list[Path]) -> None:
         async with gate:
-            if not IDENTITY_ID.match(identity):
+            if identity_ids.problem(identity) is not None:
                 summary.skipped_people["invalid_identity_id"] += 1
             elif not replace and await run_in_threadpool(state.gallery.get_identity, identity) is not None:
                 summary.already += 1

@@ -9,11 +9,32 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from .gallery.api import ReadTarget
+from .gallery.index import FALLBACKS
 
 # the *_created series double the output and no dashboard uses them
 disable_created_metrics()
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class SearchFallbacks(Collector):
+    """Searches the vector index answered by a fallback, by kind: counted by the gallery (its
+    ``stats()``, ``index_search_<kind>``), copied here at each scrape (0 on backends that never fall back)."""
+
+    def __init__(self) -> None:
+        self.counts = dict.fromkeys(FALLBACKS, 0)
+
+    def update(self, stats: dict[str, int]) -> None:
+        self.counts = {kind: stats.get(f"index_search_{kind}", 0) for kind in FALLBACKS}
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "face_index_search_fallbacks", "Index searches answered by a fallback: capped (asked for more faces "
+            "than live) or exact (the HNSW graph could not return k faces; the live faces were scanned)",
+            labels=["kind"])
+        for kind, count in self.counts.items():
+            family.add_metric([kind], count)
+        yield family
 
 
 class Metrics:
@@ -49,6 +70,8 @@ class Metrics:
         self.gallery_faces = Gauge("face_gallery_faces", "Enrolled faces", registry=self.registry)
         self.read_targets = ReadTargetsCollector()
         self.registry.register(self.read_targets)
+        self.search_fallbacks = SearchFallbacks()
+        self.registry.register(self.search_fallbacks)
 
     def observe_detection(self, faces: int, seconds: float) -> None:
         self.faces_detected.inc(faces)

@@ -7,6 +7,8 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
+from . import identity_ids
+
 Base64Image = Annotated[
     str,
     Field(description="An image (JPEG, PNG, WebP or BMP), base64-encoded; a data URL is accepted. An aligned "
@@ -29,7 +31,7 @@ SingleFace = Annotated[
 ]
 
 
-def check_identity_id(value: str) -> str:
+def check_identity_ref(value: str) -> str:
     """Ids a client could not address as a path segment, or the gallery could not serve back."""
     if value in (".", ".."):
         raise PydanticCustomError("invalid_identity_id", "'.' and '..' are not identity ids (URLs resolve them away)")
@@ -40,13 +42,29 @@ def check_identity_id(value: str) -> str:
     return value
 
 
+def check_identity_id(value: str) -> str:
+    """A new identity's id: NFC, nothing invisible (service.identity_ids)."""
+    value = identity_ids.normalise(check_identity_ref(value))
+    why = identity_ids.problem(value)
+    if why is not None:
+        raise PydanticCustomError("invalid_identity_id", why)
+    return value
+
+
+ID_PATTERN = r"^[^/]+$"  # one path segment (a schema violation: invalid_request); characters: identity_ids
 IdentityId = Annotated[
     str,
-    Field(min_length=1, max_length=128, pattern=r"^[^/\x00-\x1f\x7f]+$",
-          description="Your identifier for a person: 1-128 characters, no '/' or control characters, "
-          "not '.' or '..'.",
-          examples=["employee-4711"]),
+    Field(description="Your identifier for a person: 1-128 characters, no '/', not '.' or '..'; normalised to "
+          "Unicode NFC; no control or invisible format characters (e.g. U+202E, U+200B), not blank.",
+          min_length=1, max_length=identity_ids.MAX_LENGTH, pattern=ID_PATTERN, examples=["employee-4711"]),
     AfterValidator(check_identity_id),
+]
+# an id that names a stored identity: ids stored before the NFC rule are still found (identity_ids.find_identity)
+IdentityRef = Annotated[
+    str,
+    Field(description="An enrolled identity's id (found as given, or in its NFC or NFD form).", min_length=1,
+          max_length=identity_ids.MAX_LENGTH, pattern=ID_PATTERN, examples=["employee-4711"]),
+    AfterValidator(check_identity_ref),
 ]
 Threshold = Annotated[float | None, Field(ge=-1.0, le=1.0, description="Cosine threshold; omit for the default.")]
 Embedding = Annotated[
@@ -142,7 +160,7 @@ class VerifyRequest(SingleFacePhotoOptions):
     embedding_a: Embedding | None = Field(None, description="Instead of `image_a` (then `embedding_b`, not `image_b`).")
     embedding_b: Embedding | None = Field(None, description="Instead of `image_b`.")
     model_id: ModelId = None
-    identity_id: IdentityId | None = Field(None, description="Face vs enrolled identity (instead of image_b).")
+    identity_id: IdentityRef | None = Field(None, description="Face vs enrolled identity (instead of image_b).")
     threshold: Threshold = None
 
 

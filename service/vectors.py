@@ -62,13 +62,16 @@ def normalise(rows: list[list[float]], dimension: int, first_index: int = 0) -> 
         if not np.isfinite(vector).all():
             raise ServiceError(ErrorCode.invalid_embedding, f"embedding {index} has NaN or infinite values",
                                index=index)
-        # scale by the largest magnitude first so squaring cannot overflow (values up to 1.8e308 are finite)
+        # scaled by the largest magnitude first, so that the norm can neither overflow (values up to 1.8e308
+        # are finite: their norm is not) nor underflow; the direction is that of the scaled vector
         peak = float(np.max(np.abs(vector)))
-        norm = peak * float(np.linalg.norm(vector / peak)) if peak > 0 else 0.0
+        scaled = vector / peak if peak > 0 else vector
+        scaled_norm = float(np.linalg.norm(scaled))  # 1 .. sqrt(dimension) unless the vector is zero
+        norm = peak * scaled_norm  # inf for huge vectors: only compared with the floor, never divided by
         if norm < MIN_NORM:
             raise ServiceError(ErrorCode.invalid_embedding,
                                f"embedding {index} has norm {norm:.3g}; it cannot be normalised", index=index)
-        out[offset] = vector / norm
+        out[offset] = scaled / scaled_norm
     return out
 
 

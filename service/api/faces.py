@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from ..deps import ApiKey, StateDep
 from ..detection import align_face
 from ..errors import ErrorCode, ServiceError
+from ..identity_ids import find_identity
 from ..openset import IdentifyThreshold
 from ..payload import body_docs, json_response, read_payload
 from ..pipeline import decoded_photo, embed_images
@@ -67,11 +68,13 @@ async def verify(request: Request, state: StateDep) -> VerifyResponse:
                                          dimension=state.contract.embedding_size)
     source = verify_source(payload, images)
     threshold = payload.threshold if payload.threshold is not None else state.verify_threshold
+    identity_id = payload.identity_id  # as stored, once found
     if payload.identity_id is not None:
-        enrolled = await run_in_threadpool(state.gallery.identity_embeddings, payload.identity_id)
-        if enrolled is None or len(enrolled) == 0:
-            raise ServiceError(ErrorCode.identity_not_found, f"identity {payload.identity_id!r} is not enrolled",
-                               identity_id=payload.identity_id)
+        identity_id, enrolled = await run_in_threadpool(find_identity, payload.identity_id,
+                                                        state.gallery.identity_embeddings)
+        if len(enrolled) == 0:
+            raise ServiceError(ErrorCode.identity_not_found, f"identity {identity_id!r} is not enrolled",
+                               identity_id=identity_id)
         probe, faces = await source_vectors(state, source)
         similarity = float(np.max(enrolled @ probe[0]))
     else:
@@ -79,7 +82,7 @@ async def verify(request: Request, state: StateDep) -> VerifyResponse:
         similarity = float(probe[0] @ probe[1])
     located = faces.locations() or [None, None]
     return VerifyResponse(similarity=similarity, threshold=threshold, match=similarity >= threshold,
-                          model_id=state.contract.model_id, identity_id=payload.identity_id,
+                          model_id=state.contract.model_id, identity_id=identity_id,
                           face_a=located[0], face_b=located[1] if len(located) > 1 else None)
 
 

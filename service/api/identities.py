@@ -8,10 +8,11 @@ from fastapi import APIRouter, Path, Query, Request
 from starlette.concurrency import run_in_threadpool
 
 from ..deps import ApiKey, StateDep
-from ..errors import ErrorCode, ServiceError
+from ..identity_ids import MAX_LENGTH, find_identity
 from ..metadata import MetadataLimits, check_metadata
 from ..payload import body_docs, read_payload
 from ..schemas import (
+    ID_PATTERN,
     DeleteResponse,
     EnrollRequest,
     EnrollResponse,
@@ -25,7 +26,8 @@ from ..vectors import list_source, source_vectors
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 422)}
 router = APIRouter(tags=["identities"], dependencies=[ApiKey], responses=ERRORS)
 
-IdentityPath = Annotated[str, Path(min_length=1, max_length=128, pattern=r"^[^/\x00-\x1f\x7f]+$")]
+# an id that names a stored identity: found as given, or in NFC or NFD form (identity_ids.find_identity)
+IdentityPath = Annotated[str, Path(min_length=1, max_length=MAX_LENGTH, pattern=ID_PATTERN)]
 
 
 @router.post("/enroll", response_model=EnrollResponse, openapi_extra=body_docs(EnrollRequest, ("images",)),
@@ -72,10 +74,7 @@ async def list_identities(
 
 @router.get("/identities/{identity_id}", response_model=IdentityDetail, summary="One identity")
 async def get_identity(identity_id: IdentityPath, state: StateDep) -> IdentityDetail:
-    found = await run_in_threadpool(state.gallery.get_identity, identity_id)
-    if found is None:
-        raise ServiceError(ErrorCode.identity_not_found, f"identity {identity_id!r} is not enrolled",
-                           identity_id=identity_id)
+    _, found = await run_in_threadpool(find_identity, identity_id, state.gallery.get_identity)
     return IdentityDetail(**found.record.__dict__, face_ids=[f.face_id for f in found.faces])
 
 
@@ -83,8 +82,5 @@ async def get_identity(identity_id: IdentityPath, state: StateDep) -> IdentityDe
 async def delete_identity(identity_id: IdentityPath, state: StateDep) -> DeleteResponse:
     """Erase the identity and all its faces from the store and the index: it can never be
     returned by /identify or /verify again."""
-    deleted = await run_in_threadpool(state.gallery.delete, identity_id)
-    if deleted is None:
-        raise ServiceError(ErrorCode.identity_not_found, f"identity {identity_id!r} is not enrolled",
-                           identity_id=identity_id)
-    return DeleteResponse(identity_id=identity_id, deleted_faces=deleted)
+    stored_as, deleted = await run_in_threadpool(find_identity, identity_id, state.gallery.delete)
+    return DeleteResponse(identity_id=stored_as, deleted_faces=deleted)

@@ -74,4 +74,5 @@ async def metrics(state: StateDep) -> Response:
     stats = await run_in_threadpool(state.gallery.stats)
     state.metrics.gallery_identities.set(stats.identities)
     state.metrics.gallery_faces.set(stats.faces)
+    state.metrics.search_fallbacks.update(stats.extra)
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -459,10 +459,15 @@ class Gallery:
     def _nearest(self, probes: np.ndarray, k: int) -> list[list[Hit]]:
         """The k nearest live faces of each probe, named (caller holds the read lock). A label
         without an identity cannot happen under the lock; it would come back as None (skipped)."""
-        labels, sims = self._index.search(probes, k)
+        labels, sims = self._index.search(probes, k, self._live_faces)
         names = self._label_identity
         return [[(label, names.get(label), sim) for label, sim in zip(row_labels, row_sims)]
                 for row_labels, row_sims in zip(labels.tolist(), sims.tolist())]
+
+    def _live_faces(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Every live face (labels, vectors) from the store, in chunks: the index's exact search scans
+        them when its graph cannot answer (caller holds the read lock: the store matches the index)."""
+        return ((ids, vectors) for ids, vectors, _ in self._live_store.iter_faces())
 
     def identity_embeddings(self, identity_id: str) -> np.ndarray | None:
         return self._live_store.identity_embeddings(identity_id)
@@ -486,4 +491,5 @@ class Gallery:
                 "index_capacity": self._index.capacity if ready else 0,
                 "index_tombstones": self._index.tombstones if ready else 0,
                 "index_dirty": int(self._dirty), "index_loading": int(not ready),
+                **{f"index_search_{kind}": count for kind, count in self._index.fallbacks.items()},
                 "generation": self._live_store.generation}

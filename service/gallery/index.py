@@ -16,12 +16,22 @@ deleting a 10-face identity took 255 ms under the write lock instead of 28 ms, b
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import hnswlib
 import numpy as np
 
 from .ef import search_ef
+
+# (labels, vectors) chunks of every live face: what an exact search scans
+FaceChunks = Iterable[tuple[np.ndarray, np.ndarray]]
+# how a search answered when hnswlib alone could not (counted in ``fallbacks``, shown on /metrics):
+# "capped": asked for more faces than are live, k lowered to the live count; "exact": hnswlib could not
+# return k faces (a graph walk does not reach every element: clustered faces, deleted slots), so the
+# live faces were scanned instead
+FALLBACKS = ("capped", "exact")
 
 
 class HnswIndex:
@@ -35,6 +45,8 @@ class HnswIndex:
         self.live = 0  # elements not marked deleted
         # test hook, a real code path: the next add raises this (as a failed resize or add would)
         self.fail_next_add: Exception | None = None
+        self.fallbacks = dict.fromkeys(FALLBACKS, 0)  # searches answered by each fallback, since start
+        self._fallbacks_lock = threading.Lock()  # searches run concurrently (read side of the gallery lock)
 
     def build_empty(self, capacity: int = 1024) -> None:
         self._index, self.live, self._ef = self._new(capacity), 0, 0
@@ -115,16 +127,57 @@ class HnswIndex:
         self._index, self.live, self._ef = fresh, len(labels), 0
         self._apply_ef()
 
-    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Labels and cosine similarities (not distances) of the k nearest live elements."""
-        k = min(k, self.live)
+    def search(self, vectors: np.ndarray, k: int,
+               live_faces: Callable[[], FaceChunks] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Labels and cosine similarities (not distances) of the k nearest live elements, nearest first.
+
+        Never more than the live count (``capped``). hnswlib raises when its graph walk cannot find k
+        live elements, which happens when k is (nearly) all of them: few identities with many faces,
+        deleted slots. A larger ``ef`` does not help there (hnswlib already searches with ef >= k and
+        still misses elements the walk never reaches), so the search scans ``live_faces`` (exact); it
+        is only ever asked that near the whole gallery, where a scan costs about what the walk did."""
+        if k > self.live:
+            k = self.live
+            self._fell_back("capped")
         if k == 0:
             return np.zeros((len(vectors), 0), np.int64), np.zeros((len(vectors), 0), np.float32)
-        labels, distances = self._live_index.knn_query(vectors, k=k)
+        try:
+            labels, distances = self._live_index.knn_query(vectors, k=k)
+        except RuntimeError:
+            if live_faces is None:
+                raise
+            self._fell_back("exact")
+            return exact_nearest(vectors, k, live_faces())
         return labels.astype(np.int64), (1.0 - distances).astype(np.float32)
+
+    def _fell_back(self, kind: str) -> None:
+        with self._fallbacks_lock:
+            self.fallbacks[kind] += 1
 
     @property
     def capacity(self) -> int:
         return self._index.get_max_elements() if self._index is not None else 0
 
 
+
+
+def exact_nearest(probes: np.ndarray, k: int, faces: FaceChunks) -> tuple[np.ndarray, np.ndarray]:
+    """The k most cosine-similar faces of each probe by scanning every (labels, vectors) chunk, keeping a
+    running top k (memory: one chunk, not the gallery). Like ``HnswIndex.search``'s answer: labels and
+    similarities, nearest first; fewer than k columns if the chunks hold fewer faces."""
+    probes = np.asarray(probes, dtype=np.float32)
+    probes = probes / np.maximum(np.linalg.norm(probes, axis=1, keepdims=True), np.finfo(np.float32).tiny)
+    best_labels = np.zeros((len(probes), 0), np.int64)
+    best_sims = np.zeros((len(probes), 0), np.float32)
+    for labels, vectors in faces:
+        vectors = np.asarray(vectors, dtype=np.float32)
+        vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), np.finfo(np.float32).tiny)
+        sims = np.concatenate([best_sims, probes @ vectors.T], axis=1)
+        names = np.concatenate([best_labels, np.broadcast_to(np.asarray(labels, np.int64), (len(probes), len(labels)))],
+                               axis=1)
+        if sims.shape[1] > k:
+            keep = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+            sims, names = np.take_along_axis(sims, keep, axis=1), np.take_along_axis(names, keep, axis=1)
+        best_sims, best_labels = sims, names
+    order = np.argsort(-best_sims, axis=1, kind="stable")
+    return np.take_along_axis(best_labels, order, axis=1), np.take_along_axis(best_sims, order, axis=1)

@@ -14,6 +14,7 @@ other.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -54,11 +55,15 @@ def check_model(stored_model: str | None, stored_dim: int | None, model_id: str,
 
 def group_by_identity(hits: Iterable[Hit]) -> list[Match]:
     """Max-over-faces: hits -> one Match per identity, best first. A hit without an identity (a face
-    deleted, or a label the backend does not know) is skipped: it must never be returned."""
+    deleted, or a label the backend does not know) is skipped: it must never be returned. A similarity
+    that is not a number (pgvector's cosine to a zero vector, stored by versions that let 1e308 values
+    overflow to zeros) scores 0.0, as hnswlib scores it: no answer carries NaN (JSON null)."""
     best: dict[str, Match] = {}
     for face_id, identity_id, score in hits:
         if identity_id is None:
             continue
+        if not math.isfinite(score):
+            score = 0.0
         if identity_id not in best or score > best[identity_id].score:
             best[identity_id] = Match(identity_id, float(score), int(face_id))
     return sorted(best.values(), key=lambda m: m.score, reverse=True)

@@ -108,12 +108,34 @@ def test_grows_past_capacity_and_deletes_are_final(gallery):
     assert gallery.stats().identities == 1500 == gallery.stats().index_live == gallery.identity_count
 
 
+def test_group_by_identity_scores_an_undefined_similarity_0():
+    """NaN (pgvector's cosine distance to a zero vector) is no score: 0.0, as hnswlib scores it."""
+    from service.gallery.search import group_by_identity
+
+    best = group_by_identity([(1, "ghost", float("nan")), (2, "alice", 0.5), (3, "ghost", float("nan"))])
+    assert [(m.identity_id, m.score) for m in best] == [("alice", 0.5), ("ghost", 0.0)]
+
+
 def test_group_by_identity_never_returns_a_face_without_an_identity():
     from service.gallery.search import group_by_identity
 
     hits = [(7, None, 0.99), (3, "a", 0.5), (4, "b", 0.7), (5, "a", 0.8)]  # face 7: deleted / unknown label
     assert [(m.identity_id, m.score, m.face_id) for m in group_by_identity(hits)] == [
         ("a", pytest.approx(0.8), 5), ("b", pytest.approx(0.7), 4)]
+
+
+def test_a_stored_zero_vector_scores_0_never_nan(gallery):
+    """A zero vector has no direction. Before client vectors were scaled first, 1e308 values were stored
+    as zeros; such a face (a gallery from then) scores 0.0 where it is found (hnswlib; pgvector's cosine
+    gives NaN, which JSON answers showed as null, and its HNSW index leaves zero vectors out), and never
+    hides the real matches."""
+    rng = np.random.default_rng(4)
+    faces = unit(rng, 2)
+    gallery.enroll("ghost", np.zeros((1, DIM), np.float32))
+    gallery.enroll("alice", faces)
+    best = gallery.search(faces[:1], 5)[0]
+    assert best[0].identity_id == "alice" and best[0].score == pytest.approx(1.0, abs=1e-5)
+    assert [(m.identity_id, m.score) for m in best[1:]] in ([("ghost", 0.0)], [])
 
 
 def test_enroll_result_counts_the_identity_faces_after_the_write(gallery):
@@ -261,3 +283,36 @@ def test_settings_choose_the_backend(tmp_path, postgres):
     finally:
         embedded.close()
         remote.close()
+
+
+def test_index_caps_k_and_scans_exactly_when_the_graph_cannot_answer():
+    """HnswIndex.search: k over the live count is capped; when hnswlib cannot return k faces (clustered
+    faces: its walk misses some) the live faces are scanned instead. Both are counted by kind."""
+    from service.gallery.index import HnswIndex
+
+    rng, dim = np.random.default_rng(19), 128  # the model's dimension: a 32-d graph is walked whole
+
+    def units(n: int) -> np.ndarray:
+        v = rng.normal(size=(n, dim))
+        return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+
+    vectors = np.concatenate([c + rng.normal(0, 0.05, size=(500, dim)) for c in units(4)]).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    labels = np.arange(len(vectors), dtype=np.int64)
+    index = HnswIndex(dim, 16, 200, 128)
+    index.build_empty()
+    for start in range(0, len(vectors), 8):  # 8 at a time: one thread, the same graph every run
+        index.add(vectors[start:start + 8], labels[start:start + 8])
+    probe = units(1)
+
+    def live_faces():
+        return [(labels[:500], vectors[:500]), (labels[500:], vectors[500:])]
+
+    found, sims = index.search(probe, len(vectors) + 10, live_faces)
+    assert index.fallbacks["capped"] == 1
+    exact = np.argsort(-(vectors @ probe[0]), kind="stable")
+    assert sorted(found[0].tolist()) == labels.tolist()  # every face, nearest first
+    np.testing.assert_allclose(sims[0], (vectors @ probe[0])[exact], atol=1e-5)
+    assert index.fallbacks["exact"] == 1
+    found, sims = index.search(probe, 5)  # a small k: the graph answers
+    assert found[0].tolist() == exact[:5].tolist() and index.fallbacks == {"capped": 1, "exact": 1}

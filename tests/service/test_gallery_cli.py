@@ -144,3 +144,32 @@ def test_server_flags_still_work_beside_the_gallery_commands():
     out = subprocess.run([sys.executable, "-m", "service", "--help"], cwd=REPO, capture_output=True, text=True,
                          check=True).stdout
     assert "--host" in out and "gallery" in out
+
+
+def test_imported_and_folder_ids_follow_the_api_rule(tmp_path):
+    """The API's identity id rule (service.identity_ids) holds for gallery files and person folders too:
+    NFC (an NFD 'José' is the NFC one), nothing invisible (an RLO id refuses the file)."""
+    import base64
+
+    from service.gallery_cli import FORMAT, VERSION, GalleryFileError, people_in, read_gallery_file
+
+    vector = base64.b64encode(np.ones(4, "<f4").tobytes()).decode()
+    header = json.dumps({"format": FORMAT, "version": VERSION, "model_id": "m@1", "embedding_size": 4})
+
+    def gallery_file(identity: str):
+        path = tmp_path / "g.jsonl"
+        path.write_text("\n".join([header, json.dumps({"identity_id": identity, "embeddings": [vector]}),
+                                   json.dumps({"end": True})]) + "\n")
+        return path
+
+    assert [i for i, _, _ in read_gallery_file(gallery_file("Jose\u0301"), "m@1", 4)] == ["Jos\u00e9"]
+    for bad in ("\u202eevil", "a\u200bb", "   "):
+        try:
+            list(read_gallery_file(gallery_file(bad), "m@1", 4))
+        except GalleryFileError as exc:
+            assert "not a valid identity id" in str(exc)
+        else:
+            raise AssertionError(f"{bad!r} was accepted")
+
+    (tmp_path / "people" / "Jose\u0301").mkdir(parents=True)
+    assert [i for i, _ in people_in(tmp_path / "people")] == ["Jos\u00e9"]

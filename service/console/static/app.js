@@ -31,7 +31,7 @@ const ERROR_MESSAGES = {
   wrong_dimension: "An embedding has the wrong number of values for this model.",
   invalid_embedding: "An embedding is not usable (NaN, infinite or zero).",
   identity_not_found: "No identity with this id is enrolled.",
-  invalid_identity_id: "This identity id is not allowed (1-128 characters, no \"/\").",
+  invalid_identity_id: "This identity id is not allowed (1-128 characters, no \"/\", nothing invisible, not blank).",
   invalid_metadata: "The metadata is not valid (a JSON object of finite numbers and valid text, not too deeply nested).",
   metadata_too_large: "The metadata is too large for this service.",
   gallery_loading: "The gallery is still loading after a restart; try again in a moment.",
