@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from ..deps import ApiKey, StateDep
 from ..errors import ErrorCode, ServiceError
 from ..pipeline import embed_crops
+from ..quality import quality_in_force
 from ..schemas import ReadyResponse
 
 router = APIRouter(tags=["operations"])
@@ -57,6 +58,7 @@ async def readyz(state: StateDep) -> ReadyResponse:
         impostor_tail=None if identify.tail is None else {
             "source": identify.tail_source, "measured_on": identify.tail.source, "pairs": identify.tail.pairs,
             "far_min": identify.tail.far[-1], "extrapolated": identify.extrapolated},
+        quality=quality_in_force(state.contract.quality, state.settings.enroll_min_quality),
         inference_ms=round(elapsed, 3), gallery=stats.as_dict(),
     )
 
