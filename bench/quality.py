@@ -26,6 +26,7 @@ model's ``service/model/sface_quality.json``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import logging
 import os
@@ -45,18 +46,23 @@ from service.model.prepare import SFACE_QUALITY_FILE, default_model
 from service.model.session import FaceSession
 from service.quality import (
     CROP_PARTS,
+    FIT_FMR,
     PARTS,
+    SOFT_WIDTH,
     QualityModel,
     assess,
     crop_parts,
+    fit_on_labelled,
     fit_quality,
+    genuine_and_threshold,
     photo_parts,
     raw_norms,
+    soft_fail_labels,
 )
 
 log = logging.getLogger("bench.quality")
 CACHE = Path(os.environ.get("TMPDIR", "/tmp")) / "face-bench"
-FMR = 1e-3
+FMR = FIT_FMR
 DEGRADATIONS = {
     "blur": [0, 1.5, 3, 5, 8],  # Gaussian sigma in photo pixels
     "downscale": [1, 0.5, 0.3, 0.2, 0.12],  # photo scale factor (LFW eyes ~45 px apart at 1)
@@ -183,7 +189,6 @@ def collect_degraded(col: Collector, root: Path, n: int) -> dict:
     return out
 
 
-SOFT_WIDTH = 0.03  # cosine width of the soft failure label around the threshold
 # each part oriented so that higher is better, for the single-part curves
 SINGLE = {
     "size": lambda p: p["size"], "yaw": lambda p: -abs(p["yaw"]), "pitch": lambda p: -abs(p["pitch"]),
@@ -205,30 +210,12 @@ def unit(x: np.ndarray) -> np.ndarray:
 
 
 def comparisons(data: dict) -> tuple[np.ndarray, np.ndarray, float]:
-    """Genuine pairs (i, j), their similarity, and the FMR 1e-3 threshold over every impostor pair."""
-    emb = unit(data["raw"].astype(np.float64))
-    ident = data["identity"]
-    found = data["found"]
-    sims = emb @ emb.T
-    iu = np.triu_indices(len(emb), 1)
-    usable = found[iu[0]] & found[iu[1]]
-    same = ident[iu[0]] == ident[iu[1]]
-    impostor = sims[iu][usable & ~same]
-    threshold = float(np.quantile(impostor, 1 - FMR, method="higher"))
-    genuine = np.stack([iu[0][usable & same], iu[1][usable & same]], axis=1)
-    return genuine, sims[genuine[:, 0], genuine[:, 1]], threshold
-
-
-def soft_fail_labels(n: int, genuine: np.ndarray, sims: np.ndarray, threshold: float) -> np.ndarray:
-    """Per face: how much its genuine comparisons fail at the threshold, as a soft label in [0, 1]
-    (a logistic of width SOFT_WIDTH around the threshold, averaged over the face's genuine pairs):
-    only ~2% of LFW's genuine pairs fail outright, too few to fit nine weights on."""
-    soft = 1.0 / (1.0 + np.exp(-(threshold - sims) / SOFT_WIDTH))
-    total, count = np.zeros(n), np.zeros(n)
-    for (i, j), y in zip(genuine, soft):
-        total[[i, j]] += y
-        count[[i, j]] += 1
-    return np.where(count > 0, total / np.maximum(count, 1), 0.0)
+    """Genuine pairs (i, j) among the faces found, their cosine, and the FMR 1e-3 threshold over every
+    impostor pair (``service.quality.genuine_and_threshold``), in the data set's face indices."""
+    found = np.flatnonzero(data["found"])
+    genuine, sims, threshold = genuine_and_threshold(unit(data["raw"][found].astype(np.float64)),
+                                                     data["identity"][found])
+    return found[genuine], sims, threshold
 
 
 def erc(quality: np.ndarray, genuine: np.ndarray, sims: np.ndarray, threshold: float,
@@ -373,12 +360,10 @@ def analyse(col: Collector, args: argparse.Namespace, lfw: dict, celeba: dict, d
     if drop:
         curves["combined, parts that help (cross-fitted)"] = erc(crossfit_scores(rows, labels, folds, drop), genuine,
                                                                   sims, threshold, fractions)
-    method = (f"logistic regression (ridge 1.0, standardised transformed parts) of each face's genuine comparison "
-              f"failing at FMR {FMR:g} (soft label, width {SOFT_WIDTH}), on the {len(rows)} LFW originals of "
-              f"lfw-250-subset through the service's photo path (bench/quality.py); crop model: the crop-based "
-              f"and model parts only; default limits: the score refusing 1% of those faces and each part's value "
-              f"that alone takes a median face below it")
-    model = fit_quality(rows, labels, method=method, drop=drop)
+    found = np.flatnonzero(lfw["found"])
+    model = fit_on_labelled([rows[i] for i in found], unit(lfw["raw"][found].astype(np.float64)),
+                            lfw["identity"][found], f"the {len(found)} LFW originals of lfw-250-subset through the "
+                            "service's photo path (bench/quality.py)", drop=drop)
     # the default enrollment decision on LFW's originals (a photo without a face would be no_face)
     lfw_quality = [assess(r, model) for r in rows]
     refused = [q.failures(q.default_min) for q in lfw_quality]
@@ -411,10 +396,9 @@ def analyse(col: Collector, args: argparse.Namespace, lfw: dict, celeba: dict, d
             [bool(q.failures(q.default_min)) for q in crops_refused])), 4),
         "refused_by": {p: int(sum(any(x["part"] == p for x in r) for r in refused)) for p in ("score", *PARTS)},
     }
-    model = QualityModel(model.photo, model.crop, model.limits, model.min_score, model.min_score_crop, model.method,
-                         {"lfw_fnmr_no_rejection": lfw_summary["fnmr_no_rejection"],
-                          "lfw_fnmr_10pct_rejected": lfw_summary["fnmr_at_10pct_rejected"]["combined (cross-fitted)"],
-                          "lfw_refused_share": lfw_summary["default_limits_refuse_share"]})
+    model = dataclasses.replace(model, evidence={
+        **model.evidence, "lfw_fnmr_10pct_rejected": lfw_summary["fnmr_at_10pct_rejected"]["combined (cross-fitted)"],
+        "lfw_refused_share": lfw_summary["default_limits_refuse_share"], "results": "bench/results/quality.json"})
     return {
         "model": model,
         "lfw": {**lfw_summary, "fractions": fractions.tolist(), "curves": curves},

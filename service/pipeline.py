@@ -55,7 +55,7 @@ class FaceBatch:
 
     def assess(self, state: ServiceState, norms: np.ndarray) -> None:
         """Each face's quality, from its parts and the model's output norm."""
-        model = state.contract.quality
+        model = state.quality_model
         self.quality = [assess({**parts, "norm": float(norm)}, model) for parts, norm in zip(self.parts, norms)]
 
     def qualities(self, setting: float | None, requested: float | None = None, force: bool = False) -> list[dict]:

@@ -22,8 +22,10 @@ and no score.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -31,6 +33,8 @@ import numpy as np
 
 from .detection.detector import DetectedFace
 from .detection.geometry import face_geometry
+
+log = logging.getLogger(__name__)
 
 PARTS = ("size", "yaw", "pitch", "roll", "sharpness", "exposure", "clipping", "detector", "norm")
 PHOTO_ONLY = ("size", "yaw", "pitch", "roll", "detector")  # need the photo and the detector's landmarks
@@ -239,14 +243,15 @@ def assess(parts: dict[str, float | None], model: QualityModel | None) -> Qualit
                    default_min=model.min_score if from_photo else model.min_score_crop)
 
 
-def quality_in_force(model: QualityModel | None, setting: float | None) -> dict:
-    """What /readyz says about quality: fitted or not, the enrollment score limits, each part's limits."""
+def quality_in_force(model: QualityModel | None, setting: float | None, source: str = "model") -> dict:
+    """What /readyz says about quality: fitted or not (``source``: ``model``, the contract's, or
+    ``gallery``, refitted by calibrate), the enrollment score limits, each part's limits."""
     limits = {name: {"min": lo, "max": hi} for name, (lo, hi) in (model.limits if model else GENERIC_LIMITS).items()}
     if model is None:
         return {"fitted": False, "min_score": None, "min_score_crop": None, "limits": limits,
                 "note": "the model has no fitted quality (face.quality): faces get no score and are held to "
                         "the generic size, pose, sharpness and exposure limits only"}
-    return {"fitted": True, "min_score": setting if setting is not None else model.min_score,
+    return {"fitted": True, "source": source, "min_score": setting if setting is not None else model.min_score,
             "min_score_crop": setting if setting is not None else model.min_score_crop,
             "limits": limits, "method": model.method}
 
@@ -284,6 +289,7 @@ def fit_quality(parts: list[dict[str, float]], fails: np.ndarray, method: str = 
     part alone (the others at their median) takes the score below that limit, but never looser than
     ``GENERIC_LIMITS`` (a part the fit barely weighs would otherwise allow a 2-pixel face); parts with
     no such point keep the generic limit."""
+    drop = (*drop, *(p for p in PARTS if any(p not in row for row in parts)))  # aligned crops: no photo parts
     photo_names = tuple(p for p in PARTS if p not in drop)
     crop_names = tuple(p for p in CROP_PARTS if p not in drop)
     x = np.array([features(p, photo_names) for p in parts])
@@ -325,3 +331,86 @@ def _stricter(a: float | None, b: float | None, pick: Any) -> float | None:
     if a is None or b is None:
         return b if a is None else a
     return float(pick(a, b))
+
+
+# --- fitting on labelled faces (bench/quality.py, ``python -m service calibrate --quality``, the exporter) ---
+FIT_FMR = 1e-3  # the operating point whose genuine failures the score predicts
+SOFT_WIDTH = 0.03  # cosine width of the soft failure label around the threshold
+
+
+def genuine_and_threshold(embeddings: np.ndarray, labels: np.ndarray,
+                          fmr: float = FIT_FMR) -> tuple[np.ndarray, np.ndarray, float]:
+    """Genuine pairs (i, j) of L2-normalised ``embeddings``, their cosine, and the threshold at ``fmr``
+    over every impostor pair."""
+    emb = np.asarray(embeddings, dtype=np.float64)
+    labels = np.asarray(labels)
+    sims = emb @ emb.T
+    iu = np.triu_indices(len(emb), 1)
+    same = labels[iu[0]] == labels[iu[1]]
+    impostor = sims[iu][~same]
+    if len(impostor) < 1 / fmr or not same.any():
+        raise ValueError(f"need genuine pairs and at least {1 / fmr:.0f} impostor pairs, got {int(same.sum())} "
+                         f"and {len(impostor)}")
+    threshold = float(np.quantile(impostor, 1 - fmr, method="higher"))
+    genuine = np.stack([iu[0][same], iu[1][same]], axis=1)
+    return genuine, sims[genuine[:, 0], genuine[:, 1]], threshold
+
+
+def soft_fail_labels(n: int, genuine: np.ndarray, sims: np.ndarray, threshold: float) -> np.ndarray:
+    """Per face: how much its genuine comparisons fail at the threshold, as a soft label in [0, 1] (a
+    logistic of width SOFT_WIDTH around the threshold, averaged over the face's genuine pairs). A hard
+    0/1 label leaves too few failures to fit on (~2% of LFW's genuine pairs fail at FMR 1e-3)."""
+    soft = 1.0 / (1.0 + np.exp(-(threshold - sims) / SOFT_WIDTH))
+    total, count = np.zeros(n), np.zeros(n)
+    np.add.at(total, genuine[:, 0], soft)
+    np.add.at(total, genuine[:, 1], soft)
+    np.add.at(count, genuine[:, 0], 1)
+    np.add.at(count, genuine[:, 1], 1)
+    return np.where(count > 0, total / np.maximum(count, 1), 0.0)
+
+
+def fit_on_labelled(parts: list[dict[str, float]], embeddings: np.ndarray, labels: np.ndarray, source: str,
+                    drop: tuple[str, ...] = ()) -> QualityModel:
+    """The quality model of faces of known people: ``parts`` of each face (with ``norm``), their
+    L2-normalised ``embeddings`` and person ``labels``. Faces without a genuine pair still count
+    (label 0: nothing failed)."""
+    genuine, sims, threshold = genuine_and_threshold(embeddings, labels)
+    fails = soft_fail_labels(len(parts), genuine, sims, threshold)
+    method = (f"logistic regression (ridge 1.0, standardised transformed parts) of each face's genuine "
+              f"comparison failing at FMR {FIT_FMR:g} (threshold {threshold:.4f}; soft label, width {SOFT_WIDTH}) "
+              f"on {source}: {len(parts)} faces, {len(genuine)} genuine pairs; crop model: the crop and model "
+              f"parts only; default limits: the score refusing {REFUSE_SHARE:.0%} of those faces, and each "
+              f"part's value that alone takes a median face below it (never looser than the generic limits)")
+    return fit_quality(parts, fails, method=method, drop=drop,
+                       evidence={"faces": len(parts), "genuine_pairs": int(len(genuine)),
+                                 "threshold": round(threshold, 5),
+                                 "fnmr": round(float(np.mean(sims < threshold)), 5)})
+
+
+# --- a gallery's own fit (``python -m service calibrate --quality``), preferred to the contract's ---
+GALLERY_QUALITY_FILE = "quality.json"  # in the data dir, next to impostor_tail.json
+
+
+def save_gallery_quality(data_dir: Path, model_id: str, model: QualityModel) -> Path:
+    """Store a refitted quality for the service on ``data_dir`` (atomically; read at start-up)."""
+    path = Path(data_dir) / GALLERY_QUALITY_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"model_id": model_id, "quality": json.loads(model.to_json())}, indent=1) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def gallery_quality(data_dir: Path, model_id: str) -> QualityModel | None:
+    """The data dir's refitted quality for ``model_id``; None when there is none (or it is another
+    model's, which is logged)."""
+    path = Path(data_dir) / GALLERY_QUALITY_FILE
+    if not path.exists():
+        return None
+    stored = json.loads(path.read_text())
+    if stored.get("model_id") != model_id:
+        log.warning("ignoring a quality fitted for another model", extra={"path": str(path),
+                                                                          "fitted_for": stored.get("model_id"),
+                                                                          "served": model_id})
+        return None
+    return QualityModel.from_json(json.dumps(stored["quality"]))

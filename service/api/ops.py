@@ -58,7 +58,7 @@ async def readyz(state: StateDep) -> ReadyResponse:
         impostor_tail=None if identify.tail is None else {
             "source": identify.tail_source, "measured_on": identify.tail.source, "pairs": identify.tail.pairs,
             "far_min": identify.tail.far[-1], "extrapolated": identify.extrapolated},
-        quality=quality_in_force(state.contract.quality, state.settings.enroll_min_quality),
+        quality=quality_in_force(state.quality_model, state.settings.enroll_min_quality, state.quality_source),
         inference_ms=round(elapsed, 3), gallery=stats.as_dict(),
     )
 
