@@ -34,8 +34,12 @@ def png(array: np.ndarray) -> str:
     return b64(out.getvalue())
 
 
+def blurred_array() -> np.ndarray:
+    return cv2.GaussianBlur(rgb(SHARP), (0, 0), 6)
+
+
 def blurred() -> str:
-    return png(cv2.GaussianBlur(rgb(SHARP), (0, 0), 6))
+    return png(blurred_array())
 
 
 def tiny() -> str:
