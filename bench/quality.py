@@ -6,7 +6,8 @@
      (``detection.PhotoAligner``: decode, YuNet, ``center`` face, alignment);
    * the 6,289 CelebA crops of ../shared/data/celeba-299-112 (aligned 112x112 JPEGs; size, pose and
      detector score from its landmarks.csv, i.e. the same YuNet on the original CelebA photo);
-   * graded degradations of 100 LFW originals (Gaussian blur, downscaling, JPEG quality, darkening,
+     its mirror embeddings are collected too, but only LFW's are compared (mirror agreement vs norm);
+   * graded degradations of 40 LFW originals (Gaussian blur, downscaling, JPEG quality, darkening,
      5 strengths each, level 0 = untouched) through the same photo path.
 2. Fit (``service.quality.fit_quality``): label each face 1 when its genuine comparison (LFW: its
    identity's other photo; CelebA: its median genuine score) fails at the FMR 1e-3 threshold; the
@@ -103,14 +104,14 @@ class Collector:
             return None
         return {**photo_parts(aligned.face), **crop_parts(aligned.crop)}, aligned.crop
 
-    def embed(self, crops: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """Raw outputs of the crops and of their mirror images."""
-        raw, mirror = [], []
+    def embed(self, crops: list[np.ndarray], mirror: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Raw outputs of the crops and (``mirror``) of their mirror images, else zeros."""
+        raw, mirrored = [], []
         for start in range(0, len(crops), 64):
             chunk = np.stack(crops[start:start + 64])
             raw.append(self.session.raw(chunk))
-            mirror.append(self.session.raw(chunk[:, :, ::-1].copy()))
-        return np.concatenate(raw), np.concatenate(mirror)
+            mirrored.append(self.session.raw(chunk[:, :, ::-1].copy()) if mirror else np.zeros_like(raw[-1]))
+        return np.concatenate(raw), np.concatenate(mirrored)
 
 
 def parts_matrix(rows: list[dict | None]) -> np.ndarray:
@@ -182,7 +183,7 @@ def collect_degraded(col: Collector, root: Path, n: int) -> dict:
                 kinds.append(kind)
                 levels.append(level_i)
                 photos.append(j)
-    raw, mirror = col.embed(crops)
+    raw, mirror = col.embed(crops, mirror=False)  # the mirror agreement is compared on LFW only
     out = {"parts": parts_matrix(rows), "raw": raw, "mirror": mirror, "kind": np.array(kinds),
            "level": np.array(levels), "photo": np.array(photos)}
     np.savez(cache, **out)
@@ -416,8 +417,8 @@ def analyse(col: Collector, args: argparse.Namespace, lfw: dict, celeba: dict, d
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
-    parser.add_argument("--degraded", type=int, default=100, help="LFW photos degraded")
-    parser.add_argument("--cost-photos", type=int, default=100, help="photos timed for the cost figure")
+    parser.add_argument("--degraded", type=int, default=40, help="LFW photos degraded")
+    parser.add_argument("--cost-photos", type=int, default=40, help="photos timed for the cost figure")
     parser.add_argument("--collect-only", action="store_true")
     parser.add_argument("--write-model", action="store_true",
                         help="write the fitted model to service/model/" + SFACE_QUALITY_FILE)
