@@ -12,6 +12,7 @@ fails its own request with a clear code and never reaches the batch other reques
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from .model.batcher import InferenceTimeout, Overloaded
 from .model.preprocess import l2_normalise
 from .quality import Quality, assess, crop_parts, photo_parts, raw_norms
 from .state import ServiceState
+
+log = logging.getLogger(__name__)
 
 # Aligned crops this small are decoded on the event loop: a crop's size is checked from its header
 # before any pixel is decoded (images.aligned_crop), so this is at most a few 112x112 decodes
@@ -73,6 +76,8 @@ class FaceBatch:
             if force:  # an admin's lowered limit is on the score alone
                 reasons = [r for r in reasons if r["part"] == "score"]
             if reasons:
+                log.info("face refused: low quality", extra={"index": index, "face": face, "reasons": reasons,
+                                                             "score": quality.score})
                 missed = ", ".join(f"{r['part']} {r['value']:g} (limit {r['limit']:g})" for r in reasons)
                 raise ServiceError(ErrorCode.low_quality, f"the face of image {index} is not good enough to "
                                    f"enroll: {missed}", index=index, face=face, reasons=reasons)
