@@ -96,7 +96,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.roc:
         report.roc_png = str(plot_report(report, args.roc, args.compare))
     if args.write_threshold:
-        write_threshold_into(args.model, report.best_threshold, report.threshold_source, report.impostor_tail)
+        write_threshold_into(args.model, report.best_threshold, report.threshold_source, report.impostor_tail,
+                             report.quality)
         report.threshold_written = str(args.model)
     if args.output:
         write_report(report, args.output)

@@ -261,8 +261,10 @@ FLIP_MODES = ("normalised", "raw")
 
 
 def embed_paths(embedder: Embedder, paths: list[Path], batch_size: int = 64, flip: bool = True,
-                flip_mode: str = "normalised") -> tuple[np.ndarray, np.ndarray | None]:
-    """L2-normalised embeddings of the files, and flip-averaged ones (see FLIP_MODES) when ``flip``."""
+                flip_mode: str = "normalised", quality_parts: list[dict] | None = None,
+                ) -> tuple[np.ndarray, np.ndarray | None]:
+    """L2-normalised embeddings of the files, and flip-averaged ones (see FLIP_MODES) when ``flip``.
+    ``quality_parts``: appended with each face's crop-based quality parts and its raw output's norm."""
     if flip_mode not in FLIP_MODES:
         raise ValueError(f"flip_mode must be one of {', '.join(FLIP_MODES)}, got {flip_mode!r}")
     plain, flipped = [], []
@@ -270,6 +272,10 @@ def embed_paths(embedder: Embedder, paths: list[Path], batch_size: int = 64, fli
         faces = load_faces(paths[i:i + batch_size], embedder.input_size)
         emb = np.asarray(embedder(faces), dtype=np.float32)
         plain.append(l2_normalise(emb))
+        if quality_parts is not None:
+            from service.quality import crop_parts, raw_norms
+
+            quality_parts.extend({**crop_parts(face), "norm": float(norm)} for face, norm in zip(faces, raw_norms(emb)))
         if flip:
             mirrored = np.asarray(embedder(np.ascontiguousarray(faces[:, :, ::-1])), dtype=np.float32)
             if flip_mode == "raw":
@@ -307,9 +313,42 @@ def _pairs_tail(paths: list[Path], embeddings: np.ndarray, source: str) -> Impos
         return None
 
 
+def protocol_quality(paths: list[Path], parts: list[dict], embeddings: np.ndarray, images: Path) -> dict | None:
+    """The face quality fitted on the protocol's images (``service.quality.fit_on_labelled``), as the
+    contract stores it (``face.quality``): crop parts and norms from ``embed_paths``, size, pose and
+    detector score from the landmarks file next to the images (``yunet_landmarks_250px.csv``: YuNet on
+    the original photos, as ../shared/data/lfw-112 ships it) where there is one. None when the
+    protocol has too few pairs to fit on."""
+    import csv
+
+    from service.detection import DetectedFace
+    from service.quality import fit_on_labelled, photo_parts
+
+    marks_file = Path(images).parent / "yunet_landmarks_250px.csv"
+    photo: dict[str, dict] = {}
+    if marks_file.exists():
+        with open(marks_file) as handle:
+            for row in csv.DictReader(handle):
+                if row.get("status", "detected") == "detected":
+                    points = tuple((float(row[f"x{i}"]), float(row[f"y{i}"])) for i in range(5))
+                    photo[row["path"]] = photo_parts(DetectedFace((0.0, 0.0, 0.0, 0.0), points, float(row["score"])))
+    rows = [{**photo.get(f"{p.parent.name}/{p.name}", {}), **part} for p, part in zip(paths, parts)]
+    if any(set(r) != set(rows[0]) for r in rows):  # landmarks for some images only: crop parts for all
+        rows = parts
+    people = {name: i for i, name in enumerate(sorted({p.parent.name for p in paths}))}
+    labels = np.asarray([people[p.parent.name] for p in paths])
+    try:
+        model = fit_on_labelled(rows, embeddings, labels, f"{Path(images).parent.name}: the {len(paths)} pair images")
+    except ValueError as exc:
+        log.warning("no quality fitted: %s", exc)
+        return None
+    return json.loads(model.to_json())
+
+
 def write_threshold_into(onnx_path: str | Path, threshold: float, source: str,
-                         tail: ImpostorTail | dict | None = None) -> None:
-    """Replace face.threshold (and face.impostor_tail, when given) in an ONNX file's contract (atomically)."""
+                         tail: ImpostorTail | dict | None = None, quality: dict | None = None) -> None:
+    """Replace face.threshold (and face.impostor_tail and face.quality, when given) in an ONNX file's
+    contract (atomically)."""
     import onnx
 
     from service.model.contract import FaceContract, write_contract
@@ -322,6 +361,10 @@ def write_threshold_into(onnx_path: str | Path, threshold: float, source: str,
     changes: dict[str, Any] = {"threshold": round(float(threshold), 4), "extra": extra}
     if tail is not None:
         changes["impostor_tail"] = tail if isinstance(tail, ImpostorTail) else ImpostorTail.from_dict(tail)
+    if quality is not None:
+        from service.quality import QualityModel
+
+        changes["quality"] = QualityModel.from_json(json.dumps(quality))
     write_contract(proto, dataclasses.replace(contract, **changes))
     tmp = onnx_path.with_name(onnx_path.name + ".tmp")
     onnx.save(proto, str(tmp))
@@ -376,6 +419,7 @@ class EvaluationReport:
     results: dict[str, dict]  # "plain" (and "flip"): verification_report() of that variant
     # (FAR, TAR) at every threshold per variant, for ROC plots (not in the JSON, which has roc summaries)
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
+    quality: dict | None = None  # the fitted face quality (face.quality), see protocol_quality
     roc_png: str | None = None  # set by whoever plots it
     threshold_written: str | None = None  # set by whoever writes the threshold into the model
 
@@ -413,7 +457,9 @@ def evaluate_model(embedder: Embedder, pairs: str | Path, options: EvaluateOptio
     index = {p: i for i, p in enumerate(unique)}
     log.info("%s: %d pairs, %d images", pairs, len(protocol.same), len(unique))
     start = time.monotonic()
-    plain, flipped = embed_paths(embedder, unique, options.batch_size, flip=options.flip, flip_mode=options.flip_mode)
+    parts: list[dict] = []
+    plain, flipped = embed_paths(embedder, unique, options.batch_size, flip=options.flip, flip_mode=options.flip_mode,
+                                 quality_parts=parts)
     seconds = time.monotonic() - start
 
     results, curves = {}, {}
@@ -444,6 +490,7 @@ def evaluate_model(embedder: Embedder, pairs: str | Path, options: EvaluateOptio
                                   f"of its {len(unique)} pair images"),
         results=results,
         curves=curves,
+        quality=protocol_quality(unique, parts, plain, Path(options.images or Path(pairs).parent / "images")),
     )
     log.info("%s: %.2f%% +- %.2f (flip-averaged: %s), threshold %.4f", report.model, 100 * report.accuracy_mean,
              100 * report.accuracy_std,

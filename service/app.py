@@ -74,7 +74,7 @@ async def initialize(settings: Settings, metrics: Metrics) -> ServiceState:
     gallery = await run_in_threadpool(open_gallery, settings, model.contract.model_id, model.contract.embedding_size,
                                       True)
     metrics.read_targets.source = gallery.read_targets  # standbys' lag and reads on /metrics
-    batcher = DynamicBatcher(model.execute, settings.batch_max_size, settings.batch_max_wait_ms,
+    batcher = DynamicBatcher(model.execute_raw, settings.batch_max_size, settings.batch_max_wait_ms,
                              workers=settings.batch_workers, on_batch=metrics.observe_batch,
                              timeout_s=settings.inference_timeout_ms / 1000,
                              max_queued_faces=settings.batch_max_queued_faces)

@@ -8,6 +8,12 @@ sizes the identify threshold (a running service picks it up on its next request;
 ``impostor_tail.source: gallery``). Use it when your population or cameras differ from the data the
 model was calibrated on. More people make a longer tail: N faces of P people give about
 N^2 (1 - 1/P) / 2 pairs, and the table reaches down to FAR ~ 5 / pairs.
+
+``--quality`` also refits the face quality (``service.quality.fit_on_labelled``: which faces' genuine
+comparisons fail at FMR 1e-3, from their parts) on the same faces and stores it in the data dir
+(``quality.json``); the service reads it at start-up in preference to the model's ``face.quality``
+(/readyz says ``quality.source: gallery``). It needs people with at least two faces; photos give
+every part, aligned crops the crop-based ones only.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ class CalibrationSet:
     labels: np.ndarray
     people: list[str]
     skipped: dict[str, str] = field(default_factory=dict)  # file -> error code
+    parts: list[dict] = field(default_factory=list)  # each face's quality parts (with the model's norm)
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,7 @@ class CalibrateOptions:
     image_type: ImageType = "auto"
     min_pairs: int = DEFAULT_MIN_PAIRS
     batch: int = 32
+    quality: bool = False  # also refit the face quality
 
 
 def labelled_files(folder: Path) -> list[tuple[str, Path]]:
@@ -76,12 +84,14 @@ def _service_state(settings: Settings) -> ServiceState:
 
 
 def embed_folder(state: ServiceState, options: CalibrateOptions) -> CalibrationSet:
+    from .model.preprocess import l2_normalise
     from .pipeline import decode_faces
+    from .quality import raw_norms
 
     files = labelled_files(options.folder)
     names = sorted({person for person, _ in files})
     index = {name: i for i, name in enumerate(names)}
-    crops, labels, skipped = [], [], {}
+    crops, labels, skipped, parts = [], [], {}, []
     for person, path in files:
         try:
             batch = decode_faces(state, [path.read_bytes()], options.image_type, "largest")
@@ -89,12 +99,14 @@ def embed_folder(state: ServiceState, options: CalibrateOptions) -> CalibrationS
             skipped[str(path)] = exc.code.value
             continue
         crops.extend(batch.crops)
+        parts.extend(batch.parts)
         labels.extend([index[person]] * len(batch.crops))
     if not crops:
         raise CalibrationError(f"no usable faces under {options.folder}")
-    vectors = np.concatenate([state.model.execute(np.stack(crops[i:i + options.batch]))
-                              for i in range(0, len(crops), options.batch)])
-    return CalibrationSet(vectors, np.asarray(labels), names, skipped)
+    raw = np.concatenate([state.model.execute_raw(np.stack(crops[i:i + options.batch]))
+                          for i in range(0, len(crops), options.batch)])
+    parts = [{**p, "norm": float(n)} for p, n in zip(parts, raw_norms(raw))]
+    return CalibrationSet(l2_normalise(raw), np.asarray(labels), names, skipped, parts)
 
 
 def calibrate(settings: Settings, options: CalibrateOptions) -> dict:
@@ -113,8 +125,24 @@ def calibrate(settings: Settings, options: CalibrateOptions) -> dict:
     summary = {"stored": str(path), "model_id": model_id, "faces": len(found.labels), "people": people,
                "pairs": tail.pairs, "skipped": found.skipped, "far_min": tail.far[-1],
                "table": dict(zip([f"{f:.2g}" for f in tail.far], tail.cosine))}
+    if options.quality:
+        summary["quality"] = refit_quality(settings, model_id, found, source)
     log.info("calibration stored", extra={k: v for k, v in summary.items() if k not in ("table", "skipped")})
     return summary
+
+
+def refit_quality(settings: Settings, model_id: str, found: CalibrationSet, source: str) -> dict:
+    """Fit the face quality on the calibration faces and store it in the data dir."""
+    from .quality import fit_on_labelled, save_gallery_quality
+
+    measured = [{k: v for k, v in p.items() if v is not None} for p in found.parts]
+    try:
+        model = fit_on_labelled(measured, found.embeddings, found.labels, source)
+    except ValueError as exc:
+        raise CalibrationError(f"quality: {exc}") from exc
+    path = save_gallery_quality(settings.data_dir, model_id, model)
+    return {"stored": str(path), "min_score": model.min_score, "min_score_crop": model.min_score_crop,
+            **model.evidence}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -126,6 +154,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="auto: images of the model's input size are aligned crops, others photos")
     parser.add_argument("--min-pairs", type=int, default=DEFAULT_MIN_PAIRS,
                         help="refuse to store a tail measured on fewer impostor pairs")
+    parser.add_argument("--quality", action="store_true",
+                        help="also refit the face quality on these faces (stored as quality.json in the data dir)")
     args = parser.parse_args(argv)
     from .logging import configure_logging
 
@@ -135,7 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.folder.is_dir():
         parser.error(f"{args.folder} is not a directory")
     try:
-        summary = calibrate(settings, CalibrateOptions(args.folder, args.image_type, args.min_pairs))
+        summary = calibrate(settings, CalibrateOptions(args.folder, args.image_type, args.min_pairs,
+                                                          quality=args.quality))
     except CalibrationError as exc:
         log.error("calibration failed: %s", exc)
         sys.exit(2)

@@ -178,6 +178,12 @@ class Settings(BaseSettings):
         "may name as someone. The identify threshold follows from it and the gallery size (more enrolled "
         "faces, higher threshold).",
     )
+    enroll_min_quality: float | None = Field(
+        None, ge=0, le=1,
+        description="Quality score (0..1) a face must reach to be enrolled (422 low_quality otherwise); empty = the "
+        "model's fitted default (its face.quality). A request's min_quality may raise it; force_quality lowers it. "
+        "A model without a fitted quality is held to the part limits (size, pose, sharpness, exposure) only.",
+    )
     max_top_k: int = Field(100, ge=1, le=1000, description="Largest top_k a request may ask for.")
     readyz_cache_ms: float = Field(
         1000, ge=0, le=60_000, description="/readyz reuses its last real inference for this long (0: every call)."

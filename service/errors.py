@@ -28,6 +28,7 @@ class ErrorCode(str, Enum):
     alpha_channel = "alpha_channel"
     unsupported_color_mode = "unsupported_color_mode"
     no_face = "no_face"
+    low_quality = "low_quality"
     photo_not_supported = "photo_not_supported"
     # embeddings given instead of images
     model_mismatch = "model_mismatch"
@@ -69,6 +70,7 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.alpha_channel: 422,
     ErrorCode.unsupported_color_mode: 422,
     ErrorCode.no_face: 422,
+    ErrorCode.low_quality: 422,
     ErrorCode.photo_not_supported: 422,
     ErrorCode.model_mismatch: 422,
     ErrorCode.wrong_dimension: 422,

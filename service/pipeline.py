@@ -2,7 +2,9 @@
 
 bytes -> header + decode + validate (``images``, one policy for crops and photos)
       -> photos: detect -> select -> align (``detection.PhotoAligner``)
-      -> batcher -> session (``model``) -> normalised embeddings.
+      -> batcher -> session (``model``) -> raw outputs -> normalised embeddings + each face's quality
+         (``quality``: size and pose from the landmarks, sharpness and exposure from the crop,
+         the raw output's norm from the model, combined with the contract's fitted ``face.quality``).
 
 Every image of a request is decoded (and its faces found) before any is embedded, so a bad image
 fails its own request with a clear code and never reaches the batch other requests share.
@@ -10,6 +12,7 @@ fails its own request with a clear code and never reaches the batch other reques
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,7 +25,11 @@ from .detection import DetectedFace, PhotoAligner
 from .errors import ErrorCode, ServiceError
 from .images import ImageHeader, aligned_crop, image_errors, read_header
 from .model.batcher import InferenceTimeout, Overloaded
+from .model.preprocess import l2_normalise
+from .quality import Quality, assess, crop_parts, photo_parts, raw_norms
 from .state import ServiceState
+
+log = logging.getLogger(__name__)
 
 # Aligned crops this small are decoded on the event loop: a crop's size is checked from its header
 # before any pixel is decoded (images.aligned_crop), so this is at most a few 112x112 decodes
@@ -40,11 +47,40 @@ class FaceBatch:
     crops: list[np.ndarray] = field(default_factory=list)  # HxWx3 uint8 RGB, the model's input size
     image_index: list[int] = field(default_factory=list)  # request image of each crop
     located: list[DetectedFace | None] = field(default_factory=list)  # None: the image was an aligned crop
+    parts: list[dict[str, float | None]] = field(default_factory=list)  # quality parts measured so far
+    quality: list[Quality] = field(default_factory=list)  # set once embedded (the model's part needs it)
 
     def add(self, crop: np.ndarray, index: int, face: DetectedFace | None = None) -> None:
         self.crops.append(crop)
         self.image_index.append(index)
         self.located.append(face)
+        self.parts.append({**(photo_parts(face) if face is not None else {}), **crop_parts(crop)})
+
+    def assess(self, state: ServiceState, norms: np.ndarray) -> None:
+        """Each face's quality, from its parts and the model's output norm."""
+        model = state.quality_model
+        self.quality = [assess({**parts, "norm": float(norm)}, model) for parts, norm in zip(self.parts, norms)]
+
+    def qualities(self, setting: float | None, requested: float | None = None, force: bool = False) -> list[dict]:
+        """JSON-ready ``quality`` objects parallel to the crops, each judged against its score limit
+        (``Quality.limit``: FACE_ENROLL_MIN_QUALITY ``setting``, else the model's default; ``requested``)."""
+        return [q.as_dict(q.limit(setting, requested, force)) for q in self.quality]
+
+    def refuse_low_quality(self, setting: float | None, requested: float | None = None, force: bool = False) -> None:
+        """``low_quality`` (422) for the first face below its score limit or outside a part's limits,
+        saying which limits it missed and by how much. ``force`` without ``requested`` checks nothing."""
+        if force and requested is None:
+            return
+        for face, (quality, index) in enumerate(zip(self.quality, self.image_index)):
+            reasons = quality.failures(quality.limit(setting, requested, force))
+            if force:  # an admin's lowered limit is on the score alone
+                reasons = [r for r in reasons if r["part"] == "score"]
+            if reasons:
+                log.info("face refused: low quality", extra={"index": index, "face": face, "reasons": reasons,
+                                                             "score": quality.score})
+                missed = ", ".join(f"{r['part']} {r['value']:g} (limit {r['limit']:g})" for r in reasons)
+                raise ServiceError(ErrorCode.low_quality, f"the face of image {index} is not good enough to "
+                                   f"enroll: {missed}", index=index, face=face, reasons=reasons)
 
     @property
     def from_photos(self) -> bool:
@@ -122,13 +158,19 @@ async def embed_images(
         faces = decode_faces(state, blobs, image_type, multi_face, first_index)
     else:
         faces = await run_in_threadpool(decode_faces, state, blobs, image_type, multi_face, first_index)
-    vectors = await embed_crops(state, np.stack(faces.crops))
-    return vectors, faces
+    raw = await embed_raw(state, np.stack(faces.crops))
+    faces.assess(state, raw_norms(raw))
+    return l2_normalise(raw), faces
 
 
 async def embed_crops(state: ServiceState, crops: np.ndarray) -> np.ndarray:
-    """Aligned crops -> embeddings through the shared batcher; its deadline and queue bound become
-    ``inference_timeout`` (504) and ``overloaded`` (503) instead of a request that never returns."""
+    """Aligned crops -> L2-normalised embeddings (``embed_raw``, normalised)."""
+    return l2_normalise(await embed_raw(state, crops))
+
+
+async def embed_raw(state: ServiceState, crops: np.ndarray) -> np.ndarray:
+    """Aligned crops -> the model's raw outputs through the shared batcher; its deadline and queue bound
+    become ``inference_timeout`` (504) and ``overloaded`` (503) instead of a request that never returns."""
     try:
         return await state.batcher.embed(crops)
     except InferenceTimeout as exc:

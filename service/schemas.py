@@ -110,6 +110,53 @@ class FaceLocation(BaseModel):
     score: float = Field(description="Detector confidence, 0..1.")
 
 
+# --- errors -----------------------------------------------------------------------------------
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    details: dict[str, Any] | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+# --- quality ----------------------------------------------------------------------------------
+class QualityPart(BaseModel):
+    value: float | None = Field(description="The measured value; null when not measured (see reason).")
+    min: float | None = Field(None, description="The lowest value allowed (null: no lower limit).")
+    max: float | None = Field(None, description="The highest value allowed (null: no upper limit).")
+    passed: bool | None = Field(None, description="Whether the value is within its limits.")
+    reason: str | None = Field(None, description="Why the part was not measured.")
+
+
+class QualityFailure(BaseModel):
+    part: str = Field(description="`score` or a part's name.")
+    value: float
+    limit: float
+    by: float = Field(description="How far the value is beyond the limit (positive).")
+
+
+class FaceQuality(BaseModel):
+    """How fit a face is for recognition. Parts: `size` (inter-ocular distance in the photo's pixels),
+    `yaw`/`pitch`/`roll` (degrees, estimated from the 5 landmarks), `sharpness` (variance of the
+    Laplacian of the aligned face), `exposure` (mean gray level of the aligned face), `clipping` (share of
+    its pixels at black or white), `detector` (the detector's score), `norm` (the model's raw output
+    norm). Aligned crops have no size, pose or detector score (null, with a reason)."""
+
+    score: float | None = Field(
+        description="The fitted chance, 0..1, that a genuine comparison of this face succeeds at FMR 1e-3 (the "
+        "model's `face.quality`); null when the model has no fitted quality (then only part limits hold).")
+    min_score: float | None = Field(None, description="The score limit this face was judged against.")
+    passed: bool = Field(description="True when the score and every part are within their limits.")
+    failed: list[QualityFailure] = Field(description="Each limit missed, with by how much.")
+    fitted: bool = Field(description="Whether the model ships a fitted quality.")
+    parts: dict[str, QualityPart]
+
+
+QualityLimit = Annotated[float | None, Field(ge=0.0, le=1.0)]
+
+
 # --- embed ------------------------------------------------------------------------------------
 class EmbedRequest(PhotoOptions):
     images: list[Base64Image] = Field(min_length=1, description="One or more aligned faces or photos.")
@@ -122,6 +169,8 @@ class EmbedResponse(BaseModel):
     faces: list[FaceLocation | None] | None = Field(
         None, description="For photos: where each embedded face was found (parallel to `embeddings`; null for "
         "an aligned image). Absent when every image was aligned.")
+    quality: list[FaceQuality] = Field(
+        description="Each face's quality, parallel to `embeddings`, judged against the enrollment limits.")
 
 
 # --- enroll -----------------------------------------------------------------------------------
@@ -140,6 +189,12 @@ class EnrollRequest(SingleFacePhotoOptions):
         description="Existing identity: false (default) appends these faces to its faces; "
         "true atomically replaces all its faces with these.",
     )
+    min_quality: QualityLimit = Field(
+        None, description="Raise the quality score every face must reach (a lower value than "
+        "FACE_ENROLL_MIN_QUALITY is ignored unless `force_quality`).")
+    force_quality: bool = Field(
+        False, description="Admin: lower the limit to `min_quality`, or with no `min_quality` skip the quality "
+        "checks (score and parts) and store the faces whatever their quality.")
 
 
 class EnrollResponse(BaseModel):
@@ -151,6 +206,8 @@ class EnrollResponse(BaseModel):
     model_id: str
     faces: list[FaceLocation | None] | None = Field(
         None, description="For photos: the face enrolled from each image, in request order.")
+    quality: list[FaceQuality] | None = Field(
+        None, description="Each enrolled face's quality, in request order; null for client embeddings.")
 
 
 # --- verify -----------------------------------------------------------------------------------
@@ -183,6 +240,9 @@ class IdentifyRequest(PhotoOptions):
     model_id: ModelId = None
     top_k: int = Field(5, ge=1, le=1000, description="Candidates returned per probe.")
     threshold: Threshold = None
+    min_quality: QualityLimit = Field(
+        None, description="Probes below this quality score (or outside a part's limits) are not "
+        "searched: their result carries `error` `low_quality` instead of a guess.")
 
 
 class Candidate(BaseModel):
@@ -202,6 +262,9 @@ class ProbeResult(BaseModel):
     known: bool
     score: float | None = Field(description="The best candidate's score, whether or not it passed.")
     candidates: list[Candidate] = Field(description="Top-k identities, best first, including those below the threshold.")
+    quality: FaceQuality | None = Field(None, description="The probe's quality (null for client embeddings).")
+    error: ErrorBody | None = Field(
+        None, description="`low_quality` when the probe was refused by `min_quality` (then no candidates).")
 
 
 class IdentifyResponse(BaseModel):
@@ -226,6 +289,7 @@ class DetectRequest(Strict):
 
 class DetectedFaceOut(FaceLocation):
     crop: str | None = Field(None, description="With return_crops: the aligned face, base64 PNG.")
+    quality: FaceQuality = Field(description="The face's quality, judged against the enrollment limits.")
 
 
 class DetectedImage(BaseModel):
@@ -264,16 +328,6 @@ class DeleteResponse(BaseModel):
 
 
 # --- ops --------------------------------------------------------------------------------------
-class ErrorBody(BaseModel):
-    code: str
-    message: str
-    details: dict[str, Any] | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorBody
-
-
 class ReadyStatus(BaseModel):
     """/readyz for a request without the API key when the service has one: the status alone."""
 
@@ -294,6 +348,9 @@ class ReadyResponse(BaseModel):
         None, description="The impostor tail in use: `gallery` (python -m service calibrate) or `model` "
         "(the contract's), what it was measured on, over how many pairs, the smallest FAR it measured, and "
         "whether the current threshold lies beyond it (extrapolated); null: none.")
+    quality: dict = Field(
+        description="Face quality in force: `fitted` (the model ships a fitted quality), the enrollment "
+        "`min_score` and each part's limits, and a `note` when only part limits hold.")
     inference_ms: float = Field(
         description="Latency of the real inference of the last check (re-run at most once per FACE_READYZ_CACHE_MS).")
     gallery: dict[str, int]

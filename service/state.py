@@ -14,6 +14,7 @@ from .model.contract import FaceContract
 from .model.runtime import EmbeddingModel
 from .openset import GalleryCounts, GalleryTail, IdentifyThreshold, ThresholdInputs, choose_tail
 from .openset import identify_threshold as _identify_threshold
+from .quality import QualityModel, gallery_quality
 from .readiness import ReadinessProbe
 
 
@@ -30,11 +31,17 @@ class ServiceState:
     _gallery_tail: GalleryTail | None = field(default=None, repr=False)
     decode_budget: DecodeBudget = field(init=False)  # made from the settings
     readiness: ReadinessProbe = field(init=False)  # made from the settings
+    # face quality: the data dir's refit (python -m service calibrate --quality), else the contract's
+    quality_model: QualityModel | None = field(init=False)
+    quality_source: str = field(init=False)
 
     def __post_init__(self) -> None:
         s = self.settings
         self.decode_budget = DecodeBudget(s.decode_memory_mb * MB, s.max_decode_mb * MB, s.decode_wait_ms / 1000)
         self.readiness = ReadinessProbe(s.readyz_cache_ms / 1000)
+        refit = gallery_quality(s.data_dir, self.contract.model_id)
+        self.quality_model = refit if refit is not None else self.contract.quality
+        self.quality_source = "gallery" if refit is not None else "model"
 
     @property
     def contract(self) -> FaceContract:

@@ -16,7 +16,8 @@ from ..errors import ErrorCode, ServiceError
 from ..identity_ids import find_identity
 from ..openset import IdentifyThreshold
 from ..payload import body_docs, json_response, read_payload
-from ..pipeline import decoded_photo, embed_images
+from ..pipeline import FaceBatch, decoded_photo, embed_images, embed_raw
+from ..quality import raw_norms
 from ..schemas import (
     Candidate,
     DetectedImage,
@@ -50,7 +51,8 @@ async def embed(request: Request, state: StateDep) -> Response:
                                          max_images=state.settings.max_faces_per_request)
     vectors, faces = await embed_images(state, images["images"], payload.image_type, payload.multi_face)
     return json_response(EmbedResponse(model_id=state.contract.model_id, dimension=vectors.shape[1],
-                                       embeddings=vectors.tolist(), faces=faces.locations()))
+                                       embeddings=vectors.tolist(), faces=faces.locations(),
+                                       quality=faces.qualities(state.settings.enroll_min_quality)))
 
 
 @router.post("/verify", response_model=VerifyResponse,
@@ -106,14 +108,22 @@ async def identify(request: Request, state: StateDep) -> IdentifyResponse:
     if payload.top_k > state.settings.max_top_k:
         raise ServiceError(ErrorCode.invalid_request, f"top_k may be at most {state.settings.max_top_k}")
     probes, faces = await source_vectors(state, list_source(payload, images))
+    quality = faces.qualities(state.settings.enroll_min_quality) if faces.quality else [None] * len(probes)
+    # probes refused by min_quality are not searched: they get low_quality, not a guess
+    refused = _low_quality(faces, payload.min_quality)
+    searched = [i for i in range(len(probes)) if refused[i] is None]
     # the threshold is sized by the gallery as searched (it may grow while the probes are embedded);
     # chosen in the same worker call as the search: it stat()s the calibration file, not on the loop
-    matches, decision = await run_in_threadpool(_search_and_threshold, state, probes, payload.top_k,
-                                                payload.threshold)
+    found, decision = await run_in_threadpool(_search_and_threshold, state, probes[searched], payload.top_k,
+                                              payload.threshold)
+    matches: list[list] = [[] for _ in range(len(probes))]
+    for i, candidates in zip(searched, found):
+        matches[i] = candidates
     threshold = decision.threshold
     located = faces.locations() or [None] * len(matches)
     results = []
-    for candidates, image_index, face in zip(matches, faces.image_index, located):
+    for candidates, image_index, face, probe_quality, error in zip(matches, faces.image_index, located, quality,
+                                                                  refused):
         best = candidates[0] if candidates else None
         known = best is not None and best.score >= threshold
         results.append(ProbeResult(
@@ -124,11 +134,26 @@ async def identify(request: Request, state: StateDep) -> IdentifyResponse:
             score=best.score if best else None,
             candidates=[Candidate(identity_id=m.identity_id, score=m.score, face_id=m.face_id,
                                   stranger_probability=decision.stranger_probability(m.score)) for m in candidates],
+            quality=probe_quality,
+            error=error,
         ))
     return IdentifyResponse(results=results, threshold=threshold, threshold_source=decision.source,
                             fpir_target=decision.fpir_target, fpir_estimated=decision.fpir_estimated,
                             gallery_identities=decision.counts.identities, gallery_faces=decision.counts.faces,
                             model_id=state.contract.model_id)
+
+
+def _low_quality(faces: FaceBatch, min_quality: float | None) -> list[dict | None]:
+    """Per probe: the ``low_quality`` error body when ``min_quality`` refuses it, else None. Client
+    embeddings have no quality and are never refused."""
+    if min_quality is None or not faces.quality:
+        return [None] * len(faces.image_index)
+    out: list[dict | None] = []
+    for quality in faces.quality:
+        reasons = quality.failures(min_quality)
+        out.append({"code": ErrorCode.low_quality.value, "message": "the probe is below min_quality",
+                    "details": {"reasons": reasons}} if reasons else None)
+    return out
 
 
 class _Searched(NamedTuple):
@@ -137,7 +162,8 @@ class _Searched(NamedTuple):
 
 
 def _search_and_threshold(state: ServiceState, probes: np.ndarray, top_k: int, requested: float | None) -> _Searched:
-    return _Searched(state.gallery.search(probes, top_k), state.open_set_threshold(requested))
+    matches = state.gallery.search(probes, top_k) if len(probes) else []
+    return _Searched(matches, state.open_set_threshold(requested))
 
 
 @router.post("/detect", response_model=DetectResponse, openapi_extra=body_docs(DetectRequest, ("images",)),
@@ -148,20 +174,29 @@ async def detect(request: Request, state: StateDep) -> DetectResponse:
     faces has an empty list here (only the embedding routes refuse it with `no_face`)."""
     payload, images = await read_payload(request, DetectRequest, ("images",),
                                          max_images=state.settings.max_faces_per_request)
-    results = await run_in_threadpool(_detect_all, state, images["images"], payload.return_crops)
-    return DetectResponse(detector=state.detector.name, alignment=state.template.name, images=results)
+    results, batch = await run_in_threadpool(_detect_all, state, images["images"], payload.return_crops)
+    if batch.crops:  # the quality's model-based part needs each face's embedding
+        batch.assess(state, raw_norms(await embed_raw(state, np.stack(batch.crops))))
+        items = [face for image in results for face in image["faces"]]
+        for item, quality in zip(items, batch.qualities(state.settings.enroll_min_quality)):
+            item["quality"] = quality
+    return DetectResponse(detector=state.detector.name, alignment=state.template.name,
+                          images=[DetectedImage(**image) for image in results])
 
 
-def _detect_all(state: ServiceState, blobs: list[bytes], return_crops: bool) -> list[DetectedImage]:
+def _detect_all(state: ServiceState, blobs: list[bytes], return_crops: bool) -> tuple[list[dict], FaceBatch]:
     results = []
+    batch = FaceBatch()
     for index, blob in enumerate(blobs):
         with decoded_photo(state, blob, index) as (rgb, found):
             faces = []
             for face in found:
                 item = {"image_index": index, **face.as_dict()}
+                aligned = align_face(rgb, face, state.template)  # type: ignore[arg-type]
+                batch.add(aligned, index, face)
                 if return_crops:
-                    crop = cv2.cvtColor(align_face(rgb, face, state.template), cv2.COLOR_RGB2BGR)  # type: ignore[arg-type]
+                    crop = cv2.cvtColor(aligned, cv2.COLOR_RGB2BGR)
                     item["crop"] = base64.b64encode(cv2.imencode(".png", crop)[1].tobytes()).decode()
                 faces.append(item)
-            results.append(DetectedImage(width=rgb.shape[1], height=rgb.shape[0], faces=faces))
-    return results
+            results.append({"width": rgb.shape[1], "height": rgb.shape[0], "faces": faces})
+    return results, batch

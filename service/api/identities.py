@@ -40,6 +40,12 @@ async def enroll(request: Request, state: StateDep) -> EnrollResponse:
     `metadata` replaces the stored metadata. The response comes after the write is durable.
     Photos: one face per image (`multi_face`: the `largest`, or the one nearest the `center`).
     Embeddings instead of images: `embeddings` with the served `model_id`.
+
+    Quality: every face must reach FACE_ENROLL_MIN_QUALITY (else the model's fitted default) and each
+    part's limit, or the whole request is refused with 422 `low_quality` (`details.index`: the image,
+    `details.reasons`: each limit missed and by how much) and nothing is stored. `min_quality` raises
+    the limit; `force_quality: true` (the admin key) lowers it to `min_quality`, or without one
+    skips the check. Client `embeddings` carry no quality and are not checked.
     """
     payload, images = await read_payload(request, EnrollRequest, ("images",),
                                          max_images=state.settings.max_faces_per_request, vector_fields=("embeddings",),
@@ -47,13 +53,16 @@ async def enroll(request: Request, state: StateDep) -> EnrollResponse:
     check_metadata(payload.metadata, MetadataLimits(state.settings.max_metadata_bytes,
                                                     state.settings.max_metadata_depth))
     vectors, faces = await source_vectors(state, list_source(payload, images))
+    faces.refuse_low_quality(state.settings.enroll_min_quality, payload.min_quality, payload.force_quality)
     enrolled = await run_in_threadpool(
         state.gallery.enroll, payload.identity_id, vectors, payload.metadata, payload.replace
     )
     return EnrollResponse(identity_id=payload.identity_id, created=enrolled.created, face_ids=enrolled.face_ids,
                           faces_replaced=enrolled.faces_removed, face_count=enrolled.face_count,
                           model_id=state.contract.model_id,
-                          faces=faces.locations())
+                          faces=faces.locations(),
+                          quality=faces.qualities(state.settings.enroll_min_quality, payload.min_quality,
+                                                  payload.force_quality) if faces.quality else None)
 
 
 @router.get("/identities", response_model=IdentityPage, summary="List identities")

@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from ..deps import ApiKey, StateDep, has_api_key
 from ..errors import ErrorCode, ServiceError
 from ..pipeline import embed_crops
+from ..quality import quality_in_force
 from ..schemas import ReadyResponse, ReadyStatus
 
 router = APIRouter(tags=["operations"])
@@ -64,6 +65,7 @@ async def readyz(request: Request, state: StateDep) -> ReadyResponse | ReadyStat
         impostor_tail=None if identify.tail is None else {
             "source": identify.tail_source, "measured_on": identify.tail.source, "pairs": identify.tail.pairs,
             "far_min": identify.tail.far[-1], "extrapolated": identify.extrapolated},
+        quality=quality_in_force(state.quality_model, state.settings.enroll_min_quality, state.quality_source),
         inference_ms=round(elapsed, 3), gallery=stats.as_dict(),
     )
 

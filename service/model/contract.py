@@ -17,8 +17,10 @@ from typing import TYPE_CHECKING
 
 from .calibration import CalibrationError, ImpostorTail
 
-if TYPE_CHECKING:  # for the annotations only; the functions import onnx where they use it
+if TYPE_CHECKING:  # for the annotations only; the functions import onnx (and cv2, with quality) where they use it
     import onnx
+
+    from ..quality import QualityModel
 
 CONTRACT_VERSION = "1"
 SIDECAR_SUFFIX = ".face.json"
@@ -59,6 +61,8 @@ class FaceContract:
     identify_threshold: float | None = None
     # 1:1 impostor score tail (FAR -> cosine), from which the 1:N threshold follows for any gallery size
     impostor_tail: ImpostorTail | None = field(default=None, compare=False)
+    # fitted face quality (service.quality.QualityModel): the parts' combination and default limits
+    quality: QualityModel | None = field(default=None, compare=False)
     contract: str = CONTRACT_VERSION
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
@@ -100,6 +104,8 @@ class FaceContract:
             meta["face.identify_threshold"] = f"{self.identify_threshold:.4f}"
         if self.impostor_tail is not None:
             meta["face.impostor_tail"] = self.impostor_tail.to_json()
+        if self.quality is not None:
+            meta["face.quality"] = self.quality.to_json()
         meta.update(self.extra)
         return meta
 
@@ -120,6 +126,7 @@ class FaceContract:
             size = _floats(meta.get("face.input_size", "112,112"), 2, "face.input_size")
             ident = meta.get("face.identify_threshold")
             tail = meta.get("face.impostor_tail")
+            quality = meta.get("face.quality")
             return cls(
                 contract=meta["face.contract"],
                 input_name=meta["face.input_name"],
@@ -129,6 +136,7 @@ class FaceContract:
                 threshold=float(meta["face.threshold"]),
                 identify_threshold=float(ident) if ident not in (None, "") else None,
                 impostor_tail=ImpostorTail.from_json(tail) if tail else None,
+                quality=_quality_model(quality) if quality else None,
                 layout=meta.get("face.layout", "NCHW"),
                 color=meta.get("face.color", "RGB"),
                 input_size=(int(size[0]), int(size[1])),
@@ -148,10 +156,19 @@ class FaceContract:
         return asdict(self)
 
 
+def _quality_model(text: str) -> QualityModel:
+    from ..quality import QualityModel
+
+    try:
+        return QualityModel.from_json(text)
+    except ValueError as exc:
+        raise ContractError(f"face.quality: {exc}") from exc
+
+
 _KNOWN = {
     "face.contract", "face.input_name", "face.layout", "face.color", "face.input_size", "face.mean",
     "face.std", "face.embedding_size", "face.alignment", "face.model_name", "face.model_version",
-    "face.threshold", "face.identify_threshold", "face.impostor_tail",
+    "face.threshold", "face.identify_threshold", "face.impostor_tail", "face.quality",
 }
 
 

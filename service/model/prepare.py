@@ -26,6 +26,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..packaged import packaged_model
+from ..quality import QualityModel
 from .calibration import ImpostorTail
 from .contract import FaceContract, file_digest, read_contract, write_contract, write_sidecar
 
@@ -35,6 +36,7 @@ SFACE_FILE = "face_recognition_sface_2021dec_int8bq.onnx"
 PREPARED_NAME = "sface-2021dec"
 
 SFACE_TAIL_FILE = "sface_impostor_tail.json"
+SFACE_QUALITY_FILE = "sface_quality.json"
 
 
 def packaged_impostor_tail(filename: str = SFACE_TAIL_FILE) -> ImpostorTail | None:
@@ -43,6 +45,13 @@ def packaged_impostor_tail(filename: str = SFACE_TAIL_FILE) -> ImpostorTail | No
     (None only while bench/impostor_tail.py bootstraps it; tests check it ships.)"""
     path = Path(__file__).parent / filename
     return ImpostorTail.from_json(path.read_text()) if path.exists() else None
+
+
+def packaged_quality(filename: str = SFACE_QUALITY_FILE) -> QualityModel | None:
+    """The default model's fitted quality (``bench/quality.py --write-model`` on the LFW originals;
+    how in the file's ``method``). None only while that bench bootstraps it; tests check it ships."""
+    path = Path(__file__).parent / filename
+    return QualityModel.from_json(path.read_text()) if path.exists() else None
 
 
 # SFace (opencv_zoo, Apache-2.0): 112x112 RGB 0..255 NCHW, raw pixels in (the graph subtracts and
@@ -64,6 +73,7 @@ SFACE_CONTRACT = FaceContract(
     std=(1.0, 1.0, 1.0),
     alignment="arcface-5pt-112",
     impostor_tail=packaged_impostor_tail(),
+    quality=packaged_quality(),
 )
 
 

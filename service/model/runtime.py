@@ -2,7 +2,8 @@
 
 Lifecycle after Triton's python backend: ``initialize`` (load, choose providers), ``warmup`` (each
 batch size once; the app calls it when FACE_WARMUP is on), ``execute`` (one batch in, L2-normalised
-float32 embeddings out), ``finalize``.
+float32 embeddings out; ``execute_raw``: the outputs before normalisation, whose norm is a quality
+part), ``finalize``.
 """
 
 from __future__ import annotations
@@ -82,6 +83,13 @@ class EmbeddingModel:
         if self._session is None:
             raise RuntimeError("model not initialised")
         return self._session.embed(faces)
+
+    def execute_raw(self, faces: np.ndarray) -> np.ndarray:
+        """N x H x W x 3 uint8 RGB aligned faces -> N x D outputs as the graph gives them (the batcher
+        runs this; ``pipeline`` normalises them and keeps their norms for ``quality``)."""
+        if self._session is None:
+            raise RuntimeError("model not initialised")
+        return self._session.raw(faces)
 
     def finalize(self) -> None:
         self._session = None

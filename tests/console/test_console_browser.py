@@ -58,6 +58,8 @@ def test_enroll_then_identify_through_the_page_with_the_box_where_detect_puts_it
     crop = console.driver.find_element("css selector", "#enroll-crops img")
     assert crop.get_attribute("src").startswith("data:image/png;base64,")
     assert console.js("return arguments[0].naturalWidth", crop) == 112  # the aligned crop the model sees
+    # each face's quality shows next to its crop, from /detect's quality object
+    assert "good enough to enroll" in console.text("enroll-crops")
     console.find("enroll-save").click()
     assert "Saved Bill_Frist" in console.wait_text("enroll-status", "new identity")
     assert api.get("/identities/Bill_Frist").json()["face_count"] == 1
@@ -68,6 +70,7 @@ def test_enroll_then_identify_through_the_page_with_the_box_where_detect_puts_it
     console.wait(lambda: console.find("try-canvas").get_attribute("data-state") == "done")
     results = console.text("try-results")
     assert "Bill_Frist" in results and "match" in results, results
+    assert "quality 0." in results and "good enough to enroll" in results, results
 
     detected = api.post("/detect", json={"images": [b64(probe)]}).json()["images"][0]
     canvas = console.find("try-canvas")
@@ -95,6 +98,24 @@ def test_enroll_then_identify_through_the_page_with_the_box_where_detect_puts_it
     console.find("enroll-save").click()
     assert "replaced 1 face(s)" in console.wait_text("enroll-status", "Saved")
     assert api.get("/identities/Bill_Frist").json()["face_count"] == 1
+
+
+def test_a_low_quality_face_shows_why_before_and_when_saving(console, api, tmp_path):
+    from PIL import Image
+
+    from tests.service.test_quality import blurred_array
+
+    path = tmp_path / "blurred.png"
+    Image.fromarray(blurred_array()).save(path)
+    console.go("enroll")
+    console.find("enroll-id").send_keys("Blurred_Face")
+    console.pick("enroll-files", path)
+    console.wait_text("enroll-status", "not good enough to store")
+    assert "too low to enroll: sharpness" in console.text("enroll-crops")
+    console.find("enroll-save").click()
+    status = console.wait_text("enroll-status", "[low_quality]")
+    assert "sharpness" in status and "(limit " in status, status
+    assert api.get("/identities/Blurred_Face").status_code == 404
 
 
 def test_compare_two_photos_shows_the_similarity_against_the_threshold(console, api):

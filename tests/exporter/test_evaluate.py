@@ -22,7 +22,7 @@ from tests.exporter.conftest import TRAIN_FACES, write_pairs
 
 REPORT_KEYS = ["model", "source", "pairs", "n_pairs", "n_images", "n_folds", "embed_seconds", "ms_per_image",
                "accuracy_mean", "accuracy_std", "accuracy_flip_mean", "accuracy_flip_std", "flip_mode",
-               "best_threshold", "tar_at_far", "impostor_tail", "results"]
+               "best_threshold", "tar_at_far", "impostor_tail", "results", "quality"]
 
 
 def test_best_threshold_separable():
@@ -159,6 +159,23 @@ def test_cli_writes_the_report_plot_and_threshold(default_model, tmp_path, capsy
     # 6 people give too few impostor pairs for a tail: none measured, so the model keeps the one it had
     assert printed["impostor_tail"] is None
     assert contract.impostor_tail.to_dict() == read_contract(default_model).impostor_tail.to_dict()
+    # nor for a face quality (it needs 1,000 impostor pairs for FMR 1e-3): the model keeps its own
+    assert printed["quality"] is None and contract.quality == read_contract(default_model).quality
+
+
+def test_a_fitted_quality_is_written_into_the_contract(default_model, tmp_path):
+    """What `evaluate --write-threshold` writes when the protocol fitted a quality: face.quality."""
+    import shutil
+
+    from exporter.evaluate import write_threshold_into
+    from service.model.contract import read_contract
+
+    model = shutil.copy(default_model, tmp_path / "model.onnx")
+    shipped = read_contract(default_model).quality
+    changed = dict(json.loads(shipped.to_json()), min_score=0.5)
+    write_threshold_into(model, 0.3, "test", None, changed)
+    written = read_contract(model).quality
+    assert written is not None and written.min_score == 0.5 and written.photo == shipped.photo
 
 
 def test_cli_refuses_to_write_a_threshold_into_a_tf_source_before_evaluating(tmp_path):

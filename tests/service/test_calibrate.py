@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from service.calibrate import CalibrateOptions, calibrate
+from service.calibrate import CalibrateOptions, _service_state, calibrate
 from service.config import Settings
 from service.model.calibration import CalibrationError
 from tests.conftest import FIXTURES
@@ -38,3 +38,26 @@ def test_too_few_pairs_are_refused_with_the_option_named(tmp_path, settings):
     with pytest.raises(CalibrationError, match=r"only 16 impostor pairs \(at least 17 needed\).*--min-pairs 17"):
         calibrate(settings, CalibrateOptions(folder, image_type="aligned", min_pairs=17))
     assert not (settings.data_dir / "impostor_tail.json").exists()
+
+
+def test_quality_is_refitted_on_the_folder_and_preferred_to_the_models(tmp_path, settings):
+    """``--quality``: the quality refitted on the user's faces is stored in the data dir and a service
+    on that data dir uses it (``quality_source`` gallery), for the served model only."""
+    from service.quality import GALLERY_QUALITY_FILE, gallery_quality
+
+    folder = _folder(tmp_path, *sorted(p.name for p in (FIXTURES / "train").iterdir() if p.is_dir()))
+    for face in sorted((FIXTURES / "faces").glob("*.jpg")):
+        person = folder / face.stem.rsplit("_", 1)[0]
+        person.mkdir(exist_ok=True)
+        shutil.copy(face, person / face.name)
+    summary = calibrate(settings, CalibrateOptions(folder, image_type="aligned", min_pairs=1, quality=True))
+    assert summary["quality"]["faces"] == summary["faces"] and summary["quality"]["genuine_pairs"] > 0
+    model_id = summary["model_id"]
+    refit = gallery_quality(settings.data_dir, model_id)
+    assert refit is not None and 0 < refit.min_score_crop < 1
+    # aligned crops: the crop-based and model parts only
+    assert set(refit.photo.names) == set(refit.crop.names) == {"sharpness", "exposure", "clipping", "norm"}
+    assert gallery_quality(settings.data_dir, "another@model") is None
+    assert (settings.data_dir / GALLERY_QUALITY_FILE).exists()
+    state = _service_state(settings)
+    assert state.quality_source == "gallery" and state.quality_model == refit

@@ -173,7 +173,9 @@ def test_fpir_holds_over_http_on_lfw(tmp_path, default_model):
         proc.wait_ready()
         client = httpx.Client(base_url=proc.url, timeout=120)
         for label in enrolled.tolist():
-            r = client.post("/enroll", json={"identity_id": names[label], "images": [b64(first[label])]})
+            # the protocol enrolls every person; ~0.1% of LFW crops miss the default quality limits
+            r = client.post("/enroll", json={"identity_id": names[label], "images": [b64(first[label])],
+                                             "force_quality": True})
             assert r.status_code == 200, r.text
         named = 0
         for i in range(0, len(unknown), 50):

@@ -26,6 +26,7 @@ const ERROR_MESSAGES = {
   alpha_channel: "The image has transparency; send an opaque image.",
   unsupported_color_mode: "The image's colour mode is not supported.",
   no_face: "No face was found in the photo.",
+  low_quality: "The face is not good enough to store (blurred, too small, too dark or bright, or turned away); the reasons follow.",
   photo_not_supported: "This model only accepts aligned face crops, not photos.",
   model_mismatch: "The embeddings were made by another model than the one served.",
   wrong_dimension: "An embedding has the wrong number of values for this model.",
@@ -77,7 +78,9 @@ class ApiError extends Error {
   get readable() {
     const sentence = ERROR_MESSAGES[this.code] || this.message || "Request failed.";
     const where = typeof this.details.index === "number" ? ` (image ${this.details.index + 1})` : "";
-    return `${sentence}${where} [${this.code}]`;
+    const reasons = Array.isArray(this.details.reasons)  // low_quality: each limit missed
+      ? ` ${this.details.reasons.map((r) => `${r.part} ${fmt(r.value, 2)} (limit ${fmt(r.limit, 2)})`).join(", ")}` : "";
+    return `${sentence}${where}${reasons} [${this.code}]`;
   }
 }
 
@@ -206,6 +209,20 @@ function decision(result, threshold) {
   return { known: false, text: `unknown (${closest} < threshold ${fmt(limit)})` };
 }
 
+// a face's quality (from /detect): its score and, when it misses a limit, which and by how much
+function qualityText(q) {
+  if (!q) return "";
+  const score = q.score === null ? "quality: limits only" : `quality ${fmt(q.score, 2)}`;
+  if (q.passed) return `${score}, good enough to enroll`;
+  const why = q.failed.map((f) => `${f.part} ${fmt(f.value, 2)} (limit ${fmt(f.limit, 2)})`).join(", ");
+  return `${score}, too low to enroll: ${why}`;
+}
+
+function qualityNote(q) {
+  return el("span", { class: q && !q.passed ? "quality low" : "quality", "data-score": q && q.score !== null ? String(q.score) : "",
+    text: q ? ` - ${qualityText(q)}` : "" });
+}
+
 function drawFaces(canvas, img, image, faces) {
   // fill the column, small photos enlarged too, but never taller than most screens
   const room = canvas.parentElement.clientWidth || 640;
@@ -290,7 +307,7 @@ async function tryPhoto(file) {
   faces.forEach((face, i) => {
     list.append(el("li", { class: face.verdict.known ? "known" : "unknown" },
       el("strong", { text: `Face ${i + 1}` }), ` ${face.verdict.text}`,
-      el("span", { class: "muted", text: ` (detector ${fmt(face.score, 2)})` })));
+      el("span", { class: "muted", text: ` (detector ${fmt(face.score, 2)})` }), qualityNote(face.quality)));
   });
   canvas.dataset.state = "done";
   if (identified instanceof ApiError && identified.code !== "no_face") {
@@ -381,6 +398,7 @@ async function previewCrops() {
       form: photoForm({ return_crops: true }, files.map((f) => ["images", f])),
     });
     let missing = 0;
+    let low = 0;
     box.replaceChildren(...r.images.map((image, i) => {
       const face = largest(image.faces);
       if (!face) {
@@ -388,12 +406,14 @@ async function previewCrops() {
         return el("figure", { class: "crop missing" }, el("div", { class: "noface", text: "no face" }),
           el("figcaption", { text: `${files[i].name}: no face found` }));
       }
-      return el("figure", { class: "crop" },
+      if (face.quality && !face.quality.passed) low += 1;
+      return el("figure", { class: face.quality && !face.quality.passed ? "crop low" : "crop" },
         el("img", { src: `data:image/png;base64,${face.crop}`, alt: `Aligned face from ${files[i].name}` }),
-        el("figcaption", { text: files[i].name }));
+        el("figcaption", { text: files[i].name }, qualityNote(face.quality)));
     }));
     enrollReady = missing === 0;
     if (missing) say($("enroll-status"), `${ERROR_MESSAGES.no_face} Remove or replace the photo(s) marked "no face".`, "error");
+    else if (low) say($("enroll-status"), `${ERROR_MESSAGES.low_quality} Replace the photo(s) whose quality is too low.`, "error");
     else say($("enroll-status"), `${files.length} face(s) ready to store.`);
   } catch (err) {
     box.replaceChildren();
