@@ -6,12 +6,13 @@ load or build, and (setting ``auto``, ef.py) again whenever the number of live f
 
 Erasing: ``mark_deleted`` keeps a face's vector in the graph (hnswlib still routes through deleted
 elements) and keeps its slot as a tombstone that every search walks through. New faces reuse deleted
-slots (``allow_replace_deleted``: the old vector is overwritten), ``compact`` rebuilds the graph from
-the live elements when tombstones dominate, and snapshots zero the vectors of deleted elements in the
-file (snapshot.py), so a deleted vector stays in process memory at most until its slot is reused or
-the graph compacted, never on disk. (Overwriting it in memory at delete time, by updating the
-element with another vector before marking it deleted, costs an hnswlib ``updatePoint`` per face:
-deleting a 10-face identity took 255 ms under the write lock instead of 28 ms, bench.tombstones.)
+slots (``allow_replace_deleted``: the old vector is overwritten), a compaction (gallery.py, with
+``spawn``/``adopt``) rebuilds the graph from the live elements when tombstones dominate, and
+snapshots zero the vectors of deleted elements in the file (snapshot.py), so a deleted vector stays
+in process memory at most until its slot is reused or the graph compacted, never on disk.
+(Overwriting it in memory at delete time, by updating the element with another vector before
+marking it deleted, costs an hnswlib ``updatePoint`` per face: deleting a 10-face identity took
+255 ms under the write lock instead of 28 ms, bench.tombstones.)
 """
 
 from __future__ import annotations
@@ -105,15 +106,29 @@ class HnswIndex:
         self.live -= len(labels)
         self._apply_ef()
 
-    def compact(self, labels: np.ndarray) -> None:
-        """Rebuild the graph from the live elements ``labels`` only: no tombstones, no deleted data."""
-        labels = np.asarray(labels, dtype=np.int64)
-        fresh = self._new(max(1024, int(len(labels) * 1.25)))
-        for start in range(0, len(labels), 10_000):
-            part = labels[start:start + 10_000]
-            fresh.add_items(np.asarray(self._live_index.get_items(part), dtype=np.float32), part)
-        self._index, self.live, self._ef = fresh, len(labels), 0
+    # --- compaction and snapshots off the gallery's lock (gallery.py) ---------------------------
+    def spawn(self, capacity: int) -> HnswIndex:
+        """An empty index with the same parameters: a compaction builds the next graph in it,
+        off the gallery's lock (nothing else sees it until ``adopt``)."""
+        other = HnswIndex(self.dim, self.m, self.ef_construction, self.ef_search)
+        other.build_empty(capacity)
+        return other
+
+    def vectors_of(self, labels: np.ndarray) -> np.ndarray:
+        """The stored (unit-length) vectors of live elements (caller holds the read lock)."""
+        return np.asarray(self._live_index.get_items(labels), dtype=np.float32)
+
+    def adopt(self, other: HnswIndex) -> None:
+        """Swap in the graph ``other`` built (caller holds the write lock)."""
+        self._index, self.live, self._ef = other._live_index, other.live, 0
         self._apply_ef()
+
+    def copy_graph(self) -> dict:
+        """A copy of the whole graph in memory (hnswlib's pickle state: level-0 block, link lists,
+        levels, labels), written to disk later by snapshot.write_graph without any lock (the
+        caller holds the read lock for the copy only)."""
+        state: dict = self._live_index.__getstate__()[0]
+        return state
 
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Labels and cosine similarities (not distances) of the k nearest live elements."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import numpy as np
@@ -260,3 +261,166 @@ def test_snapshot_left_half_written_by_a_crash_is_removed(tmp_path):
     g = opened(tmp_path)
     assert not find_vector(tmp_path, secret[0])
     g.close()
+
+
+def run_aside(action) -> None:
+    """Run ``action`` in another thread and wait for it: a write that waited for a lock the calling
+    thread holds would never finish (the test then fails instead of hanging)."""
+    errors: list[BaseException] = []
+
+    def target():
+        try:
+            action()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
+            errors.append(exc)
+
+    worker = threading.Thread(target=target)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "the write waited for the gallery lock"
+    if errors:
+        raise errors[0]
+
+
+def test_writes_go_on_while_a_compaction_builds_and_its_deletes_are_honoured(tmp_path):
+    """The next graph is built off the lock: writes made meanwhile land in it (replayed), faces
+    erased meanwhile are never searchable and never reach a snapshot file."""
+    rng = np.random.default_rng(20)
+    g = opened(tmp_path, compact_min_tombstones=10, compact_tombstone_ratio=0.5)
+    g.COMPACTION_CHUNK = 40  # two chunks: one copied before the writes below, one after
+    vectors = {f"x{i}": unit(rng, 1) for i in range(200)}
+    for identity, v in vectors.items():
+        g.enroll(identity, v)
+    g.snapshot()
+    for i in range(120):
+        g.delete(f"x{i}")
+        vectors.pop(f"x{i}")
+    erased = {"x130": vectors.pop("x130"), "x190": vectors.pop("x190"), "gone": unit(rng, 2)}
+    vectors["new"] = unit(rng, 1)
+    calls = []
+
+    def writes():
+        assert g.delete("x130") == 1  # copied into the new graph already: replayed as a delete
+        assert g.delete("x190") == 1  # not copied yet: left out
+        g.enroll("new", vectors["new"])  # replayed as an add
+        g.enroll("gone", erased["gone"])
+        assert g.delete("gone") == 2  # added and erased during the build
+        assert g.search(vectors["new"], 1)[0][0].identity_id == "new"  # the graph in use has it
+
+    def hook():
+        calls.append(g.stats()["index_tombstones"])
+        if len(calls) == 1:
+            run_aside(writes)
+
+    g.compaction_hook = hook
+    g.maintain()
+    assert len(calls) == 2 and calls[0] == 120  # the hook ran during the build, before the swap
+    stats = g.stats()
+    assert stats["index_live"] == stats["faces"] == len(vectors) == 79
+    assert g._index.count < 90  # noqa: SLF001 - compacted: 120 tombstones gone
+    answers_correctly(g, vectors)
+    for identity, v in erased.items():
+        assert all(m.identity_id != identity for m in g.search(v, 10)[0])
+    assert g.snapshot()
+    crash(g)
+    for v in erased.values():
+        assert not find_vector(tmp_path, v[0])
+    g = opened(tmp_path)
+    answers_correctly(g, vectors)
+    for identity, v in erased.items():
+        assert all(m.identity_id != identity for m in g.search(v, 10)[0])
+    g.close()
+
+
+def test_crash_during_a_compaction_loses_nothing_acknowledged(tmp_path):
+    rng = np.random.default_rng(21)
+    g = opened(tmp_path, compact_min_tombstones=10, compact_tombstone_ratio=0.5)
+    g.COMPACTION_CHUNK = 40
+    vectors = {f"x{i}": unit(rng, 1) for i in range(100)}
+    for identity, v in vectors.items():
+        g.enroll(identity, v)
+    for i in range(60):
+        g.delete(f"x{i}")
+        vectors.pop(f"x{i}")
+    secret = vectors.pop("x99")
+    vectors["late"] = unit(rng, 1)
+
+    def hook():
+        g.compaction_hook = None
+        run_aside(lambda: (g.enroll("late", vectors["late"]), g.delete("x99")))  # acknowledged ...
+        crash(g)  # ... then the process dies mid-build
+        raise SystemExit  # nothing after this runs
+
+    g.compaction_hook = hook
+    with pytest.raises(SystemExit):
+        g.maintain()
+    assert not find_vector(tmp_path, secret[0])
+    g = opened(tmp_path)
+    answers_correctly(g, vectors)
+    assert all(m.identity_id != "x99" for m in g.search(secret, 10)[0])
+    g.close()
+
+
+@pytest.mark.parametrize("ending", ["completes", "crash"])
+def test_writes_go_on_while_a_snapshot_is_written(tmp_path, monkeypatch, ending):
+    """Only the in-memory copy of the graph holds the lock: a delete and an enroll made while the
+    file is written get in, the deleted vector is zeroed in the new file (or a crash leaves a
+    temporary that the next start removes), the enrolled face is replayed after a crash."""
+    import service.gallery.gallery as gallery_module
+
+    rng = np.random.default_rng(22)
+    g = opened(tmp_path)
+    vectors = {f"k{i}": unit(rng, 1) for i in range(30)}
+    for identity, v in vectors.items():
+        g.enroll(identity, v)
+    secret = unit(rng, 1)
+    g.enroll("secret", secret)
+    vectors["late"] = unit(rng, 1)
+    real_write = gallery_module.write_graph
+
+    def write_while_writing(path, graph, dim):
+        run_aside(lambda: (g.delete("secret"), g.enroll("late", vectors["late"])))
+        real_write(path, graph, dim)  # the copy was taken before the delete: the file has the secret
+        assert "index.hnsw.tmp" in find_vector(tmp_path, secret[0])
+        if ending == "crash":
+            crash(g)
+            raise SystemExit  # the process is gone; nothing after this runs
+
+    monkeypatch.setattr(gallery_module, "write_graph", write_while_writing)
+    if ending == "crash":
+        with pytest.raises(SystemExit):
+            g.snapshot()
+    else:
+        assert g.snapshot()
+        assert not find_vector(tmp_path, secret[0])
+        crash(g)
+    monkeypatch.undo()
+    g = opened(tmp_path)
+    assert not find_vector(tmp_path, secret[0])
+    answers_correctly(g, vectors)
+    assert all(m.identity_id != "secret" for m in g.search(secret, 5)[0])
+    g.close()
+
+
+def test_snapshot_file_is_what_hnswlib_saves_with_deleted_vectors_zeroed(tmp_path):
+    from service.gallery.index import HnswIndex
+    from service.gallery.snapshot import read_layout, write_graph
+
+    rng = np.random.default_rng(23)
+    index = HnswIndex(DIM, 16, 100, 64)
+    index.build_empty(64)
+    index.add(unit(rng, 3000), np.arange(3000))  # grown past its capacity: links on upper levels
+    index.erase([3, 7, 2999])
+    index.add(unit(rng, 1), np.asarray([5000]))  # reuses a deleted slot
+    index.save(tmp_path / "hnswlib.bin")
+    write_graph(tmp_path / "ours.bin", index.copy_graph(), DIM)
+    layout = read_layout(tmp_path / "hnswlib.bin", DIM)
+    expected = np.fromfile(tmp_path / "hnswlib.bin", np.uint8)
+    rows = expected[layout.header:layout.header + layout.count * layout.size_per_element].reshape(layout.count, -1)
+    rows[layout.deleted, layout.offset_data:layout.offset_data + 4 * DIM] = 0
+    assert layout.deleted.sum() == 2
+    assert (tmp_path / "ours.bin").read_bytes() == expected.tobytes()
+    loaded = HnswIndex(DIM, 16, 100, 64)
+    loaded.load(tmp_path / "ours.bin", live=index.live)
+    probe = index.vectors_of(np.asarray([5000, 10]))
+    assert loaded.search(probe, 1)[0].ravel().tolist() == [5000, 10]
