@@ -109,7 +109,7 @@ class Gallery:
     STORE_FILE = "gallery.sqlite3"
     INDEX_FILE = "index.hnsw"
     INDEX_META_FILE = "index.json"
-    COMPACTION_CHUNK = 10_000  # faces copied per hold of the read lock
+    COMPACTION_CHUNK = 1000  # faces copied per hold of the read lock (get_items holds the GIL: ~40 ms)
     COMPACTION_CATCH_UP_ROUNDS = 5  # replays off the lock before the last one, under the write lock ...
     COMPACTION_FINAL_CHANGES = 100  # ... which comes as soon as at most this many writes are left
 
