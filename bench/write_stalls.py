@@ -162,6 +162,83 @@ def measure(data_dir: Path, rate: float, delete_identities: int, idle_s: float) 
             "peak_rss_mb": rss_mb(field="VmHWM"), "gallery_log": figures.records}
 
 
+class Ticker(threading.Thread):
+    """Wakes every ms: the longest gap between wake-ups is the longest time another thread kept the GIL."""
+
+    def __init__(self) -> None:
+        super().__init__(name="ticker", daemon=True)
+        self.done, self.longest = threading.Event(), 0.0
+
+    def run(self) -> None:
+        last = time.perf_counter()
+        while not self.done.is_set():
+            time.sleep(0.001)
+            now = time.perf_counter()
+            self.longest, last = max(self.longest, now - last), now
+
+    def stop(self) -> float:
+        self.done.set()
+        self.join()
+        return round(self.longest * 1000, 1)
+
+
+def timed(action) -> dict:
+    ticker = Ticker()
+    ticker.start()
+    rss = rss_mb() or 0.0
+    started = time.perf_counter()
+    value = action()
+    seconds = time.perf_counter() - started
+    return {"seconds": round(seconds, 3), "longest_gil_hold_ms": ticker.stop(),
+            "rss_growth_mb": round((rss_mb() or 0.0) - rss, 1), "value": value}
+
+
+def graph_copy(faces: int, work: Path) -> dict:
+    """What a snapshot holds the lock for at ``faces`` elements, without building such a graph: a
+    small real graph (2000 faces) tiled to ``faces`` elements (labels 0..faces-1, same levels and
+    links) and loaded into hnswlib through its pickle state; a save costs what the sizes say,
+    whatever the links point to. Before: ``save_index`` (under the read lock, holding the GIL);
+    after: the fork (under the read lock) and the wait for the child (no lock)."""
+    import hnswlib
+
+    from service.gallery.index import HnswIndex
+
+    small = HnswIndex(DIM, 16, 200, 64)
+    small.build_empty(2000)
+    small.add(np.random.default_rng(0).normal(size=(2000, DIM)).astype(np.float32), np.arange(2000))
+    state = small._live_index.__getstate__()[0]  # noqa: SLF001
+    capacity, per_element, label_at = int(faces * 1.25), state["size_data_per_element"], state["label_offset"]
+    level0 = np.zeros(capacity * per_element, np.int8)
+    rows = level0.reshape(capacity, per_element)
+    rows[:faces] = np.resize(state["data_level0"][:2000 * per_element].reshape(2000, per_element), (faces, per_element))
+    rows[:faces, label_at:label_at + 8] = np.arange(faces, dtype=np.int64)[:, None].view(np.int8)
+    levels = np.zeros(capacity, np.int32)  # upper levels as in the small graph, repeated
+    levels[:faces] = np.resize(state["element_levels"][:2000], faces)
+    links = np.tile(state["link_lists"], faces // 2000 + 1)[:int(levels.sum()) * state["size_links_per_element"]]
+    index = hnswlib.Index.__new__(hnswlib.Index)
+    index.__setstate__(({**state, "max_elements": capacity, "cur_element_count": faces, "data_level0": level0,
+                         "element_levels": levels, "link_lists": links,
+                         "label_lookup_external": np.arange(faces, dtype=np.uint64),
+                         "label_lookup_internal": np.arange(faces, dtype=np.uint32)},))
+    del level0, rows, levels, links
+    wrapper = HnswIndex(DIM, 16, 200, 64)
+    wrapper._index = index  # noqa: SLF001 - the synthetic graph behind the service's own wrapper
+    path = work / "graph_copy.bin"
+    out = {"faces": faces, "file_bytes": 0, "before_save_index_under_lock": timed(lambda: wrapper.save(path))}
+    out["file_bytes"] = path.stat().st_size
+    path.unlink()
+    forked = timed(lambda: wrapper.save_in_background(path))
+    saving = forked.pop("value")
+    out["after_fork_under_lock"] = forked
+    out["after_child_writes_without_lock"] = timed(lambda: saving.wait(900))
+    for row in out.values():
+        if isinstance(row, dict):
+            row.pop("value", None)
+    path.unlink()
+    log.warning("graph of %d: %s", faces, out)
+    return out
+
+
 def run_variant(name: str, source: Path | None, base: Path, work: Path, args) -> dict:
     """``measure`` in a child process on a copy of the base gallery, ``source``'s service first on sys.path."""
     data_dir = work / f"run_{name}"
@@ -190,15 +267,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rate", type=float, default=20.0, help="enrolls per second")
     parser.add_argument("--delete-identities", type=int, default=250, help="deleted before the compaction")
     parser.add_argument("--idle-s", type=float, default=3.0)
+    parser.add_argument("--graph-copy-faces", type=int, nargs="*", default=[],
+                        help="also time the lock-held part of a snapshot on synthetic graphs of these sizes")
+    parser.add_argument("--skip-stalls", action="store_true", help="only the --graph-copy-faces part")
     parser.add_argument("--tag", default="")
     args = parser.parse_args(argv)
 
     args.workdir.mkdir(parents=True, exist_ok=True)
-    base = args.workdir / f"base_{args.faces}"
-    build_s = build_base(base, args.faces)
     result: dict = {"machine": machine(), "load_average_start": os.getloadavg(),
                     "config": {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                               "dim": DIM, "current": current_commit(), "base_build_seconds": round(build_s, 1)}}
+                               "dim": DIM, "current": current_commit()}}
+    if args.graph_copy_faces:
+        result["graph_copy"] = [graph_copy(n, args.workdir) for n in args.graph_copy_faces]
+    if args.skip_stalls:
+        print(save(f"write_stalls_graph_copy{args.tag}", result))
+        return
+    base = args.workdir / f"base_{args.faces}"
+    result["config"]["base_build_seconds"] = round(build_base(base, args.faces), 1)
     if args.baseline:
         source = args.workdir / "baseline"
         shutil.rmtree(source, ignore_errors=True)

@@ -32,11 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .index import HnswIndex
+from .index import BackgroundSave, HnswIndex
 from .lock import DataDirLock
 from .results import EnrollResult, IdentityDetails, IdentityRecord
 from .search import GalleryModelMismatch, Hit, Match, check_model, search_identities
-from .snapshot import Layout, SnapshotFiles, SnapshotInvalid, read_layout, write_graph
+from .snapshot import Layout, SnapshotFiles, SnapshotInvalid, read_layout
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -109,6 +109,7 @@ class Gallery:
     STORE_FILE = "gallery.sqlite3"
     INDEX_FILE = "index.hnsw"
     INDEX_META_FILE = "index.json"
+    SNAPSHOT_WRITE_TIMEOUT_S = 900.0  # the forked snapshot writer is killed past this (1M faces: ~10 s)
     COMPACTION_CHUNK = 1000  # faces copied per hold of the read lock (get_items holds the GIL: ~40 ms)
     COMPACTION_CATCH_UP_ROUNDS = 5  # replays off the lock before the last one, under the write lock ...
     COMPACTION_FINAL_CHANGES = 100  # ... which comes as soon as at most this many writes are left
@@ -304,10 +305,11 @@ class Gallery:
     def snapshot(self) -> bool:
         """Write the index to disk (durably, with checksums). Skipped while the index is dirty.
 
-        Only an in-memory copy of the graph holds the read side of the lock (searches go on, writes
-        wait: 0.x s at 1M faces instead of the whole save); the file is written from the copy, with
-        deleted vectors zeroed, fsynced and checksummed without the lock, and faces erased meanwhile
-        are zeroed in the new file before it is put in place (under the write side, a few fsyncs)."""
+        The read side of the lock is held only to fork the process (index.py: the child writes the
+        graph as it was at the fork; searches go on, writes wait for the fork only); deleted vectors
+        are zeroed, the file fsynced and checksummed without the lock, and faces erased meanwhile are
+        zeroed in the new file before it is put in place (under the write side, a few fsyncs). Where
+        the process cannot fork, hnswlib saves under the read lock, as before."""
         with self._snapshot_mutex:
             started = time.perf_counter()
             tmp = self._files.temp
@@ -318,17 +320,23 @@ class Gallery:
                 meta = {"generation": self._live_store.generation, "model_id": self.model_id, "dim": self.dim,
                         "faces": self._index.live, "max_face_id": max(self._label_identity, default=0)}
                 changes = self._changes
+                saving: BackgroundSave | None = None
                 try:
-                    graph = self._index.copy_graph()
+                    saving = self._index.save_in_background(tmp)
+                except OSError:
+                    log.warning("could not fork to write the index snapshot; writing it under the lock", exc_info=True)
+                try:
+                    if saving is None:
+                        self._index.save(tmp)
                 except Exception:  # noqa: BLE001 - the store is the truth; the next start rebuilds
-                    log.warning("could not copy the index", exc_info=True)
+                    log.warning("could not save the index", exc_info=True)
                     self._last_snapshot = time.monotonic()  # retry at the next interval, not every tick
                     return False
                 self._erased_since_save = []  # writers append from now on (they wait for this lock)
                 locked_s = time.perf_counter() - started
             try:
-                write_graph(tmp, graph, self.dim)
-                del graph
+                if saving is not None:
+                    saving.wait(self.SNAPSHOT_WRITE_TIMEOUT_S)
                 meta, layout = self._files.prepare(tmp, meta, self.dim)
                 with self._lock.write():
                     erased, self._erased_since_save = self._erased_since_save, None
@@ -346,7 +354,7 @@ class Gallery:
             self._last_snapshot = time.monotonic()
         log.info("index snapshot written", extra={"generation": meta["generation"], "faces": meta["faces"],
                                                   "seconds": round(time.perf_counter() - started, 3),
-                                                  "copy_seconds": round(locked_s, 3)})
+                                                  "read_lock_seconds": round(locked_s, 3)})
         return True
 
     def _maintain(self) -> None:

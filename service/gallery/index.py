@@ -17,12 +17,56 @@ marking it deleted, costs an hnswlib ``updatePoint`` per face: deleting a 10-fac
 
 from __future__ import annotations
 
+import ctypes
+import os
+import signal
+import time
 from pathlib import Path
 
 import hnswlib
 import numpy as np
 
 from .ef import search_ef
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: SIGKILL this process when its parent dies (prctl PR_SET_PDEATHSIG)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent died before the prctl
+        os._exit(1)
+
+
+def _max_fd() -> int:
+    try:
+        return int(os.sysconf("SC_OPEN_MAX"))
+    except (OSError, ValueError):
+        return 65536
+
+
+class BackgroundSave:
+    """A child process writing a snapshot file (``HnswIndex.save_in_background``)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def wait(self, timeout: float) -> None:
+        """Wait (no lock needed) for the child; raises RuntimeError if it failed or ran past ``timeout``
+        (then it is killed)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                os.kill(self.pid, signal.SIGKILL)
+                os.waitpid(self.pid, 0)
+                raise RuntimeError(f"the snapshot writer (pid {self.pid}) ran past {timeout:g}s; killed")
+            time.sleep(0.02)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise RuntimeError(f"the snapshot writer (pid {self.pid}) failed: {os.waitstatus_to_exitcode(status)}")
 
 
 class HnswIndex:
@@ -123,12 +167,28 @@ class HnswIndex:
         self._index, self.live, self._ef = other._live_index, other.live, 0
         self._apply_ef()
 
-    def copy_graph(self) -> dict:
-        """A copy of the whole graph in memory (hnswlib's pickle state: level-0 block, link lists,
-        levels, labels), written to disk later by snapshot.write_graph without any lock (the
-        caller holds the read lock for the copy only)."""
-        state: dict = self._live_index.__getstate__()[0]
-        return state
+    def save_in_background(self, path: Path) -> BackgroundSave:
+        """Write the graph as it is now to ``path`` from a forked child process, and return at once.
+
+        The child sees the process's memory as it was at the fork (copy-on-write: the parent's later
+        writes never reach it), so the caller holds the read lock for the fork only (milliseconds),
+        not for the whole save (seconds at 1M faces, with the GIL held too). The child closes every
+        inherited descriptor (the data-dir lock, the listening socket, SQLite) and dies with its
+        parent, so a killed server's child can neither keep the data dir locked nor outlive it; it
+        runs nothing but hnswlib's save and ``os._exit``. Raises OSError when it cannot fork."""
+        index = self._live_index
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # the child: no Python clean-up, no logging, no other thread exists here
+            code = 1
+            try:
+                _die_with_parent(parent)
+                os.closerange(3, _max_fd())
+                index.save_index(str(path))
+                code = 0
+            finally:
+                os._exit(code)
+        return BackgroundSave(pid)
 
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Labels and cosine similarities (not distances) of the k nearest live elements."""

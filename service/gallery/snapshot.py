@@ -11,8 +11,6 @@ Layout knowledge (hnswlib 0.8 ``saveIndex``): a 96-byte header, then ``count`` e
 the upper-level link lists. The gallery uses it to list the snapshot's live labels (for replay) and
 to zero the stored vectors of deleted faces: of every deleted element when a snapshot is written,
 and in place in the snapshot already on disk when a face is erased, so no file keeps a deleted vector.
-``write_graph`` writes that format itself from an in-memory copy of the graph, so that a snapshot
-holds the gallery's lock only for the copy, not for the write.
 """
 
 from __future__ import annotations
@@ -113,36 +111,6 @@ def read_layout(path: Path, dim: int) -> Layout:
     deleted = (rows[:, 2] & 1).astype(bool)  # hnswlib's delete mark: third byte of the level-0 link header
     del rows
     return Layout(_HEADER.size, count, per_element, label_offset, offset_data, labels, deleted)
-
-
-def write_graph(path: Path, graph: dict, dim: int) -> None:
-    """Write a graph copied by ``HnswIndex.copy_graph`` (hnswlib's pickle state) to ``path`` in
-    hnswlib's ``saveIndex`` format, byte for byte what ``save_index`` writes, with the vectors of
-    deleted elements zeroed before they are written. Needs no lock (the copy is the caller's own),
-    and the writes release the GIL: searches and writes go on while a large gallery is written."""
-    count, per_element = int(graph["cur_element_count"]), int(graph["size_data_per_element"])
-    rows = np.asarray(graph["data_level0"]).view(np.uint8)[:count * per_element].reshape(count, per_element)
-    offset_data = int(graph["offset_data"])
-    rows[(rows[:, 2] & 1).astype(bool), offset_data:offset_data + 4 * dim] = 0  # the copy is ours to change
-    # after the level-0 block, each element: uint32 size of its upper-level links, then those links
-    # (the copy holds the links of all elements with a level > 0 back to back, in element order)
-    levels = np.asarray(graph["element_levels"][:count], dtype=np.int64)
-    sizes = np.where(levels > 0, int(graph["size_links_per_element"]) * levels, 0).astype("<u4")
-    starts = np.arange(count, dtype=np.int64) * 4 + np.concatenate([[0], np.cumsum(sizes[:-1], dtype=np.int64)])
-    tail = np.zeros(4 * count + int(sizes.sum(dtype=np.int64)), np.uint8)
-    size_bytes = (starts[:, None] + np.arange(4)).ravel()
-    tail[size_bytes] = sizes.view(np.uint8)
-    links = np.ones(len(tail), bool)
-    links[size_bytes] = False
-    tail[links] = np.asarray(graph["link_lists"]).view(np.uint8)
-    header = _HEADER.pack(int(graph["offset_level0"]), int(graph["max_elements"]), count, per_element,
-                          int(graph["label_offset"]), offset_data, int(graph["max_level"]),
-                          int(graph["enterpoint_node"]), int(graph["max_M"]), int(graph["max_M0"]), int(graph["M"]),
-                          float(graph["mult"]), int(graph["ef_construction"]))
-    with open(path, "wb") as f:
-        f.write(header)
-        f.write(rows.data)
-        f.write(tail.data)
 
 
 class SnapshotFiles:

@@ -363,10 +363,10 @@ def test_crash_during_a_compaction_loses_nothing_acknowledged(tmp_path):
 
 @pytest.mark.parametrize("ending", ["completes", "crash"])
 def test_writes_go_on_while_a_snapshot_is_written(tmp_path, monkeypatch, ending):
-    """Only the in-memory copy of the graph holds the lock: a delete and an enroll made while the
-    file is written get in, the deleted vector is zeroed in the new file (or a crash leaves a
-    temporary that the next start removes), the enrolled face is replayed after a crash."""
-    import service.gallery.gallery as gallery_module
+    """The lock is held for the fork only: a delete and an enroll made while the child writes the
+    file get in; the deleted vector is zeroed in the new file (or a crash leaves a temporary that
+    the next start removes), and the enrolled face is replayed after a crash."""
+    from service.gallery.index import BackgroundSave
 
     rng = np.random.default_rng(22)
     g = opened(tmp_path)
@@ -376,17 +376,17 @@ def test_writes_go_on_while_a_snapshot_is_written(tmp_path, monkeypatch, ending)
     secret = unit(rng, 1)
     g.enroll("secret", secret)
     vectors["late"] = unit(rng, 1)
-    real_write = gallery_module.write_graph
+    real_wait = BackgroundSave.wait
 
-    def write_while_writing(path, graph, dim):
+    def wait_while_writing(saving, timeout):
         run_aside(lambda: (g.delete("secret"), g.enroll("late", vectors["late"])))
-        real_write(path, graph, dim)  # the copy was taken before the delete: the file has the secret
+        real_wait(saving, timeout)  # the child forked before the delete: its file has the secret
         assert "index.hnsw.tmp" in find_vector(tmp_path, secret[0])
         if ending == "crash":
             crash(g)
             raise SystemExit  # the process is gone; nothing after this runs
 
-    monkeypatch.setattr(gallery_module, "write_graph", write_while_writing)
+    monkeypatch.setattr(BackgroundSave, "wait", wait_while_writing)
     if ending == "crash":
         with pytest.raises(SystemExit):
             g.snapshot()
@@ -402,25 +402,42 @@ def test_writes_go_on_while_a_snapshot_is_written(tmp_path, monkeypatch, ending)
     g.close()
 
 
-def test_snapshot_file_is_what_hnswlib_saves_with_deleted_vectors_zeroed(tmp_path):
-    from service.gallery.index import HnswIndex
-    from service.gallery.snapshot import read_layout, write_graph
+def test_snapshot_without_fork_is_written_under_the_lock(tmp_path, monkeypatch):
+    def no_fork():
+        raise OSError(12, "Cannot allocate memory")
 
     rng = np.random.default_rng(23)
-    index = HnswIndex(DIM, 16, 100, 64)
-    index.build_empty(64)
-    index.add(unit(rng, 3000), np.arange(3000))  # grown past its capacity: links on upper levels
-    index.erase([3, 7, 2999])
-    index.add(unit(rng, 1), np.asarray([5000]))  # reuses a deleted slot
-    index.save(tmp_path / "hnswlib.bin")
-    write_graph(tmp_path / "ours.bin", index.copy_graph(), DIM)
-    layout = read_layout(tmp_path / "hnswlib.bin", DIM)
-    expected = np.fromfile(tmp_path / "hnswlib.bin", np.uint8)
-    rows = expected[layout.header:layout.header + layout.count * layout.size_per_element].reshape(layout.count, -1)
-    rows[layout.deleted, layout.offset_data:layout.offset_data + 4 * DIM] = 0
-    assert layout.deleted.sum() == 2
-    assert (tmp_path / "ours.bin").read_bytes() == expected.tobytes()
-    loaded = HnswIndex(DIM, 16, 100, 64)
-    loaded.load(tmp_path / "ours.bin", live=index.live)
-    probe = index.vectors_of(np.asarray([5000, 10]))
-    assert loaded.search(probe, 1)[0].ravel().tolist() == [5000, 10]
+    g = opened(tmp_path)
+    vectors = {f"k{i}": unit(rng, 1) for i in range(20)}
+    for identity, v in vectors.items():
+        g.enroll(identity, v)
+    monkeypatch.setattr("os.fork", no_fork)
+    assert g.snapshot()
+    monkeypatch.undo()
+    crash(g)
+    g = opened(tmp_path)
+    assert g.stats()["generation"] == json.loads((tmp_path / "index.json").read_text())["generation"]
+    answers_correctly(g, vectors)
+    g.close()
+
+
+def test_failed_snapshot_writer_is_reported_and_cleaned_up(tmp_path, monkeypatch):
+    from service.gallery.index import HnswIndex
+
+    rng = np.random.default_rng(24)
+    g = opened(tmp_path)
+    vectors = {"a": unit(rng, 1), "b": unit(rng, 1)}
+    g.enroll("a", vectors["a"])
+    assert g.snapshot()
+    g.enroll("b", vectors["b"])
+    real_save = HnswIndex.save_in_background
+    monkeypatch.setattr(HnswIndex, "save_in_background",
+                        lambda self, path: real_save(self, path.parent / "missing" / path.name))
+    assert g.snapshot() is False  # the child could not write: exit status 1, no file half-written
+    assert not (tmp_path / "index.hnsw.tmp").exists()
+    monkeypatch.undo()
+    assert g.snapshot()
+    crash(g)
+    g = opened(tmp_path)
+    answers_correctly(g, vectors)
+    g.close()
