@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -440,4 +444,36 @@ def test_failed_snapshot_writer_is_reported_and_cleaned_up(tmp_path, monkeypatch
     crash(g)
     g = opened(tmp_path)
     answers_correctly(g, vectors)
+    g.close()
+
+
+def test_killed_server_leaves_no_snapshot_writer_holding_the_data_dir(tmp_path):
+    """kill -9 while the forked child writes a snapshot: the child dies with its parent and never
+    held the data-dir lock (it closed what it inherited), so the next start is not refused. The
+    child is kept writing by making its file a FIFO nobody reads."""
+    script = f"""
+import os, signal, sys
+import numpy as np
+from service.gallery import Gallery, GalleryOptions
+from service.gallery.index import BackgroundSave
+g = Gallery({str(tmp_path)!r}, "m@1", {DIM}, options=GalleryOptions(snapshot_interval_s=0))
+g.open()
+g.enroll("a", np.ones((1, {DIM}), np.float32))
+os.mkfifo(g._files.temp)
+def die(saving, timeout):
+    print(saving.pid, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+BackgroundSave.wait = die
+g.snapshot()
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    child = int(proc.stdout.split()[0])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and Path(f"/proc/{child}").exists() and "zombie" not in Path(
+            f"/proc/{child}/status").read_text():
+        time.sleep(0.05)
+    assert not Path(f"/proc/{child}").exists() or "zombie" in Path(f"/proc/{child}/status").read_text()
+    g = opened(tmp_path)  # not DataDirLocked
+    assert g.search(np.ones((1, DIM), np.float32), 1)[0][0].identity_id == "a"
     g.close()
