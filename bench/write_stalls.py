@@ -96,14 +96,16 @@ def phase_stats(records: list, start: float, end: float) -> dict:
     """Enrolls that started in [start, end) or were in flight at start."""
     rows = [r for r in records if r[0] < end and r[0] + r[1] >= start]
     ms = [r[1] * 1000 for r in rows]
+    slowest = sorted(rows, key=lambda r: -r[1])[:5]
     return {"seconds": round(end - start, 3), "enrolls": len(rows), **percentiles(ms),
-            "max_ms": round(max(ms), 1) if ms else None, "rss_max_mb": round(max((r[2] for r in rows), default=0), 1)}
+            "max_ms": round(max(ms), 1) if ms else None, "rss_max_mb": round(max((r[2] for r in rows), default=0), 1),
+            "slowest": [{"started_at_s": round(r[0] - start, 3), "ms": round(r[1] * 1000, 1)} for r in slowest]}
 
 
 class Figures(logging.Handler):
     """The gallery's own log records of a compaction and a snapshot (their extra fields)."""
 
-    FIELDS = ("seconds", "copy_seconds", "write_lock_seconds", "replayed_under_write_lock", "tombstones_removed", "live")
+    FIELDS = ("seconds", "read_lock_seconds", "write_lock_seconds", "replayed_under_write_lock", "tombstones_removed", "live")
 
     def __init__(self) -> None:
         super().__init__(logging.INFO)
