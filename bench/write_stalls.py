@@ -11,9 +11,10 @@ back to back when an enroll is late), the main thread runs
 2. one maintenance round, ``Gallery.maintain()``: the compaction;
 3. ``Gallery.snapshot()``: the snapshot (its own phase: the snapshot is held off in round 2);
 
-and the script reports, per phase, enroll latency p50/p99/max, the longest stall (the longest
-enroll), the phase's duration, and the RSS the process grew by during the snapshot (what the
-in-memory copy of the graph costs). With ``--baseline REF`` the same runs first against the
+and the script reports, per phase, enroll latency p50/p99/max and the slowest enrolls with their
+start times, the longest stall (the longest enroll), the phase's duration, the RSS the process
+grew by during the snapshot, and the gallery's own log figures (seconds under the write lock, for
+the snapshot under the read lock). With ``--baseline REF`` the same runs first against the
 ``service`` package of ``git archive REF`` (a child process with it first on ``sys.path``), so
 before and after come from one run on one machine.
 

@@ -16,6 +16,10 @@ disk (and in every snapshot written later), and removed from SQLite (``secure_de
 truncated). Deleted slots are reused by new faces, and the graph is compacted when tombstones
 dominate.
 
+Writes never wait long for maintenance: a compaction builds the next graph off the lock and replays
+the writes made meanwhile (``_compact``); a snapshot holds the read lock only to fork the process
+that writes it (``snapshot``, index.py).
+
 Identity scoring (max-over-faces, oversampled top-k with widening) is search.py's, shared with the
 postgres backend; this module only says which faces are nearest and whose they are.
 """
