@@ -1,5 +1,6 @@
 """What every benchmark records about the machine it ran on, and the few helpers every benchmark
-shares (one percentile rule, one RSS reader)."""
+shares (one percentile rule, one RSS reader, the commit measured and an older one unpacked to
+measure against)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,14 @@ import json
 import os
 import platform
 import subprocess
+import tarfile
 import time
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+
+from harness.server import REPO
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -78,3 +82,22 @@ def rss_mb(pid: int | str = "self", field: str = "VmRSS") -> float | None:
     except OSError:
         return None
     return None
+
+
+def unpack(ref: str, into: Path) -> str:
+    """``git archive`` of ``ref`` unpacked in ``into``; returns the commit hash."""
+    commit = subprocess.run(["git", "rev-parse", ref], cwd=REPO, capture_output=True, text=True,
+                            check=True).stdout.strip()
+    archive = into / "src.tar"
+    subprocess.run(["git", "archive", "-o", str(archive), commit], cwd=REPO, check=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(into, filter="data")
+    archive.unlink()
+    return commit
+
+
+def current_commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
+                           text=True).stdout.strip()
+    return out.stdout.strip() + ("+dirty" if dirty else "")

@@ -40,8 +40,6 @@ import http.client
 import json
 import os
 import statistics
-import subprocess
-import tarfile
 import tempfile
 import time
 from dataclasses import dataclass
@@ -49,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import machine, percentile_ms, save
+from bench.common import current_commit, machine, percentile_ms, save, unpack
 from harness.fixtures import FACES
 from harness.server import MODEL_CACHE, REPO, ServerProcess
 from service.model.session import CPU, FaceSession, SessionOptions
@@ -81,18 +79,6 @@ class Server(ServerProcess):
     def stop(self) -> int:
         self.reconnect()
         return super().stop()
-
-
-def unpack(ref: str, into: Path) -> str:
-    """``git archive`` of ``ref`` unpacked in ``into``; returns the commit hash."""
-    commit = subprocess.run(["git", "rev-parse", ref], cwd=REPO, capture_output=True, text=True,
-                            check=True).stdout.strip()
-    archive = into / "src.tar"
-    subprocess.run(["git", "archive", "-o", str(archive), commit], cwd=REPO, check=True)
-    with tarfile.open(archive) as tar:
-        tar.extractall(into, filter="data")
-    archive.unlink()
-    return commit
 
 
 def cpu_ns(pid: int) -> int:
@@ -140,13 +126,6 @@ def time_http(server: Server, body: bytes, n: int, warmup: int = 5) -> Timed:
         if i >= warmup:
             times.append(elapsed)
     return Timed(times, (cpu_ns(server.proc.pid) - cpu0) / n / 1e6)
-
-
-def current_commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
-                           text=True).stdout.strip()
-    return out.stdout.strip() + ("+dirty" if dirty else "")
 
 
 def main() -> None:

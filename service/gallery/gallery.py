@@ -16,6 +16,10 @@ disk (and in every snapshot written later), and removed from SQLite (``secure_de
 truncated). Deleted slots are reused by new faces, and the graph is compacted when tombstones
 dominate.
 
+Writes never wait long for maintenance: a compaction builds the next graph off the lock and replays
+the writes made meanwhile (``_compact``); a snapshot holds the read lock only to fork the process
+that writes it (``snapshot``, index.py).
+
 Identity scoring (max-over-faces, oversampled top-k with widening) is search.py's, shared with the
 postgres backend; this module only says which faces are nearest and whose they are.
 """
@@ -32,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .index import HnswIndex
+from .index import BackgroundSave, HnswIndex
 from .lock import DataDirLock
 from .results import EnrollResult, IdentityDetails, IdentityRecord
 from .search import GalleryModelMismatch, Hit, Match, check_model, search_identities
@@ -109,6 +113,10 @@ class Gallery:
     STORE_FILE = "gallery.sqlite3"
     INDEX_FILE = "index.hnsw"
     INDEX_META_FILE = "index.json"
+    SNAPSHOT_WRITE_TIMEOUT_S = 900.0  # the forked snapshot writer is killed past this (1M faces: ~10 s)
+    COMPACTION_CHUNK = 1000  # faces copied per hold of the read lock (get_items holds the GIL: ~40 ms)
+    COMPACTION_CATCH_UP_ROUNDS = 5  # replays off the lock before the last one, under the write lock ...
+    COMPACTION_FINAL_CHANGES = 100  # ... which comes as soon as at most this many writes are left
 
     def __init__(self, data_dir: Path, model_id: str, dim: int, m: int = 16, ef_construction: int = 200,
                  ef_search: int | str = "auto", options: GalleryOptions | None = None) -> None:
@@ -135,6 +143,11 @@ class Gallery:
         self._last_snapshot = time.monotonic()
         self._stop = threading.Event()
         self._maintainer: threading.Thread | None = None
+        self._maintenance_mutex = threading.Lock()
+        # writes made while a compaction builds the next graph: (labels, vectors) added, (labels, None) erased
+        self._change_log: list[tuple[np.ndarray, np.ndarray | None]] | None = None
+        # test hook, a real code path: called after each chunk a compaction copied, holding no lock
+        self.compaction_hook: Callable[[], None] | None = None
 
     @property
     def _live_store(self) -> Store:
@@ -296,9 +309,11 @@ class Gallery:
     def snapshot(self) -> bool:
         """Write the index to disk (durably, with checksums). Skipped while the index is dirty.
 
-        Only the save itself holds the read side of the lock (searches go on, writes wait); fsync,
-        checksums and layout come after, and faces erased meanwhile are zeroed in the new file
-        before it is put in place (under the write side, a few fsyncs)."""
+        The read side of the lock is held only to fork the process (index.py: the child writes the
+        graph as it was at the fork; searches go on, writes wait for the fork only); deleted vectors
+        are zeroed, the file fsynced and checksummed without the lock, and faces erased meanwhile are
+        zeroed in the new file before it is put in place (under the write side, a few fsyncs). Where
+        the process cannot fork, hnswlib saves under the read lock, as before."""
         with self._snapshot_mutex:
             started = time.perf_counter()
             tmp = self._files.temp
@@ -309,14 +324,23 @@ class Gallery:
                 meta = {"generation": self._live_store.generation, "model_id": self.model_id, "dim": self.dim,
                         "faces": self._index.live, "max_face_id": max(self._label_identity, default=0)}
                 changes = self._changes
+                saving: BackgroundSave | None = None
                 try:
-                    self._index.save(tmp)
+                    saving = self._index.save_in_background(tmp)
+                except OSError:
+                    log.warning("could not fork to write the index snapshot; writing it under the lock", exc_info=True)
+                try:
+                    if saving is None:
+                        self._index.save(tmp)
                 except Exception:  # noqa: BLE001 - the store is the truth; the next start rebuilds
                     log.warning("could not save the index", exc_info=True)
                     self._last_snapshot = time.monotonic()  # retry at the next interval, not every tick
                     return False
                 self._erased_since_save = []  # writers append from now on (they wait for this lock)
+                locked_s = time.perf_counter() - started
             try:
+                if saving is not None:
+                    saving.wait(self.SNAPSHOT_WRITE_TIMEOUT_S)
                 meta, layout = self._files.prepare(tmp, meta, self.dim)
                 with self._lock.write():
                     erased, self._erased_since_save = self._erased_since_save, None
@@ -333,7 +357,8 @@ class Gallery:
                 return False
             self._last_snapshot = time.monotonic()
         log.info("index snapshot written", extra={"generation": meta["generation"], "faces": meta["faces"],
-                                                  "seconds": round(time.perf_counter() - started, 3)})
+                                                  "seconds": round(time.perf_counter() - started, 3),
+                                                  "read_lock_seconds": round(locked_s, 3)})
         return True
 
     def _maintain(self) -> None:
@@ -345,32 +370,94 @@ class Gallery:
                 log.exception("gallery maintenance failed")
 
     def maintain(self, force_snapshot: bool = False) -> None:
-        """One round: repair a dirty index, compact tombstones, snapshot if due."""
-        if self._dirty:
-            with self._lock.write():
-                log.warning("rebuilding the index from the store after a failed update")
-                self._rebuild()
-                self._changes += 1
-        if self._compaction_due():
-            with self._lock.write():
-                if self._compaction_due():
-                    self._compact()
-        due = (time.monotonic() - self._last_snapshot >= self.options.snapshot_interval_s
-               and self._changes >= self.options.snapshot_min_changes)
-        if due or force_snapshot:
-            self.snapshot()
+        """One round: repair a dirty index, compact tombstones, snapshot if due. Rounds do not overlap."""
+        with self._maintenance_mutex:
+            if self._dirty:
+                with self._lock.write():
+                    log.warning("rebuilding the index from the store after a failed update")
+                    self._rebuild()
+                    self._changes += 1
+            if self._compaction_due():
+                self._compact()
+            due = (time.monotonic() - self._last_snapshot >= self.options.snapshot_interval_s
+                   and self._changes >= self.options.snapshot_min_changes)
+            if due or force_snapshot:
+                self.snapshot()
 
     def _compaction_due(self) -> bool:
         tombstones = self._index.tombstones
         return (tombstones >= self.options.compact_min_tombstones
                 and tombstones > self.options.compact_tombstone_ratio * self._index.count)
 
-    def _compact(self) -> None:
-        started, tombstones = time.perf_counter(), self._index.tombstones
-        self._index.compact(np.fromiter(self._label_identity.keys(), dtype=np.int64, count=len(self._label_identity)))
-        self._changes += 1
+    def _compact(self) -> bool:
+        """Rebuild the graph from the live faces without stalling writes: the live labels are listed
+        and the change log opened under the read lock; their vectors are copied chunk by chunk (the
+        read lock per chunk) into a fresh graph built with no lock held; the writes made meanwhile
+        (the change log) are replayed into it, off the lock until few are left, the last of them
+        under the write lock, which then swaps the graphs. A face erased meanwhile is either not
+        copied (erased before its chunk) or marked deleted by the replay: it is never searchable in
+        the new graph, and snapshots are only ever taken of the graph in use."""
+        started = time.perf_counter()
+        with self._lock.read():
+            if self._dirty:
+                return False
+            tombstones = self._index.tombstones
+            labels = np.fromiter(self._label_identity.keys(), dtype=np.int64, count=len(self._label_identity))
+            self._change_log = []  # writers append from now on (they wait for this lock)
+        try:
+            fresh = self._index.spawn(capacity=max(1024, int(len(labels) * 1.25)))
+            not_copied: set[int] = set()  # listed, then erased before their chunk was copied
+            for start in range(0, len(labels), self.COMPACTION_CHUNK):
+                part = labels[start:start + self.COMPACTION_CHUNK]
+                with self._lock.read():
+                    if self._dirty or self._stop.is_set():
+                        return False  # the repair rebuilds from the store; close() wants the thread back
+                    live = np.fromiter((int(label) in self._label_identity for label in part), bool, len(part))
+                    not_copied.update(part[~live].tolist())
+                    part = part[live]
+                    vectors = self._index.vectors_of(part)
+                fresh.add(vectors, part)  # no lock: the fresh graph is this thread's alone
+                if self.compaction_hook is not None:
+                    self.compaction_hook()
+            for _ in range(self.COMPACTION_CATCH_UP_ROUNDS):  # replay off the lock while writes go on
+                with self._lock.read():
+                    changes, self._change_log = self._change_log, []
+                self._replay(fresh, changes, not_copied)
+                if len(changes) <= self.COMPACTION_FINAL_CHANGES:
+                    break
+            with self._lock.write():
+                changes, self._change_log = self._change_log, None
+                if self._dirty:
+                    return False
+                locked = time.perf_counter()
+                self._replay(fresh, changes, not_copied)
+                self._index.adopt(fresh)
+                self._changes += 1
+                locked_s = time.perf_counter() - locked
+        finally:
+            if self._change_log is not None:
+                with self._lock.read():
+                    self._change_log = None
         log.info("index compacted", extra={"tombstones_removed": tombstones, "live": self._index.live,
-                                           "seconds": round(time.perf_counter() - started, 3)})
+                                           "seconds": round(time.perf_counter() - started, 3),
+                                           "replayed_under_write_lock": len(changes),
+                                           "write_lock_seconds": round(locked_s, 3)})
+        return True
+
+    @staticmethod
+    def _replay(fresh: HnswIndex, changes: list[tuple[np.ndarray, np.ndarray | None]], not_copied: set[int]) -> None:
+        """Apply logged writes to the graph a compaction builds: adds (labels, vectors), erasures
+        (labels, None); a label erased before its chunk was copied is not in it."""
+        for labels, vectors in changes:
+            if vectors is not None:
+                fresh.add(vectors, labels)
+            else:
+                fresh.erase([label for label in labels.tolist() if label not in not_copied])
+
+    def _log_change(self, labels: np.ndarray | list[int], vectors: np.ndarray | None = None) -> None:
+        """Record a write for the compaction in progress, if any (caller holds the write lock)."""
+        if self._change_log is not None:
+            self._change_log.append((np.asarray(labels, dtype=np.int64), vectors))
 
     # --- writes ------------------------------------------------------------------------------
     def _check_vectors(self, embeddings: np.ndarray) -> np.ndarray:
@@ -394,6 +481,7 @@ class Gallery:
         if not labels:
             return
         self._index_update("erase", lambda: self._index.erase(labels))
+        self._log_change(labels)
         for label in labels:
             self._label_identity.pop(label, None)
         if self._erased_since_save is not None:  # a snapshot saved before this erase is being written
@@ -418,6 +506,7 @@ class Gallery:
             # committed: from here on the enrollment is durable; the index follows the store
             self._erase(added.removed)
             self._index_update("add", lambda: self._index.add(embeddings, np.asarray(added.face_ids, dtype=np.int64)))
+            self._log_change(added.face_ids, embeddings)
             self._label_identity.update((fid, identity_id) for fid in added.face_ids)
             self.identity_count += added.created
         return EnrollResult(added.face_ids, added.created, len(added.removed), added.face_count)
@@ -432,6 +521,7 @@ class Gallery:
             if len(labels):
                 vectors = np.concatenate([emb for _, emb, _ in items])
                 self._index_update("import", lambda: self._index.add(vectors, labels))
+                self._log_change(labels, vectors)
             for (identity_id, _, _), ids in zip(items, face_ids):
                 self._label_identity.update((fid, identity_id) for fid in ids)
             self.identity_count += len(items)

@@ -6,17 +6,22 @@ load or build, and (setting ``auto``, ef.py) again whenever the number of live f
 
 Erasing: ``mark_deleted`` keeps a face's vector in the graph (hnswlib still routes through deleted
 elements) and keeps its slot as a tombstone that every search walks through. New faces reuse deleted
-slots (``allow_replace_deleted``: the old vector is overwritten), ``compact`` rebuilds the graph from
-the live elements when tombstones dominate, and snapshots zero the vectors of deleted elements in the
-file (snapshot.py), so a deleted vector stays in process memory at most until its slot is reused or
-the graph compacted, never on disk. (Overwriting it in memory at delete time, by updating the
-element with another vector before marking it deleted, costs an hnswlib ``updatePoint`` per face:
-deleting a 10-face identity took 255 ms under the write lock instead of 28 ms, bench.tombstones.)
+slots (``allow_replace_deleted``: the old vector is overwritten), a compaction (gallery.py, with
+``spawn``/``adopt``) rebuilds the graph from the live elements when tombstones dominate, and
+snapshots zero the vectors of deleted elements in the file (snapshot.py), so a deleted vector stays
+in process memory at most until its slot is reused or the graph compacted, never on disk.
+(Overwriting it in memory at delete time, by updating the element with another vector before
+marking it deleted, costs an hnswlib ``updatePoint`` per face: deleting a 10-face identity took
+255 ms under the write lock instead of 28 ms, bench.tombstones.)
 """
 
 from __future__ import annotations
 
+import ctypes
+import os
+import signal
 import threading
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -32,6 +37,46 @@ FaceChunks = Iterable[tuple[np.ndarray, np.ndarray]]
 # return k faces (a graph walk does not reach every element: clustered faces, deleted slots), so the
 # live faces were scanned instead
 FALLBACKS = ("capped", "exact")
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: SIGKILL this process when its parent dies (prctl PR_SET_PDEATHSIG)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent died before the prctl
+        os._exit(1)
+
+
+def _max_fd() -> int:
+    try:
+        return int(os.sysconf("SC_OPEN_MAX"))
+    except (OSError, ValueError):
+        return 65536
+
+
+class BackgroundSave:
+    """A child process writing a snapshot file (``HnswIndex.save_in_background``)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def wait(self, timeout: float) -> None:
+        """Wait (no lock needed) for the child; raises RuntimeError if it failed or ran past ``timeout``
+        (then it is killed)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                os.kill(self.pid, signal.SIGKILL)
+                os.waitpid(self.pid, 0)
+                raise RuntimeError(f"the snapshot writer (pid {self.pid}) ran past {timeout:g}s; killed")
+            time.sleep(0.02)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise RuntimeError(f"the snapshot writer (pid {self.pid}) failed: {os.waitstatus_to_exitcode(status)}")
 
 
 class HnswIndex:
@@ -117,15 +162,45 @@ class HnswIndex:
         self.live -= len(labels)
         self._apply_ef()
 
-    def compact(self, labels: np.ndarray) -> None:
-        """Rebuild the graph from the live elements ``labels`` only: no tombstones, no deleted data."""
-        labels = np.asarray(labels, dtype=np.int64)
-        fresh = self._new(max(1024, int(len(labels) * 1.25)))
-        for start in range(0, len(labels), 10_000):
-            part = labels[start:start + 10_000]
-            fresh.add_items(np.asarray(self._live_index.get_items(part), dtype=np.float32), part)
-        self._index, self.live, self._ef = fresh, len(labels), 0
+    # --- compaction and snapshots off the gallery's lock (gallery.py) ---------------------------
+    def spawn(self, capacity: int) -> HnswIndex:
+        """An empty index with the same parameters: a compaction builds the next graph in it,
+        off the gallery's lock (nothing else sees it until ``adopt``)."""
+        other = HnswIndex(self.dim, self.m, self.ef_construction, self.ef_search)
+        other.build_empty(capacity)
+        return other
+
+    def vectors_of(self, labels: np.ndarray) -> np.ndarray:
+        """The stored (unit-length) vectors of live elements (caller holds the read lock)."""
+        return np.asarray(self._live_index.get_items(labels), dtype=np.float32)
+
+    def adopt(self, other: HnswIndex) -> None:
+        """Swap in the graph ``other`` built (caller holds the write lock)."""
+        self._index, self.live, self._ef = other._live_index, other.live, 0
         self._apply_ef()
+
+    def save_in_background(self, path: Path) -> BackgroundSave:
+        """Write the graph as it is now to ``path`` from a forked child process, and return at once.
+
+        The child sees the process's memory as it was at the fork (copy-on-write: the parent's later
+        writes never reach it), so the caller holds the read lock for the fork only (milliseconds),
+        not for the whole save (seconds at 1M faces, with the GIL held too). The child closes every
+        inherited descriptor (the data-dir lock, the listening socket, SQLite) and dies with its
+        parent, so a killed server's child can neither keep the data dir locked nor outlive it; it
+        runs nothing but hnswlib's save and ``os._exit``. Raises OSError when it cannot fork."""
+        index = self._live_index
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # the child: no Python clean-up, no logging, no other thread exists here
+            code = 1
+            try:
+                _die_with_parent(parent)
+                os.closerange(3, _max_fd())
+                index.save_index(str(path))
+                code = 0
+            finally:
+                os._exit(code)
+        return BackgroundSave(pid)
 
     def search(self, vectors: np.ndarray, k: int,
                live_faces: Callable[[], FaceChunks] | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -259,4 +264,216 @@ def test_snapshot_left_half_written_by_a_crash_is_removed(tmp_path):
     assert "index.hnsw.tmp" in find_vector(tmp_path, secret[0])
     g = opened(tmp_path)
     assert not find_vector(tmp_path, secret[0])
+    g.close()
+
+
+def run_aside(action) -> None:
+    """Run ``action`` in another thread and wait for it: a write that waited for a lock the calling
+    thread holds would never finish (the test then fails instead of hanging)."""
+    errors: list[BaseException] = []
+
+    def target():
+        try:
+            action()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
+            errors.append(exc)
+
+    worker = threading.Thread(target=target)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "the write waited for the gallery lock"
+    if errors:
+        raise errors[0]
+
+
+def test_writes_go_on_while_a_compaction_builds_and_its_deletes_are_honoured(tmp_path):
+    """The next graph is built off the lock: writes made meanwhile land in it (replayed), faces
+    erased meanwhile are never searchable and never reach a snapshot file."""
+    rng = np.random.default_rng(20)
+    g = opened(tmp_path, compact_min_tombstones=10, compact_tombstone_ratio=0.5)
+    g.COMPACTION_CHUNK = 40  # two chunks: one copied before the writes below, one after
+    vectors = {f"x{i}": unit(rng, 1) for i in range(200)}
+    for identity, v in vectors.items():
+        g.enroll(identity, v)
+    g.snapshot()
+    for i in range(120):
+        g.delete(f"x{i}")
+        vectors.pop(f"x{i}")
+    erased = {"x130": vectors.pop("x130"), "x190": vectors.pop("x190"), "gone": unit(rng, 2)}
+    vectors["new"] = unit(rng, 1)
+    calls = []
+
+    def writes():
+        assert g.delete("x130") == 1  # copied into the new graph already: replayed as a delete
+        assert g.delete("x190") == 1  # not copied yet: left out
+        g.enroll("new", vectors["new"])  # replayed as an add
+        g.enroll("gone", erased["gone"])
+        assert g.delete("gone") == 2  # added and erased during the build
+        assert g.search(vectors["new"], 1)[0][0].identity_id == "new"  # the graph in use has it
+
+    def hook():
+        calls.append(g.stats()["index_tombstones"])
+        if len(calls) == 1:
+            run_aside(writes)
+
+    g.compaction_hook = hook
+    g.maintain()
+    assert len(calls) == 2 and calls[0] == 120  # the hook ran during the build, before the swap
+    stats = g.stats()
+    assert stats["index_live"] == stats["faces"] == len(vectors) == 79
+    assert g._index.count < 90  # noqa: SLF001 - compacted: 120 tombstones gone
+    answers_correctly(g, vectors)
+    for identity, v in erased.items():
+        assert all(m.identity_id != identity for m in g.search(v, 10)[0])
+    assert g.snapshot()
+    crash(g)
+    for v in erased.values():
+        assert not find_vector(tmp_path, v[0])
+    g = opened(tmp_path)
+    answers_correctly(g, vectors)
+    for identity, v in erased.items():
+        assert all(m.identity_id != identity for m in g.search(v, 10)[0])
+    g.close()
+
+
+def test_crash_during_a_compaction_loses_nothing_acknowledged(tmp_path):
+    rng = np.random.default_rng(21)
+    g = opened(tmp_path, compact_min_tombstones=10, compact_tombstone_ratio=0.5)
+    g.COMPACTION_CHUNK = 40
+    vectors = {f"x{i}": unit(rng, 1) for i in range(100)}
+    for identity, v in vectors.items():
+        g.enroll(identity, v)
+    for i in range(60):
+        g.delete(f"x{i}")
+        vectors.pop(f"x{i}")
+    secret = vectors.pop("x99")
+    vectors["late"] = unit(rng, 1)
+
+    def hook():
+        g.compaction_hook = None
+        run_aside(lambda: (g.enroll("late", vectors["late"]), g.delete("x99")))  # acknowledged ...
+        crash(g)  # ... then the process dies mid-build
+        raise SystemExit  # nothing after this runs
+
+    g.compaction_hook = hook
+    with pytest.raises(SystemExit):
+        g.maintain()
+    assert not find_vector(tmp_path, secret[0])
+    g = opened(tmp_path)
+    answers_correctly(g, vectors)
+    assert all(m.identity_id != "x99" for m in g.search(secret, 10)[0])
+    g.close()
+
+
+@pytest.mark.parametrize("ending", ["completes", "crash"])
+def test_writes_go_on_while_a_snapshot_is_written(tmp_path, monkeypatch, ending):
+    """The lock is held for the fork only: a delete and an enroll made while the child writes the
+    file get in; the deleted vector is zeroed in the new file (or a crash leaves a temporary that
+    the next start removes), and the enrolled face is replayed after a crash."""
+    from service.gallery.index import BackgroundSave
+
+    rng = np.random.default_rng(22)
+    g = opened(tmp_path)
+    vectors = {f"k{i}": unit(rng, 1) for i in range(30)}
+    for identity, v in vectors.items():
+        g.enroll(identity, v)
+    secret = unit(rng, 1)
+    g.enroll("secret", secret)
+    vectors["late"] = unit(rng, 1)
+    real_wait = BackgroundSave.wait
+
+    def wait_while_writing(saving, timeout):
+        run_aside(lambda: (g.delete("secret"), g.enroll("late", vectors["late"])))
+        real_wait(saving, timeout)  # the child forked before the delete: its file has the secret
+        assert "index.hnsw.tmp" in find_vector(tmp_path, secret[0])
+        if ending == "crash":
+            crash(g)
+            raise SystemExit  # the process is gone; nothing after this runs
+
+    monkeypatch.setattr(BackgroundSave, "wait", wait_while_writing)
+    if ending == "crash":
+        with pytest.raises(SystemExit):
+            g.snapshot()
+    else:
+        assert g.snapshot()
+        assert not find_vector(tmp_path, secret[0])
+        crash(g)
+    monkeypatch.undo()
+    g = opened(tmp_path)
+    assert not find_vector(tmp_path, secret[0])
+    answers_correctly(g, vectors)
+    assert all(m.identity_id != "secret" for m in g.search(secret, 5)[0])
+    g.close()
+
+
+def test_snapshot_without_fork_is_written_under_the_lock(tmp_path, monkeypatch):
+    def no_fork():
+        raise OSError(12, "Cannot allocate memory")
+
+    rng = np.random.default_rng(23)
+    g = opened(tmp_path)
+    vectors = {f"k{i}": unit(rng, 1) for i in range(20)}
+    for identity, v in vectors.items():
+        g.enroll(identity, v)
+    monkeypatch.setattr("os.fork", no_fork)
+    assert g.snapshot()
+    monkeypatch.undo()
+    crash(g)
+    g = opened(tmp_path)
+    assert g.stats()["generation"] == json.loads((tmp_path / "index.json").read_text())["generation"]
+    answers_correctly(g, vectors)
+    g.close()
+
+
+def test_failed_snapshot_writer_is_reported_and_cleaned_up(tmp_path, monkeypatch):
+    from service.gallery.index import HnswIndex
+
+    rng = np.random.default_rng(24)
+    g = opened(tmp_path)
+    vectors = {"a": unit(rng, 1), "b": unit(rng, 1)}
+    g.enroll("a", vectors["a"])
+    assert g.snapshot()
+    g.enroll("b", vectors["b"])
+    real_save = HnswIndex.save_in_background
+    monkeypatch.setattr(HnswIndex, "save_in_background",
+                        lambda self, path: real_save(self, path.parent / "missing" / path.name))
+    assert g.snapshot() is False  # the child could not write: exit status 1, no file half-written
+    assert not (tmp_path / "index.hnsw.tmp").exists()
+    monkeypatch.undo()
+    assert g.snapshot()
+    crash(g)
+    g = opened(tmp_path)
+    answers_correctly(g, vectors)
+    g.close()
+
+
+def test_killed_server_leaves_no_snapshot_writer_holding_the_data_dir(tmp_path):
+    """kill -9 while the forked child writes a snapshot: the child dies with its parent and never
+    held the data-dir lock (it closed what it inherited), so the next start is not refused. The
+    child is kept writing by making its file a FIFO nobody reads."""
+    script = f"""
+import os, signal, sys
+import numpy as np
+from service.gallery import Gallery, GalleryOptions
+from service.gallery.index import BackgroundSave
+g = Gallery({str(tmp_path)!r}, "m@1", {DIM}, options=GalleryOptions(snapshot_interval_s=0))
+g.open()
+g.enroll("a", np.ones((1, {DIM}), np.float32))
+os.mkfifo(g._files.temp)
+def die(saving, timeout):
+    print(saving.pid, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+BackgroundSave.wait = die
+g.snapshot()
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    child = int(proc.stdout.split()[0])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and Path(f"/proc/{child}").exists() and "zombie" not in Path(
+            f"/proc/{child}/status").read_text():
+        time.sleep(0.05)
+    assert not Path(f"/proc/{child}").exists() or "zombie" in Path(f"/proc/{child}/status").read_text()
+    g = opened(tmp_path)  # not DataDirLocked
+    assert g.search(np.ones((1, DIM), np.float32), 1)[0][0].identity_id == "a"
     g.close()
