@@ -54,8 +54,15 @@ def dark() -> str:
     return png((rgb(SHARP).astype(np.float32) * 0.12).round().astype(np.uint8))
 
 
+def compressed() -> str:
+    """The photo saved as a JPEG of quality 3 (the strongest level of bench/quality.py's degradations)."""
+    out = io.BytesIO()
+    Image.fromarray(rgb(SHARP)).save(out, "JPEG", quality=3)
+    return b64(out.getvalue())
+
+
 BAD = {"blurred": (blurred, "sharpness"), "tiny": (tiny, "size"), "dark": (dark, "exposure"),
-       "sideways": (lambda: b64(SIDEWAYS), "yaw")}
+       "sideways": (lambda: b64(SIDEWAYS), "yaw"), "compressed": (compressed, "blockiness")}
 
 
 @pytest.fixture(scope="module", params=["embedded", "postgres"])
