@@ -336,17 +336,17 @@ def fit_quality(parts: list[dict[str, float]], fails: np.ndarray, method: str = 
     return QualityModel(photo, crop, limits, min_score, min_score_crop, method, evidence or {})
 
 
-def fit_part_limit(values: np.ndarray, fails: np.ndarray, name: str, min_score: float) -> tuple[float, Logistic]:
+def fit_part_limit(values: np.ndarray, fails: np.ndarray, name: str, max_fail: float) -> tuple[float, Logistic]:
     """The upper limit of one part from faces where it varies (``values``; ``fails``: each face's soft
     genuine-failure label): a logistic regression of failure on the part alone, and the value where the
-    fitted chance of success falls to ``min_score``, the score limit the combined score refuses below."""
+    fitted chance that a genuine comparison fails reaches ``max_fail``."""
     x = np.array([features({name: float(v)}, (name,)) for v in values])
     logistic = fit_logistic(x, fails, (name,), l2=0.0)
     grid = np.exp(np.linspace(0.0, math.log(max(float(np.max(values)), 1.0) * 2), 2000)) - 1.0
-    below = [v for v in grid if logistic.score({name: float(v)}) < min_score]
-    if not below or logistic.weights[0] <= 0:
+    failing = [v for v in grid if logistic.score({name: float(v)}) < 1.0 - max_fail]
+    if not failing or logistic.weights[0] <= 0:
         raise ValueError(f"{name}: failure does not rise with it on these faces; no limit can be fitted")
-    return round(float(below[0]), 3), logistic
+    return round(float(failing[0]), 3), logistic
 
 
 def _stricter(a: float | None, b: float | None, pick: Any) -> float | None:
