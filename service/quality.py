@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -347,6 +347,15 @@ def fit_part_limit(values: np.ndarray, fails: np.ndarray, name: str, max_fail: f
     if not failing or logistic.weights[0] <= 0:
         raise ValueError(f"{name}: failure does not rise with it on these faces; no limit can be fitted")
     return round(float(failing[0]), 3), logistic
+
+
+def keep_limits_of(model: QualityModel, fitted: QualityModel | None) -> QualityModel:
+    """``model`` (a refit on faces where the ``LIMIT_ONLY`` parts do not vary) with those parts' limits
+    from ``fitted`` (the model contract's), which was fitted where they vary."""
+    if fitted is None:
+        return model
+    kept = {name: fitted.limits[name] for name in LIMIT_ONLY if name in fitted.limits and name not in model.limits}
+    return replace(model, limits={**model.limits, **kept}) if kept else model
 
 
 def _stricter(a: float | None, b: float | None, pick: Any) -> float | None:

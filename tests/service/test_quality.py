@@ -118,6 +118,21 @@ def test_a_bad_face_is_refused_at_enrollment_with_its_reason_and_nothing_is_stor
     assert client.delete(f"/identities/{identity}").status_code == 200
 
 
+def test_blockiness_is_measured_on_an_aligned_crop_itself(client):
+    """An aligned crop sent as a heavily compressed JPEG keeps its 8x8 grid: refused for blockiness; the
+    same crop as PNG is not."""
+    crop = rgb(face_files("George_W_Bush")[0])
+    out = io.BytesIO()
+    Image.fromarray(crop).save(out, "JPEG", quality=3)
+    identity = f"crop-{uuid.uuid4().hex[:6]}"
+    r = client.post("/enroll", json={"identity_id": identity, "images": [b64(out.getvalue())]})
+    assert r.status_code == 422, r.text
+    assert "blockiness" in {reason["part"] for reason in r.json()["error"]["details"]["reasons"]}
+    assert client.get(f"/identities/{identity}").status_code == 404
+    quality = client.post("/embed", json={"images": [png(crop)]}).json()["quality"][0]
+    assert quality["parts"]["blockiness"]["passed"] and quality["parts"]["blockiness"]["value"] < 2
+
+
 def test_one_bad_face_refuses_a_multi_image_enroll(client):
     identity = f"multi-{uuid.uuid4().hex[:6]}"
     r = enroll(client, identity, [b64(SHARP), b64(PHOTOS / "Bill_Frist_0001.jpg"), blurred()])
