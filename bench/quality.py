@@ -367,6 +367,9 @@ def degradation_report(data: dict, model: QualityModel) -> dict:
         out[kind] = {
             "strengths": strengths,
             "spearman_rho_score_vs_strength": round(spearman(levels.astype(float), s), 4),
+            # blockiness (held to its own limit, not in the score), over the faces found
+            "spearman_rho_blockiness_vs_strength": round(spearman(
+                levels[~nf].astype(float), np.array([rows[i]["blockiness"] for i in np.flatnonzero(sel & found)])), 4),
             "median_score_by_level": [round(float(np.median(s[levels == k])), 4) for k in range(len(strengths))],
             "refused_share_by_level": [round(float(r[levels == k].mean()), 4) for k in range(len(strengths))],
             "no_face_share_by_level": [round(float(nf[levels == k].mean()), 4) for k in range(len(strengths))],
