@@ -43,17 +43,19 @@ from bench.common import machine, save
 from harness.server import MODEL_CACHE, REPO
 from service.detection import ARCFACE_112, PhotoAligner, YuNetDetector
 from service.errors import ErrorCode, ServiceError
-from service.images import read_header
+from service.images import blockiness, read_header
 from service.model.prepare import SFACE_QUALITY_FILE, default_model
 from service.model.session import FaceSession
 from service.quality import (
     CROP_PARTS,
     FIT_FMR,
+    LIMIT_ONLY,
     PARTS,
     SOFT_WIDTH,
     QualityModel,
     assess,
     crop_parts,
+    fit_part_limit,
     fit_quality,
     genuine_and_threshold,
     photo_parts,
@@ -70,6 +72,11 @@ DEGRADATIONS = {
     "jpeg": [100, 30, 15, 8, 3],  # JPEG quality
     "darken": [1, 0.5, 0.3, 0.15, 0.07],  # pixel values x factor
 }
+JPEG_FIT = [100, 50, 30, 20, 15, 10, 8, 6, 5, 4, 3, 2]  # JPEG qualities the blockiness limit is fitted on
+# blockiness is refused where a genuine comparison is more likely to fail than not (its fitted failure
+# chance on the compressed faces); the score limit's own failure chance (1 - min_score, ~0.67) left 5 of
+# 34 quality-3 faces passing, 4 of which fail at FMR 1e-3 (the JSON records both limits)
+BLOCKINESS_MAX_FAIL = 0.5
 
 
 def degrade(rgb: np.ndarray, kind: str, level: float) -> bytes:
@@ -102,7 +109,7 @@ class Collector:
             if exc.code != ErrorCode.no_face:
                 raise
             return None
-        return {**photo_parts(aligned.face), **crop_parts(aligned.crop)}, aligned.crop
+        return {**photo_parts(aligned.face), **crop_parts(aligned.crop, aligned.blockiness)}, aligned.crop
 
     def embed(self, crops: list[np.ndarray], mirror: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Raw outputs of the crops and (``mirror``) of their mirror images, else zeros."""
@@ -119,7 +126,7 @@ def parts_matrix(rows: list[dict | None]) -> np.ndarray:
 
 
 def collect_lfw(col: Collector, root: Path) -> dict:
-    cache = CACHE / "quality-lfw.npz"
+    cache = CACHE / "quality-lfw-v2.npz"
     if cache.exists():
         return dict(np.load(cache))
     files = sorted((root / "images").glob("*/*.jpg"))
@@ -140,7 +147,7 @@ def collect_lfw(col: Collector, root: Path) -> dict:
 
 
 def collect_celeba(col: Collector, root: Path) -> dict:
-    cache = CACHE / "quality-celeba.npz"
+    cache = CACHE / "quality-celeba-v2.npz"
     if cache.exists():
         return dict(np.load(cache))
     import csv
@@ -167,8 +174,60 @@ def collect_celeba(col: Collector, root: Path) -> dict:
     return out
 
 
+def collect_jpeg_fit(col: Collector, root: Path, n: int) -> dict:
+    """JPEG-compressed copies (``JPEG_FIT`` qualities) of ``n`` LFW originals other than the degraded
+    ones (offset by half the stride: other photos, other people), for fitting the blockiness limit."""
+    cache = CACHE / f"quality-jpeg-fit-{n}.npz"
+    if cache.exists():
+        return dict(np.load(cache))
+    stride = max(1, 1000 // n)
+    all_files = sorted((root / "images").glob("*/*.jpg"))
+    picked = list(range(stride // 2, len(all_files), stride))[:n]
+    rows, crops, source = [], [], []
+    for j in picked:
+        rgb = np.asarray(Image.open(all_files[j]).convert("RGB"))
+        for quality in JPEG_FIT:
+            got = col.photo(degrade(rgb, "jpeg", quality))
+            rows.append(None if got is None else got[0])
+            crops.append(got[1] if got else np.zeros((112, 112, 3), np.uint8))
+            source.append(j)
+    raw, _ = col.embed(crops, mirror=False)
+    out = {"parts": parts_matrix(rows), "raw": raw, "source": np.array(source)}
+    np.savez(cache, **out)
+    return out
+
+
+def blockiness_limit(fit: dict, lfw: dict, min_score: float) -> dict:
+    """The blockiness limit (``service.quality.fit_part_limit``): each compressed face's soft failure
+    label against its person's other LFW originals at LFW's FMR 1e-3 threshold, a logistic regression of
+    it on blockiness alone, and the value where a genuine comparison becomes more likely to fail than not
+    (``BLOCKINESS_MAX_FAIL``); the value where the fitted failure chance reaches the score limit's
+    (1 - ``min_score``) is recorded too."""
+    genuine, sims, threshold = comparisons(lfw)
+    del genuine, sims
+    emb = unit(lfw["raw"].astype(np.float64))
+    col = PARTS.index("blockiness")
+    values, labels = [], []
+    for i in range(len(fit["raw"])):
+        if np.isnan(fit["parts"][i, col]):
+            continue  # no face found in the compressed photo
+        src = int(fit["source"][i])
+        mates = [k for k in np.flatnonzero(lfw["identity"] == lfw["identity"][src]) if k != src and lfw["found"][k]]
+        if not mates:
+            continue
+        s = emb[mates] @ unit(fit["raw"][i:i + 1].astype(np.float64))[0]
+        labels.append(float(np.mean(1.0 / (1.0 + np.exp(-(threshold - s) / SOFT_WIDTH)))))
+        values.append(float(fit["parts"][i, col]))
+    limit, logistic = fit_part_limit(np.array(values), np.array(labels), "blockiness", BLOCKINESS_MAX_FAIL)
+    at_score_limit, _ = fit_part_limit(np.array(values), np.array(labels), "blockiness", 1.0 - min_score)
+    return {"limit": limit, "max_fail": BLOCKINESS_MAX_FAIL, "limit_at_score_limit_fail_chance": at_score_limit,
+            "faces": len(values), "photos": int(len(np.unique(fit["source"]))),
+            "jpeg_qualities": JPEG_FIT, "logistic": logistic.as_dict(),
+            "mean_fail_label": round(float(np.mean(labels)), 4)}
+
+
 def collect_degraded(col: Collector, root: Path, n: int) -> dict:
-    cache = CACHE / f"quality-degraded-{n}.npz"
+    cache = CACHE / f"quality-degraded-{n}-v2.npz"
     if cache.exists():
         return dict(np.load(cache))
     files = sorted((root / "images").glob("*/*.jpg"))[::max(1, 1000 // n)][:n]
@@ -195,8 +254,9 @@ SINGLE = {
     "size": lambda p: p["size"], "yaw": lambda p: -abs(p["yaw"]), "pitch": lambda p: -abs(p["pitch"]),
     "roll": lambda p: -abs(p["roll"]), "sharpness": lambda p: p["sharpness"],
     "exposure": lambda p: -abs(p["exposure"] - 127.5), "clipping": lambda p: -p["clipping"],
-    "detector": lambda p: p["detector"], "norm": lambda p: p["norm"],
+    "blockiness": lambda p: -p["blockiness"], "detector": lambda p: p["detector"], "norm": lambda p: p["norm"],
 }
+SCORED = tuple(p for p in PARTS if p not in LIMIT_ONLY)
 
 
 def rows_of(data: dict) -> list[dict[str, float]]:
@@ -307,6 +367,9 @@ def degradation_report(data: dict, model: QualityModel) -> dict:
         out[kind] = {
             "strengths": strengths,
             "spearman_rho_score_vs_strength": round(spearman(levels.astype(float), s), 4),
+            # blockiness (held to its own limit, not in the score), over the faces found
+            "spearman_rho_blockiness_vs_strength": round(spearman(
+                levels[~nf].astype(float), np.array([rows[i]["blockiness"] for i in np.flatnonzero(sel & found)])), 4),
             "median_score_by_level": [round(float(np.median(s[levels == k])), 4) for k in range(len(strengths))],
             "refused_share_by_level": [round(float(r[levels == k].mean()), 4) for k in range(len(strengths))],
             "no_face_share_by_level": [round(float(nf[levels == k].mean()), 4) for k in range(len(strengths))],
@@ -319,7 +382,8 @@ def cost(col: Collector, root: Path, n: int, model: QualityModel) -> dict:
     quality steps, interleaved in one run; the model's share is measured, not assumed."""
     files = sorted((root / "images").glob("*/*.jpg"))[:n]
     blobs = [f.read_bytes() for f in files]
-    without, with_q, step = [], [], []
+    rgbs = {data: read_header(data).to_rgb() for data in blobs}
+    without, with_q, step, blocky = [], [], [], []
     for rnd in range(3):
         for data in blobs:
             for quality in ((False, True) if rnd % 2 == 0 else (True, False)):
@@ -329,20 +393,26 @@ def cost(col: Collector, root: Path, n: int, model: QualityModel) -> dict:
                 vec = unit(raw)
                 if quality:
                     t1 = time.perf_counter()
-                    assess({**photo_parts(aligned.face), **crop_parts(aligned.crop), "norm": float(raw_norms(raw)[0])},
-                           model)
+                    parts = {**photo_parts(aligned.face), **crop_parts(aligned.crop, aligned.blockiness)}
+                    assess({**parts, "norm": float(raw_norms(raw)[0])}, model)
                     step.append(time.perf_counter() - t1)
+                    t2 = time.perf_counter()  # blockiness is measured in the alignment (before the warp): time it
+                    blockiness(rgbs[data], aligned.face.box)
+                    blocky.append(time.perf_counter() - t2)
                 (with_q if quality else without).append(time.perf_counter() - t0)
                 del vec
     a, b = float(np.median(without)) * 1000, float(np.median(with_q)) * 1000
     return {"photos": n, "rounds": 3, "median_ms_without_quality": round(a, 3), "median_ms_with_quality": round(b, 3),
             "added_share": round((b - a) / a, 4),
             # the quality step alone (parts + score), timed inside the runs above: steadier on a busy machine
-            "quality_step_median_ms": round(float(np.median(step)) * 1000, 3),
-            "quality_step_share_of_without": round(float(np.median(step)) * 1000 / a, 4)}
+            # (parts + score, plus the blockiness measure, which runs in the alignment: in both timings)
+            "quality_step_median_ms": round(float(np.median(step) + np.median(blocky)) * 1000, 3),
+            "blockiness_median_ms": round(float(np.median(blocky)) * 1000, 3),
+            "quality_step_share_of_without": round(float(np.median(step) + np.median(blocky)) * 1000 / a, 4)}
 
 
-def analyse(col: Collector, args: argparse.Namespace, lfw: dict, celeba: dict, degraded: dict) -> dict:
+def analyse(col: Collector, args: argparse.Namespace, lfw: dict, celeba: dict, degraded: dict,
+            jpeg_fit: dict) -> dict:
     """Fit on both populations together (each face labelled against its own population's FMR 1e-3
     threshold), cross-fitted by identity for the curves; ship the fit on all faces."""
     fractions = np.round(np.arange(0, 0.301, 0.01), 2)
@@ -373,8 +443,8 @@ def analyse(col: Collector, args: argparse.Namespace, lfw: dict, celeba: dict, d
         return float(sum(np.mean(ys[:21]) / ys[0] for ys in c.values()))
 
     every = crossfit()
-    ablation = {part: crossfit((part,)) for part in PARTS}
-    drop = tuple(p for p in PARTS if p != "norm" and merit(ablation[p]) < merit(every))
+    ablation = {part: crossfit((part,)) for part in SCORED}
+    drop = tuple(p for p in SCORED if p != "norm" and merit(ablation[p]) < merit(every))
     chosen = crossfit(drop) if drop else every
     if merit(chosen) >= merit(every):  # parts that help a little alone may still help together
         drop, chosen = (), every
@@ -396,6 +466,12 @@ def analyse(col: Collector, args: argparse.Namespace, lfw: dict, celeba: dict, d
               f"model: the crop and model parts only; default limits: the score refusing 1% of those faces, and "
               f"each part's value that alone takes a median face below it (never looser than the generic limits)")
     model = fit_quality(rows, labels, method=method, drop=drop)
+    blocky = blockiness_limit(jpeg_fit, lfw, model.min_score)
+    model = dataclasses.replace(model, limits={**model.limits, "blockiness": (None, blocky["limit"])},
+                                method=model.method + f"; blockiness (not scored): limit {blocky['limit']:g} where a "
+                                "logistic regression of genuine failure on blockiness alone, fitted on JPEG-compressed "
+                                f"copies of {blocky['photos']} other LFW originals (qualities {JPEG_FIT[0]}..{JPEG_FIT[-1]}), "
+                                f"reaches a {BLOCKINESS_MAX_FAIL:.0%} chance of failing")
     # the default enrollment decision on LFW's originals (a photo without a face would be no_face)
     lfw_rows = pops["lfw"]["rows"]
     refused = [q.failures(q.default_min) for q in (assess(r, model) for r in lfw_rows)]
@@ -414,7 +490,7 @@ def analyse(col: Collector, args: argparse.Namespace, lfw: dict, celeba: dict, d
                 "threshold_fmr_1e-3": round(p["threshold"], 5), "fnmr_no_rejection": round(c["random (mean of 100)"][0], 5),
                 "fnmr_at_10pct_rejected": {k: at10(v) for k, v in c.items()},
                 "mean_fnmr_0_to_20pct": {k: auc(v) for k, v in c.items()},
-                "ablation_fnmr_at_10pct_without": {part: at10(ablation[part][pop]) for part in PARTS},
+                "ablation_fnmr_at_10pct_without": {part: at10(ablation[part][pop]) for part in SCORED},
                 "fractions": fractions.tolist(), "curves": c}
 
     lfw_summary = {
@@ -436,6 +512,9 @@ def analyse(col: Collector, args: argparse.Namespace, lfw: dict, celeba: dict, d
         "celeba": {**summary("celeba"),
                    "note": "aligned crops; size, pose and detector score from its landmarks.csv (YuNet on the "
                            "original CelebA photo), so the photo score is measured; the crop-only score too"},
+        "blockiness_limit_fit": {**blocky, "jpeg_refused_share_by_level_at_score_limit_fail_chance": degradation_report(
+            degraded, dataclasses.replace(model, limits={**model.limits, "blockiness": (
+                None, blocky["limit_at_score_limit_fail_chance"])}))["jpeg"]["refused_share_by_level"]},
         "degradations": degradation_report(degraded, model),
         "cost": cost(col, args.data / "lfw-250-subset", args.cost_photos, model),
     }
@@ -456,10 +535,11 @@ def main(argv: list[str] | None = None) -> None:
     lfw = collect_lfw(col, args.data / "lfw-250-subset")
     celeba = collect_celeba(col, args.data / "celeba-299-112")
     degraded = collect_degraded(col, args.data / "lfw-250-subset", args.degraded)
+    jpeg_fit = collect_jpeg_fit(col, args.data / "lfw-250-subset", args.degraded)
     log.info("collected in %.0f s", time.time() - t0)
     if args.collect_only:
         return
-    result = analyse(col, args, lfw, celeba, degraded)
+    result = analyse(col, args, lfw, celeba, degraded, jpeg_fit)
     model: QualityModel = result.pop("model")
     if args.write_model:
         (REPO / "service" / "model" / SFACE_QUALITY_FILE).write_text(

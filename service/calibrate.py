@@ -36,6 +36,7 @@ from .openset import save_gallery_tail
 
 if TYPE_CHECKING:  # the pipeline is imported lazily, at run time
     from .pipeline import ImageType
+    from .quality import QualityModel
     from .state import ServiceState
 
 log = logging.getLogger(__name__)
@@ -126,20 +127,23 @@ def calibrate(settings: Settings, options: CalibrateOptions) -> dict:
                "pairs": tail.pairs, "skipped": found.skipped, "far_min": tail.far[-1],
                "table": dict(zip([f"{f:.2g}" for f in tail.far], tail.cosine))}
     if options.quality:
-        summary["quality"] = refit_quality(settings, model_id, found, source)
+        summary["quality"] = refit_quality(settings, model_id, found, source, state.contract.quality)
     log.info("calibration stored", extra={k: v for k, v in summary.items() if k not in ("table", "skipped")})
     return summary
 
 
-def refit_quality(settings: Settings, model_id: str, found: CalibrationSet, source: str) -> dict:
-    """Fit the face quality on the calibration faces and store it in the data dir."""
-    from .quality import fit_on_labelled, save_gallery_quality
+def refit_quality(settings: Settings, model_id: str, found: CalibrationSet, source: str,
+                  contract_quality: QualityModel | None = None) -> dict:
+    """Fit the face quality on the calibration faces and store it in the data dir (keeping the contract's
+    limits of the parts that a folder of ordinary photos cannot fit: ``quality.keep_limits_of``)."""
+    from .quality import fit_on_labelled, keep_limits_of, save_gallery_quality
 
     measured = [{k: v for k, v in p.items() if v is not None} for p in found.parts]
     try:
         model = fit_on_labelled(measured, found.embeddings, found.labels, source)
     except ValueError as exc:
         raise CalibrationError(f"quality: {exc}") from exc
+    model = keep_limits_of(model, contract_quality)  # blockiness: fitted on compressed faces, not here
     path = save_gallery_quality(settings.data_dir, model_id, model)
     return {"stored": str(path), "min_score": model.min_score, "min_score_crop": model.min_score_crop,
             **model.evidence}

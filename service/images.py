@@ -358,3 +358,36 @@ def decode_photo(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: i
     """Photo bytes -> upright HxWx3 uint8 RGB array (``read_header`` then ``to_rgb``), no budget: for
     tools and tests; the service decodes through ``detection.PhotoAligner``, which reserves memory."""
     return read_header(data, max_pixels=max_pixels, max_bytes=max_bytes).to_rgb()
+
+
+BLOCK = 8  # the JPEG (DCT) block size
+BLOCKINESS_MAX_SIDE = 256  # a larger face region is measured on its central window (the grid is the same)
+
+
+def blockiness(rgb: np.ndarray, box: tuple[float, float, float, float] | None = None) -> float:
+    """How strongly an 8x8 block grid shows in a region of an image (``box`` = x, y, w, h in its pixels;
+    None: the whole image): the mean absolute step between neighbouring columns (rows) at the grid's
+    phase, over the median step at the 8 phases, horizontal and vertical averaged. About 1 where no grid
+    shows (an uncompressed or well-compressed photo), rising with JPEG compression; measured on the
+    pixels as decoded, before any warp (alignment destroys the grid). The phase is the strongest of the
+    8, so a crop or an EXIF rotation that shifted the grid does not matter."""
+    h, w = rgb.shape[:2]
+    if box is None:
+        x0, y0, x1, y1 = 0, 0, w, h
+    else:
+        x, y, bw, bh = box
+        cx, cy = x + bw / 2, y + bh / 2
+        half_w, half_h = min(bw, BLOCKINESS_MAX_SIDE) / 2, min(bh, BLOCKINESS_MAX_SIDE) / 2
+        x0, x1 = max(0, int(cx - half_w)), min(w, int(cx + half_w) + 1)
+        y0, y1 = max(0, int(cy - half_h)), min(h, int(cy + half_h) + 1)
+    region = np.asarray(rgb[y0:y1, x0:x1], dtype=np.float32)
+    if region.ndim == 3:
+        region = region @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    if region.shape[0] < 2 * BLOCK or region.shape[1] < 2 * BLOCK:
+        return 1.0  # too small to see a grid
+    ratios = []
+    for steps in (np.abs(np.diff(region, axis=1)).mean(axis=0), np.abs(np.diff(region, axis=0)).mean(axis=1)):
+        usable = len(steps) // BLOCK * BLOCK
+        phase_means = steps[:usable].reshape(-1, BLOCK).mean(axis=0)
+        ratios.append((float(phase_means.max()) + 0.5) / (float(np.median(phase_means)) + 0.5))
+    return float(np.mean(ratios))

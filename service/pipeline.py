@@ -50,11 +50,14 @@ class FaceBatch:
     parts: list[dict[str, float | None]] = field(default_factory=list)  # quality parts measured so far
     quality: list[Quality] = field(default_factory=list)  # set once embedded (the model's part needs it)
 
-    def add(self, crop: np.ndarray, index: int, face: DetectedFace | None = None) -> None:
+    def add(self, crop: np.ndarray, index: int, face: DetectedFace | None = None,
+            blockiness: float | None = None) -> None:
+        """One face: its crop, and for a photo's face where it was and the photo's blockiness around it
+        (measured before the alignment's warp; an aligned crop's is measured on the crop)."""
         self.crops.append(crop)
         self.image_index.append(index)
         self.located.append(face)
-        self.parts.append({**(photo_parts(face) if face is not None else {}), **crop_parts(crop)})
+        self.parts.append({**(photo_parts(face) if face is not None else {}), **crop_parts(crop, blockiness)})
 
     def assess(self, state: ServiceState, norms: np.ndarray) -> None:
         """Each face's quality, from its parts and the model's output norm."""
@@ -139,7 +142,7 @@ def decode_faces(
                 batch.add(aligned_crop(header, size), index)
             continue
         for aligned in photo_aligner(state, index).aligned(header, index, multi_face):
-            batch.add(aligned.crop, index, aligned.face)
+            batch.add(aligned.crop, index, aligned.face, aligned.blockiness)
     if len(batch.crops) > settings.max_faces_per_request:
         raise ServiceError(
             ErrorCode.too_many_faces,

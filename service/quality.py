@@ -7,6 +7,10 @@ Every part is measured where its input is (docs: ../design.md section 4):
 * ``sharpness`` (variance of the Laplacian of the aligned crop's face region, 0..255 gray levels),
   ``exposure`` (mean gray level of the face region) and ``clipping`` (share of its pixels at <= 5 or
   >= 250) from the aligned crop (here);
+* ``blockiness`` (``images.blockiness``: how strongly a JPEG 8x8 block grid shows, ~1 for none) on the
+  photo around the face before the alignment warps it, or on an aligned crop itself; held to a limit
+  of its own (fitted on JPEG-compressed photos by bench/quality.py), not part of the score: the
+  photos the score is fitted on are all well compressed, so it carries nothing there;
 * ``norm``, the model-based part: the L2 norm of the model's raw output before normalisation (for
   SFace it carries quality: bench/quality.py measures it against the mirror-agreement alternative).
 
@@ -24,7 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +37,12 @@ import numpy as np
 
 from .detection.detector import DetectedFace
 from .detection.geometry import face_geometry
+from .images import blockiness
 
 log = logging.getLogger(__name__)
 
-PARTS = ("size", "yaw", "pitch", "roll", "sharpness", "exposure", "clipping", "detector", "norm")
+PARTS = ("size", "yaw", "pitch", "roll", "sharpness", "exposure", "clipping", "blockiness", "detector", "norm")
+LIMIT_ONLY = ("blockiness",)  # held to a limit, not part of the fitted score
 PHOTO_ONLY = ("size", "yaw", "pitch", "roll", "detector")  # need the photo and the detector's landmarks
 NOT_MEASURED = "aligned crop: no photo or landmarks to measure it on"
 
@@ -56,15 +62,17 @@ GENERIC_LIMITS: dict[str, tuple[float | None, float | None]] = {
 _REGION = (0.25, 0.92, 0.18, 0.82)  # top, bottom, left, right as fractions of the crop
 
 
-def crop_parts(crop: np.ndarray) -> dict[str, float]:
-    """Sharpness, exposure and clipping of an aligned HxWx3 uint8 RGB crop."""
+def crop_parts(crop: np.ndarray, photo_blockiness: float | None = None) -> dict[str, float]:
+    """Sharpness, exposure and clipping of an aligned HxWx3 uint8 RGB crop, and blockiness: the photo's
+    around the face (``photo_blockiness``, measured before the warp) or, for an aligned crop, the crop's."""
     h, w = crop.shape[:2]
     top, bottom, left, right = (int(round(f * n)) for f, n in zip(_REGION, (h, h, w, w)))
     gray = cv2.cvtColor(np.ascontiguousarray(crop[top:bottom, left:right]), cv2.COLOR_RGB2GRAY)
     scale = 112.0 / h  # the Laplacian's variance per pixel of a 112-px crop
     sharpness = float(cv2.Laplacian(gray, cv2.CV_32F).var()) * scale**4
     clipped = float(np.mean((gray <= 5) | (gray >= 250)))
-    return {"sharpness": sharpness, "exposure": float(gray.mean()), "clipping": clipped}
+    return {"sharpness": sharpness, "exposure": float(gray.mean()), "clipping": clipped,
+            "blockiness": blockiness(crop) if photo_blockiness is None else float(photo_blockiness)}
 
 
 def photo_parts(face: DetectedFace) -> dict[str, float]:
@@ -81,8 +89,8 @@ def features(parts: dict[str, float], names: tuple[str, ...]) -> np.ndarray:
             out.append(math.log(max(parts["size"], 1.0)))
         elif name in ("yaw", "pitch", "roll"):
             out.append(abs(parts[name]))
-        elif name == "sharpness":
-            out.append(math.log1p(max(parts["sharpness"], 0.0)))
+        elif name in ("sharpness", "blockiness"):
+            out.append(math.log1p(max(parts[name], 0.0)))
         elif name == "exposure":
             out.append(abs(parts["exposure"] - 127.5))
         else:
@@ -288,8 +296,9 @@ def fit_quality(parts: list[dict[str, float]], fails: np.ndarray, method: str = 
     The default enrollment limit refuses ``REFUSE_SHARE`` of these faces. Each part's limit is where that
     part alone (the others at their median) takes the score below that limit, but never looser than
     ``GENERIC_LIMITS`` (a part the fit barely weighs would otherwise allow a 2-pixel face); parts with
-    no such point keep the generic limit."""
-    drop = (*drop, *(p for p in PARTS if any(p not in row for row in parts)))  # aligned crops: no photo parts
+    no such point keep the generic limit. ``LIMIT_ONLY`` parts are not scored and get no limit here
+    (``fit_part_limit`` fits theirs on faces where they vary: bench/quality.py for the default model)."""
+    drop = (*drop, *LIMIT_ONLY, *(p for p in PARTS if any(p not in row for row in parts)))  # aligned crops: no photo parts
     photo_names = tuple(p for p in PARTS if p not in drop)
     crop_names = tuple(p for p in CROP_PARTS if p not in drop)
     x = np.array([features(p, photo_names) for p in parts])
@@ -325,6 +334,28 @@ def fit_quality(parts: list[dict[str, float]], fails: np.ndarray, method: str = 
         fit_lo, fit_hi = limits[name]
         limits[name] = (_stricter(fit_lo, lo, max), _stricter(fit_hi, hi, min))
     return QualityModel(photo, crop, limits, min_score, min_score_crop, method, evidence or {})
+
+
+def fit_part_limit(values: np.ndarray, fails: np.ndarray, name: str, max_fail: float) -> tuple[float, Logistic]:
+    """The upper limit of one part from faces where it varies (``values``; ``fails``: each face's soft
+    genuine-failure label): a logistic regression of failure on the part alone, and the value where the
+    fitted chance that a genuine comparison fails reaches ``max_fail``."""
+    x = np.array([features({name: float(v)}, (name,)) for v in values])
+    logistic = fit_logistic(x, fails, (name,), l2=0.0)
+    grid = np.exp(np.linspace(0.0, math.log(max(float(np.max(values)), 1.0) * 2), 2000)) - 1.0
+    failing = [v for v in grid if logistic.score({name: float(v)}) < 1.0 - max_fail]
+    if not failing or logistic.weights[0] <= 0:
+        raise ValueError(f"{name}: failure does not rise with it on these faces; no limit can be fitted")
+    return round(float(failing[0]), 3), logistic
+
+
+def keep_limits_of(model: QualityModel, fitted: QualityModel | None) -> QualityModel:
+    """``model`` (a refit on faces where the ``LIMIT_ONLY`` parts do not vary) with those parts' limits
+    from ``fitted`` (the model contract's), which was fitted where they vary."""
+    if fitted is None:
+        return model
+    kept = {name: fitted.limits[name] for name in LIMIT_ONLY if name in fitted.limits and name not in model.limits}
+    return replace(model, limits={**model.limits, **kept}) if kept else model
 
 
 def _stricter(a: float | None, b: float | None, pick: Any) -> float | None:

@@ -14,6 +14,7 @@ from ..deps import ApiKey, StateDep
 from ..detection import align_face
 from ..errors import ErrorCode, ServiceError
 from ..identity_ids import find_identity
+from ..images import blockiness
 from ..openset import IdentifyThreshold
 from ..payload import body_docs, json_response, read_payload
 from ..pipeline import FaceBatch, decoded_photo, embed_images, embed_raw
@@ -193,7 +194,7 @@ def _detect_all(state: ServiceState, blobs: list[bytes], return_crops: bool) -> 
             for face in found:
                 item = {"image_index": index, **face.as_dict()}
                 aligned = align_face(rgb, face, state.template)  # type: ignore[arg-type]
-                batch.add(aligned, index, face)
+                batch.add(aligned, index, face, blockiness(rgb, face.box))
                 if return_crops:
                     crop = cv2.cvtColor(aligned, cv2.COLOR_RGB2BGR)
                     item["crop"] = base64.b64encode(cv2.imencode(".png", crop)[1].tobytes()).decode()

@@ -17,6 +17,7 @@ from typing import Literal, get_args
 import cv2
 import numpy as np
 
+from ..images import blockiness
 from .detector import DetectedFace, FaceDetector, gray_plane
 from .errors import NoFaceDetected
 
@@ -184,6 +185,7 @@ def select_faces(
 class AlignedFace:
     face: DetectedFace  # where it was found, in the photo's (upright) pixel coordinates
     crop: np.ndarray  # template.size x 3 uint8 RGB, ready for the model's preprocessing
+    blockiness: float = 1.0  # JPEG block grid in the photo around the face, before the warp (``images.blockiness``)
 
 
 def align_faces(
@@ -193,7 +195,8 @@ def align_faces(
     select + align step: the service's ``PhotoAligner`` and ``detect_and_align`` both run it).
     Raises ``NoFaceDetected`` when there is none."""
     chosen = select_faces(faces, policy, image.shape)
-    return [AlignedFace(face=face, crop=align_face(image, face, template)) for face in chosen]
+    return [AlignedFace(face=face, crop=align_face(image, face, template), blockiness=blockiness(image, face.box))
+            for face in chosen]
 
 
 def detect_and_align(

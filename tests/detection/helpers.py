@@ -20,7 +20,7 @@ SHARED = Path(os.environ.get("FACE_SHARED_DATA", Path(__file__).resolve().parent
 LFW_112 = SHARED / "lfw-112"
 LFW_250 = SHARED / "lfw-250-subset"
 # the two fixture photos with other people in them; the rest show one face each
-MULTI_FACE_PHOTOS = ("Alvaro_Silva_Calderon_0002.jpg", "Ben_Affleck_0001.jpg")
+MULTI_FACE_PHOTOS = ("Alvaro_Silva_Calderon_0002.jpg", "Ben_Affleck_0001.jpg", "Chris_Byrd_0002.jpg")
 
 
 def photo_files() -> list[Path]:

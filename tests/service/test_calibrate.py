@@ -59,5 +59,8 @@ def test_quality_is_refitted_on_the_folder_and_preferred_to_the_models(tmp_path,
     assert set(refit.photo.names) == set(refit.crop.names) == {"sharpness", "exposure", "clipping", "norm"}
     assert gallery_quality(settings.data_dir, "another@model") is None
     assert (settings.data_dir / GALLERY_QUALITY_FILE).exists()
+    # a user's folder has no compressed faces to fit the blockiness limit on: the model's is kept
     state = _service_state(settings)
+    assert state.contract.quality is not None and state.contract.quality.limits["blockiness"][1] is not None
+    assert refit.limits["blockiness"] == state.contract.quality.limits["blockiness"]
     assert state.quality_source == "gallery" and state.quality_model == refit

@@ -54,8 +54,15 @@ def dark() -> str:
     return png((rgb(SHARP).astype(np.float32) * 0.12).round().astype(np.uint8))
 
 
+def compressed() -> str:
+    """The photo saved as a JPEG of quality 3 (the strongest level of bench/quality.py's degradations)."""
+    out = io.BytesIO()
+    Image.fromarray(rgb(SHARP)).save(out, "JPEG", quality=3)
+    return b64(out.getvalue())
+
+
 BAD = {"blurred": (blurred, "sharpness"), "tiny": (tiny, "size"), "dark": (dark, "exposure"),
-       "sideways": (lambda: b64(SIDEWAYS), "yaw")}
+       "sideways": (lambda: b64(SIDEWAYS), "yaw"), "compressed": (compressed, "blockiness")}
 
 
 @pytest.fixture(scope="module", params=["embedded", "postgres"])
@@ -109,6 +116,21 @@ def test_a_bad_face_is_refused_at_enrollment_with_its_reason_and_nothing_is_stor
     assert r.status_code == 200, r.text
     assert r.json()["quality"][0]["passed"] is False  # stored by force; its quality still says what it misses
     assert client.delete(f"/identities/{identity}").status_code == 200
+
+
+def test_blockiness_is_measured_on_an_aligned_crop_itself(client):
+    """An aligned crop sent as a heavily compressed JPEG keeps its 8x8 grid: refused for blockiness; the
+    same crop as PNG is not."""
+    crop = rgb(face_files("George_W_Bush")[0])
+    out = io.BytesIO()
+    Image.fromarray(crop).save(out, "JPEG", quality=3)
+    identity = f"crop-{uuid.uuid4().hex[:6]}"
+    r = client.post("/enroll", json={"identity_id": identity, "images": [b64(out.getvalue())]})
+    assert r.status_code == 422, r.text
+    assert "blockiness" in {reason["part"] for reason in r.json()["error"]["details"]["reasons"]}
+    assert client.get(f"/identities/{identity}").status_code == 404
+    quality = client.post("/embed", json={"images": [png(crop)]}).json()["quality"][0]
+    assert quality["parts"]["blockiness"]["passed"] and quality["parts"]["blockiness"]["value"] < 2
 
 
 def test_one_bad_face_refuses_a_multi_image_enroll(client):
