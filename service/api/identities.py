@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
+import numpy as np
 from fastapi import APIRouter, Path, Query, Request
 from starlette.concurrency import run_in_threadpool
 
 from ..deps import ApiKey, StateDep
 from ..errors import ErrorCode, ServiceError
+from ..gallery.results import TooManyFacesForIdentity
 from ..metadata import MetadataLimits, check_metadata
+from ..openset import HUB_SEARCH_K, find_hub
 from ..payload import body_docs, read_payload
 from ..schemas import (
     DeleteResponse,
@@ -20,6 +23,7 @@ from ..schemas import (
     IdentityPage,
     IdentitySummary,
 )
+from ..state import ServiceState
 from ..vectors import list_source, source_vectors
 
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 422)}
@@ -38,19 +42,51 @@ async def enroll(request: Request, state: StateDep) -> EnrollResponse:
     `metadata` replaces the stored metadata. The response comes after the write is durable.
     Photos: one face per image (`multi_face`: the `largest`, or the one nearest the `center`).
     Embeddings instead of images: `embeddings` with the served `model_id`.
+
+    An identity holds at most `FACE_MAX_FACES_PER_IDENTITY` faces (413 `too_many_faces_for_identity`).
+    A face that scores high against many different enrolled identities at once, improbably for a real
+    face (`FACE_ENROLL_HUB_ALPHA`), is refused with 422 `implausible_face`: such a "hub" would be
+    named for strangers. Either way nothing is written.
     """
     payload, images = await read_payload(request, EnrollRequest, ("images",),
                                          max_images=state.settings.max_faces_per_request)
     check_metadata(payload.metadata, MetadataLimits(state.settings.max_metadata_bytes,
                                                     state.settings.max_metadata_depth))
+    limit = state.settings.max_faces_per_identity
+    given = len(images.get("images", [])) or len(payload.embeddings or [])
+    if given > limit:  # refused before any inference; the gallery checks the identity's total
+        raise _too_many(TooManyFacesForIdentity(payload.identity_id, 0, given, limit))
     vectors, faces = await source_vectors(state, list_source(payload, images))
-    enrolled = await run_in_threadpool(
-        state.gallery.enroll, payload.identity_id, vectors, payload.metadata, payload.replace
-    )
+    if state.settings.enroll_hub_alpha > 0:
+        await run_in_threadpool(_refuse_hubs, state, payload.identity_id, vectors)
+    try:
+        enrolled = await run_in_threadpool(
+            state.gallery.enroll, payload.identity_id, vectors, payload.metadata, payload.replace, limit
+        )
+    except TooManyFacesForIdentity as exc:
+        raise _too_many(exc) from None
     return EnrollResponse(identity_id=payload.identity_id, created=enrolled.created, face_ids=enrolled.face_ids,
                           faces_replaced=enrolled.faces_removed, face_count=enrolled.face_count,
                           model_id=state.contract.model_id,
                           faces=faces.locations())
+
+
+def _too_many(exc: TooManyFacesForIdentity) -> ServiceError:
+    return ServiceError(ErrorCode.too_many_faces_for_identity, str(exc), identity_id=exc.identity_id,
+                        faces=exc.existing, adding=exc.adding, limit=exc.limit)
+
+
+def _refuse_hubs(state: ServiceState, identity_id: str, vectors: np.ndarray) -> None:
+    """One gallery search for the new faces (in the worker thread, like the write): a face whose
+    scores against other identities are improbable for a real face is refused."""
+    decision = state.open_set_threshold()
+    hub = find_hub(decision, state.gallery.search(vectors, HUB_SEARCH_K), identity_id, state.settings.enroll_hub_alpha)
+    if hub is not None:
+        raise ServiceError(
+            ErrorCode.implausible_face,
+            f"face {hub.face_index} scores high against {len(hub.identities)} different enrolled identities at once: "
+            f"probability {hub.probability:.2g} for a real face (FACE_ENROLL_HUB_ALPHA {state.settings.enroll_hub_alpha:g})",
+            face_index=hub.face_index, probability=hub.probability, identities=hub.identities, scores=hub.scores)
 
 
 @router.get("/identities", response_model=IdentityPage, summary="List identities")
