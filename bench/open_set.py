@@ -36,6 +36,7 @@ from bench.common import machine, save
 from bench.embeddings import Embedded, embed_dataset
 from service.model.calibration import (
     FACES_ALPHA,
+    FACES_COUNTED_PER_IDENTITY,
     ImpostorTail,
     impostor_histogram,
     tail_from_histogram,
@@ -111,7 +112,10 @@ def best_match(gallery: Gallery, probes: np.ndarray) -> tuple[np.ndarray, np.nda
 
 def evaluate(split: Split, tail: ImpostorTail, fpir: float, alpha: float = FACES_ALPHA) -> dict:
     g = split.gallery
-    chosen = threshold_for_gallery(tail, fpir, g.identities, len(g.faces), alpha)
+    # sized as the service sizes it: each identity's faces count up to FACES_COUNTED_PER_IDENTITY
+    per_identity = np.diff(np.append(g.starts, len(g.faces)))
+    counted = int(np.minimum(per_identity, FACES_COUNTED_PER_IDENTITY).sum())
+    chosen = threshold_for_gallery(tail, fpir, g.identities, counted, alpha)
     t = chosen.threshold
     _, unknown_best = best_match(g, split.unknown)
     who, known_best = best_match(g, split.known)
