@@ -467,7 +467,12 @@ class Gallery:
     def _nearest(self, probes: np.ndarray, k: int) -> list[list[Hit]]:
         """The k nearest live faces of each probe, named (caller holds the read lock). A label
         without an identity cannot happen under the lock; it would come back as None (skipped)."""
-        labels, sims = self._index.search(probes, k)
+        try:
+            labels, sims = self._index.search(probes, k)
+        except RuntimeError:  # hnswlib found fewer than k live faces: compare with every one
+            log.info("exact search: the index graph gave fewer than k faces", extra={"k": k, "live": self._index.live})
+            live = np.fromiter(self._label_identity.keys(), dtype=np.int64, count=len(self._label_identity))
+            labels, sims = self._index.exact(probes, k, live)
         names = self._label_identity
         return [[(label, names.get(label), sim) for label, sim in zip(row_labels, row_sims)]
                 for row_labels, row_sims in zip(labels.tolist(), sims.tolist())]

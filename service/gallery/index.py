@@ -123,6 +123,18 @@ class HnswIndex:
         labels, distances = self._live_index.knn_query(vectors, k=k)
         return labels.astype(np.int64), (1.0 - distances).astype(np.float32)
 
+    def exact(self, vectors: np.ndarray, k: int, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Like ``search``, by comparing with every one of ``labels`` (the live elements): for when
+        the graph search cannot find k live elements (k near the live count, or a graph mostly of
+        deleted slots before compaction: hnswlib then raises)."""
+        k = min(k, len(labels))
+        stored = np.asarray(self._live_index.get_items(labels), dtype=np.float32)
+        stored /= np.maximum(np.linalg.norm(stored, axis=1, keepdims=True), 1e-12)
+        queries = np.asarray(vectors, dtype=np.float32)
+        sims = (queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)) @ stored.T
+        top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+        return np.asarray(labels, dtype=np.int64)[top], np.take_along_axis(sims, top, axis=1)
+
     @property
     def capacity(self) -> int:
         return self._index.get_max_elements() if self._index is not None else 0

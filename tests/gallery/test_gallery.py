@@ -164,6 +164,30 @@ def test_concurrent_appends_cannot_overshoot_the_cap(gallery):
     assert gallery.get_identity("busy").record.face_count == 10
 
 
+@pytest.mark.parametrize("case", ["mostly_deleted", "one_big_identity"])
+def test_search_finds_k_faces_where_the_graph_search_cannot(backend, case):
+    """hnswlib raised 'Cannot return the results in a contiguous 2D array' (a 500 on /identify and
+    /enroll) when asked for nearly every live face (a probe widening past an identity of many faces)
+    or when the graph is mostly deleted slots (300 near-duplicates replaced by 3)."""
+    gallery, rng = backend(dim=128, ef_search="auto"), np.random.default_rng(0)
+
+    def unit128(v):
+        return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+
+    centre = rng.normal(size=(1, 128))
+    gallery.enroll("crowd", unit128(centre + rng.normal(scale=0.02, size=(300, 128))))
+    if case == "mostly_deleted":
+        gallery.enroll("crowd", unit128(centre + rng.normal(scale=0.02, size=(3, 128))), replace=True)
+        found = gallery.search(unit128(rng.normal(size=(4, 128))), 17)
+        assert all([m.identity_id for m in row] == ["crowd"] for row in found)
+    else:
+        others = unit128(rng.normal(size=(30, 128)))
+        for i, v in enumerate(others):
+            gallery.enroll(f"other{i}", v[None])
+        found = gallery.search(unit128(centre + rng.normal(scale=0.02, size=(4, 128))), 17)
+        assert all(len(row) == 17 and row[0].identity_id == "crowd" for row in found)
+
+
 def test_counted_faces_count_each_identity_up_to_the_cap(backend):
     """n_eff's face count: every write keeps sum(min(faces, cap)) exact, and a reopen agrees."""
     rng, cap = np.random.default_rng(23), FACES_COUNTED_PER_IDENTITY
