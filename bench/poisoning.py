@@ -12,7 +12,9 @@ fed LFW embeddings made by the service's own model (bench/embeddings.py cache) t
   it), strangers named in all, strangers for which it is the closest candidate. Deleted after.
 * Stuffing attack (item 2): one identity stuffed with 10,000 near-duplicates (the mean of the 200
   enrolled faces plus N(0, 0.02) noise per dimension, normalised), 64 per /enroll: faces accepted,
-  the threshold and the figures again. Deleted after.
+  the threshold and the figures again. Deleted after. ``stuffing_plain_face``: the same around one
+  ordinary face (another LFW person), which the hub check has no reason to refuse: what the cap and
+  the counted n_eff alone do.
 * Genuine enrollments: 1,000 further LFW people enrolled one per request: how many are refused
   (implausible_face; target none), and /enroll latency.
 
@@ -91,6 +93,9 @@ class Protocol:
         self.centroids = kmeans_sphere(self.enrolled, 4, rng)
         noise = rng.normal(scale=0.02, size=(10_000, self.enrolled.shape[1]))
         self.stuffing = unit(self.mean[None, :] + noise)
+        # the same stuffing around an ordinary face (a real person not otherwise used): no hub
+        plain = data.embeddings[rows[rest[strangers + genuine]][0]]
+        self.stuffing_plain = unit(plain[None, :] + noise)
 
 
 class Client:
@@ -125,9 +130,13 @@ def figures(client: Client, p: Protocol, attacker: str | None = None) -> dict:
         "strangers": len(p.strangers),
     }
     if attacker is not None:
-        top = [r["candidates"][0]["identity_id"] if r["candidates"] else None for r in strangers]
+        def top(results: list[dict]) -> list[str | None]:
+            return [r["candidates"][0]["identity_id"] if r["candidates"] else None for r in results]
+
         out["strangers_captured"] = sum(r["identity_id"] == attacker for r in strangers)
-        out["strangers_closest_to_attacker"] = sum(t == attacker for t in top)
+        out["strangers_closest_to_attacker"] = sum(t == attacker for t in top(strangers))
+        # a genuine probe whose top candidate is the attacker lost its own identity (score or search)
+        out["genuine_closest_to_attacker"] = sum(t == attacker for t in top(genuine))
     return out
 
 
@@ -144,16 +153,16 @@ def attack_hub(client: Client, p: Protocol, name: str, faces: np.ndarray) -> dic
     return out
 
 
-def attack_stuffing(client: Client, p: Protocol) -> dict:
+def attack_stuffing(client: Client, p: Protocol, faces: np.ndarray) -> dict:
     started, accepted, codes = time.perf_counter(), 0, {}
-    for start in range(0, len(p.stuffing), BATCH):
-        r = client.enroll("stuffer", p.stuffing[start:start + BATCH])
+    for start in range(0, len(faces), BATCH):
+        r = client.enroll("stuffer", faces[start:start + BATCH])
         if r.status_code == 200:
             accepted += len(r.json()["face_ids"])
         else:
             code = r.json()["error"]["code"]
             codes[code] = codes.get(code, 0) + 1
-    out = {"faces_sent": len(p.stuffing), "faces_accepted": accepted, "refusals": codes,
+    out = {"faces_sent": len(faces), "faces_accepted": accepted, "refusals": codes,
            "seconds": round(time.perf_counter() - started, 1)}
     out |= figures(client, p, attacker="stuffer")
     if accepted:
@@ -188,7 +197,8 @@ def run(label: str, backend: str, p: Protocol, workdir: Path, pg_url: str | None
                   "baseline": figures(client, p)}
         result["hub_4_centroids"] = attack_hub(client, p, "hub4", p.centroids)
         result["hub_mean"] = attack_hub(client, p, "hub-mean", p.mean[None])
-        result["stuffing"] = attack_stuffing(client, p)
+        result["stuffing"] = attack_stuffing(client, p, p.stuffing)
+        result["stuffing_plain_face"] = attack_stuffing(client, p, p.stuffing_plain)
         result["genuine_enrollments"] = genuine_enrollments(client, p)
         log.info("%s %s: %s", label, backend, {k: v for k, v in result.items() if k != "env"})
         return result

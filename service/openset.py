@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from .gallery.search import Match
 from .model.calibration import (
+    COPY_SCORE,
     HUB_RANKS,
     CalibrationError,
     ImpostorTail,
@@ -165,7 +166,8 @@ def identify_threshold(inputs: ThresholdInputs, counts: GalleryCounts, tail: Imp
 
 
 # --- hub faces: refused at enrollment ------------------------------------------------------------
-HUB_SEARCH_K = HUB_RANKS + 1  # identities asked of the gallery per new face: the enrolling one may be among them
+# identities asked of the gallery per new face: the enrolling one may be among them, and a few copies
+HUB_SEARCH_K = HUB_RANKS + 4
 
 
 @dataclass(frozen=True)
@@ -187,7 +189,7 @@ def find_hub(decision: IdentifyThreshold, matches: list[list[Match]], enrolling:
         return None
     worst: HubFace | None = None
     for index, candidates in enumerate(matches):
-        others = [m for m in candidates if m.identity_id != enrolling][:HUB_RANKS]
+        others = [m for m in candidates if m.identity_id != enrolling and m.score < COPY_SCORE][:HUB_RANKS]
         probability, rank = hub_probability(decision.tail, [m.score for m in others], decision.n_eff)
         if probability < alpha and (worst is None or probability < worst.probability):
             worst = HubFace(index, probability, [m.identity_id for m in others[:rank]],

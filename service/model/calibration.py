@@ -52,9 +52,14 @@ FACES_ALPHA = 1.0
 # open-set protocol (2-5 faces) unchanged, and bounds what one stuffed identity adds to n_eff to 19.
 # Stored in the postgres counters: changing it recounts them at the next start.
 FACES_COUNTED_PER_IDENTITY = 20
-# hub check: the K best other identities a new face is compared with (min over m = 2..K of the
-# chance that m of them score that high, times K - 1 for the look at K - 1 ranks)
+# hub check: the K best other identities a new face is compared with; ranks m = HUB_MIN_RANK..K are
+# judged (min over them of the chance that m impostor comparisons score that high, times the ranks
+# judged). Starting at 8 lets one person be enrolled under up to 7 other ids (a likeness, not a hub);
+# a crafted hub is most improbable at the 16th rank anyway (bench/poisoning.py: starting at 2, 4 or 8
+# changed no figure). Scores of COPY_SCORE and above are the same picture enrolled again: not judged.
 HUB_RANKS = 16
+HUB_MIN_RANK = 8
+COPY_SCORE = 0.95
 
 
 class CalibrationError(ValueError):
@@ -296,17 +301,18 @@ def poisson_tail(lam: float, m: int) -> float:
 
 
 def hub_probability(tail: ImpostorTail, scores: list[float], n_eff: float) -> tuple[float, int]:
-    """How probable a face's scores against *different* identities (best first) are for a real face:
-    min over m = 2..len(scores) of P(at least m of n_eff impostor comparisons reach the m-th best
-    score), times the ranks looked at (Bonferroni). One high score is a likeness (or the same person
-    enrolled twice) and is not judged; a face near many identities at once is what a crafted hub
-    (a mean of faces) looks like. Returns (probability, the m that gave it)."""
-    ranks = len(scores) - 1
-    if ranks < 1 or n_eff <= 0:
+    """How probable a face's scores against *different* identities (best first, copies, scores of
+    ``COPY_SCORE`` and above, left out) are under the impostor tail: min over m = HUB_MIN_RANK..HUB_RANKS
+    of P(at least m of n_eff impostor comparisons reach the m-th best score), times the ranks judged
+    (Bonferroni). A few high scores are a likeness (the same person under a few ids) and are not
+    judged; a face near many identities at once is what a crafted hub (a mean of faces) looks like.
+    Returns (probability, the m that gave it; 0 when nothing was judged)."""
+    judged = [s for s in scores if s < COPY_SCORE][:HUB_RANKS]
+    if len(judged) < HUB_MIN_RANK or n_eff <= 0:
         return 1.0, 0
     best, at = 1.0, 0
-    for m, score in enumerate(scores[1:], start=2):
-        p = poisson_tail(n_eff * tail.far_at(score), m)
+    for m in range(HUB_MIN_RANK, len(judged) + 1):
+        p = poisson_tail(n_eff * tail.far_at(judged[m - 1]), m)
         if p < best:
             best, at = p, m
-    return min(1.0, best * ranks), at
+    return min(1.0, best * (HUB_RANKS - HUB_MIN_RANK + 1)), at

@@ -239,11 +239,13 @@ def test_poisson_tail_is_exact_and_keeps_tiny_values():
 
 def test_hub_probability_judges_many_high_scores_not_one():
     tail = packaged_impostor_tail()
-    one_likeness = [0.9] + [0.05] * 15  # the same person under another id: one score, not judged
-    assert hub_probability(tail, one_likeness, 1000)[0] == pytest.approx(1.0)
+    likeness = [0.9] * 7 + [0.05] * 9  # the same person under 7 other ids: not judged
+    assert hub_probability(tail, likeness, 1000)[0] == pytest.approx(1.0)
+    copies = [1.0] * 12 + [0.05] * 4  # the same picture enrolled 12 times: copies, not judged
+    assert hub_probability(tail, copies, 1000)[0] == pytest.approx(1.0)
     hub = [0.45] * 16  # 16 identities at a score an impostor pair reaches with FAR ~1e-5
     probability, rank = hub_probability(tail, hub, 200)
-    assert probability < 1e-30 and rank == 16
+    assert probability < 1e-30 and rank == 16 and hub_probability(tail, hub[:7], 200)[0] == 1.0
     # the same scores are less surprising in a gallery 100 times larger, never more
     assert hub_probability(tail, hub, 20_000)[0] > probability
     assert hub_probability(tail, [], 100) == (1.0, 0)
