@@ -52,16 +52,13 @@ async def enroll(request: Request, state: StateDep) -> EnrollResponse:
                                          max_images=state.settings.max_faces_per_request)
     check_metadata(payload.metadata, MetadataLimits(state.settings.max_metadata_bytes,
                                                     state.settings.max_metadata_depth))
-    limit = state.settings.max_faces_per_identity
-    given = len(images.get("images", [])) or len(payload.embeddings or [])
-    if given > limit:  # refused before any inference; the gallery checks the identity's total
-        raise _too_many(TooManyFacesForIdentity(payload.identity_id, 0, given, limit))
     vectors, faces = await source_vectors(state, list_source(payload, images))
     if state.settings.enroll_hub_alpha > 0:
         await run_in_threadpool(_refuse_hubs, state, payload.identity_id, vectors)
     try:
         enrolled = await run_in_threadpool(
-            state.gallery.enroll, payload.identity_id, vectors, payload.metadata, payload.replace, limit
+            state.gallery.enroll, payload.identity_id, vectors, payload.metadata, payload.replace,
+            state.settings.max_faces_per_identity,  # counted inside the write: concurrent appends cannot overshoot
         )
     except TooManyFacesForIdentity as exc:
         raise _too_many(exc) from None
