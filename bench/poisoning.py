@@ -187,7 +187,8 @@ def run(label: str, backend: str, p: Protocol, workdir: Path, pg_url: str | None
     env = {"FACE_WARMUP": "false", "FACE_LOG_LEVEL": "warning", **(env or {})}
     if backend == "postgres":
         env |= {"FACE_DATABASE_URL": str(pg_url), "FACE_DATABASE_SCHEMA": str(schema)}
-    server = ServerProcess(workdir / f"{label}-{backend}" / "data", env=env, source=source)
+    own = Path(tempfile.mkdtemp(dir=workdir, prefix=f"{label}-{backend}-"))  # a fresh gallery per run
+    server = ServerProcess(own / "data", env=env, source=source)
     try:
         server.wait_ready()
         client = Client(server.url)
