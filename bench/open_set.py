@@ -36,6 +36,7 @@ from bench.common import machine, save
 from bench.embeddings import Embedded, embed_dataset
 from service.model.calibration import (
     FACES_ALPHA,
+    FACES_COUNTED_PER_IDENTITY,
     ImpostorTail,
     impostor_histogram,
     tail_from_histogram,
@@ -79,7 +80,7 @@ def by_person(data: Embedded) -> dict[int, np.ndarray]:
 
 def make_split(data: Embedded, enrolled: list[int], unknown_people: list[int], faces_per: str,
                rng: np.random.Generator, unknown_images: int = UNKNOWN_IMAGES) -> Split:
-    """faces_per: "1" (first image), or "2-5" (random 2..5, keeping one image to probe)."""
+    """faces_per: "1" (first image), or "lo-hi" such as "2-5" (random lo..hi, keeping one image to probe)."""
     rows = by_person(data)
     faces, starts, people, known, known_people = [], [], [], [], []
     for person in enrolled:
@@ -87,7 +88,8 @@ def make_split(data: Embedded, enrolled: list[int], unknown_people: list[int], f
         if faces_per == "1":
             k = 1
         else:
-            k = min(int(rng.integers(2, 6)), max(1, len(images) - 1))
+            lo, hi = (int(x) for x in faces_per.split("-"))
+            k = min(int(rng.integers(lo, hi + 1)), max(1, len(images) - 1))
         starts.append(len(faces))
         faces.extend(images[:k].tolist())
         people.append(person)
@@ -111,7 +113,10 @@ def best_match(gallery: Gallery, probes: np.ndarray) -> tuple[np.ndarray, np.nda
 
 def evaluate(split: Split, tail: ImpostorTail, fpir: float, alpha: float = FACES_ALPHA) -> dict:
     g = split.gallery
-    chosen = threshold_for_gallery(tail, fpir, g.identities, len(g.faces), alpha)
+    # sized as the service sizes it: each identity's faces count up to FACES_COUNTED_PER_IDENTITY
+    per_identity = np.diff(np.append(g.starts, len(g.faces)))
+    counted = int(np.minimum(per_identity, FACES_COUNTED_PER_IDENTITY).sum())
+    chosen = threshold_for_gallery(tail, fpir, g.identities, counted, alpha)
     t = chosen.threshold
     _, unknown_best = best_match(g, split.unknown)
     who, known_best = best_match(g, split.known)
@@ -140,9 +145,10 @@ def run_protocol(data: Embedded, tail: ImpostorTail, sizes: list[int], faces_per
         order = rng.permutation(pool)
         unknown = order[:n_unknown].tolist()
         rest = order[n_unknown:]
-        if faces_per != "1":  # people with at least 3 images can give 2+ faces and keep one to probe
-            multi = [p for p in rest if len(rows[p]) >= 3]
-            single = [p for p in rest if len(rows[p]) < 3]
+        if faces_per != "1":  # people with at least lo + 1 images can give lo+ faces and keep one to probe
+            need = int(faces_per.split("-")[0]) + 1
+            multi = [p for p in rest if len(rows[p]) >= need]
+            single = [p for p in rest if len(rows[p]) < need]
             rest = np.asarray(multi + (single if mixed else []))
         for n in sizes:
             if n > len(rest):
@@ -183,6 +189,10 @@ def main(argv: list[str] | None = None) -> None:
     report["lfw_one_face"] = run_protocol(lfw, tail, sizes, "1", args.fpir, seeds)
     report["lfw_2to5_faces"] = run_protocol(lfw, tail, [300, 600, 800], "2-5", args.fpir, seeds)
     report["lfw_2to5_faces_mixed"] = run_protocol(lfw, tail, [1000, 3000, 4749], "2-5", args.fpir, seeds, mixed=True)
+    # many faces per identity (LFW's people with 6+ images, 5-40 faces each): n_eff counts each identity's
+    # faces up to FACES_COUNTED_PER_IDENTITY; FPIR must stay within the bound here too
+    report["lfw_5to40_faces"] = run_protocol(lfw, tail, [100, 200], "5-40", args.fpir, seeds)
+    report["faces_counted_per_identity"] = FACES_COUNTED_PER_IDENTITY
 
     # the weight of extra faces per identity (n_eff = N * (F/N)**alpha): FPIR with other choices
     report["faces_alpha_sweep"] = {

@@ -185,6 +185,18 @@ class Settings(BaseSettings):
         "A model without a fitted quality is held to the part limits (size, pose, sharpness, exposure) only.",
     )
     max_top_k: int = Field(100, ge=1, le=1000, description="Largest top_k a request may ask for.")
+    max_faces_per_identity: int = Field(
+        256, ge=1, le=100_000,
+        description="Most faces one identity may hold; an /enroll that would exceed it is refused (413 "
+        "too_many_faces_for_identity) and writes nothing.",
+    )
+    enroll_hub_alpha: float = Field(
+        1e-20, ge=0, lt=1,
+        description="/enroll refuses (422 implausible_face) a face whose scores against many different enrolled "
+        "identities are less probable than this under the impostor tail (a crafted 'hub' that would be named for "
+        "strangers); 0 turns the check off. The model understates how often real faces sit near many others: on "
+        "LFW real faces reached 1e-13, crafted hubs 1e-28 and below (bench/poisoning.py).",
+    )
     readyz_cache_ms: float = Field(
         1000, ge=0, le=60_000, description="/readyz reuses its last real inference for this long (0: every call)."
     )

@@ -41,6 +41,8 @@ class ErrorCode(str, Enum):
     gallery_unavailable = "gallery_unavailable"
     invalid_metadata = "invalid_metadata"
     metadata_too_large = "metadata_too_large"
+    too_many_faces_for_identity = "too_many_faces_for_identity"
+    implausible_face = "implausible_face"
     # auth and server
     unauthorized = "unauthorized"
     host_not_allowed = "host_not_allowed"
@@ -81,6 +83,8 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.gallery_unavailable: 503,
     ErrorCode.invalid_metadata: 422,
     ErrorCode.metadata_too_large: 413,
+    ErrorCode.too_many_faces_for_identity: 413,
+    ErrorCode.implausible_face: 422,
     ErrorCode.unauthorized: 401,
     ErrorCode.host_not_allowed: 421,
     ErrorCode.cross_origin_refused: 403,

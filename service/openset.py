@@ -18,11 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from .gallery.search import Match
 from .model.calibration import (
+    COPY_SCORE,
+    HUB_RANKS,
     CalibrationError,
     ImpostorTail,
     effective_comparisons,
     fpir_for_far,
+    hub_probability,
     stranger_probability,
     threshold_for_gallery,
 )
@@ -38,6 +42,7 @@ TailSource = Literal["gallery", "model"]
 class GalleryCounts:
     identities: int
     faces: int
+    counted_faces: int  # sum over identities of min(faces, FACES_COUNTED_PER_IDENTITY): sizes n_eff
 
 
 @dataclass(frozen=True)
@@ -54,7 +59,7 @@ class IdentifyThreshold:
 
     @property
     def n_eff(self) -> float:
-        return effective_comparisons(self.counts.identities, self.counts.faces)
+        return effective_comparisons(self.counts.identities, self.counts.counted_faces)
 
     @property
     def fpir_estimated(self) -> float | None:
@@ -151,10 +156,42 @@ def identify_threshold(inputs: ThresholdInputs, counts: GalleryCounts, tail: Imp
     if inputs.fixed is not None:
         return IdentifyThreshold(inputs.fixed, "setting", None, **common)
     if tail is not None:
-        found = threshold_for_gallery(tail, inputs.fpir, counts.identities, counts.faces)
+        found = threshold_for_gallery(tail, inputs.fpir, counts.identities, counts.counted_faces)
         # a tiny gallery would allow a looser threshold than 1:1 verification: never go below that
         return IdentifyThreshold(max(found.threshold, inputs.verify), "fpir", inputs.fpir,
                                  extrapolated=found.extrapolated, **common)
     if inputs.model_identify is not None:
         return IdentifyThreshold(inputs.model_identify, "model", None, **common)
     return IdentifyThreshold(inputs.verify, "verify", None, **common)
+
+
+# --- hub faces: refused at enrollment ------------------------------------------------------------
+# identities asked of the gallery per new face: the enrolling one may be among them, and a few copies
+HUB_SEARCH_K = HUB_RANKS + 4
+
+
+@dataclass(frozen=True)
+class HubFace:
+    """A face about to be enrolled whose scores against many other identities are improbable."""
+
+    face_index: int  # in the request
+    probability: float  # hub_probability of its scores (Bonferroni-corrected)
+    identities: list[str]  # the other identities it scores highest against, best first (the m judged)
+    scores: list[float]
+
+
+def find_hub(decision: IdentifyThreshold, matches: list[list[Match]], enrolling: str, alpha: float) -> HubFace | None:
+    """The most improbable of the new faces (``matches``: each face's gallery search, ``HUB_SEARCH_K``
+    identities) if its scores against identities other than ``enrolling`` are less probable than
+    ``alpha`` under the impostor tail for this gallery's n_eff; None when every face is plausible, or
+    when no tail is known (then nothing says what is improbable)."""
+    if decision.tail is None or alpha <= 0:
+        return None
+    worst: HubFace | None = None
+    for index, candidates in enumerate(matches):
+        others = [m for m in candidates if m.identity_id != enrolling and m.score < COPY_SCORE][:HUB_RANKS]
+        probability, rank = hub_probability(decision.tail, [m.score for m in others], decision.n_eff)
+        if probability < alpha and (worst is None or probability < worst.probability):
+            worst = HubFace(index, probability, [m.identity_id for m in others[:rank]],
+                            [round(m.score, 4) for m in others[:rank]])
+    return worst

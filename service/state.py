@@ -67,7 +67,7 @@ class ServiceState:
     def open_set_threshold(self, requested: float | None = None) -> IdentifyThreshold:
         # 1:N needs a stricter threshold than 1:1, rising with gallery size; see service.openset
         tail, source = choose_tail(self.gallery_tail.current(), self.contract.impostor_tail)
-        counts = GalleryCounts(self.gallery.identity_count, self.gallery.face_count)
+        counts = GalleryCounts(self.gallery.identity_count, self.gallery.face_count, self.gallery.counted_faces)
         inputs = ThresholdInputs(fixed=self.settings.identify_threshold, fpir=self.settings.identify_fpir,
                                  model_identify=self.contract.identify_threshold, verify=self.verify_threshold)
         return _identify_threshold(inputs, counts, tail, source, requested)

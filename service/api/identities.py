@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
+import numpy as np
 from fastapi import APIRouter, Path, Query, Request
 from starlette.concurrency import run_in_threadpool
 
 from ..deps import ApiKey, StateDep
+from ..errors import ErrorCode, ServiceError
+from ..gallery.results import TooManyFacesForIdentity
 from ..identity_ids import MAX_LENGTH, find_identity
 from ..metadata import MetadataLimits, check_metadata
+from ..openset import HUB_SEARCH_K, find_hub
 from ..payload import body_docs, read_payload
 from ..schemas import (
     ID_PATTERN,
@@ -21,6 +25,7 @@ from ..schemas import (
     IdentityPage,
     IdentitySummary,
 )
+from ..state import ServiceState
 from ..vectors import list_source, source_vectors
 
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 422)}
@@ -46,6 +51,10 @@ async def enroll(request: Request, state: StateDep) -> EnrollResponse:
     `details.reasons`: each limit missed and by how much) and nothing is stored. `min_quality` raises
     the limit; `force_quality: true` (the admin key) lowers it to `min_quality`, or without one
     skips the check. Client `embeddings` carry no quality and are not checked.
+    An identity holds at most `FACE_MAX_FACES_PER_IDENTITY` faces (413 `too_many_faces_for_identity`).
+    A face that scores high against many different enrolled identities at once, improbably for a real
+    face (`FACE_ENROLL_HUB_ALPHA`), is refused with 422 `implausible_face`: such a "hub" would be
+    named for strangers. Either way nothing is written.
     """
     payload, images = await read_payload(request, EnrollRequest, ("images",),
                                          max_images=state.settings.max_faces_per_request, vector_fields=("embeddings",),
@@ -54,15 +63,39 @@ async def enroll(request: Request, state: StateDep) -> EnrollResponse:
                                                     state.settings.max_metadata_depth))
     vectors, faces = await source_vectors(state, list_source(payload, images))
     faces.refuse_low_quality(state.settings.enroll_min_quality, payload.min_quality, payload.force_quality)
-    enrolled = await run_in_threadpool(
-        state.gallery.enroll, payload.identity_id, vectors, payload.metadata, payload.replace
-    )
+    if state.settings.enroll_hub_alpha > 0:
+        await run_in_threadpool(_refuse_hubs, state, payload.identity_id, vectors)
+    try:
+        enrolled = await run_in_threadpool(
+            state.gallery.enroll, payload.identity_id, vectors, payload.metadata, payload.replace,
+            state.settings.max_faces_per_identity,  # counted inside the write: concurrent appends cannot overshoot
+        )
+    except TooManyFacesForIdentity as exc:
+        raise _too_many(exc) from None
     return EnrollResponse(identity_id=payload.identity_id, created=enrolled.created, face_ids=enrolled.face_ids,
                           faces_replaced=enrolled.faces_removed, face_count=enrolled.face_count,
                           model_id=state.contract.model_id,
                           faces=faces.locations(),
                           quality=faces.qualities(state.settings.enroll_min_quality, payload.min_quality,
                                                   payload.force_quality) if faces.quality else None)
+
+
+def _too_many(exc: TooManyFacesForIdentity) -> ServiceError:
+    return ServiceError(ErrorCode.too_many_faces_for_identity, str(exc), identity_id=exc.identity_id,
+                        faces=exc.existing, adding=exc.adding, limit=exc.limit)
+
+
+def _refuse_hubs(state: ServiceState, identity_id: str, vectors: np.ndarray) -> None:
+    """One gallery search for the new faces (in the worker thread, like the write): a face whose
+    scores against other identities are improbable for a real face is refused."""
+    decision = state.open_set_threshold()
+    hub = find_hub(decision, state.gallery.search(vectors, HUB_SEARCH_K), identity_id, state.settings.enroll_hub_alpha)
+    if hub is not None:
+        raise ServiceError(
+            ErrorCode.implausible_face,
+            f"face {hub.face_index} scores high against {len(hub.identities)} different enrolled identities at once: "
+            f"probability {hub.probability:.2g} for a real face (FACE_ENROLL_HUB_ALPHA {state.settings.enroll_hub_alpha:g})",
+            face_index=hub.face_index, probability=hub.probability, identities=hub.identities, scores=hub.scores)
 
 
 @router.get("/identities", response_model=IdentityPage, summary="List identities")

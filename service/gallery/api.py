@@ -10,9 +10,13 @@ Two backends implement :class:`GalleryBackend`:
 
 What every backend means by the same call (the contract the shared tests check on both):
 
-* ``enroll(id, faces, metadata, replace)``: one atomic write. A new id is created; for an existing
-  id the faces are appended (``replace=False``) or replace all its faces (``replace=True``); given
-  ``metadata`` replaces the stored metadata, ``None`` keeps it. Acknowledged = committed (durable).
+* ``enroll(id, faces, metadata, replace, max_faces)``: one atomic write. A new id is created; for an
+  existing id the faces are appended (``replace=False``) or replace all its faces (``replace=True``);
+  given ``metadata`` replaces the stored metadata, ``None`` keeps it. Acknowledged = committed
+  (durable). If the identity would then hold more than ``max_faces`` faces, counted inside the
+  write (concurrent appends cannot overshoot), nothing is written: :class:`TooManyFacesForIdentity`.
+* ``counted_faces``: the sum over identities of min(faces, ``FACES_COUNTED_PER_IDENTITY``), kept as
+  cheaply and as consistently as ``face_count``: it sizes the open-set threshold (calibration.py).
 * ``import_identities(items)``: all new ids in one transaction; an existing id aborts it all
   (:class:`IdentityExists`).
 * ``delete(id)``: the identity and its faces are erased; no search that starts after the call
@@ -34,7 +38,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import numpy as np
 
 from .gallery import Gallery, GalleryOptions
-from .results import EnrollResult, FaceRecord, IdentityDetails, IdentityRecord
+from .results import EnrollResult, FaceRecord, IdentityDetails, IdentityRecord, TooManyFacesForIdentity
 from .search import GalleryModelMismatch, Match, check_model, group_by_identity, search_identities
 
 if TYPE_CHECKING:
@@ -43,9 +47,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "EnrollResult", "FaceRecord", "GalleryBackend", "GalleryBusy", "GalleryModelMismatch", "GalleryStats", "GalleryUnavailable",
-    "IdentityDetails", "IdentityExists", "IdentityRecord", "Match", "ReadTarget", "EmbeddedGallery", "check_model",
-    "group_by_identity", "open_gallery", "search_identities",
+    "EnrollResult", "FaceRecord", "GalleryBackend", "GalleryBusy", "GalleryModelMismatch", "GalleryStats",
+    "GalleryUnavailable", "IdentityDetails", "IdentityExists", "IdentityRecord", "Match", "ReadTarget", "EmbeddedGallery",
+    "TooManyFacesForIdentity", "check_model", "group_by_identity", "open_gallery", "search_identities",
 ]
 
 
@@ -103,7 +107,12 @@ class GalleryBackend(Protocol):
 
     @property
     def face_count(self) -> int:
-        """Faces in the gallery, as cheaply known as identity_count (sizes the open-set threshold)."""
+        """Faces in the gallery, as cheaply known as identity_count."""
+
+    @property
+    def counted_faces(self) -> int:
+        """Sum over identities of min(faces, FACES_COUNTED_PER_IDENTITY), known as cheaply as
+        face_count (sizes the open-set threshold)."""
 
     @property
     def load_state(self) -> str:
@@ -121,7 +130,7 @@ class GalleryBackend(Protocol):
     def close(self) -> None: ...
 
     def enroll(self, identity_id: str, embeddings: np.ndarray, metadata: dict | None = None,
-               replace: bool = False) -> EnrollResult: ...
+               replace: bool = False, max_faces: int | None = None) -> EnrollResult: ...
 
     def import_identities(self, items: list[tuple[str, np.ndarray, dict | None]]) -> list[list[int]]: ...
 
@@ -167,6 +176,10 @@ class EmbeddedGallery:
         return self.gallery.face_count
 
     @property
+    def counted_faces(self) -> int:
+        return self.gallery.counted_faces
+
+    @property
     def load_state(self) -> str:
         return self.gallery.load_state
 
@@ -185,8 +198,8 @@ class EmbeddedGallery:
         self.gallery.close()
 
     def enroll(self, identity_id: str, embeddings: np.ndarray, metadata: dict | None = None,
-               replace: bool = False) -> EnrollResult:
-        return self.gallery.enroll(identity_id, embeddings, metadata, replace)
+               replace: bool = False, max_faces: int | None = None) -> EnrollResult:
+        return self.gallery.enroll(identity_id, embeddings, metadata, replace, max_faces)
 
     def import_identities(self, items: list[tuple[str, np.ndarray, dict | None]]) -> list[list[int]]:
         import sqlite3

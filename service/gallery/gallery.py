@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..model.calibration import FACES_COUNTED_PER_IDENTITY, counted_faces
 from .index import BackgroundSave, HnswIndex
 from .lock import DataDirLock
 from .results import EnrollResult, IdentityDetails, IdentityRecord
@@ -128,6 +129,7 @@ class Gallery:
         self._index = HnswIndex(dim, m, ef_construction, ef_search)
         self._label_identity: dict[int, str] = {}
         self.identity_count = 0  # kept in memory so /identify need not count rows
+        self.counted_faces = 0  # sum of min(faces, FACES_COUNTED_PER_IDENTITY) per identity: sizes n_eff
         self.store: Store | None = None
         self._dir_lock = DataDirLock(self.data_dir)
         self._files = SnapshotFiles(self.data_dir, self.INDEX_FILE, self.INDEX_META_FILE)
@@ -246,6 +248,7 @@ class Gallery:
             self._rebuild(store_ids)
         self._label_identity = dict(zip(store_ids.tolist(), identities))
         self.identity_count = self._live_store.counts()[0]
+        self.counted_faces = self._live_store.counted_faces(FACES_COUNTED_PER_IDENTITY)
         # a rebuilt index, or a replayed one, is worth a snapshot soon: the next crash then replays less
         self._changes = len(store_ids) if source == "rebuilt" else replayed["added"] + replayed["erased"]
         log.info(
@@ -497,12 +500,15 @@ class Gallery:
             log.warning("WAL checkpoint busy after a delete; the next one truncates it")
 
     def enroll(self, identity_id: str, embeddings: np.ndarray, metadata: dict | None = None,
-               replace: bool = False) -> EnrollResult:
-        """Add faces to an identity (created if new), or with ``replace`` swap its faces for these."""
+               replace: bool = False, max_faces: int | None = None) -> EnrollResult:
+        """Add faces to an identity (created if new), or with ``replace`` swap its faces for these;
+        TooManyFacesForIdentity (nothing written) if it would hold more than ``max_faces``."""
         embeddings = self._check_vectors(embeddings)
         self._require_ready()
         with self._lock.write():
-            added = self._live_store.add_faces(identity_id, embeddings, metadata, replace)
+            added = self._live_store.add_faces(identity_id, embeddings, metadata, replace, max_faces)
+            before = added.face_count - len(added.face_ids) + len(added.removed)
+            self.counted_faces += counted_faces(added.face_count) - counted_faces(before)
             # committed: from here on the enrollment is durable; the index follows the store
             self._erase(added.removed)
             self._index_update("add", lambda: self._index.add(embeddings, np.asarray(added.face_ids, dtype=np.int64)))
@@ -524,6 +530,7 @@ class Gallery:
                 self._log_change(labels, vectors)
             for (identity_id, _, _), ids in zip(items, face_ids):
                 self._label_identity.update((fid, identity_id) for fid in ids)
+                self.counted_faces += counted_faces(len(ids))
             self.identity_count += len(items)
         return face_ids
 
@@ -536,6 +543,7 @@ class Gallery:
                 return None
             self._erase(face_ids)
             self.identity_count -= 1
+            self.counted_faces -= counted_faces(len(face_ids))
         return len(face_ids)
 
     # --- reads -------------------------------------------------------------------------------

@@ -13,7 +13,10 @@ identities it last read, inside the transaction of its last search or write.
   which also locks it, so two replicas enrolling the same new id at once end with one identity
   holding both faces, and a replace or delete cannot interleave with another write to that identity.
 * Counts: ``counters`` holds per-slot deltas (16 slots, a random one per write, so writers on many
-  replicas rarely wait for each other); their sum is exact and cheap to read.
+  replicas rarely wait for each other) of identities, faces and counted faces (each identity's faces
+  up to ``FACES_COUNTED_PER_IDENTITY``, which sizes the open-set threshold); their sum is exact and
+  cheap to read. A write to an identity holds its row lock, so it knows the identity's face count
+  before and after, and the face cap (``max_faces``) is checked inside the same transaction.
 * Faults: a lost or refused connection raises :class:`GalleryUnavailable` (the API answers 503
   ``database_unavailable``); the pools check connections before lending them and reconnect by themselves.
 * Pools: writes and reads have a pool each (FACE_DATABASE_POOL_SIZE, FACE_DATABASE_READ_POOL_SIZE), so
@@ -41,10 +44,11 @@ from pgvector.psycopg import register_vector
 from psycopg import sql
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from ..model.calibration import FACES_COUNTED_PER_IDENTITY, counted_faces
 from . import consistency
 from .api import GalleryBusy, GalleryStats, GalleryUnavailable, IdentityExists, ReadTarget
 from .ef import AUTO, search_ef
-from .results import EnrollResult, FaceRecord, IdentityDetails, IdentityRecord
+from .results import EnrollResult, FaceRecord, IdentityDetails, IdentityRecord, TooManyFacesForIdentity
 from .search import Hit, Match, check_model, search_identities
 from .standbys import Standby, Standbys
 
@@ -95,7 +99,14 @@ MIGRATIONS: tuple[Migration, ...] = (
                faces      bigint NOT NULL DEFAULT 0)""",
         f"INSERT INTO counters(slot) SELECT generate_series(0, {COUNTER_SLOTS - 1})",
     )),
+    # filled (and refilled whenever FACES_COUNTED_PER_IDENTITY changes) by migrate(): see recount
+    Migration(2, "counted faces (each identity's faces up to a cap) in the counters", (
+        "ALTER TABLE counters ADD COLUMN counted_faces bigint NOT NULL DEFAULT 0",
+    )),
 )
+COUNTS_SQL = ("SELECT COALESCE(sum(identities), 0), COALESCE(sum(faces), 0), COALESCE(sum(counted_faces), 0) "
+              "FROM counters")
+COUNTED_CAP_KEY = "counted_faces_cap"  # in meta: the FACES_COUNTED_PER_IDENTITY the counters hold
 
 
 @dataclass(frozen=True)
@@ -240,7 +251,7 @@ class Pool:
         self.failing = True
 
 
-def migrate(conn: psycopg.Connection, options: PostgresOptions, model_id: str, dim: int) -> list[int]:
+def migrate(conn: psycopg.Connection, options: PostgresOptions, model_id: str, dim: int) -> list[int | str]:
     """Bring the schema up to date and check the model guard; returns the versions applied now.
 
     Everything runs in one transaction under an advisory lock: a second replica starting at the same
@@ -263,7 +274,7 @@ def migrate(conn: psycopg.Connection, options: PostgresOptions, model_id: str, d
             conn.execute("INSERT INTO meta(key, value) VALUES ('model_id', %s), ('embedding_size', %s)",
                          (model_id, str(dim)))
         done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
-        applied: list[int] = []
+        applied: list[int | str] = []
         for migration in MIGRATIONS:
             if migration.version in done:
                 continue
@@ -273,7 +284,22 @@ def migrate(conn: psycopg.Connection, options: PostgresOptions, model_id: str, d
             conn.execute("INSERT INTO schema_migrations(version, description) VALUES (%s, %s)",
                          (migration.version, migration.description))
             applied.append(migration.version)
+        if meta.get(COUNTED_CAP_KEY) != str(FACES_COUNTED_PER_IDENTITY):
+            _recount(conn)
+            applied.append(f"counted faces recounted (cap {FACES_COUNTED_PER_IDENTITY})")
     return applied
+
+
+def _recount(conn: psycopg.Connection) -> None:
+    """Set the counted faces from the faces themselves, for the cap in force (inside migrate's
+    transaction and advisory lock: writers of another version cannot be mid-write on a new column)."""
+    conn.execute("LOCK TABLE counters IN EXCLUSIVE MODE")  # a running replica's writes wait
+    conn.execute("UPDATE counters SET counted_faces = 0")
+    conn.execute("UPDATE counters SET counted_faces = (SELECT COALESCE(sum(LEAST(n, %s)), 0) FROM "
+                 "(SELECT count(*) AS n FROM faces GROUP BY identity_id) AS per_identity) WHERE slot = 0",
+                 (FACES_COUNTED_PER_IDENTITY,))
+    conn.execute("INSERT INTO meta(key, value) VALUES (%s, %s) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                 (COUNTED_CAP_KEY, str(FACES_COUNTED_PER_IDENTITY)))
 
 
 class PostgresGallery:
@@ -297,6 +323,7 @@ class PostgresGallery:
             wait_s=options.read_wait_ms / 1000, check_interval_s=options.lag_check_ms / 1000)
         self._identity_count = 0
         self._face_count = 0
+        self._counted_faces = 0
 
     @property
     def identity_count(self) -> int:
@@ -305,6 +332,10 @@ class PostgresGallery:
     @property
     def face_count(self) -> int:
         return self._face_count
+
+    @property
+    def counted_faces(self) -> int:
+        return self._counted_faces
 
     # the database holds the index: nothing to load in the background
     load_state = "ready"
@@ -457,21 +488,21 @@ class PostgresGallery:
                     break
         return face_ids
 
-    def _count(self, conn: psycopg.Connection, identities: int, faces: int, of_identity: str | None = None) -> int:
-        """Record this write's deltas in a random counter slot, then read the exact totals, and (same
-        statement) the faces of ``of_identity`` as this transaction leaves them (0 when None)."""
-        if identities or faces:
-            conn.execute("UPDATE counters SET identities = identities + %s, faces = faces + %s WHERE slot = %s",
-                         (identities, faces, random.randrange(COUNTER_SLOTS)))
-        total_identities, total_faces, identity_faces = (int(v) for v in _one(conn.execute(
-            "SELECT COALESCE(sum(identities), 0), COALESCE(sum(faces), 0), "
-            "(SELECT count(*) FROM faces WHERE identity_id = %s) FROM counters", (of_identity,))))
-        self._identity_count, self._face_count = total_identities, total_faces
-        return identity_faces
+    def _count(self, conn: psycopg.Connection, identities: int, faces: int, counted: int) -> None:
+        """Record this write's deltas in a random counter slot, then read the exact totals."""
+        if identities or faces or counted:
+            conn.execute("UPDATE counters SET identities = identities + %s, faces = faces + %s, "
+                         "counted_faces = counted_faces + %s WHERE slot = %s",
+                         (identities, faces, counted, random.randrange(COUNTER_SLOTS)))
+        self._read_counts(_one(conn.execute(COUNTS_SQL)))
+
+    def _read_counts(self, row: tuple[Any, ...]) -> None:
+        self._identity_count, self._face_count, self._counted_faces = (int(v) for v in row)
 
     def enroll(self, identity_id: str, embeddings: np.ndarray, metadata: dict | None = None,
-               replace: bool = False) -> EnrollResult:
-        """Append (or with ``replace`` swap) faces of an identity, creating it if new; one transaction."""
+               replace: bool = False, max_faces: int | None = None) -> EnrollResult:
+        """Append (or with ``replace`` swap) faces of an identity, creating it if new; one transaction.
+        Over ``max_faces`` faces: TooManyFacesForIdentity, and the transaction rolls back."""
         vectors = self._vectors(embeddings)
         now = time.time()
         with self._transaction() as conn:
@@ -484,13 +515,19 @@ class PostgresGallery:
                    RETURNING (xmax = 0)""",
                 {"id": identity_id, "meta": json.dumps(metadata) if metadata is not None else None, "now": now},
             ))[0]
+            # the identity's row is locked: no other write to it can change its count before commit
+            before = 0 if created else int(_one(conn.execute(
+                "SELECT count(*) FROM faces WHERE identity_id = %s", (identity_id,)))[0])
+            kept = 0 if replace else before
+            if max_faces is not None and kept + len(vectors) > max_faces:
+                raise TooManyFacesForIdentity(identity_id, kept, len(vectors), max_faces)
             removed = 0
             if replace and not created:
                 removed = conn.execute("DELETE FROM faces WHERE identity_id = %s", (identity_id,)).rowcount
             face_ids = self._insert_faces(conn, identity_id, vectors, now)
-            # the identity's row is locked: no other write to it can change its count before commit
-            face_count = self._count(conn, int(created), len(face_ids) - removed, of_identity=identity_id)
-        return EnrollResult(face_ids, bool(created), removed, face_count)
+            after = before - removed + len(face_ids)
+            self._count(conn, int(created), len(face_ids) - removed, counted_faces(after) - counted_faces(before))
+        return EnrollResult(face_ids, bool(created), removed, after)
 
     def import_identities(self, items: list[tuple[str, np.ndarray, dict | None]]) -> list[list[int]]:
         """New identities only, all in one transaction; an existing id aborts it (IdentityExists)."""
@@ -514,7 +551,7 @@ class PostgresGallery:
                             copy.write_row((face_id, identity_id, vector, now))
                 it = iter(ids)
                 face_ids = [[next(it) for _ in range(len(np.atleast_2d(emb)))] for _, emb, _ in items]
-                self._count(conn, len(items), len(flat))
+                self._count(conn, len(items), len(flat), sum(counted_faces(len(ids)) for ids in face_ids))
         except psycopg.errors.UniqueViolation as exc:
             raise IdentityExists(f"an identity of the import is already enrolled: {exc.diag.message_detail}") from exc
         return face_ids
@@ -524,11 +561,11 @@ class PostgresGallery:
         with self._transaction() as conn:
             # lock the identity first so a concurrent enroll of it waits (and then creates it anew)
             if conn.execute("SELECT 1 FROM identities WHERE identity_id = %s FOR UPDATE", (identity_id,)).fetchone() is None:
-                self._count(conn, 0, 0)
+                self._count(conn, 0, 0, 0)
                 return None
             faces = conn.execute("DELETE FROM faces WHERE identity_id = %s", (identity_id,)).rowcount
             conn.execute("DELETE FROM identities WHERE identity_id = %s", (identity_id,))
-            self._count(conn, -1, -faces)
+            self._count(conn, -1, -faces, -counted_faces(faces))
         return faces
 
     # --- reads -------------------------------------------------------------------------------
@@ -548,13 +585,13 @@ class PostgresGallery:
         with conn.pipeline():
             counts = conn.execute(
                 "SELECT set_config('hnsw.iterative_scan', %s, true), set_config('hnsw.ef_search', %s, true), "
-                "(SELECT COALESCE(sum(identities), 0) FROM counters), (SELECT COALESCE(sum(faces), 0) FROM counters)",
+                "(SELECT COALESCE(sum(identities), 0) FROM counters), (SELECT COALESCE(sum(faces), 0) FROM counters), "
+                "(SELECT COALESCE(sum(counted_faces), 0) FROM counters)",
                 (self.options.iterative_scan, str(self._ef(k))))
             scans = [conn.execute(
                 "SELECT face_id, identity_id, 1 - (embedding <=> %b) FROM faces ORDER BY embedding <=> %b LIMIT %s",
                 (probe, probe, k)) for probe in probes]
-        row = _one(counts)
-        self._identity_count, self._face_count = int(row[2]), int(row[3])
+        self._read_counts(_one(counts)[2:])
         return [[(int(f), i, float(s)) for f, i, s in scan.fetchall()] for scan in scans]
 
     def _read(self, body: Callable[[psycopg.Connection], T], transaction: bool = True) -> T:
@@ -619,10 +656,9 @@ class PostgresGallery:
     def stats(self) -> GalleryStats:
         """Counts as the primary has them (/readyz and /metrics follow the primary, which writes need)."""
         with self._read_transaction() as conn:
-            identities, faces = _one(conn.execute(
-                "SELECT COALESCE(sum(identities), 0), COALESCE(sum(faces), 0) FROM counters"))
-        self._identity_count, self._face_count = int(identities), int(faces)
-        return GalleryStats(backend=self.backend, identities=int(identities), faces=int(faces), index_live=int(faces))
+            self._read_counts(_one(conn.execute(COUNTS_SQL)))
+        return GalleryStats(backend=self.backend, identities=self._identity_count, faces=self._face_count,
+                            index_live=self._face_count)
 
     def read_targets(self) -> list[ReadTarget]:
         return [] if self._standbys is None else self._standbys.targets()

@@ -32,3 +32,11 @@ class EnrollResult:
     created: bool  # the identity did not exist before this enrollment
     faces_removed: int  # faces dropped by replace=True
     face_count: int  # the identity's faces right after this write, read inside it (not racing later writes)
+
+
+class TooManyFacesForIdentity(ValueError):
+    """An enrollment would leave an identity with more faces than allowed (nothing was written)."""
+
+    def __init__(self, identity_id: str, existing: int, adding: int, limit: int) -> None:
+        super().__init__(f"identity {identity_id!r} would hold {existing + adding} faces; at most {limit} are allowed")
+        self.identity_id, self.existing, self.adding, self.limit = identity_id, existing, adding, limit

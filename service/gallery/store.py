@@ -23,7 +23,7 @@ from typing import cast
 
 import numpy as np
 
-from .results import FaceRecord, IdentityDetails, IdentityRecord
+from .results import FaceRecord, IdentityDetails, IdentityRecord, TooManyFacesForIdentity
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -140,13 +140,21 @@ class Store:
         ]
 
     def add_faces(
-        self, identity_id: str, embeddings: np.ndarray, metadata: dict | None, replace: bool
+        self, identity_id: str, embeddings: np.ndarray, metadata: dict | None, replace: bool,
+        max_faces: int | None = None,
     ) -> AddedFaces:
-        """Insert faces (creating the identity if new, dropping its faces first with ``replace``)."""
+        """Insert faces (creating the identity if new, dropping its faces first with ``replace``);
+        refused (TooManyFacesForIdentity, nothing written) if the identity would hold more than
+        ``max_faces``, counted inside the write's own transaction."""
         now = time.time()
         removed: list[int] = []
         with self._transaction() as conn:
             created = conn.execute("SELECT 1 FROM identities WHERE identity_id = ?", (identity_id,)).fetchone() is None
+            if max_faces is not None:
+                existing = 0 if created or replace else int(conn.execute(
+                    "SELECT COUNT(*) FROM faces WHERE identity_id = ?", (identity_id,)).fetchone()[0])
+                if existing + len(embeddings) > max_faces:
+                    raise TooManyFacesForIdentity(identity_id, existing, len(embeddings), max_faces)
             if created:
                 self._insert_identity(conn, identity_id, metadata, now)
             else:
@@ -253,3 +261,10 @@ class Store:
         identities = conn.execute("SELECT COUNT(*) FROM identities").fetchone()[0]
         faces = conn.execute("SELECT COUNT(*) FROM faces").fetchone()[0]
         return identities, faces
+
+    def counted_faces(self, cap: int) -> int:
+        """Sum over identities of min(their faces, cap): what sizes the open-set threshold."""
+        row = self._reader().execute(
+            "SELECT COALESCE(SUM(MIN(n, ?)), 0) FROM (SELECT COUNT(*) AS n FROM faces GROUP BY identity_id)",
+            (cap,)).fetchone()
+        return int(row[0])

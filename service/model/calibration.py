@@ -13,7 +13,14 @@ per-comparison FAR for a target FPIR, and the table gives the threshold. The com
 independent (one probe against many faces; several faces of one enrolled person resemble each other)
 so ``n`` is an *effective* count: ``n_eff = N * (F/N)**alpha`` for N identities holding F faces, with
 ``alpha`` (the weight of an identity's extra faces) chosen on LFW (1.0: every enrolled face counts);
-bench/open_set.py measures how well the result holds.
+bench/open_set.py measures how well the result holds. F counts each identity's faces only up to
+``FACES_COUNTED_PER_IDENTITY`` (F = sum of min(f_i, cap)): an identity's extra faces resemble its
+others, so they add ever fewer chances, and one identity stuffed with thousands of near-duplicates
+must not raise the threshold for everyone (bench/poisoning.py).
+
+A face that scores high against many *different* identities at once is improbable for a real face
+(``hub_probability``): a crafted "hub" (the mean of many faces) would capture strangers, so the
+service refuses it at enrollment.
 
 numpy only (no onnx, no TensorFlow): the exporter and the service both call it.
 """
@@ -38,6 +45,21 @@ MAX_PER_PERSON = 5  # faces of one person that take part in a calibration (see i
 # count). bench/open_set.py sweeps it on LFW galleries with 2-5 faces per person: 1.0 held FPIR 1%
 # best (0.93-1.07%; 0.75: 1.2-1.3%; 0: 1.4-2.8%), so faces are simply counted
 FACES_ALPHA = 1.0
+# faces of one identity that count toward F (and n_eff): sum_i min(f_i, cap). bench/poisoning.py
+# measured on the 19 LFW people with over 40 photos how many independent chances f of an identity's
+# faces give a stranger (at FAR 1e-3): 1.95 for 2, 3.8 for 5, 6.9 for 10, 11.2 for 20, 16.6 for 40
+# (sublinear: they resemble each other). min(f, 20) is at least that for every f measured, leaves the
+# open-set protocol (2-5 faces) unchanged, and bounds what one stuffed identity adds to n_eff to 19.
+# Stored in the postgres counters: changing it recounts them at the next start.
+FACES_COUNTED_PER_IDENTITY = 20
+# hub check: the K best other identities a new face is compared with; ranks m = HUB_MIN_RANK..K are
+# judged (min over them of the chance that m impostor comparisons score that high, times the ranks
+# judged). Starting at 8 lets one person be enrolled under up to 7 other ids (a likeness, not a hub);
+# a crafted hub is most improbable at the 16th rank anyway (bench/poisoning.py: starting at 2, 4 or 8
+# changed no figure). Scores of COPY_SCORE and above are the same picture enrolled again: not judged.
+HUB_RANKS = 16
+HUB_MIN_RANK = 8
+COPY_SCORE = 0.95
 
 
 class CalibrationError(ValueError):
@@ -213,6 +235,11 @@ def effective_comparisons(identities: int, faces: int, alpha: float = FACES_ALPH
     return identities * (faces / identities) ** alpha
 
 
+def counted_faces(faces: int) -> int:
+    """How many of one identity's faces count toward F in ``effective_comparisons``."""
+    return min(max(faces, 0), FACES_COUNTED_PER_IDENTITY)
+
+
 def far_for_fpir(fpir: float, n_eff: float) -> float:
     """Per-comparison FAR such that n_eff independent comparisons give FPIR ``fpir``."""
     if n_eff <= 1:
@@ -249,3 +276,43 @@ def threshold_for_gallery(tail: ImpostorTail, fpir: float, identities: int, face
 def stranger_probability(tail: ImpostorTail, score: float, n_eff: float) -> float:
     """Estimated chance that a never-enrolled face's best score in this gallery reaches ``score``."""
     return fpir_for_far(tail.far_at(score), n_eff)
+
+
+def poisson_tail(lam: float, m: int) -> float:
+    """P(X >= m) for X ~ Poisson(lam): the chance that at least m of many comparisons, each passing
+    with a small probability, pass (lam = comparisons x probability); exact in log space, so tiny
+    values (1e-300) stay meaningful."""
+    if m <= 0:
+        return 1.0
+    if lam <= 0:
+        return 0.0
+    if lam >= m:  # the mean reaches m: not small, and not what the hub check is about
+        return 1.0
+    log_lam = math.log(lam)
+    terms = []
+    k = m
+    while True:
+        terms.append(-lam + k * log_lam - math.lgamma(k + 1))
+        if terms[-1] < terms[0] - 40 or k > m + 10_000:  # later terms are < e-40 of the first
+            break
+        k += 1
+    top = max(terms)
+    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
+
+
+def hub_probability(tail: ImpostorTail, scores: list[float], n_eff: float) -> tuple[float, int]:
+    """How probable a face's scores against *different* identities (best first, copies, scores of
+    ``COPY_SCORE`` and above, left out) are under the impostor tail: min over m = HUB_MIN_RANK..HUB_RANKS
+    of P(at least m of n_eff impostor comparisons reach the m-th best score), times the ranks judged
+    (Bonferroni). A few high scores are a likeness (the same person under a few ids) and are not
+    judged; a face near many identities at once is what a crafted hub (a mean of faces) looks like.
+    Returns (probability, the m that gave it; 0 when nothing was judged)."""
+    judged = [s for s in scores if s < COPY_SCORE][:HUB_RANKS]
+    if len(judged) < HUB_MIN_RANK or n_eff <= 0:
+        return 1.0, 0
+    best, at = 1.0, 0
+    for m in range(HUB_MIN_RANK, len(judged) + 1):
+        p = poisson_tail(n_eff * tail.far_at(judged[m - 1]), m)
+        if p < best:
+            best, at = p, m
+    return min(1.0, best * (HUB_RANKS - HUB_MIN_RANK + 1)), at

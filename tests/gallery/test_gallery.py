@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from service.gallery import Gallery, GalleryModelMismatch
-from service.gallery.api import EmbeddedGallery, IdentityExists
+from service.gallery.api import EmbeddedGallery, IdentityExists, TooManyFacesForIdentity
+from service.model.calibration import FACES_COUNTED_PER_IDENTITY
 
 DIM = 32
 
@@ -145,6 +146,87 @@ def test_enroll_result_counts_the_identity_faces_after_the_write(gallery):
     replaced = gallery.enroll("erin", unit(rng, 1), replace=True)
     assert (replaced.face_count, replaced.faces_removed, replaced.created) == (1, 5, False)
     assert gallery.get_identity("erin").record.face_count == 1
+
+
+def test_faces_per_identity_are_capped_inside_the_write(gallery):
+    rng = np.random.default_rng(21)
+    gallery.enroll("cap", unit(rng, 5), max_faces=8)
+    with pytest.raises(TooManyFacesForIdentity) as refused:
+        gallery.enroll("cap", unit(rng, 4), metadata={"lost": True}, max_faces=8)
+    assert (refused.value.existing, refused.value.adding, refused.value.limit) == (5, 4, 8)
+    kept = gallery.get_identity("cap").record
+    assert kept.face_count == 5 and kept.metadata == {}  # nothing of the refused write was stored
+    with pytest.raises(TooManyFacesForIdentity):
+        gallery.enroll("new-too-big", unit(rng, 9), max_faces=8)
+    assert gallery.get_identity("new-too-big") is None
+    assert gallery.enroll("cap", unit(rng, 8), replace=True, max_faces=8).face_count == 8  # replace: its own count
+    assert gallery.stats().faces == gallery.face_count == 8
+
+
+def test_concurrent_appends_cannot_overshoot_the_cap(gallery):
+    rng = np.random.default_rng(22)
+    gallery.enroll("busy", unit(rng, 2), max_faces=10)
+    faces = unit(rng, 16)
+    start, results = threading.Barrier(16), []
+
+    def append(i):
+        start.wait()
+        try:
+            results.append(gallery.enroll("busy", faces[i:i + 1], max_faces=10).face_count)
+        except TooManyFacesForIdentity:
+            results.append("refused")
+
+    threads = [threading.Thread(target=append, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(r for r in results if r != "refused") == list(range(3, 11))
+    assert results.count("refused") == 8
+    assert gallery.get_identity("busy").record.face_count == 10
+
+
+@pytest.mark.parametrize("case", ["mostly_deleted", "one_big_identity"])
+def test_search_finds_k_faces_where_the_graph_search_cannot(backend, case):
+    """hnswlib raised 'Cannot return the results in a contiguous 2D array' (a 500 on /identify and
+    /enroll) when asked for nearly every live face (a probe widening past an identity of many faces)
+    or when the graph is mostly deleted slots (300 near-duplicates replaced by 3)."""
+    gallery, rng = backend(dim=128, ef_search="auto"), np.random.default_rng(0)
+
+    def unit128(v):
+        return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+
+    centre = rng.normal(size=(1, 128))
+    gallery.enroll("crowd", unit128(centre + rng.normal(scale=0.02, size=(300, 128))))
+    if case == "mostly_deleted":
+        gallery.enroll("crowd", unit128(centre + rng.normal(scale=0.02, size=(3, 128))), replace=True)
+        found = gallery.search(unit128(rng.normal(size=(4, 128))), 17)
+        assert all([m.identity_id for m in row] == ["crowd"] for row in found)
+    else:
+        others = unit128(rng.normal(size=(30, 128)))
+        for i, v in enumerate(others):
+            gallery.enroll(f"other{i}", v[None])
+        found = gallery.search(unit128(centre + rng.normal(scale=0.02, size=(4, 128))), 17)
+        assert all(len(row) == 17 and row[0].identity_id == "crowd" for row in found)
+
+
+def test_counted_faces_count_each_identity_up_to_the_cap(backend):
+    """n_eff's face count: every write keeps sum(min(faces, cap)) exact, and a reopen agrees."""
+    rng, cap = np.random.default_rng(23), FACES_COUNTED_PER_IDENTITY
+    g = backend()
+    g.enroll("many", unit(rng, cap + 7))
+    g.enroll("few", unit(rng, 2))
+    g.enroll("few", unit(rng, cap))  # append past the cap
+    g.enroll("many", unit(rng, 3), replace=True)
+    g.import_identities([("imp1", unit(rng, cap + 1), None), ("imp2", unit(rng, 1), None)])
+    g.enroll("gone", unit(rng, 4))
+    g.delete("gone")
+    assert g.counted_faces == 3 + cap + cap + 1
+    assert g.face_count == 3 + cap + 2 + cap + 1 + 1
+    g.search(unit(rng, 1), 1)  # postgres reads the counts again with a search
+    assert g.counted_faces == 3 + cap + cap + 1
+    g.close()
+    assert backend().counted_faces == 3 + cap + cap + 1
 
 
 def test_replace_swaps_faces_in_index_too(gallery):

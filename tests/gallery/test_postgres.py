@@ -15,6 +15,7 @@ import pytest
 
 from service.gallery.api import GalleryUnavailable
 from service.gallery.postgres import MIGRATIONS, PostgresGallery, PostgresOptions
+from service.model.calibration import FACES_COUNTED_PER_IDENTITY
 from tests.pg import PgTestServer
 
 DIM = 32
@@ -59,7 +60,8 @@ def test_replicas_starting_together_migrate_once(postgres):
         versions = [r[0] for r in conn.execute(f"SELECT version FROM {options.schema}.schema_migrations ORDER BY 1")]
         meta = dict(conn.execute(f"SELECT key, value FROM {options.schema}.meta").fetchall())
     assert versions == [m.version for m in MIGRATIONS]
-    assert meta == {"model_id": "m@1", "embedding_size": str(DIM)}
+    assert meta == {"model_id": "m@1", "embedding_size": str(DIM),
+                    "counted_faces_cap": str(FACES_COUNTED_PER_IDENTITY)}
     galleries[0].enroll("x", unit(np.random.default_rng(0), 1))
     assert all(g.stats().identities == 1 for g in galleries)
     for g in galleries:

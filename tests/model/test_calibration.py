@@ -15,8 +15,10 @@ from service.model.calibration import (
     effective_comparisons,
     far_for_fpir,
     fpir_for_far,
+    hub_probability,
     impostor_histogram,
     impostor_tail,
+    poisson_tail,
     tail_from_histogram,
     threshold_for_gallery,
 )
@@ -132,7 +134,7 @@ def test_too_few_pairs_is_refused():
 def test_overrides_win_over_the_fpir_threshold():
     tail = packaged_impostor_tail()
     inputs = ThresholdInputs(fixed=None, fpir=0.01, model_identify=0.42, verify=0.314)
-    counts = GalleryCounts(4749, 4749)
+    counts = GalleryCounts(4749, 4749, 4749)
     auto = identify_threshold(inputs, counts, tail, "model")
     assert auto.source == "fpir" and auto.fpir_target == 0.01 and auto.threshold > 0.42
     assert auto.fpir_estimated == pytest.approx(0.01, rel=0.05)
@@ -145,13 +147,13 @@ def test_overrides_win_over_the_fpir_threshold():
     no_tail = identify_threshold(inputs, counts, None, None)
     assert (no_tail.threshold, no_tail.source, no_tail.stranger_probability(0.9)) == (0.42, "model", None)
     # a tiny gallery never gets a looser threshold than 1:1 verification
-    assert identify_threshold(inputs, GalleryCounts(1, 1), tail, "model").threshold >= 0.314
+    assert identify_threshold(inputs, GalleryCounts(1, 1, 1), tail, "model").threshold >= 0.314
 
 
 def test_stranger_probability_falls_with_score_and_grows_with_gallery():
     tail = packaged_impostor_tail()
-    small = identify_threshold(ThresholdInputs(None, 0.01, None, 0.314), GalleryCounts(100, 100), tail, "model")
-    large = identify_threshold(ThresholdInputs(None, 0.01, None, 0.314), GalleryCounts(10_000, 10_000), tail, "model")
+    small = identify_threshold(ThresholdInputs(None, 0.01, None, 0.314), GalleryCounts(100, 100, 100), tail, "model")
+    large = identify_threshold(ThresholdInputs(None, 0.01, None, 0.314), GalleryCounts(10_000, 10_000, 10_000), tail, "model")
     scores = [0.3, 0.4, 0.5, 0.6, 0.7]
     probs = [large.stranger_probability(s) for s in scores]
     assert all(b < a for a, b in zip(probs, probs[1:]))
@@ -225,3 +227,25 @@ def test_tail_lookups_use_arrays_made_once_and_answer_as_the_table_says():
     for far in tail.far[::3]:
         assert tail.threshold_at(far) == float(np.interp(math.log10(far), lx[::-1], y[::-1]))
     assert tail.far_at(0.5) == first and tail.far_at(-1.0) == tail.far[0]
+
+
+def test_poisson_tail_is_exact_and_keeps_tiny_values():
+    for lam, m in ((0.5, 2), (1.0, 3), (0.01, 4), (2.5, 6)):
+        direct = 1 - sum(math.exp(-lam) * lam ** k / math.factorial(k) for k in range(m))
+        assert poisson_tail(lam, m) == pytest.approx(direct, rel=1e-9)
+    assert poisson_tail(1e-3, 16) == pytest.approx(math.exp(-1e-3) * 1e-48 / math.factorial(16), rel=1e-3)
+    assert poisson_tail(5.0, 3) == 1.0 and poisson_tail(0.0, 2) == 0.0 and poisson_tail(0.3, 0) == 1.0
+
+
+def test_hub_probability_judges_many_high_scores_not_one():
+    tail = packaged_impostor_tail()
+    likeness = [0.9] * 7 + [0.05] * 9  # the same person under 7 other ids: not judged
+    assert hub_probability(tail, likeness, 1000)[0] == pytest.approx(1.0)
+    copies = [1.0] * 12 + [0.05] * 4  # the same picture enrolled 12 times: copies, not judged
+    assert hub_probability(tail, copies, 1000)[0] == pytest.approx(1.0)
+    hub = [0.45] * 16  # 16 identities at a score an impostor pair reaches with FAR ~1e-5
+    probability, rank = hub_probability(tail, hub, 200)
+    assert probability < 1e-30 and rank == 16 and hub_probability(tail, hub[:7], 200)[0] == 1.0
+    # the same scores are less surprising in a gallery 100 times larger, never more
+    assert hub_probability(tail, hub, 20_000)[0] > probability
+    assert hub_probability(tail, [], 100) == (1.0, 0)

@@ -35,6 +35,8 @@ const ERROR_MESSAGES = {
   invalid_identity_id: "This identity id is not allowed (1-128 characters, no \"/\", nothing invisible, not blank).",
   invalid_metadata: "The metadata is not valid (a JSON object of finite numbers and valid text, not too deeply nested).",
   metadata_too_large: "The metadata is too large for this service.",
+  too_many_faces_for_identity: "This identity would hold more faces than the service allows; replace its faces instead.",
+  implausible_face: "A face resembles many different enrolled people at once, which real faces do not; it was not enrolled.",
   gallery_loading: "The gallery is still loading after a restart; try again in a moment.",
   gallery_unavailable: "The gallery could not be loaded; the service log says why.",
   overloaded: "The service is busy right now; try again in a moment.",
