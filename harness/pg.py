@@ -85,6 +85,10 @@ class PgTestServer(_Cluster):
         """A schema name no other test uses: a fresh, empty gallery on the shared server."""
         return "t_" + uuid.uuid4().hex[:16]
 
+    def gallery_env(self) -> dict[str, str]:
+        """The settings of a service whose gallery is a fresh schema on this server."""
+        return {"FACE_DATABASE_URL": self.url, "FACE_DATABASE_SCHEMA": self.fresh_schema()}
+
 
 class PgStandby(_Cluster):
     """A streaming-replication hot standby of a PgTestServer: ``pg_basebackup -R -X stream`` from the

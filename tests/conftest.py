@@ -68,12 +68,21 @@ def postgres():
     server.close()
 
 
+def backend_env(request, env: dict[str, str] | None = None) -> dict[str, str]:
+    """``env`` for a server of a fixture parametrised over the gallery backends ("embedded",
+    "postgres"): on postgres plus a fresh schema on the suite's PostgreSQL."""
+    env = dict(env or {})
+    if request.param == "postgres":
+        env |= request.getfixturevalue("postgres").gallery_env()
+    return env
+
+
 @pytest.fixture(scope="session")
 def postgres_server(tmp_path_factory, default_model, postgres):
     """Like ``server``, with its gallery on the test PostgreSQL (FACE_DATABASE_URL)."""
     proc = ServerProcess(tmp_path_factory.mktemp("pg-gallery") / "data", model=default_model,
                          env={"FACE_MAX_FACES_PER_REQUEST": "16", "FACE_MAX_REQUEST_BYTES": str(2 * 1024 * 1024),
-                              "FACE_DATABASE_URL": postgres.url, "FACE_DATABASE_SCHEMA": postgres.fresh_schema()})
+                              **postgres.gallery_env()})
     proc.wait_ready()
     yield proc
     proc.stop()

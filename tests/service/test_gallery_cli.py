@@ -52,7 +52,7 @@ def test_export_embedded_then_import_into_postgres(tmp_path, default_model, post
     header = json.loads(exported.read_text().splitlines()[0])
     assert header["model_id"] == contract.model_id and header["embedding_size"] == contract.embedding_size
 
-    pg_env = {"FACE_DATABASE_URL": postgres.url, "FACE_DATABASE_SCHEMA": postgres.fresh_schema()}
+    pg_env = postgres.gallery_env()
     r = run_cli(["--model", str(default_model), "import", str(exported), "--batch", "16", "--build-index-after"],
                 env=pg_env)
     assert r.returncode == 0, r.stderr

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from harness.server import ServerProcess
-from tests.conftest import ENROLLED, b64, face_files, metric, unknown_files
+from tests.conftest import ENROLLED, b64, backend_env, face_files, metric, unknown_files
 
 MODEL_ID = "sface@2021dec-int8bq"
 SERVER_ENV = {"FACE_MAX_FACES_PER_REQUEST": "1000", "FACE_MAX_REQUEST_BYTES": str(16 * 1024 * 1024)}
@@ -25,10 +25,7 @@ SERVER_ENV = {"FACE_MAX_FACES_PER_REQUEST": "1000", "FACE_MAX_REQUEST_BYTES": st
 @pytest.fixture(scope="module", params=["embedded", "postgres"])
 def client(request, tmp_path_factory, default_model):
     """A server with an empty gallery of its own, on each backend."""
-    env = dict(SERVER_ENV)
-    if request.param == "postgres":
-        postgres = request.getfixturevalue("postgres")
-        env |= {"FACE_DATABASE_URL": postgres.url, "FACE_DATABASE_SCHEMA": postgres.fresh_schema()}
+    env = backend_env(request, SERVER_ENV)
     server = ServerProcess(tmp_path_factory.mktemp(f"edges-{request.param}") / "data", model=default_model, env=env)
     server.wait_ready()
     with httpx.Client(base_url=server.url, timeout=60) as c:
@@ -198,8 +195,7 @@ def test_ids_stored_before_the_rule_can_still_be_read_and_deleted(backend, reque
 
     env = {}
     if backend == "postgres":
-        postgres = request.getfixturevalue("postgres")
-        env = {"FACE_DATABASE_URL": postgres.url, "FACE_DATABASE_SCHEMA": postgres.fresh_schema()}
+        env = request.getfixturevalue("postgres").gallery_env()
         settings = Settings(database_url=env["FACE_DATABASE_URL"], database_schema=env["FACE_DATABASE_SCHEMA"])
     else:
         settings = Settings(data_dir=tmp_path / "data")

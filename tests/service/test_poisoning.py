@@ -21,6 +21,7 @@ from harness.fixtures import b64
 from harness.server import REPO, ServerProcess
 from service.model.calibration import FACES_COUNTED_PER_IDENTITY, threshold_for_gallery
 from service.model.prepare import packaged_impostor_tail
+from tests.conftest import backend_env
 
 CAP = 300
 LFW = REPO.parent / "shared" / "data" / "lfw-112"
@@ -29,10 +30,7 @@ ENV = {"FACE_WARMUP": "false", "FACE_MAX_FACES_PER_REQUEST": "64", "FACE_MAX_FAC
 
 @pytest.fixture(scope="module", params=["embedded", "postgres"])
 def server(request, tmp_path_factory, default_model):
-    env = dict(ENV)
-    if request.param == "postgres":
-        postgres = request.getfixturevalue("postgres")
-        env |= {"FACE_DATABASE_URL": postgres.url, "FACE_DATABASE_SCHEMA": postgres.fresh_schema()}
+    env = backend_env(request, ENV)
     proc = ServerProcess(tmp_path_factory.mktemp("poisoning") / "data", model=default_model, env=env)
     proc.wait_ready()
     yield proc
