@@ -19,7 +19,8 @@ from harness.server import ServerProcess
 from tests.conftest import ENROLLED, b64, backend_env, face_files, metric, unknown_files
 
 MODEL_ID = "sface@2021dec-int8bq"
-SERVER_ENV = {"FACE_MAX_FACES_PER_REQUEST": "1000", "FACE_MAX_REQUEST_BYTES": str(16 * 1024 * 1024)}
+SERVER_ENV = {"FACE_MAX_FACES_PER_REQUEST": "1000", "FACE_MAX_FACES_PER_IDENTITY": "1000",
+              "FACE_MAX_REQUEST_BYTES": str(16 * 1024 * 1024)}
 
 
 @pytest.fixture(scope="module", params=["embedded", "postgres"])
