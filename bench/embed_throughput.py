@@ -305,13 +305,7 @@ def main() -> None:
     name = f"embed_throughput_{device_kind}_{slug(contract.model_name + '-' + contract.model_version)}"
     if args.quick:
         name += "_quick"
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(result, indent=2) + "\n")
-        path = args.output
-    else:
-        path = save(name, result)
-    print(f"\nsaved {path}")
+    print(f"\nsaved {save(name, result, args.output)}")
 
 
 def table(result: dict) -> str:

@@ -157,12 +157,7 @@ def main() -> None:
                 result["variants"][name][case] = {"summary": summary, "runs": runs}
                 print(f"{name:8} {case:13} {json.dumps(summary)}", flush=True)
     result["config"]["loadavg_after"] = os.getloadavg()
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"saved {args.output}")
-    else:
-        print(f"saved {save('large_bodies', result)}")
+    print(f"saved {save('large_bodies', result, args.output)}")
 
 
 if __name__ == "__main__":

@@ -214,12 +214,7 @@ def main() -> None:
     result["rounds"] = rounds
     result["summary"] = summary
     print(json.dumps(summary, indent=2))
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"saved {args.output}")
-    else:
-        print(f"saved {save(f'overhead_{device}', result)}")
+    print(f"saved {save(f'overhead_{device}', result, args.output)}")
 
 
 if __name__ == "__main__":
