@@ -33,12 +33,12 @@ from PIL import Image
 from bench.common import machine, percentiles, save
 from harness.server import MODEL_CACHE, REPO
 from service.config import Settings
-from service.decode_budget import MB, DecodeBudget
-from service.detection import ARCFACE_112, PhotoAligner, YuNetConfig, YuNetDetector, align_face
 from service.errors import ErrorCode, ServiceError
-from service.images import decode_photo, read_header
+from service.faces.detection import ARCFACE_112, PhotoAligner, YuNetConfig, YuNetDetector, align_face
+from service.faces.images import decode_photo, read_header
 from service.model.prepare import default_model
 from service.model.session import FaceSession
+from service.ops.decode_budget import MB, DecodeBudget
 
 log = logging.getLogger("bench.detect_align")
 

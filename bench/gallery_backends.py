@@ -49,9 +49,9 @@ import numpy as np
 from bench.common import machine, percentiles, save
 from bench.gallery_search import person_id, synthetic_gallery, unit
 from harness.server import MODEL_CACHE, REPO
-from service.gallery.api import EmbeddedGallery
 from service.gallery.ef import AUTO, search_ef
-from service.gallery.gallery import Gallery
+from service.gallery.embedded.backend import EmbeddedGallery
+from service.gallery.embedded.gallery import Gallery
 
 MODEL_ID = "sface@2021dec-int8bq"  # the default model: `gallery import` and the server check it
 SCHEMA = "face_gallery"
@@ -74,8 +74,8 @@ class Data:
                                           for i in range(0, len(self.probes), 100)])
 
     def write_gallery_file(self, path: Path) -> None:
-        """The ``gallery export`` format (service/gallery_cli.py): header, one identity a line, end line."""
-        from service.gallery_cli import FORMAT, VERSION, _encode
+        """The ``gallery export`` format (service/cli/gallery.py): header, one identity a line, end line."""
+        from service.cli.gallery import FORMAT, VERSION, _encode
 
         tmp = path.with_name(path.name + ".part")
         with open(tmp, "w", encoding="utf-8") as out:
@@ -131,7 +131,7 @@ class PgServer:
 
 
 def pg_options(url: str, ef: int | str = AUTO):
-    from service.gallery.postgres import PostgresOptions
+    from service.gallery.postgres.backend import PostgresOptions
 
     return PostgresOptions(url=url, schema=SCHEMA, pool_size=4, hnsw_ef_search=ef, maintenance_work_mem="3GB",
                            statement_timeout_ms=0)
@@ -193,7 +193,7 @@ def build(args, data: Data) -> dict:
                            "disk_bytes": dir_bytes(root)}
         log.warning("embedded import: %s", out["embedded"])
     if "postgres" in args.backends:
-        from service.gallery.postgres import PostgresGallery
+        from service.gallery.postgres.backend import PostgresGallery
 
         pgdata = work / f"pg_{args.faces}"
         shutil.rmtree(pgdata, ignore_errors=True)
@@ -264,7 +264,7 @@ def measure_embedded(args, data: Data) -> dict:
 
 
 def measure_postgres(args, data: Data) -> dict:
-    from service.gallery.postgres import PostgresGallery
+    from service.gallery.postgres.backend import PostgresGallery
 
     started = time.perf_counter()
     server = PgServer(args.workdir / f"pg_{args.faces}")
@@ -388,7 +388,7 @@ def lfw_recall(args) -> dict:
                 shutil.rmtree(root, ignore_errors=True)
                 gallery = EmbeddedGallery(Gallery(root, MODEL_ID, emb.shape[1], ef_search=AUTO))
             else:
-                from service.gallery.postgres import PostgresGallery
+                from service.gallery.postgres.backend import PostgresGallery
 
                 shutil.rmtree(args.workdir / "pg_lfw", ignore_errors=True)
                 server = PgServer(args.workdir / "pg_lfw")

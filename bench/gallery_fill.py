@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from service.gallery.gallery import Gallery
-from service.gallery.store import Store
+from service.gallery.embedded.gallery import Gallery
+from service.gallery.embedded.store import Store
 
 
 def fill_store(data_dir: Path, model_id: str, dim: int, faces: int, per_identity: int = 2, seed: int = 0,

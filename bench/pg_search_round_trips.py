@@ -30,7 +30,7 @@ import numpy as np
 
 from bench.common import machine, percentiles, save
 from bench.gallery_search import import_gallery, synthetic_gallery
-from service.gallery.postgres import PostgresGallery, PostgresOptions
+from service.gallery.postgres.backend import PostgresGallery, PostgresOptions
 from service.gallery.search import Match, search_identities
 
 

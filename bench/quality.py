@@ -1,7 +1,7 @@
 """Face quality (issue 21): fit the default model's quality, and prove that it predicts errors.
 
 1. Collect (cached under $TMPDIR/face-bench/quality-*.npz): every part of each face
-   (``service.quality``) and the model's raw output for the face and its mirror image, for
+   (``service.faces.quality``) and the model's raw output for the face and its mirror image, for
    * the 1,000 LFW originals of ../shared/data/lfw-250-subset through the service's own photo path
      (``detection.PhotoAligner``: decode, YuNet, ``center`` face, alignment);
    * the 6,289 CelebA crops of ../shared/data/celeba-299-112 (aligned 112x112 JPEGs; size, pose and
@@ -9,8 +9,8 @@
      its mirror embeddings are collected too, but only LFW's are compared (mirror agreement vs norm);
    * graded degradations of 40 LFW originals (Gaussian blur, downscaling, JPEG quality, darkening,
      5 strengths each, level 0 = untouched) through the same photo path.
-2. Fit (``service.quality.fit_quality``): each face's label is how much its genuine comparisons fail
-   at its population's FMR 1e-3 threshold (``service.quality.soft_fail_labels``); LFW and CelebA are
+2. Fit (``service.faces.quality.fit_quality``): each face's label is how much its genuine comparisons fail
+   at its population's FMR 1e-3 threshold (``service.faces.quality.soft_fail_labels``); LFW and CelebA are
    fitted together; the curves score each face by the model fitted on the other half of the
    identities (2 folds, cross-fitted); parts whose removal improves the cross-fitted curves are
    dropped from the score (their limits stay); the shipped model is fitted on all faces.
@@ -41,12 +41,10 @@ from PIL import Image
 
 from bench.common import machine, save
 from harness.server import MODEL_CACHE, REPO
-from service.detection import ARCFACE_112, PhotoAligner, YuNetDetector
 from service.errors import ErrorCode, ServiceError
-from service.images import blockiness, read_header
-from service.model.prepare import SFACE_QUALITY_FILE, default_model
-from service.model.session import FaceSession
-from service.quality import (
+from service.faces.detection import ARCFACE_112, PhotoAligner, YuNetDetector
+from service.faces.images import blockiness, read_header
+from service.faces.quality import (
     CROP_PARTS,
     FIT_FMR,
     LIMIT_ONLY,
@@ -62,6 +60,8 @@ from service.quality import (
     raw_norms,
     soft_fail_labels,
 )
+from service.model.prepare import SFACE_QUALITY_FILE, default_model
+from service.model.session import FaceSession
 
 log = logging.getLogger("bench.quality")
 CACHE = Path(os.environ.get("TMPDIR", "/tmp")) / "face-bench"
@@ -160,7 +160,7 @@ def collect_celeba(col: Collector, root: Path) -> dict:
         r = marks.get(f"{f.parent.name}/{f.name}")
         parts = crop_parts(crop)
         if r is not None:
-            from service.detection import DetectedFace
+            from service.faces.detection import DetectedFace
 
             pts = tuple((float(r[f"x{i}"]), float(r[f"y{i}"])) for i in range(5))
             box = (float(r["bbox_x"]), float(r["bbox_y"]), float(r["bbox_w"]), float(r["bbox_h"]))
@@ -198,7 +198,7 @@ def collect_jpeg_fit(col: Collector, root: Path, n: int) -> dict:
 
 
 def blockiness_limit(fit: dict, lfw: dict, min_score: float) -> dict:
-    """The blockiness limit (``service.quality.fit_part_limit``): each compressed face's soft failure
+    """The blockiness limit (``service.faces.quality.fit_part_limit``): each compressed face's soft failure
     label against its person's other LFW originals at LFW's FMR 1e-3 threshold, a logistic regression of
     it on blockiness alone, and the value where a genuine comparison becomes more likely to fail than not
     (``BLOCKINESS_MAX_FAIL``); the value where the fitted failure chance reaches the score limit's
@@ -272,7 +272,7 @@ def unit(x: np.ndarray) -> np.ndarray:
 
 def comparisons(data: dict) -> tuple[np.ndarray, np.ndarray, float]:
     """Genuine pairs (i, j) among the faces found, their cosine, and the FMR 1e-3 threshold over every
-    impostor pair (``service.quality.genuine_and_threshold``), in the data set's face indices."""
+    impostor pair (``service.faces.quality.genuine_and_threshold``), in the data set's face indices."""
     found = np.flatnonzero(data["found"])
     genuine, sims, threshold = genuine_and_threshold(unit(data["raw"][found].astype(np.float64)),
                                                      data["identity"][found])

@@ -1,5 +1,5 @@
 """A search that widens to the whole embedded gallery: what hnswlib does there, and what the exact
-fallback (service.gallery.index.exact_nearest over the store's faces) costs.
+fallback (service.gallery.embedded.index.exact_nearest over the store's faces) costs.
 
 Builds a gallery of ``--identities`` x ``--faces-per-identity`` faces clustered around their
 identity (unit centres plus N(0, 0.05) noise per value, as issue 19's real SFace + noise gallery),
@@ -28,7 +28,7 @@ import numpy as np
 
 from bench.common import machine, percentiles, save
 from service.gallery import Gallery, GalleryOptions
-from service.gallery.index import exact_nearest
+from service.gallery.embedded.index import exact_nearest
 
 
 def timed(fn, *args, **kwargs) -> tuple[float, bool]:  # type: ignore[no-untyped-def]

@@ -123,7 +123,7 @@ def measure(data_dir: Path, rate: float, delete_identities: int, idle_s: float) 
     from service.gallery import Gallery
 
     figures = Figures()
-    gallery_log = logging.getLogger("service.gallery.gallery")
+    gallery_log = logging.getLogger("service.gallery.embedded.gallery")
     gallery_log.addHandler(figures)
     gallery_log.setLevel(logging.INFO)
     gallery = Gallery(data_dir, MODEL_ID, DIM, options=options(compact_min_tombstones=1, compact_tombstone_ratio=0.0))
@@ -204,7 +204,7 @@ def graph_copy(faces: int, work: Path) -> dict:
     after: the fork (under the read lock) and the wait for the child (no lock)."""
     import hnswlib
 
-    from service.gallery.index import HnswIndex
+    from service.gallery.embedded.index import HnswIndex
 
     small = HnswIndex(DIM, 16, 200, 64)
     small.build_empty(2000)

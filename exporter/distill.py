@@ -161,10 +161,10 @@ def load_crops(folders: list[str], size: int) -> tuple[list[np.ndarray], list[st
 
 def align_photos(folders: list[str], size: int) -> tuple[list[np.ndarray], list[str]]:
     """Photos -> the largest face of each, aligned by the service's detector and template."""
-    from service.detection.align import detect_and_align
-    from service.detection.detector import YuNetDetector
-    from service.detection.errors import PhotoError
-    from service.images import decode_photo
+    from service.faces.detection.align import detect_and_align
+    from service.faces.detection.detector import YuNetDetector
+    from service.faces.detection.errors import PhotoError
+    from service.faces.images import decode_photo
 
     detector = YuNetDetector()
     faces, sources = [], []

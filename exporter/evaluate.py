@@ -273,7 +273,7 @@ def embed_paths(embedder: Embedder, paths: list[Path], batch_size: int = 64, fli
         emb = np.asarray(embedder(faces), dtype=np.float32)
         plain.append(l2_normalise(emb))
         if quality_parts is not None:
-            from service.quality import crop_parts, raw_norms
+            from service.faces.quality import crop_parts, raw_norms
 
             quality_parts.extend({**crop_parts(face), "norm": float(norm)} for face, norm in zip(faces, raw_norms(emb)))
         if flip:
@@ -314,15 +314,15 @@ def _pairs_tail(paths: list[Path], embeddings: np.ndarray, source: str) -> Impos
 
 
 def protocol_quality(paths: list[Path], parts: list[dict], embeddings: np.ndarray, images: Path) -> dict | None:
-    """The face quality fitted on the protocol's images (``service.quality.fit_on_labelled``), as the
+    """The face quality fitted on the protocol's images (``service.faces.quality.fit_on_labelled``), as the
     contract stores it (``face.quality``): crop parts and norms from ``embed_paths``, size, pose and
     detector score from the landmarks file next to the images (``yunet_landmarks_250px.csv``: YuNet on
     the original photos, as ../shared/data/lfw-112 ships it) where there is one. None when the
     protocol has too few pairs to fit on."""
     import csv
 
-    from service.detection import DetectedFace
-    from service.quality import fit_on_labelled, photo_parts
+    from service.faces.detection import DetectedFace
+    from service.faces.quality import fit_on_labelled, photo_parts
 
     marks_file = Path(images).parent / "yunet_landmarks_250px.csv"
     photo: dict[str, dict] = {}
@@ -362,7 +362,7 @@ def write_threshold_into(onnx_path: str | Path, threshold: float, source: str,
     if tail is not None:
         changes["impostor_tail"] = tail if isinstance(tail, ImpostorTail) else ImpostorTail.from_dict(tail)
     if quality is not None:
-        from service.quality import QualityModel
+        from service.faces.quality import QualityModel
 
         changes["quality"] = QualityModel.from_json(json.dumps(quality))
     write_contract(proto, dataclasses.replace(contract, **changes))

@@ -1,6 +1,6 @@
 """``python -m service``: run the HTTP server. ``python -m service calibrate DIR``: measure the
-impostor tail on your own labelled faces (service/calibrate.py); ``python -m service gallery ...``:
-the gallery tools (export, import, enroll a folder; service/gallery_cli.py).
+impostor tail on your own labelled faces (service/cli/calibrate.py); ``python -m service gallery ...``:
+the gallery tools (export, import, enroll a folder; service/cli/gallery.py).
 
 Settings come from FACE_* environment variables (see .env.example); these flags override them.
 """
@@ -15,8 +15,8 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from .config import Settings
-from .logging import configure_logging
-from .memory import limit_malloc_arenas
+from .ops.logging import configure_logging
+from .ops.memory import limit_malloc_arenas
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -46,12 +46,12 @@ def settings_from_args(argv: list[str]) -> Settings:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["calibrate"]:  # python -m service calibrate DIR: see service/calibrate.py
-        from .calibrate import main as calibrate_main
+    if argv[:1] == ["calibrate"]:  # python -m service calibrate DIR: see service/cli/calibrate.py
+        from .cli.calibrate import main as calibrate_main
 
         return calibrate_main(argv[1:])
     if argv[:1] == ["gallery"]:  # python -m service gallery {export,import,enroll} ...
-        from .gallery_cli import main as gallery_main
+        from .cli.gallery import main as gallery_main
 
         sys.exit(gallery_main(argv[1:]))
     try:

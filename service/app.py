@@ -19,17 +19,16 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
-from .api import faces, identities, ops
-from .api.docs import install_docs
 from .config import Settings, get_settings
-from .console import mount_console
-from .detection import YuNetConfig, YuNetDetector, template_for
 from .errors import ErrorCode, ServiceError
+from .faces.detection import YuNetConfig, YuNetDetector, template_for
 from .gallery import GalleryLoading
-from .gallery.api import GalleryBusy, GalleryUnavailable, open_gallery
-from .memory import limit_malloc_arenas
-from .metrics import Metrics
-from .middleware import (
+from .gallery.api import GalleryBusy, GalleryUnavailable
+from .gallery.open import open_gallery
+from .http import faces, identities, ops
+from .http.console import mount_console
+from .http.docs import install_docs
+from .http.middleware import (
     AccessMiddleware,
     BodyLimitMiddleware,
     ConsistencyMiddleware,
@@ -39,6 +38,8 @@ from .middleware import (
 from .model.batcher import DynamicBatcher
 from .model.runtime import EmbeddingModel
 from .model.serving import served_model_path
+from .ops.memory import limit_malloc_arenas
+from .ops.metrics import Metrics
 from .state import ServiceState
 
 log = logging.getLogger(__name__)

@@ -5,17 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .config import Settings
-from .decode_budget import MB, DecodeBudget
-from .detection import AlignmentTemplate, FaceDetector
+from .faces.detection import AlignmentTemplate, FaceDetector
+from .faces.quality import QualityModel, gallery_quality
 from .gallery.api import GalleryBackend
-from .metrics import Metrics
+from .gallery.openset import GalleryCounts, GalleryTail, IdentifyThreshold, ThresholdInputs, choose_tail
+from .gallery.openset import identify_threshold as _identify_threshold
 from .model.batcher import DynamicBatcher
 from .model.contract import FaceContract
 from .model.runtime import EmbeddingModel
-from .openset import GalleryCounts, GalleryTail, IdentifyThreshold, ThresholdInputs, choose_tail
-from .openset import identify_threshold as _identify_threshold
-from .quality import QualityModel, gallery_quality
-from .readiness import ReadinessProbe
+from .ops.decode_budget import MB, DecodeBudget
+from .ops.metrics import Metrics
+from .ops.readiness import ReadinessProbe
 
 
 @dataclass
@@ -55,7 +55,7 @@ class ServiceState:
 
     @property
     def identify_threshold(self) -> float:
-        """The 1:N threshold in force now (for the gallery's current size; see ``service.openset``)."""
+        """The 1:N threshold in force now (for the gallery's current size; see ``service.gallery.openset``)."""
         return self.open_set_threshold().threshold
 
     @property
@@ -65,7 +65,7 @@ class ServiceState:
         return self._gallery_tail
 
     def open_set_threshold(self, requested: float | None = None) -> IdentifyThreshold:
-        # 1:N needs a stricter threshold than 1:1, rising with gallery size; see service.openset
+        # 1:N needs a stricter threshold than 1:1, rising with gallery size; see service.gallery.openset
         tail, source = choose_tail(self.gallery_tail.current(), self.contract.impostor_tail)
         counts = GalleryCounts(self.gallery.identity_count, self.gallery.face_count, self.gallery.counted_faces)
         inputs = ThresholdInputs(fixed=self.settings.identify_threshold, fpir=self.settings.identify_fpir,

@@ -1,4 +1,4 @@
-from .gallery import Gallery, GalleryLoading, GalleryModelMismatch, GalleryOptions, Match
-from .lock import DataDirLocked
+from .embedded.gallery import Gallery, GalleryLoading, GalleryModelMismatch, GalleryOptions, Match
+from .embedded.lock import DataDirLocked
 
 __all__ = ["DataDirLocked", "Gallery", "GalleryLoading", "GalleryModelMismatch", "GalleryOptions", "Match"]

@@ -3,9 +3,9 @@
 Two backends implement :class:`GalleryBackend`:
 
 * **embedded** (``FACE_DATABASE_URL`` unset, the default): the SQLite store + hnswlib index in the
-  data dir (:class:`service.gallery.gallery.Gallery`), adapted by :class:`EmbeddedGallery`.
+  data dir (:class:`service.gallery.embedded.gallery.Gallery`), adapted by :class:`EmbeddedGallery`.
 * **postgres** (``FACE_DATABASE_URL`` set): PostgreSQL holds identities, faces and embeddings, and
-  pgvector's HNSW index in the same database finds nearest faces (:mod:`service.gallery.postgres`).
+  pgvector's HNSW index in the same database finds nearest faces (:mod:`service.gallery.postgres.backend`).
   Replicas keep no gallery rows in memory, so many of them can serve one database.
 
 What every backend means by the same call (the contract the shared tests check on both):
@@ -26,30 +26,38 @@ What every backend means by the same call (the contract the shared tests check o
   the others out (:func:`search_identities`).
 * The gallery belongs to one model: opening it with another model id or dimension raises
   :class:`GalleryModelMismatch` (:func:`check_model`).
+
+Collections (:class:`Galleries`, what a backend opens): a backend holds named collections, each a
+gallery of its own behind :class:`GalleryBackend` (``galleries.collection(name)``). Identity ids are
+unique per collection; a search in one never returns another's faces; each has its own counts (the
+open-set threshold follows them). ``default`` always exists and cannot be deleted. Deleting a
+collection erases it as deleting each of its identities would (nothing left in any file, snapshot or
+table). Keys (:class:`StoredKey`, hashes only) and the audit trail (:class:`AuditEntry`) live in the
+same database: every change made through a backend with an :class:`Actor` writes its audit record
+in the transaction of the change itself, so an acknowledged change always has its record.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from .gallery import Gallery, GalleryOptions
 from .results import EnrollResult, FaceRecord, IdentityDetails, IdentityRecord, TooManyFacesForIdentity
 from .search import GalleryModelMismatch, Match, check_model, group_by_identity, search_identities
-
-if TYPE_CHECKING:
-    from ..config import Settings
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "COLLECTION_NAME_PATTERN", "DEFAULT_COLLECTION", "Actor", "AuditEntry", "AuditQuery", "CollectionExists",
+    "CollectionInfo", "CollectionNotFound", "CollectionProtected", "Galleries", "KeyExists", "StoredKey",
+    "valid_collection_name",
     "EnrollResult", "FaceRecord", "GalleryBackend", "GalleryBusy", "GalleryModelMismatch", "GalleryStats",
-    "GalleryUnavailable", "IdentityDetails", "IdentityExists", "IdentityRecord", "Match", "ReadTarget", "EmbeddedGallery",
-    "TooManyFacesForIdentity", "check_model", "group_by_identity", "open_gallery", "search_identities",
+    "GalleryUnavailable", "IdentityDetails", "IdentityExists", "IdentityRecord", "Match", "ReadTarget",
+    "TooManyFacesForIdentity", "check_model", "group_by_identity", "search_identities",
 ]
 
 
@@ -64,6 +72,111 @@ class GalleryBusy(GalleryUnavailable):
 
 class IdentityExists(ValueError):
     """An import named an identity that is already enrolled (the import changed nothing)."""
+
+
+# --- collections, keys, audit --------------------------------------------------------------------
+
+DEFAULT_COLLECTION = "default"
+# lower-case letters, digits, '-' and '_', starting with a letter or digit: safe as a URL segment, a
+# directory name and a SQL value alike
+COLLECTION_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+_COLLECTION_NAME = re.compile(COLLECTION_NAME_PATTERN)
+
+
+def valid_collection_name(name: str) -> bool:
+    return bool(_COLLECTION_NAME.fullmatch(name))
+
+
+class CollectionNotFound(LookupError):
+    """No collection of that name (never created, or deleted)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no collection named {name!r}")
+        self.name = name
+
+
+class CollectionExists(ValueError):
+    """A collection of that name already exists."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"a collection named {name!r} already exists")
+        self.name = name
+
+
+class CollectionProtected(ValueError):
+    """The ``default`` collection always exists: it cannot be deleted (empty it instead)."""
+
+
+class KeyExists(ValueError):
+    """A key with that id is already stored."""
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who makes a change, as its audit record names them: never a secret."""
+
+    key_id: str | None = None  # None: open mode (no keys configured)
+    client: str | None = None  # the client's address
+    request_id: str | None = None  # the X-Request-ID of the request (None: the CLI)
+    via: str = "api"  # "api" or "cli"
+
+
+@dataclass(frozen=True)
+class CollectionInfo:
+    name: str
+    model_id: str
+    created_at: float
+    identities: int
+    faces: int
+    counted_faces: int  # sizes the collection's open-set threshold, like GalleryBackend.counted_faces
+
+
+@dataclass(frozen=True)
+class StoredKey:
+    """An API key as stored: the hash of its secret, never the secret (access/keys.py makes both)."""
+
+    key_id: str
+    secret_hash: str
+    role: str  # "admin", "write", "read" or "embed" (access/policy.py)
+    collections: tuple[str, ...] | None  # the collections it may touch; None: all
+    note: str | None
+    created_at: float
+    expires_at: float | None = None
+    revoked_at: float | None = None
+    last_used_at: float | None = None
+    rate_limit_rps: float | None = None  # per-key overrides of FACE_RATE_LIMIT_RPS / _FACES_PER_S
+    rate_limit_faces_per_s: float | None = None
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One recorded change. ``action``: identity.created | identity.appended | identity.replaced |
+    identity.deleted | identity.imported | collection.created | collection.deleted | key.created |
+    key.revoked. ``details``: counts and names only, never an image or an embedding."""
+
+    entry_id: str  # opaque, unique; the cursor of the next page is the last entry's id
+    at: float
+    action: str
+    key_id: str | None
+    client: str | None
+    request_id: str | None
+    collection: str | None
+    identity_id: str | None
+    details: dict
+
+
+@dataclass(frozen=True)
+class AuditQuery:
+    """Newest first; every given filter must hold. ``cursor``: the entry_id of the previous page's
+    last entry (entries strictly older than it follow)."""
+
+    collection: str | None = None
+    identity_id: str | None = None
+    key_id: str | None = None
+    since: float | None = None  # at >= since
+    until: float | None = None  # at < until
+    limit: int = 100
+    cursor: str | None = None
 
 
 @dataclass(frozen=True)
@@ -100,6 +213,7 @@ class GalleryBackend(Protocol):
     backend: str
     model_id: str
     dim: int
+    name: str  # the collection's name
 
     @property
     def identity_count(self) -> int:
@@ -130,11 +244,14 @@ class GalleryBackend(Protocol):
     def close(self) -> None: ...
 
     def enroll(self, identity_id: str, embeddings: np.ndarray, metadata: dict | None = None,
-               replace: bool = False, max_faces: int | None = None) -> EnrollResult: ...
+               replace: bool = False, max_faces: int | None = None, actor: Actor | None = None) -> EnrollResult:
+        """``actor``: the audit record (identity.created / appended / replaced) is written in the same
+        transaction; None writes none (tools and tests that are not a request)."""
 
-    def import_identities(self, items: list[tuple[str, np.ndarray, dict | None]]) -> list[list[int]]: ...
+    def import_identities(self, items: list[tuple[str, np.ndarray, dict | None]],
+                          actor: Actor | None = None) -> list[list[int]]: ...
 
-    def delete(self, identity_id: str) -> int | None: ...
+    def delete(self, identity_id: str, actor: Actor | None = None) -> int | None: ...
 
     def search(self, probes: np.ndarray, top_k: int) -> list[list[Match]]: ...
 
@@ -150,110 +267,70 @@ class GalleryBackend(Protocol):
         """Where reads go and how each is doing; empty when reads have no choice (no standbys)."""
 
 
-# --- the embedded backend, adapted -----------------------------------------------------------
+@runtime_checkable
+class Galleries(Protocol):
+    """A backend as the service opens it: its collections, keys and audit trail (module docstring)."""
 
-class EmbeddedGallery:
-    """Today's embedded gallery (SQLite + hnswlib in the data dir) behind the backend interface.
-
-    It delegates every call to :class:`Gallery` unchanged and only turns its results into the
-    interface's types; its own guarantees (generation-checked snapshots, rebuild after a crash,
-    readers-writer lock) stay where they are.
-    """
-
-    backend = "embedded"
-
-    def __init__(self, gallery: Gallery) -> None:
-        self.gallery = gallery
-        self.model_id = gallery.model_id
-        self.dim = gallery.dim
-
-    @property
-    def identity_count(self) -> int:
-        return self.gallery.identity_count
-
-    @property
-    def face_count(self) -> int:
-        return self.gallery.face_count
-
-    @property
-    def counted_faces(self) -> int:
-        return self.gallery.counted_faces
+    backend: str
+    model_id: str
+    dim: int
 
     @property
     def load_state(self) -> str:
-        return self.gallery.load_state
+        """"loading", "ready" or "failed", for the backend as a whole (the default collection's index
+        on the embedded backend)."""
 
     @property
-    def load_error(self) -> str | None:
-        return self.gallery.load_error
+    def load_error(self) -> str | None: ...
 
-    def open(self) -> None:
-        self.gallery.open()
+    def open(self) -> None: ...
 
-    def start(self) -> None:
-        self.gallery.open_store()  # locks the data dir: a second server stops here
-        self.gallery.start_loading()  # the index loads in the background: /readyz says "loading"
+    def start(self) -> None: ...
 
-    def close(self) -> None:
-        self.gallery.close()
+    def close(self) -> None: ...
 
-    def enroll(self, identity_id: str, embeddings: np.ndarray, metadata: dict | None = None,
-               replace: bool = False, max_faces: int | None = None) -> EnrollResult:
-        return self.gallery.enroll(identity_id, embeddings, metadata, replace, max_faces)
+    # collections
+    def collection(self, name: str) -> GalleryBackend:
+        """The collection's gallery; CollectionNotFound if there is none of that name. Cheap: call it
+        per request (an idle embedded collection is opened on first use, closed when idle again)."""
 
-    def import_identities(self, items: list[tuple[str, np.ndarray, dict | None]]) -> list[list[int]]:
-        import sqlite3
+    def create_collection(self, name: str, actor: Actor | None = None) -> CollectionInfo:
+        """CollectionExists if taken; ValueError for an invalid name. Audited (collection.created)."""
 
-        try:
-            return self.gallery.import_identities(items)
-        except sqlite3.IntegrityError as exc:
-            raise IdentityExists(f"an identity of the import is already enrolled: {exc}") from exc
+    def delete_collection(self, name: str, actor: Actor | None = None) -> CollectionInfo:
+        """Erase every identity and face of it; CollectionNotFound, CollectionProtected for default.
+        Audited (collection.deleted, with the counts erased); its earlier audit entries are kept."""
 
-    def delete(self, identity_id: str) -> int | None:
-        return self.gallery.delete(identity_id)
+    def list_collections(self) -> list[CollectionInfo]: ...
 
-    def search(self, probes: np.ndarray, top_k: int) -> list[list[Match]]:
-        return self.gallery.search(probes, top_k)
+    def collection_info(self, name: str) -> CollectionInfo: ...
 
-    def identity_embeddings(self, identity_id: str) -> np.ndarray | None:
-        return self.gallery.identity_embeddings(identity_id)
+    # keys
+    def add_key(self, key: StoredKey, actor: Actor | None = None) -> None:
+        """KeyExists if the id is taken. Audited (key.created: role, scope, note; never the hash)."""
 
-    def get_identity(self, identity_id: str) -> IdentityDetails | None:
-        return self.gallery.get_identity(identity_id)
+    def list_keys(self) -> list[StoredKey]:
+        """Every key, revoked and expired ones included, oldest first."""
 
-    def list_identities(self, limit: int, after: str | None) -> list[IdentityRecord]:
-        return self.gallery.list_identities(limit, after)
+    def get_key(self, key_id: str) -> StoredKey | None: ...
 
-    def stats(self) -> GalleryStats:
-        extra = self.gallery.stats()  # a fresh dict of ints: the core counts are taken out of it
-        core = {k: extra.pop(k) for k in ("identities", "faces", "index_live")}
-        return GalleryStats(backend=self.backend, **core, extra=extra)
+    def revoke_key(self, key_id: str, actor: Actor | None = None) -> StoredKey | None:
+        """Sets revoked_at (the row stays, for the audit trail); None if unknown. Audited (key.revoked)."""
 
-    def read_targets(self) -> list[ReadTarget]:
-        return []
+    def touch_keys(self, used: dict[str, float]) -> None:
+        """Record last use (key id -> time), in one write, batched by the caller."""
 
+    def has_keys(self) -> bool:
+        """Whether any key is stored that is neither revoked nor expired (open mode when not)."""
 
-# --- the factory ---------------------------------------------------------------------------------
+    # audit
+    def audit(self, query: AuditQuery) -> list[AuditEntry]:
+        """Up to ``query.limit`` entries, newest first."""
 
-def make_gallery(settings: Settings, model_id: str, dim: int, data_dir: Path | None = None) -> GalleryBackend:
-    """The backend ``settings`` choose (not opened): postgres when a database URL is set, else embedded."""
-    if settings.database_url is not None:
-        from .postgres import PostgresGallery, PostgresOptions  # psycopg is only imported when used
+    def prune_audit(self, before: float) -> int:
+        """Delete entries older than ``before`` (retention); returns how many."""
 
-        return PostgresGallery(PostgresOptions.from_settings(settings), model_id, dim)
-    gallery = Gallery(data_dir or settings.data_dir, model_id, dim, m=settings.hnsw_m,
-                      ef_construction=settings.hnsw_ef_construction, ef_search=settings.hnsw_ef_search,
-                      options=GalleryOptions(snapshot_interval_s=settings.snapshot_interval_s,
-                                             snapshot_min_changes=settings.snapshot_min_changes,
-                                             compact_tombstone_ratio=settings.compact_tombstone_ratio,
-                                             compact_min_tombstones=settings.compact_min_tombstones))
-    return EmbeddedGallery(gallery)
+    # the whole
+    def stats(self) -> GalleryStats: ...
 
-
-def open_gallery(settings: Settings, model_id: str, dim: int, background: bool = False) -> GalleryBackend:
-    """Make and open the backend ``settings`` choose; raises GalleryModelMismatch for another model.
-    ``background``: the server's start, where a slow index load goes on behind /readyz "loading"."""
-    gallery = make_gallery(settings, model_id, dim)
-    gallery.start() if background else gallery.open()
-    log.info("gallery opened", extra={"backend": gallery.backend, "model_id": model_id})
-    return gallery
+    def read_targets(self) -> list[ReadTarget]: ...

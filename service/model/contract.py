@@ -20,7 +20,7 @@ from .calibration import CalibrationError, ImpostorTail
 if TYPE_CHECKING:  # for the annotations only; the functions import onnx (and cv2, with quality) where they use it
     import onnx
 
-    from ..quality import QualityModel
+    from ..faces.quality import QualityModel
 
 CONTRACT_VERSION = "1"
 SIDECAR_SUFFIX = ".face.json"
@@ -61,7 +61,7 @@ class FaceContract:
     identify_threshold: float | None = None
     # 1:1 impostor score tail (FAR -> cosine), from which the 1:N threshold follows for any gallery size
     impostor_tail: ImpostorTail | None = field(default=None, compare=False)
-    # fitted face quality (service.quality.QualityModel): the parts' combination and default limits
+    # fitted face quality (service.faces.quality.QualityModel): the parts' combination and default limits
     quality: QualityModel | None = field(default=None, compare=False)
     contract: str = CONTRACT_VERSION
     extra: dict[str, str] = field(default_factory=dict, compare=False)
@@ -157,7 +157,7 @@ class FaceContract:
 
 
 def _quality_model(text: str) -> QualityModel:
-    from ..quality import QualityModel
+    from ..faces.quality import QualityModel
 
     try:
         return QualityModel.from_json(text)
@@ -256,3 +256,14 @@ def write_sidecar(model_path: Path, contract: FaceContract) -> Path:
     side = sidecar_path(Path(model_path))
     side.write_text(json.dumps(contract.to_metadata(), indent=2, sort_keys=True) + "\n")
     return side
+
+
+def cached_variant(dst: Path, source_digest: str) -> FaceContract | None:
+    """The contract of ``dst`` if it is an fp16 variant made from the file with ``source_digest``."""
+    if not Path(dst).exists():
+        return None
+    try:
+        contract = read_contract(dst)
+    except Exception:  # noqa: BLE001 - a broken leftover is simply made again
+        return None
+    return contract if is_variant_of(contract, source_digest) else None

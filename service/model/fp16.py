@@ -65,6 +65,7 @@ from .contract import (
     FP16_PARITY_FACES_KEY,
     ContractError,
     FaceContract,
+    cached_variant,
     file_digest,
     fp16_variant_contract,
     read_contract,
@@ -73,7 +74,6 @@ from .contract import (
     write_sidecar,
 )
 from .preprocess import l2_normalise
-from .serving import cached_variant
 from .session import FaceSession, SessionOptions
 
 log = logging.getLogger(__name__)

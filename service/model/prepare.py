@@ -25,8 +25,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ..faces.quality import QualityModel
 from ..packaged import packaged_model
-from ..quality import QualityModel
 from .calibration import ImpostorTail
 from .contract import FaceContract, file_digest, read_contract, write_contract, write_sidecar
 

@@ -17,10 +17,9 @@ from typing import TYPE_CHECKING
 from .contract import (
     FP16_MIN_COSINE_KEY,
     FP16_SUFFIX,
-    FaceContract,
+    cached_variant,
     file_digest,
     is_fp16_variant,
-    is_variant_of,
     read_contract,
 )
 from .prepare import resolve_model_path
@@ -46,17 +45,6 @@ def serving_variant_path(src: Path, cache_dir: Path) -> Path:
     src = Path(src)
     name = src.parent.name if src.name == "model.onnx" else src.stem
     return Path(cache_dir) / f"{name}{FP16_SUFFIX}" / "model.onnx"
-
-
-def cached_variant(dst: Path, source_digest: str) -> FaceContract | None:
-    """The contract of ``dst`` if it is an fp16 variant made from the file with ``source_digest``."""
-    if not Path(dst).exists():
-        return None
-    try:
-        contract = read_contract(dst)
-    except Exception:  # noqa: BLE001 - a broken leftover is simply made again
-        return None
-    return contract if is_variant_of(contract, source_digest) else None
 
 
 def serving_variant(src: Path, cache_dir: Path, faces_dir: Path | None = None) -> Path:

@@ -11,7 +11,7 @@ from service.errors import ErrorCode
 from tests.console.conftest import KEY
 from tests.server import REPO
 
-STATIC = REPO / "service" / "console" / "static"
+STATIC = REPO / "service" / "http" / "console" / "static"
 FILES = ("index.html", "app.js", "app.css")
 
 
@@ -67,4 +67,4 @@ def test_every_error_code_has_a_readable_sentence():
 def test_the_wheel_ships_the_console(wheel_names):
     """An installed wheel (the Docker image's way) has the pages, not only a source checkout."""
     for name in FILES:
-        assert f"service/console/static/{name}" in wheel_names
+        assert f"service/http/console/static/{name}" in wheel_names

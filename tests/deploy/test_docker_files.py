@@ -180,7 +180,7 @@ def test_probes_and_clients_send_a_host_the_service_answers_to(dockerfile, compo
     """FACE_ALLOWED_HOSTS (default: loopback) must name the Host the image's HEALTHCHECK, compose's local
     clients, other containers and nginx send, or they get 421 host_not_allowed; an operator's own list
     (in .env) replaces compose's."""
-    from service.middleware import host_allowed, split_host
+    from service.http.middleware import host_allowed, split_host
 
     runtime_env = dockerfile.stage("runtime").env()
     probe = dockerfile.stage("runtime").all("HEALTHCHECK")[-1].exec_form()[2]
@@ -214,7 +214,7 @@ def _api_routes(routes, inherited=()):
 
 def test_healthcheck_route_is_an_app_route_that_skips_the_api_key():
     from service.app import create_app
-    from service.deps import require_api_key
+    from service.http.deps import require_api_key
 
     app = create_app(Settings(api_key="secret"))
     assert "get" in app.openapi()["paths"][_readyz_route()]

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.detection import YuNetDetector
+from service.faces.detection import YuNetDetector
 from tests.detection.helpers import Embedder
 
 

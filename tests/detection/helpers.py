@@ -30,8 +30,8 @@ def photo_files() -> list[Path]:
 def service_aligned(detector, path: Path, policy: str = "largest") -> list:
     """A photo file's aligned faces by the path the service runs (``PhotoAligner``: header, decode
     with the colour policy, detect, select, align), without the service around it."""
-    from service.detection import PhotoAligner
-    from service.images import read_header
+    from service.faces.detection import PhotoAligner
+    from service.faces.images import read_header
 
     return PhotoAligner(detector).aligned(read_header(path.read_bytes()), 0, policy)  # type: ignore[arg-type]
 

@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from service.detection import (
+from service.faces.detection import (
     ARCFACE_112,
     NoFaceDetected,
     align_face,

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from service.detection import (
+from service.faces.detection import (
     DetectedFace,
     FaceDetector,
     NoFaceDetected,

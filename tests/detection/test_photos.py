@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.detection import (
+from service.faces.detection import (
     AlphaChannel,
     CorruptImage,
     EmptyImage,
@@ -20,7 +20,7 @@ from service.detection import (
     UnsupportedColorMode,
     align_face,
 )
-from service.images import decode_photo, open_photo
+from service.faces.images import decode_photo, open_photo
 from tests.detection.helpers import PHOTOS, load_rgb
 
 UPRIGHT = PHOTOS / "Helen_Clark_0001.jpg"

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from service.gallery import Gallery, GalleryModelMismatch
-from service.gallery.api import EmbeddedGallery, IdentityExists, TooManyFacesForIdentity
+from service.gallery.api import IdentityExists, TooManyFacesForIdentity
+from service.gallery.embedded.backend import EmbeddedGallery
 from service.model.calibration import FACES_COUNTED_PER_IDENTITY
 
 DIM = 32
@@ -42,7 +43,7 @@ def backend(request, tmp_path):
         def make(model_id, dim, ef_search):
             return EmbeddedGallery(Gallery(tmp_path, model_id, dim, ef_search=ef_search))
     else:
-        from service.gallery.postgres import PostgresGallery, PostgresOptions
+        from service.gallery.postgres.backend import PostgresGallery, PostgresOptions
 
         server = request.getfixturevalue("postgres")
         schema = server.fresh_schema()
@@ -354,7 +355,7 @@ def test_backend_implements_the_interface(gallery):
 
 def test_settings_choose_the_backend(tmp_path, postgres):
     from service.config import Settings
-    from service.gallery.api import open_gallery
+    from service.gallery.open import open_gallery
 
     embedded = open_gallery(Settings(data_dir=tmp_path / "data"), "m@1", DIM)
     remote = open_gallery(Settings(data_dir=tmp_path / "unused", database_url=postgres.url,
@@ -370,7 +371,7 @@ def test_settings_choose_the_backend(tmp_path, postgres):
 def test_index_caps_k_and_scans_exactly_when_the_graph_cannot_answer():
     """HnswIndex.search: k over the live count is capped; when hnswlib cannot return k faces (clustered
     faces: its walk misses some) the live faces are scanned instead. Both are counted by kind."""
-    from service.gallery.index import HnswIndex
+    from service.gallery.embedded.index import HnswIndex
 
     rng, dim = np.random.default_rng(19), 128  # the model's dimension: a 32-d graph is walked whole
 

@@ -141,7 +141,7 @@ def test_replay_after_crash_uses_snapshot_plus_changes(tmp_path, caplog):
         vectors[f"n{i}"] = unit(rng, 1)
         g.enroll(f"n{i}", vectors[f"n{i}"])
     crash(g)
-    with caplog.at_level("INFO", logger="service.gallery.gallery"):
+    with caplog.at_level("INFO", logger="service.gallery.embedded.gallery"):
         g = opened(tmp_path)
     ready = [r for r in caplog.records if r.getMessage() == "gallery index ready"][-1]
     assert (ready.source, ready.replayed_added, ready.replayed_erased) == ("snapshot", 40, 30)
@@ -243,7 +243,7 @@ def test_shutdown_during_a_rebuild_cancels_it_and_leaves_the_store_intact(tmp_pa
     g = Gallery(tmp_path, "m@1", DIM, options=GalleryOptions(snapshot_interval_s=0))
     g.open_store()
     g.start_loading()
-    with caplog.at_level("INFO", logger="service.gallery.gallery"):
+    with caplog.at_level("INFO", logger="service.gallery.embedded.gallery"):
         g.close()  # at once: the rebuild stops at its next 10k-face chunk instead of running to the end
     assert g.load_state == "loading" and "gallery load cancelled by shutdown" in caplog.text
     assert not (tmp_path / "index.json").exists()  # nothing half-built was snapshotted
@@ -370,7 +370,7 @@ def test_writes_go_on_while_a_snapshot_is_written(tmp_path, monkeypatch, ending)
     """The lock is held for the fork only: a delete and an enroll made while the child writes the
     file get in; the deleted vector is zeroed in the new file (or a crash leaves a temporary that
     the next start removes), and the enrolled face is replayed after a crash."""
-    from service.gallery.index import BackgroundSave
+    from service.gallery.embedded.index import BackgroundSave
 
     rng = np.random.default_rng(22)
     g = opened(tmp_path)
@@ -426,7 +426,7 @@ def test_snapshot_without_fork_is_written_under_the_lock(tmp_path, monkeypatch):
 
 
 def test_failed_snapshot_writer_is_reported_and_cleaned_up(tmp_path, monkeypatch):
-    from service.gallery.index import HnswIndex
+    from service.gallery.embedded.index import HnswIndex
 
     rng = np.random.default_rng(24)
     g = opened(tmp_path)
@@ -455,7 +455,7 @@ def test_killed_server_leaves_no_snapshot_writer_holding_the_data_dir(tmp_path):
 import os, signal, sys
 import numpy as np
 from service.gallery import Gallery, GalleryOptions
-from service.gallery.index import BackgroundSave
+from service.gallery.embedded.index import BackgroundSave
 g = Gallery({str(tmp_path)!r}, "m@1", {DIM}, options=GalleryOptions(snapshot_interval_s=0))
 g.open()
 g.enroll("a", np.ones((1, {DIM}), np.float32))

@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 from service.gallery.api import GalleryUnavailable
-from service.gallery.postgres import MIGRATIONS, PostgresGallery, PostgresOptions
+from service.gallery.postgres.backend import MIGRATIONS, PostgresGallery, PostgresOptions
 from service.model.calibration import FACES_COUNTED_PER_IDENTITY
 from tests.pg import PgTestServer
 

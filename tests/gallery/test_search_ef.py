@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from service.config import Settings
 from service.gallery import Gallery, ef
-from service.gallery.api import EmbeddedGallery
+from service.gallery.embedded.backend import EmbeddedGallery
 
 DIM = 16
 
@@ -82,7 +82,7 @@ def test_auto_ef_finds_the_exact_nearest_identity(name, tmp_path, request):
     if name == "embedded":
         g = EmbeddedGallery(Gallery(tmp_path, "m@1", DIM, ef_search="auto"))
     else:
-        from service.gallery.postgres import PostgresGallery, PostgresOptions
+        from service.gallery.postgres.backend import PostgresGallery, PostgresOptions
 
         server = request.getfixturevalue("postgres")
         g = PostgresGallery(PostgresOptions(url=server.url, schema=server.fresh_schema()), "m@1", DIM)

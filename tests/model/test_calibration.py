@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+from service.gallery.openset import GalleryCounts, ThresholdInputs, identify_threshold
 from service.model.calibration import (
     FACES_ALPHA,
     CalibrationError,
@@ -24,7 +25,6 @@ from service.model.calibration import (
 )
 from service.model.contract import ContractError, FaceContract
 from service.model.prepare import SFACE_CONTRACT, packaged_impostor_tail
-from service.openset import GalleryCounts, ThresholdInputs, identify_threshold
 
 
 def _population(people: int, per_person: int, dim: int = 32, spread: float = 0.6, seed: int = 0):
@@ -201,7 +201,7 @@ def test_exporter_evaluation_writes_the_tail_into_an_onnx_contract(tmp_path, def
 
 
 def test_gallery_tail_file_is_read_for_its_model_only_and_follows_changes(tmp_path):
-    from service.openset import CALIBRATION_FILE, GalleryTail, save_gallery_tail
+    from service.gallery.openset import CALIBRATION_FILE, GalleryTail, save_gallery_tail
 
     tail = packaged_impostor_tail()
     reader = GalleryTail(tmp_path, "sface@2021dec-int8bq")

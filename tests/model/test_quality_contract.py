@@ -8,11 +8,11 @@ import json
 import numpy as np
 import pytest
 
-from service.detection import ARCFACE_112
-from service.detection.geometry import face_geometry
+from service.faces.detection import ARCFACE_112
+from service.faces.detection.geometry import face_geometry
+from service.faces.quality import PARTS, QualityModel, assess
 from service.model.contract import ContractError, FaceContract, read_contract
 from service.model.prepare import SFACE_CONTRACT
-from service.quality import PARTS, QualityModel, assess
 
 
 def test_the_default_model_ships_its_fitted_quality(default_model):

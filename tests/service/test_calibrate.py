@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from service.calibrate import CalibrateOptions, _service_state, calibrate
+from service.cli.calibrate import CalibrateOptions, _service_state, calibrate
 from service.config import Settings
 from service.model.calibration import CalibrationError
 from tests.conftest import FIXTURES
@@ -43,7 +43,7 @@ def test_too_few_pairs_are_refused_with_the_option_named(tmp_path, settings):
 def test_quality_is_refitted_on_the_folder_and_preferred_to_the_models(tmp_path, settings):
     """``--quality``: the quality refitted on the user's faces is stored in the data dir and a service
     on that data dir uses it (``quality_source`` gallery), for the served model only."""
-    from service.quality import GALLERY_QUALITY_FILE, gallery_quality
+    from service.faces.quality import GALLERY_QUALITY_FILE, gallery_quality
 
     folder = _folder(tmp_path, *sorted(p.name for p in (FIXTURES / "train").iterdir() if p.is_dir()))
     for face in sorted((FIXTURES / "faces").glob("*.jpg")):

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from service.errors import ErrorCode, ServiceError
-from service.images import decode_aligned_face, decode_photo, image_errors
+from service.faces.images import decode_aligned_face, decode_photo, image_errors
 from tests.conftest import FIXTURES, b64, face_files
 
 CROP = face_files("Gerhard_Schroeder")[0]  # 112x112, an aligned crop

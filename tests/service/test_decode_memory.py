@@ -15,7 +15,7 @@ import httpx
 from PIL import Image
 
 from bench.common import rss_mb
-from service.images import decode_cost, open_header
+from service.faces.images import decode_cost, open_header
 from tests.server import ServerProcess
 
 BUDGET_MB = 256

@@ -8,10 +8,10 @@ import pytest
 from PIL import Image
 
 from service.config import Settings
-from service.detection import ARCFACE_112, YuNetDetector
-from service.metrics import Metrics
+from service.faces.detection import ARCFACE_112, YuNetDetector
+from service.faces.pipeline import decode_faces
 from service.model.runtime import EmbeddingModel
-from service.pipeline import decode_faces
+from service.ops.metrics import Metrics
 from service.state import ServiceState
 from tests.conftest import FIXTURES, face_files
 

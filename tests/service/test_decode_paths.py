@@ -9,7 +9,7 @@ import httpx
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-from service.pipeline import INLINE_DECODE_BYTES
+from service.faces.pipeline import INLINE_DECODE_BYTES
 from tests.conftest import b64, face_files
 
 

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 
 from service.config import Settings
-from service.gallery.api import make_gallery
+from service.gallery.open import make_gallery
 from service.model.contract import read_contract
 from tests.conftest import ENROLLED, FIXTURES, face_files
 from tests.server import MODEL_CACHE, REPO
@@ -147,11 +147,11 @@ def test_server_flags_still_work_beside_the_gallery_commands():
 
 
 def test_imported_and_folder_ids_follow_the_api_rule(tmp_path):
-    """The API's identity id rule (service.identity_ids) holds for gallery files and person folders too:
+    """The API's identity id rule (service.gallery.identity_ids) holds for gallery files and person folders too:
     NFC (an NFD 'José' is the NFC one), nothing invisible (an RLO id refuses the file)."""
     import base64
 
-    from service.gallery_cli import FORMAT, VERSION, GalleryFileError, people_in, read_gallery_file
+    from service.cli.gallery import FORMAT, VERSION, GalleryFileError, people_in, read_gallery_file
 
     vector = base64.b64encode(np.ones(4, "<f4").tobytes()).decode()
     header = json.dumps({"format": FORMAT, "version": VERSION, "model_id": "m@1", "embedding_size": 4})

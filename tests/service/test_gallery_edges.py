@@ -191,7 +191,7 @@ def test_ids_stored_before_the_rule_can_still_be_read_and_deleted(backend, reque
     """A gallery from before the NFC rule may hold an NFD id, or one with a format character: each is
     still found (as given, or by its NFC form), verified against and deleted, never refused."""
     from service.config import Settings
-    from service.gallery.api import make_gallery
+    from service.gallery.open import make_gallery
     from service.model.contract import read_contract
 
     env = {}

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from service.errors import ErrorCode, ServiceError
-from service.images import decode_aligned_face, decode_base64
+from service.faces.images import decode_aligned_face, decode_base64
 from tests.conftest import FACES
 
 FACE = sorted(FACES.glob("*.jpg"))[0]
@@ -91,8 +91,8 @@ def test_base64_errors():
 def test_every_photo_error_is_a_client_error_of_the_api_vocabulary():
     """Photo errors carry ErrorCode values (no string to look up later) and each maps to a 4xx, the
     base class included: raising it must never turn into a 500."""
-    from service.detection import errors as photo_errors
     from service.errors import STATUS
+    from service.faces.detection import errors as photo_errors
 
     classes = [c for c in vars(photo_errors).values()
                if isinstance(c, type) and issubclass(c, photo_errors.PhotoError)]

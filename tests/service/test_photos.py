@@ -10,7 +10,7 @@ import uuid
 import numpy as np
 from PIL import Image
 
-from service.detection import align_face
+from service.faces.detection import align_face
 from tests.conftest import FIXTURES, b64, face_files, metric
 from tests.detection.helpers import fixture_landmarks, load_rgb
 from tests.detection.test_photos import png_declaring

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from harness.server import ServerProcess
-from service.quality import PARTS, PHOTO_ONLY
+from service.faces.quality import PARTS, PHOTO_ONLY
 from tests.conftest import FIXTURES, b64, face_files
 
 PHOTOS = FIXTURES / "photos"

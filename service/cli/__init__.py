@@ -1,0 +1,1 @@
+"""The ``python -m service`` subcommands that are not the server: gallery tools, calibration."""

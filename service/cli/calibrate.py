@@ -1,0 +1,177 @@
+"""``python -m service calibrate DIR``: measure the impostor tail on your own labelled faces.
+
+DIR holds one sub-folder per person with aligned crops or photos of them (photos go through the
+service's own decode -> detect -> align path, the largest face of each). Every pair of faces of
+different people is scored with the service's model, and the FAR -> cosine table is stored in the
+data dir (``impostor_tail.json``); the service then prefers it to the model's own table when it
+sizes the identify threshold (a running service picks it up on its next request; /readyz says
+``impostor_tail.source: gallery``). Use it when your population or cameras differ from the data the
+model was calibrated on. More people make a longer tail: N faces of P people give about
+N^2 (1 - 1/P) / 2 pairs, and the table reaches down to FAR ~ 5 / pairs.
+
+``--quality`` also refits the face quality (``service.faces.quality.fit_on_labelled``: which faces' genuine
+comparisons fail at FMR 1e-3, from their parts) on the same faces and stores it in the data dir
+(``quality.json``); the service reads it at start-up in preference to the model's ``face.quality``
+(/readyz says ``quality.source: gallery``). It needs people with at least two faces; photos give
+every part, aligned crops the crop-based ones only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..config import Settings
+from ..errors import ServiceError
+from ..gallery.openset import save_gallery_tail
+from ..model.calibration import CalibrationError, impostor_tail
+from ..ops.metrics import Metrics
+
+if TYPE_CHECKING:  # the pipeline is imported lazily, at run time
+    from ..faces.pipeline import ImageType
+    from ..faces.quality import QualityModel
+    from ..state import ServiceState
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+DEFAULT_MIN_PAIRS = 1000
+
+
+@dataclass
+class CalibrationSet:
+    embeddings: np.ndarray
+    labels: np.ndarray
+    people: list[str]
+    skipped: dict[str, str] = field(default_factory=dict)  # file -> error code
+    parts: list[dict] = field(default_factory=list)  # each face's quality parts (with the model's norm)
+
+
+@dataclass(frozen=True)
+class CalibrateOptions:
+    folder: Path
+    image_type: ImageType = "auto"
+    min_pairs: int = DEFAULT_MIN_PAIRS
+    batch: int = 32
+    quality: bool = False  # also refit the face quality
+
+
+def labelled_files(folder: Path) -> list[tuple[str, Path]]:
+    people = sorted(p for p in Path(folder).iterdir() if p.is_dir())
+    return [(person.name, f) for person in people for f in sorted(person.iterdir())
+            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+
+
+def _service_state(settings: Settings) -> ServiceState:
+    """The parts of the service a calibration needs: the model session and the photo path."""
+    from ..app import _photo_support
+    from ..model.runtime import EmbeddingModel
+    from ..model.serving import served_model_path
+    from ..state import ServiceState
+
+    model = EmbeddingModel(served_model_path(settings), settings)
+    model.initialize()
+    detector, template = _photo_support(settings, model.contract.alignment)
+    # no batcher and no gallery: decode_faces only reads settings, contract, detector and metrics
+    return ServiceState(settings=settings, model=model, batcher=None, gallery=None, metrics=Metrics(),  # type: ignore[arg-type]
+                        detector=detector, template=template)
+
+
+def embed_folder(state: ServiceState, options: CalibrateOptions) -> CalibrationSet:
+    from ..faces.pipeline import decode_faces
+    from ..faces.quality import raw_norms
+    from ..model.preprocess import l2_normalise
+
+    files = labelled_files(options.folder)
+    names = sorted({person for person, _ in files})
+    index = {name: i for i, name in enumerate(names)}
+    crops, labels, skipped, parts = [], [], {}, []
+    for person, path in files:
+        try:
+            batch = decode_faces(state, [path.read_bytes()], options.image_type, "largest")
+        except ServiceError as exc:  # no face, not an image...: leave it out, say which and why
+            skipped[str(path)] = exc.code.value
+            continue
+        crops.extend(batch.crops)
+        parts.extend(batch.parts)
+        labels.extend([index[person]] * len(batch.crops))
+    if not crops:
+        raise CalibrationError(f"no usable faces under {options.folder}")
+    raw = np.concatenate([state.model.execute_raw(np.stack(crops[i:i + options.batch]))
+                          for i in range(0, len(crops), options.batch)])
+    parts = [{**p, "norm": float(n)} for p, n in zip(parts, raw_norms(raw))]
+    return CalibrationSet(l2_normalise(raw), np.asarray(labels), names, skipped, parts)
+
+
+def calibrate(settings: Settings, options: CalibrateOptions) -> dict:
+    """Embed the folder, measure the tail, store it for the gallery; returns a summary."""
+    state = _service_state(settings)
+    found = embed_folder(state, options)
+    people = len(set(found.labels.tolist()))
+    source = f"{options.folder.name}: {len(found.labels)} faces of {people} people"
+    try:  # the library refuses fewer than two people or --min-pairs pairs; say what the folder held
+        tail = impostor_tail(found.embeddings, found.labels, source=source, min_pairs=options.min_pairs)
+    except CalibrationError as exc:
+        raise CalibrationError(f"{exc} ({source}; --min-pairs {options.min_pairs})") from exc
+    model_id = state.contract.model_id
+    path = save_gallery_tail(settings.data_dir, model_id, tail,
+                             {"faces": len(found.labels), "people": people, "skipped": len(found.skipped)})
+    summary = {"stored": str(path), "model_id": model_id, "faces": len(found.labels), "people": people,
+               "pairs": tail.pairs, "skipped": found.skipped, "far_min": tail.far[-1],
+               "table": dict(zip([f"{f:.2g}" for f in tail.far], tail.cosine))}
+    if options.quality:
+        summary["quality"] = refit_quality(settings, model_id, found, source, state.contract.quality)
+    log.info("calibration stored", extra={k: v for k, v in summary.items() if k not in ("table", "skipped")})
+    return summary
+
+
+def refit_quality(settings: Settings, model_id: str, found: CalibrationSet, source: str,
+                  contract_quality: QualityModel | None = None) -> dict:
+    """Fit the face quality on the calibration faces and store it in the data dir (keeping the contract's
+    limits of the parts that a folder of ordinary photos cannot fit: ``quality.keep_limits_of``)."""
+    from ..faces.quality import fit_on_labelled, keep_limits_of, save_gallery_quality
+
+    measured = [{k: v for k, v in p.items() if v is not None} for p in found.parts]
+    try:
+        model = fit_on_labelled(measured, found.embeddings, found.labels, source)
+    except ValueError as exc:
+        raise CalibrationError(f"quality: {exc}") from exc
+    model = keep_limits_of(model, contract_quality)  # blockiness: fitted on compressed faces, not here
+    path = save_gallery_quality(settings.data_dir, model_id, model)
+    return {"stored": str(path), "min_score": model.min_score, "min_score_crop": model.min_score_crop,
+            **model.evidence}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m service calibrate", description=__doc__.splitlines()[0])
+    parser.add_argument("folder", type=Path, help="one sub-folder per person, aligned crops or photos in each")
+    parser.add_argument("--data-dir", type=Path, help="gallery directory the calibration is for (FACE_DATA_DIR)")
+    parser.add_argument("--model", type=Path, help="the model the service runs (FACE_MODEL); default SFace")
+    parser.add_argument("--image-type", choices=["auto", "aligned", "photo"], default="auto",
+                        help="auto: images of the model's input size are aligned crops, others photos")
+    parser.add_argument("--min-pairs", type=int, default=DEFAULT_MIN_PAIRS,
+                        help="refuse to store a tail measured on fewer impostor pairs")
+    parser.add_argument("--quality", action="store_true",
+                        help="also refit the face quality on these faces (stored as quality.json in the data dir)")
+    args = parser.parse_args(argv)
+    from ..ops.logging import configure_logging
+
+    overrides = {k: v for k, v in {"data_dir": args.data_dir, "model": args.model}.items() if v is not None}
+    settings = Settings(**overrides)
+    configure_logging(settings.log_level, settings.log_json)
+    if not args.folder.is_dir():
+        parser.error(f"{args.folder} is not a directory")
+    try:
+        summary = calibrate(settings, CalibrateOptions(args.folder, args.image_type, args.min_pairs,
+                                                          quality=args.quality))
+    except CalibrationError as exc:
+        log.error("calibration failed: %s", exc)
+        sys.exit(2)
+    sys.stdout.write(json.dumps(summary, indent=1) + "\n")

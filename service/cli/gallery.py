@@ -1,0 +1,355 @@
+"""``python -m service gallery ...``: move a gallery between backends, enroll a folder of people.
+
+* ``export FILE``: every identity with its metadata and embeddings, to a gallery file.
+* ``import FILE``: a gallery file into the configured gallery (embedded, or PostgreSQL with
+  FACE_DATABASE_URL), refused unless it holds embeddings of the configured model.
+* ``enroll DIR``: one sub-folder per person (the folder name is the identity id), photos or aligned
+  crops, through the model in batches; prints progress and a summary of what was skipped and why.
+  Resumable: a person already enrolled is skipped (``--replace`` enrolls them again).
+
+The gallery file (JSON Lines, UTF-8), format ``face-gallery`` version 1:
+
+* line 1, the header: ``{"format": "face-gallery", "version": 1, "model_id": "sface@2021dec-int8bq",
+  "embedding_size": 128, "dtype": "float32", "exported_at": <unix time>}``
+* one line per identity: ``{"identity_id": "...", "metadata": {...}, "created_at": <unix time>,
+  "embeddings": ["<base64 of embedding_size little-endian float32>", ...]}``
+* last line: ``{"end": true, "identities": N, "faces": M}``; a file without it (cut short) is refused.
+
+The gallery is opened as the service opens it (same settings), so run export/import against an
+embedded data dir while no server is using it; on PostgreSQL, replicas may keep serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..config import Settings
+from ..gallery import identity_ids
+from ..gallery.api import GalleryBackend, GalleryModelMismatch, GalleryUnavailable, IdentityExists
+from ..gallery.open import open_gallery
+
+if TYPE_CHECKING:  # the pipeline is imported lazily, at run time
+    from ..faces.pipeline import ImageType
+    from ..state import ServiceState
+
+log = logging.getLogger(__name__)
+
+FORMAT, VERSION = "face-gallery", 1
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+class GalleryFileError(ValueError):
+    """The gallery file is not one this command can import (format, model, or cut short)."""
+
+
+# --- the model identity, without loading the model -------------------------------------------
+
+def model_identity(settings: Settings) -> tuple[str, int]:
+    """(model id, embedding size) of the model the service would load with these settings."""
+    from ..model.contract import read_contract
+    from ..model.serving import served_model_path
+
+    contract = read_contract(served_model_path(settings))
+    return contract.model_id, contract.embedding_size
+
+
+def open_configured(settings: Settings) -> GalleryBackend:
+    return open_gallery(settings, *model_identity(settings))
+
+
+# --- export / import -----------------------------------------------------------------------------
+
+def _encode(vector: np.ndarray) -> str:
+    return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+
+
+def _decode(text: str, dim: int) -> np.ndarray:
+    vector = np.frombuffer(base64.b64decode(text, validate=True), dtype="<f4")
+    if vector.shape != (dim,):
+        raise GalleryFileError(f"an embedding has {vector.size} values, the header says {dim}")
+    return vector.astype(np.float32)
+
+
+@dataclass
+class Transfer:
+    identities: int = 0
+    faces: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+
+def export_gallery(gallery: GalleryBackend, path: Path, page: int = 500) -> Transfer:
+    """Write every identity to ``path`` (atomically: a temporary file renamed when complete)."""
+    done = Transfer()
+    tmp = path.with_name(path.name + ".part")
+    with open(tmp, "w", encoding="utf-8") as out:
+        header = {"format": FORMAT, "version": VERSION, "model_id": gallery.model_id,
+                  "embedding_size": gallery.dim, "dtype": "float32", "exported_at": time.time()}
+        out.write(json.dumps(header) + "\n")
+        after = None
+        while records := gallery.list_identities(page, after):
+            for record in records:
+                embeddings = gallery.identity_embeddings(record.identity_id)
+                if embeddings is None:  # deleted while we export
+                    continue
+                out.write(json.dumps({"identity_id": record.identity_id, "metadata": record.metadata,
+                                      "created_at": record.created_at,
+                                      "embeddings": [_encode(v) for v in embeddings]}) + "\n")
+                done.identities += 1
+                done.faces += len(embeddings)
+            after = records[-1].identity_id
+        out.write(json.dumps({"end": True, "identities": done.identities, "faces": done.faces}) + "\n")
+        out.flush()
+        os.fsync(out.fileno())
+    tmp.replace(path)
+    return done
+
+
+def read_gallery_file(path: Path, model_id: str, dim: int) -> Iterator[tuple[str, np.ndarray, dict]]:
+    """Yield (identity id, embeddings, metadata) from a gallery file after checking its header."""
+    with open(path, encoding="utf-8") as lines:
+        try:
+            header = json.loads(next(lines))
+        except (StopIteration, ValueError) as exc:
+            raise GalleryFileError(f"{path} is not a gallery file (no JSON header line)") from exc
+        if header.get("format") != FORMAT or header.get("version") != VERSION:
+            raise GalleryFileError(f"{path}: format {header.get('format')!r} version {header.get('version')!r}; "
+                                   f"this service reads {FORMAT!r} version {VERSION}")
+        if header.get("model_id") != model_id or header.get("embedding_size") != dim:
+            raise GalleryFileError(
+                f"{path} holds {header.get('embedding_size')}-d embeddings of model {header.get('model_id')!r}; "
+                f"the configured model is {model_id!r} ({dim}-d). Embeddings of different models are not "
+                "comparable: re-enroll the photos with this model instead.")
+        for number, line in enumerate(lines, start=2):
+            item = json.loads(line)
+            if item.get("end"):
+                return
+            # the API's rule for new ids (identity_ids): NFC, nothing invisible
+            identity = identity_ids.normalise(item["identity_id"]) if isinstance(item.get("identity_id"), str) else None
+            why = "not a string" if identity is None else identity_ids.problem(identity)
+            if identity is None or why is not None:
+                raise GalleryFileError(f"{path} line {number}: {item.get('identity_id')!r} is not a valid identity id: {why}")
+            embeddings = np.stack([_decode(e, dim) for e in item["embeddings"]]) if item["embeddings"] else None
+            if embeddings is None:
+                raise GalleryFileError(f"{path} line {number}: identity {identity!r} has no embeddings")
+            yield identity, embeddings, item.get("metadata") or {}
+    raise GalleryFileError(f"{path} ends without its end line: the file is incomplete")
+
+
+def import_gallery(gallery: GalleryBackend, path: Path, batch: int = 1000,
+                   progress: Callable[[Transfer], None] | None = None) -> Transfer:
+    """Import a gallery file; identities already in the gallery are skipped (so an import can resume).
+
+    The file is checked whole (header, model, end line) before anything is written.
+    """
+    for _ in read_gallery_file(path, gallery.model_id, gallery.dim):
+        pass
+    done = Transfer()
+    pending: list = []
+
+    def flush() -> None:
+        try:
+            ids = gallery.import_identities(pending)
+            fresh = pending
+        except IdentityExists:  # some exist already (an earlier, interrupted import): skip those
+            existing = {item[0] for item in pending if gallery.get_identity(item[0]) is not None}
+            fresh = [item for item in pending if item[0] not in existing]
+            done.skipped += sorted(existing)
+            ids = gallery.import_identities(fresh) if fresh else []
+        done.identities += len(fresh)
+        done.faces += sum(len(x) for x in ids)
+        pending.clear()
+        if progress:
+            progress(done)
+
+    for item in read_gallery_file(path, gallery.model_id, gallery.dim):
+        pending.append(item)
+        if len(pending) >= batch:
+            flush()
+    if pending:
+        flush()
+    return done
+
+
+# --- enroll a folder of people -------------------------------------------------------------------
+
+@dataclass
+class EnrollSummary:
+    people: int = 0
+    enrolled: int = 0
+    faces: int = 0
+    already: int = 0
+    skipped_images: Counter = field(default_factory=Counter)  # reason -> count
+    skipped_people: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)  # a few "path: reason" lines
+
+
+def people_in(root: Path) -> list[tuple[str, list[Path]]]:
+    """(identity id, image files) per sub-folder, sorted, so a rerun walks them in the same order. The id is
+    the folder name in NFC (macOS file systems hand out NFD names), as the API stores ids."""
+    found = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        found.append((identity_ids.normalise(folder.name), images))
+    return found
+
+
+async def _embed_person(state: ServiceState, images: list[Path], image_type: ImageType, summary: EnrollSummary) -> np.ndarray | None:
+    """One embedding per usable image; an image with no face, several faces or unreadable is skipped."""
+    from ..errors import ServiceError
+    from ..faces.pipeline import embed_images
+
+    vectors = []
+    for path in images:
+        try:
+            found, faces = await embed_images(state, [path.read_bytes()], image_type, "all")
+        except ServiceError as exc:
+            summary.skipped_images[exc.code.value] += 1
+            if len(summary.examples) < 20:
+                summary.examples.append(f"{path}: {exc.code.value}")
+            continue
+        except OSError as exc:
+            summary.skipped_images["unreadable_file"] += 1
+            if len(summary.examples) < 20:
+                summary.examples.append(f"{path}: {exc}")
+            continue
+        if len(found) > 1:
+            summary.skipped_images["several_faces"] += 1
+            if len(summary.examples) < 20:
+                summary.examples.append(f"{path}: several_faces ({len(found)})")
+            continue
+        vectors.append(found[0])
+    return np.stack(vectors) if vectors else None
+
+
+async def enroll_folder(settings: Settings, root: Path, image_type: ImageType = "auto", replace: bool = False,
+                        concurrency: int = 8, progress: Callable[[EnrollSummary], None] | None = None) -> EnrollSummary:
+    """Enroll every person folder under ``root`` through the real data path (model, batcher, gallery)."""
+    from starlette.concurrency import run_in_threadpool
+
+    from ..app import finalize, initialize
+    from ..ops.metrics import Metrics
+
+    state = await initialize(settings, Metrics())
+    summary, people = EnrollSummary(), people_in(root)
+    summary.people = len(people)
+    gate = asyncio.Semaphore(concurrency)  # several people in flight fill the batcher's batches
+
+    async def one(identity: str, images: list[Path]) -> None:
+        async with gate:
+            if identity_ids.problem(identity) is not None:
+                summary.skipped_people["invalid_identity_id"] += 1
+            elif not replace and await run_in_threadpool(state.gallery.get_identity, identity) is not None:
+                summary.already += 1
+            elif not images:
+                summary.skipped_people["no_images"] += 1
+            else:
+                vectors = await _embed_person(state, images, image_type, summary)
+                if vectors is None:
+                    summary.skipped_people["no_usable_face"] += 1
+                else:
+                    await run_in_threadpool(state.gallery.enroll, identity, vectors, None, replace)
+                    summary.enrolled += 1
+                    summary.faces += len(vectors)
+            if progress:
+                progress(summary)
+
+    try:
+        await asyncio.gather(*(one(identity, images) for identity, images in people))
+    finally:
+        await finalize(state)
+    return summary
+
+
+# --- the command line ----------------------------------------------------------------------------
+
+def _progress_line(text: str) -> None:
+    if sys.stderr.isatty():
+        sys.stderr.write("\r" + text)
+    else:
+        sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m service gallery",
+        description="Gallery tools. The gallery and model are the ones the service would use: FACE_* settings "
+        "(FACE_DATABASE_URL for PostgreSQL, else FACE_DATA_DIR), and these flags.",
+    )
+    parser.add_argument("--data-dir", type=Path, help="embedded gallery directory (FACE_DATA_DIR)")
+    parser.add_argument("--model", type=Path, help="ONNX model or directory (FACE_MODEL); default: SFace")
+    parser.add_argument("--database-url", help="PostgreSQL URL (FACE_DATABASE_URL); set: the postgres backend")
+    sub = parser.add_subparsers(dest="command", required=True)
+    export = sub.add_parser("export", help="write the gallery to a file (JSON Lines, with the model id)")
+    export.add_argument("file", type=Path)
+    imp = sub.add_parser("import", help="add a gallery file's identities (same model only; existing ids skipped)")
+    imp.add_argument("file", type=Path)
+    imp.add_argument("--batch", type=int, default=1000, help="identities per transaction (default 1000)")
+    imp.add_argument("--build-index-after", action="store_true",
+                     help="PostgreSQL: drop the HNSW index, load, build it in one pass (much faster for a large "
+                     "import; searches meanwhile are exact and slow)")
+    enroll = sub.add_parser("enroll", help="enroll DIR/<identity id>/<images> through the model")
+    enroll.add_argument("dir", type=Path)
+    enroll.add_argument("--image-type", choices=["auto", "photo", "aligned"], default="auto",
+                        help="auto (default): crops of the model's input size are aligned faces, others photos")
+    enroll.add_argument("--replace", action="store_true",
+                        help="enroll people already in the gallery again, replacing their faces")
+    enroll.add_argument("--concurrency", type=int, default=8, help="people embedded at once (default 8)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    overrides = {k: v for k, v in {"data_dir": args.data_dir, "model": args.model,
+                                   "database_url": args.database_url}.items() if v is not None}
+    settings = Settings(**overrides)
+    from ..ops.logging import configure_logging
+
+    configure_logging("warning", False)
+    try:
+        if args.command == "enroll":
+            if not args.dir.is_dir():
+                raise GalleryFileError(f"{args.dir} is not a directory")
+            summary = asyncio.run(enroll_folder(
+                settings, args.dir, args.image_type, args.replace, args.concurrency,
+                progress=lambda s: _progress_line(
+                    f"people {s.enrolled + s.already + sum(s.skipped_people.values())}/{s.people}, "
+                    f"faces {s.faces}, images skipped {sum(s.skipped_images.values())}")))
+            sys.stderr.write("\n")
+            report = {"people": summary.people, "enrolled": summary.enrolled, "faces": summary.faces,
+                      "already_enrolled": summary.already, "people_skipped": dict(summary.skipped_people),
+                      "images_skipped": dict(summary.skipped_images), "examples": summary.examples}
+        else:
+            gallery = open_configured(settings)
+            try:
+                if args.command == "export":
+                    done = export_gallery(gallery, args.file)
+                else:
+                    bulk = getattr(gallery, "index_built_after", None) if args.build_index_after else None
+                    with bulk() if bulk else contextlib.nullcontext():
+                        done = import_gallery(gallery, args.file, args.batch, progress=lambda d: _progress_line(
+                            f"imported {d.identities} identities, {d.faces} faces, skipped {len(d.skipped)}"))
+            finally:
+                gallery.close()
+            report = {"command": args.command, "file": str(args.file), "backend": gallery.backend,
+                      "identities": done.identities, "faces": done.faces, "skipped_existing": len(done.skipped)}
+    except (GalleryFileError, GalleryModelMismatch, GalleryUnavailable) as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    return 0

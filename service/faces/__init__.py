@@ -1,0 +1,1 @@
+"""Faces in pictures: decoding images, detecting and aligning faces, their quality, the embed pipeline."""

@@ -1,0 +1,183 @@
+"""The data path from image bytes to embeddings, in one direction:
+
+bytes -> header + decode + validate (``images``, one policy for crops and photos)
+      -> photos: detect -> select -> align (``detection.PhotoAligner``)
+      -> batcher -> session (``model``) -> raw outputs -> normalised embeddings + each face's quality
+         (``quality``: size and pose from the landmarks, sharpness and exposure from the crop,
+         the raw output's norm from the model, combined with the contract's fitted ``face.quality``).
+
+Every image of a request is decoded (and its faces found) before any is embedded, so a bad image
+fails its own request with a clear code and never reaches the batch other requests share.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+from starlette.concurrency import run_in_threadpool
+
+from ..errors import ErrorCode, ServiceError
+from ..model.batcher import InferenceTimeout, Overloaded
+from ..model.preprocess import l2_normalise
+from ..state import ServiceState
+from .detection import DetectedFace, PhotoAligner
+from .images import ImageHeader, aligned_crop, image_errors, read_header
+from .quality import Quality, assess, crop_parts, photo_parts, raw_norms
+
+log = logging.getLogger(__name__)
+
+# Aligned crops this small are decoded on the event loop: a crop's size is checked from its header
+# before any pixel is decoded (images.aligned_crop), so this is at most a few 112x112 decodes
+# (~0.1-0.5 ms), less than the thread pool's round trip it saves. Photos always go to the pool.
+INLINE_DECODE_BYTES = 32 * 1024
+
+ImageType = Literal["aligned", "photo", "auto"]
+MultiFace = Literal["largest", "center", "all"]
+
+
+@dataclass
+class FaceBatch:
+    """The faces of one request, ready for the model: crops, and where each came from."""
+
+    crops: list[np.ndarray] = field(default_factory=list)  # HxWx3 uint8 RGB, the model's input size
+    image_index: list[int] = field(default_factory=list)  # request image of each crop
+    located: list[DetectedFace | None] = field(default_factory=list)  # None: the image was an aligned crop
+    parts: list[dict[str, float | None]] = field(default_factory=list)  # quality parts measured so far
+    quality: list[Quality] = field(default_factory=list)  # set once embedded (the model's part needs it)
+
+    def add(self, crop: np.ndarray, index: int, face: DetectedFace | None = None,
+            blockiness: float | None = None) -> None:
+        """One face: its crop, and for a photo's face where it was and the photo's blockiness around it
+        (measured before the alignment's warp; an aligned crop's is measured on the crop)."""
+        self.crops.append(crop)
+        self.image_index.append(index)
+        self.located.append(face)
+        self.parts.append({**(photo_parts(face) if face is not None else {}), **crop_parts(crop, blockiness)})
+
+    def assess(self, state: ServiceState, norms: np.ndarray) -> None:
+        """Each face's quality, from its parts and the model's output norm."""
+        model = state.quality_model
+        self.quality = [assess({**parts, "norm": float(norm)}, model) for parts, norm in zip(self.parts, norms)]
+
+    def qualities(self, setting: float | None, requested: float | None = None, force: bool = False) -> list[dict]:
+        """JSON-ready ``quality`` objects parallel to the crops, each judged against its score limit
+        (``Quality.limit``: FACE_ENROLL_MIN_QUALITY ``setting``, else the model's default; ``requested``)."""
+        return [q.as_dict(q.limit(setting, requested, force)) for q in self.quality]
+
+    def refuse_low_quality(self, setting: float | None, requested: float | None = None, force: bool = False) -> None:
+        """``low_quality`` (422) for the first face below its score limit or outside a part's limits,
+        saying which limits it missed and by how much. ``force`` without ``requested`` checks nothing."""
+        if force and requested is None:
+            return
+        for face, (quality, index) in enumerate(zip(self.quality, self.image_index)):
+            reasons = quality.failures(quality.limit(setting, requested, force))
+            if force:  # an admin's lowered limit is on the score alone
+                reasons = [r for r in reasons if r["part"] == "score"]
+            if reasons:
+                log.info("face refused: low quality", extra={"index": index, "face": face, "reasons": reasons,
+                                                             "score": quality.score})
+                missed = ", ".join(f"{r['part']} {r['value']:g} (limit {r['limit']:g})" for r in reasons)
+                raise ServiceError(ErrorCode.low_quality, f"the face of image {index} is not good enough to "
+                                   f"enroll: {missed}", index=index, face=face, reasons=reasons)
+
+    @property
+    def from_photos(self) -> bool:
+        return any(face is not None for face in self.located)
+
+    def locations(self) -> list[dict | None] | None:
+        """JSON-ready face locations parallel to the crops; None when no image was a photo."""
+        if not self.from_photos:
+            return None
+        return [None if face is None else {"image_index": index, **face.as_dict()}
+                for index, face in zip(self.image_index, self.located)]
+
+
+def photo_aligner(state: ServiceState, index: int) -> PhotoAligner:
+    """The service's photo path (``detection.PhotoAligner``): its detector and template, the
+    process-wide decode budget, detection metrics. Crops-only models refuse photos here."""
+    if state.detector is None or state.template is None:
+        raise ServiceError(
+            ErrorCode.photo_not_supported,
+            f"the model's alignment {state.contract.alignment!r} has no template here; send aligned crops",
+            index=index,
+        )
+    return PhotoAligner(state.detector, state.template, state.decode_budget, state.metrics.observe_detection)
+
+
+def read_image_header(state: ServiceState, data: bytes, index: int) -> ImageHeader:
+    """The one header parse of an upload (limits checked, nothing decoded)."""
+    settings = state.settings
+    with image_errors(index):
+        return read_header(data, max_pixels=settings.max_image_pixels, max_bytes=settings.max_image_bytes)
+
+
+@contextmanager
+def decoded_photo(state: ServiceState, data: bytes, index: int) -> Iterator[tuple[np.ndarray, list[DetectedFace]]]:
+    """Photo bytes -> (upright RGB array, every face in it), valid inside the ``with``: the decode's
+    estimated memory is reserved in the process-wide budget (``decode_budget``) until then. No face
+    is an empty list, not an error."""
+    aligner = photo_aligner(state, index)
+    with aligner.faces(read_image_header(state, data, index), index) as found:
+        yield found
+
+
+def decode_faces(
+    state: ServiceState, blobs: list[bytes], image_type: ImageType = "aligned", multi_face: MultiFace = "largest",
+    first_index: int = 0,
+) -> FaceBatch:
+    settings = state.settings
+    size = state.contract.input_size
+    batch = FaceBatch()
+    for offset, blob in enumerate(blobs):
+        index = first_index + offset
+        header = read_image_header(state, blob, index)
+        # auto: a header declaring exactly the model's input size (as viewed) is an aligned crop
+        if image_type == "aligned" or (image_type == "auto" and header.upright_size == tuple(size)):
+            with image_errors(index):
+                batch.add(aligned_crop(header, size), index)
+            continue
+        for aligned in photo_aligner(state, index).aligned(header, index, multi_face):
+            batch.add(aligned.crop, index, aligned.face, aligned.blockiness)
+    if len(batch.crops) > settings.max_faces_per_request:
+        raise ServiceError(
+            ErrorCode.too_many_faces,
+            f"the photos hold {len(batch.crops)} faces; the limit is {settings.max_faces_per_request}",
+            limit=settings.max_faces_per_request,
+        )
+    return batch
+
+
+async def embed_images(
+    state: ServiceState, blobs: list[bytes], image_type: ImageType = "aligned", multi_face: MultiFace = "largest",
+    first_index: int = 0,
+) -> tuple[np.ndarray, FaceBatch]:
+    """Embeddings of every face in ``blobs`` (one per aligned image; per photo, what the policy picks)."""
+    if image_type == "aligned" and sum(len(blob) for blob in blobs) <= INLINE_DECODE_BYTES:
+        faces = decode_faces(state, blobs, image_type, multi_face, first_index)
+    else:
+        faces = await run_in_threadpool(decode_faces, state, blobs, image_type, multi_face, first_index)
+    raw = await embed_raw(state, np.stack(faces.crops))
+    faces.assess(state, raw_norms(raw))
+    return l2_normalise(raw), faces
+
+
+async def embed_crops(state: ServiceState, crops: np.ndarray) -> np.ndarray:
+    """Aligned crops -> L2-normalised embeddings (``embed_raw``, normalised)."""
+    return l2_normalise(await embed_raw(state, crops))
+
+
+async def embed_raw(state: ServiceState, crops: np.ndarray) -> np.ndarray:
+    """Aligned crops -> the model's raw outputs through the shared batcher; its deadline and queue bound
+    become ``inference_timeout`` (504) and ``overloaded`` (503) instead of a request that never returns."""
+    try:
+        return await state.batcher.embed(crops)
+    except InferenceTimeout as exc:
+        raise ServiceError(ErrorCode.inference_timeout, f"the model did not answer in time: {exc}",
+                           timeout_ms=state.settings.inference_timeout_ms) from exc
+    except Overloaded as exc:
+        raise ServiceError(ErrorCode.overloaded, f"the service is overloaded, retry later: {exc}") from exc

@@ -1,0 +1,91 @@
+"""The embedded gallery (:class:`Gallery`: SQLite store + hnswlib index) behind the backend interface."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..api import EnrollResult, GalleryStats, IdentityDetails, IdentityExists, IdentityRecord, Match, ReadTarget
+from .gallery import Gallery
+
+
+class EmbeddedGallery:
+    """Today's embedded gallery (SQLite + hnswlib in the data dir) behind the backend interface.
+
+    It delegates every call to :class:`Gallery` unchanged and only turns its results into the
+    interface's types; its own guarantees (generation-checked snapshots, rebuild after a crash,
+    readers-writer lock) stay where they are.
+    """
+
+    backend = "embedded"
+
+    def __init__(self, gallery: Gallery) -> None:
+        self.gallery = gallery
+        self.model_id = gallery.model_id
+        self.dim = gallery.dim
+
+    @property
+    def identity_count(self) -> int:
+        return self.gallery.identity_count
+
+    @property
+    def face_count(self) -> int:
+        return self.gallery.face_count
+
+    @property
+    def counted_faces(self) -> int:
+        return self.gallery.counted_faces
+
+    @property
+    def load_state(self) -> str:
+        return self.gallery.load_state
+
+    @property
+    def load_error(self) -> str | None:
+        return self.gallery.load_error
+
+    def open(self) -> None:
+        self.gallery.open()
+
+    def start(self) -> None:
+        self.gallery.open_store()  # locks the data dir: a second server stops here
+        self.gallery.start_loading()  # the index loads in the background: /readyz says "loading"
+
+    def close(self) -> None:
+        self.gallery.close()
+
+    def enroll(self, identity_id: str, embeddings: np.ndarray, metadata: dict | None = None,
+               replace: bool = False, max_faces: int | None = None) -> EnrollResult:
+        return self.gallery.enroll(identity_id, embeddings, metadata, replace, max_faces)
+
+    def import_identities(self, items: list[tuple[str, np.ndarray, dict | None]]) -> list[list[int]]:
+        import sqlite3
+
+        try:
+            return self.gallery.import_identities(items)
+        except sqlite3.IntegrityError as exc:
+            raise IdentityExists(f"an identity of the import is already enrolled: {exc}") from exc
+
+    def delete(self, identity_id: str) -> int | None:
+        return self.gallery.delete(identity_id)
+
+    def search(self, probes: np.ndarray, top_k: int) -> list[list[Match]]:
+        return self.gallery.search(probes, top_k)
+
+    def identity_embeddings(self, identity_id: str) -> np.ndarray | None:
+        return self.gallery.identity_embeddings(identity_id)
+
+    def get_identity(self, identity_id: str) -> IdentityDetails | None:
+        return self.gallery.get_identity(identity_id)
+
+    def list_identities(self, limit: int, after: str | None) -> list[IdentityRecord]:
+        return self.gallery.list_identities(limit, after)
+
+    def stats(self) -> GalleryStats:
+        extra = self.gallery.stats()  # a fresh dict of ints: the core counts are taken out of it
+        core = {k: extra.pop(k) for k in ("identities", "faces", "index_live")}
+        return GalleryStats(backend=self.backend, **core, extra=extra)
+
+    def read_targets(self) -> list[ReadTarget]:
+        return []
+
+

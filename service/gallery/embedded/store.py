@@ -1,0 +1,270 @@
+"""The durable store: the source of truth for identities, faces and embeddings (SQLite, WAL).
+
+``synchronous=FULL`` makes every committed transaction survive a crash of the process (and of the
+machine): an enrollment is acknowledged only after its commit returns. Every write transaction
+bumps ``generation``, which tells whether an index snapshot on disk is still current.
+
+Erasing: ``secure_delete`` makes SQLite overwrite deleted rows with zeros, and ``checkpoint`` (run
+after every delete) moves the WAL into the database and truncates it, so an erased embedding is
+left neither in the database file nor in the WAL.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import cast
+
+import numpy as np
+
+from ..results import FaceRecord, IdentityDetails, IdentityRecord, TooManyFacesForIdentity
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS identities (
+    identity_id TEXT PRIMARY KEY,
+    metadata    TEXT NOT NULL DEFAULT '{}',
+    created_at  REAL NOT NULL,
+    updated_at  REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS faces (
+    face_id     INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: it is the index label
+    identity_id TEXT NOT NULL REFERENCES identities(identity_id) ON DELETE CASCADE,
+    embedding   BLOB NOT NULL,
+    created_at  REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS faces_by_identity ON faces(identity_id);
+"""
+
+
+class _NothingToDelete(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class AddedFaces:
+    """What :meth:`Store.add_faces` committed."""
+
+    face_ids: list[int]  # the new faces, in the order given
+    removed: list[int]  # face ids dropped by replace=True (the index must erase them)
+    created: bool  # the identity did not exist before
+    face_count: int  # the identity's faces after this transaction
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer = self._connect()
+        self._writer.executescript(SCHEMA)
+        self._local = threading.local()
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA secure_delete=ON")
+        return conn
+
+    def _reader(self) -> sqlite3.Connection:
+        # one connection per thread: WAL lets readers run beside the writer
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self._connect()
+        return conn
+
+    def close(self) -> None:
+        self.checkpoint()
+        self._writer.close()
+
+    def checkpoint(self) -> bool:
+        """Copy the WAL into the database and truncate it to zero bytes; False if readers kept it busy."""
+        busy, _, _ = self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        return not busy
+
+    # --- meta --------------------------------------------------------------------------------
+    def get_meta(self, key: str) -> str | None:
+        row = self._writer.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._writer.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
+    @property
+    def generation(self) -> int:
+        return int(self.get_meta("generation") or 0)
+
+    def _bump(self, conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "INSERT INTO meta(key, value) VALUES ('generation', '1') "
+            "ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
+        )
+
+    # --- writes (the caller serialises them) -------------------------------------------------
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction that bumps the generation; committed on exit, rolled back on error."""
+        conn = self._writer
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+            self._bump(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    @staticmethod
+    def _insert_identity(conn: sqlite3.Connection, identity_id: str, metadata: dict | None, now: float) -> None:
+        conn.execute(
+            "INSERT INTO identities(identity_id, metadata, created_at, updated_at) VALUES (?, ?, ?, ?)",
+            (identity_id, json.dumps(metadata or {}), now, now),
+        )
+
+    @staticmethod
+    def _insert_faces(conn: sqlite3.Connection, identity_id: str, embeddings: np.ndarray, now: float) -> list[int]:
+        # an INSERT's cursor always has a lastrowid (None is only for statements that insert nothing)
+        return [
+            cast(int, conn.execute(
+                "INSERT INTO faces(identity_id, embedding, created_at) VALUES (?, ?, ?)",
+                (identity_id, vector.tobytes(), now),
+            ).lastrowid)
+            for vector in embeddings.astype(np.float32)
+        ]
+
+    def add_faces(
+        self, identity_id: str, embeddings: np.ndarray, metadata: dict | None, replace: bool,
+        max_faces: int | None = None,
+    ) -> AddedFaces:
+        """Insert faces (creating the identity if new, dropping its faces first with ``replace``);
+        refused (TooManyFacesForIdentity, nothing written) if the identity would hold more than
+        ``max_faces``, counted inside the write's own transaction."""
+        now = time.time()
+        removed: list[int] = []
+        with self._transaction() as conn:
+            created = conn.execute("SELECT 1 FROM identities WHERE identity_id = ?", (identity_id,)).fetchone() is None
+            if max_faces is not None:
+                existing = 0 if created or replace else int(conn.execute(
+                    "SELECT COUNT(*) FROM faces WHERE identity_id = ?", (identity_id,)).fetchone()[0])
+                if existing + len(embeddings) > max_faces:
+                    raise TooManyFacesForIdentity(identity_id, existing, len(embeddings), max_faces)
+            if created:
+                self._insert_identity(conn, identity_id, metadata, now)
+            else:
+                if metadata is not None:
+                    conn.execute("UPDATE identities SET metadata = ? WHERE identity_id = ?", (json.dumps(metadata), identity_id))
+                conn.execute("UPDATE identities SET updated_at = ? WHERE identity_id = ?", (now, identity_id))
+                if replace:
+                    removed = [r[0] for r in conn.execute("SELECT face_id FROM faces WHERE identity_id = ?", (identity_id,))]
+                    conn.execute("DELETE FROM faces WHERE identity_id = ?", (identity_id,))
+            face_ids = self._insert_faces(conn, identity_id, embeddings, now)
+            face_count = conn.execute("SELECT COUNT(*) FROM faces WHERE identity_id = ?", (identity_id,)).fetchone()[0]
+        return AddedFaces(face_ids, removed, created, int(face_count))
+
+    def add_new_identities(self, items: list[tuple[str, np.ndarray, dict | None]]) -> list[list[int]]:
+        """Bulk import of identities that must not exist yet, in one transaction (one fsync)."""
+        now = time.time()
+        with self._transaction() as conn:
+            all_ids = []
+            for identity_id, embeddings, metadata in items:
+                self._insert_identity(conn, identity_id, metadata, now)
+                all_ids.append(self._insert_faces(conn, identity_id, embeddings, now))
+        return all_ids
+
+    def delete_identity(self, identity_id: str) -> list[int] | None:
+        """Remove an identity and its faces; returns their face ids, or None if it did not exist."""
+        try:
+            with self._transaction() as conn:
+                face_ids = [r[0] for r in conn.execute("SELECT face_id FROM faces WHERE identity_id = ?", (identity_id,))]
+                conn.execute("DELETE FROM faces WHERE identity_id = ?", (identity_id,))
+                if not conn.execute("DELETE FROM identities WHERE identity_id = ?", (identity_id,)).rowcount:
+                    raise _NothingToDelete  # rolls the transaction back: generation untouched
+        except _NothingToDelete:
+            return None
+        return face_ids
+
+    # --- reads -------------------------------------------------------------------------------
+    def iter_faces(self, batch: int = 10_000) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
+        """All faces in id order, in chunks of (face ids, embeddings, identity ids)."""
+        conn = self._reader()
+        last = -1
+        while True:
+            rows = conn.execute(
+                "SELECT face_id, identity_id, embedding FROM faces WHERE face_id > ? ORDER BY face_id LIMIT ?",
+                (last, batch),
+            ).fetchall()
+            if not rows:
+                return
+            ids = np.array([r[0] for r in rows], dtype=np.int64)
+            # one buffer for the chunk: a frombuffer per row costs more than the query (the exact search scans this)
+            vectors = np.frombuffer(bytearray().join(r[2] for r in rows), dtype=np.float32).reshape(len(rows), -1)
+            yield ids, vectors, [r[1] for r in rows]
+            last = rows[-1][0]
+
+    def face_labels(self) -> tuple[np.ndarray, list[str]]:
+        """Every face id (ascending) and its identity: what the index's label map is built from."""
+        rows = self._reader().execute("SELECT face_id, identity_id FROM faces ORDER BY face_id").fetchall()
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)), [r[1] for r in rows]
+
+    def embeddings_of(self, face_ids: np.ndarray, batch: int = 500) -> np.ndarray:
+        """Embeddings of the given faces, in the given order (all must exist)."""
+        conn = self._reader()
+        out: dict[int, np.ndarray] = {}
+        ids = [int(i) for i in face_ids]
+        for start in range(0, len(ids), batch):
+            part = ids[start:start + batch]
+            marks = ",".join("?" * len(part))
+            for face_id, blob in conn.execute(f"SELECT face_id, embedding FROM faces WHERE face_id IN ({marks})", part):
+                out[face_id] = np.frombuffer(blob, dtype=np.float32)
+        return np.stack([out[i] for i in ids]) if ids else np.zeros((0, 0), np.float32)
+
+    def identity_embeddings(self, identity_id: str) -> np.ndarray | None:
+        conn = self._reader()
+        if conn.execute("SELECT 1 FROM identities WHERE identity_id = ?", (identity_id,)).fetchone() is None:
+            return None
+        rows = conn.execute("SELECT embedding FROM faces WHERE identity_id = ? ORDER BY face_id", (identity_id,)).fetchall()
+        return np.stack([np.frombuffer(r[0], dtype=np.float32) for r in rows]) if rows else np.zeros((0, 0), np.float32)
+
+    def get_identity(self, identity_id: str) -> IdentityDetails | None:
+        conn = self._reader()
+        row = conn.execute(
+            "SELECT identity_id, metadata, created_at, updated_at FROM identities WHERE identity_id = ?", (identity_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        faces = conn.execute(
+            "SELECT face_id, created_at FROM faces WHERE identity_id = ? ORDER BY face_id", (identity_id,)
+        ).fetchall()
+        record = IdentityRecord(row[0], json.loads(row[1]), len(faces), row[2], row[3])
+        return IdentityDetails(record, [FaceRecord(int(f), float(t)) for f, t in faces])
+
+    def list_identities(self, limit: int, after: str | None) -> list[IdentityRecord]:
+        """Keyset pagination by identity id: stable under concurrent inserts and deletes."""
+        conn = self._reader()
+        rows = conn.execute(
+            "SELECT i.identity_id, i.metadata, i.created_at, i.updated_at, "
+            "(SELECT COUNT(*) FROM faces f WHERE f.identity_id = i.identity_id) "
+            "FROM identities i WHERE i.identity_id > ? ORDER BY i.identity_id LIMIT ?",
+            (after or "", limit),
+        ).fetchall()
+        return [IdentityRecord(r[0], json.loads(r[1]), r[4], r[2], r[3]) for r in rows]
+
+    def counts(self) -> tuple[int, int]:
+        conn = self._reader()
+        identities = conn.execute("SELECT COUNT(*) FROM identities").fetchone()[0]
+        faces = conn.execute("SELECT COUNT(*) FROM faces").fetchone()[0]
+        return identities, faces
+
+    def counted_faces(self, cap: int) -> int:
+        """Sum over identities of min(their faces, cap): what sizes the open-set threshold."""
+        row = self._reader().execute(
+            "SELECT COALESCE(SUM(MIN(n, ?)), 0) FROM (SELECT COUNT(*) AS n FROM faces GROUP BY identity_id)",
+            (cap,)).fetchone()
+        return int(row[0])

@@ -1,0 +1,682 @@
+"""The gallery on PostgreSQL + pgvector: many stateless replicas on one database.
+
+PostgreSQL is the truth for identities, faces and embeddings, and pgvector's HNSW index (cosine) in
+the same database finds nearest faces. So a committed enrollment is searchable by every replica at
+once, and a committed delete is gone from every search that starts after it (the heap's visibility
+rules filter the index's answers). A replica holds no gallery rows in memory: only the number of
+identities it last read, inside the transaction of its last search or write.
+
+* Schema: versioned migrations (:data:`MIGRATIONS`) applied at start-up in one transaction under a
+  PostgreSQL advisory lock, so replicas starting together apply each exactly once; the same
+  transaction checks the model-id guard in ``meta`` and refuses another model before changing anything.
+* Writes: one transaction each; the identity row is upserted first (``INSERT .. ON CONFLICT DO UPDATE``)
+  which also locks it, so two replicas enrolling the same new id at once end with one identity
+  holding both faces, and a replace or delete cannot interleave with another write to that identity.
+* Counts: ``counters`` holds per-slot deltas (16 slots, a random one per write, so writers on many
+  replicas rarely wait for each other) of identities, faces and counted faces (each identity's faces
+  up to ``FACES_COUNTED_PER_IDENTITY``, which sizes the open-set threshold); their sum is exact and
+  cheap to read. A write to an identity holds its row lock, so it knows the identity's face count
+  before and after, and the face cap (``max_faces``) is checked inside the same transaction.
+* Faults: a lost or refused connection raises :class:`GalleryUnavailable` (the API answers 503
+  ``database_unavailable``); the pools check connections before lending them and reconnect by themselves.
+* Pools: writes and reads have a pool each (FACE_DATABASE_POOL_SIZE, FACE_DATABASE_READ_POOL_SIZE), so
+  writes stuck behind a lock never starve searches. A pool whose connections are all lent out while
+  the database answers raises :class:`GalleryBusy` (503 ``overloaded`` with ``Retry-After``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import numpy as np
+import psycopg
+from pgvector import Vector
+from pgvector.psycopg import register_vector
+from psycopg import sql
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from ...model.calibration import FACES_COUNTED_PER_IDENTITY, counted_faces
+from ..api import GalleryBusy, GalleryStats, GalleryUnavailable, IdentityExists, ReadTarget
+from ..ef import AUTO, search_ef
+from ..results import EnrollResult, FaceRecord, IdentityDetails, IdentityRecord, TooManyFacesForIdentity
+from ..search import Hit, Match, check_model, search_identities
+from . import consistency
+from .standbys import Standby, Standbys
+
+if TYPE_CHECKING:
+    from ...config import Settings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# one advisory-lock key for the whole database: it also serialises CREATE EXTENSION across schemas
+MIGRATION_LOCK_KEY = 0x66616365_67616C  # "facegal"
+# another key for building the HNSW index: a migration waiting for its lock must not hold up (or
+# deadlock with) a CREATE INDEX CONCURRENTLY, which waits for every open transaction to end
+INDEX_LOCK_KEY = MIGRATION_LOCK_KEY + 1
+COUNTER_SLOTS = 16
+MAX_EF_SEARCH = 1000  # pgvector's upper bound for hnsw.ef_search
+# while the database is failing, requests wait this long for a connection instead of the full timeout,
+# so a burst of gallery requests during an outage cannot hold every worker thread (and stall /embed)
+FAILING_TIMEOUT_S = 0.25
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    description: str
+    statements: tuple[str, ...]  # {dim}, {m}, {ef_construction} are filled in
+
+
+# Append only: a released migration is never edited, a change is a new version.
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "identities, faces, pgvector HNSW index, counters", (
+        """CREATE TABLE identities (
+               identity_id text COLLATE "C" PRIMARY KEY,  -- byte order, as SQLite: keyset pages
+               metadata    text NOT NULL DEFAULT '{{}}',  -- JSON text: jsonb cannot hold the NUL escape
+               created_at  double precision NOT NULL,
+               updated_at  double precision NOT NULL)""",
+        """CREATE TABLE faces (
+               face_id     bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+               identity_id text COLLATE "C" NOT NULL REFERENCES identities(identity_id) ON DELETE CASCADE,
+               embedding   vector({dim}) NOT NULL,
+               created_at  double precision NOT NULL)""",
+        "CREATE INDEX faces_by_identity ON faces(identity_id)",
+        """CREATE INDEX faces_embedding_hnsw ON faces USING hnsw (embedding vector_cosine_ops)
+               WITH (m = {m}, ef_construction = {ef_construction})""",
+        """CREATE TABLE counters (
+               slot       int PRIMARY KEY,
+               identities bigint NOT NULL DEFAULT 0,
+               faces      bigint NOT NULL DEFAULT 0)""",
+        f"INSERT INTO counters(slot) SELECT generate_series(0, {COUNTER_SLOTS - 1})",
+    )),
+    # filled (and refilled whenever FACES_COUNTED_PER_IDENTITY changes) by migrate(): see recount
+    Migration(2, "counted faces (each identity's faces up to a cap) in the counters", (
+        "ALTER TABLE counters ADD COLUMN counted_faces bigint NOT NULL DEFAULT 0",
+    )),
+)
+COUNTS_SQL = ("SELECT COALESCE(sum(identities), 0), COALESCE(sum(faces), 0), COALESCE(sum(counted_faces), 0) "
+              "FROM counters")
+COUNTED_CAP_KEY = "counted_faces_cap"  # in meta: the FACES_COUNTED_PER_IDENTITY the counters hold
+
+
+@dataclass(frozen=True)
+class PostgresOptions:
+    url: str
+    schema: str = "face_gallery"
+    pool_size: int = 8  # write connections
+    read_pool_size: int = 8  # read connections (to the primary)
+    timeout_s: float = 5.0
+    statement_timeout_ms: int = 15000
+    hnsw_m: int = 16
+    hnsw_ef_construction: int = 200
+    hnsw_ef_search: int | str = AUTO  # a number, or "auto": from the gallery size (ef.py)
+    iterative_scan: str = "relaxed_order"
+    maintenance_work_mem: str = "512MB"  # for building the HNSW index in one pass
+    read_urls: tuple[str, ...] = ()  # streaming-replication standbys for reads (standbys.py)
+    read_wait_ms: float = 100.0
+    max_lag_ms: float = 5000.0
+    lag_check_ms: float = 1000.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> PostgresOptions:
+        if settings.database_url is None:
+            raise ValueError("the postgres gallery needs database_url")
+        return cls(url=settings.database_url.get_secret_value(), schema=settings.database_schema,
+                   pool_size=settings.database_pool_size, read_pool_size=settings.database_read_pool_size,
+                   timeout_s=settings.database_timeout_s,
+                   statement_timeout_ms=settings.database_statement_timeout_ms, hnsw_m=settings.hnsw_m,
+                   hnsw_ef_construction=settings.hnsw_ef_construction, hnsw_ef_search=settings.hnsw_ef_search,
+                   iterative_scan=settings.database_iterative_scan, read_urls=settings.read_urls(),
+                   read_wait_ms=settings.database_read_wait_ms, max_lag_ms=settings.database_max_lag_ms,
+                   lag_check_ms=settings.database_lag_check_ms)
+
+    def connect_kwargs(self) -> dict:
+        options = f"-c search_path={self.schema},public -c statement_timeout={self.statement_timeout_ms}"
+        return {"options": options, "connect_timeout": max(1, math.ceil(self.timeout_s)), "autocommit": True}
+
+    @property
+    def where(self) -> str:
+        return _where(self.url, self.schema)
+
+
+def _endpoint(url: str) -> str:
+    """A database as a short label (metrics): host, port and database name, never the password."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "?"
+    return f"{info.get('host', 'localhost')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
+
+
+def _where(url: str, schema: str) -> str:
+    """A database, for messages and metrics: host and database name, never the password."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return f"schema {schema}"
+    return f"postgresql database {info.get('dbname', '?')!r} on {info.get('host', 'localhost')} (schema {schema})"
+
+
+@contextmanager
+def _unavailable_on_connection_errors(where: str) -> Iterator[None]:
+    try:
+        yield
+    except PoolTimeout as exc:
+        raise GalleryUnavailable(f"no connection to {where} within the timeout") from exc
+    except psycopg.OperationalError as exc:  # connection lost or refused, server shutting down, timeout
+        raise GalleryUnavailable(f"{where}: {type(exc).__name__}: {str(exc).strip()[:200]}") from exc
+
+
+class Pool:
+    """One connection pool to one PostgreSQL server: the primary's writes, the primary's reads, or a
+    standby's reads. It tells a database that cannot be reached (GalleryUnavailable) from a pool whose
+    every connection is lent out while the database answers (GalleryBusy), and while the database is
+    failing waits only FAILING_TIMEOUT_S for a connection."""
+
+    def __init__(self, name: str, url: str, options: PostgresOptions, size: int, where: str) -> None:
+        self.name = name
+        self.url = url
+        self.options = options
+        self.size = size
+        self.where = where
+        self.pool: ConnectionPool | None = None
+        self.failing = False  # the last call failed for want of a connection
+        self.in_use = 0  # connections lent out now (the pool's own size counts reconnection attempts too)
+        self._lock = threading.Lock()
+
+    def open(self, wait: bool = True, timeout_s: float | None = None) -> None:
+        pool = ConnectionPool(
+            self.url, min_size=1, max_size=self.size, kwargs=self.options.connect_kwargs(), configure=register_vector,
+            check=ConnectionPool.check_connection, timeout=self.options.timeout_s, open=False, name=self.name,
+        )
+        try:
+            with _unavailable_on_connection_errors(self.where):
+                pool.open(wait=wait, timeout=self.options.timeout_s)
+        except GalleryUnavailable:
+            pool.close()
+            raise
+        self.pool = pool
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+
+    def busy(self) -> bool:
+        """Every connection the pool may open is lent out to a caller (so the database did answer)."""
+        return self.in_use >= self.size
+
+    @contextmanager
+    def connection(self, timeout_s: float | None = None) -> Iterator[psycopg.Connection]:
+        """A pooled connection (autocommit: each statement commits unless in a transaction block).
+        Connection errors, here or in the caller's block, raise GalleryUnavailable; no connection
+        within the timeout while every one is lent out raises GalleryBusy."""
+        if self.pool is None:
+            raise RuntimeError("the gallery is not open")
+        timeout = FAILING_TIMEOUT_S if self.failing else timeout_s or self.options.timeout_s
+        try:
+            with self.pool.connection(timeout=timeout) as conn:
+                with self._lock:
+                    self.in_use += 1
+                try:
+                    yield conn
+                finally:
+                    with self._lock:
+                        self.in_use -= 1
+        except PoolTimeout as exc:
+            if self.busy():  # the database answers: its connections are all held by slow calls
+                raise GalleryBusy(f"all {self.size} {self.name} connections to {self.where} are in use") from exc
+            self._failed()
+            raise GalleryUnavailable(f"no connection to {self.where} within the timeout") from exc
+        except psycopg.OperationalError as exc:  # connection lost or refused, server shutting down, timeout
+            self._failed()
+            raise GalleryUnavailable(f"{self.where}: {type(exc).__name__}: {str(exc).strip()[:200]}") from exc
+        if self.failing:
+            log.info("gallery database available again", extra={"where": self.where, "pool": self.name})
+        self.failing = False
+
+    def _failed(self) -> None:
+        if not self.failing:
+            log.warning("gallery database unavailable", extra={"where": self.where, "pool": self.name})
+        self.failing = True
+
+
+def migrate(conn: psycopg.Connection, options: PostgresOptions, model_id: str, dim: int) -> list[int | str]:
+    """Bring the schema up to date and check the model guard; returns the versions applied now.
+
+    Everything runs in one transaction under an advisory lock: a second replica starting at the same
+    moment waits, then finds the work done. A model mismatch rolls everything back.
+    """
+    schema = sql.Identifier(options.schema)
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,))
+        conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(schema))
+        conn.execute(sql.SQL("SET LOCAL search_path = {}, public").format(schema))
+        conn.execute("CREATE TABLE IF NOT EXISTS meta (key text PRIMARY KEY, value text NOT NULL)")
+        conn.execute("""CREATE TABLE IF NOT EXISTS schema_migrations (
+                            version int PRIMARY KEY, description text NOT NULL,
+                            applied_at timestamptz NOT NULL DEFAULT now())""")
+        meta: dict[str, str] = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        stored_dim = int(meta["embedding_size"]) if "embedding_size" in meta else None
+        check_model(meta.get("model_id"), stored_dim, model_id, dim, options.where)
+        if "model_id" not in meta:
+            conn.execute("INSERT INTO meta(key, value) VALUES ('model_id', %s), ('embedding_size', %s)",
+                         (model_id, str(dim)))
+        done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+        applied: list[int | str] = []
+        for migration in MIGRATIONS:
+            if migration.version in done:
+                continue
+            for statement in migration.statements:
+                conn.execute(statement.format(dim=int(dim), m=int(options.hnsw_m),
+                                              ef_construction=int(options.hnsw_ef_construction)))
+            conn.execute("INSERT INTO schema_migrations(version, description) VALUES (%s, %s)",
+                         (migration.version, migration.description))
+            applied.append(migration.version)
+        if meta.get(COUNTED_CAP_KEY) != str(FACES_COUNTED_PER_IDENTITY):
+            _recount(conn)
+            applied.append(f"counted faces recounted (cap {FACES_COUNTED_PER_IDENTITY})")
+    return applied
+
+
+def _recount(conn: psycopg.Connection) -> None:
+    """Set the counted faces from the faces themselves, for the cap in force (inside migrate's
+    transaction and advisory lock: writers of another version cannot be mid-write on a new column)."""
+    conn.execute("LOCK TABLE counters IN EXCLUSIVE MODE")  # a running replica's writes wait
+    conn.execute("UPDATE counters SET counted_faces = 0")
+    conn.execute("UPDATE counters SET counted_faces = (SELECT COALESCE(sum(LEAST(n, %s)), 0) FROM "
+                 "(SELECT count(*) AS n FROM faces GROUP BY identity_id) AS per_identity) WHERE slot = 0",
+                 (FACES_COUNTED_PER_IDENTITY,))
+    conn.execute("INSERT INTO meta(key, value) VALUES (%s, %s) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                 (COUNTED_CAP_KEY, str(FACES_COUNTED_PER_IDENTITY)))
+
+
+class PostgresGallery:
+    """The gallery backend on PostgreSQL + pgvector (see the module docstring)."""
+
+    backend = "postgres"
+
+    def __init__(self, options: PostgresOptions, model_id: str, dim: int) -> None:
+        self.options = options
+        self.model_id = model_id
+        self.dim = dim
+        # writes and reads on the primary have pools of their own: writes stuck behind a lock cannot
+        # take the connections that searches and lookups need
+        self._writes = Pool("writes", options.url, options, options.pool_size, options.where)
+        self._reads = Pool("reads", options.url, options, options.read_pool_size, options.where)
+        self._standbys = None if not options.read_urls else Standbys(
+            [Standby(_endpoint(url), url, Pool(f"standby{i}", url, options, options.read_pool_size,
+                                                            _where(url, options.schema)), options.connect_kwargs())
+             for i, url in enumerate(options.read_urls)],
+            options.url, options.connect_kwargs(), max_lag_s=options.max_lag_ms / 1000,
+            wait_s=options.read_wait_ms / 1000, check_interval_s=options.lag_check_ms / 1000)
+        self._identity_count = 0
+        self._face_count = 0
+        self._counted_faces = 0
+
+    @property
+    def identity_count(self) -> int:
+        return self._identity_count
+
+    @property
+    def face_count(self) -> int:
+        return self._face_count
+
+    @property
+    def counted_faces(self) -> int:
+        return self._counted_faces
+
+    # the database holds the index: nothing to load in the background
+    load_state = "ready"
+    load_error = None
+
+    def start(self) -> None:
+        self.open()
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    def open(self) -> None:
+        """Migrate under the advisory lock, check the model, then open the connection pool."""
+        started = time.perf_counter()
+        with _unavailable_on_connection_errors(self.options.where):
+            with psycopg.connect(self.options.url, **self.options.connect_kwargs()) as conn:
+                applied: list[int | str] = list(migrate(conn, self.options, self.model_id, self.dim))
+                self._warn_if_index_differs(conn)
+        try:
+            self._writes.open()
+            self._reads.open()
+            if self._standbys is not None:
+                self._standbys.open()
+        except GalleryUnavailable:
+            self.close()
+            raise
+        if self.ensure_index():
+            applied.append("hnsw index rebuilt")
+        stats = self.stats()
+        log.info("postgres gallery ready", extra={
+            "where": self.options.where, "migrations_applied": applied, "identities": stats.identities,
+            "faces": stats.faces, "seconds": round(time.perf_counter() - started, 3)})
+
+    # --- the HNSW index: built in one pass after a large load -------------------------------------
+    def _index_state(self, conn: psycopg.Connection) -> bool | None:
+        """True: the HNSW index is valid; False: a failed concurrent build left it invalid; None: absent."""
+        row = conn.execute(
+            "SELECT x.indisvalid FROM pg_index x JOIN pg_class c ON c.oid = x.indexrelid "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = 'faces_embedding_hnsw'",
+            (self.options.schema,)).fetchone()
+        return None if row is None else bool(row[0])
+
+    def ensure_index(self) -> bool:
+        """Build the HNSW index if it is missing (a bulk load that did not finish); True if built.
+
+        CONCURRENTLY, so searches and writes on other replicas go on meanwhile; under a session
+        advisory lock, so replicas starting together build it once.
+        """
+        with self._connection() as conn:
+            if self._index_state(conn):
+                return False
+            conn.execute("SELECT pg_advisory_lock(%s)", (INDEX_LOCK_KEY,))
+            try:
+                state = self._index_state(conn)
+                if state:
+                    return False
+                started = time.perf_counter()
+                # after a bulk load, or at start-up when one did not finish (searches are exact meanwhile)
+                log.warning("building the pgvector HNSW index", extra={"where": self.options.where,
+                                                                      "was": "invalid" if state is False else "missing"})
+                conn.execute("SET statement_timeout = 0")
+                conn.execute(sql.SQL("SET maintenance_work_mem = {}").format(sql.Literal(self.options.maintenance_work_mem)))
+                if state is False:
+                    conn.execute("DROP INDEX CONCURRENTLY faces_embedding_hnsw")
+                conn.execute(sql.SQL(
+                    "CREATE INDEX CONCURRENTLY faces_embedding_hnsw ON faces USING hnsw (embedding vector_cosine_ops) "
+                    "WITH (m = {}, ef_construction = {})").format(
+                        sql.Literal(int(self.options.hnsw_m)), sql.Literal(int(self.options.hnsw_ef_construction))))
+                log.info("pgvector HNSW index built", extra={"seconds": round(time.perf_counter() - started, 1)})
+                return True
+            finally:
+                conn.execute("RESET statement_timeout")
+                conn.execute("RESET maintenance_work_mem")
+                conn.execute("SELECT pg_advisory_unlock(%s)", (INDEX_LOCK_KEY,))
+
+    @contextmanager
+    def index_built_after(self) -> Iterator[None]:
+        """For a large import: drop the HNSW index, load, then build it in one pass, which is far faster
+        than inserting into it face by face. Meanwhile searches are exact (sequential scans): correct,
+        but slow on a large gallery. If the process dies before the end, the next start builds it (as
+        does a replica that starts during the load: then the rest of the load goes into the index)."""
+        with self._transaction() as conn:
+            conn.execute("DROP INDEX IF EXISTS faces_embedding_hnsw")
+        try:
+            yield
+        finally:
+            self.ensure_index()
+
+    def close(self) -> None:
+        if self._standbys is not None:
+            self._standbys.close()
+        self._writes.close()
+        self._reads.close()
+
+    def _warn_if_index_differs(self, conn: psycopg.Connection) -> None:
+        """m and ef_construction shape the index when it is built; a changed setting needs a REINDEX."""
+        row = conn.execute(
+            "SELECT c.reloptions FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = %s AND c.relname = 'faces_embedding_hnsw'", (self.options.schema,)).fetchone()
+        built = dict(opt.split("=", 1) for opt in (row[0] or [])) if row else {}
+        wanted = {"m": str(self.options.hnsw_m), "ef_construction": str(self.options.hnsw_ef_construction)}
+        if built and built != wanted:
+            log.warning("the pgvector index was built with other HNSW parameters; REINDEX to apply the settings",
+                        extra={"built": built, "settings": wanted})
+
+    @contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection]:
+        """A connection of the write pool (on the primary)."""
+        with self._writes.connection() as conn:
+            yield conn
+
+    @contextmanager
+    def _transaction(self) -> Iterator[psycopg.Connection]:
+        """A transaction on a connection of the write pool (on the primary). With standbys, the WAL
+        position after its commit becomes the request's consistency token (consistency.py)."""
+        with self._connection() as conn:
+            with conn.transaction():
+                yield conn
+            if self._standbys is not None:
+                consistency.note_write(consistency.parse_lsn(_one(conn.execute("SELECT pg_current_wal_lsn()::text"))[0]))
+
+    @contextmanager
+    def _read_connection(self) -> Iterator[psycopg.Connection]:
+        """A connection of the primary's read pool."""
+        with self._reads.connection() as conn:
+            yield conn
+
+    @contextmanager
+    def _read_transaction(self) -> Iterator[psycopg.Connection]:
+        with self._read_connection() as conn, conn.transaction():
+            yield conn
+
+    # --- writes ------------------------------------------------------------------------------
+    @staticmethod
+    def _vectors(embeddings: np.ndarray) -> list[np.ndarray]:
+        return [np.ascontiguousarray(v, dtype=np.float32) for v in np.atleast_2d(embeddings)]
+
+    @staticmethod
+    def _insert_faces(conn: psycopg.Connection, identity_id: str, vectors: list[np.ndarray], now: float) -> list[int]:
+        """Insert the identity's faces; their face ids in the same order."""
+        if not vectors:
+            return []
+        with conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO faces(identity_id, embedding, created_at) VALUES (%s, %b, %s) RETURNING face_id",
+                [(identity_id, v, now) for v in vectors], returning=True,
+            )
+            face_ids = []
+            while True:
+                face_ids.append(_one(cur)[0])
+                if not cur.nextset():
+                    break
+        return face_ids
+
+    def _count(self, conn: psycopg.Connection, identities: int, faces: int, counted: int) -> None:
+        """Record this write's deltas in a random counter slot, then read the exact totals."""
+        if identities or faces or counted:
+            conn.execute("UPDATE counters SET identities = identities + %s, faces = faces + %s, "
+                         "counted_faces = counted_faces + %s WHERE slot = %s",
+                         (identities, faces, counted, random.randrange(COUNTER_SLOTS)))
+        self._read_counts(_one(conn.execute(COUNTS_SQL)))
+
+    def _read_counts(self, row: tuple[Any, ...]) -> None:
+        self._identity_count, self._face_count, self._counted_faces = (int(v) for v in row)
+
+    def enroll(self, identity_id: str, embeddings: np.ndarray, metadata: dict | None = None,
+               replace: bool = False, max_faces: int | None = None) -> EnrollResult:
+        """Append (or with ``replace`` swap) faces of an identity, creating it if new; one transaction.
+        Over ``max_faces`` faces: TooManyFacesForIdentity, and the transaction rolls back."""
+        vectors = self._vectors(embeddings)
+        now = time.time()
+        with self._transaction() as conn:
+            # the upsert creates the identity or locks its row: concurrent writers of one id queue here
+            created = _one(conn.execute(
+                """INSERT INTO identities AS i (identity_id, metadata, created_at, updated_at)
+                   VALUES (%(id)s, COALESCE(%(meta)s::text, '{}'), %(now)s, %(now)s)
+                   ON CONFLICT (identity_id) DO UPDATE
+                   SET metadata = COALESCE(%(meta)s::text, i.metadata), updated_at = EXCLUDED.updated_at
+                   RETURNING (xmax = 0)""",
+                {"id": identity_id, "meta": json.dumps(metadata) if metadata is not None else None, "now": now},
+            ))[0]
+            # the identity's row is locked: no other write to it can change its count before commit
+            before = 0 if created else int(_one(conn.execute(
+                "SELECT count(*) FROM faces WHERE identity_id = %s", (identity_id,)))[0])
+            kept = 0 if replace else before
+            if max_faces is not None and kept + len(vectors) > max_faces:
+                raise TooManyFacesForIdentity(identity_id, kept, len(vectors), max_faces)
+            removed = 0
+            if replace and not created:
+                removed = conn.execute("DELETE FROM faces WHERE identity_id = %s", (identity_id,)).rowcount
+            face_ids = self._insert_faces(conn, identity_id, vectors, now)
+            after = before - removed + len(face_ids)
+            self._count(conn, int(created), len(face_ids) - removed, counted_faces(after) - counted_faces(before))
+        return EnrollResult(face_ids, bool(created), removed, after)
+
+    def import_identities(self, items: list[tuple[str, np.ndarray, dict | None]]) -> list[list[int]]:
+        """New identities only, all in one transaction; an existing id aborts it (IdentityExists)."""
+        now = time.time()
+        flat = [(identity_id, v) for identity_id, emb, _ in items for v in self._vectors(emb)]
+        try:
+            with self._transaction() as conn:
+                # COPY, not INSERTs (1M faces: ~1 min instead of ~25): face ids are taken from the
+                # identity sequence first (COPY writes given values into an identity column)
+                ids = [int(r[0]) for r in conn.execute(
+                    "SELECT nextval(pg_get_serial_sequence('faces', 'face_id')) FROM generate_series(1, %s)",
+                    (len(flat),)).fetchall()]
+                with conn.cursor() as cur:
+                    with cur.copy("COPY identities (identity_id, metadata, created_at, updated_at) FROM STDIN") as copy:
+                        for identity_id, _, metadata in items:
+                            copy.write_row((identity_id, json.dumps(metadata or {}), now, now))
+                    with cur.copy("COPY faces (face_id, identity_id, embedding, created_at) FROM STDIN "
+                                  "WITH (FORMAT BINARY)") as copy:
+                        copy.set_types(["int8", "text", "vector", "float8"])
+                        for face_id, (identity_id, vector) in zip(ids, flat):
+                            copy.write_row((face_id, identity_id, vector, now))
+                it = iter(ids)
+                face_ids = [[next(it) for _ in range(len(np.atleast_2d(emb)))] for _, emb, _ in items]
+                self._count(conn, len(items), len(flat), sum(counted_faces(len(ids)) for ids in face_ids))
+        except psycopg.errors.UniqueViolation as exc:
+            raise IdentityExists(f"an identity of the import is already enrolled: {exc.diag.message_detail}") from exc
+        return face_ids
+
+    def delete(self, identity_id: str) -> int | None:
+        """Erase an identity and its faces in one transaction; None if it is not enrolled."""
+        with self._transaction() as conn:
+            # lock the identity first so a concurrent enroll of it waits (and then creates it anew)
+            if conn.execute("SELECT 1 FROM identities WHERE identity_id = %s FOR UPDATE", (identity_id,)).fetchone() is None:
+                self._count(conn, 0, 0, 0)
+                return None
+            faces = conn.execute("DELETE FROM faces WHERE identity_id = %s", (identity_id,)).rowcount
+            conn.execute("DELETE FROM identities WHERE identity_id = %s", (identity_id,))
+            self._count(conn, -1, -faces, -counted_faces(faces))
+        return faces
+
+    # --- reads -------------------------------------------------------------------------------
+    def _ef(self, k: int) -> int:
+        """hnsw.ef_search for an ask of k faces: without iterative scans an HNSW scan returns at most
+        ef_search rows, so at least k."""
+        # "auto" widens with the gallery (ef.py), sized by the face count of this replica's last search
+        # or write (this search reads the count in the same round trip as its kNN)
+        return min(MAX_EF_SEARCH, search_ef(self.options.hnsw_ef_search, self._face_count, k))
+
+    def _nearest(self, conn: psycopg.Connection, probes: np.ndarray, k: int) -> list[list[Hit]]:
+        """Up to k nearest faces of each probe, in one round trip: a pipeline that sets the scan mode
+        and ef, reads the counts and runs one kNN per probe, ended by one Sync, so it is one implicit
+        transaction (the connection is in autocommit) and set_config(.., true) lasts for exactly it.
+        (``conn.transaction()`` here would cost three more round trips: psycopg syncs after BEGIN and
+        before and after COMMIT.) The results are read once they have all come back."""
+        with conn.pipeline():
+            counts = conn.execute(
+                "SELECT set_config('hnsw.iterative_scan', %s, true), set_config('hnsw.ef_search', %s, true), "
+                "(SELECT COALESCE(sum(identities), 0) FROM counters), (SELECT COALESCE(sum(faces), 0) FROM counters), "
+                "(SELECT COALESCE(sum(counted_faces), 0) FROM counters)",
+                (self.options.iterative_scan, str(self._ef(k))))
+            scans = [conn.execute(
+                "SELECT face_id, identity_id, 1 - (embedding <=> %b) FROM faces ORDER BY embedding <=> %b LIMIT %s",
+                (probe, probe, k)) for probe in probes]
+        self._read_counts(_one(counts)[2:])
+        return [[(int(f), i, float(s)) for f, i, s in scan.fetchall()] for scan in scans]
+
+    def _read(self, body: Callable[[psycopg.Connection], T], transaction: bool = True) -> T:
+        """``body`` (reads only) on a standby in rotation that has what this request must see, else on
+        the primary's read pool (standbys.py); in a transaction unless ``body`` makes its own."""
+        def run(conn: psycopg.Connection) -> T:
+            if not transaction:
+                return body(conn)
+            with conn.transaction():
+                return body(conn)
+
+        if self._standbys is None:
+            with self._reads.connection() as conn:
+                return run(conn)
+        return self._standbys.read(run, self._reads)
+
+    def search(self, probes: np.ndarray, top_k: int) -> list[list[Match]]:
+        """For each probe, up to top_k identities, best first, scored max-over-faces (search.py). One
+        round trip for all probes; a probe whose nearest faces belong to too few identities widens in
+        another (rare)."""
+        vectors = np.ascontiguousarray(np.atleast_2d(probes), dtype=np.float32)
+        return self._read(lambda conn: search_identities(lambda p, k: self._nearest(conn, p, k), vectors, top_k),
+                          transaction=False)
+
+    def identity_embeddings(self, identity_id: str) -> np.ndarray | None:
+        def body(conn: psycopg.Connection) -> list[tuple[Any, ...]] | None:
+            if conn.execute("SELECT 1 FROM identities WHERE identity_id = %s", (identity_id,)).fetchone() is None:
+                return None
+            return conn.execute("SELECT embedding FROM faces WHERE identity_id = %s ORDER BY face_id",
+                                (identity_id,)).fetchall()
+
+        rows = self._read(body)
+        if rows is None:
+            return None
+        if not rows:
+            return np.zeros((0, 0), np.float32)
+        return np.stack([_as_array(r[0]) for r in rows])
+
+    def get_identity(self, identity_id: str) -> IdentityDetails | None:
+        def body(conn: psycopg.Connection) -> IdentityDetails | None:
+            row = conn.execute("SELECT identity_id, metadata, created_at, updated_at FROM identities "
+                               "WHERE identity_id = %s", (identity_id,)).fetchone()
+            if row is None:
+                return None
+            faces = conn.execute("SELECT face_id, created_at FROM faces WHERE identity_id = %s ORDER BY face_id",
+                                 (identity_id,)).fetchall()
+            record = IdentityRecord(row[0], json.loads(row[1]), len(faces), row[2], row[3])
+            return IdentityDetails(record, [FaceRecord(int(f), float(t)) for f, t in faces])
+
+        return self._read(body)
+
+    def list_identities(self, limit: int, after: str | None) -> list[IdentityRecord]:
+        """Keyset pagination by identity id: stable under concurrent inserts and deletes."""
+        rows = self._read(lambda conn: conn.execute(
+            "SELECT i.identity_id, i.metadata, i.created_at, i.updated_at, "
+            "(SELECT count(*) FROM faces f WHERE f.identity_id = i.identity_id) "
+            "FROM identities i WHERE i.identity_id > %s ORDER BY i.identity_id LIMIT %s",
+            (_before_nul(after or ""), limit),
+        ).fetchall())
+        return [IdentityRecord(r[0], json.loads(r[1]), int(r[4]), r[2], r[3]) for r in rows]
+
+    def stats(self) -> GalleryStats:
+        """Counts as the primary has them (/readyz and /metrics follow the primary, which writes need)."""
+        with self._read_transaction() as conn:
+            self._read_counts(_one(conn.execute(COUNTS_SQL)))
+        return GalleryStats(backend=self.backend, identities=self._identity_count, faces=self._face_count,
+                            index_live=self._face_count)
+
+    def read_targets(self) -> list[ReadTarget]:
+        return [] if self._standbys is None else self._standbys.targets()
+
+
+def _before_nul(cursor: str) -> str:
+    """PostgreSQL text cannot hold NUL. No identity id contains one (the API refuses control
+    characters), so the ids after "a\0..." are exactly the ids after "a"."""
+    return cursor.split("\x00", 1)[0]
+
+
+def _one(cursor: psycopg.Cursor[Any]) -> tuple[Any, ...]:
+    """The row of a query that always returns one (an aggregate, RETURNING); psycopg types it optional."""
+    row = cursor.fetchone()
+    if row is None:
+        raise RuntimeError("the query returned no row")
+    return row
+
+
+def _as_array(value: object) -> np.ndarray:
+    return value.to_numpy() if isinstance(value, Vector) else np.asarray(value, dtype=np.float32)

@@ -1,0 +1,114 @@
+"""/openapi.json, /docs and /redoc: behind the API key when one is set (unless FACE_PUBLIC_DOCS), and
+an OpenAPI that declares the key as an apiKey security scheme on every route that needs it.
+
+The pages' scripts, styles and favicon (Swagger UI and ReDoc) are served by the service itself at
+``/docs/assets/``, from the ``fastapi-offline`` package: no third-party script runs on the service's
+origin (where it would see a key typed into "Authorize"), and the docs render on an air-gapped host.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import importlib.util
+import re
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.staticfiles import StaticFiles
+from starlette.types import Receive, Scope, Send
+
+from ..config import Settings
+from .deps import ApiKey
+from .ops import PUBLIC_PATHS
+
+SCHEME = "ApiKey"
+ASSETS_URL = "/docs/assets"
+
+
+def assets_dir() -> Path:
+    """swagger-ui-bundle.js, swagger-ui.css, redoc.standalone.js and favicon.png, as the installed
+    ``fastapi-offline`` package ships them (found without importing it)."""
+    spec = importlib.util.find_spec("fastapi_offline")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the fastapi-offline package (the docs' assets) is not installed")
+    return Path(next(iter(spec.submodule_search_locations))) / "static"
+
+
+def _with_policy(page: HTMLResponse) -> HTMLResponse:
+    """A Content-Security-Policy that lets the page load only from the service: scripts are its own files
+    and the page's inline script (by hash), requests go to the service, nothing can be framed or posted
+    elsewhere (a logo the page names on a CDN is simply not shown)."""
+    inline = re.findall(rb"<script>(.*?)</script>", page.body, re.S)
+    hashes = " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(s).digest()).decode()}'" for s in inline)
+    page.headers["Content-Security-Policy"] = (
+        f"default-src 'none'; script-src 'self' {hashes}; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+        "font-src 'self' data:; connect-src 'self'; worker-src 'self' blob:; form-action 'self'; base-uri 'none'; "
+        "frame-ancestors 'none'")
+    page.headers["X-Content-Type-Options"] = "nosniff"
+    page.headers["Referrer-Policy"] = "no-referrer"
+    return page
+
+
+class _AssetsRoute:
+    """What the access log and the request metrics name the assets by (a mount sets no route)."""
+
+    path = ASSETS_URL + "/{file}"
+
+
+class DocsAssets(StaticFiles):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope["route"] = _AssetsRoute
+        await super().__call__(scope, receive, send)
+
+
+def install_docs(app: FastAPI, settings: Settings) -> None:
+    """Call with an app made with ``openapi_url=None`` (FastAPI's own docs routes cannot be guarded)."""
+    guarded = settings.api_key is not None and not settings.public_docs
+    dependencies = [ApiKey] if guarded else []
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=dependencies)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=dependencies)
+    async def swagger() -> HTMLResponse:
+        return _with_policy(get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - docs",
+                                                swagger_js_url=f"{ASSETS_URL}/swagger-ui-bundle.js",
+                                                swagger_css_url=f"{ASSETS_URL}/swagger-ui.css",
+                                                swagger_favicon_url=f"{ASSETS_URL}/favicon.png"))
+
+    @app.get("/redoc", include_in_schema=False, dependencies=dependencies)
+    async def redoc() -> HTMLResponse:
+        return _with_policy(get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc",
+                                           redoc_js_url=f"{ASSETS_URL}/redoc.standalone.js",
+                                           redoc_favicon_url=f"{ASSETS_URL}/favicon.png", with_google_fonts=False))
+
+    # public like the console's files: third-party code anyone can download, no data
+    app.mount(ASSETS_URL, DocsAssets(directory=assets_dir()), name="docs-assets")
+
+    def schema() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = _with_security(FastAPI.openapi(app), settings)
+        return app.openapi_schema
+
+    app.openapi = schema  # type: ignore[method-assign]
+
+
+def _with_security(spec: dict, settings: Settings) -> dict:
+    """The key's header as an apiKey scheme; when a key is set, required on every route but the
+    health probes (the only routes without the key dependency, see ``ops.PUBLIC_PATHS``)."""
+    spec.setdefault("components", {}).setdefault("securitySchemes", {})[SCHEME] = {
+        "type": "apiKey", "in": "header", "name": settings.api_key_header,
+        "description": "FACE_API_KEY, when the server has one (health routes never need it).",
+    }
+    if settings.api_key is None:
+        return spec
+    for path, operations in spec.get("paths", {}).items():
+        if path in PUBLIC_PATHS:
+            continue
+        for operation in operations.values():
+            operation["security"] = [{SCHEME: []}]
+    return spec

@@ -1,0 +1,80 @@
+"""What operators need: liveness, readiness (with a real inference), Prometheus metrics."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
+
+from ..errors import ErrorCode, ServiceError
+from ..faces.pipeline import embed_crops
+from ..faces.quality import quality_in_force
+from .deps import ApiKey, StateDep, has_api_key
+from .schemas import ReadyResponse, ReadyStatus
+
+router = APIRouter(tags=["operations"])
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})  # never need the API key (load balancers, orchestrators)
+
+
+@router.get("/healthz", summary="Liveness")
+async def healthz() -> dict:
+    """The process is up and its event loop answers. Never needs the API key."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", response_model=ReadyResponse | ReadyStatus, summary="Readiness")
+async def readyz(request: Request, state: StateDep) -> ReadyResponse | ReadyStatus:
+    """Ready when the model is loaded, a real inference succeeds (at most one per
+    FACE_READYZ_CACHE_MS; polls in between get the last result) and the gallery index is loaded;
+    reports the providers in use. While the index loads: 503 `gallery_loading` (status "loading").
+    Never needs the API key, but with one set only requests that carry it get the details (model,
+    thresholds, gallery size): the others get the bare status (`{"status": "ready"}`, or the error code)."""
+    detailed = has_api_key(request, state.settings)
+    load_state = state.gallery.load_state
+    if load_state != "ready":
+        code = ErrorCode.gallery_loading if load_state == "loading" else ErrorCode.gallery_unavailable
+        if not detailed:
+            raise ServiceError(code, f"gallery index {load_state}", status=load_state)
+        stats = await run_in_threadpool(state.gallery.stats)
+        raise ServiceError(code, f"gallery index {load_state}" + (f": {state.gallery.load_error}" if state.gallery.load_error else ""),
+                           status=load_state, gallery=stats.as_dict())
+
+    async def check() -> float:
+        h, w = state.contract.input_size
+        face = np.full((1, h, w, 3), 128, dtype=np.uint8)
+        started = time.perf_counter()
+        vector = await embed_crops(state, face)
+        if not np.isfinite(vector).all():
+            raise RuntimeError("the model returned non-finite values")
+        return (time.perf_counter() - started) * 1000
+
+    elapsed = await state.readiness.inference_ms(check)
+    if not detailed:
+        return ReadyStatus(status="ready")
+    stats = await run_in_threadpool(state.gallery.stats)
+    identify = await run_in_threadpool(state.open_set_threshold)
+    return ReadyResponse(
+        status="ready", model_id=state.contract.model_id, model_path=str(state.model.path),
+        providers=state.model.providers, embedding_size=state.contract.embedding_size,
+        verify_threshold=state.verify_threshold, identify_threshold=identify.threshold,
+        identify_threshold_source=identify.source, identify_fpir=identify.fpir_target,
+        impostor_tail=None if identify.tail is None else {
+            "source": identify.tail_source, "measured_on": identify.tail.source, "pairs": identify.tail.pairs,
+            "far_min": identify.tail.far[-1], "extrapolated": identify.extrapolated},
+        quality=quality_in_force(state.quality_model, state.settings.enroll_min_quality, state.quality_source),
+        inference_ms=round(elapsed, 3), gallery=stats.as_dict(),
+    )
+
+
+@router.get("/metrics", summary="Prometheus metrics", dependencies=[ApiKey], response_class=PlainTextResponse,
+            responses={200: {"description": "Prometheus text exposition format", "content": {"text/plain": {}}}})
+async def metrics(state: StateDep) -> Response:
+    stats = await run_in_threadpool(state.gallery.stats)
+    state.metrics.gallery_identities.set(stats.identities)
+    state.metrics.gallery_faces.set(stats.faces)
+    state.metrics.search_fallbacks.update(stats.extra)
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

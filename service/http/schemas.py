@@ -1,0 +1,356 @@
+"""Request and response models: the OpenAPI reference is generated from these."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic_core import PydanticCustomError
+
+from ..gallery import identity_ids
+
+Base64Image = Annotated[
+    str,
+    Field(description="An image (JPEG, PNG, WebP or BMP), base64-encoded; a data URL is accepted. An aligned "
+          "112x112 face, or a photo when `image_type` is `photo`."),
+]
+ImageType = Annotated[
+    Literal["aligned", "photo", "auto"],
+    Field(description="`aligned`: every image is already an aligned crop of the model's input size. "
+          "`photo`: every image is a photo; faces are detected and aligned by the service. "
+          "`auto`: images of exactly the model's input size are taken as aligned, others as photos."),
+]
+MultiFace = Annotated[
+    Literal["largest", "center", "all"],
+    Field(description="Photos with several faces: `largest` face, the face nearest the image `center`, "
+          "or `all` faces (each becomes its own result, with its box)."),
+]
+SingleFace = Annotated[
+    Literal["largest", "center"],
+    Field(description="Photos with several faces: use the `largest` one, or the one nearest the image `center`."),
+]
+
+
+def check_identity_ref(value: str) -> str:
+    """Ids a client could not address as a path segment, or the gallery could not serve back."""
+    if value in (".", ".."):
+        raise PydanticCustomError("invalid_identity_id", "'.' and '..' are not identity ids (URLs resolve them away)")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PydanticCustomError("invalid_identity_id", "the identity id is not valid Unicode") from None
+    return value
+
+
+def check_identity_id(value: str) -> str:
+    """A new identity's id: NFC, nothing invisible (service.gallery.identity_ids)."""
+    value = identity_ids.normalise(check_identity_ref(value))
+    why = identity_ids.problem(value)
+    if why is not None:
+        raise PydanticCustomError("invalid_identity_id", why)
+    return value
+
+
+ID_PATTERN = r"^[^/]+$"  # one path segment (a schema violation: invalid_request); characters: identity_ids
+IdentityId = Annotated[
+    str,
+    Field(description="Your identifier for a person: 1-128 characters, no '/', not '.' or '..'; normalised to "
+          "Unicode NFC; no control or invisible format characters (e.g. U+202E, U+200B), not blank.",
+          min_length=1, max_length=identity_ids.MAX_LENGTH, pattern=ID_PATTERN, examples=["employee-4711"]),
+    AfterValidator(check_identity_id),
+]
+# an id that names a stored identity: ids stored before the NFC rule are still found (identity_ids.find_identity)
+IdentityRef = Annotated[
+    str,
+    Field(description="An enrolled identity's id (found as given, or in its NFC or NFD form).", min_length=1,
+          max_length=identity_ids.MAX_LENGTH, pattern=ID_PATTERN, examples=["employee-4711"]),
+    AfterValidator(check_identity_ref),
+]
+Threshold = Annotated[float | None, Field(ge=-1.0, le=1.0, description="Cosine threshold; omit for the default.")]
+Embedding = Annotated[
+    list[float],
+    Field(description="An embedding made by the served model (e.g. from /embed), instead of an image: exactly "
+          "the model's dimension, finite, not (near) zero; L2-normalised by the service."),
+]
+ModelId = Annotated[
+    str | None,
+    Field(description="name@version of the model that made the request's embeddings; required with embeddings "
+          "and must equal the served model's (`model_mismatch` otherwise).", examples=["sface@2021dec-int8bq"]),
+]
+
+
+class Strict(BaseModel):
+    # strict: "0.5" is not a number and true is not an integer (multipart text is converted first,
+    # in payload.py); unknown fields are refused
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ImageOptions(Strict):
+    """How the request's images are read. A photo without any face is refused (`no_face`, 422)."""
+
+    image_type: ImageType = "aligned"
+
+
+class PhotoOptions(ImageOptions):
+    multi_face: MultiFace = "largest"
+
+
+class SingleFacePhotoOptions(ImageOptions):
+    multi_face: SingleFace = "largest"
+
+
+class FaceLocation(BaseModel):
+    """Where a face was found in a photo, in the pixels of the upright photo (EXIF orientation applied)."""
+
+    image_index: int = Field(description="Which image of the request the face is in (0-based).")
+    box: list[float] = Field(description="x, y (top-left), width, height.")
+    landmarks: list[list[float]] = Field(
+        description="5 points (x, y): right eye, left eye, nose tip, right and left mouth corners (the subject's)."
+    )
+    score: float = Field(description="Detector confidence, 0..1.")
+
+
+# --- errors -----------------------------------------------------------------------------------
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    details: dict[str, Any] | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+# --- quality ----------------------------------------------------------------------------------
+class QualityPart(BaseModel):
+    value: float | None = Field(description="The measured value; null when not measured (see reason).")
+    min: float | None = Field(None, description="The lowest value allowed (null: no lower limit).")
+    max: float | None = Field(None, description="The highest value allowed (null: no upper limit).")
+    passed: bool | None = Field(None, description="Whether the value is within its limits.")
+    reason: str | None = Field(None, description="Why the part was not measured.")
+
+
+class QualityFailure(BaseModel):
+    part: str = Field(description="`score` or a part's name.")
+    value: float
+    limit: float
+    by: float = Field(description="How far the value is beyond the limit (positive).")
+
+
+class FaceQuality(BaseModel):
+    """How fit a face is for recognition. Parts: `size` (inter-ocular distance in the photo's pixels),
+    `yaw`/`pitch`/`roll` (degrees, estimated from the 5 landmarks), `sharpness` (variance of the
+    Laplacian of the aligned face), `exposure` (mean gray level of the aligned face), `clipping` (share of
+    its pixels at black or white), `detector` (the detector's score), `norm` (the model's raw output
+    norm). Aligned crops have no size, pose or detector score (null, with a reason)."""
+
+    score: float | None = Field(
+        description="The fitted chance, 0..1, that a genuine comparison of this face succeeds at FMR 1e-3 (the "
+        "model's `face.quality`); null when the model has no fitted quality (then only part limits hold).")
+    min_score: float | None = Field(None, description="The score limit this face was judged against.")
+    passed: bool = Field(description="True when the score and every part are within their limits.")
+    failed: list[QualityFailure] = Field(description="Each limit missed, with by how much.")
+    fitted: bool = Field(description="Whether the model ships a fitted quality.")
+    parts: dict[str, QualityPart]
+
+
+QualityLimit = Annotated[float | None, Field(ge=0.0, le=1.0)]
+
+
+# --- embed ------------------------------------------------------------------------------------
+class EmbedRequest(PhotoOptions):
+    images: list[Base64Image] = Field(min_length=1, description="One or more aligned faces or photos.")
+
+
+class EmbedResponse(BaseModel):
+    model_id: str = Field(description="name@version of the model that made the embeddings.")
+    dimension: int
+    embeddings: list[list[float]] = Field(description="L2-normalised float32 vectors, in request order.")
+    faces: list[FaceLocation | None] | None = Field(
+        None, description="For photos: where each embedded face was found (parallel to `embeddings`; null for "
+        "an aligned image). Absent when every image was aligned.")
+    quality: list[FaceQuality] = Field(
+        description="Each face's quality, parallel to `embeddings`, judged against the enrollment limits.")
+
+
+# --- enroll -----------------------------------------------------------------------------------
+class EnrollRequest(SingleFacePhotoOptions):
+    identity_id: IdentityId
+    images: list[Base64Image] | None = Field(None, min_length=1, description="Faces or photos (or `embeddings`).")
+    embeddings: list[Embedding] | None = Field(None, min_length=1, description="Instead of `images`.")
+    model_id: ModelId = None
+    metadata: dict[str, Any] | None = Field(
+        None, description="Free JSON stored with the identity (an object; at most FACE_MAX_METADATA_BYTES as "
+        "UTF-8 JSON, nested at most FACE_MAX_METADATA_DEPTH deep, finite numbers). On an existing identity "
+        "it replaces the old metadata."
+    )
+    replace: bool = Field(
+        False,
+        description="Existing identity: false (default) appends these faces to its faces; "
+        "true atomically replaces all its faces with these.",
+    )
+    min_quality: QualityLimit = Field(
+        None, description="Raise the quality score every face must reach (a lower value than "
+        "FACE_ENROLL_MIN_QUALITY is ignored unless `force_quality`).")
+    force_quality: bool = Field(
+        False, description="Admin: lower the limit to `min_quality`, or with no `min_quality` skip the quality "
+        "checks (score and parts) and store the faces whatever their quality.")
+
+
+class EnrollResponse(BaseModel):
+    identity_id: str
+    created: bool = Field(description="True when the identity did not exist before.")
+    face_ids: list[int] = Field(description="Ids of the faces just stored, in request order.")
+    faces_replaced: int = Field(0, description="Faces removed because replace was true.")
+    face_count: int = Field(description="The identity's faces after this request.")
+    model_id: str
+    faces: list[FaceLocation | None] | None = Field(
+        None, description="For photos: the face enrolled from each image, in request order.")
+    quality: list[FaceQuality] | None = Field(
+        None, description="Each enrolled face's quality, in request order; null for client embeddings.")
+
+
+# --- verify -----------------------------------------------------------------------------------
+class VerifyRequest(SingleFacePhotoOptions):
+    image_a: Base64Image | None = Field(None, description="The face to verify (or `embedding_a`).")
+    image_b: Base64Image | None = Field(None, description="Face vs face: the second face.")
+    embedding_a: Embedding | None = Field(None, description="Instead of `image_a` (then `embedding_b`, not `image_b`).")
+    embedding_b: Embedding | None = Field(None, description="Instead of `image_b`.")
+    model_id: ModelId = None
+    identity_id: IdentityRef | None = Field(None, description="Face vs enrolled identity (instead of image_b).")
+    threshold: Threshold = None
+
+
+class VerifyResponse(BaseModel):
+    similarity: float = Field(description="Cosine similarity; against an identity, the best over its faces.")
+    threshold: float
+    match: bool = Field(description="similarity >= threshold")
+    model_id: str
+    identity_id: str | None = None
+    face_a: FaceLocation | None = Field(None, description="For a photo: where the compared face is.")
+    face_b: FaceLocation | None = None
+
+
+# --- identify ---------------------------------------------------------------------------------
+class IdentifyRequest(PhotoOptions):
+    images: list[Base64Image] | None = Field(
+        None, min_length=1, description="One or more probe faces or photos (with `multi_face: all`, every face of "
+        "a photo is a probe), or `embeddings`.")
+    embeddings: list[Embedding] | None = Field(None, min_length=1, description="Probe embeddings, instead of `images`.")
+    model_id: ModelId = None
+    top_k: int = Field(5, ge=1, le=1000, description="Candidates returned per probe.")
+    threshold: Threshold = None
+    min_quality: QualityLimit = Field(
+        None, description="Probes below this quality score (or outside a part's limits) are not "
+        "searched: their result carries `error` `low_quality` instead of a guess.")
+
+
+class Candidate(BaseModel):
+    identity_id: str
+    score: float = Field(description="Best cosine similarity between the probe and the identity's faces.")
+    face_id: int = Field(description="The enrolled face that scored best.")
+    stranger_probability: float | None = Field(
+        None, description="Estimated chance that a never-enrolled face scores at least this high against "
+        "someone in a gallery of this size (from the impostor tail; null without one). Near 0: the match "
+        "is unlikely to be chance; near `fpir_target`: at the threshold.")
+
+
+class ProbeResult(BaseModel):
+    image_index: int = Field(description="The request image this probe came from.")
+    face: FaceLocation | None = Field(None, description="For photos: where the probe face is.")
+    identity_id: str | None = Field(description="The best identity at or above the threshold; null = unknown.")
+    known: bool
+    score: float | None = Field(description="The best candidate's score, whether or not it passed.")
+    candidates: list[Candidate] = Field(description="Top-k identities, best first, including those below the threshold.")
+    quality: FaceQuality | None = Field(None, description="The probe's quality (null for client embeddings).")
+    error: ErrorBody | None = Field(
+        None, description="`low_quality` when the probe was refused by `min_quality` (then no candidates).")
+
+
+class IdentifyResponse(BaseModel):
+    results: list[ProbeResult]
+    threshold: float
+    threshold_source: str = Field(
+        "fpir", description="request, setting (FACE_IDENTIFY_THRESHOLD), fpir (holds FACE_IDENTIFY_FPIR for "
+        "this gallery size), model (the contract's fixed one) or verify.")
+    fpir_target: float | None = Field(None, description="With threshold_source fpir: the FPIR targeted.")
+    fpir_estimated: float | None = Field(
+        None, description="The FPIR the threshold used gives in this gallery, by the impostor tail.")
+    gallery_identities: int
+    gallery_faces: int | None = None
+    model_id: str
+
+
+# --- detect -----------------------------------------------------------------------------------
+class DetectRequest(Strict):
+    images: list[Base64Image] = Field(min_length=1, description="One or more photos.")
+    return_crops: bool = Field(False, description="Also return each face aligned for the model, as base64 PNG.")
+
+
+class DetectedFaceOut(FaceLocation):
+    crop: str | None = Field(None, description="With return_crops: the aligned face, base64 PNG.")
+    quality: FaceQuality = Field(description="The face's quality, judged against the enrollment limits.")
+
+
+class DetectedImage(BaseModel):
+    width: int = Field(description="Of the upright photo.")
+    height: int
+    faces: list[DetectedFaceOut] = Field(description="Every face found, highest score first (may be empty).")
+
+
+class DetectResponse(BaseModel):
+    detector: str
+    alignment: str
+    images: list[DetectedImage]
+
+
+# --- identities -------------------------------------------------------------------------------
+class IdentitySummary(BaseModel):
+    identity_id: str
+    metadata: dict[str, Any]
+    face_count: int
+    created_at: float
+    updated_at: float
+
+
+class IdentityDetail(IdentitySummary):
+    face_ids: list[int]
+
+
+class IdentityPage(BaseModel):
+    items: list[IdentitySummary]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page.")
+
+
+class DeleteResponse(BaseModel):
+    identity_id: str
+    deleted_faces: int
+
+
+# --- ops --------------------------------------------------------------------------------------
+class ReadyStatus(BaseModel):
+    """/readyz for a request without the API key when the service has one: the status alone."""
+
+    status: str
+
+
+class ReadyResponse(BaseModel):
+    status: str
+    model_id: str
+    model_path: str
+    providers: list[str]
+    embedding_size: int
+    verify_threshold: float
+    identify_threshold: float
+    identify_threshold_source: str | None = Field(None, description="As in /identify answers.")
+    identify_fpir: float | None = Field(None, description="The FPIR the identify threshold targets (source fpir).")
+    impostor_tail: dict | None = Field(
+        None, description="The impostor tail in use: `gallery` (python -m service calibrate) or `model` "
+        "(the contract's), what it was measured on, over how many pairs, the smallest FAR it measured, and "
+        "whether the current threshold lies beyond it (extrapolated); null: none.")
+    quality: dict = Field(
+        description="Face quality in force: `fitted` (the model ships a fitted quality), the enrollment "
+        "`min_score` and each part's limits, and a `note` when only part limits hold.")
+    inference_ms: float = Field(
+        description="Latency of the real inference of the last check (re-run at most once per FACE_READYZ_CACHE_MS).")
+    gallery: dict[str, int]

@@ -1,0 +1,1 @@
+"""Running the service: metrics, structured logs, readiness, memory and the decode budget."""

@@ -1,0 +1,114 @@
+"""Prometheus metrics, on a registry of our own (no global state shared between app instances)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from ..gallery.api import ReadTarget
+from ..gallery.embedded.index import FALLBACKS
+
+# the *_created series double the output and no dashboard uses them
+disable_created_metrics()
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class SearchFallbacks(Collector):
+    """Searches the vector index answered by a fallback, by kind: counted by the gallery (its
+    ``stats()``, ``index_search_<kind>``), copied here at each scrape (0 on backends that never fall back)."""
+
+    def __init__(self) -> None:
+        self.counts = dict.fromkeys(FALLBACKS, 0)
+
+    def update(self, stats: dict[str, int]) -> None:
+        self.counts = {kind: stats.get(f"index_search_{kind}", 0) for kind in FALLBACKS}
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "face_index_search_fallbacks", "Index searches answered by a fallback: capped (asked for more faces "
+            "than live) or exact (the HNSW graph could not return k faces; the live faces were scanned)",
+            labels=["kind"])
+        for kind, count in self.counts.items():
+            family.add_metric([kind], count)
+        yield family
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "face_http_requests_total", "HTTP requests by route, method and status",
+            ["route", "method", "status"], registry=self.registry,
+        )
+        self.latency = Histogram(
+            "face_http_request_duration_seconds", "HTTP request latency by route",
+            ["route", "method"], buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.embeddings = Counter(
+            "face_embeddings_computed_total", "Face embeddings computed by the model", registry=self.registry
+        )
+        self.batch_size = Histogram(
+            "face_inference_batch_size", "Faces per session run (dynamic batching)",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=self.registry,
+        )
+        self.inference_seconds = Histogram(
+            "face_inference_seconds", "Seconds per session run", buckets=LATENCY_BUCKETS, registry=self.registry
+        )
+        self.detect_seconds = Histogram(
+            "face_detect_seconds", "Seconds per photo for face detection", buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.faces_detected = Counter("face_faces_detected_total", "Faces found in photos", registry=self.registry)
+        self.errors = Counter(
+            "face_errors_total", "Error responses by code", ["code"], registry=self.registry
+        )
+        self.gallery_identities = Gauge("face_gallery_identities", "Enrolled identities", registry=self.registry)
+        self.gallery_faces = Gauge("face_gallery_faces", "Enrolled faces", registry=self.registry)
+        self.read_targets = ReadTargetsCollector()
+        self.registry.register(self.read_targets)
+        self.search_fallbacks = SearchFallbacks()
+        self.registry.register(self.search_fallbacks)
+
+    def observe_detection(self, faces: int, seconds: float) -> None:
+        self.faces_detected.inc(faces)
+        self.detect_seconds.observe(seconds)
+
+    def observe_batch(self, size: int, seconds: float) -> None:
+        self.embeddings.inc(size)
+        self.batch_size.observe(size)
+        self.inference_seconds.observe(seconds)
+
+
+class ReadTargetsCollector(Collector):
+    """Per database that gallery reads go to (the PostgreSQL primary and each standby): reads served,
+    and for standbys their replay lag, whether they are in rotation, reads they were too far behind
+    for, and failures. Read from the gallery at each scrape; nothing when there are no standbys."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], list[ReadTarget]] = list
+
+    def collect(self) -> Iterator[Metric]:
+        targets = self.source()
+        if not targets:
+            return
+        reads = CounterMetricFamily("face_database_reads", "Gallery reads served, by database", labels=["target", "role"])
+        lag = GaugeMetricFamily("face_database_standby_lag_seconds", "Standby replay lag behind the primary "
+                                "(NaN: not reached)", labels=["standby"])
+        rotation = GaugeMetricFamily("face_database_standby_in_rotation", "1 while a standby takes reads",
+                                     labels=["standby"])
+        behind = CounterMetricFamily("face_database_standby_behind", "Reads with a consistency token the standby "
+                                     "had not replayed in time (read on the primary)", labels=["standby"])
+        failures = CounterMetricFamily("face_database_standby_failures", "Reads and checks that could not reach "
+                                       "a standby", labels=["standby"])
+        for t in targets:
+            reads.add_metric([t.name, t.role], t.reads)
+            if t.role == "standby":
+                lag.add_metric([t.name], float("nan") if t.lag_s is None else t.lag_s)
+                rotation.add_metric([t.name], 1.0 if t.in_rotation else 0.0)
+                behind.add_metric([t.name], t.behind)
+                failures.add_metric([t.name], t.failures)
+        yield from (reads, lag, rotation, behind, failures)
