@@ -1,12 +1,18 @@
 // Face console: plain JavaScript, no dependencies, nothing loaded from elsewhere.
 // Every API call goes through api(), which adds the API key kept in sessionStorage and turns the
 // service's error bodies ({"error": {"code", "message", "details"}}) into readable sentences.
+// Every gallery call goes to the collection picked in the header (inCollection()); GET /whoami decides
+// whether the admin parts (Keys, Audit, new/delete collection) are shown. A new key's secret is held
+// only in the page (never in storage) unless the admin chooses "Use this key now".
 // User data (identity ids, metadata, file names) is only ever set as textContent, never as HTML.
 "use strict";
 
 const API = new URL("../", window.location.href); // the console lives at <api>/console/
 const KEY_STORE = "face-console.api-key";
-const PAGES = ["try", "enroll", "gallery", "status"];
+const COLLECTION_STORE = "face-console.collection";
+const DEFAULT_COLLECTION = "default";
+const PAGES = ["try", "enroll", "gallery", "status", "keys", "audit"];
+const ADMIN_PAGES = new Set(["keys", "audit"]);
 const COLORS = { known: "#00c853", unknown: "#ffab00", landmark: "#00b0ff" };
 
 // code -> sentence; the code itself is shown next to it for people who search the docs
@@ -42,7 +48,14 @@ const ERROR_MESSAGES = {
   overloaded: "The service is busy right now; try again in a moment.",
   inference_timeout: "The model did not answer in time; try again in a moment.",
   database_unavailable: "The gallery database cannot be reached right now; try again in a moment.",
-  unauthorized: "The API key is missing or wrong.",
+  unauthorized: "The API key is missing or wrong (or revoked, or expired).",
+  forbidden: "This API key may not do this (its role or its collections do not allow it).",
+  collection_not_found: "No collection of this name exists (it may have been deleted).",
+  collection_exists: "A collection of this name already exists.",
+  collection_protected: "The collection \"default\" always exists and cannot be deleted.",
+  invalid_collection_name: "This collection name is not allowed (lower-case letters, digits, \"-\" and \"_\", up to 63, starting with a letter or digit).",
+  key_not_found: "No API key with this id exists.",
+  rate_limited: "Too many requests or faces for this key right now.",
   host_not_allowed: "The service does not answer to this address: its operator lists the names it answers to in FACE_ALLOWED_HOSTS.",
   cross_origin_refused: "The service refused a change sent from a page of another site.",
   not_found: "Not found.",
@@ -70,15 +83,20 @@ const fmt = (x, digits = 3) => (typeof x === "number" && Number.isFinite(x) ? x.
 
 // --- API ------------------------------------------------------------------------------------------
 class ApiError extends Error {
-  constructor(code, message, status, details) {
+  constructor(code, message, status, details, action = "") {
     super(message);
     this.code = code;
     this.status = status;
     this.details = details || {};
+    this.action = action; // what the call tried, in words ("enroll into collection \"x\""): for forbidden
   }
 
   get readable() {
-    const sentence = ERROR_MESSAGES[this.code] || this.message || "Request failed.";
+    let sentence = ERROR_MESSAGES[this.code] || this.message || "Request failed.";
+    if (this.code === "forbidden" && this.action) {
+      sentence = `This API key may not ${this.action} (its role or its collections do not allow it).`;
+    }
+    if (this.code === "rate_limited" && this.details.retry_after) sentence += ` Try again in ${this.details.retry_after} s.`;
     const where = typeof this.details.index === "number" ? ` (image ${this.details.index + 1})` : "";
     const reasons = Array.isArray(this.details.reasons)  // low_quality: each limit missed
       ? ` ${this.details.reasons.map((r) => `${r.part} ${fmt(r.value, 2)} (limit ${fmt(r.limit, 2)})`).join(", ")}` : "";
@@ -88,7 +106,7 @@ class ApiError extends Error {
 
 const config = { api_key_header: "X-API-Key", api_key_required: false };
 
-async function api(path, { method = "GET", form = null, json = null, text = false } = {}) {
+async function api(path, { method = "GET", form = null, json = null, text = false, action = "" } = {}) {
   const headers = { Accept: text ? "text/plain" : "application/json" };
   const key = sessionStorage.getItem(KEY_STORE);
   if (key) headers[config.api_key_header] = key;
@@ -110,7 +128,10 @@ async function api(path, { method = "GET", form = null, json = null, text = fals
       const parsed = await response.json();
       if (parsed && parsed.error) error = parsed.error;
     } catch (_) { /* not JSON: keep the HTTP status */ }
-    const failure = new ApiError(error.code, error.message, response.status, error.details);
+    const details = { ...(error.details || {}) };
+    const retry = response.headers.get("Retry-After");
+    if (retry && details.retry_after === undefined) details.retry_after = retry;
+    const failure = new ApiError(error.code, error.message, response.status, details, action);
     if (failure.code === "unauthorized") askForKey(key ? "The stored API key was refused." : "");
     throw failure;
   }
@@ -146,7 +167,12 @@ async function submitKey(event) {
   sessionStorage.setItem(KEY_STORE, key);
   say($("key-error"), "Checking...");
   try {
-    await api("identities?limit=1");
+    try {
+      await api("whoami");
+    } catch (err) {
+      if (err.code !== "not_found") throw err;
+      await api("identities?limit=1"); // a service older than /whoami
+    }
   } catch (err) {
     if (previous) sessionStorage.setItem(KEY_STORE, previous);
     else sessionStorage.removeItem(KEY_STORE);
@@ -156,7 +182,147 @@ async function submitKey(event) {
   $("key-input").value = "";
   say($("key-error"), "");
   $("key-dialog").close();
+  await refreshSession();
   route();
+}
+
+// --- who is using the console, and in which collection -------------------------------------------
+const session = { role: null, admin: false, keyId: null, scope: null, openMode: false };
+const collections = new Map(); // name -> GET /collections item (when the key may list them)
+
+function collection() {
+  return sessionStorage.getItem(COLLECTION_STORE) || DEFAULT_COLLECTION;
+}
+
+const quoted = (name) => `collection "${name}"`;
+
+// a gallery route in the chosen collection; "default" keeps the unprefixed route (services before
+// collections have only those, and they mean the same collection)
+function inCollection(rest) {
+  const name = collection();
+  return name === DEFAULT_COLLECTION ? rest : `collections/${encodeURIComponent(name)}/${rest}`;
+}
+
+async function loadWhoami() {
+  Object.assign(session, { role: null, keyId: null, scope: null, openMode: false });
+  try {
+    const me = await api("whoami");
+    Object.assign(session, { role: me.role, keyId: me.key_id, scope: me.collections, openMode: me.open_mode });
+  } catch (err) {
+    if (err.code !== "not_found") throw err; // a service older than /whoami: no keys, no audit
+  }
+  session.admin = session.role === "admin";
+  document.body.dataset.role = session.role || "";
+  for (const node of document.querySelectorAll("[data-admin]")) node.hidden = !session.admin;
+  const who = session.openMode ? "open mode (no key needed)"
+    : session.role ? `${session.role} key${session.keyId ? ` ${session.keyId}` : ""}` : "";
+  $("whoami").textContent = who;
+}
+
+function fillSelect(select, names, { keep = true, extra = [] } = {}) {
+  const chosen = keep ? new Set([...select.selectedOptions].map((o) => o.value)) : new Set();
+  select.replaceChildren(...extra.map(([value, text]) => el("option", { value, text })),
+    ...names.map((name) => el("option", { value: name, text: name })));
+  for (const option of select.options) option.selected = chosen.has(option.value);
+}
+
+async function loadCollections() {
+  let names = null;
+  collections.clear();
+  try {
+    const listed = await api("collections", { action: "list collections" });
+    for (const item of listed.items) collections.set(item.name, item);
+    names = listed.items.map((item) => item.name);
+  } catch (err) {
+    if (err.code === "unauthorized") throw err;
+    // no right to list them (or a service before collections): the key's own scope, else default
+  }
+  if (session.scope) names = names ? names.filter((n) => session.scope.includes(n)) : [...session.scope];
+  if (!names || !names.length) names = session.scope && session.scope.length ? [...session.scope] : [DEFAULT_COLLECTION];
+  names.sort((a, b) => (a === DEFAULT_COLLECTION ? -1 : b === DEFAULT_COLLECTION ? 1 : a < b ? -1 : a > b ? 1 : 0));
+  let chosen = collection();
+  if (!names.includes(chosen)) chosen = names.includes(DEFAULT_COLLECTION) ? DEFAULT_COLLECTION : names[0];
+  sessionStorage.setItem(COLLECTION_STORE, chosen);
+  fillSelect($("collection-select"), names, { keep: false });
+  $("collection-select").value = chosen;
+  fillSelect($("keys-collections"), names);
+  fillSelect($("audit-collection"), names, { extra: [["", "any"]] });
+  $("collection-delete").disabled = chosen === DEFAULT_COLLECTION;
+  $("collection-delete").title = chosen === DEFAULT_COLLECTION ? ERROR_MESSAGES.collection_protected : "";
+  document.body.dataset.collection = chosen;
+}
+
+async function refreshSession() {
+  try {
+    await loadWhoami();
+    await loadCollections();
+  } catch (err) {
+    say($("collection-status"), err.readable, "error");
+  }
+}
+
+function chooseCollection(name) {
+  sessionStorage.setItem(COLLECTION_STORE, name);
+  $("collection-select").value = name;
+  $("collection-delete").disabled = name === DEFAULT_COLLECTION;
+  $("collection-delete").title = name === DEFAULT_COLLECTION ? ERROR_MESSAGES.collection_protected : "";
+  document.body.dataset.collection = name;
+  // what the pages show belongs to the collection they were loaded for
+  Object.assign(gallery, { query: "", page: 0, cursors: [null], next: null });
+  $("gallery-query").value = "";
+  $("try-results").replaceChildren();
+  say($("try-status"), `Pick a photo to see every face, who it matches in ${quoted(name)} and how sure.`);
+  say($("collection-status"), "");
+  route();
+}
+
+function openNewCollection() {
+  $("collection-name").value = "";
+  say($("collection-error"), "");
+  $("collection-dialog").showModal();
+  $("collection-name").focus();
+}
+
+async function createCollection(event) {
+  event.preventDefault();
+  const name = $("collection-name").value.trim();
+  if (!name) return;
+  say($("collection-error"), "Creating...");
+  try {
+    const made = await api("collections", { method: "POST", json: { name }, action: "create collections" });
+    $("collection-dialog").close();
+    await loadCollections();
+    chooseCollection(made.name);
+    say($("collection-status"), `Collection "${made.name}" created; the pages now work in it.`, "ok");
+  } catch (err) {
+    say($("collection-error"), err.readable, "error");
+  }
+}
+
+async function confirmDeleteCollection() {
+  const name = collection();
+  const status = $("collection-status");
+  let info;
+  try {
+    info = await api(`collections/${encodeURIComponent(name)}`, { action: `see ${quoted(name)}` });
+  } catch (err) {
+    return say(status, err.readable, "error");
+  }
+  const dialog = $("collection-delete-dialog");
+  $("collection-delete-text").textContent = `Delete collection "${name}" with its ${info.identities} identit${info.identities === 1 ? "y" : "ies"} and ${info.faces} face(s)? Every one of them is erased and can never be identified again. This cannot be undone.`;
+  dialog.returnValue = "";
+  dialog.onclose = async () => {
+    if (dialog.returnValue !== "delete") return;
+    try {
+      const r = await api(`collections/${encodeURIComponent(name)}`, { method: "DELETE", action: "delete collections" });
+      await loadCollections();
+      chooseCollection(collection());
+      say(status, `Deleted collection "${r.name}" (${r.deleted_identities} identities, ${r.deleted_faces} face(s)).`, "ok");
+    } catch (err) {
+      say(status, err.readable, "error");
+    }
+  };
+  dialog.showModal();
 }
 
 // --- pages -------------------------------------------------------------------------------------
@@ -164,14 +330,18 @@ let statusTimer = null;
 
 function route() {
   const name = window.location.hash.slice(1);
-  const page = PAGES.includes(name) ? name : "try";
+  let page = PAGES.includes(name) ? name : "try";
+  if (ADMIN_PAGES.has(page) && !session.admin) page = "try";
   for (const other of PAGES) $(`page-${other}`).hidden = other !== page;
   for (const link of document.querySelectorAll("nav a")) {
     if (link.dataset.page === page) link.setAttribute("aria-current", "page");
     else link.removeAttribute("aria-current");
   }
   clearInterval(statusTimer);
+  if (page !== "keys") hideSecret(); // shown once: leaving the page forgets it
   if (page === "gallery") loadGallery();
+  if (page === "keys") loadKeys();
+  if (page === "audit") loadAudit();
   if (page === "status") {
     refreshStatus();
     statusTimer = setInterval(refreshStatus, 5000);
@@ -283,9 +453,10 @@ async function tryPhoto(file) {
   canvas.dataset.state = "busy";
   say(status, `Looking for faces in ${file.name}...`);
   const detect = api("detect", { method: "POST", form: photoForm({}, [["images", file]]) });
-  const identify = api("identify", {
+  const identify = api(inCollection("identify"), {
     method: "POST",
     form: photoForm({ image_type: "photo", multi_face: "all", top_k: 3 }, [["images", file]]),
+    action: `identify in ${quoted(collection())}`,
   }).catch((err) => err);
   const shown = loadImage(file).catch((err) => err);
   let detected;
@@ -358,9 +529,10 @@ async function compare(event) {
   say(out, "Comparing...");
   out.removeAttribute("data-similarity");
   try {
-    const r = await api("verify", {
+    const r = await api(inCollection("verify"), {
       method: "POST",
       form: photoForm({ image_type: "photo" }, [["image_a", a], ["image_b", b]]),
+      action: `verify in ${quoted(collection())}`,
     });
     const meter = el("div", { class: "meter", "aria-hidden": "true" },
       el("div", { class: r.match ? "fill known" : "fill unknown" }), el("div", { class: "mark" }));
@@ -444,13 +616,15 @@ async function enroll(event) {
   say(status, "Saving...");
   $("enroll-save").disabled = true;
   try {
-    const r = await api("enroll", { method: "POST", form: photoForm(fields, files.map((f) => ["images", f])) });
+    const where = collection();
+    const r = await api(inCollection("enroll"), { method: "POST", form: photoForm(fields, files.map((f) => ["images", f])),
+      action: `enroll into ${quoted(where)}` });
     const what = r.created ? "new identity" : r.faces_replaced ? `replaced ${r.faces_replaced} face(s)` : "added";
     // a clean form: saving the same photos twice by accident would enroll them twice
     $("enroll-form").reset();
     enrollReady = false;
     $("enroll-crops").replaceChildren(el("p", { class: "muted", text: "Pick photos to see the aligned faces first." }));
-    say(status, `Saved ${r.identity_id}: ${r.face_ids.length} face(s) stored (${what}); ${r.face_count} face(s) in total.`, "ok");
+    say(status, `Saved ${r.identity_id} in ${quoted(where)}: ${r.face_ids.length} face(s) stored (${what}); ${r.face_count} face(s) in total.`, "ok");
   } catch (err) {
     say(status, err.readable, "error");
   } finally {
@@ -464,12 +638,13 @@ const gallery = { cursors: [null], page: 0, next: null, query: "", limit: 20 };
 async function searchPrefix(query) {
   // ids sort bytewise and every longer id with this prefix sorts after the prefix itself
   const items = [];
+  const action = `list the identities of ${quoted(collection())}`;
   try {
-    items.push(await api(`identities/${encodeURIComponent(query)}`));
+    items.push(await api(inCollection(`identities/${encodeURIComponent(query)}`), { action }));
   } catch (err) {
     if (err.code !== "identity_not_found" && err.code !== "not_found" && err.code !== "invalid_request") throw err;
   }
-  const page = await api(`identities?limit=${gallery.limit}&cursor=${encodeURIComponent(query)}`);
+  const page = await api(inCollection(`identities?limit=${gallery.limit}&cursor=${encodeURIComponent(query)}`), { action });
   items.push(...page.items.filter((item) => item.identity_id.startsWith(query)));
   return { items, next_cursor: null };
 }
@@ -482,12 +657,14 @@ async function loadGallery() {
     const cursor = gallery.cursors[gallery.page];
     const page = gallery.query
       ? await searchPrefix(gallery.query)
-      : await api(`identities?limit=${gallery.limit}` + (cursor ? `&cursor=${encodeURIComponent(cursor)}` : ""));
+      : await api(inCollection(`identities?limit=${gallery.limit}` + (cursor ? `&cursor=${encodeURIComponent(cursor)}` : "")),
+        { action: `list the identities of ${quoted(collection())}` });
     gallery.next = page.next_cursor;
     body.replaceChildren(...page.items.map(galleryRow));
     $("gallery-prev").disabled = gallery.page === 0 || !!gallery.query;
     $("gallery-next").disabled = !gallery.next;
     $("gallery-page").textContent = gallery.query ? `ids starting with "${gallery.query}"` : `page ${gallery.page + 1}`;
+    $("gallery-title").textContent = `Gallery: ${quoted(collection())}`;
     say(status, page.items.length ? `${page.items.length} identit${page.items.length === 1 ? "y" : "ies"} shown.` : "No identities.");
   } catch (err) {
     say(status, err.readable, "error");
@@ -513,7 +690,8 @@ function confirmDelete(item) {
   dialog.onclose = async () => {
     if (dialog.returnValue !== "delete") return;
     try {
-      const r = await api(`identities/${encodeURIComponent(item.identity_id)}`, { method: "DELETE" });
+      const r = await api(inCollection(`identities/${encodeURIComponent(item.identity_id)}`), { method: "DELETE",
+        action: `delete identities in ${quoted(collection())}` });
       await loadGallery();
       say($("gallery-status"), `Deleted ${r.identity_id} (${r.deleted_faces} face(s)).`, "ok");
     } catch (err) {
@@ -589,6 +767,28 @@ function metricRows(samples) {
   return rows;
 }
 
+// the chosen collection: its counts and its own open-set threshold (GET /collections/{name}); a
+// service before collections, or a key that may not read it, falls back to what /readyz says
+async function collectionRows(ready) {
+  const name = collection();
+  const rows = [["Collection", name]];
+  let info = null;
+  try {
+    info = await api(`collections/${encodeURIComponent(name)}`, { action: `see ${quoted(name)}` });
+  } catch (err) {
+    if (err.code !== "not_found" && err.code !== "forbidden") rows.push(["Unavailable", err.readable]);
+  }
+  if (info) {
+    rows.push(["Identities", show(info.identities)], ["Faces", show(info.faces)]);
+    if (info.identify_threshold !== undefined) rows.push(["Identify threshold (1:N)", show(info.identify_threshold)]);
+    if (info.created_at) rows.push(["Created", when(info.created_at)]);
+  } else if (name === DEFAULT_COLLECTION && ready.gallery && typeof ready.gallery === "object") {
+    if (ready.gallery.identities !== undefined) rows.push(["Identities", show(ready.gallery.identities)]);
+    if (ready.gallery.faces !== undefined) rows.push(["Faces", show(ready.gallery.faces)]);
+  }
+  return rows;
+}
+
 async function refreshStatus() {
   const message = $("status-message");
   try {
@@ -609,10 +809,203 @@ async function refreshStatus() {
     // fields this console does not know yet (newer services) are still shown, as they come
     for (const [key, value] of Object.entries(ready)) if (!known.has(key)) rows.push([key, show(value)]);
     facts($("status-model"), rows);
+    facts($("status-collection"), await collectionRows(ready));
     facts($("status-metrics"), metricRows(parseMetrics(await api("metrics", { text: true }))));
     say(message, `Updated ${new Date().toLocaleTimeString()}.`);
   } catch (err) {
     say(message, err.readable, "error");
+  }
+}
+
+// --- Keys (admins) -----------------------------------------------------------------------------------
+const when = (t) => (typeof t === "number" ? new Date(t * 1000).toLocaleString() : "");
+let newSecret = null; // the secret just created: in this variable only, never in any storage
+
+async function loadKeys() {
+  const status = $("keys-status");
+  try {
+    const r = await api("keys", { action: "manage keys" });
+    $("keys-table").tBodies[0].replaceChildren(...r.items.map(keyRow));
+    const live = r.items.filter((k) => !k.revoked_at).length;
+    say(status, `${r.items.length} key(s), ${live} not revoked.`);
+  } catch (err) {
+    say(status, err.readable, "error");
+  }
+}
+
+function keyRow(key) {
+  const cells = [
+    el("th", { scope: "row", class: "mono", text: key.key_id }),
+    el("td", { text: key.role }),
+    el("td", { text: key.collections ? key.collections.join(", ") : "all" }),
+    el("td", { text: key.note || "" }),
+    el("td", { text: when(key.created_at) }),
+    el("td", { text: key.expires_at ? when(key.expires_at) : "never" }),
+    el("td", { text: key.last_used_at ? when(key.last_used_at) : "never" }),
+    el("td", { text: key.revoked_at ? when(key.revoked_at) : "" }),
+  ];
+  const actions = el("td");
+  if (!key.revoked_at) {
+    const revoke = el("button", { type: "button", class: "danger small", text: "Revoke", "aria-label": `Revoke ${key.key_id}` });
+    revoke.addEventListener("click", () => confirmRevoke(key));
+    actions.append(revoke);
+  }
+  return el("tr", { "data-id": key.key_id, class: key.revoked_at ? "revoked" : "" }, ...cells, actions);
+}
+
+function optionalNumber(input) {
+  const text = input.value.trim();
+  return text === "" ? null : Number(text);
+}
+
+async function createKey(event) {
+  event.preventDefault();
+  const status = $("keys-status");
+  const all = $("keys-all").checked;
+  const chosen = [...$("keys-collections").selectedOptions].map((o) => o.value);
+  if (!all && !chosen.length) return say(status, "Pick at least one collection, or \"All collections\".", "error");
+  const days = optionalNumber($("keys-expires"));
+  const body = {
+    role: $("keys-role").value,
+    collections: all ? null : chosen,
+    note: $("keys-note").value.trim() || null,
+    expires_at: days ? Math.round(Date.now() / 1000 + days * 86400) : null,
+    rate_limit_rps: optionalNumber($("keys-rps")),
+    rate_limit_faces_per_s: optionalNumber($("keys-fps")),
+  };
+  say(status, "Creating...");
+  $("keys-create").disabled = true;
+  try {
+    const made = await api("keys", { method: "POST", json: body, action: "create keys" });
+    $("keys-form").reset();
+    $("keys-collections").disabled = true;
+    showSecret(made);
+    say(status, `Key ${made.key_id} created (${made.role}, ${made.collections ? made.collections.join(", ") : "all collections"}).`, "ok");
+    await loadKeys();
+    say(status, `Key ${made.key_id} created (${made.role}, ${made.collections ? made.collections.join(", ") : "all collections"}).`, "ok");
+  } catch (err) {
+    say(status, err.readable, "error");
+  } finally {
+    $("keys-create").disabled = false;
+  }
+}
+
+function showSecret(made) {
+  newSecret = made.secret;
+  $("keys-secret-id").textContent = made.key_id;
+  $("keys-secret-value").value = made.secret;
+  $("keys-secret").hidden = false;
+  $("keys-secret-value").focus();
+  $("keys-secret-value").select();
+}
+
+function hideSecret() {
+  newSecret = null;
+  $("keys-secret-value").value = "";
+  $("keys-secret-id").textContent = "";
+  $("keys-secret").hidden = true;
+}
+
+async function copySecret() {
+  const field = $("keys-secret-value");
+  try {
+    await navigator.clipboard.writeText(field.value);
+  } catch (_) { // no clipboard permission: the selection and the old command still work
+    field.focus();
+    field.select();
+    document.execCommand("copy");
+  }
+  say($("keys-status"), "Secret copied to the clipboard.", "ok");
+}
+
+async function useNewKey() {
+  if (!newSecret) return;
+  sessionStorage.setItem(KEY_STORE, newSecret); // the admin's choice: this tab now works as that key
+  hideSecret();
+  await refreshSession();
+  say($("collection-status"), `Now using this tab with the new ${session.role || ""} key; "API key" switches back.`, "ok");
+  if (window.location.hash === "#try") route();
+  else window.location.hash = "try";
+}
+
+function confirmRevoke(key) {
+  const dialog = $("revoke-dialog");
+  $("revoke-text").textContent = `Revoke key ${key.key_id} (${key.role}${key.note ? `, "${key.note}"` : ""})? Every request made with it is refused from now on. This cannot be undone.`;
+  dialog.returnValue = "";
+  dialog.onclose = async () => {
+    if (dialog.returnValue !== "revoke") return;
+    try {
+      const r = await api(`keys/${encodeURIComponent(key.key_id)}`, { method: "DELETE", action: "revoke keys" });
+      await loadKeys();
+      say($("keys-status"), `Revoked ${r.key_id}.`, "ok");
+    } catch (err) {
+      say($("keys-status"), err.readable, "error");
+    }
+  };
+  dialog.showModal();
+}
+
+// --- Audit (admins) ----------------------------------------------------------------------------------
+const audit = { next: null, limit: 25 };
+
+// a day picked in the browser, as the service's unix seconds: the local midnight that starts it
+function dayStart(value, plusDays = 0) {
+  const [y, m, d] = value.split("-").map(Number);
+  return new Date(y, m - 1, d + plusDays).getTime() / 1000;
+}
+
+function auditPath(cursor) {
+  const params = new URLSearchParams({ limit: String(audit.limit) });
+  const put = (name, value) => value && params.set(name, value);
+  put("collection", $("audit-collection").value);
+  put("identity_id", $("audit-identity").value.trim());
+  put("key_id", $("audit-key").value.trim());
+  if ($("audit-since").value) params.set("since", String(dayStart($("audit-since").value)));
+  if ($("audit-until").value) params.set("until", String(dayStart($("audit-until").value, 1)));
+  put("cursor", cursor);
+  return `audit?${params}`;
+}
+
+function compactDetails(details) {
+  if (!details || typeof details !== "object") return "";
+  return Object.entries(details).map(([name, value]) => {
+    let text;
+    if (value === null) text = "none";
+    else if (Array.isArray(value)) text = value.length ? value.join("|") : "[]";
+    else if (typeof value === "number" && name.endsWith("_at")) text = when(value);
+    else if (typeof value === "object") text = JSON.stringify(value);
+    else text = String(value);
+    return `${name}=${text}`;
+  }).join(", ");
+}
+
+function auditRow(entry) {
+  return el("tr", { "data-id": entry.entry_id, "data-action": entry.action },
+    el("td", { text: when(entry.at) }),
+    el("th", { scope: "row", text: entry.action }),
+    el("td", { text: entry.collection || "" }),
+    el("td", { text: entry.identity_id || "" }),
+    el("td", { class: "mono", text: entry.key_id || "" }),
+    el("td", { text: entry.client || "" }),
+    el("td", { class: "meta", text: compactDetails(entry.details) }));
+}
+
+async function loadAudit(more = false) {
+  const status = $("audit-status");
+  const body = $("audit-table").tBodies[0];
+  if (!more) audit.next = null;
+  say(status, "Loading...");
+  $("audit-more").disabled = true;
+  try {
+    const r = await api(auditPath(more ? audit.next : null), { action: "read the audit trail" });
+    if (more) body.append(...r.items.map(auditRow));
+    else body.replaceChildren(...r.items.map(auditRow));
+    audit.next = r.next_cursor;
+    $("audit-more").disabled = !audit.next;
+    const shown = body.rows.length;
+    say(status, shown ? `${shown} change(s) shown, newest first${audit.next ? "; More shows older ones" : ""}.` : "No recorded changes match.");
+  } catch (err) {
+    say(status, err.readable, "error");
   }
 }
 
@@ -650,10 +1043,37 @@ async function start() {
     gallery.page += 1;
     loadGallery();
   });
+  $("collection-select").addEventListener("change", (event) => chooseCollection(event.target.value));
+  $("collection-new").addEventListener("click", openNewCollection);
+  $("collection-form").addEventListener("submit", createCollection);
+  $("collection-cancel").addEventListener("click", () => $("collection-dialog").close());
+  $("collection-delete").addEventListener("click", confirmDeleteCollection);
+  $("keys-form").addEventListener("submit", createKey);
+  $("keys-all").addEventListener("change", () => { $("keys-collections").disabled = $("keys-all").checked; });
+  $("keys-secret-copy").addEventListener("click", copySecret);
+  $("keys-secret-use").addEventListener("click", useNewKey);
+  $("keys-secret-done").addEventListener("click", () => {
+    hideSecret();
+    say($("keys-status"), "The secret is hidden; it cannot be shown again.");
+  });
+  $("audit-filters").addEventListener("submit", (event) => {
+    event.preventDefault();
+    loadAudit();
+  });
+  $("audit-clear").addEventListener("click", () => {
+    $("audit-filters").reset();
+    loadAudit();
+  });
+  $("audit-more").addEventListener("click", () => loadAudit(true));
   window.addEventListener("hashchange", route);
+  if (config.api_key_required && !sessionStorage.getItem(KEY_STORE)) {
+    document.body.dataset.ready = "true";
+    askForKey();
+    return;
+  }
+  await refreshSession();
   document.body.dataset.ready = "true";
-  if (config.api_key_required && !sessionStorage.getItem(KEY_STORE)) askForKey();
-  else route();
+  route();
 }
 
 document.addEventListener("DOMContentLoaded", start);
