@@ -1,0 +1,296 @@
+"""Issue 20 in the console, in a real headless Chromium against the real service (FACE_API_KEY set: the
+tab starts as that admin key): the collection picker, the Keys page (a secret shown once, then used
+and revoked) and the Audit page (filters, More)."""
+
+from __future__ import annotations
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.conftest import FIXTURES
+from tests.console.browser import DESKTOP, PHONE, Console
+from tests.console.conftest import KEY
+
+PHOTOS = FIXTURES / "photos"
+
+
+@pytest.fixture(scope="module")
+def api(console_server):
+    with httpx.Client(base_url=console_server.url, headers={"X-API-Key": KEY}, timeout=60) as client:
+        yield client
+
+
+def pick_collection(console: Console, name: str) -> None:
+    from selenium.webdriver.support.ui import Select
+
+    Select(console.find("collection-select")).select_by_value(name)
+    console.wait(lambda: console.js("return document.body.dataset.collection") == name, f"{name} not chosen")
+
+
+def shown(console: Console, page: str) -> bool:
+    return console.driver.find_element("css selector", f"nav a[data-page='{page}']").is_displayed()
+
+
+def rows(console: Console, table: str) -> list[str]:
+    return [row.get_attribute("data-id") for row in console.driver.find_elements("css selector", f"#{table} tbody tr")]
+
+
+def enroll_embeddings(api: httpx.Client, collection: str, ids: list[str], headers: dict | None = None) -> None:
+    model_id = api.get("/readyz").json()["model_id"]
+    rng = np.random.default_rng(len(ids))
+    for identity in ids:
+        r = api.post(f"/collections/{collection}/enroll", headers=headers,
+                     json={"identity_id": identity, "model_id": model_id, "embeddings": rng.normal(size=(1, 128)).tolist()})
+        assert r.status_code == 200, r.text
+
+
+def test_enroll_into_the_picked_collection_and_see_it_only_there(console, api):
+    assert console.js("return document.body.dataset.role") == "admin"
+    assert shown(console, "keys") and shown(console, "audit")
+    assert console.js("return document.body.dataset.collection") == "default"  # preselected
+    assert console.find("collection-delete").get_attribute("disabled") is not None  # default cannot go
+
+    # a name the service refuses: its error, with the code, in the dialog
+    console.find("collection-new").click()
+    console.find("collection-name").send_keys("Not A Name")
+    console.find("collection-create").click()
+    assert "[invalid_collection_name]" in console.wait_text("collection-error", "[invalid_collection_name]")
+    console.find("collection-name").clear()
+    console.find("collection-name").send_keys("lobby")
+    console.find("collection-create").click()
+    console.wait_text("collection-status", 'Collection "lobby" created')
+    assert console.find("collection-select").get_attribute("value") == "lobby"
+    assert api.get("/collections/lobby").status_code == 200
+
+    console.open("enroll")  # the choice outlives a reload (sessionStorage)
+    assert console.js("return document.body.dataset.collection") == "lobby"
+    console.find("enroll-id").send_keys("Bill_Frist")
+    console.pick("enroll-files", PHOTOS / "Bill_Frist_0001.jpg")
+    console.wait_text("enroll-status", "1 face(s) ready to store")
+    console.find("enroll-save").click()
+    assert 'in collection "lobby"' in console.wait_text("enroll-status", "Saved Bill_Frist")
+    assert api.get("/collections/lobby/identities/Bill_Frist").json()["face_count"] == 1
+    assert api.get("/identities/Bill_Frist").json()["error"]["code"] == "identity_not_found"
+
+    console.go("gallery")
+    console.wait(lambda: rows(console, "gallery-table") == ["Bill_Frist"], "not listed in lobby")
+    pick_collection(console, "default")
+    console.wait_text("gallery-title", 'collection "default"')
+    console.wait(lambda: "Bill_Frist" not in rows(console, "gallery-table") and "shown" in console.text("gallery-status")
+                 or "No identities" in console.text("gallery-status"), "default's gallery not loaded")
+    assert "Bill_Frist" not in rows(console, "gallery-table")
+
+    # identify answers from the chosen collection only
+    console.go("try")
+    probe = PHOTOS / "Bill_Frist_0002.jpg"
+    console.pick("try-file", probe)
+    console.wait(lambda: console.find("try-canvas").get_attribute("data-state") == "done")
+    assert "Bill_Frist: score" not in console.text("try-results")
+    pick_collection(console, "lobby")
+    console.pick("try-file", probe)
+    console.wait(lambda: console.find("try-canvas").get_attribute("data-state") == "done"
+                 and console.text("try-results"))
+    assert "Bill_Frist: score" in console.text("try-results") and "match" in console.text("try-results")
+
+    console.go("status")
+    info = api.get("/collections/lobby").json()
+    facts = console.wait_text("status-collection", "Identities")
+    assert "lobby" in facts and f"{info['identify_threshold']:.3f}" in facts
+    assert facts.split("Identities")[1].split()[0] == "1"
+
+
+def test_delete_collection_asks_naming_it_and_its_counts(console, api):
+    assert api.post("/collections", json={"name": "scratch"}).status_code == 201
+    enroll_embeddings(api, "scratch", ["one", "two"])
+    console.open("gallery")
+    pick_collection(console, "scratch")
+    console.find("collection-delete").click()
+    dialog = console.find("collection-delete-dialog")
+    console.wait(lambda: dialog.get_attribute("open") is not None, "no confirmation")
+    text = console.text("collection-delete-text")
+    assert '"scratch"' in text and "2 identities" in text and "2 face(s)" in text
+    console.find("collection-delete-cancel").click()
+    assert api.get("/collections/scratch").status_code == 200  # cancelled: still there
+
+    console.find("collection-delete").click()
+    console.wait(lambda: dialog.get_attribute("open") is not None, "no confirmation")
+    console.find("collection-delete-confirm").click()
+    console.wait_text("collection-status", 'Deleted collection "scratch"')
+    assert api.get("/collections/scratch").json()["error"]["code"] == "collection_not_found"
+    assert console.js("return document.body.dataset.collection") == "default"
+    assert "scratch" not in console.js("return [...document.getElementById('collection-select').options].map(o => o.value)")
+
+
+def test_a_read_key_made_in_the_keys_page_is_shown_once_used_refused_and_revoked(console, api):
+    from selenium.webdriver.support.ui import Select
+
+    if api.get("/collections/lobby").status_code == 404:
+        assert api.post("/collections", json={"name": "lobby"}).status_code == 201
+    console.open("keys")
+    console.wait(lambda: console.find("page-keys").is_displayed(), "no Keys page for the admin")
+    Select(console.find("keys-role")).select_by_value("read")
+    console.find("keys-all").click()  # not all: only lobby
+    Select(console.find("keys-collections")).select_by_value("lobby")
+    console.find("keys-note").send_keys("front desk")
+    console.find("keys-expires").send_keys("30")
+    console.find("keys-create").click()
+    console.wait(lambda: console.find("keys-secret").is_displayed(), "no secret shown")
+    secret = console.find("keys-secret-value").get_attribute("value")
+    key_id = console.text("keys-secret-id")
+    assert secret.startswith(f"fk_{key_id}_")  # access/keys.py: the id travels inside the secret
+    assert "only this once" in console.text("keys-secret")
+    # never written to any storage by itself
+    stored = console.js("return [...Object.values(sessionStorage), ...Object.values(localStorage)]")
+    assert secret not in stored
+    console.wait(lambda: key_id in rows(console, "keys-table"), "the new key is not listed")
+    row = console.driver.find_element("css selector", f"#keys-table tr[data-id='{key_id}']").text
+    assert "read" in row and "lobby" in row and "front desk" in row and secret not in row
+    listed = next(k for k in api.get("/keys").json()["items"] if k["key_id"] == key_id)
+    assert listed["role"] == "read" and listed["collections"] == ["lobby"] and listed["note"] == "front desk"
+    assert listed["expires_at"] == pytest.approx(listed["created_at"] + 30 * 86400, abs=120)
+
+    # leaving the page forgets it: shown once
+    console.go("try")
+    console.go("keys")
+    assert not console.find("keys-secret").is_displayed()
+    assert secret not in console.driver.page_source
+    assert console.find("keys-secret-value").get_attribute("value") == ""
+
+    # the same again, this time used at once: the tab works as the read key
+    Select(console.find("keys-role")).select_by_value("read")
+    console.find("keys-all").click()
+    Select(console.find("keys-collections")).select_by_value("lobby")
+    console.find("keys-note").send_keys("front desk 2")
+    console.find("keys-create").click()
+    console.wait(lambda: console.find("keys-secret").is_displayed(), "no secret shown")
+    secret = console.find("keys-secret-value").get_attribute("value")
+    key_id = console.text("keys-secret-id")
+    console.find("keys-secret-use").click()
+    console.wait(lambda: console.js("return document.body.dataset.role") == "read", "the new key is not in use")
+    assert console.js("return sessionStorage.getItem('face-console.api-key')") == secret
+    assert console.js("return localStorage.length") == 0
+    console.wait(lambda: console.find("page-try").is_displayed())
+    assert not shown(console, "keys") and not shown(console, "audit")
+    assert not console.find("collection-new").is_displayed() and not console.find("collection-delete").is_displayed()
+    assert key_id in console.text("whoami")
+    assert console.js("return document.body.dataset.collection") == "lobby"  # its only collection
+    console.js("window.location.hash = 'keys'")  # an admin page by address: not for this key
+    console.wait(lambda: console.find("page-try").is_displayed(), "a read key reached the Keys page")
+
+    console.go("enroll")
+    console.find("enroll-id").send_keys("Read_Only")
+    console.pick("enroll-files", PHOTOS / "Bill_Frist_0002.jpg")
+    console.wait(lambda: console.text("enroll-status"), "no preview status")
+    console.find("enroll-save").click()
+    refused = console.wait_text("enroll-status", "[forbidden]")
+    assert 'may not enroll into collection "lobby"' in refused, refused
+    assert api.get("/collections/lobby/identities/Read_Only").status_code == 404
+
+    # back to the admin key, then revoke the read key with a confirmation
+    console.find("key-button").click()
+    console.use_key(KEY)
+    console.wait(lambda: console.js("return document.body.dataset.role") == "admin", "the admin key is not back")
+    console.go("keys")
+    console.wait(lambda: key_id in rows(console, "keys-table"), "the key is not listed")
+    revoke = console.driver.find_element("css selector", f"#keys-table tr[data-id='{key_id}'] button")
+    revoke.click()
+    console.wait(lambda: console.find("revoke-dialog").get_attribute("open") is not None, "no confirmation")
+    assert key_id in console.text("revoke-text") and "front desk 2" in console.text("revoke-text")
+    console.find("revoke-cancel").click()
+    assert httpx.get(f"{api.base_url}/collections/lobby/identities", headers={"X-API-Key": secret}).status_code == 200
+    console.driver.find_element("css selector", f"#keys-table tr[data-id='{key_id}'] button").click()
+    console.wait(lambda: console.find("revoke-dialog").get_attribute("open") is not None, "no confirmation")
+    console.find("revoke-confirm").click()
+    console.wait_text("keys-status", f"Revoked {key_id}")
+    row = console.driver.find_element("css selector", f"#keys-table tr[data-id='{key_id}']")
+    assert "revoked" in row.get_attribute("class") and not row.find_elements("css selector", "button")
+    r = httpx.get(f"{api.base_url}/collections/lobby/identities", headers={"X-API-Key": secret})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+
+
+def test_audit_page_lists_changes_with_filters_local_times_and_more(console, api):
+    assert api.post("/collections", json={"name": "audited"}).status_code == 201
+    enroll_embeddings(api, "audited", [f"aud-{i:02d}" for i in range(30)])
+    made = api.post("/keys", json={"role": "write", "collections": ["audited"], "note": "audit test"})
+    assert made.status_code == 201, made.text
+    writer = made.json()
+    enroll_embeddings(api, "audited", ["by-writer"], headers={"X-API-Key": writer["secret"]})
+
+    console.open("audit")
+    console.wait(lambda: console.find("page-audit").is_displayed(), "no Audit page for the admin")
+    console.wait(lambda: len(rows(console, "audit-table")) == 25, "the first page is not 25 entries")
+    newest = api.get("/audit", params={"limit": 1}).json()["items"][0]
+    first = console.driver.find_element("css selector", "#audit-table tbody tr")
+    assert first.get_attribute("data-id") == newest["entry_id"]
+    local = console.js("return new Date(arguments[0] * 1000).toLocaleString()", newest["at"])
+    assert first.find_element("css selector", "td").text == local  # in the browser's local time
+
+    # the key's creation, with its details as compact text
+    created = next(e for e in api.get("/audit", params={"limit": 100}).json()["items"]
+                   if e["action"] == "key.created" and e["details"].get("note") == "audit test")
+    row = console.driver.find_element("css selector", f"#audit-table tr[data-id='{created['entry_id']}']").text
+    assert "key.created" in row and "role=write" in row and "collections=audited" in row, row
+
+    # collection filter, then More until the end: 31 enrolls + the collection's creation
+    from selenium.webdriver.support.ui import Select
+
+    Select(console.find("audit-collection")).select_by_value("audited")
+    console.find("audit-apply").click()
+    console.wait(lambda: "More shows older" in console.text("audit-status"), "no second page")
+    assert len(rows(console, "audit-table")) == 25
+    console.find("audit-more").click()
+    console.wait(lambda: len(rows(console, "audit-table")) == 32, "More did not load the rest")
+    actions = [r.get_attribute("data-action") for r in console.driver.find_elements("css selector", "#audit-table tbody tr")]
+    assert actions[-1] == "collection.created" and actions.count("identity.created") == 31
+    assert console.find("audit-more").get_attribute("disabled") is not None
+    assert len(set(rows(console, "audit-table"))) == 32  # no entry twice across pages
+
+    # identity filter: the one enroll, with its counts
+    console.find("audit-identity").send_keys("aud-07")
+    console.find("audit-apply").click()
+    console.wait(lambda: len(rows(console, "audit-table")) == 1, "identity filter")
+    text = console.text("audit-table")
+    assert "identity.created" in text and "aud-07" in text and "faces_added=1" in text, text
+
+    # key filter: what the write key did, and only that
+    console.find("audit-identity").clear()
+    console.find("audit-key").send_keys(writer["key_id"])
+    console.find("audit-apply").click()
+    console.wait(lambda: len(rows(console, "audit-table")) == 1 and "by-writer" in console.text("audit-table"), "key filter")
+
+    # days: everything was today; up to yesterday finds nothing
+    console.find("audit-clear").click()
+    console.wait(lambda: len(rows(console, "audit-table")) == 25, "cleared filters")
+    set_day = ("document.getElementById(arguments[0]).value ="
+               " new Date(Date.now() + arguments[1] * 86400000).toLocaleDateString('en-CA')")  # the browser's day
+    console.js(set_day, "audit-since", 0)
+    console.find("audit-apply").click()
+    console.wait(lambda: len(rows(console, "audit-table")) == 25, "since today")
+    console.js("document.getElementById('audit-since').value = ''")
+    console.js(set_day, "audit-until", -1)
+    console.find("audit-apply").click()
+    console.wait_text("audit-status", "No recorded changes match")
+    assert rows(console, "audit-table") == []
+
+
+def test_admin_pages_fit_a_phone_and_every_control_has_a_name(console):
+    unnamed = console.js(
+        "return [...document.querySelectorAll('input, textarea, select, button')]"
+        ".filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label') && !e.textContent.trim())"
+        ".map(e => e.id || e.outerHTML)")
+    assert unnamed == []
+    console.driver.set_window_size(*PHONE)
+    try:
+        for page in ("try", "gallery", "keys", "audit"):
+            console.go(page)
+            overflow = console.js("return document.documentElement.scrollWidth - window.innerWidth")
+            assert overflow <= 0, (page, overflow)
+    finally:
+        console.driver.set_window_size(*DESKTOP)
+
+
+def test_no_script_errors_or_blocked_content_in_the_whole_run(driver):
+    problems = [entry["message"] for entry in driver.get_log("browser")
+                if entry["level"] == "SEVERE" and "Failed to load resource" not in entry["message"]]
+    assert problems == []
