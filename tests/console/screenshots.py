@@ -1,4 +1,5 @@
-"""Screenshots of every console page (desktop, and the Try page phone-sized) for the README.
+"""Screenshots of every console page, the admin's Keys and Audit too (desktop, and the Try page
+phone-sized) for the README.
 
     python -m tests.console.screenshots [--out docs/screenshots]
 
@@ -90,6 +91,22 @@ def take(out: Path) -> list[Path]:
                 console.go("status")
                 console.wait_text("status-metrics", "Requests served")
                 shots.append(out / "status.png")
+                save(driver, shots[-1])
+
+                driver.set_window_size(*DESKTOP)
+                console.go("keys")
+                console.find("keys-note").send_keys("front desk tablet")
+                console.find("keys-expires").send_keys("90")
+                console.find("keys-create").click()  # a throwaway server: its secret may be seen
+                console.wait(lambda: console.find("keys-secret").is_displayed())
+                console.wait_text("keys-status", "created")
+                shots.append(out / "keys.png")
+                save(driver, shots[-1])
+
+                driver.set_window_size(*DESKTOP)
+                console.go("audit")
+                console.wait_text("audit-status", "shown")
+                shots.append(out / "audit.png")
                 save(driver, shots[-1])
 
                 driver.set_window_size(*PHONE)
