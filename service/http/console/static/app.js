@@ -271,6 +271,8 @@ function chooseCollection(name) {
   Object.assign(gallery, { query: "", page: 0, cursors: [null], next: null });
   $("gallery-query").value = "";
   $("try-results").replaceChildren();
+  $("try-file").value = ""; // picking the same photo again asks the new collection
+  delete $("try-canvas").dataset.state;
   say($("try-status"), `Pick a photo to see every face, who it matches in ${quoted(name)} and how sure.`);
   say($("collection-status"), "");
   route();
