@@ -3,7 +3,8 @@
 The pages are static files in this package (no build step, nothing loaded from elsewhere). They are
 public, but every API call they make carries the API key, which the page asks for and keeps only in
 the tab's sessionStorage; ``/console/config.json`` tells the page the header's name and whether a key
-is needed at all.
+is needed at all. ``GET /whoami`` tells the page the key's role and collections: every gallery call
+goes to the collection picked in the header, and only an admin key sees the Keys and Audit pages.
 """
 
 from __future__ import annotations
