@@ -16,8 +16,13 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..gallery.api import StoredKey
+
+if TYPE_CHECKING:
+    from ..config import Settings
 
 PREFIX = "fk_"
 _SECRET = re.compile(r"^fk_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
@@ -57,3 +62,18 @@ def new_key(role: str, collections: tuple[str, ...] | None = None, note: str | N
                        created_at=time.time() if now is None else now, expires_at=expires_at,
                        rate_limit_rps=rate_limit_rps, rate_limit_faces_per_s=rate_limit_faces_per_s)
     return NewKey(secret, stored)
+
+
+def load_pepper(settings: Settings) -> bytes:
+    """FACE_KEY_PEPPER_FILE's bytes (b"" when unset); a missing or empty file is a start-up error, never
+    a silent switch to unpeppered hashes (every key would stop matching)."""
+    path = settings.key_pepper_file
+    if path is None:
+        return b""
+    try:
+        pepper = Path(path).read_bytes()
+    except OSError as exc:
+        raise RuntimeError(f"FACE_KEY_PEPPER_FILE {path} cannot be read: {exc}") from exc
+    if not pepper.strip():
+        raise RuntimeError(f"FACE_KEY_PEPPER_FILE {path} is empty")
+    return pepper

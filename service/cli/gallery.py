@@ -253,7 +253,7 @@ async def enroll_folder(settings: Settings, root: Path, image_type: ImageType = 
         async with gate:
             if identity_ids.problem(identity) is not None:
                 summary.skipped_people["invalid_identity_id"] += 1
-            elif not replace and await run_in_threadpool(state.gallery.get_identity, identity) is not None:
+            elif not replace and await run_in_threadpool(state.default_gallery.get_identity, identity) is not None:
                 summary.already += 1
             elif not images:
                 summary.skipped_people["no_images"] += 1
@@ -262,7 +262,7 @@ async def enroll_folder(settings: Settings, root: Path, image_type: ImageType = 
                 if vectors is None:
                     summary.skipped_people["no_usable_face"] += 1
                 else:
-                    await run_in_threadpool(state.gallery.enroll, identity, vectors, None, replace)
+                    await run_in_threadpool(state.default_gallery.enroll, identity, vectors, None, replace)
                     summary.enrolled += 1
                     summary.faces += len(vectors)
             if progress:
