@@ -810,7 +810,7 @@ async function refreshStatus() {
       if (err.status !== 503) throw err;
       ready = { status: err.details.status || "not ready", detail: err.readable };
     }
-    const known = new Set(READY_FIELDS.map(([key]) => key).concat(["gallery", "model_path", "impostor_tail"]));
+    const known = new Set(READY_FIELDS.map(([key]) => key).concat(["gallery", "model_path", "impostor_tail", "collections"]));
     const rows = READY_FIELDS.filter(([key]) => ready[key] !== undefined).map(([key, label]) => [label, show(ready[key])]);
     if (ready.impostor_tail !== undefined) rows.push(["Impostor tail", tailText(ready.impostor_tail)]);
     if (ready.gallery && typeof ready.gallery === "object") {
@@ -821,7 +821,12 @@ async function refreshStatus() {
     for (const [key, value] of Object.entries(ready)) if (!known.has(key)) rows.push([key, show(value)]);
     facts($("status-model"), rows);
     facts($("status-collection"), await collectionRows(ready));
-    facts($("status-metrics"), metricRows(parseMetrics(await api("metrics", { text: true }))));
+    try {
+      facts($("status-metrics"), metricRows(parseMetrics(await api("metrics", { text: true, action: "read the metrics" }))));
+    } catch (err) {
+      if (err.code !== "forbidden") throw err;
+      facts($("status-metrics"), [["Not shown", err.readable]]); // /metrics is for admins
+    }
     say(message, `Updated ${new Date().toLocaleTimeString()}.`);
   } catch (err) {
     say(message, err.readable, "error");
