@@ -33,7 +33,17 @@ def shown(console: Console, page: str) -> bool:
 
 
 def rows(console: Console, table: str) -> list[str]:
-    return [row.get_attribute("data-id") for row in console.driver.find_elements("css selector", f"#{table} tbody tr")]
+    """The ids of a table's rows, read in one go (the page replaces them while it loads)."""
+    return console.js(f"return [...document.querySelectorAll('#{table} tbody tr')].map(r => r.dataset.id)")
+
+
+def show_audit(console: Console, button: str = "audit-apply") -> list[str]:
+    """Click a button of the Audit page and wait until its answer is shown: the rows' entry ids."""
+    console.js("document.getElementById('audit-status').textContent = ''")
+    console.find(button).click()
+    console.wait(lambda: "shown" in console.text("audit-status") or "No recorded" in console.text("audit-status"),
+                 f"no answer to {button}: {console.text('audit-status')!r}")
+    return rows(console, "audit-table")
 
 
 def enroll_embeddings(api: httpx.Client, collection: str, ids: list[str], headers: dict | None = None) -> None:
@@ -236,11 +246,9 @@ def test_audit_page_lists_changes_with_filters_local_times_and_more(console, api
     from selenium.webdriver.support.ui import Select
 
     Select(console.find("audit-collection")).select_by_value("audited")
-    console.find("audit-apply").click()
-    console.wait(lambda: "More shows older" in console.text("audit-status"), "no second page")
-    assert len(rows(console, "audit-table")) == 25
-    console.find("audit-more").click()
-    console.wait(lambda: len(rows(console, "audit-table")) == 32, "More did not load the rest")
+    assert len(show_audit(console)) == 25
+    assert "More shows older" in console.text("audit-status")
+    assert len(show_audit(console, "audit-more")) == 32  # the rest, after the first page
     actions = [r.get_attribute("data-action") for r in console.driver.find_elements("css selector", "#audit-table tbody tr")]
     assert actions[-1] == "collection.created" and actions.count("identity.created") == 31
     assert console.find("audit-more").get_attribute("disabled") is not None
@@ -248,32 +256,28 @@ def test_audit_page_lists_changes_with_filters_local_times_and_more(console, api
 
     # identity filter: the one enroll, with its counts
     console.find("audit-identity").send_keys("aud-07")
-    console.find("audit-apply").click()
-    console.wait(lambda: len(rows(console, "audit-table")) == 1, "identity filter")
+    assert len(show_audit(console)) == 1
     text = console.text("audit-table")
     assert "identity.created" in text and "aud-07" in text and "faces_added=1" in text, text
 
     # key filter: what the write key did, and only that
     console.find("audit-identity").clear()
     console.find("audit-key").send_keys(writer["key_id"])
-    console.find("audit-apply").click()
-    console.wait(lambda: "by-writer" in console.text("audit-table"), "key filter")
+    show_audit(console)
+    assert "by-writer" in console.text("audit-table")
     keys = console.js("return [...document.querySelectorAll('#audit-table tbody td.mono')].map(td => td.textContent)")
     assert keys and set(keys) == {writer["key_id"]}, keys
 
     # days: everything was today; up to yesterday finds nothing
-    console.find("audit-clear").click()
-    console.wait(lambda: len(rows(console, "audit-table")) == 25, "cleared filters")
+    assert len(show_audit(console, "audit-clear")) == 25
     set_day = ("document.getElementById(arguments[0]).value ="
                " new Date(Date.now() + arguments[1] * 86400000).toLocaleDateString('en-CA')")  # the browser's day
     console.js(set_day, "audit-since", 0)
-    console.find("audit-apply").click()
-    console.wait(lambda: len(rows(console, "audit-table")) == 25, "since today")
+    assert len(show_audit(console)) == 25
     console.js("document.getElementById('audit-since').value = ''")
     console.js(set_day, "audit-until", -1)
-    console.find("audit-apply").click()
-    console.wait_text("audit-status", "No recorded changes match")
-    assert rows(console, "audit-table") == []
+    assert show_audit(console) == []
+    assert "No recorded changes match" in console.text("audit-status")
 
 
 def test_admin_pages_fit_a_phone_and_every_control_has_a_name(console):
