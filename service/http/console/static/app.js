@@ -454,9 +454,7 @@ async function tryPhoto(file) {
   delete canvas.dataset.faces;
   canvas.dataset.state = "busy";
   say(status, `Looking for faces in ${file.name}...`);
-  // a key whose role may identify but not detect: the boxes come from /identify's answer instead
-  const detect = api("detect", { method: "POST", form: photoForm({}, [["images", file]]) })
-    .catch((err) => (err.code === "forbidden" ? null : Promise.reject(err)));
+  const detect = api("detect", { method: "POST", form: photoForm({}, [["images", file]]) });
   const identify = api(inCollection("identify"), {
     method: "POST",
     form: photoForm({ image_type: "photo", multi_face: "all", top_k: 3 }, [["images", file]]),
@@ -478,10 +476,7 @@ async function tryPhoto(file) {
   const identified = await identify;
   const results = identified instanceof ApiError ? [] : identified.results;
   const threshold = identified instanceof ApiError ? null : identified.threshold;
-  const image = detected ? detected.images[0] : {
-    width: img.naturalWidth, height: img.naturalHeight,
-    faces: results.filter((r) => r.face).map((r) => ({ ...r.face, quality: null })),
-  };
+  const image = detected.images[0];
   const faces = image.faces.map((face) => ({ ...face, verdict: decision(matchResult(face, results), threshold) }));
   drawFaces(canvas, img, image, faces);
   faces.forEach((face, i) => {
@@ -598,10 +593,6 @@ async function previewCrops() {
     else say($("enroll-status"), `${files.length} face(s) ready to store.`);
   } catch (err) {
     box.replaceChildren();
-    if (err.code === "forbidden") { // no preview for this key's role: the service still checks each face when saving
-      enrollReady = true;
-      return say($("enroll-status"), `This API key may not preview faces (/detect); ${files.length} photo(s) will be checked when saving.`);
-    }
     say($("enroll-status"), err.readable, "error");
   }
 }
