@@ -215,7 +215,7 @@ async function loadWhoami() {
   document.body.dataset.role = session.role || "";
   for (const node of document.querySelectorAll("[data-admin]")) node.hidden = !session.admin;
   const who = session.openMode ? "open mode (no key needed)"
-    : session.role ? `${session.role} key${session.keyId ? ` ${session.keyId}` : ""}` : "";
+    : session.role ? `${session.role} key ${session.keyId === "env" ? "from FACE_API_KEY" : session.keyId || ""}`.trim() : "";
   $("whoami").textContent = who;
 }
 
@@ -977,7 +977,7 @@ function compactDetails(details) {
   if (!details || typeof details !== "object") return "";
   return Object.entries(details).map(([name, value]) => {
     let text;
-    if (value === null) text = "none";
+    if (value === null) text = name === "collections" ? "all" : "none"; // a key's scope: null is every collection
     else if (Array.isArray(value)) text = value.length ? value.join("|") : "[]";
     else if (typeof value === "number" && name.endsWith("_at")) text = when(value);
     else if (typeof value === "object") text = JSON.stringify(value);
