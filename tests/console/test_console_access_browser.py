@@ -219,6 +219,27 @@ def test_a_read_key_made_in_the_keys_page_is_shown_once_used_refused_and_revoked
     assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
 
 
+def test_a_key_with_its_own_rate_limit_from_the_form_is_refused_past_it_with_the_wait(console, api):
+    console.open("keys")
+    console.wait(lambda: console.find("page-keys").is_displayed(), "no Keys page for the admin")
+    console.find("keys-note").send_keys("slow client")
+    console.find("keys-rps").send_keys("0.05")  # one request, then one every 20 s
+    console.find("keys-create").click()
+    console.wait(lambda: console.find("keys-secret").is_displayed(), "no secret shown")
+    key_id = console.text("keys-secret-id")
+    listed = next(k for k in api.get("/keys").json()["items"] if k["key_id"] == key_id)
+    assert listed["rate_limit_rps"] == 0.05 and listed["rate_limit_faces_per_s"] is None
+    assert listed["role"] == "read" and listed["collections"] is None  # the form's defaults: read, all
+    console.find("keys-secret-use").click()  # its /whoami spends the one request
+    console.wait(lambda: console.js("return document.body.dataset.role") == "read", "the new key is not in use")
+    console.go("gallery")
+    refused = console.wait_text("gallery-status", "[rate_limited]")
+    assert "Too many requests" in refused and "Try again in" in refused, refused
+    console.find("key-button").click()
+    console.use_key(KEY)
+    console.wait(lambda: console.js("return document.body.dataset.role") == "admin", "the admin key is not back")
+
+
 def test_audit_page_lists_changes_with_filters_local_times_and_more(console, api):
     assert api.post("/collections", json={"name": "audited"}).status_code == 201
     enroll_embeddings(api, "audited", [f"aud-{i:02d}" for i in range(30)])
