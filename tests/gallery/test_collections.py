@@ -20,8 +20,16 @@ import pytest
 
 from service.config import Settings
 from service.gallery.api import (
-    DEFAULT_COLLECTION, Actor, AuditQuery, CollectionExists, CollectionNotFound, CollectionProtected, Galleries,
-    KeyExists, StoredKey, TooManyFacesForIdentity,
+    DEFAULT_COLLECTION,
+    Actor,
+    AuditQuery,
+    CollectionExists,
+    CollectionNotFound,
+    CollectionProtected,
+    Galleries,
+    KeyExists,
+    StoredKey,
+    TooManyFacesForIdentity,
 )
 from service.gallery.open import make_gallery
 from service.model.calibration import FACES_COUNTED_PER_IDENTITY
@@ -144,6 +152,7 @@ def test_search_never_crosses_collections_under_concurrent_writes(galleries):
         try:
             for i in range(5, 120):
                 galleries.collection(name).enroll(f"{name}-{i}", vectors[name][i:i + 1], actor=ALICE)
+                time.sleep(0.002)  # the readers' turn (the lock prefers writers)
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
@@ -166,12 +175,13 @@ def test_search_never_crosses_collections_under_concurrent_writes(galleries):
         t.start()
     for t in writers:
         t.join(timeout=300)
+    during_writes = searches[0]
     stop.set()
     for t in readers:
         t.join(timeout=60)
     assert not errors, errors
     assert not wrong, wrong[:5]
-    assert searches[0] > 10
+    assert during_writes > 10
     for name in ("left", "right"):
         assert galleries.collection(name).identity_count == 120
         for i in (7, 60, 119):
@@ -280,7 +290,7 @@ def test_audit_of_a_collection_survives_its_deletion(galleries):
         (e.action, e.identity_id, e.key_id, e.at) for e in before]
     assert (after[0].action, after[0].key_id, after[0].details) == ("collection.deleted", "key-bob",
                                                                     {"identities": 2, "faces": 4})
-    galleries.create_collection("temp")  # a new one of the same name: the old trail is still there
+    galleries.create_collection("temp", actor=ALICE)  # a new one of the same name: the old trail is still there
     assert entries(galleries, collection="temp")[1:] == after
 
 
@@ -314,7 +324,7 @@ def test_keys_are_stored_listed_revoked_and_audited(galleries):
         galleries.add_key(key("k1"))
     second = key("k2", expires_at=time.time() + 3600, rate_limit_rps=5.0, rate_limit_faces_per_s=50.0,
                  created_at=first.created_at + 1)
-    galleries.add_key(second)
+    galleries.add_key(second, actor=ALICE)
     assert galleries.list_keys() == [first, second]  # oldest first, every field as given
     assert galleries.get_key("k2") == second and galleries.get_key("nope") is None
     assert galleries.has_keys()
