@@ -76,6 +76,7 @@ class _Entry:
     refs: int = 0  # uses in flight (requests, a maintenance round): never closed while > 0
     last_used: float = field(default_factory=time.monotonic)
     deleted: bool = False
+    load_deadline: float = float("-inf")  # uses wait for its index until then (monotonic), then GalleryLoading
     lifecycle: threading.Lock = field(default_factory=threading.Lock)  # held to open or close it
 
 
@@ -253,9 +254,12 @@ class EmbeddedGalleries:
                     gallery.open_store()
                     gallery.start_loading()
                     entry.gallery = gallery
+                    entry.load_deadline = time.monotonic() + self.LOAD_WAIT_S
                 gallery = entry.gallery
-            deadline = time.monotonic() + self.LOAD_WAIT_S
-            while not gallery.ready and gallery.load_error is None and time.monotonic() < deadline:
+            # a collection just opened on use: a small one is ready within milliseconds, a big one gets
+            # GalleryLoading (503 gallery_loading) after LOAD_WAIT_S. The default collection, loaded at
+            # start-up behind /readyz, never waits: as before collections, 503 at once while it loads.
+            while not gallery.ready and gallery.load_error is None and time.monotonic() < entry.load_deadline:
                 time.sleep(0.005)
             yield gallery
         finally:
