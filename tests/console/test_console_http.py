@@ -49,6 +49,24 @@ def test_without_a_key_configured_the_console_asks_for_none(server):
                                                                      "api_key_required": False}
 
 
+def test_a_stored_key_without_face_api_key_makes_the_console_ask_for_one(tmp_path, default_model):
+    """Keys made through the API or the CLI end open mode just as FACE_API_KEY does: the console must
+    ask for a key at once instead of starting open and failing on every call."""
+    from tests.server import ServerProcess
+
+    proc = ServerProcess(tmp_path / "data", model=default_model)
+    proc.wait_ready()
+    try:
+        config = httpx.get(proc.url + "/console/config.json").json()
+        assert config["api_key_required"] is False  # open mode: no key anywhere
+        made = httpx.post(proc.url + "/keys", json={"role": "admin"}, timeout=30)
+        assert made.status_code == 201, made.text
+        assert httpx.get(proc.url + "/whoami").json()["error"]["code"] == "unauthorized"  # open mode ended
+        assert httpx.get(proc.url + "/console/config.json").json()["api_key_required"] is True
+    finally:
+        proc.stop()
+
+
 def test_nothing_is_loaded_from_another_origin():
     for name in FILES:
         text = (STATIC / name).read_text()

@@ -13,11 +13,13 @@ from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.responses import RedirectResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
 from ...config import Settings
+from ..deps import StateDep
 
 STATIC = Path(__file__).parent / "static"
 
@@ -60,7 +62,9 @@ def mount_console(app: FastAPI, settings: Settings) -> None:
         return RedirectResponse("console/", status_code=307)
 
     @app.get("/console/config.json", include_in_schema=False)
-    async def console_config() -> dict:
-        return {"api_key_header": settings.api_key_header, "api_key_required": settings.api_key is not None}
+    async def console_config(state: StateDep) -> dict:
+        # a key is needed once any exists: FACE_API_KEY or one stored (made through the API or the CLI)
+        required = not await run_in_threadpool(state.keyring.open_mode)
+        return {"api_key_header": settings.api_key_header, "api_key_required": required}
 
     app.mount("/console", ConsoleFiles(directory=STATIC, html=True), name="console")
