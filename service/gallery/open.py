@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .api import GalleryBackend
+from .api import Galleries, GalleryBackend
 from .embedded.backend import EmbeddedGallery
 from .embedded.gallery import Gallery, GalleryOptions
 
@@ -16,12 +16,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def make_gallery(settings: Settings, model_id: str, dim: int, data_dir: Path | None = None) -> GalleryBackend:
+def make_gallery(settings: Settings, model_id: str, dim: int,
+                 data_dir: Path | None = None) -> GalleryBackend | Galleries:
     """The backend ``settings`` choose (not opened): postgres when a database URL is set, else embedded."""
     if settings.database_url is not None:
-        from .postgres.backend import PostgresGallery, PostgresOptions  # psycopg is only imported when used
+        from .postgres.backend import PostgresGalleries, PostgresOptions  # psycopg is only imported when used
 
-        return PostgresGallery(PostgresOptions.from_settings(settings), model_id, dim)
+        return PostgresGalleries(PostgresOptions.from_settings(settings), model_id, dim)
     gallery = Gallery(data_dir or settings.data_dir, model_id, dim, m=settings.hnsw_m,
                       ef_construction=settings.hnsw_ef_construction, ef_search=settings.hnsw_ef_search,
                       options=GalleryOptions(snapshot_interval_s=settings.snapshot_interval_s,
@@ -31,7 +32,7 @@ def make_gallery(settings: Settings, model_id: str, dim: int, data_dir: Path | N
     return EmbeddedGallery(gallery)
 
 
-def open_gallery(settings: Settings, model_id: str, dim: int, background: bool = False) -> GalleryBackend:
+def open_gallery(settings: Settings, model_id: str, dim: int, background: bool = False) -> GalleryBackend | Galleries:
     """Make and open the backend ``settings`` choose; raises GalleryModelMismatch for another model.
     ``background``: the server's start, where a slow index load goes on behind /readyz "loading"."""
     gallery = make_gallery(settings, model_id, dim)
