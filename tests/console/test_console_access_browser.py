@@ -1,6 +1,6 @@
 """Issue 20 in the console, in a real headless Chromium against the real service (FACE_API_KEY set: the
 tab starts as that admin key): the collection picker, the Keys page (a secret shown once, then used
-and revoked) and the Audit page (filters, More)."""
+and revoked) and the Audit page (filters, More), on both gallery backends."""
 
 from __future__ import annotations
 
@@ -8,11 +8,23 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, backend_env
 from tests.console.browser import DESKTOP, PHONE, Console
 from tests.console.conftest import KEY
+from tests.server import ServerProcess
 
 PHOTOS = FIXTURES / "photos"
+
+
+@pytest.fixture(scope="module", params=["embedded", "postgres"])
+def console_server(request, tmp_path_factory, default_model):
+    """The console's server (tests/console/conftest.py), once per gallery backend: collections, keys
+    and audit live in the backend's storage."""
+    env = backend_env(request, {"FACE_API_KEY": KEY})
+    proc = ServerProcess(tmp_path_factory.mktemp(f"console-{request.param}") / "data", model=default_model, env=env)
+    proc.wait_ready()
+    yield proc
+    proc.stop()
 
 
 @pytest.fixture(scope="module")
@@ -317,7 +329,8 @@ def test_admin_pages_fit_a_phone_and_every_control_has_a_name(console):
         console.driver.set_window_size(*DESKTOP)
 
 
-def test_no_script_errors_or_blocked_content_in_the_whole_run(driver):
+def test_no_script_errors_or_blocked_content_in_the_whole_run(driver, console_server):
+    """After each backend's run (console_server: so that it runs last in each)."""
     problems = [entry["message"] for entry in driver.get_log("browser")
                 if entry["level"] == "SEVERE" and "Failed to load resource" not in entry["message"]]
     assert problems == []
