@@ -171,6 +171,7 @@ def test_status_shows_model_thresholds_and_live_metrics(console, api):
     console.go("status")
     model = console.wait_text("status-model", ready["model_id"])
     assert f"{ready['identify_threshold']:.3f}" in model and "CPUExecutionProvider" in model
+    assert f"score >= {ready['quality']['min_score']:.3f} (photos)" in model  # readyz's quality, in short
     metrics = console.wait_text("status-metrics", "Requests served")
     served = int(metrics.split("Requests served")[1].split()[0])
     assert served > 0

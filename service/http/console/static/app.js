@@ -720,6 +720,20 @@ function tailText(tail) {
   return `${where}${floor}${beyond}`;
 }
 
+// /readyz's quality object in two short lines: the score floor, and each part's limits
+function qualityRows(q) {
+  if (!q || typeof q !== "object") return [];
+  const floor = q.fitted
+    ? `score >= ${fmt(q.min_score, 3)} (photos), >= ${fmt(q.min_score_crop, 3)} (crops); ${q.source === "gallery" ? "refitted on this gallery" : "the model's fit"}`
+    : "no fitted score: part limits only";
+  const limits = Object.entries(q.limits || {}).map(([part, { min, max }]) => {
+    const num = (x) => (Number.isInteger(x) ? String(x) : fmt(x, 2));
+    if (min !== null && max !== null) return `${part} ${num(min)}..${num(max)}`;
+    return min !== null ? `${part} >= ${num(min)}` : `${part} <= ${num(max)}`;
+  });
+  return [["Enroll quality", floor], ["Quality part limits", limits.join(", ")]];
+}
+
 function facts(node, rows) {
   node.replaceChildren(...rows.flatMap(([name, value]) => [el("dt", { text: name }), el("dd", { text: value })]));
 }
@@ -801,9 +815,10 @@ async function refreshStatus() {
       if (err.status !== 503) throw err;
       ready = { status: err.details.status || "not ready", detail: err.readable };
     }
-    const known = new Set(READY_FIELDS.map(([key]) => key).concat(["gallery", "model_path", "impostor_tail", "collections"]));
+    const known = new Set(READY_FIELDS.map(([key]) => key).concat(["gallery", "model_path", "impostor_tail", "collections", "quality"]));
     const rows = READY_FIELDS.filter(([key]) => ready[key] !== undefined).map(([key, label]) => [label, show(ready[key])]);
     if (ready.impostor_tail !== undefined) rows.push(["Impostor tail", tailText(ready.impostor_tail)]);
+    rows.push(...qualityRows(ready.quality));
     if (ready.gallery && typeof ready.gallery === "object") {
       if (ready.gallery.identities !== undefined) rows.push(["Gallery identities", show(ready.gallery.identities)]);
       if (ready.gallery.faces !== undefined) rows.push(["Gallery faces", show(ready.gallery.faces)]);
@@ -953,7 +968,7 @@ function confirmRevoke(key) {
 }
 
 // --- Audit (admins) ----------------------------------------------------------------------------------
-const audit = { next: null, limit: 25 };
+const audit = { next: null, limit: 25, filters: "" }; // filters: those of the first page, kept for More
 
 // a day picked in the browser, as the service's unix seconds: the local midnight that starts it
 function dayStart(value, plusDays = 0) {
@@ -961,7 +976,7 @@ function dayStart(value, plusDays = 0) {
   return new Date(y, m - 1, d + plusDays).getTime() / 1000;
 }
 
-function auditPath(cursor) {
+function auditFilters() {
   const params = new URLSearchParams({ limit: String(audit.limit) });
   const put = (name, value) => value && params.set(name, value);
   put("collection", $("audit-collection").value);
@@ -969,8 +984,7 @@ function auditPath(cursor) {
   put("key_id", $("audit-key").value.trim());
   if ($("audit-since").value) params.set("since", String(dayStart($("audit-since").value)));
   if ($("audit-until").value) params.set("until", String(dayStart($("audit-until").value, 1)));
-  put("cursor", cursor);
-  return `audit?${params}`;
+  return params.toString();
 }
 
 function compactDetails(details) {
@@ -1000,11 +1014,12 @@ function auditRow(entry) {
 async function loadAudit(more = false) {
   const status = $("audit-status");
   const body = $("audit-table").tBodies[0];
-  if (!more) audit.next = null;
+  if (!more) Object.assign(audit, { next: null, filters: auditFilters() });
   say(status, "Loading...");
   $("audit-more").disabled = true;
   try {
-    const r = await api(auditPath(more ? audit.next : null), { action: "read the audit trail" });
+    const cursor = more && audit.next ? `&cursor=${encodeURIComponent(audit.next)}` : "";
+    const r = await api(`audit?${audit.filters}${cursor}`, { action: "read the audit trail" });
     if (more) body.append(...r.items.map(auditRow));
     else body.replaceChildren(...r.items.map(auditRow));
     audit.next = r.next_cursor;
