@@ -162,6 +162,8 @@ def test_a_read_key_made_in_the_keys_page_is_shown_once_used_refused_and_revoked
     key_id = console.text("keys-secret-id")
     assert secret.startswith(f"fk_{key_id}_")  # access/keys.py: the id travels inside the secret
     assert "only this once" in console.text("keys-secret")
+    console.find("keys-secret-copy").click()
+    console.wait_text("keys-status", "copied to the clipboard")
     # never written to any storage by itself
     stored = console.js("return [...Object.values(sessionStorage), ...Object.values(localStorage)]")
     assert secret not in stored
@@ -300,6 +302,15 @@ def test_audit_page_lists_changes_with_filters_local_times_and_more(console, api
     assert "by-writer" in console.text("audit-table")
     keys = console.js("return [...document.querySelectorAll('#audit-table tbody td.mono')].map(td => td.textContent)")
     assert keys and set(keys) == {writer["key_id"]}, keys
+
+    # the enroll made through the Enroll page (the first test), and nothing of the refused one
+    console.find("audit-key").clear()
+    Select(console.find("audit-collection")).select_by_value("lobby")
+    show_audit(console)
+    actions = console.js("return [...document.querySelectorAll('#audit-table tbody tr')].map(r => r.dataset.action)")
+    assert actions == ["identity.created", "collection.created"], actions
+    text = console.text("audit-table")
+    assert "Bill_Frist" in text and "Read_Only" not in text and "127.0.0.1" in text, text
 
     # days: everything was today; up to yesterday finds nothing
     assert len(show_audit(console, "audit-clear")) == 25
