@@ -167,12 +167,7 @@ async function submitKey(event) {
   sessionStorage.setItem(KEY_STORE, key);
   say($("key-error"), "Checking...");
   try {
-    try {
-      await api("whoami");
-    } catch (err) {
-      if (err.code !== "not_found") throw err;
-      await api("identities?limit=1"); // a service older than /whoami
-    }
+    await api("whoami"); // any valid key, whatever its role
   } catch (err) {
     if (previous) sessionStorage.setItem(KEY_STORE, previous);
     else sessionStorage.removeItem(KEY_STORE);
@@ -188,7 +183,6 @@ async function submitKey(event) {
 
 // --- who is using the console, and in which collection -------------------------------------------
 const session = { role: null, admin: false, keyId: null, scope: null, openMode: false };
-const collections = new Map(); // name -> GET /collections item (when the key may list them)
 
 function collection() {
   return sessionStorage.getItem(COLLECTION_STORE) || DEFAULT_COLLECTION;
@@ -205,12 +199,8 @@ function inCollection(rest) {
 
 async function loadWhoami() {
   Object.assign(session, { role: null, keyId: null, scope: null, openMode: false });
-  try {
-    const me = await api("whoami");
-    Object.assign(session, { role: me.role, keyId: me.key_id, scope: me.collections, openMode: me.open_mode });
-  } catch (err) {
-    if (err.code !== "not_found") throw err; // a service older than /whoami: no keys, no audit
-  }
+  const me = await api("whoami");
+  Object.assign(session, { role: me.role, keyId: me.key_id, scope: me.collections, openMode: me.open_mode });
   session.admin = session.role === "admin";
   document.body.dataset.role = session.role || "";
   for (const node of document.querySelectorAll("[data-admin]")) node.hidden = !session.admin;
@@ -228,28 +218,29 @@ function fillSelect(select, names, { keep = true, extra = [] } = {}) {
 
 async function loadCollections() {
   let names = null;
-  collections.clear();
   try {
-    const listed = await api("collections", { action: "list collections" });
-    for (const item of listed.items) collections.set(item.name, item);
-    names = listed.items.map((item) => item.name);
+    names = (await api("collections", { action: "list collections" })).items.map((item) => item.name);
   } catch (err) {
     if (err.code === "unauthorized") throw err;
-    // no right to list them (or a service before collections): the key's own scope, else default
+    // no right to list them (an embed key), or rate limited: the key's own scope, else default
   }
   if (session.scope) names = names ? names.filter((n) => session.scope.includes(n)) : [...session.scope];
   if (!names || !names.length) names = session.scope && session.scope.length ? [...session.scope] : [DEFAULT_COLLECTION];
   names.sort((a, b) => (a === DEFAULT_COLLECTION ? -1 : b === DEFAULT_COLLECTION ? 1 : a < b ? -1 : a > b ? 1 : 0));
   let chosen = collection();
   if (!names.includes(chosen)) chosen = names.includes(DEFAULT_COLLECTION) ? DEFAULT_COLLECTION : names[0];
-  sessionStorage.setItem(COLLECTION_STORE, chosen);
   fillSelect($("collection-select"), names, { keep: false });
-  $("collection-select").value = chosen;
   fillSelect($("keys-collections"), names);
   fillSelect($("audit-collection"), names, { extra: [["", "any"]] });
-  $("collection-delete").disabled = chosen === DEFAULT_COLLECTION;
-  $("collection-delete").title = chosen === DEFAULT_COLLECTION ? ERROR_MESSAGES.collection_protected : "";
-  document.body.dataset.collection = chosen;
+  markChosen(chosen);
+}
+
+function markChosen(name) {
+  sessionStorage.setItem(COLLECTION_STORE, name);
+  $("collection-select").value = name;
+  $("collection-delete").disabled = name === DEFAULT_COLLECTION;
+  $("collection-delete").title = name === DEFAULT_COLLECTION ? ERROR_MESSAGES.collection_protected : "";
+  document.body.dataset.collection = name;
 }
 
 async function refreshSession() {
@@ -262,11 +253,7 @@ async function refreshSession() {
 }
 
 function chooseCollection(name) {
-  sessionStorage.setItem(COLLECTION_STORE, name);
-  $("collection-select").value = name;
-  $("collection-delete").disabled = name === DEFAULT_COLLECTION;
-  $("collection-delete").title = name === DEFAULT_COLLECTION ? ERROR_MESSAGES.collection_protected : "";
-  document.body.dataset.collection = name;
+  markChosen(name);
   // what the pages show belongs to the collection they were loaded for
   Object.assign(gallery, { query: "", page: 0, cursors: [null], next: null });
   $("gallery-query").value = "";
@@ -783,8 +770,8 @@ function metricRows(samples) {
   return rows;
 }
 
-// the chosen collection: its counts and its own open-set threshold (GET /collections/{name}); a
-// service before collections, or a key that may not read it, falls back to what /readyz says
+// the chosen collection: its counts and its own open-set threshold (GET /collections/{name}); a key
+// that may not read it (embed) sees what /readyz says of the default one
 async function collectionRows(ready) {
   const name = collection();
   const rows = [["Collection", name]];
@@ -792,7 +779,7 @@ async function collectionRows(ready) {
   try {
     info = await api(`collections/${encodeURIComponent(name)}`, { action: `see ${quoted(name)}` });
   } catch (err) {
-    if (err.code !== "not_found" && err.code !== "forbidden") rows.push(["Unavailable", err.readable]);
+    if (err.code !== "forbidden") rows.push(["Unavailable", err.readable]); // an embed key may not read it
   }
   if (info) {
     rows.push(["Identities", show(info.identities)], ["Faces", show(info.faces)]);
