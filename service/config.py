@@ -27,6 +27,12 @@ class Settings(BaseSettings):
         None, description="When set, every route except /healthz and /readyz needs this key."
     )
     api_key_header: str = Field("X-API-Key", description="Header that carries the API key.")
+    key_pepper_file: Path | None = Field(
+        None, description="A file whose bytes pepper the stored hashes of API keys (SHA-256(pepper || secret)): a "
+        "copy of the database alone then cannot be checked against guessed secrets. Keep it outside the data dir "
+        "and the database, the same file on every replica and for the CLI; changing it invalidates every stored "
+        "key. A missing, unreadable or empty file is refused. Empty: no pepper.",
+    )
     public_docs: bool = Field(
         False, description="With an API key set, /docs, /redoc and /openapi.json need it too unless this is true."
     )

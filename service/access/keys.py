@@ -16,12 +16,41 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..gallery.api import StoredKey
+
+if TYPE_CHECKING:
+    from ..config import Settings
 
 PREFIX = "fk_"
 _SECRET = re.compile(r"^fk_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
 ENV_KEY_ID = "env"  # FACE_API_KEY: one admin key from the environment, never stored
+
+
+class PepperFileError(ValueError):
+    """FACE_KEY_PEPPER_FILE names a file that cannot serve as the pepper (missing, unreadable, empty)."""
+
+
+def load_pepper(settings: Settings) -> bytes:
+    """The pepper of the stored key hashes: the bytes of ``key_pepper_file``, or b"" when none is set.
+
+    A file that is set but missing, unreadable or empty is refused (PepperFileError) rather than read as
+    "no pepper": every hash would silently change, so every stored key would stop working, or keys
+    made now would stop working once the file is back.
+    """
+    path = settings.key_pepper_file
+    if path is None:
+        return b""
+    try:
+        pepper = path.read_bytes()
+    except OSError as exc:
+        raise PepperFileError(f"FACE_KEY_PEPPER_FILE={path} cannot be read ({exc.strerror or exc}); fix the "
+                              "file or its permissions, or unset FACE_KEY_PEPPER_FILE") from exc
+    if not pepper:
+        raise PepperFileError(f"FACE_KEY_PEPPER_FILE={path} is empty: give it random bytes (e.g. "
+                              "`head -c 32 /dev/urandom > FILE`), or unset FACE_KEY_PEPPER_FILE")
+    return pepper
 
 
 def hash_secret(secret: str, pepper: bytes = b"") -> str:
