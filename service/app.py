@@ -23,7 +23,7 @@ from .config import Settings, get_settings
 from .errors import ErrorCode, ServiceError
 from .faces.detection import YuNetConfig, YuNetDetector, template_for
 from .gallery import GalleryLoading
-from .gallery.api import GalleryBusy, GalleryUnavailable
+from .gallery.api import DEFAULT_COLLECTION, GalleryBusy, GalleryUnavailable
 from .gallery.open import open_gallery
 from .http import faces, identities, ops
 from .http.console import mount_console
@@ -72,17 +72,20 @@ async def initialize(settings: Settings, metrics: Metrics) -> ServiceState:
         await run_in_threadpool(model.warmup, _warmup_sizes(settings.batch_max_size))
     # FACE_DATABASE_URL chooses the backend: PostgreSQL + pgvector, else the embedded gallery, whose
     # index loads in the background (/readyz says "loading" meanwhile; the data dir is locked first)
-    gallery = await run_in_threadpool(open_gallery, settings, model.contract.model_id, model.contract.embedding_size,
-                                      True)
-    metrics.read_targets.source = gallery.read_targets  # standbys' lag and reads on /metrics
+    galleries = await run_in_threadpool(open_gallery, settings, model.contract.model_id,
+                                        model.contract.embedding_size, True)
+    gallery = galleries.collection(DEFAULT_COLLECTION)
+    metrics.read_targets.source = galleries.read_targets  # standbys' lag and reads on /metrics
     batcher = DynamicBatcher(model.execute_raw, settings.batch_max_size, settings.batch_max_wait_ms,
                              workers=settings.batch_workers, on_batch=metrics.observe_batch,
                              timeout_s=settings.inference_timeout_ms / 1000,
                              max_queued_faces=settings.batch_max_queued_faces)
     await batcher.start()
     detector, template = await run_in_threadpool(_photo_support, settings, model.contract.alignment)
-    return ServiceState(settings=settings, model=model, batcher=batcher, gallery=gallery, metrics=metrics,
-                        detector=detector, template=template)
+    state = ServiceState(settings=settings, model=model, batcher=batcher, gallery=gallery, metrics=metrics,
+                         detector=detector, template=template)
+    state.galleries = galleries  # type: ignore[attr-defined]  # until ServiceState has the field (issue 20)
+    return state
 
 
 def _photo_support(settings: Settings, alignment: str):
@@ -100,7 +103,8 @@ def _photo_support(settings: Settings, alignment: str):
 
 async def finalize(state: ServiceState) -> None:
     await state.batcher.stop()
-    await run_in_threadpool(state.gallery.close)
+    galleries = getattr(state, "galleries", None)
+    await run_in_threadpool(galleries.close if galleries is not None else state.gallery.close)
     state.model.finalize()
 
 

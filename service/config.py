@@ -161,6 +161,10 @@ class Settings(BaseSettings):
         60.0, ge=0, description="Seconds between background index snapshots (0 = only at shutdown). A restart "
         "after a crash loads the last snapshot and replays the store's changes since it.",
     )
+    collection_idle_s: float = Field(
+        300.0, gt=0, description="Embedded backend: a collection other than 'default' unused this many seconds is "
+        "closed (index snapshot written, memory freed) and opened again on its next use.",
+    )
     snapshot_min_changes: int = Field(1, ge=1, description="Writes since the last snapshot needed to write another.")
     compact_tombstone_ratio: float = Field(
         0.5, gt=0, le=1, description="Compact the index when this share of its slots holds deleted faces "

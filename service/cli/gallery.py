@@ -40,7 +40,15 @@ import numpy as np
 
 from ..config import Settings
 from ..gallery import identity_ids
-from ..gallery.api import GalleryBackend, GalleryModelMismatch, GalleryUnavailable, IdentityExists
+from ..gallery.api import (
+    DEFAULT_COLLECTION,
+    CollectionNotFound,
+    Galleries,
+    GalleryBackend,
+    GalleryModelMismatch,
+    GalleryUnavailable,
+    IdentityExists,
+)
 from ..gallery.open import open_gallery
 
 if TYPE_CHECKING:  # the pipeline is imported lazily, at run time
@@ -68,7 +76,7 @@ def model_identity(settings: Settings) -> tuple[str, int]:
     return contract.model_id, contract.embedding_size
 
 
-def open_configured(settings: Settings) -> GalleryBackend:
+def open_configured(settings: Settings) -> Galleries:
     return open_gallery(settings, *model_identity(settings))
 
 
@@ -237,14 +245,22 @@ async def _embed_person(state: ServiceState, images: list[Path], image_type: Ima
 
 
 async def enroll_folder(settings: Settings, root: Path, image_type: ImageType = "auto", replace: bool = False,
-                        concurrency: int = 8, progress: Callable[[EnrollSummary], None] | None = None) -> EnrollSummary:
-    """Enroll every person folder under ``root`` through the real data path (model, batcher, gallery)."""
+                        concurrency: int = 8, progress: Callable[[EnrollSummary], None] | None = None,
+                        collection: str = DEFAULT_COLLECTION) -> EnrollSummary:
+    """Enroll every person folder under ``root`` through the real data path (model, batcher, gallery),
+    into ``collection`` (CollectionNotFound if there is none of that name)."""
     from starlette.concurrency import run_in_threadpool
 
     from ..app import finalize, initialize
     from ..ops.metrics import Metrics
 
     state = await initialize(settings, Metrics())
+    try:
+        galleries: Galleries = state.galleries  # type: ignore[attr-defined]  # until ServiceState has it
+        gallery = galleries.collection(collection)
+    except BaseException:
+        await finalize(state)
+        raise
     summary, people = EnrollSummary(), people_in(root)
     summary.people = len(people)
     gate = asyncio.Semaphore(concurrency)  # several people in flight fill the batcher's batches
@@ -253,7 +269,7 @@ async def enroll_folder(settings: Settings, root: Path, image_type: ImageType = 
         async with gate:
             if identity_ids.problem(identity) is not None:
                 summary.skipped_people["invalid_identity_id"] += 1
-            elif not replace and await run_in_threadpool(state.gallery.get_identity, identity) is not None:
+            elif not replace and await run_in_threadpool(gallery.get_identity, identity) is not None:
                 summary.already += 1
             elif not images:
                 summary.skipped_people["no_images"] += 1
@@ -262,7 +278,7 @@ async def enroll_folder(settings: Settings, root: Path, image_type: ImageType = 
                 if vectors is None:
                     summary.skipped_people["no_usable_face"] += 1
                 else:
-                    await run_in_threadpool(state.gallery.enroll, identity, vectors, None, replace)
+                    await run_in_threadpool(gallery.enroll, identity, vectors, None, replace)
                     summary.enrolled += 1
                     summary.faces += len(vectors)
             if progress:
@@ -295,7 +311,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--model", type=Path, help="ONNX model or directory (FACE_MODEL); default: SFace")
     parser.add_argument("--database-url", help="PostgreSQL URL (FACE_DATABASE_URL); set: the postgres backend")
     sub = parser.add_subparsers(dest="command", required=True)
-    export = sub.add_parser("export", help="write the gallery to a file (JSON Lines, with the model id)")
+    export = sub.add_parser("export", help="write a collection to a file (JSON Lines, with the model id)")
     export.add_argument("file", type=Path)
     imp = sub.add_parser("import", help="add a gallery file's identities (same model only; existing ids skipped)")
     imp.add_argument("file", type=Path)
@@ -310,6 +326,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     enroll.add_argument("--replace", action="store_true",
                         help="enroll people already in the gallery again, replacing their faces")
     enroll.add_argument("--concurrency", type=int, default=8, help="people embedded at once (default 8)")
+    for command in (export, imp, enroll):
+        command.add_argument("--collection", default=DEFAULT_COLLECTION,
+                             help=f"the collection to read or write (default {DEFAULT_COLLECTION!r}); it must exist")
     return parser.parse_args(argv)
 
 
@@ -326,17 +345,18 @@ def main(argv: list[str]) -> int:
             if not args.dir.is_dir():
                 raise GalleryFileError(f"{args.dir} is not a directory")
             summary = asyncio.run(enroll_folder(
-                settings, args.dir, args.image_type, args.replace, args.concurrency,
+                settings, args.dir, args.image_type, args.replace, args.concurrency, collection=args.collection,
                 progress=lambda s: _progress_line(
                     f"people {s.enrolled + s.already + sum(s.skipped_people.values())}/{s.people}, "
                     f"faces {s.faces}, images skipped {sum(s.skipped_images.values())}")))
             sys.stderr.write("\n")
-            report = {"people": summary.people, "enrolled": summary.enrolled, "faces": summary.faces,
+            report = {"collection": args.collection, "people": summary.people, "enrolled": summary.enrolled, "faces": summary.faces,
                       "already_enrolled": summary.already, "people_skipped": dict(summary.skipped_people),
                       "images_skipped": dict(summary.skipped_images), "examples": summary.examples}
         else:
-            gallery = open_configured(settings)
+            galleries = open_configured(settings)
             try:
+                gallery = galleries.collection(args.collection)
                 if args.command == "export":
                     done = export_gallery(gallery, args.file)
                 else:
@@ -345,10 +365,11 @@ def main(argv: list[str]) -> int:
                         done = import_gallery(gallery, args.file, args.batch, progress=lambda d: _progress_line(
                             f"imported {d.identities} identities, {d.faces} faces, skipped {len(d.skipped)}"))
             finally:
-                gallery.close()
-            report = {"command": args.command, "file": str(args.file), "backend": gallery.backend,
+                galleries.close()
+            report = {"command": args.command, "file": str(args.file), "backend": galleries.backend,
+                      "collection": args.collection,
                       "identities": done.identities, "faces": done.faces, "skipped_existing": len(done.skipped)}
-    except (GalleryFileError, GalleryModelMismatch, GalleryUnavailable) as exc:
+    except (GalleryFileError, GalleryModelMismatch, GalleryUnavailable, CollectionNotFound) as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
     sys.stdout.write(json.dumps(report, indent=2) + "\n")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
-from .api import GalleryBackend
-from .embedded.backend import EmbeddedGallery
+from .api import Galleries
+from .embedded.galleries import EmbeddedGalleries
 from .embedded.gallery import Gallery, GalleryOptions
 
 if TYPE_CHECKING:
@@ -16,25 +16,35 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def make_gallery(settings: Settings, model_id: str, dim: int, data_dir: Path | None = None) -> GalleryBackend:
-    """The backend ``settings`` choose (not opened): postgres when a database URL is set, else embedded."""
+def make_gallery(settings: Settings, model_id: str, dim: int, data_dir: Path | None = None) -> Galleries:
+    """The backend ``settings`` choose (not opened): postgres when a database URL is set, else embedded.
+    Unopened, it serves keys, audit and the list of collections (the CLI beside a running server);
+    ``open()``/``start()`` open the default collection too (the server, gallery tools)."""
     if settings.database_url is not None:
-        from .postgres.backend import PostgresGallery, PostgresOptions  # psycopg is only imported when used
+        from .postgres import backend as postgres  # psycopg is only imported when used
 
-        return PostgresGallery(PostgresOptions.from_settings(settings), model_id, dim)
-    gallery = Gallery(data_dir or settings.data_dir, model_id, dim, m=settings.hnsw_m,
-                      ef_construction=settings.hnsw_ef_construction, ef_search=settings.hnsw_ef_search,
-                      options=GalleryOptions(snapshot_interval_s=settings.snapshot_interval_s,
-                                             snapshot_min_changes=settings.snapshot_min_changes,
-                                             compact_tombstone_ratio=settings.compact_tombstone_ratio,
-                                             compact_min_tombstones=settings.compact_min_tombstones))
-    return EmbeddedGallery(gallery)
+        galleries = getattr(postgres, "PostgresGalleries", None)
+        if galleries is None:  # until the postgres backend has collections
+            raise NotImplementedError("the postgres backend does not serve collections yet")
+        return cast(Galleries, galleries(postgres.PostgresOptions.from_settings(settings), model_id, dim))
+    # one maintenance thread for every collection (EmbeddedGalleries), none per collection
+    options = GalleryOptions(snapshot_interval_s=settings.snapshot_interval_s,
+                             snapshot_min_changes=settings.snapshot_min_changes,
+                             compact_tombstone_ratio=settings.compact_tombstone_ratio,
+                             compact_min_tombstones=settings.compact_min_tombstones, maintenance_thread=False)
+
+    def collection(directory: Path, name: str) -> Gallery:
+        return Gallery(directory, model_id, dim, m=settings.hnsw_m, ef_construction=settings.hnsw_ef_construction,
+                       ef_search=settings.hnsw_ef_search, options=options, name=name)
+
+    return EmbeddedGalleries(data_dir or settings.data_dir, model_id, dim, collection,
+                             idle_s=settings.collection_idle_s, snapshot_interval_s=settings.snapshot_interval_s)
 
 
-def open_gallery(settings: Settings, model_id: str, dim: int, background: bool = False) -> GalleryBackend:
+def open_gallery(settings: Settings, model_id: str, dim: int, background: bool = False) -> Galleries:
     """Make and open the backend ``settings`` choose; raises GalleryModelMismatch for another model.
     ``background``: the server's start, where a slow index load goes on behind /readyz "loading"."""
-    gallery = make_gallery(settings, model_id, dim)
-    gallery.start() if background else gallery.open()
-    log.info("gallery opened", extra={"backend": gallery.backend, "model_id": model_id})
-    return gallery
+    galleries = make_gallery(settings, model_id, dim)
+    galleries.start() if background else galleries.open()
+    log.info("gallery opened", extra={"backend": galleries.backend, "model_id": model_id})
+    return galleries

@@ -42,7 +42,7 @@ def test_export_embedded_then_import_into_postgres(tmp_path, default_model, post
     for i in range(40):
         v = rng.normal(size=(1 + i % 3, contract.embedding_size)).astype(np.float32)
         people[f"person {i:02d} é"] = v / np.linalg.norm(v, axis=1, keepdims=True)  # any id the API accepts
-        source.enroll(f"person {i:02d} é", people[f"person {i:02d} é"], {"n": i})
+        source.collection("default").enroll(f"person {i:02d} é", people[f"person {i:02d} é"], {"n": i})
     source.close()
 
     exported = tmp_path / "gallery.jsonl"
@@ -63,9 +63,9 @@ def test_export_embedded_then_import_into_postgres(tmp_path, default_model, post
                     default_model)
     try:
         for identity, vectors in people.items():
-            np.testing.assert_array_equal(target.identity_embeddings(identity), vectors)  # bit-exact
-            assert target.get_identity(identity).record.metadata == {"n": int(identity[7:9])}
-            assert target.search(vectors[:1], 1)[0][0].identity_id == identity
+            np.testing.assert_array_equal(target.collection("default").identity_embeddings(identity), vectors)  # bit-exact
+            assert target.collection("default").get_identity(identity).record.metadata == {"n": int(identity[7:9])}
+            assert target.collection("default").search(vectors[:1], 1)[0][0].identity_id == identity
     finally:
         target.close()
 
@@ -80,7 +80,7 @@ def test_import_refuses_another_model_and_a_cut_file(tmp_path, default_model):
     good = tmp_path / "good.jsonl"
     v = np.ones((1, contract.embedding_size), np.float32) / np.sqrt(contract.embedding_size)
     source = opened(Settings(data_dir=tmp_path / "src"), default_model)
-    source.enroll("someone", v)
+    source.collection("default").enroll("someone", v)
     source.close()
     assert run_cli(["--data-dir", str(tmp_path / "src"), "--model", str(default_model), "export", str(good)]).returncode == 0
     lines = good.read_text().splitlines()
@@ -97,6 +97,39 @@ def test_import_refuses_another_model_and_a_cut_file(tmp_path, default_model):
     target = opened(Settings(data_dir=data), default_model)
     assert target.stats().identities == 0  # refused before anything was written
     target.close()
+
+
+def test_export_and_import_take_a_collection(tmp_path, default_model):
+    """``--collection``: export one collection, import into a collection of another gallery; a
+    collection that does not exist is an error (exit 2), never a silent write to another."""
+    contract = read_contract(default_model)
+    rng = np.random.default_rng(3)
+    v = rng.normal(size=(2, contract.embedding_size)).astype(np.float32)
+    source = opened(Settings(data_dir=tmp_path / "src"), default_model)
+    source.create_collection("site-a")
+    source.collection("site-a").enroll("only-in-a", v)
+    source.collection("default").enroll("only-in-default", v[:1])
+    source.close()
+    exported = tmp_path / "a.jsonl"
+    base = ["--model", str(default_model)]
+    r = run_cli(["--data-dir", str(tmp_path / "src"), *base, "export", str(exported), "--collection", "site-a"])
+    assert r.returncode == 0, r.stderr
+    assert (json.loads(r.stdout)["identities"], json.loads(r.stdout)["collection"]) == (1, "site-a")
+
+    target = opened(Settings(data_dir=tmp_path / "dst"), default_model)
+    target.create_collection("site-b")
+    target.close()
+    r = run_cli(["--data-dir", str(tmp_path / "dst"), *base, "import", str(exported), "--collection", "nowhere"])
+    assert r.returncode == 2 and "nowhere" in r.stderr
+    r = run_cli(["--data-dir", str(tmp_path / "dst"), *base, "import", str(exported), "--collection", "site-b"])
+    assert r.returncode == 0, r.stderr
+    target = opened(Settings(data_dir=tmp_path / "dst"), default_model)
+    try:
+        np.testing.assert_array_equal(target.collection("site-b").identity_embeddings("only-in-a"), v)
+        assert target.collection("default").get_identity("only-in-a") is None
+        assert target.collection("site-b").get_identity("only-in-default") is None
+    finally:
+        target.close()
 
 
 def test_enroll_folder_reports_skips_and_resumes(tmp_path, default_model):
@@ -125,9 +158,9 @@ def test_enroll_folder_reports_skips_and_resumes(tmp_path, default_model):
     gallery = opened(Settings(data_dir=data), default_model)
     try:
         for name in ENROLLED[:3]:
-            assert gallery.get_identity(name).record.face_count == 2
-            probe = gallery.identity_embeddings(name)[:1]
-            assert gallery.search(probe, 1)[0][0].identity_id == name
+            assert gallery.collection("default").get_identity(name).record.face_count == 2
+            probe = gallery.collection("default").identity_embeddings(name)[:1]
+            assert gallery.collection("default").search(probe, 1)[0][0].identity_id == name
     finally:
         gallery.close()
 

@@ -206,7 +206,7 @@ def test_ids_stored_before_the_rule_can_still_be_read_and_deleted(backend, reque
     old.open()
     nfd, hidden = "Jose\u0301", "evil\u202egpj"
     for identity in (nfd, hidden):  # what older versions stored as given
-        old.enroll(identity, vector)
+        old.collection("default").enroll(identity, vector)
     old.close()
 
     server = ServerProcess(tmp_path / "data", model=default_model, env=env)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..api import EnrollResult, GalleryStats, IdentityDetails, IdentityExists, IdentityRecord, Match, ReadTarget
+from ..api import Actor, EnrollResult, GalleryStats, IdentityDetails, IdentityExists, IdentityRecord, Match, ReadTarget
 from .gallery import Gallery
 
 
@@ -22,6 +22,7 @@ class EmbeddedGallery:
         self.gallery = gallery
         self.model_id = gallery.model_id
         self.dim = gallery.dim
+        self.name = gallery.name
 
     @property
     def identity_count(self) -> int:
@@ -54,19 +55,20 @@ class EmbeddedGallery:
         self.gallery.close()
 
     def enroll(self, identity_id: str, embeddings: np.ndarray, metadata: dict | None = None,
-               replace: bool = False, max_faces: int | None = None) -> EnrollResult:
-        return self.gallery.enroll(identity_id, embeddings, metadata, replace, max_faces)
+               replace: bool = False, max_faces: int | None = None, actor: Actor | None = None) -> EnrollResult:
+        return self.gallery.enroll(identity_id, embeddings, metadata, replace, max_faces, actor)
 
-    def import_identities(self, items: list[tuple[str, np.ndarray, dict | None]]) -> list[list[int]]:
+    def import_identities(self, items: list[tuple[str, np.ndarray, dict | None]],
+                          actor: Actor | None = None) -> list[list[int]]:
         import sqlite3
 
         try:
-            return self.gallery.import_identities(items)
+            return self.gallery.import_identities(items, actor)
         except sqlite3.IntegrityError as exc:
             raise IdentityExists(f"an identity of the import is already enrolled: {exc}") from exc
 
-    def delete(self, identity_id: str) -> int | None:
-        return self.gallery.delete(identity_id)
+    def delete(self, identity_id: str, actor: Actor | None = None) -> int | None:
+        return self.gallery.delete(identity_id, actor)
 
     def search(self, probes: np.ndarray, top_k: int) -> list[list[Match]]:
         return self.gallery.search(probes, top_k)

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from ...model.calibration import FACES_COUNTED_PER_IDENTITY, counted_faces
+from ..api import DEFAULT_COLLECTION, Actor
 from ..results import EnrollResult, IdentityDetails, IdentityRecord
 from ..search import GalleryModelMismatch, Hit, Match, check_model, search_identities
 from .index import BackgroundSave, HnswIndex
@@ -69,6 +70,9 @@ class GalleryOptions:
     snapshot_min_changes: int = 1       # writes since the last snapshot needed to write another
     compact_tombstone_ratio: float = 0.5  # compact when this share of the graph is deleted slots ...
     compact_min_tombstones: int = 1000    # ... and there are at least this many
+    # False: no thread of its own; the owner calls maintain() (EmbeddedGalleries: one thread for every
+    # open collection)
+    maintenance_thread: bool = True
 
 
 class ReadWriteLock:
@@ -120,8 +124,10 @@ class Gallery:
     COMPACTION_FINAL_CHANGES = 100  # ... which comes as soon as at most this many writes are left
 
     def __init__(self, data_dir: Path, model_id: str, dim: int, m: int = 16, ef_construction: int = 200,
-                 ef_search: int | str = "auto", options: GalleryOptions | None = None) -> None:
+                 ef_search: int | str = "auto", options: GalleryOptions | None = None,
+                 name: str = DEFAULT_COLLECTION) -> None:
         self.data_dir = Path(data_dir)
+        self.name = name  # the collection it holds, as its audit entries name it
         self.model_id = model_id
         self.dim = dim
         self.options = options or GalleryOptions()
@@ -208,7 +214,7 @@ class Gallery:
         with self._lock.write():
             self._load_index()
         self._ready.set()
-        if self.options.snapshot_interval_s > 0:
+        if self.options.snapshot_interval_s > 0 and self.options.maintenance_thread:
             self._maintainer = threading.Thread(target=self._maintain, name="gallery-maintenance", daemon=True)
             self._maintainer.start()
 
@@ -292,8 +298,9 @@ class Gallery:
             self._index.add(vectors, ids)
         self._dirty = False
 
-    def close(self) -> None:
-        """Stop maintenance, write an index snapshot for a fast next start, close the store, unlock."""
+    def close(self, snapshot: bool = True) -> None:
+        """Stop maintenance, write an index snapshot for a fast next start (unless ``snapshot`` is
+        False: a collection about to be erased), close the store, unlock."""
         if self.store is None:
             return
         self._stop.set()  # also cancels a load still running (a rebuild stops between chunks)
@@ -301,7 +308,7 @@ class Gallery:
             self._loader.join()
         if self._maintainer is not None:
             self._maintainer.join()
-        if self._ready.is_set():
+        if self._ready.is_set() and snapshot:
             self.snapshot()
         with self._lock.write():
             self.store.close()
@@ -500,13 +507,14 @@ class Gallery:
             log.warning("WAL checkpoint busy after a delete; the next one truncates it")
 
     def enroll(self, identity_id: str, embeddings: np.ndarray, metadata: dict | None = None,
-               replace: bool = False, max_faces: int | None = None) -> EnrollResult:
+               replace: bool = False, max_faces: int | None = None, actor: Actor | None = None) -> EnrollResult:
         """Add faces to an identity (created if new), or with ``replace`` swap its faces for these;
-        TooManyFacesForIdentity (nothing written) if it would hold more than ``max_faces``."""
+        TooManyFacesForIdentity (nothing written) if it would hold more than ``max_faces``. ``actor``:
+        the audit entry is committed with the faces."""
         embeddings = self._check_vectors(embeddings)
         self._require_ready()
         with self._lock.write():
-            added = self._live_store.add_faces(identity_id, embeddings, metadata, replace, max_faces)
+            added = self._live_store.add_faces(identity_id, embeddings, metadata, replace, max_faces, actor, self.name)
             before = added.face_count - len(added.face_ids) + len(added.removed)
             self.counted_faces += counted_faces(added.face_count) - counted_faces(before)
             # committed: from here on the enrollment is durable; the index follows the store
@@ -517,12 +525,13 @@ class Gallery:
             self.identity_count += added.created
         return EnrollResult(added.face_ids, added.created, len(added.removed), added.face_count)
 
-    def import_identities(self, items: list[tuple[str, np.ndarray, dict | None]]) -> list[list[int]]:
+    def import_identities(self, items: list[tuple[str, np.ndarray, dict | None]],
+                          actor: Actor | None = None) -> list[list[int]]:
         """Bulk-add new identities (all or none; an existing id aborts the import). Returns face ids."""
         items = [(i, self._check_vectors(e), m) for i, e, m in items]
         self._require_ready()
         with self._lock.write():
-            face_ids = self._live_store.add_new_identities(items)
+            face_ids = self._live_store.add_new_identities(items, actor, self.name)
             labels = np.asarray([f for ids in face_ids for f in ids], dtype=np.int64)
             if len(labels):
                 vectors = np.concatenate([emb for _, emb, _ in items])
@@ -534,11 +543,11 @@ class Gallery:
             self.identity_count += len(items)
         return face_ids
 
-    def delete(self, identity_id: str) -> int | None:
+    def delete(self, identity_id: str, actor: Actor | None = None) -> int | None:
         """Erase an identity from store and index. Returns the number of faces, None if unknown."""
         self._require_ready()
         with self._lock.write():
-            face_ids = self._live_store.delete_identity(identity_id)
+            face_ids = self._live_store.delete_identity(identity_id, actor, self.name)
             if face_ids is None:
                 return None
             self._erase(face_ids)

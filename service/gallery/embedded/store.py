@@ -23,7 +23,9 @@ from typing import cast
 
 import numpy as np
 
+from ..api import Actor
 from ..results import FaceRecord, IdentityDetails, IdentityRecord, TooManyFacesForIdentity
+from . import audit
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -62,16 +64,11 @@ class Store:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._writer = self._connect()
-        self._writer.executescript(SCHEMA)
+        self._writer.executescript(SCHEMA + audit.SCHEMA)
         self._local = threading.local()
 
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA foreign_keys=ON")
-        conn.execute("PRAGMA secure_delete=ON")
-        return conn
+        return connect(self.path)
 
     def _reader(self) -> sqlite3.Connection:
         # one connection per thread: WAL lets readers run beside the writer
@@ -141,11 +138,12 @@ class Store:
 
     def add_faces(
         self, identity_id: str, embeddings: np.ndarray, metadata: dict | None, replace: bool,
-        max_faces: int | None = None,
+        max_faces: int | None = None, actor: Actor | None = None, collection: str | None = None,
     ) -> AddedFaces:
         """Insert faces (creating the identity if new, dropping its faces first with ``replace``);
         refused (TooManyFacesForIdentity, nothing written) if the identity would hold more than
-        ``max_faces``, counted inside the write's own transaction."""
+        ``max_faces``, counted inside the write's own transaction. With an ``actor`` the audit entry
+        (identity.created / appended / replaced, naming ``collection``) is written in that transaction."""
         now = time.time()
         removed: list[int] = []
         with self._transaction() as conn:
@@ -166,26 +164,40 @@ class Store:
                     conn.execute("DELETE FROM faces WHERE identity_id = ?", (identity_id,))
             face_ids = self._insert_faces(conn, identity_id, embeddings, now)
             face_count = conn.execute("SELECT COUNT(*) FROM faces WHERE identity_id = ?", (identity_id,)).fetchone()[0]
+            if actor is not None:
+                action = "identity.created" if created else "identity.replaced" if replace else "identity.appended"
+                audit.record(conn, now, action, actor, collection, identity_id,
+                             {"faces_added": len(face_ids), "faces_removed": len(removed), "face_count": int(face_count)})
         return AddedFaces(face_ids, removed, created, int(face_count))
 
-    def add_new_identities(self, items: list[tuple[str, np.ndarray, dict | None]]) -> list[list[int]]:
-        """Bulk import of identities that must not exist yet, in one transaction (one fsync)."""
+    def add_new_identities(self, items: list[tuple[str, np.ndarray, dict | None]], actor: Actor | None = None,
+                           collection: str | None = None) -> list[list[int]]:
+        """Bulk import of identities that must not exist yet, in one transaction (one fsync), with an
+        identity.imported audit entry per identity in it when there is an ``actor``."""
         now = time.time()
         with self._transaction() as conn:
             all_ids = []
             for identity_id, embeddings, metadata in items:
                 self._insert_identity(conn, identity_id, metadata, now)
                 all_ids.append(self._insert_faces(conn, identity_id, embeddings, now))
+                if actor is not None:
+                    audit.record(conn, now, "identity.imported", actor, collection, identity_id,
+                                 {"faces": len(all_ids[-1])})
         return all_ids
 
-    def delete_identity(self, identity_id: str) -> list[int] | None:
-        """Remove an identity and its faces; returns their face ids, or None if it did not exist."""
+    def delete_identity(self, identity_id: str, actor: Actor | None = None,
+                        collection: str | None = None) -> list[int] | None:
+        """Remove an identity and its faces; returns their face ids, or None if it did not exist. With
+        an ``actor``, the identity.deleted audit entry is written in the same transaction."""
         try:
             with self._transaction() as conn:
                 face_ids = [r[0] for r in conn.execute("SELECT face_id FROM faces WHERE identity_id = ?", (identity_id,))]
                 conn.execute("DELETE FROM faces WHERE identity_id = ?", (identity_id,))
                 if not conn.execute("DELETE FROM identities WHERE identity_id = ?", (identity_id,)).rowcount:
                     raise _NothingToDelete  # rolls the transaction back: generation untouched
+                if actor is not None:
+                    audit.record(conn, time.time(), "identity.deleted", actor, collection, identity_id,
+                                 {"faces_deleted": len(face_ids)})
         except _NothingToDelete:
             return None
         return face_ids
@@ -257,14 +269,46 @@ class Store:
         return [IdentityRecord(r[0], json.loads(r[1]), r[4], r[2], r[3]) for r in rows]
 
     def counts(self) -> tuple[int, int]:
-        conn = self._reader()
-        identities = conn.execute("SELECT COUNT(*) FROM identities").fetchone()[0]
-        faces = conn.execute("SELECT COUNT(*) FROM faces").fetchone()[0]
-        return identities, faces
+        return count_rows(self._reader())
 
     def counted_faces(self, cap: int) -> int:
-        """Sum over identities of min(their faces, cap): what sizes the open-set threshold."""
-        row = self._reader().execute(
-            "SELECT COALESCE(SUM(MIN(n, ?)), 0) FROM (SELECT COUNT(*) AS n FROM faces GROUP BY identity_id)",
-            (cap,)).fetchone()
-        return int(row[0])
+        return count_counted_faces(self._reader(), cap)
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """A connection to a store file as Store makes them (WAL, synchronous=FULL, secure_delete)."""
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA secure_delete=ON")
+    return conn
+
+
+def count_rows(conn: sqlite3.Connection) -> tuple[int, int]:
+    """(identities, faces) of a store."""
+    identities = conn.execute("SELECT COUNT(*) FROM identities").fetchone()[0]
+    faces = conn.execute("SELECT COUNT(*) FROM faces").fetchone()[0]
+    return int(identities), int(faces)
+
+
+def count_counted_faces(conn: sqlite3.Connection, cap: int) -> int:
+    """Sum over identities of min(their faces, cap): what sizes the open-set threshold."""
+    row = conn.execute(
+        "SELECT COALESCE(SUM(MIN(n, ?)), 0) FROM (SELECT COUNT(*) AS n FROM faces GROUP BY identity_id)",
+        (cap,)).fetchone()
+    return int(row[0])
+
+
+def erase_rows(conn: sqlite3.Connection) -> None:
+    """Delete every identity, face and audit entry (secure_delete zeroes them) and truncate the WAL:
+    the first step of erasing a whole collection."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for table in ("faces", "identities", "audit", "meta"):
+            conn.execute(f"DELETE FROM {table}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")

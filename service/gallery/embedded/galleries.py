@@ -1,0 +1,577 @@
+"""The embedded backend's collections, keys and audit trail (:class:`EmbeddedGalleries`).
+
+Layout of the data dir::
+
+    gallery.sqlite3, index.hnsw, index.json   the "default" collection: today's gallery, where it was
+    collections/<name>/...                      every other collection: a gallery of its own
+    catalog.sqlite3                             collections, keys, catalog audit (catalog.py)
+
+Each collection is a :class:`Gallery` with all of its guarantees (its own store, index, snapshots,
+data-dir lock, erasure). A collection other than ``default`` is opened on first use and closed
+again (snapshot written, store closed, index memory freed) after ``idle_s`` without use; none has a
+thread of its own: ONE maintenance thread drives every open collection's ``maintain()`` and closes
+the idle ones. A collection in use (a request between ``_use``'s acquire and release) is never
+closed or erased under it.
+
+Deleting a collection: no new use may start, the uses in flight finish, its gallery is closed
+without a snapshot; then one catalog transaction drops its row, copies its audit trail into the
+catalog's and records collection.deleted; then its files are erased (rows deleted with
+secure_delete, WAL truncated, every file overwritten with zeros and removed). A crash between the
+two leaves a directory without a catalog row: the next start erases it the same way.
+
+Without ``open()``/``start()`` only the catalog is used (keys, audit, collection listing): what the
+CLI does beside a running server, which holds the default collection's lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ...model.calibration import FACES_COUNTED_PER_IDENTITY
+from ..api import (
+    DEFAULT_COLLECTION,
+    Actor,
+    AuditEntry,
+    AuditQuery,
+    CollectionInfo,
+    CollectionNotFound,
+    CollectionProtected,
+    EnrollResult,
+    GalleryBackend,
+    GalleryStats,
+    IdentityDetails,
+    IdentityRecord,
+    Match,
+    ReadTarget,
+    StoredKey,
+    valid_collection_name,
+)
+from . import audit
+from .backend import EmbeddedGallery
+from .catalog import Catalog
+from .gallery import Gallery
+from .snapshot import fsync_dir
+from .store import connect, count_counted_faces, count_rows, erase_rows
+
+log = logging.getLogger(__name__)
+
+GalleryFactory = Callable[[Path, str], Gallery]  # (directory, collection name) -> a Gallery, not opened
+
+
+@dataclass
+class _Entry:
+    """An open (or opening, or closing) collection."""
+
+    gallery: Gallery | None = None
+    refs: int = 0  # uses in flight (requests, a maintenance round): never closed while > 0
+    last_used: float = field(default_factory=time.monotonic)
+    deleted: bool = False
+    load_deadline: float = float("-inf")  # uses wait for its index until then (monotonic), then GalleryLoading
+    lifecycle: threading.Lock = field(default_factory=threading.Lock)  # held to open or close it
+
+
+def erase_directory(path: Path) -> None:
+    """Erase a collection's files: rows deleted (secure_delete) and the WAL truncated, then every file
+    overwritten with zeros, synced and removed, then the directories."""
+    if not path.exists():
+        return
+    store = path / Gallery.STORE_FILE
+    if store.exists():
+        try:
+            conn = connect(store)
+            try:
+                erase_rows(conn)
+            finally:
+                conn.close()
+        except sqlite3.Error:  # a damaged store: overwriting its bytes below erases it all the same
+            log.warning("could not delete the rows of an erased collection; overwriting its files", exc_info=True)
+    files = sorted((p for p in path.rglob("*") if p.is_file() or p.is_symlink()), reverse=True)
+    for file in files:
+        if file.is_file() and not file.is_symlink():
+            size = file.stat().st_size
+            with open(file, "r+b") as out:
+                zeros = bytes(1 << 20)
+                for _ in range(0, size, len(zeros)):
+                    out.write(zeros[:min(len(zeros), size - out.tell())])
+                out.flush()
+                os.fsync(out.fileno())
+        file.unlink()
+    for directory in sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        directory.rmdir()
+    if path.exists():
+        path.rmdir()
+    fsync_dir(path.parent)
+
+
+class EmbeddedGalleries:
+    """Collections, keys and audit of the embedded backend (module docstring)."""
+
+    backend = "embedded"
+    COLLECTIONS_DIR = "collections"
+    LOAD_WAIT_S = 2.0  # a request waits this long for a collection's index to load, then 503 gallery_loading
+
+    def __init__(self, data_dir: Path, model_id: str, dim: int, make: GalleryFactory, idle_s: float = 300.0,
+                 snapshot_interval_s: float = 60.0) -> None:
+        self.data_dir = Path(data_dir)
+        self.model_id = model_id
+        self.dim = dim
+        self._make = make
+        self.idle_s = idle_s
+        self.snapshot_interval_s = snapshot_interval_s  # 0: collections snapshot only when closed
+        self._catalog_opened: Catalog | None = None
+        self._catalog_mutex = threading.Lock()
+        self._mutex = threading.Condition()  # guards _entries, _known and every _Entry's refs/deleted
+        self._entries: dict[str, _Entry] = {}
+        self._known: dict[str, float] = {}  # collection -> created_at (its incarnation, for handles)
+        self._shape = threading.RLock()  # creates and deletes vs reads of every collection's files
+        self._stop = threading.Event()
+        self._maintainer: threading.Thread | None = None
+        self._opened = False
+
+    # --- lifecycle -----------------------------------------------------------------------------
+    @property
+    def _catalog(self) -> Catalog:
+        with self._catalog_mutex:
+            if self._catalog_opened is None:
+                self._catalog_opened = Catalog(self.data_dir)
+                self._catalog_opened.ensure_collection(DEFAULT_COLLECTION, self.model_id)
+            return self._catalog_opened
+
+    def open(self) -> None:
+        self._open(background=False)
+
+    def start(self) -> None:
+        self._open(background=True)
+
+    def _open(self, background: bool) -> None:
+        default = self._make(self.data_dir, DEFAULT_COLLECTION)
+        default.open_store()  # locks the data dir: a second server stops here
+        try:
+            self._sweep()
+            if background:
+                default.start_loading()
+            else:
+                default.load()
+        except BaseException:
+            default.close()
+            raise
+        with self._mutex:
+            self._entries[DEFAULT_COLLECTION] = _Entry(gallery=default)
+            self._refresh_known()
+        self._stop.clear()
+        self._maintainer = threading.Thread(target=self._maintain, name="collections-maintenance", daemon=True)
+        self._maintainer.start()
+        self._opened = True
+
+    def _sweep(self) -> None:
+        """Erase the collection directories the catalog does not know (a crash during a delete)."""
+        root = self.data_dir / self.COLLECTIONS_DIR
+        if not root.is_dir():
+            return
+        known = self._catalog.collections()
+        for path in root.iterdir():
+            if path.name not in known:
+                log.warning("erasing a collection left behind by an interrupted delete", extra={"collection": path.name})
+                erase_directory(path)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._maintainer is not None:
+            self._maintainer.join()
+            self._maintainer = None
+        with self._mutex:
+            entries, self._entries = self._entries, {}
+            self._known = {}
+        for entry in entries.values():
+            with entry.lifecycle:
+                if entry.gallery is not None:
+                    entry.gallery.close()
+                    entry.gallery = None
+        with self._catalog_mutex:
+            if self._catalog_opened is not None:
+                self._catalog_opened.close()
+                self._catalog_opened = None
+        self._opened = False
+
+    @property
+    def _default(self) -> Gallery | None:
+        entry = self._entries.get(DEFAULT_COLLECTION)
+        return entry.gallery if entry is not None else None
+
+    @property
+    def load_state(self) -> str:
+        default = self._default
+        return default.load_state if default is not None else "loading"
+
+    @property
+    def load_error(self) -> str | None:
+        default = self._default
+        return default.load_error if default is not None else None
+
+    # --- using a collection ----------------------------------------------------------------------
+    def _refresh_known(self) -> None:
+        """Re-read the collections from the catalog (caller holds _mutex)."""
+        self._known = {name: created for name, (_, created) in self._catalog.collections().items()}
+
+    def _incarnation(self, name: str) -> float:
+        with self._mutex:
+            if name not in self._known:
+                self._refresh_known()
+            if name not in self._known:
+                raise CollectionNotFound(name)
+            return self._known[name]
+
+    def _directory(self, name: str) -> Path:
+        return self.data_dir if name == DEFAULT_COLLECTION else self.data_dir / self.COLLECTIONS_DIR / name
+
+    @contextmanager
+    def _use(self, name: str, incarnation: float) -> Iterator[Gallery]:
+        """The collection's gallery, opened if need be (its index loaded: waits up to LOAD_WAIT_S,
+        then the gallery's own GalleryLoading), never closed or erased until the block ends."""
+        with self._mutex:
+            if self._known.get(name) != incarnation:
+                raise CollectionNotFound(name)  # deleted since the handle was made (or never existed)
+            entry = self._entries.get(name)
+            if entry is None:
+                entry = self._entries[name] = _Entry()
+            entry.refs += 1
+        try:
+            with entry.lifecycle:  # a close or a delete in progress finishes first
+                if entry.deleted:
+                    raise CollectionNotFound(name)
+                if entry.gallery is None:
+                    gallery = self._make(self._directory(name), name)
+                    gallery.open_store()
+                    gallery.start_loading()
+                    entry.gallery = gallery
+                    entry.load_deadline = time.monotonic() + self.LOAD_WAIT_S
+                gallery = entry.gallery
+            # a collection just opened on use: a small one is ready within milliseconds, a big one gets
+            # GalleryLoading (503 gallery_loading) after LOAD_WAIT_S. The default collection, loaded at
+            # start-up behind /readyz, never waits: as before collections, 503 at once while it loads.
+            while not gallery.ready and gallery.load_error is None and time.monotonic() < entry.load_deadline:
+                time.sleep(0.005)
+            yield gallery
+        finally:
+            with self._mutex:
+                entry.refs -= 1
+                entry.last_used = time.monotonic()
+                self._mutex.notify_all()
+
+    def collection(self, name: str) -> GalleryBackend:
+        return _CollectionHandle(self, name, self._incarnation(name))
+
+    def open_collections(self) -> list[str]:
+        """The collections whose gallery is open now (the default one always, once opened)."""
+        with self._mutex:
+            return sorted(name for name, entry in self._entries.items() if entry.gallery is not None)
+
+    # --- maintenance ---------------------------------------------------------------------------
+    def _maintain(self) -> None:
+        tick = min(1.0, self.idle_s / 4, self.snapshot_interval_s or 1.0)
+        while not self._stop.wait(max(tick, 0.05)):
+            try:
+                self.maintain()
+            except Exception:  # noqa: BLE001 - keep maintaining; each store stays the truth
+                log.exception("collections maintenance failed")
+
+    def maintain(self) -> None:
+        """One round: each open, loaded collection's own maintenance (repair, compaction, snapshot when
+        due), then the idle ones closed."""
+        if self.snapshot_interval_s > 0:
+            with self._mutex:
+                busy = [(name, e) for name, e in self._entries.items() if e.gallery is not None and e.gallery.ready]
+                for _, entry in busy:
+                    entry.refs += 1  # not closed under the round; not "used" either (last_used kept)
+            try:
+                for name, entry in busy:
+                    if entry.gallery is not None:
+                        try:
+                            entry.gallery.maintain()
+                        except Exception:  # noqa: BLE001
+                            log.exception("collection maintenance failed", extra={"collection": name})
+            finally:
+                with self._mutex:
+                    for _, entry in busy:
+                        entry.refs -= 1
+                    self._mutex.notify_all()
+        self._close_idle()
+
+    def _close_idle(self) -> None:
+        now = time.monotonic()
+        with self._mutex:
+            idle = [(name, e) for name, e in self._entries.items()
+                    if name != DEFAULT_COLLECTION and e.refs == 0 and now - e.last_used >= self.idle_s]
+        for name, entry in idle:
+            if not entry.lifecycle.acquire(blocking=False):
+                continue  # being opened or deleted
+            try:
+                with self._mutex:  # checked again under both locks: a use that began meanwhile keeps it
+                    if entry.refs or time.monotonic() - entry.last_used < self.idle_s or entry.deleted:
+                        continue
+                    gallery, entry.gallery = entry.gallery, None
+                    if self._entries.get(name) is entry:
+                        del self._entries[name]
+                if gallery is not None:
+                    gallery.close()
+                    log.info("idle collection closed", extra={"collection": name})
+            finally:
+                entry.lifecycle.release()
+
+    # --- collections ---------------------------------------------------------------------------
+    def create_collection(self, name: str, actor: Actor | None = None) -> CollectionInfo:
+        if not valid_collection_name(name):
+            raise ValueError(f"invalid collection name {name!r}: lower-case letters, digits, '-' and '_', "
+                             "starting with a letter or digit, at most 63 characters")
+        with self._shape:
+            directory = self._directory(name)
+            created_at = self._catalog.add_collection(name, self.model_id, actor)  # CollectionExists
+            if directory.exists():  # left by a delete whose erasure failed: never part of the new one
+                erase_directory(directory)
+            with self._mutex:
+                self._known[name] = created_at
+        return CollectionInfo(name, self.model_id, created_at, 0, 0, 0)
+
+    def delete_collection(self, name: str, actor: Actor | None = None) -> CollectionInfo:
+        if name == DEFAULT_COLLECTION:
+            raise CollectionProtected(f"the {DEFAULT_COLLECTION!r} collection cannot be deleted")
+        with self._shape:
+            info = self.collection_info(name)  # CollectionNotFound
+            with self._mutex:
+                self._known.pop(name, None)  # no new use from here on
+                entry = self._entries.get(name)
+                if entry is not None:
+                    entry.deleted = True
+                    while entry.refs:  # uses in flight finish first
+                        self._mutex.wait()
+            try:
+                if entry is not None:
+                    with entry.lifecycle:
+                        gallery, entry.gallery = entry.gallery, None
+                        if gallery is not None:
+                            gallery.close(snapshot=False)
+                directory = self._directory(name)
+                store = directory / Gallery.STORE_FILE
+                trail: list[audit.Row] = []
+                identities = faces = 0
+                if store.exists():
+                    with self._peek(store) as conn:
+                        trail = audit.all_rows(conn)
+                        identities, faces = count_rows(conn)
+                details = {"identities": identities, "faces": faces}
+                if not self._catalog.drop_collection(name, trail, actor, details):
+                    raise CollectionNotFound(name)
+            except BaseException:
+                with self._mutex:
+                    self._entries.pop(name, None)
+                    self._refresh_known()  # still in the catalog unless the drop committed
+                raise
+            with self._mutex:
+                if self._entries.get(name) is entry:
+                    self._entries.pop(name, None)
+            erase_directory(directory)  # a crash before this ends: the next start erases it (_sweep)
+        log.info("collection deleted", extra={"collection": name, **details})
+        return CollectionInfo(name, info.model_id, info.created_at, identities, faces, info.counted_faces)
+
+    @contextmanager
+    def _peek(self, store: Path) -> Iterator[sqlite3.Connection]:
+        """A connection of its own to a collection's store, open or not (WAL: beside its writer)."""
+        conn = connect(store)
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+    def _info(self, name: str, model_id: str, created_at: float) -> CollectionInfo:
+        with self._mutex:
+            entry = self._entries.get(name)
+            gallery = entry.gallery if entry is not None else None
+            if gallery is not None and gallery.ready:
+                return CollectionInfo(name, model_id, created_at, gallery.identity_count, gallery.face_count,
+                                      gallery.counted_faces)
+        store = self._directory(name) / Gallery.STORE_FILE
+        if not store.exists():
+            return CollectionInfo(name, model_id, created_at, 0, 0, 0)
+        with self._peek(store) as conn:
+            try:
+                identities, faces = count_rows(conn)
+                counted = count_counted_faces(conn, FACES_COUNTED_PER_IDENTITY)
+            except sqlite3.OperationalError:  # a store not written yet (no tables)
+                identities = faces = counted = 0
+        return CollectionInfo(name, model_id, created_at, identities, faces, counted)
+
+    def list_collections(self) -> list[CollectionInfo]:
+        with self._shape:
+            rows = self._catalog.collections()
+            order = sorted(rows, key=lambda n: (n != DEFAULT_COLLECTION, n))
+            return [self._info(name, *rows[name]) for name in order]
+
+    def collection_info(self, name: str) -> CollectionInfo:
+        with self._shape:
+            row = self._catalog.collections().get(name)
+            if row is None:
+                raise CollectionNotFound(name)
+            return self._info(name, *row)
+
+    # --- keys ----------------------------------------------------------------------------------
+    def add_key(self, key: StoredKey, actor: Actor | None = None) -> None:
+        self._catalog.add_key(key, actor)
+
+    def list_keys(self) -> list[StoredKey]:
+        return self._catalog.list_keys()
+
+    def get_key(self, key_id: str) -> StoredKey | None:
+        return self._catalog.get_key(key_id)
+
+    def revoke_key(self, key_id: str, actor: Actor | None = None) -> StoredKey | None:
+        return self._catalog.revoke_key(key_id, actor)
+
+    def touch_keys(self, used: dict[str, float]) -> None:
+        self._catalog.touch_keys(used)
+
+    def has_keys(self) -> bool:
+        return self._catalog.has_keys()
+
+    # --- audit ---------------------------------------------------------------------------------
+    def _stores(self, collection: str | None) -> Iterator[tuple[str, Path]]:
+        names = [DEFAULT_COLLECTION, *self._catalog.collections()]
+        for name in dict.fromkeys(names):
+            store = self._directory(name) / Gallery.STORE_FILE
+            if (collection is None or collection == name) and store.exists():
+                yield name, store
+
+    def audit(self, query: AuditQuery) -> list[AuditEntry]:
+        if query.cursor is not None:
+            audit.parse_cursor(query.cursor)  # ValueError for a cursor this backend did not make
+        with self._shape:
+            pages = [self._catalog.audit(query)]
+            for name, store in self._stores(query.collection):
+                with self._peek(store) as conn:
+                    try:
+                        pages.append(audit.query(conn, name, query))
+                    except sqlite3.OperationalError:  # a store from before the audit table, not opened since
+                        continue
+        return audit.merge(pages, query.limit)
+
+    def prune_audit(self, before: float) -> int:
+        with self._shape:
+            pruned = self._catalog.prune_audit(before)
+            for _, store in self._stores(None):
+                with self._peek(store) as conn:
+                    with suppress(sqlite3.OperationalError):
+                        pruned += audit.prune(conn, before)
+        return pruned
+
+    # --- the whole -----------------------------------------------------------------------------
+    def stats(self) -> GalleryStats:
+        """The default collection's figures (what /readyz showed before collections), and how many
+        collections there are and are open."""
+        with self._use(DEFAULT_COLLECTION, self._incarnation(DEFAULT_COLLECTION)) as default:
+            extra = default.stats()
+        core = {k: extra.pop(k) for k in ("identities", "faces", "index_live")}
+        extra["collections"] = len(self._catalog.collections())
+        extra["collections_open"] = len(self.open_collections())
+        return GalleryStats(backend=self.backend, **core, extra=extra)
+
+    def read_targets(self) -> list[ReadTarget]:
+        return []
+
+
+class _CollectionHandle:
+    """One collection of :class:`EmbeddedGalleries` behind the backend interface: cheap, made per
+    request; each call uses the collection's gallery (opened if idle) through EmbeddedGallery."""
+
+    backend = "embedded"
+
+    def __init__(self, owner: EmbeddedGalleries, name: str, incarnation: float) -> None:
+        self._owner = owner
+        self.name = name
+        self.model_id = owner.model_id
+        self.dim = owner.dim
+        self._incarnation = incarnation
+
+    @contextmanager
+    def _gallery(self) -> Iterator[EmbeddedGallery]:
+        with self._owner._use(self.name, self._incarnation) as gallery:  # noqa: SLF001 - its own handle
+            yield EmbeddedGallery(gallery)
+
+    @property
+    def identity_count(self) -> int:
+        with self._gallery() as g:
+            return g.identity_count
+
+    @property
+    def face_count(self) -> int:
+        with self._gallery() as g:
+            return g.face_count
+
+    @property
+    def counted_faces(self) -> int:
+        with self._gallery() as g:
+            return g.counted_faces
+
+    @property
+    def load_state(self) -> str:
+        with self._gallery() as g:
+            return g.load_state
+
+    @property
+    def load_error(self) -> str | None:
+        with self._gallery() as g:
+            return g.load_error
+
+    def open(self) -> None:
+        """Nothing to do: the collection opens on use; EmbeddedGalleries opens and closes it."""
+
+    def start(self) -> None:
+        """As open()."""
+
+    def close(self) -> None:
+        """Nothing to do: EmbeddedGalleries closes the collection when idle, or when it closes."""
+
+    def enroll(self, identity_id: str, embeddings: np.ndarray, metadata: dict | None = None,
+               replace: bool = False, max_faces: int | None = None, actor: Actor | None = None) -> EnrollResult:
+        with self._gallery() as g:
+            return g.enroll(identity_id, embeddings, metadata, replace, max_faces, actor)
+
+    def import_identities(self, items: list[tuple[str, np.ndarray, dict | None]],
+                          actor: Actor | None = None) -> list[list[int]]:
+        with self._gallery() as g:
+            return g.import_identities(items, actor)
+
+    def delete(self, identity_id: str, actor: Actor | None = None) -> int | None:
+        with self._gallery() as g:
+            return g.delete(identity_id, actor)
+
+    def search(self, probes: np.ndarray, top_k: int) -> list[list[Match]]:
+        with self._gallery() as g:
+            return g.search(probes, top_k)
+
+    def identity_embeddings(self, identity_id: str) -> np.ndarray | None:
+        with self._gallery() as g:
+            return g.identity_embeddings(identity_id)
+
+    def get_identity(self, identity_id: str) -> IdentityDetails | None:
+        with self._gallery() as g:
+            return g.get_identity(identity_id)
+
+    def list_identities(self, limit: int, after: str | None) -> list[IdentityRecord]:
+        with self._gallery() as g:
+            return g.list_identities(limit, after)
+
+    def stats(self) -> GalleryStats:
+        with self._gallery() as g:
+            return g.stats()
+
+    def read_targets(self) -> list[ReadTarget]:
+        return []

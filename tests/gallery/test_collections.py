@@ -1,0 +1,541 @@
+"""Collections, keys and the audit trail (``Galleries``, service/gallery/api.py) on both backends.
+
+Every test not about one backend's internals runs on both (``backend`` fixture, as in
+test_gallery.py): embedded (a data dir: the default collection where today's gallery lies, the
+others under collections/, a catalog.sqlite3 beside them) and postgres (a real PostgreSQL, a fresh
+schema per test). The backends are made from Settings by ``make_gallery``, as the service makes them.
+"""
+
+from __future__ import annotations
+
+import gc
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from service.config import Settings
+from service.gallery.api import (
+    DEFAULT_COLLECTION,
+    Actor,
+    AuditQuery,
+    CollectionExists,
+    CollectionNotFound,
+    CollectionProtected,
+    Galleries,
+    KeyExists,
+    StoredKey,
+    TooManyFacesForIdentity,
+)
+from service.gallery.open import make_gallery
+from service.model.calibration import FACES_COUNTED_PER_IDENTITY
+from tests.gallery.test_gallery import DIM, unit
+from tests.gallery.traces import find_vector
+
+MODEL = "m@1"
+ALICE = Actor(key_id="key-alice", client="10.0.0.1", request_id="req-1")
+BOB = Actor(key_id="key-bob", client="10.0.0.2", request_id="req-2")
+
+
+@pytest.fixture(params=["embedded", "postgres"])
+def backend(request, tmp_path):
+    """Opens ``Galleries`` of one backend, all on the same storage (a data dir, or one schema)."""
+    if request.param == "embedded":
+        base = Settings(data_dir=tmp_path / "data", snapshot_interval_s=0)
+    else:
+        env = request.getfixturevalue("postgres").gallery_env()
+        base = Settings(database_url=env["FACE_DATABASE_URL"], database_schema=env["FACE_DATABASE_SCHEMA"])
+    opened: list[Galleries] = []
+
+    def open_galleries(**overrides) -> Galleries:
+        g = make_gallery(base.model_copy(update=overrides), MODEL, DIM)
+        g.open()
+        opened.append(g)
+        return g
+
+    open_galleries.name = request.param
+    open_galleries.settings = base
+    yield open_galleries
+    for g in opened:
+        g.close()
+
+
+@pytest.fixture
+def galleries(backend) -> Galleries:
+    return backend()
+
+
+def test_default_exists_and_collections_are_created_listed_and_deleted(galleries):
+    assert [c.name for c in galleries.list_collections()] == [DEFAULT_COLLECTION]
+    before = time.time()
+    info = galleries.create_collection("team-a", actor=ALICE)
+    assert (info.name, info.model_id, info.identities, info.faces, info.counted_faces) == ("team-a", MODEL, 0, 0, 0)
+    assert before - 1 <= info.created_at <= time.time() + 1
+    galleries.create_collection("team_b")
+    with pytest.raises(CollectionExists):
+        galleries.create_collection("team-a")
+    for bad in ("", "Team", "-x", "a/b", "..", "a" * 64, "é"):
+        with pytest.raises(ValueError):
+            galleries.create_collection(bad)
+    assert [c.name for c in galleries.list_collections()] == [DEFAULT_COLLECTION, "team-a", "team_b"]
+    assert galleries.collection_info("team-a") == info
+    assert galleries.collection("team-a").name == "team-a"
+    assert galleries.collection(DEFAULT_COLLECTION).name == DEFAULT_COLLECTION
+
+    galleries.collection("team-a").enroll("x", unit(np.random.default_rng(0), 2))
+    deleted = galleries.delete_collection("team-a", actor=ALICE)
+    assert (deleted.name, deleted.identities, deleted.faces) == ("team-a", 1, 2)
+    assert [c.name for c in galleries.list_collections()] == [DEFAULT_COLLECTION, "team_b"]
+    for call in (galleries.collection, galleries.collection_info, galleries.delete_collection):
+        with pytest.raises(CollectionNotFound):
+            call("team-a")
+    with pytest.raises(CollectionProtected):
+        galleries.delete_collection(DEFAULT_COLLECTION)
+    again = galleries.create_collection("team-a")  # the name is free again, and the collection empty
+    assert (again.identities, again.faces) == (0, 0)
+    assert galleries.collection("team-a").search(unit(np.random.default_rng(0), 1), 5) == [[]]
+
+
+def test_same_identity_id_in_two_collections_is_two_people(galleries):
+    rng = np.random.default_rng(1)
+    galleries.create_collection("a")
+    galleries.create_collection("b")
+    a, b = galleries.collection("a"), galleries.collection("b")
+    face_a, face_b = unit(rng, 1), unit(rng, 2)
+    assert a.enroll("alice", face_a, {"site": "a"}).created
+    assert b.enroll("alice", face_b, {"site": "b"}).created  # not an append to a's alice
+    assert a.get_identity("alice").record.metadata == {"site": "a"}
+    assert b.get_identity("alice").record.face_count == 2
+    np.testing.assert_array_equal(a.identity_embeddings("alice"), face_a)
+    assert galleries.collection(DEFAULT_COLLECTION).get_identity("alice") is None
+    assert a.search(face_b[:1], 5)[0][0].score < 0.99  # b's faces are not in a
+    assert b.delete("alice") == 2
+    assert a.get_identity("alice") is not None and a.search(face_a, 1)[0][0].identity_id == "alice"
+
+
+def test_counts_follow_each_collection(galleries):
+    rng = np.random.default_rng(2)
+    galleries.create_collection("small")
+    small, default = galleries.collection("small"), galleries.collection(DEFAULT_COLLECTION)
+    for i in range(3):
+        small.enroll(f"s{i}", unit(rng, 2))
+    default.enroll("many", unit(rng, FACES_COUNTED_PER_IDENTITY + 3))
+    assert (small.identity_count, small.face_count, small.counted_faces) == (3, 6, 6)
+    assert (default.identity_count, default.face_count, default.counted_faces) == (
+        1, FACES_COUNTED_PER_IDENTITY + 3, FACES_COUNTED_PER_IDENTITY)
+    info = {c.name: c for c in galleries.list_collections()}
+    assert (info["small"].identities, info["small"].faces, info["small"].counted_faces) == (3, 6, 6)
+    assert (info[DEFAULT_COLLECTION].identities, info[DEFAULT_COLLECTION].faces) == (1, FACES_COUNTED_PER_IDENTITY + 3)
+    assert galleries.collection_info("small") == info["small"]
+
+
+def test_search_never_crosses_collections_under_concurrent_writes(galleries):
+    """Writers enroll into two collections while readers search both with probes from both: every
+    answer names only people of the collection searched."""
+    rng = np.random.default_rng(3)
+    galleries.create_collection("left")
+    galleries.create_collection("right")
+    vectors = {name: unit(rng, 120) for name in ("left", "right")}
+    for name in ("left", "right"):  # a few people before the race starts
+        for i in range(5):
+            galleries.collection(name).enroll(f"{name}-{i}", vectors[name][i:i + 1])
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    wrong: list[tuple[str, str]] = []
+    searches = [0]
+
+    def writer(name: str) -> None:
+        try:
+            for i in range(5, 120):
+                galleries.collection(name).enroll(f"{name}-{i}", vectors[name][i:i + 1], actor=ALICE)
+                time.sleep(0.002)  # the readers' turn (the lock prefers writers)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    def reader(seed: int) -> None:
+        local = np.random.default_rng(seed)
+        try:
+            while not stop.is_set():
+                name = ("left", "right")[int(local.integers(2))]
+                probes = np.concatenate([vectors["left"][local.integers(120, size=2)],
+                                         vectors["right"][local.integers(120, size=2)]])
+                for row in galleries.collection(name).search(probes, 5):
+                    wrong.extend((name, m.identity_id) for m in row if not m.identity_id.startswith(name + "-"))
+                searches[0] += 1
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    writers = [threading.Thread(target=writer, args=(n,)) for n in ("left", "right")]
+    readers = [threading.Thread(target=reader, args=(s,)) for s in range(3)]
+    for t in writers + readers:
+        t.start()
+    for t in writers:
+        t.join(timeout=300)
+    during_writes = searches[0]
+    stop.set()
+    for t in readers:
+        t.join(timeout=60)
+    assert not errors, errors
+    assert not wrong, wrong[:5]
+    assert during_writes > 10
+    for name in ("left", "right"):
+        assert galleries.collection(name).identity_count == 120
+        for i in (7, 60, 119):
+            assert galleries.collection(name).search(vectors[name][i:i + 1], 1)[0][0].identity_id == f"{name}-{i}"
+
+
+def test_handle_of_a_deleted_collection_raises(galleries):
+    galleries.create_collection("gone")
+    handle = galleries.collection("gone")
+    handle.enroll("x", unit(np.random.default_rng(4), 1))
+    galleries.delete_collection("gone")
+    with pytest.raises(CollectionNotFound):
+        handle.search(unit(np.random.default_rng(4), 1), 1)
+    with pytest.raises(CollectionNotFound):
+        handle.enroll("y", unit(np.random.default_rng(5), 1))
+    galleries.create_collection("gone")  # a new collection of that name is not the old one
+    assert galleries.collection("gone").get_identity("x") is None
+
+
+def entries(galleries, **filters):
+    return galleries.audit(AuditQuery(limit=1000, **filters))
+
+
+def test_every_change_has_its_audit_entry_and_a_refused_write_has_none(galleries):
+    rng = np.random.default_rng(6)
+    galleries.create_collection("hr", actor=ALICE)
+    hr = galleries.collection("hr")
+    hr.enroll("p1", unit(rng, 2), actor=ALICE)
+    hr.enroll("p1", unit(rng, 1), actor=BOB)
+    hr.enroll("p1", unit(rng, 1), replace=True, actor=BOB)
+    hr.import_identities([("p2", unit(rng, 2), None), ("p3", unit(rng, 1), {"a": 1})], actor=ALICE)
+    assert hr.delete("p2", actor=ALICE) == 2
+    before = entries(galleries)
+    with pytest.raises(TooManyFacesForIdentity):
+        hr.enroll("p1", unit(rng, 3), max_faces=2, actor=ALICE)
+    hr.enroll("untracked", unit(rng, 1))  # no actor: a tool's write, no record
+    assert hr.delete("nobody", actor=ALICE) is None  # nothing changed, nothing recorded
+    after = entries(galleries)
+    assert after == before
+    got = [(e.action, e.key_id, e.collection, e.identity_id, e.details) for e in reversed(after)]
+    assert got == [
+        ("collection.created", "key-alice", "hr", None, {}),
+        ("identity.created", "key-alice", "hr", "p1", {"faces_added": 2, "faces_removed": 0, "face_count": 2}),
+        ("identity.appended", "key-bob", "hr", "p1", {"faces_added": 1, "faces_removed": 0, "face_count": 3}),
+        ("identity.replaced", "key-bob", "hr", "p1", {"faces_added": 1, "faces_removed": 3, "face_count": 1}),
+        ("identity.imported", "key-alice", "hr", "p2", {"faces": 2}),
+        ("identity.imported", "key-alice", "hr", "p3", {"faces": 1}),
+        ("identity.deleted", "key-alice", "hr", "p2", {"faces_deleted": 2}),
+    ]
+    assert {(e.client, e.request_id) for e in after if e.key_id == "key-bob"} == {("10.0.0.2", "req-2")}
+    assert len({e.entry_id for e in after}) == len(after)
+    assert [e.at for e in after] == sorted((e.at for e in after), reverse=True)
+
+
+def test_audit_filters_and_cursor_paging(galleries):
+    rng = np.random.default_rng(7)
+    galleries.create_collection("c1", actor=ALICE)
+    galleries.create_collection("c2", actor=BOB)
+    for i in range(6):
+        galleries.collection("c1").enroll(f"id{i % 2}", unit(rng, 1), actor=ALICE)
+        galleries.collection("c2").enroll(f"id{i % 3}", unit(rng, 1), actor=BOB)
+        galleries.collection(DEFAULT_COLLECTION).enroll("d", unit(rng, 1), actor=BOB)
+    middle = time.time()
+    time.sleep(0.02)
+    galleries.collection("c1").delete("id0", actor=BOB)
+    everything = entries(galleries)
+    assert len(everything) == 2 + 18 + 1
+
+    paged, cursor = [], None
+    while True:
+        page = galleries.audit(AuditQuery(limit=4, cursor=cursor))
+        assert len(page) <= 4
+        if not page:
+            break
+        paged += page
+        cursor = page[-1].entry_id
+    assert paged == everything  # every entry once, in the same order
+
+    def check(expected, **filters):
+        got = entries(galleries, **filters)
+        assert got == [e for e in everything if expected(e)], filters
+        assert got, filters  # each filter here selects something
+        paged = galleries.audit(AuditQuery(limit=2, **filters))
+        rest = galleries.audit(AuditQuery(limit=1000, cursor=paged[-1].entry_id, **filters))
+        assert paged + rest == got
+
+    check(lambda e: e.collection == "c1", collection="c1")
+    check(lambda e: e.collection == DEFAULT_COLLECTION, collection=DEFAULT_COLLECTION)
+    check(lambda e: e.identity_id == "id0", identity_id="id0")
+    check(lambda e: e.key_id == "key-bob", key_id="key-bob")
+    check(lambda e: e.collection == "c2" and e.identity_id == "id1", collection="c2", identity_id="id1")
+    check(lambda e: e.at >= middle, since=middle)
+    check(lambda e: e.at < middle, until=middle)
+    assert entries(galleries, collection="nowhere") == []
+
+
+def test_audit_of_a_collection_survives_its_deletion(galleries):
+    rng = np.random.default_rng(8)
+    galleries.create_collection("temp", actor=ALICE)
+    galleries.collection("temp").enroll("x", unit(rng, 3), actor=ALICE)
+    galleries.collection("temp").enroll("y", unit(rng, 1), actor=BOB)
+    before = entries(galleries, collection="temp")
+    galleries.delete_collection("temp", actor=BOB)
+    after = entries(galleries, collection="temp")
+    assert [(e.action, e.identity_id, e.key_id, e.at) for e in after[1:]] == [
+        (e.action, e.identity_id, e.key_id, e.at) for e in before]
+    assert (after[0].action, after[0].key_id, after[0].details) == ("collection.deleted", "key-bob",
+                                                                    {"identities": 2, "faces": 4})
+    galleries.create_collection("temp", actor=ALICE)  # a new one of the same name: the old trail is still there
+    assert entries(galleries, collection="temp")[1:] == after
+
+
+def test_prune_removes_entries_older_than_the_cutoff(galleries):
+    rng = np.random.default_rng(9)
+    galleries.create_collection("p", actor=ALICE)
+    galleries.collection("p").enroll("old", unit(rng, 1), actor=ALICE)
+    galleries.collection(DEFAULT_COLLECTION).enroll("old", unit(rng, 1), actor=ALICE)
+    time.sleep(0.02)
+    cutoff = time.time()
+    time.sleep(0.02)
+    galleries.collection("p").enroll("new", unit(rng, 1), actor=ALICE)
+    galleries.add_key(key("k-new"), actor=ALICE)
+    assert galleries.prune_audit(cutoff) == 3
+    assert [(e.action, e.identity_id) for e in entries(galleries)] == [("key.created", None),
+                                                                      ("identity.created", "new")]
+    assert galleries.prune_audit(cutoff) == 0
+
+
+def key(key_id: str, **fields) -> StoredKey:
+    values = {"secret_hash": "h" * 64, "role": "read", "collections": ("a", "b"), "note": "front desk",
+              "created_at": time.time()} | fields
+    return StoredKey(key_id=key_id, **values)
+
+
+def test_keys_are_stored_listed_revoked_and_audited(galleries):
+    assert not galleries.has_keys() and galleries.list_keys() == []
+    first = key("k1", role="admin", collections=None, note=None)
+    galleries.add_key(first, actor=ALICE)
+    with pytest.raises(KeyExists):
+        galleries.add_key(key("k1"))
+    second = key("k2", expires_at=time.time() + 3600, rate_limit_rps=5.0, rate_limit_faces_per_s=50.0,
+                 created_at=first.created_at + 1)
+    galleries.add_key(second, actor=ALICE)
+    assert galleries.list_keys() == [first, second]  # oldest first, every field as given
+    assert galleries.get_key("k2") == second and galleries.get_key("nope") is None
+    assert galleries.has_keys()
+
+    used = time.time()
+    galleries.touch_keys({"k1": used, "k2": used - 5})
+    assert galleries.get_key("k1").last_used_at == pytest.approx(used)
+    assert galleries.get_key("k2").last_used_at == pytest.approx(used - 5)
+
+    revoked = galleries.revoke_key("k1", actor=BOB)
+    assert revoked is not None and revoked.revoked_at is not None and revoked.role == "admin"
+    assert galleries.get_key("k1").revoked_at == revoked.revoked_at  # the row stays
+    assert galleries.revoke_key("nope") is None
+    assert galleries.has_keys()  # k2 is live
+    galleries.revoke_key("k2")
+    assert not galleries.has_keys()
+    galleries.add_key(key("k3", expires_at=time.time() - 1))
+    assert not galleries.has_keys()  # expired keys do not count
+
+    audit = [(e.action, e.key_id, e.details) for e in reversed(entries(galleries))]
+    assert audit[0] == ("key.created", "key-alice", {"key": "k1", "role": "admin", "collections": None,
+                                                     "note": None, "expires_at": None})
+    assert audit[1][0] == "key.created" and audit[1][2]["collections"] == ["a", "b"]
+    assert audit[2] == ("key.revoked", "key-bob", {"key": "k1", "role": "admin"})
+    assert all("h" * 64 not in str(e) for e in entries(galleries))  # never the hash
+
+
+def test_reopen_keeps_collections_faces_keys_and_audit(backend):
+    rng = np.random.default_rng(10)
+    g = backend()
+    g.create_collection("kept", actor=ALICE)
+    faces = {"kept": unit(rng, 2), DEFAULT_COLLECTION: unit(rng, 1)}
+    for name, v in faces.items():
+        g.collection(name).enroll("who", v, {"c": name}, actor=ALICE)
+    g.add_key(key("k1"), actor=ALICE)
+    collections, keys, audit = g.list_collections(), g.list_keys(), entries(g)
+    g.close()
+    g = backend()
+    assert g.list_collections() == collections
+    assert g.list_keys() == keys
+    assert entries(g) == audit
+    for name, v in faces.items():
+        best = g.collection(name).search(v[:1], 1)[0][0]
+        assert best.identity_id == "who" and best.score == pytest.approx(1.0, abs=1e-4)
+        assert g.collection(name).get_identity("who").record.metadata == {"c": name}
+
+
+# --- embedded only ---------------------------------------------------------------------------------
+
+def embedded(tmp_path, **overrides) -> Galleries:
+    settings = Settings(data_dir=tmp_path / "data", snapshot_interval_s=0).model_copy(update=overrides)
+    g = make_gallery(settings, MODEL, DIM)
+    g.open()
+    return g
+
+
+def open_galleries() -> int:
+    from service.gallery.embedded.gallery import Gallery
+
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if isinstance(o, Gallery) and o.store is not None)
+
+
+def test_default_collection_is_todays_data_dir(tmp_path):
+    """An existing deployment opens unchanged: its gallery is the default collection."""
+    from service.gallery.embedded.gallery import Gallery
+
+    rng = np.random.default_rng(11)
+    old = Gallery(tmp_path / "data", MODEL, DIM)
+    v = unit(rng, 1)
+    old.open()
+    old.enroll("veteran", v)
+    old.close()
+    g = embedded(tmp_path)
+    try:
+        assert g.collection(DEFAULT_COLLECTION).search(v, 1)[0][0].identity_id == "veteran"
+        g.create_collection("new")
+        g.collection("new").enroll("rookie", v)
+        assert (tmp_path / "data" / "gallery.sqlite3").exists()
+        assert (tmp_path / "data" / "collections" / "new" / "gallery.sqlite3").exists()
+    finally:
+        g.close()
+
+
+def test_many_idle_collections_hold_no_thread_and_no_index(tmp_path):
+    rng = np.random.default_rng(12)
+    threads_before = len(threading.enumerate())
+    g = embedded(tmp_path, collection_idle_s=0.5, snapshot_interval_s=30)
+    try:
+        for i in range(50):
+            g.create_collection(f"c{i}")
+            g.collection(f"c{i}").enroll("x", unit(rng, 1))
+        assert open_galleries() >= 40  # in use a moment ago: open (the first may already be idle)
+        deadline = time.monotonic() + 30
+        while open_galleries() > 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert open_galleries() == 1  # the default collection only
+        # one maintenance thread for all of them, none per collection
+        assert len(threading.enumerate()) <= threads_before + 1, [t.name for t in threading.enumerate()]
+        v = g.collection("c7").search(unit(np.random.default_rng(12), 1), 1)  # reopened on use ...
+        assert len(v[0]) == 1 and open_galleries() == 2
+        assert [c.faces for c in g.list_collections()] == [0] + [1] * 50  # ... and counted while closed
+    finally:
+        g.close()
+    assert open_galleries() == 0
+
+
+def test_deleted_collection_leaves_no_trace_in_any_file(tmp_path):
+    rng = np.random.default_rng(13)
+    g = embedded(tmp_path)
+    g.create_collection("secret")
+    g.collection(DEFAULT_COLLECTION).enroll("bystander", unit(rng, 1))
+    secret = unit(rng, 2)
+    g.collection("secret").enroll("target", secret, actor=ALICE)
+    g.collection("secret").enroll("other", unit(rng, 1), actor=ALICE)
+    g.close()  # snapshots written: the secret is in the index file and the store
+    g = embedded(tmp_path)
+    g.collection("secret").search(secret, 1)  # opened again, from its snapshot
+    assert find_vector(tmp_path, secret[0])
+    g.delete_collection("secret", actor=ALICE)
+    for v in secret:
+        assert not find_vector(tmp_path, v), find_vector(tmp_path, v)
+    assert not (tmp_path / "data" / "collections" / "secret").exists()
+    assert [e.action for e in entries(g, collection="secret")][:2] == ["collection.deleted", "identity.created"]
+    g.close()
+    for v in secret:
+        assert not find_vector(tmp_path, v)
+
+
+def test_collection_left_without_its_catalog_row_is_erased_at_start(tmp_path):
+    """A crash after the catalog dropped a collection and before its files were erased: the next
+    start erases them."""
+    from service.gallery.embedded.gallery import Gallery
+
+    rng = np.random.default_rng(14)
+    g = embedded(tmp_path)
+    g.close()
+    orphan = tmp_path / "data" / "collections" / "orphan"
+    secret = unit(rng, 1)
+    leftover = Gallery(orphan, MODEL, DIM)
+    leftover.open()
+    leftover.enroll("x", secret)
+    leftover.close()
+    assert find_vector(tmp_path, secret[0])
+    g = embedded(tmp_path)
+    try:
+        assert not orphan.exists() and not find_vector(tmp_path, secret[0])
+        with pytest.raises(CollectionNotFound):
+            g.collection("orphan")
+    finally:
+        g.close()
+
+
+def test_catalog_is_writable_by_another_process_while_open(tmp_path):
+    """``keys create`` from the CLI while the server runs: the catalog is not under the data-dir lock."""
+    g = embedded(tmp_path)
+    try:
+        script = f"""
+import time
+from service.config import Settings
+from service.gallery.api import StoredKey
+from service.gallery.open import make_gallery
+g = make_gallery(Settings(data_dir={str(tmp_path / "data")!r}), {MODEL!r}, {DIM})
+g.add_key(StoredKey("k-cli", "h" * 64, "admin", None, None, time.time()))
+print(len(g.list_keys()))
+g.close()
+"""
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and proc.stdout.split() == ["1"], proc.stderr
+        assert g.has_keys() and g.get_key("k-cli").role == "admin"
+    finally:
+        g.close()
+
+
+def test_every_acknowledged_enroll_has_its_audit_entry_after_kill_9(tmp_path):
+    script = f"""
+import itertools, sys
+import numpy as np
+from service.config import Settings
+from service.gallery.api import Actor
+from service.gallery.open import make_gallery
+g = make_gallery(Settings(data_dir={str(tmp_path / "data")!r}, snapshot_interval_s=0.2), {MODEL!r}, {DIM})
+g.open()
+g.create_collection("side")
+rng = np.random.default_rng(0)
+for i in itertools.count():
+    name = ("default", "side")[i % 2]
+    v = rng.normal(size=(1, {DIM})).astype(np.float32)
+    g.collection(name).enroll(f"p{{i}}", v, actor=Actor(key_id="k", request_id=f"r{{i}}"))
+    print(name, f"p{{i}}", flush=True)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    acknowledged = []
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 120
+        while len(acknowledged) < 150 and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            acknowledged.append(tuple(line.split()))
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert len(acknowledged) >= 150, proc.stderr.read() if proc.stderr else ""
+    g = embedded(tmp_path)
+    try:
+        recorded = {(e.collection, e.identity_id) for e in entries(g) if e.action == "identity.created"}
+        assert set(acknowledged) <= recorded
+        for name, identity in acknowledged[-3:]:
+            assert g.collection(name).get_identity(identity) is not None
+    finally:
+        g.close()
