@@ -137,24 +137,31 @@ def pg_options(url: str, ef: int | str = AUTO):
                            statement_timeout_ms=0)
 
 
-def pg_copy_load(gallery, data: Data) -> dict:
-    """Identities and faces by binary COPY (face ids 1..N in file order), counters, then the index."""
+def pg_copy_load(gallery, data: Data, collection_id: int | None = None) -> dict:
+    """Identities and faces of a PostgresGalleries by binary COPY into one collection (default: the
+    default collection; face ids 1..N in file order when the table was empty), its counters, then the index."""
     from psycopg import sql
 
+    from service.gallery.postgres.backend import DEFAULT_COLLECTION_ID
+
+    collection = DEFAULT_COLLECTION_ID if collection_id is None else collection_id
     n = len(data.flat)
     started = time.perf_counter()
     with gallery._transaction() as conn:  # noqa: SLF001 - the bench loads below the API, as a DBA would
         conn.execute("DROP INDEX IF EXISTS faces_embedding_hnsw")
         with conn.cursor() as cur:
-            with cur.copy("COPY identities (identity_id, metadata, created_at, updated_at) FROM STDIN") as copy:
+            with cur.copy("COPY identities (collection_id, identity_id, metadata, created_at, updated_at) "
+                          "FROM STDIN") as copy:
                 for i in range(data.identities):
-                    copy.write_row((person_id(i), "{}", 0.0, 0.0))
-            with cur.copy("COPY faces (identity_id, embedding, created_at) FROM STDIN WITH (FORMAT BINARY)") as copy:
-                copy.set_types(["text", "vector", "float8"])
+                    copy.write_row((collection, person_id(i), "{}", 0.0, 0.0))
+            with cur.copy("COPY faces (collection_id, identity_id, embedding, created_at) FROM STDIN "
+                          "WITH (FORMAT BINARY)") as copy:
+                copy.set_types(["int8", "text", "vector", "float8"])
                 for j in range(n):
-                    copy.write_row((person_id(int(data.owner[j])), data.flat[j], 0.0))
-        conn.execute(sql.SQL("UPDATE counters SET identities = identities + {}, faces = faces + {} WHERE slot = 0")
-                     .format(sql.Literal(data.identities), sql.Literal(n)))
+                    copy.write_row((collection, person_id(int(data.owner[j])), data.flat[j], 0.0))
+        conn.execute(sql.SQL("UPDATE counters SET identities = identities + {}, faces = faces + {}, "
+                             "counted_faces = counted_faces + {} WHERE collection_id = {} AND slot = 0")
+                     .format(sql.Literal(data.identities), sql.Literal(n), sql.Literal(n), sql.Literal(collection)))
     copy_seconds = time.perf_counter() - started
     started = time.perf_counter()
     gallery.ensure_index()
@@ -193,7 +200,7 @@ def build(args, data: Data) -> dict:
                            "disk_bytes": dir_bytes(root)}
         log.warning("embedded import: %s", out["embedded"])
     if "postgres" in args.backends:
-        from service.gallery.postgres.backend import PostgresGallery
+        from service.gallery.postgres.backend import PostgresGalleries
 
         pgdata = work / f"pg_{args.faces}"
         shutil.rmtree(pgdata, ignore_errors=True)
@@ -202,7 +209,7 @@ def build(args, data: Data) -> dict:
         server.stop()
         server = PgServer(pgdata)
         try:
-            gallery = PostgresGallery(pg_options(server.url), MODEL_ID, data.flat.shape[1])
+            gallery = PostgresGalleries(pg_options(server.url), MODEL_ID, data.flat.shape[1])
             gallery.open()
             out["postgres"] = {**pg_copy_load(gallery, data), "server_settings": server.settings(),
                                "load_average_after": os.getloadavg()}
@@ -264,14 +271,15 @@ def measure_embedded(args, data: Data) -> dict:
 
 
 def measure_postgres(args, data: Data) -> dict:
-    from service.gallery.postgres.backend import PostgresGallery
+    from service.gallery.postgres.backend import PostgresGalleries
 
     started = time.perf_counter()
     server = PgServer(args.workdir / f"pg_{args.faces}")
     try:
         started_open = time.perf_counter()
-        gallery = PostgresGallery(pg_options(server.url), MODEL_ID, data.flat.shape[1])
-        gallery.open()
+        galleries = PostgresGalleries(pg_options(server.url), MODEL_ID, data.flat.shape[1])
+        galleries.open()
+        gallery = galleries.default
         open_seconds = time.perf_counter() - started_open
         t = time.perf_counter()
         gallery.search(data.probes[:1], args.top_k)
@@ -281,7 +289,7 @@ def measure_postgres(args, data: Data) -> dict:
         second_ms = (time.perf_counter() - t) * 1000
 
         def set_ef(ef):
-            gallery.options = replace(gallery.options, hnsw_ef_search=ef)
+            galleries.options = replace(galleries.options, hnsw_ef_search=ef)
             return min(1000, search_ef(ef, gallery.face_count, args.top_k * 4))
 
         out = {"server_start_seconds": round(server.start_seconds, 2), "open_seconds": round(open_seconds, 3),
@@ -295,7 +303,7 @@ def measure_postgres(args, data: Data) -> dict:
                 "pg_relation_size('faces_embedding_hnsw')").fetchone())
         out["disk_bytes_per_million_faces"] = int(out["disk_bytes"] / len(data.flat) * 1e6)
         out["pgdata_bytes"] = dir_bytes(server.pgdata)
-        gallery.close()
+        galleries.close()
         if args.http_enrolls:
             env = {"FACE_DATABASE_URL": server.url, "FACE_DATABASE_SCHEMA": SCHEMA}
             out["server"] = http_server(args, env, args.workdir / "pg-replica-data", pg=server)
@@ -388,12 +396,15 @@ def lfw_recall(args) -> dict:
                 shutil.rmtree(root, ignore_errors=True)
                 gallery = EmbeddedGallery(Gallery(root, MODEL_ID, emb.shape[1], ef_search=AUTO))
             else:
-                from service.gallery.postgres.backend import PostgresGallery
+                from service.gallery.postgres.backend import PostgresGalleries
 
                 shutil.rmtree(args.workdir / "pg_lfw", ignore_errors=True)
                 server = PgServer(args.workdir / "pg_lfw")
-                gallery = PostgresGallery(pg_options(server.url), MODEL_ID, emb.shape[1])
-            gallery.open()
+                galleries = PostgresGalleries(pg_options(server.url), MODEL_ID, emb.shape[1])
+                galleries.open()
+                gallery = galleries.default
+            if name == "embedded":
+                gallery.open()
             face_ids = [f for ids in gallery.import_identities(items) for f in ids]
             face_of_row = dict(zip(rows.tolist(), face_ids))
             out[name] = []
@@ -403,7 +414,7 @@ def lfw_recall(args) -> dict:
                     index.ef_search, index._ef = ef, 0  # noqa: SLF001
                     index._apply_ef()  # noqa: SLF001
                 else:
-                    gallery.options = replace(gallery.options, hnsw_ef_search=ef)
+                    galleries.options = replace(galleries.options, hnsw_ef_search=ef)
                 face_hits = identity_hits = 0
                 gaps = []  # a miss: how much better the exact answer scores than the one returned
                 for probe, row in zip(probes, exact_row):
@@ -418,7 +429,7 @@ def lfw_recall(args) -> dict:
                            "identity_misses_score_gap": [round(g, 5) for g in sorted(gaps)]}
                 out[name].append(row_out)
                 log.warning("LFW %s: %s", name, row_out)
-            gallery.close()
+            (gallery if name == "embedded" else galleries).close()
     finally:
         if server is not None:
             server.stop()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 from .api import Galleries
 from .embedded.galleries import EmbeddedGalleries
@@ -21,12 +21,9 @@ def make_gallery(settings: Settings, model_id: str, dim: int, data_dir: Path | N
     Unopened, it serves keys, audit and the list of collections (the CLI beside a running server);
     ``open()``/``start()`` open the default collection too (the server, gallery tools)."""
     if settings.database_url is not None:
-        from .postgres import backend as postgres  # psycopg is only imported when used
+        from .postgres.backend import PostgresGalleries, PostgresOptions  # psycopg is only imported when used
 
-        galleries = getattr(postgres, "PostgresGalleries", None)
-        if galleries is None:  # until the postgres backend has collections
-            raise NotImplementedError("the postgres backend does not serve collections yet")
-        return cast(Galleries, galleries(postgres.PostgresOptions.from_settings(settings), model_id, dim))
+        return PostgresGalleries(PostgresOptions.from_settings(settings), model_id, dim)
     # one maintenance thread for every collection (EmbeddedGalleries), none per collection
     options = GalleryOptions(snapshot_interval_s=settings.snapshot_interval_s,
                              snapshot_min_changes=settings.snapshot_min_changes,

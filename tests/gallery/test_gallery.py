@@ -43,20 +43,21 @@ def backend(request, tmp_path):
         def make(model_id, dim, ef_search):
             return EmbeddedGallery(Gallery(tmp_path, model_id, dim, ef_search=ef_search))
     else:
-        from service.gallery.postgres.backend import PostgresGallery, PostgresOptions
+        from service.gallery.postgres.backend import PostgresGalleries, PostgresOptions
 
         server = request.getfixturevalue("postgres")
         schema = server.fresh_schema()
 
         def make(model_id, dim, ef_search):
-            return PostgresGallery(PostgresOptions(url=server.url, schema=schema, hnsw_ef_search=ef_search), model_id, dim)
+            options = PostgresOptions(url=server.url, schema=schema, hnsw_ef_search=ef_search)
+            return PostgresGalleries(options, model_id, dim)
     opened = []
 
     def open_gallery(model_id: str = "m@1", dim: int = DIM, ef_search: int = 128):
         g = make(model_id, dim, ef_search)
         g.open()
         opened.append(g)
-        return g
+        return g if request.param == "embedded" else g.default  # postgres: its default collection
 
     open_gallery.name = request.param
     yield open_gallery

@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 from service.gallery.api import GalleryUnavailable
-from service.gallery.postgres.backend import MIGRATIONS, PostgresGallery, PostgresOptions
+from service.gallery.postgres.backend import MIGRATIONS, PostgresGalleries, PostgresOptions
 from service.model.calibration import FACES_COUNTED_PER_IDENTITY
 from tests.pg import PgTestServer
 
@@ -28,19 +28,19 @@ def unit(rng, n):
 
 @pytest.fixture
 def replicas(postgres):
-    """Two open galleries (replica A and B) on one fresh schema of the test database."""
+    """The default collections of two open backends (replica A and B) on one fresh schema of the test database."""
     options = PostgresOptions(url=postgres.url, schema=postgres.fresh_schema())
-    pair = [PostgresGallery(options, "m@1", DIM) for _ in range(2)]
+    pair = [PostgresGalleries(options, "m@1", DIM) for _ in range(2)]
     for g in pair:
         g.open()
-    yield pair
+    yield [g.default for g in pair]
     for g in pair:
         g.close()
 
 
 def test_replicas_starting_together_migrate_once(postgres):
     options = PostgresOptions(url=postgres.url, schema=postgres.fresh_schema())
-    galleries = [PostgresGallery(options, "m@1", DIM) for _ in range(6)]
+    galleries = [PostgresGalleries(options, "m@1", DIM) for _ in range(6)]
     start, errors = threading.Barrier(len(galleries)), []
 
     def open_one(g):
@@ -62,7 +62,7 @@ def test_replicas_starting_together_migrate_once(postgres):
     assert versions == [m.version for m in MIGRATIONS]
     assert meta == {"model_id": "m@1", "embedding_size": str(DIM),
                     "counted_faces_cap": str(FACES_COUNTED_PER_IDENTITY)}
-    galleries[0].enroll("x", unit(np.random.default_rng(0), 1))
+    galleries[0].default.enroll("x", unit(np.random.default_rng(0), 1))
     assert all(g.stats().identities == 1 for g in galleries)
     for g in galleries:
         g.close()
@@ -161,8 +161,9 @@ def test_search_sets_ef_for_its_own_scan_only(postgres):
     (with iterative scans off, an HNSW scan returns at most ef_search rows) and end with it."""
     options = PostgresOptions(url=postgres.url, schema=postgres.fresh_schema(), hnsw_ef_search=16,
                               iterative_scan="off", read_pool_size=1)
-    g = PostgresGallery(options, "m@1", DIM)
-    g.open()
+    backend = PostgresGalleries(options, "m@1", DIM)
+    backend.open()
+    g = backend.default
     try:
         rng = np.random.default_rng(5)
         g.import_identities([(f"i{i}", unit(rng, 2), None) for i in range(150)])
@@ -173,15 +174,16 @@ def test_search_sets_ef_for_its_own_scan_only(postgres):
         with g._read_connection() as conn:  # the read pool's only connection: the search's settings are gone
             assert conn.execute("SELECT current_setting('hnsw.ef_search', true)").fetchone()[0] in (None, "", "40")
     finally:
-        g.close()
+        backend.close()
 
 
 def test_database_outage_answers_unavailable_then_recovers():
     server = PgTestServer()  # a server of its own: the shared one stays up
     options = PostgresOptions(url=server.url, schema="gallery", timeout_s=2)
-    g = PostgresGallery(options, "m@1", DIM)
+    backend = PostgresGalleries(options, "m@1", DIM)
+    g = backend.default
     try:
-        g.open()
+        backend.open()
         face = unit(np.random.default_rng(5), 1)
         g.enroll("before", face)
         server.stop()
@@ -204,7 +206,7 @@ def test_database_outage_answers_unavailable_then_recovers():
         g.enroll("after", face)
         assert g.stats().identities == 2  # the enroll attempted during the outage was not stored
     finally:
-        g.close()
+        backend.close()
         server.close()
 
 
@@ -228,10 +230,10 @@ def test_bulk_load_builds_the_index_after_and_a_crash_midway_heals_at_start(repl
 
     with a._transaction() as conn:  # noqa: SLF001 - as if a bulk load died after dropping the index
         conn.execute("DROP INDEX faces_embedding_hnsw")
-    restarted = PostgresGallery(a.options, "m@1", DIM)
+    restarted = PostgresGalleries(a.options, "m@1", DIM)
     restarted.open()  # builds it again
     try:
-        assert _plan_uses_index(restarted, vectors[0])
-        assert restarted.search(vectors[99:100], 1)[0][0].identity_id == "bulk99"
+        assert _plan_uses_index(restarted.default, vectors[0])
+        assert restarted.default.search(vectors[99:100], 1)[0][0].identity_id == "bulk99"
     finally:
         restarted.close()

@@ -82,11 +82,13 @@ def test_auto_ef_finds_the_exact_nearest_identity(name, tmp_path, request):
     if name == "embedded":
         g = EmbeddedGallery(Gallery(tmp_path, "m@1", DIM, ef_search="auto"))
     else:
-        from service.gallery.postgres.backend import PostgresGallery, PostgresOptions
+        from service.gallery.postgres.backend import PostgresGalleries, PostgresOptions
 
         server = request.getfixturevalue("postgres")
-        g = PostgresGallery(PostgresOptions(url=server.url, schema=server.fresh_schema()), "m@1", DIM)
-    g.open()
+        backend = PostgresGalleries(PostgresOptions(url=server.url, schema=server.fresh_schema()), "m@1", DIM)
+    (g if name == "embedded" else backend).open()
+    if name == "postgres":
+        g = backend.default
     try:
         g.import_identities([(f"p{i:04d}", f, None) for i, f in enumerate(faces)])
         probes = centres[:200] + 0.3 * unit(rng, 200)
@@ -96,4 +98,4 @@ def test_auto_ef_finds_the_exact_nearest_identity(name, tmp_path, request):
         found = [g.search(p[None], 5)[0][0].identity_id for p in probes]
         assert found == [f"p{i:04d}" for i in exact_owner]
     finally:
-        g.close()
+        (g if name == "embedded" else backend).close()
