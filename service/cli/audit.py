@@ -43,7 +43,7 @@ def export_audit(galleries: Galleries, query: AuditQuery, out: IO[str]) -> int:
                                                  limit=PAGE, cursor=cursor))
             if not entries:
                 break
-            chunk = "".join(json.dumps(asdict(e), ensure_ascii=False) + "\n" for e in reversed(entries)).encode()
+            chunk = "".join(json.dumps(asdict(e)) + "\n" for e in reversed(entries)).encode()
             pages.append((spool.tell(), len(chunk)))
             spool.write(chunk)
             count += len(entries)

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from ..config import Settings
 from ..gallery.api import Actor, Galleries, GalleryModelMismatch, GalleryUnavailable
-from ..gallery.open import open_gallery
+from ..gallery.open import make_gallery
 
 
 class CommandError(Exception):
@@ -46,12 +46,19 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 @contextmanager
 def opened_backend(settings: Settings) -> Iterator[Galleries]:
-    """The configured backend, opened (closed on leaving)."""
+    """The configured backend, ready for keys, audit and the list of collections (closed on leaving).
+
+    The embedded one is left unopened: its catalog and the stores' audit tables serve all of that, and
+    opening would take the data dir's lock, which a running server holds. PostgreSQL is opened (its
+    connection pools; migrations and the model check as a server does)."""
     from .gallery import model_identity
 
+    galleries = make_gallery(settings, *model_identity(settings))
     try:
-        galleries = open_gallery(settings, *model_identity(settings))
+        if galleries.backend == "postgres":
+            galleries.open()
     except (GalleryModelMismatch, GalleryUnavailable) as exc:
+        galleries.close()
         raise CommandError(str(exc)) from exc
     try:
         yield galleries
