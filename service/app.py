@@ -8,11 +8,13 @@ instead of serving half a service.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
+import time
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
@@ -23,10 +25,11 @@ from .config import Settings, get_settings
 from .errors import ErrorCode, ServiceError
 from .faces.detection import YuNetConfig, YuNetDetector, template_for
 from .gallery import GalleryLoading
-from .gallery.api import DEFAULT_COLLECTION, GalleryBusy, GalleryUnavailable
+from .gallery.api import GalleryBusy, GalleryUnavailable
 from .gallery.open import open_gallery
-from .http import faces, identities, ops
+from .http import audit, collections, faces, identities, keys, ops, recognition
 from .http.console import mount_console
+from .http.deps import collection_path
 from .http.docs import install_docs
 from .http.middleware import (
     AccessMiddleware,
@@ -74,7 +77,6 @@ async def initialize(settings: Settings, metrics: Metrics) -> ServiceState:
     # index loads in the background (/readyz says "loading" meanwhile; the data dir is locked first)
     galleries = await run_in_threadpool(open_gallery, settings, model.contract.model_id,
                                         model.contract.embedding_size, True)
-    gallery = galleries.collection(DEFAULT_COLLECTION)
     metrics.read_targets.source = galleries.read_targets  # standbys' lag and reads on /metrics
     batcher = DynamicBatcher(model.execute_raw, settings.batch_max_size, settings.batch_max_wait_ms,
                              workers=settings.batch_workers, on_batch=metrics.observe_batch,
@@ -82,9 +84,11 @@ async def initialize(settings: Settings, metrics: Metrics) -> ServiceState:
                              max_queued_faces=settings.batch_max_queued_faces)
     await batcher.start()
     detector, template = await run_in_threadpool(_photo_support, settings, model.contract.alignment)
-    state = ServiceState(settings=settings, model=model, batcher=batcher, gallery=gallery, metrics=metrics,
+    state = ServiceState(settings=settings, model=model, batcher=batcher, galleries=galleries, metrics=metrics,
                          detector=detector, template=template)
-    state.galleries = galleries  # type: ignore[attr-defined]  # until ServiceState has the field (issue 20)
+    if await run_in_threadpool(state.keyring.open_mode):
+        log.warning("no API key configured (FACE_API_KEY unset, none stored): the service is open to anyone who "
+                    "reaches it; make the first admin key with `python -m service keys create --role admin`")
     return state
 
 
@@ -103,9 +107,30 @@ def _photo_support(settings: Settings, alignment: str):
 
 async def finalize(state: ServiceState) -> None:
     await state.batcher.stop()
-    galleries = getattr(state, "galleries", None)
-    await run_in_threadpool(galleries.close if galleries is not None else state.gallery.close)
+    await run_in_threadpool(state.keyring.flush)
+    await run_in_threadpool(state.galleries.close)
     state.model.finalize()
+
+
+KEY_FLUSH_S = 5.0  # last-use times of keys are written at most this often
+RETENTION_CHECK_S = 3600.0
+
+
+async def _housekeeping(state: ServiceState) -> None:
+    """Write keys' last use every few seconds; delete audit entries past FACE_AUDIT_RETENTION_DAYS hourly."""
+    last_prune = 0.0
+    while True:
+        await asyncio.sleep(KEY_FLUSH_S)
+        try:
+            await run_in_threadpool(state.keyring.flush)
+            days = state.settings.audit_retention_days
+            if days > 0 and time.monotonic() - last_prune >= RETENTION_CHECK_S:
+                last_prune = time.monotonic()
+                pruned = await run_in_threadpool(state.galleries.prune_audit, time.time() - days * 86400)
+                if pruned:
+                    log.info("audit entries past retention deleted", extra={"entries": pruned, "days": days})
+        except Exception:  # noqa: BLE001 - housekeeping retries; the database may be away for a while
+            log.warning("housekeeping failed", exc_info=True)
 
 
 def _error_response(error: ServiceError, request: Request) -> JSONResponse:
@@ -140,12 +165,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         state = await initialize(settings, metrics)
         app.state.service = state
+        housekeeping = asyncio.create_task(_housekeeping(state))
         log.info("service ready", extra={"model_id": state.contract.model_id, "providers": state.model.providers,
                                          "data_dir": str(settings.data_dir)})
         try:
             yield
         finally:
             app.state.service = None
+            housekeeping.cancel()
             await finalize(state)
             log.info("service stopped")
 
@@ -200,7 +227,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(ops.router)
     app.include_router(faces.router)
-    app.include_router(identities.router)
+    app.include_router(keys.router)
+    app.include_router(audit.router)
+    app.include_router(collections.router)
+    # the gallery routes: unprefixed for the `default` collection (every client of before keeps working),
+    # and the same routes under /collections/{collection}
+    for router in (recognition.router, identities.router):
+        app.include_router(router)
+        app.include_router(router, prefix="/collections/{collection}", dependencies=[Depends(collection_path)],
+                           generate_unique_id_function=lambda route: f"collection_{route.name}")
     mount_console(app, settings)  # the web console at /console (static pages; their API calls carry the key)
     install_docs(app, settings)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)

@@ -24,14 +24,33 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Interface to bind.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to bind.")
     api_key: SecretStr | None = Field(
-        None, description="When set, every route except /healthz and /readyz needs this key."
+        None, description="One admin key from the environment: when set, every route except /healthz and /readyz "
+        "needs a key (this one, or one made with POST /keys or `python -m service keys create`). With no key here "
+        "and none stored, the service is open (a warning at start-up)."
     )
     api_key_header: str = Field("X-API-Key", description="Header that carries the API key.")
+    key_cache_s: float = Field(
+        1.0, gt=0, le=1.0, description="How long a replica trusts what it read about a key: a key revoked on "
+        "another replica sharing the database is refused here within this (at most 1 s).",
+    )
     key_pepper_file: Path | None = Field(
-        None, description="A file whose bytes pepper the stored hashes of API keys (SHA-256(pepper || secret)): a "
-        "copy of the database alone then cannot be checked against guessed secrets. Keep it outside the data dir "
-        "and the database, the same file on every replica and for the CLI; changing it invalidates every stored "
-        "key. A missing, unreadable or empty file is refused. Empty: no pepper.",
+        None, description="A file of secret bytes mixed into every stored key hash (the same file on every replica): "
+        "a stolen database then cannot be checked against guessed keys. Keys made without it stop working "
+        "when it is set, and the other way round.",
+    )
+    rate_limit_rps: float = Field(
+        0, ge=0, description="Requests per second each key may make (each client address in open mode), with bursts "
+        "of FACE_RATE_LIMIT_BURST_S worth; past it 429 rate_limited with Retry-After. 0: no limit. A key's own "
+        "rate_limit_rps overrides it. Counted per replica.",
+    )
+    rate_limit_faces_per_s: float = Field(
+        0, ge=0, description="Faces (images and embeddings in requests) per second each key may send; 0: no limit. "
+        "A key's own rate_limit_faces_per_s overrides it. Counted per replica.",
+    )
+    rate_limit_burst_s: float = Field(1.0, gt=0, le=60, description="Bursts of up to this many seconds' worth "
+                                      "of the rate limits are allowed.")
+    audit_retention_days: float = Field(
+        0, ge=0, description="Audit entries older than this are deleted (checked hourly); 0 keeps them forever.",
     )
     public_docs: bool = Field(
         False, description="With an API key set, /docs, /redoc and /openapi.json need it too unless this is true."

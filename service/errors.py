@@ -6,6 +6,7 @@ Every error the API returns has the body ``{"error": {"code": ..., "message": ..
 
 from __future__ import annotations
 
+import math
 from enum import Enum
 from typing import Any
 
@@ -43,8 +44,17 @@ class ErrorCode(str, Enum):
     metadata_too_large = "metadata_too_large"
     too_many_faces_for_identity = "too_many_faces_for_identity"
     implausible_face = "implausible_face"
-    # auth and server
+    # collections
+    collection_not_found = "collection_not_found"
+    collection_exists = "collection_exists"
+    collection_protected = "collection_protected"
+    invalid_collection_name = "invalid_collection_name"
+    # keys, roles, limits
     unauthorized = "unauthorized"
+    forbidden = "forbidden"
+    key_not_found = "key_not_found"
+    rate_limited = "rate_limited"
+    # server
     host_not_allowed = "host_not_allowed"
     cross_origin_refused = "cross_origin_refused"
     not_found = "not_found"
@@ -85,7 +95,14 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.metadata_too_large: 413,
     ErrorCode.too_many_faces_for_identity: 413,
     ErrorCode.implausible_face: 422,
+    ErrorCode.collection_not_found: 404,
+    ErrorCode.collection_exists: 409,
+    ErrorCode.collection_protected: 409,
+    ErrorCode.invalid_collection_name: 422,
     ErrorCode.unauthorized: 401,
+    ErrorCode.forbidden: 403,
+    ErrorCode.key_not_found: 404,
+    ErrorCode.rate_limited: 429,
     ErrorCode.host_not_allowed: 421,
     ErrorCode.cross_origin_refused: 403,
     ErrorCode.not_found: 404,
@@ -105,11 +122,12 @@ RETRY_AFTER_S: dict[ErrorCode, int] = {ErrorCode.overloaded: 1}
 class ServiceError(Exception):
     """An error with a stable code; the API turns it into a JSON error response."""
 
-    def __init__(self, code: ErrorCode, message: str, **details: Any) -> None:
+    def __init__(self, code: ErrorCode, message: str, retry_after_s: float | None = None, **details: Any) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.details = details
+        self.retry_after_s = retry_after_s  # overrides RETRY_AFTER_S (a rate limit knows when)
 
     @property
     def status(self) -> int:
@@ -117,6 +135,8 @@ class ServiceError(Exception):
 
     @property
     def headers(self) -> dict[str, str]:
+        if self.retry_after_s is not None:
+            return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
         retry_after = RETRY_AFTER_S.get(self.code)
         return {} if retry_after is None else {"Retry-After": str(retry_after)}
 

@@ -28,7 +28,7 @@ _SECRET = re.compile(r"^fk_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
 ENV_KEY_ID = "env"  # FACE_API_KEY: one admin key from the environment, never stored
 
 
-class PepperFileError(ValueError):
+class PepperFileError(RuntimeError):
     """FACE_KEY_PEPPER_FILE names a file that cannot serve as the pepper (missing, unreadable, empty)."""
 
 
@@ -47,7 +47,7 @@ def load_pepper(settings: Settings) -> bytes:
     except OSError as exc:
         raise PepperFileError(f"FACE_KEY_PEPPER_FILE={path} cannot be read ({exc.strerror or exc}); fix the "
                               "file or its permissions, or unset FACE_KEY_PEPPER_FILE") from exc
-    if not pepper:
+    if not pepper.strip():
         raise PepperFileError(f"FACE_KEY_PEPPER_FILE={path} is empty: give it random bytes (e.g. "
                               "`head -c 32 /dev/urandom > FILE`), or unset FACE_KEY_PEPPER_FILE")
     return pepper
@@ -86,3 +86,4 @@ def new_key(role: str, collections: tuple[str, ...] | None = None, note: str | N
                        created_at=time.time() if now is None else now, expires_at=expires_at,
                        rate_limit_rps=rate_limit_rps, rate_limit_faces_per_s=rate_limit_faces_per_s)
     return NewKey(secret, stored)
+

@@ -80,7 +80,7 @@ def _service_state(settings: Settings) -> ServiceState:
     model.initialize()
     detector, template = _photo_support(settings, model.contract.alignment)
     # no batcher and no gallery: decode_faces only reads settings, contract, detector and metrics
-    return ServiceState(settings=settings, model=model, batcher=None, gallery=None, metrics=Metrics(),  # type: ignore[arg-type]
+    return ServiceState(settings=settings, model=model, batcher=None, galleries=None, metrics=Metrics(),  # type: ignore[arg-type]
                         detector=detector, template=template)
 
 

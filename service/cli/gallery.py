@@ -256,7 +256,7 @@ async def enroll_folder(settings: Settings, root: Path, image_type: ImageType = 
 
     state = await initialize(settings, Metrics())
     try:
-        galleries: Galleries = state.galleries  # type: ignore[attr-defined]  # until ServiceState has it
+        galleries: Galleries = state.galleries
         gallery = galleries.collection(collection)
     except BaseException:
         await finalize(state)

@@ -1,18 +1,26 @@
 """FastAPI dependencies, as ``Annotated`` aliases the routers declare in their signatures.
 
-They are ``async def`` although they never await: FastAPI runs a plain ``def`` dependency in the
-thread pool, a thread round trip per dependency per request for a few attribute reads.
+They are ``async def`` although most never await: FastAPI runs a plain ``def`` dependency in the
+thread pool, a thread round trip per dependency per request for a few attribute reads. What needs
+the database (a key not in the key ring's cache, a named collection) goes to a worker thread.
+
+Access: every route but the health probes declares ``Allow(permission)`` (service/access/policy.py
+says which role holds which); a gallery route also checks that its collection (the path's
+``{collection}``, else ``default``) is in the key's scope, before it is looked up, so a key cannot
+learn which collections exist outside its scope.
 """
 
 from __future__ import annotations
 
-import hmac
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
+from starlette.concurrency import run_in_threadpool
 
-from ..config import Settings
+from ..access.keyring import MISS
+from ..access.policy import OPEN, Permission, Principal
 from ..errors import ErrorCode, ServiceError
+from ..gallery.api import COLLECTION_NAME_PATTERN, DEFAULT_COLLECTION, Actor, CollectionNotFound, GalleryBackend
 from ..state import ServiceState
 
 
@@ -26,20 +34,124 @@ async def get_state(request: Request) -> ServiceState:
 StateDep = Annotated[ServiceState, Depends(get_state)]
 
 
-def has_api_key(request: Request, settings: Settings) -> bool:
-    """The request may do what the key guards: it carries the key, or the service has none."""
-    if settings.api_key is None:
-        return True
-    given = request.headers.get(settings.api_key_header, "")
-    return hmac.compare_digest(given.encode(), settings.api_key.get_secret_value().encode())
+def _request_state(request: Request) -> dict[str, Any]:
+    return request.scope.setdefault("state", {})
 
 
-async def require_api_key(request: Request) -> None:
-    # the state read directly, not as a sub-dependency (StateDep): every route runs this one, and
-    # each dependency FastAPI resolves costs event-loop time on every request
-    settings = (await get_state(request)).settings
-    if not has_api_key(request, settings):
-        raise ServiceError(ErrorCode.unauthorized, f"missing or wrong API key in header {settings.api_key_header}")
+async def authenticate(request: Request) -> Principal:
+    """The caller's principal (once per request); 401 for a missing, unknown, revoked or expired key
+    unless the service is in open mode."""
+    scope_state = _request_state(request)
+    principal = scope_state.get("principal")
+    if principal is not None:
+        return principal
+    state = await get_state(request)
+    ring = state.keyring
+    secret = request.headers.get(state.settings.api_key_header)
+    found: Any = None
+    if secret:
+        found = ring.lookup_cached(secret)
+        if found is MISS:
+            found = await run_in_threadpool(ring.lookup, secret)
+    if found is None:
+        open_mode = ring.open_mode_cached()
+        if open_mode is None:
+            open_mode = await run_in_threadpool(ring.open_mode)
+        if not open_mode:
+            what = "wrong, revoked or expired" if secret else "missing"
+            raise ServiceError(ErrorCode.unauthorized, f"{what} API key in header {state.settings.api_key_header}")
+        found = OPEN
+    scope_state["principal"] = found
+    return found
 
 
-ApiKey = Depends(require_api_key)
+async def collection_path(collection: Annotated[str, Path(pattern=COLLECTION_NAME_PATTERN, max_length=63,
+                                                          description="The collection's name")]) -> None:
+    """Declares ``{collection}`` of the prefixed gallery routes (deps.get_collection reads it)."""
+
+
+def collection_of(request: Request) -> str:
+    return request.path_params.get("collection", DEFAULT_COLLECTION)
+
+
+class Allow:
+    """A route's access rule: ``dependencies=[Allow(Permission.read)]`` (``scoped``: a gallery route,
+    whose collection must be in the key's scope). Docs read ``permission`` (http/docs.py)."""
+
+    def __init__(self, permission: Permission, scoped: bool = False) -> None:
+        self.permission = permission
+        self.scoped = scoped
+
+    async def __call__(self, request: Request) -> Principal:
+        principal = await authenticate(request)
+        if not principal.may(self.permission):
+            raise ServiceError(ErrorCode.forbidden, f"a {principal.role.value} key may not do this "
+                               f"(it needs the {self.permission.value} permission)",
+                               role=principal.role.value, needs=self.permission.value)
+        if self.scoped:
+            name = collection_of(request)
+            if not principal.may_touch(name):
+                raise ServiceError(ErrorCode.forbidden, f"this key may not touch collection {name!r}",
+                                   collection=name)
+        limiter = (await get_state(request)).limits.requests
+        wait = limiter.charge(_subject(request, principal), 1.0, principal.rate_limit_rps)
+        if wait is not None:
+            raise limiter.refuse(wait, _subject_name(principal))
+        return principal
+
+
+def _subject(request: Request, principal: Principal) -> str:
+    """Whose budget a request spends: its key's, or in open mode its client address's."""
+    if principal.key_id is not None:
+        return f"key:{principal.key_id}"
+    return f"client:{request.client.host if request.client else '?'}"
+
+
+def _subject_name(principal: Principal) -> str:
+    return f"key {principal.key_id}" if principal.key_id is not None else "this client address"
+
+
+def charge_faces(request: Request, count: int) -> None:
+    """Spend ``count`` of the caller's faces-per-second budget (payload.py, once the body is counted);
+    429 ``rate_limited`` past it."""
+    principal = _request_state(request).get("principal")
+    state = getattr(request.app.state, "service", None)
+    if principal is None or state is None or count <= 0:
+        return
+    limiter = state.limits.faces
+    wait = limiter.charge(_subject(request, principal), float(count), principal.rate_limit_faces_per_s)
+    if wait is not None:
+        raise limiter.refuse(wait, _subject_name(principal))
+
+
+def allow(permission: Permission, scoped: bool = False) -> Any:
+    return Depends(Allow(permission, scoped))
+
+
+PrincipalDep = Annotated[Principal, Depends(authenticate)]
+
+
+async def get_collection(request: Request) -> GalleryBackend:
+    """The request's collection (``/collections/{collection}/...``, else ``default``); 404
+    ``collection_not_found``. The default one is held by the state: no lookup on the hot path."""
+    state = await get_state(request)
+    name = collection_of(request)
+    if name == DEFAULT_COLLECTION:
+        return state.default_gallery
+    try:
+        return await run_in_threadpool(state.galleries.collection, name)
+    except CollectionNotFound:
+        raise ServiceError(ErrorCode.collection_not_found, f"no collection named {name!r}", collection=name) from None
+
+
+CollectionDep = Annotated[GalleryBackend, Depends(get_collection)]
+
+
+async def get_actor(request: Request) -> Actor:
+    """Who makes this change, for its audit record (never the secret)."""
+    principal = await authenticate(request)
+    return Actor(key_id=principal.key_id, client=request.client.host if request.client else None,
+                 request_id=_request_state(request).get("request_id"))
+
+
+ActorDep = Annotated[Actor, Depends(get_actor)]

@@ -17,11 +17,13 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.routing import APIRoute
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
+from ..access.policy import GRANTS, Permission
 from ..config import Settings
-from .deps import ApiKey
+from .deps import Allow, allow
 from .ops import PUBLIC_PATHS
 
 SCHEME = "ApiKey"
@@ -67,7 +69,7 @@ class DocsAssets(StaticFiles):
 def install_docs(app: FastAPI, settings: Settings) -> None:
     """Call with an app made with ``openapi_url=None`` (FastAPI's own docs routes cannot be guarded)."""
     guarded = settings.api_key is not None and not settings.public_docs
-    dependencies = [ApiKey] if guarded else []
+    dependencies = [allow(Permission.embed)] if guarded else []
 
     @app.get("/openapi.json", include_in_schema=False, dependencies=dependencies)
     async def openapi() -> JSONResponse:
@@ -91,7 +93,7 @@ def install_docs(app: FastAPI, settings: Settings) -> None:
 
     def schema() -> dict:
         if app.openapi_schema is None:
-            app.openapi_schema = _with_security(FastAPI.openapi(app), settings)
+            app.openapi_schema = _with_roles(_with_security(FastAPI.openapi(app), settings), app)
         return app.openapi_schema
 
     app.openapi = schema  # type: ignore[method-assign]
@@ -104,11 +106,39 @@ def _with_security(spec: dict, settings: Settings) -> dict:
         "type": "apiKey", "in": "header", "name": settings.api_key_header,
         "description": "FACE_API_KEY, when the server has one (health routes never need it).",
     }
-    if settings.api_key is None:
-        return spec
+    # keys can be made at any time (POST /keys, the CLI): the scheme applies to every route but the
+    # health probes; while the service is open (no key anywhere) a request without one is served too
+    required: list[dict[str, list[str]]] = [{SCHEME: []}] if settings.api_key is not None else [{SCHEME: []}, {}]
     for path, operations in spec.get("paths", {}).items():
         if path in PUBLIC_PATHS:
             continue
         for operation in operations.values():
-            operation["security"] = [{SCHEME: []}]
+            operation["security"] = required
+    return spec
+
+
+def _with_roles(spec: dict, app: FastAPI) -> dict:
+    """Each operation says the permission it needs (``x-required-permission``), the roles that hold it
+    (``x-roles``), whether its collection must be in the key's scope, and the same in words."""
+    paths = spec.get("paths", {})
+    for route in app.routes:
+        if not isinstance(route, APIRoute) or route.path not in paths:
+            continue
+        rules = [d.dependency for d in route.dependencies if isinstance(d.dependency, Allow)]
+        rules += [d.call for d in route.dependant.dependencies if isinstance(d.call, Allow)]
+        if not rules:
+            continue
+        rule = rules[-1]
+        roles = sorted(role.value for role, grants in GRANTS.items() if rule.permission in grants)
+        for method in route.methods or ():
+            operation = paths[route.path].get(method.lower())
+            if operation is None:
+                continue
+            operation["x-required-permission"] = rule.permission.value
+            operation["x-roles"] = roles
+            operation["x-collection-scoped"] = rule.scoped
+            scope = ", in the key's collection scope" if rule.scoped else ""
+            operation["description"] = (operation.get("description", "") + f"\n\n**Roles:** {', '.join(roles)}{scope}. "
+                                         "401 `unauthorized` without a valid key, 403 `forbidden` outside the role "
+                                         "or scope.").strip()
     return spec

@@ -1,43 +1,34 @@
-"""Embed, verify, identify: the routes that only read the gallery."""
+"""Embed and detect: faces in, vectors and boxes out; no gallery (the `embed` permission)."""
 
 from __future__ import annotations
 
 import base64
-from typing import Any, NamedTuple
+from typing import Any
 
 import cv2
 import numpy as np
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from ..errors import ErrorCode, ServiceError
+from ..access.policy import Permission
 from ..faces.detection import align_face
 from ..faces.images import blockiness
 from ..faces.pipeline import FaceBatch, decoded_photo, embed_images, embed_raw
 from ..faces.quality import raw_norms
-from ..gallery.identity_ids import find_identity
-from ..gallery.openset import IdentifyThreshold
 from ..state import ServiceState
-from .deps import ApiKey, StateDep
+from .deps import StateDep, allow
 from .payload import body_docs, json_response, read_payload
 from .schemas import (
-    Candidate,
     DetectedImage,
     DetectRequest,
     DetectResponse,
     EmbedRequest,
     EmbedResponse,
     ErrorResponse,
-    IdentifyRequest,
-    IdentifyResponse,
-    ProbeResult,
-    VerifyRequest,
-    VerifyResponse,
 )
-from .vectors import list_source, source_vectors, verify_source
 
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 422)}
-router = APIRouter(tags=["faces"], dependencies=[ApiKey], responses=ERRORS)
+router = APIRouter(tags=["faces"], dependencies=[allow(Permission.embed)], responses=ERRORS)
 
 
 @router.post("/embed", response_model=EmbedResponse, openapi_extra=body_docs(EmbedRequest, ("images",)),
@@ -54,117 +45,6 @@ async def embed(request: Request, state: StateDep) -> Response:
     return json_response(EmbedResponse(model_id=state.contract.model_id, dimension=vectors.shape[1],
                                        embeddings=vectors.tolist(), faces=faces.locations(),
                                        quality=faces.qualities(state.settings.enroll_min_quality)))
-
-
-@router.post("/verify", response_model=VerifyResponse,
-             openapi_extra=body_docs(VerifyRequest, (), ("image_a", "image_b")), summary="Same person?")
-async def verify(request: Request, state: StateDep) -> VerifyResponse:
-    """Face vs face (`image_a` + `image_b`) or face vs enrolled identity (`image_a` + `identity_id`).
-    Embeddings instead of images: `embedding_a` (+ `embedding_b`) with the served `model_id`.
-
-    Against an identity the similarity is the best over its enrolled faces. The decision uses the
-    request's `threshold`, else the service's, else the model's calibrated 1:1 threshold. Photos:
-    the face `multi_face` picks (`largest` or `center`) is compared, and `face_a`/`face_b` say where.
-    """
-    payload, images = await read_payload(request, VerifyRequest, (), ("image_a", "image_b"), max_images=2,
-                                         single_vector_fields=("embedding_a", "embedding_b"),
-                                         dimension=state.contract.embedding_size)
-    source = verify_source(payload, images)
-    threshold = payload.threshold if payload.threshold is not None else state.verify_threshold
-    identity_id = payload.identity_id  # as stored, once found
-    if payload.identity_id is not None:
-        identity_id, enrolled = await run_in_threadpool(find_identity, payload.identity_id,
-                                                        state.gallery.identity_embeddings)
-        if len(enrolled) == 0:
-            raise ServiceError(ErrorCode.identity_not_found, f"identity {identity_id!r} is not enrolled",
-                               identity_id=identity_id)
-        probe, faces = await source_vectors(state, source)
-        similarity = float(np.max(enrolled @ probe[0]))
-    else:
-        probe, faces = await source_vectors(state, source)
-        similarity = float(probe[0] @ probe[1])
-    located = faces.locations() or [None, None]
-    return VerifyResponse(similarity=similarity, threshold=threshold, match=similarity >= threshold,
-                          model_id=state.contract.model_id, identity_id=identity_id,
-                          face_a=located[0], face_b=located[1] if len(located) > 1 else None)
-
-
-@router.post("/identify", response_model=IdentifyResponse, openapi_extra=body_docs(IdentifyRequest, ("images",)),
-             summary="Who is this? (open set)")
-async def identify(request: Request, state: StateDep) -> IdentifyResponse:
-    """Top-k enrolled identities per probe face. Open set: when the best score is below the
-    threshold the probe is `unknown` (`identity_id: null`), with the candidates still listed.
-
-    Photos with `multi_face: all` give one result per face found, each with its `image_index` and
-    `face` box. The default threshold is the 1:N one: it holds `FACE_IDENTIFY_FPIR` (the share of
-    never-enrolled faces named as someone) for the gallery's current size, rising as it grows, since
-    with more faces to match an unknown face is more likely to resemble one by chance. The answer says
-    which threshold was used and why; each candidate's `stranger_probability` is the estimated chance
-    that a stranger scores that high in this gallery.
-    Probe embeddings instead of images: `embeddings` with the served `model_id`.
-    """
-    payload, images = await read_payload(request, IdentifyRequest, ("images",),
-                                         max_images=state.settings.max_faces_per_request, vector_fields=("embeddings",),
-                                         dimension=state.contract.embedding_size)
-    if payload.top_k > state.settings.max_top_k:
-        raise ServiceError(ErrorCode.invalid_request, f"top_k may be at most {state.settings.max_top_k}")
-    probes, faces = await source_vectors(state, list_source(payload, images))
-    quality = faces.qualities(state.settings.enroll_min_quality) if faces.quality else [None] * len(probes)
-    # probes refused by min_quality are not searched: they get low_quality, not a guess
-    refused = _low_quality(faces, payload.min_quality)
-    searched = [i for i in range(len(probes)) if refused[i] is None]
-    # the threshold is sized by the gallery as searched (it may grow while the probes are embedded);
-    # chosen in the same worker call as the search: it stat()s the calibration file, not on the loop
-    found, decision = await run_in_threadpool(_search_and_threshold, state, probes[searched], payload.top_k,
-                                              payload.threshold)
-    matches: list[list] = [[] for _ in range(len(probes))]
-    for i, candidates in zip(searched, found):
-        matches[i] = candidates
-    threshold = decision.threshold
-    located = faces.locations() or [None] * len(matches)
-    results = []
-    for candidates, image_index, face, probe_quality, error in zip(matches, faces.image_index, located, quality,
-                                                                  refused):
-        best = candidates[0] if candidates else None
-        known = best is not None and best.score >= threshold
-        results.append(ProbeResult(
-            image_index=image_index,
-            face=face,
-            identity_id=best.identity_id if known else None,
-            known=known,
-            score=best.score if best else None,
-            candidates=[Candidate(identity_id=m.identity_id, score=m.score, face_id=m.face_id,
-                                  stranger_probability=decision.stranger_probability(m.score)) for m in candidates],
-            quality=probe_quality,
-            error=error,
-        ))
-    return IdentifyResponse(results=results, threshold=threshold, threshold_source=decision.source,
-                            fpir_target=decision.fpir_target, fpir_estimated=decision.fpir_estimated,
-                            gallery_identities=decision.counts.identities, gallery_faces=decision.counts.faces,
-                            model_id=state.contract.model_id)
-
-
-def _low_quality(faces: FaceBatch, min_quality: float | None) -> list[dict | None]:
-    """Per probe: the ``low_quality`` error body when ``min_quality`` refuses it, else None. Client
-    embeddings have no quality and are never refused."""
-    if min_quality is None or not faces.quality:
-        return [None] * len(faces.image_index)
-    out: list[dict | None] = []
-    for quality in faces.quality:
-        reasons = quality.failures(min_quality)
-        out.append({"code": ErrorCode.low_quality.value, "message": "the probe is below min_quality",
-                    "details": {"reasons": reasons}} if reasons else None)
-    return out
-
-
-class _Searched(NamedTuple):
-    matches: list  # per probe, its candidates best first (the gallery's search)
-    decision: IdentifyThreshold
-
-
-def _search_and_threshold(state: ServiceState, probes: np.ndarray, top_k: int, requested: float | None) -> _Searched:
-    matches = state.gallery.search(probes, top_k) if len(probes) else []
-    return _Searched(matches, state.open_set_threshold(requested))
 
 
 @router.post("/detect", response_model=DetectResponse, openapi_extra=body_docs(DetectRequest, ("images",)),

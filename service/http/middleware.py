@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
+import uuid
 
 from ..errors import ErrorCode, ServiceError
 from ..gallery.postgres import consistency
@@ -106,8 +108,23 @@ class DisconnectMiddleware:
                 watcher.cancel()
 
 
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+
+def request_id_of(scope) -> str:
+    """The client's X-Request-ID when it is a sane token (a proxy's or the client's own), else a new one."""
+    for name, value in scope.get("headers", ()):
+        if name == b"x-request-id":
+            text = value.decode("latin-1")
+            if _REQUEST_ID.fullmatch(text):
+                return text
+            break
+    return uuid.uuid4().hex
+
+
 class AccessMiddleware:
-    """Counts and times every request by route template, and logs one structured line for each."""
+    """Counts and times every request by route template, logs one structured line for each, and gives
+    each its request id (X-Request-ID, echoed in the answer; audit records and the log carry it)."""
 
     def __init__(self, app, metrics: Metrics) -> None:
         self.app = app
@@ -118,11 +135,15 @@ class AccessMiddleware:
             return await self.app(scope, receive, send)
         started = time.perf_counter()
         status = 500
+        request_id = request_id_of(scope)
+        scope.setdefault("state", {})["request_id"] = request_id
+        header = (b"x-request-id", request_id.encode())
 
         async def capture(message):
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message["headers"] = [*message.get("headers", ()), header]
             await send(message)
 
         try:
@@ -136,8 +157,10 @@ class AccessMiddleware:
             method = scope.get("method", "")
             self.metrics.requests.labels(path, method, str(status)).inc()
             self.metrics.latency.labels(path, method).observe(elapsed)
+            principal = scope["state"].get("principal")
             log.info("request", extra={"method": method, "route": path, "status": status,
-                                       "ms": round(elapsed * 1000, 2)})
+                                       "ms": round(elapsed * 1000, 2), "request_id": request_id,
+                                       "key_id": getattr(principal, "key_id", None)})
 
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})

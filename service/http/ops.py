@@ -10,11 +10,15 @@ from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
+from ..access.keyring import MISS
+from ..access.policy import OPEN, Permission, Principal
 from ..errors import ErrorCode, ServiceError
 from ..faces.pipeline import embed_crops
 from ..faces.quality import quality_in_force
-from .deps import ApiKey, StateDep, has_api_key
-from .schemas import ReadyResponse, ReadyStatus
+from ..gallery.openset import GalleryCounts
+from ..state import ServiceState
+from .deps import StateDep, allow
+from .schemas import CollectionThreshold, ReadyResponse, ReadyStatus
 
 router = APIRouter(tags=["operations"])
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})  # never need the API key (load balancers, orchestrators)
@@ -31,16 +35,19 @@ async def readyz(request: Request, state: StateDep) -> ReadyResponse | ReadyStat
     """Ready when the model is loaded, a real inference succeeds (at most one per
     FACE_READYZ_CACHE_MS; polls in between get the last result) and the gallery index is loaded;
     reports the providers in use. While the index loads: 503 `gallery_loading` (status "loading").
-    Never needs the API key, but with one set only requests that carry it get the details (model,
-    thresholds, gallery size): the others get the bare status (`{"status": "ready"}`, or the error code)."""
-    detailed = has_api_key(request, state.settings)
-    load_state = state.gallery.load_state
+    Never needs the API key, but with keys in use only requests that carry a valid one get the details
+    (model, thresholds, gallery size, and each collection in the key's scope with its own threshold):
+    the others get the bare status (`{"status": "ready"}`, or the error code)."""
+    principal = await _principal_or_none(request, state)
+    detailed = principal is not None
+    load_state = state.galleries.load_state
     if load_state != "ready":
         code = ErrorCode.gallery_loading if load_state == "loading" else ErrorCode.gallery_unavailable
         if not detailed:
             raise ServiceError(code, f"gallery index {load_state}", status=load_state)
-        stats = await run_in_threadpool(state.gallery.stats)
-        raise ServiceError(code, f"gallery index {load_state}" + (f": {state.gallery.load_error}" if state.gallery.load_error else ""),
+        stats = await run_in_threadpool(state.galleries.stats)
+        error = state.galleries.load_error
+        raise ServiceError(code, f"gallery index {load_state}" + (f": {error}" if error else ""),
                            status=load_state, gallery=stats.as_dict())
 
     async def check() -> float:
@@ -55,8 +62,10 @@ async def readyz(request: Request, state: StateDep) -> ReadyResponse | ReadyStat
     elapsed = await state.readiness.inference_ms(check)
     if not detailed:
         return ReadyStatus(status="ready")
-    stats = await run_in_threadpool(state.gallery.stats)
-    identify = await run_in_threadpool(state.open_set_threshold)
+    assert principal is not None
+    stats = await run_in_threadpool(state.galleries.stats)
+    identify = await run_in_threadpool(state.open_set_threshold, state.default_gallery)
+    collections = await run_in_threadpool(_collection_thresholds, state, principal)
     return ReadyResponse(
         status="ready", model_id=state.contract.model_id, model_path=str(state.model.path),
         providers=state.model.providers, embedding_size=state.contract.embedding_size,
@@ -66,14 +75,41 @@ async def readyz(request: Request, state: StateDep) -> ReadyResponse | ReadyStat
             "source": identify.tail_source, "measured_on": identify.tail.source, "pairs": identify.tail.pairs,
             "far_min": identify.tail.far[-1], "extrapolated": identify.extrapolated},
         quality=quality_in_force(state.quality_model, state.settings.enroll_min_quality, state.quality_source),
-        inference_ms=round(elapsed, 3), gallery=stats.as_dict(),
+        inference_ms=round(elapsed, 3), gallery=stats.as_dict(), collections=collections,
     )
 
 
-@router.get("/metrics", summary="Prometheus metrics", dependencies=[ApiKey], response_class=PlainTextResponse,
+async def _principal_or_none(request: Request, state: ServiceState) -> Principal | None:
+    """The caller's principal if its key is valid (or the service is open), else None: /readyz never
+    answers 401, it only leaves the details out."""
+    secret = request.headers.get(state.settings.api_key_header)
+    if secret:
+        found = state.keyring.lookup_cached(secret)
+        if found is MISS:
+            found = await run_in_threadpool(state.keyring.lookup, secret)
+        if found is not None:
+            return found  # type: ignore[return-value]
+    open_mode = state.keyring.open_mode_cached()
+    if open_mode is None:
+        open_mode = await run_in_threadpool(state.keyring.open_mode)
+    return OPEN if open_mode else None
+
+
+def _collection_thresholds(state: ServiceState, principal: Principal) -> dict[str, CollectionThreshold]:
+    out = {}
+    for info in state.galleries.list_collections():
+        if principal.may_touch(info.name):
+            decision = state.decision_for(GalleryCounts(info.identities, info.faces, info.counted_faces))
+            out[info.name] = CollectionThreshold(identities=info.identities, faces=info.faces,
+                                                 identify_threshold=decision.threshold)
+    return out
+
+
+@router.get("/metrics", summary="Prometheus metrics", dependencies=[allow(Permission.admin)],
+            response_class=PlainTextResponse,
             responses={200: {"description": "Prometheus text exposition format", "content": {"text/plain": {}}}})
 async def metrics(state: StateDep) -> Response:
-    stats = await run_in_threadpool(state.gallery.stats)
+    stats = await run_in_threadpool(state.galleries.stats)
     state.metrics.gallery_identities.set(stats.identities)
     state.metrics.gallery_faces.set(stats.faces)
     state.metrics.search_fallbacks.update(stats.extra)

@@ -20,6 +20,7 @@ from starlette.datastructures import UploadFile
 
 from ..errors import ErrorCode, ServiceError
 from ..faces.images import decode_base64
+from .deps import charge_faces
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -54,6 +55,22 @@ def parse_json(text: str | bytes, what: str = "the body") -> Any:
 
 
 async def read_payload(
+    request: Request, model: type[T], list_fields: tuple[str, ...], single_fields: tuple[str, ...] = (),
+    max_images: int = 64, vector_fields: tuple[str, ...] = (), single_vector_fields: tuple[str, ...] = (),
+    dimension: int | None = None,
+) -> tuple[T, dict[str, list[bytes]]]:
+    """``_read_payload``, then the faces it carries (images and embeddings) are charged to the caller's
+    faces-per-second budget (429 ``rate_limited`` past it), before any image is decoded."""
+    payload, images = await _read_payload(request, model, list_fields, single_fields, max_images, vector_fields,
+                                          single_vector_fields, dimension)
+    count = sum(len(blobs) for blobs in images.values())
+    count += sum(len(getattr(payload, f, None) or ()) for f in vector_fields)
+    count += sum(getattr(payload, f, None) is not None for f in single_vector_fields)
+    charge_faces(request, count)
+    return payload, images
+
+
+async def _read_payload(
     request: Request, model: type[T], list_fields: tuple[str, ...], single_fields: tuple[str, ...] = (),
     max_images: int = 64, vector_fields: tuple[str, ...] = (), single_vector_fields: tuple[str, ...] = (),
     dimension: int | None = None,

@@ -354,3 +354,102 @@ class ReadyResponse(BaseModel):
     inference_ms: float = Field(
         description="Latency of the real inference of the last check (re-run at most once per FACE_READYZ_CACHE_MS).")
     gallery: dict[str, int]
+    collections: dict[str, CollectionThreshold] = Field(
+        default_factory=dict, description="Each collection the key may see: its size and its own open-set "
+        "threshold (it follows that collection's size; `identify_threshold` above is the default collection's).")
+
+
+# --- collections, keys, audit -------------------------------------------------------------------
+
+class CollectionThreshold(BaseModel):
+    identities: int
+    faces: int
+    identify_threshold: float = Field(description="The 1:N threshold in force for this collection's size now.")
+
+
+class CollectionCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(description="Lower-case letters, digits, `-` and `_`, 1-63 characters, starting with a letter "
+                      "or digit.", examples=["front-desk"])
+
+
+class CollectionOut(BaseModel):
+    name: str
+    model_id: str
+    created_at: float
+    identities: int
+    faces: int
+    identify_threshold: float = Field(description="The 1:N threshold in force for this collection's size now.")
+
+
+class CollectionList(BaseModel):
+    items: list[CollectionOut]
+
+
+class CollectionDeleted(BaseModel):
+    name: str
+    deleted_identities: int
+    deleted_faces: int
+
+
+class KeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["admin", "write", "read", "embed"]
+    collections: list[str] | None = Field(None, description="The collections the key may touch; null: all.")
+    note: str | None = Field(None, max_length=500)
+    expires_at: float | None = Field(None, description="Unix time after which the key is refused; null: never.")
+    rate_limit_rps: float | None = Field(None, gt=0, description="This key's requests per second (else FACE_RATE_LIMIT_RPS).")
+    rate_limit_faces_per_s: float | None = Field(None, gt=0, description="This key's faces per second "
+                                                 "(else FACE_RATE_LIMIT_FACES_PER_S).")
+
+
+class KeyOut(BaseModel):
+    key_id: str
+    role: str
+    collections: list[str] | None
+    note: str | None
+    created_at: float
+    expires_at: float | None
+    revoked_at: float | None = None
+    last_used_at: float | None = None
+    rate_limit_rps: float | None = None
+    rate_limit_faces_per_s: float | None = None
+
+
+class KeyCreated(KeyOut):
+    secret: str = Field(description="The key itself: shown this once, never stored (only its hash is).")
+
+
+class KeyList(BaseModel):
+    items: list[KeyOut]
+
+
+class KeyRevoked(BaseModel):
+    key_id: str
+    revoked_at: float
+
+
+class AuditOut(BaseModel):
+    entry_id: str
+    at: float
+    action: str
+    key_id: str | None
+    client: str | None
+    request_id: str | None
+    collection: str | None
+    identity_id: str | None
+    details: dict
+
+
+class AuditPage(BaseModel):
+    items: list[AuditOut]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next (older) page; null: no more.")
+
+
+class WhoAmI(BaseModel):
+    key_id: str | None
+    role: str
+    collections: list[str] | None
+    open_mode: bool
+
+ReadyResponse.model_rebuild()

@@ -1,0 +1,88 @@
+"""Collections: named galleries (create, list, read, delete). Creating and deleting need `admin`;
+listing shows a key the collections in its scope; reading one needs `read` in its scope."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path
+from starlette.concurrency import run_in_threadpool
+
+from ..access.policy import Permission
+from ..errors import ErrorCode, ServiceError
+from ..gallery.api import (
+    COLLECTION_NAME_PATTERN,
+    CollectionExists,
+    CollectionInfo,
+    CollectionNotFound,
+    CollectionProtected,
+    valid_collection_name,
+)
+from ..gallery.openset import GalleryCounts
+from ..state import ServiceState
+from .deps import ActorDep, PrincipalDep, StateDep, allow
+from .schemas import CollectionCreate, CollectionDeleted, CollectionList, CollectionOut, ErrorResponse
+
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (401, 403, 404, 409, 422)}
+router = APIRouter(tags=["collections"], responses=ERRORS)
+CollectionName = Annotated[str, Path(pattern=COLLECTION_NAME_PATTERN, max_length=63)]
+
+
+def out(state: ServiceState, info: CollectionInfo) -> CollectionOut:
+    counts = GalleryCounts(info.identities, info.faces, info.counted_faces)
+    return CollectionOut(name=info.name, model_id=info.model_id, created_at=info.created_at,
+                         identities=info.identities, faces=info.faces,
+                         identify_threshold=state.decision_for(counts).threshold)
+
+
+def not_found(name: str) -> ServiceError:
+    return ServiceError(ErrorCode.collection_not_found, f"no collection named {name!r}", collection=name)
+
+
+@router.post("/collections", status_code=201, response_model=CollectionOut, summary="Create a collection",
+             dependencies=[allow(Permission.admin)])
+async def create_collection(body: CollectionCreate, state: StateDep, actor: ActorDep) -> CollectionOut:
+    """A new, empty gallery of its own: identity ids in it are its own, searches in it never see another
+    collection's faces, and its open-set threshold follows its own size. 409 `collection_exists`."""
+    if not valid_collection_name(body.name):
+        raise ServiceError(ErrorCode.invalid_collection_name, "a collection name is 1-63 lower-case letters, digits, "
+                           "'-' or '_', starting with a letter or digit", name=body.name[:100])
+    try:
+        info = await run_in_threadpool(state.galleries.create_collection, body.name, actor)
+    except CollectionExists:
+        raise ServiceError(ErrorCode.collection_exists, f"a collection named {body.name!r} already exists",
+                           collection=body.name) from None
+    return out(state, info)
+
+
+@router.get("/collections", response_model=CollectionList, summary="List collections",
+            dependencies=[allow(Permission.read)])
+async def list_collections(state: StateDep, principal: PrincipalDep) -> CollectionList:
+    """The collections this key may touch (all for an unscoped key), with their sizes and thresholds."""
+    infos = await run_in_threadpool(state.galleries.list_collections)
+    return CollectionList(items=[out(state, info) for info in infos if principal.may_touch(info.name)])
+
+
+@router.get("/collections/{collection}", response_model=CollectionOut, summary="One collection",
+            dependencies=[allow(Permission.read, scoped=True)])
+async def get_collection(collection: CollectionName, state: StateDep) -> CollectionOut:
+    try:
+        info = await run_in_threadpool(state.galleries.collection_info, collection)
+    except CollectionNotFound:
+        raise not_found(collection) from None
+    return out(state, info)
+
+
+@router.delete("/collections/{collection}", response_model=CollectionDeleted, summary="Delete a collection",
+               dependencies=[allow(Permission.admin)])
+async def delete_collection(collection: CollectionName, state: StateDep, actor: ActorDep) -> CollectionDeleted:
+    """Erases every identity and face in it, as deleting each identity would (nothing left in any file,
+    snapshot or table); its audit entries stay. `default` always exists: 409 `collection_protected`."""
+    try:
+        info = await run_in_threadpool(state.galleries.delete_collection, collection, actor)
+    except CollectionNotFound:
+        raise not_found(collection) from None
+    except CollectionProtected:
+        raise ServiceError(ErrorCode.collection_protected, "the default collection always exists; delete its "
+                           "identities instead", collection=collection) from None
+    return CollectionDeleted(name=info.name, deleted_identities=info.identities, deleted_faces=info.faces)

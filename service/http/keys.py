@@ -1,0 +1,72 @@
+"""API keys (admin): create (the secret shown once), list (never a secret), revoke; and /whoami, what
+the calling key may do (any key: the console shows or hides its admin pages by it)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path
+from starlette.concurrency import run_in_threadpool
+
+from ..access.keys import load_pepper, new_key
+from ..access.policy import Permission
+from ..errors import ErrorCode, ServiceError
+from ..gallery.api import CollectionNotFound, StoredKey
+from .deps import ActorDep, PrincipalDep, StateDep, allow
+from .schemas import ErrorResponse, KeyCreate, KeyCreated, KeyList, KeyOut, KeyRevoked, WhoAmI
+
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (401, 403, 404, 422)}
+router = APIRouter(tags=["keys"], responses=ERRORS)
+ADMIN = [allow(Permission.admin)]
+
+
+def key_out(key: StoredKey) -> dict[str, Any]:
+    return {"key_id": key.key_id, "role": key.role,
+            "collections": list(key.collections) if key.collections is not None else None,
+            "note": key.note, "created_at": key.created_at, "expires_at": key.expires_at,
+            "revoked_at": key.revoked_at, "last_used_at": key.last_used_at,
+            "rate_limit_rps": key.rate_limit_rps, "rate_limit_faces_per_s": key.rate_limit_faces_per_s}
+
+
+@router.post("/keys", status_code=201, response_model=KeyCreated, summary="Create an API key", dependencies=ADMIN)
+async def create_key(body: KeyCreate, state: StateDep, actor: ActorDep) -> KeyCreated:
+    """A new key with a role and a scope (`collections`: the ones it may touch; null: all). The answer
+    holds the secret, this once: only its hash is stored. 404 `collection_not_found` for a scope naming
+    a collection that does not exist."""
+    if body.collections is not None:
+        for name in body.collections:
+            try:
+                await run_in_threadpool(state.galleries.collection_info, name)
+            except CollectionNotFound:
+                raise ServiceError(ErrorCode.collection_not_found, f"no collection named {name!r}",
+                                   collection=name) from None
+    made = new_key(body.role, tuple(body.collections) if body.collections is not None else None, body.note,
+                   body.expires_at, load_pepper(state.settings), body.rate_limit_rps, body.rate_limit_faces_per_s)
+    await run_in_threadpool(state.galleries.add_key, made.stored, actor)
+    state.keyring.forget()  # open mode ends here at once
+    return KeyCreated(secret=made.secret, **key_out(made.stored))
+
+
+@router.get("/keys", response_model=KeyList, summary="List API keys", dependencies=ADMIN)
+async def list_keys(state: StateDep) -> KeyList:
+    """Every key, revoked and expired ones too, oldest first: ids, roles, scopes, times; never a secret."""
+    keys = await run_in_threadpool(state.galleries.list_keys)
+    return KeyList(items=[KeyOut(**key_out(k)) for k in keys])
+
+
+@router.delete("/keys/{key_id}", response_model=KeyRevoked, summary="Revoke an API key", dependencies=ADMIN)
+async def revoke_key(key_id: Annotated[str, Path(max_length=64)], state: StateDep, actor: ActorDep) -> KeyRevoked:
+    """Refused at once on this replica, within FACE_KEY_CACHE_S (1 s) on every other replica sharing the
+    database. The key stays listed (revoked) for the audit trail."""
+    revoked = await run_in_threadpool(state.galleries.revoke_key, key_id, actor)
+    if revoked is None or revoked.revoked_at is None:
+        raise ServiceError(ErrorCode.key_not_found, f"no key with id {key_id!r}", key_id=key_id)
+    state.keyring.forget()
+    return KeyRevoked(key_id=revoked.key_id, revoked_at=revoked.revoked_at)
+
+
+@router.get("/whoami", response_model=WhoAmI, summary="What this key may do", dependencies=[allow(Permission.embed)])
+async def whoami(principal: PrincipalDep) -> WhoAmI:
+    return WhoAmI(key_id=principal.key_id, role=principal.role.value,
+                  collections=sorted(principal.collections) if principal.collections is not None else None,
+                  open_mode=principal.open_mode)

@@ -1,0 +1,130 @@
+"""Keys over HTTP: made with a role and a scope, the secret shown once and stored only as a hash,
+revoked at once here and within a second on another replica, expiring on time; open mode without keys."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from harness.server import ServerProcess
+from tests.access.conftest import ADMIN_SECRET, KeyedServer, pg_tables_text
+from tests.conftest import backend_env
+
+
+def test_a_new_key_works_is_listed_without_its_secret_and_is_refused_once_revoked(keyed: KeyedServer):
+    secret = keyed.make_key("lifecycle", "read", ["alpha"])
+    key_id = keyed.key_ids["lifecycle"]
+    assert secret.startswith(f"fk_{key_id}_")
+    with keyed.client(secret) as reader:
+        assert reader.get("/collections/alpha/identities").status_code == 200
+    with keyed.client("admin") as admin:
+        listing = admin.get("/keys")
+        assert listing.status_code == 200
+        assert secret not in listing.text and secret.split("_")[-1] not in listing.text
+        mine = [k for k in listing.json()["items"] if k["key_id"] == key_id][0]
+        assert mine["role"] == "read" and mine["collections"] == ["alpha"] and mine["revoked_at"] is None
+        assert "secret" not in mine and "secret_hash" not in mine
+        revoked = admin.delete(f"/keys/{key_id}")
+        assert revoked.status_code == 200 and revoked.json()["revoked_at"] > 0
+        assert admin.delete("/keys/ffffffffffff").json()["error"]["code"] == "key_not_found"
+    with keyed.client(secret) as reader:  # refused at once on the replica that revoked it
+        r = reader.get("/collections/alpha/identities")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+
+
+def test_an_expired_key_is_refused(keyed: KeyedServer):
+    secret = keyed.make_key("short-lived", "embed", expires_at=time.time() + 2)
+    with keyed.client(secret) as client:
+        assert client.get("/whoami").status_code == 200
+        time.sleep(2.5)
+        assert client.get("/whoami").status_code == 401
+
+
+def test_a_key_scope_must_name_existing_collections(keyed: KeyedServer):
+    with keyed.client("admin") as admin:
+        r = admin.post("/keys", json={"role": "read", "collections": ["nowhere"]})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "collection_not_found"
+        r = admin.post("/keys", json={"role": "superuser"})
+        assert r.status_code == 422
+
+
+def test_secrets_are_never_written_in_plain_text(keyed: KeyedServer):
+    """Not in the server's log, not in any file of its data dir (the embedded catalog), not in the
+    database (postgres: a dump of the schema's tables)."""
+    secret = keyed.make_key("plain-text-check", "read")
+    with keyed.client(secret) as client:
+        client.get("/whoami")
+    time.sleep(0.2)
+    assert secret not in keyed.proc.log_path.read_text(errors="replace")
+    assert ADMIN_SECRET not in keyed.proc.log_path.read_text(errors="replace")
+    needle = secret.encode()
+    for path in keyed.proc.data_dir.rglob("*"):
+        if path.is_file():
+            assert needle not in path.read_bytes(), path
+    if keyed.backend == "postgres":
+        assert secret not in pg_tables_text(keyed.env)
+
+
+def test_open_mode_until_the_first_key_then_keys_are_required(tmp_path, default_model):
+    proc = ServerProcess(tmp_path / "data", model=default_model)
+    try:
+        proc.wait_ready()
+        with httpx.Client(base_url=proc.url, timeout=30) as anyone:
+            assert anyone.get("/identities").status_code == 200
+            me = anyone.get("/whoami").json()
+            assert me["open_mode"] is True and me["role"] == "admin"
+            made = anyone.post("/keys", json={"role": "admin", "note": "first"})
+            assert made.status_code == 201
+            r = anyone.get("/identities")
+            assert r.status_code == 401, "the first key ends open mode at once"
+            with httpx.Client(base_url=proc.url, timeout=30, headers={"X-API-Key": made.json()["secret"]}) as admin:
+                assert admin.get("/identities").status_code == 200
+                admin.delete(f"/keys/{made.json()['key_id']}")
+            assert anyone.get("/identities").status_code == 401, "a service that had keys never reopens"
+        assert "the service is open" in proc.log()
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(params=["postgres"])
+def two_replicas(request, tmp_path, default_model):
+    env = backend_env(request, {"FACE_API_KEY": ADMIN_SECRET})
+    a = ServerProcess(tmp_path / "a", model=default_model, env=env)
+    b = ServerProcess(tmp_path / "b", model=default_model, env=env)
+    try:
+        a.wait_ready()
+        b.wait_ready()
+        yield a, b
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_a_key_revoked_on_one_replica_is_refused_on_another_within_a_second(two_replicas):
+    a, b = two_replicas
+    admin = {"X-API-Key": ADMIN_SECRET}
+    made = httpx.post(a.url + "/keys", json={"role": "read"}, headers=admin, timeout=30).json()
+    key = {"X-API-Key": made["secret"]}
+    with httpx.Client(base_url=b.url, headers=key, timeout=30) as on_b:
+        assert on_b.get("/identities").status_code == 200  # b has the key in its cache now
+        assert httpx.delete(f"{a.url}/keys/{made['key_id']}", headers=admin, timeout=30).status_code == 200
+        revoked_at = time.monotonic()
+        while on_b.get("/identities").status_code == 200:
+            assert time.monotonic() - revoked_at < 1.0, "replica b still accepts a key revoked on a"
+            time.sleep(0.02)
+        assert time.monotonic() - revoked_at < 1.5
+        assert on_b.get("/identities").status_code == 401
+
+
+def test_keys_carry_their_own_rate_limits(keyed: KeyedServer):
+    secret = keyed.make_key("slow", "read", rate_limit_rps=2)
+    with keyed.client(secret) as client:
+        answers = [client.get("/whoami") for _ in range(6)]
+    limited = [r for r in answers if r.status_code == 429]
+    assert limited, [r.status_code for r in answers]
+    assert limited[0].json()["error"]["code"] == "rate_limited"
+    assert int(limited[0].headers["Retry-After"]) >= 1
+    with keyed.client("key-read") as other:  # another key's budget is its own
+        assert other.get("/whoami").status_code == 200

@@ -1,0 +1,165 @@
+"""Every route against every role, over HTTP, on both backends: allowed, or 403 ``forbidden``.
+
+The table below is the policy as users read it in the README; the test also checks that it names
+every route the OpenAPI document declares, so a route added without a decision fails here.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+
+import pytest
+
+from harness.fixtures import face_files
+from tests.access.conftest import KeyedServer, unit_vectors
+
+# (method, path) -> the permission it needs; "scoped": the collection must be in the key's scope
+POLICY: dict[tuple[str, str], tuple[str, bool]] = {
+    ("POST", "/embed"): ("embed", False),
+    ("POST", "/detect"): ("embed", False),
+    ("GET", "/whoami"): ("embed", False),
+    ("POST", "/verify"): ("read", True),
+    ("POST", "/identify"): ("read", True),
+    ("GET", "/identities"): ("read", True),
+    ("GET", "/identities/{identity_id}"): ("read", True),
+    ("POST", "/enroll"): ("write", True),
+    ("DELETE", "/identities/{identity_id}"): ("write", True),
+    ("POST", "/collections/{collection}/verify"): ("read", True),
+    ("POST", "/collections/{collection}/identify"): ("read", True),
+    ("GET", "/collections/{collection}/identities"): ("read", True),
+    ("GET", "/collections/{collection}/identities/{identity_id}"): ("read", True),
+    ("POST", "/collections/{collection}/enroll"): ("write", True),
+    ("DELETE", "/collections/{collection}/identities/{identity_id}"): ("write", True),
+    ("GET", "/collections"): ("read", False),
+    ("GET", "/collections/{collection}"): ("read", True),
+    ("POST", "/collections"): ("admin", False),
+    ("DELETE", "/collections/{collection}"): ("admin", False),
+    ("POST", "/keys"): ("admin", False),
+    ("GET", "/keys"): ("admin", False),
+    ("DELETE", "/keys/{key_id}"): ("admin", False),
+    ("GET", "/audit"): ("admin", False),
+    ("GET", "/metrics"): ("admin", False),
+    ("GET", "/healthz"): ("public", False),
+    ("GET", "/readyz"): ("public", False),
+}
+GRANTS = {"admin": {"embed", "read", "write", "admin"}, "write": {"embed", "read", "write"},
+          "read": {"embed", "read"}, "embed": {"embed"}}
+ROLES = ["admin", "write", "read", "embed"]
+
+
+def test_the_policy_names_every_route_of_the_openapi_document(keyed: KeyedServer):
+    with keyed.client("admin") as admin:
+        spec = admin.get("/openapi.json").json()
+    declared = {(method.upper(), path) for path, ops in spec["paths"].items() for method in ops}
+    assert declared == set(POLICY), (declared ^ set(POLICY))
+    for (method, path), (permission, scoped) in POLICY.items():
+        operation = spec["paths"][path][method.lower()]
+        if permission == "public":
+            assert "x-required-permission" not in operation
+            continue
+        assert operation["x-required-permission"] == permission, (method, path)
+        assert operation["x-collection-scoped"] == scoped, (method, path)
+        assert set(operation["x-roles"]) == {r for r in ROLES if permission in GRANTS[r]}
+
+
+class Calls:
+    """A request for each route, with a body good enough to pass validation (the route's own answer
+    may be 404 or 422: only 401/403 say what access decided)."""
+
+    def __init__(self, server: KeyedServer) -> None:
+        self.server = server
+        self.face = base64.b64encode(face_files("Colin_Powell")[0].read_bytes()).decode()
+        self.vectors = unit_vectors(3, seed=5)
+        self.counter = itertools.count()
+
+    def request(self, client, method: str, path: str, collection: str = "alpha"):
+        model = self.server.model_id
+        n = next(self.counter)
+        url = path.replace("{collection}", collection).replace("{identity_id}", f"someone-{n}")
+        if "{key_id}" in url:
+            url = url.replace("{key_id}", self.server.key_ids.get("throwaway", "000000000000"))
+        body = None
+        if path.endswith("/embed") or path.endswith("/detect"):
+            body = {"images": [self.face]}
+        elif path.endswith("/enroll"):
+            body = {"identity_id": f"matrix-{n}", "embeddings": [self.vectors[0]], "model_id": model}
+        elif path.endswith("/identify"):
+            body = {"embeddings": [self.vectors[1]], "model_id": model}
+        elif path.endswith("/verify"):
+            body = {"embedding_a": self.vectors[1], "embedding_b": self.vectors[2], "model_id": model}
+        elif path == "/collections" and method == "POST":
+            body = {"name": f"made-{n}"}
+        elif path == "/keys" and method == "POST":
+            body = {"role": "read", "note": "matrix"}
+        if method == "DELETE" and path == "/collections/{collection}":
+            url = f"/collections/doomed-{n}"
+            with self.server.client("admin") as admin:
+                assert admin.post("/collections", json={"name": f"doomed-{n}"}).status_code == 201
+        if method == "DELETE" and path == "/keys/{key_id}":
+            self.server.make_key("throwaway", "read")
+            url = f"/keys/{self.server.key_ids['throwaway']}"
+        return client.request(method, url, json=body)
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_every_role_against_every_route(keyed: KeyedServer, role: str):
+    calls = Calls(keyed)
+    with keyed.client("admin" if role == "admin" else f"key-{role}") as client:
+        for (method, path), (permission, _) in POLICY.items():
+            r = calls.request(client, method, path)
+            if permission == "public" or permission in GRANTS[role]:
+                assert r.status_code not in (401, 403), (role, method, path, r.status_code, r.text)
+                assert r.status_code < 500, (role, method, path, r.text)
+            else:
+                assert r.status_code == 403, (role, method, path, r.status_code, r.text)
+                assert r.json()["error"]["code"] == "forbidden"
+
+
+def test_without_a_key_every_route_but_the_probes_is_401(keyed: KeyedServer):
+    calls = Calls(keyed)
+    for secret in (None, "fk_000000000000_" + "A" * 43, "not-even-the-format"):
+        with keyed.client(secret) as client:
+            for (method, path), (permission, _) in POLICY.items():
+                r = calls.request(client, method, path)
+                if permission == "public":
+                    assert r.status_code == 200, (method, path, r.text)
+                else:
+                    assert r.status_code == 401, (secret, method, path, r.status_code)
+                    assert r.json()["error"]["code"] == "unauthorized"
+
+
+@pytest.mark.parametrize("role", ["write", "read"])
+def test_a_scoped_key_is_refused_outside_its_collections(keyed: KeyedServer, role: str):
+    """A key for `alpha` may use alpha's routes, and gets 403 in `beta`, in `default` (the unprefixed
+    routes) and in a collection that does not exist (no probing for names)."""
+    calls = Calls(keyed)
+    scoped = {(m, p): v for (m, p), v in POLICY.items() if v[1] and p.startswith("/collections/{collection}")}
+    with keyed.client(f"{role}-alpha") as client:
+        for (method, path), (permission, _) in scoped.items():
+            inside = calls.request(client, method, path, "alpha")
+            if permission in GRANTS[role]:
+                assert inside.status_code not in (401, 403), (role, method, path, inside.text)
+            else:
+                assert inside.status_code == 403
+            for elsewhere in ("beta", "default", "no-such-collection"):
+                r = calls.request(client, method, path, elsewhere)
+                assert r.status_code == 403, (role, method, path, elsewhere, r.status_code)
+                assert r.json()["error"]["code"] == "forbidden"
+        for (method, path), (_, scoped_) in POLICY.items():
+            if scoped_ and not path.startswith("/collections"):  # the default collection's routes
+                assert calls.request(client, method, path).status_code == 403, (method, path)
+        listed = client.get("/collections").json()["items"]
+        assert [c["name"] for c in listed] == ["alpha"]
+        me = client.get("/whoami").json()
+        assert me["role"] == role and me["collections"] == ["alpha"] and me["open_mode"] is False
+
+
+def test_force_quality_needs_an_admin_key(keyed: KeyedServer):
+    face = base64.b64encode(face_files("Tony_Blair")[0].read_bytes()).decode()
+    body = {"identity_id": "forced", "images": [face], "force_quality": True}
+    with keyed.client("key-write") as writer:
+        r = writer.post("/enroll", json=body)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
+    with keyed.client("admin") as admin:
+        assert admin.post("/enroll", json=body).status_code == 200

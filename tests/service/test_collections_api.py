@@ -1,0 +1,199 @@
+"""Collections over HTTP on both backends: create/list/get/delete, the routes under
+/collections/{name}, isolation (also under concurrent writes), per-collection thresholds, and the
+audit trail of what changed."""
+
+from __future__ import annotations
+
+import base64
+import threading
+
+import httpx
+import numpy as np
+import pytest
+
+from harness.fixtures import face_files
+from harness.server import ServerProcess
+from tests.conftest import backend_env
+
+DIM = 128
+
+
+def vectors(n: int, seed: int) -> list[list[float]]:
+    v = np.random.default_rng(seed).normal(size=(n, DIM)).astype(np.float32)
+    return (v / np.linalg.norm(v, axis=1, keepdims=True)).tolist()
+
+
+@pytest.fixture(scope="module", params=["embedded", "postgres"])
+def served(request, tmp_path_factory, default_model):
+    env = backend_env(request, {"FACE_ENROLL_HUB_ALPHA": "0"})
+    proc = ServerProcess(tmp_path_factory.mktemp(f"collections-{request.param}") / "data", model=default_model,
+                         env=env)
+    ready = proc.wait_ready()
+    with httpx.Client(base_url=proc.url, timeout=60) as client:
+        client.model_id = ready["model_id"]  # type: ignore[attr-defined]
+        yield client
+    proc.stop()
+
+
+def enroll(client, collection: str, identity: str, rows: list[list[float]]) -> httpx.Response:
+    return client.post(f"/collections/{collection}/enroll",
+                       json={"identity_id": identity, "embeddings": rows, "model_id": client.model_id})
+
+
+def test_create_list_get_delete(served):
+    r = served.post("/collections", json={"name": "site-a"})
+    assert r.status_code == 201, r.text
+    made = r.json()
+    assert made["name"] == "site-a" and made["identities"] == 0 and made["faces"] == 0
+    assert made["model_id"] == served.model_id and made["identify_threshold"] > 0
+    assert served.post("/collections", json={"name": "site-a"}).json()["error"]["code"] == "collection_exists"
+    for bad in ("Site-A", "-x", "a/b", "", "x" * 64, "é"):
+        r = served.post("/collections", json={"name": bad})
+        assert r.status_code == 422, bad
+    names = [c["name"] for c in served.get("/collections").json()["items"]]
+    assert "default" in names and "site-a" in names
+    assert enroll(served, "site-a", "ann", vectors(2, 1)).status_code == 200
+    one = served.get("/collections/site-a").json()
+    assert one["identities"] == 1 and one["faces"] == 2
+    gone = served.delete("/collections/site-a")
+    assert gone.status_code == 200 and gone.json() == {"name": "site-a", "deleted_identities": 1, "deleted_faces": 2}
+    for path in ("/collections/site-a", "/collections/site-a/identities"):
+        r = served.get(path)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "collection_not_found", path
+    r = served.post("/collections/site-a/identify", json={"embeddings": vectors(1, 1), "model_id": served.model_id})
+    assert r.json()["error"]["code"] == "collection_not_found"
+    r = served.delete("/collections/default")
+    assert r.status_code == 409 and r.json()["error"]["code"] == "collection_protected"
+
+
+def test_the_unprefixed_routes_are_the_default_collection(served):
+    rows = vectors(1, 2)
+    assert served.post("/enroll", json={"identity_id": "dora", "embeddings": rows,
+                                        "model_id": served.model_id}).status_code == 200
+    assert served.get("/collections/default/identities/dora").status_code == 200
+    r = served.post("/collections/default/identify", json={"embeddings": rows, "model_id": served.model_id})
+    assert r.json()["results"][0]["identity_id"] == "dora"
+    served.delete("/collections/default/identities/dora")
+    assert served.get("/identities/dora").status_code == 404
+
+
+def test_the_same_id_in_two_collections_is_two_people(served):
+    for name in ("north", "south"):
+        served.post("/collections", json={"name": name})
+    a, b = vectors(2, 3)
+    assert enroll(served, "north", "pat", [a]).json()["created"] is True
+    assert enroll(served, "south", "pat", [b]).json()["created"] is True
+    north = served.post("/collections/north/identify", json={"embeddings": [b], "model_id": served.model_id}).json()
+    assert north["results"][0]["identity_id"] is None  # b is south's pat, unknown in north
+    v = served.post("/collections/south/verify", json={"embedding_a": b, "identity_id": "pat",
+                                                       "model_id": served.model_id}).json()
+    assert v["match"] is True and v["similarity"] > 0.99
+    served.delete("/collections/north/identities/pat")
+    assert served.get("/collections/south/identities/pat").status_code == 200
+
+
+def test_the_threshold_follows_each_collection_own_size(served):
+    served.post("/collections", json={"name": "small"})
+    served.post("/collections", json={"name": "large"})
+    for i in range(60):
+        enroll(served, "large", f"p{i}", vectors(3, 100 + i))
+    enroll(served, "small", "only", vectors(1, 99))
+    small, large = served.get("/collections/small").json(), served.get("/collections/large").json()
+    assert small["identify_threshold"] < large["identify_threshold"]
+    probe = {"embeddings": vectors(1, 7), "model_id": served.model_id}
+    answer = served.post("/collections/small/identify", json=probe).json()
+    assert answer["threshold"] == pytest.approx(small["identify_threshold"])
+    assert answer["gallery_identities"] == 1
+    ready = served.get("/readyz").json()
+    assert ready["collections"]["small"]["identify_threshold"] == pytest.approx(small["identify_threshold"])
+    assert ready["collections"]["large"]["faces"] == 180
+
+
+def test_no_cross_collection_answer_under_concurrent_writes(served):
+    """Two collections enrolled into from threads while both are identified from others: every
+    candidate of an identify in a collection is one of that collection's identities, always."""
+    for name in ("left", "right"):
+        served.post("/collections", json={"name": name})
+    stop = threading.Event()
+    errors: list[str] = []
+    rng = np.random.default_rng(11)
+    shared = vectors(1, 12)  # the same face enrolled in both, under a per-collection id
+
+    def writer(collection: str) -> None:
+        with httpx.Client(base_url=str(served.base_url), timeout=60) as c:
+            c.model_id = served.model_id  # type: ignore[attr-defined]
+            i = 0
+            while not stop.is_set() and i < 60:
+                rows = shared if i % 5 == 0 else vectors(1, int(rng.integers(1 << 30)))
+                r = enroll(c, collection, f"{collection}-{i}", rows)
+                if r.status_code != 200:
+                    errors.append(r.text)
+                i += 1
+
+    def reader(collection: str) -> None:
+        with httpx.Client(base_url=str(served.base_url), timeout=60) as c:
+            while not stop.is_set():
+                r = c.post(f"/collections/{collection}/identify",
+                           json={"embeddings": shared, "top_k": 10, "model_id": served.model_id})
+                if r.status_code != 200:
+                    errors.append(r.text)
+                    continue
+                for cand in r.json()["results"][0]["candidates"]:
+                    if not cand["identity_id"].startswith(f"{collection}-"):
+                        errors.append(f"{collection} answered {cand['identity_id']}")
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in ("left", "right")]
+    threads += [threading.Thread(target=reader, args=(n,)) for n in ("left", "right", "left", "right")]
+    for t in threads:
+        t.start()
+    for t in threads[:2]:
+        t.join()
+    stop.set()
+    for t in threads[2:]:
+        t.join()
+    assert errors == []
+    assert served.get("/collections/left").json()["identities"] == 60
+
+
+def test_every_change_is_audited_with_who_when_and_what(served):
+    served.post("/collections", json={"name": "audited"}, headers={"X-Request-ID": "req-make-audited"})
+    r = enroll(served, "audited", "zoe", vectors(2, 21))
+    request_id = r.headers["X-Request-ID"]
+    assert request_id
+    served.post("/collections/audited/enroll", json={"identity_id": "zoe", "embeddings": vectors(1, 22),
+                                                     "model_id": served.model_id, "replace": True})
+    served.delete("/collections/audited/identities/zoe")
+    served.delete("/collections/audited")
+    page = served.get("/audit", params={"collection": "audited"}).json()
+    actions = [e["action"] for e in page["items"]]
+    assert actions == ["collection.deleted", "identity.deleted", "identity.replaced", "identity.created",
+                       "collection.created"]
+    created = page["items"][3]
+    assert created["identity_id"] == "zoe" and created["request_id"] == request_id
+    assert created["client"] == "127.0.0.1" and created["details"]["face_count"] == 2
+    assert page["items"][-1]["request_id"] == "req-make-audited"
+    assert page["items"][0]["details"] == {"identities": 0, "faces": 0}
+    # paging: one entry a page, newest first, every entry once
+    seen, cursor = [], None
+    while True:
+        p = served.get("/audit", params={"collection": "audited", "limit": 1} | ({"cursor": cursor} if cursor else {}))
+        seen += [e["action"] for e in p.json()["items"]]
+        cursor = p.json()["next_cursor"]
+        if not cursor:
+            break
+    assert seen == actions
+    only_zoe = served.get("/audit", params={"identity_id": "zoe", "collection": "audited"}).json()["items"]
+    assert {e["action"] for e in only_zoe} == {"identity.created", "identity.replaced", "identity.deleted"}
+    for entry in served.get("/audit", params={"limit": 1000}).json()["items"]:  # never an image or a vector
+        assert all(not isinstance(v, (list, dict)) or k == "collections" for k, v in entry["details"].items()), entry
+
+
+def test_photos_go_to_the_chosen_collection(served):
+    served.post("/collections", json={"name": "photos"})
+    face = base64.b64encode(face_files("Colin_Powell")[0].read_bytes()).decode()
+    assert served.post("/collections/photos/enroll", json={"identity_id": "colin", "images": [face]}).status_code == 200
+    probe = base64.b64encode(face_files("Colin_Powell")[1].read_bytes()).decode()
+    here = served.post("/collections/photos/identify", json={"images": [probe]}).json()
+    assert here["results"][0]["identity_id"] == "colin"
+    default = served.post("/identify", json={"images": [probe]}).json()
+    assert all(c["identity_id"] != "colin" for c in default["results"][0]["candidates"])
