@@ -135,23 +135,44 @@ def test_pepper_file(operator_backend, tmp_path):
     assert len(json.loads(b.run("keys", "list", "--json").stdout)["items"]) == 1
 
 
-def test_keys_while_a_server_runs_on_the_same_data_dir(operator_backend):
-    """The first admin key of a running install: the server holds the data dir (or the database)."""
+def until(check, timeout: float = 5.0):
+    """``check()``'s first truthy answer, polled (the server trusts what it read about keys for FACE_KEY_CACHE_S)."""
+    deadline = time.monotonic() + timeout
+    while not (answer := check()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return answer
+
+
+def test_first_admin_key_while_a_server_runs(operator_backend, tmp_path):
+    """A fresh install, serving in open mode: the operator makes the first admin key beside the running
+    server (which holds the data dir, or the database), with the same pepper file; the server then
+    wants it, and refuses it once revoked."""
     b = operator_backend
+    pepper = tmp_path / "pepper"
+    pepper.write_bytes(b"pepper of this install\n")
+    b.env["FACE_KEY_PEPPER_FILE"] = str(pepper)
     server = ServerProcess(b.data_dir, model=b.model, env=b.env)
     try:
         server.wait_ready()
+        whoami = server.url + "/whoami"
+        assert httpx.get(whoami, timeout=10).json()["open_mode"] is True
         r = b.run("keys", "create", "--role", "admin", "--json")
         assert r.returncode == 0, r.stderr
         made = json.loads(r.stdout)
+        with_key = {"X-API-Key": made["secret"]}
+        assert until(lambda: httpx.get(whoami, timeout=10).status_code == 401)  # open mode is over
+        answer = httpx.get(whoami, headers=with_key, timeout=10)
+        assert answer.status_code == 200, answer.text
+        assert (answer.json()["key_id"], answer.json()["role"]) == (made["key_id"], "admin")
         listed = json.loads(b.run("keys", "list", "--json").stdout)["items"]
         assert [k["key_id"] for k in listed] == [made["key_id"]]
+
         r = b.run("keys", "revoke", made["key_id"])
         assert r.returncode == 0, r.stderr
+        assert until(lambda: httpx.get(whoami, headers=with_key, timeout=10).status_code == 401)
         r = b.run("audit", "export")
         assert r.returncode == 0, r.stderr
         assert [json.loads(line)["action"] for line in r.stdout.splitlines()] == ["key.created", "key.revoked"]
-        assert httpx.get(server.url + "/healthz", timeout=10).status_code == 200
         assert server.proc.poll() is None
     finally:
         server.stop()
