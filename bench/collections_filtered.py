@@ -72,8 +72,10 @@ def naive(galleries, collection_id: int, k: int, scan: str):
         with galleries._read_connection() as conn, conn.transaction():  # noqa: SLF001 - the bench's own query
             conn.execute("SELECT set_config('hnsw.iterative_scan', %s, true), set_config('hnsw.ef_search', %s, true)",
                          (scan, str(ef)))
+            # prepare=False: planned for this collection id each time, as an ad-hoc query is (psycopg's
+            # automatic prepared statements would soon get a generic plan, which may be exact)
             row = conn.execute("SELECT identity_id FROM faces WHERE collection_id = %s ORDER BY embedding <=> %b "
-                               "LIMIT %s", (collection_id, probe, k)).fetchone()
+                               "LIMIT %s", (collection_id, probe, k), prepare=False).fetchone()
         return None if row is None else row[0]
 
     return search

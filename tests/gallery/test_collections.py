@@ -535,6 +535,10 @@ for i in itertools.count():
     try:
         recorded = {(e.collection, e.identity_id) for e in entries(g) if e.action == "identity.created"}
         assert set(acknowledged) <= recorded
+        # the entry and the change are one transaction: neither is ever left without the other
+        stored = {(name, r.identity_id) for name in ("default", "side")
+                  for r in g.collection(name).list_identities(10_000, None)}
+        assert stored == recorded
         for name, identity in acknowledged[-3:]:
             assert g.collection(name).get_identity(identity) is not None
     finally:

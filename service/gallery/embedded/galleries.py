@@ -133,6 +133,7 @@ class EmbeddedGalleries:
         self._mutex = threading.Condition()  # guards _entries, _known and every _Entry's refs/deleted
         self._entries: dict[str, _Entry] = {}
         self._known: dict[str, float] = {}  # collection -> created_at (its incarnation, for handles)
+        self._deleting: set[str] = set()  # being deleted: unknown to new handles and uses
         self._shape = threading.RLock()  # creates and deletes vs reads of every collection's files
         self._stop = threading.Event()
         self._maintainer: threading.Thread | None = None
@@ -221,7 +222,8 @@ class EmbeddedGalleries:
     # --- using a collection ----------------------------------------------------------------------
     def _refresh_known(self) -> None:
         """Re-read the collections from the catalog (caller holds _mutex)."""
-        self._known = {name: created for name, (_, created) in self._catalog.collections().items()}
+        self._known = {name: created for name, (_, created) in self._catalog.collections().items()
+                       if name not in self._deleting}
 
     def _incarnation(self, name: str) -> float:
         with self._mutex:
@@ -348,7 +350,8 @@ class EmbeddedGalleries:
         with self._shape:
             info = self.collection_info(name)  # CollectionNotFound
             with self._mutex:
-                self._known.pop(name, None)  # no new use from here on
+                self._deleting.add(name)
+                self._known.pop(name, None)  # no new handle or use from here on
                 entry = self._entries.get(name)
                 if entry is not None:
                     entry.deleted = True
@@ -374,12 +377,16 @@ class EmbeddedGalleries:
             except BaseException:
                 with self._mutex:
                     self._entries.pop(name, None)
+                    self._deleting.discard(name)
                     self._refresh_known()  # still in the catalog unless the drop committed
                 raise
-            with self._mutex:
-                if self._entries.get(name) is entry:
-                    self._entries.pop(name, None)
-            erase_directory(directory)  # a crash before this ends: the next start erases it (_sweep)
+            try:
+                erase_directory(directory)  # a crash before this ends: the next start erases it (_sweep)
+            finally:
+                with self._mutex:
+                    if self._entries.get(name) is entry:
+                        self._entries.pop(name, None)
+                    self._deleting.discard(name)
         log.info("collection deleted", extra={"collection": name, **details})
         return CollectionInfo(name, info.model_id, info.created_at, identities, faces, info.counted_faces)
 

@@ -1,0 +1,289 @@
+"""Collections, keys and audit on PostgreSQL: what only this backend has to get right.
+
+The shared behaviour is in test_collections.py (both backends). Here: migration 3 upgrading a round-2
+database in place, the filtered-search trap (a small collection beside a big one in one HNSW index),
+audit records committed with their change (or neither), keys revoked on one replica refused by
+another at once, and a deleted collection leaving no row behind, even under concurrent enrolls.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import psycopg
+import pytest
+from pgvector.psycopg import register_vector
+
+from service.gallery.api import (
+    DEFAULT_COLLECTION,
+    Actor,
+    AuditQuery,
+    CollectionNotFound,
+    StoredKey,
+)
+from service.gallery.postgres.backend import MIGRATIONS, PostgresGalleries, PostgresOptions
+from service.model.calibration import FACES_COUNTED_PER_IDENTITY
+from tests.gallery.test_gallery import DIM, unit
+
+MODEL = "m@1"
+ALICE = Actor(key_id="key-alice", client="10.0.0.1", request_id="req-1")
+
+
+@pytest.fixture
+def options(postgres) -> PostgresOptions:
+    return PostgresOptions(url=postgres.url, schema=postgres.fresh_schema())
+
+
+@pytest.fixture
+def opened():
+    """Opens PostgresGalleries (closed at the end of the test)."""
+    backends: list[PostgresGalleries] = []
+
+    def open_(options: PostgresOptions) -> PostgresGalleries:
+        g = PostgresGalleries(options, MODEL, DIM)
+        g.open()
+        backends.append(g)
+        return g
+
+    yield open_
+    for g in backends:
+        g.close()
+
+
+def sql_connection(options: PostgresOptions) -> psycopg.Connection:
+    conn = psycopg.connect(options.url, autocommit=True, options=f"-c search_path={options.schema},public")
+    register_vector(conn)
+    return conn
+
+
+# --- migration 3 -----------------------------------------------------------------------------------
+
+def make_round_two_database(options: PostgresOptions, people: dict[str, np.ndarray]) -> None:
+    """A database as round 2's service left it: migrations 1 and 2 (its statements, as they shipped),
+    its meta, and identities, faces and counters written as round 2's enroll wrote them."""
+    with psycopg.connect(options.url, autocommit=True) as conn:
+        with conn.transaction():
+            conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+            conn.execute(f"CREATE SCHEMA {options.schema}")
+            conn.execute(f"SET LOCAL search_path = {options.schema}, public")
+            conn.execute("CREATE TABLE meta (key text PRIMARY KEY, value text NOT NULL)")
+            conn.execute("CREATE TABLE schema_migrations (version int PRIMARY KEY, description text NOT NULL, "
+                         "applied_at timestamptz NOT NULL DEFAULT now())")
+            for migration in MIGRATIONS[:2]:
+                for statement in migration.statements:
+                    conn.execute(statement.format(dim=DIM, m=16, ef_construction=64))
+                conn.execute("INSERT INTO schema_migrations(version, description) VALUES (%s, %s)",
+                             (migration.version, migration.description))
+            conn.execute("INSERT INTO meta(key, value) VALUES ('model_id', %s), ('embedding_size', %s), "
+                         "('counted_faces_cap', %s)", (MODEL, str(DIM), str(FACES_COUNTED_PER_IDENTITY)))
+    with sql_connection(options) as conn, conn.transaction():
+        for slot, (identity_id, faces) in enumerate(people.items()):
+            conn.execute("INSERT INTO identities(identity_id, metadata, created_at, updated_at) "
+                         "VALUES (%s, %s, 1.0, 2.0)", (identity_id, '{"round": 2}'))
+            for face in faces:
+                conn.execute("INSERT INTO faces(identity_id, embedding, created_at) VALUES (%s, %s, 1.0)",
+                             (identity_id, face))
+            conn.execute("UPDATE counters SET identities = identities + 1, faces = faces + %s, "
+                         "counted_faces = counted_faces + %s WHERE slot = %s",
+                         (len(faces), min(len(faces), FACES_COUNTED_PER_IDENTITY), slot % 16))
+
+
+def test_migration_3_upgrades_a_round_two_database_in_place(options, opened):
+    rng = np.random.default_rng(0)
+    people = {f"old{i}": unit(rng, 1 + i % 3) for i in range(12)}
+    people["many"] = unit(rng, FACES_COUNTED_PER_IDENTITY + 2)
+    make_round_two_database(options, people)
+    with sql_connection(options) as conn:
+        face_ids = {r[1]: [] for r in conn.execute("SELECT face_id, identity_id FROM faces")}
+        for face_id, identity_id in conn.execute("SELECT face_id, identity_id FROM faces ORDER BY face_id"):
+            face_ids[identity_id].append(face_id)
+
+    g = opened(options)  # applies migration 3
+    faces = sum(len(v) for v in people.values())
+    counted = sum(min(len(v), FACES_COUNTED_PER_IDENTITY) for v in people.values())
+    [info] = g.list_collections()
+    assert (info.name, info.model_id, info.identities, info.faces, info.counted_faces) == (
+        DEFAULT_COLLECTION, MODEL, len(people), faces, counted)
+    default = g.collection(DEFAULT_COLLECTION)
+    assert (default.identity_count, default.face_count, default.counted_faces) == (len(people), faces, counted)
+    for identity_id, vectors in people.items():
+        found = default.get_identity(identity_id)
+        assert found.record.metadata == {"round": 2} and (found.record.created_at, found.record.updated_at) == (1.0, 2.0)
+        assert [f.face_id for f in found.faces] == face_ids[identity_id]  # the same rows, not copies
+        assert default.search(vectors[:1], 1)[0][0].identity_id == identity_id
+    # writes go on as before, and the new parts work on the upgraded schema
+    assert default.enroll("old0", unit(rng, 1), actor=ALICE).face_count == 2
+    g.create_collection("new", actor=ALICE)
+    assert g.collection("new").enroll("old0", unit(rng, 1)).created  # another person in another collection
+    assert [e.action for e in g.audit(AuditQuery())] == ["collection.created", "identity.appended"]
+    with sql_connection(options) as conn:
+        assert [r[0] for r in conn.execute("SELECT version FROM schema_migrations ORDER BY 1")] == [1, 2, 3]
+    again = opened(options)  # a second replica finds the work done
+    assert again.collection(DEFAULT_COLLECTION).stats().identities == len(people)
+
+
+# --- the filtered-search trap ----------------------------------------------------------------------
+
+def normed(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def exact_best(probes: np.ndarray, vectors: np.ndarray, owners: list[str]) -> list[str]:
+    return [owners[i] for i in (probes @ vectors.T).argmax(axis=1)]
+
+
+@pytest.mark.parametrize("exact_max", [None, 0], ids=["design", "hnsw_path"])
+def test_small_collections_beside_a_big_one_find_what_exact_search_finds(options, opened, exact_max):
+    """20 faces and 2000 faces beside 20k in one table and one HNSW index: identify in each returns
+    the identity exact search over that collection returns, for its own people and for people it does
+    not hold (whose nearest faces in the table all belong to the big collection). ``hnsw_path``: the
+    iterative HNSW plan for every collection (what collections over exact_search_max_faces get)."""
+    if exact_max is not None:
+        options = PostgresOptions(url=options.url, schema=options.schema, exact_search_max_faces=exact_max)
+    g = opened(options)
+    rng = np.random.default_rng(1)
+    centres = unit(rng, 10_000)
+    big = [normed(c + 0.4 * unit(rng, 2)) for c in centres]
+    with g.index_built_after():
+        g.collection(DEFAULT_COLLECTION).import_identities([(f"big{i}", f, None) for i, f in enumerate(big)])
+    probes_unknown = normed(centres[:60] + 0.3 * unit(rng, 60))  # people of the big collection only
+    collections = {name: unit(rng, people * 2) for name, people in (("tiny", 10), ("medium", 1000))}
+    for name, vectors in collections.items():
+        g.create_collection(name)
+        g.collection(name).import_identities([(f"{name}{i}", vectors[2 * i:2 * i + 2], None)
+                                              for i in range(len(vectors) // 2)])
+    with sql_connection(options) as conn:  # the planner's statistics, as autovacuum keeps them
+        conn.execute("ANALYZE faces")
+    for name, vectors in collections.items():
+        people = len(vectors) // 2
+        owners = [f"{name}{i // 2}" for i in range(people * 2)]
+        probes = np.concatenate([normed(vectors[:80:2] + 0.3 * unit(rng, min(40, people))), probes_unknown])
+        found = [g.collection(name).search(p[None], 5)[0][0].identity_id for p in probes]
+        assert found == exact_best(probes, vectors, owners), name
+    assert g.collection(DEFAULT_COLLECTION).face_count == 20_000
+
+
+# --- audit in the transaction of the change ---------------------------------------------------------
+
+def test_a_change_whose_audit_record_fails_is_not_made(options, opened):
+    """The record is written in the change's transaction: when the database refuses the record, the
+    change is rolled back with it (and a change that fails leaves no record: test_collections.py)."""
+    g = opened(options)
+    rng = np.random.default_rng(2)
+    g.create_collection("kept")
+    g.collection("kept").enroll("someone", unit(rng, 2), actor=ALICE)
+    with sql_connection(options) as conn:  # a record the database will refuse
+        conn.execute("ALTER TABLE audit ADD CONSTRAINT refuse CHECK (identity_id IS DISTINCT FROM 'poison' "
+                     "AND action <> 'collection.deleted')")
+    default = g.collection(DEFAULT_COLLECTION)
+    before = (default.stats().identities, default.stats().faces, len(g.audit(AuditQuery())))
+    with pytest.raises(psycopg.errors.CheckViolation):
+        default.enroll("poison", unit(rng, 2), actor=ALICE)
+    with pytest.raises(psycopg.errors.CheckViolation):
+        default.import_identities([("fine", unit(rng, 1), None), ("poison", unit(rng, 1), None)], actor=ALICE)
+    with pytest.raises(psycopg.errors.CheckViolation):
+        g.delete_collection("kept", actor=ALICE)
+    assert (default.stats().identities, default.stats().faces, len(g.audit(AuditQuery()))) == before
+    assert default.get_identity("poison") is None and default.get_identity("fine") is None
+    assert g.collection("kept").get_identity("someone").record.face_count == 2  # not erased
+
+
+def test_every_acknowledged_change_has_its_record_after_kill_9(options, opened):
+    opened(options).create_collection("side")  # migrated, before the writer starts
+    script = f"""
+import itertools
+import numpy as np
+from service.gallery.api import Actor
+from service.gallery.postgres.backend import PostgresGalleries, PostgresOptions
+g = PostgresGalleries(PostgresOptions(url={options.url!r}, schema={options.schema!r}), {MODEL!r}, {DIM})
+g.open()
+rng = np.random.default_rng(0)
+for i in itertools.count():
+    name = ("default", "side")[i % 2]
+    g.collection(name).enroll(f"p{{i}}", rng.normal(size=(1, {DIM})).astype(np.float32),
+                              actor=Actor(key_id="k", request_id=f"r{{i}}"))
+    print(name, f"p{{i}}", flush=True)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    acknowledged = []
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 120
+        while len(acknowledged) < 100 and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            acknowledged.append(tuple(line.split()))
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert len(acknowledged) >= 100, proc.stderr.read() if proc.stderr else ""
+    g = opened(options)
+    recorded = {(e.collection, e.identity_id) for e in g.audit(AuditQuery(limit=1000))
+                if e.action == "identity.created"}
+    assert set(acknowledged) <= recorded
+    stored = {(name, i.identity_id) for name in ("default", "side") for i in g.collection(name).list_identities(1000, None)}
+    assert recorded == stored  # and no record without its change
+
+
+# --- keys across replicas --------------------------------------------------------------------------
+
+def test_a_key_revoked_on_one_replica_is_revoked_on_another_at_once(options, opened):
+    a, b = opened(options), opened(options)
+    key = StoredKey("k1", "h" * 64, "write", ("hr",), "badge office", time.time())
+    assert b.get_key("k1") is None and not b.has_keys()
+    a.add_key(key, actor=ALICE)
+    assert b.get_key("k1") == key and b.has_keys()  # created on A: known to B at once
+    revoked = a.revoke_key("k1", actor=ALICE)
+    assert b.get_key("k1").revoked_at == revoked.revoked_at and not b.has_keys()  # no cache between
+    b.touch_keys({"k1": 123.0})
+    assert a.get_key("k1").last_used_at == 123.0
+
+
+# --- deleting a collection --------------------------------------------------------------------------
+
+def test_deleting_a_collection_leaves_no_row_even_under_concurrent_enrolls(options, opened):
+    g = opened(options)
+    other = opened(options)  # a second replica enrolls while the first deletes
+    rng = np.random.default_rng(3)
+    g.collection(DEFAULT_COLLECTION).enroll("bystander", unit(rng, 1))
+    for round_ in range(3):
+        g.create_collection("doomed")
+        secret = unit(rng, 40)
+        g.collection("doomed").import_identities([(f"s{i}", secret[i:i + 1], None) for i in range(20)])
+        stop, outcomes = threading.Event(), {"stored": 0, "not_found": 0}
+
+        def enroller():
+            i = 20
+            while not stop.is_set():
+                try:
+                    other.collection("doomed").enroll(f"s{i}", secret[i % 40:i % 40 + 1])
+                    outcomes["stored"] += 1
+                except CollectionNotFound:
+                    outcomes["not_found"] += 1
+                    return
+                i += 1
+
+        thread = threading.Thread(target=enroller)
+        thread.start()
+        time.sleep(0.05)
+        deleted = g.delete_collection("doomed", actor=ALICE)
+        stop.set()
+        thread.join(30)
+        assert deleted.identities >= 20 and outcomes["not_found"] + outcomes["stored"] > 0
+        with sql_connection(options) as conn:
+            orphans = conn.execute(
+                "SELECT (SELECT count(*) FROM faces WHERE collection_id NOT IN (SELECT collection_id FROM collections)), "
+                "(SELECT count(*) FROM identities WHERE collection_id NOT IN (SELECT collection_id FROM collections)), "
+                "(SELECT count(*) FROM counters WHERE collection_id NOT IN (SELECT collection_id FROM collections))"
+            ).fetchone()
+            assert orphans == (0, 0, 0), round_
+            for v in secret:  # no face of it is left, under any collection
+                assert conn.execute("SELECT count(*) FROM faces WHERE embedding <=> %s < 1e-6", (v,)).fetchone()[0] == 0
+    assert g.collection(DEFAULT_COLLECTION).stats().identities == 1
