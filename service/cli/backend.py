@@ -1,5 +1,5 @@
-"""What the operator commands (``keys``, ``audit``) share: the backend flags, the backend they open, and
-who they say made a change.
+"""What the operator commands share: the backend flags and settings (``gallery``, ``keys``, ``audit``), the
+backend ``keys`` and ``audit`` open, and who they say made a change.
 
 They open the backend the server would (FACE_DATABASE_URL: PostgreSQL, else the embedded catalog in
 FACE_DATA_DIR) and may run while a server serves the same data dir or database: keys and the audit
@@ -32,7 +32,7 @@ class CommandError(Exception):
 def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", type=Path, help="embedded gallery directory (FACE_DATA_DIR)")
     parser.add_argument("--database-url", help="PostgreSQL URL (FACE_DATABASE_URL); set: the postgres backend")
-    parser.add_argument("--model", type=Path, help="ONNX model or directory (FACE_MODEL): the gallery's model id")
+    parser.add_argument("--model", type=Path, help="ONNX model or directory (FACE_MODEL); default: SFace")
 
 
 def settings_from(args: argparse.Namespace) -> Settings:

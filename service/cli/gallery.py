@@ -50,6 +50,7 @@ from ..gallery.api import (
     IdentityExists,
 )
 from ..gallery.open import open_gallery
+from .backend import CommandError, add_backend_arguments, fail, settings_from
 
 if TYPE_CHECKING:  # the pipeline is imported lazily, at run time
     from ..faces.pipeline import ImageType
@@ -307,9 +308,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         description="Gallery tools. The gallery and model are the ones the service would use: FACE_* settings "
         "(FACE_DATABASE_URL for PostgreSQL, else FACE_DATA_DIR), and these flags.",
     )
-    parser.add_argument("--data-dir", type=Path, help="embedded gallery directory (FACE_DATA_DIR)")
-    parser.add_argument("--model", type=Path, help="ONNX model or directory (FACE_MODEL); default: SFace")
-    parser.add_argument("--database-url", help="PostgreSQL URL (FACE_DATABASE_URL); set: the postgres backend")
+    add_backend_arguments(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     export = sub.add_parser("export", help="write a collection to a file (JSON Lines, with the model id)")
     export.add_argument("file", type=Path)
@@ -334,13 +333,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    overrides = {k: v for k, v in {"data_dir": args.data_dir, "model": args.model,
-                                   "database_url": args.database_url}.items() if v is not None}
-    settings = Settings(**overrides)
     from ..ops.logging import configure_logging
 
     configure_logging("warning", False)
     try:
+        settings = settings_from(args)
         if args.command == "enroll":
             if not args.dir.is_dir():
                 raise GalleryFileError(f"{args.dir} is not a directory")
@@ -369,8 +366,7 @@ def main(argv: list[str]) -> int:
             report = {"command": args.command, "file": str(args.file), "backend": galleries.backend,
                       "collection": args.collection,
                       "identities": done.identities, "faces": done.faces, "skipped_existing": len(done.skipped)}
-    except (GalleryFileError, GalleryModelMismatch, GalleryUnavailable, CollectionNotFound) as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return 2
+    except (GalleryFileError, GalleryModelMismatch, GalleryUnavailable, CollectionNotFound, CommandError) as exc:
+        return fail(exc)
     sys.stdout.write(json.dumps(report, indent=2) + "\n")
     return 0
