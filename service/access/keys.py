@@ -16,7 +16,7 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..gallery.api import StoredKey
 
@@ -87,3 +87,11 @@ def new_key(role: str, collections: tuple[str, ...] | None = None, note: str | N
                        rate_limit_rps=rate_limit_rps, rate_limit_faces_per_s=rate_limit_faces_per_s)
     return NewKey(secret, stored)
 
+
+def key_view(key: StoredKey) -> dict[str, Any]:
+    """A key as GET /keys and ``python -m service keys list`` show it: never the secret, never its hash."""
+    return {"key_id": key.key_id, "role": key.role,
+            "collections": list(key.collections) if key.collections is not None else None,
+            "note": key.note, "created_at": key.created_at, "expires_at": key.expires_at,
+            "revoked_at": key.revoked_at, "last_used_at": key.last_used_at,
+            "rate_limit_rps": key.rate_limit_rps, "rate_limit_faces_per_s": key.rate_limit_faces_per_s}

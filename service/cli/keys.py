@@ -16,20 +16,12 @@ import json
 import sys
 import time
 
-from ..access.keys import PepperFileError, load_pepper, new_key
-from ..gallery.api import CollectionNotFound, Galleries, StoredKey, valid_collection_name
+from ..access.keys import PepperFileError, key_view, load_pepper, new_key
+from ..gallery.api import CollectionNotFound, Galleries, valid_collection_name
 from .backend import CommandError, add_backend_arguments, cli_actor, fail, iso, opened_backend, settings_from
 
 ROLES = ("admin", "write", "read", "embed")
-
-
-def key_view(key: StoredKey) -> dict:
-    """A key as GET /keys shows it: never the secret, never its hash."""
-    return {"key_id": key.key_id, "role": key.role,
-            "collections": list(key.collections) if key.collections is not None else None, "note": key.note,
-            "created_at": key.created_at, "expires_at": key.expires_at, "revoked_at": key.revoked_at,
-            "last_used_at": key.last_used_at, "rate_limit_rps": key.rate_limit_rps,
-            "rate_limit_faces_per_s": key.rate_limit_faces_per_s}
+NOTE_MAX = 500  # as POST /keys (http/schemas.py KeyCreate)
 
 
 def _scope(text: str | None, galleries: Galleries) -> tuple[str, ...] | None:
@@ -56,11 +48,10 @@ def _positive(value: str) -> float:
     return number
 
 
-def _not_negative(value: str) -> float:
-    number = float(value)
-    if not number >= 0 or number == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, not {value}")
-    return number
+def _note(value: str) -> str:
+    if len(value) > NOTE_MAX:
+        raise argparse.ArgumentTypeError(f"at most {NOTE_MAX} characters (POST /keys's limit), not {len(value)}")
+    return value
 
 
 def create(args: argparse.Namespace, galleries: Galleries, pepper: bytes, header: str) -> None:
@@ -135,11 +126,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                       "and read identities; embed: /embed and /detect only")
     make.add_argument("--collections", metavar="A,B",
                       help="comma-separated collections the key may touch (each must exist); default: all")
-    make.add_argument("--note", help="what the key is for (shown by list and in the audit trail)")
+    make.add_argument("--note", type=_note, help="what the key is for (shown by list and in the audit trail)")
     make.add_argument("--expires-in-days", type=_positive, metavar="N", help="refused after N days (default: never)")
-    make.add_argument("--rate-limit-rps", type=_not_negative, metavar="X",
+    make.add_argument("--rate-limit-rps", type=_positive, metavar="X",
                       help="this key's requests per second (default: FACE_RATE_LIMIT_RPS)")
-    make.add_argument("--rate-limit-faces-per-s", type=_not_negative, metavar="Y",
+    make.add_argument("--rate-limit-faces-per-s", type=_positive, metavar="Y",
                       help="this key's faces per second (default: FACE_RATE_LIMIT_FACES_PER_S)")
     make.add_argument("--json", action="store_true", help="print POST /keys's JSON answer (secret included)")
     show = sub.add_parser("list", help="every key (revoked and expired ones too); never a secret")
