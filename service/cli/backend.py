@@ -44,6 +44,15 @@ def settings_from(args: argparse.Namespace) -> Settings:
         raise CommandError(f"invalid settings: {exc}") from exc
 
 
+def model_identity(settings: Settings) -> tuple[str, int]:
+    """(model id, embedding size) of the model the service would load with these settings, without loading it."""
+    from ..model.contract import read_contract
+    from ..model.serving import served_model_path
+
+    contract = read_contract(served_model_path(settings))
+    return contract.model_id, contract.embedding_size
+
+
 @contextmanager
 def opened_backend(settings: Settings) -> Iterator[Galleries]:
     """The configured backend, ready for keys, audit and the list of collections (closed on leaving).
@@ -51,8 +60,6 @@ def opened_backend(settings: Settings) -> Iterator[Galleries]:
     The embedded one is left unopened: its catalog and the stores' audit tables serve all of that, and
     opening would take the data dir's lock, which a running server holds. PostgreSQL is opened (its
     connection pools; migrations and the model check as a server does)."""
-    from .gallery import model_identity
-
     galleries = make_gallery(settings, *model_identity(settings))
     try:
         if galleries.backend == "postgres":

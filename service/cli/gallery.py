@@ -50,7 +50,7 @@ from ..gallery.api import (
     IdentityExists,
 )
 from ..gallery.open import open_gallery
-from .backend import CommandError, add_backend_arguments, fail, settings_from
+from .backend import CommandError, add_backend_arguments, fail, model_identity, settings_from
 
 if TYPE_CHECKING:  # the pipeline is imported lazily, at run time
     from ..faces.pipeline import ImageType
@@ -64,17 +64,6 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 class GalleryFileError(ValueError):
     """The gallery file is not one this command can import (format, model, or cut short)."""
-
-
-# --- the model identity, without loading the model -------------------------------------------
-
-def model_identity(settings: Settings) -> tuple[str, int]:
-    """(model id, embedding size) of the model the service would load with these settings."""
-    from ..model.contract import read_contract
-    from ..model.serving import served_model_path
-
-    contract = read_contract(served_model_path(settings))
-    return contract.model_id, contract.embedding_size
 
 
 def open_configured(settings: Settings) -> Galleries:
