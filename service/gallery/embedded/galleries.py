@@ -322,11 +322,14 @@ class EmbeddedGalleries:
                     if entry.refs or time.monotonic() - entry.last_used < self.idle_s or entry.deleted:
                         continue
                     gallery, entry.gallery = entry.gallery, None
-                    if self._entries.get(name) is entry:
-                        del self._entries[name]
+                # the entry stays listed while its gallery closes: a use arriving now waits for the
+                # lifecycle lock, then opens it again (a second entry would find the directory locked)
                 if gallery is not None:
                     gallery.close()
                     log.info("idle collection closed", extra={"collection": name})
+                with self._mutex:
+                    if entry.refs == 0 and entry.gallery is None and self._entries.get(name) is entry:
+                        del self._entries[name]
             finally:
                 entry.lifecycle.release()
 
