@@ -467,6 +467,36 @@ def test_collection_closing_when_idle_never_closes_it_under_a_request(tmp_path):
         g.close()
 
 
+def test_collection_still_loading_answers_gallery_loading_then_serves(tmp_path):
+    """A collection opened on use loads in the background; past the wait (here none) a request gets
+    GalleryLoading (503 gallery_loading), and the next ones are served once it is loaded."""
+    from service.gallery.embedded.gallery import GalleryLoading
+
+    rng = np.random.default_rng(17)
+    g = embedded(tmp_path)
+    g.create_collection("big")
+    vectors = unit(rng, 20_000)
+    g.collection("big").import_identities([(f"p{i}", vectors[i:i + 1], None) for i in range(20_000)])
+    g.close()
+    g = embedded(tmp_path)
+    try:
+        g.LOAD_WAIT_S = 0.0
+        with pytest.raises(GalleryLoading):
+            g.collection("big").search(vectors[:1], 1)
+        assert g.collection("big").get_identity("p7") is not None  # the store answers meanwhile
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                assert g.collection("big").search(vectors[7:8], 1)[0][0].identity_id == "p7"
+                break
+            except GalleryLoading:
+                time.sleep(0.05)
+        else:
+            pytest.fail("the collection never finished loading")
+    finally:
+        g.close()
+
+
 def test_default_collection_is_todays_data_dir(tmp_path):
     """An existing deployment opens unchanged: its gallery is the default collection."""
     from service.gallery.embedded.gallery import Gallery

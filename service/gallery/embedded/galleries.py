@@ -184,7 +184,7 @@ class EmbeddedGalleries:
             return
         known = self._catalog.collections()
         for path in root.iterdir():
-            if path.name not in known:
+            if path.is_dir() and not path.is_symlink() and path.name not in known:
                 log.warning("erasing a collection left behind by an interrupted delete", extra={"collection": path.name})
                 erase_directory(path)
 
