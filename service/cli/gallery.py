@@ -42,6 +42,7 @@ from ..config import Settings
 from ..gallery import identity_ids
 from ..gallery.api import (
     DEFAULT_COLLECTION,
+    Actor,
     CollectionNotFound,
     Galleries,
     GalleryBackend,
@@ -59,6 +60,7 @@ if TYPE_CHECKING:  # the pipeline is imported lazily, at run time
 log = logging.getLogger(__name__)
 
 FORMAT, VERSION = "face-gallery", 1
+CLI = Actor(via="cli")  # who the audit trail names for a change made by these commands
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
@@ -161,13 +163,13 @@ def import_gallery(gallery: GalleryBackend, path: Path, batch: int = 1000,
 
     def flush() -> None:
         try:
-            ids = gallery.import_identities(pending)
+            ids = gallery.import_identities(pending, actor=CLI)
             fresh = pending
         except IdentityExists:  # some exist already (an earlier, interrupted import): skip those
             existing = {item[0] for item in pending if gallery.get_identity(item[0]) is not None}
             fresh = [item for item in pending if item[0] not in existing]
             done.skipped += sorted(existing)
-            ids = gallery.import_identities(fresh) if fresh else []
+            ids = gallery.import_identities(fresh, actor=CLI) if fresh else []
         done.identities += len(fresh)
         done.faces += sum(len(x) for x in ids)
         pending.clear()
@@ -268,7 +270,7 @@ async def enroll_folder(settings: Settings, root: Path, image_type: ImageType = 
                 if vectors is None:
                     summary.skipped_people["no_usable_face"] += 1
                 else:
-                    await run_in_threadpool(gallery.enroll, identity, vectors, None, replace)
+                    await run_in_threadpool(gallery.enroll, identity, vectors, None, replace, None, CLI)
                     summary.enrolled += 1
                     summary.faces += len(vectors)
             if progress:
