@@ -1,6 +1,8 @@
 """``python -m service``: run the HTTP server. ``python -m service calibrate DIR``: measure the
 impostor tail on your own labelled faces (service/cli/calibrate.py); ``python -m service gallery ...``:
-the gallery tools (export, import, enroll a folder; service/cli/gallery.py).
+the gallery tools (export, import, enroll a folder; service/cli/gallery.py); ``python -m service keys ...``:
+API keys (create, list, revoke; service/cli/keys.py); ``python -m service audit ...``: export or prune the
+audit trail (service/cli/audit.py).
 
 Settings come from FACE_* environment variables (see .env.example); these flags override them.
 """
@@ -24,7 +26,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m service",
         description="Face embedding service: /embed, /enroll, /verify, /identify over HTTP. "
         "Every setting is also an environment variable FACE_<NAME> (see .env.example); flags win. "
-        "Gallery tools (export, import, enroll a folder): python -m service gallery --help.",
+        "Gallery tools (export, import, enroll a folder): python -m service gallery --help; API keys (the "
+        "first admin key of a fresh install): python -m service keys --help; the audit trail: "
+        "python -m service audit --help.",
     )
     parser.add_argument("--host", help="interface to bind (FACE_HOST, default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="TCP port (FACE_PORT, default 8000)")
@@ -54,6 +58,14 @@ def main(argv: list[str] | None = None) -> None:
         from .cli.gallery import main as gallery_main
 
         sys.exit(gallery_main(argv[1:]))
+    if argv[:1] == ["keys"]:  # python -m service keys {create,list,revoke} ...: service/cli/keys.py
+        from .cli.keys import main as keys_main
+
+        sys.exit(keys_main(argv[1:]))
+    if argv[:1] == ["audit"]:  # python -m service audit {export,prune} ...: service/cli/audit.py
+        from .cli.audit import main as audit_main
+
+        sys.exit(audit_main(argv[1:]))
     try:
         settings = settings_from_args(argv)
     except ValidationError as exc:  # e.g. an empty FACE_API_KEY: refuse to start, say why

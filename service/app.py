@@ -222,7 +222,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, exc: Exception):
-        log.exception("unhandled error", extra={"path": request.url.path})
+        log.exception("unhandled error", extra={"path": request.url.path,
+                                                "request_id": request.scope.get("state", {}).get("request_id")})
         return _error_response(ServiceError(ErrorCode.internal_error, "internal error; see the server log"), request)
 
     app.include_router(ops.router)

@@ -16,8 +16,7 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..gallery.api import StoredKey
 
@@ -27,6 +26,31 @@ if TYPE_CHECKING:
 PREFIX = "fk_"
 _SECRET = re.compile(r"^fk_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
 ENV_KEY_ID = "env"  # FACE_API_KEY: one admin key from the environment, never stored
+
+
+class PepperFileError(RuntimeError):
+    """FACE_KEY_PEPPER_FILE names a file that cannot serve as the pepper (missing, unreadable, empty)."""
+
+
+def load_pepper(settings: Settings) -> bytes:
+    """The pepper of the stored key hashes: the bytes of ``key_pepper_file``, or b"" when none is set.
+
+    A file that is set but missing, unreadable or empty is refused (PepperFileError) rather than read as
+    "no pepper": every hash would silently change, so every stored key would stop working, or keys
+    made now would stop working once the file is back.
+    """
+    path = settings.key_pepper_file
+    if path is None:
+        return b""
+    try:
+        pepper = path.read_bytes()
+    except OSError as exc:
+        raise PepperFileError(f"FACE_KEY_PEPPER_FILE={path} cannot be read ({exc.strerror or exc}); fix the "
+                              "file or its permissions, or unset FACE_KEY_PEPPER_FILE") from exc
+    if not pepper.strip():
+        raise PepperFileError(f"FACE_KEY_PEPPER_FILE={path} is empty: give it random bytes (e.g. "
+                              "`head -c 32 /dev/urandom > FILE`), or unset FACE_KEY_PEPPER_FILE")
+    return pepper
 
 
 def hash_secret(secret: str, pepper: bytes = b"") -> str:
@@ -64,16 +88,10 @@ def new_key(role: str, collections: tuple[str, ...] | None = None, note: str | N
     return NewKey(secret, stored)
 
 
-def load_pepper(settings: Settings) -> bytes:
-    """FACE_KEY_PEPPER_FILE's bytes (b"" when unset); a missing or empty file is a start-up error, never
-    a silent switch to unpeppered hashes (every key would stop matching)."""
-    path = settings.key_pepper_file
-    if path is None:
-        return b""
-    try:
-        pepper = Path(path).read_bytes()
-    except OSError as exc:
-        raise RuntimeError(f"FACE_KEY_PEPPER_FILE {path} cannot be read: {exc}") from exc
-    if not pepper.strip():
-        raise RuntimeError(f"FACE_KEY_PEPPER_FILE {path} is empty")
-    return pepper
+def key_view(key: StoredKey) -> dict[str, Any]:
+    """A key as GET /keys and ``python -m service keys list`` show it: never the secret, never its hash."""
+    return {"key_id": key.key_id, "role": key.role,
+            "collections": list(key.collections) if key.collections is not None else None,
+            "note": key.note, "created_at": key.created_at, "expires_at": key.expires_at,
+            "revoked_at": key.revoked_at, "last_used_at": key.last_used_at,
+            "rate_limit_rps": key.rate_limit_rps, "rate_limit_faces_per_s": key.rate_limit_faces_per_s}

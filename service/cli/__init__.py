@@ -1,1 +1,2 @@
-"""The ``python -m service`` subcommands that are not the server: gallery tools, calibration."""
+"""The ``python -m service`` subcommands that are not the server: gallery tools, calibration, API keys, the
+audit trail (backend.py: what they share)."""

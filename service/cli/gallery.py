@@ -42,6 +42,7 @@ from ..config import Settings
 from ..gallery import identity_ids
 from ..gallery.api import (
     DEFAULT_COLLECTION,
+    Actor,
     CollectionNotFound,
     Galleries,
     GalleryBackend,
@@ -50,6 +51,7 @@ from ..gallery.api import (
     IdentityExists,
 )
 from ..gallery.open import open_gallery
+from .backend import CommandError, add_backend_arguments, fail, model_identity, settings_from
 
 if TYPE_CHECKING:  # the pipeline is imported lazily, at run time
     from ..faces.pipeline import ImageType
@@ -58,22 +60,12 @@ if TYPE_CHECKING:  # the pipeline is imported lazily, at run time
 log = logging.getLogger(__name__)
 
 FORMAT, VERSION = "face-gallery", 1
+CLI = Actor(via="cli")  # who the audit trail names for a change made by these commands
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 class GalleryFileError(ValueError):
     """The gallery file is not one this command can import (format, model, or cut short)."""
-
-
-# --- the model identity, without loading the model -------------------------------------------
-
-def model_identity(settings: Settings) -> tuple[str, int]:
-    """(model id, embedding size) of the model the service would load with these settings."""
-    from ..model.contract import read_contract
-    from ..model.serving import served_model_path
-
-    contract = read_contract(served_model_path(settings))
-    return contract.model_id, contract.embedding_size
 
 
 def open_configured(settings: Settings) -> Galleries:
@@ -171,13 +163,13 @@ def import_gallery(gallery: GalleryBackend, path: Path, batch: int = 1000,
 
     def flush() -> None:
         try:
-            ids = gallery.import_identities(pending)
+            ids = gallery.import_identities(pending, actor=CLI)
             fresh = pending
         except IdentityExists:  # some exist already (an earlier, interrupted import): skip those
             existing = {item[0] for item in pending if gallery.get_identity(item[0]) is not None}
             fresh = [item for item in pending if item[0] not in existing]
             done.skipped += sorted(existing)
-            ids = gallery.import_identities(fresh) if fresh else []
+            ids = gallery.import_identities(fresh, actor=CLI) if fresh else []
         done.identities += len(fresh)
         done.faces += sum(len(x) for x in ids)
         pending.clear()
@@ -278,7 +270,7 @@ async def enroll_folder(settings: Settings, root: Path, image_type: ImageType = 
                 if vectors is None:
                     summary.skipped_people["no_usable_face"] += 1
                 else:
-                    await run_in_threadpool(gallery.enroll, identity, vectors, None, replace)
+                    await run_in_threadpool(gallery.enroll, identity, vectors, None, replace, None, CLI)
                     summary.enrolled += 1
                     summary.faces += len(vectors)
             if progress:
@@ -307,9 +299,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         description="Gallery tools. The gallery and model are the ones the service would use: FACE_* settings "
         "(FACE_DATABASE_URL for PostgreSQL, else FACE_DATA_DIR), and these flags.",
     )
-    parser.add_argument("--data-dir", type=Path, help="embedded gallery directory (FACE_DATA_DIR)")
-    parser.add_argument("--model", type=Path, help="ONNX model or directory (FACE_MODEL); default: SFace")
-    parser.add_argument("--database-url", help="PostgreSQL URL (FACE_DATABASE_URL); set: the postgres backend")
+    add_backend_arguments(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     export = sub.add_parser("export", help="write a collection to a file (JSON Lines, with the model id)")
     export.add_argument("file", type=Path)
@@ -334,13 +324,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    overrides = {k: v for k, v in {"data_dir": args.data_dir, "model": args.model,
-                                   "database_url": args.database_url}.items() if v is not None}
-    settings = Settings(**overrides)
     from ..ops.logging import configure_logging
 
     configure_logging("warning", False)
     try:
+        settings = settings_from(args)
         if args.command == "enroll":
             if not args.dir.is_dir():
                 raise GalleryFileError(f"{args.dir} is not a directory")
@@ -369,8 +357,7 @@ def main(argv: list[str]) -> int:
             report = {"command": args.command, "file": str(args.file), "backend": galleries.backend,
                       "collection": args.collection,
                       "identities": done.identities, "faces": done.faces, "skipped_existing": len(done.skipped)}
-    except (GalleryFileError, GalleryModelMismatch, GalleryUnavailable, CollectionNotFound) as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return 2
+    except (GalleryFileError, GalleryModelMismatch, GalleryUnavailable, CollectionNotFound, CommandError) as exc:
+        return fail(exc)
     sys.stdout.write(json.dumps(report, indent=2) + "\n")
     return 0

@@ -17,7 +17,7 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
-from fastapi.routing import APIRoute
+from fastapi.routing import APIRoute, iter_route_contexts
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
@@ -121,8 +121,9 @@ def _with_roles(spec: dict, app: FastAPI) -> dict:
     """Each operation says the permission it needs (``x-required-permission``), the roles that hold it
     (``x-roles``), whether its collection must be in the key's scope, and the same in words."""
     paths = spec.get("paths", {})
-    for route in app.routes:
-        if not isinstance(route, APIRoute) or route.path not in paths:
+    for context in iter_route_contexts(app.routes):  # included routers' routes, with their prefixes
+        route = context.route
+        if not isinstance(route, APIRoute) or context.path not in paths:
             continue
         rules = [d.dependency for d in route.dependencies if isinstance(d.dependency, Allow)]
         rules += [d.call for d in route.dependant.dependencies if isinstance(d.call, Allow)]
@@ -131,7 +132,7 @@ def _with_roles(spec: dict, app: FastAPI) -> dict:
         rule = rules[-1]
         roles = sorted(role.value for role, grants in GRANTS.items() if rule.permission in grants)
         for method in route.methods or ():
-            operation = paths[route.path].get(method.lower())
+            operation = paths[context.path].get(method.lower())
             if operation is None:
                 continue
             operation["x-required-permission"] = rule.permission.value

@@ -8,24 +8,16 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path
 from starlette.concurrency import run_in_threadpool
 
-from ..access.keys import load_pepper, new_key
+from ..access.keys import key_view, load_pepper, new_key
 from ..access.policy import Permission
 from ..errors import ErrorCode, ServiceError
-from ..gallery.api import CollectionNotFound, StoredKey
+from ..gallery.api import CollectionNotFound
 from .deps import ActorDep, PrincipalDep, StateDep, allow
 from .schemas import ErrorResponse, KeyCreate, KeyCreated, KeyList, KeyOut, KeyRevoked, WhoAmI
 
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (401, 403, 404, 422)}
 router = APIRouter(tags=["keys"], responses=ERRORS)
 ADMIN = [allow(Permission.admin)]
-
-
-def key_out(key: StoredKey) -> dict[str, Any]:
-    return {"key_id": key.key_id, "role": key.role,
-            "collections": list(key.collections) if key.collections is not None else None,
-            "note": key.note, "created_at": key.created_at, "expires_at": key.expires_at,
-            "revoked_at": key.revoked_at, "last_used_at": key.last_used_at,
-            "rate_limit_rps": key.rate_limit_rps, "rate_limit_faces_per_s": key.rate_limit_faces_per_s}
 
 
 @router.post("/keys", status_code=201, response_model=KeyCreated, summary="Create an API key", dependencies=ADMIN)
@@ -44,14 +36,14 @@ async def create_key(body: KeyCreate, state: StateDep, actor: ActorDep) -> KeyCr
                    body.expires_at, load_pepper(state.settings), body.rate_limit_rps, body.rate_limit_faces_per_s)
     await run_in_threadpool(state.galleries.add_key, made.stored, actor)
     state.keyring.forget()  # open mode ends here at once
-    return KeyCreated(secret=made.secret, **key_out(made.stored))
+    return KeyCreated(secret=made.secret, **key_view(made.stored))
 
 
 @router.get("/keys", response_model=KeyList, summary="List API keys", dependencies=ADMIN)
 async def list_keys(state: StateDep) -> KeyList:
     """Every key, revoked and expired ones too, oldest first: ids, roles, scopes, times; never a secret."""
     keys = await run_in_threadpool(state.galleries.list_keys)
-    return KeyList(items=[KeyOut(**key_out(k)) for k in keys])
+    return KeyList(items=[KeyOut(**key_view(k)) for k in keys])
 
 
 @router.delete("/keys/{key_id}", response_model=KeyRevoked, summary="Revoke an API key", dependencies=ADMIN)

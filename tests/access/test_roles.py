@@ -46,6 +46,7 @@ POLICY: dict[tuple[str, str], tuple[str, bool]] = {
 GRANTS = {"admin": {"embed", "read", "write", "admin"}, "write": {"embed", "read", "write"},
           "read": {"embed", "read"}, "embed": {"embed"}}
 ROLES = ["admin", "write", "read", "embed"]
+COUNTER = itertools.count()  # names made by the calls, unique across tests (they share a server)
 
 
 def test_the_policy_names_every_route_of_the_openapi_document(keyed: KeyedServer):
@@ -71,7 +72,7 @@ class Calls:
         self.server = server
         self.face = base64.b64encode(face_files("Colin_Powell")[0].read_bytes()).decode()
         self.vectors = unit_vectors(3, seed=5)
-        self.counter = itertools.count()
+        self.counter = COUNTER
 
     def request(self, client, method: str, path: str, collection: str = "alpha"):
         model = self.server.model_id

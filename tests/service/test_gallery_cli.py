@@ -14,6 +14,7 @@ import sys
 import numpy as np
 
 from service.config import Settings
+from service.gallery.api import AuditQuery
 from service.gallery.open import make_gallery
 from service.model.contract import read_contract
 from tests.conftest import ENROLLED, FIXTURES, face_files
@@ -128,6 +129,9 @@ def test_export_and_import_take_a_collection(tmp_path, default_model):
         np.testing.assert_array_equal(target.collection("site-b").identity_embeddings("only-in-a"), v)
         assert target.collection("default").get_identity("only-in-a") is None
         assert target.collection("site-b").get_identity("only-in-default") is None
+        trail = target.audit(AuditQuery(collection="site-b"))  # a change from the CLI is audited too
+        assert [(e.action, e.identity_id, e.key_id, e.details) for e in trail] == [
+            ("identity.imported", "only-in-a", None, {"faces": 2, "via": "cli"})]
     finally:
         target.close()
 
@@ -161,6 +165,8 @@ def test_enroll_folder_reports_skips_and_resumes(tmp_path, default_model):
             assert gallery.collection("default").get_identity(name).record.face_count == 2
             probe = gallery.collection("default").identity_embeddings(name)[:1]
             assert gallery.collection("default").search(probe, 1)[0][0].identity_id == name
+        created = [(e.identity_id, e.details.get("via")) for e in gallery.audit(AuditQuery(limit=100))]
+        assert sorted(created) == [(name, "cli") for name in sorted(ENROLLED[:3])]
     finally:
         gallery.close()
 

@@ -10,7 +10,7 @@ Each collection is a :class:`Gallery` with all of its guarantees (its own store,
 data-dir lock, erasure). A collection other than ``default`` is opened on first use and closed
 again (snapshot written, store closed, index memory freed) after ``idle_s`` without use; none has a
 thread of its own: ONE maintenance thread drives every open collection's ``maintain()`` and closes
-the idle ones. A collection in use (a request between ``_use``'s acquire and release) is never
+the idle ones. A collection in use (a request between ``_acquire`` and ``_release``) is never
 closed or erased under it.
 
 Deleting a collection: no new use may start, the uses in flight finish, its gallery is closed
@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar, cast
 
 import numpy as np
 
@@ -65,6 +66,7 @@ from .store import connect, count_counted_faces, count_rows, erase_rows
 
 log = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
 GalleryFactory = Callable[[Path, str], Gallery]  # (directory, collection name) -> a Gallery, not opened
 
 
@@ -73,6 +75,7 @@ class _Entry:
     """An open (or opening, or closing) collection."""
 
     gallery: Gallery | None = None
+    backend: EmbeddedGallery | None = None  # the gallery behind the backend interface (set with gallery)
     refs: int = 0  # uses in flight (requests, a maintenance round): never closed while > 0
     last_used: float = field(default_factory=time.monotonic)
     deleted: bool = False
@@ -130,7 +133,7 @@ class EmbeddedGalleries:
         self.snapshot_interval_s = snapshot_interval_s  # 0: collections snapshot only when closed
         self._catalog_opened: Catalog | None = None
         self._catalog_mutex = threading.Lock()
-        self._mutex = threading.Condition()  # guards _entries, _known and every _Entry's refs/deleted
+        self._mutex = threading.Condition(threading.Lock())  # guards _entries, _known and every _Entry's refs/deleted
         self._entries: dict[str, _Entry] = {}
         self._known: dict[str, float] = {}  # collection -> created_at (its incarnation, for handles)
         self._deleting: set[str] = set()  # being deleted: unknown to new handles and uses
@@ -167,7 +170,7 @@ class EmbeddedGalleries:
             default.close()
             raise
         with self._mutex:
-            self._entries[DEFAULT_COLLECTION] = _Entry(gallery=default)
+            self._entries[DEFAULT_COLLECTION] = _Entry(gallery=default, backend=EmbeddedGallery(default))
             self._refresh_known()
         self._stop.clear()
         self._maintainer = threading.Thread(target=self._maintain, name="collections-maintenance", daemon=True)
@@ -181,7 +184,7 @@ class EmbeddedGalleries:
             return
         known = self._catalog.collections()
         for path in root.iterdir():
-            if path.name not in known:
+            if path.is_dir() and not path.is_symlink() and path.name not in known:
                 log.warning("erasing a collection left behind by an interrupted delete", extra={"collection": path.name})
                 erase_directory(path)
 
@@ -195,9 +198,10 @@ class EmbeddedGalleries:
             self._known = {}
         for entry in entries.values():
             with entry.lifecycle:
-                if entry.gallery is not None:
-                    entry.gallery.close()
-                    entry.gallery = None
+                with self._mutex:
+                    gallery, entry.gallery, entry.backend = entry.gallery, None, None
+                if gallery is not None:
+                    gallery.close()
         with self._catalog_mutex:
             if self._catalog_opened is not None:
                 self._catalog_opened.close()
@@ -236,10 +240,10 @@ class EmbeddedGalleries:
     def _directory(self, name: str) -> Path:
         return self.data_dir if name == DEFAULT_COLLECTION else self.data_dir / self.COLLECTIONS_DIR / name
 
-    @contextmanager
-    def _use(self, name: str, incarnation: float) -> Iterator[Gallery]:
-        """The collection's gallery, opened if need be (its index loaded: waits up to LOAD_WAIT_S,
-        then the gallery's own GalleryLoading), never closed or erased until the block ends."""
+    def _acquire(self, name: str, incarnation: float) -> tuple[_Entry, EmbeddedGallery]:
+        """The collection's gallery for one use, opened if need be (a collection just opened: waits
+        up to LOAD_WAIT_S for its index, then the gallery's own GalleryLoading); it is neither closed
+        nor erased until ``_release(entry)``. The common case (open, loaded) takes the mutex once."""
         with self._mutex:
             if self._known.get(name) != incarnation:
                 raise CollectionNotFound(name)  # deleted since the handle was made (or never existed)
@@ -247,28 +251,38 @@ class EmbeddedGalleries:
             if entry is None:
                 entry = self._entries[name] = _Entry()
             entry.refs += 1
+            # not None: not closed under this use (the closer and delete detach it only at refs == 0)
+            backend = entry.backend
         try:
-            with entry.lifecycle:  # a close or a delete in progress finishes first
-                if entry.deleted:
-                    raise CollectionNotFound(name)
-                if entry.gallery is None:
-                    gallery = self._make(self._directory(name), name)
-                    gallery.open_store()
-                    gallery.start_loading()
-                    entry.gallery = gallery
-                    entry.load_deadline = time.monotonic() + self.LOAD_WAIT_S
-                gallery = entry.gallery
+            if backend is None:
+                with entry.lifecycle:  # a close or a delete in progress finishes first
+                    if entry.deleted:
+                        raise CollectionNotFound(name)
+                    if entry.gallery is None:
+                        gallery = self._make(self._directory(name), name)
+                        gallery.open_store()
+                        gallery.start_loading()
+                        entry.load_deadline = time.monotonic() + self.LOAD_WAIT_S
+                        with self._mutex:
+                            entry.gallery, entry.backend = gallery, EmbeddedGallery(gallery)
+                    backend = cast(EmbeddedGallery, entry.backend)
             # a collection just opened on use: a small one is ready within milliseconds, a big one gets
             # GalleryLoading (503 gallery_loading) after LOAD_WAIT_S. The default collection, loaded at
             # start-up behind /readyz, never waits: as before collections, 503 at once while it loads.
+            gallery = backend.gallery
             while not gallery.ready and gallery.load_error is None and time.monotonic() < entry.load_deadline:
                 time.sleep(0.005)
-            yield gallery
-        finally:
-            with self._mutex:
-                entry.refs -= 1
-                entry.last_used = time.monotonic()
-                self._mutex.notify_all()
+        except BaseException:
+            self._release(entry)
+            raise
+        return entry, backend
+
+    def _release(self, entry: _Entry) -> None:
+        with self._mutex:
+            entry.refs -= 1
+            entry.last_used = time.monotonic()
+            if entry.deleted:
+                self._mutex.notify_all()  # delete_collection waits for the uses in flight
 
     def collection(self, name: str) -> GalleryBackend:
         return _CollectionHandle(self, name, self._incarnation(name))
@@ -321,12 +335,15 @@ class EmbeddedGalleries:
                 with self._mutex:  # checked again under both locks: a use that began meanwhile keeps it
                     if entry.refs or time.monotonic() - entry.last_used < self.idle_s or entry.deleted:
                         continue
-                    gallery, entry.gallery = entry.gallery, None
-                    if self._entries.get(name) is entry:
-                        del self._entries[name]
+                    gallery, entry.gallery, entry.backend = entry.gallery, None, None
+                # the entry stays listed while its gallery closes: a use arriving now waits for the
+                # lifecycle lock, then opens it again (a second entry would find the directory locked)
                 if gallery is not None:
                     gallery.close()
                     log.info("idle collection closed", extra={"collection": name})
+                with self._mutex:
+                    if entry.refs == 0 and entry.gallery is None and self._entries.get(name) is entry:
+                        del self._entries[name]
             finally:
                 entry.lifecycle.release()
 
@@ -360,7 +377,8 @@ class EmbeddedGalleries:
             try:
                 if entry is not None:
                     with entry.lifecycle:
-                        gallery, entry.gallery = entry.gallery, None
+                        with self._mutex:
+                            gallery, entry.gallery, entry.backend = entry.gallery, None, None
                         if gallery is not None:
                             gallery.close(snapshot=False)
                 directory = self._directory(name)
@@ -483,12 +501,10 @@ class EmbeddedGalleries:
     def stats(self) -> GalleryStats:
         """The default collection's figures (what /readyz showed before collections), and how many
         collections there are and are open."""
-        with self._use(DEFAULT_COLLECTION, self._incarnation(DEFAULT_COLLECTION)) as default:
-            extra = default.stats()
-        core = {k: extra.pop(k) for k in ("identities", "faces", "index_live")}
-        extra["collections"] = len(self._catalog.collections())
-        extra["collections_open"] = len(self.open_collections())
-        return GalleryStats(backend=self.backend, **core, extra=extra)
+        stats = self.collection(DEFAULT_COLLECTION).stats()
+        extra = {**stats.extra, "collections": len(self._catalog.collections()),
+                 "collections_open": len(self.open_collections())}
+        return GalleryStats(self.backend, stats.identities, stats.faces, stats.index_live, extra)
 
     def read_targets(self) -> list[ReadTarget]:
         return []
@@ -507,35 +523,33 @@ class _CollectionHandle:
         self.dim = owner.dim
         self._incarnation = incarnation
 
-    @contextmanager
-    def _gallery(self) -> Iterator[EmbeddedGallery]:
-        with self._owner._use(self.name, self._incarnation) as gallery:  # noqa: SLF001 - its own handle
-            yield EmbeddedGallery(gallery)
+    def _run(self, call: Callable[[EmbeddedGallery], _T]) -> _T:
+        owner = self._owner
+        entry, gallery = owner._acquire(self.name, self._incarnation)  # noqa: SLF001 - its own handle
+        try:
+            return call(gallery)
+        finally:
+            owner._release(entry)  # noqa: SLF001
 
     @property
     def identity_count(self) -> int:
-        with self._gallery() as g:
-            return g.identity_count
+        return self._run(lambda g: g.identity_count)
 
     @property
     def face_count(self) -> int:
-        with self._gallery() as g:
-            return g.face_count
+        return self._run(lambda g: g.face_count)
 
     @property
     def counted_faces(self) -> int:
-        with self._gallery() as g:
-            return g.counted_faces
+        return self._run(lambda g: g.counted_faces)
 
     @property
     def load_state(self) -> str:
-        with self._gallery() as g:
-            return g.load_state
+        return self._run(lambda g: g.load_state)
 
     @property
     def load_error(self) -> str | None:
-        with self._gallery() as g:
-            return g.load_error
+        return self._run(lambda g: g.load_error)
 
     def open(self) -> None:
         """Nothing to do: the collection opens on use; EmbeddedGalleries opens and closes it."""
@@ -548,37 +562,29 @@ class _CollectionHandle:
 
     def enroll(self, identity_id: str, embeddings: np.ndarray, metadata: dict | None = None,
                replace: bool = False, max_faces: int | None = None, actor: Actor | None = None) -> EnrollResult:
-        with self._gallery() as g:
-            return g.enroll(identity_id, embeddings, metadata, replace, max_faces, actor)
+        return self._run(lambda g: g.enroll(identity_id, embeddings, metadata, replace, max_faces, actor))
 
     def import_identities(self, items: list[tuple[str, np.ndarray, dict | None]],
                           actor: Actor | None = None) -> list[list[int]]:
-        with self._gallery() as g:
-            return g.import_identities(items, actor)
+        return self._run(lambda g: g.import_identities(items, actor))
 
     def delete(self, identity_id: str, actor: Actor | None = None) -> int | None:
-        with self._gallery() as g:
-            return g.delete(identity_id, actor)
+        return self._run(lambda g: g.delete(identity_id, actor))
 
     def search(self, probes: np.ndarray, top_k: int) -> list[list[Match]]:
-        with self._gallery() as g:
-            return g.search(probes, top_k)
+        return self._run(lambda g: g.search(probes, top_k))
 
     def identity_embeddings(self, identity_id: str) -> np.ndarray | None:
-        with self._gallery() as g:
-            return g.identity_embeddings(identity_id)
+        return self._run(lambda g: g.identity_embeddings(identity_id))
 
     def get_identity(self, identity_id: str) -> IdentityDetails | None:
-        with self._gallery() as g:
-            return g.get_identity(identity_id)
+        return self._run(lambda g: g.get_identity(identity_id))
 
     def list_identities(self, limit: int, after: str | None) -> list[IdentityRecord]:
-        with self._gallery() as g:
-            return g.list_identities(limit, after)
+        return self._run(lambda g: g.list_identities(limit, after))
 
     def stats(self) -> GalleryStats:
-        with self._gallery() as g:
-            return g.stats()
+        return self._run(lambda g: g.stats())
 
     def read_targets(self) -> list[ReadTarget]:
         return []

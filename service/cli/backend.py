@@ -1,0 +1,104 @@
+"""What the operator commands share: the backend flags and settings (``gallery``, ``keys``, ``audit``), the
+backend ``keys`` and ``audit`` open, and who they say made a change.
+
+They open the backend the server would (FACE_DATABASE_URL: PostgreSQL, else the embedded catalog in
+FACE_DATA_DIR) and may run while a server serves the same data dir or database: keys and the audit
+trail live in the embedded catalog (SQLite's own locking, not the data-dir lock) or in PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import socket
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from ..config import Settings
+from ..gallery.api import Actor, Galleries, GalleryModelMismatch, GalleryUnavailable
+from ..gallery.open import make_gallery
+
+
+class CommandError(Exception):
+    """A refusal to report on stderr with exit status 2 (bad arguments, unknown names, no backend)."""
+
+
+def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", type=Path, help="embedded gallery directory (FACE_DATA_DIR)")
+    parser.add_argument("--database-url", help="PostgreSQL URL (FACE_DATABASE_URL); set: the postgres backend")
+    parser.add_argument("--model", type=Path, help="ONNX model or directory (FACE_MODEL); default: SFace")
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    overrides = {k: v for k, v in {"data_dir": args.data_dir, "model": args.model,
+                                   "database_url": args.database_url}.items() if v is not None}
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise CommandError(f"invalid settings: {exc}") from exc
+
+
+def model_identity(settings: Settings) -> tuple[str, int]:
+    """(model id, embedding size) of the model the service would load with these settings, without loading it."""
+    from ..model.contract import read_contract
+    from ..model.serving import served_model_path
+
+    contract = read_contract(served_model_path(settings))
+    return contract.model_id, contract.embedding_size
+
+
+@contextmanager
+def opened_backend(settings: Settings) -> Iterator[Galleries]:
+    """The configured backend, ready for keys, audit and the list of collections (closed on leaving).
+
+    The embedded one is left unopened: its catalog and the stores' audit tables serve all of that, and
+    opening would take the data dir's lock, which a running server holds. PostgreSQL is opened (its
+    connection pools; migrations and the model check as a server does)."""
+    galleries = make_gallery(settings, *model_identity(settings))
+    try:
+        if galleries.backend == "postgres":
+            galleries.open()
+    except (GalleryModelMismatch, GalleryUnavailable) as exc:
+        galleries.close()
+        raise CommandError(str(exc)) from exc
+    try:
+        yield galleries
+    finally:
+        galleries.close()
+
+
+def cli_actor() -> Actor:
+    """The audit trail's "who" for a change made here: the CLI, by user@host (no key)."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # a container's uid without a passwd entry
+        user = f"uid{os.getuid()}"
+    return Actor(key_id=None, client=f"{user}@{socket.gethostname()}", request_id=None, via="cli")
+
+
+def iso(at: float | None) -> str:
+    """A unix time as UTC ISO 8601 to the second ("" for None)."""
+    return "" if at is None else datetime.fromtimestamp(at, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(text: str) -> float:
+    """ISO 8601 (a date, or a date and time; without a zone: UTC) to unix seconds."""
+    try:
+        moment = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text)
+    except ValueError as exc:
+        raise CommandError(f"{text!r} is not an ISO 8601 date or time (e.g. 2026-12-01 or "
+                           "2026-12-01T08:30:00+01:00)") from exc
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()
+
+
+def fail(exc: Exception) -> int:
+    sys.stderr.write(f"error: {exc}\n")
+    return 2
