@@ -44,16 +44,16 @@ class ServiceState:
     def __post_init__(self) -> None:
         s = self.settings
         self.limits = Limits.from_rates(s.rate_limit_rps, s.rate_limit_faces_per_s, s.rate_limit_burst_s)
-        if self.galleries is None:  # calibrate: no gallery, no requests
-            return
-        self.default_gallery = self.galleries.collection(DEFAULT_COLLECTION)
-        self.keyring = KeyRing(self.galleries, s.api_key.get_secret_value() if s.api_key else None,
-                               load_pepper(s), s.key_cache_s)
         self.decode_budget = DecodeBudget(s.decode_memory_mb * MB, s.max_decode_mb * MB, s.decode_wait_ms / 1000)
         self.readiness = ReadinessProbe(s.readyz_cache_ms / 1000)
         refit = gallery_quality(s.data_dir, self.contract.model_id)
         self.quality_model = refit if refit is not None else self.contract.quality
         self.quality_source = "gallery" if refit is not None else "model"
+        if self.galleries is None:  # calibrate, decode-only tools: no gallery, no requests
+            return
+        self.default_gallery = self.galleries.collection(DEFAULT_COLLECTION)
+        self.keyring = KeyRing(self.galleries, s.api_key.get_secret_value() if s.api_key else None,
+                               load_pepper(s), s.key_cache_s)
 
     @property
     def contract(self) -> FaceContract:

@@ -10,6 +10,12 @@ seconds (``flush``).
 
 Open mode: no FACE_API_KEY and no key ever stored (a revoked or expired key counts: a service that
 once had keys never falls back to open because its keys ran out).
+
+When the database cannot be reached (GalleryUnavailable), the last answer read is used however old,
+so what needs no gallery (/embed, /detect, face-vs-face /verify) keeps working through an outage as
+it did before keys existed. That is safe: revoking a key, or making the first one, is itself a write
+to that database, so nothing can have changed there since (but in the last second before the outage).
+A key never read before the outage cannot be checked: 503 ``database_unavailable``.
 """
 
 from __future__ import annotations
@@ -19,12 +25,13 @@ import threading
 import time
 from collections.abc import Callable
 
-from ..gallery.api import Galleries, StoredKey
+from ..gallery.api import Galleries, GalleryUnavailable, StoredKey
 from .keys import ENV_KEY_ID, hash_secret, key_id_of
 from .policy import OPEN, Principal, Role
 
 MISS = object()  # lookup_cached: the store must be asked (in a worker thread)
 MAX_CACHE_S = 1.0
+MAX_REMEMBERED = 10_000  # key ids remembered; past it those that named no key are forgotten first
 
 
 class KeyRing:
@@ -54,15 +61,22 @@ class KeyRing:
         known = self.open_mode_cached()
         if known is not None:
             return known
-        any_stored = len(self._store.list_keys()) > 0
+        try:
+            any_stored = len(self._store.list_keys()) > 0
+        except GalleryUnavailable:
+            if self._any_stored is None:
+                raise
+            return not self._any_stored[1]  # the last answer, however old (module docstring)
         self._any_stored = (self._clock(), any_stored)
         return not any_stored
 
     def forget(self) -> None:
-        """Drop what is cached (a key was created or revoked on this replica: effective at once here)."""
+        """Make what is cached stale (a key was created or revoked on this replica: effective at once
+        here); stale answers are still there for an outage."""
         with self._lock:
-            self._keys.clear()
-            self._any_stored = None
+            self._keys = {key_id: (-self._cache_s, stored) for key_id, (_, stored) in self._keys.items()}
+            if self._any_stored is not None:
+                self._any_stored = (-self._cache_s, self._any_stored[1])
 
     # --- keys --------------------------------------------------------------------------------
     def lookup_cached(self, secret: str) -> Principal | None | object:
@@ -84,8 +98,18 @@ class KeyRing:
             return found  # type: ignore[return-value]
         key_id = key_id_of(secret)
         assert key_id is not None
-        stored = self._store.get_key(key_id)
+        try:
+            stored = self._store.get_key(key_id)
+        except GalleryUnavailable:
+            last = self._keys.get(key_id)
+            if last is None:
+                raise
+            return self._principal(secret, last[1])  # the last answer, however old (module docstring)
         with self._lock:
+            if len(self._keys) >= MAX_REMEMBERED:  # a flood of made-up key ids must not grow this forever
+                self._keys = {k: v for k, v in self._keys.items() if v[1] is not None}
+                if len(self._keys) >= MAX_REMEMBERED:
+                    self._keys.clear()
             self._keys[key_id] = (self._clock(), stored)
         return self._principal(secret, stored)
 

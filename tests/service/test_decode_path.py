@@ -24,7 +24,7 @@ def state(default_model, tmp_path_factory) -> ServiceState:
     settings = Settings(data_dir=tmp_path_factory.mktemp("data"))
     # decode_faces needs the contract, detector, template, budget and metrics; no session, batcher or gallery
     return ServiceState(settings=settings, model=EmbeddingModel(default_model, settings), batcher=None,  # type: ignore[arg-type]
-                        gallery=None, metrics=Metrics(), detector=YuNetDetector(), template=ARCFACE_112)  # type: ignore[arg-type]
+                        galleries=None, metrics=Metrics(), detector=YuNetDetector(), template=ARCFACE_112)  # type: ignore[arg-type]
 
 
 def test_auto_parses_each_header_once(state, monkeypatch):

@@ -337,3 +337,33 @@ def test_writes_holding_the_pool_leave_reads_answering_and_a_busy_pool_is_overlo
             database.start()
     finally:
         server.stop()
+
+
+def test_keys_read_before_an_outage_keep_working_for_what_needs_no_gallery(tmp_path, default_model, database):
+    """With keys in use, a key this replica has read keeps /embed working while the database is away (a
+    revocation is a write to that database: nothing can have changed); a key it never read cannot be
+    checked: 503, never a 200 or a 401 guessed."""
+    env = {"FACE_DATABASE_URL": database.url, "FACE_DATABASE_SCHEMA": database.fresh_schema(),
+           "FACE_DATABASE_TIMEOUT_S": "2", "FACE_API_KEY": "environment-admin-key-0123456789"}
+    server = ServerProcess(tmp_path / "data", model=default_model, env=env)
+    try:
+        server.wait_ready()
+        admin = {"X-API-Key": env["FACE_API_KEY"]}
+        made = [httpx.post(server.url + "/keys", json={"role": "embed"}, headers=admin, timeout=30).json()
+                for _ in range(2)]
+        known, unread = ({"X-API-Key": m["secret"]} for m in made)
+        face = {"images": [b64(face_files(ENROLLED[1])[0])]}
+        assert httpx.post(server.url + "/embed", json=face, headers=known, timeout=60).status_code == 200
+        database.stop()
+        try:
+            time.sleep(1.2)  # past the key cache's bound: the replica must ask the database again
+            with httpx.Client(base_url=server.url, timeout=60) as c:
+                assert c.post("/embed", json=face, headers=known).status_code == 200
+                assert c.post("/embed", json=face, headers=admin).status_code == 200  # the environment's key
+                r = c.post("/embed", json=face, headers=unread)
+                assert r.status_code == 503 and r.json()["error"]["code"] == "database_unavailable"
+                assert c.post("/embed", json=face).status_code == 401
+        finally:
+            database.start()
+    finally:
+        server.stop()
