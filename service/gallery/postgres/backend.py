@@ -193,7 +193,7 @@ class PostgresOptions:
     hnsw_ef_construction: int = 200
     hnsw_ef_search: int | str = AUTO  # a number, or "auto": from the gallery size (ef.py)
     iterative_scan: str = "relaxed_order"
-    exact_search_max_faces: int = 10000  # a collection sharing the table this small is searched exactly
+    exact_search_max_faces: int = 10000  # a collection sharing the table this small is searched exactly (PostgresGallery)
     maintenance_work_mem: str = "512MB"  # for building the HNSW index in one pass
     read_urls: tuple[str, ...] = ()  # streaming-replication standbys for reads (standbys.py)
     read_wait_ms: float = 100.0
@@ -209,7 +209,8 @@ class PostgresOptions:
                    timeout_s=settings.database_timeout_s,
                    statement_timeout_ms=settings.database_statement_timeout_ms, hnsw_m=settings.hnsw_m,
                    hnsw_ef_construction=settings.hnsw_ef_construction, hnsw_ef_search=settings.hnsw_ef_search,
-                   iterative_scan=settings.database_iterative_scan, read_urls=settings.read_urls(),
+                   iterative_scan=settings.database_iterative_scan,
+                   exact_search_max_faces=settings.database_exact_search_max_faces, read_urls=settings.read_urls(),
                    read_wait_ms=settings.database_read_wait_ms, max_lag_ms=settings.database_max_lag_ms,
                    lag_check_ms=settings.database_lag_check_ms)
 
