@@ -287,3 +287,48 @@ def test_deleting_a_collection_leaves_no_row_even_under_concurrent_enrolls(optio
             for v in secret:  # no face of it is left, under any collection
                 assert conn.execute("SELECT count(*) FROM faces WHERE embedding <=> %s < 1e-6", (v,)).fetchone()[0] == 0
     assert g.collection(DEFAULT_COLLECTION).stats().identities == 1
+
+
+# --- a lagging standby ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A PostgreSQL of its own with a streaming standby (the suite's server keeps no standby)."""
+    from harness.pg import PgTestServer
+
+    primary = PgTestServer()
+    standby = primary.standby()
+    yield primary, standby
+    primary.close()
+
+
+def test_collections_and_keys_are_read_on_the_primary_while_a_standby_lags(cluster, opened):
+    """A collection created (or a key revoked) a moment ago is there for another replica even when
+    its searches read on a standby that has not replayed it yet: no 404 for a collection that exists."""
+    primary, standby = cluster
+    options = PostgresOptions(url=primary.url, schema=primary.fresh_schema(), read_urls=(standby.url,),
+                              max_lag_ms=60_000, lag_check_ms=100)
+    a, b = opened(options), opened(options)
+    rng = np.random.default_rng(4)
+    face = unit(rng, 1)
+    a.collection(DEFAULT_COLLECTION).enroll("before", face)
+    deadline = time.monotonic() + 30
+    while not b.collection(DEFAULT_COLLECTION).search(face, 1)[0]:  # the standby has the schema and the face
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    standby.pause_replay()
+    try:
+        a.create_collection("fresh", actor=ALICE)
+        a.add_key(StoredKey("k1", "h" * 64, "read", ("fresh",), None, time.time()), actor=ALICE)
+        standby_reads = b.read_targets()[1].reads
+        fresh = b.collection("fresh")  # found on the primary
+        assert fresh.search(face, 5) == [[]]  # read on the standby, which has no such collection yet
+        assert b.read_targets()[1].reads == standby_reads + 1
+        assert [c.name for c in b.list_collections()] == [DEFAULT_COLLECTION, "fresh"]
+        assert b.get_key("k1").role == "read" and b.has_keys()
+        a.revoke_key("k1", actor=ALICE)
+        assert b.get_key("k1").revoked_at is not None and not b.has_keys()
+        fresh.enroll("new", face, actor=ALICE)  # writes go to the primary
+        assert [e.action for e in b.audit(AuditQuery(collection="fresh"))] == ["identity.created", "collection.created"]
+    finally:
+        standby.resume_replay()
