@@ -22,6 +22,10 @@ identities it last read, inside the transaction of its last search or write.
 * Pools: writes and reads have a pool each (FACE_DATABASE_POOL_SIZE, FACE_DATABASE_READ_POOL_SIZE), so
   writes stuck behind a lock never starve searches. A pool whose connections are all lent out while
   the database answers raises :class:`GalleryBusy` (503 ``overloaded`` with ``Retry-After``).
+* Collections (:class:`PostgresGalleries`, one :class:`PostgresGallery` each): rows of the same tables
+  marked by a collection id, under the one HNSW index; a search filtered to a small collection is
+  exact (see PostgresGallery on the filtered-search trap). Counters are per collection. Keys and the
+  audit trail live in the same schema; each change writes its audit row in its own transaction.
 """
 
 from __future__ import annotations
