@@ -133,7 +133,9 @@ def main() -> None:
             # half: new images of its people; half: people of the big collection only (unknowns here)
             probes = np.concatenate([data.probes, big.probes[:args.probes - len(data.probes)]])
             others[name] = (data, probes, exact_identities(probes, data))
-    big_expected = exact_identities(big.probes, big)
+    # the big collection's probes: its own people, then the small collection's (unknowns there)
+    big_probes = np.concatenate([big.probes, *[d.probes for d, _, _ in list(others.values())[:1]]])
+    big_expected = exact_identities(big_probes, big)
 
     pgdata = workdir / "pg"
     shutil.rmtree(pgdata, ignore_errors=True)
@@ -170,7 +172,7 @@ def main() -> None:
             return lambda probe: (gallery.search(probe[None], args.top_k)[0] or [None])[0].identity_id
 
         results: dict = {name: {} for name in ("big", *others)}
-        results["big"]["design"] = measure(identify("big"), big.probes, big_expected)
+        results["big"]["design"] = measure(identify("big"), big_probes, big_expected, len(big.probes))
         k = args.top_k * 4  # search.py's oversampling: the faces a search asks for
         out["naive_plan_uses_hnsw"] = {}
         for name, (data, probes, expected) in others.items():
