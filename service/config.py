@@ -285,6 +285,12 @@ class Settings(BaseSettings):
         description="pgvector hnsw.iterative_scan: lets a search ask for more faces than ef_search (top_k "
         "oversampling) and still get them; results are re-sorted by score afterwards.",
     )
+    database_exact_search_max_faces: int = Field(
+        10_000, ge=0, le=10_000_000,
+        description="A collection that shares the faces table with others and holds at most this many faces is "
+        "searched exactly (its own rows, no HNSW): a filtered HNSW scan of a small collection in a big table "
+        "loses recall. Larger ones use an iterative HNSW scan sized to their share of the table.",
+    )
 
     @field_validator("allowed_hosts", "cors_origins", mode="before")
     @classmethod
