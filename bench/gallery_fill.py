@@ -3,6 +3,8 @@ gallery in seconds, for restart benchmarks and tests. The server then builds the
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +13,8 @@ from service.gallery.embedded.gallery import Gallery
 from service.gallery.embedded.store import Store
 
 
-def fill_store(data_dir: Path, model_id: str, dim: int, faces: int, per_identity: int = 2, seed: int = 0,
-               prefix: str = "syn", batch_identities: int = 5000) -> int:
-    """Add ``faces`` unit vectors (``per_identity`` per identity) to the store; returns identities added."""
+@contextmanager
+def _store(data_dir: Path, model_id: str, dim: int) -> Iterator[Store]:
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     store = Store(data_dir / Gallery.STORE_FILE)
@@ -21,6 +22,15 @@ def fill_store(data_dir: Path, model_id: str, dim: int, faces: int, per_identity
         if store.get_meta("model_id") is None:
             store.set_meta("model_id", model_id)
             store.set_meta("embedding_size", str(dim))
+        yield store
+    finally:
+        store.close()
+
+
+def fill_store(data_dir: Path, model_id: str, dim: int, faces: int, per_identity: int = 2, seed: int = 0,
+               prefix: str = "syn", batch_identities: int = 5000) -> int:
+    """Add ``faces`` unit vectors (``per_identity`` per identity) to the store; returns identities added."""
+    with _store(data_dir, model_id, dim) as store:
         rng = np.random.default_rng(seed)
         identities = faces // per_identity
         for start in range(0, identities, batch_identities):
@@ -29,5 +39,14 @@ def fill_store(data_dir: Path, model_id: str, dim: int, faces: int, per_identity
             v /= np.linalg.norm(v, axis=-1, keepdims=True)
             store.add_new_identities([(f"{prefix}{start + i:08d}", v[i], None) for i in range(n)])
         return identities
-    finally:
-        store.close()
+
+
+def fill_store_with(data_dir: Path, model_id: str, faces: np.ndarray, name: Callable[[int], str],
+                    batch_identities: int = 5000) -> int:
+    """Add given faces (identities x per_identity x dim; identity ``i`` as ``name(i)``) to the store,
+    e.g. a bench's synthetic gallery whose exact answers it knows; returns identities added."""
+    with _store(data_dir, model_id, faces.shape[-1]) as store:
+        for start in range(0, len(faces), batch_identities):
+            store.add_new_identities([(name(i), faces[i], None)
+                                      for i in range(start, min(len(faces), start + batch_identities))])
+        return len(faces)
