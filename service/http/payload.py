@@ -328,10 +328,21 @@ def json_response(body: BaseModel) -> Response:
     return Response(body.model_dump_json().encode(), media_type="application/json")
 
 
+def _has_type(schema: dict, kind: str) -> bool:
+    return schema.get("type") == kind or any(_has_type(option, kind) for option in schema.get("anyOf", ()))
+
+
 def body_docs(model: type[BaseModel], list_fields: tuple[str, ...], single_fields: tuple[str, ...] = ()) -> dict:
     """OpenAPI for a route that reads its body itself: the JSON schema and the multipart form."""
     schema = model.model_json_schema()
     form = json.loads(json.dumps(schema))
+    for field, prop in list(form["properties"].items()):
+        if field not in list_fields + single_fields and _has_type(prop, "array"):
+            # a list in a form is one field of JSON text (``_form_value``), not one repeated field per item
+            # as OpenAPI's form encoding would have a generated client send it
+            form["properties"][field] = {
+                "type": "string", "contentMediaType": "application/json", "title": prop.get("title", field),
+                "description": (prop.get("description", "") + " In a form: one field, its JSON text.").strip()}
     for field in list_fields:
         form["properties"][field] = {"type": "array", "items": {"type": "string", "format": "binary"},
                                      "description": "Image files (repeat the field for several)."}

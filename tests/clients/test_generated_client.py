@@ -134,6 +134,17 @@ def test_a_generated_client_enrolls_and_identifies_against_the_real_server(clien
     assert r.status_code == 200, r.content
     assert [p.identity_id for p in r.parsed.results] == [bert]
 
+    # embeddings instead of images, in a form too: sent as the multipart model declares them
+    r = m["api.faces.embed_embed_post"].sync_detailed(client=client, body=models.EmbedEmbedPostJsonEmbedRequest(
+        images=[b64(face_files(bert)[2])]))
+    assert r.status_code == 200, r.content
+    rows, model_id = r.parsed.embeddings, r.parsed.model_id
+    form = models.IdentifyIdentifyPostFilesIdentifyRequest
+    assert form.__annotations__["embeddings"] == "str | Unset", "a list in a form is its JSON text"
+    r = identify.sync_detailed(client=client, body=form(embeddings=json.dumps(rows), model_id=model_id))
+    assert r.status_code == 200, r.content
+    assert [p.identity_id for p in r.parsed.results] == [bert]
+
     # the same in a collection, which sees only its own identities
     r = m["api.collections.create_collection_collections_post"].sync_detailed(
         client=client, body=models.CollectionCreate(name="site-a"))

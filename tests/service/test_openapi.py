@@ -35,3 +35,47 @@ def test_every_error_code_is_in_the_readme():
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     missing = [code.value for code in ErrorCode if f"`{code.value}`" not in readme]
     assert not missing, missing
+
+
+def test_every_field_of_the_routes_models_is_in_the_document(tmp_path):
+    """What a generated client is made of: each request body (JSON and multipart alike) and each
+    component has exactly the fields of the service's model of that name, and each route's response
+    model is a component (a field added to a model but lost from the document fails here)."""
+    from fastapi.routing import APIRoute
+    from pydantic import BaseModel
+
+    from service.http import schemas
+
+    app = create_app(Settings(data_dir=tmp_path))
+    spec = app.openapi()
+    components = spec["components"]["schemas"]
+    models = {name: cls for name, cls in vars(schemas).items()
+              if isinstance(cls, type) and issubclass(cls, BaseModel) and cls.__module__ == schemas.__name__}
+
+    def fields(cls: type[BaseModel]) -> set[str]:
+        return {field.alias or name for name, field in cls.model_fields.items()}
+
+    for name, component in components.items():
+        assert name in models, f"component {name} is not a model of service/http/schemas.py"
+        assert set(component.get("properties", {})) == fields(models[name]), name
+    bodies = 0
+    for path, operations in spec["paths"].items():
+        for method, op in operations.items():
+            for content_type, body in op.get("requestBody", {}).get("content", {}).items():
+                schema = body["schema"]
+                if "$ref" in schema:
+                    schema = components[schema["$ref"].rsplit("/", 1)[1]]
+                model = models[schema["title"]]
+                assert set(schema["properties"]) == fields(model), (method, path, content_type)
+                required = {f.alias or n for n, f in model.model_fields.items() if f.is_required()}
+                assert set(schema.get("required", [])) == required, (method, path, content_type)
+                if content_type == "multipart/form-data":  # a list in a form: image files, or one JSON text
+                    for name, prop in schema["properties"].items():
+                        assert prop.get("type") != "array" or prop["items"].get("format") == "binary", (path, name)
+                        assert "anyOf" not in prop or all(o.get("type") != "array" for o in prop["anyOf"]), (path, name)
+                bodies += 1
+    assert bodies >= 16, "the face routes document both bodies, JSON and multipart"
+    for route in app.routes:
+        if isinstance(route, APIRoute) and route.include_in_schema and isinstance(route.response_model, type) \
+                and issubclass(route.response_model, BaseModel):
+            assert route.response_model.__name__ in components, route.path
