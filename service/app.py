@@ -177,7 +177,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.info("service stopped")
 
     app = FastAPI(title="Face embedding service", version=__version__, description=DESCRIPTION, lifespan=lifespan,
-                  openapi_url=None, docs_url=None, redoc_url=None)  # install_docs: behind the key if set
+                  openapi_url=None, docs_url=None, redoc_url=None,  # install_docs: behind the key if set
+                  # operation ids are the routes' names (`enroll`, `list_identities`): what generated clients
+                  # name their functions and body models by (FastAPI's default is `enroll_enroll_post`)
+                  generate_unique_id_function=lambda route: route.name)
     app.state.metrics = metrics
     app.state.service = None
 

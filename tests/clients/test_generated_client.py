@@ -108,15 +108,15 @@ def test_a_generated_client_enrolls_and_identifies_against_the_real_server(clien
     anna, bert, carl = ENROLLED[:3]
 
     # enroll (JSON, base64 images), identify (JSON) a held-out photo of the same person
-    r = m["api.identities.enroll_enroll_post"].sync_detailed(client=client, body=models.EnrollEnrollPostJsonEnrollRequest(
+    r = m["api.identities.enroll"].sync_detailed(client=client, body=models.EnrollJsonEnrollRequest(
         identity_id=anna, images=[b64(p) for p in face_files(anna)[:2]], metadata=None))
     assert r.status_code == 200, r.content
     enrolled = r.parsed
     assert isinstance(enrolled, models.EnrollResponse)
     assert enrolled.identity_id == anna and enrolled.created is True and enrolled.face_count == 2
     assert len(enrolled.face_ids) == 2 and enrolled.additional_properties == {}, "every field is in the document"
-    identify = m["api.recognition.identify_identify_post"]
-    r = identify.sync_detailed(client=client, body=models.IdentifyIdentifyPostJsonIdentifyRequest(
+    identify = m["api.recognition.identify"]
+    r = identify.sync_detailed(client=client, body=models.IdentifyJsonIdentifyRequest(
         images=[b64(face_files(anna)[2])]))
     assert r.status_code == 200, r.content
     found = r.parsed
@@ -125,28 +125,28 @@ def test_a_generated_client_enrolls_and_identifies_against_the_real_server(clien
     assert found.results[0].candidates[0].identity_id == anna and found.gallery_identities == 1
 
     # multipart, as the generated client sends it (booleans spelt `False`, Python's way)
-    r = m["api.identities.enroll_enroll_post"].sync_detailed(client=client, body=models.EnrollEnrollPostFilesEnrollRequest(
+    r = m["api.identities.enroll"].sync_detailed(client=client, body=models.EnrollFilesEnrollRequest(
         identity_id=bert, images=files(face_files(bert)[:2], types), replace=False))
     assert r.status_code == 200, r.content
     assert r.parsed.identity_id == bert and r.parsed.face_count == 2
-    r = identify.sync_detailed(client=client, body=models.IdentifyIdentifyPostFilesIdentifyRequest(
+    r = identify.sync_detailed(client=client, body=models.IdentifyFilesIdentifyRequest(
         images=files([face_files(bert)[2]], types)))
     assert r.status_code == 200, r.content
     assert [p.identity_id for p in r.parsed.results] == [bert]
 
     # embeddings instead of images, in a form too: sent as the multipart model declares them
-    r = m["api.faces.embed_embed_post"].sync_detailed(client=client, body=models.EmbedEmbedPostJsonEmbedRequest(
+    r = m["api.faces.embed"].sync_detailed(client=client, body=models.EmbedJsonEmbedRequest(
         images=[b64(face_files(bert)[2])]))
     assert r.status_code == 200, r.content
     rows, model_id = r.parsed.embeddings, r.parsed.model_id
-    form = models.IdentifyIdentifyPostFilesIdentifyRequest
+    form = models.IdentifyFilesIdentifyRequest
     assert form.__annotations__["embeddings"] == "str | Unset", "a list in a form is its JSON text"
     r = identify.sync_detailed(client=client, body=form(embeddings=json.dumps(rows), model_id=model_id))
     assert r.status_code == 200, r.content
     assert [p.identity_id for p in r.parsed.results] == [bert]
 
     # the same in a collection, which sees only its own identities
-    r = m["api.collections.create_collection_collections_post"].sync_detailed(
+    r = m["api.collections.create_collection"].sync_detailed(
         client=client, body=models.CollectionCreate(name="site-a"))
     assert r.status_code == 201, r.content
     assert r.parsed.name == "site-a" and r.parsed.identities == 0
@@ -166,7 +166,7 @@ def test_a_generated_client_enrolls_and_identifies_against_the_real_server(clien
     assert [p.identity_id for p in r.parsed.results] == [carl]
 
     # list identities: the default collection's, then the collection's
-    r = m["api.identities.list_identities_identities_get"].sync_detailed(client=client, limit=10)
+    r = m["api.identities.list_identities"].sync_detailed(client=client, limit=10)
     assert r.status_code == 200, r.content
     page = r.parsed
     assert isinstance(page, models.IdentityPage) and page.next_cursor is None
@@ -178,8 +178,8 @@ def test_a_generated_client_enrolls_and_identifies_against_the_real_server(clien
     # errors arrive as the document's ErrorResponse, with the code from the README's table
     stranger = m["client"].AuthenticatedClient(base_url=served.url, token="wrong", prefix="",
                                                auth_header_name="X-API-Key", timeout=httpx.Timeout(60))
-    r = m["api.identities.list_identities_identities_get"].sync_detailed(client=stranger)
+    r = m["api.identities.list_identities"].sync_detailed(client=stranger)
     assert r.status_code == 401 and isinstance(r.parsed, models.ErrorResponse)
     assert r.parsed.error.code == "unauthorized"
-    r = identify.sync_detailed(client=client, body=models.IdentifyIdentifyPostJsonIdentifyRequest(images=["not base64!"]))
+    r = identify.sync_detailed(client=client, body=models.IdentifyJsonIdentifyRequest(images=["not base64!"]))
     assert r.status_code == 422 and r.parsed.error.code == "invalid_base64"

@@ -23,6 +23,8 @@ def test_the_openapi_document_is_valid_and_names_the_roles(tmp_path):
         assert "**Roles:**" in op["description"], (method, path)
     ids = [op["operationId"] for _, _, op in operations]
     assert len(ids) == len(set(ids)), "operation ids must be unique (generated clients name methods by them)"
+    assert {"enroll", "identify", "list_identities", "collection_enroll"} <= set(ids), "the routes' names"
+    assert not [i for i in ids if i.endswith(("_get", "_post", "_delete"))], "no path and method in the names"
     prefixed = {p for p, _, _ in operations if p.startswith("/collections/{collection}/")}
     assert {"/collections/{collection}/enroll", "/collections/{collection}/identify",
             "/collections/{collection}/verify", "/collections/{collection}/identities",
