@@ -10,6 +10,7 @@ from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
+from .. import __version__
 from ..access.keyring import MISS
 from ..access.policy import OPEN, Permission, Principal
 from ..errors import ErrorCode, ServiceError
@@ -26,8 +27,9 @@ PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})  # never need the API key (loa
 
 @router.get("/healthz", summary="Liveness")
 async def healthz() -> dict:
-    """The process is up and its event loop answers. Never needs the API key."""
-    return {"status": "ok"}
+    """The process is up and its event loop answers. Never needs the API key. `version`: the service's
+    version (clients check its major version against theirs)."""
+    return {"status": "ok", "version": __version__}
 
 
 @router.get("/readyz", response_model=ReadyResponse | ReadyStatus, summary="Readiness")

@@ -8,6 +8,7 @@ import httpx
 import numpy as np
 import pytest
 
+from service import __version__ as service_version
 from tests.conftest import ENROLLED, b64, face_files, metric, unknown_files
 
 
@@ -44,7 +45,7 @@ def test_readyz_reports_model_and_providers(client):
     assert body["identify_threshold"] >= body["verify_threshold"]
     assert body["identify_threshold_source"] == "fpir" and body["impostor_tail"]["source"] == "model"
     assert body["inference_ms"] > 0
-    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/healthz").json() == {"status": "ok", "version": service_version}
 
 
 def test_embed_json_returns_normalised_vectors_in_order(client):

@@ -1,0 +1,145 @@
+"""``face``: the service from the command line.
+
+    face identify PHOTO...          face verify A B           face enroll DIR
+    face identities list|delete ID  face collections list|create NAME|delete NAME
+    face keys create ROLE|list|revoke KEY_ID
+
+The server and key: --url / --key, or FACE_URL / FACE_API_KEY. --json prints the answers as JSON (for
+scripts); otherwise readable lines. Exit codes: 0 ok, 1 the API answered an error, 2 usage, 3 no connection
+(or an incompatible server).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import BaseModel
+
+from .client import FaceClient
+from .errors import FaceConnectionError, FaceServiceError, IncompatibleServerError
+
+OK, API_ERROR, USAGE, CONNECTION = 0, 1, 2, 3
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="face", description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--url", default=os.environ.get("FACE_URL", "http://127.0.0.1:8000"),
+                        help="the service (default: FACE_URL, else http://127.0.0.1:8000)")
+    parser.add_argument("--key", default=os.environ.get("FACE_API_KEY"), help="API key (default: FACE_API_KEY)")
+    parser.add_argument("--collection", default="default")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument("--timeout", type=float, default=60.0)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    identify = commands.add_parser("identify", help="who is in each photo")
+    identify.add_argument("photos", nargs="+")
+    identify.add_argument("--top-k", type=int, default=1)
+    verify = commands.add_parser("verify", help="are A and B the same person")
+    verify.add_argument("a")
+    verify.add_argument("b")
+    enroll = commands.add_parser("enroll", help="enroll a folder: one sub-folder per person")
+    enroll.add_argument("folder")
+    enroll.add_argument("--replace", action="store_true")
+    enroll.add_argument("--concurrency", type=int, default=4)
+
+    identities = commands.add_parser("identities").add_subparsers(dest="action", required=True)
+    identities.add_parser("list")
+    identities.add_parser("delete").add_argument("identity_id")
+
+    collections = commands.add_parser("collections").add_subparsers(dest="action", required=True)
+    collections.add_parser("list")
+    collections.add_parser("create").add_argument("name")
+    collections.add_parser("delete").add_argument("name")
+
+    keys = commands.add_parser("keys").add_subparsers(dest="action", required=True)
+    create = keys.add_parser("create")
+    create.add_argument("role", choices=["admin", "write", "read", "embed"])
+    create.add_argument("--collections", nargs="*")
+    create.add_argument("--note")
+    create.add_argument("--rate-limit-rps", type=float)
+    keys.add_parser("list")
+    keys.add_parser("revoke").add_argument("key_id")
+    return parser.parse_args(argv)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def run(face: FaceClient, args: argparse.Namespace) -> tuple[Any, list[str]]:
+    """The command's answer (for --json) and its readable lines."""
+    c = args.collection
+    if args.command == "identify":
+        results = face.identify_many(args.photos, top_k=args.top_k, collection=c)
+        lines = [f"{args.photos[r.image_index]}\t" + (r.error.code if r.error else
+                 f"{r.identity_id or 'unknown'}\t{r.score if r.score is not None else ''}") for r in results]
+        return [{"photo": args.photos[r.image_index], **r.model_dump(mode="json")} for r in results], lines
+    if args.command == "verify":
+        v = face.verify(args.a, args.b, collection=c)
+        return v, [f"{'match' if v.match else 'no match'}\tsimilarity {v.similarity:.4f}\tthreshold {v.threshold:.4f}"]
+    if args.command == "enroll":
+        s = face.enroll_folder(args.folder, replace=args.replace, concurrency=args.concurrency, collection=c)
+        lines = [f"people {s.people}\tenrolled {s.enrolled}\talready {s.already}\tfaces {s.faces}\t"
+                 f"failed {len(s.failed)}"] + [f"failed\t{i}\t{e.code}: {e.message}" for i, e in s.failed.items()]
+        return s, lines
+    if args.command == "identities":
+        if args.action == "list":
+            items = list(face.iter_identities(collection=c))
+            return items, [f"{i.identity_id}\t{i.face_count} faces" for i in items]
+        d = face.delete_identity(args.identity_id, collection=c)
+        return d, [f"deleted {d.identity_id}\t{d.deleted_faces} faces"]
+    if args.command == "collections":
+        if args.action == "list":
+            cs = face.list_collections()
+            return cs, [f"{x.name}\t{x.identities} identities\t{x.faces} faces" for x in cs]
+        if args.action == "create":
+            x = face.create_collection(args.name)
+            return x, [f"created {x.name}"]
+        d2 = face.delete_collection(args.name)
+        return d2, [f"deleted {d2.name}\t{d2.deleted_identities} identities\t{d2.deleted_faces} faces"]
+    if args.action == "create":
+        k = face.create_key(args.role, collections=args.collections, note=args.note,
+                            rate_limit_rps=args.rate_limit_rps)
+        return k, [f"{k.key_id}\t{k.role}\tsecret {k.secret}  (shown once)"]
+    if args.action == "list":
+        ks = face.list_keys()
+        return ks, [f"{k.key_id}\t{k.role}\t{','.join(k.collections or ['*'])}\t"
+                    f"{'revoked' if k.revoked_at else 'active'}\t{k.note or ''}" for k in ks]
+    r = face.revoke_key(args.key_id)
+    return r, [f"revoked {r.key_id}"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:
+        return USAGE if e.code else OK
+    try:
+        with FaceClient(args.url, args.key, timeout=args.timeout, collection=args.collection) as face:
+            answer, lines = run(face, args)
+    except FaceServiceError as e:
+        error = {"code": e.code, "message": e.message, "details": e.details, "request_id": e.request_id,
+                 "status": e.status}
+        print(json.dumps({"error": error}) if args.json else f"error: {e}", file=sys.stderr)
+        return API_ERROR
+    except (FaceConnectionError, IncompatibleServerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return CONNECTION
+    except OSError as e:  # a photo or folder that cannot be read
+        print(f"error: {e}", file=sys.stderr)
+        return USAGE
+    print(json.dumps(_plain(answer), indent=2) if args.json else "\n".join(lines))
+    return OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

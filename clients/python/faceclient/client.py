@@ -1,0 +1,632 @@
+"""FaceClient (sync) and AsyncFaceClient: the same methods over one keep-alive connection pool each.
+
+Both build their requests and read their answers with ``_Base`` (one place for routes, bodies, errors and
+retry waits); they differ only in how they wait for the network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+from urllib.parse import quote
+
+import httpx
+
+from . import __version__
+from .errors import (
+    BadRequestError,
+    FaceConnectionError,
+    FaceServiceError,
+    IncompatibleServerError,
+    NotFoundError,
+    class_for,
+)
+from .images import Color, ImageInput, as_list, to_base64
+from .models import (
+    AuditEntry,
+    AuditPage,
+    Collection,
+    CollectionDeleted,
+    DetectResult,
+    EmbedResult,
+    EnrollResult,
+    ErrorBody,
+    FolderSummary,
+    Health,
+    IdentifyResult,
+    Identity,
+    IdentityDeleted,
+    IdentityPage,
+    IdentitySummary,
+    Key,
+    KeyCreated,
+    KeyRevoked,
+    Model,
+    ProbeResult,
+    Ready,
+    VerifyResult,
+)
+
+M = TypeVar("M", bound=Model)
+ImageType = Literal["aligned", "photo", "auto"]
+Progress = Callable[[int, int], None]  # (done, total)
+DEFAULT_COLLECTION = "default"
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
+RETRIED = frozenset({429, 503})
+
+
+@dataclass
+class Call:
+    method: str
+    path: str
+    json: dict[str, Any] | None = None
+    params: dict[str, Any] | None = None
+    headers: dict[str, str] = field(default_factory=lambda: {"X-Request-ID": uuid.uuid4().hex})
+
+
+def _many(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
+    return list(images) if isinstance(images, (list, tuple)) else [images]
+
+
+def _drop_none(body: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in body.items() if v is not None}
+
+
+def _major(version: str) -> str:
+    return version.split(".", 1)[0]
+
+
+def person_folders(root: str | Path) -> list[tuple[str, list[Path]]]:
+    """One sub-folder per person (its name is the identity id) with its images, sorted."""
+    return [(d.name, sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES))
+            for d in sorted(Path(root).iterdir()) if d.is_dir()]
+
+
+def _batches(items: Sequence[ImageInput], size: int) -> list[tuple[int, list[ImageInput]]]:
+    return [(start, list(items[start:start + size])) for start in range(0, len(items), size)]
+
+
+def _failed_probe(index: int, error: FaceServiceError) -> ProbeResult:
+    return ProbeResult(image_index=index, identity_id=None, known=False, score=None, candidates=[],
+                       error=ErrorBody(code=error.code, message=error.message, details=error.details))
+
+
+def _shift(results: list[ProbeResult], start: int) -> list[ProbeResult]:
+    return [r.model_copy(update={"image_index": r.image_index + start}) for r in results]
+
+
+class _Base:
+    def __init__(self, base_url: str, api_key: str | None = None, *, timeout: float = 60.0,
+                 collection: str = DEFAULT_COLLECTION, max_retries: int = 3, retry_budget_s: float = 60.0,
+                 backoff_s: float = 0.5, check_version: bool = True) -> None:
+        """``timeout``: seconds per request (connect, read, write). 429 and 503 answers are retried up to
+        ``max_retries`` times, waiting Retry-After (or ``backoff_s`` doubling) plus jitter, while the
+        waits fit in ``retry_budget_s``. ``collection``: the default one for gallery calls."""
+        self.base_url = base_url.rstrip("/")
+        self.collection = collection
+        self.max_retries = max_retries
+        self.retry_budget_s = retry_budget_s
+        self.backoff_s = backoff_s
+        self._check_version = check_version
+        self._version_checked = not check_version
+        self._headers = {"X-API-Key": api_key} if api_key else {}
+        self._timeout = httpx.Timeout(timeout)
+        self.server_version: str | None = None
+
+    # --- routes and bodies ----------------------------------------------------------------------
+    def _prefix(self, collection: str | None) -> str:
+        name = collection or self.collection
+        return "" if name == DEFAULT_COLLECTION else f"/collections/{quote(name, safe='')}"
+
+    @staticmethod
+    def _images(images: ImageInput | Sequence[ImageInput], color: Color | None) -> list[str]:
+        return [to_base64(image, color) for image in _many(images)]
+
+    def _embed(self, images: Any, image_type: ImageType, multi_face: str, color: Color | None) -> Call:
+        return Call("POST", "/embed", {"images": self._images(images, color), "image_type": image_type,
+                                       "multi_face": multi_face})
+
+    def _detect(self, images: Any, return_crops: bool, color: Color | None) -> Call:
+        return Call("POST", "/detect", {"images": self._images(images, color), "return_crops": return_crops})
+
+    def _verify(self, a: Any, b: Any, identity_id: str | None, embedding_a: Any, embedding_b: Any,
+                threshold: float | None, image_type: ImageType, multi_face: str, color: Color | None,
+                model_id: str | None, collection: str | None) -> Call:
+        body: dict[str, Any] = {
+            "image_a": None if a is None else to_base64(a, color), "image_b": None if b is None else to_base64(b, color),
+            "embedding_a": None if embedding_a is None else as_list(embedding_a),
+            "embedding_b": None if embedding_b is None else as_list(embedding_b),
+            "identity_id": identity_id, "threshold": threshold, "model_id": model_id}
+        if a is not None or b is not None:
+            body |= {"image_type": image_type, "multi_face": multi_face}
+        return Call("POST", self._prefix(collection) + "/verify", _drop_none(body))
+
+    def _identify(self, images: Any, embeddings: Any, top_k: int, threshold: float | None,
+                  min_quality: float | None, image_type: ImageType, multi_face: str, color: Color | None,
+                  model_id: str | None, collection: str | None) -> Call:
+        body: dict[str, Any] = {"top_k": top_k, "threshold": threshold, "min_quality": min_quality,
+                                "model_id": model_id}
+        if images is not None:
+            body |= {"images": self._images(images, color), "image_type": image_type, "multi_face": multi_face}
+        if embeddings is not None:
+            body["embeddings"] = [as_list(e) for e in embeddings]
+        return Call("POST", self._prefix(collection) + "/identify", _drop_none(body))
+
+    def _enroll(self, identity_id: str, images: Any, embeddings: Any, metadata: dict[str, Any] | None,
+                replace: bool, min_quality: float | None, force_quality: bool, image_type: ImageType,
+                multi_face: str, color: Color | None, model_id: str | None, collection: str | None) -> Call:
+        body: dict[str, Any] = {"identity_id": identity_id, "metadata": metadata, "replace": replace,
+                                "min_quality": min_quality, "force_quality": force_quality or None,
+                                "model_id": model_id}
+        if images is not None:
+            body |= {"images": self._images(images, color), "image_type": image_type, "multi_face": multi_face}
+        if embeddings is not None:
+            body["embeddings"] = [as_list(e) for e in embeddings]
+        return Call("POST", self._prefix(collection) + "/enroll", _drop_none(body))
+
+    def _identity(self, method: str, identity_id: str, collection: str | None) -> Call:
+        return Call(method, f"{self._prefix(collection)}/identities/{quote(identity_id, safe='')}")
+
+    def _identities(self, cursor: str | None, page_size: int, collection: str | None) -> Call:
+        return Call("GET", self._prefix(collection) + "/identities", params=_drop_none(
+            {"limit": page_size, "cursor": cursor}))
+
+    @staticmethod
+    def _audit(cursor: str | None, page_size: int, filters: dict[str, Any]) -> Call:
+        return Call("GET", "/audit", params=_drop_none({**filters, "limit": page_size, "cursor": cursor}))
+
+    @staticmethod
+    def _key_create(role: str, collections: list[str] | None, note: str | None, expires_at: float | None,
+                    rate_limit_rps: float | None, rate_limit_faces_per_s: float | None) -> Call:
+        return Call("POST", "/keys", _drop_none({
+            "role": role, "collections": collections, "note": note, "expires_at": expires_at,
+            "rate_limit_rps": rate_limit_rps, "rate_limit_faces_per_s": rate_limit_faces_per_s}))
+
+    # --- answers ----------------------------------------------------------------------------------
+    def _wait(self, attempt: int, response: httpx.Response, started: float) -> float | None:
+        """Seconds to wait before retrying ``response``, or None: not retried (or out of budget)."""
+        if response.status_code not in RETRIED or attempt >= self.max_retries:
+            return None
+        try:
+            wait = float(response.headers["Retry-After"]) + random.uniform(0, 0.25)
+        except (KeyError, ValueError):
+            wait = self.backoff_s * 2 ** attempt * random.uniform(0.5, 1.0)
+        return None if time.monotonic() - started + wait > self.retry_budget_s else wait
+
+    @staticmethod
+    def _read(response: httpx.Response, call: Call) -> Any:
+        if response.is_success:
+            return response.json()
+        request_id = response.headers.get("X-Request-ID") or call.headers.get("X-Request-ID")
+        try:
+            error = response.json()["error"]
+            code, message, details = str(error["code"]), str(error["message"]), error.get("details")
+        except (ValueError, KeyError, TypeError):
+            code, message, details = f"http_{response.status_code}", response.text[:200], None
+        retry_after = response.headers.get("Retry-After")
+        raise class_for(code, response.status_code)(
+            code, message, details, request_id, response.status_code,
+            float(retry_after) if retry_after and retry_after.isdigit() else None)
+
+    def _version_ok(self, response: httpx.Response) -> None:
+        health = Health.model_validate(response.json()) if response.is_success else None
+        self.server_version = health.version if health else None
+        if self.server_version is None or _major(self.server_version) != _major(__version__):
+            raise IncompatibleServerError(
+                f"faceclient {__version__} does not fit the server at {self.base_url} "
+                f"(version {self.server_version or 'not reported'}): install the client of the server's major "
+                "version (or pass check_version=False)", self.server_version, __version__)
+        self._version_checked = True
+
+    def _client_args(self) -> dict[str, Any]:
+        return {"base_url": self.base_url, "headers": self._headers, "timeout": self._timeout}
+
+
+class FaceClient(_Base):
+    """The service's API. One ``httpx.Client`` (keep-alive pool): share one instance between threads.
+
+    >>> with FaceClient("http://localhost:8000", api_key="...") as face:
+    ...     face.enroll("alice", ["alice1.jpg", "alice2.jpg"])
+    ...     face.identify("door.jpg").results[0].identity_id
+    """
+
+    def __init__(self, base_url: str, api_key: str | None = None, **options: Any) -> None:
+        super().__init__(base_url, api_key, **options)
+        self._http = httpx.Client(**self._client_args(), limits=httpx.Limits(max_keepalive_connections=32))
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> FaceClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _send(self, call: Call) -> httpx.Response:
+        try:
+            return self._http.request(call.method, call.path, json=call.json, params=call.params,
+                                      headers=call.headers)
+        except httpx.TransportError as e:
+            raise FaceConnectionError(f"{call.method} {self.base_url}{call.path}: {e!r}") from e
+
+    def _raw(self, call: Call) -> Any:
+        if not self._version_checked:
+            with self._lock:
+                if not self._version_checked:
+                    self._version_ok(self._send(Call("GET", "/healthz")))
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            response = self._send(call)
+            wait = self._wait(attempt, response, started)
+            if wait is None:
+                return self._read(response, call)
+            time.sleep(wait)
+            attempt += 1
+
+    def _do(self, call: Call, model: type[M]) -> M:
+        return model.model_validate(self._raw(call))
+
+    # --- faces --------------------------------------------------------------------------------------
+    def embed(self, images: ImageInput | Sequence[ImageInput], *, image_type: ImageType = "auto",
+              multi_face: str = "largest", color: Color | None = None) -> EmbedResult:
+        return self._do(self._embed(images, image_type, multi_face, color), EmbedResult)
+
+    def detect(self, images: ImageInput | Sequence[ImageInput], *, return_crops: bool = False,
+               color: Color | None = None) -> DetectResult:
+        return self._do(self._detect(images, return_crops, color), DetectResult)
+
+    def verify(self, a: ImageInput | None = None, b: ImageInput | None = None, *, identity_id: str | None = None,
+               embedding_a: Any = None, embedding_b: Any = None, threshold: float | None = None,
+               image_type: ImageType = "auto", multi_face: str = "largest", color: Color | None = None,
+               model_id: str | None = None, collection: str | None = None) -> VerifyResult:
+        return self._do(self._verify(a, b, identity_id, embedding_a, embedding_b, threshold, image_type, multi_face,
+                                     color, model_id, collection), VerifyResult)
+
+    def identify(self, images: ImageInput | Sequence[ImageInput] | None = None, *, embeddings: Any = None,
+                 top_k: int = 5, threshold: float | None = None, min_quality: float | None = None,
+                 image_type: ImageType = "auto", multi_face: str = "largest", color: Color | None = None,
+                 model_id: str | None = None, collection: str | None = None) -> IdentifyResult:
+        return self._do(self._identify(images, embeddings, top_k, threshold, min_quality, image_type, multi_face,
+                                       color, model_id, collection), IdentifyResult)
+
+    def enroll(self, identity_id: str, images: ImageInput | Sequence[ImageInput] | None = None, *,
+               embeddings: Any = None, metadata: dict[str, Any] | None = None, replace: bool = False,
+               min_quality: float | None = None, force_quality: bool = False, image_type: ImageType = "auto",
+               multi_face: str = "largest", color: Color | None = None, model_id: str | None = None,
+               collection: str | None = None) -> EnrollResult:
+        return self._do(self._enroll(identity_id, images, embeddings, metadata, replace, min_quality, force_quality,
+                                     image_type, multi_face, color, model_id, collection), EnrollResult)
+
+    # --- identities ---------------------------------------------------------------------------------
+    def get_identity(self, identity_id: str, *, collection: str | None = None) -> Identity:
+        return self._do(self._identity("GET", identity_id, collection), Identity)
+
+    def delete_identity(self, identity_id: str, *, collection: str | None = None) -> IdentityDeleted:
+        return self._do(self._identity("DELETE", identity_id, collection), IdentityDeleted)
+
+    def iter_identities(self, *, page_size: int = 100, collection: str | None = None) -> Iterator[IdentitySummary]:
+        """Every identity, by id, fetching one page at a time as the iteration reaches it."""
+        cursor: str | None = None
+        while True:
+            page = self._do(self._identities(cursor, page_size, collection), IdentityPage)
+            yield from page.items
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+    # --- collections, keys, audit, health -------------------------------------------------------------
+    def list_collections(self) -> list[Collection]:
+        return [Collection.model_validate(c) for c in self._raw(Call("GET", "/collections"))["items"]]
+
+    def create_collection(self, name: str) -> Collection:
+        return self._do(Call("POST", "/collections", {"name": name}), Collection)
+
+    def get_collection(self, name: str) -> Collection:
+        return self._do(Call("GET", f"/collections/{quote(name, safe='')}"), Collection)
+
+    def delete_collection(self, name: str) -> CollectionDeleted:
+        return self._do(Call("DELETE", f"/collections/{quote(name, safe='')}"), CollectionDeleted)
+
+    def create_key(self, role: str, *, collections: list[str] | None = None, note: str | None = None,
+                   expires_at: float | None = None, rate_limit_rps: float | None = None,
+                   rate_limit_faces_per_s: float | None = None) -> KeyCreated:
+        return self._do(self._key_create(role, collections, note, expires_at, rate_limit_rps,
+                                         rate_limit_faces_per_s), KeyCreated)
+
+    def list_keys(self) -> list[Key]:
+        return [Key.model_validate(k) for k in self._raw(Call("GET", "/keys"))["items"]]
+
+    def revoke_key(self, key_id: str) -> KeyRevoked:
+        return self._do(Call("DELETE", f"/keys/{quote(key_id, safe='')}"), KeyRevoked)
+
+    def iter_audit(self, *, page_size: int = 100, **filters: Any) -> Iterator[AuditEntry]:
+        """Audit entries, newest first; filters: collection, identity_id, key_id, since, until."""
+        cursor: str | None = None
+        while True:
+            page = self._do(self._audit(cursor, page_size, filters), AuditPage)
+            yield from page.items
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+    def health(self) -> Health:
+        return self._do(Call("GET", "/healthz"), Health)
+
+    def ready(self) -> Ready:
+        return self._do(Call("GET", "/readyz"), Ready)
+
+    # --- bulk -----------------------------------------------------------------------------------------
+    def identify_many(self, images: Sequence[ImageInput], *, batch_size: int = 16, concurrency: int = 4,
+                      progress: Progress | None = None, **options: Any) -> list[ProbeResult]:
+        """Identify many images in batched requests, ``concurrency`` in flight (threads). One result per
+        probe, ``image_index`` into ``images``; an image the service refuses (e.g. no_face) gets a result
+        with ``error`` instead of failing the others."""
+        done, total, lock = 0, len(images), threading.Lock()
+
+        def one(start: int, batch: list[ImageInput]) -> list[ProbeResult]:
+            nonlocal done
+            try:
+                results = _shift(self.identify(batch, **options).results, start)
+            except BadRequestError:  # one bad image refuses its batch: the others one by one
+                results = []
+                for i, image in enumerate(batch):
+                    try:
+                        results += _shift(self.identify([image], **options).results, start + i)
+                    except BadRequestError as e:
+                        results.append(_failed_probe(start + i, e))
+            with lock:
+                done += len(batch)
+                if progress:
+                    progress(done, total)
+            return results
+
+        with ThreadPoolExecutor(max(1, concurrency)) as pool:
+            parts = list(pool.map(lambda b: one(*b), _batches(images, batch_size)))
+        return [r for part in parts for r in part]
+
+    def enroll_folder(self, root: str | Path, *, replace: bool = False, concurrency: int = 4,
+                      progress: Progress | None = None, max_images_per_request: int = 64,
+                      **options: Any) -> FolderSummary:
+        """Enroll one sub-folder per person (the folder name is the identity id), like ``python -m service
+        gallery enroll``. Resumable: someone already enrolled is skipped unless ``replace``."""
+        people = person_folders(root)
+        summary, lock = FolderSummary(people=len(people)), threading.Lock()
+
+        def one(person: tuple[str, list[Path]]) -> None:
+            identity, files = person
+            try:
+                if not replace and self._exists(identity, options.get("collection")):
+                    with lock:
+                        summary.already += 1
+                else:
+                    faces = 0
+                    for n, (_, chunk) in enumerate(_batches(files, max_images_per_request)):
+                        faces += len(self.enroll(identity, chunk, replace=replace and n == 0, **options).face_ids)
+                    with lock:
+                        summary.enrolled += 1
+                        summary.faces += faces
+            except BadRequestError as e:
+                with lock:
+                    summary.failed[identity] = ErrorBody(code=e.code, message=e.message, details=e.details)
+            with lock:
+                if progress:
+                    progress(summary.enrolled + summary.already + len(summary.failed), summary.people)
+
+        with ThreadPoolExecutor(max(1, concurrency)) as pool:
+            list(pool.map(one, people))
+        return summary
+
+    def _exists(self, identity_id: str, collection: str | None) -> bool:
+        try:
+            self.get_identity(identity_id, collection=collection)
+            return True
+        except NotFoundError as e:
+            if e.code != "identity_not_found":
+                raise
+            return False
+
+
+class AsyncFaceClient(_Base):
+    """FaceClient's methods as coroutines, over one ``httpx.AsyncClient``: share it between tasks."""
+
+    def __init__(self, base_url: str, api_key: str | None = None, **options: Any) -> None:
+        super().__init__(base_url, api_key, **options)
+        self._http = httpx.AsyncClient(**self._client_args(), limits=httpx.Limits(max_keepalive_connections=32))
+        self._lock: asyncio.Lock | None = None
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncFaceClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def _send(self, call: Call) -> httpx.Response:
+        try:
+            return await self._http.request(call.method, call.path, json=call.json, params=call.params,
+                                            headers=call.headers)
+        except httpx.TransportError as e:
+            raise FaceConnectionError(f"{call.method} {self.base_url}{call.path}: {e!r}") from e
+
+    async def _raw(self, call: Call) -> Any:
+        if not self._version_checked:
+            self._lock = self._lock or asyncio.Lock()
+            async with self._lock:
+                if not self._version_checked:
+                    self._version_ok(await self._send(Call("GET", "/healthz")))
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            response = await self._send(call)
+            wait = self._wait(attempt, response, started)
+            if wait is None:
+                return self._read(response, call)
+            await asyncio.sleep(wait)
+            attempt += 1
+
+    async def _do(self, call: Call, model: type[M]) -> M:
+        return model.model_validate(await self._raw(call))
+
+    async def embed(self, images: ImageInput | Sequence[ImageInput], *, image_type: ImageType = "auto",
+                    multi_face: str = "largest", color: Color | None = None) -> EmbedResult:
+        return await self._do(self._embed(images, image_type, multi_face, color), EmbedResult)
+
+    async def detect(self, images: ImageInput | Sequence[ImageInput], *, return_crops: bool = False,
+                     color: Color | None = None) -> DetectResult:
+        return await self._do(self._detect(images, return_crops, color), DetectResult)
+
+    async def verify(self, a: ImageInput | None = None, b: ImageInput | None = None, *,
+                     identity_id: str | None = None, embedding_a: Any = None, embedding_b: Any = None,
+                     threshold: float | None = None, image_type: ImageType = "auto", multi_face: str = "largest",
+                     color: Color | None = None, model_id: str | None = None,
+                     collection: str | None = None) -> VerifyResult:
+        return await self._do(self._verify(a, b, identity_id, embedding_a, embedding_b, threshold, image_type,
+                                           multi_face, color, model_id, collection), VerifyResult)
+
+    async def identify(self, images: ImageInput | Sequence[ImageInput] | None = None, *, embeddings: Any = None,
+                       top_k: int = 5, threshold: float | None = None, min_quality: float | None = None,
+                       image_type: ImageType = "auto", multi_face: str = "largest", color: Color | None = None,
+                       model_id: str | None = None, collection: str | None = None) -> IdentifyResult:
+        return await self._do(self._identify(images, embeddings, top_k, threshold, min_quality, image_type,
+                                             multi_face, color, model_id, collection), IdentifyResult)
+
+    async def enroll(self, identity_id: str, images: ImageInput | Sequence[ImageInput] | None = None, *,
+                     embeddings: Any = None, metadata: dict[str, Any] | None = None, replace: bool = False,
+                     min_quality: float | None = None, force_quality: bool = False,
+                     image_type: ImageType = "auto", multi_face: str = "largest", color: Color | None = None,
+                     model_id: str | None = None, collection: str | None = None) -> EnrollResult:
+        return await self._do(self._enroll(identity_id, images, embeddings, metadata, replace, min_quality,
+                                           force_quality, image_type, multi_face, color, model_id, collection),
+                              EnrollResult)
+
+    async def get_identity(self, identity_id: str, *, collection: str | None = None) -> Identity:
+        return await self._do(self._identity("GET", identity_id, collection), Identity)
+
+    async def delete_identity(self, identity_id: str, *, collection: str | None = None) -> IdentityDeleted:
+        return await self._do(self._identity("DELETE", identity_id, collection), IdentityDeleted)
+
+    async def iter_identities(self, *, page_size: int = 100,
+                              collection: str | None = None) -> AsyncIterator[IdentitySummary]:
+        cursor: str | None = None
+        while True:
+            page = await self._do(self._identities(cursor, page_size, collection), IdentityPage)
+            for item in page.items:
+                yield item
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+    async def list_collections(self) -> list[Collection]:
+        return [Collection.model_validate(c) for c in (await self._raw(Call("GET", "/collections")))["items"]]
+
+    async def create_collection(self, name: str) -> Collection:
+        return await self._do(Call("POST", "/collections", {"name": name}), Collection)
+
+    async def get_collection(self, name: str) -> Collection:
+        return await self._do(Call("GET", f"/collections/{quote(name, safe='')}"), Collection)
+
+    async def delete_collection(self, name: str) -> CollectionDeleted:
+        return await self._do(Call("DELETE", f"/collections/{quote(name, safe='')}"), CollectionDeleted)
+
+    async def create_key(self, role: str, *, collections: list[str] | None = None, note: str | None = None,
+                         expires_at: float | None = None, rate_limit_rps: float | None = None,
+                         rate_limit_faces_per_s: float | None = None) -> KeyCreated:
+        return await self._do(self._key_create(role, collections, note, expires_at, rate_limit_rps,
+                                               rate_limit_faces_per_s), KeyCreated)
+
+    async def list_keys(self) -> list[Key]:
+        return [Key.model_validate(k) for k in (await self._raw(Call("GET", "/keys")))["items"]]
+
+    async def revoke_key(self, key_id: str) -> KeyRevoked:
+        return await self._do(Call("DELETE", f"/keys/{quote(key_id, safe='')}"), KeyRevoked)
+
+    async def iter_audit(self, *, page_size: int = 100, **filters: Any) -> AsyncIterator[AuditEntry]:
+        cursor: str | None = None
+        while True:
+            page = await self._do(self._audit(cursor, page_size, filters), AuditPage)
+            for item in page.items:
+                yield item
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+    async def health(self) -> Health:
+        return await self._do(Call("GET", "/healthz"), Health)
+
+    async def ready(self) -> Ready:
+        return await self._do(Call("GET", "/readyz"), Ready)
+
+    async def identify_many(self, images: Sequence[ImageInput], *, batch_size: int = 16, concurrency: int = 4,
+                            progress: Progress | None = None, **options: Any) -> list[ProbeResult]:
+        """As FaceClient.identify_many, with ``concurrency`` tasks."""
+        gate, done, total = asyncio.Semaphore(max(1, concurrency)), 0, len(images)
+
+        async def one(start: int, batch: list[ImageInput]) -> list[ProbeResult]:
+            nonlocal done
+            async with gate:
+                try:
+                    results = _shift((await self.identify(batch, **options)).results, start)
+                except BadRequestError:
+                    results = []
+                    for i, image in enumerate(batch):
+                        try:
+                            results += _shift((await self.identify([image], **options)).results, start + i)
+                        except BadRequestError as e:
+                            results.append(_failed_probe(start + i, e))
+            done += len(batch)
+            if progress:
+                progress(done, total)
+            return results
+
+        parts = await asyncio.gather(*(one(start, batch) for start, batch in _batches(images, batch_size)))
+        return [r for part in parts for r in part]
+
+    async def enroll_folder(self, root: str | Path, *, replace: bool = False, concurrency: int = 4,
+                            progress: Progress | None = None, max_images_per_request: int = 64,
+                            **options: Any) -> FolderSummary:
+        """As FaceClient.enroll_folder, with ``concurrency`` tasks."""
+        people = person_folders(root)
+        summary, gate = FolderSummary(people=len(people)), asyncio.Semaphore(max(1, concurrency))
+
+        async def one(identity: str, files: list[Path]) -> None:
+            async with gate:
+                try:
+                    if not replace and await self._exists(identity, options.get("collection")):
+                        summary.already += 1
+                    else:
+                        for n, (_, chunk) in enumerate(_batches(files, max_images_per_request)):
+                            result = await self.enroll(identity, chunk, replace=replace and n == 0, **options)
+                            summary.faces += len(result.face_ids)
+                        summary.enrolled += 1
+                except BadRequestError as e:
+                    summary.failed[identity] = ErrorBody(code=e.code, message=e.message, details=e.details)
+            if progress:
+                progress(summary.enrolled + summary.already + len(summary.failed), summary.people)
+
+        await asyncio.gather(*(one(identity, files) for identity, files in people))
+        return summary
+
+    async def _exists(self, identity_id: str, collection: str | None) -> bool:
+        try:
+            await self.get_identity(identity_id, collection=collection)
+            return True
+        except NotFoundError as e:
+            if e.code != "identity_not_found":
+                raise
+            return False
+
+
+__all__ = ["AsyncFaceClient", "FaceClient", "person_folders"]

@@ -1,0 +1,281 @@
+"""Typed results: pydantic models mirroring the service's answers (service/http/schemas.py).
+
+Unknown fields are ignored (a newer server may add some); tests/clients checks that every field of the
+server's models is here. Embeddings come out as numpy arrays (float32) when numpy is installed, else lists.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+try:
+    import numpy as np
+except ImportError:  # numpy is an extra
+    np = None  # type: ignore[assignment]
+
+
+def _vectors(value: Any) -> Any:
+    return value if np is None else np.asarray(value, dtype=np.float32)
+
+
+Vectors = Annotated[Any, BeforeValidator(_vectors)]  # numpy (n, dim) float32, or lists without numpy
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="ignore", arbitrary_types_allowed=True, protected_namespaces=())
+
+
+class ErrorBody(Model):
+    code: str
+    message: str
+    details: dict[str, Any] | None = None
+
+
+class FaceLocation(Model):
+    image_index: int
+    box: list[float]
+    landmarks: list[list[float]]
+    score: float
+
+
+class QualityPart(Model):
+    value: float | None
+    min: float | None = None
+    max: float | None = None
+    passed: bool | None = None
+    reason: str | None = None
+
+
+class QualityFailure(Model):
+    part: str
+    value: float
+    limit: float
+    by: float
+
+
+class FaceQuality(Model):
+    score: float | None
+    min_score: float | None = None
+    passed: bool
+    failed: list[QualityFailure]
+    fitted: bool
+    parts: dict[str, QualityPart]
+
+
+class EmbedResult(Model):
+    model_id: str
+    dimension: int
+    embeddings: Vectors
+    faces: list[FaceLocation | None] | None = None
+    quality: list[FaceQuality]
+
+
+class DetectedFace(FaceLocation):
+    crop: str | None = None
+    quality: FaceQuality
+
+
+class DetectedImage(Model):
+    width: int
+    height: int
+    faces: list[DetectedFace]
+
+
+class DetectResult(Model):
+    detector: str
+    alignment: str
+    images: list[DetectedImage]
+
+
+class EnrollResult(Model):
+    identity_id: str
+    created: bool
+    face_ids: list[int]
+    faces_replaced: int = 0
+    face_count: int
+    model_id: str
+    faces: list[FaceLocation | None] | None = None
+    quality: list[FaceQuality] | None = None
+
+
+class VerifyResult(Model):
+    similarity: float
+    threshold: float
+    match: bool
+    model_id: str
+    identity_id: str | None = None
+    face_a: FaceLocation | None = None
+    face_b: FaceLocation | None = None
+
+
+class Candidate(Model):
+    identity_id: str
+    score: float
+    face_id: int
+    stranger_probability: float | None = None
+
+
+class ProbeResult(Model):
+    image_index: int
+    face: FaceLocation | None = None
+    identity_id: str | None
+    known: bool
+    score: float | None
+    candidates: list[Candidate]
+    quality: FaceQuality | None = None
+    error: ErrorBody | None = None
+
+
+class IdentifyResult(Model):
+    results: list[ProbeResult]
+    threshold: float
+    threshold_source: str = "fpir"
+    fpir_target: float | None = None
+    fpir_estimated: float | None = None
+    gallery_identities: int
+    gallery_faces: int | None = None
+    model_id: str
+
+
+class IdentitySummary(Model):
+    identity_id: str
+    metadata: dict[str, Any]
+    face_count: int
+    created_at: float
+    updated_at: float
+
+
+class Identity(IdentitySummary):
+    face_ids: list[int]
+
+
+class IdentityPage(Model):
+    items: list[IdentitySummary]
+    next_cursor: str | None
+
+
+class IdentityDeleted(Model):
+    identity_id: str
+    deleted_faces: int
+
+
+class Collection(Model):
+    name: str
+    model_id: str
+    created_at: float
+    identities: int
+    faces: int
+    identify_threshold: float
+
+
+class CollectionDeleted(Model):
+    name: str
+    deleted_identities: int
+    deleted_faces: int
+
+
+class Key(Model):
+    key_id: str
+    role: str
+    collections: list[str] | None
+    note: str | None
+    created_at: float
+    expires_at: float | None
+    revoked_at: float | None = None
+    last_used_at: float | None = None
+    rate_limit_rps: float | None = None
+    rate_limit_faces_per_s: float | None = None
+
+
+class KeyCreated(Key):
+    secret: str
+
+
+class KeyRevoked(Model):
+    key_id: str
+    revoked_at: float
+
+
+class AuditEntry(Model):
+    entry_id: str
+    at: float
+    action: str
+    key_id: str | None
+    client: str | None
+    request_id: str | None
+    collection: str | None
+    identity_id: str | None
+    details: dict[str, Any]
+
+
+class AuditPage(Model):
+    items: list[AuditEntry]
+    next_cursor: str | None
+
+
+class Health(Model):
+    status: str
+    version: str | None = None
+
+
+class Ready(Model):
+    """/readyz: `status` always; the rest only for a request with a valid key (or a server without keys)."""
+
+    status: str
+    model_id: str | None = None
+    model_path: str | None = None
+    providers: list[str] | None = None
+    embedding_size: int | None = None
+    verify_threshold: float | None = None
+    identify_threshold: float | None = None
+    identify_threshold_source: str | None = None
+    identify_fpir: float | None = None
+    impostor_tail: dict[str, Any] | None = None
+    quality: dict[str, Any] | None = None
+    inference_ms: float | None = None
+    gallery: dict[str, int] | None = None
+    collections: dict[str, Any] = Field(default_factory=dict)
+
+
+class FolderSummary(Model):
+    """What enroll_folder did: people found, enrolled, already there (skipped), and each failure's error."""
+
+    people: int = 0
+    enrolled: int = 0
+    already: int = 0
+    faces: int = 0
+    failed: dict[str, ErrorBody] = Field(default_factory=dict)
+
+
+__all__ = [
+    "AuditEntry",
+    "AuditPage",
+    "Candidate",
+    "Collection",
+    "CollectionDeleted",
+    "DetectResult",
+    "DetectedFace",
+    "DetectedImage",
+    "EmbedResult",
+    "EnrollResult",
+    "ErrorBody",
+    "FaceLocation",
+    "FaceQuality",
+    "FolderSummary",
+    "Health",
+    "IdentifyResult",
+    "Identity",
+    "IdentityDeleted",
+    "IdentityPage",
+    "IdentitySummary",
+    "Key",
+    "KeyCreated",
+    "KeyRevoked",
+    "ProbeResult",
+    "QualityFailure",
+    "QualityPart",
+    "Ready",
+    "VerifyResult",
+]

@@ -1,0 +1,68 @@
+"""The `face` command line (python -m faceclient.cli) against a real server, as a script would run it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from harness.server import free_port
+from tests.clients.conftest import ADMIN
+from tests.conftest import ENROLLED, face_files, unknown_files
+
+
+def face(served, *args: str, key: str | None = ADMIN, env_url: bool = False) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("FACE_URL", "FACE_API_KEY")}
+    flags = [] if env_url else ["--url", served.url]
+    if env_url:
+        env |= {"FACE_URL": served.url, **({"FACE_API_KEY": key} if key else {})}
+    elif key:
+        flags += ["--key", key]
+    return subprocess.run([sys.executable, "-m", "faceclient.cli", *flags, *args], capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
+def test_cli_enroll_identify_verify_identities_as_json(embedded, collection_name, people_dir):
+    assert face(embedded, "collections", "create", collection_name).returncode == 0
+    c = ["--collection", collection_name, "--json"]
+    enrolled = face(embedded, *c, "enroll", str(people_dir))
+    assert enrolled.returncode == 0, enrolled.stderr
+    assert json.loads(enrolled.stdout) | {"failed": {}} == {"people": 3, "enrolled": 3, "already": 0, "faces": 6,
+                                                            "failed": {}}
+    photos = [str(face_files(ENROLLED[1])[2]), str(unknown_files()[0])]
+    identified = face(embedded, *c, "identify", *photos, env_url=True)  # FACE_URL / FACE_API_KEY
+    assert identified.returncode == 0, identified.stderr
+    answers = json.loads(identified.stdout)
+    assert [(a["photo"], a["identity_id"]) for a in answers] == [(photos[0], ENROLLED[1]), (photos[1], None)]
+    verified = json.loads(face(embedded, "--json", "verify", photos[0], str(face_files(ENROLLED[1])[0])).stdout)
+    assert verified["match"] is True
+    listed = json.loads(face(embedded, *c, "identities", "list").stdout)
+    assert [i["identity_id"] for i in listed] == sorted(ENROLLED[:3])
+    readable = face(embedded, "--collection", collection_name, "identities", "list")
+    assert readable.stdout.splitlines()[0].startswith(sorted(ENROLLED[:3])[0] + "\t2 faces")
+    assert json.loads(face(embedded, *c, "identities", "delete", ENROLLED[0]).stdout)["deleted_faces"] == 2
+    assert collection_name in face(embedded, "collections", "list").stdout
+    assert face(embedded, "collections", "delete", collection_name).returncode == 0
+
+
+def test_cli_keys(embedded):
+    created = json.loads(face(embedded, "--json", "keys", "create", "read", "--note", "cli").stdout)
+    assert created["secret"] and created["role"] == "read"
+    assert created["key_id"] in face(embedded, "keys", "list").stdout
+    assert face(embedded, "keys", "revoke", created["key_id"]).returncode == 0
+    listed = json.loads(face(embedded, "--json", "keys", "list").stdout)
+    assert next(k for k in listed if k["key_id"] == created["key_id"])["revoked_at"] is not None
+
+
+def test_cli_exit_codes(embedded):
+    missing = face(embedded, "--json", "identities", "delete", "nobody-here")
+    assert missing.returncode == 1
+    error = json.loads(missing.stderr)["error"]
+    assert error["code"] == "identity_not_found" and error["status"] == 404 and error["request_id"]
+    assert face(embedded, "collections", "list", key="wrong-key").returncode == 1
+    assert face(embedded, "frobnicate").returncode == 2
+    assert face(embedded, "verify", "only-one").returncode == 2
+    nowhere = subprocess.run([sys.executable, "-m", "faceclient.cli", "--url", f"http://127.0.0.1:{free_port()}",
+                              "--timeout", "2", "collections", "list"], capture_output=True, text=True, timeout=60)
+    assert nowhere.returncode == 3 and "error" in nowhere.stderr

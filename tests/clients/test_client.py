@@ -1,0 +1,240 @@
+"""faceclient against a real server: sync and async, every gallery feature, errors, retries, version check."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+
+import faceclient
+import httpx
+import numpy as np
+import pytest
+from faceclient import (
+    ERROR_CLASSES,
+    AsyncFaceClient,
+    AuthError,
+    BadRequestError,
+    ConflictError,
+    FaceClient,
+    FaceConnectionError,
+    IncompatibleServerError,
+    NotFoundError,
+    RateLimitedError,
+    UnavailableError,
+)
+
+from harness.server import ServerProcess
+from service.errors import STATUS, ErrorCode
+from service.http import schemas
+from tests.clients.conftest import ADMIN, ENV
+from tests.conftest import ENROLLED, face_files, unknown_files
+
+FAMILY_STATUSES = {AuthError: {401, 403}, NotFoundError: {404}, ConflictError: {409}, RateLimitedError: {429},
+                   UnavailableError: {503, 504}, faceclient.ServerError: {500}}
+
+
+def test_every_error_code_of_the_service_has_its_family():
+    assert set(ERROR_CLASSES) == {code.value for code in ErrorCode}
+    for code in ErrorCode:
+        cls, status = ERROR_CLASSES[code.value], STATUS[code]
+        expected = FAMILY_STATUSES.get(cls, set(range(400, 500)) - {401, 404, 409, 429})
+        assert status in expected, (code, cls, status)
+
+
+@pytest.mark.parametrize(("client_model", "server_model"), [
+    (faceclient.EmbedResult, schemas.EmbedResponse), (faceclient.EnrollResult, schemas.EnrollResponse),
+    (faceclient.VerifyResult, schemas.VerifyResponse), (faceclient.IdentifyResult, schemas.IdentifyResponse),
+    (faceclient.ProbeResult, schemas.ProbeResult), (faceclient.Candidate, schemas.Candidate),
+    (faceclient.FaceLocation, schemas.FaceLocation), (faceclient.FaceQuality, schemas.FaceQuality),
+    (faceclient.DetectResult, schemas.DetectResponse), (faceclient.DetectedFace, schemas.DetectedFaceOut),
+    (faceclient.Identity, schemas.IdentityDetail), (faceclient.IdentityPage, schemas.IdentityPage),
+    (faceclient.IdentityDeleted, schemas.DeleteResponse), (faceclient.Collection, schemas.CollectionOut),
+    (faceclient.CollectionDeleted, schemas.CollectionDeleted), (faceclient.Key, schemas.KeyOut),
+    (faceclient.KeyCreated, schemas.KeyCreated), (faceclient.KeyRevoked, schemas.KeyRevoked),
+    (faceclient.AuditEntry, schemas.AuditOut), (faceclient.Ready, schemas.ReadyResponse),
+])
+def test_client_models_have_every_field_of_the_server_answers(client_model, server_model):
+    assert set(server_model.model_fields) <= set(client_model.model_fields)
+
+
+def test_round_trip_sync(any_backend, collection_name):
+    """Enroll from a path, bytes, a file object and a numpy array; identify, verify, page, delete."""
+    with FaceClient(any_backend.url, ADMIN, collection=collection_name) as face:
+        assert face.create_collection(collection_name).identities == 0
+        bush, powell = face_files(ENROLLED[0]), face_files(ENROLLED[1])
+        created = face.enroll(ENROLLED[0], [bush[0], bush[1].read_bytes()], metadata={"team": "a"})
+        assert created.created and created.face_count == 2
+        with open(powell[0], "rb") as f:
+            assert face.enroll(ENROLLED[1], f).face_count == 1
+        pixels = decode_rgb(powell[1])
+        assert face.enroll(ENROLLED[1], pixels[:, :, ::-1], color="bgr").face_count == 2
+
+        result = face.identify([bush[2], powell[2], unknown_files()[0]])
+        assert [r.identity_id for r in result.results] == [ENROLLED[0], ENROLLED[1], None]
+        assert result.results[0].candidates[0].identity_id == ENROLLED[0] and result.gallery_identities == 2
+
+        same = face.verify(bush[0], identity_id=ENROLLED[0])
+        assert same.match and same.identity_id == ENROLLED[0]
+        assert not face.verify(bush[0], powell[0]).match
+
+        assert [i.identity_id for i in face.iter_identities(page_size=1)] == sorted(ENROLLED[:2])
+        assert face.get_identity(ENROLLED[0]).metadata == {"team": "a"}
+        assert face.delete_identity(ENROLLED[0]).deleted_faces == 2
+        with pytest.raises(NotFoundError) as e:
+            face.get_identity(ENROLLED[0])
+        assert e.value.code == "identity_not_found" and e.value.status == 404 and e.value.request_id
+        assert face.delete_collection(collection_name).deleted_identities == 1
+
+
+def decode_rgb(path) -> np.ndarray:
+    image = pytest.importorskip("PIL.Image")
+    return np.asarray(image.open(path).convert("RGB"))
+
+
+def test_numpy_images_need_their_color_order_said(embedded):
+    with FaceClient(embedded.url, ADMIN) as face:
+        rgb = decode_rgb(face_files(ENROLLED[0])[0])
+        as_rgb = face.embed(rgb, color="rgb").embeddings
+        assert isinstance(as_rgb, np.ndarray) and as_rgb.dtype == np.float32 and as_rgb.shape == (1, 128)
+        np.testing.assert_array_equal(face.embed(np.ascontiguousarray(rgb[:, :, ::-1]), color="bgr").embeddings,
+                                      as_rgb)
+        assert float(face.embed(rgb[:, :, ::-1], color="rgb").embeddings[0] @ as_rgb[0]) < 0.99  # swapped: not it
+        jpeg = face.embed(face_files(ENROLLED[0])[0]).embeddings  # the same pixels, decoded by the server
+        assert float(jpeg[0] @ as_rgb[0]) > 0.99
+        with pytest.raises(ValueError, match="color"):
+            face.embed(rgb)
+
+
+def test_pil_images_and_embeddings_in(embedded, collection_name):
+    image = pytest.importorskip("PIL.Image")
+    with FaceClient(embedded.url, ADMIN, collection=collection_name) as face:
+        face.create_collection(collection_name)
+        vectors = face.embed([image.open(p) for p in face_files(ENROLLED[2])]).embeddings
+        face.enroll(ENROLLED[2], embeddings=vectors[:2], model_id=face.ready().model_id)
+        found = face.identify(embeddings=vectors[2:], model_id=face.ready().model_id).results[0]
+        assert found.identity_id == ENROLLED[2]
+        detected = face.detect(io.BytesIO(face_files(ENROLLED[2])[0].read_bytes()))
+        assert len(detected.images) == 1
+        face.delete_collection(collection_name)
+
+
+def test_errors_carry_code_message_and_the_request_id(embedded):
+    with FaceClient(embedded.url, ADMIN) as face:
+        with pytest.raises(BadRequestError) as e:
+            face.embed(b"not an image at all")
+        assert e.value.code == "not_an_image" and e.value.status == 422 and e.value.message
+        assert len(e.value.request_id or "") == 32  # the client's X-Request-ID, echoed by the server
+        with pytest.raises(ConflictError) as conflict:
+            face.create_collection("default")
+        assert conflict.value.code in ("collection_exists", "collection_protected")
+    with FaceClient(embedded.url, "wrong-key") as stranger, pytest.raises(AuthError) as auth:
+        stranger.list_collections()
+    assert auth.value.code == "unauthorized" and auth.value.status == 401
+    with FaceClient(f"http://127.0.0.1:{free_port()}", ADMIN, timeout=2) as nobody:
+        with pytest.raises(FaceConnectionError):
+            nobody.health()
+
+
+def free_port() -> int:
+    from harness.server import free_port as port
+
+    return port()
+
+
+def test_the_first_call_checks_the_server_major_version(embedded, monkeypatch):
+    with FaceClient(embedded.url, ADMIN) as face:
+        assert face.health().version == faceclient.__version__ and face.server_version == faceclient.__version__
+    monkeypatch.setattr("faceclient.client.__version__", "99.0.0")  # a client of another major
+    with FaceClient(embedded.url, ADMIN) as face, pytest.raises(IncompatibleServerError) as e:
+        face.list_collections()
+    assert e.value.server_version == faceclient.__version__
+    with FaceClient(embedded.url, ADMIN, check_version=False) as face:
+        assert face.list_collections()
+
+
+def test_429_is_retried_after_retry_after(embedded):
+    with FaceClient(embedded.url, ADMIN) as admin:
+        slow = admin.create_key("read", rate_limit_rps=1, note="one a second")
+    started = time.monotonic()
+    with FaceClient(embedded.url, slow.secret) as face:
+        for _ in range(3):
+            assert face.list_collections()
+    assert time.monotonic() - started >= 1.5  # two of the three waited for Retry-After (1 s)
+    time.sleep(1.5)  # the bucket refills
+    with FaceClient(embedded.url, slow.secret, max_retries=0) as impatient:
+        impatient.list_collections()
+        with pytest.raises(RateLimitedError) as e:
+            impatient.list_collections()
+    assert e.value.code == "rate_limited" and e.value.retry_after is not None
+
+
+def test_503_overloaded_is_retried_then_raised(tmp_path, default_model):
+    """A request of more faces than FACE_BATCH_MAX_QUEUED_FACES is refused 503 `overloaded` (Retry-After 1)
+    every time: deterministic. (A 503 that clears while retrying needs racing load: not tested.)"""
+    proc = ServerProcess(tmp_path / "data", model=default_model, env={**ENV, "FACE_BATCH_MAX_QUEUED_FACES": "1"})
+    try:
+        proc.wait_ready()
+        with FaceClient(proc.url, ADMIN, max_retries=2) as face:
+            started = time.monotonic()
+            with pytest.raises(UnavailableError) as e:
+                face.embed(face_files(ENROLLED[0])[:2])
+            assert time.monotonic() - started >= 2.0  # two waits of Retry-After
+            assert e.value.code == "overloaded" and e.value.status == 503
+            assert face.embed(face_files(ENROLLED[0])[0]).dimension == 128  # one face fits
+    finally:
+        proc.stop()
+
+
+def test_async_client_same_features(embedded, collection_name, people_dir):
+    async def main() -> None:
+        async with AsyncFaceClient(embedded.url, ADMIN, collection=collection_name) as face:
+            await face.create_collection(collection_name)
+            assert collection_name in [c.name for c in await face.list_collections()]
+            seen: list[tuple[int, int]] = []
+            summary = await face.enroll_folder(people_dir, progress=lambda d, t: seen.append((d, t)))
+            assert (summary.people, summary.enrolled, summary.faces, summary.failed) == (3, 3, 6, {})
+            assert seen[-1] == (3, 3)
+            assert (await face.enroll_folder(people_dir)).already == 3  # resumable
+            probes = [face_files(p)[2] for p in ENROLLED[:3]] + [b"junk"]
+            results = await face.identify_many(probes, batch_size=2, concurrency=2)
+            assert [r.identity_id for r in results[:3]] == ENROLLED[:3] and [r.image_index for r in results] == [
+                0, 1, 2, 3]
+            assert results[3].error is not None and results[3].error.code == "not_an_image"
+            assert (await face.verify(probes[0], probes[0])).match
+            listed = [i.identity_id async for i in face.iter_identities(page_size=2)]
+            assert listed == sorted(ENROLLED[:3])
+            key = await face.create_key("read", collections=[collection_name], note="async")
+            assert key.key_id in [k.key_id for k in await face.list_keys()]
+            assert (await face.revoke_key(key.key_id)).key_id == key.key_id
+            actions = [e.action async for e in face.iter_audit(collection=collection_name, page_size=2)]
+            assert actions.count("identity.created") == 3 and "collection.created" in actions
+            many = await asyncio.gather(*(face.get_identity(p) for p in ENROLLED[:3]))  # tasks share the pool
+            assert [i.face_count for i in many] == [2, 2, 2]
+            await face.delete_collection(collection_name)
+
+    asyncio.run(main())
+
+
+def test_sync_bulk_helpers_and_audit(embedded, collection_name, people_dir):
+    with FaceClient(embedded.url, ADMIN, collection=collection_name) as face:
+        face.create_collection(collection_name)
+        summary = face.enroll_folder(people_dir, concurrency=3)
+        assert (summary.enrolled, summary.faces) == (3, 6)
+        done: list[int] = []
+        probes = [face_files(p)[2] for p in ENROLLED[:3]] * 5
+        results = face.identify_many(probes, batch_size=4, concurrency=3, progress=lambda d, t: done.append(d))
+        assert [r.identity_id for r in results] == ENROLLED[:3] * 5 and max(done) == 15
+        entries = list(face.iter_audit(collection=collection_name, identity_id=ENROLLED[0]))
+        assert [e.action for e in entries] == ["identity.created"] and entries[0].request_id
+        face.delete_collection(collection_name)
+
+
+def test_audit_request_id_is_the_clients(embedded, collection_name):
+    """The request id the client sends is the one the server records: errors and audit entries line up."""
+    with FaceClient(embedded.url, ADMIN) as face:
+        face.create_collection(collection_name)
+        entry = next(face.iter_audit(collection=collection_name))
+        assert entry.action == "collection.created" and entry.request_id and len(entry.request_id) == 32
+        face.delete_collection(collection_name)
+    assert httpx.get(embedded.url + "/healthz").json()["version"] == faceclient.__version__
