@@ -535,7 +535,9 @@ def test_many_idle_collections_hold_no_thread_and_no_index(tmp_path):
         # one maintenance thread for all of them, none per collection
         assert len(threading.enumerate()) <= threads_before + 1, [t.name for t in threading.enumerate()]
         v = g.collection("c7").search(unit(np.random.default_rng(12), 1), 1)  # reopened on use ...
-        assert len(v[0]) == 1 and open_galleries() == 2
+        # (asked of the galleries, not by a gc scan: in a process that has imported TensorFlow that scan can
+        # outlast the 1 s idle time, and c7 is rightly closed again before it ends)
+        assert len(v[0]) == 1 and g.open_collections() == ["c7", "default"]
         assert [c.faces for c in g.list_collections()] == [0] + [1] * 50  # ... and counted while closed
     finally:
         g.close()
