@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -424,11 +425,14 @@ def embedded(tmp_path, **overrides) -> Galleries:
     return g
 
 
-def open_galleries() -> int:
+def open_galleries(root: Path) -> int:
+    """Gallery objects alive with an open store under ``root`` (this test's data dir: galleries other
+    tests of the same process left to the garbage collector are not this test's business)."""
     from service.gallery.embedded.gallery import Gallery
 
     gc.collect()
-    return sum(1 for o in gc.get_objects() if isinstance(o, Gallery) and o.store is not None)
+    return sum(1 for o in gc.get_objects()
+               if isinstance(o, Gallery) and o.store is not None and Path(root) in Path(o.data_dir).parents)
 
 
 def test_collection_closing_when_idle_never_closes_it_under_a_request(tmp_path):
@@ -527,11 +531,11 @@ def test_many_idle_collections_hold_no_thread_and_no_index(tmp_path):
             g.create_collection(f"c{i}")
             g.collection(f"c{i}").enroll("x", unit(rng, 1))
         g.collection("c49").search(unit(rng, 1), 1)
-        assert open_galleries() > 1  # the one just used is open (earlier ones may be idle already: a busy box)
+        assert open_galleries(tmp_path) > 1  # the one just used is open (earlier ones may be idle already: a busy box)
         deadline = time.monotonic() + 30
-        while open_galleries() > 1 and time.monotonic() < deadline:
+        while open_galleries(tmp_path) > 1 and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert open_galleries() == 1  # the default collection only
+        assert open_galleries(tmp_path) == 1 and g.open_collections() == ["default"]  # the default one only
         # one maintenance thread for all of them, none per collection
         assert len(threading.enumerate()) <= threads_before + 1, [t.name for t in threading.enumerate()]
         v = g.collection("c7").search(unit(np.random.default_rng(12), 1), 1)  # reopened on use ...
@@ -541,7 +545,7 @@ def test_many_idle_collections_hold_no_thread_and_no_index(tmp_path):
         assert [c.faces for c in g.list_collections()] == [0] + [1] * 50  # ... and counted while closed
     finally:
         g.close()
-    assert open_galleries() == 0
+    assert open_galleries(tmp_path) == 0
 
 
 def test_deleted_collection_leaves_no_trace_in_any_file(tmp_path):
