@@ -523,29 +523,42 @@ def test_default_collection_is_todays_data_dir(tmp_path):
 
 
 def test_many_idle_collections_hold_no_thread_and_no_index(tmp_path):
-    rng = np.random.default_rng(12)
-    threads_before = len(threading.enumerate())
-    g = embedded(tmp_path, collection_idle_s=1.0, snapshot_interval_s=30)
-    try:
-        for i in range(50):
-            g.create_collection(f"c{i}")
-            g.collection(f"c{i}").enroll("x", unit(rng, 1))
-        g.collection("c49").search(unit(rng, 1), 1)
-        assert open_galleries(tmp_path) > 1  # the one just used is open (earlier ones may be idle already: a busy box)
-        deadline = time.monotonic() + 30
-        while open_galleries(tmp_path) > 1 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert open_galleries(tmp_path) == 1 and g.open_collections() == ["default"]  # the default one only
-        # one maintenance thread for all of them, none per collection
-        assert len(threading.enumerate()) <= threads_before + 1, [t.name for t in threading.enumerate()]
-        v = g.collection("c7").search(unit(np.random.default_rng(12), 1), 1)  # reopened on use ...
-        # (asked of the galleries, not by a gc scan: in a process that has imported TensorFlow that scan can
-        # outlast the 1 s idle time, and c7 is rightly closed again before it ends)
-        assert len(v[0]) == 1 and g.open_collections() == ["c7", "default"]
-        assert [c.faces for c in g.list_collections()] == [0] + [1] * 50  # ... and counted while closed
-    finally:
-        g.close()
-    assert open_galleries(tmp_path) == 0
+    """50 collections used once, then idle: closed (no index, no store) after the idle time, by the one
+    maintenance thread, none of their own; one is reopened on use and all are counted while closed.
+    Run in a process of its own: threads and galleries other tests of a whole-suite process left
+    behind are not this test's business (in CI they kept it from ever seeing one open gallery)."""
+    script = f"""
+import threading, time
+import numpy as np
+from tests.gallery.test_collections import embedded, open_galleries, unit
+from pathlib import Path
+tmp_path = Path({str(tmp_path)!r})
+rng = np.random.default_rng(12)
+threads_before = len(threading.enumerate())
+g = embedded(tmp_path, collection_idle_s=1.0, snapshot_interval_s=30)
+try:
+    for i in range(50):
+        g.create_collection(f"c{{i}}")
+        g.collection(f"c{{i}}").enroll("x", unit(rng, 1))
+    g.collection("c49").search(unit(rng, 1), 1)
+    assert open_galleries(tmp_path) > 1  # the one just used is open (earlier ones may be idle already)
+    deadline = time.monotonic() + 120
+    while open_galleries(tmp_path) > 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert open_galleries(tmp_path) == 1 and g.open_collections() == ["default"], g.open_collections()
+    # one maintenance thread for all of them, none per collection
+    assert len(threading.enumerate()) <= threads_before + 1, [t.name for t in threading.enumerate()]
+    v = g.collection("c7").search(unit(np.random.default_rng(12), 1), 1)  # reopened on use ...
+    assert len(v[0]) == 1 and g.open_collections() == ["c7", "default"]
+    assert [c.faces for c in g.list_collections()] == [0] + [1] * 50  # ... and counted while closed
+finally:
+    g.close()
+assert open_galleries(tmp_path) == 0
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0 and proc.stdout.split()[-1:] == ["ok"], proc.stderr[-3000:]
 
 
 def test_deleted_collection_leaves_no_trace_in_any_file(tmp_path):
