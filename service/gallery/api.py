@@ -20,7 +20,9 @@ What every backend means by the same call (the contract the shared tests check o
 * ``import_identities(items)``: all new ids in one transaction; an existing id aborts it all
   (:class:`IdentityExists`).
 * ``delete(id)``: the identity and its faces are erased; no search that starts after the call
-  returns can return them.
+  returns can return them. ``delete_face(face_id)`` erases one face with the same guarantee.
+* ``merge_identities``/``move_face``: faces change identity in one transaction, keeping their ids
+  and vectors (nothing is re-embedded or re-indexed); an identity left without faces is deleted.
 * ``search(probes, top_k)``: per probe, up to ``top_k`` identities, best first, each scored by its
   best face (max-over-faces), with oversampling so that an identity with many faces cannot crowd
   the others out (:func:`search_identities`).
@@ -46,7 +48,17 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from .results import EnrollResult, FaceRecord, IdentityDetails, IdentityRecord, TooManyFacesForIdentity
+from .results import (
+    EnrollResult,
+    FaceNotFound,
+    FaceRecord,
+    IdentityDetails,
+    IdentityNotFound,
+    IdentityRecord,
+    MergeResult,
+    MoveResult,
+    TooManyFacesForIdentity,
+)
 from .search import GalleryModelMismatch, Match, check_model, group_by_identity, search_identities
 
 log = logging.getLogger(__name__)
@@ -58,6 +70,7 @@ __all__ = [
     "EnrollResult", "FaceRecord", "GalleryBackend", "GalleryBusy", "GalleryModelMismatch", "GalleryStats",
     "GalleryUnavailable", "IdentityDetails", "IdentityExists", "IdentityRecord", "Match", "ReadTarget",
     "TooManyFacesForIdentity", "check_model", "group_by_identity", "search_identities",
+    "FaceNotFound", "IdentityNotFound", "MergeResult", "MoveResult",
 ]
 
 
@@ -151,8 +164,9 @@ class StoredKey:
 @dataclass(frozen=True)
 class AuditEntry:
     """One recorded change. ``action``: identity.created | identity.appended | identity.replaced |
-    identity.deleted | identity.imported | collection.created | collection.deleted | key.created |
-    key.revoked. ``details``: counts and names only, never an image or an embedding."""
+    identity.deleted | identity.imported | identity.merged | face.moved | face.deleted |
+    collection.created | collection.deleted | key.created | key.revoked. ``details``: counts and names
+    only, never an image or an embedding."""
 
     entry_id: str  # opaque, unique; the cursor of the next page is the last entry's id
     at: float
@@ -265,6 +279,24 @@ class GalleryBackend(Protocol):
 
     def read_targets(self) -> list[ReadTarget]:
         """Where reads go and how each is doing; empty when reads have no choice (no standbys)."""
+
+    # gallery hygiene: one transaction each, audited in it (see the module docstring for the counts)
+    def merge_identities(self, source_id: str, target_id: str, max_faces: int | None = None,
+                         actor: Actor | None = None) -> MergeResult:
+        """Every face of ``source_id`` becomes ``target_id``'s (face ids kept), then the source is
+        deleted; the target's metadata is kept. IdentityNotFound for a missing source or target,
+        ValueError when they are the same, TooManyFacesForIdentity when the target would hold more
+        than ``max_faces`` (nothing written). Audit: identity.merged on the target."""
+
+    def move_face(self, face_id: int, target_id: str, max_faces: int | None = None,
+                  actor: Actor | None = None) -> MoveResult:
+        """The face (same id) becomes ``target_id``'s, which is created (metadata {}) if missing; its
+        source identity is deleted when this was its last face. FaceNotFound for a face not in this
+        collection. Audit: face.moved."""
+
+    def delete_face(self, face_id: int, actor: Actor | None = None) -> tuple[str, bool]:
+        """Erase one face as ``delete`` erases an identity's faces; returns its identity and whether
+        that identity was deleted (it had no face left). FaceNotFound. Audit: face.deleted."""
 
 
 @runtime_checkable

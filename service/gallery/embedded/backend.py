@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..api import Actor, EnrollResult, GalleryStats, IdentityDetails, IdentityExists, IdentityRecord, Match, ReadTarget
+from ..results import MergeResult, MoveResult
 from .gallery import Gallery
 
 
@@ -90,4 +91,13 @@ class EmbeddedGallery:
     def read_targets(self) -> list[ReadTarget]:
         return []
 
+    def merge_identities(self, source_id: str, target_id: str, max_faces: int | None = None,
+                         actor: Actor | None = None) -> MergeResult:
+        return self.gallery.merge_identities(source_id, target_id, max_faces, actor)
 
+    def move_face(self, face_id: int, target_id: str, max_faces: int | None = None,
+                  actor: Actor | None = None) -> MoveResult:
+        return self.gallery.move_face(face_id, target_id, max_faces, actor)
+
+    def delete_face(self, face_id: int, actor: Actor | None = None) -> tuple[str, bool]:
+        return self.gallery.delete_face(face_id, actor)

@@ -57,6 +57,7 @@ from ..api import (
     StoredKey,
     valid_collection_name,
 )
+from ..results import MergeResult, MoveResult
 from . import audit
 from .backend import EmbeddedGallery
 from .catalog import Catalog
@@ -588,3 +589,14 @@ class _CollectionHandle:
 
     def read_targets(self) -> list[ReadTarget]:
         return []
+
+    def merge_identities(self, source_id: str, target_id: str, max_faces: int | None = None,
+                         actor: Actor | None = None) -> MergeResult:
+        return self._run(lambda g: g.merge_identities(source_id, target_id, max_faces, actor))
+
+    def move_face(self, face_id: int, target_id: str, max_faces: int | None = None,
+                  actor: Actor | None = None) -> MoveResult:
+        return self._run(lambda g: g.move_face(face_id, target_id, max_faces, actor))
+
+    def delete_face(self, face_id: int, actor: Actor | None = None) -> tuple[str, bool]:
+        return self._run(lambda g: g.delete_face(face_id, actor))

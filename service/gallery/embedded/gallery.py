@@ -38,7 +38,7 @@ import numpy as np
 
 from ...model.calibration import FACES_COUNTED_PER_IDENTITY, counted_faces
 from ..api import DEFAULT_COLLECTION, Actor
-from ..results import EnrollResult, IdentityDetails, IdentityRecord
+from ..results import EnrollResult, IdentityDetails, IdentityRecord, MergeResult, MoveResult
 from ..search import GalleryModelMismatch, Hit, Match, check_model, search_identities
 from .index import BackgroundSave, HnswIndex
 from .lock import DataDirLock
@@ -554,6 +554,46 @@ class Gallery:
             self.identity_count -= 1
             self.counted_faces -= counted_faces(len(face_ids))
         return len(face_ids)
+
+    # --- faces changing identity, or erased one by one (gallery hygiene) ----------------------
+    # A face keeps its id (the index label) and its vector: only the label -> identity map changes,
+    # under the write lock, after the store committed. Snapshots hold vectors by label, never the map:
+    # a load builds the map from the store (_load_index), so a moved face is its new identity's after
+    # any restart, whatever snapshot is on disk.
+    def merge_identities(self, source_id: str, target_id: str, max_faces: int | None = None,
+                         actor: Actor | None = None) -> MergeResult:
+        self._require_ready()
+        with self._lock.write():
+            moved, before = self._live_store.merge_identities(source_id, target_id, max_faces, actor, self.name)
+            after = before + len(moved)
+            self._label_identity.update((fid, target_id) for fid in moved)
+            self.identity_count -= 1
+            self.counted_faces += counted_faces(after) - counted_faces(before) - counted_faces(len(moved))
+            self._changes += 1
+        return MergeResult(target_id, len(moved), after)
+
+    def move_face(self, face_id: int, target_id: str, max_faces: int | None = None,
+                  actor: Actor | None = None) -> MoveResult:
+        self._require_ready()
+        with self._lock.write():
+            source_id, source_before, target_before, created = self._live_store.move_face(
+                face_id, target_id, max_faces, actor, self.name)
+            self._label_identity[face_id] = target_id
+            self.identity_count += int(created) - int(source_before == 1)
+            self.counted_faces += (counted_faces(source_before - 1) - counted_faces(source_before)
+                                   + counted_faces(target_before + 1) - counted_faces(target_before))
+            self._changes += 1
+        return MoveResult(face_id, source_id, target_id, created, source_before == 1)
+
+    def delete_face(self, face_id: int, actor: Actor | None = None) -> tuple[str, bool]:
+        """Erase one face as delete() erases an identity's: store (secure_delete), index, snapshot, WAL."""
+        self._require_ready()
+        with self._lock.write():
+            identity_id, before = self._live_store.delete_face(face_id, actor, self.name)
+            self._erase([face_id])
+            self.identity_count -= int(before == 1)
+            self.counted_faces += counted_faces(before - 1) - counted_faces(before)
+        return identity_id, before == 1
 
     # --- reads -------------------------------------------------------------------------------
     def search(self, probes: np.ndarray, top_k: int) -> list[list[Match]]:

@@ -24,7 +24,14 @@ from typing import cast
 import numpy as np
 
 from ..api import Actor
-from ..results import FaceRecord, IdentityDetails, IdentityRecord, TooManyFacesForIdentity
+from ..results import (
+    FaceNotFound,
+    FaceRecord,
+    IdentityDetails,
+    IdentityNotFound,
+    IdentityRecord,
+    TooManyFacesForIdentity,
+)
 from . import audit
 
 SCHEMA = """
@@ -201,6 +208,89 @@ class Store:
         except _NothingToDelete:
             return None
         return face_ids
+
+    # --- faces changing identity, or erased one by one (gallery hygiene) ----------------------
+    @staticmethod
+    def _face_count(conn: sqlite3.Connection, identity_id: str) -> int:
+        return int(conn.execute("SELECT COUNT(*) FROM faces WHERE identity_id = ?", (identity_id,)).fetchone()[0])
+
+    def merge_identities(self, source_id: str, target_id: str, max_faces: int | None = None,
+                         actor: Actor | None = None, collection: str | None = None) -> tuple[list[int], int]:
+        """Give every face of the source to the target and delete the source, in one transaction with
+        its identity.merged audit entry; returns the moved face ids and the target's faces before.
+        IdentityNotFound, ValueError (same id), TooManyFacesForIdentity: nothing written."""
+        if source_id == target_id:
+            raise ValueError(f"cannot merge identity {source_id!r} into itself")
+        now = time.time()
+        with self._transaction() as conn:
+            for identity_id in (source_id, target_id):
+                if conn.execute("SELECT 1 FROM identities WHERE identity_id = ?", (identity_id,)).fetchone() is None:
+                    raise IdentityNotFound(identity_id)
+            moved = [r[0] for r in conn.execute(
+                "SELECT face_id FROM faces WHERE identity_id = ? ORDER BY face_id", (source_id,))]
+            before = self._face_count(conn, target_id)
+            if max_faces is not None and before + len(moved) > max_faces:
+                raise TooManyFacesForIdentity(target_id, before, len(moved), max_faces)
+            conn.execute("UPDATE faces SET identity_id = ? WHERE identity_id = ?", (target_id, source_id))
+            conn.execute("DELETE FROM identities WHERE identity_id = ?", (source_id,))
+            conn.execute("UPDATE identities SET updated_at = ? WHERE identity_id = ?", (now, target_id))
+            if actor is not None:
+                audit.record(conn, now, "identity.merged", actor, collection, target_id,
+                             {"merged_from": source_id, "faces_moved": len(moved), "face_count": before + len(moved)})
+        return moved, before
+
+    def move_face(self, face_id: int, target_id: str, max_faces: int | None = None, actor: Actor | None = None,
+                  collection: str | None = None) -> tuple[str, int, int, bool]:
+        """Give one face to the target (created, metadata {}, if missing) and delete its source identity
+        if this was its last face, in one transaction with its face.moved audit entry. Returns the
+        source identity, the source's and the target's faces before, and whether the target was created."""
+        now = time.time()
+        with self._transaction() as conn:
+            row = conn.execute("SELECT identity_id FROM faces WHERE face_id = ?", (face_id,)).fetchone()
+            if row is None:
+                raise FaceNotFound(face_id)
+            source_id = str(row[0])
+            if source_id == target_id:
+                raise ValueError(f"face {face_id} already belongs to identity {target_id!r}")
+            created = conn.execute("SELECT 1 FROM identities WHERE identity_id = ?", (target_id,)).fetchone() is None
+            source_before = self._face_count(conn, source_id)
+            target_before = 0 if created else self._face_count(conn, target_id)
+            if max_faces is not None and target_before + 1 > max_faces:
+                raise TooManyFacesForIdentity(target_id, target_before, 1, max_faces)
+            if created:
+                self._insert_identity(conn, target_id, None, now)
+            conn.execute("UPDATE faces SET identity_id = ? WHERE face_id = ?", (target_id, face_id))
+            conn.execute("UPDATE identities SET updated_at = ? WHERE identity_id IN (?, ?)", (now, source_id, target_id))
+            source_deleted = source_before == 1
+            if source_deleted:
+                conn.execute("DELETE FROM identities WHERE identity_id = ?", (source_id,))
+            if actor is not None:
+                audit.record(conn, now, "face.moved", actor, collection, target_id,
+                             {"face_id": face_id, "from": source_id, "to": target_id, "target_created": created,
+                              "source_deleted": source_deleted, "face_count": target_before + 1})
+        return source_id, source_before, target_before, created
+
+    def delete_face(self, face_id: int, actor: Actor | None = None,
+                    collection: str | None = None) -> tuple[str, int]:
+        """Remove one face (and its identity if it was the last), in one transaction with its
+        face.deleted audit entry; returns its identity and that identity's faces before. The caller
+        erases it from the index, snapshot and WAL (Gallery._erase)."""
+        now = time.time()
+        with self._transaction() as conn:
+            row = conn.execute("SELECT identity_id FROM faces WHERE face_id = ?", (face_id,)).fetchone()
+            if row is None:
+                raise FaceNotFound(face_id)
+            identity_id = str(row[0])
+            before = self._face_count(conn, identity_id)
+            conn.execute("DELETE FROM faces WHERE face_id = ?", (face_id,))
+            if before == 1:
+                conn.execute("DELETE FROM identities WHERE identity_id = ?", (identity_id,))
+            else:
+                conn.execute("UPDATE identities SET updated_at = ? WHERE identity_id = ?", (now, identity_id))
+            if actor is not None:
+                audit.record(conn, now, "face.deleted", actor, collection, identity_id,
+                             {"face_id": face_id, "face_count": before - 1, "identity_deleted": before == 1})
+        return identity_id, before
 
     # --- reads -------------------------------------------------------------------------------
     def iter_faces(self, batch: int = 10_000) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:

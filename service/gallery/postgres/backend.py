@@ -69,7 +69,17 @@ from ..api import (
     valid_collection_name,
 )
 from ..ef import AUTO, search_ef
-from ..results import EnrollResult, FaceRecord, IdentityDetails, IdentityRecord, TooManyFacesForIdentity
+from ..results import (
+    EnrollResult,
+    FaceNotFound,
+    FaceRecord,
+    IdentityDetails,
+    IdentityNotFound,
+    IdentityRecord,
+    MergeResult,
+    MoveResult,
+    TooManyFacesForIdentity,
+)
 from ..search import Hit, Match, check_model, search_identities
 from . import consistency
 from .standbys import Standby, Standbys
@@ -1023,6 +1033,114 @@ class PostgresGallery:
                 _audit(conn, actor, "identity.deleted", now, self.name, identity_id, {"faces_deleted": faces})
         self._read_counts(counts, time.monotonic())
         return faces
+
+    # --- faces changing identity, or erased one by one (gallery hygiene) ----------------------
+    # Each is one transaction with its audit record. The identity rows it touches are locked first,
+    # in id order (two merges of the same pair in opposite directions cannot deadlock), so an enroll
+    # into the target waits for the merge and then counts the merged faces against its max_faces.
+    def _lock_identity(self, conn: psycopg.Connection, identity_id: str) -> bool:
+        return conn.execute("SELECT 1 FROM identities WHERE collection_id = %s AND identity_id = %s FOR UPDATE",
+                            (self.collection_id, identity_id)).fetchone() is not None
+
+    def _faces_of(self, conn: psycopg.Connection, identity_id: str) -> int:
+        return int(_one(conn.execute("SELECT count(*) FROM faces WHERE collection_id = %s AND identity_id = %s",
+                                     (self.collection_id, identity_id)))[0])
+
+    def _face_owner(self, conn: psycopg.Connection, face_id: int) -> str:
+        row = conn.execute("SELECT identity_id FROM faces WHERE collection_id = %s AND face_id = %s",
+                           (self.collection_id, face_id)).fetchone()
+        if row is None:
+            raise FaceNotFound(face_id)
+        return str(row[0])
+
+    def merge_identities(self, source_id: str, target_id: str, max_faces: int | None = None,
+                         actor: Actor | None = None) -> MergeResult:
+        if source_id == target_id:
+            raise ValueError(f"cannot merge identity {source_id!r} into itself")
+        now = time.time()
+        with self._writing() as conn:
+            for identity_id in sorted((source_id, target_id)):
+                if not self._lock_identity(conn, identity_id):
+                    raise IdentityNotFound(identity_id)
+            moving, before = self._faces_of(conn, source_id), self._faces_of(conn, target_id)
+            if max_faces is not None and before + moving > max_faces:
+                raise TooManyFacesForIdentity(target_id, before, moving, max_faces)
+            conn.execute("UPDATE faces SET identity_id = %s WHERE collection_id = %s AND identity_id = %s",
+                         (target_id, self.collection_id, source_id))
+            conn.execute("DELETE FROM identities WHERE collection_id = %s AND identity_id = %s",
+                         (self.collection_id, source_id))
+            conn.execute("UPDATE identities SET updated_at = %s WHERE collection_id = %s AND identity_id = %s",
+                         (now, self.collection_id, target_id))
+            after = before + moving
+            counts = self._count(conn, -1, 0, counted_faces(after) - counted_faces(before) - counted_faces(moving))
+            _audit(conn, actor, "identity.merged", now, self.name, target_id,
+                   {"merged_from": source_id, "faces_moved": moving, "face_count": after})
+        self._read_counts(counts, time.monotonic())
+        return MergeResult(target_id, moving, after)
+
+    def move_face(self, face_id: int, target_id: str, max_faces: int | None = None,
+                  actor: Actor | None = None) -> MoveResult:
+        now = time.time()
+        with self._writing() as conn:
+            while True:  # the face's owner is read, then locked: if it moved meanwhile, lock the new one
+                source_id = self._face_owner(conn, face_id)
+                if source_id == target_id:
+                    raise ValueError(f"face {face_id} already belongs to identity {target_id!r}")
+                created = False
+                for identity_id in sorted((source_id, target_id)):
+                    if identity_id == target_id:  # created if missing, locked either way (as enroll does)
+                        created = bool(_one(conn.execute(
+                            """INSERT INTO identities AS i (collection_id, identity_id, metadata, created_at, updated_at)
+                               VALUES (%(c)s, %(id)s, '{}', %(now)s, %(now)s)
+                               ON CONFLICT (collection_id, identity_id) DO UPDATE SET updated_at = EXCLUDED.updated_at
+                               RETURNING (xmax = 0)""", {"c": self.collection_id, "id": target_id, "now": now}))[0])
+                    else:
+                        self._lock_identity(conn, source_id)
+                if self._face_owner(conn, face_id) == source_id:
+                    break
+            source_before, target_before = self._faces_of(conn, source_id), self._faces_of(conn, target_id)
+            if max_faces is not None and target_before + 1 > max_faces:
+                raise TooManyFacesForIdentity(target_id, target_before, 1, max_faces)
+            conn.execute("UPDATE faces SET identity_id = %s WHERE collection_id = %s AND face_id = %s",
+                         (target_id, self.collection_id, face_id))
+            source_deleted = source_before == 1
+            if source_deleted:
+                conn.execute("DELETE FROM identities WHERE collection_id = %s AND identity_id = %s",
+                             (self.collection_id, source_id))
+            else:
+                conn.execute("UPDATE identities SET updated_at = %s WHERE collection_id = %s AND identity_id = %s",
+                             (now, self.collection_id, source_id))
+            counts = self._count(conn, int(created) - int(source_deleted), 0,
+                                 counted_faces(source_before - 1) - counted_faces(source_before)
+                                 + counted_faces(target_before + 1) - counted_faces(target_before))
+            _audit(conn, actor, "face.moved", now, self.name, target_id,
+                   {"face_id": face_id, "from": source_id, "to": target_id, "target_created": created,
+                    "source_deleted": source_deleted, "face_count": target_before + 1})
+        self._read_counts(counts, time.monotonic())
+        return MoveResult(face_id, source_id, target_id, created, source_deleted)
+
+    def delete_face(self, face_id: int, actor: Actor | None = None) -> tuple[str, bool]:
+        now = time.time()
+        with self._writing() as conn:
+            while True:
+                identity_id = self._face_owner(conn, face_id)
+                self._lock_identity(conn, identity_id)
+                if self._face_owner(conn, face_id) == identity_id:
+                    break
+            before = self._faces_of(conn, identity_id)
+            conn.execute("DELETE FROM faces WHERE collection_id = %s AND face_id = %s", (self.collection_id, face_id))
+            deleted = before == 1
+            if deleted:
+                conn.execute("DELETE FROM identities WHERE collection_id = %s AND identity_id = %s",
+                             (self.collection_id, identity_id))
+            else:
+                conn.execute("UPDATE identities SET updated_at = %s WHERE collection_id = %s AND identity_id = %s",
+                             (now, self.collection_id, identity_id))
+            counts = self._count(conn, -int(deleted), -1, counted_faces(before - 1) - counted_faces(before))
+            _audit(conn, actor, "face.deleted", now, self.name, identity_id,
+                   {"face_id": face_id, "face_count": before - 1, "identity_deleted": deleted})
+        self._read_counts(counts, time.monotonic())
+        return identity_id, deleted
 
     # --- reads -------------------------------------------------------------------------------
     def _plan(self, k: int) -> SearchPlan:

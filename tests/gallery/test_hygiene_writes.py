@@ -1,0 +1,207 @@
+"""Merge two identities, move a face, delete a face (GalleryBackend, service/gallery/api.py) on both
+backends: one transaction each, audited in it, counts right afterwards, a deleted face erased as a
+deleted identity is (embedded: in no file of the data dir; postgres: no row), and concurrent enrolls
+into a merge's target neither lose a face nor overshoot ``max_faces``."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from service.gallery.api import AuditQuery, FaceNotFound, IdentityNotFound, TooManyFacesForIdentity
+from service.model.calibration import counted_faces
+from tests.gallery import test_collections as shared
+from tests.gallery.test_collections import ALICE, BOB
+from tests.gallery.test_gallery import unit
+from tests.gallery.traces import find_vector
+
+backend, galleries = shared.backend, shared.galleries  # the fixtures: both backends, as test_collections.py
+
+
+def audit_of(g, action: str) -> list:
+    return [e for e in g.audit(AuditQuery(limit=1000)) if e.action == action]
+
+
+def check_counts(g, col, expected: dict[str, int]) -> None:
+    """The collection's cheap counts, its CollectionInfo and its stats all say ``expected`` (id -> faces)."""
+    counted = sum(counted_faces(n) for n in expected.values())
+    assert (col.identity_count, col.face_count, col.counted_faces) == (len(expected), sum(expected.values()), counted)
+    info = g.collection_info(col.name)
+    assert (info.identities, info.faces, info.counted_faces) == (len(expected), sum(expected.values()), counted)
+    stats = col.stats()
+    assert (stats.identities, stats.faces, stats.index_live) == (len(expected), sum(expected.values()),
+                                                                 sum(expected.values()))
+    listed = {r.identity_id: r.face_count for r in col.list_identities(1000, None)}
+    assert listed == expected
+
+
+def test_merge_moves_every_face_to_the_target_and_deletes_the_source(backend):
+    rng = np.random.default_rng(1)
+    g = backend()
+    g.create_collection("m")
+    col = g.collection("m")
+    a, b, c = unit(rng, 2), unit(rng, 3), unit(rng, 1)
+    a_ids = col.enroll("a", a, metadata={"who": "a"}).face_ids
+    b_ids = col.enroll("b", b, metadata={"who": "b"}).face_ids
+    col.enroll("c", c)
+    merged = col.merge_identities("a", "b", actor=ALICE)
+    assert (merged.target_id, merged.faces_moved, merged.face_count) == ("b", 2, 5)
+    assert col.get_identity("a") is None
+    target = col.get_identity("b")
+    assert target is not None and target.record.metadata == {"who": "b"}  # the target's metadata is kept
+    assert [f.face_id for f in target.faces] == sorted(a_ids + b_ids)  # face ids kept
+    for vector in a:  # the source's faces are found, as the target's
+        assert col.search(vector[None], 1)[0][0].identity_id == "b"
+    check_counts(g, col, {"b": 5, "c": 1})
+    [entry] = audit_of(g, "identity.merged")
+    assert (entry.collection, entry.identity_id, entry.key_id, entry.request_id) == ("m", "b", "key-alice", "req-1")
+    assert entry.details == {"merged_from": "a", "faces_moved": 2, "face_count": 5}
+    # refused merges write nothing
+    with pytest.raises(IdentityNotFound):
+        col.merge_identities("a", "b", actor=ALICE)
+    with pytest.raises(IdentityNotFound):
+        col.merge_identities("c", "nobody", actor=ALICE)
+    with pytest.raises(ValueError):
+        col.merge_identities("b", "b", actor=ALICE)
+    with pytest.raises(TooManyFacesForIdentity):
+        col.merge_identities("b", "c", max_faces=5, actor=ALICE)
+    check_counts(g, col, {"b": 5, "c": 1})
+    assert len(audit_of(g, "identity.merged")) == 1
+    # after a restart (embedded: the label -> identity map is rebuilt from the store, whatever snapshot)
+    g.close()
+    g = backend()
+    col = g.collection("m")
+    for vector in a:
+        assert col.search(vector[None], 1)[0][0].identity_id == "b"
+    check_counts(g, col, {"b": 5, "c": 1})
+
+
+def test_move_face_creates_the_target_and_deletes_an_emptied_source(backend):
+    rng = np.random.default_rng(2)
+    g = backend()
+    col = g.collection("default")
+    a, b = unit(rng, 2), unit(rng, 1)
+    a_ids = col.enroll("a", a).face_ids
+    [b_id] = col.enroll("b", b).face_ids
+    moved = col.move_face(a_ids[0], "new", actor=BOB)
+    assert (moved.face_id, moved.from_identity, moved.to_identity, moved.target_created, moved.source_deleted) == (
+        a_ids[0], "a", "new", True, False)
+    assert col.get_identity("new").record.metadata == {}
+    assert [f.face_id for f in col.get_identity("new").faces] == [a_ids[0]]
+    assert col.search(a[0][None], 1)[0][0].identity_id == "new"
+    assert col.search(a[1][None], 1)[0][0].identity_id == "a"
+    check_counts(g, col, {"a": 1, "b": 1, "new": 1})
+    moved = col.move_face(b_id, "a", actor=BOB)  # b's last face: b is deleted
+    assert (moved.target_created, moved.source_deleted) == (False, True)
+    assert col.get_identity("b") is None
+    assert col.search(b, 1)[0][0].identity_id == "a"
+    check_counts(g, col, {"a": 2, "new": 1})
+    entries = audit_of(g, "face.moved")
+    assert [(e.identity_id, e.request_id, e.details["face_id"], e.details["from"], e.details["to"]) for e in entries] == [
+        ("a", "req-2", b_id, "b", "a"), ("new", "req-2", a_ids[0], "a", "new")]
+    assert entries[0].details["source_deleted"] is True and entries[1].details["target_created"] is True
+    with pytest.raises(FaceNotFound):
+        col.move_face(10**9, "a", actor=BOB)
+    with pytest.raises(ValueError):
+        col.move_face(b_id, "a", actor=BOB)  # already a's
+    with pytest.raises(TooManyFacesForIdentity):
+        col.move_face(a_ids[0], "a", max_faces=2, actor=BOB)
+    g.create_collection("other")
+    with pytest.raises(FaceNotFound):  # a face of another collection is not this one's
+        g.collection("other").move_face(b_id, "x", actor=BOB)
+    check_counts(g, col, {"a": 2, "new": 1})
+    assert len(audit_of(g, "face.moved")) == 2
+    g.close()
+    g = backend()
+    col = g.collection("default")
+    assert col.search(b, 1)[0][0].identity_id == "a"
+    check_counts(g, col, {"a": 2, "new": 1})
+
+
+def test_delete_face_erases_it_as_deleting_an_identity_does(backend):
+    rng = np.random.default_rng(3)
+    g = backend()
+    col = g.collection("default")
+    for i in range(20):
+        col.enroll(f"k{i}", unit(rng, 1))
+    secret = unit(rng, 2)
+    ids = col.enroll("secret", secret).face_ids
+    if backend.name == "embedded":
+        col._run(lambda e: e.gallery.snapshot())  # noqa: SLF001 - the snapshot on disk holds the vectors ...
+        assert find_vector(backend.settings.data_dir, secret[0])
+    assert col.delete_face(ids[0], actor=ALICE) == ("secret", False)
+    assert all(m.identity_id != "secret" or m.score < 0.99 for m in col.search(secret[:1], 5)[0])
+    assert [f.face_id for f in col.get_identity("secret").faces] == [ids[1]]
+    check_counts(g, col, {**{f"k{i}": 1 for i in range(20)}, "secret": 1})
+    assert col.delete_face(ids[1], actor=ALICE) == ("secret", True)  # its last face: the identity goes too
+    assert col.get_identity("secret") is None
+    check_counts(g, col, {f"k{i}": 1 for i in range(20)})
+    with pytest.raises(FaceNotFound):
+        col.delete_face(ids[1], actor=ALICE)
+    entries = audit_of(g, "face.deleted")
+    assert [(e.identity_id, e.request_id, e.details) for e in entries] == [
+        ("secret", "req-1", {"face_id": ids[1], "face_count": 0, "identity_deleted": True}),
+        ("secret", "req-1", {"face_id": ids[0], "face_count": 1, "identity_deleted": False})]
+    if backend.name == "embedded":  # ... until it is erased: from the database, the WAL and the snapshot
+        for v in secret:
+            assert not find_vector(backend.settings.data_dir, v), find_vector(backend.settings.data_dir, v)
+    else:
+        with g._read_connection() as conn:  # noqa: SLF001
+            assert conn.execute("SELECT count(*) FROM faces WHERE face_id = ANY(%s)", (ids,)).fetchone()[0] == 0
+    g.close()
+    if backend.name == "embedded":
+        for v in secret:
+            assert not find_vector(backend.settings.data_dir, v)
+
+
+def test_enrolls_into_the_target_while_merging_never_lose_a_face_or_overshoot(galleries):
+    """Writers append one face at a time to the target (max_faces 40) while sources are merged into
+    it: every acknowledged face ends in the target, a merge that would overshoot is refused whole
+    (its source keeps its faces), and the target never holds more than 40."""
+    rng = np.random.default_rng(4)
+    col = galleries.collection("default")
+    limit = 40
+    col.enroll("target", unit(rng, 2))
+    sources = {f"s{i}": col.enroll(f"s{i}", unit(rng, 3)).face_ids for i in range(8)}
+    acknowledged: list[int] = []
+    merged: list[str] = []
+    lock = threading.Lock()
+
+    def append(seed: int) -> None:
+        r = np.random.default_rng(seed)
+        for _ in range(15):
+            try:
+                ids = col.enroll("target", unit(r, 1), max_faces=limit).face_ids
+            except TooManyFacesForIdentity:
+                continue
+            with lock:
+                acknowledged.extend(ids)
+
+    def merge() -> None:
+        for source in sources:
+            try:
+                col.merge_identities(source, "target", max_faces=limit, actor=ALICE)
+            except TooManyFacesForIdentity:
+                continue
+            with lock:
+                merged.append(source)
+
+    threads = [threading.Thread(target=append, args=(s,)) for s in range(3)] + [threading.Thread(target=merge)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    target = {f.face_id for f in col.get_identity("target").faces}
+    assert len(target) <= limit
+    assert set(acknowledged) <= target
+    for source, ids in sources.items():
+        if source in merged:
+            assert col.get_identity(source) is None and set(ids) <= target
+        else:
+            assert [f.face_id for f in col.get_identity(source).faces] == ids
+    assert len(target) == 2 + len(acknowledged) + 3 * len(merged)
+    remaining = {s: 3 for s in sources if s not in merged}
+    check_counts(galleries, col, {"target": len(target), **remaining})
+    assert len(audit_of(galleries, "identity.merged")) == len(merged)
