@@ -1,4 +1,4 @@
-"""Enroll, list, get, delete: the routes that own a collection's contents.
+"""Enroll, list, get, delete, merge, move and delete faces: the routes that own a collection's contents.
 
 Mounted twice (app.py): unprefixed for the `default` collection, and under
 `/collections/{collection}`. Reads need the `read` permission, changes `write`, both in the key's
@@ -6,6 +6,7 @@ scope; every change is audited in its own transaction (the gallery writes the re
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Annotated, Any
 
 import numpy as np
@@ -18,7 +19,7 @@ from ..faces.metadata import MetadataLimits, check_metadata
 from ..gallery.api import GalleryBackend
 from ..gallery.identity_ids import MAX_LENGTH, find_identity
 from ..gallery.openset import HUB_SEARCH_K, find_hub
-from ..gallery.results import TooManyFacesForIdentity
+from ..gallery.results import FaceNotFound, IdentityNotFound, TooManyFacesForIdentity
 from ..state import ServiceState
 from .deps import ActorDep, CollectionDep, PrincipalDep, StateDep, allow
 from .payload import body_docs, read_payload
@@ -28,9 +29,14 @@ from .schemas import (
     EnrollRequest,
     EnrollResponse,
     ErrorResponse,
+    FaceDeleteResponse,
     IdentityDetail,
     IdentityPage,
     IdentitySummary,
+    MergeRequest,
+    MergeResponse,
+    MoveFaceRequest,
+    MoveFaceResponse,
 )
 from .vectors import list_source, source_vectors
 
@@ -140,3 +146,79 @@ async def delete_identity(identity_id: IdentityPath, gallery: CollectionDep, act
     returned by /identify or /verify again."""
     stored_as, deleted = await run_in_threadpool(find_identity, identity_id, lambda i: gallery.delete(i, actor))
     return DeleteResponse(identity_id=stored_as, deleted_faces=deleted)
+
+
+# --- gallery hygiene: merge two identities, move a face, delete a face ---------------------------
+# a face id as the gallery numbers them (a positive 64-bit integer)
+FaceIdPath = Annotated[int, Path(ge=1, le=2**63 - 1, description="A face id, as /enroll and /identities/{id} list them.")]
+
+
+def _face_not_found(exc: FaceNotFound) -> ServiceError:
+    return ServiceError(ErrorCode.face_not_found, str(exc), face_id=exc.face_id)
+
+
+@router.post("/identities/{identity_id}/merge", response_model=MergeResponse, summary="Merge an identity into another",
+             dependencies=WRITE)
+async def merge_identity(identity_id: IdentityPath, body: MergeRequest, state: StateDep, gallery: CollectionDep,
+                         actor: ActorDep) -> MergeResponse:
+    """Every face of `identity_id` becomes the faces of `into` (face ids kept, nothing re-embedded), and
+    `identity_id` is deleted: one transaction with its audit record (`identity.merged`). The target's
+    metadata is kept. 404 `identity_not_found` for either, 422 `same_identity` for a merge into itself,
+    413 `too_many_faces_for_identity` when the target would hold more than FACE_MAX_FACES_PER_IDENTITY."""
+
+    def merge() -> MergeResponse:
+        source, _ = find_identity(identity_id, gallery.get_identity)
+        target, _ = find_identity(body.into, gallery.get_identity)
+        if source == target:
+            raise ServiceError(ErrorCode.same_identity, f"cannot merge identity {source!r} into itself",
+                               identity_id=source)
+        try:
+            merged = gallery.merge_identities(source, target, state.settings.max_faces_per_identity, actor)
+        except IdentityNotFound as exc:  # deleted between the lookup and the merge
+            raise ServiceError(ErrorCode.identity_not_found, str(exc), identity_id=exc.identity_id) from None
+        except TooManyFacesForIdentity as exc:
+            raise _too_many(exc) from None
+        return MergeResponse(identity_id=merged.target_id, merged_from=source, faces_moved=merged.faces_moved,
+                             face_count=merged.face_count)
+
+    return await run_in_threadpool(merge)
+
+
+@router.post("/faces/{face_id}/move", response_model=MoveFaceResponse, summary="Move a face to another identity",
+             dependencies=WRITE)
+async def move_face(face_id: FaceIdPath, body: MoveFaceRequest, state: StateDep, gallery: CollectionDep,
+                    actor: ActorDep) -> MoveFaceResponse:
+    """The face (same id) becomes a face of `identity_id`, which is created (metadata `{}`) if it is not
+    enrolled; the face's identity is deleted when this was its last face. One transaction with its
+    audit record (`face.moved`). 404 `face_not_found`, 422 `same_identity` (already that identity's),
+    413 `too_many_faces_for_identity`."""
+
+    def move() -> MoveFaceResponse:
+        target = body.identity_id
+        if gallery.get_identity(target) is None:  # an id stored before the NFC rule, in its stored form
+            target = next((form for form in (unicodedata.normalize("NFD", target),)
+                           if gallery.get_identity(form) is not None), target)
+        try:
+            moved = gallery.move_face(face_id, target, state.settings.max_faces_per_identity, actor)
+        except FaceNotFound as exc:
+            raise _face_not_found(exc) from None
+        except TooManyFacesForIdentity as exc:
+            raise _too_many(exc) from None
+        except ValueError as exc:
+            raise ServiceError(ErrorCode.same_identity, str(exc), face_id=face_id, identity_id=target) from None
+        return MoveFaceResponse(face_id=moved.face_id, from_identity=moved.from_identity, to_identity=moved.to_identity,
+                                target_created=moved.target_created, source_deleted=moved.source_deleted)
+
+    return await run_in_threadpool(move)
+
+
+@router.delete("/faces/{face_id}", response_model=FaceDeleteResponse, summary="Delete one face", dependencies=WRITE)
+async def delete_face(face_id: FaceIdPath, gallery: CollectionDep, actor: ActorDep) -> FaceDeleteResponse:
+    """Erase one face from the store and the index, as deleting an identity erases its faces: no
+    /identify or /verify can return it again. Its identity is deleted too when this was its last face.
+    Audited (`face.deleted`). 404 `face_not_found`."""
+    try:
+        identity_id, deleted = await run_in_threadpool(gallery.delete_face, face_id, actor)
+    except FaceNotFound as exc:
+        raise _face_not_found(exc) from None
+    return FaceDeleteResponse(face_id=face_id, identity_id=identity_id, identity_deleted=deleted)

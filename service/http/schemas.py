@@ -327,6 +327,35 @@ class DeleteResponse(BaseModel):
     deleted_faces: int
 
 
+class MergeRequest(Strict):
+    into: IdentityRef = Field(description="The identity that receives every face of the one in the path.")
+
+
+class MergeResponse(BaseModel):
+    identity_id: str = Field(description="The target: it now holds the merged faces.")
+    merged_from: str = Field(description="The identity merged (deleted).")
+    faces_moved: int
+    face_count: int = Field(description="The target's faces right after the merge.")
+
+
+class MoveFaceRequest(Strict):
+    identity_id: IdentityId = Field(description="The identity the face moves to (created if not enrolled).")
+
+
+class MoveFaceResponse(BaseModel):
+    face_id: int
+    from_identity: str
+    to_identity: str
+    target_created: bool
+    source_deleted: bool = Field(description="The face was its identity's last: that identity was deleted.")
+
+
+class FaceDeleteResponse(BaseModel):
+    face_id: int
+    identity_id: str
+    identity_deleted: bool = Field(description="The face was its identity's last: the identity was deleted too.")
+
+
 # --- ops --------------------------------------------------------------------------------------
 class ReadyStatus(BaseModel):
     """/readyz for a request without the API key when the service has one: the status alone."""

@@ -25,12 +25,18 @@ POLICY: dict[tuple[str, str], tuple[str, bool]] = {
     ("GET", "/identities/{identity_id}"): ("read", True),
     ("POST", "/enroll"): ("write", True),
     ("DELETE", "/identities/{identity_id}"): ("write", True),
+    ("POST", "/identities/{identity_id}/merge"): ("write", True),
+    ("POST", "/faces/{face_id}/move"): ("write", True),
+    ("DELETE", "/faces/{face_id}"): ("write", True),
     ("POST", "/collections/{collection}/verify"): ("read", True),
     ("POST", "/collections/{collection}/identify"): ("read", True),
     ("GET", "/collections/{collection}/identities"): ("read", True),
     ("GET", "/collections/{collection}/identities/{identity_id}"): ("read", True),
     ("POST", "/collections/{collection}/enroll"): ("write", True),
     ("DELETE", "/collections/{collection}/identities/{identity_id}"): ("write", True),
+    ("POST", "/collections/{collection}/identities/{identity_id}/merge"): ("write", True),
+    ("POST", "/collections/{collection}/faces/{face_id}/move"): ("write", True),
+    ("DELETE", "/collections/{collection}/faces/{face_id}"): ("write", True),
     ("GET", "/collections"): ("read", False),
     ("GET", "/collections/{collection}"): ("read", True),
     ("POST", "/collections"): ("admin", False),
@@ -78,6 +84,7 @@ class Calls:
         model = self.server.model_id
         n = next(self.counter)
         url = path.replace("{collection}", collection).replace("{identity_id}", f"someone-{n}")
+        url = url.replace("{face_id}", str(10**12 + n))  # no such face: 404 once access allowed it
         if "{key_id}" in url:
             url = url.replace("{key_id}", self.server.key_ids.get("throwaway", "000000000000"))
         body = None
@@ -89,6 +96,10 @@ class Calls:
             body = {"embeddings": [self.vectors[1]], "model_id": model}
         elif path.endswith("/verify"):
             body = {"embedding_a": self.vectors[1], "embedding_b": self.vectors[2], "model_id": model}
+        elif path.endswith("/merge"):
+            body = {"into": f"someone-else-{n}"}
+        elif path.endswith("/move"):
+            body = {"identity_id": f"someone-else-{n}"}
         elif path == "/collections" and method == "POST":
             body = {"name": f"made-{n}"}
         elif path == "/keys" and method == "POST":
