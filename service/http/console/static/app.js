@@ -38,6 +38,8 @@ const ERROR_MESSAGES = {
   wrong_dimension: "An embedding has the wrong number of values for this model.",
   invalid_embedding: "An embedding is not usable (NaN, infinite or zero).",
   identity_not_found: "No identity with this id is enrolled.",
+  face_not_found: "No face with this id is enrolled in this collection (it may have been deleted or moved meanwhile).",
+  same_identity: "The two identities are the same one: pick another.",
   invalid_identity_id: "This identity id is not allowed (1-128 characters, no \"/\", nothing invisible, not blank).",
   invalid_metadata: "The metadata is not valid (a JSON object of finite numbers and valid text, not too deeply nested).",
   metadata_too_large: "The metadata is too large for this service.",
@@ -257,6 +259,7 @@ function chooseCollection(name) {
   // what the pages show belongs to the collection they were loaded for
   Object.assign(gallery, { query: "", page: 0, cursors: [null], next: null });
   $("gallery-query").value = "";
+  resetHygiene();
   $("try-results").replaceChildren();
   $("try-file").value = ""; // picking the same photo again asks the new collection
   delete $("try-canvas").dataset.state;
@@ -328,7 +331,7 @@ function route() {
   }
   clearInterval(statusTimer);
   if (page !== "keys") hideSecret(); // shown once: leaving the page forgets it
-  if (page === "gallery") loadGallery();
+  if (page === "gallery") loadGalleryView();
   if (page === "keys") loadKeys();
   if (page === "audit") loadAudit();
   if (page === "status") {
@@ -664,12 +667,14 @@ function galleryRow(item) {
   const metadata = item.metadata && Object.keys(item.metadata).length ? JSON.stringify(item.metadata) : "";
   const remove = el("button", { type: "button", class: "danger small", text: "Delete", "aria-label": `Delete ${item.identity_id}` });
   remove.addEventListener("click", () => confirmDelete(item));
+  const faces = el("button", { type: "button", class: "ghost small", text: "Faces", "aria-label": `Faces of ${item.identity_id}` });
+  faces.addEventListener("click", () => showIdentity(item.identity_id));
   return el("tr", { "data-id": item.identity_id },
     el("th", { scope: "row", text: item.identity_id }),
     el("td", { text: String(item.face_count) }),
     el("td", { class: "meta", text: metadata }),
     el("td", { text: item.updated_at ? new Date(item.updated_at * 1000).toLocaleString() : "" }),
-    el("td", {}, remove));
+    el("td", { class: "row-actions" }, remove, faces));
 }
 
 function confirmDelete(item) {
@@ -688,6 +693,276 @@ function confirmDelete(item) {
     }
   };
   dialog.showModal();
+}
+
+// --- Gallery hygiene: duplicates, outliers; merge identities, move or delete a face ------------------
+// GET /duplicates and GET /outliers find the suspects; POST identities/{id}/merge, POST faces/{id}/move
+// and DELETE faces/{id} fix them, each after a confirmation. The service keeps no photo of an enrolled
+// face (embeddings only), so faces are shown by id, identity and score.
+const hygiene = { view: "identities", identity: null };
+const VIEWS = ["identities", "duplicates", "outliers"];
+
+// a read key sees the lists; the buttons that change the gallery are for write and admin keys
+const canWrite = () => session.openMode || session.role === "admin" || session.role === "write";
+
+function setupHygiene() {
+  for (const view of VIEWS) $(`view-${view}`).addEventListener("click", () => showGalleryView(view));
+  $("duplicates-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    loadDuplicates();
+  });
+  $("outliers-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    loadOutliers();
+  });
+  $("identity-close").addEventListener("click", () => {
+    hygiene.identity = null;
+    $("gallery-identity").hidden = true;
+  });
+  $("identity-merge").addEventListener("click", () => hygiene.identity && askMerge(hygiene.identity));
+  $("hygiene-confirm").addEventListener("click", (event) => {
+    if (!$("hygiene-target-field").hidden && !$("hygiene-target").value.trim()) {
+      event.preventDefault(); // no target typed yet: the dialog stays open
+      say($("hygiene-error"), "Type the identity id first.", "error");
+    }
+  });
+}
+
+function resetHygiene() {
+  hygiene.identity = null;
+  $("gallery-identity").hidden = true;
+  $("duplicates-list").replaceChildren();
+  $("outliers-list").replaceChildren();
+}
+
+function showGalleryView(view) {
+  hygiene.view = view;
+  loadGalleryView();
+}
+
+function loadGalleryView() {
+  for (const view of VIEWS) {
+    $(`gallery-${view}`).hidden = view !== hygiene.view;
+    $(`view-${view}`).setAttribute("aria-pressed", String(view === hygiene.view));
+  }
+  if (hygiene.view !== "identities") $("gallery-identity").hidden = true;
+  if (hygiene.view === "identities") {
+    loadGallery();
+    if (hygiene.identity) showIdentity(hygiene.identity);
+  }
+  if (hygiene.view === "duplicates") loadDuplicates();
+  if (hygiene.view === "outliers") loadOutliers();
+}
+
+// after a change: what the page shows is read again
+async function refreshHygiene() {
+  if (hygiene.view === "identities") {
+    await loadGallery();
+    if (hygiene.identity) await showIdentity(hygiene.identity);
+    else $("gallery-identity").hidden = true; // its identity is gone
+  }
+  if (hygiene.view === "duplicates") await loadDuplicates(false);
+  if (hygiene.view === "outliers") await loadOutliers(false);
+}
+
+// a confirmation (and, with askTarget, the identity to act on): resolves to the target ("" without
+// one) or null when cancelled
+function confirmHygiene({ title, text, confirm, askTarget = false, target = "" }) {
+  const dialog = $("hygiene-dialog");
+  $("hygiene-title").textContent = title;
+  $("hygiene-text").textContent = text;
+  $("hygiene-confirm").textContent = confirm;
+  $("hygiene-target-field").hidden = !askTarget;
+  $("hygiene-target").value = target;
+  say($("hygiene-error"), "");
+  dialog.returnValue = "";
+  return new Promise((resolve) => {
+    const done = () => {
+      dialog.removeEventListener("close", done);
+      if (dialog.returnValue === "ok") resolve(askTarget ? $("hygiene-target").value.trim() : "");
+      else resolve(null);
+    };
+    dialog.addEventListener("close", done);
+    dialog.showModal();
+    if (askTarget) $("hygiene-target").focus();
+  });
+}
+
+const galleryStatus = (message, kind = "") => say($("gallery-status"), message, kind);
+
+async function askMerge(source, target = "") {
+  const into = target || await confirmHygiene({
+    title: "Merge into another identity?", confirm: "Choose and merge", askTarget: true,
+    text: `Every face of "${source}" becomes a face of the identity typed below, and "${source}" is deleted. The target keeps its own metadata.`,
+  });
+  if (!into) return;
+  if (target) {
+    const ok = await confirmHygiene({ title: "Merge identities?", confirm: "Merge",
+      text: `Merge "${source}" into "${target}"? Every face of "${source}" becomes a face of "${target}", and "${source}" is deleted. This cannot be undone.` });
+    if (ok === null) return;
+  }
+  try {
+    const r = await api(inCollection(`identities/${encodeURIComponent(source)}/merge`), { method: "POST", json: { into },
+      action: `merge identities in ${quoted(collection())}` });
+    if (hygiene.identity === source) hygiene.identity = r.identity_id;
+    await refreshHygiene();
+    galleryStatus(`Merged ${r.merged_from} into ${r.identity_id}: ${r.faces_moved} face(s) moved, it now has ${r.face_count}.`, "ok");
+  } catch (err) {
+    galleryStatus(err.readable, "error");
+  }
+}
+
+async function askMove(faceId, from, target = "") {
+  const to = await confirmHygiene({
+    title: "Move this face?", confirm: "Move", askTarget: !target, target,
+    text: target
+      ? `Move face ${faceId} from "${from}" to "${target}"? The face keeps its id; if it is the last face of "${from}", that identity is deleted.`
+      : `Move face ${faceId} of "${from}" to the identity typed below (created if it is not enrolled). If it is the last face of "${from}", that identity is deleted.`,
+  });
+  if (to === null) return;
+  try {
+    const r = await api(inCollection(`faces/${encodeURIComponent(faceId)}/move`), { method: "POST",
+      json: { identity_id: target || to }, action: `move faces in ${quoted(collection())}` });
+    if (r.source_deleted && hygiene.identity === r.from_identity) hygiene.identity = r.to_identity;
+    await refreshHygiene();
+    galleryStatus(`Moved face ${r.face_id} from ${r.from_identity} to ${r.to_identity}`
+      + `${r.target_created ? " (a new identity)" : ""}${r.source_deleted ? `; ${r.from_identity} had no face left and was deleted` : ""}.`, "ok");
+  } catch (err) {
+    galleryStatus(err.readable, "error");
+  }
+}
+
+async function askDeleteFace(faceId, identity) {
+  const ok = await confirmHygiene({ title: "Delete this face?", confirm: "Delete face",
+    text: `Delete face ${faceId} of "${identity}"? It is erased and can never be matched again; if it is the identity's last face, the identity is deleted too. This cannot be undone.` });
+  if (ok === null) return;
+  try {
+    const r = await api(inCollection(`faces/${encodeURIComponent(faceId)}`), { method: "DELETE",
+      action: `delete faces in ${quoted(collection())}` });
+    if (r.identity_deleted && hygiene.identity === r.identity_id) hygiene.identity = null;
+    await refreshHygiene();
+    galleryStatus(`Deleted face ${r.face_id} of ${r.identity_id}${r.identity_deleted ? "; it was its last face, so the identity was deleted too" : ""}.`, "ok");
+  } catch (err) {
+    galleryStatus(err.readable, "error");
+  }
+}
+
+function actionButton(text, label, onClick, kind = "ghost small") {
+  const button = el("button", { type: "button", class: kind, text, "aria-label": label });
+  button.addEventListener("click", onClick);
+  return button;
+}
+
+// one identity's faces, each with Move and Delete
+async function showIdentity(identityId) {
+  hygiene.identity = identityId;
+  const panel = $("gallery-identity");
+  try {
+    const r = await api(inCollection(`identities/${encodeURIComponent(identityId)}`),
+      { action: `read identities of ${quoted(collection())}` });
+    $("identity-title").textContent = `Faces of ${r.identity_id}`;
+    $("identity-summary").textContent = `${r.face_count} face(s). The service keeps embeddings, not photos: faces are listed by id.`;
+    const write = canWrite();
+    $("identity-merge").hidden = !write;
+    $("identity-faces").tBodies[0].replaceChildren(...r.face_ids.map((faceId) => el("tr", { "data-id": String(faceId) },
+      el("th", { scope: "row", class: "mono", text: String(faceId) }),
+      el("td", { class: "row-actions" }, ...(write ? [
+        actionButton("Move", `Move face ${faceId}`, () => askMove(faceId, r.identity_id)),
+        actionButton("Delete face", `Delete face ${faceId}`, () => askDeleteFace(faceId, r.identity_id), "danger small"),
+      ] : [])))));
+    panel.hidden = false;
+  } catch (err) {
+    if (err.code === "identity_not_found") hygiene.identity = null;
+    panel.hidden = true;
+    galleryStatus(err.readable, "error");
+  }
+}
+
+function missingRoute(err, what) {
+  return err.code === "not_found" ? `This service does not offer ${what} (an older version).` : err.readable;
+}
+
+function scoreParam(input) {
+  const text = input.value.trim();
+  return text === "" ? "" : `&min_score=${encodeURIComponent(text)}`;
+}
+
+// GET /duplicates: {"pairs": [{"identity_a", "identity_b", "score", "false_alarm_probability",
+// "evidence": [{"face_a", "face_b", "score"}]}], "min_score", "comparisons", "faces_scanned", ...}
+async function loadDuplicates(announce = true) {
+  const list = $("duplicates-list");
+  if (announce) galleryStatus("Looking for duplicate people...");
+  try {
+    const r = await api(inCollection(`duplicates?limit=100${scoreParam($("duplicates-min-score"))}`),
+      { action: `search ${quoted(collection())} for duplicates` });
+    list.replaceChildren(...r.pairs.map(duplicateItem));
+    if (announce || !r.pairs.length) {
+      galleryStatus(r.pairs.length
+        ? `${r.pairs.length} probable duplicate pair(s) at score >= ${fmt(r.min_score)} (${r.faces_scanned} faces scanned).`
+        : `No pair of identities scores >= ${fmt(r.min_score)} (${r.faces_scanned} faces scanned).`);
+    }
+  } catch (err) {
+    list.replaceChildren();
+    galleryStatus(missingRoute(err, "a duplicate search"), "error");
+  }
+}
+
+function side(title, lines, ...buttons) {
+  return el("div", { class: "side" }, el("h4", { text: title }),
+    ...lines.map((line) => el("p", { text: line })), buttons.length ? el("div", { class: "row-actions" }, ...buttons) : null);
+}
+
+function duplicateItem(pair) {
+  const a = pair.identity_a;
+  const b = pair.identity_b;
+  const faces = (key) => [...new Set(pair.evidence.map((e) => e[key]))].join(", ");
+  const write = canWrite();
+  return el("li", { class: "pair-card", "data-id": `${a}|${b}` },
+    side(a, [`faces ${faces("face_a")}`],
+      ...(write ? [actionButton(`Merge into ${b}`, `Merge ${a} into ${b}`, () => askMerge(a, b))] : [])),
+    el("div", { class: "versus" },
+      el("p", { class: "score", text: `score ${fmt(pair.score)}` }),
+      el("p", { class: "muted", text: `chance of a false alarm ${pair.false_alarm_probability.toPrecision(2)}` }),
+      el("ul", { class: "evidence" }, ...pair.evidence.map((e) =>
+        el("li", { text: `face ${e.face_a} ~ face ${e.face_b}: ${fmt(e.score)}` })))),
+    side(b, [`faces ${faces("face_b")}`],
+      ...(write ? [actionButton(`Merge into ${a}`, `Merge ${b} into ${a}`, () => askMerge(b, a))] : [])));
+}
+
+// GET /outliers: {"faces": [{"identity_id", "face_id", "own_score", "best_other": {"identity_id",
+// "score", "face_id"} | null}], "threshold", "identities_checked", ...}
+async function loadOutliers(announce = true) {
+  const list = $("outliers-list");
+  if (announce) galleryStatus("Looking for faces unlike their identity's others...");
+  try {
+    const r = await api(inCollection(`outliers?limit=100${scoreParam($("outliers-min-score"))}`),
+      { action: `search ${quoted(collection())} for outliers` });
+    list.replaceChildren(...r.faces.map((face) => outlierItem(face, r.threshold)));
+    if (announce || !r.faces.length) {
+      galleryStatus(r.faces.length
+        ? `${r.faces.length} face(s) below ${fmt(r.threshold)} against their own identity (${r.identities_checked} identities checked).`
+        : `No face below ${fmt(r.threshold)} against its own identity (${r.identities_checked} identities checked).`);
+    }
+  } catch (err) {
+    list.replaceChildren();
+    galleryStatus(missingRoute(err, "an outlier search"), "error");
+  }
+}
+
+function outlierItem(face, threshold) {
+  const other = face.best_other;
+  const write = canWrite();
+  const buttons = write ? [
+    ...(other ? [actionButton(`Move to ${other.identity_id}`, `Move face ${face.face_id} to ${other.identity_id}`,
+      () => askMove(face.face_id, face.identity_id, other.identity_id))] : []),
+    actionButton("Move to...", `Move face ${face.face_id} to another identity`, () => askMove(face.face_id, face.identity_id)),
+    actionButton("Delete face", `Delete face ${face.face_id}`, () => askDeleteFace(face.face_id, face.identity_id), "danger small"),
+  ] : [];
+  return el("li", { class: "pair-card", "data-id": String(face.face_id) },
+    side(`face ${face.face_id} of ${face.identity_id}`,
+      [`best score against its own identity's other faces ${fmt(face.own_score)} (threshold ${fmt(threshold)})`], ...buttons),
+    el("div", { class: "versus" }, el("p", { class: "score", text: other ? "looks more like" : "matches no other identity" })),
+    other ? side(other.identity_id, [`face ${other.face_id}, score ${fmt(other.score)}`]) : el("div", { class: "side muted" }));
 }
 
 // --- Status ----------------------------------------------------------------------------------------
@@ -1052,6 +1327,7 @@ async function start() {
     gallery.page += 1;
     loadGallery();
   });
+  setupHygiene();
   $("collection-select").addEventListener("change", (event) => chooseCollection(event.target.value));
   $("collection-new").addEventListener("click", openNewCollection);
   $("collection-form").addEventListener("submit", createCollection);

@@ -1,0 +1,211 @@
+"""Issue 23 in the console, in a real headless Chromium against the real service, on both gallery
+backends: the Gallery page merges two identities, moves a face and deletes a face (each after a
+confirmation) from an identity's faces, and from the Duplicates and Outliers views; a read key sees
+the lists without the buttons; phone width without sideways scrolling."""
+
+from __future__ import annotations
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.conftest import backend_env
+from tests.console.browser import DESKTOP, PHONE, Console
+from tests.console.conftest import KEY
+from tests.console.test_console_access_browser import pick_collection
+from tests.server import ServerProcess
+
+DIM = 128
+
+
+@pytest.fixture(scope="module", params=["embedded", "postgres"])
+def console_server(request, tmp_path_factory, default_model):
+    env = backend_env(request, {"FACE_API_KEY": KEY, "FACE_ENROLL_HUB_ALPHA": "0"})
+    proc = ServerProcess(tmp_path_factory.mktemp(f"console-hygiene-{request.param}") / "data", model=default_model,
+                         env=env)
+    proc.wait_ready()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def api(console_server):
+    with httpx.Client(base_url=console_server.url, headers={"X-API-Key": KEY}, timeout=60) as client:
+        client.model_id = client.get("/readyz").json()["model_id"]  # type: ignore[attr-defined]
+        yield client
+
+
+def unit(rng, n: int) -> np.ndarray:
+    v = rng.normal(size=(n, DIM))
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def enroll(api, identity: str, rows: np.ndarray, prefix: str = "") -> list[int]:
+    r = api.post(f"{prefix}/enroll", json={"identity_id": identity, "embeddings": rows.tolist(), "model_id": api.model_id})
+    assert r.status_code == 200, r.text
+    return r.json()["face_ids"]
+
+
+def button(console: Console, label: str):
+    return console.driver.find_element("css selector", f"button[aria-label='{label}']")
+
+
+def dialog_open(console: Console) -> bool:
+    return console.find("hygiene-dialog").get_attribute("open") is not None
+
+
+def confirm(console: Console, target: str | None = None) -> None:
+    console.wait(lambda: dialog_open(console), "no confirmation asked")
+    if target is not None:
+        console.find("hygiene-target").send_keys(target)
+    console.find("hygiene-confirm").click()
+    console.wait(lambda: not dialog_open(console), "the confirmation did not close")
+
+
+def click(console: Console, label: str) -> None:
+    """Click a button by its name once it is there (a list being redrawn replaces its buttons)."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
+    def attempt() -> bool:
+        try:
+            button(console, label).click()
+        except (NoSuchElementException, StaleElementReferenceException):
+            return False
+        return True
+
+    console.wait(attempt, f"no button {label!r}")
+
+
+def open_faces(console: Console, identity: str) -> None:
+    console.find("gallery-query").clear()
+    console.find("gallery-query").send_keys(identity)
+    console.find("gallery-query").submit()
+    console.wait_text("gallery-page", f'starting with "{identity}"')
+    click(console, f"Faces of {identity}")
+    console.wait_text("identity-title", f"Faces of {identity}")
+
+
+def test_merge_move_and_delete_from_an_identity_s_faces(console, api):
+    rng = np.random.default_rng(23)
+    a_ids = enroll(api, "hy-a", unit(rng, 2))
+    b_ids = enroll(api, "hy-b", unit(rng, 1))
+    console.go("gallery")
+    open_faces(console, "hy-a")
+    assert console.js("return [...document.querySelectorAll('#identity-faces tbody tr')].map(r => Number(r.dataset.id))") == a_ids
+
+    # merge: the target is asked for; confirming without one keeps the dialog open
+    console.find("identity-merge").click()
+    console.wait(lambda: dialog_open(console))
+    console.find("hygiene-confirm").click()
+    console.wait_text("hygiene-error", "Type the identity id first")
+    assert dialog_open(console)
+    console.find("hygiene-target").send_keys("hy-b")
+    console.find("hygiene-confirm").click()
+    console.wait_text("gallery-status", "Merged hy-a into hy-b: 2 face(s) moved, it now has 3.")
+    assert api.get("/identities/hy-a").json()["error"]["code"] == "identity_not_found"
+    assert api.get("/identities/hy-b").json()["face_ids"] == sorted(a_ids + b_ids)
+    console.wait_text("identity-title", "Faces of hy-b")  # the panel follows the faces to the target
+
+    # move: cancelled changes nothing; confirmed, the face goes to a new identity
+    click(console, f"Move face {a_ids[0]}")
+    console.wait(lambda: dialog_open(console))
+    console.find("hygiene-cancel").click()
+    assert a_ids[0] in api.get("/identities/hy-b").json()["face_ids"]
+    click(console, f"Move face {a_ids[0]}")
+    confirm(console, "hy-new")
+    console.wait_text("gallery-status", f"Moved face {a_ids[0]} from hy-b to hy-new (a new identity).")
+    assert api.get("/identities/hy-new").json()["face_ids"] == [a_ids[0]]
+
+    # delete a face: asked first, then erased
+    console.wait(lambda: not console.driver.find_elements("css selector", f"#identity-faces tr[data-id='{a_ids[0]}']"))
+    click(console, f"Delete face {b_ids[0]}")
+    console.wait(lambda: dialog_open(console))
+    assert f"Delete face {b_ids[0]} of \"hy-b\"" in console.text("hygiene-text")
+    console.find("hygiene-confirm").click()
+    console.wait_text("gallery-status", f"Deleted face {b_ids[0]} of hy-b.")
+    assert api.get("/identities/hy-b").json()["face_ids"] == [a_ids[1]]
+    actions = {e["action"] for e in api.get("/audit", params={"collection": "default"}).json()["items"]}
+    assert {"identity.merged", "face.moved", "face.deleted"} <= actions
+
+    # the last face: the identity goes with it
+    click(console, f"Delete face {a_ids[1]}")
+    confirm(console)
+    console.wait_text("gallery-status", "it was its last face, so the identity was deleted too")
+    assert api.get("/identities/hy-b").status_code == 404
+    assert console.find("gallery-identity").is_displayed() is False
+
+
+def test_a_read_key_sees_faces_but_no_button_that_changes_them(console, api):
+    enroll(api, "hy-read", unit(np.random.default_rng(5), 2))
+    made = api.post("/keys", json={"role": "read", "note": "hygiene"}).json()
+    console.js("sessionStorage.setItem('face-console.api-key', arguments[0])", made["secret"])
+    try:
+        console.open("gallery")
+        open_faces(console, "hy-read")
+        assert not console.find("identity-merge").is_displayed()
+        assert console.js("return document.querySelectorAll('#identity-faces tbody button').length") == 0
+    finally:
+        console.js("sessionStorage.setItem('face-console.api-key', arguments[0])", KEY)
+        console.open("try")
+
+
+def test_gallery_views_fit_a_phone(console, api):
+    console.driver.set_window_size(*PHONE)
+    try:
+        console.go("gallery")
+        for view in ("duplicates", "outliers", "identities"):
+            console.find(f"view-{view}").click()
+            console.wait(lambda: console.find(f"gallery-{view}").is_displayed(), view)
+            console.wait(lambda: console.text("gallery-status") not in ("", "Loading...")
+                         and "Looking" not in console.text("gallery-status"), f"{view} never answered")
+            overflow = console.js("return document.documentElement.scrollWidth - window.innerWidth")
+            assert overflow <= 0, (view, overflow)
+        open_faces(console, "hy-read")
+        assert console.js("return document.documentElement.scrollWidth - window.innerWidth") <= 0
+    finally:
+        console.driver.set_window_size(*DESKTOP)
+
+
+def test_duplicates_and_outliers_views_merge_and_move(console, api):
+    """Against GET /duplicates and GET /outliers (the probes helper's routes, issue 23: the answer shapes
+    of api23.md). Where they are not in the service yet this test says so and is skipped: it runs once
+    the branches are merged."""
+    if api.get("/duplicates").status_code == 404 and api.get("/outliers").status_code == 404:
+        pytest.skip("GET /duplicates and /outliers are not in this service yet (the probes helper's part of "
+                    "issue 23): this test runs once they are merged")
+    assert api.post("/collections", json={"name": "hygiene"}).status_code == 201
+    rng = np.random.default_rng(7)
+    prefix = "/collections/hygiene"
+    x = unit(rng, 2)
+    enroll(api, "dup-x", x, prefix)
+    enroll(api, "dup-y", x + 0.05 * unit(rng, 2), prefix)  # the same person under two ids
+    w = unit(rng, 2)
+    enroll(api, "out-w", w, prefix)
+    z = unit(rng, 2)
+    misfiled = enroll(api, "out-z", np.vstack([z, z[:1] + 0.05 * unit(rng, 1), w[:1] + 0.05 * unit(rng, 1)]), prefix)[2]
+    for i in range(6):
+        enroll(api, f"other-{i}", unit(rng, 2), prefix)
+    console.go("gallery")
+    pick_collection(console, "hygiene")
+    console.go("gallery")
+
+    console.find("view-duplicates").click()
+    console.wait(lambda: console.driver.find_elements("css selector", "li[data-id='dup-x|dup-y']"), "pair not listed")
+    card = console.driver.find_element("css selector", "li[data-id='dup-x|dup-y']")
+    assert "dup-x" in card.text and "dup-y" in card.text and "score" in card.text
+    click(console, "Merge dup-x into dup-y")
+    console.wait(lambda: dialog_open(console))
+    assert 'Merge "dup-x" into "dup-y"?' in console.text("hygiene-text")
+    console.find("hygiene-confirm").click()
+    console.wait_text("gallery-status", "Merged dup-x into dup-y: 2 face(s) moved, it now has 4.")
+    assert api.get(f"{prefix}/identities/dup-x").status_code == 404
+    console.wait(lambda: not console.driver.find_elements("css selector", "li[data-id='dup-x|dup-y']"))
+
+    console.find("view-outliers").click()
+    console.wait(lambda: console.driver.find_elements("css selector", f"li[data-id='{misfiled}']"), "outlier not listed")
+    assert "out-w" in console.driver.find_element("css selector", f"li[data-id='{misfiled}']").text
+    click(console, f"Move face {misfiled} to out-w")
+    confirm(console)
+    console.wait_text("gallery-status", f"Moved face {misfiled} from out-z to out-w.")
+    assert misfiled in api.get(f"{prefix}/identities/out-w").json()["face_ids"]
+    pick_collection(console, "default")
