@@ -176,16 +176,18 @@ def test_duplicates_and_outliers_views_merge_and_move(console, api):
     assert api.post("/collections", json={"name": "hygiene"}).status_code == 201
     rng = np.random.default_rng(7)
     prefix = "/collections/hygiene"
-    x = unit(rng, 2)
-    enroll(api, "dup-x", x, prefix)
-    enroll(api, "dup-y", x + 0.05 * unit(rng, 2), prefix)  # the same person under two ids
-    w = unit(rng, 2)
-    enroll(api, "out-w", w, prefix)
-    z = unit(rng, 2)
-    misfiled = enroll(api, "out-z", np.vstack([z, z[:1] + 0.05 * unit(rng, 1), w[:1] + 0.05 * unit(rng, 1)]), prefix)[2]
-    for i in range(6):
-        enroll(api, f"other-{i}", unit(rng, 2), prefix)
-    console.go("gallery")
+
+    def faces_of(person: np.ndarray, n: int) -> np.ndarray:  # photos of one person: near one point
+        return person + 0.25 * unit(rng, n)
+
+    x, w, z = unit(rng, 3)
+    enroll(api, "dup-x", faces_of(x, 2), prefix)
+    enroll(api, "dup-y", faces_of(x, 2), prefix)  # the same person under two ids
+    enroll(api, "out-w", faces_of(w, 2), prefix)
+    misfiled = enroll(api, "out-z", np.vstack([faces_of(z, 2), faces_of(w, 1)]), prefix)[2]  # w's face filed as z
+    for i, person in enumerate(unit(rng, 6)):
+        enroll(api, f"other-{i}", faces_of(person, 2), prefix)
+    console.open("gallery")  # the collection picker lists the new collection
     pick_collection(console, "hygiene")
     console.go("gallery")
 

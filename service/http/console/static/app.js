@@ -922,7 +922,8 @@ function duplicateItem(pair) {
       ...(write ? [actionButton(`Merge into ${b}`, `Merge ${a} into ${b}`, () => askMerge(a, b))] : [])),
     el("div", { class: "versus" },
       el("p", { class: "score", text: `score ${fmt(pair.score)}` }),
-      el("p", { class: "muted", text: `chance of a false alarm ${pair.false_alarm_probability.toPrecision(2)}` }),
+      el("p", { class: "muted", text: typeof pair.false_alarm_probability === "number"
+        ? `chance of a false alarm ${pair.false_alarm_probability.toPrecision(2)}` : "chance of a false alarm: unknown (no impostor tail)" }),
       el("ul", { class: "evidence" }, ...pair.evidence.map((e) =>
         el("li", { text: `face ${e.face_a} ~ face ${e.face_b}: ${fmt(e.score)}` })))),
     side(b, [`faces ${faces("face_b")}`],
