@@ -144,7 +144,7 @@ def test_every_acknowledged_merge_is_complete_and_audited_after_sigkill(tmp_path
     data = tmp_path / "data"
     server = ServerProcess(data, model=default_model, env=env)
     model_id = server.wait_ready()["model_id"]
-    pairs = 120
+    pairs = 160
     faces: dict[str, list[int]] = {}
     rows: dict[str, list[list[float]]] = {}
     with httpx.Client(base_url=server.url, timeout=30) as c:
