@@ -64,6 +64,31 @@ def _state():
     return _service_state(Settings(providers="cpu", model_cache_dir=MODEL_CACHE))
 
 
+def bench_cache_embeddings(state, sample: int = 256) -> tuple[np.ndarray, np.ndarray, list[str], dict]:
+    """The LFW embeddings bench/embeddings.py cached (the same model on the same crops, read with PIL and
+    run through ``model.execute``), checked against the CLI's path on a random sample of them: for when
+    the machine is too loaded to run all 13,233 through the pipeline in time (``--reuse-bench-embeddings``)."""
+    import tempfile
+
+    from bench.embeddings import embed_dataset
+    from service.cli.cluster import embed_tree
+
+    data = embed_dataset(LFW)
+    vectors = data.embeddings / np.linalg.norm(data.embeddings, axis=1, keepdims=True)
+    pick = np.sort(np.random.default_rng(7).choice(len(vectors), sample, replace=False))
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in pick:  # one folder per face keeps the walk in pick's order
+            folder = Path(tmp) / f"{i:06d}"
+            folder.mkdir()
+            (folder / Path(data.files[i]).name).symlink_to(LFW / data.files[i])
+        found = embed_tree(state, Path(tmp), "auto")
+    cosine = (found.vectors * vectors[pick]).sum(axis=1)
+    check = {"sample": sample, "min_cosine_pipeline_vs_cached": round(float(cosine.min()), 6),
+             "mean_cosine": round(float(cosine.mean()), 6)}
+    files = [str(Path(f).relative_to("images")) for f in data.files]
+    return vectors.astype(np.float32), data.labels.astype(np.int64), files, check
+
+
 def lfw_embeddings(state) -> tuple[np.ndarray, np.ndarray, list[str], float]:
     """(embeddings, person label per face, files, seconds it took to embed; 0 when cached)."""
     from service.cli.cluster import embed_tree
@@ -287,10 +312,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=3, help="random subsets per size below all")
     parser.add_argument("--k", type=int, default=DEFAULT_K)
     parser.add_argument("--output", type=Path)
+    parser.add_argument("--reuse-bench-embeddings", action="store_true",
+                        help="use bench/embeddings.py's cache, checked against the pipeline on 256 faces")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     state = _state()
-    vectors, truth, files, embed_seconds = lfw_embeddings(state)
+    check = None
+    if args.reuse_bench_embeddings:
+        vectors, truth, files, check = bench_cache_embeddings(state)
+        embed_seconds = float("nan")
+        log.info("cached vs pipeline: %s", check)
+    else:
+        vectors, truth, files, embed_seconds = lfw_embeddings(state)
     tail = state.contract.impostor_tail
     verify = state.verify_threshold
     sweep = [round(x, 2) for x in np.arange(0.30, 0.62, 0.02)]
@@ -312,7 +345,10 @@ def main(argv: list[str] | None = None) -> None:
         "note": "2 CPU cores shared with other engineers' work: times are indicative",
         "config": {"data": str(LFW.name), "faces": len(vectors), "people": int(len(np.unique(truth))),
                    "model_id": state.contract.model_id, "verify_threshold": verify, "k": args.k,
-                   "embed_path": "service.cli.cluster.embed_tree (decode -> served model, in process)",
+                   "embed_path": ("bench/embeddings.py cache (PIL decode -> model.execute), checked against "
+                                  "service.cli.cluster.embed_tree" if check else
+                                  "service.cli.cluster.embed_tree (decode -> served model, in process)"),
+                   "cache_check": check,
                    "embed_seconds_all_faces": round(embed_seconds, 1), "subsets": "random faces, seeds 0..2",
                    "service_rule": f"average linkage over the kNN graph (k={args.k}), threshold = the impostor "
                                    f"tail's cosine at FAR {DEFAULT_FALSE_MERGE:g} (at least the 1:1 threshold)",
