@@ -215,7 +215,10 @@ def read_names(path: Path, document: dict[str, Any]) -> dict[str, list[int]]:
     else:
         text = path.read_text(encoding="utf-8")
         if text.lstrip().startswith("{"):
-            pairs = [(str(k), v) for k, v in json.loads(text).items()]
+            try:
+                pairs = [(str(k), v) for k, v in json.loads(text).items()]
+            except ValueError as exc:
+                raise CommandError(f"{path} is not a JSON object of cluster_id -> identity id: {exc}") from exc
         else:
             pairs = []
             for number, line in enumerate(text.splitlines(), start=1):
@@ -325,7 +328,9 @@ def _progress(photos: int, faces: int) -> None:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m service cluster", description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(prog="python -m service cluster",
+                                     description="Group the faces of a folder of photos by person (clusters.json); "
+                                     "--enroll turns the clusters you name into identities.",
                                      epilog="Name clusters, then: python -m service cluster --enroll NAMES "
                                      "(renamed --folders, or a names file 'cluster_id identity_id').")
     parser.add_argument("dir", type=Path, nargs="?", help="photos (or aligned crops), searched recursively")
