@@ -4,6 +4,8 @@ default threshold: ``service.gallery.hygiene.cluster`` (chosen on LFW by bench/c
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -23,6 +25,7 @@ from .schemas import Cluster, ClusterFace, ClusterRequest, ClusterResponse, Erro
 from .vectors import check_model, exactly_one, normalise
 
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422)}
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["faces"], dependencies=[allow(Permission.embed)], responses=ERRORS)
 
 
@@ -51,7 +54,10 @@ async def cluster(request: Request, state: StateDep) -> Response:
         faces = await run_in_threadpool(_decode_all, state, images["images"], payload, limit)
         vectors = l2_normalise(await embed_raw(state, np.stack(faces.crops)))
     threshold = payload.threshold if payload.threshold is not None else default_threshold(state)
+    started = time.perf_counter()
     result = await run_in_threadpool(cluster_faces, vectors, threshold)
+    log.info("faces clustered", extra={"faces": len(vectors), "clusters": result.count, "threshold": round(threshold, 4),
+                                       "cluster_ms": round((time.perf_counter() - started) * 1000, 1)})
     locations = faces.locations() or [None] * len(vectors)
     clusters = [Cluster(cluster_id=cid, size=len(members),
                         faces=[ClusterFace(image_index=faces.image_index[i], face=locations[i], face_index=i)
