@@ -28,6 +28,7 @@ from .gallery import GalleryLoading
 from .gallery.api import GalleryBusy, GalleryUnavailable
 from .gallery.open import open_gallery
 from .http import audit, collections, faces, identities, keys, ops, recognition
+from .http.cluster import router as cluster_router
 from .http.console import mount_console
 from .http.deps import collection_path
 from .http.docs import install_docs
@@ -231,6 +232,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(ops.router)
     app.include_router(faces.router)
+    app.include_router(cluster_router)  # POST /cluster: no gallery, so unprefixed only
     app.include_router(keys.router)
     app.include_router(audit.router)
     app.include_router(collections.router)

@@ -131,6 +131,10 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         40_000_000, ge=10_000, description="Decoded size above which an image is refused unread."
     )
+    cluster_max_faces: int = Field(
+        1000, ge=2, le=100_000, description="POST /cluster: faces (images' faces, or embeddings) in one request; "
+        "more: 413 too_many_faces. Larger sets: `python -m service cluster DIR`."
+    )
 
     max_metadata_bytes: int = Field(
         16 * 1024, ge=2, description="Identity metadata, as UTF-8 JSON, at most this many bytes (metadata_too_large)."

@@ -482,3 +482,37 @@ class WhoAmI(BaseModel):
     open_mode: bool
 
 ReadyResponse.model_rebuild()
+
+
+# --- cluster ----------------------------------------------------------------------------------
+class ClusterRequest(ImageOptions):
+    images: list[Base64Image] | None = Field(
+        None, min_length=1, description="Photos or aligned faces (or `embeddings`); with `multi_face: all` "
+        "(the default here) every face of a photo is clustered.")
+    embeddings: list[Embedding] | None = Field(None, min_length=1, description="Instead of `images`.")
+    model_id: ModelId = None
+    multi_face: MultiFace = "all"
+    threshold: Threshold = Field(
+        None, description="Average-linkage cosine; omit for the default: the cosine that two faces of different people "
+        "reach with probability 1e-5 by the impostor tail (never below the 1:1 threshold).")
+
+
+class ClusterFace(BaseModel):
+    image_index: int = Field(description="The request image (or embedding) the face came from.")
+    face: FaceLocation | None = Field(None, description="For photos: where the face is; null for an aligned image "
+                                      "or an embedding.")
+    face_index: int = Field(description="The face's position among all faces of the request (0-based).")
+
+
+class Cluster(BaseModel):
+    cluster_id: int = Field(description="0-based; biggest cluster first, singletons last.")
+    size: int
+    faces: list[ClusterFace]
+
+
+class ClusterResponse(BaseModel):
+    clusters: list[Cluster] = Field(description="Biggest first; a face alone is a cluster of size 1 (at the end).")
+    threshold: float = Field(description="The average-linkage cosine used.")
+    method: str = Field(description="The clustering method (`average-linkage-knn`).")
+    faces: int = Field(description="Faces clustered.")
+    model_id: str

@@ -18,6 +18,7 @@ from tests.access.conftest import KeyedServer, unit_vectors
 POLICY: dict[tuple[str, str], tuple[str, bool]] = {
     ("POST", "/embed"): ("embed", False),
     ("POST", "/detect"): ("embed", False),
+    ("POST", "/cluster"): ("embed", False),
     ("GET", "/whoami"): ("embed", False),
     ("POST", "/verify"): ("read", True),
     ("POST", "/identify"): ("read", True),
@@ -88,7 +89,7 @@ class Calls:
         if "{key_id}" in url:
             url = url.replace("{key_id}", self.server.key_ids.get("throwaway", "000000000000"))
         body = None
-        if path.endswith("/embed") or path.endswith("/detect"):
+        if path.endswith("/embed") or path.endswith("/detect") or path == "/cluster":
             body = {"images": [self.face]}
         elif path.endswith("/enroll"):
             body = {"identity_id": f"matrix-{n}", "embeddings": [self.vectors[0]], "model_id": model}

@@ -88,6 +88,14 @@ def take(out: Path) -> list[Path]:
                 shots.append(out / "gallery.png")
                 save(driver, shots[-1])
 
+                driver.set_window_size(*DESKTOP)
+                console.go("group")
+                console.pick("group-files", *sorted(PHOTOS.glob("*.jpg")))
+                console.find("group-submit").click()
+                console.wait_text("group-status", "group(s) of the same person")
+                shots.append(out / "group.png")
+                save(driver, shots[-1])
+
                 console.go("status")
                 console.wait_text("status-metrics", "Requests served")
                 shots.append(out / "status.png")

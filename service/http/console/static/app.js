@@ -11,7 +11,7 @@ const API = new URL("../", window.location.href); // the console lives at <api>/
 const KEY_STORE = "face-console.api-key";
 const COLLECTION_STORE = "face-console.collection";
 const DEFAULT_COLLECTION = "default";
-const PAGES = ["try", "enroll", "gallery", "status", "keys", "audit"];
+const PAGES = ["try", "enroll", "gallery", "group", "status", "keys", "audit"];
 const ADMIN_PAGES = new Set(["keys", "audit"]);
 const COLORS = { known: "#00c853", unknown: "#ffab00", landmark: "#00b0ff" };
 
@@ -1295,6 +1295,76 @@ async function loadAudit(more = false) {
 }
 
 // --- start -------------------------------------------------------------------------------------------
+// --- Group: POST /cluster, each cluster a row of face thumbnails cut from the photos here -------
+const THUMB = 96;
+
+function faceThumb(img, face, title) {
+  // the face's box widened by a quarter each side, square, from the photo already in the page
+  // (an aligned crop or an embedding has no box: the whole image is shown)
+  const canvas = el("canvas", { width: THUMB, height: THUMB, class: "face-thumb", title });
+  const ctx = canvas.getContext("2d");
+  let [x, y, w, h] = face ? face.box : [0, 0, img.naturalWidth, img.naturalHeight];
+  const side = Math.max(w, h) * (face ? 1.5 : 1);
+  x += w / 2 - side / 2;
+  y += h / 2 - side / 2;
+  ctx.fillStyle = "#000";
+  ctx.fillRect(0, 0, THUMB, THUMB);
+  ctx.drawImage(img, x, y, side, side, 0, 0, THUMB, THUMB);
+  return canvas;
+}
+
+async function groupPhotos(event) {
+  event.preventDefault();
+  const files = [...$("group-files").files];
+  const status = $("group-status");
+  const box = $("group-clusters");
+  if (!files.length) return say(status, "Pick photos first.", "error");
+  const fields = { image_type: "auto" };
+  const threshold = $("group-threshold").value.trim();
+  if (threshold !== "") fields.threshold = Number(threshold);
+  say(status, `Finding and grouping the faces of ${files.length} photo(s)...`);
+  box.replaceChildren();
+  $("group-submit").disabled = true;
+  try {
+    const [r, images] = await Promise.all([
+      api("cluster", { method: "POST", form: photoForm(fields, files.map((f) => ["images", f])), action: "group faces" }),
+      Promise.all(files.map((f) => loadImage(f).catch(() => null))),
+    ]);
+    const rows = [];
+    const alone = [];
+    for (const cluster of r.clusters) {
+      const thumbs = cluster.faces.map((face) => {
+        const img = images[face.image_index];
+        const name = files[face.image_index].name;
+        const node = img ? faceThumb(img, face.face, name) : el("div", { class: "face-thumb", text: name });
+        node.setAttribute("data-image-index", String(face.image_index));
+        node.setAttribute("data-face-index", String(face.face_index));
+        node.setAttribute("data-cluster-id", String(cluster.cluster_id));
+        return node;
+      });
+      if (cluster.size > 1) {
+        rows.push(el("section", { class: "cluster-row", "data-cluster-id": String(cluster.cluster_id) },
+          el("h3", { text: `Person ${rows.length + 1}: ${cluster.size} faces` }),
+          el("div", { class: "cluster-faces" }, ...thumbs)));
+      } else alone.push(...thumbs);
+    }
+    if (alone.length) {
+      rows.push(el("section", { class: "cluster-row alone", "data-cluster-id": "alone" },
+        el("h3", { text: `Seen once: ${alone.length} face(s)` }), el("div", { class: "cluster-faces" }, ...alone)));
+    }
+    box.replaceChildren(...rows);
+    const people = r.clusters.filter((c) => c.size > 1).length;
+    say(status, `${r.faces} face(s): ${people} group(s) of the same person, ${alone.length} seen once ` +
+      `(threshold ${fmt(r.threshold)}, ${r.method}).`, "ok");
+  } catch (err) {
+    say(status, err.readable || String(err), "error");
+  } finally {
+    $("group-submit").disabled = false;
+  }
+}
+
+document.addEventListener("DOMContentLoaded", () => $("group-form").addEventListener("submit", groupPhotos));
+
 async function start() {
   try {
     Object.assign(config, await api("console/config.json"));
