@@ -129,8 +129,9 @@ class Allow:
             # the alias's target must be in the scope (an alias name listed in a scope grants nothing)
             name = await resolve_collection(request)
             if not principal.may_touch(name):
-                raise ServiceError(ErrorCode.forbidden, f"this key may not touch collection {name!r}",
-                                   collection=name)
+                named = _request_state(request).get("alias", name)  # an alias's target outside the scope stays untold
+                raise ServiceError(ErrorCode.forbidden, f"this key may not touch collection {named!r}",
+                                   collection=named)
         limiter = (await get_state(request)).limits.requests
         wait = limiter.charge(_subject(request, principal), 1.0, principal.rate_limit_rps)
         if wait is not None:
