@@ -173,3 +173,25 @@ def test_the_migration_runner_applies_missing_versions_whatever_their_order(post
         conn.execute(f"SET search_path = {options.schema}")
         versions = [r[0] for r in conn.execute("SELECT version FROM schema_migrations ORDER BY applied_at, version")]
     assert sorted(versions) == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_replica_alias_map_is_never_older_than_its_bound(galleries):
+    """service/gallery/aliases.py: the map is read again once FACE_ALIAS_CACHE_S has passed (a clock
+    the test moves), and at once after forget()."""
+    from service.gallery.aliases import AliasMap
+
+    galleries.create_collection("faces-v1")
+    galleries.create_collection("faces-v2")
+    galleries.set_alias("prod", "faces-v1")
+    now = [100.0]
+    aliases = AliasMap(galleries, cache_s=5.0, clock=lambda: now[0])  # capped at 1 s
+    assert aliases.cached() is None
+    assert aliases.resolve("prod") == "faces-v1" and aliases.resolve("faces-v2") == "faces-v2"
+    galleries.set_alias("prod", "faces-v2")  # another replica re-points
+    now[0] += 0.99
+    assert aliases.cached() == {"prod": "faces-v1"}  # within the bound: the map read before
+    now[0] += 0.02
+    assert aliases.cached() is None and aliases.resolve("prod") == "faces-v2"
+    galleries.delete_alias("prod")
+    aliases.forget()  # this replica deleted it: followed at once
+    assert aliases.resolve("prod") == "prod"
