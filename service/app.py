@@ -27,7 +27,7 @@ from .faces.detection import YuNetConfig, YuNetDetector, template_for
 from .gallery import GalleryLoading
 from .gallery.api import GalleryBusy, GalleryUnavailable
 from .gallery.open import open_gallery
-from .http import audit, collections, faces, identities, keys, ops, recognition
+from .http import aliases, audit, collections, faces, identities, keys, ops, recognition
 from .http.cluster import router as cluster_router
 from .http.console import mount_console
 from .http.deps import collection_path
@@ -236,6 +236,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(keys.router)
     app.include_router(audit.router)
     app.include_router(collections.router)
+    app.include_router(aliases.router)
     # the gallery routes: unprefixed for the `default` collection (every client of before keeps working),
     # and the same routes under /collections/{collection}
     for router in (recognition.router, identities.router):

@@ -33,6 +33,10 @@ class Settings(BaseSettings):
         1.0, gt=0, le=1.0, description="How long a replica trusts what it read about a key: a key revoked on "
         "another replica sharing the database is refused here within this (at most 1 s).",
     )
+    alias_cache_s: float = Field(
+        0.5, gt=0, le=1.0, description="How long a replica trusts the alias map it read: an alias re-pointed on "
+        "another replica (or by `python -m service gallery alias set`) is followed here within this (at most 1 s).",
+    )
     key_pepper_file: Path | None = Field(
         None, description="A file of secret bytes mixed into every stored key hash (the same file on every replica): "
         "a stolen database then cannot be checked against guessed keys. Keys made without it stop working "

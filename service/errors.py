@@ -51,6 +51,8 @@ class ErrorCode(str, Enum):
     collection_exists = "collection_exists"
     collection_protected = "collection_protected"
     invalid_collection_name = "invalid_collection_name"
+    collection_in_use = "collection_in_use"
+    alias_not_found = "alias_not_found"
     # keys, roles, limits
     unauthorized = "unauthorized"
     forbidden = "forbidden"
@@ -103,6 +105,8 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.collection_exists: 409,
     ErrorCode.collection_protected: 409,
     ErrorCode.invalid_collection_name: 422,
+    ErrorCode.collection_in_use: 409,
+    ErrorCode.alias_not_found: 404,
     ErrorCode.unauthorized: 401,
     ErrorCode.forbidden: 403,
     ErrorCode.key_not_found: 404,

@@ -10,6 +10,7 @@ from .access.limits import Limits
 from .config import Settings
 from .faces.detection import AlignmentTemplate, FaceDetector
 from .faces.quality import QualityModel, gallery_quality
+from .gallery.aliases import AliasMap
 from .gallery.api import DEFAULT_COLLECTION, Galleries, GalleryBackend
 from .gallery.openset import GalleryCounts, GalleryTail, IdentifyThreshold, ThresholdInputs, choose_tail
 from .gallery.openset import identify_threshold as _identify_threshold
@@ -40,6 +41,7 @@ class ServiceState:
     default_gallery: GalleryBackend = field(init=False)  # the `default` collection (unprefixed routes)
     keyring: KeyRing = field(init=False)  # API keys -> principals (service/access)
     limits: Limits = field(init=False)  # requests and faces per second per key (service/access/limits.py)
+    aliases: AliasMap = field(init=False)  # alias -> collection, at most FACE_ALIAS_CACHE_S old (gallery/aliases.py)
 
     def __post_init__(self) -> None:
         s = self.settings
@@ -54,6 +56,7 @@ class ServiceState:
         self.default_gallery = self.galleries.collection(DEFAULT_COLLECTION)
         self.keyring = KeyRing(self.galleries, s.api_key.get_secret_value() if s.api_key else None,
                                load_pepper(s), s.key_cache_s)
+        self.aliases = AliasMap(self.galleries, s.alias_cache_s)
 
     @property
     def contract(self) -> FaceContract:

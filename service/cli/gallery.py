@@ -6,6 +6,9 @@
 * ``enroll DIR``: one sub-folder per person (the folder name is the identity id), photos or aligned
   crops, through the model in batches; prints progress and a summary of what was skipped and why.
   Resumable: a person already enrolled is skipped (``--replace`` enrolls them again).
+* ``alias set NAME COLLECTION | list | delete NAME``: aliases (``PUT /aliases/{name}``), beside a
+  running server (the embedded catalog is outside the data-dir lock); every replica follows within
+  FACE_ALIAS_CACHE_S. Audited as made ``via="cli"`` by user@host.
 
 The gallery file (JSON Lines, UTF-8), format ``face-gallery`` version 1:
 
@@ -43,6 +46,9 @@ from ..gallery import identity_ids
 from ..gallery.api import (
     DEFAULT_COLLECTION,
     Actor,
+    AliasInfo,
+    AliasNotFound,
+    CollectionExists,
     CollectionNotFound,
     Galleries,
     GalleryBackend,
@@ -51,7 +57,7 @@ from ..gallery.api import (
     IdentityExists,
 )
 from ..gallery.open import open_gallery
-from .backend import CommandError, add_backend_arguments, fail, model_identity, settings_from
+from .backend import CommandError, add_backend_arguments, cli_actor, fail, model_identity, opened_backend, settings_from
 
 if TYPE_CHECKING:  # the pipeline is imported lazily, at run time
     from ..faces.pipeline import ImageType
@@ -293,6 +299,28 @@ def _progress_line(text: str) -> None:
     sys.stderr.flush()
 
 
+# --- aliases -------------------------------------------------------------------------------------
+
+def _alias_view(info: AliasInfo) -> dict:
+    return {"alias": info.name, "collection": info.collection, "updated_at": info.updated_at}
+
+
+def run_alias(args: argparse.Namespace, galleries: Galleries) -> dict:
+    """``alias set|list|delete``: what PUT/GET/DELETE /aliases do, as JSON of the same shape."""
+    if args.action == "list":
+        return {"items": [_alias_view(a) for a in galleries.list_aliases()]}
+    if args.action == "set":
+        try:
+            return _alias_view(galleries.set_alias(args.name, args.collection, cli_actor()))
+        except CollectionExists as exc:
+            raise CommandError(f"a collection is named {args.name!r}: an alias needs a name no collection has") from exc
+        except CollectionNotFound as exc:
+            raise CommandError(f"{exc} (an alias points at a collection, not at another alias)") from exc
+        except ValueError as exc:  # an invalid name
+            raise CommandError(str(exc)) from exc
+    return _alias_view(galleries.delete_alias(args.name, cli_actor()))
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m service gallery",
@@ -316,6 +344,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     enroll.add_argument("--replace", action="store_true",
                         help="enroll people already in the gallery again, replacing their faces")
     enroll.add_argument("--concurrency", type=int, default=8, help="people embedded at once (default 8)")
+    alias = sub.add_parser("alias", help="aliases: set NAME COLLECTION | list | delete NAME").add_subparsers(
+        dest="action", required=True)
+    alias_set = alias.add_parser("set", help="point NAME at COLLECTION (create or re-point: one atomic write)")
+    alias_set.add_argument("name")
+    alias_set.add_argument("collection")
+    alias.add_parser("list", help="every alias and its collection")
+    alias.add_parser("delete", help="remove the alias (the collection is untouched)").add_argument("name")
     for command in (export, imp, enroll):
         command.add_argument("--collection", default=DEFAULT_COLLECTION,
                              help=f"the collection to read or write (default {DEFAULT_COLLECTION!r}); it must exist")
@@ -329,7 +364,10 @@ def main(argv: list[str]) -> int:
     configure_logging("warning", False)
     try:
         settings = settings_from(args)
-        if args.command == "enroll":
+        if args.command == "alias":
+            with opened_backend(settings) as galleries:
+                report = run_alias(args, galleries)
+        elif args.command == "enroll":
             if not args.dir.is_dir():
                 raise GalleryFileError(f"{args.dir} is not a directory")
             summary = asyncio.run(enroll_folder(
@@ -357,7 +395,8 @@ def main(argv: list[str]) -> int:
             report = {"command": args.command, "file": str(args.file), "backend": galleries.backend,
                       "collection": args.collection,
                       "identities": done.identities, "faces": done.faces, "skipped_existing": len(done.skipped)}
-    except (GalleryFileError, GalleryModelMismatch, GalleryUnavailable, CollectionNotFound, CommandError) as exc:
+    except (GalleryFileError, GalleryModelMismatch, GalleryUnavailable, CollectionNotFound, CollectionExists,
+            AliasNotFound, CommandError) as exc:
         return fail(exc)
     sys.stdout.write(json.dumps(report, indent=2) + "\n")
     return 0

@@ -64,7 +64,8 @@ from .search import GalleryModelMismatch, Match, check_model, group_by_identity,
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "COLLECTION_NAME_PATTERN", "DEFAULT_COLLECTION", "Actor", "AuditEntry", "AuditQuery", "CollectionExists",
+    "COLLECTION_NAME_PATTERN", "DEFAULT_COLLECTION", "Actor",
+    "AliasInfo", "AliasNotFound", "CollectionInUse", "AuditEntry", "AuditQuery", "CollectionExists",
     "CollectionInfo", "CollectionNotFound", "CollectionProtected", "Galleries", "KeyExists", "StoredKey",
     "valid_collection_name",
     "EnrollResult", "FaceRecord", "GalleryBackend", "GalleryBusy", "GalleryModelMismatch", "GalleryStats",
@@ -124,6 +125,32 @@ class KeyExists(ValueError):
     """A key with that id is already stored."""
 
 
+class AliasNotFound(LookupError):
+    """No alias of that name."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no alias named {name!r}")
+        self.name = name
+
+
+class CollectionInUse(ValueError):
+    """The collection cannot be deleted: aliases point to it (re-point or delete them first)."""
+
+    def __init__(self, name: str, aliases: list[str]) -> None:
+        super().__init__(f"collection {name!r} is the target of alias(es) {', '.join(aliases)}")
+        self.name = name
+        self.aliases = aliases
+
+
+@dataclass(frozen=True)
+class AliasInfo:
+    """A second name of a collection (``PUT /aliases/{name}``): every collection route accepts it."""
+
+    name: str
+    collection: str  # the collection it points to now
+    updated_at: float  # when it was last set (created or re-pointed)
+
+
 @dataclass(frozen=True)
 class Actor:
     """Who makes a change, as its audit record names them: never a secret."""
@@ -165,8 +192,8 @@ class StoredKey:
 class AuditEntry:
     """One recorded change. ``action``: identity.created | identity.appended | identity.replaced |
     identity.deleted | identity.imported | identity.merged | face.moved | face.deleted |
-    collection.created | collection.deleted | key.created | key.revoked. ``details``: counts and names
-    only, never an image or an embedding."""
+    collection.created | collection.deleted | key.created | key.revoked | alias.set | alias.deleted.
+    ``details``: counts and names only, never an image or an embedding."""
 
     entry_id: str  # opaque, unique; the cursor of the next page is the last entry's id
     at: float
@@ -327,11 +354,13 @@ class Galleries(Protocol):
         per request (an idle embedded collection is opened on first use, closed when idle again)."""
 
     def create_collection(self, name: str, actor: Actor | None = None) -> CollectionInfo:
-        """CollectionExists if taken; ValueError for an invalid name. Audited (collection.created)."""
+        """CollectionExists if taken (by a collection or an alias); ValueError for an invalid name.
+        Audited (collection.created)."""
 
     def delete_collection(self, name: str, actor: Actor | None = None) -> CollectionInfo:
-        """Erase every identity and face of it; CollectionNotFound, CollectionProtected for default.
-        Audited (collection.deleted, with the counts erased); its earlier audit entries are kept."""
+        """Erase every identity and face of it; CollectionNotFound, CollectionProtected for default,
+        CollectionInUse while an alias points to it. Audited (collection.deleted, with the counts
+        erased); its earlier audit entries are kept."""
 
     def list_collections(self) -> list[CollectionInfo]: ...
 
@@ -366,3 +395,20 @@ class Galleries(Protocol):
     def stats(self) -> GalleryStats: ...
 
     def read_targets(self) -> list[ReadTarget]: ...
+
+    # aliases: one namespace with the collections (an alias cannot take a collection's name, nor the
+    # other way round); read on the primary, so a re-point on one replica is seen by all
+    def set_alias(self, name: str, collection: str, actor: Actor | None = None) -> AliasInfo:
+        """Point ``name`` at ``collection`` (create or re-point), in one atomic write with its audit
+        record (alias.set, details {"collection", "previous"}). CollectionNotFound for a missing target,
+        CollectionExists when ``name`` is a collection's, ValueError for an invalid name."""
+
+    def delete_alias(self, name: str, actor: Actor | None = None) -> AliasInfo:
+        """Remove the alias (alias.deleted, audited); AliasNotFound. The collection is untouched."""
+
+    def list_aliases(self) -> list[AliasInfo]:
+        """Every alias, by name."""
+
+    def resolve(self, name: str) -> str:
+        """The collection ``name`` means: an alias's target, a collection's own name; CollectionNotFound
+        when it is neither."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Path, Request
 from starlette.concurrency import run_in_threadpool
 
 from ..access.policy import Permission
@@ -14,13 +14,14 @@ from ..gallery.api import (
     COLLECTION_NAME_PATTERN,
     CollectionExists,
     CollectionInfo,
+    CollectionInUse,
     CollectionNotFound,
     CollectionProtected,
     valid_collection_name,
 )
 from ..gallery.openset import GalleryCounts
 from ..state import ServiceState
-from .deps import ActorDep, PrincipalDep, StateDep, allow
+from .deps import ActorDep, PrincipalDep, StateDep, allow, resolve_collection
 from .schemas import CollectionCreate, CollectionDeleted, CollectionList, CollectionOut, ErrorResponse
 
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (401, 403, 404, 409, 422)}
@@ -50,7 +51,7 @@ async def create_collection(body: CollectionCreate, state: StateDep, actor: Acto
     try:
         info = await run_in_threadpool(state.galleries.create_collection, body.name, actor)
     except CollectionExists:
-        raise ServiceError(ErrorCode.collection_exists, f"a collection named {body.name!r} already exists",
+        raise ServiceError(ErrorCode.collection_exists, f"a collection or alias named {body.name!r} already exists",
                            collection=body.name) from None
     return out(state, info)
 
@@ -65,7 +66,9 @@ async def list_collections(state: StateDep, principal: PrincipalDep) -> Collecti
 
 @router.get("/collections/{collection}", response_model=CollectionOut, summary="One collection",
             dependencies=[allow(Permission.read, scoped=True)])
-async def get_collection(collection: CollectionName, state: StateDep) -> CollectionOut:
+async def get_collection(request: Request, collection: CollectionName, state: StateDep) -> CollectionOut:
+    """The collection, or the one an alias names (the answer's `name` is the collection's own)."""
+    collection = await resolve_collection(request)
     try:
         info = await run_in_threadpool(state.galleries.collection_info, collection)
     except CollectionNotFound:
@@ -77,7 +80,9 @@ async def get_collection(collection: CollectionName, state: StateDep) -> Collect
                dependencies=[allow(Permission.admin)])
 async def delete_collection(collection: CollectionName, state: StateDep, actor: ActorDep) -> CollectionDeleted:
     """Erases every identity and face in it, as deleting each identity would (nothing left in any file,
-    snapshot or table); its audit entries stay. `default` always exists: 409 `collection_protected`."""
+    snapshot or table); its audit entries stay. `default` always exists: 409 `collection_protected`.
+    While an alias points to it: 409 `collection_in_use` (re-point or delete the alias first). An
+    alias's name is not a collection's: deleting through an alias is refused (404)."""
     try:
         info = await run_in_threadpool(state.galleries.delete_collection, collection, actor)
     except CollectionNotFound:
@@ -85,4 +90,7 @@ async def delete_collection(collection: CollectionName, state: StateDep, actor: 
     except CollectionProtected:
         raise ServiceError(ErrorCode.collection_protected, "the default collection always exists; delete its "
                            "identities instead", collection=collection) from None
+    except CollectionInUse as exc:
+        raise ServiceError(ErrorCode.collection_in_use, f"aliases point to collection {collection!r}: re-point or "
+                           "delete them first", collection=collection, aliases=exc.aliases) from None
     return CollectionDeleted(name=info.name, deleted_identities=info.identities, deleted_faces=info.faces)

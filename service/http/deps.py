@@ -7,7 +7,8 @@ the database (a key not in the key ring's cache, a named collection) goes to a w
 Access: every route but the health probes declares ``Allow(permission)`` (service/access/policy.py
 says which role holds which); a gallery route also checks that its collection (the path's
 ``{collection}``, else ``default``) is in the key's scope, before it is looked up, so a key cannot
-learn which collections exist outside its scope.
+learn which collections exist outside its scope. ``{collection}`` may be an alias: it is resolved
+first (``resolve_collection``), and the scope and the gallery are those of its target.
 """
 
 from __future__ import annotations
@@ -38,6 +39,23 @@ def _request_state(request: Request) -> dict[str, Any]:
     return request.scope.setdefault("state", {})
 
 
+async def resolve_principal(request: Request, state: ServiceState) -> Principal | None:
+    """The principal of the request's key if it is valid (``OPEN`` in open mode), else None. The one
+    place a key becomes a principal: ``authenticate`` refuses None with 401, /readyz leaves its details out."""
+    ring = state.keyring
+    secret = request.headers.get(state.settings.api_key_header)
+    if secret:
+        found = ring.lookup_cached(secret)
+        if found is MISS:
+            found = await run_in_threadpool(ring.lookup, secret)
+        if found is not None:
+            return found  # type: ignore[return-value]
+    open_mode = ring.open_mode_cached()
+    if open_mode is None:
+        open_mode = await run_in_threadpool(ring.open_mode)
+    return OPEN if open_mode else None
+
+
 async def authenticate(request: Request) -> Principal:
     """The caller's principal (once per request); 401 for a missing, unknown, revoked or expired key
     unless the service is in open mode."""
@@ -46,32 +64,51 @@ async def authenticate(request: Request) -> Principal:
     if principal is not None:
         return principal
     state = await get_state(request)
-    ring = state.keyring
-    secret = request.headers.get(state.settings.api_key_header)
-    found: Any = None
-    if secret:
-        found = ring.lookup_cached(secret)
-        if found is MISS:
-            found = await run_in_threadpool(ring.lookup, secret)
+    found = await resolve_principal(request, state)
     if found is None:
-        open_mode = ring.open_mode_cached()
-        if open_mode is None:
-            open_mode = await run_in_threadpool(ring.open_mode)
-        if not open_mode:
-            what = "wrong, revoked or expired" if secret else "missing"
-            raise ServiceError(ErrorCode.unauthorized, f"{what} API key in header {state.settings.api_key_header}")
-        found = OPEN
+        secret = request.headers.get(state.settings.api_key_header)
+        what = "wrong, revoked or expired" if secret else "missing"
+        raise ServiceError(ErrorCode.unauthorized, f"{what} API key in header {state.settings.api_key_header}")
     scope_state["principal"] = found
     return found
 
 
-async def collection_path(collection: Annotated[str, Path(pattern=COLLECTION_NAME_PATTERN, max_length=63,
-                                                          description="The collection's name")]) -> None:
-    """Declares ``{collection}`` of the prefixed gallery routes (deps.get_collection reads it)."""
+async def collection_path(request: Request,
+                          collection: Annotated[str, Path(pattern=COLLECTION_NAME_PATTERN, max_length=63,
+                                                          description="The collection's name, or an alias of it")]
+                          ) -> None:
+    """Declares ``{collection}`` of the prefixed gallery routes and resolves it (an alias names its
+    target), after the key (a request without a valid key gets its 401 first)."""
+    await authenticate(request)
+    await resolve_collection(request)
+
+
+async def resolve_collection(request: Request) -> str:
+    """The collection the request names, once per request: the path's ``{collection}`` (an alias
+    resolved to the collection it points to now, from the replica's alias map, at most
+    FACE_ALIAS_CACHE_S old), else ``default``. Every later step of the request (the key's scope, the
+    gallery) uses this one name, so a re-point never splits a request between two collections."""
+    scope_state = _request_state(request)
+    resolved = scope_state.get("collection")
+    if resolved is not None:
+        return resolved
+    named = request.path_params.get("collection", DEFAULT_COLLECTION)
+    resolved = named
+    if named != DEFAULT_COLLECTION:  # `default` is a collection, never an alias: no lookup on the hot path
+        aliases = (await get_state(request)).aliases
+        known = aliases.cached()
+        if known is None:
+            known = await run_in_threadpool(aliases.current)
+        resolved = known.get(named, named)
+    scope_state["collection"] = resolved
+    if resolved != named:
+        scope_state["alias"] = named
+    return resolved
 
 
 def collection_of(request: Request) -> str:
-    return request.path_params.get("collection", DEFAULT_COLLECTION)
+    """The request's collection once resolved (resolve_collection), else as the path names it."""
+    return _request_state(request).get("collection") or request.path_params.get("collection", DEFAULT_COLLECTION)
 
 
 class Allow:
@@ -89,10 +126,12 @@ class Allow:
                                f"(it needs the {self.permission.value} permission)",
                                role=principal.role.value, needs=self.permission.value)
         if self.scoped:
-            name = collection_of(request)
+            # the alias's target must be in the scope (an alias name listed in a scope grants nothing)
+            name = await resolve_collection(request)
             if not principal.may_touch(name):
-                raise ServiceError(ErrorCode.forbidden, f"this key may not touch collection {name!r}",
-                                   collection=name)
+                named = _request_state(request).get("alias", name)  # an alias's target outside the scope stays untold
+                raise ServiceError(ErrorCode.forbidden, f"this key may not touch collection {named!r}",
+                                   collection=named)
         limiter = (await get_state(request)).limits.requests
         wait = limiter.charge(_subject(request, principal), 1.0, principal.rate_limit_rps)
         if wait is not None:
@@ -135,7 +174,7 @@ async def get_collection(request: Request) -> GalleryBackend:
     """The request's collection (``/collections/{collection}/...``, else ``default``); 404
     ``collection_not_found``. The default one is held by the state: no lookup on the hot path."""
     state = await get_state(request)
-    name = collection_of(request)
+    name = await resolve_collection(request)
     if name == DEFAULT_COLLECTION:
         return state.default_gallery
     try:

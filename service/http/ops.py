@@ -11,14 +11,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
-from ..access.keyring import MISS
-from ..access.policy import OPEN, Permission, Principal
+from ..access.policy import Permission, Principal
 from ..errors import ErrorCode, ServiceError
 from ..faces.pipeline import embed_crops
 from ..faces.quality import quality_in_force
 from ..gallery.openset import GalleryCounts
 from ..state import ServiceState
-from .deps import StateDep, allow
+from .deps import StateDep, allow, resolve_principal
 from .schemas import CollectionThreshold, ReadyResponse, ReadyStatus
 
 router = APIRouter(tags=["operations"])
@@ -40,7 +39,7 @@ async def readyz(request: Request, state: StateDep) -> ReadyResponse | ReadyStat
     Never needs the API key, but with keys in use only requests that carry a valid one get the details
     (model, thresholds, gallery size, and each collection in the key's scope with its own threshold):
     the others get the bare status (`{"status": "ready"}`, or the error code)."""
-    principal = await _principal_or_none(request, state)
+    principal = await resolve_principal(request, state)
     detailed = principal is not None
     load_state = state.galleries.load_state
     if load_state != "ready":
@@ -79,22 +78,6 @@ async def readyz(request: Request, state: StateDep) -> ReadyResponse | ReadyStat
         quality=quality_in_force(state.quality_model, state.settings.enroll_min_quality, state.quality_source),
         inference_ms=round(elapsed, 3), gallery=stats.as_dict(), collections=collections,
     )
-
-
-async def _principal_or_none(request: Request, state: ServiceState) -> Principal | None:
-    """The caller's principal if its key is valid (or the service is open), else None: /readyz never
-    answers 401, it only leaves the details out."""
-    secret = request.headers.get(state.settings.api_key_header)
-    if secret:
-        found = state.keyring.lookup_cached(secret)
-        if found is MISS:
-            found = await run_in_threadpool(state.keyring.lookup, secret)
-        if found is not None:
-            return found  # type: ignore[return-value]
-    open_mode = state.keyring.open_mode_cached()
-    if open_mode is None:
-        open_mode = await run_in_threadpool(state.keyring.open_mode)
-    return OPEN if open_mode else None
 
 
 def _collection_thresholds(state: ServiceState, principal: Principal) -> dict[str, CollectionThreshold]:

@@ -481,6 +481,22 @@ class WhoAmI(BaseModel):
     collections: list[str] | None
     open_mode: bool
 
+
+class AliasSet(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    collection: str = Field(max_length=200, description="The collection the alias points to (a collection, not "
+                            "another alias).", examples=["faces-v2"])
+
+
+class AliasOut(BaseModel):
+    alias: str
+    collection: str = Field(description="The collection the alias points to now.")
+    updated_at: float = Field(description="When it was last set (created or re-pointed), unix time.")
+
+
+class AliasList(BaseModel):
+    items: list[AliasOut]
+
 ReadyResponse.model_rebuild()
 
 

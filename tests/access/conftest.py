@@ -63,6 +63,21 @@ def keyed(request, tmp_path_factory, default_model) -> KeyedServer:
     proc.stop()
 
 
+@pytest.fixture(params=["postgres"])
+def two_replicas(request, tmp_path, default_model):
+    """Two servers (replicas) on one PostgreSQL schema, with the environment's admin key."""
+    env = backend_env(request, {"FACE_API_KEY": ADMIN_SECRET})
+    a = ServerProcess(tmp_path / "a", model=default_model, env=env)
+    b = ServerProcess(tmp_path / "b", model=default_model, env=env)
+    try:
+        a.wait_ready()
+        b.wait_ready()
+        yield a, b
+    finally:
+        a.stop()
+        b.stop()
+
+
 def pg_tables_text(env: dict[str, str]) -> str:
     """Every row of every table in the server's PostgreSQL schema, as text (to look for what must not be there)."""
     import psycopg

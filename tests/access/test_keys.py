@@ -6,11 +6,9 @@ from __future__ import annotations
 import time
 
 import httpx
-import pytest
 
 from harness.server import ServerProcess
 from tests.access.conftest import ADMIN_SECRET, KeyedServer, pg_tables_text
-from tests.conftest import backend_env
 
 
 def test_a_new_key_works_is_listed_without_its_secret_and_is_refused_once_revoked(keyed: KeyedServer):
@@ -86,20 +84,6 @@ def test_open_mode_until_the_first_key_then_keys_are_required(tmp_path, default_
         assert "the service is open" in proc.log()
     finally:
         proc.stop()
-
-
-@pytest.fixture(params=["postgres"])
-def two_replicas(request, tmp_path, default_model):
-    env = backend_env(request, {"FACE_API_KEY": ADMIN_SECRET})
-    a = ServerProcess(tmp_path / "a", model=default_model, env=env)
-    b = ServerProcess(tmp_path / "b", model=default_model, env=env)
-    try:
-        a.wait_ready()
-        b.wait_ready()
-        yield a, b
-    finally:
-        a.stop()
-        b.stop()
 
 
 def test_a_key_revoked_on_one_replica_is_refused_on_another_within_a_second(two_replicas):

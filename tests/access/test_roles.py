@@ -46,6 +46,10 @@ POLICY: dict[tuple[str, str], tuple[str, bool]] = {
     ("GET", "/keys"): ("admin", False),
     ("DELETE", "/keys/{key_id}"): ("admin", False),
     ("GET", "/audit"): ("admin", False),
+    ("PUT", "/aliases/{name}"): ("admin", False),
+    ("GET", "/aliases"): ("admin", False),
+    ("GET", "/aliases/{name}"): ("admin", False),
+    ("DELETE", "/aliases/{name}"): ("admin", False),
     ("GET", "/metrics"): ("admin", False),
     ("GET", "/healthz"): ("public", False),
     ("GET", "/readyz"): ("public", False),
@@ -86,6 +90,7 @@ class Calls:
         n = next(self.counter)
         url = path.replace("{collection}", collection).replace("{identity_id}", f"someone-{n}")
         url = url.replace("{face_id}", str(10**12 + n))  # no such face: 404 once access allowed it
+        url = url.replace("{name}", f"matrix-alias-{n}")
         if "{key_id}" in url:
             url = url.replace("{key_id}", self.server.key_ids.get("throwaway", "000000000000"))
         body = None
@@ -105,10 +110,15 @@ class Calls:
             body = {"name": f"made-{n}"}
         elif path == "/keys" and method == "POST":
             body = {"role": "read", "note": "matrix"}
+        elif path == "/aliases/{name}" and method == "PUT":
+            body = {"collection": collection}
         if method == "DELETE" and path == "/collections/{collection}":
             url = f"/collections/doomed-{n}"
             with self.server.client("admin") as admin:
                 assert admin.post("/collections", json={"name": f"doomed-{n}"}).status_code == 201
+        if method == "DELETE" and path == "/aliases/{name}":
+            with self.server.client("admin") as admin:
+                assert admin.put(url, json={"collection": collection}).status_code == 200
         if method == "DELETE" and path == "/keys/{key_id}":
             self.server.make_key("throwaway", "read")
             url = f"/keys/{self.server.key_ids['throwaway']}"

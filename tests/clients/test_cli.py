@@ -55,6 +55,20 @@ def test_cli_keys(embedded):
     assert next(k for k in listed if k["key_id"] == created["key_id"])["revoked_at"] is not None
 
 
+def test_cli_aliases(embedded, collection_name):
+    assert face(embedded, "collections", "create", collection_name).returncode == 0
+    alias = f"{collection_name}-alias"
+    made = json.loads(face(embedded, "--json", "aliases", "set", alias, collection_name).stdout)
+    assert (made["alias"], made["collection"]) == (alias, collection_name)
+    assert f"{alias}\t{collection_name}" in face(embedded, "aliases", "list").stdout.splitlines()
+    in_use = face(embedded, "--json", "collections", "delete", collection_name)
+    assert in_use.returncode == 1 and json.loads(in_use.stderr)["error"]["code"] == "collection_in_use"
+    assert face(embedded, "aliases", "delete", alias).returncode == 0
+    missing = face(embedded, "--json", "aliases", "delete", alias)
+    assert missing.returncode == 1 and json.loads(missing.stderr)["error"]["code"] == "alias_not_found"
+    assert face(embedded, "collections", "delete", collection_name).returncode == 0
+
+
 def test_cli_exit_codes(embedded):
     missing = face(embedded, "--json", "identities", "delete", "nobody-here")
     assert missing.returncode == 1

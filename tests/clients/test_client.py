@@ -53,6 +53,7 @@ def test_every_error_code_of_the_service_has_its_family():
     (faceclient.CollectionDeleted, schemas.CollectionDeleted), (faceclient.Key, schemas.KeyOut),
     (faceclient.KeyCreated, schemas.KeyCreated), (faceclient.KeyRevoked, schemas.KeyRevoked),
     (faceclient.AuditEntry, schemas.AuditOut), (faceclient.Ready, schemas.ReadyResponse),
+    (faceclient.Alias, schemas.AliasOut),
 ])
 def test_client_models_have_every_field_of_the_server_answers(client_model, server_model):
     assert set(server_model.model_fields) <= set(client_model.model_fields)
@@ -238,3 +239,41 @@ def test_audit_request_id_is_the_clients(embedded, collection_name):
         assert entry.action == "collection.created" and entry.request_id and len(entry.request_id) == 32
         face.delete_collection(collection_name)
     assert httpx.get(embedded.url + "/healthz").json()["version"] == faceclient.__version__
+
+
+def test_aliases_sync_and_async(any_backend, collection_name):
+    """set/get/list/delete, a gallery call through the alias, and the alias errors as their classes."""
+    old, new, alias = f"{collection_name}-old", f"{collection_name}-new", f"{collection_name}-live"
+    bush = face_files(ENROLLED[0])
+    with FaceClient(any_backend.url, ADMIN) as face:
+        face.create_collection(old)
+        face.create_collection(new)
+        made = face.set_alias(alias, old)
+        assert (made.alias, made.collection) == (alias, old) and made.updated_at > 0
+        face.enroll(ENROLLED[0], bush[0], collection=alias)
+        assert face.get_identity(ENROLLED[0], collection=old).face_count == 1
+        assert face.get_collection(alias).name == old
+        assert face.identify(bush[1], collection=alias).results[0].identity_id == ENROLLED[0]
+        assert face.set_alias(alias, new).collection == new
+        assert face.identify(bush[1], collection=alias).results[0].identity_id is None
+        assert face.get_alias(alias).collection == new
+        assert (alias, new) in [(a.alias, a.collection) for a in face.list_aliases()]
+        with pytest.raises(ConflictError) as e:
+            face.delete_collection(new)
+        assert e.value.code == "collection_in_use" and e.value.details["aliases"] == [alias]
+        with pytest.raises(NotFoundError) as e:
+            face.set_alias(f"{alias}-x", "no-such-collection")
+        assert e.value.code == "collection_not_found"
+
+    async def run() -> None:
+        async with AsyncFaceClient(any_backend.url, ADMIN) as aface:
+            assert (await aface.set_alias(alias, old)).collection == old
+            assert (await aface.get_alias(alias)).collection == old
+            assert alias in [a.alias for a in await aface.list_aliases()]
+            assert (await aface.delete_alias(alias)).collection == old
+            with pytest.raises(NotFoundError) as e:
+                await aface.get_alias(alias)
+            assert e.value.code == "alias_not_found"
+            await aface.delete_collection(new)
+
+    asyncio.run(run())

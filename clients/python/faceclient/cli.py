@@ -3,6 +3,7 @@
     face identify PHOTO...          face verify A B           face enroll DIR
     face identities list|delete ID  face collections list|create NAME|delete NAME
     face keys create ROLE|list|revoke KEY_ID
+    face aliases list|set NAME COLLECTION|delete NAME
 
 The server and key: --url / --key, or FACE_URL / FACE_API_KEY. --json prints the answers as JSON (for
 scripts); otherwise readable lines. Exit codes: 0 ok, 1 the API answered an error, 2 usage, 3 no connection
@@ -56,6 +57,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     collections.add_parser("create").add_argument("name")
     collections.add_parser("delete").add_argument("name")
 
+    aliases = commands.add_parser("aliases").add_subparsers(dest="action", required=True)
+    aliases.add_parser("list")
+    alias_set = aliases.add_parser("set")
+    alias_set.add_argument("name")
+    alias_set.add_argument("target", metavar="collection")
+    aliases.add_parser("delete").add_argument("name")
+
     keys = commands.add_parser("keys").add_subparsers(dest="action", required=True)
     create = keys.add_parser("create")
     create.add_argument("role", choices=["admin", "write", "read", "embed"])
@@ -106,6 +114,15 @@ def run(face: FaceClient, args: argparse.Namespace) -> tuple[Any, list[str]]:
             return x, [f"created {x.name}"]
         d2 = face.delete_collection(args.name)
         return d2, [f"deleted {d2.name}\t{d2.deleted_identities} identities\t{d2.deleted_faces} faces"]
+    if args.command == "aliases":
+        if args.action == "list":
+            al = face.list_aliases()
+            return al, [f"{a.alias}\t{a.collection}" for a in al]
+        if args.action == "set":
+            a1 = face.set_alias(args.name, args.target)
+            return a1, [f"{a1.alias}\t-> {a1.collection}"]
+        a2 = face.delete_alias(args.name)
+        return a2, [f"deleted alias {a2.alias}\t(was -> {a2.collection})"]
     if args.action == "create":
         k = face.create_key(args.role, collections=args.collections, note=args.note,
                             rate_limit_rps=args.rate_limit_rps)

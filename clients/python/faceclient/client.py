@@ -31,6 +31,7 @@ from .errors import (
 )
 from .images import Color, ImageInput, as_list, to_base64
 from .models import (
+    Alias,
     AuditEntry,
     AuditPage,
     Collection,
@@ -178,6 +179,10 @@ class _Base:
     def _identities(self, cursor: str | None, page_size: int, collection: str | None) -> Call:
         return Call("GET", self._prefix(collection) + "/identities", params=_drop_none(
             {"limit": page_size, "cursor": cursor}))
+
+    @staticmethod
+    def _alias(method: str, name: str, collection: str | None = None) -> Call:
+        return Call(method, f"/aliases/{quote(name, safe='')}", None if collection is None else {"collection": collection})
 
     @staticmethod
     def _audit(cursor: str | None, page_size: int, filters: dict[str, Any]) -> Call:
@@ -362,6 +367,20 @@ class FaceClient(_Base):
 
     def health(self) -> Health:
         return self._do(Call("GET", "/healthz"), Health)
+
+    # --- aliases (admin): pass an alias as ``collection`` to any gallery method ----------------------
+    def set_alias(self, name: str, collection: str) -> Alias:
+        """Point ``name`` at ``collection`` (create or re-point, atomically)."""
+        return self._do(self._alias("PUT", name, collection), Alias)
+
+    def get_alias(self, name: str) -> Alias:
+        return self._do(self._alias("GET", name), Alias)
+
+    def list_aliases(self) -> list[Alias]:
+        return [Alias.model_validate(a) for a in self._raw(Call("GET", "/aliases"))["items"]]
+
+    def delete_alias(self, name: str) -> Alias:
+        return self._do(self._alias("DELETE", name), Alias)
 
     def ready(self) -> Ready:
         return self._do(Call("GET", "/readyz"), Ready)
@@ -565,6 +584,18 @@ class AsyncFaceClient(_Base):
 
     async def health(self) -> Health:
         return await self._do(Call("GET", "/healthz"), Health)
+
+    async def set_alias(self, name: str, collection: str) -> Alias:
+        return await self._do(self._alias("PUT", name, collection), Alias)
+
+    async def get_alias(self, name: str) -> Alias:
+        return await self._do(self._alias("GET", name), Alias)
+
+    async def list_aliases(self) -> list[Alias]:
+        return [Alias.model_validate(a) for a in (await self._raw(Call("GET", "/aliases")))["items"]]
+
+    async def delete_alias(self, name: str) -> Alias:
+        return await self._do(self._alias("DELETE", name), Alias)
 
     async def ready(self) -> Ready:
         return await self._do(Call("GET", "/readyz"), Ready)

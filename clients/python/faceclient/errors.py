@@ -46,7 +46,7 @@ class NotFoundError(FaceServiceError):
 
 
 class ConflictError(FaceServiceError):
-    """409: the collection exists, or is protected."""
+    """409: the collection (or an alias) has the name, it is protected, or aliases point to it."""
 
 
 class BadRequestError(FaceServiceError):
@@ -75,8 +75,9 @@ _FAMILIES: dict[type[FaceServiceError], tuple[str, ...]] = {
         "invalid_metadata", "metadata_too_large", "too_many_faces_for_identity", "implausible_face",
         "same_identity",
         "invalid_collection_name", "host_not_allowed", "method_not_allowed"),
-    NotFoundError: ("identity_not_found", "collection_not_found", "key_not_found", "not_found", "face_not_found"),
-    ConflictError: ("collection_exists", "collection_protected"),
+    NotFoundError: ("identity_not_found", "collection_not_found", "key_not_found", "alias_not_found", "not_found",
+                    "face_not_found"),
+    ConflictError: ("collection_exists", "collection_protected", "collection_in_use"),
     AuthError: ("unauthorized", "forbidden", "cross_origin_refused"),
     RateLimitedError: ("rate_limited",),
     UnavailableError: ("gallery_loading", "gallery_unavailable", "model_not_ready", "overloaded",

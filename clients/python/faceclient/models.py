@@ -176,6 +176,14 @@ class CollectionDeleted(Model):
     deleted_faces: int
 
 
+class Alias(Model):
+    """A second name of a collection (``PUT /aliases/{name}``); every collection route accepts it."""
+
+    alias: str
+    collection: str
+    updated_at: float
+
+
 class Key(Model):
     key_id: str
     role: str
@@ -250,6 +258,7 @@ class FolderSummary(Model):
 
 
 __all__ = [
+    "Alias",
     "AuditEntry",
     "AuditPage",
     "Candidate",

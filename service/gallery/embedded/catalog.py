@@ -1,6 +1,7 @@
 """The catalog of the embedded backend: ``<data_dir>/catalog.sqlite3`` holds the collections (name,
-model, created), the API keys (hashes only) and the audit entries of catalog changes (collections
-created or deleted, keys created or revoked, and the trail of each deleted collection).
+model, created), the aliases (a second name of a collection), the API keys (hashes only) and the
+audit entries of catalog changes (collections created or deleted, aliases set or deleted, keys
+created or revoked, and the trail of each deleted collection).
 
 It is not under the data-dir lock: another process (``python -m service keys create`` while the
 server runs) writes it too, SQLite's own locking serialises the writers (WAL, ``BEGIN IMMEDIATE``,
@@ -17,7 +18,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..api import Actor, AuditEntry, AuditQuery, CollectionExists, KeyExists, StoredKey
+from ..api import (
+    Actor,
+    AliasInfo,
+    AliasNotFound,
+    AuditEntry,
+    AuditQuery,
+    CollectionExists,
+    CollectionInUse,
+    CollectionNotFound,
+    KeyExists,
+    StoredKey,
+)
 from . import audit
 from .store import connect
 
@@ -42,6 +54,17 @@ CREATE TABLE IF NOT EXISTS keys (
 );
 """
 
+# collections and aliases share one namespace: each write checks the other table inside its own
+# BEGIN IMMEDIATE transaction, so two writers (the server, the CLI) cannot both take a name
+ALIASES_SCHEMA = """
+CREATE TABLE IF NOT EXISTS aliases (
+    name       TEXT PRIMARY KEY,
+    collection TEXT NOT NULL,  -- a name in collections; deleting that collection is refused meanwhile
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS aliases_by_collection ON aliases(collection);
+"""
+
 _KEY_COLUMNS = ("key_id, secret_hash, role, collections, note, created_at, expires_at, revoked_at, last_used_at, "
                 "rate_limit_rps, rate_limit_faces_per_s")
 
@@ -58,7 +81,7 @@ class Catalog:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.path = data_dir / self.FILE
         self._conn = connect(self.path)
-        self._conn.executescript(SCHEMA + audit.SCHEMA)
+        self._conn.executescript(SCHEMA + audit.SCHEMA + ALIASES_SCHEMA)
         self._mutex = threading.Lock()  # one connection: one statement or transaction at a time
 
     def close(self) -> None:
@@ -97,6 +120,8 @@ class Catalog:
         now = time.time()
         try:
             with self._write() as conn:
+                if conn.execute("SELECT 1 FROM aliases WHERE name = ?", (name,)).fetchone():
+                    raise CollectionExists(name)  # an alias has the name
                 conn.execute("INSERT INTO collections(name, model_id, created_at) VALUES (?, ?, ?)",
                              (name, model_id, now))
                 if actor is not None:
@@ -109,12 +134,50 @@ class Catalog:
         """In one transaction: remove the row, keep the collection's audit ``trail`` and record
         collection.deleted. False if there was no row (deleted meanwhile, by another call)."""
         with self._write() as conn:
+            pointing = _aliases_to(conn, name)
+            if pointing:
+                raise CollectionInUse(name, pointing)
             if not conn.execute("DELETE FROM collections WHERE name = ?", (name,)).rowcount:
                 return False
             audit.insert(conn, trail)
             if actor is not None:
                 audit.record(conn, time.time(), "collection.deleted", actor, name, None, details)
         return True
+
+    # --- aliases -----------------------------------------------------------------------------
+    def set_alias(self, name: str, collection: str, actor: Actor | None) -> AliasInfo:
+        """Create or re-point, in one transaction with its audit record."""
+        now = time.time()
+        with self._write() as conn:
+            if conn.execute("SELECT 1 FROM collections WHERE name = ?", (name,)).fetchone():
+                raise CollectionExists(name)
+            if not conn.execute("SELECT 1 FROM collections WHERE name = ?", (collection,)).fetchone():
+                raise CollectionNotFound(collection)
+            row = conn.execute("SELECT collection FROM aliases WHERE name = ?", (name,)).fetchone()
+            conn.execute("INSERT INTO aliases(name, collection, updated_at) VALUES (?, ?, ?) ON CONFLICT (name) "
+                         "DO UPDATE SET collection = excluded.collection, updated_at = excluded.updated_at",
+                         (name, collection, now))
+            audit.record(conn, now, "alias.set", actor or Actor(), collection, None,
+                         {"alias": name, "collection": collection, "previous": row[0] if row else None})
+        return AliasInfo(name, collection, now)
+
+    def delete_alias(self, name: str, actor: Actor | None) -> AliasInfo:
+        now = time.time()
+        with self._write() as conn:
+            row = conn.execute("SELECT collection, updated_at FROM aliases WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise AliasNotFound(name)
+            conn.execute("DELETE FROM aliases WHERE name = ?", (name,))
+            audit.record(conn, now, "alias.deleted", actor or Actor(), row[0], None,
+                         {"alias": name, "collection": row[0]})
+        return AliasInfo(name, row[0], row[1])
+
+    def aliases(self) -> list[AliasInfo]:
+        return [AliasInfo(*r) for r in self._read("SELECT name, collection, updated_at FROM aliases ORDER BY name")]
+
+    def aliases_to(self, collection: str) -> list[str]:
+        with self._mutex:
+            return _aliases_to(self._conn, collection)
 
     # --- keys --------------------------------------------------------------------------------
     def add_key(self, key: StoredKey, actor: Actor | None) -> None:
@@ -174,3 +237,7 @@ class Catalog:
     def prune_audit(self, before: float) -> int:
         with self._mutex:
             return audit.prune(self._conn, before)
+
+
+def _aliases_to(conn: sqlite3.Connection, collection: str) -> list[str]:
+    return [r[0] for r in conn.execute("SELECT name FROM aliases WHERE collection = ? ORDER BY name", (collection,))]

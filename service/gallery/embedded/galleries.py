@@ -42,9 +42,11 @@ from ...model.calibration import FACES_COUNTED_PER_IDENTITY
 from ..api import (
     DEFAULT_COLLECTION,
     Actor,
+    AliasInfo,
     AuditEntry,
     AuditQuery,
     CollectionInfo,
+    CollectionInUse,
     CollectionNotFound,
     CollectionProtected,
     EnrollResult,
@@ -367,6 +369,9 @@ class EmbeddedGalleries:
             raise CollectionProtected(f"the {DEFAULT_COLLECTION!r} collection cannot be deleted")
         with self._shape:
             info = self.collection_info(name)  # CollectionNotFound
+            pointing = self._catalog.aliases_to(name)  # checked again in the catalog's transaction
+            if pointing:
+                raise CollectionInUse(name, pointing)
             with self._mutex:
                 self._deleting.add(name)
                 self._known.pop(name, None)  # no new handle or use from here on
@@ -509,6 +514,27 @@ class EmbeddedGalleries:
 
     def read_targets(self) -> list[ReadTarget]:
         return []
+
+    # --- aliases (in the catalog: the CLI sets them beside a running server) -------------------
+    def set_alias(self, name: str, collection: str, actor: Actor | None = None) -> AliasInfo:
+        if not valid_collection_name(name):
+            raise ValueError(f"invalid alias name {name!r}: lower-case letters, digits, '-' and '_', "
+                             "starting with a letter or digit, at most 63 characters")
+        return self._catalog.set_alias(name, collection, actor)
+
+    def delete_alias(self, name: str, actor: Actor | None = None) -> AliasInfo:
+        return self._catalog.delete_alias(name, actor)
+
+    def list_aliases(self) -> list[AliasInfo]:
+        return self._catalog.aliases()
+
+    def resolve(self, name: str) -> str:
+        for alias in self._catalog.aliases():
+            if alias.name == name:
+                return alias.collection
+        if name not in self._catalog.collections():
+            raise CollectionNotFound(name)
+        return name
 
 
 class _CollectionHandle:

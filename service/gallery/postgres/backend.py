@@ -53,10 +53,13 @@ from ...model.calibration import FACES_COUNTED_PER_IDENTITY, counted_faces
 from ..api import (
     DEFAULT_COLLECTION,
     Actor,
+    AliasInfo,
+    AliasNotFound,
     AuditEntry,
     AuditQuery,
     CollectionExists,
     CollectionInfo,
+    CollectionInUse,
     CollectionNotFound,
     CollectionProtected,
     GalleryBusy,
@@ -95,6 +98,9 @@ MIGRATION_LOCK_KEY = 0x66616365_67616C  # "facegal"
 # another key for building the HNSW index: a migration waiting for its lock must not hold up (or
 # deadlock with) a CREATE INDEX CONCURRENTLY, which waits for every open transaction to end
 INDEX_LOCK_KEY = MIGRATION_LOCK_KEY + 1
+# and one for taking a name (collections and aliases share one namespace): held to the end of the
+# transaction that creates a collection or sets an alias, so two replicas cannot both take a name
+NAMESPACE_LOCK_KEY = MIGRATION_LOCK_KEY + 2
 COUNTER_SLOTS = 16
 DEFAULT_COLLECTION_ID = 1  # the collection "default": migration 3 gives today's rows to it
 MAX_EF_SEARCH = 1000  # pgvector's upper bound for hnsw.ef_search
@@ -190,6 +196,16 @@ MIGRATIONS: tuple[Migration, ...] = (
                details     jsonb NOT NULL DEFAULT '{{}}')""",
         "CREATE INDEX audit_by_at ON audit(at)",
         "CREATE INDEX audit_by_collection ON audit(collection, at)",
+    )),
+    # 4 (crops) and 6 (models) come from other changes: the runner applies each missing version, in
+    # version order, whichever order they were written in and whichever landed first
+    Migration(5, "aliases: second names of collections, re-pointed atomically", (
+        # no ON DELETE: a collection an alias points to cannot be deleted (collection_in_use)
+        """CREATE TABLE aliases (
+               name          text COLLATE "C" PRIMARY KEY,
+               collection_id bigint NOT NULL REFERENCES collections(collection_id),
+               updated_at    double precision NOT NULL)""",
+        "CREATE INDEX aliases_by_collection ON aliases(collection_id)",
     )),
 )
 COUNTED_CAP_KEY = "counted_faces_cap"  # in meta: the FACES_COUNTED_PER_IDENTITY the counters hold
@@ -339,7 +355,8 @@ class Pool:
         self.failing = True
 
 
-def migrate(conn: psycopg.Connection, options: PostgresOptions, model_id: str, dim: int) -> list[int | str]:
+def migrate(conn: psycopg.Connection, options: PostgresOptions, model_id: str, dim: int,
+            migrations: tuple[Migration, ...] = MIGRATIONS) -> list[int | str]:
     """Bring the schema up to date and check the model guard; returns the versions applied now.
 
     Everything runs in one transaction under an advisory lock: a second replica starting at the same
@@ -363,7 +380,7 @@ def migrate(conn: psycopg.Connection, options: PostgresOptions, model_id: str, d
                          (model_id, str(dim)))
         done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
         applied: list[int | str] = []
-        for migration in MIGRATIONS:
+        for migration in sorted(migrations, key=lambda m: m.version):
             if migration.version in done:
                 continue
             for statement in migration.statements:
@@ -392,12 +409,20 @@ def _recount(conn: psycopg.Connection) -> None:
                  (COUNTED_CAP_KEY, str(FACES_COUNTED_PER_IDENTITY)))
 
 
+def _claim_name(conn: psycopg.Connection, name: str) -> None:
+    """In a transaction about to create a collection: take the namespace lock (set_alias takes it too)
+    and refuse a name an alias has."""
+    conn.execute("SELECT pg_advisory_xact_lock(%s)", (NAMESPACE_LOCK_KEY,))
+    if conn.execute("SELECT 1 FROM aliases WHERE name = %s", (name,)).fetchone():
+        raise CollectionExists(name)
+
+
 def _audit(conn: psycopg.Connection, actor: Actor | None, action: str, at: float, collection: str | None = None,
            identity_id: str | None = None, details: dict | None = None) -> None:
     """The audit record of a change, in the change's own transaction. Identity writes without an
     actor (tools, tests) are not recorded; collection and key changes always are."""
     if actor is None:
-        if not action.startswith(("collection.", "key.")):
+        if not action.startswith(("collection.", "key.", "alias.")):
             return
         actor = Actor()
     conn.execute("INSERT INTO audit(at, action, key_id, client, request_id, collection, identity_id, details) "
@@ -625,6 +650,7 @@ class PostgresGalleries:
                              "starting with a letter or digit, at most 63)")
         now = time.time()
         with self._transaction() as conn:
+            _claim_name(conn, name)  # CollectionExists when an alias has it
             row = conn.execute("INSERT INTO collections(name, model_id, created_at) VALUES (%s, %s, %s) "
                                "ON CONFLICT (name) DO NOTHING RETURNING collection_id",
                                (name, self.model_id, now)).fetchone()
@@ -648,6 +674,10 @@ class PostgresGalleries:
             if row is None:
                 raise CollectionNotFound(name)
             collection_id = row[0]
+            pointing = [r[0] for r in conn.execute("SELECT name FROM aliases WHERE collection_id = %s ORDER BY name",
+                                                    (collection_id,))]
+            if pointing:
+                raise CollectionInUse(name, pointing)
             counted = int(_one(conn.execute("SELECT COALESCE(sum(counted_faces), 0) FROM counters "
                                             "WHERE collection_id = %s", (collection_id,)))[0])
             faces = conn.execute("DELETE FROM faces WHERE collection_id = %s", (collection_id,)).rowcount
@@ -776,6 +806,57 @@ class PostgresGalleries:
 
     def read_targets(self) -> list[ReadTarget]:
         return [] if self._standbys is None else self._standbys.targets()
+
+    # --- aliases: read on the primary (the service caches them for at most a second) -------------
+    def set_alias(self, name: str, collection: str, actor: Actor | None = None) -> AliasInfo:
+        """One upsert: every request after the commit reads the new target; audited in it."""
+        if not valid_collection_name(name):
+            raise ValueError(f"invalid alias name {name!r} (lower-case letters, digits, '-' and '_', "
+                             "starting with a letter or digit, at most 63)")
+        now = time.time()
+        try:
+            with self._transaction() as conn:
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (NAMESPACE_LOCK_KEY,))
+                if conn.execute("SELECT 1 FROM collections WHERE name = %s", (name,)).fetchone():
+                    raise CollectionExists(name)
+                target = conn.execute("SELECT collection_id FROM collections WHERE name = %s FOR KEY SHARE",
+                                      (collection,)).fetchone()
+                if target is None:
+                    raise CollectionNotFound(collection)
+                previous = conn.execute("SELECT c.name FROM aliases a JOIN collections c USING (collection_id) "
+                                        "WHERE a.name = %s", (name,)).fetchone()
+                conn.execute("INSERT INTO aliases(name, collection_id, updated_at) VALUES (%s, %s, %s) "
+                             "ON CONFLICT (name) DO UPDATE SET collection_id = EXCLUDED.collection_id, "
+                             "updated_at = EXCLUDED.updated_at", (name, target[0], now))
+                _audit(conn, actor, "alias.set", now, collection=collection, details={
+                    "alias": name, "collection": collection, "previous": previous[0] if previous else None})
+        except psycopg.errors.ForeignKeyViolation as exc:  # the target was deleted meanwhile
+            raise CollectionNotFound(collection) from exc
+        return AliasInfo(name, collection, now)
+
+    def delete_alias(self, name: str, actor: Actor | None = None) -> AliasInfo:
+        now = time.time()
+        with self._transaction() as conn:
+            row = conn.execute("DELETE FROM aliases a USING collections c WHERE a.name = %s "
+                               "AND c.collection_id = a.collection_id RETURNING c.name, a.updated_at", (name,)).fetchone()
+            if row is None:
+                raise AliasNotFound(name)
+            _audit(conn, actor, "alias.deleted", now, collection=row[0], details={"alias": name, "collection": row[0]})
+        return AliasInfo(name, row[0], float(row[1]))
+
+    def list_aliases(self) -> list[AliasInfo]:
+        with self._read_connection() as conn:
+            rows = conn.execute("SELECT a.name, c.name, a.updated_at FROM aliases a JOIN collections c "
+                                "USING (collection_id) ORDER BY a.name").fetchall()
+        return [AliasInfo(r[0], r[1], float(r[2])) for r in rows]
+
+    def resolve(self, name: str) -> str:
+        with self._read_connection() as conn:
+            row = conn.execute("SELECT c.name FROM aliases a JOIN collections c USING (collection_id) WHERE a.name = %s "
+                               "UNION ALL SELECT name FROM collections WHERE name = %s LIMIT 1", (name, name)).fetchone()
+        if row is None:
+            raise CollectionNotFound(name)
+        return str(row[0])
 
 
 # a collection's counts, the faces of the whole table (its HNSW index holds every collection's), and

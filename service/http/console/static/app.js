@@ -55,6 +55,8 @@ const ERROR_MESSAGES = {
   collection_not_found: "No collection of this name exists (it may have been deleted).",
   collection_exists: "A collection of this name already exists.",
   collection_protected: "The collection \"default\" always exists and cannot be deleted.",
+  collection_in_use: "Aliases point to this collection: re-point or delete them first.",
+  alias_not_found: "No alias of this name.",
   invalid_collection_name: "This collection name is not allowed (lower-case letters, digits, \"-\" and \"_\", up to 63, starting with a letter or digit).",
   key_not_found: "No API key with this id exists.",
   rate_limited: "Too many requests or faces for this key right now.",
