@@ -40,7 +40,7 @@ from ...model.calibration import FACES_COUNTED_PER_IDENTITY, counted_faces
 from ..api import DEFAULT_COLLECTION, Actor
 from ..results import EnrollResult, IdentityDetails, IdentityRecord
 from ..search import GalleryModelMismatch, Hit, Match, check_model, search_identities
-from .index import BackgroundSave, HnswIndex
+from .index import BackgroundSave, HnswIndex, SnapshotWriterStuck
 from .lock import DataDirLock
 from .snapshot import Layout, SnapshotFiles, SnapshotInvalid, read_layout
 from .store import Store
@@ -73,6 +73,10 @@ class GalleryOptions:
     # False: no thread of its own; the owner calls maintain() (EmbeddedGalleries: one thread for every
     # open collection)
     maintenance_thread: bool = True
+    # the forked snapshot writer is killed past this (1M faces: ~1-10 s); the next snapshot is then
+    # written in-process (under the read lock), so one stuck child never holds up the maintenance
+    # thread, and every collection it serves, for longer
+    snapshot_timeout_s: float = 120.0
 
 
 class ReadWriteLock:
@@ -118,7 +122,6 @@ class Gallery:
     STORE_FILE = "gallery.sqlite3"
     INDEX_FILE = "index.hnsw"
     INDEX_META_FILE = "index.json"
-    SNAPSHOT_WRITE_TIMEOUT_S = 900.0  # the forked snapshot writer is killed past this (1M faces: ~10 s)
     COMPACTION_CHUNK = 1000  # faces copied per hold of the read lock (get_items holds the GIL: ~40 ms)
     COMPACTION_CATCH_UP_ROUNDS = 5  # replays off the lock before the last one, under the write lock ...
     COMPACTION_FINAL_CHANGES = 100  # ... which comes as soon as at most this many writes are left
@@ -156,6 +159,8 @@ class Gallery:
         self._change_log: list[tuple[np.ndarray, np.ndarray | None]] | None = None
         # test hook, a real code path: called after each chunk a compaction copied, holding no lock
         self.compaction_hook: Callable[[], None] | None = None
+        self._fork_snapshots = True  # False after a stuck writer was killed: the next one is written in-process
+        self.snapshot_writers_killed = 0  # forked writers killed past options.snapshot_timeout_s (/metrics)
 
     @property
     def _live_store(self) -> Store:
@@ -335,10 +340,12 @@ class Gallery:
                         "faces": self._index.live, "max_face_id": max(self._label_identity, default=0)}
                 changes = self._changes
                 saving: BackgroundSave | None = None
-                try:
-                    saving = self._index.save_in_background(tmp)
-                except OSError:
-                    log.warning("could not fork to write the index snapshot; writing it under the lock", exc_info=True)
+                if self._fork_snapshots:
+                    try:
+                        saving = self._index.save_in_background(tmp)
+                    except OSError:
+                        log.warning("could not fork to write the index snapshot; writing it under the lock",
+                                    exc_info=True)
                 try:
                     if saving is None:
                         self._index.save(tmp)
@@ -350,15 +357,18 @@ class Gallery:
                 locked_s = time.perf_counter() - started
             try:
                 if saving is not None:
-                    saving.wait(self.SNAPSHOT_WRITE_TIMEOUT_S)
+                    saving.wait(self.options.snapshot_timeout_s)
                 meta, layout = self._files.prepare(tmp, meta, self.dim)
                 with self._lock.write():
                     erased, self._erased_since_save = self._erased_since_save, None
                     meta = self._files.install(tmp, meta, layout, erased, self.dim)
                     self._snapshot_meta, self._snapshot_layout = meta, layout
                     self._changes -= changes
-            except Exception:  # noqa: BLE001
-                log.warning("could not write index snapshot", exc_info=True)
+            except Exception as exc:  # noqa: BLE001
+                if isinstance(exc, SnapshotWriterStuck):
+                    self._writer_stuck(exc)
+                else:
+                    log.warning("could not write index snapshot", exc_info=True)
                 with self._lock.write():
                     self._erased_since_save = None
                     self._forget_snapshot()
@@ -366,10 +376,21 @@ class Gallery:
                 self._last_snapshot = time.monotonic()
                 return False
             self._last_snapshot = time.monotonic()
+            self._fork_snapshots = True
         log.info("index snapshot written", extra={"generation": meta["generation"], "faces": meta["faces"],
                                                   "seconds": round(time.perf_counter() - started, 3),
                                                   "read_lock_seconds": round(locked_s, 3)})
         return True
+
+    def _writer_stuck(self, exc: SnapshotWriterStuck) -> None:
+        """A forked writer ran past options.snapshot_timeout_s (BackgroundSave.wait killed it): counted,
+        logged; the next snapshot (at the next interval, or at close) is written in-process."""
+        self.snapshot_writers_killed += 1
+        self._fork_snapshots = False
+        log.error("snapshot writer stuck; killed",
+                  extra={"collection": self.name, "data_dir": str(self.data_dir), "pid": exc.pid,
+                         "timeout_s": exc.timeout, "killed_total": self.snapshot_writers_killed,
+                         "next_snapshot": "in-process"})
 
     def _maintain(self) -> None:
         tick = min(1.0, self.options.snapshot_interval_s)
@@ -599,4 +620,5 @@ class Gallery:
                 "index_tombstones": self._index.tombstones if ready else 0,
                 "index_dirty": int(self._dirty), "index_loading": int(not ready),
                 **{f"index_search_{kind}": count for kind, count in self._index.fallbacks.items()},
+                "snapshot_writers_killed": self.snapshot_writers_killed,
                 "generation": self._live_store.generation}

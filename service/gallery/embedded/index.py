@@ -56,6 +56,16 @@ def _max_fd() -> int:
         return 65536
 
 
+class SnapshotWriterStuck(RuntimeError):
+    """The forked snapshot writer ran past its time and was killed (a child of a process with many
+    threads can block forever on a lock another thread held at the fork)."""
+
+    def __init__(self, pid: int, timeout: float) -> None:
+        super().__init__(f"the snapshot writer (pid {pid}) ran past {timeout:g}s; killed")
+        self.pid = pid
+        self.timeout = timeout
+
+
 class BackgroundSave:
     """A child process writing a snapshot file (``HnswIndex.save_in_background``)."""
 
@@ -63,8 +73,8 @@ class BackgroundSave:
         self.pid = pid
 
     def wait(self, timeout: float) -> None:
-        """Wait (no lock needed) for the child; raises RuntimeError if it failed or ran past ``timeout``
-        (then it is killed)."""
+        """Wait (no lock needed) for the child; raises RuntimeError if it failed, SnapshotWriterStuck
+        if it ran past ``timeout`` (then it is killed and reaped)."""
         deadline = time.monotonic() + timeout
         while True:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
@@ -73,7 +83,7 @@ class BackgroundSave:
             if time.monotonic() > deadline:
                 os.kill(self.pid, signal.SIGKILL)
                 os.waitpid(self.pid, 0)
-                raise RuntimeError(f"the snapshot writer (pid {self.pid}) ran past {timeout:g}s; killed")
+                raise SnapshotWriterStuck(self.pid, timeout)
             time.sleep(0.02)
         if os.waitstatus_to_exitcode(status) != 0:
             raise RuntimeError(f"the snapshot writer (pid {self.pid}) failed: {os.waitstatus_to_exitcode(status)}")
