@@ -39,12 +39,22 @@ FaceChunks = Iterable[tuple[np.ndarray, np.ndarray]]
 FALLBACKS = ("capped", "exact")
 
 
+def _libc_prctl() -> Callable[..., int] | None:
+    """libc's prctl, looked up in the parent: a forked child must not call dlopen (another thread may
+    have held the dynamic loader's lock at the fork, and the child would wait for it forever)."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _libc_prctl()
+
+
 def _die_with_parent(parent: int) -> None:
     """Linux: SIGKILL this process when its parent dies (prctl PR_SET_PDEATHSIG)."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:  # the parent died before the prctl
         os._exit(1)
 
