@@ -315,7 +315,7 @@ class EmbeddedGalleries:
                 for name, entry in busy:
                     if entry.gallery is not None:
                         try:
-                            entry.gallery.maintain()
+                            entry.gallery.maintain(wait=False)  # never waits for a snapshot writer
                         except Exception:  # noqa: BLE001
                             log.exception("collection maintenance failed", extra={"collection": name})
             finally:

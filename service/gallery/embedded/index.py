@@ -86,17 +86,30 @@ class BackgroundSave:
         """Wait (no lock needed) for the child; raises RuntimeError if it failed, SnapshotWriterStuck
         if it ran past ``timeout`` (then it is killed and reaped)."""
         deadline = time.monotonic() + timeout
-        while True:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() > deadline:
-                os.kill(self.pid, signal.SIGKILL)
-                os.waitpid(self.pid, 0)
-                raise SnapshotWriterStuck(self.pid, timeout)
+        while not self.poll(deadline, timeout):
             time.sleep(0.02)
+
+    def poll(self, deadline: float, timeout: float) -> bool:
+        """True once the child has written the file, False while it runs; raises RuntimeError if it
+        failed, SnapshotWriterStuck (``timeout``: the figure for the message) once past ``deadline``
+        (time.monotonic), killing and reaping it first."""
+        pid, status = os.waitpid(self.pid, os.WNOHANG)
+        if not pid:
+            if time.monotonic() <= deadline:
+                return False
+            self.kill()
+            raise SnapshotWriterStuck(self.pid, timeout)
         if os.waitstatus_to_exitcode(status) != 0:
             raise RuntimeError(f"the snapshot writer (pid {self.pid}) failed: {os.waitstatus_to_exitcode(status)}")
+        return True
+
+    def kill(self) -> None:
+        """SIGKILL the child and reap it (it may have exited already)."""
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
 
 
 class HnswIndex:
