@@ -191,9 +191,9 @@ class Settings(BaseSettings):
     )
     compact_min_tombstones: int = Field(1000, ge=1, description="Compact only when at least this many index slots hold deleted faces.")
     snapshot_timeout_s: float = Field(
-        120.0, gt=0, description="Embedded backend: a forked index snapshot writer still running after this many "
-        "seconds is killed (logged, counted in /metrics) and the next snapshot is written in-process, so one stuck "
-        "writer never holds up the other collections' snapshots and idle closes for longer (1M faces: ~1-10 s).",
+        120.0, gt=0, description="Embedded backend: a forked index snapshot writer still running this many seconds "
+        "after its fork is killed (logged, counted in /metrics) and that collection's next snapshot is written "
+        "in-process. Maintenance never waits for a writer: a stuck one holds up no other collection (1M faces: ~1-10 s).",
     )
     verify_threshold: float | None = Field(
         None, ge=-1, le=1, description="1:1 cosine threshold; empty = the model's calibrated one."

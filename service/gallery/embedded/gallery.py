@@ -73,9 +73,9 @@ class GalleryOptions:
     # False: no thread of its own; the owner calls maintain() (EmbeddedGalleries: one thread for every
     # open collection)
     maintenance_thread: bool = True
-    # the forked snapshot writer is killed past this (1M faces: ~1-10 s); the next snapshot is then
-    # written in-process (under the read lock), so one stuck child never holds up the maintenance
-    # thread, and every collection it serves, for longer
+    # a forked snapshot writer still running this long after its fork is killed (1M faces take ~1-10 s);
+    # the next snapshot is then written in-process (under the read lock). Maintenance rounds never
+    # wait for a writer; snapshot() (close, tools) waits at most this long
     snapshot_timeout_s: float = 120.0
 
 
