@@ -11,8 +11,10 @@ back to back when an enroll is late), the main thread runs
 2. one maintenance round, ``Gallery.maintain()``: the compaction;
 3. ``Gallery.snapshot()``: the snapshot (its own phase: the snapshot is held off in round 2);
 
-and the script reports, per phase, enroll latency p50/p99/max and the slowest enrolls with their
-start times, the longest stall (the longest enroll), the phase's duration, the RSS the process
+and ``--readers`` threads identify meanwhile (``Gallery.search``, top 5, ``--reader-rate`` each per
+second). The script reports, per phase, enroll latency p50/p99/max and the slowest enrolls with their
+start times, the longest stall (the longest enroll, and the longest gap between two successive
+acknowledged enrolls), the identify latency, the phase's duration, the RSS the process
 grew by during the snapshot, and the gallery's own log figures (seconds under the write lock, for
 the snapshot under the read lock). With ``--baseline REF`` the same runs first against the
 ``service`` package of ``git archive REF`` (a child process with it first on ``sys.path``), so
@@ -70,6 +72,39 @@ def build_base(path: Path, faces: int) -> float:
     return time.perf_counter() - started
 
 
+class Reader(threading.Thread):
+    """Identifies a random probe (top 5) every 1/rate s; records (start, seconds) of each search."""
+
+    def __init__(self, gallery, rate: float, seed: int) -> None:
+        super().__init__(name=f"reader{seed}", daemon=True)
+        self.gallery, self.interval, self.seed = gallery, 1.0 / rate, seed
+        self.done = threading.Event()
+        self.records: list[tuple[float, float]] = []
+
+    def run(self) -> None:
+        rng = np.random.default_rng(100 + self.seed)
+        while not self.done.is_set():
+            v = rng.normal(size=(1, DIM)).astype(np.float32)
+            started = time.perf_counter()
+            self.gallery.search(v / np.linalg.norm(v), 5)
+            self.records.append((started, time.perf_counter() - started))
+            time.sleep(self.interval)
+
+
+def longest_gap_ms(records: list, start: float, end: float) -> float | None:
+    """The longest time in [start, end) without an acknowledged enroll (between two successive ones)."""
+    done = sorted(r[0] + r[1] for r in records if start <= r[0] + r[1] < end)
+    if not done:
+        return None
+    marks = [start, *done]
+    return round(max(b - a for a, b in zip(marks, marks[1:])) * 1000, 1)
+
+
+def reads_stats(readers: list, start: float, end: float) -> dict:
+    ms = [r[1] * 1000 for reader in readers for r in reader.records if r[0] < end and r[0] + r[1] >= start]
+    return {"searches": len(ms), **percentiles(ms), "max_ms": round(max(ms), 1) if ms else None}
+
+
 class Enroller(threading.Thread):
     """Enrolls one new identity with one face every 1/rate s (at once when behind); records each."""
 
@@ -117,7 +152,8 @@ class Figures(logging.Handler):
             self.records[record.getMessage()] = {k: getattr(record, k) for k in self.FIELDS if hasattr(record, k)}
 
 
-def measure(data_dir: Path, rate: float, delete_identities: int, idle_s: float) -> dict:
+def measure(data_dir: Path, rate: float, delete_identities: int, idle_s: float, readers: int = 0,
+            reader_rate: float = 20.0) -> dict:
     """One variant, in this process (its ``service`` is whichever is first on sys.path)."""
     import service
     from service.gallery import Gallery
@@ -134,8 +170,11 @@ def measure(data_dir: Path, rate: float, delete_identities: int, idle_s: float) 
     for i in range(delete_identities):
         gallery.delete(f"syn{i:08d}")
     enroller = Enroller(gallery, rate)
+    searchers = [Reader(gallery, reader_rate, i) for i in range(readers)]
     marks = {"idle": time.perf_counter()}
     enroller.start()
+    for reader in searchers:
+        reader.start()
     time.sleep(idle_s)
     marks["compaction"] = time.perf_counter()
     tombstones = gallery.stats()["index_tombstones"]
@@ -150,17 +189,27 @@ def measure(data_dir: Path, rate: float, delete_identities: int, idle_s: float) 
     time.sleep(1.0)
     enroller.done.set()
     enroller.join()
+    for reader in searchers:
+        reader.done.set()
+        reader.join()
     end = time.perf_counter()
     gallery.close()
     names = list(marks)
-    phases = {name: phase_stats(enroller.records, marks[name], marks[names[i + 1]] if i + 1 < len(names) else end)
-              for i, name in enumerate(names)}
-    busy = phase_stats(enroller.records, marks["compaction"], marks["tail"])
+    phases = {}
+    for i, name in enumerate(names):
+        until = marks[names[i + 1]] if i + 1 < len(names) else end
+        phases[name] = {**phase_stats(enroller.records, marks[name], until),
+                        "longest_gap_ms": longest_gap_ms(enroller.records, marks[name], until),
+                        "identify": reads_stats(searchers, marks[name], until)}
+    busy = {**phase_stats(enroller.records, marks["compaction"], marks["tail"]),
+            "longest_gap_ms": longest_gap_ms(enroller.records, marks["compaction"], marks["tail"]),
+            "identify": reads_stats(searchers, marks["compaction"], marks["tail"])}
     return {"service": str(Path(service.__file__).parent), "faces": faces, "open_seconds": round(open_s, 2),
             "deleted_faces": 2 * delete_identities, "tombstones_before": tombstones,
             "after_compaction": {k: compacted[k] for k in ("index_live", "index_tombstones", "index_capacity")},
             "snapshot_written": wrote, "phases": phases,
             "during_compaction_and_snapshot": busy, "longest_stall_ms": busy["max_ms"],
+            "longest_gap_between_enrolls_ms": busy["longest_gap_ms"],
             "snapshot_rss_growth_mb": round(phases["snapshot"]["rss_max_mb"] - rss_before_snapshot, 1),
             "peak_rss_mb": rss_mb(field="VmHWM"), "gallery_log": figures.records}
 
@@ -250,14 +299,16 @@ def run_variant(name: str, source: Path | None, base: Path, work: Path, args) ->
     paths = [str(source)] if source else []
     # bench.write_stalls imports no ``service`` module itself: measure() imports the one first on sys.path
     code = (f"import sys, json; from bench.write_stalls import measure; sys.path[:0] = {paths!r}; "
-            f"print(json.dumps(measure({str(data_dir)!r}, {args.rate}, {args.delete_identities}, {args.idle_s})))")
+            f"print(json.dumps(measure({str(data_dir)!r}, {args.rate}, {args.delete_identities}, {args.idle_s}, "
+            f"{args.readers}, {args.reader_rate})))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, stdout=subprocess.PIPE, text=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     shutil.rmtree(data_dir, ignore_errors=True)
     busy = result["during_compaction_and_snapshot"]
-    log.warning("%s: compaction %.1fs, snapshot %.2fs, enrolls p50 %.1f p99 %.1f max %.1f ms, snapshot RSS +%.0f MB",
-                name, result["phases"]["compaction"]["seconds"], result["phases"]["snapshot"]["seconds"],
-                busy["p50_ms"], busy["p99_ms"], busy["max_ms"], result["snapshot_rss_growth_mb"])
+    log.warning("%s: compaction %.1fs, snapshot %.2fs, enrolls p50 %.1f p99 %.1f max %.1f ms, longest gap %s ms, "
+                "snapshot RSS +%.0f MB", name, result["phases"]["compaction"]["seconds"],
+                result["phases"]["snapshot"]["seconds"], busy["p50_ms"], busy["p99_ms"], busy["max_ms"],
+                busy["longest_gap_ms"], result["snapshot_rss_growth_mb"])
     return result
 
 
@@ -270,6 +321,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rate", type=float, default=20.0, help="enrolls per second")
     parser.add_argument("--delete-identities", type=int, default=250, help="deleted before the compaction")
     parser.add_argument("--idle-s", type=float, default=3.0)
+    parser.add_argument("--readers", type=int, default=2, help="identify threads beside the enroller")
+    parser.add_argument("--reader-rate", type=float, default=20.0, help="searches per second per reader")
     parser.add_argument("--graph-copy-faces", type=int, nargs="*", default=[],
                         help="also time the lock-held part of a snapshot on synthetic graphs of these sizes")
     parser.add_argument("--skip-stalls", action="store_true", help="only the --graph-copy-faces part")

@@ -198,6 +198,11 @@ class Settings(BaseSettings):
         "(deleted slots are reused by new faces; compaction rebuilds the graph without them).",
     )
     compact_min_tombstones: int = Field(1000, ge=1, description="Compact only when at least this many index slots hold deleted faces.")
+    snapshot_timeout_s: float = Field(
+        120.0, gt=0, description="Embedded backend: a forked index snapshot writer still running this many seconds "
+        "after its fork is killed (logged, counted in /metrics) and that collection's next snapshot is written "
+        "in-process. Maintenance never waits for a writer: a stuck one holds up no other collection (1M faces: ~1-10 s).",
+    )
     verify_threshold: float | None = Field(
         None, ge=-1, le=1, description="1:1 cosine threshold; empty = the model's calibrated one."
     )

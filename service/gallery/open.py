@@ -28,7 +28,8 @@ def make_gallery(settings: Settings, model_id: str, dim: int, data_dir: Path | N
     options = GalleryOptions(snapshot_interval_s=settings.snapshot_interval_s,
                              snapshot_min_changes=settings.snapshot_min_changes,
                              compact_tombstone_ratio=settings.compact_tombstone_ratio,
-                             compact_min_tombstones=settings.compact_min_tombstones, maintenance_thread=False)
+                             compact_min_tombstones=settings.compact_min_tombstones, maintenance_thread=False,
+                             snapshot_timeout_s=settings.snapshot_timeout_s)
 
     def collection(directory: Path, name: str) -> Gallery:
         return Gallery(directory, model_id, dim, m=settings.hnsw_m, ef_construction=settings.hnsw_ef_construction,

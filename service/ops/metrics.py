@@ -37,6 +37,24 @@ class SearchFallbacks(Collector):
         yield family
 
 
+class SnapshotWriters(Collector):
+    """Forked index snapshot writers killed after FACE_SNAPSHOT_TIMEOUT_S (embedded backend; counted by the
+    galleries, ``stats()`` ``snapshot_writers_killed``, copied here at each scrape; 0 on postgres)."""
+
+    def __init__(self) -> None:
+        self.killed = 0
+
+    def update(self, stats: dict[str, int]) -> None:
+        self.killed = stats.get("snapshot_writers_killed", 0)
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "face_index_snapshot_writers_killed", "Index snapshot writers (forked children) killed for running past "
+            "FACE_SNAPSHOT_TIMEOUT_S; the next snapshot of that collection is written in-process")
+        family.add_metric([], self.killed)
+        yield family
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -72,6 +90,8 @@ class Metrics:
         self.registry.register(self.read_targets)
         self.search_fallbacks = SearchFallbacks()
         self.registry.register(self.search_fallbacks)
+        self.snapshot_writers = SnapshotWriters()
+        self.registry.register(self.snapshot_writers)
 
     def observe_detection(self, faces: int, seconds: float) -> None:
         self.faces_detected.inc(faces)

@@ -9,6 +9,7 @@ schema per test). The backends are made from Settings by ``make_gallery``, as th
 from __future__ import annotations
 
 import gc
+import os
 import signal
 import subprocess
 import sys
@@ -675,3 +676,74 @@ for i in itertools.count():
     assert stored == recorded
     for name, identity in acknowledged[-3:]:
         assert g.collection(name).get_identity(identity) is not None
+
+
+def kill_forked_children() -> None:
+    """SIGKILL this process's forked children (same command line: a snapshot writer), none other."""
+    me = Path(f"/proc/{os.getpid()}/cmdline").read_bytes()
+    for proc in Path("/proc").iterdir():
+        try:
+            if (proc.name.isdigit() and (proc / "stat").read_text().rsplit(")", 1)[1].split()[1] == str(os.getpid())
+                    and (proc / "cmdline").read_bytes() == me):
+                os.kill(int(proc.name), signal.SIGKILL)
+        except (OSError, IndexError):
+            continue
+
+
+def test_stuck_snapshot_writer_is_killed_and_never_stalls_other_collections(tmp_path, caplog):
+    """A forked snapshot writer that never finishes (here: its file is a FIFO nobody reads, so the
+    child blocks in open(), as a child blocks on a lock another thread held at the fork) does not
+    hold up the one maintenance thread: the other collection is snapshotted (before the stuck writer
+    is killed: rounds do not wait for writers) and closed when idle; the stuck writer is killed after
+    FACE_SNAPSHOT_TIMEOUT_S, logged and counted, the stuck collection's snapshot is written on a
+    later round (in-process), and nothing acknowledged is lost. Before, the maintenance thread
+    waited up to 900 s for the child, and every other collection with it."""
+    import logging
+
+    from prometheus_client import generate_latest
+
+    from service.ops.metrics import Metrics
+
+    caplog.set_level(logging.INFO, logger="service.gallery.embedded")
+    rng = np.random.default_rng(17)
+    g = embedded(tmp_path, snapshot_interval_s=1.0, collection_idle_s=3.0, snapshot_timeout_s=5.0)
+    root = tmp_path / "data" / "collections"
+    fifo = root / "stuck" / "index.hnsw.tmp"
+    vectors = {name: unit(rng, 1) for name in ("stuck", "other")}
+    try:
+        g.create_collection("stuck")
+        g.create_collection("other")
+        g.collection("stuck").enroll("a", vectors["stuck"])  # opened first: maintained first in each round
+        os.mkfifo(fifo)  # its next snapshot writer blocks on it
+        g.collection("other").enroll("b", vectors["other"])
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (
+                (root / "other" / "index.json").exists() and "other" not in g.open_collections()):
+            time.sleep(0.05)
+        assert (root / "other" / "index.json").exists(), "the other collection's snapshot was never written"
+        assert "other" not in g.open_collections(), "the idle collection was never closed"
+        while time.monotonic() < deadline and not any(r.getMessage() == "snapshot writer stuck; killed"
+                                                      for r in caplog.records):
+            time.sleep(0.05)
+        events = [(r.getMessage(), getattr(r, "collection", None)) for r in caplog.records]
+        killed = [r for r in caplog.records if r.getMessage() == "snapshot writer stuck; killed"]
+        assert killed and killed[0].collection == "stuck" and killed[0].timeout_s == 5.0
+        # the round did not wait for the stuck writer: the other collection was snapshotted before it was killed
+        assert events.index(("index snapshot written", "other")) < events.index(
+            ("snapshot writer stuck; killed", "stuck")), events
+        assert g.stats().extra["snapshot_writers_killed"] >= 1
+        metrics = Metrics()
+        metrics.snapshot_writers.update(g.stats().extra)
+        assert b"face_index_snapshot_writers_killed_total 1.0" in generate_latest(metrics.registry)
+        while time.monotonic() < deadline and not (root / "stuck" / "index.json").exists():
+            time.sleep(0.05)
+        assert (root / "stuck" / "index.json").exists(), "the stuck collection's snapshot was never retried"
+    finally:
+        kill_forked_children()  # the code before the bound: its child would block close() for 900 s
+        g.close()
+    g = embedded(tmp_path)
+    try:
+        for name, v in vectors.items():
+            assert g.collection(name).search(v, 1)[0][0].identity_id == {"stuck": "a", "other": "b"}[name]
+    finally:
+        g.close()

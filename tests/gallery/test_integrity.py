@@ -477,3 +477,91 @@ g.snapshot()
     g = opened(tmp_path)  # not DataDirLocked
     assert g.search(np.ones((1, DIM), np.float32), 1)[0][0].identity_id == "a"
     g.close()
+
+
+KILLED_MID_MAINTENANCE = """
+import os, sys, threading
+import numpy as np
+from service.gallery import Gallery, GalleryOptions
+
+def vec(i):
+    v = np.random.default_rng(i).normal(size=(1, {dim})).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+g = Gallery({path!r}, "m@1", {dim}, options=GalleryOptions(
+    snapshot_interval_s=0, compact_min_tombstones=10, compact_tombstone_ratio=0.5))
+g.open()
+for i in range(300):
+    g.enroll(f"s{{i}}", vec(i))
+g.snapshot()
+for i in range(160):
+    g.delete(f"s{{i}}")
+
+def writer():
+    j = 0
+    while True:
+        g.enroll(f"w{{j}}", vec(10_000 + j))
+        print(f"+w{{j}}", flush=True)  # acknowledged
+        if j % 3 == 0 and g.delete(f"s{{160 + j // 3}}"):
+            print(f"-s{{160 + j // 3}}", flush=True)
+        j += 1
+
+if {during!r} == "compaction":
+    g.COMPACTION_CHUNK = 10
+    def hook():  # the build stops in its first chunk, holding no lock, until the process is killed
+        print("maintaining", flush=True)
+        threading.Thread(target=writer, daemon=True).start()
+        threading.Event().wait()
+    g.compaction_hook = hook
+    g.maintain()
+    sys.exit("no compaction ran")
+else:
+    os.mkfifo(g._files.temp)  # the forked writer blocks on it: the snapshot never ends
+    threading.Thread(target=writer, daemon=True).start()
+    print("maintaining", flush=True)
+    g.snapshot()
+"""
+
+
+@pytest.mark.parametrize("during", ["compaction", "snapshot"])
+def test_kill_9_during_maintenance_loses_no_acknowledged_write(tmp_path, during):
+    """A real process enrolls and deletes while a compaction builds (or a snapshot is written), and
+    is killed with SIGKILL mid-way: after a restart every acknowledged enrollment is found, no
+    acknowledged delete comes back."""
+    script = KILLED_MID_MAINTENANCE.format(path=str(tmp_path), dim=DIM, during=during)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=Path(__file__).resolve().parents[2])
+    lines: list[str] = []
+    assert proc.stdout is not None
+    watchdog = threading.Timer(120, proc.kill)  # writes that wait for the maintenance: fail, do not hang
+    watchdog.start()
+    try:
+        for line in proc.stdout:
+            lines.append(line.strip())
+            if "maintaining" in lines and sum(x.startswith("-") for x in lines) >= 10:
+                break  # enrolls and deletes acknowledged while the maintenance runs
+    finally:
+        proc.kill()  # SIGKILL
+        out, err = proc.communicate(timeout=60)
+        watchdog.cancel()
+    lines += out.split()
+    assert proc.returncode == -signal.SIGKILL, err[-2000:]
+    assert "maintaining" in lines and sum(x.startswith("-") for x in lines) >= 10, err[-2000:]
+    enrolled = [x[1:] for x in lines if x.startswith("+")]
+    deleted = [f"s{i}" for i in range(160)] + [x[1:] for x in lines if x.startswith("-")]
+
+    def vec(i):
+        v = np.random.default_rng(i).normal(size=(1, DIM)).astype(np.float32)
+        return v / np.linalg.norm(v)
+
+    g = opened(tmp_path)
+    try:
+        for name in enrolled:
+            assert g.get_identity(name) is not None
+            assert g.search(vec(10_000 + int(name[1:])), 1)[0][0].identity_id == name
+        for name in deleted:
+            assert g.get_identity(name) is None
+            assert all(m.identity_id != name for m in g.search(vec(int(name[1:])), 5)[0])
+        assert g.stats()["index_live"] == g.stats()["faces"]
+    finally:
+        g.close()

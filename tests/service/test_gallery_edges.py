@@ -93,6 +93,8 @@ def probe_the_crowd(client, rng, prefix: str, faces: dict[str, np.ndarray]) -> N
             assert c["score"] == pytest.approx(best, abs=1e-4)
     if client.backend == "embedded":  # the index said how it answered (postgres never needs to fall back)
         assert metric(client, 'face_index_search_fallbacks_total{kind="exact"}') > fallbacks_before
+    # no snapshot writer was stuck (a series both backends show: 0 on postgres, which forks none)
+    assert metric(client, "face_index_snapshot_writers_killed_total") == 0
     # and the keep-alive connection survived: the same client goes on
     assert client.get("/healthz").status_code == 200
 

@@ -143,6 +143,7 @@ class EmbeddedGalleries:
         self._shape = threading.RLock()  # creates and deletes vs reads of every collection's files
         self._stop = threading.Event()
         self._maintainer: threading.Thread | None = None
+        self._writers_killed_closed = 0  # stuck snapshot writers killed by galleries closed since (stats)
         self._opened = False
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -205,6 +206,7 @@ class EmbeddedGalleries:
                     gallery, entry.gallery, entry.backend = entry.gallery, None, None
                 if gallery is not None:
                     gallery.close()
+                    self._closed(gallery)
         with self._catalog_mutex:
             if self._catalog_opened is not None:
                 self._catalog_opened.close()
@@ -316,7 +318,7 @@ class EmbeddedGalleries:
                 for name, entry in busy:
                     if entry.gallery is not None:
                         try:
-                            entry.gallery.maintain()
+                            entry.gallery.maintain(wait=False)  # never waits for a snapshot writer
                         except Exception:  # noqa: BLE001
                             log.exception("collection maintenance failed", extra={"collection": name})
             finally:
@@ -343,6 +345,7 @@ class EmbeddedGalleries:
                 # lifecycle lock, then opens it again (a second entry would find the directory locked)
                 if gallery is not None:
                     gallery.close()
+                    self._closed(gallery)
                     log.info("idle collection closed", extra={"collection": name})
                 with self._mutex:
                     if entry.refs == 0 and entry.gallery is None and self._entries.get(name) is entry:
@@ -387,6 +390,7 @@ class EmbeddedGalleries:
                             gallery, entry.gallery, entry.backend = entry.gallery, None, None
                         if gallery is not None:
                             gallery.close(snapshot=False)
+                            self._closed(gallery)
                 directory = self._directory(name)
                 store = directory / Gallery.STORE_FILE
                 trail: list[audit.Row] = []
@@ -509,7 +513,8 @@ class EmbeddedGalleries:
         collections there are and are open."""
         stats = self.collection(DEFAULT_COLLECTION).stats()
         extra = {**stats.extra, "collections": len(self._catalog.collections()),
-                 "collections_open": len(self.open_collections())}
+                 "collections_open": len(self.open_collections()),
+                 "snapshot_writers_killed": self._snapshot_writers_killed()}
         return GalleryStats(self.backend, stats.identities, stats.faces, stats.index_live, extra)
 
     def read_targets(self) -> list[ReadTarget]:
@@ -535,6 +540,16 @@ class EmbeddedGalleries:
         if name not in self._catalog.collections():
             raise CollectionNotFound(name)
         return name
+    def _closed(self, gallery: Gallery) -> None:
+        """Keep what a closed gallery counted (its stuck snapshot writers) for stats()."""
+        with self._mutex:
+            self._writers_killed_closed += gallery.snapshot_writers_killed
+
+    def _snapshot_writers_killed(self) -> int:
+        """Stuck snapshot writers killed since start, by every collection, open or closed since."""
+        with self._mutex:
+            return self._writers_killed_closed + sum(
+                e.gallery.snapshot_writers_killed for e in self._entries.values() if e.gallery is not None)
 
 
 class _CollectionHandle:

@@ -40,7 +40,7 @@ from ...model.calibration import FACES_COUNTED_PER_IDENTITY, counted_faces
 from ..api import DEFAULT_COLLECTION, Actor
 from ..results import EnrollResult, IdentityDetails, IdentityRecord, MergeResult, MoveResult
 from ..search import GalleryModelMismatch, Hit, Match, check_model, search_identities
-from .index import BackgroundSave, HnswIndex
+from .index import BackgroundSave, HnswIndex, SnapshotWriterStuck
 from .lock import DataDirLock
 from .snapshot import Layout, SnapshotFiles, SnapshotInvalid, read_layout
 from .store import Store
@@ -73,6 +73,10 @@ class GalleryOptions:
     # False: no thread of its own; the owner calls maintain() (EmbeddedGalleries: one thread for every
     # open collection)
     maintenance_thread: bool = True
+    # a forked snapshot writer still running this long after its fork is killed (1M faces take ~1-10 s);
+    # the next snapshot is then written in-process (under the read lock). Maintenance rounds never
+    # wait for a writer; snapshot() (close, tools) waits at most this long
+    snapshot_timeout_s: float = 120.0
 
 
 class ReadWriteLock:
@@ -114,11 +118,24 @@ class ReadWriteLock:
                 self._cond.notify_all()
 
 
+@dataclass
+class _SnapshotWriting:
+    """A snapshot started and not yet in place: its writer (None: saved in-process), its meta, the
+    changes it covers, when it began (perf_counter), its seconds under the read lock, and when its
+    writer is killed (monotonic)."""
+
+    saving: BackgroundSave | None
+    meta: dict
+    changes: int
+    started: float
+    locked_s: float
+    deadline: float
+
+
 class Gallery:
     STORE_FILE = "gallery.sqlite3"
     INDEX_FILE = "index.hnsw"
     INDEX_META_FILE = "index.json"
-    SNAPSHOT_WRITE_TIMEOUT_S = 900.0  # the forked snapshot writer is killed past this (1M faces: ~10 s)
     COMPACTION_CHUNK = 1000  # faces copied per hold of the read lock (get_items holds the GIL: ~40 ms)
     COMPACTION_CATCH_UP_ROUNDS = 5  # replays off the lock before the last one, under the write lock ...
     COMPACTION_FINAL_CHANGES = 100  # ... which comes as soon as at most this many writes are left
@@ -156,6 +173,9 @@ class Gallery:
         self._change_log: list[tuple[np.ndarray, np.ndarray | None]] | None = None
         # test hook, a real code path: called after each chunk a compaction copied, holding no lock
         self.compaction_hook: Callable[[], None] | None = None
+        self._fork_snapshots = True  # False after a stuck writer was killed: the next one is written in-process
+        self._writing: _SnapshotWriting | None = None  # a snapshot whose writer a maintenance round started
+        self.snapshot_writers_killed = 0  # forked writers killed past options.snapshot_timeout_s (/metrics)
 
     @property
     def _live_store(self) -> Store:
@@ -310,6 +330,8 @@ class Gallery:
             self._maintainer.join()
         if self._ready.is_set() and snapshot:
             self.snapshot()
+        else:
+            self._abandon_snapshot()
         with self._lock.write():
             self.store.close()
             self.store = None
@@ -317,70 +339,137 @@ class Gallery:
 
     # --- snapshots and maintenance -----------------------------------------------------------
     def snapshot(self) -> bool:
-        """Write the index to disk (durably, with checksums). Skipped while the index is dirty.
+        """Write the index to disk (durably, with checksums) and wait for it. Skipped while the index
+        is dirty.
 
         The read side of the lock is held only to fork the process (index.py: the child writes the
         graph as it was at the fork; searches go on, writes wait for the fork only); deleted vectors
         are zeroed, the file fsynced and checksummed without the lock, and faces erased meanwhile are
         zeroed in the new file before it is put in place (under the write side, a few fsyncs). Where
-        the process cannot fork, hnswlib saves under the read lock, as before."""
+        the process cannot fork, or its last forked writer was stuck, hnswlib saves under the read
+        lock. A snapshot the maintenance round started (``_snapshot_step``) is finished first."""
         with self._snapshot_mutex:
-            started = time.perf_counter()
-            tmp = self._files.temp
-            with self._lock.read():
-                if self._dirty:
-                    log.warning("index snapshot skipped: the index is being repaired")
-                    return False
-                meta = {"generation": self._live_store.generation, "model_id": self.model_id, "dim": self.dim,
-                        "faces": self._index.live, "max_face_id": max(self._label_identity, default=0)}
-                changes = self._changes
-                saving: BackgroundSave | None = None
+            if self._writing is not None:
+                self._finish_snapshot(block=True)
+            if not self._start_snapshot():
+                return False
+            return self._finish_snapshot(block=True) is True
+
+    def _snapshot_step(self, block: bool) -> None:
+        """The maintenance round's part: start a snapshot, or see whether the one started in an
+        earlier round is written (then put it in place). Unless ``block``, never waiting for the
+        child: a stuck child does not hold up the other collections the maintenance thread serves
+        (it is killed once past options.snapshot_timeout_s)."""
+        with self._snapshot_mutex:
+            if self._writing is None and not self._start_snapshot():
+                return
+            self._finish_snapshot(block)
+
+    def _start_snapshot(self) -> bool:
+        """Fork the writer (or save in-process) under the read lock; False if skipped or failed
+        (caller holds _snapshot_mutex)."""
+        started = time.perf_counter()
+        tmp = self._files.temp
+        with self._lock.read():
+            if self._dirty:
+                log.warning("index snapshot skipped: the index is being repaired")
+                return False
+            meta = {"generation": self._live_store.generation, "model_id": self.model_id, "dim": self.dim,
+                    "faces": self._index.live, "max_face_id": max(self._label_identity, default=0)}
+            changes = self._changes
+            saving: BackgroundSave | None = None
+            if self._fork_snapshots:
                 try:
                     saving = self._index.save_in_background(tmp)
                 except OSError:
-                    log.warning("could not fork to write the index snapshot; writing it under the lock", exc_info=True)
-                try:
-                    if saving is None:
-                        self._index.save(tmp)
-                except Exception:  # noqa: BLE001 - the store is the truth; the next start rebuilds
-                    log.warning("could not save the index", exc_info=True)
-                    self._last_snapshot = time.monotonic()  # retry at the next interval, not every tick
-                    return False
-                self._erased_since_save = []  # writers append from now on (they wait for this lock)
-                locked_s = time.perf_counter() - started
+                    log.warning("could not fork to write the index snapshot; writing it under the lock",
+                                exc_info=True)
             try:
-                if saving is not None:
-                    saving.wait(self.SNAPSHOT_WRITE_TIMEOUT_S)
-                meta, layout = self._files.prepare(tmp, meta, self.dim)
-                with self._lock.write():
-                    erased, self._erased_since_save = self._erased_since_save, None
-                    meta = self._files.install(tmp, meta, layout, erased, self.dim)
-                    self._snapshot_meta, self._snapshot_layout = meta, layout
-                    self._changes -= changes
-            except Exception:  # noqa: BLE001
-                log.warning("could not write index snapshot", exc_info=True)
-                with self._lock.write():
-                    self._erased_since_save = None
-                    self._forget_snapshot()
-                tmp.unlink(missing_ok=True)
-                self._last_snapshot = time.monotonic()
+                if saving is None:
+                    self._index.save(tmp)
+            except Exception:  # noqa: BLE001 - the store is the truth; the next start rebuilds
+                log.warning("could not save the index", exc_info=True)
+                self._last_snapshot = time.monotonic()  # retry at the next interval, not every tick
                 return False
-            self._last_snapshot = time.monotonic()
-        log.info("index snapshot written", extra={"generation": meta["generation"], "faces": meta["faces"],
-                                                  "seconds": round(time.perf_counter() - started, 3),
-                                                  "read_lock_seconds": round(locked_s, 3)})
+            self._erased_since_save = []  # writers append from now on (they wait for this lock)
+            self._writing = _SnapshotWriting(saving, meta, changes, started, time.perf_counter() - started,
+                                             time.monotonic() + self.options.snapshot_timeout_s)
         return True
+
+    def _finish_snapshot(self, block: bool) -> bool | None:
+        """The snapshot in progress: None while its writer still runs (``block`` False), else True
+        once it is in place, False if it failed (caller holds _snapshot_mutex)."""
+        writing = self._writing
+        assert writing is not None
+        tmp = self._files.temp
+        try:
+            if writing.saving is not None:
+                timeout = self.options.snapshot_timeout_s
+                if block:
+                    writing.saving.wait(max(0.0, writing.deadline - time.monotonic()))
+                elif not writing.saving.poll(writing.deadline, timeout):
+                    return None
+            self._writing = None
+            meta, layout = self._files.prepare(tmp, writing.meta, self.dim)
+            with self._lock.write():
+                erased, self._erased_since_save = self._erased_since_save or [], None
+                meta = self._files.install(tmp, meta, layout, erased, self.dim)
+                self._snapshot_meta, self._snapshot_layout = meta, layout
+                self._changes -= writing.changes
+        except Exception as exc:  # noqa: BLE001
+            self._writing = None
+            if isinstance(exc, SnapshotWriterStuck):
+                self._writer_stuck(exc)
+            else:
+                log.warning("could not write index snapshot", exc_info=True)
+            with self._lock.write():
+                self._erased_since_save = None
+                self._forget_snapshot()
+            tmp.unlink(missing_ok=True)
+            self._last_snapshot = time.monotonic()
+            return False
+        self._last_snapshot = time.monotonic()
+        self._fork_snapshots = True
+        log.info("index snapshot written", extra={"collection": self.name, "generation": meta["generation"],
+                                                  "faces": meta["faces"],
+                                                  "seconds": round(time.perf_counter() - writing.started, 3),
+                                                  "read_lock_seconds": round(writing.locked_s, 3)})
+        return True
+
+    def _abandon_snapshot(self) -> None:
+        """Kill the writer of a snapshot in progress and drop its file (a collection being erased)."""
+        with self._snapshot_mutex:
+            writing, self._writing = self._writing, None
+            if writing is None:
+                return
+            if writing.saving is not None:
+                writing.saving.kill()
+            with self._lock.write():
+                self._erased_since_save = None
+            self._files.temp.unlink(missing_ok=True)
+
+    def _writer_stuck(self, exc: SnapshotWriterStuck) -> None:
+        """A forked writer ran past options.snapshot_timeout_s (BackgroundSave.wait killed it): counted,
+        logged; the next snapshot (at the next interval, or at close) is written in-process."""
+        self.snapshot_writers_killed += 1
+        self._fork_snapshots = False
+        log.error("snapshot writer stuck; killed",
+                  extra={"collection": self.name, "data_dir": str(self.data_dir), "pid": exc.pid,
+                         "timeout_s": self.options.snapshot_timeout_s, "killed_total": self.snapshot_writers_killed,
+                         "next_snapshot": "in-process"})
 
     def _maintain(self) -> None:
         tick = min(1.0, self.options.snapshot_interval_s)
         while not self._stop.wait(tick):
             try:
-                self.maintain()
+                self.maintain(wait=False)
             except Exception:  # noqa: BLE001 - keep maintaining; the store stays the truth
                 log.exception("gallery maintenance failed")
 
-    def maintain(self, force_snapshot: bool = False) -> None:
-        """One round: repair a dirty index, compact tombstones, snapshot if due. Rounds do not overlap."""
+    def maintain(self, force_snapshot: bool = False, wait: bool = True) -> None:
+        """One round: repair a dirty index, compact tombstones, snapshot if due. Rounds do not overlap.
+        ``wait`` False (the maintenance threads): a snapshot's writer is forked and left running; a
+        later round puts its file in place."""
         with self._maintenance_mutex:
             if self._dirty:
                 with self._lock.write():
@@ -391,8 +480,10 @@ class Gallery:
                 self._compact()
             due = (time.monotonic() - self._last_snapshot >= self.options.snapshot_interval_s
                    and self._changes >= self.options.snapshot_min_changes)
-            if due or force_snapshot:
+            if force_snapshot:
                 self.snapshot()
+            elif due or self._writing is not None:
+                self._snapshot_step(block=wait)
 
     def _compaction_due(self) -> bool:
         tombstones = self._index.tombstones
@@ -639,4 +730,5 @@ class Gallery:
                 "index_tombstones": self._index.tombstones if ready else 0,
                 "index_dirty": int(self._dirty), "index_loading": int(not ready),
                 **{f"index_search_{kind}": count for kind, count in self._index.fallbacks.items()},
+                "snapshot_writers_killed": self.snapshot_writers_killed,
                 "generation": self._live_store.generation}

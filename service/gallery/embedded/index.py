@@ -39,12 +39,22 @@ FaceChunks = Iterable[tuple[np.ndarray, np.ndarray]]
 FALLBACKS = ("capped", "exact")
 
 
+def _libc_prctl() -> Callable[..., int] | None:
+    """libc's prctl, looked up in the parent: a forked child must not call dlopen (another thread may
+    have held the dynamic loader's lock at the fork, and the child would wait for it forever)."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _libc_prctl()
+
+
 def _die_with_parent(parent: int) -> None:
     """Linux: SIGKILL this process when its parent dies (prctl PR_SET_PDEATHSIG)."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:  # the parent died before the prctl
         os._exit(1)
 
@@ -56,6 +66,16 @@ def _max_fd() -> int:
         return 65536
 
 
+class SnapshotWriterStuck(RuntimeError):
+    """The forked snapshot writer ran past its time and was killed (a child of a process with many
+    threads can block forever on a lock another thread held at the fork)."""
+
+    def __init__(self, pid: int, timeout: float) -> None:
+        super().__init__(f"the snapshot writer (pid {pid}) ran past {timeout:g}s; killed")
+        self.pid = pid
+        self.timeout = timeout
+
+
 class BackgroundSave:
     """A child process writing a snapshot file (``HnswIndex.save_in_background``)."""
 
@@ -63,20 +83,33 @@ class BackgroundSave:
         self.pid = pid
 
     def wait(self, timeout: float) -> None:
-        """Wait (no lock needed) for the child; raises RuntimeError if it failed or ran past ``timeout``
-        (then it is killed)."""
+        """Wait (no lock needed) for the child; raises RuntimeError if it failed, SnapshotWriterStuck
+        if it ran past ``timeout`` (then it is killed and reaped)."""
         deadline = time.monotonic() + timeout
-        while True:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() > deadline:
-                os.kill(self.pid, signal.SIGKILL)
-                os.waitpid(self.pid, 0)
-                raise RuntimeError(f"the snapshot writer (pid {self.pid}) ran past {timeout:g}s; killed")
+        while not self.poll(deadline, timeout):
             time.sleep(0.02)
+
+    def poll(self, deadline: float, timeout: float) -> bool:
+        """True once the child has written the file, False while it runs; raises RuntimeError if it
+        failed, SnapshotWriterStuck (``timeout``: the figure for the message) once past ``deadline``
+        (time.monotonic), killing and reaping it first."""
+        pid, status = os.waitpid(self.pid, os.WNOHANG)
+        if not pid:
+            if time.monotonic() <= deadline:
+                return False
+            self.kill()
+            raise SnapshotWriterStuck(self.pid, timeout)
         if os.waitstatus_to_exitcode(status) != 0:
             raise RuntimeError(f"the snapshot writer (pid {self.pid}) failed: {os.waitstatus_to_exitcode(status)}")
+        return True
+
+    def kill(self) -> None:
+        """SIGKILL the child and reap it (it may have exited already)."""
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
 
 
 class HnswIndex:
