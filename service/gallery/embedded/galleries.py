@@ -540,6 +540,7 @@ class EmbeddedGalleries:
         if name not in self._catalog.collections():
             raise CollectionNotFound(name)
         return name
+
     def _closed(self, gallery: Gallery) -> None:
         """Keep what a closed gallery counted (its stuck snapshot writers) for stats()."""
         with self._mutex:
