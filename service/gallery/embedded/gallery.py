@@ -38,6 +38,7 @@ import numpy as np
 
 from ...model.calibration import FACES_COUNTED_PER_IDENTITY, counted_faces
 from ..api import DEFAULT_COLLECTION, Actor
+from ..crops import CropCipher
 from ..results import EnrollResult, IdentityDetails, IdentityRecord
 from ..search import GalleryModelMismatch, Hit, Match, check_model, search_identities
 from .index import BackgroundSave, HnswIndex
@@ -156,6 +157,8 @@ class Gallery:
         self._change_log: list[tuple[np.ndarray, np.ndarray | None]] | None = None
         # test hook, a real code path: called after each chunk a compaction copied, holding no lock
         self.compaction_hook: Callable[[], None] | None = None
+        # seals kept crops (keep_crops collections); set by whoever makes the gallery (open.make_gallery)
+        self.crop_cipher: CropCipher | None = None
 
     @property
     def _live_store(self) -> Store:
@@ -507,14 +510,17 @@ class Gallery:
             log.warning("WAL checkpoint busy after a delete; the next one truncates it")
 
     def enroll(self, identity_id: str, embeddings: np.ndarray, metadata: dict | None = None,
-               replace: bool = False, max_faces: int | None = None, actor: Actor | None = None) -> EnrollResult:
+               replace: bool = False, max_faces: int | None = None, actor: Actor | None = None,
+               crops: list[bytes] | None = None) -> EnrollResult:
         """Add faces to an identity (created if new), or with ``replace`` swap its faces for these;
         TooManyFacesForIdentity (nothing written) if it would hold more than ``max_faces``. ``actor``:
-        the audit entry is committed with the faces."""
+        the audit entry is committed with the faces; ``crops`` (one per face) are sealed and stored with them."""
         embeddings = self._check_vectors(embeddings)
         self._require_ready()
+        seal = None if crops is None or self.crop_cipher is None else self.crop_cipher.sealer(self.name)
         with self._lock.write():
-            added = self._live_store.add_faces(identity_id, embeddings, metadata, replace, max_faces, actor, self.name)
+            added = self._live_store.add_faces(identity_id, embeddings, metadata, replace, max_faces, actor, self.name,
+                                               crops, seal)
             before = added.face_count - len(added.face_ids) + len(added.removed)
             self.counted_faces += counted_faces(added.face_count) - counted_faces(before)
             # committed: from here on the enrollment is durable; the index follows the store
@@ -584,6 +590,15 @@ class Gallery:
 
     def list_identities(self, limit: int, after: str | None) -> list[IdentityRecord]:
         return self._live_store.list_identities(limit, after)
+
+    def face_crop(self, face_id: int) -> bytes | None:
+        return self._live_store.face_crop(face_id)
+
+    def iter_crops(self, after_face_id: int = 0, limit: int = 256) -> list[tuple[int, str, bytes]]:
+        return self._live_store.iter_crops(after_face_id, limit)
+
+    def crop_count(self) -> int:
+        return self._live_store.crop_count()
 
     @property
     def face_count(self) -> int:
