@@ -2,7 +2,8 @@
 impostor tail on your own labelled faces (service/cli/calibrate.py); ``python -m service gallery ...``:
 the gallery tools (export, import, enroll a folder; service/cli/gallery.py); ``python -m service keys ...``:
 API keys (create, list, revoke; service/cli/keys.py); ``python -m service audit ...``: export or prune the
-audit trail (service/cli/audit.py).
+audit trail (service/cli/audit.py); ``python -m service crop-key new PATH``: a key for kept face crops
+(service/cli/crop_key.py).
 
 Settings come from FACE_* environment variables (see .env.example); these flags override them.
 """
@@ -28,7 +29,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "Every setting is also an environment variable FACE_<NAME> (see .env.example); flags win. "
         "Gallery tools (export, import, enroll a folder): python -m service gallery --help; API keys (the "
         "first admin key of a fresh install): python -m service keys --help; the audit trail: "
-        "python -m service audit --help.",
+        "python -m service audit --help; a key for kept face crops: python -m service crop-key new PATH.",
     )
     parser.add_argument("--host", help="interface to bind (FACE_HOST, default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="TCP port (FACE_PORT, default 8000)")
@@ -62,6 +63,10 @@ def main(argv: list[str] | None = None) -> None:
         from .cli.keys import main as keys_main
 
         sys.exit(keys_main(argv[1:]))
+    if argv[:1] == ["crop-key"]:  # python -m service crop-key new PATH: service/cli/crop_key.py
+        from .cli.crop_key import main as crop_key_main
+
+        sys.exit(crop_key_main(argv[1:]))
     if argv[:1] == ["audit"]:  # python -m service audit {export,prune} ...: service/cli/audit.py
         from .cli.audit import main as audit_main
 

@@ -49,6 +49,9 @@ class ErrorCode(str, Enum):
     collection_exists = "collection_exists"
     collection_protected = "collection_protected"
     invalid_collection_name = "invalid_collection_name"
+    # kept crops (keep_crops collections)
+    crops_required = "crops_required"
+    crop_key_missing = "crop_key_missing"
     # keys, roles, limits
     unauthorized = "unauthorized"
     forbidden = "forbidden"
@@ -99,6 +102,8 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.collection_exists: 409,
     ErrorCode.collection_protected: 409,
     ErrorCode.invalid_collection_name: 422,
+    ErrorCode.crops_required: 409,
+    ErrorCode.crop_key_missing: 409,
     ErrorCode.unauthorized: 401,
     ErrorCode.forbidden: 403,
     ErrorCode.key_not_found: 404,

@@ -75,7 +75,7 @@ _FAMILIES: dict[type[FaceServiceError], tuple[str, ...]] = {
         "invalid_metadata", "metadata_too_large", "too_many_faces_for_identity", "implausible_face",
         "invalid_collection_name", "host_not_allowed", "method_not_allowed"),
     NotFoundError: ("identity_not_found", "collection_not_found", "key_not_found", "not_found"),
-    ConflictError: ("collection_exists", "collection_protected"),
+    ConflictError: ("collection_exists", "collection_protected", "crops_required", "crop_key_missing"),
     AuthError: ("unauthorized", "forbidden", "cross_origin_refused"),
     RateLimitedError: ("rate_limited",),
     UnavailableError: ("gallery_loading", "gallery_unavailable", "model_not_ready", "overloaded",
