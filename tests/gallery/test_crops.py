@@ -291,3 +291,49 @@ def test_key_file_is_0600_random_and_never_overwritten(tmp_path):
     write_key_file(tmp_path / "k2")
     assert (tmp_path / "k2").read_bytes() != first
     CropCipher.from_file(path)
+
+
+def test_postgres_migration_4_lands_before_or_after_a_later_one(request, tmp_path, monkeypatch):
+    """Migrations 5 and 6 come from other branches: a database may have a later one applied before 4
+    lands. The runner applies each missing one, in version order, whatever order the list was merged in."""
+    from service.gallery.postgres import backend as pg
+
+    crops_backend = CropBackend("postgres", tmp_path, request)
+    five = pg.Migration(5, "a later migration from another branch", ("CREATE TABLE five_probe (x int)",))
+    four = next(m for m in pg.MIGRATIONS if m.version == 4)
+    before_four = tuple(m for m in pg.MIGRATIONS if m.version < 4)
+    try:
+        monkeypatch.setattr(pg, "MIGRATIONS", (*before_four, five))  # a database where 5 landed first
+        options = pg.PostgresOptions.from_settings(crops_backend.base)
+        with psycopg.connect(options.url, **options.connect_kwargs()) as conn:
+            assert pg.migrate(conn, options, MODEL, DIM)[:4] == [1, 2, 3, 5]
+        assert [r[0] for r in crops_backend.rows("SELECT version FROM schema_migrations ORDER BY 1")] == [1, 2, 3, 5]
+        monkeypatch.setattr(pg, "MIGRATIONS", (*before_four, five, four))  # merged after it
+        galleries = crops_backend.open()
+        assert [r[0] for r in crops_backend.rows("SELECT version FROM schema_migrations ORDER BY 1")] == [1, 2, 3, 4, 5]
+        galleries.create_collection("kept", keep_crops=True)
+        _enroll(galleries, "kept", "alice", [61])
+        assert galleries.collection("kept").crop_count() == 1
+        crops_backend.close(galleries)
+        monkeypatch.setattr(pg, "MIGRATIONS", (*before_four, four, five))  # and listed in order: nothing to do
+        assert crops_backend.open().collection("kept").crop_count() == 1
+        assert len(crops_backend.rows("SELECT version FROM schema_migrations")) == 5
+    finally:
+        for galleries in list(crops_backend.opened):
+            galleries.close()
+
+
+def test_postgres_migrations_apply_in_version_order_on_a_fresh_database(request, tmp_path, monkeypatch):
+    """A merge may list a later migration (6, which could build on face_crops) before 4."""
+    from service.gallery.postgres import backend as pg
+
+    crops_backend = CropBackend("postgres", tmp_path, request)
+    six = pg.Migration(6, "builds on migration 4", ("ALTER TABLE face_crops ADD COLUMN probe int",))
+    monkeypatch.setattr(pg, "MIGRATIONS", (*[m for m in pg.MIGRATIONS if m.version < 4], six,
+                                           *[m for m in pg.MIGRATIONS if m.version == 4]))
+    galleries = crops_backend.open()
+    try:
+        assert [r[0] for r in crops_backend.rows("SELECT version FROM schema_migrations ORDER BY 1")] \
+            == [1, 2, 3, 4, 6]
+    finally:
+        crops_backend.close(galleries)

@@ -119,7 +119,8 @@ def test_migration_3_upgrades_a_round_two_database_in_place(options, opened):
     assert g.collection("new").enroll("old0", unit(rng, 1)).created  # another person in another collection
     assert [e.action for e in g.audit(AuditQuery())] == ["collection.created", "identity.appended"]
     with sql_connection(options) as conn:
-        assert [r[0] for r in conn.execute("SELECT version FROM schema_migrations ORDER BY 1")] == [1, 2, 3]
+        assert [r[0] for r in conn.execute("SELECT version FROM schema_migrations ORDER BY 1")] == sorted(
+            m.version for m in MIGRATIONS)  # 3 and every later one
     again = opened(options)  # a second replica finds the work done
     assert again.collection(DEFAULT_COLLECTION).stats().identities == len(people)
 
