@@ -193,3 +193,42 @@ def test_keep_crops_without_a_key_is_refused(setup):
             assert [i["name"] for i in c.get("/collections").json()["items"]] == ["default"]
     finally:
         server.stop()
+
+
+def test_gallery_enroll_keeps_crops_and_gallery_import_is_refused(operator_backend, tmp_path, monkeypatch):
+    """The operator's folder enroll into a keep_crops collection keeps the crops the model saw (as /enroll
+    does); a gallery file (embeddings only) cannot go into one."""
+    import shutil
+
+    key = tmp_path / "crop.key"
+    assert crop_key("new", str(key)).returncode == 0
+    monkeypatch.setenv("FACE_CROP_KEY_FILE", str(key))  # the in-process opens below read it too
+    env = {"FACE_CROP_KEY_FILE": str(key)}
+    galleries = operator_backend.open()
+    try:
+        galleries.create_collection("kept", keep_crops=True)
+        galleries.collection("default").enroll("someone", np.eye(1, galleries.dim, dtype=np.float32))
+    finally:
+        galleries.close()
+    people = tmp_path / "people"
+    for name in ("George_W_Bush", "Colin_Powell"):
+        (people / name).mkdir(parents=True)
+        for path in face_files(name)[:2]:
+            shutil.copy(path, people / name / path.name)
+    r = operator_backend.run("gallery", "enroll", str(people), "--collection", "kept", env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    galleries = operator_backend.open()
+    try:
+        kept = galleries.collection("kept")
+        assert kept.crop_count() == 4
+        cipher = CropCipher.from_file(key)
+        face_id, identity, blob = kept.iter_crops()[0]
+        sent = np.asarray(Image.open(sorted((people / identity).iterdir())[0]).convert("RGB"), dtype=np.int16)
+        opened = decode_crop(cipher.open("kept", face_id, blob)).astype(np.int16)
+        assert np.abs(opened - sent).mean() < 1.0
+    finally:
+        galleries.close()
+    exported = tmp_path / "default.jsonl"
+    assert operator_backend.run("gallery", "export", str(exported), env=env).returncode == 0
+    r = operator_backend.run("gallery", "import", str(exported), "--collection", "kept", env=env)
+    assert r.returncode != 0 and "keep_crops" in r.stderr + r.stdout, r.stderr
