@@ -24,6 +24,10 @@ What every backend means by the same call (the contract the shared tests check o
 * ``search(probes, top_k)``: per probe, up to ``top_k`` identities, best first, each scored by its
   best face (max-over-faces), with oversampling so that an identity with many faces cannot crowd
   the others out (:func:`search_identities`).
+* Kept crops (a ``keep_crops`` collection, crops.py): ``enroll(..., crops=)`` seals one encoded crop per
+  face inside the faces' transaction (bound to collection + face id); a face's crop goes in the same
+  transaction as the face (delete, replace, the collection's delete), with the same erasure
+  guarantee as its vector; ``face_crop`` / ``iter_crops`` return sealed blobs, never plaintext.
 * The gallery belongs to one model: opening it with another model id or dimension raises
   :class:`GalleryModelMismatch` (:func:`check_model`).
 

@@ -56,7 +56,8 @@ async def create_collection(body: CollectionCreate, state: StateDep, actor: Acto
         raise ServiceError(ErrorCode.invalid_collection_name, "a collection name is 1-63 lower-case letters, digits, "
                            "'-' or '_', starting with a letter or digit", name=body.name[:100])
     try:
-        info = await run_in_threadpool(state.galleries.create_collection, body.name, actor, body.keep_crops)
+        info = await run_in_threadpool(state.galleries.create_collection, body.name, actor,
+                                       keep_crops=body.keep_crops)
     except CollectionExists:
         raise ServiceError(ErrorCode.collection_exists, f"a collection named {body.name!r} already exists",
                            collection=body.name) from None
