@@ -3,7 +3,8 @@ impostor tail on your own labelled faces (service/cli/calibrate.py); ``python -m
 the gallery tools (export, import, enroll a folder; service/cli/gallery.py); ``python -m service keys ...``:
 API keys (create, list, revoke; service/cli/keys.py); ``python -m service audit ...``: export or prune the
 audit trail (service/cli/audit.py); ``python -m service cluster DIR``: group a folder's faces by person
-and enroll the clusters you name (service/cli/cluster.py).
+and enroll the clusters you name (service/cli/cluster.py); ``python -m service crop-key new PATH``: a key
+for kept face crops (service/cli/crop_key.py).
 
 Settings come from FACE_* environment variables (see .env.example); these flags override them.
 """
@@ -29,7 +30,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "Every setting is also an environment variable FACE_<NAME> (see .env.example); flags win. "
         "Gallery tools (export, import, enroll a folder): python -m service gallery --help; API keys (the "
         "first admin key of a fresh install): python -m service keys --help; the audit trail: "
-        "python -m service audit --help; group a folder of photos by person: python -m service cluster --help.",
+        "python -m service audit --help; group a folder of photos by person: python -m service cluster --help; "
+        "a key for kept face crops: python -m service crop-key new PATH.",
     )
     parser.add_argument("--host", help="interface to bind (FACE_HOST, default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="TCP port (FACE_PORT, default 8000)")
@@ -67,6 +69,10 @@ def main(argv: list[str] | None = None) -> None:
         from .cli.cluster import main as cluster_main
 
         sys.exit(cluster_main(argv[1:]))
+    if argv[:1] == ["crop-key"]:  # python -m service crop-key new PATH: service/cli/crop_key.py
+        from .cli.crop_key import main as crop_key_main
+
+        sys.exit(crop_key_main(argv[1:]))
     if argv[:1] == ["audit"]:  # python -m service audit {export,prune} ...: service/cli/audit.py
         from .cli.audit import main as audit_main
 

@@ -42,6 +42,12 @@ class Settings(BaseSettings):
         "a stolen database then cannot be checked against guessed keys. Keys made without it stop working "
         "when it is set, and the other way round.",
     )
+    crop_key_file: Path | None = Field(
+        None, description="The key that encrypts kept face crops (collections created with keep_crops: true): a "
+        "file holding 32 random bytes as base64 on one line, written by `python -m service crop-key new PATH` "
+        "(mode 0600; the same file on every replica). Needed to create a keep_crops collection; with such a "
+        "collection stored, the service refuses to start without it or with another key.",
+    )
     rate_limit_rps: float = Field(
         0, ge=0, description="Requests per second each key may make (each client address in open mode), with bursts "
         "of FACE_RATE_LIMIT_BURST_S worth; past it 429 rate_limited with Retry-After. 0: no limit. A key's own "

@@ -53,6 +53,9 @@ class ErrorCode(str, Enum):
     invalid_collection_name = "invalid_collection_name"
     collection_in_use = "collection_in_use"
     alias_not_found = "alias_not_found"
+    # kept crops (keep_crops collections)
+    crops_required = "crops_required"
+    crop_key_missing = "crop_key_missing"
     # keys, roles, limits
     unauthorized = "unauthorized"
     forbidden = "forbidden"
@@ -107,6 +110,8 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.invalid_collection_name: 422,
     ErrorCode.collection_in_use: 409,
     ErrorCode.alias_not_found: 404,
+    ErrorCode.crops_required: 409,
+    ErrorCode.crop_key_missing: 409,
     ErrorCode.unauthorized: 401,
     ErrorCode.forbidden: 403,
     ErrorCode.key_not_found: 404,

@@ -56,6 +56,7 @@ from ..gallery.api import (
     GalleryUnavailable,
     IdentityExists,
 )
+from ..gallery.crops import encode_crop
 from ..gallery.open import open_gallery
 from .backend import CommandError, add_backend_arguments, cli_actor, fail, model_identity, opened_backend, settings_from
 
@@ -160,8 +161,12 @@ def import_gallery(gallery: GalleryBackend, path: Path, batch: int = 1000,
                    progress: Callable[[Transfer], None] | None = None) -> Transfer:
     """Import a gallery file; identities already in the gallery are skipped (so an import can resume).
 
-    The file is checked whole (header, model, end line) before anything is written.
+    The file is checked whole (header, model, end line) before anything is written. A keep_crops
+    collection refuses it (a gallery file holds no crops: its faces could never be re-embedded).
     """
+    if gallery.keep_crops:
+        raise GalleryFileError(f"the collection {gallery.name!r} keeps face crops (keep_crops) and a gallery file "
+                               "holds embeddings only: enroll the photos instead (python -m service gallery enroll)")
     for _ in read_gallery_file(path, gallery.model_id, gallery.dim):
         pass
     done = Transfer()
@@ -214,12 +219,14 @@ def people_in(root: Path) -> list[tuple[str, list[Path]]]:
     return found
 
 
-async def _embed_person(state: ServiceState, images: list[Path], image_type: ImageType, summary: EnrollSummary) -> np.ndarray | None:
-    """One embedding per usable image; an image with no face, several faces or unreadable is skipped."""
+async def _embed_person(state: ServiceState, images: list[Path], image_type: ImageType,
+                        summary: EnrollSummary) -> tuple[np.ndarray, list[np.ndarray]] | None:
+    """One embedding per usable image, and the crop the model saw for it; an image with no face, several
+    faces or unreadable is skipped."""
     from ..errors import ServiceError
     from ..faces.pipeline import embed_images
 
-    vectors = []
+    vectors, crops = [], []
     for path in images:
         try:
             found, faces = await embed_images(state, [path.read_bytes()], image_type, "all")
@@ -239,7 +246,8 @@ async def _embed_person(state: ServiceState, images: list[Path], image_type: Ima
                 summary.examples.append(f"{path}: several_faces ({len(found)})")
             continue
         vectors.append(found[0])
-    return np.stack(vectors) if vectors else None
+        crops.append(faces.crops[0])
+    return (np.stack(vectors), crops) if vectors else None
 
 
 async def enroll_folder(settings: Settings, root: Path, image_type: ImageType = "auto", replace: bool = False,
@@ -272,11 +280,17 @@ async def enroll_folder(settings: Settings, root: Path, image_type: ImageType = 
             elif not images:
                 summary.skipped_people["no_images"] += 1
             else:
-                vectors = await _embed_person(state, images, image_type, summary)
-                if vectors is None:
+                embedded = await _embed_person(state, images, image_type, summary)
+                if embedded is None:
                     summary.skipped_people["no_usable_face"] += 1
                 else:
-                    await run_in_threadpool(gallery.enroll, identity, vectors, None, replace, None, CLI)
+                    vectors, crops = embedded
+
+                    def write() -> None:  # a keep_crops collection keeps the crops the model saw, as /enroll
+                        kept = [encode_crop(crop) for crop in crops] if gallery.keep_crops else None
+                        gallery.enroll(identity, vectors, None, replace, None, CLI, kept)
+
+                    await run_in_threadpool(write)
                     summary.enrolled += 1
                     summary.faces += len(vectors)
             if progress:

@@ -26,6 +26,10 @@ What every backend means by the same call (the contract the shared tests check o
 * ``search(probes, top_k)``: per probe, up to ``top_k`` identities, best first, each scored by its
   best face (max-over-faces), with oversampling so that an identity with many faces cannot crowd
   the others out (:func:`search_identities`).
+* Kept crops (a ``keep_crops`` collection, crops.py): ``enroll(..., crops=)`` seals one encoded crop per
+  face inside the faces' transaction (bound to collection + face id); a face's crop goes in the same
+  transaction as the face (delete, replace, the collection's delete), with the same erasure
+  guarantee as its vector; ``face_crop`` / ``iter_crops`` return sealed blobs, never plaintext.
 * The gallery belongs to one model: opening it with another model id or dimension raises
   :class:`GalleryModelMismatch` (:func:`check_model`).
 
@@ -44,7 +48,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -60,6 +64,9 @@ from .results import (
     TooManyFacesForIdentity,
 )
 from .search import GalleryModelMismatch, Match, check_model, group_by_identity, search_identities
+
+if TYPE_CHECKING:
+    from .crops import CropCipher
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +176,7 @@ class CollectionInfo:
     identities: int
     faces: int
     counted_faces: int  # sizes the collection's open-set threshold, like GalleryBackend.counted_faces
+    keep_crops: bool = False  # each face enrolled from an image keeps its aligned crop, encrypted (crops.py)
 
 
 @dataclass(frozen=True)
@@ -285,9 +293,12 @@ class GalleryBackend(Protocol):
     def close(self) -> None: ...
 
     def enroll(self, identity_id: str, embeddings: np.ndarray, metadata: dict | None = None,
-               replace: bool = False, max_faces: int | None = None, actor: Actor | None = None) -> EnrollResult:
+               replace: bool = False, max_faces: int | None = None, actor: Actor | None = None,
+               crops: list[bytes] | None = None) -> EnrollResult:
         """``actor``: the audit record (identity.created / appended / replaced) is written in the same
-        transaction; None writes none (tools and tests that are not a request)."""
+        transaction; None writes none (tools and tests that are not a request). ``crops``: one encoded
+        aligned crop per embedding (crops.encode_crop), sealed with the crop key and stored in the same
+        transaction as the faces (crops.CropsUnavailable without a key: nothing written)."""
 
     def import_identities(self, items: list[tuple[str, np.ndarray, dict | None]],
                           actor: Actor | None = None) -> list[list[int]]: ...
@@ -324,6 +335,18 @@ class GalleryBackend(Protocol):
     def delete_face(self, face_id: int, actor: Actor | None = None) -> tuple[str, bool]:
         """Erase one face as ``delete`` erases an identity's faces; returns its identity and whether
         that identity was deleted (it had no face left). FaceNotFound. Audit: face.deleted."""
+    # kept crops (keep_crops collections; sealed blobs, opened with crops.CropCipher.open)
+    keep_crops: bool  # the collection keeps the aligned crop of each face enrolled from an image
+
+    def face_crop(self, face_id: int) -> bytes | None:
+        """The sealed crop of a face of this collection; None if the face has none (or does not exist)."""
+
+    def iter_crops(self, after_face_id: int = 0, limit: int = 256) -> list[tuple[int, str, bytes]]:
+        """Up to ``limit`` (face id, identity id, sealed crop) with face id > ``after_face_id``, by face id:
+        pages through every kept crop (the migration job)."""
+
+    def crop_count(self) -> int:
+        """Kept crops in the collection."""
 
 
 @runtime_checkable
@@ -353,9 +376,10 @@ class Galleries(Protocol):
         """The collection's gallery; CollectionNotFound if there is none of that name. Cheap: call it
         per request (an idle embedded collection is opened on first use, closed when idle again)."""
 
-    def create_collection(self, name: str, actor: Actor | None = None) -> CollectionInfo:
+    def create_collection(self, name: str, actor: Actor | None = None, keep_crops: bool = False) -> CollectionInfo:
         """CollectionExists if taken (by a collection or an alias); ValueError for an invalid name.
-        Audited (collection.created)."""
+        Audited (collection.created). ``keep_crops``: needs the crop key (crops.CropsUnavailable
+        without one); the first such collection stores the key check value in the same transaction."""
 
     def delete_collection(self, name: str, actor: Actor | None = None) -> CollectionInfo:
         """Erase every identity and face of it; CollectionNotFound, CollectionProtected for default,
@@ -412,3 +436,8 @@ class Galleries(Protocol):
     def resolve(self, name: str) -> str:
         """The collection ``name`` means: an alias's target, a collection's own name; CollectionNotFound
         when it is neither."""
+    # kept crops
+    crop_cipher: CropCipher | None  # FACE_CROP_KEY_FILE's cipher (crops.py); None: no key configured
+
+    def crop_key_check(self) -> bytes | None:
+        """The crop key's check value, stored with the first keep_crops collection (crops.check_crop_key)."""

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .api import Galleries
+from .crops import check_crop_key, load_crop_cipher
 from .embedded.galleries import EmbeddedGalleries
 from .embedded.gallery import Gallery, GalleryOptions
 
@@ -20,10 +21,13 @@ def make_gallery(settings: Settings, model_id: str, dim: int, data_dir: Path | N
     """The backend ``settings`` choose (not opened): postgres when a database URL is set, else embedded.
     Unopened, it serves keys, audit and the list of collections (the CLI beside a running server);
     ``open()``/``start()`` open the default collection too (the server, gallery tools)."""
+    cipher = load_crop_cipher(settings)  # FACE_CROP_KEY_FILE: kept crops are sealed with it (CropKeyError)
     if settings.database_url is not None:
         from .postgres.backend import PostgresGalleries, PostgresOptions  # psycopg is only imported when used
 
-        return PostgresGalleries(PostgresOptions.from_settings(settings), model_id, dim)
+        pg = PostgresGalleries(PostgresOptions.from_settings(settings), model_id, dim)
+        pg.crop_cipher = cipher
+        return pg
     # one maintenance thread for every collection (EmbeddedGalleries), none per collection
     options = GalleryOptions(snapshot_interval_s=settings.snapshot_interval_s,
                              snapshot_min_changes=settings.snapshot_min_changes,
@@ -32,11 +36,15 @@ def make_gallery(settings: Settings, model_id: str, dim: int, data_dir: Path | N
                              snapshot_timeout_s=settings.snapshot_timeout_s)
 
     def collection(directory: Path, name: str) -> Gallery:
-        return Gallery(directory, model_id, dim, m=settings.hnsw_m, ef_construction=settings.hnsw_ef_construction,
-                       ef_search=settings.hnsw_ef_search, options=options, name=name)
+        gallery = Gallery(directory, model_id, dim, m=settings.hnsw_m, ef_construction=settings.hnsw_ef_construction,
+                          ef_search=settings.hnsw_ef_search, options=options, name=name)
+        gallery.crop_cipher = cipher
+        return gallery
 
-    return EmbeddedGalleries(data_dir or settings.data_dir, model_id, dim, collection,
-                             idle_s=settings.collection_idle_s, snapshot_interval_s=settings.snapshot_interval_s)
+    embedded = EmbeddedGalleries(data_dir or settings.data_dir, model_id, dim, collection,
+                                 idle_s=settings.collection_idle_s, snapshot_interval_s=settings.snapshot_interval_s)
+    embedded.crop_cipher = cipher
+    return embedded
 
 
 def open_gallery(settings: Settings, model_id: str, dim: int, background: bool = False) -> Galleries:
@@ -44,5 +52,11 @@ def open_gallery(settings: Settings, model_id: str, dim: int, background: bool =
     ``background``: the server's start, where a slow index load goes on behind /readyz "loading"."""
     galleries = make_gallery(settings, model_id, dim)
     galleries.start() if background else galleries.open()
+    try:
+        # kept crops this service could not open: refuse to start, naming the key file (CropKeyError)
+        check_crop_key(galleries, galleries.crop_cipher)
+    except BaseException:
+        galleries.close()
+        raise
     log.info("gallery opened", extra={"backend": galleries.backend, "model_id": model_id})
     return galleries

@@ -19,6 +19,7 @@ from ..gallery.api import (
     CollectionProtected,
     valid_collection_name,
 )
+from ..gallery.crops import CropsUnavailable
 from ..gallery.openset import GalleryCounts
 from ..state import ServiceState
 from .deps import ActorDep, PrincipalDep, StateDep, allow, resolve_collection
@@ -33,7 +34,12 @@ def out(state: ServiceState, info: CollectionInfo) -> CollectionOut:
     counts = GalleryCounts(info.identities, info.faces, info.counted_faces)
     return CollectionOut(name=info.name, model_id=info.model_id, created_at=info.created_at,
                          identities=info.identities, faces=info.faces,
-                         identify_threshold=state.decision_for(counts).threshold)
+                         identify_threshold=state.decision_for(counts).threshold, keep_crops=info.keep_crops)
+
+
+def crop_key_missing(name: str) -> ServiceError:
+    return ServiceError(ErrorCode.crop_key_missing, "keeping face crops needs a crop key: start the service with "
+                        "FACE_CROP_KEY_FILE (`python -m service crop-key new PATH` writes one)", collection=name)
 
 
 def not_found(name: str) -> ServiceError:
@@ -44,15 +50,20 @@ def not_found(name: str) -> ServiceError:
              dependencies=[allow(Permission.admin)])
 async def create_collection(body: CollectionCreate, state: StateDep, actor: ActorDep) -> CollectionOut:
     """A new, empty gallery of its own: identity ids in it are its own, searches in it never see another
-    collection's faces, and its open-set threshold follows its own size. 409 `collection_exists`."""
+    collection's faces, and its open-set threshold follows its own size. 409 `collection_exists`.
+    `keep_crops: true` keeps each enrolled face's aligned crop, encrypted (needs FACE_CROP_KEY_FILE:
+    409 `crop_key_missing` without it); enrolling embeddings into it is then 409 `crops_required`."""
     if not valid_collection_name(body.name):
         raise ServiceError(ErrorCode.invalid_collection_name, "a collection name is 1-63 lower-case letters, digits, "
                            "'-' or '_', starting with a letter or digit", name=body.name[:100])
     try:
-        info = await run_in_threadpool(state.galleries.create_collection, body.name, actor)
+        info = await run_in_threadpool(state.galleries.create_collection, body.name, actor,
+                                       keep_crops=body.keep_crops)
     except CollectionExists:
         raise ServiceError(ErrorCode.collection_exists, f"a collection or alias named {body.name!r} already exists",
                            collection=body.name) from None
+    except CropsUnavailable:
+        raise crop_key_missing(body.name) from None
     return out(state, info)
 
 

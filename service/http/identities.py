@@ -16,11 +16,13 @@ from starlette.concurrency import run_in_threadpool
 from ..access.policy import Permission
 from ..errors import ErrorCode, ServiceError
 from ..faces.metadata import MetadataLimits, check_metadata
-from ..gallery.api import GalleryBackend
+from ..gallery.api import Actor, GalleryBackend
+from ..gallery.crops import CropsUnavailable, encode_crop
 from ..gallery.identity_ids import MAX_LENGTH, find_identity
 from ..gallery.openset import HUB_SEARCH_K, find_hub
-from ..gallery.results import FaceNotFound, IdentityNotFound, TooManyFacesForIdentity
+from ..gallery.results import EnrollResult, FaceNotFound, IdentityNotFound, TooManyFacesForIdentity
 from ..state import ServiceState
+from .collections import crop_key_missing
 from .deps import ActorDep, CollectionDep, PrincipalDep, StateDep, allow
 from .payload import body_docs, read_payload
 from .schemas import (
@@ -79,24 +81,39 @@ async def enroll(request: Request, state: StateDep, gallery: CollectionDep, acto
                                                     state.settings.max_metadata_depth))
     if payload.force_quality and not principal.may(Permission.admin):
         raise ServiceError(ErrorCode.forbidden, "only an admin key may force_quality", needs=Permission.admin.value)
+    if gallery.keep_crops and payload.embeddings is not None:
+        raise ServiceError(ErrorCode.crops_required, f"the collection {gallery.name!r} keeps the aligned crop of every "
+                           "face (keep_crops) so that it can be re-embedded later: enroll images, not embeddings",
+                           collection=gallery.name)
     vectors, faces = await source_vectors(state, list_source(payload, images))
     faces.refuse_low_quality(state.settings.enroll_min_quality, payload.min_quality, payload.force_quality)
     if state.settings.enroll_hub_alpha > 0:
         await run_in_threadpool(_refuse_hubs, state, gallery, payload.identity_id, vectors)
     try:
         enrolled = await run_in_threadpool(
-            gallery.enroll, payload.identity_id, vectors, payload.metadata, payload.replace,
+            _write, gallery, payload.identity_id, vectors, payload.metadata, payload.replace,
             state.settings.max_faces_per_identity,  # counted inside the write: concurrent appends cannot overshoot
             actor,  # the audit record is written in the enrollment's own transaction
+            faces.crops if gallery.keep_crops else None,
         )
     except TooManyFacesForIdentity as exc:
         raise _too_many(exc) from None
+    except CropsUnavailable:
+        raise crop_key_missing(gallery.name) from None
     return EnrollResponse(identity_id=payload.identity_id, created=enrolled.created, face_ids=enrolled.face_ids,
                           faces_replaced=enrolled.faces_removed, face_count=enrolled.face_count,
                           model_id=state.contract.model_id,
                           faces=faces.locations(),
                           quality=faces.qualities(state.settings.enroll_min_quality, payload.min_quality,
                                                   payload.force_quality) if faces.quality else None)
+
+
+def _write(gallery: GalleryBackend, identity_id: str, vectors: np.ndarray, metadata: dict | None, replace: bool,
+           max_faces: int, actor: Actor, crops: list[np.ndarray] | None) -> EnrollResult:
+    """The enrollment's one write; a keep_crops collection's faces keep the crops the model saw (encoded
+    here, in the worker thread; sealed by the gallery inside the write's transaction)."""
+    encoded = None if crops is None else [encode_crop(crop) for crop in crops]
+    return gallery.enroll(identity_id, vectors, metadata, replace, max_faces, actor, encoded)
 
 
 def _too_many(exc: TooManyFacesForIdentity) -> ServiceError:

@@ -400,6 +400,9 @@ class CollectionCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(description="Lower-case letters, digits, `-` and `_`, 1-63 characters, starting with a letter "
                       "or digit.", examples=["front-desk"])
+    keep_crops: bool = Field(False, description="Keep the aligned crop of every face enrolled from an image, "
+                             "encrypted with FACE_CROP_KEY_FILE, so the collection can be re-embedded by another "
+                             "model later. Enrolling embeddings into it is then refused (409 `crops_required`).")
 
 
 class CollectionOut(BaseModel):
@@ -409,6 +412,7 @@ class CollectionOut(BaseModel):
     identities: int
     faces: int
     identify_threshold: float = Field(description="The 1:N threshold in force for this collection's size now.")
+    keep_crops: bool = Field(False, description="Whether faces enrolled into it keep their aligned crop (encrypted).")
 
 
 class CollectionList(BaseModel):

@@ -334,8 +334,11 @@ class FaceClient(_Base):
     def list_collections(self) -> list[Collection]:
         return [Collection.model_validate(c) for c in self._raw(Call("GET", "/collections"))["items"]]
 
-    def create_collection(self, name: str) -> Collection:
-        return self._do(Call("POST", "/collections", {"name": name}), Collection)
+    def create_collection(self, name: str, *, keep_crops: bool = False) -> Collection:
+        """``keep_crops``: the collection keeps each enrolled face's aligned crop, encrypted (the server needs
+        FACE_CROP_KEY_FILE); enrolling embeddings into it is then refused (crops_required)."""
+        body: dict = {"name": name, **({"keep_crops": True} if keep_crops else {})}
+        return self._do(Call("POST", "/collections", body), Collection)
 
     def get_collection(self, name: str) -> Collection:
         return self._do(Call("GET", f"/collections/{quote(name, safe='')}"), Collection)
@@ -551,8 +554,9 @@ class AsyncFaceClient(_Base):
     async def list_collections(self) -> list[Collection]:
         return [Collection.model_validate(c) for c in (await self._raw(Call("GET", "/collections")))["items"]]
 
-    async def create_collection(self, name: str) -> Collection:
-        return await self._do(Call("POST", "/collections", {"name": name}), Collection)
+    async def create_collection(self, name: str, *, keep_crops: bool = False) -> Collection:
+        body: dict = {"name": name, **({"keep_crops": True} if keep_crops else {})}
+        return await self._do(Call("POST", "/collections", body), Collection)
 
     async def get_collection(self, name: str) -> Collection:
         return await self._do(Call("GET", f"/collections/{quote(name, safe='')}"), Collection)

@@ -168,6 +168,7 @@ class Collection(Model):
     identities: int
     faces: int
     identify_threshold: float
+    keep_crops: bool = False
 
 
 class CollectionDeleted(Model):

@@ -24,6 +24,7 @@ class EmbeddedGallery:
         self.model_id = gallery.model_id
         self.dim = gallery.dim
         self.name = gallery.name
+        self.keep_crops = False  # the collection's setting (EmbeddedGalleries' handle says it)
 
     @property
     def identity_count(self) -> int:
@@ -56,8 +57,9 @@ class EmbeddedGallery:
         self.gallery.close()
 
     def enroll(self, identity_id: str, embeddings: np.ndarray, metadata: dict | None = None,
-               replace: bool = False, max_faces: int | None = None, actor: Actor | None = None) -> EnrollResult:
-        return self.gallery.enroll(identity_id, embeddings, metadata, replace, max_faces, actor)
+               replace: bool = False, max_faces: int | None = None, actor: Actor | None = None,
+               crops: list[bytes] | None = None) -> EnrollResult:
+        return self.gallery.enroll(identity_id, embeddings, metadata, replace, max_faces, actor, crops)
 
     def import_identities(self, items: list[tuple[str, np.ndarray, dict | None]],
                           actor: Actor | None = None) -> list[list[int]]:
@@ -101,3 +103,11 @@ class EmbeddedGallery:
 
     def delete_face(self, face_id: int, actor: Actor | None = None) -> tuple[str, bool]:
         return self.gallery.delete_face(face_id, actor)
+    def face_crop(self, face_id: int) -> bytes | None:
+        return self.gallery.face_crop(face_id)
+
+    def iter_crops(self, after_face_id: int = 0, limit: int = 256) -> list[tuple[int, str, bytes]]:
+        return self.gallery.iter_crops(after_face_id, limit)
+
+    def crop_count(self) -> int:
+        return self.gallery.crop_count()

@@ -64,6 +64,13 @@ CREATE TABLE IF NOT EXISTS aliases (
 );
 CREATE INDEX IF NOT EXISTS aliases_by_collection ON aliases(collection);
 """
+# kept crops: the crop key's check value (crops.py), stored with the first keep_crops collection
+CROPS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS crop_key_check (
+    id    INTEGER PRIMARY KEY CHECK (id = 1),
+    value BLOB NOT NULL
+);
+"""
 
 _KEY_COLUMNS = ("key_id, secret_hash, role, collections, note, created_at, expires_at, revoked_at, last_used_at, "
                 "rate_limit_rps, rate_limit_faces_per_s")
@@ -81,8 +88,21 @@ class Catalog:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.path = data_dir / self.FILE
         self._conn = connect(self.path)
-        self._conn.executescript(SCHEMA + audit.SCHEMA + ALIASES_SCHEMA)
+        self._conn.executescript(SCHEMA + audit.SCHEMA + ALIASES_SCHEMA + CROPS_SCHEMA)
+        self._add_keep_crops_column()
         self._mutex = threading.Lock()  # one connection: one statement or transaction at a time
+
+    def _add_keep_crops_column(self) -> None:
+        """A catalog from before kept crops gets the collections' keep_crops column (0 for all)."""
+        def has_it() -> bool:
+            return any(r[1] == "keep_crops" for r in self._conn.execute("PRAGMA table_info(collections)"))
+
+        if not has_it():
+            try:
+                self._conn.execute("ALTER TABLE collections ADD COLUMN keep_crops INTEGER NOT NULL DEFAULT 0")
+            except sqlite3.OperationalError:  # another process added it meanwhile
+                if not has_it():
+                    raise
 
     def close(self) -> None:
         with self._mutex:
@@ -116,14 +136,18 @@ class Catalog:
             conn.execute("INSERT OR IGNORE INTO collections(name, model_id, created_at) VALUES (?, ?, ?)",
                          (name, model_id, time.time()))
 
-    def add_collection(self, name: str, model_id: str, actor: Actor | None) -> float:
+    def add_collection(self, name: str, model_id: str, actor: Actor | None, keep_crops: bool = False,
+                       check_value: bytes | None = None) -> float:
+        """``check_value``: the crop key's, stored with the collection unless one is stored already."""
         now = time.time()
         try:
             with self._write() as conn:
                 if conn.execute("SELECT 1 FROM aliases WHERE name = ?", (name,)).fetchone():
                     raise CollectionExists(name)  # an alias has the name
-                conn.execute("INSERT INTO collections(name, model_id, created_at) VALUES (?, ?, ?)",
-                             (name, model_id, now))
+                conn.execute("INSERT INTO collections(name, model_id, created_at, keep_crops) VALUES (?, ?, ?, ?)",
+                             (name, model_id, now, int(keep_crops)))
+                if check_value is not None:
+                    conn.execute("INSERT OR IGNORE INTO crop_key_check(id, value) VALUES (1, ?)", (check_value,))
                 if actor is not None:
                     audit.record(conn, now, "collection.created", actor, name, None, {})
         except sqlite3.IntegrityError as exc:
@@ -178,6 +202,13 @@ class Catalog:
     def aliases_to(self, collection: str) -> list[str]:
         with self._mutex:
             return _aliases_to(self._conn, collection)
+    def crop_collections(self) -> set[str]:
+        """The collections that keep crops."""
+        return {r[0] for r in self._read("SELECT name FROM collections WHERE keep_crops != 0")}
+
+    def crop_key_check(self) -> bytes | None:
+        rows = self._read("SELECT value FROM crop_key_check WHERE id = 1")
+        return bytes(rows[0][0]) if rows else None
 
     # --- keys --------------------------------------------------------------------------------
     def add_key(self, key: StoredKey, actor: Actor | None) -> None:

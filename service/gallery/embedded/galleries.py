@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar, cast
 
@@ -59,6 +59,7 @@ from ..api import (
     StoredKey,
     valid_collection_name,
 )
+from ..crops import CropCipher, CropsUnavailable
 from ..results import MergeResult, MoveResult
 from . import audit
 from .backend import EmbeddedGallery
@@ -145,6 +146,8 @@ class EmbeddedGalleries:
         self._maintainer: threading.Thread | None = None
         self._writers_killed_closed = 0  # stuck snapshot writers killed by galleries closed since (stats)
         self._opened = False
+        self._crop_names: set[str] = set()  # the collections that keep crops (guarded by _mutex, like _known)
+        self.crop_cipher: CropCipher | None = None  # seals kept crops; set by open.make_gallery
 
     # --- lifecycle -----------------------------------------------------------------------------
     @property
@@ -233,6 +236,7 @@ class EmbeddedGalleries:
         """Re-read the collections from the catalog (caller holds _mutex)."""
         self._known = {name: created for name, (_, created) in self._catalog.collections().items()
                        if name not in self._deleting}
+        self._crop_names = self._catalog.crop_collections()
 
     def _incarnation(self, name: str) -> float:
         with self._mutex:
@@ -290,7 +294,10 @@ class EmbeddedGalleries:
                 self._mutex.notify_all()  # delete_collection waits for the uses in flight
 
     def collection(self, name: str) -> GalleryBackend:
-        return _CollectionHandle(self, name, self._incarnation(name))
+        handle = _CollectionHandle(self, name, self._incarnation(name))
+        with self._mutex:
+            handle.keep_crops = name in self._crop_names
+        return handle
 
     def open_collections(self) -> list[str]:
         """The collections whose gallery is open now (the default one always, once opened)."""
@@ -354,18 +361,29 @@ class EmbeddedGalleries:
                 entry.lifecycle.release()
 
     # --- collections ---------------------------------------------------------------------------
-    def create_collection(self, name: str, actor: Actor | None = None) -> CollectionInfo:
+    def create_collection(self, name: str, actor: Actor | None = None, keep_crops: bool = False) -> CollectionInfo:
         if not valid_collection_name(name):
             raise ValueError(f"invalid collection name {name!r}: lower-case letters, digits, '-' and '_', "
                              "starting with a letter or digit, at most 63 characters")
+        check_value = None
+        if keep_crops:
+            if self.crop_cipher is None:
+                raise CropsUnavailable("a keep_crops collection needs the crop key (FACE_CROP_KEY_FILE)")
+            if self._catalog.crop_key_check() is None:
+                check_value = self.crop_cipher.check_value()
         with self._shape:
             directory = self._directory(name)
-            created_at = self._catalog.add_collection(name, self.model_id, actor)  # CollectionExists
+            created_at = self._catalog.add_collection(name, self.model_id, actor, keep_crops,
+                                                      check_value)  # CollectionExists
             if directory.exists():  # left by a delete whose erasure failed: never part of the new one
                 erase_directory(directory)
             with self._mutex:
                 self._known[name] = created_at
-        return CollectionInfo(name, self.model_id, created_at, 0, 0, 0)
+                if keep_crops:
+                    self._crop_names.add(name)
+                else:
+                    self._crop_names.discard(name)
+        return CollectionInfo(name, self.model_id, created_at, 0, 0, 0, keep_crops)
 
     def delete_collection(self, name: str, actor: Actor | None = None) -> CollectionInfo:
         if name == DEFAULT_COLLECTION:
@@ -448,15 +466,16 @@ class EmbeddedGalleries:
     def list_collections(self) -> list[CollectionInfo]:
         with self._shape:
             rows = self._catalog.collections()
+            keeping = self._catalog.crop_collections()
             order = sorted(rows, key=lambda n: (n != DEFAULT_COLLECTION, n))
-            return [self._info(name, *rows[name]) for name in order]
+            return [replace(self._info(name, *rows[name]), keep_crops=name in keeping) for name in order]
 
     def collection_info(self, name: str) -> CollectionInfo:
         with self._shape:
             row = self._catalog.collections().get(name)
             if row is None:
                 raise CollectionNotFound(name)
-            return self._info(name, *row)
+            return replace(self._info(name, *row), keep_crops=name in self._catalog.crop_collections())
 
     # --- keys ----------------------------------------------------------------------------------
     def add_key(self, key: StoredKey, actor: Actor | None = None) -> None:
@@ -551,6 +570,9 @@ class EmbeddedGalleries:
         with self._mutex:
             return self._writers_killed_closed + sum(
                 e.gallery.snapshot_writers_killed for e in self._entries.values() if e.gallery is not None)
+    # --- kept crops ----------------------------------------------------------------------------
+    def crop_key_check(self) -> bytes | None:
+        return self._catalog.crop_key_check()
 
 
 class _CollectionHandle:
@@ -565,6 +587,7 @@ class _CollectionHandle:
         self.model_id = owner.model_id
         self.dim = owner.dim
         self._incarnation = incarnation
+        self.keep_crops = False  # set by EmbeddedGalleries.collection from the catalog
 
     def _run(self, call: Callable[[EmbeddedGallery], _T]) -> _T:
         owner = self._owner
@@ -604,8 +627,9 @@ class _CollectionHandle:
         """Nothing to do: EmbeddedGalleries closes the collection when idle, or when it closes."""
 
     def enroll(self, identity_id: str, embeddings: np.ndarray, metadata: dict | None = None,
-               replace: bool = False, max_faces: int | None = None, actor: Actor | None = None) -> EnrollResult:
-        return self._run(lambda g: g.enroll(identity_id, embeddings, metadata, replace, max_faces, actor))
+               replace: bool = False, max_faces: int | None = None, actor: Actor | None = None,
+               crops: list[bytes] | None = None) -> EnrollResult:
+        return self._run(lambda g: g.enroll(identity_id, embeddings, metadata, replace, max_faces, actor, crops))
 
     def import_identities(self, items: list[tuple[str, np.ndarray, dict | None]],
                           actor: Actor | None = None) -> list[list[int]]:
@@ -642,3 +666,11 @@ class _CollectionHandle:
 
     def delete_face(self, face_id: int, actor: Actor | None = None) -> tuple[str, bool]:
         return self._run(lambda g: g.delete_face(face_id, actor))
+    def face_crop(self, face_id: int) -> bytes | None:
+        return self._run(lambda g: g.face_crop(face_id))
+
+    def iter_crops(self, after_face_id: int = 0, limit: int = 256) -> list[tuple[int, str, bytes]]:
+        return self._run(lambda g: g.iter_crops(after_face_id, limit))
+
+    def crop_count(self) -> int:
+        return self._run(lambda g: g.crop_count())

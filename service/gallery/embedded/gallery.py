@@ -38,6 +38,7 @@ import numpy as np
 
 from ...model.calibration import FACES_COUNTED_PER_IDENTITY, counted_faces
 from ..api import DEFAULT_COLLECTION, Actor
+from ..crops import CropCipher
 from ..results import EnrollResult, IdentityDetails, IdentityRecord, MergeResult, MoveResult
 from ..search import GalleryModelMismatch, Hit, Match, check_model, search_identities
 from .index import BackgroundSave, HnswIndex, SnapshotWriterStuck
@@ -176,6 +177,8 @@ class Gallery:
         self._fork_snapshots = True  # False after a stuck writer was killed: the next one is written in-process
         self._writing: _SnapshotWriting | None = None  # a snapshot whose writer a maintenance round started
         self.snapshot_writers_killed = 0  # forked writers killed past options.snapshot_timeout_s (/metrics)
+        # seals kept crops (keep_crops collections); set by whoever makes the gallery (open.make_gallery)
+        self.crop_cipher: CropCipher | None = None
 
     @property
     def _live_store(self) -> Store:
@@ -598,14 +601,17 @@ class Gallery:
             log.warning("WAL checkpoint busy after a delete; the next one truncates it")
 
     def enroll(self, identity_id: str, embeddings: np.ndarray, metadata: dict | None = None,
-               replace: bool = False, max_faces: int | None = None, actor: Actor | None = None) -> EnrollResult:
+               replace: bool = False, max_faces: int | None = None, actor: Actor | None = None,
+               crops: list[bytes] | None = None) -> EnrollResult:
         """Add faces to an identity (created if new), or with ``replace`` swap its faces for these;
         TooManyFacesForIdentity (nothing written) if it would hold more than ``max_faces``. ``actor``:
-        the audit entry is committed with the faces."""
+        the audit entry is committed with the faces; ``crops`` (one per face) are sealed and stored with them."""
         embeddings = self._check_vectors(embeddings)
         self._require_ready()
+        seal = None if crops is None or self.crop_cipher is None else self.crop_cipher.sealer(self.name)
         with self._lock.write():
-            added = self._live_store.add_faces(identity_id, embeddings, metadata, replace, max_faces, actor, self.name)
+            added = self._live_store.add_faces(identity_id, embeddings, metadata, replace, max_faces, actor, self.name,
+                                               crops, seal)
             before = added.face_count - len(added.face_ids) + len(added.removed)
             self.counted_faces += counted_faces(added.face_count) - counted_faces(before)
             # committed: from here on the enrollment is durable; the index follows the store
@@ -715,6 +721,15 @@ class Gallery:
 
     def list_identities(self, limit: int, after: str | None) -> list[IdentityRecord]:
         return self._live_store.list_identities(limit, after)
+
+    def face_crop(self, face_id: int) -> bytes | None:
+        return self._live_store.face_crop(face_id)
+
+    def iter_crops(self, after_face_id: int = 0, limit: int = 256) -> list[tuple[int, str, bytes]]:
+        return self._live_store.iter_crops(after_face_id, limit)
+
+    def crop_count(self) -> int:
+        return self._live_store.crop_count()
 
     @property
     def face_count(self) -> int:

@@ -24,6 +24,7 @@ from typing import cast
 import numpy as np
 
 from ..api import Actor
+from ..crops import CropsUnavailable, Sealer
 from ..results import (
     FaceNotFound,
     FaceRecord,
@@ -49,6 +50,12 @@ CREATE TABLE IF NOT EXISTS faces (
     created_at  REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS faces_by_identity ON faces(identity_id);
+-- kept crops (keep_crops collections): sealed blobs (crops.py), gone with their face (the cascade runs
+-- in the face's own DELETE; secure_delete zeroes them)
+CREATE TABLE IF NOT EXISTS crops (
+    face_id INTEGER PRIMARY KEY REFERENCES faces(face_id) ON DELETE CASCADE,
+    blob    BLOB NOT NULL
+);
 """
 
 
@@ -146,6 +153,7 @@ class Store:
     def add_faces(
         self, identity_id: str, embeddings: np.ndarray, metadata: dict | None, replace: bool,
         max_faces: int | None = None, actor: Actor | None = None, collection: str | None = None,
+        crops: list[bytes] | None = None, seal: Sealer | None = None,
     ) -> AddedFaces:
         """Insert faces (creating the identity if new, dropping its faces first with ``replace``);
         refused (TooManyFacesForIdentity, nothing written) if the identity would hold more than
@@ -170,12 +178,24 @@ class Store:
                     removed = [r[0] for r in conn.execute("SELECT face_id FROM faces WHERE identity_id = ?", (identity_id,))]
                     conn.execute("DELETE FROM faces WHERE identity_id = ?", (identity_id,))
             face_ids = self._insert_faces(conn, identity_id, embeddings, now)
+            if crops is not None:
+                self._insert_crops(conn, face_ids, crops, seal)
             face_count = conn.execute("SELECT COUNT(*) FROM faces WHERE identity_id = ?", (identity_id,)).fetchone()[0]
             if actor is not None:
                 action = "identity.created" if created else "identity.replaced" if replace else "identity.appended"
                 audit.record(conn, now, action, actor, collection, identity_id,
                              {"faces_added": len(face_ids), "faces_removed": len(removed), "face_count": int(face_count)})
         return AddedFaces(face_ids, removed, created, int(face_count))
+
+    @staticmethod
+    def _insert_crops(conn: sqlite3.Connection, face_ids: list[int], crops: list[bytes], seal: Sealer | None) -> None:
+        """The faces' crops, sealed to their face ids (inside the faces' transaction)."""
+        if seal is None:
+            raise CropsUnavailable("crops given but no crop key configured (FACE_CROP_KEY_FILE)")
+        if len(crops) != len(face_ids):
+            raise ValueError(f"{len(crops)} crops for {len(face_ids)} faces")
+        conn.executemany("INSERT INTO crops(face_id, blob) VALUES (?, ?)",
+                         [(face_id, seal(face_id, crop)) for face_id, crop in zip(face_ids, crops)])
 
     def add_new_identities(self, items: list[tuple[str, np.ndarray, dict | None]], actor: Actor | None = None,
                            collection: str | None = None) -> list[list[int]]:
@@ -358,6 +378,19 @@ class Store:
         ).fetchall()
         return [IdentityRecord(r[0], json.loads(r[1]), r[4], r[2], r[3]) for r in rows]
 
+    def face_crop(self, face_id: int) -> bytes | None:
+        row = self._reader().execute("SELECT blob FROM crops WHERE face_id = ?", (int(face_id),)).fetchone()
+        return bytes(row[0]) if row else None
+
+    def iter_crops(self, after_face_id: int = 0, limit: int = 256) -> list[tuple[int, str, bytes]]:
+        rows = self._reader().execute(
+            "SELECT c.face_id, f.identity_id, c.blob FROM crops c JOIN faces f USING (face_id) "
+            "WHERE c.face_id > ? ORDER BY c.face_id LIMIT ?", (int(after_face_id), int(limit))).fetchall()
+        return [(int(r[0]), r[1], bytes(r[2])) for r in rows]
+
+    def crop_count(self) -> int:
+        return int(self._reader().execute("SELECT COUNT(*) FROM crops").fetchone()[0])
+
     def counts(self) -> tuple[int, int]:
         return count_rows(self._reader())
 
@@ -395,8 +428,10 @@ def erase_rows(conn: sqlite3.Connection) -> None:
     the first step of erasing a whole collection."""
     conn.execute("BEGIN IMMEDIATE")
     try:
-        for table in ("faces", "identities", "audit", "meta"):
-            conn.execute(f"DELETE FROM {table}")
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        for table in ("crops", "faces", "identities", "audit", "meta"):
+            if table in tables or table != "crops":  # a store from before kept crops has no crops table
+                conn.execute(f"DELETE FROM {table}")
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")

@@ -30,6 +30,7 @@ identities it last read, inside the transaction of its last search or write.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import math
@@ -71,6 +72,7 @@ from ..api import (
     StoredKey,
     valid_collection_name,
 )
+from ..crops import CropCipher, CropsUnavailable
 from ..ef import AUTO, search_ef
 from ..results import (
     EnrollResult,
@@ -197,7 +199,17 @@ MIGRATIONS: tuple[Migration, ...] = (
         "CREATE INDEX audit_by_at ON audit(at)",
         "CREATE INDEX audit_by_collection ON audit(collection, at)",
     )),
-    # 4 (crops) and 6 (models) come from other changes: the runner applies each missing version, in
+    # kept crops (issue 22): sealed blobs (crops.py), erased with their face by the cascade in the
+    # face's own DELETE (an identity's, a replace's, a collection's)
+    Migration(4, "kept face crops (collections.keep_crops, face_crops)", (
+        "ALTER TABLE collections ADD COLUMN keep_crops boolean NOT NULL DEFAULT false",
+        """CREATE TABLE face_crops (
+               collection_id bigint NOT NULL,
+               face_id       bigint PRIMARY KEY REFERENCES faces(face_id) ON DELETE CASCADE,
+               blob          bytea NOT NULL)""",
+        "CREATE INDEX face_crops_by_collection ON face_crops(collection_id, face_id)",
+    )),
+    # 6 (models) comes from another change: the runner applies each missing version, in
     # version order, whichever order they were written in and whichever landed first
     Migration(5, "aliases: second names of collections, re-pointed atomically", (
         # no ON DELETE: a collection an alias points to cannot be deleted (collection_in_use)
@@ -208,6 +220,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         "CREATE INDEX aliases_by_collection ON aliases(collection_id)",
     )),
 )
+CROP_KEY_CHECK_KEY = "crop_key_check"  # in meta: the crop key's check value (base64), crops.check_crop_key
 COUNTED_CAP_KEY = "counted_faces_cap"  # in meta: the FACES_COUNTED_PER_IDENTITY the counters hold
 
 
@@ -439,11 +452,11 @@ def _key(row: tuple[Any, ...]) -> StoredKey:
 
 
 def _collection_info(row: tuple[Any, ...]) -> CollectionInfo:
-    return CollectionInfo(row[0], row[1], float(row[2]), int(row[3]), int(row[4]), int(row[5]))
+    return CollectionInfo(row[0], row[1], float(row[2]), int(row[3]), int(row[4]), int(row[5]), keep_crops=bool(row[6]))
 
 
 COLLECTIONS_SQL = """SELECT c.name, c.model_id, c.created_at, COALESCE(sum(k.identities), 0), COALESCE(sum(k.faces), 0),
-                            COALESCE(sum(k.counted_faces), 0)
+                            COALESCE(sum(k.counted_faces), 0), c.keep_crops
                      FROM collections c LEFT JOIN counters k USING (collection_id) {where}
                      GROUP BY c.collection_id ORDER BY c.name"""
 
@@ -476,6 +489,7 @@ class PostgresGalleries:
             options.url, options.connect_kwargs(), max_lag_s=options.max_lag_ms / 1000,
             wait_s=options.read_wait_ms / 1000, check_interval_s=options.lag_check_ms / 1000)
         self.default = PostgresGallery(self, DEFAULT_COLLECTION, DEFAULT_COLLECTION_ID)
+        self.crop_cipher: CropCipher | None = None  # seals kept crops; set by open.make_gallery
         self._collections: dict[str, PostgresGallery] = {DEFAULT_COLLECTION: self.default}
         self._lock = threading.Lock()
 
@@ -630,7 +644,7 @@ class PostgresGalleries:
         if not valid_collection_name(name):
             raise CollectionNotFound(name)
         with self._read_connection() as conn:
-            row = conn.execute("SELECT collection_id FROM collections WHERE name = %s", (name,)).fetchone()
+            row = conn.execute("SELECT collection_id, keep_crops FROM collections WHERE name = %s", (name,)).fetchone()
         with self._lock:
             if row is None:
                 self._collections.pop(name, None)
@@ -640,26 +654,32 @@ class PostgresGalleries:
             if fresh:
                 handle = self._collections[name] = PostgresGallery(self, name, int(row[0]))
         assert handle is not None
+        handle.keep_crops = bool(row[1])
         if fresh:
             handle.stats()  # its counts, for the first search's plan
         return handle
 
-    def create_collection(self, name: str, actor: Actor | None = None) -> CollectionInfo:
+    def create_collection(self, name: str, actor: Actor | None = None, keep_crops: bool = False) -> CollectionInfo:
         if not valid_collection_name(name):
             raise ValueError(f"invalid collection name {name!r} (lower-case letters, digits, '-' and '_', "
                              "starting with a letter or digit, at most 63)")
+        if keep_crops and self.crop_cipher is None:
+            raise CropsUnavailable("a keep_crops collection needs the crop key (FACE_CROP_KEY_FILE)")
         now = time.time()
         with self._transaction() as conn:
             _claim_name(conn, name)  # CollectionExists when an alias has it
-            row = conn.execute("INSERT INTO collections(name, model_id, created_at) VALUES (%s, %s, %s) "
+            row = conn.execute("INSERT INTO collections(name, model_id, created_at, keep_crops) VALUES (%s, %s, %s, %s) "
                                "ON CONFLICT (name) DO NOTHING RETURNING collection_id",
-                               (name, self.model_id, now)).fetchone()
+                               (name, self.model_id, now, keep_crops)).fetchone()
             if row is None:
                 raise CollectionExists(name)
+            if keep_crops and self.crop_cipher is not None:  # the first one stores the key check value
+                conn.execute("INSERT INTO meta(key, value) VALUES (%s, %s) ON CONFLICT (key) DO NOTHING",
+                             (CROP_KEY_CHECK_KEY, base64.b64encode(self.crop_cipher.check_value()).decode("ascii")))
             conn.execute("INSERT INTO counters(collection_id, slot) SELECT %s, generate_series(0, %s)",
                          (row[0], COUNTER_SLOTS - 1))
             _audit(conn, actor, "collection.created", now, collection=name)
-        return CollectionInfo(name, self.model_id, now, 0, 0, 0)
+        return CollectionInfo(name, self.model_id, now, 0, 0, 0, keep_crops)
 
     def delete_collection(self, name: str, actor: Actor | None = None) -> CollectionInfo:
         """Erase every face and identity of the collection and the collection, in one transaction
@@ -857,6 +877,11 @@ class PostgresGalleries:
         if row is None:
             raise CollectionNotFound(name)
         return str(row[0])
+    # --- kept crops ----------------------------------------------------------------------------
+    def crop_key_check(self) -> bytes | None:
+        with self._read_connection() as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key = %s", (CROP_KEY_CHECK_KEY,)).fetchone()
+        return None if row is None else base64.b64decode(row[0])
 
 
 # a collection's counts, the faces of the whole table (its HNSW index holds every collection's), and
@@ -922,6 +947,7 @@ class PostgresGallery:
         self._table_faces = 0  # every collection's faces: the size of the HNSW index
         self._counts_as_of = -math.inf
         self._counts_lock = threading.Lock()
+        self.keep_crops = False  # the collection's setting, as PostgresGalleries.collection read it
 
     @property
     def options(self) -> PostgresOptions:
@@ -1019,10 +1045,23 @@ class PostgresGallery:
                     break
         return face_ids
 
+    def _insert_crops(self, conn: psycopg.Connection, face_ids: list[int], crops: list[bytes]) -> None:
+        """The faces' crops, sealed to this collection and their face ids (inside the faces' transaction)."""
+        cipher = self.galleries.crop_cipher
+        if cipher is None:
+            raise CropsUnavailable("crops given but no crop key configured (FACE_CROP_KEY_FILE)")
+        if len(crops) != len(face_ids):
+            raise ValueError(f"{len(crops)} crops for {len(face_ids)} faces")
+        with conn.cursor() as cur:
+            cur.executemany("INSERT INTO face_crops(collection_id, face_id, blob) VALUES (%s, %s, %s)",
+                            [(self.collection_id, face_id, cipher.seal(self.name, face_id, crop))
+                             for face_id, crop in zip(face_ids, crops)])
+
     def enroll(self, identity_id: str, embeddings: np.ndarray, metadata: dict | None = None,
-               replace: bool = False, max_faces: int | None = None, actor: Actor | None = None) -> EnrollResult:
+               replace: bool = False, max_faces: int | None = None, actor: Actor | None = None,
+               crops: list[bytes] | None = None) -> EnrollResult:
         """Append (or with ``replace`` swap) faces of an identity, creating it if new; one transaction,
-        its audit record included. Over ``max_faces`` faces: TooManyFacesForIdentity, and the
+        its audit record included (and ``crops``, sealed). Over ``max_faces`` faces: TooManyFacesForIdentity, and the
         transaction rolls back."""
         vectors = self._vectors(embeddings)
         now = time.time()
@@ -1049,6 +1088,8 @@ class PostgresGallery:
                 removed = conn.execute("DELETE FROM faces WHERE collection_id = %s AND identity_id = %s",
                                        (self.collection_id, identity_id)).rowcount
             face_ids = self._insert_faces(conn, identity_id, vectors, now)
+            if crops is not None:
+                self._insert_crops(conn, face_ids, crops)
             after = before - removed + len(face_ids)
             counts = self._count(conn, int(created), len(face_ids) - removed,
                                  counted_faces(after) - counted_faces(before))
@@ -1320,6 +1361,25 @@ class PostgresGallery:
 
     def read_targets(self) -> list[ReadTarget]:
         return self.galleries.read_targets()
+
+    # --- kept crops ----------------------------------------------------------------------------
+    def face_crop(self, face_id: int) -> bytes | None:
+        row = self.galleries._read(lambda conn: conn.execute(  # noqa: SLF001
+            "SELECT blob FROM face_crops WHERE collection_id = %s AND face_id = %s",
+            (self.collection_id, int(face_id))).fetchone())
+        return None if row is None else bytes(row[0])
+
+    def iter_crops(self, after_face_id: int = 0, limit: int = 256) -> list[tuple[int, str, bytes]]:
+        rows = self.galleries._read(lambda conn: conn.execute(  # noqa: SLF001
+            "SELECT c.face_id, f.identity_id, c.blob FROM face_crops c JOIN faces f USING (face_id) "
+            "WHERE c.collection_id = %s AND c.face_id > %s ORDER BY c.face_id LIMIT %s",
+            (self.collection_id, int(after_face_id), int(limit))).fetchall())
+        return [(int(r[0]), r[1], bytes(r[2])) for r in rows]
+
+    def crop_count(self) -> int:
+        row = self.galleries._read(lambda conn: _one(conn.execute(  # noqa: SLF001
+            "SELECT count(*) FROM face_crops WHERE collection_id = %s", (self.collection_id,))))
+        return int(row[0])
 
 
 def _before_nul(cursor: str) -> str:
