@@ -369,7 +369,7 @@ class Pool:
 
 
 def migrate(conn: psycopg.Connection, options: PostgresOptions, model_id: str, dim: int,
-            migrations: tuple[Migration, ...] = MIGRATIONS) -> list[int | str]:
+            migrations: tuple[Migration, ...] | None = None) -> list[int | str]:
     """Bring the schema up to date and check the model guard; returns the versions applied now.
 
     Everything runs in one transaction under an advisory lock: a second replica starting at the same
@@ -393,7 +393,7 @@ def migrate(conn: psycopg.Connection, options: PostgresOptions, model_id: str, d
                          (model_id, str(dim)))
         done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
         applied: list[int | str] = []
-        for migration in sorted(migrations, key=lambda m: m.version):
+        for migration in sorted(MIGRATIONS if migrations is None else migrations, key=lambda m: m.version):
             if migration.version in done:
                 continue
             for statement in migration.statements:
