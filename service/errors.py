@@ -44,6 +44,8 @@ class ErrorCode(str, Enum):
     metadata_too_large = "metadata_too_large"
     too_many_faces_for_identity = "too_many_faces_for_identity"
     implausible_face = "implausible_face"
+    face_not_found = "face_not_found"
+    possible_duplicate = "possible_duplicate"
     # collections
     collection_not_found = "collection_not_found"
     collection_exists = "collection_exists"
@@ -95,6 +97,8 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.metadata_too_large: 413,
     ErrorCode.too_many_faces_for_identity: 413,
     ErrorCode.implausible_face: 422,
+    ErrorCode.face_not_found: 404,
+    ErrorCode.possible_duplicate: 409,
     ErrorCode.collection_not_found: 404,
     ErrorCode.collection_exists: 409,
     ErrorCode.collection_protected: 409,

@@ -585,6 +585,12 @@ class Gallery:
     def list_identities(self, limit: int, after: str | None) -> list[IdentityRecord]:
         return self._live_store.list_identities(limit, after)
 
+    def face_embeddings(self, face_ids: list[int]) -> dict[int, tuple[str, np.ndarray]]:
+        return self._live_store.face_embeddings(face_ids)
+
+    def iter_faces(self, batch: int = 4096) -> Iterator[tuple[list[int], list[str], np.ndarray]]:
+        return self._live_store.faces_by_identity(batch)
+
     @property
     def face_count(self) -> int:
         """Live enrolled faces (in memory; /identify sizes its threshold by it)."""

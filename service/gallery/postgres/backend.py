@@ -39,6 +39,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
@@ -1121,6 +1122,34 @@ class PostgresGallery:
 
     def read_targets(self) -> list[ReadTarget]:
         return self.galleries.read_targets()
+
+    def face_embeddings(self, face_ids: list[int]) -> dict[int, tuple[str, np.ndarray]]:
+        """face id -> (identity id, embedding) for the given ids of this collection (others absent)."""
+        ids = sorted({int(i) for i in face_ids})
+        if not ids:
+            return {}
+        rows = self.galleries._read(lambda conn: conn.execute(  # noqa: SLF001
+            "SELECT face_id, identity_id, embedding FROM faces WHERE collection_id = %s AND face_id = ANY(%s)",
+            (self.collection_id, ids)).fetchall(), transaction=False)
+        return {int(f): (i, _as_array(e)) for f, i, e in rows}
+
+    def iter_faces(self, batch: int = 4096) -> Iterator[tuple[list[int], list[str], np.ndarray]]:
+        """Every face of the collection, ordered by identity id then face id, in keyset pages (each page
+        its own read: a scan is advisory, not one snapshot)."""
+        after: tuple[str, int] = ("", -1)
+        while True:
+            rows = self.galleries._read(partial(self._faces_page, after=after, batch=batch),  # noqa: SLF001
+                                        transaction=False)
+            if not rows:
+                return
+            yield [int(r[0]) for r in rows], [r[1] for r in rows], np.stack([_as_array(r[2]) for r in rows])
+            after = (rows[-1][1], int(rows[-1][0]))
+
+    def _faces_page(self, conn: psycopg.Connection, after: tuple[str, int], batch: int) -> list[tuple[Any, ...]]:
+        return conn.execute(
+            "SELECT face_id, identity_id, embedding FROM faces WHERE collection_id = %s "
+            "AND (identity_id, face_id) > (%s, %s) ORDER BY identity_id, face_id LIMIT %s",
+            (self.collection_id, after[0], after[1], batch)).fetchall()
 
 
 def _before_nul(cursor: str) -> str:
