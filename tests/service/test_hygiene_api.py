@@ -126,7 +126,7 @@ def test_the_planted_duplicate_is_found_with_its_evidence(planted: Planted):
     assert list(pairs) == [("agassi-a", "agassi-b")]
     faces = sum(len(ids) for ids in planted.faces.values())
     assert body["faces_scanned"] == faces and body["comparisons"] == faces * (len(planted.faces) - 1)
-    assert body["max_false_alarm"] == 0.01 and body["model_id"]
+    assert body["max_false_alarm"] == 0.2 and body["model_id"]
     # an explicit min_score lists what scores that high; evidence and limit are honoured
     low = planted.client.get(f"/collections/{COLLECTION}/duplicates",
                              params={"min_score": 0.2, "evidence": 1, "limit": 2}).json()

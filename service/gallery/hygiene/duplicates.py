@@ -29,7 +29,7 @@ from ...model.calibration import ImpostorTail, far_for_fpir, fpir_for_far
 from ..api import GalleryBackend
 from .outliers import SCAN_BATCH, identities_of
 
-TOP_K = 10  # other identities asked per face: a face's duplicate is its best other identity; room for lookalikes
+TOP_K = 3  # other identities asked per face: one person under up to 3 other ids, or a lookalike ranked above
 SEARCH_BATCH = 1024  # faces per gallery search
 
 

@@ -1146,10 +1146,12 @@ class PostgresGallery:
             after = (rows[-1][1], int(rows[-1][0]))
 
     def _faces_page(self, conn: psycopg.Connection, after: tuple[str, int], batch: int) -> list[tuple[Any, ...]]:
+        # identity_id >= ... walks faces_by_identity (collection_id, identity_id) from the last identity;
+        # the face order within an identity is an incremental sort of its few rows
         return conn.execute(
-            "SELECT face_id, identity_id, embedding FROM faces WHERE collection_id = %s "
-            "AND (identity_id, face_id) > (%s, %s) ORDER BY identity_id, face_id LIMIT %s",
-            (self.collection_id, after[0], after[1], batch)).fetchall()
+            "SELECT face_id, identity_id, embedding FROM faces WHERE collection_id = %(c)s AND identity_id >= %(i)s "
+            "AND (identity_id > %(i)s OR face_id > %(f)s) ORDER BY identity_id, face_id LIMIT %(n)s",
+            {"c": self.collection_id, "i": after[0], "f": after[1], "n": batch}).fetchall()
 
 
 def _before_nul(cursor: str) -> str:
