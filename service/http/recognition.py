@@ -80,7 +80,10 @@ async def identify(request: Request, state: StateDep, gallery: CollectionDep) ->
     with more faces to match an unknown face is more likely to resemble one by chance. The answer says
     which threshold was used and why; each candidate's `stranger_probability` is the estimated chance
     that a stranger scores that high in this gallery.
-    Probe embeddings instead of images: `embeddings` with the served `model_id`.
+    Probe embeddings instead of images: `embeddings` with the served `model_id`. Enrolled faces as
+    probes: `face_ids` (one result each, with `probe_face_id`; 404 `face_not_found` for a face not in
+    the collection), or a whole enrolled identity: `identity_id` (one result, each candidate scored by
+    its best over the identity's faces); the probe's own identity is never a candidate.
     """
     payload, images = await read_payload(request, IdentifyRequest, ("images",),
                                          max_images=state.settings.max_faces_per_request, vector_fields=("embeddings",),
