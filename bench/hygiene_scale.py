@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--backends", nargs="+", choices=["embedded", "postgres"], default=["embedded", "postgres"])
     parser.add_argument("--import-batch", type=int, default=5000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tag", default="", help="suffix of the result file name")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
     args.workdir = args.workdir.resolve()
@@ -100,7 +101,7 @@ def main() -> None:
                           "top_k": 3, "search_batch": 1024, "note": "a machine shared with other engineers: "
                           "see the load averages"},
                "build": built, "results": results}
-    path = save(f"hygiene_scale_{len(data.flat)}", payload)
+    path = save(f"hygiene_scale_{len(data.flat)}{args.tag}", payload)
     log.warning("saved %s", path)
 
 
