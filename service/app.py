@@ -27,7 +27,7 @@ from .faces.detection import YuNetConfig, YuNetDetector, template_for
 from .gallery import GalleryLoading
 from .gallery.api import GalleryBusy, GalleryUnavailable
 from .gallery.open import open_gallery
-from .http import aliases, audit, collections, faces, identities, keys, ops, recognition
+from .http import aliases, audit, collections, faces, hygiene, identities, keys, ops, recognition
 from .http.cluster import router as cluster_router
 from .http.console import mount_console
 from .http.deps import collection_path
@@ -239,7 +239,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(aliases.router)
     # the gallery routes: unprefixed for the `default` collection (every client of before keeps working),
     # and the same routes under /collections/{collection}
-    for router in (recognition.router, identities.router):
+    for router in (recognition.router, identities.router, hygiene.router):
         app.include_router(router)
         app.include_router(router, prefix="/collections/{collection}", dependencies=[Depends(collection_path)],
                            generate_unique_id_function=lambda route: f"collection_{route.name}")

@@ -46,6 +46,7 @@ class ErrorCode(str, Enum):
     implausible_face = "implausible_face"
     face_not_found = "face_not_found"
     same_identity = "same_identity"
+    possible_duplicate = "possible_duplicate"
     # collections
     collection_not_found = "collection_not_found"
     collection_exists = "collection_exists"
@@ -104,6 +105,7 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.implausible_face: 422,
     ErrorCode.face_not_found: 404,
     ErrorCode.same_identity: 422,
+    ErrorCode.possible_duplicate: 409,
     ErrorCode.collection_not_found: 404,
     ErrorCode.collection_exists: 409,
     ErrorCode.collection_protected: 409,

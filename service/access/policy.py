@@ -5,7 +5,7 @@ Four roles, each a set of permissions (CompreFace's Owner/Admin/User, Rekognitio
 ========  ===============================================================================
 admin     everything: collections, keys, the audit trail, every gallery route in every collection
 write     enroll, delete identities, and all of ``read``, in its collections
-read      identify, verify, list and read identities (and embed/detect), in its collections
+read      identify, verify, list and read identities, duplicates and outliers (and embed/detect), in its collections
 embed     /embed and /detect only: no gallery
 ========  ===============================================================================
 
@@ -32,7 +32,7 @@ class Role(str, Enum):
 
 class Permission(str, Enum):
     embed = "embed"  # /embed, /detect: faces in, vectors out, no gallery
-    read = "read"  # identify, verify, list and read identities, collection info
+    read = "read"  # identify, verify, list and read identities, duplicates/outliers, collection info
     write = "write"  # enroll, delete identities
     admin = "admin"  # collections, keys, audit, force_quality, /metrics
 

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -347,6 +348,13 @@ class GalleryBackend(Protocol):
 
     def crop_count(self) -> int:
         """Kept crops in the collection."""
+    def face_embeddings(self, face_ids: list[int]) -> dict[int, tuple[str, np.ndarray]]:
+        """face id -> (identity id, its vector), for the ids that exist in this collection (others are
+        absent from the dict)."""
+
+    def iter_faces(self, batch: int = 4096) -> Iterator[tuple[list[int], list[str], np.ndarray]]:
+        """Every face of the collection as (face ids, identity ids, vectors [n, dim] float32), ordered by
+        identity id then face id, in batches; not one consistent read (a hygiene scan is advisory)."""
 
 
 @runtime_checkable

@@ -39,6 +39,7 @@ from .schemas import (
     MergeResponse,
     MoveFaceRequest,
     MoveFaceResponse,
+    PossibleDuplicate,
 )
 from .vectors import list_source, source_vectors
 
@@ -89,6 +90,9 @@ async def enroll(request: Request, state: StateDep, gallery: CollectionDep, acto
     faces.refuse_low_quality(state.settings.enroll_min_quality, payload.min_quality, payload.force_quality)
     if state.settings.enroll_hub_alpha > 0:
         await run_in_threadpool(_refuse_hubs, state, gallery, payload.identity_id, vectors)
+    duplicates = None
+    if state.settings.enroll_duplicate_policy != "allow":  # the guard against enrolling one person twice
+        duplicates = await run_in_threadpool(_possible_duplicates, state, gallery, payload.identity_id, vectors)
     try:
         enrolled = await run_in_threadpool(
             _write, gallery, payload.identity_id, vectors, payload.metadata, payload.replace,
@@ -105,7 +109,8 @@ async def enroll(request: Request, state: StateDep, gallery: CollectionDep, acto
                           model_id=state.contract.model_id,
                           faces=faces.locations(),
                           quality=faces.qualities(state.settings.enroll_min_quality, payload.min_quality,
-                                                  payload.force_quality) if faces.quality else None)
+                                                  payload.force_quality) if faces.quality else None,
+                          possible_duplicates=duplicates or None)
 
 
 def _write(gallery: GalleryBackend, identity_id: str, vectors: np.ndarray, metadata: dict | None, replace: bool,
@@ -132,6 +137,33 @@ def _refuse_hubs(state: ServiceState, gallery: GalleryBackend, identity_id: str,
             f"face {hub.face_index} scores high against {len(hub.identities)} different enrolled identities at once: "
             f"probability {hub.probability:.2g} for a real face (FACE_ENROLL_HUB_ALPHA {state.settings.enroll_hub_alpha:g})",
             face_index=hub.face_index, probability=hub.probability, identities=hub.identities, scores=hub.scores)
+
+
+DUPLICATE_SEARCH_K = 5  # identities asked per new face by the enroll guard
+
+
+def _possible_duplicates(state: ServiceState, gallery: GalleryBackend, identity_id: str,
+                         vectors: np.ndarray) -> list[PossibleDuplicate]:
+    """FACE_ENROLL_DUPLICATE_POLICY (warn, refuse): when this enroll would create a new identity, the
+    other identities its faces match at or above the collection's open-set threshold, best first; refuse
+    raises 409 ``possible_duplicate`` with them (nothing written). Appending to an identity is not checked."""
+    if gallery.get_identity(identity_id) is not None:
+        return []
+    threshold = state.open_set_threshold(gallery).threshold
+    best: dict[str, PossibleDuplicate] = {}
+    for matches in gallery.search(vectors, DUPLICATE_SEARCH_K):
+        for m in matches:
+            if m.identity_id != identity_id and m.score >= threshold and (
+                    m.identity_id not in best or m.score > best[m.identity_id].score):
+                best[m.identity_id] = PossibleDuplicate(identity_id=m.identity_id, score=m.score, face_id=m.face_id)
+    found = sorted(best.values(), key=lambda d: d.score, reverse=True)
+    if found and state.settings.enroll_duplicate_policy == "refuse":
+        raise ServiceError(ErrorCode.possible_duplicate,
+                           f"the new identity's faces match {len(found)} enrolled identit{'y' if len(found) == 1 else 'ies'} "
+                           f"at or above the open-set threshold {threshold:.3f} (best: {found[0].identity_id!r}, "
+                           f"{found[0].score:.3f}); FACE_ENROLL_DUPLICATE_POLICY=refuse",
+                           matches=[d.model_dump() for d in found], threshold=threshold)
+    return found
 
 
 @router.get("/identities", response_model=IdentityPage, summary="List identities", dependencies=READ)

@@ -274,6 +274,8 @@ async def _read_multipart(request, model, list_fields, single_fields, max_images
         value = values[-1]
         if isinstance(value, UploadFile):
             raise ServiceError(ErrorCode.invalid_request, f"field {key!r} must not be a file")
+        if len(values) > 1 and key in fields and fields[key].annotation == (list[int] | None):
+            value = ",".join(str(v) for v in values)  # a repeated field of ids (face_ids=3&face_ids=5)
         if key in fields and fields[key].annotation is bool:
             value = _form_bool(key, value)
         elif key in fields and not _takes_text(fields[key].annotation):

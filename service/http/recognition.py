@@ -14,11 +14,11 @@ from starlette.concurrency import run_in_threadpool
 from ..access.policy import Permission
 from ..errors import ErrorCode, ServiceError
 from ..faces.pipeline import FaceBatch
-from ..gallery.api import GalleryBackend
+from ..gallery.api import GalleryBackend, Match
 from ..gallery.identity_ids import find_identity
 from ..gallery.openset import IdentifyThreshold
 from ..state import ServiceState
-from .deps import CollectionDep, StateDep, allow
+from .deps import CollectionDep, StateDep, allow, charge_faces
 from .payload import body_docs, read_payload
 from .schemas import (
     Candidate,
@@ -80,13 +80,18 @@ async def identify(request: Request, state: StateDep, gallery: CollectionDep) ->
     with more faces to match an unknown face is more likely to resemble one by chance. The answer says
     which threshold was used and why; each candidate's `stranger_probability` is the estimated chance
     that a stranger scores that high in this gallery.
-    Probe embeddings instead of images: `embeddings` with the served `model_id`.
+    Probe embeddings instead of images: `embeddings` with the served `model_id`. Enrolled faces as
+    probes: `face_ids` (one result each, with `probe_face_id`; 404 `face_not_found` for a face not in
+    the collection), or a whole enrolled identity: `identity_id` (one result, each candidate scored by
+    its best over the identity's faces); the probe's own identity is never a candidate.
     """
     payload, images = await read_payload(request, IdentifyRequest, ("images",),
                                          max_images=state.settings.max_faces_per_request, vector_fields=("embeddings",),
                                          dimension=state.contract.embedding_size)
     if payload.top_k > state.settings.max_top_k:
         raise ServiceError(ErrorCode.invalid_request, f"top_k may be at most {state.settings.max_top_k}")
+    if payload.face_ids is not None or payload.identity_id is not None:
+        return await _identify_enrolled(request, state, gallery, payload)
     probes, faces = await source_vectors(state, list_source(payload, images))
     quality = faces.qualities(state.settings.enroll_min_quality) if faces.quality else [None] * len(probes)
     # probes refused by min_quality are not searched: they get low_quality, not a guess
@@ -147,3 +152,75 @@ def _search_and_threshold(state: ServiceState, gallery: GalleryBackend, probes: 
     return _Searched(matches, state.open_set_threshold(gallery, requested))
 
 
+# --- probes that are already enrolled: face_ids, identity_id -------------------------------------
+async def _identify_enrolled(request: Request, state: ServiceState, gallery: GalleryBackend,
+                             payload: IdentifyRequest) -> IdentifyResponse:
+    """/identify with enrolled faces as the probes (``face_ids``: one result each, in order) or a whole
+    identity (``identity_id``: one result, each candidate scored by its best over the identity's
+    faces). The probe's own identity is never a candidate: top_k + 1 are searched and it is dropped."""
+    given = [name for name in ("images", "embeddings", "face_ids", "identity_id") if getattr(payload, name) is not None]
+    if len(given) != 1:
+        raise ServiceError(ErrorCode.invalid_request,
+                           "give exactly one probe source: images, embeddings, face_ids or identity_id", given=given)
+    if payload.face_ids is not None:
+        limit = state.settings.max_faces_per_request
+        if len(payload.face_ids) > limit:
+            raise ServiceError(ErrorCode.too_many_faces, f"{len(payload.face_ids)} face ids in one request; the limit "
+                               f"is {limit}", limit=limit)
+        charge_faces(request, len(payload.face_ids))
+        return await run_in_threadpool(_by_face_ids, state, gallery, payload, payload.face_ids)
+    charge_faces(request, 1)
+    return await run_in_threadpool(_by_identity, state, gallery, payload, payload.identity_id or "")
+
+
+def _others(matches: list[Match], own: str, top_k: int) -> list[Match]:
+    return [m for m in matches if m.identity_id != own][:top_k]
+
+
+def _by_face_ids(state: ServiceState, gallery: GalleryBackend, payload: IdentifyRequest,
+                 face_ids: list[int]) -> IdentifyResponse:
+    stored = gallery.face_embeddings(face_ids)
+    missing = [f for f in dict.fromkeys(face_ids) if f not in stored]
+    if missing:
+        raise ServiceError(ErrorCode.face_not_found, f"no face {missing[0]} in this collection"
+                           if len(missing) == 1 else f"{len(missing)} of the face ids are not in this collection",
+                           face_ids=missing)
+    probes = np.stack([stored[f][1] for f in face_ids]).astype(np.float32, copy=False)
+    found, decision = _search_and_threshold(state, gallery, probes, payload.top_k + 1, payload.threshold)
+    results = [_result(decision, _others(matches, stored[face_id][0], payload.top_k), index, face_id)
+               for index, (face_id, matches) in enumerate(zip(face_ids, found))]
+    return _response(state, decision, results)
+
+
+def _by_identity(state: ServiceState, gallery: GalleryBackend, payload: IdentifyRequest,
+                 identity_id: str) -> IdentifyResponse:
+    stored_as, vectors = find_identity(identity_id, gallery.identity_embeddings)
+    if len(vectors) == 0:
+        raise ServiceError(ErrorCode.identity_not_found, f"identity {identity_id!r} is not enrolled",
+                           identity_id=identity_id)
+    found, decision = _search_and_threshold(state, gallery, vectors, payload.top_k + 1, payload.threshold)
+    best: dict[str, Match] = {}  # each other identity by its best score over the probe identity's faces
+    for matches in found:
+        for m in matches:
+            if m.identity_id != stored_as and (m.identity_id not in best or m.score > best[m.identity_id].score):
+                best[m.identity_id] = m
+    ranked = sorted(best.values(), key=lambda m: m.score, reverse=True)[:payload.top_k]
+    return _response(state, decision, [_result(decision, ranked, 0, None)])
+
+
+def _result(decision: IdentifyThreshold, candidates: list[Match], index: int, face_id: int | None) -> ProbeResult:
+    best = candidates[0] if candidates else None
+    known = best is not None and best.score >= decision.threshold
+    return ProbeResult(
+        image_index=index, face=None, identity_id=best.identity_id if known else None, known=known,
+        score=best.score if best else None,
+        candidates=[Candidate(identity_id=m.identity_id, score=m.score, face_id=m.face_id,
+                              stranger_probability=decision.stranger_probability(m.score)) for m in candidates],
+        probe_face_id=face_id)
+
+
+def _response(state: ServiceState, decision: IdentifyThreshold, results: list[ProbeResult]) -> IdentifyResponse:
+    return IdentifyResponse(results=results, threshold=decision.threshold, threshold_source=decision.source,
+                            fpir_target=decision.fpir_target, fpir_estimated=decision.fpir_estimated,
+                            gallery_identities=decision.counts.identities, gallery_faces=decision.counts.faces,
+                            model_id=state.contract.model_id)

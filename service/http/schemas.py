@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
 from ..gallery import identity_ids
@@ -157,6 +157,21 @@ class FaceQuality(BaseModel):
 QualityLimit = Annotated[float | None, Field(ge=0.0, le=1.0)]
 
 
+def _split_face_ids(value: Any) -> Any:
+    """A form sends face ids as one comma list ("3,5") or a repeated field (joined by the form reader)."""
+    if isinstance(value, int) and not isinstance(value, bool):  # a form's single id, read as a number
+        return [value]
+    if isinstance(value, str):
+        try:
+            return [int(part) for part in value.split(",") if part.strip()]
+        except ValueError:
+            raise PydanticCustomError("face_ids", "face_ids must be integers") from None
+    return value
+
+
+FaceIds = Annotated[list[int] | None, BeforeValidator(_split_face_ids)]
+
+
 # --- embed ------------------------------------------------------------------------------------
 class EmbedRequest(PhotoOptions):
     images: list[Base64Image] = Field(min_length=1, description="One or more aligned faces or photos.")
@@ -197,6 +212,12 @@ class EnrollRequest(SingleFacePhotoOptions):
         "checks (score and parts) and store the faces whatever their quality.")
 
 
+class PossibleDuplicate(BaseModel):
+    identity_id: str = Field(description="An enrolled identity one of the new faces matches.")
+    score: float
+    face_id: int = Field(description="Its face that scored best.")
+
+
 class EnrollResponse(BaseModel):
     identity_id: str
     created: bool = Field(description="True when the identity did not exist before.")
@@ -208,6 +229,9 @@ class EnrollResponse(BaseModel):
         None, description="For photos: the face enrolled from each image, in request order.")
     quality: list[FaceQuality] | None = Field(
         None, description="Each enrolled face's quality, in request order; null for client embeddings.")
+    possible_duplicates: list[PossibleDuplicate] | None = Field(
+        None, description="With FACE_ENROLL_DUPLICATE_POLICY=warn, for a new identity: the other identities its faces "
+        "match at or above the collection's open-set threshold (null otherwise).")
 
 
 # --- verify -----------------------------------------------------------------------------------
@@ -243,6 +267,12 @@ class IdentifyRequest(PhotoOptions):
     min_quality: QualityLimit = Field(
         None, description="Probes below this quality score (or outside a part's limits) are not "
         "searched: their result carries `error` `low_quality` instead of a guess.")
+    face_ids: FaceIds = Field(
+        None, min_length=1, description="Enrolled faces as probes, instead of `images`/`embeddings`: one result "
+        "per face id, in order; the probe's own identity is never a candidate. Forms: repeated or comma-separated.")
+    identity_id: IdentityRef | None = Field(
+        None, description="An enrolled identity as the probe, instead of `images`/`embeddings`: one result; each "
+        "candidate is scored by its best score over the identity's faces; the identity itself is never a candidate.")
 
 
 class Candidate(BaseModel):
@@ -265,6 +295,7 @@ class ProbeResult(BaseModel):
     quality: FaceQuality | None = Field(None, description="The probe's quality (null for client embeddings).")
     error: ErrorBody | None = Field(
         None, description="`low_quality` when the probe was refused by `min_quality` (then no candidates).")
+    probe_face_id: int | None = Field(None, description="With `face_ids`: the enrolled face this result is for.")
 
 
 class IdentifyResponse(BaseModel):
@@ -500,6 +531,55 @@ class AliasOut(BaseModel):
 
 class AliasList(BaseModel):
     items: list[AliasOut]
+# --- gallery hygiene: duplicates, outliers, the enroll guard -------------------------------------
+class DuplicateEvidence(BaseModel):
+    face_a: int = Field(description="A face of identity_a.")
+    face_b: int = Field(description="A face of identity_b.")
+    score: float
+
+
+class DuplicatePairOut(BaseModel):
+    identity_a: str = Field(description="identity_a < identity_b.")
+    identity_b: str
+    score: float = Field(description="The best face-pair score between the two identities.")
+    false_alarm_probability: float | None = Field(
+        description="Estimated chance that some pair of two different people scores this high in a scan of "
+        "this many comparisons (family-wise, from the impostor tail); null without a tail.")
+    evidence: list[DuplicateEvidence] = Field(description="The best face pairs, best first.")
+
+
+class DuplicatesResponse(BaseModel):
+    pairs: list[DuplicatePairOut] = Field(description="Best first.")
+    min_score: float = Field(description="Pairs scoring at least this are listed.")
+    max_false_alarm: float | None = Field(description="The family-wise target min_score was chosen for (null: "
+                                          "min_score was given).")
+    comparisons: int = Field(description="Face x identity comparisons made (each face against every other identity).")
+    family_comparisons: float = Field(description="Independent face-pair chances the false-alarm estimate counts.")
+    faces_scanned: int
+    elapsed_ms: float
+    model_id: str
+
+
+class BestOtherOut(BaseModel):
+    identity_id: str
+    score: float
+    face_id: int
+
+
+class OutlierOut(BaseModel):
+    identity_id: str
+    face_id: int
+    own_score: float = Field(description="Best cosine to the identity's other faces.")
+    best_other: BestOtherOut | None = Field(
+        description="The other identity the face matches best at or above the threshold; null: none does.")
+
+
+class OutliersResponse(BaseModel):
+    faces: list[OutlierOut] = Field(description="Worst own_score first.")
+    threshold: float
+    identities_checked: int = Field(description="Identities with 2+ faces (one face alone cannot be judged).")
+    model_id: str
+
 
 ReadyResponse.model_rebuild()
 

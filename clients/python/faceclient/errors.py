@@ -78,7 +78,7 @@ _FAMILIES: dict[type[FaceServiceError], tuple[str, ...]] = {
     NotFoundError: ("identity_not_found", "collection_not_found", "key_not_found", "alias_not_found", "not_found",
                     "face_not_found"),
     ConflictError: ("collection_exists", "collection_protected", "collection_in_use", "crops_required",
-                    "crop_key_missing"),
+                    "crop_key_missing", "possible_duplicate"),
     AuthError: ("unauthorized", "forbidden", "cross_origin_refused"),
     RateLimitedError: ("rate_limited",),
     UnavailableError: ("gallery_loading", "gallery_unavailable", "model_not_ready", "overloaded",

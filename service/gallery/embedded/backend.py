@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 
 from ..api import Actor, EnrollResult, GalleryStats, IdentityDetails, IdentityExists, IdentityRecord, Match, ReadTarget
@@ -111,3 +113,8 @@ class EmbeddedGallery:
 
     def crop_count(self) -> int:
         return self.gallery.crop_count()
+    def face_embeddings(self, face_ids: list[int]) -> dict[int, tuple[str, np.ndarray]]:
+        return self.gallery.face_embeddings(face_ids)
+
+    def iter_faces(self, batch: int = 4096) -> Iterator[tuple[list[int], list[str], np.ndarray]]:
+        return self.gallery.iter_faces(batch)

@@ -674,3 +674,14 @@ class _CollectionHandle:
 
     def crop_count(self) -> int:
         return self._run(lambda g: g.crop_count())
+    def face_embeddings(self, face_ids: list[int]) -> dict[int, tuple[str, np.ndarray]]:
+        return self._run(lambda g: g.face_embeddings(face_ids))
+
+    def iter_faces(self, batch: int = 4096) -> Iterator[tuple[list[int], list[str], np.ndarray]]:
+        """The collection stays open (acquired) for the whole iteration."""
+        owner = self._owner
+        entry, gallery = owner._acquire(self.name, self._incarnation)  # noqa: SLF001 - its own handle
+        try:
+            yield from gallery.iter_faces(batch)
+        finally:
+            owner._release(entry)  # noqa: SLF001

@@ -730,6 +730,11 @@ class Gallery:
 
     def crop_count(self) -> int:
         return self._live_store.crop_count()
+    def face_embeddings(self, face_ids: list[int]) -> dict[int, tuple[str, np.ndarray]]:
+        return self._live_store.face_embeddings(face_ids)
+
+    def iter_faces(self, batch: int = 4096) -> Iterator[tuple[list[int], list[str], np.ndarray]]:
+        return self._live_store.faces_by_identity(batch)
 
     @property
     def face_count(self) -> int:

@@ -397,6 +397,34 @@ class Store:
     def counted_faces(self, cap: int) -> int:
         return count_counted_faces(self._reader(), cap)
 
+    def face_embeddings(self, face_ids: list[int], batch: int = 500) -> dict[int, tuple[str, np.ndarray]]:
+        """face id -> (identity id, embedding) for the given ids that exist (others are absent)."""
+        conn = self._reader()
+        out: dict[int, tuple[str, np.ndarray]] = {}
+        ids = sorted({int(i) for i in face_ids})
+        for start in range(0, len(ids), batch):
+            part = ids[start:start + batch]
+            marks = ",".join("?" * len(part))
+            for face_id, identity_id, blob in conn.execute(
+                    f"SELECT face_id, identity_id, embedding FROM faces WHERE face_id IN ({marks})", part):
+                out[int(face_id)] = (identity_id, np.frombuffer(blob, dtype=np.float32))
+        return out
+
+    def faces_by_identity(self, batch: int = 4096) -> Iterator[tuple[list[int], list[str], np.ndarray]]:
+        """Every face as (face ids, identity ids, embeddings), ordered by identity id then face id, in
+        batches (keyset pages on the faces_by_identity index; each page is its own read)."""
+        conn = self._reader()
+        after: tuple[str, int] = ("", -1)
+        while True:
+            rows = conn.execute(
+                "SELECT face_id, identity_id, embedding FROM faces WHERE (identity_id, face_id) > (?, ?) "
+                "ORDER BY identity_id, face_id LIMIT ?", (*after, batch)).fetchall()
+            if not rows:
+                return
+            vectors = np.frombuffer(bytearray().join(r[2] for r in rows), dtype=np.float32).reshape(len(rows), -1)
+            yield [int(r[0]) for r in rows], [r[1] for r in rows], vectors
+            after = (rows[-1][1], int(rows[-1][0]))
+
 
 def connect(path: Path) -> sqlite3.Connection:
     """A connection to a store file as Store makes them (WAL, synchronous=FULL, secure_delete)."""

@@ -40,6 +40,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
@@ -1380,6 +1381,35 @@ class PostgresGallery:
         row = self.galleries._read(lambda conn: _one(conn.execute(  # noqa: SLF001
             "SELECT count(*) FROM face_crops WHERE collection_id = %s", (self.collection_id,))))
         return int(row[0])
+    def face_embeddings(self, face_ids: list[int]) -> dict[int, tuple[str, np.ndarray]]:
+        """face id -> (identity id, embedding) for the given ids of this collection (others absent)."""
+        ids = sorted({int(i) for i in face_ids})
+        if not ids:
+            return {}
+        rows = self.galleries._read(lambda conn: conn.execute(  # noqa: SLF001
+            "SELECT face_id, identity_id, embedding FROM faces WHERE collection_id = %s AND face_id = ANY(%s)",
+            (self.collection_id, ids)).fetchall(), transaction=False)
+        return {int(f): (i, _as_array(e)) for f, i, e in rows}
+
+    def iter_faces(self, batch: int = 4096) -> Iterator[tuple[list[int], list[str], np.ndarray]]:
+        """Every face of the collection, ordered by identity id then face id, in keyset pages (each page
+        its own read: a scan is advisory, not one snapshot)."""
+        after: tuple[str, int] = ("", -1)
+        while True:
+            rows = self.galleries._read(partial(self._faces_page, after=after, batch=batch),  # noqa: SLF001
+                                        transaction=False)
+            if not rows:
+                return
+            yield [int(r[0]) for r in rows], [r[1] for r in rows], np.stack([_as_array(r[2]) for r in rows])
+            after = (rows[-1][1], int(rows[-1][0]))
+
+    def _faces_page(self, conn: psycopg.Connection, after: tuple[str, int], batch: int) -> list[tuple[Any, ...]]:
+        # identity_id >= ... walks faces_by_identity (collection_id, identity_id) from the last identity;
+        # the face order within an identity is an incremental sort of its few rows
+        return conn.execute(
+            "SELECT face_id, identity_id, embedding FROM faces WHERE collection_id = %(c)s AND identity_id >= %(i)s "
+            "AND (identity_id > %(i)s OR face_id > %(f)s) ORDER BY identity_id, face_id LIMIT %(n)s",
+            {"c": self.collection_id, "i": after[0], "f": after[1], "n": batch}).fetchall()
 
 
 def _before_nul(cursor: str) -> str:

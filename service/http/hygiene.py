@@ -1,0 +1,107 @@
+"""Gallery hygiene: duplicate people and mislabelled faces in a collection (the `read` permission, scoped).
+
+Mounted twice (app.py): unprefixed for the `default` collection, and under
+`/collections/{collection}`. Both are scans of the whole collection over the gallery interface
+(service/gallery/hygiene/), run in a worker thread; they change nothing."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+from starlette.concurrency import run_in_threadpool
+
+from ..access.policy import Permission
+from ..gallery.api import GalleryBackend
+from ..gallery.hygiene.duplicates import DuplicateScan, comparisons_for, find_duplicates, listing_score
+from ..gallery.hygiene.outliers import OutlierScan, find_outliers
+from ..state import ServiceState
+from .deps import CollectionDep, StateDep, allow
+from .schemas import (
+    BestOtherOut,
+    DuplicateEvidence,
+    DuplicatePairOut,
+    DuplicatesResponse,
+    ErrorResponse,
+    OutlierOut,
+    OutliersResponse,
+)
+
+log = logging.getLogger(__name__)
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (401, 404, 422)}
+router = APIRouter(tags=["hygiene"], dependencies=[allow(Permission.read, scoped=True)], responses=ERRORS)
+
+Limit = Annotated[int, Query(ge=1, le=1000, description="At most this many items.")]
+
+
+@router.get("/duplicates", response_model=DuplicatesResponse, summary="Identities that are probably one person")
+async def duplicates(
+    state: StateDep,
+    gallery: CollectionDep,
+    min_score: Annotated[float | None, Query(ge=-1.0, le=1.0, description="List pairs whose best face pair "
+                                             "scores at least this (instead of max_false_alarm).")] = None,
+    max_false_alarm: Annotated[float | None, Query(gt=0.0, lt=1.0, description="Without min_score: list pairs "
+                                                   "from the score at which the family-wise false-alarm probability "
+                                                   "of the scan is this (default FACE_DUPLICATES_MAX_FALSE_ALARM).")
+                               ] = None,
+    limit: Limit = 100,
+    evidence: Annotated[int, Query(ge=1, le=20, description="Face pairs shown per identity pair.")] = 3,
+) -> DuplicatesResponse:
+    """Pairs of different identities whose faces match each other, best first, each with its
+    evidence (the best face pairs) and the estimated family-wise false-alarm probability of its score:
+    the chance that two different people score that high somewhere in a scan of this many comparisons,
+    from the model's impostor tail (or the gallery's own calibration). A kNN self-join through the
+    collection's index (each face searched for its nearest other identities), not all pairs. Faces that
+    do not match their own identity (see `/outliers`) give no evidence."""
+    scan, target = await run_in_threadpool(_duplicates, state, gallery, min_score, max_false_alarm, limit, evidence)
+    log.info("duplicates scanned", extra={"collection": gallery.name, "faces": scan.faces_scanned,
+                                          "pairs": len(scan.pairs), "elapsed_ms": scan.elapsed_ms})
+    return DuplicatesResponse(
+        pairs=[DuplicatePairOut(identity_a=p.identity_a, identity_b=p.identity_b, score=p.score,
+                                false_alarm_probability=p.false_alarm_probability,
+                                evidence=[DuplicateEvidence(face_a=e.face_a, face_b=e.face_b, score=e.score)
+                                          for e in p.evidence]) for p in scan.pairs],
+        min_score=scan.min_score, max_false_alarm=target, comparisons=scan.comparisons,
+        family_comparisons=scan.family_comparisons, faces_scanned=scan.faces_scanned, elapsed_ms=scan.elapsed_ms,
+        model_id=state.contract.model_id)
+
+
+def _duplicates(state: ServiceState, gallery: GalleryBackend, min_score: float | None, max_false_alarm: float | None,
+                limit: int, evidence: int) -> tuple[DuplicateScan, float | None]:
+    decision = state.open_set_threshold(gallery)
+    comparisons = comparisons_for(gallery)
+    target = None
+    if min_score is None:
+        if decision.tail is None:  # nothing to size a false-alarm rate with: the collection's 1:N threshold
+            min_score = decision.threshold
+        else:
+            target = max_false_alarm if max_false_alarm is not None else state.settings.duplicates_max_false_alarm
+            min_score = listing_score(decision.tail, target, comparisons)
+    scan = find_duplicates(gallery, decision.tail, min_score, state.verify_threshold, comparisons, limit, evidence)
+    return scan, target
+
+
+@router.get("/outliers", response_model=OutliersResponse, summary="Faces that do not match their own identity")
+async def outliers(
+    state: StateDep,
+    gallery: CollectionDep,
+    limit: Limit = 100,
+    min_score: Annotated[float | None, Query(ge=-1.0, le=1.0, description="A face whose best score against its "
+                                             "identity's other faces is below this is listed (default: the 1:1 "
+                                             "verify threshold in force).")] = None,
+) -> OutliersResponse:
+    """Faces that match their own identity's other faces worse than the 1:1 threshold (probably filed
+    under the wrong identity, or a poor photo), worst first, each with the other identity it matches
+    best at or above the threshold (`best_other`, null when none does). Only identities with two or
+    more faces are checked."""
+    threshold = min_score if min_score is not None else state.verify_threshold
+    scan: OutlierScan = await run_in_threadpool(find_outliers, gallery, threshold, limit)
+    log.info("outliers scanned", extra={"collection": gallery.name, "faces": scan.faces_scanned,
+                                        "outliers": len(scan.faces)})
+    return OutliersResponse(
+        faces=[OutlierOut(identity_id=o.identity_id, face_id=o.face_id, own_score=o.own_score,
+                          best_other=None if o.best_other is None else BestOtherOut(
+                              identity_id=o.best_other.identity_id, score=o.best_other.score,
+                              face_id=o.best_other.face_id)) for o in scan.faces],
+        threshold=threshold, identities_checked=scan.identities_checked, model_id=state.contract.model_id)
