@@ -25,7 +25,9 @@ What every backend means by the same call (the contract the shared tests check o
   best face (max-over-faces), with oversampling so that an identity with many faces cannot crowd
   the others out (:func:`search_identities`).
 * The gallery belongs to one model: opening it with another model id or dimension raises
-  :class:`GalleryModelMismatch` (:func:`check_model`).
+  :class:`GalleryModelMismatch` (:func:`check_model`). Each collection is pinned to its model (the one
+  it was created with: ``GalleryBackend.model_id``/``dim``, ``CollectionInfo.model_id``/``dim``);
+  ``Galleries.model_id``/``dim`` are the default model's, for collections created without one.
 
 Collections (:class:`Galleries`, what a backend opens): a backend holds named collections, each a
 gallery of its own behind :class:`GalleryBackend` (``galleries.collection(name)``). Identity ids are
@@ -129,6 +131,7 @@ class CollectionInfo:
     identities: int
     faces: int
     counted_faces: int  # sizes the collection's open-set threshold, like GalleryBackend.counted_faces
+    dim: int = 0  # the embedding size of its model (model_id): each collection is pinned to one model
 
 
 @dataclass(frozen=True)
@@ -294,8 +297,11 @@ class Galleries(Protocol):
         """The collection's gallery; CollectionNotFound if there is none of that name. Cheap: call it
         per request (an idle embedded collection is opened on first use, closed when idle again)."""
 
-    def create_collection(self, name: str, actor: Actor | None = None) -> CollectionInfo:
-        """CollectionExists if taken; ValueError for an invalid name. Audited (collection.created)."""
+    def create_collection(self, name: str, actor: Actor | None = None, model_id: str | None = None,
+                          dim: int | None = None) -> CollectionInfo:
+        """CollectionExists if taken; ValueError for an invalid name. Audited (collection.created). The
+        collection is pinned to ``model_id`` with embeddings of ``dim`` values (None: the default
+        model's, ``self.model_id``/``self.dim``); its GalleryBackend has them as ``model_id``/``dim``."""
 
     def delete_collection(self, name: str, actor: Actor | None = None) -> CollectionInfo:
         """Erase every identity and face of it; CollectionNotFound, CollectionProtected for default.

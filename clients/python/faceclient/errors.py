@@ -74,7 +74,7 @@ _FAMILIES: dict[type[FaceServiceError], tuple[str, ...]] = {
         "photo_not_supported", "model_mismatch", "wrong_dimension", "invalid_embedding", "invalid_identity_id",
         "invalid_metadata", "metadata_too_large", "too_many_faces_for_identity", "implausible_face",
         "invalid_collection_name", "host_not_allowed", "method_not_allowed"),
-    NotFoundError: ("identity_not_found", "collection_not_found", "key_not_found", "not_found"),
+    NotFoundError: ("identity_not_found", "collection_not_found", "key_not_found", "not_found", "model_not_found"),
     ConflictError: ("collection_exists", "collection_protected"),
     AuthError: ("unauthorized", "forbidden", "cross_origin_refused"),
     RateLimitedError: ("rate_limited",),
