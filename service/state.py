@@ -8,10 +8,10 @@ from .access.keyring import KeyRing
 from .access.keys import load_pepper
 from .access.limits import Limits
 from .config import Settings
+from .errors import ErrorCode, ServiceError
 from .faces.detection import AlignmentTemplate, FaceDetector
 from .faces.quality import QualityModel
 from .gallery.api import DEFAULT_COLLECTION, Galleries, GalleryBackend
-from .errors import ErrorCode, ServiceError
 from .gallery.openset import GalleryCounts, GalleryTail, IdentifyThreshold
 from .model.batcher import DynamicBatcher
 from .model.contract import FaceContract

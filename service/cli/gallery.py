@@ -51,7 +51,7 @@ from ..gallery.api import (
     IdentityExists,
 )
 from ..gallery.open import open_gallery
-from .backend import CommandError, add_backend_arguments, fail, model_identity, settings_from
+from .backend import CommandError, add_backend_arguments, fail, model_identity, served_identities, settings_from
 
 if TYPE_CHECKING:  # the pipeline is imported lazily, at run time
     from ..faces.pipeline import ImageType
@@ -69,7 +69,7 @@ class GalleryFileError(ValueError):
 
 
 def open_configured(settings: Settings) -> Galleries:
-    return open_gallery(settings, *model_identity(settings))
+    return open_gallery(settings, *model_identity(settings), served=served_identities(settings))
 
 
 # --- export / import -----------------------------------------------------------------------------

@@ -89,9 +89,9 @@ class ServedModel:
 
     def describe(self) -> dict:
         """What /readyz shows of it."""
-        return {"model_id": self.model_id, "dim": self.dim, "provider": self.model.providers[0] if
-                self.model.providers else None, "providers": self.model.providers, "ready": self.batcher is not None,
-                "default": self.default, "path": str(self.model.path)}
+        return {"model_id": self.model_id, "dim": self.dim,
+                "provider": self.model.providers[0] if self.model.providers else None,
+                "ready": self.batcher is not None and bool(self.model.providers), "default": self.default}
 
 
 class ModelRegistry:
