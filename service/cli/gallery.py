@@ -55,6 +55,7 @@ from .backend import CommandError, add_backend_arguments, fail, model_identity, 
 
 if TYPE_CHECKING:  # the pipeline is imported lazily, at run time
     from ..faces.pipeline import ImageType
+    from ..model.registry import ServedModel
     from ..state import ServiceState
 
 log = logging.getLogger(__name__)
@@ -208,15 +209,17 @@ def people_in(root: Path) -> list[tuple[str, list[Path]]]:
     return found
 
 
-async def _embed_person(state: ServiceState, images: list[Path], image_type: ImageType, summary: EnrollSummary) -> np.ndarray | None:
-    """One embedding per usable image; an image with no face, several faces or unreadable is skipped."""
+async def _embed_person(state: ServiceState, images: list[Path], image_type: ImageType, summary: EnrollSummary,
+                        served: ServedModel | None = None) -> np.ndarray | None:
+    """One embedding per usable image (by ``served``, the collection's model); an image with no face,
+    several faces or unreadable is skipped."""
     from ..errors import ServiceError
     from ..faces.pipeline import embed_images
 
     vectors = []
     for path in images:
         try:
-            found, faces = await embed_images(state, [path.read_bytes()], image_type, "all")
+            found, faces = await embed_images(state, [path.read_bytes()], image_type, "all", served=served)
         except ServiceError as exc:
             summary.skipped_images[exc.code.value] += 1
             if len(summary.examples) < 20:
@@ -266,7 +269,7 @@ async def enroll_folder(settings: Settings, root: Path, image_type: ImageType = 
             elif not images:
                 summary.skipped_people["no_images"] += 1
             else:
-                vectors = await _embed_person(state, images, image_type, summary)
+                vectors = await _embed_person(state, images, image_type, summary, state.served_for(gallery))
                 if vectors is None:
                     summary.skipped_people["no_usable_face"] += 1
                 else:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from harness.fixtures import FIXTURES, ENROLLED, b64, face_files
+from harness.fixtures import ENROLLED, FIXTURES, b64, face_files
 from harness.models import tiny_model
 from harness.server import ServerProcess
 from tests.conftest import backend_env
