@@ -52,8 +52,8 @@ async def create_collection(body: CollectionCreate, state: StateDep, actor: Acto
                            "'-' or '_', starting with a letter or digit", name=body.name[:100])
     served = state.model_named(body.model)
     try:
-        info = await run_in_threadpool(state.galleries.create_collection, body.name, actor, served.model_id,
-                                       served.dim)
+        info = await run_in_threadpool(state.galleries.create_collection, body.name, actor,
+                                       model_id=served.model_id, dim=served.dim)
     except CollectionExists:
         raise ServiceError(ErrorCode.collection_exists, f"a collection named {body.name!r} already exists",
                            collection=body.name) from None
