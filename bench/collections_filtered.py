@@ -101,8 +101,8 @@ def uses_hnsw(galleries, collection_id: int, probe: np.ndarray, k: int, ef: int)
     with galleries._read_connection() as conn, conn.transaction():  # noqa: SLF001
         conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(ef),))
         plan = "\n".join(r[0] for r in conn.execute(
-            "EXPLAIN SELECT identity_id FROM faces WHERE collection_id = %s ORDER BY embedding <=> %b LIMIT %s",
-            (collection_id, probe, k), prepare=False))
+            f"EXPLAIN SELECT identity_id FROM faces WHERE collection_id = %s AND vector_dims(embedding) = {len(probe)} "
+            f"ORDER BY embedding::vector({len(probe)}) <=> %b LIMIT %s", (collection_id, probe, k), prepare=False))
     return "faces_embedding_hnsw" in plan
 
 

@@ -142,13 +142,13 @@ def pg_copy_load(gallery, data: Data, collection_id: int | None = None) -> dict:
     default collection; face ids 1..N in file order when the table was empty), its counters, then the index."""
     from psycopg import sql
 
-    from service.gallery.postgres.backend import DEFAULT_COLLECTION_ID
+    from service.gallery.postgres.backend import DEFAULT_COLLECTION_ID, hnsw_index_name
 
     collection = DEFAULT_COLLECTION_ID if collection_id is None else collection_id
     n = len(data.flat)
     started = time.perf_counter()
     with gallery._transaction() as conn:  # noqa: SLF001 - the bench loads below the API, as a DBA would
-        conn.execute("DROP INDEX IF EXISTS faces_embedding_hnsw")
+        conn.execute(f"DROP INDEX IF EXISTS {hnsw_index_name(gallery.dim)}")  # the loaded dimension's
         with conn.cursor() as cur:
             with cur.copy("COPY identities (collection_id, identity_id, metadata, created_at, updated_at) "
                           "FROM STDIN") as copy:
@@ -271,7 +271,7 @@ def measure_embedded(args, data: Data) -> dict:
 
 
 def measure_postgres(args, data: Data) -> dict:
-    from service.gallery.postgres.backend import PostgresGalleries
+    from service.gallery.postgres.backend import PostgresGalleries, hnsw_index_name
 
     started = time.perf_counter()
     server = PgServer(args.workdir / f"pg_{args.faces}")
@@ -300,7 +300,7 @@ def measure_postgres(args, data: Data) -> dict:
         with gallery._transaction() as conn:  # noqa: SLF001
             out["disk_bytes"], out["index_bytes"] = (int(v) for v in conn.execute(
                 "SELECT pg_total_relation_size('faces') + pg_total_relation_size('identities'), "
-                "pg_relation_size('faces_embedding_hnsw')").fetchone())
+                "pg_relation_size(%s::regclass)", (hnsw_index_name(gallery.dim),)).fetchone())
         out["disk_bytes_per_million_faces"] = int(out["disk_bytes"] / len(data.flat) * 1e6)
         out["pgdata_bytes"] = dir_bytes(server.pgdata)
         galleries.close()

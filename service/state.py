@@ -8,14 +8,15 @@ from .access.keyring import KeyRing
 from .access.keys import load_pepper
 from .access.limits import Limits
 from .config import Settings
+from .errors import ErrorCode, ServiceError
 from .faces.detection import AlignmentTemplate, FaceDetector
-from .faces.quality import QualityModel, gallery_quality
+from .faces.quality import QualityModel
 from .gallery.aliases import AliasMap
 from .gallery.api import DEFAULT_COLLECTION, Galleries, GalleryBackend
-from .gallery.openset import GalleryCounts, GalleryTail, IdentifyThreshold, ThresholdInputs, choose_tail
-from .gallery.openset import identify_threshold as _identify_threshold
+from .gallery.openset import GalleryCounts, GalleryTail, IdentifyThreshold
 from .model.batcher import DynamicBatcher
 from .model.contract import FaceContract
+from .model.registry import DEFAULT_MODEL_NAME, ModelRegistry, ServedModel
 from .model.runtime import EmbeddingModel
 from .ops.decode_budget import MB, DecodeBudget
 from .ops.metrics import Metrics
@@ -32,7 +33,9 @@ class ServiceState:
     # photos: None when the model's alignment has no template here (then only aligned crops are served)
     detector: FaceDetector | None = None
     template: AlignmentTemplate | None = None
-    _gallery_tail: GalleryTail | None = field(default=None, repr=False)
+    # every served model by name (FACE_MODELS); model, batcher and template above are the default one's.
+    # None: the one model above, served as `default` (tools, tests)
+    models: ModelRegistry = field(default=None, repr=False)  # type: ignore[assignment]
     decode_budget: DecodeBudget = field(init=False)  # made from the settings
     readiness: ReadinessProbe = field(init=False)  # made from the settings
     # face quality: the data dir's refit (python -m service calibrate --quality), else the contract's
@@ -48,9 +51,11 @@ class ServiceState:
         self.limits = Limits.from_rates(s.rate_limit_rps, s.rate_limit_faces_per_s, s.rate_limit_burst_s)
         self.decode_budget = DecodeBudget(s.decode_memory_mb * MB, s.max_decode_mb * MB, s.decode_wait_ms / 1000)
         self.readiness = ReadinessProbe(s.readyz_cache_ms / 1000)
-        refit = gallery_quality(s.data_dir, self.contract.model_id)
-        self.quality_model = refit if refit is not None else self.contract.quality
-        self.quality_source = "gallery" if refit is not None else "model"
+        if self.models is None:
+            self.models = ModelRegistry([ServedModel(DEFAULT_MODEL_NAME, self.model, self.batcher, s, self.template,
+                                                     default=True)])
+        self.quality_model = self.models.default.quality_model
+        self.quality_source = self.models.default.quality_source
         if self.galleries is None:  # calibrate, decode-only tools: no gallery, no requests
             return
         self.default_gallery = self.galleries.collection(DEFAULT_COLLECTION)
@@ -64,9 +69,28 @@ class ServiceState:
 
     @property
     def verify_threshold(self) -> float:
-        if self.settings.verify_threshold is not None:
-            return self.settings.verify_threshold
-        return self.contract.threshold
+        return self.models.default.verify_threshold
+
+    def served_for(self, gallery: GalleryBackend) -> ServedModel:
+        """The served model a collection is pinned to (its model id): what embeds its probes and photos
+        and whose thresholds decide for it. 404 ``model_not_found`` when this replica does not serve it
+        (a collection made by a replica configured with another model)."""
+        try:
+            return self.models.by_model_id(gallery.model_id)
+        except KeyError:
+            raise ServiceError(ErrorCode.model_not_found, f"collection {gallery.name!r} is pinned to model "
+                               f"{gallery.model_id!r}, which this service does not serve",
+                               collection=gallery.name, model_id=gallery.model_id) from None
+
+    def model_named(self, name: str | None) -> ServedModel:
+        """The served model of that name (None: the default); 404 ``model_not_found``."""
+        if name is None:
+            return self.models.default
+        try:
+            return self.models.get(name)
+        except KeyError:
+            raise ServiceError(ErrorCode.model_not_found, f"no model named {name!r} is served",
+                               model=name, served=self.models.names()) from None
 
     def identify_threshold(self, gallery: GalleryBackend) -> float:
         """The 1:N threshold in force now for that collection's size (see ``service.gallery.openset``)."""
@@ -74,18 +98,16 @@ class ServiceState:
 
     @property
     def gallery_tail(self) -> GalleryTail:
-        if self._gallery_tail is None:  # the gallery's own calibration, from `python -m service calibrate`
-            self._gallery_tail = GalleryTail(self.settings.data_dir, self.contract.model_id)
-        return self._gallery_tail
+        """The default model's gallery calibration, from `python -m service calibrate`."""
+        return self.models.default.gallery_tail
 
     def open_set_threshold(self, gallery: GalleryBackend, requested: float | None = None) -> IdentifyThreshold:
-        """The 1:N decision for one collection: it follows that collection's own size, never the others'."""
-        return self.decision_for(GalleryCounts(gallery.identity_count, gallery.face_count, gallery.counted_faces),
-                                 requested)
+        """The 1:N decision for one collection: it follows that collection's own size, never the others',
+        and its own model's impostor tail."""
+        return self.served_for(gallery).decision_for(
+            GalleryCounts(gallery.identity_count, gallery.face_count, gallery.counted_faces), requested)
 
-    def decision_for(self, counts: GalleryCounts, requested: float | None = None) -> IdentifyThreshold:
+    def decision_for(self, counts: GalleryCounts, requested: float | None = None,
+                     served: ServedModel | None = None) -> IdentifyThreshold:
         # 1:N needs a stricter threshold than 1:1, rising with gallery size; see service.gallery.openset
-        tail, source = choose_tail(self.gallery_tail.current(), self.contract.impostor_tail)
-        inputs = ThresholdInputs(fixed=self.settings.identify_threshold, fpir=self.settings.identify_fpir,
-                                 model_identify=self.contract.identify_threshold, verify=self.verify_threshold)
-        return _identify_threshold(inputs, counts, tail, source, requested)
+        return (served or self.models.default).decision_for(counts, requested)

@@ -53,6 +53,16 @@ def model_identity(settings: Settings) -> tuple[str, int]:
     return contract.model_id, contract.embedding_size
 
 
+def served_identities(settings: Settings) -> dict[str, int]:
+    """model id -> embedding size of every model the service would serve (FACE_MODELS), unloaded: the
+    pins a backend opened here accepts, as the server's do."""
+    from ..model.contract import read_contract
+    from ..model.serving import served_model_path
+
+    contracts = [read_contract(served_model_path(settings, path)) for _, path in settings.served_models()]
+    return {c.model_id: c.embedding_size for c in contracts}
+
+
 @contextmanager
 def opened_backend(settings: Settings) -> Iterator[Galleries]:
     """The configured backend, ready for keys, audit and the list of collections (closed on leaving).
@@ -60,7 +70,7 @@ def opened_backend(settings: Settings) -> Iterator[Galleries]:
     The embedded one is left unopened: its catalog and the stores' audit tables serve all of that, and
     opening would take the data dir's lock, which a running server holds. PostgreSQL is opened (its
     connection pools; migrations and the model check as a server does)."""
-    galleries = make_gallery(settings, *model_identity(settings))
+    galleries = make_gallery(settings, *model_identity(settings), served=served_identities(settings))
     try:
         if galleries.backend == "postgres":
             galleries.open()

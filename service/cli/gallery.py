@@ -58,10 +58,20 @@ from ..gallery.api import (
 )
 from ..gallery.crops import encode_crop
 from ..gallery.open import open_gallery
-from .backend import CommandError, add_backend_arguments, cli_actor, fail, model_identity, opened_backend, settings_from
+from .backend import (
+    CommandError,
+    add_backend_arguments,
+    cli_actor,
+    fail,
+    model_identity,
+    opened_backend,
+    served_identities,
+    settings_from,
+)
 
 if TYPE_CHECKING:  # the pipeline is imported lazily, at run time
     from ..faces.pipeline import ImageType
+    from ..model.registry import ServedModel
     from ..state import ServiceState
 
 log = logging.getLogger(__name__)
@@ -76,7 +86,7 @@ class GalleryFileError(ValueError):
 
 
 def open_configured(settings: Settings) -> Galleries:
-    return open_gallery(settings, *model_identity(settings))
+    return open_gallery(settings, *model_identity(settings), served=served_identities(settings))
 
 
 # --- export / import -----------------------------------------------------------------------------
@@ -219,17 +229,17 @@ def people_in(root: Path) -> list[tuple[str, list[Path]]]:
     return found
 
 
-async def _embed_person(state: ServiceState, images: list[Path], image_type: ImageType,
-                        summary: EnrollSummary) -> tuple[np.ndarray, list[np.ndarray]] | None:
-    """One embedding per usable image, and the crop the model saw for it; an image with no face, several
-    faces or unreadable is skipped."""
+async def _embed_person(state: ServiceState, images: list[Path], image_type: ImageType, summary: EnrollSummary,
+                        served: ServedModel | None = None) -> tuple[np.ndarray, list[np.ndarray]] | None:
+    """One embedding per usable image (by ``served``, the collection's model), and the crop the model
+    saw for it; an image with no face, several faces or unreadable is skipped."""
     from ..errors import ServiceError
     from ..faces.pipeline import embed_images
 
     vectors, crops = [], []
     for path in images:
         try:
-            found, faces = await embed_images(state, [path.read_bytes()], image_type, "all")
+            found, faces = await embed_images(state, [path.read_bytes()], image_type, "all", served=served)
         except ServiceError as exc:
             summary.skipped_images[exc.code.value] += 1
             if len(summary.examples) < 20:
@@ -280,7 +290,7 @@ async def enroll_folder(settings: Settings, root: Path, image_type: ImageType = 
             elif not images:
                 summary.skipped_people["no_images"] += 1
             else:
-                embedded = await _embed_person(state, images, image_type, summary)
+                embedded = await _embed_person(state, images, image_type, summary, state.served_for(gallery))
                 if embedded is None:
                     summary.skipped_people["no_usable_face"] += 1
                 else:

@@ -24,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from ..errors import ErrorCode, ServiceError
 from ..model.batcher import InferenceTimeout, Overloaded
 from ..model.preprocess import l2_normalise
+from ..model.registry import ServedModel
 from ..state import ServiceState
 from .detection import DetectedFace, PhotoAligner
 from .images import ImageHeader, aligned_crop, image_errors, read_header
@@ -59,9 +60,10 @@ class FaceBatch:
         self.located.append(face)
         self.parts.append({**(photo_parts(face) if face is not None else {}), **crop_parts(crop, blockiness)})
 
-    def assess(self, state: ServiceState, norms: np.ndarray) -> None:
-        """Each face's quality, from its parts and the model's output norm."""
-        model = state.quality_model
+    def assess(self, state: ServiceState, norms: np.ndarray, served: ServedModel | None = None) -> None:
+        """Each face's quality, from its parts and the model's output norm (``served``: the model that
+        embedded them; None: the default one)."""
+        model = served.quality_model if served is not None else state.quality_model
         self.quality = [assess({**parts, "norm": float(norm)}, model) for parts, norm in zip(self.parts, norms)]
 
     def qualities(self, setting: float | None, requested: float | None = None, force: bool = False) -> list[dict]:
@@ -97,16 +99,18 @@ class FaceBatch:
                 for index, face in zip(self.image_index, self.located)]
 
 
-def photo_aligner(state: ServiceState, index: int) -> PhotoAligner:
-    """The service's photo path (``detection.PhotoAligner``): its detector and template, the
-    process-wide decode budget, detection metrics. Crops-only models refuse photos here."""
-    if state.detector is None or state.template is None:
+def photo_aligner(state: ServiceState, index: int, served: ServedModel | None = None) -> PhotoAligner:
+    """The service's photo path (``detection.PhotoAligner``): its detector and the template of the
+    model's alignment (``served``; None: the default model), the process-wide decode budget, detection
+    metrics. Crops-only models refuse photos here."""
+    served = served or state.models.default
+    if state.detector is None or served.template is None:
         raise ServiceError(
             ErrorCode.photo_not_supported,
-            f"the model's alignment {state.contract.alignment!r} has no template here; send aligned crops",
+            f"the model's alignment {served.contract.alignment!r} has no template here; send aligned crops",
             index=index,
         )
-    return PhotoAligner(state.detector, state.template, state.decode_budget, state.metrics.observe_detection)
+    return PhotoAligner(state.detector, served.template, state.decode_budget, state.metrics.observe_detection)
 
 
 def read_image_header(state: ServiceState, data: bytes, index: int) -> ImageHeader:
@@ -117,21 +121,23 @@ def read_image_header(state: ServiceState, data: bytes, index: int) -> ImageHead
 
 
 @contextmanager
-def decoded_photo(state: ServiceState, data: bytes, index: int) -> Iterator[tuple[np.ndarray, list[DetectedFace]]]:
+def decoded_photo(state: ServiceState, data: bytes, index: int,
+                  served: ServedModel | None = None) -> Iterator[tuple[np.ndarray, list[DetectedFace]]]:
     """Photo bytes -> (upright RGB array, every face in it), valid inside the ``with``: the decode's
     estimated memory is reserved in the process-wide budget (``decode_budget``) until then. No face
     is an empty list, not an error."""
-    aligner = photo_aligner(state, index)
+    aligner = photo_aligner(state, index, served)
     with aligner.faces(read_image_header(state, data, index), index) as found:
         yield found
 
 
 def decode_faces(
     state: ServiceState, blobs: list[bytes], image_type: ImageType = "aligned", multi_face: MultiFace = "largest",
-    first_index: int = 0,
+    first_index: int = 0, served: ServedModel | None = None,
 ) -> FaceBatch:
+    """The faces of ``blobs`` as ``served``'s input crops (None: the default model's)."""
     settings = state.settings
-    size = state.contract.input_size
+    size = (served or state.models.default).contract.input_size
     batch = FaceBatch()
     for offset, blob in enumerate(blobs):
         index = first_index + offset
@@ -141,7 +147,7 @@ def decode_faces(
             with image_errors(index):
                 batch.add(aligned_crop(header, size), index)
             continue
-        for aligned in photo_aligner(state, index).aligned(header, index, multi_face):
+        for aligned in photo_aligner(state, index, served).aligned(header, index, multi_face):
             batch.add(aligned.crop, index, aligned.face, aligned.blockiness)
     if len(batch.crops) > settings.max_faces_per_request:
         raise ServiceError(
@@ -154,28 +160,31 @@ def decode_faces(
 
 async def embed_images(
     state: ServiceState, blobs: list[bytes], image_type: ImageType = "aligned", multi_face: MultiFace = "largest",
-    first_index: int = 0,
+    first_index: int = 0, served: ServedModel | None = None,
 ) -> tuple[np.ndarray, FaceBatch]:
-    """Embeddings of every face in ``blobs`` (one per aligned image; per photo, what the policy picks)."""
+    """Embeddings of every face in ``blobs`` (one per aligned image; per photo, what the policy picks),
+    made by ``served`` (None: the default model; a collection's route passes its collection's model)."""
     if image_type == "aligned" and sum(len(blob) for blob in blobs) <= INLINE_DECODE_BYTES:
-        faces = decode_faces(state, blobs, image_type, multi_face, first_index)
+        faces = decode_faces(state, blobs, image_type, multi_face, first_index, served)
     else:
-        faces = await run_in_threadpool(decode_faces, state, blobs, image_type, multi_face, first_index)
-    raw = await embed_raw(state, np.stack(faces.crops))
-    faces.assess(state, raw_norms(raw))
+        faces = await run_in_threadpool(decode_faces, state, blobs, image_type, multi_face, first_index, served)
+    raw = await embed_raw(state, np.stack(faces.crops), served)
+    faces.assess(state, raw_norms(raw), served)
     return l2_normalise(raw), faces
 
 
-async def embed_crops(state: ServiceState, crops: np.ndarray) -> np.ndarray:
+async def embed_crops(state: ServiceState, crops: np.ndarray, served: ServedModel | None = None) -> np.ndarray:
     """Aligned crops -> L2-normalised embeddings (``embed_raw``, normalised)."""
-    return l2_normalise(await embed_raw(state, crops))
+    return l2_normalise(await embed_raw(state, crops, served))
 
 
-async def embed_raw(state: ServiceState, crops: np.ndarray) -> np.ndarray:
-    """Aligned crops -> the model's raw outputs through the shared batcher; its deadline and queue bound
-    become ``inference_timeout`` (504) and ``overloaded`` (503) instead of a request that never returns."""
+async def embed_raw(state: ServiceState, crops: np.ndarray, served: ServedModel | None = None) -> np.ndarray:
+    """Aligned crops -> the model's raw outputs through its batcher (``served``; None: the default
+    model's); its deadline and queue bound become ``inference_timeout`` (504) and ``overloaded`` (503)
+    instead of a request that never returns."""
+    batcher = served.batcher if served is not None else state.batcher
     try:
-        return await state.batcher.embed(crops)
+        return await batcher.embed(crops)
     except InferenceTimeout as exc:
         raise ServiceError(ErrorCode.inference_timeout, f"the model did not answer in time: {exc}",
                            timeout_ms=state.settings.inference_timeout_ms) from exc

@@ -31,7 +31,9 @@ What every backend means by the same call (the contract the shared tests check o
   transaction as the face (delete, replace, the collection's delete), with the same erasure
   guarantee as its vector; ``face_crop`` / ``iter_crops`` return sealed blobs, never plaintext.
 * The gallery belongs to one model: opening it with another model id or dimension raises
-  :class:`GalleryModelMismatch` (:func:`check_model`).
+  :class:`GalleryModelMismatch` (:func:`check_model`). Each collection is pinned to its model (the one
+  it was created with: ``GalleryBackend.model_id``/``dim``, ``CollectionInfo.model_id``/``dim``);
+  ``Galleries.model_id``/``dim`` are the default model's, for collections created without one.
 
 Collections (:class:`Galleries`, what a backend opens): a backend holds named collections, each a
 gallery of its own behind :class:`GalleryBackend` (``galleries.collection(name)``). Identity ids are
@@ -178,6 +180,7 @@ class CollectionInfo:
     faces: int
     counted_faces: int  # sizes the collection's open-set threshold, like GalleryBackend.counted_faces
     keep_crops: bool = False  # each face enrolled from an image keeps its aligned crop, encrypted (crops.py)
+    dim: int = 0  # the embedding size of its model (model_id): each collection is pinned to one model
 
 
 @dataclass(frozen=True)
@@ -384,10 +387,13 @@ class Galleries(Protocol):
         """The collection's gallery; CollectionNotFound if there is none of that name. Cheap: call it
         per request (an idle embedded collection is opened on first use, closed when idle again)."""
 
-    def create_collection(self, name: str, actor: Actor | None = None, keep_crops: bool = False) -> CollectionInfo:
+    def create_collection(self, name: str, actor: Actor | None = None, keep_crops: bool = False,
+                          model_id: str | None = None, dim: int | None = None) -> CollectionInfo:
         """CollectionExists if taken (by a collection or an alias); ValueError for an invalid name.
         Audited (collection.created). ``keep_crops``: needs the crop key (crops.CropsUnavailable
-        without one); the first such collection stores the key check value in the same transaction."""
+        without one); the first such collection stores the key check value in the same transaction.
+        The collection is pinned to ``model_id`` with embeddings of ``dim`` values (None: the default
+        model's, ``self.model_id``/``self.dim``); its GalleryBackend has them as ``model_id``/``dim``."""
 
     def delete_collection(self, name: str, actor: Actor | None = None) -> CollectionInfo:
         """Erase every identity and face of it; CollectionNotFound, CollectionProtected for default,

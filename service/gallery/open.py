@@ -17,15 +17,18 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def make_gallery(settings: Settings, model_id: str, dim: int, data_dir: Path | None = None) -> Galleries:
+def make_gallery(settings: Settings, model_id: str, dim: int, data_dir: Path | None = None,
+                 served: dict[str, int] | None = None) -> Galleries:
     """The backend ``settings`` choose (not opened): postgres when a database URL is set, else embedded.
+    ``model_id``/``dim``: the default model (new collections); ``served``: every served model (model id
+    -> dim; None: the default alone); opening refuses a collection pinned to another (GalleryModelMismatch).
     Unopened, it serves keys, audit and the list of collections (the CLI beside a running server);
     ``open()``/``start()`` open the default collection too (the server, gallery tools)."""
     cipher = load_crop_cipher(settings)  # FACE_CROP_KEY_FILE: kept crops are sealed with it (CropKeyError)
     if settings.database_url is not None:
         from .postgres.backend import PostgresGalleries, PostgresOptions  # psycopg is only imported when used
 
-        pg = PostgresGalleries(PostgresOptions.from_settings(settings), model_id, dim)
+        pg = PostgresGalleries(PostgresOptions.from_settings(settings), model_id, dim, served)
         pg.crop_cipher = cipher
         return pg
     # one maintenance thread for every collection (EmbeddedGalleries), none per collection
@@ -35,22 +38,25 @@ def make_gallery(settings: Settings, model_id: str, dim: int, data_dir: Path | N
                              compact_min_tombstones=settings.compact_min_tombstones, maintenance_thread=False,
                              snapshot_timeout_s=settings.snapshot_timeout_s)
 
-    def collection(directory: Path, name: str) -> Gallery:
-        gallery = Gallery(directory, model_id, dim, m=settings.hnsw_m, ef_construction=settings.hnsw_ef_construction,
-                          ef_search=settings.hnsw_ef_search, options=options, name=name)
+    def collection(directory: Path, name: str, pinned_model_id: str, pinned_dim: int) -> Gallery:
+        gallery = Gallery(directory, pinned_model_id, pinned_dim, m=settings.hnsw_m,
+                          ef_construction=settings.hnsw_ef_construction, ef_search=settings.hnsw_ef_search,
+                          options=options, name=name)
         gallery.crop_cipher = cipher
         return gallery
 
     embedded = EmbeddedGalleries(data_dir or settings.data_dir, model_id, dim, collection,
-                                 idle_s=settings.collection_idle_s, snapshot_interval_s=settings.snapshot_interval_s)
+                                 idle_s=settings.collection_idle_s, snapshot_interval_s=settings.snapshot_interval_s,
+                                 served=served)
     embedded.crop_cipher = cipher
     return embedded
 
 
-def open_gallery(settings: Settings, model_id: str, dim: int, background: bool = False) -> Galleries:
+def open_gallery(settings: Settings, model_id: str, dim: int, background: bool = False,
+                 served: dict[str, int] | None = None) -> Galleries:
     """Make and open the backend ``settings`` choose; raises GalleryModelMismatch for another model.
     ``background``: the server's start, where a slow index load goes on behind /readyz "loading"."""
-    galleries = make_gallery(settings, model_id, dim)
+    galleries = make_gallery(settings, model_id, dim, served=served)
     galleries.start() if background else galleries.open()
     try:
         # kept crops this service could not open: refuse to start, naming the key file (CropKeyError)

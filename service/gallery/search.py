@@ -53,6 +53,23 @@ def check_model(stored_model: str | None, stored_dim: int | None, model_id: str,
         )
 
 
+def check_served(pins: list[tuple[str, str, int]], served: dict[str, int], where: str) -> None:
+    """The start-up guard of a store of collections: each (collection, model id, dim) must be pinned to
+    a served model (``served``: model id -> dim), else GalleryModelMismatch naming every collection
+    that is not (its embeddings could be compared with no served model)."""
+    missing = [(name, model_id, dim) for name, model_id, dim in pins if served.get(model_id) != int(dim)]
+    if not missing:
+        return
+    if len(served) == 1 and [name for name, _, _ in missing] == ["default"]:  # one model: the message of old
+        model_id, dim = next(iter(served.items()))
+        check_model(missing[0][1], missing[0][2], model_id, dim, where)
+    pinned = ", ".join(f"{name!r} ({model_id!r}, {dim}-d)" for name, model_id, dim in missing)
+    raise GalleryModelMismatch(
+        f"collections in {where} are pinned to models that are not served: {pinned}; served: "
+        f"{', '.join(f'{m!r} ({d}-d)' for m, d in served.items())}. Serve their models too (FACE_MODELS=NAME=PATH,... "
+        "or --model NAME=PATH), or delete those collections: embeddings of different models are not comparable.")
+
+
 def group_by_identity(hits: Iterable[Hit]) -> list[Match]:
     """Max-over-faces: hits -> one Match per identity, best first. A hit without an identity (a face
     deleted, or a label the backend does not know) is skipped: it must never be returned. A similarity

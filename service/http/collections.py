@@ -32,9 +32,12 @@ CollectionName = Annotated[str, Path(pattern=COLLECTION_NAME_PATTERN, max_length
 
 def out(state: ServiceState, info: CollectionInfo) -> CollectionOut:
     counts = GalleryCounts(info.identities, info.faces, info.counted_faces)
-    return CollectionOut(name=info.name, model_id=info.model_id, created_at=info.created_at,
+    name = state.models.name_of(info.model_id)  # None: pinned to a model this replica does not serve
+    served = state.models.get(name) if name is not None else None
+    return CollectionOut(name=info.name, model_id=info.model_id, model=name, dim=info.dim, created_at=info.created_at,
                          identities=info.identities, faces=info.faces,
-                         identify_threshold=state.decision_for(counts).threshold, keep_crops=info.keep_crops)
+                         identify_threshold=state.decision_for(counts, served=served).threshold,
+                         keep_crops=info.keep_crops)
 
 
 def crop_key_missing(name: str) -> ServiceError:
@@ -52,13 +55,15 @@ async def create_collection(body: CollectionCreate, state: StateDep, actor: Acto
     """A new, empty gallery of its own: identity ids in it are its own, searches in it never see another
     collection's faces, and its open-set threshold follows its own size. 409 `collection_exists`.
     `keep_crops: true` keeps each enrolled face's aligned crop, encrypted (needs FACE_CROP_KEY_FILE:
-    409 `crop_key_missing` without it); enrolling embeddings into it is then 409 `crops_required`."""
+    409 `crop_key_missing` without it); enrolling embeddings into it is then 409 `crops_required`.
+    `model`: the served model it is pinned to (default: the default model); 404 `model_not_found`."""
     if not valid_collection_name(body.name):
         raise ServiceError(ErrorCode.invalid_collection_name, "a collection name is 1-63 lower-case letters, digits, "
                            "'-' or '_', starting with a letter or digit", name=body.name[:100])
+    served = state.model_named(body.model)
     try:
         info = await run_in_threadpool(state.galleries.create_collection, body.name, actor,
-                                       keep_crops=body.keep_crops)
+                                       keep_crops=body.keep_crops, model_id=served.model_id, dim=served.dim)
     except CollectionExists:
         raise ServiceError(ErrorCode.collection_exists, f"a collection or alias named {body.name!r} already exists",
                            collection=body.name) from None

@@ -22,6 +22,7 @@ from ..access.keyring import MISS
 from ..access.policy import OPEN, Permission, Principal
 from ..errors import ErrorCode, ServiceError
 from ..gallery.api import COLLECTION_NAME_PATTERN, DEFAULT_COLLECTION, Actor, CollectionNotFound, GalleryBackend
+from ..model.registry import ServedModel
 from ..state import ServiceState
 
 
@@ -194,3 +195,12 @@ async def get_actor(request: Request) -> Actor:
 
 
 ActorDep = Annotated[Actor, Depends(get_actor)]
+
+
+async def get_served(request: Request, gallery: CollectionDep) -> ServedModel:
+    """The served model the request's collection is pinned to (``state.served_for``): it embeds the
+    request's images, its model id is what embeddings given as input must carry, its thresholds decide."""
+    return (await get_state(request)).served_for(gallery)
+
+
+ServedDep = Annotated[ServedModel, Depends(get_served)]

@@ -11,10 +11,12 @@ from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from ..access.policy import Permission
+from ..errors import ErrorCode, ServiceError
 from ..faces.detection import align_face
 from ..faces.images import blockiness
 from ..faces.pipeline import FaceBatch, decoded_photo, embed_images, embed_raw
 from ..faces.quality import raw_norms
+from ..model.registry import ServedModel
 from ..state import ServiceState
 from .deps import StateDep, allow
 from .payload import body_docs, json_response, read_payload
@@ -41,10 +43,21 @@ async def embed(request: Request, state: StateDep) -> Response:
     """
     payload, images = await read_payload(request, EmbedRequest, ("images",),
                                          max_images=state.settings.max_faces_per_request)
-    vectors, faces = await embed_images(state, images["images"], payload.image_type, payload.multi_face)
-    return json_response(EmbedResponse(model_id=state.contract.model_id, dimension=vectors.shape[1],
+    served = _model(request, state, payload.model)
+    vectors, faces = await embed_images(state, images["images"], payload.image_type, payload.multi_face,
+                                        served=served)
+    return json_response(EmbedResponse(model_id=served.model_id, model=served.name, dimension=vectors.shape[1],
                                        embeddings=vectors.tolist(), faces=faces.locations(),
                                        quality=faces.qualities(state.settings.enroll_min_quality)))
+
+
+def _model(request: Request, state: ServiceState, name: str | None) -> ServedModel:
+    """The model a request names (body `model`, else the `model` query parameter; neither: the
+    default); 404 ``model_not_found``."""
+    query = request.query_params.get("model")
+    if name is not None and query is not None and name != query:
+        raise ServiceError(ErrorCode.invalid_request, "give `model` once: the body and the query name different models")
+    return state.model_named(name if name is not None else query)
 
 
 @router.post("/detect", response_model=DetectResponse, openapi_extra=body_docs(DetectRequest, ("images",)),
@@ -55,25 +68,28 @@ async def detect(request: Request, state: StateDep) -> DetectResponse:
     faces has an empty list here (only the embedding routes refuse it with `no_face`)."""
     payload, images = await read_payload(request, DetectRequest, ("images",),
                                          max_images=state.settings.max_faces_per_request)
-    results, batch = await run_in_threadpool(_detect_all, state, images["images"], payload.return_crops)
+    served = _model(request, state, payload.model)
+    results, batch = await run_in_threadpool(_detect_all, state, images["images"], payload.return_crops, served)
     if batch.crops:  # the quality's model-based part needs each face's embedding
-        batch.assess(state, raw_norms(await embed_raw(state, np.stack(batch.crops))))
+        batch.assess(state, raw_norms(await embed_raw(state, np.stack(batch.crops), served)), served)
         items = [face for image in results for face in image["faces"]]
         for item, quality in zip(items, batch.qualities(state.settings.enroll_min_quality)):
             item["quality"] = quality
-    return DetectResponse(detector=state.detector.name, alignment=state.template.name,
+    return DetectResponse(detector=state.detector.name, alignment=served.template.name,
+                          model=served.name, model_id=served.model_id,
                           images=[DetectedImage(**image) for image in results])
 
 
-def _detect_all(state: ServiceState, blobs: list[bytes], return_crops: bool) -> tuple[list[dict], FaceBatch]:
+def _detect_all(state: ServiceState, blobs: list[bytes], return_crops: bool,
+                served: ServedModel) -> tuple[list[dict], FaceBatch]:
     results = []
     batch = FaceBatch()
     for index, blob in enumerate(blobs):
-        with decoded_photo(state, blob, index) as (rgb, found):
+        with decoded_photo(state, blob, index, served) as (rgb, found):
             faces = []
             for face in found:
                 item = {"image_index": index, **face.as_dict()}
-                aligned = align_face(rgb, face, state.template)  # type: ignore[arg-type]
+                aligned = align_face(rgb, face, served.template)  # type: ignore[arg-type]
                 batch.add(aligned, index, face, blockiness(rgb, face.box))
                 if return_crops:
                     crop = cv2.cvtColor(aligned, cv2.COLOR_RGB2BGR)

@@ -64,7 +64,7 @@ async def duplicates(
                                           for e in p.evidence]) for p in scan.pairs],
         min_score=scan.min_score, max_false_alarm=target, comparisons=scan.comparisons,
         family_comparisons=scan.family_comparisons, faces_scanned=scan.faces_scanned, elapsed_ms=scan.elapsed_ms,
-        model_id=state.contract.model_id)
+        model_id=gallery.model_id)
 
 
 def _duplicates(state: ServiceState, gallery: GalleryBackend, min_score: float | None, max_false_alarm: float | None,
@@ -78,7 +78,7 @@ def _duplicates(state: ServiceState, gallery: GalleryBackend, min_score: float |
         else:
             target = max_false_alarm if max_false_alarm is not None else state.settings.duplicates_max_false_alarm
             min_score = listing_score(decision.tail, target, comparisons)
-    scan = find_duplicates(gallery, decision.tail, min_score, state.verify_threshold, comparisons, limit, evidence)
+    scan = find_duplicates(gallery, decision.tail, min_score, state.served_for(gallery).verify_threshold, comparisons, limit, evidence)
     return scan, target
 
 
@@ -95,7 +95,7 @@ async def outliers(
     under the wrong identity, or a poor photo), worst first, each with the other identity it matches
     best at or above the threshold (`best_other`, null when none does). Only identities with two or
     more faces are checked."""
-    threshold = min_score if min_score is not None else state.verify_threshold
+    threshold = min_score if min_score is not None else state.served_for(gallery).verify_threshold
     scan: OutlierScan = await run_in_threadpool(find_outliers, gallery, threshold, limit)
     log.info("outliers scanned", extra={"collection": gallery.name, "faces": scan.faces_scanned,
                                         "outliers": len(scan.faces)})
@@ -104,4 +104,4 @@ async def outliers(
                           best_other=None if o.best_other is None else BestOtherOut(
                               identity_id=o.best_other.identity_id, score=o.best_other.score,
                               face_id=o.best_other.face_id)) for o in scan.faces],
-        threshold=threshold, identities_checked=scan.identities_checked, model_id=state.contract.model_id)
+        threshold=threshold, identities_checked=scan.identities_checked, model_id=gallery.model_id)

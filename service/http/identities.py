@@ -23,7 +23,7 @@ from ..gallery.openset import HUB_SEARCH_K, find_hub
 from ..gallery.results import EnrollResult, FaceNotFound, IdentityNotFound, TooManyFacesForIdentity
 from ..state import ServiceState
 from .collections import crop_key_missing
-from .deps import ActorDep, CollectionDep, PrincipalDep, StateDep, allow
+from .deps import ActorDep, CollectionDep, PrincipalDep, ServedDep, StateDep, allow
 from .payload import body_docs, read_payload
 from .schemas import (
     ID_PATTERN,
@@ -55,7 +55,7 @@ IdentityPath = Annotated[str, Path(min_length=1, max_length=MAX_LENGTH, pattern=
 @router.post("/enroll", response_model=EnrollResponse, openapi_extra=body_docs(EnrollRequest, ("images",)),
              summary="Enroll faces of an identity", dependencies=WRITE)
 async def enroll(request: Request, state: StateDep, gallery: CollectionDep, actor: ActorDep,
-                 principal: PrincipalDep) -> EnrollResponse:
+                 principal: PrincipalDep, served: ServedDep) -> EnrollResponse:
     """Store one or more faces under `identity_id`.
 
     A new identity is created. For an existing identity the faces are **added** to its faces
@@ -77,7 +77,7 @@ async def enroll(request: Request, state: StateDep, gallery: CollectionDep, acto
     """
     payload, images = await read_payload(request, EnrollRequest, ("images",),
                                          max_images=state.settings.max_faces_per_request, vector_fields=("embeddings",),
-                                         dimension=state.contract.embedding_size)
+                                         dimension=served.dim)
     check_metadata(payload.metadata, MetadataLimits(state.settings.max_metadata_bytes,
                                                     state.settings.max_metadata_depth))
     if payload.force_quality and not principal.may(Permission.admin):
@@ -86,7 +86,7 @@ async def enroll(request: Request, state: StateDep, gallery: CollectionDep, acto
         raise ServiceError(ErrorCode.crops_required, f"the collection {gallery.name!r} keeps the aligned crop of every "
                            "face (keep_crops) so that it can be re-embedded later: enroll images, not embeddings",
                            collection=gallery.name)
-    vectors, faces = await source_vectors(state, list_source(payload, images))
+    vectors, faces = await source_vectors(state, list_source(payload, images), served)
     faces.refuse_low_quality(state.settings.enroll_min_quality, payload.min_quality, payload.force_quality)
     if state.settings.enroll_hub_alpha > 0:
         await run_in_threadpool(_refuse_hubs, state, gallery, payload.identity_id, vectors)
@@ -106,7 +106,7 @@ async def enroll(request: Request, state: StateDep, gallery: CollectionDep, acto
         raise crop_key_missing(gallery.name) from None
     return EnrollResponse(identity_id=payload.identity_id, created=enrolled.created, face_ids=enrolled.face_ids,
                           faces_replaced=enrolled.faces_removed, face_count=enrolled.face_count,
-                          model_id=state.contract.model_id,
+                          model_id=served.model_id,
                           faces=faces.locations(),
                           quality=faces.qualities(state.settings.enroll_min_quality, payload.min_quality,
                                                   payload.force_quality) if faces.quality else None,

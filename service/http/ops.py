@@ -18,7 +18,7 @@ from ..faces.quality import quality_in_force
 from ..gallery.openset import GalleryCounts
 from ..state import ServiceState
 from .deps import StateDep, allow, resolve_principal
-from .schemas import CollectionThreshold, ReadyResponse, ReadyStatus
+from .schemas import CollectionThreshold, ModelStatus, ReadyResponse, ReadyStatus
 
 router = APIRouter(tags=["operations"])
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})  # never need the API key (load balancers, orchestrators)
@@ -52,12 +52,12 @@ async def readyz(request: Request, state: StateDep) -> ReadyResponse | ReadyStat
                            status=load_state, gallery=stats.as_dict())
 
     async def check() -> float:
-        h, w = state.contract.input_size
-        face = np.full((1, h, w, 3), 128, dtype=np.uint8)
         started = time.perf_counter()
-        vector = await embed_crops(state, face)
-        if not np.isfinite(vector).all():
-            raise RuntimeError("the model returned non-finite values")
+        for served in state.models:  # every served model answers a real inference
+            h, w = served.contract.input_size
+            vector = await embed_crops(state, np.full((1, h, w, 3), 128, dtype=np.uint8), served)
+            if not np.isfinite(vector).all():
+                raise RuntimeError(f"model {served.name!r} returned non-finite values")
         return (time.perf_counter() - started) * 1000
 
     elapsed = await state.readiness.inference_ms(check)
@@ -77,6 +77,8 @@ async def readyz(request: Request, state: StateDep) -> ReadyResponse | ReadyStat
             "far_min": identify.tail.far[-1], "extrapolated": identify.extrapolated},
         quality=quality_in_force(state.quality_model, state.settings.enroll_min_quality, state.quality_source),
         inference_ms=round(elapsed, 3), gallery=stats.as_dict(), collections=collections,
+        default_model=state.models.default.name,
+        models={served.name: ModelStatus(**served.describe()) for served in state.models},
     )
 
 
@@ -84,7 +86,9 @@ def _collection_thresholds(state: ServiceState, principal: Principal) -> dict[st
     out = {}
     for info in state.galleries.list_collections():
         if principal.may_touch(info.name):
-            decision = state.decision_for(GalleryCounts(info.identities, info.faces, info.counted_faces))
+            name = state.models.name_of(info.model_id)
+            decision = state.decision_for(GalleryCounts(info.identities, info.faces, info.counted_faces),
+                                          served=state.models.get(name) if name is not None else None)
             out[info.name] = CollectionThreshold(identities=info.identities, faces=info.faces,
                                                  identify_threshold=decision.threshold)
     return out

@@ -18,7 +18,7 @@ from ..gallery.api import GalleryBackend, Match
 from ..gallery.identity_ids import find_identity
 from ..gallery.openset import IdentifyThreshold
 from ..state import ServiceState
-from .deps import CollectionDep, StateDep, allow, charge_faces
+from .deps import CollectionDep, ServedDep, StateDep, allow, charge_faces
 from .payload import body_docs, read_payload
 from .schemas import (
     Candidate,
@@ -37,7 +37,7 @@ router = APIRouter(tags=["recognition"], dependencies=[allow(Permission.read, sc
 
 @router.post("/verify", response_model=VerifyResponse,
              openapi_extra=body_docs(VerifyRequest, (), ("image_a", "image_b")), summary="Same person?")
-async def verify(request: Request, state: StateDep, gallery: CollectionDep) -> VerifyResponse:
+async def verify(request: Request, state: StateDep, gallery: CollectionDep, served: ServedDep) -> VerifyResponse:
     """Face vs face (`image_a` + `image_b`) or face vs enrolled identity (`image_a` + `identity_id`).
     Embeddings instead of images: `embedding_a` (+ `embedding_b`) with the served `model_id`.
 
@@ -47,9 +47,9 @@ async def verify(request: Request, state: StateDep, gallery: CollectionDep) -> V
     """
     payload, images = await read_payload(request, VerifyRequest, (), ("image_a", "image_b"), max_images=2,
                                          single_vector_fields=("embedding_a", "embedding_b"),
-                                         dimension=state.contract.embedding_size)
+                                         dimension=served.dim)
     source = verify_source(payload, images)
-    threshold = payload.threshold if payload.threshold is not None else state.verify_threshold
+    threshold = payload.threshold if payload.threshold is not None else served.verify_threshold
     identity_id = payload.identity_id  # as stored, once found
     if payload.identity_id is not None:
         identity_id, enrolled = await run_in_threadpool(find_identity, payload.identity_id,
@@ -57,20 +57,20 @@ async def verify(request: Request, state: StateDep, gallery: CollectionDep) -> V
         if len(enrolled) == 0:
             raise ServiceError(ErrorCode.identity_not_found, f"identity {identity_id!r} is not enrolled",
                                identity_id=identity_id)
-        probe, faces = await source_vectors(state, source)
+        probe, faces = await source_vectors(state, source, served)
         similarity = float(np.max(enrolled @ probe[0]))
     else:
-        probe, faces = await source_vectors(state, source)
+        probe, faces = await source_vectors(state, source, served)
         similarity = float(probe[0] @ probe[1])
     located = faces.locations() or [None, None]
     return VerifyResponse(similarity=similarity, threshold=threshold, match=similarity >= threshold,
-                          model_id=state.contract.model_id, identity_id=identity_id,
+                          model_id=served.model_id, identity_id=identity_id,
                           face_a=located[0], face_b=located[1] if len(located) > 1 else None)
 
 
 @router.post("/identify", response_model=IdentifyResponse, openapi_extra=body_docs(IdentifyRequest, ("images",)),
              summary="Who is this? (open set)")
-async def identify(request: Request, state: StateDep, gallery: CollectionDep) -> IdentifyResponse:
+async def identify(request: Request, state: StateDep, gallery: CollectionDep, served: ServedDep) -> IdentifyResponse:
     """Top-k enrolled identities per probe face. Open set: when the best score is below the
     threshold the probe is `unknown` (`identity_id: null`), with the candidates still listed.
 
@@ -87,12 +87,12 @@ async def identify(request: Request, state: StateDep, gallery: CollectionDep) ->
     """
     payload, images = await read_payload(request, IdentifyRequest, ("images",),
                                          max_images=state.settings.max_faces_per_request, vector_fields=("embeddings",),
-                                         dimension=state.contract.embedding_size)
+                                         dimension=served.dim)
     if payload.top_k > state.settings.max_top_k:
         raise ServiceError(ErrorCode.invalid_request, f"top_k may be at most {state.settings.max_top_k}")
     if payload.face_ids is not None or payload.identity_id is not None:
         return await _identify_enrolled(request, state, gallery, payload)
-    probes, faces = await source_vectors(state, list_source(payload, images))
+    probes, faces = await source_vectors(state, list_source(payload, images), served)
     quality = faces.qualities(state.settings.enroll_min_quality) if faces.quality else [None] * len(probes)
     # probes refused by min_quality are not searched: they get low_quality, not a guess
     refused = _low_quality(faces, payload.min_quality)
@@ -125,7 +125,7 @@ async def identify(request: Request, state: StateDep, gallery: CollectionDep) ->
     return IdentifyResponse(results=results, threshold=threshold, threshold_source=decision.source,
                             fpir_target=decision.fpir_target, fpir_estimated=decision.fpir_estimated,
                             gallery_identities=decision.counts.identities, gallery_faces=decision.counts.faces,
-                            model_id=state.contract.model_id)
+                            model_id=served.model_id)
 
 
 def _low_quality(faces: FaceBatch, min_quality: float | None) -> list[dict | None]:
@@ -189,7 +189,7 @@ def _by_face_ids(state: ServiceState, gallery: GalleryBackend, payload: Identify
     found, decision = _search_and_threshold(state, gallery, probes, payload.top_k + 1, payload.threshold)
     results = [_result(decision, _others(matches, stored[face_id][0], payload.top_k), index, face_id)
                for index, (face_id, matches) in enumerate(zip(face_ids, found))]
-    return _response(state, decision, results)
+    return _response(gallery, decision, results)
 
 
 def _by_identity(state: ServiceState, gallery: GalleryBackend, payload: IdentifyRequest,
@@ -205,7 +205,7 @@ def _by_identity(state: ServiceState, gallery: GalleryBackend, payload: Identify
             if m.identity_id != stored_as and (m.identity_id not in best or m.score > best[m.identity_id].score):
                 best[m.identity_id] = m
     ranked = sorted(best.values(), key=lambda m: m.score, reverse=True)[:payload.top_k]
-    return _response(state, decision, [_result(decision, ranked, 0, None)])
+    return _response(gallery, decision, [_result(decision, ranked, 0, None)])
 
 
 def _result(decision: IdentifyThreshold, candidates: list[Match], index: int, face_id: int | None) -> ProbeResult:
@@ -219,8 +219,8 @@ def _result(decision: IdentifyThreshold, candidates: list[Match], index: int, fa
         probe_face_id=face_id)
 
 
-def _response(state: ServiceState, decision: IdentifyThreshold, results: list[ProbeResult]) -> IdentifyResponse:
+def _response(gallery: GalleryBackend, decision: IdentifyThreshold, results: list[ProbeResult]) -> IdentifyResponse:
     return IdentifyResponse(results=results, threshold=decision.threshold, threshold_source=decision.source,
                             fpir_target=decision.fpir_target, fpir_estimated=decision.fpir_estimated,
                             gallery_identities=decision.counts.identities, gallery_faces=decision.counts.faces,
-                            model_id=state.contract.model_id)
+                            model_id=gallery.model_id)

@@ -175,10 +175,13 @@ FaceIds = Annotated[list[int] | None, BeforeValidator(_split_face_ids)]
 # --- embed ------------------------------------------------------------------------------------
 class EmbedRequest(PhotoOptions):
     images: list[Base64Image] = Field(min_length=1, description="One or more aligned faces or photos.")
+    model: str | None = Field(None, max_length=63, description="A served model's name (FACE_MODELS; also the `model` "
+                              "query parameter); empty: the default model. Unknown: 404 `model_not_found`.")
 
 
 class EmbedResponse(BaseModel):
     model_id: str = Field(description="name@version of the model that made the embeddings.")
+    model: str | None = Field(None, description="The served name of that model.")
     dimension: int
     embeddings: list[list[float]] = Field(description="L2-normalised float32 vectors, in request order.")
     faces: list[FaceLocation | None] | None = Field(
@@ -316,6 +319,8 @@ class IdentifyResponse(BaseModel):
 class DetectRequest(Strict):
     images: list[Base64Image] = Field(min_length=1, description="One or more photos.")
     return_crops: bool = Field(False, description="Also return each face aligned for the model, as base64 PNG.")
+    model: str | None = Field(None, max_length=63, description="A served model's name (FACE_MODELS; also the `model` "
+                              "query parameter); empty: the default model. Unknown: 404 `model_not_found`.")
 
 
 class DetectedFaceOut(FaceLocation):
@@ -332,6 +337,8 @@ class DetectedImage(BaseModel):
 class DetectResponse(BaseModel):
     detector: str
     alignment: str
+    model: str | None = Field(None, description="The served model whose alignment and quality were used.")
+    model_id: str | None = None
     images: list[DetectedImage]
 
 
@@ -394,6 +401,14 @@ class ReadyStatus(BaseModel):
     status: str
 
 
+class ModelStatus(BaseModel):
+    model_id: str
+    dim: int
+    provider: str | None = Field(description="The execution provider it runs on first.")
+    ready: bool
+    default: bool
+
+
 class ReadyResponse(BaseModel):
     status: str
     model_id: str
@@ -414,6 +429,9 @@ class ReadyResponse(BaseModel):
     inference_ms: float = Field(
         description="Latency of the real inference of the last check (re-run at most once per FACE_READYZ_CACHE_MS).")
     gallery: dict[str, int]
+    default_model: str | None = Field(None, description="The default model's served name.")
+    models: dict[str, ModelStatus] = Field(
+        default_factory=dict, description="Every served model by name (FACE_MODELS; one model: `default`).")
     collections: dict[str, CollectionThreshold] = Field(
         default_factory=dict, description="Each collection the key may see: its size and its own open-set "
         "threshold (it follows that collection's size; `identify_threshold` above is the default collection's).")
@@ -434,11 +452,16 @@ class CollectionCreate(BaseModel):
     keep_crops: bool = Field(False, description="Keep the aligned crop of every face enrolled from an image, "
                              "encrypted with FACE_CROP_KEY_FILE, so the collection can be re-embedded by another "
                              "model later. Enrolling embeddings into it is then refused (409 `crops_required`).")
+    model: str | None = Field(None, max_length=63, description="The served model (FACE_MODELS) the collection is "
+                              "pinned to: it embeds every face and probe of it. Empty: the default model. Unknown: "
+                              "404 `model_not_found`.")
 
 
 class CollectionOut(BaseModel):
     name: str
     model_id: str
+    model: str | None = Field(None, description="The served name of the collection's model (null: not served here).")
+    dim: int = Field(0, description="The embedding size of the collection's model.")
     created_at: float
     identities: int
     faces: int

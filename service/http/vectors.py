@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import ErrorCode, ServiceError
 from ..faces.pipeline import FaceBatch, ImageType, MultiFace, embed_images
+from ..model.registry import ServedModel
 from ..state import ServiceState
 from .schemas import EnrollRequest, IdentifyRequest, VerifyRequest
 
@@ -39,9 +40,10 @@ def exactly_one(images_given: bool, embeddings_given: bool, images: str, embeddi
         raise ServiceError(ErrorCode.invalid_request, f"give exactly one of {images} or {embeddings}")
 
 
-def check_model(state: ServiceState, model_id: str | None) -> None:
-    """The request's ``model_id`` must be the served (and gallery's) model. Checked whenever given."""
-    served = state.contract.model_id
+def check_model(state: ServiceState, model_id: str | None, model: ServedModel | None = None) -> None:
+    """The request's ``model_id`` must be the model that embeds for the request's collection (``model``,
+    the one it is pinned to; None: the default model). Checked whenever given."""
+    served = (model or state.models.default).model_id
     if model_id != served:
         given = "no model_id" if model_id is None else f"model_id {model_id!r}"
         raise ServiceError(ErrorCode.model_mismatch,
@@ -75,23 +77,27 @@ def normalise(rows: list[list[float]], dimension: int, first_index: int = 0) -> 
     return out
 
 
-def read_vectors(state: ServiceState, rows: list[list[float]], model_id: str | None, first_index: int = 0) -> np.ndarray:
-    check_model(state, model_id)
+def read_vectors(state: ServiceState, rows: list[list[float]], model_id: str | None, first_index: int = 0,
+                 model: ServedModel | None = None) -> np.ndarray:
+    model = model or state.models.default
+    check_model(state, model_id, model)
     limit = state.settings.max_faces_per_request
     if len(rows) > limit:
         raise ServiceError(ErrorCode.too_many_faces, f"{len(rows)} embeddings in one request; the limit is {limit}",
                            limit=limit)
-    return normalise(rows, state.contract.embedding_size, first_index)
+    return normalise(rows, model.dim, first_index)
 
 
-async def source_vectors(state: ServiceState, source: FaceSource) -> tuple[np.ndarray, FaceBatch]:
-    """Embeddings for the request's faces: the model's for images, the client's (checked) otherwise.
-    The FaceBatch says which request item each vector came from (no locations for client vectors)."""
+async def source_vectors(state: ServiceState, source: FaceSource,
+                         model: ServedModel | None = None) -> tuple[np.ndarray, FaceBatch]:
+    """Embeddings for the request's faces: ``model``'s (the collection's; None: the default) for images,
+    the client's (checked against it) otherwise. The FaceBatch says which request item each vector came
+    from (no locations for client vectors)."""
     if source.embeddings is None:
         if source.model_id is not None:
-            check_model(state, source.model_id)
-        return await embed_images(state, source.images or [], source.image_type, source.multi_face)
-    vectors = read_vectors(state, source.embeddings, source.model_id)
+            check_model(state, source.model_id, model)
+        return await embed_images(state, source.images or [], source.image_type, source.multi_face, served=model)
+    vectors = read_vectors(state, source.embeddings, source.model_id, model=model)
     faces = FaceBatch(image_index=list(range(len(vectors))), located=[None] * len(vectors))
     return vectors, faces
 

@@ -30,10 +30,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def served_model_path(settings: Settings) -> Path:
+def served_model_path(settings: Settings, configured: Path | None = None) -> Path:
     """The ONNX file the service loads with these settings (FACE_MODEL, FACE_PRECISION, the model cache):
-    the default model is prepared and an fp16 variant made if they are missing."""
-    path = resolve_model_path(settings.model, settings.model_cache_dir)
+    the default model is prepared and an fp16 variant made if they are missing. ``configured``: one
+    model's configured path (FACE_MODELS); None: the default model's (the first of FACE_MODELS, else
+    FACE_MODEL)."""
+    if configured is None:
+        configured = settings.served_models()[0][1]
+    path = resolve_model_path(configured, settings.model_cache_dir)
     if settings.precision == "fp16":
         path = serving_variant(path, settings.model_cache_dir, settings.fp16_parity_faces)
     return path

@@ -14,11 +14,14 @@ import psycopg
 import pytest
 
 from service.gallery.api import GalleryUnavailable
-from service.gallery.postgres.backend import MIGRATIONS, PostgresGalleries, PostgresOptions
+from service.gallery.postgres.backend import MIGRATIONS, PostgresGalleries, PostgresOptions, hnsw_index_name
 from service.model.calibration import FACES_COUNTED_PER_IDENTITY
 from tests.pg import PgTestServer
 
 DIM = 32
+# a kNN over the faces of DIM values, as the backend asks it (its index's cast and predicate)
+KNN_SQL = (f"EXPLAIN SELECT face_id FROM faces WHERE vector_dims(embedding) = {DIM} "
+           f"ORDER BY embedding::vector({DIM}) <=> %b LIMIT 20")
 
 
 def unit(rng, n):
@@ -152,8 +155,8 @@ def test_search_uses_the_hnsw_index(replicas):
     probe = unit(rng, 1)[0]
     with a._transaction() as conn:
         plan = "\n".join(r[0] for r in conn.execute(
-            "EXPLAIN SELECT face_id FROM faces ORDER BY embedding <=> %b LIMIT 20", (probe,)))
-    assert "faces_embedding_hnsw" in plan, plan
+            KNN_SQL, (probe,)))
+    assert hnsw_index_name(DIM) in plan, plan
 
 
 def test_search_sets_ef_for_its_own_scan_only(postgres):
@@ -213,8 +216,8 @@ def test_database_outage_answers_unavailable_then_recovers():
 def _plan_uses_index(gallery, probe) -> bool:
     with gallery._transaction() as conn:  # noqa: SLF001
         plan = "\n".join(r[0] for r in conn.execute(
-            "EXPLAIN SELECT face_id FROM faces ORDER BY embedding <=> %b LIMIT 20", (probe,)))
-    return "faces_embedding_hnsw" in plan
+            KNN_SQL, (probe,)))
+    return hnsw_index_name(DIM) in plan
 
 
 def test_bulk_load_builds_the_index_after_and_a_crash_midway_heals_at_start(replicas, postgres):
@@ -229,7 +232,7 @@ def test_bulk_load_builds_the_index_after_and_a_crash_midway_heals_at_start(repl
     assert b.search(vectors[42:43], 1)[0][0].identity_id == "bulk42"
 
     with a._transaction() as conn:  # noqa: SLF001 - as if a bulk load died after dropping the index
-        conn.execute("DROP INDEX faces_embedding_hnsw")
+        conn.execute(f"DROP INDEX {hnsw_index_name(DIM)}")
     restarted = PostgresGalleries(a.options, "m@1", DIM)
     restarted.open()  # builds it again
     try:

@@ -104,8 +104,8 @@ def test_migration_3_upgrades_a_round_two_database_in_place(options, opened):
     faces = sum(len(v) for v in people.values())
     counted = sum(min(len(v), FACES_COUNTED_PER_IDENTITY) for v in people.values())
     [info] = g.list_collections()
-    assert (info.name, info.model_id, info.identities, info.faces, info.counted_faces) == (
-        DEFAULT_COLLECTION, MODEL, len(people), faces, counted)
+    assert (info.name, info.model_id, info.identities, info.faces, info.counted_faces, info.dim) == (
+        DEFAULT_COLLECTION, MODEL, len(people), faces, counted, DIM)
     default = g.collection(DEFAULT_COLLECTION)
     assert (default.identity_count, default.face_count, default.counted_faces) == (len(people), faces, counted)
     for identity_id, vectors in people.items():
@@ -120,7 +120,7 @@ def test_migration_3_upgrades_a_round_two_database_in_place(options, opened):
     assert [e.action for e in g.audit(AuditQuery())] == ["collection.created", "identity.appended"]
     with sql_connection(options) as conn:
         assert [r[0] for r in conn.execute("SELECT version FROM schema_migrations ORDER BY 1")] == sorted(
-            m.version for m in MIGRATIONS)  # 3 and every later one
+            m.version for m in MIGRATIONS)  # 3, and every later one (6: faces of several dimensions)
     again = opened(options)  # a second replica finds the work done
     assert again.collection(DEFAULT_COLLECTION).stats().identities == len(people)
 

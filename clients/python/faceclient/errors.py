@@ -76,7 +76,7 @@ _FAMILIES: dict[type[FaceServiceError], tuple[str, ...]] = {
         "same_identity",
         "invalid_collection_name", "host_not_allowed", "method_not_allowed"),
     NotFoundError: ("identity_not_found", "collection_not_found", "key_not_found", "alias_not_found", "not_found",
-                    "face_not_found"),
+                    "face_not_found", "model_not_found"),
     ConflictError: ("collection_exists", "collection_protected", "collection_in_use", "crops_required",
                     "crop_key_missing", "possible_duplicate"),
     AuthError: ("unauthorized", "forbidden", "cross_origin_refused"),

@@ -15,7 +15,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from ..api import (
@@ -37,7 +37,8 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS collections (
     name       TEXT PRIMARY KEY,
     model_id   TEXT NOT NULL,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    dim        INTEGER  -- the model's embedding size (NULL in catalogs from before: the store's meta says)
 );
 CREATE TABLE IF NOT EXISTS keys (
     key_id                 TEXT PRIMARY KEY,
@@ -90,6 +91,7 @@ class Catalog:
         self._conn = connect(self.path)
         self._conn.executescript(SCHEMA + audit.SCHEMA + ALIASES_SCHEMA + CROPS_SCHEMA)
         self._add_keep_crops_column()
+        self._add_dim_column()
         self._mutex = threading.Lock()  # one connection: one statement or transaction at a time
 
     def _add_keep_crops_column(self) -> None:
@@ -103,6 +105,14 @@ class Catalog:
             except sqlite3.OperationalError:  # another process added it meanwhile
                 if not has_it():
                     raise
+
+    def _add_dim_column(self) -> None:
+        """Catalogs made before collections were pinned to a model's dimension get the column (NULL:
+        the collection's store says; see EmbeddedGalleries._pin)."""
+        columns = {row[1] for row in self._conn.execute("PRAGMA table_info(collections)")}
+        if "dim" not in columns:
+            with suppress(sqlite3.OperationalError):  # another process added it first
+                self._conn.execute("ALTER TABLE collections ADD COLUMN dim INTEGER")
 
     def close(self) -> None:
         with self._mutex:
@@ -130,22 +140,27 @@ class Catalog:
         return {name: (model, created) for name, model, created in self._read(
             "SELECT name, model_id, created_at FROM collections ORDER BY name")}
 
-    def ensure_collection(self, name: str, model_id: str) -> None:
+    def pins(self) -> dict[str, tuple[str, int | None]]:
+        """name -> (model id, dimension) each collection is pinned to (dimension None: recorded before
+        catalogs stored it; the collection's store has it)."""
+        return {name: (model, dim) for name, model, dim in self._read("SELECT name, model_id, dim FROM collections")}
+
+    def ensure_collection(self, name: str, model_id: str, dim: int | None = None) -> None:
         """Record a collection that exists without having been created (the default one)."""
         with self._write() as conn:
-            conn.execute("INSERT OR IGNORE INTO collections(name, model_id, created_at) VALUES (?, ?, ?)",
-                         (name, model_id, time.time()))
+            conn.execute("INSERT OR IGNORE INTO collections(name, model_id, created_at, dim) VALUES (?, ?, ?, ?)",
+                         (name, model_id, time.time(), dim))
 
     def add_collection(self, name: str, model_id: str, actor: Actor | None, keep_crops: bool = False,
-                       check_value: bytes | None = None) -> float:
+                       check_value: bytes | None = None, dim: int | None = None) -> float:
         """``check_value``: the crop key's, stored with the collection unless one is stored already."""
         now = time.time()
         try:
             with self._write() as conn:
                 if conn.execute("SELECT 1 FROM aliases WHERE name = ?", (name,)).fetchone():
                     raise CollectionExists(name)  # an alias has the name
-                conn.execute("INSERT INTO collections(name, model_id, created_at, keep_crops) VALUES (?, ?, ?, ?)",
-                             (name, model_id, now, int(keep_crops)))
+                conn.execute("INSERT INTO collections(name, model_id, created_at, keep_crops, dim) VALUES (?, ?, ?, ?, ?)",
+                             (name, model_id, now, int(keep_crops), dim))
                 if check_value is not None:
                     conn.execute("INSERT OR IGNORE INTO crop_key_check(id, value) VALUES (1, ?)", (check_value,))
                 if actor is not None:

@@ -61,6 +61,7 @@ from ..api import (
 )
 from ..crops import CropCipher, CropsUnavailable
 from ..results import MergeResult, MoveResult
+from ..search import check_served
 from . import audit
 from .backend import EmbeddedGallery
 from .catalog import Catalog
@@ -71,7 +72,8 @@ from .store import connect, count_counted_faces, count_rows, erase_rows
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
-GalleryFactory = Callable[[Path, str], Gallery]  # (directory, collection name) -> a Gallery, not opened
+# (directory, collection name, model id, dim) -> a Gallery of that collection's model, not opened
+GalleryFactory = Callable[[Path, str, str, int], Gallery]
 
 
 @dataclass
@@ -128,10 +130,11 @@ class EmbeddedGalleries:
     LOAD_WAIT_S = 2.0  # a request waits this long for a collection's index to load, then 503 gallery_loading
 
     def __init__(self, data_dir: Path, model_id: str, dim: int, make: GalleryFactory, idle_s: float = 300.0,
-                 snapshot_interval_s: float = 60.0) -> None:
+                 snapshot_interval_s: float = 60.0, served: dict[str, int] | None = None) -> None:
         self.data_dir = Path(data_dir)
-        self.model_id = model_id
+        self.model_id = model_id  # the default model: new collections are pinned to it unless told otherwise
         self.dim = dim
+        self.served = served or {model_id: dim}  # every served model (model id -> dim): open() checks the pins
         self._make = make
         self.idle_s = idle_s
         self.snapshot_interval_s = snapshot_interval_s  # 0: collections snapshot only when closed
@@ -140,6 +143,7 @@ class EmbeddedGalleries:
         self._mutex = threading.Condition(threading.Lock())  # guards _entries, _known and every _Entry's refs/deleted
         self._entries: dict[str, _Entry] = {}
         self._known: dict[str, float] = {}  # collection -> created_at (its incarnation, for handles)
+        self._pins: dict[str, tuple[str, int]] = {}  # collection -> (model id, dim) it is pinned to
         self._deleting: set[str] = set()  # being deleted: unknown to new handles and uses
         self._shape = threading.RLock()  # creates and deletes vs reads of every collection's files
         self._stop = threading.Event()
@@ -155,7 +159,7 @@ class EmbeddedGalleries:
         with self._catalog_mutex:
             if self._catalog_opened is None:
                 self._catalog_opened = Catalog(self.data_dir)
-                self._catalog_opened.ensure_collection(DEFAULT_COLLECTION, self.model_id)
+                self._catalog_opened.ensure_collection(DEFAULT_COLLECTION, self.model_id, self.dim)
             return self._catalog_opened
 
     def open(self) -> None:
@@ -165,9 +169,11 @@ class EmbeddedGalleries:
         self._open(background=True)
 
     def _open(self, background: bool) -> None:
-        default = self._make(self.data_dir, DEFAULT_COLLECTION)
+        default = self._make(self.data_dir, DEFAULT_COLLECTION, *self._pin_of(DEFAULT_COLLECTION))
         default.open_store()  # locks the data dir: a second server stops here
         try:
+            pins = self._catalog.pins()
+            check_served([(name, *self._pin_of(name, pins)) for name in sorted(pins)], self.served, str(self.data_dir))
             self._sweep()
             if background:
                 default.start_loading()
@@ -237,6 +243,8 @@ class EmbeddedGalleries:
         self._known = {name: created for name, (_, created) in self._catalog.collections().items()
                        if name not in self._deleting}
         self._crop_names = self._catalog.crop_collections()
+        pins = self._catalog.pins()
+        self._pins = {name: self._pin_of(name, pins) for name in self._known}
 
     def _incarnation(self, name: str) -> float:
         with self._mutex:
@@ -268,7 +276,7 @@ class EmbeddedGalleries:
                     if entry.deleted:
                         raise CollectionNotFound(name)
                     if entry.gallery is None:
-                        gallery = self._make(self._directory(name), name)
+                        gallery = self._make(self._directory(name), name, *self.pin(name))
                         gallery.open_store()
                         gallery.start_loading()
                         entry.load_deadline = time.monotonic() + self.LOAD_WAIT_S
@@ -361,7 +369,9 @@ class EmbeddedGalleries:
                 entry.lifecycle.release()
 
     # --- collections ---------------------------------------------------------------------------
-    def create_collection(self, name: str, actor: Actor | None = None, keep_crops: bool = False) -> CollectionInfo:
+    def create_collection(self, name: str, actor: Actor | None = None, keep_crops: bool = False,
+                          model_id: str | None = None, dim: int | None = None) -> CollectionInfo:
+        model_id, dim = model_id or self.model_id, dim or self.dim
         if not valid_collection_name(name):
             raise ValueError(f"invalid collection name {name!r}: lower-case letters, digits, '-' and '_', "
                              "starting with a letter or digit, at most 63 characters")
@@ -373,8 +383,8 @@ class EmbeddedGalleries:
                 check_value = self.crop_cipher.check_value()
         with self._shape:
             directory = self._directory(name)
-            created_at = self._catalog.add_collection(name, self.model_id, actor, keep_crops,
-                                                      check_value)  # CollectionExists
+            created_at = self._catalog.add_collection(name, model_id, actor, keep_crops,
+                                                      check_value, dim)  # CollectionExists
             if directory.exists():  # left by a delete whose erasure failed: never part of the new one
                 erase_directory(directory)
             with self._mutex:
@@ -383,7 +393,8 @@ class EmbeddedGalleries:
                     self._crop_names.add(name)
                 else:
                     self._crop_names.discard(name)
-        return CollectionInfo(name, self.model_id, created_at, 0, 0, 0, keep_crops)
+                self._pins[name] = (model_id, dim)
+        return CollectionInfo(name, model_id, created_at, 0, 0, 0, keep_crops=keep_crops, dim=dim)
 
     def delete_collection(self, name: str, actor: Actor | None = None) -> CollectionInfo:
         if name == DEFAULT_COLLECTION:
@@ -434,7 +445,8 @@ class EmbeddedGalleries:
                         self._entries.pop(name, None)
                     self._deleting.discard(name)
         log.info("collection deleted", extra={"collection": name, **details})
-        return CollectionInfo(name, info.model_id, info.created_at, identities, faces, info.counted_faces)
+        return CollectionInfo(name, info.model_id, info.created_at, identities, faces, info.counted_faces,
+                              keep_crops=info.keep_crops, dim=info.dim)
 
     @contextmanager
     def _peek(self, store: Path) -> Iterator[sqlite3.Connection]:
@@ -446,22 +458,46 @@ class EmbeddedGalleries:
             conn.close()
 
     def _info(self, name: str, model_id: str, created_at: float) -> CollectionInfo:
+        dim = self.pin(name)[1]
         with self._mutex:
             entry = self._entries.get(name)
             gallery = entry.gallery if entry is not None else None
             if gallery is not None and gallery.ready:
                 return CollectionInfo(name, model_id, created_at, gallery.identity_count, gallery.face_count,
-                                      gallery.counted_faces)
+                                      gallery.counted_faces, dim=dim)
         store = self._directory(name) / Gallery.STORE_FILE
         if not store.exists():
-            return CollectionInfo(name, model_id, created_at, 0, 0, 0)
+            return CollectionInfo(name, model_id, created_at, 0, 0, 0, dim=dim)
         with self._peek(store) as conn:
             try:
                 identities, faces = count_rows(conn)
                 counted = count_counted_faces(conn, FACES_COUNTED_PER_IDENTITY)
             except sqlite3.OperationalError:  # a store not written yet (no tables)
                 identities = faces = counted = 0
-        return CollectionInfo(name, model_id, created_at, identities, faces, counted)
+        return CollectionInfo(name, model_id, created_at, identities, faces, counted, dim=dim)
+
+    def pin(self, name: str) -> tuple[str, int]:
+        """(model id, dim) the collection is pinned to, as known since its handle was made."""
+        with self._mutex:
+            pinned = self._pins.get(name)
+        return pinned if pinned is not None else self._pin_of(name)
+
+    def _pin_of(self, name: str, pins: dict[str, tuple[str, int | None]] | None = None) -> tuple[str, int]:
+        """(model id, dim) of a collection from the catalog (``pins``: read already); a dim the catalog
+        lacks (recorded before it stored one) is the collection store's, else the default model's."""
+        model_id, dim = (self._catalog.pins() if pins is None else pins).get(name, (self.model_id, self.dim))
+        if dim is None:
+            dim = self.dim if model_id == self.model_id else self._stored_dim(name)
+        return model_id, int(dim)
+
+    def _stored_dim(self, name: str) -> int:
+        store = self._directory(name) / Gallery.STORE_FILE
+        if store.exists():
+            with self._peek(store) as conn, suppress(sqlite3.OperationalError):
+                row = conn.execute("SELECT value FROM meta WHERE key = 'embedding_size'").fetchone()
+                if row is not None:
+                    return int(row[0])
+        return self.dim
 
     def list_collections(self) -> list[CollectionInfo]:
         with self._shape:
@@ -584,8 +620,7 @@ class _CollectionHandle:
     def __init__(self, owner: EmbeddedGalleries, name: str, incarnation: float) -> None:
         self._owner = owner
         self.name = name
-        self.model_id = owner.model_id
-        self.dim = owner.dim
+        self.model_id, self.dim = owner.pin(name)  # the model the collection is pinned to
         self._incarnation = incarnation
         self.keep_crops = False  # set by EmbeddedGalleries.collection from the catalog
 

@@ -86,7 +86,7 @@ from ..results import (
     MoveResult,
     TooManyFacesForIdentity,
 )
-from ..search import Hit, Match, check_model, search_identities
+from ..search import Hit, Match, check_served, search_identities
 from . import consistency
 from .standbys import Standby, Standbys
 
@@ -104,6 +104,7 @@ INDEX_LOCK_KEY = MIGRATION_LOCK_KEY + 1
 # and one for taking a name (collections and aliases share one namespace): held to the end of the
 # transaction that creates a collection or sets an alias, so two replicas cannot both take a name
 NAMESPACE_LOCK_KEY = MIGRATION_LOCK_KEY + 2
+INDEX_LOCK_POLL_S = 0.05
 COUNTER_SLOTS = 16
 DEFAULT_COLLECTION_ID = 1  # the collection "default": migration 3 gives today's rows to it
 MAX_EF_SEARCH = 1000  # pgvector's upper bound for hnsw.ef_search
@@ -210,8 +211,7 @@ MIGRATIONS: tuple[Migration, ...] = (
                blob          bytea NOT NULL)""",
         "CREATE INDEX face_crops_by_collection ON face_crops(collection_id, face_id)",
     )),
-    # 6 (models) comes from another change: the runner applies each missing version, in
-    # version order, whichever order they were written in and whichever landed first
+    # the runner applies each missing version in version order, whichever order they were written in
     Migration(5, "aliases: second names of collections, re-pointed atomically", (
         # no ON DELETE: a collection an alias points to cannot be deleted (collection_in_use)
         """CREATE TABLE aliases (
@@ -220,9 +220,25 @@ MIGRATIONS: tuple[Migration, ...] = (
                updated_at    double precision NOT NULL)""",
         "CREATE INDEX aliases_by_collection ON aliases(collection_id)",
     )),
+    # several models: a collection is pinned to its model's dimension, and faces of every dimension
+    # share the table: the column loses its fixed dimension (no rewrite: the values are unchanged) and
+    # the one HNSW index becomes one partial expression index per dimension (hnsw_index_name), which
+    # ensure_index builds CONCURRENTLY after the migration (searches are exact meanwhile)
+    Migration(6, "collections pinned to a model's dimension; faces of several dimensions, an HNSW index each", (
+        "ALTER TABLE collections ADD COLUMN dim int",
+        "UPDATE collections SET dim = (SELECT value::int FROM meta WHERE key = 'embedding_size')",
+        "ALTER TABLE collections ALTER COLUMN dim SET NOT NULL",
+        "DROP INDEX IF EXISTS faces_embedding_hnsw",
+        "ALTER TABLE faces ALTER COLUMN embedding TYPE vector",
+    )),
 )
 CROP_KEY_CHECK_KEY = "crop_key_check"  # in meta: the crop key's check value (base64), crops.check_crop_key
 COUNTED_CAP_KEY = "counted_faces_cap"  # in meta: the FACES_COUNTED_PER_IDENTITY the counters hold
+
+
+def hnsw_index_name(dim: int) -> str:
+    """The HNSW index of the faces of one dimension (a partial expression index: migration 6)."""
+    return f"faces_embedding_hnsw_{int(dim)}"
 
 
 @dataclass(frozen=True)
@@ -370,11 +386,13 @@ class Pool:
 
 
 def migrate(conn: psycopg.Connection, options: PostgresOptions, model_id: str, dim: int,
-            migrations: tuple[Migration, ...] | None = None) -> list[int | str]:
+            migrations: tuple[Migration, ...] | None = None, served: dict[str, int] | None = None) -> list[int | str]:
     """Bring the schema up to date and check the model guard; returns the versions applied now.
 
     Everything runs in one transaction under an advisory lock: a second replica starting at the same
-    moment waits, then finds the work done. A model mismatch rolls everything back.
+    moment waits, then finds the work done. The guard runs first: a collection pinned to a model that is
+    not ``served`` (model id -> dim; None: ``model_id`` alone) refuses the start before anything changes.
+    Migrations are applied by version, each once: steps of other branches may land in any order.
     """
     schema = sql.Identifier(options.schema)
     with conn.transaction():
@@ -387,12 +405,11 @@ def migrate(conn: psycopg.Connection, options: PostgresOptions, model_id: str, d
                             version int PRIMARY KEY, description text NOT NULL,
                             applied_at timestamptz NOT NULL DEFAULT now())""")
         meta: dict[str, str] = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-        stored_dim = int(meta["embedding_size"]) if "embedding_size" in meta else None
-        check_model(meta.get("model_id"), stored_dim, model_id, dim, options.where)
-        if "model_id" not in meta:
+        done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+        check_served(_pins(conn, meta, done), served or {model_id: dim}, options.where)
+        if "model_id" not in meta:  # a new database: its first collection ("default") is the default model's
             conn.execute("INSERT INTO meta(key, value) VALUES ('model_id', %s), ('embedding_size', %s)",
                          (model_id, str(dim)))
-        done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
         applied: list[int | str] = []
         for migration in sorted(MIGRATIONS if migrations is None else migrations, key=lambda m: m.version):
             if migration.version in done:
@@ -407,6 +424,19 @@ def migrate(conn: psycopg.Connection, options: PostgresOptions, model_id: str, d
             _recount(conn)
             applied.append(f"counted faces recounted (cap {FACES_COUNTED_PER_IDENTITY})")
     return applied
+
+
+def _pins(conn: psycopg.Connection, meta: dict[str, str], done: set[int]) -> list[tuple[str, str, int]]:
+    """(collection, model id, dim) of every stored collection, at whichever version the schema is: before
+    migration 3 the gallery (the future "default") is meta's model; before 6 every collection has meta's dim."""
+    if "model_id" not in meta:
+        return []
+    meta_dim = int(meta.get("embedding_size", 0))
+    if 3 not in done:
+        return [(DEFAULT_COLLECTION, meta["model_id"], meta_dim)]
+    column = "dim" if 6 in done else "NULL::int"
+    return [(name, model, int(d) if d is not None else meta_dim) for name, model, d in conn.execute(
+        f"SELECT name, model_id, {column} FROM collections ORDER BY name").fetchall()]
 
 
 def _recount(conn: psycopg.Connection) -> None:
@@ -453,11 +483,12 @@ def _key(row: tuple[Any, ...]) -> StoredKey:
 
 
 def _collection_info(row: tuple[Any, ...]) -> CollectionInfo:
-    return CollectionInfo(row[0], row[1], float(row[2]), int(row[3]), int(row[4]), int(row[5]), keep_crops=bool(row[6]))
+    return CollectionInfo(row[0], row[1], float(row[2]), int(row[3]), int(row[4]), int(row[5]), keep_crops=bool(row[6]),
+                          dim=int(row[7]))
 
 
 COLLECTIONS_SQL = """SELECT c.name, c.model_id, c.created_at, COALESCE(sum(k.identities), 0), COALESCE(sum(k.faces), 0),
-                            COALESCE(sum(k.counted_faces), 0), c.keep_crops
+                            COALESCE(sum(k.counted_faces), 0), c.keep_crops, c.dim
                      FROM collections c LEFT JOIN counters k USING (collection_id) {where}
                      GROUP BY c.collection_id ORDER BY c.name"""
 
@@ -475,10 +506,11 @@ class PostgresGalleries:
     load_state = "ready"
     load_error = None
 
-    def __init__(self, options: PostgresOptions, model_id: str, dim: int) -> None:
+    def __init__(self, options: PostgresOptions, model_id: str, dim: int, served: dict[str, int] | None = None) -> None:
         self.options = options
-        self.model_id = model_id
+        self.model_id = model_id  # the default model: new collections are pinned to it unless told otherwise
         self.dim = dim
+        self.served = served or {model_id: dim}  # every served model (model id -> dim): open() checks the pins
         # writes and reads on the primary have pools of their own: writes stuck behind a lock cannot
         # take the connections that searches and lookups need
         self._writes = Pool("writes", options.url, options, options.pool_size, options.where)
@@ -503,8 +535,12 @@ class PostgresGalleries:
         started = time.perf_counter()
         with _unavailable_on_connection_errors(self.options.where):
             with psycopg.connect(self.options.url, **self.options.connect_kwargs()) as conn:
-                applied: list[int | str] = list(migrate(conn, self.options, self.model_id, self.dim))
+                applied: list[int | str] = list(migrate(conn, self.options, self.model_id, self.dim, served=self.served))
                 self._warn_if_index_differs(conn)
+                pinned = _one(conn.execute("SELECT model_id, dim FROM collections WHERE collection_id = %s",
+                                           (DEFAULT_COLLECTION_ID,)))
+                self.default.model_id, self.default.dim = pinned[0], int(pinned[1])
+                self.default.prepare_sql()
         try:
             self._writes.open()
             self._reads.open()
@@ -513,8 +549,8 @@ class PostgresGalleries:
         except GalleryUnavailable:
             self.close()
             raise
-        if self.ensure_index():
-            applied.append("hnsw index rebuilt")
+        for dim in self.ensure_index():
+            applied.append(f"hnsw index of {dim}-d faces built")
         stats = self.stats()
         self.default.stats()  # its counts, for the first search's plan
         log.info("postgres gallery ready", extra={
@@ -533,47 +569,63 @@ class PostgresGalleries:
         """m and ef_construction shape the index when it is built; a changed setting needs a REINDEX."""
         row = conn.execute(
             "SELECT c.reloptions FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-            "WHERE n.nspname = %s AND c.relname = 'faces_embedding_hnsw'", (self.options.schema,)).fetchone()
+            "WHERE n.nspname = %s AND c.relname LIKE 'faces\\_embedding\\_hnsw\\_%%' LIMIT 1",
+            (self.options.schema,)).fetchone()
         built = dict(opt.split("=", 1) for opt in (row[0] or [])) if row else {}
         wanted = {"m": str(self.options.hnsw_m), "ef_construction": str(self.options.hnsw_ef_construction)}
         if built and built != wanted:
             log.warning("the pgvector index was built with other HNSW parameters; REINDEX to apply the settings",
                         extra={"built": built, "settings": wanted})
 
-    def _index_state(self, conn: psycopg.Connection) -> bool | None:
-        """True: the HNSW index is valid; False: a failed concurrent build left it invalid; None: absent."""
+    def _index_state(self, conn: psycopg.Connection, dim: int) -> bool | None:
+        """True: the HNSW index of ``dim``-d faces is valid; False: a failed concurrent build left it
+        invalid; None: absent."""
         row = conn.execute(
             "SELECT x.indisvalid FROM pg_index x JOIN pg_class c ON c.oid = x.indexrelid "
-            "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = 'faces_embedding_hnsw'",
-            (self.options.schema,)).fetchone()
+            "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s",
+            (self.options.schema, hnsw_index_name(dim))).fetchone()
         return None if row is None else bool(row[0])
 
-    def ensure_index(self) -> bool:
-        """Build the HNSW index if it is missing (a bulk load that did not finish); True if built.
+    def ensure_index(self, dims: list[int] | None = None) -> list[int]:
+        """Build the HNSW index of each dimension (``dims``; None: every collection's) that is missing (a
+        bulk load that did not finish, migration 6, a collection of a new model); the dimensions built.
 
         CONCURRENTLY, so searches and writes on other replicas go on meanwhile; under a session
         advisory lock, so replicas starting together build it once.
         """
+        if dims is None:
+            with self._read_connection() as conn:
+                dims = [int(r[0]) for r in conn.execute("SELECT DISTINCT dim FROM collections ORDER BY dim")]
+        return [dim for dim in dims if self._ensure_index(dim)]
+
+    def _ensure_index(self, dim: int) -> bool:
+        name = sql.Identifier(hnsw_index_name(dim))
         with self._connection() as conn:
-            if self._index_state(conn):
+            if self._index_state(conn, dim):
                 return False
-            conn.execute("SELECT pg_advisory_lock(%s)", (INDEX_LOCK_KEY,))
+            # polled, never waited for inside a statement: a CREATE INDEX CONCURRENTLY of another replica
+            # waits for every transaction open when it starts, a blocked lock request among them (deadlock)
+            while not _one(conn.execute("SELECT pg_try_advisory_lock(%s)", (INDEX_LOCK_KEY,)))[0]:
+                time.sleep(INDEX_LOCK_POLL_S)
             try:
-                state = self._index_state(conn)
+                state = self._index_state(conn, dim)
                 if state:
                     return False
                 started = time.perf_counter()
                 # after a bulk load, or at start-up when one did not finish (searches are exact meanwhile)
-                log.warning("building the pgvector HNSW index", extra={"where": self.options.where,
+                log.warning("building the pgvector HNSW index", extra={"where": self.options.where, "dim": dim,
                                                                       "was": "invalid" if state is False else "missing"})
                 conn.execute("SET statement_timeout = 0")
                 conn.execute(sql.SQL("SET maintenance_work_mem = {}").format(sql.Literal(self.options.maintenance_work_mem)))
                 if state is False:
-                    conn.execute("DROP INDEX CONCURRENTLY faces_embedding_hnsw")
+                    conn.execute(sql.SQL("DROP INDEX CONCURRENTLY {}").format(name))
+                # a partial expression index: the faces of this dimension, cast to a typed vector (what
+                # HNSW needs); a search uses it with the same cast and predicate (PostgresGallery.hnsw_sql)
                 conn.execute(sql.SQL(
-                    "CREATE INDEX CONCURRENTLY faces_embedding_hnsw ON faces USING hnsw (embedding vector_cosine_ops) "
-                    "WITH (m = {}, ef_construction = {})").format(
-                        sql.Literal(int(self.options.hnsw_m)), sql.Literal(int(self.options.hnsw_ef_construction))))
+                    "CREATE INDEX CONCURRENTLY {} ON faces USING hnsw ((embedding::vector({})) vector_cosine_ops) "
+                    "WITH (m = {}, ef_construction = {}) WHERE vector_dims(embedding) = {}").format(
+                        name, sql.Literal(int(dim)), sql.Literal(int(self.options.hnsw_m)),
+                        sql.Literal(int(self.options.hnsw_ef_construction)), sql.Literal(int(dim))))
                 log.info("pgvector HNSW index built", extra={"seconds": round(time.perf_counter() - started, 1)})
                 return True
             finally:
@@ -582,17 +634,18 @@ class PostgresGalleries:
                 conn.execute("SELECT pg_advisory_unlock(%s)", (INDEX_LOCK_KEY,))
 
     @contextmanager
-    def index_built_after(self) -> Iterator[None]:
+    def index_built_after(self, dim: int | None = None) -> Iterator[None]:
         """For a large import: drop the HNSW index, load, then build it in one pass, which is far faster
         than inserting into it face by face. Meanwhile searches are exact (sequential scans): correct,
         but slow on a large gallery. If the process dies before the end, the next start builds it (as
         does a replica that starts during the load: then the rest of the load goes into the index)."""
+        dim = self.dim if dim is None else dim  # the index of the loaded collection's dimension
         with self._transaction() as conn:
-            conn.execute("DROP INDEX IF EXISTS faces_embedding_hnsw")
+            conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(hnsw_index_name(dim))))
         try:
             yield
         finally:
-            self.ensure_index()
+            self.ensure_index([dim])
 
     # --- connections -------------------------------------------------------------------------
     @contextmanager
@@ -645,7 +698,8 @@ class PostgresGalleries:
         if not valid_collection_name(name):
             raise CollectionNotFound(name)
         with self._read_connection() as conn:
-            row = conn.execute("SELECT collection_id, keep_crops FROM collections WHERE name = %s", (name,)).fetchone()
+            row = conn.execute("SELECT collection_id, model_id, dim, keep_crops FROM collections WHERE name = %s",
+                               (name,)).fetchone()
         with self._lock:
             if row is None:
                 self._collections.pop(name, None)
@@ -653,25 +707,29 @@ class PostgresGalleries:
             handle = self._collections.get(name)
             fresh = handle is None or handle.collection_id != int(row[0])  # deleted and created again
             if fresh:
-                handle = self._collections[name] = PostgresGallery(self, name, int(row[0]))
+                handle = self._collections[name] = PostgresGallery(self, name, int(row[0]), row[1], int(row[2]))
         assert handle is not None
-        handle.keep_crops = bool(row[1])
+        handle.keep_crops = bool(row[3])
         if fresh:
             handle.stats()  # its counts, for the first search's plan
         return handle
 
-    def create_collection(self, name: str, actor: Actor | None = None, keep_crops: bool = False) -> CollectionInfo:
+    def create_collection(self, name: str, actor: Actor | None = None, keep_crops: bool = False,
+                          model_id: str | None = None, dim: int | None = None) -> CollectionInfo:
+        """A collection pinned to ``model_id`` (None: the default model); the first of a new dimension
+        gets that dimension's HNSW index, built before this returns."""
         if not valid_collection_name(name):
             raise ValueError(f"invalid collection name {name!r} (lower-case letters, digits, '-' and '_', "
                              "starting with a letter or digit, at most 63)")
         if keep_crops and self.crop_cipher is None:
             raise CropsUnavailable("a keep_crops collection needs the crop key (FACE_CROP_KEY_FILE)")
+        model_id, dim = model_id or self.model_id, int(dim or self.dim)
         now = time.time()
         with self._transaction() as conn:
             _claim_name(conn, name)  # CollectionExists when an alias has it
-            row = conn.execute("INSERT INTO collections(name, model_id, created_at, keep_crops) VALUES (%s, %s, %s, %s) "
-                               "ON CONFLICT (name) DO NOTHING RETURNING collection_id",
-                               (name, self.model_id, now, keep_crops)).fetchone()
+            row = conn.execute("INSERT INTO collections(name, model_id, created_at, keep_crops, dim) "
+                               "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (name) DO NOTHING RETURNING collection_id",
+                               (name, model_id, now, keep_crops, dim)).fetchone()
             if row is None:
                 raise CollectionExists(name)
             if keep_crops and self.crop_cipher is not None:  # the first one stores the key check value
@@ -680,7 +738,8 @@ class PostgresGalleries:
             conn.execute("INSERT INTO counters(collection_id, slot) SELECT %s, generate_series(0, %s)",
                          (row[0], COUNTER_SLOTS - 1))
             _audit(conn, actor, "collection.created", now, collection=name)
-        return CollectionInfo(name, self.model_id, now, 0, 0, 0, keep_crops)
+        self.ensure_index([dim])
+        return CollectionInfo(name, model_id, now, 0, 0, 0, keep_crops=keep_crops, dim=dim)
 
     def delete_collection(self, name: str, actor: Actor | None = None) -> CollectionInfo:
         """Erase every face and identity of the collection and the collection, in one transaction
@@ -690,8 +749,8 @@ class PostgresGalleries:
         now = time.time()
         with self._transaction() as conn:
             # the row lock makes a concurrent enroll into it wait, then fail (its foreign key is gone)
-            row = conn.execute("SELECT collection_id, model_id, created_at FROM collections WHERE name = %s FOR UPDATE",
-                               (name,)).fetchone()
+            row = conn.execute("SELECT collection_id, model_id, created_at, dim, keep_crops FROM collections "
+                               "WHERE name = %s FOR UPDATE", (name,)).fetchone()
             if row is None:
                 raise CollectionNotFound(name)
             collection_id = row[0]
@@ -708,7 +767,8 @@ class PostgresGalleries:
                    details={"identities": identities, "faces": faces})
         with self._lock:
             self._collections.pop(name, None)
-        return CollectionInfo(name, row[1], float(row[2]), identities, faces, counted)
+        return CollectionInfo(name, row[1], float(row[2]), identities, faces, counted, keep_crops=bool(row[4]),
+                              dim=int(row[3]))
 
     def list_collections(self) -> list[CollectionInfo]:
         with self._read_connection() as conn:
@@ -885,18 +945,22 @@ class PostgresGalleries:
         return None if row is None else base64.b64decode(row[0])
 
 
-# a collection's counts, the faces of the whole table (its HNSW index holds every collection's), and
-# whether the collection still exists
+# a collection's counts, the faces of its dimension in the table (what its HNSW index holds: every
+# collection's of that dimension), and whether the collection still exists
 COUNTS_SQL = ("SELECT COALESCE(sum(identities) FILTER (WHERE collection_id = %(c)s), 0), "
               "COALESCE(sum(faces) FILTER (WHERE collection_id = %(c)s), 0), "
               "COALESCE(sum(counted_faces) FILTER (WHERE collection_id = %(c)s), 0), "
-              "COALESCE(sum(faces), 0), EXISTS (SELECT 1 FROM collections WHERE collection_id = %(c)s) FROM counters")
+              "COALESCE(sum(faces) FILTER (WHERE collection_id IN (SELECT collection_id FROM collections WHERE dim = "
+              "(SELECT dim FROM collections WHERE collection_id = %(c)s))), 0), "
+              "EXISTS (SELECT 1 FROM collections WHERE collection_id = %(c)s) FROM counters")
 # exact: the collection's faces through faces_by_identity, scored and sorted (ORDER BY the score, not
 # the distance operator, so the planner cannot pick the HNSW index)
 EXACT_SQL = ("SELECT face_id, identity_id, 1 - (embedding <=> %(p)b) AS score FROM faces "
              "WHERE collection_id = %(c)s ORDER BY score DESC LIMIT %(k)s")
+# the index of the collection's dimension (hnsw_index_name): its cast and its predicate; {dim} filled in
 HNSW_SQL = ("SELECT face_id, identity_id, 1 - (embedding <=> %(p)b) FROM faces "
-            "WHERE collection_id = %(c)s ORDER BY embedding <=> %(p)b LIMIT %(k)s")
+            "WHERE collection_id = %(c)s AND vector_dims(embedding) = {dim} "
+            "ORDER BY embedding::vector({dim}) <=> %(p)b LIMIT %(k)s")
 PGVECTOR_MAX_SCAN_TUPLES = 20000  # pgvector's default hnsw.max_scan_tuples
 MAX_SCAN_TUPLES = 2_000_000
 SHARED_EF_FACTOR = 2
@@ -936,12 +1000,15 @@ class PostgresGallery:
     load_state = "ready"
     load_error = None
 
-    def __init__(self, galleries: PostgresGalleries, name: str, collection_id: int) -> None:
+    def __init__(self, galleries: PostgresGalleries, name: str, collection_id: int, model_id: str | None = None,
+                 dim: int | None = None) -> None:
         self.galleries = galleries
         self.name = name
         self.collection_id = collection_id
-        self.model_id = galleries.model_id
-        self.dim = galleries.dim
+        # the model the collection is pinned to (the default collection's is read when the galleries open)
+        self.model_id = model_id or galleries.model_id
+        self.dim = int(dim or galleries.dim)
+        self.prepare_sql()
         self._identity_count = 0
         self._face_count = 0
         self._counted_faces = 0
@@ -976,8 +1043,12 @@ class PostgresGallery:
     def close(self) -> None:
         pass
 
+    def prepare_sql(self) -> None:
+        """The kNN statement of this collection's dimension (its HNSW index's cast and predicate)."""
+        self.hnsw_sql = HNSW_SQL.format(dim=int(self.dim))
+
     def index_built_after(self) -> AbstractContextManager[None]:
-        return self.galleries.index_built_after()
+        return self.galleries.index_built_after(self.dim)
 
     def _transaction(self) -> AbstractContextManager[psycopg.Connection]:
         return self.galleries._transaction()  # noqa: SLF001 - the collection's own backend
@@ -1301,7 +1372,7 @@ class PostgresGallery:
                 "set_config('hnsw.max_scan_tuples', %(tuples)s, true), k.* FROM (" + COUNTS_SQL + ") AS k",
                 {"scan": plan.iterative_scan, "ef": str(max(1, plan.ef_search)), "tuples": str(plan.max_scan_tuples),
                  "c": self.collection_id})
-            scans = [conn.execute(EXACT_SQL if plan.exact else HNSW_SQL, {"p": probe, "c": self.collection_id, "k": k})
+            scans = [conn.execute(EXACT_SQL if plan.exact else self.hnsw_sql, {"p": probe, "c": self.collection_id, "k": k})
                      for probe in probes]
         self._read_counts(_one(counts)[3:], as_of)
         return [[(int(f), i, float(s)) for f, i, s in scan.fetchall()] for scan in scans]
