@@ -180,9 +180,14 @@ def main() -> None:
                     rates.setdefault(name, []).append(timed(variants[name]))
                     print(f"round {n} {name}: {rates[name][-1]:.1f} faces/s, load {os.getloadavg()[0]:.2f}",
                           flush=True)
+                results(args, rates, n + 1, folks, probes, gallery, load_before)
         finally:
             proc.stop()
 
+
+def results(args: argparse.Namespace, rates: dict[str, list[float]], rounds: int, folks: list[Any], probes: list[Path],
+            gallery: Any, load_before: tuple[float, float, float]) -> None:
+    """Save what the rounds so far measured (after each round: a long run stopped early keeps its rounds)."""
     median = {name: round(statistics.median(r), 1) for name, r in rates.items()}
 
     def ratio(a: str, b: str) -> float:  # the median of the per-round ratios (load swings between rounds)
@@ -193,7 +198,7 @@ def main() -> None:
         "config": {
             "data": args.data, "images": str(DATA[args.data].relative_to(REPO.parent)), "image_type": "auto",
             "people": len(folks), "faces_offered": sum(len(i) for _, i in folks), "photos": len(probes),
-            "rounds": args.rounds, "variants": args.only or "all", "batch": BATCH, "concurrency": CONCURRENCY,
+            "rounds": rounds, "rounds_asked": args.rounds, "variants": args.only or "all", "batch": BATCH, "concurrency": CONCURRENCY,
             "gallery_for_identify": {"people": gallery.enrolled, "faces": gallery.faces}, "niced": os.nice(0)},
         "faces_per_s_median": median, "faces_per_s_rounds": {k: [round(x, 1) for x in v] for k, v in rates.items()},
         "ratios_median_of_rounds": {f"{a}_vs_{b}": ratio(a, b) for a, b in [
