@@ -300,7 +300,9 @@ def test_images_travel_as_multipart_bytes_by_default(embedded):
         by_form, by_json = face.embed([image, image]).embeddings, as_json.embed([image, image]).embeddings
         np.testing.assert_array_equal(by_form, by_json)
         assert face.verify(image, image, threshold=0.5).match and face.identify(image, top_k=1).results
-    assert sent == ["multipart/form-data", "application/json", "multipart/form-data", "multipart/form-data"]
+        assert as_json.verify(image, image, threshold=0.5).match
+    assert sent == ["multipart/form-data", "application/json", "multipart/form-data", "multipart/form-data",
+                    "application/json"]
 
 
 def test_progress_is_a_callable_a_tqdm_bar_or_nothing(embedded, people_dir, capsys, monkeypatch):
