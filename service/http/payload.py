@@ -276,6 +276,8 @@ async def _read_multipart(request, model, list_fields, single_fields, max_images
             raise ServiceError(ErrorCode.invalid_request, f"field {key!r} must not be a file")
         if len(values) > 1 and key in fields and fields[key].annotation == (list[int] | None):
             value = ",".join(str(v) for v in values)  # a repeated field of ids (face_ids=3&face_ids=5)
+        if key in fields and value.strip() == "None" and _takes_none(fields[key].annotation):
+            continue  # str(None), as generated clients send an optional field left None: not given
         if key in fields and fields[key].annotation is bool:
             value = _form_bool(key, value)
         elif key in fields and not _takes_text(fields[key].annotation):
@@ -292,6 +294,11 @@ def _takes_text(annotation: Any) -> bool:
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         return any(_takes_text(arg) for arg in typing.get_args(annotation))
     return False
+
+
+def _takes_none(annotation: Any) -> bool:
+    """Is None a valid value of this field (a union with None)?"""
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in typing.get_args(annotation)
 
 
 _LAX_BOOL = TypeAdapter(bool)
@@ -334,6 +341,21 @@ def _has_type(schema: dict, kind: str) -> bool:
     return schema.get("type") == kind or any(_has_type(option, kind) for option in schema.get("anyOf", ()))
 
 
+def _not_null_in_a_form(prop: dict) -> None:
+    """A form cannot send null: an optional field is left out. Declared nullable, a generated client (such
+    as openapi-python-client) sends a field set to None as the text "None"; declared as its type alone,
+    its type has no None to send (the service also reads "None" as not given: ``_read_multipart``)."""
+    options = [o for o in prop.get("anyOf", ()) if o != {"type": "null"}]
+    if "anyOf" in prop and len(options) < len(prop["anyOf"]):
+        del prop["anyOf"]
+        if len(options) == 1:
+            prop.update(options[0])
+        else:
+            prop["anyOf"] = options
+    if prop.get("default", 0) is None:
+        del prop["default"]
+
+
 def body_docs(model: type[BaseModel], list_fields: tuple[str, ...], single_fields: tuple[str, ...] = ()) -> dict:
     """OpenAPI for a route that reads its body itself: the JSON schema and the multipart form."""
     schema = model.model_json_schema()
@@ -345,6 +367,8 @@ def body_docs(model: type[BaseModel], list_fields: tuple[str, ...], single_field
             form["properties"][field] = {
                 "type": "string", "contentMediaType": "application/json", "title": prop.get("title", field),
                 "description": (prop.get("description", "") + " In a form: one field, its JSON text.").strip()}
+    for prop in form["properties"].values():
+        _not_null_in_a_form(prop)
     for field in list_fields:
         form["properties"][field] = {"type": "array", "items": {"type": "string", "format": "binary"},
                                      "description": "Image files (repeat the field for several)."}

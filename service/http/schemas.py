@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
+from ..errors import STATUS, ErrorCode
 from ..gallery import identity_ids
 
 Base64Image = Annotated[
@@ -112,7 +113,10 @@ class FaceLocation(BaseModel):
 
 # --- errors -----------------------------------------------------------------------------------
 class ErrorBody(BaseModel):
-    code: str
+    # every code with its HTTP status, as a vendor extension (an `enum` would make generated clients refuse a
+    # code added later); clients are checked against it (tests/clients/test_openapi_client.py)
+    code: str = Field(description="A code of the README's \"Bad input\" table (`x-error-codes`: each with "
+                      "its HTTP status).", json_schema_extra={"x-error-codes": {c.value: STATUS[c] for c in ErrorCode}})
     message: str
     details: dict[str, Any] | None = None
 

@@ -23,27 +23,32 @@ def face(served, *args: str, key: str | None = ADMIN, env_url: bool = False) -> 
                           timeout=120, env=env)
 
 
-def test_cli_enroll_identify_verify_identities_as_json(embedded, collection_name, people_dir):
-    assert face(embedded, "collections", "create", collection_name).returncode == 0
+def test_cli_enroll_identify_verify_identities_as_json(any_backend, collection_name, people_dir):
+    assert face(any_backend, "collections", "create", collection_name).returncode == 0
     c = ["--collection", collection_name, "--json"]
-    enrolled = face(embedded, *c, "enroll", str(people_dir))
+    (people_dir / ENROLLED[0] / "notes.jpg").write_text("not a photo")  # skipped, reported, not fatal
+    enrolled = face(any_backend, *c, "enroll", str(people_dir))
     assert enrolled.returncode == 0, enrolled.stderr
-    assert json.loads(enrolled.stdout) | {"failed": {}} == {"people": 3, "enrolled": 3, "already": 0, "faces": 6,
-                                                            "failed": {}}
+    summary = json.loads(enrolled.stdout)
+    assert {k: summary[k] for k in ("people", "enrolled", "already", "faces", "skipped_files", "failed")} == {
+        "people": 3, "enrolled": 3, "already": 0, "faces": 6, "skipped_files": 1, "failed": {}}
+    assert [(s["file"], s["code"]) for s in summary["persons"][ENROLLED[0]]["skipped"]] == [("notes.jpg", "not_an_image")]
+    again = face(any_backend, "--collection", collection_name, "enroll", "--replace", str(people_dir))
+    assert again.returncode == 0 and f"skipped\t{ENROLLED[0]}\tnotes.jpg\tnot_an_image" in again.stdout.splitlines()
     photos = [str(face_files(ENROLLED[1])[2]), str(unknown_files()[0])]
-    identified = face(embedded, *c, "identify", *photos, env_url=True)  # FACE_URL / FACE_API_KEY
+    identified = face(any_backend, *c, "identify", *photos, env_url=True)  # FACE_URL / FACE_API_KEY
     assert identified.returncode == 0, identified.stderr
     answers = json.loads(identified.stdout)
     assert [(a["photo"], a["identity_id"]) for a in answers] == [(photos[0], ENROLLED[1]), (photos[1], None)]
-    verified = json.loads(face(embedded, "--json", "verify", photos[0], str(face_files(ENROLLED[1])[0])).stdout)
+    verified = json.loads(face(any_backend, "--json", "verify", photos[0], str(face_files(ENROLLED[1])[0])).stdout)
     assert verified["match"] is True
-    listed = json.loads(face(embedded, *c, "identities", "list").stdout)
+    listed = json.loads(face(any_backend, *c, "identities", "list").stdout)
     assert [i["identity_id"] for i in listed] == sorted(ENROLLED[:3])
-    readable = face(embedded, "--collection", collection_name, "identities", "list")
+    readable = face(any_backend, "--collection", collection_name, "identities", "list")
     assert readable.stdout.splitlines()[0].startswith(sorted(ENROLLED[:3])[0] + "\t2 faces")
-    assert json.loads(face(embedded, *c, "identities", "delete", ENROLLED[0]).stdout)["deleted_faces"] == 2
-    assert collection_name in face(embedded, "collections", "list").stdout
-    assert face(embedded, "collections", "delete", collection_name).returncode == 0
+    assert json.loads(face(any_backend, *c, "identities", "delete", ENROLLED[0]).stdout)["deleted_faces"] == 2
+    assert collection_name in face(any_backend, "collections", "list").stdout
+    assert face(any_backend, "collections", "delete", collection_name).returncode == 0
 
 
 def test_cli_keys(embedded):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import sys
 import time
 
 import faceclient
@@ -187,9 +188,9 @@ def test_503_overloaded_is_retried_then_raised(tmp_path, default_model):
         proc.stop()
 
 
-def test_async_client_same_features(embedded, collection_name, people_dir):
+def test_async_client_same_features(any_backend, collection_name, people_dir):
     async def main() -> None:
-        async with AsyncFaceClient(embedded.url, ADMIN, collection=collection_name) as face:
+        async with AsyncFaceClient(any_backend.url, ADMIN, collection=collection_name) as face:
             await face.create_collection(collection_name)
             assert collection_name in [c.name for c in await face.list_collections()]
             seen: list[tuple[int, int]] = []
@@ -277,3 +278,81 @@ def test_aliases_sync_and_async(any_backend, collection_name):
             await aface.delete_collection(new)
 
     asyncio.run(run())
+def no_face_png(path) -> None:
+    """A real image with no face in it: a grey 300x300 photo (PNG, written with the client's own encoder)."""
+    from faceclient.images import encode
+
+    path.write_bytes(encode(np.full((300, 300, 3), 128, np.uint8), color="rgb"))
+
+
+def test_enroll_folder_skips_bad_files_and_reports_people_without_any(any_backend, collection_name, people_dir):
+    """A file that is not an image, a photo without a face: skipped and reported with their codes; the
+    person's good files are enrolled. A person with only bad files is reported, not raised (issue 24)."""
+    first, second = ENROLLED[:2]
+    (people_dir / first / "notes.jpg").write_bytes(b"this is not a jpeg")
+    no_face_png(people_dir / second / "wall.png")
+    (people_dir / "Nobody_Here").mkdir()
+    no_face_png(people_dir / "Nobody_Here" / "empty.png")
+    (people_dir / "Nobody_Here" / "broken.jpg").write_bytes(face_files(first)[0].read_bytes()[:300])
+    with FaceClient(any_backend.url, ADMIN, collection=collection_name) as face:
+        face.create_collection(collection_name)
+        summary = face.enroll_folder(people_dir, max_images_per_request=2)
+        assert (summary.people, summary.enrolled, summary.faces, summary.skipped_files) == (4, 3, 6, 4)
+        assert {(s.file, s.code) for s in summary.persons[first].skipped} == {("notes.jpg", "not_an_image")}
+        assert [(s.file, s.code) for s in summary.persons[second].skipped] == [("wall.png", "no_face")]
+        assert summary.persons[first].faces == summary.persons[second].faces == 2
+        assert list(summary.failed) == ["Nobody_Here"] and summary.failed["Nobody_Here"].code in (
+            "no_face", "truncated_image", "not_an_image")
+        nobody = summary.persons["Nobody_Here"]
+        assert nobody.faces == 0 and len(nobody.skipped) == 2 and nobody.error is not None
+        assert {i.identity_id: i.face_count for i in face.iter_identities()} == {p: 2 for p in ENROLLED[:3]}
+        again = face.enroll_folder(people_dir, replace=True)  # replace: the good files again, the bad skipped
+        assert (again.enrolled, again.faces, again.skipped_files, list(again.failed)) == (3, 6, 4, ["Nobody_Here"])
+        assert face.get_identity(first).face_count == 2
+        face.delete_collection(collection_name)
+
+
+def test_async_enroll_folder_skips_bad_files(embedded, collection_name, people_dir):
+    (people_dir / ENROLLED[2] / "zero.jpg").write_bytes(b"")
+
+    async def main() -> None:
+        async with AsyncFaceClient(embedded.url, ADMIN, collection=collection_name) as face:
+            await face.create_collection(collection_name)
+            summary = await face.enroll_folder(people_dir)
+            assert (summary.enrolled, summary.faces, summary.failed) == (3, 6, {})
+            assert [(s.file, s.code) for s in summary.persons[ENROLLED[2]].skipped] == [("zero.jpg", "empty_image")]
+            await face.delete_collection(collection_name)
+
+    asyncio.run(main())
+
+
+def test_images_travel_as_multipart_bytes_by_default(embedded):
+    """Images go as the files of a multipart form (no base64); transport="json" sends base64: same answers."""
+    sent: list[str] = []
+    image = face_files(ENROLLED[0])[0]
+    with FaceClient(embedded.url, ADMIN) as face, FaceClient(embedded.url, ADMIN, transport="json") as as_json:
+        for client in (face, as_json):  # what goes on the wire: the bodies' content types
+            client._http.event_hooks["request"].append(
+                lambda r: sent.append(r.headers["content-type"].split(";")[0]) if r.method == "POST" else None)
+        by_form, by_json = face.embed([image, image]).embeddings, as_json.embed([image, image]).embeddings
+        np.testing.assert_array_equal(by_form, by_json)
+        assert face.verify(image, image, threshold=0.5).match and face.identify(image, top_k=1).results
+        assert as_json.verify(image, image, threshold=0.5).match
+    assert sent == ["multipart/form-data", "application/json", "multipart/form-data", "multipart/form-data",
+                    "application/json"]
+
+
+def test_progress_is_a_callable_a_tqdm_bar_or_nothing(embedded, people_dir, capsys, monkeypatch):
+    probes = [face_files(p)[2] for p in ENROLLED[:3]]
+    with FaceClient(embedded.url, ADMIN) as face:
+        face.identify_many(probes, progress=None)  # stderr is not a terminal here: no bar by default
+        face.identify_many(probes, progress=False)
+        assert capsys.readouterr().err == ""
+        monkeypatch.setitem(sys.modules, "tqdm", None)  # tqdm not installed: True says what to install
+        with pytest.raises(ImportError, match=r"faceclient\[progress\]"):
+            face.identify_many(probes, progress=True)
+        monkeypatch.undo()
+        pytest.importorskip("tqdm")
+        assert len(face.identify_many(probes, batch_size=1, progress=True)) == 3
+        bar = capsys.readouterr().err
+        assert "identify photos" in bar and "3/3" in bar, bar

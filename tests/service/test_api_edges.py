@@ -251,3 +251,20 @@ def test_a_blank_api_key_is_refused_by_the_settings(monkeypatch):
         Settings(_env_file=None)
     monkeypatch.setenv("FACE_API_KEY", KEY)
     assert Settings(_env_file=None).api_key.get_secret_value() == KEY
+
+
+def test_multipart_optional_fields_spelt_none_are_absent(client):
+    """openapi-python-client sends an optional form field set to None as the text "None" (str(None)); in a
+    form that means "not given" (issue 24), for numbers, objects and text fields alike."""
+    identity = "form-none"
+    files = [("images", ("face.jpg", FACE.read_bytes(), "image/jpeg"))]
+    try:
+        r = client.post("/enroll", files=files, data={"identity_id": identity, "metadata": "None", "model_id": "None",
+                                                      "min_quality": "None"})
+        assert r.status_code == 200, r.text
+        assert client.get(f"/identities/{identity}").json()["metadata"] == {}
+    finally:  # the session's server is shared
+        client.delete(f"/identities/{identity}")
+    r = client.post("/identify", files=files, data={"threshold": "None", "model_id": "None", "top_k": "2"})
+    assert r.status_code == 200, r.text
+    assert code(client.post("/identify", files=files, data={"top_k": "None"})) == (422, "invalid_request")

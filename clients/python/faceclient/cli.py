@@ -97,7 +97,9 @@ def run(face: FaceClient, args: argparse.Namespace) -> tuple[Any, list[str]]:
     if args.command == "enroll":
         s = face.enroll_folder(args.folder, replace=args.replace, concurrency=args.concurrency, collection=c)
         lines = [f"people {s.people}\tenrolled {s.enrolled}\talready {s.already}\tfaces {s.faces}\t"
-                 f"failed {len(s.failed)}"] + [f"failed\t{i}\t{e.code}: {e.message}" for i, e in s.failed.items()]
+                 f"skipped files {s.skipped_files}\tfailed {len(s.failed)}"]
+        lines += [f"skipped\t{p.identity_id}\t{f.file}\t{f.code}" for p in s.persons.values() for f in p.skipped]
+        lines += [f"failed\t{i}\t{e.code}: {e.message}" for i, e in s.failed.items()]
         return s, lines
     if args.command == "identities":
         if args.action == "list":

@@ -7,7 +7,10 @@ retry waits); they differ only in how they wait for the network.
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import random
+import sys
 import threading
 import time
 import uuid
@@ -22,6 +25,7 @@ import httpx
 
 from . import __version__
 from .errors import (
+    IMAGE_CODES,
     BadRequestError,
     FaceConnectionError,
     FaceServiceError,
@@ -29,13 +33,14 @@ from .errors import (
     NotFoundError,
     class_for,
 )
-from .images import Color, ImageInput, as_list, to_base64
+from .images import Color, ImageInput, as_list, encode
 from .models import (
     Alias,
     AuditEntry,
     AuditPage,
     Collection,
     CollectionDeleted,
+    CollectionList,
     DetectResult,
     EmbedResult,
     EnrollResult,
@@ -49,16 +54,21 @@ from .models import (
     IdentitySummary,
     Key,
     KeyCreated,
+    KeyList,
     KeyRevoked,
     Model,
+    PersonResult,
     ProbeResult,
     Ready,
+    SkippedFile,
     VerifyResult,
+    WhoAmI,
 )
 
 M = TypeVar("M", bound=Model)
 ImageType = Literal["aligned", "photo", "auto"]
 Progress = Callable[[int, int], None]  # (done, total)
+Transport = Literal["multipart", "json"]
 DEFAULT_COLLECTION = "default"
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 RETRIED = frozenset({429, 503})
@@ -70,6 +80,8 @@ class Call:
     path: str
     json: dict[str, Any] | None = None
     params: dict[str, Any] | None = None
+    files: list[tuple[str, tuple[str, bytes, str]]] | None = None  # multipart: the images' bytes
+    data: dict[str, str] | None = None  # multipart: the other fields, as form text
     headers: dict[str, str] = field(default_factory=lambda: {"X-Request-ID": uuid.uuid4().hex})
 
 
@@ -104,14 +116,94 @@ def _shift(results: list[ProbeResult], start: int) -> list[ProbeResult]:
     return [r.model_copy(update={"image_index": r.image_index + start}) for r in results]
 
 
+def _form_text(value: Any) -> str:
+    """A field's value as the service reads it in a form: booleans true/false, lists and objects as JSON."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+
+
+def _noop() -> None:
+    pass
+
+
+def progress_reporter(progress: bool | Progress | None, total: int, what: str) -> tuple[Progress | None,
+                                                                                          Callable[[], None]]:
+    """The bulk helpers' ``progress``: a callable is called with (done, total); True shows a tqdm bar (tqdm
+    must be installed: ``pip install 'faceclient[progress]'``); None (the default) shows one when tqdm is
+    installed and stderr is a terminal; False shows nothing. Returns (callback or None, close)."""
+    if callable(progress):
+        return progress, _noop
+    if progress is False or (progress is None and not sys.stderr.isatty()):
+        return None, _noop
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        if progress:
+            raise ImportError("progress=True needs tqdm: pip install 'faceclient[progress]'") from None
+        return None, _noop
+    bar = tqdm(total=total, desc=what, unit=" " + what.split()[-1])
+
+    def update(done: int, total: int) -> None:
+        bar.update(done - bar.n)
+
+    return update, bar.close
+
+
+class _PersonEnroll:
+    """One person of enroll_folder: its files in requests of at most ``size``; a file the service refuses
+    for itself (IMAGE_CODES: not an image, no face, low quality...) is skipped and the rest sent again, so
+    one bad file costs its person nothing but that file. Any other refusal ends the person."""
+
+    def __init__(self, identity: str, files: list[Path], size: int, replace: bool) -> None:
+        self.result = PersonResult(identity_id=identity, files=len(files))
+        self.chunks = [chunk for _, chunk in _batches(files, size)]
+        self.replace = replace  # until a request succeeds: the first one replaces, later ones append
+
+    def next(self) -> tuple[list[Path], bool] | None:
+        return (self.chunks[0], self.replace) if self.chunks and self.result.error is None else None
+
+    def enrolled(self, result: EnrollResult) -> None:
+        self.result.faces += len(result.face_ids)
+        self.replace = False
+        self.chunks.pop(0)
+
+    def refused(self, error: BadRequestError) -> None:
+        chunk = self.chunks[0]
+        index = error.details.get("index")
+        if error.code not in IMAGE_CODES:
+            self.result.error = ErrorBody(code=error.code, message=error.message, details=error.details)
+        elif isinstance(index, int) and 0 <= index < len(chunk):
+            self._skip(chunk.pop(index), error)
+        elif len(chunk) > 1:  # which file is not said: each on its own
+            self.chunks[:1] = [[path] for path in chunk]
+        else:
+            self._skip(chunk.pop(), error)
+        if self.chunks and not self.chunks[0]:
+            self.chunks.pop(0)
+
+    def _skip(self, path: Path, error: BadRequestError) -> None:
+        self.result.skipped.append(SkippedFile(file=path.name, code=error.code, message=error.message))
+
+    def done(self) -> PersonResult:
+        if self.result.error is None and self.result.faces == 0 and self.result.skipped:
+            first = self.result.skipped[0]
+            self.result.error = ErrorBody(code=first.code, message=f"none of the {self.result.files} images "
+                                          f"could be enrolled (first: {first.file}: {first.message})")
+        return self.result
+
+
 class _Base:
     def __init__(self, base_url: str, api_key: str | None = None, *, timeout: float = 60.0,
                  collection: str = DEFAULT_COLLECTION, max_retries: int = 3, retry_budget_s: float = 60.0,
-                 backoff_s: float = 0.5, check_version: bool = True) -> None:
+                 backoff_s: float = 0.5, check_version: bool = True, transport: Transport = "multipart") -> None:
         """``timeout``: seconds per request (connect, read, write). 429 and 503 answers are retried up to
         ``max_retries`` times, waiting Retry-After (or ``backoff_s`` doubling) plus jitter, while the
-        waits fit in ``retry_budget_s``. ``collection``: the default one for gallery calls."""
+        waits fit in ``retry_budget_s``. ``collection``: the default one for gallery calls.
+        ``transport``: how images travel: "multipart" (their bytes as uploaded files, the default) or
+        "json" (base64 in a JSON body, a third larger: for a proxy that refuses multipart)."""
         self.base_url = base_url.rstrip("/")
+        self.transport = transport
         self.collection = collection
         self.max_retries = max_retries
         self.retry_budget_s = retry_budget_s
@@ -128,27 +220,40 @@ class _Base:
         return "" if name == DEFAULT_COLLECTION else f"/collections/{quote(name, safe='')}"
 
     @staticmethod
-    def _images(images: ImageInput | Sequence[ImageInput], color: Color | None) -> list[str]:
-        return [to_base64(image, color) for image in _many(images)]
+    def _images(images: ImageInput | Sequence[ImageInput], color: Color | None) -> list[bytes]:
+        return [encode(image, color) for image in _many(images)]
+
+    def _body(self, path: str, fields: dict[str, Any], images: dict[str, list[bytes]]) -> Call:
+        """A POST of ``fields`` (None: left out) and the encoded ``images`` by field: multipart, the images'
+        bytes as files (no base64: a third less to send, nothing to encode or decode), or JSON with base64."""
+        fields = _drop_none(fields)
+        if self.transport == "json" or not any(images.values()):
+            for name, blobs in images.items():
+                fields[name] = [base64.b64encode(b).decode("ascii") for b in blobs] if name == "images" else \
+                    base64.b64encode(blobs[0]).decode("ascii")
+            return Call("POST", path, fields)
+        files = [(name, (f"{name}-{i}", blob, "application/octet-stream"))
+                 for name, blobs in images.items() for i, blob in enumerate(blobs)]
+        return Call("POST", path, files=files, data={k: _form_text(v) for k, v in fields.items()})
 
     def _embed(self, images: Any, image_type: ImageType, multi_face: str, color: Color | None) -> Call:
-        return Call("POST", "/embed", {"images": self._images(images, color), "image_type": image_type,
-                                       "multi_face": multi_face})
+        return self._body("/embed", {"image_type": image_type, "multi_face": multi_face},
+                          {"images": self._images(images, color)})
 
     def _detect(self, images: Any, return_crops: bool, color: Color | None) -> Call:
-        return Call("POST", "/detect", {"images": self._images(images, color), "return_crops": return_crops})
+        return self._body("/detect", {"return_crops": return_crops}, {"images": self._images(images, color)})
 
     def _verify(self, a: Any, b: Any, identity_id: str | None, embedding_a: Any, embedding_b: Any,
                 threshold: float | None, image_type: ImageType, multi_face: str, color: Color | None,
                 model_id: str | None, collection: str | None) -> Call:
         body: dict[str, Any] = {
-            "image_a": None if a is None else to_base64(a, color), "image_b": None if b is None else to_base64(b, color),
             "embedding_a": None if embedding_a is None else as_list(embedding_a),
             "embedding_b": None if embedding_b is None else as_list(embedding_b),
             "identity_id": identity_id, "threshold": threshold, "model_id": model_id}
-        if a is not None or b is not None:
+        images = {name: [encode(image, color)] for name, image in (("image_a", a), ("image_b", b)) if image is not None}
+        if images:
             body |= {"image_type": image_type, "multi_face": multi_face}
-        return Call("POST", self._prefix(collection) + "/verify", _drop_none(body))
+        return self._body(self._prefix(collection) + "/verify", body, images)
 
     def _identify(self, images: Any, embeddings: Any, top_k: int, threshold: float | None,
                   min_quality: float | None, image_type: ImageType, multi_face: str, color: Color | None,
@@ -156,10 +261,11 @@ class _Base:
         body: dict[str, Any] = {"top_k": top_k, "threshold": threshold, "min_quality": min_quality,
                                 "model_id": model_id}
         if images is not None:
-            body |= {"images": self._images(images, color), "image_type": image_type, "multi_face": multi_face}
+            body |= {"image_type": image_type, "multi_face": multi_face}
         if embeddings is not None:
             body["embeddings"] = [as_list(e) for e in embeddings]
-        return Call("POST", self._prefix(collection) + "/identify", _drop_none(body))
+        blobs = {} if images is None else {"images": self._images(images, color)}
+        return self._body(self._prefix(collection) + "/identify", body, blobs)
 
     def _enroll(self, identity_id: str, images: Any, embeddings: Any, metadata: dict[str, Any] | None,
                 replace: bool, min_quality: float | None, force_quality: bool, image_type: ImageType,
@@ -168,10 +274,11 @@ class _Base:
                                 "min_quality": min_quality, "force_quality": force_quality or None,
                                 "model_id": model_id}
         if images is not None:
-            body |= {"images": self._images(images, color), "image_type": image_type, "multi_face": multi_face}
+            body |= {"image_type": image_type, "multi_face": multi_face}
         if embeddings is not None:
             body["embeddings"] = [as_list(e) for e in embeddings]
-        return Call("POST", self._prefix(collection) + "/enroll", _drop_none(body))
+        blobs = {} if images is None else {"images": self._images(images, color)}
+        return self._body(self._prefix(collection) + "/enroll", body, blobs)
 
     def _identity(self, method: str, identity_id: str, collection: str | None) -> Call:
         return Call(method, f"{self._prefix(collection)}/identities/{quote(identity_id, safe='')}")
@@ -260,7 +367,7 @@ class FaceClient(_Base):
     def _send(self, call: Call) -> httpx.Response:
         try:
             return self._http.request(call.method, call.path, json=call.json, params=call.params,
-                                      headers=call.headers)
+                                      files=call.files, data=call.data, headers=call.headers)
         except httpx.TransportError as e:
             raise FaceConnectionError(f"{call.method} {self.base_url}{call.path}: {e!r}") from e
 
@@ -332,7 +439,7 @@ class FaceClient(_Base):
 
     # --- collections, keys, audit, health -------------------------------------------------------------
     def list_collections(self) -> list[Collection]:
-        return [Collection.model_validate(c) for c in self._raw(Call("GET", "/collections"))["items"]]
+        return self._do(Call("GET", "/collections"), CollectionList).items
 
     def create_collection(self, name: str, *, keep_crops: bool = False) -> Collection:
         """``keep_crops``: the collection keeps each enrolled face's aligned crop, encrypted (the server needs
@@ -353,13 +460,17 @@ class FaceClient(_Base):
                                          rate_limit_faces_per_s), KeyCreated)
 
     def list_keys(self) -> list[Key]:
-        return [Key.model_validate(k) for k in self._raw(Call("GET", "/keys"))["items"]]
+        return self._do(Call("GET", "/keys"), KeyList).items
 
     def revoke_key(self, key_id: str) -> KeyRevoked:
         return self._do(Call("DELETE", f"/keys/{quote(key_id, safe='')}"), KeyRevoked)
 
-    def iter_audit(self, *, page_size: int = 100, **filters: Any) -> Iterator[AuditEntry]:
-        """Audit entries, newest first; filters: collection, identity_id, key_id, since, until."""
+    def iter_audit(self, *, collection: str | None = None, identity_id: str | None = None, key_id: str | None = None,
+                   since: float | None = None, until: float | None = None,
+                   page_size: int = 100) -> Iterator[AuditEntry]:
+        """Audit entries, newest first, of these filters (None: any)."""
+        filters = {"collection": collection, "identity_id": identity_id, "key_id": key_id, "since": since,
+                   "until": until}
         cursor: str | None = None
         while True:
             page = self._do(self._audit(cursor, page_size, filters), AuditPage)
@@ -384,17 +495,21 @@ class FaceClient(_Base):
 
     def delete_alias(self, name: str) -> Alias:
         return self._do(self._alias("DELETE", name), Alias)
+    def whoami(self) -> WhoAmI:
+        return self._do(Call("GET", "/whoami"), WhoAmI)
 
     def ready(self) -> Ready:
         return self._do(Call("GET", "/readyz"), Ready)
 
     # --- bulk -----------------------------------------------------------------------------------------
     def identify_many(self, images: Sequence[ImageInput], *, batch_size: int = 16, concurrency: int = 4,
-                      progress: Progress | None = None, **options: Any) -> list[ProbeResult]:
+                      progress: bool | Progress | None = None, **options: Any) -> list[ProbeResult]:
         """Identify many images in batched requests, ``concurrency`` in flight (threads). One result per
         probe, ``image_index`` into ``images``; an image the service refuses (e.g. no_face) gets a result
-        with ``error`` instead of failing the others."""
+        with ``error`` instead of failing the others. ``progress``: see ``progress_reporter`` (a tqdm bar
+        by default when tqdm is installed and stderr is a terminal)."""
         done, total, lock = 0, len(images), threading.Lock()
+        report, close = progress_reporter(progress, total, "identify photos")
 
         def one(start: int, batch: list[ImageInput]) -> list[ProbeResult]:
             nonlocal done
@@ -409,44 +524,51 @@ class FaceClient(_Base):
                         results.append(_failed_probe(start + i, e))
             with lock:
                 done += len(batch)
-                if progress:
-                    progress(done, total)
+                if report:
+                    report(done, total)
             return results
 
-        with ThreadPoolExecutor(max(1, concurrency)) as pool:
-            parts = list(pool.map(lambda b: one(*b), _batches(images, batch_size)))
+        try:
+            with ThreadPoolExecutor(max(1, concurrency)) as pool:
+                parts = list(pool.map(lambda b: one(*b), _batches(images, batch_size)))
+        finally:
+            close()
         return [r for part in parts for r in part]
 
     def enroll_folder(self, root: str | Path, *, replace: bool = False, concurrency: int = 4,
-                      progress: Progress | None = None, max_images_per_request: int = 64,
+                      progress: bool | Progress | None = None, max_images_per_request: int = 64,
                       **options: Any) -> FolderSummary:
         """Enroll one sub-folder per person (the folder name is the identity id), like ``python -m service
-        gallery enroll``. Resumable: someone already enrolled is skipped unless ``replace``."""
+        gallery enroll``. Resumable: someone already enrolled is skipped unless ``replace``. A file the
+        service refuses for itself (not an image, no face, low quality...) is skipped and listed in the
+        person's ``skipped``; a person none of whose files could be enrolled is in ``failed``: nothing is
+        raised for bad input. ``progress`` (people done): see ``progress_reporter``."""
         people = person_folders(root)
         summary, lock = FolderSummary(people=len(people)), threading.Lock()
+        report, close = progress_reporter(progress, len(people), "enroll people")
 
         def one(person: tuple[str, list[Path]]) -> None:
             identity, files = person
-            try:
-                if not replace and self._exists(identity, options.get("collection")):
-                    with lock:
-                        summary.already += 1
-                else:
-                    faces = 0
-                    for n, (_, chunk) in enumerate(_batches(files, max_images_per_request)):
-                        faces += len(self.enroll(identity, chunk, replace=replace and n == 0, **options).face_ids)
-                    with lock:
-                        summary.enrolled += 1
-                        summary.faces += faces
-            except BadRequestError as e:
-                with lock:
-                    summary.failed[identity] = ErrorBody(code=e.code, message=e.message, details=e.details)
+            if not replace and self._exists(identity, options.get("collection")):
+                result = PersonResult(identity_id=identity, files=len(files), already=True)
+            else:
+                work = _PersonEnroll(identity, files, max_images_per_request, replace)
+                while (step := work.next()) is not None:
+                    try:
+                        work.enrolled(self.enroll(identity, step[0], replace=step[1], **options))
+                    except BadRequestError as e:
+                        work.refused(e)
+                result = work.done()
             with lock:
-                if progress:
-                    progress(summary.enrolled + summary.already + len(summary.failed), summary.people)
+                summary.add(result)
+                if report:
+                    report(summary.enrolled + summary.already + len(summary.failed), summary.people)
 
-        with ThreadPoolExecutor(max(1, concurrency)) as pool:
-            list(pool.map(one, people))
+        try:
+            with ThreadPoolExecutor(max(1, concurrency)) as pool:
+                list(pool.map(one, people))
+        finally:
+            close()
         return summary
 
     def _exists(self, identity_id: str, collection: str | None) -> bool:
@@ -479,7 +601,7 @@ class AsyncFaceClient(_Base):
     async def _send(self, call: Call) -> httpx.Response:
         try:
             return await self._http.request(call.method, call.path, json=call.json, params=call.params,
-                                            headers=call.headers)
+                                            files=call.files, data=call.data, headers=call.headers)
         except httpx.TransportError as e:
             raise FaceConnectionError(f"{call.method} {self.base_url}{call.path}: {e!r}") from e
 
@@ -552,7 +674,7 @@ class AsyncFaceClient(_Base):
             cursor = page.next_cursor
 
     async def list_collections(self) -> list[Collection]:
-        return [Collection.model_validate(c) for c in (await self._raw(Call("GET", "/collections")))["items"]]
+        return (await self._do(Call("GET", "/collections"), CollectionList)).items
 
     async def create_collection(self, name: str, *, keep_crops: bool = False) -> Collection:
         body: dict = {"name": name, **({"keep_crops": True} if keep_crops else {})}
@@ -571,12 +693,16 @@ class AsyncFaceClient(_Base):
                                                rate_limit_faces_per_s), KeyCreated)
 
     async def list_keys(self) -> list[Key]:
-        return [Key.model_validate(k) for k in (await self._raw(Call("GET", "/keys")))["items"]]
+        return (await self._do(Call("GET", "/keys"), KeyList)).items
 
     async def revoke_key(self, key_id: str) -> KeyRevoked:
         return await self._do(Call("DELETE", f"/keys/{quote(key_id, safe='')}"), KeyRevoked)
 
-    async def iter_audit(self, *, page_size: int = 100, **filters: Any) -> AsyncIterator[AuditEntry]:
+    async def iter_audit(self, *, collection: str | None = None, identity_id: str | None = None,
+                         key_id: str | None = None, since: float | None = None, until: float | None = None,
+                         page_size: int = 100) -> AsyncIterator[AuditEntry]:
+        filters = {"collection": collection, "identity_id": identity_id, "key_id": key_id, "since": since,
+                   "until": until}
         cursor: str | None = None
         while True:
             page = await self._do(self._audit(cursor, page_size, filters), AuditPage)
@@ -600,14 +726,17 @@ class AsyncFaceClient(_Base):
 
     async def delete_alias(self, name: str) -> Alias:
         return await self._do(self._alias("DELETE", name), Alias)
+    async def whoami(self) -> WhoAmI:
+        return await self._do(Call("GET", "/whoami"), WhoAmI)
 
     async def ready(self) -> Ready:
         return await self._do(Call("GET", "/readyz"), Ready)
 
     async def identify_many(self, images: Sequence[ImageInput], *, batch_size: int = 16, concurrency: int = 4,
-                            progress: Progress | None = None, **options: Any) -> list[ProbeResult]:
+                            progress: bool | Progress | None = None, **options: Any) -> list[ProbeResult]:
         """As FaceClient.identify_many, with ``concurrency`` tasks."""
         gate, done, total = asyncio.Semaphore(max(1, concurrency)), 0, len(images)
+        report, close = progress_reporter(progress, total, "identify photos")
 
         async def one(start: int, batch: list[ImageInput]) -> list[ProbeResult]:
             nonlocal done
@@ -622,36 +751,44 @@ class AsyncFaceClient(_Base):
                         except BadRequestError as e:
                             results.append(_failed_probe(start + i, e))
             done += len(batch)
-            if progress:
-                progress(done, total)
+            if report:
+                report(done, total)
             return results
 
-        parts = await asyncio.gather(*(one(start, batch) for start, batch in _batches(images, batch_size)))
+        try:
+            parts = await asyncio.gather(*(one(start, batch) for start, batch in _batches(images, batch_size)))
+        finally:
+            close()
         return [r for part in parts for r in part]
 
     async def enroll_folder(self, root: str | Path, *, replace: bool = False, concurrency: int = 4,
-                            progress: Progress | None = None, max_images_per_request: int = 64,
+                            progress: bool | Progress | None = None, max_images_per_request: int = 64,
                             **options: Any) -> FolderSummary:
         """As FaceClient.enroll_folder, with ``concurrency`` tasks."""
         people = person_folders(root)
         summary, gate = FolderSummary(people=len(people)), asyncio.Semaphore(max(1, concurrency))
+        report, close = progress_reporter(progress, len(people), "enroll people")
 
         async def one(identity: str, files: list[Path]) -> None:
             async with gate:
-                try:
-                    if not replace and await self._exists(identity, options.get("collection")):
-                        summary.already += 1
-                    else:
-                        for n, (_, chunk) in enumerate(_batches(files, max_images_per_request)):
-                            result = await self.enroll(identity, chunk, replace=replace and n == 0, **options)
-                            summary.faces += len(result.face_ids)
-                        summary.enrolled += 1
-                except BadRequestError as e:
-                    summary.failed[identity] = ErrorBody(code=e.code, message=e.message, details=e.details)
-            if progress:
-                progress(summary.enrolled + summary.already + len(summary.failed), summary.people)
+                if not replace and await self._exists(identity, options.get("collection")):
+                    result = PersonResult(identity_id=identity, files=len(files), already=True)
+                else:
+                    work = _PersonEnroll(identity, files, max_images_per_request, replace)
+                    while (step := work.next()) is not None:
+                        try:
+                            work.enrolled(await self.enroll(identity, step[0], replace=step[1], **options))
+                        except BadRequestError as e:
+                            work.refused(e)
+                    result = work.done()
+            summary.add(result)
+            if report:
+                report(summary.enrolled + summary.already + len(summary.failed), summary.people)
 
-        await asyncio.gather(*(one(identity, files) for identity, files in people))
+        try:
+            await asyncio.gather(*(one(identity, files) for identity, files in people))
+        finally:
+            close()
         return summary
 
     async def _exists(self, identity_id: str, collection: str | None) -> bool:
@@ -664,4 +801,4 @@ class AsyncFaceClient(_Base):
             return False
 
 
-__all__ = ["AsyncFaceClient", "FaceClient", "person_folders"]
+__all__ = ["AsyncFaceClient", "FaceClient", "person_folders", "progress_reporter"]

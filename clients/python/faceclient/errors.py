@@ -85,6 +85,10 @@ _FAMILIES: dict[type[FaceServiceError], tuple[str, ...]] = {
                        "inference_timeout", "database_unavailable"),
     ServerError: ("internal_error",),
 }
+# the codes that refuse one image for itself (its ``details.index`` says which): enroll_folder skips that file
+IMAGE_CODES = frozenset({
+    "invalid_base64", "empty_image", "image_too_large", "not_an_image", "truncated_image", "wrong_image_size",
+    "alpha_channel", "unsupported_color_mode", "no_face", "low_quality", "photo_not_supported", "implausible_face"})
 ERROR_CLASSES: dict[str, type[FaceServiceError]] = {code: cls for cls, codes in _FAMILIES.items() for code in codes}
 
 

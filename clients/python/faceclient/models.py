@@ -224,9 +224,35 @@ class AuditPage(Model):
     next_cursor: str | None
 
 
+class CollectionList(Model):
+    items: list[Collection]
+
+
+class KeyList(Model):
+    items: list[Key]
+
+
+class WhoAmI(Model):
+    """/whoami: the calling key's id (None: the admin key from the environment, or open mode), its role and
+    collections (None: all)."""
+
+    key_id: str | None
+    role: str
+    collections: list[str] | None
+    open_mode: bool
+
+
 class Health(Model):
     status: str
     version: str | None = None
+
+
+class CollectionThreshold(Model):
+    """/readyz, per collection: its size and the 1:N threshold in force for that size."""
+
+    identities: int
+    faces: int
+    identify_threshold: float
 
 
 class Ready(Model):
@@ -245,18 +271,66 @@ class Ready(Model):
     quality: dict[str, Any] | None = None
     inference_ms: float | None = None
     gallery: dict[str, int] | None = None
-    collections: dict[str, Any] = Field(default_factory=dict)
+    collections: dict[str, CollectionThreshold] = Field(default_factory=dict)
+
+
+class SkippedFile(Model):
+    """A file enroll_folder left out: the service refused it for itself (``code``: not_an_image, no_face...)."""
+
+    file: str
+    code: str
+    message: str
+
+
+class PersonResult(Model):
+    """One person of enroll_folder: faces enrolled by this run, files skipped, and why it failed if it did."""
+
+    identity_id: str
+    files: int = 0
+    faces: int = 0
+    already: bool = False  # enrolled before (not replace): left as it was
+    skipped: list[SkippedFile] = Field(default_factory=list)
+    error: ErrorBody | None = None  # not enrolled: a refusal of the person, or none of its files could be
 
 
 class FolderSummary(Model):
-    """What enroll_folder did: people found, enrolled, already there (skipped), and each failure's error."""
+    """What enroll_folder did: people found, enrolled, already there (left alone), each failed person's
+    error, files skipped (in ``persons``: every person's result)."""
 
     people: int = 0
     enrolled: int = 0
     already: int = 0
     faces: int = 0
+    skipped_files: int = 0
     failed: dict[str, ErrorBody] = Field(default_factory=dict)
+    persons: dict[str, PersonResult] = Field(default_factory=dict)
 
+    def add(self, person: PersonResult) -> None:
+        self.persons[person.identity_id] = person
+        self.faces += person.faces
+        self.skipped_files += len(person.skipped)
+        if person.already:
+            self.already += 1
+        elif person.error is not None:
+            self.failed[person.identity_id] = person.error
+        else:
+            self.enrolled += 1
+
+
+# the server's OpenAPI components (its answers) and the client model that reads each: tests/clients checks that
+# every answer the served document declares is here, with every field
+SERVER_MODELS: dict[str, type[Model]] = {
+    "AuditOut": AuditEntry, "AuditPage": AuditPage, "Candidate": Candidate, "CollectionDeleted": CollectionDeleted,
+    "CollectionList": CollectionList, "CollectionOut": Collection,
+    "CollectionThreshold": CollectionThreshold, "DeleteResponse": IdentityDeleted,
+    "DetectResponse": DetectResult, "DetectedFaceOut": DetectedFace, "DetectedImage": DetectedImage,
+    "EmbedResponse": EmbedResult, "EnrollResponse": EnrollResult, "ErrorBody": ErrorBody,
+    "FaceLocation": FaceLocation, "FaceQuality": FaceQuality, "IdentifyResponse": IdentifyResult,
+    "IdentityDetail": Identity, "IdentityPage": IdentityPage, "IdentitySummary": IdentitySummary,
+    "KeyCreated": KeyCreated, "KeyList": KeyList, "KeyOut": Key, "KeyRevoked": KeyRevoked, "ProbeResult": ProbeResult,
+    "QualityFailure": QualityFailure, "QualityPart": QualityPart, "ReadyResponse": Ready, "ReadyStatus": Ready,
+    "VerifyResponse": VerifyResult, "WhoAmI": WhoAmI,
+}
 
 __all__ = [
     "Alias",
@@ -265,6 +339,8 @@ __all__ = [
     "Candidate",
     "Collection",
     "CollectionDeleted",
+    "CollectionList",
+    "CollectionThreshold",
     "DetectResult",
     "DetectedFace",
     "DetectedImage",
@@ -282,10 +358,14 @@ __all__ = [
     "IdentitySummary",
     "Key",
     "KeyCreated",
+    "KeyList",
     "KeyRevoked",
+    "PersonResult",
     "ProbeResult",
     "QualityFailure",
     "QualityPart",
     "Ready",
+    "SkippedFile",
     "VerifyResult",
+    "WhoAmI",
 ]
