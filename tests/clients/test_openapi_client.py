@@ -22,11 +22,13 @@ METHODS = {
     "list_collections": "list_collections", "create_collection": "create_collection",
     "get_collection": "get_collection", "delete_collection": "delete_collection", "verify": "verify",
     "identify": "identify", "enroll": "enroll", "list_identities": "iter_identities", "get_identity": "get_identity",
-    "delete_identity": "delete_identity",
+    "delete_identity": "delete_identity", "duplicates": "duplicates", "outliers": "outliers",
+    "merge_identity": "merge_identities", "move_face": "move_face", "delete_face": "delete_face", "cluster": "cluster",
+    "set_alias": "set_alias", "get_alias": "get_alias", "list_aliases": "list_aliases", "delete_alias": "delete_alias",
 }
 NOT_IN_THE_CLIENT = {"metrics": "Prometheus text for a scraper, not a program's API"}
 # a request field -> the client's parameter for it, where the names differ; `cursor`: the iterators page themselves
-PARAMETERS = {"image_a": ("a",), "image_b": ("b",), "limit": ("page_size",), "collection": ("collection", "name")}
+PARAMETERS = {"image_a": ("a",), "image_b": ("b",), "limit": ("page_size", "limit"), "collection": ("collection", "name")}
 PAGED_BY_THE_CLIENT = {"cursor"}
 
 

@@ -36,15 +36,19 @@ from .errors import (
 from .images import Color, ImageInput, as_list, encode
 from .models import (
     Alias,
+    AliasList,
     AuditEntry,
     AuditPage,
+    ClusterResult,
     Collection,
     CollectionDeleted,
     CollectionList,
     DetectResult,
+    DuplicatesResult,
     EmbedResult,
     EnrollResult,
     ErrorBody,
+    FaceDeleted,
     FolderSummary,
     Health,
     IdentifyResult,
@@ -56,7 +60,10 @@ from .models import (
     KeyCreated,
     KeyList,
     KeyRevoked,
+    MergeResult,
     Model,
+    MoveResult,
+    OutliersResult,
     PersonResult,
     ProbeResult,
     Ready,
@@ -236,12 +243,14 @@ class _Base:
                  for name, blobs in images.items() for i, blob in enumerate(blobs)]
         return Call("POST", path, files=files, data={k: _form_text(v) for k, v in fields.items()})
 
-    def _embed(self, images: Any, image_type: ImageType, multi_face: str, color: Color | None) -> Call:
-        return self._body("/embed", {"image_type": image_type, "multi_face": multi_face},
+    def _embed(self, images: Any, image_type: ImageType, multi_face: str, color: Color | None,
+               model: str | None = None) -> Call:
+        return self._body("/embed", {"image_type": image_type, "multi_face": multi_face, "model": model},
                           {"images": self._images(images, color)})
 
-    def _detect(self, images: Any, return_crops: bool, color: Color | None) -> Call:
-        return self._body("/detect", {"return_crops": return_crops}, {"images": self._images(images, color)})
+    def _detect(self, images: Any, return_crops: bool, color: Color | None, model: str | None = None) -> Call:
+        return self._body("/detect", {"return_crops": return_crops, "model": model},
+                          {"images": self._images(images, color)})
 
     def _verify(self, a: Any, b: Any, identity_id: str | None, embedding_a: Any, embedding_b: Any,
                 threshold: float | None, image_type: ImageType, multi_face: str, color: Color | None,
@@ -257,9 +266,11 @@ class _Base:
 
     def _identify(self, images: Any, embeddings: Any, top_k: int, threshold: float | None,
                   min_quality: float | None, image_type: ImageType, multi_face: str, color: Color | None,
-                  model_id: str | None, collection: str | None) -> Call:
+                  model_id: str | None, collection: str | None, face_ids: Sequence[int] | None = None,
+                  identity_id: str | None = None) -> Call:
         body: dict[str, Any] = {"top_k": top_k, "threshold": threshold, "min_quality": min_quality,
-                                "model_id": model_id}
+                                "model_id": model_id, "identity_id": identity_id,
+                                "face_ids": None if face_ids is None else [int(f) for f in face_ids]}
         if images is not None:
             body |= {"image_type": image_type, "multi_face": multi_face}
         if embeddings is not None:
@@ -286,6 +297,37 @@ class _Base:
     def _identities(self, cursor: str | None, page_size: int, collection: str | None) -> Call:
         return Call("GET", self._prefix(collection) + "/identities", params=_drop_none(
             {"limit": page_size, "cursor": cursor}))
+
+    @staticmethod
+    def _collection_create(name: str, keep_crops: bool, model: str | None) -> Call:
+        return Call("POST", "/collections", _drop_none({"name": name, "keep_crops": keep_crops or None,
+                                                        "model": model}))
+
+    def _duplicates(self, min_score: float | None, max_false_alarm: float | None, limit: int, evidence: int,
+                    collection: str | None) -> Call:
+        return Call("GET", self._prefix(collection) + "/duplicates", params=_drop_none(
+            {"min_score": min_score, "max_false_alarm": max_false_alarm, "limit": limit, "evidence": evidence}))
+
+    def _outliers(self, min_score: float | None, limit: int, collection: str | None) -> Call:
+        return Call("GET", self._prefix(collection) + "/outliers",
+                    params=_drop_none({"min_score": min_score, "limit": limit}))
+
+    def _merge(self, identity_id: str, into: str, collection: str | None) -> Call:
+        return Call("POST", f"{self._prefix(collection)}/identities/{quote(identity_id, safe='')}/merge",
+                    {"into": into})
+
+    def _face(self, method: str, face_id: int, collection: str | None, action: str = "",
+              body: dict[str, Any] | None = None) -> Call:
+        return Call(method, f"{self._prefix(collection)}/faces/{int(face_id)}{action}", body)
+
+    def _cluster(self, images: Any, embeddings: Any, threshold: float | None, image_type: ImageType,
+                 multi_face: str, color: Color | None, model_id: str | None) -> Call:
+        body: dict[str, Any] = {"threshold": threshold, "model_id": model_id}
+        if images is not None:
+            body |= {"image_type": image_type, "multi_face": multi_face}
+        if embeddings is not None:
+            body["embeddings"] = [as_list(e) for e in embeddings]
+        return self._body("/cluster", body, {} if images is None else {"images": self._images(images, color)})
 
     @staticmethod
     def _alias(method: str, name: str, collection: str | None = None) -> Call:
@@ -391,12 +433,13 @@ class FaceClient(_Base):
 
     # --- faces --------------------------------------------------------------------------------------
     def embed(self, images: ImageInput | Sequence[ImageInput], *, image_type: ImageType = "auto",
-              multi_face: str = "largest", color: Color | None = None) -> EmbedResult:
-        return self._do(self._embed(images, image_type, multi_face, color), EmbedResult)
+              multi_face: str = "largest", color: Color | None = None, model: str | None = None) -> EmbedResult:
+        """``model``: a served model's name (the server's FACE_MODELS; None: its default model)."""
+        return self._do(self._embed(images, image_type, multi_face, color, model), EmbedResult)
 
     def detect(self, images: ImageInput | Sequence[ImageInput], *, return_crops: bool = False,
-               color: Color | None = None) -> DetectResult:
-        return self._do(self._detect(images, return_crops, color), DetectResult)
+               color: Color | None = None, model: str | None = None) -> DetectResult:
+        return self._do(self._detect(images, return_crops, color, model), DetectResult)
 
     def verify(self, a: ImageInput | None = None, b: ImageInput | None = None, *, identity_id: str | None = None,
                embedding_a: Any = None, embedding_b: Any = None, threshold: float | None = None,
@@ -408,9 +451,13 @@ class FaceClient(_Base):
     def identify(self, images: ImageInput | Sequence[ImageInput] | None = None, *, embeddings: Any = None,
                  top_k: int = 5, threshold: float | None = None, min_quality: float | None = None,
                  image_type: ImageType = "auto", multi_face: str = "largest", color: Color | None = None,
-                 model_id: str | None = None, collection: str | None = None) -> IdentifyResult:
+                 model_id: str | None = None, collection: str | None = None, face_ids: Sequence[int] | None = None,
+                 identity_id: str | None = None) -> IdentifyResult:
+        """The probes: ``images``, or ``embeddings``, or enrolled faces (``face_ids``: one result each, with
+        ``probe_face_id``), or a whole enrolled identity (``identity_id``: one result); exactly one. An
+        enrolled probe's own identity is never its candidate."""
         return self._do(self._identify(images, embeddings, top_k, threshold, min_quality, image_type, multi_face,
-                                       color, model_id, collection), IdentifyResult)
+                                       color, model_id, collection, face_ids, identity_id), IdentifyResult)
 
     def enroll(self, identity_id: str, images: ImageInput | Sequence[ImageInput] | None = None, *,
                embeddings: Any = None, metadata: dict[str, Any] | None = None, replace: bool = False,
@@ -441,11 +488,11 @@ class FaceClient(_Base):
     def list_collections(self) -> list[Collection]:
         return self._do(Call("GET", "/collections"), CollectionList).items
 
-    def create_collection(self, name: str, *, keep_crops: bool = False) -> Collection:
+    def create_collection(self, name: str, *, keep_crops: bool = False, model: str | None = None) -> Collection:
         """``keep_crops``: the collection keeps each enrolled face's aligned crop, encrypted (the server needs
-        FACE_CROP_KEY_FILE); enrolling embeddings into it is then refused (crops_required)."""
-        body: dict = {"name": name, **({"keep_crops": True} if keep_crops else {})}
-        return self._do(Call("POST", "/collections", body), Collection)
+        FACE_CROP_KEY_FILE); enrolling embeddings into it is then refused (crops_required). ``model``: the
+        served model it is pinned to (None: the server's default model)."""
+        return self._do(self._collection_create(name, keep_crops, model), Collection)
 
     def get_collection(self, name: str) -> Collection:
         return self._do(Call("GET", f"/collections/{quote(name, safe='')}"), Collection)
@@ -491,7 +538,7 @@ class FaceClient(_Base):
         return self._do(self._alias("GET", name), Alias)
 
     def list_aliases(self) -> list[Alias]:
-        return [Alias.model_validate(a) for a in self._raw(Call("GET", "/aliases"))["items"]]
+        return self._do(Call("GET", "/aliases"), AliasList).items
 
     def delete_alias(self, name: str) -> Alias:
         return self._do(self._alias("DELETE", name), Alias)
@@ -580,6 +627,42 @@ class FaceClient(_Base):
                 raise
             return False
 
+    # --- gallery hygiene and clustering -----------------------------------------------------------------
+    def duplicates(self, *, min_score: float | None = None, max_false_alarm: float | None = None, limit: int = 100,
+                   evidence: int = 3, collection: str | None = None) -> DuplicatesResult:
+        """Pairs of identities that are probably one person, best first, each with its best face pairs
+        (``evidence`` per pair). Listed from ``min_score``, else from the score whose family-wise false-alarm
+        probability is ``max_false_alarm`` (None: the server's FACE_DUPLICATES_MAX_FALSE_ALARM)."""
+        return self._do(self._duplicates(min_score, max_false_alarm, limit, evidence, collection), DuplicatesResult)
+
+    def outliers(self, *, min_score: float | None = None, limit: int = 100,
+                 collection: str | None = None) -> OutliersResult:
+        """Faces that match their own identity's other faces below ``min_score`` (None: the 1:1 threshold),
+        worst first, each with the other identity it matches best (``best_other``) if any."""
+        return self._do(self._outliers(min_score, limit, collection), OutliersResult)
+
+    def merge_identities(self, identity_id: str, into: str, *, collection: str | None = None) -> MergeResult:
+        """Every face of ``identity_id`` becomes a face of ``into`` (ids kept); ``identity_id`` is deleted."""
+        return self._do(self._merge(identity_id, into, collection), MergeResult)
+
+    def move_face(self, face_id: int, identity_id: str, *, collection: str | None = None) -> MoveResult:
+        """The face (same id) becomes ``identity_id``'s (created if not enrolled); its old identity is deleted
+        when this was its last face."""
+        return self._do(self._face("POST", face_id, collection, "/move", {"identity_id": identity_id}), MoveResult)
+
+    def delete_face(self, face_id: int, *, collection: str | None = None) -> FaceDeleted:
+        """Erase one face; its identity goes too when this was its last face."""
+        return self._do(self._face("DELETE", face_id, collection), FaceDeleted)
+
+    def cluster(self, images: ImageInput | Sequence[ImageInput] | None = None, *, embeddings: Any = None,
+                threshold: float | None = None, image_type: ImageType = "auto", multi_face: str = "all",
+                color: Color | None = None, model_id: str | None = None) -> ClusterResult:
+        """Group the faces of ``images`` (every face of each photo, by default) or ``embeddings`` by person;
+        no gallery is read. ``threshold``: the average-linkage cosine (None: the server's default for this
+        many faces). Clusters come biggest first; a face alone is a cluster of size 1."""
+        return self._do(self._cluster(images, embeddings, threshold, image_type, multi_face, color, model_id),
+                        ClusterResult)
+
 
 class AsyncFaceClient(_Base):
     """FaceClient's methods as coroutines, over one ``httpx.AsyncClient``: share it between tasks."""
@@ -625,12 +708,13 @@ class AsyncFaceClient(_Base):
         return model.model_validate(await self._raw(call))
 
     async def embed(self, images: ImageInput | Sequence[ImageInput], *, image_type: ImageType = "auto",
-                    multi_face: str = "largest", color: Color | None = None) -> EmbedResult:
-        return await self._do(self._embed(images, image_type, multi_face, color), EmbedResult)
+                    multi_face: str = "largest", color: Color | None = None,
+                    model: str | None = None) -> EmbedResult:
+        return await self._do(self._embed(images, image_type, multi_face, color, model), EmbedResult)
 
     async def detect(self, images: ImageInput | Sequence[ImageInput], *, return_crops: bool = False,
-                     color: Color | None = None) -> DetectResult:
-        return await self._do(self._detect(images, return_crops, color), DetectResult)
+                     color: Color | None = None, model: str | None = None) -> DetectResult:
+        return await self._do(self._detect(images, return_crops, color, model), DetectResult)
 
     async def verify(self, a: ImageInput | None = None, b: ImageInput | None = None, *,
                      identity_id: str | None = None, embedding_a: Any = None, embedding_b: Any = None,
@@ -643,9 +727,11 @@ class AsyncFaceClient(_Base):
     async def identify(self, images: ImageInput | Sequence[ImageInput] | None = None, *, embeddings: Any = None,
                        top_k: int = 5, threshold: float | None = None, min_quality: float | None = None,
                        image_type: ImageType = "auto", multi_face: str = "largest", color: Color | None = None,
-                       model_id: str | None = None, collection: str | None = None) -> IdentifyResult:
+                       model_id: str | None = None, collection: str | None = None,
+                       face_ids: Sequence[int] | None = None, identity_id: str | None = None) -> IdentifyResult:
         return await self._do(self._identify(images, embeddings, top_k, threshold, min_quality, image_type,
-                                             multi_face, color, model_id, collection), IdentifyResult)
+                                             multi_face, color, model_id, collection, face_ids, identity_id),
+                              IdentifyResult)
 
     async def enroll(self, identity_id: str, images: ImageInput | Sequence[ImageInput] | None = None, *,
                      embeddings: Any = None, metadata: dict[str, Any] | None = None, replace: bool = False,
@@ -676,9 +762,9 @@ class AsyncFaceClient(_Base):
     async def list_collections(self) -> list[Collection]:
         return (await self._do(Call("GET", "/collections"), CollectionList)).items
 
-    async def create_collection(self, name: str, *, keep_crops: bool = False) -> Collection:
-        body: dict = {"name": name, **({"keep_crops": True} if keep_crops else {})}
-        return await self._do(Call("POST", "/collections", body), Collection)
+    async def create_collection(self, name: str, *, keep_crops: bool = False,
+                                model: str | None = None) -> Collection:
+        return await self._do(self._collection_create(name, keep_crops, model), Collection)
 
     async def get_collection(self, name: str) -> Collection:
         return await self._do(Call("GET", f"/collections/{quote(name, safe='')}"), Collection)
@@ -722,7 +808,7 @@ class AsyncFaceClient(_Base):
         return await self._do(self._alias("GET", name), Alias)
 
     async def list_aliases(self) -> list[Alias]:
-        return [Alias.model_validate(a) for a in (await self._raw(Call("GET", "/aliases")))["items"]]
+        return (await self._do(Call("GET", "/aliases"), AliasList)).items
 
     async def delete_alias(self, name: str) -> Alias:
         return await self._do(self._alias("DELETE", name), Alias)
@@ -799,6 +885,31 @@ class AsyncFaceClient(_Base):
             if e.code != "identity_not_found":
                 raise
             return False
+
+    async def duplicates(self, *, min_score: float | None = None, max_false_alarm: float | None = None,
+                         limit: int = 100, evidence: int = 3, collection: str | None = None) -> DuplicatesResult:
+        return await self._do(self._duplicates(min_score, max_false_alarm, limit, evidence, collection),
+                              DuplicatesResult)
+
+    async def outliers(self, *, min_score: float | None = None, limit: int = 100,
+                       collection: str | None = None) -> OutliersResult:
+        return await self._do(self._outliers(min_score, limit, collection), OutliersResult)
+
+    async def merge_identities(self, identity_id: str, into: str, *, collection: str | None = None) -> MergeResult:
+        return await self._do(self._merge(identity_id, into, collection), MergeResult)
+
+    async def move_face(self, face_id: int, identity_id: str, *, collection: str | None = None) -> MoveResult:
+        return await self._do(self._face("POST", face_id, collection, "/move", {"identity_id": identity_id}),
+                              MoveResult)
+
+    async def delete_face(self, face_id: int, *, collection: str | None = None) -> FaceDeleted:
+        return await self._do(self._face("DELETE", face_id, collection), FaceDeleted)
+
+    async def cluster(self, images: ImageInput | Sequence[ImageInput] | None = None, *, embeddings: Any = None,
+                      threshold: float | None = None, image_type: ImageType = "auto", multi_face: str = "all",
+                      color: Color | None = None, model_id: str | None = None) -> ClusterResult:
+        return await self._do(self._cluster(images, embeddings, threshold, image_type, multi_face, color,
+                                            model_id), ClusterResult)
 
 
 __all__ = ["AsyncFaceClient", "FaceClient", "person_folders", "progress_reporter"]

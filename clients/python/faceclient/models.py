@@ -66,6 +66,7 @@ class FaceQuality(Model):
 
 class EmbedResult(Model):
     model_id: str
+    model: str | None = None  # the served model's name
     dimension: int
     embeddings: Vectors
     faces: list[FaceLocation | None] | None = None
@@ -86,7 +87,17 @@ class DetectedImage(Model):
 class DetectResult(Model):
     detector: str
     alignment: str
+    model: str | None = None
+    model_id: str | None = None
     images: list[DetectedImage]
+
+
+class PossibleDuplicate(Model):
+    """An enrolled identity a newly enrolled face matches (FACE_ENROLL_DUPLICATE_POLICY=warn)."""
+
+    identity_id: str
+    score: float
+    face_id: int
 
 
 class EnrollResult(Model):
@@ -98,6 +109,7 @@ class EnrollResult(Model):
     model_id: str
     faces: list[FaceLocation | None] | None = None
     quality: list[FaceQuality] | None = None
+    possible_duplicates: list[PossibleDuplicate] | None = None
 
 
 class VerifyResult(Model):
@@ -126,6 +138,7 @@ class ProbeResult(Model):
     candidates: list[Candidate]
     quality: FaceQuality | None = None
     error: ErrorBody | None = None
+    probe_face_id: int | None = None  # identify(face_ids=...): the enrolled face this result is for
 
 
 class IdentifyResult(Model):
@@ -164,6 +177,8 @@ class IdentityDeleted(Model):
 class Collection(Model):
     name: str
     model_id: str
+    model: str | None = None  # the served name of its model (None: not served here)
+    dim: int = 0
     created_at: float
     identities: int
     faces: int
@@ -183,6 +198,10 @@ class Alias(Model):
     alias: str
     collection: str
     updated_at: float
+
+
+class AliasList(Model):
+    items: list[Alias]
 
 
 class Key(Model):
@@ -255,6 +274,16 @@ class CollectionThreshold(Model):
     identify_threshold: float
 
 
+class ModelStatus(Model):
+    """/readyz ``models``: one served model."""
+
+    model_id: str
+    dim: int
+    provider: str | None
+    ready: bool
+    default: bool
+
+
 class Ready(Model):
     """/readyz: `status` always; the rest only for a request with a valid key (or a server without keys)."""
 
@@ -272,6 +301,102 @@ class Ready(Model):
     inference_ms: float | None = None
     gallery: dict[str, int] | None = None
     collections: dict[str, CollectionThreshold] = Field(default_factory=dict)
+    default_model: str | None = None
+    models: dict[str, ModelStatus] = Field(default_factory=dict)
+
+
+class DuplicateEvidence(Model):
+    face_a: int
+    face_b: int
+    score: float
+
+
+class DuplicatePair(Model):
+    """Two identities that are probably one person: their best face-pair score and the best pairs."""
+
+    identity_a: str
+    identity_b: str
+    score: float
+    false_alarm_probability: float | None
+    evidence: list[DuplicateEvidence]
+
+
+class DuplicatesResult(Model):
+    """``duplicates()``: identity pairs best first, and how the scan chose its listing score."""
+
+    pairs: list[DuplicatePair]
+    min_score: float
+    max_false_alarm: float | None
+    comparisons: int
+    family_comparisons: float
+    faces_scanned: int
+    elapsed_ms: float
+    model_id: str
+
+
+class BestOther(Model):
+    identity_id: str
+    score: float
+    face_id: int
+
+
+class Outlier(Model):
+    """A face that matches its own identity's other faces worse than the threshold."""
+
+    identity_id: str
+    face_id: int
+    own_score: float
+    best_other: BestOther | None
+
+
+class OutliersResult(Model):
+    faces: list[Outlier]
+    threshold: float
+    identities_checked: int
+    model_id: str
+
+
+class MergeResult(Model):
+    identity_id: str  # the target: it now holds the merged faces
+    merged_from: str  # deleted
+    faces_moved: int
+    face_count: int
+
+
+class MoveResult(Model):
+    face_id: int
+    from_identity: str
+    to_identity: str
+    target_created: bool
+    source_deleted: bool
+
+
+class FaceDeleted(Model):
+    face_id: int
+    identity_id: str
+    identity_deleted: bool
+
+
+class ClusterFace(Model):
+    image_index: int  # the request image (or embedding) the face came from
+    face: FaceLocation | None = None
+    face_index: int  # among all faces of the request
+
+
+class Cluster(Model):
+    cluster_id: int
+    size: int
+    faces: list[ClusterFace]
+
+
+class ClusterResult(Model):
+    """``cluster()``: clusters biggest first, singletons last."""
+
+    clusters: list[Cluster]
+    threshold: float
+    method: str
+    faces: int
+    model_id: str
 
 
 class SkippedFile(Model):
@@ -320,7 +445,12 @@ class FolderSummary(Model):
 # the server's OpenAPI components (its answers) and the client model that reads each: tests/clients checks that
 # every answer the served document declares is here, with every field
 SERVER_MODELS: dict[str, type[Model]] = {
-    "AuditOut": AuditEntry, "AuditPage": AuditPage, "Candidate": Candidate, "CollectionDeleted": CollectionDeleted,
+    "AliasList": AliasList, "AliasOut": Alias, "AuditOut": AuditEntry, "BestOtherOut": BestOther, "Cluster": Cluster,
+    "ClusterFace": ClusterFace, "ClusterResponse": ClusterResult, "DuplicateEvidence": DuplicateEvidence,
+    "DuplicatePairOut": DuplicatePair, "DuplicatesResponse": DuplicatesResult, "FaceDeleteResponse": FaceDeleted,
+    "MergeResponse": MergeResult, "ModelStatus": ModelStatus, "MoveFaceResponse": MoveResult, "OutlierOut": Outlier,
+    "OutliersResponse": OutliersResult, "PossibleDuplicate": PossibleDuplicate, "AuditPage": AuditPage,
+    "Candidate": Candidate, "CollectionDeleted": CollectionDeleted,
     "CollectionList": CollectionList, "CollectionOut": Collection,
     "CollectionThreshold": CollectionThreshold, "DeleteResponse": IdentityDeleted,
     "DetectResponse": DetectResult, "DetectedFaceOut": DetectedFace, "DetectedImage": DetectedImage,
@@ -334,9 +464,14 @@ SERVER_MODELS: dict[str, type[Model]] = {
 
 __all__ = [
     "Alias",
+    "AliasList",
     "AuditEntry",
     "AuditPage",
+    "BestOther",
     "Candidate",
+    "Cluster",
+    "ClusterFace",
+    "ClusterResult",
     "Collection",
     "CollectionDeleted",
     "CollectionList",
@@ -344,9 +479,13 @@ __all__ = [
     "DetectResult",
     "DetectedFace",
     "DetectedImage",
+    "DuplicateEvidence",
+    "DuplicatePair",
+    "DuplicatesResult",
     "EmbedResult",
     "EnrollResult",
     "ErrorBody",
+    "FaceDeleted",
     "FaceLocation",
     "FaceQuality",
     "FolderSummary",
@@ -360,7 +499,13 @@ __all__ = [
     "KeyCreated",
     "KeyList",
     "KeyRevoked",
+    "MergeResult",
+    "ModelStatus",
+    "MoveResult",
+    "Outlier",
+    "OutliersResult",
     "PersonResult",
+    "PossibleDuplicate",
     "ProbeResult",
     "QualityFailure",
     "QualityPart",
