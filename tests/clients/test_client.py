@@ -6,6 +6,7 @@ import asyncio
 import io
 import sys
 import time
+from pathlib import Path
 
 import faceclient
 import httpx
@@ -25,7 +26,7 @@ from faceclient import (
     UnavailableError,
 )
 
-from harness.server import ServerProcess
+from harness.server import REPO, ServerProcess
 from service.errors import STATUS, ErrorCode
 from service.http import schemas
 from tests.clients.conftest import ADMIN, ENV
@@ -54,7 +55,13 @@ def test_every_error_code_of_the_service_has_its_family():
     (faceclient.CollectionDeleted, schemas.CollectionDeleted), (faceclient.Key, schemas.KeyOut),
     (faceclient.KeyCreated, schemas.KeyCreated), (faceclient.KeyRevoked, schemas.KeyRevoked),
     (faceclient.AuditEntry, schemas.AuditOut), (faceclient.Ready, schemas.ReadyResponse),
-    (faceclient.Alias, schemas.AliasOut),
+    (faceclient.Alias, schemas.AliasOut), (faceclient.AliasList, schemas.AliasList),
+    (faceclient.DuplicatesResult, schemas.DuplicatesResponse), (faceclient.DuplicatePair, schemas.DuplicatePairOut),
+    (faceclient.OutliersResult, schemas.OutliersResponse), (faceclient.Outlier, schemas.OutlierOut),
+    (faceclient.MergeResult, schemas.MergeResponse), (faceclient.MoveResult, schemas.MoveFaceResponse),
+    (faceclient.FaceDeleted, schemas.FaceDeleteResponse), (faceclient.ClusterResult, schemas.ClusterResponse),
+    (faceclient.ClusterFace, schemas.ClusterFace), (faceclient.ModelStatus, schemas.ModelStatus),
+    (faceclient.PossibleDuplicate, schemas.PossibleDuplicate),
 ])
 def test_client_models_have_every_field_of_the_server_answers(client_model, server_model):
     assert set(server_model.model_fields) <= set(client_model.model_fields)
@@ -356,3 +363,122 @@ def test_progress_is_a_callable_a_tqdm_bar_or_nothing(embedded, people_dir, caps
         assert len(face.identify_many(probes, batch_size=1, progress=True)) == 3
         bar = capsys.readouterr().err
         assert "identify photos" in bar and "3/3" in bar, bar
+
+
+# --- gallery hygiene, enrolled probes, clustering, served models (the embedded backend; the server's own tests
+# run every route on both) -------------------------------------------------------------------------------------
+LFW = (REPO / ".." / "shared" / "data" / "lfw-112" / "images").resolve()
+needs_lfw = pytest.mark.skipif(not LFW.is_dir(), reason="needs ../shared/data/lfw-112")
+
+
+def lfw(person: str) -> list[Path]:
+    return sorted((LFW / person).glob("*.jpg"))
+
+
+PLANTED = {  # Andre Agassi enrolled twice (a duplicate person); a photo of Bill Gates filed under Al Gore
+    "agassi-a": lfw("Andre_Agassi")[:2], "agassi-b": lfw("Andre_Agassi")[2:4],
+    "al-gore": lfw("Al_Gore")[:3] + lfw("Bill_Gates")[4:5], "bill-gates": lfw("Bill_Gates")[:4],
+    "adrien-brody": lfw("Adrien_Brody")[:3], "ana-palacio": lfw("Ana_Palacio")[:3],
+} if LFW.is_dir() else {}
+
+
+@needs_lfw
+def test_hygiene_probes_and_clustering_through_the_client(embedded, collection_name):
+    with FaceClient(embedded.url, ADMIN) as face:
+        made = face.create_collection(collection_name)
+        ready = face.ready()
+        assert ready.default_model in ready.models and ready.models[ready.default_model].default
+        assert made.model == ready.default_model and made.dim == ready.models[made.model].dim > 0
+        c = {"collection": collection_name}
+        faces = {i: face.enroll(i, files, image_type="aligned", **c).face_ids for i, files in PLANTED.items()}
+        mislabelled = faces["al-gore"][-1]
+
+        found = face.duplicates(**c)
+        assert isinstance(found, faceclient.DuplicatesResult) and found.model_id == made.model_id
+        pair = next(p for p in found.pairs if (p.identity_a, p.identity_b) == ("agassi-a", "agassi-b"))
+        assert pair.score >= found.min_score and 1 <= len(pair.evidence) <= 3
+        assert {e.face_a for e in pair.evidence} <= set(faces["agassi-a"])
+        assert found.faces_scanned == sum(map(len, faces.values()))
+        low = face.duplicates(min_score=0.2, evidence=1, limit=2, **c)
+        assert low.min_score == 0.2 and low.max_false_alarm is None and len(low.pairs) <= 2
+        assert all(len(p.evidence) == 1 for p in low.pairs)
+        assert face.duplicates().faces_scanned == 0  # no collection=: the client's default collection
+
+        odd = face.outliers(**c)
+        listed = {o.face_id: o for o in odd.faces}
+        assert mislabelled in listed, odd
+        assert listed[mislabelled].identity_id == "al-gore" and listed[mislabelled].own_score < odd.threshold
+        assert listed[mislabelled].best_other is not None
+        assert listed[mislabelled].best_other.identity_id == "bill-gates"
+        assert face.outliers(min_score=0.99, limit=1, **c).faces[0].face_id == mislabelled
+
+        by_face = face.identify(face_ids=[mislabelled, faces["agassi-a"][0]], top_k=2, **c).results
+        assert [r.probe_face_id for r in by_face] == [mislabelled, faces["agassi-a"][0]]
+        assert by_face[0].candidates[0].identity_id == "bill-gates"
+        assert all(cand.identity_id != "agassi-a" for cand in by_face[1].candidates)
+        by_identity = face.identify(identity_id="agassi-a", **c).results
+        assert len(by_identity) == 1 and by_identity[0].identity_id == "agassi-b"
+
+        moved = face.move_face(mislabelled, "bill-gates", **c)
+        assert (moved.face_id, moved.from_identity, moved.to_identity) == (mislabelled, "al-gore", "bill-gates")
+        assert not moved.target_created and not moved.source_deleted
+        assert mislabelled in face.get_identity("bill-gates", **c).face_ids
+        merged = face.merge_identities("agassi-b", "agassi-a", **c)
+        assert (merged.identity_id, merged.merged_from, merged.faces_moved, merged.face_count) == (
+            "agassi-a", "agassi-b", 2, 4)
+        with pytest.raises(NotFoundError) as gone:
+            face.get_identity("agassi-b", **c)
+        assert gone.value.code == "identity_not_found"
+        with pytest.raises(BadRequestError) as itself:
+            face.merge_identities("agassi-a", "agassi-a", **c)
+        assert itself.value.code == "same_identity"
+        deleted = face.delete_face(faces["adrien-brody"][0], **c)
+        assert (deleted.identity_id, deleted.identity_deleted) == ("adrien-brody", False)
+        assert face.get_identity("adrien-brody", **c).face_count == 2
+        with pytest.raises(NotFoundError) as missing:
+            face.delete_face(faces["adrien-brody"][0], **c)
+        assert missing.value.code == "face_not_found"
+        assert not [p for p in face.duplicates(**c).pairs if "agassi-b" in (p.identity_a, p.identity_b)]
+
+        photos = lfw("Adrien_Brody")[:3] + lfw("Ana_Palacio")[:3]
+        grouped = face.cluster(photos, image_type="aligned")
+        assert grouped.faces == 6 and [cl.size for cl in grouped.clusters] == [3, 3]
+        assert sorted(sorted(f.image_index for f in cl.faces) for cl in grouped.clusters) == [[0, 1, 2], [3, 4, 5]]
+        vectors = face.embed(photos, image_type="aligned", model=made.model)
+        assert vectors.model == made.model and vectors.model_id == made.model_id
+        again = face.cluster(embeddings=vectors.embeddings, model_id=vectors.model_id, threshold=-1.0)
+        assert [cl.size for cl in again.clusters] == [6] and again.threshold == -1.0
+        assert face.detect(face_files(ENROLLED[0])[0], model=made.model).model == made.model
+        with pytest.raises(NotFoundError) as unknown:
+            face.embed(photos[0], model="no-such-model")
+        assert unknown.value.code == "model_not_found"
+        face.delete_collection(collection_name)
+
+
+@needs_lfw
+def test_async_hygiene_probes_and_clustering(embedded, collection_name):
+    async def main() -> None:
+        async with AsyncFaceClient(embedded.url, ADMIN, collection=collection_name) as face:
+            made = await face.create_collection(collection_name, model=(await face.ready()).default_model)
+            assert made.dim > 0 and made.keep_crops is False
+            faces = {i: (await face.enroll(i, files, image_type="aligned")).face_ids for i, files in PLANTED.items()}
+            mislabelled = faces["al-gore"][-1]
+            found = await face.duplicates()  # the client's collection
+            assert ("agassi-a", "agassi-b") in {(p.identity_a, p.identity_b) for p in found.pairs}
+            odd = await face.outliers()
+            assert mislabelled in {o.face_id for o in odd.faces}
+            probe = (await face.identify(face_ids=[mislabelled], top_k=1)).results[0]
+            assert probe.probe_face_id == mislabelled and probe.candidates[0].identity_id == "bill-gates"
+            assert (await face.identify(identity_id="agassi-b")).results[0].identity_id == "agassi-a"
+            moved = await face.move_face(mislabelled, "gates-new")
+            assert moved.target_created and moved.to_identity == "gates-new"
+            gone = await face.delete_face(mislabelled)
+            assert gone.identity_id == "gates-new" and gone.identity_deleted
+            merged = await face.merge_identities("agassi-a", "agassi-b")
+            assert (merged.identity_id, merged.faces_moved, merged.face_count) == ("agassi-b", 2, 4)
+            grouped = await face.cluster(lfw("Adrien_Brody")[:3] + lfw("Ana_Palacio")[:3], image_type="aligned")
+            assert [cl.size for cl in grouped.clusters] == [3, 3]
+            assert (await face.detect(face_files(ENROLLED[0])[0], model=made.model)).model == made.model
+            await face.delete_collection(collection_name)
+
+    asyncio.run(main())

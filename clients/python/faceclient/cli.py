@@ -4,6 +4,8 @@
     face identities list|delete ID  face collections list|create NAME|delete NAME
     face keys create ROLE|list|revoke KEY_ID
     face aliases list|set NAME COLLECTION|delete NAME
+    face duplicates                 face outliers             face merge SRC INTO
+    face cluster PHOTO...
 
 The server and key: --url / --key, or FACE_URL / FACE_API_KEY. --json prints the answers as JSON (for
 scripts); otherwise readable lines. Exit codes: 0 ok, 1 the API answered an error, 2 usage, 3 no connection
@@ -63,6 +65,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     alias_set.add_argument("name")
     alias_set.add_argument("target", metavar="collection")
     aliases.add_parser("delete").add_argument("name")
+
+    duplicates = commands.add_parser("duplicates", help="identities that are probably one person")
+    duplicates.add_argument("--min-score", type=float)
+    duplicates.add_argument("--max-false-alarm", type=float)
+    duplicates.add_argument("--limit", type=int, default=100)
+    outliers = commands.add_parser("outliers", help="faces that do not match their own identity")
+    outliers.add_argument("--min-score", type=float)
+    outliers.add_argument("--limit", type=int, default=100)
+    merge = commands.add_parser("merge", help="merge identity SRC into INTO (SRC is deleted)")
+    merge.add_argument("source", metavar="SRC")
+    merge.add_argument("into", metavar="INTO")
+    cluster = commands.add_parser("cluster", help="group the faces of photos by person")
+    cluster.add_argument("photos", nargs="+")
+    cluster.add_argument("--threshold", type=float)
 
     keys = commands.add_parser("keys").add_subparsers(dest="action", required=True)
     create = keys.add_parser("create")
@@ -125,6 +141,8 @@ def run(face: FaceClient, args: argparse.Namespace) -> tuple[Any, list[str]]:
             return a1, [f"{a1.alias}\t-> {a1.collection}"]
         a2 = face.delete_alias(args.name)
         return a2, [f"deleted alias {a2.alias}\t(was -> {a2.collection})"]
+    if args.command in HYGIENE:
+        return HYGIENE[args.command](face, args)
     if args.action == "create":
         k = face.create_key(args.role, collections=args.collections, note=args.note,
                             rate_limit_rps=args.rate_limit_rps)
@@ -135,6 +153,38 @@ def run(face: FaceClient, args: argparse.Namespace) -> tuple[Any, list[str]]:
                     f"{'revoked' if k.revoked_at else 'active'}\t{k.note or ''}" for k in ks]
     r = face.revoke_key(args.key_id)
     return r, [f"revoked {r.key_id}"]
+
+
+def _duplicates(face: FaceClient, args: argparse.Namespace) -> tuple[Any, list[str]]:
+    d = face.duplicates(min_score=args.min_score, max_false_alarm=args.max_false_alarm, limit=args.limit,
+                        collection=args.collection)
+    lines = [f"{p.identity_a}\t{p.identity_b}\tscore {p.score:.4f}" + (
+        "" if p.false_alarm_probability is None else f"\tfalse alarm {p.false_alarm_probability:.2g}") + "\tfaces " +
+        ", ".join(f"{e.face_a}~{e.face_b}" for e in p.evidence) for p in d.pairs]
+    return d, lines + [f"{len(d.pairs)} pairs from score {d.min_score:.4f}\t{d.faces_scanned} faces scanned"]
+
+
+def _outliers(face: FaceClient, args: argparse.Namespace) -> tuple[Any, list[str]]:
+    o = face.outliers(min_score=args.min_score, limit=args.limit, collection=args.collection)
+    lines = [f"{f.identity_id}\tface {f.face_id}\town {f.own_score:.4f}\t" + (
+        "" if f.best_other is None else f"matches {f.best_other.identity_id} {f.best_other.score:.4f}")
+        for f in o.faces]
+    return o, lines + [f"{len(o.faces)} outliers below {o.threshold:.4f}\t{o.identities_checked} identities checked"]
+
+
+def _merge(face: FaceClient, args: argparse.Namespace) -> tuple[Any, list[str]]:
+    m = face.merge_identities(args.source, args.into, collection=args.collection)
+    return m, [f"merged {m.merged_from} into {m.identity_id}\t{m.faces_moved} faces moved\t{m.face_count} faces now"]
+
+
+def _cluster(face: FaceClient, args: argparse.Namespace) -> tuple[Any, list[str]]:
+    r = face.cluster(args.photos, threshold=args.threshold)
+    lines = [f"cluster {c.cluster_id}\t{c.size} faces\t" + " ".join(args.photos[f.image_index] for f in c.faces)
+             for c in r.clusters]
+    return r, lines + [f"{r.faces} faces in {len(r.clusters)} clusters\tthreshold {r.threshold:.4f}"]
+
+
+HYGIENE = {"duplicates": _duplicates, "outliers": _outliers, "merge": _merge, "cluster": _cluster}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
