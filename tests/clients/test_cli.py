@@ -7,8 +7,11 @@ import os
 import subprocess
 import sys
 
+from faceclient import FaceClient
+
 from harness.server import free_port
 from tests.clients.conftest import ADMIN
+from tests.clients.test_client import lfw, needs_lfw
 from tests.conftest import ENROLLED, face_files, unknown_files
 
 
@@ -85,3 +88,38 @@ def test_cli_exit_codes(embedded):
     nowhere = subprocess.run([sys.executable, "-m", "faceclient.cli", "--url", f"http://127.0.0.1:{free_port()}",
                               "--timeout", "2", "collections", "list"], capture_output=True, text=True, timeout=60)
     assert nowhere.returncode == 3 and "error" in nowhere.stderr
+
+
+@needs_lfw
+def test_cli_duplicates_outliers_merge_cluster(embedded, collection_name):
+    with FaceClient(embedded.url, ADMIN, collection=collection_name) as client:
+        client.create_collection(collection_name)
+        client.enroll("agassi-a", lfw("Andre_Agassi")[:2], image_type="aligned")
+        client.enroll("agassi-b", lfw("Andre_Agassi")[2:4], image_type="aligned")
+        client.enroll("al-gore", lfw("Al_Gore")[:3], image_type="aligned")
+        mislabelled = client.enroll("al-gore", lfw("Bill_Gates")[4:5], image_type="aligned").face_ids[0]
+        client.enroll("bill-gates", lfw("Bill_Gates")[:4], image_type="aligned")
+    c = ["--collection", collection_name]
+
+    dup = json.loads(face(embedded, *c, "--json", "duplicates").stdout)
+    assert [(p["identity_a"], p["identity_b"]) for p in dup["pairs"]] == [("agassi-a", "agassi-b")]
+    readable = face(embedded, *c, "duplicates", "--min-score", "0.2", "--limit", "1").stdout.splitlines()
+    assert readable[0].startswith("agassi-a\tagassi-b\tscore ") and readable[-1].startswith("1 pairs from score 0.2000")
+    odd = json.loads(face(embedded, *c, "--json", "outliers").stdout)
+    assert mislabelled in [f["face_id"] for f in odd["faces"]]
+    line = next(x for x in face(embedded, *c, "outliers").stdout.splitlines() if f"face {mislabelled}\t" in x)
+    assert line.startswith("al-gore\t") and "matches bill-gates" in line
+
+    merged = face(embedded, *c, "merge", "agassi-b", "agassi-a")
+    assert merged.returncode == 0 and merged.stdout.strip() == "merged agassi-b into agassi-a\t2 faces moved\t4 faces now"
+    again = face(embedded, *c, "--json", "merge", "agassi-b", "agassi-a")
+    assert again.returncode == 1 and json.loads(again.stderr)["error"]["code"] == "identity_not_found"
+    assert json.loads(face(embedded, *c, "--json", "duplicates").stdout)["pairs"] == []
+
+    photos = [str(p) for p in lfw("Adrien_Brody")[:2] + lfw("Ana_Palacio")[:2]]
+    grouped = json.loads(face(embedded, "--json", "cluster", *photos).stdout)
+    assert sorted(sorted(f["image_index"] for f in cl["faces"]) for cl in grouped["clusters"]) == [[0, 1], [2, 3]]
+    table = face(embedded, "cluster", *photos).stdout.splitlines()
+    assert table[-1].startswith("4 faces in 2 clusters\tthreshold ")
+    assert {frozenset(x.split("\t")[2].split()) for x in table[:2]} == {frozenset(photos[:2]), frozenset(photos[2:])}
+    assert face(embedded, "collections", "delete", collection_name).returncode == 0
