@@ -34,6 +34,7 @@ import numpy as np
 from bench.common import machine, save
 from bench.embeddings import embed_dataset
 from harness.server import MODEL_CACHE, REPO, ServerProcess
+from service.config import Settings
 
 log = logging.getLogger("bench.hygiene_planted")
 DATA = REPO.parent / "shared" / "data" / "lfw-112"
@@ -137,7 +138,9 @@ def main() -> None:
     out: dict = {"bench": "hygiene_planted", "machine": machine(), "load_average_before": os.getloadavg(),
                  "config": {"dataset": "lfw-112", "faces": len(labels), "people": len(names),
                             "duplicates_planted": len(truth_pairs), "mislabelled_planted": len(truth_faces),
-                            "seed": args.seed, "server_env": env, "settings": "service defaults otherwise"}}
+                            "seed": args.seed, "server_env": env, "settings": "service defaults otherwise",
+                            "duplicates_scan_ef": int(os.environ.get("FACE_DUPLICATES_SCAN_EF", 0))
+                            or Settings.model_fields["duplicates_scan_ef"].default}}
     with TemporaryDirectory() as tmp:
         proc = ServerProcess(Path(tmp) / "data", model=default_model(MODEL_CACHE), env=env)
         try:

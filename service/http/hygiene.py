@@ -78,7 +78,8 @@ def _duplicates(state: ServiceState, gallery: GalleryBackend, min_score: float |
         else:
             target = max_false_alarm if max_false_alarm is not None else state.settings.duplicates_max_false_alarm
             min_score = listing_score(decision.tail, target, comparisons)
-    scan = find_duplicates(gallery, decision.tail, min_score, state.verify_threshold, comparisons, limit, evidence)
+    scan = find_duplicates(gallery, decision.tail, min_score, state.verify_threshold, comparisons, limit, evidence,
+                           ef=state.settings.duplicates_scan_ef)
     return scan, target
 
 

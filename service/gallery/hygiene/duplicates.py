@@ -83,10 +83,11 @@ def false_alarm(tail: ImpostorTail | None, score: float, comparisons: float) -> 
 
 def find_duplicates(gallery: GalleryBackend, tail: ImpostorTail | None, min_score: float, outlier_below: float,
                     comparisons: float, limit: int = 100, evidence: int = 3, top_k: int = TOP_K,
-                    batch: int = SCAN_BATCH) -> DuplicateScan:
+                    batch: int = SCAN_BATCH, ef: int | None = None) -> DuplicateScan:
     """Pairs of identities with a face pair at or above ``min_score``, best first, with up to
     ``evidence`` face pairs each; faces scoring below ``outlier_below`` against their own identity's
-    other faces give no evidence. ``comparisons``: the family the false-alarm probability counts."""
+    other faces give no evidence. ``comparisons``: the family the false-alarm probability counts.
+    ``ef``: the search breadth of the scan (FACE_DUPLICATES_SCAN_EF), None: the gallery's own."""
     started = time.perf_counter()
     found: dict[tuple[str, str], dict[tuple[int, int], float]] = {}
     faces_scanned = identities = 0
@@ -97,7 +98,7 @@ def find_duplicates(gallery: GalleryBackend, tail: ImpostorTail | None, min_scor
     def flush() -> None:
         if not probes:
             return
-        for (owner, face_id), matches in zip(owners, gallery.search(np.stack(probes), top_k + 1)):
+        for (owner, face_id), matches in zip(owners, gallery.search(np.stack(probes), top_k + 1, ef)):
             for m in matches:
                 if m.identity_id == owner or m.score < min_score:
                     continue
