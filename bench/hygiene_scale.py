@@ -43,7 +43,7 @@ from service.config import Settings
 from service.gallery.ef import AUTO
 from service.gallery.embedded.backend import EmbeddedGallery
 from service.gallery.embedded.gallery import Gallery
-from service.gallery.hygiene.duplicates import TOP_K, comparisons_for, find_duplicates, listing_score
+from service.gallery.hygiene.duplicates import SEARCH_BATCH, TOP_K, comparisons_for, find_duplicates, listing_score
 from service.gallery.hygiene.outliers import find_outliers
 
 log = logging.getLogger("bench.hygiene_scale")
@@ -55,7 +55,7 @@ def scan(gallery, tail, verify: float) -> dict:
     min_score = listing_score(tail, 0.01, comparisons)
     load = os.getloadavg()
     started = time.perf_counter()
-    found = find_duplicates(gallery, tail, min_score, verify, comparisons, ef=SCAN_EF)
+    found = find_duplicates(gallery, tail, min_score, verify, comparisons, limit=10**9, ef=SCAN_EF)
     seconds = time.perf_counter() - started
     started = time.perf_counter()
     outliers = find_outliers(gallery, verify, 100)
@@ -144,6 +144,29 @@ def sweep(gallery, tail, verify: float, efs: list[int | None], plants, min_score
     return out
 
 
+def sampled(gallery, efs: list[int | None], n: int) -> list[dict]:
+    """The scan's searches (batches of SEARCH_BATCH, top 3 other identities + its own) for the first
+    ``n`` faces only: the rate of the part that is ~90% of a scan, where a whole one costs too much."""
+    vectors: list[np.ndarray] = []
+    for _, _, batch in gallery.iter_faces():
+        vectors.append(batch)
+        if sum(len(v) for v in vectors) >= n:
+            break
+    probes = np.concatenate(vectors)[:n]
+    rows = []
+    for ef in efs:
+        load = os.getloadavg()
+        started = time.perf_counter()
+        for start in range(0, len(probes), SEARCH_BATCH):
+            gallery.search(probes[start:start + SEARCH_BATCH], TOP_K + 1, ef)
+        seconds = time.perf_counter() - started
+        rows.append({"ef": "auto" if ef is None else ef, "faces": len(probes), "seconds": round(seconds, 1),
+                     "searches_per_s": round(len(probes) / seconds, 1), "load_average_before": load,
+                     "load_average_after": os.getloadavg()})
+        log.warning("%s", rows[-1])
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--faces", type=int, default=100_000)
@@ -157,6 +180,8 @@ def main() -> None:
     parser.add_argument("--min-score", type=float, default=0.6, help="listing score of the compared scans")
     parser.add_argument("--full-scans", action="store_true", help="a whole scan per --scan-ef")
     parser.add_argument("--skip-default-scan", action="store_true", help="only the --scan-ef comparison")
+    parser.add_argument("--sample-faces", type=int, default=0,
+                        help="also time the scan's searches alone for this many faces at each --scan-ef")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
     args.workdir = args.workdir.resolve()
@@ -176,7 +201,10 @@ def main() -> None:
         try:
             if not args.skip_default_scan:
                 results["embedded"] = scan(gallery, contract.impostor_tail, contract.threshold)
-            if args.scan_ef:
+            if args.sample_faces:
+                results["embedded_sampled_searches"] = sampled(
+                    gallery, [None if e == "auto" else int(e) for e in args.scan_ef], args.sample_faces)
+            if args.scan_ef and args.plant:
                 plants = planted(data, args.plant, args.seed)
                 plant(gallery, plants[0], plants[2])
                 efs = [None if e == "auto" else int(e) for e in args.scan_ef]
