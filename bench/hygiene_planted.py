@@ -34,7 +34,6 @@ import numpy as np
 from bench.common import machine, save
 from bench.embeddings import embed_dataset
 from harness.server import MODEL_CACHE, REPO, ServerProcess
-from service.config import Settings
 
 log = logging.getLogger("bench.hygiene_planted")
 DATA = REPO.parent / "shared" / "data" / "lfw-112"
@@ -139,8 +138,7 @@ def main() -> None:
                  "config": {"dataset": "lfw-112", "faces": len(labels), "people": len(names),
                             "duplicates_planted": len(truth_pairs), "mislabelled_planted": len(truth_faces),
                             "seed": args.seed, "server_env": env, "settings": "service defaults otherwise",
-                            "duplicates_scan_ef": int(os.environ.get("FACE_DUPLICATES_SCAN_EF", 0))
-                            or Settings.model_fields["duplicates_scan_ef"].default}}
+                            "duplicates_scan_ef": os.environ.get("FACE_DUPLICATES_SCAN_EF", "auto (48 here)")}}
     with TemporaryDirectory() as tmp:
         proc = ServerProcess(Path(tmp) / "data", model=default_model(MODEL_CACHE), env=env)
         try:

@@ -39,15 +39,20 @@ from bench.common import machine, save
 from bench.gallery_backends import MODEL_ID, Data, PgServer, build, pg_options
 from bench.gallery_search import person_id, unit
 from harness.server import MODEL_CACHE
-from service.config import Settings
 from service.gallery.ef import AUTO
 from service.gallery.embedded.backend import EmbeddedGallery
 from service.gallery.embedded.gallery import Gallery
-from service.gallery.hygiene.duplicates import SEARCH_BATCH, TOP_K, comparisons_for, find_duplicates, listing_score
+from service.gallery.hygiene.duplicates import (
+    SCAN_EF,
+    SEARCH_BATCH,
+    TOP_K,
+    comparisons_for,
+    find_duplicates,
+    listing_score,
+)
 from service.gallery.hygiene.outliers import find_outliers
 
 log = logging.getLogger("bench.hygiene_scale")
-SCAN_EF = Settings.model_fields["duplicates_scan_ef"].default  # the service's default
 
 
 def scan(gallery, tail, verify: float) -> dict:

@@ -10,7 +10,7 @@ import pytest
 
 from service.config import Settings
 from service.gallery.api import DEFAULT_COLLECTION
-from service.gallery.hygiene.duplicates import comparisons_for, find_duplicates
+from service.gallery.hygiene.duplicates import comparisons_for, find_duplicates, scan_ef
 from service.gallery.hygiene.outliers import identities_of
 from tests.gallery.test_collections import backend, galleries  # noqa: F401 - the fixtures
 from tests.gallery.test_gallery import DIM, unit
@@ -97,8 +97,9 @@ def test_the_duplicates_scan_at_the_scan_ef_finds_the_planted_pair(galleries):  
     noise -= (noise @ base) * base
     copy = 0.95 * base + np.sqrt(1 - 0.95 ** 2) * noise / np.linalg.norm(noise)
     gallery.enroll("again", copy[None, :].astype(np.float32))
-    scan_ef = Settings().duplicates_scan_ef
-    assert scan_ef < 128  # narrower than the gallery's own (auto: 128 up to 100k faces)
-    found = find_duplicates(gallery, None, 0.9, -1.0, comparisons_for(gallery), ef=scan_ef)
+    ef = scan_ef(Settings().duplicates_scan_ef, gallery.face_count)
+    assert ef == 48  # narrower than the gallery's own (auto: 128 up to 100k faces)
+    assert scan_ef("auto", 1_000_000) is None and scan_ef(64, 1_000_000) == 64  # the gallery's own above 100k
+    found = find_duplicates(gallery, None, 0.9, -1.0, comparisons_for(gallery), ef=ef)
     assert [(p.identity_a, p.identity_b) for p in found.pairs] == [("again", "p0123")]
     assert found.pairs[0].score == pytest.approx(0.95, abs=1e-3) and found.faces_scanned == 4001

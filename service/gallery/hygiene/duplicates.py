@@ -29,6 +29,8 @@ from ...model.calibration import ImpostorTail, far_for_fpir, fpir_for_far
 from ..api import GalleryBackend
 from .outliers import SCAN_BATCH, identities_of
 
+SCAN_EF = 48  # FACE_DUPLICATES_SCAN_EF auto up to SCAN_EF_MAX_FACES: measured lossless at 100k (bench/README.md)
+SCAN_EF_MAX_FACES = 100_000  # above: the gallery's own ef (at 1M ef 48 missed ~4% of pairs that ef 384 found)
 TOP_K = 3  # other identities asked per face: one person under up to 3 other ids, or a lookalike ranked above
 SEARCH_BATCH = 1024  # faces per gallery search
 
@@ -138,6 +140,13 @@ def find_duplicates(gallery: GalleryBackend, tail: ImpostorTail | None, min_scor
     pairs.sort(key=lambda p: (-p.score, p.identity_a, p.identity_b))
     return DuplicateScan(pairs[:limit], min_score, faces_scanned * max(identities - 1, 0), comparisons,
                          faces_scanned, identities, round((time.perf_counter() - started) * 1000, 1))
+
+
+def scan_ef(setting: int | str, faces: int) -> int | None:
+    """The scan's search breadth for FACE_DUPLICATES_SCAN_EF: a number, or auto (None: the gallery's own)."""
+    if setting != "auto":
+        return int(setting)
+    return SCAN_EF if faces <= SCAN_EF_MAX_FACES else None
 
 
 def comparisons_for(gallery: GalleryBackend) -> float:
