@@ -94,9 +94,12 @@ def plant(gallery, ids: list[str], faces: np.ndarray) -> None:
             gallery.import_identities([(ids[i], faces[i:i + 1], None) for i in range(start, min(len(ids), start + 500))])
 
 
+BANDS = (0.55, 0.7, 0.8, 0.85, 0.9, 0.96)  # pair scores the planted recall is broken down by
+
+
 def planted_found(gallery, plants, ef: int | None) -> dict:
     """The planted faces and the faces they copy, searched as the scan searches them."""
-    ids, copied, faces, _ = plants
+    ids, copied, faces, scores = plants
     own = gallery.identity_embeddings
     started = time.perf_counter()
     one_way = [copied[i] in {m.identity_id for m in ms} for i, ms in enumerate(gallery.search(faces, TOP_K + 1, ef))]
@@ -108,6 +111,8 @@ def planted_found(gallery, plants, ef: int | None) -> dict:
     both = np.logical_or(one_way, other_way)
     return {"ef": "auto" if ef is None else ef, "one_way": round(float(np.mean(one_way)), 4),
             "both_ways": round(float(np.mean(both)), 4), "missed_both_ways": int((~both).sum()),
+            "both_ways_by_score": {f"{lo}-{hi}": round(float(both[(scores >= lo) & (scores < hi)].mean()), 4)
+                                   for lo, hi in zip(BANDS, BANDS[1:]) if ((scores >= lo) & (scores < hi)).any()},
             "searches_per_s": round(len(ids) * (1 + per) / seconds, 1)}
 
 
