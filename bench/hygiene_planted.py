@@ -137,7 +137,8 @@ def main() -> None:
     out: dict = {"bench": "hygiene_planted", "machine": machine(), "load_average_before": os.getloadavg(),
                  "config": {"dataset": "lfw-112", "faces": len(labels), "people": len(names),
                             "duplicates_planted": len(truth_pairs), "mislabelled_planted": len(truth_faces),
-                            "seed": args.seed, "server_env": env, "settings": "service defaults otherwise"}}
+                            "seed": args.seed, "server_env": env, "settings": "service defaults otherwise",
+                            "duplicates_scan_ef": os.environ.get("FACE_DUPLICATES_SCAN_EF", "auto (48 here)")}}
     with TemporaryDirectory() as tmp:
         proc = ServerProcess(Path(tmp) / "data", model=default_model(MODEL_CACHE), env=env)
         try:

@@ -238,9 +238,10 @@ class Settings(BaseSettings):
     )
     compact_min_tombstones: int = Field(1000, ge=1, description="Compact only when at least this many index slots hold deleted faces.")
     snapshot_timeout_s: float = Field(
-        120.0, gt=0, description="Embedded backend: a forked index snapshot writer still running this many seconds "
+        600.0, gt=0, description="Embedded backend: a forked index snapshot writer still running this many seconds "
         "after its fork is killed (logged, counted in /metrics) and that collection's next snapshot is written "
-        "in-process. Maintenance never waits for a writer: a stuck one holds up no other collection (1M faces: ~1-10 s).",
+        "in-process. Maintenance never waits for a writer: a stuck one holds up no other collection. A 1M-face "
+        "snapshot takes seconds on an idle disk but was seen past 120 s at the end of a 1M import on a loaded machine.",
     )
     verify_threshold: float | None = Field(
         None, ge=-1, le=1, description="1:1 cosine threshold; empty = the model's calibrated one."
@@ -290,6 +291,13 @@ class Settings(BaseSettings):
         "the estimated family-wise false-alarm probability of the whole scan is this (from the impostor tail). "
         "0.2 from bench/hygiene_planted.py: on LFW (13,233 faces) it lists from 0.65 and found 92% of 50 planted "
         "duplicate people with none of the pairs it listed for them wrong; 0.01 (0.72) found 78%.",
+    )
+    duplicates_scan_ef: Annotated[int, Field(ge=10, le=1000)] | Literal["auto"] = Field(
+        "auto",
+        description="HNSW search breadth of the GET /duplicates scan (both backends). auto: 48 up to 100k faces "
+        "(it found every listed pair the identify breadth found, 2.4x faster), the gallery's own "
+        "(FACE_HNSW_EF_SEARCH) above (at 1M, ef 48 missed ~4% of planted pairs scoring 0.85-0.96 that ef 384 "
+        "found: bench/README.md). A number: that ef at every size.",
     )
     readyz_cache_ms: float = Field(
         1000, ge=0, le=60_000, description="/readyz reuses its last real inference for this long (0: every call)."

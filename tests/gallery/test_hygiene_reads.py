@@ -6,7 +6,11 @@ identities (service/gallery/hygiene/outliers.py)."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
+from service.config import Settings
+from service.gallery.api import DEFAULT_COLLECTION
+from service.gallery.hygiene.duplicates import comparisons_for, find_duplicates, scan_ef
 from service.gallery.hygiene.outliers import identities_of
 from tests.gallery.test_collections import backend, galleries  # noqa: F401 - the fixtures
 from tests.gallery.test_gallery import DIM, unit
@@ -54,3 +58,48 @@ def test_iter_faces_pages_by_identity_then_face(galleries):  # noqa: F811
         assert [g.identity_id for g in groups] == ["amy", "bob", "mia", "zed"]
         assert [len(g.face_ids) for g in groups] == [5, 4, 1, 2]
         assert np.isneginf(groups[2].own[0]) and np.all(groups[0].own > -1)
+
+
+def test_a_search_at_another_ef_searches_that_breadth_and_leaves_the_gallerys(backend):  # noqa: F811
+    """``search(..., ef=)``: the scan's own breadth (embedded: hnswlib's ef for that search only;
+    postgres: hnsw.ef_search for that transaction). Random vectors are the hardest case of an HNSW
+    walk: a breadth of 4 misses nearest neighbours that a breadth of 400 finds; afterwards a plain
+    search searches at the gallery's breadth again. (PostgreSQL's planner answered this 3,000-face
+    table exactly, by a sequential scan, at every ef: there the answers are checked, not the misses.)"""
+    gallery = backend().collection(DEFAULT_COLLECTION)
+    rng = np.random.default_rng(11)
+    faces = unit(rng, 3000)
+    ids = [f for ids in gallery.import_identities([(f"p{i:04d}", faces[i:i + 1], None) for i in range(3000)])
+           for f in ids]
+    probes = unit(rng, 300)
+    exact = [f"p{i:04d}" for i in (probes @ faces.T).argmax(axis=1)]
+
+    def recall(ef: int | None) -> float:
+        return float(np.mean([ms[0].identity_id == want for ms, want in zip(gallery.search(probes, 1, ef), exact)]))
+
+    narrow, wide, plain = recall(4), recall(400), recall(None)
+    assert len(ids) == 3000
+    assert wide >= 0.98 and plain >= 0.95, (wide, plain)
+    if backend.name == "embedded":
+        assert narrow < wide - 0.05, (narrow, wide)
+    assert recall(None) == plain  # the gallery's breadth, untouched by the narrow and wide searches
+
+
+def test_the_duplicates_scan_at_the_scan_ef_finds_the_planted_pair(galleries):  # noqa: F811
+    gallery = galleries.collection(DEFAULT_COLLECTION)
+    rng = np.random.default_rng(12)
+    faces = unit(rng, 4000).reshape(2000, 2, DIM)
+    gallery.import_identities([(f"p{i:04d}", faces[i], None) for i in range(2000)])
+    # one person enrolled again under another id: a face at cosine 0.95 to one of p0123's (random
+    # 32-d faces: two score 0.9 with a chance of ~1e-11 a pair)
+    base = faces[123, 1]
+    noise = rng.normal(size=DIM)
+    noise -= (noise @ base) * base
+    copy = 0.95 * base + np.sqrt(1 - 0.95 ** 2) * noise / np.linalg.norm(noise)
+    gallery.enroll("again", copy[None, :].astype(np.float32))
+    ef = scan_ef(Settings().duplicates_scan_ef, gallery.face_count)
+    assert ef == 48  # narrower than the gallery's own (auto: 128 up to 100k faces)
+    assert scan_ef("auto", 1_000_000) is None and scan_ef(64, 1_000_000) == 64  # the gallery's own above 100k
+    found = find_duplicates(gallery, None, 0.9, -1.0, comparisons_for(gallery), ef=ef)
+    assert [(p.identity_a, p.identity_b) for p in found.pairs] == [("again", "p0123")]
+    assert found.pairs[0].score == pytest.approx(0.95, abs=1e-3) and found.faces_scanned == 4001

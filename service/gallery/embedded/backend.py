@@ -75,8 +75,8 @@ class EmbeddedGallery:
     def delete(self, identity_id: str, actor: Actor | None = None) -> int | None:
         return self.gallery.delete(identity_id, actor)
 
-    def search(self, probes: np.ndarray, top_k: int) -> list[list[Match]]:
-        return self.gallery.search(probes, top_k)
+    def search(self, probes: np.ndarray, top_k: int, ef: int | None = None) -> list[list[Match]]:
+        return self.gallery.search(probes, top_k, ef)
 
     def identity_embeddings(self, identity_id: str) -> np.ndarray | None:
         return self.gallery.identity_embeddings(identity_id)

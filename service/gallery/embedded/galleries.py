@@ -673,8 +673,8 @@ class _CollectionHandle:
     def delete(self, identity_id: str, actor: Actor | None = None) -> int | None:
         return self._run(lambda g: g.delete(identity_id, actor))
 
-    def search(self, probes: np.ndarray, top_k: int) -> list[list[Match]]:
-        return self._run(lambda g: g.search(probes, top_k))
+    def search(self, probes: np.ndarray, top_k: int, ef: int | None = None) -> list[list[Match]]:
+        return self._run(lambda g: g.search(probes, top_k, ef))
 
     def identity_embeddings(self, identity_id: str) -> np.ndarray | None:
         return self._run(lambda g: g.identity_embeddings(identity_id))

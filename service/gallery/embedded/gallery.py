@@ -77,7 +77,7 @@ class GalleryOptions:
     # a forked snapshot writer still running this long after its fork is killed (1M faces take ~1-10 s);
     # the next snapshot is then written in-process (under the read lock). Maintenance rounds never
     # wait for a writer; snapshot() (close, tools) waits at most this long
-    snapshot_timeout_s: float = 120.0
+    snapshot_timeout_s: float = 600.0
 
 
 class ReadWriteLock:
@@ -693,17 +693,23 @@ class Gallery:
         return identity_id, before == 1
 
     # --- reads -------------------------------------------------------------------------------
-    def search(self, probes: np.ndarray, top_k: int) -> list[list[Match]]:
-        """For each probe, up to top_k identities, best first, scored max-over-faces (search.py)."""
+    def search(self, probes: np.ndarray, top_k: int, ef: int | None = None) -> list[list[Match]]:
+        """For each probe, up to top_k identities, best first, scored max-over-faces (search.py).
+        ``ef``: another search breadth than the gallery's; hnswlib's ef belongs to the whole index, so
+        such a search holds the write lock (other searches wait for it: hygiene scans ask in batches)."""
         self._require_ready()
         probes = np.atleast_2d(np.asarray(probes, dtype=np.float32))
+        if ef is not None and ef != self._index.ef:
+            with self._lock.write():
+                return search_identities(lambda p, k: self._nearest(p, k, ef), probes, top_k,
+                                         max_faces=self._index.live)
         with self._lock.read():  # the labels stay those of the index for the whole search
             return search_identities(self._nearest, probes, top_k, max_faces=self._index.live)
 
-    def _nearest(self, probes: np.ndarray, k: int) -> list[list[Hit]]:
+    def _nearest(self, probes: np.ndarray, k: int, ef: int | None = None) -> list[list[Hit]]:
         """The k nearest live faces of each probe, named (caller holds the read lock). A label
         without an identity cannot happen under the lock; it would come back as None (skipped)."""
-        labels, sims = self._index.search(probes, k, self._live_faces)
+        labels, sims = self._index.search(probes, k, self._live_faces, ef)
         names = self._label_identity
         return [[(label, names.get(label), sim) for label, sim in zip(row_labels, row_sims)]
                 for row_labels, row_sims in zip(labels.tolist(), sims.tolist())]

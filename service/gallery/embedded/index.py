@@ -236,14 +236,23 @@ class HnswIndex:
         return BackgroundSave(pid)
 
     def search(self, vectors: np.ndarray, k: int,
-               live_faces: Callable[[], FaceChunks] | None = None) -> tuple[np.ndarray, np.ndarray]:
+               live_faces: Callable[[], FaceChunks] | None = None, ef: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Labels and cosine similarities (not distances) of the k nearest live elements, nearest first.
 
         Never more than the live count (``capped``). hnswlib raises when its graph walk cannot find k
         live elements, which happens when k is (nearly) all of them: few identities with many faces,
         deleted slots. A larger ``ef`` does not help there (hnswlib already searches with ef >= k and
         still misses elements the walk never reaches), so the search scans ``live_faces`` (exact); it
-        is only ever asked that near the whole gallery, where a scan costs about what the walk did."""
+        is only ever asked that near the whole gallery, where a scan costs about what the walk did.
+
+        ``ef``: search with this breadth instead of the gallery's (hnswlib's ef is the whole index's,
+        so the caller holds the write lock: no other search runs meanwhile); the gallery's is restored."""
+        if ef is not None and ef != self._ef:
+            self._live_index.set_ef(ef)
+            try:
+                return self.search(vectors, k, live_faces)
+            finally:
+                self._live_index.set_ef(self._ef)
         if k > self.live:
             k = self.live
             self._fell_back("capped")

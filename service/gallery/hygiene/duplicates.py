@@ -29,6 +29,8 @@ from ...model.calibration import ImpostorTail, far_for_fpir, fpir_for_far
 from ..api import GalleryBackend
 from .outliers import SCAN_BATCH, identities_of
 
+SCAN_EF = 48  # FACE_DUPLICATES_SCAN_EF auto up to SCAN_EF_MAX_FACES: measured lossless at 100k (bench/README.md)
+SCAN_EF_MAX_FACES = 100_000  # above: the gallery's own ef (at 1M ef 48 missed ~4% of pairs that ef 384 found)
 TOP_K = 3  # other identities asked per face: one person under up to 3 other ids, or a lookalike ranked above
 SEARCH_BATCH = 1024  # faces per gallery search
 
@@ -83,10 +85,11 @@ def false_alarm(tail: ImpostorTail | None, score: float, comparisons: float) -> 
 
 def find_duplicates(gallery: GalleryBackend, tail: ImpostorTail | None, min_score: float, outlier_below: float,
                     comparisons: float, limit: int = 100, evidence: int = 3, top_k: int = TOP_K,
-                    batch: int = SCAN_BATCH) -> DuplicateScan:
+                    batch: int = SCAN_BATCH, ef: int | None = None) -> DuplicateScan:
     """Pairs of identities with a face pair at or above ``min_score``, best first, with up to
     ``evidence`` face pairs each; faces scoring below ``outlier_below`` against their own identity's
-    other faces give no evidence. ``comparisons``: the family the false-alarm probability counts."""
+    other faces give no evidence. ``comparisons``: the family the false-alarm probability counts.
+    ``ef``: the search breadth of the scan (FACE_DUPLICATES_SCAN_EF), None: the gallery's own."""
     started = time.perf_counter()
     found: dict[tuple[str, str], dict[tuple[int, int], float]] = {}
     faces_scanned = identities = 0
@@ -97,7 +100,7 @@ def find_duplicates(gallery: GalleryBackend, tail: ImpostorTail | None, min_scor
     def flush() -> None:
         if not probes:
             return
-        for (owner, face_id), matches in zip(owners, gallery.search(np.stack(probes), top_k + 1)):
+        for (owner, face_id), matches in zip(owners, gallery.search(np.stack(probes), top_k + 1, ef)):
             for m in matches:
                 if m.identity_id == owner or m.score < min_score:
                     continue
@@ -137,6 +140,13 @@ def find_duplicates(gallery: GalleryBackend, tail: ImpostorTail | None, min_scor
     pairs.sort(key=lambda p: (-p.score, p.identity_a, p.identity_b))
     return DuplicateScan(pairs[:limit], min_score, faces_scanned * max(identities - 1, 0), comparisons,
                          faces_scanned, identities, round((time.perf_counter() - started) * 1000, 1))
+
+
+def scan_ef(setting: int | str, faces: int) -> int | None:
+    """The scan's search breadth for FACE_DUPLICATES_SCAN_EF: a number, or auto (None: the gallery's own)."""
+    if setting != "auto":
+        return int(setting)
+    return SCAN_EF if faces <= SCAN_EF_MAX_FACES else None
 
 
 def comparisons_for(gallery: GalleryBackend) -> float:

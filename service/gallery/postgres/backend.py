@@ -1337,7 +1337,7 @@ class PostgresGallery:
         return identity_id, deleted
 
     # --- reads -------------------------------------------------------------------------------
-    def _plan(self, k: int) -> SearchPlan:
+    def _plan(self, k: int, ef_search: int | None = None) -> SearchPlan:
         """How to find k nearest faces, from the counts of this replica's last search or write (this
         search reads them again in the same round trip as its kNN)."""
         shared = self._face_count < self._table_faces  # other collections' faces are in the index too
@@ -1353,18 +1353,20 @@ class PostgresGallery:
             tuples = min(MAX_SCAN_TUPLES, max(tuples, math.ceil(4 * k * self._table_faces / max(1, self._face_count))))
         # without iterative scans an HNSW scan returns at most ef_search rows, so at least k; "auto"
         # widens with the index (ef.py), which holds the whole table
-        ef = search_ef(self.options.hnsw_ef_search, self._table_faces, k)
+        # (``ef_search``: the caller's breadth instead of the setting, as a hygiene scan asks)
+        ef = search_ef(self.options.hnsw_ef_search if ef_search is None else ef_search, self._table_faces, k)
         if shared:  # the first batch of the walk holds about SHARED_EF_FACTOR * k faces of the collection
             ef = max(ef, math.ceil(SHARED_EF_FACTOR * k * self._table_faces / max(1, self._face_count)))
         return SearchPlan(False, scan, min(MAX_EF_SEARCH, ef), tuples)
 
-    def _nearest(self, conn: psycopg.Connection, probes: np.ndarray, k: int) -> list[list[Hit]]:
+    def _nearest(self, conn: psycopg.Connection, probes: np.ndarray, k: int,
+                 ef: int | None = None) -> list[list[Hit]]:
         """Up to k nearest faces of each probe, in one round trip: a pipeline that sets the scan mode
         and ef, reads the counts and runs one kNN per probe, ended by one Sync, so it is one implicit
         transaction (the connection is in autocommit) and set_config(.., true) lasts for exactly it.
         (``conn.transaction()`` here would cost three more round trips: psycopg syncs after BEGIN and
         before and after COMMIT.) The results are read once they have all come back."""
-        plan = self._plan(k)
+        plan = self._plan(k, ef)
         as_of = time.monotonic()
         with conn.pipeline():
             counts = conn.execute(
@@ -1377,13 +1379,15 @@ class PostgresGallery:
         self._read_counts(_one(counts)[3:], as_of)
         return [[(int(f), i, float(s)) for f, i, s in scan.fetchall()] for scan in scans]
 
-    def search(self, probes: np.ndarray, top_k: int) -> list[list[Match]]:
+    def search(self, probes: np.ndarray, top_k: int, ef: int | None = None) -> list[list[Match]]:
         """For each probe, up to top_k identities of this collection, best first, scored max-over-faces
         (search.py). One round trip for all probes; a probe whose nearest faces belong to too few
-        identities widens in another (rare)."""
+        identities widens in another (rare). ``ef``: hnsw.ef_search for this search (SET LOCAL, as
+        always) instead of the setting."""
         vectors = np.ascontiguousarray(np.atleast_2d(probes), dtype=np.float32)
         return self.galleries._read(  # noqa: SLF001
-            lambda conn: search_identities(lambda p, k: self._nearest(conn, p, k), vectors, top_k), transaction=False)
+            lambda conn: search_identities(lambda p, k: self._nearest(conn, p, k, ef), vectors, top_k),
+            transaction=False)
 
     def identity_embeddings(self, identity_id: str) -> np.ndarray | None:
         def body(conn: psycopg.Connection) -> list[tuple[Any, ...]] | None:
