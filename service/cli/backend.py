@@ -13,6 +13,7 @@ import getpass
 import os
 import socket
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -107,6 +108,17 @@ def parse_time(text: str) -> float:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
     return moment.timestamp()
+
+
+MAX_SKIP_EXAMPLES = 20  # "path: reason" lines a folder run keeps for its summary
+
+
+def count_skip(counts: Counter, examples: list[str], path: Path, reason: str, detail: object = None) -> None:
+    """A file a folder run leaves out: counted under ``reason``, and the first few named with their
+    ``detail`` (the reason itself when None)."""
+    counts[reason] += 1
+    if len(examples) < MAX_SKIP_EXAMPLES:
+        examples.append(f"{path}: {reason if detail is None else detail}")
 
 
 def fail(exc: Exception) -> int:

@@ -51,7 +51,7 @@ from ..gallery import identity_ids
 from ..gallery.api import DEFAULT_COLLECTION, CollectionNotFound, GalleryModelMismatch, GalleryUnavailable
 from ..gallery.hygiene.cluster import DEFAULT_FALSE_MERGE, DEFAULT_K, Clustering, cluster_faces, tail_threshold
 from ..gallery.openset import choose_tail
-from .backend import CommandError, cli_actor, fail, model_identity
+from .backend import CommandError, cli_actor, count_skip, fail, model_identity
 from .calibrate import IMAGE_SUFFIXES
 
 if TYPE_CHECKING:  # the pipeline is imported lazily, at run time
@@ -108,14 +108,10 @@ def embed_tree(state: ServiceState, root: Path, image_type: ImageType = "auto", 
         try:
             faces = decode_faces(state, [path.read_bytes()], image_type, "all")
         except ServiceError as exc:  # not an image, no face, too big...: counted, named, left out
-            found.skipped[exc.code.value] += 1
-            if len(found.examples) < 20:
-                found.examples.append(f"{path}: {exc.code.value}")
+            count_skip(found.skipped, found.examples, path, exc.code.value)
             continue
         except OSError as exc:
-            found.skipped["unreadable_file"] += 1
-            if len(found.examples) < 20:
-                found.examples.append(f"{path}: {exc}")
+            count_skip(found.skipped, found.examples, path, "unreadable_file", exc)
             continue
         relative = str(path.relative_to(root))
         for crop, located in zip(faces.crops, faces.located):

@@ -62,6 +62,7 @@ from .backend import (
     CommandError,
     add_backend_arguments,
     cli_actor,
+    count_skip,
     fail,
     model_identity,
     opened_backend,
@@ -241,19 +242,13 @@ async def _embed_person(state: ServiceState, images: list[Path], image_type: Ima
         try:
             found, faces = await embed_images(state, [path.read_bytes()], image_type, "all", served=served)
         except ServiceError as exc:
-            summary.skipped_images[exc.code.value] += 1
-            if len(summary.examples) < 20:
-                summary.examples.append(f"{path}: {exc.code.value}")
+            count_skip(summary.skipped_images, summary.examples, path, exc.code.value)
             continue
         except OSError as exc:
-            summary.skipped_images["unreadable_file"] += 1
-            if len(summary.examples) < 20:
-                summary.examples.append(f"{path}: {exc}")
+            count_skip(summary.skipped_images, summary.examples, path, "unreadable_file", exc)
             continue
         if len(found) > 1:
-            summary.skipped_images["several_faces"] += 1
-            if len(summary.examples) < 20:
-                summary.examples.append(f"{path}: several_faces ({len(found)})")
+            count_skip(summary.skipped_images, summary.examples, path, "several_faces", f"several_faces ({len(found)})")
             continue
         vectors.append(found[0])
         crops.append(faces.crops[0])
