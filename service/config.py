@@ -234,7 +234,7 @@ class Settings(BaseSettings):
     snapshot_min_changes: int = Field(1, ge=1, description="Writes since the last snapshot needed to write another.")
     compact_tombstone_ratio: float = Field(
         0.5, gt=0, le=1, description="Compact the index when this share of its slots holds deleted faces "
-        "(deleted slots are reused by new faces; compaction rebuilds the graph without them).",
+        "(new faces never reuse deleted slots; compaction rebuilds the graph without them).",
     )
     compact_min_tombstones: int = Field(1000, ge=1, description="Compact only when at least this many index slots hold deleted faces.")
     snapshot_timeout_s: float = Field(

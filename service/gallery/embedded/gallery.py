@@ -13,8 +13,8 @@ snapshots periodically, so a restart after ``kill -9`` replays minutes of change
 
 Erasing: a deleted face is marked deleted in the index, its vector zeroed in the snapshot file on
 disk (and in every snapshot written later), and removed from SQLite (``secure_delete``, WAL
-truncated). Deleted slots are reused by new faces, and the graph is compacted when tombstones
-dominate.
+truncated). Deleted slots stay in the graph as tombstones (never reused: index.py says why) until
+the graph is compacted, when tombstones dominate.
 
 Writes never wait long for maintenance: a compaction builds the next graph off the lock and replays
 the writes made meanwhile (``_compact``); a snapshot holds the read lock only to fork the process

@@ -5,12 +5,19 @@ the write side of a readers-writer lock. ``ef`` is not saved with an index: it i
 load or build, and (setting ``auto``, ef.py) again whenever the number of live faces moves it.
 
 Erasing: ``mark_deleted`` keeps a face's vector in the graph (hnswlib still routes through deleted
-elements) and keeps its slot as a tombstone that every search walks through. New faces reuse deleted
-slots (``allow_replace_deleted``: the old vector is overwritten), a compaction (gallery.py, with
-``spawn``/``adopt``) rebuilds the graph from the live elements when tombstones dominate, and
-snapshots zero the vectors of deleted elements in the file (snapshot.py), so a deleted vector stays
-in process memory at most until its slot is reused or the graph compacted, never on disk.
-(Overwriting it in memory at delete time, by updating the element with another vector before
+elements) and keeps its slot as a tombstone that every search walks through. New faces always get new
+slots: a compaction (gallery.py, with ``spawn``/``adopt``) rebuilds the graph from the live elements
+when tombstones dominate, and snapshots zero the vectors of deleted elements in the file
+(snapshot.py), so a deleted vector stays in process memory at most until the graph is compacted,
+never on disk.
+
+Deleted slots are not reused (hnswlib's ``replace_deleted``): a replaced slot gets the new vector and
+new outgoing links (``updatePoint``), but its incoming links are only those its old neighbours keep
+after re-pruning, and they were chosen for the old vector. A face put in a slot far from its old
+occupant can end with no incoming link at all: no search reaches it, and /identify with its own photo
+answers another identity (the soak's churn of 80 people did that at 216 faces, ef 128:
+tests/fixtures/index/soak_churn_trace.npz). An ordinary insert links the new element both ways.
+(Overwriting a vector in memory at delete time, by updating the element with another vector before
 marking it deleted, costs an hnswlib ``updatePoint`` per face: deleting a 10-face identity took
 255 ms under the write lock instead of 28 ms, bench.tombstones.)
 """
@@ -151,14 +158,13 @@ class HnswIndex:
 
     def _new(self, capacity: int) -> hnswlib.Index:
         index = hnswlib.Index(space="cosine", dim=self.dim)
-        index.init_index(max_elements=max(capacity, 16), M=self.m, ef_construction=self.ef_construction,
-                         allow_replace_deleted=True)
+        index.init_index(max_elements=max(capacity, 16), M=self.m, ef_construction=self.ef_construction)
         return index
 
     def load(self, path: Path, live: int) -> None:
         """Load a verified snapshot; ``live`` is the number of its elements not marked deleted."""
         index = hnswlib.Index(space="cosine", dim=self.dim)
-        index.load_index(str(path), max_elements=0, allow_replace_deleted=True)
+        index.load_index(str(path), max_elements=0)
         self._index, self.live, self._ef = index, live, 0
         self._apply_ef()
 
@@ -180,16 +186,15 @@ class HnswIndex:
         if self.fail_next_add is not None:
             error, self.fail_next_add = self.fail_next_add, None
             raise error
-        new_slots = max(0, len(labels) - self.tombstones)  # deleted slots are reused first
         capacity = self._live_index.get_max_elements()
-        if self.count + new_slots > capacity:
-            self._live_index.resize_index(max(self.count + new_slots, capacity * 2))
-        self._live_index.add_items(vectors, labels, replace_deleted=True)
+        if self.count + len(labels) > capacity:  # every face gets a new slot (module docstring)
+            self._live_index.resize_index(max(self.count + len(labels), capacity * 2))
+        self._live_index.add_items(vectors, labels)
         self.live += len(labels)
         self._apply_ef()
 
     def erase(self, labels: list[int]) -> None:
-        """Mark live elements deleted: never returned again; their slots are reused by later adds."""
+        """Mark live elements deleted: never returned again; their slots stay until a compaction."""
         for label in labels:
             self._live_index.mark_deleted(int(label))
         self.live -= len(labels)
