@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import json
 import random
 import tempfile
 import threading
@@ -181,6 +182,22 @@ class Sampler(threading.Thread):
                 self.samples.append(sample)
 
 
+def logged_errors(log_path: Path, limit: int = 20) -> list[str]:
+    """The server's error records (and anything not JSON: a traceback, a native crash), so that a soak
+    that saw a 5xx or a dropped connection says why, even where its temporary files are gone (CI)."""
+    found = []
+    for line in log_path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if line.strip() and not line.startswith("[ WARN"):
+                found.append(line[:2000])
+            continue
+        if isinstance(record, dict) and record.get("level") in ("error", "critical"):
+            found.append(line[:4000])
+    return found[:limit]
+
+
 def consistency(url: str, shared: Shared) -> dict:
     """Every listed identity is top-1 for its own enrolled image; nothing deleted is listed or found."""
     problems: list[str] = []
@@ -282,6 +299,7 @@ def run(clients: int = 32, duration: float = 600, kill_rounds: int = 3, people: 
         check = consistency(server.url, shared)
     finally:
         server.stop()
+        logged = logged_errors(server.log_path)
     rounds = [kill_round(data, model, env, shared, min(clients, 8), kill_after, seed + r) for r in range(kill_rounds)]
 
     routes = {route: {"requests": len(v), "p50_ms": round(percentile_ms(v, 50), 1),
@@ -298,6 +316,7 @@ def run(clients: int = 32, duration: float = 600, kill_rounds: int = 3, people: 
         "routes": routes,
         "codes": codes,
         "server_errors": sum(x["count"] for x in codes if x["status"] >= 500 or x["status"] == 0),
+        "server_log_errors": logged,
         "violations": shared.violations[:50], "violation_count": len(shared.violations),
         "rss_mb": {"first": rss[0] if rss else None, "last": rss[-1] if rss else None,
                    "max": max(rss) if rss else None},

@@ -18,8 +18,9 @@ def test_small_soak_is_clean(tmp_path, default_model):
                  save_result=False)
     assert set(result["routes"]) == {"enroll", "identify", "verify", "embed", "delete"}
     unexpected = [c for c in result["codes"] if c["code"] not in ("ok", "identity_not_found")]
-    assert not unexpected, unexpected
+    assert not unexpected, (unexpected, result["server_log_errors"])
     assert result["server_errors"] == 0 and result["violation_count"] == 0, result["violations"]
+    assert result["server_log_errors"] == [], result["server_log_errors"]
     assert result["consistency"]["problem_count"] == 0, result["consistency"]["problems"]
     assert result["consistency"]["checked_top1"] == result["consistency"]["listed"] > 0
     (round_,) = result["kill_rounds"]
