@@ -566,3 +566,41 @@ def test_kill_9_during_maintenance_loses_no_acknowledged_write(tmp_path, during)
     finally:
         g.close()
 
+
+
+def test_stats_beside_writes_never_break_a_write(tmp_path):
+    """/readyz (``stats``, no gallery lock) read the generation through the writer's own SQLite
+    connection: a statement of it still open when a delete checkpointed the WAL failed the delete with
+    'database table is locked' (a 500 in the CI soak of 2026-12-04). Reads use the readers' connections."""
+    g = opened(tmp_path)
+    rng = np.random.default_rng(21)
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            try:
+                g.stats()
+            except Exception as exc:  # noqa: BLE001 - collected and asserted below
+                errors.append(f"stats: {exc!r}")
+
+    readers = [threading.Thread(target=read)]
+    for t in readers:
+        t.start()
+    try:
+        deadline = time.monotonic() + 8
+        i = 0
+        while time.monotonic() < deadline and not errors:
+            try:
+                g.enroll(f"x{i}", unit(rng, 1))
+                g.delete(f"x{i}")
+            except Exception as exc:  # noqa: BLE001
+                errors.append(f"write {i}: {exc!r}")
+            i += 1
+    finally:
+        stop.set()
+        for t in readers:
+            t.join()
+    assert errors == [], errors[:3]
+    assert g.stats()["generation"] == 2 * i
+    g.close()

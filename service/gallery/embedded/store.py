@@ -100,7 +100,7 @@ class Store:
         busy, _, _ = self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         return not busy
 
-    # --- meta --------------------------------------------------------------------------------
+    # --- meta (get_meta/set_meta on the writer's connection: at open, before any other thread) --
     def get_meta(self, key: str) -> str | None:
         row = self._writer.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
@@ -110,7 +110,11 @@ class Store:
 
     @property
     def generation(self) -> int:
-        return int(self.get_meta("generation") or 0)
+        """Read through this thread's reader connection, never the writer's: /readyz asks without the
+        gallery lock, and a statement left open on the writer's connection fails its next COMMIT or
+        WAL checkpoint ('database table is locked')."""
+        row = self._reader().execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+        return int(row[0]) if row else 0
 
     def _bump(self, conn: sqlite3.Connection) -> None:
         conn.execute(
