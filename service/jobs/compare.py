@@ -19,12 +19,14 @@ is chosen per (identity, k) by a seeded hash, the same way on both sides, so pai
 the same probes in A and B and the same seed always gives the same report for the same collections.
 
 Memory and time: the collection is streamed twice (``iter_faces`` pages: face ids and identities
-first, then the vectors, block by block), so what is held is the ids of every face (about 100 bytes
-per face with its identity), the probes' vectors (``max_probes`` x dim float32: 5 MB for 10,000 x
-128) and one block of scores (1,024 probes x 4,096 faces float32, 16 MB). Holding a whole collection
-instead would cost 512 MB per collection at 1M faces x 128 float32; it is never done here. The work
-is probes x faces x dim multiply-adds per collection: 10,000 probes against 1M faces of 128 values
-is 1.3 TFLOP, tens of seconds to minutes on a few CPU cores.
+first, then the vectors, block by block), so what is held is the ids of every face (a Python int in
+its identity's list, ~40 bytes per face, plus each identity id once: ~50 MB at 1M faces), the
+probes' vectors (``max_probes`` x dim float32: 5 MB for 10,000 x 128) and one block of scores (1,024
+probes x 4,096 faces float32, 16 MB). Holding a whole collection instead would cost 512 MB per
+collection at 1M faces x 128 float32; it is never done here. The work is probes x faces x dim
+multiply-adds per collection: 10,000 probes against 1M faces of 128 values is 1.3e12 multiply-adds
+(2.6 TFLOP), minutes on a few CPU cores (bench/compare_report.py: 100k faces, 10,000 probes,
+128-d and 64-d: 60 s on the loaded 2-core box).
 """
 
 from __future__ import annotations
@@ -124,18 +126,28 @@ def _scan_ids(gallery: GalleryBackend) -> _Scan:
 
 def _priority(seed: int, identity_id: str, k: int) -> int:
     digest = hashlib.blake2b(f"{seed}\x00{identity_id}\x00{k}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big")
+    return int.from_bytes(digest, "big") >> 1  # an int64
 
 
 def _choose_probes(scan: _Scan, max_probes: int, seed: int) -> tuple[dict[tuple[str, int], int], bool]:
     """(identity, k) -> face id of the probes: every face of the identities with two or more faces, or
-    the ``max_probes`` of them with the smallest seeded hash of (identity, k)."""
-    eligible = {(identity_id, k): face_id for identity_id, ids in scan.faces_of.items() if len(ids) >= 2
-                for k, face_id in enumerate(ids)}
-    if len(eligible) <= max_probes:
-        return eligible, False
-    keys = sorted(eligible, key=lambda key: (_priority(seed, *key), key))[:max_probes]
-    return {key: eligible[key] for key in sorted(keys)}, True
+    the ``max_probes`` of them with the smallest seeded hash of (identity, k) (an int64 per face held,
+    not a key object, while choosing)."""
+    eligible = [(identity_id, ids) for identity_id, ids in scan.faces_of.items() if len(ids) >= 2]
+    total = sum(len(ids) for _, ids in eligible)
+    if total <= max_probes:
+        return {(identity_id, k): face_id for identity_id, ids in eligible for k, face_id in enumerate(ids)}, False
+    priority = np.fromiter((_priority(seed, identity_id, k) for identity_id, ids in eligible for k in range(len(ids))),
+                           dtype=np.int64, count=total)
+    chosen = np.sort(np.argpartition(priority, max_probes - 1)[:max_probes])  # flat positions, in scan order
+    starts = np.cumsum([0] + [len(ids) for _, ids in eligible[:-1]])
+    owners = np.searchsorted(starts, chosen, side="right") - 1
+    probes = {}
+    for position, owner in zip(chosen.tolist(), owners.tolist()):
+        identity_id, ids = eligible[owner]
+        k = position - int(starts[owner])
+        probes[(identity_id, k)] = ids[k]
+    return probes, True
 
 
 def leave_one_out(gallery: GalleryBackend, probe_face_ids: Iterable[int]) -> dict[int, tuple[str, str | None, float | None]]:
