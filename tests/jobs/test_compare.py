@@ -155,3 +155,41 @@ def test_sampling_is_seeded_deterministic_and_the_same_on_both_sides(galleries):
     assert compare_collections(a, b, max_probes=60).sampled is False
     with pytest.raises(ValueError):
         compare_collections(a, b, max_probes=0)
+
+
+def stored(gallery: GalleryBackend) -> dict[str, np.ndarray]:
+    """identity -> its vectors in face-id order, as stored."""
+    faces: dict[str, list[np.ndarray]] = {}
+    for _, identities, vectors in gallery.iter_faces():
+        for identity_id, vector in zip(identities, vectors):
+            faces.setdefault(identity_id, []).append(vector)
+    return {identity_id: np.stack(v) for identity_id, v in faces.items()}
+
+
+def test_lfw_faces_embedded_by_sface_and_by_the_tiny_model(service):
+    """Real vectors: the LFW fixture faces enrolled over HTTP, one request per photo, into a collection
+    on SFace and one on the tiny model (what a migration would leave, face order included)."""
+    from harness.fixtures import FACES, b64
+
+    for name, model in (("lfw", "sface"), ("lfw-tiny", "tiny")):
+        assert service.post("/collections", json={"name": name, "model": model}).status_code == 201
+        for path in sorted(FACES.glob("*.jpg")):
+            r = service.post(f"/collections/{name}/enroll", json={"identity_id": path.stem.rsplit("_", 1)[0],
+                                                                   "images": [b64(path)]})
+            assert r.status_code == 200, r.text
+    a, b = service.galleries.collection("lfw"), service.galleries.collection("lfw-tiny")
+
+    report = compare_collections(a, b)
+
+    old, new = brute_top1(stored(a)), brute_top1(stored(b))
+    assert report.source.probes == report.target.probes == report.paired_probes == len(old) == 24
+    assert report.target.model_id == "tiny@1"
+    assert report.source.rank1 == pytest.approx(rank1(old)) and report.target.rank1 == pytest.approx(rank1(new))
+    assert report.source.rank1 == 1.0  # SFace on 8 people's aligned LFW crops
+    assert report.target.rank1 < 0.9  # pooled pixels through a random projection: a worse model, as it must show
+    differ = sorted(k for k in old if old[k] != new[k])
+    assert report.changed_count == len(differ) > 0
+    assert report.top1_agreement == pytest.approx(1 - len(differ) / 24)
+    assert [(c.identity_id, c.source_top1, c.target_top1) for c in report.changed] == [
+        (k[0], old[k], new[k]) for k in differ]
+    assert report.unpaired_identities == 0 and report.identities_changed == len({k[0] for k in differ})

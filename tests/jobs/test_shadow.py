@@ -1,6 +1,6 @@
 """Shadow traffic (service/jobs/shadow.py) over real HTTP on both backends: a real uvicorn serving SFace
 and the tiny model, run in this process so that the test can start a pair as the migrate job does
-(``state.shadow.start``); the counters are read from /metrics."""
+(``state.shadow.start``; the ``service`` fixture, conftest.py); the counters are read from /metrics."""
 
 from __future__ import annotations
 
@@ -12,33 +12,12 @@ import numpy as np
 import pytest
 
 from harness.fixtures import ENROLLED, b64, face_files
-from harness.models import tiny_model
-from harness.server import MODEL_CACHE, serving_in_process
-from service.config import Settings
 from service.jobs.shadow import ShadowMap
 from service.ops.metrics import Metrics
 from tests.conftest import metric
 
 P1, P2, P3 = ENROLLED[:3]
 PAIR = 'source="people",target="people-tiny"'
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return tiny_model(tmp_path_factory.mktemp("tiny") / "tiny.onnx", dim=64)
-
-
-@pytest.fixture(params=["embedded", "postgres"])
-def service(request, tmp_path, default_model, tiny):
-    pg = {}
-    if request.param == "postgres":
-        env = request.getfixturevalue("postgres").gallery_env()
-        pg = {"database_url": env["FACE_DATABASE_URL"], "database_schema": env["FACE_DATABASE_SCHEMA"]}
-    settings = Settings(data_dir=tmp_path / "data", models=[f"sface={default_model}", f"tiny={tiny}"],
-                        model_cache_dir=MODEL_CACHE, intra_op_threads=2, enroll_hub_alpha=0, **pg)
-    with serving_in_process(settings) as (url, app), httpx.Client(base_url=url, timeout=60) as client:
-        client.shadow = app.state.service.shadow  # type: ignore[attr-defined]
-        yield client
 
 
 def crop(person: str, k: int = 0) -> str:
