@@ -129,10 +129,10 @@ def _detector(settings: Settings) -> FaceDetector:
 
 
 async def finalize(state: ServiceState) -> None:
+    await state.shadow.close()
     for served in state.models:
         await served.batcher.stop()
     await run_in_threadpool(state.keyring.flush)
-    await state.shadow.close()
     await run_in_threadpool(state.galleries.close)
     for served in state.models:
         served.model.finalize()

@@ -39,7 +39,6 @@ class ServiceState:
     models: ModelRegistry = field(default=None, repr=False)  # type: ignore[assignment]
     decode_budget: DecodeBudget = field(init=False)  # made from the settings
     readiness: ReadinessProbe = field(init=False)  # made from the settings
-    shadow: ShadowMap = field(init=False)  # migrated collections whose /identify also runs on the new one (jobs/shadow.py)
     # face quality: the data dir's refit (python -m service calibrate --quality), else the contract's
     quality_model: QualityModel | None = field(init=False)
     quality_source: str = field(init=False)
@@ -47,6 +46,7 @@ class ServiceState:
     keyring: KeyRing = field(init=False)  # API keys -> principals (service/access)
     limits: Limits = field(init=False)  # requests and faces per second per key (service/access/limits.py)
     aliases: AliasMap = field(init=False)  # alias -> collection, at most FACE_ALIAS_CACHE_S old (gallery/aliases.py)
+    shadow: ShadowMap = field(init=False)  # migrated collections whose /identify also runs on the new one (jobs/shadow.py)
 
     def __post_init__(self) -> None:
         s = self.settings

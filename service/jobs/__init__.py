@@ -1,1 +1,1 @@
-"""Background jobs: migrating a collection to another model (migrate.py), job rows (store.py), the runner (runner.py)."""
+"""Background jobs over collections: the migration to another model, its comparison report, shadow traffic."""
