@@ -48,3 +48,17 @@ def test_compare_prints_the_report_of_the_two_collections(operator_backend):
     assert missing.returncode == 2 and "nope" in missing.stderr
     bad = b.run("gallery", "compare", "--collection", "people-v1", "--with", "people-v2", "--max-probes", "0")
     assert bad.returncode == 2 and "--max-probes" in bad.stderr
+
+
+def test_compare_beside_a_process_holding_the_embedded_data_dir_says_so(tmp_path, default_model):
+    from tests.service.conftest import OperatorBackend
+
+    b = OperatorBackend("embedded", tmp_path / "data", default_model, {})
+    galleries = b.open()  # holds the data dir's lock, as a running server does
+    try:
+        galleries.create_collection("people-v2")
+        done = b.run("gallery", "compare", "--collection", "default", "--with", "people-v2")
+    finally:
+        galleries.close()
+    assert done.returncode == 2 and "stop the server" in done.stderr, done.stderr
+    assert b.run("gallery", "compare", "--collection", "default", "--with", "people-v2").returncode == 0
