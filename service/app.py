@@ -129,6 +129,7 @@ def _detector(settings: Settings) -> FaceDetector:
 
 
 async def finalize(state: ServiceState) -> None:
+    await state.shadow.close()
     for served in state.models:
         await served.batcher.stop()
     await run_in_threadpool(state.keyring.flush)

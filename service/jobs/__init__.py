@@ -1,0 +1,1 @@
+"""Background jobs over collections: the migration to another model, its comparison report, shadow traffic."""
