@@ -622,6 +622,10 @@ class ClusterRequest(ImageOptions):
     threshold: Threshold = Field(
         None, description="Average-linkage cosine; omit for the default: the cosine that two faces of different people "
         "reach with probability 1e-5 by the impostor tail (never below the 1:1 threshold).")
+    model: str | None = Field(None, max_length=63, description="A served model's name (FACE_MODELS; also the `model` "
+                              "query parameter) that embeds the faces and whose impostor tail (its calibration, else "
+                              "its contract's) sets the default threshold; empty: the default model. Unknown: 404 "
+                              "`model_not_found`.")
 
 
 class ClusterFace(BaseModel):
@@ -643,3 +647,5 @@ class ClusterResponse(BaseModel):
     method: str = Field(description="The clustering method (`average-linkage-knn`).")
     faces: int = Field(description="Faces clustered.")
     model_id: str
+    model: str | None = Field(None, description="The served name of the model that embedded (or whose embeddings "
+                              "were given).")

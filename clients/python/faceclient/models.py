@@ -397,6 +397,7 @@ class ClusterResult(Model):
     method: str
     faces: int
     model_id: str
+    model: str | None = None  # the served model's name
 
 
 class SkippedFile(Model):
