@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from ..config import Settings
 from ..gallery.api import Actor, Galleries, GalleryModelMismatch, GalleryUnavailable
+from ..gallery.crops import CropKeyError
 from ..gallery.open import make_gallery
 
 
@@ -70,8 +71,12 @@ def opened_backend(settings: Settings) -> Iterator[Galleries]:
 
     The embedded one is left unopened: its catalog and the stores' audit tables serve all of that, and
     opening would take the data dir's lock, which a running server holds. PostgreSQL is opened (its
-    connection pools; migrations and the model check as a server does)."""
-    galleries = make_gallery(settings, *model_identity(settings), served=served_identities(settings))
+    connection pools; migrations and the model check as a server does). A crop key file that is no key
+    (FACE_CROP_KEY_FILE) is a CommandError naming it."""
+    try:
+        galleries = make_gallery(settings, *model_identity(settings), served=served_identities(settings))
+    except CropKeyError as exc:
+        raise CommandError(str(exc)) from exc
     try:
         if galleries.backend == "postgres":
             galleries.open()
