@@ -21,10 +21,11 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from ..config import Settings
+from ..config import ModelConfigError, Settings
 from ..gallery.api import Actor, Galleries, GalleryModelMismatch, GalleryUnavailable
 from ..gallery.crops import CropKeyError
 from ..gallery.open import make_gallery
+from ..model.serving import check_model_files
 
 
 class CommandError(Exception):
@@ -41,9 +42,14 @@ def settings_from(args: argparse.Namespace) -> Settings:
     overrides = {k: v for k, v in {"data_dir": args.data_dir, "model": args.model,
                                    "database_url": args.database_url}.items() if v is not None}
     try:
-        return Settings(**overrides)
+        settings = Settings(**overrides)
     except ValidationError as exc:
         raise CommandError(f"invalid settings: {exc}") from exc
+    try:  # the commands read the served models' contracts: a model file missing is named, not a traceback
+        check_model_files(settings)
+    except ModelConfigError as exc:
+        raise CommandError(str(exc)) from exc
+    return settings
 
 
 def model_identity(settings: Settings) -> tuple[str, int]:

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..config import Settings
+from ..config import ModelConfigError, Settings
 from ..errors import ServiceError
 from ..gallery.openset import save_gallery_tail
 from ..model.calibration import CalibrationError, impostor_tail
@@ -93,10 +93,14 @@ def _service_state(settings: Settings, name: str | None = None) -> ServiceState:
     from ..app import _photo_support
     from ..model.registry import ModelRegistry, ServedModel
     from ..model.runtime import EmbeddingModel
-    from ..model.serving import served_model_path
+    from ..model.serving import check_model_files, served_model_path
     from ..state import ServiceState
 
     served_name, configured = served_model_spec(settings, name)
+    try:
+        check_model_files(settings, [served_name])
+    except ModelConfigError as exc:
+        raise CalibrationError(str(exc)) from None
     model = EmbeddingModel(served_model_path(settings, configured), settings)
     model.initialize()
     detector, template = _photo_support(settings, model.contract.alignment)
