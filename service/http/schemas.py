@@ -646,6 +646,6 @@ class ClusterResponse(BaseModel):
     threshold: float = Field(description="The average-linkage cosine used.")
     method: str = Field(description="The clustering method (`average-linkage-knn`).")
     faces: int = Field(description="Faces clustered.")
-    model_id: str
     model: str | None = Field(None, description="The served name of the model that embedded (or whose embeddings "
                               "were given).")
+    model_id: str
