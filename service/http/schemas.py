@@ -411,6 +411,10 @@ class ModelStatus(BaseModel):
     provider: str | None = Field(description="The execution provider it runs on first.")
     ready: bool
     default: bool
+    impostor_tail_source: str | None = Field(None, description="Where its impostor tail comes from: `gallery` (this "
+                                             "data dir's calibration of it, `python -m service calibrate --model "
+                                             "NAME`), `model` (its contract), null (none).")
+    quality_source: str | None = Field(None, description="`gallery` (this data dir's refit of it) or `model`.")
 
 
 class ReadyResponse(BaseModel):

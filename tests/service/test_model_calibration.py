@@ -100,6 +100,8 @@ def test_each_models_collections_decide_by_its_own_calibration(served, calibrate
     # the default model's: /readyz reports it
     assert served.ready["impostor_tail"]["source"] == "gallery"
     assert served.ready["impostor_tail"]["pairs"] == calibrated.runs["sface"]["pairs"]
+    models = served.ready["models"]
+    assert models["sface"]["impostor_tail_source"] == models["tiny"]["impostor_tail_source"] == "gallery"
     # the tiny model has no tail of its own: its collection's FPIR threshold comes from its calibration
     assert served.post("/collections", json={"name": "small", "model": "tiny"}).status_code == 201
     people = ENROLLED[:3]

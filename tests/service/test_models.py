@@ -195,3 +195,10 @@ def test_a_model_file_missing_at_start_up_is_named_and_nothing_starts(backend, t
         assert f"model 'new': model file {missing} does not exist" in run.stderr and "Traceback" not in run.stderr, (
             command, run.stderr[-3000:])
     assert not data.exists() and not (tmp_path / "out.jsonl").exists()
+
+
+def test_readyz_says_where_each_models_tail_and_quality_come_from(served):
+    """Uncalibrated: SFace's tail and quality are its contract's; the tiny model has no tail at all."""
+    models = served.ready["models"]
+    assert (models["sface"]["impostor_tail_source"], models["sface"]["quality_source"]) == ("model", "model")
+    assert (models["tiny"]["impostor_tail_source"], models["tiny"]["quality_source"]) == (None, "model")

@@ -282,6 +282,8 @@ class ModelStatus(Model):
     provider: str | None
     ready: bool
     default: bool
+    impostor_tail_source: str | None = None  # "gallery": the data dir's calibration of it; "model": its contract's
+    quality_source: str | None = None
 
 
 class Ready(Model):
