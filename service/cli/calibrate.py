@@ -83,7 +83,7 @@ def served_model_spec(settings: Settings, name: str | None) -> tuple[str, Path |
     for spec in served:
         if spec[0] == name:
             return spec
-    raise CalibrationError(f"no model named {name!r} is served (FACE_MODELS: {', '.join(n for n, _ in served)}); "
+    raise CalibrationError(f"no model named {name!r} is served (served: {', '.join(n for n, _ in served)}); "
                            "give --model one of these names, or a model file")
 
 

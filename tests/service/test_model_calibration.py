@@ -74,7 +74,7 @@ def test_each_model_is_calibrated_into_its_own_file(calibrated):
 def test_a_model_that_is_not_served_is_refused_and_nothing_is_stored(calibrated, tmp_path):
     run = _run_calibrate(calibrated.folder, tmp_path / "data", calibrated.env, "--model", "nope")
     assert run.returncode == 2
-    assert "no model named 'nope' is served (FACE_MODELS: sface, tiny)" in run.stderr
+    assert "no model named 'nope' is served (served: sface, tiny)" in run.stderr
     assert not (tmp_path / "data" / "calibration").exists()
 
 
