@@ -45,7 +45,13 @@ def settings_from(args: argparse.Namespace) -> Settings:
         settings = Settings(**overrides)
     except ValidationError as exc:
         raise CommandError(f"invalid settings: {exc}") from exc
-    try:  # the commands read the served models' contracts: a model file missing is named, not a traceback
+    return models_checked(settings)
+
+
+def models_checked(settings: Settings) -> Settings:
+    """``settings``, once every configured model file is there: the commands read the served models'
+    contracts, and a file missing is a CommandError naming the model and the file, not a traceback."""
+    try:
         check_model_files(settings)
     except ModelConfigError as exc:
         raise CommandError(str(exc)) from exc

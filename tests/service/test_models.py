@@ -188,13 +188,14 @@ def test_a_model_file_missing_at_start_up_is_named_and_nothing_starts(backend, t
            "FACE_LOG_JSON": "false", "HNSWLIB_NO_NATIVE": "1", "FACE_MODELS": models, "FACE_DATA_DIR": str(data),
            **backend_env(backend)}
     for command in (("gallery", "export", str(tmp_path / "out.jsonl")), ("keys", "list"),
-                    ("calibrate", str(FIXTURES / "train"), "--model", "new")):
+                    ("calibrate", str(FIXTURES / "train"), "--model", "new"),
+                    ("cluster", str(FIXTURES / "train"), "--output", str(tmp_path / "out.json"))):
         run = subprocess.run([sys.executable, "-m", "service", *command], cwd=REPO, env=env, capture_output=True,
                              text=True, timeout=300)
         assert run.returncode == 2, (command, run.stderr[-3000:])
         assert f"model 'new': model file {missing} does not exist" in run.stderr and "Traceback" not in run.stderr, (
             command, run.stderr[-3000:])
-    assert not data.exists() and not (tmp_path / "out.jsonl").exists()
+    assert not data.exists() and not (tmp_path / "out.jsonl").exists() and not (tmp_path / "out.json").exists()
 
 
 def test_readyz_says_where_each_models_tail_and_quality_come_from(served):
