@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from .config import Settings
+from .config import ModelConfigError, Settings
 from .ops.logging import configure_logging
 from .ops.memory import limit_malloc_arenas
 
@@ -104,6 +104,9 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         app = create_app(settings)
+    except ModelConfigError as exc:  # e.g. a model file missing: one line naming it, no traceback
+        logging.getLogger("service").error("could not start: %s", exc)
+        sys.exit(2)
     except Exception:  # noqa: BLE001
         logging.getLogger("service").exception("could not create the app")
         sys.exit(2)

@@ -43,7 +43,7 @@ from .http.middleware import (
 from .model.batcher import DynamicBatcher
 from .model.registry import ModelRegistry, ServedModel
 from .model.runtime import EmbeddingModel
-from .model.serving import served_model_path
+from .model.serving import check_model_files, served_model_path
 from .ops.memory import limit_malloc_arenas
 from .ops.metrics import Metrics
 from .state import ServiceState
@@ -183,6 +183,7 @@ def warn_if_exposed(settings: Settings) -> None:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    check_model_files(settings)  # a configured model file that is not there: refuse now (ModelConfigError)
     limit_malloc_arenas(settings.malloc_arena_max)  # before the server's worker threads allocate
     warn_if_exposed(settings)
     metrics = Metrics()

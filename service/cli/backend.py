@@ -21,9 +21,11 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from ..config import Settings
+from ..config import ModelConfigError, Settings
 from ..gallery.api import Actor, Galleries, GalleryModelMismatch, GalleryUnavailable
+from ..gallery.crops import CropKeyError
 from ..gallery.open import make_gallery
+from ..model.serving import check_model_files
 
 
 class CommandError(Exception):
@@ -40,9 +42,20 @@ def settings_from(args: argparse.Namespace) -> Settings:
     overrides = {k: v for k, v in {"data_dir": args.data_dir, "model": args.model,
                                    "database_url": args.database_url}.items() if v is not None}
     try:
-        return Settings(**overrides)
+        settings = Settings(**overrides)
     except ValidationError as exc:
         raise CommandError(f"invalid settings: {exc}") from exc
+    return models_checked(settings)
+
+
+def models_checked(settings: Settings) -> Settings:
+    """``settings``, once every configured model file is there: the commands read the served models'
+    contracts, and a file missing is a CommandError naming the model and the file, not a traceback."""
+    try:
+        check_model_files(settings)
+    except ModelConfigError as exc:
+        raise CommandError(str(exc)) from exc
+    return settings
 
 
 def model_identity(settings: Settings) -> tuple[str, int]:
@@ -70,8 +83,12 @@ def opened_backend(settings: Settings) -> Iterator[Galleries]:
 
     The embedded one is left unopened: its catalog and the stores' audit tables serve all of that, and
     opening would take the data dir's lock, which a running server holds. PostgreSQL is opened (its
-    connection pools; migrations and the model check as a server does)."""
-    galleries = make_gallery(settings, *model_identity(settings), served=served_identities(settings))
+    connection pools; migrations and the model check as a server does). A crop key file that is no key
+    (FACE_CROP_KEY_FILE) is a CommandError naming it."""
+    try:
+        galleries = make_gallery(settings, *model_identity(settings), served=served_identities(settings))
+    except CropKeyError as exc:
+        raise CommandError(str(exc)) from exc
     try:
         if galleries.backend == "postgres":
             galleries.open()

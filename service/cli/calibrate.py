@@ -1,19 +1,22 @@
-"""``python -m service calibrate DIR``: measure the impostor tail on your own labelled faces.
+"""``python -m service calibrate DIR [--model NAME]``: measure the impostor tail on your own labelled faces.
 
 DIR holds one sub-folder per person with aligned crops or photos of them (photos go through the
 service's own decode -> detect -> align path, the largest face of each). Every pair of faces of
-different people is scored with the service's model, and the FAR -> cosine table is stored in the
-data dir (``impostor_tail.json``); the service then prefers it to the model's own table when it
-sizes the identify threshold (a running service picks it up on its next request; /readyz says
-``impostor_tail.source: gallery``). Use it when your population or cameras differ from the data the
-model was calibrated on. More people make a longer tail: N faces of P people give about
-N^2 (1 - 1/P) / 2 pairs, and the table reaches down to FAR ~ 5 / pairs.
+different people is scored with the served model named by ``--model`` (a name of FACE_MODELS; none:
+the default model, the first), and the FAR -> cosine table is stored in the data dir for that model
+id (``calibration/<model id>/impostor_tail.json``): the collections pinned to that model, and /cluster
+with that model, then prefer it to the model's own table when they size a threshold (a running service
+picks it up on its next request; /readyz says ``impostor_tail.source: gallery`` for the default model).
+Each served model is calibrated on its own; calibrating one leaves the others' as they were. Use it
+when your population or cameras differ from the data the model was calibrated on. More people make a
+longer tail: N faces of P people give about N^2 (1 - 1/P) / 2 pairs, and the table reaches down to
+FAR ~ 5 / pairs.
 
 ``--quality`` also refits the face quality (``service.faces.quality.fit_on_labelled``: which faces' genuine
 comparisons fail at FMR 1e-3, from their parts) on the same faces and stores it in the data dir
-(``quality.json``); the service reads it at start-up in preference to the model's ``face.quality``
-(/readyz says ``quality.source: gallery``). It needs people with at least two faces; photos give
-every part, aligned crops the crop-based ones only.
+(``calibration/<model id>/quality.json``); the service reads it at start-up in preference to that
+model's ``face.quality`` (/readyz says ``quality.source: gallery``). It needs people with at least two
+faces; photos give every part, aligned crops the crop-based ones only.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..config import Settings
+from ..config import ModelConfigError, Settings
 from ..errors import ServiceError
 from ..gallery.openset import save_gallery_tail
 from ..model.calibration import CalibrationError, impostor_tail
@@ -61,6 +64,7 @@ class CalibrateOptions:
     min_pairs: int = DEFAULT_MIN_PAIRS
     batch: int = 32
     quality: bool = False  # also refit the face quality
+    model: str | None = None  # the served model's name (FACE_MODELS); None: the default model
 
 
 def labelled_files(folder: Path) -> list[tuple[str, Path]]:
@@ -69,19 +73,42 @@ def labelled_files(folder: Path) -> list[tuple[str, Path]]:
             if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
 
 
-def _service_state(settings: Settings) -> ServiceState:
-    """The parts of the service a calibration needs: the model session and the photo path."""
+def served_model_spec(settings: Settings, name: str | None) -> tuple[str, Path | None]:
+    """(served name, configured path) of the model to calibrate: the one served as ``name`` (FACE_MODELS,
+    or ``default`` for FACE_MODEL); None: the default model (the first). An unknown name is a
+    ``CalibrationError`` naming the served ones."""
+    served = settings.served_models()
+    if name is None:
+        return served[0]
+    for spec in served:
+        if spec[0] == name:
+            return spec
+    raise CalibrationError(f"no model named {name!r} is served (served: {', '.join(n for n, _ in served)}); "
+                           "give --model one of these names, or a model file")
+
+
+def _service_state(settings: Settings, name: str | None = None) -> ServiceState:
+    """The parts of the service a calibration needs: the session of the served model ``name`` (None: the
+    default model) and the photo path."""
     from ..app import _photo_support
+    from ..model.registry import ModelRegistry, ServedModel
     from ..model.runtime import EmbeddingModel
-    from ..model.serving import served_model_path
+    from ..model.serving import check_model_files, served_model_path
     from ..state import ServiceState
 
-    model = EmbeddingModel(served_model_path(settings), settings)
+    served_name, configured = served_model_spec(settings, name)
+    try:
+        check_model_files(settings, [served_name])
+    except ModelConfigError as exc:
+        raise CalibrationError(str(exc)) from None
+    model = EmbeddingModel(served_model_path(settings, configured), settings)
     model.initialize()
     detector, template = _photo_support(settings, model.contract.alignment)
     # no batcher and no gallery: decode_faces only reads settings, contract, detector and metrics
+    default = served_name == settings.served_models()[0][0]
+    models = ModelRegistry([ServedModel(served_name, model, None, settings, template, default=default)])  # type: ignore[arg-type]
     return ServiceState(settings=settings, model=model, batcher=None, galleries=None, metrics=Metrics(),  # type: ignore[arg-type]
-                        detector=detector, template=template)
+                        detector=detector, template=template, models=models)
 
 
 def embed_folder(state: ServiceState, options: CalibrateOptions) -> CalibrationSet:
@@ -111,8 +138,9 @@ def embed_folder(state: ServiceState, options: CalibrateOptions) -> CalibrationS
 
 
 def calibrate(settings: Settings, options: CalibrateOptions) -> dict:
-    """Embed the folder, measure the tail, store it for the gallery; returns a summary."""
-    state = _service_state(settings)
+    """Embed the folder with the served model ``options.model``, measure its tail, store it for that
+    model's collections; returns a summary."""
+    state = _service_state(settings, options.model)
     found = embed_folder(state, options)
     people = len(set(found.labels.tolist()))
     source = f"{options.folder.name}: {len(found.labels)} faces of {people} people"
@@ -123,7 +151,8 @@ def calibrate(settings: Settings, options: CalibrateOptions) -> dict:
     model_id = state.contract.model_id
     path = save_gallery_tail(settings.data_dir, model_id, tail,
                              {"faces": len(found.labels), "people": people, "skipped": len(found.skipped)})
-    summary = {"stored": str(path), "model_id": model_id, "faces": len(found.labels), "people": people,
+    summary = {"stored": str(path), "model": state.models.default.name, "model_id": model_id,
+               "faces": len(found.labels), "people": people,
                "pairs": tail.pairs, "skipped": found.skipped, "far_min": tail.far[-1],
                "table": dict(zip([f"{f:.2g}" for f in tail.far], tail.cosine))}
     if options.quality:
@@ -153,25 +182,39 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m service calibrate", description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path, help="one sub-folder per person, aligned crops or photos in each")
     parser.add_argument("--data-dir", type=Path, help="gallery directory the calibration is for (FACE_DATA_DIR)")
-    parser.add_argument("--model", type=Path, help="the model the service runs (FACE_MODEL); default SFace")
+    parser.add_argument("--model", metavar="NAME",
+                        help="the served model to calibrate: a name of FACE_MODELS (default: the first, the default "
+                        "model); also an ONNX file or directory, calibrated as the one model (FACE_MODEL)")
     parser.add_argument("--image-type", choices=["auto", "aligned", "photo"], default="auto",
                         help="auto: images of the model's input size are aligned crops, others photos")
     parser.add_argument("--min-pairs", type=int, default=DEFAULT_MIN_PAIRS,
                         help="refuse to store a tail measured on fewer impostor pairs")
     parser.add_argument("--quality", action="store_true",
-                        help="also refit the face quality on these faces (stored as quality.json in the data dir)")
+                        help="also refit the face quality on these faces (stored next to the tail in the data dir)")
     args = parser.parse_args(argv)
     from ..ops.logging import configure_logging
 
-    overrides = {k: v for k, v in {"data_dir": args.data_dir, "model": args.model}.items() if v is not None}
-    settings = Settings(**overrides)
+    settings, name = _settings_for(args.data_dir, args.model)
     configure_logging(settings.log_level, settings.log_json)
     if not args.folder.is_dir():
         parser.error(f"{args.folder} is not a directory")
     try:
         summary = calibrate(settings, CalibrateOptions(args.folder, args.image_type, args.min_pairs,
-                                                          quality=args.quality))
+                                                          quality=args.quality, model=name))
     except CalibrationError as exc:
         log.error("calibration failed: %s", exc)
         sys.exit(2)
     sys.stdout.write(json.dumps(summary, indent=1) + "\n")
+
+
+def _settings_for(data_dir: Path | None, model: str | None) -> tuple[Settings, str | None]:
+    """The settings and the served name to calibrate for ``--data-dir`` and ``--model``: a name of the
+    configured models (FACE_MODELS / FACE_MODEL), else a model file, served alone as ``default`` (what
+    ``--model PATH`` always meant)."""
+    overrides: dict[str, object] = {"data_dir": data_dir} if data_dir is not None else {}
+    settings = Settings(**overrides)  # type: ignore[arg-type]
+    if model is None or model in {n for n, _ in settings.served_models()}:
+        return settings, model
+    if Path(model).exists() or "/" in model or model.endswith(".onnx"):
+        return Settings(**overrides, model=Path(model), models=[]), None  # type: ignore[arg-type]
+    return settings, model  # an unknown name: calibrate() refuses it, naming the served ones

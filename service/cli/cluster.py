@@ -51,7 +51,7 @@ from ..gallery import identity_ids
 from ..gallery.api import DEFAULT_COLLECTION, CollectionNotFound, GalleryModelMismatch, GalleryUnavailable
 from ..gallery.hygiene.cluster import DEFAULT_FALSE_MERGE, DEFAULT_K, Clustering, cluster_faces, tail_threshold
 from ..gallery.openset import choose_tail
-from .backend import CommandError, cli_actor, count_skip, fail, model_identity
+from .backend import CommandError, cli_actor, count_skip, fail, model_identity, models_checked
 from .calibrate import IMAGE_SUFFIXES
 
 if TYPE_CHECKING:  # the pipeline is imported lazily, at run time
@@ -371,7 +371,7 @@ def main(argv: list[str]) -> int:
                                    "database_url": args.database_url}.items() if v is not None}
     try:
         try:
-            settings = Settings(**overrides)
+            settings = models_checked(Settings(**overrides))
         except ValidationError as exc:
             raise CommandError(f"invalid settings: {exc}") from exc
         if args.enroll is not None:

@@ -58,7 +58,7 @@ from ..gallery.api import (
     GalleryUnavailable,
     IdentityExists,
 )
-from ..gallery.crops import encode_crop
+from ..gallery.crops import CropKeyError, encode_crop
 from ..gallery.open import open_gallery
 from .backend import (
     CommandError,
@@ -448,7 +448,7 @@ def main(argv: list[str]) -> int:
                       "collection": args.collection,
                       "identities": done.identities, "faces": done.faces, "skipped_existing": len(done.skipped)}
     except (GalleryFileError, GalleryModelMismatch, GalleryUnavailable, CollectionNotFound, CollectionExists,
-            AliasNotFound, CommandError) as exc:
+            AliasNotFound, CommandError, CropKeyError) as exc:  # CropKeyError: a key that does not open the crops
         return fail(exc)
     sys.stdout.write(json.dumps(report, indent=2) + "\n")
     return 0

@@ -35,6 +35,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from ..model.calibration import calibration_file, calibration_files
 from .detection.detector import DetectedFace
 from .detection.geometry import face_geometry
 from .images import blockiness
@@ -419,12 +420,13 @@ def fit_on_labelled(parts: list[dict[str, float]], embeddings: np.ndarray, label
 
 
 # --- a gallery's own fit (``python -m service calibrate --quality``), preferred to the contract's ---
-GALLERY_QUALITY_FILE = "quality.json"  # in the data dir, next to impostor_tail.json
+GALLERY_QUALITY_FILE = "quality.json"  # in the data dir: calibration/<model id>/quality.json
 
 
 def save_gallery_quality(data_dir: Path, model_id: str, model: QualityModel) -> Path:
-    """Store a refitted quality for the service on ``data_dir`` (atomically; read at start-up)."""
-    path = Path(data_dir) / GALLERY_QUALITY_FILE
+    """Store a refitted quality of model ``model_id`` for the service on ``data_dir`` (atomically; read at
+    start-up): ``DATA/calibration/<model id>/quality.json`` (``service.model.calibration.calibration_file``)."""
+    path = calibration_file(data_dir, model_id, GALLERY_QUALITY_FILE)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps({"model_id": model_id, "quality": json.loads(model.to_json())}, indent=1) + "\n")
@@ -433,10 +435,11 @@ def save_gallery_quality(data_dir: Path, model_id: str, model: QualityModel) -> 
 
 
 def gallery_quality(data_dir: Path, model_id: str) -> QualityModel | None:
-    """The data dir's refitted quality for ``model_id``; None when there is none (or it is another
-    model's, which is logged)."""
-    path = Path(data_dir) / GALLERY_QUALITY_FILE
-    if not path.exists():
+    """The data dir's refitted quality for ``model_id`` (its own file, else a ``DATA/quality.json`` fitted
+    before several models were served); None when there is none (or it is another model's, which is
+    logged)."""
+    path = next((p for p in calibration_files(data_dir, model_id, GALLERY_QUALITY_FILE) if p.exists()), None)
+    if path is None:
         return None
     stored = json.loads(path.read_text())
     if stored.get("model_id") != model_id:

@@ -23,6 +23,8 @@ from ..model.calibration import (
     HUB_RANKS,
     CalibrationError,
     ImpostorTail,
+    calibration_file,
+    calibration_files,
     effective_comparisons,
     fpir_for_far,
     hub_probability,
@@ -33,7 +35,7 @@ from .search import Match
 
 log = logging.getLogger(__name__)
 
-CALIBRATION_FILE = "impostor_tail.json"  # in the data dir, next to the gallery store
+CALIBRATION_FILE = "impostor_tail.json"  # in the data dir: calibration/<model id>/impostor_tail.json
 ThresholdSource = Literal["request", "setting", "fpir", "model", "verify"]
 TailSource = Literal["gallery", "model"]
 
@@ -76,10 +78,11 @@ class IdentifyThreshold:
 
 
 def save_gallery_tail(data_dir: Path, model_id: str, tail: ImpostorTail, details: dict | None = None) -> Path:
-    """Store a calibration for the gallery in ``data_dir`` (atomically; the service picks it up)."""
-    data_dir = Path(data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    path = data_dir / CALIBRATION_FILE
+    """Store a calibration of model ``model_id`` for the galleries in ``data_dir`` (atomically; the
+    service picks it up): ``DATA/calibration/<model id>/impostor_tail.json``, read by that model's
+    collections only (``service.model.calibration.calibration_file``)."""
+    path = calibration_file(data_dir, model_id, CALIBRATION_FILE)
+    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"model_id": model_id, "created_at": time.time(), "tail": tail.to_dict(), **(details or {})}
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as handle:
@@ -91,41 +94,45 @@ def save_gallery_tail(data_dir: Path, model_id: str, tail: ImpostorTail, details
 
 
 class GalleryTail:
-    """The gallery's own impostor tail, re-read when its file changes (a calibration run while the
-    service is up takes effect on the next request). One of another model is ignored, loudly."""
+    """One model's own impostor tail in the data dir, re-read when its file changes (a calibration run
+    while the service is up takes effect on the next request). Its file is the model's own
+    (``calibration/<model id>/impostor_tail.json``), else the data dir's ``impostor_tail.json`` of a
+    calibration made before several models were served; one of another model is ignored, loudly."""
 
     def __init__(self, data_dir: Path, model_id: str) -> None:
-        self.path = Path(data_dir) / CALIBRATION_FILE
+        self.path, self.legacy_path = calibration_files(data_dir, model_id, CALIBRATION_FILE)
         self.model_id = model_id
         self._lock = threading.Lock()
-        self._stamp: tuple[int, int] | None = None
+        self._stamp: tuple[Path, int, int] | None = None
         self._tail: ImpostorTail | None = None
 
     def current(self) -> ImpostorTail | None:
-        try:
-            st = self.path.stat()
-        except FileNotFoundError:
-            return None
-        stamp = (st.st_mtime_ns, st.st_size)
-        with self._lock:
-            if stamp != self._stamp:
-                self._stamp, self._tail = stamp, self._read()
-            return self._tail
+        for path in (self.path, self.legacy_path):
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            stamp = (path, st.st_mtime_ns, st.st_size)
+            with self._lock:
+                if stamp != self._stamp:
+                    self._stamp, self._tail = stamp, self._read(path)
+                return self._tail
+        return None
 
-    def _read(self) -> ImpostorTail | None:
+    def _read(self, path: Path) -> ImpostorTail | None:
         try:
-            payload = json.loads(self.path.read_text())
+            payload = json.loads(path.read_text())
             if payload.get("model_id") != self.model_id:
                 log.warning("gallery calibration is for another model; ignored",
-                            extra={"path": str(self.path), "calibrated_model": payload.get("model_id"),
+                            extra={"path": str(path), "calibrated_model": payload.get("model_id"),
                                    "model_id": self.model_id})
                 return None
             tail = ImpostorTail.from_dict(payload["tail"])
-            log.info("gallery calibration loaded", extra={"path": str(self.path), "pairs": tail.pairs,
-                                                          "measured_on": tail.source})
+            log.info("gallery calibration loaded", extra={"path": str(path), "model_id": self.model_id,
+                                                          "pairs": tail.pairs, "measured_on": tail.source})
             return tail
         except (OSError, ValueError, KeyError, CalibrationError):
-            log.warning("gallery calibration unreadable; ignored", extra={"path": str(self.path)}, exc_info=True)
+            log.warning("gallery calibration unreadable; ignored", extra={"path": str(path)}, exc_info=True)
             return None
 
 

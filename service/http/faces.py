@@ -43,7 +43,7 @@ async def embed(request: Request, state: StateDep) -> Response:
     """
     payload, images = await read_payload(request, EmbedRequest, ("images",),
                                          max_images=state.settings.max_faces_per_request)
-    served = _model(request, state, payload.model)
+    served = requested_model(request, state, payload.model)
     vectors, faces = await embed_images(state, images["images"], payload.image_type, payload.multi_face,
                                         served=served)
     return json_response(EmbedResponse(model_id=served.model_id, model=served.name, dimension=vectors.shape[1],
@@ -51,9 +51,9 @@ async def embed(request: Request, state: StateDep) -> Response:
                                        quality=faces.qualities(state.settings.enroll_min_quality)))
 
 
-def _model(request: Request, state: ServiceState, name: str | None) -> ServedModel:
+def requested_model(request: Request, state: ServiceState, name: str | None) -> ServedModel:
     """The model a request names (body `model`, else the `model` query parameter; neither: the
-    default); 404 ``model_not_found``."""
+    default); 404 ``model_not_found``. /embed, /detect and /cluster."""
     query = request.query_params.get("model")
     if name is not None and query is not None and name != query:
         raise ServiceError(ErrorCode.invalid_request, "give `model` once: the body and the query name different models")
@@ -68,7 +68,7 @@ async def detect(request: Request, state: StateDep) -> DetectResponse:
     faces has an empty list here (only the embedding routes refuse it with `no_face`)."""
     payload, images = await read_payload(request, DetectRequest, ("images",),
                                          max_images=state.settings.max_faces_per_request)
-    served = _model(request, state, payload.model)
+    served = requested_model(request, state, payload.model)
     results, batch = await run_in_threadpool(_detect_all, state, images["images"], payload.return_crops, served)
     if batch.crops:  # the quality's model-based part needs each face's embedding
         batch.assess(state, raw_norms(await embed_raw(state, np.stack(batch.crops), served)), served)

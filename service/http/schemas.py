@@ -411,6 +411,10 @@ class ModelStatus(BaseModel):
     provider: str | None = Field(description="The execution provider it runs on first.")
     ready: bool
     default: bool
+    impostor_tail_source: str | None = Field(None, description="Where its impostor tail comes from: `gallery` (this "
+                                             "data dir's calibration of it, `python -m service calibrate --model "
+                                             "NAME`), `model` (its contract), null (none).")
+    quality_source: str | None = Field(None, description="`gallery` (this data dir's refit of it) or `model`.")
 
 
 class ReadyResponse(BaseModel):
@@ -622,6 +626,10 @@ class ClusterRequest(ImageOptions):
     threshold: Threshold = Field(
         None, description="Average-linkage cosine; omit for the default: the cosine that two faces of different people "
         "reach with probability 1e-5 by the impostor tail (never below the 1:1 threshold).")
+    model: str | None = Field(None, max_length=63, description="A served model's name (FACE_MODELS; also the `model` "
+                              "query parameter) that embeds the faces and whose impostor tail (its calibration, else "
+                              "its contract's) sets the default threshold; empty: the default model. Unknown: 404 "
+                              "`model_not_found`.")
 
 
 class ClusterFace(BaseModel):
@@ -642,4 +650,6 @@ class ClusterResponse(BaseModel):
     threshold: float = Field(description="The average-linkage cosine used.")
     method: str = Field(description="The clustering method (`average-linkage-knn`).")
     faces: int = Field(description="Faces clustered.")
+    model: str | None = Field(None, description="The served name of the model that embedded (or whose embeddings "
+                              "were given).")
     model_id: str

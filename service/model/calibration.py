@@ -27,10 +27,13 @@ numpy only (no onnx, no TensorFlow): the exporter and the service both call it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 
 import numpy as np
 
@@ -316,3 +319,26 @@ def hub_probability(tail: ImpostorTail, scores: list[float], n_eff: float) -> tu
         if p < best:
             best, at = p, m
     return min(1.0, best * (HUB_RANKS - HUB_MIN_RANK + 1)), at
+
+
+# --- a data dir's own calibration of each served model (``python -m service calibrate --model NAME``) ---
+CALIBRATION_DIR = "calibration"  # in the data dir: calibration/<model id>/impostor_tail.json, quality.json
+_UNSAFE = re.compile(r"[^A-Za-z0-9@.+_-]")
+
+
+def calibration_file(data_dir: Path, model_id: str, name: str) -> Path:
+    """Where a data dir keeps one model's calibration file ``name``: ``DATA/calibration/<model id>/name``,
+    one folder per model id, so that calibrating one served model never replaces another's. A model id
+    that is not a plain file name (a ``/``, a leading dot, other characters) is made one, with a short
+    hash of the id so that two ids never share a folder."""
+    slug = _UNSAFE.sub("_", model_id)
+    if slug != model_id or not slug or slug.startswith("."):
+        slug = f"{slug.lstrip('.') or 'model'}-{hashlib.sha256(model_id.encode()).hexdigest()[:8]}"
+    return Path(data_dir) / CALIBRATION_DIR / slug / name
+
+
+def calibration_files(data_dir: Path, model_id: str, name: str) -> tuple[Path, Path]:
+    """The files a model's calibration ``name`` is read from, in order: its own
+    (``calibration_file``), then ``DATA/name``, where a data dir calibrated before several models were
+    served keeps it (used only when it names this model id)."""
+    return calibration_file(data_dir, model_id, name), Path(data_dir) / name

@@ -88,10 +88,13 @@ class ServedModel:
         return _identify_threshold(inputs, counts, tail, source, requested)
 
     def describe(self) -> dict:
-        """What /readyz shows of it."""
+        """What /readyz shows of it (with where its impostor tail and quality come from: this data dir's
+        calibration of it, ``gallery``, or its contract, ``model``)."""
+        _, tail_source = choose_tail(self.gallery_tail.current(), self.contract.impostor_tail)
         return {"model_id": self.model_id, "dim": self.dim,
                 "provider": self.model.providers[0] if self.model.providers else None,
-                "ready": self.batcher is not None and bool(self.model.providers), "default": self.default}
+                "ready": self.batcher is not None and bool(self.model.providers), "default": self.default,
+                "impostor_tail_source": tail_source, "quality_source": self.quality_source}
 
 
 class ModelRegistry:

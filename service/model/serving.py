@@ -43,6 +43,22 @@ def served_model_path(settings: Settings, configured: Path | None = None) -> Pat
     return path
 
 
+def check_model_files(settings: Settings, names: list[str] | None = None) -> None:
+    """Every configured model file (``names``: those served models only) is there, checked before anything
+    is loaded or opened: ``ModelConfigError`` naming the model, the file and the setting (a model not yet
+    copied, a typo in FACE_MODELS). The default SFace (no path) is prepared into the cache, not checked."""
+    from ..config import ModelConfigError
+
+    setting = "FACE_MODELS" if settings.models else "FACE_MODEL"
+    for name, configured in settings.served_models():
+        if configured is None or (names is not None and name not in names):
+            continue
+        try:
+            resolve_model_path(configured, settings.model_cache_dir)
+        except FileNotFoundError as exc:
+            raise ModelConfigError(f"model {name!r}: {exc} ({setting})") from None
+
+
 def serving_variant_path(src: Path, cache_dir: Path) -> Path:
     """Where the service keeps the fp16 variant of ``src``: ``<cache>/<name>-fp16/model.onnx``, so the
     default model's variant is ``<cache>/sface-2021dec-fp16/model.onnx`` (made at image build time)."""

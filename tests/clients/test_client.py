@@ -482,3 +482,24 @@ def test_async_hygiene_probes_and_clustering(embedded, collection_name):
             await face.delete_collection(collection_name)
 
     asyncio.run(main())
+
+
+@needs_lfw
+def test_cluster_takes_a_served_model(embedded):
+    """``cluster(model=...)``: the served model that embeds (its name comes back); an unknown name is the
+    service's 404 ``model_not_found`` as NotFoundError. Two models at once: tests/service/test_model_calibration.py."""
+    photos = lfw("Adrien_Brody")[:2] + lfw("Ana_Palacio")[:2]
+    with FaceClient(embedded.url, ADMIN) as face:
+        default = face.ready().default_model
+        grouped = face.cluster(photos, image_type="aligned", model=default)
+        assert grouped.model == default and [cl.size for cl in grouped.clusters] == [2, 2]
+        with pytest.raises(NotFoundError) as e:
+            face.cluster(photos, image_type="aligned", model="nope")
+        assert e.value.code == "model_not_found" and e.value.details["served"] == [default]
+
+    async def run() -> None:
+        async with AsyncFaceClient(embedded.url, ADMIN) as client:
+            found = await client.cluster(photos, image_type="aligned", model=default)
+            assert found.model == default and found.faces == 4
+
+    asyncio.run(run())

@@ -208,9 +208,10 @@ def test_gallery_tail_file_is_read_for_its_model_only_and_follows_changes(tmp_pa
     assert reader.current() is None  # none stored yet
     save_gallery_tail(tmp_path, "other@1", tail)
     assert reader.current() is None  # another model's calibration is ignored
-    save_gallery_tail(tmp_path, "sface@2021dec-int8bq", tail, {"people": 7})
+    stored = save_gallery_tail(tmp_path, "sface@2021dec-int8bq", tail, {"people": 7})
+    assert stored == tmp_path / "calibration" / "sface@2021dec-int8bq" / CALIBRATION_FILE
     assert reader.current().cosine == tail.cosine
-    (tmp_path / CALIBRATION_FILE).write_text("{broken")
+    stored.write_text("{broken")
     assert reader.current() is None  # unreadable: ignored (logged), the model's tail applies
 
 
@@ -249,3 +250,56 @@ def test_hub_probability_judges_many_high_scores_not_one():
     # the same scores are less surprising in a gallery 100 times larger, never more
     assert hub_probability(tail, hub, 20_000)[0] > probability
     assert hub_probability(tail, [], 100) == (1.0, 0)
+
+
+def test_each_model_keeps_its_own_gallery_calibration(tmp_path):
+    """Several served models share a data dir: calibrating one must not replace another's tail or
+    quality (each model's collections decide by their own model's calibration)."""
+    from service.faces.quality import gallery_quality, save_gallery_quality
+    from service.gallery.openset import GalleryTail, save_gallery_tail
+
+    tail = packaged_impostor_tail()
+    other = ImpostorTail(far=tail.far[:6], cosine=tuple(c + 0.01 for c in tail.cosine[:6]), pairs=999)
+    save_gallery_tail(tmp_path, "sface@2021dec-int8bq", tail)
+    save_gallery_tail(tmp_path, "tiny@1", other)
+    assert GalleryTail(tmp_path, "sface@2021dec-int8bq").current().cosine == tail.cosine
+    assert GalleryTail(tmp_path, "tiny@1").current().pairs == 999
+    assert GalleryTail(tmp_path, "other@1").current() is None
+
+    quality = SFACE_CONTRACT.quality
+    save_gallery_quality(tmp_path, "sface@2021dec-int8bq", quality)
+    save_gallery_quality(tmp_path, "tiny@1", quality)
+    assert gallery_quality(tmp_path, "sface@2021dec-int8bq") == quality
+    assert gallery_quality(tmp_path, "tiny@1") == quality
+    assert gallery_quality(tmp_path, "other@1") is None
+
+
+def test_a_calibration_stored_before_several_models_still_counts_for_its_model(tmp_path):
+    """A data dir calibrated by an older service has DATA/impostor_tail.json and DATA/quality.json: they
+    still apply to the model they name (and to no other) until that model is calibrated again."""
+    from service.faces.quality import GALLERY_QUALITY_FILE, gallery_quality
+    from service.gallery.openset import CALIBRATION_FILE, GalleryTail, save_gallery_tail
+
+    tail = packaged_impostor_tail()
+    model_id = "sface@2021dec-int8bq"
+    (tmp_path / CALIBRATION_FILE).write_text(json.dumps({"model_id": model_id, "tail": tail.to_dict()}))
+    (tmp_path / GALLERY_QUALITY_FILE).write_text(json.dumps({"model_id": model_id,
+                                                             "quality": json.loads(SFACE_CONTRACT.quality.to_json())}))
+    reader = GalleryTail(tmp_path, model_id)
+    assert reader.current().pairs == tail.pairs
+    assert GalleryTail(tmp_path, "tiny@1").current() is None
+    assert gallery_quality(tmp_path, model_id) == SFACE_CONTRACT.quality
+    assert gallery_quality(tmp_path, "tiny@1") is None
+    newer = ImpostorTail(far=tail.far[:6], cosine=tail.cosine[:6], pairs=321)
+    save_gallery_tail(tmp_path, model_id, newer)  # the model's own file wins from now on
+    assert reader.current().pairs == 321
+
+
+def test_calibration_folders_are_one_per_model_id_and_safe(tmp_path):
+    from service.model.calibration import calibration_file
+
+    assert calibration_file(tmp_path, "tiny@1", "x.json") == tmp_path / "calibration" / "tiny@1" / "x.json"
+    odd = [calibration_file(tmp_path, model_id, "x.json") for model_id in ("a/b@1", "a_b@1", "..", "../..", "")]
+    assert len(set(odd)) == len(odd)
+    assert all(path.parent.parent == tmp_path / "calibration" and not path.parent.name.startswith(".")
+               for path in odd)

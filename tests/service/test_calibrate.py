@@ -30,14 +30,14 @@ def test_one_person_is_refused(tmp_path, settings):
     folder = _folder(tmp_path, "Meryl_Streep")
     with pytest.raises(CalibrationError, match=r"at least two people \(people: 4 faces of 1 people"):
         calibrate(settings, CalibrateOptions(folder, image_type="aligned", min_pairs=1))
-    assert not (settings.data_dir / "impostor_tail.json").exists()
+    assert not (settings.data_dir / "calibration").exists()
 
 
 def test_too_few_pairs_are_refused_with_the_option_named(tmp_path, settings):
     folder = _folder(tmp_path, "Meryl_Streep", "Mahmoud_Abbas")
     with pytest.raises(CalibrationError, match=r"only 16 impostor pairs \(at least 17 needed\).*--min-pairs 17"):
         calibrate(settings, CalibrateOptions(folder, image_type="aligned", min_pairs=17))
-    assert not (settings.data_dir / "impostor_tail.json").exists()
+    assert not (settings.data_dir / "calibration").exists()
 
 
 def test_quality_is_refitted_on_the_folder_and_preferred_to_the_models(tmp_path, settings):
@@ -58,7 +58,7 @@ def test_quality_is_refitted_on_the_folder_and_preferred_to_the_models(tmp_path,
     # aligned crops: the crop-based and model parts only
     assert set(refit.photo.names) == set(refit.crop.names) == {"sharpness", "exposure", "clipping", "norm"}
     assert gallery_quality(settings.data_dir, "another@model") is None
-    assert (settings.data_dir / GALLERY_QUALITY_FILE).exists()
+    assert (settings.data_dir / "calibration" / model_id / GALLERY_QUALITY_FILE).exists()
     # a user's folder has no compressed faces to fit the blockiness limit on: the model's is kept
     state = _service_state(settings)
     assert state.contract.quality is not None and state.contract.quality.limits["blockiness"][1] is not None

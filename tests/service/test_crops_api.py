@@ -232,3 +232,48 @@ def test_gallery_enroll_keeps_crops_and_gallery_import_is_refused(operator_backe
     assert operator_backend.run("gallery", "export", str(exported), env=env).returncode == 0
     r = operator_backend.run("gallery", "import", str(exported), "--collection", "kept", env=env)
     assert r.returncode != 0 and "keep_crops" in r.stderr + r.stdout, r.stderr
+
+
+def test_operator_commands_refuse_a_crop_key_that_does_not_open_the_store(operator_backend, tmp_path, monkeypatch):
+    """Issue 22's bad input: the operator's tools (the folder enroll that re-enrolls a collection without
+    crops, export, keys) given another key than the one the kept crops were sealed with, or a key file that
+    is no key, stop with exit status 2 and one line naming the key file, no traceback; nothing is written."""
+    key = tmp_path / "crop.key"
+    assert crop_key("new", str(key)).returncode == 0
+    monkeypatch.setenv("FACE_CROP_KEY_FILE", str(key))
+    galleries = operator_backend.open()
+    try:
+        galleries.create_collection("kept", keep_crops=True)
+    finally:
+        galleries.close()
+    people = tmp_path / "people"
+    (people / "George_W_Bush").mkdir(parents=True)
+    for path in face_files("George_W_Bush")[:2]:
+        (people / "George_W_Bush" / path.name).write_bytes(path.read_bytes())
+    assert operator_backend.run("gallery", "enroll", str(people), "--collection", "kept",
+                                env={"FACE_CROP_KEY_FILE": str(key)}, timeout=300).returncode == 0
+    wrong = tmp_path / "wrong.key"
+    assert crop_key("new", str(wrong)).returncode == 0
+    not_a_key = tmp_path / "not-a.key"
+    not_a_key.write_text("this is not a key\n")
+    (people / "Colin_Powell").mkdir()
+    for path in face_files("Colin_Powell")[:2]:
+        (people / "Colin_Powell" / path.name).write_bytes(path.read_bytes())
+    for bad in (wrong, not_a_key):
+        env = {"FACE_CROP_KEY_FILE": str(bad)}
+        for command in (("gallery", "enroll", str(people), "--collection", "kept"),
+                        ("gallery", "export", str(tmp_path / "out.jsonl"), "--collection", "kept"),
+                        ("keys", "list")):
+            r = operator_backend.run(*command, env=env, timeout=300)
+            if command[0] == "keys" and bad is wrong:  # keys never read crops: another valid key does not matter
+                assert r.returncode == 0, r.stderr
+                continue
+            assert r.returncode == 2, (command, bad, r.stderr[-2000:])
+            assert str(bad) in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "out.jsonl").exists()
+    galleries = operator_backend.open()
+    try:
+        kept = galleries.collection("kept")
+        assert [i.identity_id for i in kept.list_identities(10, None)] == ["George_W_Bush"] and kept.crop_count() == 2
+    finally:
+        galleries.close()

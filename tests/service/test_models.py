@@ -162,3 +162,44 @@ def test_one_model_configuration_answers_as_before(server):
         assert r.json()["model_id"] == ready["model_id"]
         assert error(client.post("/embed", params={"model": "tiny"}, json={"images": images(ENROLLED[0], 1)})) == (
             404, "model_not_found")
+
+
+def test_a_model_file_missing_at_start_up_is_named_and_nothing_starts(backend, tmp_path, default_model, tiny):
+    """Issue 22's bad input: FACE_MODELS names a file that is not there (a model not yet copied, a typo).
+    The server exits non-zero naming the model and the file, before it opens or creates any store; the
+    operator commands and the calibration say the same in one line with exit status 2 (no traceback)."""
+    import subprocess
+    import sys
+
+    from harness.server import MODEL_CACHE, REPO
+
+    missing = tmp_path / "exported" / "new.onnx"
+    models = f"sface={default_model},new={missing}"
+    data = tmp_path / "data"
+    proc = ServerProcess(data, env=backend_env(backend, {"FACE_MODELS": models}))
+    try:
+        assert proc.proc.wait(180) not in (0, None)
+    finally:
+        proc.stop()
+    log = proc.log()
+    assert f"model 'new': model file {missing} does not exist" in log, log[-3000:]
+    assert not data.exists()
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "FACE_MODEL_CACHE_DIR": str(MODEL_CACHE),
+           "FACE_LOG_JSON": "false", "HNSWLIB_NO_NATIVE": "1", "FACE_MODELS": models, "FACE_DATA_DIR": str(data),
+           **backend_env(backend)}
+    for command in (("gallery", "export", str(tmp_path / "out.jsonl")), ("keys", "list"),
+                    ("calibrate", str(FIXTURES / "train"), "--model", "new"),
+                    ("cluster", str(FIXTURES / "train"), "--output", str(tmp_path / "out.json"))):
+        run = subprocess.run([sys.executable, "-m", "service", *command], cwd=REPO, env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert run.returncode == 2, (command, run.stderr[-3000:])
+        assert f"model 'new': model file {missing} does not exist" in run.stderr and "Traceback" not in run.stderr, (
+            command, run.stderr[-3000:])
+    assert not data.exists() and not (tmp_path / "out.jsonl").exists() and not (tmp_path / "out.json").exists()
+
+
+def test_readyz_says_where_each_models_tail_and_quality_come_from(served):
+    """Uncalibrated: SFace's tail and quality are its contract's; the tiny model has no tail at all."""
+    models = served.ready["models"]
+    assert (models["sface"]["impostor_tail_source"], models["sface"]["quality_source"]) == ("model", "model")
+    assert (models["tiny"]["impostor_tail_source"], models["tiny"]["quality_source"]) == (None, "model")

@@ -127,7 +127,9 @@ def test_calibrate_command_stores_a_tail_the_service_prefers(tmp_path, default_m
     summary = json.loads(run.stdout)
     assert summary["people"] >= 25 and summary["pairs"] >= 500
     assert any(path.endswith("broken.jpg") for path in summary["skipped"])
-    stored = json.loads((data_dir / "impostor_tail.json").read_text())
+    path = data_dir / "calibration" / "sface@2021dec-int8bq" / "impostor_tail.json"
+    assert summary["stored"] == str(path)
+    stored = json.loads(path.read_text())
     assert stored["model_id"] == "sface@2021dec-int8bq" and stored["tail"]["pairs"] == summary["pairs"]
 
     proc = ServerProcess(data_dir, model=default_model, env=ENV)
@@ -136,9 +138,9 @@ def test_calibrate_command_stores_a_tail_the_service_prefers(tmp_path, default_m
         assert ready["impostor_tail"]["source"] == "gallery"
         assert ready["impostor_tail"]["pairs"] == summary["pairs"]
         # a calibration written while the service runs is picked up on the next request
-        shutil.move(data_dir / "impostor_tail.json", tmp_path / "saved.json")
+        shutil.move(path, tmp_path / "saved.json")
         assert httpx.get(proc.url + "/readyz", timeout=30).json()["impostor_tail"]["source"] == "model"
-        shutil.move(tmp_path / "saved.json", data_dir / "impostor_tail.json")
+        shutil.move(tmp_path / "saved.json", path)
         assert httpx.get(proc.url + "/readyz", timeout=30).json()["impostor_tail"]["source"] == "gallery"
     finally:
         proc.stop()
@@ -150,7 +152,7 @@ def test_calibrate_command_stores_a_tail_the_service_prefers(tmp_path, default_m
     run = subprocess.run([sys.executable, "-m", "service", "calibrate", str(small), "--data-dir", str(tmp_path / "d2"),
                           "--model", str(default_model)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 2 and "min-pairs" in run.stderr
-    assert not (tmp_path / "d2" / "impostor_tail.json").exists()
+    assert not (tmp_path / "d2" / "calibration").exists()
 
 
 @pytest.mark.skipif(not LFW.exists(), reason="needs ../shared/data/lfw-112")

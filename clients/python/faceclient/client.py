@@ -321,8 +321,8 @@ class _Base:
         return Call(method, f"{self._prefix(collection)}/faces/{int(face_id)}{action}", body)
 
     def _cluster(self, images: Any, embeddings: Any, threshold: float | None, image_type: ImageType,
-                 multi_face: str, color: Color | None, model_id: str | None) -> Call:
-        body: dict[str, Any] = {"threshold": threshold, "model_id": model_id}
+                 multi_face: str, color: Color | None, model_id: str | None, model: str | None = None) -> Call:
+        body: dict[str, Any] = {"threshold": threshold, "model_id": model_id, "model": model}
         if images is not None:
             body |= {"image_type": image_type, "multi_face": multi_face}
         if embeddings is not None:
@@ -656,12 +656,14 @@ class FaceClient(_Base):
 
     def cluster(self, images: ImageInput | Sequence[ImageInput] | None = None, *, embeddings: Any = None,
                 threshold: float | None = None, image_type: ImageType = "auto", multi_face: str = "all",
-                color: Color | None = None, model_id: str | None = None) -> ClusterResult:
+                color: Color | None = None, model_id: str | None = None, model: str | None = None) -> ClusterResult:
         """Group the faces of ``images`` (every face of each photo, by default) or ``embeddings`` by person;
         no gallery is read. ``threshold``: the average-linkage cosine (None: the server's default for this
-        many faces). Clusters come biggest first; a face alone is a cluster of size 1."""
-        return self._do(self._cluster(images, embeddings, threshold, image_type, multi_face, color, model_id),
-                        ClusterResult)
+        many faces, from the model's impostor tail). ``model``: a served model's name (None: the server's
+        default model), which embeds the faces (``embeddings`` must carry its ``model_id``). Clusters come
+        biggest first; a face alone is a cluster of size 1."""
+        return self._do(self._cluster(images, embeddings, threshold, image_type, multi_face, color, model_id,
+                                      model), ClusterResult)
 
 
 class AsyncFaceClient(_Base):
@@ -907,9 +909,10 @@ class AsyncFaceClient(_Base):
 
     async def cluster(self, images: ImageInput | Sequence[ImageInput] | None = None, *, embeddings: Any = None,
                       threshold: float | None = None, image_type: ImageType = "auto", multi_face: str = "all",
-                      color: Color | None = None, model_id: str | None = None) -> ClusterResult:
+                      color: Color | None = None, model_id: str | None = None,
+                      model: str | None = None) -> ClusterResult:
         return await self._do(self._cluster(images, embeddings, threshold, image_type, multi_face, color,
-                                            model_id), ClusterResult)
+                                            model_id, model), ClusterResult)
 
 
 __all__ = ["AsyncFaceClient", "FaceClient", "person_folders", "progress_reporter"]

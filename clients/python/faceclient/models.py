@@ -282,6 +282,8 @@ class ModelStatus(Model):
     provider: str | None
     ready: bool
     default: bool
+    impostor_tail_source: str | None = None  # "gallery": the data dir's calibration of it; "model": its contract's
+    quality_source: str | None = None
 
 
 class Ready(Model):
@@ -397,6 +399,7 @@ class ClusterResult(Model):
     method: str
     faces: int
     model_id: str
+    model: str | None = None  # the served model's name
 
 
 class SkippedFile(Model):
