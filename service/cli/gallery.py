@@ -6,6 +6,8 @@
 * ``enroll DIR``: one sub-folder per person (the folder name is the identity id), photos or aligned
   crops, through the model in batches; prints progress and a summary of what was skipped and why.
   Resumable: a person already enrolled is skipped (``--replace`` enrolls them again).
+* ``migrate --collection A --model NEW --into B`` / ``jobs [JOB_ID]``: a collection re-embedded by
+  another served model (cli/migrate.py).
 * ``alias set NAME COLLECTION | list | delete NAME``: aliases (``PUT /aliases/{name}``), beside a
   running server (the embedded catalog is outside the data-dir lock); every replica follows within
   FACE_ALIAS_CACHE_S. Audited as made ``via="cli"`` by user@host.
@@ -58,6 +60,7 @@ from ..gallery.api import (
 )
 from ..gallery.crops import encode_crop
 from ..gallery.open import open_gallery
+from . import migrate
 from .backend import (
     CommandError,
     add_backend_arguments,
@@ -370,6 +373,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     alias_set.add_argument("collection")
     alias.add_parser("list", help="every alias and its collection")
     alias.add_parser("delete", help="remove the alias (the collection is untouched)").add_argument("name")
+    migrate.add_arguments(sub)  # migrate, jobs (cli/migrate.py)
     for command in (export, imp, enroll):
         command.add_argument("--collection", default=DEFAULT_COLLECTION,
                              help=f"the collection to read or write (default {DEFAULT_COLLECTION!r}); it must exist")
@@ -383,6 +387,8 @@ def main(argv: list[str]) -> int:
     configure_logging("warning", False)
     try:
         settings = settings_from(args)
+        if args.command in ("migrate", "jobs"):
+            return migrate.main(args, settings)
         if args.command == "alias":
             with opened_backend(settings) as galleries:
                 report = run_alias(args, galleries)

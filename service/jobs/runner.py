@@ -28,7 +28,7 @@ from ..errors import ErrorCode
 from ..gallery.api import CollectionNotFound, Galleries
 from ..gallery.crops import CropAuthenticationFailed
 from ..model.registry import ModelRegistry
-from .migrate import JobFailed, JobStopped, Migration
+from .migrate import Embed, JobFailed, JobStopped, Migration
 from .store import JobRecord
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,12 @@ def runner_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
-def run_job(galleries: Galleries, models: ModelRegistry, job: JobRecord, owner: str,
+def embedder_of(models: ModelRegistry) -> Callable[[str], Embed]:
+    """The served model of a name as the migration embeds with it (its session, off the batcher's loop)."""
+    return lambda name: models.get(name).model.execute
+
+
+def run_job(galleries: Galleries, embedder: Callable[[str], Embed], job: JobRecord, owner: str,
             on_done: Callable[[JobRecord], None] | None = None, compare: bool = True,
             stopping: threading.Event | None = None, stale_s: float = STALE_S) -> JobRecord:
     """Run a job this process holds (state ``running``, owner ``owner``) to its end; returns the row
@@ -67,10 +72,10 @@ def run_job(galleries: Galleries, models: ModelRegistry, job: JobRecord, owner: 
     migration: Migration | None = None
     try:
         try:
-            served = models.get(job.model)
+            embed = embedder(job.model)
         except KeyError:
             raise JobFailed(ErrorCode.model_not_found, f"no model named {job.model!r} is served here") from None
-        migration = Migration(galleries, job, served.model.execute, save, compare=compare)
+        migration = Migration(galleries, job, embed, save, compare=compare)
         log.info("job started", extra={"job": job.job_id, "collection": job.collection, "into": job.into})
         report = migration.run()
         if stopping is not None and stopping.is_set():
@@ -146,7 +151,7 @@ class JobRunner:
             try:
                 job = self.claim()
                 if job is not None:
-                    run_job(self.galleries, self.models, job, self.owner, self.on_done, stopping=self._stop,
+                    run_job(self.galleries, embedder_of(self.models), job, self.owner, self.on_done, stopping=self._stop,
                             stale_s=self.stale_s)
                     continue
             except Exception:  # noqa: BLE001 - keep the thread; the store stays the truth
@@ -158,16 +163,23 @@ class JobRunner:
         """Take one job this process may run, or None (a conditional UPDATE: one replica wins)."""
         now = time.time()
         for job in reversed(self.galleries.list_jobs(state="queued", limit=100)):  # oldest first
-            if self._take(job, now):
-                return self.galleries.get_job(job.job_id)
+            taken = take(self.galleries, job, self.owner)
+            if taken is not None:
+                return taken
         for job in self.galleries.list_jobs(state="running", limit=100):
             if job.heartbeat is None or now - job.heartbeat > self.stale_s:
-                if job.owner != self.owner and self._take(job, now):
+                taken = take(self.galleries, job, self.owner) if job.owner != self.owner else None
+                if taken is not None:
                     log.info("resuming a job whose runner stopped", extra={"job": job.job_id, "owner": job.owner})
-                    return self.galleries.get_job(job.job_id)
+                    return taken
         return None
 
-    def _take(self, job: JobRecord, now: float) -> bool:
-        return self.galleries.update_job(job.job_id, {"state": "running", "owner": self.owner, "heartbeat": now,
-                                                      "updated_at": now},
-                                         expect_state=(job.state,), expect_heartbeat=job.heartbeat)
+
+def take(galleries: Galleries, job: JobRecord, owner: str) -> JobRecord | None:
+    """Make ``job`` (as read) this runner's: state running, its owner and heartbeat, if nobody changed
+    its state or heartbeat since it was read (else None: another runner was first)."""
+    now = time.time()
+    if galleries.update_job(job.job_id, {"state": "running", "owner": owner, "heartbeat": now, "updated_at": now},
+                            expect_state=(job.state,), expect_heartbeat=job.heartbeat):
+        return galleries.get_job(job.job_id)
+    return None

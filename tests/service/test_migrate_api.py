@@ -211,3 +211,48 @@ def test_a_killed_servers_migration_resumes_after_restart(setup):
             assert done["progress"]["identities_done"] == 150
     finally:
         server.stop()
+
+
+def gallery_cli(data_dir, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run([sys.executable, "-m", "service", "gallery", "--data-dir", str(data_dir), *args], cwd=REPO,
+                          env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+
+
+def test_the_cli_migrates_through_the_server_or_in_process(setup):
+    """`gallery migrate` with --url follows the server's job to its end; without a URL it runs the same
+    job code here (refused, naming --url, while a server holds the embedded data dir)."""
+    import json
+
+    kind, data_dir, env = setup
+    server = ServerProcess(data_dir, env=env)
+    try:
+        server.wait_ready()
+        with httpx.Client(base_url=server.url, timeout=120) as c:
+            assert c.post("/collections", json={"name": "kept", "keep_crops": True}).status_code == 201
+            for i, face in enumerate(FACES[:6]):
+                enroll(c, "kept", f"p{i}", [face])
+        remote = gallery_cli(data_dir, env, "migrate", "--collection", "kept", "--model", "tiny", "--into", "via-url",
+                             "--url", server.url)
+        assert remote.returncode == 0, remote.stderr
+        assert json.loads(remote.stdout)["state"] == "done"
+        refused = gallery_cli(data_dir, env, "migrate", "--collection", "kept", "--model", "nope", "--into", "x",
+                              "--url", server.url)
+        assert refused.returncode == 2 and "model_not_found" in refused.stderr, refused.stderr
+        if kind == "embedded":
+            locked = gallery_cli(data_dir, env, "migrate", "--collection", "kept", "--model", "tiny", "--into", "x")
+            assert locked.returncode == 2 and "--url" in locked.stderr, locked.stderr
+    finally:
+        server.stop()
+    here = gallery_cli(data_dir, env, "migrate", "--collection", "kept", "--model", "tiny", "--into", "in-process",
+                       "--batch-size", "2")
+    assert here.returncode == 0, here.stderr
+    job = json.loads(here.stdout)
+    assert job["state"] == "done" and job["progress"]["identities_done"] == 6, job
+    listed = gallery_cli(data_dir, env, "jobs")
+    assert listed.returncode == 0, listed.stderr
+    assert [j["into"] for j in json.loads(listed.stdout)["items"]] == ["in-process", "via-url"]
+    shown = gallery_cli(data_dir, env, "jobs", job["id"])
+    assert shown.returncode == 0 and json.loads(shown.stdout)["id"] == job["id"]
+    assert gallery_cli(data_dir, env, "jobs", "job_000000000000").returncode == 2

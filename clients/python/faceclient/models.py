@@ -204,6 +204,53 @@ class AliasList(Model):
     items: list[Alias]
 
 
+class JobProgress(Model):
+    phase: str  # copy, catch_up, compare, done
+    identities_done: int
+    identities_total: int
+    faces_done: int
+    faces_total: int
+    faces_per_s: float | None = None
+
+
+class JobError(Model):
+    code: str
+    message: str
+
+
+class Job(Model):
+    """A background job (``POST /collections/{c}/migrate``): its state, progress, error and report."""
+
+    id: str
+    kind: str
+    state: str  # queued, running, done, failed, cancelled
+    collection: str
+    into: str
+    model: str
+    model_id: str
+    source_model_id: str
+    shadow: bool = False
+    progress: JobProgress
+    created_at: float
+    updated_at: float
+    finished_at: float | None = None
+    started_by: str | None = None
+    error: JobError | None = None
+    report: dict[str, Any] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ("done", "failed", "cancelled")
+
+
+class JobCreated(Model):
+    job: Job
+
+
+class JobList(Model):
+    items: list[Job]
+
+
 class Key(Model):
     key_id: str
     role: str
@@ -460,9 +507,15 @@ SERVER_MODELS: dict[str, type[Model]] = {
     "KeyCreated": KeyCreated, "KeyList": KeyList, "KeyOut": Key, "KeyRevoked": KeyRevoked, "ProbeResult": ProbeResult,
     "QualityFailure": QualityFailure, "QualityPart": QualityPart, "ReadyResponse": Ready, "ReadyStatus": Ready,
     "VerifyResponse": VerifyResult, "WhoAmI": WhoAmI,
+    "Job": Job, "JobProgress": JobProgress, "JobError": JobError, "JobCreated": JobCreated, "JobList": JobList,
 }
 
 __all__ = [
+    "Job",
+    "JobCreated",
+    "JobError",
+    "JobList",
+    "JobProgress",
     "Alias",
     "AliasList",
     "AuditEntry",
