@@ -23,8 +23,8 @@ foreground):
    price is one listing of both collections per pass (about a second per 100k identities). A write
    answered after the last pass began may miss B: the job's ``done`` means "B held everything A held
    when its last pass started"; stop writing to A (or re-point the alias) before switching.
-3. **compare**: ``service.jobs.compare.compare_collections(A, B)`` (when that module is present),
-   its ``as_dict()`` stored as the job's ``report``.
+3. **compare**: ``service.jobs.compare.compare_collections(A, B)``, its ``as_dict()`` stored as the
+   job's ``report``.
 
 A face of A without a crop (a collection made without ``keep_crops``, or faces enrolled before) is
 ``no_source_crops``: nothing to re-embed from (re-enroll from folders instead).
@@ -32,7 +32,6 @@ A face of A without a crop (a collection made without ``keep_crops``, or faces e
 
 from __future__ import annotations
 
-import importlib
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -44,6 +43,7 @@ from ..errors import ErrorCode
 from ..gallery.api import Actor, CollectionExists, CollectionNotFound, Galleries, GalleryBackend
 from ..gallery.crops import CropCipher, CropsUnavailable, decode_crop
 from ..gallery.results import IdentityRecord
+from .compare import compare_collections
 from .store import JobRecord, JobRunning, new_job_id
 
 log = logging.getLogger(__name__)
@@ -271,16 +271,11 @@ class Migration:
                              faces_done=sum(r.face_count for r in in_a.values()))
 
     def report(self, source: GalleryBackend, target: GalleryBackend) -> dict | None:
-        """The compare helper's report (service/jobs/compare.py), None while that module is absent."""
+        """The comparison report of A and B (compare.py); None when ``compare`` is off."""
         if not self.compare:
             return None
-        try:
-            compare = importlib.import_module("service.jobs.compare")
-        except ImportError:
-            return None
         self._checkpoint(phase="compare")
-        result: dict = compare.compare_collections(source, target).as_dict()
-        return result
+        return compare_collections(source, target).as_dict()
 
     def run(self) -> dict | None:
         """Copy, catch up, compare; returns the report. JobFailed / JobStopped end it early."""

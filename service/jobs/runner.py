@@ -114,6 +114,22 @@ def _failure(exc: Exception, job: JobRecord) -> tuple[str, str]:
     return ErrorCode.internal_error.value, f"{type(exc).__name__}: {exc}"
 
 
+def shadow_pairs(galleries: Galleries) -> list[tuple[str, str, list[str]]]:
+    """(source, target, aliases pointing at the source) of each finished shadow migration whose
+    shadow traffic still applies (jobs/shadow.py): both collections exist and no alias points at the
+    target yet (an alias re-pointed from the source to the target ends it). Newest job per source."""
+    collections = {info.name for info in galleries.list_collections()}
+    aliases = {a.name: a.collection for a in galleries.list_aliases()}
+    pairs: dict[str, tuple[str, str, list[str]]] = {}
+    for job in galleries.list_jobs(state="done", limit=1000):  # newest first
+        if not job.shadow or job.collection in pairs:
+            continue
+        if {job.collection, job.into} <= collections and job.into not in aliases.values():
+            pairs[job.collection] = (job.collection, job.into,
+                                     sorted(a for a, c in aliases.items() if c == job.collection))
+    return list(pairs.values())
+
+
 class JobRunner:
     """The process's job thread (module docstring). ``start()``/``stop()`` from the app's lifespan."""
 
