@@ -100,7 +100,6 @@ def migrate_here(args: argparse.Namespace, settings: Settings) -> int:
     contract = read_contract(path)
     try:
         galleries: Galleries = open_gallery(settings, *model_identity(settings), served=served_identities(settings))
-        galleries.open()
     except DataDirLocked as exc:
         raise CommandError(f"{exc}: a server is running on this data dir; migrate through it with "
                            "--url URL (or FACE_URL)") from exc

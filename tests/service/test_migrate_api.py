@@ -83,7 +83,8 @@ def test_migration_copies_every_identity_and_keeps_up_with_writes(setup):
             with ThreadPoolExecutor(4) as pool:  # enough for the job to be running while the writer writes
                 list(pool.map(lambda i: enroll(c, "people-v1", f"zz{i:03d}", [FACES[i % 24]]), range(300)))
             assert c.put("/aliases/people", json={"collection": "people-v1"}).status_code == 200
-            r = c.post("/collections/people/migrate", json={"model": "tiny", "into": "people-v2", "batch_size": 1})
+            r = c.post("/collections/people/migrate", json={"model": "tiny", "into": "people-v2", "batch_size": 1,
+                                                            "shadow": True})
             assert r.status_code == 202, r.text
             job = r.json()["job"]
             assert job["collection"] == "people-v1" and job["into"] == "people-v2" and job["kind"] == "migrate"
@@ -118,6 +119,20 @@ def test_migration_copies_every_identity_and_keeps_up_with_writes(setup):
             assert c.get("/jobs", params={"collection": "people-v1", "state": "done"}).json()["items"][0]["id"] == job["id"]
             actions = {e["action"] for e in c.get("/audit", params={"collection": "people-v1"}).json()["items"]}
             assert "job.started" in actions
+            report = done["report"]  # compare.py's, over the finished copy
+            assert report["source"]["collection"] == "people-v1" and report["target"]["collection"] == "people-v2"
+            assert report["unpaired_identities"] == 0 and report["paired_probes"] == 5  # many: 3 faces, p10: 2
+            # shadow: true: /identify on the source is run on the copy too, off the request path
+            assert c.post("/collections/people/identify", json={"images": [b64(FACES[30])]}).status_code == 200
+            deadline = time.monotonic() + 30
+            while 'face_shadow_identify_total{source="people-v1",target="people-v2"} 1.0' not in c.get("/metrics").text:
+                assert time.monotonic() < deadline, c.get("/metrics").text[-3000:]
+                time.sleep(0.1)
+            # the whole road: the alias moves to the copy, and identify through it uses the new model
+            assert c.put("/aliases/people", json={"collection": "people-v2"}).status_code == 200
+            time.sleep(1.1)  # FACE_ALIAS_CACHE_S
+            found = c.post("/collections/people/identify", json={"images": [b64(FACES[30])]}).json()
+            assert found["model_id"] == "tiny@1" and found["results"][0]["identity_id"] == "new3", found
     finally:
         server.stop()
 
