@@ -11,7 +11,7 @@ Taking a job is a conditional UPDATE on the row's state and heartbeat as read (`
 the others see no row changed and leave it. While a job runs, a ticker writes its heartbeat every
 ``stale_s / 6`` seconds, so a long phase (a catch-up listing, the comparison) is never taken for dead.
 Rows of a POST that died between its job row and its target collection (``creating``) are removed
-after ``stale_s``.
+after ``2 * stale_s``, freeing their collection for a new job.
 """
 
 from __future__ import annotations
@@ -178,6 +178,10 @@ class JobRunner:
     def claim(self) -> JobRecord | None:
         """Take one job this process may run, or None (a conditional UPDATE: one replica wins)."""
         now = time.time()
+        for job in self.galleries.list_jobs(state="creating", limit=100):
+            if now - job.created_at > 2 * self.stale_s:  # its POST died before creating the target
+                log.warning("removing a job whose start was interrupted", extra={"job": job.job_id})
+                self.galleries.delete_job(job.job_id)
         for job in reversed(self.galleries.list_jobs(state="queued", limit=100)):  # oldest first
             taken = take(self.galleries, job, self.owner)
             if taken is not None:

@@ -78,6 +78,22 @@ def test_a_claim_is_a_conditional_update_and_is_audited(galleries):
     creating = job(collection="third", state="creating")
     galleries.create_job(creating)
     assert creating.job_id not in [j.job_id for j in galleries.list_jobs()]
+    assert [j.job_id for j in galleries.list_jobs(state="creating")] == [creating.job_id]
     galleries.delete_job(row.job_id)
     galleries.delete_job(creating.job_id)
     assert galleries.get_job(row.job_id) is not None and galleries.get_job(creating.job_id) is None
+
+
+def test_the_runner_removes_a_start_that_died_halfway(galleries):
+    """A POST that stored its job row but died before creating the target leaves a ``creating`` row that
+    holds the collection's place: the runner removes it once it is 2 x stale_s old."""
+    from service.jobs.runner import JobRunner
+
+    stuck = job(collection="halfway", state="creating", created_at=0.0)
+    galleries.create_job(stuck)
+    with pytest.raises(JobRunning):
+        galleries.create_job(job(collection="halfway"))
+    assert JobRunner(galleries, models=None, stale_s=30).claim() is None  # type: ignore[arg-type]
+    assert galleries.get_job(stuck.job_id) is None
+    galleries.create_job(job(collection="halfway", state="done"))
+    galleries.create_job(job(collection="halfway", state="failed"))
