@@ -181,7 +181,9 @@ def test_bad_migrations_are_refused_and_leave_nothing(setup):
             assert error(c.post("/jobs/job_000000000000/cancel")) == (404, "job_not_found")
             assert error(c.get("/jobs", params={"state": "odd"}))[0] == 422
             # cancel, then resume: the job ends done with the target complete
-            r = c.post("/collections/kept/migrate", json={"model": "tiny", "into": "again"})
+            for i, face in enumerate(FACES[2:22]):  # enough for the resumed job to be still running below
+                enroll(c, "kept", f"k{i}", [face])
+            r = c.post("/collections/kept/migrate", json={"model": "tiny", "into": "again", "batch_size": 1})
             assert r.status_code == 202, r.text
             job_id = r.json()["job"]["id"]
             cancelled = c.post(f"/jobs/{job_id}/cancel")
