@@ -128,11 +128,6 @@ def test_migration_copies_every_identity_and_keeps_up_with_writes(setup):
             while 'face_shadow_identify_total{source="people-v1",target="people-v2"} 1.0' not in c.get("/metrics").text:
                 assert time.monotonic() < deadline, c.get("/metrics").text[-3000:]
                 time.sleep(0.1)
-            # the whole road: the alias moves to the copy, and identify through it uses the new model
-            assert c.put("/aliases/people", json={"collection": "people-v2"}).status_code == 200
-            time.sleep(1.1)  # FACE_ALIAS_CACHE_S
-            found = c.post("/collections/people/identify", json={"images": [b64(FACES[30])]}).json()
-            assert found["model_id"] == "tiny@1" and found["results"][0]["identity_id"] == "new3", found
     finally:
         server.stop()
 
