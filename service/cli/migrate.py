@@ -86,7 +86,7 @@ def migrate_remote(args: argparse.Namespace) -> int:
 def migrate_here(args: argparse.Namespace, settings: Settings) -> int:
     """The job in this process, in the foreground (the server's code: start_migration, run_job)."""
     from ..gallery.open import open_gallery
-    from ..jobs.migrate import JobFailed, start_migration
+    from ..jobs.migrate import JobFailed, model_embed, start_migration
     from ..jobs.runner import run_job, runner_id, take
     from ..model.contract import read_contract
     from ..model.runtime import EmbeddingModel
@@ -121,7 +121,7 @@ def migrate_here(args: argparse.Namespace, settings: Settings) -> int:
         if taken is None:  # a server's runner took it first (PostgreSQL): follow it there
             raise CommandError(f"job {job.job_id} was taken by a running server; watch it with "
                                f"`python -m service gallery jobs {job.job_id} --url URL`")
-        final = run_job(galleries, lambda name: model.execute, taken, taken.owner or "")
+        final = run_job(galleries, lambda name: model_embed(model), taken, taken.owner or "")
     finally:
         galleries.close()
     from ..http.jobs import job_out

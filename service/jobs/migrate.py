@@ -43,6 +43,7 @@ from ..errors import ErrorCode
 from ..gallery.api import Actor, CollectionExists, CollectionNotFound, Galleries, GalleryBackend
 from ..gallery.crops import CropCipher, CropsUnavailable, decode_crop
 from ..gallery.results import IdentityRecord
+from ..model.runtime import EmbeddingModel
 from .compare import compare_collections
 from .store import JobRecord, JobRunning, new_job_id
 
@@ -71,6 +72,20 @@ Embed = Callable[[np.ndarray], np.ndarray]  # N x H x W x 3 uint8 aligned crops 
 class _Batch:
     identities: list[tuple[IdentityRecord, list[bytes]]] = field(default_factory=list)  # record, encoded crops
     faces: int = 0
+
+
+def model_embed(model: EmbeddingModel) -> Embed:
+    """The model's session as the migration calls it; crops of another size than the model's input
+    (a model aligned to another crop size) end the job with ``wrong_image_size``, naming both."""
+    height, width = model.contract.input_size
+
+    def embed(crops: np.ndarray) -> np.ndarray:
+        if crops.shape[1:3] != (height, width):
+            raise JobFailed(ErrorCode.wrong_image_size, f"the kept crops are {crops.shape[2]}x{crops.shape[1]}, the "
+                            f"model {model.contract.model_id} takes {width}x{height}: re-enroll from the photos instead")
+        return model.execute(crops)
+
+    return embed
 
 
 def no_source_crops(collection: str) -> str:

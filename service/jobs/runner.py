@@ -28,7 +28,7 @@ from ..errors import ErrorCode
 from ..gallery.api import CollectionNotFound, Galleries
 from ..gallery.crops import CropAuthenticationFailed
 from ..model.registry import ModelRegistry
-from .migrate import Embed, JobFailed, JobStopped, Migration
+from .migrate import Embed, JobFailed, JobStopped, Migration, model_embed
 from .store import JobRecord
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def runner_id() -> str:
 
 def embedder_of(models: ModelRegistry) -> Callable[[str], Embed]:
     """The served model of a name as the migration embeds with it (its session, off the batcher's loop)."""
-    return lambda name: models.get(name).model.execute
+    return lambda name: model_embed(models.get(name).model)
 
 
 def run_job(galleries: Galleries, embedder: Callable[[str], Embed], job: JobRecord, owner: str,
