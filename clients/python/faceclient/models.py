@@ -218,6 +218,42 @@ class JobError(Model):
     message: str
 
 
+class CollectionRank(Model):
+    collection: str
+    model_id: str
+    identities: int
+    faces: int
+    probes: int
+    rank1: float | None = None  # leave-one-face-out rank-1; None: no probe
+
+
+class ChangedProbe(Model):
+    identity_id: str
+    source_top1: str | None = None
+    target_top1: str | None = None
+    source_score: float | None = None
+    target_score: float | None = None
+    source_face_id: int
+    target_face_id: int
+
+
+class ComparisonReport(Model):
+    """A migration's comparison: each collection's rank-1 and how often their top-1 answers agree."""
+
+    source: CollectionRank
+    target: CollectionRank
+    paired_probes: int
+    unpaired_identities: int
+    top1_agreement: float | None = None
+    changed_count: int
+    identities_changed: int
+    changed: list[ChangedProbe] = []
+    sampled: bool
+    max_probes: int
+    seed: int
+    seconds: float
+
+
 class Job(Model):
     """A background job (``POST /collections/{c}/migrate``): its state, progress, error and report."""
 
@@ -236,7 +272,7 @@ class Job(Model):
     finished_at: float | None = None
     started_by: str | None = None
     error: JobError | None = None
-    report: dict[str, Any] | None = None
+    report: ComparisonReport | None = None
 
     @property
     def finished(self) -> bool:
@@ -507,10 +543,14 @@ SERVER_MODELS: dict[str, type[Model]] = {
     "KeyCreated": KeyCreated, "KeyList": KeyList, "KeyOut": Key, "KeyRevoked": KeyRevoked, "ProbeResult": ProbeResult,
     "QualityFailure": QualityFailure, "QualityPart": QualityPart, "ReadyResponse": Ready, "ReadyStatus": Ready,
     "VerifyResponse": VerifyResult, "WhoAmI": WhoAmI,
+    "ComparisonReport": ComparisonReport, "CollectionRank": CollectionRank, "ChangedProbe": ChangedProbe,
     "Job": Job, "JobProgress": JobProgress, "JobError": JobError, "JobCreated": JobCreated, "JobList": JobList,
 }
 
 __all__ = [
+    "ChangedProbe",
+    "CollectionRank",
+    "ComparisonReport",
     "Job",
     "JobCreated",
     "JobError",
