@@ -14,6 +14,7 @@ from .faces.quality import QualityModel
 from .gallery.aliases import AliasMap
 from .gallery.api import DEFAULT_COLLECTION, Galleries, GalleryBackend
 from .gallery.openset import GalleryCounts, GalleryTail, IdentifyThreshold
+from .jobs.runner import JobRunner
 from .jobs.shadow import ShadowMap
 from .model.batcher import DynamicBatcher
 from .model.contract import FaceContract
@@ -46,6 +47,7 @@ class ServiceState:
     keyring: KeyRing = field(init=False)  # API keys -> principals (service/access)
     limits: Limits = field(init=False)  # requests and faces per second per key (service/access/limits.py)
     aliases: AliasMap = field(init=False)  # alias -> collection, at most FACE_ALIAS_CACHE_S old (gallery/aliases.py)
+    jobs: JobRunner | None = field(default=None, init=False)  # the job thread (service/jobs/runner.py), once started
     shadow: ShadowMap = field(init=False)  # migrated collections whose /identify also runs on the new one (jobs/shadow.py)
 
     def __post_init__(self) -> None:

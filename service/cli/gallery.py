@@ -6,6 +6,8 @@
 * ``enroll DIR``: one sub-folder per person (the folder name is the identity id), photos or aligned
   crops, through the model in batches; prints progress and a summary of what was skipped and why.
   Resumable: a person already enrolled is skipped (``--replace`` enrolls them again).
+* ``migrate --collection A --model NEW --into B`` / ``jobs [JOB_ID]``: a collection re-embedded by
+  another served model (cli/migrate.py).
 * ``compare --collection A --with B [--max-probes N] [--seed S]``: the comparison report of a migration
   (service/jobs/compare.py: leave-one-face-out rank-1 of each, top-1 agreement, changed identities).
 * ``alias set NAME COLLECTION | list | delete NAME``: aliases (``PUT /aliases/{name}``), beside a
@@ -60,6 +62,7 @@ from ..gallery.api import (
 )
 from ..gallery.crops import CropKeyError, encode_crop
 from ..gallery.open import open_gallery
+from . import migrate
 from .backend import (
     CommandError,
     add_backend_arguments,
@@ -395,6 +398,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     alias_set.add_argument("collection")
     alias.add_parser("list", help="every alias and its collection")
     alias.add_parser("delete", help="remove the alias (the collection is untouched)").add_argument("name")
+    migrate.add_arguments(sub)  # migrate, jobs (cli/migrate.py)
     compare = sub.add_parser("compare", help="rank-1 of two collections (e.g. a migration's source and copy) and "
                              "how often their top-1 answers agree, as JSON")
     compare.add_argument("--with", dest="target", required=True, help="the collection to compare with")
@@ -414,6 +418,8 @@ def main(argv: list[str]) -> int:
     configure_logging("warning", False)
     try:
         settings = settings_from(args)
+        if args.command in ("migrate", "jobs"):
+            return migrate.main(args, settings)
         if args.command == "alias":
             with opened_backend(settings) as galleries:
                 report = run_alias(args, galleries)
