@@ -29,6 +29,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -111,9 +112,15 @@ class Logistic:
     weights: tuple[float, ...]
     bias: float
 
+    @cached_property
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """mean, scale and weights as arrays, made once (``score`` runs for every face)."""
+        return np.asarray(self.mean), np.asarray(self.scale), np.asarray(self.weights)
+
     def score(self, parts: dict[str, float]) -> float:
-        z = (features(parts, self.names) - np.asarray(self.mean)) / np.asarray(self.scale)
-        logit = self.bias + float(np.asarray(self.weights) @ z)
+        mean, scale, weights = self._arrays
+        z = (features(parts, self.names) - mean) / scale
+        logit = self.bias + float(weights @ z)
         return 1.0 - 1.0 / (1.0 + math.exp(-max(min(logit, 50.0), -50.0)))
 
     def as_dict(self) -> dict:
