@@ -16,6 +16,9 @@ Besides latency, each variant's CPU time per request (the server process's, all 
 shared with other work latencies swing by tens of ms while CPU time hardly moves, so the CPU
 overhead (server CPU per request - raw CPU per run) is the figure to compare there, with
 ``--intra-op-threads 1`` (onnxruntime's spinning pool threads would count idle spinning as CPU).
+Steadier still is the server's event-loop thread's CPU per request (``loop_cpu_ms``: the main
+thread, which runs every request's Python work but not the session), the figure that says what a
+change to the request path saved; each round also records the load average.
 The latency overhead is the figure that counts, from a run on an otherwise idle machine.
 
 Both servers run side by side with their default settings (only the data directory, providers and
@@ -93,10 +96,17 @@ def cpu_ns(pid: int) -> int:
     return total
 
 
+def thread_cpu_ns(pid: int, tid: int) -> int:
+    """CPU time one thread has run so far, in ns: the server's main thread (tid = pid) runs the event
+    loop, i.e. all of a request's Python work but the session run (in an inference thread)."""
+    return int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+
+
 @dataclass
 class Timed:
     latencies: list[float]  # seconds, one per request / run
     cpu_ms: float  # CPU time per request / run of the process doing the work (server, or the raw session's)
+    loop_cpu_ms: float | None = None  # the server's event-loop thread's CPU time per request
 
 
 def time_raw(session: FaceSession, tensor: np.ndarray, n: int) -> Timed:
@@ -114,10 +124,11 @@ def time_raw(session: FaceSession, tensor: np.ndarray, n: int) -> Timed:
 def time_http(server: Server, body: bytes, n: int, warmup: int = 5) -> Timed:
     server.reconnect()  # the server closes idle keep-alive connections (5 s) while others are measured
     times = []
-    cpu0 = 0
+    cpu0 = loop0 = 0
+    pid = server.proc.pid
     for i in range(warmup + n):
         if i == warmup:
-            cpu0 = cpu_ns(server.proc.pid)
+            cpu0, loop0 = cpu_ns(pid), thread_cpu_ns(pid, pid)
         t0 = time.perf_counter()
         status, data = server.request("POST", "/embed", body)
         elapsed = time.perf_counter() - t0
@@ -125,7 +136,7 @@ def time_http(server: Server, body: bytes, n: int, warmup: int = 5) -> Timed:
             raise RuntimeError(f"{server.name}: /embed answered {status}: {data[:300]!r}")
         if i >= warmup:
             times.append(elapsed)
-    return Timed(times, (cpu_ns(server.proc.pid) - cpu0) / n / 1e6)
+    return Timed(times, (cpu_ns(pid) - cpu0) / n / 1e6, (thread_cpu_ns(pid, pid) - loop0) / n / 1e6)
 
 
 def main() -> None:
@@ -176,7 +187,7 @@ def main() -> None:
             rounds = []
             for r in range(args.rounds):
                 order = variants[r % len(variants):] + variants[: r % len(variants)]  # rotate who goes first
-                p50, cpu = {}, {}
+                p50, cpu, loop_cpu = {}, {}, {}
                 for variant in order:
                     if variant == "raw":
                         timed = time_raw(session, tensor, args.requests)
@@ -185,13 +196,17 @@ def main() -> None:
                     samples[variant] += timed.latencies
                     p50[variant] = percentile_ms(timed.latencies, 50)
                     cpu[variant] = round(timed.cpu_ms, 3)
-                row = {"order": order, "p50_ms": p50, "cpu_ms": cpu,
+                    if timed.loop_cpu_ms is not None:
+                        loop_cpu[variant] = round(timed.loop_cpu_ms, 3)
+                row = {"order": order, "p50_ms": p50, "cpu_ms": cpu, "loop_cpu_ms": loop_cpu,
+                       "load_average": [round(x, 2) for x in os.getloadavg()],
                        "overhead_ms": {s.name: round(p50[s.name] - p50["raw"], 3) for s in servers},
                        "cpu_overhead_ms": {s.name: round(cpu[s.name] - cpu["raw"], 3) for s in servers}}
                 rounds.append(row)
                 print(f"round {r + 1}/{args.rounds}: p50 " + "  ".join(f"{v} {p50[v]:.2f}" for v in variants)
                       + " | overhead " + "  ".join(f"{k} {v:.2f}" for k, v in row["overhead_ms"].items())
-                      + " | cpu/request " + "  ".join(f"{v} {cpu[v]:.2f}" for v in variants), flush=True)
+                      + " | cpu/request " + "  ".join(f"{v} {cpu[v]:.2f}" for v in variants)
+                      + " | loop cpu/request " + "  ".join(f"{k} {v:.2f}" for k, v in loop_cpu.items()), flush=True)
         finally:
             for server in servers:
                 server.stop()
@@ -202,6 +217,10 @@ def main() -> None:
         "cpu_ms_median_of_rounds": {v: round(statistics.median(r["cpu_ms"][v] for r in rounds), 3) for v in variants},
         "cpu_overhead_ms_median_of_rounds": {
             s.name: round(statistics.median(r["cpu_overhead_ms"][s.name] for r in rounds), 3) for s in servers},
+        # the event loop's CPU per request: the Python work per request, with the session's run left out
+        "loop_cpu_ms_median_of_rounds": {
+            s.name: round(statistics.median(r["loop_cpu_ms"][s.name] for r in rounds), 3) for s in servers},
+        "load_average_median_of_rounds": round(statistics.median(r["load_average"][0] for r in rounds), 2),
         # p10 and min: less moved by other work on the machine than p50 (load only ever adds time)
         "pooled": {v: {"p50_ms": percentile_ms(samples[v], 50), "p99_ms": percentile_ms(samples[v], 99),
                        "p10_ms": percentile_ms(samples[v], 10), "min_ms": round(min(samples[v]) * 1000, 3),

@@ -34,13 +34,11 @@ class BodyLimitMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        too_large = ServiceError(ErrorCode.payload_too_large, f"the request body exceeds {self.max_bytes} bytes",
-                                 limit=self.max_bytes)
         for name, value in scope.get("headers", []):
             if name == b"content-length":
                 try:
                     if int(value) > self.max_bytes:
-                        return await send_error(send, too_large)
+                        return await send_error(send, self._too_large())
                 except ValueError:
                     return await send_error(send, ServiceError(ErrorCode.invalid_request, "bad Content-Length"))
         received = 0
@@ -51,10 +49,14 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise too_large
+                    raise self._too_large()
             return message
 
         return await self.app(scope, limited_receive, send)
+
+    def _too_large(self) -> ServiceError:
+        return ServiceError(ErrorCode.payload_too_large, f"the request body exceeds {self.max_bytes} bytes",
+                            limit=self.max_bytes)
 
 
 class DisconnectMiddleware:
@@ -155,8 +157,7 @@ class AccessMiddleware:
             path = getattr(route, "path", None) or "unmatched"
             elapsed = time.perf_counter() - started
             method = scope.get("method", "")
-            self.metrics.requests.labels(path, method, str(status)).inc()
-            self.metrics.latency.labels(path, method).observe(elapsed)
+            self.metrics.observe_request(path, method, status, elapsed)
             principal = scope["state"].get("principal")
             log.info("request", extra={"method": method, "route": path, "status": status,
                                        "ms": round(elapsed * 1000, 2), "request_id": request_id,

@@ -121,14 +121,16 @@ class DynamicBatcher:
             chunks.append(chunk)
             self._queue.put_nowait(chunk)
         timeout = timeout_s if timeout_s is not None else self.timeout_s
+        # one chunk (the common case): its own future, without a gathering future around it
+        waiting = chunks[0].future if len(chunks) == 1 else asyncio.gather(*(c.future for c in chunks))
         try:
-            results = await asyncio.wait_for(asyncio.gather(*(c.future for c in chunks)), timeout)
+            results = await asyncio.wait_for(waiting, timeout)
         except asyncio.TimeoutError:  # the builtin TimeoutError only from 3.11 on
             raise InferenceTimeout(f"{len(faces)} faces were not embedded within {timeout:g} s") from None
         finally:
             for c in chunks:  # timed out, cancelled or failed: nobody will read these rows
                 c.future.cancel()
-        return results[0] if len(results) == 1 else np.concatenate(results, axis=0)
+        return results if len(chunks) == 1 else np.concatenate(results, axis=0)
 
     def _dequeued(self, n: int) -> None:
         self._queued_faces -= n

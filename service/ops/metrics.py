@@ -14,6 +14,7 @@ from ..gallery.embedded.index import FALLBACKS
 # the *_created series double the output and no dashboard uses them
 disable_created_metrics()
 
+MAX_KEPT_CHILDREN = 1024  # (route, method, status) children kept by observe_request
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 SCORE_SHIFT_BUCKETS = (-0.5, -0.3, -0.2, -0.1, -0.05, -0.02, 0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
 
@@ -110,10 +111,23 @@ class Metrics:
             "face_shadow_dropped", "Identify requests not shadowed: the shadow queue was full (FACE_SHADOW_QUEUE) "
             "or the shadow run failed", registry=self.registry,
         )
+        self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
     def observe_detection(self, faces: int, seconds: float) -> None:
         self.faces_detected.inc(faces)
         self.detect_seconds.observe(seconds)
+
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        """One answered request: counted by route, method and status, timed by route and method. The
+        labelled children are kept (``labels()`` validates, joins and locks on every call)."""
+        key = (route, method, status)
+        children = self._request_children.get(key)
+        if children is None:
+            children = (self.requests.labels(route, method, str(status)), self.latency.labels(route, method))
+            if len(self._request_children) < MAX_KEPT_CHILDREN:  # methods are the client's to spell
+                self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self.embeddings.inc(size)

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import io
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
 
 from service.errors import ErrorCode, ServiceError
-from service.faces.images import decode_aligned_face, decode_base64
+from service.faces.images import (
+    BLOCK,
+    BLOCKINESS_MAX_SIDE,
+    blockiness,
+    decode_aligned_face,
+    decode_base64,
+    decode_photo,
+)
+from service.faces.quality import crop_parts
 from tests.conftest import FACES
 
 FACE = sorted(FACES.glob("*.jpg"))[0]
@@ -136,3 +145,54 @@ def test_concurrent_decodes_leave_the_warning_filters_alone():
         sys.setswitchinterval(interval)
     assert not errors
     assert warnings.filters == before
+
+
+def _plain_blockiness(rgb: np.ndarray, box=None) -> float:
+    """``images.blockiness`` as first written, with numpy's median/diff/mean: the reference its faster
+    arithmetic must equal exactly (the quality limits were fitted on these values)."""
+    h, w = rgb.shape[:2]
+    if box is None:
+        x0, y0, x1, y1 = 0, 0, w, h
+    else:
+        x, y, bw, bh = box
+        cx, cy = x + bw / 2, y + bh / 2
+        half_w, half_h = min(bw, BLOCKINESS_MAX_SIDE) / 2, min(bh, BLOCKINESS_MAX_SIDE) / 2
+        x0, x1 = max(0, int(cx - half_w)), min(w, int(cx + half_w) + 1)
+        y0, y1 = max(0, int(cy - half_h)), min(h, int(cy + half_h) + 1)
+    region = np.asarray(rgb[y0:y1, x0:x1], dtype=np.float32)
+    if region.ndim == 3:
+        region = region @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    if region.shape[0] < 2 * BLOCK or region.shape[1] < 2 * BLOCK:
+        return 1.0
+    ratios = []
+    for steps in (np.abs(np.diff(region, axis=1)).mean(axis=0), np.abs(np.diff(region, axis=0)).mean(axis=1)):
+        usable = len(steps) // BLOCK * BLOCK
+        phase_means = steps[:usable].reshape(-1, BLOCK).mean(axis=0)
+        ratios.append((float(phase_means.max()) + 0.5) / (float(np.median(phase_means)) + 0.5))
+    return float(np.mean(ratios))
+
+
+def test_blockiness_and_crop_parts_equal_numpys_plain_arithmetic():
+    """The quality parts measured on every face (on the event loop for small crops) are computed
+    without numpy's Python-level helpers, and must give exactly what those give: real crops, photos
+    with face boxes, gray images and heavily compressed JPEGs of every size."""
+    rng = np.random.default_rng(0)
+    images = [decode(path.read_bytes()) for path in sorted(FACES.glob("*.jpg"))[:8]]
+    for quality in (5, 30, 90):
+        noise = Image.fromarray(rng.integers(0, 256, (int(rng.integers(20, 300)), int(rng.integers(20, 300)), 3),
+                                             dtype=np.uint8))
+        buf = io.BytesIO()
+        noise.save(buf, format="JPEG", quality=quality)
+        images.append(decode_photo(buf.getvalue()))
+    images += [images[0][..., 0], images[0][:15, :40]]  # gray; too small to see a grid
+    for rgb in images:
+        h, w = rgb.shape[:2]
+        for box in (None, (w * 0.2, h * 0.1, w * 0.5, h * 0.7), (-10.0, -5.0, 3.0 * w, 2.0 * h)):
+            assert blockiness(rgb, box) == _plain_blockiness(rgb, box)
+        if rgb.ndim == 3:
+            parts = crop_parts(rgb)
+            top, bottom, left, right = (int(round(f * n)) for f, n in zip((0.25, 0.92, 0.18, 0.82), (h, h, w, w)))
+            gray = cv2.cvtColor(np.ascontiguousarray(rgb[top:bottom, left:right]), cv2.COLOR_RGB2GRAY)
+            assert parts["exposure"] == float(gray.mean())
+            assert parts["clipping"] == float(np.mean((gray <= 5) | (gray >= 250)))
+            assert parts["blockiness"] == _plain_blockiness(rgb)
