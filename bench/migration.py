@@ -67,23 +67,29 @@ def load_crops(data: Path, n: int) -> tuple[list[bytes], list[str]]:
     return encoded, [base64.b64encode(e).decode() for e in encoded]
 
 
-def seed(collection, faces: int, per_identity: int, crops: list[bytes], seed_: int = 0) -> dict:
+def seed(collection, faces: int, per_identity: int, crops: list[bytes], threads: int = 1) -> dict:
     """Enroll ``faces`` faces into ``collection`` (a GalleryBackend), ``per_identity`` per identity, one
-    enroll per identity with random unit vectors and the cycled ``crops``; returns counts and timing."""
-    rng = np.random.default_rng(seed_)
-    t0 = time.perf_counter()
-    done = 0
-    i = 0
-    while done < faces:
-        n = min(per_identity, faces - done)
-        vectors = rng.standard_normal((n, collection.dim)).astype(np.float32)
+    enroll per identity (random unit vectors, seeded by the identity's number; the cycled ``crops``)
+    from ``threads`` threads (PostgreSQL commits one transaction per enroll: several in flight fill it
+    faster); returns counts and timing."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    starts = list(range(0, faces, per_identity))
+
+    def enroll(i: int) -> None:
+        start = starts[i]
+        n = min(per_identity, faces - start)
+        vectors = np.random.default_rng(i).standard_normal((n, collection.dim)).astype(np.float32)
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         collection.enroll(f"person-{i:07d}", vectors, {"seeded": True},
-                          crops=[crops[(done + k) % len(crops)] for k in range(n)])
-        done += n
-        i += 1
+                          crops=[crops[(start + k) % len(crops)] for k in range(n)])
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(enroll, range(len(starts))))
     seconds = time.perf_counter() - t0
-    return {"identities": i, "faces": done, "seconds": round(seconds, 2), "faces_per_s": round(done / seconds, 1)}
+    return {"identities": len(starts), "faces": faces, "threads": threads, "seconds": round(seconds, 2),
+            "faces_per_s": round(faces / seconds, 1)}
 
 
 def sealed_crop_bytes(collection, limit: int = 2000) -> float:
@@ -238,7 +244,8 @@ def run_backend(backend: str, args: argparse.Namespace, work: Path, crops: list[
     empty = size()
     galleries = open_gallery(settings, default.model_id, default.embedding_size, served=served)
     try:
-        seeded = seed(galleries.collection(SOURCE), args.faces, args.faces_per_identity, crops)
+        seeded = seed(galleries.collection(SOURCE), args.faces, args.faces_per_identity, crops,
+                      args.seed_threads if pg is not None else 1)
         sealed = sealed_crop_bytes(galleries.collection(SOURCE))
     finally:
         galleries.close()
@@ -296,7 +303,8 @@ def run_backend(backend: str, args: argparse.Namespace, work: Path, crops: list[
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, pg=None) -> None:
+    """``pg``: a running harness.pg.PgTestServer to use (a test suite's) instead of starting one."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--faces", type=int, default=10_000)
     parser.add_argument("--faces-per-identity", type=int, default=4)
@@ -305,6 +313,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="the model B is pinned to: sface (the real default model) or tiny2 (a second tiny "
                              "model: the job's own overhead, next to no model cost)")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--seed-threads", type=int, default=4, help="concurrent enrolls while seeding PostgreSQL")
     parser.add_argument("--crops", type=int, default=1000, help="distinct LFW crops cycled through the faces")
     parser.add_argument("--identify-rps", type=float, default=4.0)
     parser.add_argument("--before-s", type=float, default=30.0)
@@ -326,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
         models = {TARGET_MODEL: default_model(MODEL_CACHE), SOURCE_MODEL: tiny_model(work / "tiny.onnx", dim=64)}
         if args.to != TARGET_MODEL:
             models[args.to] = tiny_model(work / "tiny2.onnx", dim=64, name="tiny2", seed=1)
-        pg = None
+        own_pg = pg is None
         try:
             for backend in args.backends.split(","):
                 if backend == "postgres" and pg is None:
@@ -336,7 +345,7 @@ def main(argv: list[str] | None = None) -> None:
                 results[backend] = run_backend(backend, args, work, crops, probes, models,
                                                pg if backend == "postgres" else None)
         finally:
-            if pg is not None:
+            if pg is not None and own_pg:
                 pg.close()
     payload = {
         "benchmark": "migration", "machine": machine(), "commit": current_commit(),
