@@ -92,6 +92,27 @@ def seed(collection, faces: int, per_identity: int, crops: list[bytes], threads:
             "faces_per_s": round(faces / seconds, 1)}
 
 
+def raw_session_rate(model_path: Path, crops: list[bytes], batch: int, seconds: float = 10.0) -> float:
+    """Faces/s of the target model's bare onnxruntime session (the server's settings: CPU, 2 intra-op
+    threads) on decoded crops at the job's batch size: the ceiling a migration can approach."""
+    from service.config import Settings
+    from service.gallery.crops import decode_crop
+    from service.model.runtime import EmbeddingModel
+
+    model = EmbeddingModel(model_path, Settings(providers="cpu", intra_op_threads=2, model_cache_dir=MODEL_CACHE))
+    model.initialize()
+    try:
+        faces = np.stack([decode_crop(crops[i % len(crops)]) for i in range(batch)])
+        model.execute(faces)  # warm-up
+        done, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            model.execute(faces)
+            done += batch
+        return done / (time.perf_counter() - t0)
+    finally:
+        model.finalize()
+
+
 def sealed_crop_bytes(collection, limit: int = 2000) -> float:
     """Mean size of the sealed blobs the backend stored (the first ``limit`` by face id)."""
     sizes: list[int] = []
@@ -329,6 +350,7 @@ def main(argv: list[str] | None = None, pg=None) -> None:
 
     load_start = os.getloadavg()
     crops, probes = load_crops(args.data, args.crops)
+    raw_rate = None
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         work = Path(tmp)
@@ -336,6 +358,9 @@ def main(argv: list[str] | None = None, pg=None) -> None:
         if args.to != TARGET_MODEL:
             models[args.to] = tiny_model(work / "tiny2.onnx", dim=64, name="tiny2", seed=1)
         own_pg = pg is None
+        if not args.skip_migration:
+            raw_rate = round(raw_session_rate(models[args.to], crops, args.batch_size), 1)
+            print("raw session", args.to, raw_rate, "faces/s", flush=True)
         try:
             for backend in args.backends.split(","):
                 if backend == "postgres" and pg is None:
@@ -357,8 +382,12 @@ def main(argv: list[str] | None = None, pg=None) -> None:
                    "dataset": args.data.name, "identify_rps": args.identify_rps, "before_s": args.before_s,
                    "identify_probe": "one aligned LFW crop (base64 PNG) per request, top_k 5, on collection a",
                    "seeding": "GalleryBackend.enroll per identity with crops (no HTTP), random unit vectors"},
+        "raw_session_faces_per_s": raw_rate,
         "results": results,
     }
+    for result in results.values():  # what share of the bare model's speed the whole job reaches
+        rate = result["migration"].get("faces_per_s")
+        result["migration"]["share_of_raw_session"] = round(rate / raw_rate, 3) if rate and raw_rate else None
     name = f"migration_{args.faces}" + (f"_{args.to}" if args.to != TARGET_MODEL else "") + (
         f"_{args.tag}" if args.tag else "")
     print(save(name, payload, args.output))
