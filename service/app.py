@@ -28,7 +28,7 @@ from .faces.detection import AlignmentTemplate, FaceDetector, YuNetConfig, YuNet
 from .gallery import GalleryLoading
 from .gallery.api import GalleryBusy, GalleryUnavailable
 from .gallery.open import open_gallery
-from .http import aliases, audit, collections, faces, hygiene, identities, keys, ops, recognition
+from .http import aliases, audit, collections, faces, hygiene, identities, jobs, keys, ops, recognition
 from .http.cluster import router as cluster_router
 from .http.console import mount_console
 from .http.deps import collection_path
@@ -40,6 +40,7 @@ from .http.middleware import (
     DisconnectMiddleware,
     OriginMiddleware,
 )
+from .jobs.runner import JobRunner
 from .model.batcher import DynamicBatcher
 from .model.registry import ModelRegistry, ServedModel
 from .model.runtime import EmbeddingModel
@@ -83,6 +84,8 @@ async def initialize(settings: Settings, metrics: Metrics) -> ServiceState:
     detector = await run_in_threadpool(_detector, settings) if any(m.template for m in models) else None
     state = ServiceState(settings=settings, model=default.model, batcher=default.batcher, galleries=galleries,
                          metrics=metrics, detector=detector, template=default.template, models=models)
+    state.jobs = JobRunner(galleries, models, stale_s=settings.job_stale_s)  # migrations: queued ones, and those a stopped runner left
+    state.jobs.start()
     if await run_in_threadpool(state.keyring.open_mode):
         log.warning("no API key configured (FACE_API_KEY unset, none stored): the service is open to anyone who "
                     "reaches it; make the first admin key with `python -m service keys create --role admin`")
@@ -129,6 +132,8 @@ def _detector(settings: Settings) -> FaceDetector:
 
 
 async def finalize(state: ServiceState) -> None:
+    if state.jobs is not None:
+        await run_in_threadpool(state.jobs.stop)
     for served in state.models:
         await served.batcher.stop()
     await run_in_threadpool(state.keyring.flush)
@@ -262,6 +267,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(audit.router)
     app.include_router(collections.router)
     app.include_router(aliases.router)
+    app.include_router(jobs.router)
     # the gallery routes: unprefixed for the `default` collection (every client of before keeps working),
     # and the same routes under /collections/{collection}
     for router in (recognition.router, identities.router, hygiene.router):

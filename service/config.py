@@ -68,6 +68,10 @@ class Settings(BaseSettings):
         "a stolen database then cannot be checked against guessed keys. Keys made without it stop working "
         "when it is set, and the other way round.",
     )
+    job_stale_s: float = Field(
+        30.0, ge=1.0, le=3600.0, description="A running job (a collection's migration) whose heartbeat is older "
+        "than this is taken as abandoned (its process died) and continued by a replica's job runner.",
+    )
     crop_key_file: Path | None = Field(
         None, description="The key that encrypts kept face crops (collections created with keep_crops: true): a "
         "file holding 32 random bytes as base64 on one line, written by `python -m service crop-key new PATH` "

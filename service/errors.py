@@ -56,6 +56,11 @@ class ErrorCode(str, Enum):
     invalid_collection_name = "invalid_collection_name"
     collection_in_use = "collection_in_use"
     alias_not_found = "alias_not_found"
+    # jobs (migrating a collection to another model)
+    no_source_crops = "no_source_crops"
+    job_running = "job_running"
+    job_not_found = "job_not_found"
+    job_finished = "job_finished"
     # kept crops (keep_crops collections)
     crops_required = "crops_required"
     crop_key_missing = "crop_key_missing"
@@ -115,6 +120,10 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.invalid_collection_name: 422,
     ErrorCode.collection_in_use: 409,
     ErrorCode.alias_not_found: 404,
+    ErrorCode.no_source_crops: 409,
+    ErrorCode.job_running: 409,
+    ErrorCode.job_not_found: 404,
+    ErrorCode.job_finished: 409,
     ErrorCode.crops_required: 409,
     ErrorCode.crop_key_missing: 409,
     ErrorCode.unauthorized: 401,

@@ -14,6 +14,7 @@ from .faces.quality import QualityModel
 from .gallery.aliases import AliasMap
 from .gallery.api import DEFAULT_COLLECTION, Galleries, GalleryBackend
 from .gallery.openset import GalleryCounts, GalleryTail, IdentifyThreshold
+from .jobs.runner import JobRunner
 from .model.batcher import DynamicBatcher
 from .model.contract import FaceContract
 from .model.registry import DEFAULT_MODEL_NAME, ModelRegistry, ServedModel
@@ -45,6 +46,7 @@ class ServiceState:
     keyring: KeyRing = field(init=False)  # API keys -> principals (service/access)
     limits: Limits = field(init=False)  # requests and faces per second per key (service/access/limits.py)
     aliases: AliasMap = field(init=False)  # alias -> collection, at most FACE_ALIAS_CACHE_S old (gallery/aliases.py)
+    jobs: JobRunner | None = field(default=None, init=False)  # the job thread (service/jobs/runner.py), once started
 
     def __post_init__(self) -> None:
         s = self.settings

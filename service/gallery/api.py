@@ -69,6 +69,7 @@ from .results import (
 from .search import GalleryModelMismatch, Match, check_model, group_by_identity, search_identities
 
 if TYPE_CHECKING:
+    from ..jobs.store import JobRecord
     from .crops import CropCipher
 
 log = logging.getLogger(__name__)
@@ -458,3 +459,20 @@ class Galleries(Protocol):
 
     def crop_key_check(self) -> bytes | None:
         """The crop key's check value, stored with the first keep_crops collection (crops.check_crop_key)."""
+    # jobs (service/jobs/store.py): one queued-or-running job per source collection, kept by the store
+    def create_job(self, job: JobRecord) -> None:
+        """Store a new job row; jobs.JobRunning when a job of ``job.collection`` is active already."""
+
+    def get_job(self, job_id: str) -> JobRecord | None: ...
+
+    def list_jobs(self, collection: str | None = None, state: str | None = None, limit: int = 100) -> list[JobRecord]:
+        """Newest first (rows still being created are not listed)."""
+
+    def update_job(self, job_id: str, changes: dict, expect_state: tuple[str, ...] | None = None,
+                   expect_heartbeat: float | None | bool = False, audit_as: tuple[str, Actor] | None = None) -> bool:
+        """Change the row's ``changes`` (store.UPDATABLE) if it is in ``expect_state`` and holds
+        ``expect_heartbeat`` (False: any); whether it changed. ``audit_as``: (action, actor) recorded
+        in the same transaction. jobs.JobRunning when it would make a second active job of a collection."""
+
+    def delete_job(self, job_id: str) -> None:
+        """Remove a job row still being created (its POST failed): nothing else is ever deleted."""

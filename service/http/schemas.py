@@ -643,3 +643,58 @@ class ClusterResponse(BaseModel):
     method: str = Field(description="The clustering method (`average-linkage-knn`).")
     faces: int = Field(description="Faces clustered.")
     model_id: str
+
+
+# --- jobs (service/jobs): migrating a collection to another model ---------------------------------
+class MigrateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(max_length=63, description="The served model (FACE_MODELS name) that re-embeds the faces. "
+                       "Unknown: 404 `model_not_found`.", examples=["new"])
+    into: str = Field(max_length=63, description="The new collection, created pinned to `model` with "
+                      "`keep_crops: true`. Taken (a collection or an alias): 409 `collection_exists`.",
+                      examples=["people-v2"])
+    batch_size: int = Field(64, ge=1, le=256, description="Crops per model call; several identities share one.")
+    shadow: bool = Field(False, description="Once done, run each /identify on the source also on the new "
+                         "collection, off the request path, and count the agreement on /metrics.")
+
+
+class JobProgress(BaseModel):
+    phase: str = Field(description="`copy`, `catch_up` (writes to the source made meanwhile), `compare`, `done`.")
+    identities_done: int
+    identities_total: int
+    faces_done: int
+    faces_total: int
+    faces_per_s: float | None = Field(None, description="Faces re-embedded per second by this run so far.")
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class Job(BaseModel):
+    id: str = Field(examples=["job_3f2a9c1b7d04"])
+    kind: str = Field(description="`migrate`.")
+    state: str = Field(description="`queued`, `running`, `done`, `failed` or `cancelled`.")
+    collection: str = Field(description="The source collection (an alias given at start is resolved).")
+    into: str = Field(description="The new collection.")
+    model: str = Field(description="The served name of the new collection's model.")
+    model_id: str
+    source_model_id: str
+    shadow: bool
+    progress: JobProgress
+    created_at: float
+    updated_at: float
+    finished_at: float | None = None
+    started_by: str | None = Field(None, description="The key id that started it (None: open mode, the CLI).")
+    error: JobError | None = None
+    report: dict[str, Any] | None = Field(None, description="The comparison of the two collections (rank-1, "
+                                          "top-1 agreement, changed identities), once the job reached `compare`.")
+
+
+class JobCreated(BaseModel):
+    job: Job
+
+
+class JobList(BaseModel):
+    items: list[Job]

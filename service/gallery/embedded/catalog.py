@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+from ...jobs import store as jobs
 from ..api import (
     Actor,
     AliasInfo,
@@ -89,7 +90,8 @@ class Catalog:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.path = data_dir / self.FILE
         self._conn = connect(self.path)
-        self._conn.executescript(SCHEMA + audit.SCHEMA + ALIASES_SCHEMA + CROPS_SCHEMA)
+        self._conn.executescript(SCHEMA + audit.SCHEMA + ALIASES_SCHEMA + CROPS_SCHEMA
+                                 + ";\n".join(jobs.schema("TEXT", "REAL", "INTEGER", "jobs")) + ";")
         self._add_keep_crops_column()
         self._add_dim_column()
         self._mutex = threading.Lock()  # one connection: one statement or transaction at a time
@@ -283,6 +285,61 @@ class Catalog:
     def prune_audit(self, before: float) -> int:
         with self._mutex:
             return audit.prune(self._conn, before)
+
+    # --- jobs (service/jobs/store.py: one queued-or-running job per source collection, by the index) ----
+    def create_job(self, job: jobs.JobRecord) -> None:
+        try:
+            with self._write() as conn:
+                conn.execute(f"INSERT INTO jobs({jobs.SQL_COLUMNS}) VALUES ({', '.join('?' * len(jobs.COLUMNS))})",
+                             job.row())
+        except sqlite3.IntegrityError as exc:
+            raise jobs.JobRunning(job.collection) from exc
+
+    def get_job(self, job_id: str) -> jobs.JobRecord | None:
+        rows = self._read(f"SELECT {jobs.SQL_COLUMNS} FROM jobs WHERE job_id = ?", (job_id,))
+        return jobs.JobRecord.from_row(rows[0]) if rows else None
+
+    def list_jobs(self, collection: str | None = None, state: str | None = None,
+                  limit: int = 100) -> list[jobs.JobRecord]:
+        where, args = ["state != 'creating'"], []
+        if collection is not None:
+            where.append('"collection" = ?')
+            args.append(collection)
+        if state is not None:
+            where.append("state = ?")
+            args.append(state)
+        rows = self._read(f"SELECT {jobs.SQL_COLUMNS} FROM jobs WHERE {' AND '.join(where)} "
+                          "ORDER BY created_at DESC, job_id DESC LIMIT ?", (*args, int(limit)))
+        return [jobs.JobRecord.from_row(r) for r in rows]
+
+    def update_job(self, job_id: str, changes: dict, expect_state: tuple[str, ...] | None = None,
+                   expect_heartbeat: float | None | bool = False, audit_as: tuple[str, Actor] | None = None) -> bool:
+        values = jobs.to_db(changes)
+        where: list[str] = ["job_id = ?"]
+        args: list[object] = [job_id]
+        if expect_state is not None:
+            where.append(f"state IN ({', '.join('?' * len(expect_state))})")
+            args.extend(expect_state)
+        if expect_heartbeat is not False:
+            where.append("heartbeat IS ?")
+            args.append(expect_heartbeat)
+        sets = ", ".join(f'"{name}" = ?' for name in values)
+        try:
+            with self._write() as conn:
+                row = conn.execute('SELECT "collection", "into" FROM jobs WHERE job_id = ?', (job_id,)).fetchone()
+                changed = conn.execute(f"UPDATE jobs SET {sets} WHERE {' AND '.join(where)}",
+                                       (*values.values(), *args)).rowcount
+                if changed and audit_as is not None and row is not None:
+                    audit.record(conn, time.time(), audit_as[0], audit_as[1], row[0], None,
+                                 {"job": job_id, "into": row[1], "state": changes.get("state")})
+        except sqlite3.IntegrityError as exc:  # back to queued/running while another job of it is active
+            raise jobs.JobRunning(job_id) from exc
+        return bool(changed)
+
+    def delete_job(self, job_id: str) -> None:
+        """Remove a job row that never started (a POST whose target collection could not be created)."""
+        with self._write() as conn:
+            conn.execute("DELETE FROM jobs WHERE job_id = ? AND state = 'creating'", (job_id,))
 
 
 def _aliases_to(conn: sqlite3.Connection, collection: str) -> list[str]:

@@ -38,6 +38,7 @@ from typing import TypeVar, cast
 
 import numpy as np
 
+from ...jobs.store import JobRecord
 from ...model.calibration import FACES_COUNTED_PER_IDENTITY
 from ..api import (
     DEFAULT_COLLECTION,
@@ -609,6 +610,22 @@ class EmbeddedGalleries:
     # --- kept crops ----------------------------------------------------------------------------
     def crop_key_check(self) -> bytes | None:
         return self._catalog.crop_key_check()
+    # --- jobs (in the catalog: the CLI's in-process migration and the server share them) -------
+    def create_job(self, job: JobRecord) -> None:
+        self._catalog.create_job(job)
+
+    def get_job(self, job_id: str) -> JobRecord | None:
+        return self._catalog.get_job(job_id)
+
+    def list_jobs(self, collection: str | None = None, state: str | None = None, limit: int = 100) -> list[JobRecord]:
+        return self._catalog.list_jobs(collection, state, limit)
+
+    def update_job(self, job_id: str, changes: dict, expect_state: tuple[str, ...] | None = None,
+                   expect_heartbeat: float | None | bool = False, audit_as: tuple[str, Actor] | None = None) -> bool:
+        return self._catalog.update_job(job_id, changes, expect_state, expect_heartbeat, audit_as)
+
+    def delete_job(self, job_id: str) -> None:
+        self._catalog.delete_job(job_id)
 
 
 class _CollectionHandle:

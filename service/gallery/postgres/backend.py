@@ -51,6 +51,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from ...jobs import store as jobs
 from ...model.calibration import FACES_COUNTED_PER_IDENTITY, counted_faces
 from ..api import (
     DEFAULT_COLLECTION,
@@ -231,6 +232,9 @@ MIGRATIONS: tuple[Migration, ...] = (
         "DROP INDEX IF EXISTS faces_embedding_hnsw",
         "ALTER TABLE faces ALTER COLUMN embedding TYPE vector",
     )),
+    # jobs (service/jobs): a partial UNIQUE index keeps one queued-or-running job per source collection
+    Migration(7, "face_jobs: background jobs (migrating a collection to another model)",
+              jobs.schema("text", "double precision", "boolean", "face_jobs")),
 )
 CROP_KEY_CHECK_KEY = "crop_key_check"  # in meta: the crop key's check value (base64), crops.check_crop_key
 COUNTED_CAP_KEY = "counted_faces_cap"  # in meta: the FACES_COUNTED_PER_IDENTITY the counters hold
@@ -943,6 +947,63 @@ class PostgresGalleries:
         with self._read_connection() as conn:
             row = conn.execute("SELECT value FROM meta WHERE key = %s", (CROP_KEY_CHECK_KEY,)).fetchone()
         return None if row is None else base64.b64decode(row[0])
+    # --- jobs (face_jobs, migration 7; service/jobs/store.py) -----------------------------------
+    def create_job(self, job: jobs.JobRecord) -> None:
+        try:
+            with self._transaction() as conn:
+                conn.execute(f"INSERT INTO face_jobs({jobs.SQL_COLUMNS}) VALUES "
+                             f"({', '.join(['%s'] * len(jobs.COLUMNS))})", job.row())
+        except psycopg.errors.UniqueViolation as exc:
+            raise jobs.JobRunning(job.collection) from exc
+
+    def get_job(self, job_id: str) -> jobs.JobRecord | None:
+        with self._read_connection() as conn:
+            row = conn.execute(f"SELECT {jobs.SQL_COLUMNS} FROM face_jobs WHERE job_id = %s", (job_id,)).fetchone()
+        return None if row is None else jobs.JobRecord.from_row(row)
+
+    def list_jobs(self, collection: str | None = None, state: str | None = None,
+                  limit: int = 100) -> list[jobs.JobRecord]:
+        where, args = ["state != 'creating'"], []
+        if collection is not None:
+            where.append('"collection" = %s')
+            args.append(collection)
+        if state is not None:
+            where.append("state = %s")
+            args.append(state)
+        with self._read_connection() as conn:
+            rows = conn.execute(f"SELECT {jobs.SQL_COLUMNS} FROM face_jobs WHERE {' AND '.join(where)} "
+                                "ORDER BY created_at DESC, job_id DESC LIMIT %s", (*args, int(limit))).fetchall()
+        return [jobs.JobRecord.from_row(r) for r in rows]
+
+    def update_job(self, job_id: str, changes: dict, expect_state: tuple[str, ...] | None = None,
+                   expect_heartbeat: float | None | bool = False, audit_as: tuple[str, Actor] | None = None) -> bool:
+        """A conditional UPDATE: with ``expect_heartbeat`` only the replica that read that heartbeat
+        wins a claim (the others change no row)."""
+        values = jobs.to_db(changes)
+        where: list[str] = ["job_id = %s"]
+        args: list[Any] = [job_id]
+        if expect_state is not None:
+            where.append("state = ANY(%s)")
+            args.append(list(expect_state))
+        if expect_heartbeat is not False:
+            where.append("heartbeat IS NOT DISTINCT FROM %s")
+            args.append(expect_heartbeat)
+        sets = ", ".join(f'"{name}" = %s' for name in values)
+        now = time.time()
+        try:
+            with self._transaction() as conn:
+                row = conn.execute(f'UPDATE face_jobs SET {sets} WHERE {" AND ".join(where)} RETURNING "collection", "into"',
+                                   (*values.values(), *args)).fetchone()
+                if row is not None and audit_as is not None:
+                    _audit(conn, audit_as[1], audit_as[0], now, row[0], None,
+                           {"job": job_id, "into": row[1], "state": changes.get("state")})
+        except psycopg.errors.UniqueViolation as exc:
+            raise jobs.JobRunning(job_id) from exc
+        return row is not None
+
+    def delete_job(self, job_id: str) -> None:
+        with self._transaction() as conn:
+            conn.execute("DELETE FROM face_jobs WHERE job_id = %s AND state = 'creating'", (job_id,))
 
 
 # a collection's counts, the faces of its dimension in the table (what its HNSW index holds: every

@@ -1,0 +1,295 @@
+"""Migrating a collection (A) to another served model: every identity of A is re-embedded from its
+kept crops by the new model and written to B, then B is kept up with A until nothing differs.
+
+The algorithm (one job, :func:`run_migration`; the runner calls it in its thread, the CLI in the
+foreground):
+
+1. **copy**: page through A's identities in ``list_identities`` order (identity id). For each,
+   "sync" it: read its record (``updated_at``) and faces (face-id order), open each face's sealed
+   crop (bound to A + face id), decode the PNG, embed it with B's model, and write the identity to
+   B with one ``enroll(identity, embeddings, metadata, replace=True, crops=<the same PNGs>)``: B
+   seals them for B's own face ids. Re-running a sync gives the same B (idempotent); the k-th face
+   of X in A is the k-th in B. Crops of several identities make one model batch (``batch_size``).
+   After every batch the cursor (the last identity synced), the progress and the heartbeat are
+   written: a resumed job continues after the cursor.
+2. **catch_up**: writes to A while the job runs (from this process, another replica, the CLI) must
+   reach B before the job says ``done``. Every write that changes an identity's faces or metadata
+   bumps its ``updated_at`` on both backends (enroll, replace, merge, move, delete_face), so a pass
+   lists A and B (identity id, updated_at, face count) and syncs each identity of A that was written
+   since the job was created and not synced at that ``updated_at`` by this run, or whose face count
+   differs from B's, or that B lacks; and deletes from B every identity A no longer has. Passes
+   repeat until one finds nothing. Chosen over an in-process write hook because it also sees writes
+   of other processes (PostgreSQL replicas, the CLI) and needs no change to the write paths; the
+   price is one listing of both collections per pass (about a second per 100k identities). A write
+   answered after the last pass began may miss B: the job's ``done`` means "B held everything A held
+   when its last pass started"; stop writing to A (or re-point the alias) before switching.
+3. **compare**: ``service.jobs.compare.compare_collections(A, B)`` (when that module is present),
+   its ``as_dict()`` stored as the job's ``report``.
+
+A face of A without a crop (a collection made without ``keep_crops``, or faces enrolled before) is
+``no_source_crops``: nothing to re-embed from (re-enroll from folders instead).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import ErrorCode
+from ..gallery.api import Actor, CollectionExists, CollectionNotFound, Galleries, GalleryBackend
+from ..gallery.crops import CropCipher, CropsUnavailable, decode_crop
+from ..gallery.results import IdentityRecord
+from .store import JobRecord, JobRunning, new_job_id
+
+log = logging.getLogger(__name__)
+
+PAGE = 500  # identities listed per page
+SLACK_S = 5.0  # a write's updated_at is taken before its commit: passes look this much further back
+
+
+class JobFailed(RuntimeError):
+    """The job cannot go on: ``code`` (an ErrorCode value) and the message are stored as its error."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class JobStopped(RuntimeError):
+    """The job's row left ``running`` (cancelled) or another runner took it: stop without writing more."""
+
+
+Embed = Callable[[np.ndarray], np.ndarray]  # N x H x W x 3 uint8 aligned crops -> N x D normalised
+
+
+@dataclass
+class _Batch:
+    identities: list[tuple[IdentityRecord, list[bytes]]] = field(default_factory=list)  # record, encoded crops
+    faces: int = 0
+
+
+def no_source_crops(collection: str) -> str:
+    return (f"collection {collection!r} holds faces without a kept crop (it was not created with keep_crops, or "
+            "faces were enrolled before): nothing to re-embed from. Re-enroll its people from folders into the "
+            f"new collection: `python -m service gallery enroll DIR --collection B`")
+
+
+def check_source(source: GalleryBackend) -> None:
+    """Raise JobFailed(no_source_crops) unless every face of ``source`` has a kept crop."""
+    if not source.keep_crops or source.crop_count() < source.stats().faces:
+        raise JobFailed(ErrorCode.no_source_crops, no_source_crops(source.name))
+
+
+def start_migration(galleries: Galleries, collection: str, model: str, model_id: str, dim: int, into: str,
+                    batch_size: int = 64, shadow: bool = False, actor: Actor | None = None) -> JobRecord:
+    """Store a new migrate job of ``collection`` (a collection's own name) and create ``into`` pinned
+    to the model (keep_crops, audited), then queue the job (``job.started`` audited with that write).
+    JobFailed with the API's code otherwise, and then nothing stays: the job row (state ``creating``
+    until then) holds the one-active-job-per-collection place while the collection is created, and is
+    removed again if that fails."""
+    try:
+        source = galleries.collection(collection)
+    except CollectionNotFound:
+        raise JobFailed(ErrorCode.collection_not_found, f"no collection named {collection!r}") from None
+    if galleries.crop_cipher is None:
+        raise JobFailed(ErrorCode.crop_key_missing, "migrating needs the crop key: start the service with "
+                        "FACE_CROP_KEY_FILE (the one the source's crops were sealed with)")
+    check_source(source)
+    job = JobRecord(job_id=new_job_id(), collection=collection, into=into, model=model, model_id=model_id,
+                    source_model_id=source.model_id, state="creating", shadow=shadow, batch_size=batch_size,
+                    started_by=actor.key_id if actor is not None else None)
+    try:
+        galleries.create_job(job)
+    except JobRunning:
+        raise JobFailed(ErrorCode.job_running, f"a job of collection {collection!r} is queued or running; "
+                        "wait for it or cancel it (POST /jobs/{id}/cancel)") from None
+    try:
+        galleries.create_collection(into, actor, keep_crops=True, model_id=model_id, dim=dim)
+    except BaseException as exc:
+        galleries.delete_job(job.job_id)
+        if isinstance(exc, CollectionExists):
+            raise JobFailed(ErrorCode.collection_exists, f"a collection or alias named {into!r} already exists") from None
+        if isinstance(exc, CropsUnavailable):
+            raise JobFailed(ErrorCode.crop_key_missing, str(exc)) from None
+        if isinstance(exc, ValueError):
+            raise JobFailed(ErrorCode.invalid_collection_name, str(exc)) from None
+        raise
+    galleries.update_job(job.job_id, {"state": "queued", "updated_at": time.time()}, expect_state=("creating",),
+                         audit_as=("job.started", actor or Actor()))
+    stored = galleries.get_job(job.job_id)
+    assert stored is not None
+    return stored
+
+
+def iter_identities(gallery: GalleryBackend, after: str | None = None) -> Iterator[IdentityRecord]:
+    while True:
+        page = gallery.list_identities(PAGE, after)
+        yield from page
+        if len(page) < PAGE:
+            return
+        after = page[-1].identity_id
+
+
+class Migration:
+    """One run of a migrate job (module docstring). ``save(changes)`` writes the job row while it is
+    still ``running`` (False: it is not: stop); ``embed`` is B's model."""
+
+    def __init__(self, galleries: Galleries, job: JobRecord, embed: Embed,
+                 save: Callable[[dict], bool], compare: bool = True) -> None:
+        self.galleries = galleries
+        self.job = job
+        self.embed = embed
+        self.save = save
+        self.compare = compare
+        self.synced: dict[str, float] = {}  # identity -> A's updated_at when this run synced it
+        self.progress = dict(job.progress)
+        self._started = time.monotonic()
+        self._faces_this_run = 0
+
+    # --- one identity ------------------------------------------------------------------------
+    def _cipher(self) -> CropCipher:
+        cipher = self.galleries.crop_cipher
+        if cipher is None:
+            raise JobFailed(ErrorCode.crop_key_missing, "migrating needs the crop key (FACE_CROP_KEY_FILE)")
+        return cipher
+
+    def _read(self, source: GalleryBackend, identity_id: str) -> tuple[IdentityRecord, list[bytes]] | None:
+        """The identity's record and its faces' encoded crops (face-id order); None if A has it no more."""
+        cipher = self._cipher()
+        for _ in range(3):  # a face deleted between the two reads: read again
+            details = source.get_identity(identity_id)
+            if details is None:
+                return None
+            crops = []
+            for face in details.faces:
+                blob = source.face_crop(face.face_id)
+                if blob is None:
+                    break
+                crops.append(cipher.open(source.name, face.face_id, blob))
+            else:
+                return details.record, crops
+        raise JobFailed(ErrorCode.no_source_crops, no_source_crops(source.name))
+
+    def _write(self, target: GalleryBackend, batch: _Batch) -> None:
+        """Embed the batch's crops (``batch_size`` per model call) and write each identity to B."""
+        arrays = [decode_crop(c) for _, crops in batch.identities for c in crops]
+        size = max(1, self.job.batch_size)
+        vectors = (np.concatenate([self.embed(np.stack(arrays[i:i + size])) for i in range(0, len(arrays), size)])
+                   if arrays else np.zeros((0, target.dim), np.float32))
+        start = 0
+        for record, crops in batch.identities:
+            embeddings = vectors[start:start + len(crops)]
+            start += len(crops)
+            if not crops:  # an identity without faces (cannot stay so in A): mirror by deleting
+                target.delete(record.identity_id)
+            else:
+                target.enroll(record.identity_id, embeddings, record.metadata, replace=True, crops=crops)
+            self.synced[record.identity_id] = record.updated_at
+        self._faces_this_run += len(arrays)
+
+    def _sync(self, source: GalleryBackend, target: GalleryBackend, identity_ids: list[str]) -> int:
+        """Sync these identities (a deleted one is deleted from B) in batches; faces synced."""
+        batch, faces = _Batch(), 0
+        for identity_id in identity_ids:
+            read = self._read(source, identity_id)
+            if read is None:
+                target.delete(identity_id)
+                self.synced.pop(identity_id, None)
+                continue
+            batch.identities.append(read)
+            batch.faces += len(read[1])
+            if batch.faces >= self.job.batch_size:
+                self._write(target, batch)
+                faces += batch.faces
+                batch = _Batch()
+        if batch.identities:
+            self._write(target, batch)
+            faces += batch.faces
+        return faces
+
+    # --- the phases --------------------------------------------------------------------------
+    def _checkpoint(self, **progress: object) -> None:
+        self.progress.update(progress)
+        elapsed = time.monotonic() - self._started
+        self.progress["faces_per_s"] = round(self._faces_this_run / elapsed, 2) if elapsed > 0 and self._faces_this_run else None
+        changes: dict = {"progress": dict(self.progress), "updated_at": time.time(), "heartbeat": time.time()}
+        if "cursor" in progress:
+            changes["cursor"] = self.progress.pop("cursor")
+            changes["progress"] = dict(self.progress)
+        if not self.save(changes):
+            raise JobStopped(self.job.job_id)
+
+    def copy(self, source: GalleryBackend, target: GalleryBackend) -> None:
+        stats = source.stats()
+        self._checkpoint(phase="copy", identities_total=stats.identities, faces_total=stats.faces)
+        cursor = self.job.cursor
+        pending: list[IdentityRecord] = []
+        pending_faces = 0
+        for record in iter_identities(source, cursor):
+            pending.append(record)
+            pending_faces += record.face_count
+            if pending_faces >= self.job.batch_size:
+                self._copy_batch(source, target, pending)
+                pending, pending_faces = [], 0
+        if pending:
+            self._copy_batch(source, target, pending)
+
+    def _copy_batch(self, source: GalleryBackend, target: GalleryBackend, records: list[IdentityRecord]) -> None:
+        faces = self._sync(source, target, [r.identity_id for r in records])
+        self._checkpoint(cursor=records[-1].identity_id,
+                         identities_done=int(self.progress.get("identities_done", 0)) + len(records),
+                         faces_done=int(self.progress.get("faces_done", 0)) + faces)
+
+    def catch_up(self, source: GalleryBackend, target: GalleryBackend) -> int:
+        """Passes until one finds nothing; returns how many identities were synced or deleted."""
+        since = self.job.created_at - SLACK_S
+        total = 0
+        self._checkpoint(phase="catch_up")
+        while True:
+            in_a = {r.identity_id: r for r in iter_identities(source)}
+            in_b = {r.identity_id: r.face_count for r in iter_identities(target)}
+            stale = [i for i, r in in_a.items()
+                     if i not in in_b or in_b[i] != r.face_count
+                     or (r.updated_at >= since and self.synced.get(i) != r.updated_at)]
+            gone = [i for i in in_b if i not in in_a]
+            if not stale and not gone:
+                return total
+            for identity_id in gone:
+                target.delete(identity_id)
+            for start in range(0, len(stale), PAGE):
+                self._sync(source, target, stale[start:start + PAGE])
+                self._checkpoint()
+            total += len(stale) + len(gone)
+            log.info("migration catch-up pass", extra={"job": self.job.job_id, "synced": len(stale), "deleted": len(gone)})
+            self._checkpoint(identities_total=len(in_a), identities_done=len(in_a),
+                             faces_total=sum(r.face_count for r in in_a.values()),
+                             faces_done=sum(r.face_count for r in in_a.values()))
+
+    def report(self, source: GalleryBackend, target: GalleryBackend) -> dict | None:
+        """The compare helper's report (service/jobs/compare.py), None while that module is absent."""
+        if not self.compare:
+            return None
+        try:
+            compare = importlib.import_module("service.jobs.compare")
+        except ImportError:
+            return None
+        self._checkpoint(phase="compare")
+        result: dict = compare.compare_collections(source, target).as_dict()
+        return result
+
+    def run(self) -> dict | None:
+        """Copy, catch up, compare; returns the report. JobFailed / JobStopped end it early."""
+        source = self.galleries.collection(self.job.collection)
+        target = self.galleries.collection(self.job.into)
+        self._cipher()
+        check_source(source)
+        self.copy(source, target)
+        self.catch_up(source, target)
+        report = self.report(source, target)
+        self.progress.update(phase="done")
+        return report

@@ -1,0 +1,173 @@
+"""The job runner: one background thread per process that runs the stored jobs (store.py).
+
+Every ``poll_s`` (or at once when woken by a new job) it takes one job it may run:
+
+* a ``queued`` one (a new job, a resumed one), or
+* a ``running`` one whose heartbeat is older than ``stale_s``: its runner died (a killed server, a
+  replica gone); the job continues after its cursor (migrate.py).
+
+Taking a job is a conditional UPDATE on the row's state and heartbeat as read (``update_job`` with
+``expect_state``/``expect_heartbeat``): of several replicas (PostgreSQL) only one changes the row;
+the others see no row changed and leave it. While a job runs, a ticker writes its heartbeat every
+``stale_s / 6`` seconds, so a long phase (a catch-up listing, the comparison) is never taken for dead.
+Rows of a POST that died between its job row and its target collection (``creating``) are removed
+after ``stale_s``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+
+from ..errors import ErrorCode
+from ..gallery.api import CollectionNotFound, Galleries
+from ..gallery.crops import CropAuthenticationFailed
+from ..model.registry import ModelRegistry
+from .migrate import JobFailed, JobStopped, Migration
+from .store import JobRecord
+
+log = logging.getLogger(__name__)
+
+STALE_S = 30.0
+
+
+def runner_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def run_job(galleries: Galleries, models: ModelRegistry, job: JobRecord, owner: str,
+            on_done: Callable[[JobRecord], None] | None = None, compare: bool = True,
+            stopping: threading.Event | None = None, stale_s: float = STALE_S) -> JobRecord:
+    """Run a job this process holds (state ``running``, owner ``owner``) to its end; returns the row
+    as stored at the end. Used by the runner thread and by the CLI's in-process migration.
+    ``stopping`` set (the process stops): the job ends after its batch, left ``running``, and the
+    next runner takes it once its heartbeat is stale."""
+    def save(changes: dict) -> bool:
+        if stopping is not None and stopping.is_set():
+            return False
+        return galleries.update_job(job.job_id, changes, expect_state=("running",))
+
+    stop_ticker = threading.Event()
+
+    def tick() -> None:
+        while not stop_ticker.wait(stale_s / 6) and not (stopping is not None and stopping.is_set()):
+            try:
+                if not galleries.update_job(job.job_id, {"heartbeat": time.time()}, expect_state=("running",)):
+                    return
+            except Exception:  # noqa: BLE001 - the next tick tries again; the job itself reports failures
+                log.warning("job heartbeat failed", extra={"job": job.job_id}, exc_info=True)
+
+    ticker = threading.Thread(target=tick, name=f"job-heartbeat-{job.job_id}", daemon=True)
+    ticker.start()
+    migration: Migration | None = None
+    try:
+        try:
+            served = models.get(job.model)
+        except KeyError:
+            raise JobFailed(ErrorCode.model_not_found, f"no model named {job.model!r} is served here") from None
+        migration = Migration(galleries, job, served.model.execute, save, compare=compare)
+        log.info("job started", extra={"job": job.job_id, "collection": job.collection, "into": job.into})
+        report = migration.run()
+        if stopping is not None and stopping.is_set():
+            raise JobStopped(job.job_id)
+        now = time.time()
+        galleries.update_job(job.job_id, {"state": "done", "progress": migration.progress, "report": report,
+                                          "updated_at": now, "finished_at": now, "heartbeat": now},
+                             expect_state=("running",))
+    except JobStopped:
+        log.info("job stopped (cancelled or taken over)", extra={"job": job.job_id})
+    except Exception as exc:  # noqa: BLE001 - any failure ends the job as failed, with its reason
+        code, message = _failure(exc, job)
+        log.warning("job failed", extra={"job": job.job_id, "code": code}, exc_info=not isinstance(exc, JobFailed))
+        now = time.time()
+        changes: dict = {"state": "failed", "error": {"code": code, "message": message}, "updated_at": now,
+                         "finished_at": now}
+        if migration is not None:
+            changes["progress"] = migration.progress
+        galleries.update_job(job.job_id, changes, expect_state=("running",))
+    finally:
+        stop_ticker.set()
+        ticker.join()
+    final = galleries.get_job(job.job_id) or job
+    if on_done is not None:
+        on_done(final)
+    return final
+
+
+def _failure(exc: Exception, job: JobRecord) -> tuple[str, str]:
+    if isinstance(exc, JobFailed):
+        return exc.code.value, str(exc)
+    if isinstance(exc, CollectionNotFound):
+        return ErrorCode.collection_not_found.value, f"collection {exc.name!r} no longer exists"
+    if isinstance(exc, CropAuthenticationFailed):
+        return ErrorCode.crop_key_missing.value, f"a kept crop of {job.collection!r} does not open: {exc}"
+    return ErrorCode.internal_error.value, f"{type(exc).__name__}: {exc}"
+
+
+class JobRunner:
+    """The process's job thread (module docstring). ``start()``/``stop()`` from the app's lifespan."""
+
+    def __init__(self, galleries: Galleries, models: ModelRegistry, poll_s: float = 1.0,
+                 stale_s: float = STALE_S, on_done: Callable[[JobRecord], None] | None = None) -> None:
+        self.galleries = galleries
+        self.models = models
+        self.poll_s = poll_s
+        self.stale_s = stale_s
+        self.on_done = on_done
+        self.owner = runner_id()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="jobs-runner", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop taking jobs. A job running now keeps its row ``running``: its heartbeat stops, and the
+        next start (this replica's or another's) takes it after ``stale_s``."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            self._thread = None
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                job = self.claim()
+                if job is not None:
+                    run_job(self.galleries, self.models, job, self.owner, self.on_done, stopping=self._stop,
+                            stale_s=self.stale_s)
+                    continue
+            except Exception:  # noqa: BLE001 - keep the thread; the store stays the truth
+                log.exception("job runner round failed")
+            self._wake.wait(self.poll_s)
+            self._wake.clear()
+
+    def claim(self) -> JobRecord | None:
+        """Take one job this process may run, or None (a conditional UPDATE: one replica wins)."""
+        now = time.time()
+        for job in reversed(self.galleries.list_jobs(state="queued", limit=100)):  # oldest first
+            if self._take(job, now):
+                return self.galleries.get_job(job.job_id)
+        for job in self.galleries.list_jobs(state="running", limit=100):
+            if job.heartbeat is None or now - job.heartbeat > self.stale_s:
+                if job.owner != self.owner and self._take(job, now):
+                    log.info("resuming a job whose runner stopped", extra={"job": job.job_id, "owner": job.owner})
+                    return self.galleries.get_job(job.job_id)
+        return None
+
+    def _take(self, job: JobRecord, now: float) -> bool:
+        return self.galleries.update_job(job.job_id, {"state": "running", "owner": self.owner, "heartbeat": now,
+                                                      "updated_at": now},
+                                         expect_state=(job.state,), expect_heartbeat=job.heartbeat)
