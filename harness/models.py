@@ -17,28 +17,29 @@ POOL = 8  # 112 / 8 = 14: the crop is seen as a 14x14 thumbnail
 
 
 def tiny_model(path: Path, dim: int = 64, name: str = "tiny", version: str = "1", seed: int = 0,
-               threshold: float = 0.5) -> Path:
-    """Write the tiny model to ``path`` (an .onnx file) and return it; same arguments, same bytes."""
+               threshold: float = 0.5, size: int = 112) -> Path:
+    """Write the tiny model to ``path`` (an .onnx file) and return it; same arguments, same bytes.
+    ``size``: its input crop's side (a multiple of 8; 112, the service's crops, by default)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     from service.model.contract import FaceContract, write_contract
 
-    side = 112 // POOL
+    side = size // POOL
     weights = np.random.default_rng(seed).standard_normal((3 * side * side, dim)).astype(np.float32)
     graph = helper.make_graph(
         [helper.make_node("AveragePool", ["faces"], ["pooled"], kernel_shape=[POOL, POOL], strides=[POOL, POOL]),
          helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
          helper.make_node("MatMul", ["flat", "weights"], ["embedding"])],
         name,
-        [helper.make_tensor_value_info("faces", TensorProto.FLOAT, ["N", 3, 112, 112])],
+        [helper.make_tensor_value_info("faces", TensorProto.FLOAT, ["N", 3, size, size])],
         [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", dim])],
         initializer=[numpy_helper.from_array(weights, "weights")],
     )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     proto.ir_version = 8
     contract = FaceContract(input_name="faces", embedding_size=dim, model_name=name, model_version=version,
-                            threshold=threshold, layout="NCHW", input_size=(112, 112))
+                            threshold=threshold, layout="NCHW", input_size=(size, size))
     write_contract(proto, contract)
     onnx.checker.check_model(proto)
     path = Path(path)

@@ -107,3 +107,33 @@ def running_server(data_dir: Path, model: Path | None = None, **kwargs: Any) -> 
         yield server.url
     finally:
         server.stop()
+
+
+@contextlib.contextmanager
+def serving_in_process(settings: Any, timeout: float = 120) -> Iterator[tuple[str, Any]]:
+    """The real app (``create_app(settings)``) on a real uvicorn over HTTP, in a thread of this process:
+    for a test that must also reach the running service's state (``app.state.service``), e.g. to start
+    what only the service's own code starts. Yields (base URL, app); stops the server (lifespan shutdown
+    included) at the end. Prefer :class:`ServerProcess` for everything else."""
+    import threading
+
+    import uvicorn
+
+    from service.app import create_app
+
+    app = create_app(settings)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on"))
+    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while not (server.started and httpx.get(url + "/readyz", timeout=5).status_code == 200):
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the in-process server did not start")
+            time.sleep(0.2)
+        yield url, app
+    finally:
+        server.should_exit = True
+        thread.join(60)

@@ -40,7 +40,8 @@ from .http.middleware import (
     DisconnectMiddleware,
     OriginMiddleware,
 )
-from .jobs.runner import JobRunner
+from .jobs.runner import JobRunner, shadow_pairs
+from .jobs.store import JobRecord
 from .model.batcher import DynamicBatcher
 from .model.registry import ModelRegistry, ServedModel
 from .model.runtime import EmbeddingModel
@@ -84,12 +85,22 @@ async def initialize(settings: Settings, metrics: Metrics) -> ServiceState:
     detector = await run_in_threadpool(_detector, settings) if any(m.template for m in models) else None
     state = ServiceState(settings=settings, model=default.model, batcher=default.batcher, galleries=galleries,
                          metrics=metrics, detector=detector, template=default.template, models=models)
-    state.jobs = JobRunner(galleries, models, stale_s=settings.job_stale_s)  # migrations: queued ones, and those a stopped runner left
+    # migrations: queued ones, and those a stopped runner left; a finished shadow one starts its shadow traffic
+    for source, target, pointing in await run_in_threadpool(shadow_pairs, galleries):
+        state.shadow.start(source, target, pointing)
+    state.jobs = JobRunner(galleries, models, stale_s=settings.job_stale_s, on_done=lambda job: _shadow_done(state, job))
     state.jobs.start()
     if await run_in_threadpool(state.keyring.open_mode):
         log.warning("no API key configured (FACE_API_KEY unset, none stored): the service is open to anyone who "
                     "reaches it; make the first admin key with `python -m service keys create --role admin`")
     return state
+
+
+def _shadow_done(state: ServiceState, job: JobRecord) -> None:
+    """A migrate job with ``shadow`` that ended ``done``: its source's /identify is shadowed on the copy."""
+    if job.shadow and job.state == "done":
+        pointing = [a.name for a in state.galleries.list_aliases() if a.collection == job.collection]
+        state.shadow.start(job.collection, job.into, pointing)
 
 
 async def _serve_model(settings: Settings, metrics: Metrics, name: str, configured: Path | None,
@@ -134,6 +145,7 @@ def _detector(settings: Settings) -> FaceDetector:
 async def finalize(state: ServiceState) -> None:
     if state.jobs is not None:
         await run_in_threadpool(state.jobs.stop)
+    await state.shadow.close()
     for served in state.models:
         await served.batcher.stop()
     await run_in_threadpool(state.keyring.flush)

@@ -368,6 +368,11 @@ class Settings(BaseSettings):
         "searched exactly (its own rows, no HNSW): a filtered HNSW scan of a small collection in a big table "
         "loses recall. Larger ones use an iterative HNSW scan sized to their share of the table.",
     )
+    shadow_queue: int = Field(
+        64, ge=1, le=10_000, description="Shadow traffic after a migration (`shadow: true`): identify requests "
+        "waiting to be re-run on the new collection; when it is full one is dropped (face_shadow_dropped_total), "
+        "never the request slowed.",
+    )
 
     @field_validator("allowed_hosts", "cors_origins", "models", mode="before")
     @classmethod

@@ -15,6 +15,7 @@ from .gallery.aliases import AliasMap
 from .gallery.api import DEFAULT_COLLECTION, Galleries, GalleryBackend
 from .gallery.openset import GalleryCounts, GalleryTail, IdentifyThreshold
 from .jobs.runner import JobRunner
+from .jobs.shadow import ShadowMap
 from .model.batcher import DynamicBatcher
 from .model.contract import FaceContract
 from .model.registry import DEFAULT_MODEL_NAME, ModelRegistry, ServedModel
@@ -47,6 +48,7 @@ class ServiceState:
     limits: Limits = field(init=False)  # requests and faces per second per key (service/access/limits.py)
     aliases: AliasMap = field(init=False)  # alias -> collection, at most FACE_ALIAS_CACHE_S old (gallery/aliases.py)
     jobs: JobRunner | None = field(default=None, init=False)  # the job thread (service/jobs/runner.py), once started
+    shadow: ShadowMap = field(init=False)  # migrated collections whose /identify also runs on the new one (jobs/shadow.py)
 
     def __post_init__(self) -> None:
         s = self.settings
@@ -64,6 +66,7 @@ class ServiceState:
         self.keyring = KeyRing(self.galleries, s.api_key.get_secret_value() if s.api_key else None,
                                load_pepper(s), s.key_cache_s)
         self.aliases = AliasMap(self.galleries, s.alias_cache_s)
+        self.shadow = ShadowMap(self.metrics, s.shadow_queue)
 
     @property
     def contract(self) -> FaceContract:

@@ -6,6 +6,10 @@
 * ``enroll DIR``: one sub-folder per person (the folder name is the identity id), photos or aligned
   crops, through the model in batches; prints progress and a summary of what was skipped and why.
   Resumable: a person already enrolled is skipped (``--replace`` enrolls them again).
+* ``migrate --collection A --model NEW --into B`` / ``jobs [JOB_ID]``: a collection re-embedded by
+  another served model (cli/migrate.py).
+* ``compare --collection A --with B [--max-probes N] [--seed S]``: the comparison report of a migration
+  (service/jobs/compare.py: leave-one-face-out rank-1 of each, top-1 agreement, changed identities).
 * ``alias set NAME COLLECTION | list | delete NAME``: aliases (``PUT /aliases/{name}``), beside a
   running server (the embedded catalog is outside the data-dir lock); every replica follows within
   FACE_ALIAS_CACHE_S. Audited as made ``via="cli"`` by user@host.
@@ -58,6 +62,7 @@ from ..gallery.api import (
 )
 from ..gallery.crops import encode_crop
 from ..gallery.open import open_gallery
+from . import migrate
 from .backend import (
     CommandError,
     add_backend_arguments,
@@ -340,6 +345,29 @@ def run_alias(args: argparse.Namespace, galleries: Galleries) -> dict:
     return _alias_view(galleries.delete_alias(args.name, cli_actor()))
 
 
+# --- compare -------------------------------------------------------------------------------------
+
+def run_compare(settings: Settings, source: str, target: str, max_probes: int, seed: int) -> dict:
+    """``compare --collection A --with B``: the migration's comparison report of two collections
+    (service/jobs/compare.py), computed here from the stored vectors; no model is loaded."""
+    from ..gallery import DataDirLocked
+    from ..jobs.compare import compare_collections
+
+    if max_probes < 1:
+        raise CommandError("--max-probes must be at least 1")
+    try:
+        galleries = open_configured(settings)
+    except DataDirLocked as exc:
+        raise CommandError(f"{exc}: compare reads every vector of both collections and needs the data dir; stop the "
+                           "server (or run it on PostgreSQL, where it may keep serving)") from exc
+    try:
+        report = compare_collections(galleries.collection(source), galleries.collection(target),
+                                     max_probes=max_probes, seed=seed)
+    finally:
+        galleries.close()
+    return {"command": "compare", "backend": galleries.backend, **report.as_dict()}
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m service gallery",
@@ -370,7 +398,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     alias_set.add_argument("collection")
     alias.add_parser("list", help="every alias and its collection")
     alias.add_parser("delete", help="remove the alias (the collection is untouched)").add_argument("name")
-    for command in (export, imp, enroll):
+    migrate.add_arguments(sub)  # migrate, jobs (cli/migrate.py)
+    compare = sub.add_parser("compare", help="rank-1 of two collections (e.g. a migration's source and copy) and "
+                             "how often their top-1 answers agree, as JSON")
+    compare.add_argument("--with", dest="target", required=True, help="the collection to compare with")
+    compare.add_argument("--max-probes", type=int, default=10_000,
+                         help="probe faces per collection; more are sampled, seeded (default 10000)")
+    compare.add_argument("--seed", type=int, default=0, help="the sample's seed (default 0)")
+    for command in (export, imp, enroll, compare):
         command.add_argument("--collection", default=DEFAULT_COLLECTION,
                              help=f"the collection to read or write (default {DEFAULT_COLLECTION!r}); it must exist")
     return parser.parse_args(argv)
@@ -383,9 +418,13 @@ def main(argv: list[str]) -> int:
     configure_logging("warning", False)
     try:
         settings = settings_from(args)
+        if args.command in ("migrate", "jobs"):
+            return migrate.main(args, settings)
         if args.command == "alias":
             with opened_backend(settings) as galleries:
                 report = run_alias(args, galleries)
+        elif args.command == "compare":
+            report = run_compare(settings, args.collection, args.target, args.max_probes, args.seed)
         elif args.command == "enroll":
             if not args.dir.is_dir():
                 raise GalleryFileError(f"{args.dir} is not a directory")

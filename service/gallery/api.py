@@ -466,7 +466,7 @@ class Galleries(Protocol):
     def get_job(self, job_id: str) -> JobRecord | None: ...
 
     def list_jobs(self, collection: str | None = None, state: str | None = None, limit: int = 100) -> list[JobRecord]:
-        """Newest first (rows still being created are not listed)."""
+        """Newest first (rows still being created are listed only when ``state`` is "creating")."""
 
     def update_job(self, job_id: str, changes: dict, expect_state: tuple[str, ...] | None = None,
                    expect_heartbeat: float | None | bool = False, audit_as: tuple[str, Actor] | None = None) -> bool:

@@ -104,6 +104,9 @@ async def identify(request: Request, state: StateDep, gallery: CollectionDep, se
     matches: list[list] = [[] for _ in range(len(probes))]
     for i, candidates in zip(searched, found):
         matches[i] = candidates
+    if faces.crops and state.shadow.target_of(gallery.name) is not None:  # a migrated collection (jobs/shadow.py)
+        state.shadow.offer(state, gallery.name, [faces.crops[i] for i in searched],
+                           [matches[i][0] if matches[i] else None for i in searched])
     threshold = decision.threshold
     located = faces.locations() or [None] * len(matches)
     results = []

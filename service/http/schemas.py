@@ -672,6 +672,43 @@ class JobError(BaseModel):
     message: str
 
 
+class CollectionRank(BaseModel):
+    collection: str
+    model_id: str
+    identities: int
+    faces: int
+    probes: int = Field(description="Probe faces searched: faces of identities with two or more (or a seeded sample).")
+    rank1: float | None = Field(description="Leave-one-face-out rank-1: share of probes whose best other face is "
+                                "their own identity's. null: no probe.")
+
+
+class ChangedProbe(BaseModel):
+    identity_id: str
+    source_top1: str | None
+    target_top1: str | None
+    source_score: float | None
+    target_score: float | None
+    source_face_id: int
+    target_face_id: int
+
+
+class ComparisonReport(BaseModel):
+    """service/jobs/compare.py's report of a migration (README, Comparing a migration)."""
+
+    source: CollectionRank
+    target: CollectionRank
+    paired_probes: int
+    unpaired_identities: int = Field(description="Identities left out: face counts differ, or one side lacks them.")
+    top1_agreement: float | None = Field(description="Share of paired probes whose top-1 identity is the same.")
+    changed_count: int
+    identities_changed: int
+    changed: list[ChangedProbe] = Field(description="Up to 100 paired probes whose top-1 differs.")
+    sampled: bool
+    max_probes: int
+    seed: int
+    seconds: float
+
+
 class Job(BaseModel):
     id: str = Field(examples=["job_3f2a9c1b7d04"])
     kind: str = Field(description="`migrate`.")
@@ -688,8 +725,8 @@ class Job(BaseModel):
     finished_at: float | None = None
     started_by: str | None = Field(None, description="The key id that started it (None: open mode, the CLI).")
     error: JobError | None = None
-    report: dict[str, Any] | None = Field(None, description="The comparison of the two collections (rank-1, "
-                                          "top-1 agreement, changed identities), once the job reached `compare`.")
+    report: ComparisonReport | None = Field(None, description="The comparison of the two collections (rank-1, "
+                                            "top-1 agreement, changed identities), once the job is done.")
 
 
 class JobCreated(BaseModel):

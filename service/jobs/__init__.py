@@ -1,1 +1,2 @@
-"""Background jobs: migrating a collection to another model (migrate.py), job rows (store.py), the runner (runner.py)."""
+"""Background jobs over collections: the migration to another model (migrate.py, its rows store.py, the
+runner.py thread), its comparison report (compare.py), shadow traffic (shadow.py)."""

@@ -23,8 +23,8 @@ foreground):
    price is one listing of both collections per pass (about a second per 100k identities). A write
    answered after the last pass began may miss B: the job's ``done`` means "B held everything A held
    when its last pass started"; stop writing to A (or re-point the alias) before switching.
-3. **compare**: ``service.jobs.compare.compare_collections(A, B)`` (when that module is present),
-   its ``as_dict()`` stored as the job's ``report``.
+3. **compare**: ``service.jobs.compare.compare_collections(A, B)``, its ``as_dict()`` stored as the
+   job's ``report``.
 
 A face of A without a crop (a collection made without ``keep_crops``, or faces enrolled before) is
 ``no_source_crops``: nothing to re-embed from (re-enroll from folders instead).
@@ -32,7 +32,6 @@ A face of A without a crop (a collection made without ``keep_crops``, or faces e
 
 from __future__ import annotations
 
-import importlib
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -44,6 +43,8 @@ from ..errors import ErrorCode
 from ..gallery.api import Actor, CollectionExists, CollectionNotFound, Galleries, GalleryBackend
 from ..gallery.crops import CropCipher, CropsUnavailable, decode_crop
 from ..gallery.results import IdentityRecord
+from ..model.runtime import EmbeddingModel
+from .compare import compare_collections
 from .store import JobRecord, JobRunning, new_job_id
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,20 @@ Embed = Callable[[np.ndarray], np.ndarray]  # N x H x W x 3 uint8 aligned crops 
 class _Batch:
     identities: list[tuple[IdentityRecord, list[bytes]]] = field(default_factory=list)  # record, encoded crops
     faces: int = 0
+
+
+def model_embed(model: EmbeddingModel) -> Embed:
+    """The model's session as the migration calls it; crops of another size than the model's input
+    (a model aligned to another crop size) end the job with ``wrong_image_size``, naming both."""
+    height, width = model.contract.input_size
+
+    def embed(crops: np.ndarray) -> np.ndarray:
+        if crops.shape[1:3] != (height, width):
+            raise JobFailed(ErrorCode.wrong_image_size, f"the kept crops are {crops.shape[2]}x{crops.shape[1]}, the "
+                            f"model {model.contract.model_id} takes {width}x{height}: re-enroll from the photos instead")
+        return model.execute(crops)
+
+    return embed
 
 
 def no_source_crops(collection: str) -> str:
@@ -271,16 +286,11 @@ class Migration:
                              faces_done=sum(r.face_count for r in in_a.values()))
 
     def report(self, source: GalleryBackend, target: GalleryBackend) -> dict | None:
-        """The compare helper's report (service/jobs/compare.py), None while that module is absent."""
+        """The comparison report of A and B (compare.py); None when ``compare`` is off."""
         if not self.compare:
             return None
-        try:
-            compare = importlib.import_module("service.jobs.compare")
-        except ImportError:
-            return None
         self._checkpoint(phase="compare")
-        result: dict = compare.compare_collections(source, target).as_dict()
-        return result
+        return compare_collections(source, target).as_dict()
 
     def run(self) -> dict | None:
         """Copy, catch up, compare; returns the report. JobFailed / JobStopped end it early."""

@@ -11,7 +11,7 @@ Taking a job is a conditional UPDATE on the row's state and heartbeat as read (`
 the others see no row changed and leave it. While a job runs, a ticker writes its heartbeat every
 ``stale_s / 6`` seconds, so a long phase (a catch-up listing, the comparison) is never taken for dead.
 Rows of a POST that died between its job row and its target collection (``creating``) are removed
-after ``stale_s``.
+after ``2 * stale_s``, freeing their collection for a new job.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from ..errors import ErrorCode
 from ..gallery.api import CollectionNotFound, Galleries
 from ..gallery.crops import CropAuthenticationFailed
 from ..model.registry import ModelRegistry
-from .migrate import JobFailed, JobStopped, Migration
+from .migrate import Embed, JobFailed, JobStopped, Migration, model_embed
 from .store import JobRecord
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,12 @@ def runner_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
-def run_job(galleries: Galleries, models: ModelRegistry, job: JobRecord, owner: str,
+def embedder_of(models: ModelRegistry) -> Callable[[str], Embed]:
+    """The served model of a name as the migration embeds with it (its session, off the batcher's loop)."""
+    return lambda name: model_embed(models.get(name).model)
+
+
+def run_job(galleries: Galleries, embedder: Callable[[str], Embed], job: JobRecord, owner: str,
             on_done: Callable[[JobRecord], None] | None = None, compare: bool = True,
             stopping: threading.Event | None = None, stale_s: float = STALE_S) -> JobRecord:
     """Run a job this process holds (state ``running``, owner ``owner``) to its end; returns the row
@@ -67,10 +72,10 @@ def run_job(galleries: Galleries, models: ModelRegistry, job: JobRecord, owner: 
     migration: Migration | None = None
     try:
         try:
-            served = models.get(job.model)
+            embed = embedder(job.model)
         except KeyError:
             raise JobFailed(ErrorCode.model_not_found, f"no model named {job.model!r} is served here") from None
-        migration = Migration(galleries, job, served.model.execute, save, compare=compare)
+        migration = Migration(galleries, job, embed, save, compare=compare)
         log.info("job started", extra={"job": job.job_id, "collection": job.collection, "into": job.into})
         report = migration.run()
         if stopping is not None and stopping.is_set():
@@ -107,6 +112,22 @@ def _failure(exc: Exception, job: JobRecord) -> tuple[str, str]:
     if isinstance(exc, CropAuthenticationFailed):
         return ErrorCode.crop_key_missing.value, f"a kept crop of {job.collection!r} does not open: {exc}"
     return ErrorCode.internal_error.value, f"{type(exc).__name__}: {exc}"
+
+
+def shadow_pairs(galleries: Galleries) -> list[tuple[str, str, list[str]]]:
+    """(source, target, aliases pointing at the source) of each finished shadow migration whose
+    shadow traffic still applies (jobs/shadow.py): both collections exist and no alias points at the
+    target yet (an alias re-pointed from the source to the target ends it). Newest job per source."""
+    collections = {info.name for info in galleries.list_collections()}
+    aliases = {a.name: a.collection for a in galleries.list_aliases()}
+    pairs: dict[str, tuple[str, str, list[str]]] = {}
+    for job in galleries.list_jobs(state="done", limit=1000):  # newest first
+        if not job.shadow or job.collection in pairs:
+            continue
+        if {job.collection, job.into} <= collections and job.into not in aliases.values():
+            pairs[job.collection] = (job.collection, job.into,
+                                     sorted(a for a, c in aliases.items() if c == job.collection))
+    return list(pairs.values())
 
 
 class JobRunner:
@@ -146,7 +167,7 @@ class JobRunner:
             try:
                 job = self.claim()
                 if job is not None:
-                    run_job(self.galleries, self.models, job, self.owner, self.on_done, stopping=self._stop,
+                    run_job(self.galleries, embedder_of(self.models), job, self.owner, self.on_done, stopping=self._stop,
                             stale_s=self.stale_s)
                     continue
             except Exception:  # noqa: BLE001 - keep the thread; the store stays the truth
@@ -157,17 +178,28 @@ class JobRunner:
     def claim(self) -> JobRecord | None:
         """Take one job this process may run, or None (a conditional UPDATE: one replica wins)."""
         now = time.time()
+        for job in self.galleries.list_jobs(state="creating", limit=100):
+            if now - job.created_at > 2 * self.stale_s:  # its POST died before creating the target
+                log.warning("removing a job whose start was interrupted", extra={"job": job.job_id})
+                self.galleries.delete_job(job.job_id)
         for job in reversed(self.galleries.list_jobs(state="queued", limit=100)):  # oldest first
-            if self._take(job, now):
-                return self.galleries.get_job(job.job_id)
+            taken = take(self.galleries, job, self.owner)
+            if taken is not None:
+                return taken
         for job in self.galleries.list_jobs(state="running", limit=100):
             if job.heartbeat is None or now - job.heartbeat > self.stale_s:
-                if job.owner != self.owner and self._take(job, now):
+                taken = take(self.galleries, job, self.owner) if job.owner != self.owner else None
+                if taken is not None:
                     log.info("resuming a job whose runner stopped", extra={"job": job.job_id, "owner": job.owner})
-                    return self.galleries.get_job(job.job_id)
+                    return taken
         return None
 
-    def _take(self, job: JobRecord, now: float) -> bool:
-        return self.galleries.update_job(job.job_id, {"state": "running", "owner": self.owner, "heartbeat": now,
-                                                      "updated_at": now},
-                                         expect_state=(job.state,), expect_heartbeat=job.heartbeat)
+
+def take(galleries: Galleries, job: JobRecord, owner: str) -> JobRecord | None:
+    """Make ``job`` (as read) this runner's: state running, its owner and heartbeat, if nobody changed
+    its state or heartbeat since it was read (else None: another runner was first)."""
+    now = time.time()
+    if galleries.update_job(job.job_id, {"state": "running", "owner": owner, "heartbeat": now, "updated_at": now},
+                            expect_state=(job.state,), expect_heartbeat=job.heartbeat):
+        return galleries.get_job(job.job_id)
+    return None

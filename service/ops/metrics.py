@@ -15,6 +15,7 @@ from ..gallery.embedded.index import FALLBACKS
 disable_created_metrics()
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+SCORE_SHIFT_BUCKETS = (-0.5, -0.3, -0.2, -0.1, -0.05, -0.02, 0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
 
 
 class SearchFallbacks(Collector):
@@ -92,6 +93,23 @@ class Metrics:
         self.registry.register(self.search_fallbacks)
         self.snapshot_writers = SnapshotWriters()
         self.registry.register(self.snapshot_writers)
+        # shadow traffic after a migration (service/jobs/shadow.py)
+        self.shadow_identify = Counter(
+            "face_shadow_identify", "Identify probe faces on a migrated collection run again on its new collection",
+            ["source", "target"], registry=self.registry,
+        )
+        self.shadow_agreement = Counter(
+            "face_shadow_top1_agreement", "Shadowed probe faces by whether the new collection's top-1 identity is "
+            "the old one's", ["source", "target", "agree"], registry=self.registry,
+        )
+        self.shadow_score_shift = Histogram(
+            "face_shadow_score_shift", "Shadowed probe faces: the new collection's top score minus the old one's",
+            ["source", "target"], buckets=SCORE_SHIFT_BUCKETS, registry=self.registry,
+        )
+        self.shadow_dropped = Counter(
+            "face_shadow_dropped", "Identify requests not shadowed: the shadow queue was full (FACE_SHADOW_QUEUE) "
+            "or the shadow run failed", registry=self.registry,
+        )
 
     def observe_detection(self, faces: int, seconds: float) -> None:
         self.faces_detected.inc(faces)

@@ -55,6 +55,11 @@ POLICY: dict[tuple[str, str], tuple[str, bool]] = {
     ("GET", "/aliases/{name}"): ("admin", False),
     ("DELETE", "/aliases/{name}"): ("admin", False),
     ("GET", "/metrics"): ("admin", False),
+    ("POST", "/collections/{collection}/migrate"): ("admin", True),
+    ("GET", "/jobs"): ("admin", False),
+    ("GET", "/jobs/{job_id}"): ("admin", False),
+    ("POST", "/jobs/{job_id}/cancel"): ("admin", False),
+    ("POST", "/jobs/{job_id}/resume"): ("admin", False),
     ("GET", "/healthz"): ("public", False),
     ("GET", "/readyz"): ("public", False),
 }
@@ -95,6 +100,7 @@ class Calls:
         url = path.replace("{collection}", collection).replace("{identity_id}", f"someone-{n}")
         url = url.replace("{face_id}", str(10**12 + n))  # no such face: 404 once access allowed it
         url = url.replace("{name}", f"matrix-alias-{n}")
+        url = url.replace("{job_id}", "job_000000000000")  # no such job: 404 once access allowed it
         if "{key_id}" in url:
             url = url.replace("{key_id}", self.server.key_ids.get("throwaway", "000000000000"))
         body = None

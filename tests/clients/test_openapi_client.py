@@ -25,6 +25,8 @@ METHODS = {
     "delete_identity": "delete_identity", "duplicates": "duplicates", "outliers": "outliers",
     "merge_identity": "merge_identities", "move_face": "move_face", "delete_face": "delete_face", "cluster": "cluster",
     "set_alias": "set_alias", "get_alias": "get_alias", "list_aliases": "list_aliases", "delete_alias": "delete_alias",
+    "migrate_collection": "migrate_collection", "list_jobs": "list_jobs", "get_job": "get_job",
+    "cancel_job": "cancel_job", "resume_job": "resume_job",
 }
 NOT_IN_THE_CLIENT = {"metrics": "Prometheus text for a scraper, not a program's API"}
 # a request field -> the client's parameter for it, where the names differ; `cursor`: the iterators page themselves

@@ -83,7 +83,8 @@ def test_migration_copies_every_identity_and_keeps_up_with_writes(setup):
             with ThreadPoolExecutor(4) as pool:  # enough for the job to be running while the writer writes
                 list(pool.map(lambda i: enroll(c, "people-v1", f"zz{i:03d}", [FACES[i % 24]]), range(300)))
             assert c.put("/aliases/people", json={"collection": "people-v1"}).status_code == 200
-            r = c.post("/collections/people/migrate", json={"model": "tiny", "into": "people-v2", "batch_size": 1})
+            r = c.post("/collections/people/migrate", json={"model": "tiny", "into": "people-v2", "batch_size": 1,
+                                                            "shadow": True})
             assert r.status_code == 202, r.text
             job = r.json()["job"]
             assert job["collection"] == "people-v1" and job["into"] == "people-v2" and job["kind"] == "migrate"
@@ -118,6 +119,15 @@ def test_migration_copies_every_identity_and_keeps_up_with_writes(setup):
             assert c.get("/jobs", params={"collection": "people-v1", "state": "done"}).json()["items"][0]["id"] == job["id"]
             actions = {e["action"] for e in c.get("/audit", params={"collection": "people-v1"}).json()["items"]}
             assert "job.started" in actions
+            report = done["report"]  # compare.py's, over the finished copy
+            assert report["source"]["collection"] == "people-v1" and report["target"]["collection"] == "people-v2"
+            assert report["unpaired_identities"] == 0 and report["paired_probes"] == 5  # many: 3 faces, p10: 2
+            # shadow: true: /identify on the source is run on the copy too, off the request path
+            assert c.post("/collections/people/identify", json={"images": [b64(FACES[30])]}).status_code == 200
+            deadline = time.monotonic() + 30
+            while 'face_shadow_identify_total{source="people-v1",target="people-v2"} 1.0' not in c.get("/metrics").text:
+                assert time.monotonic() < deadline, c.get("/metrics").text[-3000:]
+                time.sleep(0.1)
     finally:
         server.stop()
 
@@ -166,7 +176,9 @@ def test_bad_migrations_are_refused_and_leave_nothing(setup):
             assert error(c.post("/jobs/job_000000000000/cancel")) == (404, "job_not_found")
             assert error(c.get("/jobs", params={"state": "odd"}))[0] == 422
             # cancel, then resume: the job ends done with the target complete
-            r = c.post("/collections/kept/migrate", json={"model": "tiny", "into": "again"})
+            for i, face in enumerate(FACES[2:22]):  # enough for the resumed job to be still running below
+                enroll(c, "kept", f"k{i}", [face])
+            r = c.post("/collections/kept/migrate", json={"model": "tiny", "into": "again", "batch_size": 1})
             assert r.status_code == 202, r.text
             job_id = r.json()["job"]["id"]
             cancelled = c.post(f"/jobs/{job_id}/cancel")
@@ -211,3 +223,48 @@ def test_a_killed_servers_migration_resumes_after_restart(setup):
             assert done["progress"]["identities_done"] == 150
     finally:
         server.stop()
+
+
+def gallery_cli(data_dir, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run([sys.executable, "-m", "service", "gallery", "--data-dir", str(data_dir), *args], cwd=REPO,
+                          env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+
+
+def test_the_cli_migrates_through_the_server_or_in_process(setup):
+    """`gallery migrate` with --url follows the server's job to its end; without a URL it runs the same
+    job code here (refused, naming --url, while a server holds the embedded data dir)."""
+    import json
+
+    kind, data_dir, env = setup
+    server = ServerProcess(data_dir, env=env)
+    try:
+        server.wait_ready()
+        with httpx.Client(base_url=server.url, timeout=120) as c:
+            assert c.post("/collections", json={"name": "kept", "keep_crops": True}).status_code == 201
+            for i, face in enumerate(FACES[:6]):
+                enroll(c, "kept", f"p{i}", [face])
+        remote = gallery_cli(data_dir, env, "migrate", "--collection", "kept", "--model", "tiny", "--into", "via-url",
+                             "--url", server.url)
+        assert remote.returncode == 0, remote.stderr
+        assert json.loads(remote.stdout)["state"] == "done"
+        refused = gallery_cli(data_dir, env, "migrate", "--collection", "kept", "--model", "nope", "--into", "x",
+                              "--url", server.url)
+        assert refused.returncode == 2 and "model_not_found" in refused.stderr, refused.stderr
+        if kind == "embedded":
+            locked = gallery_cli(data_dir, env, "migrate", "--collection", "kept", "--model", "tiny", "--into", "x")
+            assert locked.returncode == 2 and "--url" in locked.stderr, locked.stderr
+    finally:
+        server.stop()
+    here = gallery_cli(data_dir, env, "migrate", "--collection", "kept", "--model", "tiny", "--into", "in-process",
+                       "--batch-size", "2")
+    assert here.returncode == 0, here.stderr
+    job = json.loads(here.stdout)
+    assert job["state"] == "done" and job["progress"]["identities_done"] == 6, job
+    listed = gallery_cli(data_dir, env, "jobs")
+    assert listed.returncode == 0, listed.stderr
+    assert [j["into"] for j in json.loads(listed.stdout)["items"]] == ["in-process", "via-url"]
+    shown = gallery_cli(data_dir, env, "jobs", job["id"])
+    assert shown.returncode == 0 and json.loads(shown.stdout)["id"] == job["id"]
+    assert gallery_cli(data_dir, env, "jobs", "job_000000000000").returncode == 2

@@ -56,6 +56,9 @@ from .models import (
     IdentityDeleted,
     IdentityPage,
     IdentitySummary,
+    Job,
+    JobCreated,
+    JobList,
     Key,
     KeyCreated,
     KeyList,
@@ -334,6 +337,11 @@ class _Base:
         return Call(method, f"/aliases/{quote(name, safe='')}", None if collection is None else {"collection": collection})
 
     @staticmethod
+    def _migrate(collection: str, model: str, into: str, batch_size: int, shadow: bool) -> Call:
+        return Call("POST", f"/collections/{quote(collection, safe='')}/migrate",
+                    {"model": model, "into": into, "batch_size": batch_size, "shadow": shadow})
+
+    @staticmethod
     def _audit(cursor: str | None, page_size: int, filters: dict[str, Any]) -> Call:
         return Call("GET", "/audit", params=_drop_none({**filters, "limit": page_size, "cursor": cursor}))
 
@@ -542,6 +550,40 @@ class FaceClient(_Base):
 
     def delete_alias(self, name: str) -> Alias:
         return self._do(self._alias("DELETE", name), Alias)
+    # jobs: migrating a collection to another served model (admin)
+    def migrate_collection(self, collection: str, model: str, into: str, *, batch_size: int = 64,
+                           shadow: bool = False) -> Job:
+        """Start re-embedding ``collection``'s kept crops with ``model`` into the new collection ``into``;
+        the job runs on the server (watch it with get_job / wait_for_job)."""
+        return self._do(self._migrate(collection, model, into, batch_size, shadow), JobCreated).job
+
+    def list_jobs(self, *, collection: str | None = None, state: str | None = None, limit: int = 100) -> list[Job]:
+        return self._do(Call("GET", "/jobs", params=_drop_none({"collection": collection, "state": state,
+                                                                 "limit": limit})), JobList).items
+
+    def get_job(self, job_id: str) -> Job:
+        return self._do(Call("GET", f"/jobs/{quote(job_id, safe='')}"), Job)
+
+    def cancel_job(self, job_id: str) -> Job:
+        return self._do(Call("POST", f"/jobs/{quote(job_id, safe='')}/cancel"), Job)
+
+    def resume_job(self, job_id: str) -> Job:
+        return self._do(Call("POST", f"/jobs/{quote(job_id, safe='')}/resume"), Job)
+
+    def wait_for_job(self, job_id: str, *, timeout_s: float | None = None, poll_s: float = 1.0,
+                     on_progress: Callable[[Job], None] | None = None) -> Job:
+        """Poll until the job is done, failed or cancelled (returned as it ended); TimeoutError after
+        ``timeout_s``. ``on_progress``: called with each answer."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            job = self.get_job(job_id)
+            if on_progress is not None:
+                on_progress(job)
+            if job.finished:
+                return job
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"job {job_id} is still {job.state} after {timeout_s} s")
+            time.sleep(poll_s)
     def whoami(self) -> WhoAmI:
         return self._do(Call("GET", "/whoami"), WhoAmI)
 
@@ -812,6 +854,36 @@ class AsyncFaceClient(_Base):
 
     async def delete_alias(self, name: str) -> Alias:
         return await self._do(self._alias("DELETE", name), Alias)
+    async def migrate_collection(self, collection: str, model: str, into: str, *, batch_size: int = 64,
+                                 shadow: bool = False) -> Job:
+        return (await self._do(self._migrate(collection, model, into, batch_size, shadow), JobCreated)).job
+
+    async def list_jobs(self, *, collection: str | None = None, state: str | None = None,
+                        limit: int = 100) -> list[Job]:
+        return (await self._do(Call("GET", "/jobs", params=_drop_none({"collection": collection, "state": state,
+                                                                        "limit": limit})), JobList)).items
+
+    async def get_job(self, job_id: str) -> Job:
+        return await self._do(Call("GET", f"/jobs/{quote(job_id, safe='')}"), Job)
+
+    async def cancel_job(self, job_id: str) -> Job:
+        return await self._do(Call("POST", f"/jobs/{quote(job_id, safe='')}/cancel"), Job)
+
+    async def resume_job(self, job_id: str) -> Job:
+        return await self._do(Call("POST", f"/jobs/{quote(job_id, safe='')}/resume"), Job)
+
+    async def wait_for_job(self, job_id: str, *, timeout_s: float | None = None, poll_s: float = 1.0,
+                           on_progress: Callable[[Job], None] | None = None) -> Job:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            job = await self.get_job(job_id)
+            if on_progress is not None:
+                on_progress(job)
+            if job.finished:
+                return job
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"job {job_id} is still {job.state} after {timeout_s} s")
+            await asyncio.sleep(poll_s)
     async def whoami(self) -> WhoAmI:
         return await self._do(Call("GET", "/whoami"), WhoAmI)
 

@@ -204,6 +204,89 @@ class AliasList(Model):
     items: list[Alias]
 
 
+class JobProgress(Model):
+    phase: str  # copy, catch_up, compare, done
+    identities_done: int
+    identities_total: int
+    faces_done: int
+    faces_total: int
+    faces_per_s: float | None = None
+
+
+class JobError(Model):
+    code: str
+    message: str
+
+
+class CollectionRank(Model):
+    collection: str
+    model_id: str
+    identities: int
+    faces: int
+    probes: int
+    rank1: float | None = None  # leave-one-face-out rank-1; None: no probe
+
+
+class ChangedProbe(Model):
+    identity_id: str
+    source_top1: str | None = None
+    target_top1: str | None = None
+    source_score: float | None = None
+    target_score: float | None = None
+    source_face_id: int
+    target_face_id: int
+
+
+class ComparisonReport(Model):
+    """A migration's comparison: each collection's rank-1 and how often their top-1 answers agree."""
+
+    source: CollectionRank
+    target: CollectionRank
+    paired_probes: int
+    unpaired_identities: int
+    top1_agreement: float | None = None
+    changed_count: int
+    identities_changed: int
+    changed: list[ChangedProbe] = []
+    sampled: bool
+    max_probes: int
+    seed: int
+    seconds: float
+
+
+class Job(Model):
+    """A background job (``POST /collections/{c}/migrate``): its state, progress, error and report."""
+
+    id: str
+    kind: str
+    state: str  # queued, running, done, failed, cancelled
+    collection: str
+    into: str
+    model: str
+    model_id: str
+    source_model_id: str
+    shadow: bool = False
+    progress: JobProgress
+    created_at: float
+    updated_at: float
+    finished_at: float | None = None
+    started_by: str | None = None
+    error: JobError | None = None
+    report: ComparisonReport | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ("done", "failed", "cancelled")
+
+
+class JobCreated(Model):
+    job: Job
+
+
+class JobList(Model):
+    items: list[Job]
+
+
 class Key(Model):
     key_id: str
     role: str
@@ -460,9 +543,19 @@ SERVER_MODELS: dict[str, type[Model]] = {
     "KeyCreated": KeyCreated, "KeyList": KeyList, "KeyOut": Key, "KeyRevoked": KeyRevoked, "ProbeResult": ProbeResult,
     "QualityFailure": QualityFailure, "QualityPart": QualityPart, "ReadyResponse": Ready, "ReadyStatus": Ready,
     "VerifyResponse": VerifyResult, "WhoAmI": WhoAmI,
+    "ComparisonReport": ComparisonReport, "CollectionRank": CollectionRank, "ChangedProbe": ChangedProbe,
+    "Job": Job, "JobProgress": JobProgress, "JobError": JobError, "JobCreated": JobCreated, "JobList": JobList,
 }
 
 __all__ = [
+    "ChangedProbe",
+    "CollectionRank",
+    "ComparisonReport",
+    "Job",
+    "JobCreated",
+    "JobError",
+    "JobList",
+    "JobProgress",
     "Alias",
     "AliasList",
     "AuditEntry",

@@ -301,7 +301,7 @@ class Catalog:
 
     def list_jobs(self, collection: str | None = None, state: str | None = None,
                   limit: int = 100) -> list[jobs.JobRecord]:
-        where, args = ["state != 'creating'"], []
+        where, args = ([] if state == "creating" else ["state != 'creating'"]), []
         if collection is not None:
             where.append('"collection" = ?')
             args.append(collection)

@@ -963,7 +963,7 @@ class PostgresGalleries:
 
     def list_jobs(self, collection: str | None = None, state: str | None = None,
                   limit: int = 100) -> list[jobs.JobRecord]:
-        where, args = ["state != 'creating'"], []
+        where, args = ([] if state == "creating" else ["state != 'creating'"]), []
         if collection is not None:
             where.append('"collection" = %s')
             args.append(collection)
