@@ -214,12 +214,10 @@ def migrate(url: str, target: str, batch_size: int, timeout_s: float) -> dict:
     copy_rate = None
     if len(copy) >= 2 and copy[-1]["t"] > copy[0]["t"]:  # the rate between the first and last copy sample
         copy_rate = (copy[-1]["faces_done"] - copy[0]["faces_done"]) / (copy[-1]["t"] - copy[0]["t"])
-    compare_start = next((s["t"] for s in samples if s["phase"] == "compare"), None)
     faces = job["progress"]["faces_total"]
     return {"job_id": job["id"], "state": job["state"], "error": job.get("error"), "seconds": round(seconds, 2),
             "faces": faces, "faces_per_s": round(faces / seconds, 1) if seconds else None,
             "copy_phase_s": round(copy_end, 2),
-            "compare_phase_s": round(seconds - compare_start, 2) if compare_start is not None else None,
             "copy_faces_per_s": round(copy_rate, 1) if copy_rate else None,
             "job_faces_per_s": job["progress"].get("faces_per_s"),
             "report": _report_summary(job.get("report")), "samples": samples}

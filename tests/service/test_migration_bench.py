@@ -25,6 +25,8 @@ def test_migration_bench_migrates_and_measures(backend, tmp_path, request):
     assert migration["state"] == "done" and migration["error"] is None
     assert migration["faces"] == 90 and migration["faces_per_s"] > 0
     assert result["progress_samples"][-1]["phase"] == "done"
+    # the job's compare phase ran: every face of the 30 three-face identities is a paired probe
+    assert migration["report"]["paired_probes"] == 90
     assert result["extrapolated_1m"]["hours_whole_job"] > 0
     identify = result["identify"]
     assert identify["before"]["requests"] >= 10
