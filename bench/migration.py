@@ -201,8 +201,16 @@ def migrate(url: str, target: str, batch_size: int, timeout_s: float) -> dict:
             raise RuntimeError(f"POST migrate answered {r.status_code}: {r.text}")
         job = r.json()["job"]
         samples: list[dict] = []
+        slowest_poll, poll_timeouts = 0.0, 0
         while time.perf_counter() - t0 < timeout_s:
-            job = client.get(f"/jobs/{job['id']}").json()
+            asked = time.perf_counter()
+            try:  # a server that stops answering is a finding, not the end of the run
+                job = client.get(f"/jobs/{job['id']}").json()
+            except httpx.TimeoutException:
+                poll_timeouts += 1
+                continue
+            finally:
+                slowest_poll = max(slowest_poll, time.perf_counter() - asked)
             progress = job["progress"]
             samples.append({"t": round(time.perf_counter() - t0, 2), "state": job["state"], **progress})
             if job["state"] in ("done", "failed", "cancelled"):
@@ -220,6 +228,7 @@ def migrate(url: str, target: str, batch_size: int, timeout_s: float) -> dict:
             "copy_phase_s": round(copy_end, 2),
             "copy_faces_per_s": round(copy_rate, 1) if copy_rate else None,
             "job_faces_per_s": job["progress"].get("faces_per_s"),
+            "slowest_job_poll_s": round(slowest_poll, 2), "job_poll_timeouts_60s": poll_timeouts,
             "report": _report_summary(job.get("report")), "samples": samples}
 
 
