@@ -303,12 +303,13 @@ class Settings(BaseSettings):
         "(FACE_HNSW_EF_SEARCH) above (at 1M, ef 48 missed ~4% of planted pairs scoring 0.85-0.96 that ef 384 "
         "found: bench/README.md). A number: that ef at every size.",
     )
-    duplicates_scan: Literal["auto", "knn", "partitioned"] = Field(
+    duplicates_scan: Literal["auto", "knn", "hashed"] = Field(
         "auto",
         description="How GET /duplicates compares the faces. knn: each face searched in the gallery's HNSW index "
-        "(at FACE_DUPLICATES_SCAN_EF); partitioned: every face read once and compared exactly with the faces "
-        "of its cells (k-means partitions, no index, no gallery lock; all vectors in memory: faces x dim x 4 "
-        "bytes). auto: knn up to 100k faces, partitioned above (bench/README.md).",
+        "(at FACE_DUPLICATES_SCAN_EF); hashed: every face read once, sign-hashed into buckets sized for the "
+        "listing score, and compared exactly with the faces sharing a bucket (no index, no gallery lock; all "
+        "vectors in memory: faces x dim x 4 bytes; knn where the score is too low to hash). auto: knn up to "
+        "100k faces, hashed above (bench/README.md).",
     )
     readyz_cache_ms: float = Field(
         1000, ge=0, le=60_000, description="/readyz reuses its last real inference for this long (0: every call)."

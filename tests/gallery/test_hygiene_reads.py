@@ -13,8 +13,8 @@ from service.gallery.api import DEFAULT_COLLECTION
 from service.gallery.hygiene.duplicates import (
     comparisons_for,
     find_duplicates,
-    partition_cells,
-    partitioned_join,
+    hashed_bands,
+    hashed_join,
     scan_ef,
     scan_method,
 )
@@ -128,14 +128,16 @@ def _planted(rng: np.random.Generator, people: int, copies: int) -> tuple[np.nda
     return np.concatenate([faces, copy]), owners
 
 
-def test_the_partitioned_join_finds_what_brute_force_finds():
+def test_the_hashed_join_finds_what_brute_force_finds():
     """Each face's 3 best other identities at or above the score, by their best face: the join in
-    cells (partitions forced at a small size) answers exactly what comparing every pair answers,
-    and what numpy's all-pairs matrix says."""
+    hash buckets (forced at a small size: 80 bands of 8 bits) answers exactly what comparing every
+    pair answers, and what numpy's all-pairs matrix says; the bands are sized for the score."""
     faces, owners = _planted(np.random.default_rng(21), 1500, 300)
-    exact = partitioned_join(owners, faces, 0.8, cells=1)
-    cut = partitioned_join(owners, faces, 0.8, cells=6)
-    assert partition_cells(len(faces)) == 1 and partition_cells(1_000_000) == 63
+    exact = hashed_join(owners, faces, 0.8, bands=(0, 1))
+    cut = hashed_join(owners, faces, 0.8, bands=(8, 80))
+    assert hashed_join(owners, faces, 0.8) is not None and hashed_bands(len(faces), 0.8) == (0, 1)
+    assert hashed_bands(1_000_000, 0.925) == (23, 194) and hashed_bands(1_000_000, 0.85) == (23, 804)
+    assert hashed_bands(1_000_000, 0.6) is None  # too low a score to hash: the kNN join
     assert sorted(zip(*map(np.ndarray.tolist, cut))) == sorted(zip(*map(np.ndarray.tolist, exact)))
     gram = faces @ faces.T
     gram[owners[:, None] == owners[None, :]] = -1  # own identity (and self)
@@ -149,8 +151,8 @@ def test_the_partitioned_join_finds_what_brute_force_finds():
     np.testing.assert_allclose(exact[2], gram[exact[0], exact[1]], atol=1e-6)
 
 
-def test_the_partitioned_scan_lists_what_the_knn_scan_lists(galleries):  # noqa: F811
-    """Over the gallery (both backends): the partitioned duplicates scan, its cells forced, lists the
+def test_the_hashed_scan_lists_what_the_knn_scan_lists(galleries):  # noqa: F811
+    """Over the gallery (both backends): the hashed duplicates scan, its bands forced, lists the
     same pairs with the same evidence as the brute force and as the kNN join at the gallery's ef;
     an outlier face (mislabelled: no match to its own identity's other face) gives no evidence."""
     gallery = galleries.collection(DEFAULT_COLLECTION)
@@ -167,11 +169,12 @@ def test_the_partitioned_scan_lists_what_the_knn_scan_lists(galleries):  # noqa:
         return [(p.identity_a, p.identity_b, p.score, [(e.face_a, e.face_b, e.score) for e in p.evidence])
                 for p in scan.pairs]
 
-    exact = listed(method="partitioned", cells=1)
-    assert listed(method="partitioned", cells=5) == exact
+    exact = listed(method="hashed", bands=(0, 1))
+    assert listed(method="hashed", bands=(8, 80)) == exact
+    assert listed(method="hashed") == exact  # 3,151 faces: every pair
     knn = listed(method="knn", ef=400)
     assert [p[:2] for p in knn] == [p[:2] for p in exact] and len(exact) > 50
     assert [p[2] for p in knn] == pytest.approx([p[2] for p in exact], abs=1e-5)
     assert not any("p0000" in p[:2] and "p1500" in p[:2] for p in exact)  # the outlier's match: no evidence
-    assert scan_method("auto", 100_000) == "knn" and scan_method("auto", 100_001) == "partitioned"
-    assert scan_method("knn", 10**7) == "knn" and scan_method("partitioned", 10) == "partitioned"
+    assert scan_method("auto", 100_000) == "knn" and scan_method("auto", 100_001) == "hashed"
+    assert scan_method("knn", 10**7) == "knn" and scan_method("hashed", 10) == "hashed"

@@ -31,7 +31,7 @@ from .outliers import SCAN_BATCH, identities_of
 
 SCAN_EF = 48  # FACE_DUPLICATES_SCAN_EF auto up to SCAN_EF_MAX_FACES: measured lossless at 100k (bench/README.md)
 SCAN_EF_MAX_FACES = 100_000  # above: the gallery's own ef (at 1M ef 48 missed ~4% of pairs that ef 384 found)
-PARTITIONED_FROM_FACES = 100_000  # auto: the partitioned join above (bench/README.md)
+HASHED_FROM_FACES = 100_000  # auto: the hashed join above (bench/README.md)
 TOP_K = 3  # other identities asked per face: one person under up to 3 other ids, or a lookalike ranked above
 SEARCH_BATCH = 1024  # faces per gallery search
 
@@ -87,17 +87,18 @@ def false_alarm(tail: ImpostorTail | None, score: float, comparisons: float) -> 
 def find_duplicates(gallery: GalleryBackend, tail: ImpostorTail | None, min_score: float, outlier_below: float,
                     comparisons: float, limit: int = 100, evidence: int = 3, top_k: int = TOP_K,
                     batch: int = SCAN_BATCH, ef: int | None = None, method: str = "knn",
-                    cells: int | None = None) -> DuplicateScan:
+                    bands: tuple[int, int] | None = None) -> DuplicateScan:
     """Pairs of identities with a face pair at or above ``min_score``, best first, with up to
     ``evidence`` face pairs each; faces scoring below ``outlier_below`` against their own identity's
     other faces give no evidence. ``comparisons``: the family the false-alarm probability counts.
     ``ef``: the search breadth of the scan (FACE_DUPLICATES_SCAN_EF), None: the gallery's own.
-    ``method``: "knn" (the join through the gallery's index) or "partitioned" (the exact join in
-    cells, below; ``cells``: None sizes it, 1 is the brute force)."""
+    ``method``: "knn" (the join through the gallery's index) or "hashed" (the join in hash buckets,
+    below; ``bands``: (bits, bands), None sizes it, (0, 1) compares every pair; where the collection is
+    too large for the bands that ``min_score`` needs, the kNN join)."""
     started = time.perf_counter()
-    if method == "partitioned":
-        return _find_partitioned(gallery, tail, min_score, outlier_below, comparisons, limit, evidence, top_k, batch,
-                                 cells, started)
+    if method == "hashed" and (bands is not None or hashed_bands(gallery.face_count, min_score) is not None):
+        return _find_hashed(gallery, tail, min_score, outlier_below, comparisons, limit, evidence, top_k, batch,
+                            bands, started)
     found: dict[tuple[str, str], dict[tuple[int, int], float]] = {}
     faces_scanned = identities = 0
     probes: list[np.ndarray] = []
@@ -163,10 +164,10 @@ def scan_ef(setting: int | str, faces: int) -> int | None:
 
 
 def scan_method(setting: str, faces: int) -> str:
-    """The scan's join for FACE_DUPLICATES_SCAN: knn, partitioned, or auto (by the collection's size)."""
+    """The scan's join for FACE_DUPLICATES_SCAN: knn, hashed, or auto (by the collection's size)."""
     if setting != "auto":
         return setting
-    return "knn" if faces <= PARTITIONED_FROM_FACES else "partitioned"
+    return "knn" if faces <= HASHED_FROM_FACES else "hashed"
 
 
 def comparisons_for(gallery: GalleryBackend) -> float:
@@ -175,65 +176,36 @@ def comparisons_for(gallery: GalleryBackend) -> float:
 
 
 
-# --- the partitioned exact join (FACE_DUPLICATES_SCAN partitioned) -------------------------------------
+# --- the hashed join (FACE_DUPLICATES_SCAN hashed) ----------------------------------------------------
 #
-# No index: every face's vector is read once (``iter_faces``, both backends alike, no gallery lock), the
-# faces are cut into C cells (spherical k-means on a seeded sample), each face is filed in its
-# ``probes`` nearest cells, and each face is compared exactly (float32 matmul) with every face filed in
-# its own nearest cell, keeping its ``top_k`` best other identities at or above ``min_score``: the
-# evidence the kNN join keeps. A pair of faces is found when one of them is filed in the other's
-# nearest cell (either way round): at 2 probes that missed none of the planted pairs at or above the
-# listing score (bench/README.md). Cost: F x C (filing) + F x probes x F / C (the cells) dot products;
-# C = sqrt(probes x F) balances the two. Memory: every face's vector at once (F x dim float32: 512 MB
-# at 1M x 128).
+# No index: every face's vector is read once (``iter_faces``, both backends alike, no gallery lock) and
+# hashed: SKETCH_BITS random hyperplanes (seeded) give each face a sign sketch; two faces at cosine s
+# agree on a hyperplane with probability 1 - arccos(s) / pi. Each of L bands takes b of the sketch's
+# bits (drawn at random) as a bucket key; the faces sharing a bucket are compared exactly (float32).
+# b ~ log2(faces) + 3 keeps the buckets small (a face meets ~1/8 of a random face per band); L is
+# sized so that a pair at ``min_score`` shares no bucket with probability MISS at most: a join sized
+# for the threshold (the higher, the cheaper), each face keeping its ``top_k`` best other identities
+# at or above ``min_score``, the evidence the kNN join keeps. Up to EXACT_FACES faces, or where the
+# bands would exceed MAX_BANDS (a low ``min_score`` on a large collection), it compares every pair
+# (small) or leaves the scan to the kNN join (``hashed_bands`` is None). Memory: every face's vector
+# at once (faces x dim x 4 bytes: 512 MB at 1M x 128) and its sketch (faces x SKETCH_BITS bytes: 512 MB).
 
-PARTITION_PROBES = 2  # cells of each partition a face is filed in
-PARTITION_REPEATS = 3  # independent pairs of partitions
-CELL_FACES = 250  # faces per intersection cell
-EXACT_FACES = 4096  # up to here one cell: every pair compared (the brute force)
-KMEANS_SAMPLE = 32  # sampled faces per cell the centroids are fitted on
-KMEANS_ITERATIONS = 4
-FILE_BLOCK = 8192  # faces filed per matmul
+SKETCH_BITS = 512  # hyperplanes of each face's sketch; the bands draw their bits from these
+MISS = 1e-4  # the chance a pair at min_score is compared in no band (independent bands)
+MAX_BANDS = 1000  # above: too low a min_score for hashing (the kNN join instead)
+EXACT_FACES = 4096  # up to here every pair is compared (no hashing)
+BLOCK = 65536  # faces per matmul / pairs per exact comparison
 
 
-def partition_cells(faces: int) -> int:
-    """Cells per partition of a join of ``faces`` faces (1: brute force): about CELL_FACES faces in
-    each of the cells x cells intersections."""
+def hashed_bands(faces: int, min_score: float) -> tuple[int, int] | None:
+    """(bits per band, bands) of a hashed join of ``faces`` faces at ``min_score``; (0, 1): compare
+    every pair; None: too many bands for that score (the kNN join instead)."""
     if faces <= EXACT_FACES:
-        return 1
-    return max(2, int(round(np.sqrt(faces / CELL_FACES))))
-
-
-def _centroids(vectors: np.ndarray, cells: int, rng: np.random.Generator) -> np.ndarray:
-    sample = vectors[np.sort(rng.choice(len(vectors), min(len(vectors), cells * KMEANS_SAMPLE), replace=False))]
-    centroids = sample[rng.choice(len(sample), cells, replace=False)].copy()
-    for _ in range(KMEANS_ITERATIONS):
-        nearest = np.concatenate([np.argmax(sample[i:i + FILE_BLOCK] @ centroids.T, axis=1)
-                                  for i in range(0, len(sample), FILE_BLOCK)])
-        sums = np.zeros_like(centroids)
-        order = np.argsort(nearest, kind="stable")
-        starts = np.searchsorted(nearest[order], np.arange(cells))
-        filled = np.bincount(nearest, minlength=cells) > 0
-        sums[filled] = np.add.reduceat(sample[order], starts[filled], axis=0)
-        norms = np.linalg.norm(sums, axis=1)
-        keep = norms > 0  # an empty cell keeps its centroid
-        centroids[keep] = sums[keep] / norms[keep, None]
-    return np.ascontiguousarray(centroids, dtype=np.float32)
-
-
-def _file(vectors: np.ndarray, centroids: np.ndarray, probes: int) -> np.ndarray:
-    """Each face's ``probes`` nearest cells [F, probes], nearest first."""
-    probes = min(probes, len(centroids))
-    out = np.empty((len(vectors), probes), dtype=np.int32)
-    for i in range(0, len(vectors), FILE_BLOCK):
-        scores = vectors[i:i + FILE_BLOCK] @ centroids.T
-        if probes == 1:
-            out[i:i + FILE_BLOCK, 0] = np.argmax(scores, axis=1)
-            continue
-        top = np.argpartition(-scores, probes - 1, axis=1)[:, :probes]
-        ranked = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1)
-        out[i:i + FILE_BLOCK] = np.take_along_axis(top, ranked, axis=1)
-    return out
+        return 0, 1
+    bits = int(min(24, np.ceil(np.log2(faces)) + 3))
+    agree = 1.0 - float(np.arccos(np.clip(min_score, -1.0, 1.0))) / np.pi
+    bands = int(np.ceil(np.log(1 / MISS) / agree ** bits))
+    return (bits, bands) if bands <= MAX_BANDS else None
 
 
 def _top_identities(owners: np.ndarray, face: np.ndarray, match: np.ndarray, score: np.ndarray,
@@ -253,68 +225,70 @@ def _top_identities(owners: np.ndarray, face: np.ndarray, match: np.ndarray, sco
     return face[keep], match[keep], score[keep]
 
 
-def _cells(filed: np.ndarray, cells: int) -> tuple[np.ndarray, np.ndarray]:
-    """Faces by cell from each face's cells [F, n]: (face rows ordered by cell, where each cell starts)."""
-    flat = filed.ravel()
-    order = np.argsort(flat, kind="stable")
-    return order // filed.shape[1], np.searchsorted(flat[order], np.arange(cells + 1))
-
-
-def partitioned_join(owners: np.ndarray, vectors: np.ndarray, min_score: float, top_k: int = TOP_K,
-                     cells: int | None = None, probes: int = PARTITION_PROBES, repeats: int = PARTITION_REPEATS,
-                     seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def hashed_join(owners: np.ndarray, vectors: np.ndarray, min_score: float, top_k: int = TOP_K,
+                bands: tuple[int, int] | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For each face (row of ``vectors``, unit float32; ``owners``: its identity as an int), its ``top_k``
-    best other identities scoring at least ``min_score``, each by its best face: (face rows, their
-    match rows, scores). ``repeats`` times: two k-means partitions of ``cells`` cells each (None: sized
-    by ``partition_cells``; 1: one cell, every pair compared once) cut the faces into cells x cells
-    cells (their intersections); each face is filed in the ``probes`` x ``probes`` of them nearest to
-    it and compared with every face filed in its own nearest one (each comparison counts for both
-    faces, so a pair is found when either face is filed in the other's nearest cell)."""
+    best other identities scoring at least ``min_score`` among the faces it shares a bucket with,
+    each by its best face: (face rows, their match rows, scores). ``bands``: (bits per band, bands),
+    None: ``hashed_bands``; (0, 1): every pair."""
     faces = len(vectors)
-    cells = partition_cells(faces) if cells is None else max(1, min(cells, faces))
-    rng = np.random.default_rng(seed)
+    bits, count = bands if bands is not None else (hashed_bands(faces, min_score) or (0, 1))
     rows: list[np.ndarray] = []
     matches: list[np.ndarray] = []
     scores: list[np.ndarray] = []
-    for _ in range(repeats if cells > 1 else 1):
-        if cells == 1:
-            filed = np.zeros((faces, 1), dtype=np.int32)
-        else:
-            first, second = (_file(vectors, _centroids(vectors, cells, rng), probes) for _ in range(2))
-            filed = (first[:, :, None] * cells + second[:, None, :]).reshape(faces, -1)  # nearest first
-        fine = cells * cells
-        queries, query_starts = _cells(filed[:, :1], fine)
-        members_all, member_starts = _cells(filed, fine)
-        for cell in range(fine):
-            members = members_all[member_starts[cell]:member_starts[cell + 1]]
-            cell_queries = queries[query_starts[cell]:query_starts[cell + 1]]
-            if len(cell_queries) == 0 or len(members) < 2:
-                continue
-            member_vectors = vectors[members]
-            for q in range(0, len(cell_queries), FILE_BLOCK):
-                block = cell_queries[q:q + FILE_BLOCK]
-                gram = vectors[block] @ member_vectors.T
-                r, c = np.nonzero(gram >= min_score)
-                face, match = block[r], members[c]
-                other = owners[face] != owners[match]
-                if other.any():
-                    # a comparison is evidence for both faces: each way round
-                    face, match, score = face[other], match[other], gram[r, c][other]
-                    face, match, score = _top_identities(owners, np.r_[face, match], np.r_[match, face],
-                                                         np.r_[score, score], top_k)
-                    rows.append(face)
-                    matches.append(match)
-                    scores.append(score)
+
+    def compare(face: np.ndarray, match: np.ndarray) -> None:
+        for start in range(0, len(face), BLOCK):
+            f, m = face[start:start + BLOCK], match[start:start + BLOCK]
+            score = np.einsum("ij,ij->i", vectors[f], vectors[m])
+            hit = (score >= min_score) & (owners[f] != owners[m])
+            if hit.any():  # a comparison is evidence for both faces: each way round
+                f, m, score = f[hit], m[hit], score[hit]
+                f, m, score = _top_identities(owners, np.r_[f, m], np.r_[m, f], np.r_[score, score], top_k)
+                rows.append(f)
+                matches.append(m)
+                scores.append(score)
+
+    if bits == 0:  # every pair, in blocks of rows
+        for start in range(0, faces, 1024):
+            gram = vectors[start:start + 1024] @ vectors.T
+            r, c = np.nonzero(gram >= min_score)
+            r = r + start
+            keep = (owners[r] != owners[c]) & (r < c)
+            compare(r[keep], c[keep])
+    else:
+        rng = np.random.default_rng(seed)
+        planes = rng.standard_normal((vectors.shape[1], SKETCH_BITS)).astype(np.float32)
+        sketch = np.empty((SKETCH_BITS, faces), dtype=np.uint8)  # bit per hyperplane, by hyperplane
+        for start in range(0, faces, BLOCK):
+            sketch[:, start:start + BLOCK] = (vectors[start:start + BLOCK] @ planes > 0).T
+        for _ in range(count):
+            key = np.zeros(faces, dtype=np.uint32)
+            for shift, plane in enumerate(rng.choice(SKETCH_BITS, bits, replace=False)):
+                key |= sketch[plane].astype(np.uint32) << np.uint32(shift)
+            order = np.argsort(key, kind="stable")
+            ordered = key[order]
+            starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+            lengths = np.diff(np.r_[starts, faces])
+            length = np.repeat(lengths, lengths)
+            place = np.arange(faces) - np.repeat(starts, lengths)  # a face's place in its bucket
+            active = np.flatnonzero(length >= 2)
+            step = 1
+            while active.size:  # the pairs (place, place + step) of each bucket
+                active = active[place[active] + step < length[active]]
+                if active.size:
+                    compare(order[active], order[active + step])
+                step += 1
     if not rows:
         empty = np.empty(0, dtype=np.int64)
         return empty, empty, np.empty(0, dtype=np.float32)
-    # a face was compared in several cells (its own, and others' as a member): its best identities of all
+    # a face was compared in several bands: its best identities of all
     return _top_identities(owners, np.concatenate(rows), np.concatenate(matches), np.concatenate(scores), top_k)
 
 
-def _find_partitioned(gallery: GalleryBackend, tail: ImpostorTail | None, min_score: float, outlier_below: float,
+def _find_hashed(gallery: GalleryBackend, tail: ImpostorTail | None, min_score: float, outlier_below: float,
                       comparisons: float, limit: int, evidence: int, top_k: int, batch: int,
-                      cells: int | None, started: float) -> DuplicateScan:
+                      bands: tuple[int, int] | None, started: float) -> DuplicateScan:
     names: list[str] = []
     owners: list[np.ndarray] = []
     face_ids: list[int] = []
@@ -332,7 +306,7 @@ def _find_partitioned(gallery: GalleryBackend, tail: ImpostorTail | None, min_sc
     found: dict[tuple[str, str], dict[tuple[int, int], float]] = {}
     if vectors:
         owner = np.concatenate(owners)
-        rows, matches, scores = partitioned_join(owner, np.concatenate(vectors), min_score, top_k, cells=cells)
+        rows, matches, scores = hashed_join(owner, np.concatenate(vectors), min_score, top_k, bands)
         owned = owner.tolist()
         for i, j, score in zip(rows.tolist(), matches.tolist(), scores.tolist()):
             a, b = names[owned[i]], names[owned[j]]
