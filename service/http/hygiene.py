@@ -20,7 +20,6 @@ from ..gallery.hygiene.duplicates import (
     find_duplicates,
     listing_score,
     scan_ef,
-    scan_method,
 )
 from ..gallery.hygiene.outliers import OutlierScan, find_outliers
 from ..state import ServiceState
@@ -87,7 +86,7 @@ def _duplicates(state: ServiceState, gallery: GalleryBackend, min_score: float |
             min_score = listing_score(decision.tail, target, comparisons)
     scan = find_duplicates(gallery, decision.tail, min_score, state.served_for(gallery).verify_threshold, comparisons,
                            limit, evidence, ef=scan_ef(state.settings.duplicates_scan_ef, gallery.face_count),
-                           method=scan_method(state.settings.duplicates_scan, gallery.face_count))
+                           method=state.settings.duplicates_scan)
     return scan, target
 
 

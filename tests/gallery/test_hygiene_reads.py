@@ -16,7 +16,6 @@ from service.gallery.hygiene.duplicates import (
     hashed_bands,
     hashed_join,
     scan_ef,
-    scan_method,
 )
 from service.gallery.hygiene.outliers import identities_of
 from tests.gallery.test_collections import backend, galleries  # noqa: F401 - the fixtures
@@ -176,5 +175,3 @@ def test_the_hashed_scan_lists_what_the_knn_scan_lists(galleries):  # noqa: F811
     assert [p[:2] for p in knn] == [p[:2] for p in exact] and len(exact) > 50
     assert [p[2] for p in knn] == pytest.approx([p[2] for p in exact], abs=1e-5)
     assert not any("p0000" in p[:2] and "p1500" in p[:2] for p in exact)  # the outlier's match: no evidence
-    assert scan_method("auto", 100_000) == "knn" and scan_method("auto", 100_001) == "hashed"
-    assert scan_method("knn", 10**7) == "knn" and scan_method("hashed", 10) == "hashed"

@@ -36,9 +36,7 @@ def enroll(client: httpx.Client, identity: str, images: list[str], collection: s
 
 
 def serve(request, tmp_path_factory, default_model, policy: str) -> ServerProcess:
-    # the hashed duplicates join (auto: above 100k faces) forced: the kNN one is tests/gallery's
-    env = backend_env(request, {"FACE_ENROLL_HUB_ALPHA": "0", "FACE_ENROLL_DUPLICATE_POLICY": policy,
-                                "FACE_DUPLICATES_SCAN": "hashed"})
+    env = backend_env(request, {"FACE_ENROLL_HUB_ALPHA": "0", "FACE_ENROLL_DUPLICATE_POLICY": policy})
     proc = ServerProcess(tmp_path_factory.mktemp(f"hygiene-{request.param}-{policy}") / "data",
                          model=default_model, env=env)
     proc.wait_ready()
