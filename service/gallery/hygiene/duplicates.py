@@ -229,9 +229,11 @@ def hashed_join(owners: np.ndarray, vectors: np.ndarray, min_score: float, top_k
     """For each face (row of ``vectors``, unit float32; ``owners``: its identity as an int), its ``top_k``
     best other identities scoring at least ``min_score`` among the faces it shares a bucket with,
     each by its best face: (face rows, their match rows, scores). ``bands``: (bits per band, bands),
-    None: ``hashed_bands``; (0, 1): every pair."""
+    None: ``hashed_bands`` (MAX_BANDS where that is None); (0, 1): every pair."""
     faces = len(vectors)
-    bits, count = bands if bands is not None else (hashed_bands(faces, min_score) or (0, 1))
+    bits, count = bands if bands is not None else (
+        hashed_bands(faces, min_score)  # None (more faces than the gallery's counters said): at most MAX_BANDS
+        or (int(min(24, np.ceil(np.log2(faces)) + 3)), MAX_BANDS))
     rows: list[np.ndarray] = []
     matches: list[np.ndarray] = []
     scores: list[np.ndarray] = []
