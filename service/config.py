@@ -298,7 +298,8 @@ class Settings(BaseSettings):
     )
     duplicates_scan_ef: Annotated[int, Field(ge=10, le=1000)] | Literal["auto"] = Field(
         "auto",
-        description="HNSW search breadth of the GET /duplicates scan (both backends). auto: 48 up to 100k faces "
+        description="HNSW search breadth of the GET /duplicates knn scan (both backends; FACE_DUPLICATES_SCAN). "
+        "auto: 48 up to 100k faces "
         "(it found every listed pair the identify breadth found, 2.4x faster), the gallery's own "
         "(FACE_HNSW_EF_SEARCH) above (at 1M, ef 48 missed ~4% of planted pairs scoring 0.85-0.96 that ef 384 "
         "found: bench/README.md). A number: that ef at every size.",

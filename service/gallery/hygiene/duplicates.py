@@ -4,7 +4,10 @@ A kNN self-join through the gallery's own index, never all pairs: every face of 
 searched (``search``, in batches) for its ``TOP_K`` best other identities (its own identity is asked
 for too and dropped), and each hit at or above the listing score becomes evidence (face a, face b,
 score) for the pair of identities; a pair's score is its best face pair. Cost: faces x one kNN
-search, O(F log F) with the index, instead of F^2 / 2 comparisons.
+search, O(F log F) with the index, instead of F^2 / 2 comparisons. The default join
+(FACE_DUPLICATES_SCAN hashed, below) keeps the same evidence without the index: faces sharing a
+sign-hash bucket are compared exactly, the buckets sized for the listing score (1M faces: 156 s
+instead of ~33 min for the kNN join at the gallery's ef, bench/README.md).
 
 A face that does not match its own identity's other faces (an outlier: outliers.py, below the 1:1
 threshold) is no evidence that two identities are one person: it is probably filed under the wrong
