@@ -48,6 +48,7 @@ from service.gallery.hygiene.duplicates import (
     TOP_K,
     comparisons_for,
     find_duplicates,
+    hashed_bands,
     listing_score,
 )
 from service.gallery.hygiene.outliers import find_outliers
@@ -55,17 +56,18 @@ from service.gallery.hygiene.outliers import find_outliers
 log = logging.getLogger("bench.hygiene_scale")
 
 
-def scan(gallery, tail, verify: float) -> dict:
+def scan(gallery, tail, verify: float, method: str = "knn", max_false_alarm: float = 0.01) -> dict:
     comparisons = comparisons_for(gallery)
-    min_score = listing_score(tail, 0.01, comparisons)
+    min_score = listing_score(tail, max_false_alarm, comparisons)
     load = os.getloadavg()
     started = time.perf_counter()
-    found = find_duplicates(gallery, tail, min_score, verify, comparisons, limit=10**9, ef=SCAN_EF)
+    found = find_duplicates(gallery, tail, min_score, verify, comparisons, limit=10**9, ef=SCAN_EF, method=method)
     seconds = time.perf_counter() - started
     started = time.perf_counter()
     outliers = find_outliers(gallery, verify, 100)
     outlier_seconds = time.perf_counter() - started
-    out = {"scan_ef": SCAN_EF, "faces": found.faces_scanned, "identities": found.identities_scanned, "min_score": round(min_score, 4),
+    out = {"method": method, "max_false_alarm": max_false_alarm, "bands": hashed_bands(found.faces_scanned, min_score),
+           "scan_ef": SCAN_EF, "faces": found.faces_scanned, "identities": found.identities_scanned, "min_score": round(min_score, 4),
            "family_comparisons": comparisons, "pairs_listed": len(found.pairs),
            "duplicates_seconds": round(seconds, 1),
            "duplicates_faces_per_s": round(found.faces_scanned / seconds, 1),
@@ -116,25 +118,30 @@ def planted_found(gallery, plants, ef: int | None) -> dict:
             "searches_per_s": round(len(ids) * (1 + per) / seconds, 1)}
 
 
-def full_scan(gallery, tail, verify: float, ef: int | None, min_score: float, listing: float, plants) -> tuple[dict, set, set]:
+def full_scan(gallery, tail, verify: float, ef: int | None, min_score: float, listing: float, plants,
+              method: str = "knn") -> tuple[dict, set, set]:
     comparisons = comparisons_for(gallery)
     load = os.getloadavg()
     started = time.perf_counter()
-    found = find_duplicates(gallery, tail, min_score, verify, comparisons, limit=10**9, evidence=1, ef=ef)
+    found = find_duplicates(gallery, tail, min_score, verify, comparisons, limit=10**9, evidence=1, ef=ef,
+                            method=method)
     seconds = time.perf_counter() - started
     pairs = {(p.identity_a, p.identity_b) for p in found.pairs}
     listed = {(p.identity_a, p.identity_b) for p in found.pairs if p.score >= listing}
     ids, copied, _, scores = plants
     expected = {tuple(sorted(pair)) for pair, s in zip(zip(ids, copied), scores) if s >= min_score}
-    out = {"ef": "auto" if ef is None else ef, "seconds": round(seconds, 1),
+    out = {"method": method, "ef": "auto" if ef is None else ef, "seconds": round(seconds, 1),
            "faces_per_s": round(found.faces_scanned / seconds, 1), "pairs": len(pairs), "pairs_listable": len(listed),
            "planted_found": len(expected & pairs), "planted_at_min_score": len(expected),
+           "planted_at_listing_found": len({p for p in expected & pairs if p in listed}),
+           "planted_at_listing": len({tuple(sorted(pair)) for pair, s in zip(zip(ids, copied), scores) if s >= listing}),
            "load_average_before": load, "load_average_after": os.getloadavg()}
     log.warning("%s", out)
     return out, pairs, listed
 
 
-def sweep(gallery, tail, verify: float, efs: list[int | None], plants, min_score: float, full: bool) -> dict:
+def sweep(gallery, tail, verify: float, efs: list[int | None], plants, min_score: float, full: bool,
+          methods: tuple[str, ...] = ("knn",)) -> dict:
     listing = listing_score(tail, 0.01, comparisons_for(gallery))
     out: dict = {"planted": len(plants[0]), "min_score": min_score, "listing_score_0.01": round(listing, 4),
                  "planted_searches": [], "full_scans": []}
@@ -143,8 +150,8 @@ def sweep(gallery, tail, verify: float, efs: list[int | None], plants, min_score
         log.warning("%s", row)
         out["planted_searches"].append(row)
     reference: tuple[set, set] | None = None  # the first full scan's pairs (--scan-ef auto ...: the gallery's ef)
-    for ef in efs if full else []:
-        row, pairs, listed = full_scan(gallery, tail, verify, ef, min_score, listing, plants)
+    for method, ef in [(m, ef) for m in methods for ef in (efs if m == "knn" else efs[:1])] if full else []:
+        row, pairs, listed = full_scan(gallery, tail, verify, ef, min_score, listing, plants, method)
         if reference is None:
             reference = (pairs, listed)
         else:
@@ -190,6 +197,9 @@ def main() -> None:
     parser.add_argument("--min-score", type=float, default=0.6, help="listing score of the compared scans")
     parser.add_argument("--full-scans", action="store_true", help="a whole scan per --scan-ef")
     parser.add_argument("--skip-default-scan", action="store_true", help="only the --scan-ef comparison")
+    parser.add_argument("--method", nargs="+", choices=["knn", "hashed"], default=["knn"],
+                        help="the duplicates join(s) of the scans (FACE_DUPLICATES_SCAN)")
+    parser.add_argument("--max-false-alarm", type=float, default=0.01, help="the default scan's listing score")
     parser.add_argument("--sample-faces", type=int, default=0,
                         help="also time the scan's searches alone for this many faces at each --scan-ef")
     args = parser.parse_args()
@@ -210,7 +220,9 @@ def main() -> None:
         gallery.open()
         try:
             if not args.skip_default_scan:
-                results["embedded"] = scan(gallery, contract.impostor_tail, contract.threshold)
+                for method in args.method:
+                    results[f"embedded_{method}"] = scan(gallery, contract.impostor_tail, contract.threshold, method,
+                                                         args.max_false_alarm)
             if args.sample_faces:
                 results["embedded_sampled_searches"] = sampled(
                     gallery, [None if e == "auto" else int(e) for e in args.scan_ef], args.sample_faces)
@@ -219,7 +231,7 @@ def main() -> None:
                 plant(gallery, plants[0], plants[2])
                 efs = [None if e == "auto" else int(e) for e in args.scan_ef]
                 results["embedded_scan_ef"] = sweep(gallery, contract.impostor_tail, contract.threshold, efs,
-                                                    plants, args.min_score, args.full_scans)
+                                                    plants, args.min_score, args.full_scans, tuple(args.method))
         finally:
             gallery.close()
     if "postgres" in args.backends:
@@ -230,7 +242,9 @@ def main() -> None:
             galleries = PostgresGalleries(pg_options(server.url), MODEL_ID, 128)
             galleries.open()
             try:
-                results["postgres"] = scan(galleries.collection("default"), contract.impostor_tail, contract.threshold)
+                for method in args.method:
+                    results[f"postgres_{method}"] = scan(galleries.collection("default"), contract.impostor_tail,
+                                                         contract.threshold, method, args.max_false_alarm)
             finally:
                 galleries.close()
         finally:

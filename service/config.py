@@ -298,10 +298,20 @@ class Settings(BaseSettings):
     )
     duplicates_scan_ef: Annotated[int, Field(ge=10, le=1000)] | Literal["auto"] = Field(
         "auto",
-        description="HNSW search breadth of the GET /duplicates scan (both backends). auto: 48 up to 100k faces "
+        description="HNSW search breadth of the GET /duplicates knn scan (both backends; FACE_DUPLICATES_SCAN). "
+        "auto: 48 up to 100k faces "
         "(it found every listed pair the identify breadth found, 2.4x faster), the gallery's own "
         "(FACE_HNSW_EF_SEARCH) above (at 1M, ef 48 missed ~4% of planted pairs scoring 0.85-0.96 that ef 384 "
         "found: bench/README.md). A number: that ef at every size.",
+    )
+    duplicates_scan: Literal["hashed", "knn"] = Field(
+        "hashed",
+        description="How GET /duplicates compares the faces. knn: each face searched in the gallery's HNSW index "
+        "(at FACE_DUPLICATES_SCAN_EF); hashed: every face read once, sign-hashed into buckets sized for the "
+        "listing score, and compared exactly with the faces sharing a bucket (no index, no gallery lock; all "
+        "vectors in memory: faces x dim x 4 bytes), where the listing score is high enough (1,000 bands at "
+        "most), else knn. At 100k faces (score 0.82) hashed took 40 s and knn (ef 48) 140 s, the same pairs "
+        "found (bench/README.md).",
     )
     readyz_cache_ms: float = Field(
         1000, ge=0, le=60_000, description="/readyz reuses its last real inference for this long (0: every call)."

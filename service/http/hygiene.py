@@ -14,7 +14,13 @@ from starlette.concurrency import run_in_threadpool
 
 from ..access.policy import Permission
 from ..gallery.api import GalleryBackend
-from ..gallery.hygiene.duplicates import DuplicateScan, comparisons_for, find_duplicates, listing_score, scan_ef
+from ..gallery.hygiene.duplicates import (
+    DuplicateScan,
+    comparisons_for,
+    find_duplicates,
+    listing_score,
+    scan_ef,
+)
 from ..gallery.hygiene.outliers import OutlierScan, find_outliers
 from ..state import ServiceState
 from .deps import CollectionDep, StateDep, allow
@@ -79,7 +85,8 @@ def _duplicates(state: ServiceState, gallery: GalleryBackend, min_score: float |
             target = max_false_alarm if max_false_alarm is not None else state.settings.duplicates_max_false_alarm
             min_score = listing_score(decision.tail, target, comparisons)
     scan = find_duplicates(gallery, decision.tail, min_score, state.served_for(gallery).verify_threshold, comparisons,
-                           limit, evidence, ef=scan_ef(state.settings.duplicates_scan_ef, gallery.face_count))
+                           limit, evidence, ef=scan_ef(state.settings.duplicates_scan_ef, gallery.face_count),
+                           method=state.settings.duplicates_scan)
     return scan, target
 
 

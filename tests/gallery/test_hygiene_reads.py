@@ -10,7 +10,13 @@ import pytest
 
 from service.config import Settings
 from service.gallery.api import DEFAULT_COLLECTION
-from service.gallery.hygiene.duplicates import comparisons_for, find_duplicates, scan_ef
+from service.gallery.hygiene.duplicates import (
+    comparisons_for,
+    find_duplicates,
+    hashed_bands,
+    hashed_join,
+    scan_ef,
+)
 from service.gallery.hygiene.outliers import identities_of
 from tests.gallery.test_collections import backend, galleries  # noqa: F401 - the fixtures
 from tests.gallery.test_gallery import DIM, unit
@@ -103,3 +109,69 @@ def test_the_duplicates_scan_at_the_scan_ef_finds_the_planted_pair(galleries):  
     found = find_duplicates(gallery, None, 0.9, -1.0, comparisons_for(gallery), ef=ef)
     assert [(p.identity_a, p.identity_b) for p in found.pairs] == [("again", "p0123")]
     assert found.pairs[0].score == pytest.approx(0.95, abs=1e-3) and found.faces_scanned == 4001
+
+
+def _planted(rng: np.random.Generator, people: int, copies: int) -> tuple[np.ndarray, np.ndarray]:
+    """``people`` random people of 2 faces (at cosine ~0.8 to each other) and ``copies`` single-face
+    people, each a copy at cosine 0.6-0.97 of a face of a random one of them: (faces [2 people +
+    copies, DIM], their owners)."""
+    faces = np.repeat(unit(rng, people), 2, axis=0) + 0.5 * unit(rng, 2 * people)
+    faces /= np.linalg.norm(faces, axis=1, keepdims=True)
+    base = faces[rng.choice(2 * people, copies, replace=False)]
+    cosine = rng.uniform(0.6, 0.97, copies)[:, None]
+    noise = rng.normal(size=base.shape)
+    noise -= (noise * base).sum(axis=1, keepdims=True) * base
+    noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+    copy = (cosine * base + np.sqrt(1 - cosine ** 2) * noise).astype(np.float32)
+    owners = np.r_[np.repeat(np.arange(people), 2), people + np.arange(copies)].astype(np.int32)
+    return np.concatenate([faces, copy]), owners
+
+
+def test_the_hashed_join_finds_what_brute_force_finds():
+    """Each face's 3 best other identities at or above the score, by their best face: the join in
+    hash buckets (forced at a small size: 80 bands of 8 bits) answers exactly what comparing every
+    pair answers, and what numpy's all-pairs matrix says; the bands are sized for the score."""
+    faces, owners = _planted(np.random.default_rng(21), 1500, 300)
+    exact = hashed_join(owners, faces, 0.8, bands=(0, 1))
+    cut = hashed_join(owners, faces, 0.8, bands=(8, 80))
+    assert hashed_join(owners, faces, 0.8) is not None and hashed_bands(len(faces), 0.8) == (0, 1)
+    assert hashed_bands(1_000_000, 0.925) == (23, 194) and hashed_bands(1_000_000, 0.85) == (23, 804)
+    assert hashed_bands(1_000_000, 0.6) is None  # too low a score to hash: the kNN join
+    assert sorted(zip(*map(np.ndarray.tolist, cut))) == sorted(zip(*map(np.ndarray.tolist, exact)))
+    gram = faces @ faces.T
+    gram[owners[:, None] == owners[None, :]] = -1  # own identity (and self)
+    best: dict[tuple[int, int], int] = {}  # (face, other identity) -> that identity's best face
+    for i, j in zip(*np.nonzero(gram >= 0.8)):  # random 32-d people score < 0.8: fewer than 3 per face
+        key = (int(i), int(owners[j]))
+        if key not in best or gram[i, j] > gram[i, best[key]]:
+            best[key] = int(j)
+    assert {(i, j) for i, j in zip(exact[0].tolist(), exact[1].tolist())} == {(i, j) for (i, _), j in best.items()}
+    assert len(best) > 200
+    np.testing.assert_allclose(exact[2], gram[exact[0], exact[1]], atol=1e-6)
+
+
+def test_the_hashed_scan_lists_what_the_knn_scan_lists(galleries):  # noqa: F811
+    """Over the gallery (both backends): the hashed duplicates scan, its bands forced, lists the
+    same pairs with the same evidence as the brute force and as the kNN join at the gallery's ef;
+    an outlier face (mislabelled: no match to its own identity's other face) gives no evidence."""
+    gallery = galleries.collection(DEFAULT_COLLECTION)
+    faces, owners = _planted(np.random.default_rng(22), 1500, 150)
+    names = [f"p{o:04d}" for o in owners]
+    gallery.import_identities([(names[i], faces[i:i + 2], None) for i in range(0, 3000, 2)]
+                              + [(names[i], faces[i:i + 1], None) for i in range(3000, len(faces))])
+    gallery.enroll("p0000", faces[3000:3001])  # p1500's face filed under p0000 too: an outlier of p0000
+    comparisons = comparisons_for(gallery)
+
+    def listed(**how: object) -> list[tuple[str, str, float, list[tuple[int, int, float]]]]:
+        scan = find_duplicates(gallery, None, 0.8, 0.5, comparisons, limit=1000, **how)  # type: ignore[arg-type]
+        assert scan.faces_scanned == len(faces) + 1
+        return [(p.identity_a, p.identity_b, p.score, [(e.face_a, e.face_b, e.score) for e in p.evidence])
+                for p in scan.pairs]
+
+    exact = listed(method="hashed", bands=(0, 1))
+    assert listed(method="hashed", bands=(8, 80)) == exact
+    assert listed(method="hashed") == exact  # 3,151 faces: every pair
+    knn = listed(method="knn", ef=400)
+    assert [p[:2] for p in knn] == [p[:2] for p in exact] and len(exact) > 50
+    assert [p[2] for p in knn] == pytest.approx([p[2] for p in exact], abs=1e-5)
+    assert not any("p0000" in p[:2] and "p1500" in p[:2] for p in exact)  # the outlier's match: no evidence
