@@ -18,13 +18,23 @@ foreground):
    lists A and B (identity id, updated_at, face count) and syncs each identity of A that was written
    since the job was created and not synced at that ``updated_at`` by this run, or whose face count
    differs from B's, or that B lacks; and deletes from B every identity A no longer has. Passes
-   repeat until one finds nothing. Chosen over an in-process write hook because it also sees writes
-   of other processes (PostgreSQL replicas, the CLI) and needs no change to the write paths; the
-   price is one listing of both collections per pass (about a second per 100k identities). A write
-   answered after the last pass began may miss B: the job's ``done`` means "B held everything A held
-   when its last pass started"; stop writing to A (or re-point the alias) before switching.
+   repeat until one finds nothing, or ``CATCH_UP_PASSES`` passes (writers that never pause: the
+   fenced pass below takes what is left). Chosen over an in-process write hook because it also sees
+   writes of other processes (PostgreSQL replicas, the CLI); the price is one listing of both
+   collections per pass (about a second per 100k identities).
 3. **compare**: ``service.jobs.compare.compare_collections(A, B)``, its ``as_dict()`` stored as the
-   job's ``report``.
+   job's ``report`` (B as it was after step 2; step 4 adds what was written to A meanwhile).
+4. **fenced pass and done**: catch-up passes again (unfenced: what was written during the compare),
+   then ONE pass holding the exclusive side of A's write fence (``GalleryBackend.write_fence``), and
+   the ``done`` flip of the job row (``finish``) before the fence is released. Every write to A holds
+   the fence's shared side for its transaction (embedded: a per-collection readers-writer lock in the
+   process that owns the data dir; PostgreSQL: ``pg_advisory_xact_lock_shared`` in each write
+   transaction against ``pg_advisory_lock`` here, so writers on every replica and the CLI wait), so
+   the fenced pass sees A with no write in flight and none starting: **every write to A answered
+   before the job's ``finished_at`` is in B**; a write after it is not the job's. Searches and reads
+   never touch the fence. Writes to A wait while the fenced pass lists A and B and syncs the few
+   identities written since the previous pass (``fenced_s`` in the job's stored progress and the log;
+   bench/migration_fence.py measures it).
 
 A face of A without a crop (a collection made without ``keep_crops``, or faces enrolled before) is
 ``no_source_crops``: nothing to re-embed from (re-enroll from folders instead).
@@ -51,6 +61,7 @@ log = logging.getLogger(__name__)
 
 PAGE = 500  # identities listed per page
 SLACK_S = 5.0  # a write's updated_at is taken before its commit: passes look this much further back
+CATCH_UP_PASSES = 5  # unfenced passes at most, before the fenced one (writers that never pause)
 
 
 class JobFailed(RuntimeError):
@@ -155,8 +166,10 @@ class Migration:
     still ``running`` (False: it is not: stop); ``embed`` is B's model."""
 
     def __init__(self, galleries: Galleries, job: JobRecord, embed: Embed,
-                 save: Callable[[dict], bool], compare: bool = True) -> None:
+                 save: Callable[[dict], bool], compare: bool = True,
+                 finish: Callable[[dict | None], None] | None = None) -> None:
         self.galleries = galleries
+        self.finish = finish  # flips the job to done (the runner's), called holding A's write fence
         self.job = job
         self.embed = embed
         self.save = save
@@ -260,30 +273,51 @@ class Migration:
                          identities_done=int(self.progress.get("identities_done", 0)) + len(records),
                          faces_done=int(self.progress.get("faces_done", 0)) + faces)
 
-    def catch_up(self, source: GalleryBackend, target: GalleryBackend) -> int:
-        """Passes until one finds nothing; returns how many identities were synced or deleted."""
-        since = self.job.created_at - SLACK_S
+    def catch_up(self, source: GalleryBackend, target: GalleryBackend, passes: int = CATCH_UP_PASSES) -> int:
+        """Passes until one finds nothing, at most ``passes``; returns how many identities were synced or deleted."""
         total = 0
         self._checkpoint(phase="catch_up")
-        while True:
-            in_a = {r.identity_id: r for r in iter_identities(source)}
-            in_b = {r.identity_id: r.face_count for r in iter_identities(target)}
-            stale = [i for i, r in in_a.items()
-                     if i not in in_b or in_b[i] != r.face_count
-                     or (r.updated_at >= since and self.synced.get(i) != r.updated_at)]
-            gone = [i for i in in_b if i not in in_a]
-            if not stale and not gone:
-                return total
-            for identity_id in gone:
-                target.delete(identity_id)
-            for start in range(0, len(stale), PAGE):
-                self._sync(source, target, stale[start:start + PAGE])
-                self._checkpoint()
-            total += len(stale) + len(gone)
-            log.info("migration catch-up pass", extra={"job": self.job.job_id, "synced": len(stale), "deleted": len(gone)})
-            self._checkpoint(identities_total=len(in_a), identities_done=len(in_a),
-                             faces_total=sum(r.face_count for r in in_a.values()),
-                             faces_done=sum(r.face_count for r in in_a.values()))
+        for _ in range(passes):
+            found = self._pass(source, target)
+            if not found:
+                break
+            total += found
+        return total
+
+    def _pass(self, source: GalleryBackend, target: GalleryBackend) -> int:
+        """One catch-up pass: list A and B, sync what differs; how many identities it synced or deleted."""
+        since = self.job.created_at - SLACK_S
+        in_a = {r.identity_id: r for r in iter_identities(source)}
+        in_b = {r.identity_id: r.face_count for r in iter_identities(target)}
+        stale = [i for i, r in in_a.items()
+                 if i not in in_b or in_b[i] != r.face_count
+                 or (r.updated_at >= since and self.synced.get(i) != r.updated_at)]
+        gone = [i for i in in_b if i not in in_a]
+        if not stale and not gone:
+            return 0
+        for identity_id in gone:
+            target.delete(identity_id)
+        for start in range(0, len(stale), PAGE):
+            self._sync(source, target, stale[start:start + PAGE])
+            self._checkpoint()
+        log.info("migration catch-up pass", extra={"job": self.job.job_id, "synced": len(stale), "deleted": len(gone)})
+        self._checkpoint(identities_total=len(in_a), identities_done=len(in_a),
+                         faces_total=sum(r.face_count for r in in_a.values()),
+                         faces_done=sum(r.face_count for r in in_a.values()))
+        return len(stale) + len(gone)
+
+    def fenced_pass(self, source: GalleryBackend, target: GalleryBackend, report: dict | None) -> None:
+        """The last pass and the done flip, holding A's write fence (module docstring, step 4)."""
+        waited = time.monotonic()
+        with source.write_fence():
+            held = time.monotonic()
+            synced = self._pass(source, target)  # A cannot change: one pass leaves B equal to it
+            self.progress.update(phase="done", fenced_s=round(time.monotonic() - held, 3),
+                                 fence_wait_s=round(held - waited, 3), fenced_synced=synced)
+            if self.finish is not None:
+                self.finish(report)
+        log.info("migration fenced pass", extra={"job": self.job.job_id, "synced": synced,
+                                                 "fenced_s": self.progress["fenced_s"]})
 
     def report(self, source: GalleryBackend, target: GalleryBackend) -> dict | None:
         """The comparison report of A and B (compare.py); None when ``compare`` is off."""
@@ -293,7 +327,8 @@ class Migration:
         return compare_collections(source, target).as_dict()
 
     def run(self) -> dict | None:
-        """Copy, catch up, compare; returns the report. JobFailed / JobStopped end it early."""
+        """Copy, catch up, compare, the fenced pass and ``finish``; returns the report. JobFailed /
+        JobStopped end it early."""
         source = self.galleries.collection(self.job.collection)
         target = self.galleries.collection(self.job.into)
         self._cipher()
@@ -301,5 +336,6 @@ class Migration:
         self.copy(source, target)
         self.catch_up(source, target)
         report = self.report(source, target)
-        self.progress.update(phase="done")
+        self.catch_up(source, target)  # what was written during the comparison, off the fence
+        self.fenced_pass(source, target, report)
         return report

@@ -75,15 +75,18 @@ def run_job(galleries: Galleries, embedder: Callable[[str], Embed], job: JobReco
             embed = embedder(job.model)
         except KeyError:
             raise JobFailed(ErrorCode.model_not_found, f"no model named {job.model!r} is served here") from None
-        migration = Migration(galleries, job, embed, save, compare=compare)
+        def finish(report: dict | None) -> None:  # holding the source's write fence (migrate.py)
+            if stopping is not None and stopping.is_set():
+                raise JobStopped(job.job_id)
+            assert migration is not None
+            now = time.time()
+            galleries.update_job(job.job_id, {"state": "done", "progress": migration.progress, "report": report,
+                                              "updated_at": now, "finished_at": now, "heartbeat": now},
+                                 expect_state=("running",))
+
+        migration = Migration(galleries, job, embed, save, compare=compare, finish=finish)
         log.info("job started", extra={"job": job.job_id, "collection": job.collection, "into": job.into})
-        report = migration.run()
-        if stopping is not None and stopping.is_set():
-            raise JobStopped(job.job_id)
-        now = time.time()
-        galleries.update_job(job.job_id, {"state": "done", "progress": migration.progress, "report": report,
-                                          "updated_at": now, "finished_at": now, "heartbeat": now},
-                             expect_state=("running",))
+        migration.run()
     except JobStopped:
         log.info("job stopped (cancelled or taken over)", extra={"job": job.job_id})
     except Exception as exc:  # noqa: BLE001 - any failure ends the job as failed, with its reason

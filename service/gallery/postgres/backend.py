@@ -31,6 +31,7 @@ identities it last read, inside the transaction of its last search or write.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 import math
@@ -1152,6 +1153,8 @@ class PostgresGallery:
         deleted (by this replica or another) is CollectionNotFound."""
         try:
             with self._transaction() as conn:
+                # the shared side of the collection's write fence (write_fence), released at commit
+                conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (self.fence_key,))
                 yield conn
         except psycopg.errors.ForeignKeyViolation as exc:
             raise CollectionNotFound(self.name) from exc
@@ -1546,6 +1549,27 @@ class PostgresGallery:
             "SELECT face_id, identity_id, embedding FROM faces WHERE collection_id = %(c)s AND identity_id >= %(i)s "
             "AND (identity_id > %(i)s OR face_id > %(f)s) ORDER BY identity_id, face_id LIMIT %(n)s",
             {"c": self.collection_id, "i": after[0], "f": after[1], "n": batch}).fetchall()
+
+    @property
+    def fence_key(self) -> int:
+        """The advisory lock of the collection's write fence: a signed 64-bit hash of the schema and the
+        collection id (advisory locks are database-wide; schemas share a database)."""
+        digest = hashlib.blake2b(f"face-write-fence:{self.options.schema}:{self.collection_id}".encode(),
+                                 digest_size=8).digest()
+        return int.from_bytes(digest, "big", signed=True)
+
+    @contextmanager
+    def write_fence(self) -> Iterator[None]:
+        """The exclusive side of the write fence (api.GalleryBackend.write_fence): a session advisory
+        lock on a write-pool connection (autocommit), held for the block. Writes on every replica take
+        the shared side in their transaction (``_writing``), so it waits for those in flight, and
+        PostgreSQL queues a new shared request behind the waiting exclusive one (no starvation)."""
+        with self.galleries._connection() as conn:  # noqa: SLF001 - the collection's own backend
+            conn.execute("SELECT pg_advisory_lock(%s)", (self.fence_key,))
+            try:
+                yield
+            finally:
+                conn.execute("SELECT pg_advisory_unlock(%s)", (self.fence_key,))
 
 
 def _before_nul(cursor: str) -> str:
