@@ -372,6 +372,12 @@ class GalleryBackend(Protocol):
         searches never touch it. The migration's final pass and its ``done`` flip (jobs/migrate.py)."""
         ...
 
+    def identity_crops(self, identity_ids: list[str]) -> dict[str, list[tuple[int, bytes | None]]]:
+        """identity id -> its faces in face-id order, each (face id, sealed crop or None when the face has
+        none), for the ids that exist (others are absent): the migration's batched read, a few queries
+        for many identities instead of one per face; each identity's faces and crops are one read."""
+        ...
+
 
 @runtime_checkable
 class Galleries(Protocol):

@@ -5,10 +5,12 @@ The algorithm (one job, :func:`run_migration`; the runner calls it in its thread
 foreground):
 
 1. **copy**: page through A's identities in ``list_identities`` order (identity id). For each,
-   "sync" it: read its record (``updated_at``) and faces (face-id order), open each face's sealed
-   crop (bound to A + face id), decode the PNG, embed it with B's model, and write the identity to
-   B with one ``enroll(identity, embeddings, metadata, replace=True, crops=<the same PNGs>)``: B
-   seals them for B's own face ids. Re-running a sync gives the same B (idempotent); the k-th face
+   "sync" it: its record as listed (metadata, ``updated_at``), its faces (face-id order) with their
+   sealed crops read for a batch of identities at once (``identity_crops``: one query, not one per
+   face), open each crop (bound to A + face id), decode the PNG, embed it with B's model, and write
+   the identity to B with one ``enroll(identity, embeddings, metadata, replace=True, crops=<the same
+   PNGs>)``: B seals them for B's own face ids (a write to A between the listing and the read leaves
+   an ``updated_at`` the next pass re-syncs). Re-running a sync gives the same B (idempotent); the k-th face
    of X in A is the k-th in B. Crops of several identities make one model batch (``batch_size``).
    After every batch the cursor (the last identity synced), the progress and the heartbeat are
    written: a resumed job continues after the cursor.
@@ -186,22 +188,16 @@ class Migration:
             raise JobFailed(ErrorCode.crop_key_missing, "migrating needs the crop key (FACE_CROP_KEY_FILE)")
         return cipher
 
-    def _read(self, source: GalleryBackend, identity_id: str) -> tuple[IdentityRecord, list[bytes]] | None:
-        """The identity's record and its faces' encoded crops (face-id order); None if A has it no more."""
+    def _read(self, source: GalleryBackend, records: list[IdentityRecord]) -> dict[str, list[bytes]]:
+        """The encoded crops (face-id order) of each of these identities A still has: one batched
+        read (``identity_crops``), each identity's faces and crops from one statement."""
         cipher = self._cipher()
-        for _ in range(3):  # a face deleted between the two reads: read again
-            details = source.get_identity(identity_id)
-            if details is None:
-                return None
-            crops = []
-            for face in details.faces:
-                blob = source.face_crop(face.face_id)
-                if blob is None:
-                    break
-                crops.append(cipher.open(source.name, face.face_id, blob))
-            else:
-                return details.record, crops
-        raise JobFailed(ErrorCode.no_source_crops, no_source_crops(source.name))
+        out = {}
+        for identity_id, faces in source.identity_crops([r.identity_id for r in records]).items():
+            if any(blob is None for _, blob in faces):
+                raise JobFailed(ErrorCode.no_source_crops, no_source_crops(source.name))
+            out[identity_id] = [cipher.open(source.name, face_id, blob) for face_id, blob in faces if blob is not None]
+        return out
 
     def _write(self, target: GalleryBackend, batch: _Batch) -> None:
         """Embed the batch's crops (``batch_size`` per model call) and write each identity to B."""
@@ -220,17 +216,19 @@ class Migration:
             self.synced[record.identity_id] = record.updated_at
         self._faces_this_run += len(arrays)
 
-    def _sync(self, source: GalleryBackend, target: GalleryBackend, identity_ids: list[str]) -> int:
-        """Sync these identities (a deleted one is deleted from B) in batches; faces synced."""
+    def _sync(self, source: GalleryBackend, target: GalleryBackend, records: list[IdentityRecord]) -> int:
+        """Sync these identities of A as listed (one A no longer has is deleted from B) in batches;
+        faces synced."""
         batch, faces = _Batch(), 0
-        for identity_id in identity_ids:
-            read = self._read(source, identity_id)
-            if read is None:
-                target.delete(identity_id)
-                self.synced.pop(identity_id, None)
+        crops_of = self._read(source, records)
+        for record in records:
+            crops = crops_of.get(record.identity_id)
+            if crops is None:
+                target.delete(record.identity_id)
+                self.synced.pop(record.identity_id, None)
                 continue
-            batch.identities.append(read)
-            batch.faces += len(read[1])
+            batch.identities.append((record, crops))
+            batch.faces += len(crops)
             if batch.faces >= self.job.batch_size:
                 self._write(target, batch)
                 faces += batch.faces
@@ -268,7 +266,7 @@ class Migration:
             self._copy_batch(source, target, pending)
 
     def _copy_batch(self, source: GalleryBackend, target: GalleryBackend, records: list[IdentityRecord]) -> None:
-        faces = self._sync(source, target, [r.identity_id for r in records])
+        faces = self._sync(source, target, records)
         self._checkpoint(cursor=records[-1].identity_id,
                          identities_done=int(self.progress.get("identities_done", 0)) + len(records),
                          faces_done=int(self.progress.get("faces_done", 0)) + faces)
@@ -289,7 +287,7 @@ class Migration:
         since = self.job.created_at - SLACK_S
         in_a = {r.identity_id: r for r in iter_identities(source)}
         in_b = {r.identity_id: r.face_count for r in iter_identities(target)}
-        stale = [i for i, r in in_a.items()
+        stale = [r for i, r in in_a.items()
                  if i not in in_b or in_b[i] != r.face_count
                  or (r.updated_at >= since and self.synced.get(i) != r.updated_at)]
         gone = [i for i in in_b if i not in in_a]

@@ -755,3 +755,6 @@ class _CollectionHandle:
     def write_fence(self) -> Iterator[None]:
         with self._owner.fence(self.name).write():
             yield
+
+    def identity_crops(self, identity_ids: list[str]) -> dict[str, list[tuple[int, bytes | None]]]:
+        return self._run(lambda g: g.identity_crops(identity_ids))
