@@ -88,6 +88,7 @@ async def initialize(settings: Settings, metrics: Metrics) -> ServiceState:
     # migrations: queued ones, and those a stopped runner left; a finished shadow one starts its shadow traffic
     for source, target, pointing in await run_in_threadpool(shadow_pairs, galleries):
         state.shadow.start(source, target, pointing)
+    state.shadow.follow(lambda: shadow_pairs(galleries), settings.shadow_refresh_s)  # those other replicas ran
     state.jobs = JobRunner(galleries, models, stale_s=settings.job_stale_s, on_done=lambda job: _shadow_done(state, job))
     state.jobs.start()
     if await run_in_threadpool(state.keyring.open_mode):

@@ -383,6 +383,10 @@ class Settings(BaseSettings):
         "waiting to be re-run on the new collection; when it is full one is dropped (face_shadow_dropped_total), "
         "never the request slowed.",
     )
+    shadow_refresh_s: float = Field(
+        5.0, gt=0, le=300, description="How often each replica reads the finished shadow migrations from the "
+        "job rows and starts their shadow traffic here (a replica that did not run the job shadows within this).",
+    )
 
     @field_validator("allowed_hosts", "cors_origins", "models", mode="before")
     @classmethod

@@ -50,6 +50,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -362,6 +363,20 @@ class GalleryBackend(Protocol):
     def iter_faces(self, batch: int = 4096) -> Iterator[tuple[list[int], list[str], np.ndarray]]:
         """Every face of the collection as (face ids, identity ids, vectors [n, dim] float32), ordered by
         identity id then face id, in batches; not one consistent read (a hygiene scan is advisory)."""
+
+    def write_fence(self) -> AbstractContextManager[None]:
+        """The exclusive side of the collection's write fence, held for the block: every write to the
+        collection (enroll, import, delete, merge, move, delete_face) holds the shared side for its
+        transaction, so the block starts once the writes in flight have committed and no write starts
+        until it ends, in this process and (PostgreSQL: an advisory lock) on every replica. Reads and
+        searches never touch it. The migration's final pass and its ``done`` flip (jobs/migrate.py)."""
+        ...
+
+    def identity_crops(self, identity_ids: list[str]) -> dict[str, list[tuple[int, bytes | None]]]:
+        """identity id -> its faces in face-id order, each (face id, sealed crop or None when the face has
+        none), for the ids that exist (others are absent): the migration's batched read, a few queries
+        for many identities instead of one per face; each identity's faces and crops are one read."""
+        ...
 
 
 @runtime_checkable

@@ -5,10 +5,12 @@ The algorithm (one job, :func:`run_migration`; the runner calls it in its thread
 foreground):
 
 1. **copy**: page through A's identities in ``list_identities`` order (identity id). For each,
-   "sync" it: read its record (``updated_at``) and faces (face-id order), open each face's sealed
-   crop (bound to A + face id), decode the PNG, embed it with B's model, and write the identity to
-   B with one ``enroll(identity, embeddings, metadata, replace=True, crops=<the same PNGs>)``: B
-   seals them for B's own face ids. Re-running a sync gives the same B (idempotent); the k-th face
+   "sync" it: its record as listed (metadata, ``updated_at``), its faces (face-id order) with their
+   sealed crops read for a batch of identities at once (``identity_crops``: one query, not one per
+   face), open each crop (bound to A + face id), decode the PNG, embed it with B's model, and write
+   the identity to B with one ``enroll(identity, embeddings, metadata, replace=True, crops=<the same
+   PNGs>)``: B seals them for B's own face ids (a write to A between the listing and the read leaves
+   an ``updated_at`` the next pass re-syncs). Re-running a sync gives the same B (idempotent); the k-th face
    of X in A is the k-th in B. Crops of several identities make one model batch (``batch_size``).
    After every batch the cursor (the last identity synced), the progress and the heartbeat are
    written: a resumed job continues after the cursor.
@@ -18,13 +20,23 @@ foreground):
    lists A and B (identity id, updated_at, face count) and syncs each identity of A that was written
    since the job was created and not synced at that ``updated_at`` by this run, or whose face count
    differs from B's, or that B lacks; and deletes from B every identity A no longer has. Passes
-   repeat until one finds nothing. Chosen over an in-process write hook because it also sees writes
-   of other processes (PostgreSQL replicas, the CLI) and needs no change to the write paths; the
-   price is one listing of both collections per pass (about a second per 100k identities). A write
-   answered after the last pass began may miss B: the job's ``done`` means "B held everything A held
-   when its last pass started"; stop writing to A (or re-point the alias) before switching.
+   repeat until one finds nothing, or ``CATCH_UP_PASSES`` passes (writers that never pause: the
+   fenced pass below takes what is left). Chosen over an in-process write hook because it also sees
+   writes of other processes (PostgreSQL replicas, the CLI); the price is one listing of both
+   collections per pass (about a second per 100k identities).
 3. **compare**: ``service.jobs.compare.compare_collections(A, B)``, its ``as_dict()`` stored as the
-   job's ``report``.
+   job's ``report`` (B as it was after step 2; step 4 adds what was written to A meanwhile).
+4. **fenced pass and done**: catch-up passes again (unfenced: what was written during the compare),
+   then ONE pass holding the exclusive side of A's write fence (``GalleryBackend.write_fence``), and
+   the ``done`` flip of the job row (``finish``) before the fence is released. Every write to A holds
+   the fence's shared side for its transaction (embedded: a per-collection readers-writer lock in the
+   process that owns the data dir; PostgreSQL: ``pg_advisory_xact_lock_shared`` in each write
+   transaction against ``pg_advisory_lock`` here, so writers on every replica and the CLI wait), so
+   the fenced pass sees A with no write in flight and none starting: **every write to A answered
+   before the job's ``finished_at`` is in B**; a write after it is not the job's. Searches and reads
+   never touch the fence. Writes to A wait while the fenced pass lists A and B and syncs the few
+   identities written since the previous pass (``fenced_s`` in the job's stored progress and the log;
+   bench/migration_fence.py measures it).
 
 A face of A without a crop (a collection made without ``keep_crops``, or faces enrolled before) is
 ``no_source_crops``: nothing to re-embed from (re-enroll from folders instead).
@@ -51,6 +63,7 @@ log = logging.getLogger(__name__)
 
 PAGE = 500  # identities listed per page
 SLACK_S = 5.0  # a write's updated_at is taken before its commit: passes look this much further back
+CATCH_UP_PASSES = 5  # unfenced passes at most, before the fenced one (writers that never pause)
 
 
 class JobFailed(RuntimeError):
@@ -155,8 +168,10 @@ class Migration:
     still ``running`` (False: it is not: stop); ``embed`` is B's model."""
 
     def __init__(self, galleries: Galleries, job: JobRecord, embed: Embed,
-                 save: Callable[[dict], bool], compare: bool = True) -> None:
+                 save: Callable[[dict], bool], compare: bool = True,
+                 finish: Callable[[dict | None], None] | None = None) -> None:
         self.galleries = galleries
+        self.finish = finish  # flips the job to done (the runner's), called holding A's write fence
         self.job = job
         self.embed = embed
         self.save = save
@@ -173,22 +188,16 @@ class Migration:
             raise JobFailed(ErrorCode.crop_key_missing, "migrating needs the crop key (FACE_CROP_KEY_FILE)")
         return cipher
 
-    def _read(self, source: GalleryBackend, identity_id: str) -> tuple[IdentityRecord, list[bytes]] | None:
-        """The identity's record and its faces' encoded crops (face-id order); None if A has it no more."""
+    def _read(self, source: GalleryBackend, records: list[IdentityRecord]) -> dict[str, list[bytes]]:
+        """The encoded crops (face-id order) of each of these identities A still has: one batched
+        read (``identity_crops``), each identity's faces and crops from one statement."""
         cipher = self._cipher()
-        for _ in range(3):  # a face deleted between the two reads: read again
-            details = source.get_identity(identity_id)
-            if details is None:
-                return None
-            crops = []
-            for face in details.faces:
-                blob = source.face_crop(face.face_id)
-                if blob is None:
-                    break
-                crops.append(cipher.open(source.name, face.face_id, blob))
-            else:
-                return details.record, crops
-        raise JobFailed(ErrorCode.no_source_crops, no_source_crops(source.name))
+        out = {}
+        for identity_id, faces in source.identity_crops([r.identity_id for r in records]).items():
+            if any(blob is None for _, blob in faces):
+                raise JobFailed(ErrorCode.no_source_crops, no_source_crops(source.name))
+            out[identity_id] = [cipher.open(source.name, face_id, blob) for face_id, blob in faces if blob is not None]
+        return out
 
     def _write(self, target: GalleryBackend, batch: _Batch) -> None:
         """Embed the batch's crops (``batch_size`` per model call) and write each identity to B."""
@@ -207,17 +216,19 @@ class Migration:
             self.synced[record.identity_id] = record.updated_at
         self._faces_this_run += len(arrays)
 
-    def _sync(self, source: GalleryBackend, target: GalleryBackend, identity_ids: list[str]) -> int:
-        """Sync these identities (a deleted one is deleted from B) in batches; faces synced."""
+    def _sync(self, source: GalleryBackend, target: GalleryBackend, records: list[IdentityRecord]) -> int:
+        """Sync these identities of A as listed (one A no longer has is deleted from B) in batches;
+        faces synced."""
         batch, faces = _Batch(), 0
-        for identity_id in identity_ids:
-            read = self._read(source, identity_id)
-            if read is None:
-                target.delete(identity_id)
-                self.synced.pop(identity_id, None)
+        crops_of = self._read(source, records)
+        for record in records:
+            crops = crops_of.get(record.identity_id)
+            if crops is None:
+                target.delete(record.identity_id)
+                self.synced.pop(record.identity_id, None)
                 continue
-            batch.identities.append(read)
-            batch.faces += len(read[1])
+            batch.identities.append((record, crops))
+            batch.faces += len(crops)
             if batch.faces >= self.job.batch_size:
                 self._write(target, batch)
                 faces += batch.faces
@@ -255,35 +266,56 @@ class Migration:
             self._copy_batch(source, target, pending)
 
     def _copy_batch(self, source: GalleryBackend, target: GalleryBackend, records: list[IdentityRecord]) -> None:
-        faces = self._sync(source, target, [r.identity_id for r in records])
+        faces = self._sync(source, target, records)
         self._checkpoint(cursor=records[-1].identity_id,
                          identities_done=int(self.progress.get("identities_done", 0)) + len(records),
                          faces_done=int(self.progress.get("faces_done", 0)) + faces)
 
-    def catch_up(self, source: GalleryBackend, target: GalleryBackend) -> int:
-        """Passes until one finds nothing; returns how many identities were synced or deleted."""
-        since = self.job.created_at - SLACK_S
+    def catch_up(self, source: GalleryBackend, target: GalleryBackend, passes: int = CATCH_UP_PASSES) -> int:
+        """Passes until one finds nothing, at most ``passes``; returns how many identities were synced or deleted."""
         total = 0
         self._checkpoint(phase="catch_up")
-        while True:
-            in_a = {r.identity_id: r for r in iter_identities(source)}
-            in_b = {r.identity_id: r.face_count for r in iter_identities(target)}
-            stale = [i for i, r in in_a.items()
-                     if i not in in_b or in_b[i] != r.face_count
-                     or (r.updated_at >= since and self.synced.get(i) != r.updated_at)]
-            gone = [i for i in in_b if i not in in_a]
-            if not stale and not gone:
-                return total
-            for identity_id in gone:
-                target.delete(identity_id)
-            for start in range(0, len(stale), PAGE):
-                self._sync(source, target, stale[start:start + PAGE])
-                self._checkpoint()
-            total += len(stale) + len(gone)
-            log.info("migration catch-up pass", extra={"job": self.job.job_id, "synced": len(stale), "deleted": len(gone)})
-            self._checkpoint(identities_total=len(in_a), identities_done=len(in_a),
-                             faces_total=sum(r.face_count for r in in_a.values()),
-                             faces_done=sum(r.face_count for r in in_a.values()))
+        for _ in range(passes):
+            found = self._pass(source, target)
+            if not found:
+                break
+            total += found
+        return total
+
+    def _pass(self, source: GalleryBackend, target: GalleryBackend) -> int:
+        """One catch-up pass: list A and B, sync what differs; how many identities it synced or deleted."""
+        since = self.job.created_at - SLACK_S
+        in_a = {r.identity_id: r for r in iter_identities(source)}
+        in_b = {r.identity_id: r.face_count for r in iter_identities(target)}
+        stale = [r for i, r in in_a.items()
+                 if i not in in_b or in_b[i] != r.face_count
+                 or (r.updated_at >= since and self.synced.get(i) != r.updated_at)]
+        gone = [i for i in in_b if i not in in_a]
+        if not stale and not gone:
+            return 0
+        for identity_id in gone:
+            target.delete(identity_id)
+        for start in range(0, len(stale), PAGE):
+            self._sync(source, target, stale[start:start + PAGE])
+            self._checkpoint()
+        log.info("migration catch-up pass", extra={"job": self.job.job_id, "synced": len(stale), "deleted": len(gone)})
+        self._checkpoint(identities_total=len(in_a), identities_done=len(in_a),
+                         faces_total=sum(r.face_count for r in in_a.values()),
+                         faces_done=sum(r.face_count for r in in_a.values()))
+        return len(stale) + len(gone)
+
+    def fenced_pass(self, source: GalleryBackend, target: GalleryBackend, report: dict | None) -> None:
+        """The last pass and the done flip, holding A's write fence (module docstring, step 4)."""
+        waited = time.monotonic()
+        with source.write_fence():
+            held = time.monotonic()
+            synced = self._pass(source, target)  # A cannot change: one pass leaves B equal to it
+            self.progress.update(phase="done", fenced_s=round(time.monotonic() - held, 3),
+                                 fence_wait_s=round(held - waited, 3), fenced_synced=synced)
+            if self.finish is not None:
+                self.finish(report)
+        log.info("migration fenced pass", extra={"job": self.job.job_id, "synced": synced,
+                                                 "fenced_s": self.progress["fenced_s"]})
 
     def report(self, source: GalleryBackend, target: GalleryBackend) -> dict | None:
         """The comparison report of A and B (compare.py); None when ``compare`` is off."""
@@ -293,7 +325,8 @@ class Migration:
         return compare_collections(source, target).as_dict()
 
     def run(self) -> dict | None:
-        """Copy, catch up, compare; returns the report. JobFailed / JobStopped end it early."""
+        """Copy, catch up, compare, the fenced pass and ``finish``; returns the report. JobFailed /
+        JobStopped end it early."""
         source = self.galleries.collection(self.job.collection)
         target = self.galleries.collection(self.job.into)
         self._cipher()
@@ -301,5 +334,6 @@ class Migration:
         self.copy(source, target)
         self.catch_up(source, target)
         report = self.report(source, target)
-        self.progress.update(phase="done")
+        self.catch_up(source, target)  # what was written during the comparison, off the fence
+        self.fenced_pass(source, target, report)
         return report

@@ -75,15 +75,18 @@ def run_job(galleries: Galleries, embedder: Callable[[str], Embed], job: JobReco
             embed = embedder(job.model)
         except KeyError:
             raise JobFailed(ErrorCode.model_not_found, f"no model named {job.model!r} is served here") from None
-        migration = Migration(galleries, job, embed, save, compare=compare)
+        def finish(report: dict | None) -> None:  # holding the source's write fence (migrate.py)
+            if stopping is not None and stopping.is_set():
+                raise JobStopped(job.job_id)
+            assert migration is not None
+            now = time.time()
+            galleries.update_job(job.job_id, {"state": "done", "progress": migration.progress, "report": report,
+                                              "updated_at": now, "finished_at": now, "heartbeat": now},
+                                 expect_state=("running",))
+
+        migration = Migration(galleries, job, embed, save, compare=compare, finish=finish)
         log.info("job started", extra={"job": job.job_id, "collection": job.collection, "into": job.into})
-        report = migration.run()
-        if stopping is not None and stopping.is_set():
-            raise JobStopped(job.job_id)
-        now = time.time()
-        galleries.update_job(job.job_id, {"state": "done", "progress": migration.progress, "report": report,
-                                          "updated_at": now, "finished_at": now, "heartbeat": now},
-                             expect_state=("running",))
+        migration.run()
     except JobStopped:
         log.info("job stopped (cancelled or taken over)", extra={"job": job.job_id})
     except Exception as exc:  # noqa: BLE001 - any failure ends the job as failed, with its reason
@@ -118,11 +121,14 @@ def shadow_pairs(galleries: Galleries) -> list[tuple[str, str, list[str]]]:
     """(source, target, aliases pointing at the source) of each finished shadow migration whose
     shadow traffic still applies (jobs/shadow.py): both collections exist and no alias points at the
     target yet (an alias re-pointed from the source to the target ends it). Newest job per source."""
+    done = [job for job in galleries.list_jobs(state="done", limit=1000) if job.shadow]  # newest first
+    if not done:  # every replica reads this every FACE_SHADOW_REFRESH_S: one query when nothing shadows
+        return []
     collections = {info.name for info in galleries.list_collections()}
     aliases = {a.name: a.collection for a in galleries.list_aliases()}
     pairs: dict[str, tuple[str, str, list[str]]] = {}
-    for job in galleries.list_jobs(state="done", limit=1000):  # newest first
-        if not job.shadow or job.collection in pairs:
+    for job in done:
+        if job.collection in pairs:
             continue
         if {job.collection, job.into} <= collections and job.into not in aliases.values():
             pairs[job.collection] = (job.collection, job.into,

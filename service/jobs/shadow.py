@@ -20,7 +20,10 @@ like any request of B) and searches B for the top-1 (in a worker thread), then c
   logged).
 
 The pairs live in this process. With several replicas each one needs them: the job rows are the truth
-(service/jobs/), and whoever reads them calls ``start``/``stop`` here.
+(service/jobs/). The replica that ran the job starts its pair when it ends; every replica also reads
+the active pairs from the job rows every ``FACE_SHADOW_REFRESH_S`` (:meth:`ShadowMap.follow`, three
+small reads, or one when no job asked for a shadow) and starts those it lacks, so a replica that did
+not run the job shadows within seconds, not at its next restart. Pairs end as above, on each replica.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -72,6 +75,7 @@ class ShadowMap:
         self._queue_size = queue_size
         self._queue: asyncio.Queue[_Offer] | None = None
         self._worker: asyncio.Task[None] | None = None
+        self._following = threading.Event()  # set: the follow() thread stops
 
     # --- which pairs ---------------------------------------------------------------------------
     def start(self, source: str, target: str, aliases: Iterable[str] = ()) -> None:
@@ -178,9 +182,37 @@ class ShadowMap:
         return False
 
     async def close(self) -> None:
-        """Stop the background task (what is queued is not shadowed)."""
+        """Stop the background task (what is queued is not shadowed) and the follow() thread."""
+        self._following.set()
         if self._worker is not None:
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
             self._worker = None
+
+    # --- pairs from the job rows (every replica) ---------------------------------------------------
+    def refresh(self, pairs: Iterable[tuple[str, str, list[str]]]) -> list[str]:
+        """Start each (source, target, aliases pointing at the source) not shadowed here on that target
+        (runner.shadow_pairs reads them from the job rows); returns the sources started. Only starts:
+        a pair ends as the module docstring says, and the job rows no longer list an ended one."""
+        started = []
+        for source, target, aliases in pairs:
+            if self.target_of(source) != target:
+                self.start(source, target, aliases)
+                started.append(source)
+        return started
+
+    def follow(self, read: Callable[[], Iterable[tuple[str, str, list[str]]]], every_s: float) -> threading.Thread:
+        """A daemon thread that calls ``refresh(read())`` every ``every_s`` seconds until ``close()``;
+        a failed read (database unavailable) is logged and tried again at the next round."""
+        def loop() -> None:
+            while not self._following.wait(every_s):
+                try:
+                    self.refresh(read())
+                except Exception:  # noqa: BLE001 - the next round reads again; serving never depends on it
+                    log.warning("reading the shadow pairs failed", exc_info=True)
+
+        self._following.clear()
+        thread = threading.Thread(target=loop, name="shadow-pairs", daemon=True)
+        thread.start()
+        return thread

@@ -118,3 +118,6 @@ class EmbeddedGallery:
 
     def iter_faces(self, batch: int = 4096) -> Iterator[tuple[list[int], list[str], np.ndarray]]:
         return self.gallery.iter_faces(batch)
+
+    def identity_crops(self, identity_ids: list[str]) -> dict[str, list[tuple[int, bytes | None]]]:
+        return self.gallery.identity_crops(identity_ids)

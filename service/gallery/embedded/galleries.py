@@ -66,7 +66,7 @@ from ..search import check_served
 from . import audit
 from .backend import EmbeddedGallery
 from .catalog import Catalog
-from .gallery import Gallery
+from .gallery import Gallery, ReadWriteLock
 from .snapshot import fsync_dir
 from .store import connect, count_counted_faces, count_rows, erase_rows
 
@@ -153,6 +153,7 @@ class EmbeddedGalleries:
         self._opened = False
         self._crop_names: set[str] = set()  # the collections that keep crops (guarded by _mutex, like _known)
         self.crop_cipher: CropCipher | None = None  # seals kept crops; set by open.make_gallery
+        self._fences: dict[str, ReadWriteLock] = {}  # collection -> its write fence (write_fence), guarded by _mutex
 
     # --- lifecycle -----------------------------------------------------------------------------
     @property
@@ -627,6 +628,13 @@ class EmbeddedGalleries:
     def delete_job(self, job_id: str) -> None:
         self._catalog.delete_job(job_id)
 
+    def fence(self, name: str) -> ReadWriteLock:
+        """The collection's write fence (``GalleryBackend.write_fence``): writes hold its read side,
+        the migration's final pass its write side. By name, kept while the process runs, so a
+        collection closed when idle and opened again keeps its fence."""
+        with self._mutex:
+            return self._fences.setdefault(name, ReadWriteLock())
+
 
 class _CollectionHandle:
     """One collection of :class:`EmbeddedGalleries` behind the backend interface: cheap, made per
@@ -648,6 +656,11 @@ class _CollectionHandle:
             return call(gallery)
         finally:
             owner._release(entry)  # noqa: SLF001
+
+    def _write(self, call: Callable[[EmbeddedGallery], _T]) -> _T:
+        """A write: ``_run`` holding the shared side of the collection's write fence."""
+        with self._owner.fence(self.name).read():
+            return self._run(call)
 
     @property
     def identity_count(self) -> int:
@@ -681,14 +694,14 @@ class _CollectionHandle:
     def enroll(self, identity_id: str, embeddings: np.ndarray, metadata: dict | None = None,
                replace: bool = False, max_faces: int | None = None, actor: Actor | None = None,
                crops: list[bytes] | None = None) -> EnrollResult:
-        return self._run(lambda g: g.enroll(identity_id, embeddings, metadata, replace, max_faces, actor, crops))
+        return self._write(lambda g: g.enroll(identity_id, embeddings, metadata, replace, max_faces, actor, crops))
 
     def import_identities(self, items: list[tuple[str, np.ndarray, dict | None]],
                           actor: Actor | None = None) -> list[list[int]]:
-        return self._run(lambda g: g.import_identities(items, actor))
+        return self._write(lambda g: g.import_identities(items, actor))
 
     def delete(self, identity_id: str, actor: Actor | None = None) -> int | None:
-        return self._run(lambda g: g.delete(identity_id, actor))
+        return self._write(lambda g: g.delete(identity_id, actor))
 
     def search(self, probes: np.ndarray, top_k: int, ef: int | None = None) -> list[list[Match]]:
         return self._run(lambda g: g.search(probes, top_k, ef))
@@ -710,14 +723,14 @@ class _CollectionHandle:
 
     def merge_identities(self, source_id: str, target_id: str, max_faces: int | None = None,
                          actor: Actor | None = None) -> MergeResult:
-        return self._run(lambda g: g.merge_identities(source_id, target_id, max_faces, actor))
+        return self._write(lambda g: g.merge_identities(source_id, target_id, max_faces, actor))
 
     def move_face(self, face_id: int, target_id: str, max_faces: int | None = None,
                   actor: Actor | None = None) -> MoveResult:
-        return self._run(lambda g: g.move_face(face_id, target_id, max_faces, actor))
+        return self._write(lambda g: g.move_face(face_id, target_id, max_faces, actor))
 
     def delete_face(self, face_id: int, actor: Actor | None = None) -> tuple[str, bool]:
-        return self._run(lambda g: g.delete_face(face_id, actor))
+        return self._write(lambda g: g.delete_face(face_id, actor))
     def face_crop(self, face_id: int) -> bytes | None:
         return self._run(lambda g: g.face_crop(face_id))
 
@@ -737,3 +750,11 @@ class _CollectionHandle:
             yield from gallery.iter_faces(batch)
         finally:
             owner._release(entry)  # noqa: SLF001
+
+    @contextmanager
+    def write_fence(self) -> Iterator[None]:
+        with self._owner.fence(self.name).write():
+            yield
+
+    def identity_crops(self, identity_ids: list[str]) -> dict[str, list[tuple[int, bytes | None]]]:
+        return self._run(lambda g: g.identity_crops(identity_ids))

@@ -742,6 +742,9 @@ class Gallery:
     def iter_faces(self, batch: int = 4096) -> Iterator[tuple[list[int], list[str], np.ndarray]]:
         return self._live_store.faces_by_identity(batch)
 
+    def identity_crops(self, identity_ids: list[str]) -> dict[str, list[tuple[int, bytes | None]]]:
+        return self._live_store.identity_crops(identity_ids)
+
     @property
     def face_count(self) -> int:
         """Live enrolled faces (in memory; /identify sizes its threshold by it)."""

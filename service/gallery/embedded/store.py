@@ -414,6 +414,21 @@ class Store:
                 out[int(face_id)] = (identity_id, np.frombuffer(blob, dtype=np.float32))
         return out
 
+    def identity_crops(self, identity_ids: list[str], batch: int = 500) -> dict[str, list[tuple[int, bytes | None]]]:
+        """identity id -> [(face id, sealed crop or None)] in face-id order, for the ids that exist; one
+        SELECT per ``batch`` identities (each identity's rows come from one statement: one snapshot)."""
+        conn = self._reader()
+        out: dict[str, list[tuple[int, bytes | None]]] = {}
+        ids = sorted(set(identity_ids))
+        for start in range(0, len(ids), batch):
+            part = ids[start:start + batch]
+            marks = ",".join("?" * len(part))
+            for identity_id, face_id, blob in conn.execute(
+                    f"SELECT f.identity_id, f.face_id, c.blob FROM faces f LEFT JOIN crops c USING (face_id) "
+                    f"WHERE f.identity_id IN ({marks}) ORDER BY f.identity_id, f.face_id", part):
+                out.setdefault(identity_id, []).append((int(face_id), None if blob is None else bytes(blob)))
+        return out
+
     def faces_by_identity(self, batch: int = 4096) -> Iterator[tuple[list[int], list[str], np.ndarray]]:
         """Every face as (face ids, identity ids, embeddings), ordered by identity id then face id, in
         batches (keyset pages on the faces_by_identity index; each page is its own read)."""

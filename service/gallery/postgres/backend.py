@@ -31,6 +31,7 @@ identities it last read, inside the transaction of its last search or write.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 import math
@@ -1152,6 +1153,8 @@ class PostgresGallery:
         deleted (by this replica or another) is CollectionNotFound."""
         try:
             with self._transaction() as conn:
+                # the shared side of the collection's write fence (write_fence), released at commit
+                conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (self.fence_key,))
                 yield conn
         except psycopg.errors.ForeignKeyViolation as exc:
             raise CollectionNotFound(self.name) from exc
@@ -1546,6 +1549,50 @@ class PostgresGallery:
             "SELECT face_id, identity_id, embedding FROM faces WHERE collection_id = %(c)s AND identity_id >= %(i)s "
             "AND (identity_id > %(i)s OR face_id > %(f)s) ORDER BY identity_id, face_id LIMIT %(n)s",
             {"c": self.collection_id, "i": after[0], "f": after[1], "n": batch}).fetchall()
+
+    @property
+    def fence_key(self) -> int:
+        """The advisory lock of the collection's write fence: a signed 64-bit hash of the schema and the
+        collection id (advisory locks are database-wide; schemas share a database)."""
+        digest = hashlib.blake2b(f"face-write-fence:{self.options.schema}:{self.collection_id}".encode(),
+                                 digest_size=8).digest()
+        return int.from_bytes(digest, "big", signed=True)
+
+    @contextmanager
+    def write_fence(self) -> Iterator[None]:
+        """The exclusive side of the write fence (api.GalleryBackend.write_fence): a session advisory
+        lock on a write-pool connection (autocommit), held for the block. Writes on every replica take
+        the shared side in their transaction (``_writing``), so it waits for those in flight, and
+        PostgreSQL queues a new shared request behind the waiting exclusive one (no starvation).
+        With standbys, the block's reads must see every write committed before the lock was had: they
+        go to a standby that has replayed the primary's WAL position of that moment, else the primary
+        (consistency.py), never to one that lags."""
+        with self.galleries._connection() as conn:  # noqa: SLF001 - the collection's own backend
+            conn.execute("SELECT pg_advisory_lock(%s)", (self.fence_key,))
+            token = None
+            try:
+                if self.galleries._standbys is not None:  # noqa: SLF001
+                    lsn = consistency.parse_lsn(_one(conn.execute("SELECT pg_current_wal_lsn()::text"))[0])
+                    token = consistency.begin(consistency.ReadAfter(required=lsn))
+                yield
+            finally:
+                if token is not None:
+                    consistency.end(token)
+                conn.execute("SELECT pg_advisory_unlock(%s)", (self.fence_key,))
+
+    def identity_crops(self, identity_ids: list[str]) -> dict[str, list[tuple[int, bytes | None]]]:
+        """identity id -> [(face id, sealed crop or None)] in face-id order: one query for all of them
+        (faces_by_identity, then the crops' primary key), on the primary's reads or a standby that has
+        what this request must see; one statement, so each identity's faces and crops are one snapshot."""
+        rows = self.galleries._read(lambda conn: conn.execute(  # noqa: SLF001
+            "SELECT f.identity_id, f.face_id, c.blob FROM faces f LEFT JOIN face_crops c "
+            "ON c.collection_id = f.collection_id AND c.face_id = f.face_id "
+            "WHERE f.collection_id = %s AND f.identity_id = ANY(%s) ORDER BY f.identity_id, f.face_id",
+            (self.collection_id, sorted(set(identity_ids)))).fetchall(), transaction=False)
+        out: dict[str, list[tuple[int, bytes | None]]] = {}
+        for identity_id, face_id, blob in rows:
+            out.setdefault(identity_id, []).append((int(face_id), None if blob is None else bytes(blob)))
+        return out
 
 
 def _before_nul(cursor: str) -> str:

@@ -1,0 +1,178 @@
+"""The migration's completion guarantee (service/jobs/migrate.py, step 4): every write to the source
+answered before the job's ``finished_at`` is in the copy, on both backends, over real HTTP, while
+writers enroll and delete without pause and searches on the source keep being answered. The write
+fence itself (``GalleryBackend.write_fence``): held, it stops writes to its collection (from any
+connection: PostgreSQL replicas) and never searches.
+
+The server runs in this process (tests/jobs/conftest.py's way) so the test can slow the comparison
+phase down, the window in which writes used to be lost: ``compare_collections`` sleeps first, then
+runs as it always does."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from harness.fixtures import FIXTURES, b64
+from harness.server import MODEL_CACHE, serving_in_process
+from service.config import Settings
+from service.gallery.crops import write_key_file
+from service.jobs import migrate
+
+FACES = sorted((FIXTURES / "faces").glob("*.jpg"))  # 32 aligned LFW crops
+COMPARE_SLEEP_S = 3.0
+
+
+@pytest.fixture(params=["embedded", "postgres"])
+def service(request, tmp_path, default_model, tiny):
+    key = tmp_path / "crop.key"
+    write_key_file(key)
+    pg = {}
+    if request.param == "postgres":
+        env = request.getfixturevalue("postgres").gallery_env()
+        pg = {"database_url": env["FACE_DATABASE_URL"], "database_schema": env["FACE_DATABASE_SCHEMA"]}
+    settings = Settings(data_dir=tmp_path / "data", models=[f"sface={default_model}", f"tiny={tiny}"],
+                        model_cache_dir=MODEL_CACHE, intra_op_threads=2, enroll_hub_alpha=0, crop_key_file=key, **pg)
+    with serving_in_process(settings) as (url, app), httpx.Client(base_url=url, timeout=60) as client:
+        client.galleries = app.state.service.galleries  # type: ignore[attr-defined]
+        yield client
+
+
+def enroll(c: httpx.Client, collection: str, identity: str, face: int) -> None:
+    r = c.post(f"/collections/{collection}/enroll", json={"identity_id": identity, "images": [b64(FACES[face % 32])]})
+    assert r.status_code == 200, r.text
+
+
+def identities(c: httpx.Client, collection: str) -> dict[str, int]:
+    out, after = {}, None
+    while True:
+        r = c.get(f"/collections/{collection}/identities", params={"limit": 500, **({"cursor": after} if after else {})})
+        assert r.status_code == 200, r.text
+        page = r.json()
+        out |= {item["identity_id"]: item["face_count"] for item in page["items"]}
+        after = page.get("next_cursor")
+        if not after:
+            return out
+
+
+@dataclass(frozen=True)
+class Write:
+    op: str  # "enroll" (a new identity, one face) or "delete"
+    identity: str
+    sent: float  # time.time() before the request
+    acked: float  # time.time() after its 200
+
+
+def test_every_write_answered_before_done_is_in_the_copy(service, monkeypatch):
+    c = service
+    compare_began: list[float] = []
+    compare = migrate.compare_collections
+
+    def slow_compare(source, target):  # the comparison phase takes minutes at 1M faces
+        compare_began.append(time.time())
+        time.sleep(COMPARE_SLEEP_S)
+        return compare(source, target)
+
+    monkeypatch.setattr(migrate, "compare_collections", slow_compare)
+    assert c.post("/collections", json={"name": "a", "keep_crops": True}).status_code == 201
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda i: enroll(c, "a", f"p{i:03d}", i), range(60)))
+    doomed = [f"p{i:03d}" for i in range(60)]  # the writers delete these, one per round
+    doomed_lock = threading.Lock()
+    writes: list[Write] = []
+    searches: list[tuple[int, float]] = []  # (status, seconds)
+    stop = threading.Event()
+
+    def writer(n: int) -> None:
+        with httpx.Client(base_url=str(c.base_url), timeout=60) as w:
+            for k in range(10_000):
+                if stop.is_set():
+                    return
+                identity = f"w{n}-{k:04d}"
+                sent = time.time()
+                enroll(w, "a", identity, n + k)
+                writes.append(Write("enroll", identity, sent, time.time()))
+                with doomed_lock:
+                    victim = doomed.pop() if doomed else None
+                if victim is None:
+                    victim = f"w{n}-{k - 3:04d}" if k >= 3 else None
+                if victim is not None:
+                    sent = time.time()
+                    r = w.delete(f"/collections/a/identities/{victim}")
+                    assert r.status_code == 200, r.text
+                    writes.append(Write("delete", victim, sent, time.time()))
+
+    def searcher() -> None:
+        with httpx.Client(base_url=str(c.base_url), timeout=60) as s:
+            while not stop.is_set():
+                began = time.monotonic()
+                r = s.post("/collections/a/identify", json={"images": [b64(FACES[5])]})
+                searches.append((r.status_code, time.monotonic() - began))
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(2)] + [threading.Thread(target=searcher)]
+    for thread in threads:
+        thread.start()
+    try:
+        r = c.post("/collections/a/migrate", json={"model": "tiny", "into": "b", "batch_size": 8})
+        assert r.status_code == 202, r.text
+        job_id = r.json()["job"]["id"]
+        deadline = time.monotonic() + 240
+        while (job := c.get(f"/jobs/{job_id}").json())["state"] not in ("done", "failed", "cancelled"):
+            assert time.monotonic() < deadline, f"the job did not end while A was written to: {job}"
+            time.sleep(0.05)
+        time.sleep(0.5)  # writes after done: not the job's
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(120)
+    assert job["state"] == "done", job
+    finished = job["finished_at"]
+    assert compare_began and compare_began[0] < finished
+    during_compare = [w for w in writes if compare_began[0] < w.sent and w.acked < finished]
+    assert {w.op for w in during_compare} == {"enroll", "delete"}, "no write fell into the comparison's window"
+    in_b = identities(c, "b")
+    checked = 0
+    by_identity: dict[str, list[Write]] = {}
+    for w in sorted(writes, key=lambda w: w.sent):
+        by_identity.setdefault(w.identity, []).append(w)
+    missing = []
+    for identity, ops in by_identity.items():
+        before = [w for w in ops if w.acked < finished]
+        if not before or any(w.sent < finished for w in ops[len(before):]):
+            continue  # nothing answered before done, or a write in flight at done: either state is right
+        last = before[-1]
+        checked += 1
+        present = in_b.get(identity)
+        if (last.op == "enroll" and present != 1) or (last.op == "delete" and present is not None):
+            missing.append((identity, last.op, round(last.acked - finished, 3), present))
+    assert not missing, f"writes answered before done that the copy lacks (identity, op, acked - done, in B): {missing}"
+    assert checked >= 20
+    # searches on A were answered all along (the fence holds writes only)
+    assert searches and all(status == 200 for status, _ in searches), searches[:20]
+    assert max(s for _, s in searches) < 30, "a search on A stalled during the migration"
+
+
+def test_the_write_fence_holds_writes_not_searches(service):
+    c = service
+    assert c.post("/collections", json={"name": "a"}).status_code == 201
+    enroll(c, "a", "x", 0)
+    acked: list[float] = []
+    with c.galleries.collection("a").write_fence():
+        writer = threading.Thread(target=lambda: (enroll(c, "a", "y", 1), acked.append(time.time())))
+        writer.start()
+        writer.join(1.5)
+        assert writer.is_alive() and not acked, "a write went through the held fence"
+        r = c.post("/collections/a/identify", json={"images": [b64(FACES[0])]})
+        assert r.status_code == 200 and r.json()["results"][0]["identity_id"] == "x", r.text
+        assert c.get("/collections/a/identities/x").status_code == 200
+        assert c.post("/collections", json={"name": "other"}).status_code == 201
+        enroll(c, "other", "z", 2)  # another collection's writes do not wait
+        released = time.time()
+    writer.join(60)
+    assert acked and acked[0] >= released
+    assert set(identities(c, "a")) == {"x", "y"}
