@@ -212,3 +212,56 @@ def test_conversion_with_graph_copies_on_request(tiny_run, graph_copies):
     with_copies = to_onnx(model, cfg.input_size, graph_copies=True)
     assert graph_copies
     assert [n.op_type for n in with_copies.graph.node] == [n.op_type for n in lean.graph.node]
+
+
+def test_the_exported_model_takes_over_a_gallery_without_its_photos(exported, default_model, tmp_path):
+    """Issue 22's whole road with the CI's own exporter run: the model trained and exported above is
+    served next to SFace; a collection on SFace that kept its crops is migrated to it (the job re-embeds
+    the crops: no photo is sent again), compared, the clients' alias is re-pointed, and identify through
+    the alias answers with the exported model and finds the enrolled people."""
+    import subprocess
+    import sys
+    import time
+
+    from harness.fixtures import ENROLLED, b64, face_files
+    from harness.server import REPO, ServerProcess
+    from service.model.contract import read_contract
+
+    key = tmp_path / "crop.key"
+    made = subprocess.run([sys.executable, "-m", "service", "crop-key", "new", str(key)], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    exported_id = read_contract(exported["onnx"]).model_id
+    server = ServerProcess(tmp_path / "data", env={"FACE_MODELS": f"sface={default_model},ci={exported['onnx']}",
+                                                   "FACE_CROP_KEY_FILE": str(key), "FACE_ENROLL_HUB_ALPHA": "0"})
+    try:
+        ready = server.wait_ready()
+        assert set(ready["models"]) == {"sface", "ci"}
+        with httpx.Client(base_url=server.url, timeout=120) as c:
+            assert c.post("/collections", json={"name": "people-v1", "keep_crops": True}).status_code == 201
+            for person in ENROLLED:
+                r = c.post("/collections/people-v1/enroll", json={"identity_id": person,
+                                                                  "images": [b64(f) for f in face_files(person)]})
+                assert r.status_code == 200, r.text
+            assert c.put("/aliases/people", json={"collection": "people-v1"}).status_code == 200
+
+            r = c.post("/collections/people/migrate", json={"model": "ci", "into": "people-v2"})
+            assert r.status_code == 202, r.text
+            job_id, deadline = r.json()["job"]["id"], time.monotonic() + 300
+            while (job := c.get(f"/jobs/{job_id}").json())["state"] not in ("done", "failed", "cancelled"):
+                assert time.monotonic() < deadline, job
+                time.sleep(0.1)
+            assert job["state"] == "done" and job["error"] is None, job
+            report = job["report"]
+            assert report["target"]["model_id"] == exported_id and report["unpaired_identities"] == 0
+            assert report["source"]["faces"] == report["target"]["faces"] == sum(len(face_files(p)) for p in ENROLLED)
+
+            assert c.put("/aliases/people", json={"collection": "people-v2"}).status_code == 200
+            time.sleep(1.1)  # FACE_ALIAS_CACHE_S
+            for person in ENROLLED:
+                found = c.post("/collections/people/identify", json={"images": [b64(face_files(person)[0])],
+                                                                     "threshold": 0.0}).json()
+                assert found["model_id"] == exported_id, found
+                assert found["results"][0]["identity_id"] == person, (person, found)
+    finally:
+        server.stop()
