@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 
 from ..api import Actor, EnrollResult, GalleryStats, IdentityDetails, IdentityExists, IdentityRecord, Match, ReadTarget
 from ..results import MergeResult, MoveResult
-from .gallery import Gallery
+from .gallery import Gallery, ReadWriteLock
 
 
 class EmbeddedGallery:
@@ -27,6 +28,9 @@ class EmbeddedGallery:
         self.dim = gallery.dim
         self.name = gallery.name
         self.keep_crops = False  # the collection's setting (EmbeddedGalleries' handle says it)
+        # the write fence of this gallery on its own (GalleryBackend.write_fence); EmbeddedGalleries'
+        # handles hold the collection's fence, which outlives this object (idle close, reopen)
+        self._fence = ReadWriteLock()
 
     @property
     def identity_count(self) -> int:
@@ -61,19 +65,22 @@ class EmbeddedGallery:
     def enroll(self, identity_id: str, embeddings: np.ndarray, metadata: dict | None = None,
                replace: bool = False, max_faces: int | None = None, actor: Actor | None = None,
                crops: list[bytes] | None = None) -> EnrollResult:
-        return self.gallery.enroll(identity_id, embeddings, metadata, replace, max_faces, actor, crops)
+        with self._fence.read():
+            return self.gallery.enroll(identity_id, embeddings, metadata, replace, max_faces, actor, crops)
 
     def import_identities(self, items: list[tuple[str, np.ndarray, dict | None]],
                           actor: Actor | None = None) -> list[list[int]]:
         import sqlite3
 
         try:
-            return self.gallery.import_identities(items, actor)
+            with self._fence.read():
+                return self.gallery.import_identities(items, actor)
         except sqlite3.IntegrityError as exc:
             raise IdentityExists(f"an identity of the import is already enrolled: {exc}") from exc
 
     def delete(self, identity_id: str, actor: Actor | None = None) -> int | None:
-        return self.gallery.delete(identity_id, actor)
+        with self._fence.read():
+            return self.gallery.delete(identity_id, actor)
 
     def search(self, probes: np.ndarray, top_k: int, ef: int | None = None) -> list[list[Match]]:
         return self.gallery.search(probes, top_k, ef)
@@ -97,14 +104,23 @@ class EmbeddedGallery:
 
     def merge_identities(self, source_id: str, target_id: str, max_faces: int | None = None,
                          actor: Actor | None = None) -> MergeResult:
-        return self.gallery.merge_identities(source_id, target_id, max_faces, actor)
+        with self._fence.read():
+            return self.gallery.merge_identities(source_id, target_id, max_faces, actor)
 
     def move_face(self, face_id: int, target_id: str, max_faces: int | None = None,
                   actor: Actor | None = None) -> MoveResult:
-        return self.gallery.move_face(face_id, target_id, max_faces, actor)
+        with self._fence.read():
+            return self.gallery.move_face(face_id, target_id, max_faces, actor)
 
     def delete_face(self, face_id: int, actor: Actor | None = None) -> tuple[str, bool]:
-        return self.gallery.delete_face(face_id, actor)
+        with self._fence.read():
+            return self.gallery.delete_face(face_id, actor)
+
+    @contextmanager
+    def write_fence(self) -> Iterator[None]:
+        with self._fence.write():
+            yield
+
     def face_crop(self, face_id: int) -> bytes | None:
         return self.gallery.face_crop(face_id)
 
