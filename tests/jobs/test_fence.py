@@ -23,6 +23,7 @@ from harness.server import MODEL_CACHE, serving_in_process
 from service.config import Settings
 from service.gallery.crops import write_key_file
 from service.jobs import migrate
+from tests.service.test_migrate_api import identities
 
 FACES = sorted((FIXTURES / "faces").glob("*.jpg"))  # 32 aligned LFW crops
 COMPARE_SLEEP_S = 3.0
@@ -46,18 +47,6 @@ def service(request, tmp_path, default_model, tiny):
 def enroll(c: httpx.Client, collection: str, identity: str, face: int) -> None:
     r = c.post(f"/collections/{collection}/enroll", json={"identity_id": identity, "images": [b64(FACES[face % 32])]})
     assert r.status_code == 200, r.text
-
-
-def identities(c: httpx.Client, collection: str) -> dict[str, int]:
-    out, after = {}, None
-    while True:
-        r = c.get(f"/collections/{collection}/identities", params={"limit": 500, **({"cursor": after} if after else {})})
-        assert r.status_code == 200, r.text
-        page = r.json()
-        out |= {item["identity_id"]: item["face_count"] for item in page["items"]}
-        after = page.get("next_cursor")
-        if not after:
-            return out
 
 
 @dataclass(frozen=True)
