@@ -21,6 +21,17 @@ thread, which runs every request's Python work but not the session), the figure 
 change to the request path saved; each round also records the load average.
 The latency overhead is the figure that counts, from a run on an otherwise idle machine.
 
+Two options separate the request path's own cost from the machine's (docs in bench/README.md,
+"Where the overhead goes"):
+
+* ``--model tiny``: the harness's tiny model (``harness.models.tiny_model``: one pooling and one
+  matmul, ~20 us a run) instead of SFace; the same request path, decode and quality, without a
+  15-25 ms model run between requests;
+* ``--think-ms N``: the client busy-waits N ms before each timed request and each raw run, so the
+  server (and the raw session) sits idle between requests, as beside a real client. On a virtual
+  machine a thread that wakes after some milliseconds idle runs its first work much slower (caches,
+  the vCPU's idle state): this measures that, for the server and for the raw session alike.
+
 Both servers run side by side with their default settings (only the data directory, providers and
 ``FACE_INTRA_OP_THREADS`` are set, the latter equal to the raw session's), and are measured one at a
 time. Each round gives a p50 per variant; the summary is the median over rounds of those p50s and of
@@ -31,6 +42,7 @@ round trip).
     python -m bench.overhead --baseline 10bf1b3                 # ~2 min on a 2-core CPU
     python -m bench.overhead --baseline main --rounds 5 --requests 40 --output /tmp/o.json   # quick
     python -m bench.overhead --intra-op-threads 1 ...           # busy machine: compare cpu_overhead
+    python -m bench.overhead --model tiny [--think-ms 15]       # the request path alone, back to back or idle between
 
 Results: printed, and saved as JSON in bench/results/overhead_<device>.json (``--output`` to choose).
 """
@@ -109,19 +121,29 @@ class Timed:
     loop_cpu_ms: float | None = None  # the server's event-loop thread's CPU time per request
 
 
-def time_raw(session: FaceSession, tensor: np.ndarray, n: int) -> Timed:
+def think(seconds: float) -> None:
+    """The client's pause before a request, busy-waiting (so that the client's own CPU stays awake):
+    the server, or the raw session, sits idle meanwhile, as between the requests of a real caller."""
+    if seconds > 0:
+        until = time.perf_counter() + seconds
+        while time.perf_counter() < until:
+            pass
+
+
+def time_raw(session: FaceSession, tensor: np.ndarray, n: int, pause: float = 0.0) -> Timed:
     for _ in range(3):
         session.run(tensor)
     times = []
     cpu0 = cpu_ns(os.getpid())
     for _ in range(n):
+        think(pause)
         t0 = time.perf_counter()
         session.run(tensor)
         times.append(time.perf_counter() - t0)
     return Timed(times, (cpu_ns(os.getpid()) - cpu0) / n / 1e6)
 
 
-def time_http(server: Server, body: bytes, n: int, warmup: int = 5) -> Timed:
+def time_http(server: Server, body: bytes, n: int, warmup: int = 5, pause: float = 0.0) -> Timed:
     server.reconnect()  # the server closes idle keep-alive connections (5 s) while others are measured
     times = []
     cpu0 = loop0 = 0
@@ -129,6 +151,7 @@ def time_http(server: Server, body: bytes, n: int, warmup: int = 5) -> Timed:
     for i in range(warmup + n):
         if i == warmup:
             cpu0, loop0 = cpu_ns(pid), thread_cpu_ns(pid, pid)
+        think(pause)
         t0 = time.perf_counter()
         status, data = server.request("POST", "/embed", body)
         elapsed = time.perf_counter() - t0
@@ -142,7 +165,11 @@ def time_http(server: Server, body: bytes, n: int, warmup: int = 5) -> Timed:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--baseline", help="git ref to compare with (its server runs beside this checkout's)")
-    parser.add_argument("--model", type=Path, help="ONNX model (default: the prepared SFace)")
+    parser.add_argument("--model", help="ONNX model file, or `tiny` (harness.models.tiny_model: a model that "
+                        "runs in ~20 us, so the figure is the request path's alone; default: the prepared SFace)")
+    parser.add_argument("--think-ms", type=float, default=0.0,
+                        help="the client busy-waits this long before each timed request and raw run: the "
+                        "server idles between requests, as it does while a real client thinks (default 0: back to back)")
     parser.add_argument("--providers", choices=["auto", "cpu", "cuda"], default="cpu")
     parser.add_argument("--intra-op-threads", type=int, default=2, help="raw session and FACE_INTRA_OP_THREADS")
     parser.add_argument("--rounds", type=int, default=9)
@@ -153,7 +180,13 @@ def main() -> None:
     from bench.embed_throughput import choose_providers
     from service.model.prepare import default_model
 
-    model = args.model or default_model(MODEL_CACHE)
+    scratch = tempfile.TemporaryDirectory(prefix="face-overhead-model-")
+    if args.model == "tiny":
+        from harness.models import tiny_model
+
+        model = tiny_model(Path(scratch.name) / "tiny.onnx")
+    else:
+        model = Path(args.model) if args.model else default_model(MODEL_CACHE)
     providers = choose_providers(args.providers)
     session = FaceSession(model, providers=providers, options=SessionOptions(intra_op_threads=args.intra_op_threads))
     face_file = sorted(FACES.glob("*.jpg"))[0]
@@ -170,6 +203,7 @@ def main() -> None:
                                "providers": session.providers, "intra_op_threads": args.intra_op_threads,
                                "rounds": args.rounds, "requests_per_round": args.requests, "face": face_file.name,
                                "body_bytes": len(body), "server_env": env, "client": "http.client, keep-alive",
+                               "think_ms": args.think_ms,
                                "current": current_commit()}}
     with tempfile.TemporaryDirectory(prefix="face-overhead-") as tmp:
         work = Path(tmp)
@@ -190,9 +224,10 @@ def main() -> None:
                 p50, cpu, loop_cpu = {}, {}, {}
                 for variant in order:
                     if variant == "raw":
-                        timed = time_raw(session, tensor, args.requests)
+                        timed = time_raw(session, tensor, args.requests, args.think_ms / 1000)
                     else:
-                        timed = time_http(next(s for s in servers if s.name == variant), body, args.requests)
+                        timed = time_http(next(s for s in servers if s.name == variant), body, args.requests,
+                                          pause=args.think_ms / 1000)
                     samples[variant] += timed.latencies
                     p50[variant] = percentile_ms(timed.latencies, 50)
                     cpu[variant] = round(timed.cpu_ms, 3)
@@ -234,6 +269,7 @@ def main() -> None:
     result["summary"] = summary
     print(json.dumps(summary, indent=2))
     print(f"saved {save(f'overhead_{device}', result, args.output)}")
+    scratch.cleanup()
 
 
 if __name__ == "__main__":

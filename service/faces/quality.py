@@ -37,6 +37,7 @@ import cv2
 import numpy as np
 
 from ..model.calibration import calibration_file, calibration_files
+from ..model.preprocess import row_norms
 from .detection.detector import DetectedFace
 from .detection.geometry import face_geometry
 from .images import blockiness
@@ -277,7 +278,7 @@ def quality_in_force(model: QualityModel | None, setting: float | None, source: 
 
 def raw_norms(raw: np.ndarray) -> np.ndarray:
     """The model-based part of each row of the model's raw output."""
-    return np.linalg.norm(np.asarray(raw, dtype=np.float64), axis=1)
+    return row_norms(np.asarray(raw, dtype=np.float64))
 
 
 CROP_PARTS = tuple(p for p in PARTS if p not in PHOTO_ONLY)
