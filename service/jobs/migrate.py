@@ -40,9 +40,10 @@ foreground):
    ``FENCE_LOOKBACK_S`` for transactions that began earlier and committed later. That is O(writes),
    not O(identities): listing both collections under the fence held writes ~4 s per 100k identities
    (~45 s at 1M, past PostgreSQL's statement timeout). Without a full pass of this run to start from
-   (a resumed job), or past ``FENCED_MAX_CHANGES`` identities, the fenced pass lists A and B as the
-   others do (``fenced_mode``: ``changes`` or ``full``, with ``fenced_s`` in the job's stored
-   progress and the log; bench/migration_fence.py measures it).
+   (a resumed job), or past one written identity in 500 (``FENCED_CHANGES_PER_IDENTITY``: where
+   syncing them one by one is no faster than listing), the fenced pass lists A and B as the others
+   do (``fenced_mode``: ``changes`` or ``full``, with ``fenced_s`` in the job's stored progress and
+   the log; bench/migration_fence.py measures it).
 
 A face of A without a crop (a collection made without ``keep_crops``, or faces enrolled before) is
 ``no_source_crops``: nothing to re-embed from (re-enroll from folders instead).
@@ -70,8 +71,11 @@ log = logging.getLogger(__name__)
 PAGE = 500  # identities listed per page
 SLACK_S = 5.0  # a write's updated_at is taken before its commit: passes look this much further back
 CATCH_UP_PASSES = 5  # unfenced passes at most, before the fenced one (writers that never pause)
-FENCE_LOOKBACK_S = 60.0  # an audit record's time is its transaction's start: the fenced pass looks this much earlier
-FENCED_MAX_CHANGES = 50_000  # identities written since the last pass beyond which the fenced pass lists everything
+FENCE_LOOKBACK_S = 2 * SLACK_S  # an audit record's time is taken before its commit: the fenced pass looks this much earlier
+# the fenced pass syncs written identities one by one (~5-15 ms each) and lists everything in ~4 s per
+# 100k identities: past this share of the collection (at least MIN_FENCED_CHANGES) listing is no slower
+FENCED_CHANGES_PER_IDENTITY = 1 / 500
+MIN_FENCED_CHANGES = 100
 AUDIT_PAGE = 1000
 
 
@@ -338,14 +342,16 @@ class Migration:
         """The fenced pass's sync, called holding A's write fence (A cannot change meanwhile): what A's
         audit log says was written since the last full pass of this run began (``changes``), else a
         full pass (``full``); returns (identities synced or deleted, the mode)."""
-        changed = None if self.pass_started is None else self._written_since(source, self.pass_started - FENCE_LOOKBACK_S)
+        limit = max(MIN_FENCED_CHANGES, int(source.stats().identities * FENCED_CHANGES_PER_IDENTITY))
+        changed = (None if self.pass_started is None
+                   else self._written_since(source, self.pass_started - FENCE_LOOKBACK_S, limit))
         if changed is None:
             return self._pass(source, target), "full"
         return self._sync_changed(source, target, changed), "changes"
 
-    def _written_since(self, source: GalleryBackend, since: float) -> set[str] | None:
+    def _written_since(self, source: GalleryBackend, since: float, limit: int) -> set[str] | None:
         """Every identity of A that a write since ``since`` touched, from A's audit log (the primary's);
-        None past ``FENCED_MAX_CHANGES`` (the caller lists everything instead)."""
+        None past ``limit`` identities (the caller lists everything instead)."""
         touched: set[str] = set()
         cursor = None
         while True:
@@ -356,7 +362,7 @@ class Migration:
                 for key in ("merged_from", "from"):  # a merge's and a move's source identity
                     if isinstance(entry.details.get(key), str):
                         touched.add(entry.details[key])
-            if len(touched) > FENCED_MAX_CHANGES:
+            if len(touched) > limit:
                 return None
             if len(page) < AUDIT_PAGE:
                 return touched
@@ -367,13 +373,17 @@ class Migration:
         synced at A's current ``updated_at``; how many it synced or deleted."""
         stale: list[IdentityRecord] = []
         gone = 0
-        for identity_id in sorted(identity_ids):
+        present = source.identity_crops(sorted(identity_ids)).keys()  # one query: which of them A still has
+        absent = identity_ids - present
+        for identity_id in sorted(target.identity_crops(sorted(absent)).keys()):  # those B still has
+            if target.delete(identity_id) is not None:
+                gone += 1
+        for identity_id in absent:
+            self.synced.pop(identity_id, None)
+        for identity_id in sorted(present):
             details = source.get_identity(identity_id)
-            if details is None:
-                if target.delete(identity_id) is not None:
-                    gone += 1
-                self.synced.pop(identity_id, None)
-            elif self.synced.get(identity_id) != details.record.updated_at or not _same_count(target, details.record):
+            if details is not None and (self.synced.get(identity_id) != details.record.updated_at
+                                        or not _same_count(target, details.record)):
                 stale.append(details.record)
         for start in range(0, len(stale), PAGE):
             self._sync(source, target, stale[start:start + PAGE])
