@@ -675,6 +675,14 @@ class JobProgress(BaseModel):
     faces_done: int
     faces_total: int
     faces_per_s: float | None = Field(None, description="Faces re-embedded per second by this run so far.")
+    fenced_s: float | None = Field(None, description="Once done: seconds the last pass held writes to the source "
+                                   "(its write fence).")
+    fence_wait_s: float | None = Field(None, description="Once done: seconds the job waited for writes in flight "
+                                       "before it held the fence.")
+    fenced_synced: int | None = Field(None, description="Once done: identities the fenced pass synced or deleted.")
+    fenced_mode: str | None = Field(None, description="Once done: `changes` (the fenced pass synced what the "
+                                    "source's audit log names since the last full pass: writes wait O(writes)) or "
+                                    "`full` (it listed both collections: a resumed job, or very many writes).")
 
 
 class JobError(BaseModel):

@@ -120,6 +120,9 @@ def test_every_write_answered_before_done_is_in_the_copy(service, monkeypatch):
         for thread in threads:
             thread.join(120)
     assert job["state"] == "done", job
+    # the fenced pass synced what the audit log named since the last full pass, not both listings
+    assert job["progress"]["fenced_mode"] == "changes", job["progress"]
+    assert job["progress"]["fenced_s"] is not None and job["progress"]["fenced_synced"] is not None
     finished = job["finished_at"]
     assert compare_began and compare_began[0] < finished
     during_compare = [w for w in writes if compare_began[0] < w.sent and w.acked < finished]
@@ -165,3 +168,54 @@ def test_the_write_fence_holds_writes_not_searches(service):
     writer.join(60)
     assert acked and acked[0] >= released
     assert set(identities(c, "a")) == {"x", "y"}
+
+
+@pytest.mark.parametrize("mode", ["changes", "full"])
+def test_merges_moves_and_deletes_in_the_last_window_reach_the_copy(service, monkeypatch, mode):
+    """Writes made after the last unfenced pass and before the fence (the window the fenced pass alone
+    must bring over) of every kind: a merge (its source identity disappears), a face moved to a new
+    identity and out of its last one, a deleted face, a deleted identity, a new identity. ``changes``:
+    the fenced pass syncs what A's audit log names since the last full pass; ``full``: a job without a
+    full pass of its own to start from (resumed) lists both collections instead."""
+    c = service
+    assert c.post("/collections", json={"name": "a", "keep_crops": True}).status_code == 201
+    for i, identity in enumerate(["p1", "p2", "p3", "p4", "p5", "p6"]):
+        for face in range(2 if identity != "p6" else 1):
+            enroll(c, "a", identity, 2 * i + face)
+    faces_of = {}
+    for identity in ("p3", "p5", "p6"):
+        r = c.get(f"/collections/a/identities/{identity}")
+        assert r.status_code == 200, r.text
+        faces_of[identity] = r.json()["face_ids"]
+    fenced_pass = migrate.Migration.fenced_pass
+
+    def writes_then_fenced_pass(self, source, target, report):
+        with httpx.Client(base_url=str(c.base_url), timeout=60) as w:
+            for r in (w.post("/collections/a/identities/p1/merge", json={"into": "p2"}),
+                      w.post(f"/collections/a/faces/{faces_of['p3'][0]}/move", json={"identity_id": "p7"}),
+                      w.post(f"/collections/a/faces/{faces_of['p6'][0]}/move", json={"identity_id": "p2"}),
+                      w.delete(f"/collections/a/faces/{faces_of['p5'][0]}"),
+                      w.delete("/collections/a/identities/p4")):
+                assert r.status_code == 200, r.text
+            enroll(w, "a", "p8", 20)
+        if mode == "full":
+            self.pass_started = None  # as a resumed job
+        return fenced_pass(self, source, target, report)
+
+    monkeypatch.setattr(migrate.Migration, "fenced_pass", writes_then_fenced_pass)
+    # the enrollments above are seconds old: without the look-back margin the audit names only the window's writes
+    monkeypatch.setattr(migrate, "FENCE_LOOKBACK_S", 0.0)
+    r = c.post("/collections/a/migrate", json={"model": "tiny", "into": "b", "batch_size": 8})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job"]["id"]
+    deadline = time.monotonic() + 120
+    while (job := c.get(f"/jobs/{job_id}").json())["state"] not in ("done", "failed", "cancelled"):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.05)
+    assert job["state"] == "done", job
+    assert job["progress"]["fenced_mode"] == mode, job["progress"]
+    expected = {"p2": 5, "p3": 1, "p5": 1, "p7": 1, "p8": 1}  # p1 merged away, p4 deleted, p6 moved out of
+    assert identities(c, "a") == expected
+    assert identities(c, "b") == expected, "the copy differs from the source after the fenced pass"
+    if mode == "changes":  # what the audit named: p1, p2, p3, p4, p5, p6, p7, p8
+        assert job["progress"]["fenced_synced"] == 8, job["progress"]

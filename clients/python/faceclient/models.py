@@ -211,6 +211,10 @@ class JobProgress(Model):
     faces_done: int
     faces_total: int
     faces_per_s: float | None = None
+    fenced_s: float | None = None  # once done: how long the last pass held writes to the source
+    fence_wait_s: float | None = None
+    fenced_synced: int | None = None
+    fenced_mode: str | None = None  # changes (O(writes since the last pass)) or full (both listed)
 
 
 class JobError(Model):
