@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--identities", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--writes", type=int, default=100, help="audited writes to A between the last pass and the fence")
+    parser.add_argument("--writes", type=int, default=50, help="audited writes to A between the last pass and the fence")
     parser.add_argument("--postgres", action="store_true", help="also on PostgreSQL (harness/pg.py)")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args(argv)
