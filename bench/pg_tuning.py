@@ -26,7 +26,8 @@ Variants are ``TREE:SHARED_BUFFERS:INDEX``:
   same table by ``--build-halfvec`` (timed, its size recorded), searched with the probe cast to halfvec
   (the score stays the exact float32 cosine).
 
-``--service`` also times the whole service search (``PostgresGallery.search``: pool, one pipeline with
+``--rebuild-index M,EFC`` first builds the service's index again with other m / ef_construction
+(timed). ``--service`` also times the whole service search (``PostgresGallery.search``: pool, one pipeline with
 the settings, counts and kNN) at ef auto for the first variant. ``--perf S``: ``perf record`` of the
 backend for S seconds of searches at ef auto (first variant), its top symbols.
 
@@ -133,6 +134,28 @@ def build_halfvec(url: str, dim: int, m: int, ef_construction: int, maintenance_
     log.warning("halfvec index built in %.0f s", seconds)
     return {"built": True, "seconds": round(seconds, 1), "load_average_after": os.getloadavg(),
             "maintenance_work_mem": maintenance_work_mem}
+
+
+def rebuild_index(url: str, dim: int, m: int, ef_construction: int) -> dict:
+    """Drop the service's index and build it again with other m / ef_construction (the service's own
+    ensure_index, as a start with changed FACE_HNSW_M / FACE_HNSW_EF_CONSTRUCTION after a REINDEX)."""
+    from dataclasses import replace
+
+    from service.gallery.postgres.backend import PostgresGalleries
+
+    galleries = PostgresGalleries(replace(pg_options(url), hnsw_m=m, hnsw_ef_construction=ef_construction),
+                                  MODEL_ID, dim)
+    galleries.open()
+    try:
+        with galleries._transaction() as conn:  # noqa: SLF001 - as a DBA would
+            conn.execute(f"DROP INDEX IF EXISTS {hnsw_index_name(dim)}")
+        started = time.perf_counter()
+        galleries.ensure_index([dim])
+        seconds = time.perf_counter() - started
+    finally:
+        galleries.close()
+    log.warning("index rebuilt with m=%d ef_construction=%d in %.0f s", m, ef_construction, seconds)
+    return {"m": m, "ef_construction": ef_construction, "seconds": round(seconds, 1), "load_average_after": os.getloadavg()}
 
 
 def explain(conn, sql: str, data: Data, k: int, probes: int) -> dict:
@@ -290,6 +313,8 @@ def main() -> None:
     parser.add_argument("--build-halfvec", action="store_true", help="build the halfvec index first (if missing)")
     parser.add_argument("--m", type=int, default=16, help="of the halfvec index (the vector index's are recorded)")
     parser.add_argument("--ef-construction", type=int, default=200)
+    parser.add_argument("--rebuild-index", metavar="M,EF_CONSTRUCTION",
+                        help="first drop the service's index and build it again with these (m variants)")
     parser.add_argument("--explain-probes", type=int, default=100)
     parser.add_argument("--service", action="store_true", help="also the whole service search (first variant)")
     parser.add_argument("--perf", type=float, default=0, help="seconds of perf record (first variant)")
@@ -307,6 +332,13 @@ def main() -> None:
                                 "variants": [str(v) for v in args.variants],
                                 "trees": trees,
                                 "data": "synthetic (gallery_backends.Data): identity centres + noise, 2 faces each"}}
+    if args.rebuild_index:
+        m, efc = (int(v) for v in args.rebuild_index.split(","))
+        server = PgServer(args.workdir / f"pg_{args.faces}")
+        try:
+            payload["index_rebuild"] = rebuild_index(server.url, data.flat.shape[1], m, efc)
+        finally:
+            server.stop()
     if args.build_halfvec:
         server = PgServer(args.workdir / f"pg_{args.faces}")
         try:
