@@ -95,17 +95,45 @@ class PgServer:
     SETTINGS = {"shared_buffers": "2GB", "max_parallel_maintenance_workers": "2", "max_parallel_workers": "4",
                 "maintenance_work_mem": "3GB", "effective_cache_size": "4GB", "max_wal_size": "4GB"}
 
-    def __init__(self, pgdata: Path) -> None:
+    def __init__(self, pgdata: Path, pginstall: Path | None = None) -> None:
+        """``pginstall``: start the data dir with another copy of the wheel's install tree (its own
+        vector.so: bench.pg_tuning) when it is not running; pgserver then takes the running server."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             import pgserver
 
             pgdata.mkdir(parents=True, exist_ok=True)
             started = time.perf_counter()
+            if pginstall is not None:
+                self._start_with(pgdata, pginstall)
             self._server = pgserver.get_server(pgdata, cleanup_mode="stop")
             self.start_seconds = time.perf_counter() - started
         self.url = self._server.get_uri()
         self.pgdata = pgdata
+
+    @staticmethod
+    def _start_with(pgdata: Path, pginstall: Path) -> None:
+        """pg_ctl start of ``pginstall`` (as pgserver's system user when root, on the socket dir pgserver
+        would pick): the same PostgreSQL build, so the same data dir and indexes."""
+        from pgserver.postgres_server import PostgresServer
+        from pgserver.utils import (
+            PostmasterInfo,
+            ensure_folder_permissions,
+            ensure_prefix_permissions,
+            find_suitable_socket_dir,
+        )
+
+        info = PostmasterInfo.read_from_pgdata(pgdata)
+        if info is not None and info.is_running():
+            raise RuntimeError(f"{pgdata} is running already: stop it to start it with {pginstall}")
+        user = "pgserver" if os.geteuid() == 0 else None
+        if user is not None:
+            ensure_prefix_permissions(pginstall)
+            ensure_folder_permissions(pginstall, 0o055)
+        socket_dir = find_suitable_socket_dir(pgdata, PostgresServer.runtime_path)
+        subprocess.run([str(pginstall / "bin" / "pg_ctl"), "-D", str(pgdata), "-w", "-o", '-h ""', "-o", f"-k {socket_dir}",
+                        "-l", str(pgdata / "log"), "start"], user=user, check=True, timeout=120,
+                       stdout=subprocess.DEVNULL)
 
     def configure(self) -> None:
         """Server settings for a 1M gallery (ALTER SYSTEM; shared_buffers needs the restart that follows)."""
