@@ -40,7 +40,7 @@ from bench.common import current_commit, machine, percentiles, save
 from service.config import Settings
 from service.gallery.api import Actor, Galleries, GalleryBackend
 from service.gallery.open import make_gallery
-from service.jobs.migrate import SLACK_S, Migration, iter_identities
+from service.jobs.migrate import FENCE_LOOKBACK_S, SLACK_S, Migration, iter_identities
 from service.jobs.store import JobRecord
 
 OLD, OLD_DIM = "bench-old@1", 128
@@ -78,6 +78,7 @@ def one_round(galleries: Galleries, a: GalleryBackend, b: GalleryBackend, rng: n
     migration = Migration(galleries, job, embed=lambda crops: np.zeros((len(crops), NEW_DIM), np.float32),
                           save=lambda changes: True, compare=False)
     probe = unit(rng, 1, OLD_DIM)
+    time.sleep(FENCE_LOOKBACK_S)  # the previous round's writes out of the fenced pass's look-back
     # the unfenced pass (what each catch-up pass costs), with the baseline searches running beside it
     stop, base = threading.Event(), []
     searcher = threading.Thread(target=searches, args=(a, probe, stop, base))
