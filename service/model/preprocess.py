@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from .contract import FaceContract
+if TYPE_CHECKING:  # a type only: contract.py imports faces.quality, which uses row_norms below
+    from .contract import FaceContract
 
 
 def preprocess(faces: np.ndarray, contract: FaceContract) -> np.ndarray:
