@@ -120,8 +120,10 @@ def test_every_write_answered_before_done_is_in_the_copy(service, monkeypatch):
         for thread in threads:
             thread.join(120)
     assert job["state"] == "done", job
-    # the fenced pass synced what the audit log named since the last full pass, not both listings
-    assert job["progress"]["fenced_mode"] == "changes", job["progress"]
+    # writers that never pause may write more than the `changes` mode takes (1 identity in 500, at least
+    # 100) within its look-back, and the pass then lists both (`full`): the guarantee holds either way; the
+    # merges test below pins each mode
+    assert job["progress"]["fenced_mode"] in ("changes", "full"), job["progress"]
     assert job["progress"]["fenced_s"] is not None and job["progress"]["fenced_synced"] is not None
     finished = job["finished_at"]
     assert compare_began and compare_began[0] < finished
