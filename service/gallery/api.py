@@ -409,8 +409,10 @@ class Galleries(Protocol):
     def create_collection(self, name: str, actor: Actor | None = None, keep_crops: bool = False,
                           model_id: str | None = None, dim: int | None = None) -> CollectionInfo:
         """CollectionExists if taken (by a collection or an alias); ValueError for an invalid name.
-        Audited (collection.created). ``keep_crops``: needs the crop key (crops.CropsUnavailable
-        without one); the first such collection stores the key check value in the same transaction.
+        Audited (collection.created: model_id, dim, keep_crops), with or without an ``actor``
+        (collection and key changes always are; identity writes only with one). ``keep_crops``:
+        needs the crop key (crops.CropsUnavailable without one); the first such collection stores
+        the key check value in the same transaction.
         The collection is pinned to ``model_id`` with embeddings of ``dim`` values (None: the default
         model's, ``self.model_id``/``self.dim``); its GalleryBackend has them as ``model_id``/``dim``."""
 

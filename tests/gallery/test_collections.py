@@ -268,7 +268,7 @@ def test_every_change_has_its_audit_entry_and_a_refused_write_has_none(galleries
     assert after == before
     got = [(e.action, e.key_id, e.collection, e.identity_id, e.details) for e in reversed(after)]
     assert got == [
-        ("collection.created", "key-alice", "hr", None, {}),
+        ("collection.created", "key-alice", "hr", None, {"model_id": MODEL, "dim": DIM, "keep_crops": False}),
         ("identity.created", "key-alice", "hr", "p1", {"faces_added": 2, "faces_removed": 0, "face_count": 2}),
         ("identity.appended", "key-bob", "hr", "p1", {"faces_added": 1, "faces_removed": 0, "face_count": 3}),
         ("identity.replaced", "key-bob", "hr", "p1", {"faces_added": 1, "faces_removed": 3, "face_count": 1}),
@@ -279,6 +279,31 @@ def test_every_change_has_its_audit_entry_and_a_refused_write_has_none(galleries
     assert {(e.client, e.request_id) for e in after if e.key_id == "key-bob"} == {("10.0.0.2", "req-2")}
     assert len({e.entry_id for e in after}) == len(after)
     assert [e.at for e in after] == sorted((e.at for e in after), reverse=True)
+
+
+def test_collection_and_key_changes_are_audited_whoever_makes_them(galleries):
+    """A collection or key change is recorded on both backends even without an actor (a tool's), a
+    collection's entry names the model and crop setting it was created with, and a change made by the
+    CLI says so (``via``), as an identity write's does."""
+    cli = Actor(client="ops@host", via="cli")
+    galleries.create_collection("made-by-a-tool")
+    galleries.create_collection("made-by-cli", actor=cli)
+    galleries.collection("made-by-cli").enroll("p1", unit(np.random.default_rng(9), 1), actor=cli)
+    galleries.add_key(key("k-tool"))
+    galleries.revoke_key("k-tool", actor=cli)
+    galleries.delete_collection("made-by-a-tool")
+    got = [(e.action, e.key_id, e.client, e.collection, e.identity_id, e.details) for e in reversed(entries(galleries))]
+    created = {"model_id": MODEL, "dim": DIM, "keep_crops": False}
+    assert got == [
+        ("collection.created", None, None, "made-by-a-tool", None, created),
+        ("collection.created", None, "ops@host", "made-by-cli", None, {**created, "via": "cli"}),
+        ("identity.created", None, "ops@host", "made-by-cli", "p1",
+         {"faces_added": 1, "faces_removed": 0, "face_count": 1, "via": "cli"}),
+        ("key.created", None, None, None, None,
+         {"key": "k-tool", "role": "read", "collections": ["a", "b"], "note": "front desk", "expires_at": None}),
+        ("key.revoked", None, "ops@host", None, None, {"key": "k-tool", "role": "read", "via": "cli"}),
+        ("collection.deleted", None, None, "made-by-a-tool", None, {"identities": 0, "faces": 0}),
+    ]
 
 
 def test_audit_filters_and_cursor_paging(galleries):

@@ -131,7 +131,9 @@ def test_export_and_import_take_a_collection(tmp_path, default_model):
         assert target.collection("site-b").get_identity("only-in-default") is None
         trail = target.audit(AuditQuery(collection="site-b"))  # a change from the CLI is audited too
         assert [(e.action, e.identity_id, e.key_id, e.details) for e in trail] == [
-            ("identity.imported", "only-in-a", None, {"faces": 2, "via": "cli"})]
+            ("identity.imported", "only-in-a", None, {"faces": 2, "via": "cli"}),
+            ("collection.created", None, None, {"model_id": contract.model_id, "dim": contract.embedding_size,
+                                                "keep_crops": False})]
     finally:
         target.close()
 

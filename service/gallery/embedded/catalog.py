@@ -165,8 +165,8 @@ class Catalog:
                              (name, model_id, now, int(keep_crops), dim))
                 if check_value is not None:
                     conn.execute("INSERT OR IGNORE INTO crop_key_check(id, value) VALUES (1, ?)", (check_value,))
-                if actor is not None:
-                    audit.record(conn, now, "collection.created", actor, name, None, {})
+                audit.record(conn, now, "collection.created", actor or Actor(), name, None,
+                             {"model_id": model_id, "dim": dim, "keep_crops": bool(keep_crops)})
         except sqlite3.IntegrityError as exc:
             raise CollectionExists(name) from exc
         return now
@@ -181,8 +181,7 @@ class Catalog:
             if not conn.execute("DELETE FROM collections WHERE name = ?", (name,)).rowcount:
                 return False
             audit.insert(conn, trail)
-            if actor is not None:
-                audit.record(conn, time.time(), "collection.deleted", actor, name, None, details)
+            audit.record(conn, time.time(), "collection.deleted", actor or Actor(), name, None, details)
         return True
 
     # --- aliases -----------------------------------------------------------------------------
@@ -237,11 +236,10 @@ class Catalog:
                      json.dumps(list(key.collections)) if key.collections is not None else None, key.note,
                      key.created_at, key.expires_at, key.revoked_at, key.last_used_at, key.rate_limit_rps,
                      key.rate_limit_faces_per_s))
-                if actor is not None:
-                    audit.record(conn, time.time(), "key.created", actor, None, None, {
-                        "key": key.key_id, "role": key.role,
-                        "collections": list(key.collections) if key.collections is not None else None,
-                        "note": key.note, "expires_at": key.expires_at})
+                audit.record(conn, time.time(), "key.created", actor or Actor(), None, None, {
+                    "key": key.key_id, "role": key.role,
+                    "collections": list(key.collections) if key.collections is not None else None,
+                    "note": key.note, "expires_at": key.expires_at})
         except sqlite3.IntegrityError as exc:
             raise KeyExists(key.key_id) from exc
 
@@ -260,8 +258,8 @@ class Catalog:
             row = conn.execute(f"SELECT {_KEY_COLUMNS} FROM keys WHERE key_id = ?", (key_id,)).fetchone()
             if row is None:
                 return None
-            if actor is not None and changed:  # revoking a revoked key changes nothing: no entry
-                audit.record(conn, now, "key.revoked", actor, None, None, {"key": key_id, "role": row[2]})
+            if changed:  # revoking a revoked key changes nothing: no entry
+                audit.record(conn, now, "key.revoked", actor or Actor(), None, None, {"key": key_id, "role": row[2]})
         return _key(row)
 
     def touch_keys(self, used: dict[str, float]) -> None:

@@ -474,6 +474,8 @@ def _audit(conn: psycopg.Connection, actor: Actor | None, action: str, at: float
         if not action.startswith(("collection.", "key.", "alias.")):
             return
         actor = Actor()
+    if actor.via != "api":  # as the embedded trail says it (embedded/audit.py)
+        details = {**(details or {}), "via": actor.via}
     conn.execute("INSERT INTO audit(at, action, key_id, client, request_id, collection, identity_id, details) "
                  "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
                  (at, action, actor.key_id, actor.client, actor.request_id, collection, identity_id, Jsonb(details or {})))
@@ -742,7 +744,8 @@ class PostgresGalleries:
                              (CROP_KEY_CHECK_KEY, base64.b64encode(self.crop_cipher.check_value()).decode("ascii")))
             conn.execute("INSERT INTO counters(collection_id, slot) SELECT %s, generate_series(0, %s)",
                          (row[0], COUNTER_SLOTS - 1))
-            _audit(conn, actor, "collection.created", now, collection=name)
+            _audit(conn, actor, "collection.created", now, collection=name,
+                   details={"model_id": model_id, "dim": dim, "keep_crops": bool(keep_crops)})
         self.ensure_index([dim])
         return CollectionInfo(name, model_id, now, 0, 0, 0, keep_crops=keep_crops, dim=dim)
 
