@@ -289,6 +289,7 @@ def test_collection_and_key_changes_are_audited_whoever_makes_them(galleries):
     galleries.create_collection("made-by-a-tool")
     galleries.create_collection("made-by-cli", actor=cli)
     galleries.collection("made-by-cli").enroll("p1", unit(np.random.default_rng(9), 1), actor=cli)
+    galleries.collection("made-by-cli").import_identities([("p2", unit(np.random.default_rng(10), 2), None)], actor=cli)
     galleries.add_key(key("k-tool"))
     galleries.revoke_key("k-tool", actor=cli)
     galleries.delete_collection("made-by-a-tool")
@@ -299,6 +300,7 @@ def test_collection_and_key_changes_are_audited_whoever_makes_them(galleries):
         ("collection.created", None, "ops@host", "made-by-cli", None, {**created, "via": "cli"}),
         ("identity.created", None, "ops@host", "made-by-cli", "p1",
          {"faces_added": 1, "faces_removed": 0, "face_count": 1, "via": "cli"}),
+        ("identity.imported", None, "ops@host", "made-by-cli", "p2", {"faces": 2, "via": "cli"}),
         ("key.created", None, None, None, None,
          {"key": "k-tool", "role": "read", "collections": ["a", "b"], "note": "front desk", "expires_at": None}),
         ("key.revoked", None, "ops@host", None, None, {"key": "k-tool", "role": "read", "via": "cli"}),
