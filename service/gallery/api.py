@@ -172,6 +172,11 @@ class Actor:
     request_id: str | None = None  # the X-Request-ID of the request (None: the CLI)
     via: str = "api"  # "api" or "cli"
 
+    def recorded(self, details: dict) -> dict:
+        """``details`` as the audit entry records them (both backends): a change made other than
+        through the API says how (``via``)."""
+        return details if self.via == "api" else {**details, "via": self.via}
+
 
 @dataclass(frozen=True)
 class CollectionInfo:

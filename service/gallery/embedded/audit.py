@@ -54,10 +54,8 @@ class Row(NamedTuple):
 def record(conn: sqlite3.Connection, at: float, action: str, actor: Actor, collection: str | None,
            identity_id: str | None, details: dict) -> None:
     """Insert one entry on ``conn``, inside the caller's transaction."""
-    if actor.via != "api":
-        details = {**details, "via": actor.via}
     insert(conn, [Row(at, action, actor.key_id, actor.client, actor.request_id, collection, identity_id,
-                      json.dumps(details))])
+                      json.dumps(actor.recorded(details)))])
 
 
 def insert(conn: sqlite3.Connection, rows: Iterable[Row]) -> None:

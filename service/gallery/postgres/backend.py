@@ -466,11 +466,6 @@ def _claim_name(conn: psycopg.Connection, name: str) -> None:
         raise CollectionExists(name)
 
 
-def _with_via(actor: Actor, details: dict) -> dict:
-    """A change made other than through the API (the CLI) says so, as the embedded trail does."""
-    return details if actor.via == "api" else {**details, "via": actor.via}
-
-
 def _audit(conn: psycopg.Connection, actor: Actor | None, action: str, at: float, collection: str | None = None,
            identity_id: str | None = None, details: dict | None = None) -> None:
     """The audit record of a change, in the change's own transaction. Identity writes without an
@@ -479,10 +474,10 @@ def _audit(conn: psycopg.Connection, actor: Actor | None, action: str, at: float
         if not action.startswith(("collection.", "key.", "alias.")):
             return
         actor = Actor()
-    details = _with_via(actor, details or {})
     conn.execute("INSERT INTO audit(at, action, key_id, client, request_id, collection, identity_id, details) "
                  "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-                 (at, action, actor.key_id, actor.client, actor.request_id, collection, identity_id, Jsonb(details or {})))
+                 (at, action, actor.key_id, actor.client, actor.request_id, collection, identity_id,
+                  Jsonb(actor.recorded(details or {}))))
 
 
 KEY_COLUMNS = ("key_id, secret_hash, role, collections, note, created_at, expires_at, revoked_at, last_used_at, "
@@ -1271,7 +1266,7 @@ class PostgresGallery:
                             for identity_id, emb, _ in items:
                                 copy.write_row((now, "identity.imported", actor.key_id, actor.client, actor.request_id,
                                                 self.name, identity_id,
-                                                json.dumps(_with_via(actor, {"faces": len(np.atleast_2d(emb))}))))
+                                                json.dumps(actor.recorded({"faces": len(np.atleast_2d(emb))}))))
                 it = iter(ids)
                 face_ids = [[next(it) for _ in range(len(np.atleast_2d(emb)))] for _, emb, _ in items]
                 counts = self._count(conn, len(items), len(flat), sum(counted_faces(len(ids)) for ids in face_ids))
