@@ -503,3 +503,41 @@ def test_cluster_takes_a_served_model(embedded):
             assert found.model == default and found.faces == 4
 
     asyncio.run(run())
+
+
+def test_whole_collection_scans_wait_longer_than_other_requests(embedded):
+    """/duplicates and /outliers scan the whole collection: minutes at a million faces (156 s measured),
+    past the 60 s any other request waits. Before, the client gave up on them after its timeout while
+    the server went on scanning; now they wait at least SCAN_TIMEOUT_S for the answer (``timeout=``
+    to choose), and every other request keeps the client's timeout."""
+    sent: list[tuple[str, dict]] = []
+
+    def record(request: httpx.Request) -> None:
+        sent.append((request.url.path, request.extensions["timeout"]))
+
+    async def arecord(request: httpx.Request) -> None:
+        record(request)
+
+    with FaceClient(embedded.url, ADMIN, timeout=5) as face:
+        face._http.event_hooks["request"].append(record)
+        face.ready()
+        face.duplicates()
+        face.outliers()
+        face.duplicates(timeout=7)
+        face.outliers(timeout=8)
+    with FaceClient(embedded.url, ADMIN, timeout=3600) as patient:
+        patient._http.event_hooks["request"].append(record)
+        patient.duplicates()
+
+    async def main() -> None:
+        async with AsyncFaceClient(embedded.url, ADMIN, timeout=5) as face:
+            face._http.event_hooks["request"].append(arecord)
+            await face.duplicates()
+            await face.outliers(timeout=9)
+
+    asyncio.run(main())
+    reads = [(path.rsplit("/", 1)[-1], timeout["read"]) for path, timeout in sent if path != "/healthz"]
+    assert reads == [("readyz", 5), ("duplicates", faceclient.client.SCAN_TIMEOUT_S),
+                     ("outliers", faceclient.client.SCAN_TIMEOUT_S), ("duplicates", 7), ("outliers", 8),
+                     ("duplicates", 3600), ("duplicates", faceclient.client.SCAN_TIMEOUT_S), ("outliers", 9)]
+    assert all(timeout["connect"] in (5, 3600) for _, timeout in sent)

@@ -93,6 +93,12 @@ class Call:
     files: list[tuple[str, tuple[str, bytes, str]]] | None = None  # multipart: the images' bytes
     data: dict[str, str] | None = None  # multipart: the other fields, as form text
     headers: dict[str, str] = field(default_factory=lambda: {"X-Request-ID": uuid.uuid4().hex})
+    read_timeout: float | None = None  # seconds to wait for the answer (None: the client's timeout)
+
+
+# the least a whole-collection scan (duplicates, outliers) waits for its answer: such a scan takes minutes
+# at a million faces (156 s for /duplicates on 2 CPU cores), past the 60 s a request waits by default
+SCAN_TIMEOUT_S = 1800.0
 
 
 def _many(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
@@ -222,7 +228,16 @@ class _Base:
         self._version_checked = not check_version
         self._headers = {"X-API-Key": api_key} if api_key else {}
         self._timeout = httpx.Timeout(timeout)
+        self._timeout_s = timeout
         self.server_version: str | None = None
+
+    def _call_timeout(self, call: Call) -> httpx.Timeout:
+        if call.read_timeout is None:
+            return self._timeout
+        return httpx.Timeout(self._timeout_s, read=call.read_timeout)
+
+    def _scan_timeout(self, timeout: float | None) -> float:
+        return timeout if timeout is not None else max(self._timeout_s, SCAN_TIMEOUT_S)
 
     # --- routes and bodies ----------------------------------------------------------------------
     def _prefix(self, collection: str | None) -> str:
@@ -307,13 +322,14 @@ class _Base:
                                                         "model": model}))
 
     def _duplicates(self, min_score: float | None, max_false_alarm: float | None, limit: int, evidence: int,
-                    collection: str | None) -> Call:
+                    collection: str | None, timeout: float | None) -> Call:
         return Call("GET", self._prefix(collection) + "/duplicates", params=_drop_none(
-            {"min_score": min_score, "max_false_alarm": max_false_alarm, "limit": limit, "evidence": evidence}))
+            {"min_score": min_score, "max_false_alarm": max_false_alarm, "limit": limit, "evidence": evidence}),
+            read_timeout=self._scan_timeout(timeout))
 
-    def _outliers(self, min_score: float | None, limit: int, collection: str | None) -> Call:
+    def _outliers(self, min_score: float | None, limit: int, collection: str | None, timeout: float | None) -> Call:
         return Call("GET", self._prefix(collection) + "/outliers",
-                    params=_drop_none({"min_score": min_score, "limit": limit}))
+                    params=_drop_none({"min_score": min_score, "limit": limit}), read_timeout=self._scan_timeout(timeout))
 
     def _merge(self, identity_id: str, into: str, collection: str | None) -> Call:
         return Call("POST", f"{self._prefix(collection)}/identities/{quote(identity_id, safe='')}/merge",
@@ -417,7 +433,8 @@ class FaceClient(_Base):
     def _send(self, call: Call) -> httpx.Response:
         try:
             return self._http.request(call.method, call.path, json=call.json, params=call.params,
-                                      files=call.files, data=call.data, headers=call.headers)
+                                      files=call.files, data=call.data, headers=call.headers,
+                                      timeout=self._call_timeout(call))
         except httpx.TransportError as e:
             raise FaceConnectionError(f"{call.method} {self.base_url}{call.path}: {e!r}") from e
 
@@ -671,17 +688,21 @@ class FaceClient(_Base):
 
     # --- gallery hygiene and clustering -----------------------------------------------------------------
     def duplicates(self, *, min_score: float | None = None, max_false_alarm: float | None = None, limit: int = 100,
-                   evidence: int = 3, collection: str | None = None) -> DuplicatesResult:
+                   evidence: int = 3, collection: str | None = None, timeout: float | None = None) -> DuplicatesResult:
         """Pairs of identities that are probably one person, best first, each with its best face pairs
         (``evidence`` per pair). Listed from ``min_score``, else from the score whose family-wise false-alarm
-        probability is ``max_false_alarm`` (None: the server's FACE_DUPLICATES_MAX_FALSE_ALARM)."""
-        return self._do(self._duplicates(min_score, max_false_alarm, limit, evidence, collection), DuplicatesResult)
+        probability is ``max_false_alarm`` (None: the server's FACE_DUPLICATES_MAX_FALSE_ALARM). A scan of the
+        whole collection (minutes at a million faces): ``timeout``, the seconds it waits for the answer,
+        defaults to the client's timeout but at least ``SCAN_TIMEOUT_S`` (30 min)."""
+        return self._do(self._duplicates(min_score, max_false_alarm, limit, evidence, collection, timeout),
+                        DuplicatesResult)
 
     def outliers(self, *, min_score: float | None = None, limit: int = 100,
-                 collection: str | None = None) -> OutliersResult:
+                 collection: str | None = None, timeout: float | None = None) -> OutliersResult:
         """Faces that match their own identity's other faces below ``min_score`` (None: the 1:1 threshold),
-        worst first, each with the other identity it matches best (``best_other``) if any."""
-        return self._do(self._outliers(min_score, limit, collection), OutliersResult)
+        worst first, each with the other identity it matches best (``best_other``) if any. A scan of the whole
+        collection: ``timeout`` as for :meth:`duplicates`."""
+        return self._do(self._outliers(min_score, limit, collection, timeout), OutliersResult)
 
     def merge_identities(self, identity_id: str, into: str, *, collection: str | None = None) -> MergeResult:
         """Every face of ``identity_id`` becomes a face of ``into`` (ids kept); ``identity_id`` is deleted."""
@@ -728,7 +749,8 @@ class AsyncFaceClient(_Base):
     async def _send(self, call: Call) -> httpx.Response:
         try:
             return await self._http.request(call.method, call.path, json=call.json, params=call.params,
-                                            files=call.files, data=call.data, headers=call.headers)
+                                            files=call.files, data=call.data, headers=call.headers,
+                                            timeout=self._call_timeout(call))
         except httpx.TransportError as e:
             raise FaceConnectionError(f"{call.method} {self.base_url}{call.path}: {e!r}") from e
 
@@ -961,13 +983,14 @@ class AsyncFaceClient(_Base):
             return False
 
     async def duplicates(self, *, min_score: float | None = None, max_false_alarm: float | None = None,
-                         limit: int = 100, evidence: int = 3, collection: str | None = None) -> DuplicatesResult:
-        return await self._do(self._duplicates(min_score, max_false_alarm, limit, evidence, collection),
+                         limit: int = 100, evidence: int = 3, collection: str | None = None,
+                         timeout: float | None = None) -> DuplicatesResult:
+        return await self._do(self._duplicates(min_score, max_false_alarm, limit, evidence, collection, timeout),
                               DuplicatesResult)
 
     async def outliers(self, *, min_score: float | None = None, limit: int = 100,
-                       collection: str | None = None) -> OutliersResult:
-        return await self._do(self._outliers(min_score, limit, collection), OutliersResult)
+                       collection: str | None = None, timeout: float | None = None) -> OutliersResult:
+        return await self._do(self._outliers(min_score, limit, collection, timeout), OutliersResult)
 
     async def merge_identities(self, identity_id: str, into: str, *, collection: str | None = None) -> MergeResult:
         return await self._do(self._merge(identity_id, into, collection), MergeResult)
