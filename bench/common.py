@@ -10,6 +10,8 @@ import platform
 import subprocess
 import tarfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
@@ -102,3 +104,21 @@ def current_commit() -> str:
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
                            text=True).stdout.strip()
     return out.stdout.strip() + ("+dirty" if dirty else "")
+
+
+@contextmanager
+def gallery_backends(postgres: bool) -> Iterator[list[tuple[str, dict[str, str] | None]]]:
+    """The galleries a benchmark compares: ``("embedded", None)`` and, with ``postgres``, ``("postgres",
+    env)``, env being the FACE_* settings of a throwaway PostgreSQL (harness/pg.py), stopped on exit."""
+    backends: list[tuple[str, dict[str, str] | None]] = [("embedded", None)]
+    server = None
+    if postgres:
+        from harness.pg import PgTestServer
+
+        server = PgTestServer()
+        backends.append(("postgres", server.gallery_env()))
+    try:
+        yield backends
+    finally:
+        if server is not None:
+            server.close()

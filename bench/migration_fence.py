@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import current_commit, machine, percentiles, save
+from bench.common import current_commit, gallery_backends, machine, percentiles, save
 from service.config import Settings
 from service.gallery.api import Actor, Galleries, GalleryBackend
 from service.gallery.open import make_gallery
@@ -161,21 +161,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--postgres", action="store_true", help="also on PostgreSQL (harness/pg.py)")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args(argv)
-    server = None
-    backends: list[tuple[str, object]] = [("embedded", None)]
-    if args.postgres:
-        from harness.pg import PgTestServer
-
-        server = PgTestServer()
-        backends.append(("postgres", server))
     runs: list[dict] = []
     config = {"identities": args.identities, "faces_per_identity": 1, "rounds": args.rounds, "dims": [OLD_DIM, NEW_DIM],
               "writes_before_fence": args.writes,
               "note": "shared machine (2 cores, other engineers' jobs running): see the load averages"}
-    try:
-        for backend, pg in backends:
+    with gallery_backends(args.postgres) as backends:
+        for backend, env in backends:
             for size in args.identities:
-                env = pg.gallery_env() if pg is not None else None  # type: ignore[attr-defined]
                 runs.append(run(backend, size, args.rounds, env, args.writes))
                 save("migration_fence", {"benchmark": "migration_fence", "machine": machine(), "commit": current_commit(),
                                          "config": config, "runs": runs}, args.output)  # each run as it ends
@@ -183,9 +175,6 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"{backend} {size} identities, fenced pass {mode}: fence held {m['fence_held_s']} s, a write "
                           f"waited {m['write_waited_s']} s, unfenced pass {m['unfenced_pass_s']} s, "
                           f"load {runs[-1]['load_average_after'][0]:.2f}", flush=True)
-    finally:
-        if server is not None:
-            server.close()
     path = save("migration_fence", {"benchmark": "migration_fence", "machine": machine(), "commit": current_commit(),
                                     "config": config, "runs": runs}, args.output)
     print(path)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import current_commit, machine, save
+from bench.common import current_commit, gallery_backends, machine, save
 from service.config import Settings
 from service.gallery.api import GalleryBackend
 from service.gallery.crops import CropCipher, encode_crop, write_key_file
@@ -106,25 +106,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--postgres", action="store_true", help="also on PostgreSQL (harness/pg.py)")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args(argv)
-    server = None
-    backends: list[tuple[str, object]] = [("embedded", None)]
-    if args.postgres:
-        from harness.pg import PgTestServer
-
-        server = PgTestServer()
-        backends.append(("postgres", server))
     runs = []
-    try:
-        for backend, pg in backends:
-            env = pg.gallery_env() if pg is not None else None  # type: ignore[attr-defined]
+    with gallery_backends(args.postgres) as backends:
+        for backend, env in backends:
             runs.append(run(backend, args.identities, args.faces_per_identity, args.batch, args.rounds, env))
             r = runs[-1]
             print(f"{backend}: per-face reads {r['per_face_reads_faces_per_s']} faces/s, batched "
                   f"{r['batched_faces_per_s']} faces/s (x{r['speedup']}), load {r['load_average_after'][0]:.2f}",
                   flush=True)
-    finally:
-        if server is not None:
-            server.close()
     path = save("migration_reads", {
         "benchmark": "migration_reads", "machine": machine(), "commit": current_commit(),
         "config": {"identities": args.identities, "faces_per_identity": args.faces_per_identity,
