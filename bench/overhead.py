@@ -43,6 +43,8 @@ round trip).
     python -m bench.overhead --baseline main --rounds 5 --requests 40 --output /tmp/o.json   # quick
     python -m bench.overhead --intra-op-threads 1 ...           # busy machine: compare cpu_overhead
     python -m bench.overhead --model tiny [--think-ms 15]       # the request path alone, back to back or idle between
+    python -m bench.overhead --spinning off --baseline REF      # onnxruntime's pool without spinning (REF: without
+                                                                # FACE_INTRA_OP_SPINNING, so it spins) + raw_spinning
 
 Results: printed, and saved as JSON in bench/results/overhead_<device>.json (``--output`` to choose).
 """
@@ -172,6 +174,10 @@ def main() -> None:
                         "server idles between requests, as it does while a real client thinks (default 0: back to back)")
     parser.add_argument("--providers", choices=["auto", "cpu", "cuda"], default="cpu")
     parser.add_argument("--intra-op-threads", type=int, default=2, help="raw session and FACE_INTRA_OP_THREADS")
+    parser.add_argument("--spinning", choices=["on", "off"], default="on",
+                        help="off: the raw session and the servers (FACE_INTRA_OP_SPINNING=false; a baseline "
+                        "without that setting ignores it) run onnxruntime's intra-op pool without spinning; "
+                        "the raw session with spinning is then timed too, as `raw_spinning`")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--requests", type=int, default=100, help="timed requests (and raw runs) per variant per round")
     parser.add_argument("--output", type=Path, help="JSON path (default: bench/results/overhead_<device>.json)")
@@ -188,7 +194,13 @@ def main() -> None:
     else:
         model = Path(args.model) if args.model else default_model(MODEL_CACHE)
     providers = choose_providers(args.providers)
-    session = FaceSession(model, providers=providers, options=SessionOptions(intra_op_threads=args.intra_op_threads))
+    spinning = args.spinning == "on"
+    session = FaceSession(model, providers=providers,
+                          options=SessionOptions(intra_op_threads=args.intra_op_threads, spinning=spinning))
+    raws = {"raw": session}
+    if not spinning:
+        raws["raw_spinning"] = FaceSession(model, providers=providers,
+                                           options=SessionOptions(intra_op_threads=args.intra_op_threads))
     face_file = sorted(FACES.glob("*.jpg"))[0]
     from PIL import Image
 
@@ -196,6 +208,8 @@ def main() -> None:
     tensor = session.preprocess(pixels)
     body = json.dumps({"images": [base64.b64encode(face_file.read_bytes()).decode()]}).encode()
     env = {"FACE_PROVIDERS": args.providers, "FACE_INTRA_OP_THREADS": str(args.intra_op_threads)}
+    if not spinning:
+        env["FACE_INTRA_OP_SPINNING"] = "false"
     device = "cpu" if session.providers[0] == CPU else "cuda"
 
     result: dict = {"benchmark": "overhead", "machine": machine(),
@@ -203,7 +217,7 @@ def main() -> None:
                                "providers": session.providers, "intra_op_threads": args.intra_op_threads,
                                "rounds": args.rounds, "requests_per_round": args.requests, "face": face_file.name,
                                "body_bytes": len(body), "server_env": env, "client": "http.client, keep-alive",
-                               "think_ms": args.think_ms,
+                               "think_ms": args.think_ms, "spinning": args.spinning,
                                "current": current_commit()}}
     with tempfile.TemporaryDirectory(prefix="face-overhead-") as tmp:
         work = Path(tmp)
@@ -216,15 +230,15 @@ def main() -> None:
         try:
             for server in servers:
                 server.wait_ready(timeout=300)
-            variants = ["raw"] + [s.name for s in servers]
+            variants = list(raws) + [s.name for s in servers]
             samples: dict[str, list[float]] = {v: [] for v in variants}
             rounds = []
             for r in range(args.rounds):
                 order = variants[r % len(variants):] + variants[: r % len(variants)]  # rotate who goes first
                 p50, cpu, loop_cpu = {}, {}, {}
                 for variant in order:
-                    if variant == "raw":
-                        timed = time_raw(session, tensor, args.requests, args.think_ms / 1000)
+                    if variant in raws:
+                        timed = time_raw(raws[variant], tensor, args.requests, args.think_ms / 1000)
                     else:
                         timed = time_http(next(s for s in servers if s.name == variant), body, args.requests,
                                           pause=args.think_ms / 1000)

@@ -149,6 +149,10 @@ class Settings(BaseSettings):
     )
     gpu_mem_limit_mb: int = Field(0, ge=0, description="CUDA arena limit in MiB; 0 = no limit.")
     intra_op_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads; 0 = ORT default.")
+    intra_op_spinning: bool = Field(
+        True, description="CPU: onnxruntime's intra-op threads spin for more work after each run (ORT's "
+        "default; false: they sleep at once, leaving the cores to the request path; see bench/README.md).",
+    )
 
     # --- dynamic batching -------------------------------------------------------------------
     batch_max_size: int = Field(32, ge=1, le=1024, description="Most faces in one session run.")

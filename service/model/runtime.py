@@ -51,7 +51,8 @@ class EmbeddingModel:
         requested = provider_list(choice, available)
         try:
             self._session = FaceSession(self.path, providers=requested, contract=self.contract,
-                                        options=SessionOptions(intra_op_threads=self.settings.intra_op_threads))
+                                        options=SessionOptions(intra_op_threads=self.settings.intra_op_threads,
+                                                               spinning=self.settings.intra_op_spinning))
         except Exception as exc:
             if choice.demands_cuda:  # onnxruntime's own words are about libraries: say what is missing
                 raise ProviderError(f"{NO_GPU}: creating the CUDA session failed ({exc})") from exc

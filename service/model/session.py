@@ -96,6 +96,9 @@ def choose_providers(choice: ProviderChoice) -> list:
 @dataclass(frozen=True)
 class SessionOptions:
     intra_op_threads: int = 0  # 0 = onnxruntime's default
+    # False: the intra-op pool's threads sleep as soon as a run ends instead of spinning for more work
+    # (onnxruntime's session.intra_op.allow_spinning; spinning keeps a core busy after every run)
+    spinning: bool = True
     optimise: bool = True  # False: no graph optimisation (fp16 emulation needs its Cast pairs kept)
     log_severity_level: int | None = None  # None = onnxruntime's default
 
@@ -129,6 +132,8 @@ class FaceSession:
                                                 else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
         if options.intra_op_threads:
             ort_options.intra_op_num_threads = options.intra_op_threads
+        if not options.spinning:
+            ort_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if options.log_severity_level is not None:
             ort_options.log_severity_level = options.log_severity_level
         data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)

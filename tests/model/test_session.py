@@ -98,3 +98,20 @@ def test_provider_choice_from_settings_reads_the_face_provider_settings():
     assert ProviderChoice.from_settings(settings) == ProviderChoice(
         providers="cuda", require_gpu=True, cuda_device_id=2, cudnn_conv_algo_search="EXHAUSTIVE",
         gpu_mem_limit_mb=64)
+
+
+@pytest.mark.parametrize("spinning", [True, False])
+def test_intra_op_spinning_setting_reaches_the_served_session(default_model, spinning):
+    """FACE_INTRA_OP_SPINNING=false turns onnxruntime's pool spinning off in the session the service
+    runs (and nothing else: the embeddings are the same numbers)."""
+    served = EmbeddingModel(default_model, Settings(providers="cpu", intra_op_threads=2, intra_op_spinning=spinning))
+    served.initialize()
+    assert served._session is not None
+    options = served._session.session.get_session_options()
+    if spinning:  # onnxruntime's default: no entry
+        with pytest.raises(RuntimeError, match="allow_spinning"):
+            options.get_session_config_entry("session.intra_op.allow_spinning")
+    else:
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    faces = _faces(3, seed=1)
+    np.testing.assert_array_equal(served.execute(faces), FaceSession(default_model).embed(faces))
