@@ -537,7 +537,7 @@ def test_whole_collection_scans_wait_longer_than_other_requests(embedded):
 
     asyncio.run(main())
     reads = [(path.rsplit("/", 1)[-1], timeout["read"]) for path, timeout in sent if path != "/healthz"]
-    assert reads == [("readyz", 5), ("duplicates", faceclient.client.SCAN_TIMEOUT_S),
-                     ("outliers", faceclient.client.SCAN_TIMEOUT_S), ("duplicates", 7), ("outliers", 8),
-                     ("duplicates", 3600), ("duplicates", faceclient.client.SCAN_TIMEOUT_S), ("outliers", 9)]
+    assert reads == [("readyz", 5), ("duplicates", faceclient.SCAN_TIMEOUT_S),
+                     ("outliers", faceclient.SCAN_TIMEOUT_S), ("duplicates", 7), ("outliers", 8),
+                     ("duplicates", 3600), ("duplicates", faceclient.SCAN_TIMEOUT_S), ("outliers", 9)]
     assert all(timeout["connect"] in (5, 3600) for _, timeout in sent)
