@@ -2,17 +2,19 @@
 
 Mounted twice (app.py): unprefixed for the `default` collection, and under
 `/collections/{collection}`. Both are scans of the whole collection over the gallery interface
-(service/gallery/hygiene/), run in a worker thread; they change nothing."""
+(service/gallery/hygiene/), run in a worker thread; they change nothing. The duplicates scan also runs
+as a job (`POST .../duplicates/jobs`, service/jobs/scan.py), for collections whose scan outlasts a request."""
 
 from __future__ import annotations
 
 import logging
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Path, Query
 from starlette.concurrency import run_in_threadpool
 
 from ..access.policy import Permission
+from ..errors import ErrorCode, ServiceError
 from ..gallery.api import GalleryBackend
 from ..gallery.hygiene.duplicates import (
     DuplicateScan,
@@ -22,20 +24,27 @@ from ..gallery.hygiene.duplicates import (
     scan_ef,
 )
 from ..gallery.hygiene.outliers import OutlierScan, find_outliers
+from ..jobs.migrate import JobFailed
+from ..jobs.scan import DUPLICATES, Scan, start_scan
+from ..jobs.store import JobRecord
 from ..state import ServiceState
-from .deps import CollectionDep, StateDep, allow
+from .deps import ActorDep, CollectionDep, StateDep, allow
+from .jobs import job_out
 from .schemas import (
     BestOtherOut,
     DuplicateEvidence,
     DuplicatePairOut,
+    DuplicatesJobRequest,
     DuplicatesResponse,
     ErrorResponse,
+    Job,
+    JobCreated,
     OutlierOut,
     OutliersResponse,
 )
 
 log = logging.getLogger(__name__)
-ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (401, 404, 422)}
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (401, 404, 409, 422)}
 router = APIRouter(tags=["hygiene"], dependencies=[allow(Permission.read, scoped=True)], responses=ERRORS)
 
 Limit = Annotated[int, Query(ge=1, le=1000, description="At most this many items.")]
@@ -60,7 +69,54 @@ async def duplicates(
     from the model's impostor tail (or the gallery's own calibration). A kNN self-join through the
     collection's index (each face searched for its nearest other identities), not all pairs. Faces that
     do not match their own identity (see `/outliers`) give no evidence."""
-    scan, target = await run_in_threadpool(_duplicates, state, gallery, min_score, max_false_alarm, limit, evidence)
+    return await run_in_threadpool(_duplicates, state, gallery, min_score, max_false_alarm, limit, evidence)
+
+
+@router.post("/duplicates/jobs", status_code=202, response_model=JobCreated,
+             summary="Scan for duplicates in the background")
+async def start_duplicates_job(state: StateDep, gallery: CollectionDep, actor: ActorDep,
+                               body: DuplicatesJobRequest) -> JobCreated:
+    """The scan of `GET /duplicates` (the same parameters and answer) as a job: minutes at a million
+    faces, longer than a proxy or a client waits for one request. Answers 202 with the job; `GET
+    .../duplicates/jobs/{job_id}` reads it (its `duplicates` once `done`). One job per collection at a
+    time (a scan or a migration): 409 `job_running`. A scan cannot be cut short: a job cancelled
+    (`POST /jobs/{id}/cancel`, admin) finishes its scan and drops the answer."""
+    try:
+        job = await run_in_threadpool(start_scan, state.galleries, DUPLICATES, gallery.name,
+                                      state.served_for(gallery).name, body.model_dump(), actor)
+    except JobFailed as exc:
+        raise ServiceError(exc.code, str(exc), collection=gallery.name) from None
+    if state.jobs is not None:
+        state.jobs.wake()
+    return JobCreated(job=job_out(job))
+
+
+@router.get("/duplicates/jobs/{job_id}", response_model=Job, summary="Read a duplicates scan job")
+async def get_duplicates_job(job_id: Annotated[str, Path(max_length=64)], state: StateDep,
+                             gallery: CollectionDep) -> Job:
+    """Its state and, once `done`, `duplicates`: what `GET /duplicates` would have answered. 404
+    `job_not_found` for a job that is not a duplicates scan of this collection."""
+    job = await run_in_threadpool(state.galleries.get_job, job_id)
+    if job is None or job.kind != DUPLICATES or job.collection != gallery.name or job.state == "creating":
+        raise ServiceError(ErrorCode.job_not_found, f"no duplicates scan {job_id!r} of this collection",
+                           job_id=job_id[:64])
+    return job_out(job)
+
+
+def duplicates_scan(state: ServiceState) -> Scan:
+    """The work of a duplicates scan job (the job runner runs it, jobs/scan.py): its answer as a dict."""
+    def scan(job: JobRecord) -> dict[str, Any]:
+        params = job.progress.get("params") or {}
+        answer = _duplicates(state, state.galleries.collection(job.collection), params.get("min_score"),
+                             params.get("max_false_alarm"), int(params.get("limit", 100)),
+                             int(params.get("evidence", 3)))
+        return answer.model_dump(mode="json")
+    return scan
+
+
+def _duplicates(state: ServiceState, gallery: GalleryBackend, min_score: float | None, max_false_alarm: float | None,
+                limit: int, evidence: int) -> DuplicatesResponse:
+    scan, target = _scan_duplicates(state, gallery, min_score, max_false_alarm, limit, evidence)
     log.info("duplicates scanned", extra={"collection": gallery.name, "faces": scan.faces_scanned,
                                           "pairs": len(scan.pairs), "elapsed_ms": scan.elapsed_ms})
     return DuplicatesResponse(
@@ -73,8 +129,8 @@ async def duplicates(
         model_id=gallery.model_id)
 
 
-def _duplicates(state: ServiceState, gallery: GalleryBackend, min_score: float | None, max_false_alarm: float | None,
-                limit: int, evidence: int) -> tuple[DuplicateScan, float | None]:
+def _scan_duplicates(state: ServiceState, gallery: GalleryBackend, min_score: float | None,
+                     max_false_alarm: float | None, limit: int, evidence: int) -> tuple[DuplicateScan, float | None]:
     decision = state.open_set_threshold(gallery)
     comparisons = comparisons_for(gallery)
     target = None

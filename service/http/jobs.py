@@ -1,4 +1,6 @@
-"""Jobs: migrating a collection to another served model (service/jobs), all `admin`.
+"""Jobs: migrating a collection to another served model (service/jobs), all `admin`; duplicates scans
+(service/jobs/scan.py) are started and read through their own routes (http/hygiene.py), and listed,
+cancelled and resumed here.
 
 ``POST /collections/{collection}/migrate`` starts one (202); ``GET /jobs``, ``GET /jobs/{job_id}``
 watch it; ``POST /jobs/{job_id}/cancel`` and ``/resume`` stop and continue it. The work runs in the
@@ -16,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from ..access.policy import Permission
 from ..errors import ErrorCode, ServiceError
 from ..jobs.migrate import JobFailed, start_migration
+from ..jobs.scan import DUPLICATES
 from ..jobs.store import FINISHED_STATES, STATES, JobRecord, JobRunning
 from .deps import ActorDep, StateDep, allow, resolve_collection
 from .schemas import ErrorResponse, Job, JobCreated, JobList, MigrateRequest
@@ -26,13 +29,15 @@ JobId = Annotated[str, Path(max_length=64)]
 
 
 def job_out(job: JobRecord) -> Job:
+    scan = job.kind == DUPLICATES  # its report is the scan's answer; its progress holds its parameters
     return Job.model_validate({
         "id": job.job_id, "kind": job.kind, "state": job.state, "collection": job.collection, "into": job.into,
         "model": job.model, "model_id": job.model_id, "source_model_id": job.source_model_id, "shadow": job.shadow,
         "progress": {"phase": "copy", "identities_done": 0, "identities_total": 0, "faces_done": 0,
-                     "faces_total": 0, **job.progress},
+                     "faces_total": 0, **{k: v for k, v in job.progress.items() if k != "params"}},
         "created_at": job.created_at, "updated_at": job.updated_at, "finished_at": job.finished_at,
-        "started_by": job.started_by, "error": job.error, "report": job.report})
+        "started_by": job.started_by, "error": job.error, "report": None if scan else job.report,
+        "duplicates": job.report if scan else None})
 
 
 def _failed(exc: JobFailed, **details: Any) -> ServiceError:

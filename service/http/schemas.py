@@ -591,6 +591,19 @@ class DuplicatesResponse(BaseModel):
     model_id: str
 
 
+class DuplicatesJobRequest(BaseModel):
+    """The scan ``GET /duplicates`` runs, as a job (the same parameters and defaults)."""
+
+    model_config = ConfigDict(extra="forbid")
+    min_score: float | None = Field(None, ge=-1.0, le=1.0, description="List pairs whose best face pair scores "
+                                    "at least this (instead of max_false_alarm).")
+    max_false_alarm: float | None = Field(None, gt=0.0, lt=1.0, description="Without min_score: list pairs from the "
+                                          "score at which the family-wise false-alarm probability of the scan is "
+                                          "this (default FACE_DUPLICATES_MAX_FALSE_ALARM).")
+    limit: int = Field(100, ge=1, le=1000, description="At most this many pairs.")
+    evidence: int = Field(3, ge=1, le=20, description="Face pairs shown per identity pair.")
+
+
 class BestOtherOut(BaseModel):
     identity_id: str
     score: float
@@ -669,7 +682,8 @@ class MigrateRequest(BaseModel):
 
 
 class JobProgress(BaseModel):
-    phase: str = Field(description="`copy`, `catch_up` (writes to the source made meanwhile), `compare`, `done`.")
+    phase: str = Field(description="A migration: `copy`, `catch_up` (writes to the source made meanwhile), `compare`, "
+                       "`done`; a scan: `scan`, `done`.")
     identities_done: int
     identities_total: int
     faces_done: int
@@ -729,10 +743,10 @@ class ComparisonReport(BaseModel):
 
 class Job(BaseModel):
     id: str = Field(examples=["job_3f2a9c1b7d04"])
-    kind: str = Field(description="`migrate`.")
+    kind: str = Field(description="`migrate`, or `duplicates` (a scan: POST .../duplicates/jobs).")
     state: str = Field(description="`queued`, `running`, `done`, `failed` or `cancelled`.")
     collection: str = Field(description="The source collection (an alias given at start is resolved).")
-    into: str = Field(description="The new collection.")
+    into: str = Field(description="The new collection (empty for a scan).")
     model: str = Field(description="The served name of the new collection's model.")
     model_id: str
     source_model_id: str
@@ -745,6 +759,8 @@ class Job(BaseModel):
     error: JobError | None = None
     report: ComparisonReport | None = Field(None, description="The comparison of the two collections (rank-1, "
                                             "top-1 agreement, changed identities), once the job is done.")
+    duplicates: DuplicatesResponse | None = Field(None, description="A `duplicates` scan's answer, once the job is "
+                                                  "done: what GET /duplicates answers.")
 
 
 class JobCreated(BaseModel):

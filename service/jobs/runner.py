@@ -12,6 +12,9 @@ the others see no row changed and leave it. While a job runs, a ticker writes it
 ``stale_s / 6`` seconds, so a long phase (a catch-up listing, the comparison) is never taken for dead.
 Rows of a POST that died between its job row and its target collection (``creating``) are removed
 after ``2 * stale_s``, freeing their collection for a new job.
+
+A job is a migration (``run_job``: migrate.py) unless its kind is one of the scans the app gave the
+runner (``scans``: kind -> the work; ``run_scan``: scan.py), which run whole, from the start.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from ..gallery.api import CollectionNotFound, Galleries
 from ..gallery.crops import CropAuthenticationFailed
 from ..model.registry import ModelRegistry
 from .migrate import Embed, JobFailed, JobStopped, Migration, model_embed
+from .scan import Scan
 from .store import JobRecord
 
 log = logging.getLogger(__name__)
@@ -57,18 +61,7 @@ def run_job(galleries: Galleries, embedder: Callable[[str], Embed], job: JobReco
             return False
         return galleries.update_job(job.job_id, changes, expect_state=("running",))
 
-    stop_ticker = threading.Event()
-
-    def tick() -> None:
-        while not stop_ticker.wait(stale_s / 6) and not (stopping is not None and stopping.is_set()):
-            try:
-                if not galleries.update_job(job.job_id, {"heartbeat": time.time()}, expect_state=("running",)):
-                    return
-            except Exception:  # noqa: BLE001 - the next tick tries again; the job itself reports failures
-                log.warning("job heartbeat failed", extra={"job": job.job_id}, exc_info=True)
-
-    ticker = threading.Thread(target=tick, name=f"job-heartbeat-{job.job_id}", daemon=True)
-    ticker.start()
+    ticker = _heartbeat(galleries, job, stale_s, stopping)
     migration: Migration | None = None
     try:
         try:
@@ -99,8 +92,60 @@ def run_job(galleries: Galleries, embedder: Callable[[str], Embed], job: JobReco
             changes["progress"] = migration.progress
         galleries.update_job(job.job_id, changes, expect_state=("running",))
     finally:
+        ticker()
+    final = galleries.get_job(job.job_id) or job
+    if on_done is not None:
+        on_done(final)
+    return final
+
+
+def _heartbeat(galleries: Galleries, job: JobRecord, stale_s: float,
+               stopping: threading.Event | None) -> Callable[[], None]:
+    """Start writing the job's heartbeat every ``stale_s / 6`` s (while it is ``running``: a long phase is
+    never taken for dead); returns the function that stops it."""
+    stop_ticker = threading.Event()
+
+    def tick() -> None:
+        while not stop_ticker.wait(stale_s / 6) and not (stopping is not None and stopping.is_set()):
+            try:
+                if not galleries.update_job(job.job_id, {"heartbeat": time.time()}, expect_state=("running",)):
+                    return
+            except Exception:  # noqa: BLE001 - the next tick tries again; the job itself reports failures
+                log.warning("job heartbeat failed", extra={"job": job.job_id}, exc_info=True)
+
+    ticker = threading.Thread(target=tick, name=f"job-heartbeat-{job.job_id}", daemon=True)
+    ticker.start()
+
+    def stop() -> None:
         stop_ticker.set()
         ticker.join()
+    return stop
+
+
+def run_scan(galleries: Galleries, scan: Scan, job: JobRecord, on_done: Callable[[JobRecord], None] | None = None,
+             stale_s: float = STALE_S) -> JobRecord:
+    """Run a scan job this process holds (scan.py) to its end: its answer stored as the report, state
+    ``done`` (if the job is still ``running``: a cancelled one's answer is dropped), or ``failed``."""
+    ticker = _heartbeat(galleries, job, stale_s, None)
+    started = time.perf_counter()
+    try:
+        log.info("job started", extra={"job": job.job_id, "kind": job.kind, "collection": job.collection})
+        report = scan(job)
+        now = time.time()
+        faces = int(report.get("faces_scanned", 0))
+        progress = {**job.progress, "phase": "done", "faces_done": faces, "faces_total": faces,
+                    "faces_per_s": round(faces / max(time.perf_counter() - started, 1e-6), 1)}
+        galleries.update_job(job.job_id, {"state": "done", "progress": progress, "report": report,
+                                          "updated_at": now, "finished_at": now, "heartbeat": now},
+                             expect_state=("running",))
+    except Exception as exc:  # noqa: BLE001 - any failure ends the job as failed, with its reason
+        code, message = _failure(exc, job)
+        log.warning("job failed", extra={"job": job.job_id, "code": code}, exc_info=not isinstance(exc, JobFailed))
+        now = time.time()
+        galleries.update_job(job.job_id, {"state": "failed", "error": {"code": code, "message": message},
+                                          "updated_at": now, "finished_at": now}, expect_state=("running",))
+    finally:
+        ticker()
     final = galleries.get_job(job.job_id) or job
     if on_done is not None:
         on_done(final)
@@ -140,8 +185,11 @@ class JobRunner:
     """The process's job thread (module docstring). ``start()``/``stop()`` from the app's lifespan."""
 
     def __init__(self, galleries: Galleries, models: ModelRegistry, poll_s: float = 1.0,
-                 stale_s: float = STALE_S, on_done: Callable[[JobRecord], None] | None = None) -> None:
+                 stale_s: float = STALE_S, on_done: Callable[[JobRecord], None] | None = None,
+                 scans: dict[str, Scan] | None = None) -> None:
+        """``scans``: kind -> the work of a scan job of that kind (scan.py); every other job is a migration."""
         self.galleries = galleries
+        self.scans = scans or {}
         self.models = models
         self.poll_s = poll_s
         self.stale_s = stale_s
@@ -172,6 +220,9 @@ class JobRunner:
         while not self._stop.is_set():
             try:
                 job = self.claim()
+                if job is not None and job.kind in self.scans:
+                    run_scan(self.galleries, self.scans[job.kind], job, self.on_done, stale_s=self.stale_s)
+                    continue
                 if job is not None:
                     run_job(self.galleries, embedder_of(self.models), job, self.owner, self.on_done, stopping=self._stop,
                             stale_s=self.stale_s)

@@ -103,6 +103,7 @@ def test_cli_duplicates_outliers_merge_cluster(embedded, collection_name):
 
     dup = json.loads(face(embedded, *c, "--json", "duplicates").stdout)
     assert [(p["identity_a"], p["identity_b"]) for p in dup["pairs"]] == [("agassi-a", "agassi-b")]
+    assert json.loads(face(embedded, *c, "--json", "duplicates", "--job").stdout)["pairs"] == dup["pairs"]
     readable = face(embedded, *c, "duplicates", "--min-score", "0.2", "--limit", "1").stdout.splitlines()
     assert readable[0].startswith("agassi-a\tagassi-b\tscore ") and readable[-1].startswith("1 pairs from score 0.2000")
     odd = json.loads(face(embedded, *c, "--json", "outliers").stdout)

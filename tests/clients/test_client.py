@@ -403,6 +403,18 @@ def test_hygiene_probes_and_clustering_through_the_client(embedded, collection_n
         assert low.min_score == 0.2 and low.max_false_alarm is None and len(low.pairs) <= 2
         assert all(len(p.evidence) == 1 for p in low.pairs)
         assert face.duplicates().faces_scanned == 0  # no collection=: the client's default collection
+        # the same scan as a job on the server (for a collection whose scan outlasts a request)
+        scanned = face.scan_duplicates(poll_s=0.1, timeout_s=120, **c)
+        assert scanned.pairs == found.pairs and scanned.min_score == found.min_score
+        job = face.list_jobs(collection=collection_name)[0]
+        assert (job.kind, job.state, job.duplicates) == ("duplicates", "done", scanned)
+        assert face.get_duplicates_job(job.id, **c) == job and job.report is None
+        with pytest.raises(NotFoundError) as foreign:
+            face.get_duplicates_job(job.id)  # through another collection (the client's default one)
+        assert foreign.value.code == "job_not_found"
+        with pytest.raises(NotFoundError) as nowhere:
+            face.scan_duplicates(collection="no-such-collection")
+        assert nowhere.value.code == "collection_not_found"
 
         odd = face.outliers(**c)
         listed = {o.face_id: o for o in odd.faces}
@@ -465,6 +477,10 @@ def test_async_hygiene_probes_and_clustering(embedded, collection_name):
             mislabelled = faces["al-gore"][-1]
             found = await face.duplicates()  # the client's collection
             assert ("agassi-a", "agassi-b") in {(p.identity_a, p.identity_b) for p in found.pairs}
+            scanned = await face.scan_duplicates(poll_s=0.1, timeout_s=120)
+            assert scanned.pairs == found.pairs
+            started = await face.start_duplicates_job(min_score=0.2, evidence=1, limit=2)
+            assert started.kind == "duplicates" and started.collection == collection_name
             odd = await face.outliers()
             assert mislabelled in {o.face_id for o in odd.faces}
             probe = (await face.identify(face_ids=[mislabelled], top_k=1)).results[0]

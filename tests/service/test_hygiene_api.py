@@ -8,6 +8,7 @@ and a photo of Bill Gates filed under Al Gore (a mislabelled face) in a gallery 
 from __future__ import annotations
 
 import base64
+import time
 
 import httpx
 import pytest
@@ -244,3 +245,56 @@ def test_face_id_probes_in_a_form(planted: Planted):
         assert [p["probe_face_id"] for p in r.json()["results"]] == ids
         assert all(p["candidates"][0]["identity_id"] == "agassi-b" for p in r.json()["results"])
 
+
+
+def wait_for(client: httpx.Client, url: str, timeout_s: float = 120) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        r = client.get(url)
+        assert r.status_code == 200, r.text
+        if r.json()["state"] in ("done", "failed", "cancelled") or time.monotonic() > deadline:
+            return r.json()
+        time.sleep(0.2)
+
+
+def test_the_duplicates_scan_as_a_job_answers_what_the_request_answers(planted: Planted):
+    """POST .../duplicates/jobs runs GET /duplicates's scan in the job runner (minutes at a million
+    faces: longer than a request should wait); the done job holds the same answer. The job is read
+    through its collection only; it is audited; bad parameters are refused before a job exists."""
+    client = planted.client
+    r = client.post(f"/collections/{COLLECTION}/duplicates/jobs", json={"evidence": 2, "limit": 5})
+    assert r.status_code == 202, r.text
+    job = r.json()["job"]
+    assert (job["kind"], job["collection"], job["into"]) == ("duplicates", COLLECTION, "")
+    assert job["state"] in ("queued", "running", "done") and job["duplicates"] is None or job["state"] == "done"
+    url = f"/collections/{COLLECTION}/duplicates/jobs/{job['id']}"
+    done = wait_for(client, url)
+    assert done["state"] == "done", done
+    answer = done["duplicates"]
+    direct = client.get(f"/collections/{COLLECTION}/duplicates", params={"evidence": 2, "limit": 5}).json()
+    assert answer["pairs"] == direct["pairs"] and answer["pairs"]
+    assert ("agassi-a", "agassi-b") in {(p["identity_a"], p["identity_b"]) for p in answer["pairs"]}
+    for key in ("min_score", "max_false_alarm", "comparisons", "family_comparisons", "faces_scanned", "model_id"):
+        assert answer[key] == direct[key], key
+    assert all(len(p["evidence"]) <= 2 for p in answer["pairs"]) and len(answer["pairs"]) <= 5
+    assert done["report"] is None and done["progress"]["phase"] == "done"
+    assert done["progress"]["faces_done"] == answer["faces_scanned"] == sum(map(len, planted.faces.values()))
+    assert "params" not in done["progress"]
+    # the admin's view of every job shows it too
+    assert client.get(f"/jobs/{job['id']}").json()["duplicates"] == answer
+    # another collection's path (here: the default one's) does not read it
+    for other in (f"/duplicates/jobs/{job['id']}", "/collections/{COLLECTION}/duplicates/jobs/job_000000000000"):
+        r = client.get(other.replace("{COLLECTION}", COLLECTION))
+        assert r.status_code == 404 and r.json()["error"]["code"] == "job_not_found", r.text
+    # audited, in the write that queued it
+    started = [e for e in client.get("/audit", params={"collection": COLLECTION, "limit": 1000}).json()["items"]
+               if e["action"] == "job.started" and e["details"].get("job") == job["id"]]
+    assert len(started) == 1
+    # refused before any job is stored: bad parameters, a collection that does not exist
+    r = client.post(f"/collections/{COLLECTION}/duplicates/jobs", json={"min_score": 2})
+    assert r.status_code == 422, r.text
+    r = client.post(f"/collections/{COLLECTION}/duplicates/jobs", json={"limits": 5})
+    assert r.status_code == 422, r.text
+    r = client.post("/collections/no-such-collection/duplicates/jobs", json={})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "collection_not_found", r.text
+    assert [j["id"] for j in client.get("/jobs", params={"collection": COLLECTION}).json()["items"]] == [job["id"]]

@@ -4,7 +4,7 @@
     face identities list|delete ID  face collections list|create NAME|delete NAME
     face keys create ROLE|list|revoke KEY_ID
     face aliases list|set NAME COLLECTION|delete NAME
-    face duplicates                 face outliers             face merge SRC INTO
+    face duplicates [--job]         face outliers             face merge SRC INTO
     face cluster PHOTO...
 
 The server and key: --url / --key, or FACE_URL / FACE_API_KEY. --json prints the answers as JSON (for
@@ -70,6 +70,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     duplicates.add_argument("--min-score", type=float)
     duplicates.add_argument("--max-false-alarm", type=float)
     duplicates.add_argument("--limit", type=int, default=100)
+    duplicates.add_argument("--job", action="store_true",
+                            help="scan in a job on the server and wait for it (a large collection: no request waits)")
     outliers = commands.add_parser("outliers", help="faces that do not match their own identity")
     outliers.add_argument("--min-score", type=float)
     outliers.add_argument("--limit", type=int, default=100)
@@ -156,8 +158,9 @@ def run(face: FaceClient, args: argparse.Namespace) -> tuple[Any, list[str]]:
 
 
 def _duplicates(face: FaceClient, args: argparse.Namespace) -> tuple[Any, list[str]]:
-    d = face.duplicates(min_score=args.min_score, max_false_alarm=args.max_false_alarm, limit=args.limit,
-                        collection=args.collection)
+    scan = face.scan_duplicates if args.job else face.duplicates
+    d = scan(min_score=args.min_score, max_false_alarm=args.max_false_alarm, limit=args.limit,
+             collection=args.collection)
     lines = [f"{p.identity_a}\t{p.identity_b}\tscore {p.score:.4f}" + (
         "" if p.false_alarm_probability is None else f"\tfalse alarm {p.false_alarm_probability:.2g}") + "\tfaces " +
         ", ".join(f"{e.face_a}~{e.face_b}" for e in p.evidence) for p in d.pairs]

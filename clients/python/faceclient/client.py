@@ -331,6 +331,27 @@ class _Base:
         return Call("GET", self._prefix(collection) + "/outliers",
                     params=_drop_none({"min_score": min_score, "limit": limit}), read_timeout=self._scan_timeout(timeout))
 
+    def _start_duplicates_job(self, min_score: float | None, max_false_alarm: float | None, limit: int,
+                              evidence: int, collection: str | None) -> Call:
+        return Call("POST", self._prefix(collection) + "/duplicates/jobs", _drop_none(
+            {"min_score": min_score, "max_false_alarm": max_false_alarm, "limit": limit, "evidence": evidence}))
+
+    def _duplicates_job(self, job_id: str, collection: str | None) -> Call:
+        return Call("GET", f"{self._prefix(collection)}/duplicates/jobs/{quote(job_id, safe='')}")
+
+    @staticmethod
+    def _scan_answer(job: Job, deadline: float | None, timeout_s: float | None) -> DuplicatesResult | None:
+        """A duplicates scan job's answer once done (None while it runs); FaceServiceError with the job's
+        error when it failed or was cancelled; TimeoutError past ``deadline``."""
+        if job.state == "done" and job.duplicates is not None:
+            return job.duplicates
+        if job.finished:
+            code, message = (job.error.code, job.error.message) if job.error else (job.state, f"job {job.id} {job.state}")
+            raise FaceServiceError(code, message, {"job_id": job.id, "state": job.state})
+        if deadline is not None and time.monotonic() >= deadline:
+            raise TimeoutError(f"duplicates scan {job.id} is still {job.state} after {timeout_s} s")
+        return None
+
     def _merge(self, identity_id: str, into: str, collection: str | None) -> Call:
         return Call("POST", f"{self._prefix(collection)}/identities/{quote(identity_id, safe='')}/merge",
                     {"into": into})
@@ -697,6 +718,32 @@ class FaceClient(_Base):
         return self._do(self._duplicates(min_score, max_false_alarm, limit, evidence, collection, timeout),
                         DuplicatesResult)
 
+    def start_duplicates_job(self, *, min_score: float | None = None, max_false_alarm: float | None = None,
+                             limit: int = 100, evidence: int = 3, collection: str | None = None) -> Job:
+        """The scan of :meth:`duplicates` as a job on the server (kind ``duplicates``): for a collection whose
+        scan outlasts a request. Watch it with :meth:`get_duplicates_job` (the same ``read`` key), or use
+        :meth:`scan_duplicates`, which waits for it."""
+        return self._do(self._start_duplicates_job(min_score, max_false_alarm, limit, evidence, collection),
+                        JobCreated).job
+
+    def get_duplicates_job(self, job_id: str, *, collection: str | None = None) -> Job:
+        """A duplicates scan job of the collection; its ``duplicates`` once ``done``."""
+        return self._do(self._duplicates_job(job_id, collection), Job)
+
+    def scan_duplicates(self, *, min_score: float | None = None, max_false_alarm: float | None = None,
+                        limit: int = 100, evidence: int = 3, collection: str | None = None,
+                        timeout_s: float | None = None, poll_s: float = 1.0) -> DuplicatesResult:
+        """What :meth:`duplicates` answers, through a job (no request waits for the scan): starts it, polls
+        every ``poll_s`` and returns its answer. FaceServiceError if the job fails or is cancelled
+        (``job_running`` when another job of the collection runs), TimeoutError after ``timeout_s``."""
+        job = self.start_duplicates_job(min_score=min_score, max_false_alarm=max_false_alarm, limit=limit,
+                                        evidence=evidence, collection=collection)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while (answer := self._scan_answer(job, deadline, timeout_s)) is None:
+            time.sleep(poll_s)
+            job = self.get_duplicates_job(job.id, collection=collection)
+        return answer
+
     def outliers(self, *, min_score: float | None = None, limit: int = 100,
                  collection: str | None = None, timeout: float | None = None) -> OutliersResult:
         """Faces that match their own identity's other faces below ``min_score`` (None: the 1:1 threshold),
@@ -987,6 +1034,25 @@ class AsyncFaceClient(_Base):
                          timeout: float | None = None) -> DuplicatesResult:
         return await self._do(self._duplicates(min_score, max_false_alarm, limit, evidence, collection, timeout),
                               DuplicatesResult)
+
+    async def start_duplicates_job(self, *, min_score: float | None = None, max_false_alarm: float | None = None,
+                                   limit: int = 100, evidence: int = 3, collection: str | None = None) -> Job:
+        return (await self._do(self._start_duplicates_job(min_score, max_false_alarm, limit, evidence, collection),
+                               JobCreated)).job
+
+    async def get_duplicates_job(self, job_id: str, *, collection: str | None = None) -> Job:
+        return await self._do(self._duplicates_job(job_id, collection), Job)
+
+    async def scan_duplicates(self, *, min_score: float | None = None, max_false_alarm: float | None = None,
+                              limit: int = 100, evidence: int = 3, collection: str | None = None,
+                              timeout_s: float | None = None, poll_s: float = 1.0) -> DuplicatesResult:
+        job = await self.start_duplicates_job(min_score=min_score, max_false_alarm=max_false_alarm, limit=limit,
+                                              evidence=evidence, collection=collection)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while (answer := self._scan_answer(job, deadline, timeout_s)) is None:
+            await asyncio.sleep(poll_s)
+            job = await self.get_duplicates_job(job.id, collection=collection)
+        return answer
 
     async def outliers(self, *, min_score: float | None = None, limit: int = 100,
                        collection: str | None = None, timeout: float | None = None) -> OutliersResult:

@@ -205,7 +205,7 @@ class AliasList(Model):
 
 
 class JobProgress(Model):
-    phase: str  # copy, catch_up, compare, done
+    phase: str  # a migration: copy, catch_up, compare, done; a scan: scan, done
     identities_done: int
     identities_total: int
     faces_done: int
@@ -259,7 +259,8 @@ class ComparisonReport(Model):
 
 
 class Job(Model):
-    """A background job (``POST /collections/{c}/migrate``): its state, progress, error and report."""
+    """A background job: a migration (``POST /collections/{c}/migrate``; its ``report`` once done) or a
+    duplicates scan (``POST .../duplicates/jobs``, kind ``duplicates``; its ``duplicates`` once done)."""
 
     id: str
     kind: str
@@ -277,6 +278,7 @@ class Job(Model):
     started_by: str | None = None
     error: JobError | None = None
     report: ComparisonReport | None = None
+    duplicates: DuplicatesResult | None = None
 
     @property
     def finished(self) -> bool:
@@ -530,6 +532,9 @@ class FolderSummary(Model):
             self.failed[person.identity_id] = person.error
         else:
             self.enrolled += 1
+
+
+Job.model_rebuild()  # its duplicates field names a model defined after it
 
 
 # the server's OpenAPI components (its answers) and the client model that reads each: tests/clients checks that

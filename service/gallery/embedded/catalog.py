@@ -324,12 +324,12 @@ class Catalog:
         sets = ", ".join(f'"{name}" = ?' for name in values)
         try:
             with self._write() as conn:
-                row = conn.execute('SELECT "collection", "into" FROM jobs WHERE job_id = ?', (job_id,)).fetchone()
+                row = conn.execute('SELECT "collection", "into", "kind" FROM jobs WHERE job_id = ?', (job_id,)).fetchone()
                 changed = conn.execute(f"UPDATE jobs SET {sets} WHERE {' AND '.join(where)}",
                                        (*values.values(), *args)).rowcount
                 if changed and audit_as is not None and row is not None:
                     audit.record(conn, time.time(), audit_as[0], audit_as[1], row[0], None,
-                                 {"job": job_id, "into": row[1], "state": changes.get("state")})
+                                 {"job": job_id, "kind": row[2], "into": row[1], "state": changes.get("state")})
         except sqlite3.IntegrityError as exc:  # back to queued/running while another job of it is active
             raise jobs.JobRunning(job_id) from exc
         return bool(changed)

@@ -995,11 +995,11 @@ class PostgresGalleries:
         now = time.time()
         try:
             with self._transaction() as conn:
-                row = conn.execute(f'UPDATE face_jobs SET {sets} WHERE {" AND ".join(where)} RETURNING "collection", "into"',
+                row = conn.execute(f'UPDATE face_jobs SET {sets} WHERE {" AND ".join(where)} RETURNING "collection", "into", "kind"',
                                    (*values.values(), *args)).fetchone()
                 if row is not None and audit_as is not None:
                     _audit(conn, audit_as[1], audit_as[0], now, row[0], None,
-                           {"job": job_id, "into": row[1], "state": changes.get("state")})
+                           {"job": job_id, "kind": row[2], "into": row[1], "state": changes.get("state")})
         except psycopg.errors.UniqueViolation as exc:
             raise jobs.JobRunning(job_id) from exc
         return row is not None

@@ -1,0 +1,52 @@
+"""Scans of a whole collection as jobs (kind ``duplicates``): ``GET /duplicates`` at a million faces
+takes minutes (156 s on 2 CPU cores), longer than a proxy or a client waits for one answer.
+
+``POST .../duplicates/jobs`` stores a job of kind ``duplicates`` with the scan's parameters (in its
+``progress``, under ``params``) and answers 202; the process's job runner (runner.py) runs the scan off
+the request path and stores its answer, the same as ``GET /duplicates`` gives, as the job's
+``report``; ``GET .../duplicates/jobs/{id}`` reads it with the same scoped ``read`` permission. The
+scan itself (what the route runs) is given to the runner by the app (``Scan``), so that this room
+does not import the HTTP one. One job per collection at a time, scans and migrations alike (the job
+store's rule): a second one is 409 ``job_running``. A scan cannot stop half-way: a cancelled one
+finishes its scan and its answer is dropped; one whose runner died runs again from the start.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import ErrorCode
+from ..gallery.api import Actor, CollectionNotFound, Galleries
+from .migrate import JobFailed
+from .store import JobRecord, JobRunning, new_job_id
+
+DUPLICATES = "duplicates"
+
+# runs a scan job's work (the job as stored: its collection, its progress["params"]); returns the report
+Scan = Callable[[JobRecord], dict[str, Any]]
+
+
+def start_scan(galleries: Galleries, kind: str, collection: str, model: str, params: dict[str, Any],
+               actor: Actor | None = None) -> JobRecord:
+    """Store a queued scan job of ``collection`` (a collection's own name), ``job.started`` audited in
+    the write that queues it. JobFailed ``collection_not_found`` / ``job_running``; nothing stays then."""
+    try:
+        source = galleries.collection(collection)
+    except CollectionNotFound:
+        raise JobFailed(ErrorCode.collection_not_found, f"no collection named {collection!r}") from None
+    job = JobRecord(job_id=new_job_id(), kind=kind, collection=collection, into="", model=model,
+                    model_id=source.model_id, source_model_id=source.model_id, state="creating", batch_size=0,
+                    progress={"phase": "scan", "params": params},
+                    started_by=actor.key_id if actor is not None else None)
+    try:
+        galleries.create_job(job)
+    except JobRunning:
+        raise JobFailed(ErrorCode.job_running, f"a job of collection {collection!r} is queued or running; "
+                        "wait for it (a scan cannot be cut short)") from None
+    galleries.update_job(job.job_id, {"state": "queued", "updated_at": time.time()}, expect_state=("creating",),
+                         audit_as=("job.started", actor or Actor()))
+    stored = galleries.get_job(job.job_id)
+    assert stored is not None
+    return stored

@@ -1,0 +1,107 @@
+"""Scan jobs (service/jobs/scan.py) on both backends, through the store and the runner's run_scan, with
+scans that the test controls: one job per collection whatever its kind, the answer stored, a cancelled
+scan's answer dropped, a failed one's reason kept. The whole road over HTTP is in
+tests/service/test_hygiene_api.py and tests/clients."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from service.config import Settings
+from service.gallery.api import Actor, AuditQuery, CollectionNotFound, Galleries
+from service.gallery.open import make_gallery
+from service.jobs.migrate import JobFailed
+from service.jobs.runner import run_scan, take
+from service.jobs.scan import DUPLICATES, start_scan
+from service.jobs.store import JobRecord, new_job_id
+
+MODEL, DIM = "m@1", 8
+ALICE = Actor(key_id="key-alice", client="10.0.0.1", request_id="req-1")
+
+
+@pytest.fixture(params=["embedded", "postgres"])
+def galleries(request, tmp_path):
+    if request.param == "embedded":
+        settings = Settings(data_dir=tmp_path / "data", snapshot_interval_s=0)
+    else:
+        env = request.getfixturevalue("postgres").gallery_env()
+        settings = Settings(database_url=env["FACE_DATABASE_URL"], database_schema=env["FACE_DATABASE_SCHEMA"])
+    g = make_gallery(settings, MODEL, DIM)
+    g.open()
+    yield g
+    g.close()
+
+
+def scan_of(galleries: Galleries, **params) -> JobRecord:
+    job = start_scan(galleries, DUPLICATES, "default", "sface", {"limit": 5, **params}, ALICE)
+    taken = take(galleries, job, "this-runner")
+    assert taken is not None and taken.state == "running"
+    return taken
+
+
+def test_one_job_per_collection_whatever_its_kind(galleries: Galleries):
+    now = time.time()
+    migration = JobRecord(job_id=new_job_id(), collection="default", into="copy", model="tiny", model_id="t@1",
+                          source_model_id=MODEL, state="running", heartbeat=now, owner="another-runner")
+    galleries.create_job(migration)
+    with pytest.raises(JobFailed) as refused:
+        start_scan(galleries, DUPLICATES, "default", "sface", {}, ALICE)
+    assert refused.value.code.value == "job_running"
+    assert [j.job_id for j in galleries.list_jobs(collection="default")] == [migration.job_id]  # nothing left
+    with pytest.raises(JobFailed) as missing:
+        start_scan(galleries, DUPLICATES, "nowhere", "sface", {}, ALICE)
+    assert missing.value.code.value == "collection_not_found"
+    galleries.update_job(migration.job_id, {"state": "done", "finished_at": now})
+    job = start_scan(galleries, DUPLICATES, "default", "sface", {"evidence": 2}, ALICE)
+    assert (job.kind, job.state, job.collection, job.into, job.model_id) == (DUPLICATES, "queued", "default", "", MODEL)
+    assert job.started_by == ALICE.key_id and job.progress["params"] == {"evidence": 2}
+    started = [e for e in galleries.audit(AuditQuery(collection="default", limit=100)) if e.action == "job.started"]
+    assert [(e.details["job"], e.details["kind"], e.key_id) for e in started] == [  # in the write that queued it
+        (job.job_id, DUPLICATES, ALICE.key_id)]
+
+
+def test_the_answer_is_stored_a_cancelled_scans_is_dropped_a_failure_says_why(galleries: Galleries):
+    job = scan_of(galleries, evidence=2)
+    seen: list[dict] = []
+
+    def scan(j: JobRecord) -> dict:
+        seen.append(j.progress["params"])
+        return {"pairs": [], "faces_scanned": 3, "min_score": 0.7}
+
+    done = run_scan(galleries, scan, job)
+    assert seen == [{"limit": 5, "evidence": 2}]
+    assert (done.state, done.report, done.error) == ("done", {"pairs": [], "faces_scanned": 3, "min_score": 0.7}, None)
+    assert done.progress["phase"] == "done" and done.progress["faces_done"] == 3 and done.finished_at is not None
+
+    job = scan_of(galleries)
+    release, running = threading.Event(), threading.Event()
+
+    def slow(j: JobRecord) -> dict:
+        running.set()
+        release.wait(30)
+        return {"pairs": [], "faces_scanned": 1}
+
+    ended: list[JobRecord] = []
+    runner = threading.Thread(target=lambda: ended.append(run_scan(galleries, slow, job, stale_s=0.6)))
+    runner.start()
+    assert running.wait(30)
+    time.sleep(0.3)  # heartbeats go on while the scan runs (every stale_s / 6)
+    beat = galleries.get_job(job.job_id)
+    assert beat is not None and beat.heartbeat is not None and beat.heartbeat > job.heartbeat
+    assert galleries.update_job(job.job_id, {"state": "cancelled", "finished_at": time.time()},
+                                expect_state=("queued", "running"))
+    release.set()
+    runner.join(30)
+    assert ended and (ended[0].state, ended[0].report) == ("cancelled", None)
+
+    job = scan_of(galleries)
+
+    def gone(j: JobRecord) -> dict:
+        raise CollectionNotFound(j.collection)
+
+    failed = run_scan(galleries, gone, job)
+    assert failed.state == "failed" and failed.report is None
+    assert failed.error is not None and failed.error["code"] == "collection_not_found"
