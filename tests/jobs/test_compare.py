@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.config import Settings
 from service.gallery.api import Galleries, GalleryBackend
 from service.gallery.open import make_gallery
 from service.jobs.compare import compare_collections
@@ -15,14 +14,9 @@ MODEL, DIM = "old@1", 32
 NEW_MODEL, NEW_DIM = "new@1", 16
 
 
-@pytest.fixture(params=["embedded", "postgres"])
-def galleries(request, tmp_path):
-    if request.param == "embedded":
-        settings = Settings(data_dir=tmp_path / "data", snapshot_interval_s=0)
-    else:
-        env = request.getfixturevalue("postgres").gallery_env()
-        settings = Settings(database_url=env["FACE_DATABASE_URL"], database_schema=env["FACE_DATABASE_SCHEMA"])
-    g = make_gallery(settings, MODEL, DIM, served={MODEL: DIM, NEW_MODEL: NEW_DIM})
+@pytest.fixture
+def galleries(gallery_settings):
+    g = make_gallery(gallery_settings, MODEL, DIM, served={MODEL: DIM, NEW_MODEL: NEW_DIM})
     g.open()
     yield g
     g.close()

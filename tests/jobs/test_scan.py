@@ -10,7 +10,6 @@ import time
 
 import pytest
 
-from service.config import Settings
 from service.gallery.api import Actor, AuditQuery, CollectionNotFound, Galleries
 from service.gallery.open import make_gallery
 from service.jobs.migrate import JobFailed
@@ -22,14 +21,9 @@ MODEL, DIM = "m@1", 8
 ALICE = Actor(key_id="key-alice", client="10.0.0.1", request_id="req-1")
 
 
-@pytest.fixture(params=["embedded", "postgres"])
-def galleries(request, tmp_path):
-    if request.param == "embedded":
-        settings = Settings(data_dir=tmp_path / "data", snapshot_interval_s=0)
-    else:
-        env = request.getfixturevalue("postgres").gallery_env()
-        settings = Settings(database_url=env["FACE_DATABASE_URL"], database_schema=env["FACE_DATABASE_SCHEMA"])
-    g = make_gallery(settings, MODEL, DIM)
+@pytest.fixture
+def galleries(gallery_settings):
+    g = make_gallery(gallery_settings, MODEL, DIM)
     g.open()
     yield g
     g.close()
