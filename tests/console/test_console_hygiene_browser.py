@@ -167,8 +167,8 @@ def test_gallery_views_fit_a_phone(console, api):
 
 
 def test_duplicates_and_outliers_views_merge_and_move(console, api):
-    """Against GET /duplicates and GET /outliers (the probes helper's routes, issue 23: the answer shapes
-    of api23.md). Where they are not in the service yet this test says so and is skipped: it runs once
+    """Against a duplicates scan job (POST .../duplicates/jobs: GET /duplicates's answer) and GET /outliers
+    (the probes helper's routes, issue 23: the answer shapes of api23.md). Where they are not in the service yet this test says so and is skipped: it runs once
     the branches are merged."""
     if api.get("/duplicates").status_code == 404 and api.get("/outliers").status_code == 404:
         pytest.skip("GET /duplicates and /outliers are not in this service yet (the probes helper's part of "
@@ -195,6 +195,9 @@ def test_duplicates_and_outliers_views_merge_and_move(console, api):
     console.wait(lambda: console.driver.find_elements("css selector", "li[data-id='dup-x|dup-y']"), "pair not listed")
     card = console.driver.find_element("css selector", "li[data-id='dup-x|dup-y']")
     assert "dup-x" in card.text and "dup-y" in card.text and "score" in card.text
+    # the view scanned through a job (POST .../duplicates/jobs): no request waits for a whole-collection scan
+    scans = [j for j in api.get("/jobs", params={"collection": "hygiene"}).json()["items"] if j["kind"] == "duplicates"]
+    assert scans and scans[0]["state"] == "done" and scans[0]["duplicates"]["pairs"], scans
     click(console, "Merge dup-x into dup-y")
     console.wait(lambda: dialog_open(console))
     assert 'Merge "dup-x" into "dup-y"?' in console.text("hygiene-text")

@@ -706,7 +706,7 @@ function confirmDelete(item) {
 }
 
 // --- Gallery hygiene: duplicates, outliers; merge identities, move or delete a face ------------------
-// GET /duplicates and GET /outliers find the suspects; POST identities/{id}/merge, POST faces/{id}/move
+// a duplicates scan job and GET /outliers find the suspects; POST identities/{id}/merge, POST faces/{id}/move
 // and DELETE faces/{id} fix them, each after a confirmation. The service keeps no photo of an enrolled
 // face (embeddings only), so faces are shown by id, identity and score.
 const hygiene = { view: "identities", identity: null };
@@ -897,14 +897,35 @@ function scoreParam(input) {
   return text === "" ? "" : `&min_score=${encodeURIComponent(text)}`;
 }
 
-// GET /duplicates: {"pairs": [{"identity_a", "identity_b", "score", "false_alarm_probability",
+// The scan of GET /duplicates as a job (POST duplicates/jobs, then GET duplicates/jobs/{id} until it
+// ends): minutes at a million faces, longer than a request should wait. The done job's "duplicates" is
+// GET /duplicates's answer: {"pairs": [{"identity_a", "identity_b", "score", "false_alarm_probability",
 // "evidence": [{"face_a", "face_b", "score"}]}], "min_score", "comparisons", "faces_scanned", ...}
+async function scanDuplicates(announce) {
+  const action = `search ${quoted(collection())} for duplicates`;
+  const body = { limit: 100 };
+  const score = $("duplicates-min-score").value.trim();
+  if (score !== "") body.min_score = score; // as typed: the server says what is wrong with it
+  let job = (await api(inCollection("duplicates/jobs"), { method: "POST", json: body, action })).job;
+  const started = Date.now();
+  while (!["done", "failed", "cancelled"].includes(job.state)) {
+    const waited = Date.now() - started;
+    if (announce && waited > 2000) galleryStatus(`Looking for duplicate people... (${Math.round(waited / 1000)} s)`);
+    await new Promise((resolve) => setTimeout(resolve, Math.min(2000, 100 + waited / 10)));
+    job = await api(inCollection(`duplicates/jobs/${encodeURIComponent(job.id)}`), { action });
+  }
+  if (job.state !== "done") {
+    const error = job.error || { code: job.state, message: `The scan was ${job.state}.` };
+    throw new ApiError(error.code, error.message, 0, {}, action);
+  }
+  return job.duplicates;
+}
+
 async function loadDuplicates(announce = true) {
   const list = $("duplicates-list");
   if (announce) galleryStatus("Looking for duplicate people...");
   try {
-    const r = await api(inCollection(`duplicates?limit=100${scoreParam($("duplicates-min-score"))}`),
-      { action: `search ${quoted(collection())} for duplicates` });
+    const r = await scanDuplicates(announce);
     list.replaceChildren(...r.pairs.map(duplicateItem));
     if (announce || !r.pairs.length) {
       galleryStatus(r.pairs.length
