@@ -167,9 +167,9 @@ def test_gallery_views_fit_a_phone(console, api):
 
 
 def test_duplicates_and_outliers_views_merge_and_move(console, api):
-    """Against a duplicates scan job (POST .../duplicates/jobs: GET /duplicates's answer) and GET /outliers
-    (the probes helper's routes, issue 23: the answer shapes of api23.md). Where they are not in the service yet this test says so and is skipped: it runs once
-    the branches are merged."""
+    """Against a duplicates scan job (POST .../duplicates/jobs: GET /duplicates's answer) and GET
+    /outliers (the probes helper's routes, issue 23: the answer shapes of api23.md). Where they are not
+    in the service yet this test says so and is skipped: it runs once the branches are merged."""
     if api.get("/duplicates").status_code == 404 and api.get("/outliers").status_code == 404:
         pytest.skip("GET /duplicates and /outliers are not in this service yet (the probes helper's part of "
                     "issue 23): this test runs once they are merged")
