@@ -144,11 +144,7 @@ def start_migration(galleries: Galleries, collection: str, model: str, model_id:
     job = JobRecord(job_id=new_job_id(), collection=collection, into=into, model=model, model_id=model_id,
                     source_model_id=source.model_id, state="creating", shadow=shadow, batch_size=batch_size,
                     started_by=actor.key_id if actor is not None else None)
-    try:
-        galleries.create_job(job)
-    except JobRunning:
-        raise JobFailed(ErrorCode.job_running, f"a job of collection {collection!r} is queued or running; "
-                        "wait for it or cancel it (POST /jobs/{id}/cancel)") from None
+    reserve(galleries, job, "wait for it or cancel it (POST /jobs/{id}/cancel)")
     try:
         galleries.create_collection(into, actor, keep_crops=True, model_id=model_id, dim=dim)
     except BaseException as exc:
@@ -160,6 +156,22 @@ def start_migration(galleries: Galleries, collection: str, model: str, model_id:
         if isinstance(exc, ValueError):
             raise JobFailed(ErrorCode.invalid_collection_name, str(exc)) from None
         raise
+    return queue(galleries, job, actor)
+
+
+def reserve(galleries: Galleries, job: JobRecord, wait: str) -> None:
+    """Store ``job`` (state ``creating``): it holds its collection's one place for an active job. JobFailed
+    ``job_running`` (``wait``: what the caller can do) when another job holds it."""
+    try:
+        galleries.create_job(job)
+    except JobRunning:
+        raise JobFailed(ErrorCode.job_running, f"a job of collection {job.collection!r} is queued or running; "
+                        f"{wait}") from None
+
+
+def queue(galleries: Galleries, job: JobRecord, actor: Actor | None) -> JobRecord:
+    """A reserved job (``creating``) made ``queued`` for the runner, ``job.started`` audited in that write;
+    the job as stored."""
     galleries.update_job(job.job_id, {"state": "queued", "updated_at": time.time()}, expect_state=("creating",),
                          audit_as=("job.started", actor or Actor()))
     stored = galleries.get_job(job.job_id)

@@ -13,14 +13,13 @@ finishes its scan and its answer is dropped; one whose runner died runs again fr
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
 from ..errors import ErrorCode
 from ..gallery.api import Actor, CollectionNotFound, Galleries
-from .migrate import JobFailed
-from .store import JobRecord, JobRunning, new_job_id
+from .migrate import JobFailed, queue, reserve
+from .store import JobRecord, new_job_id
 
 DUPLICATES = "duplicates"
 
@@ -40,13 +39,5 @@ def start_scan(galleries: Galleries, kind: str, collection: str, model: str, par
                     model_id=source.model_id, source_model_id=source.model_id, state="creating", batch_size=0,
                     progress={"phase": "scan", "params": params},
                     started_by=actor.key_id if actor is not None else None)
-    try:
-        galleries.create_job(job)
-    except JobRunning:
-        raise JobFailed(ErrorCode.job_running, f"a job of collection {collection!r} is queued or running; "
-                        "wait for it (a scan cannot be cut short)") from None
-    galleries.update_job(job.job_id, {"state": "queued", "updated_at": time.time()}, expect_state=("creating",),
-                         audit_as=("job.started", actor or Actor()))
-    stored = galleries.get_job(job.job_id)
-    assert stored is not None
-    return stored
+    reserve(galleries, job, "wait for it (a scan cannot be cut short)")
+    return queue(galleries, job, actor)
