@@ -83,20 +83,10 @@ def run_job(galleries: Galleries, embedder: Callable[[str], Embed], job: JobReco
     except JobStopped:
         log.info("job stopped (cancelled or taken over)", extra={"job": job.job_id})
     except Exception as exc:  # noqa: BLE001 - any failure ends the job as failed, with its reason
-        code, message = _failure(exc, job)
-        log.warning("job failed", extra={"job": job.job_id, "code": code}, exc_info=not isinstance(exc, JobFailed))
-        now = time.time()
-        changes: dict = {"state": "failed", "error": {"code": code, "message": message}, "updated_at": now,
-                         "finished_at": now}
-        if migration is not None:
-            changes["progress"] = migration.progress
-        galleries.update_job(job.job_id, changes, expect_state=("running",))
+        _fail(galleries, job, exc, None if migration is None else migration.progress)
     finally:
         ticker()
-    final = galleries.get_job(job.job_id) or job
-    if on_done is not None:
-        on_done(final)
-    return final
+    return _ended(galleries, job, on_done)
 
 
 def _heartbeat(galleries: Galleries, job: JobRecord, stale_s: float,
@@ -139,13 +129,26 @@ def run_scan(galleries: Galleries, scan: Scan, job: JobRecord, on_done: Callable
                                           "updated_at": now, "finished_at": now, "heartbeat": now},
                              expect_state=("running",))
     except Exception as exc:  # noqa: BLE001 - any failure ends the job as failed, with its reason
-        code, message = _failure(exc, job)
-        log.warning("job failed", extra={"job": job.job_id, "code": code}, exc_info=not isinstance(exc, JobFailed))
-        now = time.time()
-        galleries.update_job(job.job_id, {"state": "failed", "error": {"code": code, "message": message},
-                                          "updated_at": now, "finished_at": now}, expect_state=("running",))
+        _fail(galleries, job, exc)
     finally:
         ticker()
+    return _ended(galleries, job, on_done)
+
+
+def _fail(galleries: Galleries, job: JobRecord, exc: Exception, progress: dict | None = None) -> None:
+    """The job ``failed`` with its reason (if it is still ``running``), and its progress when given."""
+    code, message = _failure(exc, job)
+    log.warning("job failed", extra={"job": job.job_id, "code": code}, exc_info=not isinstance(exc, JobFailed))
+    now = time.time()
+    changes: dict = {"state": "failed", "error": {"code": code, "message": message}, "updated_at": now,
+                     "finished_at": now}
+    if progress is not None:
+        changes["progress"] = progress
+    galleries.update_job(job.job_id, changes, expect_state=("running",))
+
+
+def _ended(galleries: Galleries, job: JobRecord, on_done: Callable[[JobRecord], None] | None) -> JobRecord:
+    """The job as stored once its run ended, after ``on_done`` has seen it."""
     final = galleries.get_job(job.job_id) or job
     if on_done is not None:
         on_done(final)
