@@ -10,6 +10,7 @@ import pytest
 
 from harness.fixtures import ENROLLED, FACES, FIXTURES, b64, face_files, unknown_files
 from harness.server import MODEL_CACHE, REPO, ServerProcess
+from service.config import Settings
 
 __all__ = ["ENROLLED", "FACES", "FIXTURES", "b64", "face_files", "unknown_files"]  # imported by the tests
 
@@ -86,3 +87,13 @@ def postgres_server(tmp_path_factory, default_model, postgres):
     proc.wait_ready()
     yield proc
     proc.stop()
+
+
+@pytest.fixture(params=["embedded", "postgres"])
+def gallery_settings(request, tmp_path) -> Settings:
+    """The settings of one backend's galleries, on fresh storage (a data dir without background
+    snapshots, or a PostgreSQL schema): for tests that make ``Galleries`` as the service does."""
+    if request.param == "embedded":
+        return Settings(data_dir=tmp_path / "data", snapshot_interval_s=0)
+    env = request.getfixturevalue("postgres").gallery_env()
+    return Settings(database_url=env["FACE_DATABASE_URL"], database_schema=env["FACE_DATABASE_SCHEMA"])

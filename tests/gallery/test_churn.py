@@ -12,24 +12,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 
-from service.config import Settings
 from service.gallery.open import make_gallery
 
 TRACE = Path(__file__).parents[1] / "fixtures" / "index" / "soak_churn_trace.npz"
 MODEL = "sface@2021dec-int8bq"
 
 
-@pytest.fixture(params=["embedded", "postgres"])
-def settings(request, tmp_path) -> Settings:
-    if request.param == "embedded":
-        return Settings(data_dir=tmp_path / "data", snapshot_interval_s=0)
-    env = request.getfixturevalue("postgres").gallery_env()
-    return Settings(database_url=env["FACE_DATABASE_URL"], database_schema=env["FACE_DATABASE_SCHEMA"])
-
-
-def test_every_face_stays_reachable_through_enroll_delete_churn(settings):
+def test_every_face_stays_reachable_through_enroll_delete_churn(gallery_settings):
+    settings = gallery_settings
     trace = np.load(TRACE)
     vectors, ops = trace["vectors"], trace["ops"].tolist()
     galleries = make_gallery(settings, MODEL, vectors.shape[1])

@@ -29,11 +29,3 @@ def service(request, tmp_path, default_model, tiny):
         client.galleries = app.state.service.galleries  # type: ignore[attr-defined]
         yield client
 
-
-@pytest.fixture(params=["embedded", "postgres"])
-def gallery_settings(request, tmp_path) -> Settings:
-    """The settings of one backend's galleries, on fresh storage (a data dir, or a PostgreSQL schema)."""
-    if request.param == "embedded":
-        return Settings(data_dir=tmp_path / "data", snapshot_interval_s=0)
-    env = request.getfixturevalue("postgres").gallery_env()
-    return Settings(database_url=env["FACE_DATABASE_URL"], database_schema=env["FACE_DATABASE_SCHEMA"])
