@@ -11,6 +11,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import secrets
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -254,8 +257,28 @@ def write_contract(proto: onnx.ModelProto, contract: FaceContract) -> None:
 
 def write_sidecar(model_path: Path, contract: FaceContract) -> Path:
     side = sidecar_path(Path(model_path))
-    side.write_text(json.dumps(contract.to_metadata(), indent=2, sort_keys=True) + "\n")
+    replace_atomically(side, lambda tmp: tmp.write_text(json.dumps(contract.to_metadata(), indent=2,
+                                                                  sort_keys=True) + "\n"))
     return side
+
+
+def save_model(proto: onnx.ModelProto, dst: Path) -> None:
+    """Write an ONNX model to ``dst`` so that no reader ever sees half of it (replace_atomically)."""
+    import onnx
+
+    replace_atomically(Path(dst), lambda tmp: onnx.save(proto, str(tmp)))
+
+
+def replace_atomically(dst: Path, write: Callable[[Path], object]) -> None:
+    """``write`` a temporary file of this process's own beside ``dst``, then rename it over ``dst``: a
+    reader sees the old file or the new one, whole, and processes writing one file at once (replicas
+    preparing a shared model cache together) each rename a whole file of their own."""
+    tmp = dst.with_name(f"{dst.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        write(tmp)
+        tmp.replace(dst)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def cached_variant(dst: Path, source_digest: str) -> FaceContract | None:

@@ -69,6 +69,7 @@ from .contract import (
     file_digest,
     fp16_variant_contract,
     read_contract,
+    save_model,
     sidecar_path,
     write_contract,
     write_sidecar,
@@ -402,9 +403,7 @@ def make_fp16_variant(src: Path, dst: Path, faces_dir: Path | None = None, min_c
     variant = fp16_contract(contract, parity, digest)
     write_contract(fp16, variant)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".tmp")
-    onnx.save(fp16, str(tmp))
-    tmp.replace(dst)  # atomic: a half-written model is never picked up
+    save_model(fp16, dst)  # atomic: a half-written model is never picked up
     if sidecar_path(src).exists():  # third-party models carry their contract in a sidecar as well
         write_sidecar(dst, variant)
     log.info("fp16 variant written", extra={"dst": str(dst), "model_id": variant.model_id,

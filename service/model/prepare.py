@@ -28,7 +28,15 @@ from onnx import numpy_helper
 from ..faces.quality import QualityModel
 from ..packaged import packaged_model
 from .calibration import ImpostorTail
-from .contract import FaceContract, file_digest, read_contract, write_contract, write_sidecar
+from .contract import (
+    FaceContract,
+    file_digest,
+    read_contract,
+    replace_atomically,
+    save_model,
+    write_contract,
+    write_sidecar,
+)
 
 log = logging.getLogger(__name__)
 
@@ -163,9 +171,7 @@ def prepare_model(src: Path, dst: Path, contract: FaceContract, fold_dequant: bo
     write_contract(proto, contract)
     onnx.checker.check_model(proto)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".tmp")
-    onnx.save(proto, str(tmp))
-    tmp.replace(dst)  # atomic: a half-written model is never picked up
+    save_model(proto, dst)  # atomic: a half-written model is never picked up
     write_sidecar(dst, contract)
     log.info(
         "model prepared",
@@ -186,7 +192,7 @@ def default_model(cache_dir: Path) -> Path:
     if dst.exists() and stamp.exists() and stamp.read_text().strip() == digest:
         return dst
     prepare_model(src, dst, SFACE_CONTRACT)
-    stamp.write_text(digest + "\n")
+    replace_atomically(stamp, lambda tmp: tmp.write_text(digest + "\n"))
     return dst
 
 

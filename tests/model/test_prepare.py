@@ -83,3 +83,35 @@ def test_resolve_model_path(default_model, tmp_path):
     assert resolve_model_path(default_model.parent, tmp_path) == default_model
     with pytest.raises(FileNotFoundError):
         resolve_model_path(tmp_path / "missing.onnx", tmp_path)
+
+
+def test_processes_preparing_one_cache_at_once_each_get_a_whole_model(tmp_path):
+    """Replicas (or test workers) sharing a model cache prepare the default model at the same moment:
+    each must come back with a whole, loadable model and its contract, never another's half-written
+    file. They all wrote one temporary name before, so their writes interleaved."""
+    import subprocess
+    import sys
+    import time
+
+    go = tmp_path / "go"
+    script = (
+        "import sys, time, pathlib, onnx\n"
+        "from service.model.prepare import default_model, SFACE_CONTRACT\n"
+        "from service.model.contract import read_contract, sidecar_path, FaceContract\n"
+        "import json\n"
+        "go = pathlib.Path(sys.argv[1])\n"
+        "while not go.exists(): time.sleep(0.005)\n"
+        "path = default_model(pathlib.Path(sys.argv[2]))\n"
+        "onnx.checker.check_model(onnx.load(str(path)))\n"
+        "assert read_contract(path) == SFACE_CONTRACT\n"
+        "assert FaceContract.from_metadata(json.loads(sidecar_path(path).read_text())) == SFACE_CONTRACT\n"
+        "print('whole')\n")
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(go), str(tmp_path / "cache")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    time.sleep(3)  # every process imported and is waiting
+    go.touch()
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0 and out.strip() == "whole", err[-2000:]
+    assert sorted(p.name for p in (tmp_path / "cache").rglob("*") if p.is_file()) == [
+        "model.onnx", "model.onnx.face.json", "source.sha256"]  # no temporary file left behind
