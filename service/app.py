@@ -41,7 +41,7 @@ from .http.middleware import (
     OriginMiddleware,
 )
 from .jobs.runner import JobRunner, shadow_pairs
-from .jobs.scan import DUPLICATES
+from .jobs.scan import DUPLICATES, OUTLIERS
 from .jobs.store import JobRecord
 from .model.batcher import DynamicBatcher
 from .model.registry import ModelRegistry, ServedModel
@@ -91,7 +91,7 @@ async def initialize(settings: Settings, metrics: Metrics) -> ServiceState:
         state.shadow.start(source, target, pointing)
     state.shadow.follow(lambda: shadow_pairs(galleries), settings.shadow_refresh_s)  # those other replicas ran
     state.jobs = JobRunner(galleries, models, stale_s=settings.job_stale_s, on_done=lambda job: _shadow_done(state, job),
-                           scans={DUPLICATES: hygiene.duplicates_scan(state)})
+                           scans={DUPLICATES: hygiene.duplicates_scan(state), OUTLIERS: hygiene.outliers_scan(state)})
     state.jobs.start()
     if await run_in_threadpool(state.keyring.open_mode):
         log.warning("no API key configured (FACE_API_KEY unset, none stored): the service is open to anyone who "

@@ -2,8 +2,9 @@
 
 Mounted twice (app.py): unprefixed for the `default` collection, and under
 `/collections/{collection}`. Both are scans of the whole collection over the gallery interface
-(service/gallery/hygiene/), run in a worker thread; they change nothing. The duplicates scan also runs
-as a job (`POST .../duplicates/jobs`, service/jobs/scan.py), for collections whose scan outlasts a request."""
+(service/gallery/hygiene/), run in a worker thread; they change nothing. Each also runs as a job
+(`POST .../duplicates/jobs`, `POST .../outliers/jobs`: service/jobs/scan.py), for collections whose scan
+outlasts a request."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..access.policy import Permission
 from ..errors import ErrorCode, ServiceError
-from ..gallery.api import GalleryBackend
+from ..gallery.api import Actor, GalleryBackend
 from ..gallery.hygiene.duplicates import (
     DuplicateScan,
     comparisons_for,
@@ -25,7 +26,7 @@ from ..gallery.hygiene.duplicates import (
 )
 from ..gallery.hygiene.outliers import OutlierScan, find_outliers
 from ..jobs.migrate import JobFailed
-from ..jobs.scan import DUPLICATES, Scan, start_scan
+from ..jobs.scan import DUPLICATES, OUTLIERS, Scan, start_scan
 from ..jobs.store import JobRecord
 from ..state import ServiceState
 from .deps import ActorDep, CollectionDep, StateDep, allow
@@ -40,6 +41,7 @@ from .schemas import (
     Job,
     JobCreated,
     OutlierOut,
+    OutliersJobRequest,
     OutliersResponse,
 )
 
@@ -81,14 +83,7 @@ async def start_duplicates_job(state: StateDep, gallery: CollectionDep, actor: A
     .../duplicates/jobs/{job_id}` reads it (its `duplicates` once `done`). One job per collection at a
     time (a scan or a migration): 409 `job_running`. A scan cannot be cut short: a job cancelled
     (`POST /jobs/{id}/cancel`, admin) finishes its scan and drops the answer."""
-    try:
-        job = await run_in_threadpool(start_scan, state.galleries, DUPLICATES, gallery.name,
-                                      state.served_for(gallery).name, body.model_dump(), actor)
-    except JobFailed as exc:
-        raise ServiceError(exc.code, str(exc), collection=gallery.name) from None
-    if state.jobs is not None:
-        state.jobs.wake()
-    return JobCreated(job=job_out(job))
+    return await _start_scan_job(state, gallery, actor, DUPLICATES, body.model_dump())
 
 
 @router.get("/duplicates/jobs/{job_id}", response_model=Job, summary="Read a duplicates scan job")
@@ -96,9 +91,26 @@ async def get_duplicates_job(job_id: Annotated[str, Path(max_length=64)], state:
                              gallery: CollectionDep) -> Job:
     """Its state and, once `done`, `duplicates`: what `GET /duplicates` would have answered. 404
     `job_not_found` for a job that is not a duplicates scan of this collection."""
+    return await _scan_job(state, gallery, DUPLICATES, job_id)
+
+
+async def _start_scan_job(state: ServiceState, gallery: GalleryBackend, actor: Actor | None, kind: str,
+                          params: dict[str, Any]) -> JobCreated:
+    try:
+        job = await run_in_threadpool(start_scan, state.galleries, kind, gallery.name,
+                                      state.served_for(gallery).name, params, actor)
+    except JobFailed as exc:
+        raise ServiceError(exc.code, str(exc), collection=gallery.name) from None
+    if state.jobs is not None:
+        state.jobs.wake()
+    return JobCreated(job=job_out(job))
+
+
+async def _scan_job(state: ServiceState, gallery: GalleryBackend, kind: str, job_id: str) -> Job:
+    """A scan job of ``kind`` of this collection: any other job is 404, so a scoped key reads its own only."""
     job = await run_in_threadpool(state.galleries.get_job, job_id)
-    if job is None or job.kind != DUPLICATES or job.collection != gallery.name or job.state == "creating":
-        raise ServiceError(ErrorCode.job_not_found, f"no duplicates scan {job_id!r} of this collection",
+    if job is None or job.kind != kind or job.collection != gallery.name or job.state == "creating":
+        raise ServiceError(ErrorCode.job_not_found, f"no {kind} scan {job_id!r} of this collection",
                            job_id=job_id[:64])
     return job_out(job)
 
@@ -159,8 +171,42 @@ async def outliers(
     under the wrong identity, or a poor photo), worst first, each with the other identity it matches
     best at or above the threshold (`best_other`, null when none does). Only identities with two or
     more faces are checked."""
+    return await run_in_threadpool(_outliers, state, gallery, min_score, limit)
+
+
+@router.post("/outliers/jobs", status_code=202, response_model=JobCreated,
+             summary="Scan for outliers in the background")
+async def start_outliers_job(state: StateDep, gallery: CollectionDep, actor: ActorDep,
+                             body: OutliersJobRequest) -> JobCreated:
+    """The scan of `GET /outliers` (the same parameters and answer) as a job, for a collection whose
+    scan outlasts a request. Answers 202 with the job; `GET .../outliers/jobs/{job_id}` reads it (its
+    `outliers` once `done`). One job per collection at a time (a scan or a migration): 409
+    `job_running`. A job cancelled (`POST /jobs/{id}/cancel`, admin) finishes its scan and drops the
+    answer."""
+    return await _start_scan_job(state, gallery, actor, OUTLIERS, body.model_dump())
+
+
+@router.get("/outliers/jobs/{job_id}", response_model=Job, summary="Read an outliers scan job")
+async def get_outliers_job(job_id: Annotated[str, Path(max_length=64)], state: StateDep,
+                           gallery: CollectionDep) -> Job:
+    """Its state and, once `done`, `outliers`: what `GET /outliers` would have answered. 404
+    `job_not_found` for a job that is not an outliers scan of this collection."""
+    return await _scan_job(state, gallery, OUTLIERS, job_id)
+
+
+def outliers_scan(state: ServiceState) -> Scan:
+    """The work of an outliers scan job (the job runner runs it, jobs/scan.py): its answer as a dict."""
+    def scan(job: JobRecord) -> dict[str, Any]:
+        params = job.progress.get("params") or {}
+        answer = _outliers(state, state.galleries.collection(job.collection), params.get("min_score"),
+                           int(params.get("limit", 100)))
+        return answer.model_dump(mode="json")
+    return scan
+
+
+def _outliers(state: ServiceState, gallery: GalleryBackend, min_score: float | None, limit: int) -> OutliersResponse:
     threshold = min_score if min_score is not None else state.served_for(gallery).verify_threshold
-    scan: OutlierScan = await run_in_threadpool(find_outliers, gallery, threshold, limit)
+    scan: OutlierScan = find_outliers(gallery, threshold, limit)
     log.info("outliers scanned", extra={"collection": gallery.name, "faces": scan.faces_scanned,
                                         "outliers": len(scan.faces)})
     return OutliersResponse(
@@ -168,4 +214,5 @@ async def outliers(
                           best_other=None if o.best_other is None else BestOtherOut(
                               identity_id=o.best_other.identity_id, score=o.best_other.score,
                               face_id=o.best_other.face_id)) for o in scan.faces],
-        threshold=threshold, identities_checked=scan.identities_checked, model_id=gallery.model_id)
+        threshold=threshold, identities_checked=scan.identities_checked, faces_scanned=scan.faces_scanned,
+        model_id=gallery.model_id)

@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from ..access.policy import Permission
 from ..errors import ErrorCode, ServiceError
 from ..jobs.migrate import JobFailed, start_migration
-from ..jobs.scan import DUPLICATES
+from ..jobs.scan import SCANS
 from ..jobs.store import FINISHED_STATES, STATES, JobRecord, JobRunning
 from .deps import ActorDep, StateDep, allow, resolve_collection
 from .schemas import ErrorResponse, Job, JobCreated, JobList, MigrateRequest
@@ -29,7 +29,7 @@ JobId = Annotated[str, Path(max_length=64)]
 
 
 def job_out(job: JobRecord) -> Job:
-    scan = job.kind == DUPLICATES  # its report is the scan's answer; its progress holds its parameters
+    scan = job.kind in SCANS  # its report is the scan's answer, under its kind; its progress holds its parameters
     return Job.model_validate({
         "id": job.job_id, "kind": job.kind, "state": job.state, "collection": job.collection, "into": job.into,
         "model": job.model, "model_id": job.model_id, "source_model_id": job.source_model_id, "shadow": job.shadow,
@@ -37,7 +37,7 @@ def job_out(job: JobRecord) -> Job:
                      "faces_total": 0, **{k: v for k, v in job.progress.items() if k != "params"}},
         "created_at": job.created_at, "updated_at": job.updated_at, "finished_at": job.finished_at,
         "started_by": job.started_by, "error": job.error, "report": None if scan else job.report,
-        "duplicates": job.report if scan else None})
+        **({job.kind: job.report} if scan else {})})
 
 
 def _failed(exc: JobFailed, **details: Any) -> ServiceError:

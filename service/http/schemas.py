@@ -604,6 +604,16 @@ class DuplicatesJobRequest(BaseModel):
     evidence: int = Field(3, ge=1, le=20, description="Face pairs shown per identity pair.")
 
 
+class OutliersJobRequest(BaseModel):
+    """The scan ``GET /outliers`` runs, as a job (the same parameters and defaults)."""
+
+    model_config = ConfigDict(extra="forbid")
+    min_score: float | None = Field(None, ge=-1.0, le=1.0, description="A face whose best score against its "
+                                    "identity's other faces is below this is listed (default: the 1:1 verify "
+                                    "threshold in force).")
+    limit: int = Field(100, ge=1, le=1000, description="At most this many faces.")
+
+
 class BestOtherOut(BaseModel):
     identity_id: str
     score: float
@@ -622,6 +632,7 @@ class OutliersResponse(BaseModel):
     faces: list[OutlierOut] = Field(description="Worst own_score first.")
     threshold: float
     identities_checked: int = Field(description="Identities with 2+ faces (one face alone cannot be judged).")
+    faces_scanned: int = Field(0, description="Every face of the collection read by the scan.")
     model_id: str
 
 
@@ -743,7 +754,8 @@ class ComparisonReport(BaseModel):
 
 class Job(BaseModel):
     id: str = Field(examples=["job_3f2a9c1b7d04"])
-    kind: str = Field(description="`migrate`, or `duplicates` (a scan: POST .../duplicates/jobs).")
+    kind: str = Field(description="`migrate`, or a scan: `duplicates` (POST .../duplicates/jobs) or `outliers` "
+                      "(POST .../outliers/jobs).")
     state: str = Field(description="`queued`, `running`, `done`, `failed` or `cancelled`.")
     collection: str = Field(description="The source collection (an alias given at start is resolved).")
     into: str = Field(description="The new collection (empty for a scan).")
@@ -761,6 +773,8 @@ class Job(BaseModel):
                                             "top-1 agreement, changed identities), once the job is done.")
     duplicates: DuplicatesResponse | None = Field(None, description="A `duplicates` scan's answer, once the job is "
                                                   "done: what GET /duplicates answers.")
+    outliers: OutliersResponse | None = Field(None, description="An `outliers` scan's answer, once the job is done: "
+                                              "what GET /outliers answers.")
 
 
 class JobCreated(BaseModel):

@@ -1,10 +1,11 @@
-"""Scans of a whole collection as jobs (kind ``duplicates``): ``GET /duplicates`` at a million faces
-takes minutes (156 s on 2 CPU cores), longer than a proxy or a client waits for one answer.
+"""Scans of a whole collection as jobs (kinds ``duplicates`` and ``outliers``): ``GET /duplicates`` at a
+million faces takes minutes (156 s on 2 CPU cores), ``GET /outliers`` 7-29 s, and both grow with the
+collection: longer than a proxy or a client waits for one answer.
 
-``POST .../duplicates/jobs`` stores a job of kind ``duplicates`` with the scan's parameters (in its
-``progress``, under ``params``) and answers 202; the process's job runner (runner.py) runs the scan off
-the request path and stores its answer, the same as ``GET /duplicates`` gives, as the job's
-``report``; ``GET .../duplicates/jobs/{id}`` reads it with the same scoped ``read`` permission. The
+``POST .../{kind}/jobs`` stores a job of that kind with the scan's parameters (in its ``progress``,
+under ``params``) and answers 202; the process's job runner (runner.py) runs the scan off the request
+path and stores its answer, the same as ``GET /{kind}`` gives, as the job's ``report``;
+``GET .../{kind}/jobs/{id}`` reads it with the same scoped ``read`` permission. The
 scan itself (what the route runs) is given to the runner by the app (``Scan``), so that this room
 does not import the HTTP one. One job per collection at a time, scans and migrations alike (the job
 store's rule): a second one is 409 ``job_running``. A scan cannot stop half-way: a cancelled one
@@ -22,6 +23,8 @@ from .migrate import JobFailed, queue, reserve
 from .store import JobRecord, new_job_id
 
 DUPLICATES = "duplicates"
+OUTLIERS = "outliers"
+SCANS = (DUPLICATES, OUTLIERS)  # the kinds of scan job; every other job is a migration
 
 # runs a scan job's work (the job as stored: its collection, its progress["params"]); returns the report
 Scan = Callable[[JobRecord], dict[str, Any]]

@@ -108,6 +108,7 @@ def test_cli_duplicates_outliers_merge_cluster(embedded, collection_name):
     assert readable[0].startswith("agassi-a\tagassi-b\tscore ") and readable[-1].startswith("1 pairs from score 0.2000")
     odd = json.loads(face(embedded, *c, "--json", "outliers").stdout)
     assert mislabelled in [f["face_id"] for f in odd["faces"]]
+    assert json.loads(face(embedded, *c, "--json", "outliers", "--job").stdout) == odd
     line = next(x for x in face(embedded, *c, "outliers").stdout.splitlines() if f"face {mislabelled}\t" in x)
     assert line.startswith("al-gore\t") and "matches bill-gates" in line
 

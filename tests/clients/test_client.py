@@ -423,6 +423,13 @@ def test_hygiene_probes_and_clustering_through_the_client(embedded, collection_n
         assert listed[mislabelled].best_other is not None
         assert listed[mislabelled].best_other.identity_id == "bill-gates"
         assert face.outliers(min_score=0.99, limit=1, **c).faces[0].face_id == mislabelled
+        assert face.scan_outliers(poll_s=0.1, timeout_s=120, **c) == odd  # the same scan as a job
+        job = face.list_jobs(collection=collection_name)[0]
+        assert (job.kind, job.state, job.outliers, job.duplicates) == ("outliers", "done", odd, None)
+        assert face.get_outliers_job(job.id, **c) == job
+        with pytest.raises(NotFoundError) as other_kind:
+            face.get_duplicates_job(job.id, **c)
+        assert other_kind.value.code == "job_not_found"
 
         by_face = face.identify(face_ids=[mislabelled, faces["agassi-a"][0]], top_k=2, **c).results
         assert [r.probe_face_id for r in by_face] == [mislabelled, faces["agassi-a"][0]]
@@ -479,6 +486,12 @@ def test_async_hygiene_probes_and_clustering(embedded, collection_name):
             assert ("agassi-a", "agassi-b") in {(p.identity_a, p.identity_b) for p in found.pairs}
             scanned = await face.scan_duplicates(poll_s=0.1, timeout_s=120)
             assert scanned.pairs == found.pairs
+            odd = await face.outliers()
+            assert await face.scan_outliers(poll_s=0.1, timeout_s=120) == odd  # the same scan as a job
+            running = await face.start_outliers_job(min_score=0.99, limit=1)
+            assert running.kind == "outliers" and (await face.get_outliers_job(running.id)).id == running.id
+            while not (await face.get_outliers_job(running.id)).finished:  # one job of a collection at a time
+                await asyncio.sleep(0.1)
             started = await face.start_duplicates_job(min_score=0.2, evidence=1, limit=2)
             assert started.kind == "duplicates" and started.collection == collection_name
             odd = await face.outliers()

@@ -27,7 +27,8 @@ METHODS = {
     "set_alias": "set_alias", "get_alias": "get_alias", "list_aliases": "list_aliases", "delete_alias": "delete_alias",
     "migrate_collection": "migrate_collection", "list_jobs": "list_jobs", "get_job": "get_job",
     "cancel_job": "cancel_job", "resume_job": "resume_job", "start_duplicates_job": "start_duplicates_job",
-    "get_duplicates_job": "get_duplicates_job",
+    "get_duplicates_job": "get_duplicates_job", "start_outliers_job": "start_outliers_job",
+    "get_outliers_job": "get_outliers_job",
 }
 NOT_IN_THE_CLIENT = {"metrics": "Prometheus text for a scraper, not a program's API"}
 # a request field -> the client's parameter for it, where the names differ; `cursor`: the iterators page themselves

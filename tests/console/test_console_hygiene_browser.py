@@ -167,8 +167,8 @@ def test_gallery_views_fit_a_phone(console, api):
 
 
 def test_duplicates_and_outliers_views_merge_and_move(console, api):
-    """Against a duplicates scan job (POST .../duplicates/jobs: GET /duplicates's answer) and GET
-    /outliers (the probes helper's routes, issue 23: the answer shapes of api23.md). Where they are not
+    """Against a duplicates and an outliers scan job (POST .../duplicates/jobs and .../outliers/jobs:
+    GET /duplicates's and GET /outliers's answers; the probes helper's routes, issue 23). Where they are not
     in the service yet this test says so and is skipped: it runs once the branches are merged."""
     if api.get("/duplicates").status_code == 404 and api.get("/outliers").status_code == 404:
         pytest.skip("GET /duplicates and /outliers are not in this service yet (the probes helper's part of "
@@ -209,6 +209,8 @@ def test_duplicates_and_outliers_views_merge_and_move(console, api):
     console.find("view-outliers").click()
     console.wait(lambda: console.driver.find_elements("css selector", f"li[data-id='{misfiled}']"), "outlier not listed")
     assert "out-w" in console.driver.find_element("css selector", f"li[data-id='{misfiled}']").text
+    scans = [j for j in api.get("/jobs", params={"collection": "hygiene"}).json()["items"] if j["kind"] == "outliers"]
+    assert scans and scans[0]["state"] == "done" and misfiled in [f["face_id"] for f in scans[0]["outliers"]["faces"]]
     click(console, f"Move face {misfiled} to out-w")
     confirm(console)
     console.wait_text("gallery-status", f"Moved face {misfiled} from out-z to out-w.")

@@ -298,3 +298,43 @@ def test_the_duplicates_scan_as_a_job_answers_what_the_request_answers(planted: 
     r = client.post("/collections/no-such-collection/duplicates/jobs", json={})
     assert r.status_code == 404 and r.json()["error"]["code"] == "collection_not_found", r.text
     assert [j["id"] for j in client.get("/jobs", params={"collection": COLLECTION}).json()["items"]] == [job["id"]]
+
+
+def test_the_outliers_scan_as_a_job_answers_what_the_request_answers(planted: Planted):
+    """POST .../outliers/jobs runs GET /outliers's scan in the job runner; the done job holds the same
+    answer (the mislabelled face first at a strict min_score), read through its own collection and
+    kind only, audited when queued; bad parameters are refused before a job exists."""
+    client = planted.client
+    params = {"min_score": 0.9, "limit": 5}
+    r = client.post(f"/collections/{COLLECTION}/outliers/jobs", json=params)
+    assert r.status_code == 202, r.text
+    job = r.json()["job"]
+    assert (job["kind"], job["collection"], job["into"]) == ("outliers", COLLECTION, "")
+    done = wait_for(client, f"/collections/{COLLECTION}/outliers/jobs/{job['id']}")
+    assert done["state"] == "done", done
+    answer = done["outliers"]
+    assert answer == client.get(f"/collections/{COLLECTION}/outliers", params=params).json()
+    assert len(answer["faces"]) == 5 and answer["faces"][0]["face_id"] == planted.mislabelled
+    assert answer["threshold"] == 0.9 and answer["identities_checked"] == sum(len(f) > 1 for f in planted.faces.values())
+    assert done["progress"]["faces_done"] == answer["faces_scanned"] == sum(map(len, planted.faces.values()))
+    assert done["duplicates"] is None and done["report"] is None and "params" not in done["progress"]
+    # the default threshold, as the request's: the 1:1 threshold in force
+    r = client.post(f"/collections/{COLLECTION}/outliers/jobs", json={})
+    default = wait_for(client, f"/collections/{COLLECTION}/outliers/jobs/{r.json()['job']['id']}")["outliers"]
+    assert default == client.get(f"/collections/{COLLECTION}/outliers").json()
+    assert planted.mislabelled in [f["face_id"] for f in default["faces"]]
+    assert client.get(f"/jobs/{job['id']}").json()["outliers"] == answer  # the admin's view of every job
+    # neither another collection's path nor the duplicates path reads it
+    for other in (f"/outliers/jobs/{job['id']}", f"/collections/{COLLECTION}/duplicates/jobs/{job['id']}"):
+        r = client.get(other)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "job_not_found", r.text
+    started = [e for e in client.get("/audit", params={"collection": COLLECTION, "limit": 1000}).json()["items"]
+               if e["action"] == "job.started" and e["details"].get("job") == job["id"]]
+    assert len(started) == 1 and started[0]["details"]["kind"] == "outliers"
+    for bad in ({"min_score": -2}, {"limit": 0}, {"threshold": 0.5}):
+        r = client.post(f"/collections/{COLLECTION}/outliers/jobs", json=bad)
+        assert r.status_code == 422, r.text
+    r = client.post("/collections/no-such-collection/outliers/jobs", json={})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "collection_not_found", r.text
+    kinds = [j["kind"] for j in client.get("/jobs", params={"collection": COLLECTION}).json()["items"]]
+    assert kinds.count("outliers") == 2

@@ -4,7 +4,7 @@
     face identities list|delete ID  face collections list|create NAME|delete NAME
     face keys create ROLE|list|revoke KEY_ID
     face aliases list|set NAME COLLECTION|delete NAME
-    face duplicates [--job]         face outliers             face merge SRC INTO
+    face duplicates [--job]         face outliers [--job]     face merge SRC INTO
     face cluster PHOTO...
 
 The server and key: --url / --key, or FACE_URL / FACE_API_KEY. --json prints the answers as JSON (for
@@ -70,11 +70,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     duplicates.add_argument("--min-score", type=float)
     duplicates.add_argument("--max-false-alarm", type=float)
     duplicates.add_argument("--limit", type=int, default=100)
-    duplicates.add_argument("--job", action="store_true",
-                            help="scan in a job on the server and wait for it (a large collection: no request waits)")
     outliers = commands.add_parser("outliers", help="faces that do not match their own identity")
     outliers.add_argument("--min-score", type=float)
     outliers.add_argument("--limit", type=int, default=100)
+    for scan in (duplicates, outliers):
+        scan.add_argument("--job", action="store_true",
+                          help="scan in a job on the server and wait for it (a large collection: no request waits)")
     merge = commands.add_parser("merge", help="merge identity SRC into INTO (SRC is deleted)")
     merge.add_argument("source", metavar="SRC")
     merge.add_argument("into", metavar="INTO")
@@ -168,7 +169,8 @@ def _duplicates(face: FaceClient, args: argparse.Namespace) -> tuple[Any, list[s
 
 
 def _outliers(face: FaceClient, args: argparse.Namespace) -> tuple[Any, list[str]]:
-    o = face.outliers(min_score=args.min_score, limit=args.limit, collection=args.collection)
+    scan = face.scan_outliers if args.job else face.outliers
+    o = scan(min_score=args.min_score, limit=args.limit, collection=args.collection)
     lines = [f"{f.identity_id}\tface {f.face_id}\town {f.own_score:.4f}\t" + (
         "" if f.best_other is None else f"matches {f.best_other.identity_id} {f.best_other.score:.4f}")
         for f in o.faces]

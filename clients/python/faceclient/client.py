@@ -336,20 +336,25 @@ class _Base:
         return Call("POST", self._prefix(collection) + "/duplicates/jobs", _drop_none(
             {"min_score": min_score, "max_false_alarm": max_false_alarm, "limit": limit, "evidence": evidence}))
 
-    def _duplicates_job(self, job_id: str, collection: str | None) -> Call:
-        return Call("GET", f"{self._prefix(collection)}/duplicates/jobs/{quote(job_id, safe='')}")
+    def _start_outliers_job(self, min_score: float | None, limit: int, collection: str | None) -> Call:
+        return Call("POST", self._prefix(collection) + "/outliers/jobs",
+                    _drop_none({"min_score": min_score, "limit": limit}))
+
+    def _scan_job(self, kind: str, job_id: str, collection: str | None) -> Call:
+        return Call("GET", f"{self._prefix(collection)}/{kind}/jobs/{quote(job_id, safe='')}")
 
     @staticmethod
-    def _scan_answer(job: Job, deadline: float | None, timeout_s: float | None) -> DuplicatesResult | None:
-        """A duplicates scan job's answer once done (None while it runs); FaceServiceError with the job's
-        error when it failed or was cancelled; TimeoutError past ``deadline``."""
-        if job.state == "done" and job.duplicates is not None:
-            return job.duplicates
+    def _scan_answer(job: Job, deadline: float | None, timeout_s: float | None) -> Any:
+        """A scan job's answer once done (its field named after its kind; None while it runs);
+        FaceServiceError with the job's error when it failed or was cancelled; TimeoutError past ``deadline``."""
+        answer = getattr(job, job.kind, None) if job.state == "done" else None
+        if answer is not None:
+            return answer
         if job.finished:
             code, message = (job.error.code, job.error.message) if job.error else (job.state, f"job {job.id} {job.state}")
             raise FaceServiceError(code, message, {"job_id": job.id, "state": job.state})
         if deadline is not None and time.monotonic() >= deadline:
-            raise TimeoutError(f"duplicates scan {job.id} is still {job.state} after {timeout_s} s")
+            raise TimeoutError(f"{job.kind} scan {job.id} is still {job.state} after {timeout_s} s")
         return None
 
     def _merge(self, identity_id: str, into: str, collection: str | None) -> Call:
@@ -728,7 +733,7 @@ class FaceClient(_Base):
 
     def get_duplicates_job(self, job_id: str, *, collection: str | None = None) -> Job:
         """A duplicates scan job of the collection; its ``duplicates`` once ``done``."""
-        return self._do(self._duplicates_job(job_id, collection), Job)
+        return self._do(self._scan_job("duplicates", job_id, collection), Job)
 
     def scan_duplicates(self, *, min_score: float | None = None, max_false_alarm: float | None = None,
                         limit: int = 100, evidence: int = 3, collection: str | None = None,
@@ -738,11 +743,7 @@ class FaceClient(_Base):
         (``job_running`` when another job of the collection runs), TimeoutError after ``timeout_s``."""
         job = self.start_duplicates_job(min_score=min_score, max_false_alarm=max_false_alarm, limit=limit,
                                         evidence=evidence, collection=collection)
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while (answer := self._scan_answer(job, deadline, timeout_s)) is None:
-            time.sleep(poll_s)
-            job = self.get_duplicates_job(job.id, collection=collection)
-        return answer
+        return self._wait_scan(job, collection, timeout_s, poll_s)
 
     def outliers(self, *, min_score: float | None = None, limit: int = 100,
                  collection: str | None = None, timeout: float | None = None) -> OutliersResult:
@@ -750,6 +751,29 @@ class FaceClient(_Base):
         worst first, each with the other identity it matches best (``best_other``) if any. A scan of the whole
         collection: ``timeout`` as for :meth:`duplicates`."""
         return self._do(self._outliers(min_score, limit, collection, timeout), OutliersResult)
+
+    def start_outliers_job(self, *, min_score: float | None = None, limit: int = 100,
+                           collection: str | None = None) -> Job:
+        """The scan of :meth:`outliers` as a job on the server (kind ``outliers``). Watch it with
+        :meth:`get_outliers_job`, or use :meth:`scan_outliers`, which waits for it."""
+        return self._do(self._start_outliers_job(min_score, limit, collection), JobCreated).job
+
+    def get_outliers_job(self, job_id: str, *, collection: str | None = None) -> Job:
+        """An outliers scan job of the collection; its ``outliers`` once ``done``."""
+        return self._do(self._scan_job("outliers", job_id, collection), Job)
+
+    def scan_outliers(self, *, min_score: float | None = None, limit: int = 100, collection: str | None = None,
+                      timeout_s: float | None = None, poll_s: float = 1.0) -> OutliersResult:
+        """What :meth:`outliers` answers, through a job: as :meth:`scan_duplicates`."""
+        job = self.start_outliers_job(min_score=min_score, limit=limit, collection=collection)
+        return self._wait_scan(job, collection, timeout_s, poll_s)
+
+    def _wait_scan(self, job: Job, collection: str | None, timeout_s: float | None, poll_s: float) -> Any:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while (answer := self._scan_answer(job, deadline, timeout_s)) is None:
+            time.sleep(poll_s)
+            job = self._do(self._scan_job(job.kind, job.id, collection), Job)
+        return answer
 
     def merge_identities(self, identity_id: str, into: str, *, collection: str | None = None) -> MergeResult:
         """Every face of ``identity_id`` becomes a face of ``into`` (ids kept); ``identity_id`` is deleted."""
@@ -1041,22 +1065,37 @@ class AsyncFaceClient(_Base):
                                JobCreated)).job
 
     async def get_duplicates_job(self, job_id: str, *, collection: str | None = None) -> Job:
-        return await self._do(self._duplicates_job(job_id, collection), Job)
+        return await self._do(self._scan_job("duplicates", job_id, collection), Job)
 
     async def scan_duplicates(self, *, min_score: float | None = None, max_false_alarm: float | None = None,
                               limit: int = 100, evidence: int = 3, collection: str | None = None,
                               timeout_s: float | None = None, poll_s: float = 1.0) -> DuplicatesResult:
         job = await self.start_duplicates_job(min_score=min_score, max_false_alarm=max_false_alarm, limit=limit,
                                               evidence=evidence, collection=collection)
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while (answer := self._scan_answer(job, deadline, timeout_s)) is None:
-            await asyncio.sleep(poll_s)
-            job = await self.get_duplicates_job(job.id, collection=collection)
-        return answer
+        return await self._wait_scan(job, collection, timeout_s, poll_s)
 
     async def outliers(self, *, min_score: float | None = None, limit: int = 100,
                        collection: str | None = None, timeout: float | None = None) -> OutliersResult:
         return await self._do(self._outliers(min_score, limit, collection, timeout), OutliersResult)
+
+    async def start_outliers_job(self, *, min_score: float | None = None, limit: int = 100,
+                                 collection: str | None = None) -> Job:
+        return (await self._do(self._start_outliers_job(min_score, limit, collection), JobCreated)).job
+
+    async def get_outliers_job(self, job_id: str, *, collection: str | None = None) -> Job:
+        return await self._do(self._scan_job("outliers", job_id, collection), Job)
+
+    async def scan_outliers(self, *, min_score: float | None = None, limit: int = 100, collection: str | None = None,
+                            timeout_s: float | None = None, poll_s: float = 1.0) -> OutliersResult:
+        job = await self.start_outliers_job(min_score=min_score, limit=limit, collection=collection)
+        return await self._wait_scan(job, collection, timeout_s, poll_s)
+
+    async def _wait_scan(self, job: Job, collection: str | None, timeout_s: float | None, poll_s: float) -> Any:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while (answer := self._scan_answer(job, deadline, timeout_s)) is None:
+            await asyncio.sleep(poll_s)
+            job = await self._do(self._scan_job(job.kind, job.id, collection), Job)
+        return answer
 
     async def merge_identities(self, identity_id: str, into: str, *, collection: str | None = None) -> MergeResult:
         return await self._do(self._merge(identity_id, into, collection), MergeResult)

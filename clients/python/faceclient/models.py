@@ -260,7 +260,8 @@ class ComparisonReport(Model):
 
 class Job(Model):
     """A background job: a migration (``POST /collections/{c}/migrate``; its ``report`` once done) or a
-    duplicates scan (``POST .../duplicates/jobs``, kind ``duplicates``; its ``duplicates`` once done)."""
+    scan (``POST .../duplicates/jobs`` or ``.../outliers/jobs``, kind ``duplicates`` or ``outliers``; its
+    field of that name once done)."""
 
     id: str
     kind: str
@@ -279,6 +280,7 @@ class Job(Model):
     error: JobError | None = None
     report: ComparisonReport | None = None
     duplicates: DuplicatesResult | None = None
+    outliers: OutliersResult | None = None
 
     @property
     def finished(self) -> bool:
@@ -445,6 +447,7 @@ class OutliersResult(Model):
     threshold: float
     identities_checked: int
     model_id: str
+    faces_scanned: int = 0  # every face the scan read (0 from an older server, which did not say)
 
 
 class MergeResult(Model):

@@ -892,40 +892,38 @@ function missingRoute(err, what) {
   return err.code === "not_found" ? `This service does not offer ${what} (an older version).` : err.readable;
 }
 
-function scoreParam(input) {
-  const text = input.value.trim();
-  return text === "" ? "" : `&min_score=${encodeURIComponent(text)}`;
-}
-
-// The scan of GET /duplicates as a job (POST duplicates/jobs, then GET duplicates/jobs/{id} until it
-// ends): minutes at a million faces, longer than a request should wait. The done job's "duplicates" is
-// GET /duplicates's answer: {"pairs": [{"identity_a", "identity_b", "score", "false_alarm_probability",
-// "evidence": [{"face_a", "face_b", "score"}]}], "min_score", "comparisons", "faces_scanned", ...}
-async function scanDuplicates(announce) {
-  const action = `search ${quoted(collection())} for duplicates`;
+// A scan of the whole collection as a job (POST {kind}/jobs, then GET {kind}/jobs/{id} until it
+// ends): minutes at a million faces, longer than a request should wait. The done job's field named
+// {kind} ("duplicates" or "outliers") is what GET /{kind} answers.
+async function scanJob(kind, minScoreInput, waiting, announce) {
+  const action = `search ${quoted(collection())} for ${kind}`;
   const body = { limit: 100 };
-  const score = $("duplicates-min-score").value.trim();
+  const score = $(minScoreInput).value.trim();
   if (score !== "") body.min_score = score; // as typed: the server says what is wrong with it
-  let job = (await api(inCollection("duplicates/jobs"), { method: "POST", json: body, action })).job;
+  let job = (await api(inCollection(`${kind}/jobs`), { method: "POST", json: body, action })).job;
   const started = Date.now();
   while (!["done", "failed", "cancelled"].includes(job.state)) {
     const waited = Date.now() - started;
-    if (announce && waited > 2000) galleryStatus(`Looking for duplicate people... (${Math.round(waited / 1000)} s)`);
+    if (announce && waited > 2000) galleryStatus(`${waiting} (${Math.round(waited / 1000)} s)`);
     await new Promise((resolve) => setTimeout(resolve, Math.min(2000, 100 + waited / 10)));
-    job = await api(inCollection(`duplicates/jobs/${encodeURIComponent(job.id)}`), { action });
+    job = await api(inCollection(`${kind}/jobs/${encodeURIComponent(job.id)}`), { action });
   }
   if (job.state !== "done") {
     const error = job.error || { code: job.state, message: `The scan was ${job.state}.` };
     throw new ApiError(error.code, error.message, 0, {}, action);
   }
-  return job.duplicates;
+  return job[kind];
 }
 
+// GET /duplicates's answer, through a scan job: {"pairs": [{"identity_a", "identity_b", "score",
+// "false_alarm_probability", "evidence": [{"face_a", "face_b", "score"}]}], "min_score", "comparisons",
+// "faces_scanned", ...}
 async function loadDuplicates(announce = true) {
   const list = $("duplicates-list");
-  if (announce) galleryStatus("Looking for duplicate people...");
+  const waiting = "Looking for duplicate people...";
+  if (announce) galleryStatus(waiting);
   try {
-    const r = await scanDuplicates(announce);
+    const r = await scanJob("duplicates", "duplicates-min-score", waiting, announce);
     list.replaceChildren(...r.pairs.map(duplicateItem));
     if (announce || !r.pairs.length) {
       galleryStatus(r.pairs.length
@@ -961,14 +959,14 @@ function duplicateItem(pair) {
       ...(write ? [actionButton(`Merge into ${a}`, `Merge ${b} into ${a}`, () => askMerge(b, a))] : [])));
 }
 
-// GET /outliers: {"faces": [{"identity_id", "face_id", "own_score", "best_other": {"identity_id",
-// "score", "face_id"} | null}], "threshold", "identities_checked", ...}
+// GET /outliers's answer, through a scan job: {"faces": [{"identity_id", "face_id", "own_score",
+// "best_other": {"identity_id", "score", "face_id"} | null}], "threshold", "identities_checked", ...}
 async function loadOutliers(announce = true) {
   const list = $("outliers-list");
-  if (announce) galleryStatus("Looking for faces unlike their identity's others...");
+  const waiting = "Looking for faces unlike their identity's others...";
+  if (announce) galleryStatus(waiting);
   try {
-    const r = await api(inCollection(`outliers?limit=100${scoreParam($("outliers-min-score"))}`),
-      { action: `search ${quoted(collection())} for outliers` });
+    const r = await scanJob("outliers", "outliers-min-score", waiting, announce);
     list.replaceChildren(...r.faces.map((face) => outlierItem(face, r.threshold)));
     if (announce || !r.faces.length) {
       galleryStatus(r.faces.length
