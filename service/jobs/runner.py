@@ -13,8 +13,9 @@ the others see no row changed and leave it. While a job runs, a ticker writes it
 Rows of a POST that died between its job row and its target collection (``creating``) are removed
 after ``2 * stale_s``, freeing their collection for a new job.
 
-A job is a migration (``run_job``: migrate.py) unless its kind is one of the scans the app gave the
-runner (``scans``: kind -> the work; ``run_scan``: scan.py), which run whole, from the start.
+A job of kind ``migrate`` is a migration (``run_job``: migrate.py); one of the scans the app gave the
+runner (``scans``: kind -> the work; ``run_scan``: scan.py) runs whole, from the start. A job of any
+other kind (a newer replica's, during a rolling upgrade) is neither taken nor resumed here.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from ..gallery.crops import CropAuthenticationFailed
 from ..model.registry import ModelRegistry
 from .migrate import Embed, JobFailed, JobStopped, Migration, model_embed
 from .scan import Scan
-from .store import JobRecord
+from .store import MIGRATE, JobRecord
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +191,8 @@ class JobRunner:
     def __init__(self, galleries: Galleries, models: ModelRegistry, poll_s: float = 1.0,
                  stale_s: float = STALE_S, on_done: Callable[[JobRecord], None] | None = None,
                  scans: dict[str, Scan] | None = None) -> None:
-        """``scans``: kind -> the work of a scan job of that kind (scan.py); every other job is a migration."""
+        """``scans``: kind -> the work of a scan job of that kind (scan.py). A job of kind ``migrate`` is a
+        migration; one of any other kind is left for a runner that knows it (``runs``)."""
         self.galleries = galleries
         self.scans = scans or {}
         self.models = models
@@ -235,6 +237,12 @@ class JobRunner:
             self._wake.wait(self.poll_s)
             self._wake.clear()
 
+    def runs(self, kind: str) -> bool:
+        """Whether this runner knows jobs of ``kind``: a migration, or one of its scans. A job of a kind
+        it does not know (one a newer replica started, in a rolling upgrade) is left for a replica that
+        does, instead of being run as a migration and failed."""
+        return kind == MIGRATE or kind in self.scans
+
     def claim(self) -> JobRecord | None:
         """Take one job this process may run, or None (a conditional UPDATE: one replica wins)."""
         now = time.time()
@@ -243,11 +251,13 @@ class JobRunner:
                 log.warning("removing a job whose start was interrupted", extra={"job": job.job_id})
                 self.galleries.delete_job(job.job_id)
         for job in reversed(self.galleries.list_jobs(state="queued", limit=100)):  # oldest first
+            if not self.runs(job.kind):
+                continue
             taken = take(self.galleries, job, self.owner)
             if taken is not None:
                 return taken
         for job in self.galleries.list_jobs(state="running", limit=100):
-            if job.heartbeat is None or now - job.heartbeat > self.stale_s:
+            if self.runs(job.kind) and (job.heartbeat is None or now - job.heartbeat > self.stale_s):
                 taken = take(self.galleries, job, self.owner) if job.owner != self.owner else None
                 if taken is not None:
                     log.info("resuming a job whose runner stopped", extra={"job": job.job_id, "owner": job.owner})

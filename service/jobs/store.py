@@ -46,6 +46,9 @@ def new_job_id() -> str:
     return f"job_{secrets.token_hex(6)}"
 
 
+MIGRATE = "migrate"  # the kind of a migration job (migrate.py)
+
+
 @dataclass(frozen=True)
 class Progress:
     phase: str = "copy"
@@ -66,7 +69,7 @@ class JobRecord:
     model: str  # the served name of B's model
     model_id: str
     source_model_id: str
-    kind: str = "migrate"
+    kind: str = MIGRATE  # or a scan's kind (scan.py)
     state: str = "queued"
     shadow: bool = False
     batch_size: int = 64

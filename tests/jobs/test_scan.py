@@ -13,7 +13,7 @@ import pytest
 from service.gallery.api import Actor, AuditQuery, CollectionNotFound, Galleries
 from service.gallery.open import make_gallery
 from service.jobs.migrate import JobFailed
-from service.jobs.runner import run_scan, take
+from service.jobs.runner import JobRunner, run_scan, take
 from service.jobs.scan import DUPLICATES, start_scan
 from service.jobs.store import JobRecord, new_job_id
 
@@ -99,3 +99,19 @@ def test_the_answer_is_stored_a_cancelled_scans_is_dropped_a_failure_says_why(ga
     failed = run_scan(galleries, gone, job)
     assert failed.state == "failed" and failed.report is None
     assert failed.error is not None and failed.error["code"] == "collection_not_found"
+
+
+def test_a_runner_leaves_a_job_of_a_kind_it_does_not_know(galleries: Galleries):
+    """In a rolling upgrade a replica may meet a job that a newer replica started (a scan it does not
+    have): it leaves it, queued or stale, for one that knows it, instead of running it as a migration
+    (which failed it: 'collection '' no longer exists')."""
+    job = start_scan(galleries, DUPLICATES, "default", "sface", {}, ALICE)
+    older = JobRunner(galleries, None, stale_s=0.01)  # knows migrations only
+    assert older.claim() is None
+    assert galleries.get_job(job.job_id).state == "queued"
+    newer = JobRunner(galleries, None, stale_s=0.01, scans={DUPLICATES: lambda j: {}})
+    taken = newer.claim()
+    assert taken is not None and (taken.job_id, taken.state, taken.owner) == (job.job_id, "running", newer.owner)
+    time.sleep(0.05)  # its heartbeat is stale now: still not the older runner's to resume
+    assert older.claim() is None
+    assert galleries.get_job(job.job_id).owner == newer.owner
