@@ -24,7 +24,7 @@ from .store import JobRecord, new_job_id
 
 DUPLICATES = "duplicates"
 OUTLIERS = "outliers"
-SCANS = (DUPLICATES, OUTLIERS)  # the kinds of scan job; every other job is a migration
+SCANS = (DUPLICATES, OUTLIERS)  # the kinds of scan job (a migration is kind MIGRATE, store.py)
 
 # runs a scan job's work (the job as stored: its collection, its progress["params"]); returns the report
 Scan = Callable[[JobRecord], dict[str, Any]]
