@@ -6,6 +6,7 @@ enrollments and deletes, the pgvector index really used, and a database outage a
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -240,3 +241,44 @@ def test_bulk_load_builds_the_index_after_and_a_crash_midway_heals_at_start(repl
         assert restarted.default.search(vectors[99:100], 1)[0][0].identity_id == "bulk99"
     finally:
         restarted.close()
+
+
+def test_a_replica_warns_when_the_hnsw_index_outgrows_shared_buffers(caplog):
+    server = PgTestServer()  # a server of its own: shared_buffers takes a restart
+    options = PostgresOptions(url=server.url, schema="gallery")
+    vectors = unit(np.random.default_rng(8), 3000)
+
+    def reopen() -> list:
+        caplog.clear()
+        backend = PostgresGalleries(options, "m@1", DIM)
+        with caplog.at_level(logging.INFO, logger="service.gallery.postgres"):
+            backend.open()
+        backend.close()
+        return [r for r in caplog.records if r.name.startswith("service.gallery.postgres")]
+
+    try:
+        backend = PostgresGalleries(options, "m@1", DIM)
+        backend.open()
+        backend.default.import_identities([(f"p{i}", vectors[i : i + 1], None) for i in range(len(vectors))])
+        backend.close()
+        with psycopg.connect(server.url, autocommit=True) as conn:
+            index_bytes = conn.execute("SELECT pg_relation_size(%s::regclass)",
+                                       (f"gallery.{hnsw_index_name(DIM)}",)).fetchone()[0]
+        assert index_bytes > 256 * 1024
+
+        # PostgreSQL's default 128MB holds it: no warning, the figures in the ready line
+        records = reopen()
+        ready = next(r for r in records if r.getMessage() == "postgres gallery ready")
+        assert (ready.hnsw_index_bytes, ready.shared_buffers_bytes) == (index_bytes, 128 * 1024 * 1024)
+        assert ready.huge_pages in ("on", "off")  # PostgreSQL 18 says which
+        assert not [r for r in records if r.levelno >= logging.WARNING]
+
+        with psycopg.connect(server.url, autocommit=True) as conn:
+            conn.execute("ALTER SYSTEM SET shared_buffers = '256kB'")
+        server.stop()
+        server.start()
+        warned = [r for r in reopen() if r.levelno == logging.WARNING]
+        assert [r.getMessage().startswith("the pgvector HNSW index is larger than shared_buffers") for r in warned] == [True]
+        assert (warned[0].hnsw_index_bytes, warned[0].shared_buffers_bytes) == (index_bytes, 256 * 1024)
+    finally:
+        server.close()

@@ -90,6 +90,7 @@ from ..results import (
 )
 from ..search import Hit, Match, check_served, search_identities
 from . import consistency
+from .memory import check_buffer_fit
 from .standbys import Standby, Standbys
 
 if TYPE_CHECKING:
@@ -559,9 +560,11 @@ class PostgresGalleries:
             applied.append(f"hnsw index of {dim}-d faces built")
         stats = self.stats()
         self.default.stats()  # its counts, for the first search's plan
+        with self._read_connection() as conn:
+            fit = check_buffer_fit(conn, self.options.schema, self.options.where)
         log.info("postgres gallery ready", extra={
             "where": self.options.where, "migrations_applied": applied, "identities": stats.identities,
-            "faces": stats.faces, "collections": stats.extra.get("collections"),
+            "faces": stats.faces, "collections": stats.extra.get("collections"), **fit.fields(),
             "seconds": round(time.perf_counter() - started, 3)})
 
     def close(self) -> None:
