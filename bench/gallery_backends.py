@@ -237,9 +237,11 @@ def build(args, data: Data) -> dict:
         server.stop()
         server = PgServer(pgdata)
         try:
-            gallery = PostgresGalleries(pg_options(server.url), MODEL_ID, data.flat.shape[1])
+            options = replace(pg_options(server.url), hnsw_m=args.m, hnsw_ef_construction=args.ef_construction)
+            gallery = PostgresGalleries(options, MODEL_ID, data.flat.shape[1])
             gallery.open()
             out["postgres"] = {**pg_copy_load(gallery, data), "server_settings": server.settings(),
+                               "hnsw_m": args.m, "ef_construction": args.ef_construction,
                                "load_average_after": os.getloadavg()}
             gallery.close()
         finally:
@@ -475,7 +477,7 @@ def main() -> None:
     parser.add_argument("--probes", type=int, default=1000)
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--ef", type=int, nargs="+", default=[128, 256, 384, 512, 768, 1000], help="explicit ef values, after auto")
-    parser.add_argument("--m", type=int, default=16, help="must match the build (the setting's default)")
+    parser.add_argument("--m", type=int, default=16, help="of both backends' indexes; the measure phase must be given the build's")
     parser.add_argument("--ef-construction", type=int, default=200)
     parser.add_argument("--import-batch", type=int, default=5000, help="gallery import --batch")
     parser.add_argument("--http-enrolls", type=int, default=2000, help="0: no server phase")

@@ -12,7 +12,7 @@ row, and recall@1 of the face and of its identity against exact search; once wit
 after ``prepare_threshold`` = 5 executions on a pooled connection); then ``EXPLAIN (ANALYZE, BUFFERS)``
 of 100 probes per ef (shared buffers per search, time per buffer, the index used).
 
-Variants are ``TREE:SHARED_BUFFERS:INDEX``:
+Variants are ``TREE:SHARED_BUFFERS:INDEX[:HUGE_PAGES]``:
 
 * TREE ``wheel``: the pgserver wheel's own PostgreSQL and vector.so; any other name: a copy of that
   install tree given by ``--tree NAME=DIR``, into which ``scripts/build-pgvector --prefix DIR`` installed
@@ -24,7 +24,12 @@ Variants are ``TREE:SHARED_BUFFERS:INDEX``:
 * INDEX ``vector``: the service's index (``vector(dim)``, vector_cosine_ops); ``halfvec``: an index on
   ``embedding::halfvec(dim)`` (halfvec_cosine_ops, same WHERE, m and ef_construction) built on the
   same table by ``--build-halfvec`` (timed, its size recorded), searched with the probe cast to halfvec
-  (the score stays the exact float32 cosine).
+  (the score stays the exact float32 cosine);
+* HUGE_PAGES: PostgreSQL's ``huge_pages``, ``try`` (its default; what a variant without the field gets)
+  ``on`` or ``off``. ``on`` maps shared memory, shared buffers included, on the kernel's explicit 2 MB
+  pages, which must be reserved first (as root: ``sysctl vm.nr_hugepages=N``, N at least
+  ``postgres -C shared_memory_size_in_huge_pages``; the server does not start otherwise). ``try`` without
+  reserved pages is ``off``; ``huge_pages_status`` and the kernel's counts are recorded per variant.
 
 ``--rebuild-index M,EFC`` first builds the service's index again with other m / ef_construction
 (timed). ``--service`` also times the whole service search (``PostgresGallery.search``: pool, one pipeline with
@@ -38,6 +43,9 @@ backend for S seconds of searches at ef auto (first variant), its top symbols.
         --variants wheel:2GB:vector native:2GB:vector portable:2GB:vector wheel:128MB:vector --service --perf 20
     nice -n 10 python -m bench.pg_tuning --faces 1000000 --workdir /work/bench-pg1m --build-halfvec \\
         --variants wheel:2GB:halfvec --tag _halfvec
+    sysctl vm.nr_hugepages=1200   # 2.3 GB of 2 MB pages: shared_buffers 2GB and the rest of shared memory
+    nice -n 10 python -m bench.pg_tuning --faces 1000000 --workdir /work/bench-pg1m \\
+        --variants wheel:2GB:vector:off wheel:2GB:vector:on wheel:2GB:vector:off wheel:2GB:vector:on --tag _huge_pages
 """
 
 from __future__ import annotations
@@ -84,15 +92,23 @@ class Variant:
     tree: str  # wheel, or a --tree name
     shared_buffers: str
     index: str  # vector | halfvec
+    huge_pages: str = "try"  # PostgreSQL's setting: try (its default) | on | off
 
     @classmethod
     def parse(cls, text: str) -> Variant:
-        tree, buffers, index = text.split(":")
+        tree, buffers, index, *huge = text.split(":")
         assert index in ("vector", "halfvec"), text
-        return cls(tree, buffers, index)
+        assert huge in ([], ["try"], ["on"], ["off"]), text
+        return cls(tree, buffers, index, *huge)
 
     def __str__(self) -> str:
-        return f"{self.tree}:{self.shared_buffers}:{self.index}"
+        return f"{self.tree}:{self.shared_buffers}:{self.index}" + ("" if self.huge_pages == "try" else f":{self.huge_pages}")
+
+
+def huge_pages_meminfo() -> dict:
+    """The kernel's explicit huge pages (``vm.nr_hugepages``): what PostgreSQL's ``huge_pages`` maps."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    return {key: fields[key].strip() for key in ("HugePages_Total", "HugePages_Free", "HugePages_Rsvd", "Hugepagesize")}
 
 
 def configure(pgdata: Path, settings: dict[str, str]) -> None:
@@ -252,10 +268,18 @@ def run_variant(args, data: Data, variant: Variant, pginstall: Path | None, firs
     from pgvector.psycopg import register_vector
 
     pgdata = args.workdir / f"pg_{args.faces}"
-    configure(pgdata, {"shared_buffers": variant.shared_buffers, "effective_cache_size": args.effective_cache_size})
-    server = PgServer(pgdata, pginstall=pginstall)
+    configure(pgdata, {"shared_buffers": variant.shared_buffers, "effective_cache_size": args.effective_cache_size,
+                       "huge_pages": variant.huge_pages})
+    try:
+        server = PgServer(pgdata, pginstall=pginstall)
+    except Exception:
+        if variant.huge_pages == "on":
+            log.error("huge_pages=on: the server did not start; reserve the pages first, as root: sysctl "
+                      "vm.nr_hugepages=N (N: `postgres -D PGDATA -C shared_memory_size_in_huge_pages`); %s",
+                      huge_pages_meminfo())
+        raise
     out: dict = {"variant": str(variant), "pginstall": str(pginstall) if pginstall else "wheel",
-                 "load_average_start": os.getloadavg()}
+                 "load_average_start": os.getloadavg(), "huge_pages_meminfo": huge_pages_meminfo()}
     try:
         dim = data.flat.shape[1]
         k = args.top_k * OVERSAMPLE
@@ -265,7 +289,9 @@ def run_variant(args, data: Data, variant: Variant, pginstall: Path | None, firs
             register_vector(conn)
             conn.execute("SET statement_timeout = 0")
             out["server_settings"] = {key: conn.execute(f"SHOW {key}").fetchone()[0]
-                                      for key in ("shared_buffers", "effective_cache_size", "server_version")}
+                                      for key in ("shared_buffers", "effective_cache_size", "server_version",
+                                                  "huge_pages", "huge_pages_status", "shared_memory_size_in_huge_pages")}
+            log.warning("%s: %s, %s", variant, out["server_settings"], out["huge_pages_meminfo"])
             index = halfvec_index_name(dim) if variant.index == "halfvec" else hnsw_index_name(dim)
             out["index"] = {"name": index, "bytes": conn.execute("SELECT pg_relation_size(%s::regclass)", (index,)).fetchone()[0],
                             "options": conn.execute("SELECT reloptions FROM pg_class WHERE oid = %s::regclass",
@@ -306,7 +332,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="the build's")
     parser.add_argument("--ef", nargs="+", default=[AUTO, "256", "192", "128", "96"], help="auto or numbers")
     parser.add_argument("--variants", nargs="+", type=Variant.parse, default=[Variant("wheel", "2GB", "vector")],
-                        help="TREE:SHARED_BUFFERS:INDEX, e.g. wheel:2GB:vector native:2GB:vector wheel:128MB:vector")
+                        help="TREE:SHARED_BUFFERS:INDEX[:HUGE_PAGES], e.g. wheel:2GB:vector native:2GB:vector wheel:2GB:vector:on")
     parser.add_argument("--tree", action="append", default=[], metavar="NAME=DIR",
                         help="an install tree with pgvector built here (scripts/build-pgvector --prefix DIR)")
     parser.add_argument("--effective-cache-size", default="4GB")
@@ -354,7 +380,8 @@ def main() -> None:
             pginstall = Path(trees[variant.tree]).resolve()
         payload["variants"].append(run_variant(args, data, variant, pginstall, first=i == 0))
     # leave the data dir as the build configured it
-    configure(args.workdir / f"pg_{args.faces}", {k: PgServer.SETTINGS[k] for k in ("shared_buffers", "effective_cache_size")})
+    configure(args.workdir / f"pg_{args.faces}", {**{k: PgServer.SETTINGS[k] for k in ("shared_buffers", "effective_cache_size")},
+                                                  "huge_pages": "try"})
     payload["load_average_end"] = os.getloadavg()
     path = save(f"pg_tuning_{len(data.flat)}{args.tag}", payload)
     log.warning("saved %s", path)
