@@ -33,7 +33,7 @@ Variants are ``TREE:SHARED_BUFFERS:INDEX[:HUGE_PAGES]``:
 
 ``--rebuild-index M,EFC`` first builds the service's index again with other m / ef_construction
 (timed). ``--service`` also times the whole service search (``PostgresGallery.search``: pool, one pipeline with
-the settings, counts and kNN) at ef auto for the first variant. ``--perf S``: ``perf record`` of the
+the settings, counts and kNN) for each variant, at each ef of ``--service-ef`` (default auto). ``--perf S``: ``perf record`` of the
 backend for S seconds of searches at ef auto (first variant), its top symbols.
 
     scripts/build-pgvector --prefix /work/pg-native/pginstall
@@ -215,11 +215,17 @@ def sweep(conn, sql: str, data: Data, efs: list, k: int, prepare: bool) -> list[
     return rows
 
 
-def service_search(url: str, data: Data, top_k: int) -> dict:
-    """The whole service search at ef auto (PostgresGalleries, its pool and pipeline), after a warm-up."""
+def service_search(url: str, data: Data, top_k: int, ef: int | str, index_options: list[str] | None) -> dict:
+    """The whole service search at ``ef`` (``FACE_HNSW_EF_SEARCH``: PostgresGalleries, its pool and
+    pipeline, with the index's m and ef_construction as its settings), after a warm-up."""
+    from dataclasses import replace
+
     from service.gallery.postgres.backend import PostgresGalleries
 
-    galleries = PostgresGalleries(pg_options(url), MODEL_ID, data.flat.shape[1])
+    built = dict(opt.split("=", 1) for opt in index_options or [])
+    options = replace(pg_options(url, ef), hnsw_m=int(built.get("m", 16)),
+                      hnsw_ef_construction=int(built.get("ef_construction", 200)))
+    galleries = PostgresGalleries(options, MODEL_ID, data.flat.shape[1])
     galleries.open()
     try:
         gallery = galleries.default
@@ -231,7 +237,7 @@ def service_search(url: str, data: Data, top_k: int) -> dict:
             best = gallery.search(probe[None, :], top_k)[0]
             latencies.append((time.perf_counter() - t) * 1000)
             identity_hits += best[0].identity_id == person_id(int(data.owner[data.exact_face[i]]))
-        return {"ef": AUTO, "ef_used": search_ef(AUTO, gallery.face_count, top_k * OVERSAMPLE),
+        return {"ef": ef, "ef_used": search_ef(ef, gallery.face_count, top_k * OVERSAMPLE),
                 "recall_at_1_identity": identity_hits / len(data.probes), **percentiles(latencies)}
     finally:
         galleries.close()
@@ -315,8 +321,9 @@ def run_variant(args, data: Data, variant: Variant, pginstall: Path | None, firs
                 conn.execute(f"SET hnsw.ef_search = {efs[0]}")
                 out["perf"] = {"ef": efs[0], **perf_profile(conn, sql, data, k, args.perf)}
                 log.warning("  perf: %s", out["perf"]["top_symbols"][:12])
-        if first and args.service:
-            out["service_search"] = service_search(server.url, data, args.top_k)
+        if args.service:
+            out["service_search"] = [service_search(server.url, data, args.top_k, ef, out["index"]["options"])
+                                     for ef in args.service_ef]
             log.warning("  service search: %s", out["service_search"])
     finally:
         server.stop()
@@ -342,13 +349,15 @@ def main() -> None:
     parser.add_argument("--rebuild-index", metavar="M,EF_CONSTRUCTION",
                         help="first drop the service's index and build it again with these (m variants)")
     parser.add_argument("--explain-probes", type=int, default=100)
-    parser.add_argument("--service", action="store_true", help="also the whole service search (first variant)")
+    parser.add_argument("--service", action="store_true", help="also the whole service search (each variant)")
+    parser.add_argument("--service-ef", nargs="+", default=[AUTO], help="the service search's ef: auto or numbers")
     parser.add_argument("--perf", type=float, default=0, help="seconds of perf record (first variant)")
     parser.add_argument("--tag", default="")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
     args.workdir = args.workdir.resolve()
     args.ef = [AUTO if ef == AUTO else int(ef) for ef in args.ef]
+    args.service_ef = [AUTO if ef == AUTO else int(ef) for ef in args.service_ef]
     trees = dict(t.split("=", 1) for t in args.tree)
     data = Data(args.faces, args.probes, args.seed)
     payload: dict = {"benchmark": "pg_tuning", "machine": machine(), "load_average_start": os.getloadavg(),
