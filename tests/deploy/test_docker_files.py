@@ -292,6 +292,13 @@ def test_compose_scale_override_puts_replicas_on_postgres_behind_nginx(compose_c
     assert face["depends_on"]["db"]["condition"] == "service_healthy" and face["healthcheck"]
     assert db["image"].startswith("pgvector/pgvector:") and "pgdata" in scale["volumes"]
     assert db["environment"]["POSTGRES_USER"] == "face" and db["healthcheck"]
+    # a parallel HNSW build's segment (the replicas' maintenance_work_mem) fits in the container's /dev/shm
+    from service.gallery.postgres.backend import PostgresOptions
+
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    shm = _re.fullmatch(r"(\d+)([kmg])b?", str(db["shm_size"]).lower())
+    work = _re.fullmatch(r"(\d+)([kmg])b", PostgresOptions(url="").maintenance_work_mem.lower())
+    assert int(shm[1]) * units[shm[2]] >= 1.5 * int(work[1]) * units[work[2]]
     published = interpolate(lb["ports"][0], {})
     conf = (REPO / "deploy" / "nginx-scale.conf").read_text()
     mount = lb["volumes"][0].split(":")

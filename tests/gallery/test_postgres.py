@@ -7,6 +7,7 @@ enrollments and deletes, the pgvector index really used, and a database outage a
 from __future__ import annotations
 
 import logging
+import resource
 import threading
 import time
 
@@ -280,5 +281,51 @@ def test_a_replica_warns_when_the_hnsw_index_outgrows_shared_buffers(caplog):
         warned = [r for r in reopen() if r.levelno == logging.WARNING]
         assert [r.getMessage().startswith("the pgvector HNSW index is larger than shared_buffers") for r in warned] == [True]
         assert (warned[0].hnsw_index_bytes, warned[0].shared_buffers_bytes) == (index_bytes, 256 * 1024)
+    finally:
+        server.close()
+
+
+def test_an_index_build_without_shared_memory_for_its_workers_builds_with_one_process(caplog):
+    """A parallel HNSW build puts its graph in maintenance_work_mem (512MB) of dynamic shared memory, a
+    file in /dev/shm, of which a container gets 64 MB unless told otherwise (docker's --shm-size; the
+    pgvector/pgvector image of docker-compose.scale.yml). The build failed there (DiskFull, answered as
+    503s), so the index of a bulk import was never built and every replica start failed on it."""
+    server = PgTestServer()  # a server of its own: its file size limit and settings
+    options = PostgresOptions(url=server.url, schema="gallery")
+    try:
+        backend = PostgresGalleries(options, "m@1", DIM)
+        backend.open()  # the schema made first (its small indexes would go parallel too with the setting below)
+        backend.close()
+        with psycopg.connect(server.url, autocommit=True) as conn:
+            conn.execute("ALTER SYSTEM SET min_parallel_table_scan_size = 0")  # a parallel build for a small table
+        # the segment cannot be allocated, as in a 64 MB /dev/shm: here the server runs under a 32 MB
+        # file size limit (EFBIG: out_of_memory, where a full tmpfs gives ENOSPC: disk_full); its
+        # backends and workers inherit it from the postmaster, whose start inherits it from this process
+        server.stop()
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (32 << 20, hard))
+        try:
+            server.start()
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        backend = PostgresGalleries(options, "m@1", DIM)
+        backend.open()
+        vectors = unit(np.random.default_rng(9), 3000)
+        with caplog.at_level(logging.WARNING, logger="service.gallery.postgres"):
+            with backend.default.index_built_after():
+                backend.default.import_identities([(f"bulk{i}", vectors[i : i + 1], None) for i in range(len(vectors))])
+        assert [r for r in caplog.records if r.getMessage().startswith("the parallel HNSW build could not get its shared memory")]
+        assert _plan_uses_index(backend.default, vectors[0])
+        assert backend.default.search(vectors[42:43], 1)[0][0].identity_id == "bulk42"
+        backend.close()
+        restarted = PostgresGalleries(options, "m@1", DIM)
+        restarted.open()  # a valid index: nothing left to build
+        try:
+            assert restarted.default.search(vectors[7:8], 1)[0][0].identity_id == "bulk7"
+            with restarted._transaction() as conn:  # noqa: SLF001
+                assert conn.execute("SELECT count(*) FROM pg_index x JOIN pg_class c ON c.oid = x.indexrelid "
+                                    "WHERE c.relname = %s AND x.indisvalid", (hnsw_index_name(DIM),)).fetchone()[0] == 1
+        finally:
+            restarted.close()
     finally:
         server.close()

@@ -630,16 +630,30 @@ class PostgresGalleries:
                     conn.execute(sql.SQL("DROP INDEX CONCURRENTLY {}").format(name))
                 # a partial expression index: the faces of this dimension, cast to a typed vector (what
                 # HNSW needs); a search uses it with the same cast and predicate (PostgresGallery.hnsw_sql)
-                conn.execute(sql.SQL(
+                create = sql.SQL(
                     "CREATE INDEX CONCURRENTLY {} ON faces USING hnsw ((embedding::vector({})) vector_cosine_ops) "
                     "WITH (m = {}, ef_construction = {}) WHERE vector_dims(embedding) = {}").format(
                         name, sql.Literal(int(dim)), sql.Literal(int(self.options.hnsw_m)),
-                        sql.Literal(int(self.options.hnsw_ef_construction)), sql.Literal(int(dim))))
+                        sql.Literal(int(self.options.hnsw_ef_construction)), sql.Literal(int(dim)))
+                try:
+                    conn.execute(create)
+                except (psycopg.errors.DiskFull, psycopg.errors.OutOfMemory) as exc:
+                    # a parallel build (a table past min_parallel_table_scan_size) puts its graph in
+                    # maintenance_work_mem of dynamic shared memory, i.e. a file in /dev/shm, which a
+                    # container gets 64 MB of unless told otherwise (docker's --shm-size): build it
+                    # with one process instead (slower, in the backend's own memory) than not at all
+                    log.warning("the parallel HNSW build could not get its shared memory; building with one process "
+                                "(give the database more /dev/shm: docker compose shm_size)",
+                                extra={"where": self.options.where, "dim": dim, "error": str(exc).strip()[:200]})
+                    conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(name))  # the invalid one left
+                    conn.execute("SET max_parallel_maintenance_workers = 0")
+                    conn.execute(create)
                 log.info("pgvector HNSW index built", extra={"seconds": round(time.perf_counter() - started, 1)})
                 return True
             finally:
                 conn.execute("RESET statement_timeout")
                 conn.execute("RESET maintenance_work_mem")
+                conn.execute("RESET max_parallel_maintenance_workers")
                 conn.execute("SELECT pg_advisory_unlock(%s)", (INDEX_LOCK_KEY,))
 
     @contextmanager
