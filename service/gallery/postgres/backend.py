@@ -564,7 +564,7 @@ class PostgresGalleries:
             fit = check_buffer_fit(conn, self.options.schema, self.options.where)
         log.info("postgres gallery ready", extra={
             "where": self.options.where, "migrations_applied": applied, "identities": stats.identities,
-            "faces": stats.faces, "collections": stats.extra.get("collections"), **fit.fields(),
+            "faces": stats.faces, "collections": stats.extra.get("collections"), **(fit.fields() if fit else {}),
             "seconds": round(time.perf_counter() - started, 3)})
 
     def close(self) -> None:

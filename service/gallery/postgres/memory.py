@@ -47,9 +47,15 @@ def buffer_fit(conn: psycopg.Connection, schema: str) -> BufferFit:
     return BufferFit(int(row[0]), int(row[1]), row[2])
 
 
-def check_buffer_fit(conn: psycopg.Connection, schema: str, where: str) -> BufferFit:
-    """The fit, logged as a warning when the index does not fit."""
-    fit = buffer_fit(conn, schema)
+def check_buffer_fit(conn: psycopg.Connection, schema: str, where: str) -> BufferFit | None:
+    """The fit, logged as a warning when the index does not fit; None when the server would not say
+    (a diagnostic: it never keeps a replica from starting)."""
+    try:
+        fit = buffer_fit(conn, schema)
+    except psycopg.Error as exc:
+        log.warning("could not check whether the HNSW index fits in shared_buffers",
+                    extra={"where": where, "error": f"{type(exc).__name__}: {str(exc).strip()[:200]}"})
+        return None
     if not fit.fits:
         log.warning("the pgvector HNSW index is larger than shared_buffers: searches read its pages from outside "
                     "PostgreSQL's buffers (2.3-2.6x as slow at 1M faces); set shared_buffers above the index size "
