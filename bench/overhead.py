@@ -164,6 +164,16 @@ def time_http(server: Server, body: bytes, n: int, warmup: int = 5, pause: float
     return Timed(times, (cpu_ns(pid) - cpu0) / n / 1e6, (thread_cpu_ns(pid, pid) - loop0) / n / 1e6)
 
 
+def anon_huge_pages_kb(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("AnonHugePages:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--baseline", help="git ref to compare with (its server runs beside this checkout's)")
@@ -178,6 +188,9 @@ def main() -> None:
                         help="off: the raw session and the servers (FACE_INTRA_OP_SPINNING=false; a baseline "
                         "without that setting ignores it) run onnxruntime's intra-op pool without spinning; "
                         "the raw session with spinning is then timed too, as `raw_spinning`")
+    parser.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="set in the environment of this checkout's server only (not the baseline's, not the raw "
+                             "session's), e.g. GLIBC_TUNABLES=glibc.malloc.hugetlb=1 against --baseline HEAD")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--requests", type=int, default=100, help="timed requests (and raw runs) per variant per round")
     parser.add_argument("--output", type=Path, help="JSON path (default: bench/results/overhead_<device>.json)")
@@ -218,10 +231,11 @@ def main() -> None:
                                "rounds": args.rounds, "requests_per_round": args.requests, "face": face_file.name,
                                "body_bytes": len(body), "server_env": env, "client": "http.client, keep-alive",
                                "think_ms": args.think_ms, "spinning": args.spinning,
+                               "current_server_env": dict(item.split("=", 1) for item in args.server_env),
                                "current": current_commit()}}
     with tempfile.TemporaryDirectory(prefix="face-overhead-") as tmp:
         work = Path(tmp)
-        servers = [Server("current", REPO, model, env, work)]
+        servers = [Server("current", REPO, model, {**env, **result["config"]["current_server_env"]}, work)]
         if args.baseline:
             source = work / "baseline"
             source.mkdir()
@@ -256,6 +270,8 @@ def main() -> None:
                       + " | overhead " + "  ".join(f"{k} {v:.2f}" for k, v in row["overhead_ms"].items())
                       + " | cpu/request " + "  ".join(f"{v} {cpu[v]:.2f}" for v in variants)
                       + " | loop cpu/request " + "  ".join(f"{k} {v:.2f}" for k, v in loop_cpu.items()), flush=True)
+            # transparent huge pages each server's memory got (GLIBC_TUNABLES=glibc.malloc.hugetlb=1 asks for them)
+            result["anon_huge_pages_kb"] = {s.name: anon_huge_pages_kb(s.proc.pid) for s in servers}
         finally:
             for server in servers:
                 server.stop()
