@@ -33,7 +33,7 @@ import logging
 import os
 import subprocess
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +41,7 @@ import numpy as np
 from bench.common import machine, percentiles, save
 from bench.gallery_backends import MODEL_ID, Data, PgServer, pg_options
 from bench.gallery_search import person_id
-from bench.pg_tuning import configure, explain, huge_pages_meminfo, knn_sql
+from bench.pg_tuning import configure, explain, huge_pages_meminfo, knn_sql, service_options
 from service.gallery.ef import AUTO, search_ef
 from service.gallery.postgres.backend import DEFAULT_COLLECTION_ID, hnsw_index_name
 from service.gallery.search import OVERSAMPLE
@@ -82,13 +82,11 @@ class Target:
         dim = data.flat.shape[1]
         built = self.conn.execute("SELECT reloptions FROM pg_class WHERE oid = %s::regclass",
                                   (hnsw_index_name(dim),)).fetchone()[0] or []
-        self.index_options = dict(opt.split("=", 1) for opt in built)
+        self.index_options = list(built)  # its reloptions, e.g. ["m=24", "ef_construction=200"]
         self.galleries = {}
         if "service" in modes:
             for ef in efs:
-                options = replace(pg_options(self.server.url, ef), hnsw_m=int(self.index_options.get("m", 16)),
-                                  hnsw_ef_construction=int(self.index_options.get("ef_construction", 200)))
-                galleries = PostgresGalleries(options, MODEL_ID, dim)
+                galleries = PostgresGalleries(service_options(self.server.url, ef, self.index_options), MODEL_ID, dim)
                 galleries.open()
                 self.galleries[ef] = galleries
         self.top_k = top_k
@@ -226,9 +224,11 @@ def main() -> None:
     finally:
         for t in targets:
             t.close()
-        # leave the build's data dir as the build configured it
-        configure(dirs[0], {**{key: PgServer.SETTINGS[key] for key in ("shared_buffers", "effective_cache_size")},
-                            "huge_pages": "try"})
+        # leave every data dir as the build configured it: a copy left at huge_pages=on would not start
+        # (not even to be configured again) once the reserved pages are given back
+        for pgdata in dirs:
+            configure(pgdata, {**{key: PgServer.SETTINGS[key] for key in ("shared_buffers", "effective_cache_size")},
+                               "huge_pages": "try"})
     payload["load_average_end"] = os.getloadavg()
     path = save(f"pg_settings_ab_{n}{args.tag}", payload)
     log.warning("saved %s", path)

@@ -215,17 +215,22 @@ def sweep(conn, sql: str, data: Data, efs: list, k: int, prepare: bool) -> list[
     return rows
 
 
-def service_search(url: str, data: Data, top_k: int, ef: int | str, index_options: list[str] | None) -> dict:
-    """The whole service search at ``ef`` (``FACE_HNSW_EF_SEARCH``: PostgresGalleries, its pool and
-    pipeline, with the index's m and ef_construction as its settings), after a warm-up."""
+def service_options(url: str, ef: int | str, index_options: list[str] | None):
+    """The bench's PostgresOptions at ``ef`` (``FACE_HNSW_EF_SEARCH``), with the index's own m and
+    ef_construction (its reloptions, e.g. ``["m=24", "ef_construction=200"]``) as the replica's settings."""
     from dataclasses import replace
 
+    built = dict(opt.split("=", 1) for opt in index_options or [])
+    return replace(pg_options(url, ef), hnsw_m=int(built.get("m", 16)),
+                   hnsw_ef_construction=int(built.get("ef_construction", 200)))
+
+
+def service_search(url: str, data: Data, top_k: int, ef: int | str, index_options: list[str] | None) -> dict:
+    """The whole service search at ``ef`` (PostgresGalleries, its pool and pipeline, configured for the
+    index: ``service_options``), after a warm-up."""
     from service.gallery.postgres.backend import PostgresGalleries
 
-    built = dict(opt.split("=", 1) for opt in index_options or [])
-    options = replace(pg_options(url, ef), hnsw_m=int(built.get("m", 16)),
-                      hnsw_ef_construction=int(built.get("ef_construction", 200)))
-    galleries = PostgresGalleries(options, MODEL_ID, data.flat.shape[1])
+    galleries = PostgresGalleries(service_options(url, ef, index_options), MODEL_ID, data.flat.shape[1])
     galleries.open()
     try:
         gallery = galleries.default
