@@ -36,7 +36,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from ..model.calibration import calibration_file, calibration_files
+from ..model.calibration import calibration_files, write_calibration_file
 from ..model.preprocess import row_norms
 from .detection.detector import DetectedFace
 from .detection.geometry import face_geometry
@@ -437,12 +437,8 @@ GALLERY_QUALITY_FILE = "quality.json"  # in the data dir: calibration/<model id>
 def save_gallery_quality(data_dir: Path, model_id: str, model: QualityModel) -> Path:
     """Store a refitted quality of model ``model_id`` for the service on ``data_dir`` (atomically; read at
     start-up): ``DATA/calibration/<model id>/quality.json`` (``service.model.calibration.calibration_file``)."""
-    path = calibration_file(data_dir, model_id, GALLERY_QUALITY_FILE)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"model_id": model_id, "quality": json.loads(model.to_json())}, indent=1) + "\n")
-    tmp.replace(path)
-    return path
+    return write_calibration_file(data_dir, model_id, GALLERY_QUALITY_FILE,
+                                  {"model_id": model_id, "quality": json.loads(model.to_json())})
 
 
 def gallery_quality(data_dir: Path, model_id: str) -> QualityModel | None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -23,13 +22,13 @@ from ..model.calibration import (
     HUB_RANKS,
     CalibrationError,
     ImpostorTail,
-    calibration_file,
     calibration_files,
     effective_comparisons,
     fpir_for_far,
     hub_probability,
     stranger_probability,
     threshold_for_gallery,
+    write_calibration_file,
 )
 from .search import Match
 
@@ -81,16 +80,8 @@ def save_gallery_tail(data_dir: Path, model_id: str, tail: ImpostorTail, details
     """Store a calibration of model ``model_id`` for the galleries in ``data_dir`` (atomically; the
     service picks it up): ``DATA/calibration/<model id>/impostor_tail.json``, read by that model's
     collections only (``service.model.calibration.calibration_file``)."""
-    path = calibration_file(data_dir, model_id, CALIBRATION_FILE)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"model_id": model_id, "created_at": time.time(), "tail": tail.to_dict(), **(details or {})}
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        handle.write(json.dumps(payload, indent=1) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
-    return path
+    return write_calibration_file(data_dir, model_id, CALIBRATION_FILE, payload)
 
 
 class GalleryTail:

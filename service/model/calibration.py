@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .files import replace_atomically
+
 # log-spaced FAR grid of the stored table: 4 points per decade from 0.56 to 1e-8. Points the
 # calibration set cannot resolve, fewer than MIN_TAIL_PAIRS pairs above them, are left out (a
 # quantile of 200 pairs is good to ~7%); below the table the last decade's slope is extended.
@@ -335,6 +337,17 @@ def calibration_file(data_dir: Path, model_id: str, name: str) -> Path:
     if slug != model_id or not slug or slug.startswith("."):
         slug = f"{slug.lstrip('.') or 'model'}-{hashlib.sha256(model_id.encode()).hexdigest()[:8]}"
     return Path(data_dir) / CALIBRATION_DIR / slug / name
+
+
+def write_calibration_file(data_dir: Path, model_id: str, name: str, payload: dict) -> Path:
+    """Store one model's calibration file ``name`` (``calibration_file``) as JSON, whole and durably: a
+    temporary file of the writer's own, fsynced and renamed (files.replace_atomically), so two calibrate
+    runs at once each land a whole file and a service reading it never finds half of one."""
+    path = calibration_file(data_dir, model_id, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(payload, indent=1) + "\n"
+    replace_atomically(path, lambda tmp: tmp.write_text(text), durable=True)
+    return path
 
 
 def calibration_files(data_dir: Path, model_id: str, name: str) -> tuple[Path, Path]:

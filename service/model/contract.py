@@ -11,14 +11,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import secrets
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .calibration import CalibrationError, ImpostorTail
+from .files import replace_atomically
 
 if TYPE_CHECKING:  # for the annotations only; the functions import onnx (and cv2, with quality) where they use it
     import onnx
@@ -267,18 +265,6 @@ def save_model(proto: onnx.ModelProto, dst: Path) -> None:
     import onnx
 
     replace_atomically(Path(dst), lambda tmp: onnx.save(proto, str(tmp)))
-
-
-def replace_atomically(dst: Path, write: Callable[[Path], object]) -> None:
-    """``write`` a temporary file of this process's own beside ``dst``, then rename it over ``dst``: a
-    reader sees the old file or the new one, whole, and processes writing one file at once (replicas
-    preparing a shared model cache together) each rename a whole file of their own."""
-    tmp = dst.with_name(f"{dst.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    try:
-        write(tmp)
-        tmp.replace(dst)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def cached_variant(dst: Path, source_digest: str) -> FaceContract | None:

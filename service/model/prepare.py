@@ -32,11 +32,11 @@ from .contract import (
     FaceContract,
     file_digest,
     read_contract,
-    replace_atomically,
     save_model,
     write_contract,
     write_sidecar,
 )
+from .files import replace_atomically
 
 log = logging.getLogger(__name__)
 

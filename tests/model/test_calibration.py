@@ -13,6 +13,7 @@ from service.model.calibration import (
     FACES_ALPHA,
     CalibrationError,
     ImpostorTail,
+    calibration_file,
     effective_comparisons,
     far_for_fpir,
     fpir_for_far,
@@ -272,6 +273,55 @@ def test_each_model_keeps_its_own_gallery_calibration(tmp_path):
     assert gallery_quality(tmp_path, "sface@2021dec-int8bq") == quality
     assert gallery_quality(tmp_path, "tiny@1") == quality
     assert gallery_quality(tmp_path, "other@1") is None
+
+
+def test_calibrations_saved_at_once_each_land_whole(tmp_path):
+    """Two calibrate runs at once (an operator's and a scheduled one) each write the model's files whole:
+    neither fails, and a reader (the service re-reads the tail when its file changes) never finds a
+    missing, empty or half-written file. Each writer writes a temporary file of its own and renames it."""
+    import threading
+
+    from service.faces.quality import gallery_quality, save_gallery_quality
+    from service.gallery.openset import GalleryTail, save_gallery_tail
+
+    model_id = "sface@2021dec-int8bq"
+    tail = packaged_impostor_tail()
+    quality = SFACE_CONTRACT.quality
+    save_gallery_tail(tmp_path, model_id, tail)
+    save_gallery_quality(tmp_path, model_id, quality)
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def write(seed: int) -> None:
+        try:
+            for i in range(40):
+                save_gallery_tail(tmp_path, model_id, tail, {"writer": seed, "run": i, "pad": "x" * 20_000})
+                save_gallery_quality(tmp_path, model_id, quality)
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    def read() -> None:
+        reader = GalleryTail(tmp_path, model_id)
+        try:
+            while not done.is_set():
+                assert reader.current() is not None  # unreadable would read as None (and be logged)
+                assert gallery_quality(tmp_path, model_id) == quality
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    writers = [threading.Thread(target=write, args=(seed,)) for seed in range(3)]
+    checker = threading.Thread(target=read)
+    checker.start()
+    for t in writers:
+        t.start()
+    for t in writers:
+        t.join()
+    done.set()
+    checker.join()
+    assert errors == []
+    assert json.loads(calibration_file(tmp_path, model_id, "impostor_tail.json").read_text())["run"] == 39
+    assert sorted(p.name for p in calibration_file(tmp_path, model_id, "x").parent.iterdir()) == [
+        "impostor_tail.json", "quality.json"]  # no temporary file left behind
 
 
 def test_a_calibration_stored_before_several_models_still_counts_for_its_model(tmp_path):

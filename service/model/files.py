@@ -1,0 +1,38 @@
+"""Files a process replaces whole: a reader sees the old file or the new one, never half of either.
+
+A leaf module (it imports nothing of the service), so model files (contract.py, prepare.py) and the
+data dir's calibration files (calibration.py) are written one way.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+
+
+def replace_atomically(dst: Path, write: Callable[[Path], object], durable: bool = False) -> None:
+    """``write`` a temporary file of this process's own beside ``dst``, then rename it over ``dst``: a
+    reader sees the old file or the new one, whole, and processes (or threads) writing one file at once
+    (replicas preparing a shared model cache together, two calibrate runs) each rename a whole file of
+    their own; the last rename wins. ``durable``: the file's data is fsynced before the rename and the
+    directory after it, so a power loss leaves the old file or the new one too."""
+    tmp = dst.with_name(f"{dst.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        write(tmp)
+        if durable:
+            _fsync(tmp, os.O_RDONLY)
+        tmp.replace(dst)
+        if durable:
+            _fsync(dst.parent, os.O_RDONLY)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _fsync(path: Path, flags: int) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
