@@ -444,14 +444,20 @@ def save_gallery_quality(data_dir: Path, model_id: str, model: QualityModel) -> 
 def gallery_quality(data_dir: Path, model_id: str) -> QualityModel | None:
     """The data dir's refitted quality for ``model_id`` (its own file, else a ``DATA/quality.json`` fitted
     before several models were served); None when there is none (or it is another model's, which is
-    logged)."""
+    logged), or when its file cannot be read (logged: the model's own quality applies, as a damaged
+    gallery tail leaves the model's tail)."""
     path = next((p for p in calibration_files(data_dir, model_id, GALLERY_QUALITY_FILE) if p.exists()), None)
     if path is None:
         return None
-    stored = json.loads(path.read_text())
-    if stored.get("model_id") != model_id:
-        log.warning("ignoring a quality fitted for another model", extra={"path": str(path),
-                                                                          "fitted_for": stored.get("model_id"),
-                                                                          "served": model_id})
+    try:
+        stored = json.loads(path.read_text())
+        if stored.get("model_id") != model_id:
+            log.warning("ignoring a quality fitted for another model", extra={"path": str(path),
+                                                                              "fitted_for": stored.get("model_id"),
+                                                                              "served": model_id})
+            return None
+        return QualityModel.from_json(json.dumps(stored["quality"]))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        log.warning("refitted quality unreadable; ignored, the model's quality applies",
+                    extra={"path": str(path), "model_id": model_id}, exc_info=True)
         return None
-    return QualityModel.from_json(json.dumps(stored["quality"]))

@@ -64,3 +64,23 @@ def test_quality_is_refitted_on_the_folder_and_preferred_to_the_models(tmp_path,
     assert state.contract.quality is not None and state.contract.quality.limits["blockiness"][1] is not None
     assert refit.limits["blockiness"] == state.contract.quality.limits["blockiness"]
     assert state.quality_source == "gallery" and state.quality_model == refit
+
+
+@pytest.mark.parametrize("damage", ["{broken", "", '{"model_id": "sface@2021dec-int8bq"}'])
+def test_a_damaged_quality_file_is_ignored_loudly_and_the_models_quality_applies(settings, damage, caplog):
+    """A refitted quality.json cut short (a full disk, a hand edit) must not keep the service from
+    starting: it is ignored with a warning naming the file, as a damaged gallery tail is, and the
+    model's own quality applies (``quality_source`` model)."""
+    from service.faces.quality import GALLERY_QUALITY_FILE, gallery_quality
+    from service.model.calibration import calibration_file
+
+    model_id = "sface@2021dec-int8bq"
+    path = calibration_file(settings.data_dir, model_id, GALLERY_QUALITY_FILE)
+    path.parent.mkdir(parents=True)
+    path.write_text(damage)
+    with caplog.at_level("WARNING"):
+        assert gallery_quality(settings.data_dir, model_id) is None
+        state = _service_state(settings)
+    assert state.quality_source == "model" and state.quality_model == state.contract.quality
+    warned = [r for r in caplog.records if "quality" in r.getMessage() and getattr(r, "path", None) == str(path)]
+    assert warned and warned[0].levelname == "WARNING"
