@@ -150,6 +150,7 @@ def test_a_read_key_sees_faces_but_no_button_that_changes_them(console, api):
 
 
 def test_gallery_views_fit_a_phone(console, api):
+    enroll(api, "hy-phone", unit(np.random.default_rng(6), 2))
     console.driver.set_window_size(*PHONE)
     try:
         console.go("gallery")
@@ -160,7 +161,7 @@ def test_gallery_views_fit_a_phone(console, api):
                          and "Looking" not in console.text("gallery-status"), f"{view} never answered")
             overflow = console.js("return document.documentElement.scrollWidth - window.innerWidth")
             assert overflow <= 0, (view, overflow)
-        open_faces(console, "hy-read")
+        open_faces(console, "hy-phone")
         assert console.js("return document.documentElement.scrollWidth - window.innerWidth") <= 0
     finally:
         console.driver.set_window_size(*DESKTOP)
