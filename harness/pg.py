@@ -32,6 +32,7 @@ class _Cluster:
     pgdata: Path
     socket_dir: str
     system_user: str | None
+    settings: dict[str, str] = {}  # -c NAME=VALUE at each start (a standby's own: PgTestServer.standby)
 
     def _pg_ctl(self, args: list[str]) -> None:
         _command("pg_ctl")(args, pgdata=self.pgdata, user=self.system_user, timeout=60)
@@ -41,7 +42,8 @@ class _Cluster:
         self._pg_ctl(["-w", "-m", "fast", "stop"])
 
     def start(self) -> None:
-        self._pg_ctl(["-w", "-o", '-h ""', "-o", f"-k {self.socket_dir}", "-l", str(self.pgdata / "log"), "start"])
+        own = [arg for name, value in self.settings.items() for arg in ("-o", f"-c {name}={value}")]
+        self._pg_ctl(["-w", "-o", '-h ""', "-o", f"-k {self.socket_dir}", *own, "-l", str(self.pgdata / "log"), "start"])
 
 
 class PgTestServer(_Cluster):
@@ -65,9 +67,10 @@ class PgTestServer(_Cluster):
         self.socket_dir = parse_qs(urlparse(self.url).query)["host"][0]
         self.standbys: list[PgStandby] = []
 
-    def standby(self) -> PgStandby:
-        """A new running hot standby of this server, streaming from it (its own data dir and socket)."""
-        standby = PgStandby(self, f"standby{len(self.standbys)}")
+    def standby(self, settings: dict[str, str] | None = None) -> PgStandby:
+        """A new running hot standby of this server, streaming from it (its own data dir and socket);
+        ``settings``: server settings of its own (``-c NAME=VALUE`` at each start, over what it copied)."""
+        standby = PgStandby(self, f"standby{len(self.standbys)}", settings)
         self.standbys.append(standby)
         return standby
 
@@ -95,8 +98,9 @@ class PgStandby(_Cluster):
     primary's socket into a data dir of its own, started on its own socket (the data dir, as pgserver
     does for the primary). ``url`` reaches it; ``pause_replay``/``resume_replay`` make it lag."""
 
-    def __init__(self, primary: PgTestServer, name: str) -> None:
+    def __init__(self, primary: PgTestServer, name: str, settings: dict[str, str] | None = None) -> None:
         self.system_user = primary.system_user
+        self.settings = dict(settings or {})
         self.pgdata = primary.pgdata.parent / name
         self.pgdata.mkdir(mode=0o700)
         if self.system_user is not None:

@@ -264,6 +264,9 @@ class ReadTarget:
     reads: int  # reads served
     behind: int = 0  # reads with a token it had not replayed in time (served by the primary instead)
     failures: int = 0  # reads or checks that could not reach it
+    # a standby's shared_buffers_bytes (and huge_pages 1/0) as its last connection read them (memory.py);
+    # the primary's are in the gallery's stats()
+    memory: dict[str, int] = field(default_factory=dict)
 
 
 @runtime_checkable

@@ -103,4 +103,5 @@ async def metrics(state: StateDep) -> Response:
     state.metrics.gallery_faces.set(stats.faces)
     state.metrics.search_fallbacks.update(stats.extra)
     state.metrics.snapshot_writers.update(stats.extra)
+    state.metrics.database_memory.update(stats.extra)
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

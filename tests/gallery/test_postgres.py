@@ -10,6 +10,7 @@ import logging
 import resource
 import threading
 import time
+from dataclasses import replace
 
 import numpy as np
 import psycopg
@@ -274,6 +275,16 @@ def test_a_replica_warns_when_the_hnsw_index_outgrows_shared_buffers(caplog):
         assert ready.huge_pages in ("on", "off")  # PostgreSQL 18 says which
         assert not [r for r in records if r.levelno >= logging.WARNING]
 
+        # and in the stats (/readyz, /metrics) at every call
+        backend = PostgresGalleries(options, "m@1", DIM)
+        backend.open()
+        try:
+            extra = backend.stats().extra
+        finally:
+            backend.close()
+        assert (extra["hnsw_index_bytes"], extra["shared_buffers_bytes"]) == (index_bytes, 128 * 1024 * 1024)
+        assert extra.get("huge_pages") in (0, 1)
+
         with psycopg.connect(server.url, autocommit=True) as conn:
             conn.execute("ALTER SYSTEM SET shared_buffers = '256kB'")
         server.stop()
@@ -281,6 +292,25 @@ def test_a_replica_warns_when_the_hnsw_index_outgrows_shared_buffers(caplog):
         warned = [r for r in reopen() if r.levelno == logging.WARNING]
         assert [r.getMessage().startswith("the pgvector HNSW index is larger than shared_buffers") for r in warned] == [True]
         assert (warned[0].hnsw_index_bytes, warned[0].shared_buffers_bytes) == (index_bytes, 256 * 1024)
+
+        # a standby has shared_buffers of its own: checked (and warned about) when its checker connects,
+        # and shown as its read target's
+        standby = server.standby({"shared_buffers": "512kB"})
+        with_standby = replace(options, read_urls=(standby.url,))
+        caplog.clear()
+        backend = PostgresGalleries(with_standby, "m@1", DIM)
+        with caplog.at_level(logging.INFO, logger="service.gallery.postgres"):
+            backend.open()
+        try:
+            target = next(t for t in backend.read_targets() if t.role == "standby")
+            assert target.memory["shared_buffers_bytes"] == 512 * 1024
+            assert backend.stats().extra["shared_buffers_bytes"] == 256 * 1024  # the primary's
+        finally:
+            backend.close()
+        warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert sorted((r.where.startswith("standby "), r.shared_buffers_bytes) for r in warned) == [
+            (False, 256 * 1024), (True, 512 * 1024)]
+        assert all(r.hnsw_index_bytes == index_bytes for r in warned)
     finally:
         server.close()
 

@@ -31,10 +31,15 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def service(cluster, tmp_path_factory, default_model):
+def schema() -> str:
+    return PgTestServer.fresh_schema()
+
+
+@pytest.fixture(scope="module")
+def service(cluster, schema, tmp_path_factory, default_model):
     primary, standby = cluster
     server = ServerProcess(tmp_path_factory.mktemp("standbys") / "data", model=default_model, env={
-        "FACE_DATABASE_URL": primary.url, "FACE_DATABASE_SCHEMA": primary.fresh_schema(),
+        "FACE_DATABASE_URL": primary.url, "FACE_DATABASE_SCHEMA": schema,
         "FACE_DATABASE_READ_URLS": standby.url, "FACE_DATABASE_TIMEOUT_S": "2", "FACE_DATABASE_LAG_CHECK_MS": "100",
         "FACE_DATABASE_MAX_LAG_MS": "3000", "FACE_DATABASE_READ_WAIT_MS": "200"})
     server.wait_ready()
@@ -235,3 +240,31 @@ def test_a_lagging_standby_is_left_out_until_it_catches_up(service, cluster):
         finally:
             standby.resume_replay()
         wait_rotation(c, cluster, True)
+
+
+def test_metrics_show_each_databases_shared_buffers_beside_the_hnsw_index(service, cluster, schema):
+    """/metrics says whether the HNSW index fits in each database's shared_buffers (a search whose index
+    does not fit is 2.3-2.6x as slow): the indexes' size as the primary has them, the primary's
+    shared_buffers (read at each scrape) and the standby's (read when its checker connects)."""
+    import psycopg
+
+    primary, standby = cluster
+    with httpx.Client(base_url=service.url, timeout=30) as c:
+        assert enroll(c, "buffers", face_files(ENROLLED[0])[0]).status_code == 200
+        sizes = {}
+        for name, server in (("primary", primary), ("standby", standby)):
+            with psycopg.connect(server.url, autocommit=True) as conn:
+                sizes[name] = conn.execute(
+                    "SELECT pg_size_bytes(current_setting('shared_buffers')), coalesce(sum(pg_relation_size(c.oid)), 0) "
+                    "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                    "WHERE n.nspname = %s AND c.relkind = 'i' AND c.relname LIKE 'faces\\_embedding\\_hnsw\\_%%'",
+                    (schema,)).fetchone()
+        buffers, index_bytes = sizes["primary"]
+        assert index_bytes > 0
+        assert metric(c, "face_database_hnsw_index_bytes") == index_bytes
+        assert metric(c, 'face_database_shared_buffers_bytes{role="primary",target="primary"}') == buffers
+        standby_target = f'role="standby",target="{standby.socket_dir}:5432/postgres"'
+        assert metric(c, f"face_database_shared_buffers_bytes{{{standby_target}}}") == sizes["standby"][0]
+        assert metric(c, 'face_database_huge_pages{role="primary",target="primary"}') in (0.0, 1.0)
+        ready = c.get("/readyz").json()["gallery"]
+        assert (ready["hnsw_index_bytes"], ready["shared_buffers_bytes"]) == (index_bytes, buffers)

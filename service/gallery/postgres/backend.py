@@ -90,7 +90,7 @@ from ..results import (
 )
 from ..search import Hit, Match, check_served, search_identities
 from . import consistency
-from .memory import check_buffer_fit
+from .memory import buffer_fit, check_buffer_fit
 from .standbys import Standby, Standbys
 
 if TYPE_CHECKING:
@@ -524,7 +524,8 @@ class PostgresGalleries:
         self._reads = Pool("reads", options.url, options, options.read_pool_size, options.where)
         self._standbys = None if not options.read_urls else Standbys(
             [Standby(_endpoint(url), url, Pool(f"standby{i}", url, options, options.read_pool_size,
-                                                            _where(url, options.schema)), options.connect_kwargs())
+                                                            _where(url, options.schema)), options.connect_kwargs(),
+                     options.schema)
              for i, url in enumerate(options.read_urls)],
             options.url, options.connect_kwargs(), max_lag_s=options.max_lag_ms / 1000,
             wait_s=options.read_wait_ms / 1000, check_interval_s=options.lag_check_ms / 1000)
@@ -901,13 +902,18 @@ class PostgresGalleries:
 
     # --- the whole -----------------------------------------------------------------------------
     def stats(self) -> GalleryStats:
-        """Counts over every collection, as the primary has them."""
+        """Counts over every collection, as the primary has them, and the primary's shared_buffers against
+        the HNSW indexes (memory.py: left out when the server would not say)."""
         with self._read_connection() as conn:
             identities, faces, collections = (int(v) for v in _one(conn.execute(
                 "SELECT COALESCE(sum(identities), 0), COALESCE(sum(faces), 0), count(DISTINCT collection_id) "
                 "FROM counters")))
+            try:
+                memory = buffer_fit(conn, self.options.schema).counters()
+            except psycopg.Error:
+                memory = {}  # a diagnostic: the counts still answer (open() logged why)
         return GalleryStats(backend=self.backend, identities=identities, faces=faces, index_live=faces,
-                            extra={"collections": collections})
+                            extra={"collections": collections, **memory})
 
     def read_targets(self) -> list[ReadTarget]:
         return [] if self._standbys is None else self._standbys.targets()

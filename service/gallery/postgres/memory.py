@@ -1,4 +1,6 @@
-"""Does the HNSW index fit in PostgreSQL's shared buffers? Checked each time a replica opens the gallery.
+"""Does the HNSW index fit in PostgreSQL's shared buffers? Checked (and logged) each time a replica opens
+the gallery and each time it connects to a standby (a standby has its own shared_buffers), and shown at
+every scrape of /metrics (``face_database_hnsw_index_bytes``, ``face_database_shared_buffers_bytes``).
 
 A pgvector search is random reads of index pages: ~33 per unit of ef (12,600 at 1M faces and ef 384).
 Measured at 1M faces (bench/README.md, "pgvector at 1M: tuning"): with the index larger than
@@ -40,6 +42,14 @@ class BufferFit:
         return {"hnsw_index_bytes": self.index_bytes, "shared_buffers_bytes": self.shared_buffers_bytes,
                 "huge_pages": self.huge_pages}
 
+    def counters(self) -> dict[str, int]:
+        """As numbers (the gallery's ``stats().extra``: /readyz and /metrics); ``huge_pages`` 1 or 0, left
+        out when the server does not say."""
+        numbers = {"hnsw_index_bytes": self.index_bytes, "shared_buffers_bytes": self.shared_buffers_bytes}
+        if self.huge_pages in ("on", "off"):
+            numbers["huge_pages"] = int(self.huge_pages == "on")
+        return numbers
+
 
 def buffer_fit(conn: psycopg.Connection, schema: str) -> BufferFit:
     row = conn.execute(_SQL, (schema,)).fetchone()
@@ -49,7 +59,7 @@ def buffer_fit(conn: psycopg.Connection, schema: str) -> BufferFit:
 
 def check_buffer_fit(conn: psycopg.Connection, schema: str, where: str) -> BufferFit | None:
     """The fit, logged as a warning when the index does not fit; None when the server would not say
-    (a diagnostic: it never keeps a replica from starting)."""
+    (a diagnostic: it never keeps a replica from starting, nor a standby from taking reads)."""
     try:
         fit = buffer_fit(conn, schema)
     except psycopg.Error as exc:

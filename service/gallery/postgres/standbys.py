@@ -30,6 +30,7 @@ import psycopg
 
 from ..api import GalleryBusy, GalleryUnavailable, ReadTarget
 from . import consistency
+from .memory import BufferFit, check_buffer_fit
 
 if TYPE_CHECKING:
     from .backend import Pool
@@ -45,12 +46,16 @@ REPLAY_LSN_SQL = "SELECT COALESCE(pg_last_wal_replay_lsn(), pg_current_wal_lsn()
 
 
 class Standby:
-    def __init__(self, name: str, url: str, pool: Pool, connect_kwargs: dict) -> None:
+    def __init__(self, name: str, url: str, pool: Pool, connect_kwargs: dict, schema: str) -> None:
         self.name = name
         self.url = url
         self.pool = pool
         self._connect_kwargs = connect_kwargs
+        self._schema = schema
         self._check_conn: psycopg.Connection | None = None
+        # its own shared_buffers against the index, read (and logged when the index does not fit) each time
+        # the checker connects: a setting that changes only with a restart, which drops the connection
+        self.buffers: BufferFit | None = None
         self.up = False  # the last check or read reached it
         self.lag_s: float | None = None
         self.reads = 0
@@ -71,6 +76,7 @@ class Standby:
         """Its replayed WAL position, over the checker's own connection (reconnected when lost)."""
         if self._check_conn is None or self._check_conn.closed:
             self._check_conn = psycopg.connect(self.url, **self._connect_kwargs)
+            self.buffers = check_buffer_fit(self._check_conn, self._schema, f"standby {self.name}")
         row = self._check_conn.execute(REPLAY_LSN_SQL).fetchone()
         return consistency.parse_lsn(row[0]) if row and row[0] else 0
 
@@ -209,5 +215,6 @@ class Standbys:
 
     def targets(self) -> list[ReadTarget]:
         return [ReadTarget("primary", "primary", True, 0.0, self.primary_reads)] + [
-            ReadTarget(s.name, "standby", s.in_rotation(self.max_lag_s), s.lag_s, s.reads, s.behind, s.failures)
+            ReadTarget(s.name, "standby", s.in_rotation(self.max_lag_s), s.lag_s, s.reads, s.behind, s.failures,
+                       s.buffers.counters() if s.buffers else {})
             for s in self.standbys]
