@@ -11,10 +11,12 @@ dir (use a copy: the collection and the index are left there for the next run un
    so each face also enters the big HNSW index), timed;
 2. ``PostgresGallery.search`` on it (the service's plan: exact), p50/p99 and identity recall@1 against
    numpy's exact answer;
-3. a partial HNSW index of its faces is built (timed, its size), and the service's kNN statement with the
-   collection id as a literal (the planner uses a partial index only when the query's WHERE implies its
-   predicate) and without the dimension test is timed at each ``--ef``, with its plan (the index it used)
-   and recall.
+3. a partial HNSW index of its faces is built (timed, its size), named as the service names it
+   (``collection_index_name``), and the service's kNN statement for it (``OWN_HNSW_SQL``: the collection id
+   as a literal, as the planner uses a partial index only when the query's WHERE implies its predicate,
+   and without the dimension test) is timed at each ``--ef``, with its plan (the index it used) and recall;
+4. ``PostgresGallery.search`` again, which now finds the index and searches through it (the service's
+   ``auto`` ef for the collection's size).
 
     cp -a /work/bench-pg1m/pg_1000000 /work/bench-pg1m/pg_1000000_ab1   # or pg_settings_ab's copy
     python -m bench.pg_collection_index --pgdata /work/bench-pg1m/pg_1000000_ab1 --collection-faces 30000
@@ -26,6 +28,7 @@ import argparse
 import logging
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -89,7 +92,7 @@ def main() -> None:
     import psycopg
     from pgvector.psycopg import register_vector
 
-    from service.gallery.postgres.backend import HNSW_SQL, PostgresGalleries
+    from service.gallery.postgres.backend import OWN_HNSW_SQL, PostgresGalleries, collection_index_name
     from service.gallery.search import OVERSAMPLE
 
     dim = 128
@@ -107,12 +110,16 @@ def main() -> None:
                 "SELECT c.reloptions FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
                 "WHERE n.nspname = 'face_gallery' AND c.relname = 'faces_embedding_hnsw_128'").fetchone()[0]
         options = service_options(server.url, "auto", table_options)
-        galleries = PostgresGalleries(options, MODEL_ID, dim)
+        # the search as it was before collections had indexes of their own (none is built, and a
+        # previous run's is dropped first): exact
+        galleries = PostgresGalleries(replace(options, collection_index_min_faces=0), MODEL_ID, dim)
         galleries.open()
         try:
             if NAME not in {c.name for c in galleries.list_collections()}:
                 galleries.create_collection(NAME)
             gallery = galleries.collection(NAME)
+            with psycopg.connect(server.url, autocommit=True, options="-c search_path=face_gallery") as conn:
+                conn.execute(f"DROP INDEX IF EXISTS {collection_index_name(gallery.collection_id)}")
             gallery.stats()
             if gallery.face_count == 0:
                 started = time.perf_counter()
@@ -136,7 +143,7 @@ def main() -> None:
         finally:
             galleries.close()
 
-        index = f"faces_hnsw_c{cid}"
+        index = collection_index_name(cid)
         with psycopg.connect(server.url, **options.connect_kwargs()) as conn:
             register_vector(conn)
             if conn.execute("SELECT to_regclass(%s)", (index,)).fetchone()[0] is None:
@@ -147,13 +154,10 @@ def main() -> None:
                 out["own_index_build_s"] = round(time.perf_counter() - started, 1)
             out["own_index_bytes"] = conn.execute("SELECT pg_relation_size(%s::regclass)", (index,)).fetchone()[0]
             conn.execute("ANALYZE faces")  # the planner's statistics of the new rows, as autovacuum keeps them
-            # the service's statement with the collection id as a literal and without its test of the
-            # dimension (a collection's faces all have its pinned one): with both, the planner multiplies
-            # their selectivities, expects ~150 rows and walks the shared index instead (which finds
-            # none of the collection's faces at a small ef: the filtered-search trap)
-            sql = HNSW_SQL.format(dim=dim).replace("collection_id = %(c)s", f"collection_id = {int(cid)}")
-            sql = sql.replace(f" AND vector_dims(embedding) = {dim}", "")
-            assert str(cid) in sql and "vector_dims" not in sql, sql
+            # the service's statement for a collection's own index: the collection id a literal, no test of
+            # the dimension (with it the planner multiplied the selectivities, expected ~150 rows and walked
+            # the shared index, which found none of the collection's faces at a small ef)
+            sql = OWN_HNSW_SQL.format(dim=dim, c=int(cid))
             k = args.top_k * OVERSAMPLE
             plan_text = "\n".join(r[0] for r in conn.execute("EXPLAIN " + sql, {"p": queries[0], "k": k}).fetchall())
             out["own_index_plan"] = plan_text
@@ -167,7 +171,23 @@ def main() -> None:
                              "recall_at_1_identity": float(np.mean([a == f"m{e}" for a, e in zip(answers, exact)]))})
                 log.warning("own index, ef %d: %s", ef, rows[-1])
             out["own_index_knn"] = rows
-            if args.drop:
+        # the service's own path to it (FACE_DATABASE_COLLECTION_INDEX_MIN_FACES: the index is the one the
+        # service builds, by its name): PostgresGallery.search once its counts say the index is there
+        galleries = PostgresGalleries(options, MODEL_ID, dim)
+        galleries.open()
+        try:
+            gallery = galleries.collection(NAME)
+            gallery.stats()
+            plan = gallery._plan(args.top_k * OVERSAMPLE)  # noqa: SLF001
+            answers, lat = timed(lambda p: gallery.search(p[None], args.top_k)[0][0].identity_id, queries)
+            out["service_search_own_index"] = {
+                "plan": {"exact": plan.exact, "own_index": plan.own_index, "ef_search": plan.ef_search}, **lat,
+                "recall_at_1_identity": float(np.mean([a == f"m{e}" for a, e in zip(answers, exact)]))}
+            log.warning("service search through its own index: %s", out["service_search_own_index"])
+        finally:
+            galleries.close()
+        if args.drop:
+            with psycopg.connect(server.url, **options.connect_kwargs()) as conn:
                 conn.execute(f"DROP INDEX {index}")
         if args.drop:
             galleries = PostgresGalleries(options, MODEL_ID, dim)

@@ -382,6 +382,13 @@ class Settings(BaseSettings):
         "searched exactly (its own rows, no HNSW): a filtered HNSW scan of a small collection in a big table "
         "loses recall. Larger ones use an iterative HNSW scan sized to their share of the table.",
     )
+    database_collection_index_min_faces: int = Field(
+        20_000, ge=0, le=1_000_000_000,
+        description="A collection that shares the faces table with others gets an HNSW index of its own (a "
+        "partial index of its faces, built concurrently in the background) once it holds this many faces, and "
+        "is searched through it: an exact search grows with the collection (~10 ms at 30k faces), its own index "
+        "answers in 1-2 ms. Each of its faces then sits in two graphs (writes cost a little more). 0: never.",
+    )
     shadow_queue: int = Field(
         64, ge=1, le=10_000, description="Shadow traffic after a migration (`shadow: true`): identify requests "
         "waiting to be re-run on the new collection; when it is full one is dropped (face_shadow_dropped_total), "

@@ -108,6 +108,7 @@ INDEX_LOCK_KEY = MIGRATION_LOCK_KEY + 1
 # transaction that creates a collection or sets an alias, so two replicas cannot both take a name
 NAMESPACE_LOCK_KEY = MIGRATION_LOCK_KEY + 2
 INDEX_LOCK_POLL_S = 0.05
+COLLECTION_INDEX_RETRY_S = 300.0  # a collection's own index whose build failed is tried again after this
 COUNTER_SLOTS = 16
 DEFAULT_COLLECTION_ID = 1  # the collection "default": migration 3 gives today's rows to it
 MAX_EF_SEARCH = 1000  # pgvector's upper bound for hnsw.ef_search
@@ -247,6 +248,12 @@ def hnsw_index_name(dim: int) -> str:
     return f"faces_embedding_hnsw_{int(dim)}"
 
 
+def collection_index_name(collection_id: int) -> str:
+    """The HNSW index of one collection's faces, which a collection sharing the table gets once it holds
+    ``collection_index_min_faces`` (PostgresGalleries.build_collection_index)."""
+    return f"faces_hnsw_c{int(collection_id)}"
+
+
 @dataclass(frozen=True)
 class PostgresOptions:
     url: str
@@ -260,6 +267,7 @@ class PostgresOptions:
     hnsw_ef_search: int | str = AUTO  # a number, or "auto": from the gallery size (ef.py)
     iterative_scan: str = "relaxed_order"
     exact_search_max_faces: int = 10000  # a collection sharing the table this small is searched exactly (PostgresGallery)
+    collection_index_min_faces: int = 20000  # a collection sharing the table this large gets an index of its own (0: never)
     maintenance_work_mem: str = "512MB"  # for building the HNSW index in one pass
     read_urls: tuple[str, ...] = ()  # streaming-replication standbys for reads (standbys.py)
     read_wait_ms: float = 100.0
@@ -276,7 +284,9 @@ class PostgresOptions:
                    statement_timeout_ms=settings.database_statement_timeout_ms, hnsw_m=settings.hnsw_m,
                    hnsw_ef_construction=settings.hnsw_ef_construction, hnsw_ef_search=settings.hnsw_ef_search,
                    iterative_scan=settings.database_iterative_scan,
-                   exact_search_max_faces=settings.database_exact_search_max_faces, read_urls=settings.read_urls(),
+                   exact_search_max_faces=settings.database_exact_search_max_faces,
+                   collection_index_min_faces=settings.database_collection_index_min_faces,
+                   read_urls=settings.read_urls(),
                    read_wait_ms=settings.database_read_wait_ms, max_lag_ms=settings.database_max_lag_ms,
                    lag_check_ms=settings.database_lag_check_ms)
 
@@ -533,6 +543,12 @@ class PostgresGalleries:
         self.crop_cipher: CropCipher | None = None  # seals kept crops; set by open.make_gallery
         self._collections: dict[str, PostgresGallery] = {DEFAULT_COLLECTION: self.default}
         self._lock = threading.Lock()
+        # collections' own HNSW indexes being built in the background (build_collection_index)
+        self._building: set[int] = set()
+        self._build_failed: dict[int, float] = {}  # when a build last failed (monotonic): retried after a while
+        self._build_threads: list[threading.Thread] = []
+        self._build_conns: dict[int, psycopg.Connection] = {}
+        self._closing = False
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -559,6 +575,7 @@ class PostgresGalleries:
             raise
         for dim in self.ensure_index():
             applied.append(f"hnsw index of {dim}-d faces built")
+        self.drop_orphan_collection_indexes()
         stats = self.stats()
         self.default.stats()  # its counts, for the first search's plan
         with self._read_connection() as conn:
@@ -569,6 +586,12 @@ class PostgresGalleries:
             "seconds": round(time.perf_counter() - started, 3)})
 
     def close(self) -> None:
+        with self._lock:
+            self._closing = True
+        for conn in list(self._build_conns.values()):  # a build cut short leaves an invalid index: the next drops it
+            conn.cancel_safe()
+        for thread in list(self._build_threads):
+            thread.join(10)
         if self._standbys is not None:
             self._standbys.close()
         self._writes.close()
@@ -587,13 +610,13 @@ class PostgresGalleries:
             log.warning("the pgvector index was built with other HNSW parameters; REINDEX to apply the settings",
                         extra={"built": built, "settings": wanted})
 
-    def _index_state(self, conn: psycopg.Connection, dim: int) -> bool | None:
-        """True: the HNSW index of ``dim``-d faces is valid; False: a failed concurrent build left it
-        invalid; None: absent."""
+    def _index_state(self, conn: psycopg.Connection, name: str) -> bool | None:
+        """True: the index ``name`` (an HNSW index of a dimension, or of a collection) is valid; False: a
+        failed concurrent build left it invalid; None: absent."""
         row = conn.execute(
             "SELECT x.indisvalid FROM pg_index x JOIN pg_class c ON c.oid = x.indexrelid "
             "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s",
-            (self.options.schema, hnsw_index_name(dim))).fetchone()
+            (self.options.schema, name)).fetchone()
         return None if row is None else bool(row[0])
 
     def ensure_index(self, dims: list[int] | None = None) -> list[int]:
@@ -609,53 +632,158 @@ class PostgresGalleries:
         return [dim for dim in dims if self._ensure_index(dim)]
 
     def _ensure_index(self, dim: int) -> bool:
-        name = sql.Identifier(hnsw_index_name(dim))
+        # a partial expression index: the faces of this dimension, cast to a typed vector (what HNSW
+        # needs); a search uses it with the same cast and predicate (PostgresGallery.hnsw_sql)
         with self._connection() as conn:
-            if self._index_state(conn, dim):
+            return self._build_hnsw(conn, hnsw_index_name(dim), dim,
+                                    sql.SQL("vector_dims(embedding) = {}").format(sql.Literal(int(dim))), {"dim": dim})
+
+    def _build_hnsw(self, conn: psycopg.Connection, index: str, dim: int, where: sql.Composable, about: dict,
+                    level: int = logging.WARNING) -> bool:
+        """Build the HNSW index ``index`` of the faces ``where`` says (cast to ``dim``), CONCURRENTLY, unless
+        it is there and valid (a failed build's invalid one is dropped first); True if it built it."""
+        name = sql.Identifier(index)
+        if self._index_state(conn, index):
+            return False
+        # polled, never waited for inside a statement: a CREATE INDEX CONCURRENTLY of another replica
+        # waits for every transaction open when it starts, a blocked lock request among them (deadlock)
+        while not _one(conn.execute("SELECT pg_try_advisory_lock(%s)", (INDEX_LOCK_KEY,)))[0]:
+            time.sleep(INDEX_LOCK_POLL_S)
+        try:
+            state = self._index_state(conn, index)
+            if state:
                 return False
-            # polled, never waited for inside a statement: a CREATE INDEX CONCURRENTLY of another replica
-            # waits for every transaction open when it starts, a blocked lock request among them (deadlock)
-            while not _one(conn.execute("SELECT pg_try_advisory_lock(%s)", (INDEX_LOCK_KEY,)))[0]:
-                time.sleep(INDEX_LOCK_POLL_S)
+            started = time.perf_counter()
+            # after a bulk load, or at start-up when one did not finish (searches are exact meanwhile); a
+            # collection's own one (INFO: its searches stay as they were until it is there)
+            log.log(level, "building the pgvector HNSW index", extra={"where": self.options.where, "index": index,
+                                                                  **about, "was": "invalid" if state is False else "missing"})
+            conn.execute("SET statement_timeout = 0")
+            conn.execute(sql.SQL("SET maintenance_work_mem = {}").format(sql.Literal(self.options.maintenance_work_mem)))
+            if state is False:
+                conn.execute(sql.SQL("DROP INDEX CONCURRENTLY {}").format(name))
+            create = sql.SQL(
+                "CREATE INDEX CONCURRENTLY {} ON faces USING hnsw ((embedding::vector({})) vector_cosine_ops) "
+                "WITH (m = {}, ef_construction = {}) WHERE {}").format(
+                    name, sql.Literal(int(dim)), sql.Literal(int(self.options.hnsw_m)),
+                    sql.Literal(int(self.options.hnsw_ef_construction)), where)
             try:
-                state = self._index_state(conn, dim)
-                if state:
-                    return False
-                started = time.perf_counter()
-                # after a bulk load, or at start-up when one did not finish (searches are exact meanwhile)
-                log.warning("building the pgvector HNSW index", extra={"where": self.options.where, "dim": dim,
-                                                                      "was": "invalid" if state is False else "missing"})
-                conn.execute("SET statement_timeout = 0")
-                conn.execute(sql.SQL("SET maintenance_work_mem = {}").format(sql.Literal(self.options.maintenance_work_mem)))
-                if state is False:
-                    conn.execute(sql.SQL("DROP INDEX CONCURRENTLY {}").format(name))
-                # a partial expression index: the faces of this dimension, cast to a typed vector (what
-                # HNSW needs); a search uses it with the same cast and predicate (PostgresGallery.hnsw_sql)
-                create = sql.SQL(
-                    "CREATE INDEX CONCURRENTLY {} ON faces USING hnsw ((embedding::vector({})) vector_cosine_ops) "
-                    "WITH (m = {}, ef_construction = {}) WHERE vector_dims(embedding) = {}").format(
-                        name, sql.Literal(int(dim)), sql.Literal(int(self.options.hnsw_m)),
-                        sql.Literal(int(self.options.hnsw_ef_construction)), sql.Literal(int(dim)))
+                conn.execute(create)
+            except (psycopg.errors.DiskFull, psycopg.errors.OutOfMemory) as exc:
+                # a parallel build (a table past min_parallel_table_scan_size) puts its graph in
+                # maintenance_work_mem of dynamic shared memory, i.e. a file in /dev/shm, which a
+                # container gets 64 MB of unless told otherwise (docker's --shm-size): build it
+                # with one process instead (slower, in the backend's own memory) than not at all
+                log.warning("the parallel HNSW build could not get its shared memory; building with one process "
+                            "(give the database more /dev/shm: docker compose shm_size)",
+                            extra={"where": self.options.where, "index": index, **about,
+                                   "error": str(exc).strip()[:200]})
+                conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(name))  # the invalid one left
+                conn.execute("SET max_parallel_maintenance_workers = 0")
+                conn.execute(create)
+            log.info("pgvector HNSW index built", extra={"index": index, **about,
+                                                         "seconds": round(time.perf_counter() - started, 1)})
+            return True
+        finally:
+            conn.execute("RESET statement_timeout")
+            conn.execute("RESET maintenance_work_mem")
+            conn.execute("RESET max_parallel_maintenance_workers")
+            conn.execute("SELECT pg_advisory_unlock(%s)", (INDEX_LOCK_KEY,))
+
+    # --- an HNSW index of a collection's own (a big collection sharing the table) ------------------
+    def build_collection_index(self, collection_id: int, dim: int) -> None:
+        """In the background, build the HNSW index of one collection's faces (collection_index_name):
+        once per collection at a time in this process; replicas asking together build it once (the
+        advisory lock of _build_hnsw). Searches go on exactly meanwhile; each replica's next search of
+        the collection sees the index (COUNTS_SQL) and uses it (PostgresGallery._plan)."""
+        with self._lock:
+            failed = self._build_failed.get(collection_id)
+            if (self._closing or collection_id in self._building
+                    or (failed is not None and time.monotonic() - failed < COLLECTION_INDEX_RETRY_S)):
+                return
+            self._building.add(collection_id)
+        thread = threading.Thread(target=self._build_collection_index, args=(collection_id, dim), daemon=True,
+                                  name=f"face-collection-index-{collection_id}")
+        self._keep_thread(thread)
+        thread.start()
+
+    def _keep_thread(self, thread: threading.Thread) -> None:
+        """A build or drop thread, for close() to wait for (the finished ones are let go)."""
+        with self._lock:
+            self._build_threads = [t for t in self._build_threads if t.is_alive()] + [thread]
+
+    def _build_collection_index(self, collection_id: int, dim: int) -> None:
+        index = collection_index_name(collection_id)
+        try:
+            with psycopg.connect(self.options.url, **self.options.connect_kwargs()) as conn:
+                self._build_conns[collection_id] = conn
                 try:
-                    conn.execute(create)
-                except (psycopg.errors.DiskFull, psycopg.errors.OutOfMemory) as exc:
-                    # a parallel build (a table past min_parallel_table_scan_size) puts its graph in
-                    # maintenance_work_mem of dynamic shared memory, i.e. a file in /dev/shm, which a
-                    # container gets 64 MB of unless told otherwise (docker's --shm-size): build it
-                    # with one process instead (slower, in the backend's own memory) than not at all
-                    log.warning("the parallel HNSW build could not get its shared memory; building with one process "
-                                "(give the database more /dev/shm: docker compose shm_size)",
-                                extra={"where": self.options.where, "dim": dim, "error": str(exc).strip()[:200]})
-                    conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(name))  # the invalid one left
-                    conn.execute("SET max_parallel_maintenance_workers = 0")
-                    conn.execute(create)
-                log.info("pgvector HNSW index built", extra={"seconds": round(time.perf_counter() - started, 1)})
-                return True
-            finally:
-                conn.execute("RESET statement_timeout")
-                conn.execute("RESET maintenance_work_mem")
-                conn.execute("RESET max_parallel_maintenance_workers")
-                conn.execute("SELECT pg_advisory_unlock(%s)", (INDEX_LOCK_KEY,))
+                    if self._closing:
+                        return
+                    if self._build_hnsw(conn, index, dim, sql.SQL("collection_id = {}").format(
+                            sql.Literal(int(collection_id))), {"collection_id": collection_id}, logging.INFO):
+                        # the planner uses the partial index only once it knows how many rows its predicate
+                        # holds: an auto-analyze waits for a tenth of the table to change, which a
+                        # collection of a few % of it never makes
+                        conn.execute("ANALYZE faces")
+                finally:
+                    self._build_conns.pop(collection_id, None)
+        except psycopg.Error as exc:
+            with self._lock:
+                self._build_failed[collection_id] = time.monotonic()
+            if not self._closing:
+                log.warning("could not build a collection's own HNSW index; its searches stay exact",
+                            extra={"where": self.options.where, "collection_id": collection_id,
+                                   "error": f"{type(exc).__name__}: {str(exc).strip()[:200]}"})
+        finally:
+            with self._lock:
+                self._building.discard(collection_id)
+
+    def drop_orphan_collection_indexes(self) -> None:
+        """Collections' own indexes whose collection is gone (deleted while another replica built its
+        index, or while the drop failed): dropped, each like _drop_collection_index."""
+        with self._read_connection() as conn:
+            ids = [int(r[0]) for r in conn.execute(
+                "SELECT substr(c.relname, length('faces_hnsw_c') + 1)::bigint FROM pg_class c "
+                "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relkind = 'i' "
+                "AND c.relname ~ '^faces_hnsw_c[0-9]+$' AND NOT EXISTS (SELECT 1 FROM collections k "
+                "WHERE k.collection_id = substr(c.relname, length('faces_hnsw_c') + 1)::bigint)",
+                (self.options.schema,))]
+        for collection_id in ids:
+            self._drop_collection_index(collection_id)
+
+    def _drop_collection_index(self, collection_id: int) -> None:
+        """After a collection's rows are deleted: its own index, if it had one (never used again: ids are
+        not reused), dropped in the background (CONCURRENTLY, under the index builds' advisory lock: a
+        drop beside a build deadlocks), so the delete never waits for another replica's build; a failure
+        is only logged (the next start's drop_orphan_collection_indexes tries again). A build of it in
+        this process is cancelled first."""
+        building = self._build_conns.get(collection_id)
+        if building is not None:
+            building.cancel_safe()
+        if self._closing:
+            return
+        thread = threading.Thread(target=self._drop_index, args=(collection_index_name(collection_id),),
+                                  daemon=True, name=f"face-collection-index-drop-{collection_id}")
+        self._keep_thread(thread)
+        thread.start()
+
+    def _drop_index(self, index: str) -> None:
+        try:
+            with psycopg.connect(self.options.url, **self.options.connect_kwargs()) as conn:
+                while not _one(conn.execute("SELECT pg_try_advisory_lock(%s)", (INDEX_LOCK_KEY,)))[0]:
+                    if self._closing:
+                        return
+                    time.sleep(INDEX_LOCK_POLL_S)
+                try:
+                    conn.execute("SET statement_timeout = 0")
+                    conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(index)))
+                finally:
+                    conn.execute("SELECT pg_advisory_unlock(%s)", (INDEX_LOCK_KEY,))
+        except psycopg.Error as exc:
+            log.warning("could not drop a deleted collection's own HNSW index",
+                        extra={"where": self.options.where, "index": index,
+                               "error": f"{type(exc).__name__}: {str(exc).strip()[:200]}"})
 
     @contextmanager
     def index_built_after(self, dim: int | None = None) -> Iterator[None]:
@@ -792,6 +920,7 @@ class PostgresGalleries:
                    details={"identities": identities, "faces": faces})
         with self._lock:
             self._collections.pop(name, None)
+        self._drop_collection_index(int(collection_id))
         return CollectionInfo(name, row[1], float(row[2]), identities, faces, counted, keep_crops=bool(row[4]),
                               dim=int(row[3]))
 
@@ -1039,7 +1168,10 @@ COUNTS_SQL = ("SELECT COALESCE(sum(identities) FILTER (WHERE collection_id = %(c
               "COALESCE(sum(counted_faces) FILTER (WHERE collection_id = %(c)s), 0), "
               "COALESCE(sum(faces) FILTER (WHERE collection_id IN (SELECT collection_id FROM collections WHERE dim = "
               "(SELECT dim FROM collections WHERE collection_id = %(c)s))), 0), "
-              "EXISTS (SELECT 1 FROM collections WHERE collection_id = %(c)s) FROM counters")
+              "EXISTS (SELECT 1 FROM collections WHERE collection_id = %(c)s), "
+              # whether the collection has a valid HNSW index of its own (collection_index_name), here
+              "EXISTS (SELECT 1 FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid WHERE x.indrelid = "
+              "'faces'::regclass AND x.indisvalid AND i.relname = 'faces_hnsw_c' || %(c)s::bigint) FROM counters")
 # exact: the collection's faces through faces_by_identity, scored and sorted (ORDER BY the score, not
 # the distance operator, so the planner cannot pick the HNSW index)
 EXACT_SQL = ("SELECT face_id, identity_id, 1 - (embedding <=> %(p)b) AS score FROM faces "
@@ -1048,6 +1180,12 @@ EXACT_SQL = ("SELECT face_id, identity_id, 1 - (embedding <=> %(p)b) AS score FR
 HNSW_SQL = ("SELECT face_id, identity_id, 1 - (embedding <=> %(p)b) FROM faces "
             "WHERE collection_id = %(c)s AND vector_dims(embedding) = {dim} "
             "ORDER BY embedding::vector({dim}) <=> %(p)b LIMIT %(k)s")
+# a collection's own index (collection_index_name): the planner uses a partial index only when the query's
+# WHERE implies its predicate, so the collection id is a literal (a statement per collection); and without
+# the dimension test (its faces all have its pinned dimension), with which the planner multiplied the two
+# selectivities, expected a few rows and walked the shared index (bench/pg_collection_index.py)
+OWN_HNSW_SQL = ("SELECT face_id, identity_id, 1 - (embedding <=> %(p)b) FROM faces WHERE collection_id = {c} "
+                "ORDER BY embedding::vector({dim}) <=> %(p)b LIMIT %(k)s")
 PGVECTOR_MAX_SCAN_TUPLES = 20000  # pgvector's default hnsw.max_scan_tuples
 MAX_SCAN_TUPLES = 2_000_000
 SHARED_EF_FACTOR = 2
@@ -1065,6 +1203,7 @@ class SearchPlan:
     iterative_scan: str
     ef_search: int
     max_scan_tuples: int
+    own_index: bool = False  # through the collection's own HNSW index (OWN_HNSW_SQL)
 
 
 class PostgresGallery:
@@ -1102,6 +1241,7 @@ class PostgresGallery:
         self._table_faces = 0  # every collection's faces: the size of the HNSW index
         self._counts_as_of = -math.inf
         self._counts_lock = threading.Lock()
+        self._own_index = False  # a valid HNSW index of its own (collection_index_name), as the last counts said
         self.keep_crops = False  # the collection's setting, as PostgresGalleries.collection read it
 
     @property
@@ -1131,8 +1271,10 @@ class PostgresGallery:
         pass
 
     def prepare_sql(self) -> None:
-        """The kNN statement of this collection's dimension (its HNSW index's cast and predicate)."""
+        """The kNN statements of this collection's dimension (the shared HNSW index's cast and predicate)
+        and of its own index (its id and the cast)."""
         self.hnsw_sql = HNSW_SQL.format(dim=int(self.dim))
+        self.own_sql = OWN_HNSW_SQL.format(dim=int(self.dim), c=int(self.collection_id))
 
     def index_built_after(self) -> AbstractContextManager[None]:
         return self.galleries.index_built_after(self.dim)
@@ -1163,6 +1305,12 @@ class PostgresGallery:
                 self._counts_as_of = as_of
                 self._identity_count, self._face_count, self._counted_faces, self._table_faces = (
                     int(v) for v in row[:4])
+                self._own_index = bool(row[5])
+        minimum = self.options.collection_index_min_faces
+        # past the minimum and at most half the table (the shared index serves a bigger one well: a scan
+        # widened at most twofold)
+        if minimum and not self._own_index and minimum <= self._face_count <= self._table_faces // 2:
+            self.galleries.build_collection_index(self.collection_id, self.dim)  # in the background, once
 
     def _exists_on_primary(self) -> bool:
         """Whether the collection exists, asked of the primary (a standby may not have its creation yet)."""
@@ -1431,6 +1579,10 @@ class PostgresGallery:
         """How to find k nearest faces, from the counts of this replica's last search or write (this
         search reads them again in the same round trip as its kNN)."""
         shared = self._face_count < self._table_faces  # other collections' faces are in the index too
+        if shared and self._own_index:  # an index of its own: searched as a gallery alone in its table
+            ef = search_ef(self.options.hnsw_ef_search if ef_search is None else ef_search, self._face_count, k)
+            return SearchPlan(False, self.options.iterative_scan, min(MAX_EF_SEARCH, ef), PGVECTOR_MAX_SCAN_TUPLES,
+                              own_index=True)
         if shared and (self._face_count <= self.options.exact_search_max_faces
                        or self._face_count < HNSW_MIN_SHARE * self._table_faces):
             return SearchPlan(True, "off", 0, PGVECTOR_MAX_SCAN_TUPLES)
@@ -1464,8 +1616,8 @@ class PostgresGallery:
                 "set_config('hnsw.max_scan_tuples', %(tuples)s, true), k.* FROM (" + COUNTS_SQL + ") AS k",
                 {"scan": plan.iterative_scan, "ef": str(max(1, plan.ef_search)), "tuples": str(plan.max_scan_tuples),
                  "c": self.collection_id})
-            scans = [conn.execute(EXACT_SQL if plan.exact else self.hnsw_sql, {"p": probe, "c": self.collection_id, "k": k})
-                     for probe in probes]
+            statement = EXACT_SQL if plan.exact else self.own_sql if plan.own_index else self.hnsw_sql
+            scans = [conn.execute(statement, {"p": probe, "c": self.collection_id, "k": k}) for probe in probes]
         self._read_counts(_one(counts)[3:], as_of)
         return [[(int(f), i, float(s)) for f, i, s in scan.fetchall()] for scan in scans]
 

@@ -21,16 +21,18 @@ import psycopg
 
 log = logging.getLogger(__name__)
 
-# the service's HNSW indexes, one per dimension (backend.hnsw_index_name), in the gallery's schema
+# the service's HNSW indexes, one per dimension (backend.hnsw_index_name) and one per collection that has one
+# of its own (backend.collection_index_name), in the gallery's schema
 _SQL = ("SELECT coalesce(sum(pg_relation_size(c.oid)), 0), pg_size_bytes(current_setting('shared_buffers')), "
         "current_setting('huge_pages_status', true) "
         "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE n.nspname = %s AND c.relkind = 'i' AND c.relname LIKE 'faces\\_embedding\\_hnsw\\_%%'")
+        "WHERE n.nspname = %s AND c.relkind = 'i' "
+        "AND (c.relname LIKE 'faces\\_embedding\\_hnsw\\_%%' OR c.relname ~ '^faces_hnsw_c[0-9]+$')")
 
 
 @dataclass(frozen=True)
 class BufferFit:
-    index_bytes: int  # the gallery's HNSW indexes, all dimensions
+    index_bytes: int  # the gallery's HNSW indexes, all dimensions and collections
     shared_buffers_bytes: int
     huge_pages: str | None  # "on" | "off"; None: the server does not say (before PostgreSQL 17)
 
