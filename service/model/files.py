@@ -1,7 +1,8 @@
 """Files a process replaces whole: a reader sees the old file or the new one, never half of either.
 
-A leaf module (it imports nothing of the service), so model files (contract.py, prepare.py) and the
-data dir's calibration files (calibration.py) are written one way.
+A leaf module (it imports nothing of the service), so model files (contract.py, prepare.py), the data
+dir's calibration files (calibration.py) and the embedded gallery's snapshots (gallery/embedded/snapshot.py,
+its fsyncs) are written one way.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ def replace_atomically(dst: Path, write: Callable[[Path], object], durable: bool
     try:
         write(tmp)
         if durable:
-            _fsync(tmp, os.O_RDONLY)
+            fsync_file(tmp)
         tmp.replace(dst)
         if durable:
-            _fsync(dst.parent, os.O_RDONLY)
+            fsync_dir(dst.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -36,3 +37,12 @@ def _fsync(path: Path, flags: int) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """A directory's entries (a rename, a new file) to disk."""
+    _fsync(path, os.O_RDONLY)  # a directory can only be opened read-only
+
+
+def fsync_file(path: Path) -> None:
+    _fsync(path, os.O_RDWR)

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ...model.files import fsync_dir, fsync_file
+
 FORMAT = 2
 CHUNK = 4 << 20
 _HEADER = struct.Struct("<QQQQQQiIQQQdQ")  # offsetLevel0 .. ef_construction, as hnswlib writes them
@@ -31,22 +33,6 @@ _HEADER = struct.Struct("<QQQQQQiIQQQdQ")  # offsetLevel0 .. ef_construction, as
 
 class SnapshotInvalid(ValueError):
     """The snapshot on disk cannot be trusted; the caller rebuilds from the store."""
-
-
-def _fsync(path: Path, flags: int) -> None:
-    fd = os.open(path, flags)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: Path) -> None:
-    _fsync(path, os.O_RDONLY)  # a directory can only be opened read-only
-
-
-def fsync_file(path: Path) -> None:
-    _fsync(path, os.O_RDWR)
 
 
 def chunk_hashes(path: Path, first: int = 0, last: int | None = None) -> list[str]:

@@ -1217,8 +1217,10 @@ class PostgresGallery:
     HNSW_MIN_SHARE of the table, is searched exactly (its rows through ``faces_by_identity``: a few
     milliseconds at 10k faces), and a larger one by an iterative HNSW scan with ef_search and
     ``hnsw.max_scan_tuples`` widened by its share of the table. A collection alone in the table searches
-    as one gallery always did. (Per-collection partial HNSW indexes would make mid-sized collections of
-    a huge table cheaper than an exact scan: not built yet.)
+    as one gallery always did. A collection that reaches ``collection_index_min_faces`` while it holds at
+    most half the table gets an HNSW index of its own (a partial index of its faces, built in the
+    background: PostgresGalleries.build_collection_index) and is searched through it from then on:
+    2.5 ms instead of 8 ms exact for 30k faces beside 1M (bench/pg_collection_index.py).
     """
 
     backend = "postgres"
