@@ -248,10 +248,13 @@ def hnsw_index_name(dim: int) -> str:
     return f"faces_embedding_hnsw_{int(dim)}"
 
 
+COLLECTION_INDEX_PREFIX = "faces_hnsw_c"  # + the collection id (COUNTS_SQL and the orphans' query read it so)
+
+
 def collection_index_name(collection_id: int) -> str:
     """The HNSW index of one collection's faces, which a collection sharing the table gets once it holds
     ``collection_index_min_faces`` (PostgresGalleries.build_collection_index)."""
-    return f"faces_hnsw_c{int(collection_id)}"
+    return f"{COLLECTION_INDEX_PREFIX}{int(collection_id)}"
 
 
 @dataclass(frozen=True)
@@ -645,49 +648,62 @@ class PostgresGalleries:
         name = sql.Identifier(index)
         if self._index_state(conn, index):
             return False
-        # polled, never waited for inside a statement: a CREATE INDEX CONCURRENTLY of another replica
-        # waits for every transaction open when it starts, a blocked lock request among them (deadlock)
+        with self._index_lock(conn) as locked:
+            if not locked:
+                return False
+            try:
+                state = self._index_state(conn, index)
+                if state:
+                    return False
+                started = time.perf_counter()
+                # after a bulk load, or at start-up when one did not finish (searches are exact meanwhile); a
+                # collection's own one (INFO: its searches stay as they were until it is there)
+                log.log(level, "building the pgvector HNSW index", extra={"where": self.options.where, "index": index,
+                                                                      **about, "was": "invalid" if state is False else "missing"})
+                conn.execute("SET statement_timeout = 0")
+                conn.execute(sql.SQL("SET maintenance_work_mem = {}").format(sql.Literal(self.options.maintenance_work_mem)))
+                if state is False:
+                    conn.execute(sql.SQL("DROP INDEX CONCURRENTLY {}").format(name))
+                create = sql.SQL(
+                    "CREATE INDEX CONCURRENTLY {} ON faces USING hnsw ((embedding::vector({})) vector_cosine_ops) "
+                    "WITH (m = {}, ef_construction = {}) WHERE {}").format(
+                        name, sql.Literal(int(dim)), sql.Literal(int(self.options.hnsw_m)),
+                        sql.Literal(int(self.options.hnsw_ef_construction)), where)
+                try:
+                    conn.execute(create)
+                except (psycopg.errors.DiskFull, psycopg.errors.OutOfMemory) as exc:
+                    # a parallel build (a table past min_parallel_table_scan_size) puts its graph in
+                    # maintenance_work_mem of dynamic shared memory, i.e. a file in /dev/shm, which a
+                    # container gets 64 MB of unless told otherwise (docker's --shm-size): build it
+                    # with one process instead (slower, in the backend's own memory) than not at all
+                    log.warning("the parallel HNSW build could not get its shared memory; building with one process "
+                                "(give the database more /dev/shm: docker compose shm_size)",
+                                extra={"where": self.options.where, "index": index, **about,
+                                       "error": str(exc).strip()[:200]})
+                    conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(name))  # the invalid one left
+                    conn.execute("SET max_parallel_maintenance_workers = 0")
+                    conn.execute(create)
+                log.info("pgvector HNSW index built", extra={"index": index, **about,
+                                                             "seconds": round(time.perf_counter() - started, 1)})
+                return True
+            finally:
+                conn.execute("RESET statement_timeout")
+                conn.execute("RESET maintenance_work_mem")
+                conn.execute("RESET max_parallel_maintenance_workers")
+
+    @contextmanager
+    def _index_lock(self, conn: psycopg.Connection) -> Iterator[bool]:
+        """The index builds' (and drops') session advisory lock on ``conn``, polled, never waited for inside
+        a statement: a CREATE INDEX CONCURRENTLY of another replica waits for every transaction open when
+        it starts, a blocked lock request among them (deadlock). False: the galleries are closing (given up)."""
         while not _one(conn.execute("SELECT pg_try_advisory_lock(%s)", (INDEX_LOCK_KEY,)))[0]:
+            if self._closing:
+                yield False
+                return
             time.sleep(INDEX_LOCK_POLL_S)
         try:
-            state = self._index_state(conn, index)
-            if state:
-                return False
-            started = time.perf_counter()
-            # after a bulk load, or at start-up when one did not finish (searches are exact meanwhile); a
-            # collection's own one (INFO: its searches stay as they were until it is there)
-            log.log(level, "building the pgvector HNSW index", extra={"where": self.options.where, "index": index,
-                                                                  **about, "was": "invalid" if state is False else "missing"})
-            conn.execute("SET statement_timeout = 0")
-            conn.execute(sql.SQL("SET maintenance_work_mem = {}").format(sql.Literal(self.options.maintenance_work_mem)))
-            if state is False:
-                conn.execute(sql.SQL("DROP INDEX CONCURRENTLY {}").format(name))
-            create = sql.SQL(
-                "CREATE INDEX CONCURRENTLY {} ON faces USING hnsw ((embedding::vector({})) vector_cosine_ops) "
-                "WITH (m = {}, ef_construction = {}) WHERE {}").format(
-                    name, sql.Literal(int(dim)), sql.Literal(int(self.options.hnsw_m)),
-                    sql.Literal(int(self.options.hnsw_ef_construction)), where)
-            try:
-                conn.execute(create)
-            except (psycopg.errors.DiskFull, psycopg.errors.OutOfMemory) as exc:
-                # a parallel build (a table past min_parallel_table_scan_size) puts its graph in
-                # maintenance_work_mem of dynamic shared memory, i.e. a file in /dev/shm, which a
-                # container gets 64 MB of unless told otherwise (docker's --shm-size): build it
-                # with one process instead (slower, in the backend's own memory) than not at all
-                log.warning("the parallel HNSW build could not get its shared memory; building with one process "
-                            "(give the database more /dev/shm: docker compose shm_size)",
-                            extra={"where": self.options.where, "index": index, **about,
-                                   "error": str(exc).strip()[:200]})
-                conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(name))  # the invalid one left
-                conn.execute("SET max_parallel_maintenance_workers = 0")
-                conn.execute(create)
-            log.info("pgvector HNSW index built", extra={"index": index, **about,
-                                                         "seconds": round(time.perf_counter() - started, 1)})
-            return True
+            yield True
         finally:
-            conn.execute("RESET statement_timeout")
-            conn.execute("RESET maintenance_work_mem")
-            conn.execute("RESET max_parallel_maintenance_workers")
             conn.execute("SELECT pg_advisory_unlock(%s)", (INDEX_LOCK_KEY,))
 
     # --- an HNSW index of a collection's own (a big collection sharing the table) ------------------
@@ -744,11 +760,11 @@ class PostgresGalleries:
         index, or while the drop failed): dropped, each like _drop_collection_index."""
         with self._read_connection() as conn:
             ids = [int(r[0]) for r in conn.execute(
-                "SELECT substr(c.relname, length('faces_hnsw_c') + 1)::bigint FROM pg_class c "
-                "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relkind = 'i' "
-                "AND c.relname ~ '^faces_hnsw_c[0-9]+$' AND NOT EXISTS (SELECT 1 FROM collections k "
-                "WHERE k.collection_id = substr(c.relname, length('faces_hnsw_c') + 1)::bigint)",
-                (self.options.schema,))]
+                "SELECT substr(c.relname, length(%(prefix)s) + 1)::bigint FROM pg_class c "
+                "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %(schema)s AND c.relkind = 'i' "
+                "AND c.relname ~ ('^' || %(prefix)s || '[0-9]+$') AND NOT EXISTS (SELECT 1 FROM collections k "
+                "WHERE k.collection_id = substr(c.relname, length(%(prefix)s) + 1)::bigint)",
+                {"prefix": COLLECTION_INDEX_PREFIX, "schema": self.options.schema})]
         for collection_id in ids:
             self._drop_collection_index(collection_id)
 
@@ -770,16 +786,11 @@ class PostgresGalleries:
 
     def _drop_index(self, index: str) -> None:
         try:
-            with psycopg.connect(self.options.url, **self.options.connect_kwargs()) as conn:
-                while not _one(conn.execute("SELECT pg_try_advisory_lock(%s)", (INDEX_LOCK_KEY,)))[0]:
-                    if self._closing:
-                        return
-                    time.sleep(INDEX_LOCK_POLL_S)
-                try:
+            with psycopg.connect(self.options.url, **self.options.connect_kwargs()) as conn, \
+                    self._index_lock(conn) as locked:
+                if locked:
                     conn.execute("SET statement_timeout = 0")
                     conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(index)))
-                finally:
-                    conn.execute("SELECT pg_advisory_unlock(%s)", (INDEX_LOCK_KEY,))
         except psycopg.Error as exc:
             log.warning("could not drop a deleted collection's own HNSW index",
                         extra={"where": self.options.where, "index": index,
@@ -1171,7 +1182,8 @@ COUNTS_SQL = ("SELECT COALESCE(sum(identities) FILTER (WHERE collection_id = %(c
               "EXISTS (SELECT 1 FROM collections WHERE collection_id = %(c)s), "
               # whether the collection has a valid HNSW index of its own (collection_index_name), here
               "EXISTS (SELECT 1 FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid WHERE x.indrelid = "
-              "'faces'::regclass AND x.indisvalid AND i.relname = 'faces_hnsw_c' || %(c)s::bigint) FROM counters")
+              f"'faces'::regclass AND x.indisvalid AND i.relname = '{COLLECTION_INDEX_PREFIX}' || %(c)s::bigint) "
+              "FROM counters")
 # exact: the collection's faces through faces_by_identity, scored and sorted (ORDER BY the score, not
 # the distance operator, so the planner cannot pick the HNSW index)
 EXACT_SQL = ("SELECT face_id, identity_id, 1 - (embedding <=> %(p)b) AS score FROM faces "
