@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import IO
 
 from ..gallery.api import AuditQuery, Galleries
+from ..model.files import replace_atomically
 from .backend import CommandError, add_backend_arguments, fail, opened_backend, parse_time, settings_from
 
 PAGE = 1000  # entries per Galleries.audit call (GET /audit's largest page)
@@ -65,16 +65,17 @@ def _export(args: argparse.Namespace, galleries: Galleries) -> None:
         sys.stdout.flush()
     else:
         output: Path = args.output
-        part = output.with_name(output.name + ".part")
-        try:
+        counted: list[int] = []
+
+        def write(part: Path) -> None:
             with open(part, "w", encoding="utf-8") as out:
-                count = export_audit(galleries, query, out)
-                out.flush()
-                os.fsync(out.fileno())
-            part.replace(output)
+                counted.append(export_audit(galleries, query, out))
+
+        try:  # a file of this export's own, fsynced and renamed whole (two exports at once each rename theirs)
+            replace_atomically(output, write, durable=True)
         except OSError as exc:
-            part.unlink(missing_ok=True)
             raise CommandError(f"cannot write {output}: {exc.strerror or exc}") from exc
+        count = counted[0]
     sys.stderr.write(f"{count} audit entries exported\n")
 
 

@@ -51,6 +51,7 @@ from ..gallery import identity_ids
 from ..gallery.api import DEFAULT_COLLECTION, CollectionNotFound, GalleryModelMismatch, GalleryUnavailable
 from ..gallery.hygiene.cluster import DEFAULT_FALSE_MERGE, DEFAULT_K, Clustering, cluster_faces, tail_threshold
 from ..gallery.openset import choose_tail
+from ..model.files import replace_atomically
 from .backend import CommandError, cli_actor, count_skip, fail, model_identity, models_checked
 from .calibrate import IMAGE_SUFFIXES
 
@@ -178,13 +179,11 @@ def run_cluster(settings: Settings, root: Path, output: Path, threshold: float |
         link = None
     clustering = cluster_faces(found.vectors, threshold, k, threads=os.cpu_count() or 1)
     embeddings_file = output.with_suffix(".npy")
-    np.save(embeddings_file, found.vectors)
+    replace_atomically(embeddings_file, lambda tmp: _save_npy(tmp, found.vectors))
     document = cluster_document(root, found, clustering, state.contract.model_id, embeddings_file.name, link)
     document["seconds"] = {"embed": round(embedded - started, 2),
                            "cluster": round(time.perf_counter() - embedded, 2)}
-    tmp = output.with_name(output.name + ".part")
-    tmp.write_text(json.dumps(document, indent=1) + "\n")
-    tmp.replace(output)
+    replace_atomically(output, lambda tmp: tmp.write_text(json.dumps(document, indent=1) + "\n"))
     summary = {key: document[key] for key in ("faces", "photos", "threshold", "method", "clusters_of_2_or_more",
                                                 "skipped", "seconds")}
     summary["clusters"] = len(document["clusters"])
@@ -194,6 +193,11 @@ def run_cluster(settings: Settings, root: Path, output: Path, threshold: float |
         summary["folders_dir"] = str(folders)
     return summary
 
+
+
+def _save_npy(path: Path, vectors: np.ndarray) -> None:
+    with open(path, "wb") as out:  # a file object: np.save given a path would add ".npy" to the temporary name
+        np.save(out, vectors)
 
 # --- naming and enrolling ------------------------------------------------------------------------
 

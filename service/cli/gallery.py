@@ -34,7 +34,6 @@ import base64
 import contextlib
 import json
 import logging
-import os
 import sys
 import time
 from collections import Counter
@@ -62,6 +61,7 @@ from ..gallery.api import (
 )
 from ..gallery.crops import CropKeyError, encode_crop
 from ..gallery.open import open_gallery
+from ..model.files import replace_atomically
 from . import migrate
 from .backend import (
     CommandError,
@@ -116,9 +116,14 @@ class Transfer:
 
 
 def export_gallery(gallery: GalleryBackend, path: Path, page: int = 500) -> Transfer:
-    """Write every identity to ``path`` (atomically: a temporary file renamed when complete)."""
+    """Write every identity to ``path`` (atomically and durably: a temporary file of this export's own,
+    fsynced and renamed when complete, so two exports to one path at once each rename a whole file)."""
     done = Transfer()
-    tmp = path.with_name(path.name + ".part")
+    replace_atomically(path, lambda tmp: _write_gallery(gallery, tmp, page, done), durable=True)
+    return done
+
+
+def _write_gallery(gallery: GalleryBackend, tmp: Path, page: int, done: Transfer) -> None:
     with open(tmp, "w", encoding="utf-8") as out:
         header = {"format": FORMAT, "version": VERSION, "model_id": gallery.model_id,
                   "embedding_size": gallery.dim, "dtype": "float32", "exported_at": time.time()}
@@ -136,10 +141,6 @@ def export_gallery(gallery: GalleryBackend, path: Path, page: int = 500) -> Tran
                 done.faces += len(embeddings)
             after = records[-1].identity_id
         out.write(json.dumps({"end": True, "identities": done.identities, "faces": done.faces}) + "\n")
-        out.flush()
-        os.fsync(out.fileno())
-    tmp.replace(path)
-    return done
 
 
 def read_gallery_file(path: Path, model_id: str, dim: int) -> Iterator[tuple[str, np.ndarray, dict]]:

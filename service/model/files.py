@@ -1,8 +1,9 @@
 """Files a process replaces whole: a reader sees the old file or the new one, never half of either.
 
 A leaf module (it imports nothing of the service), so model files (contract.py, prepare.py), the data
-dir's calibration files (calibration.py) and the embedded gallery's snapshots (gallery/embedded/snapshot.py,
-its fsyncs) are written one way.
+dir's calibration files (calibration.py), the embedded gallery's snapshots (gallery/embedded/snapshot.py,
+its fsyncs) and the operator commands' output files (cli/gallery.py, cli/audit.py, cli/cluster.py) are
+written one way.
 """
 
 from __future__ import annotations

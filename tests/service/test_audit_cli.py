@@ -6,12 +6,16 @@ every filter; --output writes the same lines to a file; prune removes what is ol
 
 from __future__ import annotations
 
+import argparse
 import json
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
 import numpy as np
 
+from service.cli import audit as audit_cli
 from service.gallery.api import Actor
 
 FRONT = Actor(key_id="aaaaaaaaaaaa", client="10.0.0.7", request_id="req-front")
@@ -127,3 +131,47 @@ def test_prune_older_than(operator_backend):
     r = b.run("audit", "prune", "--older-than-days", f"{days:.12f}")
     assert r.returncode == 0 and json.loads(r.stdout)["removed"] == 1, r.stdout + r.stderr
     assert [e["identity_id"] for e in lines_of(b.run("audit", "export").stdout)] == ["new"]
+
+
+class PausedAudit:
+    """Real galleries whose audit listing waits until released the first time it is asked: an export
+    paused after opening its output, so that another export can run beside it."""
+
+    def __init__(self, real) -> None:
+        self.real = real
+        self.reached, self.go = threading.Event(), threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def audit(self, query):
+        if not self.go.is_set():
+            self.reached.set()
+            assert self.go.wait(30)
+        return self.real.audit(query)
+
+
+def test_two_exports_to_one_file_at_once_both_succeed_with_the_whole_trail(operator_backend, tmp_path):
+    """``audit export --output F`` twice at once: each writes a file of its own and renames it whole.
+    Both wrote through one fixed ``F.part``: the second truncated and renamed the first's file, and the
+    first then failed on its own rename ("cannot write")."""
+    rng = np.random.default_rng(3)
+    galleries = operator_backend.open()
+    try:
+        galleries.collection("default").import_identities(
+            [(f"p{i}", unit(rng, 1, galleries.dim), None) for i in range(5)], actor=FRONT)
+        output = tmp_path / "out" / "trail.jsonl"
+        output.parent.mkdir()
+        args = argparse.Namespace(collection=None, identity=None, key=None, since=None, until=None, output=output)
+        paused = PausedAudit(galleries)
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(audit_cli._export, args, paused)
+            assert paused.reached.wait(30)  # its output opened, nothing written yet
+            audit_cli._export(args, galleries)  # a whole export meanwhile
+            paused.go.set()
+            first.result(30)  # raised CommandError("cannot write ...") before
+    finally:
+        galleries.close()
+    entries = lines_of(output.read_text())
+    assert sorted(e["identity_id"] for e in entries) == [f"p{i}" for i in range(5)]
+    assert [p.name for p in output.parent.iterdir()] == ["trail.jsonl"]  # no temporary file left

@@ -10,9 +10,12 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from service.cli.gallery import export_gallery, read_gallery_file
 from service.config import Settings
 from service.gallery.api import AuditQuery
 from service.gallery.open import make_gallery
@@ -214,3 +217,51 @@ def test_imported_and_folder_ids_follow_the_api_rule(tmp_path):
 
     (tmp_path / "people" / "Jose\u0301").mkdir(parents=True)
     assert [i for i, _ in people_in(tmp_path / "people")] == ["Jos\u00e9"]
+
+
+class PausedExport:
+    """A real collection whose listing stops before its second page until released: an export paused
+    half-way, so that another export can run beside it."""
+
+    def __init__(self, real) -> None:
+        self.real = real
+        self.reached, self.go = threading.Event(), threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def list_identities(self, limit, after):
+        if after is not None and not self.go.is_set():
+            self.reached.set()
+            assert self.go.wait(30)
+        return self.real.list_identities(limit, after)
+
+
+def test_two_exports_to_one_file_at_once_each_write_a_whole_file(tmp_path, default_model):
+    """Two exports of a gallery to one path at once (two operators, a cron job beside a person): each
+    writes a file of its own and renames it whole. Both wrote through one fixed ``<file>.part``: the
+    second truncated the first's half-written file and renamed it; the first then wrote the rest into the
+    renamed file, corrupting it, and failed on its own rename."""
+    contract = read_contract(default_model)
+    rng = np.random.default_rng(11)
+    galleries = opened(Settings(data_dir=tmp_path / "g"), default_model)
+    try:
+        collection = galleries.collection("default")
+        ids = [f"p{i:02d}" for i in range(30)]
+        collection.import_identities([(i, rng.normal(size=(1, contract.embedding_size)).astype(np.float32), None)
+                                      for i in ids])
+        out = tmp_path / "out" / "gallery.jsonl"
+        out.parent.mkdir()
+        paused = PausedExport(collection)
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(export_gallery, paused, out, 10)
+            assert paused.reached.wait(30)  # its header and first page written
+            second = export_gallery(collection, out, 10)  # a whole export meanwhile
+            paused.go.set()
+            done = first.result(30)
+    finally:
+        galleries.close()
+    assert (done.identities, second.identities) == (30, 30)
+    rows = list(read_gallery_file(out, contract.model_id, contract.embedding_size))
+    assert [identity for identity, _, _ in rows] == ids
+    assert [p.name for p in out.parent.iterdir()] == ["gallery.jsonl"]  # no temporary file left
