@@ -114,8 +114,8 @@ async def _serve_model(settings: Settings, metrics: Metrics, name: str, configur
     await run_in_threadpool(model.initialize)
     if settings.warmup:
         await run_in_threadpool(model.warmup, _warmup_sizes(settings.batch_max_size))
-    batcher = DynamicBatcher(model.execute_raw, settings.batch_max_size, settings.batch_max_wait_ms,
-                             workers=settings.batch_workers, on_batch=metrics.observe_batch,
+    batcher = DynamicBatcher(model.execute_prepared, settings.batch_max_size, settings.batch_max_wait_ms,
+                             workers=settings.batch_workers, on_batch=metrics.observe_batch, prepare=model.prepare,
                              timeout_s=settings.inference_timeout_ms / 1000,
                              max_queued_faces=settings.batch_max_queued_faces)
     await batcher.start()

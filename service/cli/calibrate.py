@@ -127,7 +127,7 @@ def embed_folder(state: ServiceState, options: CalibrateOptions) -> CalibrationS
             skipped[str(path)] = exc.code.value
             continue
         crops.extend(batch.crops)
-        parts.extend(batch.parts)
+        parts.extend(batch.measure())
         labels.extend([index[person]] * len(batch.crops))
     if not crops:
         raise CalibrationError(f"no usable faces under {options.folder}")

@@ -4,7 +4,10 @@ bytes -> header + decode + validate (``images``, one policy for crops and photos
       -> photos: detect -> select -> align (``detection.PhotoAligner``)
       -> batcher -> session (``model``) -> raw outputs -> normalised embeddings + each face's quality
          (``quality``: size and pose from the landmarks, sharpness and exposure from the crop,
-         the raw output's norm from the model, combined with the contract's fitted ``face.quality``).
+         the raw output's norm from the model, combined with the contract's fitted ``face.quality``;
+         a few small aligned crops, decoded on the event loop, have their crop parts measured there
+         while the model runs on them, where they cost the request no time on a host with a core to
+         spare; photos and larger batches are measured in the thread pool with their decode).
 
 Every image of a request is decoded (and its faces found) before any is embedded, so a bad image
 fails its own request with a clear code and never reaches the batch other requests share.
@@ -13,7 +16,7 @@ fails its own request with a clear code and never reaches the batch other reques
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
@@ -48,6 +51,7 @@ class FaceBatch:
     crops: list[np.ndarray] = field(default_factory=list)  # HxWx3 uint8 RGB, the model's input size
     image_index: list[int] = field(default_factory=list)  # request image of each crop
     located: list[DetectedFace | None] = field(default_factory=list)  # None: the image was an aligned crop
+    blockiness: list[float | None] = field(default_factory=list)  # a photo's, measured before the warp
     parts: list[dict[str, float | None]] = field(default_factory=list)  # quality parts measured so far
     quality: list[Quality] = field(default_factory=list)  # set once embedded (the model's part needs it)
 
@@ -58,13 +62,23 @@ class FaceBatch:
         self.crops.append(crop)
         self.image_index.append(index)
         self.located.append(face)
-        self.parts.append({**(photo_parts(face) if face is not None else {}), **crop_parts(crop, blockiness)})
+        self.blockiness.append(blockiness)
+
+    def measure(self) -> list[dict[str, float | None]]:
+        """Each face's quality parts but the model's (size and pose from the landmarks, sharpness and
+        exposure from the crop), measured once: not in ``add``, so that a request measures them while
+        the model runs (``embed_images``)."""
+        for i in range(len(self.parts), len(self.crops)):
+            face = self.located[i]
+            self.parts.append({**(photo_parts(face) if face is not None else {}),
+                               **crop_parts(self.crops[i], self.blockiness[i])})
+        return self.parts
 
     def assess(self, state: ServiceState, norms: np.ndarray, served: ServedModel | None = None) -> None:
         """Each face's quality, from its parts and the model's output norm (``served``: the model that
         embedded them; None: the default one)."""
         model = served.quality_model if served is not None else state.quality_model
-        self.quality = [assess({**parts, "norm": float(norm)}, model) for parts, norm in zip(self.parts, norms)]
+        self.quality = [assess({**parts, "norm": float(norm)}, model) for parts, norm in zip(self.measure(), norms)]
 
     def qualities(self, setting: float | None, requested: float | None = None, force: bool = False) -> list[dict]:
         """JSON-ready ``quality`` objects parallel to the crops, each judged against its score limit
@@ -158,6 +172,13 @@ def decode_faces(
     return batch
 
 
+def _decode_measured(state: ServiceState, blobs: list[bytes], image_type: ImageType, multi_face: MultiFace,
+                     first_index: int, served: ServedModel | None) -> FaceBatch:
+    faces = decode_faces(state, blobs, image_type, multi_face, first_index, served)
+    faces.measure()
+    return faces
+
+
 async def embed_images(
     state: ServiceState, blobs: list[bytes], image_type: ImageType = "aligned", multi_face: MultiFace = "largest",
     first_index: int = 0, served: ServedModel | None = None,
@@ -166,9 +187,10 @@ async def embed_images(
     made by ``served`` (None: the default model; a collection's route passes its collection's model)."""
     if image_type == "aligned" and sum(len(blob) for blob in blobs) <= INLINE_DECODE_BYTES:
         faces = decode_faces(state, blobs, image_type, multi_face, first_index, served)
-    else:
-        faces = await run_in_threadpool(decode_faces, state, blobs, image_type, multi_face, first_index, served)
-    raw = await embed_raw(state, np.stack(faces.crops), served)
+    else:  # photos and larger crops: decoded and measured in the pool
+        faces = await run_in_threadpool(_decode_measured, state, blobs, image_type, multi_face, first_index, served)
+    # a few small crops decoded here are measured here too, while the model runs
+    raw = await embed_raw(state, np.stack(faces.crops), served, meanwhile=faces.measure)
     faces.assess(state, raw_norms(raw), served)
     return l2_normalise(raw), faces
 
@@ -178,13 +200,15 @@ async def embed_crops(state: ServiceState, crops: np.ndarray, served: ServedMode
     return l2_normalise(await embed_raw(state, crops, served))
 
 
-async def embed_raw(state: ServiceState, crops: np.ndarray, served: ServedModel | None = None) -> np.ndarray:
+async def embed_raw(state: ServiceState, crops: np.ndarray, served: ServedModel | None = None,
+                    meanwhile: Callable[[], object] | None = None) -> np.ndarray:
     """Aligned crops -> the model's raw outputs through its batcher (``served``; None: the default
     model's); its deadline and queue bound become ``inference_timeout`` (504) and ``overloaded`` (503)
-    instead of a request that never returns."""
+    instead of a request that never returns. ``meanwhile``: the request's work done while the model
+    runs (``DynamicBatcher.embed``)."""
     batcher = served.batcher if served is not None else state.batcher
     try:
-        return await batcher.embed(crops)
+        return await batcher.embed(crops, meanwhile=meanwhile)
     except InferenceTimeout as exc:
         raise ServiceError(ErrorCode.inference_timeout, f"the model did not answer in time: {exc}",
                            timeout_ms=state.settings.inference_timeout_ms) from exc

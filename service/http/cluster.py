@@ -95,4 +95,5 @@ def _decode_all(state: ServiceState, blobs: list[bytes], payload: ClusterRequest
         batch.crops += found.crops
         batch.image_index += found.image_index
         batch.located += found.located
+        batch.blockiness += found.blockiness
     return batch

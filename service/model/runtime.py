@@ -92,5 +92,17 @@ class EmbeddingModel:
             raise RuntimeError("model not initialised")
         return self._session.raw(faces)
 
+    def prepare(self, faces: np.ndarray) -> np.ndarray:
+        """``execute_raw``'s first step: the faces as the model's input tensor (the batcher's ``prepare``)."""
+        if self._session is None:
+            raise RuntimeError("model not initialised")
+        return self._session.preprocess(faces)
+
+    def execute_prepared(self, tensor: np.ndarray) -> np.ndarray:
+        """``execute_raw``'s second step: the model's run on a ``prepare``d tensor."""
+        if self._session is None:
+            raise RuntimeError("model not initialised")
+        return self._session.raw_prepared(tensor)
+
     def finalize(self) -> None:
         self._session = None

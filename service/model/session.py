@@ -158,7 +158,10 @@ class FaceSession:
 
     def raw(self, faces: np.ndarray) -> np.ndarray:
         """N x H x W x 3 uint8 RGB -> N x D embeddings as the graph outputs them (not normalised)."""
-        tensor = self.preprocess(faces)
+        return self.raw_prepared(self.preprocess(faces))
+
+    def raw_prepared(self, tensor: np.ndarray) -> np.ndarray:
+        """``raw`` of a tensor already preprocessed (``preprocess``)."""
         if self.fixed_batch is not None and tensor.shape[0] != self.fixed_batch:
             out = np.concatenate([self.run(tensor[i : i + 1]) for i in range(tensor.shape[0])], axis=0)
         else:

@@ -271,3 +271,67 @@ def test_while_a_run_is_in_flight_the_next_batch_waits_to_fill_up():
 
     asyncio.run(scenario())
     assert execute.runs == [[1], [2, 3]]
+
+
+def test_meanwhile_work_runs_beside_its_run_and_its_error_fails_only_its_own_request():
+    """``meanwhile`` (the request's quality work, in the service) is called on the loop once the model
+    has started on the request's faces (after ``prepare``, while ``execute`` still blocks), so it
+    overlaps the run instead of delaying it. Its exception fails its own request, not the others of
+    the run; a request whose faces never run never calls it."""
+    execute = BlockingExecute()
+    order: list[str] = []
+
+    def prepare(faces: np.ndarray) -> np.ndarray:
+        order.append(f"prepare {faces[0, 0, 0, 0]}")
+        return faces
+
+    def broken() -> None:
+        raise ValueError("bad crop")
+
+    async def scenario():
+        batcher = DynamicBatcher(execute, max_batch=8, max_wait_ms=0, workers=1, prepare=prepare)
+        await batcher.start()
+        try:
+            first = asyncio.create_task(batcher.embed(marked(1), meanwhile=lambda: order.append(
+                f"meanwhile 1 while runs={execute.runs} released={execute.release.is_set()}")))
+            while len(order) < 2:
+                await asyncio.sleep(0.01)
+            # queued behind the first run: one times out there, two share the next run
+            with pytest.raises(InferenceTimeout):
+                await batcher.embed(marked(4), timeout_s=0.1, meanwhile=lambda: order.append("meanwhile 4"))
+            fails = asyncio.create_task(batcher.embed(marked(2), meanwhile=broken))
+            fine = asyncio.create_task(batcher.embed(marked(3), meanwhile=lambda: order.append("meanwhile 3")))
+            await asyncio.sleep(0.05)
+            execute.release.set()
+            return await asyncio.wait_for(asyncio.gather(first, fails, fine, return_exceptions=True), 10)
+        finally:
+            execute.release.set()
+            await batcher.stop()
+
+    first, fails, fine = asyncio.run(scenario())
+    assert order == ["prepare 1", "meanwhile 1 while runs=[[1]] released=False", "prepare 2", "meanwhile 3"]
+    assert execute.runs == [[1], [2, 3]]  # request 4 timed out in the queue and never ran
+    assert first[:, 0].tolist() == [1] and fine[:, 0].tolist() == [3]
+    assert isinstance(fails, ValueError) and str(fails) == "bad crop"
+
+
+def test_stopping_with_a_run_in_flight_fails_its_requests_and_those_queued():
+    """stop() while the model runs: the request in the run and the one queued behind it get an
+    error at once instead of waiting forever; stop() returns once the run has ended."""
+    execute = BlockingExecute()
+
+    async def scenario():
+        batcher = DynamicBatcher(execute, max_batch=1, max_wait_ms=0, workers=1)
+        await batcher.start()
+        running = asyncio.create_task(batcher.embed(marked(1)))
+        queued = asyncio.create_task(batcher.embed(marked(2)))
+        while not execute.runs:
+            await asyncio.sleep(0.01)
+        threading.Timer(0.2, execute.release.set).start()  # the run ends while stop() waits for it
+        await batcher.stop()
+        return await asyncio.wait_for(asyncio.gather(running, queued, return_exceptions=True), 10)
+
+    running, queued = asyncio.run(scenario())
+    assert execute.runs == [[1]]
+    assert isinstance(running, RuntimeError) and str(running) == "the batcher stopped"
+    assert isinstance(queued, RuntimeError) and str(queued) == "the batcher stopped"
