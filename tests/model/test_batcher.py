@@ -274,9 +274,9 @@ def test_while_a_run_is_in_flight_the_next_batch_waits_to_fill_up():
 
 
 def test_meanwhile_work_runs_beside_its_run_and_its_error_fails_only_its_own_request():
-    """``meanwhile`` (the request's quality work, in the service) is called on the loop once the model
-    has started on the request's faces (after ``prepare``, while ``execute`` still blocks), so it
-    overlaps the run instead of delaying it. Its exception fails its own request, not the others of
+    """``meanwhile`` (the request's quality work, in the service) is called on the loop once the worker
+    has prepared the request's faces and is starting their run (after ``prepare``, before ``execute``
+    returns), so it overlaps the run instead of delaying it. Its exception fails its own request, not the others of
     the run; a request whose faces never run never calls it."""
     execute = BlockingExecute()
     order: list[str] = []
@@ -292,8 +292,9 @@ def test_meanwhile_work_runs_beside_its_run_and_its_error_fails_only_its_own_req
         batcher = DynamicBatcher(execute, max_batch=8, max_wait_ms=0, workers=1, prepare=prepare)
         await batcher.start()
         try:
+            # the run cannot end before the release: called with it unset, meanwhile overlapped the run
             first = asyncio.create_task(batcher.embed(marked(1), meanwhile=lambda: order.append(
-                f"meanwhile 1 while runs={execute.runs} released={execute.release.is_set()}")))
+                f"meanwhile 1 released={execute.release.is_set()}")))
             while len(order) < 2:
                 await asyncio.sleep(0.01)
             # queued behind the first run: one times out there, two share the next run
@@ -309,7 +310,7 @@ def test_meanwhile_work_runs_beside_its_run_and_its_error_fails_only_its_own_req
             await batcher.stop()
 
     first, fails, fine = asyncio.run(scenario())
-    assert order == ["prepare 1", "meanwhile 1 while runs=[[1]] released=False", "prepare 2", "meanwhile 3"]
+    assert order == ["prepare 1", "meanwhile 1 released=False", "prepare 2", "meanwhile 3"]
     assert execute.runs == [[1], [2, 3]]  # request 4 timed out in the queue and never ran
     assert first[:, 0].tolist() == [1] and fine[:, 0].tolist() == [3]
     assert isinstance(fails, ValueError) and str(fails) == "bad crop"
