@@ -249,6 +249,22 @@ def test_a_collection_that_grows_big_beside_others_gets_an_index_of_its_own(opti
         time.sleep(0.2)
 
 
+
+def test_a_build_that_gets_the_lock_after_its_collection_was_deleted_builds_nothing(options, opened):
+    """A replica asks for a collection's own index (its counts said the collection had grown big); the
+    collection is deleted (on another replica, whose drop finds no index yet) before the build gets the
+    index builds' lock. The build then finds the collection gone and builds nothing; it built an index
+    of no rows, an orphan that only the next start dropped."""
+    options = PostgresOptions(url=options.url, schema=options.schema, collection_index_min_faces=300)
+    g = opened(options)
+    rng = np.random.default_rng(5)
+    gone = g.create_collection("gone") and g.collection("gone")
+    gone.import_identities([(f"p{i}", v[None], None) for i, v in enumerate(unit(rng, 10))])
+    collection_id = gone.collection_id
+    g.delete_collection("gone")
+    g._build_collection_index(collection_id, DIM)  # noqa: SLF001 - the build thread's work, run here
+    assert not index_exists(options, collection_index_name(collection_id))
+
 # --- audit in the transaction of the change ---------------------------------------------------------
 
 def test_a_change_whose_audit_record_fails_is_not_made(options, opened):

@@ -513,6 +513,14 @@ COLLECTIONS_SQL = """SELECT c.name, c.model_id, c.created_at, COALESCE(sum(k.ide
                      GROUP BY c.collection_id ORDER BY c.name"""
 
 
+def _collection_exists(conn: psycopg.Connection, collection_id: int) -> bool:
+    """Asked by a collection's index build under the index lock: a collection deleted since its build was
+    asked for (its drop found no index, or ran before this build got the lock) gets none, not an orphan
+    index that only the next start would drop. Deleted later, its drop waits for this build's lock."""
+    return bool(_one(conn.execute("SELECT EXISTS (SELECT 1 FROM collections WHERE collection_id = %s)",
+                                  (collection_id,)))[0])
+
+
 class PostgresGalleries:
     """The postgres backend as the service opens it (:class:`service.gallery.api.Galleries`): the
     pools, migrations and standbys, the collections (a :class:`PostgresGallery` each, made on demand
@@ -642,9 +650,10 @@ class PostgresGalleries:
                                     sql.SQL("vector_dims(embedding) = {}").format(sql.Literal(int(dim))), {"dim": dim})
 
     def _build_hnsw(self, conn: psycopg.Connection, index: str, dim: int, where: sql.Composable, about: dict,
-                    level: int = logging.WARNING) -> bool:
+                    level: int = logging.WARNING, wanted: Callable[[psycopg.Connection], bool] | None = None) -> bool:
         """Build the HNSW index ``index`` of the faces ``where`` says (cast to ``dim``), CONCURRENTLY, unless
-        it is there and valid (a failed build's invalid one is dropped first); True if it built it."""
+        it is there and valid (a failed build's invalid one is dropped first); True if it built it.
+        ``wanted``: asked once the lock is held, when no drop can be under way; False builds nothing."""
         name = sql.Identifier(index)
         if self._index_state(conn, index):
             return False
@@ -653,7 +662,7 @@ class PostgresGalleries:
                 return False
             try:
                 state = self._index_state(conn, index)
-                if state:
+                if state or (wanted is not None and not wanted(conn)):
                     return False
                 started = time.perf_counter()
                 # after a bulk load, or at start-up when one did not finish (searches are exact meanwhile); a
@@ -737,7 +746,8 @@ class PostgresGalleries:
                     if self._closing:
                         return
                     if self._build_hnsw(conn, index, dim, sql.SQL("collection_id = {}").format(
-                            sql.Literal(int(collection_id))), {"collection_id": collection_id}, logging.INFO):
+                            sql.Literal(int(collection_id))), {"collection_id": collection_id}, logging.INFO,
+                            wanted=lambda c: _collection_exists(c, collection_id)):
                         # the planner uses the partial index only once it knows how many rows its predicate
                         # holds: an auto-analyze waits for a tenth of the table to change, which a
                         # collection of a few % of it never makes
@@ -756,8 +766,8 @@ class PostgresGalleries:
                 self._building.discard(collection_id)
 
     def drop_orphan_collection_indexes(self) -> None:
-        """Collections' own indexes whose collection is gone (deleted while another replica built its
-        index, or while the drop failed): dropped, each like _drop_collection_index."""
+        """Collections' own indexes whose collection is gone (its drop failed, or the replica that deleted
+        it stopped before dropping it): dropped, each like _drop_collection_index."""
         with self._read_connection() as conn:
             ids = [int(r[0]) for r in conn.execute(
                 "SELECT substr(c.relname, length(%(prefix)s) + 1)::bigint FROM pg_class c "
