@@ -194,10 +194,10 @@ def run_cluster(settings: Settings, root: Path, output: Path, threshold: float |
     return summary
 
 
-
 def _save_npy(path: Path, vectors: np.ndarray) -> None:
     with open(path, "wb") as out:  # a file object: np.save given a path would add ".npy" to the temporary name
         np.save(out, vectors)
+
 
 # --- naming and enrolling ------------------------------------------------------------------------
 
