@@ -28,6 +28,7 @@ from service.gallery.postgres.backend import (
     PostgresGalleries,
     PostgresOptions,
     collection_index_name,
+    hnsw_index_name,
 )
 from service.model.calibration import FACES_COUNTED_PER_IDENTITY
 from tests.gallery.test_gallery import DIM, unit
@@ -222,6 +223,10 @@ def test_a_collection_that_grows_big_beside_others_gets_an_index_of_its_own(opti
         mid.stats()  # the counts, and whether the index is there
     valid, definition = own_index(options, mid.collection_id)
     assert valid and f"WHERE (collection_id = {mid.collection_id})" in definition, definition
+    with sql_connection(options) as conn:  # /metrics' index size counts it beside the shared one
+        sizes = [conn.execute("SELECT pg_relation_size(%s::regclass)", (f"{options.schema}.{name}",)).fetchone()[0]
+                 for name in (hnsw_index_name(DIM), collection_index_name(mid.collection_id))]
+    assert g.stats().extra["hnsw_index_bytes"] == sum(sizes) and min(sizes) > 0
     # its statement can be served from the index (the planner picks it once the collection is big
     # enough to beat a sort of its rows; here, with sorts ruled out)
     with sql_connection(options) as conn:

@@ -90,7 +90,7 @@ from ..results import (
 )
 from ..search import Hit, Match, check_served, search_identities
 from . import consistency
-from .memory import buffer_fit, check_buffer_fit
+from .memory import COLLECTION_INDEX_PREFIX, HNSW_INDEX_PREFIX, buffer_fit, check_buffer_fit
 from .standbys import Standby, Standbys
 
 if TYPE_CHECKING:
@@ -245,10 +245,7 @@ COUNTED_CAP_KEY = "counted_faces_cap"  # in meta: the FACES_COUNTED_PER_IDENTITY
 
 def hnsw_index_name(dim: int) -> str:
     """The HNSW index of the faces of one dimension (a partial expression index: migration 6)."""
-    return f"faces_embedding_hnsw_{int(dim)}"
-
-
-COLLECTION_INDEX_PREFIX = "faces_hnsw_c"  # + the collection id (COUNTS_SQL and the orphans' query read it so)
+    return f"{HNSW_INDEX_PREFIX}{int(dim)}"
 
 
 def collection_index_name(collection_id: int) -> str:

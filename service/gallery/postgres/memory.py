@@ -21,13 +21,16 @@ import psycopg
 
 log = logging.getLogger(__name__)
 
-# the service's HNSW indexes, one per dimension (backend.hnsw_index_name) and one per collection that has one
-# of its own (backend.collection_index_name), in the gallery's schema
+# the service's HNSW indexes, in the gallery's schema: one per dimension (this prefix + the dimension:
+# backend.hnsw_index_name) and one per collection that has one of its own (this prefix + its id:
+# backend.collection_index_name); named here, where the fit's query finds them by name
+HNSW_INDEX_PREFIX = "faces_embedding_hnsw_"
+COLLECTION_INDEX_PREFIX = "faces_hnsw_c"
 _SQL = ("SELECT coalesce(sum(pg_relation_size(c.oid)), 0), pg_size_bytes(current_setting('shared_buffers')), "
         "current_setting('huge_pages_status', true) "
         "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE n.nspname = %s AND c.relkind = 'i' "
-        "AND (c.relname LIKE 'faces\\_embedding\\_hnsw\\_%%' OR c.relname ~ '^faces_hnsw_c[0-9]+$')")
+        "WHERE n.nspname = %(schema)s AND c.relkind = 'i' AND (c.relname LIKE %(shared)s OR c.relname ~ %(own)s)")
+_INDEX_NAMES = {"shared": HNSW_INDEX_PREFIX.replace("_", "\\_") + "%", "own": f"^{COLLECTION_INDEX_PREFIX}[0-9]+$"}
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,7 @@ class BufferFit:
 
 
 def buffer_fit(conn: psycopg.Connection, schema: str) -> BufferFit:
-    row = conn.execute(_SQL, (schema,)).fetchone()
+    row = conn.execute(_SQL, {"schema": schema, **_INDEX_NAMES}).fetchone()
     assert row is not None  # an aggregate: always one row
     return BufferFit(int(row[0]), int(row[1]), row[2])
 
