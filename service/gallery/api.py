@@ -239,6 +239,13 @@ class AuditQuery:
     cursor: str | None = None
 
 
+class InvalidAuditCursor(ValueError):
+    """An audit cursor this backend did not make (not a ``next_cursor`` it returned)."""
+
+    def __init__(self, cursor: str) -> None:
+        super().__init__(f"not an audit cursor: {cursor[:40]!r}; pass the next_cursor of the previous page")
+
+
 @dataclass(frozen=True)
 class GalleryStats:
     backend: str

@@ -14,10 +14,11 @@ from ..access.policy import Permission
 from ..errors import ErrorCode, ServiceError
 from ..gallery.api import COLLECTION_NAME_PATTERN, AliasInfo, AliasNotFound, CollectionExists, CollectionNotFound
 from .deps import ActorDep, StateDep, allow
+from .payload import StrictRoute
 from .schemas import AliasList, AliasOut, AliasSet, ErrorResponse
 
-ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (401, 403, 404, 409, 422)}
-router = APIRouter(tags=["aliases"], responses=ERRORS, dependencies=[allow(Permission.admin)])
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 415, 422)}
+router = APIRouter(route_class=StrictRoute, tags=["aliases"], responses=ERRORS, dependencies=[allow(Permission.admin)])
 AliasName = Annotated[str, Path(pattern=COLLECTION_NAME_PATTERN, max_length=63,
                                 description="The alias: a collection name's form, and no collection's name")]
 

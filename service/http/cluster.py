@@ -22,13 +22,13 @@ from ..model.registry import ServedModel
 from ..state import ServiceState
 from .deps import StateDep, allow
 from .faces import requested_model
-from .payload import body_docs, json_response, read_payload
+from .payload import StrictRoute, body_docs, json_response, read_payload
 from .schemas import Cluster, ClusterFace, ClusterRequest, ClusterResponse, ErrorResponse
 from .vectors import check_model, exactly_one, normalise
 
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 422)}
 log = logging.getLogger(__name__)
-router = APIRouter(tags=["faces"], dependencies=[allow(Permission.embed)], responses=ERRORS)
+router = APIRouter(route_class=StrictRoute, tags=["faces"], dependencies=[allow(Permission.embed)], responses=ERRORS)
 
 
 @router.post("/cluster", response_model=ClusterResponse, openapi_extra=body_docs(ClusterRequest, ("images",)),

@@ -23,10 +23,11 @@ from ..gallery.crops import CropsUnavailable
 from ..gallery.openset import GalleryCounts
 from ..state import ServiceState
 from .deps import ActorDep, PrincipalDep, StateDep, allow, resolve_collection
+from .payload import StrictRoute
 from .schemas import CollectionCreate, CollectionDeleted, CollectionList, CollectionOut, ErrorResponse
 
-ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (401, 403, 404, 409, 422)}
-router = APIRouter(tags=["collections"], responses=ERRORS)
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 415, 422)}
+router = APIRouter(route_class=StrictRoute, tags=["collections"], responses=ERRORS)
 CollectionName = Annotated[str, Path(pattern=COLLECTION_NAME_PATTERN, max_length=63)]
 
 

@@ -19,7 +19,7 @@ from ..faces.quality import raw_norms
 from ..model.registry import ServedModel
 from ..state import ServiceState
 from .deps import StateDep, allow
-from .payload import body_docs, json_response, read_payload
+from .payload import StrictRoute, body_docs, json_response, read_payload
 from .schemas import (
     DetectedImage,
     DetectRequest,
@@ -30,7 +30,7 @@ from .schemas import (
 )
 
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 422)}
-router = APIRouter(tags=["faces"], dependencies=[allow(Permission.embed)], responses=ERRORS)
+router = APIRouter(route_class=StrictRoute, tags=["faces"], dependencies=[allow(Permission.embed)], responses=ERRORS)
 
 
 @router.post("/embed", response_model=EmbedResponse, openapi_extra=body_docs(EmbedRequest, ("images",)),

@@ -31,7 +31,9 @@ from ..jobs.store import JobRecord
 from ..state import ServiceState
 from .deps import ActorDep, CollectionDep, StateDep, allow
 from .jobs import job_out
+from .payload import StrictRoute
 from .schemas import (
+    NO_NUL,
     BestOtherOut,
     DuplicateEvidence,
     DuplicatePairOut,
@@ -46,8 +48,8 @@ from .schemas import (
 )
 
 log = logging.getLogger(__name__)
-ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (401, 404, 409, 422)}
-router = APIRouter(tags=["hygiene"], dependencies=[allow(Permission.read, scoped=True)], responses=ERRORS)
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 415, 422)}
+router = APIRouter(route_class=StrictRoute, tags=["hygiene"], dependencies=[allow(Permission.read, scoped=True)], responses=ERRORS)
 
 Limit = Annotated[int, Query(ge=1, le=1000, description="At most this many items.")]
 
@@ -87,7 +89,7 @@ async def start_duplicates_job(state: StateDep, gallery: CollectionDep, actor: A
 
 
 @router.get("/duplicates/jobs/{job_id}", response_model=Job, summary="Read a duplicates scan job")
-async def get_duplicates_job(job_id: Annotated[str, Path(max_length=64)], state: StateDep,
+async def get_duplicates_job(job_id: Annotated[str, Path(max_length=64, pattern=NO_NUL)], state: StateDep,
                              gallery: CollectionDep) -> Job:
     """Its state and, once `done`, `duplicates`: what `GET /duplicates` would have answered. 404
     `job_not_found` for a job that is not a duplicates scan of this collection."""
@@ -187,7 +189,7 @@ async def start_outliers_job(state: StateDep, gallery: CollectionDep, actor: Act
 
 
 @router.get("/outliers/jobs/{job_id}", response_model=Job, summary="Read an outliers scan job")
-async def get_outliers_job(job_id: Annotated[str, Path(max_length=64)], state: StateDep,
+async def get_outliers_job(job_id: Annotated[str, Path(max_length=64, pattern=NO_NUL)], state: StateDep,
                            gallery: CollectionDep) -> Job:
     """Its state and, once `done`, `outliers`: what `GET /outliers` would have answered. 404
     `job_not_found` for a job that is not an outliers scan of this collection."""

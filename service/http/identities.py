@@ -24,7 +24,7 @@ from ..gallery.results import EnrollResult, FaceNotFound, IdentityNotFound, TooM
 from ..state import ServiceState
 from .collections import crop_key_missing
 from .deps import ActorDep, CollectionDep, PrincipalDep, ServedDep, StateDep, allow
-from .payload import body_docs, read_payload
+from .payload import StrictRoute, body_docs, read_payload
 from .schemas import (
     ID_PATTERN,
     DeleteResponse,
@@ -44,7 +44,7 @@ from .schemas import (
 from .vectors import list_source, source_vectors
 
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 422)}
-router = APIRouter(tags=["identities"], responses=ERRORS)
+router = APIRouter(route_class=StrictRoute, tags=["identities"], responses=ERRORS)
 READ = [allow(Permission.read, scoped=True)]
 WRITE = [allow(Permission.write, scoped=True)]
 

@@ -21,11 +21,12 @@ from ..jobs.migrate import JobFailed, start_migration
 from ..jobs.scan import SCANS
 from ..jobs.store import FINISHED_STATES, STATES, JobRecord, JobRunning
 from .deps import ActorDep, StateDep, allow, resolve_collection
-from .schemas import ErrorResponse, Job, JobCreated, JobList, MigrateRequest
+from .payload import StrictRoute
+from .schemas import NO_NUL, ErrorResponse, Job, JobCreated, JobList, MigrateRequest
 
-ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (401, 403, 404, 409, 422)}
-router = APIRouter(tags=["jobs"], responses=ERRORS)
-JobId = Annotated[str, Path(max_length=64)]
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 415, 422)}
+router = APIRouter(route_class=StrictRoute, tags=["jobs"], responses=ERRORS)
+JobId = Annotated[str, Path(max_length=64, pattern=NO_NUL)]
 
 
 def job_out(job: JobRecord) -> Job:
@@ -67,8 +68,8 @@ async def migrate_collection(collection: str, body: MigrateRequest, state: State
 
 
 @router.get("/jobs", response_model=JobList, summary="List jobs", dependencies=[allow(Permission.admin)])
-async def list_jobs(state: StateDep, collection: str | None = Query(None, max_length=63),
-                    job_state: str | None = Query(None, alias="state", description=", ".join(STATES)),
+async def list_jobs(state: StateDep, collection: str | None = Query(None, max_length=63, pattern=NO_NUL),
+                    job_state: str | None = Query(None, alias="state", pattern=NO_NUL, description=", ".join(STATES)),
                     limit: int = Query(100, ge=1, le=1000)) -> JobList:
     """Newest first; `collection` (the source) and `state` filter."""
     if job_state is not None and job_state not in STATES:

@@ -13,10 +13,11 @@ from ..access.policy import Permission
 from ..errors import ErrorCode, ServiceError
 from ..gallery.api import CollectionNotFound
 from .deps import ActorDep, PrincipalDep, StateDep, allow
-from .schemas import ErrorResponse, KeyCreate, KeyCreated, KeyList, KeyOut, KeyRevoked, WhoAmI
+from .payload import StrictRoute
+from .schemas import NO_NUL, ErrorResponse, KeyCreate, KeyCreated, KeyList, KeyOut, KeyRevoked, WhoAmI
 
-ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (401, 403, 404, 422)}
-router = APIRouter(tags=["keys"], responses=ERRORS)
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 415, 422)}
+router = APIRouter(route_class=StrictRoute, tags=["keys"], responses=ERRORS)
 ADMIN = [allow(Permission.admin)]
 
 
@@ -47,7 +48,7 @@ async def list_keys(state: StateDep) -> KeyList:
 
 
 @router.delete("/keys/{key_id}", response_model=KeyRevoked, summary="Revoke an API key", dependencies=ADMIN)
-async def revoke_key(key_id: Annotated[str, Path(max_length=64)], state: StateDep, actor: ActorDep) -> KeyRevoked:
+async def revoke_key(key_id: Annotated[str, Path(max_length=64, pattern=NO_NUL)], state: StateDep, actor: ActorDep) -> KeyRevoked:
     """Refused at once on this replica, within FACE_KEY_CACHE_S (1 s) on every other replica sharing the
     database. The key stays listed (revoked) for the audit trail."""
     revoked = await run_in_threadpool(state.galleries.revoke_key, key_id, actor)

@@ -18,9 +18,10 @@ from ..faces.quality import quality_in_force
 from ..gallery.openset import GalleryCounts
 from ..state import ServiceState
 from .deps import StateDep, allow, resolve_principal
+from .payload import StrictRoute
 from .schemas import CollectionThreshold, ModelStatus, ReadyResponse, ReadyStatus
 
-router = APIRouter(tags=["operations"])
+router = APIRouter(route_class=StrictRoute, tags=["operations"])
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})  # never need the API key (load balancers, orchestrators)
 
 

@@ -10,10 +10,12 @@ import json
 import re
 import types
 import typing
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fastapi import Request, Response
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -52,6 +54,70 @@ def parse_json(text: str | bytes, what: str = "the body") -> Any:
         raise ServiceError(ErrorCode.malformed_json, f"{what} is nested too deeply") from exc
     except (ValueError, UnicodeDecodeError) as exc:
         raise ServiceError(ErrorCode.malformed_json, f"{what} is not valid JSON: {exc}") from exc
+
+
+class _ParsedJSONRequest(Request):
+    """A request whose JSON body was already parsed (strictly): what FastAPI's ``await request.json()`` gets."""
+
+    parsed: Any = None
+
+    async def json(self) -> Any:
+        return self.parsed
+
+
+def _text_problem(value: Any) -> str | None:
+    """What makes ``value`` (a parsed JSON value, at any depth) hold text no store keeps: a NUL
+    (PostgreSQL's text refuses it) or a lone surrogate (not Unicode: UTF-8 cannot encode it); else None."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            return "a NUL character (U+0000)"
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return "text that is not valid Unicode (a lone surrogate)"
+        return None
+    if isinstance(value, dict):
+        value = [*value.keys(), *value.values()]
+    if isinstance(value, list):
+        return next((problem for item in value if (problem := _text_problem(item))), None)
+    return None
+
+
+class StrictRoute(APIRoute):
+    """The route class of every router. A JSON body that FastAPI itself parses (the routes without
+    images: keys, collections, aliases, merges, moves, jobs) is read as ``read_payload`` reads the
+    others: strict JSON (``parse_json``: NaN and Infinity refused, nesting too deep for the parser a 400
+    ``malformed_json`` like any other bad JSON), in no other content type (415
+    ``unsupported_media_type``), and with no NUL or lone surrogate in its text (422 ``invalid_request``:
+    PostgreSQL's text cannot hold either). FastAPI alone would take NaN and a lone surrogate, and answer
+    bad JSON with a 422 ``invalid_request`` and too deep a body with a bare 400. (Free text in a path or
+    a query is refused a NUL by its parameter: ``schemas.NO_NUL``.)"""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        if self.body_field is None:  # no body, or one that read_payload reads
+            return handler
+
+        async def strict(request: Request) -> Response:
+            scope = request.scope
+            content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if not content_type:  # JSON, as on every route (a FastAPI with strict content types would refuse it)
+                headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"]
+                scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+            parsed = _ParsedJSONRequest(scope, request.receive)
+            body = await parsed.body()
+            if body:
+                if content_type not in ("application/json", ""):
+                    raise ServiceError(ErrorCode.unsupported_media_type,
+                                       f"content type {content_type!r} is not accepted; send application/json")
+                parsed.parsed = parse_json(body)
+                if problem := _text_problem(parsed.parsed):
+                    raise ServiceError(ErrorCode.invalid_request, f"the request body holds {problem}",
+                                       errors=[{"field": "body", "message": f"holds {problem}"}])
+            return await handler(parsed)
+
+        return strict
 
 
 async def read_payload(
@@ -274,7 +340,7 @@ async def _read_multipart(request, model, list_fields, single_fields, max_images
         value = values[-1]
         if isinstance(value, UploadFile):
             raise ServiceError(ErrorCode.invalid_request, f"field {key!r} must not be a file")
-        if len(values) > 1 and key in fields and fields[key].annotation == (list[int] | None):
+        if len(values) > 1 and key in fields and _takes_integers(fields[key].annotation):
             value = ",".join(str(v) for v in values)  # a repeated field of ids (face_ids=3&face_ids=5)
         if key in fields and value.strip() == "None" and _takes_none(fields[key].annotation):
             continue  # str(None), as generated clients send an optional field left None: not given
@@ -293,6 +359,17 @@ def _takes_text(annotation: Any) -> bool:
         return True
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         return any(_takes_text(arg) for arg in typing.get_args(annotation))
+    return False
+
+
+def _takes_integers(annotation: Any) -> bool:
+    """Is this field a list of integers (``face_ids``: ``list[FaceId]``, optional or not)?"""
+    for arg in typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
+            else (annotation,):
+        if typing.get_origin(arg) is list:
+            item = typing.get_args(arg)[0]
+            if (typing.get_args(item)[0] if typing.get_origin(item) is typing.Annotated else item) is int:
+                return True
     return False
 
 

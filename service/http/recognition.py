@@ -19,7 +19,7 @@ from ..gallery.identity_ids import find_identity
 from ..gallery.openset import IdentifyThreshold
 from ..state import ServiceState
 from .deps import CollectionDep, ServedDep, StateDep, allow, charge_faces
-from .payload import body_docs, read_payload
+from .payload import StrictRoute, body_docs, read_payload
 from .schemas import (
     Candidate,
     ErrorResponse,
@@ -32,7 +32,8 @@ from .schemas import (
 from .vectors import list_source, source_vectors, verify_source
 
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 422)}
-router = APIRouter(tags=["recognition"], dependencies=[allow(Permission.read, scoped=True)], responses=ERRORS)
+router = APIRouter(route_class=StrictRoute, tags=["recognition"], dependencies=[allow(Permission.read, scoped=True)],
+                   responses=ERRORS)
 
 
 @router.post("/verify", response_model=VerifyResponse,

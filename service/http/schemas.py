@@ -158,6 +158,11 @@ class FaceQuality(BaseModel):
     parts: dict[str, QualityPart]
 
 
+# free text in a path or a query (a job or key id, a filter): no NUL, which no id holds and PostgreSQL's text
+# cannot (a lookup would fail there instead of finding nothing)
+NO_NUL = r"^[^\x00]*$"
+
+
 QualityLimit = Annotated[float | None, Field(ge=0.0, le=1.0)]
 
 
@@ -173,7 +178,9 @@ def _split_face_ids(value: Any) -> Any:
     return value
 
 
-FaceIds = Annotated[list[int] | None, BeforeValidator(_split_face_ids)]
+# a face id as both galleries store it: a positive 64-bit integer (larger ones would fail in the database)
+FaceId = Annotated[int, Field(ge=1, le=2**63 - 1)]
+FaceIds = Annotated[list[FaceId] | None, BeforeValidator(_split_face_ids)]
 
 
 # --- embed ------------------------------------------------------------------------------------
@@ -454,7 +461,7 @@ class CollectionThreshold(BaseModel):
 
 
 class CollectionCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     name: str = Field(description="Lower-case letters, digits, `-` and `_`, 1-63 characters, starting with a letter "
                       "or digit.", examples=["front-desk"])
     keep_crops: bool = Field(False, description="Keep the aligned crop of every face enrolled from an image, "
@@ -488,7 +495,7 @@ class CollectionDeleted(BaseModel):
 
 
 class KeyCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     role: Literal["admin", "write", "read", "embed"]
     collections: list[str] | None = Field(None, description="The collections the key may touch; null: all.")
     note: str | None = Field(None, max_length=500)
@@ -549,7 +556,7 @@ class WhoAmI(BaseModel):
 
 
 class AliasSet(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     collection: str = Field(max_length=200, description="The collection the alias points to (a collection, not "
                             "another alias).", examples=["faces-v2"])
 
@@ -594,7 +601,7 @@ class DuplicatesResponse(BaseModel):
 class DuplicatesJobRequest(BaseModel):
     """The scan ``GET /duplicates`` runs, as a job (the same parameters and defaults)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     min_score: float | None = Field(None, ge=-1.0, le=1.0, description="List pairs whose best face pair scores "
                                     "at least this (instead of max_false_alarm).")
     max_false_alarm: float | None = Field(None, gt=0.0, lt=1.0, description="Without min_score: list pairs from the "
@@ -607,7 +614,7 @@ class DuplicatesJobRequest(BaseModel):
 class OutliersJobRequest(BaseModel):
     """The scan ``GET /outliers`` runs, as a job (the same parameters and defaults)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     min_score: float | None = Field(None, ge=-1.0, le=1.0, description="A face whose best score against its "
                                     "identity's other faces is below this is listed (default: the 1:1 verify "
                                     "threshold in force).")
@@ -681,7 +688,7 @@ class ClusterResponse(BaseModel):
 
 # --- jobs (service/jobs): migrating a collection to another model ---------------------------------
 class MigrateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     model: str = Field(max_length=63, description="The served model (FACE_MODELS name) that re-embeds the faces. "
                        "Unknown: 404 `model_not_found`.", examples=["new"])
     into: str = Field(max_length=63, description="The new collection, created pinned to `model` with "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import httpx
 import numpy as np
@@ -98,6 +99,16 @@ def test_bad_requests_get_codes_and_change_nothing(client):
     assert error_code(client.get("/no-such-route")) == "not_found"
     assert error_code(client.get("/identities", params={"limit": 0})) == "invalid_request"
     assert error_code(client.post("/identify", json={"images": [b64(FACE)], "top_k": 0})) == "invalid_request"
+
+    # text that is not valid Unicode (a lone surrogate, which JSON can spell) or holds a NUL, in a body
+    # that FastAPI parses: refused (it was echoed in an error that could not be written, or sent to
+    # PostgreSQL, which cannot hold it: 500s)
+    for path, body in (("/collections", {"name": "\ud800"}), ("/keys", {"role": "read", "collections": ["\ud800"]}),
+                       ("/keys", {"role": "read", "note": "a\x00b"})):
+        r = client.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+        assert (r.status_code, error_code(r)) == (422, "invalid_request"), (path, r.text[:300])
+        assert r.json()["error"]["details"]["errors"][0]["field"] == "body"
+    assert not any(k["note"] == "a\x00b" for k in client.get("/keys").json()["items"])  # no key was made
 
     # nothing stored changed and the process still serves
     assert client.get(f"/identities/{identity}").json() == before

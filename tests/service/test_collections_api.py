@@ -182,6 +182,11 @@ def test_every_change_is_audited_with_who_when_and_what(served):
         if not cursor:
             break
     assert seen == actions
+    # a cursor neither backend made: 422 on the cursor, not a 500 (nor a database error)
+    for bad in ("", "abc", "1:2", "9" * 30, "-5", "1.5:default:" + "9" * 30, "nan:default:1", "inf:default:1"):
+        r = served.get("/audit", params={"cursor": bad})
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request", (bad, r.text[:300])
+        assert r.json()["error"]["details"]["errors"][0]["field"] == "query.cursor"
     only_zoe = served.get("/audit", params={"identity_id": "zoe", "collection": "audited"}).json()["items"]
     assert {e["action"] for e in only_zoe} == {"identity.created", "identity.replaced", "identity.deleted"}
     for entry in served.get("/audit", params={"limit": 1000}).json()["items"]:  # never an image or a vector

@@ -221,8 +221,12 @@ def test_bad_probes_and_queries_get_codes(planted: Planted):
     for body in two_sources:
         r = client.post(url, json=body)
         assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request", (body, r.text)
-    for body in ({"face_ids": []}, {"face_ids": ["a"]}, {"face_ids": [1.5]}):
-        assert client.post(url, json=body).status_code == 422, body
+    for body in ({"face_ids": []}, {"face_ids": ["a"]}, {"face_ids": [1.5]}, {"face_ids": [0]}, {"face_ids": [-1]},
+                 {"face_ids": [2**63]}, {"face_ids": [known, -(2**70)]}):  # past a database integer: 422, not 500
+        r = client.post(url, json=body)
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request", (body, r.text[:300])
+    r = client.post(url, files=[("face_ids", (None, f"{known},{10**30}"))])  # a form's comma list
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request", r.text[:300]
     r = client.post(url, json={"identity_id": "nobody-here"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "identity_not_found"
     for path, params in (("duplicates", {"limit": 0}), ("duplicates", {"limit": 1001}),

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import heapq
 import json
+import math
 import sqlite3
 from collections.abc import Iterable
 from typing import NamedTuple
 
-from ..api import Actor, AuditEntry, AuditQuery
+from ..api import Actor, AuditEntry, AuditQuery, InvalidAuditCursor
 
 CATALOG_SOURCE = "_catalog"  # not a valid collection name: never confused with one
 
@@ -71,6 +72,9 @@ def all_rows(conn: sqlite3.Connection) -> list[Row]:
         "ORDER BY at, seq")]
 
 
+SQLITE_INTEGER_MAX = 2**63 - 1
+
+
 class Cursor(NamedTuple):
     at: float
     source: str
@@ -78,9 +82,16 @@ class Cursor(NamedTuple):
 
 
 def parse_cursor(entry_id: str) -> Cursor:
-    """ValueError for an id this backend did not make."""
-    at, source, seq = entry_id.split(":")
-    return Cursor(float(at), source, int(seq))
+    """InvalidAuditCursor for an id this backend did not make (its parts are a finite time, a store's
+    name and a row number SQLite can hold)."""
+    try:
+        at, source, seq = entry_id.split(":")
+        cursor = Cursor(float(at), source, int(seq))
+    except ValueError:
+        raise InvalidAuditCursor(entry_id) from None
+    if not (math.isfinite(cursor.at) and source and 0 < cursor.seq <= SQLITE_INTEGER_MAX):
+        raise InvalidAuditCursor(entry_id)
+    return cursor
 
 
 def query(conn: sqlite3.Connection, source: str, q: AuditQuery) -> list[tuple[tuple[float, str, int], AuditEntry]]:

@@ -544,7 +544,7 @@ class EmbeddedGalleries:
 
     def audit(self, query: AuditQuery) -> list[AuditEntry]:
         if query.cursor is not None:
-            audit.parse_cursor(query.cursor)  # ValueError for a cursor this backend did not make
+            audit.parse_cursor(query.cursor)  # InvalidAuditCursor for a cursor this backend did not make
         with self._shape:
             pages = [self._catalog.audit(query)]
             for name, store in self._stores(query.collection):

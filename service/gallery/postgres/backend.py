@@ -70,6 +70,7 @@ from ..api import (
     GalleryStats,
     GalleryUnavailable,
     IdentityExists,
+    InvalidAuditCursor,
     KeyExists,
     ReadTarget,
     StoredKey,
@@ -1031,7 +1032,9 @@ class PostgresGalleries:
             try:
                 cursor = int(query.cursor)
             except ValueError:
-                raise ValueError(f"not an audit cursor: {query.cursor[:40]!r}") from None
+                raise InvalidAuditCursor(query.cursor) from None
+            if not 0 < cursor <= 2**63 - 1:  # an entry_id is a positive bigint
+                raise InvalidAuditCursor(query.cursor)
             where.append(sql.SQL("entry_id < %s"))
             params.append(cursor)
         statement = sql.SQL(
