@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     from .app import create_app
+    from .http.connections import http_protocol
 
     try:
         app = create_app(settings)
@@ -111,7 +112,8 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger("service").exception("could not create the app")
         sys.exit(2)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
-                            lifespan="on", timeout_graceful_shutdown=10)
+                            lifespan="on", timeout_graceful_shutdown=10,
+                            http=http_protocol(settings.http_header_timeout_s, settings.http_body_timeout_s))
     server = uvicorn.Server(config)
     server.run()
     if not server.started:  # lifespan start-up failed: the reason is in the log above

@@ -175,6 +175,12 @@ class Settings(BaseSettings):
 
     # --- request limits ---------------------------------------------------------------------
     max_request_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Whole request body.")
+    http_header_timeout_s: float = Field(
+        20.0, gt=0, description="A connection whose request line and headers have not all arrived this long after it "
+        "opened (or after its previous response) is closed: idle or trickling connections (slowloris) cannot pile up.")
+    http_body_timeout_s: float = Field(
+        60.0, gt=0, description="Longest wait for the next part of a request body whose headers are in; past it the "
+        "connection is closed (and the request dropped).")
     max_image_bytes: int = Field(8 * 1024 * 1024, ge=100, description="One encoded image.")
     max_faces_per_request: int = Field(
         64, ge=1, le=4096, description="Images per request, and faces found in a request's photos."

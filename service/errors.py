@@ -144,6 +144,9 @@ STATUS: dict[ErrorCode, int] = {
 
 # seconds a client should wait before retrying (the Retry-After header of these errors)
 RETRY_AFTER_S: dict[ErrorCode, int] = {ErrorCode.overloaded: 1}
+# errors answered before the request's body was read whole: the connection is closed after them
+# (Connection: close), not left waiting for the rest of a body nobody reads
+CLOSE_CONNECTION = frozenset({ErrorCode.payload_too_large})
 
 
 class ServiceError(Exception):
@@ -162,6 +165,8 @@ class ServiceError(Exception):
 
     @property
     def headers(self) -> dict[str, str]:
+        if self.code in CLOSE_CONNECTION:
+            return {"Connection": "close"}
         if self.retry_after_s is not None:
             return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
         retry_after = RETRY_AFTER_S.get(self.code)

@@ -129,6 +129,11 @@ def test_a_chunked_oversized_multipart_is_payload_too_large(client):
     except httpx.TransportError:  # the server may close before the client has sent all 50 MB
         pytest.fail("the server hung up without an answer")
     assert code(r) == (413, "payload_too_large")
+    # the rest of the body is never read: the connection is closed after the answer, not left to parse
+    # the remaining bytes as the next request
+    assert r.headers["connection"] == "close"
+    r = client.post("/embed", content=b"x" * (3 << 20), headers={"content-type": "application/json"})
+    assert code(r) == (413, "payload_too_large") and r.headers["connection"] == "close"  # refused by its length
 
 
 def test_a_cmyk_jpeg_is_converted_as_an_aligned_crop(client):
