@@ -84,15 +84,25 @@ def _text_problem(value: Any) -> str | None:
     return None
 
 
+def _json_text(body: bytes) -> Any:
+    """A JSON body whose text every store can hold (``parse_json``, then ``_text_problem``)."""
+    value = parse_json(body)
+    if problem := _text_problem(value):
+        raise ServiceError(ErrorCode.invalid_request, f"the request body holds {problem}",
+                           errors=[{"field": "body", "message": f"holds {problem}"}])
+    return value
+
+
 class StrictRoute(APIRoute):
     """The route class of every router. A JSON body that FastAPI itself parses (the routes without
     images: keys, collections, aliases, merges, moves, jobs) is read as ``read_payload`` reads the
     others: strict JSON (``parse_json``: NaN and Infinity refused, nesting too deep for the parser a 400
     ``malformed_json`` like any other bad JSON), in no other content type (415
     ``unsupported_media_type``), and with no NUL or lone surrogate in its text (422 ``invalid_request``:
-    PostgreSQL's text cannot hold either). FastAPI alone would take NaN and a lone surrogate, and answer
-    bad JSON with a 422 ``invalid_request`` and too deep a body with a bare 400. (Free text in a path or
-    a query is refused a NUL by its parameter: ``schemas.NO_NUL``.)"""
+    PostgreSQL's text cannot hold either); from ``LARGE_BODY_BYTES`` on, in a worker thread. FastAPI
+    alone would take NaN and a lone surrogate, and answer bad JSON with a 422 ``invalid_request`` and too
+    deep a body with a bare 400. (Free text in a path or a query is refused a NUL by its parameter:
+    ``schemas.NO_NUL``.)"""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -111,10 +121,8 @@ class StrictRoute(APIRoute):
                 if content_type not in ("application/json", ""):
                     raise ServiceError(ErrorCode.unsupported_media_type,
                                        f"content type {content_type!r} is not accepted; send application/json")
-                parsed.parsed = parse_json(body)
-                if problem := _text_problem(parsed.parsed):
-                    raise ServiceError(ErrorCode.invalid_request, f"the request body holds {problem}",
-                                       errors=[{"field": "body", "message": f"holds {problem}"}])
+                parsed.parsed = _json_text(body) if len(body) < LARGE_BODY_BYTES \
+                    else await run_in_threadpool(_json_text, body)
             return await handler(parsed)
 
         return strict

@@ -239,6 +239,12 @@ def test_every_json_body_route_reads_its_body_one_way(swept, planted):
                 assert (r.status_code, r.json()["error"]["code"]) == (400, "malformed_json"), (method, url, raw[:20], r.text[:200])
             r = client.request(method, url, content=b"{}", headers={"content-type": "text/plain"})
             assert (r.status_code, r.json()["error"]["code"]) == (415, "unsupported_media_type"), (method, url, r.text[:200])
+        # a body of 1 MiB or more is read in a worker thread, and checked the same
+        big = json.dumps({"role": "read", "note": "a" * (2 << 20) + "\x00"})
+        r = client.post("/keys", content=big, headers={"content-type": "application/json"})
+        assert (r.status_code, r.json()["error"]["code"]) == (422, "invalid_request"), r.text[:200]
+        r = client.post("/keys", content=big.replace("\\u0000", "\\ud800"), headers={"content-type": "application/json"})
+        assert (r.status_code, r.json()["error"]["code"]) == (422, "invalid_request"), r.text[:200]
         # no content type: read as JSON, as everywhere
         r = client.post("/collections", content=json.dumps({"name": "untyped"}), headers={"content-type": ""})
         assert r.status_code == 201, r.text[:200]
