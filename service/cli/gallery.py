@@ -34,6 +34,7 @@ import base64
 import contextlib
 import json
 import logging
+import math
 import sys
 import time
 from collections import Counter
@@ -45,6 +46,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..config import Settings
+from ..errors import ServiceError
+from ..faces.metadata import MetadataLimits, check_metadata
 from ..gallery import identity_ids
 from ..gallery.api import (
     DEFAULT_COLLECTION,
@@ -62,6 +65,7 @@ from ..gallery.api import (
 from ..gallery.crops import CropKeyError, encode_crop
 from ..gallery.open import open_gallery
 from ..model.files import replace_atomically
+from ..model.preprocess import MIN_NORM
 from . import migrate
 from .backend import (
     CommandError,
@@ -101,11 +105,29 @@ def _encode(vector: np.ndarray) -> str:
     return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
 
 
-def _decode(text: str, dim: int) -> np.ndarray:
-    vector = np.frombuffer(base64.b64decode(text, validate=True), dtype="<f4")
-    if vector.shape != (dim,):
-        raise GalleryFileError(f"an embedding has {vector.size} values, the header says {dim}")
-    return vector.astype(np.float32)
+def _decode(text: object, dim: int) -> np.ndarray:
+    """One embedding of a gallery file: base64 of ``dim`` little-endian float32s, finite and not (near)
+    zero; a vector that is not unit length is normalised, as the API normalises a client's vectors
+    (exported ones are unit vectors already and come back bit for bit)."""
+    if not isinstance(text, str):
+        raise GalleryFileError(f"an embedding is {type(text).__name__}, not base64 text")
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except ValueError as exc:  # binascii.Error
+        raise GalleryFileError(f"an embedding is not base64: {exc}") from None
+    if len(raw) != 4 * dim:
+        raise GalleryFileError(f"an embedding has {len(raw) / 4:g} values, the header says {dim}")
+    vector = np.frombuffer(raw, dtype="<f4").astype(np.float32)
+    norm = float(np.linalg.norm(vector.astype(np.float64)))
+    if not np.isfinite(vector).all() or not math.isfinite(norm):
+        raise GalleryFileError("an embedding has NaN or infinite values")
+    if norm < MIN_NORM:
+        raise GalleryFileError(f"an embedding has norm {norm:.3g}: it cannot be normalised")
+    return vector if abs(norm - 1.0) < 1e-3 else (vector / norm).astype(np.float32)
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
 
 
 @dataclass
@@ -143,8 +165,13 @@ def _write_gallery(gallery: GalleryBackend, tmp: Path, page: int, done: Transfer
         out.write(json.dumps({"end": True, "identities": done.identities, "faces": done.faces}) + "\n")
 
 
-def read_gallery_file(path: Path, model_id: str, dim: int) -> Iterator[tuple[str, np.ndarray, dict]]:
-    """Yield (identity id, embeddings, metadata) from a gallery file after checking its header."""
+def read_gallery_file(path: Path, model_id: str, dim: int, metadata: MetadataLimits | None = None,
+                      ) -> Iterator[tuple[str, np.ndarray, dict]]:
+    """Yield (identity id, embeddings, metadata) from a gallery file after checking its header. Each
+    line is checked as the API checks a request (strict JSON, the identity id rule, embeddings, the
+    metadata rule within ``metadata``): a file someone else made is refused with the line that is
+    wrong (``GalleryFileError``), never stored half-valid."""
+    limits = metadata or MetadataLimits()
     with open(path, encoding="utf-8") as lines:
         try:
             header = json.loads(next(lines))
@@ -159,23 +186,46 @@ def read_gallery_file(path: Path, model_id: str, dim: int) -> Iterator[tuple[str
                 f"the configured model is {model_id!r} ({dim}-d). Embeddings of different models are not "
                 "comparable: re-enroll the photos with this model instead.")
         for number, line in enumerate(lines, start=2):
-            item = json.loads(line)
-            if item.get("end"):
+            try:
+                item = _read_line(line, dim, limits)
+            except GalleryFileError as exc:
+                raise GalleryFileError(f"{path} line {number}: {exc}") from None
+            if item is None:
                 return
-            # the API's rule for new ids (identity_ids): NFC, nothing invisible
-            identity = identity_ids.normalise(item["identity_id"]) if isinstance(item.get("identity_id"), str) else None
-            why = "not a string" if identity is None else identity_ids.problem(identity)
-            if identity is None or why is not None:
-                raise GalleryFileError(f"{path} line {number}: {item.get('identity_id')!r} is not a valid identity id: {why}")
-            embeddings = np.stack([_decode(e, dim) for e in item["embeddings"]]) if item["embeddings"] else None
-            if embeddings is None:
-                raise GalleryFileError(f"{path} line {number}: identity {identity!r} has no embeddings")
-            yield identity, embeddings, item.get("metadata") or {}
+            yield item
     raise GalleryFileError(f"{path} ends without its end line: the file is incomplete")
 
 
+def _read_line(line: str, dim: int, limits: MetadataLimits) -> tuple[str, np.ndarray, dict] | None:
+    """One identity of a gallery file, or None for the end line."""
+    try:
+        item = json.loads(line, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as exc:
+        raise GalleryFileError(f"not JSON: {str(exc)[:200]}") from None
+    if not isinstance(item, dict):
+        raise GalleryFileError(f"a {type(item).__name__}, not an identity object")
+    if item.get("end"):
+        return None
+    # the API's rule for new ids (identity_ids): NFC, nothing invisible
+    identity = identity_ids.normalise(item["identity_id"]) if isinstance(item.get("identity_id"), str) else None
+    why = "not a string" if identity is None else identity_ids.problem(identity)
+    if identity is None or why is not None:
+        raise GalleryFileError(f"{item.get('identity_id')!r} is not a valid identity id: {why}")
+    vectors = item.get("embeddings")
+    if not isinstance(vectors, list) or not vectors:
+        raise GalleryFileError(f"identity {identity!r} has no embeddings (a list of base64 vectors)")
+    embeddings = np.stack([_decode(v, dim) for v in vectors])
+    metadata = item.get("metadata") or {}
+    try:
+        check_metadata(metadata, limits)
+    except ServiceError as exc:
+        raise GalleryFileError(f"identity {identity!r}: {exc.message}") from None
+    return identity, embeddings, metadata
+
+
 def import_gallery(gallery: GalleryBackend, path: Path, batch: int = 1000,
-                   progress: Callable[[Transfer], None] | None = None) -> Transfer:
+                   progress: Callable[[Transfer], None] | None = None, metadata: MetadataLimits | None = None,
+                   ) -> Transfer:
     """Import a gallery file; identities already in the gallery are skipped (so an import can resume).
 
     The file is checked whole (header, model, end line) before anything is written. A keep_crops
@@ -184,7 +234,7 @@ def import_gallery(gallery: GalleryBackend, path: Path, batch: int = 1000,
     if gallery.keep_crops:
         raise GalleryFileError(f"the collection {gallery.name!r} keeps face crops (keep_crops) and a gallery file "
                                "holds embeddings only: enroll the photos instead (python -m service gallery enroll)")
-    for _ in read_gallery_file(path, gallery.model_id, gallery.dim):
+    for _ in read_gallery_file(path, gallery.model_id, gallery.dim, metadata):
         pass
     done = Transfer()
     pending: list = []
@@ -204,7 +254,7 @@ def import_gallery(gallery: GalleryBackend, path: Path, batch: int = 1000,
         if progress:
             progress(done)
 
-    for item in read_gallery_file(path, gallery.model_id, gallery.dim):
+    for item in read_gallery_file(path, gallery.model_id, gallery.dim, metadata):
         pending.append(item)
         if len(pending) >= batch:
             flush()
@@ -448,7 +498,8 @@ def main(argv: list[str]) -> int:
                     bulk = getattr(gallery, "index_built_after", None) if args.build_index_after else None
                     with bulk() if bulk else contextlib.nullcontext():
                         done = import_gallery(gallery, args.file, args.batch, progress=lambda d: _progress_line(
-                            f"imported {d.identities} identities, {d.faces} faces, skipped {len(d.skipped)}"))
+                            f"imported {d.identities} identities, {d.faces} faces, skipped {len(d.skipped)}"),
+                            metadata=MetadataLimits(settings.max_metadata_bytes, settings.max_metadata_depth))
             finally:
                 galleries.close()
             report = {"command": args.command, "file": str(args.file), "backend": galleries.backend,

@@ -15,13 +15,10 @@ import numpy as np
 
 from ..errors import ErrorCode, ServiceError
 from ..faces.pipeline import FaceBatch, ImageType, MultiFace, embed_images
+from ..model.preprocess import MIN_NORM
 from ..model.registry import ServedModel
 from ..state import ServiceState
 from .schemas import EnrollRequest, IdentifyRequest, VerifyRequest
-
-# Below this norm a vector has no reliable direction (and no model emits one): refuse it rather than
-# blow float noise up to a unit vector that matches someone at random.
-MIN_NORM = 1e-6
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,12 @@ def row_norms(x: np.ndarray, keepdims: bool = False) -> np.ndarray:
     return np.sqrt(squares)
 
 
+# Below this norm a vector has no reliable direction (and no model emits one): a client's (http/vectors)
+# or a gallery file's (cli/gallery) is refused rather than float noise blown up to a unit vector that
+# matches someone at random.
+MIN_NORM = 1e-6
+
+
 def l2_normalise(embeddings: np.ndarray) -> np.ndarray:
     norms = row_norms(np.asarray(embeddings), keepdims=True)
     return (embeddings / np.maximum(norms, 1e-12)).astype(np.float32)

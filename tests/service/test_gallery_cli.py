@@ -103,12 +103,62 @@ def test_import_refuses_another_model_and_a_cut_file(tmp_path, default_model):
     target.close()
 
 
+def test_import_refuses_a_hostile_file_by_its_line_and_writes_nothing(tmp_path, default_model):
+    """A gallery file someone else made is checked line by line as the API checks a request: a broken
+    line is an error naming it (exit 2, no traceback) before anything is written. (Each of these was
+    a traceback, or stored: metadata the API refuses, a vector of NaNs, a zero vector.)"""
+    import base64
+
+    data = tmp_path / "data"
+    dim = read_contract(default_model).embedding_size
+    header = json.dumps({"format": "face-gallery", "version": 1, "model_id": read_contract(default_model).model_id,
+                         "embedding_size": dim, "dtype": "float32"})
+
+    def b64(values) -> str:
+        return base64.b64encode(np.asarray(values, "<f4").tobytes()).decode()
+
+    unit = b64(np.ones(dim) / np.sqrt(dim))
+    good = json.dumps({"identity_id": "fine", "metadata": {}, "embeddings": [unit]})
+    bad_lines = {
+        "not JSON": "not json",
+        "not an identity object": "[1, 2]",
+        "not base64": json.dumps({"identity_id": "x", "embeddings": ["!!!"]}),
+        "values, the header says": json.dumps({"identity_id": "x", "embeddings": ["AAAA"]}),
+        "not base64 text": json.dumps({"identity_id": "x", "embeddings": [1]}),
+        "has no embeddings": json.dumps({"identity_id": "x", "embeddings": "AAAA"}),
+        "NaN or infinite": json.dumps({"identity_id": "x", "embeddings": [b64(np.full(dim, np.nan))]}),
+        "cannot be normalised": json.dumps({"identity_id": "x", "embeddings": [b64(np.zeros(dim))]}),
+        "metadata must be a JSON object": json.dumps({"identity_id": "x", "metadata": "text", "embeddings": [unit]}),
+        "NaN is not valid JSON": json.dumps({"identity_id": "x", "metadata": {"a": float("nan")}, "embeddings": [unit]}),
+        "not valid Unicode": json.dumps({"identity_id": "x", "metadata": {"a": "\ud800"}, "embeddings": [unit]}),
+    }
+    for reason, line in bad_lines.items():
+        path = tmp_path / "bad.jsonl"
+        path.write_text("\n".join([header, good, line, json.dumps({"end": True})]) + "\n")
+        r = run_cli(["--data-dir", str(data), "--model", str(default_model), "import", str(path)])
+        assert r.returncode == 2 and "line 3" in r.stderr and reason in r.stderr, (reason, r.stderr[-500:])
+        assert "Traceback" not in r.stderr, r.stderr[-500:]
+    target = opened(Settings(data_dir=data), default_model)
+    assert target.stats().identities == 0  # "fine", on the line before each, was never written
+    target.close()
+    # a vector that is not unit length is normalised, as the API normalises a client's
+    path = tmp_path / "long.jsonl"
+    path.write_text("\n".join([header, json.dumps({"identity_id": "long", "embeddings": [b64(np.full(dim, 3.0))]}),
+                               json.dumps({"end": True})]) + "\n")
+    assert run_cli(["--data-dir", str(data), "--model", str(default_model), "import", str(path)]).returncode == 0
+    target = opened(Settings(data_dir=data), default_model)
+    stored = target.collection("default").identity_embeddings("long")
+    target.close()
+    assert np.allclose(np.linalg.norm(stored, axis=1), 1.0, atol=1e-5)
+
+
 def test_export_and_import_take_a_collection(tmp_path, default_model):
     """``--collection``: export one collection, import into a collection of another gallery; a
     collection that does not exist is an error (exit 2), never a silent write to another."""
     contract = read_contract(default_model)
     rng = np.random.default_rng(3)
     v = rng.normal(size=(2, contract.embedding_size)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)  # unit vectors, as the service stores (an import normalises)
     source = opened(Settings(data_dir=tmp_path / "src"), default_model)
     source.create_collection("site-a")
     source.collection("site-a").enroll("only-in-a", v)
