@@ -34,7 +34,6 @@ import base64
 import contextlib
 import json
 import logging
-import math
 import sys
 import time
 from collections import Counter
@@ -118,9 +117,9 @@ def _decode(text: object, dim: int) -> np.ndarray:
     if len(raw) != 4 * dim:
         raise GalleryFileError(f"an embedding has {len(raw) / 4:g} values, the header says {dim}")
     vector = np.frombuffer(raw, dtype="<f4").astype(np.float32)
-    norm = float(np.linalg.norm(vector.astype(np.float64)))
-    if not np.isfinite(vector).all() or not math.isfinite(norm):
+    if not np.isfinite(vector).all():
         raise GalleryFileError("an embedding has NaN or infinite values")
+    norm = float(np.linalg.norm(vector.astype(np.float64)))  # (float32 values cannot overflow it in float64)
     if norm < MIN_NORM:
         raise GalleryFileError(f"an embedding has norm {norm:.3g}: it cannot be normalised")
     return vector if abs(norm - 1.0) < 1e-3 else (vector / norm).astype(np.float32)

@@ -239,6 +239,11 @@ class AuditQuery:
     cursor: str | None = None
 
 
+# the largest row id either store holds (SQLite's INTEGER, PostgreSQL's bigint): face ids and audit
+# entries are numbered from 1 to it, and a larger number in a request is refused before it reaches them
+MAX_ROW_ID = 2**63 - 1
+
+
 class InvalidAuditCursor(ValueError):
     """An audit cursor this backend did not make (not a ``next_cursor`` it returned)."""
 

@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from ..access.policy import Permission
 from ..errors import ErrorCode, ServiceError
 from ..faces.metadata import MetadataLimits, check_metadata
-from ..gallery.api import Actor, GalleryBackend
+from ..gallery.api import MAX_ROW_ID, Actor, GalleryBackend
 from ..gallery.crops import CropsUnavailable, encode_crop
 from ..gallery.identity_ids import MAX_LENGTH, find_identity
 from ..gallery.openset import HUB_SEARCH_K, find_hub
@@ -199,7 +199,7 @@ async def delete_identity(identity_id: IdentityPath, gallery: CollectionDep, act
 
 # --- gallery hygiene: merge two identities, move a face, delete a face ---------------------------
 # a face id as the gallery numbers them (a positive 64-bit integer)
-FaceIdPath = Annotated[int, Path(ge=1, le=2**63 - 1, description="A face id, as /enroll and /identities/{id} list them.")]
+FaceIdPath = Annotated[int, Path(ge=1, le=MAX_ROW_ID, description="A face id, as /enroll and /identities/{id} list them.")]
 
 
 def _face_not_found(exc: FaceNotFound) -> ServiceError:

@@ -9,6 +9,7 @@ from pydantic_core import PydanticCustomError
 
 from ..errors import STATUS, ErrorCode
 from ..gallery import identity_ids
+from ..gallery.api import MAX_ROW_ID
 
 Base64Image = Annotated[
     str,
@@ -178,8 +179,8 @@ def _split_face_ids(value: Any) -> Any:
     return value
 
 
-# a face id as both galleries store it: a positive 64-bit integer (larger ones would fail in the database)
-FaceId = Annotated[int, Field(ge=1, le=2**63 - 1)]
+# a face id as both galleries store it (larger ones would fail in the database)
+FaceId = Annotated[int, Field(ge=1, le=MAX_ROW_ID)]
 FaceIds = Annotated[list[FaceId] | None, BeforeValidator(_split_face_ids)]
 
 

@@ -17,7 +17,7 @@ import sqlite3
 from collections.abc import Iterable
 from typing import NamedTuple
 
-from ..api import Actor, AuditEntry, AuditQuery, InvalidAuditCursor
+from ..api import MAX_ROW_ID, Actor, AuditEntry, AuditQuery, InvalidAuditCursor
 
 CATALOG_SOURCE = "_catalog"  # not a valid collection name: never confused with one
 
@@ -72,8 +72,6 @@ def all_rows(conn: sqlite3.Connection) -> list[Row]:
         "ORDER BY at, seq")]
 
 
-SQLITE_INTEGER_MAX = 2**63 - 1
-
 
 class Cursor(NamedTuple):
     at: float
@@ -89,7 +87,7 @@ def parse_cursor(entry_id: str) -> Cursor:
         cursor = Cursor(float(at), source, int(seq))
     except ValueError:
         raise InvalidAuditCursor(entry_id) from None
-    if not (math.isfinite(cursor.at) and source and 0 < cursor.seq <= SQLITE_INTEGER_MAX):
+    if not (math.isfinite(cursor.at) and source and 0 < cursor.seq <= MAX_ROW_ID):
         raise InvalidAuditCursor(entry_id)
     return cursor
 

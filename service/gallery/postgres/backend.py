@@ -56,6 +56,7 @@ from ...jobs import store as jobs
 from ...model.calibration import FACES_COUNTED_PER_IDENTITY, counted_faces
 from ..api import (
     DEFAULT_COLLECTION,
+    MAX_ROW_ID,
     Actor,
     AliasInfo,
     AliasNotFound,
@@ -1033,7 +1034,7 @@ class PostgresGalleries:
                 cursor = int(query.cursor)
             except ValueError:
                 raise InvalidAuditCursor(query.cursor) from None
-            if not 0 < cursor <= 2**63 - 1:  # an entry_id is a positive bigint
+            if not 0 < cursor <= MAX_ROW_ID:  # an entry_id is a positive bigint
                 raise InvalidAuditCursor(query.cursor)
             where.append(sql.SQL("entry_id < %s"))
             params.append(cursor)
