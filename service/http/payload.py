@@ -67,20 +67,24 @@ class _ParsedJSONRequest(Request):
 
 def _text_problem(value: Any) -> str | None:
     """What makes ``value`` (a parsed JSON value, at any depth) hold text no store keeps: a NUL
-    (PostgreSQL's text refuses it) or a lone surrogate (not Unicode: UTF-8 cannot encode it); else None."""
-    if isinstance(value, str):
-        if "\x00" in value:
-            return "a NUL character (U+0000)"
-        if not value.isascii():
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                return "text that is not valid Unicode (a lone surrogate)"
-        return None
-    if isinstance(value, dict):
-        value = [*value.keys(), *value.values()]
-    if isinstance(value, list):
-        return next((problem for item in value if (problem := _text_problem(item))), None)
+    (PostgreSQL's text refuses it) or a lone surrogate (not Unicode: UTF-8 cannot encode it); else None.
+    Walked without recursion: the parser reads bodies nested deeper than the stack would take a call a level."""
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            if "\x00" in node:
+                return "a NUL character (U+0000)"
+            if not node.isascii():
+                try:
+                    node.encode("utf-8")
+                except UnicodeEncodeError:
+                    return "text that is not valid Unicode (a lone surrogate)"
+        elif isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
     return None
 
 

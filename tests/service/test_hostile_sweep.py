@@ -239,6 +239,13 @@ def test_every_json_body_route_reads_its_body_one_way(swept, planted):
                 assert (r.status_code, r.json()["error"]["code"]) == (400, "malformed_json"), (method, url, raw[:20], r.text[:200])
             r = client.request(method, url, content=b"{}", headers={"content-type": "text/plain"})
             assert (r.status_code, r.json()["error"]["code"]) == (415, "unsupported_media_type"), (method, url, r.text[:200])
+        # nested as deep as the parser reads (the parser refuses deeper: malformed_json above): its text is
+        # checked without recursion, and the model refuses it (a recursive check overflowed the stack: 500)
+        for depth in (700, 950):
+            deep = '{"role": "read", "note": ' + "[" * depth + '"a\\u0000"' + "]" * depth + "}"
+            r = client.post("/keys", content=deep, headers={"content-type": "application/json"})
+            assert r.status_code in (400, 422), (depth, r.status_code, r.text[:200])
+            assert r.json()["error"]["code"] == ("invalid_request" if r.status_code == 422 else "malformed_json")
         # a body of 1 MiB or more is read in a worker thread, and checked the same
         big = json.dumps({"role": "read", "note": "a" * (2 << 20) + "\x00"})
         r = client.post("/keys", content=big, headers={"content-type": "application/json"})
