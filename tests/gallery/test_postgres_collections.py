@@ -254,7 +254,6 @@ def test_a_collection_that_grows_big_beside_others_gets_an_index_of_its_own(opti
         time.sleep(0.2)
 
 
-
 def test_a_build_that_gets_the_lock_after_its_collection_was_deleted_builds_nothing(options, opened):
     """A replica asks for a collection's own index (its counts said the collection had grown big); the
     collection is deleted (on another replica, whose drop finds no index yet) before the build gets the
@@ -269,6 +268,7 @@ def test_a_build_that_gets_the_lock_after_its_collection_was_deleted_builds_noth
     g.delete_collection("gone")
     g._build_collection_index(collection_id, DIM)  # noqa: SLF001 - the build thread's work, run here
     assert not index_exists(options, collection_index_name(collection_id))
+
 
 # --- audit in the transaction of the change ---------------------------------------------------------
 
