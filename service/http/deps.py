@@ -122,6 +122,9 @@ class Allow:
 
     async def __call__(self, request: Request) -> Principal:
         principal = await authenticate(request)
+        passed = _request_state(request).setdefault("allowed", [])
+        if self in passed:  # decided already, before the body was read (payload.StrictRoute)
+            return principal
         if not principal.may(self.permission):
             raise ServiceError(ErrorCode.forbidden, f"a {principal.role.value} key may not do this "
                                f"(it needs the {self.permission.value} permission)",
@@ -137,6 +140,7 @@ class Allow:
         wait = limiter.charge(_subject(request, principal), 1.0, principal.rate_limit_rps)
         if wait is not None:
             raise limiter.refuse(wait, _subject_name(principal))
+        passed.append(self)
         return principal
 
 

@@ -22,7 +22,7 @@ from starlette.datastructures import UploadFile
 
 from ..errors import ErrorCode, ServiceError
 from ..faces.images import decode_base64
-from .deps import charge_faces
+from .deps import Allow, charge_faces
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -106,14 +106,21 @@ class StrictRoute(APIRoute):
     PostgreSQL's text cannot hold either); from ``LARGE_BODY_BYTES`` on, in a worker thread. FastAPI
     alone would take NaN and a lone surrogate, and answer bad JSON with a 422 ``invalid_request`` and too
     deep a body with a bare 400. (Free text in a path or a query is refused a NUL by its parameter:
-    ``schemas.NO_NUL``.)"""
+    ``schemas.NO_NUL``.)
+
+    Access is decided first: the route's ``Allow`` rules run before the body is read (FastAPI reads a
+    body before it solves dependencies), so a request without a valid key gets its 401, and one its key
+    may not make its 403, whatever the body holds, as on the image routes, whose handlers read theirs."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
         if self.body_field is None:  # no body, or one that read_payload reads
             return handler
+        rules = [d.dependency for d in self.dependencies if isinstance(d.dependency, Allow)]
 
         async def strict(request: Request) -> Response:
+            for rule in rules:  # (each records that it passed: FastAPI's own call of it returns at once)
+                await rule(request)
             scope = request.scope
             content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
             if not content_type:  # JSON, as on every route (a FastAPI with strict content types would refuse it)

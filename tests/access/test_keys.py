@@ -112,3 +112,12 @@ def test_keys_carry_their_own_rate_limits(keyed: KeyedServer):
     assert int(limited[0].headers["Retry-After"]) >= 1
     with keyed.client("key-read") as other:  # another key's budget is its own
         assert other.get("/whoami").status_code == 200
+
+
+def test_a_request_with_a_body_is_charged_once(keyed: KeyedServer):
+    """Access is decided before a JSON body is read and again where FastAPI solves the route's
+    dependencies: the second is the first's answer, not a second charge to the key's budget."""
+    secret = keyed.make_key("twice", "read", rate_limit_rps=2)  # a burst of 2
+    with keyed.client(secret) as client:
+        answers = [client.post("/duplicates/jobs", json={"threshold": "not a number"}) for _ in range(3)]
+    assert [r.status_code for r in answers] == [422, 422, 429], [r.text for r in answers]

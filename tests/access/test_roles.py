@@ -102,8 +102,8 @@ class Calls:
         self.vectors = unit_vectors(3, seed=5)
         self.counter = COUNTER
 
-    def request(self, client, method: str, path: str, collection: str = "alpha"):
-        model = self.server.model_id
+    def url(self, path: str, collection: str = "alpha") -> str:
+        """The path with its parameters filled in: names no call has used, ids of nothing."""
         n = next(self.counter)
         url = path.replace("{collection}", collection).replace("{identity_id}", f"someone-{n}")
         url = url.replace("{face_id}", str(10**12 + n))  # no such face: 404 once access allowed it
@@ -111,6 +111,12 @@ class Calls:
         url = url.replace("{job_id}", "job_000000000000")  # no such job: 404 once access allowed it
         if "{key_id}" in url:
             url = url.replace("{key_id}", self.server.key_ids.get("throwaway", "000000000000"))
+        return url
+
+    def request(self, client, method: str, path: str, collection: str = "alpha"):
+        model = self.server.model_id
+        n = next(self.counter)
+        url = self.url(path, collection)
         body = None
         if path.endswith("/embed") or path.endswith("/detect") or path == "/cluster":
             body = {"images": [self.face]}
@@ -204,3 +210,32 @@ def test_force_quality_needs_an_admin_key(keyed: KeyedServer):
         assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
     with keyed.client("admin") as admin:
         assert admin.post("/enroll", json=body).status_code == 200
+
+
+def test_access_is_decided_before_the_body_is_read(keyed: KeyedServer):
+    """A request the key may not make gets its 401 or 403 whatever its body holds, on every route with a
+    body: an unauthenticated client cannot make the service parse (up to FACE_MAX_BODY_BYTES of) JSON,
+    nor learn from a 400 or 415 how a route reads its body."""
+    calls = Calls(keyed)
+    broken = [(b"{", "application/json"), (b'{"note": NaN}', "application/json"), (b"[" * 5000, None),
+              (b"role=read", "text/plain"), (b"\xff\xfe", "application/json")]
+    with_body = [(m, p) for (m, p), (permission, _) in POLICY.items() if m in ("POST", "PUT") and permission != "public"]
+    assert len(with_body) > 20
+    denied = {None: 401, "fk_000000000000_" + "A" * 43: 401, "key-embed": 403}
+    for secret, status in denied.items():
+        with keyed.client(secret) as client:
+            for method, path in with_body:
+                if POLICY[(method, path)][0] == "embed" and status == 403:
+                    continue  # an embed key may make these
+                url = calls.url(path)
+                for content, media in broken:
+                    headers = {"content-type": media} if media else {}
+                    r = client.request(method, url, content=content, headers=headers)
+                    assert r.status_code == status, (secret, method, path, content[:20], r.status_code, r.text)
+    with keyed.client("read-alpha") as scoped:  # a key scoped to alpha, in beta
+        for method, path in with_body:
+            if POLICY[(method, path)][1] and path.startswith("/collections/{collection}"):
+                for content, media in broken:
+                    headers = {"content-type": media} if media else {}
+                    r = scoped.request(method, calls.url(path, "beta"), content=content, headers=headers)
+                    assert r.status_code == 403, (method, path, content[:20], r.status_code, r.text)
