@@ -38,6 +38,7 @@ from .http.middleware import (
     BodyLimitMiddleware,
     ConsistencyMiddleware,
     DisconnectMiddleware,
+    HeadMiddleware,
     OriginMiddleware,
 )
 from .jobs.runner import JobRunner, shadow_pairs
@@ -292,6 +293,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                            generate_unique_id_function=lambda route: f"collection_{route.name}")
     mount_console(app, settings)  # the web console at /console (static pages; their API calls carry the key)
     install_docs(app, settings)
+    app.add_middleware(HeadMiddleware)  # innermost: the access log and the origin check see HEAD
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(DisconnectMiddleware)
     if settings.read_urls():  # read-your-writes on standbys (the Face-Consistency-Token header)

@@ -59,6 +59,27 @@ class BodyLimitMiddleware:
                             limit=self.max_bytes)
 
 
+class HeadMiddleware:
+    """HEAD is GET without the body (RFC 9110 9.3.2): the request is routed, checked and answered as
+    its GET, and the answer's body is dropped (its headers, Content-Length included, kept). FastAPI's
+    routes take only the methods they declare, so without this HEAD /healthz was a 405, and HEAD of a
+    GET route under a mount (/console/config.json) the mount's 404. The ASGI server still sees HEAD."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            return await self.app(scope, receive, send)
+
+        async def bodiless_send(message):
+            if message["type"] == "http.response.body" and message.get("body"):
+                message = {**message, "body": b""}
+            await send(message)
+
+        return await self.app({**scope, "method": "GET"}, receive, bodiless_send)
+
+
 class DisconnectMiddleware:
     """Cancels a request's handler when its client goes away after sending the whole body.
 

@@ -273,3 +273,25 @@ def test_multipart_optional_fields_spelt_none_are_absent(client):
     r = client.post("/identify", files=files, data={"threshold": "None", "model_id": "None", "top_k": "2"})
     assert r.status_code == 200, r.text
     assert code(client.post("/identify", files=files, data={"top_k": "None"})) == (422, "invalid_request")
+
+
+def test_head_answers_as_get_does_without_the_body(keyed):
+    """HEAD is GET without the body (RFC 9110 9.3.2: what uptime monitors and caches send): the same
+    status and headers on every GET route, the console's files and the docs, and access decided the
+    same way. Without it HEAD /healthz was a 405 and HEAD /console/config.json a 404 (the console's
+    file mount answered for the route that has no HEAD)."""
+    auth = {"X-API-Key": KEY}
+    fixed = [("/healthz", {}), ("/console/", {}), ("/console/config.json", {}), ("/console/app.js", {}),
+             ("/openapi.json", auth), ("/docs", auth), ("/identities", auth), ("/whoami", auth)]
+    refused = [("/identities", {}), ("/docs", {}), ("/nope", {}), ("/console/nope.js", {}), ("/faces/1", auth)]
+    for url, headers in fixed + refused + [("/readyz", {}), ("/metrics", auth)]:
+        got, head = keyed.get(url, headers=headers), keyed.head(url, headers=headers)
+        assert head.status_code == got.status_code, (url, head.status_code, got.status_code)
+        assert head.content == b"", url
+        assert head.headers.get("content-type") == got.headers.get("content-type"), url
+        if (url, headers) in fixed + refused:  # (the same bytes each time: the same length)
+            assert head.headers.get("content-length") == got.headers.get("content-length"), url
+    assert keyed.head("/identities").status_code == 401
+    r = keyed.head("/embed", headers=auth)  # no GET: no HEAD either
+    assert r.status_code == 405 and r.headers["allow"] == "POST" and r.content == b""
+    assert keyed.get("/healthz").status_code == 200  # the connection and the server go on
