@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 
@@ -32,6 +33,10 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str = "info", json_lines: bool = True) -> None:
+    # OpenCV writes its warnings to stderr itself, not as JSON (YuNet's "Targets are not supported by the
+    # new graph engine" at every start): errors only, unless OPENCV_LOG_LEVEL says otherwise. Read when
+    # OpenCV is first imported, which the server does after this.
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         JsonFormatter() if json_lines else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")

@@ -139,7 +139,7 @@ class YuNetDetector:
 
     def _create(self) -> cv2.FaceDetectorYN:
         cfg = self.config
-        log.debug("YuNet instance created", extra={"thread": threading.current_thread().name})
+        log.debug("YuNet instance created", extra={"thread_name": threading.current_thread().name})
         return cv2.FaceDetectorYN.create(
             str(self.model_path), "", (320, 320), cfg.score_threshold, cfg.nms_threshold, cfg.top_k
         )
