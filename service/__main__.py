@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                             lifespan="on", timeout_graceful_shutdown=10,
-                            http=http_protocol(settings.http_header_timeout_s, settings.http_body_timeout_s))
+                            http=http_protocol(settings.http_header_timeout_s, settings.http_body_timeout_s,
+                                               on_timeout=app.state.metrics.observe_connection_timeout))
     server = uvicorn.Server(config)
     server.run()
     if not server.started:  # lifespan start-up failed: the reason is in the log above

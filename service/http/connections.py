@@ -11,7 +11,9 @@ client is served. Here a connection is closed when
 * its request's headers are in but no part of the body has arrived for ``body_timeout_s`` (a slow but
   steady upload is never cut). The request is dropped: its handler sees the client gone.
 
-A request that has arrived whole is never cut, however long it takes to answer. The protocol is
+A request that has arrived whole is never cut, however long it takes to answer. Each close is
+reported (``on_timeout``: /metrics' ``face_http_connections_timed_out_total``) by what was missing:
+``idle`` (no byte of a request came), ``headers`` (part of them came), ``body``. The protocol is
 uvicorn's own (httptools where installed, else h11) with a few hooks; a request costs two clock reads
 and no timer: the connection's one timer re-arms itself only when it fires.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger("service.http")
@@ -32,9 +35,11 @@ class _Deadlines:
 
     header_timeout_s = 20.0
     body_timeout_s = 60.0
+    on_timeout: Callable[[str], None] | None = None  # told "idle", "headers" or "body" at each close
     _timer: asyncio.TimerHandle | None = None
     _waiting_since = 0.0  # when the connection began to wait for its next request's headers
     _heard_at = 0.0  # when data last arrived
+    _heard_since_wait = False  # whether data arrived since the wait for the next request began
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)  # type: ignore[misc]
@@ -44,11 +49,13 @@ class _Deadlines:
 
     def data_received(self, data: bytes) -> None:
         self._heard_at = self.loop.time()  # type: ignore[attr-defined]
+        self._heard_since_wait = True  # (not from the times: uvloop's clock moves once a loop iteration)
         super().data_received(data)  # type: ignore[misc]
 
     def on_response_complete(self) -> None:
         super().on_response_complete()  # type: ignore[misc]
         self._waiting_since = self.loop.time()  # type: ignore[attr-defined]
+        self._heard_since_wait = False
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
@@ -60,7 +67,8 @@ class _Deadlines:
         loop = self.loop  # type: ignore[attr-defined]
         cycle = getattr(self, "cycle", None)
         if cycle is None or cycle.response_complete:  # waiting for a request's headers
-            wait, what = self._waiting_since + self.header_timeout_s - loop.time(), "headers"
+            what = "headers" if self._heard_since_wait else "idle"
+            wait = self._waiting_since + self.header_timeout_s - loop.time()
         elif cycle.more_body:  # headers in, the body still arriving
             wait, what = self._heard_at + self.body_timeout_s - loop.time(), "body"
         else:  # the request is whole: it is being handled, its response restarts the wait
@@ -71,15 +79,21 @@ class _Deadlines:
         self._timer = None
         transport = self.transport  # type: ignore[attr-defined]
         if not transport.is_closing():
-            log.debug("connection closed: the request's %s did not arrive in time", what,
-                     extra={"client": getattr(self, "client", None), "part": what,
-                            "timeout_s": self.header_timeout_s if what == "headers" else self.body_timeout_s})
+            log.debug("connection closed: no request arrived in time" if what == "idle" else
+                      f"connection closed: the request's {what} did not arrive in time",
+                      extra={"client": getattr(self, "client", None), "part": what,
+                             "timeout_s": self.body_timeout_s if what == "body" else self.header_timeout_s})
             transport.close()
+            if self.on_timeout is not None:
+                self.on_timeout(what)
 
 
-def http_protocol(header_timeout_s: float, body_timeout_s: float) -> type[asyncio.Protocol]:
-    """uvicorn's HTTP protocol class (``uvicorn.Config(http=...)``) with the two deadlines."""
+def http_protocol(header_timeout_s: float, body_timeout_s: float,
+                  on_timeout: Callable[[str], None] | None = None) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol class (``uvicorn.Config(http=...)``) with the two deadlines; ``on_timeout``
+    is told what was missing ("idle", "headers" or "body") at each connection they close."""
     from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
     return type("DeadlineHTTPProtocol", (_Deadlines, AutoHTTPProtocol),
-                {"header_timeout_s": header_timeout_s, "body_timeout_s": body_timeout_s})
+                {"header_timeout_s": header_timeout_s, "body_timeout_s": body_timeout_s,
+                 "on_timeout": staticmethod(on_timeout) if on_timeout is not None else None})

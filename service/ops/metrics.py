@@ -124,6 +124,11 @@ class Metrics:
         self.errors = Counter(
             "face_errors_total", "Error responses by code", ["code"], registry=self.registry
         )
+        self.connections_timed_out = Counter(
+            "face_http_connections_timed_out", "Connections closed because a request did not arrive in time "
+            "(FACE_HTTP_HEADER_TIMEOUT_S, FACE_HTTP_BODY_TIMEOUT_S), by what was missing: idle (no byte of a "
+            "request), headers (part of them), body", ["part"], registry=self.registry,
+        )
         self.gallery_identities = Gauge("face_gallery_identities", "Enrolled identities", registry=self.registry)
         self.gallery_faces = Gauge("face_gallery_faces", "Enrolled faces", registry=self.registry)
         self.read_targets = ReadTargetsCollector()
@@ -168,6 +173,10 @@ class Metrics:
                 self._request_children[key] = children
         children[0].inc()
         children[1].observe(seconds)
+
+    def observe_connection_timeout(self, part: str) -> None:
+        """A connection closed by a deadline (http/connections.py): ``part`` idle, headers or body."""
+        self.connections_timed_out.labels(part).inc()
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self.embeddings.inc(size)

@@ -1,7 +1,8 @@
 """Clients that never finish asking, over real sockets to the real server: connections that send no
 request, or trickle their headers (slowloris), are closed at FACE_HTTP_HEADER_TIMEOUT_S while everyone
-else is served; a body that stalls for FACE_HTTP_BODY_TIMEOUT_S has its connection closed; a slow but
-steady body, and a kept-alive connection used within the deadline, are not cut."""
+else is served; a body that stalls for FACE_HTTP_BODY_TIMEOUT_S has its connection closed; each is
+counted on /metrics; a slow but steady body, and a kept-alive connection used within the deadline, are
+not cut."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import b64, face_files
+from tests.conftest import b64, face_files, metric
 from tests.server import ServerProcess
 
 DEADLINE_S = 1.0
@@ -63,7 +64,13 @@ def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
     return int(lines[0].split()[1]), headers, body
 
 
+def timed_out(server: ServerProcess, part: str) -> float:
+    with httpx.Client(base_url=server.url, timeout=5) as client:
+        return metric(client, f'face_http_connections_timed_out_total{{part="{part}"}}')
+
+
 def test_connections_that_never_finish_their_headers_are_closed_while_others_are_served(server):
+    before = timed_out(server, "headers"), timed_out(server, "idle")
     partial = [connect(server, b"POST /embed HTTP/1.1\r\nHost: 127.0.0.1\r\n") for _ in range(50)]
     silent = connect(server)
     trickler = connect(server)
@@ -86,9 +93,12 @@ def test_connections_that_never_finish_their_headers_are_closed_while_others_are
     for sock in [*partial, silent, trickler]:
         sock.close()
     assert httpx.get(server.url + "/readyz", timeout=5).status_code == 200
+    # counted on /metrics, what an operator alerts on: 51 with part of their headers, one that sent nothing
+    assert (timed_out(server, "headers") - before[0], timed_out(server, "idle") - before[1]) == (51, 1)
 
 
 def test_a_stalled_body_has_its_connection_closed(server):
+    before = timed_out(server, "body")
     sock = connect(server, b"POST /embed HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                            b"Content-Length: 1000\r\n\r\n{\"images\": [")
     started = time.monotonic()
@@ -101,6 +111,7 @@ def test_a_stalled_body_has_its_connection_closed(server):
     assert answer == b"" and DEADLINE_S * 0.9 <= waited < DEADLINE_S + 2, (answer[:200], waited)
     sock.close()
     assert httpx.get(server.url + "/readyz", timeout=5).status_code == 200
+    assert timed_out(server, "body") - before == 1
 
 
 def test_a_slow_steady_body_and_a_kept_alive_connection_are_served(server):
@@ -109,6 +120,7 @@ def test_a_slow_steady_body_and_a_kept_alive_connection_are_served(server):
     body = json.dumps({"images": [b64(face_files("Colin_Powell")[0])]}).encode()
     head = (f"POST /embed HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode()
+    headers = timed_out(server, "headers")
     sock = connect(server, head)
     quarter = len(body) // 4 + 1
     for i in range(4):
@@ -122,5 +134,7 @@ def test_a_slow_steady_body_and_a_kept_alive_connection_are_served(server):
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert read_response(sock)[0] == 200
     # and once idle past the deadline it is closed (uvicorn's keep-alive timeout, 5 s, comes later)
+    idle = timed_out(server, "idle")
     assert closed_by_server(sock, DEADLINE_S + 2)
     sock.close()
+    assert timed_out(server, "idle") - idle == 1 and timed_out(server, "headers") == headers
