@@ -109,7 +109,7 @@ class Settings(BaseSettings):
         "origins get no grant, and without a key their writes get 403 cross_origin_refused.",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
-    log_json: bool = Field(True, description="One JSON object per log line (false: plain text).")
+    log_json: bool = Field(True, description="One JSON object per log line (false: plain text, the fields as key=value).")
 
     # --- model ------------------------------------------------------------------------------
     model: Path | None = Field(

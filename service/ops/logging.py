@@ -1,4 +1,5 @@
-"""Structured logging: one JSON object per line, with any ``extra=`` fields merged in."""
+"""Structured logging: one JSON object per line, with any ``extra=`` fields merged in (or, for people, a
+line of text with them as ``key=value``)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,28 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(payload, default=str)
 
 
+class TextFormatter(logging.Formatter):
+    """``FACE_LOG_JSON=false``: one line for people, ``time level logger event``, then the ``extra=``
+    fields as ``key=value`` (the access log's route, status and latency are all in those)."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields = [f"{key}={_text(value)}" for key, value in record.__dict__.items()
+                  if key not in _RESERVED and not key.startswith("_")]
+        if not fields:
+            return line
+        head, newline, rest = line.partition("\n")  # after the event, before a traceback
+        return f"{head} {' '.join(fields)}{newline}{rest}"
+
+
+def _text(value: object) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return json.dumps(text) if not text or any(c.isspace() or c in '"=' for c in text) else text
+
+
 def configure_logging(level: str = "info", json_lines: bool = True) -> None:
     # OpenCV writes its warnings to stderr itself, not as JSON (YuNet's "Targets are not supported by the
     # new graph engine" at every start): errors only, unless OPENCV_LOG_LEVEL says otherwise. Read when
@@ -39,7 +62,7 @@ def configure_logging(level: str = "info", json_lines: bool = True) -> None:
     os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
-        JsonFormatter() if json_lines else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+        JsonFormatter() if json_lines else TextFormatter()
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]

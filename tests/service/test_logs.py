@@ -61,3 +61,20 @@ def test_at_debug_level_the_service_starts_serves_and_writes_only_json_lines(tmp
     assert {"debug", "info"} <= {r["level"] for r in records}
     assert not [r for r in records if r["level"] == "error"], [r for r in records if r["level"] == "error"]
     assert any(r["event"] == "service ready" for r in records)
+
+
+def test_plain_text_logs_keep_the_structured_fields(tmp_path, default_model):
+    """FACE_LOG_JSON=false: one line a record, its fields as key=value (the access log's were dropped:
+    every request logged as a bare ``request``)."""
+    proc = ServerProcess(tmp_path / "data", model=default_model, env={"FACE_LOG_JSON": "false"})
+    try:
+        proc.wait_ready()
+        with httpx.Client(base_url=proc.url, timeout=60) as client:
+            assert client.post("/embed", content=b"{", headers={"x-request-id": "req-text-1"}).status_code == 400
+    finally:
+        proc.stop()
+    lines = [line for line in proc.log_path.read_text().splitlines() if "req-text-1" in line]
+    assert len(lines) == 1, lines
+    assert " INFO service.access request " in lines[0]
+    for field in ("route=/embed", "method=POST", "status=400", "request_id=req-text-1", "ms="):
+        assert f" {field}" in lines[0], lines[0]
