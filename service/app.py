@@ -22,12 +22,16 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
-from .config import Settings, get_settings
+from .access.keys import PepperFileError
+from .config import ModelConfigError, Settings, get_settings
 from .errors import ErrorCode, ServiceError
 from .faces.detection import AlignmentTemplate, FaceDetector, YuNetConfig, YuNetDetector, template_for
 from .gallery import GalleryLoading
 from .gallery.api import GalleryBusy, GalleryUnavailable
+from .gallery.crops import CropKeyError
+from .gallery.embedded.lock import DataDirLocked
 from .gallery.open import open_gallery
+from .gallery.search import GalleryModelMismatch
 from .http import aliases, audit, collections, faces, hygiene, identities, jobs, keys, ops, recognition
 from .http.cluster import router as cluster_router
 from .http.console import mount_console
@@ -40,19 +44,31 @@ from .http.middleware import (
     DisconnectMiddleware,
     HeadMiddleware,
     OriginMiddleware,
+    StartupRefusalMiddleware,
 )
 from .jobs.runner import JobRunner, shadow_pairs
 from .jobs.scan import DUPLICATES, OUTLIERS
 from .jobs.store import JobRecord
 from .model.batcher import DynamicBatcher
+from .model.calibration import CalibrationError
+from .model.contract import ContractError
+from .model.fp16 import Fp16Error
 from .model.registry import ModelRegistry, ServedModel
-from .model.runtime import EmbeddingModel
+from .model.runtime import EmbeddingModel, ProviderError
 from .model.serving import check_model_files, served_model_path
 from .ops.memory import limit_malloc_arenas
 from .ops.metrics import Metrics
 from .state import ServiceState
 
 log = logging.getLogger(__name__)
+
+# start-up failures the operator can fix from what they say (a missing GPU, a data dir in use, a model
+# file or its metadata, a gallery of another model, a database not reachable, a pepper or crop key
+# file): logged as one line, ``could not start: ...``, without the stack a bug would need
+STARTUP_REFUSALS: tuple[type[BaseException], ...] = (
+    ModelConfigError, ProviderError, ContractError, CalibrationError, Fp16Error, PepperFileError, DataDirLocked,
+    GalleryModelMismatch, GalleryUnavailable, CropKeyError,
+)
 
 DESCRIPTION = """
 Face embeddings, 1:1 verification and 1:N open-set identification, on aligned 112x112 faces or on
@@ -210,7 +226,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        state = await initialize(settings, metrics)
+        try:
+            state = await initialize(settings, metrics)
+        except STARTUP_REFUSALS as exc:  # the operator's to fix: one line says what (no stack)
+            log.error("could not start: %s", exc, extra={"reason": type(exc).__name__})
+            app.state.startup_refused = str(exc)
+            raise
         app.state.service = state
         housekeeping = asyncio.create_task(_housekeeping(state))
         log.info("service ready", extra={"model_id": state.contract.model_id, "providers": state.model.providers,
@@ -302,4 +323,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(OriginMiddleware, allowed_hosts=settings.allowed_hosts, cors_origins=settings.cors_origins,
                        open_mode=settings.api_key is None, api_key_header=settings.api_key_header)
     app.add_middleware(AccessMiddleware, metrics=metrics)
+    app.add_middleware(StartupRefusalMiddleware)
     return app

@@ -59,6 +59,27 @@ class BodyLimitMiddleware:
                             limit=self.max_bytes)
 
 
+class StartupRefusalMiddleware:
+    """A start-up the lifespan refused for a reason the operator can fix (no GPU, a locked data dir, a
+    model file or a database that is not there: ``app.STARTUP_REFUSALS``) was logged by the lifespan as
+    one line, ``could not start: ...``. This drops the traceback Starlette sends with the failure, which
+    uvicorn would log whole after it; any other failure keeps its traceback."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "lifespan":
+            return await self.app(scope, receive, send)
+
+        async def quiet_send(message):
+            if message["type"] == "lifespan.startup.failed" and getattr(scope["app"].state, "startup_refused", None):
+                message = {**message, "message": ""}
+            await send(message)
+
+        return await self.app(scope, receive, quiet_send)
+
+
 class HeadMiddleware:
     """HEAD is GET without the body (RFC 9110 9.3.2): the request is routed, checked and answered as
     its GET, and the answer's body is dropped (its headers, Content-Length included, kept). FastAPI's

@@ -42,6 +42,9 @@ def test_require_gpu_on_a_cpu_host_fails_loudly(tmp_path, default_model):
     )
     assert proc.returncode != 0
     assert "CUDA" in proc.stderr and "onnxruntime-gpu" in proc.stderr
+    refusal = [line for line in proc.stderr.splitlines() if "could not start" in line]
+    assert len(refusal) == 1 and "onnxruntime-gpu" in refusal[0], proc.stderr[-2000:]  # one line says why
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
 def test_env_example_lists_every_setting_and_parses(monkeypatch):

@@ -54,6 +54,9 @@ def test_second_server_on_the_same_data_dir_refuses_to_start(tmp_path, spawn, de
         second.wait_ready(timeout=90)
     assert second.proc.returncode not in (0, None)
     assert "is in use by another process" in second.log() and f"pid {first.proc.pid}" in second.log()
+    refusal = [line for line in second.log().splitlines() if "could not start" in line]
+    assert len(refusal) == 1 and f"pid {first.proc.pid}" in refusal[0]  # one line says why,
+    assert "Traceback" not in second.log()  # without the 60 lines of a stack a misconfiguration is not
     second.stop()
     with httpx.Client(base_url=first.url, timeout=60) as c:  # the first one is untouched
         enroll(c, ENROLLED[:2])
