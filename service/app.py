@@ -29,7 +29,7 @@ from .faces.detection import AlignmentTemplate, FaceDetector, YuNetConfig, YuNet
 from .gallery import GalleryLoading
 from .gallery.api import GalleryBusy, GalleryUnavailable
 from .gallery.crops import CropKeyError
-from .gallery.embedded.lock import DataDirLocked
+from .gallery.embedded.lock import DataDirLocked, DataDirUnusable
 from .gallery.open import open_gallery
 from .gallery.search import GalleryModelMismatch
 from .http import aliases, audit, collections, faces, hygiene, identities, jobs, keys, ops, recognition
@@ -62,12 +62,12 @@ from .state import ServiceState
 
 log = logging.getLogger(__name__)
 
-# start-up failures the operator can fix from what they say (a missing GPU, a data dir in use, a model
-# file or its metadata, a gallery of another model, a database not reachable, a pepper or crop key
-# file): logged as one line, ``could not start: ...``, without the stack a bug would need
+# start-up failures the operator can fix from what they say (a missing GPU, a data dir in use or not
+# writable, a model file or its metadata, a gallery of another model, a database not reachable, a
+# pepper or crop key file): logged as one line, ``could not start: ...``, without the stack a bug needs
 STARTUP_REFUSALS: tuple[type[BaseException], ...] = (
     ModelConfigError, ProviderError, ContractError, CalibrationError, Fp16Error, PepperFileError, DataDirLocked,
-    GalleryModelMismatch, GalleryUnavailable, CropKeyError,
+    DataDirUnusable, GalleryModelMismatch, GalleryUnavailable, CropKeyError,
 )
 
 DESCRIPTION = """

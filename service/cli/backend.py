@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from ..config import ModelConfigError, Settings
 from ..gallery.api import Actor, Galleries, GalleryModelMismatch, GalleryUnavailable
 from ..gallery.crops import CropKeyError
+from ..gallery.embedded.lock import DataDirUnusable, usable_data_dir
 from ..gallery.open import make_gallery
 from ..model.serving import check_model_files
 
@@ -84,10 +85,12 @@ def opened_backend(settings: Settings) -> Iterator[Galleries]:
     The embedded one is left unopened: its catalog and the stores' audit tables serve all of that, and
     opening would take the data dir's lock, which a running server holds. PostgreSQL is opened (its
     connection pools; migrations and the model check as a server does). A crop key file that is no key
-    (FACE_CROP_KEY_FILE) is a CommandError naming it."""
+    (FACE_CROP_KEY_FILE) or a data dir that cannot be used is a CommandError naming it."""
     try:
+        if settings.database_url is None:
+            usable_data_dir(settings.data_dir)  # now, not at the first use of its catalog
         galleries = make_gallery(settings, *model_identity(settings), served=served_identities(settings))
-    except CropKeyError as exc:
+    except (CropKeyError, DataDirUnusable) as exc:
         raise CommandError(str(exc)) from exc
     try:
         if galleries.backend == "postgres":

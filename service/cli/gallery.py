@@ -34,6 +34,7 @@ import base64
 import contextlib
 import json
 import logging
+import os
 import sys
 import time
 from collections import Counter
@@ -62,6 +63,7 @@ from ..gallery.api import (
     IdentityExists,
 )
 from ..gallery.crops import CropKeyError, encode_crop
+from ..gallery.embedded.lock import DataDirLocked, DataDirUnusable
 from ..gallery.open import open_gallery
 from ..model.files import replace_atomically
 from ..model.preprocess import MIN_NORM
@@ -467,6 +469,7 @@ def main(argv: list[str]) -> int:
 
     configure_logging("warning", False)
     try:
+        check_file_argument(args)
         settings = settings_from(args)
         if args.command in ("migrate", "jobs"):
             return migrate.main(args, settings)
@@ -505,7 +508,25 @@ def main(argv: list[str]) -> int:
                       "collection": args.collection,
                       "identities": done.identities, "faces": done.faces, "skipped_existing": len(done.skipped)}
     except (GalleryFileError, GalleryModelMismatch, GalleryUnavailable, CollectionNotFound, CollectionExists,
-            AliasNotFound, CommandError, CropKeyError) as exc:  # CropKeyError: a key that does not open the crops
+            AliasNotFound, CommandError, CropKeyError,  # CropKeyError: a key that does not open the crops
+            DataDirLocked, DataDirUnusable) as exc:
+        return fail(exc)
+    except OSError as exc:  # a file that went away or could not be written after the checks: no traceback
         return fail(exc)
     sys.stdout.write(json.dumps(report, indent=2) + "\n")
     return 0
+
+
+def check_file_argument(args: argparse.Namespace) -> None:
+    """The gallery file of ``import`` is a file, and ``export``'s can be written, before the gallery is
+    opened (or, for a data dir not made yet, made): ``GalleryFileError`` naming it otherwise."""
+    file: Path | None = getattr(args, "file", None)
+    if file is None or args.command not in ("import", "export"):
+        return
+    if args.command == "import" and not file.is_file():
+        raise GalleryFileError(f"{file} is {'not a file' if file.exists() else 'not there'}: name a gallery file")
+    if args.command == "export":
+        if file.is_dir():
+            raise GalleryFileError(f"{file} is a directory: name the file to write")
+        if not file.parent.is_dir() or not os.access(file.parent, os.W_OK | os.X_OK):
+            raise GalleryFileError(f"{file} cannot be written: {file.parent} is not a directory this process can write")

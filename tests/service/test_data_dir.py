@@ -4,6 +4,8 @@ background loading."""
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 import time
 
 import httpx
@@ -14,7 +16,7 @@ from bench.gallery_fill import fill_store
 from service.model.contract import read_contract
 from tests.conftest import ENROLLED, b64, face_files
 from tests.gallery.traces import find_vector
-from tests.server import ServerProcess
+from tests.server import REPO, ServerProcess
 
 
 @pytest.fixture
@@ -65,6 +67,26 @@ def test_second_server_on_the_same_data_dir_refuses_to_start(tmp_path, spawn, de
     third = spawn(data, model=default_model)
     third.wait_ready()
     third.stop()
+
+
+def test_a_data_dir_that_is_a_file_is_one_error_line_for_the_server_and_each_command(tmp_path, spawn, default_model):
+    """FACE_DATA_DIR naming a file (or, where the tests run as root and cannot show it, a directory this
+    process may not write): the server exits with one ``could not start`` line, each command with
+    ``error: ...``, naming the path and why; each was a traceback (FileExistsError from mkdir)."""
+    a_file = tmp_path / "not-a-dir"
+    a_file.write_text("x")
+    server = spawn(a_file, model=default_model)
+    with pytest.raises(RuntimeError, match="exited"):
+        server.wait_ready(timeout=90)
+    refusal = [line for line in server.log().splitlines() if "could not start" in line]
+    assert len(refusal) == 1 and "not-a-dir" in refusal[0] and "it is a file" in refusal[0], server.log()[-2000:]
+    assert "Traceback" not in server.log()
+    for command in (["keys", "list"], ["audit", "export"], ["gallery", "export", str(tmp_path / "out.jsonl")]):
+        r = subprocess.run([sys.executable, "-m", "service", command[0], "--data-dir", str(a_file), "--model",
+                            str(default_model), *command[1:]], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and r.stderr.startswith("error: ") and "not-a-dir" in r.stderr, (command, r.stderr)
+        assert "Traceback" not in r.stderr, (command, r.stderr)
+    assert a_file.read_text() == "x"
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])

@@ -103,6 +103,27 @@ def test_import_refuses_another_model_and_a_cut_file(tmp_path, default_model):
     target.close()
 
 
+def test_files_that_cannot_be_read_or_written_are_one_error_line_before_the_gallery_is_opened(tmp_path, default_model):
+    """A missing gallery file, a directory where a file goes, an export into a folder that is not there
+    and a data dir that is a file: exit 2 with ``error: ...`` naming the path (each was a traceback, and
+    the gallery was opened, or made, first)."""
+    data = tmp_path / "data"
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    cases = [(["--data-dir", str(data), "import", str(tmp_path / "missing.jsonl")], "missing.jsonl"),
+             (["--data-dir", str(data), "import", str(tmp_path)], str(tmp_path)),
+             (["--data-dir", str(data), "export", str(tmp_path / "no-such-dir" / "out.jsonl")], "no-such-dir"),
+             (["--data-dir", str(data), "export", str(tmp_path)], str(tmp_path)),
+             (["--data-dir", str(a_file), "export", str(tmp_path / "out.jsonl")], "a-file")]
+    for args, named in cases:
+        r = run_cli([*args[:2], "--model", str(default_model), *args[2:]])
+        assert r.returncode == 2, (args, r.returncode, r.stderr[-1000:])
+        assert "Traceback" not in r.stderr and r.stderr.startswith("error: ") and named in r.stderr, (args, r.stderr)
+        assert ".tmp" not in r.stderr  # (the export's temporary file is not the user's to know)
+    assert not data.exists()  # nothing was opened, so nothing was made
+    assert not (tmp_path / "out.jsonl").exists()
+
+
 def test_import_refuses_a_hostile_file_by_its_line_and_writes_nothing(tmp_path, default_model):
     """A gallery file someone else made is checked line by line as the API checks a request: a broken
     line is an error naming it (exit 2, no traceback) before anything is written. (Each of these was

@@ -32,6 +32,7 @@ from ..api import (
     StoredKey,
 )
 from . import audit
+from .lock import usable_data_dir
 from .store import connect
 
 SCHEMA = """
@@ -87,8 +88,7 @@ class Catalog:
     FILE = "catalog.sqlite3"
 
     def __init__(self, data_dir: Path) -> None:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        self.path = data_dir / self.FILE
+        self.path = usable_data_dir(data_dir) / self.FILE
         self._conn = connect(self.path)
         self._conn.executescript(SCHEMA + audit.SCHEMA + ALIASES_SCHEMA + CROPS_SCHEMA
                                  + ";\n".join(jobs.schema("TEXT", "REAL", "INTEGER", "jobs")) + ";")

@@ -42,7 +42,7 @@ from ..crops import CropCipher
 from ..results import EnrollResult, IdentityDetails, IdentityRecord, MergeResult, MoveResult
 from ..search import GalleryModelMismatch, Hit, Match, check_model, search_identities
 from .index import BackgroundSave, HnswIndex, SnapshotWriterStuck
-from .lock import DataDirLock
+from .lock import DataDirLock, usable_data_dir
 from .snapshot import Layout, SnapshotFiles, SnapshotInvalid, read_layout
 from .store import Store
 
@@ -196,7 +196,7 @@ class Gallery:
     def open_store(self) -> None:
         """Lock the data dir, open the store, check the model. Fast; raises DataDirLocked or
         GalleryModelMismatch."""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        usable_data_dir(self.data_dir)
         self._dir_lock.acquire()
         try:
             self.store = Store(self.data_dir / self.STORE_FILE)

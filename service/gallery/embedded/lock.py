@@ -19,6 +19,27 @@ class DataDirLocked(RuntimeError):
     """Another process holds the data dir."""
 
 
+class DataDirUnusable(RuntimeError):
+    """The data dir is not a directory this process can make or write (a file, a read-only mount, a
+    volume of another owner)."""
+
+
+def usable_data_dir(data_dir: Path) -> Path:
+    """``data_dir``, made if missing, once it is a directory this process may write: else
+    ``DataDirUnusable`` naming it and why (not the traceback of the first file that could not be made)."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(data_dir, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as exc:
+        why = "it is a file" if data_dir.exists() and not data_dir.is_dir() else exc.strerror or str(exc)
+        raise DataDirUnusable(
+            f"the data dir {data_dir} cannot be used ({why}): it must be a directory this process (uid "
+            f"{os.getuid()}) can write (FACE_DATA_DIR, --data-dir; in a container, check the volume's owner)"
+        ) from None
+    return data_dir
+
+
 class DataDirLock:
     FILE = "lock"
 
