@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 LOOPBACK_HOSTS = ["localhost", "127.0.0.1", "::1"]
@@ -44,7 +44,10 @@ def parse_model_specs(specs: list[str]) -> list[tuple[str, Path]]:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="FACE_", env_file=".env", extra="ignore", env_ignore_empty=True)
+    # hide_input_in_errors: a refused value is never repeated in the error (FACE_DATABASE_URL's password,
+    # FACE_API_KEY), which the server and the commands print
+    model_config = SettingsConfigDict(env_prefix="FACE_", env_file=".env", extra="ignore", env_ignore_empty=True,
+                                      hide_input_in_errors=True)
 
     # --- HTTP -------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Interface to bind.")
@@ -455,6 +458,21 @@ class Settings(BaseSettings):
         if self.database_read_urls is None:
             return ()
         return tuple(u.strip() for u in self.database_read_urls.get_secret_value().split(",") if u.strip())
+
+    @field_validator("database_url", "database_read_urls")
+    @classmethod
+    def _postgres_urls(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        # refused here, in words that never repeat the URL (it may hold a password), rather than by the
+        # driver at start-up with a traceback
+        for url in (value.get_secret_value().split(",") if value is not None else ()):
+            url = url.strip()
+            scheme, sep, _ = url.partition("://")
+            keywords = not sep and "=" in url  # libpq's "host=... dbname=..." form
+            if url and not keywords and (not sep or scheme.lower() not in ("postgresql", "postgres")):
+                what = f"its scheme is {scheme!r}" if sep and scheme.isascii() and scheme.isalnum() else "it is no URL"
+                raise ValueError(f"FACE_{(info.field_name or '').upper()}: not a PostgreSQL URL "
+                                 f"(postgresql://user:password@host:5432/database): {what}")
+        return value
 
     @field_validator("api_key")
     @classmethod

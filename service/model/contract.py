@@ -230,8 +230,11 @@ def read_contract(model_path: Path) -> FaceContract:
     import onnx
 
     model_path = Path(model_path)
-    # load_external_data=False: only the header is needed, not gigabytes of weights
-    proto = onnx.load(str(model_path), load_external_data=False)
+    try:  # load_external_data=False: only the header is needed, not gigabytes of weights
+        proto = onnx.load(str(model_path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError, OSError, onnx's own: not a model file
+        raise ContractError(f"{model_path} is not an ONNX model that can be read ({type(exc).__name__}: "
+                            f"{str(exc)[:200]})") from exc
     meta = {p.key: p.value for p in proto.metadata_props}
     if "face.contract" not in meta:
         side = sidecar_path(model_path)
