@@ -210,11 +210,19 @@ def _is_loopback(host: str) -> bool:
         return False  # a name other than localhost (or 0.0.0.0 / ::, every interface)
 
 
+SHORT_API_KEY = 16  # FACE_API_KEY shorter than this is warned of (the keys made here have 43 random characters)
+
+
 def warn_if_exposed(settings: Settings) -> None:
-    """Anyone who can reach a non-loopback interface can use (and empty) the gallery without a key."""
+    """Anyone who can reach a non-loopback interface can use (and empty) the gallery without a key, and
+    one short enough to guess is little better."""
     if settings.api_key is None and not _is_loopback(settings.host):
         log.warning("serving without an API key on a non-loopback address: anyone who reaches it can read, "
                     "enroll and delete identities; set FACE_API_KEY", extra={"host": settings.host})
+    length = len(settings.api_key.get_secret_value()) if settings.api_key is not None else SHORT_API_KEY
+    if length < SHORT_API_KEY:
+        log.warning(f"FACE_API_KEY has {length} characters: a key that short can be guessed; use 32 or more random "
+                    "characters, or keys made by `python -m service keys create` (43 random characters)")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

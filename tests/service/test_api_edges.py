@@ -246,6 +246,17 @@ def test_readyz_reuses_a_fresh_inference(client):
     assert runs < 5, f"{runs} model runs for 20 polls"  # one per second at most (FACE_READYZ_CACHE_MS=1000)
 
 
+def test_a_short_api_key_is_warned_of_without_being_logged(caplog):
+    from service.app import warn_if_exposed
+
+    with caplog.at_level("WARNING", logger="service.app"):
+        warn_if_exposed(Settings(api_key="tiny-key-9"))
+        warn_if_exposed(Settings(api_key="a-key-of-sixteen"))
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "FACE_API_KEY has 10 characters" in warnings[0], warnings
+    assert "tiny-key-9" not in caplog.text
+
+
 def test_a_blank_api_key_is_refused_by_the_settings(monkeypatch):
     from pydantic import ValidationError
 
