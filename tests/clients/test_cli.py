@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -85,6 +86,15 @@ def test_cli_exit_codes(embedded):
     assert face(embedded, "collections", "list", key="wrong-key").returncode == 1
     assert face(embedded, "frobnicate").returncode == 2
     assert face(embedded, "verify", "only-one").returncode == 2
+    for bad in (["--timeout", "-1"], ["--timeout", "0"], ["--timeout", "nan"], ["--url", "not-a-url"],
+                ["--url", "ftp://host"], ["--url", "http://"]):  # usage errors: 2, one line, no traceback
+        r = subprocess.run([sys.executable, "-m", "faceclient.cli", *bad, "collections", "list"], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 2 and "Traceback" not in r.stderr and "error" in r.stderr, (bad, r.returncode, r.stderr)
+    for word in ("identities", "collections", "aliases", "keys"):  # every command says what it is for
+        help_text = subprocess.run([sys.executable, "-m", "faceclient.cli", "--help"], capture_output=True,
+                                   text=True, timeout=60).stdout
+        assert re.search(rf"^    {word}\s+\S", help_text, re.MULTILINE), (word, help_text)
     nowhere = subprocess.run([sys.executable, "-m", "faceclient.cli", "--url", f"http://127.0.0.1:{free_port()}",
                               "--timeout", "2", "collections", "list"], capture_output=True, text=True, timeout=60)
     assert nowhere.returncode == 3 and "error" in nowhere.stderr

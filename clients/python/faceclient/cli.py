@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel
 
@@ -29,14 +31,28 @@ from .errors import FaceConnectionError, FaceServiceError, IncompatibleServerErr
 OK, API_ERROR, USAGE, CONNECTION = 0, 1, 2, 3
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+    return value
+
+
+def _service_url(text: str) -> str:
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(f"must be http://HOST[:PORT] or https://..., not {text!r}")
+    return text
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="face", description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--url", default=os.environ.get("FACE_URL", "http://127.0.0.1:8000"),
+    parser.add_argument("--url", type=_service_url, default=os.environ.get("FACE_URL", "http://127.0.0.1:8000"),
                         help="the service (default: FACE_URL, else http://127.0.0.1:8000)")
     parser.add_argument("--key", default=os.environ.get("FACE_API_KEY"), help="API key (default: FACE_API_KEY)")
-    parser.add_argument("--collection", default="default")
+    parser.add_argument("--collection", default="default", help="the collection to use (default: default)")
     parser.add_argument("--json", action="store_true", help="print JSON")
-    parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument("--timeout", type=_seconds, default=60.0, help="seconds to wait for an answer (default 60)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     identify = commands.add_parser("identify", help="who is in each photo")
@@ -50,16 +66,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     enroll.add_argument("--replace", action="store_true")
     enroll.add_argument("--concurrency", type=int, default=4)
 
-    identities = commands.add_parser("identities").add_subparsers(dest="action", required=True)
+    identities = commands.add_parser("identities", help="list or delete identities").add_subparsers(dest="action", required=True)
     identities.add_parser("list")
     identities.add_parser("delete").add_argument("identity_id")
 
-    collections = commands.add_parser("collections").add_subparsers(dest="action", required=True)
+    collections = commands.add_parser("collections", help="list, create or delete collections").add_subparsers(
+        dest="action", required=True)
     collections.add_parser("list")
     collections.add_parser("create").add_argument("name")
     collections.add_parser("delete").add_argument("name")
 
-    aliases = commands.add_parser("aliases").add_subparsers(dest="action", required=True)
+    aliases = commands.add_parser("aliases", help="list, set or delete collection aliases").add_subparsers(
+        dest="action", required=True)
     aliases.add_parser("list")
     alias_set = aliases.add_parser("set")
     alias_set.add_argument("name")
@@ -83,7 +101,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     cluster.add_argument("photos", nargs="+")
     cluster.add_argument("--threshold", type=float)
 
-    keys = commands.add_parser("keys").add_subparsers(dest="action", required=True)
+    keys = commands.add_parser("keys", help="create, list or revoke API keys (admin)").add_subparsers(dest="action", required=True)
     create = keys.add_parser("create")
     create.add_argument("role", choices=["admin", "write", "read", "embed"])
     create.add_argument("--collections", nargs="*")
