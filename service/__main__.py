@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                             lifespan="on", timeout_graceful_shutdown=10,
                             http=http_protocol(settings.http_header_timeout_s, settings.http_body_timeout_s,
-                                               on_timeout=app.state.metrics.observe_connection_timeout))
+                                               settings.http_max_header_bytes,
+                                               on_close=app.state.metrics.observe_connection_closed))
     server = uvicorn.Server(config)
     server.run()
     if not server.started:  # lifespan start-up failed: the reason is in the log above

@@ -181,6 +181,9 @@ class Settings(BaseSettings):
     http_header_timeout_s: float = Field(
         20.0, gt=0, description="A connection whose request line and headers have not all arrived this long after it "
         "opened (or after its previous response) is closed: idle or trickling connections (slowloris) cannot pile up.")
+    http_max_header_bytes: int = Field(
+        64 * 1024, ge=1024, le=16 * 1024 * 1024, description="A request whose request line and headers are longer is "
+        "answered 431 headers_too_large and its connection closed (uvicorn's own parser sets no limit).")
     http_body_timeout_s: float = Field(
         60.0, gt=0, description="Longest wait for the next part of a request body whose headers are in; past it the "
         "connection is closed (and the request dropped).")

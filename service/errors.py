@@ -16,6 +16,7 @@ class ErrorCode(str, Enum):
     invalid_request = "invalid_request"
     malformed_json = "malformed_json"
     payload_too_large = "payload_too_large"
+    headers_too_large = "headers_too_large"
     too_many_faces = "too_many_faces"
     no_images = "no_images"
     invalid_base64 = "invalid_base64"
@@ -85,6 +86,7 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.invalid_request: 422,
     ErrorCode.malformed_json: 400,
     ErrorCode.payload_too_large: 413,
+    ErrorCode.headers_too_large: 431,
     ErrorCode.too_many_faces: 413,
     ErrorCode.no_images: 422,
     ErrorCode.invalid_base64: 422,
@@ -146,7 +148,7 @@ STATUS: dict[ErrorCode, int] = {
 RETRY_AFTER_S: dict[ErrorCode, int] = {ErrorCode.overloaded: 1}
 # errors answered before the request's body was read whole: the connection is closed after them
 # (Connection: close), not left waiting for the rest of a body nobody reads
-CLOSE_CONNECTION = frozenset({ErrorCode.payload_too_large})
+CLOSE_CONNECTION = frozenset({ErrorCode.payload_too_large, ErrorCode.headers_too_large})
 
 
 class ServiceError(Exception):

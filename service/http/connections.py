@@ -11,9 +11,13 @@ client is served. Here a connection is closed when
 * its request's headers are in but no part of the body has arrived for ``body_timeout_s`` (a slow but
   steady upload is never cut). The request is dropped: its handler sees the client gone.
 
+and a request whose request line and headers pass ``max_header_bytes`` is answered 431
+``headers_too_large`` and its connection closed (uvicorn's httptools parser keeps headers of any size:
+a 1 MB header value, 10,000 headers), however the bytes arrive.
+
 A request that has arrived whole is never cut, however long it takes to answer. Each close is
-reported (``on_timeout``: /metrics' ``face_http_connections_timed_out_total``) by what was missing:
-``idle`` (no byte of a request came), ``headers`` (part of them came), ``body``. The protocol is
+reported (``on_close``: /metrics' ``face_http_connections_closed_total``) with its reason: ``idle`` (no
+byte of a request came), ``headers`` (part of them came), ``body``, ``headers_too_large``. The protocol is
 uvicorn's own (httptools where installed, else h11) with a few hooks; a request costs two clock reads
 and no timer: the connection's one timer re-arms itself only when it fires.
 """
@@ -21,9 +25,12 @@ and no timer: the connection's one timer re-arms itself only when it fires.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable
 from typing import Any
+
+from ..errors import ErrorCode, ServiceError
 
 log = logging.getLogger("service.http")
 
@@ -35,11 +42,14 @@ class _Deadlines:
 
     header_timeout_s = 20.0
     body_timeout_s = 60.0
-    on_timeout: Callable[[str], None] | None = None  # told "idle", "headers" or "body" at each close
+    max_header_bytes = 64 * 1024
+    on_close: Callable[[str], None] | None = None  # told the reason of each close (idle, headers, body, ...)
     _timer: asyncio.TimerHandle | None = None
     _waiting_since = 0.0  # when the connection began to wait for its next request's headers
     _heard_at = 0.0  # when data last arrived
     _heard_since_wait = False  # whether data arrived since the wait for the next request began
+    _header_bytes = 0  # bytes of the next request's line and headers received so far
+    _header_tail = b""  # the last 3 of them (the blank line that ends them may span two parts)
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)  # type: ignore[misc]
@@ -50,12 +60,50 @@ class _Deadlines:
     def data_received(self, data: bytes) -> None:
         self._heard_at = self.loop.time()  # type: ignore[attr-defined]
         self._heard_since_wait = True  # (not from the times: uvloop's clock moves once a loop iteration)
+        if self._awaiting_headers() and not self._headers_fit(data):
+            self._refuse_headers()
+            return  # (not parsed: the parser would keep them)
         super().data_received(data)  # type: ignore[misc]
+
+    def _headers_fit(self, data: bytes) -> bool:
+        """Whether the request line and headers, of which ``data`` is the next part, stay within
+        ``max_header_bytes``: counted up to the blank line that ends them (found across the parts), so the
+        body that follows in the same bytes is not counted."""
+        tail = self._header_tail
+        joint = (tail + data[:3]).find(b"\r\n\r\n")  # the blank line across the previous part's end
+        if joint >= 0:
+            end = joint + 4 - len(tail)
+        else:
+            found = data.find(b"\r\n\r\n")
+            end = -1 if found < 0 else found + 4
+        seen = self._header_bytes + (len(data) if end < 0 else end)
+        self._header_bytes, self._header_tail = (seen, (tail + data[-3:])[-3:]) if end < 0 else (0, b"")
+        return seen <= self.max_header_bytes
+
+    def _awaiting_headers(self) -> bool:
+        cycle = getattr(self, "cycle", None)
+        return cycle is None or cycle.response_complete
+
+    def _refuse_headers(self) -> None:
+        transport = self.transport  # type: ignore[attr-defined]
+        if transport.is_closing():
+            return
+        error = ServiceError(ErrorCode.headers_too_large, f"the request line and headers exceed "
+                             f"{self.max_header_bytes} bytes", limit=self.max_header_bytes)
+        body = json.dumps(error.body()).encode()
+        transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+                        b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+        transport.close()
+        log.debug("connection closed: headers too large", extra={"client": getattr(self, "client", None),
+                                                                 "limit": self.max_header_bytes})
+        if self.on_close is not None:
+            self.on_close("headers_too_large")
 
     def on_response_complete(self) -> None:
         super().on_response_complete()  # type: ignore[misc]
         self._waiting_since = self.loop.time()  # type: ignore[attr-defined]
         self._heard_since_wait = False
+        self._header_bytes, self._header_tail = 0, b""
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
@@ -84,16 +132,18 @@ class _Deadlines:
                       extra={"client": getattr(self, "client", None), "part": what,
                              "timeout_s": self.body_timeout_s if what == "body" else self.header_timeout_s})
             transport.close()
-            if self.on_timeout is not None:
-                self.on_timeout(what)
+            if self.on_close is not None:
+                self.on_close(what)
 
 
-def http_protocol(header_timeout_s: float, body_timeout_s: float,
-                  on_timeout: Callable[[str], None] | None = None) -> type[asyncio.Protocol]:
-    """uvicorn's HTTP protocol class (``uvicorn.Config(http=...)``) with the two deadlines; ``on_timeout``
-    is told what was missing ("idle", "headers" or "body") at each connection they close."""
+def http_protocol(header_timeout_s: float, body_timeout_s: float, max_header_bytes: int = 64 * 1024,
+                  on_close: Callable[[str], None] | None = None) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol class (``uvicorn.Config(http=...)``) with the two deadlines and the header
+    limit; ``on_close`` is told why ("idle", "headers", "body" or "headers_too_large") at each connection
+    they close."""
     from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
     return type("DeadlineHTTPProtocol", (_Deadlines, AutoHTTPProtocol),
                 {"header_timeout_s": header_timeout_s, "body_timeout_s": body_timeout_s,
-                 "on_timeout": staticmethod(on_timeout) if on_timeout is not None else None})
+                 "max_header_bytes": max_header_bytes,
+                 "on_close": staticmethod(on_close) if on_close is not None else None})

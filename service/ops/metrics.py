@@ -124,10 +124,11 @@ class Metrics:
         self.errors = Counter(
             "face_errors_total", "Error responses by code", ["code"], registry=self.registry
         )
-        self.connections_timed_out = Counter(
-            "face_http_connections_timed_out", "Connections closed because a request did not arrive in time "
-            "(FACE_HTTP_HEADER_TIMEOUT_S, FACE_HTTP_BODY_TIMEOUT_S), by what was missing: idle (no byte of a "
-            "request), headers (part of them), body", ["part"], registry=self.registry,
+        self.connections_closed = Counter(
+            "face_http_connections_closed", "Connections the server closed on a client, by reason: idle (no byte of a "
+            "request in FACE_HTTP_HEADER_TIMEOUT_S), headers (not all of them in it), body (a stalled body, "
+            "FACE_HTTP_BODY_TIMEOUT_S), headers_too_large (over FACE_HTTP_MAX_HEADER_BYTES: answered 431)",
+            ["reason"], registry=self.registry,
         )
         self.gallery_identities = Gauge("face_gallery_identities", "Enrolled identities", registry=self.registry)
         self.gallery_faces = Gauge("face_gallery_faces", "Enrolled faces", registry=self.registry)
@@ -174,9 +175,10 @@ class Metrics:
         children[0].inc()
         children[1].observe(seconds)
 
-    def observe_connection_timeout(self, part: str) -> None:
-        """A connection closed by a deadline (http/connections.py): ``part`` idle, headers or body."""
-        self.connections_timed_out.labels(part).inc()
+    def observe_connection_closed(self, reason: str) -> None:
+        """A connection the server closed on its client (http/connections.py): ``reason`` idle, headers, body
+        or headers_too_large."""
+        self.connections_closed.labels(reason).inc()
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self.embeddings.inc(size)

@@ -68,7 +68,7 @@ class ServerError(FaceServiceError):
 # every code of service/errors.py ErrorCode (tests/clients check that none is missing)
 _FAMILIES: dict[type[FaceServiceError], tuple[str, ...]] = {
     BadRequestError: (
-        "invalid_request", "malformed_json", "payload_too_large", "too_many_faces", "no_images", "invalid_base64",
+        "invalid_request", "malformed_json", "payload_too_large", "headers_too_large", "too_many_faces", "no_images", "invalid_base64",
         "unsupported_media_type", "empty_image", "image_too_large", "not_an_image", "truncated_image",
         "wrong_image_size", "alpha_channel", "unsupported_color_mode", "no_face", "low_quality",
         "photo_not_supported", "model_mismatch", "wrong_dimension", "invalid_embedding", "invalid_identity_id",
