@@ -46,6 +46,7 @@ from .http.middleware import (
     OriginMiddleware,
     StartupRefusalMiddleware,
 )
+from .http.payload import validation_details
 from .jobs.runner import JobRunner, shadow_pairs
 from .jobs.scan import DUPLICATES, OUTLIERS
 from .jobs.store import JobRecord
@@ -286,9 +287,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
-        errors = [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()]
-        return _error_response(ServiceError(ErrorCode.invalid_request, "invalid request: " + errors[0]["message"],
-                                            errors=errors), request)
+        details = validation_details(exc.errors())
+        return _error_response(ServiceError(ErrorCode.invalid_request,
+                                            "invalid request: " + details["errors"][0]["message"], **details), request)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):

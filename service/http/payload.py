@@ -10,7 +10,7 @@ import json
 import re
 import types
 import typing
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -29,16 +29,33 @@ T = TypeVar("T", bound=BaseModel)
 _PLACEHOLDER = "multipart"  # stands in for uploaded files while the rest of the form is validated
 # JSON bodies from this size on are parsed and validated in a worker thread, not on the event loop
 LARGE_BODY_BYTES = 1 << 20
+# no request model has half as many fields: a body with more is refused as it is read (each unknown
+# field would be one validation error, listed: 200,000 of them made a 68 MB answer)
+MAX_BODY_FIELDS = 64
+# an invalid_request answer lists this many errors at most, and their total (``errors_total``)
+MAX_REPORTED_ERRORS = 20
+
+
+def validation_details(raw: Sequence[Any]) -> dict[str, Any]:
+    """The ``details`` of an invalid_request: its first errors as {field, message}, and how many there were."""
+    errors = [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in raw[:MAX_REPORTED_ERRORS]]
+    return {"errors": errors, **({"errors_total": len(raw)} if len(raw) > MAX_REPORTED_ERRORS else {})}
+
+
+def _too_many_fields() -> ServiceError:
+    return ServiceError(ErrorCode.invalid_request, f"the request body has more than {MAX_BODY_FIELDS} fields",
+                        errors=[{"field": "body", "message": f"more than {MAX_BODY_FIELDS} fields"}])
 
 
 def _validation_error(exc: ValidationError) -> ServiceError:
     raw = exc.errors(include_url=False, include_input=False)
-    errors = [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in raw]
+    details = validation_details(raw)
+    first = details["errors"][0]
     # an identity id the gallery cannot hold has its own code (see schemas.check_identity_id)
     code = ErrorCode.invalid_identity_id if any(e["type"] == "invalid_identity_id" for e in raw) \
         else ErrorCode.invalid_request
-    return ServiceError(code, "the request body is not valid: " + errors[0]["message"]
-                        + f" ({errors[0]['field']})", errors=errors)
+    return ServiceError(code, "the request body is not valid: " + first["message"] + f" ({first['field']})",
+                        **details)
 
 
 def _refuse_constant(name: str) -> None:
@@ -89,8 +106,11 @@ def _text_problem(value: Any) -> str | None:
 
 
 def _json_text(body: bytes) -> Any:
-    """A JSON body whose text every store can hold (``parse_json``, then ``_text_problem``)."""
+    """A JSON body whose text every store can hold (``parse_json``, then ``_text_problem``), of at most
+    ``MAX_BODY_FIELDS`` top-level fields."""
     value = parse_json(body)
+    if isinstance(value, dict) and len(value) > MAX_BODY_FIELDS:
+        raise _too_many_fields()
     if problem := _text_problem(value):
         raise ServiceError(ErrorCode.invalid_request, f"the request body holds {problem}",
                            errors=[{"field": "body", "message": f"holds {problem}"}])
@@ -234,12 +254,13 @@ def parse_checked(body: bytes, checks: BodyChecks) -> Any:
     ``checks.lists`` are parsed item by item and refused (``too_many_faces``) at the first item over
     ``checks.limit``, and an embedding with more than ``checks.dimension`` values is refused
     (``wrong_dimension``) before its values are parsed: a body of a million embeddings costs the parse
-    of ``limit + 1`` of them, and a row of a million values none, never a million Python floats.
+    of ``limit + 1`` of them, and a row of a million values none, never a million Python floats. A
+    top-level object of more than ``MAX_BODY_FIELDS`` fields is refused at the first one over.
     Parsing item by item also lets other threads (the event loop) run between items."""
     try:
         text = body.decode(json.detect_encoding(body), "surrogatepass")
         start = _skip(text, 0)
-        if not (checks.lists or checks.vectors) or text[start:start + 1] != "{":  # (the model refuses non-objects)
+        if text[start:start + 1] != "{":  # (the model refuses non-objects)
             return parse_json(text)
         return _checked_object(text, start + 1, checks)
     except RecursionError as exc:
@@ -260,6 +281,8 @@ def _checked_object(text: str, pos: int, checks: BodyChecks) -> dict[str, Any]:
     pos = _skip(text, pos)
     if text[pos:pos + 1] != "}":
         while True:
+            if len(data) == MAX_BODY_FIELDS:  # (a repeated name counts once, as the parse keeps the last)
+                raise _too_many_fields()
             _expect(text, pos, '"', "property name enclosed in double quotes")
             key, pos = _DECODER.raw_decode(text, pos)  # a string: it starts with a quote
             pos = _skip(text, pos)

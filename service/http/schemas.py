@@ -498,7 +498,8 @@ class CollectionDeleted(BaseModel):
 class KeyCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     role: Literal["admin", "write", "read", "embed"]
-    collections: list[str] | None = Field(None, description="The collections the key may touch; null: all.")
+    collections: list[str] | None = Field(None, max_length=1000,
+                                          description="The collections the key may touch (at most 1000); null: all.")
     note: str | None = Field(None, max_length=500)
     expires_at: float | None = Field(None, description="Unix time after which the key is refused; null: never.")
     rate_limit_rps: float | None = Field(None, gt=0, description="This key's requests per second (else FACE_RATE_LIMIT_RPS).")
