@@ -45,6 +45,7 @@ from .http.middleware import (
     HeadMiddleware,
     OriginMiddleware,
     StartupRefusalMiddleware,
+    record_error,
 )
 from .http.payload import validation_details
 from .jobs.runner import JobRunner, shadow_pairs
@@ -197,8 +198,7 @@ async def _housekeeping(state: ServiceState) -> None:
 
 
 def _error_response(error: ServiceError, request: Request) -> JSONResponse:
-    metrics: Metrics = request.app.state.metrics
-    metrics.errors.labels(error.code.value).inc()
+    record_error(request.scope, error.code)  # counted and logged by the access middleware
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 

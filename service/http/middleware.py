@@ -16,7 +16,14 @@ from ..ops.metrics import Metrics
 log = logging.getLogger("service.access")
 
 
-async def send_error(send, error: ServiceError) -> None:
+def record_error(scope, code: ErrorCode) -> None:
+    """The code of the error a request was answered with, for its access log line and face_errors_total
+    (AccessMiddleware reads it): whoever answers, a route's handler or a middleware."""
+    scope.setdefault("state", {})["error_code"] = code.value
+
+
+async def send_error(scope, send, error: ServiceError) -> None:
+    record_error(scope, error.code)
     body = json.dumps(error.body()).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
@@ -38,9 +45,9 @@ class BodyLimitMiddleware:
             if name == b"content-length":
                 try:
                     if int(value) > self.max_bytes:
-                        return await send_error(send, self._too_large())
+                        return await send_error(scope, send, self._too_large())
                 except ValueError:
-                    return await send_error(send, ServiceError(ErrorCode.invalid_request, "bad Content-Length"))
+                    return await send_error(scope, send, ServiceError(ErrorCode.invalid_request, "bad Content-Length"))
         received = 0
 
         async def limited_receive():
@@ -192,6 +199,9 @@ class AccessMiddleware:
 
         try:
             await self.app(scope, receive, capture)
+        except Exception:  # answered 500 internal_error outside this middleware (Starlette's ServerErrorMiddleware)
+            scope["state"].setdefault("error_code", ErrorCode.internal_error.value)
+            raise
         finally:
             if scope.get("client_disconnected"):
                 status = 499  # nginx's code for "client closed the request"; no response was sent
@@ -200,10 +210,14 @@ class AccessMiddleware:
             elapsed = time.perf_counter() - started
             method = scope.get("method", "")
             self.metrics.observe_request(path, method, status, elapsed)
-            principal = scope["state"].get("principal")
-            log.info("request", extra={"method": method, "route": path, "status": status,
-                                       "ms": round(elapsed * 1000, 2), "request_id": request_id,
-                                       "key_id": getattr(principal, "key_id", None)})
+            state = scope["state"]
+            fields = {"method": method, "route": path, "status": status, "ms": round(elapsed * 1000, 2),
+                      "request_id": request_id, "key_id": getattr(state.get("principal"), "key_id", None)}
+            code = state.get("error_code")
+            if code is not None:
+                self.metrics.errors.labels(code).inc()
+                fields["error"] = code
+            log.info("request", extra=fields)
 
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -277,7 +291,7 @@ class OriginMiddleware:
         host, _ = split_host(host_header)
         if not host_allowed(host, self.allowed_hosts):
             log.warning("host not allowed", extra={"host": host_header[:200], "path": scope.get("path")})
-            return await send_error(send, ServiceError(
+            return await send_error(scope, send, ServiceError(
                 ErrorCode.host_not_allowed, f"this service does not answer to the host {host_header[:200]!r}; "
                 "its operator lists the names it answers to in FACE_ALLOWED_HOSTS"))
         origin = headers.get("origin")
@@ -285,14 +299,14 @@ class OriginMiddleware:
         method = scope.get("method", "")
         if method == "OPTIONS" and origin is not None and "access-control-request-method" in headers:
             if not granted:
-                return await send_error(send, ServiceError(
+                return await send_error(scope, send, ServiceError(
                     ErrorCode.cross_origin_refused, "no CORS grant for this origin (FACE_CORS_ORIGINS)",
                     origin=origin[:200]))
             return await self._preflight(send, origin)
         if self.open_mode and method not in SAFE_METHODS and not granted and self._cross_site(headers, host_header):
             log.warning("cross-origin write refused", extra={"origin": (origin or "")[:200], "path": scope.get("path"),
                                                              "sec_fetch_site": headers.get("sec-fetch-site")})
-            return await send_error(send, ServiceError(
+            return await send_error(scope, send, ServiceError(
                 ErrorCode.cross_origin_refused, "a page of another origin may not change anything here "
                 "without an API key (FACE_CORS_ORIGINS lists the origins that may)",
                 **({"origin": origin[:200]} if origin else {})))
@@ -343,7 +357,7 @@ class ConsistencyMiddleware:
                 try:
                     read_after.required = consistency.parse_lsn(value.decode("latin-1"))
                 except ValueError as exc:
-                    return await send_error(send, ServiceError(
+                    return await send_error(scope, send, ServiceError(
                         ErrorCode.invalid_request, f"bad {consistency.HEADER} header: {exc}", header=consistency.HEADER))
             elif name == b"cookie" and read_after.required is None:
                 read_after.required = _cookie_lsn(value.decode("latin-1"))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import b64, face_files
+from tests.conftest import b64, face_files, metric
 from tests.server import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,5 +76,53 @@ def test_plain_text_logs_keep_the_structured_fields(tmp_path, default_model):
     lines = [line for line in proc.log_path.read_text().splitlines() if "req-text-1" in line]
     assert len(lines) == 1, lines
     assert " INFO service.access request " in lines[0]
-    for field in ("route=/embed", "method=POST", "status=400", "request_id=req-text-1", "ms="):
+    for field in ("route=/embed", "method=POST", "status=400", "request_id=req-text-1", "ms=", "error=malformed_json"):
         assert f" {field}" in lines[0], lines[0]
+
+
+def test_every_error_answer_is_counted_and_logged_with_its_code(tmp_path, default_model):
+    """face_errors_total counted only the errors the app's handlers answered: a refused Host, a body over
+    the limit by its Content-Length, a bad consistency token, answered by the middleware, were not; and the
+    access log line of a refused request did not say why. Both now carry the code, whoever answered."""
+    proc = ServerProcess(tmp_path / "data", model=default_model, env={"FACE_MAX_REQUEST_BYTES": "1024"})
+    try:
+        proc.wait_ready()
+        with httpx.Client(base_url=proc.url, timeout=60) as client:
+            refused = {"host_not_allowed": client.get("/healthz", headers={"host": "elsewhere.example"}),
+                       "payload_too_large": client.post("/embed", content=b"x" * 2048),
+                       "malformed_json": client.post("/embed", content=b"{"),
+                       "not_found": client.get("/nowhere")}
+            assert {code: r.json()["error"]["code"] for code, r in refused.items()} == {c: c for c in refused}
+            counted = {code: metric(client, f'face_errors_total{{code="{code}"}}') for code in refused}
+            ids = {code: r.headers["x-request-id"] for code, r in refused.items()}
+    finally:
+        proc.stop()
+    assert counted == dict.fromkeys(refused, 1.0), counted
+    records = {r.get("request_id"): r for r in map(json.loads, proc.log_path.read_text().splitlines())
+               if r["event"] == "request"}
+    assert {code: records[ids[code]].get("error") for code in refused} == {c: c for c in refused}
+
+
+def test_a_bug_is_answered_500_internal_error_counted_and_logged_once(caplog, tmp_path):
+    """An exception no handler expects is answered by Starlette outside the access middleware: it is
+    still counted (face_errors_total{code="internal_error"}) and its access line says so, once."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.config import Settings
+
+    app = create_app(Settings(providers="cpu", data_dir=tmp_path / "data"))
+
+    async def broken() -> None:
+        raise RuntimeError("a bug")
+
+    app.add_api_route("/broken", broken)  # (no lifespan: the route needs neither model nor gallery)
+    with caplog.at_level("INFO"):
+        r = TestClient(app, base_url="http://localhost", raise_server_exceptions=False).get("/broken")
+    assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
+    samples = {s.labels.get("code"): s.value for m in app.state.metrics.registry.collect()
+               if m.name == "face_errors" for s in m.samples if s.name == "face_errors_total"}
+    assert samples == {"internal_error": 1.0}, samples
+    lines = [r for r in caplog.records if r.getMessage() == "request" and getattr(r, "route", "") == "/broken"]
+    assert len(lines) == 1 and lines[0].error == "internal_error" and lines[0].status == 500
+    assert any(r.getMessage() == "unhandled error" for r in caplog.records)
