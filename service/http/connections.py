@@ -9,11 +9,10 @@ client is served. Here a connection is closed when
 * its next request has not got all its headers in ``header_timeout_s``, from the connection's opening
   or from its previous response (data trickling in does not extend this);
 * its request's headers are in but no part of the body has arrived for ``body_timeout_s`` (a slow but
-  steady upload is never cut). The request is dropped: its handler sees the client gone.
-
-and a request whose request line and headers pass ``max_header_bytes`` is answered 431
-``headers_too_large`` and its connection closed (uvicorn's httptools parser keeps headers of any size:
-a 1 MB header value, 10,000 headers), however the bytes arrive.
+  steady upload is never cut). The request is dropped: its handler sees the client gone;
+* its request line and headers pass ``max_header_bytes``, however the bytes arrive: it is answered 431
+  ``headers_too_large`` first (uvicorn's httptools parser keeps headers of any size: a 1 MB header
+  value, 10,000 headers).
 
 A request that has arrived whole is never cut, however long it takes to answer. Each close is
 reported (``on_close``: /metrics' ``face_http_connections_closed_total``) with its reason: ``idle`` (no
