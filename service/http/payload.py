@@ -30,7 +30,7 @@ _PLACEHOLDER = "multipart"  # stands in for uploaded files while the rest of the
 # JSON bodies from this size on are parsed and validated in a worker thread, not on the event loop
 LARGE_BODY_BYTES = 1 << 20
 # no request model has half as many fields: a body with more is refused as it is read (each unknown
-# field would be one validation error, listed: 200,000 of them made a 68 MB answer)
+# field would be one validation error, listed: a million of them, an 18 MB body, made a 68 MB answer)
 MAX_BODY_FIELDS = 64
 # an invalid_request answer lists this many errors at most, and their total (``errors_total``)
 MAX_REPORTED_ERRORS = 20
