@@ -20,6 +20,7 @@ const ERROR_MESSAGES = {
   invalid_request: "The request was not valid.",
   malformed_json: "The request body was not valid JSON.",
   payload_too_large: "The upload is too large for this service.",
+  headers_too_large: "The request's headers are too large for this service (a very long cookie or header?).",
   too_many_faces: "Too many images or faces in one request.",
   no_images: "No image was sent.",
   invalid_base64: "An image was not valid base64.",
