@@ -27,6 +27,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Callable
+from http import HTTPStatus
 from typing import Any
 
 from ..errors import ErrorCode, ServiceError
@@ -46,8 +47,7 @@ class _Deadlines:
     _timer: asyncio.TimerHandle | None = None
     _waiting_since = 0.0  # when the connection began to wait for its next request's headers
     _heard_at = 0.0  # when data last arrived
-    _heard_since_wait = False  # whether data arrived since the wait for the next request began
-    _header_bytes = 0  # bytes of the next request's line and headers received so far
+    _header_bytes = 0  # bytes of the next request's line and headers received so far (0: none yet, idle)
     _header_tail = b""  # the last 3 of them (the blank line that ends them may span two parts)
 
     def connection_made(self, transport: Any) -> None:
@@ -58,7 +58,6 @@ class _Deadlines:
 
     def data_received(self, data: bytes) -> None:
         self._heard_at = self.loop.time()  # type: ignore[attr-defined]
-        self._heard_since_wait = True  # (not from the times: uvloop's clock moves once a loop iteration)
         if self._awaiting_headers() and not self._headers_fit(data):
             self._refuse_headers()
             return  # (not parsed: the parser would keep them)
@@ -90,8 +89,9 @@ class _Deadlines:
         error = ServiceError(ErrorCode.headers_too_large, f"the request line and headers exceed "
                              f"{self.max_header_bytes} bytes", limit=self.max_header_bytes)
         body = json.dumps(error.body()).encode()
-        transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
-                        b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+        head = [f"HTTP/1.1 {error.status} {HTTPStatus(error.status).phrase}", "content-type: application/json",
+                f"content-length: {len(body)}", *(f"{k.lower()}: {v}" for k, v in error.headers.items())]
+        transport.write("\r\n".join(head).encode() + b"\r\n\r\n" + body)
         transport.close()
         log.debug("connection closed: headers too large", extra={"client": getattr(self, "client", None),
                                                                  "limit": self.max_header_bytes})
@@ -101,7 +101,6 @@ class _Deadlines:
     def on_response_complete(self) -> None:
         super().on_response_complete()  # type: ignore[misc]
         self._waiting_since = self.loop.time()  # type: ignore[attr-defined]
-        self._heard_since_wait = False
         self._header_bytes, self._header_tail = 0, b""
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -114,7 +113,8 @@ class _Deadlines:
         loop = self.loop  # type: ignore[attr-defined]
         cycle = getattr(self, "cycle", None)
         if cycle is None or cycle.response_complete:  # waiting for a request's headers
-            what = "headers" if self._heard_since_wait else "idle"
+            # (told by the bytes counted, not by the times: uvloop's clock moves once a loop iteration)
+            what = "headers" if self._header_bytes else "idle"
             wait = self._waiting_since + self.header_timeout_s - loop.time()
         elif cycle.more_body:  # headers in, the body still arriving
             wait, what = self._heard_at + self.body_timeout_s - loop.time(), "body"

@@ -106,11 +106,10 @@ def _text_problem(value: Any) -> str | None:
 
 
 def _json_text(body: bytes) -> Any:
-    """A JSON body whose text every store can hold (``parse_json``, then ``_text_problem``), of at most
-    ``MAX_BODY_FIELDS`` top-level fields."""
-    value = parse_json(body)
-    if isinstance(value, dict) and len(value) > MAX_BODY_FIELDS:
-        raise _too_many_fields()
+    """A JSON body whose text every store can hold: parsed as the image routes' bodies are (``parse_checked``,
+    which refuses more than ``MAX_BODY_FIELDS`` top-level fields at the first one over), then
+    ``_text_problem``."""
+    value = parse_checked(body, NO_CHECKS)
     if problem := _text_problem(value):
         raise ServiceError(ErrorCode.invalid_request, f"the request body holds {problem}",
                            errors=[{"field": "body", "message": f"holds {problem}"}])
@@ -240,6 +239,7 @@ class BodyChecks:
     dimension: int | None  # the most values an embedding may have (None: not checked)
 
 
+NO_CHECKS = BodyChecks({}, 0, frozenset(), {}, None)  # a body without images or embeddings: the fields' limit only
 _DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
 _SPACE = re.compile(r"[ \t\n\r]*")
 
