@@ -101,8 +101,14 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     from .app import create_app
-    from .http.connections import http_protocol
+    from .http.connections import http_protocol, listening_sockets
 
+    try:  # first: a port in use stops the start now, not after the model and the gallery are loaded
+        sockets = listening_sockets(settings.host, settings.port)
+    except OSError as exc:
+        logging.getLogger("service").error("could not start: %s (FACE_HOST, FACE_PORT)", exc.strerror,
+                                           extra={"reason": "address"})
+        sys.exit(3)
     try:
         app = create_app(settings)
     except ModelConfigError as exc:  # e.g. a model file missing: one line naming it, no traceback
@@ -117,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
                                                settings.http_max_header_bytes,
                                                on_close=app.state.metrics.observe_connection_closed))
     server = uvicorn.Server(config)
-    server.run()
+    server.run(sockets=sockets)
     if not server.started:  # lifespan start-up failed: the reason is in the log above
         sys.exit(3)
 

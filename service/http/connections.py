@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
@@ -146,3 +147,39 @@ def http_protocol(header_timeout_s: float, body_timeout_s: float, max_header_byt
                 {"header_timeout_s": header_timeout_s, "body_timeout_s": body_timeout_s,
                  "max_header_bytes": max_header_bytes,
                  "on_close": staticmethod(on_close) if on_close is not None else None})
+
+
+def listening_sockets(host: str, port: int) -> list[socket.socket]:
+    """The server's sockets, bound to ``host:port`` (every address ``host`` names, as asyncio's
+    ``create_server`` binds them) but not yet listening: made before the model is loaded and the gallery
+    opened, so that a port in use (or an address not on this host, or a port below 1024 without the
+    right) stops the start in a moment, not after a minute's loading. A client connecting meanwhile is
+    refused, as if nothing were there. Raises ``OSError`` whose ``strerror`` names what could not be bound."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:  # a host name that does not resolve
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):  # in order, each address once
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError:  # a family this host lacks (IPv6 off): asyncio passes over it too
+                continue
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:  # "::" takes IPv6 only; IPv4 has its own socket where named
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                ip, number = socket.getnameinfo(address, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)
+                shown = f"[{ip}]:{number}" if family == socket.AF_INET6 else f"{ip}:{number}"
+                raise OSError(exc.errno, f"cannot listen on {shown}: {exc.strerror}") from None
+        if not sockets:
+            raise OSError(0, f"cannot listen on {host}:{port}: none of its addresses can be bound here")
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 
@@ -45,6 +46,29 @@ def test_require_gpu_on_a_cpu_host_fails_loudly(tmp_path, default_model):
     refusal = [line for line in proc.stderr.splitlines() if "could not start" in line]
     assert len(refusal) == 1 and "onnxruntime-gpu" in refusal[0], proc.stderr[-2000:]  # one line says why
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_port_in_use_stops_the_start_before_anything_is_loaded(tmp_path, default_model):
+    """The address is bound first: a port another process listens on is one ``could not start`` line
+    naming it, before the model is loaded or the data dir made (it was found by uvicorn only after the
+    whole start-up, "service ready" logged first), and the other process keeps its port."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        data_dir = tmp_path / "data"
+        proc = subprocess.run(
+            [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(data_dir),
+             "--model", str(default_model)],
+            cwd=REPO, capture_output=True, text=True, timeout=120,
+        )
+        assert proc.returncode == 3, proc.stderr[-2000:]
+        refusal = [line for line in proc.stderr.splitlines() if "could not start" in line]
+        assert len(refusal) == 1 and f"127.0.0.1:{port}" in refusal[0] and "in use" in refusal[0], proc.stderr[-2000:]
+        assert "FACE_PORT" in refusal[0] and "Traceback" not in proc.stderr
+        assert "service ready" not in proc.stderr and not data_dir.exists()  # nothing was started or made
+        with socket.create_connection(("127.0.0.1", port), timeout=5):  # still the other process's
+            pass
 
 
 def test_env_example_lists_every_setting_and_parses(monkeypatch):
