@@ -95,5 +95,5 @@ VOLUME ["/var/lib/face"]
 EXPOSE 8000
 # /readyz runs a real inference through the batcher; start-period covers model load and warm-up
 HEALTHCHECK --interval=30s --timeout=10s --start-period=120s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('FACE_PORT', '8000') + '/readyz', timeout=8)"]
+    CMD ["python", "-m", "service.ops.probe"]
 ENTRYPOINT ["python", "-m", "service"]

@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -34,7 +35,9 @@ class ServerProcess:
         instead of this checkout's: the server starts there, with it on PYTHONPATH. ``host``: the
         interface to bind (reached at 127.0.0.1 whatever it is)."""
         self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        tls_cert = (env or {}).get("FACE_TLS_CERT_FILE")  # HTTPS, its certificate its own CA (self-signed)
+        self.url = f"{'https' if tls_cert else 'http'}://127.0.0.1:{self.port}"
+        self.verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=tls_cert) if tls_cert else True
         self.data_dir = Path(data_dir)
         self.log_path = log_path or self.data_dir.parent / f"server-{self.port}.log"
         cmd = [python or sys.executable, "-m", "service", "--host", host, "--port", str(self.port),
@@ -57,7 +60,7 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                r = httpx.get(self.url + "/readyz", headers=self.key_headers, timeout=5)
+                r = httpx.get(self.url + "/readyz", headers=self.key_headers, timeout=5, verify=self.verify)
                 if r.status_code == 200:
                     return r.json()
             except httpx.HTTPError:

@@ -109,6 +109,15 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger("service").error("could not start: %s (FACE_HOST, FACE_PORT)", exc.strerror,
                                            extra={"reason": "address"})
         sys.exit(3)
+    certificate = None
+    if settings.tls_cert_file is not None and settings.tls_key_file is not None:  # HTTPS: http/tls.py
+        from .http.tls import ServerCertificate, TlsFileError
+
+        try:
+            certificate = ServerCertificate(settings.tls_cert_file, settings.tls_key_file)
+        except TlsFileError as exc:
+            logging.getLogger("service").error("could not start: %s", exc, extra={"reason": "TlsFileError"})
+            sys.exit(3)
     try:
         app = create_app(settings)
     except ModelConfigError as exc:  # e.g. a model file missing: one line naming it, no traceback
@@ -122,6 +131,13 @@ def main(argv: list[str] | None = None) -> None:
                             http=http_protocol(settings.http_header_timeout_s, settings.http_body_timeout_s,
                                                settings.http_max_header_bytes,
                                                on_close=app.state.metrics.observe_connection_closed))
+    if certificate is not None:
+        # uvicorn builds a context of its own from file names only: its Config is loaded here and given
+        # ours, whose SNI callback hands new connections a renewed pair (Server.run loads a Config once)
+        config.load()
+        config.ssl = certificate.listening
+        certificate.report_expiry(app.state.metrics.observe_tls_certificate)
+        certificate.watch(settings.tls_reload_s)
     server = uvicorn.Server(config)
     server.run(sockets=sockets)
     if not server.started:  # lifespan start-up failed: the reason is in the log above

@@ -58,6 +58,17 @@ class Settings(BaseSettings):
         "and none stored, the service is open (a warning at start-up)."
     )
     api_key_header: str = Field("X-API-Key", description="Header that carries the API key.")
+    tls_cert_file: Path | None = Field(
+        None, description="Serve HTTPS (TLS 1.2 and 1.3) with this certificate chain: PEM, the server's certificate "
+        "first, then its intermediates. Needs FACE_TLS_KEY_FILE. Without it the service speaks plain HTTP: put a TLS "
+        "proxy in front of it on any network, since faces and keys cross it.")
+    tls_key_file: Path | None = Field(
+        None, description="The private key of FACE_TLS_CERT_FILE: PEM, not encrypted, readable by this user only "
+        "(mode 0600; a key others may read is warned of at start-up).")
+    tls_reload_s: float = Field(
+        60.0, ge=0.1, le=86_400, description="How often the certificate and key files are checked for a change: a "
+        "renewed pair is served to new connections without a restart (a pair that does not load is logged and the "
+        "previous one kept).")
     key_cache_s: float = Field(
         1.0, gt=0, le=1.0, description="How long a replica trusts what it read about a key: a key revoked on "
         "another replica sharing the database is refused here within this (at most 1 s).",
@@ -442,6 +453,12 @@ class Settings(BaseSettings):
     def _models(cls, value: list[str]) -> list[str]:
         parse_model_specs(value)  # ValueError (ModelConfigError) for a bad or duplicate name
         return value
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("HTTPS needs both FACE_TLS_CERT_FILE and FACE_TLS_KEY_FILE (or neither: plain HTTP)")
+        return self
 
     @model_validator(mode="after")
     def _model_or_models(self) -> Settings:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
@@ -158,6 +159,7 @@ class Metrics:
             "or the shadow run failed", registry=self.registry,
         )
         self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        self.tls_expiry: Gauge | None = None  # made when the service serves HTTPS (absent, not 0, without)
 
     def observe_detection(self, faces: int, seconds: float) -> None:
         self.faces_detected.inc(faces)
@@ -179,6 +181,14 @@ class Metrics:
         """A connection the server closed on its client (http/connections.py): ``reason`` idle, headers, body
         or headers_too_large."""
         self.connections_closed.labels(reason).inc()
+
+    def observe_tls_certificate(self, not_after: datetime.datetime) -> None:
+        """The served certificate's expiry (http/tls.py), at start and at each reload: alert on it."""
+        if self.tls_expiry is None:
+            self.tls_expiry = Gauge("face_tls_certificate_expiry_timestamp_seconds", "When the certificate the "
+                                    "service serves HTTPS with expires (Unix time; FACE_TLS_CERT_FILE)",
+                                    registry=self.registry)
+        self.tls_expiry.set(not_after.timestamp())
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self.embeddings.inc(size)

@@ -171,20 +171,23 @@ def test_port_and_healthcheck(dockerfile):
     port = runtime.env()["FACE_PORT"]
     assert [i.text for i in runtime.all("EXPOSE")] == [port]
     assert runtime.env()["FACE_HOST"] == "0.0.0.0"  # reachable through the published port
-    probe = runtime.all("HEALTHCHECK")[-1].exec_form()
-    assert probe[:2] == ["python", "-c"]
-    assert f"'{_readyz_route()}'" in probe[2] and "FACE_PORT" in probe[2]
+    from service.ops import probe
+
+    assert runtime.all("HEALTHCHECK")[-1].exec_form() == ["python", "-m", "service.ops.probe"]
+    assert probe.ROUTE == _readyz_route()
+    assert probe.url().endswith(f":{Settings().port}{_readyz_route()}")  # FACE_PORT, else the default
 
 
 def test_probes_and_clients_send_a_host_the_service_answers_to(dockerfile, compose, compose_cpu):
     """FACE_ALLOWED_HOSTS (default: loopback) must name the Host the image's HEALTHCHECK, compose's local
     clients, other containers and nginx send, or they get 421 host_not_allowed; an operator's own list
     (in .env) replaces compose's."""
-    from service.http.middleware import host_allowed, split_host
+    from service.http.middleware import host_allowed
 
     runtime_env = dockerfile.stage("runtime").env()
-    probe = dockerfile.stage("runtime").all("HEALTHCHECK")[-1].exec_form()[2]
-    probe_host = split_host(re.search(r"http://([^/']+)", probe).group(1))[0]
+    from service.ops.probe import HOST as probe_host
+
+    assert dockerfile.stage("runtime").all("HEALTHCHECK")[-1].exec_form()[-1] == "service.ops.probe"
     image_hosts = _parsed("allowed_hosts", runtime_env.get("FACE_ALLOWED_HOSTS", ",".join(Settings().allowed_hosts)))
     assert host_allowed(probe_host, image_hosts)
     scale = merge_compose(compose_cpu, load_compose(REPO / "docker-compose.scale.yml"))

@@ -53,6 +53,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--collection", default="default", help="the collection to use (default: default)")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.add_argument("--timeout", type=_seconds, default=60.0, help="seconds to wait for an answer (default 60)")
+    parser.add_argument("--ca-file", default=os.environ.get("FACE_CA_FILE"),
+                        help="for an https:// service: a PEM file of the certificate authorities to trust (a private "
+                        "CA, or a self-signed server's certificate); default: FACE_CA_FILE, else the usual ones")
     commands = parser.add_subparsers(dest="command", required=True)
 
     identify = commands.add_parser("identify", help="who is in each photo")
@@ -216,7 +219,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:
         return USAGE if e.code else OK
     try:
-        with FaceClient(args.url, args.key, timeout=args.timeout, collection=args.collection) as face:
+        with FaceClient(args.url, args.key, timeout=args.timeout, collection=args.collection,
+                        ca_file=args.ca_file) as face:
             answer, lines = run(face, args)
     except FaceServiceError as e:
         error = {"code": e.code, "message": e.message, "details": e.details, "request_id": e.request_id,

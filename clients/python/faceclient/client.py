@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import random
+import ssl
 import sys
 import threading
 import time
@@ -212,13 +214,18 @@ class _PersonEnroll:
 class _Base:
     def __init__(self, base_url: str, api_key: str | None = None, *, timeout: float = 60.0,
                  collection: str = DEFAULT_COLLECTION, max_retries: int = 3, retry_budget_s: float = 60.0,
-                 backoff_s: float = 0.5, check_version: bool = True, transport: Transport = "multipart") -> None:
+                 backoff_s: float = 0.5, check_version: bool = True, transport: Transport = "multipart",
+                 ca_file: str | os.PathLike[str] | None = None) -> None:
         """``timeout``: seconds per request (connect, read, write). 429 and 503 answers are retried up to
         ``max_retries`` times, waiting Retry-After (or ``backoff_s`` doubling) plus jitter, while the
         waits fit in ``retry_budget_s``. ``collection``: the default one for gallery calls.
         ``transport``: how images travel: "multipart" (their bytes as uploaded files, the default) or
-        "json" (base64 in a JSON body, a third larger: for a proxy that refuses multipart)."""
+        "json" (base64 in a JSON body, a third larger: for a proxy that refuses multipart).
+        ``ca_file``: a PEM file of the certificate authorities to trust for an ``https://`` service (a
+        private CA, or a self-signed server's own certificate), instead of the usual ones (certifi's,
+        or ``SSL_CERT_FILE``'s). The certificate is always checked."""
         self.base_url = base_url.rstrip("/")
+        self._tls_verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=os.fspath(ca_file)) if ca_file else True
         self.transport = transport
         self.collection = collection
         self.max_retries = max_retries
@@ -431,7 +438,7 @@ class _Base:
         self._version_checked = True
 
     def _client_args(self) -> dict[str, Any]:
-        return {"base_url": self.base_url, "headers": self._headers, "timeout": self._timeout}
+        return {"base_url": self.base_url, "headers": self._headers, "timeout": self._timeout, "verify": self._tls_verify}
 
 
 class FaceClient(_Base):

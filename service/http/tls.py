@@ -1,0 +1,145 @@
+"""HTTPS served by the service itself: ``FACE_TLS_CERT_FILE`` + ``FACE_TLS_KEY_FILE``.
+
+Faces are biometric data and API keys are secrets: on a network both should travel encrypted, through
+a TLS proxy in front or through this. The server's context takes TLS 1.2 and 1.3 only, with Python's
+default server ciphers. Certificates are renewed while the service runs (ACME, cert-manager, an
+operator's copy): the files are checked every ``FACE_TLS_RELOAD_S`` and a changed pair is loaded into a
+new context that every new connection is then handed, by the listening context's SNI callback (which
+OpenSSL calls for every ClientHello, with a server name or without); connections already open keep
+theirs. A pair that does not load (a key written a moment after its certificate, a mistake) is logged
+and the previous pair served; it is tried again when the files change again.
+
+The certificate's expiry is on /metrics (``face_tls_certificate_expiry_timestamp_seconds``) and logged
+at start and at each reload, with a warning once fewer than ``EXPIRY_WARNING_DAYS`` are left.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import ssl
+import stat
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+log = logging.getLogger("service.http")
+
+EXPIRY_WARNING_DAYS = 14
+
+
+class TlsFileError(Exception):
+    """The certificate or key file cannot be served: missing, unreadable, not PEM, or not a pair."""
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _not_after(cert_file: Path) -> datetime.datetime:
+    """When the served (first) certificate of the chain expires."""
+    from cryptography import x509
+
+    return x509.load_pem_x509_certificate(cert_file.read_bytes()).not_valid_after_utc
+
+
+def server_context(cert_file: Path, key_file: Path) -> tuple[ssl.SSLContext, datetime.datetime]:
+    """A server context for the pair, and its certificate's expiry. Raises ``TlsFileError`` in words
+    that name the setting and the file (never the key's bytes)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert_file, key_file)
+        not_after = _not_after(cert_file)
+    except FileNotFoundError as exc:
+        raise TlsFileError(f"FACE_TLS_CERT_FILE / FACE_TLS_KEY_FILE: {exc.filename} does not exist") from None
+    except ssl.SSLError as exc:  # not PEM, not a pair, an encrypted key
+        why = "the key does not belong to the certificate" if "KEY_VALUES_MISMATCH" in str(exc) else (
+            f"not a PEM certificate chain and its unencrypted private key ({exc.reason or exc})")
+        raise TlsFileError(f"FACE_TLS_CERT_FILE {cert_file}, FACE_TLS_KEY_FILE {key_file}: {why}") from None
+    except (OSError, ValueError) as exc:  # unreadable, a directory; cryptography's parse of the chain
+        raise TlsFileError(f"FACE_TLS_CERT_FILE {cert_file}, FACE_TLS_KEY_FILE {key_file}: {exc}") from None
+    return context, not_after
+
+
+class ServerCertificate:
+    """The listening context (given to the server) and the pair it currently hands connections."""
+
+    def __init__(self, cert_file: Path, key_file: Path) -> None:
+        self.cert_file, self.key_file = Path(cert_file), Path(key_file)
+        self._on_expiry: Callable[[datetime.datetime], None] | None = None
+        self._stamps = self._files()
+        self.listening, self.not_after = server_context(self.cert_file, self.key_file)
+        self.current = self.listening
+        self.listening.sni_callback = self._hand_current
+        self.reloads = 0
+        self._stop = threading.Event()
+        self._warn_if_readable_by_others()
+        self._loaded("tls certificate loaded")
+
+    def _files(self) -> tuple[tuple[int, int, int] | None, ...]:
+        return _stamp(self.cert_file), _stamp(self.key_file)
+
+    def _hand_current(self, connection: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext) -> None:
+        current = self.current  # one read: a reload may publish another meanwhile
+        if current is not context:
+            connection.context = current
+
+    def reload_if_changed(self) -> bool:
+        """Load the pair again if either file changed since it was last read; True when a new pair is
+        served. A pair that does not load leaves the previous one served (logged once per change)."""
+        stamps = self._files()
+        if stamps == self._stamps:
+            return False
+        self._stamps = stamps
+        try:
+            context, not_after = server_context(self.cert_file, self.key_file)
+        except TlsFileError as exc:
+            log.warning("tls certificate not reloaded, the previous one is served: %s", exc)
+            return False
+        self.current, self.not_after = context, not_after  # published whole: the callback reads it once
+        self.reloads += 1
+        self._loaded("tls certificate reloaded")
+        return True
+
+    def _loaded(self, message: str) -> None:
+        days = (self.not_after - datetime.datetime.now(datetime.timezone.utc)).total_seconds() / 86400
+        extra = {"cert_file": str(self.cert_file), "not_after": self.not_after.isoformat(), "days_left": round(days, 1)}
+        if days < EXPIRY_WARNING_DAYS:
+            log.warning(message + ("; it has expired" if days < 0 else f"; it expires in {days:.1f} days"), extra=extra)
+        else:
+            log.info(message, extra=extra)
+        if self._on_expiry is not None:
+            self._on_expiry(self.not_after)
+
+    def report_expiry(self, callback: Callable[[datetime.datetime], None]) -> None:
+        """Tell ``callback`` (the metrics) the served certificate's expiry now and at each reload."""
+        self._on_expiry = callback
+        callback(self.not_after)
+
+    def _warn_if_readable_by_others(self) -> None:
+        mode = stat.S_IMODE(self.key_file.stat().st_mode)
+        if mode & 0o077 and os.name == "posix":
+            log.warning("FACE_TLS_KEY_FILE may be read by other users of this host (mode %o): chmod 600 it",
+                        mode, extra={"key_file": str(self.key_file)})
+
+    def watch(self, interval_s: float) -> threading.Thread:
+        """Check the files every ``interval_s`` in a daemon thread (a stat of each; read on a change)."""
+        def run() -> None:
+            while not self._stop.wait(interval_s):
+                try:
+                    self.reload_if_changed()
+                except Exception:  # noqa: BLE001 - the watch outlives any one check
+                    log.warning("tls certificate check failed", exc_info=True)
+
+        thread = threading.Thread(target=run, name="tls-reload", daemon=True)
+        thread.start()
+        return thread
+
+    def stop(self) -> None:
+        self._stop.set()

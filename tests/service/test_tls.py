@@ -1,0 +1,207 @@
+"""HTTPS served by the service itself (FACE_TLS_CERT_FILE, FACE_TLS_KEY_FILE), over real sockets to the
+real server: the API, the client and its CLI, the container's probe and the connection deadlines over
+TLS; plain HTTP gets nothing; a renewed certificate is served without a restart (a broken one is not);
+files the service cannot use stop it in one line."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from tests.conftest import face_files, metric
+from tests.server import REPO, ServerProcess
+
+DEADLINE_S = 1.0
+
+
+def write_pair(cert_file: Path, key_file: Path | None, serial: int, days: float = 30) -> datetime.datetime:
+    """A self-signed certificate for 127.0.0.1 and localhost (its own CA) and its key, written in place
+    (``key_file`` None: the certificate only, of a key nobody has); returns its expiry."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "face-service-test")])
+    now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    not_after = now + datetime.timedelta(days=days)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(serial).not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(not_after)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    if key_file is not None:
+        key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+        key_file.chmod(0o600)
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return not_after
+
+
+def served_serial(port: int) -> int:
+    """The serial number of the certificate a new TLS connection to ``port`` is handed."""
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, context.wrap_socket(raw) as tls:
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def tls_env(tmp_path: Path, **more: str) -> dict[str, str]:
+    return {"FACE_TLS_CERT_FILE": str(tmp_path / "tls.crt"), "FACE_TLS_KEY_FILE": str(tmp_path / "tls.key"), **more}
+
+
+@pytest.fixture(scope="module")
+def https(tmp_path_factory, default_model):
+    tmp_path = tmp_path_factory.mktemp("tls")
+    not_after = write_pair(tmp_path / "tls.crt", tmp_path / "tls.key", serial=1)
+    proc = ServerProcess(tmp_path / "data", model=default_model,
+                         env=tls_env(tmp_path, FACE_HTTP_HEADER_TIMEOUT_S=str(DEADLINE_S)))
+    proc.wait_ready()
+    yield proc, tmp_path / "tls.crt", not_after
+    proc.stop()
+
+
+def test_https_serves_the_api_and_checks_are_kept(https):
+    from faceclient import FaceClient
+    from faceclient.cli import main as face
+
+    server, cert, not_after = https
+    assert server.url.startswith("https://")
+    with FaceClient(server.url, ca_file=cert) as client:  # the client checks the certificate against the CA given
+        client.enroll("alice", face_files("George_W_Bush")[:2])
+        assert client.identify(face_files("George_W_Bush")[2]).results[0].candidates[0].identity_id == "alice"
+    with httpx.Client(base_url=server.url, verify=server.verify, timeout=10) as c:
+        assert c.get("/healthz").status_code == 200
+        assert metric(c, "face_tls_certificate_expiry_timestamp_seconds") == not_after.timestamp()
+    # the usual trust store does not know a self-signed certificate: refused, not talked to
+    with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+        httpx.get(server.url + "/healthz", timeout=10)
+    assert face(["--url", server.url, "--ca-file", str(cert), "collections", "list"]) == 0
+    assert face(["--url", server.url, "collections", "list"]) == 3  # no connection: the certificate is unknown
+    # the container's health check asks over HTTPS when FACE_TLS_CERT_FILE is set
+    probe_env = {**os.environ, "FACE_PORT": str(server.port), "FACE_TLS_CERT_FILE": str(cert)}
+    assert subprocess.run([sys.executable, "-m", "service.ops.probe"], cwd=REPO, env=probe_env,
+                          capture_output=True, timeout=30).returncode == 0
+    probe_env.pop("FACE_TLS_CERT_FILE")
+    assert subprocess.run([sys.executable, "-m", "service.ops.probe"], cwd=REPO, env=probe_env,
+                          capture_output=True, timeout=30).returncode == 1
+    log = server.log()
+    assert "tls certificate loaded" in log and "FACE_TLS_KEY_FILE may be read" not in log  # the key is 0600
+    assert "BEGIN PRIVATE KEY" not in log
+
+
+def test_plain_http_to_the_https_port_gets_nothing_and_hurts_no_one(https):
+    server, _, _ = https
+    with pytest.raises(httpx.HTTPError):  # the server answers no plain HTTP on its TLS port
+        httpx.get(f"http://127.0.0.1:{server.port}/healthz", timeout=5)
+    assert httpx.get(server.url + "/healthz", verify=server.verify, timeout=10).status_code == 200
+
+
+def test_the_header_deadline_holds_over_tls(https):
+    """A TLS connection that sends part of its headers and stops is closed at FACE_HTTP_HEADER_TIMEOUT_S
+    (the deadlines run on the decrypted bytes: the protocol under uvicorn is the same)."""
+    server, _, _ = https
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw, \
+            server.verify.wrap_socket(raw, server_hostname="127.0.0.1") as tls:  # type: ignore[union-attr]
+        tls.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        started = time.monotonic()
+        tls.settimeout(10)
+        try:
+            assert tls.recv(4096) == b""
+        except (ConnectionResetError, ssl.SSLError):
+            pass  # closed either way
+        assert time.monotonic() - started < 8  # the deadline (1 s) plus the timer's step, not the 10 s wait
+
+
+def test_a_renewed_certificate_is_served_without_a_restart(tmp_path, default_model):
+    not_after = write_pair(tmp_path / "tls.crt", tmp_path / "tls.key", serial=1)
+    (tmp_path / "tls.key").chmod(0o644)
+    server = ServerProcess(tmp_path / "data", model=default_model, env=tls_env(tmp_path, FACE_TLS_RELOAD_S="0.2"))
+    try:
+        server.wait_ready()
+        assert "FACE_TLS_KEY_FILE may be read by other users" in server.log()
+        assert served_serial(server.port) == 1
+        kept = httpx.Client(base_url=server.url, verify=False, timeout=10)  # a connection open across the renewal
+        assert kept.get("/healthz").status_code == 200
+
+        renewed = write_pair(tmp_path / "tls.crt", tmp_path / "tls.key", serial=2, days=90)
+        deadline = time.monotonic() + 20
+        while served_serial(server.port) != 2:
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.1)
+        assert kept.get("/healthz").status_code == 200  # the open connection keeps its session
+        assert metric(kept, "face_tls_certificate_expiry_timestamp_seconds") == renewed.timestamp() != not_after.timestamp()
+
+        # a certificate whose key is not there (yet): the renewed pair stays served, the service up
+        write_pair(tmp_path / "tls.crt", None, serial=3)
+        deadline = time.monotonic() + 20
+        while "tls certificate not reloaded" not in server.log():
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.1)
+        assert "does not belong to the certificate" in server.log()
+        assert served_serial(server.port) == 2
+        assert httpx.get(server.url + "/healthz", verify=False, timeout=10).status_code == 200
+        # a whole pair again: served
+        write_pair(tmp_path / "tls.crt", tmp_path / "tls.key", serial=4)
+        deadline = time.monotonic() + 20
+        while served_serial(server.port) != 4:
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.1)
+        kept.close()
+    finally:
+        server.stop()
+
+
+def _broken_cert(tmp_path: Path) -> dict[str, str]:
+    write_pair(tmp_path / "tls.crt", tmp_path / "tls.key", serial=1)
+    (tmp_path / "tls.crt").write_text("not a certificate\n")
+    return tls_env(tmp_path)
+
+
+def _other_key(tmp_path: Path) -> dict[str, str]:
+    write_pair(tmp_path / "tls.crt", tmp_path / "other.key", serial=1)
+    write_pair(tmp_path / "unused.crt", tmp_path / "tls.key", serial=2)
+    return tls_env(tmp_path)
+
+
+def _missing_key(tmp_path: Path) -> dict[str, str]:
+    write_pair(tmp_path / "tls.crt", None, serial=1)
+    return tls_env(tmp_path)
+
+
+def _cert_alone(tmp_path: Path) -> dict[str, str]:
+    write_pair(tmp_path / "tls.crt", tmp_path / "tls.key", serial=1)
+    return {"FACE_TLS_CERT_FILE": str(tmp_path / "tls.crt")}
+
+
+@pytest.mark.parametrize(("make", "code", "says"), [
+    (_broken_cert, 3, "not a PEM certificate chain"),
+    (_other_key, 3, "the key does not belong to the certificate"),
+    (_missing_key, 3, "does not exist"),
+    (_cert_alone, 1, "needs both FACE_TLS_CERT_FILE and FACE_TLS_KEY_FILE"),
+], ids=["not-pem", "other-key", "missing-key", "cert-alone"])
+def test_tls_files_the_service_cannot_use_stop_it_in_one_line(tmp_path, default_model, make, code, says):
+    env = {**os.environ, **make(tmp_path)}
+    data_dir = tmp_path / "data"
+    proc = subprocess.run([sys.executable, "-m", "service", "--port", "0", "--data-dir", str(data_dir),
+                           "--model", str(default_model)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == code, proc.stderr[-2000:]
+    assert says in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    if code == 3:
+        refusal = [line for line in proc.stderr.splitlines() if "could not start" in line]
+        assert len(refusal) == 1 and "FACE_TLS" in refusal[0], proc.stderr[-2000:]
+    assert "BEGIN" not in proc.stderr  # no PEM is ever printed
+    assert not data_dir.exists()  # refused before anything was opened or made
