@@ -43,6 +43,7 @@ round trip).
     python -m bench.overhead --baseline main --rounds 5 --requests 40 --output /tmp/o.json   # quick
     python -m bench.overhead --intra-op-threads 1 ...           # busy machine: compare cpu_overhead
     python -m bench.overhead --model tiny [--think-ms 15]       # the request path alone, back to back or idle between
+    python -m bench.overhead --tls --baseline HEAD              # what HTTPS costs a request (same code, TLS on)
     python -m bench.overhead --spinning off --baseline REF      # onnxruntime's pool without spinning (REF: without
                                                                 # FACE_INTRA_OP_SPINNING, so it spins) + raw_spinning
 
@@ -56,6 +57,7 @@ import base64
 import http.client
 import json
 import os
+import ssl
 import statistics
 import tempfile
 import time
@@ -81,8 +83,12 @@ class Server(ServerProcess):
         self.conn: http.client.HTTPConnection | None = None
 
     def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
-        if self.conn is None:  # one keep-alive connection for every request
-            self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        if self.conn is None:  # one keep-alive connection for every request (TLS: one handshake)
+            if self.url.startswith("https:"):  # --server-env FACE_TLS_CERT_FILE=... FACE_TLS_KEY_FILE=...
+                assert isinstance(self.verify, ssl.SSLContext)
+                self.conn = http.client.HTTPSConnection("127.0.0.1", self.port, timeout=60, context=self.verify)
+            else:
+                self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
         headers = {"content-type": "application/json"} if body is not None else {}
         self.conn.request(method, path, body=body, headers=headers)
         response = self.conn.getresponse()
@@ -191,6 +197,9 @@ def main() -> None:
     parser.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
                         help="set in the environment of this checkout's server only (not the baseline's, not the raw "
                              "session's), e.g. GLIBC_TUNABLES=glibc.malloc.hugetlb=1 against --baseline HEAD")
+    parser.add_argument("--tls", action="store_true",
+                        help="this checkout's server serves HTTPS (a self-signed certificate made here; the timed "
+                        "connection is kept alive, so one handshake): against --baseline HEAD, what TLS costs a request")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--requests", type=int, default=100, help="timed requests (and raw runs) per variant per round")
     parser.add_argument("--output", type=Path, help="JSON path (default: bench/results/overhead_<device>.json)")
@@ -235,7 +244,14 @@ def main() -> None:
                                "current": current_commit()}}
     with tempfile.TemporaryDirectory(prefix="face-overhead-") as tmp:
         work = Path(tmp)
-        servers = [Server("current", REPO, model, {**env, **result["config"]["current_server_env"]}, work)]
+        current_env = {**env, **result["config"]["current_server_env"]}
+        if args.tls:
+            from harness.tls import write_pair
+
+            write_pair(work / "tls.crt", work / "tls.key", serial=1)
+            current_env |= {"FACE_TLS_CERT_FILE": str(work / "tls.crt"), "FACE_TLS_KEY_FILE": str(work / "tls.key")}
+            result["config"]["current_tls"] = "self-signed P-256 certificate, TLS 1.3, one kept-alive connection"
+        servers = [Server("current", REPO, model, current_env, work)]
         if args.baseline:
             source = work / "baseline"
             source.mkdir()
