@@ -27,7 +27,7 @@ from .config import ModelConfigError, Settings, get_settings
 from .errors import ErrorCode, ServiceError
 from .faces.detection import AlignmentTemplate, FaceDetector, YuNetConfig, YuNetDetector, template_for
 from .gallery import GalleryLoading
-from .gallery.api import GalleryBusy, GalleryUnavailable
+from .gallery.api import GalleryBusy, GalleryUnavailable, StorageFull
 from .gallery.crops import CropKeyError
 from .gallery.embedded.lock import DataDirLocked, DataDirUnusable
 from .gallery.open import open_gallery
@@ -58,6 +58,7 @@ from .model.fp16 import Fp16Error
 from .model.registry import ModelRegistry, ServedModel
 from .model.runtime import EmbeddingModel, ProviderError
 from .model.serving import check_model_files, served_model_path
+from .ops.logging import Throttle
 from .ops.memory import limit_malloc_arenas
 from .ops.metrics import Metrics
 from .state import ServiceState
@@ -180,7 +181,7 @@ KEY_FLUSH_S = 5.0  # last-use times of keys are written at most this often
 RETENTION_CHECK_S = 3600.0
 
 
-async def _housekeeping(state: ServiceState) -> None:
+async def _housekeeping(state: ServiceState, storage_full_log: Throttle) -> None:
     """Write keys' last use every few seconds; delete audit entries past FACE_AUDIT_RETENTION_DAYS hourly."""
     last_prune = 0.0
     while True:
@@ -193,6 +194,10 @@ async def _housekeeping(state: ServiceState) -> None:
                 pruned = await run_in_threadpool(state.galleries.prune_audit, time.time() - days * 86400)
                 if pruned:
                     log.info("audit entries past retention deleted", extra={"entries": pruned, "days": days})
+        except StorageFull as exc:  # keys' last use waits for space (a line a minute, not one each flush)
+            if (left_out := storage_full_log.due()) is not None:
+                log.error("gallery storage full", extra={"reason": str(exc), "during": "housekeeping",
+                                                         "left_out": left_out})
         except Exception:  # noqa: BLE001 - housekeeping retries; the database may be away for a while
             log.warning("housekeeping failed", exc_info=True)
 
@@ -232,6 +237,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     limit_malloc_arenas(settings.malloc_arena_max)  # before the server's worker threads allocate
     warn_if_exposed(settings)
     metrics = Metrics()
+    storage_full_log = Throttle(60.0)  # a full disk refuses every write: one log line a minute says so
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -242,7 +248,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.startup_refused = str(exc)
             raise
         app.state.service = state
-        housekeeping = asyncio.create_task(_housekeeping(state))
+        housekeeping = asyncio.create_task(_housekeeping(state, storage_full_log))
         log.info("service ready", extra={"model_id": state.contract.model_id, "providers": state.model.providers,
                                          "models": state.models.names(),
                                          "data_dir": str(settings.data_dir)})
@@ -277,6 +283,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.warning("gallery unavailable", extra={"path": request.url.path, "reason": str(exc)})
         return _error_response(ServiceError(ErrorCode.database_unavailable, "the gallery database is unavailable; "
                                             "retry later"), request)
+
+    @app.exception_handler(StorageFull)
+    async def storage_full(request: Request, exc: StorageFull):
+        # the data dir's disk (or the database's) is full: nothing of this write was stored; reads go on
+        if (left_out := storage_full_log.due()) is not None:  # each refusal is counted on /metrics anyway
+            log.error("gallery storage full", extra={"path": request.url.path, "reason": str(exc),
+                                                     "left_out": left_out})
+        return _error_response(ServiceError(ErrorCode.storage_full, "the gallery's storage is full: nothing was "
+                                            "stored; retry once the operator has freed space"), request)
 
     @app.exception_handler(GalleryBusy)
     async def gallery_busy(request: Request, exc: GalleryBusy):

@@ -79,6 +79,7 @@ class ErrorCode(str, Enum):
     overloaded = "overloaded"
     inference_timeout = "inference_timeout"
     database_unavailable = "database_unavailable"
+    storage_full = "storage_full"
     internal_error = "internal_error"
 
 
@@ -140,6 +141,7 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.overloaded: 503,
     ErrorCode.inference_timeout: 504,
     ErrorCode.database_unavailable: 503,
+    ErrorCode.storage_full: 507,
     ErrorCode.internal_error: 500,
 }
 

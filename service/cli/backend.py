@@ -22,7 +22,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from ..config import ModelConfigError, Settings
-from ..gallery.api import Actor, Galleries, GalleryModelMismatch, GalleryUnavailable
+from ..gallery.api import Actor, Galleries, GalleryModelMismatch, GalleryUnavailable, StorageFull
 from ..gallery.crops import CropKeyError
 from ..gallery.embedded.lock import DataDirUnusable, usable_data_dir
 from ..gallery.open import make_gallery
@@ -100,6 +100,8 @@ def opened_backend(settings: Settings) -> Iterator[Galleries]:
         raise CommandError(str(exc)) from exc
     try:
         yield galleries
+    except StorageFull as exc:  # a key, a revocation, a prune the disk has no room for: one line
+        raise CommandError(str(exc)) from exc
     finally:
         galleries.close()
 

@@ -61,6 +61,7 @@ from ..gallery.api import (
     GalleryModelMismatch,
     GalleryUnavailable,
     IdentityExists,
+    StorageFull,
 )
 from ..gallery.crops import CropKeyError, encode_crop
 from ..gallery.embedded.lock import DataDirLocked, DataDirUnusable
@@ -509,7 +510,7 @@ def main(argv: list[str]) -> int:
                       "identities": done.identities, "faces": done.faces, "skipped_existing": len(done.skipped)}
     except (GalleryFileError, GalleryModelMismatch, GalleryUnavailable, CollectionNotFound, CollectionExists,
             AliasNotFound, CommandError, CropKeyError,  # CropKeyError: a key that does not open the crops
-            DataDirLocked, DataDirUnusable) as exc:
+            DataDirLocked, DataDirUnusable, StorageFull) as exc:
         return fail(exc)
     except OSError as exc:  # a file that went away or could not be written after the checks: no traceback
         return fail(exc)

@@ -81,7 +81,7 @@ __all__ = [
     "CollectionInfo", "CollectionNotFound", "CollectionProtected", "Galleries", "KeyExists", "StoredKey",
     "valid_collection_name",
     "EnrollResult", "FaceRecord", "GalleryBackend", "GalleryBusy", "GalleryModelMismatch", "GalleryStats",
-    "GalleryUnavailable", "IdentityDetails", "IdentityExists", "IdentityRecord", "Match", "ReadTarget",
+    "GalleryUnavailable", "StorageFull", "IdentityDetails", "IdentityExists", "IdentityRecord", "Match", "ReadTarget",
     "TooManyFacesForIdentity", "check_model", "group_by_identity", "search_identities",
     "FaceNotFound", "IdentityNotFound", "MergeResult", "MoveResult",
 ]
@@ -94,6 +94,11 @@ class GalleryUnavailable(RuntimeError):
 class GalleryBusy(GalleryUnavailable):
     """The database answers, but every connection this replica may open to it is in use (slow writes,
     a burst): the request may be retried shortly (the API answers 503 ``overloaded``)."""
+
+
+class StorageFull(RuntimeError):
+    """The gallery's disk is full (the data dir's, or the database's): nothing of the write was stored,
+    what was stored before is intact, and the write may be retried once space is freed."""
 
 
 class IdentityExists(ValueError):

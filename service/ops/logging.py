@@ -5,9 +5,33 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
+import threading
 import time
+
+
+class Throttle:
+    """One log line per ``seconds`` for a condition that repeats on every request (a full disk refusing
+    each write): ``due()`` is None while a line was written less than ``seconds`` ago, else how many
+    occurrences were left out since the last line (0 the first time)."""
+
+    def __init__(self, seconds: float = 60.0) -> None:
+        self.seconds = seconds
+        self._last = -math.inf
+        self._left_out = 0
+        self._lock = threading.Lock()
+
+    def due(self) -> int | None:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._last < self.seconds:
+                self._left_out += 1
+                return None
+            left_out, self._left_out, self._last = self._left_out, 0, now
+            return left_out
+
 
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 

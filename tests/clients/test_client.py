@@ -33,7 +33,7 @@ from tests.clients.conftest import ADMIN, ENV
 from tests.conftest import ENROLLED, face_files, unknown_files
 
 FAMILY_STATUSES = {AuthError: {401, 403}, NotFoundError: {404}, ConflictError: {409}, RateLimitedError: {429},
-                   UnavailableError: {503, 504}, faceclient.ServerError: {500}}
+                   UnavailableError: {503, 504, 507}, faceclient.ServerError: {500}}
 
 
 def test_every_error_code_of_the_service_has_its_family():

@@ -222,10 +222,10 @@ def test_face_erased_while_a_snapshot_is_written_is_not_in_it(tmp_path):
     g.enroll("secret", secret)
     real_prepare = g._files.prepare  # noqa: SLF001
 
-    def prepare_while_deleting(tmp, meta, dim):
+    def prepare_while_deleting(tmp, meta, dim, *size):
         assert "index.hnsw.tmp" in find_vector(tmp.parent, secret[0])  # saved with the secret in it
         assert g.delete("secret") == 1  # a writer gets in between save and install
-        return real_prepare(tmp, meta, dim)
+        return real_prepare(tmp, meta, dim, *size)
 
     g._files.prepare = prepare_while_deleting  # noqa: SLF001
     assert g.snapshot()
@@ -443,6 +443,44 @@ def test_failed_snapshot_writer_is_reported_and_cleaned_up(tmp_path, monkeypatch
     assert g.snapshot()
     crash(g)
     g = opened(tmp_path)
+    answers_correctly(g, vectors)
+    g.close()
+
+
+def test_a_snapshot_written_short_is_refused_and_the_previous_one_kept(tmp_path, monkeypatch, caplog):
+    """hnswlib's save reports no write error: on a full disk it leaves a cut file and returns. A file
+    shorter than hnswlib's own count of the bytes is refused before it is put in place; the previous
+    snapshot (in place, scrubbed of every erase) stays the base of the next start."""
+    from service.gallery.embedded.index import HnswIndex
+
+    vectors = seeded(tmp_path, 300)
+    g = opened(tmp_path)
+    g._fork_snapshots = False  # noqa: SLF001 - the in-process save, whose file this test cuts
+    for i in range(20):
+        vectors[f"n{i}"] = unit(np.random.default_rng(i), 1)
+        g.enroll(f"n{i}", vectors[f"n{i}"])
+    g.delete("p3")
+    vectors.pop("p3")
+    real_save = HnswIndex.save
+
+    def short_save(self, path):
+        real_save(self, path)
+        with open(path, "r+b") as f:  # what ENOSPC leaves: the tail never written
+            f.truncate(path.stat().st_size - 4096)
+
+    monkeypatch.setattr(HnswIndex, "save", short_save)
+    with caplog.at_level("WARNING", logger="service.gallery.embedded.gallery"):
+        assert g.snapshot() is False
+    assert any("written short" in r.getMessage() or "written short" in str(r.exc_info) for r in caplog.records)
+    assert not (tmp_path / "index.hnsw.tmp").exists()
+    assert (tmp_path / "index.json").exists()  # the previous snapshot still counts
+    monkeypatch.undo()
+    crash(g)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="service.gallery.embedded.gallery"):
+        g = opened(tmp_path)
+    ready = [r for r in caplog.records if r.getMessage() == "gallery index ready"][-1]
+    assert (ready.source, ready.replayed_added, ready.replayed_erased) == ("snapshot", 20, 1)
     answers_correctly(g, vectors)
     g.close()
 

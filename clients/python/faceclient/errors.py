@@ -58,7 +58,8 @@ class RateLimitedError(FaceServiceError):
 
 
 class UnavailableError(FaceServiceError):
-    """503/504: overloaded, loading, database down, inference timeout; 503s are retried by the client."""
+    """503/504/507: overloaded, loading, database down, inference timeout, storage full; 503s are retried by the
+    client (a full disk, 507, is not: it waits for an operator)."""
 
 
 class ServerError(FaceServiceError):
@@ -82,7 +83,7 @@ _FAMILIES: dict[type[FaceServiceError], tuple[str, ...]] = {
     AuthError: ("unauthorized", "forbidden", "cross_origin_refused"),
     RateLimitedError: ("rate_limited",),
     UnavailableError: ("gallery_loading", "gallery_unavailable", "model_not_ready", "overloaded",
-                       "inference_timeout", "database_unavailable"),
+                       "inference_timeout", "database_unavailable", "storage_full"),
     ServerError: ("internal_error",),
 }
 # the codes that refuse one image for itself (its ``details.index`` says which): enroll_folder skips that file
@@ -104,7 +105,7 @@ def class_for(code: str, status: int) -> type[FaceServiceError]:
         return ConflictError
     if status == 429:
         return RateLimitedError
-    if status in (503, 504):
+    if status in (503, 504, 507):
         return UnavailableError
     if 400 <= status < 500:
         return BadRequestError

@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 from ..api import MAX_ROW_ID, Actor, AuditEntry, AuditQuery, InvalidAuditCursor
+from .sqlite import write_transaction
 
 CATALOG_SOURCE = "_catalog"  # not a valid collection name: never confused with one
 
@@ -139,11 +140,6 @@ def merge(pages: list[list[tuple[tuple[float, str, int], AuditEntry]]], limit: i
 
 def prune(conn: sqlite3.Connection, before: float) -> int:
     """Delete entries older than ``before`` in one transaction; how many."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with write_transaction(conn):
         count = conn.execute("DELETE FROM audit WHERE at < ?", (before,)).rowcount
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
     return int(count)

@@ -33,6 +33,7 @@ from ..api import (
 )
 from . import audit
 from .lock import usable_data_dir
+from .sqlite import checkpoint, write_transaction
 from .store import connect
 
 SCHEMA = """
@@ -118,19 +119,13 @@ class Catalog:
 
     def close(self) -> None:
         with self._mutex:
-            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            checkpoint(self._conn)
             self._conn.close()
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        with self._mutex:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
+        with self._mutex, write_transaction(self._conn) as conn:
+            yield conn
 
     def _read(self, sql: str, args: tuple = ()) -> list[tuple]:
         with self._mutex:

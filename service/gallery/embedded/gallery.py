@@ -27,6 +27,7 @@ postgres backend; this module only says which faces are nearest and whose they a
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -47,6 +48,10 @@ from .snapshot import Layout, SnapshotFiles, SnapshotInvalid, read_layout
 from .store import Store
 
 log = logging.getLogger(__name__)
+
+# free space a snapshot leaves the store at least (or a twentieth of the snapshot, if more): a snapshot
+# that would take the data dir's last bytes is skipped, so enrollments are not refused while it is written
+SNAPSHOT_RESERVE_BYTES = 1 << 20
 
 __all__ = ["Gallery", "GalleryLoading", "GalleryModelMismatch", "GalleryOptions", "Match", "ReadWriteLock"]
 
@@ -131,6 +136,7 @@ class _SnapshotWriting:
     started: float
     locked_s: float
     deadline: float
+    size: int  # the bytes the finished file must have (hnswlib's save does not report a short write)
 
 
 class Gallery:
@@ -380,6 +386,15 @@ class Gallery:
             meta = {"generation": self._live_store.generation, "model_id": self.model_id, "dim": self.dim,
                     "faces": self._index.live, "max_face_id": max(self._label_identity, default=0)}
             changes = self._changes
+            size = self._index.file_size()
+            free = shutil.disk_usage(self.data_dir).free
+            if free < size + max(SNAPSHOT_RESERVE_BYTES, size // 20):  # keep room for the store's writes
+                log.warning("index snapshot skipped: not enough free space in the data dir; the previous one "
+                            "is kept and the store stays the truth", extra={
+                                "collection": self.name, "data_dir": str(self.data_dir),
+                                "free_mb": round(free / 2**20, 1), "snapshot_mb": round(size / 2**20, 1)})
+                self._last_snapshot = time.monotonic()  # again at the next interval
+                return False
             saving: BackgroundSave | None = None
             if self._fork_snapshots:
                 try:
@@ -396,7 +411,7 @@ class Gallery:
                 return False
             self._erased_since_save = []  # writers append from now on (they wait for this lock)
             self._writing = _SnapshotWriting(saving, meta, changes, started, time.perf_counter() - started,
-                                             time.monotonic() + self.options.snapshot_timeout_s)
+                                             time.monotonic() + self.options.snapshot_timeout_s, size)
         return True
 
     def _finish_snapshot(self, block: bool) -> bool | None:
@@ -405,6 +420,7 @@ class Gallery:
         writing = self._writing
         assert writing is not None
         tmp = self._files.temp
+        installing = False
         try:
             if writing.saving is not None:
                 timeout = self.options.snapshot_timeout_s
@@ -413,9 +429,10 @@ class Gallery:
                 elif not writing.saving.poll(writing.deadline, timeout):
                     return None
             self._writing = None
-            meta, layout = self._files.prepare(tmp, writing.meta, self.dim)
+            meta, layout = self._files.prepare(tmp, writing.meta, self.dim, writing.size)
             with self._lock.write():
                 erased, self._erased_since_save = self._erased_since_save or [], None
+                installing = True
                 meta = self._files.install(tmp, meta, layout, erased, self.dim)
                 self._snapshot_meta, self._snapshot_layout = meta, layout
                 self._changes -= writing.changes
@@ -427,7 +444,9 @@ class Gallery:
                 log.warning("could not write index snapshot", exc_info=True)
             with self._lock.write():
                 self._erased_since_save = None
-                self._forget_snapshot()
+                if installing:  # the file in place may be half replaced: it no longer counts
+                    self._forget_snapshot()
+                # else the previous snapshot is untouched (and scrubbed of every erase): still a base
             tmp.unlink(missing_ok=True)
             self._last_snapshot = time.monotonic()
             return False
@@ -598,7 +617,7 @@ class Gallery:
                 self._forget_snapshot()
                 self._files.index.unlink(missing_ok=True)
         if not self._live_store.checkpoint():
-            log.warning("WAL checkpoint busy after a delete; the next one truncates it")
+            log.warning("WAL checkpoint not done after a delete (busy, or a full disk); the next one truncates it")
 
     def enroll(self, identity_id: str, embeddings: np.ndarray, metadata: dict | None = None,
                replace: bool = False, max_faces: int | None = None, actor: Actor | None = None,

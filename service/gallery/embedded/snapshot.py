@@ -152,9 +152,12 @@ class SnapshotFiles:
     def meta_temp(self) -> Path:
         return self.meta.with_name(self.meta.name + ".tmp")
 
-    def prepare(self, tmp: Path, meta: dict, dim: int) -> tuple[dict, Layout]:
+    def prepare(self, tmp: Path, meta: dict, dim: int, size: int | None = None) -> tuple[dict, Layout]:
         """A freshly saved index file: zero the vectors of its deleted elements (hnswlib saves them),
-        fsync it, checksum it; returns the meta and the layout (no lock needed)."""
+        fsync it, checksum it; returns the meta and the layout (no lock needed). ``size``: the bytes
+        the save had to write; a shorter file (hnswlib reports no write error: a full disk) is refused."""
+        if size is not None and tmp.stat().st_size != size:
+            raise SnapshotInvalid(f"snapshot written short: {tmp.stat().st_size} of {size} bytes (a full disk?)")
         layout = read_layout(tmp, dim)
         tombstones = np.flatnonzero(layout.deleted)
         if len(tombstones):

@@ -34,6 +34,7 @@ from ..results import (
     TooManyFacesForIdentity,
 )
 from . import audit
+from .sqlite import checkpoint, write_transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -96,9 +97,9 @@ class Store:
         self._writer.close()
 
     def checkpoint(self) -> bool:
-        """Copy the WAL into the database and truncate it to zero bytes; False if readers kept it busy."""
-        busy, _, _ = self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-        return not busy
+        """Copy the WAL into the database and truncate it to zero bytes; False if readers kept it busy
+        or the disk is full (the WAL is kept whole, and copied by a later checkpoint or the next open)."""
+        return checkpoint(self._writer)
 
     # --- meta (get_meta/set_meta on the writer's connection: at open, before any other thread) --
     def get_meta(self, key: str) -> str | None:
@@ -126,15 +127,9 @@ class Store:
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         """One write transaction that bumps the generation; committed on exit, rolled back on error."""
-        conn = self._writer
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with write_transaction(self._writer) as conn:
             yield conn
             self._bump(conn)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
 
     @staticmethod
     def _insert_identity(conn: sqlite3.Connection, identity_id: str, metadata: dict | None, now: float) -> None:
@@ -473,14 +468,9 @@ def count_counted_faces(conn: sqlite3.Connection, cap: int) -> int:
 def erase_rows(conn: sqlite3.Connection) -> None:
     """Delete every identity, face and audit entry (secure_delete zeroes them) and truncate the WAL:
     the first step of erasing a whole collection."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with write_transaction(conn):
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         for table in ("crops", "faces", "identities", "audit", "meta"):
             if table in tables or table != "crops":  # a store from before kept crops has no crops table
                 conn.execute(f"DELETE FROM {table}")
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    checkpoint(conn)

@@ -74,6 +74,7 @@ from ..api import (
     InvalidAuditCursor,
     KeyExists,
     ReadTarget,
+    StorageFull,
     StoredKey,
     valid_collection_name,
 )
@@ -325,6 +326,8 @@ def _unavailable_on_connection_errors(where: str) -> Iterator[None]:
         yield
     except PoolTimeout as exc:
         raise GalleryUnavailable(f"no connection to {where} within the timeout") from exc
+    except psycopg.errors.DiskFull as exc:  # the database answers; its disk does not take the write
+        raise StorageFull(f"{where}: {str(exc).strip()[:200]}") from exc
     except psycopg.OperationalError as exc:  # connection lost or refused, server shutting down, timeout
         raise GalleryUnavailable(f"{where}: {type(exc).__name__}: {str(exc).strip()[:200]}") from exc
 
@@ -390,6 +393,8 @@ class Pool:
                 raise GalleryBusy(f"all {self.size} {self.name} connections to {self.where} are in use") from exc
             self._failed()
             raise GalleryUnavailable(f"no connection to {self.where} within the timeout") from exc
+        except psycopg.errors.DiskFull as exc:  # the database answers (the pool is not failing): a full disk
+            raise StorageFull(f"{self.where}: {str(exc).strip()[:200]}") from exc
         except psycopg.OperationalError as exc:  # connection lost or refused, server shutting down, timeout
             self._failed()
             raise GalleryUnavailable(f"{self.where}: {type(exc).__name__}: {str(exc).strip()[:200]}") from exc

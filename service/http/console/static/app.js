@@ -51,6 +51,7 @@ const ERROR_MESSAGES = {
   overloaded: "The service is busy right now; try again in a moment.",
   inference_timeout: "The model did not answer in time; try again in a moment.",
   database_unavailable: "The gallery database cannot be reached right now; try again in a moment.",
+  storage_full: "The gallery's disk is full, so nothing was saved; ask the operator to free space, then try again.",
   unauthorized: "The API key is missing or wrong (or revoked, or expired).",
   forbidden: "This API key may not do this (its role or its collections do not allow it).",
   collection_not_found: "No collection of this name exists (it may have been deleted).",
