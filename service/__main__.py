@@ -4,7 +4,8 @@ the gallery tools (export, import, enroll a folder; service/cli/gallery.py); ``p
 API keys (create, list, revoke; service/cli/keys.py); ``python -m service audit ...``: export or prune the
 audit trail (service/cli/audit.py); ``python -m service cluster DIR``: group a folder's faces by person
 and enroll the clusters you name (service/cli/cluster.py); ``python -m service crop-key new PATH``: a key
-for kept face crops (service/cli/crop_key.py).
+for kept face crops (service/cli/crop_key.py); ``python -m service backup DEST``: a consistent copy of the
+embedded gallery while the server runs (service/cli/backup.py).
 
 Settings come from FACE_* environment variables (see .env.example); these flags override them.
 """
@@ -31,7 +32,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "Gallery tools (export, import, enroll a folder): python -m service gallery --help; API keys (the "
         "first admin key of a fresh install): python -m service keys --help; the audit trail: "
         "python -m service audit --help; group a folder of photos by person: python -m service cluster --help; "
-        "a key for kept face crops: python -m service crop-key new PATH.",
+        "a key for kept face crops: python -m service crop-key new PATH; a consistent copy of the embedded gallery "
+        "while the server runs: python -m service backup DEST.",
     )
     parser.add_argument("--host", help="interface to bind (FACE_HOST, default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="TCP port (FACE_PORT, default 8000)")
@@ -86,6 +88,10 @@ def main(argv: list[str] | None = None) -> None:
         from .cli.crop_key import main as crop_key_main
 
         sys.exit(crop_key_main(argv[1:]))
+    if argv[:1] == ["backup"]:  # python -m service backup DEST: service/cli/backup.py
+        from .cli.backup import main as backup_main
+
+        sys.exit(backup_main(argv[1:]))
     if argv[:1] == ["audit"]:  # python -m service audit {export,prune} ...: service/cli/audit.py
         from .cli.audit import main as audit_main
 

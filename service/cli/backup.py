@@ -1,0 +1,134 @@
+"""``python -m service backup DEST``: a consistent copy of the embedded gallery, taken while the server
+runs.
+
+Copying the data dir's files while a server writes them can catch a database between a write and its
+WAL, or the WAL between two frames. This copies each SQLite database of the data dir (the catalog: the
+collections, aliases, keys' hashes and their audit; each collection's store: its identities, faces,
+kept crops, still sealed, and audit) with SQLite's online backup, each in one read transaction, so each
+copy is the database as of one moment, while the server goes on answering and writing. The HNSW
+index is not copied: it is derived from the stores, and a server started on the copy rebuilds it
+(minutes at 1M faces). DEST is written under a temporary name, checked (``PRAGMA integrity_check``),
+fsynced and renamed into place: a DEST that exists is whole.
+
+Restore: stop the server, and start one with ``FACE_DATA_DIR`` pointing at the copy (or move it where
+the data dir was). Kept crops also need the key file (``FACE_CROP_KEY_FILE``), which is not in the data
+dir, by design. A face deleted after the backup is in it until the backup is deleted (the erasure
+guarantee covers the data dir). On PostgreSQL, back up the database with its own tools (``pg_dump``,
+``pg_basebackup``, or the provider's snapshots): this command refuses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sqlite3
+import sys
+import time
+from pathlib import Path
+
+from ..config import Settings
+from ..gallery.embedded.sqlite import is_storage_full
+from ..model.files import fsync_dir, fsync_file
+
+USAGE, FAILED = 2, 1
+
+
+class BackupError(Exception):
+    """Something the operator fixes: named in one line (exit 2)."""
+
+
+def databases(data_dir: Path) -> list[Path]:
+    """Every SQLite database of an embedded data dir, relative to it (the catalog, each collection's
+    store), in a stable order."""
+    return sorted(path.relative_to(data_dir) for path in data_dir.rglob("*.sqlite3") if path.is_file())
+
+
+def copy_database(source: Path, target: Path) -> dict:
+    """One database, as of one moment (the backup API in a single step: one read transaction), into
+    ``target`` (a new file, in rollback-journal mode so that it is one file), checked and fsynced."""
+    src = sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=30)
+    try:
+        dst = sqlite3.connect(target)
+        try:
+            src.backup(dst)
+            dst.execute("PRAGMA journal_mode=DELETE")  # the copy is one file; a server puts it back in WAL
+            check = dst.execute("PRAGMA integrity_check").fetchone()[0]
+            if check != "ok":
+                raise BackupError(f"the copy of {source} does not check out: {check}")
+            tables = {row[0] for row in dst.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            counts = {table: dst.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]  # names from the tuple below
+                      for table in ("identities", "faces", "collections", "keys", "audit") if table in tables}
+        finally:
+            dst.close()
+    finally:
+        src.close()
+    fsync_file(target)
+    target.chmod(0o600)  # faces are biometric data: the copy is its owner's alone, as a key file is
+    return {"bytes": target.stat().st_size, **counts}
+
+
+def backup(data_dir: Path, dest: Path) -> dict:
+    started = time.perf_counter()
+    if not data_dir.is_dir():
+        raise BackupError(f"the data dir {data_dir} is not a directory (FACE_DATA_DIR, --data-dir)")
+    found = databases(data_dir)
+    if not found:
+        raise BackupError(f"{data_dir} holds no gallery (no *.sqlite3): is FACE_DATA_DIR right?")
+    if dest.exists() or dest.is_symlink():
+        raise BackupError(f"{dest} exists: a backup is written to a new path, never over another")
+    if not dest.parent.is_dir():
+        raise BackupError(f"{dest.parent} is not a directory")
+    partial = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
+    copied = []
+    try:
+        partial.mkdir(mode=0o700)
+        for relative in found:
+            target = partial / relative
+            target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            copied.append({"database": str(relative), **copy_database(data_dir / relative, target)})
+        for folder in sorted({(partial / r).parent for r in found}, key=lambda p: len(p.parts), reverse=True):
+            fsync_dir(folder)
+        partial.rename(dest)
+        fsync_dir(dest.parent)
+    except BaseException:
+        _remove(partial)
+        raise
+    return {"command": "backup", "data_dir": str(data_dir), "dest": str(dest), "databases": copied,
+            "bytes": sum(c["bytes"] for c in copied), "seconds": round(time.perf_counter() - started, 3)}
+
+
+def _remove(path: Path) -> None:
+    if not path.exists():
+        return
+    for child in sorted(path.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        child.rmdir() if child.is_dir() else child.unlink()
+    path.rmdir()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m service backup", description=__doc__.split("\n\n")[0] if __doc__
+                                     else None)
+    parser.add_argument("dest", type=Path, help="the new directory to write the copy to (must not exist)")
+    parser.add_argument("--data-dir", type=Path, help="the gallery's data dir (default: FACE_DATA_DIR, else ./data)")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return USAGE if exc.code else 0
+    settings = Settings()
+    if settings.database_url is not None:
+        print("error: the gallery is on PostgreSQL (FACE_DATABASE_URL): back it up with the database's own tools "
+              "(pg_dump, pg_basebackup, or your provider's snapshots)", file=sys.stderr)
+        return USAGE
+    data_dir = args.data_dir or settings.data_dir
+    try:
+        report = backup(data_dir, args.dest)
+    except BackupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return USAGE
+    except (OSError, sqlite3.Error) as exc:
+        why = "no space left" if is_storage_full(exc) else str(exc)
+        print(f"error: the backup to {args.dest} failed, nothing was kept: {why}", file=sys.stderr)
+        return FAILED
+    sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    return 0

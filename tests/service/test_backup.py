@@ -1,0 +1,127 @@
+"""``python -m service backup DEST``: a real server writing while a real subprocess copies its data
+dir; the copy, served by a new server, has every write acknowledged before the backup began, the
+collections, the keys and the audit trail, and no trace of a face deleted before it."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.gallery.traces import find_vector
+from tests.server import REPO, ServerProcess, listed_identities
+
+MODEL_ID = "sface@2021dec-int8bq"
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "service", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **(env or {})})
+
+
+def enroll(client: httpx.Client, identity: str, vectors: np.ndarray, collection: str = "") -> httpx.Response:
+    prefix = f"/collections/{collection}" if collection else ""
+    return client.post(f"{prefix}/enroll", json={"identity_id": identity, "embeddings": vectors.tolist(),
+                                                 "model_id": MODEL_ID})
+
+
+def test_a_backup_taken_while_the_server_writes_restores_what_was_acknowledged(tmp_path, default_model):
+    data_dir = tmp_path / "data"
+    made = run("keys", "create", "--role", "admin", env={"FACE_DATA_DIR": str(data_dir)})
+    assert made.returncode == 0, made.stderr
+    headers = {"X-API-Key": made.stdout.strip()}
+    rng = np.random.default_rng(5)
+    server = ServerProcess(data_dir, model=default_model)
+    before: list[str] = []
+    during: list[str] = []
+    try:
+        server.wait_ready()
+        client = httpx.Client(base_url=server.url, headers=headers, timeout=60)
+        for i in range(40):
+            assert enroll(client, f"p{i}", rng.normal(size=(2, 128))).status_code == 200
+            before.append(f"p{i}")
+        assert client.post("/collections", json={"name": "team"}).status_code == 201
+        assert enroll(client, "t1", rng.normal(size=(2, 128)), "team").status_code == 200
+        secret = rng.normal(size=(1, 128)).astype(np.float32)
+        assert enroll(client, "gone", secret).status_code == 200
+        assert client.delete("/identities/gone").status_code == 200
+
+        stop = threading.Event()
+
+        def keep_writing() -> None:  # the server goes on taking writes while the copy is made
+            with httpx.Client(base_url=server.url, headers=headers, timeout=60) as writer:
+                i = 0
+                while not stop.is_set():
+                    if enroll(writer, f"w{i}", rng.normal(size=(2, 128))).status_code == 200:
+                        during.append(f"w{i}")
+                    i += 1
+
+        writer = threading.Thread(target=keep_writing)
+        writer.start()
+        time.sleep(0.5)
+        acknowledged_before_backup = set(before) | set(during)
+        copy = run("backup", str(tmp_path / "copy"), "--data-dir", str(data_dir))
+        time.sleep(0.3)
+        stop.set()
+        writer.join()
+        assert copy.returncode == 0, copy.stderr
+        assert len(during) > len(acknowledged_before_backup - set(before))  # writes went on during the copy
+    finally:
+        server.kill()
+
+    backup = tmp_path / "copy"
+    assert not find_vector(backup, secret[0])  # deleted before: in no file of the copy
+    assert stat.S_IMODE(backup.stat().st_mode) == 0o700
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in backup.rglob("*.sqlite3"))
+    assert not list(tmp_path.glob(".copy.partial-*"))
+
+    restored = ServerProcess(backup, model=default_model)
+    try:
+        restored.wait_ready()
+        with httpx.Client(base_url=restored.url, headers=headers, timeout=60) as client:  # the key was copied
+            identities = listed_identities(client)
+            assert acknowledged_before_backup <= identities <= set(before) | set(during)
+            assert "gone" not in identities
+            assert client.get("/collections/team/identities/t1").status_code == 200
+            actions = [e["action"] for e in client.get("/audit", params={"limit": 500}).json()["items"]]
+            assert "identity.deleted" in actions and "collection.created" in actions, actions
+            probe = client.post("/identify", json={"embeddings": [rng.normal(size=128).tolist()], "model_id": MODEL_ID})
+            assert probe.status_code == 200  # the index was rebuilt from the copied store
+    finally:
+        restored.stop()
+
+
+@pytest.mark.parametrize("case", ["dest-exists", "postgres", "no-gallery", "no-data-dir"])
+def test_a_backup_that_cannot_be_made_says_why_and_makes_nothing(tmp_path, case):
+    data_dir = tmp_path / "data"
+    made = run("keys", "create", "--role", "admin", env={"FACE_DATA_DIR": str(data_dir)})  # a catalog to copy
+    assert made.returncode == 0, made.stderr
+    dest = tmp_path / "copy"
+    env = {"FACE_DATA_DIR": str(data_dir)}
+    if case == "dest-exists":
+        dest.mkdir()
+        (dest / "keep").write_text("mine")
+    elif case == "postgres":
+        env["FACE_DATABASE_URL"] = "postgresql://face@db/face"
+    elif case == "no-gallery":  # a directory, without a gallery in it
+        data_dir = tmp_path / "empty"
+        data_dir.mkdir()
+        env["FACE_DATA_DIR"] = str(data_dir)
+    else:
+        env["FACE_DATA_DIR"] = str(tmp_path / "missing")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    done = run("backup", str(dest), env=env)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: ") and "Traceback" not in done.stderr
+    assert {"dest-exists": "exists", "postgres": "pg_dump", "no-gallery": "no gallery",
+            "no-data-dir": "not a directory"}[case] in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing made, nothing removed
+    if case == "dest-exists":
+        assert (dest / "keep").read_text() == "mine"
