@@ -103,6 +103,8 @@ async def initialize(settings: Settings, metrics: Metrics) -> ServiceState:
     galleries = await run_in_threadpool(open_gallery, settings, default.model_id, default.dim, True,
                                         models.model_ids())
     metrics.read_targets.source = galleries.read_targets  # standbys' lag and reads on /metrics
+    if settings.database_url is None:  # the embedded gallery's disk on /metrics (face_data_dir_free_bytes)
+        metrics.data_dir_disk.path = settings.data_dir
     detector = await run_in_threadpool(_detector, settings) if any(m.template for m in models) else None
     state = ServiceState(settings=settings, model=default.model, batcher=default.batcher, galleries=galleries,
                          metrics=metrics, detector=detector, template=default.template, models=models)

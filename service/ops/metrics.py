@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime
+import shutil
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -56,6 +58,30 @@ class SnapshotWriters(Collector):
             "FACE_SNAPSHOT_TIMEOUT_S; the next snapshot of that collection is written in-process")
         family.add_metric([], self.killed)
         yield family
+
+
+class DataDirDisk(Collector):
+    """The embedded gallery's disk, read at each scrape: its free and total bytes, to alert on before
+    writes are refused (507 ``storage_full``). ``path`` is set by the service on the embedded backend;
+    nothing on PostgreSQL (its disk is the database host's)."""
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        if self.path is None:
+            return
+        try:
+            usage = shutil.disk_usage(self.path)
+        except OSError:
+            return
+        free = GaugeMetricFamily("face_data_dir_free_bytes", "Bytes free on the data dir's file system (for this "
+                                 "process; below what writes need, they are answered 507 storage_full)")
+        free.add_metric([], usage.free)
+        yield free
+        size = GaugeMetricFamily("face_data_dir_size_bytes", "Size of the data dir's file system")
+        size.add_metric([], usage.total)
+        yield size
 
 
 class DatabaseMemory(Collector):
@@ -141,6 +167,8 @@ class Metrics:
         self.registry.register(self.search_fallbacks)
         self.snapshot_writers = SnapshotWriters()
         self.registry.register(self.snapshot_writers)
+        self.data_dir_disk = DataDirDisk()
+        self.registry.register(self.data_dir_disk)
         # shadow traffic after a migration (service/jobs/shadow.py)
         self.shadow_identify = Counter(
             "face_shadow_identify", "Identify probe faces on a migrated collection run again on its new collection",

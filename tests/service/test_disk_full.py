@@ -133,6 +133,11 @@ def test_a_full_disk_refuses_writes_with_507_and_loses_nothing(small_disk_server
             r = enroll(client, identity, rng)
             assert r.status_code == 507 and r.json()["error"]["code"] == "storage_full", r.text
         assert metric(client, 'face_errors_total{code="storage_full"}') >= 7
+        if "FACE_DATABASE_URL" in env:  # its disk is the database host's: not this process's to report
+            assert "face_data_dir_free_bytes" not in client.get("/metrics").text
+        else:  # what an operator alerts on before this
+            assert metric(client, "face_data_dir_size_bytes") == SMALL_MB * 2**20
+            assert metric(client, "face_data_dir_free_bytes") < SMALL_MB * 2**20 / 10
 
         # reads go on, and a replace that cannot be written leaves the faces it would have replaced
         kept = client.get(f"/identities/{acked[3]}").json()["face_ids"]
@@ -150,6 +155,8 @@ def test_a_full_disk_refuses_writes_with_507_and_loses_nothing(small_disk_server
 
         # space again: writes are taken without a restart
         grow(disk, 64)
+        if "FACE_DATABASE_URL" not in env:
+            assert metric(client, "face_data_dir_size_bytes") == 64 * 2**20
         assert enroll(client, "after-space", rng).status_code == 200
         acked.append("after-space")
 
