@@ -366,8 +366,9 @@ class ConsistencyMiddleware:
             floor = read_after.floor()
             if message["type"] == "http.response.start" and floor is not None:
                 token = consistency.format_lsn(floor).encode()
+                secure = "; Secure" if scope.get("scheme") == "https" else ""  # HTTPS (FACE_TLS_*): never sent in clear
                 cookie = (f"{consistency.COOKIE}={token.decode()}; Path=/; Max-Age={self.cookie_max_age_s}; "
-                          "HttpOnly; SameSite=Lax").encode()
+                          f"HttpOnly; SameSite=Lax{secure}").encode()
                 message = {**message, "headers": [*message.get("headers", []), (header, token), (b"set-cookie", cookie)]}
             await send(message)
 

@@ -182,3 +182,21 @@ def test_tls_files_the_service_cannot_use_stop_it_in_one_line(tmp_path, default_
         assert len(refusal) == 1 and "FACE_TLS" in refusal[0], proc.stderr[-2000:]
     assert "BEGIN" not in proc.stderr  # no PEM is ever printed
     assert not data_dir.exists()  # refused before anything was opened or made
+
+
+@pytest.mark.parametrize("scheme", ["https", "http"])
+def test_the_consistency_cookie_is_secure_over_https(scheme):
+    """The read-your-writes cookie (with standbys) carries ``Secure`` when the request came over HTTPS,
+    so a browser never sends it over plain HTTP; over HTTP it cannot (the browser would drop it)."""
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from service.http.middleware import ConsistencyMiddleware
+
+    app = ConsistencyMiddleware(Starlette(routes=[Route("/", lambda request: PlainTextResponse("ok"))]))
+    answer = TestClient(app, base_url=f"{scheme}://testserver").get("/", headers={"Face-Consistency-Token": "0/16B3748"})
+    cookie = answer.headers["set-cookie"]
+    assert "face_consistency_token=" in cookie and "HttpOnly" in cookie
+    assert ("Secure" in cookie) == (scheme == "https")
