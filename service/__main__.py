@@ -138,6 +138,11 @@ def main(argv: list[str] | None = None) -> None:
                                                settings.http_max_header_bytes,
                                                on_close=app.state.metrics.observe_connection_closed))
     if certificate is not None:
+        from .http.tls import handshake_deadline_loop
+
+        # a TLS handshake gets the header deadline (uvicorn sets none: asyncio's 60 s); uvicorn types its
+        # loop as a name, but takes a factory object as it is (importer.import_from_string)
+        config.loop = handshake_deadline_loop(settings.http_header_timeout_s)  # type: ignore[assignment]
         # uvicorn builds a context of its own from file names only: its Config is loaded here and given
         # ours, whose SNI callback hands new connections a renewed pair (Server.run loads a Config once)
         config.load()

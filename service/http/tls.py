@@ -9,12 +9,17 @@ OpenSSL calls for every ClientHello, with a server name or without); connections
 theirs. A pair that does not load (a key written a moment after its certificate, a mistake) is logged
 and the previous pair served; it is tried again when the files change again.
 
+A TLS handshake must be done within the header deadline (``FACE_HTTP_HEADER_TIMEOUT_S``): uvicorn sets no
+handshake timeout, so asyncio's 60 s applied, and a connection that never said hello held its slot
+three times as long as one that never sent its headers (``handshake_deadline_loop``).
+
 The certificate's expiry is on /metrics (``face_tls_certificate_expiry_timestamp_seconds``) and logged
 at start and at each reload, with a warning once fewer than ``EXPIRY_WARNING_DAYS`` are left.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
 import os
@@ -143,3 +148,23 @@ class ServerCertificate:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def handshake_deadline_loop(timeout_s: float) -> Callable[[], asyncio.AbstractEventLoop]:
+    """uvicorn's event loop (uvloop where installed, else asyncio's) whose TLS servers give a client
+    ``timeout_s`` to finish its handshake: passed as uvicorn's ``loop`` factory."""
+    base: type[asyncio.AbstractEventLoop]
+    try:
+        import uvloop
+
+        base = uvloop.Loop
+    except ImportError:  # pragma: no cover - uvicorn[standard] brings uvloop on Linux
+        base = asyncio.SelectorEventLoop
+
+    class HandshakeDeadlineLoop(base):  # type: ignore[valid-type,misc]
+        async def create_server(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            if kwargs.get("ssl") is not None:
+                kwargs.setdefault("ssl_handshake_timeout", timeout_s)
+            return await super().create_server(*args, **kwargs)
+
+    return HandshakeDeadlineLoop

@@ -101,6 +101,23 @@ def test_the_header_deadline_holds_over_tls(https):
         assert time.monotonic() - started < 8  # the deadline (1 s) plus the timer's step, not the 10 s wait
 
 
+@pytest.mark.parametrize("hello", [b"", b"\x16\x03\x01\x02\x00\x01"], ids=["silent", "half-a-hello"])
+def test_a_tls_handshake_gets_the_header_deadline(https, hello):
+    """A connection that never finishes its TLS handshake (nothing said, or a ClientHello cut short) is
+    closed at FACE_HTTP_HEADER_TIMEOUT_S, as one that never finishes its headers (asyncio's own default
+    was 60 s), while others are served."""
+    server, _, _ = https
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
+        raw.sendall(hello)
+        started = time.monotonic()
+        assert httpx.get(server.url + "/healthz", verify=server.verify, timeout=10).status_code == 200
+        try:
+            assert raw.recv(4096) == b""
+        except ConnectionResetError:
+            pass
+        assert time.monotonic() - started < 8  # the deadline (1 s) and some slack, not 60 s
+
+
 def test_a_renewed_certificate_is_served_without_a_restart(tmp_path, default_model):
     not_after = write_pair(tmp_path / "tls.crt", tmp_path / "tls.key", serial=1)
     (tmp_path / "tls.key").chmod(0o644)
