@@ -77,6 +77,9 @@ def backup(data_dir: Path, dest: Path) -> dict:
         raise BackupError(f"{data_dir} holds no gallery (no *.sqlite3): is FACE_DATA_DIR right?")
     if dest.exists() or dest.is_symlink():
         raise BackupError(f"{dest} exists: a backup is written to a new path, never over another")
+    if dest.resolve().is_relative_to(data_dir.resolve()):
+        raise BackupError(f"{dest} is inside the data dir {data_dir}: a backup there is lost with it (and copied "
+                          "again by the next backup); write it elsewhere")
     if not dest.parent.is_dir():
         raise BackupError(f"{dest.parent} is not a directory")
     partial = dest.with_name(f".{dest.name}.partial-{os.getpid()}")

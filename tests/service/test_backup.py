@@ -98,7 +98,7 @@ def test_a_backup_taken_while_the_server_writes_restores_what_was_acknowledged(t
         restored.stop()
 
 
-@pytest.mark.parametrize("case", ["dest-exists", "postgres", "no-gallery", "no-data-dir"])
+@pytest.mark.parametrize("case", ["dest-exists", "inside-data-dir", "postgres", "no-gallery", "no-data-dir"])
 def test_a_backup_that_cannot_be_made_says_why_and_makes_nothing(tmp_path, case):
     data_dir = tmp_path / "data"
     made = run("keys", "create", "--role", "admin", env={"FACE_DATA_DIR": str(data_dir)})  # a catalog to copy
@@ -108,6 +108,8 @@ def test_a_backup_that_cannot_be_made_says_why_and_makes_nothing(tmp_path, case)
     if case == "dest-exists":
         dest.mkdir()
         (dest / "keep").write_text("mine")
+    elif case == "inside-data-dir":
+        dest = data_dir / "copy"
     elif case == "postgres":
         env["FACE_DATABASE_URL"] = "postgresql://face@db/face"
     elif case == "no-gallery":  # a directory, without a gallery in it
@@ -116,12 +118,12 @@ def test_a_backup_that_cannot_be_made_says_why_and_makes_nothing(tmp_path, case)
         env["FACE_DATA_DIR"] = str(data_dir)
     else:
         env["FACE_DATA_DIR"] = str(tmp_path / "missing")
-    before = sorted(p.name for p in tmp_path.iterdir())
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
     done = run("backup", str(dest), env=env)
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("error: ") and "Traceback" not in done.stderr
-    assert {"dest-exists": "exists", "postgres": "pg_dump", "no-gallery": "no gallery",
+    assert {"dest-exists": "exists", "inside-data-dir": "inside the data dir", "postgres": "pg_dump", "no-gallery": "no gallery",
             "no-data-dir": "not a directory"}[case] in done.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing made, nothing removed
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before  # nothing made or removed
     if case == "dest-exists":
         assert (dest / "keep").read_text() == "mine"
