@@ -84,7 +84,7 @@ class Server(ServerProcess):
 
     def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
         if self.conn is None:  # one keep-alive connection for every request (TLS: one handshake)
-            if self.url.startswith("https:"):  # --server-env FACE_TLS_CERT_FILE=... FACE_TLS_KEY_FILE=...
+            if self.url.startswith("https:"):  # --tls: the server's self-signed certificate is the CA
                 assert isinstance(self.verify, ssl.SSLContext)
                 self.conn = http.client.HTTPSConnection("127.0.0.1", self.port, timeout=60, context=self.verify)
             else:

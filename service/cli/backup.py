@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sqlite3
 import sys
 import time
@@ -95,18 +96,10 @@ def backup(data_dir: Path, dest: Path) -> dict:
         partial.rename(dest)
         fsync_dir(dest.parent)
     except BaseException:
-        _remove(partial)
+        shutil.rmtree(partial, ignore_errors=True)
         raise
     return {"command": "backup", "data_dir": str(data_dir), "dest": str(dest), "databases": copied,
             "bytes": sum(c["bytes"] for c in copied), "seconds": round(time.perf_counter() - started, 3)}
-
-
-def _remove(path: Path) -> None:
-    if not path.exists():
-        return
-    for child in sorted(path.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-        child.rmdir() if child.is_dir() else child.unlink()
-    path.rmdir()
 
 
 def main(argv: list[str] | None = None) -> int:

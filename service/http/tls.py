@@ -26,6 +26,7 @@ import os
 import ssl
 import stat
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -82,8 +83,6 @@ class ServerCertificate:
         self.listening, self.not_after = server_context(self.cert_file, self.key_file)
         self.current = self.listening
         self.listening.sni_callback = self._hand_current
-        self.reloads = 0
-        self._stop = threading.Event()
         self._warn_if_readable_by_others()
         self._loaded("tls certificate loaded")
 
@@ -108,7 +107,6 @@ class ServerCertificate:
             log.warning("tls certificate not reloaded, the previous one is served: %s", exc)
             return False
         self.current, self.not_after = context, not_after  # published whole: the callback reads it once
-        self.reloads += 1
         self._loaded("tls certificate reloaded")
         return True
 
@@ -133,21 +131,18 @@ class ServerCertificate:
             log.warning("FACE_TLS_KEY_FILE may be read by other users of this host (mode %o): chmod 600 it",
                         mode, extra={"key_file": str(self.key_file)})
 
-    def watch(self, interval_s: float) -> threading.Thread:
-        """Check the files every ``interval_s`` in a daemon thread (a stat of each; read on a change)."""
+    def watch(self, interval_s: float) -> None:
+        """Check the files every ``interval_s`` in a daemon thread (a stat of each; read on a change),
+        for the life of the process."""
         def run() -> None:
-            while not self._stop.wait(interval_s):
+            while True:
+                time.sleep(interval_s)
                 try:
                     self.reload_if_changed()
                 except Exception:  # noqa: BLE001 - the watch outlives any one check
                     log.warning("tls certificate check failed", exc_info=True)
 
-        thread = threading.Thread(target=run, name="tls-reload", daemon=True)
-        thread.start()
-        return thread
-
-    def stop(self) -> None:
-        self._stop.set()
+        threading.Thread(target=run, name="tls-reload", daemon=True).start()
 
 
 def handshake_deadline_loop(timeout_s: float) -> Callable[[], asyncio.AbstractEventLoop]:

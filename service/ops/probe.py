@@ -24,16 +24,17 @@ def url() -> str:
 
 
 def main() -> int:
+    address = url()
     context = None
-    if url().startswith("https:"):
+    if address.startswith("https:"):
         context = ssl.create_default_context()
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     try:
-        with urllib.request.urlopen(url(), timeout=TIMEOUT_S, context=context) as answer:
+        with urllib.request.urlopen(address, timeout=TIMEOUT_S, context=context) as answer:
             return 0 if answer.status == 200 else 1
     except OSError as exc:  # refused, timed out, an HTTP error status (HTTPError is an OSError)
-        print(f"{url()}: {exc}", file=sys.stderr)
+        print(f"{address}: {exc}", file=sys.stderr)
         return 1
 
 

@@ -30,10 +30,6 @@ def is_storage_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in FULL_ERRNOS
 
 
-def storage_full(exc: BaseException, where: object) -> StorageFull:
-    return StorageFull(f"no space left for the gallery in {where}: {exc}")
-
-
 @contextmanager
 def write_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     """``BEGIN IMMEDIATE`` ... ``COMMIT``; rolled back on any error, a full disk raised as ``StorageFull``."""
@@ -45,7 +41,7 @@ def write_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         if conn.in_transaction:  # SQLite may have rolled back by itself (SQLITE_FULL at COMMIT does)
             conn.execute("ROLLBACK")
         if is_storage_full(exc):
-            raise storage_full(exc, database_file(conn)) from exc
+            raise StorageFull(f"no space left for the gallery in {database_file(conn)}: {exc}") from exc
         raise
 
 
