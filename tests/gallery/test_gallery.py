@@ -8,6 +8,7 @@ suite, a fresh schema per test).
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ import pytest
 from service.gallery import Gallery, GalleryModelMismatch
 from service.gallery.api import IdentityExists, TooManyFacesForIdentity
 from service.gallery.embedded.backend import EmbeddedGallery
+from service.gallery.embedded.gallery import ReadWriteLock
 from service.model.calibration import FACES_COUNTED_PER_IDENTITY
 
 DIM = 32
@@ -400,3 +402,36 @@ def test_index_caps_k_and_scans_exactly_when_the_graph_cannot_answer():
     assert index.fallbacks["exact"] == 1
     found, sims = index.search(probe, 5)  # a small k: the graph answers
     assert found[0].tolist() == exact[:5].tolist() and index.fallbacks == {"capped": 1, "exact": 1}
+
+
+def test_writers_take_turns_one_that_writes_in_a_loop_cannot_starve_another():
+    """A thread that writes again the moment it is done (a retention sweep erasing face after face) and
+    one that wants to write once (an enroll): the second is next in line, not let in only when the first
+    happens to be slow. Counted in the first's turns, not timed."""
+    lock = ReadWriteLock()
+    turns = 0
+    stop = threading.Event()
+
+    def sweeper() -> None:  # a bounded loop: without turns the others would wait for all of it
+        nonlocal turns
+        while not stop.is_set() and turns < 3000:
+            with lock.write():
+                turns += 1
+                time.sleep(0.0005)  # the erasure's own I/O: the GIL is free meanwhile
+
+    worker = threading.Thread(target=sweeper)
+    worker.start()
+    try:
+        waited = []
+        for _ in range(20):
+            time.sleep(0.002)
+            asked = turns
+            with lock.read():  # a reader (a search) is let in between the writer's turns too
+                waited.append(turns - asked)
+            asked = turns
+            with lock.write():
+                waited.append(turns - asked)
+    finally:
+        stop.set()
+        worker.join()
+    assert max(waited) <= 2, waited  # the turn in progress, and at most the one already queued

@@ -86,20 +86,28 @@ class GalleryOptions:
 
 
 class ReadWriteLock:
-    """Many readers or one writer; a waiting writer blocks new readers so writes cannot starve."""
+    """Many readers or one writer, in order of arrival: each reader or writer takes a ticket and goes
+    when it is first in line (readers in a row go together). A writer that writes again the moment it
+    is done (a retention sweep erasing face after face, an import) gets a new ticket behind whoever
+    came meanwhile, so no write or search starves; a waiting writer holds back the readers after it."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._readers = 0
         self._writer = False
-        self._writers_waiting = 0
+        self._next_ticket = 0  # the ticket the next arrival takes
+        self._serving = 0  # the ticket that may go next (once the lock allows it)
 
     @contextmanager
     def read(self) -> Iterator[None]:
         with self._cond:
-            while self._writer or self._writers_waiting:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            while ticket != self._serving or self._writer:
                 self._cond.wait()
             self._readers += 1
+            self._serving += 1
+            self._cond.notify_all()  # a reader next in line goes too
         try:
             yield
         finally:
@@ -111,11 +119,12 @@ class ReadWriteLock:
     @contextmanager
     def write(self) -> Iterator[None]:
         with self._cond:
-            self._writers_waiting += 1
-            while self._writer or self._readers:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            while ticket != self._serving or self._writer or self._readers:
                 self._cond.wait()
-            self._writers_waiting -= 1
             self._writer = True
+            self._serving += 1
         try:
             yield
         finally:
