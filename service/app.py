@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import threading
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
@@ -26,7 +27,7 @@ from .access.keys import PepperFileError
 from .config import ModelConfigError, Settings, get_settings
 from .errors import ErrorCode, ServiceError
 from .faces.detection import AlignmentTemplate, FaceDetector, YuNetConfig, YuNetDetector, template_for
-from .gallery import GalleryLoading
+from .gallery import GalleryLoading, retention
 from .gallery.api import GalleryBusy, GalleryUnavailable, StorageFull
 from .gallery.crops import CropKeyError
 from .gallery.embedded.lock import DataDirLocked, DataDirUnusable
@@ -204,6 +205,26 @@ async def _housekeeping(state: ServiceState, storage_full_log: Throttle) -> None
             log.warning("housekeeping failed", exc_info=True)
 
 
+async def _retention_sweeps(state: ServiceState, stop: threading.Event, woken: asyncio.Event) -> None:
+    """Erase the faces past their collection's retention every FACE_RETENTION_SWEEP_S (gallery/retention.py).
+    Stopping: ``stop`` set (the sweep in flight returns after its current erasure) and ``woken`` (the wait
+    between sweeps ends): not cancelled, which would leave its thread erasing while the galleries close."""
+    while not stop.is_set():
+        try:
+            swept = await run_in_threadpool(retention.sweep, state.galleries, None, stop)
+        except Exception:  # noqa: BLE001 - the list of collections could not be read: tried again next time
+            log.warning("retention sweep failed", exc_info=True)
+        else:
+            for name, erased in swept.erased.items():
+                state.metrics.retention_erased.labels(name).inc(erased)
+                log.info("faces past retention erased", extra={"collection": name, "faces": erased,
+                                                               "identities_deleted": swept.identities_deleted[name]})
+            for name, reason in swept.failed.items():
+                log.warning("retention sweep of a collection failed", extra={"collection": name, "reason": reason})
+        with suppress(TimeoutError):
+            await asyncio.wait_for(woken.wait(), state.settings.retention_sweep_s)
+
+
 def _error_response(error: ServiceError, request: Request) -> JSONResponse:
     record_error(request.scope, error.code)  # counted and logged by the access middleware
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
@@ -251,6 +272,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise
         app.state.service = state
         housekeeping = asyncio.create_task(_housekeeping(state, storage_full_log))
+        stop_sweeps, wake_sweeps = threading.Event(), asyncio.Event()
+        sweeps = asyncio.create_task(_retention_sweeps(state, stop_sweeps, wake_sweeps))
         log.info("service ready", extra={"model_id": state.contract.model_id, "providers": state.model.providers,
                                          "models": state.models.names(),
                                          "data_dir": str(settings.data_dir)})
@@ -259,6 +282,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             app.state.service = None
             housekeeping.cancel()
+            stop_sweeps.set()  # a sweep in flight ends after its current erasure, before the galleries close
+            wake_sweeps.set()
+            await sweeps
             await finalize(state)
             log.info("service stopped")
 

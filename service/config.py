@@ -106,6 +106,10 @@ class Settings(BaseSettings):
     audit_retention_days: float = Field(
         0, ge=0, description="Audit entries older than this are deleted (checked hourly); 0 keeps them forever.",
     )
+    retention_sweep_s: float = Field(
+        60, gt=0, le=86_400, description="How often each collection with a retention_days has its faces past it "
+        "erased (PATCH /collections/{name}); a face is searchable until this sweep after its expiry.",
+    )
     public_docs: bool = Field(
         False, description="With an API key set, /docs, /redoc and /openapi.json need it too unless this is true."
     )

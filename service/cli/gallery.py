@@ -19,7 +19,9 @@ The gallery file (JSON Lines, UTF-8), format ``face-gallery`` version 1:
 * line 1, the header: ``{"format": "face-gallery", "version": 1, "model_id": "sface@2021dec-int8bq",
   "embedding_size": 128, "dtype": "float32", "exported_at": <unix time>}``
 * one line per identity: ``{"identity_id": "...", "metadata": {...}, "created_at": <unix time>,
-  "embeddings": ["<base64 of embedding_size little-endian float32>", ...]}``
+  "embeddings": ["<base64 of embedding_size little-endian float32>", ...], "enrolled_at": [<unix time>,
+  ...]}``; ``enrolled_at`` (optional: files of earlier versions lack it) is when each face was enrolled,
+  kept by the import, so that a collection's retention counts from the first enrollment, not the import
 * last line: ``{"end": true, "identities": N, "faces": M}``; a file without it (cut short) is refused.
 
 The gallery is opened as the service opens it (same settings), so run export/import against an
@@ -34,6 +36,7 @@ import base64
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -155,21 +158,36 @@ def _write_gallery(gallery: GalleryBackend, tmp: Path, page: int, done: Transfer
         after = None
         while records := gallery.list_identities(page, after):
             for record in records:
-                embeddings = gallery.identity_embeddings(record.identity_id)
-                if embeddings is None:  # deleted while we export
+                faces = _faces_of(gallery, record.identity_id)
+                if faces is None:  # deleted while we export
                     continue
+                embeddings, enrolled_at = faces
                 out.write(json.dumps({"identity_id": record.identity_id, "metadata": record.metadata,
                                       "created_at": record.created_at,
-                                      "embeddings": [_encode(v) for v in embeddings]}) + "\n")
+                                      "embeddings": [_encode(v) for v in embeddings],
+                                      "enrolled_at": enrolled_at}) + "\n")
                 done.identities += 1
                 done.faces += len(embeddings)
             after = records[-1].identity_id
         out.write(json.dumps({"end": True, "identities": done.identities, "faces": done.faces}) + "\n")
 
 
+def _faces_of(gallery: GalleryBackend, identity_id: str) -> tuple[np.ndarray, list[float]] | None:
+    """An identity's embeddings and each face's enrollment time (face-id order), or None once it is gone.
+    Two reads: a write to it between them (a face added or removed) is seen by reading both again."""
+    while True:
+        details = gallery.get_identity(identity_id)
+        embeddings = gallery.identity_embeddings(identity_id)
+        if details is None or embeddings is None:
+            return None
+        if len(details.faces) == len(embeddings):
+            return embeddings, [f.created_at for f in details.faces]
+
+
 def read_gallery_file(path: Path, model_id: str, dim: int, metadata: MetadataLimits | None = None,
-                      ) -> Iterator[tuple[str, np.ndarray, dict]]:
-    """Yield (identity id, embeddings, metadata) from a gallery file after checking its header. Each
+                      ) -> Iterator[tuple[str, np.ndarray, dict, list[float] | None]]:
+    """Yield (identity id, embeddings, metadata, each face's enrollment time or None) from a gallery file
+    after checking its header. Each
     line is checked as the API checks a request (strict JSON, the identity id rule, embeddings, the
     metadata rule within ``metadata``): a file someone else made is refused with the line that is
     wrong (``GalleryFileError``), never stored half-valid."""
@@ -198,7 +216,7 @@ def read_gallery_file(path: Path, model_id: str, dim: int, metadata: MetadataLim
     raise GalleryFileError(f"{path} ends without its end line: the file is incomplete")
 
 
-def _read_line(line: str, dim: int, limits: MetadataLimits) -> tuple[str, np.ndarray, dict] | None:
+def _read_line(line: str, dim: int, limits: MetadataLimits) -> tuple[str, np.ndarray, dict, list[float] | None] | None:
     """One identity of a gallery file, or None for the end line."""
     try:
         item = json.loads(line, parse_constant=_refuse_constant)
@@ -217,12 +235,17 @@ def _read_line(line: str, dim: int, limits: MetadataLimits) -> tuple[str, np.nda
     if not isinstance(vectors, list) or not vectors:
         raise GalleryFileError(f"identity {identity!r} has no embeddings (a list of base64 vectors)")
     embeddings = np.stack([_decode(v, dim) for v in vectors])
+    enrolled_at = item.get("enrolled_at")
+    if enrolled_at is not None and not (
+            isinstance(enrolled_at, list) and len(enrolled_at) == len(vectors)
+            and all(type(t) in (int, float) and math.isfinite(t) and t >= 0 for t in enrolled_at)):
+        raise GalleryFileError(f"identity {identity!r}: enrolled_at is not one Unix time per embedding")
     metadata = item.get("metadata") or {}
     try:
         check_metadata(metadata, limits)
     except ServiceError as exc:
         raise GalleryFileError(f"identity {identity!r}: {exc.message}") from None
-    return identity, embeddings, metadata
+    return identity, embeddings, metadata, None if enrolled_at is None else [float(t) for t in enrolled_at]
 
 
 def import_gallery(gallery: GalleryBackend, path: Path, batch: int = 1000,
@@ -241,15 +264,19 @@ def import_gallery(gallery: GalleryBackend, path: Path, batch: int = 1000,
     done = Transfer()
     pending: list = []
 
+    def _import(items: list) -> list[list[int]]:
+        return gallery.import_identities([(i, e, m) for i, e, m, _ in items], actor=CLI,
+                                         enrolled_at=[times for *_, times in items])
+
     def flush() -> None:
         try:
-            ids = gallery.import_identities(pending, actor=CLI)
+            ids = _import(pending)
             fresh = pending
         except IdentityExists:  # some exist already (an earlier, interrupted import): skip those
             existing = {item[0] for item in pending if gallery.get_identity(item[0]) is not None}
             fresh = [item for item in pending if item[0] not in existing]
             done.skipped += sorted(existing)
-            ids = gallery.import_identities(fresh, actor=CLI) if fresh else []
+            ids = _import(fresh) if fresh else []
         done.identities += len(fresh)
         done.faces += sum(len(x) for x in ids)
         pending.clear()

@@ -114,6 +114,16 @@ COLLECTION_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 _COLLECTION_NAME = re.compile(COLLECTION_NAME_PATTERN)
 
 
+def face_times(now: float, enrolled_at: list[float] | None, faces: int) -> list[float]:
+    """Each new face's enrollment time: ``now``, or the one given per face (a migration keeps the
+    source's); a count that does not match is the caller's bug, refused before anything is written."""
+    if enrolled_at is None:
+        return [now] * faces
+    if len(enrolled_at) != faces:
+        raise ValueError(f"{len(enrolled_at)} enrollment times for {faces} faces")
+    return [float(t) for t in enrolled_at]
+
+
 def valid_collection_name(name: str) -> bool:
     return bool(_COLLECTION_NAME.fullmatch(name))
 
@@ -175,7 +185,7 @@ class Actor:
     key_id: str | None = None  # None: open mode (no keys configured)
     client: str | None = None  # the client's address
     request_id: str | None = None  # the X-Request-ID of the request (None: the CLI)
-    via: str = "api"  # "api" or "cli"
+    via: str = "api"  # "api", "cli" or "retention" (the collection's retention sweep: gallery/retention.py)
 
     def recorded(self, details: dict) -> dict:
         """``details`` as the audit entry records them (both backends): a change made other than
@@ -193,6 +203,7 @@ class CollectionInfo:
     counted_faces: int  # sizes the collection's open-set threshold, like GalleryBackend.counted_faces
     keep_crops: bool = False  # each face enrolled from an image keeps its aligned crop, encrypted (crops.py)
     dim: int = 0  # the embedding size of its model (model_id): each collection is pinned to one model
+    retention_days: float | None = None  # each face is erased this long after it was enrolled (None: kept)
 
 
 @dataclass(frozen=True)
@@ -216,7 +227,8 @@ class StoredKey:
 class AuditEntry:
     """One recorded change. ``action``: identity.created | identity.appended | identity.replaced |
     identity.deleted | identity.imported | identity.merged | face.moved | face.deleted |
-    collection.created | collection.deleted | key.created | key.revoked | alias.set | alias.deleted.
+    collection.created | collection.updated | collection.deleted | key.created | key.revoked | alias.set |
+    alias.deleted.
     ``details``: counts and names only, never an image or an embedding."""
 
     entry_id: str  # opaque, unique; the cursor of the next page is the last entry's id
@@ -325,14 +337,18 @@ class GalleryBackend(Protocol):
 
     def enroll(self, identity_id: str, embeddings: np.ndarray, metadata: dict | None = None,
                replace: bool = False, max_faces: int | None = None, actor: Actor | None = None,
-               crops: list[bytes] | None = None) -> EnrollResult:
+               crops: list[bytes] | None = None, enrolled_at: list[float] | None = None) -> EnrollResult:
         """``actor``: the audit record (identity.created / appended / replaced) is written in the same
         transaction; None writes none (tools and tests that are not a request). ``crops``: one encoded
         aligned crop per embedding (crops.encode_crop), sealed with the crop key and stored in the same
-        transaction as the faces (crops.CropsUnavailable without a key: nothing written)."""
+        transaction as the faces (crops.CropsUnavailable without a key: nothing written).
+        ``enrolled_at``: one Unix time per embedding, when each face was first enrolled (None: now): a
+        migration keeps the source's, so that the collection's retention counts from the first enrollment."""
 
     def import_identities(self, items: list[tuple[str, np.ndarray, dict | None]],
-                          actor: Actor | None = None) -> list[list[int]]: ...
+                          actor: Actor | None = None,
+                          enrolled_at: list[list[float] | None] | None = None) -> list[list[int]]:
+        """``enrolled_at``: per item, each face's enrollment time (None: now), as ``enroll``'s."""
 
     def delete(self, identity_id: str, actor: Actor | None = None) -> int | None: ...
 
@@ -369,6 +385,12 @@ class GalleryBackend(Protocol):
     def delete_face(self, face_id: int, actor: Actor | None = None) -> tuple[str, bool]:
         """Erase one face as ``delete`` erases an identity's faces; returns its identity and whether
         that identity was deleted (it had no face left). FaceNotFound. Audit: face.deleted."""
+
+    def expired_faces(self, enrolled_before: float, limit: int) -> list[int]:
+        """Up to ``limit`` ids of faces enrolled before ``enrolled_before`` (Unix time), oldest first:
+        what the collection's retention erases next (gallery/retention.py). An index on the enrollment
+        time answers it; read on the primary."""
+
     # kept crops (keep_crops collections; sealed blobs, opened with crops.CropCipher.open)
     keep_crops: bool  # the collection keeps the aligned crop of each face enrolled from an image
 
@@ -397,9 +419,9 @@ class GalleryBackend(Protocol):
         searches never touch it. The migration's final pass and its ``done`` flip (jobs/migrate.py)."""
         ...
 
-    def identity_crops(self, identity_ids: list[str]) -> dict[str, list[tuple[int, bytes | None]]]:
+    def identity_crops(self, identity_ids: list[str]) -> dict[str, list[tuple[int, bytes | None, float]]]:
         """identity id -> its faces in face-id order, each (face id, sealed crop or None when the face has
-        none), for the ids that exist (others are absent): the migration's batched read, a few queries
+        none, when it was enrolled), for the ids that exist (others are absent): the migration's batched read, a few queries
         for many identities instead of one per face; each identity's faces and crops are one read."""
         ...
 
@@ -432,14 +454,16 @@ class Galleries(Protocol):
         per request (an idle embedded collection is opened on first use, closed when idle again)."""
 
     def create_collection(self, name: str, actor: Actor | None = None, keep_crops: bool = False,
-                          model_id: str | None = None, dim: int | None = None) -> CollectionInfo:
+                          model_id: str | None = None, dim: int | None = None,
+                          retention_days: float | None = None) -> CollectionInfo:
         """CollectionExists if taken (by a collection or an alias); ValueError for an invalid name.
         Audited (collection.created: model_id, dim, keep_crops), with or without an ``actor``
         (collection and key changes always are; identity writes only with one). ``keep_crops``:
         needs the crop key (crops.CropsUnavailable without one); the first such collection stores
         the key check value in the same transaction.
         The collection is pinned to ``model_id`` with embeddings of ``dim`` values (None: the default
-        model's, ``self.model_id``/``self.dim``); its GalleryBackend has them as ``model_id``/``dim``."""
+        model's, ``self.model_id``/``self.dim``); its GalleryBackend has them as ``model_id``/``dim``.
+        ``retention_days``: each face is erased that long after its enrollment (retention.py; None: kept)."""
 
     def delete_collection(self, name: str, actor: Actor | None = None) -> CollectionInfo:
         """Erase every identity and face of it; CollectionNotFound, CollectionProtected for default,
@@ -447,6 +471,14 @@ class Galleries(Protocol):
         erased); its earlier audit entries are kept."""
 
     def list_collections(self) -> list[CollectionInfo]: ...
+
+    def set_retention(self, name: str, days: float | None, actor: Actor | None = None) -> CollectionInfo:
+        """How long the collection keeps each face after its enrollment (None: for ever);
+        CollectionNotFound. Audited (collection.updated: retention_days and previous_retention_days) in the same
+        transaction, unless it was already so (nothing written)."""
+
+    def retentions(self) -> dict[str, float]:
+        """name -> retention in days, for each collection that has one (the sweep's list: one cheap read)."""
 
     def collection_info(self, name: str) -> CollectionInfo: ...
 

@@ -1,5 +1,5 @@
-"""Collections: named galleries (create, list, read, delete). Creating and deleting need `admin`;
-listing shows a key the collections in its scope; reading one needs `read` in its scope."""
+"""Collections: named galleries (create, list, read, change, delete). Creating, changing and deleting
+need `admin`; listing shows a key the collections in its scope; reading one needs `read` in its scope."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from ..gallery.openset import GalleryCounts
 from ..state import ServiceState
 from .deps import ActorDep, PrincipalDep, StateDep, allow, resolve_collection
 from .payload import StrictRoute
-from .schemas import CollectionCreate, CollectionDeleted, CollectionList, CollectionOut, ErrorResponse
+from .schemas import CollectionCreate, CollectionDeleted, CollectionList, CollectionOut, CollectionUpdate, ErrorResponse
 
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 415, 422)}
 router = APIRouter(route_class=StrictRoute, tags=["collections"], responses=ERRORS)
@@ -38,7 +38,7 @@ def out(state: ServiceState, info: CollectionInfo) -> CollectionOut:
     return CollectionOut(name=info.name, model_id=info.model_id, model=name, dim=info.dim, created_at=info.created_at,
                          identities=info.identities, faces=info.faces,
                          identify_threshold=state.decision_for(counts, served=served).threshold,
-                         keep_crops=info.keep_crops)
+                         keep_crops=info.keep_crops, retention_days=info.retention_days)
 
 
 def crop_key_missing(name: str) -> ServiceError:
@@ -57,14 +57,16 @@ async def create_collection(body: CollectionCreate, state: StateDep, actor: Acto
     collection's faces, and its open-set threshold follows its own size. 409 `collection_exists`.
     `keep_crops: true` keeps each enrolled face's aligned crop, encrypted (needs FACE_CROP_KEY_FILE:
     409 `crop_key_missing` without it); enrolling embeddings into it is then 409 `crops_required`.
-    `model`: the served model it is pinned to (default: the default model); 404 `model_not_found`."""
+    `model`: the served model it is pinned to (default: the default model); 404 `model_not_found`.
+    `retention_days`: each face is erased that long after its enrollment (see `PATCH`)."""
     if not valid_collection_name(body.name):
         raise ServiceError(ErrorCode.invalid_collection_name, "a collection name is 1-63 lower-case letters, digits, "
                            "'-' or '_', starting with a letter or digit", name=body.name[:100])
     served = state.model_named(body.model)
     try:
         info = await run_in_threadpool(state.galleries.create_collection, body.name, actor,
-                                       keep_crops=body.keep_crops, model_id=served.model_id, dim=served.dim)
+                                       keep_crops=body.keep_crops, model_id=served.model_id, dim=served.dim,
+                                       retention_days=body.retention_days)
     except CollectionExists:
         raise ServiceError(ErrorCode.collection_exists, f"a collection or alias named {body.name!r} already exists",
                            collection=body.name) from None
@@ -88,6 +90,21 @@ async def get_collection(request: Request, collection: CollectionName, state: St
     collection = await resolve_collection(request)
     try:
         info = await run_in_threadpool(state.galleries.collection_info, collection)
+    except CollectionNotFound:
+        raise not_found(collection) from None
+    return out(state, info)
+
+
+@router.patch("/collections/{collection}", response_model=CollectionOut, summary="Change a collection",
+              dependencies=[allow(Permission.admin)])
+async def update_collection(collection: CollectionName, body: CollectionUpdate, state: StateDep,
+                            actor: ActorDep) -> CollectionOut:
+    """Sets the collection's `retention_days` (null: faces kept until deleted), `default` included; audited
+    (`collection.updated`: `retention_days`, `previous_retention_days`) unless unchanged. Faces past a new, shorter retention are
+    erased by the next sweep (every FACE_RETENTION_SWEEP_S), each with its `face.deleted` entry. An
+    alias's name is not a collection's (404), as for `DELETE`."""
+    try:
+        info = await run_in_threadpool(state.galleries.set_retention, collection, body.retention_days, actor)
     except CollectionNotFound:
         raise not_found(collection) from None
     return out(state, info)

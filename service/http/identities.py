@@ -21,6 +21,7 @@ from ..gallery.crops import CropsUnavailable, encode_crop
 from ..gallery.identity_ids import MAX_LENGTH, find_identity
 from ..gallery.openset import HUB_SEARCH_K, find_hub
 from ..gallery.results import EnrollResult, FaceNotFound, IdentityNotFound, TooManyFacesForIdentity
+from ..gallery.retention import DAY_S
 from ..state import ServiceState
 from .collections import crop_key_missing
 from .deps import ActorDep, CollectionDep, PrincipalDep, ServedDep, StateDep, allow
@@ -40,6 +41,7 @@ from .schemas import (
     MoveFaceRequest,
     MoveFaceResponse,
     PossibleDuplicate,
+    StoredFace,
 )
 from .vectors import list_source, source_vectors
 
@@ -183,9 +185,14 @@ async def list_identities(
 
 
 @router.get("/identities/{identity_id}", response_model=IdentityDetail, summary="One identity", dependencies=READ)
-async def get_identity(identity_id: IdentityPath, gallery: CollectionDep) -> IdentityDetail:
+async def get_identity(identity_id: IdentityPath, gallery: CollectionDep, state: StateDep) -> IdentityDetail:
+    """The identity, its metadata and its faces (each with when it was enrolled and, in a collection with
+    `retention_days`, when it will be erased)."""
     _, found = await run_in_threadpool(find_identity, identity_id, gallery.get_identity)
-    return IdentityDetail(**found.record.__dict__, face_ids=[f.face_id for f in found.faces])
+    days = (await run_in_threadpool(state.galleries.retentions)).get(gallery.name)
+    faces = [StoredFace(face_id=f.face_id, enrolled_at=f.created_at,
+                        expires_at=None if days is None else f.created_at + days * DAY_S) for f in found.faces]
+    return IdentityDetail(**found.record.__dict__, face_ids=[f.face_id for f in found.faces], faces=faces)
 
 
 @router.delete("/identities/{identity_id}", response_model=DeleteResponse, summary="Delete an identity",

@@ -363,8 +363,17 @@ class IdentitySummary(BaseModel):
     updated_at: float
 
 
+class StoredFace(BaseModel):
+    face_id: int
+    enrolled_at: float = Field(description="When the face was enrolled (Unix time; a migration keeps the source's).")
+    expires_at: float | None = Field(None, description="When the collection's retention_days erases it (the sweep "
+                                     "after this time); null: the collection has no retention.")
+
+
 class IdentityDetail(IdentitySummary):
     face_ids: list[int]
+    faces: list[StoredFace] = Field(default_factory=list, description="Its faces in face-id order (as face_ids), "
+                                    "with when each was enrolled and will be erased.")
 
 
 class IdentityPage(BaseModel):
@@ -461,8 +470,14 @@ class CollectionThreshold(BaseModel):
     identify_threshold: float = Field(description="The 1:N threshold in force for this collection's size now.")
 
 
-class CollectionCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+MAX_RETENTION_DAYS = 36_500.0
+RETENTION_DAYS = ("Each face of the collection is erased this many days after it was enrolled (fractions allowed), "
+                  "with its kept crop and, with its last face, its identity; audited (`face.deleted`, `via: "
+                  "retention`). Null: kept until deleted.")
+
+
+class CollectionCreate(Strict):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
     name: str = Field(description="Lower-case letters, digits, `-` and `_`, 1-63 characters, starting with a letter "
                       "or digit.", examples=["front-desk"])
     keep_crops: bool = Field(False, description="Keep the aligned crop of every face enrolled from an image, "
@@ -471,6 +486,14 @@ class CollectionCreate(BaseModel):
     model: str | None = Field(None, max_length=63, description="The served model (FACE_MODELS) the collection is "
                               "pinned to: it embeds every face and probe of it. Empty: the default model. Unknown: "
                               "404 `model_not_found`.")
+    retention_days: float | None = Field(None, gt=0, le=MAX_RETENTION_DAYS, description=RETENTION_DAYS)
+
+
+class CollectionUpdate(Strict):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    retention_days: float | None = Field(description=RETENTION_DAYS + " Shortened, the faces already past it "
+                                         "are erased by the next sweep; null: kept from now on.",
+                                         gt=0, le=MAX_RETENTION_DAYS)
 
 
 class CollectionOut(BaseModel):
@@ -483,6 +506,8 @@ class CollectionOut(BaseModel):
     faces: int
     identify_threshold: float = Field(description="The 1:N threshold in force for this collection's size now.")
     keep_crops: bool = Field(False, description="Whether faces enrolled into it keep their aligned crop (encrypted).")
+    retention_days: float | None = Field(None, description="Each face is erased this many days after its "
+                                         "enrollment (null: kept until deleted).")
 
 
 class CollectionList(BaseModel):

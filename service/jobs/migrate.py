@@ -9,9 +9,11 @@ foreground):
    sealed crops read for a batch of identities at once (``identity_crops``: one query, not one per
    face), open each crop (bound to A + face id), decode the PNG, embed it with B's model, and write
    the identity to B with one ``enroll(identity, embeddings, metadata, replace=True, crops=<the same
-   PNGs>)``: B seals them for B's own face ids (a write to A between the listing and the read leaves
-   an ``updated_at`` the next pass re-syncs). Re-running a sync gives the same B (idempotent); the k-th face
-   of X in A is the k-th in B. Crops of several identities make one model batch (``batch_size``).
+   PNGs>, enrolled_at=<A's enrollment times>)``: B seals them for B's own face ids, and its faces keep
+   when they were first enrolled (a collection's retention counts from then, not from the migration);
+   a write to A between the listing and the read leaves an ``updated_at`` the next pass re-syncs.
+   Re-running a sync gives the same B (idempotent); the k-th face of X in A is the k-th in B. Crops
+   of several identities make one model batch (``batch_size``).
    After every batch the cursor (the last identity synced), the progress and the heartbeat are
    written: a resumed job continues after the cursor.
 2. **catch_up**: writes to A while the job runs (from this process, another replica, the CLI) must
@@ -95,8 +97,14 @@ Embed = Callable[[np.ndarray], np.ndarray]  # N x H x W x 3 uint8 aligned crops 
 
 
 @dataclass
+class _SourceFaces:
+    crops: list[bytes]  # encoded, face-id order
+    enrolled_at: list[float]  # when each was enrolled into A: B keeps it (the collection's retention counts from it)
+
+
+@dataclass
 class _Batch:
-    identities: list[tuple[IdentityRecord, list[bytes]]] = field(default_factory=list)  # record, encoded crops
+    identities: list[tuple[IdentityRecord, _SourceFaces]] = field(default_factory=list)
     faces: int = 0
 
 
@@ -146,7 +154,9 @@ def start_migration(galleries: Galleries, collection: str, model: str, model_id:
                     started_by=actor.key_id if actor is not None else None)
     reserve(galleries, job, "wait for it or cancel it (POST /jobs/{id}/cancel)")
     try:
-        galleries.create_collection(into, actor, keep_crops=True, model_id=model_id, dim=dim)
+        retention_days = galleries.collection_info(collection).retention_days  # the new one forgets as the old
+        galleries.create_collection(into, actor, keep_crops=True, model_id=model_id, dim=dim,
+                                    retention_days=retention_days)
     except BaseException as exc:
         galleries.delete_job(job.job_id)
         if isinstance(exc, CollectionExists):
@@ -220,31 +230,37 @@ class Migration:
             raise JobFailed(ErrorCode.crop_key_missing, "migrating needs the crop key (FACE_CROP_KEY_FILE)")
         return cipher
 
-    def _read(self, source: GalleryBackend, records: list[IdentityRecord]) -> dict[str, list[bytes]]:
-        """The encoded crops (face-id order) of each of these identities A still has: one batched
-        read (``identity_crops``), each identity's faces and crops from one statement."""
+    def _read(self, source: GalleryBackend, records: list[IdentityRecord]) -> dict[str, _SourceFaces]:
+        """The encoded crops (face-id order) of each of these identities A still has, with when each face
+        was enrolled: one batched read (``identity_crops``), each identity's faces and crops from one statement."""
         cipher = self._cipher()
         out = {}
         for identity_id, faces in source.identity_crops([r.identity_id for r in records]).items():
-            if any(blob is None for _, blob in faces):
-                raise JobFailed(ErrorCode.no_source_crops, no_source_crops(source.name))
-            out[identity_id] = [cipher.open(source.name, face_id, blob) for face_id, blob in faces if blob is not None]
+            crops, times = [], []
+            for face_id, blob, enrolled_at in faces:
+                if blob is None:
+                    raise JobFailed(ErrorCode.no_source_crops, no_source_crops(source.name))
+                crops.append(cipher.open(source.name, face_id, blob))
+                times.append(enrolled_at)
+            out[identity_id] = _SourceFaces(crops, times)
         return out
 
     def _write(self, target: GalleryBackend, batch: _Batch) -> None:
         """Embed the batch's crops (``batch_size`` per model call) and write each identity to B."""
-        arrays = [decode_crop(c) for _, crops in batch.identities for c in crops]
+        arrays = [decode_crop(c) for _, faces in batch.identities for c in faces.crops]
         size = max(1, self.job.batch_size)
         vectors = (np.concatenate([self.embed(np.stack(arrays[i:i + size])) for i in range(0, len(arrays), size)])
                    if arrays else np.zeros((0, target.dim), np.float32))
         start = 0
-        for record, crops in batch.identities:
+        for record, faces in batch.identities:
+            crops = faces.crops
             embeddings = vectors[start:start + len(crops)]
             start += len(crops)
             if not crops:  # an identity without faces (cannot stay so in A): mirror by deleting
                 target.delete(record.identity_id)
             else:
-                target.enroll(record.identity_id, embeddings, record.metadata, replace=True, crops=crops)
+                target.enroll(record.identity_id, embeddings, record.metadata, replace=True, crops=crops,
+                              enrolled_at=faces.enrolled_at)
             self.synced[record.identity_id] = record.updated_at
         self._faces_this_run += len(arrays)
 
@@ -254,13 +270,13 @@ class Migration:
         batch, faces = _Batch(), 0
         crops_of = self._read(source, records)
         for record in records:
-            crops = crops_of.get(record.identity_id)
-            if crops is None:
+            faces_of = crops_of.get(record.identity_id)
+            if faces_of is None:
                 target.delete(record.identity_id)
                 self.synced.pop(record.identity_id, None)
                 continue
-            batch.identities.append((record, crops))
-            batch.faces += len(crops)
+            batch.identities.append((record, faces_of))
+            batch.faces += len(faces_of.crops)
             if batch.faces >= self.job.batch_size:
                 self._write(target, batch)
                 faces += batch.faces

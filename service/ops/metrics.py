@@ -157,6 +157,10 @@ class Metrics:
             "FACE_HTTP_BODY_TIMEOUT_S), headers_too_large (over FACE_HTTP_MAX_HEADER_BYTES: answered 431)",
             ["reason"], registry=self.registry,
         )
+        self.retention_erased = Counter(
+            "face_retention_erased_faces", "Faces erased by their collection's retention (retention_days), by "
+            "collection", ["collection"], registry=self.registry,
+        )
         self.gallery_identities = Gauge("face_gallery_identities", "Enrolled identities", registry=self.registry)
         self.gallery_faces = Gauge("face_gallery_faces", "Enrolled faces", registry=self.registry)
         self.read_targets = ReadTargetsCollector()

@@ -53,6 +53,7 @@ POLICY: dict[tuple[str, str], tuple[str, bool]] = {
     ("GET", "/collections"): ("read", False),
     ("GET", "/collections/{collection}"): ("read", True),
     ("POST", "/collections"): ("admin", False),
+    ("PATCH", "/collections/{collection}"): ("admin", False),
     ("DELETE", "/collections/{collection}"): ("admin", False),
     ("POST", "/keys"): ("admin", False),
     ("GET", "/keys"): ("admin", False),
@@ -132,6 +133,8 @@ class Calls:
             body = {"identity_id": f"someone-else-{n}"}
         elif path == "/collections" and method == "POST":
             body = {"name": f"made-{n}"}
+        elif path == "/collections/{collection}" and method == "PATCH":
+            body = {"retention_days": None}  # as it is: nothing changes
         elif path == "/keys" and method == "POST":
             body = {"role": "read", "note": "matrix"}
         elif path == "/aliases/{name}" and method == "PUT":

@@ -78,6 +78,21 @@ def test_cli_aliases(embedded, collection_name):
     assert face(embedded, "collections", "delete", collection_name).returncode == 0
 
 
+def test_cli_collection_retention(embedded, collection_name):
+    made = face(embedded, "collections", "create", collection_name, "--retention-days", "30")
+    assert made.returncode == 0 and "faces erased 30 days after enrollment" in made.stdout
+    listed = face(embedded, "collections", "list").stdout.splitlines()
+    assert any(line.startswith(f"{collection_name}\t") and line.endswith("30 days after enrollment") for line in listed)
+    shorter = json.loads(face(embedded, "--json", "collections", "retention", collection_name, "0.5").stdout)
+    assert shorter["retention_days"] == 0.5
+    cleared = face(embedded, "collections", "retention", collection_name, "none")
+    assert cleared.returncode == 0 and "faces kept until deleted" in cleared.stdout
+    for bad in ("0", "-3", "soon", "nan"):
+        refused = face(embedded, "collections", "retention", collection_name, bad)
+        assert refused.returncode == 2 and "positive number of days" in refused.stderr, bad
+    assert face(embedded, "collections", "delete", collection_name).returncode == 0
+
+
 def test_cli_exit_codes(embedded):
     missing = face(embedded, "--json", "identities", "delete", "nobody-here")
     assert missing.returncode == 1

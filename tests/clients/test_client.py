@@ -249,6 +249,24 @@ def test_audit_request_id_is_the_clients(embedded, collection_name):
     assert httpx.get(embedded.url + "/healthz").json()["version"] == faceclient.__version__
 
 
+def test_retention_sync_and_async(any_backend, collection_name):
+    with FaceClient(any_backend.url, ADMIN) as face:
+        assert face.create_collection(collection_name, retention_days=7).retention_days == 7
+        assert face.get_collection(collection_name).retention_days == 7
+        assert face.update_collection(collection_name, retention_days=None).retention_days is None
+        with pytest.raises(NotFoundError):
+            face.update_collection(f"{collection_name}-missing", retention_days=1)
+
+    async def run() -> None:
+        async with AsyncFaceClient(any_backend.url, ADMIN) as face:
+            assert (await face.update_collection(collection_name, retention_days=0.25)).retention_days == 0.25
+            listed = {c.name: c.retention_days for c in await face.list_collections()}
+            assert listed[collection_name] == 0.25
+            await face.delete_collection(collection_name)
+
+    asyncio.run(run())
+
+
 def test_aliases_sync_and_async(any_backend, collection_name):
     """set/get/list/delete, a gallery call through the alias, and the alias errors as their classes."""
     old, new, alias = f"{collection_name}-old", f"{collection_name}-new", f"{collection_name}-live"

@@ -120,6 +120,7 @@ def test_enroll_into_the_picked_collection_and_see_it_only_there(console, api):
     facts = console.wait_text("status-collection", "Identities")
     assert "lobby" in facts and f"{info['identify_threshold']:.3f}" in facts
     assert facts.split("Identities")[1].split()[0] == "1"
+    assert "Faces kept" in facts and "until deleted" in facts  # lobby has no retention_days
 
     # the Audit page has what the console did: the collection's creation and the enroll, from this client
     from selenium.webdriver.support.ui import Select

@@ -31,10 +31,12 @@ def test_identity_crops_reads_many_identities_faces_and_crops_at_once(crops_back
     read = gallery.identity_crops(["bob", "alice", "carol", "nobody", "dave", "alice"])
     assert set(read) == {"alice", "bob", "dave"}  # carol is another collection's; nobody does not exist
     cipher = crops_backend.cipher()
-    assert [f for f, _ in read["alice"]] == sorted(alice.face_ids)
-    assert [cipher.open("kept", f, b) for f, b in read["alice"] if b is not None] == alice_crops
-    assert [(f, cipher.open("kept", f, b)) for f, b in read["bob"] if b is not None] == [(bob.face_ids[0], bob_crops[0])]
-    assert [b for _, b in read["dave"]] == [None]
+    assert [f for f, _, _ in read["alice"]] == sorted(alice.face_ids)
+    assert [cipher.open("kept", f, b) for f, b, _ in read["alice"] if b is not None] == alice_crops
+    assert [(f, cipher.open("kept", f, b)) for f, b, _ in read["bob"] if b is not None] == [(bob.face_ids[0], bob_crops[0])]
+    assert [b for _, b, _ in read["dave"]] == [None]
+    details = gallery.get_identity("alice")
+    assert details is not None and [t for _, _, t in read["alice"]] == [f.created_at for f in details.faces]
     assert gallery.identity_crops([]) == {}
     gallery.delete("alice")
     assert set(gallery.identity_crops(["alice", "bob"])) == {"bob"}

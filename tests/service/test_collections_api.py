@@ -1,11 +1,12 @@
 """Collections over HTTP on both backends: create/list/get/delete, the routes under
-/collections/{name}, isolation (also under concurrent writes), per-collection thresholds, and the
-audit trail of what changed."""
+/collections/{name}, isolation (also under concurrent writes), per-collection thresholds, retention
+(faces erased on time by the server's own sweep), and the audit trail of what changed."""
 
 from __future__ import annotations
 
 import base64
 import threading
+import time
 
 import httpx
 import numpy as np
@@ -13,7 +14,7 @@ import pytest
 
 from harness.fixtures import face_files
 from harness.server import ServerProcess
-from tests.conftest import backend_env
+from tests.conftest import backend_env, metric
 
 DIM = 128
 
@@ -25,7 +26,7 @@ def vectors(n: int, seed: int) -> list[list[float]]:
 
 @pytest.fixture(scope="module", params=["embedded", "postgres"])
 def served(request, tmp_path_factory, default_model):
-    env = backend_env(request, {"FACE_ENROLL_HUB_ALPHA": "0"})
+    env = backend_env(request, {"FACE_ENROLL_HUB_ALPHA": "0", "FACE_RETENTION_SWEEP_S": "0.2"})
     proc = ServerProcess(tmp_path_factory.mktemp(f"collections-{request.param}") / "data", model=default_model,
                          env=env)
     ready = proc.wait_ready()
@@ -64,6 +65,48 @@ def test_create_list_get_delete(served):
     assert r.json()["error"]["code"] == "collection_not_found"
     r = served.delete("/collections/default")
     assert r.status_code == 409 and r.json()["error"]["code"] == "collection_protected"
+
+
+def test_a_collection_with_retention_forgets_its_faces_on_time_and_keeps_them_once_cleared(served):
+    seconds = 2.0
+    for bad in (0, -1, 36_501, "soon", True):
+        r = served.post("/collections", json={"name": "bad-retention", "retention_days": bad})
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request", bad
+    r = served.post("/collections", json={"name": "visitors", "retention_days": seconds / 86_400})
+    assert r.status_code == 201 and r.json()["retention_days"] == pytest.approx(seconds / 86_400)
+    started = time.time()
+    assert enroll(served, "visitors", "guest", vectors(2, 40)).status_code == 200
+    probe = {"embeddings": vectors(1, 40), "model_id": served.model_id}
+    assert served.post("/collections/visitors/identify", json=probe).json()["results"][0]["identity_id"] == "guest"
+    faces = served.get("/collections/visitors/identities/guest").json()["faces"]
+    assert len(faces) == 2 and all(started <= f["enrolled_at"] <= time.time() for f in faces)
+    assert all(f["expires_at"] == pytest.approx(f["enrolled_at"] + seconds) for f in faces)
+    while served.get("/collections/visitors/identities/guest").status_code == 200:
+        assert time.time() - started < 20, "not erased within its retention and a few sweeps"
+        time.sleep(0.05)
+    assert time.time() - started >= seconds  # not before its time
+    assert served.post("/collections/visitors/identify", json=probe).json()["results"][0]["identity_id"] is None
+    assert served.get("/collections/visitors").json()["faces"] == 0
+    trail = served.get("/audit", params={"collection": "visitors"}).json()["items"]
+    erased = [e for e in trail if e["action"] == "face.deleted"]
+    assert len(erased) == 2 and all(e["details"]["via"] == "retention" and e["key_id"] is None for e in erased)
+    assert metric(served, 'face_retention_erased_faces_total{collection="visitors"}') == 2.0
+
+    cleared = served.patch("/collections/visitors", json={"retention_days": None})
+    assert cleared.status_code == 200 and cleared.json()["retention_days"] is None
+    assert trail[0]["action"] != "collection.updated"
+    updated = served.get("/audit", params={"collection": "visitors", "limit": 1}).json()["items"][0]
+    assert (updated["action"], updated["details"]) == ("collection.updated", {
+        "retention_days": None, "previous_retention_days": pytest.approx(seconds / 86_400)})
+    assert enroll(served, "visitors", "resident", vectors(1, 41)).status_code == 200
+    assert served.get("/collections/visitors/identities/resident").json()["faces"][0]["expires_at"] is None
+    time.sleep(seconds + 1)  # past what the retention was, and several sweeps
+    assert served.get("/collections/visitors/identities/resident").status_code == 200
+    for bad in ({}, {"retention_days": 0}, {"retention_days": "x"}, {"retention_days": 1, "name": "other"}):
+        r = served.patch("/collections/visitors", json=bad)
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request", bad
+    r = served.patch("/collections/nothing-here", json={"retention_days": 1})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "collection_not_found"
 
 
 def test_the_unprefixed_routes_are_the_default_collection(served):

@@ -47,6 +47,8 @@ def test_export_embedded_then_import_into_postgres(tmp_path, default_model, post
         v = rng.normal(size=(1 + i % 3, contract.embedding_size)).astype(np.float32)
         people[f"person {i:02d} é"] = v / np.linalg.norm(v, axis=1, keepdims=True)  # any id the API accepts
         source.collection("default").enroll(f"person {i:02d} é", people[f"person {i:02d} é"], {"n": i})
+    enrolled_at = {identity: [f.created_at for f in source.collection("default").get_identity(identity).faces]
+                   for identity in people}
     source.close()
 
     exported = tmp_path / "gallery.jsonl"
@@ -68,6 +70,8 @@ def test_export_embedded_then_import_into_postgres(tmp_path, default_model, post
     try:
         for identity, vectors in people.items():
             np.testing.assert_array_equal(target.collection("default").identity_embeddings(identity), vectors)  # bit-exact
+            # each face keeps when it was first enrolled (a collection's retention counts from then)
+            assert [f.created_at for f in target.collection("default").get_identity(identity).faces] == enrolled_at[identity]
             assert target.collection("default").get_identity(identity).record.metadata == {"n": int(identity[7:9])}
             assert target.collection("default").search(vectors[:1], 1)[0][0].identity_id == identity
     finally:
@@ -152,12 +156,16 @@ def test_import_refuses_a_hostile_file_by_its_line_and_writes_nothing(tmp_path, 
         "metadata must be a JSON object": json.dumps({"identity_id": "x", "metadata": "text", "embeddings": [unit]}),
         "NaN is not valid JSON": json.dumps({"identity_id": "x", "metadata": {"a": float("nan")}, "embeddings": [unit]}),
         "not valid Unicode": json.dumps({"identity_id": "x", "metadata": {"a": "\ud800"}, "embeddings": [unit]}),
+        **{f"enrolled_at is not one Unix time per embedding ({why})": json.dumps(
+            {"identity_id": "x", "embeddings": [unit], "enrolled_at": times})
+           for why, times in (("two for one", [1.0, 2.0]), ("text", ["yesterday"]), ("true", [True]),
+                              ("negative", [-5]), ("not a list", 1.0))},
     }
     for reason, line in bad_lines.items():
         path = tmp_path / "bad.jsonl"
         path.write_text("\n".join([header, good, line, json.dumps({"end": True})]) + "\n")
         r = run_cli(["--data-dir", str(data), "--model", str(default_model), "import", str(path)])
-        assert r.returncode == 2 and "line 3" in r.stderr and reason in r.stderr, (reason, r.stderr[-500:])
+        assert r.returncode == 2 and "line 3" in r.stderr and reason.split(" (")[0] in r.stderr, (reason, r.stderr[-500:])
         assert "Traceback" not in r.stderr, r.stderr[-500:]
     target = opened(Settings(data_dir=data), default_model)
     assert target.stats().identities == 0  # "fine", on the line before each, was never written
@@ -277,7 +285,7 @@ def test_imported_and_folder_ids_follow_the_api_rule(tmp_path):
                                    json.dumps({"end": True})]) + "\n")
         return path
 
-    assert [i for i, _, _ in read_gallery_file(gallery_file("Jose\u0301"), "m@1", 4)] == ["Jos\u00e9"]
+    assert [i for i, *_ in read_gallery_file(gallery_file("Jose\u0301"), "m@1", 4)] == ["Jos\u00e9"]
     for bad in ("\u202eevil", "a\u200bb", "   "):
         try:
             list(read_gallery_file(gallery_file(bad), "m@1", 4))
@@ -334,5 +342,5 @@ def test_two_exports_to_one_file_at_once_each_write_a_whole_file(tmp_path, defau
         galleries.close()
     assert (done.identities, second.identities) == (30, 30)
     rows = list(read_gallery_file(out, contract.model_id, contract.embedding_size))
-    assert [identity for identity, _, _ in rows] == ids
+    assert [identity for identity, *_ in rows] == ids
     assert [p.name for p in out.parent.iterdir()] == ["gallery.jsonl"]  # no temporary file left

@@ -76,7 +76,8 @@ def test_migration_copies_every_identity_and_keeps_up_with_writes(setup):
     try:
         ready = server.wait_ready()
         with httpx.Client(base_url=server.url, timeout=120) as c:
-            assert c.post("/collections", json={"name": "people-v1", "keep_crops": True}).status_code == 201
+            assert c.post("/collections", json={"name": "people-v1", "keep_crops": True,
+                                                "retention_days": 3650}).status_code == 201
             for i, face in enumerate(FACES[:24]):  # one face each: 24 identities
                 enroll(c, "people-v1", f"p{i:02d}", [face])
             enroll(c, "people-v1", "many", FACES[24:27])
@@ -90,6 +91,7 @@ def test_migration_copies_every_identity_and_keeps_up_with_writes(setup):
             assert job["collection"] == "people-v1" and job["into"] == "people-v2" and job["kind"] == "migrate"
             assert job["source_model_id"] == ready["model_id"] and job["model"] == "tiny"
             assert job["state"] in ("queued", "running") and job["id"].startswith("job_")
+            assert c.get("/collections/people-v2").json()["retention_days"] == 3650  # forgets as the old one
             # writes to A while the job runs: new identities, deletions, appended faces
             def writer() -> None:
                 with httpx.Client(base_url=server.url, timeout=120) as w:
@@ -110,6 +112,11 @@ def test_migration_copies_every_identity_and_keeps_up_with_writes(setup):
             assert target == source and "new4" in target and "p00" not in target and target["p10"] == 2
             info = c.get("/collections/people-v2").json()
             assert info["model"] == "tiny" and info["keep_crops"] is True and info["dim"] == 64
+            for identity in ("many", "p10", "zz000"):  # B's faces keep when A's were enrolled (retention counts from it)
+                faces = [c.get(f"/collections/{name}/identities/{identity}").json()["faces"]
+                         for name in ("people-v1", "people-v2")]
+                assert [f["enrolled_at"] for f in faces[0]] == [f["enrolled_at"] for f in faces[1]], (identity, faces)
+                assert len(faces[0]) >= 1 and faces[1][0]["expires_at"] == faces[1][0]["enrolled_at"] + 3650 * 86_400
             # every identity's own face finds it first in B (B's vectors are the tiny model's)
             for face, identity in [(FACES[30], "new3"), (FACES[25], "many")]:  # faces no other identity has
                 r = c.post("/collections/people-v2/identify", json={"images": [b64(face)], "threshold": 0.0})

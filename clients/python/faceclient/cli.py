@@ -1,7 +1,7 @@
 """``face``: the service from the command line.
 
     face identify PHOTO...          face verify A B           face enroll DIR
-    face identities list|delete ID  face collections list|create NAME|delete NAME
+    face identities list|delete ID  face collections list|create NAME|delete NAME|retention NAME DAYS
     face keys create ROLE|list|revoke KEY_ID
     face aliases list|set NAME COLLECTION|delete NAME
     face duplicates [--job]         face outliers [--job]     face merge SRC INTO
@@ -36,6 +36,24 @@ def _seconds(text: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
     return value
+
+
+def _retention_days(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number of days, not {text}")
+    return value
+
+
+def _retention_days_or_none(text: str) -> float | None:
+    return None if text.lower() == "none" else _retention_days(text)
+
+
+def _kept(days: float | None) -> str:
+    return "faces kept until deleted" if days is None else f"faces erased {days:g} days after enrollment"
 
 
 def _service_url(text: str) -> str:
@@ -73,11 +91,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     identities.add_parser("list")
     identities.add_parser("delete").add_argument("identity_id")
 
-    collections = commands.add_parser("collections", help="list, create or delete collections").add_subparsers(
-        dest="action", required=True)
+    collections = commands.add_parser("collections", help="list, create or delete collections, or set their "
+                                      "retention").add_subparsers(dest="action", required=True)
     collections.add_parser("list")
-    collections.add_parser("create").add_argument("name")
+    create_collection = collections.add_parser("create")
+    create_collection.add_argument("name")
+    create_collection.add_argument("--retention-days", type=_retention_days, default=None,
+                                   help="erase each face this many days after its enrollment")
     collections.add_parser("delete").add_argument("name")
+    retention = collections.add_parser("retention", help="how long the collection keeps each face")
+    retention.add_argument("name")
+    retention.add_argument("days", type=_retention_days_or_none, help="days (fractions allowed), or 'none': kept")
 
     aliases = commands.add_parser("aliases", help="list, set or delete collection aliases").add_subparsers(
         dest="action", required=True)
@@ -150,10 +174,13 @@ def run(face: FaceClient, args: argparse.Namespace) -> tuple[Any, list[str]]:
     if args.command == "collections":
         if args.action == "list":
             cs = face.list_collections()
-            return cs, [f"{x.name}\t{x.identities} identities\t{x.faces} faces" for x in cs]
+            return cs, [f"{x.name}\t{x.identities} identities\t{x.faces} faces\t{_kept(x.retention_days)}" for x in cs]
         if args.action == "create":
-            x = face.create_collection(args.name)
-            return x, [f"created {x.name}"]
+            x = face.create_collection(args.name, retention_days=args.retention_days)
+            return x, [f"created {x.name}\t{_kept(x.retention_days)}"]
+        if args.action == "retention":
+            x = face.update_collection(args.name, retention_days=args.days)
+            return x, [f"{x.name}\t{_kept(x.retention_days)}"]
         d2 = face.delete_collection(args.name)
         return d2, [f"deleted {d2.name}\t{d2.deleted_identities} identities\t{d2.deleted_faces} faces"]
     if args.command == "aliases":

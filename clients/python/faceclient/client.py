@@ -324,9 +324,13 @@ class _Base:
             {"limit": page_size, "cursor": cursor}))
 
     @staticmethod
-    def _collection_create(name: str, keep_crops: bool, model: str | None) -> Call:
+    def _collection_create(name: str, keep_crops: bool, model: str | None, retention_days: float | None) -> Call:
         return Call("POST", "/collections", _drop_none({"name": name, "keep_crops": keep_crops or None,
-                                                        "model": model}))
+                                                        "model": model, "retention_days": retention_days}))
+
+    @staticmethod
+    def _collection_update(name: str, retention_days: float | None) -> Call:
+        return Call("PATCH", f"/collections/{quote(name, safe='')}", {"retention_days": retention_days})
 
     def _duplicates(self, min_score: float | None, max_false_alarm: float | None, limit: int, evidence: int,
                     collection: str | None, timeout: float | None) -> Call:
@@ -546,11 +550,18 @@ class FaceClient(_Base):
     def list_collections(self) -> list[Collection]:
         return self._do(Call("GET", "/collections"), CollectionList).items
 
-    def create_collection(self, name: str, *, keep_crops: bool = False, model: str | None = None) -> Collection:
+    def create_collection(self, name: str, *, keep_crops: bool = False, model: str | None = None,
+                          retention_days: float | None = None) -> Collection:
         """``keep_crops``: the collection keeps each enrolled face's aligned crop, encrypted (the server needs
         FACE_CROP_KEY_FILE); enrolling embeddings into it is then refused (crops_required). ``model``: the
-        served model it is pinned to (None: the server's default model)."""
-        return self._do(self._collection_create(name, keep_crops, model), Collection)
+        served model it is pinned to (None: the server's default model). ``retention_days``: each face is
+        erased that long after its enrollment (None: kept until deleted)."""
+        return self._do(self._collection_create(name, keep_crops, model, retention_days), Collection)
+
+    def update_collection(self, name: str, *, retention_days: float | None) -> Collection:
+        """How long the collection keeps each face after its enrollment, in days (None: until deleted); the
+        faces already past a shorter one are erased by the server's next sweep. Needs an admin key."""
+        return self._do(self._collection_update(name, retention_days), Collection)
 
     def get_collection(self, name: str) -> Collection:
         return self._do(Call("GET", f"/collections/{quote(name, safe='')}"), Collection)
@@ -907,8 +918,11 @@ class AsyncFaceClient(_Base):
         return (await self._do(Call("GET", "/collections"), CollectionList)).items
 
     async def create_collection(self, name: str, *, keep_crops: bool = False,
-                                model: str | None = None) -> Collection:
-        return await self._do(self._collection_create(name, keep_crops, model), Collection)
+                                model: str | None = None, retention_days: float | None = None) -> Collection:
+        return await self._do(self._collection_create(name, keep_crops, model, retention_days), Collection)
+
+    async def update_collection(self, name: str, *, retention_days: float | None) -> Collection:
+        return await self._do(self._collection_update(name, retention_days), Collection)
 
     async def get_collection(self, name: str) -> Collection:
         return await self._do(Call("GET", f"/collections/{quote(name, safe='')}"), Collection)

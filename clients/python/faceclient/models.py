@@ -160,8 +160,15 @@ class IdentitySummary(Model):
     updated_at: float
 
 
+class StoredFace(Model):
+    face_id: int
+    enrolled_at: float
+    expires_at: float | None = None  # when the collection's retention erases it (None: no retention)
+
+
 class Identity(IdentitySummary):
     face_ids: list[int]
+    faces: list[StoredFace] = []
 
 
 class IdentityPage(Model):
@@ -184,6 +191,7 @@ class Collection(Model):
     faces: int
     identify_threshold: float
     keep_crops: bool = False
+    retention_days: float | None = None  # each face is erased this many days after its enrollment (None: kept)
 
 
 class CollectionDeleted(Model):
@@ -557,7 +565,7 @@ SERVER_MODELS: dict[str, type[Model]] = {
     "IdentityDetail": Identity, "IdentityPage": IdentityPage, "IdentitySummary": IdentitySummary,
     "KeyCreated": KeyCreated, "KeyList": KeyList, "KeyOut": Key, "KeyRevoked": KeyRevoked, "ProbeResult": ProbeResult,
     "QualityFailure": QualityFailure, "QualityPart": QualityPart, "ReadyResponse": Ready, "ReadyStatus": Ready,
-    "VerifyResponse": VerifyResult, "WhoAmI": WhoAmI,
+    "VerifyResponse": VerifyResult, "WhoAmI": WhoAmI, "StoredFace": StoredFace,
     "ComparisonReport": ComparisonReport, "CollectionRank": CollectionRank, "ChangedProbe": ChangedProbe,
     "Job": Job, "JobProgress": JobProgress, "JobError": JobError, "JobCreated": JobCreated, "JobList": JobList,
 }
@@ -602,6 +610,7 @@ __all__ = [
     "Identity",
     "IdentityDeleted",
     "IdentityPage",
+    "StoredFace",
     "IdentitySummary",
     "Key",
     "KeyCreated",

@@ -64,17 +64,18 @@ class EmbeddedGallery:
 
     def enroll(self, identity_id: str, embeddings: np.ndarray, metadata: dict | None = None,
                replace: bool = False, max_faces: int | None = None, actor: Actor | None = None,
-               crops: list[bytes] | None = None) -> EnrollResult:
+               crops: list[bytes] | None = None, enrolled_at: list[float] | None = None) -> EnrollResult:
         with self._fence.read():
-            return self.gallery.enroll(identity_id, embeddings, metadata, replace, max_faces, actor, crops)
+            return self.gallery.enroll(identity_id, embeddings, metadata, replace, max_faces, actor, crops, enrolled_at)
 
     def import_identities(self, items: list[tuple[str, np.ndarray, dict | None]],
-                          actor: Actor | None = None) -> list[list[int]]:
+                          actor: Actor | None = None,
+                          enrolled_at: list[list[float] | None] | None = None) -> list[list[int]]:
         import sqlite3
 
         try:
             with self._fence.read():
-                return self.gallery.import_identities(items, actor)
+                return self.gallery.import_identities(items, actor, enrolled_at)
         except sqlite3.IntegrityError as exc:
             raise IdentityExists(f"an identity of the import is already enrolled: {exc}") from exc
 
@@ -121,6 +122,9 @@ class EmbeddedGallery:
         with self._fence.write():
             yield
 
+    def expired_faces(self, enrolled_before: float, limit: int) -> list[int]:
+        return self.gallery.expired_faces(enrolled_before, limit)
+
     def face_crop(self, face_id: int) -> bytes | None:
         return self.gallery.face_crop(face_id)
 
@@ -135,5 +139,5 @@ class EmbeddedGallery:
     def iter_faces(self, batch: int = 4096) -> Iterator[tuple[list[int], list[str], np.ndarray]]:
         return self.gallery.iter_faces(batch)
 
-    def identity_crops(self, identity_ids: list[str]) -> dict[str, list[tuple[int, bytes | None]]]:
+    def identity_crops(self, identity_ids: list[str]) -> dict[str, list[tuple[int, bytes | None, float]]]:
         return self.gallery.identity_crops(identity_ids)

@@ -95,6 +95,7 @@ class Catalog:
                                  + ";\n".join(jobs.schema("TEXT", "REAL", "INTEGER", "jobs")) + ";")
         self._add_keep_crops_column()
         self._add_dim_column()
+        self._add_retention_column()
         self._mutex = threading.Lock()  # one connection: one statement or transaction at a time
 
     def _add_keep_crops_column(self) -> None:
@@ -116,6 +117,13 @@ class Catalog:
         if "dim" not in columns:
             with suppress(sqlite3.OperationalError):  # another process added it first
                 self._conn.execute("ALTER TABLE collections ADD COLUMN dim INTEGER")
+
+    def _add_retention_column(self) -> None:
+        """Catalogs made before retention get the column (NULL: faces kept until deleted)."""
+        columns = {row[1] for row in self._conn.execute("PRAGMA table_info(collections)")}
+        if "retention_days" not in columns:
+            with suppress(sqlite3.OperationalError):  # another process added it first
+                self._conn.execute("ALTER TABLE collections ADD COLUMN retention_days REAL")
 
     def close(self) -> None:
         with self._mutex:
@@ -149,19 +157,21 @@ class Catalog:
                          (name, model_id, time.time(), dim))
 
     def add_collection(self, name: str, model_id: str, actor: Actor | None, keep_crops: bool = False,
-                       check_value: bytes | None = None, dim: int | None = None) -> float:
+                       check_value: bytes | None = None, dim: int | None = None,
+                       retention_days: float | None = None) -> float:
         """``check_value``: the crop key's, stored with the collection unless one is stored already."""
         now = time.time()
         try:
             with self._write() as conn:
                 if conn.execute("SELECT 1 FROM aliases WHERE name = ?", (name,)).fetchone():
                     raise CollectionExists(name)  # an alias has the name
-                conn.execute("INSERT INTO collections(name, model_id, created_at, keep_crops, dim) VALUES (?, ?, ?, ?, ?)",
-                             (name, model_id, now, int(keep_crops), dim))
+                conn.execute("INSERT INTO collections(name, model_id, created_at, keep_crops, dim, retention_days) "
+                             "VALUES (?, ?, ?, ?, ?, ?)", (name, model_id, now, int(keep_crops), dim, retention_days))
                 if check_value is not None:
                     conn.execute("INSERT OR IGNORE INTO crop_key_check(id, value) VALUES (1, ?)", (check_value,))
                 audit.record(conn, now, "collection.created", actor or Actor(), name, None,
-                             {"model_id": model_id, "dim": dim, "keep_crops": bool(keep_crops)})
+                             {"model_id": model_id, "dim": dim, "keep_crops": bool(keep_crops),
+                              **({} if retention_days is None else {"retention_days": retention_days})})
         except sqlite3.IntegrityError as exc:
             raise CollectionExists(name) from exc
         return now
@@ -178,6 +188,21 @@ class Catalog:
             audit.insert(conn, trail)
             audit.record(conn, time.time(), "collection.deleted", actor or Actor(), name, None, details)
         return True
+
+    def retentions(self) -> dict[str, float]:
+        """name -> retention in days, of the collections that have one."""
+        return {name: float(days) for name, days in self._read(
+            "SELECT name, retention_days FROM collections WHERE retention_days IS NOT NULL ORDER BY name")}
+
+    def set_retention(self, name: str, days: float | None, actor: Actor | None) -> None:
+        with self._write() as conn:
+            row = conn.execute("SELECT retention_days FROM collections WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise CollectionNotFound(name)
+            if row[0] != days:
+                conn.execute("UPDATE collections SET retention_days = ? WHERE name = ?", (days, name))
+                audit.record(conn, time.time(), "collection.updated", actor or Actor(), name, None,
+                             {"retention_days": days, "previous_retention_days": row[0]})
 
     # --- aliases -----------------------------------------------------------------------------
     def set_alias(self, name: str, collection: str, actor: Actor | None) -> AliasInfo:

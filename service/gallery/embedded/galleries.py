@@ -68,7 +68,7 @@ from .backend import EmbeddedGallery
 from .catalog import Catalog
 from .gallery import Gallery, ReadWriteLock
 from .snapshot import fsync_dir
-from .store import connect, count_counted_faces, count_rows, erase_rows
+from .store import connect, count_counted_faces, count_rows, erase_rows, expired_face_ids, has_age_index
 
 log = logging.getLogger(__name__)
 
@@ -372,7 +372,8 @@ class EmbeddedGalleries:
 
     # --- collections ---------------------------------------------------------------------------
     def create_collection(self, name: str, actor: Actor | None = None, keep_crops: bool = False,
-                          model_id: str | None = None, dim: int | None = None) -> CollectionInfo:
+                          model_id: str | None = None, dim: int | None = None,
+                          retention_days: float | None = None) -> CollectionInfo:
         model_id, dim = model_id or self.model_id, dim or self.dim
         if not valid_collection_name(name):
             raise ValueError(f"invalid collection name {name!r}: lower-case letters, digits, '-' and '_', "
@@ -386,7 +387,7 @@ class EmbeddedGalleries:
         with self._shape:
             directory = self._directory(name)
             created_at = self._catalog.add_collection(name, model_id, actor, keep_crops,
-                                                      check_value, dim)  # CollectionExists
+                                                      check_value, dim, retention_days)  # CollectionExists
             if directory.exists():  # left by a delete whose erasure failed: never part of the new one
                 erase_directory(directory)
             with self._mutex:
@@ -396,7 +397,8 @@ class EmbeddedGalleries:
                 else:
                     self._crop_names.discard(name)
                 self._pins[name] = (model_id, dim)
-        return CollectionInfo(name, model_id, created_at, 0, 0, 0, keep_crops=keep_crops, dim=dim)
+        return CollectionInfo(name, model_id, created_at, 0, 0, 0, keep_crops=keep_crops, dim=dim,
+                              retention_days=retention_days)
 
     def delete_collection(self, name: str, actor: Actor | None = None) -> CollectionInfo:
         if name == DEFAULT_COLLECTION:
@@ -501,19 +503,42 @@ class EmbeddedGalleries:
                     return int(row[0])
         return self.dim
 
+    def peek_expired(self, name: str, enrolled_before: float, limit: int) -> list[int] | None:
+        """The collection's expired faces read from its store beside whoever has it open (WAL), or None
+        when the store has no faces_by_age yet (a scan of every face: open the collection instead)."""
+        store = self._directory(name) / Gallery.STORE_FILE
+        if not store.exists():
+            return []
+        with self._peek(store) as conn:
+            try:
+                return expired_face_ids(conn, enrolled_before, limit) if has_age_index(conn) else None
+            except sqlite3.OperationalError:  # a store not written yet (no tables)
+                return []
+
     def list_collections(self) -> list[CollectionInfo]:
         with self._shape:
             rows = self._catalog.collections()
             keeping = self._catalog.crop_collections()
+            retentions = self._catalog.retentions()
             order = sorted(rows, key=lambda n: (n != DEFAULT_COLLECTION, n))
-            return [replace(self._info(name, *rows[name]), keep_crops=name in keeping) for name in order]
+            return [replace(self._info(name, *rows[name]), keep_crops=name in keeping, retention_days=retentions.get(name))
+                    for name in order]
 
     def collection_info(self, name: str) -> CollectionInfo:
         with self._shape:
             row = self._catalog.collections().get(name)
             if row is None:
                 raise CollectionNotFound(name)
-            return replace(self._info(name, *row), keep_crops=name in self._catalog.crop_collections())
+            return replace(self._info(name, *row), keep_crops=name in self._catalog.crop_collections(),
+                           retention_days=self._catalog.retentions().get(name))
+
+    def set_retention(self, name: str, days: float | None, actor: Actor | None = None) -> CollectionInfo:
+        with self._shape:
+            self._catalog.set_retention(name, days, actor)  # CollectionNotFound
+        return self.collection_info(name)
+
+    def retentions(self) -> dict[str, float]:
+        return self._catalog.retentions()
 
     # --- keys ----------------------------------------------------------------------------------
     def add_key(self, key: StoredKey, actor: Actor | None = None) -> None:
@@ -693,12 +718,14 @@ class _CollectionHandle:
 
     def enroll(self, identity_id: str, embeddings: np.ndarray, metadata: dict | None = None,
                replace: bool = False, max_faces: int | None = None, actor: Actor | None = None,
-               crops: list[bytes] | None = None) -> EnrollResult:
-        return self._write(lambda g: g.enroll(identity_id, embeddings, metadata, replace, max_faces, actor, crops))
+               crops: list[bytes] | None = None, enrolled_at: list[float] | None = None) -> EnrollResult:
+        return self._write(lambda g: g.enroll(identity_id, embeddings, metadata, replace, max_faces, actor, crops,
+                                              enrolled_at))
 
     def import_identities(self, items: list[tuple[str, np.ndarray, dict | None]],
-                          actor: Actor | None = None) -> list[list[int]]:
-        return self._write(lambda g: g.import_identities(items, actor))
+                          actor: Actor | None = None,
+                          enrolled_at: list[list[float] | None] | None = None) -> list[list[int]]:
+        return self._write(lambda g: g.import_identities(items, actor, enrolled_at))
 
     def delete(self, identity_id: str, actor: Actor | None = None) -> int | None:
         return self._write(lambda g: g.delete(identity_id, actor))
@@ -731,6 +758,12 @@ class _CollectionHandle:
 
     def delete_face(self, face_id: int, actor: Actor | None = None) -> tuple[str, bool]:
         return self._write(lambda g: g.delete_face(face_id, actor))
+    def expired_faces(self, enrolled_before: float, limit: int) -> list[int]:
+        """Read from the store without opening the collection (a sweep every minute must not load an idle
+        collection's index), unless the store predates faces_by_age: opened, it gets the index."""
+        found = self._owner.peek_expired(self.name, enrolled_before, limit)
+        return found if found is not None else self._run(lambda g: g.expired_faces(enrolled_before, limit))
+
     def face_crop(self, face_id: int) -> bytes | None:
         return self._run(lambda g: g.face_crop(face_id))
 
@@ -756,5 +789,5 @@ class _CollectionHandle:
         with self._owner.fence(self.name).write():
             yield
 
-    def identity_crops(self, identity_ids: list[str]) -> dict[str, list[tuple[int, bytes | None]]]:
+    def identity_crops(self, identity_ids: list[str]) -> dict[str, list[tuple[int, bytes | None, float]]]:
         return self._run(lambda g: g.identity_crops(identity_ids))

@@ -630,7 +630,7 @@ class Gallery:
 
     def enroll(self, identity_id: str, embeddings: np.ndarray, metadata: dict | None = None,
                replace: bool = False, max_faces: int | None = None, actor: Actor | None = None,
-               crops: list[bytes] | None = None) -> EnrollResult:
+               crops: list[bytes] | None = None, enrolled_at: list[float] | None = None) -> EnrollResult:
         """Add faces to an identity (created if new), or with ``replace`` swap its faces for these;
         TooManyFacesForIdentity (nothing written) if it would hold more than ``max_faces``. ``actor``:
         the audit entry is committed with the faces; ``crops`` (one per face) are sealed and stored with them."""
@@ -639,7 +639,7 @@ class Gallery:
         seal = None if crops is None or self.crop_cipher is None else self.crop_cipher.sealer(self.name)
         with self._lock.write():
             added = self._live_store.add_faces(identity_id, embeddings, metadata, replace, max_faces, actor, self.name,
-                                               crops, seal)
+                                               crops, seal, enrolled_at)
             before = added.face_count - len(added.face_ids) + len(added.removed)
             self.counted_faces += counted_faces(added.face_count) - counted_faces(before)
             # committed: from here on the enrollment is durable; the index follows the store
@@ -651,12 +651,13 @@ class Gallery:
         return EnrollResult(added.face_ids, added.created, len(added.removed), added.face_count)
 
     def import_identities(self, items: list[tuple[str, np.ndarray, dict | None]],
-                          actor: Actor | None = None) -> list[list[int]]:
+                          actor: Actor | None = None,
+                          enrolled_at: list[list[float] | None] | None = None) -> list[list[int]]:
         """Bulk-add new identities (all or none; an existing id aborts the import). Returns face ids."""
         items = [(i, self._check_vectors(e), m) for i, e, m in items]
         self._require_ready()
         with self._lock.write():
-            face_ids = self._live_store.add_new_identities(items, actor, self.name)
+            face_ids = self._live_store.add_new_identities(items, actor, self.name, enrolled_at)
             labels = np.asarray([f for ids in face_ids for f in ids], dtype=np.int64)
             if len(labels):
                 vectors = np.concatenate([emb for _, emb, _ in items])
@@ -756,6 +757,9 @@ class Gallery:
     def list_identities(self, limit: int, after: str | None) -> list[IdentityRecord]:
         return self._live_store.list_identities(limit, after)
 
+    def expired_faces(self, enrolled_before: float, limit: int) -> list[int]:
+        return self._live_store.expired_faces(enrolled_before, limit)
+
     def face_crop(self, face_id: int) -> bytes | None:
         return self._live_store.face_crop(face_id)
 
@@ -770,7 +774,7 @@ class Gallery:
     def iter_faces(self, batch: int = 4096) -> Iterator[tuple[list[int], list[str], np.ndarray]]:
         return self._live_store.faces_by_identity(batch)
 
-    def identity_crops(self, identity_ids: list[str]) -> dict[str, list[tuple[int, bytes | None]]]:
+    def identity_crops(self, identity_ids: list[str]) -> dict[str, list[tuple[int, bytes | None, float]]]:
         return self._live_store.identity_crops(identity_ids)
 
     @property

@@ -23,7 +23,7 @@ from typing import cast
 
 import numpy as np
 
-from ..api import Actor
+from ..api import Actor, face_times
 from ..crops import CropsUnavailable, Sealer
 from ..results import (
     FaceNotFound,
@@ -51,6 +51,8 @@ CREATE TABLE IF NOT EXISTS faces (
     created_at  REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS faces_by_identity ON faces(identity_id);
+-- the oldest faces first: a collection's retention sweep (gallery/retention.py)
+CREATE INDEX IF NOT EXISTS faces_by_age ON faces(created_at);
 -- kept crops (keep_crops collections): sealed blobs (crops.py), gone with their face (the cascade runs
 -- in the face's own DELETE; secure_delete zeroes them)
 CREATE TABLE IF NOT EXISTS crops (
@@ -58,6 +60,22 @@ CREATE TABLE IF NOT EXISTS crops (
     blob    BLOB NOT NULL
 );
 """
+
+
+AGE_INDEX = "faces_by_age"
+
+
+def expired_face_ids(conn: sqlite3.Connection, enrolled_before: float, limit: int) -> list[int]:
+    """Up to ``limit`` faces enrolled before ``enrolled_before``, oldest first (by faces_by_age)."""
+    return [int(r[0]) for r in conn.execute(
+        "SELECT face_id FROM faces WHERE created_at < ? ORDER BY created_at, face_id LIMIT ?",
+        (float(enrolled_before), int(limit)))]
+
+
+def has_age_index(conn: sqlite3.Connection) -> bool:
+    """Whether the store has faces_by_age (made when this version first opens it)."""
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = ?", (AGE_INDEX,)).fetchone() \
+        is not None
 
 
 class _NothingToDelete(Exception):
@@ -139,20 +157,23 @@ class Store:
         )
 
     @staticmethod
-    def _insert_faces(conn: sqlite3.Connection, identity_id: str, embeddings: np.ndarray, now: float) -> list[int]:
+    def _insert_faces(conn: sqlite3.Connection, identity_id: str, embeddings: np.ndarray, now: float,
+                      enrolled_at: list[float] | None = None) -> list[int]:
+        """``enrolled_at``: each face's enrollment time (None: ``now``), kept by a migration."""
+        times = face_times(now, enrolled_at, len(embeddings))
         # an INSERT's cursor always has a lastrowid (None is only for statements that insert nothing)
         return [
             cast(int, conn.execute(
                 "INSERT INTO faces(identity_id, embedding, created_at) VALUES (?, ?, ?)",
-                (identity_id, vector.tobytes(), now),
+                (identity_id, vector.tobytes(), at),
             ).lastrowid)
-            for vector in embeddings.astype(np.float32)
+            for vector, at in zip(embeddings.astype(np.float32), times)
         ]
 
     def add_faces(
         self, identity_id: str, embeddings: np.ndarray, metadata: dict | None, replace: bool,
         max_faces: int | None = None, actor: Actor | None = None, collection: str | None = None,
-        crops: list[bytes] | None = None, seal: Sealer | None = None,
+        crops: list[bytes] | None = None, seal: Sealer | None = None, enrolled_at: list[float] | None = None,
     ) -> AddedFaces:
         """Insert faces (creating the identity if new, dropping its faces first with ``replace``);
         refused (TooManyFacesForIdentity, nothing written) if the identity would hold more than
@@ -176,7 +197,7 @@ class Store:
                 if replace:
                     removed = [r[0] for r in conn.execute("SELECT face_id FROM faces WHERE identity_id = ?", (identity_id,))]
                     conn.execute("DELETE FROM faces WHERE identity_id = ?", (identity_id,))
-            face_ids = self._insert_faces(conn, identity_id, embeddings, now)
+            face_ids = self._insert_faces(conn, identity_id, embeddings, now, enrolled_at)
             if crops is not None:
                 self._insert_crops(conn, face_ids, crops, seal)
             face_count = conn.execute("SELECT COUNT(*) FROM faces WHERE identity_id = ?", (identity_id,)).fetchone()[0]
@@ -197,15 +218,17 @@ class Store:
                          [(face_id, seal(face_id, crop)) for face_id, crop in zip(face_ids, crops)])
 
     def add_new_identities(self, items: list[tuple[str, np.ndarray, dict | None]], actor: Actor | None = None,
-                           collection: str | None = None) -> list[list[int]]:
+                           collection: str | None = None,
+                           enrolled_at: list[list[float] | None] | None = None) -> list[list[int]]:
         """Bulk import of identities that must not exist yet, in one transaction (one fsync), with an
         identity.imported audit entry per identity in it when there is an ``actor``."""
         now = time.time()
         with self._transaction() as conn:
             all_ids = []
-            for identity_id, embeddings, metadata in items:
+            for n, (identity_id, embeddings, metadata) in enumerate(items):
                 self._insert_identity(conn, identity_id, metadata, now)
-                all_ids.append(self._insert_faces(conn, identity_id, embeddings, now))
+                all_ids.append(self._insert_faces(conn, identity_id, embeddings, now,
+                                                  None if enrolled_at is None else enrolled_at[n]))
                 if actor is not None:
                     audit.record(conn, now, "identity.imported", actor, collection, identity_id,
                                  {"faces": len(all_ids[-1])})
@@ -312,6 +335,9 @@ class Store:
         return identity_id, before
 
     # --- reads -------------------------------------------------------------------------------
+    def expired_faces(self, enrolled_before: float, limit: int) -> list[int]:
+        return expired_face_ids(self._reader(), enrolled_before, limit)
+
     def iter_faces(self, batch: int = 10_000) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
         """All faces in id order, in chunks of (face ids, embeddings, identity ids)."""
         conn = self._reader()
@@ -409,19 +435,20 @@ class Store:
                 out[int(face_id)] = (identity_id, np.frombuffer(blob, dtype=np.float32))
         return out
 
-    def identity_crops(self, identity_ids: list[str], batch: int = 500) -> dict[str, list[tuple[int, bytes | None]]]:
-        """identity id -> [(face id, sealed crop or None)] in face-id order, for the ids that exist; one
-        SELECT per ``batch`` identities (each identity's rows come from one statement: one snapshot)."""
+    def identity_crops(self, identity_ids: list[str], batch: int = 500) -> dict[str, list[tuple[int, bytes | None, float]]]:
+        """identity id -> [(face id, sealed crop or None, enrolled at)] in face-id order, for the ids that
+        exist; one SELECT per ``batch`` identities (each identity's rows come from one statement: one snapshot)."""
         conn = self._reader()
-        out: dict[str, list[tuple[int, bytes | None]]] = {}
+        out: dict[str, list[tuple[int, bytes | None, float]]] = {}
         ids = sorted(set(identity_ids))
         for start in range(0, len(ids), batch):
             part = ids[start:start + batch]
             marks = ",".join("?" * len(part))
-            for identity_id, face_id, blob in conn.execute(
-                    f"SELECT f.identity_id, f.face_id, c.blob FROM faces f LEFT JOIN crops c USING (face_id) "
+            for identity_id, face_id, blob, created_at in conn.execute(
+                    f"SELECT f.identity_id, f.face_id, c.blob, f.created_at FROM faces f LEFT JOIN crops c USING (face_id) "
                     f"WHERE f.identity_id IN ({marks}) ORDER BY f.identity_id, f.face_id", part):
-                out.setdefault(identity_id, []).append((int(face_id), None if blob is None else bytes(blob)))
+                out.setdefault(identity_id, []).append((int(face_id), None if blob is None else bytes(blob),
+                                                        float(created_at)))
         return out
 
     def faces_by_identity(self, batch: int = 4096) -> Iterator[tuple[list[int], list[str], np.ndarray]]:

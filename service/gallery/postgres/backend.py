@@ -76,6 +76,7 @@ from ..api import (
     ReadTarget,
     StorageFull,
     StoredKey,
+    face_times,
     valid_collection_name,
 )
 from ..crops import CropCipher, CropsUnavailable
@@ -241,6 +242,12 @@ MIGRATIONS: tuple[Migration, ...] = (
     # jobs (service/jobs): a partial UNIQUE index keeps one queued-or-running job per source collection
     Migration(7, "face_jobs: background jobs (migrating a collection to another model)",
               jobs.schema("text", "double precision", "boolean", "face_jobs")),
+    # retention (gallery/retention.py): each face erased this long after its enrollment; the sweep
+    # finds the oldest faces of a collection by the index
+    Migration(8, "collection retention (collections.retention_days), faces by enrollment time", (
+        "ALTER TABLE collections ADD COLUMN retention_days double precision",
+        "CREATE INDEX faces_by_age ON faces(collection_id, created_at)",
+    )),
 )
 CROP_KEY_CHECK_KEY = "crop_key_check"  # in meta: the crop key's check value (base64), crops.check_crop_key
 COUNTED_CAP_KEY = "counted_faces_cap"  # in meta: the FACES_COUNTED_PER_IDENTITY the counters hold
@@ -508,11 +515,11 @@ def _key(row: tuple[Any, ...]) -> StoredKey:
 
 def _collection_info(row: tuple[Any, ...]) -> CollectionInfo:
     return CollectionInfo(row[0], row[1], float(row[2]), int(row[3]), int(row[4]), int(row[5]), keep_crops=bool(row[6]),
-                          dim=int(row[7]))
+                          dim=int(row[7]), retention_days=None if row[8] is None else float(row[8]))
 
 
 COLLECTIONS_SQL = """SELECT c.name, c.model_id, c.created_at, COALESCE(sum(k.identities), 0), COALESCE(sum(k.faces), 0),
-                            COALESCE(sum(k.counted_faces), 0), c.keep_crops, c.dim
+                            COALESCE(sum(k.counted_faces), 0), c.keep_crops, c.dim, c.retention_days
                      FROM collections c LEFT JOIN counters k USING (collection_id) {where}
                      GROUP BY c.collection_id ORDER BY c.name"""
 
@@ -892,7 +899,8 @@ class PostgresGalleries:
         return handle
 
     def create_collection(self, name: str, actor: Actor | None = None, keep_crops: bool = False,
-                          model_id: str | None = None, dim: int | None = None) -> CollectionInfo:
+                          model_id: str | None = None, dim: int | None = None,
+                          retention_days: float | None = None) -> CollectionInfo:
         """A collection pinned to ``model_id`` (None: the default model); the first of a new dimension
         gets that dimension's HNSW index, built before this returns."""
         if not valid_collection_name(name):
@@ -904,9 +912,9 @@ class PostgresGalleries:
         now = time.time()
         with self._transaction() as conn:
             _claim_name(conn, name)  # CollectionExists when an alias has it
-            row = conn.execute("INSERT INTO collections(name, model_id, created_at, keep_crops, dim) "
-                               "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (name) DO NOTHING RETURNING collection_id",
-                               (name, model_id, now, keep_crops, dim)).fetchone()
+            row = conn.execute("INSERT INTO collections(name, model_id, created_at, keep_crops, dim, retention_days) "
+                               "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (name) DO NOTHING RETURNING collection_id",
+                               (name, model_id, now, keep_crops, dim, retention_days)).fetchone()
             if row is None:
                 raise CollectionExists(name)
             if keep_crops and self.crop_cipher is not None:  # the first one stores the key check value
@@ -915,9 +923,10 @@ class PostgresGalleries:
             conn.execute("INSERT INTO counters(collection_id, slot) SELECT %s, generate_series(0, %s)",
                          (row[0], COUNTER_SLOTS - 1))
             _audit(conn, actor, "collection.created", now, collection=name,
-                   details={"model_id": model_id, "dim": dim, "keep_crops": bool(keep_crops)})
+                   details={"model_id": model_id, "dim": dim, "keep_crops": bool(keep_crops),
+                            **({} if retention_days is None else {"retention_days": retention_days})})
         self.ensure_index([dim])
-        return CollectionInfo(name, model_id, now, 0, 0, 0, keep_crops=keep_crops, dim=dim)
+        return CollectionInfo(name, model_id, now, 0, 0, 0, keep_crops=keep_crops, dim=dim, retention_days=retention_days)
 
     def delete_collection(self, name: str, actor: Actor | None = None) -> CollectionInfo:
         """Erase every face and identity of the collection and the collection, in one transaction
@@ -960,6 +969,23 @@ class PostgresGalleries:
         if row is None:
             raise CollectionNotFound(name)
         return _collection_info(row)
+
+    def set_retention(self, name: str, days: float | None, actor: Actor | None = None) -> CollectionInfo:
+        with self._transaction() as conn:
+            row = conn.execute("SELECT retention_days FROM collections WHERE name = %s FOR UPDATE", (name,)).fetchone()
+            if row is None:
+                raise CollectionNotFound(name)
+            if row[0] != days:
+                conn.execute("UPDATE collections SET retention_days = %s WHERE name = %s", (days, name))
+                _audit(conn, actor, "collection.updated", time.time(), collection=name,
+                       details={"retention_days": days, "previous_retention_days": row[0]})
+        return self.collection_info(name)
+
+    def retentions(self) -> dict[str, float]:
+        with self._read_connection() as conn:
+            rows = conn.execute("SELECT name, retention_days FROM collections WHERE retention_days IS NOT NULL "
+                                "ORDER BY name").fetchall()
+        return {name: float(days) for name, days in rows}
 
     # --- keys: always read on the primary, never cached here ----------------------------------------
     def add_key(self, key: StoredKey, actor: Actor | None = None) -> None:
@@ -1367,15 +1393,19 @@ class PostgresGallery:
     def _vectors(embeddings: np.ndarray) -> list[np.ndarray]:
         return [np.ascontiguousarray(v, dtype=np.float32) for v in np.atleast_2d(embeddings)]
 
-    def _insert_faces(self, conn: psycopg.Connection, identity_id: str, vectors: list[np.ndarray], now: float) -> list[int]:
-        """Insert the identity's faces; their face ids in the same order."""
+    def _insert_faces(self, conn: psycopg.Connection, identity_id: str, vectors: list[np.ndarray], now: float,
+                      enrolled_at: list[float] | None = None) -> list[int]:
+        """Insert the identity's faces (enrolled at ``now``, or each at its ``enrolled_at``); their face ids
+        in the same order."""
         if not vectors:
             return []
         with conn.cursor() as cur:
             cur.executemany(
                 "INSERT INTO faces(collection_id, identity_id, embedding, created_at) VALUES (%s, %s, %b, %s) "
                 "RETURNING face_id",
-                [(self.collection_id, identity_id, v, now) for v in vectors], returning=True,
+                [(self.collection_id, identity_id, v, at) for v, at in zip(vectors, face_times(now, enrolled_at,
+                                                                                                len(vectors)))],
+                returning=True,
             )
             face_ids = []
             while True:
@@ -1398,7 +1428,7 @@ class PostgresGallery:
 
     def enroll(self, identity_id: str, embeddings: np.ndarray, metadata: dict | None = None,
                replace: bool = False, max_faces: int | None = None, actor: Actor | None = None,
-               crops: list[bytes] | None = None) -> EnrollResult:
+               crops: list[bytes] | None = None, enrolled_at: list[float] | None = None) -> EnrollResult:
         """Append (or with ``replace`` swap) faces of an identity, creating it if new; one transaction,
         its audit record included (and ``crops``, sealed). Over ``max_faces`` faces: TooManyFacesForIdentity, and the
         transaction rolls back."""
@@ -1426,7 +1456,7 @@ class PostgresGallery:
             if replace and not created:
                 removed = conn.execute("DELETE FROM faces WHERE collection_id = %s AND identity_id = %s",
                                        (self.collection_id, identity_id)).rowcount
-            face_ids = self._insert_faces(conn, identity_id, vectors, now)
+            face_ids = self._insert_faces(conn, identity_id, vectors, now, enrolled_at)
             if crops is not None:
                 self._insert_crops(conn, face_ids, crops)
             after = before - removed + len(face_ids)
@@ -1439,11 +1469,16 @@ class PostgresGallery:
         return EnrollResult(face_ids, bool(created), removed, after)
 
     def import_identities(self, items: list[tuple[str, np.ndarray, dict | None]],
-                          actor: Actor | None = None) -> list[list[int]]:
+                          actor: Actor | None = None,
+                          enrolled_at: list[list[float] | None] | None = None) -> list[list[int]]:
         """New identities only, all in one transaction (an audit record each); an existing id aborts
         it (IdentityExists)."""
         now = time.time()
-        flat = [(identity_id, v) for identity_id, emb, _ in items for v in self._vectors(emb)]
+        flat: list[tuple[str, np.ndarray, float]] = []
+        for n, (identity_id, emb, _) in enumerate(items):
+            vectors = self._vectors(emb)
+            times = face_times(now, None if enrolled_at is None else enrolled_at[n], len(vectors))
+            flat += [(identity_id, v, at) for v, at in zip(vectors, times)]
         try:
             with self._writing() as conn:
                 # COPY, not INSERTs (1M faces: ~1 min instead of ~25): face ids are taken from the
@@ -1459,8 +1494,8 @@ class PostgresGallery:
                     with cur.copy("COPY faces (face_id, collection_id, identity_id, embedding, created_at) FROM STDIN "
                                   "WITH (FORMAT BINARY)") as copy:
                         copy.set_types(["int8", "int8", "text", "vector", "float8"])
-                        for face_id, (identity_id, vector) in zip(ids, flat):
-                            copy.write_row((face_id, self.collection_id, identity_id, vector, now))
+                        for face_id, (identity_id, vector, at) in zip(ids, flat):
+                            copy.write_row((face_id, self.collection_id, identity_id, vector, at))
                     if actor is not None:
                         with cur.copy("COPY audit (at, action, key_id, client, request_id, collection, identity_id, "
                                       "details) FROM STDIN") as copy:
@@ -1711,6 +1746,13 @@ class PostgresGallery:
         return self.galleries.read_targets()
 
     # --- kept crops ----------------------------------------------------------------------------
+    def expired_faces(self, enrolled_before: float, limit: int) -> list[int]:
+        with self._read_connection() as conn:  # the primary: what the sweep erases next (faces_by_age)
+            rows = conn.execute("SELECT face_id FROM faces WHERE collection_id = %s AND created_at < %s "
+                                "ORDER BY created_at, face_id LIMIT %s",
+                                (self.collection_id, float(enrolled_before), int(limit))).fetchall()
+        return [int(r[0]) for r in rows]
+
     def face_crop(self, face_id: int) -> bytes | None:
         row = self.galleries._read(lambda conn: conn.execute(  # noqa: SLF001
             "SELECT blob FROM face_crops WHERE collection_id = %s AND face_id = %s",
@@ -1788,18 +1830,19 @@ class PostgresGallery:
                     consistency.end(token)
                 conn.execute("SELECT pg_advisory_unlock(%s)", (self.fence_key,))
 
-    def identity_crops(self, identity_ids: list[str]) -> dict[str, list[tuple[int, bytes | None]]]:
-        """identity id -> [(face id, sealed crop or None)] in face-id order: one query for all of them
+    def identity_crops(self, identity_ids: list[str]) -> dict[str, list[tuple[int, bytes | None, float]]]:
+        """identity id -> [(face id, sealed crop or None, enrolled at)] in face-id order: one query for all of them
         (faces_by_identity, then the crops' primary key), on the primary's reads or a standby that has
         what this request must see; one statement, so each identity's faces and crops are one snapshot."""
         rows = self.galleries._read(lambda conn: conn.execute(  # noqa: SLF001
-            "SELECT f.identity_id, f.face_id, c.blob FROM faces f LEFT JOIN face_crops c "
+            "SELECT f.identity_id, f.face_id, c.blob, f.created_at FROM faces f LEFT JOIN face_crops c "
             "ON c.collection_id = f.collection_id AND c.face_id = f.face_id "
             "WHERE f.collection_id = %s AND f.identity_id = ANY(%s) ORDER BY f.identity_id, f.face_id",
             (self.collection_id, sorted(set(identity_ids)))).fetchall(), transaction=False)
-        out: dict[str, list[tuple[int, bytes | None]]] = {}
-        for identity_id, face_id, blob in rows:
-            out.setdefault(identity_id, []).append((int(face_id), None if blob is None else bytes(blob)))
+        out: dict[str, list[tuple[int, bytes | None, float]]] = {}
+        for identity_id, face_id, blob, created_at in rows:
+            out.setdefault(identity_id, []).append((int(face_id), None if blob is None else bytes(blob),
+                                                    float(created_at)))
         return out
 
 

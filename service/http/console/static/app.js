@@ -1092,6 +1092,7 @@ async function collectionRows(ready) {
     rows.push(["Identities", show(info.identities)], ["Faces", show(info.faces)]);
     if (info.identify_threshold !== undefined) rows.push(["Identify threshold (1:N)", show(info.identify_threshold)]);
     if (info.created_at) rows.push(["Created", when(info.created_at)]);
+    rows.push(["Faces kept", info.retention_days == null ? "until deleted" : `${show(info.retention_days)} day(s) after enrollment, then erased`]);
   } else if (name === DEFAULT_COLLECTION && ready.gallery && typeof ready.gallery === "object") {
     if (ready.gallery.identities !== undefined) rows.push(["Identities", show(ready.gallery.identities)]);
     if (ready.gallery.faces !== undefined) rows.push(["Faces", show(ready.gallery.faces)]);

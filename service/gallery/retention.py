@@ -1,0 +1,74 @@
+"""Retention: a collection that forgets its faces a set time after they were enrolled.
+
+A collection's ``retention_days`` (``POST /collections``, ``PATCH /collections/{name}``; None: kept
+until deleted) bounds how long the service holds each face, as data-protection law asks of biometric
+data kept for a purpose with an end (a visitor's badge photo, an event's attendees). The sweep, run by
+the service every ``FACE_RETENTION_SWEEP_S``, erases each face enrolled more than that long ago,
+oldest first, exactly as ``DELETE /faces/{face_id}`` would: the vector from the store, the index, the
+snapshot and the WAL, its kept crop, and its identity with its last face; each erasure has its
+``face.deleted`` audit entry, in the same transaction, with ``via: "retention"``.
+
+Faces, not identities, expire: an identity enrolled again keeps its new faces for the full period and
+loses the old ones on time. A face moved or merged keeps its enrollment time, and so does one
+re-embedded by a migration (``enroll(..., enrolled_at=)``), whose new collection gets the old one's
+retention: a migration never extends how long a face is kept. A face is searchable
+until the sweep after its expiry erases it (at most ``FACE_RETENTION_SWEEP_S`` late, and the time the
+sweep needs for a backlog: hundreds of faces a second). Every replica sweeps; two replicas that reach the
+same face erase it once (the other finds it gone).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+from .api import Actor, CollectionNotFound, Galleries, GalleryBackend
+from .embedded.gallery import GalleryLoading
+from .results import FaceNotFound
+
+DAY_S = 86_400.0
+BATCH = 256  # expired faces read per query; each is erased in its own short write
+RETENTION = Actor(via="retention")  # who the audit entry names: no key, no client
+
+
+@dataclass
+class SweepResult:
+    erased: dict[str, int] = field(default_factory=dict)  # collection -> faces erased
+    identities_deleted: dict[str, int] = field(default_factory=dict)  # collection -> identities gone with them
+    failed: dict[str, str] = field(default_factory=dict)  # collection -> why its sweep stopped (retried next time)
+
+
+def sweep(galleries: Galleries, now: float | None = None, stop: threading.Event | None = None,
+          batch: int = BATCH) -> SweepResult:
+    """Erase every face past its collection's retention as of ``now`` (default: the time of the call);
+    returns what it erased. ``stop`` set: returns after the erasure in progress (the service stopping)."""
+    now = time.time() if now is None else now
+    result = SweepResult()
+    for name, days in galleries.retentions().items():
+        try:
+            _sweep_collection(galleries.collection(name), now - days * DAY_S, stop, batch, result)
+        except (CollectionNotFound, GalleryLoading):  # deleted since the list was read; its index still loading
+            continue
+        except Exception as exc:  # noqa: BLE001 - one collection (loading, its disk full) does not stop the others
+            result.failed[name] = f"{type(exc).__name__}: {exc}"
+    return result
+
+
+def _sweep_collection(gallery: GalleryBackend, cutoff: float, stop: threading.Event | None, batch: int,
+                      result: SweepResult) -> None:
+    name = gallery.name
+    while True:
+        expired = gallery.expired_faces(cutoff, batch)
+        before = result.erased.get(name, 0)
+        for face_id in expired:
+            if stop is not None and stop.is_set():
+                return
+            try:
+                _, identity_deleted = gallery.delete_face(face_id, RETENTION)
+            except FaceNotFound:  # erased meanwhile: a client, or another replica's sweep
+                continue
+            result.erased[name] = result.erased.get(name, 0) + 1
+            result.identities_deleted[name] = result.identities_deleted.get(name, 0) + int(identity_deleted)
+        if len(expired) < batch or result.erased.get(name, 0) == before:  # the last page, or none erasable
+            return

@@ -1,0 +1,133 @@
+"""Retention (``retention_days``, service/gallery/retention.py) on both backends: a sweep erases each face
+of a collection enrolled longer ago than its retention, oldest first, as ``delete_face`` does, each with
+its audit entry; faces enrolled later, other collections and collections without one are untouched;
+the setting is audited, kept across a restart, and a sweep does not open an idle embedded collection
+to find that nothing has expired."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+import numpy as np
+import pytest
+
+import tests.gallery.test_collections as collections_tests
+from service.gallery.api import DEFAULT_COLLECTION, AuditQuery, CollectionNotFound
+from service.gallery.retention import DAY_S, sweep
+from tests.gallery.test_gallery import unit
+from tests.gallery.traces import find_vector
+
+# the Galleries of one backend per test, as tests/gallery/test_collections.py opens them
+backend = collections_tests.backend
+galleries = collections_tests.galleries
+ALICE = collections_tests.ALICE
+
+
+def enrolled_between(galleries, rng) -> tuple[float, dict[str, np.ndarray]]:
+    """In `visitors` (retention 1 day): `old` (2 faces) and `mixed`'s first face, then the returned moment,
+    then `mixed`'s second face and `new`; `keeper` in default (no retention) before the moment."""
+    visitors = galleries.collection("visitors")
+    vectors = {name: unit(rng, n) for name, n in (("old", 2), ("mixed", 2), ("new", 1), ("keeper", 1))}
+    visitors.enroll("old", vectors["old"], actor=ALICE)
+    visitors.enroll("mixed", vectors["mixed"][:1], actor=ALICE)
+    galleries.collection(DEFAULT_COLLECTION).enroll("keeper", vectors["keeper"], actor=ALICE)
+    time.sleep(0.05)
+    moment = time.time()
+    time.sleep(0.05)
+    visitors.enroll("mixed", vectors["mixed"][1:], actor=ALICE)  # appended: the identity is older than its face
+    visitors.enroll("new", vectors["new"], actor=ALICE)
+    return moment, vectors
+
+
+def test_a_sweep_erases_the_faces_past_retention_and_nothing_else(backend, tmp_path):
+    galleries = backend()
+    info = galleries.create_collection("visitors", actor=ALICE, retention_days=1.0)
+    assert info.retention_days == 1.0
+    assert galleries.collection_info("visitors").retention_days == 1.0
+    assert {c.name: c.retention_days for c in galleries.list_collections()} == {"default": None, "visitors": 1.0}
+    assert galleries.retentions() == {"visitors": 1.0}
+    created = galleries.audit(AuditQuery(collection="visitors"))[-1]
+    assert (created.action, created.details["retention_days"]) == ("collection.created", 1.0)
+
+    moment, vectors = enrolled_between(galleries, np.random.default_rng(3))
+    visitors = galleries.collection("visitors")
+    assert sweep(galleries, now=moment - 10).erased == {}  # a day has not passed for anyone
+    assert visitors.face_count == 5
+
+    swept = sweep(galleries, now=moment + DAY_S)  # a day after the moment: what came before it is past
+    assert (swept.erased, swept.identities_deleted, swept.failed) == ({"visitors": 3}, {"visitors": 1}, {})
+    assert visitors.get_identity("old") is None
+    mixed = visitors.get_identity("mixed")
+    assert mixed is not None and len(mixed.faces) == 1
+    assert visitors.get_identity("new") is not None
+    assert galleries.collection(DEFAULT_COLLECTION).get_identity("keeper") is not None  # no retention there
+    assert (visitors.identity_count, visitors.face_count) == (2, 2)
+    for probe, gone in ((vectors["old"][0], "old"), (vectors["mixed"][0], None)):
+        best = visitors.search(probe[None, :], top_k=3)[0]
+        assert gone is None or gone not in [m.identity_id for m in best]
+        if gone is None:  # mixed's erased face no longer matches itself: its best is the face left
+            assert all(m.score < 0.999 for m in best)
+
+    expired = [e for e in galleries.audit(AuditQuery(collection="visitors")) if e.action == "face.deleted"]
+    assert sorted(e.identity_id for e in expired) == ["mixed", "old", "old"]
+    assert all(e.details["via"] == "retention" and e.key_id is None and e.client is None for e in expired)
+    assert [e.details["identity_deleted"] for e in expired if e.identity_id == "old"].count(True) == 1
+
+    assert sweep(galleries, now=moment + DAY_S).erased == {}  # nothing left to erase
+    later = sweep(galleries, now=time.time() + DAY_S + 1)
+    assert later.erased == {"visitors": 2} and visitors.identity_count == 0
+    if backend.name == "embedded":  # nothing of an expired face is left in any file of the data dir
+        galleries.close()
+        for vector in (*vectors["old"], *vectors["mixed"], *vectors["new"]):
+            assert find_vector(tmp_path / "data", vector) == []
+        assert find_vector(tmp_path / "data", vectors["keeper"][0]) != []
+
+
+def test_retention_is_set_audited_kept_across_a_restart_and_cleared(backend):
+    galleries = backend()
+    info = galleries.set_retention(DEFAULT_COLLECTION, 0.5, ALICE)
+    assert info.retention_days == 0.5 and info.name == DEFAULT_COLLECTION
+    galleries.set_retention(DEFAULT_COLLECTION, 0.5, ALICE)  # as it is: nothing written
+    updates = [e for e in galleries.audit(AuditQuery()) if e.action == "collection.updated"]
+    assert [(e.collection, e.key_id, e.details) for e in updates] == [
+        (DEFAULT_COLLECTION, "key-alice", {"retention_days": 0.5, "previous_retention_days": None})]
+    with pytest.raises(CollectionNotFound):
+        galleries.set_retention("nothing-by-that-name", 1.0, ALICE)
+    galleries.close()
+
+    again = backend()
+    assert again.retentions() == {DEFAULT_COLLECTION: 0.5}
+    assert again.set_retention(DEFAULT_COLLECTION, None, ALICE).retention_days is None
+    assert again.retentions() == {}
+    assert again.audit(AuditQuery(limit=1))[0].details == {"retention_days": None, "previous_retention_days": 0.5}
+
+
+def test_a_sweep_reads_an_idle_embedded_collection_without_opening_it(tmp_path):
+    """Every minute, each collection with a retention is asked what has expired: an idle one is read
+    from its store beside whoever writes it, and opened (its index loaded) only when a face must go. A
+    store from before the age index is opened, which gives it the index."""
+    base = collections_tests.Settings(data_dir=tmp_path / "data", snapshot_interval_s=0)
+    make = collections_tests.make_gallery
+    galleries = make(base, collections_tests.MODEL, collections_tests.DIM)
+    galleries.open()
+    galleries.create_collection("idle", retention_days=1.0)
+    galleries.collection("idle").enroll("someone", unit(np.random.default_rng(1), 2))
+    galleries.close()
+    store = tmp_path / "data" / "collections" / "idle" / "gallery.sqlite3"
+    assert store.exists()
+
+    galleries = make(base, collections_tests.MODEL, collections_tests.DIM)
+    galleries.open()
+    try:
+        assert sweep(galleries).erased == {}
+        assert "idle" not in galleries.open_collections()
+        with sqlite3.connect(store) as conn:  # a store as older versions left it: no age index
+            conn.execute("DROP INDEX faces_by_age")
+        assert sweep(galleries).erased == {}
+        assert "idle" in galleries.open_collections()  # opened to ask: and given the index again
+        with sqlite3.connect(store) as conn:
+            assert conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'faces_by_age'").fetchone()
+        assert sweep(galleries, now=time.time() + DAY_S + 1).erased == {"idle": 2}
+    finally:
+        galleries.close()
