@@ -284,7 +284,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             housekeeping.cancel()
             stop_sweeps.set()  # a sweep in flight ends after its current erasure, before the galleries close
             wake_sweeps.set()
-            await sweeps
+            await asyncio.gather(sweeps, return_exceptions=True)  # whatever it raised, the galleries still close
             await finalize(state)
             log.info("service stopped")
 

@@ -8,17 +8,19 @@ oldest first, exactly as ``DELETE /faces/{face_id}`` would: the vector from the 
 snapshot and the WAL, its kept crop, and its identity with its last face; each erasure has its
 ``face.deleted`` audit entry, in the same transaction, with ``via: "retention"``.
 
-Faces, not identities, expire: an identity enrolled again keeps its new faces for the full period and
-loses the old ones on time. A face moved or merged keeps its enrollment time, and so does one
-re-embedded by a migration (``enroll(..., enrolled_at=)``), whose new collection gets the old one's
-retention: a migration never extends how long a face is kept. A face is searchable
-until the sweep after its expiry erases it (at most ``FACE_RETENTION_SWEEP_S`` late, and the time the
-sweep needs for a backlog: hundreds of faces a second). Every replica sweeps; two replicas that reach the
-same face erase it once (the other finds it gone).
+Faces, not identities, expire: an identity enrolled again keeps its new faces for the full period
+and loses the old ones on time. A face moved or merged keeps its enrollment time, and so does one
+re-embedded by a migration (``enroll(..., enrolled_at=)``, whose new collection gets the old one's
+retention) or moved by a gallery file (``import_identities(..., enrolled_at=)``): neither extends how
+long a face is kept. A face is searchable until the sweep after its expiry erases it (at most
+``FACE_RETENTION_SWEEP_S`` late, plus the time a backlog takes: hundreds of faces a second,
+bench/README.md "Retention sweeps"). Every replica sweeps; two replicas that reach the same face erase
+it once (the other finds it gone), and each takes the page of oldest faces in its own random order.
 """
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from dataclasses import dataclass, field
@@ -61,7 +63,9 @@ def _sweep_collection(gallery: GalleryBackend, cutoff: float, stop: threading.Ev
     while True:
         expired = gallery.expired_faces(cutoff, batch)
         before = result.erased.get(name, 0)
-        for face_id in expired:
+        # the oldest page, in a random order: replicas sweeping one backlog at once (each reads the same
+        # page) mostly erase different faces instead of queueing on the same rows
+        for face_id in random.sample(expired, len(expired)):
             if stop is not None and stop.is_set():
                 return
             try:

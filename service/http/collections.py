@@ -99,10 +99,10 @@ async def get_collection(request: Request, collection: CollectionName, state: St
               dependencies=[allow(Permission.admin)])
 async def update_collection(collection: CollectionName, body: CollectionUpdate, state: StateDep,
                             actor: ActorDep) -> CollectionOut:
-    """Sets the collection's `retention_days` (null: faces kept until deleted), `default` included; audited
-    (`collection.updated`: `retention_days`, `previous_retention_days`) unless unchanged. Faces past a new, shorter retention are
-    erased by the next sweep (every FACE_RETENTION_SWEEP_S), each with its `face.deleted` entry. An
-    alias's name is not a collection's (404), as for `DELETE`."""
+    """Sets the collection's `retention_days` (null: faces kept until deleted), `default` included;
+    audited (`collection.updated`: `retention_days`, `previous_retention_days`) unless unchanged. Faces
+    past a new, shorter retention are erased by the next sweep (every FACE_RETENTION_SWEEP_S), each
+    with its `face.deleted` entry. An alias's name is not a collection's (404), as for `DELETE`."""
     try:
         info = await run_in_threadpool(state.galleries.set_retention, collection, body.retention_days, actor)
     except CollectionNotFound:

@@ -7,6 +7,7 @@ to find that nothing has expired."""
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 
 import numpy as np
@@ -131,3 +132,26 @@ def test_a_sweep_reads_an_idle_embedded_collection_without_opening_it(tmp_path):
         assert sweep(galleries, now=time.time() + DAY_S + 1).erased == {"idle": 2}
     finally:
         galleries.close()
+
+
+def test_two_sweeps_at_once_erase_each_face_once(backend):
+    """Replicas sweep the same backlog at the same time (on PostgreSQL two Galleries on one schema; embedded,
+    two threads of one process): every expired face is erased exactly once, with one audit entry, none fails."""
+    galleries = backend()
+    other = backend() if backend.name == "postgres" else galleries
+    galleries.create_collection("crowd", retention_days=1.0)
+    rng = np.random.default_rng(9)
+    galleries.collection("crowd").import_identities([(f"p{i}", unit(rng, 2), None) for i in range(150)])
+    later = time.time() + DAY_S + 1
+    results = []
+    threads = [threading.Thread(target=lambda g=g: results.append(sweep(g, now=later, batch=64)))
+               for g in (galleries, other)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sum(r.erased.get("crowd", 0) for r in results) == 300 and all(not r.failed for r in results)
+    assert sum(r.identities_deleted.get("crowd", 0) for r in results) == 150
+    assert galleries.collection("crowd").face_count == 0
+    deleted = [e for e in galleries.audit(AuditQuery(collection="crowd", limit=1000)) if e.action == "face.deleted"]
+    assert len(deleted) == 300 and len({e.details["face_id"] for e in deleted}) == 300

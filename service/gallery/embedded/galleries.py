@@ -758,6 +758,7 @@ class _CollectionHandle:
 
     def delete_face(self, face_id: int, actor: Actor | None = None) -> tuple[str, bool]:
         return self._write(lambda g: g.delete_face(face_id, actor))
+
     def expired_faces(self, enrolled_before: float, limit: int) -> list[int]:
         """Read from the store without opening the collection (a sweep every minute must not load an idle
         collection's index), unless the store predates faces_by_age: opened, it gets the index."""
