@@ -173,24 +173,26 @@ def _write_gallery(gallery: GalleryBackend, tmp: Path, page: int, done: Transfer
 
 
 def _faces_of(gallery: GalleryBackend, identity_id: str) -> tuple[np.ndarray, list[float]] | None:
-    """An identity's embeddings and each face's enrollment time (face-id order), or None once it is gone.
-    Two reads: a write to it between them (a face added or removed) is seen by reading both again."""
+    """An identity's embeddings and each face's enrollment time (face-id order), or None once it is gone:
+    its faces, then their vectors by face id; a face deleted or moved between the two reads is seen, and
+    both are read again."""
     while True:
         details = gallery.get_identity(identity_id)
-        embeddings = gallery.identity_embeddings(identity_id)
-        if details is None or embeddings is None:
+        if details is None or not details.faces:
             return None
-        if len(details.faces) == len(embeddings):
-            return embeddings, [f.created_at for f in details.faces]
+        vectors = gallery.face_embeddings([f.face_id for f in details.faces])
+        if all(vectors.get(f.face_id, ("",))[0] == identity_id for f in details.faces):
+            return (np.stack([vectors[f.face_id][1] for f in details.faces]),
+                    [f.created_at for f in details.faces])
 
 
 def read_gallery_file(path: Path, model_id: str, dim: int, metadata: MetadataLimits | None = None,
                       ) -> Iterator[tuple[str, np.ndarray, dict, list[float] | None]]:
     """Yield (identity id, embeddings, metadata, each face's enrollment time or None) from a gallery file
-    after checking its header. Each
-    line is checked as the API checks a request (strict JSON, the identity id rule, embeddings, the
-    metadata rule within ``metadata``): a file someone else made is refused with the line that is
-    wrong (``GalleryFileError``), never stored half-valid."""
+    after checking its header. Each line is checked as the API checks a request (strict JSON, the
+    identity id rule, embeddings, the metadata rule within ``metadata``, one enrollment time per
+    embedding): a file someone else made is refused with the line that is wrong (``GalleryFileError``),
+    never stored half-valid."""
     limits = metadata or MetadataLimits()
     with open(path, encoding="utf-8") as lines:
         try:

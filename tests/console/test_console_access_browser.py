@@ -80,10 +80,15 @@ def test_enroll_into_the_picked_collection_and_see_it_only_there(console, api):
     assert "[invalid_collection_name]" in console.wait_text("collection-error", "[invalid_collection_name]")
     console.find("collection-name").clear()
     console.find("collection-name").send_keys("lobby")
+    console.find("collection-retention").send_keys("-1")  # refused by the service, said in the dialog
+    console.find("collection-create").click()
+    assert "[invalid_request]" in console.wait_text("collection-error", "[invalid_request]")
+    console.find("collection-retention").clear()
+    console.find("collection-retention").send_keys("30")
     console.find("collection-create").click()
     console.wait_text("collection-status", 'Collection "lobby" created')
     assert console.find("collection-select").get_attribute("value") == "lobby"
-    assert api.get("/collections/lobby").status_code == 200
+    assert api.get("/collections/lobby").json()["retention_days"] == 30
 
     console.open("enroll")  # the choice outlives a reload (sessionStorage)
     assert console.js("return document.body.dataset.collection") == "lobby"
@@ -120,7 +125,7 @@ def test_enroll_into_the_picked_collection_and_see_it_only_there(console, api):
     facts = console.wait_text("status-collection", "Identities")
     assert "lobby" in facts and f"{info['identify_threshold']:.3f}" in facts
     assert facts.split("Identities")[1].split()[0] == "1"
-    assert "Faces kept" in facts and "until deleted" in facts  # lobby has no retention_days
+    assert "Faces kept" in facts and "30 day(s) after enrollment" in facts  # lobby's retention_days
 
     # the Audit page has what the console did: the collection's creation and the enroll, from this client
     from selenium.webdriver.support.ui import Select

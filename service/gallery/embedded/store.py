@@ -159,7 +159,7 @@ class Store:
     @staticmethod
     def _insert_faces(conn: sqlite3.Connection, identity_id: str, embeddings: np.ndarray, now: float,
                       enrolled_at: list[float] | None = None) -> list[int]:
-        """``enrolled_at``: each face's enrollment time (None: ``now``), kept by a migration."""
+        """``enrolled_at``: each face's enrollment time (None: ``now``), kept by a migration or an import."""
         times = face_times(now, enrolled_at, len(embeddings))
         # an INSERT's cursor always has a lastrowid (None is only for statements that insert nothing)
         return [

@@ -1745,7 +1745,7 @@ class PostgresGallery:
     def read_targets(self) -> list[ReadTarget]:
         return self.galleries.read_targets()
 
-    # --- kept crops ----------------------------------------------------------------------------
+    # --- retention ---------------------------------------------------------------------------
     def expired_faces(self, enrolled_before: float, limit: int) -> list[int]:
         with self._read_connection() as conn:  # the primary: what the sweep erases next (faces_by_age)
             rows = conn.execute("SELECT face_id FROM faces WHERE collection_id = %s AND created_at < %s "
@@ -1753,6 +1753,7 @@ class PostgresGallery:
                                 (self.collection_id, float(enrolled_before), int(limit))).fetchall()
         return [int(r[0]) for r in rows]
 
+    # --- kept crops ----------------------------------------------------------------------------
     def face_crop(self, face_id: int) -> bytes | None:
         row = self.galleries._read(lambda conn: conn.execute(  # noqa: SLF001
             "SELECT blob FROM face_crops WHERE collection_id = %s AND face_id = %s",

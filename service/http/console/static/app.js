@@ -282,6 +282,7 @@ function chooseCollection(name) {
 
 function openNewCollection() {
   $("collection-name").value = "";
+  $("collection-retention").value = "";
   say($("collection-error"), "");
   $("collection-dialog").showModal();
   $("collection-name").focus();
@@ -291,9 +292,11 @@ async function createCollection(event) {
   event.preventDefault();
   const name = $("collection-name").value.trim();
   if (!name) return;
+  const days = $("collection-retention").value.trim(); // empty: kept until deleted; the service checks the number
+  const body = days ? { name, retention_days: Number(days) } : { name };
   say($("collection-error"), "Creating...");
   try {
-    const made = await api("collections", { method: "POST", json: { name }, action: "create collections" });
+    const made = await api("collections", { method: "POST", json: body, action: "create collections" });
     $("collection-dialog").close();
     await loadCollections();
     chooseCollection(made.name);
