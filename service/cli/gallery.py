@@ -247,7 +247,7 @@ def _read_line(line: str, dim: int, limits: MetadataLimits) -> tuple[str, np.nda
         check_metadata(metadata, limits)
     except ServiceError as exc:
         raise GalleryFileError(f"identity {identity!r}: {exc.message}") from None
-    return identity, embeddings, metadata, None if enrolled_at is None else [float(t) for t in enrolled_at]
+    return identity, embeddings, metadata, enrolled_at  # numbers, checked above: the backends take them as floats
 
 
 def import_gallery(gallery: GalleryBackend, path: Path, batch: int = 1000,

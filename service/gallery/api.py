@@ -421,8 +421,9 @@ class GalleryBackend(Protocol):
 
     def identity_crops(self, identity_ids: list[str]) -> dict[str, list[tuple[int, bytes | None, float]]]:
         """identity id -> its faces in face-id order, each (face id, sealed crop or None when the face has
-        none, when it was enrolled), for the ids that exist (others are absent): the migration's batched read, a few queries
-        for many identities instead of one per face; each identity's faces and crops are one read."""
+        none, when it was enrolled), for the ids that exist (others are absent): the migration's batched
+        read, a few queries for many identities instead of one per face; each identity's faces and crops
+        are one read."""
         ...
 
 
@@ -474,8 +475,8 @@ class Galleries(Protocol):
 
     def set_retention(self, name: str, days: float | None, actor: Actor | None = None) -> CollectionInfo:
         """How long the collection keeps each face after its enrollment (None: for ever);
-        CollectionNotFound. Audited (collection.updated: retention_days and previous_retention_days) in the same
-        transaction, unless it was already so (nothing written)."""
+        CollectionNotFound. Audited (collection.updated: retention_days and previous_retention_days) in
+        the same transaction, unless it was already so (nothing written)."""
 
     def retentions(self) -> dict[str, float]:
         """name -> retention in days, for each collection that has one (the sweep's list: one cheap read)."""

@@ -52,7 +52,7 @@ def sweep(galleries: Galleries, now: float | None = None, stop: threading.Event 
             _sweep_collection(galleries.collection(name), now - days * DAY_S, stop, batch, result)
         except (CollectionNotFound, GalleryLoading):  # deleted since the list was read; its index still loading
             continue
-        except Exception as exc:  # noqa: BLE001 - one collection (loading, its disk full) does not stop the others
+        except Exception as exc:  # noqa: BLE001 - one collection (its disk full, its database away) does not stop the others
             result.failed[name] = f"{type(exc).__name__}: {exc}"
     return result
 

@@ -477,7 +477,7 @@ RETENTION_DAYS = ("Each face of the collection is erased this many days after it
 
 
 class CollectionCreate(Strict):
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    model_config = ConfigDict(allow_inf_nan=False)  # merged with Strict's (extra forbidden, strict)
     name: str = Field(description="Lower-case letters, digits, `-` and `_`, 1-63 characters, starting with a letter "
                       "or digit.", examples=["front-desk"])
     keep_crops: bool = Field(False, description="Keep the aligned crop of every face enrolled from an image, "
@@ -490,7 +490,7 @@ class CollectionCreate(Strict):
 
 
 class CollectionUpdate(Strict):
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    model_config = ConfigDict(allow_inf_nan=False)  # merged with Strict's (extra forbidden, strict)
     retention_days: float | None = Field(description=RETENTION_DAYS + " Shortened, the faces already past it "
                                          "are erased by the next sweep; null: kept from now on.",
                                          gt=0, le=MAX_RETENTION_DAYS)

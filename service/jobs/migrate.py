@@ -154,7 +154,7 @@ def start_migration(galleries: Galleries, collection: str, model: str, model_id:
                     started_by=actor.key_id if actor is not None else None)
     reserve(galleries, job, "wait for it or cancel it (POST /jobs/{id}/cancel)")
     try:
-        retention_days = galleries.collection_info(collection).retention_days  # the new one forgets as the old
+        retention_days = galleries.retentions().get(collection)  # the new one forgets as the old
         galleries.create_collection(into, actor, keep_crops=True, model_id=model_id, dim=dim,
                                     retention_days=retention_days)
     except BaseException as exc:
