@@ -48,7 +48,7 @@ from .http.middleware import (
     StartupRefusalMiddleware,
     record_error,
 )
-from .http.payload import validation_details
+from .http.payload import validation_error as invalid
 from .jobs.runner import JobRunner, shadow_pairs
 from .jobs.scan import DUPLICATES, OUTLIERS
 from .jobs.store import JobRecord
@@ -330,9 +330,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
-        details = validation_details(exc.errors())
-        return _error_response(ServiceError(ErrorCode.invalid_request,
-                                            "invalid request: " + details["errors"][0]["message"], **details), request)
+        return _error_response(invalid(exc.errors()), request)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):

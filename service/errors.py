@@ -49,6 +49,8 @@ class ErrorCode(str, Enum):
     implausible_face = "implausible_face"
     face_not_found = "face_not_found"
     same_identity = "same_identity"
+    identity_exists = "identity_exists"
+    identity_changed = "identity_changed"
     possible_duplicate = "possible_duplicate"
     # collections
     collection_not_found = "collection_not_found"
@@ -116,6 +118,8 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.implausible_face: 422,
     ErrorCode.face_not_found: 404,
     ErrorCode.same_identity: 422,
+    ErrorCode.identity_exists: 409,
+    ErrorCode.identity_changed: 409,
     ErrorCode.possible_duplicate: 409,
     ErrorCode.collection_not_found: 404,
     ErrorCode.collection_exists: 409,

@@ -61,5 +61,20 @@ def _check_structure(root: dict, max_depth: int) -> None:
             raise _invalid(f"metadata holds a {type(node).__name__}, which is not JSON")
 
 
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7396 JSON Merge Patch: ``patch`` applied to ``target`` (neither is changed). An object patch
+    merges key by key, recursively: a key set to null is removed, any other value replaces (or is
+    merged into an object); a patch that is not an object replaces the target whole."""
+    if not isinstance(patch, dict):
+        return patch
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
 def _invalid(message: str, **details: Any) -> ServiceError:
     return ServiceError(ErrorCode.invalid_metadata, message, **details)

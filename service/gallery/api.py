@@ -23,6 +23,7 @@ What every backend means by the same call (the contract the shared tests check o
   returns can return them. ``delete_face(face_id)`` erases one face with the same guarantee.
 * ``merge_identities``/``move_face``: faces change identity in one transaction, keeping their ids
   and vectors (nothing is re-embedded or re-indexed); an identity left without faces is deleted.
+  ``update_identity`` renames an identity the same way and/or sets its metadata.
 * ``search(probes, top_k)``: per probe, up to ``top_k`` identities, best first, each scored by its
   best face (max-over-faces), with oversampling so that an identity with many faces cannot crowd
   the others out (:func:`search_identities`).
@@ -60,12 +61,15 @@ from .results import (
     EnrollResult,
     FaceNotFound,
     FaceRecord,
+    IdentityChanged,
     IdentityDetails,
     IdentityNotFound,
     IdentityRecord,
+    IdentityUpdate,
     MergeResult,
     MoveResult,
     TooManyFacesForIdentity,
+    UpdateResult,
 )
 from .search import GalleryModelMismatch, Match, check_model, group_by_identity, search_identities
 
@@ -83,7 +87,7 @@ __all__ = [
     "EnrollResult", "FaceRecord", "GalleryBackend", "GalleryBusy", "GalleryModelMismatch", "GalleryStats",
     "GalleryUnavailable", "StorageFull", "IdentityDetails", "IdentityExists", "IdentityRecord", "Match", "ReadTarget",
     "TooManyFacesForIdentity", "check_model", "group_by_identity", "search_identities",
-    "FaceNotFound", "IdentityNotFound", "MergeResult", "MoveResult",
+    "FaceNotFound", "IdentityChanged", "IdentityNotFound", "IdentityUpdate", "MergeResult", "MoveResult", "UpdateResult",
 ]
 
 
@@ -102,7 +106,7 @@ class StorageFull(RuntimeError):
 
 
 class IdentityExists(ValueError):
-    """An import named an identity that is already enrolled (the import changed nothing)."""
+    """An import, or a rename, named an identity that is already enrolled (nothing was written)."""
 
 
 # --- collections, keys, audit --------------------------------------------------------------------
@@ -375,6 +379,14 @@ class GalleryBackend(Protocol):
         deleted; the target's metadata is kept. IdentityNotFound for a missing source or target,
         ValueError when they are the same, TooManyFacesForIdentity when the target would hold more
         than ``max_faces`` (nothing written). Audit: identity.merged on the target."""
+
+    def update_identity(self, identity_id: str, update: IdentityUpdate, actor: Actor | None = None) -> UpdateResult:
+        """Rename the identity (``update.new_id``: its faces keep their ids, vectors, enrollment times
+        and crops; it keeps ``created_at``) and/or set its metadata (``update.metadata`` makes it from
+        the stored one), in one transaction with its identity.updated audit entry (on the new id:
+        ``renamed_from``, ``metadata_keys``, ``face_count``). IdentityNotFound, IdentityExists (the new
+        id is enrolled), IdentityChanged (``update.expected_updated_at`` is not the stored one): nothing
+        written. Nothing to change: nothing written, no audit entry."""
 
     def move_face(self, face_id: int, target_id: str, max_faces: int | None = None,
                   actor: Actor | None = None) -> MoveResult:

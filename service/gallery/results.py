@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -62,12 +63,62 @@ class MoveResult:
     source_deleted: bool  # this was the source identity's last face: the identity was deleted
 
 
+@dataclass(frozen=True)
+class IdentityUpdate:
+    """What ``update_identity`` changes: a new id for the identity, and/or its metadata as ``metadata``
+    makes it from the stored one (inside the write's transaction, so a merge patch never loses a
+    concurrent change; it raises to refuse the result, and nothing is written)."""
+
+    new_id: str | None = None
+    metadata: Callable[[dict], dict] | None = None
+    # optimistic concurrency: only if the identity's updated_at is still this (else IdentityChanged)
+    expected_updated_at: float | None = None
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    """What ``update_identity`` committed (``changed`` False: nothing differed, nothing was written)."""
+
+    details: IdentityDetails  # the identity after the write, read inside its transaction
+    renamed_from: str | None  # the old id when the identity was renamed
+    metadata_keys: list[str]  # top-level metadata keys added, removed or changed, sorted
+    changed: bool
+
+
+def changed_keys(before: dict, after: dict) -> list[str]:
+    """The top-level keys that ``after`` adds, removes or changes against ``before``, sorted (the audit
+    record names them, never their values)."""
+    return sorted(k for k in before.keys() | after.keys()
+                  if k not in before or k not in after or _json_differs(before[k], after[k]))
+
+
+def _json_differs(a: object, b: object) -> bool:
+    """JSON values compared as JSON: ``1`` and ``true`` differ (Python's ``==`` says they are equal)."""
+    if type(a) is not type(b) and not (isinstance(a, (int, float)) and isinstance(b, (int, float))
+                                       and not isinstance(a, bool) and not isinstance(b, bool)):
+        return True
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() != b.keys() or any(_json_differs(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) != len(b) or any(_json_differs(x, y) for x, y in zip(a, b))
+    return a != b
+
+
 class IdentityNotFound(LookupError):
     """A merge named a source or target identity that is not enrolled (nothing was written)."""
 
     def __init__(self, identity_id: str) -> None:
         super().__init__(f"identity {identity_id!r} is not enrolled")
         self.identity_id = identity_id
+
+
+class IdentityChanged(ValueError):
+    """An update expected the identity as of another ``updated_at``: another write changed it since the
+    caller read it (nothing was written)."""
+
+    def __init__(self, identity_id: str, updated_at: float) -> None:
+        super().__init__(f"identity {identity_id!r} was changed since it was read (updated_at is now {updated_at!r})")
+        self.identity_id, self.updated_at = identity_id, updated_at
 
 
 class FaceNotFound(LookupError):

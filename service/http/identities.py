@@ -1,4 +1,4 @@
-"""Enroll, list, get, delete, merge, move and delete faces: the routes that own a collection's contents.
+"""Enroll, list, get, update, delete, merge, move and delete faces: the routes that own a collection's contents.
 
 Mounted twice (app.py): unprefixed for the `default` collection, and under
 `/collections/{collection}`. Reads need the `read` permission, changes `write`, both in the key's
@@ -15,12 +15,20 @@ from starlette.concurrency import run_in_threadpool
 
 from ..access.policy import Permission
 from ..errors import ErrorCode, ServiceError
-from ..faces.metadata import MetadataLimits, check_metadata
-from ..gallery.api import MAX_ROW_ID, Actor, GalleryBackend
+from ..faces.metadata import MetadataLimits, check_metadata, merge_patch
+from ..gallery.api import MAX_ROW_ID, Actor, GalleryBackend, IdentityExists
 from ..gallery.crops import CropsUnavailable, encode_crop
 from ..gallery.identity_ids import MAX_LENGTH, find_identity
 from ..gallery.openset import HUB_SEARCH_K, find_hub
-from ..gallery.results import EnrollResult, FaceNotFound, IdentityNotFound, TooManyFacesForIdentity
+from ..gallery.results import (
+    EnrollResult,
+    FaceNotFound,
+    IdentityChanged,
+    IdentityDetails,
+    IdentityNotFound,
+    IdentityUpdate,
+    TooManyFacesForIdentity,
+)
 from ..gallery.retention import DAY_S
 from ..state import ServiceState
 from .collections import crop_key_missing
@@ -36,6 +44,7 @@ from .schemas import (
     IdentityDetail,
     IdentityPage,
     IdentitySummary,
+    IdentityUpdateRequest,
     MergeRequest,
     MergeResponse,
     MoveFaceRequest,
@@ -189,10 +198,69 @@ async def get_identity(identity_id: IdentityPath, gallery: CollectionDep, state:
     """The identity, its metadata and its faces (each with when it was enrolled and, in a collection with
     `retention_days`, when it will be erased)."""
     _, found = await run_in_threadpool(find_identity, identity_id, gallery.get_identity)
+    return await _detail(state, gallery, found)
+
+
+async def _detail(state: ServiceState, gallery: GalleryBackend, found: IdentityDetails) -> IdentityDetail:
+    """The answer of GET /identities/{id}: each face with its enrollment and (with a retention) erasure time."""
     days = (await run_in_threadpool(state.galleries.retentions)).get(gallery.name)
     faces = [StoredFace(face_id=f.face_id, enrolled_at=f.created_at,
                         expires_at=None if days is None else f.created_at + days * DAY_S) for f in found.faces]
     return IdentityDetail(**found.record.__dict__, face_ids=[f.face_id for f in found.faces], faces=faces)
+
+
+@router.patch("/identities/{identity_id}", response_model=IdentityDetail, summary="Rename an identity or change "
+              "its metadata", dependencies=WRITE)
+async def update_identity(identity_id: IdentityPath, body: IdentityUpdateRequest, state: StateDep,
+                          gallery: CollectionDep, actor: ActorDep) -> IdentityDetail:
+    """Change an identity without enrolling its faces again: rename it (`identity_id`), replace its
+    metadata (`metadata`) or merge a patch into it (`metadata_patch`, RFC 7396: `null` removes a key).
+    One transaction with its audit record (`identity.updated`: the new id, `renamed_from`, the metadata
+    keys changed, never their values); a patch is applied to the metadata as stored when the write runs,
+    so two clients patching different keys both keep theirs. A renamed identity keeps its faces (face
+    ids, vectors, enrollment times, kept crops) and `created_at`. With `expected_updated_at` (the
+    identity's `updated_at` as you read it) the change is made only if nothing wrote to the identity
+    since: 409 `identity_changed` otherwise. Answers the identity as GET /identities/{id} does; nothing
+    to change writes nothing. 404 `identity_not_found`, 409 `identity_exists` (the new id is another
+    identity's), 422 `invalid_metadata`, 413 `metadata_too_large` (the metadata as the patch would
+    leave it)."""
+    limits = MetadataLimits(state.settings.max_metadata_bytes, state.settings.max_metadata_depth)
+    check_metadata(body.metadata, limits)
+    check_metadata(body.metadata_patch, limits)  # bounds the patch (its depth too) before it is applied
+
+    def edit(stored: dict) -> dict:
+        """The metadata to store, made inside the write's transaction from the stored one."""
+        after = body.metadata if body.metadata is not None else merge_patch(stored, body.metadata_patch)
+        check_metadata(after, limits)
+        return after
+
+    def update() -> IdentityDetails:
+        source, _ = find_identity(identity_id, gallery.get_identity)
+        new_id = body.identity_id
+        if new_id is not None and new_id != source:
+            # the new id, or an identity stored under its NFD form before the NFC rule, is another's
+            taken = next((form for form in dict.fromkeys((new_id, unicodedata.normalize("NFD", new_id)))
+                          if form != source and gallery.get_identity(form) is not None), None)
+            if taken is not None:
+                raise _identity_exists(taken)
+        change = IdentityUpdate(new_id=new_id, metadata=None if body.metadata is None and body.metadata_patch is None
+                                else edit, expected_updated_at=body.expected_updated_at)
+        try:
+            return gallery.update_identity(source, change, actor).details
+        except IdentityNotFound as exc:  # deleted between the lookup and the write
+            raise ServiceError(ErrorCode.identity_not_found, str(exc), identity_id=exc.identity_id) from None
+        except IdentityExists:  # enrolled between the lookup and the write
+            raise _identity_exists(new_id or source) from None
+        except IdentityChanged as exc:
+            raise ServiceError(ErrorCode.identity_changed, str(exc), identity_id=exc.identity_id,
+                               updated_at=exc.updated_at) from None
+
+    return await _detail(state, gallery, await run_in_threadpool(update))
+
+
+def _identity_exists(identity_id: str) -> ServiceError:
+    return ServiceError(ErrorCode.identity_exists, f"identity {identity_id!r} is already enrolled: merge into it "
+                        "instead (POST /identities/{id}/merge)", identity_id=identity_id)
 
 
 @router.delete("/identities/{identity_id}", response_model=DeleteResponse, summary="Delete an identity",

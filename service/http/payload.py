@@ -47,15 +47,19 @@ def _too_many_fields() -> ServiceError:
                         errors=[{"field": "body", "message": f"more than {MAX_BODY_FIELDS} fields"}])
 
 
-def _validation_error(exc: ValidationError) -> ServiceError:
-    raw = exc.errors(include_url=False, include_input=False)
+def validation_error(raw: Sequence[Any]) -> ServiceError:
+    """The answer to a request that fails its model's validation (a body read here, or a body, path or
+    query parameter FastAPI validated): ``invalid_request``, or ``invalid_identity_id`` for an identity
+    id the gallery cannot hold (see schemas.check_identity_id), whatever route it came in on."""
     details = validation_details(raw)
     first = details["errors"][0]
-    # an identity id the gallery cannot hold has its own code (see schemas.check_identity_id)
     code = ErrorCode.invalid_identity_id if any(e["type"] == "invalid_identity_id" for e in raw) \
         else ErrorCode.invalid_request
-    return ServiceError(code, "the request body is not valid: " + first["message"] + f" ({first['field']})",
-                        **details)
+    return ServiceError(code, "the request is not valid: " + first["message"] + f" ({first['field']})", **details)
+
+
+def _validation_error(exc: ValidationError) -> ServiceError:
+    return validation_error(exc.errors(include_url=False, include_input=False))
 
 
 def _refuse_constant(name: str) -> None:

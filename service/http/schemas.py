@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
 from ..errors import STATUS, ErrorCode
@@ -384,6 +384,32 @@ class IdentityPage(BaseModel):
 class DeleteResponse(BaseModel):
     identity_id: str
     deleted_faces: int
+
+
+class IdentityUpdateRequest(Strict):
+    """At least one field; `metadata` and `metadata_patch` not both."""
+
+    identity_id: IdentityId | None = Field(
+        None, description="A new id for the identity (rename): its faces keep their ids, vectors, enrollment times "
+        "and kept crops; taken by another identity: 409 `identity_exists`.")
+    metadata: dict[str, Any] | None = Field(
+        None, description="Replaces the stored metadata (the limits of /enroll's `metadata`).")
+    metadata_patch: dict[str, Any] | None = Field(
+        None, description="An RFC 7396 JSON merge patch applied to the stored metadata, in the write's own "
+        "transaction: a key set to null is removed, objects merge key by key, anything else replaces. The "
+        "result must keep the limits of /enroll's `metadata`.", examples=[{"desk": 12, "badge": None}])
+    expected_updated_at: float | None = Field(
+        None, description="The identity's `updated_at` as you read it: the change is made only if no write has "
+        "touched the identity since (else 409 `identity_changed`, nothing written), so an edit made from "
+        "what you read cannot overwrite a change you did not see.")
+
+    @model_validator(mode="after")
+    def _one_change(self) -> IdentityUpdateRequest:
+        if self.identity_id is None and self.metadata is None and self.metadata_patch is None:
+            raise ValueError("give `identity_id`, `metadata` or `metadata_patch`")
+        if self.metadata is not None and self.metadata_patch is not None:
+            raise ValueError("give `metadata` (replace) or `metadata_patch` (merge), not both")
+        return self
 
 
 class MergeRequest(Strict):

@@ -18,7 +18,7 @@ foreground):
    written: a resumed job continues after the cursor.
 2. **catch_up**: writes to A while the job runs (from this process, another replica, the CLI) must
    reach B before the job says ``done``. Every write that changes an identity's faces or metadata
-   bumps its ``updated_at`` on both backends (enroll, replace, merge, move, delete_face), so a pass
+   bumps its ``updated_at`` on both backends (enroll, replace, merge, move, delete_face, update), so a pass
    lists A and B (identity id, updated_at, face count) and syncs each identity of A that was written
    since the job was created and not synced at that ``updated_at`` by this run, or whose face count
    differs from B's, or that B lacks; and deletes from B every identity A no longer has. Passes
@@ -38,7 +38,7 @@ foreground):
    before the job's ``finished_at`` is in B**; a write after it is not the job's. Searches and reads
    never touch the fence. Writes to A wait only while the fenced pass syncs what was written since
    the last unfenced pass began: the identities A's audit log names since then (every write to A
-   records its identity, and a merge's or a move's source, in the write's own transaction), less
+   records its identity, and a merge's, a move's or a rename's source, in the write's own transaction), less
    ``FENCE_LOOKBACK_S`` for transactions that began earlier and committed later. That is O(writes),
    not O(identities): listing both collections under the fence held writes ~4 s per 100k identities
    (~45 s at 1M, past PostgreSQL's statement timeout). Without a full pass of this run to start from
@@ -387,7 +387,7 @@ class Migration:
             for entry in page:
                 if entry.identity_id is not None:
                     touched.add(entry.identity_id)
-                for key in ("merged_from", "from"):  # a merge's and a move's source identity
+                for key in ("merged_from", "from", "renamed_from"):  # a merge's, a move's, a rename's source
                     if isinstance(entry.details.get(key), str):
                         touched.add(entry.details[key])
             if len(touched) > limit:

@@ -26,6 +26,7 @@ POLICY: dict[tuple[str, str], tuple[str, bool]] = {
     ("GET", "/identities/{identity_id}"): ("read", True),
     ("POST", "/enroll"): ("write", True),
     ("DELETE", "/identities/{identity_id}"): ("write", True),
+    ("PATCH", "/identities/{identity_id}"): ("write", True),
     ("POST", "/identities/{identity_id}/merge"): ("write", True),
     ("POST", "/faces/{face_id}/move"): ("write", True),
     ("DELETE", "/faces/{face_id}"): ("write", True),
@@ -35,6 +36,7 @@ POLICY: dict[tuple[str, str], tuple[str, bool]] = {
     ("GET", "/collections/{collection}/identities/{identity_id}"): ("read", True),
     ("POST", "/collections/{collection}/enroll"): ("write", True),
     ("DELETE", "/collections/{collection}/identities/{identity_id}"): ("write", True),
+    ("PATCH", "/collections/{collection}/identities/{identity_id}"): ("write", True),
     ("POST", "/collections/{collection}/identities/{identity_id}/merge"): ("write", True),
     ("POST", "/collections/{collection}/faces/{face_id}/move"): ("write", True),
     ("DELETE", "/collections/{collection}/faces/{face_id}"): ("write", True),
@@ -133,6 +135,8 @@ class Calls:
             body = {"identity_id": f"someone-else-{n}"}
         elif path == "/collections" and method == "POST":
             body = {"name": f"made-{n}"}
+        elif path.endswith("/identities/{identity_id}") and method == "PATCH":
+            body = {"metadata_patch": {"matrix": n}}
         elif path == "/collections/{collection}" and method == "PATCH":
             body = {"retention_days": None}  # as it is: nothing changes
         elif path == "/keys" and method == "POST":

@@ -93,6 +93,54 @@ def test_cli_collection_retention(embedded, collection_name):
     assert face(embedded, "collections", "delete", collection_name).returncode == 0
 
 
+def test_cli_identities_show_and_update(embedded, collection_name):
+    with FaceClient(embedded.url, ADMIN, collection=collection_name) as client:
+        client.create_collection(collection_name)
+        face_ids = client.enroll("cli-before", face_files(ENROLLED[0])[:2], metadata={"team": "a", "desk": {"floor": 2}}).face_ids
+        client.enroll(ENROLLED[1], face_files(ENROLLED[1])[0])
+    c = ["--collection", collection_name]
+
+    shown = face(embedded, *c, "--json", "identities", "show", "cli-before")
+    assert shown.returncode == 0, shown.stderr
+    identity = json.loads(shown.stdout)
+    assert (identity["identity_id"], identity["face_ids"], identity["metadata"]) == (
+        "cli-before", face_ids, {"team": "a", "desk": {"floor": 2}})
+    readable = face(embedded, *c, "identities", "show", "cli-before").stdout.splitlines()
+    head, metadata = readable[0].split("\tmetadata ")
+    assert head == "cli-before\t2 faces" and json.loads(metadata) == {"team": "a", "desk": {"floor": 2}}
+    assert [line.split("\t")[0] for line in readable[1:]] == [f"face {i}" for i in face_ids]
+    assert all(line.endswith("kept until deleted") for line in readable[1:])
+
+    renamed = face(embedded, *c, "identities", "update", "cli-before", "--rename", "cli-after")
+    assert renamed.returncode == 0, renamed.stderr
+    lines = renamed.stdout.splitlines()
+    assert lines[0] == "renamed cli-before to cli-after" and lines[1].startswith("cli-after\t2 faces\tmetadata {")
+    assert len(lines) == 4 and lines[2].startswith(f"face {face_ids[0]}\tenrolled ")
+    patched = face(embedded, *c, "--json", "identities", "update", "cli-after", "--metadata-patch",
+                   '{"team": null, "desk": {"seat": 9}}')
+    assert patched.returncode == 0, patched.stderr
+    after = json.loads(patched.stdout)
+    assert (after["identity_id"], after["metadata"], after["face_ids"]) == (
+        "cli-after", {"desk": {"floor": 2, "seat": 9}}, face_ids)
+    replaced = json.loads(face(embedded, *c, "--json", "identities", "update", "cli-after", "--metadata",
+                               '{"name": "Zoë"}').stdout)
+    assert replaced["metadata"] == {"name": "Zoë"}
+    assert json.loads(face(embedded, *c, "--json", "identities", "show", "cli-after").stdout) == replaced
+
+    taken = face(embedded, *c, "--json", "identities", "update", "cli-after", "--rename", ENROLLED[1])
+    assert taken.returncode == 1
+    error = json.loads(taken.stderr)["error"]
+    assert (error["code"], error["status"], error["details"].get("identity_id")) == ("identity_exists", 409, ENROLLED[1])
+    for action in (["show", "nobody-here"], ["update", "nobody-here", "--metadata", "{}"]):
+        missing = face(embedded, *c, "--json", "identities", *action)
+        assert missing.returncode == 1 and json.loads(missing.stderr)["error"]["code"] == "identity_not_found", action
+    for bad, says in ((["--metadata", "{not json"], "JSON object"), (["--metadata-patch", "[1, 2]"], "JSON object"),
+                      (["--metadata", "{}", "--metadata-patch", "{}"], "not allowed with"), ([], "--rename")):
+        refused = face(embedded, *c, "identities", "update", "cli-after", *bad)
+        assert refused.returncode == 2 and says in refused.stderr and "Traceback" not in refused.stderr, (bad, refused)
+    assert face(embedded, "collections", "delete", collection_name).returncode == 0
+
+
 def test_cli_exit_codes(embedded):
     missing = face(embedded, "--json", "identities", "delete", "nobody-here")
     assert missing.returncode == 1

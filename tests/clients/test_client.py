@@ -267,6 +267,109 @@ def test_retention_sync_and_async(any_backend, collection_name):
     asyncio.run(run())
 
 
+def test_update_identity_sync_and_async(any_backend, collection_name):
+    """PATCH /identities/{id}: rename (faces and created_at kept), metadata replaced, merge-patched (null
+    removes a key, objects merge); a taken new id is ConflictError identity_exists, an unknown id
+    NotFoundError identity_not_found."""
+    bush, powell, blair = (face_files(p) for p in ENROLLED[:3])
+    with FaceClient(any_backend.url, ADMIN, collection=collection_name) as face:
+        face.create_collection(collection_name)
+        enrolled = face.enroll("before", bush[:2], metadata={"team": "a", "desk": {"floor": 2, "seat": 7}})
+        face.enroll(ENROLLED[1], powell[0])
+        old = face.get_identity("before")
+        renamed = face.update_identity("before", rename_to=ENROLLED[0])
+        assert isinstance(renamed, faceclient.Identity) and renamed.identity_id == ENROLLED[0]
+        assert renamed.face_ids == enrolled.face_ids == old.face_ids and renamed.faces == old.faces
+        assert (renamed.metadata, renamed.created_at, renamed.face_count) == (old.metadata, old.created_at, 2)
+        assert face.get_identity(ENROLLED[0]) == renamed
+        with pytest.raises(NotFoundError) as gone:
+            face.get_identity("before")
+        assert gone.value.code == "identity_not_found"
+        assert face.identify(bush[2]).results[0].identity_id == ENROLLED[0]  # its faces answer to the new id
+
+        patched = face.update_identity(ENROLLED[0], metadata_patch={"team": None, "desk": {"seat": 9, "row": "b"},
+                                                                    "badge": [1, 2]})
+        assert patched.metadata == {"desk": {"floor": 2, "seat": 9, "row": "b"}, "badge": [1, 2]}
+        replaced = face.update_identity(ENROLLED[0], metadata={"team": "c"})
+        assert replaced.metadata == {"team": "c"} and replaced.face_ids == old.face_ids
+        both = face.update_identity(ENROLLED[0], rename_to="after", metadata_patch={"desk": 4})
+        assert (both.identity_id, both.metadata) == ("after", {"team": "c", "desk": 4})
+        assert face.update_identity("after", metadata={"team": "c", "desk": 4}) == both  # nothing changed
+        assert face.update_identity("after", metadata={}).metadata == {}
+
+        with pytest.raises(ConflictError) as taken:
+            face.update_identity("after", rename_to=ENROLLED[1])
+        assert taken.value.code == "identity_exists" and taken.value.status == 409
+        assert taken.value.details.get("identity_id") == ENROLLED[1] and taken.value.request_id
+        assert face.get_identity(ENROLLED[1]).face_count == 1 and face.get_identity("after").face_count == 2
+        with pytest.raises(NotFoundError) as unknown:
+            face.update_identity("nobody-here", metadata={"x": 1})
+        assert unknown.value.code == "identity_not_found" and unknown.value.status == 404
+        updates = [e for e in face.iter_audit(collection=collection_name) if e.action == "identity.updated"]
+        assert len(updates) == 5 and {e.identity_id for e in updates} == {ENROLLED[0], "after"}
+        # an edit of what was read: made while nothing else wrote, refused (ConflictError) once something did
+        read = face.get_identity("after")
+        edited = face.update_identity("after", metadata={"v": 1}, expected_updated_at=read.updated_at)
+        assert edited.metadata == {"v": 1}
+        with pytest.raises(ConflictError) as stale:
+            face.update_identity("after", metadata={"v": 2}, expected_updated_at=read.updated_at)
+        assert stale.value.code == "identity_changed" and stale.value.details.get("updated_at") == edited.updated_at
+        assert face.get_identity("after").metadata == {"v": 1}
+
+    async def run() -> None:
+        async with AsyncFaceClient(any_backend.url, ADMIN, collection=collection_name) as aface:
+            await aface.enroll(ENROLLED[2], blair[0], metadata={"a": {"b": 1, "c": 2}})
+            moved = await aface.update_identity(ENROLLED[2], rename_to="blair-2", metadata_patch={"a": {"c": None}})
+            assert (moved.identity_id, moved.metadata, moved.face_count) == ("blair-2", {"a": {"b": 1}}, 1)
+            assert (await aface.update_identity("blair-2", metadata={"k": "v"})).metadata == {"k": "v"}
+            with pytest.raises(ConflictError) as stale:
+                await aface.update_identity("blair-2", metadata={"k": "w"}, expected_updated_at=moved.updated_at)
+            assert stale.value.code == "identity_changed"
+            with pytest.raises(ConflictError) as taken:
+                await aface.update_identity("blair-2", rename_to="after")
+            assert taken.value.code == "identity_exists"
+            with pytest.raises(NotFoundError) as unknown:
+                await aface.update_identity(ENROLLED[2], rename_to="x")
+            assert unknown.value.code == "identity_not_found"
+            await aface.delete_collection(collection_name)
+
+    asyncio.run(run())
+
+
+def test_update_identity_refuses_an_invalid_new_id(embedded, collection_name):
+    """The new id keeps /enroll's rules and codes: an invisible character is invalid_identity_id, a '/' (not one
+    path segment: a schema violation) invalid_request; the identity is left as it was."""
+    with FaceClient(embedded.url, ADMIN, collection=collection_name) as face:
+        face.create_collection(collection_name)
+        face.enroll("kept", face_files(ENROLLED[0])[0])
+        for bad, code in (("a/b", "invalid_request"), ("a\u200bb", "invalid_identity_id")):
+            with pytest.raises(BadRequestError) as refused:
+                face.update_identity("kept", rename_to=bad)
+            assert (refused.value.code, refused.value.status) == (code, 422), bad
+        assert face.get_identity("kept").face_count == 1
+        face.delete_collection(collection_name)
+
+
+def test_update_identity_refuses_nothing_or_both_before_sending():
+    """None of rename_to/metadata/metadata_patch, or metadata and metadata_patch both: ValueError, and no
+    request (the client points at a port nothing listens on)."""
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    with FaceClient(nowhere, ADMIN, timeout=2) as face:
+        with pytest.raises(ValueError, match="rename_to, metadata or metadata_patch"):
+            face.update_identity("alice")
+        with pytest.raises(ValueError, match="not both"):
+            face.update_identity("alice", metadata={}, metadata_patch={"a": 1})
+        with pytest.raises(FaceConnectionError):  # an empty dict is a value: sent
+            face.update_identity("alice", metadata={})
+
+    async def run() -> None:
+        async with AsyncFaceClient(nowhere, ADMIN, timeout=2) as aface:
+            with pytest.raises(ValueError, match="not both"):
+                await aface.update_identity("alice", rename_to="bob", metadata={"a": 1}, metadata_patch={})
+
+    asyncio.run(run())
+
+
 def test_aliases_sync_and_async(any_backend, collection_name):
     """set/get/list/delete, a gallery call through the alias, and the alias errors as their classes."""
     old, new, alias = f"{collection_name}-old", f"{collection_name}-new", f"{collection_name}-live"

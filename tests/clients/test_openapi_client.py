@@ -23,7 +23,7 @@ METHODS = {
     "get_collection": "get_collection", "update_collection": "update_collection",
     "delete_collection": "delete_collection", "verify": "verify",
     "identify": "identify", "enroll": "enroll", "list_identities": "iter_identities", "get_identity": "get_identity",
-    "delete_identity": "delete_identity", "duplicates": "duplicates", "outliers": "outliers",
+    "update_identity": "update_identity", "delete_identity": "delete_identity", "duplicates": "duplicates", "outliers": "outliers",
     "merge_identity": "merge_identities", "move_face": "move_face", "delete_face": "delete_face", "cluster": "cluster",
     "set_alias": "set_alias", "get_alias": "get_alias", "list_aliases": "list_aliases", "delete_alias": "delete_alias",
     "migrate_collection": "migrate_collection", "list_jobs": "list_jobs", "get_job": "get_job",

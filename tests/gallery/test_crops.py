@@ -17,7 +17,7 @@ import psycopg
 import pytest
 
 from service.config import Settings
-from service.gallery.api import DEFAULT_COLLECTION, Galleries
+from service.gallery.api import DEFAULT_COLLECTION, Galleries, IdentityUpdate
 from service.gallery.crops import (
     CropAuthenticationFailed,
     CropCipher,
@@ -339,3 +339,19 @@ def test_postgres_migrations_apply_in_version_order_on_a_fresh_database(request,
             == sorted([*real, 99])
     finally:
         crops_backend.close(galleries)
+
+
+def test_a_renamed_identity_keeps_its_crops(crops_backend):
+    """Crops are sealed to collection + face id, not to the identity: a rename leaves them as they are,
+    readable under the new id (what a migration reads)."""
+    galleries = crops_backend.open()
+    galleries.create_collection("kept", keep_crops=True)
+    result, crops = _enroll(galleries, "kept", "alice", [41, 42])
+    gallery = galleries.collection("kept")
+    gallery.update_identity("alice", IdentityUpdate(new_id="alice.b"))
+    cipher = crops_backend.cipher()
+    kept = gallery.identity_crops(["alice", "alice.b"])
+    assert list(kept) == ["alice.b"] and [f for f, _, _ in kept["alice.b"]] == result.face_ids
+    for (face_id, blob, _), crop in zip(kept["alice.b"], crops):
+        assert blob is not None and cipher.open("kept", face_id, blob) == crop
+    assert [(f, i) for f, i, _ in gallery.iter_crops(0, 10)] == [(f, "alice.b") for f in result.face_ids]

@@ -10,7 +10,15 @@ import threading
 import numpy as np
 import pytest
 
-from service.gallery.api import AuditQuery, FaceNotFound, IdentityNotFound, TooManyFacesForIdentity
+from service.gallery.api import (
+    AuditQuery,
+    FaceNotFound,
+    IdentityChanged,
+    IdentityExists,
+    IdentityNotFound,
+    IdentityUpdate,
+    TooManyFacesForIdentity,
+)
 from service.model.calibration import counted_faces
 from tests.gallery import test_collections as shared
 from tests.gallery.test_collections import ALICE, BOB
@@ -205,3 +213,58 @@ def test_enrolls_into_the_target_while_merging_never_lose_a_face_or_overshoot(ga
     remaining = {s: 3 for s in sources if s not in merged}
     check_counts(galleries, col, {"target": len(target), **remaining})
     assert len(audit_of(galleries, "identity.merged")) == len(merged)
+
+
+def test_update_identity_renames_and_sets_metadata_in_one_audited_write(backend):
+    rng = np.random.default_rng(7)
+    g = backend()
+    g.create_collection("u")
+    col = g.collection("u")
+    a, other = unit(rng, 3), unit(rng, 1)
+    enrolled = col.enroll("a", a, metadata={"desk": 1, "team": "x"})
+    col.enroll("other", other)
+    before = col.get_identity("a")
+    assert before is not None
+
+    def edit(stored: dict) -> dict:
+        return {**stored, "desk": 2}
+
+    result = col.update_identity("a", IdentityUpdate(new_id="a2", metadata=edit), actor=ALICE)
+    assert result.changed and result.renamed_from == "a" and result.metadata_keys == ["desk"]
+    after = col.get_identity("a2")
+    assert after is not None and after == result.details and col.get_identity("a") is None
+    assert after.record.metadata == {"desk": 2, "team": "x"} and after.faces == before.faces  # ids, enrollment times
+    assert after.record.created_at == before.record.created_at and after.record.updated_at > before.record.updated_at
+    assert [f.face_id for f in after.faces] == enrolled.face_ids
+    for vector in a:  # the index answers with the new id
+        assert col.search(vector[None], 1)[0][0].identity_id == "a2"
+    check_counts(g, col, {"a2": 3, "other": 1})
+    [entry] = audit_of(g, "identity.updated")
+    assert (entry.collection, entry.identity_id, entry.key_id) == ("u", "a2", "key-alice")
+    assert entry.details == {"renamed_from": "a", "metadata_keys": ["desk"], "face_count": 3}
+    # refused: nothing written, no record
+    with pytest.raises(IdentityExists):
+        col.update_identity("a2", IdentityUpdate(new_id="other", metadata=lambda m: {"changed": True}), actor=ALICE)
+    with pytest.raises(IdentityNotFound):
+        col.update_identity("a", IdentityUpdate(new_id="a3"), actor=ALICE)
+
+    def refuse(stored: dict) -> dict:
+        raise ValueError("too large")
+
+    with pytest.raises(ValueError):
+        col.update_identity("a2", IdentityUpdate(new_id="a4", metadata=refuse), actor=ALICE)
+    assert col.get_identity("a2") == after and col.get_identity("a4") is None
+    # an edit from a stale read: IdentityChanged, nothing written
+    with pytest.raises(IdentityChanged) as stale:
+        col.update_identity("a2", IdentityUpdate(new_id="a5", expected_updated_at=before.record.updated_at))
+    assert stale.value.updated_at == after.record.updated_at and col.get_identity("a5") is None
+    # nothing to change: nothing written
+    same = col.update_identity("a2", IdentityUpdate(new_id="a2", metadata=lambda m: dict(m)), actor=ALICE)
+    assert not same.changed and same.details == after
+    assert len(audit_of(g, "identity.updated")) == 1
+    # a rename survives a reopen (embedded: the label map is built from the store)
+    g.close()
+    g = backend()
+    col = g.collection("u")
+    assert col.search(a[0][None], 1)[0][0].identity_id == "a2"
+    check_counts(g, col, {"a2": 3, "other": 1})

@@ -176,7 +176,8 @@ def test_the_write_fence_holds_writes_not_searches(service):
 def test_merges_moves_and_deletes_in_the_last_window_reach_the_copy(service, monkeypatch, mode):
     """Writes made after the last unfenced pass and before the fence (the window the fenced pass alone
     must bring over) of every kind: a merge (its source identity disappears), a face moved to a new
-    identity and out of its last one, a deleted face, a deleted identity, a new identity. ``changes``:
+    identity and out of its last one, a deleted face, a deleted identity, a rename (its old id
+    disappears), a new identity. ``changes``:
     the fenced pass syncs what A's audit log names since the last full pass; ``full``: a job without a
     full pass of its own to start from (resumed) lists both collections instead."""
     c = service
@@ -184,6 +185,7 @@ def test_merges_moves_and_deletes_in_the_last_window_reach_the_copy(service, mon
     for i, identity in enumerate(["p1", "p2", "p3", "p4", "p5", "p6"]):
         for face in range(2 if identity != "p6" else 1):
             enroll(c, "a", identity, 2 * i + face)
+    enroll(c, "a", "q", 14)  # renamed in the window: only its audit record's renamed_from names q
     faces_of = {}
     for identity in ("p3", "p5", "p6"):
         r = c.get(f"/collections/a/identities/{identity}")
@@ -197,7 +199,8 @@ def test_merges_moves_and_deletes_in_the_last_window_reach_the_copy(service, mon
                       w.post(f"/collections/a/faces/{faces_of['p3'][0]}/move", json={"identity_id": "p7"}),
                       w.post(f"/collections/a/faces/{faces_of['p6'][0]}/move", json={"identity_id": "p2"}),
                       w.delete(f"/collections/a/faces/{faces_of['p5'][0]}"),
-                      w.delete("/collections/a/identities/p4")):
+                      w.delete("/collections/a/identities/p4"),
+                      w.patch("/collections/a/identities/q", json={"identity_id": "q2", "metadata": {"desk": 9}})):
                 assert r.status_code == 200, r.text
             enroll(w, "a", "p8", 20)
         if mode == "full":
@@ -216,8 +219,10 @@ def test_merges_moves_and_deletes_in_the_last_window_reach_the_copy(service, mon
         time.sleep(0.05)
     assert job["state"] == "done", job
     assert job["progress"]["fenced_mode"] == mode, job["progress"]
-    expected = {"p2": 5, "p3": 1, "p5": 1, "p7": 1, "p8": 1}  # p1 merged away, p4 deleted, p6 moved out of
+    # p1 merged away, p4 deleted, p6 moved out of, q renamed q2
+    expected = {"p2": 5, "p3": 1, "p5": 1, "p7": 1, "p8": 1, "q2": 1}
     assert identities(c, "a") == expected
     assert identities(c, "b") == expected, "the copy differs from the source after the fenced pass"
-    if mode == "changes":  # what the audit named: p1, p2, p3, p4, p5, p6, p7, p8
-        assert job["progress"]["fenced_synced"] == 8, job["progress"]
+    assert c.get("/collections/b/identities/q2").json()["metadata"] == {"desk": 9}
+    if mode == "changes":  # what the audit named: p1, p2, p3, p4, p5, p6, p7, p8, q, q2
+        assert job["progress"]["fenced_synced"] == 10, job["progress"]

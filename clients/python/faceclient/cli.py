@@ -1,7 +1,8 @@
 """``face``: the service from the command line.
 
     face identify PHOTO...          face verify A B           face enroll DIR
-    face identities list|delete ID  face collections list|create NAME|delete NAME|retention NAME DAYS
+    face identities list|show ID|delete ID|update ID [--rename NEW] [--metadata JSON | --metadata-patch JSON]
+    face collections list|create NAME|delete NAME|retention NAME DAYS
     face keys create ROLE|list|revoke KEY_ID
     face aliases list|set NAME COLLECTION|delete NAME
     face duplicates [--job]         face outliers [--job]     face merge SRC INTO
@@ -19,6 +20,7 @@ import json
 import math
 import os
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -27,6 +29,7 @@ from pydantic import BaseModel
 
 from .client import FaceClient
 from .errors import FaceConnectionError, FaceServiceError, IncompatibleServerError
+from .models import Identity
 
 OK, API_ERROR, USAGE, CONNECTION = 0, 1, 2, 3
 
@@ -54,6 +57,27 @@ def _retention_days_or_none(text: str) -> float | None:
 
 def _kept(days: float | None) -> str:
     return "faces kept until deleted" if days is None else f"faces erased {days:g} days after enrollment"
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"must be a JSON object, not {text!r} ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object ({{...}}), not {text!r}")
+    return value
+
+
+def _when(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def _identity_lines(i: Identity) -> list[str]:
+    """The identity: its id, face count and metadata (compact JSON), then one line per face."""
+    return [f"{i.identity_id}\t{i.face_count} faces\tmetadata {json.dumps(i.metadata, ensure_ascii=False)}"] + [
+        f"face {f.face_id}\tenrolled {_when(f.enrolled_at)}\t"
+        + ("kept until deleted" if f.expires_at is None else f"expires {_when(f.expires_at)}") for f in i.faces]
 
 
 def _service_url(text: str) -> str:
@@ -87,9 +111,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     enroll.add_argument("--replace", action="store_true")
     enroll.add_argument("--concurrency", type=int, default=4)
 
-    identities = commands.add_parser("identities", help="list or delete identities").add_subparsers(dest="action", required=True)
+    identities = commands.add_parser("identities", help="list, show, update (rename, metadata) or delete "
+                                     "identities").add_subparsers(dest="action", required=True)
     identities.add_parser("list")
+    identities.add_parser("show", help="one identity: its metadata and faces").add_argument("identity_id")
     identities.add_parser("delete").add_argument("identity_id")
+    update = identities.add_parser("update", help="rename an identity, or replace or merge-patch its metadata")
+    update.add_argument("identity_id")
+    update.add_argument("--rename", metavar="NEW", help="its new id (its faces keep their ids)")
+    new_metadata = update.add_mutually_exclusive_group()
+    new_metadata.add_argument("--metadata", type=_json_object, metavar="JSON", help="replace its metadata")
+    new_metadata.add_argument("--metadata-patch", type=_json_object, metavar="JSON",
+                              help="an RFC 7396 merge patch of its metadata (a key set to null is removed)")
 
     collections = commands.add_parser("collections", help="list, create or delete collections, or set their "
                                       "retention").add_subparsers(dest="action", required=True)
@@ -136,7 +169,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     create.add_argument("--rate-limit-rps", type=float)
     keys.add_parser("list")
     keys.add_parser("revoke").add_argument("key_id")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.command == "identities" and args.action == "update" and \
+            args.rename is None and args.metadata is None and args.metadata_patch is None:
+        update.error("give --rename, --metadata or --metadata-patch")
+    return args
 
 
 def _plain(value: Any) -> Any:
@@ -169,6 +206,14 @@ def run(face: FaceClient, args: argparse.Namespace) -> tuple[Any, list[str]]:
         if args.action == "list":
             items = list(face.iter_identities(collection=c))
             return items, [f"{i.identity_id}\t{i.face_count} faces" for i in items]
+        if args.action == "show":
+            shown = face.get_identity(args.identity_id, collection=c)
+            return shown, _identity_lines(shown)
+        if args.action == "update":
+            u = face.update_identity(args.identity_id, rename_to=args.rename, metadata=args.metadata,
+                                     metadata_patch=args.metadata_patch, collection=c)
+            renamed = [f"renamed {args.identity_id} to {u.identity_id}"] if args.rename and u.identity_id != args.identity_id else []
+            return u, renamed + _identity_lines(u)
         d = face.delete_identity(args.identity_id, collection=c)
         return d, [f"deleted {d.identity_id}\t{d.deleted_faces} faces"]
     if args.command == "collections":

@@ -319,6 +319,20 @@ class _Base:
     def _identity(self, method: str, identity_id: str, collection: str | None) -> Call:
         return Call(method, f"{self._prefix(collection)}/identities/{quote(identity_id, safe='')}")
 
+    def _identity_update(self, identity_id: str, rename_to: str | None, metadata: dict[str, Any] | None,
+                         metadata_patch: dict[str, Any] | None, expected_updated_at: float | None,
+                         collection: str | None) -> Call:
+        """PATCH of the identity: refused here, before anything is sent, when it would change nothing or
+        both replace and patch the metadata (the service answers 422 invalid_request to either)."""
+        if rename_to is None and metadata is None and metadata_patch is None:
+            raise ValueError("update_identity needs rename_to, metadata or metadata_patch")
+        if metadata is not None and metadata_patch is not None:
+            raise ValueError("update_identity takes metadata (a replacement) or metadata_patch (a merge patch), "
+                             "not both")
+        return Call("PATCH", f"{self._prefix(collection)}/identities/{quote(identity_id, safe='')}", _drop_none(
+            {"identity_id": rename_to, "metadata": metadata, "metadata_patch": metadata_patch,
+             "expected_updated_at": expected_updated_at}))
+
     def _identities(self, cursor: str | None, page_size: int, collection: str | None) -> Call:
         return Call("GET", self._prefix(collection) + "/identities", params=_drop_none(
             {"limit": page_size, "cursor": cursor}))
@@ -532,6 +546,19 @@ class FaceClient(_Base):
     # --- identities ---------------------------------------------------------------------------------
     def get_identity(self, identity_id: str, *, collection: str | None = None) -> Identity:
         return self._do(self._identity("GET", identity_id, collection), Identity)
+
+    def update_identity(self, identity_id: str, *, rename_to: str | None = None,
+                        metadata: dict[str, Any] | None = None, metadata_patch: dict[str, Any] | None = None,
+                        expected_updated_at: float | None = None, collection: str | None = None) -> Identity:
+        """Rename the identity (``rename_to``: its faces keep their ids, vectors and enrollment times) and/or
+        set its metadata: ``metadata`` replaces it, ``metadata_patch`` is an RFC 7396 merge patch (a key set
+        to None is removed, dicts merge, anything else replaces); not both. Returns the identity as
+        :meth:`get_identity` does, under its new id. ValueError (nothing sent) when none of the three is
+        given or both metadata and metadata_patch are; ConflictError ``identity_exists`` when ``rename_to``
+        is another enrolled identity. ``expected_updated_at`` (an ``Identity.updated_at`` you read): made
+        only if nothing wrote to the identity since, else ConflictError ``identity_changed``. Needs a write key."""
+        return self._do(self._identity_update(identity_id, rename_to, metadata, metadata_patch, expected_updated_at,
+                                              collection), Identity)
 
     def delete_identity(self, identity_id: str, *, collection: str | None = None) -> IdentityDeleted:
         return self._do(self._identity("DELETE", identity_id, collection), IdentityDeleted)
@@ -899,6 +926,12 @@ class AsyncFaceClient(_Base):
 
     async def get_identity(self, identity_id: str, *, collection: str | None = None) -> Identity:
         return await self._do(self._identity("GET", identity_id, collection), Identity)
+
+    async def update_identity(self, identity_id: str, *, rename_to: str | None = None,
+                              metadata: dict[str, Any] | None = None, metadata_patch: dict[str, Any] | None = None,
+                              expected_updated_at: float | None = None, collection: str | None = None) -> Identity:
+        return await self._do(self._identity_update(identity_id, rename_to, metadata, metadata_patch,
+                                                    expected_updated_at, collection), Identity)
 
     async def delete_identity(self, identity_id: str, *, collection: str | None = None) -> IdentityDeleted:
         return await self._do(self._identity("DELETE", identity_id, collection), IdentityDeleted)

@@ -46,7 +46,8 @@ class NotFoundError(FaceServiceError):
 
 
 class ConflictError(FaceServiceError):
-    """409: the collection (or an alias) has the name, it is protected, or aliases point to it."""
+    """409: the collection (or an alias) has the name, it is protected, or aliases point to it; a rename's new
+    identity id is another enrolled identity (identity_exists)."""
 
 
 class BadRequestError(FaceServiceError):
@@ -79,7 +80,8 @@ _FAMILIES: dict[type[FaceServiceError], tuple[str, ...]] = {
     NotFoundError: ("identity_not_found", "collection_not_found", "key_not_found", "alias_not_found", "not_found",
                     "face_not_found", "model_not_found", "job_not_found"),
     ConflictError: ("collection_exists", "collection_protected", "collection_in_use", "crops_required",
-                    "crop_key_missing", "possible_duplicate", "no_source_crops", "job_running", "job_finished"),
+                    "crop_key_missing", "possible_duplicate", "no_source_crops", "job_running", "job_finished",
+                    "identity_exists", "identity_changed"),
     AuthError: ("unauthorized", "forbidden", "cross_origin_refused"),
     RateLimitedError: ("rate_limited",),
     UnavailableError: ("gallery_loading", "gallery_unavailable", "model_not_ready", "overloaded",

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from ..api import Actor, EnrollResult, GalleryStats, IdentityDetails, IdentityExists, IdentityRecord, Match, ReadTarget
-from ..results import MergeResult, MoveResult
+from ..results import IdentityUpdate, MergeResult, MoveResult, UpdateResult
 from .gallery import Gallery, ReadWriteLock
 
 
@@ -107,6 +107,10 @@ class EmbeddedGallery:
                          actor: Actor | None = None) -> MergeResult:
         with self._fence.read():
             return self.gallery.merge_identities(source_id, target_id, max_faces, actor)
+
+    def update_identity(self, identity_id: str, update: IdentityUpdate, actor: Actor | None = None) -> UpdateResult:
+        with self._fence.read():
+            return self.gallery.update_identity(identity_id, update, actor)
 
     def move_face(self, face_id: int, target_id: str, max_faces: int | None = None,
                   actor: Actor | None = None) -> MoveResult:

@@ -61,7 +61,7 @@ from ..api import (
     valid_collection_name,
 )
 from ..crops import CropCipher, CropsUnavailable
-from ..results import MergeResult, MoveResult
+from ..results import IdentityUpdate, MergeResult, MoveResult, UpdateResult
 from ..search import check_served
 from . import audit
 from .backend import EmbeddedGallery
@@ -751,6 +751,9 @@ class _CollectionHandle:
     def merge_identities(self, source_id: str, target_id: str, max_faces: int | None = None,
                          actor: Actor | None = None) -> MergeResult:
         return self._write(lambda g: g.merge_identities(source_id, target_id, max_faces, actor))
+
+    def update_identity(self, identity_id: str, update: IdentityUpdate, actor: Actor | None = None) -> UpdateResult:
+        return self._write(lambda g: g.update_identity(identity_id, update, actor))
 
     def move_face(self, face_id: int, target_id: str, max_faces: int | None = None,
                   actor: Actor | None = None) -> MoveResult:

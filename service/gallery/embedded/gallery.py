@@ -40,7 +40,15 @@ import numpy as np
 from ...model.calibration import FACES_COUNTED_PER_IDENTITY, counted_faces
 from ..api import DEFAULT_COLLECTION, Actor
 from ..crops import CropCipher
-from ..results import EnrollResult, IdentityDetails, IdentityRecord, MergeResult, MoveResult
+from ..results import (
+    EnrollResult,
+    IdentityDetails,
+    IdentityRecord,
+    IdentityUpdate,
+    MergeResult,
+    MoveResult,
+    UpdateResult,
+)
 from ..search import GalleryModelMismatch, Hit, Match, check_model, search_identities
 from .index import BackgroundSave, HnswIndex, SnapshotWriterStuck
 from .lock import DataDirLock, usable_data_dir
@@ -697,6 +705,17 @@ class Gallery:
             self.counted_faces += counted_faces(after) - counted_faces(before) - counted_faces(len(moved))
             self._changes += 1
         return MergeResult(target_id, len(moved), after)
+
+    def update_identity(self, identity_id: str, update: IdentityUpdate, actor: Actor | None = None) -> UpdateResult:
+        """A rename moves every face label to the new id, as a merge does; metadata lives in the store only."""
+        self._require_ready()
+        with self._lock.write():
+            result = self._live_store.update_identity(identity_id, update, actor, self.name)
+            if result.renamed_from is not None:
+                new_id = result.details.record.identity_id
+                self._label_identity.update((face.face_id, new_id) for face in result.details.faces)
+                self._changes += 1
+        return result
 
     def move_face(self, face_id: int, target_id: str, max_faces: int | None = None,
                   actor: Actor | None = None) -> MoveResult:

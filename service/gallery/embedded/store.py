@@ -23,15 +23,19 @@ from typing import cast
 
 import numpy as np
 
-from ..api import Actor, face_times
+from ..api import Actor, IdentityExists, face_times
 from ..crops import CropsUnavailable, Sealer
 from ..results import (
     FaceNotFound,
     FaceRecord,
+    IdentityChanged,
     IdentityDetails,
     IdentityNotFound,
     IdentityRecord,
+    IdentityUpdate,
     TooManyFacesForIdentity,
+    UpdateResult,
+    changed_keys,
 )
 from . import audit
 from .sqlite import checkpoint, write_transaction
@@ -79,6 +83,10 @@ def has_age_index(conn: sqlite3.Connection) -> bool:
 
 
 class _NothingToDelete(Exception):
+    pass
+
+
+class _Unchanged(Exception):
     pass
 
 
@@ -281,6 +289,47 @@ class Store:
                              {"merged_from": source_id, "faces_moved": len(moved), "face_count": before + len(moved)})
         return moved, before
 
+    def update_identity(self, identity_id: str, update: IdentityUpdate, actor: Actor | None = None,
+                        collection: str | None = None) -> UpdateResult:
+        """Rename and/or set the metadata (GalleryBackend.update_identity), in one transaction with its
+        identity.updated audit entry; nothing to change rolls back (no generation bump, no entry)."""
+        now = time.time()
+        try:
+            with self._transaction() as conn:
+                row = conn.execute("SELECT metadata, created_at, updated_at FROM identities WHERE identity_id = ?",
+                                   (identity_id,)).fetchone()
+                if row is None:
+                    raise IdentityNotFound(identity_id)
+                if update.expected_updated_at is not None and row[2] != update.expected_updated_at:
+                    raise IdentityChanged(identity_id, row[2])
+                before = json.loads(row[0])
+                after = before if update.metadata is None else update.metadata(before)
+                keys = changed_keys(before, after)
+                target = identity_id if update.new_id is None else update.new_id
+                if target == identity_id and not keys:
+                    raise _Unchanged
+                if target != identity_id:
+                    if conn.execute("SELECT 1 FROM identities WHERE identity_id = ?", (target,)).fetchone() is not None:
+                        raise IdentityExists(f"identity {target!r} is already enrolled")
+                    conn.execute("INSERT INTO identities(identity_id, metadata, created_at, updated_at) VALUES (?, ?, ?, ?)",
+                                 (target, json.dumps(after), row[1], now))
+                    conn.execute("UPDATE faces SET identity_id = ? WHERE identity_id = ?", (target, identity_id))
+                    conn.execute("DELETE FROM identities WHERE identity_id = ?", (identity_id,))
+                else:
+                    conn.execute("UPDATE identities SET metadata = ?, updated_at = ? WHERE identity_id = ?",
+                                 (json.dumps(after), now, identity_id))
+                details = cast(IdentityDetails, self._details(conn, target))
+                if actor is not None:
+                    audit.record(conn, now, "identity.updated", actor, collection, target,
+                                 {**({"renamed_from": identity_id} if target != identity_id else {}),
+                                  "metadata_keys": keys, "face_count": details.record.face_count})
+        except _Unchanged:
+            found = self.get_identity(identity_id)
+            if found is None:  # cannot happen: the writer is serialised by the caller
+                raise IdentityNotFound(identity_id) from None
+            return UpdateResult(found, None, [], False)
+        return UpdateResult(details, identity_id if target != identity_id else None, keys, True)
+
     def move_face(self, face_id: int, target_id: str, max_faces: int | None = None, actor: Actor | None = None,
                   collection: str | None = None) -> tuple[str, int, int, bool]:
         """Give one face to the target (created, metadata {}, if missing) and delete its source identity
@@ -380,7 +429,10 @@ class Store:
         return np.stack([np.frombuffer(r[0], dtype=np.float32) for r in rows]) if rows else np.zeros((0, 0), np.float32)
 
     def get_identity(self, identity_id: str) -> IdentityDetails | None:
-        conn = self._reader()
+        return self._details(self._reader(), identity_id)
+
+    @staticmethod
+    def _details(conn: sqlite3.Connection, identity_id: str) -> IdentityDetails | None:
         row = conn.execute(
             "SELECT identity_id, metadata, created_at, updated_at FROM identities WHERE identity_id = ?", (identity_id,)
         ).fetchone()

@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import numpy as np
 import psycopg
@@ -85,12 +85,16 @@ from ..results import (
     EnrollResult,
     FaceNotFound,
     FaceRecord,
+    IdentityChanged,
     IdentityDetails,
     IdentityNotFound,
     IdentityRecord,
+    IdentityUpdate,
     MergeResult,
     MoveResult,
     TooManyFacesForIdentity,
+    UpdateResult,
+    changed_keys,
 )
 from ..search import Hit, Match, check_served, search_identities
 from . import consistency
@@ -1575,6 +1579,41 @@ class PostgresGallery:
         self._read_counts(counts, time.monotonic())
         return MergeResult(target_id, moving, after)
 
+    def update_identity(self, identity_id: str, update: IdentityUpdate, actor: Actor | None = None) -> UpdateResult:
+        now = time.time()
+        with self._writing() as conn:
+            row = conn.execute("SELECT metadata, created_at, updated_at FROM identities WHERE collection_id = %s "
+                               "AND identity_id = %s FOR UPDATE", (self.collection_id, identity_id)).fetchone()
+            if row is None:
+                raise IdentityNotFound(identity_id)
+            if update.expected_updated_at is not None and row[2] != update.expected_updated_at:
+                raise IdentityChanged(identity_id, row[2])
+            before = json.loads(row[0])
+            after = before if update.metadata is None else update.metadata(before)
+            keys = changed_keys(before, after)
+            target = identity_id if update.new_id is None else update.new_id
+            if target == identity_id and not keys:  # nothing to write: the transaction changed nothing
+                return UpdateResult(cast(IdentityDetails, self._details(conn, identity_id)), None, [], False)
+            if target != identity_id:
+                # the new row first (the faces' foreign key needs it): taken already is IdentityExists
+                if conn.execute(
+                        "INSERT INTO identities (collection_id, identity_id, metadata, created_at, updated_at) "
+                        "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (collection_id, identity_id) DO NOTHING RETURNING 1",
+                        (self.collection_id, target, json.dumps(after), row[1], now)).fetchone() is None:
+                    raise IdentityExists(f"identity {target!r} is already enrolled")
+                conn.execute("UPDATE faces SET identity_id = %s WHERE collection_id = %s AND identity_id = %s",
+                             (target, self.collection_id, identity_id))
+                conn.execute("DELETE FROM identities WHERE collection_id = %s AND identity_id = %s",
+                             (self.collection_id, identity_id))
+            else:
+                conn.execute("UPDATE identities SET metadata = %s, updated_at = %s WHERE collection_id = %s "
+                             "AND identity_id = %s", (json.dumps(after), now, self.collection_id, identity_id))
+            details = cast(IdentityDetails, self._details(conn, target))
+            _audit(conn, actor, "identity.updated", now, self.name, target,
+                   {**({"renamed_from": identity_id} if target != identity_id else {}),
+                    "metadata_keys": keys, "face_count": details.record.face_count})
+        return UpdateResult(details, identity_id if target != identity_id else None, keys, True)
+
     def move_face(self, face_id: int, target_id: str, max_faces: int | None = None,
                   actor: Actor | None = None) -> MoveResult:
         now = time.time()
@@ -1712,17 +1751,17 @@ class PostgresGallery:
         return np.stack([_as_array(r[0]) for r in rows])
 
     def get_identity(self, identity_id: str) -> IdentityDetails | None:
-        def body(conn: psycopg.Connection) -> IdentityDetails | None:
-            row = conn.execute("SELECT identity_id, metadata, created_at, updated_at FROM identities "
-                               "WHERE collection_id = %s AND identity_id = %s", (self.collection_id, identity_id)).fetchone()
-            if row is None:
-                return None
-            faces = conn.execute("SELECT face_id, created_at FROM faces WHERE collection_id = %s AND identity_id = %s "
-                                 "ORDER BY face_id", (self.collection_id, identity_id)).fetchall()
-            record = IdentityRecord(row[0], json.loads(row[1]), len(faces), row[2], row[3])
-            return IdentityDetails(record, [FaceRecord(int(f), float(t)) for f, t in faces])
+        return self.galleries._read(lambda conn: self._details(conn, identity_id))  # noqa: SLF001
 
-        return self.galleries._read(body)  # noqa: SLF001
+    def _details(self, conn: psycopg.Connection, identity_id: str) -> IdentityDetails | None:
+        row = conn.execute("SELECT identity_id, metadata, created_at, updated_at FROM identities "
+                           "WHERE collection_id = %s AND identity_id = %s", (self.collection_id, identity_id)).fetchone()
+        if row is None:
+            return None
+        faces = conn.execute("SELECT face_id, created_at FROM faces WHERE collection_id = %s AND identity_id = %s "
+                             "ORDER BY face_id", (self.collection_id, identity_id)).fetchall()
+        record = IdentityRecord(row[0], json.loads(row[1]), len(faces), row[2], row[3])
+        return IdentityDetails(record, [FaceRecord(int(f), float(t)) for f, t in faces])
 
     def list_identities(self, limit: int, after: str | None) -> list[IdentityRecord]:
         """Keyset pagination by identity id: stable under concurrent inserts and deletes."""
