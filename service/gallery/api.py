@@ -365,7 +365,9 @@ class GalleryBackend(Protocol):
 
     def get_identity(self, identity_id: str) -> IdentityDetails | None: ...
 
-    def list_identities(self, limit: int, after: str | None) -> list[IdentityRecord]: ...
+    def list_identities(self, limit: int, after: str | None, prefix: str | None = None) -> list[IdentityRecord]:
+        """Up to ``limit`` identities after ``after`` in id order (keyset pages); with ``prefix`` only the
+        ids that start with it (a range of the id index: a page costs what an unfiltered one does)."""
 
     def stats(self) -> GalleryStats: ...
 

@@ -57,6 +57,28 @@ def problem(identity_id: str) -> str | None:
     return None
 
 
+def id_range(after: str | None, prefix: str | None) -> tuple[str, bool, str | None]:
+    """A page of ids as one range of the id index: (low, low included, high excluded or None). Ids sort
+    by code point on both backends (SQLite's BINARY and PostgreSQL's "C" compare UTF-8 bytes, whose
+    order is the code points', as Python's str does), so the ids that start with ``prefix`` are those
+    from ``prefix`` up to the prefix with its last character raised by one (past the surrogates, which
+    UTF-8 cannot hold); the page starts after ``after`` (the previous page's last id) or at the prefix,
+    whichever is later. One lower bound, so the index scan starts there, not at the first id."""
+    if not prefix:
+        return after or "", False, None
+    high = None
+    for end in range(len(prefix) - 1, -1, -1):
+        point = ord(prefix[end]) + 1
+        if 0xD800 <= point <= 0xDFFF:
+            point = 0xE000
+        if point <= 0x10FFFF:
+            high = prefix[:end] + chr(point)
+            break
+    if after is not None and after >= prefix:
+        return after, False, high
+    return prefix, True, high
+
+
 def find_identity(identity_id: str, fetch: Callable[[str], T | None]) -> tuple[str, T]:
     """The stored identity an id names, and the id it is stored under: the id as given (also one stored
     before these rules), else its NFC form, else its NFD form (what older versions stored of a name

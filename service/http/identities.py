@@ -182,9 +182,14 @@ async def list_identities(
     gallery: CollectionDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     cursor: Annotated[str | None, Query(description="next_cursor from the previous page")] = None,
+    prefix: Annotated[str | None, Query(min_length=1, max_length=MAX_LENGTH, pattern=r"^[^\x00]+$",
+                                        description="Only the ids that start "
+                                        "with this (after Unicode NFC, as ids are stored); pages as without it.")] = None,
 ) -> IdentityPage:
-    """Identities ordered by id, paginated with a cursor (stable while others enroll or delete)."""
-    records = await run_in_threadpool(gallery.list_identities, limit + 1, cursor)
+    """Identities ordered by id, paginated with a cursor (stable while others enroll or delete); with
+    `prefix`, only those whose id starts with it (a range of the id index: a page costs the same)."""
+    prefix = None if prefix is None else unicodedata.normalize("NFC", prefix)
+    records = await run_in_threadpool(gallery.list_identities, limit + 1, cursor, prefix)
     more = len(records) > limit
     records = records[:limit]
     return IdentityPage(

@@ -126,6 +126,8 @@ def test_cli_identities_show_and_update(embedded, collection_name):
                                '{"name": "Zoë"}').stdout)
     assert replaced["metadata"] == {"name": "Zoë"}
     assert json.loads(face(embedded, *c, "--json", "identities", "show", "cli-after").stdout) == replaced
+    by_prefix = face(embedded, *c, "identities", "list", "--prefix", "cli-")
+    assert by_prefix.returncode == 0 and by_prefix.stdout.splitlines() == ["cli-after\t2 faces"], by_prefix
 
     taken = face(embedded, *c, "--json", "identities", "update", "cli-after", "--rename", ENROLLED[1])
     assert taken.returncode == 1

@@ -307,6 +307,7 @@ def test_update_identity_sync_and_async(any_backend, collection_name):
         assert unknown.value.code == "identity_not_found" and unknown.value.status == 404
         updates = [e for e in face.iter_audit(collection=collection_name) if e.action == "identity.updated"]
         assert len(updates) == 5 and {e.identity_id for e in updates} == {ENROLLED[0], "after"}
+        assert [i.identity_id for i in face.iter_identities(prefix="aft", page_size=1)] == ["after"]
         # an edit of what was read: made while nothing else wrote, refused (ConflictError) once something did
         read = face.get_identity("after")
         edited = face.update_identity("after", metadata={"v": 1}, expected_updated_at=read.updated_at)

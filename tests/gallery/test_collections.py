@@ -774,3 +774,29 @@ def test_stuck_snapshot_writer_is_killed_and_never_stalls_other_collections(tmp_
             assert g.collection(name).search(v, 1)[0][0].identity_id == {"stuck": "a", "other": "b"}[name]
     finally:
         g.close()
+
+
+def test_identities_listed_by_prefix_page_through_exactly_the_ids_that_start_with_it(galleries):
+    """``list_identities(prefix=)``: every id that starts with the prefix, in id order, paged by the last
+    id, and no other, on both backends; the range's edges are code points that sort differently as
+    UTF-16 or in a locale (accents, the last BMP character, one past it, the last code point)."""
+    rng = np.random.default_rng(3)
+    ids = ["a", "ab", "abc", "ab\uffff", "ab\U00010000", "ab\U0010ffff", "ab\U0010ffffz", "ac", "aB", "b",
+           "é", "éa", "e\u0301", "\ud7ffx", "\ue000", "emp-001", "emp-002", "emp-1", "emp", "emq", "em"]
+    col = galleries.collection(DEFAULT_COLLECTION)
+    for identity in ids:
+        col.enroll(identity, unit(rng, 1))
+    for prefix in ["ab", "a", "emp-", "emp", "é", "\ud7ff", "ab\U0010ffff", "ab\uffff", "zz", "\U0010ffff"]:
+        expected = sorted(i for i in ids if i.startswith(prefix))
+        for limit in (1, 2, 50):
+            got, after = [], None
+            while True:
+                page = col.list_identities(limit, after, prefix)
+                got += [r.identity_id for r in page]
+                if len(page) < limit:
+                    break
+                after = page[-1].identity_id
+            assert got == expected, (prefix, limit)
+    # a cursor before the prefix's range starts at the prefix; one past it ends the listing
+    assert [r.identity_id for r in col.list_identities(10, "a", "emp-")] == ["emp-001", "emp-002", "emp-1"]
+    assert col.list_identities(10, "emq", "emp-") == []

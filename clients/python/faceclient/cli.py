@@ -113,7 +113,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
     identities = commands.add_parser("identities", help="list, show, update (rename, metadata) or delete "
                                      "identities").add_subparsers(dest="action", required=True)
-    identities.add_parser("list")
+    identities.add_parser("list").add_argument("--prefix", help="only the ids that start with this")
     identities.add_parser("show", help="one identity: its metadata and faces").add_argument("identity_id")
     identities.add_parser("delete").add_argument("identity_id")
     update = identities.add_parser("update", help="rename an identity, or replace or merge-patch its metadata")
@@ -204,7 +204,7 @@ def run(face: FaceClient, args: argparse.Namespace) -> tuple[Any, list[str]]:
         return s, lines
     if args.command == "identities":
         if args.action == "list":
-            items = list(face.iter_identities(collection=c))
+            items = list(face.iter_identities(prefix=args.prefix, collection=c))
             return items, [f"{i.identity_id}\t{i.face_count} faces" for i in items]
         if args.action == "show":
             shown = face.get_identity(args.identity_id, collection=c)

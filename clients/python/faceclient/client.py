@@ -333,9 +333,9 @@ class _Base:
             {"identity_id": rename_to, "metadata": metadata, "metadata_patch": metadata_patch,
              "expected_updated_at": expected_updated_at}))
 
-    def _identities(self, cursor: str | None, page_size: int, collection: str | None) -> Call:
+    def _identities(self, cursor: str | None, page_size: int, prefix: str | None, collection: str | None) -> Call:
         return Call("GET", self._prefix(collection) + "/identities", params=_drop_none(
-            {"limit": page_size, "cursor": cursor}))
+            {"limit": page_size, "cursor": cursor, "prefix": prefix}))
 
     @staticmethod
     def _collection_create(name: str, keep_crops: bool, model: str | None, retention_days: float | None) -> Call:
@@ -563,11 +563,13 @@ class FaceClient(_Base):
     def delete_identity(self, identity_id: str, *, collection: str | None = None) -> IdentityDeleted:
         return self._do(self._identity("DELETE", identity_id, collection), IdentityDeleted)
 
-    def iter_identities(self, *, page_size: int = 100, collection: str | None = None) -> Iterator[IdentitySummary]:
-        """Every identity, by id, fetching one page at a time as the iteration reaches it."""
+    def iter_identities(self, *, page_size: int = 100, prefix: str | None = None,
+                        collection: str | None = None) -> Iterator[IdentitySummary]:
+        """Every identity (``prefix``: whose id starts with it), by id, fetching one page at a time as the
+        iteration reaches it."""
         cursor: str | None = None
         while True:
-            page = self._do(self._identities(cursor, page_size, collection), IdentityPage)
+            page = self._do(self._identities(cursor, page_size, prefix, collection), IdentityPage)
             yield from page.items
             if page.next_cursor is None:
                 return
@@ -936,11 +938,11 @@ class AsyncFaceClient(_Base):
     async def delete_identity(self, identity_id: str, *, collection: str | None = None) -> IdentityDeleted:
         return await self._do(self._identity("DELETE", identity_id, collection), IdentityDeleted)
 
-    async def iter_identities(self, *, page_size: int = 100,
+    async def iter_identities(self, *, page_size: int = 100, prefix: str | None = None,
                               collection: str | None = None) -> AsyncIterator[IdentitySummary]:
         cursor: str | None = None
         while True:
-            page = await self._do(self._identities(cursor, page_size, collection), IdentityPage)
+            page = await self._do(self._identities(cursor, page_size, prefix, collection), IdentityPage)
             for item in page.items:
                 yield item
             if page.next_cursor is None:

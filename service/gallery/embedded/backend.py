@@ -92,8 +92,8 @@ class EmbeddedGallery:
     def get_identity(self, identity_id: str) -> IdentityDetails | None:
         return self.gallery.get_identity(identity_id)
 
-    def list_identities(self, limit: int, after: str | None) -> list[IdentityRecord]:
-        return self.gallery.list_identities(limit, after)
+    def list_identities(self, limit: int, after: str | None, prefix: str | None = None) -> list[IdentityRecord]:
+        return self.gallery.list_identities(limit, after, prefix)
 
     def stats(self) -> GalleryStats:
         extra = self.gallery.stats()  # a fresh dict of ints: the core counts are taken out of it

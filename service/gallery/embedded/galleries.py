@@ -739,8 +739,8 @@ class _CollectionHandle:
     def get_identity(self, identity_id: str) -> IdentityDetails | None:
         return self._run(lambda g: g.get_identity(identity_id))
 
-    def list_identities(self, limit: int, after: str | None) -> list[IdentityRecord]:
-        return self._run(lambda g: g.list_identities(limit, after))
+    def list_identities(self, limit: int, after: str | None, prefix: str | None = None) -> list[IdentityRecord]:
+        return self._run(lambda g: g.list_identities(limit, after, prefix))
 
     def stats(self) -> GalleryStats:
         return self._run(lambda g: g.stats())

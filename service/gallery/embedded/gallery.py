@@ -773,8 +773,8 @@ class Gallery:
     def get_identity(self, identity_id: str) -> IdentityDetails | None:
         return self._live_store.get_identity(identity_id)
 
-    def list_identities(self, limit: int, after: str | None) -> list[IdentityRecord]:
-        return self._live_store.list_identities(limit, after)
+    def list_identities(self, limit: int, after: str | None, prefix: str | None = None) -> list[IdentityRecord]:
+        return self._live_store.list_identities(limit, after, prefix)
 
     def expired_faces(self, enrolled_before: float, limit: int) -> list[int]:
         return self._live_store.expired_faces(enrolled_before, limit)

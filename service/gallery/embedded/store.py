@@ -25,6 +25,7 @@ import numpy as np
 
 from ..api import Actor, IdentityExists, face_times
 from ..crops import CropsUnavailable, Sealer
+from ..identity_ids import id_range
 from ..results import (
     FaceNotFound,
     FaceRecord,
@@ -444,14 +445,16 @@ class Store:
         record = IdentityRecord(row[0], json.loads(row[1]), len(faces), row[2], row[3])
         return IdentityDetails(record, [FaceRecord(int(f), float(t)) for f, t in faces])
 
-    def list_identities(self, limit: int, after: str | None) -> list[IdentityRecord]:
-        """Keyset pagination by identity id: stable under concurrent inserts and deletes."""
-        conn = self._reader()
-        rows = conn.execute(
+    def list_identities(self, limit: int, after: str | None, prefix: str | None = None) -> list[IdentityRecord]:
+        """Keyset pagination by identity id: stable under concurrent inserts and deletes; ``prefix``: a
+        range of the id index (identity_ids.id_range), as a page without one."""
+        low, inclusive, high = id_range(after, prefix)
+        rows = self._reader().execute(
             "SELECT i.identity_id, i.metadata, i.created_at, i.updated_at, "
             "(SELECT COUNT(*) FROM faces f WHERE f.identity_id = i.identity_id) "
-            "FROM identities i WHERE i.identity_id > ? ORDER BY i.identity_id LIMIT ?",
-            (after or "", limit),
+            f"FROM identities i WHERE i.identity_id {'>=' if inclusive else '>'} ?"
+            f"{'' if high is None else ' AND i.identity_id < ?'} ORDER BY i.identity_id LIMIT ?",
+            (low, *(() if high is None else (high,)), limit),
         ).fetchall()
         return [IdentityRecord(r[0], json.loads(r[1]), r[4], r[2], r[3]) for r in rows]
 

@@ -81,6 +81,7 @@ from ..api import (
 )
 from ..crops import CropCipher, CropsUnavailable
 from ..ef import AUTO, search_ef
+from ..identity_ids import id_range
 from ..results import (
     EnrollResult,
     FaceNotFound,
@@ -1763,13 +1764,17 @@ class PostgresGallery:
         record = IdentityRecord(row[0], json.loads(row[1]), len(faces), row[2], row[3])
         return IdentityDetails(record, [FaceRecord(int(f), float(t)) for f, t in faces])
 
-    def list_identities(self, limit: int, after: str | None) -> list[IdentityRecord]:
-        """Keyset pagination by identity id: stable under concurrent inserts and deletes."""
+    def list_identities(self, limit: int, after: str | None, prefix: str | None = None) -> list[IdentityRecord]:
+        """Keyset pagination by identity id: stable under concurrent inserts and deletes; ``prefix``: a
+        range of the primary key (identity_ids.id_range), as a page without one."""
+        low, inclusive, high = id_range(None if after is None else _before_nul(after),
+                                        None if prefix is None else _before_nul(prefix))
         rows = self.galleries._read(lambda conn: conn.execute(  # noqa: SLF001
             "SELECT i.identity_id, i.metadata, i.created_at, i.updated_at, "
             "(SELECT count(*) FROM faces f WHERE f.collection_id = i.collection_id AND f.identity_id = i.identity_id) "
-            "FROM identities i WHERE i.collection_id = %s AND i.identity_id > %s ORDER BY i.identity_id LIMIT %s",
-            (self.collection_id, _before_nul(after or ""), limit),
+            f"FROM identities i WHERE i.collection_id = %s AND i.identity_id {'>=' if inclusive else '>'} %s"
+            f"{'' if high is None else ' AND i.identity_id < %s'} ORDER BY i.identity_id LIMIT %s",
+            (self.collection_id, low, *(() if high is None else (high,)), limit),
         ).fetchall())
         return [IdentityRecord(r[0], json.loads(r[1]), int(r[4]), r[2], r[3]) for r in rows]
 

@@ -39,6 +39,8 @@ const ERROR_MESSAGES = {
   wrong_dimension: "An embedding has the wrong number of values for this model.",
   invalid_embedding: "An embedding is not usable (NaN, infinite or zero).",
   identity_not_found: "No identity with this id is enrolled.",
+  identity_exists: "Another enrolled identity already has this id: pick another (or merge the two instead).",
+  identity_changed: "Someone changed this identity since you opened it; nothing was saved. Close and edit it again to start from what is stored now.",
   face_not_found: "No face with this id is enrolled in this collection (it may have been deleted or moved meanwhile).",
   same_identity: "The two identities are the same one: pick another.",
   invalid_identity_id: "This identity id is not allowed (1-128 characters, no \"/\", nothing invisible, not blank).",
@@ -642,35 +644,23 @@ async function enroll(event) {
 // --- Gallery -----------------------------------------------------------------------------------------
 const gallery = { cursors: [null], page: 0, next: null, query: "", limit: 20 };
 
-async function searchPrefix(query) {
-  // ids sort bytewise and every longer id with this prefix sorts after the prefix itself
-  const items = [];
-  const action = `list the identities of ${quoted(collection())}`;
-  try {
-    items.push(await api(inCollection(`identities/${encodeURIComponent(query)}`), { action }));
-  } catch (err) {
-    if (err.code !== "identity_not_found" && err.code !== "not_found" && err.code !== "invalid_request") throw err;
-  }
-  const page = await api(inCollection(`identities?limit=${gallery.limit}&cursor=${encodeURIComponent(query)}`), { action });
-  items.push(...page.items.filter((item) => item.identity_id.startsWith(query)));
-  return { items, next_cursor: null };
-}
 
 async function loadGallery() {
   const status = $("gallery-status");
   const body = $("gallery-table").tBodies[0];
   say(status, "Loading...");
   try {
+    // a search is the ids that start with the query (prefix=: a range of the id index), paged as the rest
     const cursor = gallery.cursors[gallery.page];
-    const page = gallery.query
-      ? await searchPrefix(gallery.query)
-      : await api(inCollection(`identities?limit=${gallery.limit}` + (cursor ? `&cursor=${encodeURIComponent(cursor)}` : "")),
-        { action: `list the identities of ${quoted(collection())}` });
+    const page = await api(inCollection(`identities?limit=${gallery.limit}`
+      + (gallery.query ? `&prefix=${encodeURIComponent(gallery.query)}` : "")
+      + (cursor ? `&cursor=${encodeURIComponent(cursor)}` : "")),
+    { action: `list the identities of ${quoted(collection())}` });
     gallery.next = page.next_cursor;
     body.replaceChildren(...page.items.map(galleryRow));
-    $("gallery-prev").disabled = gallery.page === 0 || !!gallery.query;
+    $("gallery-prev").disabled = gallery.page === 0;
     $("gallery-next").disabled = !gallery.next;
-    $("gallery-page").textContent = gallery.query ? `ids starting with "${gallery.query}"` : `page ${gallery.page + 1}`;
+    $("gallery-page").textContent = (gallery.query ? `ids starting with "${gallery.query}", ` : "") + `page ${gallery.page + 1}`;
     $("gallery-title").textContent = `Gallery: ${quoted(collection())}`;
     say(status, page.items.length ? `${page.items.length} identit${page.items.length === 1 ? "y" : "ies"} shown.` : "No identities.");
   } catch (err) {
@@ -680,16 +670,23 @@ async function loadGallery() {
 
 function galleryRow(item) {
   const metadata = item.metadata && Object.keys(item.metadata).length ? JSON.stringify(item.metadata) : "";
-  const remove = el("button", { type: "button", class: "danger small", text: "Delete", "aria-label": `Delete ${item.identity_id}` });
-  remove.addEventListener("click", () => confirmDelete(item));
   const faces = el("button", { type: "button", class: "ghost small", text: "Faces", "aria-label": `Faces of ${item.identity_id}` });
   faces.addEventListener("click", () => showIdentity(item.identity_id));
+  const buttons = [faces];
+  if (canWrite()) { // a read key sees the identities, not the buttons that change them
+    const edit = el("button", { type: "button", class: "ghost small", text: "Edit", "aria-label": `Edit ${item.identity_id}`,
+      "data-action": "edit" });
+    edit.addEventListener("click", () => openEdit(item.identity_id));
+    const remove = el("button", { type: "button", class: "danger small", text: "Delete", "aria-label": `Delete ${item.identity_id}` });
+    remove.addEventListener("click", () => confirmDelete(item));
+    buttons.unshift(remove, edit); // Delete stays first, where it always was
+  }
   return el("tr", { "data-id": item.identity_id },
     el("th", { scope: "row", text: item.identity_id }),
     el("td", { text: String(item.face_count) }),
     el("td", { class: "meta", text: metadata }),
     el("td", { text: item.updated_at ? new Date(item.updated_at * 1000).toLocaleString() : "" }),
-    el("td", { class: "row-actions" }, remove, faces));
+    el("td", { class: "row-actions" }, ...buttons));
 }
 
 function confirmDelete(item) {
@@ -735,6 +732,12 @@ function setupHygiene() {
     $("gallery-identity").hidden = true;
   });
   $("identity-merge").addEventListener("click", () => hygiene.identity && askMerge(hygiene.identity));
+  $("identity-edit").addEventListener("click", () => hygiene.identity && openEdit(hygiene.identity));
+  $("edit-form").addEventListener("submit", saveEdit);
+  $("edit-cancel").addEventListener("click", () => $("edit-dialog").close());
+  $("edit-dialog").addEventListener("close", () => {
+    if (editing.opener && editing.opener.isConnected) editing.opener.focus(); // back where the edit began
+  });
   $("hygiene-confirm").addEventListener("click", (event) => {
     if (!$("hygiene-target-field").hidden && !$("hygiene-target").value.trim()) {
       event.preventDefault(); // no target typed yet: the dialog stays open
@@ -877,8 +880,10 @@ async function showIdentity(identityId) {
       { action: `read identities of ${quoted(collection())}` });
     $("identity-title").textContent = `Faces of ${r.identity_id}`;
     $("identity-summary").textContent = `${r.face_count} face(s). The service keeps embeddings, not photos: faces are listed by id.`;
+    $("identity-metadata").textContent = r.metadata && Object.keys(r.metadata).length ? JSON.stringify(r.metadata) : "none";
     const write = canWrite();
     $("identity-merge").hidden = !write;
+    $("identity-edit").hidden = !write;
     $("identity-faces").tBodies[0].replaceChildren(...r.face_ids.map((faceId) => el("tr", { "data-id": String(faceId) },
       el("th", { scope: "row", class: "mono", text: String(faceId) }),
       el("td", { class: "row-actions" }, ...(write ? [
@@ -890,6 +895,99 @@ async function showIdentity(identityId) {
     if (err.code === "identity_not_found") hygiene.identity = null;
     panel.hidden = true;
     galleryStatus(err.readable, "error");
+  }
+}
+
+// --- Gallery: edit an identity (PATCH identities/{id}): rename it, replace its metadata -------------
+// The dialog sends only what changed: identity_id when the id differs, metadata (the whole object, which
+// replaces the stored one) when the JSON means something else than what the service gave. Invalid JSON
+// is refused here; the service's refusals (identity_exists, invalid_identity_id, invalid_metadata,
+// metadata_too_large) are shown in the dialog, which stays open.
+const editing = { identity: null, metadata: {}, updatedAt: null, opener: null };
+
+// the same JSON value, whatever the order of the keys
+function sameJson(a, b) {
+  if (a === b) return true;
+  if (typeof a !== "object" || typeof b !== "object" || a === null || b === null) return false;
+  if (Array.isArray(a) !== Array.isArray(b)) return false;
+  const keys = Object.keys(a);
+  return keys.length === Object.keys(b).length
+    && keys.every((key) => Object.prototype.hasOwnProperty.call(b, key) && sameJson(a[key], b[key]));
+}
+
+async function openEdit(identityId) {
+  const opener = document.activeElement;
+  let r;
+  try { // read afresh: the metadata sent back replaces the stored one, so it must be the stored one
+    r = await api(inCollection(`identities/${encodeURIComponent(identityId)}`),
+      { action: `read identities of ${quoted(collection())}` });
+  } catch (err) {
+    return galleryStatus(err.readable, "error");
+  }
+  Object.assign(editing, { identity: r.identity_id, metadata: r.metadata || {}, updatedAt: r.updated_at, opener });
+  $("edit-title").textContent = `Edit ${r.identity_id}`;
+  $("edit-id").value = r.identity_id;
+  $("edit-metadata").value = JSON.stringify(editing.metadata, null, 2);
+  say($("edit-error"), "");
+  $("edit-save").disabled = false;
+  $("edit-dialog").showModal();
+  $("edit-id").focus();
+}
+
+function editRefused(message, field) {
+  say($("edit-error"), message, "error");
+  $(field).focus();
+  $("edit-error").scrollIntoView({ block: "nearest" }); // a phone's dialog scrolls: the reason stays in sight
+}
+
+async function saveEdit(event) {
+  event.preventDefault();
+  const newId = $("edit-id").value.trim();
+  const text = $("edit-metadata").value.trim();
+  if (!newId) return editRefused("Give the identity an id.", "edit-id");
+  let metadata = {};
+  if (text) {
+    try {
+      metadata = JSON.parse(text);
+    } catch (err) {
+      return editRefused(`The metadata is not valid JSON (${err.message}); nothing was saved.`, "edit-metadata");
+    }
+    if (typeof metadata !== "object" || metadata === null || Array.isArray(metadata)) {
+      return editRefused("The metadata must be a JSON object ({...}), not a list, text or number; nothing was saved.", "edit-metadata");
+    }
+  }
+  const from = editing.identity;
+  const body = {};
+  if (newId !== from) body.identity_id = newId;
+  if (!sameJson(metadata, editing.metadata)) body.metadata = metadata;
+  if (!Object.keys(body).length) {
+    $("edit-dialog").close();
+    return galleryStatus(`Nothing changed in ${from}.`);
+  }
+  say($("edit-error"), "Saving...");
+  $("edit-save").disabled = true;
+  try { // only if nothing wrote to it since the dialog read it: the whole metadata sent must not undo a change
+    const r = await api(inCollection(`identities/${encodeURIComponent(from)}`), { method: "PATCH",
+      json: { ...body, expected_updated_at: editing.updatedAt },
+      action: `edit identities in ${quoted(collection())}` });
+    if (hygiene.identity === from) hygiene.identity = r.identity_id;
+    if (gallery.query && !r.identity_id.startsWith(gallery.query)) { // the search follows the new id
+      Object.assign(gallery, { query: r.identity_id, page: 0, cursors: [null] });
+      $("gallery-query").value = r.identity_id;
+    }
+    $("edit-dialog").close();
+    await refreshHygiene();
+    const what = [body.identity_id !== undefined ? `renamed from ${from}` : "", body.metadata !== undefined ? "metadata replaced" : ""];
+    galleryStatus(`Saved ${r.identity_id}: ${what.filter(Boolean).join(", ")}.`, "ok");
+    const row = [...$("gallery-table").tBodies[0].rows].find((tr) => tr.dataset.id === r.identity_id);
+    const again = row && row.querySelector("button[data-action=edit]");
+    if (editing.opener && !editing.opener.isConnected && again) again.focus(); // the old row was redrawn
+  } catch (err) {
+    if (!$("edit-dialog").open) return galleryStatus(err.readable, "error"); // closed meanwhile (Escape)
+    const field = ["invalid_metadata", "metadata_too_large"].includes(err.code) ? "edit-metadata" : "edit-id";
+    editRefused(err.readable, field);
+  } finally {
+    $("edit-save").disabled = false;
   }
 }
 
@@ -1415,7 +1513,7 @@ async function start() {
   $("enroll-form").addEventListener("submit", enroll);
   $("gallery-search").addEventListener("submit", (event) => {
     event.preventDefault();
-    gallery.query = $("gallery-query").value.trim();
+    Object.assign(gallery, { query: $("gallery-query").value.trim(), page: 0, cursors: [null] });
     loadGallery();
   });
   $("gallery-all").addEventListener("click", () => {
