@@ -46,6 +46,7 @@ class ErrorCode(str, Enum):
     invalid_metadata = "invalid_metadata"
     metadata_too_large = "metadata_too_large"
     too_many_faces_for_identity = "too_many_faces_for_identity"
+    too_many_faces_for_collection = "too_many_faces_for_collection"
     implausible_face = "implausible_face"
     face_not_found = "face_not_found"
     same_identity = "same_identity"
@@ -115,6 +116,7 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.invalid_metadata: 422,
     ErrorCode.metadata_too_large: 413,
     ErrorCode.too_many_faces_for_identity: 413,
+    ErrorCode.too_many_faces_for_collection: 413,
     ErrorCode.implausible_face: 422,
     ErrorCode.face_not_found: 404,
     ErrorCode.same_identity: 422,

@@ -110,9 +110,10 @@ class ServiceState:
         """The 1:N decision for one collection: it follows that collection's own size, never the others',
         and its own model's impostor tail."""
         return self.served_for(gallery).decision_for(
-            GalleryCounts(gallery.identity_count, gallery.face_count, gallery.counted_faces), requested)
+            GalleryCounts(gallery.identity_count, gallery.face_count, gallery.counted_faces), requested,
+            gallery.identify_fpir)
 
     def decision_for(self, counts: GalleryCounts, requested: float | None = None,
-                     served: ServedModel | None = None) -> IdentifyThreshold:
+                     served: ServedModel | None = None, fpir: float | None = None) -> IdentifyThreshold:
         # 1:N needs a stricter threshold than 1:1, rising with gallery size; see service.gallery.openset
-        return (served or self.models.default).decision_for(counts, requested)
+        return (served or self.models.default).decision_for(counts, requested, fpir)

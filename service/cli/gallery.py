@@ -65,6 +65,7 @@ from ..gallery.api import (
     GalleryUnavailable,
     IdentityExists,
     StorageFull,
+    TooManyFacesForCollection,
 )
 from ..gallery.crops import CropKeyError, encode_crop
 from ..gallery.embedded.lock import DataDirLocked, DataDirUnusable
@@ -539,7 +540,8 @@ def main(argv: list[str]) -> int:
                       "identities": done.identities, "faces": done.faces, "skipped_existing": len(done.skipped)}
     except (GalleryFileError, GalleryModelMismatch, GalleryUnavailable, CollectionNotFound, CollectionExists,
             AliasNotFound, CommandError, CropKeyError,  # CropKeyError: a key that does not open the crops
-            DataDirLocked, DataDirUnusable, StorageFull) as exc:
+            DataDirLocked, DataDirUnusable, StorageFull,
+            TooManyFacesForCollection) as exc:  # the batches before it are in: raise max_faces, import again
         return fail(exc)
     except OSError as exc:  # a file that went away or could not be written after the checks: no traceback
         return fail(exc)

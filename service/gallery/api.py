@@ -53,7 +53,7 @@ import re
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -68,6 +68,7 @@ from .results import (
     IdentityUpdate,
     MergeResult,
     MoveResult,
+    TooManyFacesForCollection,
     TooManyFacesForIdentity,
     UpdateResult,
 )
@@ -80,13 +81,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "COLLECTION_NAME_PATTERN", "DEFAULT_COLLECTION", "Actor",
+    "COLLECTION_NAME_PATTERN", "COLLECTION_SETTINGS", "DEFAULT_COLLECTION", "Actor", "updated_settings",
     "AliasInfo", "AliasNotFound", "CollectionInUse", "AuditEntry", "AuditQuery", "CollectionExists",
     "CollectionInfo", "CollectionNotFound", "CollectionProtected", "Galleries", "KeyExists", "StoredKey",
     "valid_collection_name",
     "EnrollResult", "FaceRecord", "GalleryBackend", "GalleryBusy", "GalleryModelMismatch", "GalleryStats",
     "GalleryUnavailable", "StorageFull", "IdentityDetails", "IdentityExists", "IdentityRecord", "Match", "ReadTarget",
-    "TooManyFacesForIdentity", "check_model", "group_by_identity", "search_identities",
+    "TooManyFacesForCollection", "TooManyFacesForIdentity", "check_model", "group_by_identity", "search_identities",
     "FaceNotFound", "IdentityChanged", "IdentityNotFound", "IdentityUpdate", "MergeResult", "MoveResult", "UpdateResult",
 ]
 
@@ -208,6 +209,22 @@ class CollectionInfo:
     keep_crops: bool = False  # each face enrolled from an image keeps its aligned crop, encrypted (crops.py)
     dim: int = 0  # the embedding size of its model (model_id): each collection is pinned to one model
     retention_days: float | None = None  # each face is erased this long after it was enrolled (None: kept)
+    max_faces: int | None = None  # a write that would leave it more faces is refused (None: no limit)
+    identify_fpir: float | None = None  # its open-set threshold's target FPIR (None: FACE_IDENTIFY_FPIR)
+
+
+# what an admin sets per collection (POST /collections, PATCH /collections/{name}); None: the default
+COLLECTION_SETTINGS = ("retention_days", "max_faces", "identify_fpir")
+
+
+def updated_settings(stored: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """collection.updated's details: each setting ``changes`` gives another value than ``stored``, with
+    its ``previous_`` one; empty when nothing differs (nothing is written then)."""
+    details: dict[str, Any] = {}
+    for key in COLLECTION_SETTINGS:
+        if key in changes and changes[key] != stored.get(key):
+            details |= {key: changes[key], f"previous_{key}": stored.get(key)}
+    return details
 
 
 @dataclass(frozen=True)
@@ -408,6 +425,12 @@ class GalleryBackend(Protocol):
     # kept crops (keep_crops collections; sealed blobs, opened with crops.CropCipher.open)
     keep_crops: bool  # the collection keeps the aligned crop of each face enrolled from an image
 
+    @property
+    def identify_fpir(self) -> float | None:
+        """The collection's own FPIR target for /identify (None: FACE_IDENTIFY_FPIR): embedded, the
+        catalog's now; PostgreSQL, as the last search or write of this replica read it (a change made
+        on another replica is in force from this one's next search)."""
+
     def face_crop(self, face_id: int) -> bytes | None:
         """The sealed crop of a face of this collection; None if the face has none (or does not exist)."""
 
@@ -470,7 +493,8 @@ class Galleries(Protocol):
 
     def create_collection(self, name: str, actor: Actor | None = None, keep_crops: bool = False,
                           model_id: str | None = None, dim: int | None = None,
-                          retention_days: float | None = None) -> CollectionInfo:
+                          retention_days: float | None = None, max_faces: int | None = None,
+                          identify_fpir: float | None = None) -> CollectionInfo:
         """CollectionExists if taken (by a collection or an alias); ValueError for an invalid name.
         Audited (collection.created: model_id, dim, keep_crops), with or without an ``actor``
         (collection and key changes always are; identity writes only with one). ``keep_crops``:
@@ -478,7 +502,10 @@ class Galleries(Protocol):
         the key check value in the same transaction.
         The collection is pinned to ``model_id`` with embeddings of ``dim`` values (None: the default
         model's, ``self.model_id``/``self.dim``); its GalleryBackend has them as ``model_id``/``dim``.
-        ``retention_days``: each face is erased that long after its enrollment (retention.py; None: kept)."""
+        ``retention_days``: each face is erased that long after its enrollment (retention.py; None: kept);
+        ``max_faces``: an enroll or import that would leave it more faces is refused whole
+        (TooManyFacesForCollection), counted inside the write; ``identify_fpir``: the target of its
+        open-set threshold (None: the service's)."""
 
     def delete_collection(self, name: str, actor: Actor | None = None) -> CollectionInfo:
         """Erase every identity and face of it; CollectionNotFound, CollectionProtected for default,
@@ -487,10 +514,10 @@ class Galleries(Protocol):
 
     def list_collections(self) -> list[CollectionInfo]: ...
 
-    def set_retention(self, name: str, days: float | None, actor: Actor | None = None) -> CollectionInfo:
-        """How long the collection keeps each face after its enrollment (None: for ever);
-        CollectionNotFound. Audited (collection.updated: retention_days and previous_retention_days) in
-        the same transaction, unless it was already so (nothing written)."""
+    def update_collection(self, name: str, changes: dict[str, Any], actor: Actor | None = None) -> CollectionInfo:
+        """Set some of the collection's COLLECTION_SETTINGS (``changes``: name -> value, None: the
+        default); CollectionNotFound. Audited (collection.updated: each changed setting and its
+        ``previous_`` value) in the same transaction, unless nothing differs (nothing written)."""
 
     def retentions(self) -> dict[str, float]:
         """name -> retention in days, for each collection that has one (the sweep's list: one cheap read)."""

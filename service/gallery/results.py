@@ -43,6 +43,14 @@ class TooManyFacesForIdentity(ValueError):
         self.identity_id, self.existing, self.adding, self.limit = identity_id, existing, adding, limit
 
 
+class TooManyFacesForCollection(ValueError):
+    """A write would leave a collection with more faces than its ``max_faces`` (nothing was written)."""
+
+    def __init__(self, collection: str, existing: int, adding: int, limit: int) -> None:
+        super().__init__(f"collection {collection!r} would hold {existing + adding} faces; its max_faces is {limit}")
+        self.collection, self.existing, self.adding, self.limit = collection, existing, adding, limit
+
+
 @dataclass(frozen=True)
 class MergeResult:
     """What ``merge_identities`` committed: every face of the source is now the target's."""

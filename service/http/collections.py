@@ -37,8 +37,9 @@ def out(state: ServiceState, info: CollectionInfo) -> CollectionOut:
     served = state.models.get(name) if name is not None else None
     return CollectionOut(name=info.name, model_id=info.model_id, model=name, dim=info.dim, created_at=info.created_at,
                          identities=info.identities, faces=info.faces,
-                         identify_threshold=state.decision_for(counts, served=served).threshold,
-                         keep_crops=info.keep_crops, retention_days=info.retention_days)
+                         identify_threshold=state.decision_for(counts, served=served, fpir=info.identify_fpir).threshold,
+                         keep_crops=info.keep_crops, retention_days=info.retention_days, max_faces=info.max_faces,
+                         identify_fpir=info.identify_fpir)
 
 
 def crop_key_missing(name: str) -> ServiceError:
@@ -58,7 +59,8 @@ async def create_collection(body: CollectionCreate, state: StateDep, actor: Acto
     `keep_crops: true` keeps each enrolled face's aligned crop, encrypted (needs FACE_CROP_KEY_FILE:
     409 `crop_key_missing` without it); enrolling embeddings into it is then 409 `crops_required`.
     `model`: the served model it is pinned to (default: the default model); 404 `model_not_found`.
-    `retention_days`: each face is erased that long after its enrollment (see `PATCH`)."""
+    `retention_days`: each face is erased that long after its enrollment, `max_faces`: the most faces it
+    may hold, `identify_fpir`: its own open-set target (see `PATCH`)."""
     if not valid_collection_name(body.name):
         raise ServiceError(ErrorCode.invalid_collection_name, "a collection name is 1-63 lower-case letters, digits, "
                            "'-' or '_', starting with a letter or digit", name=body.name[:100])
@@ -66,7 +68,8 @@ async def create_collection(body: CollectionCreate, state: StateDep, actor: Acto
     try:
         info = await run_in_threadpool(state.galleries.create_collection, body.name, actor,
                                        keep_crops=body.keep_crops, model_id=served.model_id, dim=served.dim,
-                                       retention_days=body.retention_days)
+                                       retention_days=body.retention_days, max_faces=body.max_faces,
+                                       identify_fpir=body.identify_fpir)
     except CollectionExists:
         raise ServiceError(ErrorCode.collection_exists, f"a collection or alias named {body.name!r} already exists",
                            collection=body.name) from None
@@ -99,12 +102,15 @@ async def get_collection(request: Request, collection: CollectionName, state: St
               dependencies=[allow(Permission.admin)])
 async def update_collection(collection: CollectionName, body: CollectionUpdate, state: StateDep,
                             actor: ActorDep) -> CollectionOut:
-    """Sets the collection's `retention_days` (null: faces kept until deleted), `default` included;
-    audited (`collection.updated`: `retention_days`, `previous_retention_days`) unless unchanged. Faces
-    past a new, shorter retention are erased by the next sweep (every FACE_RETENTION_SWEEP_S), each
-    with its `face.deleted` entry. An alias's name is not a collection's (404), as for `DELETE`."""
+    """Sets the settings given, `default` included (those not given stay; null: the default):
+    `retention_days` (null: faces kept until deleted), `max_faces` (null: no limit), `identify_fpir`
+    (null: FACE_IDENTIFY_FPIR). Audited (`collection.updated`: each changed setting and its
+    `previous_` value) unless nothing changed. Faces past a new, shorter retention are erased by the
+    next sweep (every FACE_RETENTION_SWEEP_S), each with its `face.deleted` entry; a `max_faces` under
+    the faces held erases nothing (writes that add faces are refused); a new `identify_fpir` is in force
+    on every replica within a second. An alias's name is not a collection's (404), as for `DELETE`."""
     try:
-        info = await run_in_threadpool(state.galleries.set_retention, collection, body.retention_days, actor)
+        info = await run_in_threadpool(state.galleries.update_collection, collection, body.changes(), actor)
     except CollectionNotFound:
         raise not_found(collection) from None
     return out(state, info)

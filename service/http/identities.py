@@ -27,6 +27,7 @@ from ..gallery.results import (
     IdentityDetails,
     IdentityNotFound,
     IdentityUpdate,
+    TooManyFacesForCollection,
     TooManyFacesForIdentity,
 )
 from ..gallery.retention import DAY_S
@@ -81,7 +82,8 @@ async def enroll(request: Request, state: StateDep, gallery: CollectionDep, acto
     the limit; `force_quality: true` (the admin key) lowers it to `min_quality`, or without one
     skips the check (only an admin key may force: 403 `forbidden` for others). Client `embeddings`
     carry no quality and are not checked.
-    An identity holds at most `FACE_MAX_FACES_PER_IDENTITY` faces (413 `too_many_faces_for_identity`).
+    An identity holds at most `FACE_MAX_FACES_PER_IDENTITY` faces (413 `too_many_faces_for_identity`), a
+    collection with a `max_faces` at most that many (413 `too_many_faces_for_collection`).
     A face that scores high against many different enrolled identities at once, improbably for a real
     face (`FACE_ENROLL_HUB_ALPHA`), is refused with 422 `implausible_face`: such a "hub" would be
     named for strangers. Either way nothing is written.
@@ -113,6 +115,9 @@ async def enroll(request: Request, state: StateDep, gallery: CollectionDep, acto
         )
     except TooManyFacesForIdentity as exc:
         raise _too_many(exc) from None
+    except TooManyFacesForCollection as exc:
+        raise ServiceError(ErrorCode.too_many_faces_for_collection, str(exc), collection=exc.collection,
+                           faces=exc.existing, adding=exc.adding, limit=exc.limit) from None
     except CropsUnavailable:
         raise crop_key_missing(gallery.name) from None
     return EnrollResponse(identity_id=payload.identity_id, created=enrolled.created, face_ids=enrolled.face_ids,

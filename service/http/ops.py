@@ -89,7 +89,8 @@ def _collection_thresholds(state: ServiceState, principal: Principal) -> dict[st
         if principal.may_touch(info.name):
             name = state.models.name_of(info.model_id)
             decision = state.decision_for(GalleryCounts(info.identities, info.faces, info.counted_faces),
-                                          served=state.models.get(name) if name is not None else None)
+                                          served=state.models.get(name) if name is not None else None,
+                                          fpir=info.identify_fpir)
             out[info.name] = CollectionThreshold(identities=info.identities, faces=info.faces,
                                                  identify_threshold=decision.threshold)
     return out

@@ -317,8 +317,8 @@ class IdentifyResponse(BaseModel):
     results: list[ProbeResult]
     threshold: float
     threshold_source: str = Field(
-        "fpir", description="request, setting (FACE_IDENTIFY_THRESHOLD), fpir (holds FACE_IDENTIFY_FPIR for "
-        "this gallery size), model (the contract's fixed one) or verify.")
+        "fpir", description="request, setting (FACE_IDENTIFY_THRESHOLD), fpir (holds the collection's "
+        "identify_fpir, else FACE_IDENTIFY_FPIR, for this gallery size), model (the contract's fixed one) or verify.")
     fpir_target: float | None = Field(None, description="With threshold_source fpir: the FPIR targeted.")
     fpir_estimated: float | None = Field(
         None, description="The FPIR the threshold used gives in this gallery, by the impostor tail.")
@@ -502,6 +502,14 @@ RETENTION_DAYS = ("Each face of the collection is erased this many days after it
                   "retention`). Null: kept until deleted.")
 
 
+MAX_FACES = ("The most faces the collection may hold: an enroll (or import) that would leave it more is refused "
+             "whole, 413 `too_many_faces_for_collection`, counted inside the write (concurrent enrolls on every "
+             "replica cannot overshoot it); one that adds no net face never is. Null: no limit.")
+IDENTIFY_FPIR = ("The collection's own target false-positive identification rate (the share of never-enrolled "
+                 "faces /identify may name as someone), over FACE_IDENTIFY_FPIR and a fixed FACE_IDENTIFY_THRESHOLD "
+                 "alike; its threshold follows from it and the collection's size. Null: the service's.")
+
+
 class CollectionCreate(Strict):
     model_config = ConfigDict(allow_inf_nan=False)  # merged with Strict's (extra forbidden, strict)
     name: str = Field(description="Lower-case letters, digits, `-` and `_`, 1-63 characters, starting with a letter "
@@ -513,13 +521,30 @@ class CollectionCreate(Strict):
                               "pinned to: it embeds every face and probe of it. Empty: the default model. Unknown: "
                               "404 `model_not_found`.")
     retention_days: float | None = Field(None, gt=0, le=MAX_RETENTION_DAYS, description=RETENTION_DAYS)
+    max_faces: int | None = Field(None, ge=1, le=MAX_ROW_ID, description=MAX_FACES)
+    identify_fpir: float | None = Field(None, gt=0, lt=1, description=IDENTIFY_FPIR)
 
 
 class CollectionUpdate(Strict):
+    """The settings to change (at least one); those not given stay as they are; null: the default."""
+
     model_config = ConfigDict(allow_inf_nan=False)  # merged with Strict's (extra forbidden, strict)
-    retention_days: float | None = Field(description=RETENTION_DAYS + " Shortened, the faces already past it "
-                                         "are erased by the next sweep; null: kept from now on.",
+    retention_days: float | None = Field(None, description=RETENTION_DAYS + " Shortened, the faces already past "
+                                         "it are erased by the next sweep; null: kept from now on.",
                                          gt=0, le=MAX_RETENTION_DAYS)
+    max_faces: int | None = Field(None, ge=1, le=MAX_ROW_ID, description=MAX_FACES + " Lowered under the faces it "
+                                  "holds: nothing is erased, only writes that add faces are refused.")
+    identify_fpir: float | None = Field(None, gt=0, lt=1, description=IDENTIFY_FPIR)
+
+    @model_validator(mode="after")
+    def _one_setting(self) -> CollectionUpdate:
+        if not self.model_fields_set:
+            raise ValueError("give at least one of `retention_days`, `max_faces`, `identify_fpir`")
+        return self
+
+    def changes(self) -> dict[str, Any]:
+        """The settings the body names (null included: back to the default)."""
+        return {name: getattr(self, name) for name in self.model_fields_set}
 
 
 class CollectionOut(BaseModel):
@@ -534,6 +559,9 @@ class CollectionOut(BaseModel):
     keep_crops: bool = Field(False, description="Whether faces enrolled into it keep their aligned crop (encrypted).")
     retention_days: float | None = Field(None, description="Each face is erased this many days after its "
                                          "enrollment (null: kept until deleted).")
+    max_faces: int | None = Field(None, description="The most faces it may hold (null: no limit).")
+    identify_fpir: float | None = Field(None, description="Its own target FPIR for /identify (null: the service's, "
+                                        "FACE_IDENTIFY_FPIR); `identify_threshold` is the threshold it gives now.")
 
 
 class CollectionList(BaseModel):

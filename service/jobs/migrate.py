@@ -154,9 +154,10 @@ def start_migration(galleries: Galleries, collection: str, model: str, model_id:
                     started_by=actor.key_id if actor is not None else None)
     reserve(galleries, job, "wait for it or cancel it (POST /jobs/{id}/cancel)")
     try:
-        retention_days = galleries.retentions().get(collection)  # the new one forgets as the old
+        settings = galleries.collection_info(collection)  # the new one keeps the old one's settings
         galleries.create_collection(into, actor, keep_crops=True, model_id=model_id, dim=dim,
-                                    retention_days=retention_days)
+                                    retention_days=settings.retention_days, max_faces=settings.max_faces,
+                                    identify_fpir=settings.identify_fpir)
     except BaseException as exc:
         galleries.delete_job(job.job_id)
         if isinstance(exc, CollectionExists):

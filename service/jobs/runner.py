@@ -29,7 +29,7 @@ import uuid
 from collections.abc import Callable
 
 from ..errors import ErrorCode
-from ..gallery.api import CollectionNotFound, Galleries
+from ..gallery.api import CollectionNotFound, Galleries, TooManyFacesForCollection
 from ..gallery.crops import CropAuthenticationFailed
 from ..model.registry import ModelRegistry
 from .migrate import Embed, JobFailed, JobStopped, Migration, model_embed
@@ -163,6 +163,9 @@ def _failure(exc: Exception, job: JobRecord) -> tuple[str, str]:
         return ErrorCode.collection_not_found.value, f"collection {exc.name!r} no longer exists"
     if isinstance(exc, CropAuthenticationFailed):
         return ErrorCode.crop_key_missing.value, f"a kept crop of {job.collection!r} does not open: {exc}"
+    if isinstance(exc, TooManyFacesForCollection):
+        return ErrorCode.too_many_faces_for_collection.value, (
+            f"{exc}: raise its max_faces (PATCH /collections/{exc.collection}), then resume the job")
     return ErrorCode.internal_error.value, f"{type(exc).__name__}: {exc}"
 
 

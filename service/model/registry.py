@@ -79,11 +79,14 @@ class ServedModel:
             self._gallery_tail = GalleryTail(self.settings.data_dir, self.model_id)
         return self._gallery_tail
 
-    def decision_for(self, counts: GalleryCounts, requested: float | None = None) -> IdentifyThreshold:
-        """The 1:N decision for a collection of this model with these counts (service.gallery.openset)."""
+    def decision_for(self, counts: GalleryCounts, requested: float | None = None,
+                     fpir: float | None = None) -> IdentifyThreshold:
+        """The 1:N decision for a collection of this model with these counts (service.gallery.openset);
+        ``fpir``: the collection's own target (its identify_fpir), over FACE_IDENTIFY_FPIR and a fixed
+        FACE_IDENTIFY_THRESHOLD alike (a request's threshold still overrides it)."""
         tail, source = choose_tail(self.gallery_tail.current(), self.contract.impostor_tail)
-        fixed = self.settings.identify_threshold if self.default else None
-        inputs = ThresholdInputs(fixed=fixed, fpir=self.settings.identify_fpir,
+        fixed = self.settings.identify_threshold if self.default and fpir is None else None
+        inputs = ThresholdInputs(fixed=fixed, fpir=self.settings.identify_fpir if fpir is None else fpir,
                                  model_identify=self.contract.identify_threshold, verify=self.verify_threshold)
         return _identify_threshold(inputs, counts, tail, source, requested)
 

@@ -82,7 +82,8 @@ def test_cli_collection_retention(embedded, collection_name):
     made = face(embedded, "collections", "create", collection_name, "--retention-days", "30")
     assert made.returncode == 0 and "faces erased 30 days after enrollment" in made.stdout
     listed = face(embedded, "collections", "list").stdout.splitlines()
-    assert any(line.startswith(f"{collection_name}\t") and line.endswith("30 days after enrollment") for line in listed)
+    assert any(line.startswith(f"{collection_name}\t") and "30 days after enrollment\tno face limit" in line
+               for line in listed)
     shorter = json.loads(face(embedded, "--json", "collections", "retention", collection_name, "0.5").stdout)
     assert shorter["retention_days"] == 0.5
     cleared = face(embedded, "collections", "retention", collection_name, "none")
@@ -90,6 +91,17 @@ def test_cli_collection_retention(embedded, collection_name):
     for bad in ("0", "-3", "soon", "nan"):
         refused = face(embedded, "collections", "retention", collection_name, bad)
         assert refused.returncode == 2 and "positive number of days" in refused.stderr, bad
+    # collections set: only the settings given change
+    limited = json.loads(face(embedded, "--json", "collections", "set", collection_name, "--max-faces", "100",
+                              "--identify-fpir", "0.001").stdout)
+    assert (limited["max_faces"], limited["identify_fpir"], limited["retention_days"]) == (100, 0.001, None)
+    both = face(embedded, "collections", "set", collection_name, "--retention-days", "2", "--max-faces", "none")
+    assert both.returncode == 0 and both.stdout.strip() == (
+        f"{collection_name}\tfaces erased 2 days after enrollment\tno face limit\tidentify FPIR 0.001")
+    for bad, says in ((["--max-faces", "0"], "positive whole number"), (["--identify-fpir", "2"], "between 0 and 1"),
+                      ([], "--max-faces")):
+        refused = face(embedded, "collections", "set", collection_name, *bad)
+        assert refused.returncode == 2 and says in refused.stderr, (bad, refused.stderr)
     assert face(embedded, "collections", "delete", collection_name).returncode == 0
 
 

@@ -256,6 +256,19 @@ def test_retention_sync_and_async(any_backend, collection_name):
         assert face.update_collection(collection_name, retention_days=None).retention_days is None
         with pytest.raises(NotFoundError):
             face.update_collection(f"{collection_name}-missing", retention_days=1)
+        # the settings left out are kept; None puts one back to the default
+        limited = face.update_collection(collection_name, max_faces=3, identify_fpir=0.001)
+        assert (limited.max_faces, limited.identify_fpir, limited.retention_days) == (3, 0.001, None)
+        assert face.update_collection(collection_name, retention_days=1).max_faces == 3
+        ready = face.ready()
+        rows = np.eye(4, ready.embedding_size or 0).tolist()
+        face.enroll("p", embeddings=rows[:3], collection=collection_name, model_id=ready.model_id)
+        with pytest.raises(BadRequestError) as full:
+            face.enroll("q", embeddings=rows[3:], collection=collection_name, model_id=ready.model_id)
+        assert full.value.code == "too_many_faces_for_collection" and full.value.status == 413
+        assert face.update_collection(collection_name, identify_fpir=None).identify_fpir is None
+        with pytest.raises(ValueError):
+            face.update_collection(collection_name)
 
     async def run() -> None:
         async with AsyncFaceClient(any_backend.url, ADMIN) as face:

@@ -31,6 +31,7 @@ from service.gallery.api import (
     Galleries,
     KeyExists,
     StoredKey,
+    TooManyFacesForCollection,
     TooManyFacesForIdentity,
 )
 from service.gallery.open import make_gallery
@@ -800,3 +801,88 @@ def test_identities_listed_by_prefix_page_through_exactly_the_ids_that_start_wit
     # a cursor before the prefix's range starts at the prefix; one past it ends the listing
     assert [r.identity_id for r in col.list_identities(10, "a", "emp-")] == ["emp-001", "emp-002", "emp-1"]
     assert col.list_identities(10, "emq", "emp-") == []
+
+
+def test_collection_settings_are_created_changed_audited_and_kept(backend):
+    """max_faces and identify_fpir beside retention_days: given at creation, changed one at a time (the
+    others kept), each change audited with the previous value, nothing written when nothing differs,
+    and all of them as they were after a reopen."""
+    g = backend()
+    info = g.create_collection("teams", actor=ALICE, max_faces=100, identify_fpir=0.001)
+    assert (info.max_faces, info.identify_fpir, info.retention_days) == (100, 0.001, None)
+    assert g.collection("teams").identify_fpir == 0.001 and g.collection(DEFAULT_COLLECTION).identify_fpir is None
+    [created] = [e for e in g.audit(AuditQuery(limit=100)) if e.action == "collection.created" and e.collection == "teams"]
+    assert created.details["max_faces"] == 100 and created.details["identify_fpir"] == 0.001
+    info = g.update_collection("teams", {"max_faces": 50}, BOB)
+    assert (info.max_faces, info.identify_fpir) == (50, 0.001)
+    info = g.update_collection("teams", {"identify_fpir": None, "retention_days": 7.0}, BOB)
+    assert (info.max_faces, info.identify_fpir, info.retention_days) == (50, None, 7.0)
+    g.update_collection("teams", {"max_faces": 50}, BOB)  # as it is
+    updates = [e.details for e in g.audit(AuditQuery(limit=100)) if e.action == "collection.updated"]
+    assert updates == [{"retention_days": 7.0, "previous_retention_days": None, "identify_fpir": None,
+                        "previous_identify_fpir": 0.001},
+                       {"max_faces": 50, "previous_max_faces": 100}]
+    with pytest.raises(CollectionNotFound):
+        g.update_collection("nobody", {"max_faces": 1}, BOB)
+    g.close()
+    again = backend()
+    info = again.collection_info("teams")
+    assert (info.max_faces, info.identify_fpir, info.retention_days) == (50, None, 7.0)
+    assert {c.name: c.max_faces for c in again.list_collections()} == {DEFAULT_COLLECTION: None, "teams": 50}
+
+
+def test_a_collection_face_limit_refuses_what_would_pass_it(backend):
+    """Enroll and import refuse (nothing written) a write that would leave the collection more faces than
+    max_faces; a replace is counted net; a write adding no net face passes even over a lowered limit."""
+    rng = np.random.default_rng(11)
+    g = backend()
+    g.create_collection("capped", max_faces=5)
+    col = g.collection("capped")
+    col.enroll("a", unit(rng, 3))
+    with pytest.raises(TooManyFacesForCollection) as full:
+        col.enroll("b", unit(rng, 3))
+    assert (full.value.collection, full.value.existing, full.value.adding, full.value.limit) == ("capped", 3, 3, 5)
+    assert col.get_identity("b") is None and g.collection_info("capped").faces == 3
+    col.enroll("b", unit(rng, 2))  # exactly at the limit
+    col.enroll("a", unit(rng, 2), replace=True)  # 3 replaced by 2
+    col.enroll("b", unit(rng, 3), replace=True)  # 2 replaced by 3: back at 5
+    with pytest.raises(TooManyFacesForCollection):
+        col.import_identities([("c", unit(rng, 1), None)])
+    assert col.get_identity("c") is None
+    g.update_collection("capped", {"max_faces": 2})  # under what it holds: nothing erased
+    assert g.collection_info("capped").faces == 5
+    col.enroll("b", unit(rng, 3), replace=True)  # no net face: passes
+    with pytest.raises(TooManyFacesForCollection):
+        col.enroll("a", unit(rng, 1))
+    g.update_collection("capped", {"max_faces": None})
+    col.import_identities([("c", unit(rng, 4), None)])
+    assert g.collection_info("capped").faces == 9
+
+
+def test_a_face_limit_holds_across_replicas_writing_at_once(backend):
+    """Writers on two Galleries of one storage (PostgreSQL: two replicas; embedded: one process, as it must
+    be) enrolling at once never leave the collection over its limit: exactly max_faces faces get in."""
+    first = backend()
+    first.create_collection("shared", max_faces=30)
+    writers = [first, backend() if backend.name == "postgres" else first]
+    stored, refused = [], []
+    barrier = threading.Barrier(12)
+
+    def write(n: int) -> None:
+        col = writers[n % 2].collection("shared")
+        rng = np.random.default_rng(100 + n)
+        barrier.wait()
+        for i in range(5):
+            try:
+                col.enroll(f"w{n}-{i}", unit(rng, 1))
+                stored.append(n)
+            except TooManyFacesForCollection:
+                refused.append(n)
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert (len(stored), len(refused)) == (30, 30)
+    assert first.collection_info("shared").faces == 30

@@ -87,19 +87,19 @@ def test_a_sweep_erases_the_faces_past_retention_and_nothing_else(backend, tmp_p
 
 def test_retention_is_set_audited_kept_across_a_restart_and_cleared(backend):
     galleries = backend()
-    info = galleries.set_retention(DEFAULT_COLLECTION, 0.5, ALICE)
+    info = galleries.update_collection(DEFAULT_COLLECTION, {"retention_days": 0.5}, ALICE)
     assert info.retention_days == 0.5 and info.name == DEFAULT_COLLECTION
-    galleries.set_retention(DEFAULT_COLLECTION, 0.5, ALICE)  # as it is: nothing written
+    galleries.update_collection(DEFAULT_COLLECTION, {"retention_days": 0.5}, ALICE)  # as it is: nothing written
     updates = [e for e in galleries.audit(AuditQuery()) if e.action == "collection.updated"]
     assert [(e.collection, e.key_id, e.details) for e in updates] == [
         (DEFAULT_COLLECTION, "key-alice", {"retention_days": 0.5, "previous_retention_days": None})]
     with pytest.raises(CollectionNotFound):
-        galleries.set_retention("nothing-by-that-name", 1.0, ALICE)
+        galleries.update_collection("nothing-by-that-name", {"retention_days": 1.0}, ALICE)
     galleries.close()
 
     again = backend()
     assert again.retentions() == {DEFAULT_COLLECTION: 0.5}
-    assert again.set_retention(DEFAULT_COLLECTION, None, ALICE).retention_days is None
+    assert again.update_collection(DEFAULT_COLLECTION, {"retention_days": None}, ALICE).retention_days is None
     assert again.retentions() == {}
     assert again.audit(AuditQuery(limit=1))[0].details == {"retention_days": None, "previous_retention_days": 0.5}
 

@@ -245,3 +245,84 @@ def test_photos_go_to_the_chosen_collection(served):
     assert here["results"][0]["identity_id"] == "colin"
     default = served.post("/identify", json={"images": [probe]}).json()
     assert all(c["identity_id"] != "colin" for c in default["results"][0]["candidates"])
+
+
+def test_a_collection_face_limit_is_held_exactly_under_concurrent_enrolls(served):
+    """max_faces: 24 clients enrolling one face each into a collection limited to 10 store exactly 10 (the
+    others get 413 too_many_faces_for_collection with the counts), a replace that adds no net face passes
+    at the limit, lifting the limit lets writes in again, and every change is audited."""
+    r = served.post("/collections", json={"name": "capped", "max_faces": 10})
+    assert r.status_code == 201 and r.json()["max_faces"] == 10, r.text
+    barrier = threading.Barrier(24)
+    answers: list[httpx.Response] = []
+
+    def one(n: int) -> None:
+        with httpx.Client(base_url=str(served.base_url), timeout=60) as own:
+            own.model_id = served.model_id  # type: ignore[attr-defined]
+            barrier.wait()
+            answers.append(enroll(own, "capped", f"p{n}", vectors(1, 500 + n)))
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in range(24)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    stored = [r for r in answers if r.status_code == 200]
+    refused = [r for r in answers if r.status_code != 200]
+    assert len(stored) == 10 and len(refused) == 14, [r.text for r in answers]
+    for r in refused:
+        error = r.json()["error"]
+        assert (r.status_code, error["code"]) == (413, "too_many_faces_for_collection"), r.text
+        assert error["details"] == {"collection": "capped", "faces": 10, "adding": 1, "limit": 10}
+    assert served.get("/collections/capped").json()["faces"] == 10
+    kept = stored[0].json()["identity_id"]
+    r = served.post("/collections/capped/enroll", json={"identity_id": kept, "embeddings": vectors(1, 600),
+                                                        "model_id": served.model_id, "replace": True})
+    assert r.status_code == 200, r.text  # one face for one: no net face
+    r = served.patch("/collections/capped", json={"max_faces": None})
+    assert r.status_code == 200 and r.json()["max_faces"] is None
+    assert enroll(served, "capped", "late", vectors(2, 601)).status_code == 200
+    r = served.patch("/collections/capped", json={"max_faces": 5})  # under what it holds: nothing erased
+    assert r.status_code == 200 and r.json()["faces"] == 12, r.text
+    assert enroll(served, "capped", "later", vectors(1, 602)).status_code == 413
+    trail = [e for e in served.get("/audit", params={"collection": "capped"}).json()["items"]
+             if e["action"] == "collection.updated"]
+    assert [e["details"] for e in trail] == [{"max_faces": 5, "previous_max_faces": None},
+                                             {"max_faces": None, "previous_max_faces": 10}]
+    for bad in (0, -1, 1.5, "10", True):
+        r = served.patch("/collections/capped", json={"max_faces": bad})
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request", bad
+
+
+def test_a_collection_identify_fpir_sets_its_own_threshold(served):
+    """identify_fpir: a stricter target gives a higher threshold for the same size, in /identify's answer
+    and the collection's; PATCH changes only what it names (retention kept); null: the service's again."""
+    for name, fpir in (("strict", 0.0001), ("lenient", None)):
+        body = {"name": name, "retention_days": 30} | ({"identify_fpir": fpir} if fpir else {})
+        assert served.post("/collections", json=body).status_code == 201
+        for n in range(6):
+            assert enroll(served, name, f"p{n}", vectors(1, 700 + n)).status_code == 200
+    probe = {"embeddings": vectors(1, 800), "model_id": served.model_id}
+    strict = served.post("/collections/strict/identify", json=probe).json()
+    lenient = served.post("/collections/lenient/identify", json=probe).json()
+    assert (strict["threshold_source"], strict["fpir_target"]) == ("fpir", 0.0001)
+    assert (lenient["threshold_source"], lenient["fpir_target"]) == ("fpir", 0.01)  # FACE_IDENTIFY_FPIR
+    assert strict["threshold"] > lenient["threshold"]
+    info = served.get("/collections/strict").json()
+    assert info["identify_fpir"] == 0.0001 and info["identify_threshold"] == pytest.approx(strict["threshold"])
+    r = served.patch("/collections/lenient", json={"identify_fpir": 0.0001})
+    assert r.status_code == 200 and r.json()["retention_days"] == 30 and r.json()["identify_fpir"] == 0.0001
+    again = served.post("/collections/lenient/identify", json=probe).json()
+    assert again["threshold"] == pytest.approx(strict["threshold"])
+    assert served.patch("/collections/lenient", json={"identify_fpir": None}).json()["identify_fpir"] is None
+    assert served.post("/collections/lenient/identify", json=probe).json()["threshold"] == \
+        pytest.approx(lenient["threshold"])
+    # the default collection too (its settings are read once a second on PostgreSQL)
+    assert served.patch("/collections/default", json={"identify_fpir": 0.0001}).status_code == 200
+    try:
+        assert served.post("/identify", json=probe).json()["fpir_target"] == 0.0001
+    finally:
+        served.patch("/collections/default", json={"identify_fpir": None})
+    for bad in (0, 1, -0.1, "0.01"):
+        r = served.patch("/collections/strict", json={"identify_fpir": bad})
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request", bad

@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"  # its major must equal the server's (checked on the first call)
 
-from .client import SCAN_TIMEOUT_S, AsyncFaceClient, FaceClient  # noqa: E402
+from .client import KEEP, SCAN_TIMEOUT_S, AsyncFaceClient, FaceClient, Keep  # noqa: E402
 from .errors import (  # noqa: E402
     ERROR_CLASSES,
     AuthError,
@@ -20,6 +20,6 @@ from .errors import (  # noqa: E402
 from .models import *  # noqa: E402, F403
 from .models import __all__ as _models
 
-__all__ = ["ERROR_CLASSES", "AsyncFaceClient", "AuthError", "BadRequestError", "ConflictError", "FaceClient",
+__all__ = ["ERROR_CLASSES", "KEEP", "AsyncFaceClient", "Keep", "AuthError", "BadRequestError", "ConflictError", "FaceClient",
            "FaceClientError", "FaceConnectionError", "FaceServiceError", "IncompatibleServerError", "NotFoundError",
            "RateLimitedError", "SCAN_TIMEOUT_S", "ServerError", "UnavailableError", *_models]

@@ -2,7 +2,7 @@
 
     face identify PHOTO...          face verify A B           face enroll DIR
     face identities list|show ID|delete ID|update ID [--rename NEW] [--metadata JSON | --metadata-patch JSON]
-    face collections list|create NAME|delete NAME|retention NAME DAYS
+    face collections list|create NAME|delete NAME|retention NAME DAYS|set NAME [--max-faces N] [--identify-fpir R]
     face keys create ROLE|list|revoke KEY_ID
     face aliases list|set NAME COLLECTION|delete NAME
     face duplicates [--job]         face outliers [--job]     face merge SRC INTO
@@ -27,9 +27,9 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel
 
-from .client import FaceClient
+from .client import KEEP, FaceClient
 from .errors import FaceConnectionError, FaceServiceError, IncompatibleServerError
-from .models import Identity
+from .models import Collection, Identity
 
 OK, API_ERROR, USAGE, CONNECTION = 0, 1, 2, 3
 
@@ -53,6 +53,31 @@ def _retention_days(text: str) -> float:
 
 def _retention_days_or_none(text: str) -> float | None:
     return None if text.lower() == "none" else _retention_days(text)
+
+
+def _max_faces(text: str) -> int | None:
+    if text.lower() == "none":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number of faces, or none, not {text}")
+    return int(text)
+
+
+def _fpir(text: str) -> float | None:
+    if text.lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be a rate between 0 and 1 (e.g. 0.001), or none, not {text}")
+    return value
+
+
+def _limits(x: Collection) -> str:
+    return (f"{'no face limit' if x.max_faces is None else f'at most {x.max_faces} faces'}	"
+            f"identify FPIR {'of the service' if x.identify_fpir is None else f'{x.identify_fpir:g}'}")
 
 
 def _kept(days: float | None) -> str:
@@ -124,13 +149,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     new_metadata.add_argument("--metadata-patch", type=_json_object, metavar="JSON",
                               help="an RFC 7396 merge patch of its metadata (a key set to null is removed)")
 
-    collections = commands.add_parser("collections", help="list, create or delete collections, or set their "
-                                      "retention").add_subparsers(dest="action", required=True)
+    collections = commands.add_parser("collections", help="list, create or delete collections, or change their "
+                                      "settings").add_subparsers(dest="action", required=True)
     collections.add_parser("list")
     create_collection = collections.add_parser("create")
     create_collection.add_argument("name")
     create_collection.add_argument("--retention-days", type=_retention_days, default=None,
                                    help="erase each face this many days after its enrollment")
+    create_collection.add_argument("--max-faces", type=_max_faces, default=None, help="the most faces it may hold")
+    create_collection.add_argument("--identify-fpir", type=_fpir, default=None,
+                                   help="its own open-set target (e.g. 0.001; default: the server's)")
+    settings = collections.add_parser("set", help="change settings: those not given stay as they are")
+    settings.add_argument("name")
+    settings.add_argument("--retention-days", type=_retention_days_or_none, default=KEEP, metavar="DAYS|none")
+    settings.add_argument("--max-faces", type=_max_faces, default=KEEP, metavar="N|none")
+    settings.add_argument("--identify-fpir", type=_fpir, default=KEEP, metavar="RATE|none")
     collections.add_parser("delete").add_argument("name")
     retention = collections.add_parser("retention", help="how long the collection keeps each face")
     retention.add_argument("name")
@@ -173,6 +206,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.command == "identities" and args.action == "update" and \
             args.rename is None and args.metadata is None and args.metadata_patch is None:
         update.error("give --rename, --metadata or --metadata-patch")
+    if args.command == "collections" and args.action == "set" and \
+            all(v is KEEP for v in (args.retention_days, args.max_faces, args.identify_fpir)):
+        settings.error("give --retention-days, --max-faces or --identify-fpir")
     return args
 
 
@@ -219,10 +255,16 @@ def run(face: FaceClient, args: argparse.Namespace) -> tuple[Any, list[str]]:
     if args.command == "collections":
         if args.action == "list":
             cs = face.list_collections()
-            return cs, [f"{x.name}\t{x.identities} identities\t{x.faces} faces\t{_kept(x.retention_days)}" for x in cs]
+            return cs, [f"{x.name}\t{x.identities} identities\t{x.faces} faces\t{_kept(x.retention_days)}\t{_limits(x)}"
+                        for x in cs]
         if args.action == "create":
-            x = face.create_collection(args.name, retention_days=args.retention_days)
-            return x, [f"created {x.name}\t{_kept(x.retention_days)}"]
+            x = face.create_collection(args.name, retention_days=args.retention_days, max_faces=args.max_faces,
+                                       identify_fpir=args.identify_fpir)
+            return x, [f"created {x.name}\t{_kept(x.retention_days)}\t{_limits(x)}"]
+        if args.action == "set":
+            x = face.update_collection(args.name, retention_days=args.retention_days, max_faces=args.max_faces,
+                                       identify_fpir=args.identify_fpir)
+            return x, [f"{x.name}\t{_kept(x.retention_days)}\t{_limits(x)}"]
         if args.action == "retention":
             x = face.update_collection(args.name, retention_days=args.days)
             return x, [f"{x.name}\t{_kept(x.retention_days)}"]

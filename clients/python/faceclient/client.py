@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import enum
 import json
 import os
 import random
@@ -105,6 +106,15 @@ SCAN_TIMEOUT_S = 1800.0
 
 def _many(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
     return list(images) if isinstance(images, (list, tuple)) else [images]
+
+
+class Keep(enum.Enum):
+    """A setting left out of an update (the server keeps it), unlike None (back to the default)."""
+
+    KEEP = "keep"
+
+
+KEEP = Keep.KEEP
 
 
 def _drop_none(body: dict[str, Any]) -> dict[str, Any]:
@@ -338,13 +348,19 @@ class _Base:
             {"limit": page_size, "cursor": cursor, "prefix": prefix}))
 
     @staticmethod
-    def _collection_create(name: str, keep_crops: bool, model: str | None, retention_days: float | None) -> Call:
+    def _collection_create(name: str, keep_crops: bool, model: str | None, retention_days: float | None,
+                           max_faces: int | None, identify_fpir: float | None) -> Call:
         return Call("POST", "/collections", _drop_none({"name": name, "keep_crops": keep_crops or None,
-                                                        "model": model, "retention_days": retention_days}))
+                                                        "model": model, "retention_days": retention_days,
+                                                        "max_faces": max_faces, "identify_fpir": identify_fpir}))
 
     @staticmethod
-    def _collection_update(name: str, retention_days: float | None) -> Call:
-        return Call("PATCH", f"/collections/{quote(name, safe='')}", {"retention_days": retention_days})
+    def _collection_update(name: str, settings: dict[str, Any]) -> Call:
+        """PATCH of the settings given (KEEP: not sent, the server keeps it; None: back to the default)."""
+        body = {key: value for key, value in settings.items() if value is not KEEP}
+        if not body:
+            raise ValueError("update_collection needs retention_days, max_faces or identify_fpir")
+        return Call("PATCH", f"/collections/{quote(name, safe='')}", body)
 
     def _duplicates(self, min_score: float | None, max_false_alarm: float | None, limit: int, evidence: int,
                     collection: str | None, timeout: float | None) -> Call:
@@ -580,17 +596,24 @@ class FaceClient(_Base):
         return self._do(Call("GET", "/collections"), CollectionList).items
 
     def create_collection(self, name: str, *, keep_crops: bool = False, model: str | None = None,
-                          retention_days: float | None = None) -> Collection:
+                          retention_days: float | None = None, max_faces: int | None = None,
+                          identify_fpir: float | None = None) -> Collection:
         """``keep_crops``: the collection keeps each enrolled face's aligned crop, encrypted (the server needs
         FACE_CROP_KEY_FILE); enrolling embeddings into it is then refused (crops_required). ``model``: the
         served model it is pinned to (None: the server's default model). ``retention_days``: each face is
-        erased that long after its enrollment (None: kept until deleted)."""
-        return self._do(self._collection_create(name, keep_crops, model, retention_days), Collection)
+        erased that long after its enrollment (None: kept until deleted). ``max_faces``: the most faces it
+        may hold (an enroll past it: BadRequestError ``too_many_faces_for_collection``).
+        ``identify_fpir``: its own open-set target (None: the server's FACE_IDENTIFY_FPIR)."""
+        return self._do(self._collection_create(name, keep_crops, model, retention_days, max_faces, identify_fpir),
+                        Collection)
 
-    def update_collection(self, name: str, *, retention_days: float | None) -> Collection:
-        """How long the collection keeps each face after its enrollment, in days (None: until deleted); the
-        faces already past a shorter one are erased by the server's next sweep. Needs an admin key."""
-        return self._do(self._collection_update(name, retention_days), Collection)
+    def update_collection(self, name: str, *, retention_days: float | None | Keep = KEEP,
+                          max_faces: int | None | Keep = KEEP, identify_fpir: float | None | Keep = KEEP) -> Collection:
+        """Change the settings given (at least one; those left out stay as they are, None: the default):
+        ``retention_days`` (faces already past a shorter one are erased by the server's next sweep),
+        ``max_faces``, ``identify_fpir``. Needs an admin key."""
+        return self._do(self._collection_update(name, {"retention_days": retention_days, "max_faces": max_faces,
+                                                       "identify_fpir": identify_fpir}), Collection)
 
     def get_collection(self, name: str) -> Collection:
         return self._do(Call("GET", f"/collections/{quote(name, safe='')}"), Collection)
@@ -953,11 +976,16 @@ class AsyncFaceClient(_Base):
         return (await self._do(Call("GET", "/collections"), CollectionList)).items
 
     async def create_collection(self, name: str, *, keep_crops: bool = False,
-                                model: str | None = None, retention_days: float | None = None) -> Collection:
-        return await self._do(self._collection_create(name, keep_crops, model, retention_days), Collection)
+                                model: str | None = None, retention_days: float | None = None,
+                                max_faces: int | None = None, identify_fpir: float | None = None) -> Collection:
+        return await self._do(self._collection_create(name, keep_crops, model, retention_days, max_faces,
+                                                      identify_fpir), Collection)
 
-    async def update_collection(self, name: str, *, retention_days: float | None) -> Collection:
-        return await self._do(self._collection_update(name, retention_days), Collection)
+    async def update_collection(self, name: str, *, retention_days: float | None | Keep = KEEP,
+                                max_faces: int | None | Keep = KEEP,
+                                identify_fpir: float | None | Keep = KEEP) -> Collection:
+        return await self._do(self._collection_update(name, {"retention_days": retention_days, "max_faces": max_faces,
+                                                             "identify_fpir": identify_fpir}), Collection)
 
     async def get_collection(self, name: str) -> Collection:
         return await self._do(Call("GET", f"/collections/{quote(name, safe='')}"), Collection)

@@ -192,6 +192,8 @@ class Collection(Model):
     identify_threshold: float
     keep_crops: bool = False
     retention_days: float | None = None  # each face is erased this many days after its enrollment (None: kept)
+    max_faces: int | None = None  # the most faces it may hold (None: no limit)
+    identify_fpir: float | None = None  # its own open-set FPIR target (None: the server's)
 
 
 class CollectionDeleted(Model):

@@ -28,6 +28,7 @@ class EmbeddedGallery:
         self.dim = gallery.dim
         self.name = gallery.name
         self.keep_crops = False  # the collection's setting (EmbeddedGalleries' handle says it)
+        self.identify_fpir: float | None = None  # likewise
         # the write fence of this gallery on its own (GalleryBackend.write_fence); EmbeddedGalleries'
         # handles hold the collection's fence, which outlives this object (idle close, reopen)
         self._fence = ReadWriteLock()
@@ -64,18 +65,21 @@ class EmbeddedGallery:
 
     def enroll(self, identity_id: str, embeddings: np.ndarray, metadata: dict | None = None,
                replace: bool = False, max_faces: int | None = None, actor: Actor | None = None,
-               crops: list[bytes] | None = None, enrolled_at: list[float] | None = None) -> EnrollResult:
+               crops: list[bytes] | None = None, enrolled_at: list[float] | None = None,
+               collection_limit: int | None = None) -> EnrollResult:
         with self._fence.read():
-            return self.gallery.enroll(identity_id, embeddings, metadata, replace, max_faces, actor, crops, enrolled_at)
+            return self.gallery.enroll(identity_id, embeddings, metadata, replace, max_faces, actor, crops, enrolled_at,
+                                       collection_limit)
 
     def import_identities(self, items: list[tuple[str, np.ndarray, dict | None]],
                           actor: Actor | None = None,
-                          enrolled_at: list[list[float] | None] | None = None) -> list[list[int]]:
+                          enrolled_at: list[list[float] | None] | None = None,
+                          collection_limit: int | None = None) -> list[list[int]]:
         import sqlite3
 
         try:
             with self._fence.read():
-                return self.gallery.import_identities(items, actor, enrolled_at)
+                return self.gallery.import_identities(items, actor, enrolled_at, collection_limit)
         except sqlite3.IntegrityError as exc:
             raise IdentityExists(f"an identity of the import is already enrolled: {exc}") from exc
 

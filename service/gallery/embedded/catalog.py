@@ -17,9 +17,11 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Any
 
 from ...jobs import store as jobs
 from ..api import (
+    COLLECTION_SETTINGS,
     Actor,
     AliasInfo,
     AliasNotFound,
@@ -30,6 +32,7 @@ from ..api import (
     CollectionNotFound,
     KeyExists,
     StoredKey,
+    updated_settings,
 )
 from . import audit
 from .lock import usable_data_dir
@@ -95,7 +98,7 @@ class Catalog:
                                  + ";\n".join(jobs.schema("TEXT", "REAL", "INTEGER", "jobs")) + ";")
         self._add_keep_crops_column()
         self._add_dim_column()
-        self._add_retention_column()
+        self._add_setting_columns()
         self._mutex = threading.Lock()  # one connection: one statement or transaction at a time
 
     def _add_keep_crops_column(self) -> None:
@@ -118,12 +121,14 @@ class Catalog:
             with suppress(sqlite3.OperationalError):  # another process added it first
                 self._conn.execute("ALTER TABLE collections ADD COLUMN dim INTEGER")
 
-    def _add_retention_column(self) -> None:
-        """Catalogs made before retention get the column (NULL: faces kept until deleted)."""
+    def _add_setting_columns(self) -> None:
+        """Catalogs made before a collection setting (COLLECTION_SETTINGS) get its column (NULL: the
+        default: faces kept until deleted, no face limit, the service's FPIR)."""
         columns = {row[1] for row in self._conn.execute("PRAGMA table_info(collections)")}
-        if "retention_days" not in columns:
-            with suppress(sqlite3.OperationalError):  # another process added it first
-                self._conn.execute("ALTER TABLE collections ADD COLUMN retention_days REAL")
+        for column, kind in (("retention_days", "REAL"), ("max_faces", "INTEGER"), ("identify_fpir", "REAL")):
+            if column not in columns:
+                with suppress(sqlite3.OperationalError):  # another process added it first
+                    self._conn.execute(f"ALTER TABLE collections ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         with self._mutex:
@@ -158,20 +163,22 @@ class Catalog:
 
     def add_collection(self, name: str, model_id: str, actor: Actor | None, keep_crops: bool = False,
                        check_value: bytes | None = None, dim: int | None = None,
-                       retention_days: float | None = None) -> float:
-        """``check_value``: the crop key's, stored with the collection unless one is stored already."""
+                       settings: dict[str, Any] | None = None) -> float:
+        """``check_value``: the crop key's, stored with the collection unless one is stored already;
+        ``settings``: COLLECTION_SETTINGS given a value (the others NULL)."""
+        settings = {k: v for k, v in (settings or {}).items() if v is not None}
         now = time.time()
         try:
             with self._write() as conn:
                 if conn.execute("SELECT 1 FROM aliases WHERE name = ?", (name,)).fetchone():
                     raise CollectionExists(name)  # an alias has the name
-                conn.execute("INSERT INTO collections(name, model_id, created_at, keep_crops, dim, retention_days) "
-                             "VALUES (?, ?, ?, ?, ?, ?)", (name, model_id, now, int(keep_crops), dim, retention_days))
+                conn.execute(f"INSERT INTO collections(name, model_id, created_at, keep_crops, dim, {', '.join(COLLECTION_SETTINGS)}) "
+                             "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (name, model_id, now, int(keep_crops), dim,
+                                                                 *(settings.get(k) for k in COLLECTION_SETTINGS)))
                 if check_value is not None:
                     conn.execute("INSERT OR IGNORE INTO crop_key_check(id, value) VALUES (1, ?)", (check_value,))
                 audit.record(conn, now, "collection.created", actor or Actor(), name, None,
-                             {"model_id": model_id, "dim": dim, "keep_crops": bool(keep_crops),
-                              **({} if retention_days is None else {"retention_days": retention_days})})
+                             {"model_id": model_id, "dim": dim, "keep_crops": bool(keep_crops), **settings})
         except sqlite3.IntegrityError as exc:
             raise CollectionExists(name) from exc
         return now
@@ -194,15 +201,24 @@ class Catalog:
         return {name: float(days) for name, days in self._read(
             "SELECT name, retention_days FROM collections WHERE retention_days IS NOT NULL ORDER BY name")}
 
-    def set_retention(self, name: str, days: float | None, actor: Actor | None) -> None:
+    def settings(self) -> dict[str, dict[str, Any]]:
+        """name -> its COLLECTION_SETTINGS (None: the default), for every collection."""
+        return {row[0]: dict(zip(COLLECTION_SETTINGS, row[1:])) for row in self._read(
+            f"SELECT name, {', '.join(COLLECTION_SETTINGS)} FROM collections")}
+
+    def update_settings(self, name: str, changes: dict[str, Any], actor: Actor | None) -> None:
+        """Galleries.update_collection: the changed settings and collection.updated, in one transaction."""
+        columns = [k for k in COLLECTION_SETTINGS if k in changes]
         with self._write() as conn:
-            row = conn.execute("SELECT retention_days FROM collections WHERE name = ?", (name,)).fetchone()
+            row = conn.execute(f"SELECT {', '.join(COLLECTION_SETTINGS)} FROM collections WHERE name = ?",
+                               (name,)).fetchone()
             if row is None:
                 raise CollectionNotFound(name)
-            if row[0] != days:
-                conn.execute("UPDATE collections SET retention_days = ? WHERE name = ?", (days, name))
-                audit.record(conn, time.time(), "collection.updated", actor or Actor(), name, None,
-                             {"retention_days": days, "previous_retention_days": row[0]})
+            details = updated_settings(dict(zip(COLLECTION_SETTINGS, row)), changes)
+            if details:
+                conn.execute(f"UPDATE collections SET {', '.join(f'{k} = ?' for k in columns)} WHERE name = ?",
+                             (*(changes[k] for k in columns), name))
+                audit.record(conn, time.time(), "collection.updated", actor or Actor(), name, None, details)
 
     # --- aliases -----------------------------------------------------------------------------
     def set_alias(self, name: str, collection: str, actor: Actor | None) -> AliasInfo:

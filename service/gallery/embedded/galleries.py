@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import numpy as np
 
@@ -152,6 +152,7 @@ class EmbeddedGalleries:
         self._writers_killed_closed = 0  # stuck snapshot writers killed by galleries closed since (stats)
         self._opened = False
         self._crop_names: set[str] = set()  # the collections that keep crops (guarded by _mutex, like _known)
+        self._settings: dict[str, dict[str, Any]] = {}  # collection -> its COLLECTION_SETTINGS (guarded by _mutex)
         self.crop_cipher: CropCipher | None = None  # seals kept crops; set by open.make_gallery
         self._fences: dict[str, ReadWriteLock] = {}  # collection -> its write fence (write_fence), guarded by _mutex
 
@@ -245,6 +246,7 @@ class EmbeddedGalleries:
         self._known = {name: created for name, (_, created) in self._catalog.collections().items()
                        if name not in self._deleting}
         self._crop_names = self._catalog.crop_collections()
+        self._settings = self._catalog.settings()
         pins = self._catalog.pins()
         self._pins = {name: self._pin_of(name, pins) for name in self._known}
 
@@ -308,6 +310,11 @@ class EmbeddedGalleries:
         with self._mutex:
             handle.keep_crops = name in self._crop_names
         return handle
+
+    def setting(self, name: str, key: str) -> Any:
+        """One of the collection's COLLECTION_SETTINGS as the catalog has it now (None: the default)."""
+        with self._mutex:
+            return self._settings.get(name, {}).get(key)
 
     def open_collections(self) -> list[str]:
         """The collections whose gallery is open now (the default one always, once opened)."""
@@ -373,8 +380,10 @@ class EmbeddedGalleries:
     # --- collections ---------------------------------------------------------------------------
     def create_collection(self, name: str, actor: Actor | None = None, keep_crops: bool = False,
                           model_id: str | None = None, dim: int | None = None,
-                          retention_days: float | None = None) -> CollectionInfo:
+                          retention_days: float | None = None, max_faces: int | None = None,
+                          identify_fpir: float | None = None) -> CollectionInfo:
         model_id, dim = model_id or self.model_id, dim or self.dim
+        settings: dict[str, Any] = {"retention_days": retention_days, "max_faces": max_faces, "identify_fpir": identify_fpir}
         if not valid_collection_name(name):
             raise ValueError(f"invalid collection name {name!r}: lower-case letters, digits, '-' and '_', "
                              "starting with a letter or digit, at most 63 characters")
@@ -387,7 +396,7 @@ class EmbeddedGalleries:
         with self._shape:
             directory = self._directory(name)
             created_at = self._catalog.add_collection(name, model_id, actor, keep_crops,
-                                                      check_value, dim, retention_days)  # CollectionExists
+                                                      check_value, dim, settings)  # CollectionExists
             if directory.exists():  # left by a delete whose erasure failed: never part of the new one
                 erase_directory(directory)
             with self._mutex:
@@ -397,8 +406,8 @@ class EmbeddedGalleries:
                 else:
                     self._crop_names.discard(name)
                 self._pins[name] = (model_id, dim)
-        return CollectionInfo(name, model_id, created_at, 0, 0, 0, keep_crops=keep_crops, dim=dim,
-                              retention_days=retention_days)
+                self._settings[name] = settings
+        return CollectionInfo(name, model_id, created_at, 0, 0, 0, keep_crops=keep_crops, dim=dim, **settings)
 
     def delete_collection(self, name: str, actor: Actor | None = None) -> CollectionInfo:
         if name == DEFAULT_COLLECTION:
@@ -519,9 +528,9 @@ class EmbeddedGalleries:
         with self._shape:
             rows = self._catalog.collections()
             keeping = self._catalog.crop_collections()
-            retentions = self._catalog.retentions()
+            settings = self._catalog.settings()
             order = sorted(rows, key=lambda n: (n != DEFAULT_COLLECTION, n))
-            return [replace(self._info(name, *rows[name]), keep_crops=name in keeping, retention_days=retentions.get(name))
+            return [replace(self._info(name, *rows[name]), keep_crops=name in keeping, **settings.get(name, {}))
                     for name in order]
 
     def collection_info(self, name: str) -> CollectionInfo:
@@ -530,11 +539,13 @@ class EmbeddedGalleries:
             if row is None:
                 raise CollectionNotFound(name)
             return replace(self._info(name, *row), keep_crops=name in self._catalog.crop_collections(),
-                           retention_days=self._catalog.retentions().get(name))
+                           **self._catalog.settings().get(name, {}))
 
-    def set_retention(self, name: str, days: float | None, actor: Actor | None = None) -> CollectionInfo:
+    def update_collection(self, name: str, changes: dict[str, Any], actor: Actor | None = None) -> CollectionInfo:
         with self._shape:
-            self._catalog.set_retention(name, days, actor)  # CollectionNotFound
+            self._catalog.update_settings(name, changes, actor)  # CollectionNotFound
+            with self._mutex:
+                self._settings = self._catalog.settings()
         return self.collection_info(name)
 
     def retentions(self) -> dict[str, float]:
@@ -688,6 +699,11 @@ class _CollectionHandle:
             return self._run(call)
 
     @property
+    def identify_fpir(self) -> float | None:
+        """The collection's setting now (the default collection's handle lives as long as the service)."""
+        return cast(float | None, self._owner.setting(self.name, "identify_fpir"))
+
+    @property
     def identity_count(self) -> int:
         return self._run(lambda g: g.identity_count)
 
@@ -719,13 +735,15 @@ class _CollectionHandle:
     def enroll(self, identity_id: str, embeddings: np.ndarray, metadata: dict | None = None,
                replace: bool = False, max_faces: int | None = None, actor: Actor | None = None,
                crops: list[bytes] | None = None, enrolled_at: list[float] | None = None) -> EnrollResult:
+        # the collection's face limit as it is when the write runs (Gallery.enroll checks it under its lock)
         return self._write(lambda g: g.enroll(identity_id, embeddings, metadata, replace, max_faces, actor, crops,
-                                              enrolled_at))
+                                              enrolled_at, self._owner.setting(self.name, "max_faces")))
 
     def import_identities(self, items: list[tuple[str, np.ndarray, dict | None]],
                           actor: Actor | None = None,
                           enrolled_at: list[list[float] | None] | None = None) -> list[list[int]]:
-        return self._write(lambda g: g.import_identities(items, actor, enrolled_at))
+        return self._write(lambda g: g.import_identities(items, actor, enrolled_at,
+                                                         self._owner.setting(self.name, "max_faces")))
 
     def delete(self, identity_id: str, actor: Actor | None = None) -> int | None:
         return self._write(lambda g: g.delete(identity_id, actor))

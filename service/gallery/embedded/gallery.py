@@ -47,13 +47,14 @@ from ..results import (
     IdentityUpdate,
     MergeResult,
     MoveResult,
+    TooManyFacesForCollection,
     UpdateResult,
 )
 from ..search import GalleryModelMismatch, Hit, Match, check_model, search_identities
 from .index import BackgroundSave, HnswIndex, SnapshotWriterStuck
 from .lock import DataDirLock, usable_data_dir
 from .snapshot import Layout, SnapshotFiles, SnapshotInvalid, read_layout
-from .store import Store
+from .store import Room, Store
 
 log = logging.getLogger(__name__)
 
@@ -638,16 +639,20 @@ class Gallery:
 
     def enroll(self, identity_id: str, embeddings: np.ndarray, metadata: dict | None = None,
                replace: bool = False, max_faces: int | None = None, actor: Actor | None = None,
-               crops: list[bytes] | None = None, enrolled_at: list[float] | None = None) -> EnrollResult:
+               crops: list[bytes] | None = None, enrolled_at: list[float] | None = None,
+               collection_limit: int | None = None) -> EnrollResult:
         """Add faces to an identity (created if new), or with ``replace`` swap its faces for these;
-        TooManyFacesForIdentity (nothing written) if it would hold more than ``max_faces``. ``actor``:
-        the audit entry is committed with the faces; ``crops`` (one per face) are sealed and stored with them."""
+        TooManyFacesForIdentity (nothing written) if it would hold more than ``max_faces``, and
+        TooManyFacesForCollection if the collection would hold more than ``collection_limit`` (its
+        face count is exact under the write lock). ``actor``: the audit entry is committed with the
+        faces; ``crops`` (one per face) are sealed and stored with them."""
         embeddings = self._check_vectors(embeddings)
         self._require_ready()
         seal = None if crops is None or self.crop_cipher is None else self.crop_cipher.sealer(self.name)
         with self._lock.write():
+            room = None if collection_limit is None else Room(self.name, self.face_count, collection_limit)
             added = self._live_store.add_faces(identity_id, embeddings, metadata, replace, max_faces, actor, self.name,
-                                               crops, seal, enrolled_at)
+                                               crops, seal, enrolled_at, room)
             before = added.face_count - len(added.face_ids) + len(added.removed)
             self.counted_faces += counted_faces(added.face_count) - counted_faces(before)
             # committed: from here on the enrollment is durable; the index follows the store
@@ -660,11 +665,16 @@ class Gallery:
 
     def import_identities(self, items: list[tuple[str, np.ndarray, dict | None]],
                           actor: Actor | None = None,
-                          enrolled_at: list[list[float] | None] | None = None) -> list[list[int]]:
-        """Bulk-add new identities (all or none; an existing id aborts the import). Returns face ids."""
+                          enrolled_at: list[list[float] | None] | None = None,
+                          collection_limit: int | None = None) -> list[list[int]]:
+        """Bulk-add new identities (all or none; an existing id aborts the import, and so does a
+        collection that would hold more than ``collection_limit`` faces). Returns face ids."""
         items = [(i, self._check_vectors(e), m) for i, e, m in items]
         self._require_ready()
         with self._lock.write():
+            adding = sum(len(e) for _, e, _ in items)
+            if collection_limit is not None and self.face_count + adding > collection_limit:
+                raise TooManyFacesForCollection(self.name, self.face_count, adding, collection_limit)
             face_ids = self._live_store.add_new_identities(items, actor, self.name, enrolled_at)
             labels = np.asarray([f for ids in face_ids for f in ids], dtype=np.int64)
             if len(labels):

@@ -34,6 +34,7 @@ from ..results import (
     IdentityNotFound,
     IdentityRecord,
     IdentityUpdate,
+    TooManyFacesForCollection,
     TooManyFacesForIdentity,
     UpdateResult,
     changed_keys,
@@ -89,6 +90,16 @@ class _NothingToDelete(Exception):
 
 class _Unchanged(Exception):
     pass
+
+
+@dataclass(frozen=True)
+class Room:
+    """The collection's faces and its max_faces, for a write to check inside its transaction (the
+    caller's count is exact: it holds the collection's write lock)."""
+
+    collection: str
+    faces: int
+    limit: int
 
 
 @dataclass(frozen=True)
@@ -183,6 +194,7 @@ class Store:
         self, identity_id: str, embeddings: np.ndarray, metadata: dict | None, replace: bool,
         max_faces: int | None = None, actor: Actor | None = None, collection: str | None = None,
         crops: list[bytes] | None = None, seal: Sealer | None = None, enrolled_at: list[float] | None = None,
+        room: Room | None = None,
     ) -> AddedFaces:
         """Insert faces (creating the identity if new, dropping its faces first with ``replace``);
         refused (TooManyFacesForIdentity, nothing written) if the identity would hold more than
@@ -206,6 +218,9 @@ class Store:
                 if replace:
                     removed = [r[0] for r in conn.execute("SELECT face_id FROM faces WHERE identity_id = ?", (identity_id,))]
                     conn.execute("DELETE FROM faces WHERE identity_id = ?", (identity_id,))
+            # a write that adds no net face (a replace by as many or fewer) is never refused, even over the limit
+            if room is not None and len(embeddings) > len(removed) and room.faces - len(removed) + len(embeddings) > room.limit:
+                raise TooManyFacesForCollection(room.collection, room.faces - len(removed), len(embeddings), room.limit)
             face_ids = self._insert_faces(conn, identity_id, embeddings, now, enrolled_at)
             if crops is not None:
                 self._insert_crops(conn, face_ids, crops, seal)

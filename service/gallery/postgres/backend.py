@@ -38,7 +38,7 @@ import math
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
@@ -55,6 +55,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from ...jobs import store as jobs
 from ...model.calibration import FACES_COUNTED_PER_IDENTITY, counted_faces
 from ..api import (
+    COLLECTION_SETTINGS,
     DEFAULT_COLLECTION,
     MAX_ROW_ID,
     Actor,
@@ -77,6 +78,7 @@ from ..api import (
     StorageFull,
     StoredKey,
     face_times,
+    updated_settings,
     valid_collection_name,
 )
 from ..crops import CropCipher, CropsUnavailable
@@ -93,6 +95,7 @@ from ..results import (
     IdentityUpdate,
     MergeResult,
     MoveResult,
+    TooManyFacesForCollection,
     TooManyFacesForIdentity,
     UpdateResult,
     changed_keys,
@@ -252,6 +255,11 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(8, "collection retention (collections.retention_days), faces by enrollment time", (
         "ALTER TABLE collections ADD COLUMN retention_days double precision",
         "CREATE INDEX faces_by_age ON faces(collection_id, created_at)",
+    )),
+    # a collection's face limit (enroll and import refuse to pass it) and its own identify FPIR
+    Migration(9, "collection settings: max_faces, identify_fpir", (
+        "ALTER TABLE collections ADD COLUMN max_faces bigint",
+        "ALTER TABLE collections ADD COLUMN identify_fpir double precision",
     )),
 )
 CROP_KEY_CHECK_KEY = "crop_key_check"  # in meta: the crop key's check value (base64), crops.check_crop_key
@@ -520,11 +528,19 @@ def _key(row: tuple[Any, ...]) -> StoredKey:
 
 def _collection_info(row: tuple[Any, ...]) -> CollectionInfo:
     return CollectionInfo(row[0], row[1], float(row[2]), int(row[3]), int(row[4]), int(row[5]), keep_crops=bool(row[6]),
-                          dim=int(row[7]), retention_days=None if row[8] is None else float(row[8]))
+                          dim=int(row[7]), **_settings(row[8:]))
+
+
+def _settings(values: Sequence[Any]) -> dict[str, Any]:
+    """COLLECTION_SETTINGS from a row's columns in that order (numerics as Python numbers)."""
+    days, most, fpir = values
+    return {"retention_days": None if days is None else float(days), "max_faces": None if most is None else int(most),
+            "identify_fpir": None if fpir is None else float(fpir)}
 
 
 COLLECTIONS_SQL = """SELECT c.name, c.model_id, c.created_at, COALESCE(sum(k.identities), 0), COALESCE(sum(k.faces), 0),
-                            COALESCE(sum(k.counted_faces), 0), c.keep_crops, c.dim, c.retention_days
+                            COALESCE(sum(k.counted_faces), 0), c.keep_crops, c.dim, c.retention_days, c.max_faces,
+                            c.identify_fpir
                      FROM collections c LEFT JOIN counters k USING (collection_id) {where}
                      GROUP BY c.collection_id ORDER BY c.name"""
 
@@ -887,8 +903,8 @@ class PostgresGalleries:
         if not valid_collection_name(name):
             raise CollectionNotFound(name)
         with self._read_connection() as conn:
-            row = conn.execute("SELECT collection_id, model_id, dim, keep_crops FROM collections WHERE name = %s",
-                               (name,)).fetchone()
+            row = conn.execute("SELECT collection_id, model_id, dim, keep_crops, identify_fpir FROM collections "
+                               "WHERE name = %s", (name,)).fetchone()
         with self._lock:
             if row is None:
                 self._collections.pop(name, None)
@@ -899,15 +915,18 @@ class PostgresGalleries:
                 handle = self._collections[name] = PostgresGallery(self, name, int(row[0]), row[1], int(row[2]))
         assert handle is not None
         handle.keep_crops = bool(row[3])
+        handle.identify_fpir = None if row[4] is None else float(row[4])
         if fresh:
             handle.stats()  # its counts, for the first search's plan
         return handle
 
     def create_collection(self, name: str, actor: Actor | None = None, keep_crops: bool = False,
                           model_id: str | None = None, dim: int | None = None,
-                          retention_days: float | None = None) -> CollectionInfo:
+                          retention_days: float | None = None, max_faces: int | None = None,
+                          identify_fpir: float | None = None) -> CollectionInfo:
         """A collection pinned to ``model_id`` (None: the default model); the first of a new dimension
         gets that dimension's HNSW index, built before this returns."""
+        settings: dict[str, Any] = {"retention_days": retention_days, "max_faces": max_faces, "identify_fpir": identify_fpir}
         if not valid_collection_name(name):
             raise ValueError(f"invalid collection name {name!r} (lower-case letters, digits, '-' and '_', "
                              "starting with a letter or digit, at most 63)")
@@ -917,9 +936,10 @@ class PostgresGalleries:
         now = time.time()
         with self._transaction() as conn:
             _claim_name(conn, name)  # CollectionExists when an alias has it
-            row = conn.execute("INSERT INTO collections(name, model_id, created_at, keep_crops, dim, retention_days) "
-                               "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (name) DO NOTHING RETURNING collection_id",
-                               (name, model_id, now, keep_crops, dim, retention_days)).fetchone()
+            row = conn.execute(f"INSERT INTO collections(name, model_id, created_at, keep_crops, dim, "
+                               f"{', '.join(COLLECTION_SETTINGS)}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
+                               "ON CONFLICT (name) DO NOTHING RETURNING collection_id",
+                               (name, model_id, now, keep_crops, dim, retention_days, max_faces, identify_fpir)).fetchone()
             if row is None:
                 raise CollectionExists(name)
             if keep_crops and self.crop_cipher is not None:  # the first one stores the key check value
@@ -929,9 +949,9 @@ class PostgresGalleries:
                          (row[0], COUNTER_SLOTS - 1))
             _audit(conn, actor, "collection.created", now, collection=name,
                    details={"model_id": model_id, "dim": dim, "keep_crops": bool(keep_crops),
-                            **({} if retention_days is None else {"retention_days": retention_days})})
+                            **{k: v for k, v in settings.items() if v is not None}})
         self.ensure_index([dim])
-        return CollectionInfo(name, model_id, now, 0, 0, 0, keep_crops=keep_crops, dim=dim, retention_days=retention_days)
+        return CollectionInfo(name, model_id, now, 0, 0, 0, keep_crops=keep_crops, dim=dim, **settings)
 
     def delete_collection(self, name: str, actor: Actor | None = None) -> CollectionInfo:
         """Erase every face and identity of the collection and the collection, in one transaction
@@ -975,15 +995,18 @@ class PostgresGalleries:
             raise CollectionNotFound(name)
         return _collection_info(row)
 
-    def set_retention(self, name: str, days: float | None, actor: Actor | None = None) -> CollectionInfo:
+    def update_collection(self, name: str, changes: dict[str, Any], actor: Actor | None = None) -> CollectionInfo:
+        columns = [k for k in COLLECTION_SETTINGS if k in changes]
         with self._transaction() as conn:
-            row = conn.execute("SELECT retention_days FROM collections WHERE name = %s FOR UPDATE", (name,)).fetchone()
+            row = conn.execute(f"SELECT {', '.join(COLLECTION_SETTINGS)} FROM collections WHERE name = %s FOR UPDATE",
+                               (name,)).fetchone()
             if row is None:
                 raise CollectionNotFound(name)
-            if row[0] != days:
-                conn.execute("UPDATE collections SET retention_days = %s WHERE name = %s", (days, name))
-                _audit(conn, actor, "collection.updated", time.time(), collection=name,
-                       details={"retention_days": days, "previous_retention_days": row[0]})
+            details = updated_settings(_settings(row), changes)
+            if details:
+                conn.execute(f"UPDATE collections SET {', '.join(f'{k} = %s' for k in columns)} WHERE name = %s",
+                             (*(changes[k] for k in columns), name))
+                _audit(conn, actor, "collection.updated", time.time(), collection=name, details=details)
         return self.collection_info(name)
 
     def retentions(self) -> dict[str, float]:
@@ -1229,7 +1252,9 @@ COUNTS_SQL = ("SELECT COALESCE(sum(identities) FILTER (WHERE collection_id = %(c
               "EXISTS (SELECT 1 FROM collections WHERE collection_id = %(c)s), "
               # whether the collection has a valid HNSW index of its own (collection_index_name), here
               "EXISTS (SELECT 1 FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid WHERE x.indrelid = "
-              f"'faces'::regclass AND x.indisvalid AND i.relname = '{COLLECTION_INDEX_PREFIX}' || %(c)s::bigint) "
+              f"'faces'::regclass AND x.indisvalid AND i.relname = '{COLLECTION_INDEX_PREFIX}' || %(c)s::bigint), "
+              # its identify_fpir: the threshold of a search follows the setting as that search read it
+              "(SELECT identify_fpir FROM collections WHERE collection_id = %(c)s) "
               "FROM counters")
 # exact: the collection's faces through faces_by_identity, scored and sorted (ORDER BY the score, not
 # the distance operator, so the planner cannot pick the HNSW index)
@@ -1304,6 +1329,9 @@ class PostgresGallery:
         self._counts_lock = threading.Lock()
         self._own_index = False  # a valid HNSW index of its own (collection_index_name), as the last counts said
         self.keep_crops = False  # the collection's setting, as PostgresGalleries.collection read it
+        # likewise, and as the last search or write read it (COUNTS_SQL): the default collection's handle
+        # lives as long as the service, and its threshold follows a change made on any replica
+        self.identify_fpir: float | None = None
 
     @property
     def options(self) -> PostgresOptions:
@@ -1367,6 +1395,7 @@ class PostgresGallery:
                 self._identity_count, self._face_count, self._counted_faces, self._table_faces = (
                     int(v) for v in row[:4])
                 self._own_index = bool(row[5])
+                self.identify_fpir = None if row[6] is None else float(row[6])
         minimum = self.options.collection_index_min_faces
         # past the minimum and at most half the table (the shared index serves a bigger one well: a scan
         # widened at most twofold)
@@ -1464,6 +1493,8 @@ class PostgresGallery:
             face_ids = self._insert_faces(conn, identity_id, vectors, now, enrolled_at)
             if crops is not None:
                 self._insert_crops(conn, face_ids, crops)
+            # last, so that writers into a limited collection queue for the commit only, not the inserts
+            self._check_room(conn, len(face_ids) - removed)
             after = before - removed + len(face_ids)
             counts = self._count(conn, int(created), len(face_ids) - removed,
                                  counted_faces(after) - counted_faces(before))
@@ -1508,6 +1539,7 @@ class PostgresGallery:
                                 copy.write_row((now, "identity.imported", actor.key_id, actor.client, actor.request_id,
                                                 self.name, identity_id,
                                                 json.dumps(actor.recorded({"faces": len(np.atleast_2d(emb))}))))
+                self._check_room(conn, len(flat))
                 it = iter(ids)
                 face_ids = [[next(it) for _ in range(len(np.atleast_2d(emb)))] for _, emb, _ in items]
                 counts = self._count(conn, len(items), len(flat), sum(counted_faces(len(ids)) for ids in face_ids))
@@ -1845,13 +1877,37 @@ class PostgresGallery:
             "AND (identity_id > %(i)s OR face_id > %(f)s) ORDER BY identity_id, face_id LIMIT %(n)s",
             {"c": self.collection_id, "i": after[0], "f": after[1], "n": batch}).fetchall()
 
+    def _check_room(self, conn: psycopg.Connection, adding: int) -> None:
+        """A write that adds ``adding`` faces net, called in its transaction after its rows are written and
+        before its counters are: with a max_faces, it takes the collection's quota lock (writes that add
+        faces to it queue there, on every replica, until their commit) and sums the counters, which then
+        hold every other adding write's faces (committed: each held the lock to its commit) and none of
+        this one's; over the limit: TooManyFacesForCollection (the transaction rolls back). Taken last, the
+        lock covers the counters, the audit row and the commit, not the inserts (the HNSW index's). A
+        write adding no net face never waits. Deadlock-free: a writer waiting here holds no counters row,
+        and the holder needs no lock a waiter has (its identity rows are its own, taken before)."""
+        if adding <= 0:
+            return
+        row = conn.execute("SELECT max_faces FROM collections WHERE collection_id = %s", (self.collection_id,)).fetchone()
+        if row is None or row[0] is None:
+            return
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (self._lock_key("face-quota"),))
+        faces = int(_one(conn.execute("SELECT COALESCE(sum(faces), 0) FROM counters WHERE collection_id = %s",
+                                      (self.collection_id,)))[0])
+        if faces + adding > int(row[0]):
+            raise TooManyFacesForCollection(self.name, faces, adding, int(row[0]))
+
+    def _lock_key(self, kind: str) -> int:
+        """An advisory lock of this collection: a signed 64-bit hash of ``kind``, the schema and the
+        collection id (advisory locks are database-wide; schemas share a database)."""
+        digest = hashlib.blake2b(f"{kind}:{self.options.schema}:{self.collection_id}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big", signed=True)
+
     @property
     def fence_key(self) -> int:
         """The advisory lock of the collection's write fence: a signed 64-bit hash of the schema and the
         collection id (advisory locks are database-wide; schemas share a database)."""
-        digest = hashlib.blake2b(f"face-write-fence:{self.options.schema}:{self.collection_id}".encode(),
-                                 digest_size=8).digest()
-        return int.from_bytes(digest, "big", signed=True)
+        return self._lock_key("face-write-fence")
 
     @contextmanager
     def write_fence(self) -> Iterator[None]:

@@ -2,7 +2,7 @@
 // Every API call goes through api(), which adds the API key kept in sessionStorage and turns the
 // service's error bodies ({"error": {"code", "message", "details"}}) into readable sentences.
 // Every gallery call goes to the collection picked in the header (inCollection()); GET /whoami decides
-// whether the admin parts (Keys, Audit, new/delete collection) are shown. A new key's secret is held
+// whether the admin parts (Keys, Audit, new/delete collection, collection settings) are shown. A new key's secret is held
 // only in the page (never in storage) unless the admin chooses "Use this key now".
 // User data (identity ids, metadata, file names) is only ever set as textContent, never as HTML.
 "use strict";
@@ -40,6 +40,7 @@ const ERROR_MESSAGES = {
   invalid_embedding: "An embedding is not usable (NaN, infinite or zero).",
   identity_not_found: "No identity with this id is enrolled.",
   identity_exists: "Another enrolled identity already has this id: pick another (or merge the two instead).",
+  too_many_faces_for_collection: "The collection holds as many faces as its limit allows (max_faces): delete some, or ask an admin to raise the limit.",
   identity_changed: "Someone changed this identity since you opened it; nothing was saved. Close and edit it again to start from what is stored now.",
   face_not_found: "No face with this id is enrolled in this collection (it may have been deleted or moved meanwhile).",
   same_identity: "The two identities are the same one: pick another.",
@@ -279,23 +280,83 @@ function chooseCollection(name) {
   delete $("try-canvas").dataset.state;
   say($("try-status"), `Pick a photo to see every face, who it matches in ${quoted(name)} and how sure.`);
   say($("collection-status"), "");
+  say($("settings-status"), "");
   route();
 }
 
+// A collection's settings, as the New collection and Collection settings dialogs ask for them: the
+// name in the API, the field's id after "collection-" or "settings-", and the Status page's row (a
+// dialog's sentences name the field by its label).
+const COLLECTION_SETTINGS = [
+  ["retention_days", "retention", "Faces kept"],
+  ["max_faces", "max-faces", "Face limit"],
+  ["identify_fpir", "fpir", "Identify FPIR"],
+];
+
+function settingText(key, value) {
+  if (key === "retention_days") return value == null ? "until deleted" : `${show(value)} day(s) after enrollment, then erased`;
+  if (key === "max_faces") return value == null ? "none" : `${show(value)} faces`;
+  return value == null ? "the service's" : String(value); // an FPIR such as 0.0001: every digit counts
+}
+
+// the settings typed in a dialog ("collection" or "settings"): each a number, or null where empty;
+// or, where one is not a number at all, why and which field (an <input type=number> whose text is not
+// a number reads as "": sent as null, it would silently put the setting back to its default)
+function typedSettings(prefix) {
+  const values = {};
+  for (const [key, field] of COLLECTION_SETTINGS) {
+    const input = $(`${prefix}-${field}`);
+    const text = input.value.trim();
+    const value = text === "" ? null : Number(text);
+    if (input.validity.badInput || (value !== null && !Number.isFinite(value))) {
+      return { problem: `${fieldLabel(input.id)}: type a number, or leave the field empty; nothing was saved.`, field: input.id };
+    }
+    values[key] = value;
+  }
+  return { values };
+}
+
+// the service's refusal in words, and the field it is about: an invalid_request names each field it
+// refuses (details.errors[].field, such as "body.max_faces") with the reason
+function settingsRefusal(err, prefix, fields = COLLECTION_SETTINGS) {
+  const errors = err.code === "invalid_request" && Array.isArray(err.details.errors) ? err.details.errors : [];
+  let field = null;
+  const reasons = [];
+  for (const problem of errors) {
+    const known = fields.find(([key]) => problem.field === `body.${key}`);
+    if (known && !field) field = `${prefix}-${known[1]}`;
+    reasons.push(`${known ? fieldLabel(`${prefix}-${known[1]}`) : problem.field}: ${problem.message}`);
+  }
+  const message = reasons.length ? `${ERROR_MESSAGES.invalid_request} ${reasons.join("; ")}. [${err.code}]` : err.readable;
+  return { message, field };
+}
+
+const fieldLabel = (id) => $(id).labels[0].textContent;
+
+function dialogRefused(prefix, message, field) {
+  say($(`${prefix}-error`), message, "error");
+  if (field) $(field).focus();
+  $(`${prefix}-error`).scrollIntoView({ block: "nearest" }); // a phone's dialog scrolls: the reason stays in sight
+}
+
 function openNewCollection() {
-  $("collection-name").value = "";
-  $("collection-retention").value = "";
+  $("collection-form").reset();
   say($("collection-error"), "");
   $("collection-dialog").showModal();
   $("collection-name").focus();
 }
 
+const NEW_COLLECTION_FIELDS = [["name", "name"], ...COLLECTION_SETTINGS];
+
 async function createCollection(event) {
   event.preventDefault();
   const name = $("collection-name").value.trim();
-  if (!name) return;
-  const days = $("collection-retention").value.trim(); // empty: kept until deleted; the service checks the number
-  const body = days ? { name, retention_days: Number(days) } : { name };
+  if (!name) return dialogRefused("collection", "Give the collection a name.", "collection-name");
+  const typed = typedSettings("collection");
+  if (typed.problem) return dialogRefused("collection", typed.problem, typed.field);
+  // only the settings filled in: the others are the service's defaults; the service checks the numbers
+  const body = { name };
+  for (const [key, value] of Object.entries(typed.values)) if (value !== null) body[key] = value;
   say($("collection-error"), "Creating...");
   try {
     const made = await api("collections", { method: "POST", json: body, action: "create collections" });
@@ -304,7 +365,66 @@ async function createCollection(event) {
     chooseCollection(made.name);
     say($("collection-status"), `Collection "${made.name}" created; the pages now work in it.`, "ok");
   } catch (err) {
-    say($("collection-error"), err.readable, "error");
+    const { message, field } = settingsRefusal(err, "collection", NEW_COLLECTION_FIELDS);
+    const named = ["invalid_collection_name", "collection_exists"].includes(err.code) ? "collection-name" : field;
+    dialogRefused("collection", message, named);
+  }
+}
+
+// Collection settings (admins): the dialog shows the chosen collection's settings as GET
+// /collections/{name} has them, and Save sends PATCH with only the settings changed (empty: null, the
+// default); the service's refusal is shown in the dialog, which stays open, on the field it names.
+const settings = { name: null, stored: {} };
+
+async function openSettings() {
+  const name = collection();
+  say($("settings-status"), "");
+  let info;
+  try {
+    info = await api(`collections/${encodeURIComponent(name)}`, { action: `see ${quoted(name)}` });
+  } catch (err) {
+    return say($("settings-status"), err.readable, "error");
+  }
+  Object.assign(settings, { name, stored: {} });
+  for (const [key, field] of COLLECTION_SETTINGS) {
+    const value = typeof info[key] === "number" ? info[key] : null;
+    settings.stored[key] = value;
+    $(`settings-${field}`).value = value === null ? "" : String(value);
+  }
+  $("settings-title").textContent = `Settings of ${quoted(name)}`;
+  say($("settings-error"), "");
+  $("settings-save").disabled = false;
+  $("settings-dialog").showModal();
+  $("settings-retention").focus();
+}
+
+async function saveSettings(event) {
+  event.preventDefault();
+  const typed = typedSettings("settings");
+  if (typed.problem) return dialogRefused("settings", typed.problem, typed.field);
+  const name = settings.name;
+  const body = {};
+  for (const [key, value] of Object.entries(typed.values)) if (value !== settings.stored[key]) body[key] = value;
+  if (!Object.keys(body).length) {
+    $("settings-dialog").close();
+    return say($("settings-status"), `Nothing changed in ${quoted(name)}.`);
+  }
+  say($("settings-error"), "Saving...");
+  $("settings-save").disabled = true;
+  try {
+    const r = await api(`collections/${encodeURIComponent(name)}`, { method: "PATCH", json: body,
+      action: `change the settings of ${quoted(name)}` });
+    $("settings-dialog").close();
+    const saved = COLLECTION_SETTINGS.filter(([key]) => key in body).map(([key, , label]) => `${label}: ${settingText(key, r[key])}`);
+    say($("settings-status"), `Saved ${quoted(r.name)}. ${saved.join("; ")}.`, "ok");
+    refreshStatus();
+  } catch (err) {
+    const { message, field } = settingsRefusal(err, "settings");
+    if (!$("settings-dialog").open) return say($("settings-status"), message, "error"); // closed meanwhile (Escape)
+    const first = COLLECTION_SETTINGS.find(([key]) => key in body); // else the first setting sent
+    dialogRefused("settings", message, field || `settings-${first[1]}`);
+  } finally {
+    $("settings-save").disabled = false;
   }
 }
 
@@ -1193,7 +1313,7 @@ async function collectionRows(ready) {
     rows.push(["Identities", show(info.identities)], ["Faces", show(info.faces)]);
     if (info.identify_threshold !== undefined) rows.push(["Identify threshold (1:N)", show(info.identify_threshold)]);
     if (info.created_at) rows.push(["Created", when(info.created_at)]);
-    rows.push(["Faces kept", info.retention_days == null ? "until deleted" : `${show(info.retention_days)} day(s) after enrollment, then erased`]);
+    for (const [key, , label] of COLLECTION_SETTINGS) rows.push([label, settingText(key, info[key])]);
   } else if (name === DEFAULT_COLLECTION && ready.gallery && typeof ready.gallery === "object") {
     if (ready.gallery.identities !== undefined) rows.push(["Identities", show(ready.gallery.identities)]);
     if (ready.gallery.faces !== undefined) rows.push(["Faces", show(ready.gallery.faces)]);
@@ -1212,7 +1332,9 @@ async function refreshStatus() {
       ready = { status: err.details.status || "not ready", detail: err.readable };
     }
     const known = new Set(READY_FIELDS.map(([key]) => key).concat(["gallery", "model_path", "impostor_tail", "collections", "quality"]));
-    const rows = READY_FIELDS.filter(([key]) => ready[key] !== undefined).map(([key, label]) => [label, show(ready[key])]);
+    // a rate is shown as it is (0.0001 would round to "0.000")
+    const rows = READY_FIELDS.filter(([key]) => ready[key] !== undefined)
+      .map(([key, label]) => [label, key === "identify_fpir" && ready[key] !== null ? String(ready[key]) : show(ready[key])]);
     if (ready.impostor_tail !== undefined) rows.push(["Impostor tail", tailText(ready.impostor_tail)]);
     rows.push(...qualityRows(ready.quality));
     if (ready.gallery && typeof ready.gallery === "object") {
@@ -1537,6 +1659,10 @@ async function start() {
   $("collection-form").addEventListener("submit", createCollection);
   $("collection-cancel").addEventListener("click", () => $("collection-dialog").close());
   $("collection-delete").addEventListener("click", confirmDeleteCollection);
+  $("collection-settings").addEventListener("click", openSettings);
+  $("settings-form").addEventListener("submit", saveSettings);
+  $("settings-cancel").addEventListener("click", () => $("settings-dialog").close());
+  $("settings-dialog").addEventListener("close", () => $("collection-settings").focus()); // back to the opener
   $("keys-form").addEventListener("submit", createKey);
   $("keys-all").addEventListener("change", () => { $("keys-collections").disabled = $("keys-all").checked; });
   $("keys-secret-copy").addEventListener("click", copySecret);
