@@ -16,14 +16,13 @@ Saves bench/results/collection_limit.json.
 from __future__ import annotations
 
 import argparse
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-from bench.common import gallery_backends, machine, percentiles, save
+from bench.common import machine, per_backend, percentiles, save
 from service.config import Settings
 from service.gallery.open import make_gallery
 
@@ -91,15 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--postgres", action="store_true")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args(argv)
-    results = {}
-    with gallery_backends(args.postgres) as backends, tempfile.TemporaryDirectory() as tmp:
-        for name, env in backends:
-            if env is None:
-                settings = Settings(data_dir=Path(tmp) / "data", snapshot_interval_s=0)
-            else:
-                settings = Settings(database_url=env["FACE_DATABASE_URL"], database_schema=env["FACE_DATABASE_SCHEMA"])
-            results[name] = run(settings, args)
-            print(name, results[name], flush=True)
+    results = per_backend(args.postgres, lambda settings: run(settings, args))
     path = save("collection_limit", {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                                      "results": results, "machine": machine()}, args.output)
     print(f"saved {path}")

@@ -9,8 +9,9 @@ import os
 import platform
 import subprocess
 import tarfile
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -122,3 +123,21 @@ def gallery_backends(postgres: bool) -> Iterator[list[tuple[str, dict[str, str] 
     finally:
         if server is not None:
             server.close()
+
+
+def per_backend(postgres: bool, run: Callable[..., dict]) -> dict[str, dict]:
+    """``run(settings)`` on a fresh gallery of each backend of ``gallery_backends`` (embedded: a data dir
+    in a temporary directory, snapshots only at close; PostgreSQL: its throwaway server), each result
+    printed as it comes; returns backend -> result."""
+    from service.config import Settings
+
+    results = {}
+    with gallery_backends(postgres) as backends, tempfile.TemporaryDirectory() as tmp:
+        for name, env in backends:
+            if env is None:
+                settings = Settings(data_dir=Path(tmp) / "data", snapshot_interval_s=0)
+            else:
+                settings = Settings(database_url=env["FACE_DATABASE_URL"], database_schema=env["FACE_DATABASE_SCHEMA"])
+            results[name] = run(settings)
+            print(name, results[name], flush=True)
+    return results

@@ -10,18 +10,11 @@ import json
 import threading
 
 import httpx
-import numpy as np
 import pytest
 
 from harness.server import ServerProcess
 from tests.conftest import backend_env
-
-DIM = 128
-
-
-def vectors(n: int, seed: int) -> list[list[float]]:
-    v = np.random.default_rng(seed).normal(size=(n, DIM)).astype(np.float32)
-    return (v / np.linalg.norm(v, axis=1, keepdims=True)).tolist()
+from tests.service.test_hygiene_writes_api import best, error_code, vectors
 
 
 @pytest.fixture(scope="module", params=["embedded", "postgres"])
@@ -40,16 +33,6 @@ def enroll(client, prefix: str, identity: str, rows: list[list[float]], metadata
                                               **({"metadata": metadata} if metadata is not None else {})})
     assert r.status_code == 200, r.text
     return r.json()["face_ids"]
-
-
-def best(client, prefix: str, row: list[float]) -> str | None:
-    r = client.post(f"{prefix}/identify", json={"embeddings": [row], "model_id": client.model_id, "top_k": 1})
-    assert r.status_code == 200, r.text
-    return r.json()["results"][0]["candidates"][0]["identity_id"]
-
-
-def error_code(r: httpx.Response) -> str:
-    return r.json()["error"]["code"]
 
 
 def audit_of(client, request_id: str) -> list[dict]:
