@@ -463,6 +463,12 @@ class GalleryBackend(Protocol):
         are one read."""
         ...
 
+    def identity_faces(self, identity_ids: list[str]) -> dict[str, tuple[list[int], np.ndarray]]:
+        """identity id -> (its face ids in face-id order, their vectors as rows), for the ids that exist
+        (others are absent), in a few queries for many identities: /identify ``among`` scores a probe
+        against exactly these faces; each identity's faces are one read."""
+        ...
+
 
 @runtime_checkable
 class Galleries(Protocol):

@@ -111,3 +111,29 @@ def search_identities(nearest: NearestFaces, probes: np.ndarray, top_k: int,
                 short.append(row)  # rare: few identities own all the nearest faces
         pending, k = short, cap(k * WIDEN)
     return results
+
+
+def search_among(probes: np.ndarray, faces: dict[str, tuple[list[int], np.ndarray]], top_k: int) -> list[list[Match]]:
+    """Exact search of a few identities (``faces``: identity id -> (face ids, vectors), as
+    ``GalleryBackend.identity_faces`` reads them): each probe against every one of their faces, each
+    identity scored by its best face (max over faces, as ``search_identities``), best first, ``top_k``."""
+    probes = np.atleast_2d(np.asarray(probes, dtype=np.float32))
+    if not faces or not len(probes):
+        return [[] for _ in range(len(probes))]
+    names = list(faces)
+    sims = probes @ np.concatenate([faces[name][1] for name in names]).T
+    best = np.empty((len(probes), len(names)), dtype=np.float32)
+    best_face = np.empty((len(probes), len(names)), dtype=np.int64)
+    start = 0
+    for column, name in enumerate(names):
+        ids = faces[name][0]
+        block = sims[:, start:start + len(ids)]
+        where = block.argmax(axis=1)
+        best[:, column] = block[np.arange(len(probes)), where]
+        best_face[:, column] = np.asarray(ids, dtype=np.int64)[where]
+        start += len(ids)
+    out = []
+    for row in range(len(probes)):
+        order = np.argsort(-best[row], kind="stable")[:top_k]
+        out.append([Match(names[c], float(best[row, c]), int(best_face[row, c])) for c in order])
+    return out

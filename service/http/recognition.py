@@ -5,6 +5,7 @@ Mounted twice (app.py): unprefixed for the `default` collection, and under
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -15,8 +16,10 @@ from ..access.policy import Permission
 from ..errors import ErrorCode, ServiceError
 from ..faces.pipeline import FaceBatch
 from ..gallery.api import GalleryBackend, Match
-from ..gallery.identity_ids import find_identity
-from ..gallery.openset import IdentifyThreshold
+from ..gallery.identity_ids import NEVER_STORED, find_identity
+from ..gallery.openset import GalleryCounts, IdentifyThreshold
+from ..gallery.search import search_among
+from ..model.calibration import counted_faces
 from ..state import ServiceState
 from .deps import CollectionDep, ServedDep, StateDep, allow, charge_faces
 from .payload import StrictRoute, body_docs, read_payload
@@ -85,6 +88,8 @@ async def identify(request: Request, state: StateDep, gallery: CollectionDep, se
     probes: `face_ids` (one result each, with `probe_face_id`; 404 `face_not_found` for a face not in
     the collection), or a whole enrolled identity: `identity_id` (one result, each candidate scored by
     its best over the identity's faces); the probe's own identity is never a candidate.
+    `among` (with images or embeddings): only these enrolled identities are candidates, scored exactly,
+    at the threshold of a gallery of just them (an access list checked without a collection of its own).
     """
     payload, images = await read_payload(request, IdentifyRequest, ("images",),
                                          max_images=state.settings.max_faces_per_request, vector_fields=("embeddings",),
@@ -92,6 +97,9 @@ async def identify(request: Request, state: StateDep, gallery: CollectionDep, se
     if payload.top_k > state.settings.max_top_k:
         raise ServiceError(ErrorCode.invalid_request, f"top_k may be at most {state.settings.max_top_k}")
     if payload.face_ids is not None or payload.identity_id is not None:
+        if payload.among is not None:
+            raise ServiceError(ErrorCode.invalid_request, "`among` limits a search of `images` or `embeddings`, not of "
+                               "enrolled faces (`face_ids`, `identity_id`)")
         return await _identify_enrolled(request, state, gallery, payload)
     probes, faces = await source_vectors(state, list_source(payload, images), served)
     quality = faces.qualities(state.settings.enroll_min_quality) if faces.quality else [None] * len(probes)
@@ -100,12 +108,16 @@ async def identify(request: Request, state: StateDep, gallery: CollectionDep, se
     searched = [i for i in range(len(probes)) if refused[i] is None]
     # the threshold is sized by the gallery as searched (it may grow while the probes are embedded);
     # chosen in the same worker call as the search: it stat()s the calibration file, not on the loop
-    found, decision = await run_in_threadpool(_search_and_threshold, state, gallery, probes[searched], payload.top_k,
-                                              payload.threshold)
+    if payload.among is not None:
+        found, decision = await run_in_threadpool(_search_among, state, gallery, probes[searched], payload.top_k,
+                                                  payload.threshold, payload.among)
+    else:
+        found, decision = await run_in_threadpool(_search_and_threshold, state, gallery, probes[searched],
+                                                  payload.top_k, payload.threshold)
     matches: list[list] = [[] for _ in range(len(probes))]
     for i, candidates in zip(searched, found):
         matches[i] = candidates
-    if faces.crops and state.shadow.target_of(gallery.name) is not None:  # a migrated collection (jobs/shadow.py)
+    if faces.crops and payload.among is None and state.shadow.target_of(gallery.name) is not None:  # jobs/shadow.py
         state.shadow.offer(state, gallery.name, [faces.crops[i] for i in searched],
                            [matches[i][0] if matches[i] else None for i in searched])
     threshold = decision.threshold
@@ -154,6 +166,32 @@ def _search_and_threshold(state: ServiceState, gallery: GalleryBackend, probes: 
                           requested: float | None) -> _Searched:
     matches = gallery.search(probes, top_k) if len(probes) else []
     return _Searched(matches, state.open_set_threshold(gallery, requested))
+
+
+def _search_among(state: ServiceState, gallery: GalleryBackend, probes: np.ndarray, top_k: int,
+                  requested: float | None, among: list[str]) -> _Searched:
+    """``among``: the probes scored exactly against every face of these identities (each found as given,
+    or in its NFC or NFD form, as identity lookups do), and the threshold of a gallery of just these:
+    the collection's FPIR over their counts (its n_eff), so a short access list is not held to the
+    threshold of the whole collection. 404 ``identity_not_found`` naming every id not enrolled."""
+    wanted = list(dict.fromkeys(among))
+    for name in wanted:
+        if NEVER_STORED.search(name):  # no identity has one; PostgreSQL could not even be asked (NUL)
+            raise ServiceError(ErrorCode.invalid_identity_id, "an id in `among` holds a control character",
+                               identity_id=name)
+    forms = {name: list(dict.fromkeys((name, unicodedata.normalize("NFC", name), unicodedata.normalize("NFD", name))))
+             for name in wanted}
+    stored = gallery.identity_faces(sorted({form for group in forms.values() for form in group}))
+    chosen = {name: next((form for form in forms[name] if form in stored), None) for name in wanted}
+    missing = [name for name, form in chosen.items() if form is None]
+    if missing:
+        raise ServiceError(ErrorCode.identity_not_found, f"identity {missing[0]!r} is not enrolled" if len(missing) == 1
+                           else f"{len(missing)} of the identities in `among` are not enrolled", identity_ids=missing)
+    faces = {form: stored[form] for form in dict.fromkeys(f for f in chosen.values() if f is not None)}
+    sizes = [len(face_ids) for face_ids, _ in faces.values()]
+    counts = GalleryCounts(len(faces), sum(sizes), sum(counted_faces(n) for n in sizes))
+    decision = state.decision_for(counts, requested, state.served_for(gallery), fpir=gallery.identify_fpir)
+    return _Searched(search_among(probes, faces, top_k), decision)
 
 
 # --- probes that are already enrolled: face_ids, identity_id -------------------------------------

@@ -271,6 +271,9 @@ class VerifyResponse(BaseModel):
 
 
 # --- identify ---------------------------------------------------------------------------------
+MAX_AMONG = 1000  # identities one /identify may be limited to (each is read whole: its faces' vectors)
+
+
 class IdentifyRequest(PhotoOptions):
     images: list[Base64Image] | None = Field(
         None, min_length=1, description="One or more probe faces or photos (with `multi_face: all`, every face of "
@@ -288,6 +291,12 @@ class IdentifyRequest(PhotoOptions):
     identity_id: IdentityRef | None = Field(
         None, description="An enrolled identity as the probe, instead of `images`/`embeddings`: one result; each "
         "candidate is scored by its best score over the identity's faces; the identity itself is never a candidate.")
+    among: list[IdentityRef] | None = Field(
+        None, min_length=1, max_length=MAX_AMONG, description="Identify among these enrolled identities only (an "
+        "access list: \"is this one of the people allowed here?\"), with `images` or `embeddings`: every face of "
+        "each is scored exactly, and the open-set threshold is the one for a gallery of just these identities "
+        "(fewer chances to resemble someone: a lower threshold than the whole collection's). An id not enrolled: "
+        "404 `identity_not_found` (details: `identity_ids`).")
 
 
 class Candidate(BaseModel):

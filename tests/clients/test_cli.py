@@ -44,6 +44,10 @@ def test_cli_enroll_identify_verify_identities_as_json(any_backend, collection_n
     assert identified.returncode == 0, identified.stderr
     answers = json.loads(identified.stdout)
     assert [(a["photo"], a["identity_id"]) for a in answers] == [(photos[0], ENROLLED[1]), (photos[1], None)]
+    others = ",".join(p for p in ENROLLED[:3] if p != ENROLLED[1])  # the person is not on the list: unknown
+    listed_only = json.loads(face(any_backend, *c, "identify", photos[0], "--among", others).stdout)
+    assert listed_only[0]["identity_id"] is None and {x["identity_id"] for x in listed_only[0]["candidates"]} <= set(
+        ENROLLED[:3]) - {ENROLLED[1]}
     verified = json.loads(face(any_backend, "--json", "verify", photos[0], str(face_files(ENROLLED[1])[0])).stdout)
     assert verified["match"] is True
     listed = json.loads(face(any_backend, *c, "identities", "list").stdout)

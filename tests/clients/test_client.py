@@ -82,6 +82,12 @@ def test_round_trip_sync(any_backend, collection_name):
         result = face.identify([bush[2], powell[2], unknown_files()[0]])
         assert [r.identity_id for r in result.results] == [ENROLLED[0], ENROLLED[1], None]
         assert result.results[0].candidates[0].identity_id == ENROLLED[0] and result.gallery_identities == 2
+        # among: photos sent as files (multipart), the list as a form field; only those are candidates
+        listed = face.identify([bush[2], powell[2]], among=[ENROLLED[1]])
+        assert [r.identity_id for r in listed.results] == [None, ENROLLED[1]] and listed.gallery_identities == 1
+        with pytest.raises(NotFoundError) as absent:
+            face.identify(bush[2], among=["nobody-here"])
+        assert absent.value.details.get("identity_ids") == ["nobody-here"]
 
         same = face.verify(bush[0], identity_id=ENROLLED[0])
         assert same.match and same.identity_id == ENROLLED[0]

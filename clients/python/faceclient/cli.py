@@ -128,6 +128,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     identify = commands.add_parser("identify", help="who is in each photo")
     identify.add_argument("photos", nargs="+")
     identify.add_argument("--top-k", type=int, default=1)
+    identify.add_argument("--among", type=lambda text: [i for i in text.split(",") if i], metavar="ID,ID,...",
+                          help="only these enrolled identities are candidates (an access list)")
     verify = commands.add_parser("verify", help="are A and B the same person")
     verify.add_argument("a")
     verify.add_argument("b")
@@ -224,7 +226,8 @@ def run(face: FaceClient, args: argparse.Namespace) -> tuple[Any, list[str]]:
     """The command's answer (for --json) and its readable lines."""
     c = args.collection
     if args.command == "identify":
-        results = face.identify_many(args.photos, top_k=args.top_k, collection=c)
+        results = face.identify_many(args.photos, top_k=args.top_k, collection=c,
+                                     **({"among": args.among} if args.among else {}))
         lines = [f"{args.photos[r.image_index]}\t" + (r.error.code if r.error else
                  f"{r.identity_id or 'unknown'}\t{r.score if r.score is not None else ''}") for r in results]
         return [{"photo": args.photos[r.image_index], **r.model_dump(mode="json")} for r in results], lines

@@ -302,10 +302,11 @@ class _Base:
     def _identify(self, images: Any, embeddings: Any, top_k: int, threshold: float | None,
                   min_quality: float | None, image_type: ImageType, multi_face: str, color: Color | None,
                   model_id: str | None, collection: str | None, face_ids: Sequence[int] | None = None,
-                  identity_id: str | None = None) -> Call:
+                  identity_id: str | None = None, among: Sequence[str] | None = None) -> Call:
         body: dict[str, Any] = {"top_k": top_k, "threshold": threshold, "min_quality": min_quality,
                                 "model_id": model_id, "identity_id": identity_id,
-                                "face_ids": None if face_ids is None else [int(f) for f in face_ids]}
+                                "face_ids": None if face_ids is None else [int(f) for f in face_ids],
+                                "among": None if among is None else list(among)}
         if images is not None:
             body |= {"image_type": image_type, "multi_face": multi_face}
         if embeddings is not None:
@@ -544,12 +545,14 @@ class FaceClient(_Base):
                  top_k: int = 5, threshold: float | None = None, min_quality: float | None = None,
                  image_type: ImageType = "auto", multi_face: str = "largest", color: Color | None = None,
                  model_id: str | None = None, collection: str | None = None, face_ids: Sequence[int] | None = None,
-                 identity_id: str | None = None) -> IdentifyResult:
+                 identity_id: str | None = None, among: Sequence[str] | None = None) -> IdentifyResult:
         """The probes: ``images``, or ``embeddings``, or enrolled faces (``face_ids``: one result each, with
         ``probe_face_id``), or a whole enrolled identity (``identity_id``: one result); exactly one. An
-        enrolled probe's own identity is never its candidate."""
+        enrolled probe's own identity is never its candidate. ``among`` (with images or embeddings): only
+        these enrolled identities are candidates, at the threshold of a gallery of just them (NotFoundError
+        ``identity_not_found`` names any not enrolled)."""
         return self._do(self._identify(images, embeddings, top_k, threshold, min_quality, image_type, multi_face,
-                                       color, model_id, collection, face_ids, identity_id), IdentifyResult)
+                                       color, model_id, collection, face_ids, identity_id, among), IdentifyResult)
 
     def enroll(self, identity_id: str, images: ImageInput | Sequence[ImageInput] | None = None, *,
                embeddings: Any = None, metadata: dict[str, Any] | None = None, replace: bool = False,
@@ -935,9 +938,10 @@ class AsyncFaceClient(_Base):
                        top_k: int = 5, threshold: float | None = None, min_quality: float | None = None,
                        image_type: ImageType = "auto", multi_face: str = "largest", color: Color | None = None,
                        model_id: str | None = None, collection: str | None = None,
-                       face_ids: Sequence[int] | None = None, identity_id: str | None = None) -> IdentifyResult:
+                       face_ids: Sequence[int] | None = None, identity_id: str | None = None,
+                       among: Sequence[str] | None = None) -> IdentifyResult:
         return await self._do(self._identify(images, embeddings, top_k, threshold, min_quality, image_type,
-                                             multi_face, color, model_id, collection, face_ids, identity_id),
+                                             multi_face, color, model_id, collection, face_ids, identity_id, among),
                               IdentifyResult)
 
     async def enroll(self, identity_id: str, images: ImageInput | Sequence[ImageInput] | None = None, *,

@@ -149,3 +149,6 @@ class EmbeddedGallery:
 
     def identity_crops(self, identity_ids: list[str]) -> dict[str, list[tuple[int, bytes | None, float]]]:
         return self.gallery.identity_crops(identity_ids)
+
+    def identity_faces(self, identity_ids: list[str]) -> dict[str, tuple[list[int], np.ndarray]]:
+        return self.gallery.identity_faces(identity_ids)

@@ -813,3 +813,6 @@ class _CollectionHandle:
 
     def identity_crops(self, identity_ids: list[str]) -> dict[str, list[tuple[int, bytes | None, float]]]:
         return self._run(lambda g: g.identity_crops(identity_ids))
+
+    def identity_faces(self, identity_ids: list[str]) -> dict[str, tuple[list[int], np.ndarray]]:
+        return self._run(lambda g: g.identity_faces(identity_ids))

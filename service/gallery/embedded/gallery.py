@@ -806,6 +806,9 @@ class Gallery:
     def identity_crops(self, identity_ids: list[str]) -> dict[str, list[tuple[int, bytes | None, float]]]:
         return self._live_store.identity_crops(identity_ids)
 
+    def identity_faces(self, identity_ids: list[str]) -> dict[str, tuple[list[int], np.ndarray]]:
+        return self._live_store.identity_faces(identity_ids)
+
     @property
     def face_count(self) -> int:
         """Live enrolled faces (in memory; /identify sizes its threshold by it)."""

@@ -521,6 +521,22 @@ class Store:
                                                         float(created_at)))
         return out
 
+    def identity_faces(self, identity_ids: list[str], batch: int = 500) -> dict[str, tuple[list[int], np.ndarray]]:
+        """identity id -> (face ids, vectors) in face-id order, for the ids that exist; one SELECT per ``batch``
+        identities (each identity's rows come from one statement: one snapshot)."""
+        conn = self._reader()
+        rows: dict[str, tuple[list[int], list[bytes]]] = {}
+        ids = sorted(set(identity_ids))
+        for start in range(0, len(ids), batch):
+            part = ids[start:start + batch]
+            for identity_id, face_id, blob in conn.execute(
+                    f"SELECT identity_id, face_id, embedding FROM faces WHERE identity_id IN ({','.join('?' * len(part))}) "
+                    "ORDER BY identity_id, face_id", part):
+                face_ids, blobs = rows.setdefault(identity_id, ([], []))
+                face_ids.append(int(face_id))
+                blobs.append(blob)
+        return {i: (f, np.frombuffer(b"".join(b), dtype=np.float32).reshape(len(f), -1)) for i, (f, b) in rows.items()}
+
     def faces_by_identity(self, batch: int = 4096) -> Iterator[tuple[list[int], list[str], np.ndarray]]:
         """Every face as (face ids, identity ids, embeddings), ordered by identity id then face id, in
         batches (keyset pages on the faces_by_identity index; each page is its own read)."""

@@ -1946,6 +1946,20 @@ class PostgresGallery:
                                                     float(created_at)))
         return out
 
+    def identity_faces(self, identity_ids: list[str]) -> dict[str, tuple[list[int], np.ndarray]]:
+        """identity id -> (face ids, vectors) in face-id order: one statement for all of them (one snapshot),
+        through faces_by_identity, on the primary or a standby that has what this request must see."""
+        rows = self.galleries._read(lambda conn: conn.execute(  # noqa: SLF001
+            "SELECT identity_id, face_id, embedding FROM faces WHERE collection_id = %s AND identity_id = ANY(%s) "
+            "ORDER BY identity_id, face_id", (self.collection_id, sorted(set(identity_ids)))).fetchall(),
+            transaction=False)
+        grouped: dict[str, tuple[list[int], list[np.ndarray]]] = {}
+        for identity_id, face_id, vector in rows:
+            face_ids, vectors = grouped.setdefault(identity_id, ([], []))
+            face_ids.append(int(face_id))
+            vectors.append(_as_array(vector))
+        return {i: (f, np.stack(v)) for i, (f, v) in grouped.items()}
+
 
 def _before_nul(cursor: str) -> str:
     """PostgreSQL text cannot hold NUL. No identity id contains one (the API refuses control
