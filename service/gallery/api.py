@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import numpy as np
 
 from .results import (
+    Among,
     EnrollResult,
     FaceNotFound,
     FaceRecord,
@@ -463,10 +464,10 @@ class GalleryBackend(Protocol):
         are one read."""
         ...
 
-    def identity_faces(self, identity_ids: list[str]) -> dict[str, tuple[list[int], np.ndarray]]:
-        """identity id -> (its face ids in face-id order, their vectors as rows), for the ids that exist
-        (others are absent), in a few queries for many identities: /identify ``among`` scores a probe
-        against exactly these faces; each identity's faces are one read."""
+    def search_among(self, probes: np.ndarray, identity_ids: list[str], top_k: int) -> Among:
+        """/identify ``among``: each probe scored exactly against every face of these identities (max over
+        faces, a tie to the lower face id), per probe up to ``top_k`` of them best first, and each one's
+        face count (ids not enrolled are absent from both); one read for all (one snapshot)."""
         ...
 
 

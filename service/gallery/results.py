@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .search import Match
+
 
 @dataclass
 class IdentityRecord:
@@ -41,6 +43,15 @@ class TooManyFacesForIdentity(ValueError):
     def __init__(self, identity_id: str, existing: int, adding: int, limit: int) -> None:
         super().__init__(f"identity {identity_id!r} would hold {existing + adding} faces; at most {limit} are allowed")
         self.identity_id, self.existing, self.adding, self.limit = identity_id, existing, adding, limit
+
+
+@dataclass(frozen=True)
+class Among:
+    """What ``search_among`` found: per probe its candidates among the identities asked, best first,
+    and how many faces each of those that exist has (the ids not enrolled are absent)."""
+
+    matches: list[list[Match]]
+    faces: dict[str, int]
 
 
 class TooManyFacesForCollection(ValueError):

@@ -113,10 +113,11 @@ def search_identities(nearest: NearestFaces, probes: np.ndarray, top_k: int,
     return results
 
 
-def search_among(probes: np.ndarray, faces: dict[str, tuple[list[int], np.ndarray]], top_k: int) -> list[list[Match]]:
-    """Exact search of a few identities (``faces``: identity id -> (face ids, vectors), as
-    ``GalleryBackend.identity_faces`` reads them): each probe against every one of their faces, each
-    identity scored by its best face (max over faces, as ``search_identities``), best first, ``top_k``."""
+def score_among(probes: np.ndarray, faces: dict[str, tuple[list[int], np.ndarray]], top_k: int) -> list[list[Match]]:
+    """Exact search of a few identities (``faces``: identity id -> (face ids, vectors) in face-id order):
+    each probe against every one of their faces, each identity scored by its best face (max over faces,
+    as ``search_identities``; a tie goes to the lower face id), best first, ``top_k``. The embedded
+    backend's ``search_among``; PostgreSQL scores in SQL the same way."""
     probes = np.atleast_2d(np.asarray(probes, dtype=np.float32))
     if not faces or not len(probes):
         return [[] for _ in range(len(probes))]

@@ -18,7 +18,6 @@ from ..faces.pipeline import FaceBatch
 from ..gallery.api import GalleryBackend, Match
 from ..gallery.identity_ids import NEVER_STORED, find_identity
 from ..gallery.openset import GalleryCounts, IdentifyThreshold
-from ..gallery.search import search_among
 from ..model.calibration import counted_faces
 from ..state import ServiceState
 from .deps import CollectionDep, ServedDep, StateDep, allow, charge_faces
@@ -171,7 +170,7 @@ def _search_and_threshold(state: ServiceState, gallery: GalleryBackend, probes: 
 def _search_among(state: ServiceState, gallery: GalleryBackend, probes: np.ndarray, top_k: int,
                   requested: float | None, among: list[str]) -> _Searched:
     """``among``: the probes scored exactly against every face of these identities (each found as given,
-    or in its NFC or NFD form, as identity lookups do), and the threshold of a gallery of just these:
+    or else in its NFC or NFD form, as identity lookups do), and the threshold of a gallery of just these:
     the collection's FPIR over their counts (its n_eff), so a short access list is not held to the
     threshold of the whole collection. 404 ``identity_not_found`` naming every id not enrolled."""
     wanted = list(dict.fromkeys(among))
@@ -181,17 +180,18 @@ def _search_among(state: ServiceState, gallery: GalleryBackend, probes: np.ndarr
                                identity_id=name)
     forms = {name: list(dict.fromkeys((name, unicodedata.normalize("NFC", name), unicodedata.normalize("NFD", name))))
              for name in wanted}
-    stored = gallery.identity_faces(sorted({form for group in forms.values() for form in group}))
-    chosen = {name: next((form for form in forms[name] if form in stored), None) for name in wanted}
+    asked = sorted({form for group in forms.values() for form in group})
+    found = gallery.search_among(probes, asked, len(asked))  # all of them: the forms not chosen are dropped below
+    chosen = {name: next((form for form in forms[name] if form in found.faces), None) for name in wanted}
     missing = [name for name, form in chosen.items() if form is None]
     if missing:
         raise ServiceError(ErrorCode.identity_not_found, f"identity {missing[0]!r} is not enrolled" if len(missing) == 1
                            else f"{len(missing)} of the identities in `among` are not enrolled", identity_ids=missing)
-    faces = {form: stored[form] for form in dict.fromkeys(f for f in chosen.values() if f is not None)}
-    sizes = [len(face_ids) for face_ids, _ in faces.values()]
-    counts = GalleryCounts(len(faces), sum(sizes), sum(counted_faces(n) for n in sizes))
+    keep = set(chosen.values())
+    sizes = [found.faces[form] for form in keep if form is not None]
+    counts = GalleryCounts(len(sizes), sum(sizes), sum(counted_faces(n) for n in sizes))
     decision = state.decision_for(counts, requested, state.served_for(gallery), fpir=gallery.identify_fpir)
-    return _Searched(search_among(probes, faces, top_k), decision)
+    return _Searched([[m for m in matches if m.identity_id in keep][:top_k] for matches in found.matches], decision)
 
 
 # --- probes that are already enrolled: face_ids, identity_id -------------------------------------

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.gallery.search import search_among
+from service.gallery.search import score_among
 from tests.service.test_hygiene_writes_api import error_code, vectors
 from tests.service.test_identity_update_api import enroll, served  # noqa: F401 - the fixture
 
@@ -57,7 +57,7 @@ def test_identify_among_a_list_of_identities(served):  # noqa: F811 - the fixtur
     assert (r.status_code, error_code(r)) == (404, "identity_not_found")
 
 
-def test_search_among_is_the_exact_max_over_faces():
+def test_score_among_is_the_exact_max_over_faces():
     rng = np.random.default_rng(5)
     faces = {}
     next_id = 1
@@ -68,10 +68,10 @@ def test_search_among_is_the_exact_max_over_faces():
         next_id += k
     probes = rng.normal(size=(7, 16)).astype(np.float32)
     probes /= np.linalg.norm(probes, axis=1, keepdims=True)
-    found = search_among(probes, faces, 5)
+    found = score_among(probes, faces, 5)
     for probe, matches in zip(probes, found):
         expected = sorted(((float((vecs @ probe).max()), name, ids[int((vecs @ probe).argmax())])
                            for name, (ids, vecs) in faces.items()), reverse=True)[:5]
         assert [(m.identity_id, m.face_id) for m in matches] == [(name, face) for _, name, face in expected]
         assert [m.score for m in matches] == pytest.approx([s for s, _, _ in expected], abs=1e-6)
-    assert search_among(probes, {}, 5) == [[] for _ in range(7)]
+    assert score_among(probes, {}, 5) == [[] for _ in range(7)]

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from ..api import Actor, EnrollResult, GalleryStats, IdentityDetails, IdentityExists, IdentityRecord, Match, ReadTarget
-from ..results import IdentityUpdate, MergeResult, MoveResult, UpdateResult
+from ..results import Among, IdentityUpdate, MergeResult, MoveResult, UpdateResult
 from .gallery import Gallery, ReadWriteLock
 
 
@@ -150,5 +150,5 @@ class EmbeddedGallery:
     def identity_crops(self, identity_ids: list[str]) -> dict[str, list[tuple[int, bytes | None, float]]]:
         return self.gallery.identity_crops(identity_ids)
 
-    def identity_faces(self, identity_ids: list[str]) -> dict[str, tuple[list[int], np.ndarray]]:
-        return self.gallery.identity_faces(identity_ids)
+    def search_among(self, probes: np.ndarray, identity_ids: list[str], top_k: int) -> Among:
+        return self.gallery.search_among(probes, identity_ids, top_k)

@@ -61,7 +61,7 @@ from ..api import (
     valid_collection_name,
 )
 from ..crops import CropCipher, CropsUnavailable
-from ..results import IdentityUpdate, MergeResult, MoveResult, UpdateResult
+from ..results import Among, IdentityUpdate, MergeResult, MoveResult, UpdateResult
 from ..search import check_served
 from . import audit
 from .backend import EmbeddedGallery
@@ -814,5 +814,5 @@ class _CollectionHandle:
     def identity_crops(self, identity_ids: list[str]) -> dict[str, list[tuple[int, bytes | None, float]]]:
         return self._run(lambda g: g.identity_crops(identity_ids))
 
-    def identity_faces(self, identity_ids: list[str]) -> dict[str, tuple[list[int], np.ndarray]]:
-        return self._run(lambda g: g.identity_faces(identity_ids))
+    def search_among(self, probes: np.ndarray, identity_ids: list[str], top_k: int) -> Among:
+        return self._run(lambda g: g.search_among(probes, identity_ids, top_k))

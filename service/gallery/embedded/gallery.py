@@ -41,6 +41,7 @@ from ...model.calibration import FACES_COUNTED_PER_IDENTITY, counted_faces
 from ..api import DEFAULT_COLLECTION, Actor
 from ..crops import CropCipher
 from ..results import (
+    Among,
     EnrollResult,
     IdentityDetails,
     IdentityRecord,
@@ -50,7 +51,7 @@ from ..results import (
     TooManyFacesForCollection,
     UpdateResult,
 )
-from ..search import GalleryModelMismatch, Hit, Match, check_model, search_identities
+from ..search import GalleryModelMismatch, Hit, Match, check_model, score_among, search_identities
 from .index import BackgroundSave, HnswIndex, SnapshotWriterStuck
 from .lock import DataDirLock, usable_data_dir
 from .snapshot import Layout, SnapshotFiles, SnapshotInvalid, read_layout
@@ -806,8 +807,10 @@ class Gallery:
     def identity_crops(self, identity_ids: list[str]) -> dict[str, list[tuple[int, bytes | None, float]]]:
         return self._live_store.identity_crops(identity_ids)
 
-    def identity_faces(self, identity_ids: list[str]) -> dict[str, tuple[list[int], np.ndarray]]:
-        return self._live_store.identity_faces(identity_ids)
+    def search_among(self, probes: np.ndarray, identity_ids: list[str], top_k: int) -> Among:
+        """Exact, from the store (its own snapshot: no index lock needed)."""
+        faces = self._live_store.identity_faces(identity_ids)
+        return Among(score_among(probes, faces, top_k), {name: len(ids) for name, (ids, _) in faces.items()})
 
     @property
     def face_count(self) -> int:

@@ -85,6 +85,7 @@ from ..crops import CropCipher, CropsUnavailable
 from ..ef import AUTO, search_ef
 from ..identity_ids import id_range
 from ..results import (
+    Among,
     EnrollResult,
     FaceNotFound,
     FaceRecord,
@@ -1256,6 +1257,10 @@ COUNTS_SQL = ("SELECT COALESCE(sum(identities) FILTER (WHERE collection_id = %(c
               # its identify_fpir: the threshold of a search follows the setting as that search read it
               "(SELECT identify_fpir FROM collections WHERE collection_id = %(c)s) "
               "FROM counters")
+# /identify among: each listed identity's best face for one probe (the lower face id on a tie), through
+# faces_by_identity; the ranking across identities is made in Python (a few hundred rows)
+AMONG_SQL = ("SELECT DISTINCT ON (identity_id) identity_id, face_id, 1 - (embedding <=> %(p)b) AS score FROM faces "
+             "WHERE collection_id = %(c)s AND identity_id = ANY(%(ids)s) ORDER BY identity_id, score DESC, face_id")
 # exact: the collection's faces through faces_by_identity, scored and sorted (ORDER BY the score, not
 # the distance operator, so the planner cannot pick the HNSW index)
 EXACT_SQL = ("SELECT face_id, identity_id, 1 - (embedding <=> %(p)b) AS score FROM faces "
@@ -1946,19 +1951,28 @@ class PostgresGallery:
                                                     float(created_at)))
         return out
 
-    def identity_faces(self, identity_ids: list[str]) -> dict[str, tuple[list[int], np.ndarray]]:
-        """identity id -> (face ids, vectors) in face-id order: one statement for all of them (one snapshot),
-        through faces_by_identity, on the primary or a standby that has what this request must see."""
-        rows = self.galleries._read(lambda conn: conn.execute(  # noqa: SLF001
-            "SELECT identity_id, face_id, embedding FROM faces WHERE collection_id = %s AND identity_id = ANY(%s) "
-            "ORDER BY identity_id, face_id", (self.collection_id, sorted(set(identity_ids)))).fetchall(),
-            transaction=False)
-        grouped: dict[str, tuple[list[int], list[np.ndarray]]] = {}
-        for identity_id, face_id, vector in rows:
-            face_ids, vectors = grouped.setdefault(identity_id, ([], []))
-            face_ids.append(int(face_id))
-            vectors.append(_as_array(vector))
-        return {i: (f, np.stack(v)) for i, (f, v) in grouped.items()}
+    def search_among(self, probes: np.ndarray, identity_ids: list[str], top_k: int) -> Among:
+        """Scored in SQL (AMONG_SQL: each identity's best face, through faces_by_identity), so only
+        (identity, face, score) rows come back, never vectors; one pipeline, one snapshot, with the
+        collection's counts read as a search reads them (its identify_fpir included)."""
+        vectors = np.ascontiguousarray(np.atleast_2d(probes), dtype=np.float32)
+        ids = sorted(set(identity_ids))
+
+        def body(conn: psycopg.Connection) -> tuple[list[tuple[Any, ...]], list[list[tuple[Any, ...]]]]:
+            as_of = time.monotonic()
+            with conn.pipeline():
+                counts = conn.execute(COUNTS_SQL, {"c": self.collection_id})
+                sizes = conn.execute("SELECT identity_id, count(*) FROM faces WHERE collection_id = %s "
+                                     "AND identity_id = ANY(%s) GROUP BY identity_id", (self.collection_id, ids))
+                scans = [conn.execute(AMONG_SQL, {"p": probe, "c": self.collection_id, "ids": ids})
+                         for probe in vectors if len(probe)]
+            self._read_counts(_one(counts), as_of)
+            return sizes.fetchall(), [scan.fetchall() for scan in scans]
+
+        sizes, scans = self.galleries._read(body, transaction=False)  # noqa: SLF001
+        matches = [sorted((Match(str(i), float(score), int(f)) for i, f, score in rows),
+                          key=lambda m: (-m.score, m.face_id))[:top_k] for rows in scans]
+        return Among(matches, {str(i): int(n) for i, n in sizes})
 
 
 def _before_nul(cursor: str) -> str:
