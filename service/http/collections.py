@@ -108,7 +108,8 @@ async def update_collection(collection: CollectionName, body: CollectionUpdate, 
     `previous_` value) unless nothing changed. Faces past a new, shorter retention are erased by the
     next sweep (every FACE_RETENTION_SWEEP_S), each with its `face.deleted` entry; a `max_faces` under
     the faces held erases nothing (writes that add faces are refused); a new `identify_fpir` is in force
-    on every replica within a second. An alias's name is not a collection's (404), as for `DELETE`."""
+    at once on this replica and, on PostgreSQL, on another from its next search of the collection. An
+    alias's name is not a collection's (404), as for `DELETE`."""
     try:
         info = await run_in_threadpool(state.galleries.update_collection, collection, body.changes(), actor)
     except CollectionNotFound:
