@@ -103,6 +103,12 @@ class UpdateResult:
     metadata_keys: list[str]  # top-level metadata keys added, removed or changed, sorted
     changed: bool
 
+    def audit_details(self) -> dict:
+        """identity.updated's details (both backends): the old id when renamed, the keys changed (names,
+        never values) and the identity's faces."""
+        return {**({"renamed_from": self.renamed_from} if self.renamed_from is not None else {}),
+                "metadata_keys": self.metadata_keys, "face_count": self.details.record.face_count}
+
 
 def changed_keys(before: dict, after: dict) -> list[str]:
     """The top-level keys that ``after`` adds, removes or changes against ``before``, sorted (the audit

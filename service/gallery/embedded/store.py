@@ -334,17 +334,16 @@ class Store:
                 else:
                     conn.execute("UPDATE identities SET metadata = ?, updated_at = ? WHERE identity_id = ?",
                                  (json.dumps(after), now, identity_id))
-                details = cast(IdentityDetails, self._details(conn, target))
+                result = UpdateResult(cast(IdentityDetails, self._details(conn, target)),
+                                      identity_id if target != identity_id else None, keys, True)
                 if actor is not None:
-                    audit.record(conn, now, "identity.updated", actor, collection, target,
-                                 {**({"renamed_from": identity_id} if target != identity_id else {}),
-                                  "metadata_keys": keys, "face_count": details.record.face_count})
+                    audit.record(conn, now, "identity.updated", actor, collection, target, result.audit_details())
         except _Unchanged:
             found = self.get_identity(identity_id)
             if found is None:  # cannot happen: the writer is serialised by the caller
                 raise IdentityNotFound(identity_id) from None
             return UpdateResult(found, None, [], False)
-        return UpdateResult(details, identity_id if target != identity_id else None, keys, True)
+        return result
 
     def move_face(self, face_id: int, target_id: str, max_faces: int | None = None, actor: Actor | None = None,
                   collection: str | None = None) -> tuple[str, int, int, bool]:

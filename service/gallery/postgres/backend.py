@@ -1646,11 +1646,10 @@ class PostgresGallery:
             else:
                 conn.execute("UPDATE identities SET metadata = %s, updated_at = %s WHERE collection_id = %s "
                              "AND identity_id = %s", (json.dumps(after), now, self.collection_id, identity_id))
-            details = cast(IdentityDetails, self._details(conn, target))
-            _audit(conn, actor, "identity.updated", now, self.name, target,
-                   {**({"renamed_from": identity_id} if target != identity_id else {}),
-                    "metadata_keys": keys, "face_count": details.record.face_count})
-        return UpdateResult(details, identity_id if target != identity_id else None, keys, True)
+            result = UpdateResult(cast(IdentityDetails, self._details(conn, target)),
+                                  identity_id if target != identity_id else None, keys, True)
+            _audit(conn, actor, "identity.updated", now, self.name, target, result.audit_details())
+        return result
 
     def move_face(self, face_id: int, target_id: str, max_faces: int | None = None,
                   actor: Actor | None = None) -> MoveResult:
