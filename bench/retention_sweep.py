@@ -4,10 +4,12 @@ For each backend (embedded; PostgreSQL with ``--postgres``, a throwaway server o
 collection with ``retention_days`` holds ``--identities`` x ``--faces-per-identity`` synthetic faces
 (imported); a thread enrolls one new identity after another (2 faces each) the whole time, first
 alone (the baseline), then while ``service.gallery.retention.sweep`` erases every imported face as past
-its retention (the real path: ``delete_face`` with its audit entry, per face). Reports the sweep's
-faces per second and the enroll latency (p50, p99, max) alone and beside the sweep.
+its retention (the real path: ``delete_faces`` with an audit entry per face), once per ``--chunks``
+value (faces per write: 1 is one transaction per face, the sweep before stop 40; 64 today's), each
+on a collection of its own. Reports the sweep's faces per second and the enroll latency (p50, p99,
+max) alone and beside the sweep.
 
-    nice -n 19 python -m bench.retention_sweep [--identities 2500] [--faces-per-identity 2] [--postgres]
+    nice -n 19 python -m bench.retention_sweep [--identities 2500] [--faces-per-identity 2] [--chunks 1,64] [--postgres]
 
 Saves bench/results/retention_sweep.json.
 """
@@ -24,7 +26,7 @@ import numpy as np
 from bench.common import machine, per_backend, percentiles, save
 from service.config import Settings
 from service.gallery.open import make_gallery
-from service.gallery.retention import DAY_S, sweep
+from service.gallery.retention import CHUNK, DAY_S, sweep
 
 MODEL = "bench@1"
 
@@ -46,43 +48,51 @@ def enroll_latencies(collection, rng: np.random.Generator, dim: int, prefix: str
 
 
 def run(settings: Settings, args: argparse.Namespace) -> dict:
-    rng = np.random.default_rng(0)
+    """Each ``--chunks`` value on a collection of its own, one after the other, on the same gallery."""
     galleries = make_gallery(settings, MODEL, args.dim)
     galleries.open()
     try:
-        galleries.create_collection("sweep", retention_days=1.0)
-        collection = galleries.collection("sweep")
-        vectors = unit(rng, (args.identities, args.faces_per_identity), args.dim)
-        for start in range(0, args.identities, 500):
-            collection.import_identities([(f"old{i}", vectors[i], None)
-                                          for i in range(start, min(start + 500, args.identities))])
-        alone: list[float] = []
-        stop = threading.Event()
-        writer = threading.Thread(target=enroll_latencies, args=(collection, rng, args.dim, "alone", stop, alone))
-        writer.start()
-        time.sleep(args.baseline_s)
-        stop.set()
-        writer.join()
-        beside: list[float] = []
-        stop = threading.Event()
-        writer = threading.Thread(target=enroll_latencies, args=(collection, np.random.default_rng(1), args.dim,
-                                                                 "beside", stop, beside))
-        cutoff_now = time.time() + DAY_S  # every imported face (and the baseline's) is past a day then
-        writer.start()
-        t = time.perf_counter()
-        swept = sweep(galleries, now=cutoff_now)
-        sweep_s = time.perf_counter() - t
-        stop.set()
-        writer.join()
-        erased = swept.erased.get("sweep", 0)
-        return {"faces_erased": erased, "identities_deleted": swept.identities_deleted.get("sweep", 0),
-                "sweep_s": round(sweep_s, 2), "faces_per_s": round(erased / sweep_s, 1),
-                "enroll_ms_alone": {**percentiles(alone, (50, 99)), "max_ms": round(max(alone), 2), "n": len(alone)},
-                "enroll_ms_beside_sweep": {**percentiles(beside, (50, 99)), "max_ms": round(max(beside), 2),
-                                           "n": len(beside)},
-                "left_in_collection": collection.face_count}
+        return {f"chunk_{chunk}": sweep_once(galleries, args, chunk) for chunk in args.chunks}
     finally:
         galleries.close()
+
+
+def sweep_once(galleries, args: argparse.Namespace, chunk: int) -> dict:
+    rng = np.random.default_rng(0)
+    name = f"sweep-{chunk}"
+    galleries.create_collection(name, retention_days=1.0)
+    collection = galleries.collection(name)
+    vectors = unit(rng, (args.identities, args.faces_per_identity), args.dim)
+    for start in range(0, args.identities, 500):
+        collection.import_identities([(f"old{i}", vectors[i], None)
+                                      for i in range(start, min(start + 500, args.identities))])
+    alone: list[float] = []
+    stop = threading.Event()
+    writer = threading.Thread(target=enroll_latencies, args=(collection, rng, args.dim, "alone", stop, alone))
+    writer.start()
+    time.sleep(args.baseline_s)
+    stop.set()
+    writer.join()
+    beside: list[float] = []
+    stop = threading.Event()
+    writer = threading.Thread(target=enroll_latencies, args=(collection, np.random.default_rng(1), args.dim,
+                                                             "beside", stop, beside))
+    cutoff_now = time.time() + DAY_S  # every imported face (and the baseline's) is past a day then
+    writer.start()
+    t = time.perf_counter()
+    swept = sweep(galleries, now=cutoff_now, chunk=chunk)
+    sweep_s = time.perf_counter() - t
+    stop.set()
+    writer.join()
+    erased = swept.erased.get(name, 0)
+    result = {"faces_erased": erased, "identities_deleted": swept.identities_deleted.get(name, 0),
+              "sweep_s": round(sweep_s, 2), "faces_per_s": round(erased / sweep_s, 1),
+              "enroll_ms_alone": {**percentiles(alone, (50, 99)), "max_ms": round(max(alone), 2), "n": len(alone)},
+              "enroll_ms_beside_sweep": {**percentiles(beside, (50, 99)), "max_ms": round(max(beside), 2),
+                                         "n": len(beside)},
+              "left_in_collection": collection.face_count}
+    galleries.delete_collection(name)  # the next chunk size sweeps only its own collection
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -91,6 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--faces-per-identity", type=int, default=2)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--baseline-s", type=float, default=5.0, help="enrolling alone, before the sweep")
+    parser.add_argument("--chunks", type=lambda v: [int(c) for c in v.split(",")], default=[1, CHUNK],
+                        help="faces erased per write (1: one transaction per face, as before stop 40)")
     parser.add_argument("--postgres", action="store_true")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args(argv)

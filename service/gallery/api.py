@@ -20,7 +20,8 @@ What every backend means by the same call (the contract the shared tests check o
 * ``import_identities(items)``: all new ids in one transaction; an existing id aborts it all
   (:class:`IdentityExists`).
 * ``delete(id)``: the identity and its faces are erased; no search that starts after the call
-  returns can return them. ``delete_face(face_id)`` erases one face with the same guarantee.
+  returns can return them. ``delete_faces(face_ids)`` erases faces with the same guarantee, in one
+  transaction.
 * ``merge_identities``/``move_face``: faces change identity in one transaction, keeping their ids
   and vectors (nothing is re-embedded or re-indexed); an identity left without faces is deleted.
   ``update_identity`` renames an identity the same way and/or sets its metadata.
@@ -62,6 +63,7 @@ from .results import (
     EnrollResult,
     FaceNotFound,
     FaceRecord,
+    FacesDeleted,
     IdentityChanged,
     IdentityDetails,
     IdentityNotFound,
@@ -414,9 +416,10 @@ class GalleryBackend(Protocol):
         source identity is deleted when this was its last face. FaceNotFound for a face not in this
         collection. Audit: face.moved."""
 
-    def delete_face(self, face_id: int, actor: Actor | None = None) -> tuple[str, bool]:
-        """Erase one face as ``delete`` erases an identity's faces; returns its identity and whether
-        that identity was deleted (it had no face left). FaceNotFound. Audit: face.deleted."""
+    def delete_faces(self, face_ids: list[int], actor: Actor | None = None) -> FacesDeleted:
+        """Erase faces as ``delete`` erases an identity's faces, all in one transaction (each identity
+        left with no face is deleted with them); ids not in this collection come back in ``not_found``
+        (``raise_if_missing()``: FaceNotFound, for one face asked by id). Audit: face.deleted per face."""
 
     def expired_faces(self, enrolled_before: float, limit: int) -> list[int]:
         """Up to ``limit`` ids of faces enrolled before ``enrolled_before`` (Unix time), oldest first:

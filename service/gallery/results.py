@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -83,6 +84,48 @@ class MoveResult:
 
 
 @dataclass(frozen=True)
+class FaceDeletion:
+    """One face ``delete_faces`` erased: its identity, and whether that identity was deleted with it
+    (it had no face left after the whole call)."""
+
+    face_id: int
+    identity_id: str
+    identity_deleted: bool
+
+
+@dataclass(frozen=True)
+class FacesDeleted:
+    """What ``delete_faces`` committed, in one transaction: the faces erased (ascending face id) and the
+    ids asked for that are not faces of the collection (ascending; nothing to erase, not an error)."""
+
+    deleted: list[FaceDeletion]
+    not_found: list[int]
+
+    def raise_if_missing(self) -> FacesDeleted:
+        """FaceNotFound for the first id not found (``delete_face``'s answer for a single id)."""
+        if self.not_found:
+            raise FaceNotFound(self.not_found[0])
+        return self
+
+
+def deletions(faces: list[tuple[int, str, int]]) -> list[FaceDeletion]:
+    """``delete_faces``'s answer from (face id, identity id, that identity's faces just before this face
+    was erased), in the order erased (both backends): an identity is deleted when its last erased face
+    was its only one."""
+    emptied = {identity for _, identity, before in faces if before == 1}
+    return sorted((FaceDeletion(face_id, identity, identity in emptied) for face_id, identity, _ in faces),
+                  key=lambda d: d.face_id)
+
+
+def count_changes(faces: list[tuple[int, str, int]]) -> dict[str, tuple[int, int]]:
+    """identity id -> (its faces before the call, after it), from the same tuples as ``deletions``."""
+    out: dict[str, tuple[int, int]] = {}
+    for _, identity, before in faces:
+        out[identity] = (out[identity][0] if identity in out else before, before - 1)
+    return out
+
+
+@dataclass(frozen=True)
 class IdentityUpdate:
     """What ``update_identity`` changes: a new id for the identity, and/or its metadata as ``metadata``
     makes it from the stored one (inside the write's transaction, so a merge patch never loses a
@@ -108,6 +151,36 @@ class UpdateResult:
         never values) and the identity's faces."""
         return {**({"renamed_from": self.renamed_from} if self.renamed_from is not None else {}),
                 "metadata_keys": self.metadata_keys, "face_count": self.details.record.face_count}
+
+
+@dataclass(frozen=True)
+class UpdatePlan:
+    """What an ``update_identity`` writes, decided from the stored row inside its transaction (both
+    backends): the identity's id after it, its metadata after it, the keys that change."""
+
+    identity_id: str
+    target: str
+    metadata: dict
+    keys: list[str]
+
+    @property
+    def renamed_from(self) -> str | None:
+        return self.identity_id if self.target != self.identity_id else None
+
+    def result(self, details: IdentityDetails) -> UpdateResult:
+        return UpdateResult(details, self.renamed_from, self.keys, True)
+
+
+def plan_update(identity_id: str, update: IdentityUpdate, stored_metadata: str, updated_at: float) -> UpdatePlan | None:
+    """The write ``update`` makes of the identity as stored (its metadata as JSON text, its updated_at);
+    None: nothing would change. IdentityChanged: it is not the version the caller read."""
+    if update.expected_updated_at is not None and updated_at != update.expected_updated_at:
+        raise IdentityChanged(identity_id, updated_at)
+    before = json.loads(stored_metadata)
+    after = before if update.metadata is None else update.metadata(before)
+    keys = changed_keys(before, after)
+    target = identity_id if update.new_id is None else update.new_id
+    return None if target == identity_id and not keys else UpdatePlan(identity_id, target, after, keys)
 
 
 def changed_keys(before: dict, after: dict) -> list[str]:

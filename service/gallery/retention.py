@@ -4,16 +4,18 @@ A collection's ``retention_days`` (``POST /collections``, ``PATCH /collections/{
 until deleted) bounds how long the service holds each face, as data-protection law asks of biometric
 data kept for a purpose with an end (a visitor's badge photo, an event's attendees). The sweep, run by
 the service every ``FACE_RETENTION_SWEEP_S``, erases each face enrolled more than that long ago,
-oldest first, exactly as ``DELETE /faces/{face_id}`` would: the vector from the store, the index, the
+oldest first, exactly as ``POST /faces/delete`` would: the vector from the store, the index, the
 snapshot and the WAL, its kept crop, and its identity with its last face; each erasure has its
-``face.deleted`` audit entry, in the same transaction, with ``via: "retention"``.
+``face.deleted`` audit entry, in the same transaction, with ``via: "retention"``. A write erases
+``CHUNK`` faces (one transaction, one snapshot scrub, one fsync), short enough that an enrollment
+beside it waits milliseconds.
 
 Faces, not identities, expire: an identity enrolled again keeps its new faces for the full period
 and loses the old ones on time. A face moved or merged keeps its enrollment time, and so does one
 re-embedded by a migration (``enroll(..., enrolled_at=)``, whose new collection gets the old one's
 retention) or moved by a gallery file (``import_identities(..., enrolled_at=)``): neither extends how
 long a face is kept. A face is searchable until the sweep after its expiry erases it (at most
-``FACE_RETENTION_SWEEP_S`` late, plus the time a backlog takes: hundreds of faces a second,
+``FACE_RETENTION_SWEEP_S`` late, plus the time a backlog takes: thousands of faces a second,
 bench/README.md "Retention sweeps"). Every replica sweeps; two replicas that reach the same face erase
 it once (the other finds it gone), and each takes the page of oldest faces in its own random order.
 """
@@ -27,10 +29,10 @@ from dataclasses import dataclass, field
 
 from .api import Actor, CollectionNotFound, Galleries, GalleryBackend
 from .embedded.gallery import GalleryLoading
-from .results import FaceNotFound
 
 DAY_S = 86_400.0
-BATCH = 256  # expired faces read per query; each is erased in its own short write
+BATCH = 256  # expired faces read per query
+CHUNK = 64  # of which each write erases this many, in one transaction (delete_faces)
 RETENTION = Actor(via="retention")  # who the audit entry names: no key, no client
 
 
@@ -42,14 +44,14 @@ class SweepResult:
 
 
 def sweep(galleries: Galleries, now: float | None = None, stop: threading.Event | None = None,
-          batch: int = BATCH) -> SweepResult:
+          batch: int = BATCH, chunk: int = CHUNK) -> SweepResult:
     """Erase every face past its collection's retention as of ``now`` (default: the time of the call);
     returns what it erased. ``stop`` set: returns after the erasure in progress (the service stopping)."""
     now = time.time() if now is None else now
     result = SweepResult()
     for name, days in galleries.retentions().items():
         try:
-            _sweep_collection(galleries.collection(name), now - days * DAY_S, stop, batch, result)
+            _sweep_collection(galleries.collection(name), now - days * DAY_S, stop, batch, chunk, result)
         except (CollectionNotFound, GalleryLoading):  # deleted since the list was read; its index still loading
             continue
         except Exception as exc:  # noqa: BLE001 - one collection (its disk full, its database away) does not stop the others
@@ -58,21 +60,21 @@ def sweep(galleries: Galleries, now: float | None = None, stop: threading.Event 
 
 
 def _sweep_collection(gallery: GalleryBackend, cutoff: float, stop: threading.Event | None, batch: int,
-                      result: SweepResult) -> None:
+                      chunk: int, result: SweepResult) -> None:
     name = gallery.name
     while True:
         expired = gallery.expired_faces(cutoff, batch)
         before = result.erased.get(name, 0)
         # the oldest page, in a random order: replicas sweeping one backlog at once (each reads the same
         # page) mostly erase different faces instead of queueing on the same rows
-        for face_id in random.sample(expired, len(expired)):
+        shuffled = random.sample(expired, len(expired))
+        for start in range(0, len(shuffled), chunk):
             if stop is not None and stop.is_set():
                 return
-            try:
-                _, identity_deleted = gallery.delete_face(face_id, RETENTION)
-            except FaceNotFound:  # erased meanwhile: a client, or another replica's sweep
-                continue
-            result.erased[name] = result.erased.get(name, 0) + 1
-            result.identities_deleted[name] = result.identities_deleted.get(name, 0) + int(identity_deleted)
+            # faces erased meanwhile (a client, another replica's sweep) come back not_found
+            erased = gallery.delete_faces(shuffled[start:start + chunk], RETENTION).deleted
+            result.erased[name] = result.erased.get(name, 0) + len(erased)
+            result.identities_deleted[name] = (result.identities_deleted.get(name, 0)
+                                               + len({d.identity_id for d in erased if d.identity_deleted}))
         if len(expired) < batch or result.erased.get(name, 0) == before:  # the last page, or none erasable
             return

@@ -22,6 +22,7 @@ from ..gallery.identity_ids import MAX_LENGTH, find_identity
 from ..gallery.openset import HUB_SEARCH_K, find_hub
 from ..gallery.results import (
     EnrollResult,
+    FaceDeletion,
     FaceNotFound,
     IdentityChanged,
     IdentityDetails,
@@ -42,6 +43,8 @@ from .schemas import (
     EnrollResponse,
     ErrorResponse,
     FaceDeleteResponse,
+    FacesDeleteRequest,
+    FacesDeleteResponse,
     IdentityDetail,
     IdentityPage,
     IdentitySummary,
@@ -352,7 +355,23 @@ async def delete_face(face_id: FaceIdPath, gallery: CollectionDep, actor: ActorD
     /identify or /verify can return it again. Its identity is deleted too when this was its last face.
     Audited (`face.deleted`). 404 `face_not_found`."""
     try:
-        identity_id, deleted = await run_in_threadpool(gallery.delete_face, face_id, actor)
+        erased = (await run_in_threadpool(gallery.delete_faces, [face_id], actor)).raise_if_missing()
     except FaceNotFound as exc:
         raise _face_not_found(exc) from None
-    return FaceDeleteResponse(face_id=face_id, identity_id=identity_id, identity_deleted=deleted)
+    return _deleted(erased.deleted)[0]
+
+
+@router.post("/faces/delete", response_model=FacesDeleteResponse, summary="Delete many faces", dependencies=WRITE)
+async def delete_faces(body: FacesDeleteRequest, gallery: CollectionDep, actor: ActorDep) -> FacesDeleteResponse:
+    """Erase up to 1,000 faces at once, as `DELETE /faces/{face_id}` erases one (store, index, snapshot,
+    WAL; kept crops), all in one transaction: each identity left with no face is deleted with them, and
+    each face has its own `face.deleted` audit record. Ids that are not faces of the collection come
+    back in `not_found` (a retry of a request that timed out is safe). Clean-ups such as the faces
+    `GET /outliers` found, or the faces a retention policy of your own selected, take one request."""
+    erased = await run_in_threadpool(gallery.delete_faces, body.face_ids, actor)
+    return FacesDeleteResponse(deleted=_deleted(erased.deleted), not_found=erased.not_found)
+
+
+def _deleted(deletions: list[FaceDeletion]) -> list[FaceDeleteResponse]:
+    return [FaceDeleteResponse(face_id=d.face_id, identity_id=d.identity_id, identity_deleted=d.identity_deleted)
+            for d in deletions]

@@ -450,6 +450,21 @@ class FaceDeleteResponse(BaseModel):
     identity_deleted: bool = Field(description="The face was its identity's last: the identity was deleted too.")
 
 
+MAX_DELETE_FACES = 1000  # faces one POST /faces/delete erases (one transaction, an audit record each)
+
+
+class FacesDeleteRequest(Strict):
+    face_ids: list[FaceId] = Field(min_length=1, max_length=MAX_DELETE_FACES,
+                                   description=f"The faces to erase (1-{MAX_DELETE_FACES}; a repeated id counts once).")
+
+
+class FacesDeleteResponse(BaseModel):
+    deleted: list[FaceDeleteResponse] = Field(description="The faces erased, by ascending face id; `identity_deleted`: "
+                                              "its identity had no face left after this request and was deleted.")
+    not_found: list[int] = Field(description="The ids asked for that are not faces of the collection (already "
+                                 "deleted, or never enrolled): nothing to erase, not an error.")
+
+
 # --- ops --------------------------------------------------------------------------------------
 class ReadyStatus(BaseModel):
     """/readyz for a request without the API key when the service has one: the status alone."""

@@ -30,6 +30,7 @@ POLICY: dict[tuple[str, str], tuple[str, bool]] = {
     ("POST", "/identities/{identity_id}/merge"): ("write", True),
     ("POST", "/faces/{face_id}/move"): ("write", True),
     ("DELETE", "/faces/{face_id}"): ("write", True),
+    ("POST", "/faces/delete"): ("write", True),
     ("POST", "/collections/{collection}/verify"): ("read", True),
     ("POST", "/collections/{collection}/identify"): ("read", True),
     ("GET", "/collections/{collection}/identities"): ("read", True),
@@ -40,6 +41,7 @@ POLICY: dict[tuple[str, str], tuple[str, bool]] = {
     ("POST", "/collections/{collection}/identities/{identity_id}/merge"): ("write", True),
     ("POST", "/collections/{collection}/faces/{face_id}/move"): ("write", True),
     ("DELETE", "/collections/{collection}/faces/{face_id}"): ("write", True),
+    ("POST", "/collections/{collection}/faces/delete"): ("write", True),
     ("GET", "/duplicates"): ("read", True),
     ("GET", "/outliers"): ("read", True),
     ("GET", "/collections/{collection}/duplicates"): ("read", True),
@@ -133,6 +135,8 @@ class Calls:
             body = {"into": f"someone-else-{n}"}
         elif path.endswith("/move"):
             body = {"identity_id": f"someone-else-{n}"}
+        elif path.endswith("/faces/delete"):
+            body = {"face_ids": [10**12 + n]}  # no such face: 200 with it not_found once access allowed it
         elif path == "/collections" and method == "POST":
             body = {"name": f"made-{n}"}
         elif path.endswith("/identities/{identity_id}") and method == "PATCH":

@@ -12,11 +12,12 @@ from faceclient import FaceClient
 
 from harness.server import free_port
 from tests.clients.conftest import ADMIN
-from tests.clients.test_client import lfw, needs_lfw
+from tests.clients.test_client import UNKNOWN_FACE, enroll_rows, lfw, needs_lfw
 from tests.conftest import ENROLLED, face_files, unknown_files
 
 
-def face(served, *args: str, key: str | None = ADMIN, env_url: bool = False) -> subprocess.CompletedProcess[str]:
+def face(served, *args: str, key: str | None = ADMIN, env_url: bool = False,
+         stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("FACE_URL", "FACE_API_KEY")}
     flags = [] if env_url else ["--url", served.url]
     if env_url:
@@ -24,7 +25,7 @@ def face(served, *args: str, key: str | None = ADMIN, env_url: bool = False) -> 
     elif key:
         flags += ["--key", key]
     return subprocess.run([sys.executable, "-m", "faceclient.cli", *flags, *args], capture_output=True, text=True,
-                          timeout=120, env=env)
+                          timeout=120, env=env, input=stdin)
 
 
 def test_cli_enroll_identify_verify_identities_as_json(any_backend, collection_name, people_dir):
@@ -172,7 +173,7 @@ def test_cli_exit_codes(embedded):
         r = subprocess.run([sys.executable, "-m", "faceclient.cli", *bad, "collections", "list"], capture_output=True,
                            text=True, timeout=60)
         assert r.returncode == 2 and "Traceback" not in r.stderr and "error" in r.stderr, (bad, r.returncode, r.stderr)
-    for word in ("identities", "collections", "aliases", "keys"):  # every command says what it is for
+    for word in ("identities", "faces", "collections", "aliases", "keys"):  # every command says what it is for
         help_text = subprocess.run([sys.executable, "-m", "faceclient.cli", "--help"], capture_output=True,
                                    text=True, timeout=60).stdout
         assert re.search(rf"^    {word}\s+\S", help_text, re.MULTILINE), (word, help_text)
@@ -215,4 +216,36 @@ def test_cli_duplicates_outliers_merge_cluster(embedded, collection_name):
     table = face(embedded, "cluster", *photos).stdout.splitlines()
     assert table[-1].startswith("4 faces in 2 clusters\tthreshold ")
     assert {frozenset(x.split("\t")[2].split()) for x in table[:2]} == {frozenset(photos[:2]), frozenset(photos[2:])}
+    assert face(embedded, "collections", "delete", collection_name).returncode == 0
+
+
+def test_cli_faces_delete(embedded, collection_name):
+    with FaceClient(embedded.url, ADMIN) as client:
+        client.create_collection(collection_name)
+        faces = enroll_rows(client, {"cli-gone": 1, "cli-some": 4}, collection_name)
+        reader = client.create_key("read", note="cli faces delete").secret
+    c = ["--collection", collection_name]
+    gone, some, unknown = faces["cli-gone"][0], faces["cli-some"], UNKNOWN_FACE + 7
+
+    readable = face(embedded, *c, "faces", "delete", str(unknown), str(some[0]), str(gone))
+    assert readable.returncode == 0, readable.stderr
+    assert readable.stdout.splitlines() == sorted([f"deleted face {gone}\tcli-gone\tidentity deleted",
+                                                   f"deleted face {some[0]}\tcli-some"]) + [
+        f"not found\tface {unknown}", "2 faces deleted\t1 not found\t1 identities deleted"]
+    # `-`: the ids from stdin, whitespace-separated (the end of a pipe such as `face --json outliers | jq ...`)
+    piped = face(embedded, *c, "--json", "faces", "delete", "-", stdin=f"{some[2]}\n {some[1]}\t{unknown}\n")
+    assert piped.returncode == 0, piped.stderr
+    assert json.loads(piped.stdout) == {"deleted": [{"face_id": f, "identity_id": "cli-some", "identity_deleted": False}
+                                                    for f in sorted(some[1:3])], "not_found": [unknown]}
+    with FaceClient(embedded.url, ADMIN, collection=collection_name) as client:
+        assert client.get_identity("cli-some").face_ids == some[3:]
+    # the default collection (no --collection): not there, nothing erased
+    elsewhere = face(embedded, "--json", "faces", "delete", str(some[3]))
+    assert elsewhere.returncode == 0 and json.loads(elsewhere.stdout) == {"deleted": [], "not_found": [some[3]]}
+    for args, stdin, says in (([], None, "FACE_ID"), (["x1"], None, "face id"), (["0"], None, "face id"),
+                              (["-", "5"], None, "- alone"), (["-"], "  \n", "no face id"), (["-"], "5 five", "stdin")):
+        refused = face(embedded, *c, "faces", "delete", *args, stdin=stdin)
+        assert refused.returncode == 2 and says in refused.stderr and "Traceback" not in refused.stderr, (args, refused)
+    refused_key = face(embedded, *c, "--json", "faces", "delete", str(some[3]), key=reader)  # needs write
+    assert refused_key.returncode == 1 and json.loads(refused_key.stderr)["error"]["status"] == 403
     assert face(embedded, "collections", "delete", collection_name).returncode == 0

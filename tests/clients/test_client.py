@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import sys
 import time
 from pathlib import Path
@@ -59,7 +60,8 @@ def test_every_error_code_of_the_service_has_its_family():
     (faceclient.DuplicatesResult, schemas.DuplicatesResponse), (faceclient.DuplicatePair, schemas.DuplicatePairOut),
     (faceclient.OutliersResult, schemas.OutliersResponse), (faceclient.Outlier, schemas.OutlierOut),
     (faceclient.MergeResult, schemas.MergeResponse), (faceclient.MoveResult, schemas.MoveFaceResponse),
-    (faceclient.FaceDeleted, schemas.FaceDeleteResponse), (faceclient.ClusterResult, schemas.ClusterResponse),
+    (faceclient.FaceDeleted, schemas.FaceDeleteResponse), (faceclient.FacesDeleted, schemas.FacesDeleteResponse),
+    (faceclient.ClusterResult, schemas.ClusterResponse),
     (faceclient.ClusterFace, schemas.ClusterFace), (faceclient.ModelStatus, schemas.ModelStatus),
     (faceclient.PossibleDuplicate, schemas.PossibleDuplicate),
 ])
@@ -711,3 +713,96 @@ def test_whole_collection_scans_wait_longer_than_other_requests(embedded):
                      ("outliers", faceclient.SCAN_TIMEOUT_S), ("duplicates", 7), ("outliers", 8),
                      ("duplicates", 3600), ("duplicates", faceclient.SCAN_TIMEOUT_S), ("outliers", 9)]
     assert all(timeout["connect"] in (5, 3600) for _, timeout in sent)
+
+
+# --- delete_faces: many faces in one request (POST /faces/delete), more than 1,000 in requests of 1,000 ----------
+UNKNOWN_FACE = 10**12  # no test enrolls this many faces: ids from here are not found
+
+
+def enroll_rows(face: FaceClient, people: dict[str, int], collection: str) -> dict[str, list[int]]:
+    """Each person enrolled with that many faces, from embeddings (no photo to embed): their face ids."""
+    ready = face.ready()
+    rows, start, faces = np.eye(sum(people.values()), ready.embedding_size or 0), 0, {}
+    for person, n in people.items():
+        faces[person] = face.enroll(person, embeddings=rows[start:start + n], model_id=ready.model_id,
+                                    collection=collection).face_ids
+        start += n
+    return faces
+
+
+def test_delete_faces_of_two_identities(embedded, collection_name):
+    with FaceClient(embedded.url, ADMIN) as face:
+        face.create_collection(collection_name)
+        c = {"collection": collection_name}
+        faces = enroll_rows(face, {"del-all": 2, "del-some": 3}, collection_name)
+        unknown = UNKNOWN_FACE + 1
+        asked = [unknown, *faces["del-some"][:2], *faces["del-all"], faces["del-all"][0]]  # one id twice
+        erased = face.delete_faces(iter(asked), **c)  # any iterable, read once
+        assert isinstance(erased, faceclient.FacesDeleted) and erased.not_found == [unknown]
+        assert [(d.face_id, d.identity_id, d.identity_deleted) for d in erased.deleted] == sorted(
+            [(f, "del-all", True) for f in faces["del-all"]] + [(f, "del-some", False) for f in faces["del-some"][:2]])
+        with pytest.raises(NotFoundError) as gone:
+            face.get_identity("del-all", **c)
+        assert gone.value.code == "identity_not_found"
+        assert face.get_identity("del-some", **c).face_ids == faces["del-some"][2:]
+        actions = [e.action for e in face.iter_audit(collection=collection_name)]
+        assert actions.count("face.deleted") == 4  # one record a face
+        again = face.delete_faces(asked, **c)  # a retry: nothing left to erase, not an error
+        assert again.deleted == [] and again.not_found == sorted(set(asked))
+        with pytest.raises(ValueError, match="at least one"):
+            face.delete_faces([], **c)
+        with pytest.raises(BadRequestError) as bad:
+            face.delete_faces([0], **c)  # an id below 1: the server's 422
+        assert bad.value.code == "invalid_request" and bad.value.status == 422
+        # the default collection: the route without /collections/{name}
+        assert face.delete_faces([unknown]) == faceclient.FacesDeleted(deleted=[], not_found=[unknown])
+        face.delete_collection(collection_name)
+    with FaceClient(f"http://127.0.0.1:{free_port()}", ADMIN, timeout=2) as nobody, pytest.raises(ValueError):
+        nobody.delete_faces(iter(()))  # refused before anything is sent (else: FaceConnectionError)
+
+
+def test_delete_faces_sends_more_than_1000_ids_in_requests_of_1000(embedded, collection_name):
+    sent: list[tuple[str, int]] = []
+
+    def record(request: httpx.Request) -> None:
+        if request.method == "POST":
+            sent.append((request.url.path, len(json.loads(request.content)["face_ids"])))
+
+    with FaceClient(embedded.url, ADMIN, collection=collection_name) as face:
+        face.create_collection(collection_name)
+        faces = enroll_rows(face, {"split": 2, "second": 1, "kept": 1}, collection_name)
+        face._http.event_hooks["request"].append(record)
+        unknown = [UNKNOWN_FACE + i for i in range(999)]
+        # split's faces land in both requests; an id given twice (across the boundary) is sent once
+        asked = [faces["split"][0], *unknown, faces["split"][1], *faces["second"], faces["split"][0]]
+        erased = face.delete_faces(asked)
+        assert sent == [(f"/collections/{collection_name}/faces/delete", 1000),
+                        (f"/collections/{collection_name}/faces/delete", 2)]
+        assert erased.not_found == unknown
+        # one answer, as one request would give: by face id, and split deleted by the second request shows on both
+        assert [(d.face_id, d.identity_id, d.identity_deleted) for d in erased.deleted] == sorted(
+            [(f, "split", True) for f in faces["split"]] + [(faces["second"][0], "second", True)])
+        assert [i.identity_id for i in face.iter_identities()] == ["kept"]
+        face.delete_collection(collection_name)
+
+
+def test_async_delete_faces(embedded, collection_name):
+    with FaceClient(embedded.url, ADMIN) as sync:
+        sync.create_collection(collection_name)
+        faces = enroll_rows(sync, {"a-gone": 1, "a-left": 2}, collection_name)
+
+    async def main() -> None:
+        async with AsyncFaceClient(embedded.url, ADMIN, collection=collection_name) as face:
+            unknown = [UNKNOWN_FACE + i for i in range(1000)]
+            erased = await face.delete_faces([*faces["a-gone"], *unknown, faces["a-left"][1]])  # 2 requests
+            assert [(d.face_id, d.identity_id, d.identity_deleted) for d in erased.deleted] == [
+                (faces["a-gone"][0], "a-gone", True), (faces["a-left"][1], "a-left", False)]
+            assert erased.not_found == unknown
+            assert (await face.get_identity("a-left")).face_ids == faces["a-left"][:1]
+            with pytest.raises(NotFoundError):
+                await face.get_identity("a-gone")
+            with pytest.raises(ValueError):
+                await face.delete_faces([])
+            await face.delete_collection(collection_name)
+
+    asyncio.run(main())

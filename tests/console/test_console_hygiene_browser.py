@@ -1,7 +1,8 @@
 """Issue 23 in the console, in a real headless Chromium against the real service, on both gallery
 backends: the Gallery page merges two identities, moves a face and deletes a face (each after a
-confirmation) from an identity's faces, and from the Duplicates and Outliers views; a read key sees
-the lists without the buttons; phone width without sideways scrolling."""
+confirmation) from an identity's faces, and from the Duplicates and Outliers views; the Outliers view
+deletes the faces ticked at once (POST faces/delete); a read key sees the lists without the buttons or
+checkboxes; phone width without sideways scrolling."""
 
 from __future__ import annotations
 
@@ -217,3 +218,102 @@ def test_duplicates_and_outliers_views_merge_and_move(console, api):
     console.wait_text("gallery-status", f"Moved face {misfiled} from out-z to out-w.")
     assert misfiled in api.get(f"{prefix}/identities/out-w").json()["face_ids"]
     pick_collection(console, "default")
+
+
+def outlier_ids(console: Console) -> set[int]:
+    """The face ids the Outliers view lists, read in one go (the list is redrawn as it loads)."""
+    return set(console.js("return [...document.querySelectorAll('#outliers-list > li')].map(li => Number(li.dataset.id))"))
+
+
+def tick_box(console: Console, face_id: int):
+    return console.driver.find_element("css selector", f"#outliers-list input[type=checkbox][data-face-id='{face_id}']")
+
+
+def test_outliers_view_deletes_the_ticked_faces_at_once(console, api):
+    """Several outliers at once: a write key ticks them (mouse or keyboard, or Select all), and Delete
+    selected (N) sends one POST faces/delete to the collection in use after a confirmation; the status
+    says what was deleted, which identities went with their last face and which faces were already gone.
+    A read key sees the outliers without a checkbox."""
+    from selenium.webdriver.common.keys import Keys
+
+    assert api.post("/collections", json={"name": "bulk"}).status_code == 201
+    rng = np.random.default_rng(29)
+    prefix = "/collections/bulk"
+
+    def faces_of(person: np.ndarray, n: int) -> np.ndarray:  # photos of one person: near one point
+        return person + 0.25 * unit(rng, n)
+
+    w, z, p, q, t = unit(rng, 5)
+    enroll(api, "bulk-w", faces_of(w, 2), prefix)
+    z_faces = enroll(api, "bulk-z", np.vstack([faces_of(z, 2), faces_of(w, 1)]), prefix)
+    misfiled = z_faces[2]  # w's face filed as z
+    mixed = enroll(api, "bulk-mix", np.vstack([faces_of(p, 1), faces_of(q, 1), faces_of(t, 1)]), prefix)  # 3 people
+    for i, person in enumerate(unit(rng, 4)):
+        enroll(api, f"bulk-other-{i}", faces_of(person, 2), prefix)
+    expected = {misfiled, *mixed}
+
+    def show_outliers() -> None:
+        console.open("gallery")
+        pick_collection(console, "bulk")
+        console.go("gallery")
+        console.find("view-outliers").click()
+        console.wait(lambda: outlier_ids(console) == expected, f"outliers {outlier_ids(console)} != {expected}")
+
+    made = api.post("/keys", json={"role": "read", "note": "bulk delete"}).json()
+    try:
+        # a read key: the outliers, but no checkbox, no Select all, no Delete selected
+        console.js("sessionStorage.setItem('face-console.api-key', arguments[0])", made["secret"])
+        show_outliers()
+        assert console.js("return document.querySelectorAll('#outliers-list input, #outliers-list button').length") == 0
+        assert not console.find("outliers-bulk").is_displayed()
+
+        console.js("sessionStorage.setItem('face-console.api-key', arguments[0])", KEY)
+        show_outliers()
+        delete = console.find("outliers-delete-selected")
+        assert console.find("outliers-bulk").is_displayed()
+        assert delete.text == "Delete selected (0)" and not delete.is_enabled()
+        labels = console.js("return [...document.querySelectorAll('#outliers-list input[type=checkbox]')]"
+                            ".map(box => [Number(box.dataset.faceId), box.labels[0].textContent])")
+        assert sorted(labels) == sorted([f, f"Select face {f} of {'bulk-z' if f == misfiled else 'bulk-mix'}"]
+                                        for f in expected)
+
+        # one ticked with the mouse, one from the keyboard
+        tick_box(console, misfiled).click()
+        tick_box(console, mixed[0]).send_keys(Keys.SPACE)
+        console.wait(lambda: delete.text == "Delete selected (2)" and delete.is_enabled(), delete.text)
+        assert console.js("return document.getElementById('outliers-select-all').indeterminate") is True
+        delete.click()
+        console.wait(lambda: dialog_open(console), "no confirmation asked")
+        assert console.text("hygiene-title") == "Delete 2 faces?"
+        text = console.text("hygiene-text")
+        assert "2 selected faces" in text and "an identity left with no face is deleted too" in text, text
+        console.find("hygiene-confirm").click()
+        console.wait_text("gallery-status", "Deleted 2 faces.")
+        assert console.text("gallery-status") == "Deleted 2 faces."
+        console.wait(lambda: outlier_ids(console) == set(mixed[1:]), "the deleted rows are still listed")
+        assert delete.text == "Delete selected (0)" and not delete.is_enabled()
+
+        # over HTTP: the faces are gone from their identities, each with its own face.deleted record
+        assert api.get(f"{prefix}/identities/bulk-z").json()["face_ids"] == z_faces[:2]
+        assert api.get(f"{prefix}/identities/bulk-mix").json()["face_ids"] == mixed[1:]
+        audit = api.get("/audit", params={"collection": "bulk", "limit": 1000}).json()["items"]
+        deleted = [e for e in audit if e["action"] == "face.deleted"]
+        assert sorted(e["details"]["face_id"] for e in deleted) == sorted([misfiled, mixed[0]]), deleted
+        assert {e["identity_id"] for e in deleted} == {"bulk-z", "bulk-mix"}
+
+        # Select all (from the keyboard) with one face deleted meanwhile: the identity goes with its last face
+        console.find("outliers-select-all").send_keys(Keys.SPACE)
+        console.wait(lambda: delete.text == "Delete selected (2)", delete.text)
+        assert all(tick_box(console, f).is_selected() for f in mixed[1:])
+        assert api.delete(f"{prefix}/faces/{mixed[2]}").status_code == 200
+        delete.click()
+        confirm(console)
+        console.wait_text("gallery-status", "Deleted 1 face")
+        assert console.text("gallery-status") == "Deleted 1 face (1 identity deleted with its last face); 1 was already gone."
+        assert api.get(f"{prefix}/identities/bulk-mix").json()["error"]["code"] == "identity_not_found"
+        console.wait(lambda: not outlier_ids(console), "rows left")
+        assert not console.find("outliers-bulk").is_displayed()
+        assert console.js("return document.activeElement.id") == "outliers-show"  # focus is not lost
+    finally:
+        console.js("sessionStorage.setItem('face-console.api-key', arguments[0])", KEY)
+        pick_collection(console, "default")

@@ -19,6 +19,7 @@ from service.gallery.api import (
     IdentityUpdate,
     TooManyFacesForIdentity,
 )
+from service.gallery.results import FaceDeletion, FacesDeleted
 from service.model.calibration import counted_faces
 from tests.gallery import test_collections as shared
 from tests.gallery.test_collections import ALICE, BOB
@@ -139,15 +140,17 @@ def test_delete_face_erases_it_as_deleting_an_identity_does(backend):
     if backend.name == "embedded":
         col._run(lambda e: e.gallery.snapshot())  # noqa: SLF001 - the snapshot on disk holds the vectors ...
         assert find_vector(backend.settings.data_dir, secret[0])
-    assert col.delete_face(ids[0], actor=ALICE) == ("secret", False)
+    assert col.delete_faces([ids[0]], actor=ALICE) == FacesDeleted([FaceDeletion(ids[0], "secret", False)], [])
     assert all(m.identity_id != "secret" or m.score < 0.99 for m in col.search(secret[:1], 5)[0])
     assert [f.face_id for f in col.get_identity("secret").faces] == [ids[1]]
     check_counts(g, col, {**{f"k{i}": 1 for i in range(20)}, "secret": 1})
-    assert col.delete_face(ids[1], actor=ALICE) == ("secret", True)  # its last face: the identity goes too
+    # its last face: the identity goes too
+    assert col.delete_faces([ids[1]], actor=ALICE).deleted == [FaceDeletion(ids[1], "secret", True)]
     assert col.get_identity("secret") is None
     check_counts(g, col, {f"k{i}": 1 for i in range(20)})
+    assert col.delete_faces([ids[1]], actor=ALICE) == FacesDeleted([], [ids[1]])  # gone: nothing written
     with pytest.raises(FaceNotFound):
-        col.delete_face(ids[1], actor=ALICE)
+        col.delete_faces([ids[1]], actor=ALICE).raise_if_missing()
     entries = audit_of(g, "face.deleted")
     assert [(e.identity_id, e.request_id, e.details) for e in entries] == [
         ("secret", "req-1", {"face_id": ids[1], "face_count": 0, "identity_deleted": True}),
@@ -162,6 +165,89 @@ def test_delete_face_erases_it_as_deleting_an_identity_does(backend):
     if backend.name == "embedded":
         for v in secret:
             assert not find_vector(backend.settings.data_dir, v)
+
+
+def test_delete_faces_erases_many_in_one_write_and_names_the_missing(backend):
+    """Faces of three identities at once: one keeps a face, two are deleted with their last; an unknown
+    id and a repeated one are reported, not refused; each face has its audit record and its vector is
+    gone from the search, the database and (embedded) the snapshot files."""
+    rng = np.random.default_rng(5)
+    g = backend()
+    col = g.collection("default")
+    for i in range(20):
+        col.enroll(f"k{i}", unit(rng, 1))
+    a, b, c = unit(rng, 3), unit(rng, 2), unit(rng, 1)
+    fa, fb, fc = (col.enroll(name, v).face_ids for name, v in (("a", a), ("b", b), ("c", c)))
+    if backend.name == "embedded":
+        col._run(lambda e: e.gallery.snapshot())  # noqa: SLF001
+        assert find_vector(backend.settings.data_dir, b[0])
+    gone = [fc[0], fb[1], fa[0], fb[0], fa[1]]
+    result = col.delete_faces([*gone, 10**9, fa[0]], actor=ALICE)
+    assert result == FacesDeleted([FaceDeletion(fa[0], "a", False), FaceDeletion(fa[1], "a", False),
+                                   FaceDeletion(fb[0], "b", True), FaceDeletion(fb[1], "b", True),
+                                   FaceDeletion(fc[0], "c", True)], [10**9])
+    assert [f.face_id for f in col.get_identity("a").faces] == [fa[2]]
+    assert col.get_identity("b") is None and col.get_identity("c") is None
+    check_counts(g, col, {**{f"k{i}": 1 for i in range(20)}, "a": 1})
+    for probe in (a[0], a[1], b[0], b[1], c[0]):
+        assert all(m.score < 0.99 for m in col.search(probe[None], 5)[0])
+    details = {e.details["face_id"]: (e.identity_id, e.details) for e in audit_of(g, "face.deleted")}
+    assert details == {fa[0]: ("a", {"face_id": fa[0], "face_count": 2, "identity_deleted": False}),
+                       fa[1]: ("a", {"face_id": fa[1], "face_count": 1, "identity_deleted": False}),
+                       fb[0]: ("b", {"face_id": fb[0], "face_count": 1, "identity_deleted": False}),
+                       fb[1]: ("b", {"face_id": fb[1], "face_count": 0, "identity_deleted": True}),
+                       fc[0]: ("c", {"face_id": fc[0], "face_count": 0, "identity_deleted": True})}
+    assert col.delete_faces(gone, actor=ALICE) == FacesDeleted([], sorted(gone))  # again: nothing, no record
+    assert len(audit_of(g, "face.deleted")) == 5
+    if backend.name == "embedded":
+        for v in (*a[:2], *b, *c):
+            assert not find_vector(backend.settings.data_dir, v)
+    g.close()
+
+
+def test_overlapping_bulk_deletes_and_moves_erase_each_face_once(galleries):
+    """Four writers delete overlapping random sets of faces (two replicas sweeping one backlog, a client
+    cleaning up) while another moves faces between identities: every face is erased exactly once, and
+    the counts match what is left."""
+    rng = np.random.default_rng(6)
+    col = galleries.collection("default")
+    faces = [f for i in range(40) for f in col.enroll(f"p{i}", unit(rng, 3)).face_ids]
+    erased: list[int] = []
+    failures: list[BaseException] = []
+    lock = threading.Lock()
+
+    def delete(seed: int) -> None:
+        r = np.random.default_rng(seed)
+        for _ in range(12):
+            got = col.delete_faces([int(f) for f in r.choice(faces, 16, replace=False)], actor=ALICE)
+            with lock:
+                erased.extend(d.face_id for d in got.deleted)
+
+    def move() -> None:
+        for f in faces[::7]:
+            try:
+                col.move_face(f, f"moved{f % 3}", actor=ALICE)
+            except FaceNotFound:
+                continue
+
+    def run(body, *args) -> None:
+        try:
+            body(*args)
+        except BaseException as exc:  # noqa: BLE001 - a deadlock or any error fails the test below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=run, args=(delete, s)) for s in range(4)] + [
+        threading.Thread(target=run, args=(move,))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures
+    assert len(erased) == len(set(erased))
+    left = {r.identity_id: r.face_count for r in col.list_identities(1000, None)}
+    assert sum(left.values()) == len(faces) - len(erased) == col.face_count
+    assert col.identity_count == len(left)
+    assert col.delete_faces(faces, actor=ALICE).not_found == sorted(erased)
 
 
 def test_enrolls_into_the_target_while_merging_never_lose_a_face_or_overshoot(galleries):

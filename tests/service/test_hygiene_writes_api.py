@@ -50,6 +50,31 @@ def error_code(r: httpx.Response) -> str:
     return r.json()["error"]["code"]
 
 
+def kill_mid_way(server: ServerProcess, workers: list[threading.Thread], stop: threading.Event,
+                 acknowledged: dict, at_least: int) -> None:
+    """Start the clients, SIGKILL the server once ``at_least`` of their writes were acknowledged, join them."""
+    for t in workers:
+        t.start()
+    deadline = time.monotonic() + 60
+    while len(acknowledged) < at_least and time.monotonic() < deadline:
+        time.sleep(0.01)
+    server.kill()
+    stop.set()
+    for t in workers:
+        t.join(30)
+
+
+def audit_entries(c: httpx.Client, action: str) -> list[dict]:
+    """Every audit entry of ``action``, all pages."""
+    found, cursor = [], None
+    while True:
+        page = c.get("/audit", params={"limit": 1000} | ({"cursor": cursor} if cursor else {})).json()
+        found += [e for e in page["items"] if e["action"] == action]
+        cursor = page["next_cursor"]
+        if not cursor:
+            return found
+
+
 @pytest.mark.parametrize("prefix", ["", "/collections/tidy"])
 def test_merge_over_http(served, prefix):
     if prefix:
@@ -121,6 +146,45 @@ def test_move_and_delete_a_face_over_http(served, prefix):
         assert (r.status_code, error_code(r)) == (422, "invalid_request")
 
 
+@pytest.mark.parametrize("prefix", ["", "/collections/tidy3"])
+def test_delete_many_faces_over_http(served, prefix):
+    if prefix:
+        assert served.post("/collections", json={"name": "tidy3"}).status_code == 201
+    dana, eve = vectors(3, 7), vectors(2, 8)
+    d_ids, e_ids = enroll(served, prefix, "dana", dana), enroll(served, prefix, "eve", eve)
+    request_id = "bulk" + prefix.replace("/", "-")
+    asked = [e_ids[1], d_ids[0], 10**15, e_ids[0], d_ids[1], d_ids[0]]
+    r = served.post(f"{prefix}/faces/delete", json={"face_ids": asked}, headers={"X-Request-ID": request_id})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"deleted": sorted([{"face_id": d_ids[0], "identity_id": "dana", "identity_deleted": False},
+                                           {"face_id": d_ids[1], "identity_id": "dana", "identity_deleted": False},
+                                           {"face_id": e_ids[0], "identity_id": "eve", "identity_deleted": True},
+                                           {"face_id": e_ids[1], "identity_id": "eve", "identity_deleted": True}],
+                                          key=lambda d: d["face_id"]),
+                        "not_found": [10**15]}
+    assert served.get(f"{prefix}/identities/dana").json()["face_ids"] == [d_ids[2]]
+    assert error_code(served.get(f"{prefix}/identities/eve")) == "identity_not_found"
+    for row in (*dana[:2], *eve):
+        found = served.post(f"{prefix}/identify", json={"embeddings": [row], "model_id": served.model_id, "top_k": 50})
+        assert all(c["score"] < 0.99 for c in found.json()["results"][0]["candidates"])
+    entries = [e for e in served.get("/audit", params={"limit": 1000}).json()["items"] if e["request_id"] == request_id]
+    assert sorted((e["action"], e["identity_id"], e["details"]["face_id"]) for e in entries) == sorted(
+        [("face.deleted", "dana", d_ids[0]), ("face.deleted", "dana", d_ids[1]),
+         ("face.deleted", "eve", e_ids[0]), ("face.deleted", "eve", e_ids[1])])
+    collection = served.get(f"/collections/{prefix.rsplit('/', 1)[-1] or 'default'}").json()
+    listed = served.get(f"{prefix}/identities", params={"limit": 1000}).json()["items"]
+    assert collection["identities"] == len(listed) and collection["faces"] == sum(i["face_count"] for i in listed)
+    # again: nothing left to erase, nothing refused
+    r = served.post(f"{prefix}/faces/delete", json={"face_ids": asked})
+    assert r.json() == {"deleted": [], "not_found": sorted({*asked})}
+    for bad in ([], [0], [-1], ["1"], [2**63], list(range(1, 1002)), None):
+        r = served.post(f"{prefix}/faces/delete", json={"face_ids": bad})
+        assert (r.status_code, error_code(r)) == (422, "invalid_request"), (bad, r.text)
+    r = served.post(f"{prefix}/faces/delete", json={"face_ids": [d_ids[2]], "identity_id": "dana"})
+    assert (r.status_code, error_code(r)) == (422, "invalid_request")
+    assert served.get(f"{prefix}/identities/dana").json()["face_ids"] == [d_ids[2]]
+
+
 def test_a_face_of_another_collection_is_not_found(served):
     assert served.post("/collections", json={"name": "fenced"}).status_code == 201
     [face] = enroll(served, "", "carol", vectors(1, 5))
@@ -128,6 +192,8 @@ def test_a_face_of_another_collection_is_not_found(served):
     assert (r.status_code, error_code(r)) == (404, "face_not_found")
     r = served.post(f"/collections/fenced/faces/{face}/move", json={"identity_id": "carol"})
     assert (r.status_code, error_code(r)) == (404, "face_not_found")
+    r = served.post("/collections/fenced/faces/delete", json={"face_ids": [face]})
+    assert r.json() == {"deleted": [], "not_found": [face]}
     assert served.get("/identities/carol").json()["face_ids"] == [face]
 
 
@@ -170,16 +236,7 @@ def test_every_acknowledged_merge_is_complete_and_audited_after_sigkill(tmp_path
                     with lock:
                         acknowledged[r.headers["X-Request-ID"]] = i
 
-    threads = [threading.Thread(target=merge_forever, args=(w,)) for w in range(4)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + 60
-    while len(acknowledged) < 40 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    server.kill()
-    stop.set()
-    for t in threads:
-        t.join(30)
+    kill_mid_way(server, [threading.Thread(target=merge_forever, args=(w,)) for w in range(4)], stop, acknowledged, 40)
     assert 40 <= len(acknowledged) < pairs  # killed mid-way
 
     server = ServerProcess(data, model=default_model, env=env)
@@ -187,14 +244,7 @@ def test_every_acknowledged_merge_is_complete_and_audited_after_sigkill(tmp_path
     try:
         with httpx.Client(base_url=server.url, timeout=60) as c:
             c.model_id = model_id  # type: ignore[attr-defined]
-            records: dict[str, dict] = {}
-            cursor = None
-            while True:
-                page = c.get("/audit", params={"limit": 1000} | ({"cursor": cursor} if cursor else {})).json()
-                records |= {e["request_id"]: e for e in page["items"] if e["action"] == "identity.merged"}
-                cursor = page["next_cursor"]
-                if not cursor:
-                    break
+            records = {e["request_id"]: e for e in audit_entries(c, "identity.merged")}
             merged_pairs = {int(e["identity_id"][3:]) for e in records.values()}
             for request_id, i in acknowledged.items():
                 entry = records.get(request_id)
@@ -212,5 +262,71 @@ def test_every_acknowledged_merge_is_complete_and_audited_after_sigkill(tmp_path
                 assert best(c, "", rows[f"src{i}"][0]) == f"dst{i}"
             info = c.get("/collections/default").json()
             assert info["identities"] == 2 * pairs - len(merged_pairs) and info["faces"] == 3 * pairs
+    finally:
+        server.stop()
+
+
+def test_every_acknowledged_bulk_delete_is_complete_and_audited_after_sigkill(tmp_path, default_model, env):
+    """Three clients erase faces 8 at a time (POST /faces/delete) while the server is killed with
+    SIGKILL: after the restart every acknowledged request's faces are gone (from the identities and
+    from the search) with an audit record each, and every other request is all or nothing."""
+    data = tmp_path / "data"
+    server = ServerProcess(data, model=default_model, env=env)
+    model_id = server.wait_ready()["model_id"]
+    people = 120
+    faces: dict[int, str] = {}
+    rows: dict[int, list[float]] = {}
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        c.model_id = model_id  # type: ignore[attr-defined]
+        for i in range(people):
+            person = vectors(4, 5000 + i)
+            for face_id, row in zip(enroll(c, "", f"p{i}", person), person):
+                faces[face_id], rows[face_id] = f"p{i}", row
+    ids = sorted(faces)
+    chunks = [ids[n::60] for n in range(60)]  # 8 faces of 8 people each
+    acknowledged: dict[str, int] = {}  # request id -> chunk
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def delete_forever(worker: int) -> None:
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            for n in range(worker, len(chunks), 3):
+                if stop.is_set():
+                    return
+                try:
+                    r = c.post("/faces/delete", json={"face_ids": chunks[n]})
+                except httpx.HTTPError:
+                    return  # the server died mid-request: not acknowledged
+                if r.status_code == 200:
+                    assert len(r.json()["deleted"]) == 8
+                    with lock:
+                        acknowledged[r.headers["X-Request-ID"]] = n
+
+    kill_mid_way(server, [threading.Thread(target=delete_forever, args=(w,)) for w in range(3)], stop, acknowledged, 15)
+    assert 15 <= len(acknowledged) < len(chunks)  # killed mid-way
+
+    server = ServerProcess(data, model=default_model, env=env)
+    server.wait_ready()
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            c.model_id = model_id  # type: ignore[attr-defined]
+            recorded: dict[str, set[int]] = {}
+            for e in audit_entries(c, "face.deleted"):
+                recorded.setdefault(e["request_id"], set()).add(e["details"]["face_id"])
+            for request_id, n in acknowledged.items():
+                assert recorded.get(request_id) == set(chunks[n]), (request_id, n)
+            left = {f for i in range(people) for f in
+                    (c.get(f"/identities/p{i}").json().get("face_ids") or [])}
+            erased = set(ids) - left
+            assert erased == set().union(*recorded.values())  # no face gone without its record
+            for chunk in chunks:  # all or nothing
+                assert set(chunk) <= erased or not set(chunk) & erased, chunk
+            for n in list(acknowledged.values())[:4]:
+                for face_id in chunks[n][:2]:
+                    found = c.post("/identify", json={"embeddings": [rows[face_id]], "model_id": model_id,
+                                                      "top_k": 5}).json()["results"][0]["candidates"]
+                    assert all(x["score"] < 0.99 for x in found), (face_id, found)
+            info = c.get("/collections/default").json()
+            assert info["faces"] == len(left)
     finally:
         server.stop()

@@ -2,6 +2,7 @@
 
     face identify PHOTO...          face verify A B           face enroll DIR
     face identities list|show ID|delete ID|update ID [--rename NEW] [--metadata JSON | --metadata-patch JSON]
+    face faces delete FACE_ID...    (or - : the ids from stdin, whitespace-separated)
     face collections list|create NAME|delete NAME|retention NAME DAYS|set NAME [--max-faces N] [--identify-fpir R]
     face keys create ROLE|list|revoke KEY_ID
     face aliases list|set NAME COLLECTION|delete NAME
@@ -84,6 +85,29 @@ def _kept(days: float | None) -> str:
     return "faces kept until deleted" if days is None else f"faces erased {days:g} days after enrollment"
 
 
+def _face_id(text: str) -> int:
+    if not text.isdecimal() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a face id (a whole number from 1), not {text!r}")
+    return int(text)
+
+
+def _face_id_or_stdin(text: str) -> int | str:
+    return text if text == "-" else _face_id(text)
+
+
+def _stdin_face_ids(parser: argparse.ArgumentParser) -> list[int]:
+    """The whitespace-separated face ids of stdin (``face faces delete -``); a usage error for anything else."""
+    ids = []
+    for word in sys.stdin.read().split():
+        try:
+            ids.append(_face_id(word))
+        except argparse.ArgumentTypeError as e:
+            parser.error(f"stdin: {e}")
+    if not ids:
+        parser.error("no face id on stdin")
+    return ids
+
+
 def _json_object(text: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
@@ -151,6 +175,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     new_metadata.add_argument("--metadata-patch", type=_json_object, metavar="JSON",
                               help="an RFC 7396 merge patch of its metadata (a key set to null is removed)")
 
+    faces = commands.add_parser("faces", help="delete faces by id").add_subparsers(dest="action", required=True)
+    delete_faces = faces.add_parser("delete", help="erase these faces (an identity left without a face goes too); "
+                                    "more than 1000 ids are sent 1000 a request, each request all-or-nothing")
+    delete_faces.add_argument("face_ids", nargs="+", type=_face_id_or_stdin, metavar="FACE_ID",
+                              help="face ids, or a single - to read them (whitespace-separated) from stdin")
+
     collections = commands.add_parser("collections", help="list, create or delete collections, or change their "
                                       "settings").add_subparsers(dest="action", required=True)
     collections.add_parser("list")
@@ -205,6 +235,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     keys.add_parser("list")
     keys.add_parser("revoke").add_argument("key_id")
     args = parser.parse_args(argv)
+    if args.command == "faces" and "-" in args.face_ids:
+        if len(args.face_ids) > 1:
+            delete_faces.error("give face ids, or - alone to read them from stdin")
+        args.face_ids = _stdin_face_ids(delete_faces)
     if args.command == "identities" and args.action == "update" and \
             args.rename is None and args.metadata is None and args.metadata_patch is None:
         update.error("give --rename, --metadata or --metadata-patch")
@@ -255,6 +289,12 @@ def run(face: FaceClient, args: argparse.Namespace) -> tuple[Any, list[str]]:
             return u, renamed + _identity_lines(u)
         d = face.delete_identity(args.identity_id, collection=c)
         return d, [f"deleted {d.identity_id}\t{d.deleted_faces} faces"]
+    if args.command == "faces":
+        f = face.delete_faces(args.face_ids, collection=c)
+        lines = [f"deleted face {d.face_id}\t{d.identity_id}" + ("\tidentity deleted" if d.identity_deleted else "")
+                 for d in f.deleted] + [f"not found\tface {i}" for i in f.not_found]
+        gone = sum(d.identity_deleted for d in f.deleted)
+        return f, lines + [f"{len(f.deleted)} faces deleted\t{len(f.not_found)} not found\t{gone} identities deleted"]
     if args.command == "collections":
         if args.action == "list":
             cs = face.list_collections()

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +52,7 @@ from .models import (
     EnrollResult,
     ErrorBody,
     FaceDeleted,
+    FacesDeleted,
     FolderSummary,
     Health,
     IdentifyResult,
@@ -102,6 +103,8 @@ class Call:
 # the least a whole-collection scan (duplicates, outliers) waits for its answer: such a scan takes minutes
 # at a million faces (156 s for /duplicates on 2 CPU cores), past the 60 s a request waits by default
 SCAN_TIMEOUT_S = 1800.0
+# the most face ids one POST /faces/delete takes: delete_faces sends more in requests of this many
+MAX_DELETE_FACE_IDS = 1000
 
 
 def _many(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
@@ -133,6 +136,30 @@ def person_folders(root: str | Path) -> list[tuple[str, list[Path]]]:
 
 def _batches(items: Sequence[ImageInput], size: int) -> list[tuple[int, list[ImageInput]]]:
     return [(start, list(items[start:start + size])) for start in range(0, len(items), size)]
+
+
+def _face_id_chunks(face_ids: Iterable[int]) -> list[list[int]]:
+    """delete_faces' ids, each once (in the order given), in requests of at most MAX_DELETE_FACE_IDS; ValueError
+    when there is none (nothing is sent)."""
+    ids = list(dict.fromkeys(int(f) for f in face_ids))
+    if not ids:
+        raise ValueError("delete_faces needs at least one face id")
+    return [ids[start:start + MAX_DELETE_FACE_IDS] for start in range(0, len(ids), MAX_DELETE_FACE_IDS)]
+
+
+def _merged_deletions(parts: list[FacesDeleted]) -> FacesDeleted:
+    """The answers of delete_faces' requests as one: deleted by face id, not_found ascending. An identity whose
+    faces were in several requests and that the last of them deleted is ``identity_deleted`` on each of its
+    faces, as one request would have answered."""
+    if len(parts) == 1:
+        return parts[0]
+    emptied: dict[str, bool] = {}  # identity -> deleted by the last request that erased a face of it
+    for part in parts:
+        emptied |= {d.identity_id: d.identity_deleted for d in part.deleted}
+    deleted = [d if d.identity_deleted or not emptied[d.identity_id] else d.model_copy(update={"identity_deleted": True})
+               for part in parts for d in part.deleted]
+    return FacesDeleted(deleted=sorted(deleted, key=lambda d: d.face_id),
+                        not_found=sorted(f for part in parts for f in part.not_found))
 
 
 def _failed_probe(index: int, error: FaceServiceError) -> ProbeResult:
@@ -406,6 +433,9 @@ class _Base:
     def _face(self, method: str, face_id: int, collection: str | None, action: str = "",
               body: dict[str, Any] | None = None) -> Call:
         return Call(method, f"{self._prefix(collection)}/faces/{int(face_id)}{action}", body)
+
+    def _faces_delete(self, face_ids: list[int], collection: str | None) -> Call:
+        return Call("POST", f"{self._prefix(collection)}/faces/delete", {"face_ids": face_ids})
 
     def _cluster(self, images: Any, embeddings: Any, threshold: float | None, image_type: ImageType,
                  multi_face: str, color: Color | None, model_id: str | None, model: str | None = None) -> Call:
@@ -861,6 +891,17 @@ class FaceClient(_Base):
         """Erase one face; its identity goes too when this was its last face."""
         return self._do(self._face("DELETE", face_id, collection), FaceDeleted)
 
+    def delete_faces(self, face_ids: Iterable[int], *, collection: str | None = None) -> FacesDeleted:
+        """Erase these faces (an id given twice counts once): ``deleted``, by face id, as :meth:`delete_face`
+        answers each (``identity_deleted``: its identity had no face left and went with it), and
+        ``not_found``, the ids not in the collection (not an error: a retry is safe). One request of up to
+        1,000 ids is one transaction (all its found faces go, or none); more ids are sent in requests of
+        1,000, one after the other, each its own transaction, and their answers merged: if one fails, the
+        faces of the requests before it stay deleted and the error is raised. ValueError (nothing sent) for
+        no id. Needs a write key."""
+        return _merged_deletions([self._do(self._faces_delete(chunk, collection), FacesDeleted)
+                                  for chunk in _face_id_chunks(face_ids)])
+
     def cluster(self, images: ImageInput | Sequence[ImageInput] | None = None, *, embeddings: Any = None,
                 threshold: float | None = None, image_type: ImageType = "auto", multi_face: str = "all",
                 color: Color | None = None, model_id: str | None = None, model: str | None = None) -> ClusterResult:
@@ -1194,6 +1235,12 @@ class AsyncFaceClient(_Base):
 
     async def delete_face(self, face_id: int, *, collection: str | None = None) -> FaceDeleted:
         return await self._do(self._face("DELETE", face_id, collection), FaceDeleted)
+
+    async def delete_faces(self, face_ids: Iterable[int], *, collection: str | None = None) -> FacesDeleted:
+        """As FaceClient.delete_faces: more than 1,000 ids in requests of 1,000, one after the other (each its
+        own transaction), their answers merged."""
+        return _merged_deletions([await self._do(self._faces_delete(chunk, collection), FacesDeleted)
+                                  for chunk in _face_id_chunks(face_ids)])
 
     async def cluster(self, images: ImageInput | Sequence[ImageInput] | None = None, *, embeddings: Any = None,
                       threshold: float | None = None, image_type: ImageType = "auto", multi_face: str = "all",

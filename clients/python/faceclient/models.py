@@ -481,6 +481,14 @@ class FaceDeleted(Model):
     identity_deleted: bool
 
 
+class FacesDeleted(Model):
+    """``delete_faces()``: the faces erased, by face id, each as ``delete_face`` answers (``identity_deleted``:
+    its identity had no face left and went with it), and the ids not in the collection (ascending)."""
+
+    deleted: list[FaceDeleted]
+    not_found: list[int]
+
+
 class ClusterFace(Model):
     image_index: int  # the request image (or embedding) the face came from
     face: FaceLocation | None = None
@@ -556,6 +564,7 @@ SERVER_MODELS: dict[str, type[Model]] = {
     "AliasList": AliasList, "AliasOut": Alias, "AuditOut": AuditEntry, "BestOtherOut": BestOther, "Cluster": Cluster,
     "ClusterFace": ClusterFace, "ClusterResponse": ClusterResult, "DuplicateEvidence": DuplicateEvidence,
     "DuplicatePairOut": DuplicatePair, "DuplicatesResponse": DuplicatesResult, "FaceDeleteResponse": FaceDeleted,
+    "FacesDeleteResponse": FacesDeleted,
     "MergeResponse": MergeResult, "ModelStatus": ModelStatus, "MoveFaceResponse": MoveResult, "OutlierOut": Outlier,
     "OutliersResponse": OutliersResult, "PossibleDuplicate": PossibleDuplicate, "AuditPage": AuditPage,
     "Candidate": Candidate, "CollectionDeleted": CollectionDeleted,
@@ -604,6 +613,7 @@ __all__ = [
     "EnrollResult",
     "ErrorBody",
     "FaceDeleted",
+    "FacesDeleted",
     "FaceLocation",
     "FaceQuality",
     "FolderSummary",

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from ..api import Actor, EnrollResult, GalleryStats, IdentityDetails, IdentityExists, IdentityRecord, Match, ReadTarget
-from ..results import Among, IdentityUpdate, MergeResult, MoveResult, UpdateResult
+from ..results import Among, FacesDeleted, IdentityUpdate, MergeResult, MoveResult, UpdateResult
 from .gallery import Gallery, ReadWriteLock
 
 
@@ -121,9 +121,9 @@ class EmbeddedGallery:
         with self._fence.read():
             return self.gallery.move_face(face_id, target_id, max_faces, actor)
 
-    def delete_face(self, face_id: int, actor: Actor | None = None) -> tuple[str, bool]:
+    def delete_faces(self, face_ids: list[int], actor: Actor | None = None) -> FacesDeleted:
         with self._fence.read():
-            return self.gallery.delete_face(face_id, actor)
+            return self.gallery.delete_faces(face_ids, actor)
 
     @contextmanager
     def write_fence(self) -> Iterator[None]:

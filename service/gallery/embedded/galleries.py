@@ -61,7 +61,7 @@ from ..api import (
     valid_collection_name,
 )
 from ..crops import CropCipher, CropsUnavailable
-from ..results import Among, IdentityUpdate, MergeResult, MoveResult, UpdateResult
+from ..results import Among, FacesDeleted, IdentityUpdate, MergeResult, MoveResult, UpdateResult
 from ..search import check_served
 from . import audit
 from .backend import EmbeddedGallery
@@ -777,8 +777,8 @@ class _CollectionHandle:
                   actor: Actor | None = None) -> MoveResult:
         return self._write(lambda g: g.move_face(face_id, target_id, max_faces, actor))
 
-    def delete_face(self, face_id: int, actor: Actor | None = None) -> tuple[str, bool]:
-        return self._write(lambda g: g.delete_face(face_id, actor))
+    def delete_faces(self, face_ids: list[int], actor: Actor | None = None) -> FacesDeleted:
+        return self._write(lambda g: g.delete_faces(face_ids, actor))
 
     def expired_faces(self, enrolled_before: float, limit: int) -> list[int]:
         """Read from the store without opening the collection (a sweep every minute must not load an idle

@@ -43,6 +43,7 @@ from ..crops import CropCipher
 from ..results import (
     Among,
     EnrollResult,
+    FacesDeleted,
     IdentityDetails,
     IdentityRecord,
     IdentityUpdate,
@@ -50,6 +51,8 @@ from ..results import (
     MoveResult,
     TooManyFacesForCollection,
     UpdateResult,
+    count_changes,
+    deletions,
 )
 from ..search import GalleryModelMismatch, Hit, Match, check_model, score_among, search_identities
 from .index import BackgroundSave, HnswIndex, SnapshotWriterStuck
@@ -741,15 +744,17 @@ class Gallery:
             self._changes += 1
         return MoveResult(face_id, source_id, target_id, created, source_before == 1)
 
-    def delete_face(self, face_id: int, actor: Actor | None = None) -> tuple[str, bool]:
-        """Erase one face as delete() erases an identity's: store (secure_delete), index, snapshot, WAL."""
+    def delete_faces(self, face_ids: list[int], actor: Actor | None = None) -> FacesDeleted:
+        """Erase faces as delete() erases an identity's: store (secure_delete, one transaction), index,
+        snapshot, WAL (one scrub and one checkpoint for them all)."""
         self._require_ready()
         with self._lock.write():
-            identity_id, before = self._live_store.delete_face(face_id, actor, self.name)
-            self._erase([face_id])
-            self.identity_count -= int(before == 1)
-            self.counted_faces += counted_faces(before - 1) - counted_faces(before)
-        return identity_id, before == 1
+            erased, missing = self._live_store.delete_faces(face_ids, actor, self.name)
+            self._erase([face_id for face_id, _, _ in erased])
+            for before, after in count_changes(erased).values():
+                self.identity_count -= int(after == 0)
+                self.counted_faces += counted_faces(after) - counted_faces(before)
+        return FacesDeleted(deletions(erased), missing)
 
     # --- reads -------------------------------------------------------------------------------
     def search(self, probes: np.ndarray, top_k: int, ef: int | None = None) -> list[list[Match]]:

@@ -29,7 +29,6 @@ from ..identity_ids import id_range
 from ..results import (
     FaceNotFound,
     FaceRecord,
-    IdentityChanged,
     IdentityDetails,
     IdentityNotFound,
     IdentityRecord,
@@ -37,7 +36,7 @@ from ..results import (
     TooManyFacesForCollection,
     TooManyFacesForIdentity,
     UpdateResult,
-    changed_keys,
+    plan_update,
 )
 from . import audit
 from .sqlite import checkpoint, write_transaction
@@ -316,26 +315,21 @@ class Store:
                                    (identity_id,)).fetchone()
                 if row is None:
                     raise IdentityNotFound(identity_id)
-                if update.expected_updated_at is not None and row[2] != update.expected_updated_at:
-                    raise IdentityChanged(identity_id, row[2])
-                before = json.loads(row[0])
-                after = before if update.metadata is None else update.metadata(before)
-                keys = changed_keys(before, after)
-                target = identity_id if update.new_id is None else update.new_id
-                if target == identity_id and not keys:
+                plan = plan_update(identity_id, update, row[0], row[2])
+                if plan is None:
                     raise _Unchanged
-                if target != identity_id:
+                target = plan.target
+                if plan.renamed_from is not None:
                     if conn.execute("SELECT 1 FROM identities WHERE identity_id = ?", (target,)).fetchone() is not None:
                         raise IdentityExists(f"identity {target!r} is already enrolled")
                     conn.execute("INSERT INTO identities(identity_id, metadata, created_at, updated_at) VALUES (?, ?, ?, ?)",
-                                 (target, json.dumps(after), row[1], now))
+                                 (target, json.dumps(plan.metadata), row[1], now))
                     conn.execute("UPDATE faces SET identity_id = ? WHERE identity_id = ?", (target, identity_id))
                     conn.execute("DELETE FROM identities WHERE identity_id = ?", (identity_id,))
                 else:
                     conn.execute("UPDATE identities SET metadata = ?, updated_at = ? WHERE identity_id = ?",
-                                 (json.dumps(after), now, identity_id))
-                result = UpdateResult(cast(IdentityDetails, self._details(conn, target)),
-                                      identity_id if target != identity_id else None, keys, True)
+                                 (json.dumps(plan.metadata), now, identity_id))
+                result = plan.result(cast(IdentityDetails, self._details(conn, target)))
                 if actor is not None:
                     audit.record(conn, now, "identity.updated", actor, collection, target, result.audit_details())
         except _Unchanged:
@@ -376,27 +370,36 @@ class Store:
                               "source_deleted": source_deleted, "face_count": target_before + 1})
         return source_id, source_before, target_before, created
 
-    def delete_face(self, face_id: int, actor: Actor | None = None,
-                    collection: str | None = None) -> tuple[str, int]:
-        """Remove one face (and its identity if it was the last), in one transaction with its
-        face.deleted audit entry; returns its identity and that identity's faces before. The caller
-        erases it from the index, snapshot and WAL (Gallery._erase)."""
+    def delete_faces(self, face_ids: list[int], actor: Actor | None = None,
+                     collection: str | None = None) -> tuple[list[tuple[int, str, int]], list[int]]:
+        """Remove faces (and each identity left with none), in one transaction with a face.deleted audit
+        entry per face; returns (face id, identity, that identity's faces just before it), in ascending
+        face id order, and the ids not found. The caller erases them from the index, snapshot and WAL
+        (Gallery._erase)."""
         now = time.time()
+        erased: list[tuple[int, str, int]] = []
+        missing: list[int] = []
         with self._transaction() as conn:
-            row = conn.execute("SELECT identity_id FROM faces WHERE face_id = ?", (face_id,)).fetchone()
-            if row is None:
-                raise FaceNotFound(face_id)
-            identity_id = str(row[0])
-            before = self._face_count(conn, identity_id)
-            conn.execute("DELETE FROM faces WHERE face_id = ?", (face_id,))
-            if before == 1:
-                conn.execute("DELETE FROM identities WHERE identity_id = ?", (identity_id,))
-            else:
-                conn.execute("UPDATE identities SET updated_at = ? WHERE identity_id = ?", (now, identity_id))
-            if actor is not None:
-                audit.record(conn, now, "face.deleted", actor, collection, identity_id,
-                             {"face_id": face_id, "face_count": before - 1, "identity_deleted": before == 1})
-        return identity_id, before
+            counts: dict[str, int] = {}
+            for face_id in sorted(set(face_ids)):
+                row = conn.execute("SELECT identity_id FROM faces WHERE face_id = ?", (face_id,)).fetchone()
+                if row is None:
+                    missing.append(face_id)
+                    continue
+                identity_id = str(row[0])
+                before = counts[identity_id] if identity_id in counts else self._face_count(conn, identity_id)
+                counts[identity_id] = before - 1
+                conn.execute("DELETE FROM faces WHERE face_id = ?", (face_id,))
+                erased.append((face_id, identity_id, before))
+                if actor is not None:
+                    audit.record(conn, now, "face.deleted", actor, collection, identity_id,
+                                 {"face_id": face_id, "face_count": before - 1, "identity_deleted": before == 1})
+            for identity_id, left in counts.items():
+                if left == 0:
+                    conn.execute("DELETE FROM identities WHERE identity_id = ?", (identity_id,))
+                else:
+                    conn.execute("UPDATE identities SET updated_at = ? WHERE identity_id = ?", (now, identity_id))
+        return erased, missing
 
     # --- reads -------------------------------------------------------------------------------
     def expired_faces(self, enrolled_before: float, limit: int) -> list[int]:

@@ -89,7 +89,7 @@ from ..results import (
     EnrollResult,
     FaceNotFound,
     FaceRecord,
-    IdentityChanged,
+    FacesDeleted,
     IdentityDetails,
     IdentityNotFound,
     IdentityRecord,
@@ -99,7 +99,9 @@ from ..results import (
     TooManyFacesForCollection,
     TooManyFacesForIdentity,
     UpdateResult,
-    changed_keys,
+    count_changes,
+    deletions,
+    plan_update,
 )
 from ..search import Hit, Match, check_served, search_identities
 from . import consistency
@@ -128,6 +130,10 @@ MAX_EF_SEARCH = 1000  # pgvector's upper bound for hnsw.ef_search
 # while the database is failing, requests wait this long for a connection instead of the full timeout,
 # so a burst of gallery requests during an outage cannot hold every worker thread (and stall /embed)
 FAILING_TIMEOUT_S = 0.25
+
+
+class _OwnersMoved(Exception):
+    """A face changed identity while its owner was being locked (PostgresGallery._lock_owners)."""
 
 
 @dataclass(frozen=True)
@@ -509,14 +515,25 @@ def _audit(conn: psycopg.Connection, actor: Actor | None, action: str, at: float
            identity_id: str | None = None, details: dict | None = None) -> None:
     """The audit record of a change, in the change's own transaction. Identity writes without an
     actor (tools, tests) are not recorded; collection and key changes always are."""
+    _audit_each(conn, actor, action, at, collection, [(identity_id, details or {})])
+
+
+def _audit_each(conn: psycopg.Connection, actor: Actor | None, action: str, at: float, collection: str | None,
+                records: list[tuple[str | None, dict]]) -> None:
+    """One audit record per (identity id, details) of a change, in one pipelined batch (as _audit)."""
     if actor is None:
         if not action.startswith(("collection.", "key.", "alias.")):
             return
         actor = Actor()
-    conn.execute("INSERT INTO audit(at, action, key_id, client, request_id, collection, identity_id, details) "
-                 "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-                 (at, action, actor.key_id, actor.client, actor.request_id, collection, identity_id,
-                  Jsonb(actor.recorded(details or {}))))
+    rows = [(at, action, actor.key_id, actor.client, actor.request_id, collection, identity_id,
+             Jsonb(actor.recorded(details))) for identity_id, details in records]
+    sql = ("INSERT INTO audit(at, action, key_id, client, request_id, collection, identity_id, details) "
+           "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)")
+    if len(rows) == 1:  # every write's one record: no pipeline to set up
+        conn.execute(sql, rows[0])
+    else:
+        with conn.cursor() as cur:
+            cur.executemany(sql, rows)
 
 
 KEY_COLUMNS = ("key_id, secret_hash, role, collections, note, created_at, expires_at, revoked_at, last_used_at, "
@@ -1624,20 +1641,16 @@ class PostgresGallery:
                                "AND identity_id = %s FOR UPDATE", (self.collection_id, identity_id)).fetchone()
             if row is None:
                 raise IdentityNotFound(identity_id)
-            if update.expected_updated_at is not None and row[2] != update.expected_updated_at:
-                raise IdentityChanged(identity_id, row[2])
-            before = json.loads(row[0])
-            after = before if update.metadata is None else update.metadata(before)
-            keys = changed_keys(before, after)
-            target = identity_id if update.new_id is None else update.new_id
-            if target == identity_id and not keys:  # nothing to write: the transaction changed nothing
+            plan = plan_update(identity_id, update, row[0], row[2])
+            if plan is None:  # nothing to write: the transaction changed nothing
                 return UpdateResult(cast(IdentityDetails, self._details(conn, identity_id)), None, [], False)
-            if target != identity_id:
+            target = plan.target
+            if plan.renamed_from is not None:
                 # the new row first (the faces' foreign key needs it): taken already is IdentityExists
                 if conn.execute(
                         "INSERT INTO identities (collection_id, identity_id, metadata, created_at, updated_at) "
                         "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (collection_id, identity_id) DO NOTHING RETURNING 1",
-                        (self.collection_id, target, json.dumps(after), row[1], now)).fetchone() is None:
+                        (self.collection_id, target, json.dumps(plan.metadata), row[1], now)).fetchone() is None:
                     raise IdentityExists(f"identity {target!r} is already enrolled")
                 conn.execute("UPDATE faces SET identity_id = %s WHERE collection_id = %s AND identity_id = %s",
                              (target, self.collection_id, identity_id))
@@ -1645,9 +1658,8 @@ class PostgresGallery:
                              (self.collection_id, identity_id))
             else:
                 conn.execute("UPDATE identities SET metadata = %s, updated_at = %s WHERE collection_id = %s "
-                             "AND identity_id = %s", (json.dumps(after), now, self.collection_id, identity_id))
-            result = UpdateResult(cast(IdentityDetails, self._details(conn, target)),
-                                  identity_id if target != identity_id else None, keys, True)
+                             "AND identity_id = %s", (json.dumps(plan.metadata), now, self.collection_id, identity_id))
+            result = plan.result(cast(IdentityDetails, self._details(conn, target)))
             _audit(conn, actor, "identity.updated", now, self.name, target, result.audit_details())
         return result
 
@@ -1692,28 +1704,61 @@ class PostgresGallery:
         self._read_counts(counts, time.monotonic())
         return MoveResult(face_id, source_id, target_id, created, source_deleted)
 
-    def delete_face(self, face_id: int, actor: Actor | None = None) -> tuple[str, bool]:
+    def _lock_owners(self, conn: psycopg.Connection, face_ids: list[int]) -> dict[int, str]:
+        """face id -> identity id of those of ``face_ids`` that exist, with every such identity locked. The
+        identities are locked in one statement in id order (as merges lock theirs: no deadlock), then the
+        owners read again; a face moved to another identity meanwhile rolls the savepoint back, which
+        releases those locks, and the round starts over."""
+        def owners() -> dict[int, str]:
+            return {int(f): str(i) for f, i in conn.execute(
+                "SELECT face_id, identity_id FROM faces WHERE collection_id = %s AND face_id = ANY(%s)",
+                (self.collection_id, face_ids)).fetchall()}
+
+        while True:
+            try:
+                with conn.transaction():  # a savepoint
+                    found = owners()
+                    conn.execute("SELECT identity_id FROM identities WHERE collection_id = %s "
+                                 "AND identity_id = ANY(%s) ORDER BY identity_id FOR UPDATE",
+                                 (self.collection_id, sorted(set(found.values()))))
+                    now_found = owners()  # faces deleted meanwhile are simply gone
+                    if not set(now_found.values()) <= set(found.values()):
+                        raise _OwnersMoved
+                return now_found
+            except _OwnersMoved:
+                continue
+
+    def delete_faces(self, face_ids: list[int], actor: Actor | None = None) -> FacesDeleted:
         now = time.time()
+        asked = sorted({int(f) for f in face_ids})
+        row = None
         with self._writing() as conn:
-            while True:
-                identity_id = self._face_owner(conn, face_id)
-                self._lock_identity(conn, identity_id)
-                if self._face_owner(conn, face_id) == identity_id:
-                    break
-            before = self._faces_of(conn, identity_id)
-            conn.execute("DELETE FROM faces WHERE collection_id = %s AND face_id = %s", (self.collection_id, face_id))
-            deleted = before == 1
-            if deleted:
-                conn.execute("DELETE FROM identities WHERE collection_id = %s AND identity_id = %s",
-                             (self.collection_id, identity_id))
-            else:
-                conn.execute("UPDATE identities SET updated_at = %s WHERE collection_id = %s AND identity_id = %s",
-                             (now, self.collection_id, identity_id))
-            counts = self._count(conn, -int(deleted), -1, counted_faces(before - 1) - counted_faces(before))
-            _audit(conn, actor, "face.deleted", now, self.name, identity_id,
-                   {"face_id": face_id, "face_count": before - 1, "identity_deleted": deleted})
-        self._read_counts(counts, time.monotonic())
-        return identity_id, deleted
+            owners = self._lock_owners(conn, asked)
+            counts = {str(i): int(n) for i, n in conn.execute(
+                "SELECT identity_id, count(*) FROM faces WHERE collection_id = %s AND identity_id = ANY(%s) "
+                "GROUP BY identity_id", (self.collection_id, sorted(set(owners.values())))).fetchall()}
+            erased: list[tuple[int, str, int]] = []
+            for face_id in sorted(owners):
+                before = counts[owners[face_id]]
+                counts[owners[face_id]] = before - 1
+                erased.append((face_id, owners[face_id], before))
+            if erased:
+                conn.execute("DELETE FROM faces WHERE collection_id = %s AND face_id = ANY(%s)",
+                             (self.collection_id, sorted(owners)))
+                emptied = sorted(i for i, n in counts.items() if n == 0)
+                conn.execute("DELETE FROM identities WHERE collection_id = %s AND identity_id = ANY(%s)",
+                             (self.collection_id, emptied))
+                conn.execute("UPDATE identities SET updated_at = %s WHERE collection_id = %s AND identity_id = ANY(%s)",
+                             (now, self.collection_id, sorted(i for i, n in counts.items() if n > 0)))
+                changes = count_changes(erased).values()
+                row = self._count(conn, -len(emptied), -len(erased),
+                                  sum(counted_faces(after) - counted_faces(before) for before, after in changes))
+                _audit_each(conn, actor, "face.deleted", now, self.name, [
+                    (identity, {"face_id": face_id, "face_count": before - 1, "identity_deleted": before == 1})
+                    for face_id, identity, before in erased])
+        if row is not None:
+            self._read_counts(row, time.monotonic())
+        return FacesDeleted(deletions(erased), [f for f in asked if f not in owners])
 
     # --- reads -------------------------------------------------------------------------------
     def _plan(self, k: int, ef_search: int | None = None) -> SearchPlan:

@@ -829,8 +829,9 @@ function confirmDelete(item) {
 
 // --- Gallery hygiene: duplicates, outliers; merge identities, move or delete a face ------------------
 // a duplicates scan job and GET /outliers find the suspects; POST identities/{id}/merge, POST faces/{id}/move
-// and DELETE faces/{id} fix them, each after a confirmation. The service keeps no photo of an enrolled
-// face (embeddings only), so faces are shown by id, identity and score.
+// and DELETE faces/{id} fix them, and POST faces/delete erases the outliers ticked, each after a
+// confirmation. The service keeps no photo of an enrolled face (embeddings only), so faces are shown by
+// id, identity and score.
 const hygiene = { view: "identities", identity: null };
 const VIEWS = ["identities", "duplicates", "outliers"];
 
@@ -847,6 +848,12 @@ function setupHygiene() {
     event.preventDefault();
     loadOutliers();
   });
+  $("outliers-list").addEventListener("change", showOutlierSelection); // a face's checkbox
+  $("outliers-select-all").addEventListener("change", (event) => {
+    for (const box of outlierBoxes()) box.checked = event.target.checked;
+    showOutlierSelection();
+  });
+  $("outliers-delete-selected").addEventListener("click", askDeleteSelected);
   $("identity-close").addEventListener("click", () => {
     hygiene.identity = null;
     $("gallery-identity").hidden = true;
@@ -871,6 +878,7 @@ function resetHygiene() {
   $("gallery-identity").hidden = true;
   $("duplicates-list").replaceChildren();
   $("outliers-list").replaceChildren();
+  showOutlierSelection();
 }
 
 function showGalleryView(view) {
@@ -1190,7 +1198,10 @@ async function loadOutliers(announce = true) {
   if (announce) galleryStatus(waiting);
   try {
     const r = await scanJob("outliers", "outliers-min-score", waiting, announce);
+    const ticked = new Set(outlierBoxes().filter((box) => box.checked).map((box) => box.dataset.faceId));
     list.replaceChildren(...r.faces.map((face) => outlierItem(face, r.threshold)));
+    for (const box of outlierBoxes()) box.checked = ticked.has(box.dataset.faceId); // a new scan keeps the ticks
+    showOutlierSelection();
     if (announce || !r.faces.length) {
       galleryStatus(r.faces.length
         ? `${r.faces.length} face(s) below ${fmt(r.threshold)} against their own identity (${r.identities_checked} identities checked).`
@@ -1198,6 +1209,7 @@ async function loadOutliers(announce = true) {
     }
   } catch (err) {
     list.replaceChildren();
+    showOutlierSelection();
     galleryStatus(missingRoute(err, "an outlier search"), "error");
   }
 }
@@ -1211,11 +1223,79 @@ function outlierItem(face, threshold) {
     actionButton("Move to...", `Move face ${face.face_id} to another identity`, () => askMove(face.face_id, face.identity_id)),
     actionButton("Delete face", `Delete face ${face.face_id}`, () => askDeleteFace(face.face_id, face.identity_id), "danger small"),
   ] : [];
-  return el("li", { class: "pair-card", "data-id": String(face.face_id) },
-    side(`face ${face.face_id} of ${face.identity_id}`,
-      [`best score against its own identity's other faces ${fmt(face.own_score)} (threshold ${fmt(threshold)})`], ...buttons),
+  const own = side(`face ${face.face_id} of ${face.identity_id}`,
+    [`best score against its own identity's other faces ${fmt(face.own_score)} (threshold ${fmt(threshold)})`], ...buttons);
+  if (write) { // ticked, it is one of the faces "Delete selected" erases
+    own.prepend(el("label", { class: "check" },
+      el("input", { type: "checkbox", "data-face-id": String(face.face_id), "data-identity": face.identity_id }),
+      "Select", el("span", { class: "sr-only", text: ` face ${face.face_id} of ${face.identity_id}` })));
+  }
+  return el("li", { class: "pair-card", "data-id": String(face.face_id) }, own,
     el("div", { class: "versus" }, el("p", { class: "score", text: other ? "looks more like" : "matches no other identity" })),
     other ? side(other.identity_id, [`face ${other.face_id}, score ${fmt(other.score)}`]) : el("div", { class: "side muted" }));
+}
+
+// --- several outliers at once: tick them, then one POST faces/delete ------------------------------
+// The checkboxes are drawn for write keys only (outlierItem, as its buttons); the bar above the list
+// shows with them. The faces erased (and those already gone) leave the list; the rest stay as scanned,
+// ticks kept, with no new scan (minutes at a million faces).
+const outlierBoxes = () => [...$("outliers-list").querySelectorAll("input[type=checkbox][data-face-id]")];
+const plural = (n, one, many) => `${n} ${n === 1 ? one : many}`;
+
+function showOutlierSelection() {
+  const boxes = outlierBoxes();
+  const ticked = boxes.filter((box) => box.checked);
+  for (const box of boxes) box.closest(".pair-card").classList.toggle("selected", box.checked);
+  $("outliers-bulk").hidden = !boxes.length; // none drawn: a read key, or no outlier
+  const all = $("outliers-select-all");
+  all.checked = boxes.length > 0 && ticked.length === boxes.length;
+  all.indeterminate = ticked.length > 0 && ticked.length < boxes.length;
+  const button = $("outliers-delete-selected");
+  button.textContent = `Delete selected (${ticked.length})`;
+  button.disabled = !ticked.length || button.dataset.busy === "true";
+  return ticked;
+}
+
+// POST faces/delete's answer in words: "Deleted 5 faces (2 identities deleted with their last face); 1 was already gone."
+function bulkDeleteText(r) {
+  const emptied = r.deleted.filter((d) => d.identity_deleted).length;
+  const gone = r.not_found.length;
+  return (r.deleted.length ? `Deleted ${plural(r.deleted.length, "face", "faces")}` : "No face deleted")
+    + (emptied ? ` (${plural(emptied, "identity", "identities")} deleted with ${emptied === 1 ? "its" : "their"} last face)` : "")
+    + (gone ? `; ${gone} ${gone === 1 ? "was" : "were"} already gone` : "") + ".";
+}
+
+async function askDeleteSelected() {
+  const ticked = showOutlierSelection();
+  if (!ticked.length) return;
+  const faceIds = ticked.map((box) => Number(box.dataset.faceId));
+  const identities = [...new Set(ticked.map((box) => box.dataset.identity))];
+  const named = identities.slice(0, 3).map((id) => `"${id}"`).join(", ")
+    + (identities.length > 3 ? ` and ${identities.length - 3} more` : "");
+  const faces = plural(faceIds.length, "face", "faces");
+  const ok = await confirmHygiene({ title: `Delete ${faces}?`, confirm: `Delete ${faces}`,
+    text: `Delete the ${faceIds.length === 1 ? "selected face" : `${faceIds.length} selected faces`} (of ${named})? `
+      + "They are erased and can never be matched again; an identity left with no face is deleted too. This cannot be undone." });
+  if (ok === null) return;
+  const button = $("outliers-delete-selected");
+  button.dataset.busy = "true";
+  showOutlierSelection();
+  try {
+    const r = await api(inCollection("faces/delete"), { method: "POST", json: { face_ids: faceIds },
+      action: `delete faces in ${quoted(collection())}` });
+    for (const d of r.deleted) if (d.identity_deleted && hygiene.identity === d.identity_id) hygiene.identity = null;
+    const erased = new Set([...r.deleted.map((d) => d.face_id), ...r.not_found].map(String));
+    for (const item of [...$("outliers-list").children]) if (erased.has(item.dataset.id)) item.remove();
+    galleryStatus(bulkDeleteText(r), "ok");
+  } catch (err) {
+    galleryStatus(["not_found", "method_not_allowed"].includes(err.code)
+      ? "This service does not offer deleting several faces at once (an older version): delete them one by one."
+      : err.readable, "error");
+  } finally {
+    delete button.dataset.busy;
+    // the button just pressed is disabled or gone now: keyboard focus goes on from the bar, or the search
+    (showOutlierSelection().length ? button : $("outliers-bulk").hidden ? $("outliers-show") : $("outliers-select-all")).focus();
+  }
 }
 
 // --- Status ----------------------------------------------------------------------------------------
