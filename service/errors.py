@@ -68,6 +68,7 @@ class ErrorCode(str, Enum):
     # kept crops (keep_crops collections)
     crops_required = "crops_required"
     crop_key_missing = "crop_key_missing"
+    crop_not_kept = "crop_not_kept"
     # keys, roles, limits
     unauthorized = "unauthorized"
     forbidden = "forbidden"
@@ -135,6 +136,7 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.job_finished: 409,
     ErrorCode.crops_required: 409,
     ErrorCode.crop_key_missing: 409,
+    ErrorCode.crop_not_kept: 404,
     ErrorCode.unauthorized: 401,
     ErrorCode.forbidden: 403,
     ErrorCode.key_not_found: 404,

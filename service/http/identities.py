@@ -6,11 +6,12 @@ scope; every change is audited in its own transaction (the gallery writes the re
 
 from __future__ import annotations
 
+import logging
 import unicodedata
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, Path, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from ..access.policy import Permission
@@ -58,6 +59,7 @@ from .schemas import (
 )
 from .vectors import list_source, source_vectors
 
+log = logging.getLogger(__name__)
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 422)}
 router = APIRouter(route_class=StrictRoute, tags=["identities"], responses=ERRORS)
 READ = [allow(Permission.read, scoped=True)]
@@ -359,6 +361,40 @@ async def delete_face(face_id: FaceIdPath, gallery: CollectionDep, actor: ActorD
     except FaceNotFound as exc:
         raise _face_not_found(exc) from None
     return _deleted(erased.deleted)[0]
+
+
+CROP_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
+                "Content-Disposition": "inline"}
+
+
+@router.get("/faces/{face_id}/crop", response_class=Response, summary="A face's kept crop (PNG)", dependencies=WRITE,
+            responses={200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+                             "description": "The aligned crop the model saw, as PNG."}})
+async def face_crop(face_id: FaceIdPath, state: StateDep, gallery: CollectionDep, actor: ActorDep) -> Response:
+    """The aligned crop kept for a face of a `keep_crops` collection (see Kept face crops): the model's
+    input image (112x112 PNG), decrypted, so that the people who curate the gallery can see whom a face
+    shows before they merge, move or delete it. Needs the `write` permission (those who may change the
+    gallery; `read` keys identify without seeing enrolled faces) and is never cached
+    (`Cache-Control: no-store`). Each crop served is logged (`face crop served`: the collection, the
+    face, the key and the request id), so who saw whose face can be answered from the logs. 404
+    `face_not_found`; 404 `crop_not_kept` when the collection keeps no crops, or the face has none
+    (enrolled from embeddings, or imported)."""
+
+    def read() -> bytes:
+        cipher = state.galleries.crop_cipher
+        blob = gallery.face_crop(face_id) if gallery.keep_crops else None
+        if blob is None or cipher is None:
+            if not gallery.face_embeddings([face_id]):
+                raise _face_not_found(FaceNotFound(face_id))
+            why = "keeps no face crops" if not gallery.keep_crops else "has no crop of this face"
+            raise ServiceError(ErrorCode.crop_not_kept, f"collection {gallery.name!r} {why}", face_id=face_id,
+                               collection=gallery.name)
+        png = cipher.open(gallery.name, face_id, blob)
+        log.info("face crop served", extra={"collection": gallery.name, "face_id": face_id, "key_id": actor.key_id,
+                                            "request_id": actor.request_id})
+        return png
+
+    return Response(await run_in_threadpool(read), media_type="image/png", headers=CROP_HEADERS)
 
 
 @router.post("/faces/delete", response_model=FacesDeleteResponse, summary="Delete many faces", dependencies=WRITE)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from harness.server import ServerProcess
+from service.gallery.crops import write_key_file
 from tests.conftest import ENROLLED, face_files
 
 ADMIN = "client-tests-admin-secret-0123456789"
@@ -35,7 +36,11 @@ def start(tmp_path_factory: pytest.TempPathFactory, model: Path, name: str, env:
 
 @pytest.fixture(scope="package")
 def embedded(tmp_path_factory, default_model) -> Iterator[Served]:
-    served = start(tmp_path_factory, default_model, "embedded", ENV)
+    """With a crop key (FACE_CROP_KEY_FILE): a collection created with keep_crops keeps its faces' crops
+    (face_crop); a plain one, as every other test makes, is as without the key."""
+    key = tmp_path_factory.mktemp("crop-key") / "crop.key"
+    write_key_file(key)
+    served = start(tmp_path_factory, default_model, "embedded", {**ENV, "FACE_CROP_KEY_FILE": str(key)})
     yield served
     served.proc.stop()
 

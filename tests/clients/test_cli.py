@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 from faceclient import FaceClient
 
@@ -16,8 +17,8 @@ from tests.clients.test_client import UNKNOWN_FACE, enroll_rows, lfw, needs_lfw
 from tests.conftest import ENROLLED, face_files, unknown_files
 
 
-def face(served, *args: str, key: str | None = ADMIN, env_url: bool = False,
-         stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def face(served, *args: str, key: str | None = ADMIN, env_url: bool = False, stdin: str | None = None,
+         cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("FACE_URL", "FACE_API_KEY")}
     flags = [] if env_url else ["--url", served.url]
     if env_url:
@@ -25,7 +26,7 @@ def face(served, *args: str, key: str | None = ADMIN, env_url: bool = False,
     elif key:
         flags += ["--key", key]
     return subprocess.run([sys.executable, "-m", "faceclient.cli", *flags, *args], capture_output=True, text=True,
-                          timeout=120, env=env, input=stdin)
+                          timeout=120, env=env, input=stdin, cwd=cwd)
 
 
 def test_cli_enroll_identify_verify_identities_as_json(any_backend, collection_name, people_dir):
@@ -249,3 +250,63 @@ def test_cli_faces_delete(embedded, collection_name):
     refused_key = face(embedded, *c, "--json", "faces", "delete", str(some[3]), key=reader)  # needs write
     assert refused_key.returncode == 1 and json.loads(refused_key.stderr)["error"]["status"] == 403
     assert face(embedded, "collections", "delete", collection_name).returncode == 0
+
+
+def test_cli_faces_crop(embedded, collection_name, tmp_path):
+    plain = f"{collection_name}-plain"
+    with FaceClient(embedded.url, ADMIN) as client:
+        client.create_collection(collection_name, keep_crops=True)
+        kept = client.enroll("cli-crop", face_files(ENROLLED[0])[:2], image_type="aligned",
+                             collection=collection_name).face_ids
+        expected = client.face_crop(kept[0], collection=collection_name)
+        client.create_collection(plain)
+        unkept = client.enroll("cli-plain", face_files(ENROLLED[1])[0], collection=plain).face_ids[0]
+        reader = client.create_key("read", note="cli faces crop").secret
+    c = ["--collection", collection_name]
+    assert expected.startswith(b"\x89PNG\r\n\x1a\n")
+
+    # the default file, face-ID.png in the current directory; its name printed
+    saved = face(embedded, *c, "faces", "crop", str(kept[0]), cwd=tmp_path)
+    assert saved.returncode == 0, saved.stderr
+    default_file = tmp_path / f"face-{kept[0]}.png"
+    assert saved.stdout.splitlines() == [f"face-{kept[0]}.png"] and default_file.read_bytes() == expected
+    # never overwritten without --force: exit 2, the file as it was
+    default_file.write_bytes(b"mine")
+    again = face(embedded, *c, "faces", "crop", str(kept[0]), cwd=tmp_path)
+    assert again.returncode == 2 and "exists" in again.stderr and "--force" in again.stderr, again
+    assert "Traceback" not in again.stderr and default_file.read_bytes() == b"mine"
+    forced = face(embedded, *c, "faces", "crop", str(kept[0]), "--force", cwd=tmp_path)
+    assert forced.returncode == 0 and default_file.read_bytes() == expected, forced.stderr
+    # -o FILE (--json: what was written)
+    other = tmp_path / "second.png"
+    written = face(embedded, *c, "--json", "faces", "crop", str(kept[1]), "-o", str(other))
+    assert written.returncode == 0, written.stderr
+    assert json.loads(written.stdout) == {"face_id": kept[1], "path": str(other), "bytes": other.stat().st_size}
+    assert other.read_bytes().startswith(b"\x89PNG") and other.read_bytes() != expected
+    # -o -: the PNG's bytes on stdout and nothing else (also with --json), no file
+    env = {k: v for k, v in os.environ.items() if k not in ("FACE_URL", "FACE_API_KEY")}
+    for flags in ([], ["--json"]):
+        piped = subprocess.run([sys.executable, "-m", "faceclient.cli", "--url", embedded.url, "--key", ADMIN, *c,
+                                *flags, "faces", "crop", str(kept[0]), "-o", "-"], capture_output=True, timeout=120,
+                               env=env, cwd=tmp_path)
+        assert piped.returncode == 0 and piped.stdout == expected and piped.stderr == b"", (flags, piped.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([default_file.name, other.name])
+
+    # errors: nothing written (in a directory of their own: face ids are per collection, unkept may be kept[0]);
+    # the API's error: exit 1 with its code; usage errors: exit 2
+    nowhere = tmp_path / "errors"
+    nowhere.mkdir()
+    for args, collection, code in (([str(unkept)], plain, "crop_not_kept"),
+                                   ([str(UNKNOWN_FACE)], collection_name, "face_not_found")):
+        refused = face(embedded, "--collection", collection, "--json", "faces", "crop", *args, cwd=nowhere)
+        assert refused.returncode == 1, refused
+        error = json.loads(refused.stderr)["error"]
+        assert (error["code"], error["status"]) == (code, 404) and refused.stdout == ""
+    forbidden = face(embedded, *c, "--json", "faces", "crop", str(kept[0]), key=reader, cwd=nowhere)
+    assert forbidden.returncode == 1 and json.loads(forbidden.stderr)["error"]["status"] == 403  # needs write
+    for args in ([], ["0"], ["x1"], ["1", "2"]):
+        usage = face(embedded, *c, "faces", "crop", *args, cwd=nowhere)
+        assert usage.returncode == 2 and "Traceback" not in usage.stderr, (args, usage)
+    assert list(nowhere.iterdir()) == []
+    assert face(embedded, "collections", "delete", collection_name).returncode == 0
+    assert face(embedded, "collections", "delete", plain).returncode == 0

@@ -806,3 +806,100 @@ def test_async_delete_faces(embedded, collection_name):
             await face.delete_collection(collection_name)
 
     asyncio.run(main())
+
+
+# --- face_crop: the crop a keep_crops collection kept of a face (GET /faces/{face_id}/crop), as PNG bytes ----------
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_pixels(data: bytes) -> np.ndarray:
+    """The PNG's pixels, after checking it is a 112x112 RGB PNG (the aligned crop the model saw)."""
+    image = pytest.importorskip("PIL.Image")
+    assert data.startswith(PNG_SIGNATURE)
+    with image.open(io.BytesIO(data)) as crop:
+        assert (crop.format, crop.size, crop.mode) == ("PNG", (112, 112), "RGB")
+        return np.asarray(crop)
+
+
+def kept_faces(face: FaceClient, collection: str) -> dict[str, list[int]]:
+    """Two people enrolled from aligned crops into the keep_crops collection ``collection``: their face ids."""
+    assert face.create_collection(collection, keep_crops=True).keep_crops is True
+    return {person: face.enroll(person, face_files(person)[:2], image_type="aligned", collection=collection).face_ids
+            for person in ENROLLED[:2]}
+
+
+def test_face_crop_returns_the_kept_crop_as_png(embedded, collection_name):
+    plain = f"{collection_name}-plain"
+    with FaceClient(embedded.url, ADMIN) as face:
+        faces = kept_faces(face, collection_name)
+        bush = faces[ENROLLED[0]][0]
+        crop = face.face_crop(bush, collection=collection_name)
+        pixels = png_pixels(crop)
+        # the crop the model saw: the aligned photo enrolled (decoded once more here: JPEG decoders may differ by 1)
+        assert np.abs(pixels.astype(int) - decode_rgb(face_files(ENROLLED[0])[0]).astype(int)).mean() < 2
+        others = [png_pixels(face.face_crop(f, collection=collection_name)) for f in faces[ENROLLED[1]]]
+        assert all(np.abs(pixels.astype(int) - other.astype(int)).mean() > 10 for other in others)
+        with FaceClient(embedded.url, ADMIN, collection=collection_name) as in_it:  # the client's collection
+            assert in_it.face_crop(bush) == crop
+
+        # a plain collection keeps no crop: crop_not_kept, a NotFoundError (its face exists)
+        face.create_collection(plain)
+        unkept = face.enroll("plain", face_files(ENROLLED[2])[0], collection=plain).face_ids[0]
+        with pytest.raises(NotFoundError) as no_crop:
+            face.face_crop(unkept, collection=plain)
+        assert (no_crop.value.code, no_crop.value.status) == ("crop_not_kept", 404) and no_crop.value.request_id
+        # no such face in the collection: face_not_found, whether it keeps crops or not (face ids are the
+        # collection's own: another collection's face may have the same id)
+        for collection in (collection_name, plain, None):
+            with pytest.raises(NotFoundError) as missing:
+                face.face_crop(UNKNOWN_FACE, collection=collection)
+            assert (missing.value.code, missing.value.status) == ("face_not_found", 404), collection
+        with pytest.raises(BadRequestError) as bad:
+            face.face_crop(0, collection=collection_name)
+        assert (bad.value.code, bad.value.status) == ("invalid_request", 422)
+
+        # a read key may not see enrolled faces (write may)
+        reader = face.create_key("read", collections=[collection_name], note="face_crop").secret
+        writer = face.create_key("write", collections=[collection_name], note="face_crop", rate_limit_rps=1).secret
+    with FaceClient(embedded.url, reader) as read_only, pytest.raises(AuthError) as refused:
+        read_only.face_crop(bush, collection=collection_name)
+    assert (refused.value.code, refused.value.status) == ("forbidden", 403)
+    # a 429 is retried after Retry-After as for any other call, and the bytes come back whole
+    started = time.monotonic()
+    with FaceClient(embedded.url, writer) as slow:
+        assert [slow.face_crop(bush, collection=collection_name) for _ in range(3)] == [crop] * 3
+    assert time.monotonic() - started >= 1.5  # two of the three waited for Retry-After (1 s)
+    with FaceClient(embedded.url, ADMIN) as face:
+        face.delete_collection(collection_name)
+        face.delete_collection(plain)
+
+
+def test_async_face_crop(embedded, collection_name):
+    with FaceClient(embedded.url, ADMIN) as sync:
+        faces = kept_faces(sync, collection_name)
+        ids = faces[ENROLLED[0]] + faces[ENROLLED[1]]
+        expected = [sync.face_crop(f, collection=collection_name) for f in ids]
+
+    async def main() -> None:
+        async with AsyncFaceClient(embedded.url, ADMIN, collection=collection_name) as face:
+            crops = await asyncio.gather(*(face.face_crop(f) for f in ids))  # tasks share the pool
+            assert list(crops) == expected and all(png_pixels(c).shape == (112, 112, 3) for c in crops)
+            assert await face.face_crop(ids[0], collection=collection_name) == expected[0]
+            for collection in (None, "default"):
+                with pytest.raises(NotFoundError) as missing:
+                    await face.face_crop(UNKNOWN_FACE, collection=collection)
+                assert missing.value.code == "face_not_found"
+            await face.delete_collection(collection_name)
+            await face.create_collection(collection_name)  # again, plain: its faces have no crop
+            unkept = (await face.enroll("plain", face_files(ENROLLED[2])[0])).face_ids[0]
+            with pytest.raises(NotFoundError) as plain:
+                await face.face_crop(unkept)
+            assert (plain.value.code, plain.value.status) == ("crop_not_kept", 404)
+            reader = (await face.create_key("read", collections=[collection_name], note="async face_crop")).secret
+            async with AsyncFaceClient(embedded.url, reader, collection=collection_name) as read_only:
+                with pytest.raises(AuthError) as refused:
+                    await read_only.face_crop(unkept)
+            assert refused.value.status == 403
+            await face.delete_collection(collection_name)
+
+    asyncio.run(main())

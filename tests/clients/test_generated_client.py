@@ -1,6 +1,6 @@
 """A client generated from the service's OpenAPI document by a standard generator (openapi-python-client,
 pinned in the dev extra) imports and works against the real server, as a new user would generate and use
-it: the command and the one workaround are the README's ("Generating a client")."""
+it: the command and its workarounds are the README's ("Generating a client")."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ PACKAGE = "face_api_client"  # what --output-path names the generated package (-
 # the module does not import it. The README's one-line fix adds the import to every endpoint module.
 BROKEN_IMPORT = "from ...types import Response, UNSET\n"
 FIXED_IMPORT = "from ...types import Response, UNSET, Unset\n"
+GENERATOR_CONFIG = "post_hooks: []\ncontent_type_overrides:\n  image/png: application/octet-stream\n"
 
 
 def generator() -> list[str]:
@@ -43,8 +44,10 @@ def generate(spec: dict[str, Any], where: Path) -> list[str]:
     """The package generated from ``spec`` into ``where/PACKAGE`` with the README's command, then the
     README's fix; returns the modules that lacked the import."""
     (where / "openapi.json").write_text(json.dumps(spec))
-    # no post hooks: the generated code is used as written (the default hooks run ruff from PATH)
-    (where / "generator.yaml").write_text("post_hooks: []\n")
+    # no post hooks: the generated code is used as written (the default hooks run ruff from PATH); the PNG of
+    # GET .../faces/{face_id}/crop read as bytes (the generator knows no image/png: without the override it
+    # warns, and --fail-on-warning fails, "Unsupported content_type image/png")
+    (where / "generator.yaml").write_text(GENERATOR_CONFIG)
     done = subprocess.run(generator() + ["generate", "--path", "openapi.json", "--meta", "none", "--output-path",
                                          PACKAGE, "--config", "generator.yaml", "--fail-on-warning"],
                           cwd=where, capture_output=True, text=True, timeout=120)
@@ -192,3 +195,7 @@ def test_a_generated_client_enrolls_and_identifies_against_the_real_server(clien
     assert r.parsed.error.code == "unauthorized"
     r = identify.sync_detailed(client=client, body=models.IdentifyJsonIdentifyRequest(images=["not base64!"]))
     assert r.status_code == 422 and r.parsed.error.code == "invalid_base64"
+    # a face's kept crop (PNG): the default collection keeps none, so its 404 crop_not_kept
+    r = m["api.identities.face_crop"].sync_detailed(enrolled.face_ids[0], client=client)
+    assert r.status_code == 404 and isinstance(r.parsed, models.ErrorResponse), r.content
+    assert r.parsed.error.code == "crop_not_kept"

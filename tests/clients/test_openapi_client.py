@@ -25,7 +25,7 @@ METHODS = {
     "identify": "identify", "enroll": "enroll", "list_identities": "iter_identities", "get_identity": "get_identity",
     "update_identity": "update_identity", "delete_identity": "delete_identity", "duplicates": "duplicates", "outliers": "outliers",
     "merge_identity": "merge_identities", "move_face": "move_face", "delete_face": "delete_face",
-    "delete_faces": "delete_faces", "cluster": "cluster",
+    "delete_faces": "delete_faces", "face_crop": "face_crop", "cluster": "cluster",
     "set_alias": "set_alias", "get_alias": "get_alias", "list_aliases": "list_aliases", "delete_alias": "delete_alias",
     "migrate_collection": "migrate_collection", "list_jobs": "list_jobs", "get_job": "get_job",
     "cancel_job": "cancel_job", "resume_job": "resume_job", "start_duplicates_job": "start_duplicates_job",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import subprocess
 import sys
@@ -111,9 +112,12 @@ def test_keep_crops_collection_keeps_what_the_model_saw_sealed(setup):
             assert r.status_code == 409 and r.json()["error"]["code"] == "crops_required", r.text
             assert c.get("/collections/kept/identities/vec").status_code == 404
             # a plain collection takes both, and keeps no crop
+            plain_faces = []
             for body in ({"images": [b64(aligned[0].read_bytes())]}, {"embeddings": [vector],
                                                                       "model_id": ready["model_id"]}):
-                assert c.post("/collections/plain/enroll", json={"identity_id": "p", **body}).status_code == 200
+                r = c.post("/collections/plain/enroll", json={"identity_id": "p", **body})
+                assert r.status_code == 200, r.text
+                plain_faces += r.json()["face_ids"]
     finally:
         server.stop()
 
@@ -150,6 +154,25 @@ def test_keep_crops_collection_keeps_what_the_model_saw_sealed(setup):
             expected = np.concatenate([stored["bush"], stored["amelie"]])
             cosine = np.sum(again * expected, axis=1)
             assert cosine.min() > 0.9999, cosine
+            # GET .../faces/{id}/crop: the same crop, decrypted, as PNG, never cached
+            for face_id in order:
+                r = c.get(f"/collections/kept/faces/{face_id}/crop")
+                assert r.status_code == 200, r.text
+                assert r.headers["content-type"] == "image/png" and r.headers["cache-control"] == "no-store"
+                assert r.headers["x-content-type-options"] == "nosniff"
+                assert np.array_equal(decode_crop(r.content), crops[face_id])
+            # (face ids are per collection on the embedded backend: `default`, empty, has none of them)
+            for path, code in ((f"/collections/kept/faces/{gone_face}/crop", "face_not_found"),
+                               (f"/collections/plain/faces/{plain_faces[0]}/crop", "crop_not_kept"),
+                               (f"/faces/{bush_faces[0]}/crop", "face_not_found"),
+                               (f"/collections/kept/faces/{10**15}/crop", "face_not_found")):
+                r = c.get(path)
+                assert (r.status_code, r.json()["error"]["code"]) == (404, code), (path, r.text)
+            r = c.get("/collections/kept/faces/0/crop")
+            assert (r.status_code, r.json()["error"]["code"]) == (422, "invalid_request")
+        served = [line for line in server.log_path.read_text().splitlines() if '"face crop served"' in line]
+        assert [(json.loads(line)["collection"], json.loads(line)["face_id"]) for line in served] == [
+            ("kept", f) for f in order]  # who saw whose face: one line each, none for a refused one
     finally:
         server.stop()
 

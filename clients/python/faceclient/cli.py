@@ -3,6 +3,7 @@
     face identify PHOTO...          face verify A B           face enroll DIR
     face identities list|show ID|delete ID|update ID [--rename NEW] [--metadata JSON | --metadata-patch JSON]
     face faces delete FACE_ID...    (or - : the ids from stdin, whitespace-separated)
+    face faces crop FACE_ID [-o FILE|-] [--force]   (a keep_crops collection's crop, as PNG: face-ID.png)
     face collections list|create NAME|delete NAME|retention NAME DAYS|set NAME [--max-faces N] [--identify-fpir R]
     face keys create ROLE|list|revoke KEY_ID
     face aliases list|set NAME COLLECTION|delete NAME
@@ -33,6 +34,7 @@ from .errors import FaceConnectionError, FaceServiceError, IncompatibleServerErr
 from .models import Collection, Identity
 
 OK, API_ERROR, USAGE, CONNECTION = 0, 1, 2, 3
+SILENT = object()  # run's answer when the command wrote its output itself (face faces crop -o -): nothing to print
 
 
 def _seconds(text: str) -> float:
@@ -175,11 +177,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     new_metadata.add_argument("--metadata-patch", type=_json_object, metavar="JSON",
                               help="an RFC 7396 merge patch of its metadata (a key set to null is removed)")
 
-    faces = commands.add_parser("faces", help="delete faces by id").add_subparsers(dest="action", required=True)
+    faces = commands.add_parser("faces", help="delete faces by id, or save a face's kept crop").add_subparsers(
+        dest="action", required=True)
     delete_faces = faces.add_parser("delete", help="erase these faces (an identity left without a face goes too); "
                                     "more than 1000 ids are sent 1000 a request, each request all-or-nothing")
     delete_faces.add_argument("face_ids", nargs="+", type=_face_id_or_stdin, metavar="FACE_ID",
                               help="face ids, or a single - to read them (whitespace-separated) from stdin")
+    crop = faces.add_parser("crop", help="save the aligned crop a keep_crops collection kept of a face (PNG, "
+                            "112x112); needs a write key")
+    crop.add_argument("face_id", type=_face_id, metavar="FACE_ID")
+    crop.add_argument("-o", "--output", metavar="FILE",
+                      help="where to write it (default: face-FACE_ID.png here); - writes the PNG to stdout")
+    crop.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
 
     collections = commands.add_parser("collections", help="list, create or delete collections, or change their "
                                       "settings").add_subparsers(dest="action", required=True)
@@ -235,7 +244,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     keys.add_parser("list")
     keys.add_parser("revoke").add_argument("key_id")
     args = parser.parse_args(argv)
-    if args.command == "faces" and "-" in args.face_ids:
+    if args.command == "faces" and args.action == "crop":
+        args.output = args.output or f"face-{args.face_id}.png"
+        if args.output != "-" and not args.force and os.path.lexists(args.output):
+            crop.error(f"{args.output} exists: give --force to overwrite it, or -o another file")
+    if args.command == "faces" and args.action == "delete" and "-" in args.face_ids:
         if len(args.face_ids) > 1:
             delete_faces.error("give face ids, or - alone to read them from stdin")
         args.face_ids = _stdin_face_ids(delete_faces)
@@ -289,6 +302,8 @@ def run(face: FaceClient, args: argparse.Namespace) -> tuple[Any, list[str]]:
             return u, renamed + _identity_lines(u)
         d = face.delete_identity(args.identity_id, collection=c)
         return d, [f"deleted {d.identity_id}\t{d.deleted_faces} faces"]
+    if args.command == "faces" and args.action == "crop":
+        return _crop(face, args)
     if args.command == "faces":
         f = face.delete_faces(args.face_ids, collection=c)
         lines = [f"deleted face {d.face_id}\t{d.identity_id}" + ("\tidentity deleted" if d.identity_deleted else "")
@@ -334,6 +349,20 @@ def run(face: FaceClient, args: argparse.Namespace) -> tuple[Any, list[str]]:
                     f"{'revoked' if k.revoked_at else 'active'}\t{k.note or ''}" for k in ks]
     r = face.revoke_key(args.key_id)
     return r, [f"revoked {r.key_id}"]
+
+
+def _crop(face: FaceClient, args: argparse.Namespace) -> tuple[Any, list[str]]:
+    """The crop fetched, then written (nothing is written when the server refuses): to stdout for ``-o -``
+    (then nothing else is printed), else to the file, created anew unless --force (FileExistsError: one made
+    since parse_args looked)."""
+    png = face.face_crop(args.face_id, collection=args.collection)
+    if args.output == "-":
+        sys.stdout.buffer.write(png)
+        sys.stdout.flush()
+        return SILENT, []
+    with open(args.output, "wb" if args.force else "xb") as out:
+        out.write(png)
+    return {"face_id": args.face_id, "path": args.output, "bytes": len(png)}, [args.output]
 
 
 def _duplicates(face: FaceClient, args: argparse.Namespace) -> tuple[Any, list[str]]:
@@ -390,7 +419,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:  # a photo or folder that cannot be read
         print(f"error: {e}", file=sys.stderr)
         return USAGE
-    print(json.dumps(_plain(answer), indent=2) if args.json else "\n".join(lines))
+    if answer is not SILENT:
+        print(json.dumps(_plain(answer), indent=2) if args.json else "\n".join(lines))
     return OK
 
 

@@ -478,9 +478,11 @@ class _Base:
         return None if time.monotonic() - started + wait > self.retry_budget_s else wait
 
     @staticmethod
-    def _read(response: httpx.Response, call: Call) -> Any:
+    def _checked(response: httpx.Response, call: Call) -> httpx.Response:
+        """``response`` if it is a success (its body read by the caller: JSON, or an image's bytes); else its
+        error answer raised as the FaceServiceError of its code."""
         if response.is_success:
-            return response.json()
+            return response
         request_id = response.headers.get("X-Request-ID") or call.headers.get("X-Request-ID")
         try:
             error = response.json()["error"]
@@ -536,7 +538,8 @@ class FaceClient(_Base):
         except httpx.TransportError as e:
             raise FaceConnectionError(f"{call.method} {self.base_url}{call.path}: {e!r}") from e
 
-    def _raw(self, call: Call) -> Any:
+    def _raw(self, call: Call) -> httpx.Response:
+        """The success answer to ``call`` (429/503 retried as the client's settings say); an error answer raises."""
         if not self._version_checked:
             with self._lock:
                 if not self._version_checked:
@@ -547,12 +550,16 @@ class FaceClient(_Base):
             response = self._send(call)
             wait = self._wait(attempt, response, started)
             if wait is None:
-                return self._read(response, call)
+                return self._checked(response, call)
             time.sleep(wait)
             attempt += 1
 
     def _do(self, call: Call, model: type[M]) -> M:
-        return model.model_validate(self._raw(call))
+        return model.model_validate(self._raw(call).json())
+
+    def _bytes(self, call: Call) -> bytes:
+        """The body of a success answer that is not JSON (an image); errors raise as for ``_do``."""
+        return self._raw(call).content
 
     # --- faces --------------------------------------------------------------------------------------
     def embed(self, images: ImageInput | Sequence[ImageInput], *, image_type: ImageType = "auto",
@@ -891,6 +898,15 @@ class FaceClient(_Base):
         """Erase one face; its identity goes too when this was its last face."""
         return self._do(self._face("DELETE", face_id, collection), FaceDeleted)
 
+    def face_crop(self, face_id: int, *, collection: str | None = None) -> bytes:
+        """The face's kept crop, as PNG bytes: the aligned 112x112 RGB image the model embedded (write it to a
+        ``.png`` file, or ``PIL.Image.open(io.BytesIO(data))``), to see whom a face shows before merging, moving
+        or deleting it. Only a collection created with ``keep_crops=True`` keeps crops: NotFoundError
+        ``crop_not_kept`` when the collection keeps none or the face has none (enrolled from embeddings, or
+        imported); NotFoundError ``face_not_found`` when the face is not in the collection. Needs a write key
+        (a read or embed key: AuthError ``forbidden``)."""
+        return self._bytes(self._face("GET", face_id, collection, "/crop"))
+
     def delete_faces(self, face_ids: Iterable[int], *, collection: str | None = None) -> FacesDeleted:
         """Erase these faces (an id given twice counts once): ``deleted``, by face id, as :meth:`delete_face`
         answers each (``identity_deleted``: its identity had no face left and went with it), and
@@ -939,7 +955,8 @@ class AsyncFaceClient(_Base):
         except httpx.TransportError as e:
             raise FaceConnectionError(f"{call.method} {self.base_url}{call.path}: {e!r}") from e
 
-    async def _raw(self, call: Call) -> Any:
+    async def _raw(self, call: Call) -> httpx.Response:
+        """The success answer to ``call`` (429/503 retried as the client's settings say); an error answer raises."""
         if not self._version_checked:
             self._lock = self._lock or asyncio.Lock()
             async with self._lock:
@@ -951,12 +968,16 @@ class AsyncFaceClient(_Base):
             response = await self._send(call)
             wait = self._wait(attempt, response, started)
             if wait is None:
-                return self._read(response, call)
+                return self._checked(response, call)
             await asyncio.sleep(wait)
             attempt += 1
 
     async def _do(self, call: Call, model: type[M]) -> M:
-        return model.model_validate(await self._raw(call))
+        return model.model_validate((await self._raw(call)).json())
+
+    async def _bytes(self, call: Call) -> bytes:
+        """The body of a success answer that is not JSON (an image); errors raise as for ``_do``."""
+        return (await self._raw(call)).content
 
     async def embed(self, images: ImageInput | Sequence[ImageInput], *, image_type: ImageType = "auto",
                     multi_face: str = "largest", color: Color | None = None,
@@ -1235,6 +1256,10 @@ class AsyncFaceClient(_Base):
 
     async def delete_face(self, face_id: int, *, collection: str | None = None) -> FaceDeleted:
         return await self._do(self._face("DELETE", face_id, collection), FaceDeleted)
+
+    async def face_crop(self, face_id: int, *, collection: str | None = None) -> bytes:
+        """As FaceClient.face_crop: the face's kept crop, as PNG bytes."""
+        return await self._bytes(self._face("GET", face_id, collection, "/crop"))
 
     async def delete_faces(self, face_ids: Iterable[int], *, collection: str | None = None) -> FacesDeleted:
         """As FaceClient.delete_faces: more than 1,000 ids in requests of 1,000, one after the other (each its

@@ -42,7 +42,7 @@ class AuthError(FaceServiceError):
 
 
 class NotFoundError(FaceServiceError):
-    """404: no such identity, collection, key or route."""
+    """404: no such identity, collection, face, key or route; or no kept crop of the face (crop_not_kept)."""
 
 
 class ConflictError(FaceServiceError):
@@ -79,7 +79,7 @@ _FAMILIES: dict[type[FaceServiceError], tuple[str, ...]] = {
         "same_identity",
         "invalid_collection_name", "host_not_allowed", "method_not_allowed"),
     NotFoundError: ("identity_not_found", "collection_not_found", "key_not_found", "alias_not_found", "not_found",
-                    "face_not_found", "model_not_found", "job_not_found"),
+                    "face_not_found", "model_not_found", "job_not_found", "crop_not_kept"),
     ConflictError: ("collection_exists", "collection_protected", "collection_in_use", "crops_required",
                     "crop_key_missing", "possible_duplicate", "no_source_crops", "job_running", "job_finished",
                     "identity_exists", "identity_changed"),

@@ -66,6 +66,7 @@ const ERROR_MESSAGES = {
   possible_duplicate: "These faces look like a person already enrolled under another id: nothing was saved.",
   crops_required: "This collection keeps a crop of every face: enroll photos or crops, not embeddings.",
   crop_key_missing: "Keeping face crops needs the service to be started with a crop key (FACE_CROP_KEY_FILE).",
+  crop_not_kept: "No crop is kept of this face: its collection keeps none (made without keep_crops), or the face was imported without one.",
   no_source_crops: "This collection has faces without a kept crop, so it cannot be re-embedded: enroll its people again from their photos into the new collection.",
   job_running: "A job of this collection is already queued or running: wait for it or cancel it.",
   job_not_found: "No job with this id exists.",
@@ -123,8 +124,9 @@ class ApiError extends Error {
 
 const config = { api_key_header: "X-API-Key", api_key_required: false };
 
-async function api(path, { method = "GET", form = null, json = null, text = false, action = "" } = {}) {
-  const headers = { Accept: text ? "text/plain" : "application/json" };
+// blob: the answer as a Blob (a face crop's PNG); errors are still the service's JSON envelope
+async function api(path, { method = "GET", form = null, json = null, text = false, blob = false, action = "" } = {}) {
+  const headers = { Accept: text ? "text/plain" : blob ? "image/png, application/json" : "application/json" };
   const key = sessionStorage.getItem(KEY_STORE);
   if (key) headers[config.api_key_header] = key;
   let body = null;
@@ -152,6 +154,7 @@ async function api(path, { method = "GET", form = null, json = null, text = fals
     if (failure.code === "unauthorized") askForKey(key ? "The stored API key was refused." : "");
     throw failure;
   }
+  if (blob) return response.blob();
   return text ? response.text() : response.json();
 }
 
@@ -199,7 +202,9 @@ async function submitKey(event) {
 }
 
 // --- who is using the console, and in which collection -------------------------------------------
-const session = { role: null, admin: false, keyId: null, scope: null, openMode: false };
+// keepCrops: the collections made with keep_crops (GET /collections says so), whose faces' crops a
+// write key sees as thumbnails in the gallery views
+const session = { role: null, admin: false, keyId: null, scope: null, openMode: false, keepCrops: new Set() };
 
 function collection() {
   return sessionStorage.getItem(COLLECTION_STORE) || DEFAULT_COLLECTION;
@@ -235,8 +240,11 @@ function fillSelect(select, names, { keep = true, extra = [] } = {}) {
 
 async function loadCollections() {
   let names = null;
+  session.keepCrops = new Set();
   try {
-    names = (await api("collections", { action: "list collections" })).items.map((item) => item.name);
+    const items = (await api("collections", { action: "list collections" })).items;
+    names = items.map((item) => item.name);
+    session.keepCrops = new Set(items.filter((item) => item.keep_crops).map((item) => item.name));
   } catch (err) {
     if (err.code === "unauthorized") throw err;
     // no right to list them (an embed key), or rate limited: the key's own scope, else default
@@ -830,13 +838,127 @@ function confirmDelete(item) {
 // --- Gallery hygiene: duplicates, outliers; merge identities, move or delete a face ------------------
 // a duplicates scan job and GET /outliers find the suspects; POST identities/{id}/merge, POST faces/{id}/move
 // and DELETE faces/{id} fix them, and POST faces/delete erases the outliers ticked, each after a
-// confirmation. The service keeps no photo of an enrolled face (embeddings only), so faces are shown by
-// id, identity and score.
+// confirmation. Faces are shown by id, identity and score; a collection made with keep_crops also keeps
+// each face's aligned crop, and there a key that may change the gallery sees it as a thumbnail next to
+// the face (GET faces/{id}/crop, below). Elsewhere the service keeps embeddings only, no photo.
 const hygiene = { view: "identities", identity: null };
 const VIEWS = ["identities", "duplicates", "outliers"];
 
 // a read key sees the lists; the buttons that change the gallery are for write and admin keys
 const canWrite = () => session.openMode || session.role === "admin" || session.role === "write";
+
+// --- kept face crops as thumbnails -----------------------------------------------------------------
+// Shown only where the collection keeps crops (keep_crops) and the key may change the gallery (the
+// crop route needs the write permission, as the Move and Delete buttons do): otherwise no thumbnail is
+// drawn and no crop is asked for. Each crop is fetched through api() (an <img src> could not send the
+// API key) and shown from an object URL. Thumbnails are asked for only once they come near the screen
+// (IntersectionObserver), CROP_PARALLEL at a time; one without a crop (crop_not_kept) or whose request
+// fails shows a neutral placeholder, never an error. An object URL is revoked as soon as its thumbnail
+// is no longer in the page (a list redrawn, a face deleted): sweepCrops().
+const CROP_SIZE = 56; // CSS pixels; the crop itself is the model's input (112x112)
+const CROP_PARALLEL = 4;
+const crops = { waiting: [], running: 0, live: new Map(), watched: new Set(), observer: null };
+
+const showsCrops = () => canWrite() && session.keepCrops.has(collection());
+
+function cropObserver() {
+  if (!crops.observer && "IntersectionObserver" in window) {
+    crops.observer = new IntersectionObserver((entries) => {
+      for (const entry of entries) {
+        if (!entry.isIntersecting) continue;
+        crops.observer.unobserve(entry.target);
+        crops.watched.delete(entry.target);
+        queueCrop(entry.target);
+      }
+    }, { rootMargin: "200px 0px" });
+  }
+  return crops.observer;
+}
+
+// a face's thumbnail, to put in a list being drawn (null where crops are not shown): an empty box until
+// its crop comes
+function cropThumb(faceId, identity) {
+  if (!showsCrops()) return null;
+  const label = `face ${faceId} of ${identity}`;
+  const thumb = el("span", { class: "face-crop", "aria-label": label, "data-face-id": String(faceId), "data-state": "waiting" });
+  thumb.setAttribute("role", "img"); // until its crop comes: then the <img> and its alt text
+  thumb.dataset.alt = label;
+  thumb.dataset.path = inCollection(`faces/${encodeURIComponent(faceId)}/crop`);
+  const observer = cropObserver();
+  if (observer) {
+    crops.watched.add(thumb);
+    observer.observe(thumb);
+  } else queueMicrotask(() => queueCrop(thumb)); // no observer (an old browser): all, still CROP_PARALLEL at a time
+  return thumb;
+}
+
+function queueCrop(thumb) {
+  crops.waiting.push(thumb);
+  pumpCrops();
+}
+
+function pumpCrops() {
+  while (crops.running < CROP_PARALLEL && crops.waiting.length) {
+    const thumb = crops.waiting.shift();
+    if (!thumb.isConnected) continue; // its list was redrawn meanwhile
+    crops.running += 1;
+    loadCrop(thumb).finally(() => {
+      crops.running -= 1;
+      pumpCrops();
+    });
+  }
+}
+
+async function loadCrop(thumb) {
+  thumb.dataset.state = "loading";
+  let blob;
+  try {
+    blob = await api(thumb.dataset.path, { blob: true, action: "see the faces' kept crops" });
+  } catch (err) {
+    return cropMissing(thumb, err.code);
+  }
+  if (!thumb.isConnected) return; // gone while it loaded: no object URL made
+  const url = URL.createObjectURL(blob);
+  const img = el("img", { src: url, alt: thumb.dataset.alt, width: CROP_SIZE, height: CROP_SIZE, decoding: "async" });
+  crops.live.set(url, img);
+  img.addEventListener("error", () => cropMissing(thumb, "not_an_image"));
+  thumb.removeAttribute("role"); // the image itself carries the name now
+  thumb.removeAttribute("aria-label");
+  thumb.replaceChildren(img);
+  thumb.dataset.state = "shown";
+}
+
+function cropMissing(thumb, code) {
+  thumb.replaceChildren();
+  sweepCrops();
+  thumb.dataset.state = "missing";
+  thumb.dataset.code = code;
+  thumb.setAttribute("role", "img");
+  thumb.setAttribute("aria-label", `${thumb.dataset.alt} (no crop to show)`);
+  thumb.title = code === "crop_not_kept" ? "No crop is kept of this face." : "The face's crop could not be shown.";
+}
+
+// after a list is redrawn or a row removed: the object URLs of thumbnails no longer in the page are
+// revoked, and their crops are no longer waited for
+function sweepCrops() {
+  for (const [url, img] of crops.live) {
+    if (img.isConnected) continue;
+    URL.revokeObjectURL(url);
+    crops.live.delete(url);
+  }
+  for (const thumb of crops.watched) {
+    if (thumb.isConnected) continue;
+    crops.observer.unobserve(thumb);
+    crops.watched.delete(thumb);
+  }
+  crops.waiting = crops.waiting.filter((thumb) => thumb.isConnected);
+}
+
+// a list's new rows in place of the old ones, the old thumbnails' object URLs revoked
+function replaceRows(list, rows) {
+  list.replaceChildren(...rows);
+  sweepCrops();
+}
 
 function setupHygiene() {
   for (const view of VIEWS) $(`view-${view}`).addEventListener("click", () => showGalleryView(view));
@@ -857,6 +979,7 @@ function setupHygiene() {
   $("identity-close").addEventListener("click", () => {
     hygiene.identity = null;
     $("gallery-identity").hidden = true;
+    replaceRows($("identity-faces").tBodies[0], []); // its thumbnails' object URLs revoked
   });
   $("identity-merge").addEventListener("click", () => hygiene.identity && askMerge(hygiene.identity));
   $("identity-edit").addEventListener("click", () => hygiene.identity && openEdit(hygiene.identity));
@@ -876,8 +999,10 @@ function setupHygiene() {
 function resetHygiene() {
   hygiene.identity = null;
   $("gallery-identity").hidden = true;
+  $("identity-faces").tBodies[0].replaceChildren();
   $("duplicates-list").replaceChildren();
   $("outliers-list").replaceChildren();
+  sweepCrops(); // the thumbnails of the collection left: object URLs revoked
   showOutlierSelection();
 }
 
@@ -1007,13 +1132,18 @@ async function showIdentity(identityId) {
     const r = await api(inCollection(`identities/${encodeURIComponent(identityId)}`),
       { action: `read identities of ${quoted(collection())}` });
     $("identity-title").textContent = `Faces of ${r.identity_id}`;
-    $("identity-summary").textContent = `${r.face_count} face(s). The service keeps embeddings, not photos: faces are listed by id.`;
+    $("identity-summary").textContent = `${r.face_count} face(s). ` + (showsCrops()
+      ? "Each is shown with the crop the collection keeps of it (the face the model saw)."
+      : session.keepCrops.has(collection())
+        ? "Faces are listed by id: the collection keeps their crops, but only keys that may change the gallery see them."
+        : "The collection keeps embeddings, not photos: faces are listed by id.");
     $("identity-metadata").textContent = r.metadata && Object.keys(r.metadata).length ? JSON.stringify(r.metadata) : "none";
     const write = canWrite();
     $("identity-merge").hidden = !write;
     $("identity-edit").hidden = !write;
-    $("identity-faces").tBodies[0].replaceChildren(...r.face_ids.map((faceId) => el("tr", { "data-id": String(faceId) },
-      el("th", { scope: "row", class: "mono", text: String(faceId) }),
+    replaceRows($("identity-faces").tBodies[0], r.face_ids.map((faceId) => el("tr", { "data-id": String(faceId) },
+      el("th", { scope: "row", class: "mono" },
+        el("span", { class: "face-label" }, cropThumb(faceId, r.identity_id), String(faceId))),
       el("td", { class: "row-actions" }, ...(write ? [
         actionButton("Move", `Move face ${faceId}`, () => askMove(faceId, r.identity_id)),
         actionButton("Delete face", `Delete face ${faceId}`, () => askDeleteFace(faceId, r.identity_id), "danger small"),
@@ -1155,20 +1285,21 @@ async function loadDuplicates(announce = true) {
   if (announce) galleryStatus(waiting);
   try {
     const r = await scanJob("duplicates", "duplicates-min-score", waiting, announce);
-    list.replaceChildren(...r.pairs.map(duplicateItem));
+    replaceRows(list, r.pairs.map(duplicateItem));
     if (announce || !r.pairs.length) {
       galleryStatus(r.pairs.length
         ? `${r.pairs.length} probable duplicate pair(s) at score >= ${fmt(r.min_score)} (${r.faces_scanned} faces scanned).`
         : `No pair of identities scores >= ${fmt(r.min_score)} (${r.faces_scanned} faces scanned).`);
     }
   } catch (err) {
-    list.replaceChildren();
+    replaceRows(list, []);
     galleryStatus(missingRoute(err, "a duplicate search"), "error");
   }
 }
 
-function side(title, lines, ...buttons) {
-  return el("div", { class: "side" }, el("h4", { text: title }),
+// one side of a card: a heading, the face's kept crop (thumb: null where crops are not shown), lines, buttons
+function side(title, lines, buttons = [], thumb = null) {
+  return el("div", { class: "side" }, el("h4", { text: title }), thumb,
     ...lines.map((line) => el("p", { text: line })), buttons.length ? el("div", { class: "row-actions" }, ...buttons) : null);
 }
 
@@ -1177,17 +1308,24 @@ function duplicateItem(pair) {
   const b = pair.identity_b;
   const faces = (key) => [...new Set(pair.evidence.map((e) => e[key]))].join(", ");
   const write = canWrite();
+  const withCrops = showsCrops();
+  // each pair of faces behind the score, with the two crops side by side where the collection keeps them
+  const evidence = (e) => {
+    const text = `face ${e.face_a} ~ face ${e.face_b}: ${fmt(e.score)}`;
+    return withCrops
+      ? el("li", { class: "with-crops" }, cropThumb(e.face_a, a), el("span", { class: "evidence-text", text }), cropThumb(e.face_b, b))
+      : el("li", { text });
+  };
   return el("li", { class: "pair-card", "data-id": `${a}|${b}` },
     side(a, [`faces ${faces("face_a")}`],
-      ...(write ? [actionButton(`Merge into ${b}`, `Merge ${a} into ${b}`, () => askMerge(a, b))] : [])),
+      write ? [actionButton(`Merge into ${b}`, `Merge ${a} into ${b}`, () => askMerge(a, b))] : []),
     el("div", { class: "versus" },
       el("p", { class: "score", text: `score ${fmt(pair.score)}` }),
       el("p", { class: "muted", text: typeof pair.false_alarm_probability === "number"
         ? `chance of a false alarm ${pair.false_alarm_probability.toPrecision(2)}` : "chance of a false alarm: unknown (no impostor tail)" }),
-      el("ul", { class: "evidence" }, ...pair.evidence.map((e) =>
-        el("li", { text: `face ${e.face_a} ~ face ${e.face_b}: ${fmt(e.score)}` })))),
+      el("ul", { class: "evidence" }, ...pair.evidence.map(evidence))),
     side(b, [`faces ${faces("face_b")}`],
-      ...(write ? [actionButton(`Merge into ${a}`, `Merge ${b} into ${a}`, () => askMerge(b, a))] : [])));
+      write ? [actionButton(`Merge into ${a}`, `Merge ${b} into ${a}`, () => askMerge(b, a))] : []));
 }
 
 // GET /outliers's answer, through a scan job: {"faces": [{"identity_id", "face_id", "own_score",
@@ -1199,7 +1337,7 @@ async function loadOutliers(announce = true) {
   try {
     const r = await scanJob("outliers", "outliers-min-score", waiting, announce);
     const ticked = new Set(outlierBoxes().filter((box) => box.checked).map((box) => box.dataset.faceId));
-    list.replaceChildren(...r.faces.map((face) => outlierItem(face, r.threshold)));
+    replaceRows(list, r.faces.map((face) => outlierItem(face, r.threshold)));
     for (const box of outlierBoxes()) box.checked = ticked.has(box.dataset.faceId); // a new scan keeps the ticks
     showOutlierSelection();
     if (announce || !r.faces.length) {
@@ -1208,7 +1346,7 @@ async function loadOutliers(announce = true) {
         : `No face below ${fmt(r.threshold)} against its own identity (${r.identities_checked} identities checked).`);
     }
   } catch (err) {
-    list.replaceChildren();
+    replaceRows(list, []);
     showOutlierSelection();
     galleryStatus(missingRoute(err, "an outlier search"), "error");
   }
@@ -1224,7 +1362,8 @@ function outlierItem(face, threshold) {
     actionButton("Delete face", `Delete face ${face.face_id}`, () => askDeleteFace(face.face_id, face.identity_id), "danger small"),
   ] : [];
   const own = side(`face ${face.face_id} of ${face.identity_id}`,
-    [`best score against its own identity's other faces ${fmt(face.own_score)} (threshold ${fmt(threshold)})`], ...buttons);
+    [`best score against its own identity's other faces ${fmt(face.own_score)} (threshold ${fmt(threshold)})`], buttons,
+    cropThumb(face.face_id, face.identity_id));
   if (write) { // ticked, it is one of the faces "Delete selected" erases
     own.prepend(el("label", { class: "check" },
       el("input", { type: "checkbox", "data-face-id": String(face.face_id), "data-identity": face.identity_id }),
@@ -1232,7 +1371,8 @@ function outlierItem(face, threshold) {
   }
   return el("li", { class: "pair-card", "data-id": String(face.face_id) }, own,
     el("div", { class: "versus" }, el("p", { class: "score", text: other ? "looks more like" : "matches no other identity" })),
-    other ? side(other.identity_id, [`face ${other.face_id}, score ${fmt(other.score)}`]) : el("div", { class: "side muted" }));
+    other ? side(other.identity_id, [`face ${other.face_id}, score ${fmt(other.score)}`], [],
+      other.face_id == null ? null : cropThumb(other.face_id, other.identity_id)) : el("div", { class: "side muted" }));
 }
 
 // --- several outliers at once: tick them, then one POST faces/delete ------------------------------
@@ -1286,6 +1426,7 @@ async function askDeleteSelected() {
     for (const d of r.deleted) if (d.identity_deleted && hygiene.identity === d.identity_id) hygiene.identity = null;
     const erased = new Set([...r.deleted.map((d) => d.face_id), ...r.not_found].map(String));
     for (const item of [...$("outliers-list").children]) if (erased.has(item.dataset.id)) item.remove();
+    sweepCrops(); // the removed rows' thumbnails
     galleryStatus(bulkDeleteText(r), "ok");
   } catch (err) {
     galleryStatus(["not_found", "method_not_allowed"].includes(err.code)
