@@ -5,12 +5,15 @@ longer served refuses the start. The second model is harness/models.py's tiny ON
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
 from harness.fixtures import ENROLLED, FIXTURES, b64, face_files
 from harness.models import tiny_model
 from harness.server import ServerProcess
+from service.config import Settings
 from tests.conftest import backend_env
 
 TINY_DIM = 64
@@ -24,7 +27,9 @@ def tiny(tmp_path_factory):
 def two_model_env(request, default_model, tiny) -> dict[str, str]:
     """The env of a server serving SFace (`sface`, the default) and the tiny model, on the backend of
     ``request.param``."""
-    return backend_env(request, {"FACE_MODELS": f"sface={default_model},tiny={tiny}", "FACE_ENROLL_HUB_ALPHA": "0"})
+    # FACE_WARMUP: as the service starts by default (tests/conftest.py turns it off for the others)
+    return backend_env(request, {"FACE_MODELS": f"sface={default_model},tiny={tiny}", "FACE_ENROLL_HUB_ALPHA": "0",
+                                 "FACE_WARMUP": "true"})
 
 
 @pytest.fixture(scope="module", params=["embedded", "postgres"])
@@ -34,6 +39,7 @@ def served(request, tmp_path_factory, default_model, tiny):
     ready = proc.wait_ready()
     with httpx.Client(base_url=proc.url, timeout=60) as client:
         client.ready = ready  # type: ignore[attr-defined]
+        client.log_path = proc.log_path  # type: ignore[attr-defined]
         assert client.post("/collections", json={"name": "small", "model": "tiny"}).status_code == 201
         yield client
     proc.stop()
@@ -62,6 +68,20 @@ def test_readyz_lists_every_model_and_the_default(served):
     assert models["sface"]["model_id"] == ready["model_id"] and models["sface"]["dim"] == ready["embedding_size"]
     assert models["sface"]["default"] and not models["tiny"]["default"]
     assert all(m["ready"] and m["provider"] for m in models.values())
+
+
+def test_every_model_runs_each_batch_size_once_before_the_service_is_ready(served):
+    """The warm-up (FACE_WARMUP, on by default): each served model runs batches of 1, 2, 4 ... up to
+    FACE_BATCH_MAX_SIZE once at start-up, so no first request pays for the allocation, and /readyz
+    says ready only after both have."""
+    events = [json.loads(line) for line in served.log_path.read_text().splitlines() if line.startswith("{")]
+    names = [e["event"] for e in events]
+    warmed = [e for e in events if e["event"] == "model warmed up"]
+    assert Settings().batch_max_size == 32
+    assert len(warmed) == 2 and all(list(e["warmup_ms_by_batch"]) == ["1", "2", "4", "8", "16", "32"]
+                                    for e in warmed), warmed
+    last_warmed = max(i for i, name in enumerate(names) if name == "model warmed up")
+    assert last_warmed < names.index("service ready")
 
 
 def test_embed_and_detect_take_a_model(served):
