@@ -5,7 +5,8 @@ object URL) as a thumbnail named "face N of ID" in an identity's Faces list, the
 and the best other identity's face) and the Duplicates view's evidence; the object URLs of a list that
 is redrawn are revoked; the crops are asked for only as they come near the screen, at most 4 at once,
 and one that cannot be shown is a placeholder, not an error. A read key, or a collection without
-keep_crops, gets no thumbnail and sends no crop request."""
+keep_crops, gets no thumbnail and sends no crop request. An admin makes a collection that keeps crops with
+the New collection dialog's box, and the Status page says that it keeps them."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from tests.console.browser import DESKTOP, PHONE, Console
 from tests.console.conftest import KEY
 from tests.console.test_console_access_browser import pick_collection
 from tests.console.test_console_hygiene_browser import click
+from tests.console.test_console_settings_browser import RECORD_WRITES, dialog_open, wait_rows, writes
 from tests.server import REPO, ServerProcess
 
 KEPT, PLAIN, MANY = "kept", "plain", "kept-many"
@@ -308,5 +310,34 @@ def test_a_collection_without_keep_crops_shows_no_crop_and_asks_for_none(console
         assert console.js("return document.querySelectorAll('.face-crop, #page-gallery img').length") == 0
         assert console.js("return window.__crops.sent") == [] and console.js(CROP_ENTRIES) == []
         assert crop_requests_served(api) == before
+    finally:
+        pick_collection(console, "default")
+
+
+def test_an_admin_makes_a_collection_that_keeps_crops_with_the_new_collection_box(console, api):
+    """With a crop key, the box's collection is made with keep_crops (GET /collections/{name} says so), the
+    Status page says it keeps crops, and its faces show their crops at once (the picker knows it keeps them)."""
+    try:
+        console.open("status")
+        console.js(RECORD_WRITES)
+        console.find("collection-new").click()
+        console.wait(lambda: dialog_open(console, "collection-dialog"), "the New collection dialog did not open")
+        console.find("collection-name").send_keys("made-kept")
+        console.find("collection-keep-crops").click()
+        console.find("collection-create").click()
+        console.wait_text("collection-status", 'Collection "made-kept" created (it keeps each face\'s crop)')
+        assert not dialog_open(console, "collection-dialog")
+        assert writes(console) == [["POST", "/collections", {"name": "made-kept", "keep_crops": True}]]
+        stored = api.get("/collections/made-kept")
+        assert stored.status_code == 200 and stored.json()["keep_crops"] is True, stored.text
+        console.go("status")
+        wait_rows(console, "made-kept", Face_crops="kept, encrypted (keep_crops)")
+
+        r = api.post("/collections/made-kept/enroll", json={"identity_id": "colin",
+                                                            "images": [b64(face_files("Colin_Powell")[0])]})
+        assert r.status_code == 200, r.text
+        console.go("gallery")
+        open_faces(console, "colin")
+        assert [alt for alt, *_ in all_shown(console, "#identity-faces", 1)] == [f"face {r.json()['face_ids'][0]} of colin"]
     finally:
         pick_collection(console, "default")

@@ -2,7 +2,8 @@
 real service: the Status page's "Collection settings" dialog (admins only) shows the chosen collection's
 retention, face limit and identify FPIR, and Save sends only the settings changed (an emptied field: null);
 the service's refusal is shown in the dialog, on the field it names, and changes nothing; the New collection
-dialog takes a face limit and an FPIR; the dialog fits a phone."""
+dialog takes a face limit and an FPIR, and asks for keep_crops with a box (refused by a service without a crop
+key: crop_key_missing, in the dialog, nothing created); the dialog fits a phone."""
 
 from __future__ import annotations
 
@@ -246,6 +247,48 @@ def test_a_new_collection_with_a_face_limit(console, api):
     console.find("collection-new").click()
     console.wait(lambda: dialog_open(console, "collection-dialog"), "the New collection dialog did not open")
     assert [value(console, f) for f in ("collection-name", "collection-max-faces", "collection-fpir")] == ["", "", ""]
+    console.find("collection-cancel").click()
+
+
+def test_keep_crops_without_a_crop_key_is_refused_in_the_dialog_and_creates_nothing(console, api):
+    """This server has no FACE_CROP_KEY_FILE: a collection that keeps crops cannot be made (409
+    crop_key_missing), and the dialog says so and what to do; unticked, the same name is created without."""
+    console.open("status")
+    console.js(RECORD_WRITES)
+    console.find("collection-new").click()
+    console.wait(lambda: dialog_open(console, "collection-dialog"), "the New collection dialog did not open")
+    box = console.find("collection-keep-crops")
+    label = console.js("return arguments[0].labels[0].textContent", box).strip()
+    assert label == ("Keep each face's crop (encrypted; lets the collection be re-embedded with another model, "
+                     "and shows faces as thumbnails)"), label
+    assert "FACE_CROP_KEY_FILE" in console.text(box.get_attribute("aria-describedby"))
+    assert not box.is_selected()
+    console.find("collection-name").send_keys("st-crops")
+    box.click()
+    assert box.is_selected()
+    console.find("collection-create").click()
+    message = console.wait_text("collection-error", "[crop_key_missing]")
+    assert message.startswith("Keeping face crops needs the service to be started with a crop key "
+                              "(FACE_CROP_KEY_FILE).") and "Nothing was created" in message, message
+    assert "error" in console.find("collection-error").get_attribute("class")
+    assert dialog_open(console, "collection-dialog") and focused(console) == "collection-keep-crops"
+    assert writes(console) == [["POST", "/collections", {"name": "st-crops", "keep_crops": True}]]
+    assert api.get("/collections/st-crops").json()["error"]["code"] == "collection_not_found"
+    assert "st-crops" not in [c["name"] for c in api.get("/collections").json()["items"]]
+    assert "st-crops" not in console.js("return [...document.querySelectorAll('#collection-select option')].map(o => o.value)")
+
+    # unticked, the same name is made, without keep_crops (not sent at all), and Status says it keeps none
+    box.click()
+    console.find("collection-create").click()
+    console.wait_text("collection-status", 'Collection "st-crops" created;')
+    assert writes(console)[1:] == [["POST", "/collections", {"name": "st-crops"}]]
+    assert api.get("/collections/st-crops").json()["keep_crops"] is False
+    wait_rows(console, "st-crops", Face_crops="not kept: embeddings only")
+
+    # opened again, the box starts unticked
+    console.find("collection-new").click()
+    console.wait(lambda: dialog_open(console, "collection-dialog"), "the New collection dialog did not open")
+    assert not console.find("collection-keep-crops").is_selected() and console.text("collection-error") == ""
     console.find("collection-cancel").click()
 
 

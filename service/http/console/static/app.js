@@ -118,7 +118,10 @@ class ApiError extends Error {
     const where = typeof this.details.index === "number" ? ` (image ${this.details.index + 1})` : "";
     const reasons = Array.isArray(this.details.reasons)  // low_quality: each limit missed
       ? ` ${this.details.reasons.map((r) => `${r.part} ${fmt(r.value, 2)} (limit ${fmt(r.limit, 2)})`).join(", ")}` : "";
-    return `${sentence}${where}${reasons} [${this.code}]`;
+    const ids = this.details.identity_ids;  // identity_not_found from /identify's among: each id not enrolled
+    const named = this.code === "identity_not_found" && Array.isArray(ids) && ids.length
+      ? ` Not enrolled: ${ids.map((id) => JSON.stringify(String(id))).join(", ")}.` : "";
+    return `${sentence}${where}${reasons}${named} [${this.code}]`;
   }
 }
 
@@ -285,6 +288,8 @@ function chooseCollection(name) {
   resetHygiene();
   $("try-results").replaceChildren();
   $("try-file").value = ""; // picking the same photo again asks the new collection
+  tryFile = null;
+  tryRun += 1; // an answer still coming is from the collection left: not drawn
   delete $("try-canvas").dataset.state;
   say($("try-status"), `Pick a photo to see every face, who it matches in ${quoted(name)} and how sure.`);
   say($("collection-status"), "");
@@ -354,7 +359,7 @@ function openNewCollection() {
   $("collection-name").focus();
 }
 
-const NEW_COLLECTION_FIELDS = [["name", "name"], ...COLLECTION_SETTINGS];
+const NEW_COLLECTION_FIELDS = [["name", "name"], ...COLLECTION_SETTINGS, ["keep_crops", "keep-crops"]];
 
 async function createCollection(event) {
   event.preventDefault();
@@ -365,15 +370,21 @@ async function createCollection(event) {
   // only the settings filled in: the others are the service's defaults; the service checks the numbers
   const body = { name };
   for (const [key, value] of Object.entries(typed.values)) if (value !== null) body[key] = value;
+  if ($("collection-keep-crops").checked) body.keep_crops = true; // unticked: not sent (the default, false)
   say($("collection-error"), "Creating...");
   try {
     const made = await api("collections", { method: "POST", json: body, action: "create collections" });
     $("collection-dialog").close();
     await loadCollections();
     chooseCollection(made.name);
-    say($("collection-status"), `Collection "${made.name}" created; the pages now work in it.`, "ok");
+    const crops = made.keep_crops ? " (it keeps each face's crop)" : "";
+    say($("collection-status"), `Collection "${made.name}" created${crops}; the pages now work in it.`, "ok");
   } catch (err) {
-    const { message, field } = settingsRefusal(err, "collection", NEW_COLLECTION_FIELDS);
+    let { message, field } = settingsRefusal(err, "collection", NEW_COLLECTION_FIELDS);
+    if (err.code === "crop_key_missing") { // the service has no crop key: say what the admin can do here
+      message = `${ERROR_MESSAGES.crop_key_missing} Nothing was created: untick "Keep each face's crop", or ask the service's operator for a crop key. [${err.code}]`;
+      field = "collection-keep-crops";
+    }
     const named = ["invalid_collection_name", "collection_exists"].includes(err.code) ? "collection-name" : field;
     dialogRefused("collection", message, named);
   }
@@ -581,18 +592,45 @@ function drawFaces(canvas, img, image, faces) {
     : "Photo without faces");
 }
 
+// "Only among": the identity ids typed (comma-separated, each once, in order), null when empty; or
+// why they cannot be sent (checked here: the service's invalid_request would not say which id)
+const MAX_AMONG = 1000;
+
+function amongIds() {
+  const ids = [...new Set($("try-among").value.split(",").map((id) => id.trim()).filter(Boolean))];
+  if (!ids.length) return { ids: null };
+  if (ids.length > MAX_AMONG) return { problem: `Only among: at most ${MAX_AMONG} identity ids, not ${ids.length}.` };
+  const bad = ids.find((id) => id.includes("/") || [...id].length > 128); // characters, as the service counts
+  if (bad) return { problem: `Only among: ${JSON.stringify(bad.length > 40 ? `${bad.slice(0, 40)}...` : bad)}: ${ERROR_MESSAGES.invalid_identity_id}` };
+  return { ids };
+}
+
+let tryFile = null; // the photo shown: Enter in "Only among" asks about it again
+let tryRun = 0; // the latest ask: an earlier one answered later is not drawn over it
+
 async function tryPhoto(file) {
   const status = $("try-status");
   const list = $("try-results");
   const canvas = $("try-canvas");
+  const run = ++tryRun;
+  tryFile = file;
   list.replaceChildren();
   delete canvas.dataset.faces;
+  delete list.dataset.among;
+  const among = amongIds();
+  if (among.problem) {
+    canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
+    canvas.dataset.state = "error";
+    return say(status, among.problem, "error");
+  }
   canvas.dataset.state = "busy";
   say(status, `Looking for faces in ${file.name}...`);
   const detect = api("detect", { method: "POST", form: photoForm({}, [["images", file]]) });
+  const fields = { image_type: "photo", multi_face: "all", top_k: 3 };
+  if (among.ids) fields.among = JSON.stringify(among.ids); // a form's list field: JSON text, as the service reads it
   const identify = api(inCollection("identify"), {
     method: "POST",
-    form: photoForm({ image_type: "photo", multi_face: "all", top_k: 3 }, [["images", file]]),
+    form: photoForm(fields, [["images", file]]),
     action: `identify in ${quoted(collection())}`,
   }).catch((err) => err);
   const shown = loadImage(file).catch((err) => err);
@@ -603,12 +641,14 @@ async function tryPhoto(file) {
     img = await shown;
     if (img instanceof Error) throw img;
   } catch (err) {
+    if (run !== tryRun) return;
     canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
     canvas.dataset.state = "error";
     say(status, err instanceof ApiError ? err.readable : `This file cannot be shown: ${err.message}`, "error");
     return;
   }
   const identified = await identify;
+  if (run !== tryRun) return;
   const results = identified instanceof ApiError ? [] : identified.results;
   const threshold = identified instanceof ApiError ? null : identified.threshold;
   const image = detected.images[0];
@@ -626,8 +666,23 @@ async function tryPhoto(file) {
     say(status, ERROR_MESSAGES.no_face + " [no_face]", "error");
   } else {
     const known = faces.filter((f) => f.verdict.known).length;
-    say(status, `${faces.length} face(s) found, ${known} identified.`, "ok");
+    const limited = among.ids && !(identified instanceof ApiError);
+    say(status, `${faces.length} face(s) found, ${known} identified.${limited ? ` ${limitedText(among.ids, identified)}` : ""}`, "ok");
+    if (limited) list.dataset.among = String(identified.gallery_identities);
   }
+}
+
+// limited by "Only among": the answer's gallery is the identities named (each counted once)
+function limitedText(ids, identified) {
+  const n = identified.gallery_identities;
+  const named = ids.length > 5 ? `${ids.slice(0, 5).join(", ")} and ${ids.length - 5} more` : ids.join(", ");
+  return `Limited to ${n} identit${n === 1 ? "y" : "ies"} (${named}), at the threshold of a gallery of just ${n === 1 ? "it" : "them"}.`;
+}
+
+function tryAgain(event) {
+  event.preventDefault();
+  if (tryFile) tryPhoto(tryFile);
+  else say($("try-status"), amongIds().ids ? "Pick a photo: it is searched among these identities only." : "Pick a photo first.");
 }
 
 function setupDrop(zone, input, onFile) {
@@ -1535,6 +1590,9 @@ async function collectionRows(ready) {
     if (info.identify_threshold !== undefined) rows.push(["Identify threshold (1:N)", show(info.identify_threshold)]);
     if (info.created_at) rows.push(["Created", when(info.created_at)]);
     for (const [key, , label] of COLLECTION_SETTINGS) rows.push([label, settingText(key, info[key])]);
+    if (typeof info.keep_crops === "boolean") { // fixed when the collection was made (keep_crops)
+      rows.push(["Face crops", info.keep_crops ? "kept, encrypted (keep_crops)" : "not kept: embeddings only"]);
+    }
   } else if (name === DEFAULT_COLLECTION && ready.gallery && typeof ready.gallery === "object") {
     if (ready.gallery.identities !== undefined) rows.push(["Identities", show(ready.gallery.identities)]);
     if (ready.gallery.faces !== undefined) rows.push(["Faces", show(ready.gallery.faces)]);
@@ -1849,6 +1907,7 @@ async function start() {
   $("key-cancel").addEventListener("click", () => $("key-dialog").close());
   $("key-button").addEventListener("click", () => askForKey());
   setupDrop($("try-drop"), $("try-file"), tryPhoto);
+  $("try-among-form").addEventListener("submit", tryAgain);
   preview($("compare-a"), $("compare-a-preview"));
   preview($("compare-b"), $("compare-b-preview"));
   $("compare-form").addEventListener("submit", compare);
