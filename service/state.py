@@ -42,7 +42,7 @@ class ServiceState:
     readiness: ReadinessProbe = field(init=False)  # made from the settings
     # face quality: the data dir's refit (python -m service calibrate --quality), else the contract's
     quality_model: QualityModel | None = field(init=False)
-    quality_source: str = field(init=False)
+    quality_source: str | None = field(init=False)
     default_gallery: GalleryBackend = field(init=False)  # the `default` collection (unprefixed routes)
     keyring: KeyRing = field(init=False)  # API keys -> principals (service/access)
     limits: Limits = field(init=False)  # requests and faces per second per key (service/access/limits.py)

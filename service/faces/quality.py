@@ -263,7 +263,7 @@ def assess(parts: dict[str, float | None], model: QualityModel | None) -> Qualit
                    default_min=model.min_score if from_photo else model.min_score_crop)
 
 
-def quality_in_force(model: QualityModel | None, setting: float | None, source: str = "model") -> dict:
+def quality_in_force(model: QualityModel | None, setting: float | None, source: str | None = "model") -> dict:
     """What /readyz says about quality: fitted or not (``source``: ``model``, the contract's, or
     ``gallery``, refitted by calibrate), the enrollment score limits, each part's limits."""
     limits = {name: {"min": lo, "max": hi} for name, (lo, hi) in (model.limits if model else GENERIC_LIMITS).items()}

@@ -481,7 +481,9 @@ class ModelStatus(BaseModel):
     impostor_tail_source: str | None = Field(None, description="Where its impostor tail comes from: `gallery` (this "
                                              "data dir's calibration of it, `python -m service calibrate --model "
                                              "NAME`), `model` (its contract), null (none).")
-    quality_source: str | None = Field(None, description="`gallery` (this data dir's refit of it) or `model`.")
+    quality_source: str | None = Field(None, description="Where its fitted face quality comes from: `gallery` (this "
+                                       "data dir's refit of it), `model` (its contract), null (none: generic limits "
+                                       "only).")
 
 
 class ReadyResponse(BaseModel):

@@ -45,13 +45,13 @@ class ServedModel:
     template: AlignmentTemplate | None = None  # None: this model's alignment has no template (crops only)
     default: bool = False  # the default model: FACE_VERIFY_THRESHOLD / FACE_IDENTIFY_THRESHOLD apply to it
     quality_model: QualityModel | None = field(init=False, repr=False)
-    quality_source: str = field(init=False)
+    quality_source: str | None = field(init=False)  # "gallery", "model", None: no fitted quality
     _gallery_tail: GalleryTail | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         refit = gallery_quality(self.settings.data_dir, self.contract.model_id)
         self.quality_model = refit if refit is not None else self.contract.quality
-        self.quality_source = "gallery" if refit is not None else "model"
+        self.quality_source = "gallery" if refit is not None else "model" if self.contract.quality else None
 
     @property
     def contract(self) -> FaceContract:

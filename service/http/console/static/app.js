@@ -1529,11 +1529,58 @@ function facts(node, rows) {
   node.replaceChildren(...rows.flatMap(([name, value]) => [el("dt", { text: name }), el("dd", { text: value })]));
 }
 
-function show(value) {
+// any /readyz value as a person reads it: never JSON text (an object: "key: value, ...", one nested in
+// parentheses; null: "none"; true/false: "yes"/"no")
+function show(value, nested = false) {
+  if (value === null || value === undefined) return "none";
   if (typeof value === "number") return Number.isInteger(value) ? String(value) : fmt(value);
-  if (Array.isArray(value)) return value.join(", ");
-  if (value && typeof value === "object") return JSON.stringify(value);
+  if (typeof value === "boolean") return value ? "yes" : "no";
+  if (Array.isArray(value)) {
+    const text = value.map((item) => show(item, true)).join(", ");
+    return nested && value.length > 1 ? `(${text})` : text || "none";
+  }
+  if (typeof value === "object") {
+    const entries = Object.entries(value);
+    if (!entries.length) return "none";
+    const text = entries.map(([key, item]) => `${key}: ${show(item, true)}`).join(", ");
+    return nested ? `(${text})` : text;
+  }
   return String(value);
+}
+
+// /readyz's `models`: one row per served model, in the service's order, the default marked; where its
+// impostor tail and quality come from in the words of the Model card
+const TAIL_SOURCES = { gallery: "calibrated on this gallery's data", model: "the model's" };
+const QUALITY_SOURCES = { gallery: "refitted on this gallery", model: "the model's" };
+const MODEL_COLUMNS = [
+  ["model_id", "Model", (v) => show(v)], ["dim", "Embedding size", (v) => show(v)],
+  ["provider", "Provider", (v) => show(v)], ["ready", "Ready", (v) => (v ? "ready" : "not ready")],
+  ["impostor_tail_source", "Impostor tail", (v) => TAIL_SOURCES[v] || show(v)],
+  ["quality_source", "Quality", (v) => QUALITY_SOURCES[v] || show(v)],
+];
+
+function showModels(models, defaultName) {
+  const card = $("status-models-card");
+  const entries = models && typeof models === "object" && !Array.isArray(models) ? Object.entries(models) : [];
+  card.hidden = !entries.length;
+  $("status-model-title").textContent = entries.length > 1 ? "Default model" : "Model";
+  if (!entries.length) return;
+  const known = new Set(MODEL_COLUMNS.map(([key]) => key).concat(["default"]));
+  // fields a newer service adds to each model get a column of their own, shown readably
+  const extra = [...new Set(entries.flatMap(([, m]) => (m && typeof m === "object" ? Object.keys(m) : [])))]
+    .filter((key) => !known.has(key));
+  const columns = MODEL_COLUMNS.concat(extra.map((key) => [key, key, (v) => show(v)]));
+  const table = $("status-models");
+  table.tHead.replaceChildren(el("tr", {}, el("th", { scope: "col", text: "Name" }),
+    ...columns.map(([, label]) => el("th", { scope: "col", text: label }))));
+  table.tBodies[0].replaceChildren(...entries.map(([name, m]) => {
+    const info = m && typeof m === "object" ? m : {};
+    const isDefault = info.default === true || (info.default === undefined && name === defaultName);
+    const head = el("th", { scope: "row", "data-label": "Name" }, el("span", { class: "mono", text: name }),
+      isDefault ? el("span", { class: "tag", text: "default" }) : null);
+    return el("tr", { "data-name": name, class: isDefault ? "default" : "" }, head,
+      ...columns.map(([key, label, text]) => el("td", { "data-label": label, text: text(info[key]) })));
+  }));
 }
 
 function parseMetrics(text) {
@@ -1610,7 +1657,8 @@ async function refreshStatus() {
       if (err.status !== 503) throw err;
       ready = { status: err.details.status || "not ready", detail: err.readable };
     }
-    const known = new Set(READY_FIELDS.map(([key]) => key).concat(["gallery", "model_path", "impostor_tail", "collections", "quality"]));
+    const known = new Set(READY_FIELDS.map(([key]) => key).concat(["gallery", "model_path", "impostor_tail", "collections",
+      "quality", "default_model", "models"]));
     // a rate is shown as it is (0.0001 would round to "0.000")
     const rows = READY_FIELDS.filter(([key]) => ready[key] !== undefined)
       .map(([key, label]) => [label, key === "identify_fpir" && ready[key] !== null ? String(ready[key]) : show(ready[key])]);
@@ -1620,9 +1668,12 @@ async function refreshStatus() {
       if (ready.gallery.identities !== undefined) rows.push(["Gallery identities", show(ready.gallery.identities)]);
       if (ready.gallery.faces !== undefined) rows.push(["Gallery faces", show(ready.gallery.faces)]);
     }
-    // fields this console does not know yet (newer services) are still shown, as they come
+    const listed = ready.models && typeof ready.models === "object" && Object.keys(ready.models).length;
+    if (!listed && typeof ready.default_model === "string") rows.push(["Default model", ready.default_model]);
+    // fields this console does not know yet (newer services) are still shown, readably
     for (const [key, value] of Object.entries(ready)) if (!known.has(key)) rows.push([key, show(value)]);
     facts($("status-model"), rows);
+    showModels(ready.models, ready.default_model);
     facts($("status-collection"), await collectionRows(ready));
     try {
       facts($("status-metrics"), metricRows(parseMetrics(await api("metrics", { text: true, action: "read the metrics" }))));
