@@ -16,8 +16,7 @@ from service.config import Settings
 __all__ = ["ENROLLED", "FACES", "FIXTURES", "b64", "face_files", "unknown_files"]  # imported by the tests
 
 # The servers and in-process services the tests start skip the model's warm-up (one run of each batch
-# size 1-32 at start-up: 2-5 s of CPU per start on the CI box, and the suite starts a server a great many
-# times). What the tests assert never depends on it; tests/service/test_models.py starts one with it,
+# size 1-32 at start-up: a CI run started the service 177 times, and their warm-ups took 187 s of it). What the tests assert never depends on it; tests/service/test_models.py starts one with it,
 # as the service starts by default. A test may still set FACE_WARMUP itself; benchmarks never see this.
 os.environ.setdefault("FACE_WARMUP", "false")
 
