@@ -16,9 +16,22 @@ from service.config import Settings
 __all__ = ["ENROLLED", "FACES", "FIXTURES", "b64", "face_files", "unknown_files"]  # imported by the tests
 
 # The servers and in-process services the tests start skip the model's warm-up (one run of each batch
-# size 1-32 at start-up: a CI run started the service 177 times, and their warm-ups took 187 s of it). What the tests assert never depends on it; tests/service/test_models.py starts one with it,
-# as the service starts by default. A test may still set FACE_WARMUP itself; benchmarks never see this.
+# size 1-32 at start-up: a CI run started the service 177 times, and their warm-ups took 187 s of it).
+# What the tests assert never depends on it; tests/service/test_models.py starts one with it, as the
+# service starts by default. A test may still set FACE_WARMUP itself; benchmarks never see this.
 os.environ.setdefault("FACE_WARMUP", "false")
+
+
+def skipped_because(terminalreporter, banner: str) -> list[str]:
+    """The reasons of the tests skipped with ``banner`` in them, as the run reports them: the console's and
+    the container's terminal summaries (with several test processes, pytest-xdist, the skip happened in a
+    worker, and only its report reaches the process that prints the summary)."""
+    reasons = []
+    for report in terminalreporter.stats.get("skipped", []):
+        message = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if banner in message:
+            reasons.append(message.split(banner, 1)[1].lstrip(": "))
+    return reasons
 
 
 def metric(client, sample: str) -> float:

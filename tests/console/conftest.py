@@ -8,6 +8,7 @@ import os
 
 import pytest
 
+from tests.conftest import skipped_because
 from tests.console.browser import Console, start_browser, unavailable
 from tests.server import ServerProcess
 
@@ -48,6 +49,7 @@ def console(driver, console_server) -> Console:
 
 
 def pytest_terminal_summary(terminalreporter):
-    if NOT_RUN:
+    reasons = NOT_RUN or skipped_because(terminalreporter, "BROWSER TESTS DID NOT RUN")
+    if reasons:
         terminalreporter.write_sep("!", "THE CONSOLE'S BROWSER TESTS DID NOT RUN", red=True, bold=True)
-        terminalreporter.write_line(f"reason: {NOT_RUN[0]}", red=True, bold=True)
+        terminalreporter.write_line(f"reason: {reasons[0]}", red=True, bold=True)

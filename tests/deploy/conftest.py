@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from tests.conftest import skipped_because
 from tests.server import REPO
 
 # the Dockerfile's base for PYTHON_VERSION=3.11: pulled, or a Debian bookworm stand-in (scripts/podman-setup)
@@ -91,6 +92,7 @@ def podman() -> Podman:
 
 
 def pytest_terminal_summary(terminalreporter):
-    if NOT_RUN:
+    reasons = NOT_RUN or skipped_because(terminalreporter, "CONTAINER TEST DID NOT RUN")
+    if reasons:
         terminalreporter.write_sep("!", "THE CONTAINER TEST DID NOT RUN", red=True, bold=True)
-        terminalreporter.write_line(f"reason: {NOT_RUN[0]}", red=True, bold=True)
+        terminalreporter.write_line(f"reason: {reasons[0]}", red=True, bold=True)
