@@ -1,8 +1,10 @@
-"""Enroll, list, get, update, delete, merge, move and delete faces: the routes that own a collection's contents.
+"""Enroll, list, get, update, delete, merge, move and delete faces, and see a face's kept crop: the routes
+that own a collection's contents.
 
 Mounted twice (app.py): unprefixed for the `default` collection, and under
-`/collections/{collection}`. Reads need the `read` permission, changes `write`, both in the key's
-scope; every change is audited in its own transaction (the gallery writes the record)."""
+`/collections/{collection}`. Reads need the `read` permission, changes `write` (and so does a kept
+crop: an enrolled face's image), both in the key's scope; every change is audited in its own
+transaction (the gallery writes the record)."""
 
 from __future__ import annotations
 

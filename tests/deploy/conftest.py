@@ -4,10 +4,14 @@ TEST_REQUIRE_CONTAINER=1 turns the skip into a failure."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -81,14 +85,18 @@ def build_runtime_image(podman: Podman, tag: str, extra: str, timeout: float = 1
 
 
 @pytest.fixture(scope="module")
-def podman() -> Podman:
+def podman() -> Iterator[Podman]:
     found, reason = usable_podman()
     if found is None:
         if os.environ.get("TEST_REQUIRE_CONTAINER") == "1":
             pytest.fail(f"TEST_REQUIRE_CONTAINER=1 but {reason}")
         NOT_RUN.append(reason)
         pytest.skip(f"CONTAINER TEST DID NOT RUN: {reason}")
-    return found
+    # one module at a time builds and runs images, whatever test process it is in (scripts/test runs
+    # TEST_WORKERS of them): two builds at once would share podman's storage and layer cache
+    with open(Path(tempfile.gettempdir()) / "face-tests-podman.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, at the module's end
+        yield found
 
 
 def pytest_terminal_summary(terminalreporter):

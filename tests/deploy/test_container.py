@@ -24,8 +24,7 @@ from tests.conftest import ENROLLED, b64, face_files, unknown_files
 from tests.deploy.conftest import Podman, build_runtime_image
 from tests.server import REPO, free_port
 
-# one test process builds images (parallel runs: the same worker, xdist_group), never two at once
-pytestmark = [pytest.mark.container, pytest.mark.xdist_group("podman")]
+pytestmark = pytest.mark.container
 
 IMAGE = "localhost/face-embedding-service:container-test"
 SOCKET = "/run/face-pg/.s.PGSQL.5432"  # where the containers see the test database's socket

@@ -16,7 +16,7 @@ import pytest
 
 from tests.deploy.conftest import build_runtime_image
 
-pytestmark = [pytest.mark.container, pytest.mark.gpu_image, pytest.mark.xdist_group("podman")]  # see test_container
+pytestmark = [pytest.mark.container, pytest.mark.gpu_image]
 
 GPU_IMAGE = "localhost/face-embedding-service:gpu-test"
 

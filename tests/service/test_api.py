@@ -205,6 +205,9 @@ def test_any_json_metadata_and_any_cursor_are_stored_or_answered_never_500(clien
     page = client.get("/identities", params={"cursor": identity[:-1] + "\u0000", "limit": 1000})
     assert page.status_code == 200, page.text
     assert identity in [item["identity_id"] for item in page.json()["items"]]
+    # gone again: the gallery is shared, and a face of Hugo_Chavez under another name would be found first
+    # by the modules that identify him (tests/service/test_embeddings_input.py did, in another order)
+    assert client.delete(f"/identities/{identity}").status_code == 200
 
 
 def test_concurrent_appends_each_report_the_count_their_own_write_left(client):
