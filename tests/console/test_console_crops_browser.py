@@ -132,6 +132,15 @@ def in_collection(console: Console, name: str) -> None:
     console.go("gallery")
 
 
+def listed_faces_counting_crops(console: Console, collection: str, identity: str) -> list[int]:
+    """The face ids the identity's Faces list shows in ``collection``, with the page's crop fetches
+    counted from before it opened (COUNT_CROP_FETCHES)."""
+    in_collection(console, collection)
+    console.js(COUNT_CROP_FETCHES)
+    open_faces(console, identity)
+    return console.js("return [...document.querySelectorAll('#identity-faces tbody tr')].map(r => Number(r.dataset.id))")
+
+
 def open_faces(console: Console, identity: str) -> None:
     console.find("view-identities").click()
     console.find("gallery-query").clear()
@@ -277,11 +286,7 @@ def test_a_read_key_sees_no_crop_and_asks_for_none(console, api, faces):
     before = crop_requests_served(api)
     console.js("sessionStorage.setItem('face-console.api-key', arguments[0])", made["secret"])
     try:
-        in_collection(console, KEPT)
-        console.js(COUNT_CROP_FETCHES)
-        open_faces(console, "colin")
-        assert console.js("return [...document.querySelectorAll('#identity-faces tbody tr')].map(r => Number(r.dataset.id))") \
-            == faces["colin"]
+        assert listed_faces_counting_crops(console, KEPT, "colin") == faces["colin"]
         assert "only keys that may change the gallery see them" in console.text("identity-summary")
         console.find("view-outliers").click()
         console.wait(lambda: console.driver.find_elements("css selector", f"#outliers-list li[data-id='{faces['colin'][2]}']"),
@@ -300,11 +305,7 @@ def test_a_read_key_sees_no_crop_and_asks_for_none(console, api, faces):
 def test_a_collection_without_keep_crops_shows_no_crop_and_asks_for_none(console, api, faces):
     before = crop_requests_served(api)
     try:
-        in_collection(console, PLAIN)
-        console.js(COUNT_CROP_FETCHES)
-        open_faces(console, "colin")
-        assert console.js("return [...document.querySelectorAll('#identity-faces tbody tr')].map(r => Number(r.dataset.id))") \
-            == faces["plain-colin"]
+        assert listed_faces_counting_crops(console, PLAIN, "colin") == faces["plain-colin"]
         assert console.driver.find_elements("css selector", f"button[aria-label='Delete face {faces['plain-colin'][0]}']")
         assert "keeps embeddings, not photos" in console.text("identity-summary")
         assert console.js("return document.querySelectorAll('.face-crop, #page-gallery img').length") == 0
