@@ -8,9 +8,10 @@ import json
 
 import pytest
 
-from bench.migration import main
+from bench.migration import DATA, main
 
 
+@pytest.mark.skipif(not (DATA / "images").is_dir(), reason="needs ../shared/data/lfw-112 (the bench's crops)")
 @pytest.mark.parametrize("backend", ["embedded", "postgres"])
 def test_migration_bench_migrates_and_measures(backend, tmp_path, request):
     out = tmp_path / "migration.json"

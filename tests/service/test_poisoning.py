@@ -140,6 +140,7 @@ def lfw_faces(client, people: int) -> np.ndarray:
     return np.asarray(vectors)
 
 
+@pytest.mark.skipif(not (LFW / "images").is_dir(), reason="needs ../shared/data/lfw-112")
 def test_a_hub_face_is_refused_and_a_single_likeness_is_not(client, model_id):
     """The mean of 60 enrolled faces, or of 30 of them (a k-means centroid of 2), scores high against
     many of them at once: enrolled, such a face is the closest candidate for a third of all strangers
