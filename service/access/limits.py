@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 from ..errors import ErrorCode, ServiceError
 
 IDLE_DROP_S = 60.0  # a bucket unused this long is full again: forgotten (bounds memory in open mode)
+MIN_RATE = 0.001  # per second (one in ~17 min): a key's own limit is at least this, or it never works again
+MAX_RATE = 1e6
+MAX_RETRY_AFTER_S = 86_400  # Retry-After says at most a day (a rate below MIN_RATE, stored before it was one)
 
 
 @dataclass
@@ -64,6 +67,7 @@ class RateLimiter:
             del self._buckets[subject]
 
     def refuse(self, wait_s: float, subject_name: str) -> ServiceError:
+        wait_s = min(wait_s, MAX_RETRY_AFTER_S)  # (a tiny rate waits longer than a float: inf)
         return ServiceError(ErrorCode.rate_limited, f"too many {self.what} for {subject_name}: retry in "
                             f"{math.ceil(wait_s)} s", retry_after_s=wait_s, limit=self.what)
 

@@ -117,6 +117,15 @@ def _with_security(spec: dict, settings: Settings) -> dict:
     return spec
 
 
+# what any route behind a key may answer, whatever it does (the routers declare their own errors)
+ACCESS_ERRORS = {
+    "401": "`unauthorized`: no key, or one that is unknown, revoked or expired",
+    "403": "`forbidden`: the key's role lacks the permission, or the collection is outside its scope",
+    "429": "`rate_limited`: past the key's (or the client's) requests or faces per second; `Retry-After` "
+           "says in how many seconds",
+}
+
+
 def _with_roles(spec: dict, app: FastAPI) -> dict:
     """Each operation says the permission it needs (``x-required-permission``), the roles that hold it
     (``x-roles``), whether its collection must be in the key's scope, and the same in words."""
@@ -142,4 +151,10 @@ def _with_roles(spec: dict, app: FastAPI) -> dict:
             operation["description"] = (operation.get("description", "") + f"\n\n**Roles:** {', '.join(roles)}{scope}. "
                                          "401 `unauthorized` without a valid key, 403 `forbidden` outside the role "
                                          "or scope.").strip()
+            refusable = len(roles) < len(GRANTS) or rule.scoped  # (every role holds embed)
+            for status, description in ACCESS_ERRORS.items():
+                if status != "403" or refusable:
+                    operation.setdefault("responses", {}).setdefault(status, {
+                        "description": description,
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}})
     return spec

@@ -3,6 +3,7 @@ the calling key may do (any key: the console shows or hides its admin pages by i
 
 from __future__ import annotations
 
+import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path
@@ -19,6 +20,7 @@ from .schemas import NO_NUL, ErrorResponse, KeyCreate, KeyCreated, KeyList, KeyO
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 415, 422)}
 router = APIRouter(route_class=StrictRoute, tags=["keys"], responses=ERRORS)
 ADMIN = [allow(Permission.admin)]
+MILLISECONDS = 95_617_584_000.0  # 5000-01-01 in seconds: a larger expires_at was written in milliseconds
 
 
 @router.post("/keys", status_code=201, response_model=KeyCreated, summary="Create an API key", dependencies=ADMIN)
@@ -26,6 +28,12 @@ async def create_key(body: KeyCreate, state: StateDep, actor: ActorDep) -> KeyCr
     """A new key with a role and a scope (`collections`: the ones it may touch; null: all). The answer
     holds the secret, this once: only its hash is stored. 404 `collection_not_found` for a scope naming
     a collection that does not exist."""
+    if body.expires_at is not None and body.expires_at <= time.time():
+        raise ServiceError(ErrorCode.invalid_request, "expires_at is in the past: a key that no request could use",
+                           expires_at=body.expires_at)
+    if body.expires_at is not None and body.expires_at >= MILLISECONDS:
+        raise ServiceError(ErrorCode.invalid_request, "expires_at is Unix time in seconds; this looks like "
+                           "milliseconds (the year 5000 or later)", expires_at=body.expires_at)
     if body.collections is not None:
         for name in body.collections:
             try:

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
+from ..access.limits import MAX_RATE, MIN_RATE
 from ..errors import STATUS, ErrorCode
 from ..gallery import identity_ids
 from ..gallery.api import MAX_ROW_ID
@@ -600,16 +601,18 @@ class CollectionDeleted(BaseModel):
     deleted_faces: int
 
 
-class KeyCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+class KeyCreate(Strict):
+    model_config = ConfigDict(allow_inf_nan=False)  # merged with Strict's (extra forbidden, strict)
     role: Literal["admin", "write", "read", "embed"]
     collections: list[str] | None = Field(None, max_length=1000,
                                           description="The collections the key may touch (at most 1000); null: all.")
     note: str | None = Field(None, max_length=500)
-    expires_at: float | None = Field(None, description="Unix time after which the key is refused; null: never.")
-    rate_limit_rps: float | None = Field(None, gt=0, description="This key's requests per second (else FACE_RATE_LIMIT_RPS).")
-    rate_limit_faces_per_s: float | None = Field(None, gt=0, description="This key's faces per second "
-                                                 "(else FACE_RATE_LIMIT_FACES_PER_S).")
+    expires_at: float | None = Field(None, description="Unix time (seconds) after which the key is refused; "
+                                     "null: never. A time already past: 422 `invalid_request`.")
+    rate_limit_rps: float | None = Field(None, ge=MIN_RATE, le=MAX_RATE, description="This key's requests per "
+                                         "second (else FACE_RATE_LIMIT_RPS).")
+    rate_limit_faces_per_s: float | None = Field(None, ge=MIN_RATE, le=MAX_RATE, description="This key's faces per "
+                                                 "second (else FACE_RATE_LIMIT_FACES_PER_S).")
 
 
 class KeyOut(BaseModel):
@@ -662,8 +665,8 @@ class WhoAmI(BaseModel):
     open_mode: bool
 
 
-class AliasSet(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+class AliasSet(Strict):
+    model_config = ConfigDict(allow_inf_nan=False)  # merged with Strict's (extra forbidden, strict)
     collection: str = Field(max_length=200, description="The collection the alias points to (a collection, not "
                             "another alias).", examples=["faces-v2"])
 
@@ -705,10 +708,10 @@ class DuplicatesResponse(BaseModel):
     model_id: str
 
 
-class DuplicatesJobRequest(BaseModel):
+class DuplicatesJobRequest(Strict):
     """The scan ``GET /duplicates`` runs, as a job (the same parameters and defaults)."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(allow_inf_nan=False)  # merged with Strict's (extra forbidden, strict)
     min_score: float | None = Field(None, ge=-1.0, le=1.0, description="List pairs whose best face pair scores "
                                     "at least this (instead of max_false_alarm).")
     max_false_alarm: float | None = Field(None, gt=0.0, lt=1.0, description="Without min_score: list pairs from the "
@@ -718,10 +721,10 @@ class DuplicatesJobRequest(BaseModel):
     evidence: int = Field(3, ge=1, le=20, description="Face pairs shown per identity pair.")
 
 
-class OutliersJobRequest(BaseModel):
+class OutliersJobRequest(Strict):
     """The scan ``GET /outliers`` runs, as a job (the same parameters and defaults)."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(allow_inf_nan=False)  # merged with Strict's (extra forbidden, strict)
     min_score: float | None = Field(None, ge=-1.0, le=1.0, description="A face whose best score against its "
                                     "identity's other faces is below this is listed (default: the 1:1 verify "
                                     "threshold in force).")
@@ -794,8 +797,8 @@ class ClusterResponse(BaseModel):
 
 
 # --- jobs (service/jobs): migrating a collection to another model ---------------------------------
-class MigrateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+class MigrateRequest(Strict):
+    model_config = ConfigDict(allow_inf_nan=False)  # merged with Strict's (extra forbidden, strict)
     model: str = Field(max_length=63, description="The served model (FACE_MODELS name) that re-embeds the faces. "
                        "Unknown: 404 `model_not_found`.", examples=["new"])
     into: str = Field(max_length=63, description="The new collection, created pinned to `model` with "

@@ -20,7 +20,7 @@ def test_a_new_key_works_is_listed_without_its_secret_and_is_refused_once_revoke
     with keyed.client("admin") as admin:
         listing = admin.get("/keys")
         assert listing.status_code == 200
-        assert secret not in listing.text and secret.split("_")[-1] not in listing.text
+        assert secret not in listing.text and secret.split("_", 2)[2] not in listing.text  # (the random part may hold "_")
         mine = [k for k in listing.json()["items"] if k["key_id"] == key_id][0]
         assert mine["role"] == "read" and mine["collections"] == ["alpha"] and mine["revoked_at"] is None
         assert "secret" not in mine and "secret_hash" not in mine
@@ -112,6 +112,24 @@ def test_keys_carry_their_own_rate_limits(keyed: KeyedServer):
     assert int(limited[0].headers["Retry-After"]) >= 1
     with keyed.client("key-read") as other:  # another key's budget is its own
         assert other.get("/whoami").status_code == 200
+
+
+def test_a_key_that_could_never_be_used_is_not_made(keyed: KeyedServer):
+    """A key expired when made (a time past, or 0 from a client's default), one whose expiry was written in
+    milliseconds (the year 58,000: it never expires), and a rate so small that the key never gets a second
+    request: 422 ``invalid_request``, no key made."""
+    with keyed.client("admin") as admin:
+        before = admin.get("/keys").json()["items"]
+        now = time.time()
+        for extra in ({"expires_at": now - 60}, {"expires_at": 0}, {"expires_at": now * 1000},
+                      {"rate_limit_rps": 5e-324}, {"rate_limit_rps": 1e-4}, {"rate_limit_faces_per_s": 1e-9},
+                      {"rate_limit_rps": 1e300}, {"rate_limit_faces_per_s": 0}):
+            r = admin.post("/keys", json={"role": "read", **extra})
+            assert (r.status_code, r.json()["error"]["code"]) == (422, "invalid_request"), (extra, r.text)
+        assert admin.get("/keys").json()["items"] == before
+        made = admin.post("/keys", json={"role": "read", "expires_at": now + 60, "rate_limit_rps": 0.001})
+        assert made.status_code == 201, made.text
+        assert admin.delete(f"/keys/{made.json()['key_id']}").status_code == 200
 
 
 def test_a_request_with_a_body_is_charged_once(keyed: KeyedServer):

@@ -207,6 +207,10 @@ def test_duplicates_and_outliers_views_merge_and_move(console, api):
     console.wait_text("gallery-status", "Merged dup-x into dup-y: 2 face(s) moved, it now has 4.")
     assert api.get(f"{prefix}/identities/dup-x").status_code == 404
     console.wait(lambda: not console.driver.find_elements("css selector", "li[data-id='dup-x|dup-y']"))
+    console.find("duplicates-min-score").send_keys("0.999")  # a typed score goes as a JSON number, not text
+    console.find("duplicates-show").click()
+    console.wait_text("gallery-status", "No pair of identities scores >= 0.999")
+    console.find("duplicates-min-score").clear()
 
     console.find("view-outliers").click()
     console.wait(lambda: console.driver.find_elements("css selector", f"li[data-id='{misfiled}']"), "outlier not listed")

@@ -287,3 +287,48 @@ def test_every_json_body_route_reads_its_body_one_way(swept, planted):
         # no content type: read as JSON, as everywhere
         r = client.post("/collections", content=json.dumps({"name": "untyped"}), headers={"content-type": ""})
         assert r.status_code == 201, r.text[:200]
+
+
+def kinds(schema: dict, components: dict) -> set[str]:
+    """The JSON types a field's schema allows (anyOf/oneOf joined; "null" left out)."""
+    schema = resolve(schema, components)
+    if "anyOf" in schema or "oneOf" in schema:
+        return set().union(*(kinds(s, components) for s in schema.get("anyOf", schema.get("oneOf", []))))
+    return {schema["type"]} - {"null"} if isinstance(schema.get("type"), str) else set()
+
+
+# values a lax reading turns into the field's type: false is 0.0, "1" is 1, 1 is true
+COERCIBLE: dict[str, list[Any]] = {"number": [False, True, "1", "0.5"], "integer": [True, "1", 1.0],
+                                   "boolean": [1, 0, "true", "yes"]}
+
+
+def test_a_json_body_field_is_read_as_its_documented_type_only(swept, planted):
+    """Every number, integer and boolean field of every JSON body the document declares, given a value
+    of another JSON type that Python would convert (false for a number: 0.0; "1" for an integer; 1 for a
+    boolean): 422 ``invalid_request``, never taken as the number. A key's ``expires_at: false`` was the
+    epoch (a key expired when made), a scan's ``min_score: false`` a threshold of 0."""
+    with httpx.Client(base_url=swept.url, headers=HEADERS, timeout=60) as client:
+        document = client.get("/openapi.json").json()
+        components = document["components"]["schemas"]
+        accepted, tried = [], Counter()
+        for path, operations in document["paths"].items():
+            for method, op in operations.items():
+                content = op.get("requestBody", {}).get("content", {})
+                if "application/json" not in content:
+                    continue
+                schema = resolve(content["application/json"]["schema"], components)
+                base = example(schema, components)
+                for field, field_schema in schema.get("properties", {}).items():
+                    allowed = kinds(field_schema, components)
+                    for kind in allowed & COERCIBLE.keys():
+                        for value in COERCIBLE[kind]:
+                            if value == 1.0 and "number" in allowed:
+                                continue
+                            tried[kind] += 1
+                            r = client.request(method.upper(), fill(path), json={**base, field: value})
+                            code = r.json().get("error", {}).get("code") if r.status_code >= 400 else None
+                            if (r.status_code, code) != (422, "invalid_request"):
+                                accepted.append((method.upper(), path, field, value, r.status_code, r.text[:120]))
+        assert not accepted, f"{len(accepted)} taken, e.g. {accepted[:8]}"
+        assert tried["number"] > 20 and tried["integer"] > 10 and tried["boolean"] > 5, tried
+        assert {url: client.get(url).json() for url in planted} == planted

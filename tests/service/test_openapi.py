@@ -9,6 +9,8 @@ from service.app import create_app
 from service.config import Settings
 from service.errors import ErrorCode
 
+ERROR = {"$ref": "#/components/schemas/ErrorResponse"}
+
 
 def test_the_openapi_document_is_valid_and_names_the_roles(tmp_path):
     spec = create_app(Settings(data_dir=tmp_path)).openapi()
@@ -21,6 +23,12 @@ def test_the_openapi_document_is_valid_and_names_the_roles(tmp_path):
             continue
         assert op["x-required-permission"] in {"embed", "read", "write", "admin"}, (method, path)
         assert "**Roles:**" in op["description"], (method, path)
+        # what any keyed route may answer is declared (a generated client, a contract test reads them):
+        # 401 without a key, 429 past a rate limit, 403 where some role or scope is refused
+        errors = {code for code, answer in op["responses"].items()
+                  if answer.get("content", {}).get("application/json", {}).get("schema") == ERROR}
+        refusable = len(op["x-roles"]) < 4 or op["x-collection-scoped"]
+        assert {"401", "429"} | ({"403"} if refusable else set()) <= errors, (method, path, sorted(op["responses"]))
     ids = [op["operationId"] for _, _, op in operations]
     assert len(ids) == len(set(ids)), "operation ids must be unique (generated clients name methods by them)"
     assert {"enroll", "identify", "list_identities", "collection_enroll"} <= set(ids), "the routes' names"

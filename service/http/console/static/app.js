@@ -1315,7 +1315,7 @@ async function scanJob(kind, minScoreInput, waiting, announce) {
   const action = `search ${quoted(collection())} for ${kind}`;
   const body = { limit: 100 };
   const score = $(minScoreInput).value.trim();
-  if (score !== "") body.min_score = score; // as typed: the server says what is wrong with it
+  if (score !== "") body.min_score = numberOrText(score); // not a number: as typed, the server says what is wrong
   let job = (await api(inCollection(`${kind}/jobs`), { method: "POST", json: body, action })).job;
   const started = Date.now();
   while (!["done", "failed", "cancelled"].includes(job.state)) {
@@ -1723,9 +1723,16 @@ function keyRow(key) {
   return el("tr", { "data-id": key.key_id, class: key.revoked_at ? "revoked" : "" }, ...cells, actions);
 }
 
+// A number field's value as JSON reads it: a number, or the text as typed when it is none (the server
+// refuses it with a message; Number("abc") is NaN, which JSON sends as null: "no limit")
+function numberOrText(text) {
+  const n = Number(text);
+  return Number.isFinite(n) ? n : text;
+}
+
 function optionalNumber(input) {
   const text = input.value.trim();
-  return text === "" ? null : Number(text);
+  return text === "" ? null : numberOrText(text);
 }
 
 async function createKey(event) {
@@ -1739,7 +1746,7 @@ async function createKey(event) {
     role: $("keys-role").value,
     collections: all ? null : chosen,
     note: $("keys-note").value.trim() || null,
-    expires_at: days ? Math.round(Date.now() / 1000 + days * 86400) : null,
+    expires_at: typeof days === "number" && days ? Math.round(Date.now() / 1000 + days * 86400) : days || null,
     rate_limit_rps: optionalNumber($("keys-rps")),
     rate_limit_faces_per_s: optionalNumber($("keys-fps")),
   };
