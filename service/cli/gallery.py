@@ -94,6 +94,7 @@ log = logging.getLogger(__name__)
 
 FORMAT, VERSION = "face-gallery", 1
 CLI = Actor(via="cli")  # who the audit trail names for a change made by these commands
+CLOCK_SKEW_S = 3600.0  # an enrolled_at this far ahead of this host's clock is refused (a file from a host whose clock is ahead)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
@@ -243,6 +244,10 @@ def _read_line(line: str, dim: int, limits: MetadataLimits) -> tuple[str, np.nda
             isinstance(enrolled_at, list) and len(enrolled_at) == len(vectors)
             and all(type(t) in (int, float) and math.isfinite(t) and t >= 0 for t in enrolled_at)):
         raise GalleryFileError(f"identity {identity!r}: enrolled_at is not one Unix time per embedding")
+    if enrolled_at is not None and max(enrolled_at) > time.time() + CLOCK_SKEW_S:
+        raise GalleryFileError(f"identity {identity!r}: enrolled_at is in the future ({max(enrolled_at):.0f}); a face "
+                               "enrolled later than now would be kept past its collection's retention (the clock of "
+                               "the host that wrote the file?)")
     metadata = item.get("metadata") or {}
     try:
         check_metadata(metadata, limits)

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -160,6 +161,10 @@ def test_import_refuses_a_hostile_file_by_its_line_and_writes_nothing(tmp_path, 
             {"identity_id": "x", "embeddings": [unit], "enrolled_at": times})
            for why, times in (("two for one", [1.0, 2.0]), ("text", ["yesterday"]), ("true", [True]),
                               ("negative", [-5]), ("not a list", 1.0))},
+        # a face enrolled "later" would outlive its collection's retention (the year 10^300: never erased)
+        **{f"enrolled_at is in the future ({why})": json.dumps(
+            {"identity_id": "x", "embeddings": [unit], "enrolled_at": [at]})
+           for why, at in (("the year 10^300", 1e308), ("two hours ahead", time.time() + 7200))},
     }
     for reason, line in bad_lines.items():
         path = tmp_path / "bad.jsonl"
