@@ -69,7 +69,8 @@ async def migrate_collection(collection: str, body: MigrateRequest, state: State
 
 @router.get("/jobs", response_model=JobList, summary="List jobs", dependencies=[allow(Permission.admin)])
 async def list_jobs(state: StateDep, collection: str | None = Query(None, max_length=63, pattern=NO_NUL),
-                    job_state: str | None = Query(None, alias="state", pattern=NO_NUL, description=", ".join(STATES)),
+                    job_state: str | None = Query(None, alias="state", pattern=NO_NUL, description=", ".join(STATES),
+                                                  json_schema_extra={"enum": list(STATES)}),
                     limit: int = Query(100, ge=1, le=1000)) -> JobList:
     """Newest first; `collection` (the source) and `state` filter."""
     if job_state is not None and job_state not in STATES:

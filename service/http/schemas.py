@@ -82,6 +82,14 @@ ModelId = Annotated[
 ]
 
 
+def _whole(value: Any) -> Any:
+    """JSON Schema's integer: 3.0 is 3 (a float a client computed, whole); 3.5, "3" and true stay refused."""
+    return int(value) if type(value) is float and value.is_integer() else value
+
+
+Int = Annotated[int, BeforeValidator(_whole)]  # a request's integer field (the models are strict)
+
+
 class Strict(BaseModel):
     # strict: "0.5" is not a number and true is not an integer (multipart text is converted first,
     # in payload.py); unknown fields are refused
@@ -181,7 +189,7 @@ def _split_face_ids(value: Any) -> Any:
 
 
 # a face id as both galleries store it (larger ones would fail in the database)
-FaceId = Annotated[int, Field(ge=1, le=MAX_ROW_ID)]
+FaceId = Annotated[Int, Field(ge=1, le=MAX_ROW_ID)]
 FaceIds = Annotated[list[FaceId] | None, BeforeValidator(_split_face_ids)]
 
 
@@ -281,7 +289,7 @@ class IdentifyRequest(PhotoOptions):
         "a photo is a probe), or `embeddings`.")
     embeddings: list[Embedding] | None = Field(None, min_length=1, description="Probe embeddings, instead of `images`.")
     model_id: ModelId = None
-    top_k: int = Field(5, ge=1, le=1000, description="Candidates returned per probe.")
+    top_k: Int = Field(5, ge=1, le=1000, description="Candidates returned per probe.")
     threshold: Threshold = None
     min_quality: QualityLimit = Field(
         None, description="Probes below this quality score (or outside a part's limits) are not "
@@ -548,7 +556,7 @@ class CollectionCreate(Strict):
                               "pinned to: it embeds every face and probe of it. Empty: the default model. Unknown: "
                               "404 `model_not_found`.")
     retention_days: float | None = Field(None, gt=0, le=MAX_RETENTION_DAYS, description=RETENTION_DAYS)
-    max_faces: int | None = Field(None, ge=1, le=MAX_ROW_ID, description=MAX_FACES)
+    max_faces: Int | None = Field(None, ge=1, le=MAX_ROW_ID, description=MAX_FACES)
     identify_fpir: float | None = Field(None, gt=0, lt=1, description=IDENTIFY_FPIR)
 
 
@@ -559,7 +567,7 @@ class CollectionUpdate(Strict):
     retention_days: float | None = Field(None, description=RETENTION_DAYS + " Shortened, the faces already past "
                                          "it are erased by the next sweep; null: kept from now on.",
                                          gt=0, le=MAX_RETENTION_DAYS)
-    max_faces: int | None = Field(None, ge=1, le=MAX_ROW_ID, description=MAX_FACES + " Lowered under the faces it "
+    max_faces: Int | None = Field(None, ge=1, le=MAX_ROW_ID, description=MAX_FACES + " Lowered under the faces it "
                                   "holds: nothing is erased, only writes that add faces are refused.")
     identify_fpir: float | None = Field(None, gt=0, lt=1, description=IDENTIFY_FPIR)
 
@@ -717,8 +725,8 @@ class DuplicatesJobRequest(Strict):
     max_false_alarm: float | None = Field(None, gt=0.0, lt=1.0, description="Without min_score: list pairs from the "
                                           "score at which the family-wise false-alarm probability of the scan is "
                                           "this (default FACE_DUPLICATES_MAX_FALSE_ALARM).")
-    limit: int = Field(100, ge=1, le=1000, description="At most this many pairs.")
-    evidence: int = Field(3, ge=1, le=20, description="Face pairs shown per identity pair.")
+    limit: Int = Field(100, ge=1, le=1000, description="At most this many pairs.")
+    evidence: Int = Field(3, ge=1, le=20, description="Face pairs shown per identity pair.")
 
 
 class OutliersJobRequest(Strict):
@@ -728,7 +736,7 @@ class OutliersJobRequest(Strict):
     min_score: float | None = Field(None, ge=-1.0, le=1.0, description="A face whose best score against its "
                                     "identity's other faces is below this is listed (default: the 1:1 verify "
                                     "threshold in force).")
-    limit: int = Field(100, ge=1, le=1000, description="At most this many faces.")
+    limit: Int = Field(100, ge=1, le=1000, description="At most this many faces.")
 
 
 class BestOtherOut(BaseModel):
@@ -804,7 +812,7 @@ class MigrateRequest(Strict):
     into: str = Field(max_length=63, description="The new collection, created pinned to `model` with "
                       "`keep_crops: true`. Taken (a collection or an alias): 409 `collection_exists`.",
                       examples=["people-v2"])
-    batch_size: int = Field(64, ge=1, le=256, description="Crops per model call; several identities share one.")
+    batch_size: Int = Field(64, ge=1, le=256, description="Crops per model call; several identities share one.")
     shadow: bool = Field(False, description="Once done, run each /identify on the source also on the new "
                          "collection, off the request path, and count the agreement on /metrics.")
 
