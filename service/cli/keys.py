@@ -17,6 +17,7 @@ import sys
 import time
 
 from ..access.keys import PepperFileError, key_view, load_pepper, new_key
+from ..access.limits import MAX_RATE, MIN_RATE
 from ..gallery.api import CollectionNotFound, Galleries, valid_collection_name
 from .backend import CommandError, add_backend_arguments, cli_actor, fail, iso, opened_backend, settings_from
 
@@ -45,6 +46,14 @@ def _positive(value: str) -> float:
     number = float(value)
     if not number > 0 or number == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive number, not {value}")
+    return number
+
+
+def _rate(value: str) -> float:
+    """A key's own limit, as POST /keys takes it (smaller: a key that never gets a second request)."""
+    number = _positive(value)
+    if not MIN_RATE <= number <= MAX_RATE:
+        raise argparse.ArgumentTypeError(f"must be {MIN_RATE} to {MAX_RATE:g} a second, not {value}")
     return number
 
 
@@ -128,9 +137,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                       help="comma-separated collections the key may touch (each must exist); default: all")
     make.add_argument("--note", type=_note, help="what the key is for (shown by list and in the audit trail)")
     make.add_argument("--expires-in-days", type=_positive, metavar="N", help="refused after N days (default: never)")
-    make.add_argument("--rate-limit-rps", type=_positive, metavar="X",
+    make.add_argument("--rate-limit-rps", type=_rate, metavar="X",
                       help="this key's requests per second (default: FACE_RATE_LIMIT_RPS)")
-    make.add_argument("--rate-limit-faces-per-s", type=_positive, metavar="Y",
+    make.add_argument("--rate-limit-faces-per-s", type=_rate, metavar="Y",
                       help="this key's faces per second (default: FACE_RATE_LIMIT_FACES_PER_S)")
     make.add_argument("--json", action="store_true", help="print POST /keys's JSON answer (secret included)")
     show = sub.add_parser("list", help="every key (revoked and expired ones too); never a secret")

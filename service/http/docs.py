@@ -148,10 +148,10 @@ def _with_roles(spec: dict, app: FastAPI) -> dict:
             operation["x-roles"] = roles
             operation["x-collection-scoped"] = rule.scoped
             scope = ", in the key's collection scope" if rule.scoped else ""
-            operation["description"] = (operation.get("description", "") + f"\n\n**Roles:** {', '.join(roles)}{scope}. "
-                                         "401 `unauthorized` without a valid key, 403 `forbidden` outside the role "
-                                         "or scope.").strip()
             refusable = len(roles) < len(GRANTS) or rule.scoped  # (every role holds embed)
+            refused = ", 403 `forbidden` outside the role or scope" if refusable else ""
+            operation["description"] = (operation.get("description", "") + f"\n\n**Roles:** {', '.join(roles)}{scope}. "
+                                         f"401 `unauthorized` without a valid key{refused}.").strip()
             for status, description in ACCESS_ERRORS.items():
                 if status != "403" or refusable:
                     operation.setdefault("responses", {}).setdefault(status, {

@@ -227,7 +227,7 @@ async def _detail(state: ServiceState, gallery: GalleryBackend, found: IdentityD
 
 
 @router.patch("/identities/{identity_id}", response_model=IdentityDetail, summary="Rename an identity or change "
-              "its metadata", dependencies=WRITE)
+              "its metadata", dependencies=WRITE, responses={409: {"model": ErrorResponse}})
 async def update_identity(identity_id: IdentityPath, body: IdentityUpdateRequest, state: StateDep,
                           gallery: CollectionDep, actor: ActorDep) -> IdentityDetail:
     """Change an identity without enrolling its faces again: rename it (`identity_id`), replace its

@@ -19,7 +19,7 @@ from ..gallery.openset import GalleryCounts
 from ..state import ServiceState
 from .deps import StateDep, allow, resolve_principal
 from .payload import StrictRoute
-from .schemas import CollectionThreshold, ModelStatus, ReadyResponse, ReadyStatus
+from .schemas import CollectionThreshold, ErrorResponse, ModelStatus, ReadyResponse, ReadyStatus
 
 router = APIRouter(route_class=StrictRoute, tags=["operations"])
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})  # never need the API key (load balancers, orchestrators)
@@ -32,7 +32,9 @@ async def healthz() -> dict:
     return {"status": "ok", "version": __version__}
 
 
-@router.get("/readyz", response_model=ReadyResponse | ReadyStatus, summary="Readiness")
+@router.get("/readyz", response_model=ReadyResponse | ReadyStatus, summary="Readiness",
+            responses={503: {"model": ErrorResponse, "description": "`model_not_ready`, `gallery_loading` or "
+                             "`gallery_unavailable`: not ready (yet)"}})
 async def readyz(request: Request, state: StateDep) -> ReadyResponse | ReadyStatus:
     """Ready when the model is loaded, a real inference succeeds (at most one per
     FACE_READYZ_CACHE_MS; polls in between get the last result) and the gallery index is loaded;

@@ -97,7 +97,8 @@ def test_unknown_or_invalid_collections_are_refused(operator_backend):
         assert r.returncode == 2 and why in r.stderr, (scope, r.stderr)
         assert r.stdout == ""  # no secret
     for bad in (("--expires-in-days", "0"), ("--expires-in-days", "-1"), ("--rate-limit-rps", "0"),
-                ("--rate-limit-faces-per-s", "nan"), ("--note", "x" * 501), ("--role", "root")):
+                ("--rate-limit-faces-per-s", "nan"), ("--rate-limit-rps", "5e-324"), ("--rate-limit-rps", "1e-4"),
+                ("--rate-limit-faces-per-s", "1e7"), ("--note", "x" * 501), ("--role", "root")):
         r = b.run("keys", "create", *(("--role", "read") if bad[0] != "--role" else ()), *bad)
         assert r.returncode == 2 and r.stdout == "", (bad, r.stdout)
     galleries = b.open()
