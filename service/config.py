@@ -209,6 +209,12 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         40_000_000, ge=10_000, description="Decoded size above which an image is refused unread."
     )
+    image_formats: Annotated[tuple[str, ...], NoDecode] = Field(
+        ("JPEG", "PNG", "WEBP", "BMP", "TIFF"),
+        description="Comma-separated image formats (Pillow's names; JPG and TIF too) whose parsers may read an "
+        "upload; any other is refused unread (not_an_image). Pillow reads some 40 formats, and most of its "
+        "published decoder flaws were in the rarer ones: add one (e.g. GIF) only if clients send it.",
+    )
     cluster_max_faces: int = Field(
         1000, ge=2, le=100_000, description="POST /cluster: faces (images' faces, or embeddings) in one request; "
         "more: 413 too_many_faces. Larger sets: `python -m service cluster DIR`."
@@ -433,6 +439,22 @@ class Settings(BaseSettings):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
+    @field_validator("image_formats", mode="before")
+    @classmethod
+    def _image_formats(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        from PIL import Image  # (the settings of the tools that decode nothing never import Pillow)
+
+        Image.init()
+        aliases = {"JPG": "JPEG", "TIF": "TIFF"}
+        names = [aliases.get(n, n) for n in (item.strip().upper() for item in value.split(",")) if n]
+        unknown = [n for n in names if n not in Image.OPEN]
+        if not names or unknown:
+            raise ValueError(f"not formats Pillow reads: {', '.join(unknown) or 'none given'} (it reads "
+                             f"{', '.join(sorted(Image.OPEN))})")
+        return tuple(dict.fromkeys(names))
+
     @field_validator("allowed_hosts")
     @classmethod
     def _hosts(cls, value: list[str]) -> list[str]:
@@ -531,7 +553,7 @@ def env_example() -> str:
     for name, field in Settings.model_fields.items():
         default = field.default
         value = "" if default is None else default.value if hasattr(default, "value") else default
-        if isinstance(value, list):
+        if isinstance(value, (list, tuple)):
             value = ",".join(value)
         line = f"FACE_{name.upper()}={value}"
         if name == "api_key":  # an empty key is refused (it would silently disable auth): commented out

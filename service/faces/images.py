@@ -129,27 +129,35 @@ def decode_base64(text: str, index: int) -> bytes:
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
+# The formats whose parsers may see an upload (FACE_IMAGE_FORMATS): Pillow reads some 40, and most of
+# its published decoder flaws were in the rarer ones (EPS even runs Ghostscript where it is installed).
+DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")
+
+
 @contextmanager
-def _decode_errors(max_pixels: int) -> Iterator[None]:
+def _decode_errors(max_pixels: int, formats: tuple[str, ...] = DEFAULT_FORMATS) -> Iterator[None]:
     try:
         yield
     except Image.DecompressionBombError as exc:  # Pillow's own hard limit, raised inside open()
         raise ImageTooLarge(f"the image declares too many pixels: {exc}", limit=max_pixels) from exc
     except UnidentifiedImageError as exc:
-        raise NotAnImage("the data is not a decodable image") from exc
+        raise NotAnImage(f"the data is not a decodable image in a format this service takes ({', '.join(formats)}: "
+                         "FACE_IMAGE_FORMATS)") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         # Pillow reports a cut-off file as OSError("image file is truncated ...")
         raise CorruptImage(f"the image is truncated or corrupt: {exc}") from exc
 
 
-def open_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int | None = None) -> Image.Image:
-    """The image with only its header read (size and mode known, no pixel memory yet), size-checked."""
+def open_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int | None = None,
+                formats: tuple[str, ...] = DEFAULT_FORMATS) -> Image.Image:
+    """The image with only its header read (size and mode known, no pixel memory yet), size-checked.
+    Only the parsers of ``formats`` look at the data (another format: ``NotAnImage``)."""
     if not data:
         raise EmptyImage("the image is empty (0 bytes)")
     if max_bytes is not None and len(data) > max_bytes:
         raise ImageTooLarge(f"the image is {len(data)} bytes; the limit is {max_bytes}", limit=max_bytes)
-    with _decode_errors(max_pixels):
-        image = Image.open(io.BytesIO(data))  # reads the header only
+    with _decode_errors(max_pixels, formats):
+        image = Image.open(io.BytesIO(data), formats=formats)  # reads the header only
         width, height = image.size
         if width * height > max_pixels:
             raise ImageTooLarge(
@@ -258,8 +266,9 @@ class ImageHeader:
         return to_rgb(load_upright(image))
 
 
-def read_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int | None = None) -> ImageHeader:
-    return ImageHeader(open_header(data, max_pixels=max_pixels, max_bytes=max_bytes))
+def read_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int | None = None,
+                formats: tuple[str, ...] = DEFAULT_FORMATS) -> ImageHeader:
+    return ImageHeader(open_header(data, max_pixels=max_pixels, max_bytes=max_bytes, formats=formats))
 
 
 # -- the colour policy -------------------------------------------------------------------------------
@@ -345,11 +354,12 @@ def aligned_crop(header: ImageHeader, size: tuple[int, int]) -> np.ndarray:
 
 
 def decode_aligned_face(
-    data: bytes, index: int, size: tuple[int, int], max_bytes: int, max_pixels: int
+    data: bytes, index: int, size: tuple[int, int], max_bytes: int, max_pixels: int,
+    formats: tuple[str, ...] = DEFAULT_FORMATS,
 ) -> np.ndarray:
     """An aligned face crop's bytes -> exactly ``size`` (height, width) HxWx3 RGB uint8; errors numbered."""
     with image_errors(index):
-        return aligned_crop(read_header(data, max_pixels=max_pixels, max_bytes=max_bytes), size)
+        return aligned_crop(read_header(data, max_pixels=max_pixels, max_bytes=max_bytes, formats=formats), size)
 
 
 def open_photo(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int | None = None) -> Image.Image:

@@ -131,7 +131,8 @@ def read_image_header(state: ServiceState, data: bytes, index: int) -> ImageHead
     """The one header parse of an upload (limits checked, nothing decoded)."""
     settings = state.settings
     with image_errors(index):
-        return read_header(data, max_pixels=settings.max_image_pixels, max_bytes=settings.max_image_bytes)
+        return read_header(data, max_pixels=settings.max_image_pixels, max_bytes=settings.max_image_bytes,
+                           formats=settings.image_formats)
 
 
 @contextmanager

@@ -156,3 +156,27 @@ def test_a_body_of_many_wrong_parts_gets_a_short_answer_and_costs_little(client)
         assert details["errors_total"] == len(wrong), (route, details)
     assert client.get("/collections/many-fields").status_code == 404
     assert client.get("/identities/many-fields").status_code == 404
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "PCX", "TGA", "SGI", "PPM"])
+def test_an_image_in_a_format_not_taken_is_not_parsed(client, fmt):
+    """Crops and photos alike: a format outside FACE_IMAGE_FORMATS is ``not_an_image`` (Pillow would read it)."""
+    data = encode(rgb(), fmt)
+    for image_type in ("aligned", "photo", "auto"):
+        r = client.post("/embed", json={"images": [b64(data)], "image_type": image_type})
+        assert error_code(r) == "not_an_image", (fmt, image_type)
+        assert "JPEG, PNG, WEBP, BMP, TIFF" in r.json()["error"]["message"]
+
+
+def test_the_formats_taken_are_a_setting(tmp_path, default_model):
+    from harness.server import ServerProcess
+
+    proc = ServerProcess(tmp_path / "data", model=default_model, env={"FACE_IMAGE_FORMATS": "jpg"})
+    try:
+        proc.wait_ready()
+        with httpx.Client(base_url=proc.url, timeout=60) as c:
+            assert c.post("/embed", json={"images": [b64(FACE)]}).status_code == 200
+            r = c.post("/embed", files=[("images", ("face.png", encode(rgb()), "image/png"))])
+            assert error_code(r) == "not_an_image" and "(JPEG: FACE_IMAGE_FORMATS)" in r.json()["error"]["message"]
+    finally:
+        proc.stop()

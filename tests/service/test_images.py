@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 
 import cv2
 import numpy as np
@@ -196,3 +197,57 @@ def test_blockiness_and_crop_parts_equal_numpys_plain_arithmetic():
             assert parts["exposure"] == float(gray.mean())
             assert parts["clipping"] == float(np.mean((gray <= 5) | (gray >= 250)))
             assert parts["blockiness"] == _plain_blockiness(rgb)
+
+
+def saved_as(img: Image.Image, fmt: str) -> bytes | None:
+    """``img`` written in format ``fmt`` by Pillow (in a mode the format takes), or None if it cannot."""
+    for mode in ("RGB", "L", "1", "F"):
+        buf = io.BytesIO()
+        try:
+            with warnings.catch_warnings():  # (formats Pillow will drop say so when written)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                img.convert(mode).save(buf, format=fmt)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+        return buf.getvalue()
+    return None
+
+
+def test_only_the_accepted_formats_are_parsed():
+    """Pillow reads some 40 formats (EPS through Ghostscript, PSD, FITS, SPIDER, DDS, BLP, TGA, PCX, SGI,
+    ...; most of its published decoder flaws were in such formats). The service takes the documented
+    JPEG, PNG, WebP, BMP and TIFF (FACE_IMAGE_FORMATS); anything else is ``not_an_image`` without its
+    parser ever seeing it, and the message says what is taken."""
+    from PIL import features
+
+    img = Image.open(FACE).convert("RGB")
+    Image.init()
+    accepted = ["JPEG", "PNG", "BMP", "TIFF"] + (["WEBP"] if features.check("webp") else [])
+    for fmt in accepted:
+        assert decode(saved_as(img, fmt)).shape == (112, 112, 3), fmt
+    refused = {fmt: data for fmt in sorted(Image.SAVE) if fmt not in accepted and fmt in Image.OPEN
+               and (data := saved_as(img, fmt)) is not None}
+    assert {"GIF", "PCX", "TGA", "SGI", "PPM", "ICO"} <= set(refused), sorted(refused)
+    for fmt, data in refused.items():
+        with pytest.raises(ServiceError) as exc:
+            decode(data)
+        assert exc.value.code == ErrorCode.not_an_image, (fmt, exc.value.code)
+        assert "JPEG, PNG, WEBP, BMP, TIFF" in exc.value.message, (fmt, exc.value.message)
+    # narrowed: what is left out is refused like the rest
+    with pytest.raises(ServiceError) as exc:
+        decode_aligned_face(saved_as(img, "PNG"), 0, (112, 112), max_bytes=1 << 20, max_pixels=10_000_000,
+                            formats=("JPEG",))
+    assert exc.value.code == ErrorCode.not_an_image and "(JPEG:" in exc.value.message
+
+
+def test_the_image_formats_setting_names_formats_pillow_reads():
+    from pydantic import ValidationError
+
+    from service.config import Settings
+
+    assert Settings(image_formats="jpeg, png").image_formats == ("JPEG", "PNG")
+    assert Settings(image_formats="jpg,tif,JPEG").image_formats == ("JPEG", "TIFF")  # the suffixes' names too
+    assert Settings().image_formats == ("JPEG", "PNG", "WEBP", "BMP", "TIFF")
+    for bad in ("", ",", "JPEG,HEIC", "GIF87"):
+        with pytest.raises(ValidationError):
+            Settings(image_formats=bad)
