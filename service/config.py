@@ -210,10 +210,11 @@ class Settings(BaseSettings):
         40_000_000, ge=10_000, description="Decoded size above which an image is refused unread."
     )
     image_formats: Annotated[tuple[str, ...], NoDecode] = Field(
-        ("JPEG", "PNG", "WEBP", "BMP", "TIFF"),
+        ("JPEG", "PNG", "WEBP", "BMP"),
         description="Comma-separated image formats (Pillow's names; JPG and TIF too) whose parsers may read an "
         "upload; any other is refused unread (not_an_image). Pillow reads some 40 formats, and most of its "
-        "published decoder flaws were in the rarer ones: add one (e.g. GIF) only if clients send it.",
+        "published decoder flaws were in the rarer ones: add one (e.g. TIFF, GIF) only if clients send it "
+        "(libtiff also writes its complaints about a broken TIFF to stderr itself, as plain text).",
     )
     cluster_max_faces: int = Field(
         1000, ge=2, le=100_000, description="POST /cluster: faces (images' faces, or embeddings) in one request; "

@@ -131,7 +131,7 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 # The formats whose parsers may see an upload (FACE_IMAGE_FORMATS): Pillow reads some 40, and most of
 # its published decoder flaws were in the rarer ones (EPS even runs Ghostscript where it is installed).
-DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")
+DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
 
 
 @contextmanager
@@ -362,15 +362,17 @@ def decode_aligned_face(
         return aligned_crop(read_header(data, max_pixels=max_pixels, max_bytes=max_bytes, formats=formats), size)
 
 
-def open_photo(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int | None = None) -> Image.Image:
+def open_photo(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int | None = None,
+               formats: tuple[str, ...] = DEFAULT_FORMATS) -> Image.Image:
     """Decode ``data`` into a loaded, upright Pillow image, refusing oversized images before decoding."""
-    return load_upright(open_header(data, max_pixels=max_pixels, max_bytes=max_bytes))
+    return load_upright(open_header(data, max_pixels=max_pixels, max_bytes=max_bytes, formats=formats))
 
 
-def decode_photo(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int | None = None) -> np.ndarray:
+def decode_photo(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int | None = None,
+                 formats: tuple[str, ...] = DEFAULT_FORMATS) -> np.ndarray:
     """Photo bytes -> upright HxWx3 uint8 RGB array (``read_header`` then ``to_rgb``), no budget: for
     tools and tests; the service decodes through ``detection.PhotoAligner``, which reserves memory."""
-    return read_header(data, max_pixels=max_pixels, max_bytes=max_bytes).to_rgb()
+    return read_header(data, max_pixels=max_pixels, max_bytes=max_bytes, formats=formats).to_rgb()
 
 
 BLOCK = 8  # the JPEG (DCT) block size

@@ -91,6 +91,9 @@ def configure_logging(level: str = "info", json_lines: bool = True) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Python warnings (Pillow's about a damaged upload's EXIF, for one) as records of the logger
+    # "py.warnings", not as two plain-text lines on stderr that any client could cause
+    logging.captureWarnings(True)
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         lg = logging.getLogger(name)
         lg.handlers[:] = []

@@ -12,10 +12,11 @@ import pytest
 from PIL import Image
 
 from service.errors import ErrorCode, ServiceError
-from service.faces.images import decode_aligned_face, decode_photo, image_errors
+from service.faces.images import DEFAULT_FORMATS, decode_aligned_face, decode_photo, image_errors
 from tests.conftest import FIXTURES, b64, face_files
 
 CROP = face_files("Gerhard_Schroeder")[0]  # 112x112, an aligned crop
+FORMATS = (*DEFAULT_FORMATS, "TIFF")  # float samples come as TIFF: a service that takes TIFF (FACE_IMAGE_FORMATS)
 PHOTO = FIXTURES / "photos" / "Helen_Clark_0001.jpg"  # 250x250, one face
 
 
@@ -73,12 +74,12 @@ def outcome(decode: Callable[[bytes], np.ndarray], data: bytes) -> np.ndarray | 
 
 
 def decode_crop(data: bytes) -> np.ndarray:
-    return decode_aligned_face(data, 0, (112, 112), max_bytes=1 << 20, max_pixels=10_000_000)
+    return decode_aligned_face(data, 0, (112, 112), max_bytes=1 << 20, max_pixels=10_000_000, formats=FORMATS)
 
 
 def decode_as_photo(data: bytes) -> np.ndarray:
     with image_errors(0):
-        return decode_photo(data)
+        return decode_photo(data, formats=FORMATS)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -127,6 +128,9 @@ def test_every_mode_embeds_as_its_rgb_conversion_over_http(client, image_type, s
     source = Image.open(source_file).convert("RGB")
     for case, (make, expected) in sorted(CASES.items()):
         got = embed(client, make(source), image_type)
+        if case == "float":  # float samples only come as TIFF, which the service does not read by default
+            assert got == ErrorCode.not_an_image.value, (case, got)
+            continue
         if isinstance(expected, ErrorCode):
             assert got == expected.value, (case, got)
             continue

@@ -63,6 +63,42 @@ def test_at_debug_level_the_service_starts_serves_and_writes_only_json_lines(tmp
     assert any(r["event"] == "service ready" for r in records)
 
 
+def jpeg_with_broken_exif() -> bytes:
+    """A face whose EXIF says its Make tag holds 2^31 bytes: Pillow warns (UserWarning "Tag data larger
+    than file"), skips the tag and decodes the pixels."""
+    import io
+    import struct
+
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x010F] = "camera-make"
+    raw = exif.tobytes()  # b"Exif\0\0" + a big-endian TIFF block: header, then one IFD of one entry
+    assert raw[6:8] == b"MM" and struct.unpack(">HH", raw[14:18]) == (1, 0x010F)
+    broken = raw[:20] + struct.pack(">I", 0x7FFFFFFF) + raw[24:]  # the entry's count
+    buf = io.BytesIO()
+    Image.open(face_files("Colin_Powell")[0]).save(buf, format="JPEG", exif=broken)
+    return buf.getvalue()
+
+
+def test_a_library_s_warnings_about_an_upload_are_json_lines_too(tmp_path, default_model):
+    """Pillow's warnings about a damaged upload (here its EXIF) went to stderr as Python prints them,
+    two plain-text lines per warning that a client could cause at will; they are log records now."""
+    proc = ServerProcess(tmp_path / "data", model=default_model)
+    try:
+        proc.wait_ready()
+        with httpx.Client(base_url=proc.url, timeout=60) as client:
+            for image_type in ("aligned", "photo"):
+                r = client.post("/embed", json={"images": [b64(jpeg_with_broken_exif())], "image_type": image_type})
+                assert r.status_code in (200, 422), r.text  # the pixels are fine (a photo this small: maybe no face)
+    finally:
+        proc.stop()
+    records = [json.loads(line) for line in proc.log_path.read_text().splitlines()]  # every line: one JSON object
+    warned = [r for r in records if r.get("logger") == "py.warnings"]
+    assert warned and all(r["level"] == "warning" for r in warned), warned
+    assert any("Tag data larger than file" in r["event"] for r in warned), warned
+
+
 def test_plain_text_logs_keep_the_structured_fields(tmp_path, default_model):
     """FACE_LOG_JSON=false: one line a record, its fields as key=value (the access log's were dropped:
     every request logged as a bare ``request``)."""
