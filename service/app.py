@@ -31,6 +31,7 @@ from .gallery import GalleryLoading, retention
 from .gallery.api import GalleryBusy, GalleryUnavailable, StorageFull
 from .gallery.crops import CropKeyError
 from .gallery.embedded.lock import DataDirLocked, DataDirUnusable
+from .gallery.embedded.store import StoreDamaged
 from .gallery.open import open_gallery
 from .gallery.search import GalleryModelMismatch
 from .http import aliases, audit, collections, faces, hygiene, identities, jobs, keys, ops, recognition
@@ -67,11 +68,11 @@ from .state import ServiceState
 log = logging.getLogger(__name__)
 
 # start-up failures the operator can fix from what they say (a missing GPU, a data dir in use or not
-# writable, a model file or its metadata, a gallery of another model, a database not reachable, a
-# pepper or crop key file): logged as one line, ``could not start: ...``, without the stack a bug needs
+# writable, a store file that is no database, a model file or its metadata, a gallery of another
+# model, a database not reachable, a pepper or crop key file): logged as one line, ``could not start: ...``, without the stack a bug needs
 STARTUP_REFUSALS: tuple[type[BaseException], ...] = (
     ModelConfigError, ProviderError, ContractError, CalibrationError, Fp16Error, PepperFileError, DataDirLocked,
-    DataDirUnusable, GalleryModelMismatch, GalleryUnavailable, CropKeyError,
+    DataDirUnusable, StoreDamaged, GalleryModelMismatch, GalleryUnavailable, CropKeyError,
 )
 
 DESCRIPTION = """

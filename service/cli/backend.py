@@ -25,6 +25,7 @@ from ..config import ModelConfigError, Settings
 from ..gallery.api import Actor, Galleries, GalleryModelMismatch, GalleryUnavailable, StorageFull
 from ..gallery.crops import CropKeyError
 from ..gallery.embedded.lock import DataDirUnusable, usable_data_dir
+from ..gallery.embedded.store import StoreDamaged
 from ..gallery.open import make_gallery
 from ..model.serving import check_model_files
 
@@ -100,7 +101,7 @@ def opened_backend(settings: Settings) -> Iterator[Galleries]:
         raise CommandError(str(exc)) from exc
     try:
         yield galleries
-    except StorageFull as exc:  # a key, a revocation, a prune the disk has no room for: one line
+    except (StorageFull, StoreDamaged) as exc:  # a key the disk has no room for, a damaged store: one line
         raise CommandError(str(exc)) from exc
     finally:
         galleries.close()

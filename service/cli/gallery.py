@@ -69,6 +69,7 @@ from ..gallery.api import (
 )
 from ..gallery.crops import CropKeyError, encode_crop
 from ..gallery.embedded.lock import DataDirLocked, DataDirUnusable
+from ..gallery.embedded.store import StoreDamaged
 from ..gallery.open import open_gallery
 from ..model.files import replace_atomically
 from ..model.preprocess import MIN_NORM
@@ -545,7 +546,7 @@ def main(argv: list[str]) -> int:
                       "identities": done.identities, "faces": done.faces, "skipped_existing": len(done.skipped)}
     except (GalleryFileError, GalleryModelMismatch, GalleryUnavailable, CollectionNotFound, CollectionExists,
             AliasNotFound, CommandError, CropKeyError,  # CropKeyError: a key that does not open the crops
-            DataDirLocked, DataDirUnusable, StorageFull,
+            DataDirLocked, DataDirUnusable, StorageFull, StoreDamaged,
             TooManyFacesForCollection) as exc:  # the batches before it are in: raise max_faces, import again
         return fail(exc)
     except OSError as exc:  # a file that went away or could not be written after the checks: no traceback

@@ -89,6 +89,46 @@ def test_a_data_dir_that_is_a_file_is_one_error_line_for_the_server_and_each_com
     assert a_file.read_text() == "x"
 
 
+@pytest.mark.parametrize("store", ["gallery.sqlite3", "catalog.sqlite3", "collections/site-b/gallery.sqlite3"])
+def test_a_damaged_store_is_one_error_line_naming_it_for_the_server_and_each_command(tmp_path, spawn, default_model,
+                                                                                      store):
+    """A store (the default collection's, the catalog, another collection's) that is no longer a SQLite
+    database, as a bad restore or a disk fault leaves it: the server refuses to start, with one
+    ``could not start`` line naming the file and what to do (it was a traceback: "file is not a
+    database"); each command says the same in one ``error:`` line. The file is left as it was."""
+    data = tmp_path / "data"
+    server = spawn(data, model=default_model)
+    server.wait_ready()
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        enroll(c, ENROLLED[:1])
+        assert c.post("/collections", json={"name": "site-b"}).status_code == 201
+        r = c.post("/collections/site-b/enroll", json={"identity_id": "b", "images": [b64(face_files(ENROLLED[1])[0])]})
+        assert r.status_code == 200, r.text
+    server.stop()
+    damaged = data / store
+    for leftover in (damaged.with_name(damaged.name + "-wal"), damaged.with_name(damaged.name + "-shm")):
+        leftover.unlink(missing_ok=True)
+    garbage = np.random.default_rng(41).integers(0, 256, 20_000, dtype=np.uint8).tobytes()
+    damaged.write_bytes(garbage)
+    server = spawn(data, model=default_model)
+    with pytest.raises(RuntimeError, match="exited"):
+        server.wait_ready(timeout=90)
+    assert server.proc.returncode == 3
+    refusal = [line for line in server.log().splitlines() if "could not start" in line]
+    assert len(refusal) == 1 and str(damaged) in refusal[0] and "is not a SQLite database" in refusal[0], \
+        server.log()[-2000:]
+    assert "backup" in refusal[0] and "Traceback" not in server.log()
+    for command in (["keys", "list"], ["gallery", "export", str(tmp_path / "out.jsonl")]):
+        r = subprocess.run([sys.executable, "-m", "service", command[0], "--data-dir", str(data), "--model",
+                            str(default_model), *command[1:]], cwd=REPO, capture_output=True, text=True, timeout=120)
+        if r.returncode == 0:  # a command that never reads the damaged file (keys: the catalog only)
+            assert store != "catalog.sqlite3", (command, r.stdout)
+            continue
+        assert r.returncode == 2 and r.stderr.startswith("error: ") and str(damaged) in r.stderr, (command, r.stderr)
+        assert "Traceback" not in r.stderr, (command, r.stderr)
+    assert damaged.read_bytes() == garbage
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
 def test_damaged_snapshot_does_not_crash_the_server(tmp_path, spawn, default_model, damage):
     data = tmp_path / "data"

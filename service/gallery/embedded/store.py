@@ -555,13 +555,27 @@ class Store:
             after = (rows[-1][1], int(rows[-1][0]))
 
 
+class StoreDamaged(RuntimeError):
+    """A store file (a collection's gallery.sqlite3, the catalog) that SQLite cannot read as a database:
+    a bad restore, a partial copy, a disk fault. Nothing is written to it; the service will not start on
+    it (starting would answer as if its faces were gone)."""
+
+
 def connect(path: Path) -> sqlite3.Connection:
-    """A connection to a store file as Store makes them (WAL, synchronous=FULL, secure_delete)."""
+    """A connection to a store file as Store makes them (WAL, synchronous=FULL, secure_delete);
+    ``StoreDamaged`` for a file SQLite cannot read as a database."""
     conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")
-    conn.execute("PRAGMA foreign_keys=ON")
-    conn.execute("PRAGMA secure_delete=ON")
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA secure_delete=ON")
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        if getattr(exc, "sqlite_errorname", None) not in ("SQLITE_NOTADB", "SQLITE_CORRUPT"):
+            raise
+        raise StoreDamaged(f"{path} is not a SQLite database, or a damaged one ({exc}): restore the data dir "
+                           "from a backup (python -m service backup makes one); nothing was written to it") from exc
     return conn
 
 
