@@ -69,7 +69,8 @@ log = logging.getLogger(__name__)
 
 # start-up failures the operator can fix from what they say (a missing GPU, a data dir in use or not
 # writable, a store file that is no database, a model file or its metadata, a gallery of another
-# model, a database not reachable, a pepper or crop key file): logged as one line, ``could not start: ...``, without the stack a bug needs
+# model, a database not reachable, a pepper or crop key file): logged as one line, ``could not
+# start: ...``, without the stack a bug needs
 STARTUP_REFUSALS: tuple[type[BaseException], ...] = (
     ModelConfigError, ProviderError, ContractError, CalibrationError, Fp16Error, PepperFileError, DataDirLocked,
     DataDirUnusable, StoreDamaged, GalleryModelMismatch, GalleryUnavailable, CropKeyError,
