@@ -14,6 +14,7 @@ from service.errors import ErrorCode, ServiceError
 from service.faces.images import (
     BLOCK,
     BLOCKINESS_MAX_SIDE,
+    DEFAULT_FORMATS,
     blockiness,
     decode_aligned_face,
     decode_base64,
@@ -251,7 +252,7 @@ def test_the_image_formats_setting_names_formats_pillow_reads():
 
     assert Settings(image_formats="jpeg, png").image_formats == ("JPEG", "PNG")
     assert Settings(image_formats="jpg,tif,JPEG").image_formats == ("JPEG", "TIFF")  # the suffixes' names too
-    assert Settings().image_formats == ("JPEG", "PNG", "WEBP", "BMP")
+    assert Settings().image_formats == ("JPEG", "PNG", "WEBP", "BMP") == DEFAULT_FORMATS  # the decoder's default too
     for bad in ("", ",", "JPEG,HEIC", "GIF87"):
         with pytest.raises(ValidationError):
             Settings(image_formats=bad)
