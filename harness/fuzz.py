@@ -25,6 +25,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -58,10 +60,25 @@ def seed_gallery(url: str) -> dict[str, str | int]:
             "key_id": key}
 
 
-def fuzz_backend(backend: str, out: Path, seconds: int, seed: int | None, strict: bool, schemathesis: str,
-                 env: dict[str, str], workers: int = 1) -> bool:
-    """One backend's run; True when schemathesis found nothing and the log holds no traceback."""
-    work = out / backend
+@contextmanager
+def gallery_env(backend: str) -> Iterator[dict[str, str]]:
+    """The server settings of a gallery on ``backend``: PostgreSQL, a test server of its own while in use."""
+    if backend != "postgres":
+        yield {}
+        return
+    from harness.pg import PgTestServer
+
+    pg = PgTestServer()
+    try:
+        yield pg.gallery_env()
+    finally:
+        pg.close()
+
+
+def fuzz_backend(backend: str, args: argparse.Namespace, env: dict[str, str]) -> bool:
+    """One backend's run (``args``: main's options); True when schemathesis found nothing and the log
+    holds no traceback."""
+    work = args.out / backend
     shutil.rmtree(work, ignore_errors=True)  # a fresh gallery each run (the last run's report goes too)
     work.mkdir(parents=True)
     proc = ServerProcess(work / "data", env={"FACE_API_KEY": KEY, **env}, log_path=work / "server.log")
@@ -70,11 +87,11 @@ def fuzz_backend(backend: str, out: Path, seconds: int, seed: int | None, strict
         parameters = seed_gallery(proc.url)
         (work / "schemathesis.toml").write_text(
             "[parameters]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in parameters.items()))
-        cmd = [schemathesis, "run", f"{proc.url}/openapi.json", "-H", f"X-API-Key: {KEY}",
-               "-c", ",".join(CHECKS + (STRICT_CHECKS if strict else [])), "--max-time", str(seconds),
-               "-w", str(workers), "--suppress-health-check", "all", "--continue-on-failure"]
-        if seed is not None:
-            cmd += ["--seed", str(seed)]
+        cmd = [args.schemathesis, "run", f"{proc.url}/openapi.json", "-H", f"X-API-Key: {KEY}",
+               "-c", ",".join(CHECKS + (STRICT_CHECKS if args.strict else [])), "--max-time", str(args.seconds),
+               "-w", str(args.workers), "--suppress-health-check", "all", "--continue-on-failure"]
+        if args.seed is not None:
+            cmd += ["--seed", str(args.seed)]
         started = time.monotonic()
         with open(work / "schemathesis.log", "w") as report:
             rc = subprocess.run(cmd, cwd=work, stdout=report, stderr=subprocess.STDOUT).returncode
@@ -105,17 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     backends = ["embedded", "postgres"] if args.backend == "both" else [args.backend]
     clean = True
     for backend in backends:
-        if backend == "postgres":
-            from harness.pg import PgTestServer
-
-            pg = PgTestServer()
-            try:
-                clean &= fuzz_backend(backend, args.out, args.seconds, args.seed, args.strict, args.schemathesis,
-                                      pg.gallery_env(), args.workers)
-            finally:
-                pg.close()
-        else:
-            clean &= fuzz_backend(backend, args.out, args.seconds, args.seed, args.strict, args.schemathesis, {}, args.workers)
+        with gallery_env(backend) as env:
+            clean &= fuzz_backend(backend, args, env)
     print("fuzz: nothing found" if clean else f"fuzz: FOUND something: the reports are under {args.out}")
     return 0 if clean else 1
 

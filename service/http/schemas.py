@@ -96,6 +96,12 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+class StrictFinite(Strict):
+    # and no infinite number (1e999 parses as inf): the bodies without images (collections, keys,
+    # aliases, scan and migrate jobs)
+    model_config = ConfigDict(allow_inf_nan=False)  # merged with Strict's (extra forbidden, strict)
+
+
 class ImageOptions(Strict):
     """How the request's images are read. A photo without any face is refused (`no_face`, 422)."""
 
@@ -545,8 +551,7 @@ IDENTIFY_FPIR = ("The collection's own target false-positive identification rate
                  "alike; its threshold follows from it and the collection's size. Null: the service's.")
 
 
-class CollectionCreate(Strict):
-    model_config = ConfigDict(allow_inf_nan=False)  # merged with Strict's (extra forbidden, strict)
+class CollectionCreate(StrictFinite):
     name: str = Field(description="Lower-case letters, digits, `-` and `_`, 1-63 characters, starting with a letter "
                       "or digit.", examples=["front-desk"])
     keep_crops: bool = Field(False, description="Keep the aligned crop of every face enrolled from an image, "
@@ -560,10 +565,9 @@ class CollectionCreate(Strict):
     identify_fpir: float | None = Field(None, gt=0, lt=1, description=IDENTIFY_FPIR)
 
 
-class CollectionUpdate(Strict):
+class CollectionUpdate(StrictFinite):
     """The settings to change (at least one); those not given stay as they are; null: the default."""
 
-    model_config = ConfigDict(allow_inf_nan=False)  # merged with Strict's (extra forbidden, strict)
     retention_days: float | None = Field(None, description=RETENTION_DAYS + " Shortened, the faces already past "
                                          "it are erased by the next sweep; null: kept from now on.",
                                          gt=0, le=MAX_RETENTION_DAYS)
@@ -609,8 +613,7 @@ class CollectionDeleted(BaseModel):
     deleted_faces: int
 
 
-class KeyCreate(Strict):
-    model_config = ConfigDict(allow_inf_nan=False)  # merged with Strict's (extra forbidden, strict)
+class KeyCreate(StrictFinite):
     role: Literal["admin", "write", "read", "embed"]
     collections: list[str] | None = Field(None, max_length=1000,
                                           description="The collections the key may touch (at most 1000); null: all.")
@@ -673,8 +676,7 @@ class WhoAmI(BaseModel):
     open_mode: bool
 
 
-class AliasSet(Strict):
-    model_config = ConfigDict(allow_inf_nan=False)  # merged with Strict's (extra forbidden, strict)
+class AliasSet(StrictFinite):
     collection: str = Field(max_length=200, description="The collection the alias points to (a collection, not "
                             "another alias).", examples=["faces-v2"])
 
@@ -716,10 +718,9 @@ class DuplicatesResponse(BaseModel):
     model_id: str
 
 
-class DuplicatesJobRequest(Strict):
+class DuplicatesJobRequest(StrictFinite):
     """The scan ``GET /duplicates`` runs, as a job (the same parameters and defaults)."""
 
-    model_config = ConfigDict(allow_inf_nan=False)  # merged with Strict's (extra forbidden, strict)
     min_score: float | None = Field(None, ge=-1.0, le=1.0, description="List pairs whose best face pair scores "
                                     "at least this (instead of max_false_alarm).")
     max_false_alarm: float | None = Field(None, gt=0.0, lt=1.0, description="Without min_score: list pairs from the "
@@ -729,10 +730,9 @@ class DuplicatesJobRequest(Strict):
     evidence: Int = Field(3, ge=1, le=20, description="Face pairs shown per identity pair.")
 
 
-class OutliersJobRequest(Strict):
+class OutliersJobRequest(StrictFinite):
     """The scan ``GET /outliers`` runs, as a job (the same parameters and defaults)."""
 
-    model_config = ConfigDict(allow_inf_nan=False)  # merged with Strict's (extra forbidden, strict)
     min_score: float | None = Field(None, ge=-1.0, le=1.0, description="A face whose best score against its "
                                     "identity's other faces is below this is listed (default: the 1:1 verify "
                                     "threshold in force).")
@@ -805,8 +805,7 @@ class ClusterResponse(BaseModel):
 
 
 # --- jobs (service/jobs): migrating a collection to another model ---------------------------------
-class MigrateRequest(Strict):
-    model_config = ConfigDict(allow_inf_nan=False)  # merged with Strict's (extra forbidden, strict)
+class MigrateRequest(StrictFinite):
     model: str = Field(max_length=63, description="The served model (FACE_MODELS name) that re-embeds the faces. "
                        "Unknown: 404 `model_not_found`.", examples=["new"])
     into: str = Field(max_length=63, description="The new collection, created pinned to `model` with "
