@@ -33,6 +33,7 @@ import numpy as np
 
 from ..config import ModelConfigError, Settings
 from ..errors import ServiceError
+from ..faces.images import DEFAULT_FORMATS, image_suffixes
 from ..gallery.openset import save_gallery_tail
 from ..model.calibration import CalibrationError, impostor_tail
 from ..ops.metrics import Metrics
@@ -44,7 +45,6 @@ if TYPE_CHECKING:  # the pipeline is imported lazily, at run time
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 DEFAULT_MIN_PAIRS = 1000
 
 
@@ -67,10 +67,12 @@ class CalibrateOptions:
     model: str | None = None  # the served model's name (FACE_MODELS); None: the default model
 
 
-def labelled_files(folder: Path) -> list[tuple[str, Path]]:
+def labelled_files(folder: Path, formats: tuple[str, ...] = DEFAULT_FORMATS) -> list[tuple[str, Path]]:
+    """(person, image file) of each sub-folder's images of ``formats`` (FACE_IMAGE_FORMATS)."""
+    suffixes = image_suffixes(formats)
     people = sorted(p for p in Path(folder).iterdir() if p.is_dir())
     return [(person.name, f) for person in people for f in sorted(person.iterdir())
-            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+            if f.is_file() and f.suffix.lower() in suffixes]
 
 
 def served_model_spec(settings: Settings, name: str | None) -> tuple[str, Path | None]:
@@ -116,7 +118,7 @@ def embed_folder(state: ServiceState, options: CalibrateOptions) -> CalibrationS
     from ..faces.quality import raw_norms
     from ..model.preprocess import l2_normalise
 
-    files = labelled_files(options.folder)
+    files = labelled_files(options.folder, state.settings.image_formats)
     names = sorted({person for person, _ in files})
     index = {name: i for i, name in enumerate(names)}
     crops, labels, skipped, parts = [], [], {}, []

@@ -47,13 +47,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..config import Settings
+from ..faces.images import image_suffixes
 from ..gallery import identity_ids
 from ..gallery.api import DEFAULT_COLLECTION, CollectionNotFound, GalleryModelMismatch, GalleryUnavailable
 from ..gallery.hygiene.cluster import DEFAULT_FALSE_MERGE, DEFAULT_K, Clustering, cluster_faces, tail_threshold
 from ..gallery.openset import choose_tail
 from ..model.files import replace_atomically
 from .backend import CommandError, cli_actor, count_skip, fail, model_identity, models_checked
-from .calibrate import IMAGE_SUFFIXES
 
 if TYPE_CHECKING:  # the pipeline is imported lazily, at run time
     from ..faces.pipeline import ImageType
@@ -78,13 +78,15 @@ class EmbeddedFaces:
     examples: list[str] = field(default_factory=list)
 
 
-def image_files(root: Path) -> Iterator[Path]:
-    """Image files under ``root``, recursively, in a stable (sorted) order; symlinks followed."""
+def image_files(root: Path, formats: tuple[str, ...]) -> Iterator[Path]:
+    """Image files of ``formats`` (FACE_IMAGE_FORMATS) under ``root``, recursively, in a stable (sorted)
+    order; symlinks followed."""
+    suffixes = image_suffixes(formats)
     for folder, dirs, names in os.walk(root, followlinks=True):
         dirs.sort()
         for name in sorted(names):
             path = Path(folder) / name
-            if path.suffix.lower() in IMAGE_SUFFIXES:
+            if path.suffix.lower() in suffixes:
                 yield path
 
 
@@ -104,7 +106,7 @@ def embed_tree(state: ServiceState, root: Path, image_type: ImageType = "auto", 
             chunks.append(l2_normalise(state.model.execute_raw(np.stack(crops))).astype(np.float32))
             crops.clear()
 
-    for path in image_files(root):
+    for path in image_files(root, state.settings.image_formats):
         found.photos += 1
         try:
             faces = decode_faces(state, [path.read_bytes()], image_type, "all")

@@ -50,6 +50,7 @@ import numpy as np
 
 from ..config import Settings
 from ..errors import ServiceError
+from ..faces.images import DEFAULT_FORMATS, image_suffixes
 from ..faces.metadata import MetadataLimits, check_metadata
 from ..gallery import identity_ids
 from ..gallery.api import (
@@ -96,7 +97,6 @@ log = logging.getLogger(__name__)
 FORMAT, VERSION = "face-gallery", 1
 CLI = Actor(via="cli")  # who the audit trail names for a change made by these commands
 CLOCK_SKEW_S = 3600.0  # an enrolled_at this far ahead of this host's clock is refused (a file from a host whose clock is ahead)
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 class GalleryFileError(ValueError):
@@ -314,12 +314,14 @@ class EnrollSummary:
     examples: list[str] = field(default_factory=list)  # a few "path: reason" lines
 
 
-def people_in(root: Path) -> list[tuple[str, list[Path]]]:
-    """(identity id, image files) per sub-folder, sorted, so a rerun walks them in the same order. The id is
-    the folder name in NFC (macOS file systems hand out NFD names), as the API stores ids."""
+def people_in(root: Path, formats: tuple[str, ...] = DEFAULT_FORMATS) -> list[tuple[str, list[Path]]]:
+    """(identity id, image files of ``formats``, FACE_IMAGE_FORMATS) per sub-folder, sorted, so a rerun walks
+    them in the same order. The id is the folder name in NFC (macOS file systems hand out NFD names), as
+    the API stores ids."""
+    suffixes = image_suffixes(formats)
     found = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
         found.append((identity_ids.normalise(folder.name), images))
     return found
 
@@ -366,7 +368,7 @@ async def enroll_folder(settings: Settings, root: Path, image_type: ImageType = 
     except BaseException:
         await finalize(state)
         raise
-    summary, people = EnrollSummary(), people_in(root)
+    summary, people = EnrollSummary(), people_in(root, settings.image_formats)
     summary.people = len(people)
     gate = asyncio.Semaphore(concurrency)  # several people in flight fill the batcher's batches
 

@@ -134,6 +134,13 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
 
 
+def image_suffixes(formats: tuple[str, ...] = DEFAULT_FORMATS) -> frozenset[str]:
+    """The file name suffixes (lower case, with the dot) of ``formats``, as Pillow registers them: what
+    the folder commands read from a folder (a ``.tif`` is an image to them only with TIFF taken)."""
+    Image.init()
+    return frozenset(suffix for suffix, name in Image.registered_extensions().items() if name in formats)
+
+
 @contextmanager
 def _decode_errors(max_pixels: int, formats: tuple[str, ...] = DEFAULT_FORMATS) -> Iterator[None]:
     try:

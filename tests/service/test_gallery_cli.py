@@ -303,6 +303,28 @@ def test_imported_and_folder_ids_follow_the_api_rule(tmp_path):
     assert [i for i, _ in people_in(tmp_path / "people")] == ["Jos\u00e9"]
 
 
+def test_folder_commands_list_the_image_formats_the_service_takes(tmp_path):
+    """``gallery enroll``, ``calibrate`` and ``cluster`` read the files of FACE_IMAGE_FORMATS from a
+    folder: a ``.tif`` (TIFF is off by default) or a ``.gif`` is no image to them, where each was read
+    and reported ``not_an_image``; with TIFF named, ``.tif`` and ``.tiff`` are."""
+    from service.cli.calibrate import labelled_files
+    from service.cli.cluster import image_files
+    from service.cli.gallery import people_in
+
+    person = tmp_path / "people" / "alice"
+    person.mkdir(parents=True)
+    names = ["a.jpg", "b.JPEG", "c.png", "d.webp", "e.bmp", "f.tif", "g.tiff", "h.gif", "i.txt"]
+    for name in names:
+        (person / name).write_bytes(b"x")
+    taken = {"a.jpg", "b.JPEG", "c.png", "d.webp", "e.bmp"}
+    with_tiff = Settings(image_formats="JPEG,PNG,WEBP,BMP,TIFF").image_formats
+    for formats, expected in ((Settings().image_formats, taken), (with_tiff, taken | {"f.tif", "g.tiff"})):
+        assert [(i, {p.name for p in files}) for i, files in people_in(tmp_path / "people", formats)] == \
+            [("alice", expected)]
+        assert {p.name for _, p in labelled_files(tmp_path / "people", formats)} == expected
+        assert {p.name for p in image_files(tmp_path / "people", formats)} == expected
+
+
 class PausedExport:
     """A real collection whose listing stops before its second page until released: an export paused
     half-way, so that another export can run beside it."""
