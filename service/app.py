@@ -28,7 +28,7 @@ from .config import ModelConfigError, Settings, get_settings
 from .errors import ErrorCode, ServiceError
 from .faces.detection import AlignmentTemplate, FaceDetector, YuNetConfig, YuNetDetector, template_for
 from .gallery import GalleryLoading, retention
-from .gallery.api import GalleryBusy, GalleryUnavailable, StorageFull
+from .gallery.api import CollectionDamaged, GalleryBusy, GalleryUnavailable, StorageFull
 from .gallery.crops import CropKeyError
 from .gallery.embedded.lock import DataDirLocked, DataDirUnusable
 from .gallery.embedded.store import StoreDamaged
@@ -322,6 +322,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                                      "left_out": left_out})
         return _error_response(ServiceError(ErrorCode.storage_full, "the gallery's storage is full: nothing was "
                                             "stored; retry once the operator has freed space"), request)
+
+    @app.exception_handler(CollectionDamaged)
+    async def collection_damaged(request: Request, exc: CollectionDamaged):
+        # its store cannot be read (the backend logged which file when it found it): the others serve on
+        return _error_response(ServiceError(ErrorCode.collection_damaged, f"the stored data of collection "
+                                            f"{exc.collection!r} is damaged: it is not served until the operator "
+                                            "restores it from a backup (or deletes it)",
+                                            collection=exc.collection), request)
 
     @app.exception_handler(GalleryBusy)
     async def gallery_busy(request: Request, exc: GalleryBusy):

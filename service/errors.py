@@ -84,6 +84,7 @@ class ErrorCode(str, Enum):
     inference_timeout = "inference_timeout"
     database_unavailable = "database_unavailable"
     storage_full = "storage_full"
+    collection_damaged = "collection_damaged"
     internal_error = "internal_error"
 
 
@@ -150,6 +151,7 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.inference_timeout: 504,
     ErrorCode.database_unavailable: 503,
     ErrorCode.storage_full: 507,
+    ErrorCode.collection_damaged: 503,
     ErrorCode.internal_error: 500,
 }
 

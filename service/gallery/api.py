@@ -109,6 +109,19 @@ class StorageFull(RuntimeError):
     what was stored before is intact, and the write may be retried once space is freed."""
 
 
+class CollectionDamaged(RuntimeError):
+    """A collection whose stored data cannot be read: its embedded store is a file SQLite finds damaged,
+    or no database (a bad restore, a partial copy, a disk fault). Its requests are answered 503
+    ``collection_damaged`` and nothing is written to it; the other collections serve on. The operator
+    restores its files from a backup, or deletes the collection. ``reason`` names the file: for the log,
+    never for a client."""
+
+    def __init__(self, collection: str, reason: str) -> None:
+        super().__init__(f"collection {collection!r} cannot be read: {reason}")
+        self.collection = collection
+        self.reason = reason
+
+
 class IdentityExists(ValueError):
     """An import, or a rename, named an identity that is already enrolled (nothing was written)."""
 
@@ -214,6 +227,7 @@ class CollectionInfo:
     retention_days: float | None = None  # each face is erased this long after it was enrolled (None: kept)
     max_faces: int | None = None  # a write that would leave it more faces is refused (None: no limit)
     identify_fpir: float | None = None  # its open-set threshold's target FPIR (None: FACE_IDENTIFY_FPIR)
+    damaged: bool = False  # its stored data cannot be read (CollectionDamaged): its counts are 0, not known
 
 
 # what an admin sets per collection (POST /collections, PATCH /collections/{name}); None: the default

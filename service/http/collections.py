@@ -39,7 +39,7 @@ def out(state: ServiceState, info: CollectionInfo) -> CollectionOut:
                          identities=info.identities, faces=info.faces,
                          identify_threshold=state.decision_for(counts, served=served, fpir=info.identify_fpir).threshold,
                          keep_crops=info.keep_crops, retention_days=info.retention_days, max_faces=info.max_faces,
-                         identify_fpir=info.identify_fpir)
+                         identify_fpir=info.identify_fpir, damaged=info.damaged)
 
 
 def crop_key_missing(name: str) -> ServiceError:

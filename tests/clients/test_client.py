@@ -203,6 +203,46 @@ def test_503_overloaded_is_retried_then_raised(tmp_path, default_model):
         proc.stop()
 
 
+def test_503_collection_damaged_is_not_retried(tmp_path, default_model):
+    """A collection whose store is damaged is 503 `collection_damaged` until an operator restores it:
+    waiting does not mend it, so the client raises at once instead of spending its retries (it sent
+    the request max_retries + 1 times); the listing says which collection is damaged."""
+    data = tmp_path / "data"
+    proc = ServerProcess(data, model=default_model, env=ENV)
+    try:
+        proc.wait_ready()
+        with FaceClient(proc.url, ADMIN) as face:
+            face.create_collection("site-b")
+            face.enroll("alice", face_files(ENROLLED[0])[0], collection="site-b")
+    finally:
+        proc.stop()
+    store = data / "collections" / "site-b" / "gallery.sqlite3"
+    for leftover in (store.with_name(store.name + "-wal"), store.with_name(store.name + "-shm")):
+        leftover.unlink(missing_ok=True)
+    store.write_bytes(b"\x00not a database" * 1000)
+    proc = ServerProcess(data, model=default_model, env=ENV)
+    try:
+        proc.wait_ready()
+        with FaceClient(proc.url, ADMIN, max_retries=3) as face:
+            assert {c.name: c.damaged for c in face.list_collections()} == {"default": False, "site-b": True}
+            with pytest.raises(UnavailableError) as e:
+                face.get_identity("alice", collection="site-b")
+            assert e.value.code == "collection_damaged" and e.value.status == 503
+            face.list_collections()  # logged after the refusal and any retry of it: the log is read up to it
+
+        def requests(route: str) -> list[str]:
+            return [line for line in proc.log_path.read_text().splitlines()
+                    if '"event": "request"' in line and f'"route": "{route}"' in line]
+
+        deadline = time.monotonic() + 10
+        while len(requests("/collections")) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)  # the access line is written once the answer is sent
+        asked = requests("/identities/{identity_id}")
+        assert len(asked) == 1 and '"error": "collection_damaged"' in asked[0], asked
+    finally:
+        proc.stop()
+
+
 def test_async_client_same_features(any_backend, collection_name, people_dir):
     async def main() -> None:
         async with AsyncFaceClient(any_backend.url, ADMIN, collection=collection_name) as face:

@@ -92,10 +92,11 @@ def test_a_data_dir_that_is_a_file_is_one_error_line_for_the_server_and_each_com
 @pytest.mark.parametrize("store", ["gallery.sqlite3", "catalog.sqlite3", "collections/site-b/gallery.sqlite3"])
 def test_a_damaged_store_is_one_error_line_naming_it_for_the_server_and_each_command(tmp_path, spawn, default_model,
                                                                                       store):
-    """A store (the default collection's, the catalog, another collection's) that is no longer a SQLite
-    database, as a bad restore or a disk fault leaves it: the server refuses to start, with one
-    ``could not start`` line naming the file and what to do (it was a traceback: "file is not a
-    database"); each command says the same in one ``error:`` line. The file is left as it was."""
+    """A store that is no longer a SQLite database, as a bad restore or a disk fault leaves it: with the
+    default collection's or the catalog, the server refuses to start, with one ``could not start`` line
+    naming the file and what to do (it was a traceback: "file is not a database"); another collection's
+    is contained instead (the next test). Each command says it in one ``error:`` line. The file is left
+    as it was."""
     data = tmp_path / "data"
     server = spawn(data, model=default_model)
     server.wait_ready()
@@ -110,14 +111,21 @@ def test_a_damaged_store_is_one_error_line_naming_it_for_the_server_and_each_com
         leftover.unlink(missing_ok=True)
     garbage = np.random.default_rng(41).integers(0, 256, 20_000, dtype=np.uint8).tobytes()
     damaged.write_bytes(garbage)
-    server = spawn(data, model=default_model)
-    with pytest.raises(RuntimeError, match="exited"):
+    if store.startswith("collections/"):  # contained: the service starts, and serves the default collection
+        server = spawn(data, model=default_model)
         server.wait_ready(timeout=90)
-    assert server.proc.returncode == 3
-    refusal = [line for line in server.log().splitlines() if "could not start" in line]
-    assert len(refusal) == 1 and str(damaged) in refusal[0] and "is not a SQLite database" in refusal[0], \
-        server.log()[-2000:]
-    assert "backup" in refusal[0] and "Traceback" not in server.log()
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            assert identifies(c, ENROLLED[:1]) == ENROLLED[:1]
+        server.stop()
+    else:
+        server = spawn(data, model=default_model)
+        with pytest.raises(RuntimeError, match="exited"):
+            server.wait_ready(timeout=90)
+        assert server.proc.returncode == 3
+        refusal = [line for line in server.log().splitlines() if "could not start" in line]
+        assert len(refusal) == 1 and str(damaged) in refusal[0] and "is not a SQLite database" in refusal[0], \
+            server.log()[-2000:]
+        assert "backup" in refusal[0] and "Traceback" not in server.log()
     for command in (["keys", "list"], ["gallery", "export", str(tmp_path / "out.jsonl")]):
         r = subprocess.run([sys.executable, "-m", "service", command[0], "--data-dir", str(data), "--model",
                             str(default_model), *command[1:]], cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -127,6 +135,97 @@ def test_a_damaged_store_is_one_error_line_naming_it_for_the_server_and_each_com
         assert r.returncode == 2 and r.stderr.startswith("error: ") and str(damaged) in r.stderr, (command, r.stderr)
         assert "Traceback" not in r.stderr, (command, r.stderr)
     assert damaged.read_bytes() == garbage
+
+
+def damage_pages(store, seed: int) -> None:
+    """Overwrite every page of a store but its first (the header and schema): SQLite opens it as a
+    database and finds the damage on reading its rows, as a disk fault leaves a file."""
+    raw = bytearray(store.read_bytes())
+    page = int.from_bytes(raw[16:18], "big") or 65536
+    noise = np.random.default_rng(seed).integers(0, 256, len(raw), dtype=np.uint8).tobytes()
+    raw[page:] = noise[page:]
+    store.write_bytes(bytes(raw))
+
+
+def test_a_damaged_collection_is_contained_and_the_others_serve(tmp_path, spawn, default_model):
+    """Another collection's store damaged (site-b: no database at all; site-c: its pages, found on
+    reading them): the server starts and the default collection serves; every request to a damaged
+    one is 503 ``collection_damaged`` naming it (a listing was a 500, a start-up refusal before that);
+    ``GET /collections`` says ``damaged``; the log names each file once, with no traceback; nothing is
+    written to them. Restored, site-c serves its faces again without a restart; site-b is deleted (its
+    garbage overwritten and removed: a traceback once), audited as damaged, and its name used again."""
+    data = tmp_path / "data"
+    server = spawn(data, model=default_model)
+    server.wait_ready()
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        enroll(c, ENROLLED[:1])
+        for name, people in (("site-b", ENROLLED[1:3]), ("site-c", ENROLLED[3:5])):
+            assert c.post("/collections", json={"name": name}).status_code == 201
+            for person in people:
+                r = c.post(f"/collections/{name}/enroll", json={
+                    "identity_id": person, "metadata": {"note": "x" * 3000},  # more pages than the first
+                    "images": [b64(p) for p in face_files(person)[:2]]})
+                assert r.status_code == 200, r.text
+    server.stop()
+    stores = {name: data / "collections" / name / "gallery.sqlite3" for name in ("site-b", "site-c")}
+    for store in stores.values():
+        with sqlite3.connect(store) as conn:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        for leftover in (store.with_name(store.name + "-wal"), store.with_name(store.name + "-shm")):
+            leftover.unlink(missing_ok=True)
+    good_c = stores["site-c"].read_bytes()
+    stores["site-b"].write_bytes(np.random.default_rng(42).integers(0, 256, 20_000, dtype=np.uint8).tobytes())
+    damage_pages(stores["site-c"], 43)
+    damaged = {name: store.read_bytes() for name, store in stores.items()}
+
+    server = spawn(data, model=default_model)
+    server.wait_ready(timeout=90)
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        listed = {item["name"]: item for item in c.get("/collections").json()["items"]}
+        assert [n for n, item in listed.items() if item["damaged"]] == ["site-b", "site-c"], listed
+        assert listed["site-b"]["faces"] == 0 and listed["default"]["faces"] == 2
+        assert c.get("/collections/site-c").json()["damaged"] is True
+        probe = [b64(face_files(ENROLLED[1])[2])]
+        for name in ("site-b", "site-c"):
+            for method, path, body in (
+                    ("GET", "identities", None), ("GET", f"identities/{ENROLLED[1]}", None),
+                    ("POST", "identify", {"images": probe}), ("POST", "verify", {"image_a": probe[0], "identity_id": ENROLLED[1]}),
+                    ("POST", "enroll", {"identity_id": "new", "images": probe}),
+                    ("DELETE", f"identities/{ENROLLED[3]}", None), ("GET", "duplicates", None),
+                    ("POST", "faces/delete", {"face_ids": [1]})):
+                r = c.request(method, f"/collections/{name}/{path}", json=body)
+                assert r.status_code == 503, (name, path, r.status_code, r.text)
+                assert r.json()["error"]["code"] == "collection_damaged", r.text
+                assert r.json()["error"]["details"] == {"collection": name}
+                assert str(data) not in r.text  # the file is for the operator's log, not for clients
+        r = c.get("/audit")  # the whole trail cannot be read: said, not a page silently left out
+        assert r.status_code == 503 and r.json()["error"]["details"] == {"collection": "site-b"}, r.text
+        assert c.get("/audit", params={"collection": "default"}).status_code == 200
+        assert identifies(c, ENROLLED[:1]) == ENROLLED[:1]  # the default collection serves on, reads and writes
+        enroll(c, ENROLLED[5:6])
+        lines = server.log_path.read_text().splitlines()  # the whole log (log(): its end)
+        for name, store in stores.items():
+            found = [line for line in lines if "collection damaged" in line and f'"collection": "{name}"' in line]
+            assert len(found) == 1 and str(store) in found[0], lines[-20:]
+            assert store.read_bytes() == damaged[name]  # nothing was written to it
+        assert not [line for line in lines if "Traceback" in line]
+
+        stores["site-c"].write_bytes(good_c)  # restored from a backup, the server running
+        r = c.get("/collections/site-c/identities")
+        assert r.status_code == 200 and sorted(i["identity_id"] for i in r.json()["items"]) == sorted(ENROLLED[3:5])
+        r = c.post("/collections/site-c/identify", json={"images": [b64(face_files(ENROLLED[3])[2])]})
+        assert r.status_code == 200 and r.json()["results"][0]["identity_id"] == ENROLLED[3], r.text
+        assert c.get("/collections/site-c").json()["damaged"] is False
+
+        r = c.delete("/collections/site-b")
+        assert r.status_code == 200, r.text
+        assert not (data / "collections" / "site-b").exists()
+        trail = c.get("/audit", params={"collection": "site-b"}).json()["items"]
+        assert [e["details"] for e in trail if e["action"] == "collection.deleted"] == [
+            {"identities": 0, "faces": 0, "damaged": True}], trail
+        assert c.post("/collections", json={"name": "site-b"}).status_code == 201
+        assert c.get("/collections/site-b/identities").json()["items"] == []
+    assert "Traceback" not in server.log_path.read_text()
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])

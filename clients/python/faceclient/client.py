@@ -86,6 +86,7 @@ Transport = Literal["multipart", "json"]
 DEFAULT_COLLECTION = "default"
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 RETRIED = frozenset({429, 503})
+NOT_RETRIED = frozenset({"collection_damaged"})  # 503s that waiting does not mend: the operator must act
 
 
 @dataclass
@@ -122,6 +123,14 @@ KEEP = Keep.KEEP
 
 def _drop_none(body: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in body.items() if v is not None}
+
+
+def _code(response: httpx.Response) -> str | None:
+    """The error code of an error answer whose body is read (None: none, or not the service's JSON)."""
+    try:
+        return str(response.json()["error"]["code"])
+    except (ValueError, KeyError, TypeError, httpx.ResponseNotRead):
+        return None
 
 
 def _major(version: str) -> str:
@@ -469,7 +478,7 @@ class _Base:
     # --- answers ----------------------------------------------------------------------------------
     def _wait(self, attempt: int, response: httpx.Response, started: float) -> float | None:
         """Seconds to wait before retrying ``response``, or None: not retried (or out of budget)."""
-        if response.status_code not in RETRIED or attempt >= self.max_retries:
+        if response.status_code not in RETRIED or attempt >= self.max_retries or _code(response) in NOT_RETRIED:
             return None
         try:
             wait = float(response.headers["Retry-After"]) + random.uniform(0, 0.25)

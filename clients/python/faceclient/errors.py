@@ -86,7 +86,8 @@ _FAMILIES: dict[type[FaceServiceError], tuple[str, ...]] = {
     AuthError: ("unauthorized", "forbidden", "cross_origin_refused"),
     RateLimitedError: ("rate_limited",),
     UnavailableError: ("gallery_loading", "gallery_unavailable", "model_not_ready", "overloaded",
-                       "inference_timeout", "database_unavailable", "storage_full"),
+                       "inference_timeout", "database_unavailable", "storage_full",
+                       "collection_damaged"),
     ServerError: ("internal_error",),
 }
 # the codes that refuse one image for itself (its ``details.index`` says which): enroll_folder skips that file

@@ -194,6 +194,7 @@ class Collection(Model):
     retention_days: float | None = None  # each face is erased this many days after its enrollment (None: kept)
     max_faces: int | None = None  # the most faces it may hold (None: no limit)
     identify_fpir: float | None = None  # its own open-set FPIR target (None: the server's)
+    damaged: bool = False  # its stored data cannot be read: requests to it fail (collection_damaged) until restored
 
 
 class CollectionDeleted(Model):

@@ -19,6 +19,13 @@ catalog's and records collection.deleted; then its files are erased (rows delete
 secure_delete, WAL truncated, every file overwritten with zeros and removed). A crash between the
 two leaves a directory without a catalog row: the next start erases it the same way.
 
+A damaged collection (a store file SQLite cannot read, found on opening it or on a read) is contained:
+its uses raise ``CollectionDamaged`` (503 ``collection_damaged``), it is listed with ``damaged`` set,
+the first discovery is logged naming the file, nothing is written to it, and every other collection
+serves on. It may still be deleted (its files erased, its unreadable audit trail with them); restored
+files are used again on its next use. The default collection and the catalog are checked at start-up
+instead: the server refuses to start on them (StoreDamaged), as it cannot serve unkeyed requests.
+
 Without ``open()``/``start()`` only the catalog is used (keys, audit, collection listing): what the
 CLI does beside a running server, which holds the default collection's lock.
 """
@@ -46,6 +53,7 @@ from ..api import (
     AliasInfo,
     AuditEntry,
     AuditQuery,
+    CollectionDamaged,
     CollectionInfo,
     CollectionInUse,
     CollectionNotFound,
@@ -68,7 +76,17 @@ from .backend import EmbeddedGallery
 from .catalog import Catalog
 from .gallery import Gallery, ReadWriteLock
 from .snapshot import fsync_dir
-from .store import connect, count_counted_faces, count_rows, erase_rows, expired_face_ids, has_age_index
+from .sqlite import is_damaged
+from .store import (
+    StoreDamaged,
+    connect,
+    count_counted_faces,
+    count_rows,
+    damaged_message,
+    erase_rows,
+    expired_face_ids,
+    has_age_index,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +121,9 @@ def erase_directory(path: Path) -> None:
                 erase_rows(conn)
             finally:
                 conn.close()
-        except sqlite3.Error:  # a damaged store: overwriting its bytes below erases it all the same
-            log.warning("could not delete the rows of an erased collection; overwriting its files", exc_info=True)
+        except (sqlite3.Error, StoreDamaged) as exc:  # a damaged store: overwriting its bytes erases it all the same
+            log.warning("could not delete the rows of an erased collection; overwriting its files",
+                        extra={"reason": f"{type(exc).__name__}: {exc}"})
     files = sorted((p for p in path.rglob("*") if p.is_file() or p.is_symlink()), reverse=True)
     for file in files:
         if file.is_file() and not file.is_symlink():
@@ -155,6 +174,7 @@ class EmbeddedGalleries:
         self._settings: dict[str, dict[str, Any]] = {}  # collection -> its COLLECTION_SETTINGS (guarded by _mutex)
         self.crop_cipher: CropCipher | None = None  # seals kept crops; set by open.make_gallery
         self._fences: dict[str, ReadWriteLock] = {}  # collection -> its write fence (write_fence), guarded by _mutex
+        self._damaged: set[str] = set()  # collections found damaged and logged so (guarded by _mutex)
 
     # --- lifecycle -----------------------------------------------------------------------------
     @property
@@ -437,11 +457,17 @@ class EmbeddedGalleries:
                 store = directory / Gallery.STORE_FILE
                 trail: list[audit.Row] = []
                 identities = faces = 0
+                details: dict[str, Any] = {}
                 if store.exists():
-                    with self._peek(store) as conn:
-                        trail = audit.all_rows(conn)
-                        identities, faces = count_rows(conn)
-                details = {"identities": identities, "faces": faces}
+                    try:
+                        with self._peek(store) as conn:
+                            trail = audit.all_rows(conn)
+                            identities, faces = count_rows(conn)
+                    except (StoreDamaged, sqlite3.DatabaseError) as exc:  # its trail is lost with its faces
+                        if not self.damaged(name, exc):
+                            raise
+                        details["damaged"] = True
+                details = {"identities": identities, "faces": faces, **details}
                 if not self._catalog.drop_collection(name, trail, actor, details):
                     raise CollectionNotFound(name)
             except BaseException:
@@ -457,6 +483,7 @@ class EmbeddedGalleries:
                     if self._entries.get(name) is entry:
                         self._entries.pop(name, None)
                     self._deleting.discard(name)
+                    self._damaged.discard(name)
         log.info("collection deleted", extra={"collection": name, **details})
         return CollectionInfo(name, info.model_id, info.created_at, identities, faces, info.counted_faces,
                               keep_crops=info.keep_crops, dim=info.dim)
@@ -481,13 +508,44 @@ class EmbeddedGalleries:
         store = self._directory(name) / Gallery.STORE_FILE
         if not store.exists():
             return CollectionInfo(name, model_id, created_at, 0, 0, 0, dim=dim)
-        with self._peek(store) as conn:
-            try:
-                identities, faces = count_rows(conn)
-                counted = count_counted_faces(conn, FACES_COUNTED_PER_IDENTITY)
-            except sqlite3.OperationalError:  # a store not written yet (no tables)
-                identities = faces = counted = 0
+        try:
+            with self._peek(store) as conn:
+                try:
+                    identities, faces = count_rows(conn)
+                    counted = count_counted_faces(conn, FACES_COUNTED_PER_IDENTITY)
+                except sqlite3.OperationalError:  # a store not written yet (no tables)
+                    identities = faces = counted = 0
+        except (StoreDamaged, sqlite3.DatabaseError) as exc:
+            if not self.damaged(name, exc):
+                raise
+            return CollectionInfo(name, model_id, created_at, 0, 0, 0, dim=dim, damaged=True)
+        self.readable(name)
         return CollectionInfo(name, model_id, created_at, identities, faces, counted, dim=dim)
+
+    def damaged(self, name: str, exc: BaseException) -> bool:
+        """Whether ``exc`` says the collection's store is damaged; the first time it does, logged with the
+        file and what to do (each use of the collection is refused 503 collection_damaged meanwhile)."""
+        if not isinstance(exc, StoreDamaged) and not is_damaged(exc):
+            return False
+        with self._mutex:
+            first = name not in self._damaged
+            self._damaged.add(name)
+        if first:
+            reason = str(exc) if isinstance(exc, StoreDamaged) else damaged_message(
+                self._directory(name) / Gallery.STORE_FILE, exc)
+            log.error("collection damaged: not served until its files are restored from a backup (or it is "
+                      "deleted); the other collections serve on", extra={"collection": name, "reason": reason})
+        return True
+
+    def readable(self, name: str) -> None:
+        """The collection's store was counted whole again (its files restored): logged if it was damaged,
+        and a later damage is logged again."""
+        if name in self._damaged:
+            with self._mutex:
+                if name not in self._damaged:
+                    return
+                self._damaged.discard(name)
+            log.warning("collection readable again", extra={"collection": name})
 
     def pin(self, name: str) -> tuple[str, int]:
         """(model id, dim) the collection is pinned to, as known since its handle was made."""
@@ -506,7 +564,8 @@ class EmbeddedGalleries:
     def _stored_dim(self, name: str) -> int:
         store = self._directory(name) / Gallery.STORE_FILE
         if store.exists():
-            with self._peek(store) as conn, suppress(sqlite3.OperationalError):
+            # a damaged store: the default model's dim (its uses are refused anyway, collection_damaged)
+            with suppress(StoreDamaged, sqlite3.DatabaseError), self._peek(store) as conn:
                 row = conn.execute("SELECT value FROM meta WHERE key = 'embedding_size'").fetchone()
                 if row is not None:
                     return int(row[0])
@@ -584,20 +643,29 @@ class EmbeddedGalleries:
         with self._shape:
             pages = [self._catalog.audit(query)]
             for name, store in self._stores(query.collection):
-                with self._peek(store) as conn:
-                    try:
-                        pages.append(audit.query(conn, name, query))
-                    except sqlite3.OperationalError:  # a store from before the audit table, not opened since
-                        continue
+                try:
+                    with self._peek(store) as conn:
+                        try:
+                            pages.append(audit.query(conn, name, query))
+                        except sqlite3.OperationalError:  # a store from before the audit table, not opened since
+                            continue
+                except (StoreDamaged, sqlite3.DatabaseError) as exc:  # not a page left out unsaid: 503
+                    if self.damaged(name, exc):
+                        raise CollectionDamaged(name, str(exc)) from exc
+                    raise
         return audit.merge(pages, query.limit)
 
     def prune_audit(self, before: float) -> int:
         with self._shape:
             pruned = self._catalog.prune_audit(before)
-            for _, store in self._stores(None):
-                with self._peek(store) as conn:
-                    with suppress(sqlite3.OperationalError):
-                        pruned += audit.prune(conn, before)
+            for name, store in self._stores(None):
+                try:
+                    with self._peek(store) as conn:
+                        with suppress(sqlite3.OperationalError):
+                            pruned += audit.prune(conn, before)
+                except (StoreDamaged, sqlite3.DatabaseError) as exc:  # the others are pruned all the same
+                    if not self.damaged(name, exc):
+                        raise
         return pruned
 
     # --- the whole -----------------------------------------------------------------------------
@@ -687,11 +755,16 @@ class _CollectionHandle:
 
     def _run(self, call: Callable[[EmbeddedGallery], _T]) -> _T:
         owner = self._owner
-        entry, gallery = owner._acquire(self.name, self._incarnation)  # noqa: SLF001 - its own handle
         try:
-            return call(gallery)
-        finally:
-            owner._release(entry)  # noqa: SLF001
+            entry, gallery = owner._acquire(self.name, self._incarnation)  # noqa: SLF001 - its own handle
+            try:
+                return call(gallery)
+            finally:
+                owner._release(entry)  # noqa: SLF001
+        except (StoreDamaged, sqlite3.DatabaseError) as exc:  # found on opening it, or on a read
+            if owner.damaged(self.name, exc):
+                raise CollectionDamaged(self.name, str(exc)) from exc
+            raise
 
     def _write(self, call: Callable[[EmbeddedGallery], _T]) -> _T:
         """A write: ``_run`` holding the shared side of the collection's write fence."""

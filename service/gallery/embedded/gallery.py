@@ -58,7 +58,8 @@ from ..search import GalleryModelMismatch, Hit, Match, check_model, score_among,
 from .index import BackgroundSave, HnswIndex, SnapshotWriterStuck
 from .lock import DataDirLock, usable_data_dir
 from .snapshot import Layout, SnapshotFiles, SnapshotInvalid, read_layout
-from .store import Room, Store
+from .sqlite import is_damaged
+from .store import Room, Store, StoreDamaged, damaged_message
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +192,7 @@ class Gallery:
         self._snapshot_mutex = threading.Lock()
         self._ready = threading.Event()
         self._load_error: str | None = None
+        self._load_damaged: str | None = None  # the load found the store damaged: StoreDamaged's message
         self._loader: threading.Thread | None = None
         self._dirty = False  # the index does not mirror the store: never snapshot it
         self._changes = 0  # writes since the last snapshot
@@ -231,11 +233,13 @@ class Gallery:
             self._check_model()
             self.store.checkpoint()  # a crash may have left erased rows in the WAL ...
             self._files.remove_temporaries()  # ... or a half-written snapshot holding erased faces
-        except BaseException:
+        except BaseException as exc:
             if self.store is not None:
                 self.store.close()
                 self.store = None
             self._dir_lock.release()
+            if is_damaged(exc):  # a page of it SQLite finds damaged (the file opened as a database)
+                raise StoreDamaged(damaged_message(self.data_dir / self.STORE_FILE, exc)) from exc
             raise
 
     def _check_model(self) -> None:
@@ -258,6 +262,8 @@ class Gallery:
         except _LoadCancelled:
             log.info("gallery load cancelled by shutdown")
         except Exception as exc:  # noqa: BLE001 - reported by /readyz and the log
+            if isinstance(exc, StoreDamaged) or is_damaged(exc):
+                self._load_damaged = damaged_message(self.data_dir / self.STORE_FILE, exc)
             self._load_error = f"{type(exc).__name__}: {exc}"
             log.exception("gallery could not be loaded")
 
@@ -284,6 +290,8 @@ class Gallery:
 
     def _require_ready(self) -> None:
         if not self._ready.is_set():
+            if self._load_damaged:
+                raise StoreDamaged(self._load_damaged)
             if self._load_error:
                 raise GalleryLoading(f"the gallery index could not be loaded: {self._load_error}", failed=True)
             raise GalleryLoading("the gallery index is loading; retry shortly")

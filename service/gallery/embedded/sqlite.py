@@ -1,5 +1,5 @@
 """SQLite writes shared by the store, the catalog and the audit trail: one write transaction, and a
-full disk told apart from every other failure.
+full disk and a damaged file told apart from every other failure.
 
 On a full disk SQLite fails the statement that needed a page, or the COMMIT, with ``SQLITE_FULL`` and
 may roll the transaction back itself: the rollback here runs only when a transaction is still open
@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 
 FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 SQLITE_FULL = 13  # sqlite3.SQLITE_FULL (Python 3.11+; not in every type stub)
+# a file that is no database, or one whose pages SQLite finds inconsistent (a bad restore, a partial
+# copy, a disk fault): nothing a retry or the client can mend
+SQLITE_DAMAGED = frozenset({11, 26})  # SQLITE_CORRUPT, SQLITE_NOTADB
 
 
 def is_storage_full(exc: BaseException) -> bool:
@@ -28,6 +31,11 @@ def is_storage_full(exc: BaseException) -> bool:
     if isinstance(exc, sqlite3.Error):
         return (getattr(exc, "sqlite_errorcode", 0) & 0xFF) == SQLITE_FULL
     return isinstance(exc, OSError) and exc.errno in FULL_ERRNOS
+
+
+def is_damaged(exc: BaseException) -> bool:
+    """A database file SQLite cannot read as one (SQLITE_NOTADB) or finds damaged (SQLITE_CORRUPT)."""
+    return isinstance(exc, sqlite3.DatabaseError) and (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in SQLITE_DAMAGED
 
 
 @contextmanager

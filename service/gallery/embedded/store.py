@@ -39,7 +39,7 @@ from ..results import (
     plan_update,
 )
 from . import audit
-from .sqlite import checkpoint, write_transaction
+from .sqlite import checkpoint, is_damaged, write_transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -572,11 +572,15 @@ def connect(path: Path) -> sqlite3.Connection:
         conn.execute("PRAGMA secure_delete=ON")
     except sqlite3.DatabaseError as exc:
         conn.close()
-        if getattr(exc, "sqlite_errorname", None) not in ("SQLITE_NOTADB", "SQLITE_CORRUPT"):
+        if not is_damaged(exc):
             raise
-        raise StoreDamaged(f"{path} is not a SQLite database, or a damaged one ({exc}): restore the data dir "
-                           "from a backup (python -m service backup makes one); nothing was written to it") from exc
+        raise StoreDamaged(damaged_message(path, exc)) from exc
     return conn
+
+
+def damaged_message(path: Path, exc: BaseException) -> str:
+    return (f"{path} is not a SQLite database, or a damaged one ({exc}): restore the data dir from a backup "
+            "(python -m service backup makes one); nothing was written to it")
 
 
 def count_rows(conn: sqlite3.Connection) -> tuple[int, int]:

@@ -55,6 +55,7 @@ const ERROR_MESSAGES = {
   inference_timeout: "The model did not answer in time; try again in a moment.",
   database_unavailable: "The gallery database cannot be reached right now; try again in a moment.",
   storage_full: "The gallery's disk is full, so nothing was saved; ask the operator to free space, then try again.",
+  collection_damaged: "This collection's stored data is damaged and cannot be read; the operator must restore it from a backup (the other collections work).",
   unauthorized: "The API key is missing or wrong (or revoked, or expired).",
   forbidden: "This API key may not do this (its role or its collections do not allow it).",
   collection_not_found: "No collection of this name exists (it may have been deleted).",
@@ -206,8 +207,10 @@ async function submitKey(event) {
 
 // --- who is using the console, and in which collection -------------------------------------------
 // keepCrops: the collections made with keep_crops (GET /collections says so), whose faces' crops a
-// write key sees as thumbnails in the gallery views
-const session = { role: null, admin: false, keyId: null, scope: null, openMode: false, keepCrops: new Set() };
+// write key sees as thumbnails in the gallery views; damaged: those whose stored data the server
+// cannot read (every request to one is refused collection_damaged), marked in the picker
+const session = { role: null, admin: false, keyId: null, scope: null, openMode: false, keepCrops: new Set(),
+  damaged: new Set() };
 
 function collection() {
   return sessionStorage.getItem(COLLECTION_STORE) || DEFAULT_COLLECTION;
@@ -244,10 +247,12 @@ function fillSelect(select, names, { keep = true, extra = [] } = {}) {
 async function loadCollections() {
   let names = null;
   session.keepCrops = new Set();
+  session.damaged = new Set();
   try {
     const items = (await api("collections", { action: "list collections" })).items;
     names = items.map((item) => item.name);
     session.keepCrops = new Set(items.filter((item) => item.keep_crops).map((item) => item.name));
+    session.damaged = new Set(items.filter((item) => item.damaged).map((item) => item.name));
   } catch (err) {
     if (err.code === "unauthorized") throw err;
     // no right to list them (an embed key), or rate limited: the key's own scope, else default
@@ -258,6 +263,9 @@ async function loadCollections() {
   let chosen = collection();
   if (!names.includes(chosen)) chosen = names.includes(DEFAULT_COLLECTION) ? DEFAULT_COLLECTION : names[0];
   fillSelect($("collection-select"), names, { keep: false });
+  for (const option of $("collection-select").options) {
+    if (session.damaged.has(option.value)) option.text = `${option.value} (damaged)`;
+  }
   fillSelect($("keys-collections"), names);
   fillSelect($("audit-collection"), names, { extra: [["", "any"]] });
   markChosen(chosen);
@@ -292,7 +300,8 @@ function chooseCollection(name) {
   tryRun += 1; // an answer still coming is from the collection left: not drawn
   delete $("try-canvas").dataset.state;
   say($("try-status"), `Pick a photo to see every face, who it matches in ${quoted(name)} and how sure.`);
-  say($("collection-status"), "");
+  say($("collection-status"), session.damaged.has(name) ? ERROR_MESSAGES.collection_damaged : "",
+    session.damaged.has(name) ? "error" : undefined);
   say($("settings-status"), "");
   route();
 }
