@@ -327,8 +327,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def collection_damaged(request: Request, exc: CollectionDamaged):
         # its store cannot be read (the backend logged which file when it found it): the others serve on
         return _error_response(ServiceError(ErrorCode.collection_damaged, f"the stored data of collection "
-                                            f"{exc.collection!r} is damaged: it is not served until the operator "
-                                            "restores it from a backup (or deletes it)",
+                                            f"{exc.collection!r} is damaged (a disk fault, a bad restore): the "
+                                            "operator restores it from a backup, or deletes the collection",
                                             collection=exc.collection), request)
 
     @app.exception_handler(GalleryBusy)

@@ -601,9 +601,10 @@ class CollectionOut(BaseModel):
     max_faces: int | None = Field(None, description="The most faces it may hold (null: no limit).")
     identify_fpir: float | None = Field(None, description="Its own target FPIR for /identify (null: the service's, "
                                         "FACE_IDENTIFY_FPIR); `identify_threshold` is the threshold it gives now.")
-    damaged: bool = Field(False, description="Its stored data cannot be read (a damaged store file): its requests "
-                          "are answered 503 `collection_damaged` until the operator restores it from a backup or "
-                          "deletes it; `identities` and `faces` are 0, not known.")
+    damaged: bool = Field(False, description="Its stored data cannot be read (an embedded store file that is "
+                          "damaged): its requests are answered 503 `collection_damaged` until the operator restores "
+                          "it from a backup or deletes it; `identities` and `faces` are 0, not known. PostgreSQL: "
+                          "always false (damage is found by the reads it breaks).")
 
 
 class CollectionList(BaseModel):

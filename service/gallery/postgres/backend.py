@@ -63,6 +63,7 @@ from ..api import (
     AliasNotFound,
     AuditEntry,
     AuditQuery,
+    CollectionDamaged,
     CollectionExists,
     CollectionInfo,
     CollectionInUse,
@@ -610,10 +611,24 @@ class PostgresGalleries:
         self._build_threads: list[threading.Thread] = []
         self._build_conns: dict[int, psycopg.Connection] = {}
         self._closing = False
+        self._damaged: set[str] = set()  # collections whose reads found damaged data, logged once each
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
         self.open()
+
+    def damaged(self, name: str, exc: psycopg.Error) -> CollectionDamaged:
+        """A collection's statement that PostgreSQL refused for damaged data (XX001, XX002): the first
+        time for that collection, logged with the database's words (its own log has the relation)."""
+        reason = f"{self.options.where}: {type(exc).__name__}: {str(exc).strip()[:300]}"
+        with self._lock:
+            first = name not in self._damaged
+            self._damaged.add(name)
+        if first:
+            log.error("collection damaged: PostgreSQL found its data damaged; restore the database from a backup "
+                      "(or repair it: REINDEX for an index); the other collections serve on",
+                      extra={"collection": name, "reason": reason})
+        return CollectionDamaged(name, reason)
 
     def open(self) -> None:
         """Migrate under the advisory lock, check the model, then open the connection pools."""
@@ -1390,11 +1405,33 @@ class PostgresGallery:
     def index_built_after(self) -> AbstractContextManager[None]:
         return self.galleries.index_built_after(self.dim)
 
-    def _transaction(self) -> AbstractContextManager[psycopg.Connection]:
-        return self.galleries._transaction()  # noqa: SLF001 - the collection's own backend
+    # the collection's own uses of the pools: data PostgreSQL finds damaged (XX001 data_corrupted, XX002
+    # index_corrupted: a disk fault, a bad restore) is CollectionDamaged, 503 collection_damaged, not a 500
+    @contextmanager
+    def _contained(self) -> Iterator[None]:
+        try:
+            yield
+        except (psycopg.errors.DataCorrupted, psycopg.errors.IndexCorrupted) as exc:
+            raise self.galleries.damaged(self.name, exc) from exc
 
-    def _read_connection(self) -> AbstractContextManager[psycopg.Connection]:
-        return self.galleries._read_connection()  # noqa: SLF001
+    @contextmanager
+    def _transaction(self) -> Iterator[psycopg.Connection]:
+        with self._contained(), self.galleries._transaction() as conn:  # noqa: SLF001 - its own backend
+            yield conn
+
+    @contextmanager
+    def _read_connection(self) -> Iterator[psycopg.Connection]:
+        with self._contained(), self.galleries._read_connection() as conn:  # noqa: SLF001
+            yield conn
+
+    @contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection]:
+        with self._contained(), self.galleries._connection() as conn:  # noqa: SLF001
+            yield conn
+
+    def _read(self, body: Callable[[psycopg.Connection], T], transaction: bool = True) -> T:
+        with self._contained():
+            return self.galleries._read(body, transaction)  # noqa: SLF001
 
     def _count(self, conn: psycopg.Connection, identities: int, faces: int, counted: int) -> tuple[Any, ...]:
         """Record this write's deltas in a random counter slot of the collection, then read the exact
@@ -1813,7 +1850,7 @@ class PostgresGallery:
         identities widens in another (rare). ``ef``: hnsw.ef_search for this search (SET LOCAL, as
         always) instead of the setting."""
         vectors = np.ascontiguousarray(np.atleast_2d(probes), dtype=np.float32)
-        return self.galleries._read(  # noqa: SLF001
+        return self._read(  # noqa: SLF001
             lambda conn: search_identities(lambda p, k: self._nearest(conn, p, k, ef), vectors, top_k),
             transaction=False)
 
@@ -1825,7 +1862,7 @@ class PostgresGallery:
             return conn.execute("SELECT embedding FROM faces WHERE collection_id = %s AND identity_id = %s "
                                 "ORDER BY face_id", (self.collection_id, identity_id)).fetchall()
 
-        rows = self.galleries._read(body)  # noqa: SLF001
+        rows = self._read(body)  # noqa: SLF001
         if rows is None:
             return None
         if not rows:
@@ -1833,7 +1870,7 @@ class PostgresGallery:
         return np.stack([_as_array(r[0]) for r in rows])
 
     def get_identity(self, identity_id: str) -> IdentityDetails | None:
-        return self.galleries._read(lambda conn: self._details(conn, identity_id))  # noqa: SLF001
+        return self._read(lambda conn: self._details(conn, identity_id))  # noqa: SLF001
 
     def _details(self, conn: psycopg.Connection, identity_id: str) -> IdentityDetails | None:
         row = conn.execute("SELECT identity_id, metadata, created_at, updated_at FROM identities "
@@ -1850,7 +1887,7 @@ class PostgresGallery:
         range of the primary key (identity_ids.id_range), as a page without one."""
         low, inclusive, high = id_range(None if after is None else _before_nul(after),
                                         None if prefix is None else _before_nul(prefix))
-        rows = self.galleries._read(lambda conn: conn.execute(  # noqa: SLF001
+        rows = self._read(lambda conn: conn.execute(  # noqa: SLF001
             "SELECT i.identity_id, i.metadata, i.created_at, i.updated_at, "
             "(SELECT count(*) FROM faces f WHERE f.collection_id = i.collection_id AND f.identity_id = i.identity_id) "
             f"FROM identities i WHERE i.collection_id = %s AND i.identity_id {'>=' if inclusive else '>'} %s"
@@ -1862,7 +1899,7 @@ class PostgresGallery:
     def stats(self) -> GalleryStats:
         """Counts as the primary has them (/readyz and /metrics follow the primary, which writes need)."""
         as_of = time.monotonic()
-        with self.galleries._read_connection() as conn:  # noqa: SLF001
+        with self._read_connection() as conn:
             self._read_counts(_one(conn.execute(COUNTS_SQL, {"c": self.collection_id})), as_of)
         return GalleryStats(backend=self.backend, identities=self._identity_count, faces=self._face_count,
                             index_live=self._face_count)
@@ -1880,20 +1917,20 @@ class PostgresGallery:
 
     # --- kept crops ----------------------------------------------------------------------------
     def face_crop(self, face_id: int) -> bytes | None:
-        row = self.galleries._read(lambda conn: conn.execute(  # noqa: SLF001
+        row = self._read(lambda conn: conn.execute(  # noqa: SLF001
             "SELECT blob FROM face_crops WHERE collection_id = %s AND face_id = %s",
             (self.collection_id, int(face_id))).fetchone())
         return None if row is None else bytes(row[0])
 
     def iter_crops(self, after_face_id: int = 0, limit: int = 256) -> list[tuple[int, str, bytes]]:
-        rows = self.galleries._read(lambda conn: conn.execute(  # noqa: SLF001
+        rows = self._read(lambda conn: conn.execute(  # noqa: SLF001
             "SELECT c.face_id, f.identity_id, c.blob FROM face_crops c JOIN faces f USING (face_id) "
             "WHERE c.collection_id = %s AND c.face_id > %s ORDER BY c.face_id LIMIT %s",
             (self.collection_id, int(after_face_id), int(limit))).fetchall())
         return [(int(r[0]), r[1], bytes(r[2])) for r in rows]
 
     def crop_count(self) -> int:
-        row = self.galleries._read(lambda conn: _one(conn.execute(  # noqa: SLF001
+        row = self._read(lambda conn: _one(conn.execute(  # noqa: SLF001
             "SELECT count(*) FROM face_crops WHERE collection_id = %s", (self.collection_id,))))
         return int(row[0])
     def face_embeddings(self, face_ids: list[int]) -> dict[int, tuple[str, np.ndarray]]:
@@ -1901,7 +1938,7 @@ class PostgresGallery:
         ids = sorted({int(i) for i in face_ids})
         if not ids:
             return {}
-        rows = self.galleries._read(lambda conn: conn.execute(  # noqa: SLF001
+        rows = self._read(lambda conn: conn.execute(  # noqa: SLF001
             "SELECT face_id, identity_id, embedding FROM faces WHERE collection_id = %s AND face_id = ANY(%s)",
             (self.collection_id, ids)).fetchall(), transaction=False)
         return {int(f): (i, _as_array(e)) for f, i, e in rows}
@@ -1911,7 +1948,7 @@ class PostgresGallery:
         its own read: a scan is advisory, not one snapshot)."""
         after: tuple[str, int] = ("", -1)
         while True:
-            rows = self.galleries._read(partial(self._faces_page, after=after, batch=batch),  # noqa: SLF001
+            rows = self._read(partial(self._faces_page, after=after, batch=batch),  # noqa: SLF001
                                         transaction=False)
             if not rows:
                 return
@@ -1967,7 +2004,7 @@ class PostgresGallery:
         With standbys, the block's reads must see every write committed before the lock was had: they
         go to a standby that has replayed the primary's WAL position of that moment, else the primary
         (consistency.py), never to one that lags."""
-        with self.galleries._connection() as conn:  # noqa: SLF001 - the collection's own backend
+        with self._connection() as conn:
             conn.execute("SELECT pg_advisory_lock(%s)", (self.fence_key,))
             token = None
             try:
@@ -1984,7 +2021,7 @@ class PostgresGallery:
         """identity id -> [(face id, sealed crop or None, enrolled at)] in face-id order: one query for all of them
         (faces_by_identity, then the crops' primary key), on the primary's reads or a standby that has
         what this request must see; one statement, so each identity's faces and crops are one snapshot."""
-        rows = self.galleries._read(lambda conn: conn.execute(  # noqa: SLF001
+        rows = self._read(lambda conn: conn.execute(  # noqa: SLF001
             "SELECT f.identity_id, f.face_id, c.blob, f.created_at FROM faces f LEFT JOIN face_crops c "
             "ON c.collection_id = f.collection_id AND c.face_id = f.face_id "
             "WHERE f.collection_id = %s AND f.identity_id = ANY(%s) ORDER BY f.identity_id, f.face_id",
@@ -2013,7 +2050,7 @@ class PostgresGallery:
             self._read_counts(_one(counts), as_of)
             return sizes.fetchall(), [scan.fetchall() for scan in scans]
 
-        sizes, scans = self.galleries._read(body, transaction=False)  # noqa: SLF001
+        sizes, scans = self._read(body, transaction=False)  # noqa: SLF001
         matches = [sorted((Match(str(i), float(score), int(f)) for i, f, score in rows),
                           key=lambda m: (-m.score, m.face_id))[:top_k] for rows in scans]
         return Among(matches, {str(i): int(n) for i, n in sizes})
