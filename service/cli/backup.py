@@ -10,6 +10,12 @@ index is not copied: it is derived from the stores, and a server started on the 
 (minutes at 1M faces). DEST is written under a temporary name, checked (``PRAGMA integrity_check``),
 fsynced and renamed into place: a DEST that exists is whole.
 
+A database SQLite cannot read (a damaged collection store, which the server answers 503
+``collection_damaged`` for and never writes to) fails the backup, naming it; with ``--copy-damaged``
+such a collection store is copied as its bytes instead and listed as ``damaged`` in the report, so the
+copy serves the healthy collections and holds that one as damaged as the data dir does (to restore it
+from an older backup later). The catalog is never copied that way: nothing can be served without it.
+
 Restore: stop the server, and start one with ``FACE_DATA_DIR`` pointing at the copy (or move it where
 the data dir was). Kept crops also need the key file (``FACE_CROP_KEY_FILE``), which is not in the data
 dir, by design. A face deleted after the backup is in it until the backup is deleted (the erasure
@@ -29,7 +35,8 @@ import time
 from pathlib import Path
 
 from ..config import Settings
-from ..gallery.embedded.sqlite import is_storage_full
+from ..gallery.embedded.catalog import Catalog
+from ..gallery.embedded.sqlite import is_damaged, is_storage_full
 from ..model.files import fsync_dir, fsync_file
 
 USAGE, FAILED = 2, 1
@@ -39,15 +46,41 @@ class BackupError(Exception):
     """Something the operator fixes: named in one line (exit 2)."""
 
 
+class CopyDamaged(Exception):
+    """The copy of a database does not pass ``integrity_check``: its source is damaged."""
+
+
 def databases(data_dir: Path) -> list[Path]:
     """Every SQLite database of an embedded data dir, relative to it (the catalog, each collection's
     store), in a stable order."""
     return sorted(path.relative_to(data_dir) for path in data_dir.rglob("*.sqlite3") if path.is_file())
 
 
-def copy_database(source: Path, target: Path) -> dict:
+def copy_database(source: Path, target: Path, copy_damaged: bool = False) -> dict:
     """One database, as of one moment (the backup API in a single step: one read transaction), into
-    ``target`` (a new file, in rollback-journal mode so that it is one file), checked and fsynced."""
+    ``target`` (a new file, in rollback-journal mode so that it is one file), checked and fsynced. One
+    SQLite cannot read is a BackupError naming it, or with ``copy_damaged`` its bytes (with its WAL)."""
+    try:
+        return _copy_database(source, target)
+    except (sqlite3.DatabaseError, CopyDamaged) as exc:
+        if isinstance(exc, sqlite3.DatabaseError) and not is_damaged(exc):
+            raise
+        for leftover in (target, target.with_name(target.name + "-journal")):
+            leftover.unlink(missing_ok=True)
+        if not copy_damaged or source.name == Catalog.FILE:
+            hint = (" (the catalog: restore the data dir from an earlier backup)" if source.name == Catalog.FILE else
+                    "; --copy-damaged copies it as it is, the rest as usual, or restore its collection from an "
+                    "earlier backup (or delete it) first")
+            raise BackupError(f"{source} is damaged ({exc}): nothing was kept{hint}") from exc
+    for suffix in ("", "-wal"):  # no server writes to it (its collection is refused): its bytes are the state
+        if (found := source.with_name(source.name + suffix)).is_file() and (suffix == "" or found.stat().st_size):
+            shutil.copyfile(found, target.with_name(target.name + suffix))
+            fsync_file(target.with_name(target.name + suffix))
+            target.with_name(target.name + suffix).chmod(0o600)
+    return {"bytes": target.stat().st_size, "damaged": True}
+
+
+def _copy_database(source: Path, target: Path) -> dict:
     src = sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=30)
     try:
         dst = sqlite3.connect(target)
@@ -56,7 +89,7 @@ def copy_database(source: Path, target: Path) -> dict:
             dst.execute("PRAGMA journal_mode=DELETE")  # the copy is one file; a server puts it back in WAL
             check = dst.execute("PRAGMA integrity_check").fetchone()[0]
             if check != "ok":
-                raise BackupError(f"the copy of {source} does not check out: {check}")
+                raise CopyDamaged(f"integrity_check: {check}")
             tables = {row[0] for row in dst.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             counts = {table: dst.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]  # names from the tuple below
                       for table in ("identities", "faces", "collections", "keys", "audit") if table in tables}
@@ -69,7 +102,7 @@ def copy_database(source: Path, target: Path) -> dict:
     return {"bytes": target.stat().st_size, **counts}
 
 
-def backup(data_dir: Path, dest: Path) -> dict:
+def backup(data_dir: Path, dest: Path, copy_damaged: bool = False) -> dict:
     started = time.perf_counter()
     if not data_dir.is_dir():
         raise BackupError(f"the data dir {data_dir} is not a directory (FACE_DATA_DIR, --data-dir)")
@@ -90,7 +123,7 @@ def backup(data_dir: Path, dest: Path) -> dict:
         for relative in found:
             target = partial / relative
             target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            copied.append({"database": str(relative), **copy_database(data_dir / relative, target)})
+            copied.append({"database": str(relative), **copy_database(data_dir / relative, target, copy_damaged)})
         for folder in sorted({(partial / r).parent for r in found}, key=lambda p: len(p.parts), reverse=True):
             fsync_dir(folder)
         partial.rename(dest)
@@ -107,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
                                      else None)
     parser.add_argument("dest", type=Path, help="the new directory to write the copy to (must not exist)")
     parser.add_argument("--data-dir", type=Path, help="the gallery's data dir (default: FACE_DATA_DIR, else ./data)")
+    parser.add_argument("--copy-damaged", action="store_true",
+                        help="copy a collection store SQLite cannot read as its bytes (listed damaged) instead of "
+                             "failing the backup")
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:
@@ -118,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         return USAGE
     data_dir = args.data_dir or settings.data_dir
     try:
-        report = backup(data_dir, args.dest)
+        report = backup(data_dir, args.dest, args.copy_damaged)
     except BackupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return USAGE
@@ -126,5 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         why = "no space left" if is_storage_full(exc) else str(exc)
         print(f"error: the backup to {args.dest} failed, nothing was kept: {why}", file=sys.stderr)
         return FAILED
+    for damaged in (c["database"] for c in report["databases"] if c.get("damaged")):
+        print(f"warning: {damaged} is damaged: copied as it is (its collection is refused until restored)",
+              file=sys.stderr)
     sys.stdout.write(json.dumps(report, indent=2) + "\n")
     return 0

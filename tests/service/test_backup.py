@@ -4,6 +4,7 @@ collections, the keys and the audit trail, and no trace of a face deleted before
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -127,3 +128,72 @@ def test_a_backup_that_cannot_be_made_says_why_and_makes_nothing(tmp_path, case)
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before  # nothing made or removed
     if case == "dest-exists":
         assert (dest / "keep").read_text() == "mine"
+
+
+@pytest.mark.parametrize("damage", ["pages", "not-a-database"])
+def test_a_damaged_store_fails_the_backup_by_name_or_is_copied_as_it_is(tmp_path, default_model, damage):
+    """A collection store SQLite cannot read fails the backup with one line naming it, nothing kept (it
+    was "database disk image is malformed", no file named); ``--copy-damaged`` copies it as its bytes
+    and the rest as usual: the copy serves the healthy collections and refuses that one as the data dir
+    does (503 collection_damaged), to be restored later. A damaged catalog is never copied so."""
+    from tests.service.test_damaged_data import Embedded
+
+    data_dir = tmp_path / "data"
+    rng = np.random.default_rng(7)
+    server = ServerProcess(data_dir, model=default_model)
+    try:
+        server.wait_ready()
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            assert enroll(c, "alice", rng.normal(size=(1, 128))).status_code == 200
+            for name in ("site-b", "site-c"):
+                assert c.post("/collections", json={"name": name}).status_code == 201
+                for i in range(20):
+                    r = c.post(f"/collections/{name}/enroll", json={
+                        "identity_id": f"p{i}", "embeddings": rng.normal(size=(1, 128)).tolist(), "model_id": MODEL_ID,
+                        "metadata": {"note": "x" * 2000}})
+                    assert r.status_code == 200, r.text
+    finally:
+        server.stop()
+    store = data_dir / "collections" / "site-c" / "gallery.sqlite3"
+    if damage == "pages":
+        Embedded(tmp_path).damage(data_dir, rng, "site-c")
+    else:
+        for leftover in (store.with_name(store.name + "-wal"), store.with_name(store.name + "-shm")):
+            leftover.unlink(missing_ok=True)
+        store.write_bytes(b"not a database " * 1000)
+    damaged = store.read_bytes()
+
+    dest = tmp_path / "copy"
+    refused = run("backup", str(dest), "--data-dir", str(data_dir))
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert refused.stderr.startswith(f"error: {store} is damaged") and "--copy-damaged" in refused.stderr
+    assert not dest.exists() and not list(tmp_path.glob(".copy.partial-*"))
+
+    done = run("backup", str(dest), "--data-dir", str(data_dir), "--copy-damaged")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "warning: collections/site-c/gallery.sqlite3 is damaged: copied as it is (its collection " \
+                          "is refused until restored)\n"
+    report = {d["database"]: d for d in json.loads(done.stdout)["databases"]}
+    assert report["collections/site-c/gallery.sqlite3"] == {"database": "collections/site-c/gallery.sqlite3",
+                                                           "bytes": len(damaged), "damaged": True}
+    assert report["collections/site-b/gallery.sqlite3"]["faces"] == 20
+    assert (dest / "collections" / "site-c" / "gallery.sqlite3").read_bytes() == damaged
+    served = ServerProcess(dest, model=default_model)
+    try:
+        served.wait_ready()
+        with httpx.Client(base_url=served.url, timeout=60) as c:
+            assert listed_identities(c) == {"alice"}
+            r = c.get("/collections/site-b/identities", params={"limit": 100})
+            assert r.status_code == 200 and len(r.json()["items"]) == 20, r.text
+            r = c.get("/collections/site-c/identities")
+            assert r.status_code == 503 and r.json()["error"]["code"] == "collection_damaged", r.text
+    finally:
+        served.stop()
+
+    catalog = data_dir / "catalog.sqlite3"
+    for leftover in (catalog.with_name(catalog.name + "-wal"), catalog.with_name(catalog.name + "-shm")):
+        leftover.unlink(missing_ok=True)
+    catalog.write_bytes(b"not a database " * 1000)
+    again = run("backup", str(tmp_path / "copy2"), "--data-dir", str(data_dir), "--copy-damaged")
+    assert again.returncode == 2 and again.stderr.startswith(f"error: {catalog} is damaged"), again.stderr
+    assert "earlier backup" in again.stderr and not (tmp_path / "copy2").exists()

@@ -30,8 +30,8 @@ class Embedded:
     def __init__(self, tmp_path: Path) -> None:
         self.env: dict[str, str] = {}
 
-    def damage(self, data: Path, rng: np.random.Generator) -> str:
-        store = data / "collections" / "site-b" / "gallery.sqlite3"
+    def damage(self, data: Path, rng: np.random.Generator, collection: str = "site-b") -> str:
+        store = data / "collections" / collection / "gallery.sqlite3"
         with sqlite3.connect(store) as conn:
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         for leftover in (store.with_name(store.name + "-wal"), store.with_name(store.name + "-shm")):
