@@ -269,6 +269,13 @@ async function loadCollections() {
   fillSelect($("keys-collections"), names);
   fillSelect($("audit-collection"), names, { extra: [["", "any"]] });
   markChosen(chosen);
+  sayIfDamaged(chosen);
+}
+
+// a collection the server cannot read (collection_damaged): said over every page while it is chosen
+function sayIfDamaged(name) {
+  const damaged = session.damaged.has(name);
+  say($("collection-status"), damaged ? ERROR_MESSAGES.collection_damaged : "", damaged ? "error" : "");
 }
 
 function markChosen(name) {
@@ -300,8 +307,7 @@ function chooseCollection(name) {
   tryRun += 1; // an answer still coming is from the collection left: not drawn
   delete $("try-canvas").dataset.state;
   say($("try-status"), `Pick a photo to see every face, who it matches in ${quoted(name)} and how sure.`);
-  say($("collection-status"), session.damaged.has(name) ? ERROR_MESSAGES.collection_damaged : "",
-    session.damaged.has(name) ? "error" : undefined);
+  sayIfDamaged(name);
   say($("settings-status"), "");
   route();
 }
