@@ -123,13 +123,33 @@ ACCESS_ERRORS = {
     "403": "`forbidden`: the key's role lacks the permission, or the collection is outside its scope",
     "429": "`rate_limited`: past the key's (or the client's) requests or faces per second; `Retry-After` "
            "says in how many seconds",
+    "503": "Not now: `model_not_ready` (starting or stopping), `overloaded` (`Retry-After`), `gallery_loading`, "
+           "`gallery_unavailable`, `database_unavailable`: retry later; `collection_damaged`: the collection's stored "
+           "data is damaged, not worth retrying until the operator restores it",
 }
+# what a change may answer (POST/PUT/PATCH/DELETE of the write and admin permissions)
+WRITE_ERRORS = {"507": "`storage_full`: the gallery's disk is full; nothing of the write was stored"}
+# what a route given images may answer (their faces go through the model)
+IMAGE_ERRORS = {"504": "`inference_timeout`: the faces were not embedded within FACE_INFERENCE_TIMEOUT_MS"}
+IMAGE_FIELDS = frozenset({"images", "image", "image_a", "image_b"})
+
+
+def _takes_images(operation: dict, schemas: dict) -> bool:
+    """Whether the operation's request body (JSON or multipart) has an image field."""
+    for media in operation.get("requestBody", {}).get("content", {}).values():
+        schema = media.get("schema", {})
+        if "$ref" in schema:
+            schema = schemas.get(schema["$ref"].rsplit("/", 1)[-1], {})
+        if IMAGE_FIELDS & set(schema.get("properties", {})):
+            return True
+    return False
 
 
 def _with_roles(spec: dict, app: FastAPI) -> dict:
     """Each operation says the permission it needs (``x-required-permission``), the roles that hold it
     (``x-roles``), whether its collection must be in the key's scope, and the same in words."""
     paths = spec.get("paths", {})
+    schemas = spec.get("components", {}).get("schemas", {})
     for context in iter_route_contexts(app.routes):  # included routers' routes, with their prefixes
         route = context.route
         if not isinstance(route, APIRoute) or context.path not in paths:
@@ -152,9 +172,13 @@ def _with_roles(spec: dict, app: FastAPI) -> dict:
             refused = ", 403 `forbidden` outside the role or scope" if refusable else ""
             operation["description"] = (operation.get("description", "") + f"\n\n**Roles:** {', '.join(roles)}{scope}. "
                                          f"401 `unauthorized` without a valid key{refused}.").strip()
-            for status, description in ACCESS_ERRORS.items():
-                if status != "403" or refusable:
-                    operation.setdefault("responses", {}).setdefault(status, {
-                        "description": description,
-                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}})
+            errors = {status: text for status, text in ACCESS_ERRORS.items() if status != "403" or refusable}
+            if method in ("POST", "PUT", "PATCH", "DELETE") and rule.permission.value in ("write", "admin"):
+                errors |= WRITE_ERRORS
+            if _takes_images(operation, schemas):
+                errors |= IMAGE_ERRORS
+            for status, description in errors.items():
+                operation.setdefault("responses", {}).setdefault(status, {
+                    "description": description,
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}})
     return spec
