@@ -94,7 +94,7 @@ def _collection_thresholds(state: ServiceState, principal: Principal) -> dict[st
                                           served=state.models.get(name) if name is not None else None,
                                           fpir=info.identify_fpir)
             out[info.name] = CollectionThreshold(identities=info.identities, faces=info.faces,
-                                                 identify_threshold=decision.threshold)
+                                                 identify_threshold=decision.threshold, damaged=info.damaged)
     return out
 
 

@@ -535,6 +535,7 @@ class CollectionThreshold(BaseModel):
     identities: int
     faces: int
     identify_threshold: float = Field(description="The 1:N threshold in force for this collection's size now.")
+    damaged: bool = Field(False, description="Its stored data cannot be read (GET /collections: `damaged`).")
 
 
 MAX_RETENTION_DAYS = 36_500.0

@@ -185,6 +185,9 @@ def test_a_damaged_collection_is_contained_and_the_others_serve(tmp_path, spawn,
         assert [n for n, item in listed.items() if item["damaged"]] == ["site-b", "site-c"], listed
         assert listed["site-b"]["faces"] == 0 and listed["default"]["faces"] == 2
         assert c.get("/collections/site-c").json()["damaged"] is True
+        ready = c.get("/readyz").json()  # ready: the default collection serves; the damaged ones are named
+        assert ready["status"] == "ready" and ready["collections"]["site-b"]["damaged"] is True
+        assert ready["collections"]["default"]["damaged"] is False
         probe = [b64(face_files(ENROLLED[1])[2])]
         for name in ("site-b", "site-c"):
             for method, path, body in (

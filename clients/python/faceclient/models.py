@@ -374,6 +374,7 @@ class CollectionThreshold(Model):
     identities: int
     faces: int
     identify_threshold: float
+    damaged: bool = False  # its stored data cannot be read (collection_damaged): its counts are 0, not known
 
 
 class ModelStatus(Model):
