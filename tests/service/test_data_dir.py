@@ -89,14 +89,17 @@ def test_a_data_dir_that_is_a_file_is_one_error_line_for_the_server_and_each_com
     assert a_file.read_text() == "x"
 
 
-@pytest.mark.parametrize("store", ["gallery.sqlite3", "catalog.sqlite3", "collections/site-b/gallery.sqlite3"])
+@pytest.mark.parametrize("store", ["gallery.sqlite3", "catalog.sqlite3", "collections/site-b/gallery.sqlite3",
+                                   "gallery.sqlite3:pages", "catalog.sqlite3:pages"])
 def test_a_damaged_store_is_one_error_line_naming_it_for_the_server_and_each_command(tmp_path, spawn, default_model,
                                                                                       store):
     """A store that is no longer a SQLite database, as a bad restore or a disk fault leaves it: with the
     default collection's or the catalog, the server refuses to start, with one ``could not start`` line
     naming the file and what to do (it was a traceback: "file is not a database"); another collection's
     is contained instead (the next test). Each command says it in one ``error:`` line. The file is left
-    as it was."""
+    as it was. ``:pages``: the file is a database whose pages after the first are damaged (the catalog's
+    was a traceback still)."""
+    store, _, pages = store.partition(":")
     data = tmp_path / "data"
     server = spawn(data, model=default_model)
     server.wait_ready()
@@ -109,8 +112,11 @@ def test_a_damaged_store_is_one_error_line_naming_it_for_the_server_and_each_com
     damaged = data / store
     for leftover in (damaged.with_name(damaged.name + "-wal"), damaged.with_name(damaged.name + "-shm")):
         leftover.unlink(missing_ok=True)
-    garbage = np.random.default_rng(41).integers(0, 256, 20_000, dtype=np.uint8).tobytes()
-    damaged.write_bytes(garbage)
+    if pages:
+        damage_pages(damaged, 41)
+    else:
+        damaged.write_bytes(np.random.default_rng(41).integers(0, 256, 20_000, dtype=np.uint8).tobytes())
+    garbage = damaged.read_bytes()
     if store.startswith("collections/"):  # contained: the service starts, and serves the default collection
         server = spawn(data, model=default_model)
         server.wait_ready(timeout=90)

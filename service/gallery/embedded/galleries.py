@@ -181,8 +181,17 @@ class EmbeddedGalleries:
     def _catalog(self) -> Catalog:
         with self._catalog_mutex:
             if self._catalog_opened is None:
-                self._catalog_opened = Catalog(self.data_dir)
-                self._catalog_opened.ensure_collection(DEFAULT_COLLECTION, self.model_id, self.dim)
+                catalog: Catalog | None = None
+                try:
+                    catalog = Catalog(self.data_dir)
+                    catalog.ensure_collection(DEFAULT_COLLECTION, self.model_id, self.dim)
+                except sqlite3.DatabaseError as exc:  # its pages damaged: the service will not start on it
+                    if catalog is not None:
+                        catalog.close()
+                    if is_damaged(exc):
+                        raise StoreDamaged(damaged_message(self.data_dir / Catalog.FILE, exc)) from exc
+                    raise
+                self._catalog_opened = catalog
             return self._catalog_opened
 
     def open(self) -> None:
