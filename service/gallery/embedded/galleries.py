@@ -90,6 +90,9 @@ from .store import (
 
 log = logging.getLogger(__name__)
 
+# what a damaged store raises, among other failures: noted_damage tells which
+MAYBE_DAMAGE = (StoreDamaged, sqlite3.DatabaseError)
+
 _T = TypeVar("_T")
 # (directory, collection name, model id, dim) -> a Gallery of that collection's model, not opened
 GalleryFactory = Callable[[Path, str, str, int], Gallery]
@@ -472,8 +475,8 @@ class EmbeddedGalleries:
                         with self._peek(store) as conn:
                             trail = audit.all_rows(conn)
                             identities, faces = count_rows(conn)
-                    except (StoreDamaged, sqlite3.DatabaseError) as exc:  # its trail is lost with its faces
-                        if not self.damaged(name, exc):
+                    except MAYBE_DAMAGE as exc:  # its trail is lost with its faces
+                        if not self.noted_damage(name, exc):
                             raise
                         details["damaged"] = True
                 details = {"identities": identities, "faces": faces, **details}
@@ -524,14 +527,14 @@ class EmbeddedGalleries:
                     counted = count_counted_faces(conn, FACES_COUNTED_PER_IDENTITY)
                 except sqlite3.OperationalError:  # a store not written yet (no tables)
                     identities = faces = counted = 0
-        except (StoreDamaged, sqlite3.DatabaseError) as exc:
-            if not self.damaged(name, exc):
+        except MAYBE_DAMAGE as exc:
+            if not self.noted_damage(name, exc):
                 raise
             return CollectionInfo(name, model_id, created_at, 0, 0, 0, dim=dim, damaged=True)
         self.readable(name)
         return CollectionInfo(name, model_id, created_at, identities, faces, counted, dim=dim)
 
-    def damaged(self, name: str, exc: BaseException) -> bool:
+    def noted_damage(self, name: str, exc: BaseException) -> bool:
         """Whether ``exc`` says the collection's store is damaged; the first time it does, logged with the
         file and what to do (each use of the collection is refused 503 collection_damaged meanwhile)."""
         if not isinstance(exc, StoreDamaged) and not is_damaged(exc):
@@ -658,8 +661,8 @@ class EmbeddedGalleries:
                             pages.append(audit.query(conn, name, query))
                         except sqlite3.OperationalError:  # a store from before the audit table, not opened since
                             continue
-                except (StoreDamaged, sqlite3.DatabaseError) as exc:  # not a page left out unsaid: 503
-                    if self.damaged(name, exc):
+                except MAYBE_DAMAGE as exc:  # not a page left out unsaid: 503
+                    if self.noted_damage(name, exc):
                         raise CollectionDamaged(name, str(exc)) from exc
                     raise
         return audit.merge(pages, query.limit)
@@ -672,8 +675,8 @@ class EmbeddedGalleries:
                     with self._peek(store) as conn:
                         with suppress(sqlite3.OperationalError):
                             pruned += audit.prune(conn, before)
-                except (StoreDamaged, sqlite3.DatabaseError) as exc:  # the others are pruned all the same
-                    if not self.damaged(name, exc):
+                except MAYBE_DAMAGE as exc:  # the others are pruned all the same
+                    if not self.noted_damage(name, exc):
                         raise
         return pruned
 
@@ -770,8 +773,8 @@ class _CollectionHandle:
                 return call(gallery)
             finally:
                 owner._release(entry)  # noqa: SLF001
-        except (StoreDamaged, sqlite3.DatabaseError) as exc:  # found on opening it, or on a read
-            if owner.damaged(self.name, exc):
+        except MAYBE_DAMAGE as exc:  # found on opening it, or on a read
+            if owner.noted_damage(self.name, exc):
                 raise CollectionDamaged(self.name, str(exc)) from exc
             raise
 

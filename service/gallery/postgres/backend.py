@@ -617,7 +617,7 @@ class PostgresGalleries:
     def start(self) -> None:
         self.open()
 
-    def damaged(self, name: str, exc: psycopg.Error) -> CollectionDamaged:
+    def damage_error(self, name: str, exc: psycopg.Error) -> CollectionDamaged:
         """A collection's statement that PostgreSQL refused for damaged data (XX001, XX002): the first
         time for that collection, logged with the database's words (its own log has the relation)."""
         reason = f"{self.options.where}: {type(exc).__name__}: {str(exc).strip()[:300]}"
@@ -1412,7 +1412,7 @@ class PostgresGallery:
         try:
             yield
         except (psycopg.errors.DataCorrupted, psycopg.errors.IndexCorrupted) as exc:
-            raise self.galleries.damaged(self.name, exc) from exc
+            raise self.galleries.damage_error(self.name, exc) from exc
 
     @contextmanager
     def _transaction(self) -> Iterator[psycopg.Connection]:
