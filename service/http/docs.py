@@ -93,7 +93,7 @@ def install_docs(app: FastAPI, settings: Settings) -> None:
 
     def schema() -> dict:
         if app.openapi_schema is None:
-            app.openapi_schema = _with_roles(_with_security(FastAPI.openapi(app), settings), app)
+            app.openapi_schema = _with_links(_with_roles(_with_security(FastAPI.openapi(app), settings), app))
         return app.openapi_schema
 
     app.openapi = schema  # type: ignore[method-assign]
@@ -181,4 +181,53 @@ def _with_roles(spec: dict, app: FastAPI) -> dict:
                 operation.setdefault("responses", {}).setdefault(status, {
                     "description": description,
                     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}})
+    return spec
+
+
+# OpenAPI links (3.1 "links"): where a response's values lead, for readers of the document, for
+# generated clients, and for a stateful fuzzer (scripts/fuzz), which follows them instead of guessing
+# ids that 404. (operation id, success status) -> {link name: (target operation id, its parameters)};
+# each link is declared on the default collection's operation and on its /collections/{collection} twin
+# (the collection carried along from the request's path).
+BODY = "$response.body#/"
+IDENTITY = {"identity_id": BODY + "identity_id"}
+FIRST_FACE = {"face_id": BODY + "face_ids/0"}
+JOB = {"job_id": BODY + "job/id"}
+LINKS: dict[tuple[str, str], dict[str, tuple[str, dict[str, str]]]] = {
+    ("enroll", "200"): {
+        "GetIdentity": ("get_identity", IDENTITY), "UpdateIdentity": ("update_identity", IDENTITY),
+        "DeleteIdentity": ("delete_identity", IDENTITY), "MergeIdentity": ("merge_identity", IDENTITY),
+        "MoveFace": ("move_face", FIRST_FACE), "DeleteFace": ("delete_face", FIRST_FACE),
+        "FaceCrop": ("face_crop", FIRST_FACE)},
+    ("start_duplicates_job", "202"): {"GetJob": ("get_duplicates_job", JOB)},
+    ("start_outliers_job", "202"): {"GetJob": ("get_outliers_job", JOB)},
+}
+# links between operations of no collection (or naming it in their own path)
+GLOBAL_LINKS: dict[tuple[str, str], dict[str, tuple[str, dict[str, str]]]] = {
+    ("create_collection", "201"): {
+        name: (target, {"collection": BODY + "name"}) for name, target in (
+            ("GetCollection", "get_collection"), ("UpdateCollection", "update_collection"),
+            ("DeleteCollection", "delete_collection"), ("Enroll", "collection_enroll"),
+            ("ListIdentities", "collection_list_identities"), ("Migrate", "migrate_collection"))},
+    ("create_key", "201"): {"RevokeKey": ("revoke_key", {"key_id": BODY + "key_id"})},
+    ("set_alias", "200"): {name: (target, {"name": BODY + "alias"}) for name, target in (
+        ("GetAlias", "get_alias"), ("DeleteAlias", "delete_alias"))},
+    ("migrate_collection", "202"): {name: (target, JOB) for name, target in (
+        ("GetJob", "get_job"), ("CancelJob", "cancel_job"), ("ResumeJob", "resume_job"))},
+}
+
+
+def _with_links(spec: dict) -> dict:
+    operations = {op["operationId"]: op for ops in spec.get("paths", {}).values() for op in ops.values()
+                  if isinstance(op, dict) and "operationId" in op}
+    table = dict(GLOBAL_LINKS)
+    for (source, status), links in LINKS.items():
+        table[(source, status)] = links
+        table[(f"collection_{source}", status)] = {
+            name: (f"collection_{target}", {**parameters, "collection": "$request.path.collection"})
+            for name, (target, parameters) in links.items()}
+    for (source, status), links in table.items():
+        response = operations[source]["responses"][status]
+        response["links"] = {name: {"operationId": target, "parameters": parameters}
+                             for name, (target, parameters) in links.items()}
     return spec

@@ -51,6 +51,34 @@ def test_the_openapi_document_is_valid_and_names_the_roles(tmp_path):
             "/collections/{collection}/identities/{identity_id}"} <= prefixed
 
 
+def test_the_links_lead_to_operations_and_fill_their_parameters_from_fields_that_exist(tmp_path):
+    """Each OpenAPI link names an operation of the document, sets only parameters it has, every path
+    parameter it needs, and reads them from a field of the response it is on (or the request's path)."""
+    spec = create_app(Settings(data_dir=tmp_path)).openapi()
+    schemas = spec["components"]["schemas"]
+    operations = {op["operationId"]: (path, op) for path, ops in spec["paths"].items() for op in ops.values()}
+    found = 0
+    for source, (path, op) in operations.items():
+        for status, response in op["responses"].items():
+            body = response.get("content", {}).get("application/json", {}).get("schema", {})
+            fields = schemas[body["$ref"].rsplit("/", 1)[-1]]["properties"] if "$ref" in body else {}
+            for name, link in response.get("links", {}).items():
+                found += 1
+                target_path, target = operations[link["operationId"]]
+                needed = set(re.findall(r"\{(\w+)\}", target_path))
+                assert set(link["parameters"]) == needed, (source, name, sorted(link["parameters"]), sorted(needed))
+                for value in link["parameters"].values():
+                    if value.startswith("$request.path."):
+                        assert value.rsplit(".", 1)[-1] in re.findall(r"\{(\w+)\}", path), (source, name, value)
+                    else:
+                        assert value.startswith("$response.body#/") and status.startswith("2"), (source, name, value)
+                        assert value.split("/")[1] in fields, (source, name, value, sorted(fields))
+    assert found >= 30  # enroll's seven on both collection routes, the jobs, collections, keys, aliases
+    enrolled = spec["paths"]["/collections/{collection}/enroll"]["post"]["responses"]["200"]["links"]
+    assert enrolled["GetIdentity"] == {"operationId": "collection_get_identity", "parameters": {
+        "identity_id": "$response.body#/identity_id", "collection": "$request.path.collection"}}
+
+
 def test_every_error_code_is_in_the_readme():
     from pathlib import Path
 
