@@ -382,6 +382,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Host, Origin and CORS: before anything else reads the request (inside the access log, which counts refusals)
     app.add_middleware(OriginMiddleware, allowed_hosts=settings.allowed_hosts, cors_origins=settings.cors_origins,
                        open_mode=settings.api_key is None, api_key_header=settings.api_key_header)
-    app.add_middleware(AccessMiddleware, metrics=metrics)
+    app.add_middleware(AccessMiddleware, metrics=metrics, hsts=settings.tls_cert_file is not None)
     app.add_middleware(StartupRefusalMiddleware)
     return app

@@ -173,13 +173,25 @@ def request_id_of(scope) -> str:
     return uuid.uuid4().hex
 
 
+NOSNIFF = (b"x-content-type-options", b"nosniff")
+NO_STORE = (b"cache-control", b"no-store")
+HSTS = (b"strict-transport-security", b"max-age=31536000")  # a year; this host only (no includeSubDomains)
+
+
 class AccessMiddleware:
     """Counts and times every request by route template, logs one structured line for each, and gives
-    each its request id (X-Request-ID, echoed in the answer; audit records and the log carry it)."""
+    each its request id (X-Request-ID, echoed in the answer; audit records and the log carry it).
 
-    def __init__(self, app, metrics: Metrics) -> None:
+    Every answer also carries ``X-Content-Type-Options: nosniff`` (a browser never runs a JSON body as
+    something else), ``Cache-Control: no-store`` unless the route set its own (identities, metadata and
+    embeddings are biometric data: no proxy or browser cache keeps them; ``X-API-Key`` is not the
+    ``Authorization`` header shared caches already leave alone), and, when the service itself speaks
+    HTTPS (``hsts``), ``Strict-Transport-Security``."""
+
+    def __init__(self, app, metrics: Metrics, hsts: bool = False) -> None:
         self.app = app
         self.metrics = metrics
+        self.always = (NOSNIFF, NO_STORE, HSTS) if hsts else (NOSNIFF, NO_STORE)  # each unless the route set it
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -194,7 +206,9 @@ class AccessMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", ()), header]
+                headers = [*message.get("headers", ()), header]
+                named = {name.lower() for name, _ in headers}
+                message["headers"] = headers + [h for h in self.always if h[0] not in named]
             await send(message)
 
         try:

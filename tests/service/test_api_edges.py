@@ -314,3 +314,32 @@ def test_head_answers_as_get_does_without_the_body(keyed):
     r = keyed.head("/embed", headers=auth)  # no GET: no HEAD either
     assert r.status_code == 405 and r.headers["allow"] == "POST" and r.content == b""
     assert keyed.get("/healthz").status_code == 200  # the connection and the server go on
+
+
+def test_every_answer_says_nosniff_and_no_store_unless_the_route_chose(keyed_server, keyed):
+    """Every answer, from a route, an error or a middleware's early refusal, carries one
+    ``X-Content-Type-Options: nosniff`` and ``Cache-Control: no-store`` (identities, metadata and
+    embeddings are biometric data: no shared cache keeps them; ``X-API-Key`` is not ``Authorization``,
+    which caches already leave alone), unless the route set its own (the console: ``no-cache``); no
+    ``Strict-Transport-Security`` over plain HTTP (test_tls.py: over HTTPS)."""
+    auth = {"X-API-Key": KEY}
+    answers = {
+        "identities": keyed.get("/identities", headers=auth),
+        "identity": keyed.get("/identities/nobody", headers=auth),  # 404 identity_not_found
+        "embed": keyed.post("/embed", json={"images": [b64(FACE)]}, headers=auth),
+        "no key": keyed.get("/identities"),  # 401
+        "no route": keyed.get("/no-such-route", headers=auth),
+        "malformed": keyed.post("/identify", content=b"{", headers={**auth, "Content-Type": "application/json"}),
+        "too large": keyed.post("/embed", content=b"x" * (65 << 20), headers=auth),  # refused before the route
+        "head": keyed.head("/identities", headers=auth),
+        "healthz": keyed.get("/healthz"),
+        "metrics": keyed.get("/metrics", headers=auth),
+        "docs": keyed.get("/docs", headers=auth),
+        "console": keyed.get("/console/"),
+    }
+    assert answers["embed"].status_code == 200 and answers["too large"].status_code == 413
+    for name, answer in answers.items():
+        assert answer.headers.get_list("x-content-type-options") == ["nosniff"], (name, answer.headers)
+        expected = ["no-cache"] if name == "console" else ["no-store"]
+        assert answer.headers.get_list("cache-control") == expected, (name, answer.headers)
+        assert "strict-transport-security" not in answer.headers, name

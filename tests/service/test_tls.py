@@ -60,6 +60,8 @@ def test_https_serves_the_api_and_checks_are_kept(https):
         assert client.identify(face_files("George_W_Bush")[2]).results[0].candidates[0].identity_id == "alice"
     with httpx.Client(base_url=server.url, verify=server.verify, timeout=10) as c:
         assert c.get("/healthz").status_code == 200
+        for answer in (c.get("/identities"), c.get("/no-such-route"), c.get("/console/")):  # this host, a year
+            assert answer.headers.get_list("strict-transport-security") == ["max-age=31536000"], answer.headers
         assert metric(c, "face_tls_certificate_expiry_timestamp_seconds") == not_after.timestamp()
     # the usual trust store does not know a self-signed certificate: refused, not talked to
     with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
