@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import sqlite3
 import threading
 import time
 from contextlib import asynccontextmanager, suppress
@@ -31,7 +32,8 @@ from .gallery import GalleryLoading, retention
 from .gallery.api import CollectionDamaged, GalleryBusy, GalleryUnavailable, StorageFull
 from .gallery.crops import CropKeyError
 from .gallery.embedded.lock import DataDirLocked, DataDirUnusable
-from .gallery.embedded.store import StoreDamaged
+from .gallery.embedded.sqlite import is_damaged
+from .gallery.embedded.store import StoreDamaged, damage_in
 from .gallery.open import open_gallery
 from .gallery.search import GalleryModelMismatch
 from .http import aliases, audit, collections, faces, hygiene, identities, jobs, keys, ops, recognition
@@ -75,6 +77,8 @@ STARTUP_REFUSALS: tuple[type[BaseException], ...] = (
     ModelConfigError, ProviderError, ContractError, CalibrationError, Fp16Error, PepperFileError, DataDirLocked,
     DataDirUnusable, StoreDamaged, GalleryModelMismatch, GalleryUnavailable, CropKeyError,
 )
+# ... and a damaged page of the data dir read at start-up (the catalog's keys): named by damage_in
+REFUSED_OR_DAMAGED: tuple[type[BaseException], ...] = (*STARTUP_REFUSALS, sqlite3.DatabaseError)
 
 DESCRIPTION = """
 Face embeddings, 1:1 verification and 1:N open-set identification, on aligned 112x112 faces or on
@@ -268,10 +272,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         try:
             state = await initialize(settings, metrics)
-        except STARTUP_REFUSALS as exc:  # the operator's to fix: one line says what (no stack)
-            log.error("could not start: %s", exc, extra={"reason": type(exc).__name__})
-            app.state.startup_refused = str(exc)
-            raise
+        except REFUSED_OR_DAMAGED as exc:  # the operator's to fix: one line says what (no stack)
+            refusal = exc
+            if isinstance(exc, sqlite3.DatabaseError):  # a damaged page of the data dir, read at start-up
+                if settings.database_url is not None or not is_damaged(exc):
+                    raise
+                refusal = await run_in_threadpool(damage_in, settings.data_dir, exc)
+            log.error("could not start: %s", refusal, extra={"reason": type(refusal).__name__})
+            app.state.startup_refused = str(refusal)
+            if refusal is exc:
+                raise
+            raise refusal from exc
         app.state.service = state
         housekeeping = asyncio.create_task(_housekeeping(state, storage_full_log))
         stop_sweeps, wake_sweeps = threading.Event(), asyncio.Event()

@@ -12,6 +12,7 @@ import argparse
 import getpass
 import os
 import socket
+import sqlite3
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -25,7 +26,8 @@ from ..config import ModelConfigError, Settings
 from ..gallery.api import Actor, Galleries, GalleryModelMismatch, GalleryUnavailable, StorageFull
 from ..gallery.crops import CropKeyError
 from ..gallery.embedded.lock import DataDirUnusable, usable_data_dir
-from ..gallery.embedded.store import StoreDamaged
+from ..gallery.embedded.sqlite import is_damaged
+from ..gallery.embedded.store import StoreDamaged, damage_in
 from ..gallery.open import make_gallery
 from ..model.serving import check_model_files
 
@@ -103,6 +105,10 @@ def opened_backend(settings: Settings) -> Iterator[Galleries]:
         yield galleries
     except (StorageFull, StoreDamaged) as exc:  # a key the disk has no room for, a damaged store: one line
         raise CommandError(str(exc)) from exc
+    except sqlite3.DatabaseError as exc:  # a damaged page read outside a store's own checks (the keys')
+        if galleries.backend == "postgres" or not is_damaged(exc):
+            raise
+        raise CommandError(str(damage_in(settings.data_dir, exc))) from exc
     finally:
         galleries.close()
 

@@ -90,7 +90,7 @@ def test_a_data_dir_that_is_a_file_is_one_error_line_for_the_server_and_each_com
 
 
 @pytest.mark.parametrize("store", ["gallery.sqlite3", "catalog.sqlite3", "collections/site-b/gallery.sqlite3",
-                                   "gallery.sqlite3:pages", "catalog.sqlite3:pages"])
+                                   "gallery.sqlite3:pages", "catalog.sqlite3:pages", "catalog.sqlite3:keys"])
 def test_a_damaged_store_is_one_error_line_naming_it_for_the_server_and_each_command(tmp_path, spawn, default_model,
                                                                                       store):
     """A store that is no longer a SQLite database, as a bad restore or a disk fault leaves it: with the
@@ -98,7 +98,8 @@ def test_a_damaged_store_is_one_error_line_naming_it_for_the_server_and_each_com
     naming the file and what to do (it was a traceback: "file is not a database"); another collection's
     is contained instead (the next test). Each command says it in one ``error:`` line. The file is left
     as it was. ``:pages``: the file is a database whose pages after the first are damaged (the catalog's
-    was a traceback still)."""
+    was a traceback still); ``:keys``: only the pages of the catalog's keys (read after the catalog
+    opened: a traceback too, and each command's)."""
     store, _, pages = store.partition(":")
     data = tmp_path / "data"
     server = spawn(data, model=default_model)
@@ -108,12 +109,19 @@ def test_a_damaged_store_is_one_error_line_naming_it_for_the_server_and_each_com
         assert c.post("/collections", json={"name": "site-b"}).status_code == 201
         r = c.post("/collections/site-b/enroll", json={"identity_id": "b", "images": [b64(face_files(ENROLLED[1])[0])]})
         assert r.status_code == 200, r.text
+        if pages == "keys":  # the keys' own pages, beyond the catalog's first ones
+            admin = c.post("/keys", json={"role": "admin"}).json()["secret"]  # the first key ends open mode
+            for _ in range(12):
+                r = c.post("/keys", json={"role": "read", "note": "n" * 500}, headers={"X-API-Key": admin})
+                assert r.status_code == 201, r.text
     server.stop()
     damaged = data / store
+    with sqlite3.connect(damaged) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     for leftover in (damaged.with_name(damaged.name + "-wal"), damaged.with_name(damaged.name + "-shm")):
         leftover.unlink(missing_ok=True)
     if pages:
-        damage_pages(damaged, 41)
+        damage_pages(damaged, 41, table="keys" if pages == "keys" else None)
     else:
         damaged.write_bytes(np.random.default_rng(41).integers(0, 256, 20_000, dtype=np.uint8).tobytes())
     garbage = damaged.read_bytes()
@@ -135,21 +143,24 @@ def test_a_damaged_store_is_one_error_line_naming_it_for_the_server_and_each_com
     for command in (["keys", "list"], ["gallery", "export", str(tmp_path / "out.jsonl")]):
         r = subprocess.run([sys.executable, "-m", "service", command[0], "--data-dir", str(data), "--model",
                             str(default_model), *command[1:]], cwd=REPO, capture_output=True, text=True, timeout=120)
-        if r.returncode == 0:  # a command that never reads the damaged file (keys: the catalog only)
-            assert store != "catalog.sqlite3", (command, r.stdout)
+        if r.returncode == 0:  # a command that never reads the damaged pages (keys: the catalog's keys only)
+            assert store != "catalog.sqlite3" or (pages == "keys" and command[0] == "gallery"), (command, r.stdout)
             continue
         assert r.returncode == 2 and r.stderr.startswith("error: ") and str(damaged) in r.stderr, (command, r.stderr)
         assert "Traceback" not in r.stderr, (command, r.stderr)
     assert damaged.read_bytes() == garbage
 
 
-def damage_pages(store, seed: int) -> None:
-    """Overwrite every page of a store but its first (the header and schema): SQLite opens it as a
-    database and finds the damage on reading its rows, as a disk fault leaves a file."""
+def damage_pages(store, seed: int, table: str | None = None) -> None:
+    """Overwrite every page of a store but its first (the header and schema), or only ``table``'s: SQLite
+    opens it as a database and finds the damage on reading those rows, as a disk fault leaves a file."""
+    with sqlite3.connect(store) as conn:
+        size = conn.execute("PRAGMA page_size").fetchone()[0]
+        pages = [n for (n,) in conn.execute("SELECT pageno FROM dbstat WHERE name = ?", (table,))] if table else []
     raw = bytearray(store.read_bytes())
-    page = int.from_bytes(raw[16:18], "big") or 65536
     noise = np.random.default_rng(seed).integers(0, 256, len(raw), dtype=np.uint8).tobytes()
-    raw[page:] = noise[page:]
+    for number in pages or range(2, len(raw) // size + 1):
+        raw[(number - 1) * size:number * size] = noise[(number - 1) * size:number * size]
     store.write_bytes(bytes(raw))
 
 

@@ -578,9 +578,34 @@ def connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
-def damaged_message(path: Path, exc: BaseException) -> str:
+def damaged_message(path: Path | str, exc: BaseException) -> str:
     return (f"{path} is not a SQLite database, or a damaged one ({exc}): restore the data dir from a backup "
             "(python -m service backup makes one); nothing was written to it")
+
+
+def damaged_files(data_dir: Path) -> list[Path]:
+    """The SQLite files of a data dir (the catalog, each collection's store) that SQLite cannot read
+    whole (``PRAGMA quick_check``: seconds a GB), sorted; nothing is written to them."""
+    found = []
+    for path in sorted(Path(data_dir).rglob("*.sqlite3")):
+        try:
+            conn = sqlite3.connect(path, timeout=30)
+            try:
+                whole = conn.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+            finally:
+                conn.close()
+        except sqlite3.DatabaseError:
+            whole = False
+        if not whole:
+            found.append(path)
+    return found
+
+
+def damage_in(data_dir: Path, exc: BaseException) -> StoreDamaged:
+    """The StoreDamaged of damage SQLite reported (``exc``) where no one store was being opened (a
+    start-up read of the catalog's keys, a command's): named by the files of ``data_dir`` found damaged."""
+    files = damaged_files(data_dir)
+    return StoreDamaged(damaged_message(", ".join(map(str, files)) if files else f"a database in {data_dir}", exc))
 
 
 def count_rows(conn: sqlite3.Connection) -> tuple[int, int]:
