@@ -20,7 +20,7 @@ from ..access.policy import Permission
 from ..errors import ErrorCode, ServiceError
 from ..faces.metadata import MetadataLimits, check_metadata, merge_patch
 from ..gallery.api import MAX_ROW_ID, Actor, GalleryBackend, IdentityExists
-from ..gallery.crops import CropsUnavailable, encode_crop
+from ..gallery.crops import CropAuthenticationFailed, CropsUnavailable, encode_crop
 from ..gallery.identity_ids import MAX_LENGTH, find_identity
 from ..gallery.openset import HUB_SEARCH_K, find_hub
 from ..gallery.results import (
@@ -380,7 +380,8 @@ async def face_crop(face_id: FaceIdPath, state: StateDep, gallery: CollectionDep
     (`Cache-Control: no-store`). Each crop served is logged (`face crop served`: the collection, the
     face, the key and the request id), so who saw whose face can be answered from the logs. 404
     `face_not_found`; 404 `crop_not_kept` when the collection keeps no crops, or the face has none
-    (enrolled from embeddings, or imported)."""
+    (enrolled from embeddings, or imported); 503 `collection_damaged` when its sealed bytes no longer
+    open (altered in the store)."""
 
     def read() -> bytes:
         cipher = state.galleries.crop_cipher
@@ -391,7 +392,16 @@ async def face_crop(face_id: FaceIdPath, state: StateDep, gallery: CollectionDep
             why = "keeps no face crops" if not gallery.keep_crops else "has no crop of this face"
             raise ServiceError(ErrorCode.crop_not_kept, f"collection {gallery.name!r} {why}", face_id=face_id,
                                collection=gallery.name)
-        png = cipher.open(gallery.name, face_id, blob)
+        try:
+            png = cipher.open(gallery.name, face_id, blob)
+        except CropAuthenticationFailed as exc:  # its bytes altered in the store (the key was checked at start)
+            log.error("kept crop does not open: altered in the store, or sealed with another key; restore the "
+                      "collection from a backup, or enroll the face again",
+                      extra={"collection": gallery.name, "face_id": face_id, "reason": str(exc)})
+            raise ServiceError(ErrorCode.collection_damaged, f"the kept crop of face {face_id} of collection "
+                               f"{gallery.name!r} does not open: it was altered in the store (a disk fault, a bad "
+                               "restore); the operator restores the collection from a backup", collection=gallery.name,
+                               face_id=face_id) from exc
         log.info("face crop served", extra={"collection": gallery.name, "face_id": face_id, "key_id": actor.key_id,
                                             "request_id": actor.request_id})
         return png

@@ -300,3 +300,50 @@ def test_operator_commands_refuse_a_crop_key_that_does_not_open_the_store(operat
         assert [i.identity_id for i in kept.list_identities(10, None)] == ["George_W_Bush"] and kept.crop_count() == 2
     finally:
         galleries.close()
+
+
+def test_a_kept_crop_that_does_not_open_is_collection_damaged_not_a_500(setup):
+    """A sealed crop whose bytes were altered in the store (a disk fault, a hand edit) no longer
+    authenticates: GET .../crop answers 503 ``collection_damaged`` naming the collection and the face,
+    logged, never shown (it was a 500 with a traceback); the other faces' crops are served."""
+    kind, data_dir, model, env, key = setup
+    server = ServerProcess(data_dir, model=model, env={**env, "FACE_CROP_KEY_FILE": str(key)})
+    try:
+        server.wait_ready()
+        with httpx.Client(base_url=server.url, timeout=120) as c:
+            assert c.post("/collections", json={"name": "kept", "keep_crops": True}).status_code == 201
+            faces = []
+            for person in ("George_W_Bush", "Colin_Powell"):
+                r = c.post("/collections/kept/enroll", json={"identity_id": person,
+                                                              "images": [b64(face_files(person)[0].read_bytes())]})
+                assert r.status_code == 200, r.text
+                faces += r.json()["face_ids"]
+            altered, kept = faces
+
+            def flip(blob: bytes) -> bytes:  # one byte of the ciphertext, past the magic and the nonce
+                return blob[:40] + bytes([blob[40] ^ 0x01]) + blob[41:]
+
+            if kind == "embedded":
+                import sqlite3
+
+                with sqlite3.connect(data_dir / "collections" / "kept" / "gallery.sqlite3") as conn:
+                    blob = conn.execute("SELECT blob FROM crops WHERE face_id = ?", (altered,)).fetchone()[0]
+                    conn.execute("UPDATE crops SET blob = ? WHERE face_id = ?", (flip(blob), altered))
+            else:
+                import psycopg
+
+                schema = env["FACE_DATABASE_SCHEMA"]
+                with psycopg.connect(env["FACE_DATABASE_URL"], autocommit=True) as conn:
+                    blob = conn.execute(f"SELECT blob FROM {schema}.face_crops WHERE face_id = %s", (altered,)).fetchone()[0]
+                    conn.execute(f"UPDATE {schema}.face_crops SET blob = %s WHERE face_id = %s", (flip(bytes(blob)), altered))
+            r = c.get(f"/collections/kept/faces/{altered}/crop")
+            assert r.status_code == 503, r.text
+            assert r.json()["error"]["code"] == "collection_damaged"
+            assert r.json()["error"]["details"] == {"collection": "kept", "face_id": altered}
+            served = c.get(f"/collections/kept/faces/{kept}/crop")
+            assert served.status_code == 200 and served.content.startswith(b"\x89PNG")
+        log = server.log_path.read_text()
+        assert "Traceback" not in log and '"internal_error"' not in log
+        assert [line for line in log.splitlines() if "kept crop does not open" in line and f'"face_id": {altered}' in line]
+    finally:
+        server.stop()
