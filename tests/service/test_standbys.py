@@ -3,7 +3,8 @@
 A real primary and a real hot standby made by the test from the same wheel (pg_basebackup -R), and
 the real service: read-your-writes with the Face-Consistency-Token, deletes never returned by a
 standby read under load, the standby stopped and restarted under traffic without a failed request,
-and a lagging standby (replay paused) left out until it catches up.
+a lagging standby (replay paused) left out until it catches up, and damaged blocks on a standby
+read from the primary.
 """
 
 from __future__ import annotations
@@ -268,3 +269,67 @@ def test_metrics_show_each_databases_shared_buffers_beside_the_hnsw_index(servic
         assert metric(c, 'face_database_huge_pages{role="primary",target="primary"}') in (0.0, 1.0)
         ready = c.get("/readyz").json()["gallery"]
         assert (ready["hnsw_index_bytes"], ready["shared_buffers_bytes"]) == (index_bytes, buffers)
+
+
+def test_damaged_data_on_a_standby_is_read_from_the_primary(tmp_path, default_model):
+    """A standby whose copy of some heap blocks is damaged (a disk fault on its host; the primary's are
+    whole): the reads that meet them are answered by the primary, never 503 or 500, the standby is
+    logged once and keeps serving its other reads. (Its own cluster: the standby is damaged for good.)"""
+    import numpy as np
+    import psycopg
+
+    primary = PgTestServer()
+    try:
+        standby = primary.standby()
+        schema = PgTestServer.fresh_schema()
+        env = {"FACE_DATABASE_URL": primary.url, "FACE_DATABASE_SCHEMA": schema, "FACE_DATABASE_READ_URLS": standby.url,
+               "FACE_DATABASE_TIMEOUT_S": "2", "FACE_DATABASE_LAG_CHECK_MS": "100", "FACE_DATABASE_MAX_LAG_MS": "3000"}
+        server = ServerProcess(tmp_path / "data", model=default_model, env=env)
+        rng = np.random.default_rng(25)
+        try:
+            server.wait_ready()
+            with httpx.Client(base_url=server.url, timeout=60) as c:
+                model_id = c.post("/enroll", json={"identity_id": ENROLLED[0], "images": [
+                    b64(face_files(ENROLLED[0])[0])]}).json()["model_id"]
+                for i in range(60):
+                    v = rng.normal(size=128)
+                    r = c.post("/enroll", json={"identity_id": f"p{i}", "embeddings": [(v / np.linalg.norm(v)).tolist()],
+                                                "model_id": model_id})
+                    assert r.status_code == 200, r.text
+            with psycopg.connect(primary.url, autocommit=True) as conn:
+                # hint bits set and logged now: no later read on the primary logs a full-page image of
+                # these blocks that the standby would replay over their damage (checksums are on)
+                conn.execute(f"VACUUM (FREEZE) {schema}.faces")
+                conn.execute("CHECKPOINT")
+                relation = conn.execute(f"SELECT pg_relation_filepath('{schema}.faces')").fetchone()[0]
+                blocks = [b for (b,) in conn.execute(f"SELECT DISTINCT (ctid::text::point)[0]::int FROM {schema}.faces "
+                                                     "WHERE identity_id LIKE 'p%' ORDER BY 1")]
+                lsn = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
+            with psycopg.connect(standby.url, autocommit=True) as conn:
+                deadline = time.monotonic() + 30
+                while conn.execute("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (str(lsn),)).fetchone()[0] is not True:
+                    assert time.monotonic() < deadline, "the standby never replayed the writes"
+                    time.sleep(0.05)
+                conn.execute("CHECKPOINT")  # a restartpoint: a restart replays nothing over the damage
+            standby.stop()
+            path = standby.pgdata / relation
+            raw = bytearray(path.read_bytes())
+            for block in blocks[1:]:  # blocks of p-faces only (the first may hold the photo's face too)
+                raw[block * 8192:(block + 1) * 8192] = rng.integers(0, 256, 8192, dtype=np.uint8).tobytes()
+            path.write_bytes(bytes(raw))
+            standby.start()
+            with httpx.Client(base_url=server.url, timeout=60) as c:
+                wait_rotation(c, (primary, standby), True)
+                served_before = primary_reads(c)
+                for i in range(59, 29, -1):  # faces on the damaged blocks, read through the standby first
+                    r = c.get(f"/identities/p{i}")
+                    assert r.status_code == 200 and r.json()["face_count"] == 1, r.text
+                assert primary_reads(c) >= served_before + 1
+                assert in_rotation(c, (primary, standby))  # still in rotation for the rest
+            log = server.log_path.read_text()
+            assert len([line for line in log.splitlines() if "standby holds damaged data" in line]) == 1, log[-3000:]
+            assert "Traceback" not in log and '"internal_error"' not in log and "collection_damaged" not in log
+        finally:
+            server.stop()
+    finally:
+        primary.close()

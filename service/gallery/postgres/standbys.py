@@ -61,6 +61,7 @@ class Standby:
         self.reads = 0
         self.behind = 0
         self.failures = 0
+        self.damage_logged = False  # a read met damaged data here (logged once; each such read went to the primary)
 
     def in_rotation(self, max_lag_s: float) -> bool:
         return self.up and self.lag_s is not None and self.lag_s <= max_lag_s
@@ -71,6 +72,15 @@ class Standby:
             log.warning("standby left out", extra={"standby": self.name, "reason": why})
         self.up = False
         self.lag_s = None
+
+    def damaged(self, why: str) -> None:
+        """A read met data this standby holds damaged (XX001, XX002): the primary answers it instead; the
+        standby stays in rotation for its other reads (its damage is its own, not the primary's)."""
+        self.failures += 1
+        if not self.damage_logged:
+            self.damage_logged = True
+            log.error("standby holds damaged data: the reads that meet it are answered by the primary; rebuild "
+                      "the standby (pg_basebackup)", extra={"standby": self.name, "reason": why})
 
     def replay_lsn(self) -> int:
         """Its replayed WAL position, over the checker's own connection (reconnected when lost)."""
@@ -205,6 +215,9 @@ class Standbys:
                 continue  # its connections are all in use: the next one, else the primary
             except GalleryUnavailable as exc:
                 standby.left_out(str(exc))
+                continue
+            except (psycopg.errors.DataCorrupted, psycopg.errors.IndexCorrupted) as exc:
+                standby.damaged(f"{type(exc).__name__}: {str(exc).strip()[:300]}")
                 continue
             standby.reads += 1
             return result
