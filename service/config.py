@@ -107,8 +107,10 @@ class Settings(BaseSettings):
         0, ge=0, description="Audit entries older than this are deleted (checked hourly); 0 keeps them forever.",
     )
     retention_sweep_s: float = Field(
-        60, gt=0, le=86_400, description="How often each collection with a retention_days has its faces past it "
-        "erased (PATCH /collections/{name}); a face is searchable until this sweep after its expiry.",
+        60, gt=0, le=86_400, description="The longest wait between two sweeps that erase the faces past their "
+        "collection's retention_days (PATCH /collections/{name}); each sweep is timed for the soonest expiry it "
+        "knows of, so a face is erased about a second after it; one it could not know of (a retention shortened, "
+        "an import of old faces) at most this late.",
     )
     public_docs: bool = Field(
         False, description="With an API key set, /docs, /redoc and /openapi.json need it too unless this is true."

@@ -440,6 +440,10 @@ class GalleryBackend(Protocol):
         what the collection's retention erases next (gallery/retention.py). An index on the enrollment
         time answers it; read on the primary."""
 
+    def oldest_enrollment(self) -> float | None:
+        """When the collection's oldest face was enrolled (Unix time; None: it holds none): when its
+        retention next erases one (gallery/retention.py). The same index answers it; on the primary."""
+
     # kept crops (keep_crops collections; sealed blobs, opened with crops.CropCipher.open)
     keep_crops: bool  # the collection keeps the aligned crop of each face enrolled from an image
 

@@ -14,10 +14,14 @@ Faces, not identities, expire: an identity enrolled again keeps its new faces fo
 and loses the old ones on time. A face moved or merged keeps its enrollment time, and so does one
 re-embedded by a migration (``enroll(..., enrolled_at=)``, whose new collection gets the old one's
 retention) or moved by a gallery file (``import_identities(..., enrolled_at=)``): neither extends how
-long a face is kept. A face is searchable until the sweep after its expiry erases it (at most
-``FACE_RETENTION_SWEEP_S`` late, plus the time a backlog takes: thousands of faces a second,
-bench/README.md "Retention sweeps"). Every replica sweeps; two replicas that reach the same face erase
-it once (the other finds it gone), and each takes the page of oldest faces in its own random order.
+long a face is kept. The next sweep is timed for the soonest expiry (``next_expiry``: each
+collection's oldest face plus its retention), at least ``MIN_GAP_S`` after the last and at most
+``FACE_RETENTION_SWEEP_S``, so a face is erased about a second after its expiry (plus the time a
+backlog takes: thousands of faces a second, bench/README.md "Retention sweeps"). What a sweep cannot
+know of beforehand waits at most ``FACE_RETENTION_SWEEP_S``: a retention shortened, a face imported
+with an old enrollment time, one enrolled less than that before its expiry. Every replica sweeps;
+two replicas that reach the same face erase it once (the other finds it gone), and each takes the
+page of oldest faces in its own random order.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from .api import Actor, CollectionNotFound, Galleries, GalleryBackend
 from .embedded.gallery import GalleryLoading
 
 DAY_S = 86_400.0
+MIN_GAP_S = 1.0  # sweeps timed for an expiry start at least this far apart (a steady stream of expiries)
+LATE_S = 0.01  # a sweep timed for an expiry starts this much after it (its cutoff is strict)
 BATCH = 256  # expired faces read per query
 CHUNK = 64  # of which each write erases this many, in one transaction (delete_faces)
 RETENTION = Actor(via="retention")  # who the audit entry names: no key, no client
@@ -78,3 +84,30 @@ def _sweep_collection(gallery: GalleryBackend, cutoff: float, stop: threading.Ev
                                                + len({d.identity_id for d in erased if d.identity_deleted}))
         if len(expired) < batch or result.erased.get(name, 0) == before:  # the last page, or none erasable
             return
+
+
+def next_expiry(galleries: Galleries, skip: set[str] | frozenset[str] = frozenset()) -> float | None:
+    """When the next face of any collection with a retention expires (Unix time), the collections in
+    ``skip`` (their last sweep failed) left out; None: no face will."""
+    due: float | None = None
+    for name, days in galleries.retentions().items():
+        if name in skip:
+            continue
+        try:
+            oldest = galleries.collection(name).oldest_enrollment()
+        except (CollectionNotFound, GalleryLoading):
+            continue
+        except Exception:  # noqa: BLE001 - its sweep reports it; the others are timed all the same
+            continue
+        if oldest is not None:
+            expiry = oldest + days * DAY_S
+            due = expiry if due is None else min(due, expiry)
+    return due
+
+
+def wait_s(due: float | None, now: float, every_s: float) -> float:
+    """How long the sweeper waits for its next sweep: until ``due`` (just after), but at least MIN_GAP_S
+    and at most ``every_s`` (FACE_RETENTION_SWEEP_S)."""
+    if due is None:
+        return every_s
+    return min(every_s, max(MIN_GAP_S, due - now + LATE_S))

@@ -15,7 +15,7 @@ import pytest
 
 import tests.gallery.test_collections as collections_tests
 from service.gallery.api import DEFAULT_COLLECTION, AuditQuery, CollectionNotFound
-from service.gallery.retention import DAY_S, sweep
+from service.gallery.retention import DAY_S, LATE_S, MIN_GAP_S, next_expiry, sweep, wait_s
 from tests.gallery.test_gallery import unit
 from tests.gallery.traces import find_vector
 
@@ -102,6 +102,33 @@ def test_retention_is_set_audited_kept_across_a_restart_and_cleared(backend):
     assert again.update_collection(DEFAULT_COLLECTION, {"retention_days": None}, ALICE).retention_days is None
     assert again.retentions() == {}
     assert again.audit(AuditQuery(limit=1))[0].details == {"retention_days": None, "previous_retention_days": 0.5}
+
+
+def test_the_next_sweep_is_timed_for_the_soonest_expiry(backend):
+    """next_expiry: each collection's oldest face plus its own retention, the soonest of them; none
+    without faces, the collections whose sweep failed left out; wait_s: until just after it, at least
+    MIN_GAP_S, at most the interval."""
+    galleries = backend()
+    assert next_expiry(galleries) is None  # no collection with a retention
+    galleries.create_collection("day", actor=ALICE, retention_days=1.0)
+    galleries.create_collection("hour", actor=ALICE, retention_days=1 / 24)
+    galleries.collection(DEFAULT_COLLECTION).enroll("kept", unit(np.random.default_rng(1), 1), actor=ALICE)
+    assert next_expiry(galleries) is None  # their faces: none yet (default keeps its own)
+    galleries.collection("day").enroll("d", unit(np.random.default_rng(2), 1), actor=ALICE)
+    day = galleries.collection("day").get_identity("d").faces[0].created_at
+    assert next_expiry(galleries) == pytest.approx(day + DAY_S)
+    galleries.collection("hour").enroll("h", unit(np.random.default_rng(3), 2), actor=ALICE)
+    hour = min(f.created_at for f in galleries.collection("hour").get_identity("h").faces)
+    assert next_expiry(galleries) == pytest.approx(hour + DAY_S / 24)
+    assert next_expiry(galleries, skip={"hour"}) == pytest.approx(day + DAY_S)
+    assert galleries.collection("hour").oldest_enrollment() == pytest.approx(hour)
+
+    now = 1000.0
+    assert wait_s(None, now, 60) == 60  # nothing to time: the interval
+    assert wait_s(now + 10, now, 60) == pytest.approx(10 + LATE_S)
+    assert wait_s(now + 3600, now, 60) == 60  # at most the interval
+    assert wait_s(now - 5, now, 60) == MIN_GAP_S  # still past (a backlog, faces it could not erase): not a spin
+    assert wait_s(now + 10, now, 0.2) == 0.2  # an interval under the gap is kept
 
 
 def test_a_sweep_reads_an_idle_embedded_collection_without_opening_it(tmp_path):

@@ -109,6 +109,40 @@ def test_a_collection_with_retention_forgets_its_faces_on_time_and_keeps_them_on
     assert r.status_code == 404 and r.json()["error"]["code"] == "collection_not_found"
 
 
+@pytest.mark.parametrize("backend", ["embedded", "postgres"])
+def test_a_sweep_is_timed_for_the_next_expiry_not_the_next_interval(request, tmp_path, default_model, backend):
+    """With FACE_RETENTION_SWEEP_S at 60 s, a face is erased about a second after its expiry, not at
+    the next minute: the sweeper, started on a gallery whose face expires in a few seconds, times its
+    next sweep for that expiry (it waited the whole interval: erased up to a minute late)."""
+    env = {"FACE_RETENTION_SWEEP_S": "60"}
+    if backend == "postgres":
+        env |= request.getfixturevalue("postgres").gallery_env()
+    retention_s = 12.0
+    first = ServerProcess(tmp_path / "data", model=default_model, env=env)
+    try:
+        ready = first.wait_ready()
+        with httpx.Client(base_url=first.url, timeout=60) as c:
+            c.model_id = ready["model_id"]  # type: ignore[attr-defined]
+            assert c.post("/collections", json={"name": "timed", "retention_days": retention_s / 86_400}).status_code == 201
+            assert enroll(c, "timed", "guest", vectors(1, 7)).status_code == 200
+            expires = c.get("/collections/timed/identities/guest").json()["faces"][0]["expires_at"]
+    finally:
+        first.stop()
+    second = ServerProcess(tmp_path / "data", model=default_model, env=env)  # its first sweep finds it unexpired
+    try:
+        second.wait_ready()
+        assert time.time() < expires - 2, "the restart took longer than the retention: nothing to time"
+        with httpx.Client(base_url=second.url, timeout=60) as c:
+            while c.get("/collections/timed/identities/guest").status_code == 200:
+                assert time.time() < expires + 5, "not erased within seconds of its expiry"
+                time.sleep(0.05)
+            assert time.time() >= expires  # not before its time
+    finally:
+        second.stop()
+    erased = [line for line in second.log_path.read_text().splitlines() if "faces past retention erased" in line]
+    assert len(erased) == 1 and '"faces": 1' in erased[0], erased
+
+
 def test_the_unprefixed_routes_are_the_default_collection(served):
     rows = vectors(1, 2)
     assert served.post("/enroll", json={"identity_id": "dora", "embeddings": rows,

@@ -86,6 +86,7 @@ from .store import (
     erase_rows,
     expired_face_ids,
     has_age_index,
+    oldest_face_time,
 )
 
 log = logging.getLogger(__name__)
@@ -595,6 +596,18 @@ class EmbeddedGalleries:
             except sqlite3.OperationalError:  # a store not written yet (no tables)
                 return []
 
+    def peek_oldest(self, name: str) -> float | None:
+        """When the collection's oldest face was enrolled, read from its store beside whoever has it open
+        (WAL), without opening it; None: no face (or no store yet)."""
+        store = self._directory(name) / Gallery.STORE_FILE
+        if not store.exists():
+            return None
+        with self._peek(store) as conn:
+            try:
+                return oldest_face_time(conn)
+            except sqlite3.OperationalError:  # a store not written yet (no tables)
+                return None
+
     def list_collections(self) -> list[CollectionInfo]:
         with self._shape:
             rows = self._catalog.collections()
@@ -870,6 +883,9 @@ class _CollectionHandle:
         collection's index), unless the store predates faces_by_age: opened, it gets the index."""
         found = self._owner.peek_expired(self.name, enrolled_before, limit)
         return found if found is not None else self._run(lambda g: g.expired_faces(enrolled_before, limit))
+
+    def oldest_enrollment(self) -> float | None:
+        return self._owner.peek_oldest(self.name)  # an idle collection is not opened for it
 
     def face_crop(self, face_id: int) -> bytes | None:
         return self._run(lambda g: g.face_crop(face_id))

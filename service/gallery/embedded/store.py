@@ -77,6 +77,12 @@ def expired_face_ids(conn: sqlite3.Connection, enrolled_before: float, limit: in
         (float(enrolled_before), int(limit)))]
 
 
+def oldest_face_time(conn: sqlite3.Connection) -> float | None:
+    """When the store's oldest face was enrolled (by faces_by_age); None: no face."""
+    row = conn.execute("SELECT min(created_at) FROM faces").fetchone()
+    return None if row is None or row[0] is None else float(row[0])
+
+
 def has_age_index(conn: sqlite3.Connection) -> bool:
     """Whether the store has faces_by_age (made when this version first opens it)."""
     return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = ?", (AGE_INDEX,)).fetchone() \

@@ -1915,6 +1915,12 @@ class PostgresGallery:
                                 (self.collection_id, float(enrolled_before), int(limit))).fetchall()
         return [int(r[0]) for r in rows]
 
+    def oldest_enrollment(self) -> float | None:
+        with self._read_connection() as conn:  # the primary, by faces_by_age
+            row = conn.execute("SELECT min(created_at) FROM faces WHERE collection_id = %s",
+                               (self.collection_id,)).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
     # --- kept crops ----------------------------------------------------------------------------
     def face_crop(self, face_id: int) -> bytes | None:
         row = self._read(lambda conn: conn.execute(  # noqa: SLF001
