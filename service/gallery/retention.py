@@ -3,7 +3,7 @@
 A collection's ``retention_days`` (``POST /collections``, ``PATCH /collections/{name}``; None: kept
 until deleted) bounds how long the service holds each face, as data-protection law asks of biometric
 data kept for a purpose with an end (a visitor's badge photo, an event's attendees). The sweep, run by
-the service every ``FACE_RETENTION_SWEEP_S``, erases each face enrolled more than that long ago,
+the service (timed as below), erases each face enrolled more than that long ago,
 oldest first, exactly as ``POST /faces/delete`` would: the vector from the store, the index, the
 snapshot and the WAL, its kept crop, and its identity with its last face; each erasure has its
 ``face.deleted`` audit entry, in the same transaction, with ``via: "retention"``. A write erases

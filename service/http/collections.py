@@ -106,7 +106,7 @@ async def update_collection(collection: CollectionName, body: CollectionUpdate, 
     `retention_days` (null: faces kept until deleted), `max_faces` (null: no limit), `identify_fpir`
     (null: FACE_IDENTIFY_FPIR). Audited (`collection.updated`: each changed setting and its
     `previous_` value) unless nothing changed. Faces past a new, shorter retention are erased by the
-    next sweep (every FACE_RETENTION_SWEEP_S), each with its `face.deleted` entry; a `max_faces` under
+    next sweep (at most FACE_RETENTION_SWEEP_S later), each with its `face.deleted` entry; a `max_faces` under
     the faces held erases nothing (writes that add faces are refused); a new `identify_fpir` is in force
     at once on this replica and, on PostgreSQL, on another from its next search of the collection. An
     alias's name is not a collection's (404), as for `DELETE`."""

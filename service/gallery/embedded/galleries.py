@@ -879,7 +879,7 @@ class _CollectionHandle:
         return self._write(lambda g: g.delete_faces(face_ids, actor))
 
     def expired_faces(self, enrolled_before: float, limit: int) -> list[int]:
-        """Read from the store without opening the collection (a sweep every minute must not load an idle
+        """Read from the store without opening the collection (a sweep every few seconds must not load an idle
         collection's index), unless the store predates faces_by_age: opened, it gets the index."""
         found = self._owner.peek_expired(self.name, enrolled_before, limit)
         return found if found is not None else self._run(lambda g: g.expired_faces(enrolled_before, limit))
