@@ -220,8 +220,6 @@ async def _retention_sweeps(state: ServiceState, stop: threading.Event, woken: a
         wait = state.settings.retention_sweep_s
         try:
             swept = await run_in_threadpool(retention.sweep, state.galleries, None, stop)
-            due = await run_in_threadpool(retention.next_expiry, state.galleries, set(swept.failed))
-            wait = retention.wait_s(due, time.time(), wait)
         except Exception:  # noqa: BLE001 - the list of collections could not be read: tried again next time
             log.warning("retention sweep failed", exc_info=True)
         else:
@@ -231,6 +229,11 @@ async def _retention_sweeps(state: ServiceState, stop: threading.Event, woken: a
                                                                "identities_deleted": swept.identities_deleted[name]})
             for name, reason in swept.failed.items():
                 log.warning("retention sweep of a collection failed", extra={"collection": name, "reason": reason})
+            try:
+                due = await run_in_threadpool(retention.next_expiry, state.galleries, set(swept.failed))
+                wait = retention.wait_s(due, time.time(), wait)
+            except Exception:  # noqa: BLE001 - as above: the interval, this time
+                log.warning("retention: the next expiry could not be read", exc_info=True)
         with suppress(TimeoutError):
             await asyncio.wait_for(woken.wait(), wait)
 
