@@ -122,6 +122,9 @@ def test_the_next_sweep_is_timed_for_the_soonest_expiry(backend):
     assert next_expiry(galleries) == pytest.approx(hour + DAY_S / 24)
     assert next_expiry(galleries, skip={"hour"}) == pytest.approx(day + DAY_S)
     assert galleries.collection("hour").oldest_enrollment() == pytest.approx(hour)
+    if backend.name == "embedded":  # the open gallery's own answer (EmbeddedGallery), beside the store's peek
+        opened = galleries.collection("hour")._run(lambda gallery: gallery.oldest_enrollment())  # noqa: SLF001
+        assert opened == pytest.approx(hour)
 
     now = 1000.0
     assert wait_s(None, now, 60) == 60  # nothing to time: the interval

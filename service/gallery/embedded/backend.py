@@ -133,6 +133,9 @@ class EmbeddedGallery:
     def expired_faces(self, enrolled_before: float, limit: int) -> list[int]:
         return self.gallery.expired_faces(enrolled_before, limit)
 
+    def oldest_enrollment(self) -> float | None:
+        return self.gallery.oldest_enrollment()
+
     def face_crop(self, face_id: int) -> bytes | None:
         return self.gallery.face_crop(face_id)
 

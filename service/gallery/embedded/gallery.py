@@ -803,6 +803,9 @@ class Gallery:
     def expired_faces(self, enrolled_before: float, limit: int) -> list[int]:
         return self._live_store.expired_faces(enrolled_before, limit)
 
+    def oldest_enrollment(self) -> float | None:
+        return self._live_store.oldest_enrollment()
+
     def face_crop(self, face_id: int) -> bytes | None:
         return self._live_store.face_crop(face_id)
 

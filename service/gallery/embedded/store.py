@@ -411,6 +411,9 @@ class Store:
     def expired_faces(self, enrolled_before: float, limit: int) -> list[int]:
         return expired_face_ids(self._reader(), enrolled_before, limit)
 
+    def oldest_enrollment(self) -> float | None:
+        return oldest_face_time(self._reader())
+
     def iter_faces(self, batch: int = 10_000) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
         """All faces in id order, in chunks of (face ids, embeddings, identity ids)."""
         conn = self._reader()
