@@ -131,14 +131,18 @@ def erase_directory(path: Path) -> None:
     files = sorted((p for p in path.rglob("*") if p.is_file() or p.is_symlink()), reverse=True)
     for file in files:
         if file.is_file() and not file.is_symlink():
-            size = file.stat().st_size
-            with open(file, "r+b") as out:
+            try:
+                out = open(file, "r+b")  # noqa: SIM115 - closed below
+            except FileNotFoundError:  # gone meanwhile (SQLite removes a WAL file at its last close)
+                continue
+            with out:
+                size = os.fstat(out.fileno()).st_size
                 zeros = bytes(1 << 20)
                 for _ in range(0, size, len(zeros)):
                     out.write(zeros[:min(len(zeros), size - out.tell())])
                 out.flush()
                 os.fsync(out.fileno())
-        file.unlink()
+        file.unlink(missing_ok=True)
     for directory in sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
         directory.rmdir()
     if path.exists():

@@ -124,6 +124,8 @@ class Store:
         self._writer = self._connect()
         self._writer.executescript(SCHEMA + audit.SCHEMA)
         self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []  # every thread's reader, closed with the store
+        self._readers_lock = threading.Lock()
 
     def _connect(self) -> sqlite3.Connection:
         return connect(self.path)
@@ -133,10 +135,19 @@ class Store:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._local.conn = self._connect()
+            with self._readers_lock:
+                self._readers.append(conn)
         return conn
 
     def close(self) -> None:
+        """Checkpoint, then close every connection: the writer and each thread's reader (left to the
+        threads' locals, a reader closed whenever its thread's local went, and SQLite removed the WAL
+        file then: under a collection delete listing the files, once)."""
         self.checkpoint()
+        with self._readers_lock:
+            readers, self._readers = self._readers, []
+        for reader in readers:
+            reader.close()
         self._writer.close()
 
     def checkpoint(self) -> bool:
