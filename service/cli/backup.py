@@ -73,10 +73,11 @@ def copy_database(source: Path, target: Path, copy_damaged: bool = False) -> dic
                     "earlier backup (or delete it) first")
             raise BackupError(f"{source} is damaged ({exc}): nothing was kept{hint}") from exc
     for suffix in ("", "-wal"):  # no server writes to it (its collection is refused): its bytes are the state
-        if (found := source.with_name(source.name + suffix)).is_file() and (suffix == "" or found.stat().st_size):
-            shutil.copyfile(found, target.with_name(target.name + suffix))
-            fsync_file(target.with_name(target.name + suffix))
-            target.with_name(target.name + suffix).chmod(0o600)
+        found, copy = source.with_name(source.name + suffix), target.with_name(target.name + suffix)
+        if found.is_file() and (suffix == "" or found.stat().st_size):
+            shutil.copyfile(found, copy)
+            fsync_file(copy)
+            copy.chmod(0o600)
     return {"bytes": target.stat().st_size, "damaged": True}
 
 

@@ -95,9 +95,7 @@ def next_expiry(galleries: Galleries, skip: set[str] | frozenset[str] = frozense
             continue
         try:
             oldest = galleries.collection(name).oldest_enrollment()
-        except (CollectionNotFound, GalleryLoading):
-            continue
-        except Exception:  # noqa: BLE001 - its sweep reports it; the others are timed all the same
+        except Exception:  # noqa: BLE001 - deleted since, loading, failing: its sweep reports it; the others are timed
             continue
         if oldest is not None:
             expiry = oldest + days * DAY_S

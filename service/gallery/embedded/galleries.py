@@ -76,13 +76,12 @@ from .backend import EmbeddedGallery
 from .catalog import Catalog
 from .gallery import Gallery, ReadWriteLock
 from .snapshot import fsync_dir
-from .sqlite import is_damaged
 from .store import (
     StoreDamaged,
+    as_damaged,
     connect,
     count_counted_faces,
     count_rows,
-    damaged_message,
     erase_rows,
     expired_face_ids,
     has_age_index,
@@ -196,8 +195,8 @@ class EmbeddedGalleries:
                 except sqlite3.DatabaseError as exc:  # its pages damaged: the service will not start on it
                     if catalog is not None:
                         catalog.close()
-                    if is_damaged(exc):
-                        raise StoreDamaged(damaged_message(self.data_dir / Catalog.FILE, exc)) from exc
+                    if (damage := as_damaged(self.data_dir / Catalog.FILE, exc)) is not None:
+                        raise damage from exc
                     raise
                 self._catalog_opened = catalog
             return self._catalog_opened
@@ -542,16 +541,14 @@ class EmbeddedGalleries:
     def noted_damage(self, name: str, exc: BaseException) -> bool:
         """Whether ``exc`` says the collection's store is damaged; the first time it does, logged with the
         file and what to do (each use of the collection is refused 503 collection_damaged meanwhile)."""
-        if not isinstance(exc, StoreDamaged) and not is_damaged(exc):
+        if (damage := as_damaged(self._directory(name) / Gallery.STORE_FILE, exc)) is None:
             return False
         with self._mutex:
             first = name not in self._damaged
             self._damaged.add(name)
         if first:
-            reason = str(exc) if isinstance(exc, StoreDamaged) else damaged_message(
-                self._directory(name) / Gallery.STORE_FILE, exc)
             log.error("collection damaged: not served until its files are restored from a backup (or it is "
-                      "deleted); the other collections serve on", extra={"collection": name, "reason": reason})
+                      "deleted); the other collections serve on", extra={"collection": name, "reason": str(damage)})
         return True
 
     def readable(self, name: str) -> None:
@@ -582,35 +579,36 @@ class EmbeddedGalleries:
         store = self._directory(name) / Gallery.STORE_FILE
         if store.exists():
             # a damaged store: the default model's dim (its uses are refused anyway, collection_damaged)
-            with suppress(StoreDamaged, sqlite3.DatabaseError), self._peek(store) as conn:
+            with suppress(*MAYBE_DAMAGE), self._peek(store) as conn:
                 row = conn.execute("SELECT value FROM meta WHERE key = 'embedding_size'").fetchone()
                 if row is not None:
                     return int(row[0])
         return self.dim
 
-    def peek_expired(self, name: str, enrolled_before: float, limit: int) -> list[int] | None:
-        """The collection's expired faces read from its store beside whoever has it open (WAL), or None
-        when the store has no faces_by_age yet (a scan of every face: open the collection instead)."""
+    def _peek_read(self, name: str, read: Callable[[sqlite3.Connection], _T], empty: _T) -> _T:
+        """``read`` of the collection's store beside whoever has it open (WAL), without opening the
+        collection; ``empty`` when it has no store, or one not written yet (no tables)."""
         store = self._directory(name) / Gallery.STORE_FILE
         if not store.exists():
-            return []
+            return empty
         with self._peek(store) as conn:
             try:
-                return expired_face_ids(conn, enrolled_before, limit) if has_age_index(conn) else None
-            except sqlite3.OperationalError:  # a store not written yet (no tables)
-                return []
+                return read(conn)
+            except sqlite3.OperationalError:
+                return empty
+
+    def peek_expired(self, name: str, enrolled_before: float, limit: int) -> list[int] | None:
+        """The collection's expired faces read from its store, or None when the store has no faces_by_age
+        yet (a scan of every face: open the collection instead)."""
+        def read(conn: sqlite3.Connection) -> list[int] | None:
+            return expired_face_ids(conn, enrolled_before, limit) if has_age_index(conn) else None
+
+        none: list[int] | None = []
+        return self._peek_read(name, read, none)
 
     def peek_oldest(self, name: str) -> float | None:
-        """When the collection's oldest face was enrolled, read from its store beside whoever has it open
-        (WAL), without opening it; None: no face (or no store yet)."""
-        store = self._directory(name) / Gallery.STORE_FILE
-        if not store.exists():
-            return None
-        with self._peek(store) as conn:
-            try:
-                return oldest_face_time(conn)
-            except sqlite3.OperationalError:  # a store not written yet (no tables)
-                return None
+        """When the collection's oldest face was enrolled, read from its store; None: no face."""
+        return self._peek_read(name, oldest_face_time, None)
 
     def list_collections(self) -> list[CollectionInfo]:
         with self._shape:

@@ -58,8 +58,7 @@ from ..search import GalleryModelMismatch, Hit, Match, check_model, score_among,
 from .index import BackgroundSave, HnswIndex, SnapshotWriterStuck
 from .lock import DataDirLock, usable_data_dir
 from .snapshot import Layout, SnapshotFiles, SnapshotInvalid, read_layout
-from .sqlite import is_damaged
-from .store import Room, Store, StoreDamaged, damaged_message
+from .store import Room, Store, StoreDamaged, as_damaged
 
 log = logging.getLogger(__name__)
 
@@ -238,8 +237,9 @@ class Gallery:
                 self.store.close()
                 self.store = None
             self._dir_lock.release()
-            if is_damaged(exc):  # a page of it SQLite finds damaged (the file opened as a database)
-                raise StoreDamaged(damaged_message(self.data_dir / self.STORE_FILE, exc)) from exc
+            # a page of it SQLite finds damaged (the file opened as a database)
+            if (damage := as_damaged(self.data_dir / self.STORE_FILE, exc)) is not None and damage is not exc:
+                raise damage from exc
             raise
 
     def _check_model(self) -> None:
@@ -262,8 +262,8 @@ class Gallery:
         except _LoadCancelled:
             log.info("gallery load cancelled by shutdown")
         except Exception as exc:  # noqa: BLE001 - reported by /readyz and the log
-            if isinstance(exc, StoreDamaged) or is_damaged(exc):
-                self._load_damaged = damaged_message(self.data_dir / self.STORE_FILE, exc)
+            if (damage := as_damaged(self.data_dir / self.STORE_FILE, exc)) is not None:
+                self._load_damaged = str(damage)
             self._load_error = f"{type(exc).__name__}: {exc}"
             log.exception("gallery could not be loaded")
 

@@ -592,15 +592,23 @@ def connect(path: Path) -> sqlite3.Connection:
         conn.execute("PRAGMA secure_delete=ON")
     except sqlite3.DatabaseError as exc:
         conn.close()
-        if not is_damaged(exc):
+        if (damage := as_damaged(path, exc)) is None:
             raise
-        raise StoreDamaged(damaged_message(path, exc)) from exc
+        raise damage from exc
     return conn
 
 
 def damaged_message(path: Path | str, exc: BaseException) -> str:
     return (f"{path} is not a SQLite database, or a damaged one ({exc}): restore the data dir from a backup "
             "(python -m service backup makes one); nothing was written to it")
+
+
+def as_damaged(path: Path, exc: BaseException) -> StoreDamaged | None:
+    """``exc`` as the StoreDamaged of the file at ``path`` (itself when it is one already); None when it
+    says nothing of damage."""
+    if isinstance(exc, StoreDamaged):
+        return exc
+    return StoreDamaged(damaged_message(path, exc)) if is_damaged(exc) else None
 
 
 def damaged_files(data_dir: Path) -> list[Path]:

@@ -1850,7 +1850,7 @@ class PostgresGallery:
         identities widens in another (rare). ``ef``: hnsw.ef_search for this search (SET LOCAL, as
         always) instead of the setting."""
         vectors = np.ascontiguousarray(np.atleast_2d(probes), dtype=np.float32)
-        return self._read(  # noqa: SLF001
+        return self._read(
             lambda conn: search_identities(lambda p, k: self._nearest(conn, p, k, ef), vectors, top_k),
             transaction=False)
 
@@ -1862,7 +1862,7 @@ class PostgresGallery:
             return conn.execute("SELECT embedding FROM faces WHERE collection_id = %s AND identity_id = %s "
                                 "ORDER BY face_id", (self.collection_id, identity_id)).fetchall()
 
-        rows = self._read(body)  # noqa: SLF001
+        rows = self._read(body)
         if rows is None:
             return None
         if not rows:
@@ -1870,7 +1870,7 @@ class PostgresGallery:
         return np.stack([_as_array(r[0]) for r in rows])
 
     def get_identity(self, identity_id: str) -> IdentityDetails | None:
-        return self._read(lambda conn: self._details(conn, identity_id))  # noqa: SLF001
+        return self._read(lambda conn: self._details(conn, identity_id))
 
     def _details(self, conn: psycopg.Connection, identity_id: str) -> IdentityDetails | None:
         row = conn.execute("SELECT identity_id, metadata, created_at, updated_at FROM identities "
@@ -1887,7 +1887,7 @@ class PostgresGallery:
         range of the primary key (identity_ids.id_range), as a page without one."""
         low, inclusive, high = id_range(None if after is None else _before_nul(after),
                                         None if prefix is None else _before_nul(prefix))
-        rows = self._read(lambda conn: conn.execute(  # noqa: SLF001
+        rows = self._read(lambda conn: conn.execute(
             "SELECT i.identity_id, i.metadata, i.created_at, i.updated_at, "
             "(SELECT count(*) FROM faces f WHERE f.collection_id = i.collection_id AND f.identity_id = i.identity_id) "
             f"FROM identities i WHERE i.collection_id = %s AND i.identity_id {'>=' if inclusive else '>'} %s"
@@ -1923,20 +1923,20 @@ class PostgresGallery:
 
     # --- kept crops ----------------------------------------------------------------------------
     def face_crop(self, face_id: int) -> bytes | None:
-        row = self._read(lambda conn: conn.execute(  # noqa: SLF001
+        row = self._read(lambda conn: conn.execute(
             "SELECT blob FROM face_crops WHERE collection_id = %s AND face_id = %s",
             (self.collection_id, int(face_id))).fetchone())
         return None if row is None else bytes(row[0])
 
     def iter_crops(self, after_face_id: int = 0, limit: int = 256) -> list[tuple[int, str, bytes]]:
-        rows = self._read(lambda conn: conn.execute(  # noqa: SLF001
+        rows = self._read(lambda conn: conn.execute(
             "SELECT c.face_id, f.identity_id, c.blob FROM face_crops c JOIN faces f USING (face_id) "
             "WHERE c.collection_id = %s AND c.face_id > %s ORDER BY c.face_id LIMIT %s",
             (self.collection_id, int(after_face_id), int(limit))).fetchall())
         return [(int(r[0]), r[1], bytes(r[2])) for r in rows]
 
     def crop_count(self) -> int:
-        row = self._read(lambda conn: _one(conn.execute(  # noqa: SLF001
+        row = self._read(lambda conn: _one(conn.execute(
             "SELECT count(*) FROM face_crops WHERE collection_id = %s", (self.collection_id,))))
         return int(row[0])
     def face_embeddings(self, face_ids: list[int]) -> dict[int, tuple[str, np.ndarray]]:
@@ -1944,7 +1944,7 @@ class PostgresGallery:
         ids = sorted({int(i) for i in face_ids})
         if not ids:
             return {}
-        rows = self._read(lambda conn: conn.execute(  # noqa: SLF001
+        rows = self._read(lambda conn: conn.execute(
             "SELECT face_id, identity_id, embedding FROM faces WHERE collection_id = %s AND face_id = ANY(%s)",
             (self.collection_id, ids)).fetchall(), transaction=False)
         return {int(f): (i, _as_array(e)) for f, i, e in rows}
@@ -1954,8 +1954,7 @@ class PostgresGallery:
         its own read: a scan is advisory, not one snapshot)."""
         after: tuple[str, int] = ("", -1)
         while True:
-            rows = self._read(partial(self._faces_page, after=after, batch=batch),  # noqa: SLF001
-                                        transaction=False)
+            rows = self._read(partial(self._faces_page, after=after, batch=batch), transaction=False)
             if not rows:
                 return
             yield [int(r[0]) for r in rows], [r[1] for r in rows], np.stack([_as_array(r[2]) for r in rows])
@@ -2027,7 +2026,7 @@ class PostgresGallery:
         """identity id -> [(face id, sealed crop or None, enrolled at)] in face-id order: one query for all of them
         (faces_by_identity, then the crops' primary key), on the primary's reads or a standby that has
         what this request must see; one statement, so each identity's faces and crops are one snapshot."""
-        rows = self._read(lambda conn: conn.execute(  # noqa: SLF001
+        rows = self._read(lambda conn: conn.execute(
             "SELECT f.identity_id, f.face_id, c.blob, f.created_at FROM faces f LEFT JOIN face_crops c "
             "ON c.collection_id = f.collection_id AND c.face_id = f.face_id "
             "WHERE f.collection_id = %s AND f.identity_id = ANY(%s) ORDER BY f.identity_id, f.face_id",
@@ -2056,7 +2055,7 @@ class PostgresGallery:
             self._read_counts(_one(counts), as_of)
             return sizes.fetchall(), [scan.fetchall() for scan in scans]
 
-        sizes, scans = self._read(body, transaction=False)  # noqa: SLF001
+        sizes, scans = self._read(body, transaction=False)
         matches = [sorted((Match(str(i), float(score), int(f)) for i, f, score in rows),
                           key=lambda m: (-m.score, m.face_id))[:top_k] for rows in scans]
         return Among(matches, {str(i): int(n) for i, n in sizes})
