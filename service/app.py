@@ -29,7 +29,7 @@ from .config import ModelConfigError, Settings, get_settings
 from .errors import ErrorCode, ServiceError
 from .faces.detection import AlignmentTemplate, FaceDetector, YuNetConfig, YuNetDetector, template_for
 from .gallery import GalleryLoading, retention
-from .gallery.api import CollectionDamaged, GalleryBusy, GalleryUnavailable, StorageFull
+from .gallery.api import CatalogDamaged, CollectionDamaged, GalleryBusy, GalleryUnavailable, StorageFull
 from .gallery.crops import CropKeyError
 from .gallery.embedded.lock import DataDirLocked, DataDirUnusable
 from .gallery.embedded.sqlite import is_damaged
@@ -70,12 +70,12 @@ from .state import ServiceState
 log = logging.getLogger(__name__)
 
 # start-up failures the operator can fix from what they say (a missing GPU, a data dir in use or not
-# writable, a store file that is no database, a model file or its metadata, a gallery of another
-# model, a database not reachable, a pepper or crop key file): logged as one line, ``could not
-# start: ...``, without the stack a bug needs
+# writable, a store file that is no database, a damaged catalog, a model file or its metadata, a
+# gallery of another model, a database not reachable, a pepper or crop key file): logged as one line,
+# ``could not start: ...``, without the stack a bug needs
 STARTUP_REFUSALS: tuple[type[BaseException], ...] = (
     ModelConfigError, ProviderError, ContractError, CalibrationError, Fp16Error, PepperFileError, DataDirLocked,
-    DataDirUnusable, StoreDamaged, GalleryModelMismatch, GalleryUnavailable, CropKeyError,
+    DataDirUnusable, StoreDamaged, CatalogDamaged, GalleryModelMismatch, GalleryUnavailable, CropKeyError,
 )
 # ... and a damaged page of the data dir read at start-up (the catalog's keys): named by damage_in
 REFUSED_OR_DAMAGED: tuple[type[BaseException], ...] = (*STARTUP_REFUSALS, sqlite3.DatabaseError)
@@ -207,6 +207,8 @@ async def _housekeeping(state: ServiceState, storage_full_log: Throttle) -> None
             if (left_out := storage_full_log.due()) is not None:
                 log.error("gallery storage full", extra={"reason": str(exc), "during": "housekeeping",
                                                          "left_out": left_out})
+        except CatalogDamaged as exc:  # what it found: the keys' last use is not recorded meanwhile
+            log.warning("housekeeping failed: catalog damaged", extra={"reason": str(exc)})
         except Exception:  # noqa: BLE001 - housekeeping retries; the database may be away for a while
             log.warning("housekeeping failed", exc_info=True)
 
@@ -348,6 +350,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                             f"{exc.collection!r} is damaged (a disk fault, a bad restore): the "
                                             "operator restores it from a backup, or deletes the collection",
                                             collection=exc.collection), request)
+
+    catalog_damage_logged = threading.Event()
+
+    @app.exception_handler(CatalogDamaged)
+    async def catalog_damaged(request: Request, exc: CatalogDamaged):
+        # the collections' and keys' records cannot be read: where, logged the first time (the access
+        # log counts each refusal); what needs no catalog read serves on
+        if not catalog_damage_logged.is_set():
+            catalog_damage_logged.set()
+            log.error("catalog damaged: the requests that read the damaged records are refused until it is "
+                      "restored from a backup (python -m service backup makes one)",
+                      extra={"path": request.url.path, "reason": str(exc)})
+        return _error_response(ServiceError(ErrorCode.catalog_damaged, "the service's catalog (collections, keys) "
+                                            "is damaged (a disk fault, a bad restore): the operator restores it "
+                                            "from a backup"), request)
 
     @app.exception_handler(GalleryBusy)
     async def gallery_busy(request: Request, exc: GalleryBusy):

@@ -85,6 +85,7 @@ class ErrorCode(str, Enum):
     database_unavailable = "database_unavailable"
     storage_full = "storage_full"
     collection_damaged = "collection_damaged"
+    catalog_damaged = "catalog_damaged"
     internal_error = "internal_error"
 
 
@@ -152,6 +153,7 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.database_unavailable: 503,
     ErrorCode.storage_full: 507,
     ErrorCode.collection_damaged: 503,
+    ErrorCode.catalog_damaged: 503,
     ErrorCode.internal_error: 500,
 }
 

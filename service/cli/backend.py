@@ -23,7 +23,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from ..config import ModelConfigError, Settings
-from ..gallery.api import Actor, Galleries, GalleryModelMismatch, GalleryUnavailable, StorageFull
+from ..gallery.api import Actor, CatalogDamaged, Galleries, GalleryModelMismatch, GalleryUnavailable, StorageFull
 from ..gallery.crops import CropKeyError
 from ..gallery.embedded.lock import DataDirUnusable, usable_data_dir
 from ..gallery.embedded.sqlite import is_damaged
@@ -103,7 +103,7 @@ def opened_backend(settings: Settings) -> Iterator[Galleries]:
         raise CommandError(str(exc)) from exc
     try:
         yield galleries
-    except (StorageFull, StoreDamaged) as exc:  # a key the disk has no room for, a damaged store: one line
+    except (StorageFull, StoreDamaged, CatalogDamaged) as exc:  # no room for a key, a damaged store: one line
         raise CommandError(str(exc)) from exc
     except sqlite3.DatabaseError as exc:  # a damaged page read outside a store's own checks (the keys')
         if galleries.backend == "postgres" or not is_damaged(exc):

@@ -58,6 +58,7 @@ from ..gallery.api import (
     Actor,
     AliasInfo,
     AliasNotFound,
+    CatalogDamaged,
     CollectionExists,
     CollectionNotFound,
     Galleries,
@@ -548,7 +549,7 @@ def main(argv: list[str]) -> int:
                       "identities": done.identities, "faces": done.faces, "skipped_existing": len(done.skipped)}
     except (GalleryFileError, GalleryModelMismatch, GalleryUnavailable, CollectionNotFound, CollectionExists,
             AliasNotFound, CommandError, CropKeyError,  # CropKeyError: a key that does not open the crops
-            DataDirLocked, DataDirUnusable, StorageFull, StoreDamaged,
+            DataDirLocked, DataDirUnusable, StorageFull, StoreDamaged, CatalogDamaged,
             TooManyFacesForCollection) as exc:  # the batches before it are in: raise max_faces, import again
         return fail(exc)
     except OSError as exc:  # a file that went away or could not be written after the checks: no traceback

@@ -122,6 +122,15 @@ class CollectionDamaged(RuntimeError):
         self.reason = reason
 
 
+class CatalogDamaged(RuntimeError):
+    """The catalog (the collections, aliases and keys, and the audit of their changes) cannot be read
+    where a request needs it: its embedded file is one SQLite finds damaged, or PostgreSQL finds those
+    tables' data damaged (a disk fault, a bad restore). Answered 503 ``catalog_damaged``; what needs no
+    catalog read (the FACE_API_KEY admin, a key read before, the collections' own data) serves on. The
+    message names the file or relation: for the log (a start-up refusal, a command's error), never for
+    a client."""
+
+
 class IdentityExists(ValueError):
     """An import, or a rename, named an identity that is already enrolled (nothing was written)."""
 

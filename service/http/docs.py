@@ -124,8 +124,9 @@ ACCESS_ERRORS = {
     "429": "`rate_limited`: past the key's (or the client's) requests or faces per second; `Retry-After` "
            "says in how many seconds",
     "503": "Not now: `model_not_ready` (starting or stopping), `overloaded` (`Retry-After`), `gallery_loading`, "
-           "`gallery_unavailable`, `database_unavailable`: retry later; `collection_damaged`: the collection's stored "
-           "data is damaged, not worth retrying until the operator restores it",
+           "`gallery_unavailable`, `database_unavailable`: retry later; `collection_damaged`, `catalog_damaged`: the "
+           "collection's stored data, or the service's catalog of collections and keys, is damaged: not worth "
+           "retrying until the operator restores it",
 }
 # what a change may answer (POST/PUT/PATCH/DELETE of the write and admin permissions)
 WRITE_ERRORS = {"507": "`storage_full`: the gallery's disk is full; nothing of the write was stored"}

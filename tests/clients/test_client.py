@@ -32,6 +32,7 @@ from service.errors import STATUS, ErrorCode
 from service.http import schemas
 from tests.clients.conftest import ADMIN, ENV
 from tests.conftest import ENROLLED, face_files, unknown_files
+from tests.damage import damage_pages
 
 FAMILY_STATUSES = {AuthError: {401, 403}, NotFoundError: {404}, ConflictError: {409}, RateLimitedError: {429},
                    UnavailableError: {503, 504, 507}, faceclient.ServerError: {500}}
@@ -203,10 +204,11 @@ def test_503_overloaded_is_retried_then_raised(tmp_path, default_model):
         proc.stop()
 
 
-def test_503_collection_damaged_is_not_retried(tmp_path, default_model):
-    """A collection whose store is damaged is 503 `collection_damaged` until an operator restores it:
-    waiting does not mend it, so the client raises at once instead of spending its retries (it sent
-    the request max_retries + 1 times); the listing says which collection is damaged."""
+def test_503_collection_damaged_and_catalog_damaged_are_not_retried(tmp_path, default_model):
+    """A collection whose store is damaged is 503 `collection_damaged`, and a key whose catalog record
+    is damaged 503 `catalog_damaged`, until an operator restores them: waiting does not mend either, so
+    the client raises at once instead of spending its retries (it sent the request max_retries + 1
+    times); the listing says which collection is damaged."""
     data = tmp_path / "data"
     proc = ServerProcess(data, model=default_model, env=ENV)
     try:
@@ -214,12 +216,14 @@ def test_503_collection_damaged_is_not_retried(tmp_path, default_model):
         with FaceClient(proc.url, ADMIN) as face:
             face.create_collection("site-b")
             face.enroll("alice", face_files(ENROLLED[0])[0], collection="site-b")
+            readers = [face.create_key("read", note="n" * 500).secret for _ in range(12)]  # pages of keys
     finally:
         proc.stop()
     store = data / "collections" / "site-b" / "gallery.sqlite3"
     for leftover in (store.with_name(store.name + "-wal"), store.with_name(store.name + "-shm")):
         leftover.unlink(missing_ok=True)
     store.write_bytes(b"\x00not a database" * 1000)
+    damage_pages(data / "catalog.sqlite3", 5, table="keys")
     proc = ServerProcess(data, model=default_model, env=ENV)
     try:
         proc.wait_ready()
@@ -228,7 +232,12 @@ def test_503_collection_damaged_is_not_retried(tmp_path, default_model):
             with pytest.raises(UnavailableError) as e:
                 face.get_identity("alice", collection="site-b")
             assert e.value.code == "collection_damaged" and e.value.status == 503
-            face.list_collections()  # logged after the refusal and any retry of it: the log is read up to it
+        with FaceClient(proc.url, readers[-1], max_retries=3) as reader:
+            with pytest.raises(UnavailableError) as e:
+                list(reader.iter_identities())
+            assert e.value.code == "catalog_damaged" and e.value.status == 503
+        with FaceClient(proc.url, ADMIN) as face:
+            face.list_collections()  # logged after the refusals and any retry of them: the log is read up to it
 
         def requests(route: str) -> list[str]:
             return [line for line in proc.log_path.read_text().splitlines()
@@ -239,6 +248,8 @@ def test_503_collection_damaged_is_not_retried(tmp_path, default_model):
             time.sleep(0.05)  # the access line is written once the answer is sent
         asked = requests("/identities/{identity_id}")
         assert len(asked) == 1 and '"error": "collection_damaged"' in asked[0], asked
+        asked = requests("/identities")
+        assert len(asked) == 1 and '"error": "catalog_damaged"' in asked[0], asked
     finally:
         proc.stop()
 

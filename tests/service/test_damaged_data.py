@@ -15,6 +15,7 @@ import pytest
 
 from harness.server import ServerProcess
 from tests.conftest import ENROLLED, b64, face_files
+from tests.damage import damage_pages
 
 FACES = 60  # site-b's faces: several pages of its own in either store
 
@@ -41,6 +42,12 @@ class Embedded:
         raw[page:] = rng.integers(0, 256, len(raw) - page, dtype=np.uint8).tobytes()
         store.write_bytes(bytes(raw))
         return str(store)  # what the log names
+
+    def damage_keys(self, data: Path, rng: np.random.Generator) -> str:
+        """The catalog's keys table's pages (not its key-id index: a lookup finds the row, then reads it)."""
+        catalog = data / "catalog.sqlite3"
+        damage_pages(catalog, int(rng.integers(1 << 30)), table="keys")
+        return str(catalog)
 
     def close(self) -> None:
         pass
@@ -76,6 +83,22 @@ class Postgres:
         path.write_bytes(bytes(raw))
         self.server.start()
         return relation  # what the log names
+
+    def damage_keys(self, data: Path, rng: np.random.Generator) -> str:
+        """Every heap block of the keys table (api_keys), as PostgreSQL's checks then find them."""
+        import psycopg
+
+        schema = self.env["FACE_DATABASE_SCHEMA"]
+        with psycopg.connect(self.server.url, autocommit=True) as conn:
+            relation = conn.execute(f"SELECT pg_relation_filepath('{schema}.api_keys')").fetchone()[0]
+            conn.execute("CHECKPOINT")
+        self.server.stop()
+        path = self.server.pgdata / relation
+        raw = bytearray(path.read_bytes())
+        assert len(raw) >= 2 * 8192, len(raw)
+        path.write_bytes(rng.integers(0, 256, len(raw), dtype=np.uint8).tobytes())
+        self.server.start()
+        return relation
 
     def close(self) -> None:
         self.server.close()
@@ -142,6 +165,56 @@ def test_damaged_data_of_one_collection_is_503_collection_damaged_and_the_others
             assert c.get("/readyz").status_code == 200
         log = server.log_path.read_text()
         found = [line for line in log.splitlines() if "collection damaged" in line and '"site-b"' in line]
+        assert len(found) == 1 and named in found[0], found
+        assert "Traceback" not in log and '"internal_error"' not in log
+    finally:
+        server.stop()
+
+
+def test_damaged_keys_found_while_serving_are_503_catalog_damaged(tmp_path, default_model, backend):
+    """The catalog's keys damaged (the embedded catalog's pages of them; PostgreSQL's heap blocks of
+    api_keys) and a server started with FACE_API_KEY, which reads no stored key to start: a request
+    with a stored key, and the admin's listing of keys, are 503 ``catalog_damaged`` (they were 500
+    ``internal_error`` with the database's traceback), the file or relation only in the log, in one
+    ``catalog damaged`` line; the FACE_API_KEY admin reads and searches the gallery."""
+    rng = np.random.default_rng(2027)
+    data = tmp_path / "data"
+    admin = {"X-API-Key": "an-admin-key-of-the-environment-0123456789"}
+    env = {**backend.env, "FACE_API_KEY": admin["X-API-Key"]}
+    server = ServerProcess(data, model=default_model, env=env)
+    try:
+        server.wait_ready()
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            r = c.post("/enroll", json={"identity_id": ENROLLED[0], "images": [b64(face_files(ENROLLED[0])[0])]},
+                       headers=admin)
+            assert r.status_code == 200, r.text
+            secrets = []
+            for _ in range(40):  # several pages (blocks) of keys
+                r = c.post("/keys", json={"role": "read", "note": "n" * 500}, headers=admin)
+                assert r.status_code == 201, r.text
+                secrets.append(r.json()["secret"])
+            assert c.get("/identities", headers={"X-API-Key": secrets[-1]}).status_code == 200
+    finally:
+        server.stop()
+    named = backend.damage_keys(data, rng)
+
+    server = ServerProcess(data, model=default_model, env=env)
+    try:
+        server.wait_ready(timeout=90)
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            for headers, path in (({"X-API-Key": secrets[-1]}, "/identities"), ({"X-API-Key": secrets[0]}, "/identities"),
+                                  (admin, "/keys")) * 2:  # the second time: not logged again
+                r = c.get(path, headers=headers)
+                assert r.status_code == 503, (path, r.status_code, r.text)
+                assert r.json()["error"] == {
+                    "code": "catalog_damaged",
+                    "message": "the service's catalog (collections, keys) is damaged (a disk fault, a bad restore): "
+                               "the operator restores it from a backup"}, r.text
+            r = c.post("/identify", json={"images": [b64(face_files(ENROLLED[0])[1])]}, headers=admin)
+            assert r.status_code == 200 and r.json()["results"][0]["identity_id"] == ENROLLED[0], r.text
+            assert c.get("/healthz").status_code == 200
+        log = server.log_path.read_text()
+        found = [line for line in log.splitlines() if "catalog damaged" in line]
         assert len(found) == 1 and named in found[0], found
         assert "Traceback" not in log and '"internal_error"' not in log
     finally:

@@ -15,6 +15,7 @@ import pytest
 from bench.gallery_fill import fill_store
 from service.model.contract import read_contract
 from tests.conftest import ENROLLED, b64, face_files
+from tests.damage import damage_pages
 from tests.gallery.traces import find_vector
 from tests.server import REPO, ServerProcess
 
@@ -149,19 +150,6 @@ def test_a_damaged_store_is_one_error_line_naming_it_for_the_server_and_each_com
         assert r.returncode == 2 and r.stderr.startswith("error: ") and str(damaged) in r.stderr, (command, r.stderr)
         assert "Traceback" not in r.stderr, (command, r.stderr)
     assert damaged.read_bytes() == garbage
-
-
-def damage_pages(store, seed: int, table: str | None = None) -> None:
-    """Overwrite every page of a store but its first (the header and schema), or only ``table``'s: SQLite
-    opens it as a database and finds the damage on reading those rows, as a disk fault leaves a file."""
-    with sqlite3.connect(store) as conn:
-        size = conn.execute("PRAGMA page_size").fetchone()[0]
-        pages = [n for (n,) in conn.execute("SELECT pageno FROM dbstat WHERE name = ?", (table,))] if table else []
-    raw = bytearray(store.read_bytes())
-    noise = np.random.default_rng(seed).integers(0, 256, len(raw), dtype=np.uint8).tobytes()
-    for number in pages or range(2, len(raw) // size + 1):
-        raw[(number - 1) * size:number * size] = noise[(number - 1) * size:number * size]
-    store.write_bytes(bytes(raw))
 
 
 def test_a_damaged_collection_is_contained_and_the_others_serve(tmp_path, spawn, default_model):

@@ -86,7 +86,7 @@ Transport = Literal["multipart", "json"]
 DEFAULT_COLLECTION = "default"
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 RETRIED = frozenset({429, 503})
-NOT_RETRIED = frozenset({"collection_damaged"})  # 503s that waiting does not mend: the operator must act
+NOT_RETRIED = frozenset({"collection_damaged", "catalog_damaged"})  # 503s that waiting does not mend: the operator must act
 
 
 @dataclass

@@ -87,7 +87,7 @@ _FAMILIES: dict[type[FaceServiceError], tuple[str, ...]] = {
     RateLimitedError: ("rate_limited",),
     UnavailableError: ("gallery_loading", "gallery_unavailable", "model_not_ready", "overloaded",
                        "inference_timeout", "database_unavailable", "storage_full",
-                       "collection_damaged"),
+                       "collection_damaged", "catalog_damaged"),
     ServerError: ("internal_error",),
 }
 # the codes that refuse one image for itself (its ``details.index`` says which): enroll_folder skips that file

@@ -6,6 +6,10 @@ created or revoked, and the trail of each deleted collection).
 It is not under the data-dir lock: another process (``python -m service keys create`` while the
 server runs) writes it too, SQLite's own locking serialises the writers (WAL, ``BEGIN IMMEDIATE``,
 a busy timeout). ``synchronous=FULL``: an acknowledged change survives a crash; ``secure_delete``.
+
+A catalog file SQLite cannot read as a database, or whose pages it finds damaged where a read or a
+write meets them, raises ``CatalogDamaged`` naming the file (503 ``catalog_damaged``; at start-up, a
+refusal): nothing more is written to it.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from ..api import (
     AliasNotFound,
     AuditEntry,
     AuditQuery,
+    CatalogDamaged,
     CollectionExists,
     CollectionInUse,
     CollectionNotFound,
@@ -37,7 +42,7 @@ from ..api import (
 from . import audit
 from .lock import usable_data_dir
 from .sqlite import checkpoint, write_transaction
-from .store import connect
+from .store import StoreDamaged, as_damaged, connect
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS collections (
@@ -93,13 +98,28 @@ class Catalog:
 
     def __init__(self, data_dir: Path) -> None:
         self.path = usable_data_dir(data_dir) / self.FILE
-        self._conn = connect(self.path)
-        self._conn.executescript(SCHEMA + audit.SCHEMA + ALIASES_SCHEMA + CROPS_SCHEMA
-                                 + ";\n".join(jobs.schema("TEXT", "REAL", "INTEGER", "jobs")) + ";")
-        self._add_keep_crops_column()
-        self._add_dim_column()
-        self._add_setting_columns()
+        with self._contained():
+            self._conn = connect(self.path)
+            try:
+                self._conn.executescript(SCHEMA + audit.SCHEMA + ALIASES_SCHEMA + CROPS_SCHEMA
+                                         + ";\n".join(jobs.schema("TEXT", "REAL", "INTEGER", "jobs")) + ";")
+                self._add_keep_crops_column()
+                self._add_dim_column()
+                self._add_setting_columns()
+            except BaseException:
+                self._conn.close()
+                raise
         self._mutex = threading.Lock()  # one connection: one statement or transaction at a time
+
+    @contextmanager
+    def _contained(self) -> Iterator[None]:
+        """What says the file is damaged (or no database) raised as CatalogDamaged naming it."""
+        try:
+            yield
+        except (sqlite3.DatabaseError, StoreDamaged) as exc:
+            if (damage := as_damaged(self.path, exc)) is None:
+                raise
+            raise CatalogDamaged(str(damage)) from exc
 
     def _add_keep_crops_column(self) -> None:
         """A catalog from before kept crops gets the collections' keep_crops column (0 for all)."""
@@ -137,11 +157,11 @@ class Catalog:
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        with self._mutex, write_transaction(self._conn) as conn:
+        with self._contained(), self._mutex, write_transaction(self._conn) as conn:
             yield conn
 
     def _read(self, sql: str, args: tuple = ()) -> list[tuple]:
-        with self._mutex:
+        with self._contained(), self._mutex:
             return self._conn.execute(sql, args).fetchall()
 
     # --- collections -------------------------------------------------------------------------
@@ -252,8 +272,9 @@ class Catalog:
         return [AliasInfo(*r) for r in self._read("SELECT name, collection, updated_at FROM aliases ORDER BY name")]
 
     def aliases_to(self, collection: str) -> list[str]:
-        with self._mutex:
+        with self._contained(), self._mutex:
             return _aliases_to(self._conn, collection)
+
     def crop_collections(self) -> set[str]:
         """The collections that keep crops."""
         return {r[0] for r in self._read("SELECT name FROM collections WHERE keep_crops != 0")}
@@ -313,11 +334,11 @@ class Catalog:
 
     # --- audit -------------------------------------------------------------------------------
     def audit(self, query: AuditQuery) -> list[tuple[tuple[float, str, int], AuditEntry]]:
-        with self._mutex:
+        with self._contained(), self._mutex:
             return audit.query(self._conn, audit.CATALOG_SOURCE, query)
 
     def prune_audit(self, before: float) -> int:
-        with self._mutex:
+        with self._contained(), self._mutex:
             return audit.prune(self._conn, before)
 
     # --- jobs (service/jobs/store.py: one queued-or-running job per source collection, by the index) ----

@@ -23,8 +23,10 @@ A damaged collection (a store file SQLite cannot read, found on opening it or on
 its uses raise ``CollectionDamaged`` (503 ``collection_damaged``), it is listed with ``damaged`` set,
 the first discovery is logged naming the file, nothing is written to it, and every other collection
 serves on. It may still be deleted (its files erased, its unreadable audit trail with them); restored
-files are used again on its next use. The default collection and the catalog are checked at start-up
-instead: the server refuses to start on them (StoreDamaged), as it cannot serve unkeyed requests.
+files are used again on its next use. The default collection is checked at start-up instead: the
+server refuses to start on it (StoreDamaged), as it cannot serve unkeyed requests. A catalog that
+cannot be read raises ``CatalogDamaged`` (catalog.py): a refusal at start-up, 503 ``catalog_damaged``
+for the requests that meet the damage later.
 
 Without ``open()``/``start()`` only the catalog is used (keys, audit, collection listing): what the
 CLI does beside a running server, which holds the default collection's lock.
@@ -53,6 +55,7 @@ from ..api import (
     AliasInfo,
     AuditEntry,
     AuditQuery,
+    CatalogDamaged,
     CollectionDamaged,
     CollectionInfo,
     CollectionInUse,
@@ -188,15 +191,12 @@ class EmbeddedGalleries:
     def _catalog(self) -> Catalog:
         with self._catalog_mutex:
             if self._catalog_opened is None:
-                catalog: Catalog | None = None
+                catalog = Catalog(self.data_dir)
                 try:
-                    catalog = Catalog(self.data_dir)
                     catalog.ensure_collection(DEFAULT_COLLECTION, self.model_id, self.dim)
-                except sqlite3.DatabaseError as exc:  # its pages damaged: the service will not start on it
-                    if catalog is not None:
+                except CatalogDamaged:  # its pages damaged: the service will not start on it
+                    with suppress(sqlite3.Error):
                         catalog.close()
-                    if (damage := as_damaged(self.data_dir / Catalog.FILE, exc)) is not None:
-                        raise damage from exc
                     raise
                 self._catalog_opened = catalog
             return self._catalog_opened

@@ -63,6 +63,7 @@ from ..api import (
     AliasNotFound,
     AuditEntry,
     AuditQuery,
+    CatalogDamaged,
     CollectionDamaged,
     CollectionExists,
     CollectionInfo,
@@ -107,7 +108,7 @@ from ..results import (
 from ..search import Hit, Match, check_served, search_identities
 from . import consistency
 from .memory import COLLECTION_INDEX_PREFIX, HNSW_INDEX_PREFIX, buffer_fit, check_buffer_fit
-from .standbys import Standby, Standbys
+from .standbys import DAMAGED_DATA, Standby, Standbys
 
 if TYPE_CHECKING:
     from ...config import Settings
@@ -617,10 +618,10 @@ class PostgresGalleries:
     def start(self) -> None:
         self.open()
 
-    def damage_error(self, name: str, exc: psycopg.Error) -> CollectionDamaged:
+    def damage_error(self, name: str, exc: BaseException) -> CollectionDamaged:
         """A collection's statement that PostgreSQL refused for damaged data (XX001, XX002): the first
         time for that collection, logged with the database's words (its own log has the relation)."""
-        reason = f"{self.options.where}: {type(exc).__name__}: {str(exc).strip()[:300]}"
+        reason = self._damage_reason(exc)
         with self._lock:
             first = name not in self._damaged
             self._damaged.add(name)
@@ -885,11 +886,32 @@ class PostgresGalleries:
         finally:
             self.ensure_index([dim])
 
+    def _damage_reason(self, exc: BaseException) -> str:
+        return f"{self.options.where}: {type(exc).__name__}: {str(exc).strip()[:300]}"
+
     # --- connections -------------------------------------------------------------------------
+    # Each raises data PostgreSQL finds damaged as CatalogDamaged (503 catalog_damaged, not a 500): the
+    # catalog's tables (collections, aliases, keys, jobs, audit) are what the backend reads itself; a
+    # collection's own uses (PostgresGallery._contained) make it CollectionDamaged instead.
+    @contextmanager
+    def _catalog_contained(self) -> Iterator[None]:
+        try:
+            yield
+        except DAMAGED_DATA as exc:
+            raise CatalogDamaged(self._damage_reason(exc)) from exc
+
+    @contextmanager
+    def _damaged_as(self, name: str) -> Iterator[None]:
+        """Damage met while working on collection ``name``'s rows is that collection's (CollectionDamaged)."""
+        try:
+            yield
+        except CatalogDamaged as exc:
+            raise self.damage_error(name, exc.__cause__ or exc) from exc.__cause__
+
     @contextmanager
     def _connection(self) -> Iterator[psycopg.Connection]:
         """A connection of the write pool (on the primary)."""
-        with self._writes.connection() as conn:
+        with self._catalog_contained(), self._writes.connection() as conn:
             yield conn
 
     @contextmanager
@@ -905,7 +927,7 @@ class PostgresGalleries:
     @contextmanager
     def _read_connection(self) -> Iterator[psycopg.Connection]:
         """A connection of the primary's read pool."""
-        with self._reads.connection() as conn:
+        with self._catalog_contained(), self._reads.connection() as conn:
             yield conn
 
     @contextmanager
@@ -922,10 +944,11 @@ class PostgresGalleries:
             with conn.transaction():
                 return body(conn)
 
-        if self._standbys is None:
-            with self._reads.connection() as conn:
-                return run(conn)
-        return self._standbys.read(run, self._reads)
+        with self._catalog_contained():
+            if self._standbys is None:
+                with self._reads.connection() as conn:
+                    return run(conn)
+            return self._standbys.read(run, self._reads)
 
     # --- collections -------------------------------------------------------------------------
     def collection(self, name: str) -> PostgresGallery:
@@ -992,7 +1015,7 @@ class PostgresGalleries:
         if name == DEFAULT_COLLECTION:
             raise CollectionProtected(f"the collection {DEFAULT_COLLECTION!r} always exists: delete its identities instead")
         now = time.time()
-        with self._transaction() as conn:
+        with self._damaged_as(name), self._transaction() as conn:
             # the row lock makes a concurrent enroll into it wait, then fail (its foreign key is gone)
             row = conn.execute("SELECT collection_id, model_id, created_at, dim, keep_crops FROM collections "
                                "WHERE name = %s FOR UPDATE", (name,)).fetchone()
@@ -1406,13 +1429,10 @@ class PostgresGallery:
         return self.galleries.index_built_after(self.dim)
 
     # the collection's own uses of the pools: data PostgreSQL finds damaged (XX001 data_corrupted, XX002
-    # index_corrupted: a disk fault, a bad restore) is CollectionDamaged, 503 collection_damaged, not a 500
-    @contextmanager
-    def _contained(self) -> Iterator[None]:
-        try:
-            yield
-        except (psycopg.errors.DataCorrupted, psycopg.errors.IndexCorrupted) as exc:
-            raise self.galleries.damage_error(self.name, exc) from exc
+    # index_corrupted: a disk fault, a bad restore), which the pools' uses raise as CatalogDamaged, is
+    # CollectionDamaged, 503 collection_damaged, not a 500
+    def _contained(self) -> AbstractContextManager[None]:
+        return self.galleries._damaged_as(self.name)  # noqa: SLF001 - its own backend
 
     @contextmanager
     def _transaction(self) -> Iterator[psycopg.Connection]:

@@ -36,6 +36,10 @@ if TYPE_CHECKING:
     from .backend import Pool
 
 log = logging.getLogger(__name__)
+
+# data PostgreSQL finds damaged (XX001 data_corrupted, XX002 index_corrupted: a disk fault, a bad
+# restore): nothing a retry mends
+DAMAGED_DATA = (psycopg.errors.DataCorrupted, psycopg.errors.IndexCorrupted)
 T = TypeVar("T")
 
 # a standby's pool is only borrowed from briefly: when all its connections are busy the primary reads
@@ -216,7 +220,7 @@ class Standbys:
             except GalleryUnavailable as exc:
                 standby.left_out(str(exc))
                 continue
-            except (psycopg.errors.DataCorrupted, psycopg.errors.IndexCorrupted) as exc:
+            except DAMAGED_DATA as exc:
                 standby.damaged(f"{type(exc).__name__}: {str(exc).strip()[:300]}")
                 continue
             standby.reads += 1

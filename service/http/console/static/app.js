@@ -56,6 +56,7 @@ const ERROR_MESSAGES = {
   database_unavailable: "The gallery database cannot be reached right now; try again in a moment.",
   storage_full: "The gallery's disk is full, so nothing was saved; ask the operator to free space, then try again.",
   collection_damaged: "This collection's stored data is damaged and cannot be read; the operator must restore it from a backup (the other collections work).",
+  catalog_damaged: "The service's list of collections and keys is damaged and cannot be read; the operator must restore it from a backup.",
   unauthorized: "The API key is missing or wrong (or revoked, or expired).",
   forbidden: "This API key may not do this (its role or its collections do not allow it).",
   collection_not_found: "No collection of this name exists (it may have been deleted).",

@@ -1,0 +1,27 @@
+"""Damaged SQLite files, as a disk fault or a bad restore leaves them, for the tests of what the
+service does with them (tests/service/test_data_dir.py, test_damaged_data.py, the client's)."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+
+
+def damage_pages(store: Path, seed: int, table: str | None = None) -> None:
+    """Overwrite every page of a store but its first (the header and schema), or only ``table``'s (not
+    its indexes': a lookup finds the row, then reads it): SQLite opens it as a database and finds the
+    damage on reading those rows. What the WAL held is copied in first, and the WAL removed."""
+    with sqlite3.connect(store) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        size = conn.execute("PRAGMA page_size").fetchone()[0]
+        pages = [n for (n,) in conn.execute("SELECT pageno FROM dbstat WHERE name = ?", (table,))] if table else []
+    for leftover in (store.with_name(store.name + "-wal"), store.with_name(store.name + "-shm")):
+        leftover.unlink(missing_ok=True)
+    assert pages or not table, f"no pages of {table} in {store}"
+    raw = bytearray(store.read_bytes())
+    noise = np.random.default_rng(seed).integers(0, 256, len(raw), dtype=np.uint8).tobytes()
+    for number in pages or range(2, len(raw) // size + 1):
+        raw[(number - 1) * size:number * size] = noise[(number - 1) * size:number * size]
+    store.write_bytes(bytes(raw))
