@@ -59,6 +59,7 @@ from ..gallery.api import (
     AliasInfo,
     AliasNotFound,
     CatalogDamaged,
+    CollectionDamaged,
     CollectionExists,
     CollectionNotFound,
     Galleries,
@@ -548,7 +549,7 @@ def main(argv: list[str]) -> int:
                       "collection": args.collection,
                       "identities": done.identities, "faces": done.faces, "skipped_existing": len(done.skipped)}
     except (GalleryFileError, GalleryModelMismatch, GalleryUnavailable, CollectionNotFound, CollectionExists,
-            AliasNotFound, CommandError, CropKeyError,  # CropKeyError: a key that does not open the crops
+            CollectionDamaged, AliasNotFound, CommandError, CropKeyError,  # CropKeyError: a key that does not open the crops
             DataDirLocked, DataDirUnusable, StorageFull, StoreDamaged, CatalogDamaged,
             TooManyFacesForCollection) as exc:  # the batches before it are in: raise max_faces, import again
         return fail(exc)

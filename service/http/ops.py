@@ -15,7 +15,8 @@ from ..access.policy import Permission, Principal
 from ..errors import ErrorCode, ServiceError
 from ..faces.pipeline import embed_crops
 from ..faces.quality import quality_in_force
-from ..gallery.openset import GalleryCounts
+from ..gallery.api import CollectionDamaged
+from ..gallery.openset import GalleryCounts, IdentifyThreshold
 from ..state import ServiceState
 from .deps import StateDep, allow, resolve_principal
 from .payload import StrictRoute
@@ -68,7 +69,7 @@ async def readyz(request: Request, state: StateDep) -> ReadyResponse | ReadyStat
         return ReadyStatus(status="ready")
     assert principal is not None
     stats = await run_in_threadpool(state.galleries.stats)
-    identify = await run_in_threadpool(state.open_set_threshold, state.default_gallery)
+    identify = await run_in_threadpool(_default_threshold, state)
     collections = await run_in_threadpool(_collection_thresholds, state, principal)
     return ReadyResponse(
         status="ready", model_id=state.contract.model_id, model_path=str(state.model.path),
@@ -83,6 +84,13 @@ async def readyz(request: Request, state: StateDep) -> ReadyResponse | ReadyStat
         default_model=state.models.default.name,
         models={served.name: ModelStatus(**served.describe()) for served in state.models},
     )
+
+
+def _default_threshold(state: ServiceState) -> IdentifyThreshold:
+    try:
+        return state.open_set_threshold(state.default_gallery)
+    except CollectionDamaged:  # its size is not known: an empty one's (its `collections` entry says damaged)
+        return state.decision_for(GalleryCounts(0, 0, 0))
 
 
 def _collection_thresholds(state: ServiceState, principal: Principal) -> dict[str, CollectionThreshold]:

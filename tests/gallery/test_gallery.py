@@ -35,7 +35,7 @@ def crash(g: Gallery) -> None:
         g._maintainer.join()  # noqa: SLF001
     g.store._writer.close()  # noqa: SLF001
     g.store = None  # a later close() (fixture teardown) has nothing left to do, as for a dead process
-    g._dir_lock.release()  # noqa: SLF001
+    g.dir_lock.release()
 
 
 @pytest.fixture(params=["embedded", "postgres"])

@@ -95,12 +95,12 @@ def test_a_data_dir_that_is_a_file_is_one_error_line_for_the_server_and_each_com
 def test_a_damaged_store_is_one_error_line_naming_it_for_the_server_and_each_command(tmp_path, spawn, default_model,
                                                                                       store):
     """A store that is no longer a SQLite database, as a bad restore or a disk fault leaves it: with the
-    default collection's or the catalog, the server refuses to start, with one ``could not start`` line
-    naming the file and what to do (it was a traceback: "file is not a database"); another collection's
-    is contained instead (the next test). Each command says it in one ``error:`` line. The file is left
-    as it was. ``:pages``: the file is a database whose pages after the first are damaged (the catalog's
-    was a traceback still); ``:keys``: only the pages of the catalog's keys (read after the catalog
-    opened: a traceback too, and each command's)."""
+    catalog's, the server refuses to start, with one ``could not start`` line naming the file and what
+    to do (it was a traceback: "file is not a database"); a collection's, the default one's too, is
+    contained instead (the next tests: the default's stopped the start too). Each command that reads it
+    says it in one ``error:`` line. The file is left as it was. ``:pages``: the file is a database
+    whose pages after the first are damaged (the catalog's was a traceback still); ``:keys``: only the
+    pages of the catalog's keys (read after the catalog opened: a traceback too, and each command's)."""
     store, _, pages = store.partition(":")
     data = tmp_path / "data"
     server = spawn(data, model=default_model)
@@ -126,11 +126,16 @@ def test_a_damaged_store_is_one_error_line_naming_it_for_the_server_and_each_com
     else:
         damaged.write_bytes(np.random.default_rng(41).integers(0, 256, 20_000, dtype=np.uint8).tobytes())
     garbage = damaged.read_bytes()
-    if store.startswith("collections/"):  # contained: the service starts, and serves the default collection
+    if store != "catalog.sqlite3":  # contained: the service starts, and serves the other collection
         server = spawn(data, model=default_model)
         server.wait_ready(timeout=90)
         with httpx.Client(base_url=server.url, timeout=60) as c:
-            assert identifies(c, ENROLLED[:1]) == ENROLLED[:1]
+            if store.startswith("collections/"):
+                assert identifies(c, ENROLLED[:1]) == ENROLLED[:1]
+            else:
+                r = c.get("/collections/site-b/identities")
+                assert r.status_code == 200 and [i["identity_id"] for i in r.json()["items"]] == ["b"], r.text
+                assert c.get("/identities").json()["error"]["code"] == "collection_damaged"
         server.stop()
     else:
         server = spawn(data, model=default_model)
@@ -141,11 +146,13 @@ def test_a_damaged_store_is_one_error_line_naming_it_for_the_server_and_each_com
         assert len(refusal) == 1 and str(damaged) in refusal[0] and "is not a SQLite database" in refusal[0], \
             server.log()[-2000:]
         assert "backup" in refusal[0] and "Traceback" not in server.log()
-    for command in (["keys", "list"], ["gallery", "export", str(tmp_path / "out.jsonl")]):
+    for command in (["keys", "list"], ["gallery", "export", str(tmp_path / "out.jsonl")],
+                    ["gallery", "export", str(tmp_path / "b.jsonl"), "--collection", "site-b"]):
         r = subprocess.run([sys.executable, "-m", "service", command[0], "--data-dir", str(data), "--model",
                             str(default_model), *command[1:]], cwd=REPO, capture_output=True, text=True, timeout=120)
         if r.returncode == 0:  # a command that never reads the damaged pages (keys: the catalog's keys only)
             assert store != "catalog.sqlite3" or (pages == "keys" and command[0] == "gallery"), (command, r.stdout)
+            assert not store.startswith("collections/site-b") or "site-b" not in command, (command, r.stdout)
             continue
         assert r.returncode == 2 and r.stderr.startswith("error: ") and str(damaged) in r.stderr, (command, r.stderr)
         assert "Traceback" not in r.stderr, (command, r.stderr)
@@ -233,6 +240,86 @@ def test_a_damaged_collection_is_contained_and_the_others_serve(tmp_path, spawn,
             {"identities": 0, "faces": 0, "damaged": True}], trail
         assert c.post("/collections", json={"name": "site-b"}).status_code == 201
         assert c.get("/collections/site-b/identities").json()["items"] == []
+    assert "Traceback" not in server.log_path.read_text()
+
+
+@pytest.mark.parametrize("damage", ["garbage", "pages"])
+def test_a_damaged_default_collection_is_contained_and_the_others_serve(tmp_path, spawn, default_model, damage):
+    """The default collection's store damaged (no database at all; its pages): the server starts (it
+    refused to, exit 3, though every other collection was whole), /readyz is ready and names it
+    damaged, every unkeyed gallery request is 503 ``collection_damaged`` naming ``default``, /embed and
+    the other collections serve, the log names the file once; the data dir stays locked (a second
+    server refuses it); nothing is written to the file; restored while the server runs, it serves its
+    faces again."""
+    data = tmp_path / "data"
+    server = spawn(data, model=default_model)
+    server.wait_ready()
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        for person in ENROLLED[:2]:
+            r = c.post("/enroll", json={"identity_id": person, "metadata": {"note": "x" * 3000},
+                                        "images": [b64(p) for p in face_files(person)[:2]]})
+            assert r.status_code == 200, r.text
+        assert c.post("/collections", json={"name": "site-b"}).status_code == 201
+        for person in ENROLLED[2:4]:
+            r = c.post("/collections/site-b/enroll", json={"identity_id": person,
+                                                           "images": [b64(p) for p in face_files(person)[:2]]})
+            assert r.status_code == 200, r.text
+    server.stop()
+    store = data / "gallery.sqlite3"
+    with sqlite3.connect(store) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    for leftover in (store.with_name(store.name + "-wal"), store.with_name(store.name + "-shm")):
+        leftover.unlink(missing_ok=True)
+    whole = store.read_bytes()
+    if damage == "pages":
+        damage_pages(store, 44)
+    else:
+        store.write_bytes(np.random.default_rng(44).integers(0, 256, 20_000, dtype=np.uint8).tobytes())
+    damaged = store.read_bytes()
+
+    server = spawn(data, model=default_model)
+    ready = server.wait_ready(timeout=90)
+    assert ready["status"] == "ready" and ready["collections"]["default"]["damaged"] is True, ready
+    assert ready["collections"]["site-b"]["damaged"] is False and ready["collections"]["site-b"]["identities"] == 2
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        probe = b64(face_files(ENROLLED[0])[2])
+        for method, path, body in (("GET", "/identities", None), ("GET", f"/identities/{ENROLLED[0]}", None),
+                                   ("POST", "/identify", {"images": [probe]}),
+                                   ("POST", "/verify", {"image_a": probe, "identity_id": ENROLLED[0]}),
+                                   ("POST", "/enroll", {"identity_id": "new", "images": [probe]}),
+                                   ("DELETE", f"/identities/{ENROLLED[1]}", None)):
+            r = c.request(method, path, json=body)
+            assert r.status_code == 503, (path, r.status_code, r.text)
+            assert r.json()["error"]["code"] == "collection_damaged", r.text
+            assert r.json()["error"]["details"] == {"collection": "default"}
+        assert c.post("/embed", json={"images": [probe]}).status_code == 200
+        listed = {item["name"]: item["damaged"] for item in c.get("/collections").json()["items"]}
+        assert listed == {"default": True, "site-b": False}
+        r = c.post("/collections/site-b/identify", json={"images": [b64(face_files(ENROLLED[2])[2])]})
+        assert r.status_code == 200 and r.json()["results"][0]["identity_id"] == ENROLLED[2], r.text
+        r = c.post("/collections/site-b/enroll", json={"identity_id": ENROLLED[4],
+                                                       "images": [b64(face_files(ENROLLED[4])[0])]})
+        assert r.status_code == 200, r.text
+        assert c.get("/metrics").status_code == 200
+
+        second = spawn(data, model=default_model)  # the data dir is still this server's
+        with pytest.raises(RuntimeError, match="exited"):
+            second.wait_ready(timeout=90)
+        assert "is in use by another process" in second.log_path.read_text()
+
+        lines = server.log_path.read_text().splitlines()
+        found = [line for line in lines if "collection damaged" in line and '"collection": "default"' in line]
+        assert len(found) == 1 and str(store) in found[0], lines[-20:]
+        assert not [line for line in lines if "Traceback" in line]
+        assert store.read_bytes() == damaged  # nothing was written to it
+
+        store.write_bytes(whole)  # restored from a backup, the server running
+        r = c.get("/identities")
+        assert r.status_code == 200 and sorted(i["identity_id"] for i in r.json()["items"]) == sorted(ENROLLED[:2])
+        assert identifies(c, ENROLLED[:2]) == ENROLLED[:2]
+        enroll(c, ENROLLED[5:6])
+        assert c.get("/readyz").json()["collections"]["default"]["damaged"] is False
+    server.stop()
     assert "Traceback" not in server.log_path.read_text()
 
 

@@ -21,15 +21,18 @@ two leaves a directory without a catalog row: the next start erases it the same 
 
 A damaged collection (a store file SQLite cannot read, found on opening it or on a read) is contained:
 its uses raise ``CollectionDamaged`` (503 ``collection_damaged``), it is listed with ``damaged`` set,
-the first discovery is logged naming the file, nothing is written to it, and every other collection
-serves on. It may still be deleted (its files erased, its unreadable audit trail with them); restored
-files are used again on its next use. The default collection is checked at start-up instead: the
-server refuses to start on it (StoreDamaged), as it cannot serve unkeyed requests. A catalog that
-cannot be read raises ``CatalogDamaged`` (catalog.py): a refusal at start-up, 503 ``catalog_damaged``
-for the requests that meet the damage later.
+the first discovery is logged naming the file (by a server; a command's error says it), nothing is
+written to it, and every other collection serves on. It may still be deleted (its files erased, its
+unreadable audit trail with them); restored files are used again on its next use (one whose index
+load found the damage: once it is closed as idle; the default collection's: after a restart). The
+default collection too: the service is ready without it (``load_state``), its unkeyed requests are
+refused, and the data dir's lock is held by this object from ``open()`` to ``close()``, shared with
+the default collection's gallery, so a second server is refused whether or not that store opens. A
+catalog that cannot be read raises ``CatalogDamaged`` (catalog.py): a refusal at start-up, 503
+``catalog_damaged`` for the requests that meet the damage later.
 
 Without ``open()``/``start()`` only the catalog is used (keys, audit, collection listing): what the
-CLI does beside a running server, which holds the default collection's lock.
+CLI does beside a running server, which holds the data dir's lock.
 """
 
 from __future__ import annotations
@@ -78,6 +81,7 @@ from . import audit
 from .backend import EmbeddedGallery
 from .catalog import Catalog
 from .gallery import Gallery, ReadWriteLock
+from .lock import DataDirLock, usable_data_dir
 from .snapshot import fsync_dir
 from .store import (
     StoreDamaged,
@@ -185,6 +189,10 @@ class EmbeddedGalleries:
         self.crop_cipher: CropCipher | None = None  # seals kept crops; set by open.make_gallery
         self._fences: dict[str, ReadWriteLock] = {}  # collection -> its write fence (write_fence), guarded by _mutex
         self._damaged: set[str] = set()  # collections found damaged and logged so (guarded by _mutex)
+        # the data dir's lock, held from open() to close() whether or not the default store opens (its
+        # gallery shares it): one process per data dir
+        self._dir_lock = DataDirLock(self.data_dir)
+        self._serving = False  # start()ed: a server, which logs the damage it contains (a command raises it)
 
     # --- lifecycle -----------------------------------------------------------------------------
     @property
@@ -208,26 +216,60 @@ class EmbeddedGalleries:
         self._open(background=True)
 
     def _open(self, background: bool) -> None:
-        default = self._make(self.data_dir, DEFAULT_COLLECTION, *self._pin_of(DEFAULT_COLLECTION))
-        default.open_store()  # locks the data dir: a second server stops here
+        self._serving = background
+        usable_data_dir(self.data_dir)
+        self._dir_lock.acquire()  # a second server stops here
         try:
-            pins = self._catalog.pins()
-            check_served([(name, *self._pin_of(name, pins)) for name in sorted(pins)], self.served, str(self.data_dir))
-            self._sweep()
-            if background:
-                default.start_loading()
-            else:
-                default.load()
+            default = self._opened_default(background)
         except BaseException:
-            default.close()
+            self._dir_lock.release()
             raise
         with self._mutex:
-            self._entries[DEFAULT_COLLECTION] = _Entry(gallery=default, backend=EmbeddedGallery(default))
+            self._entries[DEFAULT_COLLECTION] = _Entry(
+                gallery=default, backend=EmbeddedGallery(default) if default is not None else None)
             self._refresh_known()
         self._stop.clear()
         self._maintainer = threading.Thread(target=self._maintain, name="collections-maintenance", daemon=True)
         self._maintainer.start()
         self._opened = True
+
+    def _opened_default(self, background: bool) -> Gallery | None:
+        """The default collection's gallery, loading (``background``) or loaded, once the catalog's pins
+        are checked and left-over directories erased; None when its store is damaged (contained as any
+        collection's: its uses are refused, collection_damaged, and it is opened again on its next use)."""
+        default: Gallery | None = self._gallery(DEFAULT_COLLECTION)
+        assert default is not None
+        try:
+            default.open_store()
+        except StoreDamaged as exc:
+            self.noted_damage(DEFAULT_COLLECTION, exc)
+            default = None
+        try:
+            pins = self._catalog.pins()
+            check_served([(name, *self._pin_of(name, pins)) for name in sorted(pins)], self.served, str(self.data_dir))
+            self._sweep()
+            if default is not None and background:
+                default.start_loading()  # a damaged page it reads: default.load_damaged
+            elif default is not None:
+                try:
+                    default.load()
+                except MAYBE_DAMAGE as exc:
+                    if not self.noted_damage(DEFAULT_COLLECTION, exc):
+                        raise
+                    default.close()
+                    default = None
+        except BaseException:
+            if default is not None:
+                default.close()
+            raise
+        return default
+
+    def _gallery(self, name: str) -> Gallery:
+        """A gallery of the collection, not opened; the default one's shares the data dir's lock."""
+        gallery = self._make(self._directory(name), name, *self.pin(name))
+        if name == DEFAULT_COLLECTION:
+            gallery.dir_lock = self._dir_lock
+        return gallery
 
     def _sweep(self) -> None:
         """Erase the collection directories the catalog does not know (a crash during a delete)."""
@@ -259,22 +301,25 @@ class EmbeddedGalleries:
             if self._catalog_opened is not None:
                 self._catalog_opened.close()
                 self._catalog_opened = None
+        if self._opened:
+            self._dir_lock.release()
         self._opened = False
 
     @property
-    def _default(self) -> Gallery | None:
-        entry = self._entries.get(DEFAULT_COLLECTION)
-        return entry.gallery if entry is not None else None
-
-    @property
     def load_state(self) -> str:
-        default = self._default
-        return default.load_state if default is not None else "loading"
+        """The default collection's, as readiness follows it; "ready" when it is damaged (the others
+        serve; its uses are refused, collection_damaged, and /readyz lists it damaged)."""
+        entry = self._entries.get(DEFAULT_COLLECTION)
+        if entry is None:
+            return "loading"  # not opened yet
+        default = entry.gallery
+        return "ready" if default is None or default.load_damaged else default.load_state
 
     @property
     def load_error(self) -> str | None:
-        default = self._default
-        return default.load_error if default is not None else None
+        entry = self._entries.get(DEFAULT_COLLECTION)
+        default = entry.gallery if entry is not None else None
+        return default.load_error if default is not None and not default.load_damaged else None
 
     # --- using a collection ----------------------------------------------------------------------
     def _refresh_known(self) -> None:
@@ -316,7 +361,7 @@ class EmbeddedGalleries:
                     if entry.deleted:
                         raise CollectionNotFound(name)
                     if entry.gallery is None:
-                        gallery = self._make(self._directory(name), name, *self.pin(name))
+                        gallery = self._gallery(name)
                         gallery.open_store()
                         gallery.start_loading()
                         entry.load_deadline = time.monotonic() + self.LOAD_WAIT_S
@@ -546,7 +591,7 @@ class EmbeddedGalleries:
         with self._mutex:
             first = name not in self._damaged
             self._damaged.add(name)
-        if first:
+        if first and self._serving:  # a command says it in its error line instead
             log.error("collection damaged: not served until its files are restored from a backup (or it is "
                       "deleted); the other collections serve on", extra={"collection": name, "reason": str(damage)})
         return True
@@ -699,7 +744,10 @@ class EmbeddedGalleries:
     def stats(self) -> GalleryStats:
         """The default collection's figures (what /readyz showed before collections), and how many
         collections there are and are open."""
-        stats = self.collection(DEFAULT_COLLECTION).stats()
+        try:
+            stats = self.collection(DEFAULT_COLLECTION).stats()
+        except CollectionDamaged:  # its counts are not known: 0 (/readyz lists it damaged)
+            stats = GalleryStats(self.backend, 0, 0, 0)
         extra = {**stats.extra, "collections": len(self._catalog.collections()),
                  "collections_open": len(self.open_collections()),
                  "snapshot_writers_killed": self._snapshot_writers_killed()}

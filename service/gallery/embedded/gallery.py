@@ -183,7 +183,7 @@ class Gallery:
         self.identity_count = 0  # kept in memory so /identify need not count rows
         self.counted_faces = 0  # sum of min(faces, FACES_COUNTED_PER_IDENTITY) per identity: sizes n_eff
         self.store: Store | None = None
-        self._dir_lock = DataDirLock(self.data_dir)
+        self.dir_lock = DataDirLock(self.data_dir)  # EmbeddedGalleries shares its own with the default collection
         self._files = SnapshotFiles(self.data_dir, self.INDEX_FILE, self.INDEX_META_FILE)
         self._snapshot_meta: dict | None = None  # meta of the snapshot file on disk, if valid
         self._snapshot_layout: Layout | None = None
@@ -226,7 +226,7 @@ class Gallery:
         """Lock the data dir, open the store, check the model. Fast; raises DataDirLocked or
         GalleryModelMismatch."""
         usable_data_dir(self.data_dir)
-        self._dir_lock.acquire()
+        self.dir_lock.acquire()
         try:
             self.store = Store(self.data_dir / self.STORE_FILE)
             self._check_model()
@@ -236,7 +236,7 @@ class Gallery:
             if self.store is not None:
                 self.store.close()
                 self.store = None
-            self._dir_lock.release()
+            self.dir_lock.release()
             # a page of it SQLite finds damaged (the file opened as a database)
             if (damage := as_damaged(self.data_dir / self.STORE_FILE, exc)) is not None and damage is not exc:
                 raise damage from exc
@@ -287,6 +287,11 @@ class Gallery:
     @property
     def load_error(self) -> str | None:
         return self._load_error
+
+    @property
+    def load_damaged(self) -> bool:
+        """The background load failed on a damaged store (its uses raise StoreDamaged)."""
+        return self._load_damaged is not None
 
     def _require_ready(self) -> None:
         if not self._ready.is_set():
@@ -374,7 +379,7 @@ class Gallery:
         with self._lock.write():
             self.store.close()
             self.store = None
-        self._dir_lock.release()
+        self.dir_lock.release()
 
     # --- snapshots and maintenance -----------------------------------------------------------
     def snapshot(self) -> bool:

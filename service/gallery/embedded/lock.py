@@ -41,13 +41,21 @@ def usable_data_dir(data_dir: Path) -> Path:
 
 
 class DataDirLock:
+    """Held from the first ``acquire`` to the last ``release`` of this object: who shares it (the
+    collections' owner and its default collection's gallery) counts its holds; another process, or
+    another DataDirLock of the same dir, is refused (DataDirLocked)."""
+
     FILE = "lock"
 
     def __init__(self, data_dir: Path) -> None:
         self.path = Path(data_dir) / self.FILE
         self._fd: int | None = None
+        self._holds = 0
 
     def acquire(self) -> None:
+        if self._fd is not None:
+            self._holds += 1
+            return
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -61,9 +69,11 @@ class DataDirLock:
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._fd = fd
+        self._fd, self._holds = fd, 1
 
     def release(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor drops the flock
-            self._fd = None
+            self._holds -= 1
+            if self._holds <= 0:
+                os.close(self._fd)  # closing the descriptor drops the flock
+                self._fd = None
