@@ -29,7 +29,7 @@ import uuid
 from collections.abc import Callable
 
 from ..errors import ErrorCode
-from ..gallery.api import CollectionNotFound, Galleries, TooManyFacesForCollection
+from ..gallery.api import CatalogDamaged, CollectionDamaged, CollectionNotFound, Galleries, TooManyFacesForCollection
 from ..gallery.crops import CropAuthenticationFailed
 from ..model.registry import ModelRegistry
 from .migrate import Embed, JobFailed, JobStopped, Migration, model_embed
@@ -139,7 +139,8 @@ def run_scan(galleries: Galleries, scan: Scan, job: JobRecord, on_done: Callable
 def _fail(galleries: Galleries, job: JobRecord, exc: Exception, progress: dict | None = None) -> None:
     """The job ``failed`` with its reason (if it is still ``running``), and its progress when given."""
     code, message = _failure(exc, job)
-    log.warning("job failed", extra={"job": job.job_id, "code": code}, exc_info=not isinstance(exc, JobFailed))
+    log.warning("job failed", extra={"job": job.job_id, "code": code, "reason": str(exc)},
+                exc_info=code == ErrorCode.internal_error.value)  # a stack for what has no code only
     now = time.time()
     changes: dict = {"state": "failed", "error": {"code": code, "message": message}, "updated_at": now,
                      "finished_at": now}
@@ -161,8 +162,17 @@ def _failure(exc: Exception, job: JobRecord) -> tuple[str, str]:
         return exc.code.value, str(exc)
     if isinstance(exc, CollectionNotFound):
         return ErrorCode.collection_not_found.value, f"collection {exc.name!r} no longer exists"
-    if isinstance(exc, CropAuthenticationFailed):
-        return ErrorCode.crop_key_missing.value, f"a kept crop of {job.collection!r} does not open: {exc}"
+    if isinstance(exc, CropAuthenticationFailed):  # the key opened the check value at start: its bytes changed
+        return ErrorCode.collection_damaged.value, (
+            f"a kept crop of {job.collection!r} does not open: {exc}; it was altered in the store (a disk fault, "
+            "a bad restore): restore the collection from a backup, or delete that face, then resume the job")
+    if isinstance(exc, CollectionDamaged):  # the file it names is for the log (job.failed), not for clients
+        return ErrorCode.collection_damaged.value, (
+            f"the stored data of collection {exc.collection!r} is damaged (a disk fault, a bad restore): restore it "
+            "from a backup, then resume the job")
+    if isinstance(exc, CatalogDamaged):
+        return ErrorCode.catalog_damaged.value, ("the service's catalog (collections, keys, jobs) is damaged: "
+                                                 "restore it from a backup")
     if isinstance(exc, TooManyFacesForCollection):
         return ErrorCode.too_many_faces_for_collection.value, (
             f"{exc}: raise its max_faces (PATCH /collections/{exc.collection}), then resume the job")

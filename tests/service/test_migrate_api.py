@@ -275,3 +275,45 @@ def test_the_cli_migrates_through_the_server_or_in_process(setup):
     shown = gallery_cli(data_dir, env, "jobs", job["id"])
     assert shown.returncode == 0 and json.loads(shown.stdout)["id"] == job["id"]
     assert gallery_cli(data_dir, env, "jobs", "job_000000000000").returncode == 2
+
+
+def test_a_kept_crop_that_does_not_open_fails_the_job_as_collection_damaged(setup):
+    """A sealed crop altered in the store (a disk fault; the key itself is checked at start-up) fails
+    the migration ``collection_damaged`` naming the face, logged without a stack (it was
+    ``crop_key_missing``, which sends the operator after the wrong thing, with a traceback); the
+    target collection stays, as after any failed job, to be deleted or resumed."""
+    kind, data_dir, env = setup
+    server = ServerProcess(data_dir, env=env)
+    try:
+        server.wait_ready()
+        with httpx.Client(base_url=server.url, timeout=120) as c:
+            assert c.post("/collections", json={"name": "kept", "keep_crops": True}).status_code == 201
+            for i, face in enumerate(FACES[:3]):
+                enroll(c, "kept", f"p{i}", [face])
+            altered = c.get("/collections/kept/identities/p1").json()["faces"][0]["face_id"]
+
+            def flip(blob: bytes) -> bytes:  # one byte of the ciphertext, past the magic and the nonce
+                return blob[:40] + bytes([blob[40] ^ 0x01]) + blob[41:]
+
+            if kind == "embedded":
+                import sqlite3
+
+                with sqlite3.connect(data_dir / "collections" / "kept" / "gallery.sqlite3") as conn:
+                    blob = conn.execute("SELECT blob FROM crops WHERE face_id = ?", (altered,)).fetchone()[0]
+                    conn.execute("UPDATE crops SET blob = ? WHERE face_id = ?", (flip(blob), altered))
+            else:
+                import psycopg
+
+                schema = env["FACE_DATABASE_SCHEMA"]
+                with psycopg.connect(env["FACE_DATABASE_URL"], autocommit=True) as conn:
+                    blob = conn.execute(f"SELECT blob FROM {schema}.face_crops WHERE face_id = %s", (altered,)).fetchone()[0]
+                    conn.execute(f"UPDATE {schema}.face_crops SET blob = %s WHERE face_id = %s", (flip(bytes(blob)), altered))
+            r = c.post("/collections/kept/migrate", json={"model": "tiny", "into": "kept-v2", "batch_size": 1})
+            assert r.status_code == 202, r.text
+            job = wait_for(c, r.json()["job"]["id"])
+            assert job["state"] == "failed" and job["error"]["code"] == "collection_damaged", job
+            assert f"face {altered}" in job["error"]["message"] and "'kept'" in job["error"]["message"], job
+        log = server.log_path.read_text()
+        assert "Traceback" not in log, log[-3000:]
+    finally:
+        server.stop()
