@@ -214,14 +214,15 @@ async def _housekeeping(state: ServiceState, storage_full_log: Throttle) -> None
 
 
 async def _retention_sweeps(state: ServiceState, stop: threading.Event, woken: asyncio.Event) -> None:
-    """Erase the faces past their collection's retention, each sweep timed for the soonest expiry and at
-    most FACE_RETENTION_SWEEP_S after the last (gallery/retention.py).
+    """Erase the faces past their collection's retention, in the rounds of a retention.Schedule: each
+    timed for the soonest expiry, sweeping the collections due, and every FACE_RETENTION_SWEEP_S all.
     Stopping: ``stop`` set (the sweep in flight returns after its current erasure) and ``woken`` (the wait
     between sweeps ends): not cancelled, which would leave its thread erasing while the galleries close."""
+    schedule = retention.Schedule(every_s=state.settings.retention_sweep_s)
     while not stop.is_set():
         wait = state.settings.retention_sweep_s
         try:
-            swept = await run_in_threadpool(retention.sweep, state.galleries, None, stop)
+            swept = await run_in_threadpool(schedule.round, state.galleries, None, stop)
         except Exception:  # noqa: BLE001 - the list of collections could not be read: tried again next time
             log.warning("retention sweep failed", exc_info=True)
         else:
@@ -231,11 +232,7 @@ async def _retention_sweeps(state: ServiceState, stop: threading.Event, woken: a
                                                                "identities_deleted": swept.identities_deleted[name]})
             for name, reason in swept.failed.items():
                 log.warning("retention sweep of a collection failed", extra={"collection": name, "reason": reason})
-            try:
-                due = await run_in_threadpool(retention.next_expiry, state.galleries, set(swept.failed))
-                wait = retention.wait_s(due, time.time(), wait)
-            except Exception:  # noqa: BLE001 - as above: the interval, this time
-                log.warning("retention: the next expiry could not be read", exc_info=True)
+            wait = schedule.wait_s(time.time())
         with suppress(TimeoutError):
             await asyncio.wait_for(woken.wait(), wait)
 

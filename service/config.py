@@ -108,9 +108,9 @@ class Settings(BaseSettings):
     )
     retention_sweep_s: float = Field(
         60, gt=0, le=86_400, description="The longest wait between two sweeps that erase the faces past their "
-        "collection's retention_days (PATCH /collections/{name}); each sweep is timed for the soonest expiry it "
-        "knows of, so a face is erased about a second after it; one it could not know of (a retention shortened, "
-        "an import of old faces) at most this late.",
+        "collection's retention_days (PATCH /collections/{name}), and between two that sweep every collection; "
+        "each sweep is timed for the soonest expiry it knows of, so a face is erased about a second after it; "
+        "one it could not know of (an import of old faces) at most this late.",
     )
     public_docs: bool = Field(
         False, description="With an API key set, /docs, /redoc and /openapi.json need it too unless this is true."

@@ -14,12 +14,19 @@ Faces, not identities, expire: an identity enrolled again keeps its new faces fo
 and loses the old ones on time. A face moved or merged keeps its enrollment time, and so does one
 re-embedded by a migration (``enroll(..., enrolled_at=)``, whose new collection gets the old one's
 retention) or moved by a gallery file (``import_identities(..., enrolled_at=)``): neither extends how
-long a face is kept. The next sweep is timed for the soonest expiry (``next_expiry``: each
-collection's oldest face plus its retention), at least ``MIN_GAP_S`` after the last and at most
-``FACE_RETENTION_SWEEP_S``, so a face is erased about a second after its expiry (plus the time a
-backlog takes: thousands of faces a second, bench/README.md "Retention sweeps"). What a sweep cannot
-know of beforehand waits at most ``FACE_RETENTION_SWEEP_S``: a retention shortened, a face imported
-with an old enrollment time, one enrolled less than that before its expiry. Every replica sweeps;
+long a face is kept.
+
+The service's sweeper follows a :class:`Schedule`: each round is timed for the soonest expiry it knows
+of (each collection's oldest face plus its retention), at least ``MIN_GAP_S`` after the last and at
+most ``FACE_RETENTION_SWEEP_S``, so a face is erased about a second after its expiry (plus the time a
+backlog takes: thousands of faces a second, bench/README.md "Retention sweeps"). A full round, every
+``FACE_RETENTION_SWEEP_S``, sweeps every collection with a retention; the rounds between sweep only
+the collections due by then, new ones and those whose retention changed (the catalog's retentions are
+read each round), so a steady stream of expiries in one collection costs a round of that collection a
+second, not of every collection (bench/README.md "Retention rounds"). What a round cannot know of
+beforehand waits at most ``FACE_RETENTION_SWEEP_S``, for the next full round: a face imported with an
+old enrollment time, one enrolled into a collection with nothing else to expire less than that before
+its own expiry. Every replica sweeps;
 two replicas that reach the same face erase it once (the other finds it gone), and each takes the
 page of oldest faces in its own random order.
 """
@@ -86,6 +93,62 @@ def _sweep_collection(gallery: GalleryBackend, cutoff: float, stop: threading.Ev
             return
 
 
+@dataclass
+class Schedule:
+    """Which collections the sweeper's rounds sweep and when (module docstring): ``round`` sweeps,
+    ``wait_s`` says how long until the next round."""
+
+    every_s: float  # FACE_RETENTION_SWEEP_S: the most between two rounds, and between two full rounds
+    # collection -> (its retention in days, when its next face expires: None for none, or unknown
+    # until the next full round after its sweep failed)
+    known: dict[str, tuple[float, float | None]] = field(default_factory=dict)
+    full_at: float = float("-inf")  # when the next full round is due (Unix time)
+
+    def round(self, galleries: Galleries, now: float | None = None, stop: threading.Event | None = None,
+              full: bool | None = None, batch: int = BATCH, chunk: int = CHUNK) -> SweepResult:
+        """Sweep the collections due as of ``now`` (every one with a retention when the full round is due,
+        or ``full``), then read their next expiry; as ``sweep`` otherwise."""
+        now = time.time() if now is None else now
+        retentions = galleries.retentions()
+        if full or (full is None and now >= self.full_at):
+            self.full_at = now + self.every_s
+            self.known = {}
+        self.known = {name: known for name, known in self.known.items() if name in retentions}
+        result = SweepResult()
+        for name, days in retentions.items():
+            known = self.known.get(name)
+            if known is not None and known[0] == days and (known[1] is None or known[1] > now):
+                continue  # nothing of it expires before its next expiry, or before the next full round
+            if stop is not None and stop.is_set():
+                break
+            expiry: float | None = None
+            try:
+                gallery = galleries.collection(name)
+                _sweep_collection(gallery, now - days * DAY_S, stop, batch, chunk, result)
+                expiry = _expiry(gallery, days)
+            except CollectionNotFound:  # deleted since the list was read
+                continue
+            except GalleryLoading:  # its index still loading: tried again in MIN_GAP_S
+                expiry = now
+            except Exception as exc:  # noqa: BLE001 - one collection (its disk full, its database away) does not stop the others
+                result.failed[name] = f"{type(exc).__name__}: {exc}"
+            self.known[name] = (days, expiry)
+        return result
+
+    def next_due(self) -> float | None:
+        """The soonest next expiry known (Unix time); None: none."""
+        return min((expiry for _, expiry in self.known.values() if expiry is not None), default=None)
+
+    def wait_s(self, now: float) -> float:
+        """Seconds until the next round: the soonest expiry, or the next full round, whichever is first."""
+        return wait_s(self.next_due(), now, max(MIN_GAP_S, min(self.every_s, self.full_at - now)))
+
+
+def _expiry(gallery: GalleryBackend, days: float) -> float | None:
+    oldest = gallery.oldest_enrollment()
+    return None if oldest is None else oldest + days * DAY_S
+
+
 def next_expiry(galleries: Galleries, skip: set[str] | frozenset[str] = frozenset()) -> float | None:
     """When the next face of any collection with a retention expires (Unix time), the collections in
     ``skip`` (their last sweep failed) left out; None: no face will."""
@@ -94,11 +157,10 @@ def next_expiry(galleries: Galleries, skip: set[str] | frozenset[str] = frozense
         if name in skip:
             continue
         try:
-            oldest = galleries.collection(name).oldest_enrollment()
+            expiry = _expiry(galleries.collection(name), days)
         except Exception:  # noqa: BLE001 - deleted since, loading, failing: its sweep reports it; the others are timed
             continue
-        if oldest is not None:
-            expiry = oldest + days * DAY_S
+        if expiry is not None:
             due = expiry if due is None else min(due, expiry)
     return due
 

@@ -15,7 +15,7 @@ import pytest
 
 import tests.gallery.test_collections as collections_tests
 from service.gallery.api import DEFAULT_COLLECTION, AuditQuery, CollectionNotFound
-from service.gallery.retention import DAY_S, LATE_S, MIN_GAP_S, next_expiry, sweep, wait_s
+from service.gallery.retention import DAY_S, LATE_S, MIN_GAP_S, Schedule, next_expiry, sweep, wait_s
 from tests.gallery.test_gallery import unit
 from tests.gallery.traces import find_vector
 
@@ -133,6 +133,48 @@ def test_the_next_sweep_is_timed_for_the_soonest_expiry(backend):
     assert wait_s(now - 5, now, 60) == MIN_GAP_S  # still past (a backlog, faces it could not erase): not a spin
     assert wait_s(now + 10, now, 0.2) == 0.2  # an interval under the gap is kept
 
+
+
+def test_the_rounds_between_full_rounds_sweep_only_what_is_due(backend):
+    """Schedule: a full round sweeps every collection with a retention and learns each one's next expiry;
+    a round before the next full one sweeps only the collections due by then, a collection given a
+    retention since and one whose retention changed; what it cannot see (a face imported with an old
+    enrollment time into a collection not due) waits for the next full round, at most ``every_s``
+    away; ``wait_s`` is the time to the soonest expiry, or to the next full round."""
+    galleries = backend()
+    rng = np.random.default_rng(5)
+    start = time.time()
+    for name in ("soon", "later"):
+        galleries.create_collection(name, actor=ALICE, retention_days=1.0)
+    galleries.collection("soon").import_identities([("s", unit(rng, 1), None)], enrolled_at=[[start - DAY_S + 100]])
+    galleries.collection("later").import_identities([("l", unit(rng, 1), None)], enrolled_at=[[start - DAY_S + 500]])
+    schedule = Schedule(every_s=1000.0)
+    assert schedule.round(galleries, now=start).erased == {}  # the first round is a full one
+    assert schedule.next_due() == pytest.approx(start + 100)
+    assert schedule.wait_s(start) == pytest.approx(100 + LATE_S)
+
+    # not due: an import of an old face into "later" is not seen by the rounds between full ones
+    galleries.collection("later").import_identities([("old", unit(rng, 1), None)], enrolled_at=[[start - DAY_S - 5]])
+    swept = schedule.round(galleries, now=start + 101)
+    assert swept.erased == {"soon": 1} and galleries.collection("later").face_count == 2
+    assert schedule.next_due() == pytest.approx(start + 500)
+    assert schedule.wait_s(start + 101) == pytest.approx(399 + LATE_S)
+
+    galleries.create_collection("new", actor=ALICE, retention_days=1.0)  # new to the schedule: swept
+    galleries.collection("new").import_identities([("n", unit(rng, 1), None)], enrolled_at=[[start - DAY_S - 1]])
+    galleries.update_collection("soon", {"retention_days": 0.5}, actor=ALICE)  # changed: swept
+    galleries.collection("soon").import_identities([("h", unit(rng, 1), None)], enrolled_at=[[start - DAY_S / 2 - 1]])
+    swept = schedule.round(galleries, now=start + 102)
+    assert swept.erased == {"new": 1, "soon": 1}, swept
+    assert galleries.collection("later").face_count == 2  # still not due
+    swept = schedule.round(galleries, now=start + 1001)  # the full round: every collection
+    assert swept.erased == {"later": 2}, swept
+    assert schedule.next_due() is None and schedule.wait_s(start + 1001) == pytest.approx(1000)  # the next full one
+
+    galleries.update_collection("later", {"retention_days": None}, actor=ALICE)
+    galleries.delete_collection("new", actor=ALICE)
+    assert schedule.round(galleries, now=start + 1002).erased == {}
+    assert set(schedule.known) == {"soon"}  # what has no retention, or is gone, is forgotten
 
 def test_a_sweep_reads_an_idle_embedded_collection_without_opening_it(tmp_path):
     """Every minute, each collection with a retention is asked what has expired: an idle one is read
