@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         from .http.tls import ServerCertificate, TlsFileError
 
         try:
-            certificate = ServerCertificate(settings.tls_cert_file, settings.tls_key_file)
+            certificate = ServerCertificate(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
         except TlsFileError as exc:
             logging.getLogger("service").error("could not start: %s", exc, extra={"reason": "TlsFileError"})
             sys.exit(3)

@@ -65,6 +65,12 @@ class Settings(BaseSettings):
     tls_key_file: Path | None = Field(
         None, description="The private key of FACE_TLS_CERT_FILE: PEM, not encrypted, readable by this user only "
         "(mode 0600; a key others may read is warned of at start-up).")
+    tls_client_ca_file: Path | None = Field(
+        None, description="Mutual TLS: every client must present a certificate issued by one of these certificate "
+        "authorities (PEM, one or more), or its TLS handshake is refused; for a service only known callers reach (a "
+        "gateway, other services). Needs FACE_TLS_CERT_FILE; reloaded with it when the file changes. API keys are "
+        "asked for as before. The container's health check then presents FACE_TLS_PROBE_CERT_FILE and "
+        "FACE_TLS_PROBE_KEY_FILE (read by it, not by the service).")
     tls_reload_s: float = Field(
         60.0, ge=0.1, le=86_400, description="How often the certificate and key files are checked for a change: a "
         "renewed pair is served to new connections without a restart (a pair that does not load is logged and the "
@@ -487,6 +493,9 @@ class Settings(BaseSettings):
     def _tls_pair(self) -> Settings:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("HTTPS needs both FACE_TLS_CERT_FILE and FACE_TLS_KEY_FILE (or neither: plain HTTP)")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("FACE_TLS_CLIENT_CA_FILE (client certificates) needs HTTPS: FACE_TLS_CERT_FILE and "
+                             "FACE_TLS_KEY_FILE")
         return self
 
     @model_validator(mode="after")

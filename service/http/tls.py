@@ -15,6 +15,11 @@ three times as long as one that never sent its headers (``handshake_deadline_loo
 
 The certificate's expiry is on /metrics (``face_tls_certificate_expiry_timestamp_seconds``) and logged
 at start and at each reload, with a warning once fewer than ``EXPIRY_WARNING_DAYS`` are left.
+
+Mutual TLS (``FACE_TLS_CLIENT_CA_FILE``): each context asks the client for a certificate and verifies
+it against those authorities; a handshake without one that verifies fails, before any byte of HTTP.
+The authorities' file is watched with the pair and loaded into the next context (an authority added or
+removed takes effect for new connections, as a renewed certificate does).
 """
 
 from __future__ import annotations
@@ -54,9 +59,11 @@ def _not_after(cert_file: Path) -> datetime.datetime:
     return x509.load_pem_x509_certificate(cert_file.read_bytes()).not_valid_after_utc
 
 
-def server_context(cert_file: Path, key_file: Path) -> tuple[ssl.SSLContext, datetime.datetime]:
-    """A server context for the pair, and its certificate's expiry. Raises ``TlsFileError`` in words
-    that name the setting and the file (never the key's bytes)."""
+def server_context(cert_file: Path, key_file: Path,
+                   client_ca_file: Path | None = None) -> tuple[ssl.SSLContext, datetime.datetime]:
+    """A server context for the pair (asking for client certificates of ``client_ca_file``'s authorities),
+    and its certificate's expiry. Raises ``TlsFileError`` in words that name the setting and the file
+    (never the key's bytes)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
@@ -70,24 +77,44 @@ def server_context(cert_file: Path, key_file: Path) -> tuple[ssl.SSLContext, dat
         raise TlsFileError(f"FACE_TLS_CERT_FILE {cert_file}, FACE_TLS_KEY_FILE {key_file}: {why}") from None
     except (OSError, ValueError) as exc:  # unreadable, a directory; cryptography's parse of the chain
         raise TlsFileError(f"FACE_TLS_CERT_FILE {cert_file}, FACE_TLS_KEY_FILE {key_file}: {exc}") from None
+    if client_ca_file is not None:
+        ask_client_certificates(context, client_ca_file)
     return context, not_after
+
+
+def ask_client_certificates(context: ssl.SSLContext, client_ca_file: Path) -> None:
+    """``context`` refuses a handshake without a client certificate that ``client_ca_file``'s authorities
+    issued (``TlsFileError`` for a file that holds none)."""
+    try:
+        context.load_verify_locations(cafile=client_ca_file)
+    except FileNotFoundError:
+        raise TlsFileError(f"FACE_TLS_CLIENT_CA_FILE: {client_ca_file} does not exist") from None
+    except (ssl.SSLError, OSError) as exc:
+        raise TlsFileError(f"FACE_TLS_CLIENT_CA_FILE {client_ca_file}: not a PEM file of certificate authorities "
+                           f"({getattr(exc, 'reason', None) or exc})") from None
+    if not context.cert_store_stats()["x509_ca"]:
+        raise TlsFileError(f"FACE_TLS_CLIENT_CA_FILE {client_ca_file}: no certificate authority in it (a CA "
+                           "certificate has basicConstraints CA:TRUE)")
+    context.verify_mode = ssl.CERT_REQUIRED
 
 
 class ServerCertificate:
     """The listening context (given to the server) and the pair it currently hands connections."""
 
-    def __init__(self, cert_file: Path, key_file: Path) -> None:
+    def __init__(self, cert_file: Path, key_file: Path, client_ca_file: Path | None = None) -> None:
         self.cert_file, self.key_file = Path(cert_file), Path(key_file)
+        self.client_ca_file = Path(client_ca_file) if client_ca_file is not None else None
         self._on_expiry: Callable[[datetime.datetime], None] | None = None
         self._stamps = self._files()
-        self.listening, self.not_after = server_context(self.cert_file, self.key_file)
+        self.listening, self.not_after = server_context(self.cert_file, self.key_file, self.client_ca_file)
         self.current = self.listening
         self.listening.sni_callback = self._hand_current
         self._warn_if_readable_by_others()
         self._loaded("tls certificate loaded")
 
     def _files(self) -> tuple[tuple[int, int, int] | None, ...]:
-        return _stamp(self.cert_file), _stamp(self.key_file)
+        return (_stamp(self.cert_file), _stamp(self.key_file),
+                _stamp(self.client_ca_file) if self.client_ca_file is not None else None)
 
     def _hand_current(self, connection: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext) -> None:
         current = self.current  # one read: a reload may publish another meanwhile
@@ -102,7 +129,7 @@ class ServerCertificate:
             return False
         self._stamps = stamps
         try:
-            context, not_after = server_context(self.cert_file, self.key_file)
+            context, not_after = server_context(self.cert_file, self.key_file, self.client_ca_file)
         except TlsFileError as exc:
             log.warning("tls certificate not reloaded, the previous one is served: %s", exc)
             return False
@@ -113,6 +140,9 @@ class ServerCertificate:
     def _loaded(self, message: str) -> None:
         days = (self.not_after - datetime.datetime.now(datetime.timezone.utc)).total_seconds() / 86400
         extra = {"cert_file": str(self.cert_file), "not_after": self.not_after.isoformat(), "days_left": round(days, 1)}
+        if self.client_ca_file is not None:  # mutual TLS: the authorities whose client certificates are taken
+            extra |= {"client_ca_file": str(self.client_ca_file),
+                      "client_cas": self.current.cert_store_stats()["x509_ca"]}
         if days < EXPIRY_WARNING_DAYS:
             log.warning(message + ("; it has expired" if days < 0 else f"; it expires in {days:.1f} days"), extra=extra)
         else:

@@ -17,7 +17,7 @@ import httpx
 import pytest
 from cryptography import x509
 
-from harness.tls import write_pair
+from harness.tls import write_ca, write_client, write_pair
 from tests.conftest import face_files, metric
 from tests.server import REPO, ServerProcess
 
@@ -161,6 +161,81 @@ def test_a_renewed_certificate_is_served_without_a_restart(tmp_path, default_mod
         server.stop()
 
 
+def test_mutual_tls_serves_only_clients_its_authorities_issued_a_certificate(tmp_path, default_model):
+    """FACE_TLS_CLIENT_CA_FILE: a client without a certificate, or with one no listed authority issued,
+    fails the TLS handshake (nothing of HTTP reaches the service: no request is logged); one a listed
+    authority issued is served, through httpx, FaceClient, the face CLI and the container's health
+    check (FACE_TLS_PROBE_CERT_FILE); API keys are asked for as before. The authorities' file is
+    watched with the pair: an authority replaced takes effect for new connections without a restart."""
+    from faceclient import FaceClient
+    from faceclient.cli import main as face
+
+    write_pair(tmp_path / "tls.crt", tmp_path / "tls.key", serial=1)
+    authority = write_ca(tmp_path / "clients.crt")
+    write_client(tmp_path / "alice.crt", tmp_path / "alice.key", authority)
+    write_client(tmp_path / "mallory.crt", tmp_path / "mallory.key", None)  # self-signed: no listed authority
+    admin = "an-admin-key-0123456789abcdef"
+    server = ServerProcess(tmp_path / "data", model=default_model, env=tls_env(
+        tmp_path, FACE_TLS_CLIENT_CA_FILE=str(tmp_path / "clients.crt"), FACE_TLS_RELOAD_S="0.2", FACE_API_KEY=admin))
+    assert isinstance(server.verify, ssl.SSLContext)
+    server.verify.load_cert_chain(tmp_path / "alice.crt", tmp_path / "alice.key")  # the harness's own polls
+
+    def context(client: str | None) -> ssl.SSLContext:
+        made = ssl.create_default_context(cafile=tmp_path / "tls.crt")
+        if client is not None:
+            made.load_cert_chain(tmp_path / f"{client}.crt", tmp_path / f"{client}.key")
+        return made
+
+    def requests_logged() -> int:
+        return server.log_path.read_text().count('"event": "request"')
+
+    try:
+        server.wait_ready()
+        with httpx.Client(base_url=server.url, verify=context("alice"), timeout=10) as c:
+            assert c.get("/healthz").status_code == 200
+            assert c.get("/identities").status_code == 401  # the key is still asked for
+            assert c.get("/identities", headers={"X-API-Key": admin}).status_code == 200
+        before = requests_logged()
+        for client in (None, "mallory"):
+            with pytest.raises(httpx.HTTPError):
+                httpx.get(server.url + "/healthz", verify=context(client), timeout=10)
+        time.sleep(0.5)
+        assert requests_logged() == before  # refused in the handshake, before any request
+
+        with FaceClient(server.url, admin, ca_file=tmp_path / "tls.crt",
+                        client_cert=(tmp_path / "alice.crt", tmp_path / "alice.key")) as client:
+            assert [c.name for c in client.list_collections()] == ["default"]
+        common = ["--url", server.url, "--key", admin, "--ca-file", str(tmp_path / "tls.crt")]
+        assert face([*common, "--client-cert", str(tmp_path / "alice.crt"), "--client-key", str(tmp_path / "alice.key"),
+                     "collections", "list"]) == 0
+        assert face([*common, "collections", "list"]) == 3  # no certificate: no connection
+        assert face([*common, "--client-key", str(tmp_path / "alice.key"), "collections", "list"]) == 2  # usage
+        probe_env = {**os.environ, "FACE_PORT": str(server.port), "FACE_TLS_CERT_FILE": str(tmp_path / "tls.crt")}
+        probe = [sys.executable, "-m", "service.ops.probe"]
+        assert subprocess.run(probe, cwd=REPO, env=probe_env, capture_output=True, timeout=30).returncode == 1
+        probe_env |= {"FACE_TLS_PROBE_CERT_FILE": str(tmp_path / "alice.crt"),
+                      "FACE_TLS_PROBE_KEY_FILE": str(tmp_path / "alice.key")}
+        assert subprocess.run(probe, cwd=REPO, env=probe_env, capture_output=True, timeout=30).returncode == 0
+
+        # another authority in its place (a rotation): its clients are served, the old one's refused
+        write_client(tmp_path / "bob.crt", tmp_path / "bob.key", write_ca(tmp_path / "clients.crt", name="next-ca"))
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                assert httpx.get(server.url + "/healthz", verify=context("bob"), timeout=10).status_code == 200
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, server.log()
+                time.sleep(0.1)
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(server.url + "/healthz", verify=context("alice"), timeout=10)
+        log = server.log_path.read_text()
+        loaded = [line for line in log.splitlines() if "tls certificate" in line and '"client_cas": 1' in line]
+        assert len(loaded) >= 2 and str(tmp_path / "clients.crt") in loaded[0], log[-3000:]
+        assert "Traceback" not in log and "BEGIN" not in log
+    finally:
+        server.stop()
+
 def _broken_cert(tmp_path: Path) -> dict[str, str]:
     write_pair(tmp_path / "tls.crt", tmp_path / "tls.key", serial=1)
     (tmp_path / "tls.crt").write_text("not a certificate\n")
@@ -183,12 +258,33 @@ def _cert_alone(tmp_path: Path) -> dict[str, str]:
     return {"FACE_TLS_CERT_FILE": str(tmp_path / "tls.crt")}
 
 
+def _client_ca_not_pem(tmp_path: Path) -> dict[str, str]:
+    write_pair(tmp_path / "tls.crt", tmp_path / "tls.key", serial=1)
+    (tmp_path / "clients.crt").write_text("not a certificate\n")
+    return tls_env(tmp_path, FACE_TLS_CLIENT_CA_FILE=str(tmp_path / "clients.crt"))
+
+
+def _client_ca_no_authority(tmp_path: Path) -> dict[str, str]:  # a client's own certificate, not an authority
+    write_pair(tmp_path / "tls.crt", tmp_path / "tls.key", serial=1)
+    write_client(tmp_path / "clients.crt", tmp_path / "client.key", None)
+    return tls_env(tmp_path, FACE_TLS_CLIENT_CA_FILE=str(tmp_path / "clients.crt"))
+
+
+def _client_ca_without_https(tmp_path: Path) -> dict[str, str]:
+    write_ca(tmp_path / "clients.crt")
+    return {"FACE_TLS_CLIENT_CA_FILE": str(tmp_path / "clients.crt")}
+
+
 @pytest.mark.parametrize(("make", "code", "says"), [
     (_broken_cert, 3, "not a PEM certificate chain"),
     (_other_key, 3, "the key does not belong to the certificate"),
     (_missing_key, 3, "does not exist"),
     (_cert_alone, 1, "needs both FACE_TLS_CERT_FILE and FACE_TLS_KEY_FILE"),
-], ids=["not-pem", "other-key", "missing-key", "cert-alone"])
+    (_client_ca_not_pem, 3, "FACE_TLS_CLIENT_CA_FILE"),
+    (_client_ca_no_authority, 3, "no certificate authority in it"),
+    (_client_ca_without_https, 1, "FACE_TLS_CLIENT_CA_FILE (client certificates) needs HTTPS"),
+], ids=["not-pem", "other-key", "missing-key", "cert-alone", "client-ca-not-pem", "client-ca-no-authority",
+        "client-ca-without-https"])
 def test_tls_files_the_service_cannot_use_stop_it_in_one_line(tmp_path, default_model, make, code, says):
     env = {**os.environ, **make(tmp_path)}
     data_dir = tmp_path / "data"

@@ -149,6 +149,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--ca-file", default=os.environ.get("FACE_CA_FILE"),
                         help="for an https:// service: a PEM file of the certificate authorities to trust (a private "
                         "CA, or a self-signed server's certificate); default: FACE_CA_FILE, else the usual ones")
+    parser.add_argument("--client-cert", default=os.environ.get("FACE_CLIENT_CERT_FILE"),
+                        help="for a service that asks for client certificates (mutual TLS): this client's, a PEM file "
+                        "(with its key, or --client-key); default: FACE_CLIENT_CERT_FILE")
+    parser.add_argument("--client-key", default=os.environ.get("FACE_CLIENT_KEY_FILE"),
+                        help="the key of --client-cert when it is a file of its own; default: FACE_CLIENT_KEY_FILE")
     commands = parser.add_subparsers(dest="command", required=True)
 
     identify = commands.add_parser("identify", help="who is in each photo")
@@ -244,6 +249,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     keys.add_parser("list")
     keys.add_parser("revoke").add_argument("key_id")
     args = parser.parse_args(argv)
+    if args.client_key and not args.client_cert:
+        parser.error("--client-key needs --client-cert (FACE_CLIENT_CERT_FILE)")
     if args.command == "faces" and args.action == "crop":
         args.output = args.output or f"face-{args.face_id}.png"
         if args.output != "-" and not args.force and os.path.lexists(args.output):
@@ -405,8 +412,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:
         return USAGE if e.code else OK
     try:
+        client_cert = (args.client_cert, args.client_key) if args.client_key else args.client_cert
         with FaceClient(args.url, args.key, timeout=args.timeout, collection=args.collection,
-                        ca_file=args.ca_file) as face:
+                        ca_file=args.ca_file, client_cert=client_cert) as face:
             answer, lines = run(face, args)
     except FaceServiceError as e:
         error = {"code": e.code, "message": e.message, "details": e.details, "request_id": e.request_id,

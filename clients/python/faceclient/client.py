@@ -261,7 +261,9 @@ class _Base:
     def __init__(self, base_url: str, api_key: str | None = None, *, timeout: float = 60.0,
                  collection: str = DEFAULT_COLLECTION, max_retries: int = 3, retry_budget_s: float = 60.0,
                  backoff_s: float = 0.5, check_version: bool = True, transport: Transport = "multipart",
-                 ca_file: str | os.PathLike[str] | None = None) -> None:
+                 ca_file: str | os.PathLike[str] | None = None,
+                 client_cert: str | os.PathLike[str] | tuple[str | os.PathLike[str], str | os.PathLike[str]] | None = None,
+                 ) -> None:
         """``timeout``: seconds per request (connect, read, write). 429 and 503 answers are retried up to
         ``max_retries`` times, waiting Retry-After (or ``backoff_s`` doubling) plus jitter, while the
         waits fit in ``retry_budget_s``. ``collection``: the default one for gallery calls.
@@ -269,9 +271,17 @@ class _Base:
         "json" (base64 in a JSON body, a third larger: for a proxy that refuses multipart).
         ``ca_file``: a PEM file of the certificate authorities to trust for an ``https://`` service (a
         private CA, or a self-signed server's own certificate), instead of the usual ones (certifi's,
-        or ``SSL_CERT_FILE``'s). The certificate is always checked."""
+        or ``SSL_CERT_FILE``'s). The certificate is always checked. ``client_cert``: the certificate this
+        client shows a service that asks for one (mutual TLS: FACE_TLS_CLIENT_CA_FILE), a PEM file with its
+        key in it, or (certificate file, key file)."""
         self.base_url = base_url.rstrip("/")
-        self._tls_verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=os.fspath(ca_file)) if ca_file else True
+        self._tls_verify: ssl.SSLContext | bool = True
+        if ca_file or client_cert:
+            context = ssl.create_default_context(cafile=os.fspath(ca_file) if ca_file else None)
+            if client_cert:
+                cert, key = client_cert if isinstance(client_cert, tuple) else (client_cert, None)
+                context.load_cert_chain(os.fspath(cert), os.fspath(key) if key else None)
+            self._tls_verify = context
         self.transport = transport
         self.collection = collection
         self.max_retries = max_retries
