@@ -176,7 +176,8 @@ def test_damaged_keys_found_while_serving_are_503_catalog_damaged(tmp_path, defa
     api_keys) and a server started with FACE_API_KEY, which reads no stored key to start: a request
     with a stored key, and the admin's listing of keys, are 503 ``catalog_damaged`` (they were 500
     ``internal_error`` with the database's traceback), the file or relation only in the log, in one
-    ``catalog damaged`` line; the FACE_API_KEY admin reads and searches the gallery."""
+    ``catalog damaged`` line; the FACE_API_KEY admin reads and searches the gallery. Started without
+    FACE_API_KEY, the server reads the stored keys to start and refuses, in one line naming them."""
     rng = np.random.default_rng(2027)
     data = tmp_path / "data"
     admin = {"X-API-Key": "an-admin-key-of-the-environment-0123456789"}
@@ -217,5 +218,16 @@ def test_damaged_keys_found_while_serving_are_503_catalog_damaged(tmp_path, defa
         found = [line for line in log.splitlines() if "catalog damaged" in line]
         assert len(found) == 1 and named in found[0], found
         assert "Traceback" not in log and '"internal_error"' not in log
+    finally:
+        server.stop()
+    # without FACE_API_KEY the start asks whether any key is stored, reading the damaged ones: refused
+    server = ServerProcess(data, model=default_model, env=backend.env)
+    try:
+        with pytest.raises(RuntimeError, match="exited"):
+            server.wait_ready(timeout=90)
+        assert server.proc.returncode == 3
+        log = server.log_path.read_text()
+        refusal = [line for line in log.splitlines() if "could not start" in line]
+        assert len(refusal) == 1 and named in refusal[0] and "Traceback" not in log, log[-3000:]
     finally:
         server.stop()
