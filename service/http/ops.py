@@ -113,6 +113,7 @@ async def metrics(state: StateDep) -> Response:
     stats = await run_in_threadpool(state.galleries.stats)
     state.metrics.gallery_identities.set(stats.identities)
     state.metrics.gallery_faces.set(stats.faces)
+    state.metrics.collections_damaged.set(stats.extra.get("collections_damaged", 0))
     state.metrics.search_fallbacks.update(stats.extra)
     state.metrics.snapshot_writers.update(stats.extra)
     state.metrics.database_memory.update(stats.extra)

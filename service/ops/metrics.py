@@ -163,6 +163,10 @@ class Metrics:
         )
         self.gallery_identities = Gauge("face_gallery_identities", "Enrolled identities", registry=self.registry)
         self.gallery_faces = Gauge("face_gallery_faces", "Enrolled faces", registry=self.registry)
+        self.collections_damaged = Gauge(
+            "face_collections_damaged", "Collections whose stored data was found damaged (their requests are "
+            "answered 503 collection_damaged): embedded, until their files are read whole again; PostgreSQL, whose "
+            "reads met damaged data since this replica started", registry=self.registry)
         self.read_targets = ReadTargetsCollector()
         self.registry.register(self.read_targets)
         self.database_memory = DatabaseMemory(self.read_targets)

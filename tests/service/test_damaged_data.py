@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from harness.server import ServerProcess
-from tests.conftest import ENROLLED, b64, face_files
+from tests.conftest import ENROLLED, b64, face_files, metric
 from tests.damage import damage_pages
 
 FACES = 60  # site-b's faces: several pages of its own in either store
@@ -163,6 +163,8 @@ def test_damaged_data_of_one_collection_is_503_collection_damaged_and_the_others
             else:  # one faces table for all: PostgreSQL may put the new row on a damaged block (its free space)
                 assert r.status_code == 200 or r.json()["error"]["details"] == {"collection": "default"}, r.text
             assert c.get("/readyz").status_code == 200
+            damaged = 1 if r.status_code == 200 else 2  # site-b, and default if its enroll met a damaged block
+            assert metric(c, "face_collections_damaged") == damaged  # to alert on, asked for or not
         log = server.log_path.read_text()
         found = [line for line in log.splitlines() if "collection damaged" in line and '"site-b"' in line]
         assert len(found) == 1 and named in found[0], found

@@ -14,7 +14,7 @@ import pytest
 
 from bench.gallery_fill import fill_store
 from service.model.contract import read_contract
-from tests.conftest import ENROLLED, b64, face_files
+from tests.conftest import ENROLLED, b64, face_files, metric
 from tests.damage import damage_pages
 from tests.gallery.traces import find_vector
 from tests.server import REPO, ServerProcess
@@ -231,6 +231,7 @@ def test_a_damaged_collection_is_contained_and_the_others_serve(tmp_path, spawn,
         r = c.post("/collections/site-c/identify", json={"images": [b64(face_files(ENROLLED[3])[2])]})
         assert r.status_code == 200 and r.json()["results"][0]["identity_id"] == ENROLLED[3], r.text
         assert c.get("/collections/site-c").json()["damaged"] is False
+        assert metric(c, "face_collections_damaged") == 1  # site-b
 
         r = c.delete("/collections/site-b")
         assert r.status_code == 200, r.text
@@ -300,7 +301,7 @@ def test_a_damaged_default_collection_is_contained_and_the_others_serve(tmp_path
         r = c.post("/collections/site-b/enroll", json={"identity_id": ENROLLED[4],
                                                        "images": [b64(face_files(ENROLLED[4])[0])]})
         assert r.status_code == 200, r.text
-        assert c.get("/metrics").status_code == 200
+        assert metric(c, "face_collections_damaged") == 1
 
         second = spawn(data, model=default_model)  # the data dir is still this server's
         with pytest.raises(RuntimeError, match="exited"):
@@ -319,6 +320,8 @@ def test_a_damaged_default_collection_is_contained_and_the_others_serve(tmp_path
         assert identifies(c, ENROLLED[:2]) == ENROLLED[:2]
         enroll(c, ENROLLED[5:6])
         assert c.get("/readyz").json()["collections"]["default"]["damaged"] is False
+        assert metric(c, "face_collections_damaged") == 0
+        assert '"event": "collection readable again"' in server.log_path.read_text()
     server.stop()
     assert "Traceback" not in server.log_path.read_text()
 

@@ -363,6 +363,7 @@ class EmbeddedGalleries:
                     if entry.gallery is None:
                         gallery = self._gallery(name)
                         gallery.open_store()
+                        self.readable(name)  # its files restored, if it was found damaged
                         gallery.start_loading()
                         entry.load_deadline = time.monotonic() + self.LOAD_WAIT_S
                         with self._mutex:
@@ -748,8 +749,10 @@ class EmbeddedGalleries:
             stats = self.collection(DEFAULT_COLLECTION).stats()
         except CollectionDamaged:  # its counts are not known: 0 (/readyz lists it damaged)
             stats = GalleryStats(self.backend, 0, 0, 0)
+        with self._mutex:
+            damaged = len(self._damaged)
         extra = {**stats.extra, "collections": len(self._catalog.collections()),
-                 "collections_open": len(self.open_collections()),
+                 "collections_open": len(self.open_collections()), "collections_damaged": damaged,
                  "snapshot_writers_killed": self._snapshot_writers_killed()}
         return GalleryStats(self.backend, stats.identities, stats.faces, stats.index_live, extra)
 

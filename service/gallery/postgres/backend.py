@@ -1178,8 +1178,10 @@ class PostgresGalleries:
                 memory = buffer_fit(conn, self.options.schema).counters()
             except psycopg.Error:
                 memory = {}  # a diagnostic: the counts still answer (open() logged why)
+        with self._lock:
+            damaged = len(self._damaged)
         return GalleryStats(backend=self.backend, identities=identities, faces=faces, index_live=faces,
-                            extra={"collections": collections, **memory})
+                            extra={"collections": collections, "collections_damaged": damaged, **memory})
 
     def read_targets(self) -> list[ReadTarget]:
         return [] if self._standbys is None else self._standbys.targets()
