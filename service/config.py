@@ -69,8 +69,13 @@ class Settings(BaseSettings):
         None, description="Mutual TLS: every client must present a certificate issued by one of these certificate "
         "authorities (PEM, one or more), or its TLS handshake is refused; for a service only known callers reach (a "
         "gateway, other services). Needs FACE_TLS_CERT_FILE; reloaded with it when the file changes. API keys are "
-        "asked for as before. The container's health check then presents FACE_TLS_PROBE_CERT_FILE and "
-        "FACE_TLS_PROBE_KEY_FILE (read by it, not by the service).")
+        "asked for as before. The container's health check then presents FACE_TLS_PROBE_CERT_FILE.")
+    tls_probe_cert_file: Path | None = Field(
+        None, description="The client certificate (PEM; with its key, or FACE_TLS_PROBE_KEY_FILE) that the "
+        "container's health check (python -m service.ops.probe) presents to a service with FACE_TLS_CLIENT_CA_FILE: "
+        "issue one for it from one of those authorities. Read by the check only, not by the service.")
+    tls_probe_key_file: Path | None = Field(
+        None, description="The key of FACE_TLS_PROBE_CERT_FILE when it is a file of its own (PEM, not encrypted).")
     tls_reload_s: float = Field(
         60.0, ge=0.1, le=86_400, description="How often the certificate and key files are checked for a change: a "
         "renewed pair is served to new connections without a restart (a pair that does not load is logged and the "

@@ -244,14 +244,15 @@ def test_a_damaged_collection_is_contained_and_the_others_serve(tmp_path, spawn,
     assert "Traceback" not in server.log_path.read_text()
 
 
-@pytest.mark.parametrize("damage", ["garbage", "pages"])
+@pytest.mark.parametrize("damage", ["garbage", "pages", "faces"])
 def test_a_damaged_default_collection_is_contained_and_the_others_serve(tmp_path, spawn, default_model, damage):
-    """The default collection's store damaged (no database at all; its pages): the server starts (it
-    refused to, exit 3, though every other collection was whole), /readyz is ready and names it
-    damaged, every unkeyed gallery request is 503 ``collection_damaged`` naming ``default``, /embed and
-    the other collections serve, the log names the file once; the data dir stays locked (a second
-    server refuses it); nothing is written to the file; restored while the server runs, it serves its
-    faces again."""
+    """The default collection's store damaged (no database at all; its pages; only its faces' pages, which
+    the store opens with and the index load meets): the server starts (it refused to, exit 3, though
+    every other collection was whole; "faces": /readyz stayed 503 gallery_unavailable), /readyz is ready
+    and names it damaged, every unkeyed gallery request is 503 ``collection_damaged`` naming
+    ``default``, /embed and the other collections serve, the log names the file once; the data dir stays
+    locked (a second server refuses it); nothing is written to the file; restored while the server runs,
+    it serves its faces again on its next use ("faces": it took a restart)."""
     data = tmp_path / "data"
     server = spawn(data, model=default_model)
     server.wait_ready()
@@ -272,8 +273,8 @@ def test_a_damaged_default_collection_is_contained_and_the_others_serve(tmp_path
     for leftover in (store.with_name(store.name + "-wal"), store.with_name(store.name + "-shm")):
         leftover.unlink(missing_ok=True)
     whole = store.read_bytes()
-    if damage == "pages":
-        damage_pages(store, 44)
+    if damage != "garbage":
+        damage_pages(store, 44, table="faces" if damage == "faces" else None)
     else:
         store.write_bytes(np.random.default_rng(44).integers(0, 256, 20_000, dtype=np.uint8).tobytes())
     damaged = store.read_bytes()

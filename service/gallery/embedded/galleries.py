@@ -24,7 +24,7 @@ its uses raise ``CollectionDamaged`` (503 ``collection_damaged``), it is listed 
 the first discovery is logged naming the file (by a server; a command's error says it), nothing is
 written to it, and every other collection serves on. It may still be deleted (its files erased, its
 unreadable audit trail with them); restored files are used again on its next use (one whose index
-load found the damage: once it is closed as idle; the default collection's: after a restart). The
+load found the damage is closed and opened again once its store file is replaced). The
 default collection too: the service is ready without it (``load_state``), its unkeyed requests are
 refused, and the data dir's lock is held by this object from ``open()`` to ``close()``, shared with
 the default collection's gallery, so a second server is refused whether or not that store opens. A
@@ -237,10 +237,10 @@ class EmbeddedGalleries:
         """The default collection's gallery, loading (``background``) or loaded, once the catalog's pins
         are checked and left-over directories erased; None when its store is damaged (contained as any
         collection's: its uses are refused, collection_damaged, and it is opened again on its next use)."""
-        default: Gallery | None = self._gallery(DEFAULT_COLLECTION)
-        assert default is not None
+        gallery = self._gallery(DEFAULT_COLLECTION)
+        default: Gallery | None = gallery
         try:
-            default.open_store()
+            gallery.open_store()
         except StoreDamaged as exc:
             self.noted_damage(DEFAULT_COLLECTION, exc)
             default = None
@@ -356,6 +356,8 @@ class EmbeddedGalleries:
             # not None: not closed under this use (the closer and delete detach it only at refs == 0)
             backend = entry.backend
         try:
+            if backend is not None and backend.gallery.load_damaged and backend.gallery.store_replaced():
+                backend = self._reopen_restored(entry, backend.gallery)
             if backend is None:
                 with entry.lifecycle:  # a close or a delete in progress finishes first
                     if entry.deleted:
@@ -375,10 +377,26 @@ class EmbeddedGalleries:
             gallery = backend.gallery
             while not gallery.ready and gallery.load_error is None and time.monotonic() < entry.load_deadline:
                 time.sleep(0.005)
+            if (damage := gallery.load_damage) is not None:  # every use refused, reads of its store too
+                raise damage
         except BaseException:
             self._release(entry)
             raise
         return entry, backend
+
+    def _reopen_restored(self, entry: _Entry, gallery: Gallery) -> EmbeddedGallery | None:
+        """A gallery whose index load found its store damaged, and whose store file was replaced since
+        (restored from a backup): closed, so that this use opens the restored files (None), unless
+        another use holds it (it stays, that use's answer is collection_damaged, the next one reopens)."""
+        with entry.lifecycle:
+            with self._mutex:
+                if entry.gallery is not gallery or entry.refs != 1:
+                    return entry.backend
+                entry.gallery, entry.backend = None, None
+            gallery.close(snapshot=False)
+            self._closed(gallery)
+        log.info("collection files replaced: opened again", extra={"collection": gallery.name})
+        return None
 
     def _release(self, entry: _Entry) -> None:
         with self._mutex:
@@ -567,6 +585,9 @@ class EmbeddedGalleries:
             if gallery is not None and gallery.ready:
                 return CollectionInfo(name, model_id, created_at, gallery.identity_count, gallery.face_count,
                                       gallery.counted_faces, dim=dim)
+        if gallery is not None and (damage := gallery.load_damage) is not None:  # open, its load stopped by it
+            self.noted_damage(name, damage)
+            return CollectionInfo(name, model_id, created_at, 0, 0, 0, dim=dim, damaged=True)
         store = self._directory(name) / Gallery.STORE_FILE
         if not store.exists():
             return CollectionInfo(name, model_id, created_at, 0, 0, 0, dim=dim)

@@ -73,6 +73,15 @@ class _LoadCancelled(Exception):
     """close() was called while the index was still loading."""
 
 
+
+def _file_stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 class GalleryLoading(RuntimeError):
     """The index is still being loaded (or could not be): searches and writes must wait."""
 
@@ -192,6 +201,7 @@ class Gallery:
         self._ready = threading.Event()
         self._load_error: str | None = None
         self._load_damaged: str | None = None  # the load found the store damaged: StoreDamaged's message
+        self._opened_stamp: tuple[int, int, int] | None = None  # the store file as open_store found it
         self._loader: threading.Thread | None = None
         self._dirty = False  # the index does not mirror the store: never snapshot it
         self._changes = 0  # writes since the last snapshot
@@ -228,6 +238,7 @@ class Gallery:
         usable_data_dir(self.data_dir)
         self.dir_lock.acquire()
         try:
+            self._opened_stamp = _file_stamp(self.data_dir / self.STORE_FILE)
             self.store = Store(self.data_dir / self.STORE_FILE)
             self._check_model()
             self.store.checkpoint()  # a crash may have left erased rows in the WAL ...
@@ -262,10 +273,13 @@ class Gallery:
         except _LoadCancelled:
             log.info("gallery load cancelled by shutdown")
         except Exception as exc:  # noqa: BLE001 - reported by /readyz and the log
-            if (damage := as_damaged(self.data_dir / self.STORE_FILE, exc)) is not None:
-                self._load_damaged = str(damage)
             self._load_error = f"{type(exc).__name__}: {exc}"
-            log.exception("gallery could not be loaded")
+            if (damage := as_damaged(self.data_dir / self.STORE_FILE, exc)) is None:
+                log.exception("gallery could not be loaded")
+            else:  # the operator's to restore, not a bug: no stack (EmbeddedGalleries logs the collection damaged)
+                self._load_damaged = str(damage)
+                log.warning("gallery index not loaded: its store is damaged",
+                            extra={"collection": self.name, "reason": self._load_damaged})
 
     def load(self) -> None:
         with self._lock.write():
@@ -292,6 +306,16 @@ class Gallery:
     def load_damaged(self) -> bool:
         """The background load failed on a damaged store (its uses raise StoreDamaged)."""
         return self._load_damaged is not None
+
+    @property
+    def load_damage(self) -> StoreDamaged | None:
+        """What the background load found damaged (its uses raise it), if it did."""
+        return StoreDamaged(self._load_damaged) if self._load_damaged is not None else None
+
+    def store_replaced(self) -> bool:
+        """The store file is not the one opened (restored from a backup since): another inode, size or
+        modification time. Meant for a gallery whose load found it damaged, which writes nothing to it."""
+        return self._opened_stamp is not None and _file_stamp(self.data_dir / self.STORE_FILE) != self._opened_stamp
 
     def _require_ready(self) -> None:
         if not self._ready.is_set():
