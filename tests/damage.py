@@ -25,3 +25,23 @@ def damage_pages(store: Path, seed: int, table: str | None = None) -> None:
     for number in pages or range(2, len(raw) // size + 1):
         raw[(number - 1) * size:number * size] = noise[(number - 1) * size:number * size]
     store.write_bytes(bytes(raw))
+
+
+def alter_kept_crop(data_dir: Path, env: dict[str, str], collection: str, face_id: int) -> None:
+    """Flip one byte of the sealed crop of ``face_id`` in ``collection``'s store (past the magic and the
+    nonce: its ciphertext), as a disk fault would: embedded (``env`` without FACE_DATABASE_URL), its
+    store's crops table; PostgreSQL, face_crops."""
+    def flip(blob: bytes) -> bytes:
+        return blob[:40] + bytes([blob[40] ^ 0x01]) + blob[41:]
+
+    if "FACE_DATABASE_URL" not in env:
+        with sqlite3.connect(data_dir / "collections" / collection / "gallery.sqlite3") as conn:
+            blob = conn.execute("SELECT blob FROM crops WHERE face_id = ?", (face_id,)).fetchone()[0]
+            conn.execute("UPDATE crops SET blob = ? WHERE face_id = ?", (flip(blob), face_id))
+        return
+    import psycopg
+
+    schema = env["FACE_DATABASE_SCHEMA"]
+    with psycopg.connect(env["FACE_DATABASE_URL"], autocommit=True) as conn:
+        blob = conn.execute(f"SELECT blob FROM {schema}.face_crops WHERE face_id = %s", (face_id,)).fetchone()[0]
+        conn.execute(f"UPDATE {schema}.face_crops SET blob = %s WHERE face_id = %s", (flip(bytes(blob)), face_id))

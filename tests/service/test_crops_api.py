@@ -25,6 +25,7 @@ from service.gallery.crops import CropCipher, decode_crop
 from service.gallery.open import open_gallery
 from service.model.contract import read_contract
 from tests.conftest import backend_env
+from tests.damage import alter_kept_crop
 
 PHOTO = FIXTURES / "photos" / "Amelie_Mauresmo_0001.jpg"
 
@@ -306,7 +307,7 @@ def test_a_kept_crop_that_does_not_open_is_collection_damaged_not_a_500(setup):
     """A sealed crop whose bytes were altered in the store (a disk fault, a hand edit) no longer
     authenticates: GET .../crop answers 503 ``collection_damaged`` naming the collection and the face,
     logged, never shown (it was a 500 with a traceback); the other faces' crops are served."""
-    kind, data_dir, model, env, key = setup
+    _, data_dir, model, env, key = setup
     server = ServerProcess(data_dir, model=model, env={**env, "FACE_CROP_KEY_FILE": str(key)})
     try:
         server.wait_ready()
@@ -320,22 +321,7 @@ def test_a_kept_crop_that_does_not_open_is_collection_damaged_not_a_500(setup):
                 faces += r.json()["face_ids"]
             altered, kept = faces
 
-            def flip(blob: bytes) -> bytes:  # one byte of the ciphertext, past the magic and the nonce
-                return blob[:40] + bytes([blob[40] ^ 0x01]) + blob[41:]
-
-            if kind == "embedded":
-                import sqlite3
-
-                with sqlite3.connect(data_dir / "collections" / "kept" / "gallery.sqlite3") as conn:
-                    blob = conn.execute("SELECT blob FROM crops WHERE face_id = ?", (altered,)).fetchone()[0]
-                    conn.execute("UPDATE crops SET blob = ? WHERE face_id = ?", (flip(blob), altered))
-            else:
-                import psycopg
-
-                schema = env["FACE_DATABASE_SCHEMA"]
-                with psycopg.connect(env["FACE_DATABASE_URL"], autocommit=True) as conn:
-                    blob = conn.execute(f"SELECT blob FROM {schema}.face_crops WHERE face_id = %s", (altered,)).fetchone()[0]
-                    conn.execute(f"UPDATE {schema}.face_crops SET blob = %s WHERE face_id = %s", (flip(bytes(blob)), altered))
+            alter_kept_crop(data_dir, env, "kept", altered)
             r = c.get(f"/collections/kept/faces/{altered}/crop")
             assert r.status_code == 503, r.text
             assert r.json()["error"]["code"] == "collection_damaged"

@@ -18,6 +18,7 @@ from harness.fixtures import FIXTURES, b64
 from harness.models import tiny_model
 from harness.server import REPO, ServerProcess
 from tests.conftest import backend_env
+from tests.damage import alter_kept_crop
 
 FACES = sorted((FIXTURES / "faces").glob("*.jpg"))  # 32 aligned LFW crops
 
@@ -282,7 +283,7 @@ def test_a_kept_crop_that_does_not_open_fails_the_job_as_collection_damaged(setu
     the migration ``collection_damaged`` naming the face, logged without a stack (it was
     ``crop_key_missing``, which sends the operator after the wrong thing, with a traceback); the
     target collection stays, as after any failed job, to be deleted or resumed."""
-    kind, data_dir, env = setup
+    _, data_dir, env = setup
     server = ServerProcess(data_dir, env=env)
     try:
         server.wait_ready()
@@ -292,22 +293,7 @@ def test_a_kept_crop_that_does_not_open_fails_the_job_as_collection_damaged(setu
                 enroll(c, "kept", f"p{i}", [face])
             altered = c.get("/collections/kept/identities/p1").json()["faces"][0]["face_id"]
 
-            def flip(blob: bytes) -> bytes:  # one byte of the ciphertext, past the magic and the nonce
-                return blob[:40] + bytes([blob[40] ^ 0x01]) + blob[41:]
-
-            if kind == "embedded":
-                import sqlite3
-
-                with sqlite3.connect(data_dir / "collections" / "kept" / "gallery.sqlite3") as conn:
-                    blob = conn.execute("SELECT blob FROM crops WHERE face_id = ?", (altered,)).fetchone()[0]
-                    conn.execute("UPDATE crops SET blob = ? WHERE face_id = ?", (flip(blob), altered))
-            else:
-                import psycopg
-
-                schema = env["FACE_DATABASE_SCHEMA"]
-                with psycopg.connect(env["FACE_DATABASE_URL"], autocommit=True) as conn:
-                    blob = conn.execute(f"SELECT blob FROM {schema}.face_crops WHERE face_id = %s", (altered,)).fetchone()[0]
-                    conn.execute(f"UPDATE {schema}.face_crops SET blob = %s WHERE face_id = %s", (flip(bytes(blob)), altered))
+            alter_kept_crop(data_dir, env, "kept", altered)
             r = c.post("/collections/kept/migrate", json={"model": "tiny", "into": "kept-v2", "batch_size": 1})
             assert r.status_code == 202, r.text
             job = wait_for(c, r.json()["job"]["id"])
