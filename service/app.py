@@ -77,7 +77,8 @@ STARTUP_REFUSALS: tuple[type[BaseException], ...] = (
     ModelConfigError, ProviderError, ContractError, CalibrationError, Fp16Error, PepperFileError, DataDirLocked,
     DataDirUnusable, StoreDamaged, CatalogDamaged, GalleryModelMismatch, GalleryUnavailable, CropKeyError,
 )
-# ... and a damaged page of the data dir read at start-up (the catalog's keys): named by damage_in
+# ... and a damaged page of the data dir read at start-up outside a store's own checks (the catalog
+# and the collections' stores name their own file): named by damage_in
 REFUSED_OR_DAMAGED: tuple[type[BaseException], ...] = (*STARTUP_REFUSALS, sqlite3.DatabaseError)
 
 DESCRIPTION = """
