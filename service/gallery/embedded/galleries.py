@@ -249,7 +249,7 @@ class EmbeddedGalleries:
             check_served([(name, *self._pin_of(name, pins)) for name in sorted(pins)], self.served, str(self.data_dir))
             self._sweep()
             if default is not None and background:
-                default.start_loading()  # a damaged page it reads: default.load_damaged
+                default.start_loading()  # a damaged page it reads: default.load_damage
             elif default is not None:
                 try:
                     default.load()
@@ -313,13 +313,13 @@ class EmbeddedGalleries:
         if entry is None:
             return "loading"  # not opened yet
         default = entry.gallery
-        return "ready" if default is None or default.load_damaged else default.load_state
+        return "ready" if default is None or default.load_damage is not None else default.load_state
 
     @property
     def load_error(self) -> str | None:
         entry = self._entries.get(DEFAULT_COLLECTION)
         default = entry.gallery if entry is not None else None
-        return default.load_error if default is not None and not default.load_damaged else None
+        return default.load_error if default is not None and default.load_damage is None else None
 
     # --- using a collection ----------------------------------------------------------------------
     def _refresh_known(self) -> None:
@@ -356,7 +356,7 @@ class EmbeddedGalleries:
             # not None: not closed under this use (the closer and delete detach it only at refs == 0)
             backend = entry.backend
         try:
-            if backend is not None and backend.gallery.load_damaged and backend.gallery.store_replaced():
+            if backend is not None and backend.gallery.load_damage is not None and backend.gallery.store_replaced():
                 backend = self._reopen_restored(entry, backend.gallery)
             if backend is None:
                 with entry.lifecycle:  # a close or a delete in progress finishes first

@@ -303,11 +303,6 @@ class Gallery:
         return self._load_error
 
     @property
-    def load_damaged(self) -> bool:
-        """The background load failed on a damaged store (its uses raise StoreDamaged)."""
-        return self._load_damaged is not None
-
-    @property
     def load_damage(self) -> StoreDamaged | None:
         """What the background load found damaged (its uses raise it), if it did."""
         return StoreDamaged(self._load_damaged) if self._load_damaged is not None else None
