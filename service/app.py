@@ -220,6 +220,7 @@ async def _retention_sweeps(state: ServiceState, stop: threading.Event, woken: a
     Stopping: ``stop`` set (the sweep in flight returns after its current erasure) and ``woken`` (the wait
     between sweeps ends): not cancelled, which would leave its thread erasing while the galleries close."""
     schedule = retention.Schedule(every_s=state.settings.retention_sweep_s)
+    state.metrics.retention_overdue.source = lambda: schedule.overdue_s(time.time())
     while not stop.is_set():
         wait = state.settings.retention_sweep_s
         try:

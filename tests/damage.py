@@ -1,9 +1,12 @@
 """Damaged SQLite files, as a disk fault or a bad restore leaves them, for the tests of what the
-service does with them (tests/service/test_data_dir.py, test_damaged_data.py, the client's)."""
+service does with them (tests/service/test_data_dir.py, test_damaged_data.py, the client's), and a
+gallery database that refuses to erase (the retention tests)."""
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -45,3 +48,47 @@ def alter_kept_crop(data_dir: Path, env: dict[str, str], collection: str, face_i
     with psycopg.connect(env["FACE_DATABASE_URL"], autocommit=True) as conn:
         blob = conn.execute(f"SELECT blob FROM {schema}.face_crops WHERE face_id = %s", (face_id,)).fetchone()[0]
         conn.execute(f"UPDATE {schema}.face_crops SET blob = %s WHERE face_id = %s", (flip(bytes(blob)), face_id))
+
+
+@contextlib.contextmanager
+def deletes_refused(collection: str, data_dir: Path | None = None, database: tuple[str, str] | None = None
+                    ) -> Iterator[None]:
+    """While inside, the gallery's database refuses every DELETE of a face of ``collection`` (a trigger
+    that raises), as a store that cannot erase: the embedded collection's store in ``data_dir``, or the
+    faces table of ``database`` (url, schema), both read on as before. The trigger is dropped on exit."""
+    if data_dir is not None:
+        store = data_dir / "gallery.sqlite3" if collection == "default" else \
+            data_dir / "collections" / collection / "gallery.sqlite3"
+        with contextlib.closing(sqlite3.connect(store)) as conn:
+            conn.execute("CREATE TRIGGER refuse_deletes BEFORE DELETE ON faces BEGIN "
+                         "SELECT RAISE(ABORT, 'deletes refused by the test'); END")
+            conn.commit()
+        try:
+            yield
+        finally:
+            with contextlib.closing(sqlite3.connect(store)) as conn:
+                conn.execute("DROP TRIGGER refuse_deletes")
+                conn.commit()
+        return
+    import psycopg
+    from psycopg import sql
+
+    assert database is not None
+    url, schema = database
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(sql.SQL("""CREATE FUNCTION {}.refuse_deletes() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+              IF OLD.collection_id = (SELECT collection_id FROM {}.collections WHERE name = {}) THEN
+                RAISE EXCEPTION 'deletes refused by the test';
+              END IF;
+              RETURN OLD;
+            END $$""").format(sql.Identifier(schema), sql.Identifier(schema), sql.Literal(collection)))
+        conn.execute(sql.SQL("CREATE TRIGGER refuse_deletes BEFORE DELETE ON {}.faces FOR EACH ROW "
+                             "EXECUTE FUNCTION {}.refuse_deletes()").format(sql.Identifier(schema),
+                                                                          sql.Identifier(schema)))
+    try:
+        yield
+    finally:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP TRIGGER refuse_deletes ON {}.faces").format(sql.Identifier(schema)))
+            conn.execute(sql.SQL("DROP FUNCTION {}.refuse_deletes()").format(sql.Identifier(schema)))

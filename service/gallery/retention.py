@@ -103,6 +103,9 @@ class Schedule:
     # until the next full round after its sweep failed)
     known: dict[str, tuple[float, float | None]] = field(default_factory=dict)
     full_at: float = float("-inf")  # when the next full round is due (Unix time)
+    # collection -> when the oldest face it still holds past its retention expired: left by a sweep
+    # that failed (a read may still tell) or stopped; gone once a sweep leaves nothing expired
+    held: dict[str, float] = field(default_factory=dict)
 
     def round(self, galleries: Galleries, now: float | None = None, stop: threading.Event | None = None,
               full: bool | None = None, batch: int = BATCH, chunk: int = CHUNK) -> SweepResult:
@@ -110,10 +113,12 @@ class Schedule:
         or ``full``), then read their next expiry; as ``sweep`` otherwise."""
         now = time.time() if now is None else now
         retentions = galleries.retentions()
+        previous = self.known
         if full or (full is None and now >= self.full_at):
             self.full_at = now + self.every_s
             self.known = {}
         self.known = {name: known for name, known in self.known.items() if name in retentions}
+        self.held = {name: expiry for name, expiry in self.held.items() if name in retentions}
         result = SweepResult()
         for name, days in retentions.items():
             known = self.known.get(name)
@@ -127,13 +132,48 @@ class Schedule:
                 _sweep_collection(gallery, now - days * DAY_S, stop, batch, chunk, result)
                 expiry = _expiry(gallery, days)
             except CollectionNotFound:  # deleted since the list was read
+                self.held.pop(name, None)
                 continue
             except GalleryLoading:  # its index still loading: tried again in MIN_GAP_S
                 expiry = now
             except Exception as exc:  # noqa: BLE001 - one collection (its disk full, its database away) does not stop the others
                 result.failed[name] = f"{type(exc).__name__}: {exc}"
+                self._held(name, self._expiry_after_failure(galleries, name, days, previous.get(name)), now)
+            else:
+                self._held(name, expiry, now)
             self.known[name] = (days, expiry)
         return result
+
+    def _expiry_after_failure(self, galleries: Galleries, name: str, days: float,
+                              previous: tuple[float, float | None] | None) -> float | None:
+        """The collection's next expiry after its sweep failed: read again (a read may work where an
+        erasure did not: a full disk, deletes refused), else the soonest known before the round."""
+        try:
+            return _expiry(galleries.collection(name), days)
+        except Exception:  # noqa: BLE001 - its database away: what the schedule knew is the best left
+            known = [t for t in (self.held.get(name), previous[1] if previous and previous[0] == days else None)
+                     if t is not None]
+            return min(known, default=None)
+
+    def _held(self, name: str, expiry: float | None, now: float) -> None:
+        if expiry is not None and expiry <= now:
+            self.held[name] = expiry
+        else:
+            self.held.pop(name, None)
+
+    def overdue_s(self, now: float) -> dict[str, float]:
+        """Each collection's seconds past the expiry of the oldest face it still holds past its retention,
+        as far as the schedule knows (0: none; a face due is erased within about a second): what a sweep
+        left (failed, stopped) and each next expiry that passed without a round to sweep it (the
+        sweeper stalled). Read by /metrics from another thread: copies only."""
+        known, held = self.known.copy(), self.held.copy()
+        overdue = {name: 0.0 for name in known.keys() | held.keys()}
+        for name, (_, expiry) in known.items():
+            if expiry is not None and expiry < now:
+                overdue[name] = now - expiry
+        for name, expiry in held.items():
+            overdue[name] = max(overdue[name], now - expiry)
+        return overdue
 
     def next_due(self) -> float | None:
         """The soonest next expiry known (Unix time); None: none."""

@@ -84,6 +84,27 @@ class DataDirDisk(Collector):
         yield size
 
 
+class RetentionOverdue(Collector):
+    """Each collection with a retention: how long the oldest face it still holds past its retention has
+    waited since it expired, as the sweeper's schedule knows (``retention.Schedule.overdue_s``), read at
+    each scrape. About a second at most while erasure keeps up; growing while a collection's erasure
+    fails (its database away, its disk full) or the sweeper stalls: what to alert on, as the count of
+    erased faces cannot say. ``source`` is set by the service's sweeper; nothing before."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], dict[str, float]] | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        if self.source is None:
+            return
+        family = GaugeMetricFamily(
+            "face_retention_overdue_seconds", "Seconds since the oldest face a collection still holds past its "
+            "retention_days expired (0: none; about a second while the sweeps keep up)", labels=["collection"])
+        for name, seconds in sorted(self.source().items()):
+            family.add_metric([name], round(seconds, 3))
+        yield family
+
+
 class DatabaseMemory(Collector):
     """PostgreSQL's shared buffers against the gallery's HNSW indexes (gallery/postgres/memory.py): the
     indexes' size and each database's ``shared_buffers`` (the primary's from the gallery's ``stats()``,
@@ -177,6 +198,8 @@ class Metrics:
         self.registry.register(self.snapshot_writers)
         self.data_dir_disk = DataDirDisk()
         self.registry.register(self.data_dir_disk)
+        self.retention_overdue = RetentionOverdue()
+        self.registry.register(self.retention_overdue)
         # shadow traffic after a migration (service/jobs/shadow.py)
         self.shadow_identify = Counter(
             "face_shadow_identify", "Identify probe faces on a migrated collection run again on its new collection",

@@ -16,6 +16,7 @@ import pytest
 import tests.gallery.test_collections as collections_tests
 from service.gallery.api import DEFAULT_COLLECTION, AuditQuery, CollectionNotFound
 from service.gallery.retention import DAY_S, LATE_S, MIN_GAP_S, Schedule, next_expiry, sweep, wait_s
+from tests.damage import deletes_refused
 from tests.gallery.test_gallery import unit
 from tests.gallery.traces import find_vector
 
@@ -228,3 +229,48 @@ def test_two_sweeps_at_once_erase_each_face_once(backend):
     assert (galleries.collection_info("crowd").identities, galleries.collection_info("crowd").faces) == (0, 0)
     deleted = [e for e in galleries.audit(AuditQuery(collection="crowd", limit=1000)) if e.action == "face.deleted"]
     assert len(deleted) == 300 and len({e.details["face_id"] for e in deleted}) == 300
+
+
+def refused(backend, collection: str):
+    """deletes_refused on the storage of ``backend``'s Galleries."""
+    settings = backend.settings
+    if backend.name == "embedded":
+        return deletes_refused(collection, data_dir=settings.data_dir)
+    return deletes_refused(collection, database=(settings.database_url.get_secret_value(), settings.database_schema))
+
+
+def test_a_collection_whose_erasure_fails_is_overdue_until_a_sweep_erases_it(backend):
+    """Schedule.overdue_s (/metrics' face_retention_overdue_seconds): a collection whose faces past their
+    retention could not be erased (its database refuses the deletes) is overdue by its oldest one's time
+    since expiry, through the rounds that skip it, until a round erases them (0 then); a collection whose
+    next expiry passes without a round (the sweeper stalled) is overdue by that much."""
+    galleries = backend()
+    rng = np.random.default_rng(8)
+    start = time.time()
+    for name in ("held", "fine"):
+        galleries.create_collection(name, actor=ALICE, retention_days=1.0)
+    galleries.collection("held").import_identities([("h", unit(rng, 2), None)],
+                                                   enrolled_at=[[start - DAY_S - 50, start - DAY_S - 20]])
+    galleries.collection("fine").import_identities([("f", unit(rng, 1), None)], enrolled_at=[[start - DAY_S - 30]])
+    schedule = Schedule(every_s=1000.0)
+    assert schedule.overdue_s(start) == {}  # nothing known before the first round
+    with refused(backend, "held"):
+        swept = schedule.round(galleries, now=start)
+        assert set(swept.failed) == {"held"} and swept.erased == {"fine": 1}, swept
+        assert "deletes refused by the test" in swept.failed["held"]
+        assert schedule.overdue_s(start + 10) == {"held": pytest.approx(60), "fine": 0.0}
+        assert schedule.round(galleries, now=start + 5).erased == {}  # not retried before the full round
+        assert schedule.overdue_s(start + 20)["held"] == pytest.approx(70)
+    assert galleries.collection("held").face_count == 2  # nothing lost to the failed erasure
+    swept = schedule.round(galleries, now=start + 1001)  # the full round
+    assert swept.erased == {"held": 2} and not swept.failed, swept
+    assert schedule.overdue_s(start + 1002) == {"held": 0.0, "fine": 0.0}
+
+    # a next expiry that passes with no round after it: overdue by the time since
+    galleries.collection("fine").import_identities([("g", unit(rng, 1), None)], enrolled_at=[[start - DAY_S + 1100]])
+    schedule.round(galleries, now=start + 1002, full=True)
+    assert schedule.overdue_s(start + 1099)["fine"] == 0.0
+    assert schedule.overdue_s(start + 1130)["fine"] == pytest.approx(30)
+    galleries.update_collection("fine", {"retention_days": None}, actor=ALICE)
+    schedule.round(galleries, now=start + 1131)
+    assert set(schedule.overdue_s(start + 1140)) == {"held"}  # a collection without retention is not listed

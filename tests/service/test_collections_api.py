@@ -15,6 +15,7 @@ import pytest
 from harness.fixtures import face_files
 from harness.server import ServerProcess
 from tests.conftest import backend_env, metric
+from tests.damage import deletes_refused
 
 DIM = 128
 
@@ -141,6 +142,45 @@ def test_a_sweep_is_timed_for_the_next_expiry_not_the_next_interval(request, tmp
         second.stop()
     erased = [line for line in second.log_path.read_text().splitlines() if "faces past retention erased" in line]
     assert len(erased) == 1 and '"faces": 1' in erased[0], erased
+
+
+@pytest.mark.parametrize("backend", ["embedded", "postgres"])
+def test_faces_the_database_will_not_erase_are_shown_overdue_until_erased(request, tmp_path, default_model, backend):
+    """/metrics' face_retention_overdue_seconds{collection}: while the gallery's database refuses to erase
+    a collection's faces past their retention, it grows with their time since expiry (the erased-faces
+    counter alone says nothing: it stays still); once erasure works again the next full round erases them
+    and it is 0. The face is served meanwhile, and the failure logged without a traceback."""
+    env = {"FACE_RETENTION_SWEEP_S": "1"}
+    database = None
+    if backend == "postgres":
+        env |= request.getfixturevalue("postgres").gallery_env()
+        database = (env["FACE_DATABASE_URL"], env["FACE_DATABASE_SCHEMA"])
+    sample = 'face_retention_overdue_seconds{collection="held"}'
+    server = ServerProcess(tmp_path / "data", model=default_model, env=env)
+    try:
+        ready = server.wait_ready()
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            c.model_id = ready["model_id"]  # type: ignore[attr-defined]
+            assert c.post("/collections", json={"name": "held", "retention_days": 3 / 86_400}).status_code == 201
+            assert enroll(c, "held", "guest", vectors(1, 9)).status_code == 200
+            with deletes_refused("held", data_dir=None if database else tmp_path / "data", database=database):
+                expires = c.get("/collections/held/identities/guest").json()["faces"][0]["expires_at"]
+                assert time.time() < expires, "the retention passed before the deletes were refused"
+                while (overdue := metric(c, sample)) < 4:
+                    assert time.time() < expires + 30, f"not shown overdue: {overdue}"
+                    time.sleep(0.2)
+                assert overdue <= time.time() - expires + 0.5  # its time since expiry, not more
+                assert c.get("/collections/held/identities/guest").status_code == 200  # held, still served
+                assert metric(c, 'face_retention_erased_faces_total{collection="held"}') == 0
+            while c.get("/collections/held/identities/guest").status_code == 200:
+                assert time.time() < expires + 60, "not erased once the deletes were allowed"
+                time.sleep(0.1)
+            assert metric(c, sample) == 0.0
+            assert metric(c, 'face_retention_erased_faces_total{collection="held"}') == 1
+    finally:
+        server.stop()
+    log = server.log_path.read_text()
+    assert "retention sweep of a collection failed" in log and "Traceback" not in log
 
 
 def test_the_unprefixed_routes_are_the_default_collection(served):
