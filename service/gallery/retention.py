@@ -123,6 +123,8 @@ class Schedule:
         for name, days in retentions.items():
             known = self.known.get(name)
             if known is not None and known[0] == days and (known[1] is None or known[1] > now):
+                if name in self.held:  # its sweep failed: are its faces still held? (a read, no erasure:
+                    self._recheck(galleries, name, days, now)  # a client or replica may have erased them)
                 continue  # nothing of it expires before its next expiry, or before the next full round
             if stop is not None and stop.is_set():
                 break
@@ -154,6 +156,13 @@ class Schedule:
             known = [t for t in (self.held.get(name), previous[1] if previous and previous[0] == days else None)
                      if t is not None]
             return min(known, default=None)
+
+    def _recheck(self, galleries: Galleries, name: str, days: float, now: float) -> None:
+        try:
+            expiry = _expiry(galleries.collection(name), days)
+        except Exception:  # noqa: BLE001 - still failing: held as it was, its sweep reports it next full round
+            return
+        self._held(name, expiry, now)
 
     def _held(self, name: str, expiry: float | None, now: float) -> None:
         if expiry is not None and expiry <= now:

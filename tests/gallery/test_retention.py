@@ -242,7 +242,8 @@ def refused(backend, collection: str):
 def test_a_collection_whose_erasure_fails_is_overdue_until_a_sweep_erases_it(backend):
     """Schedule.overdue_s (/metrics' face_retention_overdue_seconds): a collection whose faces past their
     retention could not be erased (its database refuses the deletes) is overdue by its oldest one's time
-    since expiry, through the rounds that skip it, until a round erases them (0 then); a collection whose
+    since expiry, through the rounds that skip it (which read it again: erased by another, it is not
+    overdue), until a round erases them (0 then); a collection whose
     next expiry passes without a round (the sweeper stalled) is overdue by that much."""
     galleries = backend()
     rng = np.random.default_rng(8)
@@ -262,8 +263,14 @@ def test_a_collection_whose_erasure_fails_is_overdue_until_a_sweep_erases_it(bac
         assert schedule.round(galleries, now=start + 5).erased == {}  # not retried before the full round
         assert schedule.overdue_s(start + 20)["held"] == pytest.approx(70)
     assert galleries.collection("held").face_count == 2  # nothing lost to the failed erasure
+    galleries.collection("held").import_identities([("i", unit(rng, 1), None)], enrolled_at=[[start - DAY_S - 40]])
+    assert schedule.round(galleries, now=start + 6).erased == {}  # not retried before the full round, but
+    assert schedule.overdue_s(start + 20)["held"] == pytest.approx(70)  # read again: still held
+    galleries.collection("held").delete("h", actor=ALICE)  # erased by another (a client, a replica)
+    assert schedule.round(galleries, now=start + 7).erased == {}
+    assert schedule.overdue_s(start + 20)["held"] == pytest.approx(60)  # its oldest held face now
     swept = schedule.round(galleries, now=start + 1001)  # the full round
-    assert swept.erased == {"held": 2} and not swept.failed, swept
+    assert swept.erased == {"held": 1} and not swept.failed, swept
     assert schedule.overdue_s(start + 1002) == {"held": 0.0, "fine": 0.0}
 
     # a next expiry that passes with no round after it: overdue by the time since
