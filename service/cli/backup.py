@@ -5,10 +5,12 @@ Copying the data dir's files while a server writes them can catch a database bet
 WAL, or the WAL between two frames. This copies each SQLite database of the data dir (the catalog: the
 collections, aliases, keys' hashes and their audit; each collection's store: its identities, faces,
 kept crops, still sealed, and audit) with SQLite's online backup, each in one read transaction, so each
-copy is the database as of one moment, while the server goes on answering and writing. The HNSW
-index is not copied: it is derived from the stores, and a server started on the copy rebuilds it
-(minutes at 1M faces). DEST is written under a temporary name, checked (``PRAGMA integrity_check``),
-fsynced and renamed into place: a DEST that exists is whole.
+copy is the database as of one moment, while the server goes on answering and writing; and the
+operator's calibration files (``calibration/<model id>/``: the impostor tail and refitted quality that
+``python -m service calibrate`` measured), each whole. The HNSW index is not copied: it is derived
+from the stores, and a server started on the copy rebuilds it (minutes at 1M faces). DEST is written
+under a temporary name, checked (``PRAGMA integrity_check``), fsynced and renamed into place: a DEST
+that exists is whole.
 
 A database SQLite cannot read (a damaged collection store, which the server answers 503
 ``collection_damaged`` for and never writes to) fails the backup, naming it; with ``--copy-damaged``
@@ -35,8 +37,11 @@ import time
 from pathlib import Path
 
 from ..config import Settings
+from ..faces.quality import GALLERY_QUALITY_FILE
 from ..gallery.embedded.catalog import Catalog
 from ..gallery.embedded.sqlite import is_damaged, is_storage_full
+from ..gallery.openset import CALIBRATION_FILE
+from ..model.calibration import CALIBRATION_DIR
 from ..model.files import fsync_dir, fsync_file
 
 USAGE, FAILED = 2, 1
@@ -48,6 +53,22 @@ class BackupError(Exception):
 
 class CopyDamaged(Exception):
     """The copy of a database does not pass ``integrity_check``: its source is damaged."""
+
+
+def calibration_files(data_dir: Path) -> list[Path]:
+    """The operator's calibration files of an embedded data dir, relative to it: each model's
+    (``calibration/<model id>/``) and those older versions kept at its root. Not derived data (they are
+    measured on the operator's own faces by ``python -m service calibrate``); each is replaced whole
+    (files.replace_atomically), so a copy taken while a calibration runs is the old file or the new."""
+    found = [path for path in (data_dir / CALIBRATION_DIR).rglob("*") if path.is_file()]
+    found += [data_dir / name for name in (CALIBRATION_FILE, GALLERY_QUALITY_FILE) if (data_dir / name).is_file()]
+    return sorted(path.relative_to(data_dir) for path in found)
+
+
+def copy_file(source: Path, target: Path) -> None:
+    shutil.copyfile(source, target)
+    fsync_file(target)
+    target.chmod(0o600)
 
 
 def databases(data_dir: Path) -> list[Path]:
@@ -75,14 +96,13 @@ def copy_database(source: Path, target: Path, copy_damaged: bool = False) -> dic
     for suffix in ("", "-wal"):  # no server writes to it (its collection is refused): its bytes are the state
         found, copy = source.with_name(source.name + suffix), target.with_name(target.name + suffix)
         if found.is_file() and (suffix == "" or found.stat().st_size):
-            shutil.copyfile(found, copy)
-            fsync_file(copy)
-            copy.chmod(0o600)
+            copy_file(found, copy)
     return {"bytes": target.stat().st_size, "damaged": True}
 
 
 def _copy_database(source: Path, target: Path) -> dict:
-    src = sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=30)
+    # a URI of the path percent-encoded: '#', '?' and '%' in it are part of a file name, not of a URI
+    src = sqlite3.connect(f"{source.absolute().as_uri()}?mode=ro", uri=True, timeout=30)
     try:
         dst = sqlite3.connect(target)
         try:
@@ -125,7 +145,12 @@ def backup(data_dir: Path, dest: Path, copy_damaged: bool = False) -> dict:
             target = partial / relative
             target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             copied.append({"database": str(relative), **copy_database(data_dir / relative, target, copy_damaged)})
-        for folder in sorted({(partial / r).parent for r in found}, key=lambda p: len(p.parts), reverse=True):
+        files = calibration_files(data_dir)
+        for relative in files:
+            (partial / relative).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            copy_file(data_dir / relative, partial / relative)
+        for folder in sorted({(partial / r).parent for r in [*found, *files]}, key=lambda p: len(p.parts),
+                             reverse=True):
             fsync_dir(folder)
         partial.rename(dest)
         fsync_dir(dest.parent)
@@ -133,7 +158,9 @@ def backup(data_dir: Path, dest: Path, copy_damaged: bool = False) -> dict:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return {"command": "backup", "data_dir": str(data_dir), "dest": str(dest), "databases": copied,
-            "bytes": sum(c["bytes"] for c in copied), "seconds": round(time.perf_counter() - started, 3)}
+            "files": [str(relative) for relative in files],
+            "bytes": sum(c["bytes"] for c in copied) + sum((dest / r).stat().st_size for r in files),
+            "seconds": round(time.perf_counter() - started, 3)}
 
 
 def main(argv: list[str] | None = None) -> int:

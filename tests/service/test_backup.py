@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -18,6 +19,7 @@ import pytest
 
 from tests.gallery.traces import find_vector
 from tests.server import REPO, ServerProcess, listed_identities
+from tests.service.test_open_set import _calibration_folder
 
 MODEL_ID = "sface@2021dec-int8bq"
 
@@ -197,3 +199,55 @@ def test_a_damaged_store_fails_the_backup_by_name_or_is_copied_as_it_is(tmp_path
     again = run("backup", str(tmp_path / "copy2"), "--data-dir", str(data_dir), "--copy-damaged")
     assert again.returncode == 2 and again.stderr.startswith(f"error: {catalog} is damaged"), again.stderr
     assert "earlier backup" in again.stderr and not (tmp_path / "copy2").exists()
+
+
+@pytest.mark.parametrize("name", ["data#1", "data?x=1", "data%20"])
+def test_a_data_dir_whose_path_reads_as_a_uri_is_copied_whole(tmp_path, name):
+    """A data dir named with '#', '?' or '%' (which a SQLite URI reads as a fragment, a query or an
+    escape): the copy holds its catalog's tables and rows. Before: '#' and '?' gave an empty database
+    (exit 0, a stray file beside the data dir), '%20' failed to open it."""
+    data_dir = tmp_path / name
+    made = run("keys", "create", "--role", "admin", "--note", "ops", env={"FACE_DATA_DIR": str(data_dir)})
+    assert made.returncode == 0, made.stderr
+    before = sorted(p.name for p in tmp_path.iterdir())
+    copy = run("backup", str(tmp_path / "copy"), "--data-dir", str(data_dir))
+    assert copy.returncode == 0, copy.stderr
+    report = json.loads(copy.stdout)
+    assert [(d["database"], d["keys"]) for d in report["databases"]] == [("catalog.sqlite3", 1)], report
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*before, "copy"])  # nothing else made
+    listed = run("keys", "list", "--json", env={"FACE_DATA_DIR": str(tmp_path / "copy")})
+    assert listed.returncode == 0 and [k["note"] for k in json.loads(listed.stdout)["items"]] == ["ops"], listed.stderr
+
+
+def test_a_backup_keeps_the_operators_calibration(tmp_path, default_model):
+    """The impostor tail and the refitted quality that `python -m service calibrate --quality` stored in
+    the data dir are the operator's measurement, not derived data: the copy has them (0600), and a
+    server on it uses them (before: not copied, so a restored service fell back to the model's
+    contract and its thresholds changed without a word)."""
+    data_dir = tmp_path / "data"
+    env = {"FACE_DATA_DIR": str(data_dir)}
+    calibrated = run("calibrate", str(_calibration_folder(tmp_path)), "--model", str(default_model),
+                     "--min-pairs", "500", "--quality", env=env)
+    assert calibrated.returncode == 0, calibrated.stderr[-3000:]
+    stored = sorted(p.relative_to(data_dir) for p in (data_dir / "calibration").rglob("*") if p.is_file())
+    assert {p.name for p in stored} == {"impostor_tail.json", "quality.json"}, stored
+    (data_dir / "impostor_tail.json").write_text((data_dir / stored[0]).read_text())  # where older versions kept it
+
+    def calibration_in_use(data: Path) -> tuple[str, str]:
+        server = ServerProcess(data, model=default_model)
+        try:
+            ready = server.wait_ready()
+        finally:
+            server.stop()
+        return ready["impostor_tail"]["source"], ready["quality"]["source"]
+
+    assert calibration_in_use(data_dir) == ("gallery", "gallery")  # (and a gallery made, to back up)
+    copy = run("backup", str(tmp_path / "copy"), "--data-dir", str(data_dir))
+    assert copy.returncode == 0, copy.stderr
+    report = json.loads(copy.stdout)
+    assert sorted(report["files"]) == sorted(str(p) for p in [*stored, Path("impostor_tail.json")]), report
+    for relative in [*stored, Path("impostor_tail.json")]:
+        kept = tmp_path / "copy" / relative
+        assert kept.read_bytes() == (data_dir / relative).read_bytes()
+        assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+    assert calibration_in_use(tmp_path / "copy") == ("gallery", "gallery")
