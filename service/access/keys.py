@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 
 PREFIX = "fk_"
 _SECRET = re.compile(r"^fk_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
+# 5000-01-01T00:00:00Z in Unix seconds: an expiry from then on is refused (POST /keys, keys create): it was
+# written in milliseconds, or it is a mistake (and it leaves the dates one can print)
+LATEST_EXPIRY = 95_617_584_000.0
 ENV_KEY_ID = "env"  # FACE_API_KEY: one admin key from the environment, never stored
 
 

@@ -124,7 +124,12 @@ def cli_actor() -> Actor:
 
 def iso(at: float | None) -> str:
     """A unix time as UTC ISO 8601 to the second ("" for None)."""
-    return "" if at is None else datetime.fromtimestamp(at, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if at is None:
+        return ""
+    try:
+        return datetime.fromtimestamp(at, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, ValueError, OSError):  # past the year 9999 (stored before the limit): as it is
+        return f"unix time {at:.0f}"
 
 
 def parse_time(text: str) -> float:

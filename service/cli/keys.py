@@ -16,7 +16,7 @@ import json
 import sys
 import time
 
-from ..access.keys import PepperFileError, key_view, load_pepper, new_key
+from ..access.keys import LATEST_EXPIRY, PepperFileError, key_view, load_pepper, new_key
 from ..access.limits import MAX_RATE, MIN_RATE
 from ..gallery.api import CollectionNotFound, Galleries, valid_collection_name
 from .backend import CommandError, add_backend_arguments, cli_actor, fail, iso, opened_backend, settings_from
@@ -65,8 +65,11 @@ def _note(value: str) -> str:
 
 def create(args: argparse.Namespace, galleries: Galleries, pepper: bytes, header: str) -> None:
     now = time.time()
-    made = new_key(args.role, _scope(args.collections, galleries), args.note or None,
-                   now + args.expires_in_days * 86400 if args.expires_in_days is not None else None, pepper,
+    expires_at = now + args.expires_in_days * 86400 if args.expires_in_days is not None else None
+    if expires_at is not None and expires_at >= LATEST_EXPIRY:  # as POST /keys: nothing stored
+        raise CommandError(f"--expires-in-days {args.expires_in_days:g} ends in the year 5000 or later: "
+                           "leave it out for a key that never expires")
+    made = new_key(args.role, _scope(args.collections, galleries), args.note or None, expires_at, pepper,
                    args.rate_limit_rps, args.rate_limit_faces_per_s, now=now)
     galleries.add_key(made.stored, actor=cli_actor())
     view = key_view(made.stored)

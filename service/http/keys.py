@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path
 from starlette.concurrency import run_in_threadpool
 
-from ..access.keys import key_view, load_pepper, new_key
+from ..access.keys import LATEST_EXPIRY, key_view, load_pepper, new_key
 from ..access.policy import Permission
 from ..errors import ErrorCode, ServiceError
 from ..gallery.api import CollectionNotFound
@@ -20,7 +20,6 @@ from .schemas import NO_NUL, ErrorResponse, KeyCreate, KeyCreated, KeyList, KeyO
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 415, 422)}
 router = APIRouter(route_class=StrictRoute, tags=["keys"], responses=ERRORS)
 ADMIN = [allow(Permission.admin)]
-MILLISECONDS = 95_617_584_000.0  # 5000-01-01 in seconds: a larger expires_at was written in milliseconds
 
 
 @router.post("/keys", status_code=201, response_model=KeyCreated, summary="Create an API key", dependencies=ADMIN)
@@ -31,7 +30,7 @@ async def create_key(body: KeyCreate, state: StateDep, actor: ActorDep) -> KeyCr
     if body.expires_at is not None and body.expires_at <= time.time():
         raise ServiceError(ErrorCode.invalid_request, "expires_at is in the past: a key that no request could use",
                            expires_at=body.expires_at)
-    if body.expires_at is not None and body.expires_at >= MILLISECONDS:
+    if body.expires_at is not None and body.expires_at >= LATEST_EXPIRY:
         raise ServiceError(ErrorCode.invalid_request, "expires_at is Unix time in seconds; this looks like "
                            "milliseconds (the year 5000 or later)", expires_at=body.expires_at)
     if body.collections is not None:

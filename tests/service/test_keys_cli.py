@@ -13,7 +13,7 @@ import time
 
 import httpx
 
-from service.access.keys import hash_secret, key_id_of, matches
+from service.access.keys import hash_secret, key_id_of, matches, new_key
 from service.gallery.api import AuditQuery
 from tests.server import ServerProcess
 
@@ -96,17 +96,26 @@ def test_unknown_or_invalid_collections_are_refused(operator_backend):
         r = b.run("keys", "create", "--role", "write", "--collections", scope)
         assert r.returncode == 2 and why in r.stderr, (scope, r.stderr)
         assert r.stdout == ""  # no secret
-    for bad in (("--expires-in-days", "0"), ("--expires-in-days", "-1"), ("--rate-limit-rps", "0"),
+    # an expiry in the year 5000 or later, as POST /keys refuses it (before: 1e7 days stored an admin key,
+    # then a traceback instead of its secret, and every `keys list` after it a traceback)
+    for bad in (("--expires-in-days", "1e7"), ("--expires-in-days", "1e306"), ("--expires-in-days", "1e400"),
+                ("--expires-in-days", "0"), ("--expires-in-days", "-1"), ("--rate-limit-rps", "0"),
                 ("--rate-limit-faces-per-s", "nan"), ("--rate-limit-rps", "5e-324"), ("--rate-limit-rps", "1e-4"),
                 ("--rate-limit-faces-per-s", "1e7"), ("--note", "x" * 501), ("--role", "root")):
         r = b.run("keys", "create", *(("--role", "read") if bad[0] != "--role" else ()), *bad)
         assert r.returncode == 2 and r.stdout == "", (bad, r.stdout)
+        assert "error" in r.stderr and "Traceback" not in r.stderr, (bad, r.stderr)
     galleries = b.open()
     try:
         assert galleries.list_keys() == [] and not galleries.has_keys()
         galleries.create_collection("front-desk")
+        far = new_key("read", None, "stored before the limit", 1e15, b"").stored  # the year 31,690,708
+        galleries.add_key(far)
     finally:
         galleries.close()
+    listed = b.run("keys", "list")  # printed as it is, not a traceback
+    assert listed.returncode == 0 and far.key_id in listed.stdout and "unix time 1000000000000000" in listed.stdout, \
+        listed.stderr
     r = b.run("keys", "create", "--role", "write", "--collections", "front-desk,default", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["collections"] == ["front-desk", "default"]
