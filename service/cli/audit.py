@@ -72,7 +72,7 @@ def _export(args: argparse.Namespace, galleries: Galleries) -> None:
                 counted.append(export_audit(galleries, query, out))
 
         try:  # a file of this export's own, fsynced and renamed whole (two exports at once each rename theirs)
-            replace_atomically(output, write, durable=True)
+            replace_atomically(output, write, durable=True, private=True)
         except OSError as exc:
             raise CommandError(f"cannot write {output}: {exc.strerror or exc}") from exc
         count = counted[0]

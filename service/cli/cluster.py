@@ -181,11 +181,11 @@ def run_cluster(settings: Settings, root: Path, output: Path, threshold: float |
         link = None
     clustering = cluster_faces(found.vectors, threshold, k, threads=os.cpu_count() or 1)
     embeddings_file = output.with_suffix(".npy")
-    replace_atomically(embeddings_file, lambda tmp: _save_npy(tmp, found.vectors))
+    replace_atomically(embeddings_file, lambda tmp: _save_npy(tmp, found.vectors), private=True)
     document = cluster_document(root, found, clustering, state.contract.model_id, embeddings_file.name, link)
     document["seconds"] = {"embed": round(embedded - started, 2),
                            "cluster": round(time.perf_counter() - embedded, 2)}
-    replace_atomically(output, lambda tmp: tmp.write_text(json.dumps(document, indent=1) + "\n"))
+    replace_atomically(output, lambda tmp: tmp.write_text(json.dumps(document, indent=1) + "\n"), private=True)
     summary = {key: document[key] for key in ("faces", "photos", "threshold", "method", "clusters_of_2_or_more",
                                                 "skipped", "seconds")}
     summary["clusters"] = len(document["clusters"])

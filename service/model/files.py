@@ -14,14 +14,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def replace_atomically(dst: Path, write: Callable[[Path], object], durable: bool = False) -> None:
+def replace_atomically(dst: Path, write: Callable[[Path], object], durable: bool = False,
+                       private: bool = False) -> None:
     """``write`` a temporary file of this process's own beside ``dst``, then rename it over ``dst``: a
     reader sees the old file or the new one, whole, and processes (or threads) writing one file at once
     (replicas preparing a shared model cache together, two calibrate runs) each rename a whole file of
     their own; the last rename wins. ``durable``: the file's data is fsynced before the rename and the
-    directory after it, so a power loss leaves the old file or the new one too."""
+    directory after it, so a power loss leaves the old file or the new one too. ``private``: the file is
+    made 0600 before ``write`` opens it (faces' embeddings, who did what), whatever the umask or the
+    mode of the file it replaces."""
     tmp = dst.with_name(f"{dst.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
+        if private:  # made empty with its mode: what write() puts in it is never readable by others
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            os.chmod(tmp, 0o600)  # whatever the umask
         write(tmp)
         if durable:
             fsync_file(tmp)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import stat
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -99,9 +100,12 @@ def test_export_oldest_first_with_filters(operator_backend, tmp_path):
     assert export("--collection", "nosuch") == []
 
     out = tmp_path / "audit.jsonl"
+    out.write_text("an older export, readable by all\n")
+    out.chmod(0o644)
     r = b.run("audit", "export", "--output", str(out), "--collection", "default")
     assert r.returncode == 0 and r.stdout == "", r.stderr
     assert lines_of(out.read_text()) == [e for e in every if e["collection"] == "default"]
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600  # who did what, from where: its owner's alone (0644 before)
 
     for bad in (("--since", "yesterday"), ("--since", iso(middle), "--until", iso(middle - 10))):
         r = b.run("audit", "export", *bad)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -195,6 +196,8 @@ def test_cli_clusters_a_folder_and_enrolls_the_renamed_folders(tmp_path, event, 
     assert got == [[p] for p in sorted(PEOPLE[:3])]
     assert all(c["size"] == 4 for c in document["clusters"])
     assert np.load(output.parent / document["embeddings"]).shape == (12, 128)
+    for written in (output, output.parent / document["embeddings"]):  # faces' embeddings: biometric data
+        assert stat.S_IMODE(written.stat().st_mode) == 0o600, written  # (0644 before)
     made = sorted(p.name for p in folders.iterdir())
     assert made == ["cluster-0000", "cluster-0001", "cluster-0002"]
     # name two clusters after the person their links show; leave the third unnamed
