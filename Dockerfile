@@ -88,7 +88,8 @@ RUN --mount=type=bind,source=tests/fixtures/faces,target=/tmp/parity-faces \
         "${FACE_MODEL_CACHE_DIR}/sface-2021dec-fp16/model.onnx" --faces /tmp/parity-faces --providers cpu
 RUN useradd --system --uid 10001 --no-create-home --home-dir /opt/face --shell /usr/sbin/nologin face \
     && mkdir -p "${FACE_DATA_DIR}" \
-    && chown face:face "${FACE_DATA_DIR}"
+    && chown face:face "${FACE_DATA_DIR}" \
+    && chmod 700 "${FACE_DATA_DIR}"
 USER face
 WORKDIR /opt/face
 VOLUME ["/var/lib/face"]

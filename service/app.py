@@ -31,7 +31,7 @@ from .faces.detection import AlignmentTemplate, FaceDetector, YuNetConfig, YuNet
 from .gallery import GalleryLoading, retention
 from .gallery.api import CatalogDamaged, CollectionDamaged, GalleryBusy, GalleryUnavailable, StorageFull
 from .gallery.crops import CropKeyError
-from .gallery.embedded.lock import DataDirLocked, DataDirUnusable
+from .gallery.embedded.lock import DataDirLocked, DataDirUnusable, open_to_others
 from .gallery.embedded.sqlite import is_damaged
 from .gallery.embedded.store import StoreDamaged, damage_in
 from .gallery.open import open_gallery
@@ -113,6 +113,11 @@ async def initialize(settings: Settings, metrics: Metrics) -> ServiceState:
     metrics.read_targets.source = galleries.read_targets  # standbys' lag and reads on /metrics
     if settings.database_url is None:  # the embedded gallery's disk on /metrics (face_data_dir_free_bytes)
         metrics.data_dir_disk.path = settings.data_dir
+        if (mode := open_to_others(settings.data_dir)) is not None:  # the operator's choice, said once
+            log.warning("data dir readable by other users", extra={
+                "data_dir": str(settings.data_dir), "mode": mode,
+                "hint": "it holds faces' embeddings, key hashes and the audit trail: chmod 700 it (the service "
+                        "makes a new data dir so)"})
     detector = await run_in_threadpool(_detector, settings) if any(m.template for m in models) else None
     state = ServiceState(settings=settings, model=default.model, batcher=default.batcher, galleries=galleries,
                          metrics=metrics, detector=detector, template=default.template, models=models)

@@ -119,6 +119,9 @@ def test_image_holds_this_checkouts_code(podman, image):
     here = subprocess.run([sys.executable, "-c", CODE_HASH], cwd=REPO, capture_output=True, text=True, check=True)
     inside = podman("run", "--rm", "--network", "none", "--entrypoint", "python", image, "-c", CODE_HASH)
     assert inside.stdout.strip() == here.stdout.strip()
+    # the image's data dir (a new volume copies it) is its user's alone: faces, key hashes, audit
+    mode = podman("run", "--rm", "--network", "none", "--entrypoint", "stat", image, "-c", "%a %U", "/var/lib/face")
+    assert mode.stdout.split() == ["700", "face"], mode.stdout
 
 
 def test_image_runs_as_its_user_with_a_working_healthcheck(podman, replicas):

@@ -3,7 +3,9 @@ background loading."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import stat
 import subprocess
 import sys
 import time
@@ -68,6 +70,44 @@ def test_second_server_on_the_same_data_dir_refuses_to_start(tmp_path, spawn, de
     third = spawn(data, model=default_model)
     third.wait_ready()
     third.stop()
+
+
+@pytest.fixture
+def usual_umask():
+    """The usual umask (022) for the processes the test starts (pytest's own directories are 0700
+    whatever it is); the test process's own restored after."""
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+def test_a_data_dir_the_service_makes_is_its_owners_alone(tmp_path, spawn, default_model, usual_umask):
+    """Faces' embeddings, kept crops, key hashes and the audit trail: a data dir the server or a command
+    makes is 0700 whatever the umask (0755 before: readable by every user of the host), as the backup's
+    copy is; one the operator made readable by others is served as it is, with one warning saying so."""
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    made = {"server": shared / "srv" / "data", "command": shared / "cmd" / "data"}
+    server = spawn(made["server"], model=default_model)
+    server.wait_ready()
+    server.stop()
+    keys = subprocess.run([sys.executable, "-m", "service", "keys", "create", "--role", "admin"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "FACE_DATA_DIR": str(made["command"])})
+    assert keys.returncode == 0, keys.stderr
+    for who, data in made.items():
+        assert stat.S_IMODE(data.stat().st_mode) == 0o700, who
+        assert stat.S_IMODE(data.parent.stat().st_mode) == 0o755, who  # the folders above: the umask's
+    assert "data dir readable by other users" not in server.log_path.read_text()
+
+    opened = shared / "opened"
+    opened.mkdir(mode=0o755)
+    server = spawn(opened, model=default_model)
+    server.wait_ready()
+    server.stop()
+    assert stat.S_IMODE(opened.stat().st_mode) == 0o755  # the operator's choice, left as it is
+    warned = [line for line in server.log_path.read_text().splitlines() if "data dir readable by other users" in line]
+    assert len(warned) == 1 and '"mode": "0755"' in warned[0] and "chmod 700" in warned[0], warned
 
 
 def test_a_data_dir_that_is_a_file_is_one_error_line_for_the_server_and_each_command(tmp_path, spawn, default_model):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import stat
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -25,10 +26,18 @@ class DataDirUnusable(RuntimeError):
 
 
 def usable_data_dir(data_dir: Path) -> Path:
-    """``data_dir``, made if missing, once it is a directory this process may write: else
-    ``DataDirUnusable`` naming it and why (not the traceback of the first file that could not be made)."""
+    """``data_dir``, made if missing (0700: faces' embeddings, kept crops, key hashes and the audit trail
+    are its owner's alone, whatever the umask; the folders above it get the umask's mode), once it is a
+    directory this process may write: else ``DataDirUnusable`` naming it and why (not the traceback of
+    the first file that could not be made)."""
     try:
-        data_dir.mkdir(parents=True, exist_ok=True)
+        if not data_dir.is_dir():
+            data_dir.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                data_dir.mkdir(mode=0o700)
+                os.chmod(data_dir, 0o700)  # the umask may have taken bits of the owner's too
+            except FileExistsError:  # made by another process meanwhile (or a file: said below)
+                pass
         if not os.access(data_dir, os.W_OK | os.X_OK):
             raise PermissionError(13, "Permission denied")
     except OSError as exc:
@@ -38,6 +47,12 @@ def usable_data_dir(data_dir: Path) -> Path:
             f"{os.getuid()}) can write (FACE_DATA_DIR, --data-dir; in a container, check the volume's owner)"
         ) from None
     return data_dir
+
+
+def open_to_others(data_dir: Path) -> str | None:
+    """The data dir's mode ("0755") when users other than its owner may read or enter it; else None."""
+    mode = stat.S_IMODE(data_dir.stat().st_mode)
+    return f"{mode:04o}" if mode & 0o077 else None
 
 
 class DataDirLock:
