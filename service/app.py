@@ -31,7 +31,7 @@ from .faces.detection import AlignmentTemplate, FaceDetector, YuNetConfig, YuNet
 from .gallery import GalleryLoading, retention
 from .gallery.api import CatalogDamaged, CollectionDamaged, GalleryBusy, GalleryUnavailable, StorageFull
 from .gallery.crops import CropKeyError
-from .gallery.embedded.lock import DataDirLocked, DataDirUnusable, open_to_others
+from .gallery.embedded.lock import DataDirLocked, DataDirUnusable
 from .gallery.embedded.sqlite import is_damaged
 from .gallery.embedded.store import StoreDamaged, damage_in
 from .gallery.open import open_gallery
@@ -58,6 +58,7 @@ from .jobs.store import JobRecord
 from .model.batcher import DynamicBatcher
 from .model.calibration import CalibrationError
 from .model.contract import ContractError
+from .model.files import others_may_read
 from .model.fp16 import Fp16Error
 from .model.registry import ModelRegistry, ServedModel
 from .model.runtime import EmbeddingModel, ProviderError
@@ -113,7 +114,7 @@ async def initialize(settings: Settings, metrics: Metrics) -> ServiceState:
     metrics.read_targets.source = galleries.read_targets  # standbys' lag and reads on /metrics
     if settings.database_url is None:  # the embedded gallery's disk on /metrics (face_data_dir_free_bytes)
         metrics.data_dir_disk.path = settings.data_dir
-        if (mode := open_to_others(settings.data_dir)) is not None:  # the operator's choice, said once
+        if (mode := others_may_read(settings.data_dir)) is not None:  # the operator's choice, said once
             log.warning("data dir readable by other users", extra={
                 "data_dir": str(settings.data_dir), "mode": mode,
                 "hint": "it holds faces' embeddings, key hashes and the audit trail: chmod 700 it (the service "
@@ -121,6 +122,11 @@ async def initialize(settings: Settings, metrics: Metrics) -> ServiceState:
     detector = await run_in_threadpool(_detector, settings) if any(m.template for m in models) else None
     state = ServiceState(settings=settings, model=default.model, batcher=default.batcher, galleries=galleries,
                          metrics=metrics, detector=detector, template=default.template, models=models)
+    for setting, secret in (("FACE_CROP_KEY_FILE", settings.crop_key_file),
+                            ("FACE_KEY_PEPPER_FILE", settings.key_pepper_file)):
+        if secret is not None and (mode := others_may_read(secret)) is not None:  # both read by now: they exist
+            log.warning("secret file readable by other users", extra={
+                "setting": setting, "file": str(secret), "mode": mode, "hint": "chmod 600 it"})
     # migrations: queued ones, and those a stopped runner left; a finished shadow one starts its shadow traffic
     for source, target, pointing in await run_in_threadpool(shadow_pairs, galleries):
         state.shadow.start(source, target, pointing)

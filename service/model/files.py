@@ -10,8 +10,15 @@ from __future__ import annotations
 
 import os
 import secrets
+import stat
 from collections.abc import Callable
 from pathlib import Path
+
+
+def others_may_read(path: Path) -> str | None:
+    """``path``'s mode ("0644") when users other than its owner may read (or enter) it; else None."""
+    mode = stat.S_IMODE(Path(path).stat().st_mode)
+    return f"{mode:04o}" if mode & 0o077 else None
 
 
 def replace_atomically(dst: Path, write: Callable[[Path], object], durable: bool = False,

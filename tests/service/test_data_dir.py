@@ -84,7 +84,8 @@ def usual_umask():
 def test_a_data_dir_the_service_makes_is_its_owners_alone(tmp_path, spawn, default_model, usual_umask):
     """Faces' embeddings, kept crops, key hashes and the audit trail: a data dir the server or a command
     makes is 0700 whatever the umask (0755 before: readable by every user of the host), as the backup's
-    copy is; one the operator made readable by others is served as it is, with one warning saying so."""
+    copy is; one the operator made readable by others is served as it is, with one warning saying so, and
+    so is a crop key or pepper file others may read."""
     shared = tmp_path / "shared"
     shared.mkdir(mode=0o755)
     made = {"server": shared / "srv" / "data", "command": shared / "cmd" / "data"}
@@ -102,12 +103,23 @@ def test_a_data_dir_the_service_makes_is_its_owners_alone(tmp_path, spawn, defau
 
     opened = shared / "opened"
     opened.mkdir(mode=0o755)
-    server = spawn(opened, model=default_model)
+    secrets = {"FACE_CROP_KEY_FILE": tmp_path / "crop.key", "FACE_KEY_PEPPER_FILE": tmp_path / "pepper"}
+    made_key = subprocess.run([sys.executable, "-m", "service", "crop-key", "new", str(secrets["FACE_CROP_KEY_FILE"])],
+                              cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert made_key.returncode == 0, made_key.stderr
+    secrets["FACE_KEY_PEPPER_FILE"].write_bytes(os.urandom(32))
+    for path in secrets.values():
+        path.chmod(0o644)  # readable by every user of the host
+    server = spawn(opened, model=default_model, env={name: str(path) for name, path in secrets.items()})
     server.wait_ready()
     server.stop()
     assert stat.S_IMODE(opened.stat().st_mode) == 0o755  # the operator's choice, left as it is
-    warned = [line for line in server.log_path.read_text().splitlines() if "data dir readable by other users" in line]
+    log = server.log_path.read_text().splitlines()
+    warned = [line for line in log if "data dir readable by other users" in line]
     assert len(warned) == 1 and '"mode": "0755"' in warned[0] and "chmod 700" in warned[0], warned
+    for setting in secrets:  # the secret files alike (FACE_TLS_KEY_FILE's own check: test_tls.py)
+        warned = [line for line in log if "secret file readable by other users" in line and setting in line]
+        assert len(warned) == 1 and '"mode": "0644"' in warned[0] and "chmod 600" in warned[0], (setting, warned)
 
 
 def test_a_data_dir_that_is_a_file_is_one_error_line_for_the_server_and_each_command(tmp_path, spawn, default_model):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import stat
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -47,12 +46,6 @@ def usable_data_dir(data_dir: Path) -> Path:
             f"{os.getuid()}) can write (FACE_DATA_DIR, --data-dir; in a container, check the volume's owner)"
         ) from None
     return data_dir
-
-
-def open_to_others(data_dir: Path) -> str | None:
-    """The data dir's mode ("0755") when users other than its owner may read or enter it; else None."""
-    mode = stat.S_IMODE(data_dir.stat().st_mode)
-    return f"{mode:04o}" if mode & 0o077 else None
 
 
 class DataDirLock:
