@@ -212,13 +212,17 @@ def read_gallery_file(path: Path, model_id: str, dim: int, metadata: MetadataLim
                 f"{path} holds {header.get('embedding_size')}-d embeddings of model {header.get('model_id')!r}; "
                 f"the configured model is {model_id!r} ({dim}-d). Embeddings of different models are not "
                 "comparable: re-enroll the photos with this model instead.")
+        seen: dict[str, int] = {}  # identity id (as the id rule makes it) -> its line
         for number, line in enumerate(lines, start=2):
             try:
                 item = _read_line(line, dim, limits)
+                if item is not None and item[0] in seen:  # one import transaction could never hold both
+                    raise GalleryFileError(f"identity {item[0]!r} already appears on line {seen[item[0]]}")
             except GalleryFileError as exc:
                 raise GalleryFileError(f"{path} line {number}: {exc}") from None
             if item is None:
                 return
+            seen[item[0]] = number
             yield item
     raise GalleryFileError(f"{path} ends without its end line: the file is incomplete")
 
@@ -551,7 +555,8 @@ def main(argv: list[str]) -> int:
     except (GalleryFileError, GalleryModelMismatch, GalleryUnavailable, CollectionNotFound, CollectionExists,
             CollectionDamaged, AliasNotFound, CommandError, CropKeyError,  # CropKeyError: a key that does not open the crops
             DataDirLocked, DataDirUnusable, StorageFull, StoreDamaged, CatalogDamaged,
-            TooManyFacesForCollection) as exc:  # the batches before it are in: raise max_faces, import again
+            TooManyFacesForCollection,  # the batches before it are in: raise max_faces, import again
+            IdentityExists) as exc:  # enrolled by another client between an import batch's two tries
         return fail(exc)
     except OSError as exc:  # a file that went away or could not be written after the checks: no traceback
         return fail(exc)

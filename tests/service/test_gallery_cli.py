@@ -371,3 +371,107 @@ def test_two_exports_to_one_file_at_once_each_write_a_whole_file(tmp_path, defau
     rows = list(read_gallery_file(out, contract.model_id, contract.embedding_size))
     assert [identity for identity, *_ in rows] == ids
     assert [p.name for p in out.parent.iterdir()] == ["gallery.jsonl"]  # no temporary file left
+
+
+# --- gallery files someone else made, and the limits the API keeps ---------------------------------
+
+def vector_b64(values) -> str:
+    import base64
+
+    return base64.b64encode(np.asarray(values, "<f4").tobytes()).decode()
+
+
+def write_gallery_file(path, model, lines: list, end: object = "counted"):
+    """A gallery file for ``model``: its header, ``lines`` (objects, or text as it is), and the end line
+    export writes (``"counted"``: the counts of the identity objects; None: none; else this line)."""
+    contract = read_contract(model)
+    header = json.dumps({"format": "face-gallery", "version": 1, "model_id": contract.model_id,
+                         "embedding_size": contract.embedding_size, "dtype": "float32"})
+    identities = [item for item in lines if isinstance(item, dict)]
+    if end == "counted":
+        end = json.dumps({"end": True, "identities": len(identities),
+                          "faces": sum(len(item["embeddings"]) for item in identities)})
+    texts = [header, *(json.dumps(item) if isinstance(item, dict) else item for item in lines),
+             *([] if end is None else [end if isinstance(end, str) else json.dumps(end)])]
+    path.write_text("\n".join(texts) + "\n")
+    return path
+
+
+def assert_refused(r: subprocess.CompletedProcess, *words: str) -> None:
+    """Exit 2 with exactly one ``error: ...`` line that says ``words``; no traceback, no log line."""
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-2000:]
+    assert all(word in lines[0] for word in words), (words, lines[0])
+
+
+def unit_vectors(rng, n: int, dim: int) -> np.ndarray:
+    v = rng.normal(size=(n, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def test_import_refuses_an_identity_id_twice_and_writes_nothing(tmp_path, operator_backend):
+    """One identity id on two lines of a file (as written, or equal once the id rule makes it NFC) is
+    the file's mistake: refused naming both lines, nothing stored. It was a traceback (IdentityExists
+    from the batch's retry) on both backends, and with ``--batch 1`` the second line was silently
+    counted as already imported."""
+    b = operator_backend
+    dim = read_contract(b.model).embedding_size
+    rng = np.random.default_rng(20)
+
+    def line(identity: str) -> dict:
+        return {"identity_id": identity, "metadata": {}, "embeddings": [vector_b64(unit_vectors(rng, 1, dim)[0])]}
+
+    b.open().close()  # made (a fresh PostgreSQL schema logs its index being built)
+    for ids, extra, named in ((["dup", "dup"], [], "'dup'"),
+                              (["Cafe\u0301", "Caf\u00e9"], [], "'Caf\u00e9'"),
+                              (["dup", "dup"], ["--batch", "1"], "'dup'")):
+        path = write_gallery_file(tmp_path / "twice.jsonl", b.model, [line("first"), *(line(i) for i in ids)])
+        r = b.run("gallery", "import", str(path), *extra)
+        assert_refused(r, "line 4", named, "already appears on line 3")
+    galleries = b.open()
+    try:
+        assert galleries.collection("default").stats().identities == 0  # "first" neither
+    finally:
+        galleries.close()
+
+
+def test_export_import_round_trip_keeps_created_at_metadata_and_faces(tmp_path, operator_backend):
+    """An export imported again keeps each identity's created_at (the file carries it; the import wrote
+    the time of the import), its metadata, each face's enrollment time and its vectors bit for bit."""
+    b = operator_backend
+    dim = read_contract(b.model).embedding_size
+    rng = np.random.default_rng(21)
+
+    def snapshot(collection) -> dict:
+        out = {}
+        for record in collection.list_identities(100, None):
+            details = collection.get_identity(record.identity_id)
+            out[record.identity_id] = (record.created_at, record.metadata, [f.created_at for f in details.faces],
+                                       collection.identity_embeddings(record.identity_id).tobytes())
+        return out
+
+    galleries = b.open()
+    try:
+        galleries.create_collection("source")
+        galleries.create_collection("copy")
+        source = galleries.collection("source")
+        source.enroll("alice", unit_vectors(rng, 2, dim), {"team": "a", "nested": {"x": [1, 2.5, None, "\u00e9"]}})
+        time.sleep(0.05)
+        source.enroll("alice", unit_vectors(rng, 1, dim))  # a face added later
+        source.enroll("bob", unit_vectors(rng, 1, dim), {})
+        before = snapshot(source)
+    finally:
+        galleries.close()
+    time.sleep(0.05)  # the import runs later than any of these were made
+    exported = tmp_path / "round.jsonl"
+    r = b.run("gallery", "export", str(exported), "--collection", "source")
+    assert r.returncode == 0, r.stderr
+    r = b.run("gallery", "import", str(exported), "--collection", "copy")
+    assert r.returncode == 0, r.stderr
+    assert (json.loads(r.stdout)["identities"], json.loads(r.stdout)["faces"]) == (2, 4)
+    galleries = b.open()
+    try:
+        assert snapshot(galleries.collection("copy")) == before
+    finally:
+        galleries.close()
