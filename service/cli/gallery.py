@@ -199,11 +199,11 @@ def read_gallery_file(path: Path, model_id: str, dim: int, metadata: MetadataLim
     embedding): a file someone else made is refused with the line that is wrong (``GalleryFileError``),
     never stored half-valid."""
     limits = metadata or MetadataLimits()
-    with open(path, encoding="utf-8") as lines:
+    with open(path, "rb") as lines:  # bytes: each line is decoded on its own, so a bad byte is named by its line
         try:
-            header = json.loads(next(lines))
-        except (StopIteration, ValueError) as exc:
-            raise GalleryFileError(f"{path} is not a gallery file (no JSON header line)") from exc
+            header = _read_header(next(lines, None))
+        except GalleryFileError as exc:
+            raise GalleryFileError(f"{path} is not a gallery file (line 1, the header: {exc})") from None
         if header.get("format") != FORMAT or header.get("version") != VERSION:
             raise GalleryFileError(f"{path}: format {header.get('format')!r} version {header.get('version')!r}; "
                                    f"this service reads {FORMAT!r} version {VERSION}")
@@ -215,7 +215,7 @@ def read_gallery_file(path: Path, model_id: str, dim: int, metadata: MetadataLim
         seen: dict[str, int] = {}  # identity id (as the id rule makes it) -> its line
         for number, line in enumerate(lines, start=2):
             try:
-                item = _read_line(line, dim, limits)
+                item = _read_line(_text(line), dim, limits)
                 if item is not None and item[0] in seen:  # one import transaction could never hold both
                     raise GalleryFileError(f"identity {item[0]!r} already appears on line {seen[item[0]]}")
             except GalleryFileError as exc:
@@ -225,6 +225,39 @@ def read_gallery_file(path: Path, model_id: str, dim: int, metadata: MetadataLim
             seen[item[0]] = number
             yield item
     raise GalleryFileError(f"{path} ends without its end line: the file is incomplete")
+
+
+def _is_unix_time(value: object) -> bool:
+    """A JSON number (not true/false) that is a finite float, not negative (an integer too large for a
+    float is not: it overflowed the check)."""
+    if type(value) not in (int, float):
+        return False
+    try:
+        seconds = float(value)  # type: ignore[arg-type]  # int or float, checked above
+    except OverflowError:
+        return False
+    return math.isfinite(seconds) and seconds >= 0
+
+
+def _text(line: bytes) -> str:
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise GalleryFileError(f"not UTF-8 (byte {exc.start + 1} of the line is {line[exc.start]:#04x})") from None
+
+
+def _read_header(line: bytes | None) -> dict:
+    if line is None:
+        raise GalleryFileError("the file is empty")
+    try:
+        header = json.loads(_text(line), parse_constant=_refuse_constant)
+    except GalleryFileError:
+        raise
+    except (ValueError, RecursionError) as exc:
+        raise GalleryFileError(f"not JSON: {str(exc)[:200]}") from None
+    if not isinstance(header, dict):
+        raise GalleryFileError(f"a {type(header).__name__}, not a JSON object")
+    return header
 
 
 def _read_line(line: str, dim: int, limits: MetadataLimits) -> tuple[str, np.ndarray, dict, list[float] | None] | None:
@@ -249,7 +282,7 @@ def _read_line(line: str, dim: int, limits: MetadataLimits) -> tuple[str, np.nda
     enrolled_at = item.get("enrolled_at")
     if enrolled_at is not None and not (
             isinstance(enrolled_at, list) and len(enrolled_at) == len(vectors)
-            and all(type(t) in (int, float) and math.isfinite(t) and t >= 0 for t in enrolled_at)):
+            and all(_is_unix_time(t) for t in enrolled_at)):
         raise GalleryFileError(f"identity {identity!r}: enrolled_at is not one Unix time per embedding")
     if enrolled_at is not None and max(enrolled_at) > time.time() + CLOCK_SKEW_S:
         raise GalleryFileError(f"identity {identity!r}: enrolled_at is in the future ({max(enrolled_at):.0f}); a face "

@@ -381,28 +381,30 @@ def vector_b64(values) -> str:
     return base64.b64encode(np.asarray(values, "<f4").tobytes()).decode()
 
 
-def write_gallery_file(path, model, lines: list, end: object = "counted"):
-    """A gallery file for ``model``: its header, ``lines`` (objects, or text as it is), and the end line
-    export writes (``"counted"``: the counts of the identity objects; None: none; else this line)."""
+def write_gallery_file(path, model, lines: list, end: object = "counted", header: object = None):
+    """A gallery file for ``model``: its header (``header``: this line instead), ``lines`` (objects, or
+    text or bytes as they are), and the end line export writes (``"counted"``: the counts of the identity
+    objects; None: none; else this line)."""
     contract = read_contract(model)
-    header = json.dumps({"format": "face-gallery", "version": 1, "model_id": contract.model_id,
-                         "embedding_size": contract.embedding_size, "dtype": "float32"})
+    if header is None:
+        header = json.dumps({"format": "face-gallery", "version": 1, "model_id": contract.model_id,
+                             "embedding_size": contract.embedding_size, "dtype": "float32"})
     identities = [item for item in lines if isinstance(item, dict)]
     if end == "counted":
         end = json.dumps({"end": True, "identities": len(identities),
                           "faces": sum(len(item["embeddings"]) for item in identities)})
     texts = [header, *(json.dumps(item) if isinstance(item, dict) else item for item in lines),
-             *([] if end is None else [end if isinstance(end, str) else json.dumps(end)])]
-    path.write_text("\n".join(texts) + "\n")
+             *([] if end is None else [end if isinstance(end, (str, bytes)) else json.dumps(end)])]
+    path.write_bytes(b"".join((t if isinstance(t, bytes) else t.encode()) + b"\n" for t in texts))
     return path
 
 
-def assert_refused(r: subprocess.CompletedProcess, *words: str) -> None:
+def assert_refused(r: subprocess.CompletedProcess, *words: str, case: str = "") -> None:
     """Exit 2 with exactly one ``error: ...`` line that says ``words``; no traceback, no log line."""
     lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-2000:]
-    assert all(word in lines[0] for word in words), (words, lines[0])
+    assert r.returncode == 2, (case, r.returncode, r.stderr[-2000:])
+    assert len(lines) == 1 and lines[0].startswith("error: "), (case, r.stderr[-2000:])
+    assert all(word in lines[0] for word in words), (case, words, lines[0])
 
 
 def unit_vectors(rng, n: int, dim: int) -> np.ndarray:
@@ -475,3 +477,37 @@ def test_export_import_round_trip_keeps_created_at_metadata_and_faces(tmp_path, 
         assert snapshot(galleries.collection("copy")) == before
     finally:
         galleries.close()
+
+
+def test_import_refuses_a_broken_header_bytes_or_number_by_its_line(tmp_path, default_model):
+    """A header that is JSON but no object, a byte that is not UTF-8 (near the start, or past the first
+    8 KB the file was decoded in) and an enrolled_at too large for a float: one error line naming the
+    line, nothing stored. Each was a traceback (AttributeError, UnicodeDecodeError, OverflowError), or
+    (a bad byte in the first 8 KB) 'no JSON header line'."""
+    data = tmp_path / "data"
+    dim = read_contract(default_model).embedding_size
+    rng = np.random.default_rng(22)
+
+    def line(identity: str, **more) -> dict:
+        return {"identity_id": identity, "metadata": {}, "embeddings": [vector_b64(unit_vectors(rng, 1, dim)[0])],
+                **more}
+
+    many = [line(f"p{i:03d}") for i in range(200)]  # ~35 KB: line 202 is well past the first 8 KB
+    cases = [
+        ("header a list", dict(lines=[line("a")], header="[1, 2]"), ("line 1", "not a JSON object")),
+        ("header a string", dict(lines=[line("a")], header='"face-gallery"'), ("line 1", "not a JSON object")),
+        ("header not UTF-8", dict(lines=[line("a")], header=b"\xff\xfe" + json.dumps({"format": "face-gallery"}).encode()),
+         ("line 1", "not UTF-8")),
+        ("byte near the start", dict(lines=[line("a"), b'{"identity_id": "b\xff\xfe", "embeddings": []}']),
+         ("line 3", "not UTF-8")),
+        ("byte past 8 KB", dict(lines=[*many, b'{"identity_id": "z\xff"}']), ("line 202", "not UTF-8")),
+        ("enrolled_at 10**400", dict(lines=[line("a"), line("b", enrolled_at=[10**400])]),
+         ("line 3", "enrolled_at is not one Unix time per embedding")),
+    ]
+    for name, file, words in cases:
+        path = write_gallery_file(tmp_path / "broken.jsonl", default_model, **file)
+        r = run_cli(["--data-dir", str(data), "--model", str(default_model), "import", str(path)])
+        assert_refused(r, *words, case=name)
+    target = opened(Settings(data_dir=data), default_model)
+    assert target.stats().identities == 0
+    target.close()
