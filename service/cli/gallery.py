@@ -130,10 +130,16 @@ def _decode(text: object, dim: int) -> np.ndarray:
     vector = np.frombuffer(raw, dtype="<f4").astype(np.float32)
     if not np.isfinite(vector).all():
         raise GalleryFileError("an embedding has NaN or infinite values")
-    norm = float(np.linalg.norm(vector.astype(np.float64)))  # (float32 values cannot overflow it in float64)
+    # the API's arithmetic (http/vectors.normalise), in float64: scaled by the largest magnitude first, then
+    # divided by the scaled norm. In float32 the norm of values near 3e38 overflows (the vector became zeros).
+    wide = vector.astype(np.float64)
+    peak = float(np.max(np.abs(wide)))
+    scaled = wide / peak if peak > 0 else wide
+    scaled_norm = float(np.linalg.norm(scaled))
+    norm = peak * scaled_norm
     if norm < MIN_NORM:
         raise GalleryFileError(f"an embedding has norm {norm:.3g}: it cannot be normalised")
-    return vector if abs(norm - 1.0) < 1e-3 else (vector / norm).astype(np.float32)
+    return vector if abs(norm - 1.0) < 1e-3 else (scaled / scaled_norm).astype(np.float32)
 
 
 def _refuse_constant(name: str) -> None:

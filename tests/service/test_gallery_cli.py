@@ -511,3 +511,28 @@ def test_import_refuses_a_broken_header_bytes_or_number_by_its_line(tmp_path, de
     target = opened(Settings(data_dir=data), default_model)
     assert target.stats().identities == 0
     target.close()
+
+
+def test_import_normalises_huge_values_as_the_api_does(tmp_path, default_model):
+    """Finite float32 values near their largest (3e38) are a vector with a direction: stored as the API
+    stores the same client vector (its direction, unit length). Their norm overflowed float32 and the
+    vector was stored as zeros."""
+    from service.http.vectors import normalise
+
+    data = tmp_path / "data"
+    dim = read_contract(default_model).embedding_size
+    rng = np.random.default_rng(23)
+    vectors = {"flat": np.full(dim, 3e38, np.float32),
+               "mixed": (rng.uniform(-1, 1, dim) * 3e38).astype(np.float32),
+               "tiny": (rng.uniform(-1, 1, dim) * 1e-5).astype(np.float32)}  # short, above the floor (MIN_NORM)
+    path = write_gallery_file(tmp_path / "huge.jsonl", default_model,
+                              [{"identity_id": name, "embeddings": [vector_b64(v)]} for name, v in vectors.items()])
+    r = run_cli(["--data-dir", str(data), "--model", str(default_model), "import", str(path)])
+    assert r.returncode == 0, r.stderr
+    target = opened(Settings(data_dir=data), default_model)
+    try:
+        for name, v in vectors.items():
+            stored = target.collection("default").identity_embeddings(name)
+            np.testing.assert_array_equal(stored, normalise([v.tolist()], dim), err_msg=name)
+    finally:
+        target.close()
