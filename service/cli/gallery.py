@@ -44,7 +44,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -198,8 +198,9 @@ def _faces_of(gallery: GalleryBackend, identity_id: str) -> tuple[np.ndarray, li
 
 
 def read_gallery_file(path: Path, model_id: str, dim: int, metadata: MetadataLimits | None = None,
-                      ) -> Iterator[tuple[str, np.ndarray, dict, list[float] | None]]:
-    """Yield (identity id, embeddings, metadata, each face's enrollment time or None) from a gallery file
+                      ) -> Iterator[Imported]:
+    """Yield (identity id, embeddings, metadata, each face's enrollment time or None, the identity's
+    created_at or None) from a gallery file
     after checking its header. Each line is checked as the API checks a request (strict JSON, the
     identity id rule, embeddings, the metadata rule within ``metadata``, one enrollment time per
     embedding): a file someone else made is refused with the line that is wrong (``GalleryFileError``),
@@ -222,13 +223,13 @@ def read_gallery_file(path: Path, model_id: str, dim: int, metadata: MetadataLim
         for number, line in enumerate(lines, start=2):
             try:
                 item = _read_line(_text(line), dim, limits)
-                if item is not None and item[0] in seen:  # one import transaction could never hold both
-                    raise GalleryFileError(f"identity {item[0]!r} already appears on line {seen[item[0]]}")
+                if item is not None and item.identity_id in seen:  # one import transaction could never hold both
+                    raise GalleryFileError(f"identity {item.identity_id!r} already appears on line {seen[item.identity_id]}")
             except GalleryFileError as exc:
                 raise GalleryFileError(f"{path} line {number}: {exc}") from None
             if item is None:
                 return
-            seen[item[0]] = number
+            seen[item.identity_id] = number
             yield item
     raise GalleryFileError(f"{path} ends without its end line: the file is incomplete")
 
@@ -266,7 +267,17 @@ def _read_header(line: bytes | None) -> dict:
     return header
 
 
-def _read_line(line: str, dim: int, limits: MetadataLimits) -> tuple[str, np.ndarray, dict, list[float] | None] | None:
+class Imported(NamedTuple):
+    """One identity line of a gallery file, as checked."""
+
+    identity_id: str
+    embeddings: np.ndarray
+    metadata: dict
+    enrolled_at: list[float] | None  # each face's enrollment time (None: the import's)
+    created_at: float | None  # the identity's (None: the import's)
+
+
+def _read_line(line: str, dim: int, limits: MetadataLimits) -> Imported | None:
     """One identity of a gallery file, or None for the end line."""
     try:
         item = json.loads(line, parse_constant=_refuse_constant)
@@ -294,12 +305,19 @@ def _read_line(line: str, dim: int, limits: MetadataLimits) -> tuple[str, np.nda
         raise GalleryFileError(f"identity {identity!r}: enrolled_at is in the future ({max(enrolled_at):.0f}); a face "
                                "enrolled later than now would be kept past its collection's retention (the clock of "
                                "the host that wrote the file?)")
+    created_at = item.get("created_at")  # optional: a file made by hand may lack it (the import's time then)
+    if created_at is not None and not _is_unix_time(created_at):
+        raise GalleryFileError(f"identity {identity!r}: created_at is not a Unix time")
+    if created_at is not None and created_at > time.time() + CLOCK_SKEW_S:
+        raise GalleryFileError(f"identity {identity!r}: created_at is in the future ({created_at:.0f}; the clock of "
+                               "the host that wrote the file?)")
     metadata = item.get("metadata") or {}
     try:
         check_metadata(metadata, limits)
     except ServiceError as exc:
         raise GalleryFileError(f"identity {identity!r}: {exc.message}") from None
-    return identity, embeddings, metadata, enrolled_at  # numbers, checked above: the backends take them as floats
+    # numbers, checked above: the backends take them as floats
+    return Imported(identity, embeddings, metadata, enrolled_at, None if created_at is None else float(created_at))
 
 
 def import_gallery(gallery: GalleryBackend, path: Path, batch: int = 1000,
@@ -316,19 +334,20 @@ def import_gallery(gallery: GalleryBackend, path: Path, batch: int = 1000,
     for _ in read_gallery_file(path, gallery.model_id, gallery.dim, metadata):
         pass
     done = Transfer()
-    pending: list = []
+    pending: list[Imported] = []
 
-    def _import(items: list) -> list[list[int]]:
-        return gallery.import_identities([(i, e, m) for i, e, m, _ in items], actor=CLI,
-                                         enrolled_at=[times for *_, times in items])
+    def _import(items: list[Imported]) -> list[list[int]]:
+        return gallery.import_identities([(i.identity_id, i.embeddings, i.metadata) for i in items], actor=CLI,
+                                         enrolled_at=[i.enrolled_at for i in items],
+                                         created_at=[i.created_at for i in items])
 
     def flush() -> None:
         try:
             ids = _import(pending)
             fresh = pending
         except IdentityExists:  # some exist already (an earlier, interrupted import): skip those
-            existing = {item[0] for item in pending if gallery.get_identity(item[0]) is not None}
-            fresh = [item for item in pending if item[0] not in existing]
+            existing = {item.identity_id for item in pending if gallery.get_identity(item.identity_id) is not None}
+            fresh = [item for item in pending if item.identity_id not in existing]
             done.skipped += sorted(existing)
             ids = _import(fresh) if fresh else []
         done.identities += len(fresh)

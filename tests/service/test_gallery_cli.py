@@ -503,6 +503,11 @@ def test_import_refuses_a_broken_header_bytes_or_number_by_its_line(tmp_path, de
         ("byte past 8 KB", dict(lines=[*many, b'{"identity_id": "z\xff"}']), ("line 202", "not UTF-8")),
         ("enrolled_at 10**400", dict(lines=[line("a"), line("b", enrolled_at=[10**400])]),
          ("line 3", "enrolled_at is not one Unix time per embedding")),
+        # an identity's created_at is kept by the import now, and checked as enrolled_at is
+        *((f"created_at {why}", dict(lines=[line("a"), line("b", created_at=at)]), ("line 3", "created_at is not a Unix time"))
+          for why, at in (("10**400", 10**400), ("text", "yesterday"), ("true", True), ("negative", -1))),
+        ("created_at in the future", dict(lines=[line("a"), line("b", created_at=1e308)]),
+         ("line 3", "created_at is in the future")),
     ]
     for name, file, words in cases:
         path = write_gallery_file(tmp_path / "broken.jsonl", default_model, **file)
