@@ -22,7 +22,8 @@ The gallery file (JSON Lines, UTF-8), format ``face-gallery`` version 1:
   "embeddings": ["<base64 of embedding_size little-endian float32>", ...], "enrolled_at": [<unix time>,
   ...]}``; ``enrolled_at`` (optional: files of earlier versions lack it) is when each face was enrolled,
   kept by the import, so that a collection's retention counts from the first enrollment, not the import
-* last line: ``{"end": true, "identities": N, "faces": M}``; a file without it (cut short) is refused.
+* last line: ``{"end": true, "identities": N, "faces": M}`` (exactly that object: N identity lines and M
+  embeddings before it); a file without it (cut short), with other counts, or with a line after it is refused.
 
 The gallery is opened as the service opens it (same settings), so run export/import against an
 embedded data dir while no server is using it; on PostgreSQL, replicas may keep serving.
@@ -220,18 +221,28 @@ def read_gallery_file(path: Path, model_id: str, dim: int, metadata: MetadataLim
                 f"the configured model is {model_id!r} ({dim}-d). Embeddings of different models are not "
                 "comparable: re-enroll the photos with this model instead.")
         seen: dict[str, int] = {}  # identity id (as the id rule makes it) -> its line
+        faces, end = 0, None
         for number, line in enumerate(lines, start=2):
             try:
+                if end is not None:  # whatever follows the end line was never exported: edited, or two files
+                    raise GalleryFileError(f"a line after the end line (line {end})")
                 item = _read_line(_text(line), dim, limits)
-                if item is not None and item.identity_id in seen:  # one import transaction could never hold both
-                    raise GalleryFileError(f"identity {item.identity_id!r} already appears on line {seen[item.identity_id]}")
+                if isinstance(item, EndLine):
+                    if item != EndLine(len(seen), faces):  # lines lost (or added) on the way
+                        raise GalleryFileError(f"the end line counts {item.identities} identities and {item.faces} "
+                                               f"faces; the file holds {len(seen)} identities and {faces} faces")
+                    end = number
+                    continue
+                if item.identity_id in seen:  # one import transaction could never hold both
+                    raise GalleryFileError(f"identity {item.identity_id!r} already appears on line "
+                                           f"{seen[item.identity_id]}")
             except GalleryFileError as exc:
                 raise GalleryFileError(f"{path} line {number}: {exc}") from None
-            if item is None:
-                return
             seen[item.identity_id] = number
+            faces += len(item.embeddings)
             yield item
-    raise GalleryFileError(f"{path} ends without its end line: the file is incomplete")
+    if end is None:
+        raise GalleryFileError(f"{path} ends without its end line: the file is incomplete")
 
 
 def _is_unix_time(value: object) -> bool:
@@ -277,16 +288,32 @@ class Imported(NamedTuple):
     created_at: float | None  # the identity's (None: the import's)
 
 
-def _read_line(line: str, dim: int, limits: MetadataLimits) -> Imported | None:
-    """One identity of a gallery file, or None for the end line."""
+class EndLine(NamedTuple):
+    """The last line of a gallery file: how many identity lines and embeddings are before it."""
+
+    identities: int
+    faces: int
+
+
+def _end_line(item: dict) -> EndLine:
+    """An object holding "end" is exactly the end line export writes (every version), or no line at all."""
+    counts = [item.get("identities"), item.get("faces")]
+    if item.keys() != {"end", "identities", "faces"} or item["end"] is not True or not all(
+            type(n) is int and n >= 0 for n in counts):
+        raise GalleryFileError('not the end line ({"end": true, "identities": N, "faces": M}) nor an identity')
+    return EndLine(item["identities"], item["faces"])
+
+
+def _read_line(line: str, dim: int, limits: MetadataLimits) -> Imported | EndLine:
+    """One identity of a gallery file, or its end line."""
     try:
         item = json.loads(line, parse_constant=_refuse_constant)
     except (ValueError, RecursionError) as exc:
         raise GalleryFileError(f"not JSON: {str(exc)[:200]}") from None
     if not isinstance(item, dict):
         raise GalleryFileError(f"a {type(item).__name__}, not an identity object")
-    if item.get("end"):
-        return None
+    if "end" in item:
+        return _end_line(item)
     # the API's rule for new ids (identity_ids): NFC, nothing invisible
     identity = identity_ids.normalise(item["identity_id"]) if isinstance(item.get("identity_id"), str) else None
     why = "not a string" if identity is None else identity_ids.problem(identity)

@@ -168,7 +168,7 @@ def test_import_refuses_a_hostile_file_by_its_line_and_writes_nothing(tmp_path, 
     }
     for reason, line in bad_lines.items():
         path = tmp_path / "bad.jsonl"
-        path.write_text("\n".join([header, good, line, json.dumps({"end": True})]) + "\n")
+        path.write_text("\n".join([header, good, line, json.dumps({"end": True, "identities": 2, "faces": 2})]) + "\n")
         r = run_cli(["--data-dir", str(data), "--model", str(default_model), "import", str(path)])
         assert r.returncode == 2 and "line 3" in r.stderr and reason.split(" (")[0] in r.stderr, (reason, r.stderr[-500:])
         assert "Traceback" not in r.stderr, r.stderr[-500:]
@@ -178,7 +178,7 @@ def test_import_refuses_a_hostile_file_by_its_line_and_writes_nothing(tmp_path, 
     # a vector that is not unit length is normalised, as the API normalises a client's
     path = tmp_path / "long.jsonl"
     path.write_text("\n".join([header, json.dumps({"identity_id": "long", "embeddings": [b64(np.full(dim, 3.0))]}),
-                               json.dumps({"end": True})]) + "\n")
+                               json.dumps({"end": True, "identities": 1, "faces": 1})]) + "\n")
     assert run_cli(["--data-dir", str(data), "--model", str(default_model), "import", str(path)]).returncode == 0
     target = opened(Settings(data_dir=data), default_model)
     stored = target.collection("default").identity_embeddings("long")
@@ -287,7 +287,7 @@ def test_imported_and_folder_ids_follow_the_api_rule(tmp_path):
     def gallery_file(identity: str):
         path = tmp_path / "g.jsonl"
         path.write_text("\n".join([header, json.dumps({"identity_id": identity, "embeddings": [vector]}),
-                                   json.dumps({"end": True})]) + "\n")
+                                   json.dumps({"end": True, "identities": 1, "faces": 1})]) + "\n")
         return path
 
     assert [i for i, *_ in read_gallery_file(gallery_file("Jose\u0301"), "m@1", 4)] == ["Jos\u00e9"]
@@ -541,3 +541,46 @@ def test_import_normalises_huge_values_as_the_api_does(tmp_path, default_model):
             np.testing.assert_array_equal(stored, normalise([v.tolist()], dim), err_msg=name)
     finally:
         target.close()
+
+
+def test_import_checks_the_end_line_and_that_nothing_follows_it(tmp_path, default_model):
+    """The end line is the one export writes (``{"end": true, "identities": N, "faces": M}``, counts of
+    the lines before it): counts that differ (lines lost, or added), a line after it, or another object
+    holding "end" refuse the file, nothing stored. Any object with a truthy "end" ended the import, the
+    lines after it were ignored and its counts never read."""
+    data = tmp_path / "data"
+    dim = read_contract(default_model).embedding_size
+    rng = np.random.default_rng(24)
+
+    def line(identity: str, faces: int = 1, **more) -> dict:
+        return {"identity_id": identity, "metadata": {},
+                "embeddings": [vector_b64(v) for v in unit_vectors(rng, faces, dim)], **more}
+
+    two = [line("a"), line("b", 2)]  # 2 identities, 3 faces
+    cases = [
+        ("a line lost", dict(lines=two, end={"end": True, "identities": 3, "faces": 4}),
+         ("line 4", "end line counts 3 identities and 4 faces", "2 identities and 3 faces")),
+        ("faces lost", dict(lines=two, end={"end": True, "identities": 2, "faces": 4}), ("line 4", "end line")),
+        ("a line after it", dict(lines=[line("a"), json.dumps({"end": True, "identities": 1, "faces": 1}), line("b")],
+                                 end=None), ("line 4", "after the end line (line 3)")),
+        ("an identity holding end", dict(lines=[line("a"), line("b", end=1)]), ("line 3", "not the end line")),
+        ("end 1", dict(lines=two, end={"end": 1, "identities": 2, "faces": 3}), ("line 4", "not the end line")),
+        ("no counts", dict(lines=two, end={"end": True}), ("line 4", "not the end line")),
+        ("a count that is true", dict(lines=[line("a")], end={"end": True, "identities": True, "faces": 1}),
+         ("line 3", "not the end line")),
+        ("an id on it", dict(lines=two, end={"end": True, "identities": 2, "faces": 3, "identity_id": "c"}),
+         ("line 4", "not the end line")),
+        ("cut", dict(lines=two, end=None), ("ends without its end line",)),
+    ]
+    for name, file, words in cases:
+        path = write_gallery_file(tmp_path / "ends.jsonl", default_model, **file)
+        r = run_cli(["--data-dir", str(data), "--model", str(default_model), "import", str(path)])
+        assert_refused(r, *words, case=name)
+    target = opened(Settings(data_dir=data), default_model)
+    assert target.stats().identities == 0
+    target.close()
+    # the end line as every version's export wrote it
+    path = write_gallery_file(tmp_path / "ends.jsonl", default_model, two)
+    assert json.loads(path.read_text().splitlines()[-1]) == {"end": True, "identities": 2, "faces": 3}
+    r = run_cli(["--data-dir", str(data), "--model", str(default_model), "import", str(path)])
+    assert r.returncode == 0 and json.loads(r.stdout)["identities"] == 2, r.stderr
