@@ -70,6 +70,7 @@ from ..gallery.api import (
     IdentityExists,
     StorageFull,
     TooManyFacesForCollection,
+    TooManyFacesForIdentity,
 )
 from ..gallery.crops import CropKeyError, encode_crop
 from ..gallery.embedded.lock import DataDirLocked, DataDirUnusable
@@ -79,6 +80,7 @@ from ..model.files import replace_atomically
 from ..model.preprocess import MIN_NORM
 from . import migrate
 from .backend import (
+    MAX_SKIP_EXAMPLES,
     CommandError,
     add_backend_arguments,
     cli_actor,
@@ -199,13 +201,14 @@ def _faces_of(gallery: GalleryBackend, identity_id: str) -> tuple[np.ndarray, li
 
 
 def read_gallery_file(path: Path, model_id: str, dim: int, metadata: MetadataLimits | None = None,
-                      ) -> Iterator[Imported]:
+                      max_faces: int | None = None) -> Iterator[Imported]:
     """Yield (identity id, embeddings, metadata, each face's enrollment time or None, the identity's
-    created_at or None) from a gallery file
-    after checking its header. Each line is checked as the API checks a request (strict JSON, the
-    identity id rule, embeddings, the metadata rule within ``metadata``, one enrollment time per
-    embedding): a file someone else made is refused with the line that is wrong (``GalleryFileError``),
-    never stored half-valid."""
+    created_at or None) from a gallery file after checking its header. Each line is checked as the API
+    checks a request (strict JSON, the identity id rule, embeddings, at most ``max_faces`` of them
+    (FACE_MAX_FACES_PER_IDENTITY), the metadata rule within ``metadata``, one enrollment time per
+    embedding), the ids are each on one line only and the end line counts the lines before it: a file
+    someone else made is refused with the line that is wrong (``GalleryFileError``), never stored
+    half-valid."""
     limits = metadata or MetadataLimits()
     with open(path, "rb") as lines:  # bytes: each line is decoded on its own, so a bad byte is named by its line
         try:
@@ -226,7 +229,7 @@ def read_gallery_file(path: Path, model_id: str, dim: int, metadata: MetadataLim
             try:
                 if end is not None:  # whatever follows the end line was never exported: edited, or two files
                     raise GalleryFileError(f"a line after the end line (line {end})")
-                item = _read_line(_text(line), dim, limits)
+                item = _read_line(_text(line), dim, limits, max_faces)
                 if isinstance(item, EndLine):
                     if item != EndLine(len(seen), faces):  # lines lost (or added) on the way
                         raise GalleryFileError(f"the end line counts {item.identities} identities and {item.faces} "
@@ -304,7 +307,7 @@ def _end_line(item: dict) -> EndLine:
     return EndLine(item["identities"], item["faces"])
 
 
-def _read_line(line: str, dim: int, limits: MetadataLimits) -> Imported | EndLine:
+def _read_line(line: str, dim: int, limits: MetadataLimits, max_faces: int | None = None) -> Imported | EndLine:
     """One identity of a gallery file, or its end line."""
     try:
         item = json.loads(line, parse_constant=_refuse_constant)
@@ -322,6 +325,9 @@ def _read_line(line: str, dim: int, limits: MetadataLimits) -> Imported | EndLin
     vectors = item.get("embeddings")
     if not isinstance(vectors, list) or not vectors:
         raise GalleryFileError(f"identity {identity!r} has no embeddings (a list of base64 vectors)")
+    if max_faces is not None and len(vectors) > max_faces:  # as /enroll refuses them (413)
+        raise GalleryFileError(f"identity {identity!r} has {len(vectors)} embeddings; an identity holds at most "
+                               f"{max_faces} faces (FACE_MAX_FACES_PER_IDENTITY)")
     embeddings = np.stack([_decode(v, dim) for v in vectors])
     enrolled_at = item.get("enrolled_at")
     if enrolled_at is not None and not (
@@ -349,7 +355,7 @@ def _read_line(line: str, dim: int, limits: MetadataLimits) -> Imported | EndLin
 
 def import_gallery(gallery: GalleryBackend, path: Path, batch: int = 1000,
                    progress: Callable[[Transfer], None] | None = None, metadata: MetadataLimits | None = None,
-                   ) -> Transfer:
+                   max_faces: int | None = None) -> Transfer:
     """Import a gallery file; identities already in the gallery are skipped (so an import can resume).
 
     The file is checked whole (header, model, end line) before anything is written. A keep_crops
@@ -358,7 +364,7 @@ def import_gallery(gallery: GalleryBackend, path: Path, batch: int = 1000,
     if gallery.keep_crops:
         raise GalleryFileError(f"the collection {gallery.name!r} keeps face crops (keep_crops) and a gallery file "
                                "holds embeddings only: enroll the photos instead (python -m service gallery enroll)")
-    for _ in read_gallery_file(path, gallery.model_id, gallery.dim, metadata):
+    for _ in read_gallery_file(path, gallery.model_id, gallery.dim, metadata, max_faces):
         pass
     done = Transfer()
     pending: list[Imported] = []
@@ -383,7 +389,7 @@ def import_gallery(gallery: GalleryBackend, path: Path, batch: int = 1000,
         if progress:
             progress(done)
 
-    for item in read_gallery_file(path, gallery.model_id, gallery.dim, metadata):
+    for item in read_gallery_file(path, gallery.model_id, gallery.dim, metadata, max_faces):
         pending.append(item)
         if len(pending) >= batch:
             flush()
@@ -480,11 +486,18 @@ async def enroll_folder(settings: Settings, root: Path, image_type: ImageType = 
 
                     def write() -> None:  # a keep_crops collection keeps the crops the model saw, as /enroll
                         kept = [encode_crop(crop) for crop in crops] if gallery.keep_crops else None
-                        gallery.enroll(identity, vectors, None, replace, None, CLI, kept)
+                        # at most FACE_MAX_FACES_PER_IDENTITY, counted inside the write as /enroll counts them
+                        gallery.enroll(identity, vectors, None, replace, settings.max_faces_per_identity, CLI, kept)
 
-                    await run_in_threadpool(write)
-                    summary.enrolled += 1
-                    summary.faces += len(vectors)
+                    try:
+                        await run_in_threadpool(write)
+                    except TooManyFacesForIdentity as exc:  # the API's 413: this person is left out, nothing written
+                        summary.skipped_people["too_many_faces_for_identity"] += 1
+                        if len(summary.examples) < MAX_SKIP_EXAMPLES:
+                            summary.examples.append(f"{images[0].parent}: too_many_faces_for_identity ({exc})")
+                    else:
+                        summary.enrolled += 1
+                        summary.faces += len(vectors)
             if progress:
                 progress(summary)
 
@@ -631,7 +644,8 @@ def main(argv: list[str]) -> int:
                     with bulk() if bulk else contextlib.nullcontext():
                         done = import_gallery(gallery, args.file, args.batch, progress=lambda d: _progress_line(
                             f"imported {d.identities} identities, {d.faces} faces, skipped {len(d.skipped)}"),
-                            metadata=MetadataLimits(settings.max_metadata_bytes, settings.max_metadata_depth))
+                            metadata=MetadataLimits(settings.max_metadata_bytes, settings.max_metadata_depth),
+                            max_faces=settings.max_faces_per_identity)
             finally:
                 galleries.close()
             report = {"command": args.command, "file": str(args.file), "backend": galleries.backend,

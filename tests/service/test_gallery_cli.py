@@ -584,3 +584,38 @@ def test_import_checks_the_end_line_and_that_nothing_follows_it(tmp_path, defaul
     assert json.loads(path.read_text().splitlines()[-1]) == {"end": True, "identities": 2, "faces": 3}
     r = run_cli(["--data-dir", str(data), "--model", str(default_model), "import", str(path)])
     assert r.returncode == 0 and json.loads(r.stdout)["identities"] == 2, r.stderr
+
+
+def test_import_and_enroll_keep_to_max_faces_per_identity(tmp_path, operator_backend):
+    """FACE_MAX_FACES_PER_IDENTITY holds for the commands as for the API: an import line with more
+    embeddings is refused (exit 2, nothing stored) and a person folder with more usable faces is
+    skipped (too_many_faces_for_identity; the others are enrolled). Both stored all of them."""
+    b = operator_backend
+    dim = read_contract(b.model).embedding_size
+    rng = np.random.default_rng(25)
+    limit = {"FACE_MAX_FACES_PER_IDENTITY": "3"}
+    b.open().close()
+
+    path = write_gallery_file(tmp_path / "many.jsonl", b.model, [
+        {"identity_id": "few", "embeddings": [vector_b64(v) for v in unit_vectors(rng, 3, dim)]},
+        {"identity_id": "many", "embeddings": [vector_b64(v) for v in unit_vectors(rng, 4, dim)]}])
+    assert_refused(b.run("gallery", "import", str(path), env=limit), "line 3", "'many'", "4 embeddings",
+                   "FACE_MAX_FACES_PER_IDENTITY")
+
+    root = tmp_path / "people"
+    for name, copies in ((ENROLLED[1], 4), (ENROLLED[2], 3)):
+        (root / name).mkdir(parents=True)
+        for n in range(copies):
+            shutil.copy(face_files(name)[0], root / name / f"{n}.jpg")
+    r = b.run("gallery", "enroll", str(root), env=limit, timeout=300)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert (summary["enrolled"], summary["faces"], summary["people_skipped"]) == \
+        (1, 3, {"too_many_faces_for_identity": 1}), summary
+    galleries = b.open()
+    try:
+        default = galleries.collection("default")
+        assert default.get_identity(ENROLLED[1]) is None and default.get_identity(ENROLLED[2]).record.face_count == 3
+        assert default.get_identity("few") is None  # the refused file stored nothing
+    finally:
+        galleries.close()
