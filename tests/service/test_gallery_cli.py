@@ -619,3 +619,26 @@ def test_import_and_enroll_keep_to_max_faces_per_identity(tmp_path, operator_bac
         assert default.get_identity("few") is None  # the refused file stored nothing
     finally:
         galleries.close()
+
+
+def test_export_writes_a_file_only_its_owner_may_read(tmp_path, default_model):
+    """A gallery file is biometric data: export makes it 0600 (as backup makes its copy), whatever the
+    umask, and an existing file it replaces does not lend it its mode. It was 0644, and a 0600 file
+    exported over became 0644."""
+    import stat
+
+    data = tmp_path / "data"
+    source = opened(Settings(data_dir=data), default_model)
+    source.collection("default").enroll("someone", unit_vectors(np.random.default_rng(26), 1,
+                                                                  read_contract(default_model).embedding_size))
+    source.close()
+    fresh, private, readable = tmp_path / "fresh.jsonl", tmp_path / "private.jsonl", tmp_path / "readable.jsonl"
+    for path, mode in ((private, 0o600), (readable, 0o644)):
+        path.write_text("an older export")
+        path.chmod(mode)
+    for path in (fresh, private, readable):
+        r = run_cli(["--data-dir", str(data), "--model", str(default_model), "export", str(path)])
+        assert r.returncode == 0, r.stderr
+        assert oct(stat.S_IMODE(path.stat().st_mode)) == oct(0o600), path.name
+        assert json.loads(path.read_text().splitlines()[-1]) == {"end": True, "identities": 1, "faces": 1}
+
