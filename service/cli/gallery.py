@@ -573,6 +573,17 @@ def run_compare(settings: Settings, source: str, target: str, max_probes: int, s
     return {"command": "compare", "backend": galleries.backend, **report.as_dict()}
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (``--concurrency 0`` waited forever, holding the data dir)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is below 1: it must be at least 1")
+    return value
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m service gallery",
@@ -585,7 +596,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     export.add_argument("file", type=Path)
     imp = sub.add_parser("import", help="add a gallery file's identities (same model only; existing ids skipped)")
     imp.add_argument("file", type=Path)
-    imp.add_argument("--batch", type=int, default=1000, help="identities per transaction (default 1000)")
+    imp.add_argument("--batch", type=positive_int, default=1000, help="identities per transaction (default 1000)")
     imp.add_argument("--build-index-after", action="store_true",
                      help="PostgreSQL: drop the HNSW index, load, build it in one pass (much faster for a large "
                      "import; searches meanwhile are exact and slow)")
@@ -595,7 +606,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="auto (default): crops of the model's input size are aligned faces, others photos")
     enroll.add_argument("--replace", action="store_true",
                         help="enroll people already in the gallery again, replacing their faces")
-    enroll.add_argument("--concurrency", type=int, default=8, help="people embedded at once (default 8)")
+    enroll.add_argument("--concurrency", type=positive_int, default=8, help="people embedded at once (default 8)")
     alias = sub.add_parser("alias", help="aliases: set NAME COLLECTION | list | delete NAME").add_subparsers(
         dest="action", required=True)
     alias_set = alias.add_parser("set", help="point NAME at COLLECTION (create or re-point: one atomic write)")

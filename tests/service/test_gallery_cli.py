@@ -642,3 +642,22 @@ def test_export_writes_a_file_only_its_owner_may_read(tmp_path, default_model):
         assert oct(stat.S_IMODE(path.stat().st_mode)) == oct(0o600), path.name
         assert json.loads(path.read_text().splitlines()[-1]) == {"end": True, "identities": 1, "faces": 1}
 
+
+def test_enroll_concurrency_and_import_batch_below_one_are_refused(tmp_path, default_model):
+    """``enroll --concurrency 0`` waited forever holding the data dir's lock (a semaphore of 0), -1 was a
+    traceback; ``import --batch 0`` is no batch either. Each is a usage error (exit 2) before anything is
+    opened."""
+    data = tmp_path / "data"
+    (tmp_path / "people" / "someone").mkdir(parents=True)
+    shutil.copy(face_files(ENROLLED[1])[0], tmp_path / "people" / "someone")
+    gallery_file = write_gallery_file(tmp_path / "g.jsonl", default_model, [])
+    for args, flag in (([str(tmp_path / "people"), "--concurrency", "0"], "--concurrency"),
+                       ([str(tmp_path / "people"), "--concurrency", "-1"], "--concurrency"),
+                       (["--batch", "0", str(gallery_file)], "--batch"),
+                       (["--batch", "-5", str(gallery_file)], "--batch")):
+        command = "enroll" if flag == "--concurrency" else "import"
+        r = run_cli(["--data-dir", str(data), "--model", str(default_model), command, *args], timeout=60)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (args, r.stderr[-1000:])
+        assert flag in r.stderr.splitlines()[-1] and "at least 1" in r.stderr.splitlines()[-1], r.stderr
+    assert not data.exists()
+
