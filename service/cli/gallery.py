@@ -73,7 +73,7 @@ from ..gallery.api import (
     TooManyFacesForIdentity,
 )
 from ..gallery.crops import CropKeyError, encode_crop
-from ..gallery.embedded.lock import DataDirLocked, DataDirUnusable
+from ..gallery.embedded.lock import DataDirLock, DataDirLocked, DataDirUnusable
 from ..gallery.embedded.store import StoreDamaged
 from ..gallery.open import open_gallery
 from ..model.files import replace_atomically
@@ -632,6 +632,8 @@ def main(argv: list[str]) -> int:
     from ..ops.logging import configure_logging
 
     configure_logging("warning", False)
+    # the data dir lock logs a holder for a server's log; here the command's own error line says it (one line)
+    logging.getLogger(DataDirLock.__module__).setLevel(logging.CRITICAL)
     try:
         check_file_argument(args)
         settings = settings_from(args)

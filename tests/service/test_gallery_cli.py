@@ -661,3 +661,19 @@ def test_enroll_concurrency_and_import_batch_below_one_are_refused(tmp_path, def
         assert flag in r.stderr.splitlines()[-1] and "at least 1" in r.stderr.splitlines()[-1], r.stderr
     assert not data.exists()
 
+
+def test_commands_beside_a_holder_of_the_data_dir_say_one_line(tmp_path, default_model):
+    """While a server (here: this process) holds an embedded data dir, export, import and enroll say so
+    in their one ``error:`` line; the data dir lock's own log line (a server's) came before it."""
+    data = tmp_path / "data"
+    (tmp_path / "people" / "someone").mkdir(parents=True)
+    shutil.copy(face_files(ENROLLED[1])[0], tmp_path / "people" / "someone")
+    gallery_file = write_gallery_file(tmp_path / "g.jsonl", default_model, [])
+    holder = opened(Settings(data_dir=data), default_model)
+    try:
+        for args in (["export", str(tmp_path / "out.jsonl")], ["import", str(gallery_file)],
+                     ["enroll", str(tmp_path / "people")]):
+            r = run_cli(["--data-dir", str(data), "--model", str(default_model), *args])
+            assert_refused(r, "in use by another process", case=args[0])
+    finally:
+        holder.close()
