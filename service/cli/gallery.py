@@ -21,7 +21,9 @@ The gallery file (JSON Lines, UTF-8), format ``face-gallery`` version 1:
 * one line per identity: ``{"identity_id": "...", "metadata": {...}, "created_at": <unix time>,
   "embeddings": ["<base64 of embedding_size little-endian float32>", ...], "enrolled_at": [<unix time>,
   ...]}``; ``enrolled_at`` (optional: files of earlier versions lack it) is when each face was enrolled,
-  kept by the import, so that a collection's retention counts from the first enrollment, not the import
+  kept by the import, so that a collection's retention counts from the first enrollment, not the import;
+  ``created_at`` (optional) is when the identity was created, kept too. Each identity id is on one line
+  only, with at most FACE_MAX_FACES_PER_IDENTITY embeddings. The file is written 0600 (biometric data).
 * last line: ``{"end": true, "identities": N, "faces": M}`` (exactly that object: N identity lines and M
   embeddings before it); a file without it (cut short), with other counts, or with a line after it is refused.
 
