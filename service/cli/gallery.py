@@ -21,8 +21,11 @@ The gallery file (JSON Lines, UTF-8), format ``face-gallery`` version 1:
 * one line per identity: ``{"identity_id": "...", "metadata": {...}, "created_at": <unix time>,
   "embeddings": ["<base64 of embedding_size little-endian float32>", ...], "enrolled_at": [<unix time>,
   ...]}``; ``enrolled_at`` (optional: files of earlier versions lack it) is when each face was enrolled,
-  kept by the import, so that a collection's retention counts from the first enrollment, not the import
-* last line: ``{"end": true, "identities": N, "faces": M}``; a file without it (cut short) is refused.
+  kept by the import, so that a collection's retention counts from the first enrollment, not the import;
+  ``created_at`` (optional) is when the identity was created, kept too. Each identity id is on one line
+  only, with at most FACE_MAX_FACES_PER_IDENTITY embeddings. The file is written 0600 (biometric data).
+* last line: ``{"end": true, "identities": N, "faces": M}`` (exactly that object: N identity lines and M
+  embeddings before it); a file without it (cut short), with other counts, or with a line after it is refused.
 
 The gallery is opened as the service opens it (same settings), so run export/import against an
 embedded data dir while no server is using it; on PostgreSQL, replicas may keep serving.
@@ -44,7 +47,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -69,15 +72,17 @@ from ..gallery.api import (
     IdentityExists,
     StorageFull,
     TooManyFacesForCollection,
+    TooManyFacesForIdentity,
 )
 from ..gallery.crops import CropKeyError, encode_crop
-from ..gallery.embedded.lock import DataDirLocked, DataDirUnusable
+from ..gallery.embedded.lock import DataDirLock, DataDirLocked, DataDirUnusable
 from ..gallery.embedded.store import StoreDamaged
 from ..gallery.open import open_gallery
 from ..model.files import replace_atomically
 from ..model.preprocess import MIN_NORM
 from . import migrate
 from .backend import (
+    MAX_SKIP_EXAMPLES,
     CommandError,
     add_backend_arguments,
     cli_actor,
@@ -130,10 +135,16 @@ def _decode(text: object, dim: int) -> np.ndarray:
     vector = np.frombuffer(raw, dtype="<f4").astype(np.float32)
     if not np.isfinite(vector).all():
         raise GalleryFileError("an embedding has NaN or infinite values")
-    norm = float(np.linalg.norm(vector.astype(np.float64)))  # (float32 values cannot overflow it in float64)
+    # the API's arithmetic (http/vectors.normalise), in float64: scaled by the largest magnitude first, then
+    # divided by the scaled norm. In float32 the norm of values near 3e38 overflows (the vector became zeros).
+    wide = vector.astype(np.float64)
+    peak = float(np.max(np.abs(wide)))
+    scaled = wide / peak if peak > 0 else wide
+    scaled_norm = float(np.linalg.norm(scaled))
+    norm = peak * scaled_norm
     if norm < MIN_NORM:
         raise GalleryFileError(f"an embedding has norm {norm:.3g}: it cannot be normalised")
-    return vector if abs(norm - 1.0) < 1e-3 else (vector / norm).astype(np.float32)
+    return vector if abs(norm - 1.0) < 1e-3 else (scaled / scaled_norm).astype(np.float32)
 
 
 def _refuse_constant(name: str) -> None:
@@ -149,14 +160,24 @@ class Transfer:
 
 def export_gallery(gallery: GalleryBackend, path: Path, page: int = 500) -> Transfer:
     """Write every identity to ``path`` (atomically and durably: a temporary file of this export's own,
-    fsynced and renamed when complete, so two exports to one path at once each rename a whole file)."""
+    fsynced and renamed when complete, so two exports to one path at once each rename a whole file),
+    readable by its owner only (0600)."""
     done = Transfer()
     replace_atomically(path, lambda tmp: _write_gallery(gallery, tmp, page, done), durable=True)
     return done
 
 
 def _write_gallery(gallery: GalleryBackend, tmp: Path, page: int, done: Transfer) -> None:
-    with open(tmp, "w", encoding="utf-8") as out:
+    # faces are biometric data: the file is its owner's alone (as backup's copy), whatever the umask, and the
+    # rename puts this mode in place of an existing file's
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        out = open(fd, "w", encoding="utf-8")
+    except BaseException:
+        os.close(fd)
+        raise
+    with out:
         header = {"format": FORMAT, "version": VERSION, "model_id": gallery.model_id,
                   "embedding_size": gallery.dim, "dtype": "float32", "exported_at": time.time()}
         out.write(json.dumps(header) + "\n")
@@ -192,18 +213,20 @@ def _faces_of(gallery: GalleryBackend, identity_id: str) -> tuple[np.ndarray, li
 
 
 def read_gallery_file(path: Path, model_id: str, dim: int, metadata: MetadataLimits | None = None,
-                      ) -> Iterator[tuple[str, np.ndarray, dict, list[float] | None]]:
-    """Yield (identity id, embeddings, metadata, each face's enrollment time or None) from a gallery file
-    after checking its header. Each line is checked as the API checks a request (strict JSON, the
-    identity id rule, embeddings, the metadata rule within ``metadata``, one enrollment time per
-    embedding): a file someone else made is refused with the line that is wrong (``GalleryFileError``),
-    never stored half-valid."""
+                      max_faces: int | None = None) -> Iterator[Imported]:
+    """Yield (identity id, embeddings, metadata, each face's enrollment time or None, the identity's
+    created_at or None) from a gallery file after checking its header. Each line is checked as the API
+    checks a request (strict JSON, the identity id rule, embeddings, at most ``max_faces`` of them
+    (FACE_MAX_FACES_PER_IDENTITY), the metadata rule within ``metadata``, one enrollment time per
+    embedding), the ids are each on one line only and the end line counts the lines before it: a file
+    someone else made is refused with the line that is wrong (``GalleryFileError``), never stored
+    half-valid."""
     limits = metadata or MetadataLimits()
-    with open(path, encoding="utf-8") as lines:
+    with open(path, "rb") as lines:  # bytes: each line is decoded on its own, so a bad byte is named by its line
         try:
-            header = json.loads(next(lines))
-        except (StopIteration, ValueError) as exc:
-            raise GalleryFileError(f"{path} is not a gallery file (no JSON header line)") from exc
+            header = _read_header(next(lines, None))
+        except GalleryFileError as exc:
+            raise GalleryFileError(f"{path} is not a gallery file (line 1, the header: {exc})") from None
         if header.get("format") != FORMAT or header.get("version") != VERSION:
             raise GalleryFileError(f"{path}: format {header.get('format')!r} version {header.get('version')!r}; "
                                    f"this service reads {FORMAT!r} version {VERSION}")
@@ -212,27 +235,100 @@ def read_gallery_file(path: Path, model_id: str, dim: int, metadata: MetadataLim
                 f"{path} holds {header.get('embedding_size')}-d embeddings of model {header.get('model_id')!r}; "
                 f"the configured model is {model_id!r} ({dim}-d). Embeddings of different models are not "
                 "comparable: re-enroll the photos with this model instead.")
+        seen: dict[str, int] = {}  # identity id (as the id rule makes it) -> its line
+        faces, end = 0, None
         for number, line in enumerate(lines, start=2):
             try:
-                item = _read_line(line, dim, limits)
+                if end is not None:  # whatever follows the end line was never exported: edited, or two files
+                    raise GalleryFileError(f"a line after the end line (line {end})")
+                item = _read_line(_text(line), dim, limits, max_faces)
+                if isinstance(item, EndLine):
+                    if item != EndLine(len(seen), faces):  # lines lost (or added) on the way
+                        raise GalleryFileError(f"the end line counts {item.identities} identities and {item.faces} "
+                                               f"faces; the file holds {len(seen)} identities and {faces} faces")
+                    end = number
+                    continue
+                if item.identity_id in seen:  # one import transaction could never hold both
+                    raise GalleryFileError(f"identity {item.identity_id!r} already appears on line "
+                                           f"{seen[item.identity_id]}")
             except GalleryFileError as exc:
                 raise GalleryFileError(f"{path} line {number}: {exc}") from None
-            if item is None:
-                return
+            seen[item.identity_id] = number
+            faces += len(item.embeddings)
             yield item
-    raise GalleryFileError(f"{path} ends without its end line: the file is incomplete")
+    if end is None:
+        raise GalleryFileError(f"{path} ends without its end line: the file is incomplete")
 
 
-def _read_line(line: str, dim: int, limits: MetadataLimits) -> tuple[str, np.ndarray, dict, list[float] | None] | None:
-    """One identity of a gallery file, or None for the end line."""
+def _is_unix_time(value: object) -> bool:
+    """A JSON number (not true/false) that is a finite float, not negative (an integer too large for a
+    float is not: it overflowed the check)."""
+    if type(value) not in (int, float):
+        return False
+    try:
+        seconds = float(value)  # type: ignore[arg-type]  # int or float, checked above
+    except OverflowError:
+        return False
+    return math.isfinite(seconds) and seconds >= 0
+
+
+def _text(line: bytes) -> str:
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise GalleryFileError(f"not UTF-8 (byte {exc.start + 1} of the line is {line[exc.start]:#04x})") from None
+
+
+def _read_header(line: bytes | None) -> dict:
+    if line is None:
+        raise GalleryFileError("the file is empty")
+    try:
+        header = json.loads(_text(line), parse_constant=_refuse_constant)
+    except GalleryFileError:
+        raise
+    except (ValueError, RecursionError) as exc:
+        raise GalleryFileError(f"not JSON: {str(exc)[:200]}") from None
+    if not isinstance(header, dict):
+        raise GalleryFileError(f"a {type(header).__name__}, not a JSON object")
+    return header
+
+
+class Imported(NamedTuple):
+    """One identity line of a gallery file, as checked."""
+
+    identity_id: str
+    embeddings: np.ndarray
+    metadata: dict
+    enrolled_at: list[float] | None  # each face's enrollment time (None: the import's)
+    created_at: float | None  # the identity's (None: the import's)
+
+
+class EndLine(NamedTuple):
+    """The last line of a gallery file: how many identity lines and embeddings are before it."""
+
+    identities: int
+    faces: int
+
+
+def _end_line(item: dict) -> EndLine:
+    """An object holding "end" is exactly the end line export writes (every version), or no line at all."""
+    counts = [item.get("identities"), item.get("faces")]
+    if item.keys() != {"end", "identities", "faces"} or item["end"] is not True or not all(
+            type(n) is int and n >= 0 for n in counts):
+        raise GalleryFileError('not the end line ({"end": true, "identities": N, "faces": M}) nor an identity')
+    return EndLine(item["identities"], item["faces"])
+
+
+def _read_line(line: str, dim: int, limits: MetadataLimits, max_faces: int | None = None) -> Imported | EndLine:
+    """One identity of a gallery file, or its end line."""
     try:
         item = json.loads(line, parse_constant=_refuse_constant)
     except (ValueError, RecursionError) as exc:
         raise GalleryFileError(f"not JSON: {str(exc)[:200]}") from None
     if not isinstance(item, dict):
         raise GalleryFileError(f"a {type(item).__name__}, not an identity object")
-    if item.get("end"):
-        return None
+    if "end" in item:
+        return _end_line(item)
     # the API's rule for new ids (identity_ids): NFC, nothing invisible
     identity = identity_ids.normalise(item["identity_id"]) if isinstance(item.get("identity_id"), str) else None
     why = "not a string" if identity is None else identity_ids.problem(identity)
@@ -241,27 +337,37 @@ def _read_line(line: str, dim: int, limits: MetadataLimits) -> tuple[str, np.nda
     vectors = item.get("embeddings")
     if not isinstance(vectors, list) or not vectors:
         raise GalleryFileError(f"identity {identity!r} has no embeddings (a list of base64 vectors)")
+    if max_faces is not None and len(vectors) > max_faces:  # as /enroll refuses them (413)
+        raise GalleryFileError(f"identity {identity!r} has {len(vectors)} embeddings; an identity holds at most "
+                               f"{max_faces} faces (FACE_MAX_FACES_PER_IDENTITY)")
     embeddings = np.stack([_decode(v, dim) for v in vectors])
     enrolled_at = item.get("enrolled_at")
     if enrolled_at is not None and not (
             isinstance(enrolled_at, list) and len(enrolled_at) == len(vectors)
-            and all(type(t) in (int, float) and math.isfinite(t) and t >= 0 for t in enrolled_at)):
+            and all(_is_unix_time(t) for t in enrolled_at)):
         raise GalleryFileError(f"identity {identity!r}: enrolled_at is not one Unix time per embedding")
     if enrolled_at is not None and max(enrolled_at) > time.time() + CLOCK_SKEW_S:
         raise GalleryFileError(f"identity {identity!r}: enrolled_at is in the future ({max(enrolled_at):.0f}); a face "
                                "enrolled later than now would be kept past its collection's retention (the clock of "
+                               "the host that wrote the file?)")
+    created_at = item.get("created_at")  # optional: a file made by hand may lack it (the import's time then)
+    if created_at is not None and not _is_unix_time(created_at):
+        raise GalleryFileError(f"identity {identity!r}: created_at is not a Unix time")
+    if created_at is not None and created_at > time.time() + CLOCK_SKEW_S:
+        raise GalleryFileError(f"identity {identity!r}: created_at is in the future ({created_at:.0f}; the clock of "
                                "the host that wrote the file?)")
     metadata = item.get("metadata") or {}
     try:
         check_metadata(metadata, limits)
     except ServiceError as exc:
         raise GalleryFileError(f"identity {identity!r}: {exc.message}") from None
-    return identity, embeddings, metadata, enrolled_at  # numbers, checked above: the backends take them as floats
+    # numbers, checked above: the backends take them as floats
+    return Imported(identity, embeddings, metadata, enrolled_at, None if created_at is None else float(created_at))
 
 
 def import_gallery(gallery: GalleryBackend, path: Path, batch: int = 1000,
                    progress: Callable[[Transfer], None] | None = None, metadata: MetadataLimits | None = None,
-                   ) -> Transfer:
+                   max_faces: int | None = None) -> Transfer:
     """Import a gallery file; identities already in the gallery are skipped (so an import can resume).
 
     The file is checked whole (header, model, end line) before anything is written. A keep_crops
@@ -270,22 +376,23 @@ def import_gallery(gallery: GalleryBackend, path: Path, batch: int = 1000,
     if gallery.keep_crops:
         raise GalleryFileError(f"the collection {gallery.name!r} keeps face crops (keep_crops) and a gallery file "
                                "holds embeddings only: enroll the photos instead (python -m service gallery enroll)")
-    for _ in read_gallery_file(path, gallery.model_id, gallery.dim, metadata):
+    for _ in read_gallery_file(path, gallery.model_id, gallery.dim, metadata, max_faces):
         pass
     done = Transfer()
-    pending: list = []
+    pending: list[Imported] = []
 
-    def _import(items: list) -> list[list[int]]:
-        return gallery.import_identities([(i, e, m) for i, e, m, _ in items], actor=CLI,
-                                         enrolled_at=[times for *_, times in items])
+    def _import(items: list[Imported]) -> list[list[int]]:
+        return gallery.import_identities([(i.identity_id, i.embeddings, i.metadata) for i in items], actor=CLI,
+                                         enrolled_at=[i.enrolled_at for i in items],
+                                         created_at=[i.created_at for i in items])
 
     def flush() -> None:
         try:
             ids = _import(pending)
             fresh = pending
         except IdentityExists:  # some exist already (an earlier, interrupted import): skip those
-            existing = {item[0] for item in pending if gallery.get_identity(item[0]) is not None}
-            fresh = [item for item in pending if item[0] not in existing]
+            existing = {item.identity_id for item in pending if gallery.get_identity(item.identity_id) is not None}
+            fresh = [item for item in pending if item.identity_id not in existing]
             done.skipped += sorted(existing)
             ids = _import(fresh) if fresh else []
         done.identities += len(fresh)
@@ -294,7 +401,7 @@ def import_gallery(gallery: GalleryBackend, path: Path, batch: int = 1000,
         if progress:
             progress(done)
 
-    for item in read_gallery_file(path, gallery.model_id, gallery.dim, metadata):
+    for item in read_gallery_file(path, gallery.model_id, gallery.dim, metadata, max_faces):
         pending.append(item)
         if len(pending) >= batch:
             flush()
@@ -391,11 +498,18 @@ async def enroll_folder(settings: Settings, root: Path, image_type: ImageType = 
 
                     def write() -> None:  # a keep_crops collection keeps the crops the model saw, as /enroll
                         kept = [encode_crop(crop) for crop in crops] if gallery.keep_crops else None
-                        gallery.enroll(identity, vectors, None, replace, None, CLI, kept)
+                        # at most FACE_MAX_FACES_PER_IDENTITY, counted inside the write as /enroll counts them
+                        gallery.enroll(identity, vectors, None, replace, settings.max_faces_per_identity, CLI, kept)
 
-                    await run_in_threadpool(write)
-                    summary.enrolled += 1
-                    summary.faces += len(vectors)
+                    try:
+                        await run_in_threadpool(write)
+                    except TooManyFacesForIdentity as exc:  # the API's 413: this person is left out, nothing written
+                        summary.skipped_people["too_many_faces_for_identity"] += 1
+                        if len(summary.examples) < MAX_SKIP_EXAMPLES:
+                            summary.examples.append(f"{images[0].parent}: too_many_faces_for_identity ({exc})")
+                    else:
+                        summary.enrolled += 1
+                        summary.faces += len(vectors)
             if progress:
                 progress(summary)
 
@@ -461,6 +575,17 @@ def run_compare(settings: Settings, source: str, target: str, max_probes: int, s
     return {"command": "compare", "backend": galleries.backend, **report.as_dict()}
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (``--concurrency 0`` waited forever, holding the data dir)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is below 1: it must be at least 1")
+    return value
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m service gallery",
@@ -473,7 +598,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     export.add_argument("file", type=Path)
     imp = sub.add_parser("import", help="add a gallery file's identities (same model only; existing ids skipped)")
     imp.add_argument("file", type=Path)
-    imp.add_argument("--batch", type=int, default=1000, help="identities per transaction (default 1000)")
+    imp.add_argument("--batch", type=positive_int, default=1000, help="identities per transaction (default 1000)")
     imp.add_argument("--build-index-after", action="store_true",
                      help="PostgreSQL: drop the HNSW index, load, build it in one pass (much faster for a large "
                      "import; searches meanwhile are exact and slow)")
@@ -483,7 +608,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="auto (default): crops of the model's input size are aligned faces, others photos")
     enroll.add_argument("--replace", action="store_true",
                         help="enroll people already in the gallery again, replacing their faces")
-    enroll.add_argument("--concurrency", type=int, default=8, help="people embedded at once (default 8)")
+    enroll.add_argument("--concurrency", type=positive_int, default=8, help="people embedded at once (default 8)")
     alias = sub.add_parser("alias", help="aliases: set NAME COLLECTION | list | delete NAME").add_subparsers(
         dest="action", required=True)
     alias_set = alias.add_parser("set", help="point NAME at COLLECTION (create or re-point: one atomic write)")
@@ -509,6 +634,8 @@ def main(argv: list[str]) -> int:
     from ..ops.logging import configure_logging
 
     configure_logging("warning", False)
+    # the data dir lock logs a holder for a server's log; here the command's own error line says it (one line)
+    logging.getLogger(DataDirLock.__module__).setLevel(logging.CRITICAL)
     try:
         check_file_argument(args)
         settings = settings_from(args)
@@ -542,7 +669,8 @@ def main(argv: list[str]) -> int:
                     with bulk() if bulk else contextlib.nullcontext():
                         done = import_gallery(gallery, args.file, args.batch, progress=lambda d: _progress_line(
                             f"imported {d.identities} identities, {d.faces} faces, skipped {len(d.skipped)}"),
-                            metadata=MetadataLimits(settings.max_metadata_bytes, settings.max_metadata_depth))
+                            metadata=MetadataLimits(settings.max_metadata_bytes, settings.max_metadata_depth),
+                            max_faces=settings.max_faces_per_identity)
             finally:
                 galleries.close()
             report = {"command": args.command, "file": str(args.file), "backend": galleries.backend,
@@ -551,7 +679,8 @@ def main(argv: list[str]) -> int:
     except (GalleryFileError, GalleryModelMismatch, GalleryUnavailable, CollectionNotFound, CollectionExists,
             CollectionDamaged, AliasNotFound, CommandError, CropKeyError,  # CropKeyError: a key that does not open the crops
             DataDirLocked, DataDirUnusable, StorageFull, StoreDamaged, CatalogDamaged,
-            TooManyFacesForCollection) as exc:  # the batches before it are in: raise max_faces, import again
+            TooManyFacesForCollection,  # the batches before it are in: raise max_faces, import again
+            IdentityExists) as exc:  # enrolled by another client between an import batch's two tries
         return fail(exc)
     except OSError as exc:  # a file that went away or could not be written after the checks: no traceback
         return fail(exc)

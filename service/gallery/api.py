@@ -154,6 +154,12 @@ def face_times(now: float, enrolled_at: list[float] | None, faces: int) -> list[
     return [float(t) for t in enrolled_at]
 
 
+def identity_created_at(now: float, created_at: list[float | None] | None, n: int) -> float:
+    """The ``n``-th imported identity's created_at: the one given (a gallery file keeps it), else ``now``."""
+    given = None if created_at is None else created_at[n]
+    return now if given is None else float(given)
+
+
 def valid_collection_name(name: str) -> bool:
     return bool(_COLLECTION_NAME.fullmatch(name))
 
@@ -394,8 +400,10 @@ class GalleryBackend(Protocol):
 
     def import_identities(self, items: list[tuple[str, np.ndarray, dict | None]],
                           actor: Actor | None = None,
-                          enrolled_at: list[list[float] | None] | None = None) -> list[list[int]]:
-        """``enrolled_at``: per item, each face's enrollment time (None: now), as ``enroll``'s."""
+                          enrolled_at: list[list[float] | None] | None = None,
+                          created_at: list[float | None] | None = None) -> list[list[int]]:
+        """``enrolled_at``: per item, each face's enrollment time (None: now), as ``enroll``'s;
+        ``created_at``: per item, when the identity was created (None: now; a gallery file keeps it)."""
 
     def delete(self, identity_id: str, actor: Actor | None = None) -> int | None: ...
 

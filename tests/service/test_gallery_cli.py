@@ -168,7 +168,7 @@ def test_import_refuses_a_hostile_file_by_its_line_and_writes_nothing(tmp_path, 
     }
     for reason, line in bad_lines.items():
         path = tmp_path / "bad.jsonl"
-        path.write_text("\n".join([header, good, line, json.dumps({"end": True})]) + "\n")
+        path.write_text("\n".join([header, good, line, json.dumps({"end": True, "identities": 2, "faces": 2})]) + "\n")
         r = run_cli(["--data-dir", str(data), "--model", str(default_model), "import", str(path)])
         assert r.returncode == 2 and "line 3" in r.stderr and reason.split(" (")[0] in r.stderr, (reason, r.stderr[-500:])
         assert "Traceback" not in r.stderr, r.stderr[-500:]
@@ -178,7 +178,7 @@ def test_import_refuses_a_hostile_file_by_its_line_and_writes_nothing(tmp_path, 
     # a vector that is not unit length is normalised, as the API normalises a client's
     path = tmp_path / "long.jsonl"
     path.write_text("\n".join([header, json.dumps({"identity_id": "long", "embeddings": [b64(np.full(dim, 3.0))]}),
-                               json.dumps({"end": True})]) + "\n")
+                               json.dumps({"end": True, "identities": 1, "faces": 1})]) + "\n")
     assert run_cli(["--data-dir", str(data), "--model", str(default_model), "import", str(path)]).returncode == 0
     target = opened(Settings(data_dir=data), default_model)
     stored = target.collection("default").identity_embeddings("long")
@@ -287,7 +287,7 @@ def test_imported_and_folder_ids_follow_the_api_rule(tmp_path):
     def gallery_file(identity: str):
         path = tmp_path / "g.jsonl"
         path.write_text("\n".join([header, json.dumps({"identity_id": identity, "embeddings": [vector]}),
-                                   json.dumps({"end": True})]) + "\n")
+                                   json.dumps({"end": True, "identities": 1, "faces": 1})]) + "\n")
         return path
 
     assert [i for i, *_ in read_gallery_file(gallery_file("Jose\u0301"), "m@1", 4)] == ["Jos\u00e9"]
@@ -371,3 +371,309 @@ def test_two_exports_to_one_file_at_once_each_write_a_whole_file(tmp_path, defau
     rows = list(read_gallery_file(out, contract.model_id, contract.embedding_size))
     assert [identity for identity, *_ in rows] == ids
     assert [p.name for p in out.parent.iterdir()] == ["gallery.jsonl"]  # no temporary file left
+
+
+# --- gallery files someone else made, and the limits the API keeps ---------------------------------
+
+def vector_b64(values) -> str:
+    import base64
+
+    return base64.b64encode(np.asarray(values, "<f4").tobytes()).decode()
+
+
+def write_gallery_file(path, model, lines: list, end: object = "counted", header: object = None):
+    """A gallery file for ``model``: its header (``header``: this line instead), ``lines`` (objects, or
+    text or bytes as they are), and the end line export writes (``"counted"``: the counts of the identity
+    objects; None: none; else this line)."""
+    contract = read_contract(model)
+    if header is None:
+        header = json.dumps({"format": "face-gallery", "version": 1, "model_id": contract.model_id,
+                             "embedding_size": contract.embedding_size, "dtype": "float32"})
+    identities = [item for item in lines if isinstance(item, dict)]
+    if end == "counted":
+        end = json.dumps({"end": True, "identities": len(identities),
+                          "faces": sum(len(item["embeddings"]) for item in identities)})
+    texts = [header, *(json.dumps(item) if isinstance(item, dict) else item for item in lines),
+             *([] if end is None else [end if isinstance(end, (str, bytes)) else json.dumps(end)])]
+    path.write_bytes(b"".join((t if isinstance(t, bytes) else t.encode()) + b"\n" for t in texts))
+    return path
+
+
+def assert_refused(r: subprocess.CompletedProcess, *words: str, case: str = "") -> None:
+    """Exit 2 with exactly one ``error: ...`` line that says ``words``; no traceback, no log line."""
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2, (case, r.returncode, r.stderr[-2000:])
+    assert len(lines) == 1 and lines[0].startswith("error: "), (case, r.stderr[-2000:])
+    assert all(word in lines[0] for word in words), (case, words, lines[0])
+
+
+def unit_vectors(rng, n: int, dim: int) -> np.ndarray:
+    v = rng.normal(size=(n, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def test_import_refuses_an_identity_id_twice_and_writes_nothing(tmp_path, operator_backend):
+    """One identity id on two lines of a file (as written, or equal once the id rule makes it NFC) is
+    the file's mistake: refused naming both lines, nothing stored. It was a traceback (IdentityExists
+    from the batch's retry) on both backends, and with ``--batch 1`` the second line was silently
+    counted as already imported."""
+    b = operator_backend
+    dim = read_contract(b.model).embedding_size
+    rng = np.random.default_rng(20)
+
+    def line(identity: str) -> dict:
+        return {"identity_id": identity, "metadata": {}, "embeddings": [vector_b64(unit_vectors(rng, 1, dim)[0])]}
+
+    b.open().close()  # made (a fresh PostgreSQL schema logs its index being built)
+    for ids, extra, named in ((["dup", "dup"], [], "'dup'"),
+                              (["Cafe\u0301", "Caf\u00e9"], [], "'Caf\u00e9'"),
+                              (["dup", "dup"], ["--batch", "1"], "'dup'")):
+        path = write_gallery_file(tmp_path / "twice.jsonl", b.model, [line("first"), *(line(i) for i in ids)])
+        r = b.run("gallery", "import", str(path), *extra)
+        assert_refused(r, "line 4", named, "already appears on line 3")
+    galleries = b.open()
+    try:
+        assert galleries.collection("default").stats().identities == 0  # "first" neither
+    finally:
+        galleries.close()
+
+
+def test_export_import_round_trip_keeps_created_at_metadata_and_faces(tmp_path, operator_backend):
+    """An export imported again keeps each identity's created_at (the file carries it; the import wrote
+    the time of the import), its metadata, each face's enrollment time and its vectors bit for bit."""
+    b = operator_backend
+    dim = read_contract(b.model).embedding_size
+    rng = np.random.default_rng(21)
+
+    def snapshot(collection) -> dict:
+        out = {}
+        for record in collection.list_identities(100, None):
+            details = collection.get_identity(record.identity_id)
+            out[record.identity_id] = (record.created_at, record.metadata, [f.created_at for f in details.faces],
+                                       collection.identity_embeddings(record.identity_id).tobytes())
+        return out
+
+    galleries = b.open()
+    try:
+        galleries.create_collection("source")
+        galleries.create_collection("copy")
+        source = galleries.collection("source")
+        source.enroll("alice", unit_vectors(rng, 2, dim), {"team": "a", "nested": {"x": [1, 2.5, None, "\u00e9"]}})
+        time.sleep(0.05)
+        source.enroll("alice", unit_vectors(rng, 1, dim))  # a face added later
+        source.enroll("bob", unit_vectors(rng, 1, dim), {})
+        before = snapshot(source)
+    finally:
+        galleries.close()
+    time.sleep(0.05)  # the import runs later than any of these were made
+    exported = tmp_path / "round.jsonl"
+    r = b.run("gallery", "export", str(exported), "--collection", "source")
+    assert r.returncode == 0, r.stderr
+    r = b.run("gallery", "import", str(exported), "--collection", "copy")
+    assert r.returncode == 0, r.stderr
+    assert (json.loads(r.stdout)["identities"], json.loads(r.stdout)["faces"]) == (2, 4)
+    galleries = b.open()
+    try:
+        assert snapshot(galleries.collection("copy")) == before
+    finally:
+        galleries.close()
+
+
+def test_import_refuses_a_broken_header_bytes_or_number_by_its_line(tmp_path, default_model):
+    """A header that is JSON but no object, a byte that is not UTF-8 (near the start, or past the first
+    8 KB the file was decoded in) and an enrolled_at too large for a float: one error line naming the
+    line, nothing stored. Each was a traceback (AttributeError, UnicodeDecodeError, OverflowError), or
+    (a bad byte in the first 8 KB) 'no JSON header line'."""
+    data = tmp_path / "data"
+    dim = read_contract(default_model).embedding_size
+    rng = np.random.default_rng(22)
+
+    def line(identity: str, **more) -> dict:
+        return {"identity_id": identity, "metadata": {}, "embeddings": [vector_b64(unit_vectors(rng, 1, dim)[0])],
+                **more}
+
+    many = [line(f"p{i:03d}") for i in range(200)]  # ~35 KB: line 202 is well past the first 8 KB
+    cases = [
+        ("header a list", dict(lines=[line("a")], header="[1, 2]"), ("line 1", "not a JSON object")),
+        ("header a string", dict(lines=[line("a")], header='"face-gallery"'), ("line 1", "not a JSON object")),
+        ("header not UTF-8", dict(lines=[line("a")], header=b"\xff\xfe" + json.dumps({"format": "face-gallery"}).encode()),
+         ("line 1", "not UTF-8")),
+        ("byte near the start", dict(lines=[line("a"), b'{"identity_id": "b\xff\xfe", "embeddings": []}']),
+         ("line 3", "not UTF-8")),
+        ("byte past 8 KB", dict(lines=[*many, b'{"identity_id": "z\xff"}']), ("line 202", "not UTF-8")),
+        ("enrolled_at 10**400", dict(lines=[line("a"), line("b", enrolled_at=[10**400])]),
+         ("line 3", "enrolled_at is not one Unix time per embedding")),
+        # an identity's created_at is kept by the import now, and checked as enrolled_at is
+        *((f"created_at {why}", dict(lines=[line("a"), line("b", created_at=at)]), ("line 3", "created_at is not a Unix time"))
+          for why, at in (("10**400", 10**400), ("text", "yesterday"), ("true", True), ("negative", -1))),
+        ("created_at in the future", dict(lines=[line("a"), line("b", created_at=1e308)]),
+         ("line 3", "created_at is in the future")),
+    ]
+    for name, file, words in cases:
+        path = write_gallery_file(tmp_path / "broken.jsonl", default_model, **file)
+        r = run_cli(["--data-dir", str(data), "--model", str(default_model), "import", str(path)])
+        assert_refused(r, *words, case=name)
+    target = opened(Settings(data_dir=data), default_model)
+    assert target.stats().identities == 0
+    target.close()
+
+
+def test_import_normalises_huge_values_as_the_api_does(tmp_path, default_model):
+    """Finite float32 values near their largest (3e38) are a vector with a direction: stored as the API
+    stores the same client vector (its direction, unit length). Their norm overflowed float32 and the
+    vector was stored as zeros."""
+    from service.http.vectors import normalise
+
+    data = tmp_path / "data"
+    dim = read_contract(default_model).embedding_size
+    rng = np.random.default_rng(23)
+    vectors = {"flat": np.full(dim, 3e38, np.float32),
+               "mixed": (rng.uniform(-1, 1, dim) * 3e38).astype(np.float32),
+               "tiny": (rng.uniform(-1, 1, dim) * 1e-5).astype(np.float32)}  # short, above the floor (MIN_NORM)
+    path = write_gallery_file(tmp_path / "huge.jsonl", default_model,
+                              [{"identity_id": name, "embeddings": [vector_b64(v)]} for name, v in vectors.items()])
+    r = run_cli(["--data-dir", str(data), "--model", str(default_model), "import", str(path)])
+    assert r.returncode == 0, r.stderr
+    target = opened(Settings(data_dir=data), default_model)
+    try:
+        for name, v in vectors.items():
+            stored = target.collection("default").identity_embeddings(name)
+            np.testing.assert_array_equal(stored, normalise([v.tolist()], dim), err_msg=name)
+    finally:
+        target.close()
+
+
+def test_import_checks_the_end_line_and_that_nothing_follows_it(tmp_path, default_model):
+    """The end line is the one export writes (``{"end": true, "identities": N, "faces": M}``, counts of
+    the lines before it): counts that differ (lines lost, or added), a line after it, or another object
+    holding "end" refuse the file, nothing stored. Any object with a truthy "end" ended the import, the
+    lines after it were ignored and its counts never read."""
+    data = tmp_path / "data"
+    dim = read_contract(default_model).embedding_size
+    rng = np.random.default_rng(24)
+
+    def line(identity: str, faces: int = 1, **more) -> dict:
+        return {"identity_id": identity, "metadata": {},
+                "embeddings": [vector_b64(v) for v in unit_vectors(rng, faces, dim)], **more}
+
+    two = [line("a"), line("b", 2)]  # 2 identities, 3 faces
+    cases = [
+        ("a line lost", dict(lines=two, end={"end": True, "identities": 3, "faces": 4}),
+         ("line 4", "end line counts 3 identities and 4 faces", "2 identities and 3 faces")),
+        ("faces lost", dict(lines=two, end={"end": True, "identities": 2, "faces": 4}), ("line 4", "end line")),
+        ("a line after it", dict(lines=[line("a"), json.dumps({"end": True, "identities": 1, "faces": 1}), line("b")],
+                                 end=None), ("line 4", "after the end line (line 3)")),
+        ("an identity holding end", dict(lines=[line("a"), line("b", end=1)]), ("line 3", "not the end line")),
+        ("end 1", dict(lines=two, end={"end": 1, "identities": 2, "faces": 3}), ("line 4", "not the end line")),
+        ("no counts", dict(lines=two, end={"end": True}), ("line 4", "not the end line")),
+        ("a count that is true", dict(lines=[line("a")], end={"end": True, "identities": True, "faces": 1}),
+         ("line 3", "not the end line")),
+        ("an id on it", dict(lines=two, end={"end": True, "identities": 2, "faces": 3, "identity_id": "c"}),
+         ("line 4", "not the end line")),
+        ("cut", dict(lines=two, end=None), ("ends without its end line",)),
+    ]
+    for name, file, words in cases:
+        path = write_gallery_file(tmp_path / "ends.jsonl", default_model, **file)
+        r = run_cli(["--data-dir", str(data), "--model", str(default_model), "import", str(path)])
+        assert_refused(r, *words, case=name)
+    target = opened(Settings(data_dir=data), default_model)
+    assert target.stats().identities == 0
+    target.close()
+    # the end line as every version's export wrote it
+    path = write_gallery_file(tmp_path / "ends.jsonl", default_model, two)
+    assert json.loads(path.read_text().splitlines()[-1]) == {"end": True, "identities": 2, "faces": 3}
+    r = run_cli(["--data-dir", str(data), "--model", str(default_model), "import", str(path)])
+    assert r.returncode == 0 and json.loads(r.stdout)["identities"] == 2, r.stderr
+
+
+def test_import_and_enroll_keep_to_max_faces_per_identity(tmp_path, operator_backend):
+    """FACE_MAX_FACES_PER_IDENTITY holds for the commands as for the API: an import line with more
+    embeddings is refused (exit 2, nothing stored) and a person folder with more usable faces is
+    skipped (too_many_faces_for_identity; the others are enrolled). Both stored all of them."""
+    b = operator_backend
+    dim = read_contract(b.model).embedding_size
+    rng = np.random.default_rng(25)
+    limit = {"FACE_MAX_FACES_PER_IDENTITY": "3"}
+    b.open().close()
+
+    path = write_gallery_file(tmp_path / "many.jsonl", b.model, [
+        {"identity_id": "few", "embeddings": [vector_b64(v) for v in unit_vectors(rng, 3, dim)]},
+        {"identity_id": "many", "embeddings": [vector_b64(v) for v in unit_vectors(rng, 4, dim)]}])
+    assert_refused(b.run("gallery", "import", str(path), env=limit), "line 3", "'many'", "4 embeddings",
+                   "FACE_MAX_FACES_PER_IDENTITY")
+
+    root = tmp_path / "people"
+    for name, copies in ((ENROLLED[1], 4), (ENROLLED[2], 3)):
+        (root / name).mkdir(parents=True)
+        for n in range(copies):
+            shutil.copy(face_files(name)[0], root / name / f"{n}.jpg")
+    r = b.run("gallery", "enroll", str(root), env=limit, timeout=300)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert (summary["enrolled"], summary["faces"], summary["people_skipped"]) == \
+        (1, 3, {"too_many_faces_for_identity": 1}), summary
+    galleries = b.open()
+    try:
+        default = galleries.collection("default")
+        assert default.get_identity(ENROLLED[1]) is None and default.get_identity(ENROLLED[2]).record.face_count == 3
+        assert default.get_identity("few") is None  # the refused file stored nothing
+    finally:
+        galleries.close()
+
+
+def test_export_writes_a_file_only_its_owner_may_read(tmp_path, default_model):
+    """A gallery file is biometric data: export makes it 0600 (as backup makes its copy), whatever the
+    umask, and an existing file it replaces does not lend it its mode. It was 0644, and a 0600 file
+    exported over became 0644."""
+    import stat
+
+    data = tmp_path / "data"
+    source = opened(Settings(data_dir=data), default_model)
+    source.collection("default").enroll("someone", unit_vectors(np.random.default_rng(26), 1,
+                                                                  read_contract(default_model).embedding_size))
+    source.close()
+    fresh, private, readable = tmp_path / "fresh.jsonl", tmp_path / "private.jsonl", tmp_path / "readable.jsonl"
+    for path, mode in ((private, 0o600), (readable, 0o644)):
+        path.write_text("an older export")
+        path.chmod(mode)
+    for path in (fresh, private, readable):
+        r = run_cli(["--data-dir", str(data), "--model", str(default_model), "export", str(path)])
+        assert r.returncode == 0, r.stderr
+        assert oct(stat.S_IMODE(path.stat().st_mode)) == oct(0o600), path.name
+        assert json.loads(path.read_text().splitlines()[-1]) == {"end": True, "identities": 1, "faces": 1}
+
+
+def test_enroll_concurrency_and_import_batch_below_one_are_refused(tmp_path, default_model):
+    """``enroll --concurrency 0`` waited forever holding the data dir's lock (a semaphore of 0), -1 was a
+    traceback; ``import --batch 0`` is no batch either. Each is a usage error (exit 2) before anything is
+    opened."""
+    data = tmp_path / "data"
+    (tmp_path / "people" / "someone").mkdir(parents=True)
+    shutil.copy(face_files(ENROLLED[1])[0], tmp_path / "people" / "someone")
+    gallery_file = write_gallery_file(tmp_path / "g.jsonl", default_model, [])
+    for args, flag in (([str(tmp_path / "people"), "--concurrency", "0"], "--concurrency"),
+                       ([str(tmp_path / "people"), "--concurrency", "-1"], "--concurrency"),
+                       (["--batch", "0", str(gallery_file)], "--batch"),
+                       (["--batch", "-5", str(gallery_file)], "--batch")):
+        command = "enroll" if flag == "--concurrency" else "import"
+        r = run_cli(["--data-dir", str(data), "--model", str(default_model), command, *args], timeout=60)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (args, r.stderr[-1000:])
+        assert flag in r.stderr.splitlines()[-1] and "at least 1" in r.stderr.splitlines()[-1], r.stderr
+    assert not data.exists()
+
+
+def test_commands_beside_a_holder_of_the_data_dir_say_one_line(tmp_path, default_model):
+    """While a server (here: this process) holds an embedded data dir, export, import and enroll say so
+    in their one ``error:`` line; the data dir lock's own log line (a server's) came before it."""
+    data = tmp_path / "data"
+    (tmp_path / "people" / "someone").mkdir(parents=True)
+    shutil.copy(face_files(ENROLLED[1])[0], tmp_path / "people" / "someone")
+    gallery_file = write_gallery_file(tmp_path / "g.jsonl", default_model, [])
+    holder = opened(Settings(data_dir=data), default_model)
+    try:
+        for args in (["export", str(tmp_path / "out.jsonl")], ["import", str(gallery_file)],
+                     ["enroll", str(tmp_path / "people")]):
+            r = run_cli(["--data-dir", str(data), "--model", str(default_model), *args])
+            assert_refused(r, "in use by another process", case=args[0])
+    finally:
+        holder.close()

@@ -74,12 +74,13 @@ class EmbeddedGallery:
     def import_identities(self, items: list[tuple[str, np.ndarray, dict | None]],
                           actor: Actor | None = None,
                           enrolled_at: list[list[float] | None] | None = None,
-                          collection_limit: int | None = None) -> list[list[int]]:
+                          collection_limit: int | None = None,
+                          created_at: list[float | None] | None = None) -> list[list[int]]:
         import sqlite3
 
         try:
             with self._fence.read():
-                return self.gallery.import_identities(items, actor, enrolled_at, collection_limit)
+                return self.gallery.import_identities(items, actor, enrolled_at, collection_limit, created_at)
         except sqlite3.IntegrityError as exc:
             raise IdentityExists(f"an identity of the import is already enrolled: {exc}") from exc
 

@@ -913,9 +913,10 @@ class _CollectionHandle:
 
     def import_identities(self, items: list[tuple[str, np.ndarray, dict | None]],
                           actor: Actor | None = None,
-                          enrolled_at: list[list[float] | None] | None = None) -> list[list[int]]:
+                          enrolled_at: list[list[float] | None] | None = None,
+                          created_at: list[float | None] | None = None) -> list[list[int]]:
         return self._write(lambda g: g.import_identities(items, actor, enrolled_at,
-                                                         self._owner.setting(self.name, "max_faces")))
+                                                         self._owner.setting(self.name, "max_faces"), created_at))
 
     def delete(self, identity_id: str, actor: Actor | None = None) -> int | None:
         return self._write(lambda g: g.delete(identity_id, actor))

@@ -702,7 +702,8 @@ class Gallery:
     def import_identities(self, items: list[tuple[str, np.ndarray, dict | None]],
                           actor: Actor | None = None,
                           enrolled_at: list[list[float] | None] | None = None,
-                          collection_limit: int | None = None) -> list[list[int]]:
+                          collection_limit: int | None = None,
+                          created_at: list[float | None] | None = None) -> list[list[int]]:
         """Bulk-add new identities (all or none; an existing id aborts the import, and so does a
         collection that would hold more than ``collection_limit`` faces). Returns face ids."""
         items = [(i, self._check_vectors(e), m) for i, e, m in items]
@@ -711,7 +712,7 @@ class Gallery:
             adding = sum(len(e) for _, e, _ in items)
             if collection_limit is not None and self.face_count + adding > collection_limit:
                 raise TooManyFacesForCollection(self.name, self.face_count, adding, collection_limit)
-            face_ids = self._live_store.add_new_identities(items, actor, self.name, enrolled_at)
+            face_ids = self._live_store.add_new_identities(items, actor, self.name, enrolled_at, created_at)
             labels = np.asarray([f for ids in face_ids for f in ids], dtype=np.int64)
             if len(labels):
                 vectors = np.concatenate([emb for _, emb, _ in items])

@@ -23,7 +23,7 @@ from typing import cast
 
 import numpy as np
 
-from ..api import Actor, IdentityExists, face_times
+from ..api import Actor, IdentityExists, face_times, identity_created_at
 from ..crops import CropsUnavailable, Sealer
 from ..identity_ids import id_range
 from ..results import (
@@ -186,10 +186,11 @@ class Store:
             self._bump(conn)
 
     @staticmethod
-    def _insert_identity(conn: sqlite3.Connection, identity_id: str, metadata: dict | None, now: float) -> None:
+    def _insert_identity(conn: sqlite3.Connection, identity_id: str, metadata: dict | None, now: float,
+                         created_at: float | None = None) -> None:
         conn.execute(
             "INSERT INTO identities(identity_id, metadata, created_at, updated_at) VALUES (?, ?, ?, ?)",
-            (identity_id, json.dumps(metadata or {}), now, now),
+            (identity_id, json.dumps(metadata or {}), now if created_at is None else created_at, now),
         )
 
     @staticmethod
@@ -259,14 +260,16 @@ class Store:
 
     def add_new_identities(self, items: list[tuple[str, np.ndarray, dict | None]], actor: Actor | None = None,
                            collection: str | None = None,
-                           enrolled_at: list[list[float] | None] | None = None) -> list[list[int]]:
+                           enrolled_at: list[list[float] | None] | None = None,
+                           created_at: list[float | None] | None = None) -> list[list[int]]:
         """Bulk import of identities that must not exist yet, in one transaction (one fsync), with an
-        identity.imported audit entry per identity in it when there is an ``actor``."""
+        identity.imported audit entry per identity in it when there is an ``actor``. ``created_at``: per
+        identity, when it was created (None: now; a gallery file keeps it); updated_at is now."""
         now = time.time()
         with self._transaction() as conn:
             all_ids = []
             for n, (identity_id, embeddings, metadata) in enumerate(items):
-                self._insert_identity(conn, identity_id, metadata, now)
+                self._insert_identity(conn, identity_id, metadata, now, identity_created_at(now, created_at, n))
                 all_ids.append(self._insert_faces(conn, identity_id, embeddings, now,
                                                   None if enrolled_at is None else enrolled_at[n]))
                 if actor is not None:

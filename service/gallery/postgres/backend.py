@@ -80,6 +80,7 @@ from ..api import (
     StorageFull,
     StoredKey,
     face_times,
+    identity_created_at,
     updated_settings,
     valid_collection_name,
 )
@@ -1587,9 +1588,10 @@ class PostgresGallery:
 
     def import_identities(self, items: list[tuple[str, np.ndarray, dict | None]],
                           actor: Actor | None = None,
-                          enrolled_at: list[list[float] | None] | None = None) -> list[list[int]]:
+                          enrolled_at: list[list[float] | None] | None = None,
+                          created_at: list[float | None] | None = None) -> list[list[int]]:
         """New identities only, all in one transaction (an audit record each); an existing id aborts
-        it (IdentityExists)."""
+        it (IdentityExists). ``created_at``: per identity (None: now), as a gallery file keeps it."""
         now = time.time()
         flat: list[tuple[str, np.ndarray, float]] = []
         for n, (identity_id, emb, _) in enumerate(items):
@@ -1606,8 +1608,9 @@ class PostgresGallery:
                 with conn.cursor() as cur:
                     with cur.copy("COPY identities (collection_id, identity_id, metadata, created_at, updated_at) "
                                   "FROM STDIN") as copy:
-                        for identity_id, _, metadata in items:
-                            copy.write_row((self.collection_id, identity_id, json.dumps(metadata or {}), now, now))
+                        for n, (identity_id, _, metadata) in enumerate(items):
+                            copy.write_row((self.collection_id, identity_id, json.dumps(metadata or {}),
+                                            identity_created_at(now, created_at, n), now))
                     with cur.copy("COPY faces (face_id, collection_id, identity_id, embedding, created_at) FROM STDIN "
                                   "WITH (FORMAT BINARY)") as copy:
                         copy.set_types(["int8", "int8", "text", "vector", "float8"])
