@@ -163,21 +163,14 @@ def export_gallery(gallery: GalleryBackend, path: Path, page: int = 500) -> Tran
     fsynced and renamed when complete, so two exports to one path at once each rename a whole file),
     readable by its owner only (0600)."""
     done = Transfer()
-    replace_atomically(path, lambda tmp: _write_gallery(gallery, tmp, page, done), durable=True)
+    # faces are biometric data: the file is its owner's alone (as backup's copy), whatever the umask, and the
+    # rename puts this mode in place of an existing file's
+    replace_atomically(path, lambda tmp: _write_gallery(gallery, tmp, page, done), durable=True, private=True)
     return done
 
 
 def _write_gallery(gallery: GalleryBackend, tmp: Path, page: int, done: Transfer) -> None:
-    # faces are biometric data: the file is its owner's alone (as backup's copy), whatever the umask, and the
-    # rename puts this mode in place of an existing file's
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        out = open(fd, "w", encoding="utf-8")
-    except BaseException:
-        os.close(fd)
-        raise
-    with out:
+    with open(tmp, "w", encoding="utf-8") as out:
         header = {"format": FORMAT, "version": VERSION, "model_id": gallery.model_id,
                   "embedding_size": gallery.dim, "dtype": "float32", "exported_at": time.time()}
         out.write(json.dumps(header) + "\n")
