@@ -310,3 +310,17 @@ def test_cli_faces_crop(embedded, collection_name, tmp_path):
     assert list(nowhere.iterdir()) == []
     assert face(embedded, "collections", "delete", collection_name).returncode == 0
     assert face(embedded, "collections", "delete", plain).returncode == 0
+
+
+def test_cli_identities_delete_of_a_dot_id_deletes_nothing(embedded, collection_name):
+    """`face --collection C identities delete ..` deleted collection C (httpx resolved the dot segment)."""
+    assert face(embedded, "collections", "create", collection_name).returncode == 0
+    with FaceClient(embedded.url, ADMIN, collection=collection_name) as client:
+        client.enroll(ENROLLED[0], face_files(ENROLLED[0])[0])
+    for dots in (".", ".."):
+        refused = face(embedded, "--collection", collection_name, "--json", "identities", "delete", dots)
+        assert refused.returncode == 1, refused.stderr
+        assert json.loads(refused.stderr)["error"]["code"] == "invalid_identity_id"
+    listed = json.loads(face(embedded, "--collection", collection_name, "--json", "identities", "list").stdout)
+    assert [i["identity_id"] for i in listed] == [ENROLLED[0]]
+    assert face(embedded, "collections", "delete", collection_name).returncode == 0

@@ -954,3 +954,58 @@ def test_async_face_crop(embedded, collection_name):
             await face.delete_collection(collection_name)
 
     asyncio.run(main())
+
+
+# --- ids as path segments ------------------------------------------------------------------------------------
+DOT_IDS = (".", "..")
+
+
+def test_dot_ids_stay_in_their_path_segment(embedded, collection_name):
+    """An id of "." or ".." was sent as a dot segment that httpx resolves away: delete_identity("..",
+    collection=C) was DELETE /collections/C and erased the whole collection. Each is percent-encoded now:
+    the server refuses it (422 invalid_identity_id, or 404) and nothing is touched, on every route that takes
+    an id in its path, sync and async; an empty id is refused before anything is sent."""
+    with FaceClient(embedded.url, ADMIN, collection=collection_name) as face:
+        face.create_collection(collection_name)
+        face.enroll(ENROLLED[0], face_files(ENROLLED[0])[0])
+        face.enroll(ENROLLED[0], face_files(ENROLLED[0])[1], collection="default", replace=True)
+        for dots in DOT_IDS:
+            for call in (lambda: face.delete_identity(dots), lambda: face.get_identity(dots),
+                         lambda: face.update_identity(dots, metadata={"x": 1}),
+                         lambda: face.merge_identities(dots, ENROLLED[0]),
+                         lambda: face.delete_identity(ENROLLED[0], collection=dots),
+                         lambda: face.get_collection(dots), lambda: face.delete_collection(dots),
+                         lambda: face.revoke_key(dots), lambda: face.get_alias(dots), lambda: face.delete_alias(dots),
+                         lambda: face.get_job(dots), lambda: face.cancel_job(dots), lambda: face.resume_job(dots),
+                         lambda: face.get_duplicates_job(dots)):
+                with pytest.raises((BadRequestError, NotFoundError)) as e:
+                    call()
+                assert e.value.code in ("invalid_identity_id", "invalid_collection_name", "identity_not_found",
+                                        "collection_not_found", "key_not_found", "alias_not_found", "job_not_found",
+                                        "invalid_request"), e.value
+        with pytest.raises(BadRequestError) as refused:
+            face.delete_identity("..")
+        assert refused.value.code == "invalid_identity_id"
+        with pytest.raises(ValueError, match="empty"):
+            face.delete_identity("")
+        assert face.get_identity(ENROLLED[0]).face_count == 1  # the collection and its identity are still there
+        assert face.get_identity(ENROLLED[0], collection="default").face_count == 1
+
+    async def main() -> None:
+        async with AsyncFaceClient(embedded.url, ADMIN, collection=collection_name) as aface:
+            for dots in DOT_IDS:
+                with pytest.raises(BadRequestError):
+                    await aface.delete_identity(dots)
+                with pytest.raises((BadRequestError, NotFoundError)):
+                    await aface.get_identity(dots)
+                with pytest.raises((BadRequestError, NotFoundError)):
+                    await aface.delete_identity(ENROLLED[0], collection=dots)
+                with pytest.raises((BadRequestError, NotFoundError)):
+                    await aface.delete_collection(dots)
+            assert (await aface.get_identity(ENROLLED[0])).face_count == 1
+
+    asyncio.run(main())
+    with FaceClient(embedded.url, ADMIN) as face:
+        assert face.get_identity(ENROLLED[0], collection="default").face_count == 1
+        face.delete_identity(ENROLLED[0], collection="default")
+        assert face.delete_collection(collection_name).deleted_identities == 1

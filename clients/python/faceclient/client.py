@@ -133,6 +133,17 @@ def _code(response: httpx.Response) -> str | None:
         return None
 
 
+def _segment(value: str) -> str:
+    """``value`` as one path segment: percent-encoded, ``/`` included, and ``.`` / ``..`` as ``%2E`` /
+    ``%2E%2E``, which httpx (as any URL resolver) would otherwise remove with the segment before them (an
+    identity ``..`` of collection C was ``DELETE /collections/C``); the server then refuses them itself.
+    ValueError for an empty one (nothing is sent: it would name the route above)."""
+    if not value:
+        raise ValueError("an id or name in a URL path must not be empty")
+    quoted = quote(value, safe="")
+    return quoted.replace(".", "%2E") if quoted in (".", "..") else quoted
+
+
 def _major(version: str) -> str:
     return version.split(".", 1)[0]
 
@@ -305,7 +316,7 @@ class _Base:
     # --- routes and bodies ----------------------------------------------------------------------
     def _prefix(self, collection: str | None) -> str:
         name = collection or self.collection
-        return "" if name == DEFAULT_COLLECTION else f"/collections/{quote(name, safe='')}"
+        return "" if name == DEFAULT_COLLECTION else f"/collections/{_segment(name)}"
 
     @staticmethod
     def _images(images: ImageInput | Sequence[ImageInput], color: Color | None) -> list[bytes]:
@@ -374,7 +385,7 @@ class _Base:
         return self._body(self._prefix(collection) + "/enroll", body, blobs)
 
     def _identity(self, method: str, identity_id: str, collection: str | None) -> Call:
-        return Call(method, f"{self._prefix(collection)}/identities/{quote(identity_id, safe='')}")
+        return Call(method, f"{self._prefix(collection)}/identities/{_segment(identity_id)}")
 
     def _identity_update(self, identity_id: str, rename_to: str | None, metadata: dict[str, Any] | None,
                          metadata_patch: dict[str, Any] | None, expected_updated_at: float | None,
@@ -386,7 +397,7 @@ class _Base:
         if metadata is not None and metadata_patch is not None:
             raise ValueError("update_identity takes metadata (a replacement) or metadata_patch (a merge patch), "
                              "not both")
-        return Call("PATCH", f"{self._prefix(collection)}/identities/{quote(identity_id, safe='')}", _drop_none(
+        return Call("PATCH", f"{self._prefix(collection)}/identities/{_segment(identity_id)}", _drop_none(
             {"identity_id": rename_to, "metadata": metadata, "metadata_patch": metadata_patch,
              "expected_updated_at": expected_updated_at}))
 
@@ -407,7 +418,7 @@ class _Base:
         body = {key: value for key, value in settings.items() if value is not KEEP}
         if not body:
             raise ValueError("update_collection needs retention_days, max_faces or identify_fpir")
-        return Call("PATCH", f"/collections/{quote(name, safe='')}", body)
+        return Call("PATCH", f"/collections/{_segment(name)}", body)
 
     def _duplicates(self, min_score: float | None, max_false_alarm: float | None, limit: int, evidence: int,
                     collection: str | None, timeout: float | None) -> Call:
@@ -429,7 +440,7 @@ class _Base:
                     _drop_none({"min_score": min_score, "limit": limit}))
 
     def _scan_job(self, kind: str, job_id: str, collection: str | None) -> Call:
-        return Call("GET", f"{self._prefix(collection)}/{kind}/jobs/{quote(job_id, safe='')}")
+        return Call("GET", f"{self._prefix(collection)}/{kind}/jobs/{_segment(job_id)}")
 
     @staticmethod
     def _scan_answer(job: Job, deadline: float | None, timeout_s: float | None) -> Any:
@@ -446,7 +457,7 @@ class _Base:
         return None
 
     def _merge(self, identity_id: str, into: str, collection: str | None) -> Call:
-        return Call("POST", f"{self._prefix(collection)}/identities/{quote(identity_id, safe='')}/merge",
+        return Call("POST", f"{self._prefix(collection)}/identities/{_segment(identity_id)}/merge",
                     {"into": into})
 
     def _face(self, method: str, face_id: int, collection: str | None, action: str = "",
@@ -467,11 +478,11 @@ class _Base:
 
     @staticmethod
     def _alias(method: str, name: str, collection: str | None = None) -> Call:
-        return Call(method, f"/aliases/{quote(name, safe='')}", None if collection is None else {"collection": collection})
+        return Call(method, f"/aliases/{_segment(name)}", None if collection is None else {"collection": collection})
 
     @staticmethod
     def _migrate(collection: str, model: str, into: str, batch_size: int, shadow: bool) -> Call:
-        return Call("POST", f"/collections/{quote(collection, safe='')}/migrate",
+        return Call("POST", f"/collections/{_segment(collection)}/migrate",
                     {"model": model, "into": into, "batch_size": batch_size, "shadow": shadow})
 
     @staticmethod
@@ -675,10 +686,10 @@ class FaceClient(_Base):
                                                        "identify_fpir": identify_fpir}), Collection)
 
     def get_collection(self, name: str) -> Collection:
-        return self._do(Call("GET", f"/collections/{quote(name, safe='')}"), Collection)
+        return self._do(Call("GET", f"/collections/{_segment(name)}"), Collection)
 
     def delete_collection(self, name: str) -> CollectionDeleted:
-        return self._do(Call("DELETE", f"/collections/{quote(name, safe='')}"), CollectionDeleted)
+        return self._do(Call("DELETE", f"/collections/{_segment(name)}"), CollectionDeleted)
 
     def create_key(self, role: str, *, collections: list[str] | None = None, note: str | None = None,
                    expires_at: float | None = None, rate_limit_rps: float | None = None,
@@ -690,7 +701,7 @@ class FaceClient(_Base):
         return self._do(Call("GET", "/keys"), KeyList).items
 
     def revoke_key(self, key_id: str) -> KeyRevoked:
-        return self._do(Call("DELETE", f"/keys/{quote(key_id, safe='')}"), KeyRevoked)
+        return self._do(Call("DELETE", f"/keys/{_segment(key_id)}"), KeyRevoked)
 
     def iter_audit(self, *, collection: str | None = None, identity_id: str | None = None, key_id: str | None = None,
                    since: float | None = None, until: float | None = None,
@@ -734,13 +745,13 @@ class FaceClient(_Base):
                                                                  "limit": limit})), JobList).items
 
     def get_job(self, job_id: str) -> Job:
-        return self._do(Call("GET", f"/jobs/{quote(job_id, safe='')}"), Job)
+        return self._do(Call("GET", f"/jobs/{_segment(job_id)}"), Job)
 
     def cancel_job(self, job_id: str) -> Job:
-        return self._do(Call("POST", f"/jobs/{quote(job_id, safe='')}/cancel"), Job)
+        return self._do(Call("POST", f"/jobs/{_segment(job_id)}/cancel"), Job)
 
     def resume_job(self, job_id: str) -> Job:
-        return self._do(Call("POST", f"/jobs/{quote(job_id, safe='')}/resume"), Job)
+        return self._do(Call("POST", f"/jobs/{_segment(job_id)}/resume"), Job)
 
     def wait_for_job(self, job_id: str, *, timeout_s: float | None = None, poll_s: float = 1.0,
                      on_progress: Callable[[Job], None] | None = None) -> Job:
@@ -1073,10 +1084,10 @@ class AsyncFaceClient(_Base):
                                                              "identify_fpir": identify_fpir}), Collection)
 
     async def get_collection(self, name: str) -> Collection:
-        return await self._do(Call("GET", f"/collections/{quote(name, safe='')}"), Collection)
+        return await self._do(Call("GET", f"/collections/{_segment(name)}"), Collection)
 
     async def delete_collection(self, name: str) -> CollectionDeleted:
-        return await self._do(Call("DELETE", f"/collections/{quote(name, safe='')}"), CollectionDeleted)
+        return await self._do(Call("DELETE", f"/collections/{_segment(name)}"), CollectionDeleted)
 
     async def create_key(self, role: str, *, collections: list[str] | None = None, note: str | None = None,
                          expires_at: float | None = None, rate_limit_rps: float | None = None,
@@ -1088,7 +1099,7 @@ class AsyncFaceClient(_Base):
         return (await self._do(Call("GET", "/keys"), KeyList)).items
 
     async def revoke_key(self, key_id: str) -> KeyRevoked:
-        return await self._do(Call("DELETE", f"/keys/{quote(key_id, safe='')}"), KeyRevoked)
+        return await self._do(Call("DELETE", f"/keys/{_segment(key_id)}"), KeyRevoked)
 
     async def iter_audit(self, *, collection: str | None = None, identity_id: str | None = None,
                          key_id: str | None = None, since: float | None = None, until: float | None = None,
@@ -1128,13 +1139,13 @@ class AsyncFaceClient(_Base):
                                                                         "limit": limit})), JobList)).items
 
     async def get_job(self, job_id: str) -> Job:
-        return await self._do(Call("GET", f"/jobs/{quote(job_id, safe='')}"), Job)
+        return await self._do(Call("GET", f"/jobs/{_segment(job_id)}"), Job)
 
     async def cancel_job(self, job_id: str) -> Job:
-        return await self._do(Call("POST", f"/jobs/{quote(job_id, safe='')}/cancel"), Job)
+        return await self._do(Call("POST", f"/jobs/{_segment(job_id)}/cancel"), Job)
 
     async def resume_job(self, job_id: str) -> Job:
-        return await self._do(Call("POST", f"/jobs/{quote(job_id, safe='')}/resume"), Job)
+        return await self._do(Call("POST", f"/jobs/{_segment(job_id)}/resume"), Job)
 
     async def wait_for_job(self, job_id: str, *, timeout_s: float | None = None, poll_s: float = 1.0,
                            on_progress: Callable[[Job], None] | None = None) -> Job:
