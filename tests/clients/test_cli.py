@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -323,4 +324,20 @@ def test_cli_identities_delete_of_a_dot_id_deletes_nothing(embedded, collection_
         assert json.loads(refused.stderr)["error"]["code"] == "invalid_identity_id"
     listed = json.loads(face(embedded, "--collection", collection_name, "--json", "identities", "list").stdout)
     assert [i["identity_id"] for i in listed] == [ENROLLED[0]]
+    assert face(embedded, "collections", "delete", collection_name).returncode == 0
+
+
+def test_cli_enroll_goes_on_past_a_folder_name_that_is_no_identity_id(embedded, collection_name, people_dir):
+    """`face enroll` stopped at a folder the service refuses as an identity id (exit 1, the others not
+    enrolled); the person is a `failed` line now, an empty folder too, and the run exits 0."""
+    (people_dir / "zero\u200bwidth").mkdir()
+    shutil.copy(face_files(ENROLLED[3])[0], people_dir / "zero\u200bwidth")
+    (people_dir / "Empty_Person").mkdir()
+    assert face(embedded, "collections", "create", collection_name).returncode == 0
+    enrolled = face(embedded, "--collection", collection_name, "enroll", "--concurrency", "1", str(people_dir))
+    assert enrolled.returncode == 0, enrolled.stderr
+    lines = enrolled.stdout.splitlines()
+    assert lines[0].startswith("people 5\tenrolled 3\talready 0\tfaces 6\t") and lines[0].endswith("failed 2")
+    failed = {line.split("\t")[1]: line.split("\t")[2].split(":")[0] for line in lines[1:] if line.startswith("failed\t")}
+    assert failed == {"zero\u200bwidth": "invalid_identity_id", "Empty_Person": "no_images"}
     assert face(embedded, "collections", "delete", collection_name).returncode == 0

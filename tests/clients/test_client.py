@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -1009,3 +1010,94 @@ def test_dot_ids_stay_in_their_path_segment(embedded, collection_name):
         assert face.get_identity(ENROLLED[0], collection="default").face_count == 1
         face.delete_identity(ENROLLED[0], collection="default")
         assert face.delete_collection(collection_name).deleted_identities == 1
+
+
+# --- enroll_folder: a person's refusal is that person's ------------------------------------------------------
+def test_enroll_folder_reports_a_folder_name_that_is_no_identity_id_and_an_empty_folder(embedded, collection_name,
+                                                                                       people_dir):
+    """A folder whose name the service refuses as an identity id (U+200B, U+202E) aborted the whole run
+    (BadRequestError invalid_identity_id from the "already enrolled?" read); an empty person folder counted
+    as enrolled with 0 faces. Both are the person's failure now, the others enrolled, sync and async."""
+    for odd in ("zero\u200bwidth", "bad\u202ename"):
+        (people_dir / odd).mkdir()
+        shutil.copy(face_files(ENROLLED[3])[0], people_dir / odd)
+    (people_dir / "Empty_Person").mkdir()
+    (people_dir / "Empty_Person" / "notes.txt").write_text("no photo here")
+
+    def check(summary) -> None:
+        assert (summary.people, summary.enrolled, summary.faces) == (6, 3, 6)
+        assert {k: v.code for k, v in summary.failed.items()} == {
+            "zero\u200bwidth": "invalid_identity_id", "bad\u202ename": "invalid_identity_id", "Empty_Person": "no_images"}
+        assert summary.persons["Empty_Person"].faces == 0
+
+    with FaceClient(embedded.url, ADMIN, collection=collection_name) as face:
+        face.create_collection(collection_name)
+        check(face.enroll_folder(people_dir, concurrency=1, progress=False))
+        assert sorted(i.identity_id for i in face.iter_identities()) == sorted(ENROLLED[:3])
+        face.delete_collection(collection_name)
+
+    async def main() -> None:
+        async with AsyncFaceClient(embedded.url, ADMIN, collection=collection_name) as aface:
+            await aface.create_collection(collection_name)
+            check(await aface.enroll_folder(people_dir, concurrency=1, progress=False))
+            await aface.delete_collection(collection_name)
+
+    asyncio.run(main())
+
+
+def png_copy(source: Path, target: Path) -> int:
+    """The photo re-encoded as PNG (some five times the JPEG's bytes): its size."""
+    image = pytest.importorskip("PIL.Image")
+    image.open(source).convert("RGB").save(target, format="PNG")
+    return target.stat().st_size
+
+
+def test_enroll_folder_splits_what_the_server_refuses_as_too_big_and_reports_refused_people(tmp_path, default_model):
+    """A server that takes 2 images a request (FACE_MAX_FACES_PER_REQUEST) and a small body
+    (FACE_MAX_REQUEST_BYTES), refusing likely duplicates (FACE_ENROLL_DUPLICATE_POLICY=refuse): a person of
+    3 files (too_many_faces, details.limit 2) and one whose 2 files together are over the body limit
+    (payload_too_large) failed as a whole; a possible_duplicate (409) aborted the whole run. Now the requests
+    are split (by details.limit, else in halves) and sent again, every face enrolled; the duplicate is in
+    ``failed``; max_bytes_per_request keeps requests under a body limit before the server has to refuse one."""
+    people = tmp_path / "people"
+    for person in (ENROLLED[1], "Colin_again"):
+        (people / person).mkdir(parents=True)
+    for path in face_files(ENROLLED[1]):
+        shutil.copy(path, people / ENROLLED[1])
+    shutil.copy(face_files(ENROLLED[1])[0], people / "Colin_again")  # 'P' < 'a': enrolled after Colin_Powell
+    (people / ENROLLED[2]).mkdir()
+    big = [png_copy(path, people / ENROLLED[2] / f"{path.stem}.png") for path in face_files(ENROLLED[2])[:2]]
+    limit = max(big) + 3000  # one PNG (with the form's other fields) fits, two do not; three JPEGs do
+    assert sum(big) > limit > sum(p.stat().st_size for p in face_files(ENROLLED[1])) + 3000
+    proc = ServerProcess(tmp_path / "data", model=default_model, env={
+        **ENV, "FACE_MAX_FACES_PER_REQUEST": "2", "FACE_MAX_REQUEST_BYTES": str(limit),
+        "FACE_ENROLL_DUPLICATE_POLICY": "refuse"})
+
+    def check(summary) -> None:
+        assert (summary.people, summary.enrolled, summary.faces, summary.skipped_files) == (3, 2, 5, 0), summary
+        assert {k: v.code for k, v in summary.failed.items()} == {"Colin_again": "possible_duplicate"}
+        assert summary.persons[ENROLLED[1]].faces == 3 and summary.persons[ENROLLED[2]].faces == 2
+
+    try:
+        proc.wait_ready()
+        with FaceClient(proc.url, ADMIN) as face:
+            face.create_collection("sync-run")
+            check(face.enroll_folder(people, collection="sync-run", concurrency=1, progress=False))
+            assert {i.identity_id: i.face_count for i in face.iter_identities(collection="sync-run")} == {
+                ENROLLED[1]: 3, ENROLLED[2]: 2}
+            statuses: list[int] = []
+            face._http.event_hooks["response"].append(
+                lambda r: statuses.append(r.status_code) if r.request.url.path.endswith("/enroll") else None)
+            capped = face.enroll_folder(people, collection="sync-run", replace=True,
+                                        concurrency=1, progress=False, max_bytes_per_request=max(big) + 100)
+            assert (capped.enrolled, capped.faces) == (2, 5) and list(capped.failed) == ["Colin_again"]
+            assert statuses.count(413) == 1 and len(statuses) == 6  # Colin_Powell's 3 (too_many_faces) only
+
+        async def main() -> None:
+            async with AsyncFaceClient(proc.url, ADMIN) as aface:
+                await aface.create_collection("async-run")
+                check(await aface.enroll_folder(people, collection="async-run", concurrency=1, progress=False))
+
+        asyncio.run(main())
+    finally:
+        proc.stop()

@@ -87,6 +87,12 @@ DEFAULT_COLLECTION = "default"
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 RETRIED = frozenset({429, 503})
 NOT_RETRIED = frozenset({"collection_damaged", "catalog_damaged"})  # 503s that waiting does not mend: the operator must act
+# enroll_folder: a request refused for its size is split and sent again; a 409 of these refuses the person alone
+SPLIT_CODES = frozenset({"payload_too_large", "too_many_faces"})
+PERSON_CODES = frozenset({"possible_duplicate", "crops_required"})
+# enroll_folder's default cap on the bytes of files a request carries: well under the server's default body
+# limit (FACE_MAX_REQUEST_BYTES, 32 MiB), with room for multipart's own bytes or base64's third more (json)
+MAX_BYTES_PER_REQUEST = 16 * 1024 * 1024
 
 
 @dataclass
@@ -95,8 +101,7 @@ class Call:
     path: str
     json: dict[str, Any] | None = None
     params: dict[str, Any] | None = None
-    files: list[tuple[str, tuple[str, bytes, str]]] | None = None  # multipart: the images' bytes
-    data: dict[str, str] | None = None  # multipart: the other fields, as form text
+    content: bytes | None = None  # a multipart form, encoded (its Content-Type in headers)
     headers: dict[str, str] = field(default_factory=lambda: {"X-Request-ID": uuid.uuid4().hex})
     read_timeout: float | None = None  # seconds to wait for the answer (None: the client's timeout)
 
@@ -226,14 +231,44 @@ def progress_reporter(progress: bool | Progress | None, total: int, what: str) -
 
 
 class _PersonEnroll:
-    """One person of enroll_folder: its files in requests of at most ``size``; a file the service refuses
-    for itself (IMAGE_CODES: not an image, no face, low quality...) is skipped and the rest sent again, so
-    one bad file costs its person nothing but that file. Any other refusal ends the person."""
+    """One person of enroll_folder: its files in requests of at most ``size`` files and ``max_bytes`` bytes of
+    files; a file the service refuses for itself (IMAGE_CODES: not an image, no face, low quality...) is
+    skipped and the rest sent again, so one bad file costs its person nothing but that file. A request the
+    service finds too big (SPLIT_CODES: over FACE_MAX_FACES_PER_REQUEST or FACE_MAX_REQUEST_BYTES) is split
+    (by its ``details.limit``, else in halves) and its parts sent; a single file still too big is skipped.
+    Any other refusal of the person (PERSON_CODES, or a 4xx of its request) ends the person: it goes to
+    ``failed``, the run goes on."""
 
-    def __init__(self, identity: str, files: list[Path], size: int, replace: bool) -> None:
+    def __init__(self, identity: str, files: list[Path], size: int, max_bytes: int, replace: bool) -> None:
         self.result = PersonResult(identity_id=identity, files=len(files))
-        self.chunks = [chunk for _, chunk in _batches(files, size)]
+        self.size, self.max_bytes = max(1, size), max(1, max_bytes)
+        self.file_bytes = {path: _file_bytes(path) for path in files}
+        self.chunks = self._pack(files)
         self.replace = replace  # until a request succeeds: the first one replaces, later ones append
+        if not files:
+            self.result.error = ErrorBody(code="no_images", message="the folder holds no image file ("
+                                          + ", ".join(sorted(IMAGE_SUFFIXES)) + ")")
+
+    @staticmethod
+    def takes(error: FaceServiceError) -> bool:
+        """Whether ``error`` refuses this person (or one of its files, or its request's size) rather than the
+        whole run (a key, a collection, the server: raised)."""
+        return isinstance(error, BadRequestError) or error.code in PERSON_CODES
+
+    def refuse(self, error: FaceServiceError) -> None:
+        """The person fails with ``error`` (nothing more is sent for it)."""
+        self.result.error = ErrorBody(code=error.code, message=error.message, details=error.details)
+
+    def _pack(self, files: list[Path]) -> list[list[Path]]:
+        chunks: list[list[Path]] = []
+        held = 0
+        for path in files:
+            if not chunks or len(chunks[-1]) >= self.size or held + self.file_bytes[path] > self.max_bytes:
+                chunks.append([])
+                held = 0
+            chunks[-1].append(path)
+            held += self.file_bytes[path]
+        return chunks
 
     def next(self) -> tuple[list[Path], bool] | None:
         return (self.chunks[0], self.replace) if self.chunks and self.result.error is None else None
@@ -243,11 +278,13 @@ class _PersonEnroll:
         self.replace = False
         self.chunks.pop(0)
 
-    def refused(self, error: BadRequestError) -> None:
+    def refused(self, error: FaceServiceError) -> None:
         chunk = self.chunks[0]
         index = error.details.get("index")
-        if error.code not in IMAGE_CODES:
-            self.result.error = ErrorBody(code=error.code, message=error.message, details=error.details)
+        if error.code in SPLIT_CODES:
+            self._split(error)
+        elif error.code not in IMAGE_CODES:
+            self.refuse(error)
         elif isinstance(index, int) and 0 <= index < len(chunk):
             self._skip(chunk.pop(index), error)
         elif len(chunk) > 1:  # which file is not said: each on its own
@@ -257,7 +294,24 @@ class _PersonEnroll:
         if self.chunks and not self.chunks[0]:
             self.chunks.pop(0)
 
-    def _skip(self, path: Path, error: BadRequestError) -> None:
+    def _split(self, error: FaceServiceError) -> None:
+        """The first request was too big: its files again in smaller ones (and the rest under the limit said)."""
+        chunk = self.chunks[0]
+        if len(chunk) == 1:  # one file, too big by itself (or with too many faces in it): skipped
+            self._skip(chunk.pop(), error)
+            return
+        limit = error.details.get("limit")
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+            if error.code == "too_many_faces":
+                self.size = min(self.size, limit)
+            else:  # the body's bytes: room for the form's other parts
+                self.max_bytes = min(self.max_bytes, limit * 3 // 4)
+        head = self._pack(chunk)
+        if len(head) == 1:  # the limit said nothing smaller (or nothing): halves
+            head = [chunk[:len(chunk) // 2], chunk[len(chunk) // 2:]]
+        self.chunks = head + self._pack([path for rest in self.chunks[1:] for path in rest])
+
+    def _skip(self, path: Path, error: FaceServiceError) -> None:
         self.result.skipped.append(SkippedFile(file=path.name, code=error.code, message=error.message))
 
     def done(self) -> PersonResult:
@@ -266,6 +320,13 @@ class _PersonEnroll:
             self.result.error = ErrorBody(code=first.code, message=f"none of the {self.result.files} images "
                                           f"could be enrolled (first: {first.file}: {first.message})")
         return self.result
+
+
+def _file_bytes(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:  # read (and its error raised) when it is sent
+        return 0
 
 
 class _Base:
@@ -333,7 +394,13 @@ class _Base:
             return Call("POST", path, fields)
         files = [(name, (f"{name}-{i}", blob, "application/octet-stream"))
                  for name, blobs in images.items() for i, blob in enumerate(blobs)]
-        return Call("POST", path, files=files, data={k: _form_text(v) for k, v in fields.items()})
+        # encoded here, sent as one piece: httpx streams a form part by part, and a server refusing the body
+        # early (413 payload_too_large) then closes the connection under the writes, so that the client
+        # (AsyncClient always) reads a reset instead of the answer
+        form = httpx.Request("POST", "http://form", files=files, data={k: _form_text(v) for k, v in fields.items()})
+        call = Call("POST", path, content=form.read())
+        call.headers["Content-Type"] = form.headers["Content-Type"]
+        return call
 
     def _embed(self, images: Any, image_type: ImageType, multi_face: str, color: Color | None,
                model: str | None = None) -> Call:
@@ -563,7 +630,7 @@ class FaceClient(_Base):
     def _send(self, call: Call) -> httpx.Response:
         try:
             return self._http.request(call.method, call.path, json=call.json, params=call.params,
-                                      files=call.files, data=call.data, headers=call.headers,
+                                      content=call.content, headers=call.headers,
                                       timeout=self._call_timeout(call))
         except httpx.TransportError as e:
             raise FaceConnectionError(f"{call.method} {self.base_url}{call.path}: {e!r}") from e
@@ -809,26 +876,39 @@ class FaceClient(_Base):
 
     def enroll_folder(self, root: str | Path, *, replace: bool = False, concurrency: int = 4,
                       progress: bool | Progress | None = None, max_images_per_request: int = 64,
-                      **options: Any) -> FolderSummary:
+                      max_bytes_per_request: int = MAX_BYTES_PER_REQUEST, **options: Any) -> FolderSummary:
         """Enroll one sub-folder per person (the folder name is the identity id), like ``python -m service
         gallery enroll``. Resumable: someone already enrolled is skipped unless ``replace``. A file the
         service refuses for itself (not an image, no face, low quality...) is skipped and listed in the
-        person's ``skipped``; a person none of whose files could be enrolled is in ``failed``: nothing is
-        raised for bad input. ``progress`` (people done): see ``progress_reporter``."""
+        person's ``skipped``; a person the service refuses (a folder name that is no identity id:
+        invalid_identity_id; possible_duplicate, too_many_faces_for_identity...), a folder without image
+        files (no_images) and a person none of whose files could be enrolled are in ``failed``, and the run
+        goes on: nothing is raised for bad input (errors of the run itself are: a key, a collection, the
+        server). A person's files go in requests of at most ``max_images_per_request`` files and
+        ``max_bytes_per_request`` bytes of them (16 MiB: under the server's default body limit); a request
+        the server refuses as too big (payload_too_large, too_many_faces) is split and sent again.
+        ``progress`` (people done): see ``progress_reporter``."""
         people = person_folders(root)
         summary, lock = FolderSummary(people=len(people)), threading.Lock()
         report, close = progress_reporter(progress, len(people), "enroll people")
 
         def one(person: tuple[str, list[Path]]) -> None:
             identity, files = person
-            if not replace and self._exists(identity, options.get("collection")):
+            work = _PersonEnroll(identity, files, max_images_per_request, max_bytes_per_request, replace)
+            try:
+                already = not replace and self._exists(identity, options.get("collection"))
+            except BadRequestError as e:  # its folder's name is no identity id (invalid_identity_id...)
+                already = False
+                work.refuse(e)
+            if already:
                 result = PersonResult(identity_id=identity, files=len(files), already=True)
             else:
-                work = _PersonEnroll(identity, files, max_images_per_request, replace)
                 while (step := work.next()) is not None:
                     try:
                         work.enrolled(self.enroll(identity, step[0], replace=step[1], **options))
-                    except BadRequestError as e:
+                    except FaceServiceError as e:
+                        if not work.takes(e):
+                            raise
                         work.refused(e)
                 result = work.done()
             with lock:
@@ -980,7 +1060,7 @@ class AsyncFaceClient(_Base):
     async def _send(self, call: Call) -> httpx.Response:
         try:
             return await self._http.request(call.method, call.path, json=call.json, params=call.params,
-                                            files=call.files, data=call.data, headers=call.headers,
+                                            content=call.content, headers=call.headers,
                                             timeout=self._call_timeout(call))
         except httpx.TransportError as e:
             raise FaceConnectionError(f"{call.method} {self.base_url}{call.path}: {e!r}") from e
@@ -1196,7 +1276,7 @@ class AsyncFaceClient(_Base):
 
     async def enroll_folder(self, root: str | Path, *, replace: bool = False, concurrency: int = 4,
                             progress: bool | Progress | None = None, max_images_per_request: int = 64,
-                            **options: Any) -> FolderSummary:
+                            max_bytes_per_request: int = MAX_BYTES_PER_REQUEST, **options: Any) -> FolderSummary:
         """As FaceClient.enroll_folder, with ``concurrency`` tasks."""
         people = person_folders(root)
         summary, gate = FolderSummary(people=len(people)), asyncio.Semaphore(max(1, concurrency))
@@ -1204,14 +1284,21 @@ class AsyncFaceClient(_Base):
 
         async def one(identity: str, files: list[Path]) -> None:
             async with gate:
-                if not replace and await self._exists(identity, options.get("collection")):
+                work = _PersonEnroll(identity, files, max_images_per_request, max_bytes_per_request, replace)
+                try:
+                    already = not replace and await self._exists(identity, options.get("collection"))
+                except BadRequestError as e:  # its folder's name is no identity id (invalid_identity_id...)
+                    already = False
+                    work.refuse(e)
+                if already:
                     result = PersonResult(identity_id=identity, files=len(files), already=True)
                 else:
-                    work = _PersonEnroll(identity, files, max_images_per_request, replace)
                     while (step := work.next()) is not None:
                         try:
                             work.enrolled(await self.enroll(identity, step[0], replace=step[1], **options))
-                        except BadRequestError as e:
+                        except FaceServiceError as e:
+                            if not work.takes(e):
+                                raise
                             work.refused(e)
                     result = work.done()
             summary.add(result)
