@@ -6,8 +6,13 @@ import asyncio
 import io
 import json
 import shutil
+import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import faceclient
@@ -1101,3 +1106,114 @@ def test_enroll_folder_splits_what_the_server_refuses_as_too_big_and_reports_ref
         asyncio.run(main())
     finally:
         proc.stop()
+
+
+# --- the first call's version check -------------------------------------------------------------------------
+Answer = tuple[int, dict[str, str], bytes]
+
+
+@contextmanager
+def web_server(answer: Callable[[str, int], Answer]) -> Iterator[tuple[str, list[str]]]:
+    """Another HTTP server at the client's URL (a load balancer, another web app): ``answer(path, n)`` (n: the
+    requests so far) gives each GET's status, headers and body. Yields its URL and the paths it was asked."""
+    asked: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            asked.append(self.path)
+            status, headers, body = answer(self.path, len(asked))
+            self.send_response(status)
+            for name, value in {"Content-Length": str(len(body)), **headers}.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", asked
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def as_json(status: int, body: object, **headers: str) -> Answer:
+    return status, {"Content-Type": "application/json", **headers}, json.dumps(body).encode()
+
+
+def busy_once(path: str, n: int) -> Answer:
+    """A replica still starting behind a load balancer: its first answer is 503 overloaded, Retry-After 1."""
+    if n == 1:
+        return as_json(503, {"error": {"code": "overloaded", "message": "busy"}}, **{"Retry-After": "1"})
+    return as_json(200, {"status": "ok", "version": faceclient.__version__} if path == "/healthz" else {"items": []})
+
+
+def test_the_version_check_retries_a_503_as_any_call(monkeypatch):
+    """The first call's GET /healthz was sent once, outside the retry loop: a 503 with Retry-After became
+    IncompatibleServerError ("install the client of the server's major version"). It is retried now."""
+    with web_server(busy_once) as (url, asked):
+        with FaceClient(url, "k" * 32) as face:
+            assert face.list_collections() == []
+        assert asked == ["/healthz", "/healthz", "/collections"]
+        asked.clear()
+
+        async def main() -> None:
+            async with AsyncFaceClient(url, "k" * 32) as aface:
+                assert await aface.list_collections() == []
+
+        asyncio.run(main())
+        assert asked == ["/healthz", "/healthz", "/collections"]
+
+
+def test_the_version_check_raises_the_servers_own_error(tmp_path, default_model):
+    """A server that answers /healthz with an error (421 host_not_allowed: a Host not in FACE_ALLOWED_HOSTS)
+    gave IncompatibleServerError, hiding the error; now it is the error's own class and code."""
+    proc = ServerProcess(tmp_path / "data", model=default_model, env={**ENV, "FACE_ALLOWED_HOSTS": "127.0.0.1"})
+    try:
+        proc.wait_ready()
+        url = proc.url.replace("127.0.0.1", "localhost")
+        with FaceClient(url, ADMIN) as face, pytest.raises(BadRequestError) as e:
+            face.list_collections()
+        assert (e.value.code, e.value.status) == ("host_not_allowed", 421)
+
+        async def main() -> None:
+            async with AsyncFaceClient(url, ADMIN) as aface:
+                with pytest.raises(BadRequestError) as e:
+                    await aface.list_collections()
+                assert e.value.code == "host_not_allowed"
+
+        asyncio.run(main())
+        cli = subprocess.run([sys.executable, "-m", "faceclient.cli", "--url", url, "--key", ADMIN, "collections",
+                              "list"], capture_output=True, text=True, timeout=60)
+        assert cli.returncode == 1 and cli.stderr.startswith("error: host_not_allowed: "), cli.stderr
+    finally:
+        proc.stop()
+
+
+NOT_THE_SERVICE: list[Answer] = [
+    (200, {"Content-Type": "text/html"}, b"<!doctype html><title>an app</title>"),  # an SPA's index.html
+    as_json(200, {"status": "ok"}),  # a health check of something else: no version
+    as_json(200, ["ok"]),
+]
+
+
+@pytest.mark.parametrize("answer", NOT_THE_SERVICE)
+def test_a_healthz_that_is_not_the_service_s_is_an_incompatible_server(answer):
+    """A 200 /healthz that is not JSON, or JSON without the service's version, raised JSONDecodeError or
+    pydantic's ValidationError (the CLI: a traceback, exit 1); now IncompatibleServerError (CLI: exit 3)."""
+    with web_server(lambda path, n: answer) as (url, _):
+        with FaceClient(url) as face, pytest.raises(IncompatibleServerError, match="not a face service"):
+            face.list_collections()
+
+        async def main() -> None:
+            async with AsyncFaceClient(url) as aface:
+                with pytest.raises(IncompatibleServerError, match="not a face service"):
+                    await aface.list_collections()
+
+        asyncio.run(main())
+        cli = subprocess.run([sys.executable, "-m", "faceclient.cli", "--url", url, "collections", "list"],
+                             capture_output=True, text=True, timeout=60)
+        assert cli.returncode == 3 and cli.stderr.startswith("error: ") and cli.stderr.count("\n") == 1, cli.stderr

@@ -592,13 +592,22 @@ class _Base:
             float(retry_after) if retry_after and retry_after.isdigit() else None)
 
     def _version_ok(self, response: httpx.Response) -> None:
-        health = Health.model_validate(response.json()) if response.is_success else None
-        self.server_version = health.version if health else None
-        if self.server_version is None or _major(self.server_version) != _major(__version__):
+        """The first call's check of the success answer of GET /healthz: IncompatibleServerError when it is
+        not the service's (not JSON, no version: another web server at the URL) or of another major version."""
+        try:
+            version = Health.model_validate(response.json()).version
+        except ValueError:  # not JSON, or not /healthz's object (pydantic's ValidationError is a ValueError)
+            version = None
+        if version is None:
             raise IncompatibleServerError(
-                f"faceclient {__version__} does not fit the server at {self.base_url} "
-                f"(version {self.server_version or 'not reported'}): install the client of the server's major "
-                "version (or pass check_version=False)", self.server_version, __version__)
+                f"the server at {self.base_url} is not a face service: GET /healthz answered without the "
+                "service's version (check the URL)", None, __version__)
+        self.server_version = version
+        if _major(version) != _major(__version__):
+            raise IncompatibleServerError(
+                f"faceclient {__version__} does not fit the server at {self.base_url} (version {version}): "
+                "install the client of the server's major version (or pass check_version=False)", version,
+                __version__)
         self._version_checked = True
 
     def _client_args(self) -> dict[str, Any]:
@@ -636,11 +645,15 @@ class FaceClient(_Base):
             raise FaceConnectionError(f"{call.method} {self.base_url}{call.path}: {e!r}") from e
 
     def _raw(self, call: Call) -> httpx.Response:
-        """The success answer to ``call`` (429/503 retried as the client's settings say); an error answer raises."""
+        """The success answer to ``call`` (429/503 retried as the client's settings say); an error answer raises.
+        The first call reads /healthz first, the same way (its error answer raises as any other)."""
         if not self._version_checked:
             with self._lock:
                 if not self._version_checked:
-                    self._version_ok(self._send(Call("GET", "/healthz")))
+                    self._version_ok(self._answer(Call("GET", "/healthz")))
+        return self._answer(call)
+
+    def _answer(self, call: Call) -> httpx.Response:
         started = time.monotonic()
         attempt = 0
         while True:
@@ -1066,12 +1079,16 @@ class AsyncFaceClient(_Base):
             raise FaceConnectionError(f"{call.method} {self.base_url}{call.path}: {e!r}") from e
 
     async def _raw(self, call: Call) -> httpx.Response:
-        """The success answer to ``call`` (429/503 retried as the client's settings say); an error answer raises."""
+        """The success answer to ``call`` (429/503 retried as the client's settings say); an error answer raises.
+        The first call reads /healthz first, the same way (its error answer raises as any other)."""
         if not self._version_checked:
             self._lock = self._lock or asyncio.Lock()
             async with self._lock:
                 if not self._version_checked:
-                    self._version_ok(await self._send(Call("GET", "/healthz")))
+                    self._version_ok(await self._answer(Call("GET", "/healthz")))
+        return await self._answer(call)
+
+    async def _answer(self, call: Call) -> httpx.Response:
         started = time.monotonic()
         attempt = 0
         while True:
