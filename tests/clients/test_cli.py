@@ -341,3 +341,20 @@ def test_cli_enroll_goes_on_past_a_folder_name_that_is_no_identity_id(embedded, 
     failed = {line.split("\t")[1]: line.split("\t")[2].split(":")[0] for line in lines[1:] if line.startswith("failed\t")}
     assert failed == {"zero\u200bwidth": "invalid_identity_id", "Empty_Person": "no_images"}
     assert face(embedded, "collections", "delete", collection_name).returncode == 0
+
+
+def test_cli_never_prints_the_key_or_the_url_password(embedded):
+    """A key with a newline was printed by `face` (httpx's LocalProtocolError holds the header), a non-ASCII
+    key gave a traceback (exit 1), and the password of http://user:pass@host was in the error line. Now a key
+    that cannot be sent is a usage error (exit 2, one line) naming none of it; no line holds the password."""
+    secret = "secret-key-0123456789abcdef0123456789"
+    for key in (secret + "\n", "secret-clé-0123456789abcdef0123456789"):
+        refused = face(embedded, "collections", "list", key=key)
+        assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+        assert "secret" not in refused.stderr + refused.stdout
+    port = free_port()
+    for url in (f"http://user:s3cret-password@127.0.0.1:{port}", "http://user:s3cret-password@[::1",
+                "ftp://user:s3cret-password@127.0.0.1"):
+        failed = subprocess.run([sys.executable, "-m", "faceclient.cli", "--url", url, "collections", "list"],
+                                capture_output=True, text=True, timeout=60)
+        assert failed.returncode in (2, 3) and "s3cret" not in failed.stderr + failed.stdout, failed.stderr

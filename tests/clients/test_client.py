@@ -1217,3 +1217,42 @@ def test_a_healthz_that_is_not_the_service_s_is_an_incompatible_server(answer):
         cli = subprocess.run([sys.executable, "-m", "faceclient.cli", "--url", url, "collections", "list"],
                              capture_output=True, text=True, timeout=60)
         assert cli.returncode == 3 and cli.stderr.startswith("error: ") and cli.stderr.count("\n") == 1, cli.stderr
+
+
+# --- secrets stay out of messages ---------------------------------------------------------------------------
+SECRET = "secret-key-0123456789abcdef0123456789"
+BAD_KEYS = [SECRET + "\n", "secret-clé-0123456789abcdef0123456789", "secret key 0123456789", "\tsecret-key"]
+
+
+@pytest.mark.parametrize("key", BAD_KEYS)
+def test_a_key_that_cannot_be_a_header_is_refused_without_showing_it(key):
+    """A key with a newline (read from a file) made httpx raise LocalProtocolError, whose text (the
+    header's value) the client put in FaceConnectionError and the CLI printed; a non-ASCII key gave a
+    UnicodeEncodeError traceback. The constructor refuses it now, naming no part of it."""
+    for client in (FaceClient, AsyncFaceClient):
+        with pytest.raises(ValueError, match="api_key") as e:
+            client("http://127.0.0.1:1", key)
+        assert "secret" not in str(e.value)
+
+
+def test_url_user_info_is_not_in_messages(monkeypatch):
+    """http://user:pass@host: the password was printed in FaceConnectionError (and so by the CLI), and in
+    IncompatibleServerError."""
+    nobody = f"http://user:s3cret-password@127.0.0.1:{free_port()}"
+    with FaceClient(nobody, timeout=2) as face, pytest.raises(FaceConnectionError) as refused:
+        face.health()
+    assert "s3cret" not in str(refused.value) and "127.0.0.1" in str(refused.value)
+
+    async def main(url: str) -> None:
+        async with AsyncFaceClient(url, timeout=2) as aface:
+            with pytest.raises(FaceConnectionError) as e:
+                await aface.health()
+            assert "s3cret" not in str(e.value)
+
+    asyncio.run(main(nobody))
+    monkeypatch.setattr("faceclient.client.__version__", "99.0.0")  # a client of another major
+    with web_server(lambda path, n: as_json(200, {"status": "ok", "version": "0.1.0"})) as (url, _):
+        with FaceClient(url.replace("//", "//user:s3cret-password@"), SECRET) as face:
+            with pytest.raises(IncompatibleServerError) as other:
+                face.list_collections()
+        assert "s3cret" not in str(other.value) and "99.0.0" in str(other.value)

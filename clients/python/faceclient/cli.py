@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel
 
-from .client import KEEP, FaceClient
+from .client import KEEP, FaceClient, without_user_info
 from .errors import FaceConnectionError, FaceServiceError, IncompatibleServerError
 from .models import Collection, Identity
 
@@ -132,9 +132,13 @@ def _identity_lines(i: Identity) -> list[str]:
 
 
 def _service_url(text: str) -> str:
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise argparse.ArgumentTypeError(f"must be http://HOST[:PORT] or https://..., not {text!r}")
+    try:
+        parts = urlsplit(text)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:  # e.g. http://[::1
+        ok = False
+    if not ok:  # the URL as said without its user info: a password is never printed
+        raise argparse.ArgumentTypeError(f"must be http://HOST[:PORT] or https://..., not {without_user_info(text)!r}")
     return text
 
 
@@ -413,8 +417,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return USAGE if e.code else OK
     try:
         client_cert = (args.client_cert, args.client_key) if args.client_key else args.client_cert
-        with FaceClient(args.url, args.key, timeout=args.timeout, collection=args.collection,
-                        ca_file=args.ca_file, client_cert=client_cert) as face:
+        client = FaceClient(args.url, args.key, timeout=args.timeout, collection=args.collection,
+                            ca_file=args.ca_file, client_cert=client_cert)
+    except ValueError as e:  # a key that cannot be sent (the message never shows it)
+        print(f"error: {e}", file=sys.stderr)
+        return USAGE
+    except OSError as e:  # a CA or certificate file that cannot be read
+        print(f"error: {e}", file=sys.stderr)
+        return USAGE
+    try:
+        with client as face:
             answer, lines = run(face, args)
     except FaceServiceError as e:
         error = {"code": e.code, "message": e.message, "details": e.details, "request_id": e.request_id,

@@ -12,6 +12,7 @@ import enum
 import json
 import os
 import random
+import re
 import ssl
 import sys
 import threading
@@ -147,6 +148,14 @@ def _segment(value: str) -> str:
         raise ValueError("an id or name in a URL path must not be empty")
     quoted = quote(value, safe="")
     return quoted.replace(".", "%2E") if quoted in (".", "..") else quoted
+
+
+def without_user_info(text: str) -> str:
+    """``text`` with the user info (``user:password@``) of each URL in it taken out: for messages."""
+    return _USER_INFO.sub(r"\1", text)
+
+
+_USER_INFO = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/?#\s]*@")  # to its last @, as URLs are read
 
 
 def _major(version: str) -> str:
@@ -346,7 +355,11 @@ class _Base:
         or ``SSL_CERT_FILE``'s). The certificate is always checked. ``client_cert``: the certificate this
         client shows a service that asks for one (mutual TLS: FACE_TLS_CLIENT_CA_FILE), a PEM file with its
         key in it, or (certificate file, key file)."""
+        if api_key and not all("!" <= c <= "~" for c in api_key):  # never shown: it is a secret
+            raise ValueError("api_key must be printable ASCII without spaces or control characters (a key read "
+                             "from a file with its newline?); the key is not shown")
         self.base_url = base_url.rstrip("/")
+        self._shown_url = without_user_info(self.base_url)  # the URL in messages: no password
         self._tls_verify: ssl.SSLContext | bool = True
         if ca_file or client_cert:
             context = ssl.create_default_context(cafile=os.fspath(ca_file) if ca_file else None)
@@ -361,6 +374,7 @@ class _Base:
         self.backoff_s = backoff_s
         self._check_version = check_version
         self._version_checked = not check_version
+        self._api_key = api_key
         self._headers = {"X-API-Key": api_key} if api_key else {}
         self._timeout = httpx.Timeout(timeout)
         self._timeout_s = timeout
@@ -600,15 +614,23 @@ class _Base:
             version = None
         if version is None:
             raise IncompatibleServerError(
-                f"the server at {self.base_url} is not a face service: GET /healthz answered without the "
+                f"the server at {self._shown_url} is not a face service: GET /healthz answered without the "
                 "service's version (check the URL)", None, __version__)
         self.server_version = version
         if _major(version) != _major(__version__):
             raise IncompatibleServerError(
-                f"faceclient {__version__} does not fit the server at {self.base_url} (version {version}): "
+                f"faceclient {__version__} does not fit the server at {self._shown_url} (version {version}): "
                 "install the client of the server's major version (or pass check_version=False)", version,
                 __version__)
         self._version_checked = True
+
+    def _connection_error(self, call: Call, error: httpx.TransportError) -> FaceConnectionError:
+        """``error`` as FaceConnectionError, with no secret: the URL without its user info, and no text of a
+        LocalProtocolError (httpx's complaint about the request it was to send quotes its headers)."""
+        what = type(error).__name__ if isinstance(error, httpx.LocalProtocolError) else repr(error)
+        if self._api_key:
+            what = what.replace(self._api_key, "<api key>")
+        return FaceConnectionError(f"{call.method} {self._shown_url}{call.path}: {without_user_info(what)}")
 
     def _client_args(self) -> dict[str, Any]:
         return {"base_url": self.base_url, "headers": self._headers, "timeout": self._timeout, "verify": self._tls_verify}
@@ -642,7 +664,7 @@ class FaceClient(_Base):
                                       content=call.content, headers=call.headers,
                                       timeout=self._call_timeout(call))
         except httpx.TransportError as e:
-            raise FaceConnectionError(f"{call.method} {self.base_url}{call.path}: {e!r}") from e
+            raise self._connection_error(call, e) from (None if isinstance(e, httpx.LocalProtocolError) else e)
 
     def _raw(self, call: Call) -> httpx.Response:
         """The success answer to ``call`` (429/503 retried as the client's settings say); an error answer raises.
@@ -1076,7 +1098,7 @@ class AsyncFaceClient(_Base):
                                             content=call.content, headers=call.headers,
                                             timeout=self._call_timeout(call))
         except httpx.TransportError as e:
-            raise FaceConnectionError(f"{call.method} {self.base_url}{call.path}: {e!r}") from e
+            raise self._connection_error(call, e) from (None if isinstance(e, httpx.LocalProtocolError) else e)
 
     async def _raw(self, call: Call) -> httpx.Response:
         """The success answer to ``call`` (429/503 retried as the client's settings say); an error answer raises.
