@@ -358,3 +358,12 @@ def test_cli_never_prints_the_key_or_the_url_password(embedded):
         failed = subprocess.run([sys.executable, "-m", "faceclient.cli", "--url", url, "collections", "list"],
                                 capture_output=True, text=True, timeout=60)
         assert failed.returncode in (2, 3) and "s3cret" not in failed.stderr + failed.stdout, failed.stderr
+
+
+def test_cli_identify_among_an_empty_list_is_a_usage_error(embedded):
+    """--among is an access list: `--among ''` (or `,`) searched the whole gallery (exit 0, the empty list
+    dropped); now a usage error (exit 2) and nothing is sent."""
+    photo = str(face_files(ENROLLED[0])[0])
+    for among in ("", ",", ",,"):
+        refused = face(embedded, "identify", photo, "--among", among)
+        assert refused.returncode == 2 and "--among" in refused.stderr and refused.stdout == "", refused

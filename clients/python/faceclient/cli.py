@@ -131,6 +131,14 @@ def _identity_lines(i: Identity) -> list[str]:
         + ("kept until deleted" if f.expires_at is None else f"expires {_when(f.expires_at)}") for f in i.faces]
 
 
+def _among(text: str) -> list[str]:
+    """--among's ids; none at all is a usage error: an empty access list must not mean the whole gallery."""
+    ids = [i for i in text.split(",") if i]
+    if not ids:
+        raise argparse.ArgumentTypeError(f"must name at least one identity id (ID,ID,...), not {text!r}")
+    return ids
+
+
 def _service_url(text: str) -> str:
     try:
         parts = urlsplit(text)
@@ -163,8 +171,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     identify = commands.add_parser("identify", help="who is in each photo")
     identify.add_argument("photos", nargs="+")
     identify.add_argument("--top-k", type=int, default=1)
-    identify.add_argument("--among", type=lambda text: [i for i in text.split(",") if i], metavar="ID,ID,...",
-                          help="only these enrolled identities are candidates (an access list)")
+    identify.add_argument("--among", type=_among, metavar="ID,ID,...",
+                          help="only these enrolled identities are candidates (an access list: at least one)")
     verify = commands.add_parser("verify", help="are A and B the same person")
     verify.add_argument("a")
     verify.add_argument("b")
@@ -285,7 +293,7 @@ def run(face: FaceClient, args: argparse.Namespace) -> tuple[Any, list[str]]:
     c = args.collection
     if args.command == "identify":
         results = face.identify_many(args.photos, top_k=args.top_k, collection=c,
-                                     **({"among": args.among} if args.among else {}))
+                                     **({"among": args.among} if args.among is not None else {}))
         lines = [f"{args.photos[r.image_index]}\t" + (r.error.code if r.error else
                  f"{r.identity_id or 'unknown'}\t{r.score if r.score is not None else ''}") for r in results]
         return [{"photo": args.photos[r.image_index], **r.model_dump(mode="json")} for r in results], lines
