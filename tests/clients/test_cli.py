@@ -367,3 +367,11 @@ def test_cli_identify_among_an_empty_list_is_a_usage_error(embedded):
     for among in ("", ",", ",,"):
         refused = face(embedded, "identify", photo, "--among", among)
         assert refused.returncode == 2 and "--among" in refused.stderr and refused.stdout == "", refused
+
+
+def test_cli_identify_exits_1_for_an_error_of_the_request(embedded):
+    """`face identify A B --top-k 0` printed invalid_request as each photo's result and exited 0."""
+    photos = [str(p) for p in face_files(ENROLLED[1])[:2]]
+    refused = face(embedded, "--json", "identify", *photos, "--top-k", "0")
+    assert refused.returncode == 1 and refused.stdout == "", refused
+    assert json.loads(refused.stderr)["error"]["code"] == "invalid_request"

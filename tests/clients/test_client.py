@@ -1256,3 +1256,34 @@ def test_url_user_info_is_not_in_messages(monkeypatch):
             with pytest.raises(IncompatibleServerError) as other:
                 face.list_collections()
         assert "s3cret" not in str(other.value) and "99.0.0" in str(other.value)
+
+
+# --- identify_many: a refusal of the request is raised ------------------------------------------------------
+def test_identify_many_raises_an_error_of_the_request_and_keeps_one_of_an_image(embedded, tmp_path):
+    """identify_many caught every BadRequestError of a batch and sent each image alone: a refusal of the
+    request itself (top_k=0: invalid_request) came back as every image's error, after N+1 requests. Now only
+    an image's own refusal (IMAGE_CODES) or the request's size sends the images one by one; any other
+    error is raised after the one request, sync and async."""
+    photos = [*face_files(ENROLLED[1]), tmp_path / "notes.jpg"]
+    photos[-1].write_bytes(b"not a photo")
+    sent: list[str] = []
+    with FaceClient(embedded.url, ADMIN) as face:
+        face.enroll(ENROLLED[1], face_files(ENROLLED[1])[0], replace=True)
+        face._http.event_hooks["request"].append(lambda r: sent.append(r.url.path))
+        results = face.identify_many(photos, progress=False)  # the bad file: its own error, the rest answered
+        assert [r.error.code if r.error else r.identity_id for r in results] == [ENROLLED[1]] * 3 + ["not_an_image"]
+        sent.clear()
+        with pytest.raises(BadRequestError) as e:
+            face.identify_many(photos, top_k=0, progress=False)
+        assert e.value.code == "invalid_request" and sent == ["/identify"]
+
+        async def main() -> None:
+            async with AsyncFaceClient(embedded.url, ADMIN) as aface:
+                results = await aface.identify_many(photos, progress=False)
+                assert [r.error.code for r in results if r.error] == ["not_an_image"]
+                with pytest.raises(BadRequestError) as e:
+                    await aface.identify_many(photos, top_k=0, progress=False)
+                assert e.value.code == "invalid_request"
+
+        asyncio.run(main())
+        face.delete_identity(ENROLLED[1])

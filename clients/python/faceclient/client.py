@@ -91,6 +91,9 @@ NOT_RETRIED = frozenset({"collection_damaged", "catalog_damaged"})  # 503s that 
 # enroll_folder: a request refused for its size is split and sent again; a 409 of these refuses the person alone
 SPLIT_CODES = frozenset({"payload_too_large", "too_many_faces"})
 PERSON_CODES = frozenset({"possible_duplicate", "crops_required"})
+# identify_many: a batch refused with one of these is sent again one image at a time (and an image refused
+# alone gets it as its result's error); any other error refuses the request itself and is raised
+PER_IMAGE_CODES = IMAGE_CODES | SPLIT_CODES
 # enroll_folder's default cap on the bytes of files a request carries: well under the server's default body
 # limit (FACE_MAX_REQUEST_BYTES, 32 MiB), with room for multipart's own bytes or base64's third more (json)
 MAX_BYTES_PER_REQUEST = 16 * 1024 * 1024
@@ -879,9 +882,10 @@ class FaceClient(_Base):
     def identify_many(self, images: Sequence[ImageInput], *, batch_size: int = 16, concurrency: int = 4,
                       progress: bool | Progress | None = None, **options: Any) -> list[ProbeResult]:
         """Identify many images in batched requests, ``concurrency`` in flight (threads). One result per
-        probe, ``image_index`` into ``images``; an image the service refuses (e.g. no_face) gets a result
-        with ``error`` instead of failing the others. ``progress``: see ``progress_reporter`` (a tqdm bar
-        by default when tqdm is installed and stderr is a terminal)."""
+        probe, ``image_index`` into ``images``; an image the service refuses (IMAGE_CODES, e.g. no_face; or
+        too big for a request) gets a result with ``error`` instead of failing the others. An error of the
+        request itself (invalid_request, an ``among`` id not enrolled...) is raised. ``progress``: see
+        ``progress_reporter`` (a tqdm bar by default when tqdm is installed and stderr is a terminal)."""
         done, total, lock = 0, len(images), threading.Lock()
         report, close = progress_reporter(progress, total, "identify photos")
 
@@ -889,12 +893,16 @@ class FaceClient(_Base):
             nonlocal done
             try:
                 results = _shift(self.identify(batch, **options).results, start)
-            except BadRequestError:  # one bad image refuses its batch: the others one by one
+            except BadRequestError as e:  # one bad image (or the batch's size) refuses it: the images one by one
+                if e.code not in PER_IMAGE_CODES:
+                    raise  # the request itself (invalid_request...): every image would be refused alike
                 results = []
                 for i, image in enumerate(batch):
                     try:
                         results += _shift(self.identify([image], **options).results, start + i)
                     except BadRequestError as e:
+                        if e.code not in PER_IMAGE_CODES:
+                            raise
                         results.append(_failed_probe(start + i, e))
             with lock:
                 done += len(batch)
@@ -1295,12 +1303,16 @@ class AsyncFaceClient(_Base):
             async with gate:
                 try:
                     results = _shift((await self.identify(batch, **options)).results, start)
-                except BadRequestError:
+                except BadRequestError as e:  # as FaceClient.identify_many: the images one by one, or raised
+                    if e.code not in PER_IMAGE_CODES:
+                        raise
                     results = []
                     for i, image in enumerate(batch):
                         try:
                             results += _shift((await self.identify([image], **options)).results, start + i)
                         except BadRequestError as e:
+                            if e.code not in PER_IMAGE_CODES:
+                                raise
                             results.append(_failed_probe(start + i, e))
             done += len(batch)
             if report:
