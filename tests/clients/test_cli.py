@@ -375,3 +375,17 @@ def test_cli_identify_exits_1_for_an_error_of_the_request(embedded):
     refused = face(embedded, "--json", "identify", *photos, "--top-k", "0")
     assert refused.returncode == 1 and refused.stdout == "", refused
     assert json.loads(refused.stderr)["error"]["code"] == "invalid_request"
+
+
+def test_cli_keys_an_empty_scope_is_not_every_collection(embedded):
+    """`face keys list` showed `*` (every collection) for a key scoped to none (`collections: []`), and
+    `face keys create read --collections` with no name made such a key; now it shows `none`, and
+    --collections needs a name (exit 2)."""
+    assert face(embedded, "keys", "create", "read", "--collections", "--note", "empty").returncode == 2
+    with FaceClient(embedded.url, ADMIN) as client:
+        nowhere = client.create_key("read", collections=[], note="nowhere")
+        everywhere = client.create_key("read", note="everywhere")
+    lines = {line.split("\t")[0]: line.split("\t") for line in face(embedded, "keys", "list").stdout.splitlines()}
+    assert lines[nowhere.key_id][2] == "none" and lines[everywhere.key_id][2] == "*"
+    for key in (nowhere, everywhere):
+        assert face(embedded, "keys", "revoke", key.key_id).returncode == 0

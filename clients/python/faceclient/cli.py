@@ -255,7 +255,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     keys = commands.add_parser("keys", help="create, list or revoke API keys (admin)").add_subparsers(dest="action", required=True)
     create = keys.add_parser("create")
     create.add_argument("role", choices=["admin", "write", "read", "embed"])
-    create.add_argument("--collections", nargs="*")
+    create.add_argument("--collections", nargs="+", metavar="NAME",
+                        help="the collections the key may use (default: every collection)")
     create.add_argument("--note")
     create.add_argument("--rate-limit-rps", type=float)
     keys.add_parser("list")
@@ -364,10 +365,15 @@ def run(face: FaceClient, args: argparse.Namespace) -> tuple[Any, list[str]]:
         return k, [f"{k.key_id}\t{k.role}\tsecret {k.secret}  (shown once)"]
     if args.action == "list":
         ks = face.list_keys()
-        return ks, [f"{k.key_id}\t{k.role}\t{','.join(k.collections or ['*'])}\t"
+        return ks, [f"{k.key_id}\t{k.role}\t{_scope(k.collections)}\t"
                     f"{'revoked' if k.revoked_at else 'active'}\t{k.note or ''}" for k in ks]
     r = face.revoke_key(args.key_id)
     return r, [f"revoked {r.key_id}"]
+
+
+def _scope(collections: list[str] | None) -> str:
+    """A key's collections: ``*`` for every one (None), ``none`` for a key scoped to none ([])."""
+    return "*" if collections is None else ",".join(collections) or "none"
 
 
 def _crop(face: FaceClient, args: argparse.Namespace) -> tuple[Any, list[str]]:
