@@ -157,7 +157,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--key", default=os.environ.get("FACE_API_KEY"), help="API key (default: FACE_API_KEY)")
     parser.add_argument("--collection", default="default", help="the collection to use (default: default)")
     parser.add_argument("--json", action="store_true", help="print JSON")
-    parser.add_argument("--timeout", type=_seconds, default=60.0, help="seconds to wait for an answer (default 60)")
+    parser.add_argument("--timeout", type=_seconds, default=60.0, help="seconds each step of a request may wait: "
+                        "connecting, sending, each read of the answer (not the whole request; default 60)")
     parser.add_argument("--ca-file", default=os.environ.get("FACE_CA_FILE"),
                         help="for an https:// service: a PEM file of the certificate authorities to trust (a private "
                         "CA, or a self-signed server's certificate); default: FACE_CA_FILE, else the usual ones")

@@ -348,7 +348,8 @@ class _Base:
                  ca_file: str | os.PathLike[str] | None = None,
                  client_cert: str | os.PathLike[str] | tuple[str | os.PathLike[str], str | os.PathLike[str]] | None = None,
                  ) -> None:
-        """``timeout``: seconds per request (connect, read, write). 429 and 503 answers are retried up to
+        """``timeout``: seconds each phase of a request may take (connect, each write, each wait for the
+        next bytes of the answer: httpx's timeout), not a deadline for the whole request. 429 and 503 answers are retried up to
         ``max_retries`` times, waiting Retry-After (or ``backoff_s`` doubling) plus jitter, while the
         waits fit in ``retry_budget_s``. ``collection``: the default one for gallery calls.
         ``transport``: how images travel: "multipart" (their bytes as uploaded files, the default) or
