@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -310,3 +311,81 @@ def test_cli_faces_crop(embedded, collection_name, tmp_path):
     assert list(nowhere.iterdir()) == []
     assert face(embedded, "collections", "delete", collection_name).returncode == 0
     assert face(embedded, "collections", "delete", plain).returncode == 0
+
+
+def test_cli_identities_delete_of_a_dot_id_deletes_nothing(embedded, collection_name):
+    """`face --collection C identities delete ..` deleted collection C (httpx resolved the dot segment)."""
+    assert face(embedded, "collections", "create", collection_name).returncode == 0
+    with FaceClient(embedded.url, ADMIN, collection=collection_name) as client:
+        client.enroll(ENROLLED[0], face_files(ENROLLED[0])[0])
+    for dots in (".", ".."):
+        refused = face(embedded, "--collection", collection_name, "--json", "identities", "delete", dots)
+        assert refused.returncode == 1, refused.stderr
+        assert json.loads(refused.stderr)["error"]["code"] == "invalid_identity_id"
+    listed = json.loads(face(embedded, "--collection", collection_name, "--json", "identities", "list").stdout)
+    assert [i["identity_id"] for i in listed] == [ENROLLED[0]]
+    assert face(embedded, "collections", "delete", collection_name).returncode == 0
+
+
+def test_cli_enroll_goes_on_past_a_folder_name_that_is_no_identity_id(embedded, collection_name, people_dir):
+    """`face enroll` stopped at a folder the service refuses as an identity id (exit 1, the others not
+    enrolled); the person is a `failed` line now, an empty folder too, and the run exits 0."""
+    (people_dir / "zero\u200bwidth").mkdir()
+    shutil.copy(face_files(ENROLLED[3])[0], people_dir / "zero\u200bwidth")
+    (people_dir / "Empty_Person").mkdir()
+    assert face(embedded, "collections", "create", collection_name).returncode == 0
+    enrolled = face(embedded, "--collection", collection_name, "enroll", "--concurrency", "1", str(people_dir))
+    assert enrolled.returncode == 0, enrolled.stderr
+    lines = enrolled.stdout.splitlines()
+    assert lines[0].startswith("people 5\tenrolled 3\talready 0\tfaces 6\t") and lines[0].endswith("failed 2")
+    failed = {line.split("\t")[1]: line.split("\t")[2].split(":")[0] for line in lines[1:] if line.startswith("failed\t")}
+    assert failed == {"zero\u200bwidth": "invalid_identity_id", "Empty_Person": "no_images"}
+    assert face(embedded, "collections", "delete", collection_name).returncode == 0
+
+
+def test_cli_never_prints_the_key_or_the_url_password(embedded):
+    """A key with a newline was printed by `face` (httpx's LocalProtocolError holds the header), a non-ASCII
+    key gave a traceback (exit 1), and the password of http://user:pass@host was in the error line. Now a key
+    that cannot be sent is a usage error (exit 2, one line) naming none of it; no line holds the password."""
+    secret = "secret-key-0123456789abcdef0123456789"
+    for key in (secret + "\n", "secret-clé-0123456789abcdef0123456789"):
+        refused = face(embedded, "collections", "list", key=key)
+        assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+        assert "secret" not in refused.stderr + refused.stdout
+    port = free_port()
+    for url in (f"http://user:s3cret-password@127.0.0.1:{port}", "http://user:s3cret-password@[::1",
+                "ftp://user:s3cret-password@127.0.0.1"):
+        failed = subprocess.run([sys.executable, "-m", "faceclient.cli", "--url", url, "collections", "list"],
+                                capture_output=True, text=True, timeout=60)
+        assert failed.returncode in (2, 3) and "s3cret" not in failed.stderr + failed.stdout, failed.stderr
+
+
+def test_cli_identify_among_an_empty_list_is_a_usage_error(embedded):
+    """--among is an access list: `--among ''` (or `,`) searched the whole gallery (exit 0, the empty list
+    dropped); now a usage error (exit 2) and nothing is sent."""
+    photo = str(face_files(ENROLLED[0])[0])
+    for among in ("", ",", ",,"):
+        refused = face(embedded, "identify", photo, "--among", among)
+        assert refused.returncode == 2 and "--among" in refused.stderr and refused.stdout == "", refused
+
+
+def test_cli_identify_exits_1_for_an_error_of_the_request(embedded):
+    """`face identify A B --top-k 0` printed invalid_request as each photo's result and exited 0."""
+    photos = [str(p) for p in face_files(ENROLLED[1])[:2]]
+    refused = face(embedded, "--json", "identify", *photos, "--top-k", "0")
+    assert refused.returncode == 1 and refused.stdout == "", refused
+    assert json.loads(refused.stderr)["error"]["code"] == "invalid_request"
+
+
+def test_cli_keys_an_empty_scope_is_not_every_collection(embedded):
+    """`face keys list` showed `*` (every collection) for a key scoped to none (`collections: []`), and
+    `face keys create read --collections` with no name made such a key; now it shows `none`, and
+    --collections needs a name (exit 2)."""
+    assert face(embedded, "keys", "create", "read", "--collections", "--note", "empty").returncode == 2
+    with FaceClient(embedded.url, ADMIN) as client:
+        nowhere = client.create_key("read", collections=[], note="nowhere")
+        everywhere = client.create_key("read", note="everywhere")
+    lines = {line.split("\t")[0]: line.split("\t") for line in face(embedded, "keys", "list").stdout.splitlines()}
+    assert lines[nowhere.key_id][2] == "none" and lines[everywhere.key_id][2] == "*"
+    for key in (nowhere, everywhere):
+        assert face(embedded, "keys", "revoke", key.key_id).returncode == 0

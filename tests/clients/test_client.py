@@ -5,8 +5,14 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import shutil
+import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import faceclient
@@ -954,3 +960,330 @@ def test_async_face_crop(embedded, collection_name):
             await face.delete_collection(collection_name)
 
     asyncio.run(main())
+
+
+# --- ids as path segments ------------------------------------------------------------------------------------
+DOT_IDS = (".", "..")
+
+
+def test_dot_ids_stay_in_their_path_segment(embedded, collection_name):
+    """An id of "." or ".." was sent as a dot segment that httpx resolves away: delete_identity("..",
+    collection=C) was DELETE /collections/C and erased the whole collection. Each is percent-encoded now:
+    the server refuses it (422 invalid_identity_id, or 404) and nothing is touched, on every route that takes
+    an id in its path, sync and async; an empty id is refused before anything is sent."""
+    with FaceClient(embedded.url, ADMIN, collection=collection_name) as face:
+        face.create_collection(collection_name)
+        face.enroll(ENROLLED[0], face_files(ENROLLED[0])[0])
+        face.enroll(ENROLLED[0], face_files(ENROLLED[0])[1], collection="default", replace=True)
+        for dots in DOT_IDS:
+            for call in (lambda: face.delete_identity(dots), lambda: face.get_identity(dots),
+                         lambda: face.update_identity(dots, metadata={"x": 1}),
+                         lambda: face.merge_identities(dots, ENROLLED[0]),
+                         lambda: face.delete_identity(ENROLLED[0], collection=dots),
+                         lambda: face.get_collection(dots), lambda: face.delete_collection(dots),
+                         lambda: face.revoke_key(dots), lambda: face.get_alias(dots), lambda: face.delete_alias(dots),
+                         lambda: face.get_job(dots), lambda: face.cancel_job(dots), lambda: face.resume_job(dots),
+                         lambda: face.get_duplicates_job(dots)):
+                with pytest.raises((BadRequestError, NotFoundError)) as e:
+                    call()
+                assert e.value.code in ("invalid_identity_id", "invalid_collection_name", "identity_not_found",
+                                        "collection_not_found", "key_not_found", "alias_not_found", "job_not_found",
+                                        "invalid_request"), e.value
+        with pytest.raises(BadRequestError) as refused:
+            face.delete_identity("..")
+        assert refused.value.code == "invalid_identity_id"
+        with pytest.raises(ValueError, match="empty"):
+            face.delete_identity("")
+        assert face.get_identity(ENROLLED[0]).face_count == 1  # the collection and its identity are still there
+        assert face.get_identity(ENROLLED[0], collection="default").face_count == 1
+
+    async def main() -> None:
+        async with AsyncFaceClient(embedded.url, ADMIN, collection=collection_name) as aface:
+            for dots in DOT_IDS:
+                with pytest.raises(BadRequestError):
+                    await aface.delete_identity(dots)
+                with pytest.raises((BadRequestError, NotFoundError)):
+                    await aface.get_identity(dots)
+                with pytest.raises((BadRequestError, NotFoundError)):
+                    await aface.delete_identity(ENROLLED[0], collection=dots)
+                with pytest.raises((BadRequestError, NotFoundError)):
+                    await aface.delete_collection(dots)
+            assert (await aface.get_identity(ENROLLED[0])).face_count == 1
+
+    asyncio.run(main())
+    with FaceClient(embedded.url, ADMIN) as face:
+        assert face.get_identity(ENROLLED[0], collection="default").face_count == 1
+        face.delete_identity(ENROLLED[0], collection="default")
+        assert face.delete_collection(collection_name).deleted_identities == 1
+
+
+# --- enroll_folder: a person's refusal is that person's ------------------------------------------------------
+def test_enroll_folder_reports_a_folder_name_that_is_no_identity_id_and_an_empty_folder(embedded, collection_name,
+                                                                                       people_dir):
+    """A folder whose name the service refuses as an identity id (U+200B, U+202E) aborted the whole run
+    (BadRequestError invalid_identity_id from the "already enrolled?" read); an empty person folder counted
+    as enrolled with 0 faces. Both are the person's failure now, the others enrolled, sync and async."""
+    for odd in ("zero\u200bwidth", "bad\u202ename"):
+        (people_dir / odd).mkdir()
+        shutil.copy(face_files(ENROLLED[3])[0], people_dir / odd)
+    (people_dir / "Empty_Person").mkdir()
+    (people_dir / "Empty_Person" / "notes.txt").write_text("no photo here")
+
+    def check(summary) -> None:
+        assert (summary.people, summary.enrolled, summary.faces) == (6, 3, 6)
+        assert {k: v.code for k, v in summary.failed.items()} == {
+            "zero\u200bwidth": "invalid_identity_id", "bad\u202ename": "invalid_identity_id", "Empty_Person": "no_images"}
+        assert summary.persons["Empty_Person"].faces == 0
+
+    with FaceClient(embedded.url, ADMIN, collection=collection_name) as face:
+        face.create_collection(collection_name)
+        check(face.enroll_folder(people_dir, concurrency=1, progress=False))
+        assert sorted(i.identity_id for i in face.iter_identities()) == sorted(ENROLLED[:3])
+        face.delete_collection(collection_name)
+
+    async def main() -> None:
+        async with AsyncFaceClient(embedded.url, ADMIN, collection=collection_name) as aface:
+            await aface.create_collection(collection_name)
+            check(await aface.enroll_folder(people_dir, concurrency=1, progress=False))
+            await aface.delete_collection(collection_name)
+
+    asyncio.run(main())
+
+
+def png_copy(source: Path, target: Path) -> int:
+    """The photo re-encoded as PNG (some five times the JPEG's bytes): its size."""
+    image = pytest.importorskip("PIL.Image")
+    image.open(source).convert("RGB").save(target, format="PNG")
+    return target.stat().st_size
+
+
+def test_enroll_folder_splits_what_the_server_refuses_as_too_big_and_reports_refused_people(tmp_path, default_model):
+    """A server that takes 2 images a request (FACE_MAX_FACES_PER_REQUEST) and a small body
+    (FACE_MAX_REQUEST_BYTES), refusing likely duplicates (FACE_ENROLL_DUPLICATE_POLICY=refuse): a person of
+    3 files (too_many_faces, details.limit 2) and one whose 2 files together are over the body limit
+    (payload_too_large) failed as a whole; a possible_duplicate (409) aborted the whole run. Now the requests
+    are split (by details.limit, else in halves) and sent again, every face enrolled; the duplicate is in
+    ``failed``; max_bytes_per_request keeps requests under a body limit before the server has to refuse one."""
+    people = tmp_path / "people"
+    for person in (ENROLLED[1], "Colin_again"):
+        (people / person).mkdir(parents=True)
+    for path in face_files(ENROLLED[1]):
+        shutil.copy(path, people / ENROLLED[1])
+    shutil.copy(face_files(ENROLLED[1])[0], people / "Colin_again")  # 'P' < 'a': enrolled after Colin_Powell
+    (people / ENROLLED[2]).mkdir()
+    big = [png_copy(path, people / ENROLLED[2] / f"{path.stem}.png") for path in face_files(ENROLLED[2])[:2]]
+    limit = max(big) + 3000  # one PNG (with the form's other fields) fits, two do not; three JPEGs do
+    assert sum(big) > limit > sum(p.stat().st_size for p in face_files(ENROLLED[1])) + 3000
+    proc = ServerProcess(tmp_path / "data", model=default_model, env={
+        **ENV, "FACE_MAX_FACES_PER_REQUEST": "2", "FACE_MAX_REQUEST_BYTES": str(limit),
+        "FACE_ENROLL_DUPLICATE_POLICY": "refuse"})
+
+    def check(summary) -> None:
+        assert (summary.people, summary.enrolled, summary.faces, summary.skipped_files) == (3, 2, 5, 0), summary
+        assert {k: v.code for k, v in summary.failed.items()} == {"Colin_again": "possible_duplicate"}
+        assert summary.persons[ENROLLED[1]].faces == 3 and summary.persons[ENROLLED[2]].faces == 2
+
+    try:
+        proc.wait_ready()
+        with FaceClient(proc.url, ADMIN) as face:
+            face.create_collection("sync-run")
+            check(face.enroll_folder(people, collection="sync-run", concurrency=1, progress=False))
+            assert {i.identity_id: i.face_count for i in face.iter_identities(collection="sync-run")} == {
+                ENROLLED[1]: 3, ENROLLED[2]: 2}
+            statuses: list[int] = []
+            face._http.event_hooks["response"].append(
+                lambda r: statuses.append(r.status_code) if r.request.url.path.endswith("/enroll") else None)
+            capped = face.enroll_folder(people, collection="sync-run", replace=True,
+                                        concurrency=1, progress=False, max_bytes_per_request=max(big) + 100)
+            assert (capped.enrolled, capped.faces) == (2, 5) and list(capped.failed) == ["Colin_again"]
+            assert statuses.count(413) == 1 and len(statuses) == 6  # Colin_Powell's 3 (too_many_faces) only
+
+        async def main() -> None:
+            async with AsyncFaceClient(proc.url, ADMIN) as aface:
+                await aface.create_collection("async-run")
+                check(await aface.enroll_folder(people, collection="async-run", concurrency=1, progress=False))
+
+        asyncio.run(main())
+    finally:
+        proc.stop()
+
+
+# --- the first call's version check -------------------------------------------------------------------------
+Answer = tuple[int, dict[str, str], bytes]
+
+
+@contextmanager
+def web_server(answer: Callable[[str, int], Answer]) -> Iterator[tuple[str, list[str]]]:
+    """Another HTTP server at the client's URL (a load balancer, another web app): ``answer(path, n)`` (n: the
+    requests so far) gives each GET's status, headers and body. Yields its URL and the paths it was asked."""
+    asked: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            asked.append(self.path)
+            status, headers, body = answer(self.path, len(asked))
+            self.send_response(status)
+            for name, value in {"Content-Length": str(len(body)), **headers}.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", asked
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def as_json(status: int, body: object, **headers: str) -> Answer:
+    return status, {"Content-Type": "application/json", **headers}, json.dumps(body).encode()
+
+
+def busy_once(path: str, n: int) -> Answer:
+    """A replica still starting behind a load balancer: its first answer is 503 overloaded, Retry-After 1."""
+    if n == 1:
+        return as_json(503, {"error": {"code": "overloaded", "message": "busy"}}, **{"Retry-After": "1"})
+    return as_json(200, {"status": "ok", "version": faceclient.__version__} if path == "/healthz" else {"items": []})
+
+
+def test_the_version_check_retries_a_503_as_any_call(monkeypatch):
+    """The first call's GET /healthz was sent once, outside the retry loop: a 503 with Retry-After became
+    IncompatibleServerError ("install the client of the server's major version"). It is retried now."""
+    with web_server(busy_once) as (url, asked):
+        with FaceClient(url, "k" * 32) as face:
+            assert face.list_collections() == []
+        assert asked == ["/healthz", "/healthz", "/collections"]
+        asked.clear()
+
+        async def main() -> None:
+            async with AsyncFaceClient(url, "k" * 32) as aface:
+                assert await aface.list_collections() == []
+
+        asyncio.run(main())
+        assert asked == ["/healthz", "/healthz", "/collections"]
+
+
+def test_the_version_check_raises_the_servers_own_error(tmp_path, default_model):
+    """A server that answers /healthz with an error (421 host_not_allowed: a Host not in FACE_ALLOWED_HOSTS)
+    gave IncompatibleServerError, hiding the error; now it is the error's own class and code."""
+    proc = ServerProcess(tmp_path / "data", model=default_model, env={**ENV, "FACE_ALLOWED_HOSTS": "127.0.0.1"})
+    try:
+        proc.wait_ready()
+        url = proc.url.replace("127.0.0.1", "localhost")
+        with FaceClient(url, ADMIN) as face, pytest.raises(BadRequestError) as e:
+            face.list_collections()
+        assert (e.value.code, e.value.status) == ("host_not_allowed", 421)
+
+        async def main() -> None:
+            async with AsyncFaceClient(url, ADMIN) as aface:
+                with pytest.raises(BadRequestError) as e:
+                    await aface.list_collections()
+                assert e.value.code == "host_not_allowed"
+
+        asyncio.run(main())
+        cli = subprocess.run([sys.executable, "-m", "faceclient.cli", "--url", url, "--key", ADMIN, "collections",
+                              "list"], capture_output=True, text=True, timeout=60)
+        assert cli.returncode == 1 and cli.stderr.startswith("error: host_not_allowed: "), cli.stderr
+    finally:
+        proc.stop()
+
+
+NOT_THE_SERVICE: list[Answer] = [
+    (200, {"Content-Type": "text/html"}, b"<!doctype html><title>an app</title>"),  # an SPA's index.html
+    as_json(200, {"status": "ok"}),  # a health check of something else: no version
+    as_json(200, ["ok"]),
+]
+
+
+@pytest.mark.parametrize("answer", NOT_THE_SERVICE)
+def test_a_healthz_that_is_not_the_service_s_is_an_incompatible_server(answer):
+    """A 200 /healthz that is not JSON, or JSON without the service's version, raised JSONDecodeError or
+    pydantic's ValidationError (the CLI: a traceback, exit 1); now IncompatibleServerError (CLI: exit 3)."""
+    with web_server(lambda path, n: answer) as (url, _):
+        with FaceClient(url) as face, pytest.raises(IncompatibleServerError, match="not a face service"):
+            face.list_collections()
+
+        async def main() -> None:
+            async with AsyncFaceClient(url) as aface:
+                with pytest.raises(IncompatibleServerError, match="not a face service"):
+                    await aface.list_collections()
+
+        asyncio.run(main())
+        cli = subprocess.run([sys.executable, "-m", "faceclient.cli", "--url", url, "collections", "list"],
+                             capture_output=True, text=True, timeout=60)
+        assert cli.returncode == 3 and cli.stderr.startswith("error: ") and cli.stderr.count("\n") == 1, cli.stderr
+
+
+# --- secrets stay out of messages ---------------------------------------------------------------------------
+SECRET = "secret-key-0123456789abcdef0123456789"
+BAD_KEYS = [SECRET + "\n", "secret-clé-0123456789abcdef0123456789", "secret key 0123456789", "\tsecret-key"]
+
+
+@pytest.mark.parametrize("key", BAD_KEYS)
+def test_a_key_that_cannot_be_a_header_is_refused_without_showing_it(key):
+    """A key with a newline (read from a file) made httpx raise LocalProtocolError, whose text (the
+    header's value) the client put in FaceConnectionError and the CLI printed; a non-ASCII key gave a
+    UnicodeEncodeError traceback. The constructor refuses it now, naming no part of it."""
+    for client in (FaceClient, AsyncFaceClient):
+        with pytest.raises(ValueError, match="api_key") as e:
+            client("http://127.0.0.1:1", key)
+        assert "secret" not in str(e.value)
+
+
+def test_url_user_info_is_not_in_messages(monkeypatch):
+    """http://user:pass@host: the password was printed in FaceConnectionError (and so by the CLI), and in
+    IncompatibleServerError."""
+    nobody = f"http://user:s3cret-password@127.0.0.1:{free_port()}"
+    with FaceClient(nobody, timeout=2) as face, pytest.raises(FaceConnectionError) as refused:
+        face.health()
+    assert "s3cret" not in str(refused.value) and "127.0.0.1" in str(refused.value)
+
+    async def main(url: str) -> None:
+        async with AsyncFaceClient(url, timeout=2) as aface:
+            with pytest.raises(FaceConnectionError) as e:
+                await aface.health()
+            assert "s3cret" not in str(e.value)
+
+    asyncio.run(main(nobody))
+    monkeypatch.setattr("faceclient.client.__version__", "99.0.0")  # a client of another major
+    with web_server(lambda path, n: as_json(200, {"status": "ok", "version": "0.1.0"})) as (url, _):
+        with FaceClient(url.replace("//", "//user:s3cret-password@"), SECRET) as face:
+            with pytest.raises(IncompatibleServerError) as other:
+                face.list_collections()
+        assert "s3cret" not in str(other.value) and "99.0.0" in str(other.value)
+
+
+# --- identify_many: a refusal of the request is raised ------------------------------------------------------
+def test_identify_many_raises_an_error_of_the_request_and_keeps_one_of_an_image(embedded, tmp_path):
+    """identify_many caught every BadRequestError of a batch and sent each image alone: a refusal of the
+    request itself (top_k=0: invalid_request) came back as every image's error, after N+1 requests. Now only
+    an image's own refusal (IMAGE_CODES) or the request's size sends the images one by one; any other
+    error is raised after the one request, sync and async."""
+    photos = [*face_files(ENROLLED[1]), tmp_path / "notes.jpg"]
+    photos[-1].write_bytes(b"not a photo")
+    sent: list[str] = []
+    with FaceClient(embedded.url, ADMIN) as face:
+        face.enroll(ENROLLED[1], face_files(ENROLLED[1])[0], replace=True)
+        face._http.event_hooks["request"].append(lambda r: sent.append(r.url.path))
+        results = face.identify_many(photos, progress=False)  # the bad file: its own error, the rest answered
+        assert [r.error.code if r.error else r.identity_id for r in results] == [ENROLLED[1]] * 3 + ["not_an_image"]
+        sent.clear()
+        with pytest.raises(BadRequestError) as e:
+            face.identify_many(photos, top_k=0, progress=False)
+        assert e.value.code == "invalid_request" and sent == ["/identify"]
+
+        async def main() -> None:
+            async with AsyncFaceClient(embedded.url, ADMIN) as aface:
+                results = await aface.identify_many(photos, progress=False)
+                assert [r.error.code for r in results if r.error] == ["not_an_image"]
+                with pytest.raises(BadRequestError) as e:
+                    await aface.identify_many(photos, top_k=0, progress=False)
+                assert e.value.code == "invalid_request"
+
+        asyncio.run(main())
+        face.delete_identity(ENROLLED[1])

@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel
 
-from .client import KEEP, FaceClient
+from .client import KEEP, FaceClient, without_user_info
 from .errors import FaceConnectionError, FaceServiceError, IncompatibleServerError
 from .models import Collection, Identity
 
@@ -131,10 +131,22 @@ def _identity_lines(i: Identity) -> list[str]:
         + ("kept until deleted" if f.expires_at is None else f"expires {_when(f.expires_at)}") for f in i.faces]
 
 
+def _among(text: str) -> list[str]:
+    """--among's ids; none at all is a usage error: an empty access list must not mean the whole gallery."""
+    ids = [i for i in text.split(",") if i]
+    if not ids:
+        raise argparse.ArgumentTypeError(f"must name at least one identity id (ID,ID,...), not {text!r}")
+    return ids
+
+
 def _service_url(text: str) -> str:
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise argparse.ArgumentTypeError(f"must be http://HOST[:PORT] or https://..., not {text!r}")
+    try:
+        parts = urlsplit(text)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:  # e.g. http://[::1
+        ok = False
+    if not ok:  # the URL as said without its user info: a password is never printed
+        raise argparse.ArgumentTypeError(f"must be http://HOST[:PORT] or https://..., not {without_user_info(text)!r}")
     return text
 
 
@@ -145,7 +157,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--key", default=os.environ.get("FACE_API_KEY"), help="API key (default: FACE_API_KEY)")
     parser.add_argument("--collection", default="default", help="the collection to use (default: default)")
     parser.add_argument("--json", action="store_true", help="print JSON")
-    parser.add_argument("--timeout", type=_seconds, default=60.0, help="seconds to wait for an answer (default 60)")
+    parser.add_argument("--timeout", type=_seconds, default=60.0, help="seconds each step of a request may wait: "
+                        "connecting, sending, each read of the answer (not the whole request; default 60)")
     parser.add_argument("--ca-file", default=os.environ.get("FACE_CA_FILE"),
                         help="for an https:// service: a PEM file of the certificate authorities to trust (a private "
                         "CA, or a self-signed server's certificate); default: FACE_CA_FILE, else the usual ones")
@@ -159,8 +172,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     identify = commands.add_parser("identify", help="who is in each photo")
     identify.add_argument("photos", nargs="+")
     identify.add_argument("--top-k", type=int, default=1)
-    identify.add_argument("--among", type=lambda text: [i for i in text.split(",") if i], metavar="ID,ID,...",
-                          help="only these enrolled identities are candidates (an access list)")
+    identify.add_argument("--among", type=_among, metavar="ID,ID,...",
+                          help="only these enrolled identities are candidates (an access list: at least one)")
     verify = commands.add_parser("verify", help="are A and B the same person")
     verify.add_argument("a")
     verify.add_argument("b")
@@ -243,7 +256,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     keys = commands.add_parser("keys", help="create, list or revoke API keys (admin)").add_subparsers(dest="action", required=True)
     create = keys.add_parser("create")
     create.add_argument("role", choices=["admin", "write", "read", "embed"])
-    create.add_argument("--collections", nargs="*")
+    create.add_argument("--collections", nargs="+", metavar="NAME",
+                        help="the collections the key may use (default: every collection)")
     create.add_argument("--note")
     create.add_argument("--rate-limit-rps", type=float)
     keys.add_parser("list")
@@ -281,7 +295,7 @@ def run(face: FaceClient, args: argparse.Namespace) -> tuple[Any, list[str]]:
     c = args.collection
     if args.command == "identify":
         results = face.identify_many(args.photos, top_k=args.top_k, collection=c,
-                                     **({"among": args.among} if args.among else {}))
+                                     **({"among": args.among} if args.among is not None else {}))
         lines = [f"{args.photos[r.image_index]}\t" + (r.error.code if r.error else
                  f"{r.identity_id or 'unknown'}\t{r.score if r.score is not None else ''}") for r in results]
         return [{"photo": args.photos[r.image_index], **r.model_dump(mode="json")} for r in results], lines
@@ -352,10 +366,15 @@ def run(face: FaceClient, args: argparse.Namespace) -> tuple[Any, list[str]]:
         return k, [f"{k.key_id}\t{k.role}\tsecret {k.secret}  (shown once)"]
     if args.action == "list":
         ks = face.list_keys()
-        return ks, [f"{k.key_id}\t{k.role}\t{','.join(k.collections or ['*'])}\t"
+        return ks, [f"{k.key_id}\t{k.role}\t{_scope(k.collections)}\t"
                     f"{'revoked' if k.revoked_at else 'active'}\t{k.note or ''}" for k in ks]
     r = face.revoke_key(args.key_id)
     return r, [f"revoked {r.key_id}"]
+
+
+def _scope(collections: list[str] | None) -> str:
+    """A key's collections: ``*`` for every one (None), ``none`` for a key scoped to none ([])."""
+    return "*" if collections is None else ",".join(collections) or "none"
 
 
 def _crop(face: FaceClient, args: argparse.Namespace) -> tuple[Any, list[str]]:
@@ -413,8 +432,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return USAGE if e.code else OK
     try:
         client_cert = (args.client_cert, args.client_key) if args.client_key else args.client_cert
-        with FaceClient(args.url, args.key, timeout=args.timeout, collection=args.collection,
-                        ca_file=args.ca_file, client_cert=client_cert) as face:
+        client = FaceClient(args.url, args.key, timeout=args.timeout, collection=args.collection,
+                            ca_file=args.ca_file, client_cert=client_cert)
+    except ValueError as e:  # a key that cannot be sent (the message never shows it)
+        print(f"error: {e}", file=sys.stderr)
+        return USAGE
+    except OSError as e:  # a CA or certificate file that cannot be read
+        print(f"error: {e}", file=sys.stderr)
+        return USAGE
+    try:
+        with client as face:
             answer, lines = run(face, args)
     except FaceServiceError as e:
         error = {"code": e.code, "message": e.message, "details": e.details, "request_id": e.request_id,

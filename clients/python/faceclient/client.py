@@ -12,6 +12,7 @@ import enum
 import json
 import os
 import random
+import re
 import ssl
 import sys
 import threading
@@ -87,6 +88,15 @@ DEFAULT_COLLECTION = "default"
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 RETRIED = frozenset({429, 503})
 NOT_RETRIED = frozenset({"collection_damaged", "catalog_damaged"})  # 503s that waiting does not mend: the operator must act
+# enroll_folder: a request refused for its size is split and sent again; a 409 of these refuses the person alone
+SPLIT_CODES = frozenset({"payload_too_large", "too_many_faces"})
+PERSON_CODES = frozenset({"possible_duplicate", "crops_required"})
+# identify_many: a batch refused with one of these is sent again one image at a time (and an image refused
+# alone gets it as its result's error); any other error refuses the request itself and is raised
+PER_IMAGE_CODES = IMAGE_CODES | SPLIT_CODES
+# enroll_folder's default cap on the bytes of files a request carries: well under the server's default body
+# limit (FACE_MAX_REQUEST_BYTES, 32 MiB), with room for multipart's own bytes or base64's third more (json)
+MAX_BYTES_PER_REQUEST = 16 * 1024 * 1024
 
 
 @dataclass
@@ -95,8 +105,7 @@ class Call:
     path: str
     json: dict[str, Any] | None = None
     params: dict[str, Any] | None = None
-    files: list[tuple[str, tuple[str, bytes, str]]] | None = None  # multipart: the images' bytes
-    data: dict[str, str] | None = None  # multipart: the other fields, as form text
+    content: bytes | None = None  # a multipart form, encoded (its Content-Type in headers)
     headers: dict[str, str] = field(default_factory=lambda: {"X-Request-ID": uuid.uuid4().hex})
     read_timeout: float | None = None  # seconds to wait for the answer (None: the client's timeout)
 
@@ -131,6 +140,25 @@ def _code(response: httpx.Response) -> str | None:
         return str(response.json()["error"]["code"])
     except (ValueError, KeyError, TypeError, httpx.ResponseNotRead):
         return None
+
+
+def _segment(value: str) -> str:
+    """``value`` as one path segment: percent-encoded, ``/`` included, and ``.`` / ``..`` as ``%2E`` /
+    ``%2E%2E``, which httpx (as any URL resolver) would otherwise remove with the segment before them (an
+    identity ``..`` of collection C was ``DELETE /collections/C``); the server then refuses them itself.
+    ValueError for an empty one (nothing is sent: it would name the route above)."""
+    if not value:
+        raise ValueError("an id or name in a URL path must not be empty")
+    quoted = quote(value, safe="")
+    return quoted.replace(".", "%2E") if quoted in (".", "..") else quoted
+
+
+def without_user_info(text: str) -> str:
+    """``text`` with the user info (``user:password@``) of each URL in it taken out: for messages."""
+    return _USER_INFO.sub(r"\1", text)
+
+
+_USER_INFO = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/?#\s]*@")  # to its last @, as URLs are read
 
 
 def _major(version: str) -> str:
@@ -215,14 +243,44 @@ def progress_reporter(progress: bool | Progress | None, total: int, what: str) -
 
 
 class _PersonEnroll:
-    """One person of enroll_folder: its files in requests of at most ``size``; a file the service refuses
-    for itself (IMAGE_CODES: not an image, no face, low quality...) is skipped and the rest sent again, so
-    one bad file costs its person nothing but that file. Any other refusal ends the person."""
+    """One person of enroll_folder: its files in requests of at most ``size`` files and ``max_bytes`` bytes of
+    files; a file the service refuses for itself (IMAGE_CODES: not an image, no face, low quality...) is
+    skipped and the rest sent again, so one bad file costs its person nothing but that file. A request the
+    service finds too big (SPLIT_CODES: over FACE_MAX_FACES_PER_REQUEST or FACE_MAX_REQUEST_BYTES) is split
+    (by its ``details.limit``, else in halves) and its parts sent; a single file still too big is skipped.
+    Any other refusal of the person (PERSON_CODES, or a 4xx of its request) ends the person: it goes to
+    ``failed``, the run goes on."""
 
-    def __init__(self, identity: str, files: list[Path], size: int, replace: bool) -> None:
+    def __init__(self, identity: str, files: list[Path], size: int, max_bytes: int, replace: bool) -> None:
         self.result = PersonResult(identity_id=identity, files=len(files))
-        self.chunks = [chunk for _, chunk in _batches(files, size)]
+        self.size, self.max_bytes = max(1, size), max(1, max_bytes)
+        self.file_bytes = {path: _file_bytes(path) for path in files}
+        self.chunks = self._pack(files)
         self.replace = replace  # until a request succeeds: the first one replaces, later ones append
+        if not files:
+            self.result.error = ErrorBody(code="no_images", message="the folder holds no image file ("
+                                          + ", ".join(sorted(IMAGE_SUFFIXES)) + ")")
+
+    @staticmethod
+    def takes(error: FaceServiceError) -> bool:
+        """Whether ``error`` refuses this person (or one of its files, or its request's size) rather than the
+        whole run (a key, a collection, the server: raised)."""
+        return isinstance(error, BadRequestError) or error.code in PERSON_CODES
+
+    def refuse(self, error: FaceServiceError) -> None:
+        """The person fails with ``error`` (nothing more is sent for it)."""
+        self.result.error = ErrorBody(code=error.code, message=error.message, details=error.details)
+
+    def _pack(self, files: list[Path]) -> list[list[Path]]:
+        chunks: list[list[Path]] = []
+        held = 0
+        for path in files:
+            if not chunks or len(chunks[-1]) >= self.size or held + self.file_bytes[path] > self.max_bytes:
+                chunks.append([])
+                held = 0
+            chunks[-1].append(path)
+            held += self.file_bytes[path]
+        return chunks
 
     def next(self) -> tuple[list[Path], bool] | None:
         return (self.chunks[0], self.replace) if self.chunks and self.result.error is None else None
@@ -232,11 +290,13 @@ class _PersonEnroll:
         self.replace = False
         self.chunks.pop(0)
 
-    def refused(self, error: BadRequestError) -> None:
+    def refused(self, error: FaceServiceError) -> None:
         chunk = self.chunks[0]
         index = error.details.get("index")
-        if error.code not in IMAGE_CODES:
-            self.result.error = ErrorBody(code=error.code, message=error.message, details=error.details)
+        if error.code in SPLIT_CODES:
+            self._split(error)
+        elif error.code not in IMAGE_CODES:
+            self.refuse(error)
         elif isinstance(index, int) and 0 <= index < len(chunk):
             self._skip(chunk.pop(index), error)
         elif len(chunk) > 1:  # which file is not said: each on its own
@@ -246,7 +306,24 @@ class _PersonEnroll:
         if self.chunks and not self.chunks[0]:
             self.chunks.pop(0)
 
-    def _skip(self, path: Path, error: BadRequestError) -> None:
+    def _split(self, error: FaceServiceError) -> None:
+        """The first request was too big: its files again in smaller ones (and the rest under the limit said)."""
+        chunk = self.chunks[0]
+        if len(chunk) == 1:  # one file, too big by itself (or with too many faces in it): skipped
+            self._skip(chunk.pop(), error)
+            return
+        limit = error.details.get("limit")
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+            if error.code == "too_many_faces":
+                self.size = min(self.size, limit)
+            else:  # the body's bytes: room for the form's other parts
+                self.max_bytes = min(self.max_bytes, limit * 3 // 4)
+        head = self._pack(chunk)
+        if len(head) == 1:  # the limit said nothing smaller (or nothing): halves
+            head = [chunk[:len(chunk) // 2], chunk[len(chunk) // 2:]]
+        self.chunks = head + self._pack([path for rest in self.chunks[1:] for path in rest])
+
+    def _skip(self, path: Path, error: FaceServiceError) -> None:
         self.result.skipped.append(SkippedFile(file=path.name, code=error.code, message=error.message))
 
     def done(self) -> PersonResult:
@@ -257,6 +334,13 @@ class _PersonEnroll:
         return self.result
 
 
+def _file_bytes(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:  # read (and its error raised) when it is sent
+        return 0
+
+
 class _Base:
     def __init__(self, base_url: str, api_key: str | None = None, *, timeout: float = 60.0,
                  collection: str = DEFAULT_COLLECTION, max_retries: int = 3, retry_budget_s: float = 60.0,
@@ -264,7 +348,8 @@ class _Base:
                  ca_file: str | os.PathLike[str] | None = None,
                  client_cert: str | os.PathLike[str] | tuple[str | os.PathLike[str], str | os.PathLike[str]] | None = None,
                  ) -> None:
-        """``timeout``: seconds per request (connect, read, write). 429 and 503 answers are retried up to
+        """``timeout``: seconds each phase of a request may take (connect, each write, each wait for the
+        next bytes of the answer: httpx's timeout), not a deadline for the whole request. 429 and 503 answers are retried up to
         ``max_retries`` times, waiting Retry-After (or ``backoff_s`` doubling) plus jitter, while the
         waits fit in ``retry_budget_s``. ``collection``: the default one for gallery calls.
         ``transport``: how images travel: "multipart" (their bytes as uploaded files, the default) or
@@ -274,7 +359,11 @@ class _Base:
         or ``SSL_CERT_FILE``'s). The certificate is always checked. ``client_cert``: the certificate this
         client shows a service that asks for one (mutual TLS: FACE_TLS_CLIENT_CA_FILE), a PEM file with its
         key in it, or (certificate file, key file)."""
+        if api_key and not all("!" <= c <= "~" for c in api_key):  # never shown: it is a secret
+            raise ValueError("api_key must be printable ASCII without spaces or control characters (a key read "
+                             "from a file with its newline?); the key is not shown")
         self.base_url = base_url.rstrip("/")
+        self._shown_url = without_user_info(self.base_url)  # the URL in messages: no password
         self._tls_verify: ssl.SSLContext | bool = True
         if ca_file or client_cert:
             context = ssl.create_default_context(cafile=os.fspath(ca_file) if ca_file else None)
@@ -289,6 +378,7 @@ class _Base:
         self.backoff_s = backoff_s
         self._check_version = check_version
         self._version_checked = not check_version
+        self._api_key = api_key
         self._headers = {"X-API-Key": api_key} if api_key else {}
         self._timeout = httpx.Timeout(timeout)
         self._timeout_s = timeout
@@ -305,7 +395,7 @@ class _Base:
     # --- routes and bodies ----------------------------------------------------------------------
     def _prefix(self, collection: str | None) -> str:
         name = collection or self.collection
-        return "" if name == DEFAULT_COLLECTION else f"/collections/{quote(name, safe='')}"
+        return "" if name == DEFAULT_COLLECTION else f"/collections/{_segment(name)}"
 
     @staticmethod
     def _images(images: ImageInput | Sequence[ImageInput], color: Color | None) -> list[bytes]:
@@ -322,7 +412,13 @@ class _Base:
             return Call("POST", path, fields)
         files = [(name, (f"{name}-{i}", blob, "application/octet-stream"))
                  for name, blobs in images.items() for i, blob in enumerate(blobs)]
-        return Call("POST", path, files=files, data={k: _form_text(v) for k, v in fields.items()})
+        # encoded here, sent as one piece: httpx streams a form part by part, and a server refusing the body
+        # early (413 payload_too_large) then closes the connection under the writes, so that the client
+        # (AsyncClient always) reads a reset instead of the answer
+        form = httpx.Request("POST", "http://form", files=files, data={k: _form_text(v) for k, v in fields.items()})
+        call = Call("POST", path, content=form.read())
+        call.headers["Content-Type"] = form.headers["Content-Type"]
+        return call
 
     def _embed(self, images: Any, image_type: ImageType, multi_face: str, color: Color | None,
                model: str | None = None) -> Call:
@@ -374,7 +470,7 @@ class _Base:
         return self._body(self._prefix(collection) + "/enroll", body, blobs)
 
     def _identity(self, method: str, identity_id: str, collection: str | None) -> Call:
-        return Call(method, f"{self._prefix(collection)}/identities/{quote(identity_id, safe='')}")
+        return Call(method, f"{self._prefix(collection)}/identities/{_segment(identity_id)}")
 
     def _identity_update(self, identity_id: str, rename_to: str | None, metadata: dict[str, Any] | None,
                          metadata_patch: dict[str, Any] | None, expected_updated_at: float | None,
@@ -386,7 +482,7 @@ class _Base:
         if metadata is not None and metadata_patch is not None:
             raise ValueError("update_identity takes metadata (a replacement) or metadata_patch (a merge patch), "
                              "not both")
-        return Call("PATCH", f"{self._prefix(collection)}/identities/{quote(identity_id, safe='')}", _drop_none(
+        return Call("PATCH", f"{self._prefix(collection)}/identities/{_segment(identity_id)}", _drop_none(
             {"identity_id": rename_to, "metadata": metadata, "metadata_patch": metadata_patch,
              "expected_updated_at": expected_updated_at}))
 
@@ -407,7 +503,7 @@ class _Base:
         body = {key: value for key, value in settings.items() if value is not KEEP}
         if not body:
             raise ValueError("update_collection needs retention_days, max_faces or identify_fpir")
-        return Call("PATCH", f"/collections/{quote(name, safe='')}", body)
+        return Call("PATCH", f"/collections/{_segment(name)}", body)
 
     def _duplicates(self, min_score: float | None, max_false_alarm: float | None, limit: int, evidence: int,
                     collection: str | None, timeout: float | None) -> Call:
@@ -429,7 +525,7 @@ class _Base:
                     _drop_none({"min_score": min_score, "limit": limit}))
 
     def _scan_job(self, kind: str, job_id: str, collection: str | None) -> Call:
-        return Call("GET", f"{self._prefix(collection)}/{kind}/jobs/{quote(job_id, safe='')}")
+        return Call("GET", f"{self._prefix(collection)}/{kind}/jobs/{_segment(job_id)}")
 
     @staticmethod
     def _scan_answer(job: Job, deadline: float | None, timeout_s: float | None) -> Any:
@@ -446,7 +542,7 @@ class _Base:
         return None
 
     def _merge(self, identity_id: str, into: str, collection: str | None) -> Call:
-        return Call("POST", f"{self._prefix(collection)}/identities/{quote(identity_id, safe='')}/merge",
+        return Call("POST", f"{self._prefix(collection)}/identities/{_segment(identity_id)}/merge",
                     {"into": into})
 
     def _face(self, method: str, face_id: int, collection: str | None, action: str = "",
@@ -467,11 +563,11 @@ class _Base:
 
     @staticmethod
     def _alias(method: str, name: str, collection: str | None = None) -> Call:
-        return Call(method, f"/aliases/{quote(name, safe='')}", None if collection is None else {"collection": collection})
+        return Call(method, f"/aliases/{_segment(name)}", None if collection is None else {"collection": collection})
 
     @staticmethod
     def _migrate(collection: str, model: str, into: str, batch_size: int, shadow: bool) -> Call:
-        return Call("POST", f"/collections/{quote(collection, safe='')}/migrate",
+        return Call("POST", f"/collections/{_segment(collection)}/migrate",
                     {"model": model, "into": into, "batch_size": batch_size, "shadow": shadow})
 
     @staticmethod
@@ -514,14 +610,31 @@ class _Base:
             float(retry_after) if retry_after and retry_after.isdigit() else None)
 
     def _version_ok(self, response: httpx.Response) -> None:
-        health = Health.model_validate(response.json()) if response.is_success else None
-        self.server_version = health.version if health else None
-        if self.server_version is None or _major(self.server_version) != _major(__version__):
+        """The first call's check of the success answer of GET /healthz: IncompatibleServerError when it is
+        not the service's (not JSON, no version: another web server at the URL) or of another major version."""
+        try:
+            version = Health.model_validate(response.json()).version
+        except ValueError:  # not JSON, or not /healthz's object (pydantic's ValidationError is a ValueError)
+            version = None
+        if version is None:
             raise IncompatibleServerError(
-                f"faceclient {__version__} does not fit the server at {self.base_url} "
-                f"(version {self.server_version or 'not reported'}): install the client of the server's major "
-                "version (or pass check_version=False)", self.server_version, __version__)
+                f"the server at {self._shown_url} is not a face service: GET /healthz answered without the "
+                "service's version (check the URL)", None, __version__)
+        self.server_version = version
+        if _major(version) != _major(__version__):
+            raise IncompatibleServerError(
+                f"faceclient {__version__} does not fit the server at {self._shown_url} (version {version}): "
+                "install the client of the server's major version (or pass check_version=False)", version,
+                __version__)
         self._version_checked = True
+
+    def _connection_error(self, call: Call, error: httpx.TransportError) -> FaceConnectionError:
+        """``error`` as FaceConnectionError, with no secret: the URL without its user info, and no text of a
+        LocalProtocolError (httpx's complaint about the request it was to send quotes its headers)."""
+        what = type(error).__name__ if isinstance(error, httpx.LocalProtocolError) else repr(error)
+        if self._api_key:
+            what = what.replace(self._api_key, "<api key>")
+        return FaceConnectionError(f"{call.method} {self._shown_url}{call.path}: {without_user_info(what)}")
 
     def _client_args(self) -> dict[str, Any]:
         return {"base_url": self.base_url, "headers": self._headers, "timeout": self._timeout, "verify": self._tls_verify}
@@ -552,17 +665,21 @@ class FaceClient(_Base):
     def _send(self, call: Call) -> httpx.Response:
         try:
             return self._http.request(call.method, call.path, json=call.json, params=call.params,
-                                      files=call.files, data=call.data, headers=call.headers,
+                                      content=call.content, headers=call.headers,
                                       timeout=self._call_timeout(call))
         except httpx.TransportError as e:
-            raise FaceConnectionError(f"{call.method} {self.base_url}{call.path}: {e!r}") from e
+            raise self._connection_error(call, e) from (None if isinstance(e, httpx.LocalProtocolError) else e)
 
     def _raw(self, call: Call) -> httpx.Response:
-        """The success answer to ``call`` (429/503 retried as the client's settings say); an error answer raises."""
+        """The success answer to ``call`` (429/503 retried as the client's settings say); an error answer raises.
+        The first call reads /healthz first, the same way (its error answer raises as any other)."""
         if not self._version_checked:
             with self._lock:
                 if not self._version_checked:
-                    self._version_ok(self._send(Call("GET", "/healthz")))
+                    self._version_ok(self._answer(Call("GET", "/healthz")))
+        return self._answer(call)
+
+    def _answer(self, call: Call) -> httpx.Response:
         started = time.monotonic()
         attempt = 0
         while True:
@@ -675,10 +792,10 @@ class FaceClient(_Base):
                                                        "identify_fpir": identify_fpir}), Collection)
 
     def get_collection(self, name: str) -> Collection:
-        return self._do(Call("GET", f"/collections/{quote(name, safe='')}"), Collection)
+        return self._do(Call("GET", f"/collections/{_segment(name)}"), Collection)
 
     def delete_collection(self, name: str) -> CollectionDeleted:
-        return self._do(Call("DELETE", f"/collections/{quote(name, safe='')}"), CollectionDeleted)
+        return self._do(Call("DELETE", f"/collections/{_segment(name)}"), CollectionDeleted)
 
     def create_key(self, role: str, *, collections: list[str] | None = None, note: str | None = None,
                    expires_at: float | None = None, rate_limit_rps: float | None = None,
@@ -690,7 +807,7 @@ class FaceClient(_Base):
         return self._do(Call("GET", "/keys"), KeyList).items
 
     def revoke_key(self, key_id: str) -> KeyRevoked:
-        return self._do(Call("DELETE", f"/keys/{quote(key_id, safe='')}"), KeyRevoked)
+        return self._do(Call("DELETE", f"/keys/{_segment(key_id)}"), KeyRevoked)
 
     def iter_audit(self, *, collection: str | None = None, identity_id: str | None = None, key_id: str | None = None,
                    since: float | None = None, until: float | None = None,
@@ -734,13 +851,13 @@ class FaceClient(_Base):
                                                                  "limit": limit})), JobList).items
 
     def get_job(self, job_id: str) -> Job:
-        return self._do(Call("GET", f"/jobs/{quote(job_id, safe='')}"), Job)
+        return self._do(Call("GET", f"/jobs/{_segment(job_id)}"), Job)
 
     def cancel_job(self, job_id: str) -> Job:
-        return self._do(Call("POST", f"/jobs/{quote(job_id, safe='')}/cancel"), Job)
+        return self._do(Call("POST", f"/jobs/{_segment(job_id)}/cancel"), Job)
 
     def resume_job(self, job_id: str) -> Job:
-        return self._do(Call("POST", f"/jobs/{quote(job_id, safe='')}/resume"), Job)
+        return self._do(Call("POST", f"/jobs/{_segment(job_id)}/resume"), Job)
 
     def wait_for_job(self, job_id: str, *, timeout_s: float | None = None, poll_s: float = 1.0,
                      on_progress: Callable[[Job], None] | None = None) -> Job:
@@ -766,9 +883,10 @@ class FaceClient(_Base):
     def identify_many(self, images: Sequence[ImageInput], *, batch_size: int = 16, concurrency: int = 4,
                       progress: bool | Progress | None = None, **options: Any) -> list[ProbeResult]:
         """Identify many images in batched requests, ``concurrency`` in flight (threads). One result per
-        probe, ``image_index`` into ``images``; an image the service refuses (e.g. no_face) gets a result
-        with ``error`` instead of failing the others. ``progress``: see ``progress_reporter`` (a tqdm bar
-        by default when tqdm is installed and stderr is a terminal)."""
+        probe, ``image_index`` into ``images``; an image the service refuses (IMAGE_CODES, e.g. no_face; or
+        too big for a request) gets a result with ``error`` instead of failing the others. An error of the
+        request itself (invalid_request, an ``among`` id not enrolled...) is raised. ``progress``: see
+        ``progress_reporter`` (a tqdm bar by default when tqdm is installed and stderr is a terminal)."""
         done, total, lock = 0, len(images), threading.Lock()
         report, close = progress_reporter(progress, total, "identify photos")
 
@@ -776,12 +894,16 @@ class FaceClient(_Base):
             nonlocal done
             try:
                 results = _shift(self.identify(batch, **options).results, start)
-            except BadRequestError:  # one bad image refuses its batch: the others one by one
+            except BadRequestError as e:  # one bad image (or the batch's size) refuses it: the images one by one
+                if e.code not in PER_IMAGE_CODES:
+                    raise  # the request itself (invalid_request...): every image would be refused alike
                 results = []
                 for i, image in enumerate(batch):
                     try:
                         results += _shift(self.identify([image], **options).results, start + i)
                     except BadRequestError as e:
+                        if e.code not in PER_IMAGE_CODES:
+                            raise
                         results.append(_failed_probe(start + i, e))
             with lock:
                 done += len(batch)
@@ -798,26 +920,39 @@ class FaceClient(_Base):
 
     def enroll_folder(self, root: str | Path, *, replace: bool = False, concurrency: int = 4,
                       progress: bool | Progress | None = None, max_images_per_request: int = 64,
-                      **options: Any) -> FolderSummary:
+                      max_bytes_per_request: int = MAX_BYTES_PER_REQUEST, **options: Any) -> FolderSummary:
         """Enroll one sub-folder per person (the folder name is the identity id), like ``python -m service
         gallery enroll``. Resumable: someone already enrolled is skipped unless ``replace``. A file the
         service refuses for itself (not an image, no face, low quality...) is skipped and listed in the
-        person's ``skipped``; a person none of whose files could be enrolled is in ``failed``: nothing is
-        raised for bad input. ``progress`` (people done): see ``progress_reporter``."""
+        person's ``skipped``; a person the service refuses (a folder name that is no identity id:
+        invalid_identity_id; possible_duplicate, too_many_faces_for_identity...), a folder without image
+        files (no_images) and a person none of whose files could be enrolled are in ``failed``, and the run
+        goes on: nothing is raised for bad input (errors of the run itself are: a key, a collection, the
+        server). A person's files go in requests of at most ``max_images_per_request`` files and
+        ``max_bytes_per_request`` bytes of them (16 MiB: under the server's default body limit); a request
+        the server refuses as too big (payload_too_large, too_many_faces) is split and sent again.
+        ``progress`` (people done): see ``progress_reporter``."""
         people = person_folders(root)
         summary, lock = FolderSummary(people=len(people)), threading.Lock()
         report, close = progress_reporter(progress, len(people), "enroll people")
 
         def one(person: tuple[str, list[Path]]) -> None:
             identity, files = person
-            if not replace and self._exists(identity, options.get("collection")):
+            work = _PersonEnroll(identity, files, max_images_per_request, max_bytes_per_request, replace)
+            try:
+                already = not replace and self._exists(identity, options.get("collection"))
+            except BadRequestError as e:  # its folder's name is no identity id (invalid_identity_id...)
+                already = False
+                work.refuse(e)
+            if already:
                 result = PersonResult(identity_id=identity, files=len(files), already=True)
             else:
-                work = _PersonEnroll(identity, files, max_images_per_request, replace)
                 while (step := work.next()) is not None:
                     try:
                         work.enrolled(self.enroll(identity, step[0], replace=step[1], **options))
-                    except BadRequestError as e:
+                    except FaceServiceError as e:
+                        if not work.takes(e):
+                            raise
                         work.refused(e)
                 result = work.done()
             with lock:
@@ -969,18 +1104,22 @@ class AsyncFaceClient(_Base):
     async def _send(self, call: Call) -> httpx.Response:
         try:
             return await self._http.request(call.method, call.path, json=call.json, params=call.params,
-                                            files=call.files, data=call.data, headers=call.headers,
+                                            content=call.content, headers=call.headers,
                                             timeout=self._call_timeout(call))
         except httpx.TransportError as e:
-            raise FaceConnectionError(f"{call.method} {self.base_url}{call.path}: {e!r}") from e
+            raise self._connection_error(call, e) from (None if isinstance(e, httpx.LocalProtocolError) else e)
 
     async def _raw(self, call: Call) -> httpx.Response:
-        """The success answer to ``call`` (429/503 retried as the client's settings say); an error answer raises."""
+        """The success answer to ``call`` (429/503 retried as the client's settings say); an error answer raises.
+        The first call reads /healthz first, the same way (its error answer raises as any other)."""
         if not self._version_checked:
             self._lock = self._lock or asyncio.Lock()
             async with self._lock:
                 if not self._version_checked:
-                    self._version_ok(await self._send(Call("GET", "/healthz")))
+                    self._version_ok(await self._answer(Call("GET", "/healthz")))
+        return await self._answer(call)
+
+    async def _answer(self, call: Call) -> httpx.Response:
         started = time.monotonic()
         attempt = 0
         while True:
@@ -1073,10 +1212,10 @@ class AsyncFaceClient(_Base):
                                                              "identify_fpir": identify_fpir}), Collection)
 
     async def get_collection(self, name: str) -> Collection:
-        return await self._do(Call("GET", f"/collections/{quote(name, safe='')}"), Collection)
+        return await self._do(Call("GET", f"/collections/{_segment(name)}"), Collection)
 
     async def delete_collection(self, name: str) -> CollectionDeleted:
-        return await self._do(Call("DELETE", f"/collections/{quote(name, safe='')}"), CollectionDeleted)
+        return await self._do(Call("DELETE", f"/collections/{_segment(name)}"), CollectionDeleted)
 
     async def create_key(self, role: str, *, collections: list[str] | None = None, note: str | None = None,
                          expires_at: float | None = None, rate_limit_rps: float | None = None,
@@ -1088,7 +1227,7 @@ class AsyncFaceClient(_Base):
         return (await self._do(Call("GET", "/keys"), KeyList)).items
 
     async def revoke_key(self, key_id: str) -> KeyRevoked:
-        return await self._do(Call("DELETE", f"/keys/{quote(key_id, safe='')}"), KeyRevoked)
+        return await self._do(Call("DELETE", f"/keys/{_segment(key_id)}"), KeyRevoked)
 
     async def iter_audit(self, *, collection: str | None = None, identity_id: str | None = None,
                          key_id: str | None = None, since: float | None = None, until: float | None = None,
@@ -1128,13 +1267,13 @@ class AsyncFaceClient(_Base):
                                                                         "limit": limit})), JobList)).items
 
     async def get_job(self, job_id: str) -> Job:
-        return await self._do(Call("GET", f"/jobs/{quote(job_id, safe='')}"), Job)
+        return await self._do(Call("GET", f"/jobs/{_segment(job_id)}"), Job)
 
     async def cancel_job(self, job_id: str) -> Job:
-        return await self._do(Call("POST", f"/jobs/{quote(job_id, safe='')}/cancel"), Job)
+        return await self._do(Call("POST", f"/jobs/{_segment(job_id)}/cancel"), Job)
 
     async def resume_job(self, job_id: str) -> Job:
-        return await self._do(Call("POST", f"/jobs/{quote(job_id, safe='')}/resume"), Job)
+        return await self._do(Call("POST", f"/jobs/{_segment(job_id)}/resume"), Job)
 
     async def wait_for_job(self, job_id: str, *, timeout_s: float | None = None, poll_s: float = 1.0,
                            on_progress: Callable[[Job], None] | None = None) -> Job:
@@ -1165,12 +1304,16 @@ class AsyncFaceClient(_Base):
             async with gate:
                 try:
                     results = _shift((await self.identify(batch, **options)).results, start)
-                except BadRequestError:
+                except BadRequestError as e:  # as FaceClient.identify_many: the images one by one, or raised
+                    if e.code not in PER_IMAGE_CODES:
+                        raise
                     results = []
                     for i, image in enumerate(batch):
                         try:
                             results += _shift((await self.identify([image], **options)).results, start + i)
                         except BadRequestError as e:
+                            if e.code not in PER_IMAGE_CODES:
+                                raise
                             results.append(_failed_probe(start + i, e))
             done += len(batch)
             if report:
@@ -1185,7 +1328,7 @@ class AsyncFaceClient(_Base):
 
     async def enroll_folder(self, root: str | Path, *, replace: bool = False, concurrency: int = 4,
                             progress: bool | Progress | None = None, max_images_per_request: int = 64,
-                            **options: Any) -> FolderSummary:
+                            max_bytes_per_request: int = MAX_BYTES_PER_REQUEST, **options: Any) -> FolderSummary:
         """As FaceClient.enroll_folder, with ``concurrency`` tasks."""
         people = person_folders(root)
         summary, gate = FolderSummary(people=len(people)), asyncio.Semaphore(max(1, concurrency))
@@ -1193,14 +1336,21 @@ class AsyncFaceClient(_Base):
 
         async def one(identity: str, files: list[Path]) -> None:
             async with gate:
-                if not replace and await self._exists(identity, options.get("collection")):
+                work = _PersonEnroll(identity, files, max_images_per_request, max_bytes_per_request, replace)
+                try:
+                    already = not replace and await self._exists(identity, options.get("collection"))
+                except BadRequestError as e:  # its folder's name is no identity id (invalid_identity_id...)
+                    already = False
+                    work.refuse(e)
+                if already:
                     result = PersonResult(identity_id=identity, files=len(files), already=True)
                 else:
-                    work = _PersonEnroll(identity, files, max_images_per_request, replace)
                     while (step := work.next()) is not None:
                         try:
                             work.enrolled(await self.enroll(identity, step[0], replace=step[1], **options))
-                        except BadRequestError as e:
+                        except FaceServiceError as e:
+                            if not work.takes(e):
+                                raise
                             work.refused(e)
                     result = work.done()
             summary.add(result)

@@ -14,7 +14,9 @@ class FaceConnectionError(FaceClientError):
 
 
 class IncompatibleServerError(FaceClientError):
-    """The server's major version differs from the client's (or it reports none)."""
+    """The server's /healthz answered 200 with another major version than the client's, or with no version
+    (not JSON, not the service's: another web server at the URL). An error answer of /healthz raises its
+    own FaceServiceError instead."""
 
     def __init__(self, message: str, server_version: str | None, client_version: str) -> None:
         super().__init__(message)
