@@ -1,7 +1,9 @@
 // Face console: plain JavaScript, no dependencies, nothing loaded from elsewhere.
 // Every API call goes through api(), which adds the API key kept in sessionStorage and turns the
 // service's error bodies ({"error": {"code", "message", "details"}}) into readable sentences.
-// Every gallery call goes to the collection picked in the header (inCollection()); GET /whoami decides
+// Every gallery call goes to the collection picked in the header (inCollection()), and a list's (or a
+// panel's) buttons act in the collection that list was loaded from; an answer that comes after the
+// collection changed, or after a newer request of its kind, is not drawn. GET /whoami decides
 // whether the admin parts (Keys, Audit, new/delete collection, collection settings) are shown. A new key's secret is held
 // only in the page (never in storage) unless the admin chooses "Use this key now".
 // User data (identity ids, metadata, file names) is only ever set as textContent, never as HTML.
@@ -219,12 +221,16 @@ function collection() {
 
 const quoted = (name) => `collection "${name}"`;
 
-// a gallery route in the chosen collection; "default" keeps the unprefixed route (services before
-// collections have only those, and they mean the same collection)
-function inCollection(rest) {
-  const name = collection();
+// a gallery route in collection `name`: the one chosen when the request is a page's own, and for a
+// button the collection its row or panel was loaded from (never the one chosen at click time: the two
+// may differ). "default" keeps the unprefixed route (services before collections have only those,
+// and they mean the same collection)
+function inCollection(name, rest) {
   return name === DEFAULT_COLLECTION ? rest : `collections/${encodeURIComponent(name)}/${rest}`;
 }
+
+// said after an action's result when the collection it acted in is no longer the one chosen
+const elsewhere = (name) => (name === collection() ? "" : ` (in ${quoted(name)})`);
 
 async function loadWhoami() {
   Object.assign(session, { role: null, keyId: null, scope: null, openMode: false });
@@ -301,6 +307,9 @@ function chooseCollection(name) {
   // what the pages show belongs to the collection they were loaded for
   Object.assign(gallery, { query: "", page: 0, cursors: [null], next: null });
   $("gallery-query").value = "";
+  galleryRun += 1; // a list still coming is of the collection left: not drawn
+  $("gallery-table").tBodies[0].replaceChildren();
+  $("gallery-title").textContent = `Gallery: ${quoted(name)}`;
   resetHygiene();
   $("try-results").replaceChildren();
   $("try-file").value = ""; // picking the same photo again asks the new collection
@@ -644,10 +653,11 @@ async function tryPhoto(file) {
   const detect = api("detect", { method: "POST", form: photoForm({}, [["images", file]]) });
   const fields = { image_type: "photo", multi_face: "all", top_k: 3 };
   if (among.ids) fields.among = JSON.stringify(among.ids); // a form's list field: JSON text, as the service reads it
-  const identify = api(inCollection("identify"), {
+  const where = collection();
+  const identify = api(inCollection(where, "identify"), {
     method: "POST",
     form: photoForm(fields, [["images", file]]),
-    action: `identify in ${quoted(collection())}`,
+    action: `identify in ${quoted(where)}`,
   }).catch((err) => err);
   const shown = loadImage(file).catch((err) => err);
   let detected;
@@ -737,10 +747,11 @@ async function compare(event) {
   say(out, "Comparing...");
   out.removeAttribute("data-similarity");
   try {
-    const r = await api(inCollection("verify"), {
+    const where = collection();
+    const r = await api(inCollection(where, "verify"), {
       method: "POST",
       form: photoForm({ image_type: "photo" }, [["image_a", a], ["image_b", b]]),
-      action: `verify in ${quoted(collection())}`,
+      action: `verify in ${quoted(where)}`,
     });
     const meter = el("div", { class: "meter", "aria-hidden": "true" },
       el("div", { class: r.match ? "fill known" : "fill unknown" }), el("div", { class: "mark" }));
@@ -825,7 +836,7 @@ async function enroll(event) {
   $("enroll-save").disabled = true;
   try {
     const where = collection();
-    const r = await api(inCollection("enroll"), { method: "POST", form: photoForm(fields, files.map((f) => ["images", f])),
+    const r = await api(inCollection(where, "enroll"), { method: "POST", form: photoForm(fields, files.map((f) => ["images", f])),
       action: `enroll into ${quoted(where)}` });
     const what = r.created ? "new identity" : r.faces_replaced ? `replaced ${r.faces_replaced} face(s)` : "added";
     // a clean form: saving the same photos twice by accident would enroll them twice
@@ -842,42 +853,47 @@ async function enroll(event) {
 
 // --- Gallery -----------------------------------------------------------------------------------------
 const gallery = { cursors: [null], page: 0, next: null, query: "", limit: 20 };
-
+let galleryRun = 0; // the latest list asked for: an earlier one answered later is not drawn over it
 
 async function loadGallery() {
   const status = $("gallery-status");
   const body = $("gallery-table").tBodies[0];
+  const where = collection();
+  const run = ++galleryRun;
+  const current = () => run === galleryRun && where === collection();
   say(status, "Loading...");
   try {
     // a search is the ids that start with the query (prefix=: a range of the id index), paged as the rest
     const cursor = gallery.cursors[gallery.page];
-    const page = await api(inCollection(`identities?limit=${gallery.limit}`
+    const page = await api(inCollection(where, `identities?limit=${gallery.limit}`
       + (gallery.query ? `&prefix=${encodeURIComponent(gallery.query)}` : "")
       + (cursor ? `&cursor=${encodeURIComponent(cursor)}` : "")),
-    { action: `list the identities of ${quoted(collection())}` });
+    { action: `list the identities of ${quoted(where)}` });
+    if (!current()) return; // the collection changed, or a newer list was asked for, meanwhile
     gallery.next = page.next_cursor;
-    body.replaceChildren(...page.items.map(galleryRow));
+    body.replaceChildren(...page.items.map((item) => galleryRow(item, where)));
     $("gallery-prev").disabled = gallery.page === 0;
     $("gallery-next").disabled = !gallery.next;
     $("gallery-page").textContent = (gallery.query ? `ids starting with "${gallery.query}", ` : "") + `page ${gallery.page + 1}`;
-    $("gallery-title").textContent = `Gallery: ${quoted(collection())}`;
+    $("gallery-title").textContent = `Gallery: ${quoted(where)}`;
     say(status, page.items.length ? `${page.items.length} identit${page.items.length === 1 ? "y" : "ies"} shown.` : "No identities.");
   } catch (err) {
-    say(status, err.readable, "error");
+    if (current()) say(status, err.readable, "error");
   }
 }
 
-function galleryRow(item) {
+// a row of collection `where`: its buttons act there
+function galleryRow(item, where) {
   const metadata = item.metadata && Object.keys(item.metadata).length ? JSON.stringify(item.metadata) : "";
   const faces = el("button", { type: "button", class: "ghost small", text: "Faces", "aria-label": `Faces of ${item.identity_id}` });
-  faces.addEventListener("click", () => showIdentity(item.identity_id));
+  faces.addEventListener("click", () => showIdentity(item.identity_id, where));
   const buttons = [faces];
   if (canWrite()) { // a read key sees the identities, not the buttons that change them
     const edit = el("button", { type: "button", class: "ghost small", text: "Edit", "aria-label": `Edit ${item.identity_id}`,
       "data-action": "edit" });
-    edit.addEventListener("click", () => openEdit(item.identity_id));
+    edit.addEventListener("click", () => openEdit(item.identity_id, where));
     const remove = el("button", { type: "button", class: "danger small", text: "Delete", "aria-label": `Delete ${item.identity_id}` });
-    remove.addEventListener("click", () => confirmDelete(item));
+    remove.addEventListener("click", () => confirmDelete(item, where));
     buttons.unshift(remove, edit); // Delete stays first, where it always was
   }
   return el("tr", { "data-id": item.identity_id },
@@ -888,17 +904,17 @@ function galleryRow(item) {
     el("td", { class: "row-actions" }, ...buttons));
 }
 
-function confirmDelete(item) {
+function confirmDelete(item, where) {
   const dialog = $("delete-dialog");
   $("delete-text").textContent = `Delete "${item.identity_id}" and its ${item.face_count} face(s)? It can never be identified again. This cannot be undone.`;
   dialog.returnValue = "";
   dialog.onclose = async () => {
     if (dialog.returnValue !== "delete") return;
     try {
-      const r = await api(inCollection(`identities/${encodeURIComponent(item.identity_id)}`), { method: "DELETE",
-        action: `delete identities in ${quoted(collection())}` });
+      const r = await api(inCollection(where, `identities/${encodeURIComponent(item.identity_id)}`), { method: "DELETE",
+        action: `delete identities in ${quoted(where)}` });
       await loadGallery();
-      say($("gallery-status"), `Deleted ${r.identity_id} (${r.deleted_faces} face(s)).`, "ok");
+      say($("gallery-status"), `Deleted ${r.identity_id}${elsewhere(where)} (${r.deleted_faces} face(s)).`, "ok");
     } catch (err) {
       say($("gallery-status"), err.readable, "error");
     }
@@ -912,7 +928,9 @@ function confirmDelete(item) {
 // confirmation. Faces are shown by id, identity and score; a collection made with keep_crops also keeps
 // each face's aligned crop, and there a key that may change the gallery sees it as a thumbnail next to
 // the face (GET faces/{id}/crop, below). Elsewhere the service keeps embeddings only, no photo.
-const hygiene = { view: "identities", identity: null };
+// identity: the one whose faces the panel shows (or is loading); shown: what the panel has drawn, and
+// the collection it came from (its buttons act there)
+const hygiene = { view: "identities", identity: null, shown: null };
 const VIEWS = ["identities", "duplicates", "outliers"];
 
 // a read key sees the lists; the buttons that change the gallery are for write and admin keys
@@ -930,7 +948,7 @@ const CROP_SIZE = 56; // CSS pixels; the crop itself is the model's input (112x1
 const CROP_PARALLEL = 4;
 const crops = { waiting: [], running: 0, live: new Map(), watched: new Set(), observer: null };
 
-const showsCrops = () => canWrite() && session.keepCrops.has(collection());
+const showsCrops = (where) => canWrite() && session.keepCrops.has(where);
 
 function cropObserver() {
   if (!crops.observer && "IntersectionObserver" in window) {
@@ -946,15 +964,15 @@ function cropObserver() {
   return crops.observer;
 }
 
-// a face's thumbnail, to put in a list being drawn (null where crops are not shown): an empty box until
-// its crop comes
-function cropThumb(faceId, identity) {
-  if (!showsCrops()) return null;
+// a face's thumbnail, to put in a list of collection `where` being drawn (null where crops are not
+// shown): an empty box until its crop comes
+function cropThumb(faceId, identity, where) {
+  if (!showsCrops(where)) return null;
   const label = `face ${faceId} of ${identity}`;
   const thumb = el("span", { class: "face-crop", "aria-label": label, "data-face-id": String(faceId), "data-state": "waiting" });
   thumb.setAttribute("role", "img"); // until its crop comes: then the <img> and its alt text
   thumb.dataset.alt = label;
-  thumb.dataset.path = inCollection(`faces/${encodeURIComponent(faceId)}/crop`);
+  thumb.dataset.path = inCollection(where, `faces/${encodeURIComponent(faceId)}/crop`);
   const observer = cropObserver();
   if (observer) {
     crops.watched.add(thumb);
@@ -1049,11 +1067,13 @@ function setupHygiene() {
   $("outliers-delete-selected").addEventListener("click", askDeleteSelected);
   $("identity-close").addEventListener("click", () => {
     hygiene.identity = null;
+    hygiene.shown = null;
+    identityRun += 1; // its faces still coming are not shown
     $("gallery-identity").hidden = true;
     replaceRows($("identity-faces").tBodies[0], []); // its thumbnails' object URLs revoked
   });
-  $("identity-merge").addEventListener("click", () => hygiene.identity && askMerge(hygiene.identity));
-  $("identity-edit").addEventListener("click", () => hygiene.identity && openEdit(hygiene.identity));
+  $("identity-merge").addEventListener("click", () => hygiene.shown && askMerge(hygiene.shown.where, hygiene.shown.identity));
+  $("identity-edit").addEventListener("click", () => hygiene.shown && openEdit(hygiene.shown.identity, hygiene.shown.where));
   $("edit-form").addEventListener("submit", saveEdit);
   $("edit-cancel").addEventListener("click", () => $("edit-dialog").close());
   $("edit-dialog").addEventListener("close", () => {
@@ -1069,10 +1089,13 @@ function setupHygiene() {
 
 function resetHygiene() {
   hygiene.identity = null;
+  hygiene.shown = null;
+  identityRun += 1; // an identity's faces still coming are of the collection left: not shown
   $("gallery-identity").hidden = true;
   $("identity-faces").tBodies[0].replaceChildren();
   $("duplicates-list").replaceChildren();
   $("outliers-list").replaceChildren();
+  delete $("outliers-list").dataset.collection;
   sweepCrops(); // the thumbnails of the collection left: object URLs revoked
   showOutlierSelection();
 }
@@ -1090,7 +1113,7 @@ function loadGalleryView() {
   if (hygiene.view !== "identities") $("gallery-identity").hidden = true;
   if (hygiene.view === "identities") {
     loadGallery();
-    if (hygiene.identity) showIdentity(hygiene.identity);
+    if (hygiene.identity) showIdentity(hygiene.identity, collection());
   }
   if (hygiene.view === "duplicates") loadDuplicates();
   if (hygiene.view === "outliers") loadOutliers();
@@ -1100,7 +1123,7 @@ function loadGalleryView() {
 async function refreshHygiene() {
   if (hygiene.view === "identities") {
     await loadGallery();
-    if (hygiene.identity) await showIdentity(hygiene.identity);
+    if (hygiene.identity) await showIdentity(hygiene.identity, collection());
     else $("gallery-identity").hidden = true; // its identity is gone
   }
   if (hygiene.view === "duplicates") await loadDuplicates(false);
@@ -1132,7 +1155,7 @@ function confirmHygiene({ title, text, confirm, askTarget = false, target = "" }
 
 const galleryStatus = (message, kind = "") => say($("gallery-status"), message, kind);
 
-async function askMerge(source, target = "") {
+async function askMerge(where, source, target = "") {
   const into = target || await confirmHygiene({
     title: "Merge into another identity?", confirm: "Choose and merge", askTarget: true,
     text: `Every face of "${source}" becomes a face of the identity typed below, and "${source}" is deleted. The target keeps its own metadata.`,
@@ -1144,17 +1167,17 @@ async function askMerge(source, target = "") {
     if (ok === null) return;
   }
   try {
-    const r = await api(inCollection(`identities/${encodeURIComponent(source)}/merge`), { method: "POST", json: { into },
-      action: `merge identities in ${quoted(collection())}` });
-    if (hygiene.identity === source) hygiene.identity = r.identity_id;
+    const r = await api(inCollection(where, `identities/${encodeURIComponent(source)}/merge`), { method: "POST", json: { into },
+      action: `merge identities in ${quoted(where)}` });
+    if (where === collection() && hygiene.identity === source) hygiene.identity = r.identity_id;
     await refreshHygiene();
-    galleryStatus(`Merged ${r.merged_from} into ${r.identity_id}: ${r.faces_moved} face(s) moved, it now has ${r.face_count}.`, "ok");
+    galleryStatus(`Merged ${r.merged_from} into ${r.identity_id}${elsewhere(where)}: ${r.faces_moved} face(s) moved, it now has ${r.face_count}.`, "ok");
   } catch (err) {
     galleryStatus(err.readable, "error");
   }
 }
 
-async function askMove(faceId, from, target = "") {
+async function askMove(where, faceId, from, target = "") {
   const to = await confirmHygiene({
     title: "Move this face?", confirm: "Move", askTarget: !target, target,
     text: target
@@ -1163,27 +1186,27 @@ async function askMove(faceId, from, target = "") {
   });
   if (to === null) return;
   try {
-    const r = await api(inCollection(`faces/${encodeURIComponent(faceId)}/move`), { method: "POST",
-      json: { identity_id: target || to }, action: `move faces in ${quoted(collection())}` });
-    if (r.source_deleted && hygiene.identity === r.from_identity) hygiene.identity = r.to_identity;
+    const r = await api(inCollection(where, `faces/${encodeURIComponent(faceId)}/move`), { method: "POST",
+      json: { identity_id: target || to }, action: `move faces in ${quoted(where)}` });
+    if (where === collection() && r.source_deleted && hygiene.identity === r.from_identity) hygiene.identity = r.to_identity;
     await refreshHygiene();
-    galleryStatus(`Moved face ${r.face_id} from ${r.from_identity} to ${r.to_identity}`
+    galleryStatus(`Moved face ${r.face_id} from ${r.from_identity} to ${r.to_identity}${elsewhere(where)}`
       + `${r.target_created ? " (a new identity)" : ""}${r.source_deleted ? `; ${r.from_identity} had no face left and was deleted` : ""}.`, "ok");
   } catch (err) {
     galleryStatus(err.readable, "error");
   }
 }
 
-async function askDeleteFace(faceId, identity) {
+async function askDeleteFace(where, faceId, identity) {
   const ok = await confirmHygiene({ title: "Delete this face?", confirm: "Delete face",
     text: `Delete face ${faceId} of "${identity}"? It is erased and can never be matched again; if it is the identity's last face, the identity is deleted too. This cannot be undone.` });
   if (ok === null) return;
   try {
-    const r = await api(inCollection(`faces/${encodeURIComponent(faceId)}`), { method: "DELETE",
-      action: `delete faces in ${quoted(collection())}` });
-    if (r.identity_deleted && hygiene.identity === r.identity_id) hygiene.identity = null;
+    const r = await api(inCollection(where, `faces/${encodeURIComponent(faceId)}`), { method: "DELETE",
+      action: `delete faces in ${quoted(where)}` });
+    if (where === collection() && r.identity_deleted && hygiene.identity === r.identity_id) hygiene.identity = null;
     await refreshHygiene();
-    galleryStatus(`Deleted face ${r.face_id} of ${r.identity_id}${r.identity_deleted ? "; it was its last face, so the identity was deleted too" : ""}.`, "ok");
+    galleryStatus(`Deleted face ${r.face_id} of ${r.identity_id}${elsewhere(where)}${r.identity_deleted ? "; it was its last face, so the identity was deleted too" : ""}.`, "ok");
   } catch (err) {
     galleryStatus(err.readable, "error");
   }
@@ -1195,17 +1218,25 @@ function actionButton(text, label, onClick, kind = "ghost small") {
   return button;
 }
 
-// one identity's faces, each with Move and Delete
-async function showIdentity(identityId) {
+// one identity's faces (of collection `where`), each with Move and Delete, which act there; an answer
+// that comes after the collection or the view changed, the panel was closed or another identity was
+// asked for, is not shown
+let identityRun = 0;
+
+async function showIdentity(identityId, where) {
   hygiene.identity = identityId;
+  const run = ++identityRun;
+  const current = () => run === identityRun && where === collection() && hygiene.view === "identities";
   const panel = $("gallery-identity");
   try {
-    const r = await api(inCollection(`identities/${encodeURIComponent(identityId)}`),
-      { action: `read identities of ${quoted(collection())}` });
+    const r = await api(inCollection(where, `identities/${encodeURIComponent(identityId)}`),
+      { action: `read identities of ${quoted(where)}` });
+    if (!current()) return;
+    hygiene.shown = { identity: r.identity_id, where };
     $("identity-title").textContent = `Faces of ${r.identity_id}`;
-    $("identity-summary").textContent = `${r.face_count} face(s). ` + (showsCrops()
+    $("identity-summary").textContent = `${r.face_count} face(s). ` + (showsCrops(where)
       ? "Each is shown with the crop the collection keeps of it (the face the model saw)."
-      : session.keepCrops.has(collection())
+      : session.keepCrops.has(where)
         ? "Faces are listed by id: the collection keeps their crops, but only keys that may change the gallery see them."
         : "The collection keeps embeddings, not photos: faces are listed by id.");
     $("identity-metadata").textContent = r.metadata && Object.keys(r.metadata).length ? JSON.stringify(r.metadata) : "none";
@@ -1214,14 +1245,16 @@ async function showIdentity(identityId) {
     $("identity-edit").hidden = !write;
     replaceRows($("identity-faces").tBodies[0], r.face_ids.map((faceId) => el("tr", { "data-id": String(faceId) },
       el("th", { scope: "row", class: "mono" },
-        el("span", { class: "face-label" }, cropThumb(faceId, r.identity_id), String(faceId))),
+        el("span", { class: "face-label" }, cropThumb(faceId, r.identity_id, where), String(faceId))),
       el("td", { class: "row-actions" }, ...(write ? [
-        actionButton("Move", `Move face ${faceId}`, () => askMove(faceId, r.identity_id)),
-        actionButton("Delete face", `Delete face ${faceId}`, () => askDeleteFace(faceId, r.identity_id), "danger small"),
+        actionButton("Move", `Move face ${faceId}`, () => askMove(where, faceId, r.identity_id)),
+        actionButton("Delete face", `Delete face ${faceId}`, () => askDeleteFace(where, faceId, r.identity_id), "danger small"),
       ] : [])))));
     panel.hidden = false;
   } catch (err) {
+    if (!current()) return;
     if (err.code === "identity_not_found") hygiene.identity = null;
+    hygiene.shown = null;
     panel.hidden = true;
     galleryStatus(err.readable, "error");
   }
@@ -1232,7 +1265,7 @@ async function showIdentity(identityId) {
 // replaces the stored one) when the JSON means something else than what the service gave. Invalid JSON
 // is refused here; the service's refusals (identity_exists, invalid_identity_id, invalid_metadata,
 // metadata_too_large) are shown in the dialog, which stays open.
-const editing = { identity: null, metadata: {}, updatedAt: null, opener: null };
+const editing = { identity: null, where: null, metadata: {}, updatedAt: null, opener: null };
 
 // the same JSON value, whatever the order of the keys
 function sameJson(a, b) {
@@ -1244,16 +1277,18 @@ function sameJson(a, b) {
     && keys.every((key) => Object.prototype.hasOwnProperty.call(b, key) && sameJson(a[key], b[key]));
 }
 
-async function openEdit(identityId) {
+// the identity of collection `where` (its row's or panel's): the dialog saves it there
+async function openEdit(identityId, where) {
   const opener = document.activeElement;
   let r;
   try { // read afresh: the metadata sent back replaces the stored one, so it must be the stored one
-    r = await api(inCollection(`identities/${encodeURIComponent(identityId)}`),
-      { action: `read identities of ${quoted(collection())}` });
+    r = await api(inCollection(where, `identities/${encodeURIComponent(identityId)}`),
+      { action: `read identities of ${quoted(where)}` });
   } catch (err) {
-    return galleryStatus(err.readable, "error");
+    return where === collection() && galleryStatus(err.readable, "error");
   }
-  Object.assign(editing, { identity: r.identity_id, metadata: r.metadata || {}, updatedAt: r.updated_at, opener });
+  if (where !== collection()) return; // the collection changed while it was read: no dialog for the one left
+  Object.assign(editing, { identity: r.identity_id, where, metadata: r.metadata || {}, updatedAt: r.updated_at, opener });
   $("edit-title").textContent = `Edit ${r.identity_id}`;
   $("edit-id").value = r.identity_id;
   $("edit-metadata").value = JSON.stringify(editing.metadata, null, 2);
@@ -1286,6 +1321,7 @@ async function saveEdit(event) {
     }
   }
   const from = editing.identity;
+  const where = editing.where;
   const body = {};
   if (newId !== from) body.identity_id = newId;
   if (!sameJson(metadata, editing.metadata)) body.metadata = metadata;
@@ -1296,18 +1332,19 @@ async function saveEdit(event) {
   say($("edit-error"), "Saving...");
   $("edit-save").disabled = true;
   try { // only if nothing wrote to it since the dialog read it: the whole metadata sent must not undo a change
-    const r = await api(inCollection(`identities/${encodeURIComponent(from)}`), { method: "PATCH",
+    const r = await api(inCollection(where, `identities/${encodeURIComponent(from)}`), { method: "PATCH",
       json: { ...body, expected_updated_at: editing.updatedAt },
-      action: `edit identities in ${quoted(collection())}` });
-    if (hygiene.identity === from) hygiene.identity = r.identity_id;
-    if (gallery.query && !r.identity_id.startsWith(gallery.query)) { // the search follows the new id
+      action: `edit identities in ${quoted(where)}` });
+    const here = where === collection();
+    if (here && hygiene.identity === from) hygiene.identity = r.identity_id;
+    if (here && gallery.query && !r.identity_id.startsWith(gallery.query)) { // the search follows the new id
       Object.assign(gallery, { query: r.identity_id, page: 0, cursors: [null] });
       $("gallery-query").value = r.identity_id;
     }
     $("edit-dialog").close();
     await refreshHygiene();
     const what = [body.identity_id !== undefined ? `renamed from ${from}` : "", body.metadata !== undefined ? "metadata replaced" : ""];
-    galleryStatus(`Saved ${r.identity_id}: ${what.filter(Boolean).join(", ")}.`, "ok");
+    galleryStatus(`Saved ${r.identity_id}${elsewhere(where)}: ${what.filter(Boolean).join(", ")}.`, "ok");
     const row = [...$("gallery-table").tBodies[0].rows].find((tr) => tr.dataset.id === r.identity_id);
     const again = row && row.querySelector("button[data-action=edit]");
     if (editing.opener && !editing.opener.isConnected && again) again.focus(); // the old row was redrawn
@@ -1328,17 +1365,18 @@ function missingRoute(err, what) {
 // ends): minutes at a million faces, longer than a request should wait. The done job's field named
 // {kind} ("duplicates" or "outliers") is what GET /{kind} answers.
 async function scanJob(kind, minScoreInput, waiting, announce) {
-  const action = `search ${quoted(collection())} for ${kind}`;
+  const where = collection();
+  const action = `search ${quoted(where)} for ${kind}`;
   const body = { limit: 100 };
   const score = $(minScoreInput).value.trim();
   if (score !== "") body.min_score = numberOrText(score); // not a number: as typed, the server says what is wrong
-  let job = (await api(inCollection(`${kind}/jobs`), { method: "POST", json: body, action })).job;
+  let job = (await api(inCollection(where, `${kind}/jobs`), { method: "POST", json: body, action })).job;
   const started = Date.now();
   while (!["done", "failed", "cancelled"].includes(job.state)) {
     const waited = Date.now() - started;
     if (announce && waited > 2000) galleryStatus(`${waiting} (${Math.round(waited / 1000)} s)`);
     await new Promise((resolve) => setTimeout(resolve, Math.min(2000, 100 + waited / 10)));
-    job = await api(inCollection(`${kind}/jobs/${encodeURIComponent(job.id)}`), { action });
+    job = await api(inCollection(collection(), `${kind}/jobs/${encodeURIComponent(job.id)}`), { action });
   }
   if (job.state !== "done") {
     const error = job.error || { code: job.state, message: `The scan was ${job.state}.` };
@@ -1353,10 +1391,11 @@ async function scanJob(kind, minScoreInput, waiting, announce) {
 async function loadDuplicates(announce = true) {
   const list = $("duplicates-list");
   const waiting = "Looking for duplicate people...";
+  const where = collection();
   if (announce) galleryStatus(waiting);
   try {
     const r = await scanJob("duplicates", "duplicates-min-score", waiting, announce);
-    replaceRows(list, r.pairs.map(duplicateItem));
+    replaceRows(list, r.pairs.map((pair) => duplicateItem(pair, where)));
     if (announce || !r.pairs.length) {
       galleryStatus(r.pairs.length
         ? `${r.pairs.length} probable duplicate pair(s) at score >= ${fmt(r.min_score)} (${r.faces_scanned} faces scanned).`
@@ -1374,29 +1413,31 @@ function side(title, lines, buttons = [], thumb = null) {
     ...lines.map((line) => el("p", { text: line })), buttons.length ? el("div", { class: "row-actions" }, ...buttons) : null);
 }
 
-function duplicateItem(pair) {
+// a pair found in collection `where`: its buttons act there
+function duplicateItem(pair, where) {
   const a = pair.identity_a;
   const b = pair.identity_b;
   const faces = (key) => [...new Set(pair.evidence.map((e) => e[key]))].join(", ");
   const write = canWrite();
-  const withCrops = showsCrops();
+  const withCrops = showsCrops(where);
   // each pair of faces behind the score, with the two crops side by side where the collection keeps them
   const evidence = (e) => {
     const text = `face ${e.face_a} ~ face ${e.face_b}: ${fmt(e.score)}`;
     return withCrops
-      ? el("li", { class: "with-crops" }, cropThumb(e.face_a, a), el("span", { class: "evidence-text", text }), cropThumb(e.face_b, b))
+      ? el("li", { class: "with-crops" }, cropThumb(e.face_a, a, where), el("span", { class: "evidence-text", text }),
+        cropThumb(e.face_b, b, where))
       : el("li", { text });
   };
   return el("li", { class: "pair-card", "data-id": `${a}|${b}` },
     side(a, [`faces ${faces("face_a")}`],
-      write ? [actionButton(`Merge into ${b}`, `Merge ${a} into ${b}`, () => askMerge(a, b))] : []),
+      write ? [actionButton(`Merge into ${b}`, `Merge ${a} into ${b}`, () => askMerge(where, a, b))] : []),
     el("div", { class: "versus" },
       el("p", { class: "score", text: `score ${fmt(pair.score)}` }),
       el("p", { class: "muted", text: typeof pair.false_alarm_probability === "number"
         ? `chance of a false alarm ${pair.false_alarm_probability.toPrecision(2)}` : "chance of a false alarm: unknown (no impostor tail)" }),
       el("ul", { class: "evidence" }, ...pair.evidence.map(evidence))),
     side(b, [`faces ${faces("face_b")}`],
-      write ? [actionButton(`Merge into ${a}`, `Merge ${b} into ${a}`, () => askMerge(b, a))] : []));
+      write ? [actionButton(`Merge into ${a}`, `Merge ${b} into ${a}`, () => askMerge(where, b, a))] : []));
 }
 
 // GET /outliers's answer, through a scan job: {"faces": [{"identity_id", "face_id", "own_score",
@@ -1404,11 +1445,13 @@ function duplicateItem(pair) {
 async function loadOutliers(announce = true) {
   const list = $("outliers-list");
   const waiting = "Looking for faces unlike their identity's others...";
+  const where = collection();
   if (announce) galleryStatus(waiting);
   try {
     const r = await scanJob("outliers", "outliers-min-score", waiting, announce);
     const ticked = new Set(outlierBoxes().filter((box) => box.checked).map((box) => box.dataset.faceId));
-    replaceRows(list, r.faces.map((face) => outlierItem(face, r.threshold)));
+    replaceRows(list, r.faces.map((face) => outlierItem(face, r.threshold, where)));
+    list.dataset.collection = where; // Delete selected erases the faces ticked there
     for (const box of outlierBoxes()) box.checked = ticked.has(box.dataset.faceId); // a new scan keeps the ticks
     showOutlierSelection();
     if (announce || !r.faces.length) {
@@ -1423,18 +1466,19 @@ async function loadOutliers(announce = true) {
   }
 }
 
-function outlierItem(face, threshold) {
+// a face found in collection `where`: its buttons act there
+function outlierItem(face, threshold, where) {
   const other = face.best_other;
   const write = canWrite();
   const buttons = write ? [
     ...(other ? [actionButton(`Move to ${other.identity_id}`, `Move face ${face.face_id} to ${other.identity_id}`,
-      () => askMove(face.face_id, face.identity_id, other.identity_id))] : []),
-    actionButton("Move to...", `Move face ${face.face_id} to another identity`, () => askMove(face.face_id, face.identity_id)),
-    actionButton("Delete face", `Delete face ${face.face_id}`, () => askDeleteFace(face.face_id, face.identity_id), "danger small"),
+      () => askMove(where, face.face_id, face.identity_id, other.identity_id))] : []),
+    actionButton("Move to...", `Move face ${face.face_id} to another identity`, () => askMove(where, face.face_id, face.identity_id)),
+    actionButton("Delete face", `Delete face ${face.face_id}`, () => askDeleteFace(where, face.face_id, face.identity_id), "danger small"),
   ] : [];
   const own = side(`face ${face.face_id} of ${face.identity_id}`,
     [`best score against its own identity's other faces ${fmt(face.own_score)} (threshold ${fmt(threshold)})`], buttons,
-    cropThumb(face.face_id, face.identity_id));
+    cropThumb(face.face_id, face.identity_id, where));
   if (write) { // ticked, it is one of the faces "Delete selected" erases
     own.prepend(el("label", { class: "check" },
       el("input", { type: "checkbox", "data-face-id": String(face.face_id), "data-identity": face.identity_id }),
@@ -1443,7 +1487,7 @@ function outlierItem(face, threshold) {
   return el("li", { class: "pair-card", "data-id": String(face.face_id) }, own,
     el("div", { class: "versus" }, el("p", { class: "score", text: other ? "looks more like" : "matches no other identity" })),
     other ? side(other.identity_id, [`face ${other.face_id}, score ${fmt(other.score)}`], [],
-      other.face_id == null ? null : cropThumb(other.face_id, other.identity_id)) : el("div", { class: "side muted" }));
+      other.face_id == null ? null : cropThumb(other.face_id, other.identity_id, where)) : el("div", { class: "side muted" }));
 }
 
 // --- several outliers at once: tick them, then one POST faces/delete ------------------------------
@@ -1479,6 +1523,7 @@ function bulkDeleteText(r) {
 async function askDeleteSelected() {
   const ticked = showOutlierSelection();
   if (!ticked.length) return;
+  const where = $("outliers-list").dataset.collection; // the collection the list was scanned in
   const faceIds = ticked.map((box) => Number(box.dataset.faceId));
   const identities = [...new Set(ticked.map((box) => box.dataset.identity))];
   const named = identities.slice(0, 3).map((id) => `"${id}"`).join(", ")
@@ -1492,9 +1537,10 @@ async function askDeleteSelected() {
   button.dataset.busy = "true";
   showOutlierSelection();
   try {
-    const r = await api(inCollection("faces/delete"), { method: "POST", json: { face_ids: faceIds },
-      action: `delete faces in ${quoted(collection())}` });
-    for (const d of r.deleted) if (d.identity_deleted && hygiene.identity === d.identity_id) hygiene.identity = null;
+    const r = await api(inCollection(where, "faces/delete"), { method: "POST", json: { face_ids: faceIds },
+      action: `delete faces in ${quoted(where)}` });
+    const here = where === collection();
+    for (const d of r.deleted) if (here && d.identity_deleted && hygiene.identity === d.identity_id) hygiene.identity = null;
     const erased = new Set([...r.deleted.map((d) => d.face_id), ...r.not_found].map(String));
     for (const item of [...$("outliers-list").children]) if (erased.has(item.dataset.id)) item.remove();
     sweepCrops(); // the removed rows' thumbnails
