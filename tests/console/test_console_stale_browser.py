@@ -151,3 +151,40 @@ def test_an_identity_s_faces_answered_after_the_collection_changed_are_not_shown
     assert faces(api, "fa-beta", "carol") is None
     assert faces(api, "fa-alpha", "alice") == alpha_alice
     assert faces(api, "fa-alpha", "bob")
+
+
+def test_a_scan_of_the_collection_left_is_not_polled_in_nor_shown_as_the_new_one(console, api):
+    others = {f"other-{i}": [100 + i] for i in range(4)}
+    make(api, "sc-alpha", {"dup-x": [41], "dup-y": [41], **others})  # the same face under two ids
+    make(api, "sc-beta", others)  # no duplicates, no outliers (one face each)
+    open_gallery_in(console, "sc-alpha", ["dup-x:1", "dup-y:1"] + [f"other-{i}:1" for i in range(4)])
+
+    # duplicates: alpha's scan job answers "done" with its pair after the user switched to beta
+    hold(console, "collections/sc-alpha/duplicates/jobs/")  # reading the job, not starting it
+    console.find("view-duplicates").click()
+    console.wait(lambda: held(console) == 1, "alpha's scan job was not read")
+    pick_collection(console, "sc-beta")
+    console.wait_text("gallery-status", "No pair of identities scores")
+    wait_released(console)
+    assert not console.driver.find_elements("css selector", "#duplicates-list > li"), "alpha's pair shown in beta"
+    assert not console.driver.find_elements("css selector", "button[aria-label='Merge dup-x into dup-y']")
+    assert "No pair of identities scores" in console.text("gallery-status")
+    assert faces(api, "sc-alpha", "dup-x") and faces(api, "sc-alpha", "dup-y")
+
+    # outliers: alpha's job is started late (its id comes after the switch): beta is not asked for it
+    hold(console, "nothing is held")
+    pick_collection(console, "sc-alpha")
+    console.wait_text("gallery-status", "1 probable duplicate pair(s)")
+    console.find("view-outliers").click()
+    console.wait_text("gallery-status", "No face below")
+    hold(console, "collections/sc-alpha/outliers/jobs")
+    console.find("outliers-show").click()
+    console.wait(lambda: held(console) == 1, "alpha's outliers scan was not started")
+    pick_collection(console, "sc-beta")
+    console.wait_text("gallery-status", "No face below")
+    beta_status = console.text("gallery-status")
+    wait_released(console)
+    time.sleep(1)  # the time the scan would take to ask for its job again
+    assert "job_not_found" not in console.text("gallery-status")
+    assert console.text("gallery-status") == beta_status
+    assert "error" not in (console.find("gallery-status").get_attribute("class") or "")

@@ -1363,20 +1363,36 @@ function missingRoute(err, what) {
 
 // A scan of the whole collection as a job (POST {kind}/jobs, then GET {kind}/jobs/{id} until it
 // ends): minutes at a million faces, longer than a request should wait. The done job's field named
-// {kind} ("duplicates" or "outliers") is what GET /{kind} answers.
-async function scanJob(kind, minScoreInput, waiting, announce) {
-  const where = collection();
-  const action = `search ${quoted(where)} for ${kind}`;
+// {kind} ("duplicates" or "outliers") is what GET /{kind} answers. The scan is of collection `where`
+// and read there only (a job id means nothing in another collection). Asked again while the same scan
+// runs (its view shown again, its collection chosen again), it waits for that one instead of starting
+// a second job, which the service refuses (one job per collection at a time: job_running).
+const scansInFlight = new Map(); // [kind, where, body] as JSON -> the scan's promise
+
+function scanJob(kind, where, minScoreInput, waiting, announce) {
   const body = { limit: 100 };
   const score = $(minScoreInput).value.trim();
   if (score !== "") body.min_score = numberOrText(score); // not a number: as typed, the server says what is wrong
+  const key = JSON.stringify([kind, where, body]);
+  if (!scansInFlight.has(key)) {
+    scansInFlight.set(key, runScan(kind, where, body, waiting, announce).finally(() => scansInFlight.delete(key)));
+  }
+  return scansInFlight.get(key);
+}
+
+// the job's answer, or null once `where` is no longer the collection chosen: polling stops (the job
+// itself runs on in the service)
+async function runScan(kind, where, body, waiting, announce) {
+  const action = `search ${quoted(where)} for ${kind}`;
   let job = (await api(inCollection(where, `${kind}/jobs`), { method: "POST", json: body, action })).job;
   const started = Date.now();
   while (!["done", "failed", "cancelled"].includes(job.state)) {
     const waited = Date.now() - started;
-    if (announce && waited > 2000) galleryStatus(`${waiting} (${Math.round(waited / 1000)} s)`);
+    const shown = where === collection() && hygiene.view === kind;
+    if (announce && shown && waited > 2000) galleryStatus(`${waiting} (${Math.round(waited / 1000)} s)`);
     await new Promise((resolve) => setTimeout(resolve, Math.min(2000, 100 + waited / 10)));
-    job = await api(inCollection(collection(), `${kind}/jobs/${encodeURIComponent(job.id)}`), { action });
+    if (where !== collection()) return null;
+    job = await api(inCollection(where, `${kind}/jobs/${encodeURIComponent(job.id)}`), { action });
   }
   if (job.state !== "done") {
     const error = job.error || { code: job.state, message: `The scan was ${job.state}.` };
@@ -1385,16 +1401,27 @@ async function scanJob(kind, minScoreInput, waiting, announce) {
   return job[kind];
 }
 
+// the latest scan asked for, of each kind: an answer (or error) is shown only while it is the latest
+// of its kind, its collection is still the one chosen and its view is still shown
+const scanRuns = { duplicates: 0, outliers: 0 };
+
+function scanTicket(kind) {
+  const where = collection();
+  const run = ++scanRuns[kind];
+  return { where, current: () => run === scanRuns[kind] && where === collection() && hygiene.view === kind };
+}
+
 // GET /duplicates's answer, through a scan job: {"pairs": [{"identity_a", "identity_b", "score",
 // "false_alarm_probability", "evidence": [{"face_a", "face_b", "score"}]}], "min_score", "comparisons",
 // "faces_scanned", ...}
 async function loadDuplicates(announce = true) {
   const list = $("duplicates-list");
   const waiting = "Looking for duplicate people...";
-  const where = collection();
+  const { where, current } = scanTicket("duplicates");
   if (announce) galleryStatus(waiting);
   try {
-    const r = await scanJob("duplicates", "duplicates-min-score", waiting, announce);
+    const r = await scanJob("duplicates", where, "duplicates-min-score", waiting, announce);
+    if (!r || !current()) return; // of a collection or a view left, or a newer scan was asked for
     replaceRows(list, r.pairs.map((pair) => duplicateItem(pair, where)));
     if (announce || !r.pairs.length) {
       galleryStatus(r.pairs.length
@@ -1402,6 +1429,7 @@ async function loadDuplicates(announce = true) {
         : `No pair of identities scores >= ${fmt(r.min_score)} (${r.faces_scanned} faces scanned).`);
     }
   } catch (err) {
+    if (!current()) return;
     replaceRows(list, []);
     galleryStatus(missingRoute(err, "a duplicate search"), "error");
   }
@@ -1445,10 +1473,11 @@ function duplicateItem(pair, where) {
 async function loadOutliers(announce = true) {
   const list = $("outliers-list");
   const waiting = "Looking for faces unlike their identity's others...";
-  const where = collection();
+  const { where, current } = scanTicket("outliers");
   if (announce) galleryStatus(waiting);
   try {
-    const r = await scanJob("outliers", "outliers-min-score", waiting, announce);
+    const r = await scanJob("outliers", where, "outliers-min-score", waiting, announce);
+    if (!r || !current()) return; // of a collection or a view left, or a newer scan was asked for
     const ticked = new Set(outlierBoxes().filter((box) => box.checked).map((box) => box.dataset.faceId));
     replaceRows(list, r.faces.map((face) => outlierItem(face, r.threshold, where)));
     list.dataset.collection = where; // Delete selected erases the faces ticked there
@@ -1460,6 +1489,7 @@ async function loadOutliers(announce = true) {
         : `No face below ${fmt(r.threshold)} against its own identity (${r.identities_checked} identities checked).`);
     }
   } catch (err) {
+    if (!current()) return;
     replaceRows(list, []);
     showOutlierSelection();
     galleryStatus(missingRoute(err, "an outlier search"), "error");
