@@ -29,9 +29,13 @@ def test_console_is_served_without_the_key_but_the_api_still_needs_it(client):
     assert '<script src="app.js"' in page.text
     policy = page.headers["content-security-policy"]
     assert "default-src 'none'" in policy and "script-src 'self'" in policy and "connect-src 'self'" in policy
+    # the page (which shows a new key's secret once) is never kept by the browser, not even in its
+    # back/forward cache; the script and style are revalidated each time (a new version is picked up)
+    assert page.headers["cache-control"] == "no-store"
     for name in FILES[1:]:
         r = client.get(f"/console/{name}")
         assert r.status_code == 200 and r.content == (STATIC / name).read_bytes()
+        assert r.headers["cache-control"] == "no-cache"
     assert client.get("/console/config.json").json() == {"api_key_header": "X-API-Key", "api_key_required": True}
     assert client.get("/identities").json()["error"]["code"] == "unauthorized"
     assert client.get("/identities", headers={"X-API-Key": KEY}).status_code == 200

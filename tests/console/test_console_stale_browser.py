@@ -188,3 +188,22 @@ def test_a_scan_of_the_collection_left_is_not_polled_in_nor_shown_as_the_new_one
     assert "job_not_found" not in console.text("gallery-status")
     assert console.text("gallery-status") == beta_status
     assert "error" not in (console.find("gallery-status").get_attribute("class") or "")
+
+
+def test_a_new_key_s_secret_is_not_there_again_after_leaving_the_console_and_coming_back(console, api, console_server):
+    console.open("keys")
+    console.wait(lambda: console.find("page-keys").is_displayed(), "no Keys page for the admin")
+    console.find("keys-create").click()
+    console.wait(lambda: console.find("keys-secret-value").get_attribute("value"), "no secret shown")
+    secret = console.find("keys-secret-value").get_attribute("value")
+    key_id = console.text("keys-secret-id")
+    try:
+        console.driver.get(console_server.url + "/healthz")  # leave the console: any other page
+        console.driver.back()
+        console.wait(lambda: console.js("return document.body.dataset.ready") == "true"
+                     and console.find("page-keys").is_displayed(), "the Keys page is not back")
+        assert not console.find("keys-secret").is_displayed()
+        assert console.find("keys-secret-value").get_attribute("value") == ""
+        assert secret not in console.driver.page_source
+    finally:
+        api.delete(f"/keys/{key_id}")

@@ -320,7 +320,8 @@ def test_every_answer_says_nosniff_and_no_store_unless_the_route_chose(keyed_ser
     """Every answer, from a route, an error or a middleware's early refusal, carries one
     ``X-Content-Type-Options: nosniff`` and ``Cache-Control: no-store`` (identities, metadata and
     embeddings are biometric data: no shared cache keeps them; ``X-API-Key`` is not ``Authorization``,
-    which caches already leave alone), unless the route set its own (the console: ``no-cache``); no
+    which caches already leave alone), unless the route set its own (the console's script and style:
+    ``no-cache``; its page keeps ``no-store``: it shows a new key's secret once); no
     ``Strict-Transport-Security`` over plain HTTP (test_tls.py: over HTTPS)."""
     auth = {"X-API-Key": KEY}
     answers = {
@@ -336,10 +337,11 @@ def test_every_answer_says_nosniff_and_no_store_unless_the_route_chose(keyed_ser
         "metrics": keyed.get("/metrics", headers=auth),
         "docs": keyed.get("/docs", headers=auth),
         "console": keyed.get("/console/"),
+        "console script": keyed.get("/console/app.js"),
     }
     assert answers["embed"].status_code == 200 and answers["too large"].status_code == 413
     for name, answer in answers.items():
         assert answer.headers.get_list("x-content-type-options") == ["nosniff"], (name, answer.headers)
-        expected = ["no-cache"] if name == "console" else ["no-store"]
+        expected = ["no-cache"] if name == "console script" else ["no-store"]
         assert answer.headers.get_list("cache-control") == expected, (name, answer.headers)
         assert "strict-transport-security" not in answer.headers, name

@@ -50,8 +50,11 @@ class ConsoleFiles(StaticFiles):
         response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
         response.headers["X-Content-Type-Options"] = "nosniff"
         response.headers["Referrer-Policy"] = "no-referrer"
-        # revalidate every time (ETag): a new version of the service is picked up without a stale page
-        response.headers["Cache-Control"] = "no-cache"
+        # the page itself is never kept, not even in the back/forward cache: it shows a new key's secret
+        # once (app.js also hides it on pagehide); the script and style are revalidated every time
+        # (ETag): a new version of the service is picked up without a stale page
+        page = response.headers.get("content-type", "").startswith("text/html")
+        response.headers["Cache-Control"] = "no-store" if page else "no-cache"
         return response
 
 

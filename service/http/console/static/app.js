@@ -511,7 +511,7 @@ function route() {
     else link.removeAttribute("aria-current");
   }
   clearInterval(statusTimer);
-  if (page !== "keys") hideSecret(); // shown once: leaving the page forgets it
+  if (page !== "keys") hideSecret(); // shown once: leaving the page forgets it (leaving the console: pagehide)
   if (page === "gallery") loadGalleryView();
   if (page === "keys") loadKeys();
   if (page === "audit") loadAudit();
@@ -2111,6 +2111,13 @@ async function start() {
   });
   $("audit-more").addEventListener("click", () => loadAudit(true));
   window.addEventListener("hashchange", route);
+  // shown once: leaving the console forgets it too (a page kept in the back/forward cache comes back on
+  // Back just as it was left, the secret with it, unless it is hidden before the page is put away)
+  window.addEventListener("pagehide", () => {
+    if (!newSecret) return;
+    hideSecret();
+    say($("keys-status"), "The secret was hidden when you left the page; it cannot be shown again.");
+  });
   if (config.api_key_required && !sessionStorage.getItem(KEY_STORE)) {
     document.body.dataset.ready = "true";
     askForKey();
