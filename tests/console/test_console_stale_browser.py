@@ -14,6 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
+from tests.conftest import FIXTURES
 from tests.console.browser import Console
 from tests.console.conftest import KEY
 from tests.console.test_console_access_browser import pick_collection
@@ -188,6 +189,27 @@ def test_a_scan_of_the_collection_left_is_not_polled_in_nor_shown_as_the_new_one
     assert "job_not_found" not in console.text("gallery-status")
     assert console.text("gallery-status") == beta_status
     assert "error" not in (console.find("gallery-status").get_attribute("class") or "")
+
+
+def test_a_comparison_answered_after_the_collection_changed_is_not_shown(console, api):
+    """Try's Compare asks /verify in the chosen collection (whose model may differ from another's): its
+    answer, come once the picker says another collection, is not shown as that collection's."""
+    make(api, "cm-alpha", {})
+    make(api, "cm-beta", {})
+    console.open("try")
+    pick_collection(console, "cm-alpha")
+    console.pick("compare-a", FIXTURES / "photos" / "Amelie_Mauresmo_0001.jpg")
+    console.pick("compare-b", FIXTURES / "photos" / "Amelie_Mauresmo_0002.jpg")
+    hold(console, "collections/cm-alpha/verify")
+    console.find("compare-submit").click()
+    console.wait(lambda: held(console) == 1, "alpha was not asked")
+    pick_collection(console, "cm-beta")
+    wait_released(console)
+    assert "threshold" not in console.text("compare-result")
+    assert console.find("compare-result").get_attribute("data-similarity") is None
+
+    console.find("compare-submit").click()  # asked again: in beta, and shown
+    console.wait_text("compare-result", "threshold")
 
 
 def test_a_new_key_s_secret_is_not_there_again_after_leaving_the_console_and_coming_back(console, api, console_server):

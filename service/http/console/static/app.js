@@ -315,6 +315,9 @@ function chooseCollection(name) {
   $("try-file").value = ""; // picking the same photo again asks the new collection
   tryFile = null;
   tryRun += 1; // an answer still coming is from the collection left: not drawn
+  compareRun += 1; // likewise a comparison's
+  $("compare-result").replaceChildren();
+  $("compare-result").removeAttribute("data-similarity");
   delete $("try-canvas").dataset.state;
   say($("try-status"), `Pick a photo to see every face, who it matches in ${quoted(name)} and how sure.`);
   sayIfDamaged(name);
@@ -727,6 +730,7 @@ function setupDrop(zone, input, onFile) {
 }
 
 // --- Try: compare two photos -----------------------------------------------------------------------
+let compareRun = 0; // the latest comparison: one answered after a newer one, or after the collection changed, is not shown
 function preview(input, img) {
   input.addEventListener("change", () => {
     const file = input.files[0];
@@ -744,6 +748,7 @@ async function compare(event) {
   const a = $("compare-a").files[0];
   const b = $("compare-b").files[0];
   if (!a || !b) return say(out, "Pick two photos first.", "error");
+  const run = ++compareRun;
   say(out, "Comparing...");
   out.removeAttribute("data-similarity");
   try {
@@ -753,6 +758,7 @@ async function compare(event) {
       form: photoForm({ image_type: "photo" }, [["image_a", a], ["image_b", b]]),
       action: `verify in ${quoted(where)}`,
     });
+    if (run !== compareRun) return;
     const meter = el("div", { class: "meter", "aria-hidden": "true" },
       el("div", { class: r.match ? "fill known" : "fill unknown" }), el("div", { class: "mark" }));
     meter.firstChild.style.width = `${Math.max(0, Math.min(1, r.similarity)) * 100}%`;
@@ -764,7 +770,7 @@ async function compare(event) {
     out.dataset.similarity = String(r.similarity);
     out.classList.remove("error");
   } catch (err) {
-    say(out, err.readable, "error");
+    if (run === compareRun) say(out, err.readable, "error");
   }
 }
 
