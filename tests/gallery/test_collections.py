@@ -718,7 +718,7 @@ def kill_forked_children() -> None:
             continue
 
 
-def test_stuck_snapshot_writer_is_killed_and_never_stalls_other_collections(tmp_path, caplog):
+def test_stuck_snapshot_writer_is_killed_and_never_stalls_other_collections(tmp_path, caplog, monkeypatch):
     """A forked snapshot writer that never finishes (here: its file is a FIFO nobody reads, so the
     child blocks in open(), as a child blocks on a lock another thread held at the fork) does not
     hold up the one maintenance thread: the other collection is snapshotted (before the stuck writer
@@ -730,9 +730,11 @@ def test_stuck_snapshot_writer_is_killed_and_never_stalls_other_collections(tmp_
 
     from prometheus_client import generate_latest
 
+    from service.gallery.embedded.snapshot import SnapshotFiles
     from service.ops.metrics import Metrics
 
     caplog.set_level(logging.INFO, logger="service.gallery.embedded")
+    monkeypatch.setattr(SnapshotFiles, "unnamed", lambda self: None)  # written to the named temp: the FIFO
     rng = np.random.default_rng(17)
     g = embedded(tmp_path, snapshot_interval_s=1.0, collection_idle_s=3.0, snapshot_timeout_s=5.0)
     root = tmp_path / "data" / "collections"

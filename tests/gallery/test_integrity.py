@@ -15,7 +15,7 @@ import pytest
 
 from service.gallery import Gallery, GalleryOptions
 from tests.gallery.test_gallery import DIM, crash, unit  # unit() makes DIM-wide vectors
-from tests.gallery.traces import find_vector
+from tests.gallery.traces import find_vector, holds_vector
 
 
 def opened(path, **options) -> Gallery:
@@ -223,7 +223,8 @@ def test_face_erased_while_a_snapshot_is_written_is_not_in_it(tmp_path):
     real_prepare = g._files.prepare  # noqa: SLF001
 
     def prepare_while_deleting(tmp, meta, dim, *size):
-        assert "index.hnsw.tmp" in find_vector(tmp.parent, secret[0])  # saved with the secret in it
+        assert holds_vector(tmp, secret[0])  # saved with the secret in it,
+        assert not (tmp_path / "index.hnsw.tmp").exists()  # to a file with no name in the data dir
         assert g.delete("secret") == 1  # a writer gets in between save and install
         return real_prepare(tmp, meta, dim, *size)
 
@@ -368,8 +369,8 @@ def test_crash_during_a_compaction_loses_nothing_acknowledged(tmp_path):
 @pytest.mark.parametrize("ending", ["completes", "crash"])
 def test_writes_go_on_while_a_snapshot_is_written(tmp_path, monkeypatch, ending):
     """The lock is held for the fork only: a delete and an enroll made while the child writes the
-    file get in; the deleted vector is zeroed in the new file (or a crash leaves a temporary that
-    the next start removes), and the enrolled face is replayed after a crash."""
+    file get in; the deleted vector is zeroed in the new file before it gets a name in the data dir
+    (a crash leaves nothing of it), and the enrolled face is replayed after a crash."""
     from service.gallery.embedded.index import BackgroundSave
 
     rng = np.random.default_rng(22)
@@ -384,8 +385,9 @@ def test_writes_go_on_while_a_snapshot_is_written(tmp_path, monkeypatch, ending)
 
     def wait_while_writing(saving, timeout):
         run_aside(lambda: (g.delete("secret"), g.enroll("late", vectors["late"])))
-        real_wait(saving, timeout)  # the child forked before the delete: its file has the secret
-        assert "index.hnsw.tmp" in find_vector(tmp_path, secret[0])
+        real_wait(saving, timeout)  # the child forked before the delete: its file has the secret,
+        assert holds_vector(g._writing.file, secret[0])  # noqa: SLF001
+        assert not find_vector(tmp_path, secret[0])  # and that file has no name in the data dir
         if ending == "crash":
             crash(g)
             raise SystemExit  # the process is gone; nothing after this runs
@@ -436,7 +438,7 @@ def test_failed_snapshot_writer_is_reported_and_cleaned_up(tmp_path, monkeypatch
     g.enroll("b", vectors["b"])
     real_save = HnswIndex.save_in_background
     monkeypatch.setattr(HnswIndex, "save_in_background",
-                        lambda self, path: real_save(self, path.parent / "missing" / path.name))
+                        lambda self, path, keep=None: real_save(self, path.parent / "missing" / path.name, keep))
     assert g.snapshot() is False  # the child could not write: exit status 1, no file half-written
     assert not (tmp_path / "index.hnsw.tmp").exists()
     monkeypatch.undo()
@@ -497,6 +499,7 @@ from service.gallery.embedded.index import BackgroundSave
 g = Gallery({str(tmp_path)!r}, "m@1", {DIM}, options=GalleryOptions(snapshot_interval_s=0))
 g.open()
 g.enroll("a", np.ones((1, {DIM}), np.float32))
+g._files.unnamed = lambda: None  # the named temp, so that the FIFO is what the child writes to
 os.mkfifo(g._files.temp)
 def die(saving, timeout):
     print(saving.pid, flush=True)
@@ -514,6 +517,35 @@ g.snapshot()
     assert not Path(f"/proc/{child}").exists() or "zombie" in Path(f"/proc/{child}/status").read_text()
     g = opened(tmp_path)  # not DataDirLocked
     assert g.search(np.ones((1, DIM), np.float32), 1)[0][0].identity_id == "a"
+    g.close()
+
+
+def test_a_face_erased_before_a_written_snapshot_is_put_in_place_is_in_no_file_after_kill_9(tmp_path):
+    """The forked writer has written the snapshot (the secret face in it), the face is erased (the
+    delete acknowledged), and the process is killed before the snapshot is put in place: no file of
+    the data dir holds the face. Before, the written file was the named index.hnsw.tmp, left by the
+    kill with the face in it until the next start removed it (CI met it: test_data_dir's kill case)."""
+    secret = np.random.default_rng(31).normal(size=(1, DIM)).astype(np.float32)
+    script = f"""
+import os, signal
+import numpy as np
+from service.gallery import Gallery, GalleryOptions
+g = Gallery({str(tmp_path)!r}, "m@1", {DIM}, options=GalleryOptions(snapshot_interval_s=0))
+g.open()
+for i in range(20):
+    g.enroll(f"k{{i}}", np.random.default_rng(i).normal(size=(1, {DIM})).astype(np.float32))
+g.enroll("secret", np.array({secret.tolist()!r}, np.float32))
+with g._snapshot_mutex:
+    assert g._start_snapshot()
+    g._writing.saving.wait(60)  # the child has written the file and exited; it is not in place yet
+    assert g.delete("secret") == 1
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert not find_vector(tmp_path, secret[0])
+    g = opened(tmp_path)
+    assert all(m.identity_id != "secret" for m in g.search(secret, 5)[0]) and g.stats()["index_live"] == 20
     g.close()
 
 
@@ -554,6 +586,7 @@ if {during!r} == "compaction":
     g.maintain()
     sys.exit("no compaction ran")
 else:
+    g._files.unnamed = lambda: None  # the named temp, made a FIFO:
     os.mkfifo(g._files.temp)  # the forked writer blocks on it: the snapshot never ends
     threading.Thread(target=writer, daemon=True).start()
     print("maintaining", flush=True)

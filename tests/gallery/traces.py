@@ -26,13 +26,12 @@ def _near(data: bytes, vector: np.ndarray, tol: float) -> bool:
 def find_vector(directory: Path, vector: np.ndarray, tol: float = 1e-6) -> list[str]:
     """Files under ``directory`` holding the vector's first 8 values: its exact bytes, or, each value
     within ``tol``, the vector or its unit-length copy (what hnswlib stores for cosine)."""
+    return [path.name for path in sorted(Path(directory).rglob("*")) if path.is_file() and holds_vector(path, vector, tol)]
+
+
+def holds_vector(path: Path, vector: np.ndarray, tol: float = 1e-6) -> bool:
+    """Whether the file ``path`` holds the vector (as ``find_vector`` looks for it)."""
     vector = np.asarray(vector, dtype=np.float32)
     unit = (vector / np.linalg.norm(vector)).astype(np.float32)
-    exact = vector[:WINDOW].tobytes()
-    hits = []
-    for path in sorted(Path(directory).rglob("*")):
-        if path.is_file():
-            data = path.read_bytes()
-            if exact in data or _near(data, vector, tol) or _near(data, unit, tol):
-                hits.append(path.name)
-    return hits
+    data = Path(path).read_bytes()
+    return vector[:WINDOW].tobytes() in data or _near(data, vector, tol) or _near(data, unit, tol)

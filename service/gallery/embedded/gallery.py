@@ -27,6 +27,7 @@ postgres backend; this module only says which faces are nearest and whose they a
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import threading
 import time
@@ -168,6 +169,19 @@ class _SnapshotWriting:
     locked_s: float
     deadline: float
     size: int  # the bytes the finished file must have (hnswlib's save does not report a short write)
+    fd: int | None = None  # the unnamed file it is written to (SnapshotFiles.unnamed); None: the named temp
+    temp: Path = Path()  # the named temp (SnapshotFiles.temp), where there is no unnamed file
+
+    @property
+    def file(self) -> Path:
+        """The path the snapshot is written to and read from until it is put in place."""
+        return SnapshotFiles.path_of(self.fd) if self.fd is not None else self.temp
+
+    def close(self) -> None:
+        """Drop the unnamed file (its last descriptor here; a writer still running keeps its own)."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 class Gallery:
@@ -432,7 +446,6 @@ class Gallery:
         """Fork the writer (or save in-process) under the read lock; False if skipped or failed
         (caller holds _snapshot_mutex)."""
         started = time.perf_counter()
-        tmp = self._files.temp
         with self._lock.read():
             if self._dirty:
                 log.warning("index snapshot skipped: the index is being repaired")
@@ -449,23 +462,29 @@ class Gallery:
                                 "free_mb": round(free / 2**20, 1), "snapshot_mb": round(size / 2**20, 1)})
                 self._last_snapshot = time.monotonic()  # again at the next interval
                 return False
-            saving: BackgroundSave | None = None
+            # written to a file with no name until it is put in place: a kill -9 meanwhile leaves nothing
+            # of it, though it holds the faces erased after its save until then (install zeroes them)
+            writing = _SnapshotWriting(None, meta, changes, started, 0.0,
+                                       time.monotonic() + self.options.snapshot_timeout_s, size,
+                                       self._files.unnamed(), self._files.temp)
             if self._fork_snapshots:
                 try:
-                    saving = self._index.save_in_background(tmp)
+                    writing.saving = self._index.save_in_background(writing.file, keep=writing.fd)
                 except OSError:
                     log.warning("could not fork to write the index snapshot; writing it under the lock",
                                 exc_info=True)
             try:
-                if saving is None:
-                    self._index.save(tmp)
+                if writing.saving is None:
+                    self._index.save(writing.file)
             except Exception:  # noqa: BLE001 - the store is the truth; the next start rebuilds
                 log.warning("could not save the index", exc_info=True)
+                writing.close()
+                self._files.temp.unlink(missing_ok=True)
                 self._last_snapshot = time.monotonic()  # retry at the next interval, not every tick
                 return False
             self._erased_since_save = []  # writers append from now on (they wait for this lock)
-            self._writing = _SnapshotWriting(saving, meta, changes, started, time.perf_counter() - started,
-                                             time.monotonic() + self.options.snapshot_timeout_s, size)
+            writing.locked_s = time.perf_counter() - started
+            self._writing = writing
         return True
 
     def _finish_snapshot(self, block: bool) -> bool | None:
@@ -473,7 +492,7 @@ class Gallery:
         once it is in place, False if it failed (caller holds _snapshot_mutex)."""
         writing = self._writing
         assert writing is not None
-        tmp = self._files.temp
+        tmp = writing.file
         installing = False
         try:
             if writing.saving is not None:
@@ -487,7 +506,7 @@ class Gallery:
             with self._lock.write():
                 erased, self._erased_since_save = self._erased_since_save or [], None
                 installing = True
-                meta = self._files.install(tmp, meta, layout, erased, self.dim)
+                meta = self._files.install(tmp, meta, layout, erased, self.dim, writing.fd)
                 self._snapshot_meta, self._snapshot_layout = meta, layout
                 self._changes -= writing.changes
         except Exception as exc:  # noqa: BLE001
@@ -501,9 +520,12 @@ class Gallery:
                 if installing:  # the file in place may be half replaced: it no longer counts
                     self._forget_snapshot()
                 # else the previous snapshot is untouched (and scrubbed of every erase): still a base
-            tmp.unlink(missing_ok=True)
+            self._files.temp.unlink(missing_ok=True)  # the named temp, or the unnamed file's name if given
             self._last_snapshot = time.monotonic()
             return False
+        finally:
+            if self._writing is None:  # done with it, put in place or not: its descriptor goes
+                writing.close()
         self._last_snapshot = time.monotonic()
         self._fork_snapshots = True
         log.info("index snapshot written", extra={"collection": self.name, "generation": meta["generation"],
@@ -520,6 +542,7 @@ class Gallery:
                 return
             if writing.saving is not None:
                 writing.saving.kill()
+            writing.close()
             with self._lock.write():
                 self._erased_since_save = None
             self._files.temp.unlink(missing_ok=True)

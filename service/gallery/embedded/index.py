@@ -222,7 +222,7 @@ class HnswIndex:
         self._index, self.live, self._ef = other._live_index, other.live, 0
         self._apply_ef()
 
-    def save_in_background(self, path: Path) -> BackgroundSave:
+    def save_in_background(self, path: Path, keep: int | None = None) -> BackgroundSave:
         """Write the graph as it is now to ``path`` from a forked child process, and return at once.
 
         The child sees the process's memory as it was at the fork (copy-on-write: the parent's later
@@ -230,7 +230,8 @@ class HnswIndex:
         not for the whole save (seconds at 1M faces, with the GIL held too). The child closes every
         inherited descriptor (the data-dir lock, the listening socket, SQLite) and dies with its
         parent, so a killed server's child can neither keep the data dir locked nor outlive it; it
-        runs nothing but hnswlib's save and ``os._exit``. Raises OSError when it cannot fork."""
+        runs nothing but hnswlib's save and ``os._exit``. ``keep``: the one inherited descriptor it
+        keeps (the unnamed file ``path`` opens). Raises OSError when it cannot fork."""
         index = self._live_index
         parent = os.getpid()
         pid = os.fork()
@@ -238,7 +239,11 @@ class HnswIndex:
             code = 1
             try:
                 _die_with_parent(parent)
-                os.closerange(3, _max_fd())
+                if keep is None:
+                    os.closerange(3, _max_fd())
+                else:
+                    os.closerange(3, keep)
+                    os.closerange(keep + 1, _max_fd())
                 index.save_index(str(path))
                 code = 0
             finally:

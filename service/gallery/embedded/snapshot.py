@@ -144,6 +144,33 @@ class SnapshotFiles:
         for path in (self.temp, self.meta_temp):
             path.unlink(missing_ok=True)
 
+    def unnamed(self) -> int | None:
+        """A new file in the data dir with no name (``O_TMPFILE``) for a snapshot being written, its
+        descriptor: a crash (``kill -9``) while it is written leaves nothing of it, though it may hold
+        faces erased since its save; it gets its name at ``install``, once they are zeroed. None where
+        the file system has no such files: the named ``temp`` then (removed at the next open)."""
+        try:
+            return os.open(self.dir, os.O_TMPFILE | os.O_RDWR, 0o600)
+        except (OSError, AttributeError):
+            return None
+
+    @staticmethod
+    def path_of(fd: int) -> Path:
+        """A path that opens the file of descriptor ``fd`` in the process that opens it (this one, or the
+        forked writer, which keeps that descriptor): hnswlib's save takes a path."""
+        return Path(f"/proc/self/fd/{fd}")
+
+    def _name(self, fd: int) -> Path:
+        """Give the unnamed file of ``fd`` the name ``temp`` (linkat through /proc: os.link of the
+        /proc path alone would link the magic link, not follow it)."""
+        self.temp.unlink(missing_ok=True)
+        fds = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.link(str(fd), self.temp, src_dir_fd=fds, follow_symlinks=True)
+        finally:
+            os.close(fds)
+        return self.temp
+
     @property
     def temp(self) -> Path:
         return self.index.with_name(self.index.name + ".tmp")
@@ -170,12 +197,16 @@ class SnapshotFiles:
         meta = {**meta, "format": FORMAT, "size": tmp.stat().st_size, "chunks": chunk_hashes(tmp)}
         return meta, layout
 
-    def install(self, tmp: Path, meta: dict, layout: Layout, erased: list[int], dim: int) -> dict:
+    def install(self, tmp: Path, meta: dict, layout: Layout, erased: list[int], dim: int,
+                fd: int | None = None) -> dict:
         """Zero the vectors of faces erased since ``tmp`` was saved, then put it in place: old meta
         removed, file renamed, dir fsynced, new meta written. A crash at any point leaves either no
-        meta or a meta matching its file."""
+        meta or a meta matching its file. ``fd``: ``tmp`` is the unnamed file of that descriptor
+        (``unnamed``), named only now, zeroed of every erase."""
         meta = self._zero(tmp, layout, meta, erased, dim)
         self.invalidate()
+        if fd is not None:
+            tmp = self._name(fd)
         tmp.replace(self.index)
         fsync_dir(self.dir)
         self.write_meta(meta)
