@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 
@@ -407,6 +408,18 @@ def assert_refused(r: subprocess.CompletedProcess, *words: str, case: str = "") 
     assert all(word in lines[0] for word in words), (case, words, lines[0])
 
 
+
+def each_refused_storing_nothing(path: Path, data: Path, default_model: Path, cases: list) -> None:
+    """Each (name, write_gallery_file's arguments, words of the error) case written to ``path`` and
+    imported into ``data``: refused with those words; nothing stored by any of them."""
+    for name, file, words in cases:
+        write_gallery_file(path, default_model, **file)
+        r = run_cli(["--data-dir", str(data), "--model", str(default_model), "import", str(path)])
+        assert_refused(r, *words, case=name)
+    target = opened(Settings(data_dir=data), default_model)
+    assert target.stats().identities == 0
+    target.close()
+
 def unit_vectors(rng, n: int, dim: int) -> np.ndarray:
     v = rng.normal(size=(n, dim)).astype(np.float32)
     return v / np.linalg.norm(v, axis=1, keepdims=True)
@@ -509,13 +522,7 @@ def test_import_refuses_a_broken_header_bytes_or_number_by_its_line(tmp_path, de
         ("created_at in the future", dict(lines=[line("a"), line("b", created_at=1e308)]),
          ("line 3", "created_at is in the future")),
     ]
-    for name, file, words in cases:
-        path = write_gallery_file(tmp_path / "broken.jsonl", default_model, **file)
-        r = run_cli(["--data-dir", str(data), "--model", str(default_model), "import", str(path)])
-        assert_refused(r, *words, case=name)
-    target = opened(Settings(data_dir=data), default_model)
-    assert target.stats().identities == 0
-    target.close()
+    each_refused_storing_nothing(tmp_path / "broken.jsonl", data, default_model, cases)
 
 
 def test_import_normalises_huge_values_as_the_api_does(tmp_path, default_model):
@@ -572,13 +579,7 @@ def test_import_checks_the_end_line_and_that_nothing_follows_it(tmp_path, defaul
          ("line 4", "not the end line")),
         ("cut", dict(lines=two, end=None), ("ends without its end line",)),
     ]
-    for name, file, words in cases:
-        path = write_gallery_file(tmp_path / "ends.jsonl", default_model, **file)
-        r = run_cli(["--data-dir", str(data), "--model", str(default_model), "import", str(path)])
-        assert_refused(r, *words, case=name)
-    target = opened(Settings(data_dir=data), default_model)
-    assert target.stats().identities == 0
-    target.close()
+    each_refused_storing_nothing(tmp_path / "ends.jsonl", data, default_model, cases)
     # the end line as every version's export wrote it
     path = write_gallery_file(tmp_path / "ends.jsonl", default_model, two)
     assert json.loads(path.read_text().splitlines()[-1]) == {"end": True, "identities": 2, "faces": 3}
