@@ -29,11 +29,12 @@ import datetime
 import logging
 import os
 import ssl
-import stat
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from ..model.files import others_may_read
 
 log = logging.getLogger("service.http")
 
@@ -156,9 +157,8 @@ class ServerCertificate:
         callback(self.not_after)
 
     def _warn_if_readable_by_others(self) -> None:
-        mode = stat.S_IMODE(self.key_file.stat().st_mode)
-        if mode & 0o077 and os.name == "posix":
-            log.warning("FACE_TLS_KEY_FILE may be read by other users of this host (mode %o): chmod 600 it",
+        if (mode := others_may_read(self.key_file)) is not None and os.name == "posix":
+            log.warning("FACE_TLS_KEY_FILE may be read by other users of this host (mode %s): chmod 600 it",
                         mode, extra={"key_file": str(self.key_file)})
 
     def watch(self, interval_s: float) -> None:
