@@ -189,13 +189,20 @@ def test_mutual_tls_serves_only_clients_its_authorities_issued_a_certificate(tmp
     def requests_logged() -> int:
         return server.log_path.read_text().count('"event": "request"')
 
+    def requests_logged_once_settled() -> int:  # a request's line is written after its answer is sent
+        last, now = -1, requests_logged()
+        while now != last:
+            time.sleep(0.3)
+            last, now = now, requests_logged()
+        return now
+
     try:
         server.wait_ready()
         with httpx.Client(base_url=server.url, verify=context("alice"), timeout=10) as c:
             assert c.get("/healthz").status_code == 200
             assert c.get("/identities").status_code == 401  # the key is still asked for
             assert c.get("/identities", headers={"X-API-Key": admin}).status_code == 200
-        before = requests_logged()
+        before = requests_logged_once_settled()
         for client in (None, "mallory"):
             with pytest.raises(httpx.HTTPError):
                 httpx.get(server.url + "/healthz", verify=context(client), timeout=10)

@@ -59,6 +59,7 @@ from ..search import GalleryModelMismatch, Hit, Match, check_model, score_among,
 from .index import BackgroundSave, HnswIndex, SnapshotWriterStuck
 from .lock import DataDirLock, usable_data_dir
 from .snapshot import Layout, SnapshotFiles, SnapshotInvalid, read_layout
+from .sqlite import is_storage_full
 from .store import Room, Store, StoreDamaged, as_damaged
 
 log = logging.getLogger(__name__)
@@ -513,6 +514,9 @@ class Gallery:
             self._writing = None
             if isinstance(exc, SnapshotWriterStuck):
                 self._writer_stuck(exc)
+            elif is_storage_full(exc):  # filled while it was written: said as the skipped ones are, no stack
+                log.warning("index snapshot not written: the data dir filled up while it was written; the "
+                            "store stays the truth", extra={"collection": self.name, "data_dir": str(self.data_dir)})
             else:
                 log.warning("could not write index snapshot", exc_info=True)
             with self._lock.write():
