@@ -524,7 +524,7 @@ class Gallery:
                 if installing:  # the file in place may be half replaced: it no longer counts
                     self._forget_snapshot()
                 # else the previous snapshot is untouched (and scrubbed of every erase): still a base
-            self._files.temp.unlink(missing_ok=True)  # the named temp, or the unnamed file's name if given
+            self._files.remove_temporaries()  # the named temp (or the unnamed file's name), a meta half written
             self._last_snapshot = time.monotonic()
             return False
         finally:
