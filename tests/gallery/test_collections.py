@@ -35,7 +35,7 @@ from service.gallery.api import (
     TooManyFacesForIdentity,
 )
 from service.gallery.open import make_gallery
-from service.model.calibration import FACES_COUNTED_PER_IDENTITY
+from service.model.calibration import FACES_COUNTED_PER_IDENTITY, counted_faces
 from tests.gallery.test_gallery import DIM, unit
 from tests.gallery.traces import find_vector
 
@@ -134,6 +134,36 @@ def test_counts_follow_each_collection(galleries):
     assert (info["small"].identities, info["small"].faces, info["small"].counted_faces) == (3, 6, 6)
     assert (info[DEFAULT_COLLECTION].identities, info[DEFAULT_COLLECTION].faces) == (1, FACES_COUNTED_PER_IDENTITY + 3)
     assert galleries.collection_info("small") == info["small"]
+
+
+def test_counts_are_right_once_concurrent_writes_end(galleries):
+    """Eight writers enroll, append and delete at once: once they are done, the collection's cheap counts
+    (read at no cost by thresholds and plans) say what its rows say, whichever write committed last."""
+    rng = np.random.default_rng(5)
+    col = galleries.collection(DEFAULT_COLLECTION)
+    vectors = unit(rng, 8 * 30)
+    errors: list[BaseException] = []
+
+    def writer(w: int) -> None:
+        try:
+            for i in range(30):
+                col.enroll(f"w{w}-{i % 10}", vectors[w * 30 + i:w * 30 + i + 1])
+                if i % 3 == 2:
+                    col.delete(f"w{w}-{(i + 5) % 10}")
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    listed = {r.identity_id: r.face_count for r in col.list_identities(1000, None)}
+    expected = (len(listed), sum(listed.values()), sum(counted_faces(n) for n in listed.values()))
+    assert (col.identity_count, col.face_count, col.counted_faces) == expected
+    stats = col.stats()
+    assert (stats.identities, stats.faces) == expected[:2]
 
 
 def test_search_never_crosses_collections_under_concurrent_writes(galleries):

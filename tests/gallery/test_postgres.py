@@ -16,7 +16,7 @@ import numpy as np
 import psycopg
 import pytest
 
-from service.gallery.api import GalleryUnavailable
+from service.gallery.api import Actor, GalleryUnavailable
 from service.gallery.postgres.backend import MIGRATIONS, PostgresGalleries, PostgresOptions, hnsw_index_name
 from service.model.calibration import FACES_COUNTED_PER_IDENTITY
 from tests.pg import PgTestServer
@@ -359,3 +359,117 @@ def test_an_index_build_without_shared_memory_for_its_workers_builds_with_one_pr
             restarted.close()
     finally:
         server.close()
+
+
+def _blocking(watch: psycopg.Connection, holder: psycopg.Connection) -> int:
+    """How many backends wait for a lock ``holder``'s transaction holds."""
+    return int(watch.execute("SELECT count(*) FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))",
+                             (holder.info.backend_pid,)).fetchone()[0])
+
+
+def _until(condition, what: str, timeout_s: float = 20) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.01)
+
+
+def test_a_face_moved_into_an_identity_made_anew_is_not_erased_by_a_delete_waiting_on_its_old_row(replicas, postgres):
+    """A delete of faces h (of a) and q, m (of b) waits for a's row, which another transaction deletes
+    (h with it) while a third waits with b locked; that one then makes a anew and moves q into it. The
+    waiting delete's lock skips a's deleted row: it must lock the new a before erasing q from it. Then
+    a face k is moved into a while that delete still runs: the delete, finding a emptied by its own
+    erasure, deletes it only if k is not there (unlocked, it erased k with a: ON DELETE CASCADE, unaudited
+    and uncounted)."""
+    col = replicas[0]
+    rng = np.random.default_rng(9)
+    (h,) = col.enroll("a", unit(rng, 1)).face_ids
+    q, m, _ = col.enroll("b", unit(rng, 3)).face_ids
+    (k,) = col.enroll("c", unit(rng, 1)).face_ids
+    c = col.collection_id
+
+    def connect() -> psycopg.Connection:
+        conn = psycopg.connect(postgres.url)
+        conn.execute(f"SET search_path TO {col.options.schema}")
+        conn.commit()
+        return conn
+
+    watch, deleter, mover, row_holder = connect(), connect(), connect(), connect()
+    watch.autocommit = True
+    lock_identity = "SELECT 1 FROM identities WHERE collection_id = %s AND identity_id = %s FOR UPDATE"
+    deleter.execute(lock_identity, (c, "a"))  # a delete of a (and h), half way
+    mover.execute(lock_identity, (c, "b"))  # a move of q out of b, half way
+    row_holder.execute("SELECT 1 FROM faces WHERE face_id = %s FOR UPDATE", (m,))  # keeps the delete running
+    results: dict[str, object] = {}
+
+    def run(name: str, body) -> None:
+        try:
+            results[name] = body()
+        except BaseException as exc:  # noqa: BLE001 - asserted below
+            results[name] = exc
+
+    delete = threading.Thread(target=run, args=("delete", lambda: col.delete_faces([h, q, m])))
+    delete.start()
+    _until(lambda: _blocking(watch, deleter) == 1, "the delete waits for a")
+    deleter.execute("DELETE FROM faces WHERE face_id = %s", (h,))
+    deleter.execute("DELETE FROM identities WHERE collection_id = %s AND identity_id = 'a'", (c,))
+    deleter.execute("UPDATE counters SET identities = identities - 1, faces = faces - 1, "
+                    "counted_faces = counted_faces - 1 WHERE collection_id = %s AND slot = 0", (c,))
+    deleter.commit()
+    _until(lambda: _blocking(watch, mover) == 1, "the delete waits for b")
+    mover.execute("INSERT INTO identities (collection_id, identity_id, metadata, created_at, updated_at) "
+                  "VALUES (%s, 'a', '{}', 0, 0)", (c,))
+    mover.execute("UPDATE faces SET identity_id = 'a' WHERE face_id = %s", (q,))
+    mover.execute("UPDATE counters SET identities = identities + 1 WHERE collection_id = %s AND slot = 0", (c,))
+    mover.commit()
+    _until(lambda: _blocking(watch, row_holder) == 1, "the delete waits for m's row")
+    move = threading.Thread(target=run, args=("move", lambda: replicas[1].move_face(k, "a")))
+    move.start()
+    _until(lambda: not move.is_alive() or int(watch.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'").fetchone()[0]) == 2,
+        "the move is done or waits for the delete")
+    row_holder.rollback()
+    delete.join(30)
+    move.join(30)
+    for conn in (watch, deleter, mover, row_holder):
+        conn.close()
+    erased = results["delete"]
+    assert not isinstance(erased, BaseException), erased
+    assert sorted(d.face_id for d in erased.deleted) == sorted([q, m]) and erased.not_found == [h]
+    assert not isinstance(results["move"], BaseException), results["move"]
+    assert [f.face_id for f in col.get_identity("a").faces] == [k]  # the moved face is where it was moved
+    listed = {r.identity_id: r.face_count for r in col.list_identities(100, None)}
+    assert listed == {"a": 1, "b": 1}
+    stats = col.stats()
+    assert (stats.identities, stats.faces) == (2, 2)
+
+
+def test_the_counts_a_write_keeps_include_a_write_that_committed_while_it_ran(replicas, postgres):
+    """A write (w1) waits, its counts done, for its audit record (the audit table locked by another
+    transaction) while a write without one (w2) commits: w1 commits last, and the counts it keeps (read
+    by the next plan and threshold at no cost) hold w2's face too."""
+    col = replicas[0]
+    rng = np.random.default_rng(10)
+    col.enroll("x0", unit(rng, 1))
+    holder = psycopg.connect(postgres.url)
+    holder.execute(f"SET search_path TO {col.options.schema}")
+    holder.execute("LOCK TABLE audit IN SHARE MODE")
+    watch = psycopg.connect(postgres.url, autocommit=True)
+    failures: list[BaseException] = []
+
+    def first() -> None:
+        try:
+            col.enroll("w1", unit(rng, 1), actor=Actor(key_id="k", client="c", request_id="r"))
+        except BaseException as exc:  # noqa: BLE001 - asserted below
+            failures.append(exc)
+
+    w1 = threading.Thread(target=first)
+    w1.start()
+    _until(lambda: _blocking(watch, holder) == 1, "w1 waits for the audit table")
+    col.enroll("w2", unit(rng, 1))  # no actor: no audit record to wait for
+    holder.rollback()
+    w1.join(30)
+    holder.close()
+    watch.close()
+    assert not failures, failures
+    assert (col.identity_count, col.face_count) == (3, 3)

@@ -916,12 +916,16 @@ class PostgresGalleries:
             yield conn
 
     @contextmanager
-    def _transaction(self) -> Iterator[psycopg.Connection]:
+    def _transaction(self, committed: Callable[[psycopg.Connection], None] | None = None
+                     ) -> Iterator[psycopg.Connection]:
         """A transaction on a connection of the write pool (on the primary). With standbys, the WAL
-        position after its commit becomes the request's consistency token (consistency.py)."""
+        position after its commit becomes the request's consistency token (consistency.py).
+        ``committed``: run on the connection once the transaction has committed."""
         with self._connection() as conn:
             with conn.transaction():
                 yield conn
+            if committed is not None:
+                committed(conn)
             if self._standbys is not None:
                 consistency.note_write(consistency.parse_lsn(_one(conn.execute("SELECT pg_current_wal_lsn()::text"))[0]))
 
@@ -1438,8 +1442,9 @@ class PostgresGallery:
         return self.galleries._damaged_as(self.name)  # noqa: SLF001 - its own backend
 
     @contextmanager
-    def _transaction(self) -> Iterator[psycopg.Connection]:
-        with self._contained(), self.galleries._transaction() as conn:  # noqa: SLF001 - its own backend
+    def _transaction(self, committed: Callable[[psycopg.Connection], None] | None = None
+                     ) -> Iterator[psycopg.Connection]:
+        with self._contained(), self.galleries._transaction(committed) as conn:  # noqa: SLF001 - its own backend
             yield conn
 
     @contextmanager
@@ -1456,14 +1461,26 @@ class PostgresGallery:
         with self._contained():
             return self.galleries._read(body, transaction)  # noqa: SLF001
 
-    def _count(self, conn: psycopg.Connection, identities: int, faces: int, counted: int) -> tuple[Any, ...]:
-        """Record this write's deltas in a random counter slot of the collection, then read the exact
-        totals (a COUNTS_SQL row, for _read_counts once the write has committed)."""
+    def _count(self, conn: psycopg.Connection, identities: int, faces: int, counted: int) -> None:
+        """Record this write's deltas in a random counter slot of the collection (_writing reads the
+        totals once the write has committed)."""
         if identities or faces or counted:
             conn.execute("UPDATE counters SET identities = identities + %s, faces = faces + %s, "
                          "counted_faces = counted_faces + %s WHERE collection_id = %s AND slot = %s",
                          (identities, faces, counted, self.collection_id, random.randrange(COUNTER_SLOTS)))
-        return _one(conn.execute(COUNTS_SQL, {"c": self.collection_id}))
+
+    def _counts_after_commit(self, conn: psycopg.Connection) -> None:
+        """After a write's commit, on its connection: the collection's counts, with every write committed
+        before this read in them. (Read inside the transaction, they missed a write on another slot that
+        committed between that read and this commit: the counts kept were those of the write that
+        committed last, one write short, until the next search.) The write is acknowledged whatever this
+        read meets: the next search or write reads them again."""
+        as_of = time.monotonic()
+        try:
+            row = _one(conn.execute(COUNTS_SQL, {"c": self.collection_id}))
+            self._read_counts(row, as_of)
+        except (psycopg.Error, CollectionNotFound) as exc:  # the database gone, or the collection deleted since
+            log.info("counts not read after a write", extra={"collection": self.name, "error": repr(exc)})
 
     def _read_counts(self, row: tuple[Any, ...], as_of: float) -> None:
         """Keep the counts of a COUNTS_SQL row that shows the collection as of ``as_of`` (monotonic:
@@ -1493,11 +1510,12 @@ class PostgresGallery:
                                 (self.collection_id,)).fetchone() is not None
 
     @contextmanager
-    def _writing(self) -> Iterator[psycopg.Connection]:
+    def _writing(self, recount: bool = True) -> Iterator[psycopg.Connection]:
         """A write transaction on the collection: a foreign key that fails because the collection was
-        deleted (by this replica or another) is CollectionNotFound."""
+        deleted (by this replica or another) is CollectionNotFound. ``recount``: the write may change the
+        counts, which are read once it has committed (_counts_after_commit)."""
         try:
-            with self._transaction() as conn:
+            with self._transaction(self._counts_after_commit if recount else None) as conn:
                 # the shared side of the collection's write fence (write_fence), released at commit
                 conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (self.fence_key,))
                 yield conn
@@ -1578,12 +1596,10 @@ class PostgresGallery:
             # last, so that writers into a limited collection queue for the commit only, not the inserts
             self._check_room(conn, len(face_ids) - removed)
             after = before - removed + len(face_ids)
-            counts = self._count(conn, int(created), len(face_ids) - removed,
-                                 counted_faces(after) - counted_faces(before))
+            self._count(conn, int(created), len(face_ids) - removed, counted_faces(after) - counted_faces(before))
             action = "identity.created" if created else "identity.replaced" if replace else "identity.appended"
             _audit(conn, actor, action, now, self.name, identity_id,
                    {"faces_added": len(face_ids), "faces_removed": removed, "face_count": after})
-        self._read_counts(counts, time.monotonic())
         return EnrollResult(face_ids, bool(created), removed, after)
 
     def import_identities(self, items: list[tuple[str, np.ndarray, dict | None]],
@@ -1626,10 +1642,9 @@ class PostgresGallery:
                 self._check_room(conn, len(flat))
                 it = iter(ids)
                 face_ids = [[next(it) for _ in range(len(np.atleast_2d(emb)))] for _, emb, _ in items]
-                counts = self._count(conn, len(items), len(flat), sum(counted_faces(len(ids)) for ids in face_ids))
+                self._count(conn, len(items), len(flat), sum(counted_faces(len(ids)) for ids in face_ids))
         except psycopg.errors.UniqueViolation as exc:
             raise IdentityExists(f"an identity of the import is already enrolled: {exc.diag.message_detail}") from exc
-        self._read_counts(counts, time.monotonic())
         return face_ids
 
     def delete(self, identity_id: str, actor: Actor | None = None) -> int | None:
@@ -1640,16 +1655,13 @@ class PostgresGallery:
         with self._writing() as conn:
             # lock the identity first so a concurrent enroll of it waits (and then creates it anew)
             if conn.execute("SELECT 1 FROM identities WHERE collection_id = %s AND identity_id = %s FOR UPDATE",
-                            (self.collection_id, identity_id)).fetchone() is None:
-                counts = self._count(conn, 0, 0, 0)
-            else:
+                            (self.collection_id, identity_id)).fetchone() is not None:
                 faces = conn.execute("DELETE FROM faces WHERE collection_id = %s AND identity_id = %s",
                                      (self.collection_id, identity_id)).rowcount
                 conn.execute("DELETE FROM identities WHERE collection_id = %s AND identity_id = %s",
                              (self.collection_id, identity_id))
-                counts = self._count(conn, -1, -faces, -counted_faces(faces))
+                self._count(conn, -1, -faces, -counted_faces(faces))
                 _audit(conn, actor, "identity.deleted", now, self.name, identity_id, {"faces_deleted": faces})
-        self._read_counts(counts, time.monotonic())
         return faces
 
     # --- faces changing identity, or erased one by one (gallery hygiene) ----------------------
@@ -1690,15 +1702,14 @@ class PostgresGallery:
             conn.execute("UPDATE identities SET updated_at = %s WHERE collection_id = %s AND identity_id = %s",
                          (now, self.collection_id, target_id))
             after = before + moving
-            counts = self._count(conn, -1, 0, counted_faces(after) - counted_faces(before) - counted_faces(moving))
+            self._count(conn, -1, 0, counted_faces(after) - counted_faces(before) - counted_faces(moving))
             _audit(conn, actor, "identity.merged", now, self.name, target_id,
                    {"merged_from": source_id, "faces_moved": moving, "face_count": after})
-        self._read_counts(counts, time.monotonic())
         return MergeResult(target_id, moving, after)
 
     def update_identity(self, identity_id: str, update: IdentityUpdate, actor: Actor | None = None) -> UpdateResult:
         now = time.time()
-        with self._writing() as conn:
+        with self._writing(recount=False) as conn:  # a rename keeps the counts
             row = conn.execute("SELECT metadata, created_at, updated_at FROM identities WHERE collection_id = %s "
                                "AND identity_id = %s FOR UPDATE", (self.collection_id, identity_id)).fetchone()
             if row is None:
@@ -1729,22 +1740,7 @@ class PostgresGallery:
                   actor: Actor | None = None) -> MoveResult:
         now = time.time()
         with self._writing() as conn:
-            while True:  # the face's owner is read, then locked: if it moved meanwhile, lock the new one
-                source_id = self._face_owner(conn, face_id)
-                if source_id == target_id:
-                    raise ValueError(f"face {face_id} already belongs to identity {target_id!r}")
-                created = False
-                for identity_id in sorted((source_id, target_id)):
-                    if identity_id == target_id:  # created if missing, locked either way (as enroll does)
-                        created = bool(_one(conn.execute(
-                            """INSERT INTO identities AS i (collection_id, identity_id, metadata, created_at, updated_at)
-                               VALUES (%(c)s, %(id)s, '{}', %(now)s, %(now)s)
-                               ON CONFLICT (collection_id, identity_id) DO UPDATE SET updated_at = EXCLUDED.updated_at
-                               RETURNING (xmax = 0)""", {"c": self.collection_id, "id": target_id, "now": now}))[0])
-                    else:
-                        self._lock_identity(conn, source_id)
-                if self._face_owner(conn, face_id) == source_id:
-                    break
+            source_id, created = self._lock_move(conn, face_id, target_id, now)
             source_before, target_before = self._faces_of(conn, source_id), self._faces_of(conn, target_id)
             if max_faces is not None and target_before + 1 > max_faces:
                 raise TooManyFacesForIdentity(target_id, target_before, 1, max_faces)
@@ -1757,20 +1753,51 @@ class PostgresGallery:
             else:
                 conn.execute("UPDATE identities SET updated_at = %s WHERE collection_id = %s AND identity_id = %s",
                              (now, self.collection_id, source_id))
-            counts = self._count(conn, int(created) - int(source_deleted), 0,
+            self._count(conn, int(created) - int(source_deleted), 0,
                                  counted_faces(source_before - 1) - counted_faces(source_before)
                                  + counted_faces(target_before + 1) - counted_faces(target_before))
             _audit(conn, actor, "face.moved", now, self.name, target_id,
                    {"face_id": face_id, "from": source_id, "to": target_id, "target_created": created,
                     "source_deleted": source_deleted, "face_count": target_before + 1})
-        self._read_counts(counts, time.monotonic())
         return MoveResult(face_id, source_id, target_id, created, source_deleted)
+
+    def _lock_move(self, conn: psycopg.Connection, face_id: int, target_id: str, now: float) -> tuple[str, bool]:
+        """Lock the face's owner and the target (made if missing, as enroll does), in id order; the owner
+        and whether the target was made. The owner is read, then locked, then read again: a face moved
+        meanwhile, or an owner deleted while the lock waited (and perhaps made anew: not that statement's
+        to lock, as _lock_owners says), rolls the savepoint back, which releases those locks, and the
+        round starts over."""
+        while True:
+            try:
+                with conn.transaction():  # a savepoint
+                    source_id = self._face_owner(conn, face_id)
+                    if source_id == target_id:
+                        raise ValueError(f"face {face_id} already belongs to identity {target_id!r}")
+                    created = source_locked = False
+                    for identity_id in sorted((source_id, target_id)):
+                        if identity_id == target_id:  # created if missing, locked either way
+                            created = bool(_one(conn.execute(
+                                """INSERT INTO identities AS i (collection_id, identity_id, metadata, created_at,
+                                   updated_at) VALUES (%(c)s, %(id)s, '{}', %(now)s, %(now)s)
+                                   ON CONFLICT (collection_id, identity_id) DO UPDATE SET updated_at = EXCLUDED.updated_at
+                                   RETURNING (xmax = 0)""", {"c": self.collection_id, "id": target_id, "now": now}))[0])
+                        else:
+                            source_locked = self._lock_identity(conn, source_id)
+                    if not source_locked or self._face_owner(conn, face_id) != source_id:
+                        raise _OwnersMoved
+                return source_id, created
+            except _OwnersMoved:
+                continue
 
     def _lock_owners(self, conn: psycopg.Connection, face_ids: list[int]) -> dict[int, str]:
         """face id -> identity id of those of ``face_ids`` that exist, with every such identity locked. The
         identities are locked in one statement in id order (as merges lock theirs: no deadlock), then the
-        owners read again; a face moved to another identity meanwhile rolls the savepoint back, which
-        releases those locks, and the round starts over."""
+        owners read again; a face whose owner the lock did not return rolls the savepoint back, which
+        releases those locks, and the round starts over. Such a face moved to another identity meanwhile,
+        or its identity was deleted while the lock waited for it and made anew since under the same id:
+        the lock skips a deleted row, and the new one is not that statement's to see. (Taken as locked by
+        its id, that identity's faces would be erased unlocked: its count read stale, then the identity
+        deleted as emptied with the faces moved into it meanwhile, ON DELETE CASCADE.)"""
         def owners() -> dict[int, str]:
             return {int(f): str(i) for f, i in conn.execute(
                 "SELECT face_id, identity_id FROM faces WHERE collection_id = %s AND face_id = ANY(%s)",
@@ -1779,12 +1806,12 @@ class PostgresGallery:
         while True:
             try:
                 with conn.transaction():  # a savepoint
-                    found = owners()
-                    conn.execute("SELECT identity_id FROM identities WHERE collection_id = %s "
-                                 "AND identity_id = ANY(%s) ORDER BY identity_id FOR UPDATE",
-                                 (self.collection_id, sorted(set(found.values()))))
+                    locked = {str(r[0]) for r in conn.execute(
+                        "SELECT identity_id FROM identities WHERE collection_id = %s "
+                        "AND identity_id = ANY(%s) ORDER BY identity_id FOR UPDATE",
+                        (self.collection_id, sorted(set(owners().values())))).fetchall()}
                     now_found = owners()  # faces deleted meanwhile are simply gone
-                    if not set(now_found.values()) <= set(found.values()):
+                    if not set(now_found.values()) <= locked:
                         raise _OwnersMoved
                 return now_found
             except _OwnersMoved:
@@ -1793,7 +1820,6 @@ class PostgresGallery:
     def delete_faces(self, face_ids: list[int], actor: Actor | None = None) -> FacesDeleted:
         now = time.time()
         asked = sorted({int(f) for f in face_ids})
-        row = None
         with self._writing() as conn:
             owners = self._lock_owners(conn, asked)
             counts = {str(i): int(n) for i, n in conn.execute(
@@ -1813,13 +1839,11 @@ class PostgresGallery:
                 conn.execute("UPDATE identities SET updated_at = %s WHERE collection_id = %s AND identity_id = ANY(%s)",
                              (now, self.collection_id, sorted(i for i, n in counts.items() if n > 0)))
                 changes = count_changes(erased).values()
-                row = self._count(conn, -len(emptied), -len(erased),
-                                  sum(counted_faces(after) - counted_faces(before) for before, after in changes))
+                self._count(conn, -len(emptied), -len(erased),
+                            sum(counted_faces(after) - counted_faces(before) for before, after in changes))
                 _audit_each(conn, actor, "face.deleted", now, self.name, [
                     (identity, {"face_id": face_id, "face_count": before - 1, "identity_deleted": before == 1})
                     for face_id, identity, before in erased])
-        if row is not None:
-            self._read_counts(row, time.monotonic())
         return FacesDeleted(deletions(erased), [f for f in asked if f not in owners])
 
     # --- reads -------------------------------------------------------------------------------
