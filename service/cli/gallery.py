@@ -79,7 +79,7 @@ from ..gallery.embedded.lock import DataDirLock, DataDirLocked, DataDirUnusable
 from ..gallery.embedded.store import StoreDamaged
 from ..gallery.open import open_gallery
 from ..model.files import replace_atomically
-from ..model.preprocess import MIN_NORM
+from ..model.preprocess import unit_direction
 from . import migrate
 from .backend import (
     MAX_SKIP_EXAMPLES,
@@ -135,16 +135,10 @@ def _decode(text: object, dim: int) -> np.ndarray:
     vector = np.frombuffer(raw, dtype="<f4").astype(np.float32)
     if not np.isfinite(vector).all():
         raise GalleryFileError("an embedding has NaN or infinite values")
-    # the API's arithmetic (http/vectors.normalise), in float64: scaled by the largest magnitude first, then
-    # divided by the scaled norm. In float32 the norm of values near 3e38 overflows (the vector became zeros).
-    wide = vector.astype(np.float64)
-    peak = float(np.max(np.abs(wide)))
-    scaled = wide / peak if peak > 0 else wide
-    scaled_norm = float(np.linalg.norm(scaled))
-    norm = peak * scaled_norm
-    if norm < MIN_NORM:
+    unit, norm = unit_direction(vector)  # the API's arithmetic (http/vectors.normalise)
+    if unit is None:
         raise GalleryFileError(f"an embedding has norm {norm:.3g}: it cannot be normalised")
-    return vector if abs(norm - 1.0) < 1e-3 else (scaled / scaled_norm).astype(np.float32)
+    return vector if abs(norm - 1.0) < 1e-3 else unit.astype(np.float32)
 
 
 def _refuse_constant(name: str) -> None:

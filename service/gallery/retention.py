@@ -123,8 +123,9 @@ class Schedule:
         for name, days in retentions.items():
             known = self.known.get(name)
             if known is not None and known[0] == days and (known[1] is None or known[1] > now):
-                if name in self.held:  # its sweep failed: are its faces still held? (a read, no erasure:
-                    self._recheck(galleries, name, days, now)  # a client or replica may have erased them)
+                if name in self.held:  # its sweep failed: are its faces still held? (a read, no erasure: a
+                    # client or replica may have erased them; still failing, it stays held as it was)
+                    self._held(name, self._expiry_after_failure(galleries, name, days, None), now)
                 continue  # nothing of it expires before its next expiry, or before the next full round
             if stop is not None and stop.is_set():
                 break
@@ -149,20 +150,14 @@ class Schedule:
     def _expiry_after_failure(self, galleries: Galleries, name: str, days: float,
                               previous: tuple[float, float | None] | None) -> float | None:
         """The collection's next expiry after its sweep failed: read again (a read may work where an
-        erasure did not: a full disk, deletes refused), else the soonest known before the round."""
+        erasure did not: a full disk, deletes refused), else the soonest known: what it held, or
+        ``previous`` (the schedule's before the round) at the same retention."""
         try:
             return _expiry(galleries.collection(name), days)
         except Exception:  # noqa: BLE001 - its database away: what the schedule knew is the best left
             known = [t for t in (self.held.get(name), previous[1] if previous and previous[0] == days else None)
                      if t is not None]
             return min(known, default=None)
-
-    def _recheck(self, galleries: Galleries, name: str, days: float, now: float) -> None:
-        try:
-            expiry = _expiry(galleries.collection(name), days)
-        except Exception:  # noqa: BLE001 - still failing: held as it was, its sweep reports it next full round
-            return
-        self._held(name, expiry, now)
 
     def _held(self, name: str, expiry: float | None, now: float) -> None:
         if expiry is not None and expiry <= now:

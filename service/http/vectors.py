@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import ErrorCode, ServiceError
 from ..faces.pipeline import FaceBatch, ImageType, MultiFace, embed_images
-from ..model.preprocess import MIN_NORM
+from ..model.preprocess import unit_direction
 from ..model.registry import ServedModel
 from ..state import ServiceState
 from .schemas import EnrollRequest, IdentifyRequest, VerifyRequest
@@ -61,16 +61,11 @@ def normalise(rows: list[list[float]], dimension: int, first_index: int = 0) -> 
         if not np.isfinite(vector).all():
             raise ServiceError(ErrorCode.invalid_embedding, f"embedding {index} has NaN or infinite values",
                                index=index)
-        # scaled by the largest magnitude first, so that the norm can neither overflow (values up to 1.8e308
-        # are finite: their norm is not) nor underflow; the direction is that of the scaled vector
-        peak = float(np.max(np.abs(vector)))
-        scaled = vector / peak if peak > 0 else vector
-        scaled_norm = float(np.linalg.norm(scaled))  # 1 .. sqrt(dimension) unless the vector is zero
-        norm = peak * scaled_norm  # inf for huge vectors: only compared with the floor, never divided by
-        if norm < MIN_NORM:
+        unit, norm = unit_direction(vector)
+        if unit is None:
             raise ServiceError(ErrorCode.invalid_embedding,
                                f"embedding {index} has norm {norm:.3g}; it cannot be normalised", index=index)
-        out[offset] = scaled / scaled_norm
+        out[offset] = unit
     return out
 
 

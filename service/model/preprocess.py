@@ -40,6 +40,19 @@ def row_norms(x: np.ndarray, keepdims: bool = False) -> np.ndarray:
 MIN_NORM = 1e-6
 
 
+def unit_direction(vector: np.ndarray) -> tuple[np.ndarray | None, float]:
+    """A finite vector's direction as a float64 unit vector, and its norm (inf for huge vectors: only
+    compared, never divided by); None for the direction below MIN_NORM. Scaled by the largest magnitude
+    first, so that the norm neither overflows (values up to 1.8e308 are finite: their norm is not; in
+    float32, values near 3e38) nor underflows."""
+    wide = np.asarray(vector, dtype=np.float64)
+    peak = float(np.max(np.abs(wide)))
+    scaled = wide / peak if peak > 0 else wide
+    scaled_norm = float(np.linalg.norm(scaled))  # 1 .. sqrt(dimension) unless the vector is zero
+    norm = peak * scaled_norm
+    return (None if norm < MIN_NORM else scaled / scaled_norm), norm
+
+
 def l2_normalise(embeddings: np.ndarray) -> np.ndarray:
     norms = row_norms(np.asarray(embeddings), keepdims=True)
     return (embeddings / np.maximum(norms, 1e-12)).astype(np.float32)

@@ -171,12 +171,7 @@ class _SnapshotWriting:
     deadline: float
     size: int  # the bytes the finished file must have (hnswlib's save does not report a short write)
     fd: int | None = None  # the unnamed file it is written to (SnapshotFiles.unnamed); None: the named temp
-    temp: Path = Path()  # the named temp (SnapshotFiles.temp), where there is no unnamed file
-
-    @property
-    def file(self) -> Path:
-        """The path the snapshot is written to and read from until it is put in place."""
-        return SnapshotFiles.path_of(self.fd) if self.fd is not None else self.temp
+    file: Path = Path()  # where it is written and read until put in place (SnapshotFiles.writing_path)
 
     def close(self) -> None:
         """Drop the unnamed file (its last descriptor here; a writer still running keeps its own)."""
@@ -465,9 +460,10 @@ class Gallery:
                 return False
             # written to a file with no name until it is put in place: a kill -9 meanwhile leaves nothing
             # of it, though it holds the faces erased after its save until then (install zeroes them)
+            fd = self._files.unnamed()
             writing = _SnapshotWriting(None, meta, changes, started, 0.0,
                                        time.monotonic() + self.options.snapshot_timeout_s, size,
-                                       self._files.unnamed(), self._files.temp)
+                                       fd, self._files.writing_path(fd))
             if self._fork_snapshots:
                 try:
                     writing.saving = self._index.save_in_background(writing.file, keep=writing.fd)
@@ -480,7 +476,7 @@ class Gallery:
             except Exception:  # noqa: BLE001 - the store is the truth; the next start rebuilds
                 log.warning("could not save the index", exc_info=True)
                 writing.close()
-                self._files.temp.unlink(missing_ok=True)
+                self._files.remove_temporaries()
                 self._last_snapshot = time.monotonic()  # retry at the next interval, not every tick
                 return False
             self._erased_since_save = []  # writers append from now on (they wait for this lock)
@@ -549,7 +545,7 @@ class Gallery:
             writing.close()
             with self._lock.write():
                 self._erased_since_save = None
-            self._files.temp.unlink(missing_ok=True)
+            self._files.remove_temporaries()
 
     def _writer_stuck(self, exc: SnapshotWriterStuck) -> None:
         """A forked writer ran past options.snapshot_timeout_s (BackgroundSave.wait killed it): counted,

@@ -160,6 +160,11 @@ class SnapshotFiles:
         forked writer, which keeps that descriptor): hnswlib's save takes a path."""
         return Path(f"/proc/self/fd/{fd}")
 
+    def writing_path(self, fd: int | None) -> Path:
+        """Where a snapshot being written goes: its unnamed file (``fd``, through path_of), else the
+        named ``temp``."""
+        return self.temp if fd is None else self.path_of(fd)
+
     def _name(self, fd: int) -> Path:
         """Give the unnamed file of ``fd`` the name ``temp`` (linkat through /proc: os.link of the
         /proc path alone would link the magic link, not follow it)."""
