@@ -88,7 +88,7 @@ __all__ = [
     "AliasInfo", "AliasNotFound", "CollectionInUse", "AuditEntry", "AuditQuery", "CollectionExists",
     "CollectionInfo", "CollectionNotFound", "CollectionProtected", "Galleries", "KeyExists", "StoredKey",
     "valid_collection_name",
-    "EnrollResult", "FaceRecord", "GalleryBackend", "GalleryBusy", "GalleryModelMismatch", "GalleryStats",
+    "EnrollResult", "FaceRecord", "GalleryBackend", "GalleryBusy", "WriteConflict", "GalleryModelMismatch", "GalleryStats",
     "GalleryUnavailable", "StorageFull", "IdentityDetails", "IdentityExists", "IdentityRecord", "Match", "ReadTarget",
     "TooManyFacesForCollection", "TooManyFacesForIdentity", "check_model", "group_by_identity", "search_identities",
     "FaceNotFound", "IdentityChanged", "IdentityNotFound", "IdentityUpdate", "MergeResult", "MoveResult", "UpdateResult",
@@ -102,6 +102,12 @@ class GalleryUnavailable(RuntimeError):
 class GalleryBusy(GalleryUnavailable):
     """The database answers, but every connection this replica may open to it is in use (slow writes,
     a burst): the request may be retried shortly (the API answers 503 ``overloaded``)."""
+
+
+class WriteConflict(GalleryBusy):
+    """The database aborted a write to break a deadlock with concurrent writes (or as a serialization
+    failure): nothing of it was stored. The backend runs it again a few times; past those, the API
+    answers 503 ``overloaded`` (retry shortly)."""
 
 
 class StorageFull(RuntimeError):

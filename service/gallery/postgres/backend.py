@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
-from functools import partial
+from functools import partial, wraps
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import numpy as np
@@ -79,6 +79,7 @@ from ..api import (
     ReadTarget,
     StorageFull,
     StoredKey,
+    WriteConflict,
     face_times,
     identity_created_at,
     updated_settings,
@@ -116,6 +117,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
 
 # one advisory-lock key for the whole database: it also serialises CREATE EXTENSION across schemas
 MIGRATION_LOCK_KEY = 0x66616365_67616C  # "facegal"
@@ -350,6 +352,21 @@ def _where(url: str, schema: str) -> str:
     return f"postgresql database {info.get('dbname', '?')!r} on {info.get('host', 'localhost')} (schema {schema})"
 
 
+WRITE_FENCE = "face-write-fence"  # collection_lock_key's kind of a collection's write fence
+
+
+def collection_lock_key(kind: str, schema: str, collection_id: int) -> int:
+    """An advisory lock of one collection: a signed 64-bit hash of ``kind``, the schema and the
+    collection id (advisory locks are database-wide; schemas share a database)."""
+    digest = hashlib.blake2b(f"{kind}:{schema}:{collection_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+# a transaction the database aborted for the sake of concurrent ones (SQLSTATE class 40: psycopg makes
+# a deadlock's victim no TransactionRollback): nothing of it was stored, and the database answers
+CONFLICTS = (psycopg.errors.TransactionRollback, psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
+
+
 @contextmanager
 def _unavailable_on_connection_errors(where: str) -> Iterator[None]:
     try:
@@ -358,8 +375,32 @@ def _unavailable_on_connection_errors(where: str) -> Iterator[None]:
         raise GalleryUnavailable(f"no connection to {where} within the timeout") from exc
     except psycopg.errors.DiskFull as exc:  # the database answers; its disk does not take the write
         raise StorageFull(f"{where}: {str(exc).strip()[:200]}") from exc
+    except CONFLICTS as exc:  # the database answers: a deadlock's victim
+        raise WriteConflict(f"{where}: {type(exc).__name__}: {str(exc).strip()[:200]}") from exc
     except psycopg.OperationalError as exc:  # connection lost or refused, server shutting down, timeout
         raise GalleryUnavailable(f"{where}: {type(exc).__name__}: {str(exc).strip()[:200]}") from exc
+
+
+CONFLICT_ATTEMPTS = 3  # runs of a write the database keeps aborting to break deadlocks, in all
+
+
+def rerun_on_conflict(write: F) -> F:
+    """A write the database aborted to break a deadlock (WriteConflict: nothing of it was stored) is run
+    again, up to CONFLICT_ATTEMPTS runs in all, after a short random pause (the other side goes on
+    meanwhile). Writes take their rows in id order, so deadlocks come only from outside the service."""
+    @wraps(write)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        for attempt in range(1, CONFLICT_ATTEMPTS + 1):
+            try:
+                return write(*args, **kwargs)
+            except WriteConflict as exc:
+                if attempt == CONFLICT_ATTEMPTS:
+                    raise
+                log.info("write aborted to break a deadlock; run again",
+                         extra={"write": write.__name__, "attempt": attempt, "error": str(exc)[:200]})
+                time.sleep(random.uniform(0.01, 0.05) * attempt)
+        raise AssertionError("unreachable")
+    return cast(F, run)
 
 
 class Pool:
@@ -425,6 +466,8 @@ class Pool:
             raise GalleryUnavailable(f"no connection to {self.where} within the timeout") from exc
         except psycopg.errors.DiskFull as exc:  # the database answers (the pool is not failing): a full disk
             raise StorageFull(f"{self.where}: {str(exc).strip()[:200]}") from exc
+        except CONFLICTS as exc:  # the database answers: a deadlock's victim
+            raise WriteConflict(f"{self.where}: {type(exc).__name__}: {str(exc).strip()[:200]}") from exc
         except psycopg.OperationalError as exc:  # connection lost or refused, server shutting down, timeout
             self._failed()
             raise GalleryUnavailable(f"{self.where}: {type(exc).__name__}: {str(exc).strip()[:200]}") from exc
@@ -1014,6 +1057,7 @@ class PostgresGalleries:
         self.ensure_index([dim])
         return CollectionInfo(name, model_id, now, 0, 0, 0, keep_crops=keep_crops, dim=dim, **settings)
 
+    @rerun_on_conflict
     def delete_collection(self, name: str, actor: Actor | None = None) -> CollectionInfo:
         """Erase every face and identity of the collection and the collection, in one transaction
         (the rows are deleted as an identity's are: later searches never see them)."""
@@ -1021,9 +1065,7 @@ class PostgresGalleries:
             raise CollectionProtected(f"the collection {DEFAULT_COLLECTION!r} always exists: delete its identities instead")
         now = time.time()
         with self._damaged_as(name), self._transaction() as conn:
-            # the row lock makes a concurrent enroll into it wait, then fail (its foreign key is gone)
-            row = conn.execute("SELECT collection_id, model_id, created_at, dim, keep_crops FROM collections "
-                               "WHERE name = %s FOR UPDATE", (name,)).fetchone()
+            row = self._fenced(conn, name, "collection_id, model_id, created_at, dim, keep_crops")
             if row is None:
                 raise CollectionNotFound(name)
             collection_id = row[0]
@@ -1044,6 +1086,25 @@ class PostgresGalleries:
         return CollectionInfo(name, row[1], float(row[2]), identities, faces, counted, keep_crops=bool(row[4]),
                               dim=int(row[3]))
 
+    def _fenced(self, conn: psycopg.Connection, name: str, columns: str) -> tuple[Any, ...] | None:
+        """The named collection's ``columns``, its row locked (FOR UPDATE) and its write fence held
+        exclusively to the end of the transaction; None if there is no such collection. The fence
+        waits for the collection's writes in flight, on every replica (each holds the fence's shared
+        side to its commit), and holds new ones back until this transaction ends: they then find what it
+        made (_writing: a deleted collection is CollectionNotFound). The fence first, then the row: a
+        write holding the shared side may wait for the row (its foreign key's KEY SHARE)."""
+        while True:
+            found = conn.execute("SELECT collection_id FROM collections WHERE name = %s", (name,)).fetchone()
+            if found is None:
+                return None
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (collection_lock_key(WRITE_FENCE, self.options.schema,
+                                                                                  found[0]),))
+            row = conn.execute(f"SELECT collection_id, {columns} FROM collections WHERE name = %s FOR UPDATE",
+                               (name,)).fetchone()
+            if row is None or row[0] == found[0]:
+                return None if row is None else row[1:]
+            # deleted and made anew under that name meanwhile: the new one's fence (the old one's is moot)
+
     def list_collections(self) -> list[CollectionInfo]:
         with self._read_connection() as conn:
             rows = conn.execute(COLLECTIONS_SQL.format(where="")).fetchall()
@@ -1056,11 +1117,17 @@ class PostgresGalleries:
             raise CollectionNotFound(name)
         return _collection_info(row)
 
+    @rerun_on_conflict
     def update_collection(self, name: str, changes: dict[str, Any], actor: Actor | None = None) -> CollectionInfo:
         columns = [k for k in COLLECTION_SETTINGS if k in changes]
         with self._transaction() as conn:
-            row = conn.execute(f"SELECT {', '.join(COLLECTION_SETTINGS)} FROM collections WHERE name = %s FOR UPDATE",
-                               (name,)).fetchone()
+            # a new max_faces waits for the writes in flight (they may have read none) and holds back new
+            # ones until it is in: every write after it counts against it the faces of every write before
+            if "max_faces" in changes:
+                row = self._fenced(conn, name, ", ".join(COLLECTION_SETTINGS))
+            else:
+                row = conn.execute(f"SELECT {', '.join(COLLECTION_SETTINGS)} FROM collections WHERE name = %s "
+                                   "FOR UPDATE", (name,)).fetchone()
             if row is None:
                 raise CollectionNotFound(name)
             details = updated_settings(_settings(row), changes)
@@ -1516,8 +1583,14 @@ class PostgresGallery:
         counts, which are read once it has committed (_counts_after_commit)."""
         try:
             with self._transaction(self._counts_after_commit if recount else None) as conn:
-                # the shared side of the collection's write fence (write_fence), released at commit
-                conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (self.fence_key,))
+                # the shared side of the collection's write fence (write_fence, and a collection's delete or
+                # new max_faces), released at commit; then whether the collection is still there (read once
+                # the fence is had: a delete that held it has committed)
+                with conn.pipeline():
+                    conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (self.fence_key,))
+                    exists = conn.execute("SELECT 1 FROM collections WHERE collection_id = %s", (self.collection_id,))
+                if exists.fetchone() is None:
+                    raise CollectionNotFound(self.name)
                 yield conn
         except psycopg.errors.ForeignKeyViolation as exc:
             raise CollectionNotFound(self.name) from exc
@@ -1560,6 +1633,7 @@ class PostgresGallery:
                             [(self.collection_id, face_id, cipher.seal(self.name, face_id, crop))
                              for face_id, crop in zip(face_ids, crops)])
 
+    @rerun_on_conflict
     def enroll(self, identity_id: str, embeddings: np.ndarray, metadata: dict | None = None,
                replace: bool = False, max_faces: int | None = None, actor: Actor | None = None,
                crops: list[bytes] | None = None, enrolled_at: list[float] | None = None) -> EnrollResult:
@@ -1602,6 +1676,7 @@ class PostgresGallery:
                    {"faces_added": len(face_ids), "faces_removed": removed, "face_count": after})
         return EnrollResult(face_ids, bool(created), removed, after)
 
+    @rerun_on_conflict
     def import_identities(self, items: list[tuple[str, np.ndarray, dict | None]],
                           actor: Actor | None = None,
                           enrolled_at: list[list[float] | None] | None = None,
@@ -1624,7 +1699,10 @@ class PostgresGallery:
                 with conn.cursor() as cur:
                     with cur.copy("COPY identities (collection_id, identity_id, metadata, created_at, updated_at) "
                                   "FROM STDIN") as copy:
-                        for n, (identity_id, _, metadata) in enumerate(items):
+                        # in id order: two imports of shared new ids wait for each other's rows in one
+                        # order (one is refused, IdentityExists), never in two (a deadlock)
+                        for n in sorted(range(len(items)), key=lambda n: items[n][0]):
+                            identity_id, _, metadata = items[n]
                             copy.write_row((self.collection_id, identity_id, json.dumps(metadata or {}),
                                             identity_created_at(now, created_at, n), now))
                     with cur.copy("COPY faces (face_id, collection_id, identity_id, embedding, created_at) FROM STDIN "
@@ -1647,6 +1725,7 @@ class PostgresGallery:
             raise IdentityExists(f"an identity of the import is already enrolled: {exc.diag.message_detail}") from exc
         return face_ids
 
+    @rerun_on_conflict
     def delete(self, identity_id: str, actor: Actor | None = None) -> int | None:
         """Erase an identity and its faces in one transaction (with its audit record); None if it is
         not enrolled."""
@@ -1683,6 +1762,7 @@ class PostgresGallery:
             raise FaceNotFound(face_id)
         return str(row[0])
 
+    @rerun_on_conflict
     def merge_identities(self, source_id: str, target_id: str, max_faces: int | None = None,
                          actor: Actor | None = None) -> MergeResult:
         if source_id == target_id:
@@ -1707,9 +1787,15 @@ class PostgresGallery:
                    {"merged_from": source_id, "faces_moved": moving, "face_count": after})
         return MergeResult(target_id, moving, after)
 
+    @rerun_on_conflict
     def update_identity(self, identity_id: str, update: IdentityUpdate, actor: Actor | None = None) -> UpdateResult:
         now = time.time()
         with self._writing(recount=False) as conn:  # a rename keeps the counts
+            # a rename holds both ids, taken in id order as moves and merges take theirs (else a move of one
+            # of its faces to the new id, holding that id and waiting for the old, deadlocks with it): a
+            # new id that sorts first is claimed (its row inserted, filled below) before the old is locked
+            claimed = (self._claim(conn, update.new_id, "{}", now, now)
+                       if update.new_id is not None and update.new_id < identity_id else None)
             row = conn.execute("SELECT metadata, created_at, updated_at FROM identities WHERE collection_id = %s "
                                "AND identity_id = %s FOR UPDATE", (self.collection_id, identity_id)).fetchone()
             if row is None:
@@ -1720,10 +1806,12 @@ class PostgresGallery:
             target = plan.target
             if plan.renamed_from is not None:
                 # the new row first (the faces' foreign key needs it): taken already is IdentityExists
-                if conn.execute(
-                        "INSERT INTO identities (collection_id, identity_id, metadata, created_at, updated_at) "
-                        "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (collection_id, identity_id) DO NOTHING RETURNING 1",
-                        (self.collection_id, target, json.dumps(plan.metadata), row[1], now)).fetchone() is None:
+                if claimed is None:
+                    claimed = self._claim(conn, target, json.dumps(plan.metadata), row[1], now)
+                elif claimed:
+                    conn.execute("UPDATE identities SET metadata = %s, created_at = %s WHERE collection_id = %s "
+                                 "AND identity_id = %s", (json.dumps(plan.metadata), row[1], self.collection_id, target))
+                if not claimed:
                     raise IdentityExists(f"identity {target!r} is already enrolled")
                 conn.execute("UPDATE faces SET identity_id = %s WHERE collection_id = %s AND identity_id = %s",
                              (target, self.collection_id, identity_id))
@@ -1736,6 +1824,14 @@ class PostgresGallery:
             _audit(conn, actor, "identity.updated", now, self.name, target, result.audit_details())
         return result
 
+    def _claim(self, conn: psycopg.Connection, identity_id: str, metadata: str, created_at: float, now: float) -> bool:
+        """Insert the identity's row; False if it is enrolled already (nothing inserted)."""
+        return conn.execute(
+            "INSERT INTO identities (collection_id, identity_id, metadata, created_at, updated_at) "
+            "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (collection_id, identity_id) DO NOTHING RETURNING 1",
+            (self.collection_id, identity_id, metadata, created_at, now)).fetchone() is not None
+
+    @rerun_on_conflict
     def move_face(self, face_id: int, target_id: str, max_faces: int | None = None,
                   actor: Actor | None = None) -> MoveResult:
         now = time.time()
@@ -1817,6 +1913,7 @@ class PostgresGallery:
             except _OwnersMoved:
                 continue
 
+    @rerun_on_conflict
     def delete_faces(self, face_ids: list[int], actor: Actor | None = None) -> FacesDeleted:
         now = time.time()
         asked = sorted({int(f) for f in face_ids})
@@ -2038,16 +2135,12 @@ class PostgresGallery:
             raise TooManyFacesForCollection(self.name, faces, adding, int(row[0]))
 
     def _lock_key(self, kind: str) -> int:
-        """An advisory lock of this collection: a signed 64-bit hash of ``kind``, the schema and the
-        collection id (advisory locks are database-wide; schemas share a database)."""
-        digest = hashlib.blake2b(f"{kind}:{self.options.schema}:{self.collection_id}".encode(), digest_size=8).digest()
-        return int.from_bytes(digest, "big", signed=True)
+        return collection_lock_key(kind, self.options.schema, self.collection_id)
 
     @property
     def fence_key(self) -> int:
-        """The advisory lock of the collection's write fence: a signed 64-bit hash of the schema and the
-        collection id (advisory locks are database-wide; schemas share a database)."""
-        return self._lock_key("face-write-fence")
+        """The advisory lock of the collection's write fence."""
+        return self._lock_key(WRITE_FENCE)
 
     @contextmanager
     def write_fence(self) -> Iterator[None]:
