@@ -33,15 +33,21 @@ def unit(rng, n):
 
 
 @pytest.fixture
-def replicas(postgres):
-    """The default collections of two open backends (replica A and B) on one fresh schema of the test database."""
+def pair(postgres):
+    """Two open backends (replica A and B) on one fresh schema of the test database."""
     options = PostgresOptions(url=postgres.url, schema=postgres.fresh_schema())
-    pair = [PostgresGalleries(options, "m@1", DIM) for _ in range(2)]
-    for g in pair:
+    both = [PostgresGalleries(options, "m@1", DIM) for _ in range(2)]
+    for g in both:
         g.open()
-    yield [g.default for g in pair]
-    for g in pair:
+    yield both
+    for g in both:
         g.close()
+
+
+@pytest.fixture
+def replicas(pair):
+    """The default collections of replica A and B."""
+    return [g.default for g in pair]
 
 
 def test_replicas_starting_together_migrate_once(postgres):

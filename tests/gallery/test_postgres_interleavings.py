@@ -25,37 +25,21 @@ from service.gallery.api import (
     IdentityUpdate,
     TooManyFacesForCollection,
 )
-from service.gallery.postgres.backend import PostgresGalleries, PostgresOptions
+from tests.gallery import test_postgres as shared
+from tests.gallery.test_postgres import unit
 
-DIM = 32
+pair = shared.pair  # the fixture: two open backends (two replicas) on one fresh schema
 ALICE = Actor(key_id="k", client="c", request_id="r")
 
 
-def unit(rng, n):
-    v = rng.normal(size=(n, DIM)).astype(np.float32)
-    return v / np.linalg.norm(v, axis=1, keepdims=True)
-
-
 @pytest.fixture
-def galleries(postgres):
-    """Two open backends (two replicas) on one fresh schema of the test database."""
-    options = PostgresOptions(url=postgres.url, schema=postgres.fresh_schema())
-    pair = [PostgresGalleries(options, "m@1", DIM) for _ in range(2)]
-    for g in pair:
-        g.open()
-    yield pair
-    for g in pair:
-        g.close()
-
-
-@pytest.fixture
-def connect(postgres, galleries):
-    """Raw connections to the galleries' schema (closed at the end)."""
+def connect(postgres, pair):
+    """Raw connections to the schema of ``pair`` (test_postgres.py's two replicas), closed at the end."""
     opened: list[psycopg.Connection] = []
 
     def open_one(autocommit: bool = False) -> psycopg.Connection:
         conn = psycopg.connect(postgres.url, autocommit=autocommit)
-        conn.execute(f"SET search_path TO {galleries[0].options.schema}")
+        conn.execute(f"SET search_path TO {pair[0].options.schema}")
         if not autocommit:
             conn.commit()
         opened.append(conn)
@@ -113,14 +97,14 @@ class Runs:
         return result
 
 
-def test_a_face_moved_into_an_identity_made_anew_is_not_erased_by_a_delete_waiting_on_its_old_row(galleries, connect):
+def test_a_face_moved_into_an_identity_made_anew_is_not_erased_by_a_delete_waiting_on_its_old_row(pair, connect):
     """A delete of faces h (of a) and q, m (of b) waits for a's row, which another transaction deletes
     (h with it) while a third waits with b locked; that one then makes a anew and moves q into it. The
     waiting delete's lock skips a's deleted row: it must lock the new a before erasing q from it. Then
     a face k is moved into a while that delete still runs: the delete, finding a emptied by its own
     erasure, deletes it only if k is not there (unlocked, it erased k with a: ON DELETE CASCADE, unaudited
     and uncounted)."""
-    col = galleries[0].default
+    col = pair[0].default
     rng = np.random.default_rng(9)
     (h,) = col.enroll("a", unit(rng, 1)).face_ids
     q, m, _ = col.enroll("b", unit(rng, 3)).face_ids
@@ -146,7 +130,7 @@ def test_a_face_moved_into_an_identity_made_anew_is_not_erased_by_a_delete_waiti
     mover.execute("UPDATE counters SET identities = identities + 1 WHERE collection_id = %s AND slot = 0", (c,))
     mover.commit()
     _until(lambda: _blocking(watch, row_holder) == 1, "the delete waits for m's row")
-    move = runs.start("move", lambda: galleries[1].default.move_face(k, "a"))
+    move = runs.start("move", lambda: pair[1].default.move_face(k, "a"))
     _until(lambda: not move.is_alive() or _lock_waits(watch) == 2, "the move is done or waits for the delete")
     row_holder.rollback()
     runs.join()
@@ -159,11 +143,11 @@ def test_a_face_moved_into_an_identity_made_anew_is_not_erased_by_a_delete_waiti
     assert (stats.identities, stats.faces) == (2, 2)
 
 
-def test_the_counts_a_write_keeps_include_a_write_that_committed_while_it_ran(galleries, connect):
+def test_the_counts_a_write_keeps_include_a_write_that_committed_while_it_ran(pair, connect):
     """A write (w1) waits, its counts done, for its audit record (the audit table locked by another
     transaction) while a write without one (w2) commits: w1 commits last, and the counts it keeps (read
     by the next plan and threshold at no cost) hold w2's face too."""
-    col = galleries[0].default
+    col = pair[0].default
     rng = np.random.default_rng(10)
     col.enroll("x0", unit(rng, 1))
     watch, holder = connect(autocommit=True), connect()
@@ -178,11 +162,11 @@ def test_the_counts_a_write_keeps_include_a_write_that_committed_while_it_ran(ga
     assert (col.identity_count, col.face_count) == (3, 3)
 
 
-def test_a_rename_and_a_move_into_the_new_name_take_their_locks_in_one_order(galleries, connect):
+def test_a_rename_and_a_move_into_the_new_name_take_their_locks_in_one_order(pair, connect):
     """A rename of x to a (a new id that sorts first) holds x while a move of one of x's faces to a
     creates a and waits for x: the rename must not then wait for that a (a deadlock, one of them aborted
     as an outage). Renames take their two ids in id order, as moves and merges do."""
-    col = galleries[0].default
+    col = pair[0].default
     rng = np.random.default_rng(3)
     f1, f2 = col.enroll("x", unit(rng, 2)).face_ids
     watch = connect(autocommit=True)
@@ -196,7 +180,7 @@ def test_a_rename_and_a_move_into_the_new_name_take_their_locks_in_one_order(gal
     runs = Runs()
     runs.start("rename", lambda: col.update_identity("x", IdentityUpdate(new_id="a", metadata=hold), actor=ALICE))
     assert planning.wait(20)
-    runs.start("move", lambda: galleries[1].default.move_face(f1, "a", actor=ALICE))
+    runs.start("move", lambda: pair[1].default.move_face(f1, "a", actor=ALICE))
     _until(lambda: _lock_waits(watch) == 1, "the move waits for the rename")
     go.set()
     runs.join()
@@ -217,13 +201,13 @@ WRITES = {
 
 
 @pytest.mark.parametrize("write", list(WRITES))
-def test_a_write_into_a_collection_being_deleted_waits_and_finds_it_gone(galleries, connect, write):
+def test_a_write_into_a_collection_being_deleted_waits_and_finds_it_gone(pair, connect, write):
     """A collection's delete stops on its first identity's row (held as a write in flight on it holds
     it) after erasing its faces; meanwhile a write to another of its identities begins. The delete waits
     for the writes in flight and holds new ones back until it commits (the collection's write fence):
     the write then finds the collection gone (CollectionNotFound, nothing stored), never a deadlock,
     and the delete's answer and audit record count every face it erased."""
-    g = galleries[0]
+    g = pair[0]
     g.create_collection("c1")
     col = g.collection("c1")
     rng = np.random.default_rng(1)
@@ -248,12 +232,12 @@ def test_a_write_into_a_collection_being_deleted_waits_and_finds_it_gone(galleri
     assert watch.execute("SELECT count(*) FROM faces WHERE collection_id = %s", (col.collection_id,)).fetchone()[0] == 0
 
 
-def test_a_limit_set_while_a_write_runs_holds_for_every_write_after_it(galleries, connect):
+def test_a_limit_set_while_a_write_runs_holds_for_every_write_after_it(pair, connect):
     """An append that read the collection's max_faces as unset is still in flight (held in its counts)
     when max_faces is set to 10 with 9 faces stored: the setting waits for it, so a second append
     that starts after the setting counts the first one's face and is refused. (Not waiting, the two
     appends made 11 faces under a limit of 10 set before either committed.)"""
-    g = galleries[0]
+    g = pair[0]
     g.create_collection("c1")
     col = g.collection("c1")
     rng = np.random.default_rng(2)
@@ -277,10 +261,10 @@ def test_a_limit_set_while_a_write_runs_holds_for_every_write_after_it(galleries
     assert g.collection_info("c1").faces == 10
 
 
-def test_two_imports_of_the_same_new_ids_in_other_orders_answer_identity_exists(galleries, connect):
+def test_two_imports_of_the_same_new_ids_in_other_orders_answer_identity_exists(pair, connect):
     """Import B [q, h, p] waits (h held by a slow import of h) while import A [p, q] runs: imports insert
     their identities in id order, so one of them is refused with IdentityExists, never a deadlock."""
-    col = galleries[0].default
+    col = pair[0].default
     rng = np.random.default_rng(4)
     col.enroll("z", unit(rng, 1))
     watch, holder = connect(autocommit=True), connect()
@@ -299,12 +283,12 @@ def test_two_imports_of_the_same_new_ids_in_other_orders_answer_identity_exists(
     assert {r.identity_id for r in col.list_identities(10, None)} in ({"z", "p", "q"}, {"z", "h", "p", "q"})
 
 
-def test_a_write_aborted_to_break_a_deadlock_is_run_again_and_stores_once(galleries, connect, caplog):
+def test_a_write_aborted_to_break_a_deadlock_is_run_again_and_stores_once(pair, connect, caplog):
     """Another transaction holds b, and then waits for a, which a merge of a into b holds (waiting for
     b): PostgreSQL aborts the merge to break the deadlock (the other one waits longer before it looks).
     Nothing of the merge was stored, so it is run again once the other one is done: it is merged once,
     audited once, and no outage is reported (the database answered)."""
-    g = galleries[0]
+    g = pair[0]
     col = g.default
     rng = np.random.default_rng(11)
     col.enroll("a", unit(rng, 2))
