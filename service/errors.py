@@ -161,7 +161,9 @@ STATUS: dict[ErrorCode, int] = {
 # seconds a client should wait before retrying (the Retry-After header of these errors)
 RETRY_AFTER_S: dict[ErrorCode, int] = {ErrorCode.overloaded: 1}
 # errors answered before the request's body was read whole: the connection is closed after them
-# (Connection: close), not left waiting for the rest of a body nobody reads
+# (Connection: close), not left waiting for the rest of a body nobody reads; what still comes meanwhile is
+# read and dropped, within bounds, before the close (http/connections.py: a close with data unread resets
+# the connection, and its client could miss the answer)
 CLOSE_CONNECTION = frozenset({ErrorCode.payload_too_large, ErrorCode.headers_too_large})
 
 

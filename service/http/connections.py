@@ -14,6 +14,15 @@ client is served. Here a connection is closed when
   ``headers_too_large`` first (uvicorn's httptools parser keeps headers of any size: a 1 MB header
   value, 10,000 headers).
 
+A request answered before it was all read (413 ``payload_too_large``, 431 ``headers_too_large``: the
+answer says ``Connection: close``) does not have its connection closed at once: closing a socket with
+unread data makes the kernel send a reset (RST), so a client still sending got a broken pipe or a reset
+instead of the answer (and on a real network the reset can drop the answer itself). The connection
+sends the answer, shuts its sending side (FIN), then reads and drops what still comes, until the client
+closes, or ``DRAIN_MAX_BYTES`` have come, or nothing has for ``min(body_timeout_s, DRAIN_IDLE_S)``, or
+``min(header_timeout_s, DRAIN_S)`` have passed since the answer; then it is closed (a client still
+sending gets its reset then, its answer received long before).
+
 A request that has arrived whole is never cut, however long it takes to answer. Each close is
 reported (``on_close``: /metrics' ``face_http_connections_closed_total``) with its reason: ``idle`` (no
 byte of a request came), ``headers`` (part of them came), ``body``, ``headers_too_large``. The protocol is
@@ -35,10 +44,36 @@ from ..errors import ErrorCode, ServiceError
 
 log = logging.getLogger("service.http")
 
+# the rest of a request answered before it was read (413, 431) is read and dropped for at most so many bytes,
+# so long after the answer (at most the headers' deadline) and so long a pause (at most the body's deadline)
+DRAIN_MAX_BYTES = 128 * 1024 * 1024
+DRAIN_S = 10.0
+DRAIN_IDLE_S = 5.0
+
+
+class _Transport:
+    """The connection's transport as uvicorn's protocol sees it: its ``close`` after an answer sent before
+    the request's body was all read drains the connection (``_Deadlines._drain``) instead, and the
+    connection is closing for it from then on; everything else is the transport's own."""
+
+    def __init__(self, transport: Any, protocol: _Deadlines) -> None:
+        self._transport = transport
+        self._protocol = protocol
+        self.write = transport.write  # (the hot path: no lookup through __getattr__)
+
+    def close(self) -> None:
+        self._protocol._close_or_drain()
+
+    def is_closing(self) -> bool:
+        return self._protocol._draining or self._transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
 
 class _Deadlines:
     """Mixed into uvicorn's protocol class (``connection_made``, ``data_received``,
-    ``on_response_complete``, ``connection_lost``, ``loop``, ``transport`` and ``cycle`` are its own;
+    ``on_response_complete``, ``connection_lost``, ``shutdown``, ``loop``, ``transport`` and ``cycle`` are its own;
     a cycle's ``more_body`` says whether its request's body is still arriving)."""
 
     header_timeout_s = 20.0
@@ -50,15 +85,26 @@ class _Deadlines:
     _heard_at = 0.0  # when data last arrived
     _header_bytes = 0  # bytes of the next request's line and headers received so far (0: none yet, idle)
     _header_tail = b""  # the last 3 of them (the blank line that ends them may span two parts)
+    _socket_transport: Any = None  # the transport itself (uvicorn's protocol has a _Transport of it)
+    _draining = False  # answered before the body was all read: what comes is read and dropped
+    _drained = 0  # bytes dropped so far
+    _drain_until = 0.0
+    _shutting_down = False
 
     def connection_made(self, transport: Any) -> None:
-        super().connection_made(transport)  # type: ignore[misc]
+        self._socket_transport = transport
+        super().connection_made(_Transport(transport, self))  # type: ignore[misc]
         loop = self.loop  # type: ignore[attr-defined]
         self._waiting_since = self._heard_at = loop.time()
         self._timer = loop.call_later(min(self.header_timeout_s, self.body_timeout_s), self._check)
 
     def data_received(self, data: bytes) -> None:
         self._heard_at = self.loop.time()  # type: ignore[attr-defined]
+        if self._draining:
+            self._drained += len(data)
+            if self._drained > DRAIN_MAX_BYTES:
+                self._end_drain("more than DRAIN_MAX_BYTES came")
+            return
         if self._awaiting_headers() and not self._headers_fit(data):
             self._refuse_headers()
             return  # (not parsed: the parser would keep them)
@@ -93,7 +139,7 @@ class _Deadlines:
         head = [f"HTTP/1.1 {error.status} {HTTPStatus(error.status).phrase}", "content-type: application/json",
                 f"content-length: {len(body)}", *(f"{k.lower()}: {v}" for k, v in error.headers.items())]
         transport.write("\r\n".join(head).encode() + b"\r\n\r\n" + body)
-        transport.close()
+        self._drain()  # (closed once what still comes is dropped, as after a 413)
         log.debug("connection closed: headers too large", extra={"client": getattr(self, "client", None),
                                                                  "limit": self.max_header_bytes})
         if self.on_close is not None:
@@ -104,6 +150,46 @@ class _Deadlines:
         self._waiting_since = self.loop.time()  # type: ignore[attr-defined]
         self._header_bytes, self._header_tail = 0, b""
 
+    def _close_or_drain(self) -> None:
+        """uvicorn's protocol closes the connection (``transport.close()``): at once, unless it has just
+        answered a request whose body is still arriving (``Connection: close`` after a 413): then the
+        connection drains first. Shutting down, the server closes at once."""
+        cycle = getattr(self, "cycle", None)
+        if (self._draining or self._shutting_down or cycle is None or not cycle.response_complete
+                or not cycle.more_body or self._socket_transport.is_closing()):
+            self._socket_transport.close()
+            return
+        self._drain()
+
+    def _drain(self) -> None:
+        """Shuts the connection's sending side once the answer is out (the client reads it to its end),
+        then reads and drops what still comes (data_received), closing at the first bound (``_check``)."""
+        loop = self.loop  # type: ignore[attr-defined]
+        transport = self._socket_transport
+        self._draining = True
+        self._heard_at = now = loop.time()
+        self._drain_until = now + min(DRAIN_S, self.header_timeout_s)
+        if transport.can_write_eof():  # (not over TLS: the answer is then followed by nothing until the close)
+            transport.write_eof()
+        transport.resume_reading()  # (uvicorn pauses reading while a body waits for its app)
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = loop.call_later(min(DRAIN_IDLE_S, self.body_timeout_s, self._drain_until - now), self._check)
+
+    def _end_drain(self, why: str) -> None:
+        transport = self._socket_transport
+        if not transport.is_closing():
+            log.debug(f"connection closed: the rest of a request answered unread was still arriving ({why})",
+                      extra={"client": getattr(self, "client", None), "drained_bytes": self._drained})
+            transport.close()
+
+    def shutdown(self) -> None:
+        self._shutting_down = True
+        if self._draining:
+            self._socket_transport.close()
+            return
+        super().shutdown()  # type: ignore[misc]
+
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
@@ -112,6 +198,16 @@ class _Deadlines:
 
     def _check(self) -> None:
         loop = self.loop  # type: ignore[attr-defined]
+        if self._draining:
+            now = loop.time()
+            quiet = self._heard_at + min(DRAIN_IDLE_S, self.body_timeout_s)
+            wait = min(self._drain_until, quiet) - now
+            if wait > 0:
+                self._timer = loop.call_later(wait, self._check)
+            else:
+                self._timer = None
+                self._end_drain("for too long" if now >= self._drain_until else "paused")
+            return
         cycle = getattr(self, "cycle", None)
         if cycle is None or cycle.response_complete:  # waiting for a request's headers
             # (told by the bytes counted, not by the times: uvloop's clock moves once a loop iteration)

@@ -103,6 +103,28 @@ def test_the_header_deadline_holds_over_tls(https):
         assert time.monotonic() - started < 8  # the deadline (1 s) plus the timer's step, not the 10 s wait
 
 
+def test_a_body_over_the_limit_gets_its_413_over_tls(https):
+    """A client that sends its whole body before reading reads its 413 over TLS too: the rest of the body is
+    read and dropped before the close (test_refused_bodies.py), here without the half-close (FIN) after the
+    answer, which TLS cannot do. (The TLS layer's own shutdown reads what comes while it waits for the
+    client's close_notify: this passed before the drain too.)"""
+    server, _, _ = https
+    piece, pieces = b"x" * (1 << 20), 40  # over the default FACE_MAX_REQUEST_BYTES (32 MiB)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as raw, \
+            server.verify.wrap_socket(raw, server_hostname="127.0.0.1") as tls:  # type: ignore[union-attr]
+        tls.sendall(b"POST /embed HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n" % (len(piece) * pieces))
+        for _ in range(pieces):
+            tls.sendall(piece)
+        answer = b""
+        try:
+            while chunk := tls.recv(65536):
+                answer += chunk
+        except ssl.SSLEOFError:  # (the server's close may come without a close_notify)
+            pass
+    assert answer.startswith(b"HTTP/1.1 413 ") and b'"payload_too_large"' in answer, answer[:300]
+
+
 @pytest.mark.parametrize("hello", [b"", b"\x16\x03\x01\x02\x00\x01"], ids=["silent", "half-a-hello"])
 def test_a_tls_handshake_gets_the_header_deadline(https, hello):
     """A connection that never finishes its TLS handshake (nothing said, or a ClientHello cut short) is
