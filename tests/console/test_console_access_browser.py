@@ -265,12 +265,54 @@ def test_a_key_with_its_own_rate_limit_from_the_form_is_refused_past_it_with_the
     assert listed["role"] == "read" and listed["collections"] is None  # the form's defaults: read, all
     console.find("keys-secret-use").click()  # its /whoami spends the one request
     console.wait(lambda: console.js("return document.body.dataset.role") == "read", "the new key is not in use")
+    # the switch ends after the role is shown (its collections, refused here, come next): the gallery is
+    # chosen once it has ended, so that the gallery's first list is the one asked for below
+    console.wait_text("collection-status", "Now using this tab with the new read key")
+    console.wait(lambda: console.find("page-try").is_displayed(), "the switch did not end on Try")
     console.go("gallery")
     refused = console.wait_text("gallery-status", "[rate_limited]")
     assert "Too many requests" in refused and "Try again in" in refused, refused
     console.find("key-button").click()
     console.use_key(KEY)
     console.wait(lambda: console.js("return document.body.dataset.role") == "admin", "the admin key is not back")
+
+
+def test_a_page_chosen_while_use_this_key_now_switches_stays_chosen(console, api):
+    """The header shows the new key's role as soon as its /whoami answers, while the switch still loads
+    its collections; a page chosen then is where the tab stays, drawn for the new key (the switch used to
+    end by sending the tab to Try, over the page chosen: CI's timeout of the rate-limit test above). Every
+    request is slowed down (the browser's own network throttling) so that the page is chosen within the
+    switch each time."""
+    assert api.post("/collections", json={"name": "switching"}).status_code == 201
+    enroll_embeddings(api, "switching", ["seen-after-switch"])
+    console.open("keys")
+    pick_collection(console, "switching")
+    console.wait(lambda: console.find("page-keys").is_displayed(), "no Keys page for the admin")
+    console.find("keys-note").send_keys("switch")
+    console.find("keys-create").click()
+    console.wait(lambda: console.find("keys-secret").is_displayed(), "no secret shown")
+    key_id = console.text("keys-secret-id")
+    driver = console.driver
+    driver.execute_cdp_cmd("Network.enable", {})
+    driver.execute_cdp_cmd("Network.emulateNetworkConditions", {
+        "offline": False, "latency": 1000, "downloadThroughput": -1, "uploadThroughput": -1})
+    try:
+        console.find("keys-secret-use").click()
+        console.wait(lambda: console.js("return document.body.dataset.role") == "read", "the new key is not in use")
+        assert "Now using" not in console.text("collection-status")  # its collections are still coming
+        console.go("gallery")
+        console.wait_text("collection-status", "Now using this tab with the new read key")
+        assert console.js("return window.location.hash") == "#gallery"
+        console.wait(lambda: rows(console, "gallery-table") == ["seen-after-switch"], "the gallery is not drawn")
+        assert console.find("page-gallery").is_displayed() and not console.find("page-try").is_displayed()
+        assert console.wait_text("gallery-status", "1 identity shown")
+        row = driver.find_element("css selector", "#gallery-table tr[data-id='seen-after-switch']")
+        assert [b.text for b in row.find_elements("css selector", "button")] == ["Faces"]  # a read key's row
+        assert key_id in console.text("whoami")
+    finally:
+        driver.execute_cdp_cmd("Network.emulateNetworkConditions", {
+            "offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1})
+        driver.execute_cdp_cmd("Network.disable", {})
 
 
 def test_audit_page_lists_changes_with_filters_local_times_and_more(console, api):

@@ -1897,10 +1897,14 @@ async function useNewKey() {
   if (!newSecret) return;
   sessionStorage.setItem(KEY_STORE, newSecret); // the admin's choice: this tab now works as that key
   hideSecret();
+  const from = window.location.hash; // the Keys page, where the button is
   await refreshSession();
   say($("collection-status"), `Now using this tab with the new ${session.role || ""} key; "API key" switches back.`, "ok");
-  if (window.location.hash === "#try") route();
-  else window.location.hash = "try";
+  // from Keys (an admin page: the new key may not be one) to Try; but a page chosen while the new key's
+  // collections were loading (its role is shown as soon as its /whoami answers) stays chosen, drawn
+  // again now that the key's role and collections are known
+  if (window.location.hash === from && from !== "#try") window.location.hash = "try";
+  else route();
 }
 
 function confirmRevoke(key) {
