@@ -237,6 +237,10 @@ async function loadWhoami() {
   const me = await api("whoami");
   Object.assign(session, { role: me.role, keyId: me.key_id, scope: me.collections, openMode: me.open_mode });
   session.admin = session.role === "admin";
+}
+
+// the key's role where it shows (body's data-role, the admin pages, the header): at a switch's end
+function showRole() {
   document.body.dataset.role = session.role || "";
   for (const node of document.querySelectorAll("[data-admin]")) node.hidden = !session.admin;
   const who = session.openMode ? "open mode (no key needed)"
@@ -293,12 +297,27 @@ function markChosen(name) {
   document.body.dataset.collection = name;
 }
 
+// A key switch (the API-key prompt, "Use this key now", the start): the key's /whoami, then its
+// collections. body's data-switching is set while it lasts, and the key's role is shown only at its end,
+// once both are known: a role seen means the switch has ended. A page chosen meanwhile is drawn once, at
+// the end (route() waits for it), not once for the key left and again for the new one: a row clicked
+// between the two drawings was gone (the Keys page's Revoke buttons).
+let switches = 0; // those under way
+
 async function refreshSession() {
+  switches += 1;
+  document.body.dataset.switching = "true";
+  let known = false;
   try {
     await loadWhoami();
+    known = true;
     await loadCollections();
   } catch (err) {
     say($("collection-status"), err.readable, "error");
+  } finally {
+    switches -= 1;
+    if (known) showRole();
+    if (!switches) delete document.body.dataset.switching;
   }
 }
 
@@ -505,6 +524,7 @@ async function confirmDeleteCollection() {
 let statusTimer = null;
 
 function route() {
+  if (switches) return; // a key switch is under way: its end draws the page chosen (refreshSession)
   const name = window.location.hash.slice(1);
   let page = PAGES.includes(name) ? name : "try";
   if (ADMIN_PAGES.has(page) && !session.admin) page = "try";
@@ -1897,10 +1917,13 @@ async function useNewKey() {
   if (!newSecret) return;
   sessionStorage.setItem(KEY_STORE, newSecret); // the admin's choice: this tab now works as that key
   hideSecret();
+  const from = window.location.hash; // the Keys page, where the button is
   await refreshSession();
   say($("collection-status"), `Now using this tab with the new ${session.role || ""} key; "API key" switches back.`, "ok");
-  if (window.location.hash === "#try") route();
-  else window.location.hash = "try";
+  // from Keys (an admin page: the new key may not be one) to Try; but a page chosen during the switch
+  // stays chosen, drawn now that the key's role and collections are known
+  if (window.location.hash === from && from !== "#try") window.location.hash = "try";
+  else route();
 }
 
 function confirmRevoke(key) {
