@@ -3,8 +3,9 @@
 A real primary and a real hot standby made by the test from the same wheel (pg_basebackup -R), and
 the real service: read-your-writes with the Face-Consistency-Token, deletes never returned by a
 standby read under load, the standby stopped and restarted under traffic without a failed request,
-a lagging standby (replay paused) left out until it catches up, and damaged blocks on a standby
-read from the primary.
+a lagging standby (replay paused) left out until it catches up, writes whose lookups a lagging
+standby would answer wrongly decided on the primary, and damaged blocks on a standby read from the
+primary.
 """
 
 from __future__ import annotations
@@ -241,6 +242,38 @@ def test_a_lagging_standby_is_left_out_until_it_catches_up(service, cluster):
         finally:
             standby.resume_replay()
         wait_rotation(c, cluster, True)
+
+
+def test_writes_are_decided_on_the_primary_while_the_standby_lags(service, cluster, slow_standby):
+    """A client without a consistency token (another process, another user) writes to an identity that
+    another client has just enrolled, while the standby applies commits 1 s late (in rotation: under
+    FACE_DATABASE_MAX_LAG_MS). The lookups that decide the write read the primary: no 404."""
+    with httpx.Client(base_url=service.url, timeout=60) as c1, httpx.Client(base_url=service.url, timeout=60) as c2:
+        wait_rotation(c1, cluster, True)
+        counter = iter(range(100))
+
+        def fresh() -> str:
+            n = next(counter)
+            identity = f"lookup-{n}"
+            r = enroll(c1, identity, face_files(ENROLLED[n % len(ENROLLED)])[2])
+            assert r.status_code == 200, r.text
+            c2.cookies.clear()  # c2 carries no token (not even one of its own earlier writes)
+            return identity
+
+        base = fresh()
+        time.sleep(1.5)  # the standby has it
+        identity = fresh()
+        r = c2.patch(f"/identities/{identity}", json={"identity_id": identity + "-renamed"})
+        assert r.status_code == 200 and r.json()["identity_id"] == identity + "-renamed", r.text
+        identity = fresh()
+        r = c2.patch(f"/identities/{identity}", json={"metadata": {"a": 1}})
+        assert r.status_code == 200 and r.json()["metadata"] == {"a": 1}, r.text
+        identity = fresh()
+        r = c2.post(f"/identities/{identity}/merge", json={"into": base})
+        assert r.status_code == 200 and r.json()["identity_id"] == base, r.text
+        identity = fresh()
+        r = c2.post(f"/identities/{base}/merge", json={"into": identity})
+        assert r.status_code == 200 and r.json()["identity_id"] == identity, r.text
 
 
 def test_metrics_show_each_databases_shared_buffers_beside_the_hnsw_index(service, cluster, schema):

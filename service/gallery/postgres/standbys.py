@@ -206,9 +206,10 @@ class Standbys:
 
     def read(self, body: Callable[[psycopg.Connection], T], primary: Pool) -> T:
         """``body`` on a standby in rotation that has replayed what the request must see, else on the
-        primary's read pool. ``body`` only reads, so it runs again on the primary after a failure."""
+        primary's read pool. ``body`` only reads, so it runs again on the primary after a failure. In
+        :func:`consistency.on_primary` (the lookups that decide a write) it runs on the primary."""
         floor = consistency.required()
-        for standby in self._rotation():
+        for standby in [] if consistency.primary_only() else self._rotation():
             try:
                 with standby.pool.connection(timeout_s=STANDBY_BORROW_TIMEOUT_S) as conn:
                     if floor is not None and not caught_up(conn, floor, self.wait_s):
