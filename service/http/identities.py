@@ -23,6 +23,7 @@ from ..gallery.api import MAX_ROW_ID, Actor, GalleryBackend, IdentityExists
 from ..gallery.crops import CropAuthenticationFailed, CropsUnavailable, encode_crop
 from ..gallery.identity_ids import MAX_LENGTH, find_identity
 from ..gallery.openset import HUB_SEARCH_K, find_hub
+from ..gallery.postgres import consistency
 from ..gallery.results import (
     EnrollResult,
     FaceDeletion,
@@ -252,14 +253,15 @@ async def update_identity(identity_id: IdentityPath, body: IdentityUpdateRequest
         return after
 
     def update() -> IdentityDetails:
-        source, _ = find_identity(identity_id, gallery.get_identity)
-        new_id = body.identity_id
-        if new_id is not None and new_id != source:
-            # the new id, or an identity stored under its NFD form before the NFC rule, is another's
-            taken = next((form for form in dict.fromkeys((new_id, unicodedata.normalize("NFD", new_id)))
-                          if form != source and gallery.get_identity(form) is not None), None)
-            if taken is not None:
-                raise _identity_exists(taken)
+        with consistency.on_primary():  # lookups that decide the write: never a lagging standby's answer
+            source, _ = find_identity(identity_id, gallery.get_identity)
+            new_id = body.identity_id
+            if new_id is not None and new_id != source:
+                # the new id, or an identity stored under its NFD form before the NFC rule, is another's
+                taken = next((form for form in dict.fromkeys((new_id, unicodedata.normalize("NFD", new_id)))
+                              if form != source and gallery.get_identity(form) is not None), None)
+                if taken is not None:
+                    raise _identity_exists(taken)
         change = IdentityUpdate(new_id=new_id, metadata=None if body.metadata is None and body.metadata_patch is None
                                 else edit, expected_updated_at=body.expected_updated_at)
         try:
@@ -308,8 +310,9 @@ async def merge_identity(identity_id: IdentityPath, body: MergeRequest, state: S
     413 `too_many_faces_for_identity` when the target would hold more than FACE_MAX_FACES_PER_IDENTITY."""
 
     def merge() -> MergeResponse:
-        source, _ = find_identity(identity_id, gallery.get_identity)
-        target, _ = find_identity(body.into, gallery.get_identity)
+        with consistency.on_primary():  # lookups that decide the write: never a lagging standby's answer
+            source, _ = find_identity(identity_id, gallery.get_identity)
+            target, _ = find_identity(body.into, gallery.get_identity)
         if source == target:
             raise ServiceError(ErrorCode.same_identity, f"cannot merge identity {source!r} into itself",
                                identity_id=source)
@@ -336,9 +339,10 @@ async def move_face(face_id: FaceIdPath, body: MoveFaceRequest, state: StateDep,
 
     def move() -> MoveFaceResponse:
         target = body.identity_id
-        if gallery.get_identity(target) is None:  # an id stored before the NFC rule, in its stored form
-            target = next((form for form in (unicodedata.normalize("NFD", target),)
-                           if gallery.get_identity(form) is not None), target)
+        with consistency.on_primary():  # lookups that decide the write: never a lagging standby's answer
+            if gallery.get_identity(target) is None:  # an id stored before the NFC rule, in its stored form
+                target = next((form for form in (unicodedata.normalize("NFD", target),)
+                               if gallery.get_identity(form) is not None), target)
         try:
             moved = gallery.move_face(face_id, target, state.settings.max_faces_per_identity, actor)
         except FaceNotFound as exc:

@@ -3,13 +3,18 @@
 A real primary and a real hot standby made by the test from the same wheel (pg_basebackup -R), and
 the real service: read-your-writes with the Face-Consistency-Token, deletes never returned by a
 standby read under load, the standby stopped and restarted under traffic without a failed request,
-a lagging standby (replay paused) left out until it catches up, and damaged blocks on a standby
-read from the primary.
+a lagging standby (replay paused) left out until it catches up, a frozen standby (its processes
+stopped: a paused VM, a partition) left out with the reads on it answered by the primary, writes
+whose lookups a lagging standby would answer wrongly decided on the primary, and damaged blocks on a
+standby read from the primary.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import signal
+import subprocess
 import threading
 import time
 
@@ -241,6 +246,142 @@ def test_a_lagging_standby_is_left_out_until_it_catches_up(service, cluster):
         finally:
             standby.resume_replay()
         wait_rotation(c, cluster, True)
+
+
+def standby_processes(standby) -> list[int]:
+    """The standby's postmaster and its children (backends, startup, walreceiver, checkpointer...)."""
+    postmaster = int((standby.pgdata / "postmaster.pid").read_text().split()[0])
+    children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(postmaster)], capture_output=True, text=True,
+                              timeout=10).stdout.split()
+    return [postmaster, *map(int, children)]
+
+
+FROZEN_READ_BOUND_S = 10.0  # FACE_DATABASE_TIMEOUT_S (2) for the checker to give up on it, and room on a busy machine
+
+
+def test_a_frozen_standby_is_left_out_and_its_reads_answered_by_the_primary(service, cluster):
+    """Every process of the standby stopped (SIGSTOP: a paused VM, a partition that resets no connection):
+    its open connections answer nothing and its statement_timeout never fires. Reads under traffic are
+    answered (by the primary) within a bound, the standby leaves rotation, and comes back once resumed."""
+    _, standby = cluster
+    names = ["frozen-a", "frozen-b"]
+    with httpx.Client(base_url=service.url, timeout=60) as c:
+        wait_rotation(c, cluster, True)
+        token = None
+        for i, name in enumerate(names):
+            r = enroll(c, name, face_files(ENROLLED[i])[2])
+            assert r.status_code == 200, r.text
+            token = r.headers[TOKEN]
+        c.cookies.clear()
+        before = standby_reads(c, cluster)
+        for _ in range(6):  # the standby has them (the token): its pool's connections are open and used
+            assert c.get(f"/identities/{names[0]}", headers={TOKEN: token}).status_code == 200
+        assert standby_reads(c, cluster) > before
+        failures = metric(c, f"face_database_standby_failures_total{{{standby_label(cluster)}}}")
+    stop, answers, bad = threading.Event(), [], []
+
+    def traffic(worker: int) -> None:
+        with httpx.Client(base_url=service.url, timeout=60) as t:  # no token: any standby in rotation will do
+            i = 0
+            while not stop.is_set():
+                started = time.monotonic()
+                try:
+                    if i % 2:
+                        r = identify(t, face_files(ENROLLED[worker % 2])[1], None)
+                    else:
+                        r = t.get(f"/identities/{names[worker % 2]}")
+                except httpx.TimeoutException:
+                    bad.append("no answer within 60 s")
+                    continue
+                answers.append(time.monotonic() - started)
+                if r.status_code != 200:
+                    bad.append((r.status_code, r.text[:200]))
+                i += 1
+
+    pids = standby_processes(standby)
+    threads = [threading.Thread(target=traffic, args=(w,)) for w in range(3)]
+    try:
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        for t in threads:
+            t.start()
+        with httpx.Client(base_url=service.url, timeout=60) as c:
+            wait_rotation(c, cluster, False, timeout=FROZEN_READ_BOUND_S)
+            time.sleep(2.0)  # more traffic while it is out
+            stop.set()
+            for t in threads:
+                t.join(90)
+            assert not bad, bad[:3]
+            assert len(answers) >= 6 and max(answers) < FROZEN_READ_BOUND_S, sorted(answers)[-5:]
+            assert metric(c, f"face_database_standby_failures_total{{{standby_label(cluster)}}}") > failures
+            started = time.monotonic()
+            assert c.get(f"/identities/{names[1]}").status_code == 200
+            assert time.monotonic() - started < 2.0  # out of rotation: straight to the primary
+        assert '"standby left out"' in service.log_path.read_text()  # said once, with its reason
+    finally:
+        stop.set()
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    with httpx.Client(base_url=service.url, timeout=60) as c:
+        wait_rotation(c, cluster, True)
+        back = standby_reads(c, cluster)
+        deadline = time.monotonic() + 30
+        while standby_reads(c, cluster) <= back:
+            assert time.monotonic() < deadline, "no read went back to the resumed standby"
+            assert c.get(f"/identities/{names[0]}").status_code == 200
+            time.sleep(0.1)
+        # frozen again, one read at a time: no other read fails there first, the lag check (its own
+        # deadline) finds it silent and the read waiting on it is answered by the primary
+        pids = standby_processes(standby)
+        try:
+            for pid in pids:
+                os.kill(pid, signal.SIGSTOP)
+            started = time.monotonic()
+            assert c.get(f"/identities/{names[1]}").status_code == 200
+            assert time.monotonic() - started < FROZEN_READ_BOUND_S
+            wait_rotation(c, cluster, False, timeout=FROZEN_READ_BOUND_S)
+        finally:
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
+        wait_rotation(c, cluster, True)
+
+
+def test_writes_are_decided_on_the_primary_while_the_standby_lags(service, cluster, slow_standby):
+    """A client without a consistency token (another process, another user) writes to an identity that
+    another client has just enrolled, while the standby applies commits 1 s late (in rotation: under
+    FACE_DATABASE_MAX_LAG_MS). The lookups that decide the write read the primary: no 404."""
+    with httpx.Client(base_url=service.url, timeout=60) as c1, httpx.Client(base_url=service.url, timeout=60) as c2:
+        wait_rotation(c1, cluster, True)
+        counter = iter(range(100))
+
+        def fresh() -> str:
+            n = next(counter)
+            identity = f"lookup-{n}"
+            r = enroll(c1, identity, face_files(ENROLLED[n % len(ENROLLED)])[2])
+            assert r.status_code == 200, r.text
+            c2.cookies.clear()  # c2 carries no token (not even one of its own earlier writes)
+            return identity
+
+        base = fresh()
+        time.sleep(1.5)  # the standby has it
+        identity = fresh()
+        r = c2.patch(f"/identities/{identity}", json={"identity_id": identity + "-renamed"})
+        assert r.status_code == 200 and r.json()["identity_id"] == identity + "-renamed", r.text
+        identity = fresh()
+        r = c2.patch(f"/identities/{identity}", json={"metadata": {"a": 1}})
+        assert r.status_code == 200 and r.json()["metadata"] == {"a": 1}, r.text
+        identity = fresh()
+        r = c2.post(f"/identities/{identity}/merge", json={"into": base})
+        assert r.status_code == 200 and r.json()["identity_id"] == base, r.text
+        identity = fresh()
+        r = c2.post(f"/identities/{base}/merge", json={"into": identity})
+        assert r.status_code == 200 and r.json()["identity_id"] == identity, r.text
 
 
 def test_metrics_show_each_databases_shared_buffers_beside_the_hnsw_index(service, cluster, schema):

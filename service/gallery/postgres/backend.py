@@ -110,7 +110,7 @@ from ..results import (
 from ..search import Hit, Match, check_served, search_identities
 from . import consistency
 from .memory import COLLECTION_INDEX_PREFIX, HNSW_INDEX_PREFIX, buffer_fit, check_buffer_fit
-from .standbys import DAMAGED_DATA, Standby, Standbys
+from .standbys import DAMAGED_DATA, Standby, Standbys, with_keepalives
 
 if TYPE_CHECKING:
     from ...config import Settings
@@ -640,12 +640,13 @@ class PostgresGalleries:
         self._writes = Pool("writes", options.url, options, options.pool_size, options.where)
         self._reads = Pool("reads", options.url, options, options.read_pool_size, options.where)
         self._standbys = None if not options.read_urls else Standbys(
-            [Standby(_endpoint(url), url, Pool(f"standby{i}", url, options, options.read_pool_size,
+            [Standby(_endpoint(url), url, Pool(f"standby{i}", with_keepalives(url), options, options.read_pool_size,
                                                             _where(url, options.schema)), options.connect_kwargs(),
                      options.schema)
              for i, url in enumerate(options.read_urls)],
             options.url, options.connect_kwargs(), max_lag_s=options.max_lag_ms / 1000,
-            wait_s=options.read_wait_ms / 1000, check_interval_s=options.lag_check_ms / 1000)
+            wait_s=options.read_wait_ms / 1000, check_interval_s=options.lag_check_ms / 1000,
+            timeout_s=options.timeout_s, statement_timeout_s=options.statement_timeout_ms / 1000)
         self.default = PostgresGallery(self, DEFAULT_COLLECTION, DEFAULT_COLLECTION_ID)
         self.crop_cipher: CropCipher | None = None  # seals kept crops; set by open.make_gallery
         self._collections: dict[str, PostgresGallery] = {DEFAULT_COLLECTION: self.default}

@@ -8,6 +8,10 @@ standby only once that standby has replayed the position (waiting at most
 ``FACE_DATABASE_READ_WAIT_MS``), else from the primary: the client sees its own writes through any
 service replica. Without a token a read may be up to ``FACE_DATABASE_MAX_LAG_MS`` behind.
 
+A write decided by reads (a rename or merge looks its identities up first) makes those reads in
+:func:`on_primary`: what another client has just written is there, whatever the standbys have applied,
+so the write is never refused (404) for a standby's lag.
+
 The token travels from the HTTP layer to the gallery and back in a context variable, which Starlette
 copies into the worker thread of each gallery call; the object it holds is shared, so what the
 gallery notes there is seen by the middleware when the response starts.
@@ -16,6 +20,8 @@ gallery notes there is seen by the middleware when the response starts.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
 
@@ -70,3 +76,22 @@ def note_write(lsn: int) -> None:
     current = _current.get()
     if current is not None:
         current.written = lsn if current.written is None else max(current.written, lsn)
+
+
+_on_primary: ContextVar[bool] = ContextVar("face_reads_on_primary", default=False)
+
+
+@contextmanager
+def on_primary() -> Iterator[None]:
+    """The block's reads go to the primary, never to a standby: the lookups that decide a write (in the
+    worker thread that runs them: a context variable is not seen by the threads a block starts)."""
+    token = _on_primary.set(True)
+    try:
+        yield
+    finally:
+        _on_primary.reset(token)
+
+
+def primary_only() -> bool:
+    """Whether the current reads must go to the primary (:func:`on_primary`)."""
+    return _on_primary.get()

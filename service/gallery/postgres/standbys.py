@@ -14,16 +14,31 @@ else to the primary. What keeps that correct:
 * **Failure.** A standby that cannot be reached, or fails during a read, is left out at once (the
   read runs again on the primary) and taken back when the checker reaches it again. A standby's
   failure never fails a request that the primary can answer.
+* **A standby that stops answering** (a paused VM, a partition that resets no connection: its
+  statement_timeout, enforced by the server, never fires). Each check of the lag has a deadline
+  (``FACE_DATABASE_TIMEOUT_S``): a standby that does not answer it is left out, the reads waiting on it
+  are answered by the primary at once (their connections are cut), and it is taken back once it answers
+  a check again. Each read on a standby runs in a worker thread that the request waits for with a
+  deadline of its own too, the server's statement timeout and ``FACE_DATABASE_TIMEOUT_S`` more: past it,
+  unless the checker has heard from the standby since the read began (a read of many statements, each
+  within the timeout), the standby is left out the same way. Over TCP
+  its connections also have keepalives and a ``tcp_user_timeout`` (unless its URL sets them), so a
+  connection to a host that is gone ends.
 """
 
 from __future__ import annotations
 
+import contextvars
 import itertools
 import logging
+import os
+import socket
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, TypeVar
 
 import psycopg
@@ -47,6 +62,37 @@ STANDBY_BORROW_TIMEOUT_S = 0.25
 REPLAY_POLL_S = 0.005
 # the replayed position of a standby; a primary listed as a read URL counts as never behind
 REPLAY_LSN_SQL = "SELECT COALESCE(pg_last_wal_replay_lsn(), pg_current_wal_lsn())::text"
+# how often a read waiting on a standby looks whether the checker has left that standby out
+READ_WATCH_S = 0.05
+# a standby's TCP connections (ignored on a Unix socket): a peer silent this long is gone
+KEEPALIVES = {"keepalives": "1", "keepalives_idle": "5", "keepalives_interval": "2", "keepalives_count": "3"}
+TCP_USER_TIMEOUT_MS = 10000
+
+
+def with_keepalives(url: str) -> str:
+    """A standby's URL with TCP keepalives and ``tcp_user_timeout`` added (those it sets are kept): a
+    connection to a host that stopped answering ends instead of waiting for ever."""
+    try:
+        given = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return url  # the connection reports it
+    added = {k: v for k, v in (KEEPALIVES | {"tcp_user_timeout": str(TCP_USER_TIMEOUT_MS)}).items() if k not in given}
+    return psycopg.conninfo.make_conninfo(url, **added) if added else url
+
+
+def cut(conn: psycopg.Connection) -> None:
+    """Shut the connection's socket down (from another thread): a call waiting on it fails at once
+    (OperationalError) and the connection is broken (the pool discards it). For a server that does not
+    answer, which a cancel request cannot reach either."""
+    try:
+        fd = conn.pgconn.socket
+    except psycopg.Error:
+        return  # closed already
+    try:
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 class Standby:
@@ -66,16 +112,38 @@ class Standby:
         self.behind = 0
         self.failures = 0
         self.damage_logged = False  # a read met damaged data here (logged once; each such read went to the primary)
+        self.outages = 0  # times left out: a read waiting on it gives up when this changes
+        self.answered_at = 0.0  # when (monotonic) it last answered a check
+        # the connections its reads hold now (cut when it is left out for not answering)
+        self.reading: set[psycopg.Connection] = set()
+        self._reading_lock = threading.Lock()
 
     def in_rotation(self, max_lag_s: float) -> bool:
         return self.up and self.lag_s is not None and self.lag_s <= max_lag_s
 
     def left_out(self, why: str) -> None:
         self.failures += 1
+        self.outages += 1
         if self.up:
             log.warning("standby left out", extra={"standby": self.name, "reason": why})
         self.up = False
         self.lag_s = None
+
+    def silent(self, why: str) -> None:
+        """It does not answer (a check or a read past its deadline): left out, and the connections its
+        reads hold are cut, so that they end now rather than when it answers again. (Under the lock: a
+        connection in the set is not given back to the pool, so not closed, while it is cut.)"""
+        self.left_out(why)
+        with self._reading_lock:
+            for conn in self.reading:
+                cut(conn)
+
+    def holding(self, conn: psycopg.Connection, held: bool) -> None:
+        with self._reading_lock:
+            if held:
+                self.reading.add(conn)
+            else:
+                self.reading.discard(conn)
 
     def damaged(self, why: str) -> None:
         """A read met data this standby holds damaged (XX001, XX002): the primary answers it instead; the
@@ -86,12 +154,33 @@ class Standby:
             log.error("standby holds damaged data: the reads that meet it are answered by the primary; rebuild "
                       "the standby (pg_basebackup)", extra={"standby": self.name, "reason": why})
 
-    def replay_lsn(self) -> int:
-        """Its replayed WAL position, over the checker's own connection (reconnected when lost)."""
-        if self._check_conn is None or self._check_conn.closed:
-            self._check_conn = psycopg.connect(self.url, **self._connect_kwargs)
-            self.buffers = check_buffer_fit(self._check_conn, self._schema, f"standby {self.name}")
-        row = self._check_conn.execute(REPLAY_LSN_SQL).fetchone()
+    def replay_lsn(self, timeout_s: float) -> int:
+        """Its replayed WAL position, over the checker's own connection (reconnected when lost; the
+        connection's connect_timeout bounds that). No answer within ``timeout_s``: the connection is cut
+        (psycopg.OperationalError)."""
+        fresh = self._check_conn is None or self._check_conn.closed
+        if fresh:
+            self._check_conn = psycopg.connect(with_keepalives(self.url), **self._connect_kwargs)
+        conn = self._check_conn
+        assert conn is not None
+        lock, checking = threading.Lock(), [True]
+
+        def expired() -> None:
+            with lock:  # never once the check is over (the connection may be closed, its fd reused)
+                if checking[0]:
+                    cut(conn)
+
+        watchdog = threading.Timer(timeout_s, expired)
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            if fresh:
+                self.buffers = check_buffer_fit(conn, self._schema, f"standby {self.name}")
+            row = conn.execute(REPLAY_LSN_SQL).fetchone()
+        finally:
+            watchdog.cancel()
+            with lock:
+                checking[0] = False
         return consistency.parse_lsn(row[0]) if row and row[0] else 0
 
     def close(self) -> None:
@@ -116,8 +205,19 @@ class Standbys:
     """The standbys of one gallery: rotation, read routing with fallback to the primary, the lag checker."""
 
     def __init__(self, standbys: list[Standby], primary_url: str, connect_kwargs: dict, *, max_lag_s: float,
-                 wait_s: float, check_interval_s: float) -> None:
+                 wait_s: float, check_interval_s: float, timeout_s: float = 5.0,
+                 statement_timeout_s: float = 15.0) -> None:
         self.standbys = standbys
+        # a check unanswered this long leaves the standby out; a read unanswered for its statement
+        # timeout and this long (the server would have ended it) is answered by the primary
+        self.timeout_s = timeout_s
+        self.read_deadline_s = statement_timeout_s + timeout_s
+        # the standby reads run here, the request waiting with a deadline: a read on a standby that does
+        # not answer can hang in the pool's check of its connection, out of reach of any cut. A read
+        # never waits for a worker: with none free it goes on as with every connection busy
+        workers = max(4, sum(2 * s.pool.size + 2 for s in standbys))
+        self._workers = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="face-standby-read")
+        self._free_workers = threading.BoundedSemaphore(workers)
         self.primary_url = primary_url
         self._connect_kwargs = connect_kwargs
         self.max_lag_s = max_lag_s
@@ -149,6 +249,7 @@ class Standbys:
             self._primary_conn.close()
         for standby in self.standbys:
             standby.close()
+        self._workers.shutdown(wait=False, cancel_futures=True)
 
     def _run(self) -> None:
         while not self._stop.wait(self.check_interval_s):
@@ -176,12 +277,16 @@ class Standbys:
         if primary is not None:
             self._samples.append((now, primary))
         for standby in self.standbys:
+            started = time.monotonic()
             try:
-                replayed = standby.replay_lsn()
+                replayed = standby.replay_lsn(self.timeout_s)
             except psycopg.Error as exc:
                 if standby._check_conn is not None:  # noqa: SLF001
                     standby._check_conn.close()  # noqa: SLF001
-                standby.left_out(f"{type(exc).__name__}: {str(exc).strip()[:200]}")
+                if time.monotonic() - started >= self.timeout_s:  # no answer: the reads waiting there too
+                    standby.silent(f"no answer to the lag check within {self.timeout_s:g}s")
+                else:
+                    standby.left_out(f"{type(exc).__name__}: {str(exc).strip()[:200]}")
                 continue
             if primary is None:
                 if standby.lag_s is None:
@@ -192,6 +297,7 @@ class Standbys:
                 standby.lag_s = 0.0 if behind_since is None else now - behind_since
             was = standby.in_rotation(self.max_lag_s)
             standby.up = True
+            standby.answered_at = time.monotonic()
             if standby.in_rotation(self.max_lag_s) != was:
                 log.info("standby in rotation" if not was else "standby left out: lagging",
                          extra={"standby": standby.name, "lag_s": round(standby.lag_s or 0.0, 3)})
@@ -204,17 +310,62 @@ class Standbys:
         first = next(self._next) % len(ready)
         return ready[first:] + ready[:first]
 
+    def _on_standby(self, standby: Standby, body: Callable[[psycopg.Connection], T], floor: int | None
+                    ) -> tuple[bool, T | None]:
+        """``body`` on one of the standby's connections (in a worker thread): (False, None) when the
+        standby has not replayed ``floor`` within the wait."""
+        try:
+            with standby.pool.connection(timeout_s=STANDBY_BORROW_TIMEOUT_S) as conn:
+                standby.holding(conn, True)
+                try:
+                    if floor is not None and not caught_up(conn, floor, self.wait_s):
+                        return False, None
+                    return True, body(conn)
+                finally:
+                    standby.holding(conn, False)
+        finally:
+            self._free_workers.release()
+
+    def _wait(self, standby: Standby, attempt: Future[tuple[bool, T | None]]) -> tuple[bool, T | None]:
+        """The attempt's outcome; GalleryUnavailable when the standby does not answer: it was left out
+        meanwhile (the checker got no answer, or another read failed there), or the read ran past its
+        deadline while the checker has not heard from it since the read began."""
+        outages, began = standby.outages, time.monotonic()
+        deadline = began + self.read_deadline_s
+        while True:
+            try:
+                return attempt.result(timeout=READ_WATCH_S)
+            except FutureTimeout:
+                pass
+            if standby.outages != outages:
+                raise GalleryUnavailable(f"standby {standby.name} left out during the read")
+            if time.monotonic() >= deadline:
+                if standby.answered_at > began:  # it answers: a long read of many statements
+                    deadline += self.read_deadline_s
+                    continue
+                standby.silent(f"no answer to a read within {self.read_deadline_s:g}s")
+                raise GalleryUnavailable(f"standby {standby.name}: no answer to a read within "
+                                         f"{self.read_deadline_s:g}s")
+
     def read(self, body: Callable[[psycopg.Connection], T], primary: Pool) -> T:
         """``body`` on a standby in rotation that has replayed what the request must see, else on the
-        primary's read pool. ``body`` only reads, so it runs again on the primary after a failure."""
+        primary's read pool. ``body`` only reads, so it runs again on the primary after a failure. In
+        :func:`consistency.on_primary` (the lookups that decide a write) it runs on the primary."""
         floor = consistency.required()
-        for standby in self._rotation():
+        for standby in [] if consistency.primary_only() else self._rotation():
             try:
-                with standby.pool.connection(timeout_s=STANDBY_BORROW_TIMEOUT_S) as conn:
-                    if floor is not None and not caught_up(conn, floor, self.wait_s):
-                        standby.behind += 1
-                        break  # another standby is likely no further along: the primary has it
-                    result = body(conn)
+                if not self._free_workers.acquire(blocking=False):
+                    raise GalleryBusy("every standby read worker is in use")
+                context = contextvars.copy_context()  # the request's, in the worker thread too
+                try:
+                    attempt = self._workers.submit(context.run, self._on_standby, standby, body, floor)
+                except RuntimeError:  # shut down (the gallery is closing)
+                    self._free_workers.release()
+                    raise
+                done, result = self._wait(standby, attempt)
+                if not done:
+                    standby.behind += 1
+                    break  # another standby is likely no further along: the primary has it
             except GalleryBusy:
                 continue  # its connections are all in use: the next one, else the primary
             except GalleryUnavailable as exc:
@@ -224,7 +375,7 @@ class Standbys:
                 standby.damaged(f"{type(exc).__name__}: {str(exc).strip()[:300]}")
                 continue
             standby.reads += 1
-            return result
+            return result  # type: ignore[return-value]  # done: body's own result
         with primary.connection() as conn:
             result = body(conn)
         self.primary_reads += 1
