@@ -185,6 +185,8 @@ def test_standby_stopped_and_restarted_under_traffic_fails_no_request(service, c
     _, standby = cluster
     face, other = face_files(ENROLLED[0])[1], face_files(ENROLLED[6])[1]
     with httpx.Client(base_url=service.url, timeout=60) as c:
+        if c.get(f"/identities/{ENROLLED[0]}").status_code == 404:  # the probe's person (run alone)
+            assert enroll(c, ENROLLED[0], face_files(ENROLLED[0])[0]).status_code == 200
         wait_rotation(c, cluster, True)
         failures = metric(c, f"face_database_standby_failures_total{{{standby_label(cluster)}}}")
     stop, bad, done = threading.Event(), [], []
