@@ -47,6 +47,10 @@ foreground):
    do (``fenced_mode``: ``changes`` or ``full``, with ``fenced_s`` in the job's stored progress and
    the log; bench/migration_fence.py measures it).
 
+A pass syncs the identities that lose faces in B before those that gain some (``_shrinking_first``): B takes
+A's ``max_faces``, and in id order a grown identity synced before a shrunk one would need more room
+than A ever held.
+
 A face of A without a crop (a collection made without ``keep_crops``, or faces enrolled before) is
 ``no_source_crops``: nothing to re-embed from (re-enroll from folders instead).
 """
@@ -190,10 +194,13 @@ def queue(galleries: Galleries, job: JobRecord, actor: Actor | None) -> JobRecor
     return stored
 
 
-def _same_count(target: GalleryBackend, record: IdentityRecord) -> bool:
-    """B has this identity of A with as many faces."""
-    mirrored = target.get_identity(record.identity_id)
-    return mirrored is not None and mirrored.record.face_count == record.face_count
+def _shrinking_first(records: list[IdentityRecord], in_b: dict[str, int]) -> list[IdentityRecord]:
+    """Identities of A to sync, those that lose faces in B first, then those that keep their count,
+    then those that gain (``in_b``: B's face count of each it has), each group in id order: synced in
+    id order, one that grew in A (a_x) before one that shrank (a_y) would make B need more room than A
+    ever held, failing ``too_many_faces_for_collection`` against the max_faces B took from A."""
+    return sorted(records, key=lambda r: (r.face_count - in_b.get(r.identity_id, 0) > 0,
+                                          r.face_count - in_b.get(r.identity_id, 0) >= 0, r.identity_id))
 
 
 def iter_identities(gallery: GalleryBackend, after: str | None = None) -> Iterator[IdentityRecord]:
@@ -332,14 +339,19 @@ class Migration:
         return total
 
     def _pass(self, source: GalleryBackend, target: GalleryBackend) -> int:
-        """One catch-up pass: list A and B, sync what differs; how many identities it synced or deleted."""
+        """One catch-up pass: list A and B, sync what differs; how many identities it synced or deleted.
+        B loses faces before it gains any (``_shrinking_first``): with A's max_faces, B never
+        needs more room than A held."""
+        return self._listed_pass(source, target)
+
+    def _listed_pass(self, source: GalleryBackend, target: GalleryBackend) -> int:
         since = self.job.created_at - SLACK_S
         self.pass_started = time.time()
         in_a = {r.identity_id: r for r in iter_identities(source)}
         in_b = {r.identity_id: r.face_count for r in iter_identities(target)}
-        stale = [r for i, r in in_a.items()
-                 if i not in in_b or in_b[i] != r.face_count
-                 or (r.updated_at >= since and self.synced.get(i) != r.updated_at)]
+        stale = _shrinking_first([r for i, r in in_a.items()
+                                  if i not in in_b or in_b[i] != r.face_count
+                                  or (r.updated_at >= since and self.synced.get(i) != r.updated_at)], in_b)
         gone = [i for i in in_b if i not in in_a]
         if not stale and not gone:
             return 0
@@ -409,11 +421,17 @@ class Migration:
                 gone += 1
         for identity_id in absent:
             self.synced.pop(identity_id, None)
+        in_b: dict[str, int] = {}
         for identity_id in sorted(present):
             details = source.get_identity(identity_id)
-            if details is not None and (self.synced.get(identity_id) != details.record.updated_at
-                                        or not _same_count(target, details.record)):
+            if details is None:
+                continue
+            mirrored = target.get_identity(identity_id)
+            if mirrored is not None:
+                in_b[identity_id] = mirrored.record.face_count
+            if self.synced.get(identity_id) != details.record.updated_at or in_b.get(identity_id) != details.record.face_count:
                 stale.append(details.record)
+        stale = _shrinking_first(stale, in_b)
         for start in range(0, len(stale), PAGE):
             self._sync(source, target, stale[start:start + PAGE])
         return len(stale) + gone
