@@ -47,7 +47,11 @@ foreground):
    do (``fenced_mode``: ``changes`` or ``full``, with ``fenced_s`` in the job's stored progress and
    the log; bench/migration_fence.py measures it).
 
-A pass syncs the identities that lose faces in B before those that gain some (``_shrinking_first``): B takes
+Each pass (the copy, every catch-up pass, the comparison, and the check of A's crops at the start)
+reads with a floor, ``GalleryBackend.read_floor``: with PostgreSQL standbys the primary's WAL position
+at the pass's start (the job runs without a client's token: unfloored, its reads would go to any standby
+in rotation, up to FACE_DATABASE_MAX_LAG_MS behind, and miss writes answered before the pass). A pass
+syncs the identities that lose faces in B before those that gain some (``_shrinking_first``): B takes
 A's ``max_faces``, and in id order a grown identity synced before a shrunk one would need more room
 than A ever held.
 
@@ -133,8 +137,15 @@ def no_source_crops(collection: str) -> str:
 
 
 def check_source(source: GalleryBackend) -> None:
-    """Raise JobFailed(no_source_crops) unless every face of ``source`` has a kept crop."""
-    if not source.keep_crops or source.crop_count() < source.stats().faces:
+    """Raise JobFailed(no_source_crops) unless every face of ``source`` has a kept crop. The faces are
+    counted first (the primary's), the crops then with that moment as the read's floor (a standby
+    that lags would count fewer crops than the primary has faces)."""
+    if not source.keep_crops:
+        raise JobFailed(ErrorCode.no_source_crops, no_source_crops(source.name))
+    faces = source.stats().faces
+    with source.read_floor():
+        crops = source.crop_count()
+    if crops < faces:
         raise JobFailed(ErrorCode.no_source_crops, no_source_crops(source.name))
 
 
@@ -307,6 +318,10 @@ class Migration:
             raise JobStopped(self.job.job_id)
 
     def copy(self, source: GalleryBackend, target: GalleryBackend) -> None:
+        with source.read_floor():  # what was committed before the copy began (a lagging standby has less)
+            self._copy(source, target)
+
+    def _copy(self, source: GalleryBackend, target: GalleryBackend) -> None:
         stats = source.stats()
         self._checkpoint(phase="copy", identities_total=stats.identities, faces_total=stats.faces)
         cursor = self.job.cursor
@@ -340,9 +355,11 @@ class Migration:
 
     def _pass(self, source: GalleryBackend, target: GalleryBackend) -> int:
         """One catch-up pass: list A and B, sync what differs; how many identities it synced or deleted.
-        B loses faces before it gains any (``_shrinking_first``): with A's max_faces, B never
+        Its reads see every write committed before it began (``read_floor``: never a lagging standby's
+        older A). B loses faces before it gains any (``_shrinking_first``): with A's max_faces, B never
         needs more room than A held."""
-        return self._listed_pass(source, target)
+        with source.read_floor():
+            return self._listed_pass(source, target)
 
     def _listed_pass(self, source: GalleryBackend, target: GalleryBackend) -> int:
         since = self.job.created_at - SLACK_S
@@ -441,7 +458,8 @@ class Migration:
         if not self.compare:
             return None
         self._checkpoint(phase="compare")
-        return compare_collections(source, target).as_dict()
+        with source.read_floor():
+            return compare_collections(source, target).as_dict()
 
     def run(self) -> dict | None:
         """Copy, catch up, compare, the fenced pass and ``finish``; returns the report. JobFailed /
