@@ -53,7 +53,9 @@ at the pass's start (the job runs without a client's token: unfloored, its reads
 in rotation, up to FACE_DATABASE_MAX_LAG_MS behind, and miss writes answered before the pass). A pass
 syncs the identities that lose faces in B before those that gain some (``_shrinking_first``): B takes
 A's ``max_faces``, and in id order a grown identity synced before a shrunk one would need more room
-than A ever held.
+than A ever held. No alias may point at B until the job is done (PUT /aliases: 409
+``migration_unfinished``); should one point there anyway, the job fails with that code before its next
+write of B rather than overwrite or delete what clients wrote through it (``_check_unaliased``).
 
 A face of A without a crop (a collection made without ``keep_crops``, or faces enrolled before) is
 ``no_source_crops``: nothing to re-embed from (re-enroll from folders instead).
@@ -74,7 +76,7 @@ from ..gallery.crops import CropCipher, CropsUnavailable, decode_crop
 from ..gallery.results import IdentityRecord
 from ..model.runtime import EmbeddingModel
 from .compare import compare_collections
-from .store import JobRecord, JobRunning, new_job_id
+from .store import MIGRATE, JobRecord, JobRunning, new_job_id
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +149,22 @@ def check_source(source: GalleryBackend) -> None:
         crops = source.crop_count()
     if crops < faces:
         raise JobFailed(ErrorCode.no_source_crops, no_source_crops(source.name))
+
+
+def unfinished_migration_into(galleries: Galleries, collection: str) -> JobRecord | None:
+    """The newest migrate job whose new collection is ``collection``, when it is not ``done`` (creating,
+    queued, running, failed, cancelled); None otherwise. ``done`` is final, and a job's ``into`` is a
+    collection it created: a None here stays None."""
+    found = [job for state in ("creating", None) for job in galleries.list_jobs(state=state, limit=10_000)
+             if job.kind == MIGRATE and job.into == collection]
+    newest = max(found, key=lambda job: (job.created_at, job.job_id), default=None)
+    return None if newest is None or newest.state == "done" else newest
+
+
+def unfinished_message(job: JobRecord) -> str:
+    return (f"collection {job.into!r} is the new collection of migration {job.job_id} ({job.state}): an alias may "
+            "point at it once the job is done (resume a failed or cancelled one, or delete the collection); "
+            "before, its clients would be served a half-copied gallery whose writes the job overwrites")
 
 
 def start_migration(galleries: Galleries, collection: str, model: str, model_id: str, dim: int, into: str,
@@ -287,6 +305,7 @@ class Migration:
         """Sync these identities of A as listed (one A no longer has is deleted from B) in batches;
         faces synced."""
         batch, faces = _Batch(), 0
+        self._check_unaliased(target)
         crops_of = self._read(source, records)
         for record in records:
             faces_of = crops_of.get(record.identity_id)
@@ -304,6 +323,17 @@ class Migration:
             self._write(target, batch)
             faces += batch.faces
         return faces
+
+    def _check_unaliased(self, target: GalleryBackend) -> None:
+        """JobFailed ``migration_unfinished`` when an alias points at B: clients would write to B, and
+        this job's syncs (A's identities as they are: replaced, deleted where A lacks them) would erase
+        what they wrote. PUT /aliases refuses it while the job is not done; this is the second guard
+        (an alias set otherwise), checked before each write of B."""
+        aliases = sorted(a.name for a in self.galleries.list_aliases() if a.collection == target.name)
+        if aliases:
+            raise JobFailed(ErrorCode.migration_unfinished, f"alias {aliases[0]!r} points at {target.name!r}, the "
+                            "new collection of this unfinished migration: the job stops rather than overwrite what "
+                            "was written through it. Point the alias back at the source, then resume the job")
 
     # --- the phases --------------------------------------------------------------------------
     def _checkpoint(self, **progress: object) -> None:
@@ -372,6 +402,8 @@ class Migration:
         gone = [i for i in in_b if i not in in_a]
         if not stale and not gone:
             return 0
+        if gone:
+            self._check_unaliased(target)
         for identity_id in gone:
             target.delete(identity_id)
         for start in range(0, len(stale), PAGE):
@@ -433,7 +465,10 @@ class Migration:
         gone = 0
         present = source.identity_crops(sorted(identity_ids)).keys()  # one query: which of them A still has
         absent = identity_ids - present
-        for identity_id in sorted(target.identity_crops(sorted(absent)).keys()):  # those B still has
+        lingering = sorted(target.identity_crops(sorted(absent)).keys())  # those B still has
+        if lingering:
+            self._check_unaliased(target)
+        for identity_id in lingering:
             if target.delete(identity_id) is not None:
                 gone += 1
         for identity_id in absent:

@@ -305,6 +305,43 @@ def test_a_kept_crop_that_does_not_open_fails_the_job_as_collection_damaged(setu
         server.stop()
 
 
+def test_an_alias_cannot_point_at_the_target_of_an_unfinished_migration(setup):
+    """PUT /aliases at a migration's new collection while its job runs (or is cancelled or failed) is 409
+    `migration_unfinished`: clients would be switched to a half-copied gallery, and the job's catch-up
+    would delete from it what the old collection lacks (an enrollment acknowledged through the alias).
+    Once the job is done the same PUT switches, and a write through the alias stays."""
+    _, data_dir, env = setup
+    server = ServerProcess(data_dir, env=env)
+    try:
+        server.wait_ready()
+        with httpx.Client(base_url=server.url, timeout=120) as c:
+            assert c.post("/collections", json={"name": "people-v1", "keep_crops": True}).status_code == 201
+            for i in range(60):
+                enroll(c, "people-v1", f"p{i:03d}", [FACES[i % len(FACES)]])
+            assert c.put("/aliases/people", json={"collection": "people-v1"}).status_code == 200
+            r = c.post("/collections/people/migrate", json={"model": "tiny", "into": "people-v2", "batch_size": 1})
+            assert r.status_code == 202, r.text
+            job_id = r.json()["job"]["id"]
+            flip = c.put("/aliases/people", json={"collection": "people-v2"})
+            assert c.get(f"/jobs/{job_id}").json()["state"] in ("queued", "running")  # it was unfinished
+            assert error(flip) == (409, "migration_unfinished"), flip.text
+            details = flip.json()["error"]["details"]
+            assert details["job_id"] == job_id and details["collection"] == "people-v2"
+            assert error(c.put("/aliases/other", json={"collection": "people-v2"})) == (409, "migration_unfinished")
+            assert c.get("/aliases/people").json()["collection"] == "people-v1"  # unchanged
+            assert c.get("/aliases/other").status_code == 404
+            cancelled = c.post(f"/jobs/{job_id}/cancel")
+            assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled", cancelled.text
+            assert error(c.put("/aliases/people", json={"collection": "people-v2"})) == (409, "migration_unfinished")
+            assert c.post(f"/jobs/{job_id}/resume").status_code == 200
+            assert wait_for(c, job_id)["state"] == "done"
+            assert c.put("/aliases/people", json={"collection": "people-v2"}).status_code == 200
+            enroll(c, "people", "after_switch", [FACES[5]])
+            assert "after_switch" in identities(c, "people-v2")
+    finally:
+        server.stop()
+
+
 def test_a_source_at_its_max_faces_migrates_while_one_identity_shrinks_and_another_grows(setup):
     """The target gets the source's max_faces: a catch-up that synced identities in id order would
     grow one (a_x) before shrinking the other (a_y), needing more room than the source ever held
