@@ -65,6 +65,7 @@ class ErrorCode(str, Enum):
     job_running = "job_running"
     job_not_found = "job_not_found"
     job_finished = "job_finished"
+    migration_unfinished = "migration_unfinished"
     # kept crops (keep_crops collections)
     crops_required = "crops_required"
     crop_key_missing = "crop_key_missing"
@@ -136,6 +137,7 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.job_running: 409,
     ErrorCode.job_not_found: 404,
     ErrorCode.job_finished: 409,
+    ErrorCode.migration_unfinished: 409,
     ErrorCode.crops_required: 409,
     ErrorCode.crop_key_missing: 409,
     ErrorCode.crop_not_kept: 404,

@@ -501,6 +501,14 @@ class GalleryBackend(Protocol):
         searches never touch it. The migration's final pass and its ``done`` flip (jobs/migrate.py)."""
         ...
 
+    def read_floor(self) -> AbstractContextManager[None]:
+        """Reads made in the block (on this thread) see every write committed before it began, and the
+        block's own writes: PostgreSQL with standbys takes the primary's WAL position as the floor of a
+        read (consistency.py: a standby that has replayed it, else the primary), as ``write_fence`` does;
+        the embedded backend reads what is committed anyway. For work without a client's token (the
+        migration job's passes, its start's check), which would otherwise read any standby in rotation."""
+        ...
+
     def identity_crops(self, identity_ids: list[str]) -> dict[str, list[tuple[int, bytes | None, float]]]:
         """identity id -> its faces in face-id order, each (face id, sealed crop or None when the face has
         none, when it was enrolled), for the ids that exist (others are absent): the migration's batched

@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from ..access.policy import Permission
 from ..errors import ErrorCode, ServiceError
 from ..gallery.api import COLLECTION_NAME_PATTERN, AliasInfo, AliasNotFound, CollectionExists, CollectionNotFound
+from ..jobs.migrate import unfinished_message, unfinished_migration_into
 from .deps import ActorDep, StateDep, allow
 from .payload import StrictRoute
 from .schemas import AliasList, AliasOut, AliasSet, ErrorResponse
@@ -36,7 +37,13 @@ async def set_alias(name: AliasName, body: AliasSet, state: StateDep, actor: Act
     """Creates the alias, or re-points it: one atomic write, so each request through it is served by
     the old collection or by the new one, never by neither. Audited (`alias.set`, with the previous
     target). 404 `collection_not_found` for a target that is no collection (an alias cannot point at
-    an alias); 409 `collection_exists` when a collection has the alias's name."""
+    an alias); 409 `collection_exists` when a collection has the alias's name; 409
+    `migration_unfinished` when the target is the new collection of a migration that is not done
+    (running, failed or cancelled: half-copied, and the job would overwrite writes made through the alias)."""
+    job = await run_in_threadpool(unfinished_migration_into, state.galleries, body.collection)
+    if job is not None:
+        raise ServiceError(ErrorCode.migration_unfinished, unfinished_message(job), collection=body.collection,
+                           job_id=job.job_id, state=job.state)
     try:
         info = await run_in_threadpool(state.galleries.set_alias, name, body.collection, actor)
     except CollectionNotFound:

@@ -47,6 +47,16 @@ foreground):
    do (``fenced_mode``: ``changes`` or ``full``, with ``fenced_s`` in the job's stored progress and
    the log; bench/migration_fence.py measures it).
 
+Each pass (the copy, every catch-up pass, the comparison, and the check of A's crops at the start)
+reads with a floor, ``GalleryBackend.read_floor``: with PostgreSQL standbys the primary's WAL position
+at the pass's start (the job runs without a client's token: unfloored, its reads would go to any standby
+in rotation, up to FACE_DATABASE_MAX_LAG_MS behind, and miss writes answered before the pass). A pass
+syncs the identities that lose faces in B before those that gain some (``_shrinking_first``): B takes
+A's ``max_faces``, and in id order a grown identity synced before a shrunk one would need more room
+than A ever held. No alias may point at B until the job is done (PUT /aliases: 409
+``migration_unfinished``); should one point there anyway, the job fails with that code before its next
+write of B rather than overwrite or delete what clients wrote through it (``_check_unaliased``).
+
 A face of A without a crop (a collection made without ``keep_crops``, or faces enrolled before) is
 ``no_source_crops``: nothing to re-embed from (re-enroll from folders instead).
 """
@@ -66,7 +76,7 @@ from ..gallery.crops import CropCipher, CropsUnavailable, decode_crop
 from ..gallery.results import IdentityRecord
 from ..model.runtime import EmbeddingModel
 from .compare import compare_collections
-from .store import JobRecord, JobRunning, new_job_id
+from .store import MIGRATE, JobRecord, JobRunning, new_job_id
 
 log = logging.getLogger(__name__)
 
@@ -129,9 +139,32 @@ def no_source_crops(collection: str) -> str:
 
 
 def check_source(source: GalleryBackend) -> None:
-    """Raise JobFailed(no_source_crops) unless every face of ``source`` has a kept crop."""
-    if not source.keep_crops or source.crop_count() < source.stats().faces:
+    """Raise JobFailed(no_source_crops) unless every face of ``source`` has a kept crop. The faces are
+    counted first (the primary's), the crops then with that moment as the read's floor (a standby
+    that lags would count fewer crops than the primary has faces)."""
+    if not source.keep_crops:
         raise JobFailed(ErrorCode.no_source_crops, no_source_crops(source.name))
+    faces = source.stats().faces
+    with source.read_floor():
+        crops = source.crop_count()
+    if crops < faces:
+        raise JobFailed(ErrorCode.no_source_crops, no_source_crops(source.name))
+
+
+def unfinished_migration_into(galleries: Galleries, collection: str) -> JobRecord | None:
+    """The newest migrate job whose new collection is ``collection``, when it is not ``done`` (creating,
+    queued, running, failed, cancelled); None otherwise. ``done`` is final, and a job's ``into`` is a
+    collection it created: a None here stays None."""
+    found = [job for state in ("creating", None) for job in galleries.list_jobs(state=state, limit=10_000)
+             if job.kind == MIGRATE and job.into == collection]
+    newest = max(found, key=lambda job: (job.created_at, job.job_id), default=None)
+    return None if newest is None or newest.state == "done" else newest
+
+
+def unfinished_message(job: JobRecord) -> str:
+    return (f"collection {job.into!r} is the new collection of migration {job.job_id} ({job.state}): an alias may "
+            "point at it once the job is done (resume a failed or cancelled one, or delete the collection); "
+            "before, its clients would be served a half-copied gallery whose writes the job overwrites")
 
 
 def start_migration(galleries: Galleries, collection: str, model: str, model_id: str, dim: int, into: str,
@@ -190,10 +223,13 @@ def queue(galleries: Galleries, job: JobRecord, actor: Actor | None) -> JobRecor
     return stored
 
 
-def _same_count(target: GalleryBackend, record: IdentityRecord) -> bool:
-    """B has this identity of A with as many faces."""
-    mirrored = target.get_identity(record.identity_id)
-    return mirrored is not None and mirrored.record.face_count == record.face_count
+def _shrinking_first(records: list[IdentityRecord], in_b: dict[str, int]) -> list[IdentityRecord]:
+    """Identities of A to sync, those that lose faces in B first, then those that keep their count,
+    then those that gain (``in_b``: B's face count of each it has), each group in id order: synced in
+    id order, one that grew in A (a_x) before one that shrank (a_y) would make B need more room than A
+    ever held, failing ``too_many_faces_for_collection`` against the max_faces B took from A."""
+    return sorted(records, key=lambda r: (r.face_count - in_b.get(r.identity_id, 0) > 0,
+                                          r.face_count - in_b.get(r.identity_id, 0) >= 0, r.identity_id))
 
 
 def iter_identities(gallery: GalleryBackend, after: str | None = None) -> Iterator[IdentityRecord]:
@@ -269,6 +305,7 @@ class Migration:
         """Sync these identities of A as listed (one A no longer has is deleted from B) in batches;
         faces synced."""
         batch, faces = _Batch(), 0
+        self._check_unaliased(target)
         crops_of = self._read(source, records)
         for record in records:
             faces_of = crops_of.get(record.identity_id)
@@ -287,6 +324,17 @@ class Migration:
             faces += batch.faces
         return faces
 
+    def _check_unaliased(self, target: GalleryBackend) -> None:
+        """JobFailed ``migration_unfinished`` when an alias points at B: clients would write to B, and
+        this job's syncs (A's identities as they are: replaced, deleted where A lacks them) would erase
+        what they wrote. PUT /aliases refuses it while the job is not done; this is the second guard
+        (an alias set otherwise), checked before each write of B."""
+        aliases = sorted(a.name for a in self.galleries.list_aliases() if a.collection == target.name)
+        if aliases:
+            raise JobFailed(ErrorCode.migration_unfinished, f"alias {aliases[0]!r} points at {target.name!r}, the "
+                            "new collection of this unfinished migration: the job stops rather than overwrite what "
+                            "was written through it. Point the alias back at the source, then resume the job")
+
     # --- the phases --------------------------------------------------------------------------
     def _checkpoint(self, **progress: object) -> None:
         self.progress.update(progress)
@@ -300,6 +348,10 @@ class Migration:
             raise JobStopped(self.job.job_id)
 
     def copy(self, source: GalleryBackend, target: GalleryBackend) -> None:
+        with source.read_floor():  # what was committed before the copy began (a lagging standby has less)
+            self._copy(source, target)
+
+    def _copy(self, source: GalleryBackend, target: GalleryBackend) -> None:
         stats = source.stats()
         self._checkpoint(phase="copy", identities_total=stats.identities, faces_total=stats.faces)
         cursor = self.job.cursor
@@ -332,17 +384,26 @@ class Migration:
         return total
 
     def _pass(self, source: GalleryBackend, target: GalleryBackend) -> int:
-        """One catch-up pass: list A and B, sync what differs; how many identities it synced or deleted."""
+        """One catch-up pass: list A and B, sync what differs; how many identities it synced or deleted.
+        Its reads see every write committed before it began (``read_floor``: never a lagging standby's
+        older A). B loses faces before it gains any (``_shrinking_first``): with A's max_faces, B never
+        needs more room than A held."""
+        with source.read_floor():
+            return self._listed_pass(source, target)
+
+    def _listed_pass(self, source: GalleryBackend, target: GalleryBackend) -> int:
         since = self.job.created_at - SLACK_S
         self.pass_started = time.time()
         in_a = {r.identity_id: r for r in iter_identities(source)}
         in_b = {r.identity_id: r.face_count for r in iter_identities(target)}
-        stale = [r for i, r in in_a.items()
-                 if i not in in_b or in_b[i] != r.face_count
-                 or (r.updated_at >= since and self.synced.get(i) != r.updated_at)]
+        stale = _shrinking_first([r for i, r in in_a.items()
+                                  if i not in in_b or in_b[i] != r.face_count
+                                  or (r.updated_at >= since and self.synced.get(i) != r.updated_at)], in_b)
         gone = [i for i in in_b if i not in in_a]
         if not stale and not gone:
             return 0
+        if gone:
+            self._check_unaliased(target)
         for identity_id in gone:
             target.delete(identity_id)
         for start in range(0, len(stale), PAGE):
@@ -404,16 +465,25 @@ class Migration:
         gone = 0
         present = source.identity_crops(sorted(identity_ids)).keys()  # one query: which of them A still has
         absent = identity_ids - present
-        for identity_id in sorted(target.identity_crops(sorted(absent)).keys()):  # those B still has
+        lingering = sorted(target.identity_crops(sorted(absent)).keys())  # those B still has
+        if lingering:
+            self._check_unaliased(target)
+        for identity_id in lingering:
             if target.delete(identity_id) is not None:
                 gone += 1
         for identity_id in absent:
             self.synced.pop(identity_id, None)
+        in_b: dict[str, int] = {}
         for identity_id in sorted(present):
             details = source.get_identity(identity_id)
-            if details is not None and (self.synced.get(identity_id) != details.record.updated_at
-                                        or not _same_count(target, details.record)):
+            if details is None:
+                continue
+            mirrored = target.get_identity(identity_id)
+            if mirrored is not None:
+                in_b[identity_id] = mirrored.record.face_count
+            if self.synced.get(identity_id) != details.record.updated_at or in_b.get(identity_id) != details.record.face_count:
                 stale.append(details.record)
+        stale = _shrinking_first(stale, in_b)
         for start in range(0, len(stale), PAGE):
             self._sync(source, target, stale[start:start + PAGE])
         return len(stale) + gone
@@ -423,7 +493,8 @@ class Migration:
         if not self.compare:
             return None
         self._checkpoint(phase="compare")
-        return compare_collections(source, target).as_dict()
+        with source.read_floor():
+            return compare_collections(source, target).as_dict()
 
     def run(self) -> dict | None:
         """Copy, catch up, compare, the fenced pass and ``finish``; returns the report. JobFailed /

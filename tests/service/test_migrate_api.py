@@ -303,3 +303,74 @@ def test_a_kept_crop_that_does_not_open_fails_the_job_as_collection_damaged(setu
         assert "Traceback" not in log, log[-3000:]
     finally:
         server.stop()
+
+
+def test_an_alias_cannot_point_at_the_target_of_an_unfinished_migration(setup):
+    """PUT /aliases at a migration's new collection while its job runs (or is cancelled or failed) is 409
+    `migration_unfinished`: clients would be switched to a half-copied gallery, and the job's catch-up
+    would delete from it what the old collection lacks (an enrollment acknowledged through the alias).
+    Once the job is done the same PUT switches, and a write through the alias stays."""
+    _, data_dir, env = setup
+    server = ServerProcess(data_dir, env=env)
+    try:
+        server.wait_ready()
+        with httpx.Client(base_url=server.url, timeout=120) as c:
+            assert c.post("/collections", json={"name": "people-v1", "keep_crops": True}).status_code == 201
+            for i in range(60):
+                enroll(c, "people-v1", f"p{i:03d}", [FACES[i % len(FACES)]])
+            assert c.put("/aliases/people", json={"collection": "people-v1"}).status_code == 200
+            r = c.post("/collections/people/migrate", json={"model": "tiny", "into": "people-v2", "batch_size": 1})
+            assert r.status_code == 202, r.text
+            job_id = r.json()["job"]["id"]
+            flip = c.put("/aliases/people", json={"collection": "people-v2"})
+            assert c.get(f"/jobs/{job_id}").json()["state"] in ("queued", "running")  # it was unfinished
+            assert error(flip) == (409, "migration_unfinished"), flip.text
+            details = flip.json()["error"]["details"]
+            assert details["job_id"] == job_id and details["collection"] == "people-v2"
+            assert error(c.put("/aliases/other", json={"collection": "people-v2"})) == (409, "migration_unfinished")
+            assert c.get("/aliases/people").json()["collection"] == "people-v1"  # unchanged
+            assert c.get("/aliases/other").status_code == 404
+            cancelled = c.post(f"/jobs/{job_id}/cancel")
+            assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled", cancelled.text
+            assert error(c.put("/aliases/people", json={"collection": "people-v2"})) == (409, "migration_unfinished")
+            assert c.post(f"/jobs/{job_id}/resume").status_code == 200
+            assert wait_for(c, job_id)["state"] == "done"
+            assert c.put("/aliases/people", json={"collection": "people-v2"}).status_code == 200
+            enroll(c, "people", "after_switch", [FACES[5]])
+            assert "after_switch" in identities(c, "people-v2")
+    finally:
+        server.stop()
+
+
+def test_a_source_at_its_max_faces_migrates_while_one_identity_shrinks_and_another_grows(setup):
+    """The target gets the source's max_faces: a catch-up that synced identities in id order would
+    grow one (a_x) before shrinking the other (a_y), needing more room than the source ever held
+    (too_many_faces_for_collection, again on resume). Shrinking ones go first."""
+    _, data_dir, env = setup
+    server = ServerProcess(data_dir, env=env)
+    try:
+        server.wait_ready()
+        with httpx.Client(base_url=server.url, timeout=120) as c:
+            limit = 20 + 150
+            assert c.post("/collections", json={"name": "v1", "keep_crops": True, "max_faces": limit}).status_code == 201
+            enroll(c, "v1", "a_x", FACES[0:10])
+            enroll(c, "v1", "a_y", FACES[10:20])
+            for i in range(150):  # enough for the job to be copying still when the writes are answered
+                enroll(c, "v1", f"f{i:03d}", [FACES[i % len(FACES)]])
+            r = c.post("/collections/v1/migrate", json={"model": "tiny", "into": "v2", "batch_size": 1})
+            assert r.status_code == 202, r.text
+            job_id = r.json()["job"]["id"]
+            job = wait_for(c, job_id, states=("running",))
+            while job["progress"].get("identities_done", 0) < 3 and job["state"] == "running":
+                job = c.get(f"/jobs/{job_id}").json()
+            y = c.get("/collections/v1/identities/a_y").json()
+            shrunk = c.post("/collections/v1/faces/delete", json={"face_ids": [f["face_id"] for f in y["faces"]][:8]})
+            assert shrunk.status_code == 200, shrunk.text
+            enroll(c, "v1", "a_x", FACES[20:28])  # the source stays at its limit
+            assert c.get("/collections/v1").json()["faces"] == limit
+            assert c.get(f"/jobs/{job_id}").json()["state"] == "running"  # the writes came during the copy
+            done = wait_for(c, job_id)
+            assert done["state"] == "done", done
+            assert identities(c, "v2") == identities(c, "v1") and identities(c, "v2")["a_x"] == 18
+    finally:
+        server.stop()

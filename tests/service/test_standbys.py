@@ -476,3 +476,75 @@ def test_damaged_data_on_a_standby_is_read_from_the_primary(tmp_path, default_mo
             server.stop()
     finally:
         primary.close()
+
+
+def test_a_migration_reads_what_was_acknowledged_before_it_despite_a_lagging_standby(cluster, tmp_path, default_model):
+    """A standby in rotation that applies commits 15 s late (within a FACE_DATABASE_MAX_LAG_MS of 60 s):
+    the migration job (a background thread, no client token) reads with the primary's WAL position at
+    each pass's start as its floor. Without it, the start compared the standby's crop count with the
+    primary's face count (409 `no_source_crops` for a valid job after an enroll), and a delete and a
+    metadata change acknowledged 11 s before the job (past the fenced pass's look-back) were missing
+    from the new collection when the job said done."""
+    import subprocess
+    import sys
+
+    from harness.fixtures import FIXTURES
+    from harness.models import tiny_model
+    from harness.server import REPO
+
+    faces = sorted((FIXTURES / "faces").glob("*.jpg"))
+    primary, standby = cluster
+    key = tmp_path / "crop.key"
+    made = subprocess.run([sys.executable, "-m", "service", "crop-key", "new", str(key)], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    tiny = tiny_model(tmp_path / "tiny.onnx", dim=64)
+    server = ServerProcess(tmp_path / "data", env={
+        "FACE_DATABASE_URL": primary.url, "FACE_DATABASE_SCHEMA": PgTestServer.fresh_schema(),
+        "FACE_DATABASE_READ_URLS": standby.url, "FACE_DATABASE_LAG_CHECK_MS": "100",
+        "FACE_DATABASE_MAX_LAG_MS": "60000", "FACE_DATABASE_READ_WAIT_MS": "200",
+        "FACE_MODELS": f"sface={default_model},tiny={tiny}", "FACE_ENROLL_HUB_ALPHA": "0",
+        "FACE_CROP_KEY_FILE": str(key), "FACE_JOB_STALE_S": "2"})
+
+    def put(c: httpx.Client, identity: str, files) -> httpx.Response:
+        r = c.post("/collections/people-v1/enroll", json={"identity_id": identity, "images": [b64(f) for f in files]})
+        assert r.status_code == 200, r.text
+        return r
+
+    try:
+        server.wait_ready()
+        with httpx.Client(base_url=server.url, timeout=120) as c:
+            wait_rotation(c, cluster, True)
+            assert c.post("/collections", json={"name": "people-v1", "keep_crops": True}).status_code == 201
+            for i in range(20):
+                put(c, f"p{i:03d}", [faces[i]])
+            time.sleep(1)  # replayed on the standby
+            standby.apply_delay(15000)
+            try:
+                time.sleep(1)
+                assert c.delete("/collections/people-v1/identities/p005").status_code == 200
+                patched = c.patch("/collections/people-v1/identities/p006", json={"metadata": {"badge": "revoked"}})
+                assert patched.status_code == 200, patched.text
+                time.sleep(11)  # past the fenced pass's look-back (FENCE_LOOKBACK_S)
+                put(c, "late", faces[20:23])  # 3 faces the standby has not applied
+                c.cookies.clear()
+                assert in_rotation(c, cluster)
+                r = c.post("/collections/people-v1/migrate", json={"model": "tiny", "into": "people-v2"})
+                assert r.status_code == 202, r.text
+                job_id = r.json()["job"]["id"]
+                deadline = time.monotonic() + 180
+                while (job := c.get(f"/jobs/{job_id}").json())["state"] not in ("done", "failed", "cancelled"):
+                    assert time.monotonic() < deadline, job
+                    time.sleep(0.1)
+                assert job["state"] == "done", job
+            finally:
+                standby.apply_delay(0)
+            token = put(c, "marker", [faces[25]]).headers[TOKEN]  # a write after the job's: read at least that
+            c.cookies.clear()
+            read = {TOKEN: token}
+            assert c.get("/collections/people-v2/identities/p005", headers=read).status_code == 404
+            assert c.get("/collections/people-v2/identities/p006", headers=read).json()["metadata"] == {"badge": "revoked"}
+            assert c.get("/collections/people-v2/identities/late", headers=read).json()["face_count"] == 3
+            assert c.get("/collections/people-v2", headers=read).json()["faces"] == 22
+    finally:
+        server.stop()

@@ -131,6 +131,10 @@ class EmbeddedGallery:
         with self._fence.write():
             yield
 
+    @contextmanager
+    def read_floor(self) -> Iterator[None]:
+        yield  # one process reads what is committed
+
     def expired_faces(self, enrolled_before: float, limit: int) -> list[int]:
         return self.gallery.expired_faces(enrolled_before, limit)
 

@@ -987,6 +987,10 @@ class _CollectionHandle:
         with self._owner.fence(self.name).write():
             yield
 
+    @contextmanager
+    def read_floor(self) -> Iterator[None]:
+        yield  # one process reads what is committed
+
     def identity_crops(self, identity_ids: list[str]) -> dict[str, list[tuple[int, bytes | None, float]]]:
         return self._run(lambda g: g.identity_crops(identity_ids))
 

@@ -1425,6 +1425,21 @@ class SearchPlan:
     own_index: bool = False  # through the collection's own HNSW index (OWN_HNSW_SQL)
 
 
+def _wal_position(conn: psycopg.Connection) -> int:
+    """The primary's current WAL position (``conn``: a primary's)."""
+    return consistency.parse_lsn(_one(conn.execute("SELECT pg_current_wal_lsn()::text"))[0])
+
+
+@contextmanager
+def _reads_after(lsn: int) -> Iterator[None]:
+    """The reads of the block (this thread) see ``lsn`` at least (consistency.py)."""
+    token = consistency.begin(consistency.ReadAfter(required=lsn))
+    try:
+        yield
+    finally:
+        consistency.end(token)
+
+
 class PostgresGallery:
     """One collection of a :class:`PostgresGalleries` (the gallery backend the API serves): its
     identities and faces are the rows with its collection id; it shares the pools and the HNSW index
@@ -2154,16 +2169,33 @@ class PostgresGallery:
         (consistency.py), never to one that lags."""
         with self._connection() as conn:
             conn.execute("SELECT pg_advisory_lock(%s)", (self.fence_key,))
-            token = None
             try:
-                if self.galleries._standbys is not None:  # noqa: SLF001
-                    lsn = consistency.parse_lsn(_one(conn.execute("SELECT pg_current_wal_lsn()::text"))[0])
-                    token = consistency.begin(consistency.ReadAfter(required=lsn))
-                yield
+                with self._floor_from(conn):
+                    yield
             finally:
-                if token is not None:
-                    consistency.end(token)
                 conn.execute("SELECT pg_advisory_unlock(%s)", (self.fence_key,))
+
+    @contextmanager
+    def read_floor(self) -> Iterator[None]:
+        """api.GalleryBackend.read_floor: with standbys, the primary's WAL position now is the floor of
+        the block's reads (and its writes raise it: consistency.note_write), as in ``write_fence``; the
+        connection that read it is back in its pool before the block."""
+        if self.galleries._standbys is None:  # noqa: SLF001
+            yield
+            return
+        with self._connection() as conn:
+            lsn = _wal_position(conn)
+        with _reads_after(lsn):
+            yield
+
+    @contextmanager
+    def _floor_from(self, conn: psycopg.Connection) -> Iterator[None]:
+        """With standbys: reads in the block see the primary's WAL position as read on ``conn`` now."""
+        if self.galleries._standbys is None:  # noqa: SLF001
+            yield
+            return
+        with _reads_after(_wal_position(conn)):
+            yield
 
     def identity_crops(self, identity_ids: list[str]) -> dict[str, list[tuple[int, bytes | None, float]]]:
         """identity id -> [(face id, sealed crop or None, enrolled at)] in face-id order: one query for all of them
