@@ -26,7 +26,7 @@ from ..gallery.hygiene.duplicates import (
 )
 from ..gallery.hygiene.outliers import OutlierScan, find_outliers
 from ..jobs.migrate import JobFailed
-from ..jobs.scan import DUPLICATES, OUTLIERS, Scan, start_scan
+from ..jobs.scan import DUPLICATES, OUTLIERS, Scan, of_its_collection, start_scan
 from ..jobs.store import JobRecord
 from ..state import ServiceState
 from .deps import ActorDep, CollectionDep, StateDep, allow
@@ -111,7 +111,8 @@ async def _start_scan_job(state: ServiceState, gallery: GalleryBackend, actor: A
 async def _scan_job(state: ServiceState, gallery: GalleryBackend, kind: str, job_id: str) -> Job:
     """A scan job of ``kind`` of this collection: any other job is 404, so a scoped key reads its own only."""
     job = await run_in_threadpool(state.galleries.get_job, job_id)
-    if job is None or job.kind != kind or job.collection != gallery.name or job.state == "creating":
+    if (job is None or job.kind != kind or job.collection != gallery.name or job.state == "creating"
+            or not await run_in_threadpool(of_its_collection, state.galleries, job)):  # (not one made anew)
         raise ServiceError(ErrorCode.job_not_found, f"no {kind} scan {job_id!r} of this collection",
                            job_id=job_id[:64])
     return job_out(job)

@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from ..access.policy import Permission
 from ..errors import ErrorCode, ServiceError
 from ..jobs.migrate import JobFailed, start_migration
-from ..jobs.scan import SCANS
+from ..jobs.scan import INCARNATION, SCANS
 from ..jobs.store import FINISHED_STATES, STATES, JobRecord, JobRunning
 from .deps import ActorDep, StateDep, allow, resolve_collection
 from .payload import StrictRoute
@@ -35,7 +35,7 @@ def job_out(job: JobRecord) -> Job:
         "id": job.job_id, "kind": job.kind, "state": job.state, "collection": job.collection, "into": job.into,
         "model": job.model, "model_id": job.model_id, "source_model_id": job.source_model_id, "shadow": job.shadow,
         "progress": {"phase": "copy", "identities_done": 0, "identities_total": 0, "faces_done": 0,
-                     "faces_total": 0, **{k: v for k, v in job.progress.items() if k != "params"}},
+                     "faces_total": 0, **{k: v for k, v in job.progress.items() if k not in ("params", INCARNATION)}},
         "created_at": job.created_at, "updated_at": job.updated_at, "finished_at": job.finished_at,
         "started_by": job.started_by, "error": job.error, "report": None if scan else job.report,
         **({job.kind: job.report} if scan else {})})

@@ -33,7 +33,7 @@ from ..gallery.api import CatalogDamaged, CollectionDamaged, CollectionNotFound,
 from ..gallery.crops import CropAuthenticationFailed
 from ..model.registry import ModelRegistry
 from .migrate import Embed, JobFailed, JobStopped, Migration, model_embed
-from .scan import Scan
+from .scan import Scan, of_its_collection
 from .store import MIGRATE, JobRecord
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,9 @@ def run_scan(galleries: Galleries, scan: Scan, job: JobRecord, on_done: Callable
     started = time.perf_counter()
     try:
         log.info("job started", extra={"job": job.job_id, "kind": job.kind, "collection": job.collection})
+        _same_collection(galleries, job)
         report = scan(job)
+        _same_collection(galleries, job)  # (not one deleted while it was scanned, nor made anew)
         now = time.time()
         faces = int(report.get("faces_scanned", 0))
         progress = {**job.progress, "phase": "done", "faces_done": faces, "faces_total": faces,
@@ -134,6 +136,13 @@ def run_scan(galleries: Galleries, scan: Scan, job: JobRecord, on_done: Callable
     finally:
         ticker()
     return _ended(galleries, job, on_done)
+
+
+def _same_collection(galleries: Galleries, job: JobRecord) -> None:
+    """JobFailed ``collection_not_found`` unless the scan job's collection is the one it was queued on."""
+    if not of_its_collection(galleries, job):
+        raise JobFailed(ErrorCode.collection_not_found,
+                        f"collection {job.collection!r} was deleted (or made anew under its name) since the scan was queued")
 
 
 def _fail(galleries: Galleries, job: JobRecord, exc: Exception, progress: dict | None = None) -> None:

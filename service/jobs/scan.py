@@ -28,6 +28,10 @@ SCANS = (DUPLICATES, OUTLIERS)  # the kinds of scan job (a migration is kind MIG
 
 # runs a scan job's work (the job as stored: its collection, its progress["params"]); returns the report
 Scan = Callable[[JobRecord], dict[str, Any]]
+# in a scan job's progress: when the collection it scans was made. A collection deleted and made again
+# under its name is another one (on the embedded backend its face ids start again at 1, naming other
+# people): the scan is not its own (of_its_collection)
+INCARNATION = "collection_created_at"
 
 
 def start_scan(galleries: Galleries, kind: str, collection: str, model: str, params: dict[str, Any],
@@ -36,11 +40,22 @@ def start_scan(galleries: Galleries, kind: str, collection: str, model: str, par
     the write that queues it. JobFailed ``collection_not_found`` / ``job_running``; nothing stays then."""
     try:
         source = galleries.collection(collection)
+        made = galleries.collection_info(collection).created_at
     except CollectionNotFound:
         raise JobFailed(ErrorCode.collection_not_found, f"no collection named {collection!r}") from None
     job = JobRecord(job_id=new_job_id(), kind=kind, collection=collection, into="", model=model,
                     model_id=source.model_id, source_model_id=source.model_id, state="creating", batch_size=0,
-                    progress={"phase": "scan", "params": params},
+                    progress={"phase": "scan", "params": params, INCARNATION: made},
                     started_by=actor.key_id if actor is not None else None)
     reserve(galleries, job, "wait for it (a scan cannot be cut short)")
     return queue(galleries, job, actor)
+
+
+def of_its_collection(galleries: Galleries, job: JobRecord) -> bool:
+    """Whether the collection named by the scan job is still the one it was queued on (not deleted, nor
+    made again under its name since). A job stored before INCARNATION was kept counts as its own."""
+    made = job.progress.get(INCARNATION)
+    try:
+        return made is None or galleries.collection_info(job.collection).created_at == made
+    except CollectionNotFound:
+        return False

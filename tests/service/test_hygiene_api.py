@@ -342,3 +342,26 @@ def test_the_outliers_scan_as_a_job_answers_what_the_request_answers(planted: Pl
     assert r.status_code == 404 and r.json()["error"]["code"] == "collection_not_found", r.text
     kinds = [j["kind"] for j in client.get("/jobs", params={"collection": COLLECTION}).json()["items"]]
     assert kinds.count("outliers") == 2
+
+
+def test_a_scan_of_a_deleted_collection_is_not_read_through_one_made_anew_under_its_name(planted: Planted):
+    """A done duplicates scan names faces by id; once its collection is deleted and another is made under
+    the same name (on the embedded backend its face ids start again at 1: the ids name other people), the
+    scan is no longer read through that name: 404 ``job_not_found``, never the old answer."""
+    client = planted.client
+    name = "hyg-again"
+    assert client.post("/collections", json={"name": name}).status_code == 201
+    agassi = crops("Andre_Agassi")
+    for identity, images in (("agassi-a", agassi[:2]), ("agassi-b", agassi[2:4])):
+        assert enroll(client, identity, images, collection=name).status_code == 200
+    r = client.post(f"/collections/{name}/duplicates/jobs", json={"min_score": 0.3})
+    assert r.status_code == 202, r.text
+    url = f"/collections/{name}/duplicates/jobs/{r.json()['job']['id']}"
+    assert wait_for(client, url)["duplicates"]["pairs"]
+    assert client.delete(f"/collections/{name}").status_code == 200
+    assert client.post("/collections", json={"name": name}).status_code == 201
+    for person in BASE[:3]:
+        assert enroll(client, ident(person), crops(person)[:2], collection=name).status_code == 200
+    r = client.get(url)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "job_not_found", r.text
+    assert client.post(f"/collections/{name}/duplicates/jobs", json={}).status_code == 202  # a new scan runs
