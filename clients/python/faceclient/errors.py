@@ -84,7 +84,7 @@ _FAMILIES: dict[type[FaceServiceError], tuple[str, ...]] = {
                     "face_not_found", "model_not_found", "job_not_found", "crop_not_kept"),
     ConflictError: ("collection_exists", "collection_protected", "collection_in_use", "crops_required",
                     "crop_key_missing", "possible_duplicate", "no_source_crops", "job_running", "job_finished",
-                    "identity_exists", "identity_changed"),
+                    "identity_exists", "identity_changed", "migration_unfinished"),
     AuthError: ("unauthorized", "forbidden", "cross_origin_refused"),
     RateLimitedError: ("rate_limited",),
     UnavailableError: ("gallery_loading", "gallery_unavailable", "model_not_ready", "overloaded",

@@ -73,6 +73,7 @@ const ERROR_MESSAGES = {
   crop_not_kept: "No crop is kept of this face: its collection keeps none (made without keep_crops), or the face was imported without one.",
   no_source_crops: "This collection has faces without a kept crop, so it cannot be re-embedded: enroll its people again from their photos into the new collection.",
   job_running: "A job of this collection is already queued or running: wait for it or cancel it.",
+  migration_unfinished: "That collection is the new one of a migration not yet done: point the alias at it once the migration is done.",
   job_not_found: "No job with this id exists.",
   job_finished: "This job has already finished.",
   invalid_collection_name: "This collection name is not allowed (lower-case letters, digits, \"-\" and \"_\", up to 63, starting with a letter or digit).",
