@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import ssl
@@ -21,10 +22,33 @@ REPO = Path(__file__).resolve().parents[1]
 MODEL_CACHE = REPO / ".cache" / "models"
 
 
+_handed_out: set[int] = set()  # the ports free_port gave in this process
+# where free_port looks: below Linux's ephemeral range (ip_local_port_range, 32768-60999 by default), so
+# that no outgoing connection's own port takes one between its choice and its bind
+PORTS = range(10000, 32768)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port for a server to bind. A server binds its port only once started (the model loaded),
+    seconds after the port was chosen: meanwhile another test process (pytest-xdist) could be given the
+    same port, and its client would then talk to the first server that binds it (CI once saw a test's
+    server answered by another test's). So each worker takes only its own ports (the port modulo the
+    number of workers is its number; chosen here at random: the kernel's own choice for a bind to port 0
+    is always odd), and one process never takes a port twice."""
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    mine = (int(worker[2:]) if worker[2:].isdigit() else 0) % count
+    while True:
+        port = random.randrange(PORTS.start + (mine - PORTS.start) % count, PORTS.stop, count)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # taken
+        _handed_out.add(port)
+        return port
 
 
 class ServerProcess:

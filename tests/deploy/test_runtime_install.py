@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -26,15 +25,10 @@ import httpx
 import pytest
 
 from tests.deploy.dockerfile import REPO, Dockerfile, Stage, parse_dockerfile, run_mounts
+from tests.server import free_port
 
 CI_EXTRA = "cpu"
 INSTALL_TIMEOUT_S = 600
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ImageReplay:
@@ -137,7 +131,7 @@ def test_installed_runtime_is_the_package_without_tensorflow(image):
 def test_server_from_the_installed_runtime_becomes_ready(image):
     replay, stage = image
     env = replay.env(stage)
-    env["FACE_PORT"] = str(_free_port())
+    env["FACE_PORT"] = str(free_port())
     env["FACE_HOST"] = "127.0.0.1"
     env["FACE_INTRA_OP_THREADS"] = "2"
     entrypoint = stage.all("ENTRYPOINT")[-1].exec_form()
