@@ -5,6 +5,8 @@ and revoked) and the Audit page (filters, More), on both gallery backends."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 import numpy as np
@@ -49,6 +51,22 @@ def shown(console: Console, page: str) -> bool:
 def rows(console: Console, table: str) -> list[str]:
     """The ids of a table's rows, read in one go (the page replaces them while it loads)."""
     return console.js(f"return [...document.querySelectorAll('#{table} tbody tr')].map(r => r.dataset.id)")
+
+
+@contextmanager
+def slow_network(console: Console, latency_ms: int = 1000) -> Iterator[None]:
+    """Every request of the page answered ``latency_ms`` late for the block (Chromium's own throttling,
+    through CDP): a key switch's requests are still under way when the test acts."""
+    driver = console.driver
+    driver.execute_cdp_cmd("Network.enable", {})
+    driver.execute_cdp_cmd("Network.emulateNetworkConditions", {
+        "offline": False, "latency": latency_ms, "downloadThroughput": -1, "uploadThroughput": -1})
+    try:
+        yield
+    finally:
+        driver.execute_cdp_cmd("Network.emulateNetworkConditions", {
+            "offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1})
+        driver.execute_cdp_cmd("Network.disable", {})
 
 
 def switched(console: Console, role: str) -> bool:
@@ -299,11 +317,7 @@ def test_a_page_chosen_while_use_this_key_now_switches_stays_chosen(console, api
     console.find("keys-create").click()
     console.wait(lambda: console.find("keys-secret").is_displayed(), "no secret shown")
     key_id = console.text("keys-secret-id")
-    driver = console.driver
-    driver.execute_cdp_cmd("Network.enable", {})
-    driver.execute_cdp_cmd("Network.emulateNetworkConditions", {
-        "offline": False, "latency": 1000, "downloadThroughput": -1, "uploadThroughput": -1})
-    try:
+    with slow_network(console):
         console.find("keys-secret-use").click()
         console.wait(lambda: console.js("return document.body.dataset.switching") == "true", "no switch under way")
         assert console.js("return document.body.dataset.role") == "admin"  # shown at the switch's end only
@@ -314,13 +328,9 @@ def test_a_page_chosen_while_use_this_key_now_switches_stays_chosen(console, api
         console.wait(lambda: rows(console, "gallery-table") == ["seen-after-switch"], "the gallery is not drawn")
         assert console.find("page-gallery").is_displayed() and not console.find("page-try").is_displayed()
         assert console.wait_text("gallery-status", "1 identity shown")
-        row = driver.find_element("css selector", "#gallery-table tr[data-id='seen-after-switch']")
+        row = console.driver.find_element("css selector", "#gallery-table tr[data-id='seen-after-switch']")
         assert [b.text for b in row.find_elements("css selector", "button")] == ["Faces"]  # a read key's row
         assert key_id in console.text("whoami")
-    finally:
-        driver.execute_cdp_cmd("Network.emulateNetworkConditions", {
-            "offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1})
-        driver.execute_cdp_cmd("Network.disable", {})
 
 
 def test_a_page_chosen_once_the_api_key_prompt_switched_is_drawn_once(console, api):
@@ -338,11 +348,7 @@ def test_a_page_chosen_once_the_api_key_prompt_switched_is_drawn_once(console, a
     console.find("key-button").click()
     console.use_key(read_secret)
     console.wait(lambda: switched(console, "read"), "the read key is not in use")
-    driver = console.driver
-    driver.execute_cdp_cmd("Network.enable", {})
-    driver.execute_cdp_cmd("Network.emulateNetworkConditions", {
-        "offline": False, "latency": 1000, "downloadThroughput": -1, "uploadThroughput": -1})
-    try:
+    with slow_network(console):
         console.find("key-button").click()
         console.use_key(KEY)
         console.wait(lambda: switched(console, "admin"), "the admin key is not back")
@@ -351,7 +357,7 @@ def test_a_page_chosen_once_the_api_key_prompt_switched_is_drawn_once(console, a
                    ".observe(document.querySelector('#keys-table tbody'), { childList: true })")
         console.go("keys")
         console.wait(lambda: held_id in rows(console, "keys-table"), "the key is not listed")
-        revoke = driver.find_element("css selector", f"#keys-table tr[data-id='{held_id}'] button")
+        revoke = console.driver.find_element("css selector", f"#keys-table tr[data-id='{held_id}'] button")
         time.sleep(2.5)  # longer than two slowed round trips: any second drawing has come by now
         try:
             revoke.click()
@@ -361,10 +367,6 @@ def test_a_page_chosen_once_the_api_key_prompt_switched_is_drawn_once(console, a
         console.wait(lambda: console.find("revoke-dialog").get_attribute("open") is not None, "no confirmation")
         assert held_id in console.text("revoke-text")
         console.find("revoke-cancel").click()
-    finally:
-        driver.execute_cdp_cmd("Network.emulateNetworkConditions", {
-            "offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1})
-        driver.execute_cdp_cmd("Network.disable", {})
     assert api.delete(f"/keys/{held_id}").status_code == 200
 
 

@@ -971,7 +971,7 @@ class PostgresGalleries:
             if committed is not None:
                 committed(conn)
             if self._standbys is not None:
-                consistency.note_write(consistency.parse_lsn(_one(conn.execute("SELECT pg_current_wal_lsn()::text"))[0]))
+                consistency.note_write(_wal_position(conn))
 
     @contextmanager
     def _read_connection(self) -> Iterator[psycopg.Connection]:
