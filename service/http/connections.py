@@ -21,7 +21,9 @@ instead of the answer (and on a real network the reset can drop the answer itsel
 sends the answer, shuts its sending side (FIN), then reads and drops what still comes, until the client
 closes, or ``DRAIN_MAX_BYTES`` have come, or nothing has for ``min(body_timeout_s, DRAIN_IDLE_S)``, or
 ``min(header_timeout_s, DRAIN_S)`` have passed since the answer; then it is closed (a client still
-sending gets its reset then, its answer received long before).
+sending gets its reset then, its answer received long before). One answered before its body was read
+without ``Connection: close`` (a 404, a 405) keeps its connection: the parser reads the rest of the body
+and drops it, under the body's deadline, and the next request's headers are counted from where it ends.
 
 A request that has arrived whole is never cut, however long it takes to answer. Each close is
 reported (``on_close``: /metrics' ``face_http_connections_closed_total``) with its reason: ``idle`` (no
@@ -126,8 +128,10 @@ class _Deadlines:
         return seen <= self.max_header_bytes
 
     def _awaiting_headers(self) -> bool:
+        """Whether the next bytes are a request's line and headers: not while the body of a request
+        already answered (a 404 before it was read) is still arriving (the parser drops it)."""
         cycle = getattr(self, "cycle", None)
-        return cycle is None or cycle.response_complete
+        return cycle is None or (cycle.response_complete and not cycle.more_body)
 
     def _refuse_headers(self) -> None:
         transport = self.transport  # type: ignore[attr-defined]
@@ -209,7 +213,7 @@ class _Deadlines:
                 self._end_drain("for too long" if now >= self._drain_until else "paused")
             return
         cycle = getattr(self, "cycle", None)
-        if cycle is None or cycle.response_complete:  # waiting for a request's headers
+        if self._awaiting_headers():  # waiting for a request's headers
             # (told by the bytes counted, not by the times: uvloop's clock moves once a loop iteration)
             what = "headers" if self._header_bytes else "idle"
             wait = self._waiting_since + self.header_timeout_s - loop.time()

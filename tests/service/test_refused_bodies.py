@@ -152,3 +152,27 @@ def test_a_slow_or_stalled_sender_after_its_413_is_cut_off(server, how):
         assert ended is not None and ended < BODY_S + 1, ended
     sock.close()
     assert httpx.get(server.url + "/readyz", timeout=5).status_code == 200
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+@pytest.mark.parametrize("path", ["/no-such-route", "/healthz"], ids=["404", "405"])
+def test_a_request_answered_before_its_body_keeps_its_connection_for_the_next(server, path, chunked):
+    """A request answered before its body was read, without Connection: close (a 404 for an unknown
+    route, a 405), keeps its connection: the rest of its body is read as its body and dropped, and the
+    next request on the connection gets its own answer. The rest of the body was counted as the next
+    request's header bytes: past 64 KiB a stray 431 headers_too_large followed the 404, and a keep-alive
+    client read it as the answer to its next request."""
+    body = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" + b"y" * PIECE  # (framed as a body, never a request)
+    for _ in range(ROUNDS):
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        try:
+            conn.request("POST", path, body=iter([body[:1000], body[1000:]]) if chunked else body,
+                         headers={"Content-Type": "application/octet-stream"}, encode_chunked=chunked)
+            r = conn.getresponse()
+            assert (r.status, r.getheader("connection")) == ((404 if path != "/healthz" else 405), None)
+            r.read()
+            conn.request("GET", "/readyz")
+            r = conn.getresponse()
+            assert (r.status, json.loads(r.read())["status"]) == (200, "ready")
+        finally:
+            conn.close()
