@@ -56,9 +56,10 @@ at the pass's start (the job runs without a client's token: unfloored, its reads
 in rotation, up to FACE_DATABASE_MAX_LAG_MS behind, and miss writes answered before the pass). A pass
 syncs the identities that lose faces in B before those that gain some (``_shrinking_first``): B takes
 A's ``max_faces``, and in id order a grown identity synced before a shrunk one would need more room
-than A ever held. No alias may point at B until the job is done (PUT /aliases: 409
-``migration_unfinished``); should one point there anyway, the job fails with that code before its next
-write of B rather than overwrite or delete what clients wrote through it (``_check_unaliased``).
+than A ever held. No alias may point at B until the job is done (``set_alias`` reads the job in its
+own write: PUT /aliases 409 ``migration_unfinished``, the CLI refuses); should one point there anyway,
+the job fails with that code before its next write of B rather than overwrite or delete what clients
+wrote through it (``_check_unaliased``).
 
 A face of A without a crop (a collection made without ``keep_crops``, or faces enrolled before) is
 ``no_source_crops``: nothing to re-embed from (re-enroll from folders instead).
@@ -79,7 +80,7 @@ from ..gallery.crops import CropCipher, CropsUnavailable, decode_crop
 from ..gallery.results import IdentityRecord, TooManyFacesForCollection
 from ..model.runtime import EmbeddingModel
 from .compare import compare_collections
-from .store import MIGRATE, JobRecord, JobRunning, new_job_id
+from .store import JobRecord, JobRunning, new_job_id
 
 log = logging.getLogger(__name__)
 
@@ -152,22 +153,6 @@ def check_source(source: GalleryBackend) -> None:
         crops = source.crop_count()
     if crops < faces:
         raise JobFailed(ErrorCode.no_source_crops, no_source_crops(source.name))
-
-
-def unfinished_migration_into(galleries: Galleries, collection: str) -> JobRecord | None:
-    """The newest migrate job whose new collection is ``collection``, when it is not ``done`` (creating,
-    queued, running, failed, cancelled); None otherwise. ``done`` is final, and a job's ``into`` is a
-    collection it created: a None here stays None."""
-    found = [job for state in ("creating", None) for job in galleries.list_jobs(state=state, limit=10_000)
-             if job.kind == MIGRATE and job.into == collection]
-    newest = max(found, key=lambda job: (job.created_at, job.job_id), default=None)
-    return None if newest is None or newest.state == "done" else newest
-
-
-def unfinished_message(job: JobRecord) -> str:
-    return (f"collection {job.into!r} is the new collection of migration {job.job_id} ({job.state}): an alias may "
-            "point at it once the job is done (resume a failed or cancelled one, or delete the collection); "
-            "before, its clients would be served a half-copied gallery whose writes the job overwrites")
 
 
 def start_migration(galleries: Galleries, collection: str, model: str, model_id: str, dim: int, into: str,
@@ -358,8 +343,8 @@ class Migration:
     def _check_unaliased(self, target: GalleryBackend) -> None:
         """JobFailed ``migration_unfinished`` when an alias points at B: clients would write to B, and
         this job's syncs (A's identities as they are: replaced, deleted where A lacks them) would erase
-        what they wrote. PUT /aliases refuses it while the job is not done; this is the second guard
-        (an alias set otherwise), checked before each write of B."""
+        what they wrote. ``set_alias`` refuses it while the job is not done; this is the second guard
+        (an alias written otherwise: a replica of an older release), checked before each write of B."""
         aliases = sorted(a.name for a in self.galleries.list_aliases() if a.collection == target.name)
         if aliases:
             raise JobFailed(ErrorCode.migration_unfinished, f"alias {aliases[0]!r} points at {target.name!r}, the "
