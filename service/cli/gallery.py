@@ -78,7 +78,7 @@ from ..gallery.crops import CropKeyError, encode_crop
 from ..gallery.embedded.lock import DataDirLock, DataDirLocked, DataDirUnusable
 from ..gallery.embedded.store import StoreDamaged
 from ..gallery.open import open_gallery
-from ..jobs.migrate import unfinished_message, unfinished_migration_into
+from ..jobs.store import MigrationUnfinished
 from ..model.files import replace_atomically
 from ..model.preprocess import unit_direction
 from . import migrate
@@ -529,11 +529,10 @@ def run_alias(args: argparse.Namespace, galleries: Galleries) -> dict:
     if args.action == "list":
         return {"items": [_alias_view(a) for a in galleries.list_aliases()]}
     if args.action == "set":
-        job = unfinished_migration_into(galleries, args.collection)
-        if job is not None:
-            raise CommandError(unfinished_message(job))
         try:
             return _alias_view(galleries.set_alias(args.name, args.collection, cli_actor()))
+        except MigrationUnfinished as exc:
+            raise CommandError(str(exc)) from exc
         except CollectionExists as exc:
             raise CommandError(f"a collection is named {args.name!r}: an alias needs a name no collection has") from exc
         except CollectionNotFound as exc:

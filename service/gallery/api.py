@@ -618,7 +618,9 @@ class Galleries(Protocol):
     def set_alias(self, name: str, collection: str, actor: Actor | None = None) -> AliasInfo:
         """Point ``name`` at ``collection`` (create or re-point), in one atomic write with its audit
         record (alias.set, details {"collection", "previous"}). CollectionNotFound for a missing target,
-        CollectionExists when ``name`` is a collection's, ValueError for an invalid name."""
+        CollectionExists when ``name`` is a collection's, ValueError for an invalid name,
+        jobs.store.MigrationUnfinished when the target is the new collection of a migration not done
+        (read in the same write)."""
 
     def delete_alias(self, name: str, actor: Actor | None = None) -> AliasInfo:
         """Remove the alias (alias.deleted, audited); AliasNotFound. The collection is untouched."""

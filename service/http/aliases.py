@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from ..access.policy import Permission
 from ..errors import ErrorCode, ServiceError
 from ..gallery.api import COLLECTION_NAME_PATTERN, AliasInfo, AliasNotFound, CollectionExists, CollectionNotFound
-from ..jobs.migrate import unfinished_message, unfinished_migration_into
+from ..jobs.store import MigrationUnfinished
 from .deps import ActorDep, StateDep, allow
 from .payload import StrictRoute
 from .schemas import AliasList, AliasOut, AliasSet, ErrorResponse
@@ -40,12 +40,11 @@ async def set_alias(name: AliasName, body: AliasSet, state: StateDep, actor: Act
     an alias); 409 `collection_exists` when a collection has the alias's name; 409
     `migration_unfinished` when the target is the new collection of a migration that is not done
     (running, failed or cancelled: half-copied, and the job would overwrite writes made through the alias)."""
-    job = await run_in_threadpool(unfinished_migration_into, state.galleries, body.collection)
-    if job is not None:
-        raise ServiceError(ErrorCode.migration_unfinished, unfinished_message(job), collection=body.collection,
-                           job_id=job.job_id, state=job.state)
     try:
         info = await run_in_threadpool(state.galleries.set_alias, name, body.collection, actor)
+    except MigrationUnfinished as exc:
+        raise ServiceError(ErrorCode.migration_unfinished, str(exc), collection=body.collection, job_id=exc.job_id,
+                           state=exc.state) from None
     except CollectionNotFound:
         raise ServiceError(ErrorCode.collection_not_found, f"no collection named {body.collection!r} (an alias "
                            "points at a collection, not at another alias)", collection=body.collection) from None

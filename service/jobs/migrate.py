@@ -13,7 +13,10 @@ foreground):
    when they were first enrolled (a collection's retention counts from then, not from the migration);
    a write to A between the listing and the read leaves an ``updated_at`` the next pass re-syncs.
    Re-running a sync gives the same B (idempotent); the k-th face of X in A is the k-th in B. Crops
-   of several identities make one model batch (``batch_size``).
+   of several identities make one model batch (``batch_size``). B takes A's ``max_faces``: an identity
+   copied before A lost faces of it (or lost it) holds room in B that a later identity, grown in A
+   meanwhile, needs; a write B refuses for its max_faces first syncs every identity B holds more faces
+   of than A now does (``_make_room``), then is made again.
    After every batch the cursor (the last identity synced), the progress and the heartbeat are
    written: a resumed job continues after the cursor.
 2. **catch_up**: writes to A while the job runs (from this process, another replica, the CLI) must
@@ -53,9 +56,10 @@ at the pass's start (the job runs without a client's token: unfloored, its reads
 in rotation, up to FACE_DATABASE_MAX_LAG_MS behind, and miss writes answered before the pass). A pass
 syncs the identities that lose faces in B before those that gain some (``_shrinking_first``): B takes
 A's ``max_faces``, and in id order a grown identity synced before a shrunk one would need more room
-than A ever held. No alias may point at B until the job is done (PUT /aliases: 409
-``migration_unfinished``); should one point there anyway, the job fails with that code before its next
-write of B rather than overwrite or delete what clients wrote through it (``_check_unaliased``).
+than A ever held. No alias may point at B until the job is done (``set_alias`` reads the job in its
+own write: PUT /aliases 409 ``migration_unfinished``, the CLI refuses); should one point there anyway,
+the job fails with that code before its next write of B rather than overwrite or delete what clients
+wrote through it (``_check_unaliased``).
 
 A face of A without a crop (a collection made without ``keep_crops``, or faces enrolled before) is
 ``no_source_crops``: nothing to re-embed from (re-enroll from folders instead).
@@ -73,10 +77,10 @@ import numpy as np
 from ..errors import ErrorCode
 from ..gallery.api import Actor, AuditQuery, CollectionExists, CollectionNotFound, Galleries, GalleryBackend
 from ..gallery.crops import CropCipher, CropsUnavailable, decode_crop
-from ..gallery.results import IdentityRecord
+from ..gallery.results import IdentityRecord, TooManyFacesForCollection
 from ..model.runtime import EmbeddingModel
 from .compare import compare_collections
-from .store import MIGRATE, JobRecord, JobRunning, new_job_id
+from .store import JobRecord, JobRunning, new_job_id
 
 log = logging.getLogger(__name__)
 
@@ -149,22 +153,6 @@ def check_source(source: GalleryBackend) -> None:
         crops = source.crop_count()
     if crops < faces:
         raise JobFailed(ErrorCode.no_source_crops, no_source_crops(source.name))
-
-
-def unfinished_migration_into(galleries: Galleries, collection: str) -> JobRecord | None:
-    """The newest migrate job whose new collection is ``collection``, when it is not ``done`` (creating,
-    queued, running, failed, cancelled); None otherwise. ``done`` is final, and a job's ``into`` is a
-    collection it created: a None here stays None."""
-    found = [job for state in ("creating", None) for job in galleries.list_jobs(state=state, limit=10_000)
-             if job.kind == MIGRATE and job.into == collection]
-    newest = max(found, key=lambda job: (job.created_at, job.job_id), default=None)
-    return None if newest is None or newest.state == "done" else newest
-
-
-def unfinished_message(job: JobRecord) -> str:
-    return (f"collection {job.into!r} is the new collection of migration {job.job_id} ({job.state}): an alias may "
-            "point at it once the job is done (resume a failed or cancelled one, or delete the collection); "
-            "before, its clients would be served a half-copied gallery whose writes the job overwrites")
 
 
 def start_migration(galleries: Galleries, collection: str, model: str, model_id: str, dim: int, into: str,
@@ -282,8 +270,9 @@ class Migration:
             out[identity_id] = _SourceFaces(crops, times)
         return out
 
-    def _write(self, target: GalleryBackend, batch: _Batch) -> None:
-        """Embed the batch's crops (``batch_size`` per model call) and write each identity to B."""
+    def _write(self, source: GalleryBackend, target: GalleryBackend, batch: _Batch) -> None:
+        """Embed the batch's crops (``batch_size`` per model call) and write each identity to B. A write
+        that B's max_faces (A's) refuses is made once more after ``_make_room``."""
         arrays = [decode_crop(c) for _, faces in batch.identities for c in faces.crops]
         size = max(1, self.job.batch_size)
         vectors = (np.concatenate([self.embed(np.stack(arrays[i:i + size])) for i in range(0, len(arrays), size)])
@@ -296,8 +285,14 @@ class Migration:
             if not crops:  # an identity without faces (cannot stay so in A): mirror by deleting
                 target.delete(record.identity_id)
             else:
-                target.enroll(record.identity_id, embeddings, record.metadata, replace=True, crops=crops,
-                              enrolled_at=faces.enrolled_at)
+                try:
+                    target.enroll(record.identity_id, embeddings, record.metadata, replace=True, crops=crops,
+                                  enrolled_at=faces.enrolled_at)
+                except TooManyFacesForCollection:
+                    if not self._make_room(source, target):
+                        raise
+                    target.enroll(record.identity_id, embeddings, record.metadata, replace=True, crops=crops,
+                                  enrolled_at=faces.enrolled_at)
             self.synced[record.identity_id] = record.updated_at
         self._faces_this_run += len(arrays)
 
@@ -316,19 +311,40 @@ class Migration:
             batch.identities.append((record, faces_of))
             batch.faces += len(faces_of.crops)
             if batch.faces >= self.job.batch_size:
-                self._write(target, batch)
+                self._write(source, target, batch)
                 faces += batch.faces
                 batch = _Batch()
         if batch.identities:
-            self._write(target, batch)
+            self._write(source, target, batch)
             faces += batch.faces
         return faces
+
+    def _make_room(self, source: GalleryBackend, target: GalleryBackend) -> int:
+        """B is full (A's max_faces) while A, within its limit, has more to write: B still holds faces A
+        has lost since they were synced (the copy in id order wrote an identity before A deleted some of
+        its faces or all of it, and a later one grew). Sync every identity B holds more faces of than A
+        does now, deleting those A lacks; how many (0: B holds nothing stale, the refusal stands)."""
+        with source.read_floor():  # A as it is now, not as the copy's floor saw it
+            in_a = {r.identity_id: r for r in iter_identities(source)}
+            in_b = {r.identity_id: r.face_count for r in iter_identities(target)}
+            gone = sorted(i for i in in_b if i not in in_a)
+            shrunk = [in_a[i] for i in sorted(in_b) if i in in_a and in_a[i].face_count < in_b[i]]
+            if gone:
+                self._check_unaliased(target)
+            for identity_id in gone:
+                target.delete(identity_id)
+                self.synced.pop(identity_id, None)
+            if shrunk:
+                self._sync(source, target, shrunk)
+        if gone or shrunk:
+            log.info("migration made room", extra={"job": self.job.job_id, "synced": len(shrunk), "deleted": len(gone)})
+        return len(gone) + len(shrunk)
 
     def _check_unaliased(self, target: GalleryBackend) -> None:
         """JobFailed ``migration_unfinished`` when an alias points at B: clients would write to B, and
         this job's syncs (A's identities as they are: replaced, deleted where A lacks them) would erase
-        what they wrote. PUT /aliases refuses it while the job is not done; this is the second guard
-        (an alias set otherwise), checked before each write of B."""
+        what they wrote. ``set_alias`` refuses it while the job is not done; this is the second guard
+        (an alias written otherwise: a replica of an older release), checked before each write of B."""
         aliases = sorted(a.name for a in self.galleries.list_aliases() if a.collection == target.name)
         if aliases:
             raise JobFailed(ErrorCode.migration_unfinished, f"alias {aliases[0]!r} points at {target.name!r}, the "

@@ -48,6 +48,24 @@ def new_job_id() -> str:
 
 MIGRATE = "migrate"  # the kind of a migration job (migrate.py)
 
+# the newest migration job into a collection (job_id, state): both backends' set_alias read it in the
+# alias's own write, after finding the target (a job row is stored before the collection it creates)
+NEWEST_MIGRATION_INTO = (f"SELECT job_id, state FROM {{table}} WHERE kind = '{MIGRATE}' AND \"into\" = {{param}} "
+                         "ORDER BY created_at DESC, job_id DESC LIMIT 1")
+
+
+class MigrationUnfinished(Exception):
+    """No alias may point at ``collection``: it is the new collection of migration ``job_id``, which is
+    not done (``state``). Raised by ``set_alias`` inside its write: a check before it would let a POST
+    that creates the collection meanwhile through."""
+
+    def __init__(self, collection: str, job_id: str, state: str) -> None:
+        super().__init__(f"collection {collection!r} is the new collection of migration {job_id} ({state}): an "
+                         "alias may point at it once the job is done (resume a failed or cancelled one, or delete "
+                         "the collection); before, its clients would be served a half-copied gallery whose writes "
+                         "the job overwrites")
+        self.collection, self.job_id, self.state = collection, job_id, state
+
 
 @dataclass(frozen=True)
 class Progress:

@@ -1,6 +1,7 @@
 """Aliases over HTTP on both backends: PUT/GET/DELETE /aliases, every collection route through an
 alias, re-pointing under live traffic, key scopes checked on the alias's target, collection_in_use,
-the audit trail, the CLI beside a running server, and two replicas on one PostgreSQL."""
+the audit trail, the CLI beside a running server (and its refusal of an unfinished migration's
+collection), and two replicas on one PostgreSQL."""
 
 from __future__ import annotations
 
@@ -12,8 +13,12 @@ import uuid
 
 import httpx
 
+from harness.server import ServerProcess
 from tests.access.conftest import ADMIN_SECRET, KeyedServer, unit_vectors
+from tests.damage import alter_kept_crop
 from tests.service.test_gallery_cli import run_cli
+from tests.service.test_migrate_api import FACES, gallery_cli, setup, tiny, wait_for  # noqa: F401 - the fixtures
+from tests.service.test_migrate_api import enroll as migrate_enroll
 
 SERIAL = itertools.count()
 
@@ -261,6 +266,38 @@ def test_the_cli_sets_lists_and_deletes_aliases_beside_the_running_server(keyed:
 
 def json_of(done) -> dict:
     return json.loads(done.stdout)
+
+
+def test_the_cli_refuses_an_alias_at_the_target_of_an_unfinished_migration(setup):  # noqa: F811
+    """``gallery alias set`` at the new collection of a migration that is not done (here failed: a kept
+    crop altered in the store) exits 2 naming the job and sets nothing, as PUT /aliases answers 409
+    ``migration_unfinished``; once the job is resumed to done it sets the alias."""
+    _, data_dir, env = setup
+    server = ServerProcess(data_dir, env=env)
+    try:
+        server.wait_ready()
+        with httpx.Client(base_url=server.url, timeout=120) as c:
+            assert c.post("/collections", json={"name": "kept", "keep_crops": True}).status_code == 201
+            migrate_enroll(c, "kept", "p0", FACES[0:1])
+            migrate_enroll(c, "kept", "p1", FACES[1:2])
+            altered = c.get("/collections/kept/identities/p1").json()["face_ids"][0]
+            alter_kept_crop(data_dir, env, "kept", altered)
+            r = c.post("/collections/kept/migrate", json={"model": "tiny", "into": "kept-v2"})
+            assert r.status_code == 202, r.text
+            job_id = r.json()["job"]["id"]
+            assert wait_for(c, job_id)["state"] == "failed"
+            refused = gallery_cli(data_dir, env, "alias", "set", "people", "kept-v2")
+            assert refused.returncode == 2, (refused.stdout, refused.stderr)
+            assert job_id in refused.stderr and "once the job is done" in refused.stderr, refused.stderr
+            assert c.get("/aliases/people").status_code == 404
+            assert c.delete(f"/collections/kept/faces/{altered}").status_code == 200
+            assert c.post(f"/jobs/{job_id}/resume").status_code == 200
+            assert wait_for(c, job_id)["state"] == "done"
+            done = gallery_cli(data_dir, env, "alias", "set", "people", "kept-v2")
+            assert done.returncode == 0, done.stderr
+            assert json_of(done)["collection"] == "kept-v2"
+    finally:
+        server.stop()
 
 
 def test_a_re_point_on_one_replica_is_followed_by_another_within_a_second(two_replicas):

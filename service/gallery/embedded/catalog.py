@@ -249,6 +249,9 @@ class Catalog:
                 raise CollectionExists(name)
             if not conn.execute("SELECT 1 FROM collections WHERE name = ?", (collection,)).fetchone():
                 raise CollectionNotFound(collection)
+            job = conn.execute(jobs.NEWEST_MIGRATION_INTO.format(table="jobs", param="?"), (collection,)).fetchone()
+            if job is not None and job[1] != "done":
+                raise jobs.MigrationUnfinished(collection, job[0], job[1])
             row = conn.execute("SELECT collection FROM aliases WHERE name = ?", (name,)).fetchone()
             conn.execute("INSERT INTO aliases(name, collection, updated_at) VALUES (?, ?, ?) ON CONFLICT (name) "
                          "DO UPDATE SET collection = excluded.collection, updated_at = excluded.updated_at",

@@ -1275,6 +1275,10 @@ class PostgresGalleries:
                                       (collection,)).fetchone()
                 if target is None:
                     raise CollectionNotFound(collection)
+                job = conn.execute(jobs.NEWEST_MIGRATION_INTO.format(table="face_jobs", param="%s"),
+                                   (collection,)).fetchone()
+                if job is not None and job[1] != "done":
+                    raise jobs.MigrationUnfinished(collection, job[0], job[1])
                 previous = conn.execute("SELECT c.name FROM aliases a JOIN collections c USING (collection_id) "
                                         "WHERE a.name = %s", (name,)).fetchone()
                 conn.execute("INSERT INTO aliases(name, collection_id, updated_at) VALUES (%s, %s, %s) "
