@@ -4,9 +4,9 @@ A real primary and a real hot standby made by the test from the same wheel (pg_b
 the real service: read-your-writes with the Face-Consistency-Token, deletes never returned by a
 standby read under load, the standby stopped and restarted under traffic without a failed request,
 a lagging standby (replay paused) left out until it catches up, a frozen standby (its processes
-stopped: a paused VM, a partition) left out with the reads on it answered by the primary, writes
-whose lookups a lagging standby would answer wrongly decided on the primary (the enroll guards too),
-and damaged blocks on a standby read from the primary.
+stopped: a paused VM, a partition) left out with the reads on it answered by the primary and holding
+up no other standby's lag checks, writes whose lookups a lagging standby would answer wrongly decided
+on the primary (the enroll guards too), and damaged blocks on a standby read from the primary.
 """
 
 from __future__ import annotations
@@ -352,6 +352,55 @@ def test_a_frozen_standby_is_left_out_and_its_reads_answered_by_the_primary(serv
                 except ProcessLookupError:
                     pass
         wait_rotation(c, cluster, True)
+
+
+def test_a_frozen_standby_does_not_hold_up_the_lag_checks_of_another(cluster, tmp_path, default_model):
+    """Two standbys, the first frozen (SIGSTOP): its lag check waits FACE_DATABASE_TIMEOUT_S for an answer
+    (60 s here, to make that wait unmistakable; 5 s by default). The second, its replay paused behind a
+    write, is still left out once over FACE_DATABASE_MAX_LAG_MS behind: its checks do not wait for the
+    first one's. (Checked one after the other, it stayed in rotation one FACE_DATABASE_TIMEOUT_S per
+    round longer: reads without a token that much staler than the bound.)"""
+    primary, first = cluster
+    second = primary.standby()
+    server = ServerProcess(tmp_path / "data", model=default_model, env={
+        "FACE_DATABASE_URL": primary.url, "FACE_DATABASE_SCHEMA": PgTestServer.fresh_schema(),
+        "FACE_DATABASE_READ_URLS": f"{first.url},{second.url}", "FACE_DATABASE_TIMEOUT_S": "60",
+        "FACE_DATABASE_LAG_CHECK_MS": "100", "FACE_DATABASE_MAX_LAG_MS": "3000",
+        "FACE_ENROLL_HUB_ALPHA": "0"})  # the enroll below reads no standby
+
+    def wait(c: httpx.Client, standby, wanted: bool, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        label = f'standby="{standby.socket_dir}:5432/postgres"'
+        while metric(c, f"face_database_standby_in_rotation{{{label}}}") != float(wanted):
+            assert time.monotonic() < deadline, f"{standby.socket_dir}: in rotation is not {wanted}"
+            time.sleep(0.1)
+
+    pids: list[int] = []
+    try:
+        server.wait_ready()
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            wait(c, first, True, 30)
+            wait(c, second, True, 30)
+            pids = standby_processes(first)
+            for pid in pids:
+                os.kill(pid, signal.SIGSTOP)
+            second.pause_replay()
+            assert enroll(c, "past-the-second", face_files(ENROLLED[0])[0]).status_code == 200
+            wait(c, second, False, 30)  # about 3 s; never before the first one's check gives up (60 s)
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+            pids = []
+            second.resume_replay()
+            wait(c, first, True, 90)
+            wait(c, second, True, 30)
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        server.stop()
+        second.stop()
 
 
 def test_writes_are_decided_on_the_primary_while_the_standby_lags(service, cluster, slow_standby):
