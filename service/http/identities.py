@@ -152,7 +152,9 @@ def _too_many(exc: TooManyFacesForIdentity) -> ServiceError:
 
 def _refuse_hubs(state: ServiceState, gallery: GalleryBackend, identity_id: str, vectors: np.ndarray) -> None:
     """One gallery search for the new faces (in the worker thread, like the write): a face whose
-    scores against other identities are improbable for a real face is refused."""
+    scores against other identities are improbable for a real face is refused. The search may read a
+    standby: its lag leaves out only the identities of the last moments from a judgement over many, and
+    on the primary the guard (on by default) would cost every enroll a search there."""
     decision = state.open_set_threshold(gallery)
     hub = find_hub(decision, gallery.search(vectors, HUB_SEARCH_K), identity_id, state.settings.enroll_hub_alpha)
     if hub is not None:
@@ -170,12 +172,17 @@ def _possible_duplicates(state: ServiceState, gallery: GalleryBackend, identity_
                          vectors: np.ndarray) -> list[PossibleDuplicate]:
     """FACE_ENROLL_DUPLICATE_POLICY (warn, refuse): when this enroll would create a new identity, the
     other identities its faces match at or above the collection's open-set threshold, best first; refuse
-    raises 409 ``possible_duplicate`` with them (nothing written). Appending to an identity is not checked."""
-    if gallery.get_identity(identity_id) is not None:
-        return []
+    raises 409 ``possible_duplicate`` with them (nothing written). Appending to an identity is not checked.
+    Both reads are the primary's (one search there per enroll, with the guard on): on a lagging standby an
+    append to an identity just enrolled would be judged a new identity, and a person just enrolled under
+    another id would be missed."""
+    with consistency.on_primary():  # an identity enrolled a moment ago, by any client, is there
+        if gallery.get_identity(identity_id) is not None:
+            return []
+        searched = gallery.search(vectors, DUPLICATE_SEARCH_K)
     threshold = state.open_set_threshold(gallery).threshold
     best: dict[str, PossibleDuplicate] = {}
-    for matches in gallery.search(vectors, DUPLICATE_SEARCH_K):
+    for matches in searched:
         for m in matches:
             if m.identity_id != identity_id and m.score >= threshold and (
                     m.identity_id not in best or m.score > best[m.identity_id].score):

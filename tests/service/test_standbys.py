@@ -4,9 +4,9 @@ A real primary and a real hot standby made by the test from the same wheel (pg_b
 the real service: read-your-writes with the Face-Consistency-Token, deletes never returned by a
 standby read under load, the standby stopped and restarted under traffic without a failed request,
 a lagging standby (replay paused) left out until it catches up, a frozen standby (its processes
-stopped: a paused VM, a partition) left out with the reads on it answered by the primary, writes
-whose lookups a lagging standby would answer wrongly decided on the primary, and damaged blocks on a
-standby read from the primary.
+stopped: a paused VM, a partition) left out with the reads on it answered by the primary and holding
+up no other standby's lag checks, writes whose lookups a lagging standby would answer wrongly decided
+on the primary (the enroll guards too), and damaged blocks on a standby read from the primary.
 """
 
 from __future__ import annotations
@@ -354,6 +354,55 @@ def test_a_frozen_standby_is_left_out_and_its_reads_answered_by_the_primary(serv
         wait_rotation(c, cluster, True)
 
 
+def test_a_frozen_standby_does_not_hold_up_the_lag_checks_of_another(cluster, tmp_path, default_model):
+    """Two standbys, the first frozen (SIGSTOP): its lag check waits FACE_DATABASE_TIMEOUT_S for an answer
+    (60 s here, to make that wait unmistakable; 5 s by default). The second, its replay paused behind a
+    write, is still left out once over FACE_DATABASE_MAX_LAG_MS behind: its checks do not wait for the
+    first one's. (Checked one after the other, it stayed in rotation one FACE_DATABASE_TIMEOUT_S per
+    round longer: reads without a token that much staler than the bound.)"""
+    primary, first = cluster
+    second = primary.standby()
+    server = ServerProcess(tmp_path / "data", model=default_model, env={
+        "FACE_DATABASE_URL": primary.url, "FACE_DATABASE_SCHEMA": PgTestServer.fresh_schema(),
+        "FACE_DATABASE_READ_URLS": f"{first.url},{second.url}", "FACE_DATABASE_TIMEOUT_S": "60",
+        "FACE_DATABASE_LAG_CHECK_MS": "100", "FACE_DATABASE_MAX_LAG_MS": "3000",
+        "FACE_ENROLL_HUB_ALPHA": "0"})  # the enroll below reads no standby
+
+    def wait(c: httpx.Client, standby, wanted: bool, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        label = f'standby="{standby.socket_dir}:5432/postgres"'
+        while metric(c, f"face_database_standby_in_rotation{{{label}}}") != float(wanted):
+            assert time.monotonic() < deadline, f"{standby.socket_dir}: in rotation is not {wanted}"
+            time.sleep(0.1)
+
+    pids: list[int] = []
+    try:
+        server.wait_ready()
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            wait(c, first, True, 30)
+            wait(c, second, True, 30)
+            pids = standby_processes(first)
+            for pid in pids:
+                os.kill(pid, signal.SIGSTOP)
+            second.pause_replay()
+            assert enroll(c, "past-the-second", face_files(ENROLLED[0])[0]).status_code == 200
+            wait(c, second, False, 30)  # about 3 s; never before the first one's check gives up (60 s)
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+            pids = []
+            second.resume_replay()
+            wait(c, first, True, 90)
+            wait(c, second, True, 30)
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        server.stop()
+        second.stop()
+
+
 def test_writes_are_decided_on_the_primary_while_the_standby_lags(service, cluster, slow_standby):
     """A client without a consistency token (another process, another user) writes to an identity that
     another client has just enrolled, while the standby applies commits 1 s late (in rotation: under
@@ -384,6 +433,51 @@ def test_writes_are_decided_on_the_primary_while_the_standby_lags(service, clust
         identity = fresh()
         r = c2.post(f"/identities/{base}/merge", json={"into": identity})
         assert r.status_code == 200 and r.json()["identity_id"] == identity, r.text
+
+
+@pytest.fixture
+def refusing(cluster, schema, tmp_path_factory, default_model):
+    """A second replica of the service on the same database and standby, with
+    FACE_ENROLL_DUPLICATE_POLICY=refuse."""
+    primary, standby = cluster
+    server = ServerProcess(tmp_path_factory.mktemp("standbys-refusing") / "data", model=default_model, env={
+        "FACE_DATABASE_URL": primary.url, "FACE_DATABASE_SCHEMA": schema,
+        "FACE_DATABASE_READ_URLS": standby.url, "FACE_DATABASE_TIMEOUT_S": "2", "FACE_DATABASE_LAG_CHECK_MS": "100",
+        "FACE_DATABASE_MAX_LAG_MS": "3000", "FACE_DATABASE_READ_WAIT_MS": "200",
+        "FACE_ENROLL_DUPLICATE_POLICY": "refuse"})
+    server.wait_ready()
+    yield server
+    server.stop()
+
+
+def test_enroll_guards_are_decided_on_the_primary_while_the_standby_lags(service, refusing, cluster, slow_standby):
+    """FACE_ENROLL_DUPLICATE_POLICY=refuse, the standby applying commits 1 s late (in rotation), a client
+    without a token enrolling just after another client's enroll. Whether the enroll creates an identity,
+    and whom its faces match, is read on the primary: an append to an identity enrolled a moment ago is
+    not refused for its person's other identity (the standby did not have it yet: a new identity), and a
+    person enrolled a moment ago under another id is refused."""
+    url = "/collections/guards/enroll"
+
+    def put(c: httpx.Client, identity: str, path) -> httpx.Response:
+        c.cookies.clear()  # no token: another client
+        return c.post(url, json={"identity_id": identity, "images": [b64(path)]})
+
+    twin, other = face_files(ENROLLED[2]), face_files(ENROLLED[3])
+    with httpx.Client(base_url=service.url, timeout=60) as c1, httpx.Client(base_url=refusing.url, timeout=60) as c2:
+        assert c1.post("/collections", json={"name": "guards"}).status_code == 201
+        wait_rotation(c2, cluster, True)
+        # one person under two ids, enrolled by a replica that allows it; the first one long replicated
+        assert put(c1, "twin-a", twin[0]).status_code == 200
+        time.sleep(1.5)
+        assert put(c1, "twin-b", twin[1]).status_code == 200
+        r = put(c2, "twin-b", twin[2])  # an append: not checked
+        assert r.status_code == 200 and r.json()["created"] is False, r.text
+        assert r.json()["possible_duplicates"] is None
+        # a person just enrolled under another id is that person's duplicate
+        assert put(c1, "solo", other[0]).status_code == 200
+        r = put(c2, "solo-again", other[1])
+        assert r.status_code == 409 and r.json()["error"]["code"] == "possible_duplicate", r.text
+        assert [m["identity_id"] for m in r.json()["error"]["details"]["matches"]] == ["solo"]
 
 
 def test_metrics_show_each_databases_shared_buffers_beside_the_hnsw_index(service, cluster, schema):

@@ -8,9 +8,10 @@ standby only once that standby has replayed the position (waiting at most
 ``FACE_DATABASE_READ_WAIT_MS``), else from the primary: the client sees its own writes through any
 service replica. Without a token a read may be up to ``FACE_DATABASE_MAX_LAG_MS`` behind.
 
-A write decided by reads (a rename or merge looks its identities up first) makes those reads in
+A write decided by reads (a rename or merge looks its identities up first, the enroll guard against
+duplicates its identity and matches) makes those reads in
 :func:`on_primary`: what another client has just written is there, whatever the standbys have applied,
-so the write is never refused (404) for a standby's lag.
+so the write is never refused (404, 409) for a standby's lag.
 
 The token travels from the HTTP layer to the gallery and back in a context variable, which Starlette
 copies into the worker thread of each gallery call; the object it holds is shared, so what the

@@ -10,7 +10,8 @@ else to the primary. What keeps that correct:
 * **Lag.** A checker thread per process compares, every ``FACE_DATABASE_LAG_CHECK_MS``, each standby's
   replayed position with the primary's recent positions: its lag is how long ago the primary had
   written what the standby has not yet replayed. A standby lagging more than ``FACE_DATABASE_MAX_LAG_MS``
-  is left out until it catches up.
+  is left out until it catches up. The standbys are checked at once, each in a thread of its own: one
+  that does not answer holds up no other's checks.
 * **Failure.** A standby that cannot be reached, or fails during a read, is left out at once (the
   read runs again on the primary) and taken back when the checker reaches it again. A standby's
   failure never fails a request that the primary can answer.
@@ -39,6 +40,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import wait as wait_for
 from typing import TYPE_CHECKING, TypeVar
 
 import psycopg
@@ -228,6 +230,10 @@ class Standbys:
         # (when, the primary's WAL position then): long enough to measure lags up to twice the bound
         self._samples: deque[tuple[float, int]] = deque(maxlen=max(16, int(2 * max_lag_s / check_interval_s) + 2))
         self._primary_conn: psycopg.Connection | None = None
+        # each standby's check in a thread of its own, at most one at a time: a round does not wait for a
+        # check still waiting out its deadline (a standby that does not answer), it checks the others
+        self._checks = ThreadPoolExecutor(max_workers=max(1, len(standbys)), thread_name_prefix="face-standby-probe")
+        self._checking: list[Future[None] | None] = [None] * len(standbys)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -245,6 +251,8 @@ class Standbys:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(10)
+        self._checks.shutdown(wait=False, cancel_futures=True)
+        wait_for([f for f in self._checking if f is not None], timeout=10)
         if self._primary_conn is not None:
             self._primary_conn.close()
         for standby in self.standbys:
@@ -254,7 +262,7 @@ class Standbys:
     def _run(self) -> None:
         while not self._stop.wait(self.check_interval_s):
             try:
-                self.check()
+                self.check(wait=False)
             except Exception:  # noqa: BLE001 - the checker must outlive anything one round meets
                 log.exception("standby check failed")
 
@@ -270,37 +278,53 @@ class Standbys:
                 self._primary_conn.close()
             return None  # the primary is down: lags cannot be measured now, they keep their last value
 
-    def check(self) -> None:
-        """One round: the primary's position, then each standby's replayed position and lag."""
+    def check(self, wait: bool = True) -> None:
+        """One round: the primary's position, then each standby's replayed position and lag, all standbys
+        at once. ``wait``: until their checks end (each within its deadline); else a standby whose last
+        check has not ended yet is left to it, and the others are checked on time."""
         primary = self._primary_lsn()
         now = time.monotonic()
         if primary is not None:
             self._samples.append((now, primary))
-        for standby in self.standbys:
-            started = time.monotonic()
-            try:
-                replayed = standby.replay_lsn(self.timeout_s)
-            except psycopg.Error as exc:
-                if standby._check_conn is not None:  # noqa: SLF001
-                    standby._check_conn.close()  # noqa: SLF001
-                if time.monotonic() - started >= self.timeout_s:  # no answer: the reads waiting there too
-                    standby.silent(f"no answer to the lag check within {self.timeout_s:g}s")
-                else:
-                    standby.left_out(f"{type(exc).__name__}: {str(exc).strip()[:200]}")
-                continue
-            if primary is None:
-                if standby.lag_s is None:
-                    continue  # nothing to measure against yet
+        samples = list(self._samples)
+        for i, standby in enumerate(self.standbys):
+            running = self._checking[i]
+            if running is None or running.done():
+                self._checking[i] = self._checks.submit(self._check_one, standby, primary, samples, now)
+        if wait:
+            wait_for([f for f in self._checking if f is not None])
+
+    def _check_one(self, standby: Standby, primary: int | None, samples: list[tuple[float, int]], now: float) -> None:
+        try:
+            self._check(standby, primary, samples, now)
+        except Exception:  # noqa: BLE001 - the checks must outlive anything one meets
+            log.exception("standby check failed", extra={"standby": standby.name})
+
+    def _check(self, standby: Standby, primary: int | None, samples: list[tuple[float, int]], now: float) -> None:
+        started = time.monotonic()
+        try:
+            replayed = standby.replay_lsn(self.timeout_s)
+        except psycopg.Error as exc:
+            if standby._check_conn is not None:  # noqa: SLF001
+                standby._check_conn.close()  # noqa: SLF001
+            if time.monotonic() - started >= self.timeout_s:  # no answer: the reads waiting there too
+                standby.silent(f"no answer to the lag check within {self.timeout_s:g}s")
             else:
-                # the lag: since when the primary has had WAL that this standby has not replayed
-                behind_since = next((t for t, lsn in self._samples if lsn > replayed), None)
-                standby.lag_s = 0.0 if behind_since is None else now - behind_since
-            was = standby.in_rotation(self.max_lag_s)
-            standby.up = True
-            standby.answered_at = time.monotonic()
-            if standby.in_rotation(self.max_lag_s) != was:
-                log.info("standby in rotation" if not was else "standby left out: lagging",
-                         extra={"standby": standby.name, "lag_s": round(standby.lag_s or 0.0, 3)})
+                standby.left_out(f"{type(exc).__name__}: {str(exc).strip()[:200]}")
+            return
+        if primary is None:
+            if standby.lag_s is None:
+                return  # nothing to measure against yet
+        else:
+            # the lag: since when the primary has had WAL that this standby has not replayed
+            behind_since = next((t for t, lsn in samples if lsn > replayed), None)
+            standby.lag_s = 0.0 if behind_since is None else now - behind_since
+        was = standby.in_rotation(self.max_lag_s)
+        standby.up = True
+        standby.answered_at = time.monotonic()
+        if standby.in_rotation(self.max_lag_s) != was:
+            log.info("standby in rotation" if not was else "standby left out: lagging",
+                     extra={"standby": standby.name, "lag_s": round(standby.lag_s or 0.0, 3)})
 
     # --- reads ---------------------------------------------------------------------------------------
     def _rotation(self) -> list[Standby]:
