@@ -1108,6 +1108,33 @@ def test_enroll_folder_splits_what_the_server_refuses_as_too_big_and_reports_ref
         proc.stop()
 
 
+def test_async_bulk_helpers_leave_nothing_running_when_they_raise(embedded, collection_name, people_dir):
+    """AsyncFaceClient.identify_many and enroll_folder ran their batches (people) with asyncio.gather, which
+    does not cancel the others when one raises: the caller had the exception while they went on sending
+    requests (writes landed after it; once the client closed, 'Task exception was never retrieved'). Now the
+    others are cancelled and waited for before the exception is raised: no task of theirs is left to send."""
+    photos = [face_files(p)[0] for p in ENROLLED[:8]]
+
+    async def main() -> None:
+        async with AsyncFaceClient(embedded.url, ADMIN, collection=collection_name) as face:
+            await face.create_collection(collection_name)
+            await face.enroll(ENROLLED[0], face_files(ENROLLED[0])[0])
+            with pytest.raises(NotFoundError) as e:  # among an id not enrolled: each batch refused
+                await face.identify_many(photos, among=["nobody"], batch_size=1, concurrency=2, progress=False)
+            assert e.value.code == "identity_not_found"
+            assert asyncio.all_tasks() == {asyncio.current_task()}
+            reader = (await face.create_key("read", collections=[collection_name])).secret
+        async with AsyncFaceClient(embedded.url, reader, collection=collection_name) as read_only:
+            with pytest.raises(AuthError):  # a read key may not enroll: the run's error, raised
+                await read_only.enroll_folder(people_dir, concurrency=2, progress=False)
+            assert asyncio.all_tasks() == {asyncio.current_task()}
+        async with AsyncFaceClient(embedded.url, ADMIN, collection=collection_name) as face:
+            assert [i.identity_id async for i in face.iter_identities()] == [ENROLLED[0]]
+            await face.delete_collection(collection_name)
+
+    asyncio.run(main())
+
+
 # --- the first call's version check -------------------------------------------------------------------------
 Answer = tuple[int, dict[str, str], bytes]
 

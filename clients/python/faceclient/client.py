@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +81,7 @@ from .models import (
 )
 
 M = TypeVar("M", bound=Model)
+T = TypeVar("T")
 ImageType = Literal["aligned", "photo", "auto"]
 Progress = Callable[[int, int], None]  # (done, total)
 Transport = Literal["multipart", "json"]
@@ -217,6 +218,30 @@ def _form_text(value: Any) -> str:
 
 def _noop() -> None:
     pass
+
+
+async def _all_or_cancel(coroutines: Iterable[Coroutine[Any, Any, T]]) -> list[T]:
+    """Their results, in order, run as tasks; the first exception cancels the others and is raised once they
+    have ended (as asyncio.TaskGroup, which Python 3.10 lacks). asyncio.gather raised it with the others
+    still running: a bulk helper went on sending requests (writes included) after its caller had the
+    exception. The caller's cancellation cancels them likewise."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    if not tasks:
+        return []
+    done: set[asyncio.Future[T]] = set()
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        for task in tasks:
+            task.cancel()  # a finished one stays as it is
+        await asyncio.wait(tasks)
+        for task in tasks:
+            if not task.cancelled():
+                task.exception()  # read, each: none is logged as "never retrieved"
+    for task in tasks:
+        if task in done and not task.cancelled() and (error := task.exception()) is not None:
+            raise error
+    return [task.result() for task in tasks]
 
 
 def progress_reporter(progress: bool | Progress | None, total: int, what: str) -> tuple[Progress | None,
@@ -1321,7 +1346,7 @@ class AsyncFaceClient(_Base):
             return results
 
         try:
-            parts = await asyncio.gather(*(one(start, batch) for start, batch in _batches(images, batch_size)))
+            parts = await _all_or_cancel(one(start, batch) for start, batch in _batches(images, batch_size))
         finally:
             close()
         return [r for part in parts for r in part]
@@ -1358,7 +1383,7 @@ class AsyncFaceClient(_Base):
                 report(summary.enrolled + summary.already + len(summary.failed), summary.people)
 
         try:
-            await asyncio.gather(*(one(identity, files) for identity, files in people))
+            await _all_or_cancel(one(identity, files) for identity, files in people)
         finally:
             close()
         return summary
