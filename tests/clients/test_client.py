@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -1133,6 +1134,32 @@ def test_async_bulk_helpers_leave_nothing_running_when_they_raise(embedded, coll
             await face.delete_collection(collection_name)
 
     asyncio.run(main())
+
+
+def test_pil_images_in_modes_png_cannot_hold_are_sent_as_the_server_reads_them(embedded):
+    """A PIL image in a mode PNG cannot hold (CMYK, as Image.open gives for a CMYK JPEG; YCbCr, LAB, HSV,
+    RGBX, premultiplied alpha) raised OSError "cannot write mode CMYK as PNG" in the client, though the server
+    takes the CMYK JPEG's bytes. Now it is converted first (to RGB by Pillow, as the server converts CMYK:
+    the same embedding; alpha kept, for the server's transparency rule); 16-bit and float images (I;16, I,
+    F) are a ValueError before anything is sent: the service refuses them rather than guess a scale."""
+    image = pytest.importorskip("PIL.Image")
+    photo = image.open(face_files(ENROLLED[0])[0]).convert("RGB")
+    cmyk_jpeg = io.BytesIO()
+    photo.convert("CMYK").save(cmyk_jpeg, format="JPEG")
+    with FaceClient(embedded.url, ADMIN) as face:
+        as_bytes = face.embed(cmyk_jpeg.getvalue()).embeddings
+        cmyk = image.open(io.BytesIO(cmyk_jpeg.getvalue()))
+        assert cmyk.mode == "CMYK"
+        np.testing.assert_allclose(face.embed(cmyk).embeddings, as_bytes, atol=1e-5)
+        rgb = face.embed(photo).embeddings
+        for mode in ("YCbCr", "LAB", "HSV", "RGBX", "RGBa"):
+            assert float(face.embed(photo.convert(mode)).embeddings[0] @ rgb[0]) > 0.95, mode
+        for mode, plain in (("La", "L"), ("PA", "P")):  # alpha (opaque): as the image without it
+            without = face.embed(photo.convert(plain)).embeddings
+            assert float(face.embed(photo.convert(mode)).embeddings[0] @ without[0]) > 0.99, mode
+        for wide in (photo.convert("F"), photo.convert("I"), photo.convert("I").convert("I;16")):
+            with pytest.raises(ValueError, match=re.escape(f"mode {wide.mode} ")):
+                face.embed(wide)
 
 
 # --- the first call's version check -------------------------------------------------------------------------
