@@ -389,3 +389,14 @@ def test_cli_keys_an_empty_scope_is_not_every_collection(embedded):
     assert lines[nowhere.key_id][2] == "none" and lines[everywhere.key_id][2] == "*"
     for key in (nowhere, everywhere):
         assert face(embedded, "keys", "revoke", key.key_id).returncode == 0
+
+
+def test_cli_a_url_whose_port_is_no_number_is_a_usage_error():
+    """`face --url http://127.0.0.1:abc` printed httpx's traceback and exited 1 (the code of an API error).
+    Now it is a usage error: exit 2, one line naming --url, never the URL's password (FACE_URL too)."""
+    for url in ("http://127.0.0.1:abc", "http://user:s3cret-password@127.0.0.1:abc", "http://127.0.0.1:99999"):
+        for flags, env in ((["--url", url], {}), ([], {"FACE_URL": url})):
+            r = subprocess.run([sys.executable, "-m", "faceclient.cli", *flags, "collections", "list"],
+                               capture_output=True, text=True, timeout=60, env={**os.environ, **env})
+            assert r.returncode == 2 and "Traceback" not in r.stderr, (url, r.returncode, r.stderr)
+            assert "--url" in r.stderr and "s3cret" not in r.stderr + r.stdout, r.stderr

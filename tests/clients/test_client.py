@@ -1162,6 +1162,16 @@ def test_pil_images_in_modes_png_cannot_hold_are_sent_as_the_server_reads_them(e
                 face.embed(wide)
 
 
+def test_a_url_the_client_cannot_use_is_a_value_error_that_shows_no_password():
+    """FaceClient("http://127.0.0.1:abc") raised httpx.InvalidURL; now a ValueError that says what is wrong
+    with the URL, without its user info."""
+    for url in ("http://127.0.0.1:abc", "http://user:s3cret-password@127.0.0.1:abc", "http://127.0.0.1:99999"):
+        for client in (FaceClient, AsyncFaceClient):
+            with pytest.raises(ValueError, match="port") as e:
+                client(url, ADMIN)
+            assert "s3cret" not in str(e.value) and "127.0.0.1" in str(e.value)
+
+
 # --- the first call's version check -------------------------------------------------------------------------
 Answer = tuple[int, dict[str, str], bytes]
 

@@ -142,8 +142,8 @@ def _among(text: str) -> list[str]:
 def _service_url(text: str) -> str:
     try:
         parts = urlsplit(text)
-        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
-    except ValueError:  # e.g. http://[::1
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+    except ValueError:  # e.g. http://[::1, or a port that is no number from 0 to 65535 (.port)
         ok = False
     if not ok:  # the URL as said without its user info: a password is never printed
         raise argparse.ArgumentTypeError(f"must be http://HOST[:PORT] or https://..., not {without_user_info(text)!r}")

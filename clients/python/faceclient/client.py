@@ -162,6 +162,17 @@ def without_user_info(text: str) -> str:
 _USER_INFO = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/?#\s]*@")  # to its last @, as URLs are read
 
 
+def _check_url(url: str, shown: str) -> None:
+    """ValueError for a URL httpx would refuse (httpx.InvalidURL, e.g. a port that is no number) or a port
+    out of range (httpx takes 99999 and fails to connect), naming it as ``shown`` (no user info)."""
+    try:
+        port = httpx.URL(url).port
+    except httpx.InvalidURL as e:
+        raise ValueError(f"base_url {shown!r} is not a usable URL: {without_user_info(str(e))}") from None
+    if port is not None and not 0 < port < 65536:
+        raise ValueError(f"base_url {shown!r}: its port must be 1 to 65535, not {port}")
+
+
 def _major(version: str) -> str:
     return version.split(".", 1)[0]
 
@@ -389,6 +400,7 @@ class _Base:
                              "from a file with its newline?); the key is not shown")
         self.base_url = base_url.rstrip("/")
         self._shown_url = without_user_info(self.base_url)  # the URL in messages: no password
+        _check_url(self.base_url, self._shown_url)
         self._tls_verify: ssl.SSLContext | bool = True
         if ca_file or client_cert:
             context = ssl.create_default_context(cafile=os.fspath(ca_file) if ca_file else None)
