@@ -1109,6 +1109,65 @@ def test_enroll_folder_splits_what_the_server_refuses_as_too_big_and_reports_ref
         proc.stop()
 
 
+def test_enroll_folder_completes_a_person_left_partly_enrolled_and_reports_it_partial(embedded, collection_name,
+                                                                                    tmp_path):
+    """A person whose later request was refused (too_many_faces_for_collection) had a face stored yet was in
+    ``failed`` ("not enrolled"); a rerun, taking any existing identity as done, reported it ``already``, one
+    face of its files for good (as after a run interrupted mid-person: a 429, a lost connection). Now such a
+    person is ``partial``; a rerun finds fewer faces than files and enrolls the person again from its folder
+    (replace: a file added since counts, the faces are the folder's, not added to the old ones); a person with
+    at least as many faces as files (one removed since) is left alone. Sync and async."""
+    person = ENROLLED[1]
+
+    def folder(name: str) -> Path:
+        (tmp_path / name / person).mkdir(parents=True)
+        for path in face_files(person)[:2]:
+            shutil.copy(path, tmp_path / name / person)
+        return tmp_path / name
+
+    def partly(summary) -> None:  # one face stored, the person's second request refused by the collection's limit
+        assert (summary.enrolled, summary.already, summary.faces, summary.failed) == (0, 0, 1, {}), summary
+        assert {k: v.code for k, v in summary.partial.items()} == {person: "too_many_faces_for_collection"}
+        assert summary.persons[person].partial and summary.persons[person].faces == 1
+
+    def resumed(summary) -> None:
+        assert (summary.enrolled, summary.already, summary.resumed, summary.faces) == (1, 0, 1, 3), summary
+        assert summary.partial == summary.failed == {} and summary.persons[person].resumed
+
+    def left_alone(summary) -> None:
+        assert (summary.already, summary.enrolled, summary.resumed, summary.faces) == (1, 0, 0, 0), summary
+
+    options = {"max_images_per_request": 1, "concurrency": 1, "progress": False}
+    with FaceClient(embedded.url, ADMIN, collection=collection_name) as face:
+        face.create_collection(collection_name, max_faces=1)
+        root = folder("sync")
+        partly(face.enroll_folder(root, **options))
+        assert face.get_identity(person).face_count == 1
+        face.update_collection(collection_name, max_faces=None)
+        shutil.copy(face_files(person)[2], root / person)  # a file added since
+        resumed(face.enroll_folder(root, **options))
+        assert face.get_identity(person).face_count == 3
+        (root / person / face_files(person)[0].name).unlink()
+        left_alone(face.enroll_folder(root, **options))
+        assert face.get_identity(person).face_count == 3
+        face.delete_collection(collection_name)
+
+    async def main() -> None:
+        async with AsyncFaceClient(embedded.url, ADMIN, collection=collection_name) as aface:
+            await aface.create_collection(collection_name, max_faces=1)
+            root = folder("async")
+            partly(await aface.enroll_folder(root, **options))
+            await aface.update_collection(collection_name, max_faces=None)
+            shutil.copy(face_files(person)[2], root / person)
+            resumed(await aface.enroll_folder(root, **options))
+            assert (await aface.get_identity(person)).face_count == 3
+            (root / person / face_files(person)[0].name).unlink()
+            left_alone(await aface.enroll_folder(root, **options))
+            await aface.delete_collection(collection_name)
+
+    asyncio.run(main())
+
+
 def test_async_bulk_helpers_leave_nothing_running_when_they_raise(embedded, collection_name, people_dir):
     """AsyncFaceClient.identify_many and enroll_folder ran their batches (people) with asyncio.gather, which
     does not cancel the others when one raises: the caller had the exception while they went on sending
