@@ -389,3 +389,45 @@ def test_cli_keys_an_empty_scope_is_not_every_collection(embedded):
     assert lines[nowhere.key_id][2] == "none" and lines[everywhere.key_id][2] == "*"
     for key in (nowhere, everywhere):
         assert face(embedded, "keys", "revoke", key.key_id).returncode == 0
+
+
+def test_cli_enroll_reports_a_partly_enrolled_person_and_completes_it_on_a_rerun(embedded, collection_name,
+                                                                                 people_dir):
+    """A person with some faces stored (an earlier run cut short) was taken as `already` enrolled, its other
+    files never sent; one whose request was then refused was a `failed` line (not enrolled) though its faces
+    stayed. Now a rerun enrolls such a person again from its folder (a `resumed` line), and one left with
+    some faces after an error is a `partial` line, counted apart from `failed`."""
+    person = ENROLLED[0]
+    shutil.copy(face_files(person)[2], people_dir / person)  # 3 files, where the others have 2
+    assert face(embedded, "collections", "create", collection_name, "--max-faces", "4").returncode == 0
+    with FaceClient(embedded.url, ADMIN, collection=collection_name) as client:
+        client.enroll(person, face_files(person)[0])  # as a run cut short after its first request leaves it
+    c = ["--collection", collection_name]
+    first = face(embedded, *c, "enroll", "--concurrency", "1", str(people_dir))  # Colin, George, Tony
+    assert first.returncode == 0, first.stderr
+    lines = first.stdout.splitlines()  # Colin's 2 leave room for 1 more: George's 3 (in place of 1), Tony's 2 refused
+    assert lines[0] == "people 3\tenrolled 1\talready 0\tfaces 2\tskipped files 0\tpartial 1\tfailed 1", lines
+    assert [line.split("\t")[:2] for line in lines[1:]] == [["partial", person], ["failed", ENROLLED[2]]], lines
+    assert lines[1].split("\t")[2] == "1 stored, 3 files", lines
+    assert lines[1].split("\t")[3].startswith("too_many_faces_for_collection: "), lines
+    assert lines[2].split("\t")[2].startswith("too_many_faces_for_collection: "), lines
+    assert face(embedded, "collections", "set", collection_name, "--max-faces", "none").returncode == 0
+    again = face(embedded, *c, "enroll", str(people_dir))
+    assert again.returncode == 0, again.stderr
+    lines = again.stdout.splitlines()
+    assert lines[0] == "people 3\tenrolled 2\talready 1\tfaces 5\tskipped files 0\tpartial 0\tfailed 0", lines
+    assert [line.split("\t")[:2] for line in lines[1:]] == [["resumed", person]], lines
+    shown = json.loads(face(embedded, *c, "--json", "identities", "show", person).stdout)
+    assert shown["face_count"] == 3
+    assert face(embedded, "collections", "delete", collection_name).returncode == 0
+
+
+def test_cli_a_url_whose_port_is_no_number_is_a_usage_error():
+    """`face --url http://127.0.0.1:abc` printed httpx's traceback and exited 1 (the code of an API error).
+    Now it is a usage error: exit 2, one line naming --url, never the URL's password (FACE_URL too)."""
+    for url in ("http://127.0.0.1:abc", "http://user:s3cret-password@127.0.0.1:abc", "http://127.0.0.1:99999"):
+        for flags, env in ((["--url", url], {}), ([], {"FACE_URL": url})):
+            r = subprocess.run([sys.executable, "-m", "faceclient.cli", *flags, "collections", "list"],
+                               capture_output=True, text=True, timeout=60, env={**os.environ, **env})
+            assert r.returncode == 2 and "Traceback" not in r.stderr, (url, r.returncode, r.stderr)
+            assert "--url" in r.stderr and "s3cret" not in r.stderr + r.stdout, r.stderr

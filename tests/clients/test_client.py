@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -1106,6 +1107,128 @@ def test_enroll_folder_splits_what_the_server_refuses_as_too_big_and_reports_ref
         asyncio.run(main())
     finally:
         proc.stop()
+
+
+def test_enroll_folder_completes_a_person_left_partly_enrolled_and_reports_it_partial(embedded, collection_name,
+                                                                                    tmp_path):
+    """A person whose later request was refused (too_many_faces_for_collection) had a face stored yet was in
+    ``failed`` ("not enrolled"); a rerun, taking any existing identity as done, reported it ``already``, one
+    face of its files for good (as after a run interrupted mid-person: a 429, a lost connection). Now such a
+    person is ``partial``; a rerun finds fewer faces than files and enrolls the person again from its folder
+    (replace: a file added since counts, the faces are the folder's, not added to the old ones); a person with
+    at least as many faces as files (one removed since) is left alone. Sync and async."""
+    person = ENROLLED[1]
+
+    def folder(name: str) -> Path:
+        (tmp_path / name / person).mkdir(parents=True)
+        for path in face_files(person)[:2]:
+            shutil.copy(path, tmp_path / name / person)
+        return tmp_path / name
+
+    def partly(summary) -> None:  # one face stored, the person's second request refused by the collection's limit
+        assert (summary.enrolled, summary.already, summary.faces, summary.failed) == (0, 0, 1, {}), summary
+        assert {k: v.code for k, v in summary.partial.items()} == {person: "too_many_faces_for_collection"}
+        assert summary.persons[person].partial and summary.persons[person].faces == 1
+
+    def resumed(summary) -> None:
+        assert (summary.enrolled, summary.already, summary.resumed, summary.faces) == (1, 0, 1, 3), summary
+        assert summary.partial == summary.failed == {} and summary.persons[person].resumed
+
+    def left_alone(summary) -> None:
+        assert (summary.already, summary.enrolled, summary.resumed, summary.faces) == (1, 0, 0, 0), summary
+
+    options = {"max_images_per_request": 1, "concurrency": 1, "progress": False}
+    with FaceClient(embedded.url, ADMIN, collection=collection_name) as face:
+        face.create_collection(collection_name, max_faces=1)
+        root = folder("sync")
+        partly(face.enroll_folder(root, **options))
+        assert face.get_identity(person).face_count == 1
+        face.update_collection(collection_name, max_faces=None)
+        shutil.copy(face_files(person)[2], root / person)  # a file added since
+        resumed(face.enroll_folder(root, **options))
+        assert face.get_identity(person).face_count == 3
+        (root / person / face_files(person)[0].name).unlink()
+        left_alone(face.enroll_folder(root, **options))
+        assert face.get_identity(person).face_count == 3
+        face.delete_collection(collection_name)
+
+    async def main() -> None:
+        async with AsyncFaceClient(embedded.url, ADMIN, collection=collection_name) as aface:
+            await aface.create_collection(collection_name, max_faces=1)
+            root = folder("async")
+            partly(await aface.enroll_folder(root, **options))
+            await aface.update_collection(collection_name, max_faces=None)
+            shutil.copy(face_files(person)[2], root / person)
+            resumed(await aface.enroll_folder(root, **options))
+            assert (await aface.get_identity(person)).face_count == 3
+            (root / person / face_files(person)[0].name).unlink()
+            left_alone(await aface.enroll_folder(root, **options))
+            await aface.delete_collection(collection_name)
+
+    asyncio.run(main())
+
+
+def test_async_bulk_helpers_leave_nothing_running_when_they_raise(embedded, collection_name, people_dir):
+    """AsyncFaceClient.identify_many and enroll_folder ran their batches (people) with asyncio.gather, which
+    does not cancel the others when one raises: the caller had the exception while they went on sending
+    requests (writes landed after it; once the client closed, 'Task exception was never retrieved'). Now the
+    others are cancelled and waited for before the exception is raised: no task of theirs is left to send."""
+    photos = [face_files(p)[0] for p in ENROLLED[:8]]
+
+    async def main() -> None:
+        async with AsyncFaceClient(embedded.url, ADMIN, collection=collection_name) as face:
+            await face.create_collection(collection_name)
+            await face.enroll(ENROLLED[0], face_files(ENROLLED[0])[0])
+            with pytest.raises(NotFoundError) as e:  # among an id not enrolled: each batch refused
+                await face.identify_many(photos, among=["nobody"], batch_size=1, concurrency=2, progress=False)
+            assert e.value.code == "identity_not_found"
+            assert asyncio.all_tasks() == {asyncio.current_task()}
+            reader = (await face.create_key("read", collections=[collection_name])).secret
+        async with AsyncFaceClient(embedded.url, reader, collection=collection_name) as read_only:
+            with pytest.raises(AuthError):  # a read key may not enroll: the run's error, raised
+                await read_only.enroll_folder(people_dir, concurrency=2, progress=False)
+            assert asyncio.all_tasks() == {asyncio.current_task()}
+        async with AsyncFaceClient(embedded.url, ADMIN, collection=collection_name) as face:
+            assert [i.identity_id async for i in face.iter_identities()] == [ENROLLED[0]]
+            await face.delete_collection(collection_name)
+
+    asyncio.run(main())
+
+
+def test_pil_images_in_modes_png_cannot_hold_are_sent_as_the_server_reads_them(embedded):
+    """A PIL image in a mode PNG cannot hold (CMYK, as Image.open gives for a CMYK JPEG; YCbCr, LAB, HSV,
+    RGBX, premultiplied alpha) raised OSError "cannot write mode CMYK as PNG" in the client, though the server
+    takes the CMYK JPEG's bytes. Now it is converted first (to RGB by Pillow, as the server converts CMYK:
+    the same embedding; alpha kept, for the server's transparency rule); 16-bit and float images (I;16, I,
+    F) are a ValueError before anything is sent: the service refuses them rather than guess a scale."""
+    image = pytest.importorskip("PIL.Image")
+    photo = image.open(face_files(ENROLLED[0])[0]).convert("RGB")
+    cmyk_jpeg = io.BytesIO()
+    photo.convert("CMYK").save(cmyk_jpeg, format="JPEG")
+    with FaceClient(embedded.url, ADMIN) as face:
+        as_bytes = face.embed(cmyk_jpeg.getvalue()).embeddings
+        cmyk = image.open(io.BytesIO(cmyk_jpeg.getvalue()))
+        assert cmyk.mode == "CMYK"
+        np.testing.assert_allclose(face.embed(cmyk).embeddings, as_bytes, atol=1e-5)
+        rgb = face.embed(photo).embeddings
+        for mode in ("YCbCr", "LAB", "HSV", "RGBX", "RGBa"):
+            assert float(face.embed(photo.convert(mode)).embeddings[0] @ rgb[0]) > 0.95, mode
+        for mode, plain in (("La", "L"), ("PA", "P")):  # alpha (opaque): as the image without it
+            without = face.embed(photo.convert(plain)).embeddings
+            assert float(face.embed(photo.convert(mode)).embeddings[0] @ without[0]) > 0.99, mode
+        for wide in (photo.convert("F"), photo.convert("I"), photo.convert("I").convert("I;16")):
+            with pytest.raises(ValueError, match=re.escape(f"mode {wide.mode} ")):
+                face.embed(wide)
+
+
+def test_a_url_the_client_cannot_use_is_a_value_error_that_shows_no_password():
+    """FaceClient("http://127.0.0.1:abc") raised httpx.InvalidURL; now a ValueError that says what is wrong
+    with the URL, without its user info."""
+    for url in ("http://127.0.0.1:abc", "http://user:s3cret-password@127.0.0.1:abc", "http://127.0.0.1:99999"):
+        for client in (FaceClient, AsyncFaceClient):
+            with pytest.raises(ValueError, match="port") as e:
+                client(url, ADMIN)
+            assert "s3cret" not in str(e.value) and "127.0.0.1" in str(e.value)
 
 
 # --- the first call's version check -------------------------------------------------------------------------

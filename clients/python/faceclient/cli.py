@@ -142,8 +142,8 @@ def _among(text: str) -> list[str]:
 def _service_url(text: str) -> str:
     try:
         parts = urlsplit(text)
-        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
-    except ValueError:  # e.g. http://[::1
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+    except ValueError:  # e.g. http://[::1, or a port that is no number from 0 to 65535 (.port)
         ok = False
     if not ok:  # the URL as said without its user info: a password is never printed
         raise argparse.ArgumentTypeError(f"must be http://HOST[:PORT] or https://..., not {without_user_info(text)!r}")
@@ -305,8 +305,12 @@ def run(face: FaceClient, args: argparse.Namespace) -> tuple[Any, list[str]]:
     if args.command == "enroll":
         s = face.enroll_folder(args.folder, replace=args.replace, concurrency=args.concurrency, collection=c)
         lines = [f"people {s.people}\tenrolled {s.enrolled}\talready {s.already}\tfaces {s.faces}\t"
-                 f"skipped files {s.skipped_files}\tfailed {len(s.failed)}"]
+                 f"skipped files {s.skipped_files}\tpartial {len(s.partial)}\tfailed {len(s.failed)}"]
         lines += [f"skipped\t{p.identity_id}\t{f.file}\t{f.code}" for p in s.persons.values() for f in p.skipped]
+        lines += [f"resumed\t{p.identity_id}\tfewer faces than files were stored: enrolled again, {p.face_count} "
+                  f"faces now" for p in s.persons.values() if p.resumed and p.error is None]
+        lines += [f"partial\t{i}\t{s.persons[i].face_count} stored, {s.persons[i].files} files\t{e.code}: "
+                  f"{e.message}" for i, e in s.partial.items()]
         lines += [f"failed\t{i}\t{e.code}: {e.message}" for i, e in s.failed.items()]
         return s, lines
     if args.command == "identities":

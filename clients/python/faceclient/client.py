@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +81,7 @@ from .models import (
 )
 
 M = TypeVar("M", bound=Model)
+T = TypeVar("T")
 ImageType = Literal["aligned", "photo", "auto"]
 Progress = Callable[[int, int], None]  # (done, total)
 Transport = Literal["multipart", "json"]
@@ -161,6 +162,17 @@ def without_user_info(text: str) -> str:
 _USER_INFO = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/?#\s]*@")  # to its last @, as URLs are read
 
 
+def _check_url(url: str, shown: str) -> None:
+    """ValueError for a URL httpx would refuse (httpx.InvalidURL, e.g. a port that is no number) or a port
+    out of range (httpx takes 99999 and fails to connect), naming it as ``shown`` (no user info)."""
+    try:
+        port = httpx.URL(url).port
+    except httpx.InvalidURL as e:
+        raise ValueError(f"base_url {shown!r} is not a usable URL: {without_user_info(str(e))}") from None
+    if port is not None and not 0 < port < 65536:
+        raise ValueError(f"base_url {shown!r}: its port must be 1 to 65535, not {port}")
+
+
 def _major(version: str) -> str:
     return version.split(".", 1)[0]
 
@@ -219,6 +231,30 @@ def _noop() -> None:
     pass
 
 
+async def _all_or_cancel(coroutines: Iterable[Coroutine[Any, Any, T]]) -> list[T]:
+    """Their results, in order, run as tasks; the first exception cancels the others and is raised once they
+    have ended (as asyncio.TaskGroup, which Python 3.10 lacks). asyncio.gather raised it with the others
+    still running: a bulk helper went on sending requests (writes included) after its caller had the
+    exception. The caller's cancellation cancels them likewise."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    if not tasks:
+        return []
+    done: set[asyncio.Future[T]] = set()
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        for task in tasks:
+            task.cancel()  # a finished one stays as it is
+        await asyncio.wait(tasks)
+        for task in tasks:
+            if not task.cancelled():
+                task.exception()  # read, each: none is logged as "never retrieved"
+    for task in tasks:
+        if task in done and not task.cancelled() and (error := task.exception()) is not None:
+            raise error
+    return [task.result() for task in tasks]
+
+
 def progress_reporter(progress: bool | Progress | None, total: int, what: str) -> tuple[Progress | None,
                                                                                           Callable[[], None]]:
     """The bulk helpers' ``progress``: a callable is called with (done, total); True shows a tqdm bar (tqdm
@@ -249,7 +285,15 @@ class _PersonEnroll:
     service finds too big (SPLIT_CODES: over FACE_MAX_FACES_PER_REQUEST or FACE_MAX_REQUEST_BYTES) is split
     (by its ``details.limit``, else in halves) and its parts sent; a single file still too big is skipped.
     Any other refusal of the person (PERSON_CODES, or a 4xx of its request) ends the person: it goes to
-    ``failed``, the run goes on."""
+    ``failed``, or to ``partial`` when some of its faces are stored; the run goes on.
+
+    Resuming (not ``replace``): the server does not know which file a stored face came from, only how many
+    faces the identity has (``found``). As many as the folder has files, or more, is a person enrolled
+    before: left alone (files removed from its folder since change nothing). Fewer is a person a run left
+    partly enrolled (cut short, or stopped by a refusal), or one whose folder got files since: enrolled
+    again from its whole folder with replace, so that its faces are its folder's, none twice. A face stored
+    by other means than this folder is replaced with the rest; a person with a file the service refuses
+    (no_face...) has fewer faces than files for good and is enrolled again by each rerun (the same faces)."""
 
     def __init__(self, identity: str, files: list[Path], size: int, max_bytes: int, replace: bool) -> None:
         self.result = PersonResult(identity_id=identity, files=len(files))
@@ -257,9 +301,15 @@ class _PersonEnroll:
         self.file_bytes = {path: _file_bytes(path) for path in files}
         self.chunks = self._pack(files)
         self.replace = replace  # until a request succeeds: the first one replaces, later ones append
-        if not files:
-            self.result.error = ErrorBody(code="no_images", message="the folder holds no image file ("
-                                          + ", ".join(sorted(IMAGE_SUFFIXES)) + ")")
+
+    def found(self, face_count: int) -> None:
+        """The identity's faces in the gallery before the run (0: not enrolled): already enrolled (nothing is
+        sent), partly (enrolled again, replace), or not at all."""
+        self.result.face_count = face_count
+        if face_count and face_count >= self.result.files:
+            self.result.already = True
+        elif face_count:
+            self.result.resumed = self.replace = True
 
     @staticmethod
     def takes(error: FaceServiceError) -> bool:
@@ -283,10 +333,12 @@ class _PersonEnroll:
         return chunks
 
     def next(self) -> tuple[list[Path], bool] | None:
-        return (self.chunks[0], self.replace) if self.chunks and self.result.error is None else None
+        go = self.chunks and self.result.error is None and not self.result.already
+        return (self.chunks[0], self.replace) if go else None
 
     def enrolled(self, result: EnrollResult) -> None:
         self.result.faces += len(result.face_ids)
+        self.result.face_count = result.face_count
         self.replace = False
         self.chunks.pop(0)
 
@@ -327,11 +379,19 @@ class _PersonEnroll:
         self.result.skipped.append(SkippedFile(file=path.name, code=error.code, message=error.message))
 
     def done(self) -> PersonResult:
-        if self.result.error is None and self.result.faces == 0 and self.result.skipped:
-            first = self.result.skipped[0]
-            self.result.error = ErrorBody(code=first.code, message=f"none of the {self.result.files} images "
-                                          f"could be enrolled (first: {first.file}: {first.message})")
-        return self.result
+        result = self.result
+        if result.already:
+            return result
+        if result.error is None and not result.files:
+            result.error = ErrorBody(code="no_images", message="the folder holds no image file ("
+                                     + ", ".join(sorted(IMAGE_SUFFIXES)) + ")")
+        if result.error is None and result.faces == 0 and result.skipped:
+            first = result.skipped[0]
+            result.error = ErrorBody(code=first.code, message=f"none of the {result.files} images "
+                                     f"could be enrolled (first: {first.file}: {first.message})")
+        # some faces stored: by this run's requests, or by the run it resumed (its replace never landed)
+        result.partial = result.error is not None and result.face_count > 0
+        return result
 
 
 def _file_bytes(path: Path) -> int:
@@ -364,6 +424,7 @@ class _Base:
                              "from a file with its newline?); the key is not shown")
         self.base_url = base_url.rstrip("/")
         self._shown_url = without_user_info(self.base_url)  # the URL in messages: no password
+        _check_url(self.base_url, self._shown_url)
         self._tls_verify: ssl.SSLContext | bool = True
         if ca_file or client_cert:
             context = ssl.create_default_context(cafile=os.fspath(ca_file) if ca_file else None)
@@ -922,13 +983,16 @@ class FaceClient(_Base):
                       progress: bool | Progress | None = None, max_images_per_request: int = 64,
                       max_bytes_per_request: int = MAX_BYTES_PER_REQUEST, **options: Any) -> FolderSummary:
         """Enroll one sub-folder per person (the folder name is the identity id), like ``python -m service
-        gallery enroll``. Resumable: someone already enrolled is skipped unless ``replace``. A file the
+        gallery enroll``. Resumable: someone enrolled with at least as many faces as files is left alone
+        (``already``) unless ``replace``; someone with fewer (a run cut short) is enrolled again from the
+        folder, replacing those faces (``resumed``; see ``_PersonEnroll``). A file the
         service refuses for itself (not an image, no face, low quality...) is skipped and listed in the
         person's ``skipped``; a person the service refuses (a folder name that is no identity id:
         invalid_identity_id; possible_duplicate, too_many_faces_for_identity...), a folder without image
-        files (no_images) and a person none of whose files could be enrolled are in ``failed``, and the run
-        goes on: nothing is raised for bad input (errors of the run itself are: a key, a collection, the
-        server). A person's files go in requests of at most ``max_images_per_request`` files and
+        files (no_images) and a person none of whose files could be enrolled are in ``failed``, or in
+        ``partial`` when some of its faces are stored (a later request refused: a rerun completes it), and
+        the run goes on: nothing is raised for bad input (errors of the run itself are: a key, a collection,
+        the server). A person's files go in requests of at most ``max_images_per_request`` files and
         ``max_bytes_per_request`` bytes of them (16 MiB: under the server's default body limit); a request
         the server refuses as too big (payload_too_large, too_many_faces) is split and sent again.
         ``progress`` (people done): see ``progress_reporter``."""
@@ -939,26 +1003,22 @@ class FaceClient(_Base):
         def one(person: tuple[str, list[Path]]) -> None:
             identity, files = person
             work = _PersonEnroll(identity, files, max_images_per_request, max_bytes_per_request, replace)
-            try:
-                already = not replace and self._exists(identity, options.get("collection"))
-            except BadRequestError as e:  # its folder's name is no identity id (invalid_identity_id...)
-                already = False
-                work.refuse(e)
-            if already:
-                result = PersonResult(identity_id=identity, files=len(files), already=True)
-            else:
-                while (step := work.next()) is not None:
-                    try:
-                        work.enrolled(self.enroll(identity, step[0], replace=step[1], **options))
-                    except FaceServiceError as e:
-                        if not work.takes(e):
-                            raise
-                        work.refused(e)
-                result = work.done()
+            if not replace:
+                try:
+                    work.found(self._face_count(identity, options.get("collection")))
+                except BadRequestError as e:  # its folder's name is no identity id (invalid_identity_id...)
+                    work.refuse(e)
+            while (step := work.next()) is not None:
+                try:
+                    work.enrolled(self.enroll(identity, step[0], replace=step[1], **options))
+                except FaceServiceError as e:
+                    if not work.takes(e):
+                        raise
+                    work.refused(e)
             with lock:
-                summary.add(result)
+                summary.add(work.done())
                 if report:
-                    report(summary.enrolled + summary.already + len(summary.failed), summary.people)
+                    report(summary.done, summary.people)
 
         try:
             with ThreadPoolExecutor(max(1, concurrency)) as pool:
@@ -967,14 +1027,14 @@ class FaceClient(_Base):
             close()
         return summary
 
-    def _exists(self, identity_id: str, collection: str | None) -> bool:
+    def _face_count(self, identity_id: str, collection: str | None) -> int:
+        """The identity's faces in the gallery; 0 when it is not enrolled."""
         try:
-            self.get_identity(identity_id, collection=collection)
-            return True
+            return self.get_identity(identity_id, collection=collection).face_count
         except NotFoundError as e:
             if e.code != "identity_not_found":
                 raise
-            return False
+            return 0
 
     # --- gallery hygiene and clustering -----------------------------------------------------------------
     def duplicates(self, *, min_score: float | None = None, max_false_alarm: float | None = None, limit: int = 100,
@@ -1321,7 +1381,7 @@ class AsyncFaceClient(_Base):
             return results
 
         try:
-            parts = await asyncio.gather(*(one(start, batch) for start, batch in _batches(images, batch_size)))
+            parts = await _all_or_cancel(one(start, batch) for start, batch in _batches(images, batch_size))
         finally:
             close()
         return [r for part in parts for r in part]
@@ -1337,40 +1397,35 @@ class AsyncFaceClient(_Base):
         async def one(identity: str, files: list[Path]) -> None:
             async with gate:
                 work = _PersonEnroll(identity, files, max_images_per_request, max_bytes_per_request, replace)
-                try:
-                    already = not replace and await self._exists(identity, options.get("collection"))
-                except BadRequestError as e:  # its folder's name is no identity id (invalid_identity_id...)
-                    already = False
-                    work.refuse(e)
-                if already:
-                    result = PersonResult(identity_id=identity, files=len(files), already=True)
-                else:
-                    while (step := work.next()) is not None:
-                        try:
-                            work.enrolled(await self.enroll(identity, step[0], replace=step[1], **options))
-                        except FaceServiceError as e:
-                            if not work.takes(e):
-                                raise
-                            work.refused(e)
-                    result = work.done()
-            summary.add(result)
+                if not replace:
+                    try:
+                        work.found(await self._face_count(identity, options.get("collection")))
+                    except BadRequestError as e:  # its folder's name is no identity id (invalid_identity_id...)
+                        work.refuse(e)
+                while (step := work.next()) is not None:
+                    try:
+                        work.enrolled(await self.enroll(identity, step[0], replace=step[1], **options))
+                    except FaceServiceError as e:
+                        if not work.takes(e):
+                            raise
+                        work.refused(e)
+            summary.add(work.done())
             if report:
-                report(summary.enrolled + summary.already + len(summary.failed), summary.people)
+                report(summary.done, summary.people)
 
         try:
-            await asyncio.gather(*(one(identity, files) for identity, files in people))
+            await _all_or_cancel(one(identity, files) for identity, files in people)
         finally:
             close()
         return summary
 
-    async def _exists(self, identity_id: str, collection: str | None) -> bool:
+    async def _face_count(self, identity_id: str, collection: str | None) -> int:
         try:
-            await self.get_identity(identity_id, collection=collection)
-            return True
+            return (await self.get_identity(identity_id, collection=collection)).face_count
         except NotFoundError as e:
             if e.code != "identity_not_found":
                 raise
-            return False
+            return 0
 
     async def duplicates(self, *, min_score: float | None = None, max_false_alarm: float | None = None,
                          limit: int = 100, evidence: int = 3, collection: str | None = None,

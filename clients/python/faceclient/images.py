@@ -28,6 +28,24 @@ def _png(pixels: Any) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 1)) + chunk(b"IEND", b"")
 
 
+# the PIL modes a PNG holds as they are (1 and L: grayscale, as the server reads it); other 8-bit modes are
+# converted to RGB (CMYK and YCbCr as the server converts them: Pillow's conversion), those with alpha to
+# RGBA / LA (the server drops an opaque alpha and refuses real transparency: not decided here)
+PNG_MODES = frozenset({"1", "L", "LA", "P", "RGB", "RGBA"})
+ALPHA_MODES = {"PA": "RGBA", "RGBa": "RGBA", "La": "LA"}
+
+
+def _png_mode(image: Any) -> Any:
+    """A PIL image as one PNG can hold: CMYK (a CMYK JPEG opened), YCbCr, LAB, HSV, RGBX... in RGB.
+    16-bit and float samples (I;16, I, F) are a ValueError, as a numpy array that is not uint8: the
+    service refuses them (unsupported_color_mode) rather than clip or rescale them, a guess either way."""
+    mode = image.mode
+    if mode in ("I", "F") or mode.startswith("I;"):
+        raise ValueError(f"a PIL image in mode {mode} (16-bit or float samples) cannot be sent: the service takes "
+                         "8-bit images (it would not guess how to scale these); convert it to 'L' or 'RGB' yourself")
+    return image if mode in PNG_MODES else image.convert(ALPHA_MODES.get(mode, "RGB"))
+
+
 def encode(image: ImageInput, color: Color | None = None) -> bytes:
     """The encoded bytes of ``image``. A numpy array needs ``color`` ("rgb" or "bgr", as OpenCV reads)."""
     if isinstance(image, (bytes, bytearray, memoryview)):
@@ -43,7 +61,7 @@ def encode(image: ImageInput, color: Color | None = None) -> bytes:
     module = type(image).__module__
     if module.startswith("PIL."):
         buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
+        _png_mode(image).save(buffer, format="PNG")
         return buffer.getvalue()
     if module.startswith("numpy") and hasattr(image, "shape"):
         import numpy as np

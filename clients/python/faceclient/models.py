@@ -528,31 +528,49 @@ class PersonResult(Model):
     identity_id: str
     files: int = 0
     faces: int = 0
-    already: bool = False  # enrolled before (not replace): left as it was
+    # the identity's faces in the gallery as this run last saw them: read before it, or its last enrollment's
+    # answer (0: none stored)
+    face_count: int = 0
+    already: bool = False  # stored before with at least as many faces as files (not replace): left as it was
+    resumed: bool = False  # stored before with fewer faces than files (a run cut short): enrolled again, replace
+    # an error stopped it after some of its faces were stored (by this run, or by the earlier one it resumed):
+    # ``error`` says why, ``face_count`` how many are stored; a rerun enrolls it again
+    partial: bool = False
     skipped: list[SkippedFile] = Field(default_factory=list)
-    error: ErrorBody | None = None  # not enrolled: a refusal of the person, or none of its files could be
+    error: ErrorBody | None = None  # a refusal of the person, or none of its files could be enrolled
 
 
 class FolderSummary(Model):
-    """What enroll_folder did: people found, enrolled, already there (left alone), each failed person's
-    error, files skipped (in ``persons``: every person's result)."""
+    """What enroll_folder did: people found, enrolled (``resumed``: of them, people found partly enrolled
+    and enrolled again), already there (left alone), each partly enrolled person's error (``partial``: some
+    faces stored), each failed person's (``failed``: none stored by this run), files skipped (in
+    ``persons``: every person's result)."""
 
     people: int = 0
     enrolled: int = 0
     already: int = 0
+    resumed: int = 0
     faces: int = 0
     skipped_files: int = 0
+    partial: dict[str, ErrorBody] = Field(default_factory=dict)
     failed: dict[str, ErrorBody] = Field(default_factory=dict)
     persons: dict[str, PersonResult] = Field(default_factory=dict)
+
+    @property
+    def done(self) -> int:
+        """People finished, whichever way (progress)."""
+        return self.enrolled + self.already + len(self.partial) + len(self.failed)
 
     def add(self, person: PersonResult) -> None:
         self.persons[person.identity_id] = person
         self.faces += person.faces
         self.skipped_files += len(person.skipped)
+        if person.resumed and person.error is None:
+            self.resumed += 1
         if person.already:
             self.already += 1
         elif person.error is not None:
-            self.failed[person.identity_id] = person.error
+            (self.partial if person.partial else self.failed)[person.identity_id] = person.error
         else:
             self.enrolled += 1
 
