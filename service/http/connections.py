@@ -10,9 +10,13 @@ client is served. Here a connection is closed when
   or from its previous response (data trickling in does not extend this);
 * its request's headers are in but no part of the body has arrived for ``body_timeout_s`` (a slow but
   steady upload is never cut). The request is dropped: its handler sees the client gone;
-* its request line and headers pass ``max_header_bytes``, however the bytes arrive: it is answered 431
-  ``headers_too_large`` first (uvicorn's httptools parser keeps headers of any size: a 1 MB header
-  value, 10,000 headers).
+* its request line and headers pass ``max_header_bytes``, however the bytes arrive and wherever they
+  fall (after an early answer, pipelined behind a request being answered: then after its answer): it
+  is answered 431 ``headers_too_large`` first (uvicorn's httptools parser keeps headers of any size: a
+  1 MB header value, 10,000 headers). The bytes in the read that ends a body are not counted (at most
+  one read more);
+* a chunked body's framing since its last body byte (chunk lines, extensions, trailer fields, which the
+  parser keeps at any size) passes ``max_header_bytes``: closed at once (its handler sees the client gone).
 
 A request answered before it was all read (413 ``payload_too_large``, 431 ``headers_too_large``: the
 answer says ``Connection: close``) does not have its connection closed at once: closing a socket with
@@ -25,11 +29,24 @@ sending gets its reset then, its answer received long before). One answered befo
 without ``Connection: close`` (a 404, a 405) keeps its connection: the parser reads the rest of the body
 and drops it, under the body's deadline, and the next request's headers are counted from where it ends.
 
-A request that has arrived whole is never cut, however long it takes to answer. Each close is
-reported (``on_close``: /metrics' ``face_http_connections_closed_total``) with its reason: ``idle`` (no
-byte of a request came), ``headers`` (part of them came), ``body``, ``headers_too_large``. The protocol is
-uvicorn's own (httptools where installed, else h11) with a few hooks; a request costs two clock reads
-and no timer: the connection's one timer re-arms itself only when it fires.
+The framing is the parser's, told by its callbacks, and one way only: a request the parser refuses (a
+Content-Length given twice, or with Transfer-Encoding: request smuggling) is answered 422
+``invalid_request`` after the answers before it (uvicorn wrote its plain 400 at once, into an answer in
+progress, and closed), then drained as above; so is a request naming two Hosts (the host check read one,
+the app the other), and one asking to switch protocols (``Upgrade``) with a body, which the parser would
+otherwise take to have none and parse the body as the next request: smuggled past a proxy that forwards
+``Upgrade``. One without a body is answered as a plain request (nothing is upgraded to) and closes the
+connection, nothing after it parsed. A target in absolute form (``http://host/path``) names the request's
+host (RFC 9112), for the host check too. A client that shuts its sending side after whole requests gets
+their answers, then the close (uvicorn closed at once and cancelled them).
+
+A request that has arrived whole is never cut, however long it takes to answer, and a body the server
+itself has stopped reading (a request pipelined behind one being answered) is not held to the body's
+deadline. Each close is reported (``on_close``: /metrics' ``face_http_connections_closed_total``) with
+its reason: ``idle`` (no byte of a request came), ``headers`` (part of them came), ``body``,
+``headers_too_large``, ``invalid`` (refused by the parser, or as above). The protocol is uvicorn's
+httptools one with a few hooks; a request costs two clock reads and no timer: the connection's one
+timer re-arms itself only when it fires.
 """
 
 from __future__ import annotations
@@ -41,6 +58,8 @@ import socket
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
+
+import httptools
 
 from ..errors import ErrorCode, ServiceError
 
@@ -73,10 +92,16 @@ class _Transport:
         return getattr(self._transport, name)
 
 
+class _Refused(Exception):
+    """Raised by a parser callback to stop the parse of a request refused on the wire (``_Deadlines._refusal``)."""
+
+
 class _Deadlines:
-    """Mixed into uvicorn's protocol class (``connection_made``, ``data_received``,
-    ``on_response_complete``, ``connection_lost``, ``shutdown``, ``loop``, ``transport`` and ``cycle`` are its own;
-    a cycle's ``more_body`` says whether its request's body is still arriving)."""
+    """Mixed into uvicorn's httptools protocol class (``connection_made``, ``data_received``, the parser's
+    callbacks ``on_message_begin`` ... ``on_message_complete``, ``on_response_complete``, ``eof_received``,
+    ``connection_lost``, ``shutdown``, ``loop``, ``transport``, ``parser``, ``flow``, ``pipeline``, ``scheme``
+    and ``cycle`` are its own). Where the parser is in the byte stream is told by its callbacks, not by
+    uvicorn's per-request flags (a request answered before its body ended keeps ``more_body`` set)."""
 
     header_timeout_s = 20.0
     body_timeout_s = 60.0
@@ -87,6 +112,13 @@ class _Deadlines:
     _heard_at = 0.0  # when data last arrived
     _header_bytes = 0  # bytes of the next request's line and headers received so far (0: none yet, idle)
     _header_tail = b""  # the last 3 of them (the blank line that ends them may span two parts)
+    _begun = False  # the parser has begun a request it has not ended (its line, headers or body)
+    _in_body = False  # ... and is in its body: past its headers, before its end
+    _body_bytes = 0  # body bytes the parser has given (all requests)
+    _framing = 0  # bytes of the current body's framing since its last body byte (chunk lines, trailers)
+    _refusal: ServiceError | None = None  # the request refused on the wire, with why (set by a callback)
+    _held: tuple[ServiceError, str] | None = None  # a refusal sent once the requests before it are answered
+    _upgraded = False  # a request asked to switch protocols: nothing after its headers is parsed
     _socket_transport: Any = None  # the transport itself (uvicorn's protocol has a _Transport of it)
     _draining = False  # answered before the body was all read: what comes is read and dropped
     _drained = 0  # bytes dropped so far
@@ -101,16 +133,40 @@ class _Deadlines:
         self._timer = loop.call_later(min(self.header_timeout_s, self.body_timeout_s), self._check)
 
     def data_received(self, data: bytes) -> None:
+        """uvicorn's own, but: header bytes are counted (431 past ``max_header_bytes``), a body's framing
+        too (chunk lines, extensions, trailers: the parser keeps a trailer of any size), a request the
+        parser refuses gets a coded answer after the requests before it (uvicorn wrote its 400 at once,
+        into the answer in progress, and closed), and nothing after an upgrade request is parsed."""
         self._heard_at = self.loop.time()  # type: ignore[attr-defined]
         if self._draining:
             self._drained += len(data)
             if self._drained > DRAIN_MAX_BYTES:
                 self._end_drain("more than DRAIN_MAX_BYTES came")
             return
-        if self._awaiting_headers() and not self._headers_fit(data):
-            self._refuse_headers()
+        if self._held is not None or self._upgraded:
+            return  # (what follows a refused request, or one that asked for another protocol, is not parsed)
+        in_body, body_bytes = self._in_body, self._body_bytes
+        if not in_body and not self._headers_fit(data):
+            self._refuse(ServiceError(ErrorCode.headers_too_large, f"the request line and headers exceed "
+                                      f"{self.max_header_bytes} bytes", limit=self.max_header_bytes),
+                         "headers_too_large")
             return  # (not parsed: the parser would keep them)
-        super().data_received(data)  # type: ignore[misc]
+        self._unset_keepalive_if_required()  # type: ignore[attr-defined]
+        try:
+            self.parser.feed_data(data)  # type: ignore[attr-defined]
+        except httptools.HttpParserUpgrade:
+            self._upgraded = True  # (its request, if it had no body, is answered; its answer closes the connection)
+        except httptools.HttpParserError as exc:
+            refusal, self._refusal = self._refusal, None
+            self._refuse(refusal or ServiceError(ErrorCode.invalid_request, f"malformed HTTP request: {exc}"),
+                         "invalid")
+            return
+        if in_body and self._in_body:  # still in that body: its framing since its last body byte
+            came = self._body_bytes - body_bytes
+            self._framing = (0 if came else self._framing) + len(data) - came
+            if self._framing > self.max_header_bytes:
+                self._cut("a body's framing (chunk lines, extensions, trailers) exceeds the header limit",
+                          "headers_too_large")
 
     def _headers_fit(self, data: bytes) -> bool:
         """Whether the request line and headers, of which ``data`` is the next part, stay within
@@ -127,32 +183,101 @@ class _Deadlines:
         self._header_bytes, self._header_tail = (seen, (tail + data[-3:])[-3:]) if end < 0 else (0, b"")
         return seen <= self.max_header_bytes
 
-    def _awaiting_headers(self) -> bool:
-        """Whether the next bytes are a request's line and headers: not while the body of a request
-        already answered (a 404 before it was read) is still arriving (the parser drops it)."""
-        cycle = getattr(self, "cycle", None)
-        return cycle is None or (cycle.response_complete and not cycle.more_body)
+    # the parser's callbacks (httptools calls the protocol's methods)
 
-    def _refuse_headers(self) -> None:
+    def on_message_begin(self) -> None:
+        self._begun = True
+        super().on_message_begin()  # type: ignore[misc]
+
+    def on_headers_complete(self) -> None:
+        self._in_body, self._framing = True, 0
+        self._header_bytes, self._header_tail = 0, b""
+        headers = self.headers  # type: ignore[attr-defined]
+        upgrade = self.parser.should_upgrade()  # type: ignore[attr-defined]
+        hosts = [value for name, value in headers if name == b"host"]
+        if len(hosts) > 1:
+            self._refusal = ServiceError(ErrorCode.invalid_request, "a request may name one Host, not several")
+            raise _Refused
+        if upgrade and any(name == b"transfer-encoding" or (name == b"content-length" and value.strip(b" \t0"))
+                           for name, value in headers):
+            # (the parser would take the body for the next requests: a request smuggled past a proxy)
+            self._refusal = ServiceError(ErrorCode.invalid_request, "a request that asks to switch protocols "
+                                         "(Upgrade) may not carry a body: this service speaks HTTP/1.1 only")
+            raise _Refused
+        authority = _absolute_form_authority(self.url)  # type: ignore[attr-defined]
+        if authority is not None:  # the target's authority is the request's host, whatever Host says (RFC 9112)
+            headers[:] = [(name, value) for name, value in headers if name != b"host"] + [(b"host", authority)]
+        super().on_headers_complete()  # type: ignore[misc]
+        if upgrade:  # answered as a plain request (nothing is upgraded to), then the connection is closed
+            self.cycle.keep_alive = False  # type: ignore[attr-defined]
+
+    def on_body(self, body: bytes) -> None:
+        self._body_bytes += len(body)
+        super().on_body(body)  # type: ignore[misc]
+
+    def on_message_complete(self) -> None:
+        self._begun = self._in_body = False
+        cycle = self.cycle  # type: ignore[attr-defined]
+        if cycle.response_complete:  # answered before its body ended: the wait for the next starts now
+            self._waiting_since = self.loop.time()  # type: ignore[attr-defined]
+        super().on_message_complete()  # type: ignore[misc]
+
+    def _should_upgrade(self) -> bool:
+        return False  # (no route speaks another protocol: an upgrade request is answered as a plain one)
+
+    def _unsupported_upgrade_warning(self) -> None:
+        log.debug("upgrade request answered as a plain HTTP/1.1 request", extra={"client": getattr(self, "client", None)})
+
+    # refusals, drains and closes
+
+    def _refuse(self, error: ServiceError, reason: str) -> None:
+        """Answers ``error`` with ``Connection: close`` once every request before it is answered (until
+        then nothing more is read: uvicorn holds the pipelined ones), then drains and closes."""
+        cycle = self.cycle  # type: ignore[attr-defined]
+        if (cycle is not None and not cycle.response_complete) or self.pipeline:  # type: ignore[attr-defined]
+            self._held = (error, reason)
+            self.flow.pause_reading()  # type: ignore[attr-defined]
+            return
         transport = self.transport  # type: ignore[attr-defined]
         if transport.is_closing():
             return
-        error = ServiceError(ErrorCode.headers_too_large, f"the request line and headers exceed "
-                             f"{self.max_header_bytes} bytes", limit=self.max_header_bytes)
         body = json.dumps(error.body()).encode()
         head = [f"HTTP/1.1 {error.status} {HTTPStatus(error.status).phrase}", "content-type: application/json",
-                f"content-length: {len(body)}", *(f"{k.lower()}: {v}" for k, v in error.headers.items())]
+                f"content-length: {len(body)}", "connection: close",
+                *(f"{k.lower()}: {v}" for k, v in error.headers.items())]
         transport.write("\r\n".join(head).encode() + b"\r\n\r\n" + body)
         self._drain()  # (closed once what still comes is dropped, as after a 413)
-        log.debug("connection closed: headers too large", extra={"client": getattr(self, "client", None),
-                                                                 "limit": self.max_header_bytes})
+        log.debug(f"connection closed: {error.code.value}", extra={"client": getattr(self, "client", None),
+                                                                    "detail": error.message})
         if self.on_close is not None:
-            self.on_close("headers_too_large")
+            self.on_close(reason)
+
+    def _cut(self, why: str, reason: str) -> None:
+        """Closes the connection at once (its request, being handled, sees its client gone)."""
+        if not self._socket_transport.is_closing():
+            log.debug(f"connection closed: {why}", extra={"client": getattr(self, "client", None)})
+            self._socket_transport.close()
+            if self.on_close is not None:
+                self.on_close(reason)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()  # type: ignore[misc]
         self._waiting_since = self.loop.time()  # type: ignore[attr-defined]
-        self._header_bytes, self._header_tail = 0, b""
+        cycle = self.cycle  # type: ignore[attr-defined]
+        if self._held is not None and not self.pipeline and cycle.response_complete:  # type: ignore[attr-defined]
+            (error, reason), self._held = self._held, None
+            self._refuse(error, reason)
+
+    def eof_received(self) -> bool | None:
+        """A client that half-closes (shuts its sending side) after whole requests still gets their answers:
+        the connection closes after the last (uvicorn closed it at once, and the requests' handlers saw
+        their client gone). A request cut short, a drain, TLS: closed now."""
+        cycle = self.cycle  # type: ignore[attr-defined]
+        owed = (cycle is not None and not cycle.response_complete) or self.pipeline  # type: ignore[attr-defined]
+        if owed and not self._begun and not self._draining and self.scheme != "https":  # type: ignore[attr-defined]
+            cycle.keep_alive = False
+            return True
+        return None
 
     def _close_or_drain(self) -> None:
         """uvicorn's protocol closes the connection (``transport.close()``): at once, unless it has just
@@ -160,7 +285,7 @@ class _Deadlines:
         connection drains first. Shutting down, the server closes at once."""
         cycle = getattr(self, "cycle", None)
         if (self._draining or self._shutting_down or cycle is None or not cycle.response_complete
-                or not cycle.more_body or self._socket_transport.is_closing()):
+                or not self._in_body or self._socket_transport.is_closing()):
             self._socket_transport.close()
             return
         self._drain()
@@ -202,8 +327,8 @@ class _Deadlines:
 
     def _check(self) -> None:
         loop = self.loop  # type: ignore[attr-defined]
+        now = loop.time()
         if self._draining:
-            now = loop.time()
             quiet = self._heard_at + min(DRAIN_IDLE_S, self.body_timeout_s)
             wait = min(self._drain_until, quiet) - now
             if wait > 0:
@@ -213,13 +338,16 @@ class _Deadlines:
                 self._end_drain("for too long" if now >= self._drain_until else "paused")
             return
         cycle = getattr(self, "cycle", None)
-        if self._awaiting_headers():  # waiting for a request's headers
-            # (told by the bytes counted, not by the times: uvloop's clock moves once a loop iteration)
-            what = "headers" if self._header_bytes else "idle"
-            wait = self._waiting_since + self.header_timeout_s - loop.time()
-        elif cycle.more_body:  # headers in, the body still arriving
-            wait, what = self._heard_at + self.body_timeout_s - loop.time(), "body"
-        else:  # the request is whole: it is being handled, its response restarts the wait
+        queued = bool(self.pipeline)  # type: ignore[attr-defined]
+        answering = (cycle is not None and not cycle.response_complete) or queued or self._held is not None
+        if not self._in_body and not answering:  # waiting for a request's headers
+            what = "headers" if self._begun or self._header_bytes else "idle"
+            wait = self._waiting_since + self.header_timeout_s - now
+        elif self._in_body and not queued and not self.flow.read_paused:  # type: ignore[attr-defined]
+            wait, what = self._heard_at + self.body_timeout_s - now, "body"  # the body arriving, read as it comes
+        else:  # requests being answered, the bytes after them held back: the last response restarts the wait
+            if self._in_body:  # (the server is not reading that body: its client is not stalling)
+                self._heard_at = now
             wait, what = self.header_timeout_s, ""
         if wait > 0:
             self._timer = loop.call_later(wait, self._check)
@@ -236,14 +364,24 @@ class _Deadlines:
                 self.on_close(what)
 
 
+def _absolute_form_authority(target: bytes) -> bytes | None:
+    """The authority of a request target in absolute form (``http://host:port/path``), without user
+    info; None for the origin form (``/path``)."""
+    scheme, sep, rest = target.partition(b"://")
+    if not sep or scheme.lower() not in (b"http", b"https"):
+        return None
+    authority = rest.split(b"/", 1)[0].split(b"?", 1)[0].split(b"#", 1)[0]
+    return authority.rpartition(b"@")[2]
+
+
 def http_protocol(header_timeout_s: float, body_timeout_s: float, max_header_bytes: int = 64 * 1024,
                   on_close: Callable[[str], None] | None = None) -> type[asyncio.Protocol]:
     """uvicorn's HTTP protocol class (``uvicorn.Config(http=...)``) with the two deadlines and the header
-    limit; ``on_close`` is told why ("idle", "headers", "body" or "headers_too_large") at each connection
+    limit; ``on_close`` is told why ("idle", "headers", "body", "headers_too_large" or "invalid") at each connection
     they close."""
-    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol  # (uvicorn[standard] brings httptools)
 
-    return type("DeadlineHTTPProtocol", (_Deadlines, AutoHTTPProtocol),
+    return type("DeadlineHTTPProtocol", (_Deadlines, HttpToolsProtocol),
                 {"header_timeout_s": header_timeout_s, "body_timeout_s": body_timeout_s,
                  "max_header_bytes": max_header_bytes,
                  "on_close": staticmethod(on_close) if on_close is not None else None})

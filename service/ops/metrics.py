@@ -175,7 +175,8 @@ class Metrics:
         self.connections_closed = Counter(
             "face_http_connections_closed", "Connections the server closed on a client, by reason: idle (no byte of a "
             "request in FACE_HTTP_HEADER_TIMEOUT_S), headers (not all of them in it), body (a stalled body, "
-            "FACE_HTTP_BODY_TIMEOUT_S), headers_too_large (over FACE_HTTP_MAX_HEADER_BYTES: answered 431)",
+            "FACE_HTTP_BODY_TIMEOUT_S), headers_too_large (over FACE_HTTP_MAX_HEADER_BYTES: answered 431; or a "
+            "chunked body's trailer), invalid (a request the HTTP parser refused: answered 422 invalid_request)",
             ["reason"], registry=self.registry,
         )
         self.retention_erased = Counter(
@@ -237,8 +238,8 @@ class Metrics:
         children[1].observe(seconds)
 
     def observe_connection_closed(self, reason: str) -> None:
-        """A connection the server closed on its client (http/connections.py): ``reason`` idle, headers, body
-        or headers_too_large."""
+        """A connection the server closed on its client (http/connections.py): ``reason`` idle, headers, body,
+        headers_too_large or invalid."""
         self.connections_closed.labels(reason).inc()
 
     def observe_tls_certificate(self, not_after: datetime.datetime) -> None:
