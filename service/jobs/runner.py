@@ -10,6 +10,10 @@ Taking a job is a conditional UPDATE on the row's state and heartbeat as read (`
 ``expect_state``/``expect_heartbeat``): of several replicas (PostgreSQL) only one changes the row;
 the others see no row changed and leave it. While a job runs, a ticker writes its heartbeat every
 ``stale_s / 6`` seconds, so a long phase (a catch-up listing, the comparison) is never taken for dead.
+Every write of a run (progress, heartbeat, ``done``, ``failed``) is conditioned on the row being
+``running`` *and* this runner's (``expect_owner``): a run cancelled, then resumed and taken by another
+replica, or one taken over as stale (a paused process, a partition), would otherwise still store its
+late answer over the new run's, or write its progress into the new run's row.
 Rows of a POST that died between its job row and its target collection (``creating``) are removed
 after ``2 * stale_s``, freeing their collection for a new job.
 
@@ -60,9 +64,9 @@ def run_job(galleries: Galleries, embedder: Callable[[str], Embed], job: JobReco
     def save(changes: dict) -> bool:
         if stopping is not None and stopping.is_set():
             return False
-        return galleries.update_job(job.job_id, changes, expect_state=("running",))
+        return galleries.update_job(job.job_id, changes, expect_state=("running",), expect_owner=owner)
 
-    ticker = _heartbeat(galleries, job, stale_s, stopping)
+    ticker = _heartbeat(galleries, job, owner, stale_s, stopping)
     migration: Migration | None = None
     try:
         try:
@@ -74,9 +78,10 @@ def run_job(galleries: Galleries, embedder: Callable[[str], Embed], job: JobReco
                 raise JobStopped(job.job_id)
             assert migration is not None
             now = time.time()
-            galleries.update_job(job.job_id, {"state": "done", "progress": migration.progress, "report": report,
-                                              "updated_at": now, "finished_at": now, "heartbeat": now},
-                                 expect_state=("running",))
+            if not galleries.update_job(job.job_id, {"state": "done", "progress": migration.progress, "report": report,
+                                                     "updated_at": now, "finished_at": now, "heartbeat": now},
+                                        expect_state=("running",), expect_owner=owner):
+                raise JobStopped(job.job_id)
 
         migration = Migration(galleries, job, embed, save, compare=compare, finish=finish)
         log.info("job started", extra={"job": job.job_id, "collection": job.collection, "into": job.into})
@@ -84,22 +89,23 @@ def run_job(galleries: Galleries, embedder: Callable[[str], Embed], job: JobReco
     except JobStopped:
         log.info("job stopped (cancelled or taken over)", extra={"job": job.job_id})
     except Exception as exc:  # noqa: BLE001 - any failure ends the job as failed, with its reason
-        _fail(galleries, job, exc, None if migration is None else migration.progress)
+        _fail(galleries, job, owner, exc, None if migration is None else migration.progress)
     finally:
         ticker()
     return _ended(galleries, job, on_done)
 
 
-def _heartbeat(galleries: Galleries, job: JobRecord, stale_s: float,
+def _heartbeat(galleries: Galleries, job: JobRecord, owner: str | None, stale_s: float,
                stopping: threading.Event | None) -> Callable[[], None]:
-    """Start writing the job's heartbeat every ``stale_s / 6`` s (while it is ``running``: a long phase is
-    never taken for dead); returns the function that stops it."""
+    """Start writing the job's heartbeat every ``stale_s / 6`` s (while it is ``running`` and ``owner``'s: a
+    long phase is never taken for dead); returns the function that stops it."""
     stop_ticker = threading.Event()
 
     def tick() -> None:
         while not stop_ticker.wait(stale_s / 6) and not (stopping is not None and stopping.is_set()):
             try:
-                if not galleries.update_job(job.job_id, {"heartbeat": time.time()}, expect_state=("running",)):
+                if not galleries.update_job(job.job_id, {"heartbeat": time.time()}, expect_state=("running",),
+                                            expect_owner=owner):
                     return
             except Exception:  # noqa: BLE001 - the next tick tries again; the job itself reports failures
                 log.warning("job heartbeat failed", extra={"job": job.job_id}, exc_info=True)
@@ -115,9 +121,10 @@ def _heartbeat(galleries: Galleries, job: JobRecord, stale_s: float,
 
 def run_scan(galleries: Galleries, scan: Scan, job: JobRecord, on_done: Callable[[JobRecord], None] | None = None,
              stale_s: float = STALE_S) -> JobRecord:
-    """Run a scan job this process holds (scan.py) to its end: its answer stored as the report, state
-    ``done`` (if the job is still ``running``: a cancelled one's answer is dropped), or ``failed``."""
-    ticker = _heartbeat(galleries, job, stale_s, None)
+    """Run a scan job this process holds (scan.py; the job as taken: its ``owner``) to its end: its answer
+    stored as the report, state ``done`` (if the job is still ``running`` and this run's: a cancelled
+    one's answer is dropped, and so is one that comes in after another runner took the job), or ``failed``."""
+    ticker = _heartbeat(galleries, job, job.owner, stale_s, None)
     started = time.perf_counter()
     try:
         log.info("job started", extra={"job": job.job_id, "kind": job.kind, "collection": job.collection})
@@ -130,9 +137,9 @@ def run_scan(galleries: Galleries, scan: Scan, job: JobRecord, on_done: Callable
                     "faces_per_s": round(faces / max(time.perf_counter() - started, 1e-6), 1)}
         galleries.update_job(job.job_id, {"state": "done", "progress": progress, "report": report,
                                           "updated_at": now, "finished_at": now, "heartbeat": now},
-                             expect_state=("running",))
+                             expect_state=("running",), expect_owner=job.owner)
     except Exception as exc:  # noqa: BLE001 - any failure ends the job as failed, with its reason
-        _fail(galleries, job, exc)
+        _fail(galleries, job, job.owner, exc)
     finally:
         ticker()
     return _ended(galleries, job, on_done)
@@ -145,8 +152,8 @@ def _same_collection(galleries: Galleries, job: JobRecord) -> None:
                         f"collection {job.collection!r} was deleted (or made anew under its name) since the scan was queued")
 
 
-def _fail(galleries: Galleries, job: JobRecord, exc: Exception, progress: dict | None = None) -> None:
-    """The job ``failed`` with its reason (if it is still ``running``), and its progress when given."""
+def _fail(galleries: Galleries, job: JobRecord, owner: str | None, exc: Exception, progress: dict | None = None) -> None:
+    """The job ``failed`` with its reason (if it is still ``running`` and ``owner``'s), and its progress when given."""
     code, message = _failure(exc, job)
     log.warning("job failed", extra={"job": job.job_id, "code": code, "reason": str(exc)},
                 exc_info=code == ErrorCode.internal_error.value)  # a stack for what has no code only
@@ -155,7 +162,7 @@ def _fail(galleries: Galleries, job: JobRecord, exc: Exception, progress: dict |
                      "finished_at": now}
     if progress is not None:
         changes["progress"] = progress
-    galleries.update_job(job.job_id, changes, expect_state=("running",))
+    galleries.update_job(job.job_id, changes, expect_state=("running",), expect_owner=owner)
 
 
 def _ended(galleries: Galleries, job: JobRecord, on_done: Callable[[JobRecord], None] | None) -> JobRecord:

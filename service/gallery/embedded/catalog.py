@@ -368,7 +368,8 @@ class Catalog:
         return [jobs.JobRecord.from_row(r) for r in rows]
 
     def update_job(self, job_id: str, changes: dict, expect_state: tuple[str, ...] | None = None,
-                   expect_heartbeat: float | None | bool = False, audit_as: tuple[str, Actor] | None = None) -> bool:
+                   expect_heartbeat: float | None | bool = False, audit_as: tuple[str, Actor] | None = None,
+                   expect_owner: str | None | bool = False) -> bool:
         values = jobs.to_db(changes)
         where: list[str] = ["job_id = ?"]
         args: list[object] = [job_id]
@@ -378,6 +379,9 @@ class Catalog:
         if expect_heartbeat is not False:
             where.append("heartbeat IS ?")
             args.append(expect_heartbeat)
+        if expect_owner is not False:
+            where.append('"owner" IS ?')
+            args.append(expect_owner)
         sets = ", ".join(f'"{name}" = ?' for name in values)
         try:
             with self._write() as conn:

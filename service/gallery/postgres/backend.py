@@ -1343,7 +1343,8 @@ class PostgresGalleries:
         return [jobs.JobRecord.from_row(r) for r in rows]
 
     def update_job(self, job_id: str, changes: dict, expect_state: tuple[str, ...] | None = None,
-                   expect_heartbeat: float | None | bool = False, audit_as: tuple[str, Actor] | None = None) -> bool:
+                   expect_heartbeat: float | None | bool = False, audit_as: tuple[str, Actor] | None = None,
+                   expect_owner: str | None | bool = False) -> bool:
         """A conditional UPDATE: with ``expect_heartbeat`` only the replica that read that heartbeat
         wins a claim (the others change no row)."""
         values = jobs.to_db(changes)
@@ -1355,6 +1356,9 @@ class PostgresGalleries:
         if expect_heartbeat is not False:
             where.append("heartbeat IS NOT DISTINCT FROM %s")
             args.append(expect_heartbeat)
+        if expect_owner is not False:
+            where.append('"owner" IS NOT DISTINCT FROM %s')
+            args.append(expect_owner)
         sets = ", ".join(f'"{name}" = %s' for name in values)
         now = time.time()
         try:

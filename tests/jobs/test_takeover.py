@@ -1,0 +1,113 @@
+"""A migration whose job another runner took (service/jobs/runner.py): cancelled, resumed and taken by
+another replica, or taken over as stale while its runner's heartbeats did not reach the store (a paused
+process, a partition). The first run, when it comes back, writes nothing more into the job's row: not
+its cursor or progress over the new run's, not ``done`` while the new run copies. On both backends,
+with the store and the runner's run_job; the model call is the test's, held after the first batch.
+The same for scan jobs is in test_scan.py."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from service.gallery.api import Galleries
+from service.gallery.crops import encode_crop, write_key_file
+from service.gallery.open import make_gallery
+from service.jobs.migrate import start_migration
+from service.jobs.runner import JobRunner, run_job, take
+from service.jobs.store import JobRecord
+
+MODEL, DIM = "m@1", 8
+INTO_DIM = 4
+IDENTITIES = 6
+
+
+@pytest.fixture
+def stores(gallery_settings, tmp_path):
+    """(replica A's galleries, replica B's): on PostgreSQL two pools on one schema; the embedded catalog
+    is one process's, so one object (what differs is the runner, its owner)."""
+    key = tmp_path / "crop.key"
+    write_key_file(key)
+    settings = gallery_settings.model_copy(update={"crop_key_file": key})
+    a = make_gallery(settings, MODEL, DIM)
+    a.open()
+    b = a
+    if settings.database_url is not None:
+        b = make_gallery(settings, MODEL, DIM)
+        b.open()
+    yield a, b
+    if b is not a:
+        b.close()
+    a.close()
+
+
+def embed(crops: np.ndarray) -> np.ndarray:
+    vectors = np.random.default_rng(len(crops)).standard_normal((len(crops), INTO_DIM)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def source(galleries: Galleries) -> None:
+    galleries.create_collection("a", keep_crops=True, model_id=MODEL, dim=DIM)
+    rng = np.random.default_rng(0)
+    for i in range(IDENTITIES):
+        vector = rng.standard_normal((1, DIM)).astype(np.float32)
+        crop = encode_crop(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
+        galleries.collection("a").enroll(f"p{i}", vector / np.linalg.norm(vector), crops=[crop])
+
+
+def held_run(galleries: Galleries, job: JobRecord, stale_s: float = 30.0):
+    """Run ``job`` (taken by "runner-a") in a thread whose first model call waits to be released;
+    (release, thread, ended)."""
+    release, embedding = threading.Event(), threading.Event()
+
+    def held(crops: np.ndarray) -> np.ndarray:
+        embedding.set()
+        assert release.wait(30)
+        return embed(crops)
+
+    ended: list[JobRecord] = []
+    thread = threading.Thread(target=lambda: ended.append(
+        run_job(galleries, lambda name: held, job, "runner-a", compare=False, stale_s=stale_s)))
+    thread.start()
+    assert embedding.wait(30)
+    return release, thread, ended
+
+
+@pytest.mark.parametrize("how", ["resumed", "stale"])
+def test_a_migration_another_runner_took_writes_nothing_more_into_its_job(stores, how):
+    a, b = stores
+    source(a)
+    job = start_migration(a, "a", "tiny", "t@1", INTO_DIM, "b", batch_size=2)
+    taken = take(a, job, "runner-a")
+    assert taken is not None
+    release, thread, ended = held_run(a, taken, stale_s=30.0 if how == "resumed" else 3600)
+    if how == "resumed":  # cancelled (it stops after its batch), resumed, and replica B is first to take it
+        assert a.update_job(job.job_id, {"state": "cancelled", "finished_at": time.time()},
+                            expect_state=("queued", "running"))
+        assert a.update_job(job.job_id, {"state": "queued", "finished_at": None, "heartbeat": None, "owner": None},
+                            expect_state=("cancelled",))
+        queued = b.get_job(job.job_id)
+        assert queued is not None
+        mine = take(b, queued, "runner-b")
+    else:  # A's heartbeats stopped reaching the store: B's runner takes the job as stale
+        runner = JobRunner(b, None, stale_s=0.01)
+        runner.owner = "runner-b"
+        time.sleep(0.05)  # older than B's stale_s
+        mine = runner.claim()
+    assert mine is not None and (mine.job_id, mine.state, mine.owner) == (job.job_id, "running", "runner-b")
+
+    release.set()  # A comes back: its batch, then its checkpoint
+    thread.join(60)
+    assert ended
+    row = b.get_job(job.job_id)
+    assert row is not None
+    assert (row.state, row.owner, row.cursor, row.finished_at) == ("running", "runner-b", None, None)
+    assert row.progress == mine.progress  # nothing of A's run
+
+    done = run_job(b, lambda name: embed, mine, "runner-b", compare=False)
+    assert (done.state, done.owner, done.error) == ("done", "runner-b", None)
+    assert done.progress["identities_done"] == IDENTITIES
+    assert sorted(r.identity_id for r in b.collection("b").list_identities(100, None)) == [f"p{i}" for i in range(IDENTITIES)]
