@@ -123,13 +123,17 @@ def run_scan(galleries: Galleries, scan: Scan, job: JobRecord, on_done: Callable
              stale_s: float = STALE_S) -> JobRecord:
     """Run a scan job this process holds (scan.py; the job as taken: its ``owner``) to its end: its answer
     stored as the report, state ``done`` (if the job is still ``running`` and this run's: a cancelled
-    one's answer is dropped, and so is one that comes in after another runner took the job), or ``failed``."""
+    one's answer is dropped, and so is one that comes in after another runner took the job), or ``failed``.
+    The scan reads with the primary's WAL position at its start as its floor (``read_floor``): run without
+    the client's token, it would otherwise read a standby in rotation that has not applied the writes
+    answered before the job was queued."""
     ticker = _heartbeat(galleries, job, job.owner, stale_s, None)
     started = time.perf_counter()
     try:
         log.info("job started", extra={"job": job.job_id, "kind": job.kind, "collection": job.collection})
         _same_collection(galleries, job)
-        report = scan(job)
+        with galleries.collection(job.collection).read_floor():  # no client token: not a lagging standby's
+            report = scan(job)
         _same_collection(galleries, job)  # (not one deleted while it was scanned, nor made anew)
         now = time.time()
         faces = int(report.get("faces_scanned", 0))
