@@ -111,3 +111,43 @@ def test_a_migration_another_runner_took_writes_nothing_more_into_its_job(stores
     assert (done.state, done.owner, done.error) == ("done", "runner-b", None)
     assert done.progress["identities_done"] == IDENTITIES
     assert sorted(r.identity_id for r in b.collection("b").list_identities(100, None)) == [f"p{i}" for i in range(IDENTITIES)]
+
+
+@pytest.mark.parametrize("how", ["resumed", "stale"])
+def test_a_migration_another_runner_took_does_not_write_its_batch_over_the_new_runs_copy(stores, how):
+    """Replica A holds a batch it read from the source (p0 as it was) in its model call when the job
+    passes to replica B; p0 is written in the source (acknowledged), B copies it and says done. A's batch,
+    embedded at last, is not written into the new collection over B's: p0 keeps its acknowledged write."""
+    a, b = stores
+    source(a)
+    job = start_migration(a, "a", "tiny", "t@1", INTO_DIM, "b", batch_size=2)
+    taken = take(a, job, "runner-a")
+    assert taken is not None
+    release, thread, ended = held_run(a, taken, stale_s=30.0 if how == "resumed" else 3600)
+    vector = np.ones((1, DIM), np.float32) / np.sqrt(DIM)
+    crop = encode_crop(np.zeros((16, 16, 3), np.uint8))
+    b.collection("a").enroll("p0", vector, {"badge": "revoked"}, replace=True, crops=[crop])
+    if how == "resumed":
+        assert a.update_job(job.job_id, {"state": "cancelled", "finished_at": time.time()},
+                            expect_state=("queued", "running"))
+        assert a.update_job(job.job_id, {"state": "queued", "finished_at": None, "heartbeat": None, "owner": None},
+                            expect_state=("cancelled",))
+        queued = b.get_job(job.job_id)
+        assert queued is not None
+        mine = take(b, queued, "runner-b")
+    else:
+        runner = JobRunner(b, None, stale_s=0.01)
+        runner.owner = "runner-b"
+        time.sleep(0.05)
+        mine = runner.claim()
+    assert mine is not None and mine.owner == "runner-b"
+    done = run_job(b, lambda name: embed, mine, "runner-b", compare=False)
+    assert done.state == "done"
+    copied = b.collection("b").get_identity("p0")
+    assert copied is not None and copied.record.metadata == {"badge": "revoked"}
+
+    release.set()
+    thread.join(60)
+    assert ended
+    copied = b.collection("b").get_identity("p0")
+    assert copied is not None and copied.record.metadata == {"badge": "revoked"}
