@@ -640,8 +640,10 @@ class Galleries(Protocol):
 
     def get_job(self, job_id: str) -> JobRecord | None: ...
 
-    def list_jobs(self, collection: str | None = None, state: str | None = None, limit: int = 100) -> list[JobRecord]:
-        """Newest first (rows still being created are listed only when ``state`` is "creating")."""
+    def list_jobs(self, collection: str | None = None, state: str | None = None, limit: int = 100,
+                  kind: str | None = None) -> list[JobRecord]:
+        """Newest first (rows still being created are listed only when ``state`` is "creating"); ``kind``: of
+        that kind only (what looks for migrations: scans, many more rows, would crowd them out of ``limit``)."""
 
     def update_job(self, job_id: str, changes: dict, expect_state: tuple[str, ...] | None = None,
                    expect_heartbeat: float | None | bool = False, audit_as: tuple[str, Actor] | None = None,

@@ -155,8 +155,8 @@ def unfinished_migration_into(galleries: Galleries, collection: str) -> JobRecor
     """The newest migrate job whose new collection is ``collection``, when it is not ``done`` (creating,
     queued, running, failed, cancelled); None otherwise. ``done`` is final, and a job's ``into`` is a
     collection it created: a None here stays None."""
-    found = [job for state in ("creating", None) for job in galleries.list_jobs(state=state, limit=10_000)
-             if job.kind == MIGRATE and job.into == collection]
+    found = [job for state in ("creating", None) for job in galleries.list_jobs(state=state, limit=10_000, kind=MIGRATE)
+             if job.into == collection]
     newest = max(found, key=lambda job: (job.created_at, job.job_id), default=None)
     return None if newest is None or newest.state == "done" else newest
 

@@ -203,7 +203,7 @@ def shadow_pairs(galleries: Galleries) -> list[tuple[str, str, list[str]]]:
     """(source, target, aliases pointing at the source) of each finished shadow migration whose
     shadow traffic still applies (jobs/shadow.py): both collections exist and no alias points at the
     target yet (an alias re-pointed from the source to the target ends it). Newest job per source."""
-    done = [job for job in galleries.list_jobs(state="done", limit=1000) if job.shadow]  # newest first
+    done = [job for job in galleries.list_jobs(state="done", limit=1000, kind=MIGRATE) if job.shadow]  # newest first
     if not done:  # every replica reads this every FACE_SHADOW_REFRESH_S: one query when nothing shadows
         return []
     collections = {info.name for info in galleries.list_collections()}

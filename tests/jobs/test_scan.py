@@ -12,8 +12,8 @@ import pytest
 
 from service.gallery.api import Actor, AuditQuery, CollectionNotFound, Galleries
 from service.gallery.open import make_gallery
-from service.jobs.migrate import JobFailed
-from service.jobs.runner import JobRunner, run_scan, take
+from service.jobs.migrate import JobFailed, unfinished_migration_into
+from service.jobs.runner import JobRunner, run_scan, shadow_pairs, take
 from service.jobs.scan import DUPLICATES, start_scan
 from service.jobs.store import JobRecord, new_job_id
 
@@ -195,3 +195,24 @@ def test_a_runner_whose_job_was_taken_over_writes_nothing_more(galleries: Galler
     run_scan(galleries, gone, stale)
     now = replica.get_job(job.job_id)
     assert now is not None and (now.state, now.owner, now.error) == ("running", b.owner, None)
+
+
+def test_scans_do_not_crowd_a_shadow_migration_out_of_the_jobs_it_is_found_in(galleries: Galleries):
+    """Scan jobs are rows of the same store: a thousand later scans (a nightly hygiene scan of a few
+    collections, for a year) leave a done shadow migration's pair found (runner.shadow_pairs), and an
+    unfinished migration's target still found (migrate.unfinished_migration_into)."""
+    for name in ("people", "people-v2", "people-v3"):
+        galleries.create_collection(name)
+    made = time.time() - 3600
+    galleries.create_job(JobRecord(job_id=new_job_id(), collection="people", into="people-v2", model="tiny",
+                                   model_id="t@1", source_model_id=MODEL, state="done", shadow=True,
+                                   created_at=made, finished_at=made))
+    galleries.create_job(JobRecord(job_id=new_job_id(), collection="default", into="people-v3", model="tiny",
+                                   model_id="t@1", source_model_id=MODEL, state="failed", created_at=made))
+    for i in range(1001):
+        galleries.create_job(JobRecord(job_id=new_job_id(), kind=DUPLICATES, collection="people", into="",
+                                       model="sface", model_id=MODEL, source_model_id=MODEL, state="done",
+                                       created_at=made + 1 + i, finished_at=made + 1 + i))
+    assert shadow_pairs(galleries) == [("people", "people-v2", [])]
+    unfinished = unfinished_migration_into(galleries, "people-v3")
+    assert unfinished is not None and unfinished.state == "failed"

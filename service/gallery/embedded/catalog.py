@@ -355,7 +355,7 @@ class Catalog:
         return jobs.JobRecord.from_row(rows[0]) if rows else None
 
     def list_jobs(self, collection: str | None = None, state: str | None = None,
-                  limit: int = 100) -> list[jobs.JobRecord]:
+                  limit: int = 100, kind: str | None = None) -> list[jobs.JobRecord]:
         where, args = ([] if state == "creating" else ["state != 'creating'"]), []
         if collection is not None:
             where.append('"collection" = ?')
@@ -363,6 +363,9 @@ class Catalog:
         if state is not None:
             where.append("state = ?")
             args.append(state)
+        if kind is not None:
+            where.append('"kind" = ?')
+            args.append(kind)
         rows = self._read(f"SELECT {jobs.SQL_COLUMNS} FROM jobs WHERE {' AND '.join(where)} "
                           "ORDER BY created_at DESC, job_id DESC LIMIT ?", (*args, int(limit)))
         return [jobs.JobRecord.from_row(r) for r in rows]

@@ -821,8 +821,9 @@ class EmbeddedGalleries:
     def get_job(self, job_id: str) -> JobRecord | None:
         return self._catalog.get_job(job_id)
 
-    def list_jobs(self, collection: str | None = None, state: str | None = None, limit: int = 100) -> list[JobRecord]:
-        return self._catalog.list_jobs(collection, state, limit)
+    def list_jobs(self, collection: str | None = None, state: str | None = None, limit: int = 100,
+                  kind: str | None = None) -> list[JobRecord]:
+        return self._catalog.list_jobs(collection, state, limit, kind)
 
     def update_job(self, job_id: str, changes: dict, expect_state: tuple[str, ...] | None = None,
                    expect_heartbeat: float | None | bool = False, audit_as: tuple[str, Actor] | None = None,

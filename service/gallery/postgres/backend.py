@@ -1329,7 +1329,7 @@ class PostgresGalleries:
         return None if row is None else jobs.JobRecord.from_row(row)
 
     def list_jobs(self, collection: str | None = None, state: str | None = None,
-                  limit: int = 100) -> list[jobs.JobRecord]:
+                  limit: int = 100, kind: str | None = None) -> list[jobs.JobRecord]:
         where, args = ([] if state == "creating" else ["state != 'creating'"]), []
         if collection is not None:
             where.append('"collection" = %s')
@@ -1337,6 +1337,9 @@ class PostgresGalleries:
         if state is not None:
             where.append("state = %s")
             args.append(state)
+        if kind is not None:
+            where.append('"kind" = %s')
+            args.append(kind)
         with self._read_connection() as conn:
             rows = conn.execute(f"SELECT {jobs.SQL_COLUMNS} FROM face_jobs WHERE {' AND '.join(where)} "
                                 "ORDER BY created_at DESC, job_id DESC LIMIT %s", (*args, int(limit))).fetchall()
