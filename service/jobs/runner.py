@@ -4,7 +4,8 @@ Every ``poll_s`` (or at once when woken by a new job) it takes one job it may ru
 
 * a ``queued`` one (a new job, a resumed one), or
 * a ``running`` one whose heartbeat is older than ``stale_s``: its runner died (a killed server, a
-  replica gone); the job continues after its cursor (migrate.py).
+  replica gone), or its run ended without a word in its row (the database went away as it wrote its
+  end); the job continues after its cursor (migrate.py).
 
 Taking a job is a conditional UPDATE on the row's state and heartbeat as read (``update_job`` with
 ``expect_state``/``expect_heartbeat``): of several replicas (PostgreSQL) only one changes the row;
@@ -277,7 +278,10 @@ class JobRunner:
         return kind == MIGRATE or kind in self.scans
 
     def claim(self) -> JobRecord | None:
-        """Take one job this process may run, or None (a conditional UPDATE: one replica wins)."""
+        """Take one job this process may run, or None (a conditional UPDATE: one replica wins). Called
+        between this runner's runs only: a stale ``running`` row of its own is one whose run ended
+        without writing its end (the database went away as it stored its answer or its failure), taken
+        again like any other's (on a single replica nobody else would)."""
         now = time.time()
         for job in self.galleries.list_jobs(state="creating", limit=100):
             if now - job.created_at > 2 * self.stale_s:  # its POST died before creating the target
@@ -291,7 +295,7 @@ class JobRunner:
                 return taken
         for job in self.galleries.list_jobs(state="running", limit=100):
             if self.runs(job.kind) and (job.heartbeat is None or now - job.heartbeat > self.stale_s):
-                taken = take(self.galleries, job, self.owner) if job.owner != self.owner else None
+                taken = take(self.galleries, job, self.owner)  # (its own too: no run of it is in flight now)
                 if taken is not None:
                     log.info("resuming a job whose runner stopped", extra={"job": job.job_id, "owner": job.owner})
                     return taken

@@ -13,11 +13,11 @@ import time
 import numpy as np
 import pytest
 
-from service.gallery.api import Galleries
+from service.gallery.api import Galleries, GalleryUnavailable
 from service.gallery.crops import encode_crop, write_key_file
 from service.gallery.open import make_gallery
 from service.jobs.migrate import start_migration
-from service.jobs.runner import JobRunner, run_job, take
+from service.jobs.runner import JobRunner, run_job, run_scan, take
 from service.jobs.store import JobRecord
 
 MODEL, DIM = "m@1", 8
@@ -151,3 +151,56 @@ def test_a_migration_another_runner_took_does_not_write_its_batch_over_the_new_r
     assert ended
     copied = b.collection("b").get_identity("p0")
     assert copied is not None and copied.record.metadata == {"badge": "revoked"}
+
+
+def test_a_job_whose_run_ended_without_a_word_in_its_row_is_taken_again_by_the_same_runner():
+    """The database goes away while a scan stores its answer (a failover, a restart): neither its answer
+    nor its failure can be written, and the row stays ``running`` under this runner with no run behind
+    it. Once the database is back and the heartbeat is stale the runner takes it again, as another
+    replica would: on a single replica nobody else will (before, the job stayed ``running`` until the
+    process restarted, holding its collection's one place for a job: 409 ``job_running``)."""
+    from service.config import Settings
+    from service.jobs.scan import DUPLICATES, start_scan
+    from tests.pg import PgTestServer
+
+    database = PgTestServer()
+    try:
+        env = database.gallery_env()
+        settings = Settings(database_url=env["FACE_DATABASE_URL"], database_schema=env["FACE_DATABASE_SCHEMA"],
+                            database_timeout_s=2)
+        galleries = make_gallery(settings, MODEL, DIM)
+        galleries.open()
+        try:
+            def scan(job: JobRecord) -> dict:
+                if not answered:
+                    database.stop()  # while the scan runs: its answer finds no database
+                answered.append(job.job_id)
+                return {"pairs": [], "faces_scanned": 0}
+
+            answered: list[str] = []
+            runner = JobRunner(galleries, None, stale_s=0.5, scans={DUPLICATES: scan})
+            job = start_scan(galleries, DUPLICATES, "default", "sface", {})
+            taken = runner.claim()
+            assert taken is not None and taken.job_id == job.job_id
+            with pytest.raises(GalleryUnavailable):  # neither the answer nor the failure is written
+                run_scan(galleries, scan, taken, stale_s=runner.stale_s)
+            database.start()
+            deadline = time.monotonic() + 60
+            while True:  # the pool reconnects by itself; the heartbeat then gets older than stale_s
+                assert time.monotonic() < deadline
+                try:
+                    row = galleries.get_job(job.job_id)
+                except GalleryUnavailable:
+                    row = None
+                if row is not None and time.time() - (row.heartbeat or 0) > runner.stale_s:
+                    break
+                time.sleep(0.1)
+            assert (row.state, row.owner) == ("running", runner.owner)
+            again = runner.claim()
+            assert again is not None and (again.job_id, again.owner) == (job.job_id, runner.owner)
+            done = run_scan(galleries, scan, again, stale_s=runner.stale_s)
+            assert done.state == "done" and answered == [job.job_id, job.job_id]
+        finally:
+            galleries.close()
+    finally:
+        database.close()
