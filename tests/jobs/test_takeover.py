@@ -1,9 +1,10 @@
 """A migration whose job another runner took (service/jobs/runner.py): cancelled, resumed and taken by
 another replica, or taken over as stale while its runner's heartbeats did not reach the store (a paused
-process, a partition). The first run, when it comes back, writes nothing more into the job's row: not
-its cursor or progress over the new run's, not ``done`` while the new run copies. On both backends,
-with the store and the runner's run_job; the model call is the test's, held after the first batch.
-The same for scan jobs is in test_scan.py."""
+process, a partition). The first run, when it comes back, writes nothing more into the job's row (not
+its cursor or progress over the new run's, not ``done`` while the new run copies) nor its batch into
+the new collection. On both backends, with the store and the runner's run_job; the model call is the
+test's, held in the first batch. The same for scan jobs is in test_scan.py. And a job whose run ended
+without writing its end (the database gone) is taken again by its own runner."""
 
 from __future__ import annotations
 
@@ -13,12 +14,15 @@ import time
 import numpy as np
 import pytest
 
+from service.config import Settings
 from service.gallery.api import Galleries, GalleryUnavailable
 from service.gallery.crops import encode_crop, write_key_file
 from service.gallery.open import make_gallery
 from service.jobs.migrate import start_migration
 from service.jobs.runner import JobRunner, run_job, run_scan, take
+from service.jobs.scan import DUPLICATES, start_scan
 from service.jobs.store import JobRecord
+from tests.pg import PgTestServer
 
 MODEL, DIM = "m@1", 8
 INTO_DIM = 4
@@ -159,10 +163,6 @@ def test_a_job_whose_run_ended_without_a_word_in_its_row_is_taken_again_by_the_s
     it. Once the database is back and the heartbeat is stale the runner takes it again, as another
     replica would: on a single replica nobody else will (before, the job stayed ``running`` until the
     process restarted, holding its collection's one place for a job: 409 ``job_running``)."""
-    from service.config import Settings
-    from service.jobs.scan import DUPLICATES, start_scan
-    from tests.pg import PgTestServer
-
     database = PgTestServer()
     try:
         env = database.gallery_env()
