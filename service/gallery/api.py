@@ -642,14 +642,19 @@ class Galleries(Protocol):
 
     def get_job(self, job_id: str) -> JobRecord | None: ...
 
-    def list_jobs(self, collection: str | None = None, state: str | None = None, limit: int = 100) -> list[JobRecord]:
-        """Newest first (rows still being created are listed only when ``state`` is "creating")."""
+    def list_jobs(self, collection: str | None = None, state: str | None = None, limit: int = 100,
+                  kind: str | None = None) -> list[JobRecord]:
+        """Newest first (rows still being created are listed only when ``state`` is "creating"); ``kind``: of
+        that kind only (what looks for migrations: scans, many more rows, would crowd them out of ``limit``)."""
 
     def update_job(self, job_id: str, changes: dict, expect_state: tuple[str, ...] | None = None,
-                   expect_heartbeat: float | None | bool = False, audit_as: tuple[str, Actor] | None = None) -> bool:
+                   expect_heartbeat: float | None | bool = False, audit_as: tuple[str, Actor] | None = None,
+                   expect_owner: str | None | bool = False) -> bool:
         """Change the row's ``changes`` (store.UPDATABLE) if it is in ``expect_state`` and holds
-        ``expect_heartbeat`` (False: any); whether it changed. ``audit_as``: (action, actor) recorded
-        in the same transaction. jobs.JobRunning when it would make a second active job of a collection."""
+        ``expect_heartbeat`` and ``expect_owner`` (False: any); whether it changed. ``audit_as``: (action,
+        actor) recorded in the same transaction. jobs.JobRunning when it would make a second active job of
+        a collection. A runner writes its job with ``expect_owner``: once the job was resumed and taken by
+        another runner (or taken over as stale), the first one's late writes change nothing."""
 
     def delete_job(self, job_id: str) -> None:
         """Remove a job row still being created (its POST failed): nothing else is ever deleted."""

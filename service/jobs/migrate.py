@@ -231,7 +231,8 @@ def iter_identities(gallery: GalleryBackend, after: str | None = None) -> Iterat
 
 class Migration:
     """One run of a migrate job (module docstring). ``save(changes)`` writes the job row while it is
-    still ``running`` (False: it is not: stop); ``embed`` is B's model."""
+    still ``running`` and this runner's (False: it is not: stop, before the next write of B too);
+    ``embed`` is B's model."""
 
     def __init__(self, galleries: Galleries, job: JobRecord, embed: Embed,
                  save: Callable[[dict], bool], compare: bool = True,
@@ -277,6 +278,7 @@ class Migration:
         size = max(1, self.job.batch_size)
         vectors = (np.concatenate([self.embed(np.stack(arrays[i:i + size])) for i in range(0, len(arrays), size)])
                    if arrays else np.zeros((0, target.dim), np.float32))
+        self._hold()
         start = 0
         for record, faces in batch.identities:
             crops = faces.crops
@@ -302,6 +304,7 @@ class Migration:
         batch, faces = _Batch(), 0
         self._check_unaliased(target)
         crops_of = self._read(source, records)
+        self._hold()
         for record in records:
             faces_of = crops_of.get(record.identity_id)
             if faces_of is None:
@@ -350,6 +353,14 @@ class Migration:
             raise JobFailed(ErrorCode.migration_unfinished, f"alias {aliases[0]!r} points at {target.name!r}, the "
                             "new collection of this unfinished migration: the job stops rather than overwrite what "
                             "was written through it. Point the alias back at the source, then resume the job")
+
+    def _hold(self) -> None:
+        """JobStopped unless the job is still this run's (``save``: running, this runner's), checked right
+        before writing B: what this run read of A (then embedded, which takes long) may be older than what
+        a run that took the job since (cancelled, resumed and taken by another replica; taken over as
+        stale) wrote to B, and must not overwrite it."""
+        if not self.save({"heartbeat": time.time()}):
+            raise JobStopped(self.job.job_id)
 
     # --- the phases --------------------------------------------------------------------------
     def _checkpoint(self, **progress: object) -> None:
@@ -420,6 +431,7 @@ class Migration:
             return 0
         if gone:
             self._check_unaliased(target)
+            self._hold()
         for identity_id in gone:
             target.delete(identity_id)
         for start in range(0, len(stale), PAGE):
@@ -484,6 +496,7 @@ class Migration:
         lingering = sorted(target.identity_crops(sorted(absent)).keys())  # those B still has
         if lingering:
             self._check_unaliased(target)
+            self._hold()
         for identity_id in lingering:
             if target.delete(identity_id) is not None:
                 gone += 1

@@ -4,12 +4,17 @@ Every ``poll_s`` (or at once when woken by a new job) it takes one job it may ru
 
 * a ``queued`` one (a new job, a resumed one), or
 * a ``running`` one whose heartbeat is older than ``stale_s``: its runner died (a killed server, a
-  replica gone); the job continues after its cursor (migrate.py).
+  replica gone), or its run ended without a word in its row (the database went away as it wrote its
+  end); the job continues after its cursor (migrate.py).
 
 Taking a job is a conditional UPDATE on the row's state and heartbeat as read (``update_job`` with
 ``expect_state``/``expect_heartbeat``): of several replicas (PostgreSQL) only one changes the row;
 the others see no row changed and leave it. While a job runs, a ticker writes its heartbeat every
 ``stale_s / 6`` seconds, so a long phase (a catch-up listing, the comparison) is never taken for dead.
+Every write of a run (progress, heartbeat, ``done``, ``failed``) is conditioned on the row being
+``running`` *and* this runner's (``expect_owner``): a run cancelled, then resumed and taken by another
+replica, or one taken over as stale (a paused process, a partition), would otherwise still store its
+late answer over the new run's, or write its progress into the new run's row.
 Rows of a POST that died between its job row and its target collection (``creating``) are removed
 after ``2 * stale_s``, freeing their collection for a new job.
 
@@ -60,9 +65,9 @@ def run_job(galleries: Galleries, embedder: Callable[[str], Embed], job: JobReco
     def save(changes: dict) -> bool:
         if stopping is not None and stopping.is_set():
             return False
-        return galleries.update_job(job.job_id, changes, expect_state=("running",))
+        return galleries.update_job(job.job_id, changes, expect_state=("running",), expect_owner=owner)
 
-    ticker = _heartbeat(galleries, job, stale_s, stopping)
+    ticker = _heartbeat(galleries, job, owner, stale_s, stopping)
     migration: Migration | None = None
     try:
         try:
@@ -74,9 +79,10 @@ def run_job(galleries: Galleries, embedder: Callable[[str], Embed], job: JobReco
                 raise JobStopped(job.job_id)
             assert migration is not None
             now = time.time()
-            galleries.update_job(job.job_id, {"state": "done", "progress": migration.progress, "report": report,
-                                              "updated_at": now, "finished_at": now, "heartbeat": now},
-                                 expect_state=("running",))
+            if not galleries.update_job(job.job_id, {"state": "done", "progress": migration.progress, "report": report,
+                                                     "updated_at": now, "finished_at": now, "heartbeat": now},
+                                        expect_state=("running",), expect_owner=owner):
+                raise JobStopped(job.job_id)
 
         migration = Migration(galleries, job, embed, save, compare=compare, finish=finish)
         log.info("job started", extra={"job": job.job_id, "collection": job.collection, "into": job.into})
@@ -84,22 +90,23 @@ def run_job(galleries: Galleries, embedder: Callable[[str], Embed], job: JobReco
     except JobStopped:
         log.info("job stopped (cancelled or taken over)", extra={"job": job.job_id})
     except Exception as exc:  # noqa: BLE001 - any failure ends the job as failed, with its reason
-        _fail(galleries, job, exc, None if migration is None else migration.progress)
+        _fail(galleries, job, owner, exc, None if migration is None else migration.progress)
     finally:
         ticker()
     return _ended(galleries, job, on_done)
 
 
-def _heartbeat(galleries: Galleries, job: JobRecord, stale_s: float,
+def _heartbeat(galleries: Galleries, job: JobRecord, owner: str | None, stale_s: float,
                stopping: threading.Event | None) -> Callable[[], None]:
-    """Start writing the job's heartbeat every ``stale_s / 6`` s (while it is ``running``: a long phase is
-    never taken for dead); returns the function that stops it."""
+    """Start writing the job's heartbeat every ``stale_s / 6`` s (while it is ``running`` and ``owner``'s: a
+    long phase is never taken for dead); returns the function that stops it."""
     stop_ticker = threading.Event()
 
     def tick() -> None:
         while not stop_ticker.wait(stale_s / 6) and not (stopping is not None and stopping.is_set()):
             try:
-                if not galleries.update_job(job.job_id, {"heartbeat": time.time()}, expect_state=("running",)):
+                if not galleries.update_job(job.job_id, {"heartbeat": time.time()}, expect_state=("running",),
+                                            expect_owner=owner):
                     return
             except Exception:  # noqa: BLE001 - the next tick tries again; the job itself reports failures
                 log.warning("job heartbeat failed", extra={"job": job.job_id}, exc_info=True)
@@ -115,14 +122,19 @@ def _heartbeat(galleries: Galleries, job: JobRecord, stale_s: float,
 
 def run_scan(galleries: Galleries, scan: Scan, job: JobRecord, on_done: Callable[[JobRecord], None] | None = None,
              stale_s: float = STALE_S) -> JobRecord:
-    """Run a scan job this process holds (scan.py) to its end: its answer stored as the report, state
-    ``done`` (if the job is still ``running``: a cancelled one's answer is dropped), or ``failed``."""
-    ticker = _heartbeat(galleries, job, stale_s, None)
+    """Run a scan job this process holds (scan.py; the job as taken: its ``owner``) to its end: its answer
+    stored as the report, state ``done`` (if the job is still ``running`` and this run's: a cancelled
+    one's answer is dropped, and so is one that comes in after another runner took the job), or ``failed``.
+    The scan reads with the primary's WAL position at its start as its floor (``read_floor``): run without
+    the client's token, it would otherwise read a standby in rotation that has not applied the writes
+    answered before the job was queued."""
+    ticker = _heartbeat(galleries, job, job.owner, stale_s, None)
     started = time.perf_counter()
     try:
         log.info("job started", extra={"job": job.job_id, "kind": job.kind, "collection": job.collection})
         _same_collection(galleries, job)
-        report = scan(job)
+        with galleries.collection(job.collection).read_floor():  # no client token: not a lagging standby's
+            report = scan(job)
         _same_collection(galleries, job)  # (not one deleted while it was scanned, nor made anew)
         now = time.time()
         faces = int(report.get("faces_scanned", 0))
@@ -130,9 +142,9 @@ def run_scan(galleries: Galleries, scan: Scan, job: JobRecord, on_done: Callable
                     "faces_per_s": round(faces / max(time.perf_counter() - started, 1e-6), 1)}
         galleries.update_job(job.job_id, {"state": "done", "progress": progress, "report": report,
                                           "updated_at": now, "finished_at": now, "heartbeat": now},
-                             expect_state=("running",))
+                             expect_state=("running",), expect_owner=job.owner)
     except Exception as exc:  # noqa: BLE001 - any failure ends the job as failed, with its reason
-        _fail(galleries, job, exc)
+        _fail(galleries, job, job.owner, exc)
     finally:
         ticker()
     return _ended(galleries, job, on_done)
@@ -145,8 +157,8 @@ def _same_collection(galleries: Galleries, job: JobRecord) -> None:
                         f"collection {job.collection!r} was deleted (or made anew under its name) since the scan was queued")
 
 
-def _fail(galleries: Galleries, job: JobRecord, exc: Exception, progress: dict | None = None) -> None:
-    """The job ``failed`` with its reason (if it is still ``running``), and its progress when given."""
+def _fail(galleries: Galleries, job: JobRecord, owner: str | None, exc: Exception, progress: dict | None = None) -> None:
+    """The job ``failed`` with its reason (if it is still ``running`` and ``owner``'s), and its progress when given."""
     code, message = _failure(exc, job)
     log.warning("job failed", extra={"job": job.job_id, "code": code, "reason": str(exc)},
                 exc_info=code == ErrorCode.internal_error.value)  # a stack for what has no code only
@@ -155,7 +167,7 @@ def _fail(galleries: Galleries, job: JobRecord, exc: Exception, progress: dict |
                      "finished_at": now}
     if progress is not None:
         changes["progress"] = progress
-    galleries.update_job(job.job_id, changes, expect_state=("running",))
+    galleries.update_job(job.job_id, changes, expect_state=("running",), expect_owner=owner)
 
 
 def _ended(galleries: Galleries, job: JobRecord, on_done: Callable[[JobRecord], None] | None) -> JobRecord:
@@ -192,7 +204,7 @@ def shadow_pairs(galleries: Galleries) -> list[tuple[str, str, list[str]]]:
     """(source, target, aliases pointing at the source) of each finished shadow migration whose
     shadow traffic still applies (jobs/shadow.py): both collections exist and no alias points at the
     target yet (an alias re-pointed from the source to the target ends it). Newest job per source."""
-    done = [job for job in galleries.list_jobs(state="done", limit=1000) if job.shadow]  # newest first
+    done = [job for job in galleries.list_jobs(state="done", limit=1000, kind=MIGRATE) if job.shadow]  # newest first
     if not done:  # every replica reads this every FACE_SHADOW_REFRESH_S: one query when nothing shadows
         return []
     collections = {info.name for info in galleries.list_collections()}
@@ -266,7 +278,10 @@ class JobRunner:
         return kind == MIGRATE or kind in self.scans
 
     def claim(self) -> JobRecord | None:
-        """Take one job this process may run, or None (a conditional UPDATE: one replica wins)."""
+        """Take one job this process may run, or None (a conditional UPDATE: one replica wins). Called
+        between this runner's runs only: a stale ``running`` row of its own is one whose run ended
+        without writing its end (the database went away as it stored its answer or its failure), taken
+        again like any other's (on a single replica nobody else would)."""
         now = time.time()
         for job in self.galleries.list_jobs(state="creating", limit=100):
             if now - job.created_at > 2 * self.stale_s:  # its POST died before creating the target
@@ -280,7 +295,7 @@ class JobRunner:
                 return taken
         for job in self.galleries.list_jobs(state="running", limit=100):
             if self.runs(job.kind) and (job.heartbeat is None or now - job.heartbeat > self.stale_s):
-                taken = take(self.galleries, job, self.owner) if job.owner != self.owner else None
+                taken = take(self.galleries, job, self.owner)  # (its own too: no run of it is in flight now)
                 if taken is not None:
                     log.info("resuming a job whose runner stopped", extra={"job": job.job_id, "owner": job.owner})
                     return taken

@@ -66,6 +66,11 @@ def test_a_claim_is_a_conditional_update_and_is_audited(galleries):
     # a stale heartbeat is taken over only by whoever read it as it is
     assert not galleries.update_job(row.job_id, {"owner": "c", "heartbeat": 20.0}, expect_heartbeat=9.0)
     assert galleries.update_job(row.job_id, {"owner": "c", "heartbeat": 20.0}, expect_heartbeat=10.0)
+    # a runner writes only while the job is its own: "a" lost it to "c"
+    assert not galleries.update_job(row.job_id, {"heartbeat": 21.0}, expect_state=("running",), expect_owner="a")
+    assert galleries.update_job(row.job_id, {"heartbeat": 21.0}, expect_state=("running",), expect_owner="c")
+    assert not galleries.update_job(row.job_id, {"heartbeat": 22.0}, expect_owner=None)
+    assert galleries.get_job(row.job_id).heartbeat == 21.0
     assert galleries.update_job(row.job_id, {"state": "cancelled", "report": {"rank1": 0.5}},
                                 expect_state=("running",), audit_as=("job.cancelled", ALICE))
     stored = galleries.get_job(row.job_id)

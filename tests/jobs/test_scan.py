@@ -13,9 +13,9 @@ import pytest
 from service.gallery.api import Actor, AuditQuery, CollectionNotFound, Galleries
 from service.gallery.open import make_gallery
 from service.jobs.migrate import JobFailed
-from service.jobs.runner import JobRunner, run_scan, take
+from service.jobs.runner import JobRunner, run_scan, shadow_pairs, take
 from service.jobs.scan import DUPLICATES, start_scan
-from service.jobs.store import JobRecord, new_job_id
+from service.jobs.store import JobRecord, MigrationUnfinished, new_job_id
 
 MODEL, DIM = "m@1", 8
 ALICE = Actor(key_id="key-alice", client="10.0.0.1", request_id="req-1")
@@ -115,3 +115,105 @@ def test_a_runner_leaves_a_job_of_a_kind_it_does_not_know(galleries: Galleries):
     time.sleep(0.05)  # its heartbeat is stale now: still not the older runner's to resume
     assert older.claim() is None
     assert galleries.get_job(job.job_id).owner == newer.owner
+
+
+@pytest.fixture
+def replica(gallery_settings, galleries):
+    """Another replica's galleries on the same store (PostgreSQL: its own pool on the same schema; the
+    embedded catalog is one process's, so the same object: what differs is the runner, its owner)."""
+    if gallery_settings.database_url is None:
+        yield galleries
+        return
+    other = make_gallery(gallery_settings, MODEL, DIM)
+    other.open()
+    yield other
+    other.close()
+
+
+def _held_scan(galleries: Galleries, job: JobRecord, report: dict, stale_s: float = 30.0):
+    """Run ``job``'s scan in a thread that answers ``report`` once released; (release, thread, ended)."""
+    release, running = threading.Event(), threading.Event()
+
+    def scan(j: JobRecord) -> dict:
+        running.set()
+        release.wait(30)
+        return report
+
+    ended: list[JobRecord] = []
+    thread = threading.Thread(target=lambda: ended.append(run_scan(galleries, scan, job, stale_s=stale_s)))
+    thread.start()
+    assert running.wait(30)
+    return release, thread, ended
+
+
+def test_a_scan_cancelled_resumed_and_taken_by_another_replica_keeps_that_replicas_answer(
+        galleries: Galleries, replica: Galleries):
+    """Replica A's scan is cancelled (it cannot stop: it finishes and drops its answer), the job resumed
+    and taken by replica B. A's answer, of the collection as it was before, comes in while B scans: it
+    is not the job's (B holds it now), and B's is stored."""
+    job = scan_of(galleries)
+    release, thread, ended = _held_scan(galleries, job, {"pairs": [], "faces_scanned": 1, "run": "A"})
+    assert galleries.update_job(job.job_id, {"state": "cancelled", "finished_at": time.time()},
+                                expect_state=("queued", "running"))
+    assert galleries.update_job(job.job_id, {"state": "queued", "finished_at": None, "heartbeat": None, "owner": None},
+                                expect_state=("cancelled",))
+    queued = replica.get_job(job.job_id)
+    assert queued is not None and queued.state == "queued"
+    taken = take(replica, queued, "replica-b")
+    assert taken is not None and taken.owner == "replica-b"
+
+    release.set()  # A's late answer
+    thread.join(30)
+    assert ended
+    now = replica.get_job(job.job_id)
+    assert now is not None and (now.state, now.owner, now.report) == ("running", "replica-b", None)
+
+    done = run_scan(replica, lambda j: {"pairs": [], "faces_scanned": 2, "run": "B"}, taken)
+    assert (done.state, done.report) == ("done", {"pairs": [], "faces_scanned": 2, "run": "B"})
+
+
+def test_a_runner_whose_job_was_taken_over_writes_nothing_more(galleries: Galleries, replica: Galleries):
+    """A runner whose heartbeats stopped reaching the store (a paused process, a partition: here a
+    heartbeat period longer than the test) loses its job to another replica after ``stale_s``; when it
+    comes back, its answer and its failure are refused, and its heartbeats stop."""
+    job = scan_of(galleries)
+    release, thread, ended = _held_scan(galleries, job, {"pairs": [], "faces_scanned": 1, "run": "A"}, stale_s=3600)
+    b = JobRunner(replica, None, stale_s=0.01, scans={DUPLICATES: lambda j: {}})
+    time.sleep(0.05)  # A's heartbeat is older than B's stale_s now
+    taken = b.claim()
+    assert taken is not None and (taken.job_id, taken.owner) == (job.job_id, b.owner)
+    release.set()
+    thread.join(30)
+    assert ended
+    now = replica.get_job(job.job_id)
+    assert now is not None and (now.state, now.owner, now.report, now.error) == ("running", b.owner, None, None)
+
+    def gone(j: JobRecord) -> dict:
+        raise CollectionNotFound(j.collection)
+
+    stale = job.with_(owner="this-runner")  # A again, failing this time: still not its job
+    run_scan(galleries, gone, stale)
+    now = replica.get_job(job.job_id)
+    assert now is not None and (now.state, now.owner, now.error) == ("running", b.owner, None)
+
+
+def test_scans_do_not_crowd_a_shadow_migration_out_of_the_jobs_it_is_found_in(galleries: Galleries):
+    """Scan jobs are rows of the same store: a thousand later scans (a nightly hygiene scan of a few
+    collections, for a year) leave a done shadow migration's pair found (runner.shadow_pairs), and an
+    unfinished migration's target still refused an alias (set_alias reads the newest migration into it)."""
+    for name in ("people", "people-v2", "people-v3"):
+        galleries.create_collection(name)
+    made = time.time() - 3600
+    galleries.create_job(JobRecord(job_id=new_job_id(), collection="people", into="people-v2", model="tiny",
+                                   model_id="t@1", source_model_id=MODEL, state="done", shadow=True,
+                                   created_at=made, finished_at=made))
+    galleries.create_job(JobRecord(job_id=new_job_id(), collection="default", into="people-v3", model="tiny",
+                                   model_id="t@1", source_model_id=MODEL, state="failed", created_at=made))
+    for i in range(1001):
+        galleries.create_job(JobRecord(job_id=new_job_id(), kind=DUPLICATES, collection="people", into="",
+                                       model="sface", model_id=MODEL, source_model_id=MODEL, state="done",
+                                       created_at=made + 1 + i, finished_at=made + 1 + i))
+    assert shadow_pairs(galleries) == [("people", "people-v2", [])]
+    with pytest.raises(MigrationUnfinished) as refused:
+        galleries.set_alias("staff", "people-v3")
+    assert refused.value.state == "failed"

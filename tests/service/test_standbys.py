@@ -642,3 +642,29 @@ def test_a_migration_reads_what_was_acknowledged_before_it_despite_a_lagging_sta
             assert c.get("/collections/people-v2", headers=read).json()["faces"] == 22
     finally:
         server.stop()
+
+
+def test_a_scan_job_reads_what_was_acknowledged_before_it_despite_a_lagging_standby(service, cluster, slow_standby):
+    """A duplicates or outliers scan job runs in the job runner, without the client's token: it reads with
+    the primary's WAL position at its start as its floor (as the migration does), so the faces enrolled
+    before it was queued are scanned. Without it, the scan read the standby (1 s behind, in rotation)
+    and its report had none of them."""
+    with httpx.Client(base_url=service.url, timeout=60) as c:
+        wait_rotation(c, cluster, True)
+        for kind in ("duplicates", "outliers"):
+            name = f"scanned-{kind}"
+            assert c.post("/collections", json={"name": name}).status_code == 201
+            for person in ENROLLED[:3]:
+                r = c.post(f"/collections/{name}/enroll",
+                           json={"identity_id": person, "images": [b64(f) for f in face_files(person)[:2]]})
+                assert r.status_code == 200, r.text
+            c.cookies.clear()  # the job's reads carry no token of the client's
+            r = c.post(f"/collections/{name}/{kind}/jobs", json={"min_score": 0.3})
+            assert r.status_code == 202, r.text
+            url = f"/collections/{name}/{kind}/jobs/{r.json()['job']['id']}"
+            deadline = time.monotonic() + 60
+            while (job := c.get(url).json())["state"] not in ("done", "failed", "cancelled"):
+                assert time.monotonic() < deadline, job
+                time.sleep(0.05)
+            assert job["state"] == "done", job
+            assert job[kind]["faces_scanned"] == 6, job

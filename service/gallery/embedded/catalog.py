@@ -358,7 +358,7 @@ class Catalog:
         return jobs.JobRecord.from_row(rows[0]) if rows else None
 
     def list_jobs(self, collection: str | None = None, state: str | None = None,
-                  limit: int = 100) -> list[jobs.JobRecord]:
+                  limit: int = 100, kind: str | None = None) -> list[jobs.JobRecord]:
         where, args = ([] if state == "creating" else ["state != 'creating'"]), []
         if collection is not None:
             where.append('"collection" = ?')
@@ -366,12 +366,16 @@ class Catalog:
         if state is not None:
             where.append("state = ?")
             args.append(state)
+        if kind is not None:
+            where.append('"kind" = ?')
+            args.append(kind)
         rows = self._read(f"SELECT {jobs.SQL_COLUMNS} FROM jobs WHERE {' AND '.join(where)} "
                           "ORDER BY created_at DESC, job_id DESC LIMIT ?", (*args, int(limit)))
         return [jobs.JobRecord.from_row(r) for r in rows]
 
     def update_job(self, job_id: str, changes: dict, expect_state: tuple[str, ...] | None = None,
-                   expect_heartbeat: float | None | bool = False, audit_as: tuple[str, Actor] | None = None) -> bool:
+                   expect_heartbeat: float | None | bool = False, audit_as: tuple[str, Actor] | None = None,
+                   expect_owner: str | None | bool = False) -> bool:
         values = jobs.to_db(changes)
         where: list[str] = ["job_id = ?"]
         args: list[object] = [job_id]
@@ -381,6 +385,9 @@ class Catalog:
         if expect_heartbeat is not False:
             where.append("heartbeat IS ?")
             args.append(expect_heartbeat)
+        if expect_owner is not False:
+            where.append('"owner" IS ?')
+            args.append(expect_owner)
         sets = ", ".join(f'"{name}" = ?' for name in values)
         try:
             with self._write() as conn:

@@ -821,12 +821,14 @@ class EmbeddedGalleries:
     def get_job(self, job_id: str) -> JobRecord | None:
         return self._catalog.get_job(job_id)
 
-    def list_jobs(self, collection: str | None = None, state: str | None = None, limit: int = 100) -> list[JobRecord]:
-        return self._catalog.list_jobs(collection, state, limit)
+    def list_jobs(self, collection: str | None = None, state: str | None = None, limit: int = 100,
+                  kind: str | None = None) -> list[JobRecord]:
+        return self._catalog.list_jobs(collection, state, limit, kind)
 
     def update_job(self, job_id: str, changes: dict, expect_state: tuple[str, ...] | None = None,
-                   expect_heartbeat: float | None | bool = False, audit_as: tuple[str, Actor] | None = None) -> bool:
-        return self._catalog.update_job(job_id, changes, expect_state, expect_heartbeat, audit_as)
+                   expect_heartbeat: float | None | bool = False, audit_as: tuple[str, Actor] | None = None,
+                   expect_owner: str | None | bool = False) -> bool:
+        return self._catalog.update_job(job_id, changes, expect_state, expect_heartbeat, audit_as, expect_owner)
 
     def delete_job(self, job_id: str) -> None:
         self._catalog.delete_job(job_id)

@@ -1333,7 +1333,7 @@ class PostgresGalleries:
         return None if row is None else jobs.JobRecord.from_row(row)
 
     def list_jobs(self, collection: str | None = None, state: str | None = None,
-                  limit: int = 100) -> list[jobs.JobRecord]:
+                  limit: int = 100, kind: str | None = None) -> list[jobs.JobRecord]:
         where, args = ([] if state == "creating" else ["state != 'creating'"]), []
         if collection is not None:
             where.append('"collection" = %s')
@@ -1341,13 +1341,17 @@ class PostgresGalleries:
         if state is not None:
             where.append("state = %s")
             args.append(state)
+        if kind is not None:
+            where.append('"kind" = %s')
+            args.append(kind)
         with self._read_connection() as conn:
             rows = conn.execute(f"SELECT {jobs.SQL_COLUMNS} FROM face_jobs WHERE {' AND '.join(where)} "
                                 "ORDER BY created_at DESC, job_id DESC LIMIT %s", (*args, int(limit))).fetchall()
         return [jobs.JobRecord.from_row(r) for r in rows]
 
     def update_job(self, job_id: str, changes: dict, expect_state: tuple[str, ...] | None = None,
-                   expect_heartbeat: float | None | bool = False, audit_as: tuple[str, Actor] | None = None) -> bool:
+                   expect_heartbeat: float | None | bool = False, audit_as: tuple[str, Actor] | None = None,
+                   expect_owner: str | None | bool = False) -> bool:
         """A conditional UPDATE: with ``expect_heartbeat`` only the replica that read that heartbeat
         wins a claim (the others change no row)."""
         values = jobs.to_db(changes)
@@ -1359,6 +1363,9 @@ class PostgresGalleries:
         if expect_heartbeat is not False:
             where.append("heartbeat IS NOT DISTINCT FROM %s")
             args.append(expect_heartbeat)
+        if expect_owner is not False:
+            where.append('"owner" IS NOT DISTINCT FROM %s')
+            args.append(expect_owner)
         sets = ", ".join(f'"{name}" = %s' for name in values)
         now = time.time()
         try:
