@@ -982,8 +982,9 @@ class FaceClient(_Base):
     def enroll_folder(self, root: str | Path, *, replace: bool = False, concurrency: int = 4,
                       progress: bool | Progress | None = None, max_images_per_request: int = 64,
                       max_bytes_per_request: int = MAX_BYTES_PER_REQUEST, **options: Any) -> FolderSummary:
-        """Enroll one sub-folder per person (the folder name is the identity id), like ``python -m service
-        gallery enroll``. Resumable: someone enrolled with at least as many faces as files is left alone
+        """Enroll one sub-folder per person (the folder name is the identity id), as ``python -m service
+        gallery enroll`` does on the server's host (which writes each person whole, in one request, and
+        skips anyone enrolled). Resumable: someone enrolled with at least as many faces as files is left alone
         (``already``) unless ``replace``; someone with fewer (a run cut short) is enrolled again from the
         folder, replacing those faces (``resumed``; see ``_PersonEnroll``). A file the
         service refuses for itself (not an image, no face, low quality...) is skipped and listed in the
