@@ -29,7 +29,14 @@ from .config import ModelConfigError, Settings, get_settings
 from .errors import ErrorCode, ServiceError
 from .faces.detection import AlignmentTemplate, FaceDetector, YuNetConfig, YuNetDetector, template_for
 from .gallery import GalleryLoading, retention
-from .gallery.api import CatalogDamaged, CollectionDamaged, GalleryBusy, GalleryUnavailable, StorageFull
+from .gallery.api import (
+    CatalogDamaged,
+    CollectionDamaged,
+    GalleryBusy,
+    GalleryUnavailable,
+    StorageFull,
+    WriteOutcomeUnknown,
+)
 from .gallery.crops import CropKeyError
 from .gallery.embedded.lock import DataDirLocked, DataDirUnusable
 from .gallery.embedded.sqlite import is_damaged
@@ -343,6 +350,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.warning("gallery unavailable", extra={"path": request.url.path, "reason": str(exc)})
         return _error_response(ServiceError(ErrorCode.database_unavailable, "the gallery database is unavailable; "
                                             "retry later"), request)
+
+    @app.exception_handler(WriteOutcomeUnknown)
+    async def write_outcome_unknown(request: Request, exc: WriteOutcomeUnknown):
+        # the connection failed while the write's COMMIT was in flight: stored or not, nobody here knows; no
+        # Retry-After (a blind retry of an enroll, a merge or a move could apply it twice)
+        log.warning("write outcome unknown", extra={"path": request.url.path, "reason": str(exc)})
+        return _error_response(ServiceError(ErrorCode.write_outcome_unknown, "the database connection failed "
+                                            "while the write was being committed: it may or may not have been "
+                                            "stored. Read it back (GET the identity, collection or key) before "
+                                            "sending it again"), request)
 
     @app.exception_handler(StorageFull)
     async def storage_full(request: Request, exc: StorageFull):

@@ -84,6 +84,7 @@ class ErrorCode(str, Enum):
     overloaded = "overloaded"
     inference_timeout = "inference_timeout"
     database_unavailable = "database_unavailable"
+    write_outcome_unknown = "write_outcome_unknown"
     storage_full = "storage_full"
     collection_damaged = "collection_damaged"
     catalog_damaged = "catalog_damaged"
@@ -153,6 +154,7 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.overloaded: 503,
     ErrorCode.inference_timeout: 504,
     ErrorCode.database_unavailable: 503,
+    ErrorCode.write_outcome_unknown: 503,
     ErrorCode.storage_full: 507,
     ErrorCode.collection_damaged: 503,
     ErrorCode.catalog_damaged: 503,
@@ -160,7 +162,8 @@ STATUS: dict[ErrorCode, int] = {
 }
 
 
-# seconds a client should wait before retrying (the Retry-After header of these errors)
+# seconds a client should wait before retrying (the Retry-After header of these errors); never for
+# write_outcome_unknown: a blind retry of a write that may have been stored can store it twice
 RETRY_AFTER_S: dict[ErrorCode, int] = {ErrorCode.overloaded: 1}
 # errors answered before the request's body was read whole: the connection is closed after them
 # (Connection: close), not left waiting for the rest of a body nobody reads; what still comes meanwhile is

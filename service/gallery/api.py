@@ -89,14 +89,23 @@ __all__ = [
     "CollectionInfo", "CollectionNotFound", "CollectionProtected", "Galleries", "KeyExists", "StoredKey",
     "valid_collection_name",
     "EnrollResult", "FaceRecord", "GalleryBackend", "GalleryBusy", "WriteConflict", "GalleryModelMismatch", "GalleryStats",
-    "GalleryUnavailable", "StorageFull", "IdentityDetails", "IdentityExists", "IdentityRecord", "Match", "ReadTarget",
+    "GalleryUnavailable", "WriteOutcomeUnknown", "StorageFull",
+    "IdentityDetails", "IdentityExists", "IdentityRecord", "Match", "ReadTarget",
     "TooManyFacesForCollection", "TooManyFacesForIdentity", "check_model", "group_by_identity", "search_identities",
     "FaceNotFound", "IdentityChanged", "IdentityNotFound", "IdentityUpdate", "MergeResult", "MoveResult", "UpdateResult",
 ]
 
 
 class GalleryUnavailable(RuntimeError):
-    """The gallery's database cannot be reached now; the request may be retried later."""
+    """The gallery's database cannot be reached now, and nothing of the request's writes was stored (a
+    transaction whose connection fails before its COMMIT is rolled back): it may be retried later."""
+
+
+class WriteOutcomeUnknown(GalleryUnavailable):
+    """A write's connection to the database failed while its COMMIT was in flight, or once it had
+    committed but before the request could be answered: the database may have stored it or not, and
+    this replica cannot tell. Never run again here (running it again could store it twice: an enroll
+    appends); the API answers 503 ``write_outcome_unknown``, and the client reads the write back."""
 
 
 class GalleryBusy(GalleryUnavailable):

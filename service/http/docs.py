@@ -129,7 +129,10 @@ ACCESS_ERRORS = {
            "retrying until the operator restores it",
 }
 # what a change may answer (POST/PUT/PATCH/DELETE of the write and admin permissions)
-WRITE_ERRORS = {"507": "`storage_full`: the gallery's disk is full; nothing of the write was stored"}
+WRITE_ERRORS = {"507": "`storage_full`: the gallery's disk is full; nothing of the write was stored",
+                "503": ACCESS_ERRORS["503"] + "; `write_outcome_unknown`: the database connection failed while the "
+                       "write was committed, so it may or may not be stored: read it back before sending it again "
+                       "(`database_unavailable` means nothing was stored)"}
 # what a route given images may answer (their faces go through the model)
 IMAGE_ERRORS = {"504": "`inference_timeout`: the faces were not embedded within FACE_INFERENCE_TIMEOUT_MS"}
 IMAGE_FIELDS = frozenset({"images", "image", "image_a", "image_b"})

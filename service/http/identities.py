@@ -226,9 +226,13 @@ async def get_identity(identity_id: IdentityPath, gallery: CollectionDep, state:
     return await _detail(state, gallery, found)
 
 
-async def _detail(state: ServiceState, gallery: GalleryBackend, found: IdentityDetails) -> IdentityDetail:
-    """The answer of GET /identities/{id}: each face with its enrollment and (with a retention) erasure time."""
-    days = (await run_in_threadpool(state.galleries.retentions)).get(gallery.name)
+async def _detail(state: ServiceState, gallery: GalleryBackend, found: IdentityDetails,
+                  retentions: dict[str, float] | None = None) -> IdentityDetail:
+    """The answer of GET /identities/{id}: each face with its enrollment and (with a retention) erasure time
+    (``retentions``: as read already)."""
+    if retentions is None:
+        retentions = await run_in_threadpool(state.galleries.retentions)
+    days = retentions.get(gallery.name)
     faces = [StoredFace(face_id=f.face_id, enrolled_at=f.created_at,
                         expires_at=None if days is None else f.created_at + days * DAY_S) for f in found.faces]
     return IdentityDetail(**found.record.__dict__, face_ids=[f.face_id for f in found.faces], faces=faces)
@@ -281,7 +285,10 @@ async def update_identity(identity_id: IdentityPath, body: IdentityUpdateRequest
             raise ServiceError(ErrorCode.identity_changed, str(exc), identity_id=exc.identity_id,
                                updated_at=exc.updated_at) from None
 
-    return await _detail(state, gallery, await run_in_threadpool(update))
+    # read before the write: a database failure after its commit would be answered database_unavailable,
+    # which promises that nothing was stored (a client may send it again)
+    retentions = await run_in_threadpool(state.galleries.retentions)
+    return await _detail(state, gallery, await run_in_threadpool(update), retentions)
 
 
 def _identity_exists(identity_id: str) -> ServiceError:

@@ -75,7 +75,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import ErrorCode
-from ..gallery.api import Actor, AuditQuery, CollectionExists, CollectionNotFound, Galleries, GalleryBackend
+from ..gallery.api import (
+    Actor,
+    AuditQuery,
+    CollectionExists,
+    CollectionNotFound,
+    Galleries,
+    GalleryBackend,
+    GalleryUnavailable,
+    WriteOutcomeUnknown,
+)
 from ..gallery.crops import CropCipher, CropsUnavailable, decode_crop
 from ..gallery.results import IdentityRecord, TooManyFacesForCollection
 from ..model.runtime import EmbeddingModel
@@ -188,7 +197,12 @@ def start_migration(galleries: Galleries, collection: str, model: str, model_id:
         if isinstance(exc, ValueError):
             raise JobFailed(ErrorCode.invalid_collection_name, str(exc)) from None
         raise
-    return queue(galleries, job, actor)
+    try:
+        return queue(galleries, job, actor)
+    except WriteOutcomeUnknown:
+        raise
+    except GalleryUnavailable as exc:  # `into` is stored: database_unavailable would say nothing was
+        raise WriteOutcomeUnknown(f"collection {into!r} created, its job {job.job_id} not queued: {exc}") from exc
 
 
 def reserve(galleries: Galleries, job: JobRecord, wait: str) -> None:

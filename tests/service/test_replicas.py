@@ -15,6 +15,7 @@ import httpx
 import psycopg
 import pytest
 
+from harness.pgproxy import PgFaultProxy
 from tests.conftest import ENROLLED, b64, face_files, unknown_files
 from tests.pg import PgTestServer
 from tests.server import ServerProcess, listed_identities
@@ -367,3 +368,44 @@ def test_keys_read_before_an_outage_keep_working_for_what_needs_no_gallery(tmp_p
             database.start()
     finally:
         server.stop()
+
+
+def test_a_commit_whose_answer_is_lost_is_write_outcome_unknown_and_one_cut_before_it_is_unavailable(
+        database, tmp_path, default_model):
+    """A write whose COMMIT reached PostgreSQL but whose answer was lost (the connection cut meanwhile) was
+    answered 503 database_unavailable ("retry later"): faceclient sent the enroll again and stored its faces
+    twice. Now it is 503 write_outcome_unknown, without Retry-After, stored once (nothing ran it again); a
+    connection cut before the COMMIT is still database_unavailable, nothing stored, and a retry stores it
+    once. A collection's creation goes through the same commit."""
+    proxy = PgFaultProxy(database.url)
+    env = {"FACE_DATABASE_URL": proxy.url, "FACE_DATABASE_SCHEMA": database.fresh_schema(),
+           "FACE_DATABASE_TIMEOUT_S": "2"}
+    server = ServerProcess(tmp_path / "data", model=default_model, env=env)
+    try:
+        server.wait_ready()
+        faces = face_files(ENROLLED[0])
+        with client(server) as c:
+            assert enroll(c, "colin", faces[:1]).status_code == 200
+            proxy.arm("lost_commit_reply", b"INSERT INTO faces")
+            r = enroll(c, "colin", faces[1:2])
+            assert proxy.fired.is_set()
+            assert r.status_code == 503 and r.json()["error"]["code"] == "write_outcome_unknown", r.text
+            assert "Retry-After" not in r.headers
+            assert c.get("/identities/colin").json()["face_count"] == 2  # committed, once
+
+            proxy.arm("before_commit", b"INSERT INTO faces")
+            r = enroll(c, "colin", faces[2:3])
+            assert proxy.fired.is_set()
+            assert r.status_code == 503 and r.json()["error"]["code"] == "database_unavailable", r.text
+            assert c.get("/identities/colin").json()["face_count"] == 2  # rolled back
+            assert enroll(c, "colin", faces[2:3]).status_code == 200  # so a retry is safe
+            assert c.get("/identities/colin").json()["face_count"] == 3
+
+            proxy.arm("lost_commit_reply", b"INSERT INTO collections")
+            r = c.post("/collections", json={"name": "made"})
+            assert proxy.fired.is_set()
+            assert r.status_code == 503 and r.json()["error"]["code"] == "write_outcome_unknown", r.text
+            assert c.get("/collections/made").status_code == 200
+    finally:
+        server.stop()
+        proxy.close()

@@ -88,7 +88,17 @@ Transport = Literal["multipart", "json"]
 DEFAULT_COLLECTION = "default"
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 RETRIED = frozenset({429, 503})
-NOT_RETRIED = frozenset({"collection_damaged", "catalog_damaged"})  # 503s that waiting does not mend: the operator must act
+# never retried: 503s that waiting does not mend (the operator must act), and write_outcome_unknown (the write may
+# have been stored: sent again, an enroll would store its faces twice; the caller reads it back instead)
+NOT_RETRIED = frozenset({"collection_damaged", "catalog_damaged", "write_outcome_unknown"})
+# the answers after which the service guarantees the request changed nothing: refused before its handler ran
+# (rate_limited, model_not_ready, gallery_loading, gallery_unavailable), before or instead of its write
+# (overloaded: no model, decode or database room, or a deadlock's victim, rolled back), or its transaction
+# rolled back (database_unavailable: the connection failed before the COMMIT). A request that is not
+# idempotent (Call.idempotent) is retried after these alone: never after a 503 of another code, or of none
+# (a proxy's, which may have passed the request on)
+NOTHING_DONE = frozenset({"rate_limited", "model_not_ready", "gallery_loading", "gallery_unavailable", "overloaded",
+                          "database_unavailable"})
 # enroll_folder: a request refused for its size is split and sent again; a 409 of these refuses the person alone
 SPLIT_CODES = frozenset({"payload_too_large", "too_many_faces"})
 PERSON_CODES = frozenset({"possible_duplicate", "crops_required"})
@@ -109,6 +119,9 @@ class Call:
     content: bytes | None = None  # a multipart form, encoded (its Content-Type in headers)
     headers: dict[str, str] = field(default_factory=lambda: {"X-Request-ID": uuid.uuid4().hex})
     read_timeout: float | None = None  # seconds to wait for the answer (None: the client's timeout)
+    # False: sent twice, it would change the gallery twice (an enroll that appends, a merge, a move, a rename,
+    # a new collection, key or job): retried only after an answer in NOTHING_DONE
+    idempotent: bool = True
 
 
 # the least a whole-collection scan (duplicates, outliers) waits for its answer: such a scan takes minutes
@@ -411,7 +424,13 @@ class _Base:
         """``timeout``: seconds each phase of a request may take (connect, each write, each wait for the
         next bytes of the answer: httpx's timeout), not a deadline for the whole request. 429 and 503 answers are retried up to
         ``max_retries`` times, waiting Retry-After (or ``backoff_s`` doubling) plus jitter, while the
-        waits fit in ``retry_budget_s``. ``collection``: the default one for gallery calls.
+        waits fit in ``retry_budget_s``; never ``write_outcome_unknown`` (the write may be stored: read it
+        back), ``collection_damaged`` or ``catalog_damaged``. A call that is not idempotent (an enroll that
+        appends, a merge, a move, a rename, creating a collection, key, migration or scan job) is retried
+        only after an answer by which the service says nothing ran (NOTHING_DONE: ``rate_limited``,
+        ``overloaded``, ``model_not_ready``, ``gallery_loading``, ``gallery_unavailable``,
+        ``database_unavailable``), never after another 503 (a proxy's, say). A connection error (no answer)
+        is never retried, whatever the call: FaceConnectionError. ``collection``: the default one for gallery calls.
         ``transport``: how images travel: "multipart" (their bytes as uploaded files, the default) or
         "json" (base64 in a JSON body, a third larger: for a proxy that refuses multipart).
         ``ca_file``: a PEM file of the certificate authorities to trust for an ``https://`` service (a
@@ -528,7 +547,9 @@ class _Base:
         if embeddings is not None:
             body["embeddings"] = [as_list(e) for e in embeddings]
         blobs = {} if images is None else {"images": self._images(images, color)}
-        return self._body(self._prefix(collection) + "/enroll", body, blobs)
+        call = self._body(self._prefix(collection) + "/enroll", body, blobs)
+        call.idempotent = replace  # appending faces again would store them twice; a replace stores the same
+        return call
 
     def _identity(self, method: str, identity_id: str, collection: str | None) -> Call:
         return Call(method, f"{self._prefix(collection)}/identities/{_segment(identity_id)}")
@@ -545,7 +566,7 @@ class _Base:
                              "not both")
         return Call("PATCH", f"{self._prefix(collection)}/identities/{_segment(identity_id)}", _drop_none(
             {"identity_id": rename_to, "metadata": metadata, "metadata_patch": metadata_patch,
-             "expected_updated_at": expected_updated_at}))
+             "expected_updated_at": expected_updated_at}), idempotent=rename_to is None)
 
     def _identities(self, cursor: str | None, page_size: int, prefix: str | None, collection: str | None) -> Call:
         return Call("GET", self._prefix(collection) + "/identities", params=_drop_none(
@@ -556,7 +577,8 @@ class _Base:
                            max_faces: int | None, identify_fpir: float | None) -> Call:
         return Call("POST", "/collections", _drop_none({"name": name, "keep_crops": keep_crops or None,
                                                         "model": model, "retention_days": retention_days,
-                                                        "max_faces": max_faces, "identify_fpir": identify_fpir}))
+                                                        "max_faces": max_faces, "identify_fpir": identify_fpir}),
+                    idempotent=False)
 
     @staticmethod
     def _collection_update(name: str, settings: dict[str, Any]) -> Call:
@@ -579,11 +601,12 @@ class _Base:
     def _start_duplicates_job(self, min_score: float | None, max_false_alarm: float | None, limit: int,
                               evidence: int, collection: str | None) -> Call:
         return Call("POST", self._prefix(collection) + "/duplicates/jobs", _drop_none(
-            {"min_score": min_score, "max_false_alarm": max_false_alarm, "limit": limit, "evidence": evidence}))
+            {"min_score": min_score, "max_false_alarm": max_false_alarm, "limit": limit, "evidence": evidence}),
+            idempotent=False)
 
     def _start_outliers_job(self, min_score: float | None, limit: int, collection: str | None) -> Call:
         return Call("POST", self._prefix(collection) + "/outliers/jobs",
-                    _drop_none({"min_score": min_score, "limit": limit}))
+                    _drop_none({"min_score": min_score, "limit": limit}), idempotent=False)
 
     def _scan_job(self, kind: str, job_id: str, collection: str | None) -> Call:
         return Call("GET", f"{self._prefix(collection)}/{kind}/jobs/{_segment(job_id)}")
@@ -604,11 +627,14 @@ class _Base:
 
     def _merge(self, identity_id: str, into: str, collection: str | None) -> Call:
         return Call("POST", f"{self._prefix(collection)}/identities/{_segment(identity_id)}/merge",
-                    {"into": into})
+                    {"into": into}, idempotent=False)
 
-    def _face(self, method: str, face_id: int, collection: str | None, action: str = "",
-              body: dict[str, Any] | None = None) -> Call:
-        return Call(method, f"{self._prefix(collection)}/faces/{int(face_id)}{action}", body)
+    def _move(self, face_id: int, identity_id: str, collection: str | None) -> Call:
+        return Call("POST", f"{self._prefix(collection)}/faces/{int(face_id)}/move", {"identity_id": identity_id},
+                    idempotent=False)
+
+    def _face(self, method: str, face_id: int, collection: str | None, action: str = "") -> Call:
+        return Call(method, f"{self._prefix(collection)}/faces/{int(face_id)}{action}")
 
     def _faces_delete(self, face_ids: list[int], collection: str | None) -> Call:
         return Call("POST", f"{self._prefix(collection)}/faces/delete", {"face_ids": face_ids})
@@ -629,7 +655,7 @@ class _Base:
     @staticmethod
     def _migrate(collection: str, model: str, into: str, batch_size: int, shadow: bool) -> Call:
         return Call("POST", f"/collections/{_segment(collection)}/migrate",
-                    {"model": model, "into": into, "batch_size": batch_size, "shadow": shadow})
+                    {"model": model, "into": into, "batch_size": batch_size, "shadow": shadow}, idempotent=False)
 
     @staticmethod
     def _audit(cursor: str | None, page_size: int, filters: dict[str, Any]) -> Call:
@@ -640,12 +666,15 @@ class _Base:
                     rate_limit_rps: float | None, rate_limit_faces_per_s: float | None) -> Call:
         return Call("POST", "/keys", _drop_none({
             "role": role, "collections": collections, "note": note, "expires_at": expires_at,
-            "rate_limit_rps": rate_limit_rps, "rate_limit_faces_per_s": rate_limit_faces_per_s}))
+            "rate_limit_rps": rate_limit_rps, "rate_limit_faces_per_s": rate_limit_faces_per_s}), idempotent=False)
 
     # --- answers ----------------------------------------------------------------------------------
-    def _wait(self, attempt: int, response: httpx.Response, started: float) -> float | None:
-        """Seconds to wait before retrying ``response``, or None: not retried (or out of budget)."""
-        if response.status_code not in RETRIED or attempt >= self.max_retries or _code(response) in NOT_RETRIED:
+    def _wait(self, call: Call, attempt: int, response: httpx.Response, started: float) -> float | None:
+        """Seconds to wait before retrying ``response`` to ``call``, or None: not retried (or out of budget)."""
+        code = _code(response)
+        if response.status_code not in RETRIED or attempt >= self.max_retries or code in NOT_RETRIED:
+            return None
+        if not call.idempotent and code not in NOTHING_DONE:
             return None
         try:
             wait = float(response.headers["Retry-After"]) + random.uniform(0, 0.25)
@@ -745,7 +774,7 @@ class FaceClient(_Base):
         attempt = 0
         while True:
             response = self._send(call)
-            wait = self._wait(attempt, response, started)
+            wait = self._wait(call, attempt, response, started)
             if wait is None:
                 return self._checked(response, call)
             time.sleep(wait)
@@ -1107,7 +1136,7 @@ class FaceClient(_Base):
     def move_face(self, face_id: int, identity_id: str, *, collection: str | None = None) -> MoveResult:
         """The face (same id) becomes ``identity_id``'s (created if not enrolled); its old identity is deleted
         when this was its last face."""
-        return self._do(self._face("POST", face_id, collection, "/move", {"identity_id": identity_id}), MoveResult)
+        return self._do(self._move(face_id, identity_id, collection), MoveResult)
 
     def delete_face(self, face_id: int, *, collection: str | None = None) -> FaceDeleted:
         """Erase one face; its identity goes too when this was its last face."""
@@ -1185,7 +1214,7 @@ class AsyncFaceClient(_Base):
         attempt = 0
         while True:
             response = await self._send(call)
-            wait = self._wait(attempt, response, started)
+            wait = self._wait(call, attempt, response, started)
             if wait is None:
                 return self._checked(response, call)
             await asyncio.sleep(wait)
@@ -1476,8 +1505,7 @@ class AsyncFaceClient(_Base):
         return await self._do(self._merge(identity_id, into, collection), MergeResult)
 
     async def move_face(self, face_id: int, identity_id: str, *, collection: str | None = None) -> MoveResult:
-        return await self._do(self._face("POST", face_id, collection, "/move", {"identity_id": identity_id}),
-                              MoveResult)
+        return await self._do(self._move(face_id, identity_id, collection), MoveResult)
 
     async def delete_face(self, face_id: int, *, collection: str | None = None) -> FaceDeleted:
         return await self._do(self._face("DELETE", face_id, collection), FaceDeleted)

@@ -62,7 +62,9 @@ class RateLimitedError(FaceServiceError):
 
 class UnavailableError(FaceServiceError):
     """503/504/507: overloaded, loading, database down, inference timeout, storage full; 503s are retried by the
-    client (a full disk, 507, is not: it waits for an operator)."""
+    client (a full disk, 507, is not: it waits for an operator). ``write_outcome_unknown`` (503) is never
+    retried: the database connection failed while the write was committed, so it may or may not be stored;
+    read it back (get_identity, get_collection, list_keys) before sending it again."""
 
 
 class ServerError(FaceServiceError):
@@ -88,7 +90,7 @@ _FAMILIES: dict[type[FaceServiceError], tuple[str, ...]] = {
     AuthError: ("unauthorized", "forbidden", "cross_origin_refused"),
     RateLimitedError: ("rate_limited",),
     UnavailableError: ("gallery_loading", "gallery_unavailable", "model_not_ready", "overloaded",
-                       "inference_timeout", "database_unavailable", "storage_full",
+                       "inference_timeout", "database_unavailable", "write_outcome_unknown", "storage_full",
                        "collection_damaged", "catalog_damaged"),
     ServerError: ("internal_error",),
 }

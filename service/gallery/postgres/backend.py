@@ -18,7 +18,9 @@ identities it last read, inside the transaction of its last search or write.
   cheap to read. A write to an identity holds its row lock, so it knows the identity's face count
   before and after, and the face cap (``max_faces``) is checked inside the same transaction.
 * Faults: a lost or refused connection raises :class:`GalleryUnavailable` (the API answers 503
-  ``database_unavailable``); the pools check connections before lending them and reconnect by themselves.
+  ``database_unavailable``: nothing was stored); one lost while a write's COMMIT was in flight raises
+  :class:`WriteOutcomeUnknown` (503 ``write_outcome_unknown``: stored or not, read it back; see
+  ``_transaction``). The pools check connections before lending them and reconnect by themselves.
 * Pools: writes and reads have a pool each (FACE_DATABASE_POOL_SIZE, FACE_DATABASE_READ_POOL_SIZE), so
   writes stuck behind a lock never starve searches. A pool whose connections are all lent out while
   the database answers raises :class:`GalleryBusy` (503 ``overloaded`` with ``Retry-After``).
@@ -80,6 +82,7 @@ from ..api import (
     StorageFull,
     StoredKey,
     WriteConflict,
+    WriteOutcomeUnknown,
     face_times,
     identity_created_at,
     updated_settings,
@@ -964,14 +967,35 @@ class PostgresGalleries:
                      ) -> Iterator[psycopg.Connection]:
         """A transaction on a connection of the write pool (on the primary). With standbys, the WAL
         position after its commit becomes the request's consistency token (consistency.py).
-        ``committed``: run on the connection once the transaction has committed."""
+        ``committed``: run on the connection once the transaction has committed.
+
+        Every write commits here. A connection that fails before the COMMIT is sent leaves nothing
+        stored (PostgreSQL rolls the transaction back): GalleryUnavailable, which a client may retry.
+        One that fails once the COMMIT is sent and before its answer came (or while reading the WAL
+        position after it) leaves the write stored or not, unknowably here: WriteOutcomeUnknown,
+        which nothing runs again (rerun_on_conflict reruns WriteConflict only)."""
         with self._connection() as conn:
-            with conn.transaction():
-                yield conn
+            committing = False
+            try:
+                with conn.transaction():
+                    yield conn
+                    committing = True  # the block is done: leaving the transaction sends the COMMIT
+            except psycopg.OperationalError as exc:
+                # the database's own answer to the COMMIT (a deadlock's victim, a full disk) rolled it back
+                if committing and not isinstance(exc, (*CONFLICTS, psycopg.errors.DiskFull)):
+                    raise WriteOutcomeUnknown(f"{self.options.where}: the connection failed while the write was "
+                                              f"committed: {type(exc).__name__}: {str(exc).strip()[:200]}") from exc
+                raise
             if committed is not None:
                 committed(conn)
             if self._standbys is not None:
-                consistency.note_write(_wal_position(conn))
+                try:
+                    lsn = _wal_position(conn)
+                except psycopg.OperationalError as exc:
+                    raise WriteOutcomeUnknown(f"{self.options.where}: the write committed; the connection failed "
+                                              f"before its WAL position was read: {type(exc).__name__}: "
+                                              f"{str(exc).strip()[:200]}") from exc
+                consistency.note_write(lsn)
 
     @contextmanager
     def _read_connection(self) -> Iterator[psycopg.Connection]:
@@ -1055,7 +1079,10 @@ class PostgresGalleries:
             _audit(conn, actor, "collection.created", now, collection=name,
                    details={"model_id": model_id, "dim": dim, "keep_crops": bool(keep_crops),
                             **{k: v for k, v in settings.items() if v is not None}})
-        self.ensure_index([dim])
+        try:
+            self.ensure_index([dim])
+        except GalleryUnavailable as exc:  # the collection is stored: a retry must not be invited
+            raise WriteOutcomeUnknown(f"collection {name!r} created; its index not checked: {exc}") from exc
         return CollectionInfo(name, model_id, now, 0, 0, 0, keep_crops=keep_crops, dim=dim, **settings)
 
     @rerun_on_conflict
@@ -1573,7 +1600,7 @@ class PostgresGallery:
         try:
             row = _one(conn.execute(COUNTS_SQL, {"c": self.collection_id}))
             self._read_counts(row, as_of)
-        except (psycopg.Error, CollectionNotFound) as exc:  # the database gone, or the collection deleted since
+        except (psycopg.Error, GalleryUnavailable, CollectionNotFound) as exc:  # the database gone, or the collection deleted since
             log.info("counts not read after a write", extra={"collection": self.name, "error": repr(exc)})
 
     def _read_counts(self, row: tuple[Any, ...], as_of: float) -> None:

@@ -56,6 +56,7 @@ const ERROR_MESSAGES = {
   overloaded: "The service is busy right now; try again in a moment.",
   inference_timeout: "The model did not answer in time; try again in a moment.",
   database_unavailable: "The gallery database cannot be reached right now; try again in a moment.",
+  write_outcome_unknown: "The database connection failed while this change was being saved: it may or may not have been saved. Reload to check before trying again.",
   storage_full: "The gallery's disk is full, so nothing was saved; ask the operator to free space, then try again.",
   collection_damaged: "This collection's stored data is damaged and cannot be read; the operator must restore it from a backup (the other collections work).",
   catalog_damaged: "The service's list of collections and keys is damaged and cannot be read; the operator must restore it from a backup.",
