@@ -150,7 +150,8 @@ def serving_in_process(settings: Any, timeout: float = 120) -> Iterator[tuple[st
 
     app = create_app(settings)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on",
+                                           proxy_headers=False))
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -132,8 +133,13 @@ def main(argv: list[str] | None = None) -> None:
     except Exception:  # noqa: BLE001
         logging.getLogger("service").exception("could not create the app")
         sys.exit(2)
+    # forwarding headers: the app reads them from FACE_TRUSTED_PROXIES alone (http/middleware.py,
+    # ForwardedMiddleware); uvicorn's own default believed any sender on loopback
+    if os.environ.get("FORWARDED_ALLOW_IPS") and not settings.trusted_proxies:
+        logging.getLogger("service").warning("FORWARDED_ALLOW_IPS is not read: forwarding headers are believed "
+                                             "from FACE_TRUSTED_PROXIES only (none set)")
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
-                            lifespan="on", timeout_graceful_shutdown=10,
+                            lifespan="on", timeout_graceful_shutdown=10, proxy_headers=False,
                             http=http_protocol(settings.http_header_timeout_s, settings.http_body_timeout_s,
                                                settings.http_max_header_bytes,
                                                on_close=app.state.metrics.observe_connection_closed))

@@ -53,6 +53,7 @@ from .http.middleware import (
     BodyLimitMiddleware,
     ConsistencyMiddleware,
     DisconnectMiddleware,
+    ForwardedMiddleware,
     HeadMiddleware,
     OriginMiddleware,
     StartupRefusalMiddleware,
@@ -446,4 +447,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                        open_mode=settings.api_key is None, api_key_header=settings.api_key_header)
     app.add_middleware(AccessMiddleware, metrics=metrics, hsts=settings.tls_cert_file is not None)
     app.add_middleware(StartupRefusalMiddleware)
+    if settings.trusted_proxies:  # outermost: whoever reads request.client reads the forwarded client
+        app.add_middleware(ForwardedMiddleware, trusted_proxies=settings.trusted_proxies)
     return app

@@ -6,6 +6,7 @@ Settings come from environment variables prefixed ``FACE_`` (or a ``.env`` file)
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from functools import lru_cache
@@ -138,6 +139,15 @@ class Settings(BaseSettings):
         description="Comma-separated origins (scheme://host[:port]) of other sites' pages that may call the API "
         "from a browser: they get CORS grants, and without an API key may write. Empty: none; pages on other "
         "origins get no grant, and without a key their writes get 403 cross_origin_refused.",
+    )
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(
+        [],
+        description="Comma-separated addresses and networks (CIDR, e.g. 10.0.0.0/8) of the proxies and load "
+        "balancers in front of the service whose X-Forwarded-For and X-Forwarded-Proto are believed: a request "
+        "from one of them comes from the rightmost X-Forwarded-For address that is not one of them (the audit "
+        "trail's client, open mode's rate limits), over the scheme X-Forwarded-Proto names; an entry that is no "
+        "IP address is not believed. Empty: none; the connection's peer is the client and those headers are "
+        "ignored whoever sends them (uvicorn's FORWARDED_ALLOW_IPS is not read).",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     log_json: bool = Field(True, description="One JSON object per log line (false: plain text, the fields as key=value).")
@@ -446,7 +456,7 @@ class Settings(BaseSettings):
         "job rows and starts their shadow traffic here (a replica that did not run the job shadows within this).",
     )
 
-    @field_validator("allowed_hosts", "cors_origins", "models", mode="before")
+    @field_validator("allowed_hosts", "cors_origins", "models", "trusted_proxies", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         if isinstance(value, str):
@@ -487,6 +497,19 @@ class Settings(BaseSettings):
             if scheme not in ("http", "https") or not rest or "/" in rest or "*" in rest:
                 raise ValueError(f"not an origin (scheme://host[:port], no path, no wildcard): {origin!r}")
         return origins
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies(cls, value: list[str]) -> list[str]:
+        # uvicorn takes what it cannot parse as a name never matched (a typo would trust no one, silently),
+        # a network with host bits likewise, and "*" as "believe anyone's first X-Forwarded-For entry"
+        proxies = []
+        for item in value:
+            try:
+                proxies.append(str(ipaddress.ip_network(item) if "/" in item else ipaddress.ip_address(item)))
+            except ValueError:
+                raise ValueError(f"not an IP address or network (address/prefix, no host bits): {item!r}") from None
+        return proxies
 
     @field_validator("models")
     @classmethod

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import re
 import time
 import uuid
+
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from ..errors import ErrorCode, ServiceError
 from ..gallery.postgres import consistency
@@ -29,6 +32,47 @@ async def send_error(scope, send, error: ServiceError) -> None:
     headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+class ForwardedMiddleware:
+    """A request whose peer is one of FACE_TRUSTED_PROXIES comes from the address its X-Forwarded-For names,
+    over the scheme its X-Forwarded-Proto names, as uvicorn's ProxyHeadersMiddleware reads them: the rightmost
+    address that is not itself a trusted proxy's (each proxy appends the peer it was sent from; what is left
+    of that is the client's own claim). uvicorn takes that entry whatever it holds: one that is no IP address
+    (text a client wrote there and a proxy passed on, an IPv6 zone, ``unknown``) is not believed, the peer
+    stays the client, so the audit trail and open mode's rate limits never key on what a sender wrote. The
+    address is kept in one spelling (a rate limit counts per address). Not installed without trusted
+    proxies: then no forwarding header is read (``python -m service`` turns uvicorn's own reading off)."""
+
+    def __init__(self, app, trusted_proxies: list[str]) -> None:
+        self.app = app
+        self.forwarded = ProxyHeadersMiddleware(self._checked, trusted_hosts=trusted_proxies)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        scope["peer"] = scope.get("client")
+        await self.forwarded(scope, receive, send)
+
+    async def _checked(self, scope, receive, send):
+        peer, client = scope.pop("peer"), scope.get("client")
+        if client is not None and client != peer:
+            address = forwarded_address(client[0])
+            scope["client"] = (address, client[1]) if address is not None else peer
+        await self.app(scope, receive, send)
+
+
+def forwarded_address(value: str) -> str | None:
+    """``value`` as an IP address in its one spelling (IPv4 for IPv4-mapped IPv6), or None when it is none."""
+    try:
+        ip = ipaddress.ip_address(value)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.scope_id is not None:  # fe80::1%<anything>: the zone is free text
+            return None
+        ip = ip.ipv4_mapped or ip
+    return str(ip)
 
 
 class BodyLimitMiddleware:

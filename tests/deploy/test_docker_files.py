@@ -310,3 +310,12 @@ def test_compose_scale_override_puts_replicas_on_postgres_behind_nginx(compose_c
     assert f"server face:{face['environment']['FACE_PORT']};" in conf
     body_mb = int(_re.search(r"client_max_body_size (\d+)m;", conf).group(1))
     assert body_mb * 1024 * 1024 >= Settings().max_request_bytes  # the service, not nginx, answers 413
+    # the replicas believe lb's X-Forwarded-For (the audit trail's client), so lb must write it whole: an
+    # appended one ($proxy_add_x_forwarded_for) would carry the client's own claim, believed when it names
+    # an address of the trusted ranges
+    assert _re.findall(r"proxy_set_header X-Forwarded-For (\S+);", conf) == ["$remote_addr"]
+    import ipaddress
+
+    trusted = _parsed("trusted_proxies", interpolate(face["environment"]["FACE_TRUSTED_PROXIES"], {}))
+    for lb_address in ("172.18.0.3", "192.168.16.2", "10.0.1.5"):  # Docker's address pools, the default ones first
+        assert any(ipaddress.ip_address(lb_address) in ipaddress.ip_network(net) for net in trusted)
