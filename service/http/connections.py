@@ -15,8 +15,9 @@ client is served. Here a connection is closed when
   is answered 431 ``headers_too_large`` first (uvicorn's httptools parser keeps headers of any size: a
   1 MB header value, 10,000 headers). The bytes in the read that ends a body are not counted (at most
   one read more);
-* a chunked body's framing since its last body byte (chunk lines, extensions, trailer fields, which the
-  parser keeps at any size) passes ``max_header_bytes``: closed at once (its handler sees the client gone).
+* reads of a chunked body that hold no body byte (its chunk extensions, its trailer, which the parser
+  keeps at any size) pass ``max_header_bytes`` in a row: closed at once (its handler sees the client
+  gone). Trailer fields are dropped: they never join the request's headers (a second Host, an API key).
 
 A request answered before it was all read (413 ``payload_too_large``, 431 ``headers_too_large``: the
 answer says ``Connection: close``) does not have its connection closed at once: closing a socket with
@@ -32,7 +33,8 @@ and drops it, under the body's deadline, and the next request's headers are coun
 The framing is the parser's, told by its callbacks, and one way only: a request the parser refuses (a
 Content-Length given twice, or with Transfer-Encoding: request smuggling) is answered 422
 ``invalid_request`` after the answers before it (uvicorn wrote its plain 400 at once, into an answer in
-progress, and closed), then drained as above; so is a request naming two Hosts (the host check read one,
+progress, and closed), or at once when it is the body of the request being handled (which is dropped),
+then drained as above; so is a request naming two Hosts (the host check read one,
 the app the other), and one asking to switch protocols (``Upgrade``) with a body, which the parser would
 otherwise take to have none and parse the body as the next request: smuggled past a proxy that forwards
 ``Upgrade``. One without a body is answered as a plain request (nothing is upgraded to) and closes the
@@ -119,6 +121,8 @@ class _Deadlines:
     _refusal: ServiceError | None = None  # the request refused on the wire, with why (set by a callback)
     _held: tuple[ServiceError, str] | None = None  # a refusal sent once the requests before it are answered
     _upgraded = False  # a request asked to switch protocols: nothing after its headers is parsed
+    _ended = False  # a request ended in the read being parsed
+    _eof = False  # the client has shut its sending side
     _socket_transport: Any = None  # the transport itself (uvicorn's protocol has a _Transport of it)
     _draining = False  # answered before the body was all read: what comes is read and dropped
     _drained = 0  # bytes dropped so far
@@ -152,20 +156,25 @@ class _Deadlines:
                          "headers_too_large")
             return  # (not parsed: the parser would keep them)
         self._unset_keepalive_if_required()  # type: ignore[attr-defined]
+        self._ended = False
         try:
             self.parser.feed_data(data)  # type: ignore[attr-defined]
         except httptools.HttpParserUpgrade:
             self._upgraded = True  # (its request, if it had no body, is answered; its answer closes the connection)
         except httptools.HttpParserError as exc:
             refusal, self._refusal = self._refusal, None
-            self._refuse(refusal or ServiceError(ErrorCode.invalid_request, f"malformed HTTP request: {exc}"),
-                         "invalid")
+            error = refusal or ServiceError(ErrorCode.invalid_request, f"malformed HTTP request: {exc}")
+            if self._in_body and self._handling_its_body():
+                self._refuse_now(error)  # (its handler waits for a body that will never be parsed)
+            else:
+                self._refuse(error, "invalid")
             return
-        if in_body and self._in_body:  # still in that body: its framing since its last body byte
-            came = self._body_bytes - body_bytes
-            self._framing = (0 if came else self._framing) + len(data) - came
+        if self._ended and not self._in_body:  # a request ended in this read, the next one's headers may have begun
+            self._header_tail = data[-3:]  # (where its blank line may start; its bytes in this read are not counted)
+        if in_body and self._in_body:  # still in that body: reads of its framing alone (extensions, trailer)
+            self._framing = 0 if self._body_bytes > body_bytes else self._framing + len(data)
             if self._framing > self.max_header_bytes:
-                self._cut("a body's framing (chunk lines, extensions, trailers) exceeds the header limit",
+                self._cut("a body's framing (chunk extensions, trailer) exceeds the header limit",
                           "headers_too_large")
 
     def _headers_fit(self, data: bytes) -> bool:
@@ -211,12 +220,18 @@ class _Deadlines:
         if upgrade:  # answered as a plain request (nothing is upgraded to), then the connection is closed
             self.cycle.keep_alive = False  # type: ignore[attr-defined]
 
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._in_body:  # a trailer field (after a chunked body): dropped, never one of the request's headers
+            return  # (uvicorn appended it to the headers the app had already been given: a second Host...)
+        super().on_header(name, value)  # type: ignore[misc]
+
     def on_body(self, body: bytes) -> None:
         self._body_bytes += len(body)
         super().on_body(body)  # type: ignore[misc]
 
     def on_message_complete(self) -> None:
         self._begun = self._in_body = False
+        self._ended = True
         cycle = self.cycle  # type: ignore[attr-defined]
         if cycle.response_complete:  # answered before its body ended: the wait for the next starts now
             self._waiting_since = self.loop.time()  # type: ignore[attr-defined]
@@ -252,6 +267,25 @@ class _Deadlines:
         if self.on_close is not None:
             self.on_close(reason)
 
+    def _handling_its_body(self) -> bool:
+        """Whether the request whose body is being parsed is the one being handled (none queued before it)."""
+        cycle = self.cycle  # type: ignore[attr-defined]
+        return cycle is not None and not cycle.response_complete and not self.pipeline  # type: ignore[attr-defined]
+
+    def _refuse_now(self, error: ServiceError) -> None:
+        """A request being handled whose body the parser refuses (a malformed chunk): its handler is told its
+        client is gone (it waits for the rest of the body) and the refusal is answered now, unless the
+        handler has begun its own answer (then the connection is closed)."""
+        cycle = self.cycle  # type: ignore[attr-defined]
+        started = cycle.response_started
+        cycle.disconnected = True  # (what it still sends is dropped)
+        cycle.message_event.set()
+        if started:
+            self._cut(f"{error.code.value}: {error.message}", "invalid")
+            return
+        cycle.response_complete = True  # (its answer is this refusal)
+        self._refuse(error, "invalid")
+
     def _cut(self, why: str, reason: str) -> None:
         """Closes the connection at once (its request, being handled, sees its client gone)."""
         if not self._socket_transport.is_closing():
@@ -272,10 +306,13 @@ class _Deadlines:
         """A client that half-closes (shuts its sending side) after whole requests still gets their answers:
         the connection closes after the last (uvicorn closed it at once, and the requests' handlers saw
         their client gone). A request cut short, a drain, TLS: closed now."""
+        self._eof = True
         cycle = self.cycle  # type: ignore[attr-defined]
         owed = (cycle is not None and not cycle.response_complete) or self.pipeline  # type: ignore[attr-defined]
-        if owed and not self._begun and not self._draining and self.scheme != "https":  # type: ignore[attr-defined]
-            cycle.keep_alive = False
+        held = self._held is not None  # (a refusal waiting for them: its own answer closes)
+        if owed and (held or not self._begun) and not self._draining and self.scheme != "https":  # type: ignore[attr-defined]
+            if not held:
+                cycle.keep_alive = False
             return True
         return None
 
@@ -298,6 +335,9 @@ class _Deadlines:
         self._draining = True
         self._heard_at = now = loop.time()
         self._drain_until = now + min(DRAIN_S, self.header_timeout_s)
+        if self._eof:  # (nothing more can come: closed once the answer is written)
+            transport.close()
+            return
         if transport.can_write_eof():  # (not over TLS: the answer is then followed by nothing until the close)
             transport.write_eof()
         transport.resume_reading()  # (uvicorn pauses reading while a body waits for its app)

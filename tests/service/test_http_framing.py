@@ -233,3 +233,75 @@ def test_a_malformed_request_behind_one_in_flight_is_refused_after_its_answer(se
         got = answers(read_to_close(sock))
     assert [status for status, _, _ in got] == [200, 422], got
     assert code(got[1][2]) == "invalid_request" and re.search("malformed HTTP request", got[1][2].decode())
+
+
+def test_a_malformed_chunk_in_the_body_being_read_is_answered_at_once(server):
+    """A chunked body the parser refuses while its request is being handled (a chunk size that is no
+    number) was held for an answer of its own that never came (its handler waited for the rest of the
+    body): no answer until the body deadline cut the connection, counted as a stalled body."""
+    with connect(server) as sock:
+        sock.sendall(b"POST /embed HTTP/1.1\r\n" + HOST + b"Content-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n5\r\n{\"ima\r\n")
+        time.sleep(0.3)  # (its handler is reading the body)
+        sock.sendall(b"ZZ\r\n")
+        started = time.monotonic()
+        got = answers(read_to_close(sock))
+        waited = time.monotonic() - started
+    assert [(status, code(body)) for status, _, body in got] == [(422, "invalid_request")], got
+    assert waited < BODY_S + HEADER_S, waited  # (not at the end of a drain: the answer ends the connection)
+
+
+def test_a_client_that_half_closes_behind_a_refused_request_reads_every_answer(server, slow):
+    """A client that shut its sending side after requests of which the last was refused (two Hosts) lost
+    every answer still owed: the connection closed at the end of its data."""
+    with connect(server) as sock:
+        sock.sendall(slow + b"GET /healthz HTTP/1.1\r\n" + HOST + b"\r\n"
+                     b"GET /healthz HTTP/1.1\r\n" + HOST + HOST + b"\r\n")
+        sock.shutdown(socket.SHUT_WR)
+        got = answers(read_to_close(sock))
+    assert [status for status, _, _ in got] == [200, 200, 422], got
+
+
+def test_a_trailer_adds_no_header_to_its_request(server):
+    """A chunked body's trailer fields were appended to the request's headers after the host check had
+    run: a trailer `Host: 127.0.0.1` behind `Host: evil.example` got past FACE_ALLOWED_HOSTS (the check read
+    the last Host, the app the first), and any header (Origin, an API key) could be added so. Trailer
+    fields are read and dropped."""
+    with connect(server) as sock:
+        sock.sendall(b"POST /embed HTTP/1.1\r\nHost: evil.example\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\nHost: 127.0.0.1\r\n\r\n")
+        sock.shutdown(socket.SHUT_WR)
+        got = answers(read_to_close(sock))
+    assert [(status, code(body)) for status, _, body in got] == [(421, "host_not_allowed")], got
+
+
+def test_a_body_sent_in_tiny_chunks_is_not_taken_for_an_endless_trailer(server):
+    """A valid chunked upload in 1-byte chunks (framing five times its body) was cut as headers_too_large
+    once a read held more framing than the header limit: every read's framing was counted, not only that
+    of reads without a body byte."""
+    body = json.dumps({"images": [b64(path) for path in face_files("Tony_Blair")[:2]]}).encode()
+    chunked = b"".join(b"1\r\n%s\r\n" % body[i:i + 1] for i in range(len(body))) + b"0\r\n\r\n"
+    with connect(server) as sock:
+        sock.sendall(b"POST /embed HTTP/1.1\r\n" + HOST + b"Content-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+        time.sleep(0.3)  # (its handler is reading the body)
+        for start in range(0, len(chunked), 4 * MAX_HEADER_BYTES):  # (each part arrives as a read or more)
+            sock.sendall(chunked[start:start + 4 * MAX_HEADER_BYTES])
+            time.sleep(0.05)
+        got = answers(read_to_close(sock))
+    assert [status for status, _, _ in got] == [200], got
+    assert len(json.loads(got[0][2])["embeddings"]) == 2
+
+
+@pytest.mark.parametrize("cut", [1, 2, 3])
+def test_a_blank_line_split_across_reads_ends_its_headers(server, cut):
+    """Headers whose blank line was split across two reads, the first of which also ended the request
+    before, were taken to go on into the body: its bytes were counted as header bytes (a false 431)."""
+    rest = b"x" * (4 * MAX_HEADER_BYTES)
+    second = b"POST /no-such-route HTTP/1.1\r\n" + HOST + b"Content-Length: %d\r\n\r\n" % len(rest)
+    with connect(server) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\n" + HOST + b"\r\n" + second[:-cut])
+        time.sleep(0.3)
+        sock.sendall(second[-cut:] + rest + b"GET /healthz HTTP/1.1\r\n" + HOST + b"Connection: close\r\n\r\n")
+        got = answers(read_to_close(sock))
+    assert [status for status, _, _ in got] == [200, 404, 200], got
