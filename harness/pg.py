@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import subprocess
 import tempfile
 import uuid
 import warnings
@@ -36,6 +37,14 @@ class _Cluster:
 
     def _pg_ctl(self, args: list[str]) -> None:
         _command("pg_ctl")(args, pgdata=self.pgdata, user=self.system_user, timeout=60)
+
+    def processes(self) -> list[int]:
+        """The postmaster and its children (backends, checkpointer, walwriter...): SIGSTOP them all to
+        freeze the server (a paused VM, a partition that resets no connection), SIGCONT to resume it."""
+        postmaster = int((self.pgdata / "postmaster.pid").read_text().split()[0])
+        children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(postmaster)], capture_output=True, text=True,
+                                  timeout=10, check=True).stdout.split()
+        return [postmaster, *map(int, children)]
 
     def stop(self) -> None:
         """Fast shutdown: open connections are cut, as when the database host goes away."""

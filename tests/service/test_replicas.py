@@ -2,11 +2,14 @@
 
 What one replica acknowledges, the other sees at once; deletes are final everywhere; two replicas
 enrolling one new identity end with one identity; a database outage gives 503
-``database_unavailable`` on gallery routes only and heals by itself; kill -9 loses nothing acknowledged.
+``database_unavailable`` on gallery routes only and heals by itself, a frozen primary (SIGSTOP) within a
+bound; kill -9 loses nothing acknowledged.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from collections import Counter
@@ -175,6 +178,72 @@ def test_database_outage_gives_503_on_gallery_routes_and_heals(replicas, databas
             assert r.json()["results"][0]["identity_id"] == ENROLLED[1]
             assert c.get("/identities/during-outage").status_code == 404  # refused, so not stored
             assert c.get("/readyz").status_code == 200
+
+
+FROZEN_PRIMARY_BOUND_S = 10.0  # FACE_DATABASE_TIMEOUT_S (2) and the statement timeout (3 s) are 5 s: room on a busy box
+
+
+def test_a_frozen_primary_answers_503_within_a_bound_and_heals(database, tmp_path, default_model):
+    """Every process of the primary stopped (SIGSTOP: a paused VM, a partition that resets no connection):
+    its idle pooled connections answer nothing and its statement_timeout never fires. Requests that need
+    it (a stored key the key ring must read again, a lookup, a search, /metrics, /readyz) are answered
+    503 database_unavailable within a bound, not when the primary answers again; after SIGCONT all heals."""
+    env = {"FACE_DATABASE_URL": database.url, "FACE_DATABASE_SCHEMA": database.fresh_schema(),
+           "FACE_DATABASE_TIMEOUT_S": "2", "FACE_DATABASE_STATEMENT_TIMEOUT_MS": "3000"}
+    server = ServerProcess(tmp_path / "data", model=default_model, env=env)
+    face = b64(face_files(ENROLLED[1])[0])
+    calls = [("GET", f"/identities/{ENROLLED[1]}", {}), ("GET", "/metrics", {}), ("GET", "/readyz", {}),
+             ("POST", "/identify", {"json": {"images": [face]}})]
+    try:
+        server.wait_ready()
+        with client(server) as c:
+            r = c.post("/keys", json={"role": "admin"})  # the first key: open mode ends, requests need keys
+            assert r.status_code == 201, r.text
+            key = {"X-API-Key": r.json()["secret"]}
+            c.headers.update(key)
+            assert enroll(c, ENROLLED[1], [face_files(ENROLLED[1])[1]]).status_code == 200
+
+        def ask(method: str, path: str, kwargs: dict, answers: list) -> None:
+            with httpx.Client(base_url=server.url, timeout=FROZEN_PRIMARY_BOUND_S, headers=key) as c:
+                try:
+                    r = c.request(method, path, **kwargs)
+                except httpx.TimeoutException:
+                    answers.append((path, f"no answer within {FROZEN_PRIMARY_BOUND_S:g} s"))
+                    return
+                if r.status_code != 200 and not (r.status_code == 503 and
+                                                 r.json()["error"]["code"] == "database_unavailable"):
+                    answers.append((path, r.status_code, r.text[:200]))
+
+        def at_once(answers: list) -> None:
+            threads = [threading.Thread(target=ask, args=(*call, answers)) for call in calls * 2]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(FROZEN_PRIMARY_BOUND_S + 30)
+
+        at_once([])  # the pools' connections open and idle, as under traffic
+        time.sleep(1.2)  # past the key cache's bound: the key ring must read the key again
+        pids, bad = database.processes(), []
+        try:
+            for pid in pids:
+                os.kill(pid, signal.SIGSTOP)
+            at_once(bad)  # each takes an idle connection the pool checks, or waits for one
+            at_once(bad)
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+        assert not bad, bad
+        with client(server) as c:
+            c.headers.update(key)
+            deadline = time.monotonic() + 30
+            while (r := c.get(f"/identities/{ENROLLED[1]}")).status_code != 200:
+                assert time.monotonic() < deadline, r.text
+                time.sleep(0.2)
+            for method, path, kwargs in calls:
+                assert c.request(method, path, **kwargs).status_code == 200, path
+            assert enroll(c, ENROLLED[2], [face_files(ENROLLED[2])[0]]).status_code == 200
+    finally:
+        server.stop()
 
 
 def test_database_restart_under_traffic_gives_only_200_or_503_and_loses_nothing(replicas, database):

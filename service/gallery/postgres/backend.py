@@ -21,6 +21,9 @@ identities it last read, inside the transaction of its last search or write.
   ``database_unavailable``: nothing was stored); one lost while a write's COMMIT was in flight raises
   :class:`WriteOutcomeUnknown` (503 ``write_outcome_unknown``: stored or not, read it back; see
   ``_transaction``). The pools check connections before lending them and reconnect by themselves.
+  A primary that stops answering without closing its connections (a paused VM, a partition: its
+  statement_timeout never fires): the pools' checks and the key ring's reads have client-side deadlines
+  (``Pool._check``, ``_key_read``), and over TCP its connections have keepalives and a tcp_user_timeout.
 * Pools: writes and reads have a pool each (FACE_DATABASE_POOL_SIZE, FACE_DATABASE_READ_POOL_SIZE), so
   writes stuck behind a lock never starve searches. A pool whose connections are all lent out while
   the database answers raises :class:`GalleryBusy` (503 ``overloaded`` with ``Retry-After``).
@@ -113,7 +116,7 @@ from ..results import (
 from ..search import Hit, Match, check_served, search_identities
 from . import consistency
 from .memory import COLLECTION_INDEX_PREFIX, HNSW_INDEX_PREFIX, buffer_fit, check_buffer_fit
-from .standbys import DAMAGED_DATA, Standby, Standbys, with_keepalives
+from .standbys import DAMAGED_DATA, WATCHDOG, Standby, Standbys, with_keepalives
 
 if TYPE_CHECKING:
     from ...config import Settings
@@ -138,6 +141,9 @@ MAX_EF_SEARCH = 1000  # pgvector's upper bound for hnsw.ef_search
 # while the database is failing, requests wait this long for a connection instead of the full timeout,
 # so a burst of gallery requests during an outage cannot hold every worker thread (and stall /embed)
 FAILING_TIMEOUT_S = 0.25
+# the pool's check of a connection before lending it waits for the server as long as its caller waits for
+# a connection, but never less than this: a loaded server that answers late must not lose good connections
+CHECK_MIN_S = 1.0
 
 
 class _OwnersMoved(Exception):
@@ -333,6 +339,19 @@ class PostgresOptions:
         return {"options": options, "connect_timeout": max(1, math.ceil(self.timeout_s)), "autocommit": True}
 
     @property
+    def connect_url(self) -> str:
+        """The primary's URL with TCP keepalives and a ``tcp_user_timeout`` (those it sets are kept), as
+        the standbys': a connection to a primary that stopped answering (a partition, a paused VM) ends
+        in seconds, not after TCP's retransmissions (about 15 minutes)."""
+        return with_keepalives(self.url)
+
+    @property
+    def read_deadline_s(self) -> float:
+        """How long a short read may go unanswered before its connection is cut: the server ends it by
+        its statement timeout, so past this too the server is not answering."""
+        return self.statement_timeout_ms / 1000 + self.timeout_s
+
+    @property
     def where(self) -> str:
         return _where(self.url, self.schema)
 
@@ -422,11 +441,12 @@ class Pool:
         self.failing = False  # the last call failed for want of a connection
         self.in_use = 0  # connections lent out now (the pool's own size counts reconnection attempts too)
         self._lock = threading.Lock()
+        self._waiting = threading.local()  # how long the connection() call of this thread waits
 
     def open(self, wait: bool = True, timeout_s: float | None = None) -> None:
         pool = ConnectionPool(
             self.url, min_size=1, max_size=self.size, kwargs=self.options.connect_kwargs(), configure=register_vector,
-            check=ConnectionPool.check_connection, timeout=self.options.timeout_s, open=False, name=self.name,
+            check=self._check, timeout=self.options.timeout_s, open=False, name=self.name,
         )
         try:
             with _unavailable_on_connection_errors(self.where):
@@ -445,6 +465,15 @@ class Pool:
         """Every connection the pool may open is lent out to a caller (so the database did answer)."""
         return self.in_use >= self.size
 
+    def _check(self, conn: psycopg.Connection) -> None:
+        """The pool's check of an idle connection before it lends it (an empty statement), cut when the
+        server does not answer within the caller's wait for a connection (CHECK_MIN_S at least): a server
+        that stopped answering (a paused VM, a partition) would hold the check, and the request, until it
+        answered again. The pool then discards the connection and the caller gets none (PoolTimeout)."""
+        waits = getattr(self._waiting, "timeout_s", self.options.timeout_s)
+        with WATCHDOG.within(conn, max(waits, CHECK_MIN_S)):
+            ConnectionPool.check_connection(conn)
+
     @contextmanager
     def connection(self, timeout_s: float | None = None) -> Iterator[psycopg.Connection]:
         """A pooled connection (autocommit: each statement commits unless in a transaction block).
@@ -453,6 +482,7 @@ class Pool:
         if self.pool is None:
             raise RuntimeError("the gallery is not open")
         timeout = FAILING_TIMEOUT_S if self.failing else timeout_s or self.options.timeout_s
+        self._waiting.timeout_s = timeout
         try:
             with self.pool.connection(timeout=timeout) as conn:
                 with self._lock:
@@ -640,14 +670,14 @@ class PostgresGalleries:
         self.served = served or {model_id: dim}  # every served model (model id -> dim): open() checks the pins
         # writes and reads on the primary have pools of their own: writes stuck behind a lock cannot
         # take the connections that searches and lookups need
-        self._writes = Pool("writes", options.url, options, options.pool_size, options.where)
-        self._reads = Pool("reads", options.url, options, options.read_pool_size, options.where)
+        self._writes = Pool("writes", options.connect_url, options, options.pool_size, options.where)
+        self._reads = Pool("reads", options.connect_url, options, options.read_pool_size, options.where)
         self._standbys = None if not options.read_urls else Standbys(
             [Standby(_endpoint(url), url, Pool(f"standby{i}", with_keepalives(url), options, options.read_pool_size,
                                                             _where(url, options.schema)), options.connect_kwargs(),
                      options.schema)
              for i, url in enumerate(options.read_urls)],
-            options.url, options.connect_kwargs(), max_lag_s=options.max_lag_ms / 1000,
+            options.connect_url, options.connect_kwargs(), max_lag_s=options.max_lag_ms / 1000,
             wait_s=options.read_wait_ms / 1000, check_interval_s=options.lag_check_ms / 1000,
             timeout_s=options.timeout_s, statement_timeout_s=options.statement_timeout_ms / 1000)
         self.default = PostgresGallery(self, DEFAULT_COLLECTION, DEFAULT_COLLECTION_ID)
@@ -683,7 +713,7 @@ class PostgresGalleries:
         """Migrate under the advisory lock, check the model, then open the connection pools."""
         started = time.perf_counter()
         with _unavailable_on_connection_errors(self.options.where):
-            with psycopg.connect(self.options.url, **self.options.connect_kwargs()) as conn:
+            with psycopg.connect(self.options.connect_url, **self.options.connect_kwargs()) as conn:
                 applied: list[int | str] = list(migrate(conn, self.options, self.model_id, self.dim, served=self.served))
                 self._warn_if_index_differs(conn)
                 pinned = _one(conn.execute("SELECT model_id, dim FROM collections WHERE collection_id = %s",
@@ -854,7 +884,7 @@ class PostgresGalleries:
     def _build_collection_index(self, collection_id: int, dim: int) -> None:
         index = collection_index_name(collection_id)
         try:
-            with psycopg.connect(self.options.url, **self.options.connect_kwargs()) as conn:
+            with psycopg.connect(self.options.connect_url, **self.options.connect_kwargs()) as conn:
                 self._build_conns[collection_id] = conn
                 try:
                     if self._closing:
@@ -910,7 +940,7 @@ class PostgresGalleries:
 
     def _drop_index(self, index: str) -> None:
         try:
-            with psycopg.connect(self.options.url, **self.options.connect_kwargs()) as conn, \
+            with psycopg.connect(self.options.connect_url, **self.options.connect_kwargs()) as conn, \
                     self._index_lock(conn) as locked:
                 if locked:
                     conn.execute("SET statement_timeout = 0")
@@ -1187,13 +1217,21 @@ class PostgresGalleries:
                 "collections": None if key.collections is None else list(key.collections),
                 "note": key.note, "expires_at": key.expires_at})
 
+    @contextmanager
+    def _key_read(self) -> Iterator[psycopg.Connection]:
+        """A connection of the primary's read pool for one read of the keys, cut past its read deadline:
+        the key ring reads here for requests (a key not in its cache, whether any key exists), and
+        answers from its last read when this fails (keyring.py)."""
+        with self._read_connection() as conn, WATCHDOG.within(conn, self.options.read_deadline_s):
+            yield conn
+
     def list_keys(self) -> list[StoredKey]:
-        with self._read_connection() as conn:
+        with self._key_read() as conn:
             rows = conn.execute(f"SELECT {KEY_COLUMNS} FROM api_keys ORDER BY created_at, key_id").fetchall()
         return [_key(r) for r in rows]
 
     def get_key(self, key_id: str) -> StoredKey | None:
-        with self._read_connection() as conn:
+        with self._key_read() as conn:
             row = conn.execute(f"SELECT {KEY_COLUMNS} FROM api_keys WHERE key_id = %s", (key_id,)).fetchone()
         return None if row is None else _key(row)
 
@@ -1222,7 +1260,7 @@ class PostgresGalleries:
                          (ids, times))
 
     def has_keys(self) -> bool:
-        with self._read_connection() as conn:
+        with self._key_read() as conn:
             return bool(_one(conn.execute(
                 "SELECT EXISTS (SELECT 1 FROM api_keys WHERE revoked_at IS NULL "
                 "AND (expires_at IS NULL OR expires_at > %s))", (time.time(),)))[0])

@@ -32,15 +32,17 @@ from __future__ import annotations
 import contextvars
 import itertools
 import logging
+import math
 import os
 import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures import wait as wait_for
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, TypeVar
 
 import psycopg
@@ -95,6 +97,49 @@ def cut(conn: psycopg.Connection) -> None:
             sock.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
+
+
+class Watchdog:
+    """Cuts the connections whose calls run past their deadline (:func:`cut`), all from one thread: a
+    deadline costs no thread of its own, so the pools can watch each connection they check."""
+
+    def __init__(self) -> None:
+        self._due: dict[object, tuple[float, psycopg.Connection]] = {}
+        self._changed = threading.Condition()
+        self._wakes_at = math.inf
+        self._thread: threading.Thread | None = None
+
+    @contextmanager
+    def within(self, conn: psycopg.Connection, timeout_s: float) -> Iterator[None]:
+        """Calls on ``conn`` in the block fail (OperationalError) once ``timeout_s`` has passed. Never cut
+        once the block is over (both under the lock): a connection closed since may have its fd reused."""
+        token, due = object(), time.monotonic() + timeout_s
+        with self._changed:
+            self._due[token] = (due, conn)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="face-db-deadlines", daemon=True)
+                self._thread.start()
+            if due < self._wakes_at:
+                self._changed.notify()
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._due.pop(token, None)
+
+    def _run(self) -> None:
+        with self._changed:
+            while True:
+                now = time.monotonic()
+                for token, (due, conn) in list(self._due.items()):
+                    if due <= now:
+                        del self._due[token]
+                        cut(conn)
+                self._wakes_at = min((due for due, _ in self._due.values()), default=math.inf)
+                self._changed.wait(None if self._wakes_at == math.inf else self._wakes_at - now)
+
+
+WATCHDOG = Watchdog()
 
 
 class Standby:
@@ -271,7 +316,8 @@ class Standbys:
         try:
             if self._primary_conn is None or self._primary_conn.closed:
                 self._primary_conn = psycopg.connect(self.primary_url, **self._connect_kwargs)
-            row = self._primary_conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+            with WATCHDOG.within(self._primary_conn, self.timeout_s):  # a primary that does not answer
+                row = self._primary_conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
             return consistency.parse_lsn(row[0]) if row else None
         except psycopg.Error:
             if self._primary_conn is not None:
