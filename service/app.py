@@ -19,9 +19,10 @@ from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from . import __version__
 from .access.keys import PepperFileError
@@ -400,6 +401,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.warning("gallery database connections all in use", extra={"path": request.url.path, "reason": str(exc)})
         return _error_response(ServiceError(ErrorCode.overloaded, "every database connection is in use; retry "
                                             "shortly"), request)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_disconnect(request: Request, exc: ClientDisconnect):
+        # the client went away (or was cut at the body deadline) before its body came: no fault of the
+        # service's, and nobody reads the answer; 499 "client closed request", as nginx logs it
+        log.info("client went away before its request's body came", extra={"path": request.url.path})
+        return Response(status_code=499)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):

@@ -305,3 +305,25 @@ def test_a_blank_line_split_across_reads_ends_its_headers(server, cut):
         sock.sendall(second[-cut:] + rest + b"GET /healthz HTTP/1.1\r\n" + HOST + b"Connection: close\r\n\r\n")
         got = answers(read_to_close(sock))
     assert [status for status, _, _ in got] == [200, 404, 200], got
+
+
+def test_a_client_that_leaves_before_its_body_came_is_no_server_error(server):
+    """A client that went away in the middle of its body (or was cut at the body deadline) was logged as
+    the server's own failure: an ERROR "unhandled error" with a ClientDisconnect traceback, and a 500 in
+    the access log and on /metrics, which error-rate alerts count. It is answered 499 (nobody reads it:
+    "client closed request", as nginx logs it), logged at info."""
+    def embed_answers(status: int) -> float:
+        with httpx.Client(base_url=server.url, timeout=10) as client:
+            return metric(client, f'face_http_requests_total{{method="POST",route="/embed",status="{status}"}}')
+
+    before = embed_answers(500), embed_answers(499), server.log_path.read_text(errors="replace").count("Traceback")
+    for stall in (False, True):  # the client closes mid-body; the client stalls past the body deadline
+        with connect(server) as sock:
+            sock.sendall(b"POST /embed HTTP/1.1\r\n" + HOST + b"Content-Type: application/json\r\n"
+                         b"Content-Length: 100000\r\n\r\n{\"images\": [")
+            time.sleep(BODY_S + 1 if stall else 0.3)
+    deadline = time.monotonic() + 10
+    while embed_answers(499) - before[1] < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    after = embed_answers(500), embed_answers(499), server.log_path.read_text(errors="replace").count("Traceback")
+    assert (after[0] - before[0], after[1] - before[1], after[2] - before[2]) == (0, 2, 0)
