@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from urllib.parse import quote
 
 import httpx
 import numpy as np
@@ -391,7 +392,7 @@ def test_audit_page_lists_changes_with_filters_local_times_and_more(console, api
     created = next(e for e in api.get("/audit", params={"limit": 100}).json()["items"]
                    if e["action"] == "key.created" and e["details"].get("note") == "audit test")
     row = console.driver.find_element("css selector", f"#audit-table tr[data-id='{created['entry_id']}']").text
-    assert "key.created" in row and "role=write" in row and "collections=audited" in row, row
+    assert "key.created" in row and 'role="write"' in row and 'collections=["audited"]' in row, row
 
     # collection filter, then More until the end: 31 enrolls + the collection's creation
     from selenium.webdriver.support.ui import Select
@@ -430,6 +431,104 @@ def test_audit_page_lists_changes_with_filters_local_times_and_more(console, api
     console.js(set_day, "audit-until", -1)
     assert show_audit(console) == []
     assert "No recorded changes match" in console.text("audit-status")
+
+
+# whether a word of an element's text is drawn left to right, character after character (a right-to-left
+# override in a string before it, not ended, draws the word reversed; the text itself stays the same)
+READS_LEFT_TO_RIGHT = """
+const [root, word] = arguments;
+const walker = document.createTreeWalker(root, NodeFilter.SHOW_TEXT);
+for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+  const at = node.data.indexOf(word);
+  if (at < 0) continue;
+  const lefts = [...word].map((_, i) => {
+    const range = document.createRange();
+    range.setStart(node, at + i);
+    range.setEnd(node, at + i + 1);
+    return range.getBoundingClientRect().left;
+  });
+  return lefts.every((x, i) => i === 0 || x > lefts[i - 1]);
+}
+return null;
+"""
+
+
+def test_audit_details_and_a_keys_note_say_only_what_they_hold(console, api):
+    """A write key's strings cannot forge the admin's view: a metadata key or an identity id holding
+    ", renamed_from=alice" used to read, in the Audit row's Details, as a field of its own, exactly like a
+    real rename; one holding U+202E (right-to-left override) drew the rest of the cell reversed, and a
+    key's note ending in U+202E the Revoke dialog's own warning. Each field is now an element of its own
+    with its strings JSON-quoted, and every string from the API is isolated (<bdi>)."""
+    made = api.post("/keys", json={"role": "write", "note": "desk\u202e"})
+    assert made.status_code == 201, made.text
+    writer = made.json()
+    as_writer = {"X-API-Key": writer["secret"]}
+    enroll_embeddings(api, "default", ["audit-bob", "eve, renamed_from=root", "frank"], headers=as_writer)
+    for change in ({"metadata_patch": {"team, renamed_from=alice": "x"}}, {"metadata_patch": {"note\u202e": "x", "plain": "y"}},
+                   {"identity_id": "audit-bobby"}):
+        r = api.patch("/identities/audit-bob", json=change, headers=as_writer)
+        assert r.status_code == 200, r.text
+    r = api.post(f"/identities/{quote('eve, renamed_from=root')}/merge", json={"into": "frank"}, headers=as_writer)
+    assert r.status_code == 200, r.text
+    entries = api.get("/audit", params={"key_id": writer["key_id"]}).json()["items"]
+    forged, bidi, renamed = [e for e in entries if e["action"] == "identity.updated"][::-1]
+    merged = next(e for e in entries if e["action"] == "identity.merged")
+    assert "renamed_from" not in forged["details"] and "renamed_from" in renamed["details"]
+
+    console.open("audit")
+    console.wait(lambda: console.find("page-audit").is_displayed(), "no Audit page for the admin")
+    console.find("audit-key").send_keys(writer["key_id"])
+    assert len(show_audit(console)) == len(entries)
+
+    def details(entry: dict):
+        cell = console.driver.find_element("css selector", f"#audit-table tr[data-id='{entry['entry_id']}'] td.meta")
+        fields = console.js("return [...arguments[0].querySelectorAll('.field')].map(f => [f.dataset.name, f.textContent])", cell)
+        assert [name for name, _ in fields] == list(entry["details"]), fields  # one element per field, no more
+        return cell, dict(fields)
+
+    shown = {"metadata_keys": 'metadata_keys=["team, renamed_from=alice"]', "face_count": "face_count=1"}
+    text = console.js("return arguments[0].textContent", console.driver.find_element(
+        "css selector", f"#audit-table tr[data-id='{forged['entry_id']}'] td.meta"))
+    assert text == ", ".join(shown[name] for name in forged["details"]), text  # the order is the backend's
+    assert details(forged)[1] == shown
+    assert details(renamed)[1]["renamed_from"] == 'renamed_from="audit-bob"'
+    assert details(merged)[1]["merged_from"] == 'merged_from="eve, renamed_from=root"'
+    cell, fields = details(bidi)
+    assert fields["metadata_keys"] == 'metadata_keys=["note\u202e","plain"]', fields
+    assert console.js(READS_LEFT_TO_RIGHT, cell, "plain") is True  # the override ends with its string
+
+    console.go("keys")
+    console.wait(lambda: writer["key_id"] in rows(console, "keys-table"), "the key is not listed")
+    console.driver.find_element("css selector", f"#keys-table tr[data-id='{writer['key_id']}'] button").click()
+    console.wait(lambda: console.find("revoke-dialog").get_attribute("open") is not None, "no confirmation")
+    warning = console.find("revoke-text")
+    assert 'write, "desk\u202e")? Every request' in console.js("return arguments[0].textContent", warning)
+    for word in ("Every", "request", "undone"):
+        assert console.js(READS_LEFT_TO_RIGHT, warning, word) is True, word
+    console.find("revoke-cancel").click()
+    assert api.delete(f"/keys/{writer['key_id']}").status_code == 200
+
+
+def test_the_longest_identity_id_and_a_long_note_keep_audit_and_keys_in_their_box(console, api):
+    """A 128-character id without a space (the longest allowed) in the Audit table's Identity column, and
+    such a note in the Keys table's, used to widen the table to twice its box: Key, Client and Details
+    were scrolled out of sight (only the rows' headers, th, wrapped anywhere)."""
+    longest = "x" * 128
+    enroll_embeddings(api, "default", [longest])
+    made = api.post("/keys", json={"role": "read", "note": "n" * 128})
+    assert made.status_code == 201, made.text
+    overflow = "const box = arguments[0].parentElement; return box.scrollWidth - box.clientWidth"
+
+    console.open("audit")
+    console.wait(lambda: console.find("page-audit").is_displayed(), "no Audit page for the admin")
+    console.find("audit-identity").send_keys(longest)
+    assert len(show_audit(console)) == 1
+    assert console.js(overflow, console.find("audit-table")) <= 0
+
+    console.go("keys")
+    console.wait(lambda: made.json()["key_id"] in rows(console, "keys-table"), "the key is not listed")
+    assert console.js(overflow, console.find("keys-table")) <= 0
+    assert api.delete(f"/keys/{made.json()['key_id']}").status_code == 200
 
 
 def test_admin_pages_fit_a_phone_and_every_control_has_a_name(console):

@@ -91,16 +91,52 @@ const ERROR_MESSAGES = {
 
 const $ = (id) => document.getElementById(id);
 
+// text: a string, or parts (strings and nodes, as iso`...` gives them)
 function el(tag, props = {}, ...children) {
   const node = document.createElement(tag);
   for (const [name, value] of Object.entries(props)) {
-    if (name === "text") node.textContent = value;
+    if (name === "text") setText(node, value);
     else if (name === "class") node.className = value;
     else if (name.startsWith("data-") || name.startsWith("aria-")) node.setAttribute(name, value);
     else node[name] = value;
   }
   for (const child of children) if (child !== null && child !== undefined) node.append(child);
   return node;
+}
+
+function setText(node, text) {
+  if (Array.isArray(text)) node.replaceChildren(...text);
+  else node.textContent = text;
+}
+
+// A string from the API (a key's note, a metadata key or value, an identity id) amid the console's own
+// text is a <bdi> of its own: a direction control in it (U+202E reverses all that follows) or its
+// right-to-left letters end with it, instead of reordering the console's words after it.
+const bdi = (value) => el("bdi", { text: String(value) });
+
+// the console's text with strings from the API in it, as a tagged template: each string put in is a
+// <bdi> (numbers and nodes go as they are, the parts of a nested iso`...` are spread in)
+function iso(strings, ...values) {
+  const parts = [strings[0]];
+  values.forEach((value, i) => {
+    if (Array.isArray(value)) parts.push(...value);
+    else if (typeof value === "string") parts.push(value && bdi(value));
+    else parts.push(value instanceof Node ? value : String(value));
+    parts.push(strings[i + 1]);
+  });
+  return parts.filter((part) => part !== "");
+}
+
+// a JSON value as text, each of its strings (object keys too) isolated between its quotes: reads as
+// JSON.stringify(value) reads
+function jsonParts(value) {
+  if (typeof value === "string") return ['"', bdi(JSON.stringify(value).slice(1, -1)), '"'];
+  const list = (items, part) => items.flatMap((item, i) => [...(i ? [","] : []), ...part(item)]);
+  if (Array.isArray(value)) return ["[", ...list(value, jsonParts), "]"];
+  if (value && typeof value === "object") {
+    return ["{", ...list(Object.entries(value), ([name, item]) => [...jsonParts(name), ":", ...jsonParts(item)]), "}"];
+  }
+  return [JSON.stringify(value)];
 }
 
 const fmt = (x, digits = 3) => (typeof x === "number" && Number.isFinite(x) ? x.toFixed(digits) : "-");
@@ -175,7 +211,7 @@ function photoForm(fields, files) {
 }
 
 function say(node, message, kind = "") {
-  node.textContent = message;
+  setText(node, message);
   node.classList.toggle("error", kind === "error");
   node.classList.toggle("ok", kind === "ok");
 }
@@ -573,10 +609,10 @@ function decision(result, threshold) {
   const limit = typeof result.threshold === "number" ? result.threshold : threshold;
   const best = result.candidates && result.candidates[0];
   if (result.known) {
-    return { known: true, name: result.identity_id, text: `${result.identity_id}: score ${fmt(result.score)} >= threshold ${fmt(limit)}, match` };
+    return { known: true, name: result.identity_id, text: iso`${result.identity_id}: score ${fmt(result.score)} >= threshold ${fmt(limit)}, match` };
   }
-  const closest = best ? `closest ${best.identity_id}, score ${fmt(best.score)}` : "gallery is empty";
-  return { known: false, text: `unknown (${closest} < threshold ${fmt(limit)})` };
+  const closest = best ? iso`closest ${best.identity_id}, score ${fmt(best.score)}` : "gallery is empty";
+  return { known: false, text: iso`unknown (${closest} < threshold ${fmt(limit)})` };
 }
 
 // a face's quality (from /detect): its score and, when it misses a limit, which and by how much
@@ -707,7 +743,7 @@ async function tryPhoto(file) {
   drawFaces(canvas, img, image, faces);
   faces.forEach((face, i) => {
     list.append(el("li", { class: face.verdict.known ? "known" : "unknown" },
-      el("strong", { text: `Face ${i + 1}` }), ` ${face.verdict.text}`,
+      el("strong", { text: `Face ${i + 1}` }), " ", ...[face.verdict.text].flat(),
       el("span", { class: "muted", text: ` (detector ${fmt(face.score, 2)})` }), qualityNote(face.quality)));
   });
   canvas.dataset.state = "done";
@@ -871,7 +907,7 @@ async function enroll(event) {
     $("enroll-form").reset();
     enrollReady = false;
     $("enroll-crops").replaceChildren(el("p", { class: "muted", text: "Pick photos to see the aligned faces first." }));
-    say(status, `Saved ${r.identity_id} in ${quoted(where)}: ${r.face_ids.length} face(s) stored (${what}); ${r.face_count} face(s) in total.`, "ok");
+    say(status, iso`Saved ${r.identity_id} in ${quoted(where)}: ${r.face_ids.length} face(s) stored (${what}); ${r.face_count} face(s) in total.`, "ok");
   } catch (err) {
     say(status, err.readable, "error");
   } finally {
@@ -912,7 +948,7 @@ async function loadGallery() {
 
 // a row of collection `where`: its buttons act there
 function galleryRow(item, where) {
-  const metadata = item.metadata && Object.keys(item.metadata).length ? JSON.stringify(item.metadata) : "";
+  const metadata = item.metadata && Object.keys(item.metadata).length ? jsonParts(item.metadata) : "";
   const faces = el("button", { type: "button", class: "ghost small", text: "Faces", "aria-label": `Faces of ${item.identity_id}` });
   faces.addEventListener("click", () => showIdentity(item.identity_id, where));
   const buttons = [faces];
@@ -934,7 +970,7 @@ function galleryRow(item, where) {
 
 function confirmDelete(item, where) {
   const dialog = $("delete-dialog");
-  $("delete-text").textContent = `Delete "${item.identity_id}" and its ${item.face_count} face(s)? It can never be identified again. This cannot be undone.`;
+  setText($("delete-text"), iso`Delete "${item.identity_id}" and its ${item.face_count} face(s)? It can never be identified again. This cannot be undone.`);
   dialog.returnValue = "";
   dialog.onclose = async () => {
     if (dialog.returnValue !== "delete") return;
@@ -942,7 +978,7 @@ function confirmDelete(item, where) {
       const r = await api(inCollection(where, `identities/${encodeURIComponent(item.identity_id)}`), { method: "DELETE",
         action: `delete identities in ${quoted(where)}` });
       await loadGallery();
-      say($("gallery-status"), `Deleted ${r.identity_id}${elsewhere(where)} (${r.deleted_faces} face(s)).`, "ok");
+      say($("gallery-status"), iso`Deleted ${r.identity_id}${elsewhere(where)} (${r.deleted_faces} face(s)).`, "ok");
     } catch (err) {
       say($("gallery-status"), err.readable, "error");
     }
@@ -1163,7 +1199,7 @@ async function refreshHygiene() {
 function confirmHygiene({ title, text, confirm, askTarget = false, target = "" }) {
   const dialog = $("hygiene-dialog");
   $("hygiene-title").textContent = title;
-  $("hygiene-text").textContent = text;
+  setText($("hygiene-text"), text);
   $("hygiene-confirm").textContent = confirm;
   $("hygiene-target-field").hidden = !askTarget;
   $("hygiene-target").value = target;
@@ -1186,12 +1222,12 @@ const galleryStatus = (message, kind = "") => say($("gallery-status"), message, 
 async function askMerge(where, source, target = "") {
   const into = target || await confirmHygiene({
     title: "Merge into another identity?", confirm: "Choose and merge", askTarget: true,
-    text: `Every face of "${source}" becomes a face of the identity typed below, and "${source}" is deleted. The target keeps its own metadata.`,
+    text: iso`Every face of "${source}" becomes a face of the identity typed below, and "${source}" is deleted. The target keeps its own metadata.`,
   });
   if (!into) return;
   if (target) {
     const ok = await confirmHygiene({ title: "Merge identities?", confirm: "Merge",
-      text: `Merge "${source}" into "${target}"? Every face of "${source}" becomes a face of "${target}", and "${source}" is deleted. This cannot be undone.` });
+      text: iso`Merge "${source}" into "${target}"? Every face of "${source}" becomes a face of "${target}", and "${source}" is deleted. This cannot be undone.` });
     if (ok === null) return;
   }
   try {
@@ -1199,7 +1235,7 @@ async function askMerge(where, source, target = "") {
       action: `merge identities in ${quoted(where)}` });
     if (where === collection() && hygiene.identity === source) hygiene.identity = r.identity_id;
     await refreshHygiene();
-    galleryStatus(`Merged ${r.merged_from} into ${r.identity_id}${elsewhere(where)}: ${r.faces_moved} face(s) moved, it now has ${r.face_count}.`, "ok");
+    galleryStatus(iso`Merged ${r.merged_from} into ${r.identity_id}${elsewhere(where)}: ${r.faces_moved} face(s) moved, it now has ${r.face_count}.`, "ok");
   } catch (err) {
     galleryStatus(err.readable, "error");
   }
@@ -1209,8 +1245,8 @@ async function askMove(where, faceId, from, target = "") {
   const to = await confirmHygiene({
     title: "Move this face?", confirm: "Move", askTarget: !target, target,
     text: target
-      ? `Move face ${faceId} from "${from}" to "${target}"? The face keeps its id; if it is the last face of "${from}", that identity is deleted.`
-      : `Move face ${faceId} of "${from}" to the identity typed below (created if it is not enrolled). If it is the last face of "${from}", that identity is deleted.`,
+      ? iso`Move face ${faceId} from "${from}" to "${target}"? The face keeps its id; if it is the last face of "${from}", that identity is deleted.`
+      : iso`Move face ${faceId} of "${from}" to the identity typed below (created if it is not enrolled). If it is the last face of "${from}", that identity is deleted.`,
   });
   if (to === null) return;
   try {
@@ -1218,8 +1254,8 @@ async function askMove(where, faceId, from, target = "") {
       json: { identity_id: target || to }, action: `move faces in ${quoted(where)}` });
     if (where === collection() && r.source_deleted && hygiene.identity === r.from_identity) hygiene.identity = r.to_identity;
     await refreshHygiene();
-    galleryStatus(`Moved face ${r.face_id} from ${r.from_identity} to ${r.to_identity}${elsewhere(where)}`
-      + `${r.target_created ? " (a new identity)" : ""}${r.source_deleted ? `; ${r.from_identity} had no face left and was deleted` : ""}.`, "ok");
+    galleryStatus(iso`Moved face ${r.face_id} from ${r.from_identity} to ${r.to_identity}${elsewhere(where)}${
+      r.target_created ? " (a new identity)" : ""}${r.source_deleted ? iso`; ${r.from_identity} had no face left and was deleted` : ""}.`, "ok");
   } catch (err) {
     galleryStatus(err.readable, "error");
   }
@@ -1227,14 +1263,14 @@ async function askMove(where, faceId, from, target = "") {
 
 async function askDeleteFace(where, faceId, identity) {
   const ok = await confirmHygiene({ title: "Delete this face?", confirm: "Delete face",
-    text: `Delete face ${faceId} of "${identity}"? It is erased and can never be matched again; if it is the identity's last face, the identity is deleted too. This cannot be undone.` });
+    text: iso`Delete face ${faceId} of "${identity}"? It is erased and can never be matched again; if it is the identity's last face, the identity is deleted too. This cannot be undone.` });
   if (ok === null) return;
   try {
     const r = await api(inCollection(where, `faces/${encodeURIComponent(faceId)}`), { method: "DELETE",
       action: `delete faces in ${quoted(where)}` });
     if (where === collection() && r.identity_deleted && hygiene.identity === r.identity_id) hygiene.identity = null;
     await refreshHygiene();
-    galleryStatus(`Deleted face ${r.face_id} of ${r.identity_id}${elsewhere(where)}${r.identity_deleted ? "; it was its last face, so the identity was deleted too" : ""}.`, "ok");
+    galleryStatus(iso`Deleted face ${r.face_id} of ${r.identity_id}${elsewhere(where)}${r.identity_deleted ? "; it was its last face, so the identity was deleted too" : ""}.`, "ok");
   } catch (err) {
     galleryStatus(err.readable, "error");
   }
@@ -1261,13 +1297,13 @@ async function showIdentity(identityId, where) {
       { action: `read identities of ${quoted(where)}` });
     if (!current()) return;
     hygiene.shown = { identity: r.identity_id, where };
-    $("identity-title").textContent = `Faces of ${r.identity_id}`;
+    setText($("identity-title"), iso`Faces of ${r.identity_id}`);
     $("identity-summary").textContent = `${r.face_count} face(s). ` + (showsCrops(where)
       ? "Each is shown with the crop the collection keeps of it (the face the model saw)."
       : session.keepCrops.has(where)
         ? "Faces are listed by id: the collection keeps their crops, but only keys that may change the gallery see them."
         : "The collection keeps embeddings, not photos: faces are listed by id.");
-    $("identity-metadata").textContent = r.metadata && Object.keys(r.metadata).length ? JSON.stringify(r.metadata) : "none";
+    setText($("identity-metadata"), r.metadata && Object.keys(r.metadata).length ? jsonParts(r.metadata) : "none");
     const write = canWrite();
     $("identity-merge").hidden = !write;
     $("identity-edit").hidden = !write;
@@ -1317,7 +1353,7 @@ async function openEdit(identityId, where) {
   }
   if (where !== collection()) return; // the collection changed while it was read: no dialog for the one left
   Object.assign(editing, { identity: r.identity_id, where, metadata: r.metadata || {}, updatedAt: r.updated_at, opener });
-  $("edit-title").textContent = `Edit ${r.identity_id}`;
+  setText($("edit-title"), iso`Edit ${r.identity_id}`);
   $("edit-id").value = r.identity_id;
   $("edit-metadata").value = JSON.stringify(editing.metadata, null, 2);
   say($("edit-error"), "");
@@ -1355,7 +1391,7 @@ async function saveEdit(event) {
   if (!sameJson(metadata, editing.metadata)) body.metadata = metadata;
   if (!Object.keys(body).length) {
     $("edit-dialog").close();
-    return galleryStatus(`Nothing changed in ${from}.`);
+    return galleryStatus(iso`Nothing changed in ${from}.`);
   }
   say($("edit-error"), "Saving...");
   $("edit-save").disabled = true;
@@ -1371,8 +1407,8 @@ async function saveEdit(event) {
     }
     $("edit-dialog").close();
     await refreshHygiene();
-    const what = [body.identity_id !== undefined ? `renamed from ${from}` : "", body.metadata !== undefined ? "metadata replaced" : ""];
-    galleryStatus(`Saved ${r.identity_id}${elsewhere(where)}: ${what.filter(Boolean).join(", ")}.`, "ok");
+    const what = [body.identity_id !== undefined ? iso`renamed from ${from}` : null, body.metadata !== undefined ? "metadata replaced" : null];
+    galleryStatus(iso`Saved ${r.identity_id}${elsewhere(where)}: ${what.filter(Boolean).flatMap((part, i) => (i ? [", ", part] : [part])).flat()}.`, "ok");
     const row = [...$("gallery-table").tBodies[0].rows].find((tr) => tr.dataset.id === r.identity_id);
     const again = row && row.querySelector("button[data-action=edit]");
     if (editing.opener && !editing.opener.isConnected && again) again.focus(); // the old row was redrawn
@@ -1584,12 +1620,12 @@ async function askDeleteSelected() {
   const where = $("outliers-list").dataset.collection; // the collection the list was scanned in
   const faceIds = ticked.map((box) => Number(box.dataset.faceId));
   const identities = [...new Set(ticked.map((box) => box.dataset.identity))];
-  const named = identities.slice(0, 3).map((id) => `"${id}"`).join(", ")
-    + (identities.length > 3 ? ` and ${identities.length - 3} more` : "");
+  const named = [...identities.slice(0, 3).flatMap((id, i) => [...(i ? [", "] : []), ...iso`"${id}"`]),
+    ...(identities.length > 3 ? [` and ${identities.length - 3} more`] : [])];
   const faces = plural(faceIds.length, "face", "faces");
   const ok = await confirmHygiene({ title: `Delete ${faces}?`, confirm: `Delete ${faces}`,
-    text: `Delete the ${faceIds.length === 1 ? "selected face" : `${faceIds.length} selected faces`} (of ${named})? `
-      + "They are erased and can never be matched again; an identity left with no face is deleted too. This cannot be undone." });
+    text: [...iso`Delete the ${faceIds.length === 1 ? "selected face" : `${faceIds.length} selected faces`} (of ${named})? `,
+      "They are erased and can never be matched again; an identity left with no face is deleted too. This cannot be undone."] });
   if (ok === null) return;
   const button = $("outliers-delete-selected");
   button.dataset.busy = "true";
@@ -1827,8 +1863,8 @@ function keyRow(key) {
   const cells = [
     el("th", { scope: "row", class: "mono", text: key.key_id }),
     el("td", { text: key.role }),
-    el("td", { text: key.collections ? key.collections.join(", ") : "all" }),
-    el("td", { text: key.note || "" }),
+    el("td", { class: "wrap", text: key.collections ? key.collections.join(", ") : "all" }),
+    el("td", { class: "wrap", text: key.note || "" }),
     el("td", { text: when(key.created_at) }),
     el("td", { text: key.expires_at ? when(key.expires_at) : "never" }),
     el("td", { text: key.last_used_at ? when(key.last_used_at) : "never" }),
@@ -1930,7 +1966,7 @@ async function useNewKey() {
 
 function confirmRevoke(key) {
   const dialog = $("revoke-dialog");
-  $("revoke-text").textContent = `Revoke key ${key.key_id} (${key.role}${key.note ? `, "${key.note}"` : ""})? Every request made with it is refused from now on. This cannot be undone.`;
+  setText($("revoke-text"), iso`Revoke key ${key.key_id} (${key.role}${key.note ? iso`, "${key.note}"` : ""})? Every request made with it is refused from now on. This cannot be undone.`);
   dialog.returnValue = "";
   dialog.onclose = async () => {
     if (dialog.returnValue !== "revoke") return;
@@ -1965,28 +2001,29 @@ function auditFilters() {
   return params.toString();
 }
 
-function compactDetails(details) {
-  if (!details || typeof details !== "object") return "";
-  return Object.entries(details).map(([name, value]) => {
+// an entry's details, compact: one element per field, name=value, each string JSON-quoted and isolated,
+// so that no string (a metadata key, an identity id: either may hold ", name=value" or U+202E) reads as
+// another field or reorders the fields after it
+function detailFields(details) {
+  if (!details || typeof details !== "object") return [];
+  return Object.entries(details).flatMap(([name, value], i) => {
     let text;
-    if (value === null) text = name === "collections" ? "all" : "none"; // a key's scope: null is every collection
-    else if (Array.isArray(value)) text = value.length ? value.join("|") : "[]";
-    else if (typeof value === "number" && name.endsWith("_at")) text = when(value);
-    else if (typeof value === "object") text = JSON.stringify(value);
-    else text = String(value);
-    return `${name}=${text}`;
-  }).join(", ");
+    if (value === null) text = [name === "collections" ? "all" : "none"]; // a key's scope: null is every collection
+    else if (typeof value === "number" && name.endsWith("_at")) text = [when(value)];
+    else text = jsonParts(value);
+    return [...(i ? [", "] : []), el("span", { class: "field", "data-name": name }, bdi(name), "=", ...text)];
+  });
 }
 
 function auditRow(entry) {
   return el("tr", { "data-id": entry.entry_id, "data-action": entry.action },
     el("td", { text: when(entry.at) }),
     el("th", { scope: "row", text: entry.action }),
-    el("td", { text: entry.collection || "" }),
-    el("td", { text: entry.identity_id || "" }),
+    el("td", { class: "wrap", text: entry.collection || "" }),
+    el("td", { class: "wrap", text: entry.identity_id || "" }),
     el("td", { class: "mono", text: entry.key_id || "" }),
-    el("td", { text: entry.client || "" }),
-    el("td", { class: "meta", text: compactDetails(entry.details) }));
+    el("td", { class: "wrap", text: entry.client || "" }),
+    el("td", { class: "meta" }, ...detailFields(entry.details)));
 }
 
 async function loadAudit(more = false) {
