@@ -46,6 +46,7 @@ from .gallery.open import open_gallery
 from .gallery.search import GalleryModelMismatch
 from .http import aliases, audit, collections, faces, hygiene, identities, jobs, keys, ops, recognition
 from .http.cluster import router as cluster_router
+from .http.connections import REFUSED_ON_THE_WIRE
 from .http.console import mount_console
 from .http.deps import collection_path
 from .http.docs import install_docs
@@ -406,6 +407,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def client_disconnect(request: Request, exc: ClientDisconnect):
         # the client went away (or was cut at the body deadline) before its body came: no fault of the
         # service's, and nobody reads the answer; 499 "client closed request", as nginx logs it
+        refused = request.scope.get(REFUSED_ON_THE_WIRE)
+        if refused is not None:  # its body was refused by the HTTP parser, answered by the connection itself
+            return _error_response(refused, request)  # (counted and logged as that refusal; nobody reads it)
         log.info("client went away before its request's body came", extra={"path": request.url.path})
         return Response(status_code=499)
 

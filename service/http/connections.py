@@ -94,6 +94,9 @@ class _Transport:
         return getattr(self._transport, name)
 
 
+REFUSED_ON_THE_WIRE = "face.refused_on_the_wire"  # a request's scope key: the refusal it was answered with here
+
+
 class _Refused(Exception):
     """Raised by a parser callback to stop the parse of a request refused on the wire (``_Deadlines._refusal``)."""
 
@@ -123,6 +126,8 @@ class _Deadlines:
     _upgraded = False  # a request asked to switch protocols: nothing after its headers is parsed
     _ended = False  # a request ended in the read being parsed
     _eof = False  # the client has shut its sending side
+    _running: Any = None  # the request whose handler was started last (uvicorn's cycle)
+    _write_paused_at: float | None = None  # when the transport's buffer last filled (the client not reading)
     _socket_transport: Any = None  # the transport itself (uvicorn's protocol has a _Transport of it)
     _draining = False  # answered before the body was all read: what comes is read and dropped
     _drained = 0  # bytes dropped so far
@@ -132,6 +137,14 @@ class _Deadlines:
     def connection_made(self, transport: Any) -> None:
         self._socket_transport = transport
         super().connection_made(_Transport(transport, self))  # type: ignore[misc]
+        flow = self.flow  # type: ignore[attr-defined]
+        resume = flow.resume_reading
+
+        def resume_unless_queued() -> None:  # (uvicorn resumes at each answer and each body read: a client
+            if not self.pipeline and self._held is None:  # type: ignore[attr-defined]  # pipelining without
+                resume()  # reading its answers had one more read parsed and queued each time: memory without bound)
+
+        flow.resume_reading = resume_unless_queued
         loop = self.loop  # type: ignore[attr-defined]
         self._waiting_since = self._heard_at = loop.time()
         self._timer = loop.call_later(min(self.header_timeout_s, self.body_timeout_s), self._check)
@@ -164,10 +177,16 @@ class _Deadlines:
         except httptools.HttpParserError as exc:
             refusal, self._refusal = self._refusal, None
             error = refusal or ServiceError(ErrorCode.invalid_request, f"malformed HTTP request: {exc}")
-            if self._in_body and self._handling_its_body():
-                self._refuse_now(error)  # (its handler waits for a body that will never be parsed)
-            else:
-                self._refuse(error, "invalid")
+            cycle = self.cycle  # type: ignore[attr-defined]
+            if refusal is None and self._in_body and not cycle.response_complete:  # in the body of a request made
+                if cycle is self._running:
+                    self._refuse_now(error)  # (its handler waits for a body that will never be parsed)
+                    return
+                queued = self.pipeline  # type: ignore[attr-defined]
+                if queued and queued[0][0] is cycle:  # (queued behind others: never started; answered in its turn)
+                    queued.popleft()
+                    cycle.response_complete = cycle.disconnected = True
+            self._refuse(error, "invalid")
             return
         if self._ended and not self._in_body:  # a request ended in this read, the next one's headers may have begun
             self._header_tail = data[-3:]  # (where its blank line may start; its bytes in this read are not counted)
@@ -199,7 +218,6 @@ class _Deadlines:
         super().on_message_begin()  # type: ignore[misc]
 
     def on_headers_complete(self) -> None:
-        self._in_body, self._framing = True, 0
         self._header_bytes, self._header_tail = 0, b""
         headers = self.headers  # type: ignore[attr-defined]
         upgrade = self.parser.should_upgrade()  # type: ignore[attr-defined]
@@ -213,6 +231,7 @@ class _Deadlines:
             self._refusal = ServiceError(ErrorCode.invalid_request, "a request that asks to switch protocols "
                                          "(Upgrade) may not carry a body: this service speaks HTTP/1.1 only")
             raise _Refused
+        self._in_body, self._framing = True, 0  # (a request refused above has no body of its own to read)
         authority = _absolute_form_authority(self.url)  # type: ignore[attr-defined]
         if authority is not None:  # the target's authority is the request's host, whatever Host says (RFC 9112)
             headers[:] = [(name, value) for name, value in headers if name != b"host"] + [(b"host", authority)]
@@ -245,11 +264,19 @@ class _Deadlines:
 
     # refusals, drains and closes
 
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        self._running = cycle  # (uvicorn starts a request's handler here: at once, or when its turn comes)
+        super()._start_asgi_task(cycle, app)  # type: ignore[misc]
+
+    def _owed(self) -> bool:
+        """Whether answers are owed on the connection: the request being handled, or ones queued behind it."""
+        running = self._running
+        return (running is not None and not running.response_complete) or bool(self.pipeline)  # type: ignore[attr-defined]
+
     def _refuse(self, error: ServiceError, reason: str) -> None:
         """Answers ``error`` with ``Connection: close`` once every request before it is answered (until
         then nothing more is read: uvicorn holds the pipelined ones), then drains and closes."""
-        cycle = self.cycle  # type: ignore[attr-defined]
-        if (cycle is not None and not cycle.response_complete) or self.pipeline:  # type: ignore[attr-defined]
+        if self._owed():
             self._held = (error, reason)
             self.flow.pause_reading()  # type: ignore[attr-defined]
             return
@@ -267,11 +294,6 @@ class _Deadlines:
         if self.on_close is not None:
             self.on_close(reason)
 
-    def _handling_its_body(self) -> bool:
-        """Whether the request whose body is being parsed is the one being handled (none queued before it)."""
-        cycle = self.cycle  # type: ignore[attr-defined]
-        return cycle is not None and not cycle.response_complete and not self.pipeline  # type: ignore[attr-defined]
-
     def _refuse_now(self, error: ServiceError) -> None:
         """A request being handled whose body the parser refuses (a malformed chunk): its handler is told its
         client is gone (it waits for the rest of the body) and the refusal is answered now, unless the
@@ -279,6 +301,7 @@ class _Deadlines:
         cycle = self.cycle  # type: ignore[attr-defined]
         started = cycle.response_started
         cycle.disconnected = True  # (what it still sends is dropped)
+        cycle.scope[REFUSED_ON_THE_WIRE] = error  # (its handler's end is logged and counted as this refusal)
         cycle.message_event.set()
         if started:
             self._cut(f"{error.code.value}: {error.message}", "invalid")
@@ -296,11 +319,20 @@ class _Deadlines:
 
     def on_response_complete(self) -> None:
         super().on_response_complete()  # type: ignore[misc]
+        if self._in_body:  # (answered before its body ended: the body's deadline, not uvicorn's keep-alive timer)
+            self._unset_keepalive_if_required()  # type: ignore[attr-defined]
         self._waiting_since = self.loop.time()  # type: ignore[attr-defined]
-        cycle = self.cycle  # type: ignore[attr-defined]
-        if self._held is not None and not self.pipeline and cycle.response_complete:  # type: ignore[attr-defined]
+        if self._held is not None and not self._owed():
             (error, reason), self._held = self._held, None
             self._refuse(error, reason)
+
+    def pause_writing(self) -> None:
+        self._write_paused_at = self.loop.time()  # type: ignore[attr-defined]
+        super().pause_writing()  # type: ignore[misc]
+
+    def resume_writing(self) -> None:
+        self._write_paused_at = None
+        super().resume_writing()  # type: ignore[misc]
 
     def eof_received(self) -> bool | None:
         """A client that half-closes (shuts its sending side) after whole requests still gets their answers:
@@ -308,9 +340,8 @@ class _Deadlines:
         their client gone). A request cut short, a drain, TLS: closed now."""
         self._eof = True
         cycle = self.cycle  # type: ignore[attr-defined]
-        owed = (cycle is not None and not cycle.response_complete) or self.pipeline  # type: ignore[attr-defined]
         held = self._held is not None  # (a refusal waiting for them: its own answer closes)
-        if owed and (held or not self._begun) and not self._draining and self.scheme != "https":  # type: ignore[attr-defined]
+        if self._owed() and (held or not self._begun) and not self._draining and self.scheme != "https":  # type: ignore[attr-defined]
             if not held:
                 cycle.keep_alive = False
             return True
@@ -363,6 +394,10 @@ class _Deadlines:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        running = self._running
+        if running is not None and not running.response_complete:  # (uvicorn tells only the last request parsed,
+            running.disconnected = True  # which is not the one being handled when others are pipelined: that
+            running.message_event.set()  # one then wrote into the closed transport, a RuntimeError and a 500)
         super().connection_lost(exc)  # type: ignore[misc]
 
     def _check(self) -> None:
@@ -377,22 +412,30 @@ class _Deadlines:
                 self._timer = None
                 self._end_drain("for too long" if now >= self._drain_until else "paused")
             return
-        cycle = getattr(self, "cycle", None)
-        queued = bool(self.pipeline)  # type: ignore[attr-defined]
-        answering = (cycle is not None and not cycle.response_complete) or queued or self._held is not None
-        if not self._in_body and not answering:  # waiting for a request's headers
+        queued, held = bool(self.pipeline), self._held is not None  # type: ignore[attr-defined]
+        if not self._in_body and not held and not self._owed():  # waiting for a request's headers
             what = "headers" if self._begun or self._header_bytes else "idle"
             wait = self._waiting_since + self.header_timeout_s - now
-        elif self._in_body and not queued and not self.flow.read_paused:  # type: ignore[attr-defined]
+        elif self._in_body and not held and not queued and not self.flow.read_paused:  # type: ignore[attr-defined]
             wait, what = self._heard_at + self.body_timeout_s - now, "body"  # the body arriving, read as it comes
         else:  # requests being answered, the bytes after them held back: the last response restarts the wait
             if self._in_body:  # (the server is not reading that body: its client is not stalling)
                 self._heard_at = now
             wait, what = self.header_timeout_s, ""
+            if self._write_paused_at is not None:  # an answer waits for its client to read: so long at most
+                wait, what = min(wait, self._write_paused_at + self.body_timeout_s - now), "write"
         if wait > 0:
             self._timer = loop.call_later(wait, self._check)
             return
         self._timer = None
+        if what == "write":  # (closed with its answers unsent: a close would wait to send them first)
+            if not self._socket_transport.is_closing():
+                log.debug("connection closed: its client read no answer in time",
+                          extra={"client": getattr(self, "client", None), "timeout_s": self.body_timeout_s})
+                self._socket_transport.abort()
+                if self.on_close is not None:
+                    self.on_close(what)
+            return
         transport = self.transport  # type: ignore[attr-defined]
         if not transport.is_closing():
             log.debug("connection closed: no request arrived in time" if what == "idle" else

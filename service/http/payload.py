@@ -19,6 +19,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect
 
 from ..errors import ErrorCode, ServiceError
 from ..faces.images import decode_base64
@@ -364,7 +365,7 @@ def _check_count(count: int, max_images: int) -> None:
 async def _read_multipart(request, model, list_fields, single_fields, max_images):
     try:
         form = await request.form(max_files=max_images + 1, max_fields=100)
-    except ServiceError:  # e.g. payload_too_large from the body limit, while a chunked body streams in
+    except (ServiceError, ClientDisconnect):  # payload_too_large from the body limit; the client gone (499)
         raise
     except Exception as exc:  # noqa: BLE001 - starlette raises several types for bad forms
         message = str(exc) or type(exc).__name__
