@@ -433,3 +433,25 @@ def test_a_client_that_reads_no_answer_is_cut_off(server):
         while closed_metric(server, "write") == before and time.monotonic() < deadline:
             time.sleep(0.2)
     assert closed_metric(server, "write") - before == 1
+
+
+@pytest.fixture(scope="module")
+def patient(tmp_path_factory, default_model):
+    """A server whose body deadline is longer than uvicorn's keep-alive timer (5 s)."""
+    proc = ServerProcess(tmp_path_factory.mktemp("http-framing-patient") / "data", model=default_model,
+                         env={"FACE_HTTP_HEADER_TIMEOUT_S": "20", "FACE_HTTP_BODY_TIMEOUT_S": "10"})
+    proc.wait_ready()
+    yield proc
+    proc.stop()
+
+
+def test_the_rest_of_an_answered_body_has_the_body_deadline_not_the_keep_alive_timer(patient):
+    """After an early answer (a 404 before the body came), uvicorn's keep-alive timer (5 s) closed the
+    connection while the rest of the body was still to come within the body's deadline (10 s here): the
+    next request on the connection was lost."""
+    with connect(patient) as sock:
+        sock.sendall(b"POST /no-such-route HTTP/1.1\r\n" + HOST + b"Content-Length: 200\r\n\r\n" + b"x" * 100)
+        time.sleep(6)
+        sock.sendall(b"x" * 100 + b"GET /healthz HTTP/1.1\r\n" + HOST + b"Connection: close\r\n\r\n")
+        got = answers(read_to_close(sock))
+    assert [status for status, _, _ in got] == [404, 200], got
