@@ -74,7 +74,10 @@ def create(args: argparse.Namespace, galleries: Galleries, pepper: bytes, header
         raise CommandError(f"--role admin with --collections: {SCOPED_ADMIN} (--role write --collections ...)")
     made = new_key(args.role, _scope(args.collections, galleries), args.note or None, expires_at, pepper,
                    args.rate_limit_rps, args.rate_limit_faces_per_s, now=now)
-    galleries.add_key(made.stored, actor=cli_actor())
+    try:
+        galleries.add_key(made.stored, actor=cli_actor())
+    except CollectionNotFound as exc:  # deleted since _scope looked
+        raise CommandError(f"{exc}: create it first (POST /collections), or check the spelling") from exc
     view = key_view(made.stored)
     if args.json:
         del view["revoked_at"], view["last_used_at"]  # the shape of POST /keys's answer

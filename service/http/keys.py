@@ -45,7 +45,10 @@ async def create_key(body: KeyCreate, state: StateDep, actor: ActorDep) -> KeyCr
                                    collection=name) from None
     made = new_key(body.role, tuple(body.collections) if body.collections is not None else None, body.note,
                    body.expires_at, load_pepper(state.settings), body.rate_limit_rps, body.rate_limit_faces_per_s)
-    await run_in_threadpool(state.galleries.add_key, made.stored, actor)
+    try:
+        await run_in_threadpool(state.galleries.add_key, made.stored, actor)
+    except CollectionNotFound as exc:  # deleted since the check above (the store checks in its transaction)
+        raise ServiceError(ErrorCode.collection_not_found, str(exc), collection=exc.name) from None
     state.keyring.forget()  # open mode ends here at once
     return KeyCreated(secret=made.secret, **key_view(made.stored))
 

@@ -81,6 +81,26 @@ def test_readyz_tells_a_scoped_key_of_its_own_collections_only(keyed: KeyedServe
         assert {"default", "alpha", "beta"} <= set(ready["collections"])
 
 
+def test_a_collection_with_live_keys_scoped_to_it_is_not_deleted(keyed: KeyedServer):
+    """A key scoped to x outlived x's delete and then read and deleted identities of a new, unrelated x:
+    DELETE /collections/x is 409 `collection_in_use` (details: `keys`) while such a key lives."""
+    with keyed.client("admin") as admin:
+        assert admin.post("/collections", json={"name": "short-lived"}).status_code == 201
+        keyed.make_key("of-short-lived", "write", ["short-lived"])
+        key_id = keyed.key_ids["of-short-lived"]
+        r = admin.delete("/collections/short-lived")
+        assert (r.status_code, r.json()["error"]["code"]) == (409, "collection_in_use"), r.text
+        error = r.json()["error"]
+        assert error["details"]["keys"] == [key_id] and error["details"]["aliases"] == []
+        assert "revoke" in error["message"] and key_id in error["message"]
+        with keyed.client("of-short-lived") as scoped:  # still its collection
+            assert scoped.get("/collections/short-lived/identities").status_code == 200
+        assert admin.delete(f"/keys/{key_id}").status_code == 200
+        assert admin.delete("/collections/short-lived").status_code == 200
+        r = admin.post("/keys", json={"role": "read", "collections": ["short-lived"]})
+        assert (r.status_code, r.json()["error"]["code"]) == (404, "collection_not_found")
+
+
 def test_secrets_are_never_written_in_plain_text(keyed: KeyedServer):
     """Not in the server's log, not in any file of its data dir (the embedded catalog), not in the
     database (postgres: a dump of the schema's tables)."""
