@@ -399,7 +399,7 @@ def test_collection_and_key_changes_are_audited_whoever_makes_them(galleries):
          {"faces_added": 1, "faces_removed": 0, "face_count": 1, "via": "cli"}),
         ("identity.imported", None, "ops@host", "made-by-cli", "p2", {"faces": 2, "via": "cli"}),
         ("key.created", None, None, None, None,
-         {"key": "k-tool", "role": "read", "collections": ["a", "b"], "note": "front desk", "expires_at": None}),
+         {"key": "k-tool", "role": "read", "collections": ["default"], "note": "front desk", "expires_at": None}),
         ("key.revoked", None, "ops@host", None, None, {"key": "k-tool", "role": "read", "via": "cli"}),
         ("collection.deleted", None, None, "made-by-a-tool", None, {"identities": 0, "faces": 0}),
     ]
@@ -480,7 +480,7 @@ def test_prune_removes_entries_older_than_the_cutoff(galleries):
 
 
 def key(key_id: str, **fields) -> StoredKey:
-    values = {"secret_hash": "h" * 64, "role": "read", "collections": ("a", "b"), "note": "front desk",
+    values = {"secret_hash": "h" * 64, "role": "read", "collections": ("default",), "note": "front desk",
               "created_at": time.time()} | fields
     return StoredKey(key_id=key_id, **values)
 
@@ -516,7 +516,7 @@ def test_keys_are_stored_listed_revoked_and_audited(galleries):
     audit = [(e.action, e.key_id, e.details) for e in reversed(entries(galleries))]
     assert audit[0] == ("key.created", "key-alice", {"key": "k1", "role": "admin", "collections": None,
                                                      "note": None, "expires_at": None})
-    assert audit[1][0] == "key.created" and audit[1][2]["collections"] == ["a", "b"]
+    assert audit[1][0] == "key.created" and audit[1][2]["collections"] == ["default"]
     assert audit[2] == ("key.revoked", "key-bob", {"key": "k1", "role": "admin"})
     assert all("h" * 64 not in str(e) for e in entries(galleries))  # never the hash
 
