@@ -26,6 +26,7 @@ from starlette.requests import ClientDisconnect
 
 from . import __version__
 from .access.keys import PepperFileError
+from .access.policy import scoped_admin_keys
 from .config import ModelConfigError, Settings, get_settings
 from .errors import ErrorCode, ServiceError
 from .faces.detection import AlignmentTemplate, FaceDetector, YuNetConfig, YuNetDetector, template_for
@@ -144,6 +145,10 @@ async def initialize(settings: Settings, metrics: Metrics) -> ServiceState:
     state.jobs = JobRunner(galleries, models, stale_s=settings.job_stale_s, on_done=lambda job: _shadow_done(state, job),
                            scans={DUPLICATES: hygiene.duplicates_scan(state), OUTLIERS: hygiene.outliers_scan(state)})
     state.jobs.start()
+    if scoped_admins := scoped_admin_keys(await run_in_threadpool(galleries.list_keys), time.time()):
+        log.warning("scoped admin keys are refused", extra={
+            "keys": scoped_admins, "hint": "an admin key cannot be scoped (its routes reach every collection): "
+                                           "revoke these and make write keys scoped to their collections"})
     if await run_in_threadpool(state.keyring.open_mode):
         log.warning("no API key configured (FACE_API_KEY unset, none stored): the service is open to anyone who "
                     "reaches it; make the first admin key with `python -m service keys create --role admin`")

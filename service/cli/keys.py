@@ -18,6 +18,7 @@ import time
 
 from ..access.keys import LATEST_EXPIRY, PepperFileError, key_view, load_pepper, new_key
 from ..access.limits import MAX_RATE, MIN_RATE
+from ..access.policy import SCOPED_ADMIN, Role
 from ..gallery.api import CollectionNotFound, Galleries, valid_collection_name
 from .backend import CommandError, add_backend_arguments, cli_actor, fail, iso, opened_backend, settings_from
 
@@ -69,9 +70,14 @@ def create(args: argparse.Namespace, galleries: Galleries, pepper: bytes, header
     if expires_at is not None and expires_at >= LATEST_EXPIRY:  # as POST /keys: nothing stored
         raise CommandError(f"--expires-in-days {args.expires_in_days:g} ends in the year 5000 or later: "
                            "leave it out for a key that never expires")
+    if args.role == Role.admin.value and args.collections is not None:
+        raise CommandError(f"--role admin with --collections: {SCOPED_ADMIN} (--role write --collections ...)")
     made = new_key(args.role, _scope(args.collections, galleries), args.note or None, expires_at, pepper,
                    args.rate_limit_rps, args.rate_limit_faces_per_s, now=now)
-    galleries.add_key(made.stored, actor=cli_actor())
+    try:
+        galleries.add_key(made.stored, actor=cli_actor())
+    except CollectionNotFound as exc:  # deleted since _scope looked
+        raise CommandError(f"{exc}: create it first (POST /collections), or check the spelling") from exc
     view = key_view(made.stored)
     if args.json:
         del view["revoked_at"], view["last_used_at"]  # the shape of POST /keys's answer
@@ -137,7 +143,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                       help="admin: everything; write: enroll, delete and read; read: identify, verify, list "
                       "and read identities; embed: /embed and /detect only")
     make.add_argument("--collections", metavar="A,B",
-                      help="comma-separated collections the key may touch (each must exist); default: all")
+                      help="comma-separated collections the key may touch (each must exist); default: all. Not for "
+                      "--role admin (its routes reach every collection: scope a write key instead)")
     make.add_argument("--note", type=_note, help="what the key is for (shown by list and in the audit trail)")
     make.add_argument("--expires-in-days", type=_positive, metavar="N", help="refused after N days (default: never)")
     make.add_argument("--rate-limit-rps", type=_rate, metavar="X",

@@ -212,12 +212,17 @@ class AliasNotFound(LookupError):
 
 
 class CollectionInUse(ValueError):
-    """The collection cannot be deleted: aliases point to it (re-point or delete them first)."""
+    """The collection cannot be deleted: aliases point to it (re-point or delete them first), or live
+    keys (neither revoked nor expired) name it in their scope (revoke them first: else a collection made
+    later under the same name would be theirs)."""
 
-    def __init__(self, name: str, aliases: list[str]) -> None:
-        super().__init__(f"collection {name!r} is the target of alias(es) {', '.join(aliases)}")
+    def __init__(self, name: str, aliases: list[str], keys: list[str] | None = None) -> None:
+        what = [f"the target of alias(es) {', '.join(aliases)}"] if aliases else []
+        what += [f"in the scope of live key(s) {', '.join(keys)}"] if keys else []
+        super().__init__(f"collection {name!r} is {' and '.join(what)}")
         self.name = name
         self.aliases = aliases
+        self.keys = keys or []
 
 
 @dataclass(frozen=True)
@@ -577,7 +582,9 @@ class Galleries(Protocol):
 
     def delete_collection(self, name: str, actor: Actor | None = None) -> CollectionInfo:
         """Erase every identity and face of it; CollectionNotFound, CollectionProtected for default,
-        CollectionInUse while an alias points to it. Audited (collection.deleted, with the counts
+        CollectionInUse while an alias points to it or a live key names it (checked in the delete's
+        transaction: ``add_key`` checks its scope's collections in its own, so neither slips past the
+        other). Audited (collection.deleted, with the counts
         erased); its earlier audit entries are kept."""
 
     def list_collections(self) -> list[CollectionInfo]: ...

@@ -122,7 +122,9 @@ async def update_collection(collection: CollectionName, body: CollectionUpdate, 
 async def delete_collection(collection: CollectionName, state: StateDep, actor: ActorDep) -> CollectionDeleted:
     """Erases every identity and face in it, as deleting each identity would (nothing left in any file,
     snapshot or table); its audit entries stay. `default` always exists: 409 `collection_protected`.
-    While an alias points to it: 409 `collection_in_use` (re-point or delete the alias first). An
+    While an alias points to it, or a live key (neither revoked nor expired) is scoped to it: 409
+    `collection_in_use`, details `aliases` and `keys` (re-point or delete the aliases, revoke the keys
+    first: a key scoped to it would otherwise touch a collection made later under its name). An
     alias's name is not a collection's: deleting through an alias is refused (404)."""
     try:
         info = await run_in_threadpool(state.galleries.delete_collection, collection, actor)
@@ -132,6 +134,8 @@ async def delete_collection(collection: CollectionName, state: StateDep, actor: 
         raise ServiceError(ErrorCode.collection_protected, "the default collection always exists; delete its "
                            "identities instead", collection=collection) from None
     except CollectionInUse as exc:
-        raise ServiceError(ErrorCode.collection_in_use, f"aliases point to collection {collection!r}: re-point or "
-                           "delete them first", collection=collection, aliases=exc.aliases) from None
+        why = ([f"aliases point to it (re-point or delete them first: {', '.join(exc.aliases)})"] if exc.aliases else [])
+        why += [f"live keys are scoped to it (revoke them first: {', '.join(exc.keys)})"] if exc.keys else []
+        raise ServiceError(ErrorCode.collection_in_use, f"collection {collection!r} is in use: {'; '.join(why)}",
+                           collection=collection, aliases=exc.aliases, keys=exc.keys) from None
     return CollectionDeleted(name=info.name, deleted_identities=info.identities, deleted_faces=info.faces)

@@ -59,7 +59,7 @@ async def resolve_principal(request: Request, state: ServiceState) -> Principal 
 
 async def authenticate(request: Request) -> Principal:
     """The caller's principal (once per request); 401 for a missing, unknown, revoked or expired key
-    unless the service is in open mode."""
+    unless the service is in open mode; 403 for a key refused whatever it asks (``Principal.unusable``)."""
     scope_state = _request_state(request)
     principal = scope_state.get("principal")
     if principal is not None:
@@ -70,6 +70,8 @@ async def authenticate(request: Request) -> Principal:
         secret = request.headers.get(state.settings.api_key_header)
         what = "wrong, revoked or expired" if secret else "missing"
         raise ServiceError(ErrorCode.unauthorized, f"{what} API key in header {state.settings.api_key_header}")
+    if found.unusable is not None:  # a scoped admin key (policy.py): valid, and refused whatever it asks
+        raise ServiceError(ErrorCode.forbidden, found.unusable, key_id=found.key_id, role=found.role.value)
     scope_state["principal"] = found
     return found
 

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Path
 from starlette.concurrency import run_in_threadpool
 
 from ..access.keys import LATEST_EXPIRY, key_view, load_pepper, new_key
-from ..access.policy import Permission
+from ..access.policy import SCOPED_ADMIN, Permission, Role
 from ..errors import ErrorCode, ServiceError
 from ..gallery.api import CollectionNotFound
 from .deps import ActorDep, PrincipalDep, StateDep, allow
@@ -24,7 +24,8 @@ ADMIN = [allow(Permission.admin)]
 
 @router.post("/keys", status_code=201, response_model=KeyCreated, summary="Create an API key", dependencies=ADMIN)
 async def create_key(body: KeyCreate, state: StateDep, actor: ActorDep) -> KeyCreated:
-    """A new key with a role and a scope (`collections`: the ones it may touch; null: all). The answer
+    """A new key with a role and a scope (`collections`: the ones it may touch; null: all; an admin key
+    cannot have one: 422 `invalid_request`, as the admin routes reach every collection). The answer
     holds the secret, this once: only its hash is stored. 404 `collection_not_found` for a scope naming
     a collection that does not exist."""
     if body.expires_at is not None and body.expires_at <= time.time():
@@ -33,6 +34,8 @@ async def create_key(body: KeyCreate, state: StateDep, actor: ActorDep) -> KeyCr
     if body.expires_at is not None and body.expires_at >= LATEST_EXPIRY:
         raise ServiceError(ErrorCode.invalid_request, "expires_at is Unix time in seconds; this looks like "
                            "milliseconds (the year 5000 or later)", expires_at=body.expires_at)
+    if body.role == Role.admin.value and body.collections is not None:
+        raise ServiceError(ErrorCode.invalid_request, SCOPED_ADMIN, role=body.role, collections=body.collections)
     if body.collections is not None:
         for name in body.collections:
             try:
@@ -42,7 +45,10 @@ async def create_key(body: KeyCreate, state: StateDep, actor: ActorDep) -> KeyCr
                                    collection=name) from None
     made = new_key(body.role, tuple(body.collections) if body.collections is not None else None, body.note,
                    body.expires_at, load_pepper(state.settings), body.rate_limit_rps, body.rate_limit_faces_per_s)
-    await run_in_threadpool(state.galleries.add_key, made.stored, actor)
+    try:
+        await run_in_threadpool(state.galleries.add_key, made.stored, actor)
+    except CollectionNotFound as exc:  # deleted since the check above (the store checks in its transaction)
+        raise ServiceError(ErrorCode.collection_not_found, str(exc), collection=exc.name) from None
     state.keyring.forget()  # open mode ends here at once
     return KeyCreated(secret=made.secret, **key_view(made.stored))
 

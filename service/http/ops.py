@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request, Response
@@ -33,7 +34,7 @@ async def healthz() -> dict:
     return {"status": "ok", "version": __version__}
 
 
-@router.get("/readyz", response_model=ReadyResponse | ReadyStatus, summary="Readiness",
+@router.get("/readyz", response_model=ReadyResponse | ReadyStatus, summary="Readiness", response_model_exclude_unset=True,
             responses={503: {"model": ErrorResponse, "description": "`model_not_ready`, `gallery_loading` or "
                              "`gallery_unavailable`: not ready (yet)"}})
 async def readyz(request: Request, state: StateDep) -> ReadyResponse | ReadyStatus:
@@ -41,19 +42,26 @@ async def readyz(request: Request, state: StateDep) -> ReadyResponse | ReadyStat
     FACE_READYZ_CACHE_MS; polls in between get the last result) and the gallery index is loaded;
     reports the providers in use. While the index loads: 503 `gallery_loading` (status "loading").
     Never needs the API key, but with keys in use only requests that carry a valid one get the details
-    (model, thresholds, gallery size, and each collection in the key's scope with its own threshold):
-    the others get the bare status (`{"status": "ready"}`, or the error code)."""
+    (model, thresholds, and each collection in the key's scope with its size and its own threshold):
+    the others get the bare status (`{"status": "ready"}`, or the error code). The totals over every
+    collection (`gallery`) and the default collection's `identify_threshold*` and `impostor_tail` are
+    for an unscoped key only (left out for a scoped one: they would tell it of collections outside its scope)."""
     principal = await resolve_principal(request, state)
+    if principal is not None and principal.unusable is not None:  # a scoped admin key: as no key
+        principal = None
     detailed = principal is not None
+    whole = principal is not None and principal.collections is None  # the totals over every collection
     load_state = state.galleries.load_state
     if load_state != "ready":
         code = ErrorCode.gallery_loading if load_state == "loading" else ErrorCode.gallery_unavailable
         if not detailed:
             raise ServiceError(code, f"gallery index {load_state}", status=load_state)
-        stats = await run_in_threadpool(state.galleries.stats)
         error = state.galleries.load_error
+        whole_gallery: dict[str, Any] = {}
+        if whole:
+            whole_gallery["gallery"] = (await run_in_threadpool(state.galleries.stats)).as_dict()
         raise ServiceError(code, f"gallery index {load_state}" + (f": {error}" if error else ""),
-                           status=load_state, gallery=stats.as_dict())
+                           status=load_state, **whole_gallery)
 
     async def check() -> float:
         started = time.perf_counter()
@@ -68,21 +76,24 @@ async def readyz(request: Request, state: StateDep) -> ReadyResponse | ReadyStat
     if not detailed:
         return ReadyStatus(status="ready")
     assert principal is not None
-    stats = await run_in_threadpool(state.galleries.stats)
-    identify = await run_in_threadpool(_default_threshold, state)
     collections = await run_in_threadpool(_collection_thresholds, state, principal)
+    totals: dict[str, Any] = {}
+    if whole:  # a scoped key learns nothing of the collections outside its scope: sizes are in `collections`
+        stats = await run_in_threadpool(state.galleries.stats)
+        identify = await run_in_threadpool(_default_threshold, state)
+        totals = {"gallery": stats.as_dict(), "identify_threshold": identify.threshold,
+                  "identify_threshold_source": identify.source, "identify_fpir": identify.fpir_target,
+                  "impostor_tail": None if identify.tail is None else {
+                      "source": identify.tail_source, "measured_on": identify.tail.source,
+                      "pairs": identify.tail.pairs, "far_min": identify.tail.far[-1],
+                      "extrapolated": identify.extrapolated}}
     return ReadyResponse(
         status="ready", model_id=state.contract.model_id, model_path=str(state.model.path),
         providers=state.model.providers, embedding_size=state.contract.embedding_size,
-        verify_threshold=state.verify_threshold, identify_threshold=identify.threshold,
-        identify_threshold_source=identify.source, identify_fpir=identify.fpir_target,
-        impostor_tail=None if identify.tail is None else {
-            "source": identify.tail_source, "measured_on": identify.tail.source, "pairs": identify.tail.pairs,
-            "far_min": identify.tail.far[-1], "extrapolated": identify.extrapolated},
+        verify_threshold=state.verify_threshold,
         quality=quality_in_force(state.quality_model, state.settings.enroll_min_quality, state.quality_source),
-        inference_ms=round(elapsed, 3), gallery=stats.as_dict(), collections=collections,
-        default_model=state.models.default.name,
-        models={served.name: ModelStatus(**served.describe()) for served in state.models},
+        inference_ms=round(elapsed, 3), collections=collections, default_model=state.models.default.name,
+        models={served.name: ModelStatus(**served.describe()) for served in state.models}, **totals,
     )
 
 

@@ -508,7 +508,8 @@ class ReadyResponse(BaseModel):
     providers: list[str]
     embedding_size: int
     verify_threshold: float
-    identify_threshold: float
+    identify_threshold: float | None = Field(None, description="The default collection's 1:N threshold (an unscoped "
+                                             "key only: a scoped one finds its collections' in `collections`).")
     identify_threshold_source: str | None = Field(None, description="As in /identify answers.")
     identify_fpir: float | None = Field(None, description="The FPIR the identify threshold targets (source fpir).")
     impostor_tail: dict | None = Field(
@@ -520,7 +521,7 @@ class ReadyResponse(BaseModel):
         "`min_score` and each part's limits, and a `note` when only part limits hold.")
     inference_ms: float = Field(
         description="Latency of the real inference of the last check (re-run at most once per FACE_READYZ_CACHE_MS).")
-    gallery: dict[str, int]
+    gallery: dict[str, int] | None = Field(None, description="Totals over every collection (an unscoped key only).")
     default_model: str | None = Field(None, description="The default model's served name.")
     models: dict[str, ModelStatus] = Field(
         default_factory=dict, description="Every served model by name (FACE_MODELS; one model: `default`).")

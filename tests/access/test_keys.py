@@ -48,6 +48,59 @@ def test_a_key_scope_must_name_existing_collections(keyed: KeyedServer):
         assert r.status_code == 422
 
 
+def test_an_admin_key_cannot_be_scoped(keyed: KeyedServer):
+    """The admin routes (keys, audit, jobs, aliases, collections) are no collection's: an admin key
+    scoped to alpha read beta's jobs and audit trail and made itself an unscoped admin key. Refused,
+    422 `invalid_request`, nothing made; an unscoped admin key and a scoped write key are made."""
+    with keyed.client("admin") as admin:
+        before = admin.get("/keys").json()["items"]
+        for scope in (["alpha"], [], ["alpha", "beta"]):
+            r = admin.post("/keys", json={"role": "admin", "collections": scope})
+            assert (r.status_code, r.json()["error"]["code"]) == (422, "invalid_request"), r.text
+            assert "write key" in r.json()["error"]["message"] and "unscoped admin" in r.json()["error"]["message"]
+        assert admin.get("/keys").json()["items"] == before
+    keyed.make_key("scoped-writer", "write", ["alpha"])
+    keyed.make_key("unscoped-admin", "admin", None)
+
+
+def test_readyz_tells_a_scoped_key_of_its_own_collections_only(keyed: KeyedServer):
+    """/readyz gave an embed key scoped to alpha the face and identity totals over every collection (and
+    the default collection's threshold, which follows its size): an unscoped key's details only."""
+    keyed.make_key("embed-alpha", "embed", ["alpha"])
+    totals = {"gallery", "identify_threshold", "identify_threshold_source", "identify_fpir", "impostor_tail"}
+    for name in ("embed-alpha", "read-alpha"):
+        with keyed.client(name) as scoped:
+            ready = scoped.get("/readyz").json()
+        assert ready["status"] == "ready" and ready["model_id"] == keyed.model_id
+        assert not totals & set(ready), (name, ready)
+        assert set(ready["collections"]) == {"alpha"}, ready["collections"]
+    for name in ("key-embed", "admin"):
+        with keyed.client(name) as unscoped:
+            ready = unscoped.get("/readyz").json()
+        assert totals <= set(ready) and ready["gallery"]["collections"] >= 3, (name, ready)
+        assert {"default", "alpha", "beta"} <= set(ready["collections"])
+
+
+def test_a_collection_with_live_keys_scoped_to_it_is_not_deleted(keyed: KeyedServer):
+    """A key scoped to x outlived x's delete and then read and deleted identities of a new, unrelated x:
+    DELETE /collections/x is 409 `collection_in_use` (details: `keys`) while such a key lives."""
+    with keyed.client("admin") as admin:
+        assert admin.post("/collections", json={"name": "short-lived"}).status_code == 201
+        keyed.make_key("of-short-lived", "write", ["short-lived"])
+        key_id = keyed.key_ids["of-short-lived"]
+        r = admin.delete("/collections/short-lived")
+        assert (r.status_code, r.json()["error"]["code"]) == (409, "collection_in_use"), r.text
+        error = r.json()["error"]
+        assert error["details"]["keys"] == [key_id] and error["details"]["aliases"] == []
+        assert "revoke" in error["message"] and key_id in error["message"]
+        with keyed.client("of-short-lived") as scoped:  # still its collection
+            assert scoped.get("/collections/short-lived/identities").status_code == 200
+        assert admin.delete(f"/keys/{key_id}").status_code == 200
+        assert admin.delete("/collections/short-lived").status_code == 200
+        r = admin.post("/keys", json={"role": "read", "collections": ["short-lived"]})
+        assert (r.status_code, r.json()["error"]["code"]) == (404, "collection_not_found")
+
+
 def test_secrets_are_never_written_in_plain_text(keyed: KeyedServer):
     """Not in the server's log, not in any file of its data dir (the embedded catalog), not in the
     database (postgres: a dump of the schema's tables)."""

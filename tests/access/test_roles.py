@@ -1,7 +1,8 @@
 """Every route against every role, over HTTP, on both backends: allowed, or 403 ``forbidden``.
 
 The table below is the policy as users read it in the README; the test also checks that it names
-every route the OpenAPI document declares, so a route added without a decision fails here.
+every route the app serves (the OpenAPI document's, and those it leaves out: the docs pages, the
+console, the static mounts), so a route added without a decision fails here.
 """
 
 from __future__ import annotations
@@ -9,10 +10,14 @@ from __future__ import annotations
 import base64
 import itertools
 
+import fastapi.routing
 import pytest
+from starlette.routing import Mount
 
 from harness.fixtures import face_files
-from tests.access.conftest import KeyedServer, unit_vectors
+from service.app import create_app
+from service.config import Settings
+from tests.access.conftest import ADMIN_SECRET, KeyedServer, unit_vectors
 
 # (method, path) -> the permission it needs; "scoped": the collection must be in the key's scope
 POLICY: dict[tuple[str, str], tuple[str, bool]] = {
@@ -78,18 +83,59 @@ POLICY: dict[tuple[str, str], tuple[str, bool]] = {
     ("GET", "/healthz"): ("public", False),
     ("GET", "/readyz"): ("public", False),
 }
+# served but not in the OpenAPI document (include_in_schema=False, and mounts: "{path}", any file under them)
+HIDDEN: dict[tuple[str, str], tuple[str, bool]] = {
+    ("GET", "/openapi.json"): ("embed", False),  # any key, with FACE_API_KEY set (public with FACE_PUBLIC_DOCS)
+    ("GET", "/docs"): ("embed", False),
+    ("GET", "/redoc"): ("embed", False),
+    ("GET", "/docs/assets/{path}"): ("public", False),  # Swagger UI's and ReDoc's scripts: no data
+    ("GET", "/console"): ("public", False),  # a redirect to /console/
+    ("GET", "/console/config.json"): ("public", False),  # the key header's name, whether a key is needed
+    ("GET", "/console/{path}"): ("public", False),  # the console's static files: its API calls carry the key
+}
+POLICY |= HIDDEN
 GRANTS = {"admin": {"embed", "read", "write", "admin"}, "write": {"embed", "read", "write"},
           "read": {"embed", "read"}, "embed": {"embed"}}
 ROLES = ["admin", "write", "read", "embed"]
 COUNTER = itertools.count()  # names made by the calls, unique across tests (they share a server)
 
 
+def served_routes(app) -> set[tuple[str, str]]:
+    """(method, path) of every route the app serves, HEAD aside (a mount: GET of "{path}" under it)."""
+    included = getattr(fastapi.routing, "_IncludedRouter", ())  # FastAPI 0.165 keeps included routers wrapped
+    served: set[tuple[str, str]] = set()
+
+    def walk(routes) -> None:
+        for route in routes:
+            if included and isinstance(route, included):
+                walk(route.effective_candidates())
+                continue
+            path = getattr(route, "path", None) or route.original_route.path
+            route = getattr(route, "original_route", route)
+            if isinstance(route, Mount):
+                served.add(("GET", f"{route.path}/{{path}}"))
+                continue
+            served.update((method, path) for method in (getattr(route, "methods", None) or ()) if method != "HEAD")
+
+    walk(app.routes)
+    return served
+
+
+def test_the_policy_names_every_route_the_app_serves(tmp_path):
+    """Routes left out of the OpenAPI document (the docs pages, the console, mounts) are in the table too."""
+    served = served_routes(create_app(Settings(data_dir=tmp_path, api_key=ADMIN_SECRET)))
+    assert len(served) > 60
+    assert served == set(POLICY), served ^ set(POLICY)
+
+
 def test_the_policy_names_every_route_of_the_openapi_document(keyed: KeyedServer):
     with keyed.client("admin") as admin:
         spec = admin.get("/openapi.json").json()
     declared = {(method.upper(), path) for path, ops in spec["paths"].items() for method in ops}
-    assert declared == set(POLICY), (declared ^ set(POLICY))
+    assert declared == set(POLICY) - set(HIDDEN), (declared ^ (set(POLICY) - set(HIDDEN)))
     for (method, path), (permission, scoped) in POLICY.items():
+        if (method, path) in HIDDEN:
+            continue
         operation = spec["paths"][path][method.lower()]
         if permission == "public":
             assert "x-required-permission" not in operation
@@ -112,6 +158,7 @@ class Calls:
     def url(self, path: str, collection: str = "alpha") -> str:
         """The path with its parameters filled in: names no call has used, ids of nothing."""
         n = next(self.counter)
+        path = {"/console/{path}": "/console/", "/docs/assets/{path}": "/docs/assets/swagger-ui.css"}.get(path, path)
         url = path.replace("{collection}", collection).replace("{identity_id}", f"someone-{n}")
         url = url.replace("{face_id}", str(10**12 + n))  # no such face: 404 once access allowed it
         url = url.replace("{name}", f"matrix-alias-{n}")
@@ -183,7 +230,7 @@ def test_without_a_key_every_route_but_the_probes_is_401(keyed: KeyedServer):
             for (method, path), (permission, _) in POLICY.items():
                 r = calls.request(client, method, path)
                 if permission == "public":
-                    assert r.status_code == 200, (method, path, r.text)
+                    assert r.status_code in (200, 307), (method, path, r.text)  # 307: /console to /console/
                 else:
                     assert r.status_code == 401, (secret, method, path, r.status_code)
                     assert r.json()["error"]["code"] == "unauthorized"
@@ -209,6 +256,10 @@ def test_a_scoped_key_is_refused_outside_its_collections(keyed: KeyedServer, rol
         for (method, path), (_, scoped_) in POLICY.items():
             if scoped_ and not path.startswith("/collections"):  # the default collection's routes
                 assert calls.request(client, method, path).status_code == 403, (method, path)
+        for (method, path), (permission, _) in POLICY.items():  # a scope never opens an admin route
+            if permission == "admin":
+                r = calls.request(client, method, path)
+                assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden", (method, path, r.text)
         listed = client.get("/collections").json()["items"]
         assert [c["name"] for c in listed] == ["alpha"]
         me = client.get("/whoami").json()

@@ -917,8 +917,9 @@ def test_face_crop_returns_the_kept_crop_as_png(embedded, collection_name):
         assert (bad.value.code, bad.value.status) == ("invalid_request", 422)
 
         # a read key may not see enrolled faces (write may)
-        reader = face.create_key("read", collections=[collection_name], note="face_crop").secret
-        writer = face.create_key("write", collections=[collection_name], note="face_crop", rate_limit_rps=1).secret
+        scoped = [face.create_key("read", collections=[collection_name], note="face_crop"),
+                  face.create_key("write", collections=[collection_name], note="face_crop", rate_limit_rps=1)]
+        reader, writer = (key.secret for key in scoped)
     with FaceClient(embedded.url, reader) as read_only, pytest.raises(AuthError) as refused:
         read_only.face_crop(bush, collection=collection_name)
     assert (refused.value.code, refused.value.status) == ("forbidden", 403)
@@ -928,6 +929,8 @@ def test_face_crop_returns_the_kept_crop_as_png(embedded, collection_name):
         assert [slow.face_crop(bush, collection=collection_name) for _ in range(3)] == [crop] * 3
     assert time.monotonic() - started >= 1.5  # two of the three waited for Retry-After (1 s)
     with FaceClient(embedded.url, ADMIN) as face:
+        for key in scoped:  # a collection a live key is scoped to is not deleted (collection_in_use)
+            face.revoke_key(key.key_id)
         face.delete_collection(collection_name)
         face.delete_collection(plain)
 
@@ -953,11 +956,12 @@ def test_async_face_crop(embedded, collection_name):
             with pytest.raises(NotFoundError) as plain:
                 await face.face_crop(unkept)
             assert (plain.value.code, plain.value.status) == ("crop_not_kept", 404)
-            reader = (await face.create_key("read", collections=[collection_name], note="async face_crop")).secret
-            async with AsyncFaceClient(embedded.url, reader, collection=collection_name) as read_only:
+            reader = await face.create_key("read", collections=[collection_name], note="async face_crop")
+            async with AsyncFaceClient(embedded.url, reader.secret, collection=collection_name) as read_only:
                 with pytest.raises(AuthError) as refused:
                     await read_only.face_crop(unkept)
             assert refused.value.status == 403
+            await face.revoke_key(reader.key_id)
             await face.delete_collection(collection_name)
 
     asyncio.run(main())
@@ -1183,13 +1187,14 @@ def test_async_bulk_helpers_leave_nothing_running_when_they_raise(embedded, coll
                 await face.identify_many(photos, among=["nobody"], batch_size=1, concurrency=2, progress=False)
             assert e.value.code == "identity_not_found"
             assert asyncio.all_tasks() == {asyncio.current_task()}
-            reader = (await face.create_key("read", collections=[collection_name])).secret
-        async with AsyncFaceClient(embedded.url, reader, collection=collection_name) as read_only:
+            reader = await face.create_key("read", collections=[collection_name])
+        async with AsyncFaceClient(embedded.url, reader.secret, collection=collection_name) as read_only:
             with pytest.raises(AuthError):  # a read key may not enroll: the run's error, raised
                 await read_only.enroll_folder(people_dir, concurrency=2, progress=False)
             assert asyncio.all_tasks() == {asyncio.current_task()}
         async with AsyncFaceClient(embedded.url, ADMIN, collection=collection_name) as face:
             assert [i.identity_id async for i in face.iter_identities()] == [ENROLLED[0]]
+            await face.revoke_key(reader.key_id)
             await face.delete_collection(collection_name)
 
     asyncio.run(main())

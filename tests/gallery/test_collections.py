@@ -20,12 +20,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from service.access.keys import new_key
 from service.config import Settings
 from service.gallery.api import (
     DEFAULT_COLLECTION,
     Actor,
     AuditQuery,
     CollectionExists,
+    CollectionInUse,
     CollectionNotFound,
     CollectionProtected,
     Galleries,
@@ -221,6 +223,70 @@ def test_search_never_crosses_collections_under_concurrent_writes(galleries):
             assert galleries.collection(name).search(vectors[name][i:i + 1], 1)[0][0].identity_id == f"{name}-{i}"
 
 
+def test_a_collection_a_live_key_is_scoped_to_cannot_be_deleted(galleries):
+    """A key scoped to a deleted collection kept its scope, and so read and deleted a collection made later
+    under the same name (another team's). While a live key (neither revoked nor expired) names it:
+    CollectionInUse with the key ids, nothing erased; revoked or expired keys, and unscoped ones, do not
+    count; and a key cannot be stored naming a collection that is gone."""
+    galleries.create_collection("team-x")
+    galleries.create_collection("team-y")
+    galleries.collection("team-x").enroll("ann", unit(np.random.default_rng(2), 1))
+    live = [new_key("write", ("team-x",)).stored, new_key("read", ("team-y", "team-x")).stored]
+    revoked = new_key("read", ("team-x",)).stored
+    expired = new_key("read", ("team-x",), expires_at=time.time() - 1).stored
+    for key in (*live, revoked, expired, new_key("read", None).stored, new_key("read", ("team-y",)).stored):
+        galleries.add_key(key)
+    galleries.revoke_key(revoked.key_id)
+    with pytest.raises(CollectionInUse) as refused:
+        galleries.delete_collection("team-x", ALICE)
+    assert refused.value.keys == sorted(k.key_id for k in live) and refused.value.aliases == []
+    assert galleries.collection("team-x").get_identity("ann") is not None  # nothing erased
+    for key in live:
+        galleries.revoke_key(key.key_id)
+    assert galleries.delete_collection("team-x", ALICE).faces == 1
+    late = new_key("write", ("team-y", "team-x")).stored
+    with pytest.raises(CollectionNotFound):
+        galleries.add_key(late)
+    assert galleries.get_key(late.key_id) is None
+
+
+def test_a_key_made_while_its_collection_is_deleted_never_outlives_it(galleries):
+    """A scope is checked in the key's transaction and the keys in the delete's: of a key made and
+    its collection deleted at once, one is refused (never a stored live key naming no collection)."""
+    for round_ in range(8):
+        name = f"racing-{round_}"
+        galleries.create_collection(name)
+        key = new_key("write", (name,)).stored
+        results: list[str] = []
+        barrier = threading.Barrier(2)
+
+        def add() -> None:
+            barrier.wait()
+            try:
+                galleries.add_key(key)
+                results.append("key")
+            except CollectionNotFound:
+                results.append("no key")
+
+        def delete() -> None:
+            barrier.wait()
+            try:
+                galleries.delete_collection(name)
+                results.append("deleted")
+            except CollectionInUse:
+                results.append("in use")
+
+        threads = [threading.Thread(target=f) for f in (add, delete)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        exists = name in {c.name for c in galleries.list_collections()}
+        stored = galleries.get_key(key.key_id) is not None
+        assert sorted(results) in (["in use", "key"], ["deleted", "no key"]), results
+        assert exists == stored, (round_, results)
+
+
 def test_handle_of_a_deleted_collection_raises(galleries):
     galleries.create_collection("gone")
     handle = galleries.collection("gone")
@@ -333,7 +399,7 @@ def test_collection_and_key_changes_are_audited_whoever_makes_them(galleries):
          {"faces_added": 1, "faces_removed": 0, "face_count": 1, "via": "cli"}),
         ("identity.imported", None, "ops@host", "made-by-cli", "p2", {"faces": 2, "via": "cli"}),
         ("key.created", None, None, None, None,
-         {"key": "k-tool", "role": "read", "collections": ["a", "b"], "note": "front desk", "expires_at": None}),
+         {"key": "k-tool", "role": "read", "collections": ["default"], "note": "front desk", "expires_at": None}),
         ("key.revoked", None, "ops@host", None, None, {"key": "k-tool", "role": "read", "via": "cli"}),
         ("collection.deleted", None, None, "made-by-a-tool", None, {"identities": 0, "faces": 0}),
     ]
@@ -414,7 +480,7 @@ def test_prune_removes_entries_older_than_the_cutoff(galleries):
 
 
 def key(key_id: str, **fields) -> StoredKey:
-    values = {"secret_hash": "h" * 64, "role": "read", "collections": ("a", "b"), "note": "front desk",
+    values = {"secret_hash": "h" * 64, "role": "read", "collections": ("default",), "note": "front desk",
               "created_at": time.time()} | fields
     return StoredKey(key_id=key_id, **values)
 
@@ -450,7 +516,7 @@ def test_keys_are_stored_listed_revoked_and_audited(galleries):
     audit = [(e.action, e.key_id, e.details) for e in reversed(entries(galleries))]
     assert audit[0] == ("key.created", "key-alice", {"key": "k1", "role": "admin", "collections": None,
                                                      "note": None, "expires_at": None})
-    assert audit[1][0] == "key.created" and audit[1][2]["collections"] == ["a", "b"]
+    assert audit[1][0] == "key.created" and audit[1][2]["collections"] == ["default"]
     assert audit[2] == ("key.revoked", "key-bob", {"key": "k1", "role": "admin"})
     assert all("h" * 64 not in str(e) for e in entries(galleries))  # never the hash
 
@@ -674,6 +740,7 @@ def test_catalog_is_writable_by_another_process_while_open(tmp_path):
 import time
 from service.config import Settings
 from service.gallery.api import StoredKey
+from service.access.keys import new_key
 from service.gallery.open import make_gallery
 g = make_gallery(Settings(data_dir={str(tmp_path / "data")!r}), {MODEL!r}, {DIM})
 g.add_key(StoredKey("k-cli", "h" * 64, "admin", None, None, time.time()))
@@ -699,6 +766,7 @@ import itertools
 import numpy as np
 from service.config import Settings
 from service.gallery.api import Actor
+from service.access.keys import new_key
 from service.gallery.open import make_gallery
 g = make_gallery(Settings({settings}), {MODEL!r}, {DIM})
 g.open()

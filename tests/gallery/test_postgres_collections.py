@@ -299,7 +299,7 @@ def test_a_change_whose_audit_record_fails_is_not_made(options, opened):
 
 def test_a_key_revoked_on_one_replica_is_revoked_on_another_at_once(options, opened):
     a, b = opened(options), opened(options)
-    key = StoredKey("k1", "h" * 64, "write", ("hr",), "badge office", time.time())
+    key = StoredKey("k1", "h" * 64, "write", (DEFAULT_COLLECTION,), "badge office", time.time())
     assert b.get_key("k1") is None and not b.has_keys()
     a.add_key(key, actor=ALICE)
     assert b.get_key("k1") == key and b.has_keys()  # created on A: known to B at once

@@ -186,3 +186,44 @@ def test_first_admin_key_while_a_server_runs(operator_backend, tmp_path):
         assert server.proc.poll() is None
     finally:
         server.stop()
+
+
+def test_an_admin_key_cannot_be_scoped(operator_backend, tmp_path):
+    """`keys create --role admin --collections ...` is refused (the admin routes reach every collection,
+    so a scope cannot hold one); a scoped admin key stored before that (here: straight into the store)
+    is named at start-up and refused, 403 `forbidden`, on every route, while its other keys work."""
+    b = operator_backend
+    r = b.run("keys", "create", "--role", "admin", "--collections", "default")
+    assert r.returncode == 2 and r.stdout == "" and "write key" in r.stderr, r.stderr
+    galleries = b.open()
+    try:
+        assert galleries.list_keys() == []
+        old = new_key("admin", ("default",), "scoped admin from before")
+        revoked = new_key("admin", ("default",), "revoked already")
+        for key in (old, revoked):
+            galleries.add_key(key.stored)
+        galleries.revoke_key(revoked.stored.key_id)
+        writer = new_key("write", ("default",))
+        galleries.add_key(writer.stored)
+    finally:
+        galleries.close()
+    server = ServerProcess(b.data_dir, model=b.model, env=b.env)
+    try:
+        server.wait_ready()
+        warned = [line for line in server.log_path.read_text().splitlines() if "scoped admin keys" in line]
+        assert len(warned) == 1 and old.stored.key_id in warned[0], warned
+        assert revoked.stored.key_id not in warned[0] and writer.stored.key_id not in warned[0]
+        assert old.secret not in warned[0] and old.stored.secret_hash not in warned[0]
+        with httpx.Client(base_url=server.url, headers={"X-API-Key": old.secret}, timeout=30) as scoped:
+            for method, path in (("GET", "/whoami"), ("GET", "/keys"), ("GET", "/audit"), ("GET", "/identities"),
+                                 ("POST", "/keys"), ("DELETE", f"/keys/{writer.stored.key_id}")):
+                answer = scoped.request(method, path, json={"role": "admin"} if method == "POST" else None)
+                assert answer.status_code == 403, (method, path, answer.text)
+                error = answer.json()["error"]
+                assert error["code"] == "forbidden" and "revoke" in error["message"], error
+                assert old.stored.key_id in error["message"]
+            assert httpx.get(server.url + "/readyz", headers={"X-API-Key": old.secret}).json() == {"status": "ready"}
+        with httpx.Client(base_url=server.url, headers={"X-API-Key": writer.secret}, timeout=30) as fine:
+            assert fine.get("/identities").status_code == 200
+    finally:
+        server.stop()

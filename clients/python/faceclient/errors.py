@@ -48,8 +48,9 @@ class NotFoundError(FaceServiceError):
 
 
 class ConflictError(FaceServiceError):
-    """409: the collection (or an alias) has the name, it is protected, or aliases point to it; a rename's new
-    identity id is another enrolled identity (identity_exists)."""
+    """409: the collection (or an alias) has the name, it is protected, or aliases point to it or live keys
+    are scoped to it (collection_in_use); a rename's new identity id is another enrolled identity
+    (identity_exists)."""
 
 
 class BadRequestError(FaceServiceError):

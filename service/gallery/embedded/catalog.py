@@ -26,6 +26,7 @@ from typing import Any
 from ...jobs import store as jobs
 from ..api import (
     COLLECTION_SETTINGS,
+    DEFAULT_COLLECTION,
     Actor,
     AliasInfo,
     AliasNotFound,
@@ -207,9 +208,9 @@ class Catalog:
         """In one transaction: remove the row, keep the collection's audit ``trail`` and record
         collection.deleted. False if there was no row (deleted meanwhile, by another call)."""
         with self._write() as conn:
-            pointing = _aliases_to(conn, name)
-            if pointing:
-                raise CollectionInUse(name, pointing)
+            pointing, keys = _aliases_to(conn, name), _keys_naming(conn, name)
+            if pointing or keys:
+                raise CollectionInUse(name, pointing, keys)
             if not conn.execute("DELETE FROM collections WHERE name = ?", (name,)).rowcount:
                 return False
             audit.insert(conn, trail)
@@ -278,6 +279,10 @@ class Catalog:
         with self._contained(), self._mutex:
             return _aliases_to(self._conn, collection)
 
+    def keys_naming(self, collection: str) -> list[str]:
+        with self._contained(), self._mutex:
+            return _keys_naming(self._conn, collection)
+
     def crop_collections(self) -> set[str]:
         """The collections that keep crops."""
         return {r[0] for r in self._read("SELECT name FROM collections WHERE keep_crops != 0")}
@@ -290,6 +295,10 @@ class Catalog:
     def add_key(self, key: StoredKey, actor: Actor | None) -> None:
         try:
             with self._write() as conn:
+                for name in key.collections or ():  # in this transaction: a delete cannot slip in (drop_collection)
+                    if name != DEFAULT_COLLECTION and not conn.execute(
+                            "SELECT 1 FROM collections WHERE name = ?", (name,)).fetchone():
+                        raise CollectionNotFound(name)
                 conn.execute(
                     f"INSERT INTO keys({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (key.key_id, key.secret_hash, key.role,
@@ -409,3 +418,10 @@ class Catalog:
 
 def _aliases_to(conn: sqlite3.Connection, collection: str) -> list[str]:
     return [r[0] for r in conn.execute("SELECT name FROM aliases WHERE collection = ? ORDER BY name", (collection,))]
+
+
+def _keys_naming(conn: sqlite3.Connection, collection: str) -> list[str]:
+    """The live keys (neither revoked nor expired) whose scope names ``collection``."""
+    rows = conn.execute("SELECT key_id, collections FROM keys WHERE collections IS NOT NULL AND revoked_at IS NULL "
+                        "AND (expires_at IS NULL OR expires_at > ?) ORDER BY key_id", (time.time(),))
+    return [key_id for key_id, names in rows if collection in json.loads(names)]

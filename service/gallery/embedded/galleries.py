@@ -514,9 +514,9 @@ class EmbeddedGalleries:
             raise CollectionProtected(f"the {DEFAULT_COLLECTION!r} collection cannot be deleted")
         with self._shape:
             info = self.collection_info(name)  # CollectionNotFound
-            pointing = self._catalog.aliases_to(name)  # checked again in the catalog's transaction
-            if pointing:
-                raise CollectionInUse(name, pointing)
+            pointing, keys = self._catalog.aliases_to(name), self._catalog.keys_naming(name)  # and again in
+            if pointing or keys:  # the catalog's transaction
+                raise CollectionInUse(name, pointing, keys)
             with self._mutex:
                 self._deleting.add(name)
                 self._known.pop(name, None)  # no new handle or use from here on

@@ -1129,8 +1129,12 @@ class PostgresGalleries:
             collection_id = row[0]
             pointing = [r[0] for r in conn.execute("SELECT name FROM aliases WHERE collection_id = %s ORDER BY name",
                                                     (collection_id,))]
-            if pointing:
-                raise CollectionInUse(name, pointing)
+            # the row is locked: a key naming it (add_key holds it FOR KEY SHARE) is committed or waits for us
+            keys = [r[0] for r in conn.execute(
+                "SELECT key_id FROM api_keys WHERE %s = ANY(collections) AND revoked_at IS NULL "
+                "AND (expires_at IS NULL OR expires_at > %s) ORDER BY key_id", (name, now))]
+            if pointing or keys:
+                raise CollectionInUse(name, pointing, keys)
             counted = int(_one(conn.execute("SELECT COALESCE(sum(counted_faces), 0) FROM counters "
                                             "WHERE collection_id = %s", (collection_id,)))[0])
             faces = conn.execute("DELETE FROM faces WHERE collection_id = %s", (collection_id,)).rowcount
@@ -1204,6 +1208,12 @@ class PostgresGalleries:
     # --- keys: always read on the primary, never cached here ----------------------------------------
     def add_key(self, key: StoredKey, actor: Actor | None = None) -> None:
         with self._transaction() as conn:
+            if key.collections:  # held to the commit: a delete of one waits, then finds this key (delete_collection)
+                found = {r[0] for r in conn.execute("SELECT name FROM collections WHERE name = ANY(%s) FOR KEY SHARE",
+                                                    (list(key.collections),))}
+                for name in key.collections:
+                    if name not in found:
+                        raise CollectionNotFound(name)
             row = conn.execute(
                 f"INSERT INTO api_keys({KEY_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
                 "ON CONFLICT (key_id) DO NOTHING RETURNING key_id",

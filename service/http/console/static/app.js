@@ -65,7 +65,7 @@ const ERROR_MESSAGES = {
   collection_not_found: "No collection of this name exists (it may have been deleted).",
   collection_exists: "A collection of this name already exists.",
   collection_protected: "The collection \"default\" always exists and cannot be deleted.",
-  collection_in_use: "Aliases point to this collection: re-point or delete them first.",
+  collection_in_use: "Aliases point to this collection, or keys are scoped to it: re-point or delete the aliases and revoke the keys first.",
   alias_not_found: "No alias of this name.",
   model_not_found: "This service does not serve that model (or the collection is pinned to a model it does not serve).",
   possible_duplicate: "These faces look like a person already enrolled under another id: nothing was saved.",
