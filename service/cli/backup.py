@@ -12,6 +12,15 @@ from the stores, and a server started on the copy rebuilds it (minutes at 1M fac
 under a temporary name, checked (``PRAGMA integrity_check``), fsynced and renamed into place: a DEST
 that exists is whole.
 
+The catalog is copied first: it is the backup's moment, and the stores copied are those of the
+collections it lists (and the default one's), each as of a moment of its own after it. A collection
+created after that moment is not in the copy (its store is left out: a server on the copy would erase
+it, as a delete's leftover). A collection deleted before its store's copy is done (its catalog row
+gone, or another collection of its name in its place, when the copy ends) is left out whole: its
+store, its row in the copy's catalog and the aliases there that point at it (the delete needed them
+gone first), as though it had been deleted at the backup's moment; the report lists it (``left_out``)
+and a warning line says so. A store half-erased by such a delete is never kept.
+
 A database SQLite cannot read (a damaged collection store, which the server answers 503
 ``collection_damaged`` for and never writes to) fails the backup, naming it; with ``--copy-damaged``
 such a collection store is copied as its bytes instead and listed as ``damaged`` in the report, so the
@@ -38,7 +47,10 @@ from pathlib import Path
 
 from ..config import Settings
 from ..faces.quality import GALLERY_QUALITY_FILE
+from ..gallery.api import DEFAULT_COLLECTION
 from ..gallery.embedded.catalog import Catalog
+from ..gallery.embedded.galleries import EmbeddedGalleries
+from ..gallery.embedded.gallery import Gallery
 from ..gallery.embedded.sqlite import is_damaged, is_storage_full
 from ..gallery.openset import CALIBRATION_FILE
 from ..model.calibration import CALIBRATION_DIR
@@ -123,6 +135,40 @@ def _copy_database(source: Path, target: Path) -> dict:
     return {"bytes": target.stat().st_size, **counts}
 
 
+def _incarnations(catalog: Path) -> dict[str, float]:
+    """name -> created_at of each collection of a catalog (a name's created_at tells its incarnations
+    apart), read only."""
+    conn = sqlite3.connect(f"{catalog.absolute().as_uri()}?mode=ro", uri=True, timeout=30)
+    try:
+        return {name: created for name, created in conn.execute("SELECT name, created_at FROM collections")}
+    finally:
+        conn.close()
+
+
+def _store(name: str) -> Path:
+    """A collection's store, relative to the data dir."""
+    directory = Path() if name == DEFAULT_COLLECTION else Path(EmbeddedGalleries.COLLECTIONS_DIR) / name
+    return directory / Gallery.STORE_FILE
+
+
+def _forget(catalog: Path, gone: dict[str, float]) -> dict[str, list[str]]:
+    """The copy's catalog without the collections deleted during the backup (name -> created_at) and
+    the aliases pointing at them: name -> its aliases removed. Fsynced."""
+    conn = sqlite3.connect(catalog)
+    try:
+        conn.execute("PRAGMA secure_delete=ON")
+        with conn:
+            aliases = {name: [r[0] for r in conn.execute("SELECT name FROM aliases WHERE collection = ? ORDER BY name",
+                                                         (name,))] for name in gone}
+            for name, created in gone.items():
+                conn.execute("DELETE FROM aliases WHERE collection = ?", (name,))
+                conn.execute("DELETE FROM collections WHERE name = ? AND created_at = ?", (name, created))
+    finally:
+        conn.close()
+    fsync_file(catalog)
+    return aliases
+
+
 def backup(data_dir: Path, dest: Path, copy_damaged: bool = False) -> dict:
     started = time.perf_counter()
     if not data_dir.is_dir():
@@ -138,19 +184,51 @@ def backup(data_dir: Path, dest: Path, copy_damaged: bool = False) -> dict:
     if not dest.parent.is_dir():
         raise BackupError(f"{dest.parent} is not a directory")
     partial = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
-    copied = []
+    copied: list[dict] = []
+    left_out: list[dict] = []
+    catalog = Path(Catalog.FILE)
+
+    def copy(relative: Path) -> dict:
+        target = partial / relative
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return {"database": str(relative), **copy_database(data_dir / relative, target, copy_damaged)}
+
     try:
         partial.mkdir(mode=0o700)
-        for relative in found:
-            target = partial / relative
-            target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            copied.append({"database": str(relative), **copy_database(data_dir / relative, target, copy_damaged)})
+        if catalog in found:
+            copied.append(copy(catalog))
+            listed = _incarnations(partial / catalog)  # the backup's moment
+        else:  # no catalog (a server makes it at its start, listing the default collection only)
+            listed = {}
+        gone: dict[str, float] = {}
+        for name in sorted(listed.keys() | {DEFAULT_COLLECTION}):
+            relative = _store(name)
+            try:
+                done = copy(relative) if (data_dir / relative).is_file() else None
+            except (BackupError, OSError, sqlite3.Error):
+                done = None
+                if name == DEFAULT_COLLECTION or _incarnations(data_dir / catalog).get(name) == listed[name]:
+                    raise  # not a delete's doing
+            if name != DEFAULT_COLLECTION and _incarnations(data_dir / catalog).get(name) != listed[name]:
+                gone[name] = listed[name]  # deleted before its store's copy was done: whatever it read is not kept
+                shutil.rmtree(partial / relative.parent, ignore_errors=True)
+            elif done is not None:
+                copied.append(done)
+        if gone:
+            aliases = _forget(partial / catalog, gone)
+            copied[0].update(collections=len(listed) - len(gone), bytes=(partial / catalog).stat().st_size)
+        for relative in databases(data_dir):
+            if relative != catalog and relative.parent.parent == Path(EmbeddedGalleries.COLLECTIONS_DIR) \
+                    and relative.parent.name not in listed:
+                left_out.append({"collection": relative.parent.name,
+                                 "why": "not in the catalog copied (created after it, or left by an interrupted delete)"})
+        left_out += [{"collection": name, "why": "deleted during the backup", "aliases": aliases[name]} for name in gone]
         files = calibration_files(data_dir)
         for relative in files:
             (partial / relative).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             copy_file(data_dir / relative, partial / relative)
-        for folder in sorted({(partial / r).parent for r in [*found, *files]}, key=lambda p: len(p.parts),
-                             reverse=True):
+        for folder in sorted({(partial / c["database"]).parent for c in copied} | {(partial / r).parent for r in files},
+                             key=lambda p: len(p.parts), reverse=True):
             fsync_dir(folder)
         partial.rename(dest)
         fsync_dir(dest.parent)
@@ -158,7 +236,7 @@ def backup(data_dir: Path, dest: Path, copy_damaged: bool = False) -> dict:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return {"command": "backup", "data_dir": str(data_dir), "dest": str(dest), "databases": copied,
-            "files": [str(relative) for relative in files],
+            "files": [str(relative) for relative in files], "left_out": sorted(left_out, key=lambda x: x["collection"]),
             "bytes": sum(c["bytes"] for c in copied) + sum((dest / r).stat().st_size for r in files),
             "seconds": round(time.perf_counter() - started, 3)}
 
@@ -190,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
         why = "no space left" if is_storage_full(exc) else str(exc)
         print(f"error: the backup to {args.dest} failed, nothing was kept: {why}", file=sys.stderr)
         return FAILED
+    for gone in (x for x in report["left_out"] if "aliases" in x):
+        print(f"warning: the collection {gone['collection']} was deleted during the backup: left out of the copy"
+              + (f" with its aliases {', '.join(gone['aliases'])}" if gone["aliases"] else ""), file=sys.stderr)
     for damaged in (c["database"] for c in report["databases"] if c.get("damaged")):
         print(f"warning: {damaged} is damaged: copied as it is (its collection is refused until restored)",
               file=sys.stderr)

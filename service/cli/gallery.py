@@ -28,7 +28,8 @@ The gallery file (JSON Lines, UTF-8), format ``face-gallery`` version 1:
   embeddings before it); a file without it (cut short), with other counts, or with a line after it is refused.
 
 The gallery is opened as the service opens it (same settings), so run export/import against an
-embedded data dir while no server is using it; on PostgreSQL, replicas may keep serving.
+embedded data dir while no server is using it; on PostgreSQL, replicas may keep serving (an export reads
+one snapshot: the collection as of one moment, whatever they write meanwhile).
 """
 
 from __future__ import annotations
@@ -158,9 +159,14 @@ def export_gallery(gallery: GalleryBackend, path: Path, page: int = 500) -> Tran
     fsynced and renamed when complete, so two exports to one path at once each rename a whole file),
     readable by its owner only (0600)."""
     done = Transfer()
-    # faces are biometric data: the file is its owner's alone (as backup's copy), whatever the umask, and the
-    # rename puts this mode in place of an existing file's
-    replace_atomically(path, lambda tmp: _write_gallery(gallery, tmp, page, done), durable=True, private=True)
+    # one moment: on PostgreSQL every read of the export in one snapshot (replicas may write meanwhile: a
+    # face merged onto an identity already written would be in no line); the embedded gallery's data dir
+    # is this process's alone (its lock), so nothing else writes while it runs
+    snapshot = getattr(gallery, "one_snapshot", None)
+    with snapshot() if snapshot is not None else contextlib.nullcontext():
+        # faces are biometric data: the file is its owner's alone (as backup's copy), whatever the umask, and
+        # the rename puts this mode in place of an existing file's
+        replace_atomically(path, lambda tmp: _write_gallery(gallery, tmp, page, done), durable=True, private=True)
     return done
 
 

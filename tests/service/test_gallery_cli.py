@@ -374,6 +374,57 @@ def test_two_exports_to_one_file_at_once_each_write_a_whole_file(tmp_path, defau
     assert [p.name for p in out.parent.iterdir()] == ["gallery.jsonl"]  # no temporary file left
 
 
+class MergedBehindExport:
+    """A real collection whose listing, before its second page, lets another replica (its own
+    PostgresGalleries on the same schema) merge identities the export has not reached into ones it has
+    written: faces moved behind the export's cursor while it runs."""
+
+    def __init__(self, real, other, merges: list[tuple[str, str]]) -> None:
+        self.real, self.other, self.merges = real, other, merges
+        self.merged = 0
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def list_identities(self, limit, after):
+        if after is not None and not self.merged:
+            for source, target in self.merges:
+                self.other.collection("default").merge_identities(source, target)
+                self.merged += 1
+        return self.real.list_identities(limit, after)
+
+
+def test_an_export_on_postgres_is_one_snapshot_while_replicas_merge(tmp_path, default_model, postgres):
+    """On PostgreSQL replicas may serve while ``gallery export`` runs: merges of identities it has not
+    reached yet into ones it has written (another replica's, between two of its pages) leave the file as
+    of one moment, with every face. Before, each page and each identity was read on its own, so the
+    moved faces were in no line: 30 identities / 60 faces, 5 merges, a file of 25 and 50 (exit 0)."""
+    contract = read_contract(default_model)
+    rng = np.random.default_rng(12)
+    env = postgres.gallery_env()
+    settings = Settings(data_dir=tmp_path / "data", database_url=env["FACE_DATABASE_URL"],
+                        database_schema=env["FACE_DATABASE_SCHEMA"])
+    galleries = opened(settings, default_model)
+    other = opened(settings, default_model)
+    try:
+        collection = galleries.collection("default")
+        ids = [f"p{i:02d}" for i in range(30)]
+        vectors = {i: unit_vectors(rng, 2, contract.embedding_size) for i in ids}
+        collection.import_identities([(i, vectors[i], None) for i in ids])
+        exporting = MergedBehindExport(collection, other, [(f"p{25 + i}", f"p{i:02d}") for i in range(5)])
+        out = tmp_path / "gallery.jsonl"
+        done = export_gallery(exporting, out, 10)
+        assert exporting.merged == 5 and other.collection("default").stats().identities == 25
+    finally:
+        other.close()
+        galleries.close()
+    assert (done.identities, done.faces) == (30, 60)
+    rows = {identity: embeddings for identity, embeddings, *_ in read_gallery_file(out, contract.model_id,
+                                                                                    contract.embedding_size)}
+    assert sorted(rows) == ids
+    assert all(np.array_equal(rows[i], vectors[i]) for i in ids)
+
+
 # --- gallery files someone else made, and the limits the API keeps ---------------------------------
 
 def vector_b64(values) -> str:

@@ -45,6 +45,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from functools import partial, wraps
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -144,6 +145,8 @@ FAILING_TIMEOUT_S = 0.25
 # the pool's check of a connection before lending it waits for the server as long as its caller waits for
 # a connection, but never less than this: a loaded server that answers late must not lose good connections
 CHECK_MIN_S = 1.0
+# the connection of the one_snapshot() block the current thread is in, and the galleries it is of
+_snapshot: ContextVar[tuple[PostgresGalleries, psycopg.Connection] | None] = ContextVar("face_snapshot", default=None)
 
 
 class _OwnersMoved(Exception):
@@ -1028,8 +1031,30 @@ class PostgresGalleries:
                 consistency.note_write(lsn)
 
     @contextmanager
+    def one_snapshot(self) -> Iterator[None]:
+        """The block's reads (this thread's, of these galleries) in one REPEATABLE READ READ ONLY
+        transaction on one connection of the primary's read pool, never on a standby: they see the
+        database as of the block's first read, whatever other replicas commit meanwhile (an export that
+        pages through a collection while they serve). Writes are not in it (they use the write pool)."""
+        with self._read_connection() as conn, conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            token = _snapshot.set((self, conn))
+            try:
+                yield
+            finally:
+                _snapshot.reset(token)
+
+    def _snapshot_connection(self) -> psycopg.Connection | None:
+        held = _snapshot.get()
+        return held[1] if held is not None and held[0] is self else None
+
+    @contextmanager
     def _read_connection(self) -> Iterator[psycopg.Connection]:
-        """A connection of the primary's read pool."""
+        """A connection of the primary's read pool (the one_snapshot() block's, in one)."""
+        if (held := self._snapshot_connection()) is not None:
+            with self._catalog_contained():
+                yield held
+            return
         with self._catalog_contained(), self._reads.connection() as conn:
             yield conn
 
@@ -1048,6 +1073,8 @@ class PostgresGalleries:
                 return body(conn)
 
         with self._catalog_contained():
+            if (held := self._snapshot_connection()) is not None:
+                return run(held)
             if self._standbys is None:
                 with self._reads.connection() as conn:
                     return run(conn)
@@ -1625,6 +1652,12 @@ class PostgresGallery:
     def _connection(self) -> Iterator[psycopg.Connection]:
         with self._contained(), self.galleries._connection() as conn:  # noqa: SLF001
             yield conn
+
+    @contextmanager
+    def one_snapshot(self) -> Iterator[None]:
+        """The block's reads of this collection (this thread's) as of one moment (PostgresGalleries.one_snapshot)."""
+        with self._contained(), self.galleries.one_snapshot():
+            yield
 
     def _read(self, body: Callable[[psycopg.Connection], T], transaction: bool = True) -> T:
         with self._contained():
