@@ -39,8 +39,10 @@ the app the other), and one asking to switch protocols (``Upgrade``) with a body
 otherwise take to have none and parse the body as the next request: smuggled past a proxy that forwards
 ``Upgrade``. One without a body is answered as a plain request (nothing is upgraded to) and closes the
 connection, nothing after it parsed. A target in absolute form (``http://host/path``) names the request's
-host (RFC 9112), for the host check too. A client that shuts its sending side after whole requests gets
-their answers, then the close (uvicorn closed at once and cancelled them).
+host (RFC 9112), for the host check too. A client's end of its sending side (FIN) is taken as the client
+gone, as uvicorn and nginx take it: its requests are abandoned (service.http.middleware's
+DisconnectMiddleware: a request waiting for the model is not computed for nobody), so a client that only
+half-closes after its request gets no answer (it cannot be told from one that left, and leaving is common).
 
 A request that has arrived whole is never cut, however long it takes to answer, and a body the server
 itself has stopped reading (a request pipelined behind one being answered) is not held to the body's
@@ -103,7 +105,7 @@ class _Refused(Exception):
 
 class _Deadlines:
     """Mixed into uvicorn's httptools protocol class (``connection_made``, ``data_received``, the parser's
-    callbacks ``on_message_begin`` ... ``on_message_complete``, ``on_response_complete``, ``eof_received``,
+    callbacks ``on_message_begin`` ... ``on_message_complete``, ``on_response_complete``,
     ``connection_lost``, ``shutdown``, ``loop``, ``transport``, ``parser``, ``flow``, ``pipeline``, ``scheme``
     and ``cycle`` are its own). Where the parser is in the byte stream is told by its callbacks, not by
     uvicorn's per-request flags (a request answered before its body ended keeps ``more_body`` set)."""
@@ -125,7 +127,6 @@ class _Deadlines:
     _held: tuple[ServiceError, str] | None = None  # a refusal sent once the requests before it are answered
     _upgraded = False  # a request asked to switch protocols: nothing after its headers is parsed
     _ended = False  # a request ended in the read being parsed
-    _eof = False  # the client has shut its sending side
     _running: Any = None  # the request whose handler was started last (uvicorn's cycle)
     _write_paused_at: float | None = None  # when the transport's buffer last filled (the client not reading)
     _socket_transport: Any = None  # the transport itself (uvicorn's protocol has a _Transport of it)
@@ -334,19 +335,6 @@ class _Deadlines:
         self._write_paused_at = None
         super().resume_writing()  # type: ignore[misc]
 
-    def eof_received(self) -> bool | None:
-        """A client that half-closes (shuts its sending side) after whole requests still gets their answers:
-        the connection closes after the last (uvicorn closed it at once, and the requests' handlers saw
-        their client gone). A request cut short, a drain, TLS: closed now."""
-        self._eof = True
-        cycle = self.cycle  # type: ignore[attr-defined]
-        held = self._held is not None  # (a refusal waiting for them: its own answer closes)
-        if self._owed() and (held or not self._begun) and not self._draining and self.scheme != "https":  # type: ignore[attr-defined]
-            if not held:
-                cycle.keep_alive = False
-            return True
-        return None
-
     def _close_or_drain(self) -> None:
         """uvicorn's protocol closes the connection (``transport.close()``): at once, unless it has just
         answered a request whose body is still arriving (``Connection: close`` after a 413): then the
@@ -366,9 +354,6 @@ class _Deadlines:
         self._draining = True
         self._heard_at = now = loop.time()
         self._drain_until = now + min(DRAIN_S, self.header_timeout_s)
-        if self._eof:  # (nothing more can come: closed once the answer is written)
-            transport.close()
-            return
         if transport.can_write_eof():  # (not over TLS: the answer is then followed by nothing until the close)
             transport.write_eof()
         transport.resume_reading()  # (uvicorn pauses reading while a body waits for its app)
