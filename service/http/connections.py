@@ -122,7 +122,7 @@ class _Deadlines:
     _begun = False  # the parser has begun a request it has not ended (its line, headers or body)
     _in_body = False  # ... and is in its body: past its headers, before its end
     _body_bytes = 0  # body bytes the parser has given (all requests)
-    _framing = 0  # bytes of the current body's framing since its last body byte (chunk lines, trailers)
+    _framing = 0  # bytes of the current body's reads in a row that held no body byte (extensions, trailer)
     _refusal: ServiceError | None = None  # the request refused on the wire, with why (set by a callback)
     _held: tuple[ServiceError, str] | None = None  # a refusal sent once the requests before it are answered
     _upgraded = False  # a request asked to switch protocols: nothing after its headers is parsed
@@ -151,8 +151,8 @@ class _Deadlines:
         self._timer = loop.call_later(min(self.header_timeout_s, self.body_timeout_s), self._check)
 
     def data_received(self, data: bytes) -> None:
-        """uvicorn's own, but: header bytes are counted (431 past ``max_header_bytes``), a body's framing
-        too (chunk lines, extensions, trailers: the parser keeps a trailer of any size), a request the
+        """uvicorn's own, but: header bytes are counted (431 past ``max_header_bytes``), a chunked body's
+        reads without a body byte too (extensions, a trailer: the parser keeps a trailer of any size), a request the
         parser refuses gets a coded answer after the requests before it (uvicorn wrote its 400 at once,
         into the answer in progress, and closed), and nothing after an upgrade request is parsed."""
         self._heard_at = self.loop.time()  # type: ignore[attr-defined]
