@@ -34,6 +34,7 @@ from .gallery import GalleryLoading, retention
 from .gallery.api import (
     CatalogDamaged,
     CollectionDamaged,
+    Galleries,
     GalleryBusy,
     GalleryUnavailable,
     StorageFull,
@@ -145,14 +146,26 @@ async def initialize(settings: Settings, metrics: Metrics) -> ServiceState:
     state.jobs = JobRunner(galleries, models, stale_s=settings.job_stale_s, on_done=lambda job: _shadow_done(state, job),
                            scans={DUPLICATES: hygiene.duplicates_scan(state), OUTLIERS: hygiene.outliers_scan(state)})
     state.jobs.start()
-    if scoped_admins := scoped_admin_keys(await run_in_threadpool(galleries.list_keys), time.time()):
-        log.warning("scoped admin keys are refused", extra={
-            "keys": scoped_admins, "hint": "an admin key cannot be scoped (its routes reach every collection): "
-                                           "revoke these and make write keys scoped to their collections"})
+    await run_in_threadpool(_warn_of_scoped_admin_keys, galleries)
     if await run_in_threadpool(state.keyring.open_mode):
         log.warning("no API key configured (FACE_API_KEY unset, none stored): the service is open to anyone who "
                     "reaches it; make the first admin key with `python -m service keys create --role admin`")
     return state
+
+
+def _warn_of_scoped_admin_keys(galleries: Galleries) -> None:
+    """Names the stored scoped admin keys (refused whenever used: access/policy.py). Keys that cannot be
+    read now (a damaged catalog, the database away) are no reason not to start: their reads answer 503."""
+    try:
+        keys = galleries.list_keys()
+    except (CatalogDamaged, GalleryUnavailable) as exc:
+        log.warning("the stored keys could not be read at start-up to look for scoped admin keys",
+                    extra={"reason": str(exc)[:200]})
+        return
+    if scoped_admins := scoped_admin_keys(keys, time.time()):
+        log.warning("scoped admin keys are refused", extra={
+            "keys": scoped_admins, "hint": "an admin key cannot be scoped (its routes reach every collection): "
+                                           "revoke these and make write keys scoped to their collections"})
 
 
 def _shadow_done(state: ServiceState, job: JobRecord) -> None:
